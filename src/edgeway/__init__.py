@@ -1,0 +1,3 @@
+"""edgeway: an IoT edge gateway."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,363 @@
+"""The YAML configuration: schema (pydantic) and loading with precise errors.
+
+Every error names the file, the line and the key path, and what was expected::
+
+    edgeway.yaml:12: mqtt.listeners[0].bind: expected HOST:PORT, got '1883'
+
+Unknown keys are errors (``extra="forbid"`` everywhere). ``edgeway check FILE``
+runs :func:`load_config` and prints these errors without starting anything.
+
+Example (every key is optional; this is close to the embedded defaults)::
+
+    gateway:
+      id: site-a-gw1
+      data_dir: ./edgeway-data
+    log: {level: info, format: text}
+    mqtt:
+      listeners:
+        - {bind: "127.0.0.1:1883", allow_anonymous: true}
+      telemetry_topics: ["devices/{device_id}/telemetry"]
+    outbox: {durability: fsync}
+    sinks:
+      - {name: cloud, url: "https://ingest.example.com/v1/telemetry"}
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib|k|m|g)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+
+
+def _parse_duration(value: Any) -> Any:
+    """Accept seconds as a number or a string like ``"250ms"``, ``"10s"``, ``"5m"``, ``"7d"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 10s, 5m or 2h")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError(f"expected a duration such as 10s, 5m or 2h, got {value!r}")
+
+
+def _parse_size(value: Any) -> Any:
+    """Accept bytes as an integer or a string like ``"256KiB"``, ``"1MB"``, ``"2GiB"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512KiB or 2GiB")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            unit = m.group(2).lower() if m.group(2) else None
+            return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    raise ValueError(f"expected a size such as 512KiB or 2GiB, got {value!r}")
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
+"""Seconds; YAML may say ``10``, ``"10s"``, ``"250ms"``, ``"5m"``."""
+Size = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
+"""Bytes; YAML may say ``1048576``, ``"1MiB"``, ``"512KiB"``."""
+
+
+def parse_host_port(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:1883`` for IPv6, ``:1883`` for all interfaces)."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host, _, port_s = value.rpartition(":")
+    host = host.strip("[]")
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError(f"expected HOST:PORT with a port 0-65535, got {value!r}")
+    if host == "":
+        host = "0.0.0.0"
+    return host, int(port_s)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_default=True)
+
+
+class GatewaySection(_Model):
+    id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
+    """This gateway's id; part of every record id, so a cloud can tell gateways apart."""
+    data_dir: Path = Path("./edgeway-data")
+    """Outbox, retained messages, sessions and window state live here."""
+
+
+class LogSection(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class TlsConfig(_Model):
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    """CA bundle used to verify client certificates."""
+    require_client_cert: bool = False
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+class ListenerConfig(_Model):
+    bind: str = "127.0.0.1:1883"
+    """``HOST:PORT``; port 0 picks a free port (logged at start)."""
+    transport: Literal["tcp", "websocket"] = "tcp"
+    websocket_path: str = "/mqtt"
+    tls: TlsConfig | None = None
+    allow_anonymous: bool = False
+    """Let clients connect without credentials. Embedded defaults turn this on
+    for the loopback listener only, and say so in the log."""
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, v: str) -> str:
+        parse_host_port(v)
+        return v
+
+
+class MqttLimits(_Model):
+    """Broker limits. Each one protects the gateway's memory or fairness."""
+
+    max_packet_size: Size = 1024 * 1024
+    """Largest packet accepted (bytes). 1 MiB: telemetry is small; a large
+    packet held in memory per connection times 10,000 connections must fit."""
+    receive_maximum: int = Field(default=64, ge=1, le=65535)
+    """QoS 1/2 PUBLISH a client may have unacknowledged towards us, and the
+    inflight window we use towards each client."""
+    max_queued_messages: int = Field(default=10000, ge=0)
+    """Messages queued per offline persistent session (or per slow online
+    one); beyond it the oldest QoS 0 and then the oldest message is dropped
+    and counted. Mosquitto's default of 1000 silently loses data (see docs)."""
+    max_connections: int = Field(default=100000, ge=1)
+    connect_timeout: Duration = 10.0
+    """Time allowed between TCP accept and CONNECT, against idle sockets."""
+    max_keepalive: int = Field(default=65535, ge=0, le=65535)
+    """Upper bound on a client's keep alive; v5 clients are told via Server Keep Alive."""
+    max_session_expiry: Duration = 7 * 86400.0
+    topic_alias_maximum: int = Field(default=64, ge=0, le=65535)
+    max_topic_levels: int = Field(default=32, ge=1)
+
+
+class AclRule(_Model):
+    """One ACL rule. The first rule matching user/client and topic decides.
+
+    ``topic`` may use ``+``/``#`` and the placeholders ``{client_id}`` and
+    ``{username}``; ``access`` is what the rule grants or denies.
+    """
+
+    username: str | None = None
+    """Match this user (``*`` = any authenticated user, absent = anyone)."""
+    client_id: str | None = None
+    topic: str
+    access: Literal["publish", "subscribe", "all"] = "all"
+    allow: bool = True
+
+
+class MqttUser(_Model):
+    username: str = Field(min_length=1)
+    password_hash: str = Field(pattern=r"^\$argon2(id|i|d)\$")
+    """An argon2 hash: make one with ``edgeway passwd``."""
+
+
+class MqttSection(_Model):
+    enabled: bool = True
+    listeners: list[ListenerConfig] = Field(
+        default_factory=lambda: [ListenerConfig(bind="127.0.0.1:1883", allow_anonymous=True)]
+    )
+    telemetry_topics: list[str] = Field(default_factory=lambda: ["devices/{device_id}/telemetry"])
+    """Topic patterns whose publishes enter the pipeline. ``{device_id}`` is
+    one topic level and becomes the reading's device id."""
+    limits: MqttLimits = Field(default_factory=MqttLimits)
+    users: list[MqttUser] = Field(default_factory=list)
+    acl: list[AclRule] = Field(default_factory=list)
+    """Empty: every authenticated client may publish and subscribe anywhere
+    except other devices' ``$``-topics. Non-empty: default deny."""
+
+
+class OutboxSection(_Model):
+    durability: Literal["fsync", "os"] = "fsync"
+    """``fsync``: a committed reading survives power loss. ``os``: survives a
+    process crash (the OS has it) but not a power cut; faster."""
+    max_bytes: Size | None = None
+    max_age: Duration | None = None
+    when_full: Literal["drop_oldest", "reject_new"] = "drop_oldest"
+    drain: Literal["ordered", "live_first"] = "ordered"
+    commit_interval: Duration = 0.0
+    """Extra wait before a group commit to gather more readings (0: commit as
+    soon as the previous commit finished)."""
+
+
+class SinkConfig(_Model):
+    """A cloud-side sink. ``url``'s scheme picks the type (http, https, mqtt,
+    mqtts, nats, amqp, postgresql, file); ``options`` holds the type's own
+    settings, validated by that sink type at start-up."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    url: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ReceiptsSection(_Model):
+    enabled: bool = False
+    topic: str = "devices/{device_id}/receipts"
+
+
+class Config(_Model):
+    gateway: GatewaySection = Field(default_factory=GatewaySection)
+    log: LogSection = Field(default_factory=LogSection)
+    mqtt: MqttSection = Field(default_factory=MqttSection)
+    outbox: OutboxSection = Field(default_factory=OutboxSection)
+    sinks: list[SinkConfig] = Field(default_factory=list)
+    receipts: ReceiptsSection = Field(default_factory=ReceiptsSection)
+
+
+# --------------------------------------------------------------------------
+# loading with file/line/key errors
+
+
+@dataclass(slots=True, frozen=True)
+class ConfigIssue:
+    """One problem in a configuration file."""
+
+    file: str
+    line: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        return f"{where}: {self.key or '(top level)'}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Raised when a configuration is invalid; carries every issue found."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """Walk the composed YAML node tree along ``loc``; return the 1-based line
+    of the deepest node reached (the key itself when the key exists)."""
+    if node is None:
+        return None
+    line = node.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == part:
+                    line = k.start_mark.line + 1
+                    node = v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if 0 <= part < len(node.value):
+                node = node.value[part]
+                line = node.start_mark.line + 1
+            else:
+                return line
+        else:
+            return line
+    return line
+
+
+def _clean_message(err: dict[str, Any]) -> str:
+    kind = err.get("type", "")
+    msg = str(err.get("msg", "invalid"))
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if kind == "missing":
+        return "required key is missing"
+    got = err.get("input")
+    if (
+        kind != "model_type"
+        and "got" not in msg
+        and not isinstance(got, dict | list)
+        and got is not None
+    ):
+        return f"{msg} (got {got!r})"
+    return msg
+
+
+def parse_config(text: str, filename: str = "<config>") -> Config:
+    """Parse and validate YAML text; raise :class:`ConfigError` on any problem."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text) if root is not None else {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(
+            [ConfigIssue(filename, line, "", f"YAML syntax error: {e.problem or e}")]
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([ConfigIssue(filename, None, "", f"YAML error: {e}")]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [ConfigIssue(filename, 1, "", f"expected a mapping of sections, got {type(data).__name__}")]
+        )
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        issues = [
+            ConfigIssue(
+                filename,
+                _line_of(root, tuple(err["loc"])),
+                _key_path(tuple(err["loc"])),
+                _clean_message(dict(err)),
+            )
+            for err in e.errors()
+        ]
+        raise ConfigError(issues) from None
+
+
+def load_config(path: Path | str | None) -> Config:
+    """Load a configuration file; ``None`` gives the embedded defaults."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([ConfigIssue(str(p), None, "", f"cannot read: {e.strerror}")]) from None
+    return parse_config(text, str(p))

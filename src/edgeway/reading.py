@@ -1,0 +1,50 @@
+"""The one in-memory data shape everything after the codec speaks.
+
+A :class:`Reading` is what a south adapter produces from a device message and
+what the pipeline, the outbox and the sinks consume. Adapters and sinks never
+see each other's wire formats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+MetricValue: TypeAlias = float | int | bool | str
+"""A single metric value: a number, a boolean or a short string."""
+
+
+@dataclass(slots=True, frozen=True)
+class Origin:
+    """Where a reading came from.
+
+    ``adapter`` names the south adapter (``"mqtt"``, ``"coap"``, ``"http"``, ...);
+    ``address`` is the protocol-level address (an MQTT topic, a CoAP path, a
+    Modbus unit/register range). ``client_id`` is the MQTT client id or the
+    authenticated principal, when there is one. ``message_id`` is the device's
+    own identifier for the message (MQTT v5 correlation data or a ``msg_id``
+    field) so that a receipt can name it back.
+    """
+
+    adapter: str
+    address: str = ""
+    client_id: str = ""
+    message_id: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Reading:
+    """One device's metrics at one instant.
+
+    ``ts`` is seconds since the Unix epoch (UTC) as a float. ``metrics`` maps a
+    metric name to its value. ``tags`` carries static metadata added by the
+    pipeline (site, unit, device type). ``priority`` > 0 marks alarms and
+    events that drain ahead of telemetry.
+    """
+
+    device_id: str
+    ts: float
+    metrics: dict[str, MetricValue]
+    origin: Origin = field(default_factory=lambda: Origin("unknown"))
+    tags: dict[str, str] = field(default_factory=dict)
+    priority: int = 0
