@@ -1,0 +1,166 @@
+"""The sink interface: how stored records leave the gateway.
+
+A sink sends batches of :class:`Record` to one remote system and returns only
+when that system has *confirmed* them (HTTP 2xx, MQTT PUBACK, JetStream ack,
+AMQP publisher confirm, a committed SQL transaction, a flushed file). The
+runner that drives a sink (``edgeway.outbox``) advances that sink's cursor only
+after :meth:`Sink.send_batch` returns; an exception leaves the cursor where it
+was, so the batch is sent again, with the same record ids.
+
+Errors tell the runner what to do:
+
+- :class:`RetryableSinkError` (or any other exception): back off and retry the
+  same batch, forever; ``retry_after`` (seconds) overrides the backoff once
+  (HTTP ``Retry-After``).
+- :class:`PermanentSinkError`: the remote side refused this batch for good
+  (HTTP 4xx other than 408/429): move it to the dead-letter table, go on.
+
+Sinks register themselves for URL schemes with :func:`register_sink`; the
+scheme of ``SinkConfig.url`` picks the class.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from edgeway.config import SinkConfig
+from edgeway.reading import MetricValue
+
+
+@dataclass(slots=True, frozen=True)
+class Record:
+    """A reading as stored in the outbox, with its stable id.
+
+    ``id`` is ``"{gateway_id}:{seq}"``: the same on every retry and after any
+    restart, so a cloud can drop duplicates.
+    """
+
+    id: str
+    seq: int
+    device_id: str
+    ts: float
+    metrics: dict[str, MetricValue]
+    tags: dict[str, str] = field(default_factory=dict)
+    priority: int = 0
+
+    def to_json_obj(self) -> dict[str, Any]:
+        """The record as it appears in every JSON body a sink sends."""
+        obj: dict[str, Any] = {
+            "id": self.id,
+            "device_id": self.device_id,
+            "ts": self.ts,
+            "metrics": self.metrics,
+        }
+        if self.tags:
+            obj["tags"] = self.tags
+        if self.priority:
+            obj["priority"] = self.priority
+        return obj
+
+
+class SinkError(Exception):
+    """Base class of errors a sink raises from ``send_batch``."""
+
+
+class RetryableSinkError(SinkError):
+    """Send again later; ``retry_after`` seconds if the remote side said so."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentSinkError(SinkError):
+    """The remote side refused this batch for good: dead-letter it."""
+
+
+@dataclass(slots=True)
+class SinkState:
+    """What a sink reports about itself (admin API, metrics, ``edgeway stats``)."""
+
+    connected: bool = False
+    last_error: str | None = None
+    last_error_at: float | None = None
+    last_success_at: float | None = None
+    last_batch_latency: float | None = None
+    batches_sent: int = 0
+    records_sent: int = 0
+
+    def record_success(self, n_records: int, latency: float) -> None:
+        self.connected = True
+        self.last_success_at = time.time()
+        self.last_batch_latency = latency
+        self.batches_sent += 1
+        self.records_sent += n_records
+
+    def record_error(self, error: BaseException) -> None:
+        self.last_error = f"{type(error).__name__}: {error}"
+        self.last_error_at = time.time()
+
+
+class Sink(abc.ABC):
+    """One cloud-side destination.
+
+    Subclasses set ``schemes`` and implement ``send_batch``; ``start`` and
+    ``close`` open and release connections. ``start`` must not raise on a
+    remote side that is down: connect lazily in ``send_batch`` and raise
+    :class:`RetryableSinkError` there instead, so a sink that is down never
+    stops the gateway.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ()
+    max_batch_records: int = 500
+    max_batch_bytes: int = 1024 * 1024
+    max_wait: float = 0.05
+    """Seconds to wait for a batch to fill before sending a partial one."""
+
+    def __init__(self, config: SinkConfig, gateway_id: str) -> None:
+        self.config = config
+        self.name = config.name
+        self.gateway_id = gateway_id
+        self.state = SinkState()
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open connections (optional; must not raise when the remote is down)."""
+
+    @abc.abstractmethod
+    async def send_batch(self, records: Sequence[Record]) -> None:
+        """Send ``records`` and return once the remote side has confirmed them."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+_REGISTRY: dict[str, type[Sink]] = {}
+_S = TypeVar("_S", bound=type[Sink])
+
+
+def register_sink(cls: _S) -> _S:
+    """Class decorator: make ``cls`` the sink for each scheme in ``cls.schemes``."""
+    for scheme in cls.schemes:
+        _REGISTRY[scheme] = cls
+    return cls
+
+
+def sink_class_for(url: str) -> type[Sink]:
+    """The registered sink class for ``url``'s scheme; ``ValueError`` if none."""
+    import edgeway.sinks as _pkg  # noqa: F401  (imports the built-in sinks)
+
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    try:
+        return _REGISTRY[scheme]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise ValueError(f"no sink for scheme {scheme!r} (known: {known})") from None
+
+
+def create_sink(config: SinkConfig, gateway_id: str) -> Sink:
+    """Build the sink that ``config.url`` names."""
+    return sink_class_for(config.url)(config, gateway_id)
+
+
+SinkFactory = Callable[[SinkConfig, str], Sink]
