@@ -1,0 +1,5 @@
+"""``python -m edgeway`` is the same as the ``edgeway`` command."""
+
+from edgeway.cli import main
+
+raise SystemExit(main())

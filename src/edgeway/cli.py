@@ -1,0 +1,232 @@
+"""The ``edgeway`` command line.
+
+``edgeway run``      run the gateway (embedded defaults without a config file)
+``edgeway check F``  validate a configuration file without starting anything
+``edgeway passwd``   hash a password for the ``mqtt.users`` section
+``edgeway deadletter list|replay|purge``  inspect the outbox's dead letters
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from edgeway import __version__
+from edgeway.config import Config, ConfigError, load_config
+
+log = logging.getLogger("edgeway.cli")
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=os.environ.get("EDGEWAY_CONFIG") or None,
+        help="YAML configuration file (default: $EDGEWAY_CONFIG, else embedded defaults)",
+    )
+    p.add_argument("--data-dir", type=Path, help="directory for the outbox and broker state")
+    p.add_argument("--log-format", choices=["text", "json"], help="log line format (default text)")
+    p.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="log level (default info)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeway",
+        description="edgeway: an IoT edge gateway with an embedded MQTT broker and "
+        "durable store-and-forward to the cloud.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgeway {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run the gateway",
+        description="Run the gateway. Without a configuration it starts on embedded defaults: "
+        "MQTT on 127.0.0.1:1883 (anonymous clients allowed on that loopback listener only), "
+        "data under ./edgeway-data.",
+    )
+    _add_common(run)
+    run.add_argument(
+        "--mqtt-listen",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="MQTT listener address; repeatable; replaces the configured listeners",
+    )
+    run.add_argument(
+        "--sink",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="add a sink; the scheme picks the type (http, https, mqtt, mqtts, nats, amqp, "
+        "postgresql, file); repeatable",
+    )
+    run.add_argument("--gateway-id", help="this gateway's id (default: the host name)")
+
+    check = sub.add_parser("check", help="validate a configuration file and exit (0 ok, 2 errors)")
+    check.add_argument("file", type=Path)
+
+    passwd = sub.add_parser("passwd", help="hash a password for mqtt.users[].password_hash")
+    passwd.add_argument("--stdin", action="store_true", help="read the password from stdin")
+
+    dl = sub.add_parser("deadletter", help="list, replay or purge dead-lettered batches")
+    _add_common(dl)
+    dl.add_argument("rest", nargs=argparse.REMAINDER, help="list | replay [ID] | purge [ID]")
+
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def _load(path: Path | None) -> Config:
+    return load_config(path)
+
+
+def _print_config_errors(err: ConfigError) -> None:
+    for issue in err.issues:
+        print(f"error: {issue}", file=sys.stderr)
+
+
+def cmd_check(path: Path) -> int:
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        _print_config_errors(e)
+        return EXIT_CONFIG
+    # Sink options are validated by each sink type; do it here too so that
+    # `check` catches everything `run` would refuse.
+    problems = _check_sinks(cfg, str(path))
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if problems:
+        return EXIT_CONFIG
+    print(f"{path}: ok")
+    return EXIT_OK
+
+
+def _check_sinks(cfg: Config, filename: str) -> list[str]:
+    from edgeway.sinks.base import create_sink
+
+    out: list[str] = []
+    for i, s in enumerate(cfg.sinks):
+        try:
+            create_sink(s, cfg.gateway.id)
+        except (ValueError, TypeError) as e:
+            out.append(f"{filename}: sinks[{i}] ({s.name}): {e}")
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edgeway.gateway import Gateway, apply_overrides
+    from edgeway.logs import configure_logging
+
+    try:
+        cfg = _load(args.config)
+    except ConfigError as e:
+        _print_config_errors(e)
+        return EXIT_CONFIG
+    try:
+        cfg = apply_overrides(
+            cfg,
+            data_dir=args.data_dir,
+            mqtt_listen=args.mqtt_listen,
+            sinks=args.sink,
+            log_level=args.log_level,
+            log_format=args.log_format,
+            gateway_id=args.gateway_id,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    problems = _check_sinks(cfg, str(args.config or "--sink"))
+    if problems:
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(cfg.log.level, cfg.log.format)
+    if args.config is None:
+        log.info("no configuration file: running on embedded defaults")
+
+    gateway = Gateway(cfg)
+    return _run_async(gateway)
+
+
+def _run_async(gateway: object) -> int:
+    from edgeway.gateway import Gateway
+    from edgeway.south.mqtt.listeners import ListenerError
+
+    assert isinstance(gateway, Gateway)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, gateway.request_stop)
+        try:
+            await gateway.run()
+        except (ListenerError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_RUNTIME
+        return EXIT_OK
+
+    runner = _new_runner()
+    with runner:
+        return runner.run(main())
+
+
+def _new_runner() -> asyncio.Runner:
+    """An asyncio runner on uvloop when it is installed (falls back silently)."""
+    try:
+        import uvloop
+
+        return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:  # pragma: no cover - uvloop is a default dependency on Linux
+        return asyncio.Runner()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_OK
+    if args.command == "version":
+        print(f"edgeway {__version__}")
+        return EXIT_OK
+    if args.command == "check":
+        return cmd_check(args.file)
+    if args.command == "run":
+        with contextlib.suppress(KeyboardInterrupt):
+            return cmd_run(args)
+        return EXIT_OK
+    if args.command == "passwd":
+        from edgeway.devices.config_auth import passwd_main
+
+        return passwd_main(["--stdin"] if args.stdin else [])
+    if args.command == "deadletter":
+        from edgeway.outbox import deadletter_main
+
+        try:
+            cfg = _load(args.config)
+        except ConfigError as e:
+            _print_config_errors(e)
+            return EXIT_CONFIG
+        data_dir = args.data_dir or Path(cfg.gateway.data_dir)
+        return deadletter_main(list(args.rest), data_dir)
+    parser.error(f"unknown command {args.command!r}")
+    return EXIT_CONFIG  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

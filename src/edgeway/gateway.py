@@ -1,0 +1,252 @@
+"""Builds the gateway's parts from a :class:`~edgeway.config.Config` and runs them.
+
+One asyncio process; every long-lived task is owned by a ``TaskGroup``. The
+order of start-up is the order data flows backwards: outbox first (so nothing
+can be acknowledged before it is ready), then sinks, then the broker and its
+listeners. Shutdown goes the other way: stop accepting, let in-flight work
+finish, close the outbox last so every acknowledged reading is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from edgeway.config import Config, ListenerConfig, SinkConfig, parse_host_port
+from edgeway.devices.auth import AllowAll, Authenticator, Authoriser
+from edgeway.outbox import Outbox, SinkRunner
+from edgeway.sinks.base import Sink, create_sink
+from edgeway.south.mqtt.broker import Broker
+from edgeway.south.mqtt.listeners import RunningListener, start_listeners
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 4.0
+"""Seconds allowed for an orderly stop; the issue promises exit within 5 s."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def apply_overrides(
+    config: Config,
+    *,
+    data_dir: Path | None = None,
+    mqtt_listen: Sequence[str] = (),
+    sinks: Sequence[str] = (),
+    log_level: str | None = None,
+    log_format: str | None = None,
+    gateway_id: str | None = None,
+) -> Config:
+    """Apply command-line overrides to a loaded configuration.
+
+    ``--mqtt-listen`` replaces the configured listeners with plain TCP ones;
+    anonymous clients are allowed on a loopback address when the config file
+    defines no users, never on another address. ``--sink URL`` adds a sink
+    named ``sink1``, ``sink2``, ... after the configured ones.
+    """
+    cfg = config.model_copy(deep=True)
+    if data_dir is not None:
+        cfg.gateway.data_dir = data_dir
+    if gateway_id:
+        cfg.gateway.id = gateway_id
+    if mqtt_listen:
+        listeners = []
+        for bind in mqtt_listen:
+            host, _ = parse_host_port(bind)
+            listeners.append(
+                ListenerConfig(bind=bind, allow_anonymous=is_loopback(host) and not cfg.mqtt.users)
+            )
+        cfg.mqtt.listeners = listeners
+    taken = {s.name for s in cfg.sinks}
+    n = 0
+    for url in sinks:
+        n += 1
+        while f"sink{n}" in taken:
+            n += 1
+        cfg.sinks.append(SinkConfig(name=f"sink{n}", url=url))
+        taken.add(f"sink{n}")
+    if log_level:
+        cfg.log.level = log_level  # type: ignore[assignment]
+    if log_format:
+        cfg.log.format = log_format  # type: ignore[assignment]
+    return cfg
+
+
+@dataclass(slots=True)
+class Gateway:
+    """The running gateway: outbox, sinks, broker, listeners.
+
+    ``run()`` starts everything, sets ``ready`` and waits for ``stop``.
+    Tests build one in a few lines::
+
+        gw = Gateway(parse_config(text))
+        task = asyncio.create_task(gw.run())
+        await gw.ready.wait()
+    """
+
+    config: Config
+    authenticator: Authenticator | None = None
+    authoriser: Authoriser | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    outbox: Outbox | None = None
+    broker: Broker | None = None
+    sinks: list[Sink] = field(default_factory=list)
+    listeners: list[RunningListener] = field(default_factory=list)
+    started_at: float = 0.0
+    _front_stopped: bool = False
+
+    def request_stop(self) -> None:
+        """Ask ``run()`` to shut down (signal handlers call this)."""
+        self.stop_event.set()
+
+    async def run(self) -> None:
+        cfg = self.config
+        self.started_at = time.monotonic()
+        data_dir = Path(cfg.gateway.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+
+        authenticator, authoriser = self._auth()
+        self.sinks = [create_sink(s, cfg.gateway.id) for s in cfg.sinks]
+        if not self.sinks:
+            log.warning(
+                "no sinks configured: readings are acknowledged, stored and kept in the outbox "
+                "until a sink is added (add one with --sink URL or a sinks: section)"
+            )
+        outbox = Outbox(
+            data_dir / "outbox.db",
+            gateway_id=cfg.gateway.id,
+            config=cfg.outbox,
+            sink_names=[s.name for s in self.sinks],
+        )
+        self.outbox = outbox
+        await outbox.open()
+        try:
+            for sink in self.sinks:
+                await sink.start()
+            if cfg.mqtt.enabled:
+                # Before the TaskGroup, so that a port already in use surfaces as
+                # a plain ListenerError the CLI can print in one line.
+                await self._start_broker(authenticator, authoriser)
+            if cfg.receipts.enabled and self.broker is not None:
+                outbox.add_confirmed_listener(self._send_receipts)
+            log.info(
+                "edgeway ready",
+                extra={
+                    "fields": {
+                        "gateway_id": cfg.gateway.id,
+                        "data_dir": str(data_dir),
+                        "startup_ms": round((time.monotonic() - self.started_at) * 1000, 1),
+                    }
+                },
+            )
+            self.ready.set()
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for sink in self.sinks:
+                        tg.create_task(SinkRunner(outbox, sink).run(), name=f"sink:{sink.name}")
+                    await self.stop_event.wait()
+                    log.info("stopping")
+                    await self._stop_front()
+                    raise _Shutdown
+            except* _Shutdown:
+                pass
+        finally:
+            await self._stop_front()
+            for sink in self.sinks:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(sink.close(), 1.0)
+            await outbox.close()
+            log.info("stopped")
+
+    def _auth(self) -> tuple[Authenticator, Authoriser]:
+        if self.authenticator is not None and self.authoriser is not None:
+            return self.authenticator, self.authoriser
+        from edgeway.devices.config_auth import ConfigAuthenticator, ConfigAuthoriser
+
+        return ConfigAuthenticator(self.config.mqtt), ConfigAuthoriser(self.config.mqtt)
+
+    async def _start_broker(self, authenticator: Authenticator, authoriser: Authoriser) -> None:
+        cfg = self.config
+        assert self.outbox is not None
+        broker = Broker(
+            cfg.mqtt,
+            ingest=self.outbox,
+            authenticator=authenticator,
+            authoriser=authoriser,
+            data_dir=Path(cfg.gateway.data_dir),
+            gateway_id=cfg.gateway.id,
+        )
+        self.broker = broker
+        await broker.start()
+        try:
+            self.listeners = await start_listeners(cfg.mqtt.listeners, broker.protocol_factory)
+        except BaseException:
+            await broker.stop()
+            raise
+        for lst in self.listeners:
+            host, _ = parse_host_port(lst.config.bind)
+            if lst.config.allow_anonymous:
+                if is_loopback(host):
+                    log.info(
+                        "anonymous MQTT clients are allowed on loopback listener %s:%d",
+                        *lst.bound,
+                    )
+                else:
+                    log.warning(
+                        "anonymous MQTT clients are allowed on %s:%d, which is not loopback",
+                        *lst.bound,
+                    )
+
+    async def _stop_front(self) -> None:
+        """Stop accepting, disconnect clients, let pending acks and commits finish."""
+        if self._front_stopped:
+            return
+        self._front_stopped = True
+        for lst in self.listeners:
+            with contextlib.suppress(Exception):
+                await lst.close()
+        if self.broker is not None:
+            try:
+                await asyncio.wait_for(self.broker.stop(), SHUTDOWN_GRACE / 2)
+            except TimeoutError:
+                log.warning("broker did not stop in time")
+
+    def _send_receipts(self, confirmed: Sequence[Any]) -> None:
+        """Publish receipts for readings that every routed sink confirmed."""
+        if self.broker is None:
+            return
+        latest: dict[str, dict[str, Any]] = {}
+        for c in confirmed:
+            entry = latest.setdefault(c.device_id, {"seq": 0, "ids": [], "msg_ids": []})
+            entry["seq"] = max(entry["seq"], c.seq)
+            entry["ids"].append(c.record_id)
+            if c.message_id is not None:
+                entry["msg_ids"].append(c.message_id)
+        topic_tpl = self.config.receipts.topic
+        for device_id, entry in latest.items():
+            payload = orjson.dumps(
+                {"confirmed_seq": entry["seq"], "ids": entry["ids"], "msg_ids": entry["msg_ids"]}
+            )
+            self.broker.publish(topic_tpl.replace("{device_id}", device_id), payload, qos=1)
+
+
+class _Shutdown(Exception):
+    """Raised inside the TaskGroup to cancel the sink runners on stop."""
