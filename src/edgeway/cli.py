@@ -38,7 +38,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="directory for the outbox and broker state")
     p.add_argument("--log-format", choices=["text", "json"], help="log line format (default text)")
     p.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], help="log level (default info)"
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default info)",
     )
 
 
@@ -129,7 +131,8 @@ def _check_sinks(cfg: Config, filename: str) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edgeway.gateway import Gateway, apply_overrides
+    from edgeway.config import apply_overrides
+    from edgeway.gateway import Gateway
     from edgeway.logs import configure_logging
 
     try:

@@ -24,8 +24,10 @@ Example (every key is optional; this is close to the embedded defaults)::
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -334,7 +336,11 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(
-            [ConfigIssue(filename, 1, "", f"expected a mapping of sections, got {type(data).__name__}")]
+            [
+                ConfigIssue(
+                    filename, 1, "", f"expected a mapping of sections, got {type(data).__name__}"
+                )
+            ]
         )
     try:
         return Config.model_validate(data)
@@ -361,3 +367,62 @@ def load_config(path: Path | str | None) -> Config:
     except OSError as e:
         raise ConfigError([ConfigIssue(str(p), None, "", f"cannot read: {e.strerror}")]) from None
     return parse_config(text, str(p))
+
+
+# --------------------------------------------------------------------------
+# command-line overrides
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def apply_overrides(
+    config: Config,
+    *,
+    data_dir: Path | None = None,
+    mqtt_listen: Sequence[str] = (),
+    sinks: Sequence[str] = (),
+    log_level: str | None = None,
+    log_format: str | None = None,
+    gateway_id: str | None = None,
+) -> Config:
+    """Apply command-line overrides to a loaded configuration.
+
+    ``--mqtt-listen`` replaces the configured listeners with plain TCP ones;
+    anonymous clients are allowed on a loopback address when the config file
+    defines no users, never on another address. ``--sink URL`` adds a sink
+    named ``sink1``, ``sink2``, ... after the configured ones.
+    """
+    cfg = config.model_copy(deep=True)
+    if data_dir is not None:
+        cfg.gateway.data_dir = data_dir
+    if gateway_id:
+        cfg.gateway.id = gateway_id
+    if mqtt_listen:
+        listeners = []
+        for bind in mqtt_listen:
+            host, _ = parse_host_port(bind)
+            listeners.append(
+                ListenerConfig(bind=bind, allow_anonymous=is_loopback(host) and not cfg.mqtt.users)
+            )
+        cfg.mqtt.listeners = listeners
+    taken = {s.name for s in cfg.sinks}
+    n = 0
+    for url in sinks:
+        n += 1
+        while f"sink{n}" in taken:
+            n += 1
+        cfg.sinks.append(SinkConfig(name=f"sink{n}", url=url))
+        taken.add(f"sink{n}")
+    if log_level:
+        cfg.log.level = log_level  # type: ignore[assignment]
+    if log_format:
+        cfg.log.format = log_format  # type: ignore[assignment]
+    return cfg

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import time
 from collections.abc import Sequence
@@ -21,8 +20,8 @@ from typing import Any
 
 import orjson
 
-from edgeway.config import Config, ListenerConfig, SinkConfig, parse_host_port
-from edgeway.devices.auth import AllowAll, Authenticator, Authoriser
+from edgeway.config import Config, is_loopback, parse_host_port
+from edgeway.devices.auth import Authenticator, Authoriser
 from edgeway.outbox import Outbox, SinkRunner
 from edgeway.sinks.base import Sink, create_sink
 from edgeway.south.mqtt.broker import Broker
@@ -32,61 +31,6 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 4.0
 """Seconds allowed for an orderly stop; the issue promises exit within 5 s."""
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and ``localhost``."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def apply_overrides(
-    config: Config,
-    *,
-    data_dir: Path | None = None,
-    mqtt_listen: Sequence[str] = (),
-    sinks: Sequence[str] = (),
-    log_level: str | None = None,
-    log_format: str | None = None,
-    gateway_id: str | None = None,
-) -> Config:
-    """Apply command-line overrides to a loaded configuration.
-
-    ``--mqtt-listen`` replaces the configured listeners with plain TCP ones;
-    anonymous clients are allowed on a loopback address when the config file
-    defines no users, never on another address. ``--sink URL`` adds a sink
-    named ``sink1``, ``sink2``, ... after the configured ones.
-    """
-    cfg = config.model_copy(deep=True)
-    if data_dir is not None:
-        cfg.gateway.data_dir = data_dir
-    if gateway_id:
-        cfg.gateway.id = gateway_id
-    if mqtt_listen:
-        listeners = []
-        for bind in mqtt_listen:
-            host, _ = parse_host_port(bind)
-            listeners.append(
-                ListenerConfig(bind=bind, allow_anonymous=is_loopback(host) and not cfg.mqtt.users)
-            )
-        cfg.mqtt.listeners = listeners
-    taken = {s.name for s in cfg.sinks}
-    n = 0
-    for url in sinks:
-        n += 1
-        while f"sink{n}" in taken:
-            n += 1
-        cfg.sinks.append(SinkConfig(name=f"sink{n}", url=url))
-        taken.add(f"sink{n}")
-    if log_level:
-        cfg.log.level = log_level  # type: ignore[assignment]
-    if log_format:
-        cfg.log.format = log_format  # type: ignore[assignment]
-    return cfg
 
 
 @dataclass(slots=True)
@@ -121,7 +65,7 @@ class Gateway:
         cfg = self.config
         self.started_at = time.monotonic()
         data_dir = Path(cfg.gateway.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start-up
 
         authenticator, authoriser = self._auth()
         self.sinks = [create_sink(s, cfg.gateway.id) for s in cfg.sinks]

@@ -132,7 +132,9 @@ class Properties:
     content_type: str | None = None  # 0x03
     response_topic: str | None = None  # 0x08
     correlation_data: bytes | None = None  # 0x09
-    subscription_identifiers: list[int] = field(default_factory=list)  # 0x0B, varint, repeatable in PUBLISH
+    subscription_identifiers: list[int] = field(
+        default_factory=list
+    )  # 0x0B, varint, repeatable in PUBLISH
     session_expiry_interval: int | None = None  # 0x11, four-byte int
     assigned_client_identifier: str | None = None  # 0x12
     server_keep_alive: int | None = None  # 0x13, two-byte int

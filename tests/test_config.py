@@ -1,0 +1,130 @@
+"""Configuration loading: defaults, precise errors, `edgeway check`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgeway.cli import main
+from edgeway.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    load_config,
+    parse_config,
+    parse_host_port,
+)
+
+
+def test_embedded_defaults() -> None:
+    cfg = Config()
+    assert [lst.bind for lst in cfg.mqtt.listeners] == ["127.0.0.1:1883"]
+    assert cfg.mqtt.listeners[0].allow_anonymous is True
+    assert cfg.gateway.data_dir == Path("edgeway-data")
+    assert cfg.outbox.durability == "fsync"
+    assert cfg.mqtt.telemetry_topics == ["devices/{device_id}/telemetry"]
+
+
+def test_empty_file_is_defaults() -> None:
+    assert parse_config("", "e.yaml") == Config(gateway=Config().gateway)
+
+
+def test_unknown_key_names_file_line_and_path() -> None:
+    text = "gateway:\n  id: gw\nmqtt:\n  limits:\n    max_packet_sise: 10\n"
+    with pytest.raises(ConfigError) as ei:
+        parse_config(text, "site.yaml")
+    (issue,) = ei.value.issues
+    assert issue.file == "site.yaml"
+    assert issue.line == 5
+    assert issue.key == "mqtt.limits.max_packet_sise"
+    assert "unknown key" in issue.message
+    assert str(issue).startswith("site.yaml:5: mqtt.limits.max_packet_sise: unknown key")
+
+
+def test_bad_value_in_list_names_index_and_expectation() -> None:
+    text = "mqtt:\n  listeners:\n    - bind: 127.0.0.1:1883\n    - bind: nonsense\n"
+    with pytest.raises(ConfigError) as ei:
+        parse_config(text, "f.yaml")
+    (issue,) = ei.value.issues
+    assert (issue.line, issue.key) == (4, "mqtt.listeners[1].bind")
+    assert "HOST:PORT" in issue.message and "nonsense" in issue.message
+
+
+def test_several_errors_are_all_reported() -> None:
+    text = "outbox:\n  durability: sometimes\n  max_bytes: lots\nlog:\n  level: loud\n"
+    with pytest.raises(ConfigError) as ei:
+        parse_config(text, "f.yaml")
+    keys = {(i.line, i.key) for i in ei.value.issues}
+    assert keys == {(2, "outbox.durability"), (3, "outbox.max_bytes"), (5, "log.level")}
+
+
+def test_yaml_syntax_error_has_line() -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_config("mqtt:\n  listeners: [\n  - a\n", "f.yaml")
+    assert ei.value.issues[0].line is not None
+    assert "YAML" in ei.value.issues[0].message
+
+
+def test_durations_and_sizes() -> None:
+    cfg = parse_config(
+        "mqtt:\n  limits:\n    connect_timeout: 250ms\n    max_packet_size: 256KiB\n"
+        "outbox:\n  max_age: 7d\n  max_bytes: 2GiB\n"
+    )
+    assert cfg.mqtt.limits.connect_timeout == pytest.approx(0.25)
+    assert cfg.mqtt.limits.max_packet_size == 256 * 1024
+    assert cfg.outbox.max_age == 7 * 86400
+    assert cfg.outbox.max_bytes == 2 * 1024**3
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_config("/nonexistent/edgeway.yaml")
+    assert "cannot read" in str(ei.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:1883", ("127.0.0.1", 1883)),
+        ("[::1]:8883", ("::1", 8883)),
+        (":1883", ("0.0.0.0", 1883)),
+    ],
+)
+def test_host_port(text: str, expected: tuple[str, int]) -> None:
+    assert parse_host_port(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["1883", "host:", "host:99999", "host:abc"])
+def test_host_port_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_host_port(bad)
+
+
+def test_overrides_replace_listeners_and_add_sinks(tmp_path: Path) -> None:
+    cfg = apply_overrides(
+        Config(),
+        data_dir=tmp_path,
+        mqtt_listen=["127.0.0.1:18830", "0.0.0.0:18831"],
+        sinks=["http://127.0.0.1:9/ingest", "file:///tmp/x"],
+    )
+    assert cfg.gateway.data_dir == tmp_path
+    assert [(lst.bind, lst.allow_anonymous) for lst in cfg.mqtt.listeners] == [
+        ("127.0.0.1:18830", True),
+        ("0.0.0.0:18831", False),
+    ]
+    assert [(s.name, s.url) for s in cfg.sinks] == [
+        ("sink1", "http://127.0.0.1:9/ingest"),
+        ("sink2", "file:///tmp/x"),
+    ]
+
+
+def test_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("gateway:\n  id: gw1\n")
+    assert main(["check", str(good)]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gateway:\n  id: gw1\n  colour: red\n")
+    assert main(["check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:3: gateway.colour: unknown key" in err
