@@ -1,0 +1,123 @@
+"""The south adapter interface: how devices that are not MQTT clients of the
+embedded broker reach the gateway.
+
+An adapter owns one protocol's I/O (a CoAP or HTTP listener, a Modbus poller,
+an OPC-UA subscription, a serial port, a client connection to another MQTT
+broker). It turns what it receives into :class:`~edgeway.reading.Reading`s with
+a codec and hands them to :meth:`edgeway.ingest.Ingest.submit`; where the
+protocol has an acknowledgement, it acknowledges only when the future from
+``submit`` resolves with ``ACCEPTED``.
+
+Adapters register for a config section name with :func:`register_adapter`.
+Each adapter's config model lives in ``edgeway.config`` (so that errors carry
+file, line and key); the gateway builds one adapter per configured entry.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from edgeway.ingest import Ingest
+
+
+@dataclass(slots=True)
+class AdapterState:
+    """What an adapter reports about itself (admin API, metrics, stats)."""
+
+    connected: bool = False
+    last_error: str | None = None
+    last_error_at: float | None = None
+    last_reading_at: float | None = None
+    readings: int = 0
+    errors: int = 0
+    rejected: int = 0
+
+    def record_readings(self, n: int) -> None:
+        self.readings += n
+        self.last_reading_at = time.time()
+
+    def record_error(self, error: BaseException | str) -> None:
+        self.errors += 1
+        self.last_error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        self.last_error_at = time.time()
+
+
+class SouthAdapter(abc.ABC):
+    """One configured device-side endpoint or poller.
+
+    ``run()`` runs until cancelled. It must never raise because a peer
+    misbehaves: it reconnects forever with :class:`Backoff` and records the
+    error in ``state``. It may raise at start for a local, permanent problem
+    (a port in use, a serial device or BLE adapter that does not exist), with
+    a one-line message.
+    """
+
+    section: ClassVar[str] = ""
+    """The top-level config key this adapter type is configured under."""
+
+    def __init__(self, config: Any, *, ingest: Ingest, gateway_id: str, data_dir: Path) -> None:
+        self.config = config
+        self.ingest = ingest
+        self.gateway_id = gateway_id
+        self.data_dir = data_dir
+        self.state = AdapterState()
+        self.ready = asyncio.Event()
+        """Set once listening/connected for the first time (tests wait on it)."""
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.config, "name", self.section))
+
+    @abc.abstractmethod
+    async def run(self) -> None:
+        """Serve or poll until cancelled."""
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter, never giving up.
+
+    ``initial`` 0.5 s and ``maximum`` 30 s by default: fast enough to recover
+    from a restart of the peer, slow enough not to hammer a peer that is down.
+    """
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        cap = min(self.maximum, self.initial * (2**self.attempt))
+        self.attempt += 1
+        return random.uniform(0, cap)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.next_delay())
+
+
+_REGISTRY: dict[str, type[SouthAdapter]] = {}
+_A = TypeVar("_A", bound=type[SouthAdapter])
+
+
+def register_adapter(cls: _A) -> _A:
+    """Class decorator: register an adapter type for its ``section``."""
+    _REGISTRY[cls.section] = cls
+    return cls
+
+
+def adapter_class(section: str) -> type[SouthAdapter]:
+    import edgeway.south as _pkg  # noqa: F401  (imports the built-in adapters)
+
+    return _REGISTRY[section]
+
+
+AdapterFactory = Callable[..., SouthAdapter]
