@@ -22,8 +22,10 @@ import orjson
 
 from edgeway.config import Config, is_loopback, parse_host_port
 from edgeway.devices.auth import Authenticator, Authoriser
+from edgeway.ingest import Ingest
 from edgeway.outbox import Outbox, SinkRunner
 from edgeway.sinks.base import Sink, create_sink
+from edgeway.south.base import SouthAdapter, adapter_class
 from edgeway.south.mqtt.broker import Broker
 from edgeway.south.mqtt.listeners import RunningListener, start_listeners
 
@@ -54,6 +56,7 @@ class Gateway:
     broker: Broker | None = None
     sinks: list[Sink] = field(default_factory=list)
     listeners: list[RunningListener] = field(default_factory=list)
+    adapters: list[SouthAdapter] = field(default_factory=list)
     started_at: float = 0.0
     _front_stopped: bool = False
 
@@ -82,6 +85,7 @@ class Gateway:
         )
         self.outbox = outbox
         await outbox.open()
+        self.adapters = self._build_adapters(outbox)
         try:
             for sink in self.sinks:
                 await sink.start()
@@ -106,6 +110,8 @@ class Gateway:
                 async with asyncio.TaskGroup() as tg:
                     for sink in self.sinks:
                         tg.create_task(SinkRunner(outbox, sink).run(), name=f"sink:{sink.name}")
+                    for adapter in self.adapters:
+                        tg.create_task(adapter.run(), name=f"south:{adapter.name}")
                     await self.stop_event.wait()
                     log.info("stopping")
                     await self._stop_front()
@@ -119,6 +125,30 @@ class Gateway:
                     await asyncio.wait_for(sink.close(), 1.0)
             await outbox.close()
             log.info("stopped")
+
+    def _build_adapters(self, ingest: Ingest) -> list[SouthAdapter]:
+        """One adapter per configured entry of every registered adapter section."""
+        import edgeway.south  # noqa: F401  (registers the built-in adapters)
+        from edgeway.south.base import registered_sections
+
+        cfg = self.config
+        out: list[SouthAdapter] = []
+        for section in registered_sections():
+            value = getattr(cfg, section, None)
+            entries = value if isinstance(value, list) else ([] if value is None else [value])
+            cls = adapter_class(section)
+            for entry in entries:
+                if getattr(entry, "enabled", True) is False:
+                    continue
+                out.append(
+                    cls(
+                        entry,
+                        ingest=ingest,
+                        gateway_id=cfg.gateway.id,
+                        data_dir=Path(cfg.gateway.data_dir),
+                    )
+                )
+        return out
 
     def _auth(self) -> tuple[Authenticator, Authoriser]:
         if self.authenticator is not None and self.authoriser is not None:

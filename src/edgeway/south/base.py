@@ -120,4 +120,11 @@ def adapter_class(section: str) -> type[SouthAdapter]:
     return _REGISTRY[section]
 
 
+def registered_sections() -> list[str]:
+    """Config sections that have a registered adapter type."""
+    import edgeway.south as _pkg  # noqa: F401
+
+    return sorted(_REGISTRY)
+
+
 AdapterFactory = Callable[..., SouthAdapter]
