@@ -1,0 +1,311 @@
+"""Broker state on disk: retained messages and persistent sessions (SQLite, WAL).
+
+Configuration: the file is ``{gateway.data_dir}/broker.db``::
+
+    gateway: {data_dir: ./edgeway-data}
+
+What is written when, and why:
+
+- Retained messages, persistent sessions (their row) and their subscriptions
+  are written *behind* by one transaction at the end of the event-loop
+  iteration that changed them (:meth:`BrokerStore.later` + :meth:`flush`).
+  They change at a low rate, so this is write-through in practice, while a
+  burst of retained publishes in one socket read still costs one commit.
+- Queued and in-flight messages of persistent sessions change per message;
+  writing each would cost a commit per message on the hot path. Like
+  Mosquitto's ``autosave_interval`` they are saved for sessions that changed
+  every :data:`AUTOSAVE_INTERVAL` seconds and on an orderly stop. A crash
+  (kill -9) can lose up to that much queued broker-to-device traffic; it
+  cannot lose telemetry, whose acknowledgement waits for the outbox.
+
+``synchronous=NORMAL`` in WAL mode: a commit survives a process crash; a
+power cut may lose the last commits of broker state, never outbox data
+(the outbox has its own database and durability setting).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from edgeway.south.mqtt.packets import Properties
+from edgeway.south.mqtt.retained import Message
+from edgeway.south.mqtt.session import Delivery, Inflight, Session
+from edgeway.south.mqtt.topics import SubEntry
+
+log = logging.getLogger(__name__)
+
+AUTOSAVE_INTERVAL = 5.0
+"""Seconds between saves of changed sessions' queued/in-flight messages: the
+most broker-to-device traffic a crash may lose, against a commit per message."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS retained(
+    topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL,
+    properties BLOB, expires_at REAL);
+CREATE TABLE IF NOT EXISTS sessions(
+    client_id TEXT PRIMARY KEY, protocol_level INTEGER NOT NULL,
+    expiry_interval INTEGER NOT NULL, disconnected_at REAL, in_qos2 BLOB);
+CREATE TABLE IF NOT EXISTS subscriptions(
+    client_id TEXT NOT NULL, topic_filter TEXT NOT NULL, qos INTEGER NOT NULL,
+    no_local INTEGER NOT NULL, retain_as_published INTEGER NOT NULL,
+    retain_handling INTEGER NOT NULL, subscription_id INTEGER,
+    PRIMARY KEY(client_id, topic_filter));
+CREATE TABLE IF NOT EXISTS messages(
+    client_id TEXT NOT NULL, seq INTEGER NOT NULL, packet_id INTEGER,
+    released INTEGER NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL,
+    sub_ids BLOB, topic TEXT NOT NULL, payload BLOB NOT NULL, msg_qos INTEGER NOT NULL,
+    msg_retain INTEGER NOT NULL,
+    properties BLOB, expires_at REAL, sender TEXT,
+    PRIMARY KEY(client_id, seq));
+"""
+
+_PROP_FIELDS = [f.name for f in fields(Properties)]
+_BYTES_FIELDS = {"correlation_data", "authentication_data"}
+
+
+def properties_to_blob(props: Properties | None) -> bytes | None:
+    """Serialise the set properties of a message (None when there are none)."""
+    if props is None:
+        return None
+    out: dict[str, Any] = {}
+    for name in _PROP_FIELDS:
+        v = getattr(props, name)
+        if v is None or (isinstance(v, list) and not v):
+            continue
+        out[name] = v.hex() if name in _BYTES_FIELDS else v
+    return orjson.dumps(out) if out else None
+
+
+def properties_from_blob(blob: bytes | None) -> Properties | None:
+    if not blob:
+        return None
+    data: dict[str, Any] = orjson.loads(blob)
+    for name in _BYTES_FIELDS:
+        if name in data:
+            data[name] = bytes.fromhex(data[name])
+    if "user_properties" in data:
+        data["user_properties"] = [(k, v) for k, v in data["user_properties"]]
+    return Properties(**data)
+
+
+@dataclass(slots=True)
+class LoadedState:
+    """What :meth:`BrokerStore.load` read back."""
+
+    retained: list[Message]
+    sessions: list[Session]
+
+
+class BrokerStore:
+    """The broker's SQLite database; see the module docstring."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._pending: list[tuple[str, tuple[Any, ...]]] = []
+
+    # ------------------------------------------------------------------ load
+
+    def load(self) -> LoadedState:
+        """Read retained messages and persistent sessions."""
+        db = self._db
+        retained = [
+            Message(topic, bytes(payload), qos, True, properties_from_blob(props), exp)
+            for topic, payload, qos, props, exp in db.execute(
+                "SELECT topic, payload, qos, properties, expires_at FROM retained"
+            )
+        ]
+        sessions: dict[str, Session] = {}
+        for cid, level, expiry, disc, in_qos2 in db.execute(
+            "SELECT client_id, protocol_level, expiry_interval, disconnected_at, in_qos2 FROM sessions"
+        ):
+            s = Session(cid, level, expiry)
+            s.disconnected_at = disc
+            if in_qos2:
+                s.in_qos2 = set(orjson.loads(in_qos2))
+            s.persisted = True
+            sessions[cid] = s
+        for cid, filt, qos, nl, rap, rh, sid in db.execute(
+            "SELECT client_id, topic_filter, qos, no_local, retain_as_published,"
+            " retain_handling, subscription_id FROM subscriptions"
+        ):
+            owner = sessions.get(cid)
+            if owner is not None:
+                owner.subscriptions[filt] = SubEntry(filt, qos, bool(nl), bool(rap), rh, sid)
+        for row in db.execute(
+            "SELECT client_id, packet_id, released, qos, retain, sub_ids, topic, payload,"
+            " msg_qos, msg_retain, properties, expires_at, sender FROM messages"
+            " ORDER BY client_id, seq"
+        ):
+            (
+                cid,
+                pid,
+                released,
+                qos,
+                retain,
+                sub_ids,
+                topic,
+                payload,
+                mqos,
+                mret,
+                props,
+                exp,
+                sender,
+            ) = row
+            owner = sessions.get(cid)
+            if owner is None:
+                continue
+            msg = Message(
+                topic, bytes(payload), mqos, bool(mret), properties_from_blob(props), exp, sender
+            )
+            d = Delivery(msg, qos, bool(retain), tuple(orjson.loads(sub_ids)) if sub_ids else ())
+            if pid is not None:
+                owner.inflight[pid] = Inflight(pid, d, bool(released))
+            else:
+                owner.queue.append(d)
+                if qos == 0:
+                    owner.qos0_queued += 1
+        return LoadedState(retained, list(sessions.values()))
+
+    # ----------------------------------------------------------- write-behind
+
+    def later(self, sql: str, params: tuple[Any, ...]) -> None:
+        """Queue a statement for the next :meth:`flush`."""
+        self._pending.append((sql, params))
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def flush(self) -> None:
+        """Run the queued statements in one transaction."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            for sql, params in pending:
+                db.execute(sql, params)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def retained_changed(self, changes: dict[str, Message | None]) -> None:
+        for topic, msg in changes.items():
+            if msg is None:
+                self.later("DELETE FROM retained WHERE topic=?", (topic,))
+            else:
+                self.later(
+                    "INSERT OR REPLACE INTO retained VALUES (?,?,?,?,?)",
+                    (
+                        topic,
+                        msg.payload,
+                        msg.qos,
+                        properties_to_blob(msg.properties),
+                        msg.expires_at,
+                    ),
+                )
+
+    def session_saved(self, s: Session) -> None:
+        """Write the session row (not its messages)."""
+        self.later(
+            "INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?)",
+            (
+                s.client_id,
+                s.protocol_level,
+                s.expiry_interval,
+                s.disconnected_at,
+                orjson.dumps(sorted(s.in_qos2)) if s.in_qos2 else None,
+            ),
+        )
+        s.persisted = True
+
+    def session_deleted(self, client_id: str) -> None:
+        self.later("DELETE FROM sessions WHERE client_id=?", (client_id,))
+        self.later("DELETE FROM subscriptions WHERE client_id=?", (client_id,))
+        self.later("DELETE FROM messages WHERE client_id=?", (client_id,))
+
+    def subscription_saved(self, client_id: str, e: SubEntry) -> None:
+        self.later(
+            "INSERT OR REPLACE INTO subscriptions VALUES (?,?,?,?,?,?,?)",
+            (
+                client_id,
+                e.topic_filter,
+                e.qos,
+                int(e.no_local),
+                int(e.retain_as_published),
+                e.retain_handling,
+                e.subscription_id,
+            ),
+        )
+
+    def subscription_deleted(self, client_id: str, topic_filter: str) -> None:
+        self.later(
+            "DELETE FROM subscriptions WHERE client_id=? AND topic_filter=?",
+            (client_id, topic_filter),
+        )
+
+    def messages_saved(self, sessions: Iterable[Session]) -> int:
+        """Rewrite queued and in-flight messages of ``sessions`` (one
+        transaction with everything else pending). Returns rows written."""
+        rows = 0
+        for s in sessions:
+            self.later("DELETE FROM messages WHERE client_id=?", (s.client_id,))
+            self.later(
+                "UPDATE sessions SET in_qos2=? WHERE client_id=?",
+                (orjson.dumps(sorted(s.in_qos2)) if s.in_qos2 else None, s.client_id),
+            )
+            seq = 0
+            for inf in s.inflight.values():
+                self._message_row(s.client_id, seq, inf.packet_id, inf.released, inf.delivery)
+                seq += 1
+            for d in s.queue:
+                self._message_row(s.client_id, seq, None, False, d)
+                seq += 1
+            rows += seq
+            s.dirty = False
+        self.flush()
+        return rows
+
+    def _message_row(
+        self, cid: str, seq: int, pid: int | None, released: bool, d: Delivery
+    ) -> None:
+        m = d.msg
+        self.later(
+            "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                cid,
+                seq,
+                pid,
+                int(released),
+                d.qos,
+                int(d.retain),
+                orjson.dumps(list(d.sub_ids)) if d.sub_ids else None,
+                m.topic,
+                m.payload,
+                m.qos,
+                int(m.retain),
+                properties_to_blob(m.properties),
+                m.expires_at,
+                m.sender,
+            ),
+        )
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._db.close()

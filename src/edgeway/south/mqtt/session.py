@@ -1,0 +1,166 @@
+"""Session state of one MQTT client id, kept apart from any socket (sans-IO).
+
+Configuration (the limits that bound a session)::
+
+    mqtt:
+      limits:
+        receive_maximum: 64          # our inflight window towards a client
+        max_queued_messages: 10000   # per session, beyond it the oldest is dropped
+        max_session_expiry: 7d
+
+A session outlives its connection when it is persistent (3.1.1
+``clean_session=0``, v5 session expiry interval > 0). It holds the
+subscriptions, the outbound messages in flight (sent, not yet acknowledged)
+and the queue of messages waiting for the window or for the client to come
+back, plus the inbound QoS 2 packet ids between PUBLISH and PUBREL (exactly
+once: a re-sent PUBLISH with such an id is acknowledged, not delivered again).
+
+A clean, QoS-0-only client's session is one small object with empty
+containers created lazily where it matters.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from edgeway.south.mqtt.packets import Will
+from edgeway.south.mqtt.retained import Message
+from edgeway.south.mqtt.topics import SubEntry
+
+if TYPE_CHECKING:
+    from edgeway.south.mqtt.connection import MqttConnection
+
+
+NEVER_EXPIRES = 0xFFFFFFFF
+"""v5 session expiry interval meaning "never" (MQTT 3.1.2.11.2)."""
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message bound for one session, with the per-subscriber options."""
+
+    msg: Message
+    qos: int
+    retain: bool
+    sub_ids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class Inflight:
+    """An outbound QoS 1/2 message sent and not yet completed."""
+
+    packet_id: int
+    delivery: Delivery
+    released: bool = False
+    """QoS 2: PUBREC received and PUBREL sent; waiting for PUBCOMP."""
+
+
+class Session:
+    """State of one client id; see the module docstring."""
+
+    __slots__ = (
+        "_next_pid",
+        "client_id",
+        "conn",
+        "dirty",
+        "disconnected_at",
+        "dropped",
+        "expiry_interval",
+        "in_qos2",
+        "inflight",
+        "persisted",
+        "protocol_level",
+        "qos0_queued",
+        "queue",
+        "subscriptions",
+        "will",
+        "will_at",
+    )
+
+    def __init__(self, client_id: str, protocol_level: int, expiry_interval: int = 0) -> None:
+        self.client_id = client_id
+        self.protocol_level = protocol_level
+        self.expiry_interval = expiry_interval
+        """Seconds the session outlives its connection (0 = it ends with it)."""
+        self.subscriptions: dict[str, SubEntry] = {}
+        self.inflight: dict[int, Inflight] = {}
+        self.queue: deque[Delivery] = deque()
+        self.qos0_queued = 0
+        self.in_qos2: set[int] = set()
+        self.conn: MqttConnection | None = None
+        self.disconnected_at: float | None = None
+        """Wall-clock time the last connection ended (None while connected)."""
+        self.will: Will | None = None
+        """A will waiting for its v5 will delay interval to elapse."""
+        self.will_at: float | None = None
+        self.dropped = 0
+        self._next_pid = 1
+        self.dirty = False
+        """Queue or inflight changed since the last save (persistent sessions)."""
+        self.persisted = False
+        """A row for this session exists in the store."""
+
+    @property
+    def persistent(self) -> bool:
+        return self.expiry_interval > 0
+
+    def next_packet_id(self) -> int:
+        """A packet id not in use by an outbound message in flight."""
+        pid = self._next_pid
+        inflight = self.inflight
+        # The window (<= 65535) is always smaller than the id space, so this ends.
+        while pid in inflight:
+            pid = pid + 1 if pid < 65535 else 1
+        self._next_pid = pid + 1 if pid < 65535 else 1
+        return pid
+
+    def enqueue(self, delivery: Delivery, max_queued: int) -> bool:
+        """Queue a delivery; if the queue is full drop the oldest QoS 0
+        message, else the oldest message. Returns True if one was dropped."""
+        queue = self.queue
+        dropped = False
+        if len(queue) >= max_queued:
+            dropped = True
+            self.dropped += 1
+            if max_queued == 0:
+                return True
+            if self.qos0_queued:
+                for i, d in enumerate(queue):
+                    if d.qos == 0:
+                        del queue[i]
+                        self.qos0_queued -= 1
+                        break
+            else:
+                queue.popleft()
+        queue.append(delivery)
+        if delivery.qos == 0:
+            self.qos0_queued += 1
+        self.dirty = True
+        return dropped
+
+    def dequeue(self) -> Delivery:
+        d = self.queue.popleft()
+        if d.qos == 0:
+            self.qos0_queued -= 1
+        self.dirty = True
+        return d
+
+    def clear_messages(self) -> None:
+        self.queue.clear()
+        self.qos0_queued = 0
+        self.inflight.clear()
+        self.in_qos2.clear()
+        self.dirty = True
+
+    def snapshot(self) -> dict[str, Any]:
+        """Small summary for diagnostics."""
+        return {
+            "client_id": self.client_id,
+            "online": self.conn is not None,
+            "subscriptions": len(self.subscriptions),
+            "inflight": len(self.inflight),
+            "queued": len(self.queue),
+            "dropped": self.dropped,
+        }

@@ -1,0 +1,204 @@
+"""Telemetry topics: which publishes enter the pipeline, and how they decode.
+
+Configuration::
+
+    mqtt:
+      telemetry_topics:
+        - "devices/{device_id}/telemetry"
+        - "site/+/{device_id}/data"
+
+``{device_id}`` is exactly one topic level and becomes the reading's device
+id; ``+`` matches one level and ``#`` (last) any remainder, as in MQTT.
+
+Payload (JSON, decoded with orjson)::
+
+    {"temp": 21.5, "on": true, "mode": "auto", "ts": 1732550400.5, "msg_id": "m-17",
+     "motor": {"rpm": 1200, "amps": 3.1}}
+
+- metrics are numbers, booleans and strings; a nested object is flattened
+  with ``.`` (``motor.rpm``), because the Reading model is flat and dotted
+  names survive every sink; ``null`` values are skipped (a device saying "no
+  value now"); arrays are refused (their meaning is not defined here);
+- ``ts`` is optional: epoch seconds, epoch milliseconds (any number above
+  1e11, i.e. after 1973 in ms and after year 5138 in s) or an ISO 8601
+  string (no zone = UTC); absent = arrival time;
+- ``msg_id`` is optional and becomes ``Origin.message_id`` (MQTT v5
+  correlation data wins when present);
+- an array of such objects is several readings from one message.
+
+A payload that fails is refused with a short reason (``invalid_json``,
+``not_an_object``, ``bad_ts``, ``unsupported_value``, ``no_metrics``) that the
+broker counts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from edgeway.reading import MetricValue, Origin, Reading
+
+TELEMETRY_CACHE_MAX = 100_000
+"""Topics whose pattern match is remembered (positive or negative). A topic
+is ~50 bytes; 100,000 covers a site's devices. Cleared whole when full."""
+
+MS_THRESHOLD = 1e11
+"""A numeric ``ts`` above this is milliseconds (1e11 s is year 5138)."""
+
+MAX_FLATTEN_DEPTH = 8
+"""Nesting allowed in a metrics object; deeper is refused, which bounds the
+work one payload can cause."""
+
+
+class TelemetryError(ValueError):
+    """A telemetry payload that cannot become readings; ``reason`` is the counter name."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class _Pattern:
+    __slots__ = ("device_index", "levels", "tail")
+
+    def __init__(self, pattern: str) -> None:
+        levels = pattern.split("/")
+        self.tail = levels[-1] == "#"
+        if self.tail:
+            levels = levels[:-1]
+        self.levels = levels
+        idx = [i for i, lv in enumerate(levels) if lv == "{device_id}"]
+        if len(idx) != 1:
+            raise ValueError(f"telemetry topic {pattern!r} must contain {{device_id}} exactly once")
+        self.device_index = idx[0]
+
+    def match(self, levels: list[str]) -> str | None:
+        n = len(self.levels)
+        if len(levels) < n or (not self.tail and len(levels) != n):
+            return None
+        for i, want in enumerate(self.levels):
+            got = levels[i]
+            if i == self.device_index:
+                if not got:
+                    return None
+            elif want != "+" and want != got:
+                return None
+        return levels[self.device_index]
+
+
+class TelemetryTopics:
+    """Matches topic names against the configured telemetry patterns."""
+
+    __slots__ = ("_cache", "_patterns")
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self._patterns = [_Pattern(p) for p in patterns]
+        self._cache: dict[str, str | None] = {}
+
+    def device_id(self, topic: str) -> str | None:
+        """The device id if ``topic`` is a telemetry topic, else None."""
+        cache = self._cache
+        try:
+            return cache[topic]
+        except KeyError:
+            pass
+        result: str | None = None
+        if not topic.startswith("$"):
+            levels = topic.split("/")
+            for p in self._patterns:
+                result = p.match(levels)
+                if result is not None:
+                    break
+        if len(cache) >= TELEMETRY_CACHE_MAX:
+            cache.clear()
+        cache[topic] = result
+        return result
+
+
+def _parse_ts(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TelemetryError("bad_ts", "ts is a boolean")
+    if isinstance(value, int | float):
+        ts = float(value)
+        return ts / 1000.0 if ts > MS_THRESHOLD else ts
+    if isinstance(value, str):
+        try:
+            d = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise TelemetryError("bad_ts", f"not ISO 8601: {value[:40]!r}") from None
+        if d.tzinfo is None:
+            d = d.replace(tzinfo=dt.UTC)
+        return d.timestamp()
+    raise TelemetryError("bad_ts", f"ts of type {type(value).__name__}")
+
+
+def _flatten(obj: dict[str, Any], prefix: str, out: dict[str, MetricValue], depth: int) -> None:
+    for k, v in obj.items():
+        name = prefix + k
+        if isinstance(v, bool | int | float | str):
+            out[name] = v
+        elif v is None:
+            continue
+        elif isinstance(v, dict):
+            if depth >= MAX_FLATTEN_DEPTH:
+                raise TelemetryError("unsupported_value", f"{name}: nested too deep")
+            _flatten(v, name + ".", out, depth + 1)
+        else:
+            raise TelemetryError("unsupported_value", f"{name}: {type(v).__name__}")
+
+
+def _reading(
+    obj: Any, device_id: str, now: float, origin: Origin, correlation: str | None
+) -> Reading:
+    if not isinstance(obj, dict):
+        raise TelemetryError("not_an_object", type(obj).__name__)
+    ts = now
+    msg_id: str | None = None
+    metrics: dict[str, MetricValue] = {}
+    if "ts" in obj or "msg_id" in obj:
+        obj = dict(obj)
+        if "ts" in obj:
+            ts = _parse_ts(obj.pop("ts"))
+        if "msg_id" in obj:
+            raw = obj.pop("msg_id")
+            if raw is not None:
+                msg_id = str(raw)
+    _flatten(obj, "", metrics, 0)
+    if not metrics:
+        raise TelemetryError("no_metrics")
+    if correlation is not None:
+        msg_id = correlation
+    if msg_id is not None:
+        origin = Origin(origin.adapter, origin.address, origin.client_id, msg_id)
+    return Reading(device_id, ts, metrics, origin)
+
+
+def decode_telemetry(
+    payload: bytes,
+    device_id: str,
+    topic: str,
+    client_id: str,
+    correlation_data: bytes | None = None,
+) -> list[Reading]:
+    """Decode one telemetry payload into readings, or raise :class:`TelemetryError`."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError as e:
+        raise TelemetryError("invalid_json", str(e)[:80]) from None
+    now = time.time()
+    origin = Origin("mqtt", topic, client_id)
+    correlation: str | None = None
+    if correlation_data is not None:
+        try:
+            correlation = correlation_data.decode("utf-8")
+        except UnicodeDecodeError:
+            correlation = correlation_data.hex()
+    if isinstance(data, list):
+        if not data:
+            raise TelemetryError("no_metrics", "empty array")
+        return [_reading(o, device_id, now, origin, correlation) for o in data]
+    return [_reading(data, device_id, now, origin, correlation)]
