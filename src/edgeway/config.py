@@ -30,10 +30,18 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -121,7 +129,17 @@ class TlsConfig(_Model):
     ca: Path | None = None
     """CA bundle used to verify client certificates."""
     require_client_cert: bool = False
+    """Refuse clients without a certificate signed by ``ca`` (see docs/security.md)."""
     min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @field_validator("require_client_cert")
+    @classmethod
+    def _check_ca(cls, v: bool, info: Any) -> bool:
+        if v and info.data.get("ca") is None:
+            raise ValueError(
+                "require_client_cert needs tls.ca (the CA that signs client certificates)"
+            )
+        return v
 
 
 class ListenerConfig(_Model):
@@ -178,6 +196,14 @@ class AclRule(_Model):
     access: Literal["publish", "subscribe", "all"] = "all"
     allow: bool = True
 
+    @field_validator("topic")
+    @classmethod
+    def _check_topic(cls, v: str) -> str:
+        from edgeway.devices.config_auth import validate_acl_topic
+
+        validate_acl_topic(v)
+        return v
+
 
 class MqttUser(_Model):
     username: str = Field(min_length=1)
@@ -228,6 +254,231 @@ class ReceiptsSection(_Model):
     topic: str = "devices/{device_id}/receipts"
 
 
+# --------------------------------------------------------------------------
+# south adapters: CoAP, Modbus, OPC-UA, serial, BLE (edgeway.south.*)
+
+
+class CoapSection(_Model):
+    """The CoAP listener (``edgeway.south.coap``)."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:5683"
+    """``HOST:PORT`` (UDP); port 0 picks a free port (logged at start)."""
+    max_body_size: Size = 64 * 1024
+    """Largest request body accepted, after Block1 reassembly (4.13 beyond).
+    64 KiB: a SenML pack of a few hundred records; a body is held in memory
+    until the outbox has it, for every device uploading at once."""
+    default_format: str = "json"
+    """Codec for requests without a Content-Format option."""
+    codec_options: dict[str, Any] = Field(default_factory=dict)
+    """Options for the codec of each content format, by codec name."""
+    retry_after: Duration = 5.0
+    """Max-Age sent with 5.03 when the outbox refuses new readings."""
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: str) -> str:
+        parse_host_port(v)
+        return v
+
+
+ModbusFunction = Literal["coils", "discrete_inputs", "holding_registers", "input_registers"]
+ModbusDataType = Literal[
+    "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64", "string", "bits"
+]
+
+
+class ModbusPoint(_Model):
+    """One value in a Modbus register map."""
+
+    metric: str = Field(min_length=1)
+    address: int = Field(ge=0, le=65535)
+    """Zero-based protocol address (register 40001 is holding address 0)."""
+    data_type: ModbusDataType = "uint16"
+    """Ignored for coils and discrete inputs (always booleans)."""
+    count: int = Field(default=1, ge=1, le=125)
+    """Registers for ``string``; registers for ``bits`` (16 booleans each);
+    coils or inputs for coils/discrete inputs (more than 1: ``metric.N``)."""
+    byte_order: Literal["big", "little"] = "big"
+    """Byte order inside each 16-bit register (Modbus itself is big-endian)."""
+    word_order: Literal["big", "little"] = "big"
+    """Register order of 32/64-bit values: ``big`` = high word first."""
+    scale: float = 1.0
+    offset: float = 0.0
+    """value = raw * scale + offset (numbers only)."""
+    unit: str | None = None
+    """Stored as the tag ``unit.<metric>`` on each reading."""
+    writable: bool = False
+    """Allow :meth:`ModbusAdapter.write` (holding registers and coils only)."""
+
+
+class ModbusGroup(_Model):
+    """Points read together at one interval, from one table of one unit."""
+
+    function: ModbusFunction = "holding_registers"
+    unit_id: int | None = Field(default=None, ge=0, le=255)
+    """Defaults to the device's ``unit_id``."""
+    interval: Duration = 10.0
+    points: list[ModbusPoint] = Field(min_length=1)
+
+
+class ModbusDeviceConfig(_Model):
+    """One Modbus TCP server or RTU line polled by ``edgeway.south.modbus``."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    enabled: bool = True
+    device_id: str = Field(min_length=1, max_length=128)
+    transport: Literal["tcp", "rtu"] = "tcp"
+    host: str | None = None
+    """TCP: the server's host."""
+    port: int = Field(default=502, ge=1, le=65535)
+    serial_port: str | None = None
+    """RTU: the serial device (``/dev/ttyUSB0``)."""
+    baudrate: int = Field(default=9600, ge=50)
+    bytesize: Literal[7, 8] = 8
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    unit_id: int = Field(default=1, ge=0, le=255)
+    timeout: Duration = 3.0
+    max_gap: int = Field(default=0, ge=0, le=124)
+    """Merge points into one request across gaps of up to this many unused
+    registers (some devices refuse reads of unmapped registers: default 0)."""
+    groups: list[ModbusGroup] = Field(min_length=1)
+
+    @field_validator("host")
+    @classmethod
+    def _host_nonempty(cls, v: str | None) -> str | None:
+        if v is not None and not v:
+            raise ValueError("expected a host name or address")
+        return v
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> Self:
+        if self.transport == "tcp" and not self.host:
+            raise ValueError("transport tcp needs 'host'")
+        if self.transport == "rtu" and not self.serial_port:
+            raise ValueError("transport rtu needs 'serial_port'")
+        return self
+
+
+class OpcUaNode(_Model):
+    """One OPC-UA variable mapped to a metric."""
+
+    metric: str = Field(min_length=1)
+    node_id: str | None = None
+    """``ns=2;i=1001`` or ``ns=2;s=Boiler.Temp``."""
+    browse_path: str | None = None
+    """From the Objects folder: ``2:Boiler/2:Temperature``."""
+    sampling_interval: Duration = 1.0
+    deadband: float | None = Field(default=None, ge=0)
+    deadband_type: Literal["absolute", "percent"] = "absolute"
+    writable: bool = False
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> Self:
+        if (self.node_id is None) == (self.browse_path is None):
+            raise ValueError("give exactly one of 'node_id' and 'browse_path'")
+        return self
+
+
+class OpcUaMethod(_Model):
+    """A method that commands may call."""
+
+    name: str = Field(min_length=1)
+    object: str
+    """Node id or browse path of the object that owns the method."""
+    method: str
+    """Node id or browse path of the method."""
+
+
+class OpcUaSecurity(_Model):
+    policy: Literal["None", "Basic256Sha256"] = "None"
+    mode: Literal["Sign", "SignAndEncrypt"] = "SignAndEncrypt"
+    certificate: Path | None = None
+    """Our client certificate (DER or PEM); required with Basic256Sha256."""
+    private_key: Path | None = None
+    server_certificate: Path | None = None
+    """Pin the server's certificate; absent: take the one the endpoint offers."""
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> Self:
+        if self.policy != "None" and (self.certificate is None or self.private_key is None):
+            raise ValueError(f"policy {self.policy} needs 'certificate' and 'private_key'")
+        return self
+
+
+class OpcUaServerConfig(_Model):
+    """One OPC-UA server subscribed to by ``edgeway.south.opcua``."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    enabled: bool = True
+    device_id: str = Field(min_length=1, max_length=128)
+    endpoint: str = Field(pattern=r"^opc\.tcp://")
+    username: str | None = None
+    password: str | None = None
+    security: OpcUaSecurity = Field(default_factory=OpcUaSecurity)
+    publishing_interval: Duration = 1.0
+    timeout: Duration = 5.0
+    nodes: list[OpcUaNode] = Field(min_length=1)
+    methods: list[OpcUaMethod] = Field(default_factory=list)
+
+
+class SerialCsv(_Model):
+    columns: list[str] = Field(min_length=1)
+    """Metric name per column, in order; ``""`` skips a column."""
+    delimiter: str = Field(default=",", min_length=1, max_length=1)
+    header: bool = False
+    """Skip lines equal to the joined column names."""
+
+
+class SerialPortConfig(_Model):
+    """One serial line device read by ``edgeway.south.serial``."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    enabled: bool = True
+    device_id: str = Field(min_length=1, max_length=128)
+    port: str = Field(min_length=1)
+    baudrate: int = Field(default=9600, ge=50)
+    bytesize: Literal[5, 6, 7, 8] = 8
+    parity: Literal["N", "E", "O", "M", "S"] = "N"
+    stopbits: float = Field(default=1, ge=1, le=2)
+    """1, 1.5 or 2."""
+    format: Literal["json", "csv", "kv", "nmea"] = "json"
+    csv: SerialCsv | None = None
+    codec_options: dict[str, Any] = Field(default_factory=dict)
+    """Options of the ``json`` codec for JSON lines."""
+    max_line: Size = 4096
+    """Longest line kept (bytes). NMEA sentences are at most 82 characters and
+    telemetry lines a few hundred; a longer line is noise or a wrong baud
+    rate, and is dropped and counted."""
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> Self:
+        if self.format == "csv" and self.csv is None:
+            raise ValueError("format csv needs 'csv: {columns: [...]}'")
+        if self.stopbits not in (1, 1.5, 2):
+            raise ValueError(f"stopbits must be 1, 1.5 or 2, got {self.stopbits}")
+        return self
+
+
+class BleDevice(_Model):
+    address: str = Field(pattern=r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+    device_id: str = Field(min_length=1, max_length=128)
+
+
+class BleSection(_Model):
+    """BTHome v2 advertisements received by ``edgeway.south.ble``."""
+
+    enabled: bool = True
+    adapter: str | None = None
+    """Bluetooth adapter (``hci0``); absent: the system default."""
+    devices: list[BleDevice] = Field(default_factory=list)
+    allow_unknown: bool = False
+    """Also take advertisements from unlisted devices (device id
+    ``bthome-<address without colons>``)."""
+    scanning_mode: Literal["active", "passive"] = "passive"
+
+
 class Config(_Model):
     gateway: GatewaySection = Field(default_factory=GatewaySection)
     log: LogSection = Field(default_factory=LogSection)
@@ -235,6 +486,11 @@ class Config(_Model):
     outbox: OutboxSection = Field(default_factory=OutboxSection)
     sinks: list[SinkConfig] = Field(default_factory=list)
     receipts: ReceiptsSection = Field(default_factory=ReceiptsSection)
+    coap: CoapSection | None = None
+    modbus: list[ModbusDeviceConfig] = Field(default_factory=list)
+    opcua: list[OpcUaServerConfig] = Field(default_factory=list)
+    serial: list[SerialPortConfig] = Field(default_factory=list)
+    ble: BleSection | None = None
 
 
 # --------------------------------------------------------------------------
