@@ -110,12 +110,16 @@ class ProtocolError(Exception):
     ``reason_code`` is the v5 reason code to put in the DISCONNECT that closes
     the connection (0x81 malformed packet, 0x82 protocol error, 0x95 packet too
     large, ...). On a 3.1.1 connection the connection is simply closed.
+
+    ``packets`` holds the packets the codec decoded from the same chunk before it met the
+    error, in order, so a server may act on them before closing (empty otherwise).
     """
 
     def __init__(self, reason_code: int, message: str) -> None:
         super().__init__(message)
         self.reason_code = reason_code
         self.message = message
+        self.packets: list[Packet] = []
 
 
 @dataclass(slots=True)
