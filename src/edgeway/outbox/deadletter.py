@@ -1,0 +1,250 @@
+"""Dead letters: batches a sink refused for good, kept for inspection and replay.
+
+Usage (``edgeway deadletter ...`` with the gateway's ``--config``/``--data-dir``)::
+
+    edgeway deadletter list [--sink NAME] [--limit N] [--json]
+    edgeway deadletter replay [ID ...] [--sink NAME]     # gateway must be stopped
+    edgeway deadletter purge (ID ... | --all) [--sink NAME]
+
+``replay`` puts the records back in the outbox for their sink with their
+original sequence and record id (so a cloud that did get them drops the
+duplicates), counts them as accepted again and moves the sink's cursor back so
+the next start sends them. It and ``purge`` take the outbox lock: they refuse
+to run while a gateway has the outbox open, because the running gateway keeps
+its counters and cursors in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from edgeway.outbox.store import acquire_lock, release_lock
+
+DB_NAME = "outbox.db"
+
+
+@dataclass(slots=True, frozen=True)
+class DeadLetter:
+    """One dead-lettered record."""
+
+    id: int
+    sink: str
+    record_id: str
+    seq: int
+    device_id: str
+    ts: float
+    at: float
+    """When it was dead-lettered (Unix seconds)."""
+    error: str
+    metrics: dict[str, Any]
+
+    def to_json_obj(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "sink": self.sink,
+            "record_id": self.record_id,
+            "seq": self.seq,
+            "device_id": self.device_id,
+            "ts": self.ts,
+            "at": self.at,
+            "error": self.error,
+            "metrics": self.metrics,
+        }
+
+
+def _open(db_path: Path) -> sqlite3.Connection:
+    if not db_path.exists():
+        raise FileNotFoundError(f"no outbox at {db_path}")
+    conn = sqlite3.connect(db_path, isolation_level=None, timeout=30.0)
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+def _id_of(conn: sqlite3.Connection) -> Any:
+    epochs = conn.execute("SELECT from_seq, gateway_id FROM epochs ORDER BY from_seq").fetchall()
+    starts = [e[0] for e in epochs]
+
+    def record_id(seq: int) -> str:
+        i = max(bisect.bisect_right(starts, seq) - 1, 0)
+        return f"{epochs[i][1] if epochs else '?'}:{seq}"
+
+    return record_id
+
+
+def _where(sink: str | None, ids: Sequence[int] | None) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if sink is not None:
+        clauses.append("sink = ?")
+        params.append(sink)
+    if ids:
+        clauses.append(f"id IN ({','.join('?' * len(ids))})")
+        params.extend(ids)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def list_dead_letters(
+    db_path: Path, *, sink: str | None = None, limit: int = 100
+) -> list[DeadLetter]:
+    """The oldest ``limit`` dead letters (of ``sink``, or of all sinks)."""
+    conn = _open(db_path)
+    try:
+        record_id = _id_of(conn)
+        where, params = _where(sink, None)
+        rows = conn.execute(
+            "SELECT id, sink, seq, device_id, ts, at, error, metrics FROM deadletter"
+            f"{where} ORDER BY id LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+    finally:
+        conn.close()
+    return [
+        DeadLetter(r[0], r[1], record_id(r[2]), r[2], r[3], r[4], r[5], r[6], orjson.loads(r[7]))
+        for r in rows
+    ]
+
+
+def replay_dead_letters(
+    db_path: Path, *, sink: str | None = None, ids: Sequence[int] | None = None
+) -> int:
+    """Put dead letters back in the outbox for their sink; returns how many.
+
+    Raises ``RuntimeError`` while a gateway has the outbox open.
+    """
+    fd = acquire_lock(db_path)
+    try:
+        conn = _open(db_path)
+        try:
+            return _replay(conn, sink, ids)
+        finally:
+            conn.close()
+    finally:
+        release_lock(fd)
+
+
+def _replay(conn: sqlite3.Connection, sink: str | None, ids: Sequence[int] | None) -> int:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        sinks = {
+            name: (bit, cursor)
+            for name, bit, cursor in conn.execute("SELECT name, bit, cursor FROM sinks")
+        }
+        where, params = _where(sink, ids)
+        rows = conn.execute(
+            "SELECT id, sink, seq, created, size, priority, device_id, ts, metrics, tags, msg_id "
+            f"FROM deadletter{where} ORDER BY id",
+            params,
+        ).fetchall()
+        added_bytes = 0
+        accepted: dict[str, int] = {}
+        lowest: dict[str, int] = {}
+        done: list[int] = []
+        for dl_id, name, seq, created, size, prio, dev, ts, metrics, tags, msg_id in rows:
+            if name not in sinks:
+                continue
+            bit = sinks[name][0]
+            changed = conn.execute(
+                "UPDATE records SET pending = pending | ? WHERE seq = ? AND (pending & ?) = 0",
+                (bit, seq, bit),
+            ).rowcount
+            if not changed:
+                exists = conn.execute("SELECT 1 FROM records WHERE seq = ?", (seq,)).fetchone()
+                if exists is None:
+                    conn.execute(
+                        "INSERT INTO records(seq, pending, created, size, priority, device_id, "
+                        "ts, metrics, tags, msg_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (seq, bit, created, size, prio, dev, ts, metrics, tags, msg_id),
+                    )
+                    added_bytes += size
+                    changed = 1
+            if changed:
+                accepted[name] = accepted.get(name, 0) + 1
+                lowest[name] = min(lowest.get(name, seq), seq)
+            done.append(dl_id)
+        for name, n in accepted.items():
+            conn.execute(
+                "UPDATE sinks SET accepted = accepted + ?, cursor = min(cursor, ?) WHERE name = ?",
+                (n, lowest[name] - 1, name),
+            )
+        conn.execute("UPDATE meta SET value = value + ? WHERE key = 'total_bytes'", (added_bytes,))
+        conn.executemany("DELETE FROM deadletter WHERE id = ?", [(i,) for i in done])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return sum(accepted.values())
+
+
+def purge_dead_letters(
+    db_path: Path, *, sink: str | None = None, ids: Sequence[int] | None = None
+) -> int:
+    """Delete dead letters for good; returns how many. They stay counted as
+    ``dropped_dead_letter``. Raises ``RuntimeError`` while a gateway runs."""
+    fd = acquire_lock(db_path)
+    try:
+        conn = _open(db_path)
+        try:
+            where, params = _where(sink, ids)
+            return conn.execute(f"DELETE FROM deadletter{where}", params).rowcount
+        finally:
+            conn.close()
+    finally:
+        release_lock(fd)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeway deadletter", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="action", required=True, metavar="list|replay|purge")
+    ls = sub.add_parser("list", help="show dead letters, oldest first")
+    ls.add_argument("--sink")
+    ls.add_argument("--limit", type=int, default=100)
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    rp = sub.add_parser("replay", help="queue dead letters again (all, or the IDs given)")
+    rp.add_argument("ids", nargs="*", type=int, metavar="ID")
+    rp.add_argument("--sink")
+    pg = sub.add_parser("purge", help="delete dead letters for good")
+    pg.add_argument("ids", nargs="*", type=int, metavar="ID")
+    pg.add_argument("--sink")
+    pg.add_argument("--all", action="store_true", help="purge every dead letter (of --sink)")
+    return p
+
+
+def deadletter_main(argv: list[str], data_dir: Path) -> int:
+    """``edgeway deadletter list|replay|purge``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    db_path = Path(data_dir) / DB_NAME
+    try:
+        if args.action == "list":
+            letters = list_dead_letters(db_path, sink=args.sink, limit=args.limit)
+            for d in letters:
+                if args.json:
+                    print(orjson.dumps(d.to_json_obj()).decode())
+                else:
+                    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.at))
+                    print(f"{d.id}\t{d.sink}\t{d.record_id}\t{d.device_id}\t{at}\t{d.error}")
+            if not args.json:
+                print(f"{len(letters)} dead letter(s)", file=sys.stderr)
+            return 0
+        if args.action == "replay":
+            n = replay_dead_letters(db_path, sink=args.sink, ids=args.ids or None)
+            print(f"replayed {n} record(s); they are sent at the next start")
+            return 0
+        if not args.ids and not args.all:
+            print("error: purge needs IDs or --all", file=sys.stderr)
+            return 2
+        n = purge_dead_letters(db_path, sink=args.sink, ids=args.ids or None)
+        print(f"purged {n} dead letter(s)")
+        return 0
+    except (FileNotFoundError, RuntimeError, sqlite3.Error) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,158 @@
+"""The sink runner: moves one sink's records from the outbox to the remote side.
+
+Configuration: none of its own; a runner is started for every entry of
+``sinks:``, and the sink's own options set its batch size and wait::
+
+    sinks:
+      - name: cloud
+        url: https://ingest.example.com/v1/telemetry
+        options: {max_records: 500, max_wait: 20ms}
+
+Loop: read a batch at the sink's cursor, send it, and only when the sink
+returns (the remote side confirmed) hand the confirmation to the outbox, which
+clears the sink's bit in the same group commit as the next readings. Failures
+retry the *same* batch (same record ids) forever with capped exponential
+backoff and full jitter, or after the ``Retry-After`` the remote side named; a
+:class:`~edgeway.sinks.base.PermanentSinkError` moves the batch to the
+dead-letter table and the runner goes on. Each sink has its own runner, so a
+sink that is down only ever waits for itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+from edgeway.outbox.store import Batch, Outbox
+from edgeway.sinks.base import PermanentSinkError, RetryableSinkError, Sink
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_MAX = 3600.0
+"""Longest ``Retry-After`` honoured (seconds). A server asking for more than an
+hour is more likely misconfigured than busy; we would rather probe hourly."""
+
+ERROR_LOG_INTERVAL = 60.0
+"""Seconds between repeated error log lines of one failing sink (the first
+failure and the recovery are always logged)."""
+
+
+class SinkRunner:
+    """Drives one :class:`~edgeway.sinks.base.Sink` from the outbox.
+
+    The gateway owns the sink's ``start``/``close``; the runner only sends.
+    ``run`` runs until cancelled.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        sink: Sink,
+        *,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 60.0,
+    ) -> None:
+        if backoff_initial <= 0 or backoff_max < backoff_initial:
+            raise ValueError("need 0 < backoff_initial <= backoff_max")
+        self.outbox = outbox
+        self.sink = sink
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self._rng = random.Random()
+        self._failing_since: float | None = None
+        self._last_error_log = 0.0
+        self._last_error = ""
+
+    async def run(self) -> None:
+        """Forever: read a batch from the cursor, send, advance. Cancel to stop."""
+        outbox, sink, name = self.outbox, self.sink, self.sink.name
+        prev: asyncio.Future[None] | None = None
+        prev_out_of_order = False
+        caught_up = False
+        while True:
+            if caught_up:
+                await outbox.wait_for_rows(name, 1)
+                if sink.max_wait > 0:
+                    # Let a batch fill, but never wait longer than max_wait.
+                    await outbox.wait_for_rows(name, sink.max_batch_records, within=sink.max_wait)
+            if prev is not None and prev_out_of_order:
+                # Rows read ahead of the cursor must have their bit cleared
+                # before the next read, or it would send them again.
+                await prev
+                prev = None
+            batch = await outbox.read_batch(name, sink.max_batch_records, sink.max_batch_bytes)
+            caught_up = not batch.more
+            if not batch.records:
+                continue
+            delivered = await self._deliver(batch)
+            if prev is not None:
+                await prev  # confirmations apply in order; at most one in flight
+            prev = (
+                outbox.confirm(batch) if delivered else outbox.dead_letter(batch, self._last_error)
+            )
+            prev_out_of_order = batch.out_of_order
+
+    async def _deliver(self, batch: Batch) -> bool:
+        """Send until confirmed (True) or refused for good (False)."""
+        sink = self.sink
+        attempt = 0
+        while True:
+            t0 = time.monotonic()
+            try:
+                await sink.send_batch(batch.records)
+            except PermanentSinkError as e:
+                sink.state.record_error(e)
+                self._last_error = f"{type(e).__name__}: {e}"
+                log.error(
+                    "sink %s refused %d records (%s..%s) for good, dead-lettered: %s",
+                    sink.name,
+                    len(batch),
+                    batch.records[0].id,
+                    batch.records[-1].id,
+                    e,
+                    extra={"fields": {"sink": sink.name, "records": len(batch)}},
+                )
+                return False
+            except Exception as e:  # any failure but a permanent one: retry the same batch
+                sink.state.record_error(e)
+                retry_after = e.retry_after if isinstance(e, RetryableSinkError) else None
+                delay = self.backoff_delay(attempt, retry_after)
+                attempt += 1
+                self._log_failure(e, delay)
+                await asyncio.sleep(delay)
+                continue
+            sink.state.record_success(len(batch), time.monotonic() - t0)
+            if self._failing_since is not None:
+                log.info(
+                    "sink %s is delivering again after %.1f s",
+                    sink.name,
+                    time.monotonic() - self._failing_since,
+                )
+                self._failing_since = None
+            return True
+
+    def backoff_delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds before retry ``attempt`` (0-based): the remote side's
+        ``retry_after`` if given, else full jitter over a capped exponential."""
+        if retry_after is not None and retry_after >= 0:
+            return min(retry_after, RETRY_AFTER_MAX)
+        ceiling = min(self.backoff_max, self.backoff_initial * (2 ** min(attempt, 62)))
+        return self._rng.uniform(0.0, ceiling)
+
+    def _log_failure(self, error: BaseException, delay: float) -> None:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._last_error_log < ERROR_LOG_INTERVAL:
+            return
+        self._last_error_log = now
+        log.warning(
+            "sink %s failed (%s: %s); retrying in %.2f s",
+            self.sink.name,
+            type(error).__name__,
+            error,
+            delay,
+            extra={"fields": {"sink": self.sink.name, "error": str(error)}},
+        )
