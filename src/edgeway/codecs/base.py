@@ -209,7 +209,13 @@ def parse_timestamp(value: Any, unit: TimestampUnit = "auto") -> float:
     """
     if isinstance(value, bool):
         raise DecodeError("bad_timestamp", "a boolean is not a timestamp")
-    if isinstance(value, str):
+    if isinstance(value, _dt.datetime):  # CBOR tag 0/1 decode to datetime
+        when = value if value.tzinfo is not None else value.replace(tzinfo=_dt.UTC)
+        try:
+            ts = when.timestamp()
+        except (OverflowError, ValueError, OSError):
+            raise DecodeError("bad_timestamp", "datetime out of range") from None
+    elif isinstance(value, str):
         text = value.strip()
         if unit != "iso8601":
             try:

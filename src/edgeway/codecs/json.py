@@ -1,0 +1,250 @@
+"""JSON telemetry with field mapping.
+
+Example::
+
+    codec: json
+    codec_options:
+      device_id: meta.serial          # JMESPath; used when the address names no device
+      timestamp: time                 # JMESPath to the timestamp (absent: receive time)
+      timestamp_unit: ms              # auto | s | ms | us | ns | iso8601
+      metrics:                        # metric name -> JMESPath (absent: every other field)
+        temperature: sensors[?kind=='t'].value | [0]
+        humidity: sensors[?kind=='h'].value | [0]
+
+A payload is one reading object or an array of them. Without ``metrics``,
+every field of the object except the device id, timestamp and message id
+fields becomes a metric; nested objects are flattened with ``separator``
+(``{"AM2301": {"Temperature": 21}}`` gives ``AM2301.Temperature``); ``null``
+and arrays are skipped (Zigbee2MQTT reports unknown values as ``null``). If the
+object has a ``metrics`` key holding an object and ``values`` is not set, that
+object holds the metrics: ``{"ts": 1700000000, "metrics": {"temp": 21.5}}``.
+
+Paths that are plain field names (``time``, ``device_id``) are read with a
+dictionary lookup; anything else is a compiled JMESPath expression. Timestamps
+may be epoch seconds, milliseconds, microseconds or nanoseconds (``auto``
+picks by magnitude) or ISO 8601 strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jmespath
+import jmespath.exceptions
+import orjson
+from pydantic import Field, field_validator
+
+from edgeway.codecs.base import (
+    Codec,
+    CodecOptions,
+    DecodeError,
+    TimestampUnit,
+    check_counts,
+    check_device_id,
+    metric_value,
+    parse_timestamp,
+    register_codec,
+)
+from edgeway.reading import MetricValue, Origin, Reading
+
+MAX_DEPTH = 8
+"""Deepest nesting flattened into metric names. Device payloads nest two or
+three levels (Tasmota ``ENERGY.Total``); deeper structures are data dumps,
+and each level makes a longer metric name in every stored row."""
+
+_PLAIN_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+Getter = Callable[[Any], Any]
+
+
+def compile_path(path: str) -> Getter:
+    """A getter for a JMESPath expression; a plain field name is a dict lookup (fast path)."""
+    if _PLAIN_FIELD.match(path):
+
+        def get_field(obj: Any) -> Any:
+            return obj.get(path) if isinstance(obj, dict) else None
+
+        return get_field
+    expr = jmespath.compile(path)
+
+    def get_path(obj: Any) -> Any:
+        try:
+            return expr.search(obj)
+        except (jmespath.exceptions.JMESPathError, TypeError, ValueError) as e:
+            # Functions in an expression (sum, max, ...) meet types the payload chose.
+            raise DecodeError("mapping_error", f"{path}: {e}") from None
+
+    return get_path
+
+
+def _check_path(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            jmespath.compile(value)
+        except jmespath.exceptions.JMESPathError as e:
+            raise ValueError(f"not a JMESPath expression: {value!r} ({e})") from None
+    return value
+
+
+class JsonOptions(CodecOptions):
+    """Options of the ``json`` and ``cbor`` codecs."""
+
+    device_id: str | None = "device_id"
+    """JMESPath to the device id; only used when the adapter's address names no device."""
+    timestamp: str | None = "ts"
+    """JMESPath to the timestamp; absent field: the receive time."""
+    timestamp_unit: TimestampUnit = "auto"
+    message_id: str | None = "msg_id"
+    """JMESPath to the device's own message id (named back in receipts)."""
+    values: str | None = None
+    """JMESPath to the object whose fields are the metrics (default: the reading object)."""
+    metrics: dict[str, str] | None = None
+    """Metric name -> JMESPath. Absent: every field (see module doc)."""
+    exclude: list[str] = Field(default_factory=list)
+    """Field names never taken as metrics when ``metrics`` is absent."""
+    records: str | None = None
+    """JMESPath to the list of reading objects inside an envelope (e.g. ``data``)."""
+    separator: str = Field(default=".", min_length=1, max_length=4)
+
+    _check = field_validator("device_id", "timestamp", "message_id", "values", "records")(
+        _check_path
+    )
+
+    @field_validator("metrics")
+    @classmethod
+    def _check_metrics(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("needs at least one metric (or leave it out)")
+            for path in v.values():
+                _check_path(path)
+        return v
+
+
+class ObjectMapper:
+    """Turns decoded JSON-like objects into readings according to :class:`JsonOptions`.
+
+    Shared by the ``json`` and ``cbor`` codecs and by adapter presets.
+    """
+
+    def __init__(self, options: JsonOptions) -> None:
+        self.options = options
+        self._device_id = compile_path(options.device_id) if options.device_id else None
+        self._ts = compile_path(options.timestamp) if options.timestamp else None
+        self._msg_id = compile_path(options.message_id) if options.message_id else None
+        self._values = compile_path(options.values) if options.values else None
+        self._records = compile_path(options.records) if options.records else None
+        self._metrics = (
+            {name: compile_path(p) for name, p in options.metrics.items()}
+            if options.metrics
+            else None
+        )
+        # Fields that name the device, time or message are not metrics.
+        reserved = set(options.exclude)
+        for p in (options.device_id, options.timestamp, options.message_id):
+            if p and _PLAIN_FIELD.match(p):
+                reserved.add(p)
+        self._reserved = frozenset(reserved)
+
+    def map(self, doc: Any, *, device_id: str | None, origin: Origin, now: float) -> list[Reading]:
+        """Map a decoded document (an object or an array of objects) to readings."""
+        if self._records is not None:
+            doc = self._records(doc)
+            if doc is None:
+                raise DecodeError("no_records", f"{self.options.records} not found")
+        if isinstance(doc, dict):
+            return [self.map_object(doc, device_id=device_id, origin=origin, now=now)]
+        if isinstance(doc, list):
+            if not doc:
+                raise DecodeError("empty_array")
+            return check_counts(
+                [self.map_object(o, device_id=device_id, origin=origin, now=now) for o in doc]
+            )
+        raise DecodeError("not_an_object", f"expected an object or array, got {_kind(doc)}")
+
+    def map_object(self, obj: Any, *, device_id: str | None, origin: Origin, now: float) -> Reading:
+        """Map one reading object."""
+        if not isinstance(obj, dict):
+            raise DecodeError("not_an_object", f"expected an object, got {_kind(obj)}")
+        if device_id is None:
+            device_id = check_device_id(self._device_id(obj) if self._device_id else None)
+        ts = now
+        if self._ts is not None:
+            raw_ts = self._ts(obj)
+            if raw_ts is not None:
+                ts = parse_timestamp(raw_ts, self.options.timestamp_unit)
+        if self._msg_id is not None:
+            mid = self._msg_id(obj)
+            if mid is not None and isinstance(mid, str | int) and not isinstance(mid, bool):
+                origin = dataclasses.replace(origin, message_id=str(mid))
+        metrics: dict[str, MetricValue] = {}
+        if self._metrics is not None:
+            for name, get in self._metrics.items():
+                self._add(metrics, name, get(obj), 0)
+        else:
+            source = obj
+            if self._values is not None:
+                source = self._values(obj)
+            elif isinstance(obj.get("metrics"), dict):
+                source = obj["metrics"]
+            if not isinstance(source, dict):
+                raise DecodeError(
+                    "not_an_object", f"metrics: expected an object, got {_kind(source)}"
+                )
+            reserved = self._reserved if source is obj else frozenset()
+            for key, value in source.items():
+                if not isinstance(key, str):
+                    raise DecodeError("bad_key", f"metric names are strings, got {_kind(key)}")
+                if key not in reserved:
+                    self._add(metrics, key, value, 0)
+        if not metrics:
+            raise DecodeError("no_metrics")
+        return Reading(device_id=device_id, ts=ts, metrics=metrics, origin=origin)
+
+    def _add(self, out: dict[str, MetricValue], name: str, value: Any, depth: int) -> None:
+        if value is None or isinstance(value, list):
+            return
+        if isinstance(value, dict):
+            if depth >= MAX_DEPTH:
+                raise DecodeError("too_deep", f"{name!r}: nested deeper than {MAX_DEPTH}")
+            sep = self.options.separator
+            for key, sub in value.items():
+                if not isinstance(key, str):
+                    raise DecodeError("bad_key", f"metric names are strings, got {_kind(key)}")
+                self._add(out, f"{name}{sep}{key}", sub, depth + 1)
+            return
+        out[name] = metric_value(value, name)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def loads_json(payload: bytes) -> Any:
+    """Parse JSON (orjson: strict RFC 8259, UTF-8, nesting limit 1024)."""
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError as e:
+        raise DecodeError("invalid_json", str(e)[:200]) from None
+
+
+@register_codec
+class JsonCodec(Codec):
+    """JSON reading objects (or arrays of them) with optional JMESPath field mapping."""
+
+    name = "json"
+    content_types = ("application/json", "text/json")
+    coap_formats = (50,)
+    Options = JsonOptions
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(options)
+        self.mapper = ObjectMapper(self.options)
+
+    def decode(
+        self, payload: bytes, *, device_id: str | None, origin: Origin, now: float
+    ) -> list[Reading]:
+        return self.mapper.map(loads_json(payload), device_id=device_id, origin=origin, now=now)
