@@ -1,0 +1,229 @@
+"""HTTP(S) sink: batches of records POSTed as JSON.
+
+Configuration::
+
+    sinks:
+      - name: cloud
+        url: https://ingest.example.com/v1/telemetry
+        options:
+          max_records: 500          # records per request
+          max_bytes: 1MiB           # uncompressed body size per request (about)
+          max_wait: 0s              # wait for a batch to fill; 0 = send what is there
+          gzip: true                # Content-Encoding: gzip
+          bearer_token: "s3cr3t"    # Authorization: Bearer ...
+          headers: {X-Site: plant-7}
+          timeout: 10s              # per request
+          tls: {ca: /etc/edgeway/ca.pem, cert: /etc/edgeway/gw.pem, key: /etc/edgeway/gw.key}
+
+Body: ``{"gateway_id": "...", "records": [{"id", "device_id", "ts", "metrics", ...}]}``.
+Every request carries ``Idempotency-Key``, a hash of the batch's first and last
+record id: the same on every retry of that batch. Answers: 2xx confirms the
+batch; 408, 429, 5xx and connection errors are retried (honouring
+``Retry-After``, in seconds or as an HTTP date); any other 4xx is permanent and
+the batch goes to the dead-letter table. Redirects are not followed: a 3xx is
+retried, as a configuration problem that must not cost data.
+
+The client is aiohttp (one session, one keep-alive pool): on this machine it
+posts batches with less CPU per request than httpx, and the gateway already
+depends on it.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import gzip as gziplib
+import hashlib
+import logging
+import ssl
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import aiohttp
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgeway.config import Duration, SinkConfig, Size
+from edgeway.sinks.base import (
+    PermanentSinkError,
+    Record,
+    RetryableSinkError,
+    Sink,
+    register_sink,
+)
+
+log = logging.getLogger(__name__)
+
+GZIP_LEVEL = 1
+"""zlib level 1 gets most of the size gain on repetitive telemetry JSON
+(typically 5-10x) at a fraction of the CPU of the default level 9."""
+
+POOL_CONNECTIONS = 4
+"""Keep-alive connections per sink. The runner sends one batch at a time, so
+one is in use; the spares absorb a connection the server closed mid-retry."""
+
+ERROR_BODY_CHARS = 200
+"""Characters of an error response kept in the sink state and dead letters."""
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HttpTlsOptions(_Options):
+    """TLS settings for ``https://``: CA bundle, client certificate (mTLS), verification."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    verify: bool = True
+    """Verify the server certificate and host name. Turn off only for tests."""
+
+
+class HttpSinkOptions(_Options):
+    """``options:`` of an ``http://`` / ``https://`` sink."""
+
+    max_records: int = Field(default=500, ge=1, le=100_000)
+    max_bytes: Size = Field(default=1024 * 1024, ge=1024)
+    max_wait: Duration = 0.0
+    gzip: bool = False
+    headers: dict[str, str] = Field(default_factory=dict)
+    bearer_token: str | None = None
+    timeout: Duration = Field(default=10.0, gt=0)
+    tls: HttpTlsOptions | None = None
+    idempotency_header: str = Field(default="Idempotency-Key", min_length=1)
+
+
+def parse_options(model: type[_Options], options: dict[str, Any]) -> Any:
+    """Validate sink options; ``ValueError`` naming the key at fault."""
+    try:
+        return model.model_validate(options)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(options)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msgs.append(f"options.{key}: {msg}")
+        raise ValueError("; ".join(msgs)) from None
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` value (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    v = value.strip()
+    try:
+        return max(0.0, float(v))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(v)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def idempotency_key(records: Sequence[Record]) -> str:
+    """A stable key for a batch: the hash of its first and last record id."""
+    h = hashlib.sha256(f"{records[0].id}\n{records[-1].id}".encode())
+    return h.hexdigest()[:32]
+
+
+def _ssl_context(tls: HttpTlsOptions | None) -> ssl.SSLContext | None:
+    if tls is None:
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
+        if tls.cert is not None:
+            ctx.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"options.tls: cannot load certificates: {e}") from None
+    if not tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+@register_sink
+class HttpSink(Sink):
+    """POSTs batches of records to an HTTP(S) endpoint."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("http", "https")
+
+    def __init__(self, config: SinkConfig, gateway_id: str) -> None:
+        super().__init__(config, gateway_id)
+        opts: HttpSinkOptions = parse_options(HttpSinkOptions, config.options)
+        if opts.tls is not None and opts.tls.key is not None and opts.tls.cert is None:
+            raise ValueError("options.tls.key: needs tls.cert")
+        self.options = opts
+        self.url = config.url
+        self.max_batch_records = opts.max_records
+        self.max_batch_bytes = opts.max_bytes
+        self.max_wait = opts.max_wait
+        self._ssl = _ssl_context(opts.tls) if config.url.lower().startswith("https") else None
+        self._headers = {"Content-Type": "application/json", **opts.headers}
+        if opts.bearer_token:
+            self._headers["Authorization"] = f"Bearer {opts.bearer_token}"
+        if opts.gzip:
+            self._headers["Content-Encoding"] = "gzip"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Create the client session (connects lazily on the first batch)."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=POOL_CONNECTIONS,
+                ssl=self._ssl if self._ssl is not None else True,
+                keepalive_timeout=30.0,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self.options.timeout),
+                skip_auto_headers=("User-Agent",),
+            )
+
+    def encode(self, records: Sequence[Record]) -> bytes:
+        """The request body for ``records`` (before gzip)."""
+        return orjson.dumps(
+            {"gateway_id": self.gateway_id, "records": [r.to_json_obj() for r in records]}
+        )
+
+    async def send_batch(self, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        if self._session is None:
+            await self.start()
+        assert self._session is not None
+        body = self.encode(records)
+        if self.options.gzip:
+            body = gziplib.compress(body, GZIP_LEVEL)
+        headers = dict(self._headers)
+        headers[self.options.idempotency_header] = idempotency_key(records)
+        try:
+            async with self._session.post(
+                self.url, data=body, headers=headers, allow_redirects=False
+            ) as resp:
+                status = resp.status
+                text = ""
+                if not 200 <= status < 300:
+                    raw = await resp.content.read(ERROR_BODY_CHARS)
+                    text = raw.decode("utf-8", "replace")
+                else:
+                    await resp.read()  # drain, so the connection is reused
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            self.state.connected = False
+            raise RetryableSinkError(f"{type(e).__name__}: {e or 'timeout'}") from e
+        self.state.connected = True
+        if 200 <= status < 300:
+            return
+        msg = f"HTTP {status} from {self.url}: {text.strip()}"
+        if status in (408, 429) or status >= 500 or status < 400:
+            raise RetryableSinkError(msg, retry_after)
+        raise PermanentSinkError(msg)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
