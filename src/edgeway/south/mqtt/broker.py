@@ -1,0 +1,648 @@
+"""The embedded MQTT broker (MQTT 3.1.1 and 5.0).
+
+Configuration (``mqtt:`` section; every key optional)::
+
+    mqtt:
+      listeners:
+        - {bind: "127.0.0.1:1883", allow_anonymous: true}
+      telemetry_topics: ["devices/{device_id}/telemetry"]
+      limits:
+        max_packet_size: 1MiB
+        receive_maximum: 64
+        max_queued_messages: 10000
+        max_connections: 100000
+        connect_timeout: 10s
+        max_keepalive: 65535
+        max_session_expiry: 7d
+        topic_alias_maximum: 64
+
+Built by the gateway and driven by the listeners::
+
+    broker = Broker(cfg.mqtt, ingest=outbox, authenticator=a, authoriser=z,
+                    data_dir=Path("edgeway-data"), gateway_id="gw1")
+    await broker.start()
+    server = await loop.create_server(broker.protocol_factory(listener_cfg), host, port)
+    ...
+    await broker.stop()
+
+Parts: :mod:`.connection` (one ``asyncio.Protocol`` per client), :mod:`.session`
+(state per client id), :mod:`.topics` (subscription tree), :mod:`.retained`,
+:mod:`.persistence` (SQLite under ``data_dir/broker.db``; what is saved when is
+described there) and :mod:`.telemetry` (which publishes become readings).
+
+Choices worth knowing:
+
+- Inbound QoS 2 is routed when the PUBLISH is accepted, not at PUBREL (as
+  Mosquitto does); the packet id is remembered until PUBREL so a re-sent
+  PUBLISH is acknowledged without being delivered again.
+- Telemetry publishes are routed when ingest accepts them (a publish refused
+  with quota exceeded is not routed); a telemetry payload that cannot be
+  decoded is still routed (and answered 0x99 in v5).
+- Overlapping subscriptions of one client: one delivery with the highest QoS
+  and every matching subscription identifier (MQTT 3.3.4, the option the
+  spec allows).
+- Offline persistent sessions queue QoS 1/2 messages, not QoS 0 (Mosquitto's
+  default); an online client whose socket is full queues every QoS.
+- Shared subscriptions: each message goes to exactly one member of each
+  group, round-robin over online members (an offline persistent member only
+  when nobody in the group is online).
+- One periodic sweep (:data:`SWEEP_INTERVAL`) enforces keep alive (1.5x),
+  the connect timeout, session expiry, delayed wills and autosave, instead of
+  a timer per connection.
+- On :meth:`Broker.stop` wills of connected clients are not published (the
+  server going away is not the client failing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgeway.config import ListenerConfig, MqttSection
+from edgeway.devices.auth import Authenticator, Authoriser, Principal
+from edgeway.ingest import Ingest
+from edgeway.south.mqtt.connection import CLOSED, CONNECTED, MqttConnection
+from edgeway.south.mqtt.packets import MQTT_5, Properties, Will
+from edgeway.south.mqtt.persistence import AUTOSAVE_INTERVAL, BrokerStore
+from edgeway.south.mqtt.retained import Message, RetainedStore
+from edgeway.south.mqtt.session import NEVER_EXPIRES, Delivery, Session
+from edgeway.south.mqtt.telemetry import TelemetryError, TelemetryTopics
+from edgeway.south.mqtt.topics import SubEntry, SubscriptionTree
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL = 0.5
+"""Seconds between sweeps over connections and sessions. Keep alive is
+enforced at 1.5x the client's value, so 0.5 s of slack is within the spirit of
+MQTT 3.1.2.10; one sweep costs ~1 ms per 10,000 connections."""
+
+STOP_TIMEOUT = 1.5
+"""Seconds :meth:`Broker.stop` waits for authentication tasks; the gateway
+allows the broker 2 s in all."""
+
+ERROR_LOG_INTERVAL = 10.0
+"""Seconds between log lines about bad telemetry payloads (per reason): a
+misbehaving device must not flood the log; the counters have every case."""
+
+SATURATION_POLL = 0.05
+"""Seconds between checks of ``ingest.is_saturated()`` while 3.1.1 clients
+are paused (no event is offered for "not saturated any more")."""
+
+
+class Broker:
+    """The embedded MQTT broker; see the module docstring."""
+
+    def __init__(
+        self,
+        config: MqttSection,
+        *,
+        ingest: Ingest,
+        authenticator: Authenticator,
+        authoriser: Authoriser,
+        data_dir: Path,
+        gateway_id: str,
+    ) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.ingest = ingest
+        self.authenticator = authenticator
+        self.authoriser = authoriser
+        self.data_dir = Path(data_dir)
+        self.gateway_id = gateway_id
+        self.telemetry: TelemetryTopics | None = (
+            TelemetryTopics(config.telemetry_topics) if config.telemetry_topics else None
+        )
+        self.tree: SubscriptionTree[Session] = SubscriptionTree()
+        self.retained = RetainedStore()
+        self.sessions: dict[str, Session] = {}
+        self.connections: set[MqttConnection] = set()
+        self.store: BrokerStore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        self._flush_handle: asyncio.Handle | None = None
+        self._store_handle: asyncio.Handle | None = None
+        self._saturation_handle: asyncio.TimerHandle | None = None
+        self._saturated: set[MqttConnection] = set()
+        self._dirty: list[MqttConnection] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._last_autosave = 0.0
+        self._error_logged: dict[str, float] = {}
+        self._will_principal: dict[str, Principal | None] = {}
+        """Who connected with a delayed will, for the ACL check when it is sent."""
+        self._stopped = False
+        self._started = False
+        self._connected = 0
+        self.receiving = 0
+        """Nesting depth of protocol callbacks; writes are flushed when it returns to 0."""
+        # Counters (plain ints: they sit on the hot path).
+        self.messages_in = 0
+        self.messages_out = 0
+        self.readings_in = 0
+        self.counters: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
+        self.decode_errors: dict[str, int] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    async def start(self) -> None:
+        """Load retained messages and persistent sessions; start the sweep."""
+        self._loop = asyncio.get_running_loop()
+        self.store = BrokerStore(self.data_dir / "broker.db")
+        state = self.store.load()
+        now = time.time()
+        for msg in state.retained:
+            self.retained.load(msg)
+        for s in state.sessions:
+            if s.disconnected_at is None:
+                s.disconnected_at = now
+            self.sessions[s.client_id] = s
+            for entry in s.subscriptions.values():
+                self.tree.subscribe(s, entry)
+        self._started = True
+        self._sweep_handle = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
+        log.info(
+            "MQTT broker started",
+            extra={
+                "fields": {
+                    "retained": len(self.retained),
+                    "sessions": len(self.sessions),
+                    "db": str(self.store.path),
+                }
+            },
+        )
+
+    def protocol_factory(self, listener: ListenerConfig) -> Callable[[], asyncio.Protocol]:
+        """A factory for ``loop.create_server`` (or the WebSocket adapter)."""
+
+        def factory() -> asyncio.Protocol:
+            return MqttConnection(self, listener)
+
+        return factory
+
+    async def stop(self) -> None:
+        """Disconnect every client (v5: DISCONNECT 0x8B), save state, close the store."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for h in (self._sweep_handle, self._flush_handle, self._saturation_handle):
+            if h is not None:
+                h.cancel()
+        now = time.time()
+        for conn in list(self.connections):
+            session = conn.session
+            if session is not None and session.conn is conn:
+                session.conn = None
+                session.disconnected_at = now
+                if not session.persistent:
+                    self._drop_session(session)
+            try:
+                conn.server_shutdown()
+            except Exception:
+                log.exception("error closing MQTT connection %s", conn.client_id)
+        self.connections.clear()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+        store = self.store
+        if store is not None:
+            try:
+                store.retained_changed(self.retained.dirty)
+                self.retained.dirty = {}
+                persistent = [s for s in self.sessions.values() if s.persistent]
+                for s in persistent:
+                    store.session_saved(s)
+                store.messages_saved(persistent)
+            except Exception:
+                log.exception("could not save MQTT broker state")
+            finally:
+                store.close()
+                self.store = None
+        log.info("MQTT broker stopped")
+
+    # ------------------------------------------------------------- counters
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def count_drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def telemetry_error(self, e: TelemetryError, topic: str) -> None:
+        reason = e.reason
+        self.decode_errors[reason] = self.decode_errors.get(reason, 0) + 1
+        now = time.monotonic()
+        if now - self._error_logged.get(reason, -ERROR_LOG_INTERVAL) >= ERROR_LOG_INTERVAL:
+            self._error_logged[reason] = now
+            log.warning(
+                "telemetry payload refused on %s: %s (%d so far with this reason)",
+                topic,
+                e,
+                self.decode_errors[reason],
+            )
+
+    def stats(self) -> dict[str, int]:
+        """Counters and gauges, flat (``dropped_<reason>``, ``decode_errors_<reason>``)."""
+        out: dict[str, int] = {
+            "connections": len(self.connections),
+            "clients_connected": self._connected,
+            "sessions": len(self.sessions),
+            "subscriptions": len(self.tree),
+            "retained": len(self.retained),
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
+            "readings_in": self.readings_in,
+            "dropped": sum(self.dropped.values()),
+            "decode_errors": sum(self.decode_errors.values()),
+            "queued": sum(len(s.queue) for s in self.sessions.values()),
+            "inflight": sum(len(s.inflight) for s in self.sessions.values()),
+        }
+        for k, v in self.counters.items():
+            out[k] = v
+        for k, v in self.dropped.items():
+            out[f"dropped_{k}"] = v
+        for k, v in self.decode_errors.items():
+            out[f"decode_errors_{k}"] = v
+        return out
+
+    # ------------------------------------------------------- connection hooks
+
+    def connection_made(self, conn: MqttConnection) -> None:
+        if self._stopped:
+            conn.close()
+            return
+        self.connections.add(conn)
+        self.count("connections_total")
+
+    def connected_count(self) -> int:
+        return self._connected
+
+    def track_task(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def assign_client_id(self) -> str:
+        while True:
+            cid = f"edgeway-{secrets.token_hex(8)}"
+            if cid not in self.sessions:
+                return cid
+
+    def connection_lost(self, conn: MqttConnection) -> None:
+        self.connections.discard(conn)
+        self._saturated.discard(conn)
+        session = conn.session
+        conn.session = None
+        if self._stopped or session is None:
+            return
+        if session.conn is not conn:
+            return
+        self._connected -= 1
+        session.conn = None
+        self._detach(session, conn)
+
+    def _detach(self, session: Session, conn: MqttConnection) -> None:
+        """The session's connection ended (closed, lost or taken over)."""
+        now = time.time()
+        will = conn.will if conn.sends_will else None
+        if not session.persistent:
+            if will is not None:
+                self._publish_will(will, conn.client_id, conn.principal)
+            self._drop_session(session)
+            return
+        session.disconnected_at = now
+        if will is not None:
+            delay = (will.properties.will_delay_interval or 0) if conn.level == MQTT_5 else 0
+            if delay <= 0:
+                self._publish_will(will, conn.client_id, conn.principal)
+            else:
+                session.will = will
+                session.will_at = now + min(delay, session.expiry_interval)
+                self._will_principal[session.client_id] = conn.principal
+        if self.store is not None:
+            self.store.session_saved(session)
+            self.schedule_store_flush()
+
+    def attach_session(
+        self, conn: MqttConnection, clean_start: bool, expiry: int
+    ) -> tuple[Session, bool]:
+        """Give ``conn`` its session (new or resumed); returns (session, present)."""
+        cid = conn.client_id
+        old = self.sessions.get(cid)
+        if old is not None and old.conn is not None:
+            prev = old.conn
+            old.conn = None
+            self._connected -= 1
+            prev.session = None
+            prev.taken_over()
+            self._detach(old, prev)
+            old = self.sessions.get(cid)
+        if old is not None and clean_start:
+            self._end_session(old)
+            old = None
+        if old is None:
+            session = Session(cid, conn.level, expiry)
+            self.sessions[cid] = session
+            present = False
+        else:
+            session = old
+            present = True
+            # Reconnected in time: the delayed will is not sent (MQTT 3.1.3.2.2).
+            session.will = None
+            session.will_at = None
+            self._will_principal.pop(cid, None)
+            session.protocol_level = conn.level
+            session.expiry_interval = expiry
+        session.conn = conn
+        session.disconnected_at = None
+        self._connected += 1
+        store = self.store
+        if store is not None:
+            if session.persistent:
+                if not session.persisted:
+                    for entry in session.subscriptions.values():
+                        store.subscription_saved(cid, entry)
+                store.session_saved(session)
+                self.schedule_store_flush()
+            elif session.persisted:
+                store.session_deleted(cid)
+                session.persisted = False
+                self.schedule_store_flush()
+        return session, present
+
+    def _end_session(self, session: Session) -> None:
+        """The session ends (expired or replaced): a pending will goes out now."""
+        if session.will is not None:
+            will, session.will = session.will, None
+            session.will_at = None
+            self._publish_will(
+                will, session.client_id, self._will_principal.pop(session.client_id, None)
+            )
+        self._drop_session(session)
+
+    def _drop_session(self, session: Session) -> None:
+        for flt in session.subscriptions:
+            self.tree.unsubscribe(session, flt)
+        session.subscriptions.clear()
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+        if session.persisted and self.store is not None:
+            self.store.session_deleted(session.client_id)
+            session.persisted = False
+            self.schedule_store_flush()
+
+    def _publish_will(self, will: Will, client_id: str, principal: Principal | None) -> None:
+        if principal is not None and not self.authoriser.may_publish(principal, will.topic):
+            self.count_drop("will_not_authorised")
+            return
+        props = will.properties
+        fwd: Properties | None = None
+        expires_at: float | None = None
+        if (
+            props.payload_format_indicator is not None
+            or props.content_type is not None
+            or props.response_topic is not None
+            or props.correlation_data is not None
+            or props.user_properties
+        ):
+            fwd = Properties(
+                payload_format_indicator=props.payload_format_indicator,
+                content_type=props.content_type,
+                response_topic=props.response_topic,
+                correlation_data=props.correlation_data,
+                user_properties=list(props.user_properties),
+            )
+        if props.message_expiry_interval is not None:
+            expires_at = time.time() + props.message_expiry_interval
+        self.count("wills_published")
+        self.route(
+            Message(will.topic, will.payload, will.qos, will.retain, fwd, expires_at, client_id)
+        )
+        self.flush_writes_soon()
+
+    # ---------------------------------------------------------- subscriptions
+
+    def subscribe(self, session: Session, entry: SubEntry) -> bool:
+        """Add a subscription; True if it replaced one with the same filter."""
+        existed = self.tree.subscribe(session, entry)
+        session.subscriptions[entry.topic_filter] = entry
+        if session.persistent and self.store is not None:
+            self.store.subscription_saved(session.client_id, entry)
+            self.schedule_store_flush()
+        return existed
+
+    def unsubscribe(self, session: Session, topic_filter: str) -> bool:
+        if session.subscriptions.pop(topic_filter, None) is None:
+            return False
+        self.tree.unsubscribe(session, topic_filter)
+        if session.persistent and self.store is not None:
+            self.store.subscription_deleted(session.client_id, topic_filter)
+            self.schedule_store_flush()
+        return True
+
+    # ---------------------------------------------------------------- routing
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> None:
+        """Publish a gateway-originated message (receipts, commands)."""
+        expires_at = None
+        if properties is not None and properties.message_expiry_interval is not None:
+            expires_at = time.time() + properties.message_expiry_interval
+        self.messages_in += 1
+        self.route(Message(topic, payload, qos, retain, properties, expires_at, None))
+        self.flush_writes_soon()
+
+    def route(self, msg: Message) -> None:
+        """Deliver ``msg`` to every matching subscription (and retain it)."""
+        if msg.retain:
+            self.retained.set(msg)
+            self.schedule_store_flush()
+        m = self.tree.match(msg.topic)
+        direct = m.direct
+        shared = m.shared
+        if not direct and not shared:
+            return
+        cache: dict[Any, Any] = {}
+        sender = msg.sender
+        mqos = msg.qos
+        mretain = msg.retain
+        for session, entries in direct:
+            if len(entries) == 1:
+                e = entries[0]
+                if e.no_local and sender == session.client_id:
+                    continue
+                qos = e.qos if e.qos < mqos else mqos
+                sid = e.subscription_id
+                d = Delivery(msg, qos, mretain and e.retain_as_published, (sid,) if sid else ())
+            else:
+                qos = -1
+                rap = False
+                ids: list[int] = []
+                for e in entries:
+                    if e.no_local and sender == session.client_id:
+                        continue
+                    if e.qos > qos:
+                        qos = e.qos
+                    rap = rap or e.retain_as_published
+                    if e.subscription_id:
+                        ids.append(e.subscription_id)
+                if qos < 0:
+                    continue
+                d = Delivery(msg, min(qos, mqos), mretain and rap, tuple(sorted(ids)))
+            conn = session.conn
+            if conn is not None:
+                conn.deliver(d, cache)
+            elif d.qos and session.persistent:
+                if session.enqueue(d, self.limits.max_queued_messages):
+                    self.count_drop("queue_full")
+        for group in shared:
+            picked = group.pick(_online)
+            if picked is None:
+                continue
+            session, e = picked
+            sid = e.subscription_id
+            d = Delivery(
+                msg,
+                e.qos if e.qos < mqos else mqos,
+                mretain and e.retain_as_published,
+                (sid,) if sid else (),
+            )
+            conn = session.conn
+            if conn is not None:
+                conn.deliver(d, cache)
+            elif d.qos and session.persistent:
+                if session.enqueue(d, self.limits.max_queued_messages):
+                    self.count_drop("queue_full")
+
+    # ----------------------------------------------------------------- output
+
+    def mark_dirty(self, conn: MqttConnection) -> None:
+        self._dirty.append(conn)
+        if not self.receiving and self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_handle = None
+        self.flush_writes()
+
+    def flush_writes_soon(self) -> None:
+        if self._dirty and self._flush_handle is None and not self.receiving:
+            self._flush_handle = self.loop.call_soon(self._flush_soon)
+
+    def flush_writes(self) -> None:
+        """Write every connection's collected output (one write per connection)."""
+        dirty = self._dirty
+        if not dirty:
+            return
+        self._dirty = []
+        for conn in dirty:
+            try:
+                conn.flush()
+            except Exception:
+                log.exception("error writing to MQTT client %s", conn.client_id)
+
+    def schedule_store_flush(self) -> None:
+        if self._store_handle is None and self.store is not None:
+            self._store_handle = self.loop.call_soon(self._store_flush)
+
+    def _store_flush(self) -> None:
+        self._store_handle = None
+        store = self.store
+        if store is None:
+            return
+        try:
+            if self.retained.dirty:
+                store.retained_changed(self.retained.dirty)
+                self.retained.dirty = {}
+            store.flush()
+        except Exception:
+            log.exception("could not save MQTT broker state")
+
+    # ------------------------------------------------------------- saturation
+
+    def watch_saturation(self, conn: MqttConnection) -> None:
+        self._saturated.add(conn)
+        if self._saturation_handle is None:
+            self._saturation_handle = self.loop.call_later(SATURATION_POLL, self._check_saturation)
+
+    def _check_saturation(self) -> None:
+        self._saturation_handle = None
+        if self.ingest.is_saturated():
+            self._saturation_handle = self.loop.call_later(SATURATION_POLL, self._check_saturation)
+            return
+        conns, self._saturated = self._saturated, set()
+        for conn in conns:
+            conn.resume_reading(2)
+
+    # ------------------------------------------------------------------ sweep
+
+    def _sweep(self) -> None:
+        """Keep alive, connect timeout, session expiry, delayed wills, autosave."""
+        loop = self.loop
+        try:
+            now = loop.time()
+            connect_timeout = self.limits.connect_timeout
+            for conn in list(self.connections):
+                if conn.rx:
+                    conn.rx = False
+                    conn.last_rx = now
+                    continue
+                if conn.state == CONNECTED:
+                    ka = conn.keepalive
+                    if ka and now - conn.last_rx > ka * 1.5:
+                        conn.keepalive_expired()
+                elif conn.state != CLOSED and now - conn.accepted_at > connect_timeout:
+                    self.count("connect_timeouts")
+                    conn.close()
+            wall = time.time()
+            expired: list[Session] = []
+            for s in self.sessions.values():
+                if s.conn is not None:
+                    continue
+                if s.will_at is not None and wall >= s.will_at and s.will is not None:
+                    will, s.will, s.will_at = s.will, None, None
+                    self._publish_will(
+                        will, s.client_id, self._will_principal.pop(s.client_id, None)
+                    )
+                if (
+                    s.disconnected_at is not None
+                    and s.expiry_interval != NEVER_EXPIRES
+                    and wall >= s.disconnected_at + s.expiry_interval
+                ):
+                    expired.append(s)
+            for s in expired:
+                self.count("sessions_expired")
+                self._end_session(s)
+            if self.store is not None and wall - self._last_autosave >= AUTOSAVE_INTERVAL:
+                self._last_autosave = wall
+                dirty = [s for s in self.sessions.values() if s.dirty and s.persistent]
+                if dirty:
+                    self.store.messages_saved(dirty)
+            self.flush_writes()
+        except Exception:
+            log.exception("MQTT broker sweep failed")
+        finally:
+            if not self._stopped:
+                self._sweep_handle = loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+
+def _online(session: Session) -> bool:
+    return session.conn is not None

@@ -1,0 +1,982 @@
+"""One client connection: an ``asyncio.Protocol`` between a transport and the broker.
+
+Configuration: the limits that act per connection::
+
+    mqtt:
+      limits:
+        max_packet_size: 1MiB    # larger packets close the connection (v5: DISCONNECT 0x95)
+        receive_maximum: 64      # unacknowledged QoS 1/2 PUBLISH each way
+        topic_alias_maximum: 64  # aliases a v5 client may use towards us
+        connect_timeout: 10s     # time from accept to CONNECT
+        max_keepalive: 65535     # v5 clients are told a lower Server Keep Alive
+
+The transport may be asyncio's TCP/TLS transport or the WebSocket adapter of
+``listeners.py``; only ``write``, ``close``, ``abort``, ``is_closing``,
+``get_extra_info``, ``pause_reading`` and ``resume_reading`` are used.
+
+Hot path rules: no task per message, no per-message logging, and output is
+collected in a list during one ``data_received`` (or one routing pass) and
+written once (:meth:`Broker.flush_writes`).
+
+Acknowledgements of inbound QoS 1/2 PUBLISH go out in arrival order (MQTT
+4.6): telemetry PUBLISHes wait for the ingest future, so every PUBLISH that
+arrives while an earlier one waits joins a FIFO, and a done-callback on the
+ingest future flushes the completed prefix (routing then acknowledging each).
+Inbound QoS 2 is routed when its PUBLISH is accepted (like Mosquitto), and its
+packet id is kept until PUBREL so a re-sent PUBLISH is not delivered twice.
+
+Any exception while handling a packet closes this connection only: a
+:class:`ProtocolError` with its reason code (v5: DISCONNECT first), anything
+else logged as a bug with DISCONNECT 0x83.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from edgeway.devices.auth import AuthDecision, ConnectInfo, Principal
+from edgeway.ingest import IngestStatus
+from edgeway.south.mqtt.codec import (
+    PINGRESP_BYTES,
+    MqttReader,
+    UnsupportedProtocolVersion,
+    encode,
+    encode_puback,
+    validate_topic_filter,
+)
+from edgeway.south.mqtt.packets import (
+    MQTT_5,
+    Auth,
+    ConnAck,
+    Connect,
+    Disconnect,
+    Packet,
+    PingReq,
+    Properties,
+    ProtocolError,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    SubAck,
+    Subscribe,
+    UnsubAck,
+    Unsubscribe,
+    Will,
+)
+from edgeway.south.mqtt.retained import Message
+from edgeway.south.mqtt.session import Delivery, Inflight, Session
+from edgeway.south.mqtt.telemetry import TelemetryError, decode_telemetry
+from edgeway.south.mqtt.topics import SubEntry
+
+if TYPE_CHECKING:
+    from edgeway.config import ListenerConfig
+    from edgeway.south.mqtt.broker import Broker
+
+log = logging.getLogger(__name__)
+
+# Connection states.
+AWAIT_CONNECT = 0
+AUTHENTICATING = 1
+CONNECTED = 2
+CLOSED = 3
+
+_PAUSE_AUTH = 1
+_PAUSE_SATURATED = 2
+_PAUSE_ACKS = 4
+
+MAX_PENDING_ACKS_311 = 1000
+"""A 3.1.1 client has no receive maximum; while this many of its PUBLISHes
+wait for ingest we stop reading its socket, which bounds memory per client."""
+
+ACL_CACHE_MAX = 256
+"""Publish decisions remembered per connection: devices publish to a few
+topics; a client cycling through many just re-asks the authoriser."""
+
+EMPTY_PROPS = Properties()
+
+_311_CONNACK = {0x86: 4, 0x87: 5, 0x8A: 5, 0x88: 3, 0x89: 3, 0x85: 2, 0x84: 1}
+"""v5 CONNACK reason -> 3.1.1 return code (MQTT 5 spec table 3-1 mapping)."""
+
+
+@dataclass(slots=True)
+class _PendingAck:
+    """An inbound PUBLISH waiting (for ingest, or behind one that waits)."""
+
+    fut: asyncio.Future[IngestStatus] | None
+    msg: Message | None
+    """Routed when accepted; None if it must not be routed."""
+    packet_id: int | None
+    qos: int
+    reason: int
+    """Reason code for the acknowledgement if accepted (v5)."""
+
+
+def _forwardable(props: Properties) -> Properties | None:
+    """The properties of an inbound PUBLISH that travel with the message
+    (MQTT 3.3.2.3): None when there are none, which keeps routing cheap."""
+    if (
+        props.payload_format_indicator is None
+        and props.content_type is None
+        and props.response_topic is None
+        and props.correlation_data is None
+        and not props.user_properties
+    ):
+        return None
+    return Properties(
+        payload_format_indicator=props.payload_format_indicator,
+        content_type=props.content_type,
+        response_topic=props.response_topic,
+        correlation_data=props.correlation_data,
+        user_properties=list(props.user_properties),
+    )
+
+
+def _split_at_packet_id(data: bytes) -> tuple[bytes, bytes]:
+    """Split an encoded QoS>0 PUBLISH around its packet id, so one encoding
+    serves every subscriber: head + id + tail."""
+    i = 1
+    while data[i] & 0x80:
+        i += 1
+    i += 1
+    pos = i + 2 + ((data[i] << 8) | data[i + 1])
+    return data[:pos], data[pos + 2 :]
+
+
+class MqttConnection(asyncio.Protocol):
+    """Protocol instance for one client; see the module docstring."""
+
+    __slots__ = (
+        "_acks",
+        "_acl",
+        "_aliases_in",
+        "_aliases_out",
+        "_auth_task",
+        "_cb_future",
+        "_dirty",
+        "_in_quota",
+        "_normal_disconnect",
+        "_out",
+        "_pause",
+        "_pending",
+        "_saturation_check",
+        "_write_paused",
+        "accepted_at",
+        "alias_max_out",
+        "broker",
+        "client_id",
+        "keepalive",
+        "last_rx",
+        "level",
+        "listener",
+        "max_out_packet",
+        "principal",
+        "reader",
+        "remote",
+        "rx",
+        "session",
+        "state",
+        "transport",
+        "will",
+        "window",
+    )
+
+    def __init__(self, broker: Broker, listener: ListenerConfig) -> None:
+        self.broker = broker
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.reader = MqttReader(broker.limits.max_packet_size)
+        self.level = 0
+        self.state = AWAIT_CONNECT
+        self.session: Session | None = None
+        self.principal: Principal | None = None
+        self.client_id = ""
+        self.remote = ""
+        self.keepalive = 0
+        self.rx = False
+        """Set on every read; the broker's sweep turns it into ``last_rx``."""
+        self.last_rx = 0.0
+        self.accepted_at = 0.0
+        self.will: Will | None = None
+        self.window = broker.limits.receive_maximum
+        self.max_out_packet = 0
+        """Client's maximum packet size (0: no limit beyond the protocol's)."""
+        self.alias_max_out = 0
+        self._aliases_out: dict[str, int] | None = None
+        self._aliases_in: dict[int, str] | None = None
+        self._out: list[bytes] = []
+        self._dirty = False
+        self._acks: deque[_PendingAck] = deque()
+        self._cb_future: asyncio.Future[IngestStatus] | None = None
+        self._in_quota = 0
+        self._pending: list[Packet] | None = None
+        self._pause = 0
+        self._write_paused = False
+        self._normal_disconnect = False
+        self._saturation_check = False
+        self._acl: dict[str, bool] | None = None
+        self._auth_task: asyncio.Task[AuthDecision] | None = None
+
+    # ------------------------------------------------------------ transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport) or hasattr(transport, "write")
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.remote = f"{peer[0]}:{peer[1]}"
+        elif peer:
+            self.remote = str(peer)
+        now = self.broker.loop.time()
+        self.accepted_at = self.last_rx = now
+        self.broker.connection_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.rx = True
+        if self.state == CLOSED:
+            return
+        broker = self.broker
+        broker.receiving += 1
+        try:
+            try:
+                packets = self.reader.feed(data)
+            except ProtocolError as e:
+                # Packets before the bad one are handled, as if read one by one.
+                before: list[Packet] = getattr(e, "packets", None) or []
+                if before and self._pending is None:
+                    self._handle_packets(before)
+                raise
+            if self._pending is not None:
+                self._pending.extend(packets)
+            else:
+                self._handle_packets(packets)
+            if self._saturation_check:
+                self._saturation_check = False
+                if broker.ingest.is_saturated():
+                    self._pause_reading(_PAUSE_SATURATED)
+                    broker.watch_saturation(self)
+        except ProtocolError as e:
+            self._protocol_error(e)
+        except Exception:
+            log.exception("error handling MQTT data from %s (%s)", self.client_id, self.remote)
+            self._protocol_error(ProtocolError(0x83, "internal error"))
+        finally:
+            broker.receiving -= 1
+            if not broker.receiving:
+                broker.flush_writes()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state == CLOSED and self.session is None:
+            self.broker.connection_lost(self)
+            return
+        self.state = CLOSED
+        if self._auth_task is not None:
+            self._auth_task.cancel()
+        self._acks.clear()
+        self.broker.connection_lost(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.state == CONNECTED:
+            self._drain_queue()
+            self.broker.flush_writes_soon()
+
+    # --------------------------------------------------------------- output
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the end of this loop turn's flush."""
+        self._out.append(data)
+        if not self._dirty:
+            self._dirty = True
+            self.broker.mark_dirty(self)
+
+    def send(self, packet: Packet) -> None:
+        self.write(encode(packet, self.level or 4))
+
+    def flush(self) -> None:
+        self._dirty = False
+        out = self._out
+        if not out:
+            return
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+
+    def close(self, reason_code: int | None = None) -> None:
+        """Close the connection; v5 clients get DISCONNECT ``reason_code`` first."""
+        if self.state == CLOSED:
+            return
+        if reason_code is not None and self.level == MQTT_5 and self.state == CONNECTED:
+            self.send(Disconnect(reason_code))
+        self.state = CLOSED
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _protocol_error(self, e: ProtocolError) -> None:
+        self.broker.count("protocol_errors")
+        if self.state == AWAIT_CONNECT or self.state == AUTHENTICATING:
+            if isinstance(e, UnsupportedProtocolVersion):
+                # Answered in a form that client version can parse.
+                self.write(e.connack())
+            elif self.level == MQTT_5:
+                self.write(encode(ConnAck(False, e.reason_code), MQTT_5))
+        self.close(e.reason_code)
+
+    def _pause_reading(self, why: int) -> None:
+        if not self._pause and self.transport is not None:
+            self.transport.pause_reading()
+        self._pause |= why
+
+    def resume_reading(self, why: int) -> None:
+        if not self._pause & why:
+            return
+        self._pause &= ~why
+        if not self._pause and self.transport is not None and self.state != CLOSED:
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------ dispatch
+
+    def _handle_packets(self, packets: list[Packet]) -> None:
+        for p in packets:
+            if self.state != CONNECTED:
+                if self.state == AWAIT_CONNECT and type(p) is Connect:
+                    self._on_connect(p)
+                    if self._pending is not None:
+                        # Authentication is pending: keep the rest for after CONNACK.
+                        i = packets.index(p)
+                        self._pending.extend(packets[i + 1 :])
+                        return
+                    continue
+                if self.state == CLOSED:
+                    return
+                raise ProtocolError(0x82, f"{type(p).__name__} before CONNECT")
+            t = type(p)
+            if t is Publish:
+                self._on_publish(p)  # type: ignore[arg-type]
+            elif t is PubAck:
+                self._on_puback(p.packet_id)  # type: ignore[union-attr,arg-type]
+            elif t is PubRec:
+                self._on_pubrec(p)  # type: ignore[arg-type]
+            elif t is PubRel:
+                self._on_pubrel(p.packet_id)  # type: ignore[union-attr,arg-type]
+            elif t is PubComp:
+                self._on_puback(p.packet_id)  # type: ignore[union-attr,arg-type]
+            elif t is PingReq:
+                self.write(PINGRESP_BYTES)
+            elif t is Subscribe:
+                self._on_subscribe(p)  # type: ignore[arg-type]
+            elif t is Unsubscribe:
+                self._on_unsubscribe(p)  # type: ignore[arg-type]
+            elif t is Disconnect:
+                self._on_disconnect(p)  # type: ignore[arg-type]
+                return
+            elif t is Auth:
+                raise ProtocolError(0x82, "AUTH without an authentication method")
+            else:
+                raise ProtocolError(0x82, f"unexpected {t.__name__} from a client")
+            if self.state == CLOSED:
+                return
+
+    # -------------------------------------------------------------- CONNECT
+
+    def _on_connect(self, p: Connect) -> None:
+        broker = self.broker
+        self.level = p.protocol_level
+        v5 = self.level == MQTT_5
+        cid = p.client_id
+        assigned: str | None = None
+        if not cid:
+            if not v5 and not p.clean_start:
+                self._refuse(0x85, "empty client id needs clean session")
+                return
+            cid = assigned = broker.assign_client_id()
+        if v5 and p.properties.authentication_method is not None:
+            self._refuse(0x8C, "enhanced authentication is not supported")
+            return
+        if broker.connected_count() >= broker.limits.max_connections:
+            broker.count_drop("max_connections")
+            self._refuse(0x97 if v5 else 0x88, "max_connections reached")
+            return
+        if p.will is not None:
+            t = p.will.topic
+            if not t or "+" in t or "#" in t:
+                raise ProtocolError(0x90, "invalid will topic")
+        self.client_id = cid
+        self.will = p.will
+        transport = self.transport
+        cn: str | None = None
+        if transport is not None:
+            ssl_obj = transport.get_extra_info("ssl_object")
+            if ssl_obj is not None:
+                cn = _peer_cn(ssl_obj)
+        info = ConnectInfo(
+            client_id=cid,
+            username=p.username,
+            password=p.password,
+            listener=self.listener.bind,
+            remote=self.remote,
+            allow_anonymous=self.listener.allow_anonymous,
+            cert_subject_cn=cn,
+        )
+        self.state = AUTHENTICATING
+        self._pending = []
+        self._pause_reading(_PAUSE_AUTH)
+        task = broker.loop.create_task(broker.authenticator.authenticate(info))
+        self._auth_task = task
+        broker.track_task(task)
+        task.add_done_callback(lambda t: self._auth_done(t, p, assigned))
+
+    def _refuse(self, v5_reason: int, why: str) -> None:
+        code = v5_reason if self.level == MQTT_5 else _311_CONNACK.get(v5_reason, 5)
+        self.write(encode(ConnAck(False, code), self.level or 4))
+        log.info("refused MQTT client %s (%s): %s", self.client_id, self.remote, why)
+        self.broker.count("connect_refused")
+        self.close()
+
+    def _auth_done(
+        self, task: asyncio.Task[AuthDecision], p: Connect, assigned: str | None
+    ) -> None:
+        self._auth_task = None
+        if self.state == CLOSED:
+            return
+        broker = self.broker
+        broker.receiving += 1
+        try:
+            try:
+                decision = task.result()
+            except asyncio.CancelledError:
+                return
+            except Exception:
+                log.exception("authenticator failed for %s", self.client_id)
+                self._refuse(0x88 if self.level != MQTT_5 else 0x80, "authenticator error")
+                return
+            if not decision.allowed:
+                self._refuse(decision.reason_code, decision.reason or "not authorised")
+                return
+            self.principal = decision.principal or Principal(
+                self.client_id, p.username, p.username is None
+            )
+            self._connected(p, assigned)
+            pending, self._pending = self._pending, None
+            self.resume_reading(_PAUSE_AUTH)
+            if pending and self.state == CONNECTED:
+                self._handle_packets(pending)
+        except ProtocolError as e:
+            self._protocol_error(e)
+        except Exception:
+            log.exception("error completing CONNECT of %s (%s)", self.client_id, self.remote)
+            self._protocol_error(ProtocolError(0x83, "internal error"))
+        finally:
+            broker.receiving -= 1
+            if not broker.receiving:
+                broker.flush_writes()
+
+    def _connected(self, p: Connect, assigned: str | None) -> None:
+        broker = self.broker
+        limits = broker.limits
+        v5 = self.level == MQTT_5
+        props = p.properties
+        cap = int(limits.max_session_expiry)
+        told_expiry: int | None = None
+        if v5:
+            expiry = props.session_expiry_interval or 0
+            if cap and expiry > cap:
+                expiry = told_expiry = cap
+            if props.receive_maximum is not None:
+                self.window = min(limits.receive_maximum, props.receive_maximum)
+            self.max_out_packet = props.maximum_packet_size or 0
+            self.alias_max_out = props.topic_alias_maximum or 0
+        else:
+            expiry = 0 if p.clean_start else (cap or 0xFFFFFFFF)
+        keepalive = p.keepalive
+        server_ka: int | None = None
+        if (
+            v5
+            and limits.max_keepalive < 65535
+            and (keepalive == 0 or keepalive > limits.max_keepalive)
+        ):
+            keepalive = server_ka = limits.max_keepalive
+        self.keepalive = keepalive
+        session, present = broker.attach_session(self, p.clean_start, expiry)
+        self.session = session
+        self.state = CONNECTED
+        ack = ConnAck(present, 0)
+        if v5:
+            ack.properties = Properties(
+                session_expiry_interval=told_expiry,
+                assigned_client_identifier=assigned,
+                server_keep_alive=server_ka,
+                receive_maximum=limits.receive_maximum,
+                topic_alias_maximum=limits.topic_alias_maximum or None,
+                maximum_packet_size=limits.max_packet_size,
+                retain_available=1,
+                wildcard_subscription_available=1,
+                subscription_identifier_available=1,
+                shared_subscription_available=1,
+            )
+        self.send(ack)
+        # Redeliver what the session had in flight (DUP), then its queue.
+        for inf in list(session.inflight.values()):
+            if inf.released:
+                self.send(PubRel(inf.packet_id))
+            else:
+                self._write_publish(inf.delivery, inf.packet_id, True, None)
+        self._drain_queue()
+
+    # -------------------------------------------------------------- PUBLISH
+
+    def _on_publish(self, p: Publish) -> None:
+        broker = self.broker
+        broker.messages_in += 1
+        session = self.session
+        assert session is not None
+        topic = p.topic
+        qos = p.qos
+        props = p.properties
+        v5 = self.level == MQTT_5
+        if v5:
+            alias = props.topic_alias
+            if alias is not None:
+                topic = self._resolve_alias(topic, alias)
+            elif not topic:
+                raise ProtocolError(0x82, "empty topic without topic alias")
+        pid = p.packet_id
+        if qos:
+            if qos == 2 and pid in session.in_qos2:
+                # Re-sent before PUBREL: acknowledge again, do not deliver twice.
+                self._complete_or_queue(_PendingAck(None, None, pid, 2, 0))
+                return
+            self._in_quota += 1
+            if v5 and self._in_quota > broker.limits.receive_maximum:
+                raise ProtocolError(0x93, "receive maximum exceeded")
+            if qos == 2:
+                session.in_qos2.add(pid)  # type: ignore[arg-type]
+        if "+" in topic or "#" in topic:
+            raise ProtocolError(0x90, "wildcard in topic name")
+        # Authorisation (cached per connection).
+        acl = self._acl
+        if acl is None:
+            acl = self._acl = {}
+        allowed = acl.get(topic)
+        if allowed is None:
+            assert self.principal is not None
+            allowed = broker.authoriser.may_publish(self.principal, topic)
+            if len(acl) >= ACL_CACHE_MAX:
+                acl.clear()
+            acl[topic] = allowed
+        if not allowed:
+            broker.count_drop("not_authorised")
+            self._complete_or_queue(_PendingAck(None, None, pid, qos, 0x87 if v5 else 0))
+            return
+        fwd: Properties | None = None
+        expires_at: float | None = None
+        if v5:
+            if props.payload_format_indicator == 1:
+                try:
+                    p.payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    broker.count_drop("payload_format_invalid")
+                    self._complete_or_queue(_PendingAck(None, None, pid, qos, 0x99))
+                    return
+            fwd = _forwardable(props)
+            if props.message_expiry_interval is not None:
+                expires_at = time.time() + props.message_expiry_interval
+        msg = Message(topic, p.payload, qos, p.retain, fwd, expires_at, self.client_id)
+        device_id = broker.telemetry.device_id(topic) if broker.telemetry is not None else None
+        if device_id is None:
+            self._complete_or_queue(_PendingAck(None, msg, pid, qos, 0))
+            return
+        try:
+            readings = decode_telemetry(
+                p.payload, device_id, topic, self.client_id, props.correlation_data
+            )
+        except TelemetryError as e:
+            broker.telemetry_error(e, topic)
+            self._complete_or_queue(_PendingAck(None, msg, pid, qos, 0x99 if v5 else 0))
+            return
+        fut = broker.ingest.submit(readings)
+        broker.readings_in += len(readings)
+        if not v5:
+            self._saturation_check = True
+        entry = _PendingAck(fut, msg, pid, qos, 0)
+        if not self._acks and fut.done():
+            self._complete(entry)
+            return
+        self._acks.append(entry)
+        if not fut.done() and fut is not self._cb_future:
+            self._cb_future = fut
+            fut.add_done_callback(self._ingest_done)
+        if not v5 and len(self._acks) >= MAX_PENDING_ACKS_311:
+            self._pause_reading(_PAUSE_ACKS)
+
+    def _resolve_alias(self, topic: str, alias: int) -> str:
+        if alias == 0 or alias > self.broker.limits.topic_alias_maximum:
+            raise ProtocolError(0x94, f"topic alias {alias} out of range")
+        aliases = self._aliases_in
+        if aliases is None:
+            aliases = self._aliases_in = {}
+        if topic:
+            aliases[alias] = topic
+            return topic
+        known = aliases.get(alias)
+        if known is None:
+            raise ProtocolError(0x82, f"unknown topic alias {alias}")
+        return known
+
+    def _complete_or_queue(self, entry: _PendingAck) -> None:
+        if self._acks:
+            self._acks.append(entry)
+        else:
+            self._complete(entry)
+
+    def _complete(self, e: _PendingAck) -> None:
+        """Route and acknowledge one inbound PUBLISH whose turn has come."""
+        reason = e.reason
+        fut = e.fut
+        if fut is not None:
+            status = fut.result() if not fut.cancelled() else IngestStatus.REJECTED_FULL
+            if status is IngestStatus.REJECTED_FULL:
+                self.broker.count_drop("ingest_full")
+                if self.level != MQTT_5:
+                    if e.qos:
+                        # No refusal code in 3.1.1: close unacknowledged, the
+                        # client sends it again (and it must not look like a duplicate).
+                        if e.qos == 2 and self.session is not None:
+                            self.session.in_qos2.discard(e.packet_id)  # type: ignore[arg-type]
+                        self.close()
+                    return
+                e.msg = None
+                reason = 0x97
+            elif status is IngestStatus.REJECTED_INVALID:
+                reason = 0x99 if self.level == MQTT_5 else 0
+        if e.msg is not None:
+            self.broker.route(e.msg)
+        qos = e.qos
+        if qos == 1:
+            self.write(encode_puback(e.packet_id, self.level, reason))  # type: ignore[arg-type]
+            self._in_quota -= 1
+        elif qos == 2:
+            self.send(PubRec(e.packet_id, reason))  # type: ignore[arg-type]
+            if reason >= 0x80:
+                # An error PUBREC ends the exchange (MQTT 4.3.3).
+                self._in_quota -= 1
+                if self.session is not None:
+                    self.session.in_qos2.discard(e.packet_id)  # type: ignore[arg-type]
+
+    def _ingest_done(self, _fut: asyncio.Future[IngestStatus]) -> None:
+        if self.state == CLOSED:
+            self._acks.clear()
+            return
+        broker = self.broker
+        broker.receiving += 1
+        try:
+            acks = self._acks
+            while acks:
+                head = acks[0]
+                if head.fut is not None and not head.fut.done():
+                    break
+                acks.popleft()
+                self._complete(head)
+                if self.state == CLOSED:
+                    acks.clear()
+                    break
+            if self._pause & _PAUSE_ACKS and len(acks) < MAX_PENDING_ACKS_311 // 2:
+                self.resume_reading(_PAUSE_ACKS)
+        except Exception:
+            log.exception("error acknowledging for %s", self.client_id)
+            self.close(0x83)
+        finally:
+            broker.receiving -= 1
+            if not broker.receiving:
+                broker.flush_writes()
+
+    # --------------------------------------------------- acks from the client
+
+    def _on_puback(self, pid: int) -> None:
+        """PUBACK (QoS 1) or PUBCOMP (QoS 2) for a message we sent."""
+        session = self.session
+        assert session is not None
+        if session.inflight.pop(pid, None) is not None:
+            session.dirty = True
+            if session.queue:
+                self._drain_queue()
+
+    def _on_pubrec(self, p: PubRec) -> None:
+        session = self.session
+        assert session is not None
+        inf = session.inflight.get(p.packet_id)
+        if inf is None:
+            self.send(PubRel(p.packet_id, 0x92 if self.level == MQTT_5 else 0))
+            return
+        if p.reason_code >= 0x80:
+            del session.inflight[p.packet_id]
+            session.dirty = True
+            if session.queue:
+                self._drain_queue()
+            return
+        inf.released = True
+        session.dirty = True
+        self.send(PubRel(p.packet_id))
+
+    def _on_pubrel(self, pid: int) -> None:
+        session = self.session
+        assert session is not None
+        if pid in session.in_qos2:
+            if self._acks and any(a.packet_id == pid and a.qos == 2 for a in self._acks):
+                raise ProtocolError(0x82, "PUBREL before PUBREC")
+            session.in_qos2.discard(pid)
+            if self._in_quota > 0:
+                self._in_quota -= 1
+            self.send(PubComp(pid))
+        else:
+            self.send(PubComp(pid, 0x92 if self.level == MQTT_5 else 0))
+
+    # ---------------------------------------------------- SUBSCRIBE / UNSUB
+
+    def _on_subscribe(self, p: Subscribe) -> None:
+        broker = self.broker
+        session = self.session
+        assert session is not None and self.principal is not None
+        v5 = self.level == MQTT_5
+        sub_id = (
+            p.properties.subscription_identifiers[0]
+            if v5 and p.properties.subscription_identifiers
+            else None
+        )
+        codes: list[int] = []
+        retained: list[tuple[SubEntry, list[Message]]] = []
+        for sub in p.subscriptions:
+            flt = sub.topic_filter
+            try:
+                validate_topic_filter(flt)
+            except ProtocolError as e:
+                codes.append(e.reason_code if v5 else 0x80)
+                continue
+            shared = flt.startswith("$share/")
+            if shared and sub.no_local:
+                raise ProtocolError(0x82, "no local on a shared subscription")
+            real = flt.split("/", 2)[2] if shared else flt
+            if not broker.authoriser.may_subscribe(self.principal, real):
+                broker.count("subscribe_denied")
+                codes.append(0x87 if v5 else 0x80)
+                continue
+            entry = SubEntry(
+                flt,
+                sub.qos,
+                sub.no_local if v5 else False,
+                sub.retain_as_published if v5 else False,
+                sub.retain_handling if v5 else 0,
+                sub_id,
+            )
+            existed = broker.subscribe(session, entry)
+            codes.append(sub.qos)
+            if not shared and (
+                entry.retain_handling == 0 or (entry.retain_handling == 1 and not existed)
+            ):
+                msgs = broker.retained.matching(real)
+                if msgs:
+                    retained.append((entry, msgs))
+        self.send(SubAck(p.packet_id, codes))
+        for entry, msgs in retained:
+            ids = (entry.subscription_id,) if entry.subscription_id else ()
+            for m in msgs:
+                self.deliver(Delivery(m, min(m.qos, entry.qos), True, ids), None)
+
+    def _on_unsubscribe(self, p: Unsubscribe) -> None:
+        session = self.session
+        assert session is not None
+        codes = [0x00 if self.broker.unsubscribe(session, f) else 0x11 for f in p.topic_filters]
+        self.send(UnsubAck(p.packet_id, codes if self.level == MQTT_5 else []))
+
+    def _on_disconnect(self, p: Disconnect) -> None:
+        session = self.session
+        if self.level == MQTT_5:
+            new_expiry = p.properties.session_expiry_interval
+            if new_expiry is not None and session is not None:
+                if session.expiry_interval == 0 and new_expiry > 0:
+                    raise ProtocolError(0x82, "session expiry changed from 0 at DISCONNECT")
+                cap = int(self.broker.limits.max_session_expiry)
+                session.expiry_interval = min(new_expiry, cap) if cap else new_expiry
+            if p.reason_code == 0x04:
+                # "Disconnect with Will Message": the will is sent.
+                self.state = CLOSED
+                self.flush()
+                if self.transport is not None:
+                    self.transport.close()
+                return
+        self._normal_disconnect = True
+        self.will = None
+        self.state = CLOSED
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    # ------------------------------------------------------------- delivery
+
+    def deliver(self, d: Delivery, cache: dict[Any, Any] | None) -> None:
+        """Send (or queue) one message for this connection's session."""
+        session = self.session
+        if session is None:
+            return
+        if self._write_paused or session.queue:
+            if session.enqueue(d, self.broker.limits.max_queued_messages):
+                self.broker.count_drop("queue_full")
+            if not self._write_paused:
+                self._drain_queue()
+            return
+        if d.qos == 0:
+            self._write_publish(d, None, False, cache)
+            return
+        inflight = session.inflight
+        if len(inflight) >= self.window:
+            if session.enqueue(d, self.broker.limits.max_queued_messages):
+                self.broker.count_drop("queue_full")
+            return
+        pid = session.next_packet_id()
+        inflight[pid] = Inflight(pid, d)
+        session.dirty = True
+        self._write_publish(d, pid, False, cache)
+
+    def _drain_queue(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        queue = session.queue
+        inflight = session.inflight
+        now = time.time()
+        while queue and not self._write_paused:
+            d = queue[0]
+            if d.msg.expires_at is not None and d.msg.expires_at <= now:
+                session.dequeue()
+                self.broker.count_drop("expired")
+                continue
+            if d.qos == 0:
+                session.dequeue()
+                self._write_publish(d, None, False, None)
+                continue
+            if len(inflight) >= self.window:
+                break
+            session.dequeue()
+            pid = session.next_packet_id()
+            inflight[pid] = Inflight(pid, d)
+            self._write_publish(d, pid, False, None)
+
+    def _write_publish(
+        self, d: Delivery, pid: int | None, dup: bool, cache: dict[Any, Any] | None
+    ) -> None:
+        msg = d.msg
+        level = self.level
+        alias: int | None = None
+        topic = msg.topic
+        if self.alias_max_out:
+            aliases = self._aliases_out
+            if aliases is None:
+                aliases = self._aliases_out = {}
+            known = aliases.get(topic)
+            if known is not None:
+                alias = known
+                topic = ""
+            elif len(aliases) < self.alias_max_out:
+                alias = aliases[topic] = len(aliases) + 1
+            cache = None  # per-connection alias state: this encoding is not shareable
+        key: Any = None
+        if cache is not None and not dup:
+            key = (level, d.qos, d.retain, d.sub_ids)
+            hit = cache.get(key)
+            if hit is not None:
+                self._emit(hit, pid)
+                return
+        props: Properties = EMPTY_PROPS
+        if level == MQTT_5:
+            base = msg.properties
+            expiry = msg.remaining_expiry(time.time()) if msg.expires_at is not None else None
+            if base is not None or d.sub_ids or expiry is not None or alias is not None:
+                props = Properties(
+                    payload_format_indicator=base.payload_format_indicator if base else None,
+                    message_expiry_interval=expiry,
+                    content_type=base.content_type if base else None,
+                    response_topic=base.response_topic if base else None,
+                    correlation_data=base.correlation_data if base else None,
+                    subscription_identifiers=list(d.sub_ids),
+                    topic_alias=alias,
+                    user_properties=base.user_properties if base else [],
+                )
+        data = encode(
+            Publish(topic, msg.payload, d.qos, d.retain, dup, pid if d.qos else None, props),
+            level,
+        )
+        enc: bytes | tuple[bytes, bytes] = _split_at_packet_id(data) if d.qos else data
+        if key is not None and cache is not None:
+            cache[key] = enc
+        self._emit(enc, pid)
+
+    def _emit(self, enc: bytes | tuple[bytes, bytes], pid: int | None) -> None:
+        if type(enc) is tuple:
+            head, tail = enc
+            size = len(head) + 2 + len(tail)
+            if self.max_out_packet and size > self.max_out_packet:
+                self._too_large(pid)
+                return
+            self.write(head)
+            self.write(pid.to_bytes(2, "big"))  # type: ignore[union-attr]
+            self.write(tail)
+        else:
+            assert isinstance(enc, bytes)
+            if self.max_out_packet and len(enc) > self.max_out_packet:
+                self._too_large(pid)
+                return
+            self.write(enc)
+        self.broker.messages_out += 1
+
+    def _too_large(self, pid: int | None) -> None:
+        # MQTT 3.1.2.11.4 (v5 Maximum Packet Size): the server must not send
+        # it; it is dropped for this client as if it had been delivered.
+        self.broker.count_drop("packet_too_large")
+        if pid is not None and self.session is not None:
+            self.session.inflight.pop(pid, None)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def keepalive_expired(self) -> None:
+        """Called by the broker's sweep: nothing received for 1.5x keep alive."""
+        self.broker.count("keepalive_timeouts")
+        self.close(0x8D)
+
+    def taken_over(self) -> None:
+        """Another connection took this client id (v5: DISCONNECT 0x8E)."""
+        self.close(0x8E)
+
+    def server_shutdown(self) -> None:
+        self.close(0x8B)
+
+    @property
+    def sends_will(self) -> bool:
+        return self.will is not None and not self._normal_disconnect
+
+
+def _peer_cn(ssl_obj: Any) -> str | None:
+    try:
+        cert = ssl_obj.getpeercert()
+    except Exception:
+        return None
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
