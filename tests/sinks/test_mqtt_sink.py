@@ -1,0 +1,472 @@
+"""The MQTT sink against a real Mosquitto started by each test on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+
+from certs import CertFiles, make_cert_files
+from edgeway.config import SinkConfig
+from edgeway.sinks.base import (
+    PermanentSinkError,
+    Record,
+    RetryableSinkError,
+    create_sink,
+)
+from edgeway.sinks.mqtt import MqttSink, azure_sas_token
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+TIMEOUT = 10.0
+"""Bound for any wait on a local broker (loopback answers in well under 1 ms)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Mosquitto:
+    """A Mosquitto process on a loopback port; restartable on the same port."""
+
+    def __init__(
+        self,
+        directory: Path,
+        extra: str = "",
+        tls: CertFiles | None = None,
+        unlimited_queue: bool = True,
+    ) -> None:
+        self.port = free_port()
+        self.dir = directory
+        # max_queued_messages 0: no limit, so a slow test subscriber never
+        # silently loses messages (the default of 1000 does, see MEASUREMENTS.md).
+        # set_tcp_nodelay: otherwise Nagle holds back PUBACKs by milliseconds.
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            f"max_queued_messages {0 if unlimited_queue else 1000}",
+            "set_tcp_nodelay true",
+            # Started as root (CI), Mosquitto would switch to user "mosquitto",
+            # who cannot read files under pytest's private tmp directory.
+            "user root",
+        ]
+        if tls is not None:
+            lines += [
+                f"cafile {tls.ca_cert}",
+                f"certfile {tls.server_cert}",
+                f"keyfile {tls.server_key}",
+                "require_certificate true",
+            ]
+        self.conf = directory / "mosquitto.conf"
+        self.conf.write_text("\n".join(lines) + "\n" + extra + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"mosquitto exited: {err}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)  # polling a port that has no event to wait on
+        raise TimeoutError("mosquitto did not start listening")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+        self.proc = None
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    m = Mosquitto(tmp_path)
+    m.start()
+    try:
+        yield m
+    finally:
+        m.kill()
+
+
+class Subscriber:
+    """A paho-mqtt QoS 1 subscriber running in paho's thread."""
+
+    def __init__(self, port: int, topic_filter: str, tls: CertFiles | None = None) -> None:
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        if tls is not None:
+            self.client.tls_set(
+                ca_certs=str(tls.ca_cert),
+                certfile=str(tls.client_cert),
+                keyfile=str(tls.client_key),
+            )
+        subscribed = threading.Event()
+        self.client.on_message = lambda _c, _u, m: self.messages.put((m.topic, m.payload))
+        self.client.on_subscribe = lambda *_a: subscribed.set()
+        self.client.on_connect = lambda c, *_a: c.subscribe(topic_filter, qos=1)
+        self.client.connect("localhost" if tls else "127.0.0.1", port)
+        self.client.loop_start()
+        if not subscribed.wait(TIMEOUT):
+            self.close()
+            raise TimeoutError("no SUBACK")
+
+    def collect(self, n: int) -> list[tuple[str, bytes]]:
+        return [self.messages.get(timeout=TIMEOUT) for _ in range(n)]
+
+    def assert_quiet(self) -> None:
+        assert self.messages.empty(), "unexpected extra messages"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def records(n: int, start: int = 0, devices: int = 5) -> list[Record]:
+    return [
+        Record(
+            id=f"gw1:{i}",
+            seq=i,
+            device_id=f"dev{i % devices}",
+            ts=1_700_000_000.0 + i,
+            metrics={"temp": 20.0 + i / 10, "ok": True, "n": i},
+            tags={"site": "a"} if i % 2 else {},
+        )
+        for i in range(start, start + n)
+    ]
+
+
+def make_sink(port: int, name: str = "cloud", **options: Any) -> MqttSink:
+    sink = create_sink(
+        SinkConfig(name=name, url=f"mqtt://127.0.0.1:{port}", options=options), "gw1"
+    )
+    assert isinstance(sink, MqttSink)
+    return sink
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_record_mode_delivers_every_record_with_topic_and_body(
+    mosquitto: Mosquitto, protocol: str
+) -> None:
+    sub = Subscriber(mosquitto.port, "edgeway/#")
+    sink = make_sink(mosquitto.port, protocol=protocol)
+    try:
+        await sink.start()
+        batches = [records(300, 0), records(300, 300), records(7, 600)]
+        for batch in batches:
+            await sink.send_batch(batch)
+        got = await asyncio.to_thread(sub.collect, 607)
+        sub.assert_quiet()
+    finally:
+        await sink.close()
+        sub.close()
+    sent = [r for b in batches for r in b]
+    expected = {
+        (f"edgeway/gw1/{r.device_id}/telemetry", json.dumps(r.to_json_obj(), sort_keys=True))
+        for r in sent
+    }
+    received = {(t, json.dumps(json.loads(p), sort_keys=True)) for t, p in got}
+    assert received == expected
+    # QoS 1 from one connection: per-device order is kept.
+    for dev in {r.device_id for r in sent}:
+        seqs = [json.loads(p)["id"] for t, p in got if t.endswith(f"/{dev}/telemetry")]
+        assert seqs == [r.id for r in sent if r.device_id == dev]
+    assert sink.state.records_sent == 607
+    assert sink.state.batches_sent == 3
+    assert sink.state.last_error is None
+
+
+async def test_batch_mode_sends_one_message_per_device(mosquitto: Mosquitto) -> None:
+    sub = Subscriber(mosquitto.port, "fleet/#")
+    sink = make_sink(mosquitto.port, mode="batch", topic="fleet/{sink}/{gateway_id}/{device_id}")
+    batch = records(500, devices=4)
+    try:
+        await sink.send_batch(batch)
+        got = await asyncio.to_thread(sub.collect, 4)
+        sub.assert_quiet()
+    finally:
+        await sink.close()
+        sub.close()
+    for topic, payload in got:
+        dev = topic.rsplit("/", 1)[1]
+        assert topic == f"fleet/cloud/gw1/{dev}"
+        body = json.loads(payload)
+        assert body["gateway_id"] == "gw1"
+        assert body["records"] == [r.to_json_obj() for r in batch if r.device_id == dev]
+
+
+async def test_batch_mode_splits_at_max_message_bytes(mosquitto: Mosquitto) -> None:
+    sub = Subscriber(mosquitto.port, "edgeway/#")
+    sink = make_sink(mosquitto.port, mode="batch", max_message_bytes=1000)
+    batch = records(100, devices=1)
+    try:
+        await sink.send_batch(batch)
+        one = len(json.dumps(batch[0].to_json_obj()))
+        n_msgs = len(sink.encode(batch))
+        assert n_msgs > 100 * one // 1000
+        got = await asyncio.to_thread(sub.collect, n_msgs)
+        sub.assert_quiet()
+    finally:
+        await sink.close()
+        sub.close()
+    assert all(len(p) <= 1000 for _, p in got)
+    ids = [r["id"] for _, p in got for r in json.loads(p)["records"]]
+    assert ids == [r.id for r in batch]
+
+
+async def test_record_larger_than_limit_is_permanent(mosquitto: Mosquitto) -> None:
+    sink = make_sink(mosquitto.port, max_message_bytes=50)
+    try:
+        with pytest.raises(PermanentSinkError, match="max_message_bytes"):
+            await sink.send_batch(records(1))
+    finally:
+        await sink.close()
+
+
+async def test_broker_down_then_back(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    sink = make_sink(broker.port, connect_timeout=2)
+    try:
+        await sink.send_batch(records(50))
+        assert sink.state.connected
+        broker.kill()
+        for _ in range(3):  # down: every call fails fast and retryably, nothing hangs
+            with pytest.raises(RetryableSinkError):
+                await sink.send_batch(records(50, 50))
+        assert not sink.state.connected
+        assert sink.state.last_error is not None
+        broker.start()
+        sub = Subscriber(broker.port, "edgeway/#")
+        try:
+            await sink.send_batch(records(50, 50))
+            got = await asyncio.to_thread(sub.collect, 50)
+        finally:
+            sub.close()
+        assert sorted(json.loads(p)["id"] for _, p in got) == sorted(
+            f"gw1:{i}" for i in range(50, 100)
+        )
+        assert sink.state.connected
+        assert sink.state.records_sent == 100
+    finally:
+        await sink.close()
+        broker.kill()
+
+
+async def test_broker_killed_mid_batch_fails_the_batch(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    # A window of 1 makes the batch take one round trip per record, so the kill lands inside it.
+    sink = make_sink(broker.port, max_inflight=1, connect_timeout=2)
+    sub = Subscriber(broker.port, "edgeway/#")
+    try:
+        task = asyncio.create_task(sink.send_batch(records(20_000)))
+        await asyncio.to_thread(sub.collect, 10)  # the batch is under way
+        broker.kill()
+        with pytest.raises(RetryableSinkError):
+            await asyncio.wait_for(task, TIMEOUT)
+        assert sink.state.records_sent == 0
+        broker.start()
+        await sink.send_batch(records(10))
+        assert sink.state.records_sent == 10
+    finally:
+        sub.close()
+        await sink.close()
+        broker.kill()
+
+
+async def test_refused_publish_is_permanent(tmp_path: Path) -> None:
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite allowed/#\n")
+    # Mosquitto 2.0.11 closes the connection instead of answering PUBACK 0x87
+    # when max_queued_messages is 0, so this broker keeps the default queue.
+    broker = Mosquitto(tmp_path, extra=f"acl_file {acl}", unlimited_queue=False)
+    broker.start()
+    try:
+        # Distinct names, hence client ids: the same id would take over the session.
+        ok = make_sink(broker.port, name="ok", topic="allowed/{device_id}")
+        denied = make_sink(broker.port, name="denied", topic="denied/{device_id}")
+        try:
+            await ok.send_batch(records(5))
+            # MQTT 5: Mosquitto answers PUBACK 0x87 (not authorized).
+            with pytest.raises(PermanentSinkError, match="0x87"):
+                await denied.send_batch(records(5))
+        finally:
+            await ok.close()
+            await denied.close()
+    finally:
+        broker.kill()
+
+
+async def test_persistent_session_and_client_id(mosquitto: Mosquitto) -> None:
+    sink = make_sink(mosquitto.port)
+    assert sink.client_id == "edgeway-gw1-cloud"
+    try:
+        await sink.send_batch(records(1))
+        await sink.close()
+        # Same client id, clean start off: the broker still has the session.
+        peer = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=sink.client_id, protocol=paho.MQTTv5
+        )
+        present = threading.Event()
+        peer.on_connect = lambda _c, _u, flags, _rc, _p: (
+            present.set() if flags.session_present else None
+        )
+        peer.connect("127.0.0.1", mosquitto.port, clean_start=False)
+        peer.loop_start()
+        try:
+            assert await asyncio.to_thread(present.wait, TIMEOUT)
+        finally:
+            peer.disconnect()
+            peer.loop_stop()
+    finally:
+        await sink.close()
+
+
+async def test_tls_with_client_certificate(tmp_path: Path) -> None:
+    certs = make_cert_files(tmp_path / "certs")
+    broker = Mosquitto(tmp_path, tls=certs)
+    broker.start()
+    sub = Subscriber(broker.port, "edgeway/#", tls=certs)
+    sink = create_sink(
+        SinkConfig(
+            name="cloud",
+            url=f"mqtts://localhost:{broker.port}",
+            options={
+                "ca": str(certs.ca_cert),
+                "cert": str(certs.client_cert),
+                "key": str(certs.client_key),
+            },
+        ),
+        "gw1",
+    )
+    no_cert = create_sink(
+        SinkConfig(
+            name="nocert",
+            url=f"mqtts://localhost:{broker.port}",
+            options={"ca": str(certs.ca_cert), "connect_timeout": 2},
+        ),
+        "gw1",
+    )
+    try:
+        await sink.send_batch(records(20))
+        got = await asyncio.to_thread(sub.collect, 20)
+        assert {json.loads(p)["id"] for _, p in got} == {f"gw1:{i}" for i in range(20)}
+        with pytest.raises(RetryableSinkError):
+            await no_cert.send_batch(records(1))
+    finally:
+        await sink.close()
+        await no_cert.close()
+        sub.close()
+        broker.kill()
+
+
+@pytest.mark.parametrize(
+    ("options", "url", "key"),
+    [
+        ({"colour": "red"}, "mqtt://h", "options.colour"),
+        ({"mode": "bulk"}, "mqtt://h", "options.mode"),
+        ({"topic": "x/{nope}"}, "mqtt://h", "options.topic"),
+        ({"client_id": "{device_id}"}, "mqtt://h", "options.client_id"),
+        ({"ca": "/x/ca.pem"}, "mqtt://h", "options.ca"),
+        ({"ca": "/nonexistent/ca.pem"}, "mqtts://h", "options.ca"),
+        ({"preset": "aws_iot"}, "mqtt://h", "options.preset"),
+        ({"preset": "aws_iot"}, "mqtts://h", "options.cert"),
+        ({"preset": "azure_iot_hub"}, "mqtts://h", "options.sas_key"),
+        ({"preset": "azure_iot_hub", "sas_key": "!!"}, "mqtts://h", "options.sas_key"),
+        ({"max_inflight": 0}, "mqtt://h", "options.max_inflight"),
+        ({}, "mqtt://h:99999", "url"),
+    ],
+)
+def test_bad_options_name_the_key(options: dict[str, Any], url: str, key: str) -> None:
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        MqttSink(SinkConfig(name="c", url=url, options=options), "gw1")
+
+
+def test_url_credentials_and_defaults() -> None:
+    sink = MqttSink(SinkConfig(name="c", url="mqtts://us%40er:p%3Ass@broker.example"), "gw1")
+    assert (sink.host, sink.port) == ("broker.example", 8883)
+    assert (sink.username, sink.password) == ("us@er", "p:ss")
+    assert sink.ssl_context is not None
+    plain = MqttSink(
+        SinkConfig(name="c", url="mqtt://broker.example", options={"protocol": 5}), "g"
+    )
+    assert plain.port == 1883 and plain.ssl_context is None and plain.mode == "record"
+
+
+def test_aws_preset(tmp_path: Path) -> None:
+    certs = make_cert_files(tmp_path)
+    sink = MqttSink(
+        SinkConfig(
+            name="aws",
+            url="mqtts://abc-ats.iot.eu-west-1.amazonaws.com",
+            options={
+                "preset": "aws_iot",
+                "thing_name": "gw-thing",
+                "cert": str(certs.client_cert),
+                "key": str(certs.client_key),
+            },
+        ),
+        "gw1",
+    )
+    assert sink.port == 8883
+    assert sink.client_id == "gw-thing"
+    assert sink.topic_template == "dt/edgeway/{gateway_id}/{device_id}/telemetry"
+    assert sink.mode == "batch"
+    assert sink.max_message_bytes == 128 * 1024
+    assert sink.session_expiry == 3600
+
+
+def test_azure_preset_and_sas_token() -> None:
+    key = "c2VjcmV0LWtleS1mb3ItdGVzdHM="
+    sink = MqttSink(
+        SinkConfig(
+            name="az",
+            url="mqtts://myhub.azure-devices.net",
+            options={"preset": "azure_iot_hub", "azure_device_id": "gw-1", "sas_key": key},
+        ),
+        "gw1",
+    )
+    assert sink.client_id == "gw-1"
+    assert sink.username == "myhub.azure-devices.net/gw-1/?api-version=2021-04-12"
+    assert sink.topic_template == "devices/gw-1/messages/events/"
+    assert sink.mode == "batch"
+    token = azure_sas_token("myhub.azure-devices.net/devices/gw-1", key, 1_800_000_000)
+    assert token.startswith(
+        "SharedAccessSignature sr=myhub.azure-devices.net%2Fdevices%2Fgw-1&sig="
+    )
+    assert token.endswith("&se=1800000000")
+    # The signature is HMAC-SHA256 of "<url-encoded uri>\n<expiry>" with the decoded key.
+    import base64
+    import hashlib
+    import hmac
+    import urllib.parse
+
+    sig = urllib.parse.unquote(token.split("sig=")[1].split("&")[0])
+    want = hmac.new(
+        base64.b64decode(key),
+        b"myhub.azure-devices.net%2Fdevices%2Fgw-1\n1800000000",
+        hashlib.sha256,
+    ).digest()
+    assert base64.b64decode(sig) == want
