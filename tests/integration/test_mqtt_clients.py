@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import aiomqtt
 import pytest
-from conftest import GatewayProcess
+from edgeway_process import GatewayProcess
 from mqtt_peers import (
     TIMEOUT,
     PahoPeer,

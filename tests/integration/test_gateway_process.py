@@ -1,0 +1,246 @@
+"""``edgeway run`` as a process: telemetry in, sink out, start-up and shutdown.
+
+- telemetry published to ``devices/{id}/telemetry`` is acknowledged, and
+  reaches a real aiohttp server through ``--sink http://...``;
+- SIGTERM under load exits 0 within 5 s;
+- a second gateway on a taken port exits 1 with one line naming the port;
+- no config file: embedded defaults (anonymous on loopback, ``./edgeway-data``);
+- retained messages and persistent sessions survive a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiomqtt
+import pytest
+from aiohttp import web
+from edgeway_process import GatewayProcess, StartGateway
+from mqtt_peers import TIMEOUT, PahoPeer, raw_connect_packet, unique
+
+
+@pytest.fixture
+def peers() -> Iterator[list[PahoPeer]]:
+    made: list[PahoPeer] = []
+    yield made
+    for p in made:
+        p.disconnect()
+
+
+def connected(gw: GatewayProcess, peers: list[PahoPeer], **kwargs: Any) -> PahoPeer:
+    peer = PahoPeer(gw.host, gw.port, **kwargs)
+    peers.append(peer)
+    rc, _ = peer.connect()
+    assert rc == 0, f"CONNACK {rc:#x}"
+    return peer
+
+
+# ---------------------------------------------------------------------------
+# telemetry
+
+
+@pytest.mark.parametrize("version", [4, 5], ids=["v311", "v5"])
+def test_telemetry_is_acknowledged_and_still_routed(
+    start_gateway: StartGateway, peers: list[PahoPeer], version: int
+) -> None:
+    gw = start_gateway()
+    device = unique("dev")
+    watcher = connected(gw, peers, version=version)
+    watcher.subscribe(f"devices/{device}/telemetry", 1)
+    pub = connected(gw, peers, version=version, client_id=device)
+    body = b'{"temp": 21.5, "on": true}'
+    assert pub.publish(f"devices/{device}/telemetry", body, qos=1) == 0
+    assert pub.publish(f"devices/{device}/telemetry", body, qos=2) == 0
+    assert [m.payload for m in watcher.collect(2)] == [body, body]
+
+
+def test_undecodable_telemetry_v5_puback_0x99_and_still_routed(
+    start_gateway: StartGateway, peers: list[PahoPeer]
+) -> None:
+    edgeway_only()
+    gw = start_gateway()
+    device = unique("dev")
+    topic = f"devices/{device}/telemetry"
+    watcher = connected(gw, peers, version=5)
+    watcher.subscribe(topic, 1)
+    pub = connected(gw, peers, version=5)
+    assert pub.publish(topic, b"not json {", qos=1) == 0x99  # payload format invalid
+    assert watcher.get().payload == b"not json {"
+    assert pub.publish(topic, b'{"ok": 1}', qos=1) == 0  # the connection goes on
+    assert gw.process.poll() is None
+
+
+def _records(body: Any) -> Iterator[dict[str, Any]]:
+    """Every JSON object in a sink body that looks like a record."""
+    if isinstance(body, dict):
+        if "device_id" in body and "metrics" in body:
+            yield body
+        for v in body.values():
+            yield from _records(v)
+    elif isinstance(body, list):
+        for v in body:
+            yield from _records(v)
+
+
+async def test_telemetry_reaches_http_sink(start_gateway: StartGateway) -> None:
+    received: list[dict[str, Any]] = []
+    arrived = asyncio.Event()
+
+    async def ingest(request: web.Request) -> web.Response:
+        received.extend(_records(await request.json()))
+        arrived.set()
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/ingest", ingest)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        sink_port = runner.addresses[0][1]
+        gw = await asyncio.to_thread(
+            start_gateway, extra_args=["--sink", f"http://127.0.0.1:{sink_port}/ingest"]
+        )
+        device = unique("dev")
+        async with asyncio.timeout(TIMEOUT * 2):
+            async with aiomqtt.Client(gw.host, gw.port, identifier=device) as client:
+                for i in range(5):
+                    payload = json.dumps({"temp": 20 + i, "seq": i})
+                    await client.publish(f"devices/{device}/telemetry", payload, qos=1)
+            while len([r for r in received if r["device_id"] == device]) < 5:
+                arrived.clear()
+                await arrived.wait()
+    finally:
+        await runner.cleanup()
+    mine = [r for r in received if r["device_id"] == device]
+    assert [r["metrics"] for r in mine] == [{"temp": 20 + i, "seq": i} for i in range(5)]
+    assert len({r["id"] for r in mine}) == 5, "record ids must be distinct"
+
+
+# ---------------------------------------------------------------------------
+# start-up and shutdown
+
+
+def _telemetry_load(gw: GatewayProcess, n: int, stop: threading.Event, acks: list[int]) -> None:
+    """Publish QoS 1 telemetry in pipelined batches until ``stop``; count PUBACKs."""
+    topic = f"devices/load-{n}/telemetry".encode()
+    payload = b'{"temp": 21.5}'
+    batch = bytearray()
+    for pid in range(1, 101):
+        body = struct.pack("!H", len(topic)) + topic + struct.pack("!H", pid) + payload
+        batch += bytes([0x32, len(body)]) + body
+    with socket.create_connection((gw.host, gw.port), timeout=TIMEOUT) as sock:
+        sock.sendall(raw_connect_packet(f"load-{n}"))
+        sock.recv(4)
+        sock.settimeout(1.0)
+        while not stop.is_set():
+            try:
+                sock.sendall(batch)
+                data = sock.recv(65536)
+            except OSError:
+                return  # the gateway closed the connection: expected on shutdown
+            if not data:
+                return
+            acks[0] += len(data) // 4
+
+
+def test_sigterm_under_load_exits_zero_within_5s(start_gateway: StartGateway) -> None:
+    gw = start_gateway()
+    stop = threading.Event()
+    acks = [0]
+    loaders = [threading.Thread(target=_telemetry_load, args=(gw, n, stop, acks)) for n in range(4)]
+    for t in loaders:
+        t.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while acks[0] < 1000 and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling a counter the loader thread updates
+        assert acks[0] >= 1000, "the load never got going"
+        started = time.monotonic()
+        gw.process.send_signal(signal.SIGTERM)
+        code = gw.wait_exit(8.0)
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        for t in loaders:
+            t.join(TIMEOUT)
+    assert code == 0, f"exit code {code}; output:\n{gw.output()[-3000:]}"
+    assert elapsed <= 5.0, f"took {elapsed:.1f} s to stop"
+    assert "Traceback" not in gw.output()
+
+
+def test_sigint_exits_zero(start_gateway: StartGateway) -> None:
+    gw = start_gateway()
+    gw.process.send_signal(signal.SIGINT)
+    assert gw.wait_exit(5.0) == 0, gw.output()[-3000:]
+    assert "Traceback" not in gw.output()
+
+
+def test_second_gateway_on_same_port_exits_1_naming_the_port(
+    start_gateway: StartGateway, peers: list[PahoPeer]
+) -> None:
+    edgeway_only()
+    first = start_gateway()
+    second = start_gateway(port=first.port, wait=False)
+    code = second.wait_exit(15.0)
+    out = second.output()
+    assert code == 1, f"exit code {code}; output:\n{out[-3000:]}"
+    assert "Traceback" not in out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines, "no message at all"
+    assert str(first.port) in lines[-1], f"last line does not name the port: {lines[-1]!r}"
+    # The first gateway is unaffected.
+    connected(first, peers, version=4)
+
+
+def test_no_config_runs_on_embedded_defaults(
+    start_gateway: StartGateway, peers: list[PahoPeer]
+) -> None:
+    gw = start_gateway(data_dir=False)  # no --config, no --data-dir
+    assert gw.config_path is None
+    client = connected(gw, peers, version=5)  # anonymous, on the loopback listener
+    assert client.publish(f"devices/{unique('dev')}/telemetry", b'{"v": 1}', qos=1) == 0
+    assert (gw.workdir / "edgeway-data").is_dir(), "data not under ./edgeway-data"
+    assert "anonymous" in gw.output().lower(), "no log line saying anonymous clients are allowed"
+
+
+def test_retained_and_sessions_survive_restart(
+    start_gateway: StartGateway, peers: list[PahoPeer]
+) -> None:
+    first = start_gateway()
+    topic = unique("keep")
+    sub_id = unique("sleeper")
+    retained_topic = unique("retained-keep")
+
+    setter = connected(first, peers, version=5)
+    assert setter.publish(retained_topic, b"kept-state", qos=1, retain=True) in (0, 0x10)
+    sleeper = connected(first, peers, version=4, client_id=sub_id, clean=False)
+    sleeper.subscribe(topic, 1)
+    sleeper.disconnect()
+    sent = [f"queued-{i}".encode() for i in range(5)]
+    for p in sent:
+        setter.publish(topic, p, qos=1)
+    setter.disconnect()
+    assert first.terminate() == 0
+
+    second = start_gateway(port=first.port, data_dir=first.data_dir)
+    late = connected(second, peers, version=5)
+    late.subscribe(retained_topic, 1)
+    msg = late.get()
+    assert (msg.payload, msg.retain) == (b"kept-state", True)
+
+    back = PahoPeer(second.host, second.port, version=4, client_id=sub_id, clean=False)
+    peers.append(back)
+    rc, session_present = back.connect()
+    assert rc == 0
+    assert session_present, "persistent session lost in the restart"
+    assert [m.payload for m in back.collect(len(sent))] == sent
