@@ -551,6 +551,7 @@ class Outbox:
         self._epoch_starts: list[int] = []
         self._epoch_ids: list[str] = []
         self._age_due = False
+        self._commit_waiters: list[asyncio.Future[None]] = []
         self.commits = 0
         """Group commits done since open (for tests and metrics)."""
 
@@ -784,6 +785,13 @@ class Outbox:
         """Call ``cb`` (on the loop) with the rows whose every routed sink confirmed them."""
         self._listeners.append(cb)
 
+    async def wait_for_commit(self) -> None:
+        """Wait until the next group commit has finished (counters are then fresh)."""
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._commit_waiters.append(fut)
+        await fut
+
     def record_id(self, seq: int) -> str:
         """The stable id of the record with sequence ``seq``."""
         i = bisect.bisect_right(self._epoch_starts, seq) - 1
@@ -874,6 +882,11 @@ class Outbox:
                         cb(res.confirmed)
                     except Exception:
                         log.exception("confirmed-listener failed")
+        if self._commit_waiters:
+            waiters, self._commit_waiters = self._commit_waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
         if self._submits or self._ops:
             self._start_commit()
         if not self._committing:
