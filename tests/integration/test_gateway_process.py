@@ -23,7 +23,7 @@ from typing import Any
 import aiomqtt
 import pytest
 from aiohttp import web
-from edgeway_process import GatewayProcess, StartGateway
+from edgeway_process import GatewayProcess, StartGateway, edgeway_only
 from mqtt_peers import TIMEOUT, PahoPeer, raw_connect_packet, unique
 
 
