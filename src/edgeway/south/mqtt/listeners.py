@@ -105,10 +105,10 @@ class RunningListener:
             return
         self._closed = True
         self._server.close()
-        if self._http is not None:
-            # Close idle HTTP keep-alive connections that never became MQTT
-            # connections; WebSocket handlers in progress carry on.
-            self._http.pre_shutdown()
+        # Not aiohttp's pre_shutdown() for WebSocket listeners: it marks every
+        # connection closing, and aiohttp then ignores data arriving on
+        # upgraded (MQTT) connections too. Idle plain-HTTP connections end
+        # with aiohttp's keep-alive timeout or the process.
         # Not wait_closed(): since Python 3.12 it also waits for every
         # established connection, which the broker closes later.
         await asyncio.sleep(0)
