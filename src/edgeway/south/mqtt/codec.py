@@ -739,7 +739,10 @@ class MqttReader:
         self._need = 0
         out: list[Packet] = []
         try:
-            pos = self._parse(data, out)
+            try:
+                pos = self._parse(data, out)
+            except IndexError:
+                raise _malformed("field runs past the end of the packet") from None
         except ProtocolError as exc:
             exc.packets = out
             self._error = exc
@@ -753,20 +756,29 @@ class MqttReader:
         return out
 
     def _parse(self, data: bytes, out: list[Packet]) -> int:
-        """Decode whole packets from ``data`` into ``out``; return where the remainder starts."""
+        """Decode whole packets from ``data`` into ``out``; return where the remainder starts.
+
+        Reads at indexes past ``end`` may raise IndexError only for a truncated field inside a
+        complete packet; ``feed`` turns that into a malformed-packet error. Bounds are checked
+        once per field group instead of once per byte to keep the PUBLISH path short.
+        """
         n = len(data)
         pos = 0
         max_size = self.max_packet_size
         level = self.protocol_level
         ok = _FIRST_BYTE_OK[level]
         append = out.append
-        while n - pos >= 2:
+        fast_v5 = level == MQTT_5
+        fast = level is not None  # before CONNECT the first-byte table refuses PUBLISH anyway
+        publish = Publish
+        properties = Properties
+        while pos + 1 < n:
             b0 = data[pos]
             if not ok[b0]:
                 raise _bad_first_byte(b0, level)
             length = data[pos + 1]
             body = pos + 2
-            if length & 0x80:
+            if length > 0x7F:
                 length &= 0x7F
                 shift = 7
                 while True:
@@ -775,7 +787,7 @@ class MqttReader:
                     byte = data[body]
                     body += 1
                     length |= (byte & 0x7F) << shift
-                    if not byte & 0x80:
+                    if byte < 0x80:
                         break
                     if shift == 21:
                         raise _malformed("remaining length longer than 4 bytes")
@@ -789,10 +801,10 @@ class MqttReader:
             if end > n:
                 self._need = end - pos
                 return pos
-            if b0 >> 4 == 3 and level is not None:
+            if b0 & 0xF0 == 0x30 and fast:
                 # PUBLISH fast path: the broker's hot path, inlined (no per-field calls).
-                if body + 2 > end:
-                    raise _malformed("PUBLISH truncated in topic length")
+                # A body shorter than 2 bytes makes p > end below (or IndexError at the end
+                # of the chunk), so one check covers both the length and the topic.
                 p = body + 2 + ((data[body] << 8) | data[body + 1])
                 if p > end:
                     raise _malformed("PUBLISH topic runs past the end of the packet")
@@ -802,26 +814,46 @@ class MqttReader:
                     raise _malformed("PUBLISH topic is not well-formed UTF-8") from None
                 if "\x00" in topic:
                     raise _malformed("PUBLISH topic contains U+0000")
-                qos = (b0 >> 1) & 3
-                packet_id = None
-                if qos:
-                    if p + 2 > end:
-                        raise _malformed("PUBLISH truncated in packet id")
+                if b0 & 0x06:
                     packet_id = (data[p] << 8) | data[p + 1]
                     p += 2
+                    if p > end:
+                        raise _malformed("PUBLISH truncated in packet id")
                     if packet_id == 0:
                         raise _protocol_error("PUBLISH packet id 0")
-                if level == MQTT_5:
-                    if p >= end:
-                        raise _malformed("PUBLISH truncated before properties")
-                    if data[p] == 0:
-                        props = Properties()
-                        p += 1
+                    if fast_v5:
+                        if p >= end:
+                            raise _malformed("PUBLISH truncated before properties")
+                        if data[p]:
+                            props, p = _read_properties(data, p, end, _PUB)
+                        else:
+                            props = properties()
+                            p += 1
                     else:
-                        props, p = _read_properties(data, p, end, _PUB)
+                        props = properties()
+                    append(
+                        publish(
+                            topic,
+                            data[p:end],
+                            (b0 >> 1) & 3,
+                            b0 & 1 == 1,
+                            b0 & 8 == 8,
+                            packet_id,
+                            props,
+                        )
+                    )
                 else:
-                    props = Properties()
-                append(Publish(topic, data[p:end], qos, b0 & 1 == 1, b0 & 8 == 8, packet_id, props))
+                    if fast_v5:
+                        if p >= end:
+                            raise _malformed("PUBLISH truncated before properties")
+                        if data[p]:
+                            props, p = _read_properties(data, p, end, _PUB)
+                        else:
+                            props = properties()
+                            p += 1
+                    else:
+                        props = properties()
+                    append(publish(topic, data[p:end], 0, b0 & 1 == 1, False, None, props))
             else:
                 decoder = _DECODERS[b0 >> 4]
                 assert decoder is not None  # type 0 was refused by the first-byte table
@@ -830,6 +862,8 @@ class MqttReader:
                     # The version is learnt from CONNECT; everything after it uses that level.
                     self.protocol_level = level = packet.protocol_level
                     ok = _FIRST_BYTE_OK[level]
+                    fast_v5 = level == MQTT_5
+                    fast = True
                 append(packet)
             pos = end
         return pos
