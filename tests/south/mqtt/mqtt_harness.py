@@ -156,9 +156,9 @@ class RawClient:
         self.next_pid += 1
         return p
 
-    async def recv(self, timeout: float = WAIT) -> Packet:
+    async def recv(self, wait: float = WAIT) -> Packet:
         """The next packet; raises TimeoutError, or EOFError when the broker closed."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait):
             while not self.inbox:
                 data = await self.r.read(65536)
                 if not data:
@@ -166,24 +166,24 @@ class RawClient:
                 self.inbox.extend(self.decoder.feed(data))
         return self.inbox.pop(0)
 
-    async def expect(self, kind: type[P], timeout: float = WAIT) -> P:
-        p = await self.recv(timeout)
+    async def expect(self, kind: type[P], wait: float = WAIT) -> P:
+        p = await self.recv(wait)
         assert isinstance(p, kind), f"expected {kind.__name__}, got {p!r}"
         return p
 
-    async def nothing(self, timeout: float = 0.3) -> None:
-        """Assert that no packet arrives within ``timeout``."""
+    async def nothing(self, wait: float = 0.3) -> None:
+        """Assert that no packet arrives within ``wait`` seconds."""
         with contextlib.suppress(TimeoutError):
-            p = await self.recv(timeout)
+            p = await self.recv(wait)
             raise AssertionError(f"unexpected packet {p!r}")
 
-    async def closed(self, timeout: float = WAIT) -> list[Packet]:
+    async def closed(self, wait: float = WAIT) -> list[Packet]:
         """Read until the broker closes the connection; return what came before."""
         got: list[Packet] = []
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait):
             while True:
                 try:
-                    got.append(await self.recv(timeout))
+                    got.append(await self.recv(wait))
                 except EOFError:
                     return got
 
@@ -215,16 +215,16 @@ class RawClient:
             return await self.expect(PubComp)
         return None
 
-    async def receive_publish(self, timeout: float = WAIT, ack: bool = True) -> Publish:
+    async def receive_publish(self, wait: float = WAIT, ack: bool = True) -> Publish:
         """The next PUBLISH, acknowledged (QoS 1 PUBACK; QoS 2 PUBREC/PUBREL/PUBCOMP)."""
-        p = await self.expect(Publish, timeout)
+        p = await self.expect(Publish, wait)
         if ack and p.qos == 1:
             assert p.packet_id is not None
             self.send(PubAck(p.packet_id))
         elif ack and p.qos == 2:
             assert p.packet_id is not None
             self.send(PubRec(p.packet_id))
-            rel = await self.expect(PubRel, timeout)
+            rel = await self.expect(PubRel, wait)
             self.send(PubComp(rel.packet_id))
         return p
 
