@@ -143,7 +143,12 @@ def _signed(value: int, bits: int) -> int:
 
 @dataclass(slots=True)
 class SparkplugMetric:
-    """One decoded ``Payload.Metric`` (only the fields this codec uses)."""
+    """One ``Payload.Metric`` (only the fields this codec uses).
+
+    ``datatype`` 0 means "not sent" (data messages should leave it out; the
+    birth said it). ``value`` is what the encoder writes; the decoder keeps the
+    undecoded value field in ``raw`` until the datatype is known.
+    """
 
     name: str | None = None
     alias: int | None = None
@@ -151,6 +156,14 @@ class SparkplugMetric:
     datatype: int = 0
     is_null: bool = False
     value: MetricValue | None = None
+    raw: tuple[int, int, Any] | None = None
+    """``(field number, wire type, value)`` of the value oneof, as read."""
+
+    def decoded_value(self, datatype: int) -> MetricValue | None:
+        """The value read as ``datatype``; None for null and non-scalar values."""
+        if self.is_null or self.raw is None:
+            return None
+        return _metric_value(*self.raw, datatype)
 
 
 @dataclass(slots=True)
@@ -176,7 +189,6 @@ def _text(raw: bytes, what: str) -> str:
 
 def _decode_metric(buf: bytes) -> SparkplugMetric:
     m = SparkplugMetric()
-    raw: dict[int, tuple[int, Any]] = {}
     for number, wire, value in read_fields(buf):
         if number == 1:
             _wire(wire, 2, "name")
@@ -194,10 +206,9 @@ def _decode_metric(buf: bytes) -> SparkplugMetric:
             _wire(wire, 0, "is_null")
             m.is_null = bool(value)
         elif 10 <= number <= 19:
-            raw = {number: (wire, value)}  # a oneof: the last one wins
-    if raw and not m.is_null:
-        ((number, (wire, value)),) = raw.items()
-        m.value = _metric_value(number, wire, value, m.datatype)
+            m.raw = (number, wire, value)  # a oneof: the last one wins
+    if m.raw is not None:
+        m.decoded_value(INT64)  # check the wire type now, whatever the datatype turns out to be
     return m
 
 
@@ -262,6 +273,15 @@ class SparkplugOptions(CodecOptions):
     """Metric set true by births and false by deaths; ``null`` to leave it out."""
 
 
+@dataclass(slots=True)
+class _NodeState:
+    """What the births of one edge node (and its devices) taught."""
+
+    aliases: dict[int, str] = field(default_factory=dict)
+    datatypes: dict[str, int] = field(default_factory=dict)
+    """``name`` (node metrics) or ``device/name`` -> datatype: data messages omit it."""
+
+
 _MESSAGE_TYPES = frozenset(
     {"NBIRTH", "DBIRTH", "NDATA", "DDATA", "NDEATH", "DDEATH", "NCMD", "DCMD"}
 )
@@ -307,11 +327,12 @@ class SparkplugCodec(Codec):
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
-        self._aliases: dict[tuple[str, str], dict[int, str]] = {}
+        self._nodes: dict[tuple[str, str], _NodeState] = {}
 
     def aliases(self, group: str, node: str) -> Mapping[int, str]:
         """The alias table learned for one edge node (for diagnostics and tests)."""
-        return self._aliases.get((group, node), {})
+        state = self._nodes.get((group, node))
+        return state.aliases if state is not None else {}
 
     def decode(
         self, payload: bytes, *, device_id: str | None, origin: Origin, now: float
@@ -330,41 +351,50 @@ class SparkplugCodec(Codec):
             )
 
         if kind == "NBIRTH":
-            self._aliases.pop(key, None)  # a new session: aliases may have changed
-        table = self._aliases.get(key)
+            self._nodes.pop(key, None)  # a new session: aliases may have changed
+        state = self._nodes.get(key)
         if kind.endswith("BIRTH"):
-            if table is None:
-                if len(self._aliases) >= MAX_NODES:
-                    self._aliases.pop(next(iter(self._aliases)))
-                table = self._aliases[key] = {}
+            if state is None:
+                if len(self._nodes) >= MAX_NODES:
+                    self._nodes.pop(next(iter(self._nodes)))
+                state = self._nodes[key] = _NodeState()
+            prefix = "" if topic.device is None else topic.device + "/"
             for m in msg.metrics:
-                if m.alias is not None and m.name is not None:
-                    if len(table) >= MAX_ALIASES_PER_NODE and m.alias not in table:
-                        raise DecodeError("too_many_aliases", f"more than {MAX_ALIASES_PER_NODE}")
-                    table[m.alias] = m.name
+                if m.name is None:
+                    continue
+                if len(state.datatypes) >= MAX_ALIASES_PER_NODE and m.alias not in state.aliases:
+                    raise DecodeError("too_many_aliases", f"more than {MAX_ALIASES_PER_NODE}")
+                if m.alias is not None:
+                    state.aliases[m.alias] = m.name
+                state.datatypes[prefix + m.name] = m.datatype
 
         default_ts = msg.timestamp
         groups: dict[float, dict[str, MetricValue]] = {}
+        prefix = "" if topic.device is None else topic.device + "/"
         for m in msg.metrics:
             name = m.name
             if name is None:
                 if m.alias is None:
                     raise DecodeError("protobuf_error", "a metric with neither name nor alias")
-                name = table.get(m.alias) if table is not None else None
+                name = state.aliases.get(m.alias) if state is not None else None
                 if name is None:
                     raise DecodeError("unknown_alias", f"alias {m.alias} of {topic.node}")
             if name in _CONTROL_NAMES or name.startswith(_CONTROL_PREFIXES):
                 continue
-            if m.is_null or m.value is None:
+            datatype = m.datatype
+            if not datatype and state is not None:
+                datatype = state.datatypes.get(prefix + name, 0)
+            value = m.decoded_value(datatype)
+            if value is None:
                 continue
             raw_ts = m.timestamp if m.timestamp is not None else default_ts
             ts = parse_timestamp(raw_ts, "ms") if raw_ts is not None else now
-            groups.setdefault(ts, {})[name] = metric_value(m.value, name)
+            groups.setdefault(ts, {})[name] = metric_value(value, name)
 
         if kind.endswith("DEATH"):
             groups = {}  # a death carries only bdSeq
             if kind == "NDEATH":
-                self._aliases.pop(key, None)
+                self._nodes.pop(key, None)
         if opts.state_metric is not None and (kind.endswith("BIRTH") or kind.endswith("DEATH")):
             ts = parse_timestamp(default_ts, "ms") if default_ts is not None else now
             groups.setdefault(ts, {})[opts.state_metric] = kind.endswith("BIRTH")
@@ -374,3 +404,73 @@ class SparkplugCodec(Codec):
                 for ts, metrics in groups.items()
             ]
         )
+
+
+# --------------------------------------------------------------------------
+# encoding, for simulators and tests (the gateway itself only decodes)
+
+
+def _enc_varint(value: int) -> bytes:
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _enc_key(number: int, wire: int) -> bytes:
+    return _enc_varint(number << 3 | wire)
+
+
+def _enc_bytes(number: int, data: bytes) -> bytes:
+    return _enc_key(number, 2) + _enc_varint(len(data)) + data
+
+
+def encode_metric(m: SparkplugMetric) -> bytes:
+    """Encode one metric; the value field follows ``datatype`` (Sparkplug 3.0 §6.4.16)."""
+    out = bytearray()
+    if m.name is not None:
+        out += _enc_bytes(1, m.name.encode("utf-8"))
+    if m.alias is not None:
+        out += _enc_key(2, 0) + _enc_varint(m.alias)
+    if m.timestamp is not None:
+        out += _enc_key(3, 0) + _enc_varint(m.timestamp)
+    out += _enc_key(4, 0) + _enc_varint(m.datatype)
+    if m.is_null or m.value is None:
+        out += _enc_key(7, 0) + _enc_varint(1)
+        return bytes(out)
+    v, dt = m.value, m.datatype
+    if dt in (INT8, INT16, INT32, UINT8, UINT16, UINT32):
+        out += _enc_key(10, 0) + _enc_varint(int(v) & 0xFFFFFFFF)
+    elif dt in (INT64, UINT64, DATETIME):
+        out += _enc_key(11, 0) + _enc_varint(int(v))
+    elif dt == FLOAT:
+        out += _enc_key(12, 5) + struct.pack("<f", float(v))
+    elif dt == DOUBLE:
+        out += _enc_key(13, 1) + struct.pack("<d", float(v))
+    elif dt == BOOLEAN:
+        out += _enc_key(14, 0) + _enc_varint(1 if v else 0)
+    elif dt in (STRING, TEXT, UUID):
+        out += _enc_bytes(15, str(v).encode("utf-8"))
+    else:
+        raise ValueError(f"cannot encode datatype {dt}")
+    return bytes(out)
+
+
+def encode_payload(
+    metrics: list[SparkplugMetric], *, timestamp: int | None = None, seq: int | None = None
+) -> bytes:
+    """Encode a Sparkplug B ``Payload`` (timestamp in ms since the epoch)."""
+    out = bytearray()
+    if timestamp is not None:
+        out += _enc_key(1, 0) + _enc_varint(timestamp)
+    for m in metrics:
+        out += _enc_bytes(2, encode_metric(m))
+    if seq is not None:
+        out += _enc_key(3, 0) + _enc_varint(seq)
+    return bytes(out)
