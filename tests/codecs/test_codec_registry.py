@@ -30,7 +30,7 @@ def test_builtin_codecs_are_registered() -> None:
 
 
 def test_unknown_codec_names_the_known_ones() -> None:
-    with pytest.raises(KeyError, match="unknown codec 'xml'.*json"):
+    with pytest.raises(KeyError, match=r"unknown codec 'xml'.*json"):
         get_codec("xml")
 
 
