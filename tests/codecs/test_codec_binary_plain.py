@@ -73,7 +73,7 @@ def test_binary_rejections() -> None:
 
 
 def test_binary_option_errors() -> None:
-    with pytest.raises(ValueError, match=r"format .>q?z.: bad char"):
+    with pytest.raises(ValueError, match=r"format .>q\?z.: bad char"):
         get_codec("binary", {"format": ">q?z", "fields": [{"name": "a"}]})
     with pytest.raises(ValueError, match="not one of the fields"):
         get_codec("binary", {"format": ">h", "fields": [{"name": "a"}], "device_id_field": "b"})
