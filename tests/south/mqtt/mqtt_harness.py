@@ -241,3 +241,10 @@ class RawClient:
         self.w.close()
         with contextlib.suppress(Exception):
             await self.w.wait_closed()
+
+
+async def wait_until(predicate: Any, wait: float = WAIT, step: float = 0.02) -> None:
+    """Poll broker state that has no event of its own (bounded by ``wait``)."""
+    async with asyncio.timeout(wait):
+        while not predicate():  # noqa: ASYNC110 - no event exists for this state
+            await asyncio.sleep(step)

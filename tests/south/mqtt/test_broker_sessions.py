@@ -6,7 +6,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from mqtt_harness import RawClient, running_broker
+from mqtt_harness import RawClient, running_broker, wait_until
 
 from edgeway.config import MqttLimits, MqttSection
 from edgeway.south.mqtt.packets import (
@@ -82,9 +82,7 @@ async def test_session_expiry(tmp_path: Path) -> None:
         await sub.subscribe("t", qos=1)
         await sub.disconnect()
         assert "s" in rb.broker.sessions
-        async with asyncio.timeout(5):
-            while "s" in rb.broker.sessions:
-                await asyncio.sleep(0.1)
+        await wait_until(lambda: "s" not in rb.broker.sessions)
         sub, ack = await RawClient.connect(rb.port, "s", clean=False)
         assert ack.session_present is False
 
@@ -101,7 +99,7 @@ async def test_session_takeover(tmp_path: Path) -> None:
         p = await new.receive_publish()
         assert p.payload == b"still here"
         old311, _ = await RawClient.connect(rb.port, "same3", level=4)
-        new311, _ = await RawClient.connect(rb.port, "same3", level=4)
+        _new311, _ = await RawClient.connect(rb.port, "same3", level=4)
         assert await old311.closed() == []
         assert rb.broker.stats()["clients_connected"] == 2
 
@@ -162,14 +160,14 @@ async def test_keepalive_timeout_closes_and_sends_will(tmp_path: Path) -> None:
 async def test_server_keep_alive_and_assigned_client_id(tmp_path: Path) -> None:
     cfg = MqttSection(limits=MqttLimits(max_keepalive=30))
     async with running_broker(tmp_path, config=cfg) as rb:
-        c, ack = await RawClient.connect(rb.port, "", keepalive=600)
+        _c, ack = await RawClient.connect(rb.port, "", keepalive=600)
         assert ack.properties.server_keep_alive == 30
         assert ack.properties.assigned_client_identifier
         assert ack.properties.assigned_client_identifier.startswith("edgeway-")
         # 3.1.1: an empty id with clean session 0 is refused (return code 2).
         _, ack = await RawClient.connect(rb.port, "", level=4, clean=False, expect_ok=False)
         assert ack.reason_code == 2
-        c4, ack = await RawClient.connect(rb.port, "", level=4, clean=True)
+        _c4, ack = await RawClient.connect(rb.port, "", level=4, clean=True)
         assert ack.reason_code == 0
 
 
@@ -188,15 +186,13 @@ async def test_max_connections(tmp_path: Path) -> None:
     cfg = MqttSection(limits=MqttLimits(max_connections=2))
     async with running_broker(tmp_path, config=cfg) as rb:
         a, _ = await RawClient.connect(rb.port, "a")
-        b, _ = await RawClient.connect(rb.port, "b", level=4)
+        _b, _ = await RawClient.connect(rb.port, "b", level=4)
         _, ack = await RawClient.connect(rb.port, "c", expect_ok=False)
         assert ack.reason_code == 0x97
         _, ack = await RawClient.connect(rb.port, "d", level=4, expect_ok=False)
         assert ack.reason_code == 3
         await a.disconnect()
-        async with asyncio.timeout(5):
-            while rb.broker.connected_count() > 1:
-                await asyncio.sleep(0.02)
+        await wait_until(lambda: rb.broker.connected_count() == 1)
         await RawClient.connect(rb.port, "c")
 
 
