@@ -1,0 +1,135 @@
+"""Telemetry enters the gateway: readings to ingest, acknowledgement only once safe."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from mqtt_harness import HandIngest, RawClient, running_broker, wait_until
+
+from edgeway.ingest import IngestStatus, MemoryIngest
+from edgeway.south.mqtt.packets import Properties, PubAck, PubComp, Publish, PubRec, PubRel
+
+TOPIC = "devices/dev1/telemetry"
+
+
+async def test_telemetry_into_memory_ingest(tmp_path: Path) -> None:
+    ingest = MemoryIngest()
+    async with running_broker(tmp_path, ingest=ingest) as rb:
+        c, _ = await RawClient.connect(rb.port, "dev1")
+        watcher, _ = await RawClient.connect(rb.port, "w")
+        await watcher.subscribe("devices/+/telemetry")
+        ack = await c.publish(
+            TOPIC,
+            b'{"temp": 21.5, "ts": 1732550400, "msg_id": "m1"}',
+            qos=1,
+            properties=Properties(correlation_data=b"corr-9"),
+        )
+        assert ack.reason_code == 0
+        await c.publish(TOPIC, b'[{"a": 1}, {"a": 2}]', qos=0)
+        await c.publish("other/topic", b'{"x": 1}', qos=1)
+        assert (await watcher.receive_publish()).payload.startswith(b'{"temp"')
+        await wait_until(lambda: len(ingest.readings) == 3)
+        r = ingest.readings[0]
+        assert (r.device_id, r.ts, r.metrics) == ("dev1", 1732550400.0, {"temp": 21.5})
+        assert r.origin.message_id == "corr-9"  # v5 correlation data wins over msg_id
+        assert r.origin.client_id == "dev1" and r.origin.address == TOPIC
+        assert [x.metrics["a"] for x in ingest.readings[1:]] == [1, 2]
+        assert rb.broker.stats()["readings_in"] == 3
+
+
+@pytest.mark.parametrize("level", [4, 5])
+async def test_puback_only_after_ingest_resolves_and_in_order(tmp_path: Path, level: int) -> None:
+    ingest = HandIngest()
+    async with running_broker(tmp_path, ingest=ingest) as rb:
+        watcher, _ = await RawClient.connect(rb.port, "w")
+        await watcher.subscribe("#", qos=1)
+        c, _ = await RawClient.connect(rb.port, "dev1", level=level)
+        c.send(Publish(TOPIC, b'{"v": 1}', 1, False, False, 1))
+        c.send(Publish("plain/topic", b"p", 1, False, False, 2))  # behind the telemetry one
+        c.send(Publish(TOPIC, b'{"v": 2}', 2, False, False, 3))
+        await wait_until(lambda: len(ingest.submitted) == 2)
+        await c.nothing(0.2)  # nothing acknowledged yet
+        await watcher.nothing(0.05)  # nor routed
+        ingest.resolve(1)  # the later one first: still nothing (order of MQTT 4.6)
+        await c.nothing(0.2)
+        ingest.resolve(0)
+        a1 = await c.expect(PubAck)
+        a2 = await c.expect(PubAck)
+        r3 = await c.expect(PubRec)
+        assert (a1.packet_id, a2.packet_id, r3.packet_id) == (1, 2, 3)
+        c.send(PubRel(3))
+        assert (await c.expect(PubComp)).packet_id == 3
+        got = [(await watcher.receive_publish()).payload for _ in range(3)]
+        assert got == [b'{"v": 1}', b"p", b'{"v": 2}']
+
+
+async def test_bad_payload_0x99_counted_and_still_routed(tmp_path: Path) -> None:
+    ingest = MemoryIngest()
+    async with running_broker(tmp_path, ingest=ingest) as rb:
+        watcher, _ = await RawClient.connect(rb.port, "w")
+        await watcher.subscribe(TOPIC)
+        c, _ = await RawClient.connect(rb.port, "dev1")
+        ack = await c.publish(TOPIC, b"not json", qos=1)
+        assert ack.reason_code == 0x99
+        assert (await watcher.receive_publish()).payload == b"not json"
+        c4, _ = await RawClient.connect(rb.port, "dev1b", level=4)
+        ack = await c4.publish(TOPIC, b"[1,2]", qos=1)
+        assert ack.reason_code == 0
+        assert (await watcher.receive_publish()).payload == b"[1,2]"
+        s = rb.broker.stats()
+        assert s["decode_errors"] == 2
+        assert s["decode_errors_invalid_json"] == 1 and s["decode_errors_not_an_object"] == 1
+        assert ingest.readings == []
+
+
+async def test_rejected_full_v5_quota_exceeded_not_routed(tmp_path: Path) -> None:
+    ingest = HandIngest()
+    async with running_broker(tmp_path, ingest=ingest) as rb:
+        watcher, _ = await RawClient.connect(rb.port, "w")
+        await watcher.subscribe(TOPIC)
+        c, _ = await RawClient.connect(rb.port, "dev1")
+        c.send(Publish(TOPIC, b'{"v": 1}', 1, False, False, 1))
+        c.send(Publish(TOPIC, b'{"v": 2}', 2, False, False, 2))
+        await wait_until(lambda: len(ingest.submitted) == 2)
+        ingest.resolve(0, IngestStatus.REJECTED_FULL)
+        ingest.resolve(1, IngestStatus.REJECTED_FULL)
+        assert (await c.expect(PubAck)).reason_code == 0x97
+        assert (await c.expect(PubRec)).reason_code == 0x97
+        await watcher.nothing(0.2)
+        assert rb.broker.stats()["dropped_ingest_full"] == 2
+
+
+async def test_rejected_full_v311_closes_without_ack_and_pauses_reading(tmp_path: Path) -> None:
+    ingest = HandIngest()
+    async with running_broker(tmp_path, ingest=ingest) as rb:
+        c, _ = await RawClient.connect(rb.port, "dev1", level=4)
+        c.send(Publish(TOPIC, b'{"v": 1}', 1, False, False, 1))
+        await wait_until(lambda: len(ingest.submitted) == 1)
+        ingest.resolve(0, IngestStatus.REJECTED_FULL)
+        assert await c.closed() == []  # no PUBACK: the client will send it again
+
+        # While ingest is saturated a 3.1.1 client's socket is not read.
+        ingest.saturated = True
+        c, _ = await RawClient.connect(rb.port, "dev2", level=4)
+        c.send(Publish(TOPIC, b'{"v": 2}', 0, False, False, None))
+        await wait_until(lambda: len(ingest.submitted) == 2)
+        ingest.resolve(1)
+        c.send(Publish(TOPIC, b'{"v": 3}', 1, False, False, 5))
+        await asyncio.sleep(0.3)
+        assert len(ingest.submitted) == 2  # not read while saturated
+        ingest.saturated = False
+        await wait_until(lambda: len(ingest.submitted) == 3)
+        ingest.resolve(2)
+        assert (await c.expect(PubAck)).packet_id == 5
+
+
+async def test_rejected_invalid_is_0x99_in_v5(tmp_path: Path) -> None:
+    ingest = HandIngest()
+    async with running_broker(tmp_path, ingest=ingest) as rb:
+        c, _ = await RawClient.connect(rb.port, "dev1")
+        c.send(Publish(TOPIC, b'{"v": 1}', 1, False, False, 1))
+        await wait_until(lambda: len(ingest.submitted) == 1)
+        ingest.resolve(0, IngestStatus.REJECTED_INVALID)
+        assert (await c.expect(PubAck)).reason_code == 0x99
