@@ -610,3 +610,181 @@ def test_on_uvloop(
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(run())
+
+
+# --------------------------------------------------------------------------
+# With the real broker, config auth and paho-mqtt as the client
+
+
+def paho_session(
+    port: int,
+    *,
+    transport: str = "websockets",
+    username: str | None = None,
+    password: str | None = None,
+    tls: CertFiles | None = None,
+    client_cert: bool = True,
+    subscribe: str | None = None,
+    publish: tuple[str, bytes] | None = None,
+) -> dict[str, Any]:
+    """Connect with paho (blocking, run in a thread), optionally subscribe and
+    publish, wait for the outcome, disconnect. Returns what happened."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    out: dict[str, Any] = {"messages": []}
+    connected, subscribed, received = threading.Event(), threading.Event(), threading.Event()
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id="paho-ws-1",
+        transport=transport,  # type: ignore[arg-type]
+        protocol=mqtt.MQTTv311,
+    )
+    if transport == "websockets":
+        client.ws_set_options(path="/mqtt")
+    if username is not None:
+        client.username_pw_set(username, password)
+    if tls is not None:
+        if client_cert:
+            client.tls_set(
+                ca_certs=str(tls.ca_cert),
+                certfile=str(tls.client_cert),
+                keyfile=str(tls.client_key),
+            )
+        else:
+            client.tls_set(ca_certs=str(tls.ca_cert))
+
+    def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        out["connack"] = rc.value
+        connected.set()
+
+    def on_subscribe(c: Any, userdata: Any, mid: int, rcs: list[Any], props: Any) -> None:
+        out["suback"] = [r.value for r in rcs]
+        subscribed.set()
+
+    def on_message(c: Any, userdata: Any, msg: Any) -> None:
+        out["messages"].append((msg.topic, msg.payload))
+        received.set()
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    client.connect("localhost" if tls else "127.0.0.1", port, keepalive=30)
+    client.loop_start()
+    try:
+        assert connected.wait(WAIT), "no CONNACK"
+        if out["connack"] != 0:
+            return out
+        if subscribe is not None:
+            client.subscribe(subscribe, qos=1)
+            assert subscribed.wait(WAIT), "no SUBACK"
+        if publish is not None:
+            client.publish(publish[0], publish[1], qos=1).wait_for_publish(WAIT)
+            if subscribe is not None and out["suback"][0] < 0x80:
+                received.wait(WAIT)
+        client.disconnect()
+    finally:
+        client.loop_stop()
+    return out
+
+
+@contextlib.asynccontextmanager
+async def broker_on(
+    tmp_path: Path, listener: ListenerConfig, mqtt_yaml: str
+) -> AsyncIterator[RunningListener]:
+    broker_mod = pytest.importorskip("edgeway.south.mqtt.broker")
+    from edgeway.config import parse_config
+    from edgeway.devices.config_auth import ConfigAuthenticator, ConfigAuthoriser
+    from edgeway.ingest import MemoryIngest
+
+    mqtt = parse_config(mqtt_yaml).mqtt
+    authn = ConfigAuthenticator(mqtt)
+    broker = broker_mod.Broker(
+        mqtt,
+        ingest=MemoryIngest(),
+        authenticator=authn,
+        authoriser=ConfigAuthoriser(mqtt),
+        data_dir=tmp_path,
+        gateway_id="test-gw",
+    )
+    await broker.start()
+    try:
+        (lst,) = await start_listeners([listener], broker.protocol_factory)
+        try:
+            yield lst
+        finally:
+            await lst.close()
+    finally:
+        await broker.stop()
+        authn.close()
+
+
+def _users_yaml(**users: str) -> str:
+    import argon2
+
+    cheap = argon2.PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
+    lines = ["mqtt:", "  users:"]
+    for name, pw in users.items():
+        lines.append(f'    - {{username: {name}, password_hash: "{cheap.hash(pw)}"}}')
+    return "\n".join(lines) + "\n"
+
+
+async def test_broker_over_websocket_with_password_and_acl(tmp_path: Path) -> None:
+    yaml_text = _users_yaml(alice="wonderland") + (
+        "  acl:\n"
+        '    - {username: "*", topic: "devices/{username}/#"}\n'
+        '    - {topic: "public/#", access: subscribe}\n'
+    )
+    async with broker_on(tmp_path, ws_listener(), yaml_text) as lst:
+        port = lst.bound[1]
+        ok = await asyncio.to_thread(
+            paho_session,
+            port,
+            username="alice",
+            password="wonderland",
+            subscribe="devices/alice/#",
+            publish=("devices/alice/telemetry", b'{"t": 21.5}'),
+        )
+        assert ok["connack"] == 0
+        assert ok["suback"] == [1]
+        assert ok["messages"] == [("devices/alice/telemetry", b'{"t": 21.5}')]
+
+        denied = await asyncio.to_thread(
+            paho_session, port, username="alice", password="wonderland", subscribe="devices/#"
+        )
+        assert denied["suback"] == [0x80]
+
+        bad = await asyncio.to_thread(paho_session, port, username="alice", password="nope")
+        assert bad["connack"] == 0x86  # paho's name for 3.1.1 return code 4
+
+        anon = await asyncio.to_thread(paho_session, port)
+        assert anon["connack"] == 0x87  # 3.1.1 return code 5: not authorised
+
+
+async def test_broker_over_tls_authenticates_by_certificate(
+    tmp_path: Path, tls_certs: CertFiles
+) -> None:
+    yaml_text = (
+        "mqtt:\n  acl:\n"
+        f'    - {{username: "{tls_certs.client_cn}", topic: "devices/{{username}}/#"}}\n'
+    )
+    cfg = tls_listener(tls_certs, require_client_cert=True)
+    async with broker_on(tmp_path, cfg, yaml_text) as lst:
+        port = lst.bound[1]
+        ok = await asyncio.to_thread(
+            paho_session,
+            port,
+            transport="tcp",
+            tls=tls_certs,
+            subscribe=f"devices/{tls_certs.client_cn}/+",
+            publish=(f"devices/{tls_certs.client_cn}/x", b"hi"),
+        )
+        assert ok["connack"] == 0
+        assert ok["suback"] == [1]
+        assert ok["messages"] == [(f"devices/{tls_certs.client_cn}/x", b"hi")]
+        other = await asyncio.to_thread(
+            paho_session, port, transport="tcp", tls=tls_certs, subscribe="devices/someone/+"
+        )
+        assert other["suback"] == [0x80]
