@@ -788,3 +788,53 @@ async def test_broker_over_tls_authenticates_by_certificate(
             paho_session, port, transport="tcp", tls=tls_certs, subscribe="devices/someone/+"
         )
         assert other["suback"] == [0x80]
+
+
+async def test_broker_stop_closes_websocket_clients(tmp_path: Path) -> None:
+    """A CONNECT split over two frames gets its CONNACK; stopping the broker
+    sends a v5 client DISCONNECT 0x8B over the WebSocket, then closes it."""
+    broker_mod = pytest.importorskip("edgeway.south.mqtt.broker")
+    from edgeway.config import MqttSection
+    from edgeway.devices.auth import AllowAll
+    from edgeway.ingest import MemoryIngest
+    from edgeway.south.mqtt.codec import encode
+    from edgeway.south.mqtt.packets import Connect
+
+    allow = AllowAll()
+    broker = broker_mod.Broker(
+        MqttSection(),
+        ingest=MemoryIngest(),
+        authenticator=allow,
+        authoriser=allow,
+        data_dir=tmp_path,
+        gateway_id="test-gw",
+    )
+    await broker.start()
+    stopped = False
+    try:
+        (lst,) = await start_listeners([ws_listener(allow_anonymous=True)], broker.protocol_factory)
+        try:
+            url = f"ws://127.0.0.1:{lst.bound[1]}/mqtt"
+            async with ws_connect(url, subprotocols=["mqtt"]) as ws:
+                connect = encode(Connect(5, "ws-client"), 5)
+                await ws.send(connect[:5])
+                await ws.send(connect[5:])
+                connack = await asyncio.wait_for(ws.recv(), WAIT)
+                assert isinstance(connack, bytes) and connack[0] == 0x20 and connack[3] == 0
+                start = asyncio.get_running_loop().time()
+                await lst.close()
+                await broker.stop()
+                stopped = True
+                rest = b""
+                with pytest.raises(websockets.ConnectionClosed):
+                    while True:
+                        chunk = await asyncio.wait_for(ws.recv(), WAIT)
+                        assert isinstance(chunk, bytes)
+                        rest += chunk
+                assert rest[:1] == b"\xe0" and rest[2] == 0x8B  # DISCONNECT, server shutting down
+                assert asyncio.get_running_loop().time() - start < 3.0
+        finally:
+            await lst.close()
+    finally:
+        if not stopped:
+            await broker.stop()
