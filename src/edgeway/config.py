@@ -307,7 +307,7 @@ class ModbusPoint(_Model):
     offset: float = 0.0
     """value = raw * scale + offset (numbers only)."""
     unit: str | None = None
-    """Stored as the tag ``unit.<metric>`` on each reading."""
+    """Stored as the tag ``unit:<metric>`` on each reading."""
     writable: bool = False
     """Allow :meth:`ModbusAdapter.write` (holding registers and coils only)."""
 

@@ -294,7 +294,7 @@ async def test_tcp_polls_decodes_batches_and_writes() -> None:
             await ingest.wait_readings(4)
             check_reading_metrics(ingest.readings[:4])
             holding = next(r for r in ingest.readings if "temperature" in r.metrics)
-            assert holding.tags == {"unit.temperature": "Cel"}
+            assert holding.tags == {"unit:temperature": "Cel"}
             assert holding.origin.adapter == "modbus"
             assert adapter.state.connected
             # Holding group: 0..8 and 10..12 and 20 -> 3 requests; one each for the others.

@@ -24,7 +24,7 @@ Example::
 Each group is polled at its interval; points of a group at adjacent addresses
 are read in one request (see :func:`plan_reads`), and one poll of a group
 becomes one :class:`~edgeway.reading.Reading` for the device. Units go into
-the reading's tags as ``unit.<metric>``. Commands write with
+the reading's tags as ``unit:<metric>``. Commands write with
 :meth:`ModbusAdapter.write`.
 
 Register decoding and request planning are sans-IO functions
@@ -336,7 +336,7 @@ class ModbusAdapter(SouthAdapter):
                     self.decode_errors.record(self.state, self.config.device_id, e.reason, e.detail)
                     continue
                 if p.unit:
-                    tags[f"unit.{p.metric}"] = p.unit
+                    tags[f"unit:{p.metric}"] = p.unit
         self.polls += 1
         if not metrics:
             return None

@@ -1,0 +1,343 @@
+"""CoAP listener (aiocoap): telemetry uploads and observable command resources.
+
+Example::
+
+    coap:
+      listen: "127.0.0.1:5683"     # UDP; port 0 picks a free port
+      max_body_size: 64KiB         # after Block1 reassembly; larger: 4.13
+      default_format: json         # codec for requests without Content-Format
+      codec_options:
+        json: {timestamp: {field: ts, unit: ms}}
+      retry_after: 5s              # Max-Age of a 5.03 when the outbox is full
+
+Resources:
+
+- ``POST``/``PUT /devices/{device_id}/telemetry``: the body is decoded by the
+  codec for its Content-Format (50 JSON, 60 CBOR, 110 SenML+JSON, 112
+  SenML+CBOR). The response is sent only after the ingest future resolves:
+  2.04 Changed when the readings are safe, 5.03 Service Unavailable with
+  Max-Age when the outbox refuses them, 4.00 with a diagnostic payload for a
+  payload that does not decode or is rejected by validation, 4.13 (with Size1)
+  for a body over ``max_body_size``, 4.15 for an unsupported Content-Format.
+- ``GET /devices/{device_id}/commands`` (with Observe): the latest command
+  pushed for that device with :meth:`CoapAdapter.push_command`; observers are
+  notified on every push.
+
+On acknowledgement: aiocoap piggybacks the response on the ACK of a
+confirmable request when it is ready within its empty-ACK delay, and otherwise
+sends an empty ACK first and the response later as a separate confirmable
+message. Either way a **2.04 response code** is what tells the device its
+reading is on disk (guarantee 1 of DESIGN.md); an empty ACK only says the
+request arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from edgeway.codecs.base import (
+    Codec,
+    DecodeError,
+    check_device_id,
+    codec_for_coap_format,
+    get_codec,
+)
+from edgeway.config import CoapSection, parse_host_port
+from edgeway.ingest import Ingest, IngestStatus
+from edgeway.reading import Origin
+from edgeway.south.base import SouthAdapter, register_adapter
+from edgeway.south.decode_errors import DecodeErrorCounter
+
+log = logging.getLogger(__name__)
+
+MAX_STORED_COMMANDS = 10_000
+"""Devices whose latest command is kept for GET/Observe. One entry per device
+the gateway has sent a command to; beyond it the least recently pushed is
+forgotten, so a stream of commands to made-up ids cannot grow memory."""
+
+TEXT_PLAIN = 0
+"""CoAP Content-Format of a diagnostic payload (text/plain; charset=utf-8)."""
+
+
+@register_adapter
+class CoapAdapter(SouthAdapter):
+    """The CoAP server; see the module docstring."""
+
+    section = "coap"
+    config: CoapSection
+
+    def __init__(
+        self,
+        config: CoapSection,
+        *,
+        ingest: Ingest,
+        gateway_id: str = "",
+        data_dir: Path = Path(),
+    ) -> None:
+        super().__init__(config, ingest=ingest, gateway_id=gateway_id, data_dir=data_dir)
+        self.decode_errors = DecodeErrorCounter()
+        self._codecs: dict[str, Codec] = {}
+        try:
+            self._codec_by_name(config.default_format)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"coap.default_format: {e}") from None
+        self._commands: OrderedDict[str, bytes] = OrderedDict()
+        self._command_formats: dict[str, int | None] = {}
+        self._observers: dict[str, set[Any]] = {}
+        self._context: Any = None
+        self.port: int | None = None
+        """The UDP port actually bound (useful with port 0)."""
+        self.responses: dict[str, int] = {}
+        """Responses sent to telemetry requests, by code (``"2.04"``, ``"4.00"``, ...)."""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Serve until cancelled. A port in use raises at once (one line)."""
+        import aiocoap
+
+        host, port = parse_host_port(self.config.listen)
+        site = self._build_site()
+        try:
+            # UDP only: aiocoap would also open CoAP-over-TCP/WebSocket endpoints by default.
+            self._context = await aiocoap.Context.create_server_context(
+                site, bind=(host, port), transports=["udp6"]
+            )
+        except OSError as e:
+            raise OSError(
+                f"coap: cannot listen on {self.config.listen}: {e.strerror or e}"
+            ) from None
+        self.port = self._bound_port() or port
+        self.state.connected = True
+        log.info("coap listening on %s:%s (udp)", host, self.port)
+        self.ready.set()
+        try:
+            await asyncio.Future()
+        finally:
+            self.state.connected = False
+            ctx, self._context = self._context, None
+            with contextlib.suppress(Exception):
+                await ctx.shutdown()
+
+    def _bound_port(self) -> int | None:
+        # aiocoap has no public accessor for the bound address; with port 0 the
+        # tests and the log need the real one.
+        with contextlib.suppress(Exception):
+            for ri in self._context.request_interfaces:
+                mi = ri.token_interface.message_interface
+                return int(mi.transport.get_extra_info("socket").getsockname()[1])
+        return None
+
+    def _build_site(self) -> Any:
+        from aiocoap import resource
+
+        site = resource.Site()
+        site.add_resource(
+            [".well-known", "core"], resource.WKCResource(site.get_resources_as_linkheader)
+        )
+        site.add_resource(["devices"], _devices_resource_class()(self))
+        return site
+
+    # ------------------------------------------------------------------ commands
+
+    def push_command(
+        self, device_id: str, payload: bytes, content_format: int | None = None
+    ) -> int:
+        """Make ``payload`` the latest command for ``device_id`` and notify its
+        observers. Returns how many observers were notified (0: the device is
+        not observing; it gets the command on its next GET)."""
+        self._commands[device_id] = payload
+        self._command_formats[device_id] = content_format
+        self._commands.move_to_end(device_id)
+        while len(self._commands) > MAX_STORED_COMMANDS:
+            old, _ = self._commands.popitem(last=False)
+            self._command_formats.pop(old, None)
+        observers = list(self._observers.get(device_id, ()))
+        for obs in observers:
+            obs.trigger()
+        return len(observers)
+
+    def observer_count(self, device_id: str) -> int:
+        """Clients currently observing ``devices/{device_id}/commands``."""
+        return len(self._observers.get(device_id, ()))
+
+    # ------------------------------------------------------------------ requests
+
+    def _codec_by_name(self, name: str) -> Codec:
+        codec = self._codecs.get(name)
+        if codec is None:
+            codec = get_codec(name, self.config.codec_options.get(name))
+            self._codecs[name] = codec
+        return codec
+
+    def _respond(self, code: Any, text: str = "", **options: Any) -> Any:
+        from aiocoap import Message
+
+        self.responses[str(code.dotted)] = self.responses.get(str(code.dotted), 0) + 1
+        # RFC 7252 5.5.2: an error's diagnostic payload is UTF-8 text with no Content-Format.
+        msg = Message(code=code, payload=text.encode("utf-8"))
+        for k, v in options.items():
+            setattr(msg.opt, k, v)
+        return msg
+
+    async def render_telemetry(self, request: Any, device_id: str) -> Any:
+        """Decode a telemetry upload, hand it to the ingest and answer with its fate."""
+        from aiocoap import Code
+
+        if request.code not in (Code.POST, Code.PUT):
+            return self._respond(Code.METHOD_NOT_ALLOWED, "use POST or PUT")
+        try:
+            check_device_id(device_id)
+        except DecodeError as e:
+            self.decode_errors.record(self.state, "-", e.reason, e.detail)
+            return self._respond(Code.BAD_REQUEST, f"{e.reason}: {e.detail}")
+        payload: bytes = request.payload
+        if len(payload) > self.config.max_body_size:
+            return self._too_large()
+        fmt = request.opt.content_format
+        if fmt is None:
+            codec = self._codec_by_name(self.config.default_format)
+        else:
+            cls = codec_for_coap_format(int(fmt))
+            if cls is None:
+                self.decode_errors.record(
+                    self.state, device_id, "unsupported_content_format", str(int(fmt))
+                )
+                return self._respond(
+                    Code.UNSUPPORTED_CONTENT_FORMAT,
+                    f"content format {int(fmt)} not supported; use 50, 60, 110 or 112",
+                )
+            codec = self._codec_by_name(cls.name)
+        origin = Origin(
+            "coap",
+            address=f"devices/{device_id}/telemetry",
+            client_id=_remote_name(request),
+        )
+        try:
+            readings = codec.decode(payload, device_id=device_id, origin=origin, now=time.time())
+        except DecodeError as e:
+            self.decode_errors.record(self.state, device_id, e.reason, e.detail)
+            return self._respond(Code.BAD_REQUEST, f"{e.reason}: {e.detail}"[:512])
+        if not readings:
+            return self._respond(Code.CHANGED)
+        status = await self.ingest.submit(readings)
+        if status is IngestStatus.ACCEPTED:
+            self.state.record_readings(len(readings))
+            return self._respond(Code.CHANGED)
+        self.state.rejected += 1
+        if status is IngestStatus.REJECTED_FULL:
+            return self._respond(
+                Code.SERVICE_UNAVAILABLE,
+                "outbox full, retry later",
+                max_age=max(1, round(self.config.retry_after)),
+            )
+        return self._respond(Code.BAD_REQUEST, "rejected by validation")
+
+    def _too_large(self) -> Any:
+        from aiocoap import Code
+
+        return self._respond(
+            Code.REQUEST_ENTITY_TOO_LARGE,
+            f"body larger than {self.config.max_body_size} bytes",
+            size1=self.config.max_body_size,
+        )
+
+    def exceeds_limit(self, request: Any) -> bool:
+        """True when a request (or one block of a Block1 transfer) announces in
+        Size1 or reaches more than ``max_body_size``: refused before aiocoap
+        spools the rest of the transfer."""
+        limit = self.config.max_body_size
+        size1 = request.opt.size1
+        block1 = request.opt.block1
+        end = (block1.start if block1 is not None else 0) + len(request.payload)
+        return (size1 is not None and size1 > limit) or end > limit
+
+    def render_commands(self, request: Any, device_id: str) -> Any:
+        from aiocoap import Code, Message
+
+        if request.code != Code.GET:
+            return self._respond(Code.METHOD_NOT_ALLOWED, "use GET (with Observe)")
+
+        msg = Message(code=Code.CONTENT, payload=self._commands.get(device_id, b""))
+        fmt = self._command_formats.get(device_id)
+        if fmt is not None:
+            msg.opt.content_format = fmt
+        return msg
+
+    def add_observer(self, device_id: str, observation: Any) -> None:
+        observers = self._observers.setdefault(device_id, set())
+        observers.add(observation)
+
+        def _cancel() -> None:
+            observers.discard(observation)
+            if not observers:
+                self._observers.pop(device_id, None)
+
+        observation.accept(_cancel)
+
+
+def _remote_name(request: Any) -> str:
+    with contextlib.suppress(Exception):
+        return str(request.remote.hostinfo)
+    return ""
+
+
+@functools.cache
+def _devices_resource_class() -> Any:
+    """Build the ``devices/`` resource class on first use (aiocoap is imported lazily)."""
+    from aiocoap import Code, error, interfaces, resource
+
+    class TooLarge(error.RequestEntityTooLarge):  # type: ignore[misc]
+        def __init__(self, limit: int) -> None:
+            super().__init__(f"body larger than {limit} bytes")
+            self.limit = limit
+
+        def to_message(self) -> Any:
+            msg = super().to_message()
+            msg.opt.size1 = self.limit
+            return msg
+
+    class DevicesResource(interfaces.ObservableResource, resource.PathCapable):  # type: ignore[misc]
+        """``devices/{device_id}/telemetry`` and ``devices/{device_id}/commands``."""
+
+        def __init__(self, adapter: CoapAdapter) -> None:
+            super().__init__()
+            self.adapter = adapter
+
+        @staticmethod
+        def _split(request: Any) -> tuple[str, str] | None:
+            path = request.opt.uri_path
+            if len(path) == 2 and path[1] in ("telemetry", "commands"):
+                return path[0], path[1]
+            return None
+
+        async def needs_blockwise_assembly(self, request: Any) -> bool:
+            if self.adapter.exceeds_limit(request):
+                raise TooLarge(self.adapter.config.max_body_size)
+            return True
+
+        async def render(self, request: Any) -> Any:
+            where = self._split(request)
+            if where is None:
+                raise error.NotFound()
+            device_id, kind = where
+            if kind == "telemetry":
+                return await self.adapter.render_telemetry(request, device_id)
+            return self.adapter.render_commands(request, device_id)
+
+        async def add_observation(self, request: Any, serverobservation: Any) -> None:
+            where = self._split(request)
+            if where is not None and where[1] == "commands" and request.code == Code.GET:
+                self.adapter.add_observer(where[0], serverobservation)
+
+        async def render_to_pipe(self, pipe: Any) -> None:
+            await interfaces.ObservableResource._render_to_pipe(self, pipe)
+
+    return DevicesResource

@@ -1,0 +1,280 @@
+"""CoAP adapter against real clients: aiocoap's client and libcoap's coap-client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("aiocoap")
+pytest.importorskip("cbor2")
+
+import aiocoap
+import cbor2
+from aiocoap import Code, Message
+from ingest_doubles import RecordingIngest, wait_until
+
+from edgeway.config import CoapSection, parse_config
+from edgeway.ingest import IngestStatus
+from edgeway.south.coap import CoapAdapter
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "protocols" / "coap.md"
+COAP_CLIENT = shutil.which("coap-client-notls") or shutil.which("coap-client")
+
+
+@contextlib.asynccontextmanager
+async def coap_server(ingest: Any, **cfg: Any) -> AsyncIterator[CoapAdapter]:
+    adapter = CoapAdapter(CoapSection(listen="127.0.0.1:0", **cfg), ingest=ingest)
+    task = asyncio.create_task(adapter.run())
+    try:
+        async with asyncio.timeout(10):
+            await adapter.ready.wait()
+        yield adapter
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[Any]:
+    ctx = await aiocoap.Context.create_client_context()
+    try:
+        yield ctx
+    finally:
+        await ctx.shutdown()
+
+
+def url(adapter: CoapAdapter, path: str) -> str:
+    return f"coap://127.0.0.1:{adapter.port}/{path}"
+
+
+async def post(
+    client: Any,
+    adapter: CoapAdapter,
+    device: str,
+    payload: bytes,
+    fmt: int | None = 50,
+    code: Any = Code.POST,
+) -> Any:
+    msg = Message(code=code, uri=url(adapter, f"devices/{device}/telemetry"), payload=payload)
+    if fmt is not None:
+        msg.opt.content_format = fmt
+    async with asyncio.timeout(15):
+        return await client.request(msg).response
+
+
+async def test_json_post_and_put_are_accepted(client: Any) -> None:
+    ingest = RecordingIngest()
+    async with coap_server(ingest) as adapter:
+        r = await post(client, adapter, "sensor-1", b'{"temperature": 21.5, "door": true}')
+        assert r.code == Code.CHANGED
+        r = await post(client, adapter, "sensor-2", b'{"rh": 40}', fmt=None, code=Code.PUT)
+        assert r.code == Code.CHANGED
+    first, second = ingest.readings
+    assert first.device_id == "sensor-1" and first.metrics == {"temperature": 21.5, "door": True}
+    assert first.origin.adapter == "coap" and first.origin.address == "devices/sensor-1/telemetry"
+    assert second.device_id == "sensor-2" and second.metrics == {"rh": 40}
+    assert adapter.state.readings == 2
+
+
+async def test_content_formats_senml_json_senml_cbor_cbor(client: Any) -> None:
+    ingest = RecordingIngest()
+    async with coap_server(ingest) as adapter:
+        senml = [{"bn": "x:", "n": "temp", "v": 1.5, "u": "Cel"}, {"n": "hum", "v": 40}]
+        assert (
+            await post(client, adapter, "a", json.dumps(senml).encode(), 110)
+        ).code == Code.CHANGED
+        assert (
+            await post(client, adapter, "b", cbor2.dumps([{0: "temp", 2: 2.5}]), 112)
+        ).code == Code.CHANGED
+        assert (
+            await post(client, adapter, "c", cbor2.dumps({"temp": 3.5}), 60)
+        ).code == Code.CHANGED
+    by_device = {r.device_id: r for r in ingest.readings}
+    assert by_device["a"].metrics == {"temp": 1.5, "hum": 40}
+    assert by_device["b"].metrics == {"temp": 2.5}
+    assert by_device["c"].metrics == {"temp": 3.5}
+
+
+async def test_response_waits_for_the_ingest_future(client: Any) -> None:
+    ingest = RecordingIngest(auto=False)
+    async with coap_server(ingest) as adapter:
+        pending = asyncio.create_task(post(client, adapter, "slow", b'{"v": 1}'))
+        await ingest.wait_pending(1)
+        # The outbox has not confirmed: no 2.04 may be sent yet.
+        done, _ = await asyncio.wait({pending}, timeout=0.5)
+        assert not done
+        ingest.pending[0].set_result(IngestStatus.ACCEPTED)
+        r = await pending
+        assert r.code == Code.CHANGED
+
+
+async def test_full_outbox_answers_503_with_max_age(client: Any) -> None:
+    ingest = RecordingIngest(status=IngestStatus.REJECTED_FULL)
+    async with coap_server(ingest, retry_after=7) as adapter:
+        r = await post(client, adapter, "d", b'{"v": 1}')
+    assert r.code == Code.SERVICE_UNAVAILABLE
+    assert r.opt.max_age == 7
+    assert b"full" in r.payload
+    assert adapter.state.rejected == 1 and adapter.state.readings == 0
+
+
+async def test_bad_payload_is_400_with_reason_and_never_reaches_the_ingest(client: Any) -> None:
+    ingest = RecordingIngest()
+    async with coap_server(ingest) as adapter:
+        r = await post(client, adapter, "dev-x", b'{"temperature": ')
+        assert r.code == Code.BAD_REQUEST
+        assert r.payload.decode().startswith("invalid_json")
+        r = await post(client, adapter, "dev-x", b"\xff\xfe", 60)
+        assert r.code == Code.BAD_REQUEST
+    assert ingest.batches == []
+    assert adapter.decode_errors.counts[("dev-x", "invalid_json")] == 1
+    assert sum(n for (dev, _), n in adapter.decode_errors.counts.items() if dev == "dev-x") == 2
+    assert adapter.state.errors == 2
+
+
+async def test_unsupported_format_method_and_path(client: Any) -> None:
+    ingest = RecordingIngest()
+    async with coap_server(ingest) as adapter:
+        r = await post(client, adapter, "d", b"<x/>", 41)  # application/xml
+        assert r.code == Code.UNSUPPORTED_CONTENT_FORMAT
+        assert b"50" in r.payload
+        r = await client.request(
+            Message(code=Code.GET, uri=url(adapter, "devices/d/telemetry"))
+        ).response
+        assert r.code == Code.METHOD_NOT_ALLOWED
+        r = await client.request(
+            Message(code=Code.POST, uri=url(adapter, "devices/d/other"), payload=b"{}")
+        ).response
+        assert r.code == Code.NOT_FOUND
+    assert ingest.batches == []
+
+
+async def test_blockwise_upload_and_size_limit(client: Any) -> None:
+    ingest = RecordingIngest()
+    async with coap_server(ingest, max_body_size=8192) as adapter:
+        # ~5 KiB of SenML: aiocoap's client sends it with Block1 (1 KiB blocks).
+        records = [{"n": f"m{i}", "v": i} for i in range(300)]
+        body = json.dumps(records).encode()
+        assert 4096 < len(body) < 8192
+        r = await post(client, adapter, "big", body, 110)
+        assert r.code == Code.CHANGED
+        assert len(ingest.readings[0].metrics) == 300
+        too_big = json.dumps([{"n": f"m{i}", "v": i} for i in range(1000)]).encode()
+        r = await post(client, adapter, "big", too_big, 110)
+        assert r.code == Code.REQUEST_ENTITY_TOO_LARGE
+        assert r.opt.size1 == 8192
+    assert len(ingest.batches) == 1
+
+
+async def test_observe_commands(client: Any) -> None:
+    ingest = RecordingIngest()
+    async with coap_server(ingest) as adapter:
+        req = client.request(
+            Message(code=Code.GET, uri=url(adapter, "devices/valve-1/commands"), observe=0)
+        )
+        first = await asyncio.wait_for(req.response, 10)
+        assert first.code == Code.CONTENT and first.payload == b""
+        assert adapter.observer_count("valve-1") == 1
+        notifications = aiter(req.observation)
+        assert adapter.push_command("valve-1", b'{"open": true}', 50) == 1
+        n1 = await asyncio.wait_for(anext(notifications), 10)
+        assert n1.payload == b'{"open": true}' and n1.opt.content_format == 50
+        adapter.push_command("valve-1", b'{"open": false}')
+        n2 = await asyncio.wait_for(anext(notifications), 10)
+        assert n2.payload == b'{"open": false}'
+        assert adapter.push_command("nobody-listens", b"x") == 0
+        # a later plain GET sees the latest command
+        r = await client.request(
+            Message(code=Code.GET, uri=url(adapter, "devices/valve-1/commands"))
+        ).response
+        assert r.payload == b'{"open": false}'
+        req.observation.cancel()
+
+
+async def test_port_in_use_fails_with_one_line() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        adapter = CoapAdapter(CoapSection(listen=f"127.0.0.1:{port}"), ingest=RecordingIngest())
+        with pytest.raises(OSError, match=f"coap: cannot listen on 127.0.0.1:{port}"):
+            await asyncio.wait_for(adapter.run(), 10)
+
+
+def test_unknown_default_format_is_a_startup_error() -> None:
+    with pytest.raises(ValueError, match="default_format"):
+        CoapAdapter(CoapSection(default_format="nope"), ingest=RecordingIngest())
+
+
+def test_docs_example_parses() -> None:
+    block = DOCS.read_text().split("```yaml\n", 1)[1].split("```", 1)[0]
+    cfg = parse_config(block, str(DOCS))
+    assert cfg.coap is not None and cfg.coap.listen
+
+
+# ---------------------------------------------------------------- libcoap
+
+
+async def coap_client(*args: str) -> tuple[int, str]:
+    assert COAP_CLIENT is not None
+    proc = await asyncio.create_subprocess_exec(
+        COAP_CLIENT, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        async with asyncio.timeout(20):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+@pytest.mark.skipif(COAP_CLIENT is None, reason="libcoap3-bin (coap-client) not installed")
+async def test_libcoap_client_post_blockwise_and_errors() -> None:
+    ingest = RecordingIngest()
+    async with coap_server(ingest) as adapter:
+        base = f"coap://127.0.0.1:{adapter.port}/devices"
+        rc, out = await coap_client(
+            "-m", "post", "-t", "50", "-e", '{"temperature": 19.5}', f"{base}/lc-1/telemetry"
+        )
+        assert rc == 0, out
+        # -b 64: Block1 transfer in 64-byte blocks
+        body = json.dumps([{"n": f"m{i}", "v": i} for i in range(40)])
+        rc, out = await coap_client(
+            "-m", "put", "-t", "110", "-b", "64", "-e", body, f"{base}/lc-2/telemetry"
+        )
+        assert rc == 0, out
+        # a bad payload: libcoap prints the code and the diagnostic payload
+        rc, out = await coap_client(
+            "-m", "post", "-t", "50", "-e", "{nope", f"{base}/lc-3/telemetry"
+        )
+        assert "4.00" in out and "invalid_json" in out
+        rc, out = await coap_client(
+            "-m", "post", "-t", "41", "-e", "<x/>", f"{base}/lc-3/telemetry"
+        )
+        assert "4.15" in out
+    by_device = {r.device_id: r for r in ingest.readings}
+    assert by_device["lc-1"].metrics == {"temperature": 19.5}
+    assert len(by_device["lc-2"].metrics) == 40
+    assert "lc-3" not in by_device
+
+
+@pytest.mark.skipif(COAP_CLIENT is None, reason="libcoap3-bin (coap-client) not installed")
+async def test_libcoap_client_observes_commands() -> None:
+    ingest = RecordingIngest()
+    async with coap_server(ingest) as adapter:
+        uri = f"coap://127.0.0.1:{adapter.port}/devices/lc-obs/commands"
+        task = asyncio.create_task(coap_client("-m", "get", "-s", "3", uri))
+        await wait_until(lambda: adapter.observer_count("lc-obs") > 0)
+        adapter.push_command("lc-obs", b"reboot-now")
+        _, out = await task
+    assert "reboot-now" in out
