@@ -479,6 +479,150 @@ class BleSection(_Model):
     scanning_mode: Literal["active", "passive"] = "passive"
 
 
+def _check_codec(name: str, options: dict[str, Any]) -> None:
+    """Validate a codec name and its options at load time (errors then carry the line)."""
+    from edgeway.codecs.base import get_codec
+
+    try:
+        get_codec(name, options)
+    except KeyError as e:
+        raise ValueError(str(e.args[0])) from None
+
+
+class HttpIngestSection(_Model):
+    """HTTP ingest (``edgeway.south.http``): ``POST /devices/{device_id}/telemetry``."""
+
+    enabled: bool = True
+    name: str = Field(default="http", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    listen: str = "127.0.0.1:8080"
+    """``HOST:PORT``; port 0 picks a free port (logged at start)."""
+    tls: TlsConfig | None = None
+    """Serve HTTPS with this certificate (``require_client_cert`` for mutual TLS)."""
+    tokens: dict[str, str] = Field(default_factory=dict)
+    """Bearer token per device id; the key ``"*"`` is a token valid for every
+    device (a trusted upstream). A value ``sha256:<64 hex digits>`` is the
+    SHA-256 of the token, so the file need not hold the token itself."""
+    allow_anonymous: bool = False
+    """Accept requests without a token. Off by default: nothing is reachable
+    without credentials unless the operator says so (guarantee 5)."""
+    max_body_size: Size = 256 * 1024
+    """Largest request body (413 beyond). 256 KiB: a SenML pack or JSON array
+    of about a thousand readings; each body is held in memory until the outbox
+    has it, for every device uploading at once."""
+    rate_limit: float | None = Field(default=None, gt=0)
+    """Requests per second per device (token bucket, 429 beyond); absent: no limit."""
+    rate_burst: int = Field(default=10, ge=1)
+    """Requests a device may send at once before ``rate_limit`` applies."""
+    retry_after: Duration = 5.0
+    """Seconds sent in Retry-After with 429 and 503."""
+    ack_timeout: Duration = 30.0
+    """Longest wait for the outbox before answering 503 (the reading may
+    still be stored; the device's retry is then a duplicate the cloud drops)."""
+    default_codec: str = "json"
+    """Codec for a request without Content-Type."""
+    codec_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Options for the codec of each content type, by codec name."""
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: str) -> str:
+        parse_host_port(v)
+        return v
+
+    @field_validator("tokens")
+    @classmethod
+    def _check_tokens(cls, v: dict[str, str]) -> dict[str, str]:
+        for device, token in v.items():
+            if token.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", token):
+                raise ValueError(f"{device}: sha256: must be followed by 64 hex digits")
+            if len(token) < 16:
+                raise ValueError(f"{device}: a token needs at least 16 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _check_codecs(self) -> Self:
+        _check_codec(self.default_codec, self.codec_options.get(self.default_codec, {}))
+        for name, options in self.codec_options.items():
+            _check_codec(name, options)
+        return self
+
+
+class MqttClientTls(_Model):
+    ca: Path | None = None
+    """CA bundle that signed the broker's certificate; absent: the system's CAs."""
+    cert: Path | None = None
+    """Client certificate (PEM) for brokers that authenticate clients by certificate."""
+    key: Path | None = None
+
+
+class MqttClientSubscription(_Model):
+    """One topic pattern of an external broker, its device ids and its codec."""
+
+    topic: str = Field(min_length=1)
+    """An MQTT filter in which ``{device_id}`` (and optionally ``{metric_prefix}``)
+    each stand for one topic level: ``plant/+/sensors/{device_id}``."""
+    codec: str = "json"
+    codec_options: dict[str, Any] = Field(default_factory=dict)
+    qos: Literal[0, 1, 2] = 1
+    """1 (default): the broker redelivers until the outbox has the reading."""
+    device_id: str | None = Field(default=None, min_length=1, max_length=128)
+    """Fixed device id for a topic without ``{device_id}`` (else the codec finds it)."""
+    exclude: list[str] = Field(default_factory=list)
+    """Filters of topics to ignore although ``topic`` matches them."""
+
+    @model_validator(mode="after")
+    def _check_topic(self) -> Self:
+        levels = self.topic.split("/")
+        for i, level in enumerate(levels):
+            if level.startswith("{") and level not in ("{device_id}", "{metric_prefix}"):
+                raise ValueError(
+                    f"unknown placeholder {level!r} (use {{device_id}}, {{metric_prefix}})"
+                )
+            if level == "#" and i != len(levels) - 1:
+                raise ValueError("'#' must be the last level")
+            if level not in ("+", "#") and ("+" in level or "#" in level):
+                raise ValueError(f"wildcards must fill a whole level, got {level!r}")
+        if levels.count("{device_id}") > 1:
+            raise ValueError("{device_id} may appear once")
+        _check_codec(self.codec, self.codec_options)
+        return self
+
+
+class MqttClientConfig(_Model):
+    """One external MQTT broker that ``edgeway.south.mqtt_client`` subscribes to."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    enabled: bool = True
+    url: str = Field(pattern=r"^mqtts?://[^/]+$")
+    """``mqtt://host:1883`` or ``mqtts://host:8883`` (TLS)."""
+    client_id: str | None = Field(default=None, min_length=1, max_length=128)
+    """Default ``edgeway-<gateway id>-<name>``: stable, so the broker keeps the
+    session (and redelivers unacknowledged messages) across reconnects."""
+    username: str | None = None
+    password: str | None = None
+    tls: MqttClientTls | None = None
+    protocol: Literal["5", "3.1.1"] = "5"
+    session_expiry: Duration = 3600.0
+    """How long the broker keeps our session (and queues for us) while we are away (MQTT 5)."""
+    keepalive: int = Field(default=60, ge=5, le=65535)
+    receive_maximum: int = Field(default=100, ge=1, le=65535)
+    """Unacknowledged QoS 1/2 messages the broker may have in flight to us (MQTT 5).
+    Each waits in memory for the outbox; 100 keeps a group commit busy."""
+    shared_group: str | None = Field(default=None, pattern=r"^[^/+#$]+$")
+    """Subscribe as ``$share/<group>/<filter>`` so gateways with the same group split the load."""
+    preset: Literal["zigbee2mqtt", "tasmota", "shelly", "sparkplug_b"] | None = None
+    """Adds the preset's subscriptions (see docs/protocols/mqtt-client.md)."""
+    subscriptions: list[MqttClientSubscription] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> Self:
+        if self.preset is None and not self.subscriptions:
+            raise ValueError("give 'subscriptions', a 'preset', or both")
+        if self.tls is not None and (self.tls.cert is None) != (self.tls.key is None):
+            raise ValueError("tls: 'cert' and 'key' go together")
+        return self
+
+
 class Config(_Model):
     gateway: GatewaySection = Field(default_factory=GatewaySection)
     log: LogSection = Field(default_factory=LogSection)
@@ -491,6 +635,8 @@ class Config(_Model):
     opcua: list[OpcUaServerConfig] = Field(default_factory=list)
     serial: list[SerialPortConfig] = Field(default_factory=list)
     ble: BleSection | None = None
+    http_ingest: HttpIngestSection | None = None
+    mqtt_client: list[MqttClientConfig] = Field(default_factory=list)
 
 
 # --------------------------------------------------------------------------
