@@ -2,10 +2,13 @@
 
 Run: .venv/bin/python bench/codec_bench.py [--count 10000] [--repeat 20]
 
-Prints, for a chunk of QoS 1 PUBLISH packets with a ~100-byte JSON payload (the telemetry
-shape in MEASUREMENTS.md), how many PUBLISH packets per second ``MqttReader.feed`` decodes
-(best of ``--repeat`` runs: the least-disturbed run is the steadiest figure on a shared
-machine), and how many ``encode_puback`` / ``encode(Publish)`` calls run per second.
+Prints, for ``--count`` QoS 1 PUBLISH packets with a ~100-byte JSON payload (the telemetry
+shape in MEASUREMENTS.md), how many PUBLISH packets per second ``MqttReader.feed`` decodes,
+fed as one chunk (every packet alive at once: the worst case for the garbage collector) and
+as 64 KiB chunks (what a socket read delivers), with and without
+``share_empty_properties``; and how many ``encode_puback`` / ``encode(Publish)`` calls run per
+second. Figures are the best of ``--repeat`` runs: the least-disturbed run is the steadiest
+figure on a shared machine. The garbage collector stays on, as in production.
 """
 
 from __future__ import annotations
@@ -32,15 +35,25 @@ def _best(fn: object, repeat: int) -> float:
     return best
 
 
-def bench_decode(level: int, count: int, repeat: int) -> float:
-    chunk = b"".join(
-        encode(Publish(f"site/1/dev/{i % 100}/telemetry", PAYLOAD, 1, False, False, i % 65535 + 1), level)
+def bench_decode(level: int, count: int, repeat: int, chunk_size: int, share: bool) -> float:
+    """PUBLISH decodes per second, feeding ``chunk_size`` bytes at a time (0: one chunk)."""
+    wire = b"".join(
+        encode(
+            Publish(f"site/1/dev/{i % 100}/telemetry", PAYLOAD, 1, False, False, i % 65535 + 1),
+            level,
+        )
         for i in range(count)
     )
-    # Server side: the reader learns the level from CONNECT; set it directly here.
+    size = chunk_size or len(wire)
+    chunks = [wire[i : i + size] for i in range(0, len(wire), size)]
+
     def run() -> None:
-        packets = MqttReader(protocol_level=level).feed(chunk)
-        assert len(packets) == count
+        # Server side learns the level from CONNECT; set it directly here.
+        reader = MqttReader(protocol_level=level, share_empty_properties=share)
+        decoded = 0
+        for chunk in chunks:
+            decoded += len(reader.feed(chunk))  # packets of a chunk are dropped, as a broker does
+        assert decoded == count
 
     return count / _best(run, repeat)
 
@@ -71,11 +84,17 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
-    print(f"payload {len(PAYLOAD)} bytes, {args.count} packets per chunk, best of {args.repeat}")
+    print(f"payload {len(PAYLOAD)} bytes, {args.count} packets, best of {args.repeat} runs")
     for level, name in ((MQTT_311, "3.1.1"), (MQTT_5, "5.0")):
-        print(f"MQTT {name}: decode PUBLISH qos1  {bench_decode(level, args.count, args.repeat):>12,.0f} msg/s")
-        print(f"MQTT {name}: encode_puback        {bench_puback(level, args.count, args.repeat):>12,.0f} /s")
-        print(f"MQTT {name}: encode(Publish qos1) {bench_encode_publish(level, args.count, args.repeat):>12,.0f} /s")
+        for chunk_size, label in ((0, "one chunk"), (65536, "64 KiB chunks")):
+            for share in (False, True):
+                rate = bench_decode(level, args.count, args.repeat, chunk_size, share)
+                extra = ", share_empty_properties" if share else ""
+                print(f"MQTT {name}: decode PUBLISH qos1 ({label}{extra}): {rate:>12,.0f} msg/s")
+        rate = bench_puback(level, args.count, args.repeat)
+        print(f"MQTT {name}: encode_puback: {rate:>12,.0f} /s")
+        rate = bench_encode_publish(level, args.count, args.repeat)
+        print(f"MQTT {name}: encode(Publish qos1): {rate:>12,.0f} /s")
 
 
 if __name__ == "__main__":

@@ -641,6 +641,23 @@ def test_many_packets_in_one_chunk() -> None:
     assert reader.feed(b"") == []
 
 
+@pytest.mark.parametrize("level", [4, 5])
+def test_share_empty_properties_opt_in(level: int) -> None:
+    batch = [Publish("a", b"1", 1, packet_id=1), Publish("b", b"2"), PubAck(1)]
+    if level == 5:
+        batch.append(Publish("c", b"3", properties=Properties(content_type="x")))
+    wire = b"".join(encode(p, level) for p in batch)
+    shared = MqttReader(protocol_level=level, share_empty_properties=True).feed(wire)
+    assert shared == batch
+    assert shared[0].properties is shared[1].properties  # type: ignore[union-attr]
+    assert shared[2].properties is not shared[0].properties  # type: ignore[union-attr]
+    if level == 5:
+        assert shared[3].properties == Properties(content_type="x")  # type: ignore[union-attr]
+    fresh = MqttReader(protocol_level=level).feed(wire)
+    assert fresh == batch
+    assert fresh[0].properties is not fresh[1].properties  # type: ignore[union-attr]
+
+
 def test_server_reader_learns_level_from_connect() -> None:
     reader = MqttReader()
     assert reader.protocol_level is None

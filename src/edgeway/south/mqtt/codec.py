@@ -699,12 +699,31 @@ class MqttReader:
     Memory: a packet whose fixed header announces more than ``max_packet_size`` bytes (whole
     packet, as MQTT 5's Maximum Packet Size counts it) is refused with 0x95 before its body is
     buffered, so the reader never holds more than one such packet plus the chunk being fed.
+
+    Speed: building a fresh ``Properties`` (27 slots, two lists) is about half the cost of
+    decoding a small PUBLISH. With ``share_empty_properties=True`` every PUBLISH decoded
+    without properties gets this reader's one empty ``Properties`` instead (~1.5x faster
+    ingest). Only for callers that never mutate a decoded PUBLISH's ``properties`` or its
+    lists in place (build a new ``Properties`` instead): a mutation would show up in every
+    later PUBLISH from this connection.
     """
 
-    __slots__ = ("_error", "_need", "_pending", "_pending_len", "max_packet_size", "protocol_level")
+    __slots__ = (
+        "_empty_properties",
+        "_error",
+        "_need",
+        "_pending",
+        "_pending_len",
+        "max_packet_size",
+        "protocol_level",
+    )
 
     def __init__(
-        self, max_packet_size: int = MAX_REMAINING_LENGTH, protocol_level: int | None = None
+        self,
+        max_packet_size: int = MAX_REMAINING_LENGTH,
+        protocol_level: int | None = None,
+        *,
+        share_empty_properties: bool = False,
     ) -> None:
         if protocol_level not in (None, MQTT_311, MQTT_5):
             raise ValueError(f"protocol_level must be None, 4 or 5, got {protocol_level}")
@@ -716,6 +735,7 @@ class MqttReader:
         self._pending_len = 0
         self._need = 0  # total size of the incomplete packet once its header is known
         self._error: ProtocolError | None = None
+        self._empty_properties = Properties() if share_empty_properties else None
 
     @property
     def buffered_bytes(self) -> int:
@@ -772,6 +792,7 @@ class MqttReader:
         fast = level is not None  # before CONNECT the first-byte table refuses PUBLISH anyway
         publish = Publish
         properties = Properties
+        empty = self._empty_properties  # None unless the caller opted in to sharing
         while pos + 1 < n:
             b0 = data[pos]
             if not ok[b0]:
@@ -827,10 +848,10 @@ class MqttReader:
                         if data[p]:
                             props, p = _read_properties(data, p, end, _PUB)
                         else:
-                            props = properties()
+                            props = empty or properties()
                             p += 1
                     else:
-                        props = properties()
+                        props = empty or properties()
                     append(
                         publish(
                             topic,
@@ -849,10 +870,10 @@ class MqttReader:
                         if data[p]:
                             props, p = _read_properties(data, p, end, _PUB)
                         else:
-                            props = properties()
+                            props = empty or properties()
                             p += 1
                     else:
-                        props = properties()
+                        props = empty or properties()
                     append(publish(topic, data[p:end], 0, b0 & 1 == 1, False, None, props))
             else:
                 decoder = _DECODERS[b0 >> 4]
