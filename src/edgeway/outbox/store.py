@@ -921,7 +921,7 @@ class Outbox:
             max_bytes,
             live,
         )
-        rows, pos, prio_pos, live_pos, more = await self._loop.run_in_executor(
+        records, nbytes, pos, prio_pos, live_pos, more = await self._loop.run_in_executor(
             self._readers, self._read_sync, *args
         )
         st.pos = pos
@@ -933,21 +933,8 @@ class Outbox:
             assert st.live_start is not None
             if pos >= st.live_start:
                 st.live_start = None
-        records = [
-            Record(
-                id=self.record_id(seq),
-                seq=seq,
-                device_id=device_id,
-                ts=ts,
-                metrics=orjson.loads(metrics),
-                tags=orjson.loads(tags) if tags else {},
-                priority=priority,
-            )
-            for seq, _size, priority, device_id, ts, metrics, tags in rows
-        ]
         if any(r.priority > 0 and r.seq > pos for r in records):
             out_of_order = True
-        nbytes = sum(r[1] for r in rows)
         return Batch(sink, records, nbytes, pos, out_of_order, more)
 
     def _reader(self) -> sqlite3.Connection:
@@ -973,7 +960,7 @@ class Outbox:
         max_records: int,
         max_bytes: int,
         live: bool,
-    ) -> tuple[list[tuple[Any, ...]], int, int, int, bool]:
+    ) -> tuple[list[Record], int, int, int, int, bool]:
         conn = self._reader()
         cols = "seq, size, priority, device_id, ts, metrics, tags"
         out: list[tuple[Any, ...]] = []
@@ -1041,7 +1028,26 @@ class Outbox:
                     more = True
         finally:
             conn.execute("COMMIT")
-        return out, pos, prio_pos, live_pos, more
+        return self._records(out), nbytes, pos, prio_pos, live_pos, more
+
+    def _records(self, rows: list[tuple[Any, ...]]) -> list[Record]:
+        """Rows to records (in the reader thread, off the loop)."""
+        loads = orjson.loads
+        last_start = self._epoch_starts[-1]
+        prefix = self._epoch_ids[-1] + ":"
+        record_id = self.record_id
+        return [
+            Record(
+                prefix + str(seq) if seq >= last_start else record_id(seq),
+                seq,
+                device_id,
+                ts,
+                loads(metrics),
+                loads(tags) if tags else {},
+                priority,
+            )
+            for seq, _size, priority, device_id, ts, metrics, tags in rows
+        ]
 
     def confirm(self, batch: Batch) -> asyncio.Future[None]:
         """The sink confirmed ``batch``: clear its bit, delete rows no sink still
