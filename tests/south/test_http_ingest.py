@@ -1,0 +1,327 @@
+"""HTTP ingest against a real HTTP client (httpx), in-process, on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import httpx
+import pytest
+from ingest_doubles import RecordingIngest
+
+from certs import (
+    CertFiles,
+    tls_certs,  # noqa: F401  (fixture)
+)
+from edgeway.config import HttpIngestSection, TlsConfig, parse_config
+from edgeway.ingest import IngestStatus
+from edgeway.south.base import adapter_class
+from edgeway.south.http import HttpIngestAdapter
+
+TOKEN = "token-of-boiler-1-abcdef"
+ANY_TOKEN = "upstream-token-0123456789"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "protocols" / "http.md"
+
+Start = Callable[..., Any]
+
+
+@pytest.fixture
+async def start(tmp_path: Path) -> AsyncIterator[Start]:
+    """Factory: run an HttpIngestAdapter on 127.0.0.1:0; every one is stopped at the end."""
+    tasks: list[asyncio.Task[None]] = []
+
+    async def _start(ingest: Any = None, **overrides: Any) -> tuple[HttpIngestAdapter, str]:
+        options: dict[str, Any] = {
+            "listen": "127.0.0.1:0",
+            "tokens": {
+                "boiler-1": TOKEN,
+                "*": "sha256:" + hashlib.sha256(ANY_TOKEN.encode()).hexdigest(),
+            },
+        }
+        token_check = overrides.pop("token_check", None)
+        options.update(overrides)
+        adapter = HttpIngestAdapter(
+            HttpIngestSection.model_validate(options),
+            ingest=ingest or RecordingIngest(),
+            gateway_id="gw",
+            data_dir=tmp_path,
+            token_check=token_check,
+        )
+        task = asyncio.create_task(adapter.run())
+        tasks.append(task)
+        async with asyncio.timeout(10):
+            await adapter.ready.wait()
+        scheme = "https" if adapter.config.tls else "http"
+        return adapter, f"{scheme}://127.0.0.1:{adapter.port}"
+
+    try:
+        yield _start
+    finally:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def auth(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_post_json_reading(start: Start) -> None:
+    ingest = RecordingIngest()
+    adapter, url = await start(ingest)
+    async with httpx.AsyncClient() as client:
+        r = await client.post(
+            f"{url}/devices/boiler-1/telemetry",
+            json={"ts": 1700000000, "temp": 71.5, "pressure": 1.9},
+            headers={**auth(), "X-Message-Id": "m-17"},
+        )
+    assert r.status_code == 200 and r.json() == {"accepted": 1}
+    [reading] = ingest.readings
+    assert reading.device_id == "boiler-1"
+    assert reading.ts == 1700000000.0
+    assert reading.metrics == {"temp": 71.5, "pressure": 1.9}
+    assert reading.origin.adapter == "http"
+    assert reading.origin.address == "/devices/boiler-1/telemetry"
+    assert reading.origin.message_id == "m-17"
+    assert adapter.state.readings == 1 and adapter.requests == {200: 1}
+
+
+async def test_array_senml_and_cbor_bodies(start: Start) -> None:
+    ingest = RecordingIngest()
+    _, url = await start(ingest)
+    async with httpx.AsyncClient() as client:
+        r1 = await client.post(
+            f"{url}/devices/boiler-1/telemetry", json=[{"a": 1}, {"a": 2}], headers=auth()
+        )
+        r2 = await client.post(
+            f"{url}/devices/boiler-1/telemetry",
+            content=b'[{"bn":"ignored:","n":"temp","u":"Cel","v":21.5}]',
+            headers={**auth(), "Content-Type": "application/senml+json"},
+        )
+        r3 = await client.post(
+            f"{url}/devices/boiler-1/telemetry",
+            content=cbor2.dumps({"b": 3}),
+            headers={**auth(), "Content-Type": "application/cbor"},
+        )
+    assert [r.status_code for r in (r1, r2, r3)] == [200, 200, 200]
+    assert [r.json()["accepted"] for r in (r1, r2, r3)] == [2, 1, 1]
+    assert [(r.device_id, r.metrics) for r in ingest.readings] == [
+        ("boiler-1", {"a": 1}),
+        ("boiler-1", {"a": 2}),
+        ("boiler-1", {"temp": 21.5}),  # the URL names the device, not the base name
+        ("boiler-1", {"b": 3}),
+    ]
+    assert ingest.readings[2].tags == {"unit:temp": "Cel"}
+
+
+async def test_answer_waits_for_the_ingest_future(start: Start) -> None:
+    ingest = RecordingIngest(auto=False)
+    _, url = await start(ingest)
+    async with httpx.AsyncClient() as client:
+        request = asyncio.create_task(
+            client.post(f"{url}/devices/boiler-1/telemetry", json={"t": 1}, headers=auth())
+        )
+        await ingest.wait_pending(1)
+        # The readings were submitted; the device must not have its answer yet.
+        done, _ = await asyncio.wait({request}, timeout=0.3)
+        assert not done
+        ingest.pending[0].set_result(IngestStatus.ACCEPTED)
+        r = await request
+    assert r.status_code == 200
+
+
+async def test_outbox_full_gives_503_with_retry_after(start: Start) -> None:
+    ingest = RecordingIngest(auto=False)
+    _, url = await start(ingest, retry_after=7)
+    async with httpx.AsyncClient() as client:
+        request = asyncio.create_task(
+            client.post(f"{url}/devices/boiler-1/telemetry", json={"t": 1}, headers=auth())
+        )
+        await ingest.wait_pending(1)
+        ingest.pending[0].set_result(IngestStatus.REJECTED_FULL)
+        r = await request
+        assert (r.status_code, r.headers["Retry-After"], r.json()["error"]) == (
+            503,
+            "7",
+            "outbox_full",
+        )
+
+        # While saturated, requests are refused before the body is decoded.
+        ingest.status = IngestStatus.REJECTED_FULL
+        r = await client.post(f"{url}/devices/boiler-1/telemetry", json={"t": 1}, headers=auth())
+        assert r.status_code == 503 and r.headers["Retry-After"] == "7"
+        h = await client.get(f"{url}/healthz")
+        assert h.status_code == 503
+    assert len(ingest.batches) == 1
+
+
+async def test_pipeline_rejection_and_ack_timeout(start: Start) -> None:
+    ingest = RecordingIngest(auto=False)
+    _, url = await start(ingest, ack_timeout=0.2)
+    async with httpx.AsyncClient() as client:
+        r = await client.post(f"{url}/devices/boiler-1/telemetry", json={"t": 1}, headers=auth())
+        assert (
+            r.status_code == 503 and r.json()["error"] == "timeout" and "Retry-After" in r.headers
+        )
+        ingest.auto, ingest.status = True, IngestStatus.REJECTED_INVALID
+        r = await client.post(f"{url}/devices/boiler-1/telemetry", json={"t": 1}, headers=auth())
+        assert r.status_code == 400 and r.json()["reason"] == "rejected_invalid"
+
+
+async def test_authentication(start: Start) -> None:
+    ingest = RecordingIngest()
+    _, url = await start(ingest)
+    post = f"{url}/devices/boiler-1/telemetry"
+    async with httpx.AsyncClient() as client:
+        no_token = await client.post(post, json={"t": 1})
+        wrong = await client.post(post, json={"t": 1}, headers=auth("wrong-token-0123456789"))
+        basic = await client.post(
+            post, json={"t": 1}, headers={"Authorization": "Basic dXNlcjpwdw=="}
+        )
+        other_device = await client.post(
+            f"{url}/devices/boiler-2/telemetry", json={"t": 1}, headers=auth()
+        )
+        upstream = await client.post(
+            f"{url}/devices/boiler-2/telemetry", json={"t": 1}, headers=auth(ANY_TOKEN)
+        )
+    for r, reason in [
+        (no_token, "no_token"),
+        (wrong, "bad_token"),
+        (basic, "bad_authorization"),
+        (other_device, "bad_token"),
+    ]:
+        assert r.status_code == 401, reason
+        assert r.json()["reason"] == reason
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert upstream.status_code == 200
+    assert [r.device_id for r in ingest.readings] == ["boiler-2"]
+
+
+async def test_anonymous_and_token_check_hook(start: Start) -> None:
+    _, url = await start(allow_anonymous=True, tokens={})
+    async with httpx.AsyncClient() as client:
+        assert (await client.post(f"{url}/devices/d/telemetry", json={"t": 1})).status_code == 200
+
+    seen: list[tuple[str, str | None]] = []
+
+    async def check(device_id: str, token: str | None) -> bool:
+        seen.append((device_id, token))
+        return token == "registry-token"
+
+    _, url = await start(token_check=check)
+    async with httpx.AsyncClient() as client:
+        ok = await client.post(
+            f"{url}/devices/d/telemetry", json={"t": 1}, headers=auth("registry-token")
+        )
+        bad = await client.post(f"{url}/devices/d/telemetry", json={"t": 1}, headers=auth(TOKEN))
+    assert (ok.status_code, bad.status_code) == (200, 401)
+    assert seen == [("d", "registry-token"), ("d", TOKEN)]
+
+
+async def test_bad_requests(start: Start) -> None:
+    ingest = RecordingIngest()
+    adapter, url = await start(ingest, max_body_size=1024)
+    post = f"{url}/devices/boiler-1/telemetry"
+    async with httpx.AsyncClient() as client:
+        invalid = await client.post(
+            post, content=b"{not json", headers={**auth(), "Content-Type": "application/json"}
+        )
+        no_metrics = await client.post(post, json={}, headers=auth())
+        too_big = await client.post(post, json={"s": "x" * 2000}, headers=auth())
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(10):
+                yield b" " * 200
+
+        too_big_chunked = await client.post(
+            post, content=chunks(), headers={**auth(), "Content-Type": "application/json"}
+        )
+        xml = await client.post(
+            post, content=b"<a/>", headers={**auth(), "Content-Type": "application/xml"}
+        )
+        form = await client.post(post, data={"a": "1"}, headers=auth())
+        bad_id = await client.post(f"{url}/devices/a+b/telemetry", json={"t": 1}, headers=auth())
+        not_found = await client.post(
+            f"{url}/devices/boiler-1/other", json={"t": 1}, headers=auth()
+        )
+    assert (invalid.status_code, invalid.json()["reason"]) == (400, "invalid_json")
+    assert (no_metrics.status_code, no_metrics.json()["reason"]) == (400, "no_metrics")
+    assert too_big.status_code == 413
+    assert too_big_chunked.status_code == 413
+    assert xml.status_code == 415 and form.status_code == 415
+    assert (bad_id.status_code, bad_id.json()["reason"]) == (400, "bad_device_id")
+    assert not_found.status_code == 404
+    assert ingest.readings == []
+    assert adapter.decode_errors.counts == {
+        ("boiler-1", "invalid_json"): 1,
+        ("boiler-1", "no_metrics"): 1,
+    }
+    assert adapter.state.errors == 2
+
+
+async def test_rate_limit_per_device(start: Start) -> None:
+    _, url = await start(rate_limit=0.01, rate_burst=2, retry_after=3)
+    async with httpx.AsyncClient() as client:
+        codes = [
+            (
+                await client.post(
+                    f"{url}/devices/boiler-1/telemetry", json={"t": i}, headers=auth()
+                )
+            ).status_code
+            for i in range(3)
+        ]
+        other = await client.post(
+            f"{url}/devices/boiler-2/telemetry", json={"t": 1}, headers=auth(ANY_TOKEN)
+        )
+        limited = await client.post(
+            f"{url}/devices/boiler-1/telemetry", json={"t": 1}, headers=auth()
+        )
+    assert codes == [200, 200, 429]
+    assert other.status_code == 200  # buckets are per device
+    assert limited.status_code == 429 and limited.headers["Retry-After"] == "3"
+
+
+async def test_https(start: Start, tls_certs: CertFiles) -> None:  # noqa: F811
+    ingest = RecordingIngest()
+    tls = TlsConfig(cert=tls_certs.server_cert, key=tls_certs.server_key)
+    _, url = await start(ingest, tls=tls.model_dump())
+    assert url.startswith("https://")
+    async with httpx.AsyncClient(verify=tls_certs.client_context(with_cert=False)) as client:
+        r = await client.post(f"{url}/devices/boiler-1/telemetry", json={"t": 1}, headers=auth())
+        health = await client.get(f"{url}/healthz")
+    assert r.status_code == 200 and health.json() == {"status": "ok"}
+    async with httpx.AsyncClient() as plain:  # the system CAs do not know the test CA
+        with pytest.raises(httpx.ConnectError):
+            await plain.get(f"{url}/healthz")
+
+
+async def test_port_in_use_is_one_clear_error(start: Start, tmp_path: Path) -> None:
+    adapter, _ = await start()
+    second = HttpIngestAdapter(
+        HttpIngestSection(listen=f"127.0.0.1:{adapter.port}"),
+        ingest=RecordingIngest(),
+        gateway_id="gw",
+        data_dir=tmp_path,
+    )
+    with pytest.raises(RuntimeError, match=r"http_ingest: cannot listen on 127\.0\.0\.1:\d+"):
+        await second.run()
+
+
+def test_registered_for_its_section() -> None:
+    assert adapter_class("http_ingest") is HttpIngestAdapter
+
+
+def test_docs_example_loads() -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)
+    assert blocks, "docs/protocols/http.md has a yaml example"
+    for block in blocks:
+        cfg = parse_config(block, str(DOCS))
+        assert cfg.http_ingest is not None
