@@ -492,6 +492,25 @@ async def test_websocket_wrong_path_and_plain_http(running: list[RunningListener
     assert rec.made == []
 
 
+async def test_websocket_listener_closes_sockets_that_never_upgrade(
+    running: list[RunningListener],
+) -> None:
+    rec = Recorder()
+    lst = await start_listeners([ws_listener()], rec.factory, connect_timeout=0.2)
+    running.extend(lst)
+    port = lst[0].bound[1]
+    async with ws_connect(f"ws://127.0.0.1:{port}/mqtt", subprotocols=["mqtt"]) as ws:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            # The idle socket is closed by the deadline...
+            assert await asyncio.wait_for(reader.read(100), WAIT) == b""
+        finally:
+            writer.close()
+        # ...which has passed for the WebSocket opened before it too: still fine.
+        await ws.send(b"alive")
+        assert await asyncio.wait_for(ws.recv(), WAIT) == b"alive"
+
+
 async def test_websocket_close_keeps_established_connections(
     running: list[RunningListener],
 ) -> None:
@@ -588,6 +607,7 @@ UVLOOP_CASES = [
     test_websocket_server_side_close_flushes_then_closes,
     test_websocket_abort_drops_the_connection,
     test_websocket_over_tls_with_client_certificate,
+    test_websocket_listener_closes_sockets_that_never_upgrade,
 ]
 
 

@@ -69,6 +69,13 @@ WS_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 clients send one packet per message); the broker's codec still enforces
 ``limits.max_packet_size`` on the byte stream."""
 
+WS_UPGRADE_TIMEOUT = 10.0
+"""Default seconds from TCP accept to a completed WebSocket upgrade (pass
+``limits.connect_timeout``). aiohttp itself waits forever for the first HTTP
+request, so without this an idle socket on a WebSocket listener would hold a
+file descriptor until the process ends; the broker's connect timeout only
+starts once the upgrade is done."""
+
 WS_CLOSE_TIMEOUT = 2.0
 """Seconds to wait for a client's reply to our WebSocket close frame before
 dropping the TCP connection; short so that shutdown stays within its 5 s."""
@@ -147,18 +154,23 @@ async def start_listeners(
     factory: Callable[[ListenerConfig], ProtocolFactory],
     *,
     websocket_max_message_size: int = WS_MAX_MESSAGE_SIZE,
+    connect_timeout: float = WS_UPGRADE_TIMEOUT,
 ) -> list[RunningListener]:
     """Start every listener; return them in the order given.
 
     ``factory(config)`` gives the protocol factory for that listener
-    (``Broker.protocol_factory``). If any listener cannot start, those already
+    (``Broker.protocol_factory``). ``connect_timeout`` bounds the time from
+    accept to a completed WebSocket upgrade (``limits.connect_timeout``; plain
+    TCP connections are the broker's from accept on). If any listener cannot start, those already
     started are closed and :class:`ListenerError` is raised, e.g.
     ``cannot listen on 127.0.0.1:1883: address already in use``.
     """
     started: list[RunningListener] = []
     try:
         for cfg in configs:
-            started.append(await _start_one(cfg, factory, websocket_max_message_size))
+            started.append(
+                await _start_one(cfg, factory, websocket_max_message_size, connect_timeout)
+            )
     except BaseException:
         for lst in started:
             await lst.close()
@@ -170,6 +182,7 @@ async def _start_one(
     cfg: ListenerConfig,
     factory: Callable[[ListenerConfig], ProtocolFactory],
     ws_max_message: int,
+    connect_timeout: float,
 ) -> RunningListener:
     host, port = parse_host_port(cfg.bind)
     where = _format_addr(host, port)
@@ -184,9 +197,12 @@ async def _start_one(
     http: web.Server | None = None
     serve: Callable[[], asyncio.BaseProtocol]
     if cfg.transport == "websocket":
-        endpoint = _WebSocketEndpoint(cfg, protocol_factory, ws_max_message)
-        http = web.Server(endpoint.handle)
-        serve = http
+        endpoint = _WebSocketEndpoint(cfg, protocol_factory, ws_max_message, set())
+        # No access log: one line per MQTT connection, at its end, is noise.
+        http = web.Server(endpoint.handle, access_log=None)
+        deadline = _UpgradeDeadline(http, connect_timeout, loop)
+        endpoint.upgraded = deadline.upgraded
+        serve = deadline.make_protocol
     else:
         serve = protocol_factory
     try:
@@ -305,6 +321,30 @@ def client_cert_cn(transport: asyncio.BaseTransport) -> str | None:
 # WebSocket
 
 
+class _UpgradeDeadline:
+    """Protocol factory around aiohttp's server that closes connections which
+    have not become WebSockets within the deadline."""
+
+    __slots__ = ("_http", "_loop", "_timeout", "upgraded")
+
+    def __init__(self, http: web.Server, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
+        self._http = http
+        self._timeout = timeout
+        self._loop = loop
+        self.upgraded: set[web.RequestHandler] = set()
+        """Connections carrying MQTT now; the endpoint adds and removes them."""
+
+    def make_protocol(self) -> web.RequestHandler:
+        handler = self._http()
+        # The timer keeps the handler alive at most `timeout` s after it ends.
+        self._loop.call_later(self._timeout, self._expire, handler)
+        return handler
+
+    def _expire(self, handler: web.RequestHandler) -> None:
+        if handler not in self.upgraded:
+            handler.force_close()
+
+
 @dataclass(slots=True)
 class _WebSocketEndpoint:
     """aiohttp handler that upgrades requests on ``websocket_path`` and runs a
@@ -313,6 +353,7 @@ class _WebSocketEndpoint:
     config: ListenerConfig
     protocol_factory: ProtocolFactory
     max_message_size: int
+    upgraded: set[web.RequestHandler]
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path != self.config.websocket_path:
@@ -331,14 +372,19 @@ class _WebSocketEndpoint:
             return web.Response(
                 status=426, headers={"Upgrade": "websocket"}, text="MQTT over WebSocket only\n"
             )
-        await ws.prepare(request)
-        if ws.ws_protocol is None:
-            log.debug("WebSocket client %s did not ask for subprotocol mqtt", request.remote)
-        underlying = request.transport
-        if underlying is None:  # the peer went away during the upgrade
-            return ws
-        transport = WebSocketTransport(ws, underlying)
-        await transport.run(self.protocol_factory())
+        handler = request.protocol
+        self.upgraded.add(handler)
+        try:
+            await ws.prepare(request)
+            if ws.ws_protocol is None:
+                log.debug("WebSocket client %s did not ask for subprotocol mqtt", request.remote)
+            underlying = request.transport
+            if underlying is None:  # the peer went away during the upgrade
+                return ws
+            transport = WebSocketTransport(ws, underlying)
+            await transport.run(self.protocol_factory())
+        finally:
+            self.upgraded.discard(handler)
         return ws
 
 
