@@ -744,6 +744,11 @@ def test_constructor_checks() -> None:
         MqttReader(protocol_level=3)
     with pytest.raises(ValueError):
         MqttReader(max_packet_size=1)
+    reader = MqttReader()
+    reader.protocol_level = 5
+    assert reader.protocol_level == 5
+    with pytest.raises(ValueError):
+        reader.protocol_level = 6
 
 
 # --------------------------------------------------------------------------------------------
@@ -794,6 +799,8 @@ MALFORMED: list[tuple[str, int | None, str, int]] = [
     ("connack v5 maximum qos 2", 5, "20 05 00 00 02 24 02", 0x82),
     ("connack v5 receive maximum 0", 5, "20 06 00 00 03 21 0000", 0x82),
     ("connack 311 trailing", 4, "20 03 00 00 00", 0x81),
+    ("connack 311 session present refused", 4, "20 02 01 05", 0x82),
+    ("connack v5 session present refused", 5, "20 03 01 80 00", 0x82),
     ("subscribe without filters", 4, "82 02 0001", 0x82),
     ("subscribe v5 without filters", 5, "82 03 0001 00", 0x82),
     ("subscribe packet id 0", 4, "82 06 0000 0001 61 00", 0x82),

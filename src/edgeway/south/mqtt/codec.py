@@ -415,6 +415,9 @@ def _dec_connack(data: bytes, pos: int, end: int, b0: int, level: int | None) ->
     code = data[pos + 1]
     if ack_flags & 0xFE:
         raise _malformed("CONNACK reserved flags set")
+    if ack_flags and code:
+        # 3.2.2.1.1 / [MQTT-3.2.2-4]: a refused connection has no session.
+        raise _protocol_error("CONNACK sets session present with a non-zero reason code")
     pos += 2
     props = Properties()
     if level == MQTT_5:
@@ -426,21 +429,6 @@ def _dec_connack(data: bytes, pos: int, end: int, b0: int, level: int | None) ->
     if pos != end:
         raise _malformed("CONNACK has trailing bytes")
     return ConnAck(ack_flags == 1, code, props)
-
-
-def _dec_publish(data: bytes, pos: int, end: int, b0: int, level: int | None) -> Publish:
-    # Same as the fast path in MqttReader._parse, for decode_packet-style callers.
-    topic, pos = _read_str(data, pos, end)
-    qos = (b0 >> 1) & 3
-    packet_id = None
-    if qos:
-        packet_id, pos = _read_u16(data, pos, end)
-        if packet_id == 0:
-            raise _protocol_error("PUBLISH packet id 0")
-    props = Properties()
-    if level == MQTT_5:
-        props, pos = _read_properties(data, pos, end, _PUB)
-    return Publish(topic, data[pos:end], qos, b0 & 1 == 1, b0 & 8 == 8, packet_id, props)
 
 
 _ACK_CLASSES: Final[dict[int, type[PubAck | PubRec | PubRel | PubComp]]] = {
@@ -622,7 +610,7 @@ _DECODERS: Final[tuple[Callable[[bytes, int, int, int, int | None], Packet] | No
     None,
     _dec_connect,
     _dec_connack,
-    _dec_publish,
+    None,  # PUBLISH is decoded inline in MqttReader._parse (the hot path)
     _dec_ack,
     _dec_ack,
     _dec_ack,
@@ -711,11 +699,11 @@ class MqttReader:
     __slots__ = (
         "_empty_properties",
         "_error",
+        "_level",
         "_need",
         "_pending",
         "_pending_len",
         "max_packet_size",
-        "protocol_level",
     )
 
     def __init__(
@@ -725,17 +713,27 @@ class MqttReader:
         *,
         share_empty_properties: bool = False,
     ) -> None:
-        if protocol_level not in (None, MQTT_311, MQTT_5):
-            raise ValueError(f"protocol_level must be None, 4 or 5, got {protocol_level}")
         if max_packet_size < 2:
             raise ValueError("max_packet_size must be at least 2 (the smallest packet)")
         self.max_packet_size = max_packet_size
+        self._level: int | None = None
         self.protocol_level = protocol_level
         self._pending: list[bytes] = []  # chunks of one incomplete packet
         self._pending_len = 0
         self._need = 0  # total size of the incomplete packet once its header is known
         self._error: ProtocolError | None = None
         self._empty_properties = Properties() if share_empty_properties else None
+
+    @property
+    def protocol_level(self) -> int | None:
+        """4 (3.1.1), 5 (5.0), or None until a CONNECT is decoded (server side)."""
+        return self._level
+
+    @protocol_level.setter
+    def protocol_level(self, level: int | None) -> None:
+        if level not in (None, MQTT_311, MQTT_5):
+            raise ValueError(f"protocol_level must be None, 4 or 5, got {level}")
+        self._level = level
 
     @property
     def buffered_bytes(self) -> int:
@@ -785,7 +783,7 @@ class MqttReader:
         n = len(data)
         pos = 0
         max_size = self.max_packet_size
-        level = self.protocol_level
+        level = self._level
         ok = _FIRST_BYTE_OK[level]
         append = out.append
         fast_v5 = level == MQTT_5
@@ -877,11 +875,12 @@ class MqttReader:
                     append(publish(topic, data[p:end], 0, b0 & 1 == 1, False, None, props))
             else:
                 decoder = _DECODERS[b0 >> 4]
-                assert decoder is not None  # type 0 was refused by the first-byte table
+                # Type 0 was refused by the first-byte table; PUBLISH took the branch above.
+                assert decoder is not None
                 packet = decoder(data, body, end, b0, level)
                 if type(packet) is Connect:
                     # The version is learnt from CONNECT; everything after it uses that level.
-                    self.protocol_level = level = packet.protocol_level
+                    self._level = level = packet.protocol_level
                     ok = _FIRST_BYTE_OK[level]
                     fast_v5 = level == MQTT_5
                     fast = True
@@ -1030,7 +1029,7 @@ def encode_publish(packet: Publish, protocol_level: int) -> bytes:
     payload = packet.payload
     if qos:
         packet_id = packet.packet_id
-        if qos > 2 or packet_id is None or not 0 < packet_id <= 0xFFFF:
+        if not 0 < qos <= 2 or packet_id is None or not 0 < packet_id <= 0xFFFF:
             raise ValueError(f"PUBLISH qos {qos} needs qos <= 2 and packet id in 1..65535")
         head = _U16.pack(topic_len)
         pid_raw = _U16.pack(packet_id)
