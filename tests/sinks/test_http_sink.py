@@ -17,6 +17,7 @@ from aiohttp import web
 
 from edgeway.config import OutboxSection, SinkConfig
 from edgeway.outbox import Outbox, SinkRunner, deadletter_main, list_dead_letters
+from edgeway.outbox.store import ROW_OVERHEAD
 from edgeway.reading import Reading
 from edgeway.sinks.base import PermanentSinkError, RetryableSinkError, create_sink
 from edgeway.sinks.http import HttpSink, idempotency_key, parse_retry_after
@@ -121,12 +122,15 @@ class Harness:
 async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     made: list[Harness] = []
 
-    async def make(url: str, **options: Any) -> Harness:
+    async def make(url: str, outbox: OutboxSection | None = None, **options: Any) -> Harness:
         sink = create_sink(SinkConfig(name="cloud", url=url, options=options), "gw1")
         assert isinstance(sink, HttpSink)
         await sink.start()
         ob = Outbox(
-            tmp_path / "outbox.db", gateway_id="gw1", config=OutboxSection(), sink_names=["cloud"]
+            tmp_path / "outbox.db",
+            gateway_id="gw1",
+            config=outbox or OutboxSection(),
+            sink_names=["cloud"],
         )
         await ob.open()
         h = Harness(ob, sink)
@@ -261,6 +265,33 @@ async def test_outage_then_everything_arrives_in_device_order(make_harness: Any)
         recs = srv.delivered()
         assert {r["id"] for r in recs} == {f"gw1:{i}" for i in range(1, 401)}
         assert_per_device_order(recs)
+    finally:
+        await srv.stop()
+
+
+async def test_limits_drop_exactly_while_the_server_is_down(make_harness: Any) -> None:
+    srv = IngestServer()
+    await srv.start()
+    url = srv.url
+    await srv.stop()
+    # Every reading below stores the same number of bytes, so the count is exact.
+    one = len(orjson.dumps(reading("dev0", 200).metrics)) + len("dev0") + ROW_OVERHEAD
+    h = await make_harness(url, OutboxSection(max_bytes=one * 120), max_records=50)
+    h.start(backoff_initial=0.02, backoff_max=0.1)
+    try:
+        for i in range(200, 500):
+            await h.outbox.submit([reading(f"dev{i % 4}", i)])
+        c = h.outbox.counters()["cloud"]
+        assert c["accepted"] == 300
+        assert c["dropped_max_bytes"] == 180 and c["pending"] == 120 and c["delivered"] == 0
+        assert c["accepted"] == c["delivered"] + c["pending"] + c["dropped"]
+        await srv.start()
+        await srv.wait_records(120)
+        await until_counter(h.outbox, "delivered", 120)
+        c = h.outbox.counters()["cloud"]
+        assert c["delivered"] == 120 and c["pending"] == 0 and c["dropped"] == 180
+        assert {r["id"] for r in srv.delivered()} == {f"gw1:{i}" for i in range(181, 301)}
+        assert h.outbox.stored_bytes == 0
     finally:
         await srv.stop()
 
