@@ -22,7 +22,9 @@ Rules the codec keeps, so callers can rely on them:
   out-of-range integers, ...). Topic *semantics* (wildcards in a PUBLISH topic, filter syntax)
   are checked by neither: the broker calls :func:`validate_topic_name` /
   :func:`validate_topic_filter` and decides between a failure code and a DISCONNECT. That
-  keeps decode(encode(p)) == p for every packet ``encode`` accepts.
+  keeps decode(encode(p)) == p for every packet ``encode`` accepts. One exception: an MQTT
+  3.1 CONNECT (``Connect(3, ..., protocol_name="MQIsdp")``) encodes, so tests can check that
+  the broker refuses it.
 * On a 3.1.1 connection v5-only fields (properties, ack reason codes, subscription options
   other than qos) are not written and decode to their defaults.
 * A QoS 0 PUBLISH has no packet id on the wire: ``packet_id`` is ignored on encode and
@@ -31,13 +33,13 @@ Rules the codec keeps, so callers can rely on them:
   packets (structure, flags, UTF-8, unknown/not-allowed properties, undefined reason codes),
   0x82 where the spec says "Protocol Error" (a property given twice, a zero packet id,
   SUBSCRIBE/UNSUBSCRIBE without filters, subscription qos 3 or retain handling 3 in v5, zero
-  receive maximum, ...), 0x95 for a packet over ``max_packet_size``, 0x84 (as
-  :class:`UnsupportedProtocolVersion`) for a CONNECT that is not MQTT 3.1.1 or 5.0.
+  receive maximum, ...), 0x94 for topic alias 0, 0x95 for a packet over ``max_packet_size``,
+  0x84 (as :class:`UnsupportedProtocolVersion`) for a CONNECT that is not MQTT 3.1.1 or 5.0.
+* The codec does not log: every problem is an exception for the connection to act on.
 """
 
 from __future__ import annotations
 
-import logging
 import struct
 from collections.abc import Callable
 from operator import attrgetter
@@ -85,8 +87,6 @@ __all__ = [
     "validate_topic_filter",
     "validate_topic_name",
 ]
-
-logger = logging.getLogger(__name__)
 
 MAX_REMAINING_LENGTH: Final = 268_435_455
 """Largest remaining length a four-byte Variable Byte Integer can carry (spec 1.5.5)."""
