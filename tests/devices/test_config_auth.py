@@ -186,7 +186,9 @@ async def test_unknown_user_costs_as_much_as_a_wrong_password() -> None:
         unknown = await median("mallory")
     finally:
         a.close()
-    assert 0.5 < unknown / wrong < 2.0, (unknown, wrong)
+    # Without the dummy hash an unknown user returns in microseconds (a ratio
+    # near 0.001); the wide band keeps the test steady on a busy CI machine.
+    assert 1 / 3 < unknown / wrong < 3, (unknown, wrong)
 
 
 class FakeClock:

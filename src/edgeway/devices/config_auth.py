@@ -629,6 +629,7 @@ class ConfigAuthoriser:
                 # some user's own topics, so it does not apply to them.
                 return _SKIP
             key = f"{principal.client_id}\x00{principal.username}"
+            # Warn once per client; the set is capped so hostile ids cannot grow it.
             if key not in self._warned and len(self._warned) < 1000:
                 self._warned.add(key)
                 log.warning(
