@@ -86,19 +86,25 @@ class SinkRunner:
             caught_up = not batch.more
             if not batch.records:
                 continue
-            delivered = await self._deliver(batch)
+            delivered, batch = await self._deliver(batch)
             if prev is not None:
                 await prev  # confirmations apply in order; at most one in flight
-            prev = (
-                outbox.confirm(batch) if delivered else outbox.dead_letter(batch, self._last_error)
-            )
+            if delivered:
+                prev = outbox.confirm(batch)
+            else:
+                prev = outbox.dead_letter(batch, self._last_error)
             prev_out_of_order = batch.out_of_order
 
-    async def _deliver(self, batch: Batch) -> bool:
-        """Send until confirmed (True) or refused for good (False)."""
+    async def _deliver(self, batch: Batch) -> tuple[bool, Batch]:
+        """Send until confirmed (True) or refused for good (False); returns the
+        batch as finally sent (retention may have dropped records meanwhile)."""
         sink = self.sink
         attempt = 0
         while True:
+            if attempt:
+                batch = await self.outbox.refresh_batch(batch)
+                if not batch.records:
+                    return True, batch  # all dropped while failing: only the cursor moves
             t0 = time.monotonic()
             try:
                 await sink.send_batch(batch.records)
@@ -114,7 +120,7 @@ class SinkRunner:
                     e,
                     extra={"fields": {"sink": sink.name, "records": len(batch)}},
                 )
-                return False
+                return False, batch
             except Exception as e:  # any failure but a permanent one: retry the same batch
                 sink.state.record_error(e)
                 retry_after = e.retry_after if isinstance(e, RetryableSinkError) else None
@@ -131,7 +137,7 @@ class SinkRunner:
                     time.monotonic() - self._failing_since,
                 )
                 self._failing_since = None
-            return True
+            return True, batch
 
     def backoff_delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds before retry ``attempt`` (0-based): the remote side's

@@ -1049,6 +1049,36 @@ class Outbox:
             for seq, _size, priority, device_id, ts, metrics, tags in rows
         ]
 
+    async def refresh_batch(self, batch: Batch) -> Batch:
+        """``batch`` without the records that retention dropped since it was read.
+
+        A runner calls this before retrying a batch, so that a record dropped
+        (and counted as dropped) while its sink was down is not delivered after
+        all. Without retention limits nothing can be dropped: no query.
+        """
+        cfg = self.config
+        if not batch.records or (
+            cfg.max_age is None and (cfg.max_bytes is None or cfg.when_full != "drop_oldest")
+        ):
+            return batch
+        assert self._loop is not None and self._readers is not None
+        bit = self._reads[batch.sink].bit
+        seqs = orjson.dumps([r.seq for r in batch.records]).decode()
+
+        def still_pending() -> set[int]:
+            rows = self._reader().execute(
+                f"SELECT seq FROM records WHERE seq IN ({_SEQS}) AND (pending & ?) != 0",
+                (seqs, bit),
+            )
+            return {row[0] for row in rows}
+
+        keep = await self._loop.run_in_executor(self._readers, still_pending)
+        if len(keep) == len(batch.records):
+            return batch
+        records = [r for r in batch.records if r.seq in keep]
+        kept_bytes = batch.nbytes * len(records) // len(batch.records)
+        return Batch(batch.sink, records, kept_bytes, batch.cursor, batch.out_of_order, batch.more)
+
     def confirm(self, batch: Batch) -> asyncio.Future[None]:
         """The sink confirmed ``batch``: clear its bit, delete rows no sink still
         needs, persist the cursor. Joins the next group commit."""
