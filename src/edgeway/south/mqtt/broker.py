@@ -470,6 +470,24 @@ class Broker:
         self.route(Message(topic, payload, qos, retain, properties, expires_at, None))
         self.flush_writes_soon()
 
+    def route_publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        properties: Properties | None,
+        expires_at: float | None,
+        sender: str | None,
+    ) -> None:
+        """:meth:`route` for the hot path: no Message is built when nobody
+        subscribes and nothing is retained."""
+        if not retain:
+            m = self.tree.match(topic)
+            if not m.direct and not m.shared:
+                return
+        self.route(Message(topic, payload, qos, retain, properties, expires_at, sender))
+
     def route(self, msg: Message) -> None:
         """Deliver ``msg`` to every matching subscription (and retain it)."""
         if msg.retain:

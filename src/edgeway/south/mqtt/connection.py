@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeway.devices.auth import AuthDecision, ConnectInfo, Principal
 from edgeway.ingest import IngestStatus
+from edgeway.reading import Origin
 from edgeway.south.mqtt.codec import (
     PINGRESP_BYTES,
     MqttReader,
@@ -96,8 +97,9 @@ MAX_PENDING_ACKS_311 = 1000
 wait for ingest we stop reading its socket, which bounds memory per client."""
 
 ACL_CACHE_MAX = 256
-"""Publish decisions remembered per connection: devices publish to a few
-topics; a client cycling through many just re-asks the authoriser."""
+"""Publish decisions (and telemetry origins) remembered per connection:
+devices publish to a few topics; a client cycling through many just
+re-asks the authoriser."""
 
 EMPTY_PROPS = Properties()
 
@@ -162,6 +164,7 @@ class MqttConnection(asyncio.Protocol):
         "_dirty",
         "_in_quota",
         "_normal_disconnect",
+        "_origins",
         "_out",
         "_pause",
         "_pending",
@@ -221,6 +224,7 @@ class MqttConnection(asyncio.Protocol):
         self._normal_disconnect = False
         self._saturation_check = False
         self._acl: dict[str, bool] | None = None
+        self._origins: dict[str, Origin] | None = None
         self._auth_task: asyncio.Task[AuthDecision] | None = None
 
     # ------------------------------------------------------------ transport
@@ -595,14 +599,31 @@ class MqttConnection(asyncio.Protocol):
             fwd = _forwardable(props)
             if props.message_expiry_interval is not None:
                 expires_at = time.time() + props.message_expiry_interval
-        msg = Message(topic, p.payload, qos, p.retain, fwd, expires_at, self.client_id)
         device_id = broker.telemetry.device_id(topic) if broker.telemetry is not None else None
-        if device_id is None:
-            self._complete_or_queue(_PendingAck(None, msg, pid, qos, 0))
+        if device_id is None and not self._acks:
+            # The common case: route and acknowledge now, without a pending entry.
+            broker.route_publish(topic, p.payload, qos, p.retain, fwd, expires_at, self.client_id)
+            if qos == 1:
+                self.write(encode_puback(pid, self.level))  # type: ignore[arg-type]
+                self._in_quota -= 1
+            elif qos == 2:
+                self.send(PubRec(pid))  # type: ignore[arg-type]
             return
+        msg = Message(topic, p.payload, qos, p.retain, fwd, expires_at, self.client_id)
+        if device_id is None:
+            self._acks.append(_PendingAck(None, msg, pid, qos, 0))
+            return
+        origins = self._origins
+        if origins is None:
+            origins = self._origins = {}
+        origin = origins.get(topic)
+        if origin is None:
+            if len(origins) >= ACL_CACHE_MAX:
+                origins.clear()
+            origin = origins[topic] = Origin("mqtt", topic, self.client_id)
         try:
             readings = decode_telemetry(
-                p.payload, device_id, topic, self.client_id, props.correlation_data
+                p.payload, device_id, topic, self.client_id, props.correlation_data, origin
             )
         except TelemetryError as e:
             broker.telemetry_error(e, topic)

@@ -120,6 +120,10 @@ class TelemetryTopics:
 
 
 def _parse_ts(value: Any) -> float:
+    t = type(value)
+    if t is float or t is int:
+        ts = float(value)
+        return ts / 1000.0 if ts > MS_THRESHOLD else ts
     if isinstance(value, bool):
         raise TelemetryError("bad_ts", "ts is a boolean")
     if isinstance(value, int | float):
@@ -138,36 +142,45 @@ def _parse_ts(value: Any) -> float:
 
 def _flatten(obj: dict[str, Any], prefix: str, out: dict[str, MetricValue], depth: int) -> None:
     for k, v in obj.items():
-        name = prefix + k
-        if isinstance(v, bool | int | float | str):
-            out[name] = v
+        t = type(v)
+        if t is float or t is int or t is str or t is bool:
+            out[prefix + k] = v
         elif v is None:
             continue
-        elif isinstance(v, dict):
+        elif t is dict:
             if depth >= MAX_FLATTEN_DEPTH:
-                raise TelemetryError("unsupported_value", f"{name}: nested too deep")
-            _flatten(v, name + ".", out, depth + 1)
+                raise TelemetryError("unsupported_value", f"{prefix}{k}: nested too deep")
+            _flatten(v, prefix + k + ".", out, depth + 1)
         else:
-            raise TelemetryError("unsupported_value", f"{name}: {type(v).__name__}")
+            raise TelemetryError("unsupported_value", f"{prefix}{k}: {t.__name__}")
 
 
 def _reading(
     obj: Any, device_id: str, now: float, origin: Origin, correlation: str | None
 ) -> Reading:
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         raise TelemetryError("not_an_object", type(obj).__name__)
     ts = now
     msg_id: str | None = None
     metrics: dict[str, MetricValue] = {}
-    if "ts" in obj or "msg_id" in obj:
-        obj = dict(obj)
-        if "ts" in obj:
-            ts = _parse_ts(obj.pop("ts"))
-        if "msg_id" in obj:
-            raw = obj.pop("msg_id")
-            if raw is not None:
-                msg_id = str(raw)
-    _flatten(obj, "", metrics, 0)
+    # One pass over the top level (the hot path: flat objects of numbers).
+    for k, v in obj.items():
+        if k == "ts":
+            ts = _parse_ts(v)
+            continue
+        if k == "msg_id":
+            if v is not None:
+                msg_id = str(v)
+            continue
+        t = type(v)
+        if t is float or t is int or t is str or t is bool:
+            metrics[k] = v
+        elif v is None:
+            continue
+        elif t is dict:
+            _flatten(v, k + ".", metrics, 1)
+        else:
+            raise TelemetryError("unsupported_value", f"{k}: {t.__name__}")
     if not metrics:
         raise TelemetryError("no_metrics")
     if correlation is not None:
@@ -183,14 +196,21 @@ def decode_telemetry(
     topic: str,
     client_id: str,
     correlation_data: bytes | None = None,
+    origin: Origin | None = None,
 ) -> list[Reading]:
-    """Decode one telemetry payload into readings, or raise :class:`TelemetryError`."""
+    """Decode one telemetry payload into readings, or raise :class:`TelemetryError`.
+
+    ``origin`` may be passed in (``Origin("mqtt", topic, client_id)``) by a
+    caller that caches it per topic: it is immutable and costs more to build
+    than the rest of a small reading.
+    """
     try:
         data = orjson.loads(payload)
     except orjson.JSONDecodeError as e:
         raise TelemetryError("invalid_json", str(e)[:80]) from None
     now = time.time()
-    origin = Origin("mqtt", topic, client_id)
+    if origin is None:
+        origin = Origin("mqtt", topic, client_id)
     correlation: str | None = None
     if correlation_data is not None:
         try:
