@@ -171,7 +171,11 @@ class Gateway:
         self.broker = broker
         await broker.start()
         try:
-            self.listeners = await start_listeners(cfg.mqtt.listeners, broker.protocol_factory)
+            self.listeners = await start_listeners(
+                cfg.mqtt.listeners,
+                broker.protocol_factory,
+                connect_timeout=cfg.mqtt.limits.connect_timeout,
+            )
         except BaseException:
             await broker.stop()
             raise
