@@ -128,7 +128,6 @@ class Gateway:
 
     def _build_adapters(self, ingest: Ingest) -> list[SouthAdapter]:
         """One adapter per configured entry of every registered adapter section."""
-        import edgeway.south  # noqa: F401  (registers the built-in adapters)
         from edgeway.south.base import registered_sections
 
         cfg = self.config
@@ -136,6 +135,9 @@ class Gateway:
         for section in registered_sections():
             value = getattr(cfg, section, None)
             entries = value if isinstance(value, list) else ([] if value is None else [value])
+            entries = [e for e in entries if getattr(e, "enabled", True) is not False]
+            if not entries:
+                continue
             cls = adapter_class(section)
             for entry in entries:
                 if getattr(entry, "enabled", True) is False:

@@ -1,20 +1,23 @@
-"""Cloud-side sinks. Importing this package registers the built-in sinks.
+"""Cloud-side sinks.
 
-Each sink module registers itself with :func:`edgeway.sinks.base.register_sink`;
-add a new one to ``_BUILTIN`` below. Optional dependencies (nats-py, aio-pika,
-asyncpg) are imported inside the sink module's methods, so a missing extra
-only matters when that sink is configured.
+Each sink module registers itself with :func:`edgeway.sinks.base.register_sink`.
+Modules are imported on demand, by URL scheme (``SCHEME_MODULES``), so that the
+gateway's start-up only pays for the sinks it uses; add a new sink to that
+table. Optional dependencies (nats-py, aio-pika, asyncpg) are imported inside
+the sink module, so a missing extra only matters when that sink is configured.
 """
 
 from __future__ import annotations
 
-import importlib
-
-_BUILTIN = ("http", "file", "mqtt", "nats", "amqp", "postgres")
-
-for _name in _BUILTIN:
-    try:
-        importlib.import_module(f"edgeway.sinks.{_name}")
-    except ModuleNotFoundError as _e:  # module not written yet
-        if _e.name != f"edgeway.sinks.{_name}":
-            raise
+SCHEME_MODULES: dict[str, str] = {
+    "http": "http",
+    "https": "http",
+    "file": "file",
+    "mqtt": "mqtt",
+    "mqtts": "mqtt",
+    "nats": "nats",
+    "amqp": "amqp",
+    "amqps": "amqp",
+    "postgresql": "postgres",
+    "postgres": "postgres",
+}

@@ -148,13 +148,17 @@ def register_sink(cls: _S) -> _S:
 
 def sink_class_for(url: str) -> type[Sink]:
     """The registered sink class for ``url``'s scheme; ``ValueError`` if none."""
-    import edgeway.sinks as _pkg  # noqa: F401  (imports the built-in sinks)
+    import importlib
+
+    from edgeway.sinks import SCHEME_MODULES
 
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in _REGISTRY and scheme in SCHEME_MODULES:
+        importlib.import_module(f"edgeway.sinks.{SCHEME_MODULES[scheme]}")
     try:
         return _REGISTRY[scheme]
     except KeyError:
-        known = ", ".join(sorted(_REGISTRY)) or "none"
+        known = ", ".join(sorted(SCHEME_MODULES))
         raise ValueError(f"no sink for scheme {scheme!r} (known: {known})") from None
 
 

@@ -115,16 +115,21 @@ def register_adapter(cls: _A) -> _A:
 
 
 def adapter_class(section: str) -> type[SouthAdapter]:
-    import edgeway.south as _pkg  # noqa: F401  (imports the built-in adapters)
+    """The adapter type for a config section, importing its module on demand."""
+    import importlib
 
+    from edgeway.south import SECTION_MODULES
+
+    if section not in _REGISTRY and section in SECTION_MODULES:
+        importlib.import_module(f"edgeway.south.{SECTION_MODULES[section]}")
     return _REGISTRY[section]
 
 
 def registered_sections() -> list[str]:
-    """Config sections that have a registered adapter type."""
-    import edgeway.south as _pkg  # noqa: F401
+    """Config sections that have an adapter type (built-in or registered)."""
+    from edgeway.south import SECTION_MODULES
 
-    return sorted(_REGISTRY)
+    return sorted(set(SECTION_MODULES) | set(_REGISTRY))
 
 
 AdapterFactory = Callable[..., SouthAdapter]
