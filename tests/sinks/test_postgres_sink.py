@@ -67,8 +67,10 @@ async def test_rows_inserted_with_every_column(db: tuple[Any, str]) -> None:
     try:
         await sink.start()
         await sink.send_batch(batch)
+        assert sink.state.connected
     finally:
         await sink.close()
+    assert not sink.state.connected
     assert not sink.hypertable  # no timescaledb here: a plain table
     assert await conn.fetchval("SELECT relkind::text FROM pg_class WHERE relname = $1", table) == "r"
     rows = await conn.fetch(f'SELECT * FROM "{table}" ORDER BY ts')
@@ -87,7 +89,7 @@ async def test_rows_inserted_with_every_column(db: tuple[Any, str]) -> None:
         f'"{table}"',
     )
     assert pk == "PRIMARY KEY (id)"
-    assert sink.state.records_sent == 500 and sink.state.connected
+    assert sink.state.records_sent == 500
 
 
 async def test_same_batch_twice_inserts_rows_once(db: tuple[Any, str]) -> None:
