@@ -691,8 +691,15 @@ def test_error_keeps_earlier_packets_and_sticks() -> None:
         reader.feed(good + h("36 00"))  # then a PUBLISH with qos 3
     assert err.value.reason_code == 0x81
     assert err.value.packets == [Publish("a", b"1")]
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError) as again:
         reader.feed(good)
+    assert again.value.reason_code == 0x81
+    assert again.value.packets == []  # nothing for the caller to act on twice
+    reader = MqttReader()
+    with pytest.raises(UnsupportedProtocolVersion):
+        reader.feed(h("10 0D 0004 4D515454 06 02 003C 0001 61"))
+    with pytest.raises(UnsupportedProtocolVersion):
+        reader.feed(b"")
 
 
 def test_decode_packet_wants_exactly_one() -> None:

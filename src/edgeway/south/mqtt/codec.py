@@ -743,7 +743,7 @@ class MqttReader:
     def feed(self, data: bytes) -> list[Packet]:
         """Add received bytes; return every packet completed by them, in order."""
         if self._error is not None:
-            raise self._error
+            raise self._stream_failed(self._error)
         if type(data) is not bytes:
             data = bytes(data)  # slices of the chunk become payloads: keep them immutable bytes
         if self._pending:
@@ -772,6 +772,13 @@ class MqttReader:
             self._pending = [rest]
             self._pending_len = len(rest)
         return out
+
+    @staticmethod
+    def _stream_failed(first: ProtocolError) -> ProtocolError:
+        """The error for a feed after a failure: same type and code, no packets to redo."""
+        if isinstance(first, UnsupportedProtocolVersion):
+            return UnsupportedProtocolVersion(first.protocol_level, first.protocol_name)
+        return ProtocolError(first.reason_code, first.message)
 
     def _parse(self, data: bytes, out: list[Packet]) -> int:
         """Decode whole packets from ``data`` into ``out``; return where the remainder starts.
