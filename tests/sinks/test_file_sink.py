@@ -114,3 +114,14 @@ async def test_from_the_outbox(tmp_path: Path) -> None:
         await ob.close()
     lines = read_lines(tmp_path / "out")
     assert [r["id"] for r in lines] == [f"gw:{i}" for i in range(1, 251)]
+
+
+def test_documented_config_is_valid() -> None:
+    from edgeway.config import parse_config
+
+    text = (Path(__file__).parents[2] / "docs" / "sinks" / "file.md").read_text(encoding="utf-8")
+    cfg = parse_config(text.split("```yaml\n")[1].split("```", 1)[0])
+    sink = create_sink(cfg.sinks[0], "gw")
+    assert isinstance(sink, FileSink)
+    assert sink.path == Path("/var/lib/edgeway/export/export.jsonl")
+    assert sink.options.max_file_bytes == 64 * 1024 * 1024

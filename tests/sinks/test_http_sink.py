@@ -352,3 +352,24 @@ def test_retry_after_parsing_and_key() -> None:
 
     a = [Record("g:1", 1, "d", 1.0, {}), Record("g:2", 2, "d", 1.0, {})]
     assert idempotency_key(a) == idempotency_key(list(a)) != idempotency_key(a[:1])
+
+
+def _yaml_blocks(doc: str) -> list[str]:
+    text = (Path(__file__).parents[2] / "docs" / doc).read_text(encoding="utf-8")
+    return [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+
+
+def test_documented_config_is_valid() -> None:
+    from edgeway.config import parse_config
+
+    outbox_doc = _yaml_blocks("outbox.md")[0]
+    assert parse_config(outbox_doc).outbox.max_age == 7 * 86400
+    cfg = parse_config(_yaml_blocks("sinks/http.md")[0])
+    sink = cfg.sinks[0]
+    with pytest.raises(
+        ValueError, match=r"options\.tls"
+    ):  # the example's cert files do not exist here
+        create_sink(sink, "gw")
+    sink.options.pop("tls")
+    built = create_sink(sink, "gw")
+    assert isinstance(built, HttpSink) and built.max_batch_records == 500
