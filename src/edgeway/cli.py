@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         "postgresql, file); repeatable",
     )
     run.add_argument("--gateway-id", help="this gateway's id (default: the host name)")
+    run.add_argument(
+        "--coap-listen", metavar="HOST:PORT", help="turn on the CoAP listener at this address"
+    )
+    run.add_argument(
+        "--http-listen", metavar="HOST:PORT", help="turn on the HTTP ingest listener at this address"
+    )
 
     check = sub.add_parser("check", help="validate a configuration file and exit (0 ok, 2 errors)")
     check.add_argument("file", type=Path)
@@ -149,6 +155,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             log_format=args.log_format,
             gateway_id=args.gateway_id,
+            coap_listen=args.coap_listen,
+            http_listen=args.http_listen,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -167,7 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_async(gateway: object) -> int:
-    from edgeway.gateway import Gateway
+    from edgeway.gateway import Gateway, StartupError
     from edgeway.south.mqtt.listeners import ListenerError
 
     assert isinstance(gateway, Gateway)
@@ -178,14 +186,28 @@ def _run_async(gateway: object) -> int:
             loop.add_signal_handler(sig, gateway.request_stop)
         try:
             await gateway.run()
-        except (ListenerError, OSError) as e:
+        except (ListenerError, StartupError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
+            return EXIT_RUNTIME
+        except BaseExceptionGroup as eg:
+            expected, other = eg.split((ListenerError, StartupError, OSError))
+            if other is not None:
+                raise
+            assert expected is not None
+            for leaf in _leaves(expected):
+                print(f"error: {leaf}", file=sys.stderr)
             return EXIT_RUNTIME
         return EXIT_OK
 
     runner = _new_runner()
     with runner:
         return runner.run(main())
+
+
+def _leaves(eg: BaseException) -> list[BaseException]:
+    if isinstance(eg, BaseExceptionGroup):
+        return [leaf for sub in eg.exceptions for leaf in _leaves(sub)]
+    return [eg]
 
 
 def _new_runner() -> asyncio.Runner:

@@ -563,8 +563,10 @@ class MqttClientSubscription(_Model):
     each stand for one topic level: ``plant/+/sensors/{device_id}``."""
     codec: str = "json"
     codec_options: dict[str, Any] = Field(default_factory=dict)
-    qos: Literal[0, 1, 2] = 1
-    """1 (default): the broker redelivers until the outbox has the reading."""
+    qos: Literal[0, 1] = 1
+    """1 (default): acknowledged only once the outbox has the reading, so the broker
+    redelivers until then. Not 2: paho answers a QoS 2 PUBLISH with PUBREC on
+    receipt, after which the broker never resends it; 0: no redelivery at all."""
     device_id: str | None = Field(default=None, min_length=1, max_length=128)
     """Fixed device id for a topic without ``{device_id}`` (else the codec finds it)."""
     exclude: list[str] = Field(default_factory=list)
@@ -794,13 +796,16 @@ def apply_overrides(
     log_level: str | None = None,
     log_format: str | None = None,
     gateway_id: str | None = None,
+    coap_listen: str | None = None,
+    http_listen: str | None = None,
 ) -> Config:
     """Apply command-line overrides to a loaded configuration.
 
     ``--mqtt-listen`` replaces the configured listeners with plain TCP ones;
     anonymous clients are allowed on a loopback address when the config file
     defines no users, never on another address. ``--sink URL`` adds a sink
-    named ``sink1``, ``sink2``, ... after the configured ones.
+    named ``sink1``, ``sink2``, ... after the configured ones. ``--coap-listen``
+    and ``--http-listen`` turn those listeners on at the given address.
     """
     cfg = config.model_copy(deep=True)
     if data_dir is not None:
@@ -823,6 +828,20 @@ def apply_overrides(
             n += 1
         cfg.sinks.append(SinkConfig(name=f"sink{n}", url=url))
         taken.add(f"sink{n}")
+    if coap_listen:
+        parse_host_port(coap_listen)
+        if cfg.coap is None:
+            cfg.coap = CoapSection(listen=coap_listen)
+        else:
+            cfg.coap.listen = coap_listen
+            cfg.coap.enabled = True
+    if http_listen:
+        parse_host_port(http_listen)
+        if cfg.http_ingest is None:
+            cfg.http_ingest = HttpIngestSection(listen=http_listen)
+        else:
+            cfg.http_ingest.listen = http_listen
+            cfg.http_ingest.enabled = True
     if log_level:
         cfg.log.level = log_level  # type: ignore[assignment]
     if log_format:

@@ -25,12 +25,14 @@ from edgeway.devices.auth import Authenticator, Authoriser
 from edgeway.ingest import Ingest
 from edgeway.outbox import Outbox, SinkRunner
 from edgeway.sinks.base import Sink, create_sink
-from edgeway.south.base import SouthAdapter, adapter_class
+from edgeway.south.base import Backoff, SouthAdapter, adapter_class
 from edgeway.south.mqtt.broker import Broker
 from edgeway.south.mqtt.listeners import RunningListener, start_listeners
 
 log = logging.getLogger(__name__)
 
+ADAPTER_READY_WAIT = 3.0
+"""Seconds start-up waits for south adapters to bind or connect before "ready"."""
 SHUTDOWN_GRACE = 4.0
 """Seconds allowed for an orderly stop; the issue promises exit within 5 s."""
 
@@ -95,23 +97,24 @@ class Gateway:
                 await self._start_broker(authenticator, authoriser)
             if cfg.receipts.enabled and self.broker is not None:
                 outbox.add_confirmed_listener(self._send_receipts)
-            log.info(
-                "edgeway ready",
-                extra={
-                    "fields": {
-                        "gateway_id": cfg.gateway.id,
-                        "data_dir": str(data_dir),
-                        "startup_ms": round((time.monotonic() - self.started_at) * 1000, 1),
-                    }
-                },
-            )
-            self.ready.set()
             try:
                 async with asyncio.TaskGroup() as tg:
                     for sink in self.sinks:
                         tg.create_task(SinkRunner(outbox, sink).run(), name=f"sink:{sink.name}")
                     for adapter in self.adapters:
-                        tg.create_task(adapter.run(), name=f"south:{adapter.name}")
+                        tg.create_task(self._supervise(adapter), name=f"south:{adapter.name}")
+                    await self._wait_adapters_ready()
+                    log.info(
+                        "edgeway ready",
+                        extra={
+                            "fields": {
+                                "gateway_id": cfg.gateway.id,
+                                "data_dir": str(data_dir),
+                                "startup_ms": round((time.monotonic() - self.started_at) * 1000, 1),
+                            }
+                        },
+                    )
+                    self.ready.set()
                     await self.stop_event.wait()
                     log.info("stopping")
                     await self._stop_front()
@@ -125,6 +128,39 @@ class Gateway:
                     await asyncio.wait_for(sink.close(), 1.0)
             await outbox.close()
             log.info("stopped")
+
+    async def _supervise(self, adapter: SouthAdapter) -> None:
+        """Run an adapter; a failure before it was ever ready is fatal (a port in
+        use, a missing device: the operator must fix it), a failure later is a
+        bug or a resource problem: log it and restart the adapter with backoff,
+        so one protocol never takes the gateway down."""
+        backoff = Backoff(initial=1.0, maximum=60.0)
+        while True:
+            try:
+                await adapter.run()
+                return
+            except Exception as e:
+                if not adapter.ready.is_set():
+                    raise StartupError(f"{adapter.section} adapter {adapter.name}: {e}") from e
+                adapter.state.record_error(e)
+                log.exception("south adapter %s failed; restarting", adapter.name)
+                await backoff.wait()
+
+    async def _wait_adapters_ready(self) -> None:
+        """Give listeners a moment to bind before saying ready; pollers whose
+        peer is down do not hold up start-up (they keep retrying)."""
+        pending = [a for a in self.adapters if not a.ready.is_set()]
+        if not pending:
+            return
+        waits = [asyncio.ensure_future(a.ready.wait()) for a in pending]
+        try:
+            await asyncio.wait(waits, timeout=ADAPTER_READY_WAIT)
+        finally:
+            for w in waits:
+                w.cancel()
+        for a in pending:
+            if not a.ready.is_set():
+                log.warning("south adapter %s is not connected yet; it keeps retrying", a.name)
 
     def _build_adapters(self, ingest: Ingest) -> list[SouthAdapter]:
         """One adapter per configured entry of every registered adapter section."""
@@ -226,6 +262,10 @@ class Gateway:
                 {"confirmed_seq": entry["seq"], "ids": entry["ids"], "msg_ids": entry["msg_ids"]}
             )
             self.broker.publish(topic_tpl.replace("{device_id}", device_id), payload, qos=1)
+
+
+class StartupError(Exception):
+    """A part could not start for a reason the operator must fix (one line)."""
 
 
 class _Shutdown(Exception):
