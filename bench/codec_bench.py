@@ -1,6 +1,7 @@
 """Micro-benchmark of the MQTT codec's hot paths (the broker's QoS 1 ingest).
 
 Run: .venv/bin/python bench/codec_bench.py [--count 10000] [--repeat 20]
+         [--out bench/results/codec_bench.json]
 
 Prints, for ``--count`` QoS 1 PUBLISH packets with a ~100-byte JSON payload (the telemetry
 shape in MEASUREMENTS.md), how many PUBLISH packets per second ``MqttReader.feed`` decodes,
@@ -14,7 +15,10 @@ figure on a shared machine. The garbage collector stays on, as in production.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
+from pathlib import Path
 
 from edgeway.south.mqtt.codec import MqttReader, encode, encode_puback
 from edgeway.south.mqtt.packets import MQTT_5, MQTT_311, Publish
@@ -83,18 +87,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args()
     print(f"payload {len(PAYLOAD)} bytes, {args.count} packets, best of {args.repeat} runs")
+    results: dict[str, float] = {}
     for level, name in ((MQTT_311, "3.1.1"), (MQTT_5, "5.0")):
         for chunk_size, label in ((0, "one chunk"), (65536, "64 KiB chunks")):
             for share in (False, True):
                 rate = bench_decode(level, args.count, args.repeat, chunk_size, share)
                 extra = ", share_empty_properties" if share else ""
-                print(f"MQTT {name}: decode PUBLISH qos1 ({label}{extra}): {rate:>12,.0f} msg/s")
-        rate = bench_puback(level, args.count, args.repeat)
-        print(f"MQTT {name}: encode_puback: {rate:>12,.0f} /s")
-        rate = bench_encode_publish(level, args.count, args.repeat)
-        print(f"MQTT {name}: encode(Publish qos1): {rate:>12,.0f} /s")
+                key = f"MQTT {name}: decode PUBLISH qos1 ({label}{extra}) msg/s"
+                results[key] = rate
+        results[f"MQTT {name}: encode_puback /s"] = bench_puback(level, args.count, args.repeat)
+        results[f"MQTT {name}: encode(Publish qos1) /s"] = bench_encode_publish(
+            level, args.count, args.repeat
+        )
+    for key, rate in results.items():
+        print(f"{key:<75} {rate:>12,.0f}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            json.dumps(
+                {
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "python": sys.version.split()[0],
+                    "count": args.count,
+                    "repeat": args.repeat,
+                    "results": {k: round(v) for k, v in results.items()},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":
