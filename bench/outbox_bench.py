@@ -60,7 +60,6 @@ async def bench_append(path: Path, rows: int, inflight: int, durability: str) ->
         path, gateway_id="bench", config=OutboxSection(durability=durability), sink_names=["s"]
     )  # type: ignore[arg-type]
     await ob.open()
-    readings = [[_reading(i)] for i in range(rows)]
     done = asyncio.Event()
     submitted = 0
     completed = 0
@@ -69,7 +68,7 @@ async def bench_append(path: Path, rows: int, inflight: int, durability: str) ->
         nonlocal submitted, completed
         completed += 1
         if submitted < rows:
-            f = ob.submit(readings[submitted])
+            f = ob.submit([_reading(submitted)])
             submitted += 1
             f.add_done_callback(on_done)
         elif completed == rows:
@@ -77,7 +76,7 @@ async def bench_append(path: Path, rows: int, inflight: int, durability: str) ->
 
     c0, t0 = _cpu(), time.perf_counter()
     for _ in range(min(inflight, rows)):
-        f = ob.submit(readings[submitted])
+        f = ob.submit([_reading(submitted)])
         submitted += 1
         f.add_done_callback(on_done)
     await done.wait()

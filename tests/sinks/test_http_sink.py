@@ -373,3 +373,106 @@ def test_documented_config_is_valid() -> None:
     sink.options.pop("tls")
     built = create_sink(sink, "gw")
     assert isinstance(built, HttpSink) and built.max_batch_records == 500
+
+
+def _make_pki(d: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+        (d / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (d / f"{stem}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("test-ca"))
+        .issuer_name(name("test-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    write("ca", ca, ca_key)
+    for stem, san in (("server", True), ("client", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name(stem))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+        )
+        if san:
+            b = b.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+        write(stem, b.sign(ca_key, hashes.SHA256()), key)
+    return {k: d / k for k in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+async def test_mutual_tls(tmp_path: Path) -> None:
+    import ssl
+
+    pki = _make_pki(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki["ca.pem"]))
+    server_ctx.load_cert_chain(str(pki["server.pem"]), str(pki["server.key"]))
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        peer = request.transport.get_extra_info("peercert") if request.transport else None
+        seen.append(str(peer["subject"]) if peer else "")
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/ingest", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"https://127.0.0.1:{port}/ingest"
+    from edgeway.sinks.base import Record
+
+    rec = [Record("gw:1", 1, "d", 1.0, {"x": 1})]
+    tls = {"ca": str(pki["ca.pem"]), "cert": str(pki["client.pem"]), "key": str(pki["client.key"])}
+    with_cert = create_sink(SinkConfig(name="c", url=url, options={"tls": tls}), "gw")
+    no_cert = create_sink(
+        SinkConfig(name="c", url=url, options={"tls": {"ca": str(pki["ca.pem"])}}), "gw"
+    )
+    untrusted = create_sink(SinkConfig(name="c", url=url), "gw")  # system CAs only
+    try:
+        await with_cert.send_batch(rec)
+        assert seen and "client" in seen[0]
+        with pytest.raises(RetryableSinkError):
+            await no_cert.send_batch(rec)  # the server demands a client certificate
+        with pytest.raises(RetryableSinkError):
+            await untrusted.send_batch(rec)  # the server's CA is not trusted
+        assert len(seen) == 1
+    finally:
+        for s in (with_cert, no_cert, untrusted):
+            await s.close()
+        await runner.cleanup()

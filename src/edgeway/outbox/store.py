@@ -712,7 +712,7 @@ class Outbox:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
         if self._readers is not None:
-            self._readers.shutdown(wait=True)
+            await asyncio.to_thread(self._readers.shutdown, True)
         with self._reader_lock:
             for c in self._reader_conns:
                 c.close()
