@@ -107,6 +107,11 @@ _311_CONNACK = {0x86: 4, 0x87: 5, 0x8A: 5, 0x88: 3, 0x89: 3, 0x85: 2, 0x84: 1}
 """v5 CONNACK reason -> 3.1.1 return code (MQTT 5 spec table 3-1 mapping)."""
 
 
+_NO_ACKS: deque[Any] = deque()
+"""Shared empty FIFO (never appended to): an idle connection does not pay
+~600 bytes for a deque of its own; the first waiting PUBLISH creates one."""
+
+
 @dataclass(slots=True)
 class _PendingAck:
     """An inbound PUBLISH waiting (for ingest, or behind one that waits)."""
@@ -215,7 +220,7 @@ class MqttConnection(asyncio.Protocol):
         self._aliases_in: dict[int, str] | None = None
         self._out: list[bytes] = []
         self._dirty = False
-        self._acks: deque[_PendingAck] = deque()
+        self._acks: deque[_PendingAck] = _NO_ACKS
         self._cb_future: asyncio.Future[IngestStatus] | None = None
         self._in_quota = 0
         self._pending: list[Packet] | None = None
@@ -637,7 +642,10 @@ class MqttConnection(asyncio.Protocol):
         if not self._acks and fut.done():
             self._complete(entry)
             return
-        self._acks.append(entry)
+        acks = self._acks
+        if acks is _NO_ACKS:
+            acks = self._acks = deque()
+        acks.append(entry)
         if not fut.done() and fut is not self._cb_future:
             self._cb_future = fut
             fut.add_done_callback(self._ingest_done)
