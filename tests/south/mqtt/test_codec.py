@@ -898,8 +898,14 @@ def test_malformed_packets(level: int | None, wire: str, code: int) -> None:
 
 def test_malformed_vectors_are_malformed_only_by_the_intended_byte() -> None:
     # Guard against typos in the table above: a few rows fixed back into valid packets decode.
-    assert MqttReader(protocol_level=4).feed(h("36 05 0001 61 0001".replace("36", "32", 1))) == [
+    assert MqttReader(protocol_level=4).feed(h("32 05 0001 61 0001")) == [  # qos 3 -> 1
         Publish("a", b"", 1, packet_id=1)
+    ]
+    assert MqttReader(protocol_level=5).feed(h("30 06 0001 61 02 0B 01")) == [  # sub id 0 -> 1
+        Publish("a", b"", properties=Properties(subscription_identifiers=[1]))
+    ]
+    assert MqttReader(protocol_level=5).feed(h("20 06 00 00 03 21 0001")) == [  # receive max 1
+        ConnAck(properties=Properties(receive_maximum=1))
     ]
     assert MqttReader(protocol_level=5).feed(h("82 07 0001 00 0001 61 20")) == [
         Subscribe(1, [Subscription("a", 0, retain_handling=2)])
