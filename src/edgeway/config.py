@@ -388,7 +388,7 @@ class OpcUaMethod(_Model):
     object: str
     """Node id or browse path of the object that owns the method."""
     method: str
-    """Node id or browse path of the method."""
+    """Node id of the method, or its browse name relative to ``object`` (``2:Reset``)."""
 
 
 class OpcUaSecurity(_Model):
