@@ -470,3 +470,15 @@ def test_azure_preset_and_sas_token() -> None:
         hashlib.sha256,
     ).digest()
     assert base64.b64decode(sig) == want
+
+
+def test_batch_size_options_reach_the_runner() -> None:
+    sink = MqttSink(
+        SinkConfig(
+            name="c",
+            url="mqtt://h",
+            options={"max_records": 2000, "max_bytes": "2MiB", "max_wait": "20ms"},
+        ),
+        "gw1",
+    )
+    assert (sink.max_batch_records, sink.max_batch_bytes, sink.max_wait) == (2000, 2 << 20, 0.02)

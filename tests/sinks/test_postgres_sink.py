@@ -72,7 +72,9 @@ async def test_rows_inserted_with_every_column(db: tuple[Any, str]) -> None:
         await sink.close()
     assert not sink.state.connected
     assert not sink.hypertable  # no timescaledb here: a plain table
-    assert await conn.fetchval("SELECT relkind::text FROM pg_class WHERE relname = $1", table) == "r"
+    assert (
+        await conn.fetchval("SELECT relkind::text FROM pg_class WHERE relname = $1", table) == "r"
+    )
     rows = await conn.fetch(f'SELECT * FROM "{table}" ORDER BY ts')
     assert len(rows) == 500
     for row, r in zip(rows, batch, strict=True):
@@ -243,3 +245,8 @@ async def test_server_unreachable_then_back(db: tuple[Any, str]) -> None:
 def test_bad_options_name_the_key(options: dict[str, Any], url: str, key: str) -> None:
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         PostgresSink(SinkConfig(name="c", url=url, options=options), "gw1")
+
+
+def test_batch_size_options_reach_the_runner() -> None:
+    sink = make_sink(max_records=5000, max_wait="50ms")
+    assert (sink.max_batch_records, sink.max_batch_bytes, sink.max_wait) == (5000, 1 << 20, 0.05)

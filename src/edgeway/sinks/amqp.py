@@ -48,9 +48,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgeway.config import Duration, SinkConfig
+from edgeway.config import Duration, SinkConfig, Size
 from edgeway.sinks.base import Record, RetryableSinkError, Sink, register_sink
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,13 @@ class AmqpSinkOptions(BaseModel):
     """The ``options`` of an ``amqp://`` / ``amqps://`` sink."""
 
     model_config = ConfigDict(extra="forbid")
+
+    max_records: int = Field(default=500, ge=1, le=100_000)
+    """Records per batch (the outbox runner reads batches of this size)."""
+    max_bytes: Size = Field(default=1024 * 1024, ge=1024)
+    """About the encoded size of a batch."""
+    max_wait: Duration = 0.0
+    """Wait this long for a batch to fill (0: send what is there)."""
 
     exchange: str = "edgeway"
     exchange_type: Literal["topic", "direct", "fanout", "headers"] = "topic"
@@ -102,6 +109,9 @@ class AmqpSink(Sink):
         super().__init__(config, gateway_id)
         opts = _parse_options(config)
         self.options = opts
+        self.max_batch_records = opts.max_records
+        self.max_batch_bytes = opts.max_bytes
+        self.max_wait = opts.max_wait
         url = urllib.parse.urlsplit(config.url)
         if not url.hostname:
             raise ValueError(f"sink {config.name!r}: url: no host in {config.url!r}")

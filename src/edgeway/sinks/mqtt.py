@@ -118,6 +118,13 @@ class MqttSinkOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    max_records: int = Field(default=500, ge=1, le=100_000)
+    """Records per batch (the outbox runner reads batches of this size)."""
+    max_bytes: Size = Field(default=1024 * 1024, ge=1024)
+    """About the encoded size of a batch."""
+    max_wait: Duration = 0.0
+    """Wait this long for a batch to fill (0: send what is there)."""
+
     preset: Literal["aws_iot", "azure_iot_hub"] | None = None
     """Conventions of a cloud broker; explicit options still win."""
     topic: str | None = None
@@ -357,6 +364,9 @@ class MqttSink(Sink):
         super().__init__(config, gateway_id)
         opts = _parse_options(config)
         self.options = opts
+        self.max_batch_records = opts.max_records
+        self.max_batch_bytes = opts.max_bytes
+        self.max_wait = opts.max_wait
         url = urllib.parse.urlsplit(config.url)
         tls = url.scheme.lower() == "mqtts"
         if not url.hostname:

@@ -49,7 +49,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgeway.config import Duration, SinkConfig
+from edgeway.config import Duration, SinkConfig, Size
 from edgeway.sinks.base import (
     PermanentSinkError,
     Record,
@@ -70,6 +70,13 @@ class NatsSinkOptions(BaseModel):
     """The ``options`` of a ``nats://`` sink."""
 
     model_config = ConfigDict(extra="forbid")
+
+    max_records: int = Field(default=500, ge=1, le=100_000)
+    """Records per batch (the outbox runner reads batches of this size)."""
+    max_bytes: Size = Field(default=1024 * 1024, ge=1024)
+    """About the encoded size of a batch."""
+    max_wait: Duration = 0.0
+    """Wait this long for a batch to fill (0: send what is there)."""
 
     subject: str = "edgeway.{gateway_id}.{device_id}"
     """Template with ``{gateway_id}``, ``{device_id}``, ``{sink}``."""
@@ -111,6 +118,9 @@ class NatsSink(Sink):
         super().__init__(config, gateway_id)
         opts = _parse_options(config)
         self.options = opts
+        self.max_batch_records = opts.max_records
+        self.max_batch_bytes = opts.max_bytes
+        self.max_wait = opts.max_wait
         self.servers = [s.strip() for s in config.url.split(",") if s.strip()]
         for s in self.servers:
             u = urllib.parse.urlsplit(s if "://" in s else f"nats://{s}")

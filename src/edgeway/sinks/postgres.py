@@ -58,7 +58,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgeway.config import Duration, SinkConfig
+from edgeway.config import Duration, SinkConfig, Size
 from edgeway.sinks.base import (
     PermanentSinkError,
     Record,
@@ -76,6 +76,13 @@ class PostgresSinkOptions(BaseModel):
     """The ``options`` of a ``postgresql://`` sink."""
 
     model_config = ConfigDict(extra="forbid")
+
+    max_records: int = Field(default=500, ge=1, le=100_000)
+    """Records per batch (the outbox runner reads batches of this size)."""
+    max_bytes: Size = Field(default=1024 * 1024, ge=1024)
+    """About the encoded size of a batch."""
+    max_wait: Duration = 0.0
+    """Wait this long for a batch to fill (0: send what is there)."""
 
     table: str = Field(default="edgeway_records", pattern=r"^[A-Za-z_][A-Za-z0-9_$.]*$")
     """Table name, optionally ``schema.table``."""
@@ -118,6 +125,9 @@ class PostgresSink(Sink):
         super().__init__(config, gateway_id)
         opts = _parse_options(config)
         self.options = opts
+        self.max_batch_records = opts.max_records
+        self.max_batch_bytes = opts.max_bytes
+        self.max_wait = opts.max_wait
         url = urllib.parse.urlsplit(config.url)
         if not url.hostname and "host=" not in url.query:
             raise ValueError(f"sink {config.name!r}: url: no host in {config.url!r}")
