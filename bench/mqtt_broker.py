@@ -13,10 +13,11 @@ Loads (each against a freshly started ``edgeway run`` and a freshly started
   ``--window`` messages in flight per connection; QoS 0 in batches closed by a
   PINGREQ, see ``loadgen.py``); messages/s and the broker's CPU-seconds per
   10,000 messages (utime+stime from ``/proc/PID/stat`` around the window).
-  Topics are ``devices/bench-N/telemetry`` with a small JSON payload, so on
-  edgeway every message is telemetry: decoded, turned into a reading and
-  stored in the outbox (fsync) before the PUBACK, while Mosquitto, with no
-  subscriber, only acknowledges. ``--plain-topics`` uses non-telemetry topics.
+  ``qos0``/``qos1`` publish to ``devices/bench-N/telemetry`` with a small JSON
+  payload, so on edgeway every message is telemetry: decoded, turned into a
+  reading and stored in the outbox (fsync) before the PUBACK, while Mosquitto,
+  with no subscriber, only acknowledges. ``qos0-plain``/``qos1-plain`` send the
+  same to ``bench/plain/N`` (no subscriber, not telemetry): the broker alone.
 - ``fanout``: 1 publisher (QoS 0) to 50 subscribers of one topic (QoS 0);
   delivered messages/s counted at the subscribers.
 - ``idle``: 10,000 connected idle clients; the broker's RSS.
@@ -47,10 +48,12 @@ from loadgen import Job, LoadGen, LoadGenError, split
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 MOSQUITTO = "/usr/sbin/mosquitto"
+PY_SPY = str(Path(sys.executable).parent / "py-spy")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TELEMETRY_PAYLOAD = b'{"temp": 21.5, "hum": 40.2, "on": true}'
 
+LOADS = ["qos0", "qos1", "qos0-plain", "qos1-plain", "fanout", "idle"]
 IDLE_CLIENTS = 10_000
 NOFILE_WANTED = 2 * IDLE_CLIENTS + 1000
 """Both the broker and the load generator hold one fd per idle client (the
@@ -183,7 +186,8 @@ class Settings:
     publishers: int
     subscribers: int
     idle: int
-    telemetry: bool
+    profile: Path | None
+    """Where to write py-spy profiles of edgeway (None: no profiling)."""
 
 
 @dataclass(slots=True)
@@ -202,14 +206,43 @@ class Rate:
 
 
 def measure_rate(
-    broker: Broker, gen: LoadGen, s: Settings, roles: tuple[str, ...], other: tuple[str, ...] = ()
+    broker: Broker,
+    gen: LoadGen,
+    s: Settings,
+    roles: tuple[str, ...],
+    other: tuple[str, ...] = (),
+    profile: Path | None = None,
 ) -> Rate:
-    """Run ``gen`` against ``broker``; count ``roles`` over the window."""
+    """Run ``gen`` against ``broker``; count ``roles`` over the window. With
+    ``profile``, py-spy samples the broker during the window."""
     gen.start(timeout=60)
     la0 = loadavg()
     gen.go()
     time.sleep(s.warmup)
     gen.check()
+    spy: subprocess.Popen[bytes] | None = None
+    if profile is not None:
+        profile.parent.mkdir(parents=True, exist_ok=True)
+        spy = subprocess.Popen(
+            [
+                PY_SPY,
+                "record",
+                "-p",
+                str(broker.pid),
+                "-d",
+                str(int(s.measure)),
+                "-r",
+                "100",
+                "--nonblocking",
+                "--threads",
+                "--format",
+                "raw",
+                "-o",
+                str(profile),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def sample() -> tuple[int, int, float, float, float]:
         gcpu = sum(proc_cpu(p.pid) for p in gen.procs if p.pid is not None)
@@ -219,6 +252,12 @@ def measure_rate(
     time.sleep(s.measure)
     n1, o1, c1, g1, t1 = sample()
     gen.check()
+    if spy is not None:
+        try:
+            spy.wait(s.measure + 10)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
     n = n1 - n0
     if n <= 0:
         raise LoadGenError(f"nothing counted in {t1 - t0:.1f} s")
@@ -231,9 +270,11 @@ def measure_rate(
     )
 
 
-def run_publishers(broker: Broker, s: Settings, qos: int) -> Rate:
+def run_publishers(
+    broker: Broker, s: Settings, qos: int, telemetry: bool, profile: Path | None = None
+) -> Rate:
     role = "pub1" if qos else "pub0"
-    topic = "devices/bench-{n}/telemetry" if s.telemetry else "bench/plain/{n}"
+    topic = "devices/bench-{n}/telemetry" if telemetry else "bench/plain/{n}"
     jobs = [
         Job(
             role,
@@ -251,12 +292,12 @@ def run_publishers(broker: Broker, s: Settings, qos: int) -> Rate:
     ]
     gen = LoadGen(jobs)
     try:
-        return measure_rate(broker, gen, s, (role,))
+        return measure_rate(broker, gen, s, (role,), (), profile)
     finally:
         gen.stop()
 
 
-def run_fanout(broker: Broker, s: Settings) -> Rate:
+def run_fanout(broker: Broker, s: Settings, profile: Path | None = None) -> Rate:
     topic = "bench/fanout"
     jobs = [
         Job(
@@ -289,7 +330,7 @@ def run_fanout(broker: Broker, s: Settings) -> Rate:
     )
     gen = LoadGen(jobs)
     try:
-        return measure_rate(broker, gen, s, ("sub",), ("pub0",))
+        return measure_rate(broker, gen, s, ("sub",), ("pub0",), profile)
     finally:
         gen.stop()
 
@@ -315,6 +356,42 @@ def run_idle(broker: Broker, s: Settings) -> tuple[float, float, float]:
     return rss1 / 1e6, (rss1 - rss0) / s.idle / 1024, took
 
 
+def summarize_profile(path: Path, top: int = 12) -> list[str]:
+    """The functions with the most samples in a py-spy raw profile, by own
+    time and including callees (percent of all samples of all threads)."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return [f"(no profile written to {path})"]
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [f for f in stack.split(";") if not f.startswith("thread (")]
+        if not frames:
+            continue
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    if not total:
+        return ["(empty profile)"]
+    out = [f"{total} samples; own time:"]
+    out += [f"  {n / total:6.1%}  {f}" for f, n in sorted(own.items(), key=lambda x: -x[1])[:top]]
+    out.append("including callees:")
+    skip = ("<module>", "_run_module_as_main", "_run_code", "Runner.run", "Thread.", "main (")
+    skip += ("cmd_run", "_run_async")
+    ranked = [
+        (f, n) for f, n in sorted(incl.items(), key=lambda x: -x[1]) if not f.startswith(skip)
+    ]
+    out += [f"  {n / total:6.1%}  {f}" for f, n in ranked[:top]]
+    return out
+
+
 def raise_nofile() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = NOFILE_WANTED if hard == resource.RLIM_INFINITY else min(NOFILE_WANTED, hard)
@@ -338,14 +415,18 @@ def git_commit() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="~10 s per load and broker")
-    ap.add_argument("--only", action="append", choices=["qos0", "qos1", "fanout", "idle"])
+    ap.add_argument("--only", action="append", choices=LOADS)
     ap.add_argument("--brokers", default="mosquitto,edgeway")
     ap.add_argument("--procs", type=int, default=2, help="load generator processes")
     ap.add_argument("--window", type=int, default=16, help="QoS 1 messages in flight per client")
     ap.add_argument("--batch", type=int, default=100, help="QoS 0 publishes per PINGREQ")
     ap.add_argument("--idle-clients", type=int, default=IDLE_CLIENTS)
     ap.add_argument(
-        "--plain-topics", action="store_true", help="non-telemetry topics for qos0/qos1"
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record edgeway with py-spy during each rate measurement; write DIR/LOAD.txt "
+        "(collapsed stacks) and add the top functions to the results",
     )
     ap.add_argument("--no-write", action="store_true", help="do not write bench/results/")
     args = ap.parse_args(argv)
@@ -359,16 +440,15 @@ def main(argv: list[str] | None = None) -> int:
         publishers=100,
         subscribers=50,
         idle=args.idle_clients,
-        telemetry=not args.plain_topics,
+        profile=args.profile,
     )
-    loads = args.only or ["qos0", "qos1", "fanout", "idle"]
+    loads = args.only or LOADS
     brokers = args.brokers.split(",")
     nofile = raise_nofile()
     if nofile < s.idle + 100 and "idle" in loads:
         print(f"RLIMIT_NOFILE is {nofile}: fewer idle clients than asked", file=sys.stderr)
         s.idle = max(100, nofile // 2 - 500)
 
-    topic_kind = "telemetry (devices/bench-N/telemetry, JSON)" if s.telemetry else "plain"
     header = [
         f"date: {dt.datetime.now().isoformat(timespec='seconds')}",
         f"commit: {git_commit()}",
@@ -376,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         f"mosquitto: {subprocess.run([MOSQUITTO, '-h'], capture_output=True, text=True).stdout.splitlines()[0:1]}",
         f"settings: warm-up {s.warmup:.0f} s, measure {s.measure:.0f} s, {s.procs} load processes, "
         f"QoS 1 window {s.window}/client, QoS 0 batch {s.batch} + PINGREQ (4 batches in flight), "
-        f"publish topics: {topic_kind}, payload {len(TELEMETRY_PAYLOAD)} B",
+        f"payload {len(TELEMETRY_PAYLOAD)} B JSON",
     ]
     for line in header:
         print(line)
@@ -391,21 +471,30 @@ def main(argv: list[str] | None = None) -> int:
         return fig_by_key[key]
 
     errors: list[str] = []
+    profiles: list[str] = []
     with tempfile.TemporaryDirectory(prefix="edgeway-bench-", dir="/var/tmp") as tmp:
         for load in loads:
             for name in brokers:
                 broker = Broker(name, Path(tmp))
                 label = {
-                    "qos0": f"{s.publishers} publishers QoS 0",
-                    "qos1": f"{s.publishers} publishers QoS 1",
+                    "qos0": f"{s.publishers} publishers QoS 0, telemetry",
+                    "qos1": f"{s.publishers} publishers QoS 1, telemetry",
+                    "qos0-plain": f"{s.publishers} publishers QoS 0, plain topics",
+                    "qos1-plain": f"{s.publishers} publishers QoS 1, plain topics",
                     "fanout": f"fan-out 1 -> {s.subscribers}",
                     "idle": f"{s.idle:,} idle clients",
                 }[load]
+                profile = (
+                    s.profile / f"{load}.txt"
+                    if s.profile is not None and name == "edgeway" and load != "idle"
+                    else None
+                )
                 print(f"-- {label}: {name} ...", flush=True)
                 try:
                     broker.start()
-                    if load in ("qos0", "qos1"):
-                        r = run_publishers(broker, s, 1 if load == "qos1" else 0)
+                    if load.startswith("qos"):
+                        qos = 1 if load.startswith("qos1") else 0
+                        r = run_publishers(broker, s, qos, not load.endswith("plain"), profile)
                         f = fig(label, "messages/s", "msg/s", True)
                         f.values[name] = r.per_s
                         f.notes[name] = (
@@ -419,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"({f.notes[name]})"
                         )
                     elif load == "fanout":
-                        r = run_fanout(broker, s)
+                        r = run_fanout(broker, s, profile)
                         f = fig(label, "delivered messages/s", "msg/s", True)
                         f.values[name] = r.per_s
                         expected = r.other_per_s * s.subscribers
@@ -451,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"   broker output: {broker.tail()}")
                 finally:
                     broker.stop()
+                if profile is not None and profile.exists():
+                    summary = summarize_profile(profile)
+                    print("\n".join("   " + line for line in summary))
+                    profiles += [f"{label} (edgeway, {profile}):", "", "```", *summary, "```", ""]
 
     print()
     rows = [
@@ -485,6 +578,13 @@ def main(argv: list[str] | None = None) -> int:
             text += ["Conditions per measurement:", "", *notes, ""]
         if errors:
             text += ["Failures:", "", *[f"- {e}" for e in errors], ""]
+        if profiles:
+            text += [
+                "py-spy profiles of edgeway (sampled during the window, so those rates are "
+                "somewhat lower than unprofiled ones):",
+                "",
+                *profiles,
+            ]
         text += [
             "Ratios: for rates higher is better for edgeway; for CPU-s and RSS lower is better.",
             "Command: `.venv/bin/python bench/mqtt_broker.py "
