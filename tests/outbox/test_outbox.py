@@ -450,3 +450,37 @@ async def test_open_is_fast_with_a_large_backlog(tmp_path: Path, open_outbox: Op
     assert elapsed < 1.0, elapsed  # nothing at open scans the backlog
     b = await ob2.read_batch("a", 500, 1 << 20)
     assert b.records[0].seq == 1
+
+
+async def test_failed_confirmation_commit_rewinds(
+    open_outbox: OpenOutbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that fails (disk full) loses no confirmation silently: the sink's
+    reads rewind to the last committed cursor and the rows are sent again."""
+    ob = await open_outbox()
+    real = store_mod._Writer._apply_op
+    failures = 0
+
+    def flaky(self: Any, op: Any, res: Any, want: bool) -> None:
+        nonlocal failures
+        if op.kind == "confirm" and op.seqs and op.seqs[0] == 21 and failures == 0:
+            failures += 1
+            raise sqlite3.OperationalError("database or disk is full")
+        real(self, op, res, want)
+
+    monkeypatch.setattr(store_mod._Writer, "_apply_op", flaky)
+    sink = CollectSink("a", max_records=20)
+    runner = SinkRunner(ob, sink, backoff_initial=0.01, backoff_max=0.02)
+    task = asyncio.create_task(runner.run())
+    try:
+        await asyncio.gather(*(ob.submit([reading(f"d{i % 2}", i)]) for i in range(100)))
+        await until(ob, lambda: ob.counters()["a"]["delivered"] >= 100)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert failures == 1
+    assert {r.seq for r in sink.records} == set(range(1, 101))
+    assert len(sink.records) > 100  # the batch whose confirmation failed came again
+    assert ob.counters()["a"]["delivered"] == 100
+    assert db_rows(ob.path) == 0
+    assert_conservation(ob)

@@ -80,7 +80,7 @@ class SinkRunner:
             if prev is not None and prev_out_of_order:
                 # Rows read ahead of the cursor must have their bit cleared
                 # before the next read, or it would send them again.
-                await prev
+                await self._settle(prev)
                 prev = None
             batch = await outbox.read_batch(name, sink.max_batch_records, sink.max_batch_bytes)
             caught_up = not batch.more
@@ -88,12 +88,25 @@ class SinkRunner:
                 continue
             delivered, batch = await self._deliver(batch)
             if prev is not None:
-                await prev  # confirmations apply in order; at most one in flight
+                # In order, one confirmation in flight. If it failed, the outbox
+                # rewound this sink and ignores the confirmation of a batch read
+                # before that: the batch is read and sent again.
+                await self._settle(prev)
             if delivered:
                 prev = outbox.confirm(batch)
             else:
                 prev = outbox.dead_letter(batch, self._last_error)
             prev_out_of_order = batch.out_of_order
+
+    async def _settle(self, confirmation: asyncio.Future[None]) -> None:
+        """Wait for a confirmation's commit. If the commit failed (disk full),
+        the outbox has rewound this sink's reads to the last committed cursor,
+        so the batch is sent again; pause before that rather than spin."""
+        try:
+            await confirmation
+        except RuntimeError as e:
+            log.error("sink %s: could not record a confirmation: %s", self.sink.name, e)
+            await asyncio.sleep(self.backoff_delay(3))
 
     async def _deliver(self, batch: Batch) -> tuple[bool, Batch]:
         """Send until confirmed (True) or refused for good (False); returns the

@@ -184,6 +184,9 @@ class Batch:
     this batch's confirmation commit before it reads the next one."""
     more: bool
     """More rows may be waiting right now (read again without waiting)."""
+    generation: int = 0
+    """The sink's rewind count when read; a batch read before a rewind is not
+    confirmed (it is read and sent again)."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -237,6 +240,10 @@ class _ReadState:
     live_start: int | None = None
     """In a live_first catch-up: the highest seq of the backlog."""
     live_pos: int = 0
+    cursor: int = 0
+    """The cursor as last committed; reads rewind here if a confirmation fails."""
+    rewinds: int = 0
+    """Bumped on each rewind, so a read that was running then is discarded."""
     unread: int = 0
     """Rows committed for this sink since its last read started."""
     event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -681,7 +688,8 @@ class Outbox:
             conn.close()
             raise
         for name, bit in bits.items():
-            self._reads[name] = _ReadState(bit=bit, pos=cursors[name], prio_pos=cursors[name])
+            c = cursors[name]
+            self._reads[name] = _ReadState(bit=bit, pos=c, prio_pos=c, cursor=c)
             self._all_mask |= bit
         log.info(
             "outbox open",
@@ -859,6 +867,12 @@ class Outbox:
                 if not sub.fut.done():
                     sub.fut.set_exception(RuntimeError(f"outbox commit failed: {err}"))
             for op in job.ops:
+                # The batch's bit is still set on disk: read it again from the
+                # last committed cursor rather than skip it.
+                st = self._reads[op.sink]
+                st.pos = st.prio_pos = st.cursor
+                st.live_start = None
+                st.rewinds += 1
                 if not op.fut.done():
                     op.fut.set_exception(RuntimeError(f"outbox commit failed: {err}"))
         else:
@@ -870,6 +884,7 @@ class Outbox:
                 if not sub.fut.done():
                     sub.fut.set_result(status)
             for op in job.ops:
+                self._reads[op.sink].cursor = op.cursor
                 if not op.fut.done():
                     op.fut.set_result(None)
             for name, n in res.new_rows.items():
@@ -910,6 +925,7 @@ class Outbox:
                 st.live_pos = high
                 log.info("sink %s: catching up %d records, live first", sink, high - st.pos)
             live = st.live_start is not None
+        rewinds = st.rewinds
         args = (
             st.bit,
             st.pos,
@@ -924,6 +940,8 @@ class Outbox:
         records, nbytes, pos, prio_pos, live_pos, more = await self._loop.run_in_executor(
             self._readers, self._read_sync, *args
         )
+        if st.rewinds != rewinds:  # a confirmation failed meanwhile: read again
+            return Batch(sink, [], 0, st.cursor, False, True, st.rewinds)
         st.pos = pos
         st.prio_pos = prio_pos
         out_of_order = False
@@ -935,7 +953,7 @@ class Outbox:
                 st.live_start = None
         if any(r.priority > 0 and r.seq > pos for r in records):
             out_of_order = True
-        return Batch(sink, records, nbytes, pos, out_of_order, more)
+        return Batch(sink, records, nbytes, pos, out_of_order, more, rewinds)
 
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
@@ -1077,7 +1095,15 @@ class Outbox:
             return batch
         records = [r for r in batch.records if r.seq in keep]
         kept_bytes = batch.nbytes * len(records) // len(batch.records)
-        return Batch(batch.sink, records, kept_bytes, batch.cursor, batch.out_of_order, batch.more)
+        return Batch(
+            batch.sink,
+            records,
+            kept_bytes,
+            batch.cursor,
+            batch.out_of_order,
+            batch.more,
+            batch.generation,
+        )
 
     def confirm(self, batch: Batch) -> asyncio.Future[None]:
         """The sink confirmed ``batch``: clear its bit, delete rows no sink still
@@ -1094,6 +1120,11 @@ class Outbox:
         fut: asyncio.Future[None] = self._loop.create_future()
         if self._closed:
             fut.set_exception(RuntimeError("outbox is closed"))
+            return fut
+        if batch.generation != self._reads[batch.sink].rewinds:
+            # Read before a failed confirmation rewound this sink: its rows are
+            # read and sent again, and confirmed then.
+            fut.set_result(None)
             return fut
         seqs = [r.seq for r in batch.records]
         self._ops.append(_Op(kind, batch.sink, seqs, batch.cursor, error, fut))
