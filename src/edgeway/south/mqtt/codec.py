@@ -29,12 +29,21 @@ Rules the codec keeps, so callers can rely on them:
   other than qos) are not written and decode to their defaults.
 * A QoS 0 PUBLISH has no packet id on the wire: ``packet_id`` is ignored on encode and
   ``None`` on decode.
-* ``ProtocolError.reason_code`` is the v5 reason code for the DISCONNECT: 0x81 for malformed
-  packets (structure, flags, UTF-8, unknown/not-allowed properties, undefined reason codes),
-  0x82 where the spec says "Protocol Error" (a property given twice, a zero packet id,
-  SUBSCRIBE/UNSUBSCRIBE without filters, subscription qos 3 or retain handling 3 in v5, zero
-  receive maximum, ...), 0x94 for topic alias 0, 0x95 for a packet over ``max_packet_size``,
-  0x84 (as :class:`UnsupportedProtocolVersion`) for a CONNECT that is not MQTT 3.1.1 or 5.0.
+* ``ProtocolError.reason_code`` is the v5 reason code for the DISCONNECT:
+
+  - 0x81 malformed: bad remaining length, reserved flag bits, truncated or trailing fields,
+    bad UTF-8 or U+0000, unknown or not-allowed property, a non-repeatable property given
+    twice, qos 3, undefined reason code, SUBSCRIBE/UNSUBSCRIBE without filters, subscription
+    options with reserved bits, retain handling 3. For a duplicate property, qos 3 and
+    retain handling 3 in SUBSCRIBE and for missing filters the v5 text says "Protocol
+    Error"; we answer as Mosquitto 2.0 does (checked on the wire): malformed. Either way
+    the connection closes.
+  - 0x82 protocol error: packet id 0 (Mosquitto agrees), a first packet that is not
+    CONNECT, property values the spec forbids (0/1 flags set to 2+, receive maximum or
+    maximum packet size 0, subscription identifier 0), CONNACK with session present and a
+    refusal.
+  - 0x94 topic alias 0; 0x95 a packet over ``max_packet_size``; 0x84 (as
+    :class:`UnsupportedProtocolVersion`) a CONNECT that is not MQTT 3.1.1 or 5.0.
 * The codec does not log: every problem is an exception for the connection to act on.
 """
 
@@ -339,11 +348,11 @@ def _read_properties(data: bytes, pos: int, end: int, ptype: int) -> tuple[Prope
             if value == 0:
                 raise _protocol_error("subscription identifier 0")
             if ptype != _PUB and props.subscription_identifiers:
-                raise _protocol_error("subscription identifier given twice in SUBSCRIBE")
+                raise _malformed("subscription identifier given twice in SUBSCRIBE")
             props.subscription_identifiers.append(value)
             continue
         if pid in seen:
-            raise _protocol_error(f"property {name} given twice")
+            raise _malformed(f"property {name} given twice")
         seen.add(pid)
         if name in _ZERO_OR_ONE and value > 1:
             raise _protocol_error(f"property {name} must be 0 or 1, got {value}")
@@ -494,9 +503,9 @@ def _dec_subscribe(data: bytes, pos: int, end: int, b0: int, level: int | None) 
                 raise _malformed("SUBSCRIBE options reserved bits set")
             retain_handling = (opts >> 4) & 3
             if qos == 3:
-                raise _protocol_error("SUBSCRIBE maximum qos 3")
+                raise _malformed("SUBSCRIBE maximum qos 3")
             if retain_handling == 3:
-                raise _protocol_error("SUBSCRIBE retain handling 3")
+                raise _malformed("SUBSCRIBE retain handling 3")
             subs.append(
                 Subscription(topic_filter, qos, opts & 0x04 != 0, opts & 0x08 != 0, retain_handling)
             )
@@ -507,7 +516,7 @@ def _dec_subscribe(data: bytes, pos: int, end: int, b0: int, level: int | None) 
                 raise _malformed("SUBSCRIBE qos 3")
             subs.append(Subscription(topic_filter, qos))
     if not subs:
-        raise _protocol_error("SUBSCRIBE without topic filters")
+        raise _malformed("SUBSCRIBE without topic filters")
     return Subscribe(packet_id, subs, props)
 
 
@@ -522,7 +531,7 @@ def _dec_suback(data: bytes, pos: int, end: int, b0: int, level: int | None) -> 
         allowed = _SUBACK_CODES_5
     codes = list(data[pos:end])
     if not codes:
-        raise _protocol_error("SUBACK without reason codes")
+        raise _malformed("SUBACK without reason codes")
     for code in codes:
         if code not in allowed:
             raise _malformed(f"SUBACK reason code 0x{code:02X} undefined")
@@ -541,7 +550,7 @@ def _dec_unsubscribe(data: bytes, pos: int, end: int, b0: int, level: int | None
         topic_filter, pos = _read_str(data, pos, end)
         filters.append(topic_filter)
     if not filters:
-        raise _protocol_error("UNSUBSCRIBE without topic filters")
+        raise _malformed("UNSUBSCRIBE without topic filters")
     return Unsubscribe(packet_id, filters, props)
 
 
@@ -556,7 +565,7 @@ def _dec_unsuback(data: bytes, pos: int, end: int, b0: int, level: int | None) -
     props, pos = _read_properties(data, pos, end, PacketType.UNSUBACK)
     codes = list(data[pos:end])
     if not codes:
-        raise _protocol_error("UNSUBACK without reason codes")
+        raise _malformed("UNSUBACK without reason codes")
     for code in codes:
         if code not in _UNSUBACK_CODES_5:
             raise _malformed(f"UNSUBACK reason code 0x{code:02X} undefined")
