@@ -23,9 +23,10 @@ batch; 408, 429, 5xx and connection errors are retried (honouring
 the batch goes to the dead-letter table. Redirects are not followed: a 3xx is
 retried, as a configuration problem that must not cost data.
 
-The client is aiohttp (one session, one keep-alive pool): on this machine it
-posts batches with less CPU per request than httpx, and the gateway already
-depends on it.
+The client is aiohttp (one session, one keep-alive pool). Measured here
+(2026-11-25, loaded machine, 500-record ~37 KB bodies to a local aiohttp
+server, one request at a time): aiohttp 0.33-0.36 ms client CPU per request,
+httpx 1.7-1.8 ms, so aiohttp's CPU per record is about 5x lower.
 """
 
 from __future__ import annotations
