@@ -15,6 +15,9 @@ Usage::
   of the outbox's mean commit size: the ceiling for this disk and SQLite.
 - drain: read_batch + confirm (no network) of the whole backlog in batches of
   500, as a sink runner does: rows/s and CPU-s per 1,000.
+- drain_http: the same backlog through a :class:`SinkRunner` and the HTTP sink
+  (500 records per POST) to an aiohttp server in a separate process: records/s
+  and the gateway process's CPU-s per 1,000 (the server's CPU is not counted).
 - open: ``Outbox.open()`` with the backlog pending (crash-recovery start-up).
 
 Rates on a shared machine are noisy; CPU-seconds per 1,000 rows are steadier.
@@ -24,9 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import shutil
+import socket
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,10 +42,22 @@ from typing import Any
 
 import orjson
 
-from edgeway.config import OutboxSection
-from edgeway.outbox import Outbox
+from edgeway.config import OutboxSection, SinkConfig
+from edgeway.outbox import Outbox, SinkRunner
 from edgeway.outbox.store import _SCHEMA, ROW_OVERHEAD
 from edgeway.reading import Reading
+from edgeway.sinks.base import create_sink
+
+_SERVER = """
+import sys
+from aiohttp import web
+async def ingest(request):
+    await request.read()
+    return web.Response(text="ok")
+app = web.Application(client_max_size=64 * 1024 * 1024)
+app.router.add_post("/ingest", ingest)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
 
 
 def _reading(i: int) -> Reading:
@@ -160,6 +179,59 @@ async def bench_drain(path: Path, durability: str) -> dict[str, Any]:
     }
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_server(port: int) -> subprocess.Popen[bytes]:
+    server = subprocess.Popen([sys.executable, "-c", _SERVER, str(port)])
+    for _ in range(100):  # bounded wait for the server's port
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
+            return server
+        time.sleep(0.05)
+    server.kill()
+    raise RuntimeError("bench HTTP server did not start")
+
+
+async def bench_drain_http(path: Path, durability: str) -> dict[str, Any]:
+    port = _free_port()
+    server = _start_server(port)
+    try:
+        ob = Outbox(
+            path, gateway_id="bench", config=OutboxSection(durability=durability), sink_names=["s"]
+        )  # type: ignore[arg-type]
+        await ob.open()
+        backlog = ob.counters()["s"]["pending"]
+        sink = create_sink(
+            SinkConfig(
+                name="s", url=f"http://127.0.0.1:{port}/ingest", options={"max_records": 500}
+            ),
+            "bench",
+        )
+        await sink.start()
+        c0, t0 = _cpu(), time.perf_counter()
+        task = asyncio.create_task(SinkRunner(ob, sink).run())
+        while ob.counters()["s"]["delivered"] < backlog:
+            await ob.wait_for_commit()
+        wall, cpu = time.perf_counter() - t0, _cpu() - c0
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sink.close()
+        await ob.close()
+    finally:
+        server.terminate()
+        server.wait(10)
+    return {
+        "rows": backlog,
+        "rows_per_s": round(backlog / wall),
+        "cpu_s_per_1000": round(cpu / max(backlog, 1) * 1000, 4),
+        "wall_s": round(wall, 2),
+        "requests": sink.state.batches_sent,
+    }
+
+
 async def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=200_000)
@@ -175,7 +247,9 @@ async def main(argv: list[str]) -> int:
             d / "raw.db", args.rows, max(int(append["rows_per_commit"]), 1), args.durability
         )
         raw_1000 = bench_raw(d / "raw1000.db", args.rows, 1000, args.durability)
+        shutil.copy(d / "outbox.db", d / "outbox-http.db")
         drain = await bench_drain(d / "outbox.db", args.durability)
+        drain_http = await bench_drain_http(d / "outbox-http.db", args.durability)
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "durability": args.durability,
@@ -186,6 +260,7 @@ async def main(argv: list[str]) -> int:
         "raw_executemany_same_commit_size": raw_same,
         "raw_executemany_1000_per_commit": raw_1000,
         "drain_read_confirm": drain,
+        "drain_http": drain_http,
     }
     text = json.dumps(result, indent=2)
     print(text)
