@@ -482,3 +482,33 @@ def test_batch_size_options_reach_the_runner() -> None:
         "gw1",
     )
     assert (sink.max_batch_records, sink.max_batch_bytes, sink.max_wait) == (2000, 2 << 20, 0.02)
+
+
+async def test_silent_broker_fails_the_batch_after_ack_timeout() -> None:
+    """A broker that accepts the connection but never sends PUBACK must not hang the sink."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await reader.read(1024)  # CONNECT
+        writer.write(b"\x20\x02\x00\x00")  # CONNACK 3.1.1, accepted
+        while await reader.read(65536):  # swallow every PUBLISH
+            pass
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sink = make_sink(port, protocol="3.1.1", ack_timeout=0.5)
+    try:
+        with pytest.raises(RetryableSinkError, match="PUBACKs missing"):
+            await asyncio.wait_for(sink.send_batch(records(10)), TIMEOUT)
+        assert not sink.state.connected
+        # The next attempt opens a new connection.
+        with pytest.raises(RetryableSinkError, match="PUBACKs missing"):
+            await asyncio.wait_for(sink.send_batch(records(10)), TIMEOUT)
+        assert len(connections) == 2
+    finally:
+        await sink.close()
+        server.close()
+        for w in connections:
+            w.transport.abort()
+        await server.wait_closed()

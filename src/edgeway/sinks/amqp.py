@@ -222,9 +222,12 @@ class AmqpSink(Sink):
         self._channel = self._publish = None
         if conn is not None and not conn.is_closed:
             try:
-                await conn.close()
-            except Exception as e:  # already broken; nothing left to release
-                logger.debug("sink %s: close failed: %s", self.name, e)
+                # Bounded: a graceful close waits for the broker's CloseOk,
+                # which never comes on a silent link.
+                async with asyncio.timeout(2):
+                    await conn.close()
+            except Exception as e:  # already broken or stuck; nothing left to release
+                logger.debug("sink %s: close failed: %r", self.name, e)
 
     # -- Sink -------------------------------------------------------------
 

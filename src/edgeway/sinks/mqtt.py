@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -104,6 +105,8 @@ _PERMANENT_PUBACK_CODES = {
 # from the field and a gateway that sees churning ids must not grow forever.
 _TOPIC_CACHE_MAX = 100_000
 _H = struct.Struct(">H")
+# Seconds a graceful DISCONNECT may take before the socket is aborted.
+_CLOSE_TIMEOUT = 2.0
 
 
 def _protocol_str(value: Any) -> Any:
@@ -348,10 +351,20 @@ class _Connection:
             raise RetryableSinkError(msg)
 
     async def close(self) -> None:
+        """Send DISCONNECT and close; abort the socket if that does not finish.
+
+        A graceful close waits for the send buffer to drain, which never
+        happens on a link that went silent (a cut cable, a NAT that forgot
+        us), so it is bounded.
+        """
         try:
-            await self.client.disconnect()
-        except Exception as e:  # already gone; nothing to release
-            logger.debug("disconnect failed: %s", e)
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await self.client.disconnect()
+        except Exception as e:  # already gone, or stuck: drop the socket
+            logger.debug("disconnect failed: %r", e)
+            transport = getattr(getattr(self.client, "_connection", None), "_transport", None)
+            if transport is not None:
+                transport.abort()
 
 
 @register_sink
@@ -551,9 +564,12 @@ class MqttSink(Sink):
         def on_connect(_c: Any, _flags: Any, _rc: Any, properties: dict[str, Any]) -> None:
             receive_maximum.extend(properties.get("receive_maximum") or [])
 
+        lost = asyncio.Event()
+
         def on_disconnect(_c: Any, _packet: Any, _exc: Any = None) -> None:
             window.fail(RetryableSinkError("connection to the broker lost"))
             self.state.connected = False
+            lost.set()
 
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
@@ -563,18 +579,33 @@ class MqttSink(Sink):
             password = azure_sas_token(resource, key, int(time.time() + self.options.sas_ttl))
         if username is not None:
             client.set_auth_credentials(username, password)
+        connecting = asyncio.ensure_future(
+            client.connect(
+                self.host,
+                self.port,
+                ssl=self.ssl_context or False,
+                keepalive=self.options.keepalive,
+                version=self.protocol,
+            )
+        )
+        closed = asyncio.ensure_future(lost.wait())
         try:
+            # gmqtt waits for CONNACK even when the broker closed the connection
+            # first (a refused TLS client certificate shows up after the
+            # handshake with TLS 1.3), so a close ends the wait too.
             async with asyncio.timeout(self.options.connect_timeout):
-                await client.connect(
-                    self.host,
-                    self.port,
-                    ssl=self.ssl_context or False,
-                    keepalive=self.options.keepalive,
-                    version=self.protocol,
-                )
+                await asyncio.wait({connecting, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if not connecting.done():
+                raise ConnectionError("connection closed before CONNACK")
+            connecting.result()
         except BaseException:
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
             await _Connection(client, window, 1, False).close()
             raise
+        finally:
+            closed.cancel()
         # MQTT 5 Receive Maximum: the broker's own limit on our unacknowledged
         # QoS 1 publishes; exceeding it is a protocol error (MQTT-3.3.4-7).
         limit = self.options.max_inflight
@@ -644,8 +675,13 @@ class MqttSink(Sink):
                     raise RetryableSinkError(
                         f"PUBACKs missing after {self.options.ack_timeout}s; reconnecting"
                     ) from None
-                except RetryableSinkError:
-                    if not conn.usable:
+                except PermanentSinkError:
+                    raise  # the broker answered: the connection is fine
+                except BaseException as e:
+                    # Lost connection, or cancelled mid-batch: PUBACKs of this
+                    # batch may still be due, so the next batch starts afresh.
+                    # (A refused PUBACK code alone leaves the connection usable.)
+                    if not conn.usable or not isinstance(e, RetryableSinkError):
                         self._conn = None
                         await conn.close()
                     raise

@@ -265,9 +265,11 @@ class NatsSink(Sink):
         nc, self._nc, self._js = self._nc, None, None
         if nc is not None and not nc.is_closed:
             try:
-                await nc.close()
-            except Exception as e:  # already broken; nothing left to release
-                logger.debug("sink %s: close failed: %s", self.name, e)
+                # Bounded: closing flushes, which never ends on a silent link.
+                async with asyncio.timeout(2):
+                    await nc.close()
+            except Exception as e:  # already broken or stuck; nothing left to release
+                logger.debug("sink %s: close failed: %r", self.name, e)
 
     # -- Sink -------------------------------------------------------------
 
