@@ -78,10 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--gateway-id", help="this gateway's id (default: the host name)")
     run.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="serve /healthz, /api/status and /metrics at this address",
+    )
+    run.add_argument(
         "--coap-listen", metavar="HOST:PORT", help="turn on the CoAP listener at this address"
     )
     run.add_argument(
-        "--http-listen", metavar="HOST:PORT", help="turn on the HTTP ingest listener at this address"
+        "--http-listen",
+        metavar="HOST:PORT",
+        help="turn on the HTTP ingest listener at this address",
     )
 
     check = sub.add_parser("check", help="validate a configuration file and exit (0 ok, 2 errors)")
@@ -157,6 +164,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             gateway_id=args.gateway_id,
             coap_listen=args.coap_listen,
             http_listen=args.http_listen,
+            admin_listen=args.admin_listen,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

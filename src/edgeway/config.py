@@ -250,6 +250,19 @@ class SinkConfig(_Model):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class AdminSection(_Model):
+    """The local admin API (health, status, Prometheus metrics)."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:9180"
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: str) -> str:
+        parse_host_port(v)
+        return v
+
+
 class ReceiptsSection(_Model):
     enabled: bool = False
     topic: str = "devices/{device_id}/receipts"
@@ -695,6 +708,7 @@ class Config(_Model):
     outbox: OutboxSection = Field(default_factory=OutboxSection)
     sinks: list[SinkConfig] = Field(default_factory=list)
     receipts: ReceiptsSection = Field(default_factory=ReceiptsSection)
+    admin: AdminSection | None = None
     coap: CoapSection | None = None
     modbus: list[ModbusDeviceConfig] = Field(default_factory=list)
     opcua: list[OpcUaServerConfig] = Field(default_factory=list)
@@ -863,6 +877,7 @@ def apply_overrides(
     gateway_id: str | None = None,
     coap_listen: str | None = None,
     http_listen: str | None = None,
+    admin_listen: str | None = None,
 ) -> Config:
     """Apply command-line overrides to a loaded configuration.
 
@@ -911,6 +926,9 @@ def apply_overrides(
         else:
             cfg.http_ingest.listen = http_listen
             cfg.http_ingest.enabled = True
+    if admin_listen:
+        parse_host_port(admin_listen)
+        cfg.admin = AdminSection(listen=admin_listen)
     if log_level:
         cfg.log.level = log_level  # type: ignore[assignment]
     if log_format:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -28,6 +29,9 @@ from edgeway.sinks.base import Sink, create_sink
 from edgeway.south.base import Backoff, SouthAdapter, adapter_class
 from edgeway.south.mqtt.broker import Broker
 from edgeway.south.mqtt.listeners import RunningListener, start_listeners
+
+if TYPE_CHECKING:
+    from edgeway.admin.api import AdminServer
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +63,23 @@ class Gateway:
     sinks: list[Sink] = field(default_factory=list)
     listeners: list[RunningListener] = field(default_factory=list)
     adapters: list[SouthAdapter] = field(default_factory=list)
+    admin: AdminServer | None = None
     started_at: float = 0.0
     _front_stopped: bool = False
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot of every part's counters and state (admin API, metrics)."""
+        return {
+            "gateway_id": self.config.gateway.id,
+            "ready": self.ready.is_set(),
+            "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
+            "broker": self.broker.stats() if self.broker is not None else None,
+            "outbox": self.outbox.counters() if self.outbox is not None else {},
+            "sinks": {s.name: dataclasses.asdict(s.state) for s in self.sinks},
+            "adapters": {
+                f"{a.section}:{a.name}": dataclasses.asdict(a.state) for a in self.adapters
+            },
+        }
 
     def request_stop(self) -> None:
         """Ask ``run()`` to shut down (signal handlers call this)."""
@@ -97,6 +116,12 @@ class Gateway:
                 await self._start_broker(authenticator, authoriser)
             if cfg.receipts.enabled and self.broker is not None:
                 outbox.add_confirmed_listener(self._send_receipts)
+            if cfg.admin is not None and cfg.admin.enabled:
+                from edgeway.admin.api import AdminServer
+
+                host, port = parse_host_port(cfg.admin.listen)
+                self.admin = AdminServer(host, port, self.status, self.ready.is_set)
+                await self.admin.start()
             try:
                 async with asyncio.TaskGroup() as tg:
                     for sink in self.sinks:
@@ -123,6 +148,8 @@ class Gateway:
                 pass
         finally:
             await self._stop_front()
+            if self.admin is not None:
+                await self.admin.close()
             for sink in self.sinks:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(sink.close(), 1.0)

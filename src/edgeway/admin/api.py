@@ -1,0 +1,190 @@
+"""The local admin API: health, status and Prometheus metrics.
+
+Configuration (off unless configured; ``--admin-listen HOST:PORT`` turns it on)::
+
+    admin:
+      listen: "127.0.0.1:9180"
+
+Endpoints:
+
+``GET /healthz``
+    ``200 {"status": "ok"}`` once the gateway is ready, ``503`` before.
+``GET /api/status``
+    One JSON document: gateway id, uptime, broker counters, outbox counters per
+    sink (``accepted = delivered + pending + dropped``), sink and adapter states.
+``GET /metrics``
+    The same figures in the Prometheus text format (``edgeway_*``), built at
+    scrape time from the live objects by a custom collector, so there is no
+    per-message cost for metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+StatusSource = Callable[[], dict[str, Any]]
+_METRIC_NAME = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def _metric_name(*parts: str) -> str:
+    return "_".join(_METRIC_NAME.sub("_", p) for p in parts if p)
+
+
+class StatusCollector:
+    """A prometheus-client collector that reads the gateway status on scrape."""
+
+    def __init__(self, status: StatusSource) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        st = self._status()
+        up = GaugeMetricFamily("edgeway_uptime_seconds", "Seconds since start")
+        up.add_metric([], float(st.get("uptime_s", 0.0)))
+        yield up
+
+        broker = st.get("broker") or {}
+        gauges = {
+            "connections",
+            "clients_connected",
+            "sessions",
+            "subscriptions",
+            "retained",
+            "queued",
+            "inflight",
+        }
+        for key, value in sorted(broker.items()):
+            name = _metric_name("edgeway_mqtt", key)
+            if key in gauges:
+                g = GaugeMetricFamily(name, f"MQTT broker {key}")
+                g.add_metric([], float(value))
+                yield g
+            else:
+                c = CounterMetricFamily(name, f"MQTT broker {key}")
+                c.add_metric([], float(value))
+                yield c
+
+        outbox = st.get("outbox") or {}
+        keys: set[str] = set()
+        for counters in outbox.values():
+            keys.update(counters)
+        for key in sorted(keys):
+            name = _metric_name("edgeway_outbox", key)
+            fam: Any
+            if key == "pending":
+                fam = GaugeMetricFamily(
+                    name, "Readings stored and not yet confirmed", labels=["sink"]
+                )
+            else:
+                fam = CounterMetricFamily(name, f"Outbox {key} readings", labels=["sink"])
+            for sink, counters in sorted(outbox.items()):
+                fam.add_metric([sink], float(counters.get(key, 0)))
+            yield fam
+
+        sinks = st.get("sinks") or {}
+        connected = GaugeMetricFamily(
+            "edgeway_sink_connected", "1 when the sink's last send worked", labels=["sink"]
+        )
+        latency = GaugeMetricFamily(
+            "edgeway_sink_batch_latency_seconds", "Last batch latency", labels=["sink"]
+        )
+        sent = CounterMetricFamily(
+            "edgeway_sink_records_sent", "Records confirmed by the remote side", labels=["sink"]
+        )
+        for name, s in sorted(sinks.items()):
+            connected.add_metric([name], 1.0 if s.get("connected") else 0.0)
+            latency.add_metric([name], float(s.get("last_batch_latency") or 0.0))
+            sent.add_metric([name], float(s.get("records_sent", 0)))
+        yield connected
+        yield latency
+        yield sent
+
+        adapters = st.get("adapters") or {}
+        a_conn = GaugeMetricFamily(
+            "edgeway_adapter_connected", "1 when connected or listening", labels=["adapter"]
+        )
+        a_read = CounterMetricFamily(
+            "edgeway_adapter_readings", "Readings received", labels=["adapter"]
+        )
+        a_err = CounterMetricFamily(
+            "edgeway_adapter_errors", "Errors (decode, peer)", labels=["adapter"]
+        )
+        for name, a in sorted(adapters.items()):
+            a_conn.add_metric([name], 1.0 if a.get("connected") else 0.0)
+            a_read.add_metric([name], float(a.get("readings", 0)))
+            a_err.add_metric([name], float(a.get("errors", 0)))
+        yield a_conn
+        yield a_read
+        yield a_err
+
+
+class AdminServer:
+    """Serves the admin endpoints on one address."""
+
+    def __init__(
+        self, host: str, port: int, status: StatusSource, ready: Callable[[], bool]
+    ) -> None:
+        from prometheus_client import CollectorRegistry
+
+        self.host = host
+        self.port = port
+        self._status = status
+        self._ready = ready
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(StatusCollector(status))  # type: ignore[arg-type]
+        self._runner: web.AppRunner | None = None
+        self.bound: tuple[str, int] | None = None
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/api/status", self._api_status)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            await self._runner.cleanup()
+            raise OSError(
+                f"cannot listen on {self.host}:{self.port} (admin API): {e.strerror}"
+            ) from None
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.bound = sockets[0].getsockname()[:2] if sockets else (self.host, self.port)
+        log.info("admin API on http://%s:%d (/healthz, /api/status, /metrics)", *self.bound)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        if self._ready():
+            return web.json_response({"status": "ok"})
+        return web.json_response({"status": "starting"}, status=503)
+
+    async def _api_status(self, request: web.Request) -> web.Response:
+        body = orjson.dumps(self._status(), default=str, option=orjson.OPT_NON_STR_KEYS)
+        return web.Response(body=body, content_type="application/json")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return web.Response(
+            body=generate_latest(self._registry),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )

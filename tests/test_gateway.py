@@ -1,0 +1,92 @@
+"""The gateway assembled in-process: broker -> outbox -> file sink, admin API."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import orjson
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgeway.config import parse_config
+from edgeway.gateway import Gateway
+
+
+def _config(tmp_path: Path) -> str:
+    return f"""
+gateway: {{id: gw-test, data_dir: "{tmp_path / "data"}"}}
+mqtt:
+  listeners: [{{bind: "127.0.0.1:0", allow_anonymous: true}}]
+sinks:
+  - {{name: files, url: "file://{tmp_path / "out"}"}}
+admin: {{listen: "127.0.0.1:0"}}
+"""
+
+
+def _publish(port: int, n: int) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-1", protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        infos = [
+            client.publish(
+                "devices/dev-1/telemetry", orjson.dumps({"temp": i, "ts": 1700000000 + i}), qos=1
+            )
+            for i in range(n)
+        ]
+        for info in infos:
+            info.wait_for_publish(timeout=10)
+            assert info.rc == 0
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+async def _wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_mqtt_to_file_sink_with_status_and_metrics(tmp_path: Path) -> None:
+    gw = Gateway(parse_config(_config(tmp_path), "test.yaml"))
+    task = asyncio.create_task(gw.run())
+    await asyncio.wait_for(gw.ready.wait(), 10)
+    try:
+        port = gw.listeners[0].bound[1]
+        await asyncio.to_thread(_publish, port, 50)
+        out = tmp_path / "out"
+
+        def delivered() -> bool:
+            return gw.outbox is not None and gw.outbox.counters()["files"]["delivered"] == 50
+
+        await _wait_for(delivered)
+        lines = [
+            orjson.loads(line)
+            for f in sorted(out.glob("*.jsonl"))
+            for line in f.read_bytes().splitlines()
+        ]
+        assert [r["metrics"]["temp"] for r in lines] == list(range(50))
+        assert all(r["device_id"] == "dev-1" for r in lines)
+        assert len({r["id"] for r in lines}) == 50
+        assert all(r["id"].startswith("gw-test:") for r in lines)
+
+        assert gw.admin is not None and gw.admin.bound is not None
+        base = f"http://127.0.0.1:{gw.admin.bound[1]}"
+        async with httpx.AsyncClient() as http:
+            health = await http.get(f"{base}/healthz")
+            assert health.status_code == 200
+            status = (await http.get(f"{base}/api/status")).json()
+            c = status["outbox"]["files"]
+            assert c["accepted"] == c["delivered"] + c["pending"] + c["dropped"] == 50
+            assert status["broker"]["readings_in"] == 50
+            metrics = (await http.get(f"{base}/metrics")).text
+            assert 'edgeway_outbox_delivered_total{sink="files"} 50.0' in metrics
+            assert 'edgeway_sink_connected{sink="files"} 1.0' in metrics
+    finally:
+        gw.request_stop()
+        await asyncio.wait_for(task, 10)
+    assert task.exception() is None
