@@ -1231,3 +1231,149 @@ def test_interop_with_mosquitto(level: int) -> None:
     finally:
         sub.close()
         pub.close()
+
+
+def _serve_one_client(listener: socket.socket, received: list[Packet]) -> None:
+    """A minimal MQTT server on the codec: answers what a client needs to finish its flows."""
+    conn, _ = listener.accept()
+    conn.settimeout(10)  # bounded: a stuck client fails the test instead of hanging it
+    reader = MqttReader()
+    with conn:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            for p in reader.feed(data):
+                received.append(p)
+                level = reader.protocol_level
+                assert level is not None
+                reply: Packet | None = None
+                if isinstance(p, Connect):
+                    reply = ConnAck()
+                elif isinstance(p, Subscribe):
+                    reply = SubAck(p.packet_id, [s.qos for s in p.subscriptions])
+                elif isinstance(p, Publish) and p.qos == 1:
+                    assert p.packet_id is not None
+                    reply = PubAck(p.packet_id)
+                elif isinstance(p, Publish) and p.qos == 2:
+                    assert p.packet_id is not None
+                    reply = PubRec(p.packet_id)
+                elif isinstance(p, PubRel):
+                    reply = PubComp(p.packet_id)
+                elif isinstance(p, Unsubscribe):
+                    codes = [0] * len(p.topic_filters) if level == 5 else []
+                    reply = UnsubAck(p.packet_id, codes)
+                elif isinstance(p, Disconnect):
+                    return
+                if reply is not None:
+                    conn.sendall(encode(reply, level))
+
+
+@pytest.mark.parametrize("level", [4, 5])
+def test_interop_with_paho_client(level: int) -> None:
+    import threading
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties as PahoProperties
+    from paho.mqtt.subscribeoptions import SubscribeOptions
+
+    v5 = level == 5
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    received: list[Packet] = []
+    server = threading.Thread(target=_serve_one_client, args=(listener, received), daemon=True)
+    server.start()
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id="paho-é",
+        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+    )
+    try:
+        client.username_pw_set("user", "pässword")
+        will_props = None
+        connect_props = None
+        sub_props = None
+        pub_props = None
+        if v5:
+            will_props = PahoProperties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
+            will_props.WillDelayInterval = 5
+            will_props.ContentType = "text/plain"
+            connect_props = PahoProperties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            connect_props.SessionExpiryInterval = 30
+            connect_props.ReceiveMaximum = 7
+            connect_props.UserProperty = ("who", "paho")
+            sub_props = PahoProperties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+            sub_props.SubscriptionIdentifier = 5
+            pub_props = PahoProperties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            pub_props.ContentType = "application/json"
+            pub_props.ResponseTopic = "reply/to"
+            pub_props.CorrelationData = b"\x01\x02"
+            pub_props.MessageExpiryInterval = 30
+            pub_props.UserProperty = [("k", "v"), ("k", "w")]
+        client.will_set("will/t", b"gone", qos=1, retain=True, properties=will_props)
+        client.connect("127.0.0.1", port, keepalive=20, properties=connect_props)
+        client.loop_start()
+        if v5:
+            options = SubscribeOptions(
+                qos=2, noLocal=True, retainAsPublished=True, retainHandling=1
+            )
+            client.subscribe("a/+/c", options=options, properties=sub_props)
+        else:
+            client.subscribe("a/+/c", qos=2)  # paho reads ``options`` only for MQTT 5
+        client.publish("a/b/c", b'{"t":1}', qos=1, properties=pub_props).wait_for_publish(10)
+        client.publish("a/b/c", b"\x00two", qos=2).wait_for_publish(10)
+        client.unsubscribe("a/+/c")
+        client.disconnect()
+        server.join(10)
+        assert not server.is_alive()
+    finally:
+        client.loop_stop()
+        listener.close()
+
+    by_type: dict[type, list[Packet]] = {}
+    for p in received:
+        by_type.setdefault(type(p), []).append(p)
+    (connect,) = by_type[Connect]
+    assert isinstance(connect, Connect)
+    assert (connect.protocol_level, connect.client_id, connect.keepalive) == (level, "paho-é", 20)
+    assert (connect.username, connect.password) == ("user", "pässword".encode())
+    assert connect.will is not None
+    assert (connect.will.topic, connect.will.payload, connect.will.qos, connect.will.retain) == (
+        "will/t",
+        b"gone",
+        1,
+        True,
+    )
+    (subscribe,) = by_type[Subscribe]
+    assert isinstance(subscribe, Subscribe)
+    assert subscribe.subscriptions == [
+        Subscription(
+            "a/+/c", 2, no_local=v5, retain_as_published=v5, retain_handling=1 if v5 else 0
+        )
+    ]
+    publishes = by_type[Publish]
+    assert [(p.topic, p.payload, p.qos) for p in publishes if isinstance(p, Publish)] == [
+        ("a/b/c", b'{"t":1}', 1),
+        ("a/b/c", b"\x00two", 2),
+    ]
+    assert len(by_type[PubRel]) == 1
+    (unsubscribe,) = by_type[Unsubscribe]
+    assert isinstance(unsubscribe, Unsubscribe)
+    assert unsubscribe.topic_filters == ["a/+/c"]
+    assert len(by_type[Disconnect]) == 1
+    if v5:
+        assert connect.properties.session_expiry_interval == 30
+        assert connect.properties.receive_maximum == 7
+        assert connect.properties.user_properties == [("who", "paho")]
+        assert connect.will.properties.will_delay_interval == 5
+        assert connect.will.properties.content_type == "text/plain"
+        assert subscribe.properties.subscription_identifiers == [5]
+        first = publishes[0]
+        assert isinstance(first, Publish)
+        assert first.properties.content_type == "application/json"
+        assert first.properties.response_topic == "reply/to"
+        assert first.properties.correlation_data == b"\x01\x02"
+        assert first.properties.message_expiry_interval == 30
+        assert first.properties.user_properties == [("k", "v"), ("k", "w")]
