@@ -63,9 +63,9 @@ behaviours are replaced here:
 - its PUBACK handler, which ignores MQTT 5 reason codes and logs twice per
   packet: ours reads the code and costs a third less CPU.
 
-The last two touch gmqtt internals (``Client._connection``,
-``_package_handler._handle_puback_packet``); tests against Mosquitto cover
-them, and a gmqtt without them is reported in the log.
+The last three touch gmqtt 0.8 internals (``storage.PersistentStorage``,
+``Client._connection``, ``_package_handler._handle_puback_packet``), hence
+the ``<0.9`` pin in pyproject.toml; the tests against Mosquitto cover them.
 """
 
 from __future__ import annotations
