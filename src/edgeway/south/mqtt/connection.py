@@ -284,9 +284,6 @@ class MqttConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.state == CLOSED and self.session is None:
-            self.broker.connection_lost(self)
-            return
         self.state = CLOSED
         if self._auth_task is not None:
             self._auth_task.cancel()
@@ -360,13 +357,12 @@ class MqttConnection(asyncio.Protocol):
     # ------------------------------------------------------------ dispatch
 
     def _handle_packets(self, packets: list[Packet]) -> None:
-        for p in packets:
+        for i, p in enumerate(packets):
             if self.state != CONNECTED:
                 if self.state == AWAIT_CONNECT and type(p) is Connect:
                     self._on_connect(p)
                     if self._pending is not None:
                         # Authentication is pending: keep the rest for after CONNACK.
-                        i = packets.index(p)
                         self._pending.extend(packets[i + 1 :])
                         return
                     continue
@@ -646,7 +642,10 @@ class MqttConnection(asyncio.Protocol):
         if acks is _NO_ACKS:
             acks = self._acks = deque()
         acks.append(entry)
-        if not fut.done() and fut is not self._cb_future:
+        if self._cb_future is None and not fut.done():
+            # One callback armed at a time, on the head of the FIFO: futures of
+            # one group commit complete together, so this costs one callback
+            # per commit, not one per message.
             self._cb_future = fut
             fut.add_done_callback(self._ingest_done)
         if not v5 and len(self._acks) >= MAX_PENDING_ACKS_311:
@@ -707,6 +706,7 @@ class MqttConnection(asyncio.Protocol):
                     self.session.in_qos2.discard(e.packet_id)  # type: ignore[arg-type]
 
     def _ingest_done(self, _fut: asyncio.Future[IngestStatus]) -> None:
+        self._cb_future = None
         if self.state == CLOSED:
             self._acks.clear()
             return
@@ -723,6 +723,11 @@ class MqttConnection(asyncio.Protocol):
                 if self.state == CLOSED:
                     acks.clear()
                     break
+            if acks and self.state != CLOSED:
+                head_fut = acks[0].fut
+                assert head_fut is not None  # the loop stopped at an unfinished future
+                self._cb_future = head_fut
+                head_fut.add_done_callback(self._ingest_done)
             if self._pause & _PAUSE_ACKS and len(acks) < MAX_PENDING_ACKS_311 // 2:
                 self.resume_reading(_PAUSE_ACKS)
         except Exception:
