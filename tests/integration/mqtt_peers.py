@@ -64,6 +64,7 @@ class PahoPeer:
         will: tuple[str, bytes, int, bool] | None = None,
         tls: TlsFiles | None = None,
         keepalive: int = 30,
+        websocket_path: str | None = None,
     ) -> None:
         self.host, self.port, self.version = host, port, version
         self.client_id = client_id if client_id is not None else unique("paho")
@@ -76,8 +77,11 @@ class PahoPeer:
             client_id=self.client_id,
             clean_session=None if version == 5 else clean,
             protocol=protocol,
+            transport="websockets" if websocket_path is not None else "tcp",
             reconnect_on_failure=False,
         )
+        if websocket_path is not None:
+            self.client.ws_set_options(path=websocket_path)
         if username is not None:
             self.client.username_pw_set(username, password)
         if will is not None:
@@ -320,3 +324,15 @@ def raw_connack(host: str, port: int, packet: bytes) -> tuple[bytes, socket.sock
             break
         data += chunk
     return data, sock
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = TIMEOUT) -> bool:
+    """Wait (bounded) for the other side to close: True on EOF or reset, False
+    if bytes arrive or nothing happens within ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False

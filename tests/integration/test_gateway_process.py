@@ -244,3 +244,25 @@ def test_retained_and_sessions_survive_restart(
     assert rc == 0
     assert session_present, "persistent session lost in the restart"
     assert [m.payload for m in back.collect(len(sent))] == sent
+
+
+@pytest.mark.parametrize("version", [4, 5], ids=["v311", "v5"])
+def test_mqtt_over_websocket(
+    start_gateway: StartGateway, peers: list[PahoPeer], version: int
+) -> None:
+    gw = start_gateway(
+        """
+        mqtt:
+          listeners:
+            - bind: "127.0.0.1:{port}"
+              transport: websocket
+              websocket_path: /mqtt
+              allow_anonymous: true
+        """
+    )
+    topic = unique("ws")
+    sub = connected(gw, peers, version=version, websocket_path="/mqtt")
+    assert sub.subscribe(topic, 1) == [1]
+    pub = connected(gw, peers, version=version, websocket_path="/mqtt")
+    assert pub.publish(topic, b"over-websocket", qos=1) == 0
+    assert sub.get().payload == b"over-websocket"

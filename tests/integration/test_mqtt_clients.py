@@ -13,6 +13,7 @@ import asyncio
 import os
 import queue
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -25,8 +26,11 @@ from edgeway_process import GatewayProcess
 from mqtt_peers import (
     TIMEOUT,
     PahoPeer,
+    closed_by_peer,
     mosquitto_args,
     mosquitto_pub,
+    raw_connack,
+    raw_connect_packet,
     unique,
     v5_props,
 )
@@ -433,3 +437,67 @@ def test_v5_request_response_properties_pass_through(
     assert response.payload == b'{"value":7}'
     assert response.properties is not None
     assert response.properties.CorrelationData == b"\x00corr-42\xff"
+
+
+# ---------------------------------------------------------------------------
+# keep-alive, takeover, malformed input
+
+
+def test_keepalive_expiry_closes_connection_and_sends_will(
+    shared_gateway: GatewayProcess, peers: list[PahoPeer]
+) -> None:
+    """A client silent for 1.5x its keep alive is cut off, and its will goes out."""
+    gw = shared_gateway
+    will_topic = unique("will/keepalive")
+    watcher = connected(gw, peers, version=4)
+    watcher.subscribe(will_topic, 1)
+    packet = raw_connect_packet(
+        unique("silent"), keepalive=1, will=(will_topic, b"went-silent", 1, False)
+    )
+    connack, sock = raw_connack(gw.host, gw.port, packet)
+    with sock:
+        assert connack == b"\x20\x02\x00\x00"
+        started = time.monotonic()
+        msg = watcher.get()  # bounded by TIMEOUT
+        assert msg.payload == b"went-silent"
+        assert closed_by_peer(sock), "connection still open after keep-alive expiry"
+        if os.environ.get("EDGEWAY_ITEST_BROKER") != "mosquitto":  # Mosquitto checks every ~5 s
+            # 1.5 x 1 s allowed by the spec; slack for a loaded machine.
+            assert time.monotonic() - started < 5.0
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_session_takeover_disconnects_the_older_client(
+    shared_gateway: GatewayProcess, peers: list[PahoPeer], version: int
+) -> None:
+    gw = shared_gateway
+    client_id = unique("twin")
+    topic = unique("takeover")
+    old = connected(gw, peers, version=version, client_id=client_id)
+    new = connected(gw, peers, version=version, client_id=client_id)
+    assert old.wait_disconnected(), "older connection with the same client id still open"
+    new.subscribe(topic, 1)
+    pub = connected(gw, peers, version=version)
+    pub.publish(topic, b"to-the-new-one", qos=1)
+    assert new.get().payload == b"to-the-new-one"
+
+
+def test_malformed_packet_closes_only_that_connection(
+    shared_gateway: GatewayProcess, peers: list[PahoPeer]
+) -> None:
+    gw = shared_gateway
+    topic = unique("survivor")
+    bystander = connected(gw, peers, version=5)
+    bystander.subscribe(topic, 1)
+    connack, sock = raw_connack(gw.host, gw.port, raw_connect_packet(unique("broken")))
+    with sock:
+        assert connack == b"\x20\x02\x00\x00"
+        # PUBLISH whose remaining length promises a topic longer than the packet.
+        sock.sendall(b"\x30\x04\x00\x10ab")
+        assert closed_by_peer(sock), "malformed packet did not close the connection"
+    with socket.create_connection((gw.host, gw.port), timeout=TIMEOUT) as junk:
+        junk.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # not MQTT at all
+        assert closed_by_peer(junk), "non-MQTT bytes did not close the connection"
+    bystander.publish(topic, b"still-here", qos=1)
+    assert bystander.get().payload == b"still-here"
+    assert gw.process.poll() is None
