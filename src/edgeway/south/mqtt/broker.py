@@ -527,7 +527,10 @@ class Broker:
                 d = Delivery(msg, min(qos, mqos), mretain and rap, tuple(sorted(ids)))
             conn = session.conn
             if conn is not None:
-                conn.deliver(d, cache)
+                try:
+                    conn.deliver(d, cache)
+                except Exception:
+                    self._delivery_failed(conn)
             elif d.qos and session.persistent:
                 if session.enqueue(d, self.limits.max_queued_messages):
                     self.count_drop("queue_full")
@@ -545,10 +548,23 @@ class Broker:
             )
             conn = session.conn
             if conn is not None:
-                conn.deliver(d, cache)
+                try:
+                    conn.deliver(d, cache)
+                except Exception:
+                    self._delivery_failed(conn)
             elif d.qos and session.persistent:
                 if session.enqueue(d, self.limits.max_queued_messages):
                     self.count_drop("queue_full")
+
+    def _delivery_failed(self, conn: MqttConnection) -> None:
+        # A bug while sending to one subscriber closes that subscriber only,
+        # never the publisher or the other subscribers.
+        log.exception("error delivering to MQTT client %s; closing it", conn.client_id)
+        self.count("delivery_errors")
+        try:
+            conn.close(0x83)
+        except Exception:
+            log.exception("error closing MQTT client %s", conn.client_id)
 
     # ----------------------------------------------------------------- output
 
