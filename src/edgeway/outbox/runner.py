@@ -24,6 +24,8 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from edgeway.outbox.store import Batch, Outbox
 from edgeway.sinks.base import PermanentSinkError, RetryableSinkError, Sink
@@ -66,37 +68,60 @@ class SinkRunner:
         self._last_error = ""
 
     async def run(self) -> None:
-        """Forever: read a batch from the cursor, send, advance. Cancel to stop."""
+        """Forever: read a batch from the cursor, send, advance. Cancel to stop.
+
+        While a batch is being sent, the next one is read (when the batch holds
+        no rows read ahead of the cursor), so disk reads overlap the network.
+        """
         outbox, sink, name = self.outbox, self.sink, self.sink.name
         prev: asyncio.Future[None] | None = None
         prev_out_of_order = False
         caught_up = False
-        while True:
-            if caught_up:
-                await outbox.wait_for_rows(name, 1)
-                if sink.max_wait > 0:
-                    # Let a batch fill, but never wait longer than max_wait.
-                    await outbox.wait_for_rows(name, sink.max_batch_records, within=sink.max_wait)
-            if prev is not None and prev_out_of_order:
-                # Rows read ahead of the cursor must have their bit cleared
-                # before the next read, or it would send them again.
-                await self._settle(prev)
-                prev = None
-            batch = await outbox.read_batch(name, sink.max_batch_records, sink.max_batch_bytes)
-            caught_up = not batch.more
-            if not batch.records:
-                continue
-            delivered, batch = await self._deliver(batch)
-            if prev is not None:
-                # In order, one confirmation in flight. If it failed, the outbox
-                # rewound this sink and ignores the confirmation of a batch read
-                # before that: the batch is read and sent again.
-                await self._settle(prev)
-            if delivered:
-                prev = outbox.confirm(batch)
-            else:
-                prev = outbox.dead_letter(batch, self._last_error)
-            prev_out_of_order = batch.out_of_order
+        prefetch: asyncio.Task[Batch] | None = None
+        try:
+            while True:
+                if caught_up:
+                    await outbox.wait_for_rows(name, 1)
+                    if sink.max_wait > 0:
+                        # Let a batch fill, but never wait longer than max_wait.
+                        await outbox.wait_for_rows(
+                            name, sink.max_batch_records, within=sink.max_wait
+                        )
+                if prev is not None and prev_out_of_order:
+                    # Rows read ahead of the cursor must have their bit cleared
+                    # before the next read, or it would send them again.
+                    await self._settle(prev)
+                    prev = None
+                prefetched = prefetch is not None
+                if prefetch is not None:
+                    batch = await prefetch
+                    prefetch = None
+                else:
+                    batch = await self._read()
+                caught_up = not batch.more
+                if not batch.records:
+                    continue
+                if batch.more and not batch.out_of_order:
+                    prefetch = asyncio.create_task(self._read(), name=f"prefetch:{name}")
+                delivered, batch = await self._deliver(batch, stale=prefetched)
+                if prev is not None:
+                    # In order, one confirmation in flight. If it failed, the
+                    # outbox rewound this sink and ignores the confirmation of a
+                    # batch read before that: the batch is read and sent again.
+                    await self._settle(prev)
+                if delivered:
+                    prev = outbox.confirm(batch)
+                else:
+                    prev = outbox.dead_letter(batch, self._last_error)
+                prev_out_of_order = batch.out_of_order
+        finally:
+            if prefetch is not None:
+                prefetch.cancel()
+                await asyncio.gather(prefetch, return_exceptions=True)
+
+    def _read(self) -> Coroutine[Any, Any, Batch]:
+        sink = self.sink
+        return self.outbox.read_batch(sink.name, sink.max_batch_records, sink.max_batch_bytes)
 
     async def _settle(self, confirmation: asyncio.Future[None]) -> None:
         """Wait for a confirmation's commit. If the commit failed (disk full),
@@ -108,13 +133,14 @@ class SinkRunner:
             log.error("sink %s: could not record a confirmation: %s", self.sink.name, e)
             await asyncio.sleep(self.backoff_delay(3))
 
-    async def _deliver(self, batch: Batch) -> tuple[bool, Batch]:
+    async def _deliver(self, batch: Batch, *, stale: bool = False) -> tuple[bool, Batch]:
         """Send until confirmed (True) or refused for good (False); returns the
-        batch as finally sent (retention may have dropped records meanwhile)."""
+        batch as finally sent (retention may have dropped records meanwhile).
+        ``stale``: the batch was read a while ago (prefetched)."""
         sink = self.sink
         attempt = 0
         while True:
-            if attempt:
+            if attempt or stale:
                 batch = await self.outbox.refresh_batch(batch)
                 if not batch.records:
                     return True, batch  # all dropped while failing: only the cursor moves
