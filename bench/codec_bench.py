@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -113,6 +114,8 @@ def main() -> None:
                 {
                     "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "python": sys.version.split()[0],
+                    # Other work on the machine skews figures; record how busy it was.
+                    "load_average_1min": round(os.getloadavg()[0], 2),
                     "count": args.count,
                     "repeat": args.repeat,
                     "results": {k: round(v) for k, v in results.items()},
