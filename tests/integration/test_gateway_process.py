@@ -49,9 +49,9 @@ def connected(gw: GatewayProcess, peers: list[PahoPeer], **kwargs: Any) -> PahoP
 
 @pytest.mark.parametrize("version", [4, 5], ids=["v311", "v5"])
 def test_telemetry_is_acknowledged_and_still_routed(
-    start_gateway: StartGateway, peers: list[PahoPeer], version: int
+    shared_gateway: GatewayProcess, peers: list[PahoPeer], version: int
 ) -> None:
-    gw = start_gateway()
+    gw = shared_gateway
     device = unique("dev")
     watcher = connected(gw, peers, version=version)
     watcher.subscribe(f"devices/{device}/telemetry", 1)
@@ -63,10 +63,10 @@ def test_telemetry_is_acknowledged_and_still_routed(
 
 
 def test_undecodable_telemetry_v5_puback_0x99_and_still_routed(
-    start_gateway: StartGateway, peers: list[PahoPeer]
+    shared_gateway: GatewayProcess, peers: list[PahoPeer]
 ) -> None:
     edgeway_only()
-    gw = start_gateway()
+    gw = shared_gateway
     device = unique("dev")
     topic = f"devices/{device}/telemetry"
     watcher = connected(gw, peers, version=5)
