@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from aiohttp import web
 from edgeway_process import StartGateway, free_port
+
+from edgeway.config import OutboxSection
+from edgeway.outbox import Outbox
 
 KILLS = 4
 """Gateway lives ended by SIGKILL; a fifth life drains the outbox."""
@@ -188,4 +192,23 @@ def test_sigkill_loses_nothing_acknowledged(
     for device, ns in first.items():
         assert ns == sorted(ns), device
     assert time.monotonic() - t0 < 60
-    gw.terminate()
+    assert gw.terminate() == 0
+    # After five lives, four of them killed, the counters still balance and
+    # match the rows on disk.
+    counters, on_disk = asyncio.run(_counters_after(data_dir / "outbox.db"))
+    c = counters["cloud"]
+    assert c["accepted"] == c["delivered"] + c["pending"] + c["dropped"], c
+    assert c["pending"] == on_disk, (c, on_disk)
+    assert c["accepted"] >= len(acked) and c["dropped"] == 0
+
+
+async def _counters_after(db: Path) -> tuple[dict[str, dict[str, int]], int]:
+    ob = Outbox(db, gateway_id="crashgw", config=OutboxSection(), sink_names=["cloud"])
+    await ob.open()
+    try:
+        counters = ob.counters()
+    finally:
+        await ob.close()
+    with sqlite3.connect(db) as conn:
+        (rows,) = conn.execute("SELECT count(*) FROM records").fetchone()
+    return counters, int(rows)

@@ -306,6 +306,7 @@ class _Writer:
             self.total_bytes,
             self.unrouted,
             [list(c) for c in self.counters.values()],
+            dict(self.drops_unlogged),
         )
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -331,6 +332,7 @@ class _Writer:
             self.next_seq, self.total_bytes, self.unrouted = saved[0], saved[1], saved[2]
             for c, old in zip(self.counters.values(), saved[3], strict=True):
                 c[:] = old
+            self.drops_unlogged = saved[4]
             raise
         self.commits += 1
         res.high_seq = self.next_seq - 1
