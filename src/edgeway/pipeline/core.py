@@ -1,0 +1,619 @@
+"""The pipeline: routes and steps between the south adapters and the outbox.
+
+Configuration (``routes:`` and ``pipeline:``; see docs/pipeline.md)::
+
+    routes:
+      - name: climate
+        match: {devices: ["room-*"], metrics: [temperature, humidity]}
+        steps:
+          - validate: {ranges: {temperature: {min: -40, max: 85}}}
+          - window: {size: 10s, aggregates: [mean]}
+          - deadband: {percent: 0.5}
+        sinks: [cloud]
+    pipeline:
+      default_sinks: [cloud]     # readings no route takes (absent: every sink)
+      tick_interval: 0.5s
+      stats_interval: 5s
+
+:class:`Pipeline` implements :class:`edgeway.ingest.Ingest` in front of the
+outbox. ``submit`` runs the matching routes' steps synchronously on the loop
+and hands what comes out to ``Outbox.submit(readings, sinks)``; readings a
+holding step (window, rate limit) absorbed are journaled in the
+:class:`~edgeway.pipeline.state.StateStore`. The returned future resolves
+when both the outbox commit and the state commit are done, so a device is
+acknowledged only when nothing of what it sent can be lost.
+
+Lifecycle (the gateway owns it)::
+
+    outbox = Outbox(...); await outbox.open()
+    pipeline = Pipeline(cfg.routes, cfg.pipeline, outbox=outbox,
+                        data_dir=cfg.gateway.data_dir, durability=cfg.outbox.durability)
+    await pipeline.open()      # restores held readings, starts the timers
+    ... adapters and the broker get ``ingest=pipeline`` ...
+    await pipeline.close()     # after the adapters stopped, before outbox.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import orjson
+
+from edgeway.config import PipelineSection, RouteConfig
+from edgeway.ingest import IngestStatus
+from edgeway.pipeline.registry import HoldingStep, Release, Step, StepContext, build_step
+from edgeway.pipeline.routes import RouteMatcher
+from edgeway.pipeline.state import StateStore
+from edgeway.reading import MetricValue, Reading
+
+log = logging.getLogger(__name__)
+
+RECORD_ENVELOPE = 67
+"""Bytes a record's JSON adds around its device id and metrics, as sinks send
+it: ``{"id":"gw-1:123456","device_id":"","ts":1700000000.123,"metrics":}``.
+Counting the envelope makes the figures comparable with what reaches the
+cloud; it is an estimate (ids and timestamps vary by a few bytes)."""
+
+TAGS_ENVELOPE = 8
+"""Bytes of ``,"tags":`` when a record has tags."""
+
+STATS_FILE = "stats.json"
+
+
+def reading_size(r: Reading) -> int:
+    """About the bytes of ``r`` as one JSON record sent to the cloud."""
+    n = len(orjson.dumps(r.metrics)) + len(r.device_id) + RECORD_ENVELOPE
+    if r.tags:
+        n += len(orjson.dumps(r.tags)) + TAGS_ENVELOPE
+    return n
+
+
+class OutboxIngest(Protocol):
+    """What the pipeline needs of :class:`edgeway.outbox.Outbox`."""
+
+    sink_names: list[str]
+
+    def submit(
+        self, readings: Sequence[Reading], sinks: Sequence[str] | None = None
+    ) -> asyncio.Future[IngestStatus]: ...
+
+    def is_saturated(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class Flow:
+    """Readings and bytes through one point."""
+
+    readings: int = 0
+    bytes: int = 0
+
+    def add(self, readings: int, nbytes: int) -> None:
+        self.readings += readings
+        self.bytes += nbytes
+
+
+@dataclass(slots=True)
+class _StepSlot:
+    step: Step
+    ctx: StepContext
+    inp: Flow = field(default_factory=Flow)
+    out: Flow = field(default_factory=Flow)
+
+
+@dataclass(slots=True)
+class _Route:
+    name: str
+    matcher: RouteMatcher
+    sinks: tuple[str, ...] | None
+    slots: list[_StepSlot]
+    received: Flow = field(default_factory=Flow)
+    sent: Flow = field(default_factory=Flow)
+    pending: list[Reading] = field(default_factory=list)
+    holding: list[tuple[int, HoldingStep]] = field(default_factory=list)
+
+
+class _Memo:
+    """Sizes of the readings of one submit, by object: a filter step passes the
+    same objects on, whose size is then not computed again."""
+
+    __slots__ = ("sizes",)
+
+    def __init__(self) -> None:
+        self.sizes: dict[int, int] = {}
+
+    def total(self, readings: list[Reading]) -> int:
+        sizes = self.sizes
+        n = 0
+        for r in readings:
+            s = sizes.get(id(r))
+            if s is None:
+                s = sizes[id(r)] = reading_size(r)
+            n += s
+        return n
+
+
+class Pipeline:
+    """Routes and steps in front of the outbox; implements :class:`edgeway.ingest.Ingest`."""
+
+    def __init__(
+        self,
+        routes: Sequence[RouteConfig],
+        config: PipelineSection | None = None,
+        *,
+        outbox: OutboxIngest,
+        data_dir: Path | str,
+        durability: Literal["fsync", "os"] = "fsync",
+        clock: Callable[[], float] = time.time,
+        timers: bool = True,
+    ) -> None:
+        """Build every route's steps (raises ``ValueError`` for a bad route).
+
+        ``clock`` is the wall clock windows close by (tests pass a fake one);
+        ``timers=False`` leaves ticking to the caller (:meth:`tick`).
+        """
+        self.config = config if config is not None else PipelineSection()
+        self.outbox = outbox
+        self.data_dir = Path(data_dir)
+        self.clock = clock
+        self.timers = timers
+        known = set(outbox.sink_names)
+        names: set[str] = set()
+
+        def check_sinks(where: str, sinks: Sequence[str] | None) -> tuple[str, ...] | None:
+            if sinks is None:
+                return None
+            unknown = [s for s in sinks if s not in known]
+            if unknown:
+                raise ValueError(f"{where}: unknown sinks {unknown}; configured: {sorted(known)}")
+            return tuple(sinks)
+
+        self.routes: list[_Route] = []
+        for rc in routes:
+            if rc.name in names:
+                raise ValueError(f"route {rc.name!r} is defined twice")
+            names.add(rc.name)
+            slots = []
+            for i, spec in enumerate(rc.steps):
+                ((type_name, _),) = spec.items()
+                ctx = StepContext(route=rc.name, step_id=f"{rc.name}/{i}:{type_name}")
+                step = build_step(spec, ctx)
+                quarantine = getattr(step.params, "quarantine", None)
+                if quarantine is not None:
+                    check_sinks(f"route {rc.name} step {i} quarantine", [quarantine])
+                slots.append(_StepSlot(step, ctx))
+            route = _Route(
+                rc.name,
+                RouteMatcher(rc.match),
+                check_sinks(f"route {rc.name}", rc.sinks),
+                slots,
+            )
+            route.holding = [
+                (i, s.step) for i, s in enumerate(slots) if isinstance(s.step, HoldingStep)
+            ]
+            self.routes.append(route)
+        self.default_sinks = check_sinks("pipeline.default_sinks", self.config.default_sinks)
+        self.state = StateStore(self.data_dir / "pipeline.db", durability)
+        self.received = Flow()
+        self.default = Flow()
+        self.sent_by_sinks: dict[tuple[str, ...] | None, Flow] = {}
+        self.rejected_full = 0
+        self.failed_commits = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = True
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._stats_handle: asyncio.TimerHandle | None = None
+        self._inflight: set[asyncio.Future[IngestStatus]] = set()
+        self._retry: list[tuple[_Route, list[Reading], list[tuple[str, list[Release]]]]] = []
+        self._stats_writing = False
+        self.started = time.time()
+
+    # -- lifetime -----------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the state store, give held readings back to their steps, start the timers."""
+        self._loop = asyncio.get_running_loop()
+        restored = await self.state.open()
+        self._closed = False
+        used: set[str] = set()
+        for route in self.routes:
+            for _, step in route.holding:
+                sid = step.ctx.step_id
+                step.ctx.journal = self.state.journal(sid)
+                got = restored.get(sid)
+                if got is None:
+                    continue
+                used.add(sid)
+                for key, before in got.marks.items():
+                    step.restore_mark(key, before)
+                for key, reading in got.entries:
+                    step.restore(key, reading)
+                if got.entries:
+                    log.info(
+                        "restored %d held readings for %s",
+                        len(got.entries),
+                        sid,
+                        extra={"fields": {"step": sid, "readings": len(got.entries)}},
+                    )
+        orphans = {sid: len(r.entries) for sid, r in restored.items() if sid not in used}
+        orphans = {sid: n for sid, n in orphans.items() if n}
+        if orphans:
+            log.warning(
+                "pipeline state holds readings of steps no longer configured: %s; they stay "
+                "in %s until those steps return",
+                orphans,
+                self.state.path,
+            )
+        # Windows whose time passed while the gateway was down close now.
+        self.tick()
+        if self.timers:
+            self._tick_handle = self._loop.call_later(self.config.tick_interval, self._on_tick)
+            self._stats_handle = self._loop.call_later(self.config.stats_interval, self._on_stats)
+
+    async def close(self) -> None:
+        """Stop the timers, wait for emissions in flight, write stats, close the store.
+
+        Open windows are not flushed: they are journaled and continue after the
+        next start. Call after the adapters stopped and before ``outbox.close()``.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for h in (self._tick_handle, self._stats_handle):
+            if h is not None:
+                h.cancel()
+        if self._inflight:
+            await asyncio.wait(list(self._inflight))
+        await self.state.close()
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self._write_stats, self.stats())
+
+    def _on_tick(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.tick()
+        except Exception:
+            log.exception("pipeline tick failed")
+        assert self._loop is not None
+        self._tick_handle = self._loop.call_later(self.config.tick_interval, self._on_tick)
+
+    def _on_stats(self) -> None:
+        if self._closed:
+            return
+        assert self._loop is not None
+        if not self._stats_writing:
+            self._stats_writing = True
+            job = self._loop.run_in_executor(None, self._write_stats, self.stats())
+            job.add_done_callback(self._stats_written)
+        self._stats_handle = self._loop.call_later(self.config.stats_interval, self._on_stats)
+
+    def _stats_written(self, job: asyncio.Future[None]) -> None:
+        self._stats_writing = False
+        if not job.cancelled() and job.exception() is not None:
+            log.warning("cannot write %s: %s", self.data_dir / STATS_FILE, job.exception())
+
+    # -- ingest ---------------------------------------------------------------
+
+    def is_saturated(self) -> bool:
+        return self.outbox.is_saturated()
+
+    def submit(self, readings: Sequence[Reading]) -> asyncio.Future[IngestStatus]:
+        """Run the routes on ``readings``; the future resolves when all is safe."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("pipeline is not open")
+        if self._closed:
+            fut: asyncio.Future[IngestStatus] = loop.create_future()
+            fut.set_exception(RuntimeError("pipeline is closed"))
+            return fut
+        if self.outbox.is_saturated():
+            # Refuse before any step remembers or absorbs these readings: the
+            # device will send them again.
+            self.rejected_full += len(readings)
+            fut = loop.create_future()
+            fut.set_result(IngestStatus.REJECTED_FULL)
+            return fut
+        now = self.clock()
+        memo = _Memo()
+        self.received.add(len(readings), memo.total(list(readings)))
+        routes = self.routes
+        default: list[Reading] = []
+        active: list[_Route] = []
+        pairs = 0
+        for r in readings:
+            taken = False
+            claimed: set[str] | None = None
+            claimed_all = False
+            for route in routes:
+                m = route.matcher
+                if not m.matches(r):
+                    continue
+                if m.metrics is None:
+                    claimed_all = taken = True
+                    part = r
+                else:
+                    pred = m.metrics
+                    sub = {k: v for k, v in r.metrics.items() if pred(k)}
+                    if not sub:
+                        continue
+                    taken = True
+                    if len(sub) == len(r.metrics):
+                        claimed_all = True
+                        part = r
+                    else:
+                        if claimed is None:
+                            claimed = set()
+                        claimed.update(sub)
+                        part = replace(r, metrics=sub)
+                if not route.pending:
+                    active.append(route)
+                route.pending.append(part)
+                pairs += 1
+            if not taken:
+                default.append(r)
+            elif not claimed_all and claimed is not None:
+                rest: dict[str, MetricValue] = {
+                    k: v for k, v in r.metrics.items() if k not in claimed
+                }
+                if rest:
+                    default.append(replace(r, metrics=rest))
+
+        outputs: list[tuple[tuple[str, ...] | None, list[Reading]]] = []
+        releases: list[tuple[str, list[Release]]] = []
+        invalid = 0
+        ops_before = self.state.ops_queued
+        for route in active:
+            batch = route.pending
+            route.pending = []
+            route.received.add(len(batch), memo.total(batch))
+            out = self._run(route, 0, batch, now, memo)
+            if out:
+                route.sent.add(len(out), memo.total(out))
+                outputs.append((route.sinks, out))
+            for slot in route.slots:
+                ctx = slot.ctx
+                if ctx.invalid:
+                    invalid += ctx.invalid
+                    ctx.invalid = 0
+                if ctx.quarantine:
+                    q = ctx.quarantine
+                    ctx.quarantine = []
+                    outputs.append(((slot.step.params.quarantine,), q))  # type: ignore[attr-defined]
+            for _, step in route.holding:
+                rel = step.take_releases()
+                if rel:
+                    releases.append((step.ctx.step_id, rel))
+        if default:
+            self.default.add(len(default), memo.total(default))
+            outputs.append((self.default_sinks, default))
+        ok = (
+            IngestStatus.REJECTED_INVALID
+            if invalid and invalid == pairs and not default
+            else IngestStatus.ACCEPTED
+        )
+        futs = self._store(outputs, memo)
+        if self.state.ops_queued != ops_before:
+            sfut = self.state.commit_future()
+            if sfut is not None:
+                futs.append(sfut)
+        if not futs and not releases:
+            fut = loop.create_future()
+            fut.set_result(ok)
+            return fut
+        return self._join(futs, ok, releases, active, readings, None)
+
+    def _run(
+        self, route: _Route, start: int, batch: list[Reading], now: float, memo: _Memo
+    ) -> list[Reading]:
+        slots = route.slots
+        n = len(batch)
+        nbytes = memo.total(batch) if start < len(slots) else 0
+        for i in range(start, len(slots)):
+            if not batch:
+                break
+            slot = slots[i]
+            slot.inp.add(n, nbytes)
+            batch = slot.step.apply(batch, now)
+            n = len(batch)
+            nbytes = memo.total(batch)
+            slot.out.add(n, nbytes)
+        return batch
+
+    def _store(
+        self, outputs: list[tuple[tuple[str, ...] | None, list[Reading]]], memo: _Memo
+    ) -> list[asyncio.Future[Any]]:
+        futs: list[asyncio.Future[Any]] = []
+        by_sinks: dict[tuple[str, ...] | None, list[Reading]] = {}
+        for sinks, rs in outputs:
+            prev = by_sinks.get(sinks)
+            if prev is None:
+                by_sinks[sinks] = rs
+            else:
+                prev.extend(rs)
+        for sinks, rs in by_sinks.items():
+            flow = self.sent_by_sinks.get(sinks)
+            if flow is None:
+                flow = self.sent_by_sinks[sinks] = Flow()
+            flow.add(len(rs), memo.total(rs))
+            futs.append(self.outbox.submit(rs, sinks))
+        return futs
+
+    def _join(
+        self,
+        futs: list[asyncio.Future[Any]],
+        ok: IngestStatus,
+        releases: list[tuple[str, list[Release]]],
+        routes: list[_Route],
+        readings: Sequence[Reading],
+        retry: tuple[_Route, list[Reading]] | None,
+    ) -> asyncio.Future[IngestStatus]:
+        """One future for several commits; apply ``releases`` once all succeeded."""
+        assert self._loop is not None
+        outer: asyncio.Future[IngestStatus] = self._loop.create_future()
+        remaining = len(futs)
+        failure: list[BaseException | IngestStatus] = []
+
+        def finish() -> None:
+            if failure:
+                first = failure[0]
+                if routes:
+                    # Steps must not take the device's resend for a repeat of
+                    # what was just refused.
+                    devices = {r.device_id for r in readings}
+                    for route in routes:
+                        for slot in route.slots:
+                            for d in devices:
+                                slot.step.forget(d)
+                if retry is not None:
+                    self._retry.append((retry[0], retry[1], releases))
+                elif releases:
+                    log.warning(
+                        "windows closed but not stored (%s); the state store keeps their "
+                        "readings and they are emitted again at the next start",
+                        first,
+                    )
+                if isinstance(first, IngestStatus):
+                    outer.set_result(first)
+                else:
+                    self.failed_commits += 1
+                    outer.set_exception(first)
+                return
+            for step_id, rel in releases:
+                self.state.release(step_id, rel)
+            outer.set_result(ok)
+
+        def one_done(f: asyncio.Future[Any]) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if f.cancelled():
+                failure.append(asyncio.CancelledError())
+            elif f.exception() is not None:
+                failure.append(f.exception())  # type: ignore[arg-type]
+            else:
+                res = f.result()
+                if isinstance(res, IngestStatus) and res is not IngestStatus.ACCEPTED:
+                    failure.append(res)
+            if remaining == 0 and not outer.done():
+                finish()
+
+        if not futs:
+            finish()
+            return outer
+        for f in futs:
+            f.add_done_callback(one_done)
+        self._inflight.add(outer)
+        outer.add_done_callback(self._inflight.discard)
+        return outer
+
+    # -- timers ---------------------------------------------------------------
+
+    def tick(self, now: float | None = None) -> None:
+        """Emit what holding steps have due at ``now`` (default: the clock)."""
+        if self._closed:
+            return
+        if now is None:
+            now = self.clock()
+        retry, self._retry = self._retry, []
+        memo = _Memo()
+        for route, rs, held_releases in retry:
+            futs = self._store([(route.sinks, rs)], memo)
+            self._join(futs, IngestStatus.ACCEPTED, held_releases, [], (), (route, rs))
+        for route in self.routes:
+            if not route.holding:
+                continue
+            ops_before = self.state.ops_queued
+            out: list[Reading] = []
+            for i, step in route.holding:
+                emitted = step.tick(now)
+                if not emitted:
+                    continue
+                slot = route.slots[i]
+                slot.out.add(len(emitted), memo.total(emitted))
+                out.extend(self._run(route, i + 1, emitted, now, memo))
+            releases = [
+                (step.ctx.step_id, rel)
+                for _, step in route.holding
+                if (rel := step.take_releases())
+            ]
+            if not out and not releases:
+                continue
+            if out:
+                route.sent.add(len(out), memo.total(out))
+            futs = self._store([(route.sinks, out)], memo) if out else []
+            if self.state.ops_queued != ops_before:
+                sfut = self.state.commit_future()
+                if sfut is not None:
+                    futs.append(sfut)
+            self._join(futs, IngestStatus.ACCEPTED, releases, [], (), (route, out))
+
+    # -- figures --------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Readings and bytes in and out, per route, step and sink (``edgeway stats``)."""
+        routes = []
+        for route in self.routes:
+            steps = []
+            for slot in route.slots:
+                entry: dict[str, Any] = {
+                    "step": slot.ctx.step_id,
+                    "in": {"readings": slot.inp.readings, "bytes": slot.inp.bytes},
+                    "out": {"readings": slot.out.readings, "bytes": slot.out.bytes},
+                }
+                if slot.ctx.rejects:
+                    entry["dropped"] = dict(slot.ctx.rejects)
+                if slot.ctx.errors:
+                    entry["errors"] = slot.ctx.errors
+                steps.append(entry)
+            routes.append(
+                {
+                    "name": route.name,
+                    "sinks": list(route.sinks) if route.sinks is not None else None,
+                    "received": {
+                        "readings": route.received.readings,
+                        "bytes": route.received.bytes,
+                    },
+                    "sent": {"readings": route.sent.readings, "bytes": route.sent.bytes},
+                    "steps": steps,
+                }
+            )
+        all_sinks = list(self.outbox.sink_names)
+        per_sink: dict[str, dict[str, int]] = {s: {"readings": 0, "bytes": 0} for s in all_sinks}
+        for sinks, flow in self.sent_by_sinks.items():
+            for s in sinks if sinks is not None else all_sinks:
+                if s in per_sink:
+                    per_sink[s]["readings"] += flow.readings
+                    per_sink[s]["bytes"] += flow.bytes
+        sent = Flow()
+        for flow in self.sent_by_sinks.values():
+            sent.add(flow.readings, flow.bytes)
+        counters_fn = getattr(self.outbox, "counters", None)
+        outbox_counters = counters_fn() if callable(counters_fn) else {}
+        sinks_out = {
+            name: {"sent": v, "outbox": outbox_counters.get(name, {})}
+            for name, v in per_sink.items()
+        }
+        return {
+            "at": time.time(),
+            "since": self.started,
+            "received": {"readings": self.received.readings, "bytes": self.received.bytes},
+            "sent": {"readings": sent.readings, "bytes": sent.bytes},
+            "default_route": {"readings": self.default.readings, "bytes": self.default.bytes},
+            "rejected_full": self.rejected_full,
+            "routes": routes,
+            "sinks": sinks_out,
+            "state": {"journal_rows": self.state.rows, "commits": self.state.commits},
+        }
+
+    def _write_stats(self, stats: dict[str, Any]) -> None:
+        path = self.data_dir / STATS_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(orjson.dumps(stats, option=orjson.OPT_INDENT_2))
+        os.replace(tmp, path)

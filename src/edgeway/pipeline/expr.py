@@ -1,0 +1,173 @@
+"""Safe arithmetic on a reading's metrics, for the ``transform`` step.
+
+Example (in a route)::
+
+    - transform:
+        dew_point: {expr: "temperature - (100 - humidity) / 5"}
+        power_kw: {expr: "round(voltage * current / 1000, 3)"}
+
+The text is parsed with :mod:`ast` and only these nodes are accepted: numbers,
+names (metric names of the reading), ``+ - * / ** %``, unary ``-``/``+``,
+comparisons (``< <= > >= == !=``, chained), and calls of ``abs``, ``min``,
+``max``, ``round`` and ``sqrt``. Everything else (attributes, subscripts,
+strings, lambdas, comprehensions, other calls) is refused when the
+configuration loads. The tree is then turned into nested closures; nothing is
+ever passed to ``eval`` or ``compile``.
+
+All arithmetic is done in floats: ``10 ** 10 ** 10`` overflows at once
+instead of building a huge integer, and a division by zero is an error for
+that reading only (the metric is not set, the error is counted).
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from edgeway.reading import MetricValue
+
+MAX_EXPR_LENGTH = 500
+"""Characters per expression: a formula between a few metrics is short; this
+bounds the parse time and the closure depth of a hostile configuration."""
+
+MAX_NODES = 100
+"""AST nodes per expression, for the same reason."""
+
+Evaluator = Callable[[Mapping[str, MetricValue]], float | bool]
+
+
+class ExprError(ValueError):
+    """The expression is not allowed or does not parse."""
+
+
+class MissingMetric(KeyError):
+    """The reading lacks a metric the expression names."""
+
+
+_BINOPS: dict[type[ast.operator], Callable[[float, float], float]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+    ast.Mod: operator.mod,
+}
+_CMPOPS: dict[type[ast.cmpop], Callable[[float, float], bool]] = {
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+}
+
+
+def _round(x: float, nd: float = 0) -> float:
+    return float(round(x, int(nd)))
+
+
+_FUNCS: dict[str, tuple[Callable[..., float], int, int]] = {
+    # name: (function, min args, max args)
+    "abs": (abs, 1, 1),
+    "min": (min, 2, 16),
+    "max": (max, 2, 16),
+    "round": (_round, 1, 2),
+    "sqrt": (math.sqrt, 1, 1),
+}
+
+
+def _num(v: Any) -> float:
+    # bool is an int: True counts as 1.0, which is what a formula over a
+    # switch state expects. Strings cannot take part in arithmetic.
+    if isinstance(v, int | float):
+        return float(v)
+    raise TypeError(f"metric value {v!r} is not a number")
+
+
+def compile_expr(text: str) -> tuple[Evaluator, frozenset[str]]:
+    """Check ``text`` and return (evaluator, names it reads).
+
+    Raises :class:`ExprError` naming the construct that is not allowed.
+    """
+    if len(text) > MAX_EXPR_LENGTH:
+        raise ExprError(f"expression longer than {MAX_EXPR_LENGTH} characters")
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError as e:
+        raise ExprError(f"cannot parse {text!r}: {e.msg}") from None
+    nodes = sum(1 for _ in ast.walk(tree))
+    if nodes > MAX_NODES:
+        raise ExprError(f"expression has {nodes} parts, at most {MAX_NODES} allowed")
+    names: set[str] = set()
+    fn = _build(tree.body, names)
+    return fn, frozenset(names)
+
+
+def _build(node: ast.expr, names: set[str]) -> Evaluator:
+    if isinstance(node, ast.Constant):
+        if isinstance(node.value, bool) or not isinstance(node.value, int | float):
+            raise ExprError(f"only numbers are allowed as constants, got {node.value!r}")
+        const = float(node.value)
+        return lambda m: const
+    if isinstance(node, ast.Name):
+        name = node.id
+        names.add(name)
+
+        def get(m: Mapping[str, MetricValue]) -> float:
+            try:
+                return _num(m[name])
+            except KeyError:
+                raise MissingMetric(name) from None
+
+        return get
+    if isinstance(node, ast.BinOp):
+        op = _BINOPS.get(type(node.op))
+        if op is None:
+            raise ExprError(f"operator {type(node.op).__name__} is not allowed")
+        left, right = _build(node.left, names), _build(node.right, names)
+        return lambda m: op(left(m), right(m))  # type: ignore[arg-type]
+    if isinstance(node, ast.UnaryOp):
+        operand = _build(node.operand, names)
+        if isinstance(node.op, ast.USub):
+            return lambda m: -operand(m)
+        if isinstance(node.op, ast.UAdd):
+            return lambda m: +operand(m)
+        raise ExprError(f"unary {type(node.op).__name__} is not allowed")
+    if isinstance(node, ast.Compare):
+        first = _build(node.left, names)
+        ops: list[Callable[[float, float], bool]] = []
+        for o in node.ops:
+            f = _CMPOPS.get(type(o))
+            if f is None:
+                raise ExprError(f"comparison {type(o).__name__} is not allowed")
+            ops.append(f)
+        rest = [_build(c, names) for c in node.comparators]
+
+        def compare(m: Mapping[str, MetricValue]) -> bool:
+            a = first(m)
+            for f, b_fn in zip(ops, rest, strict=True):
+                b = b_fn(m)
+                if not f(a, b):  # type: ignore[arg-type]
+                    return False
+                a = b
+            return True
+
+        return compare
+    if isinstance(node, ast.Call):
+        if not isinstance(node.func, ast.Name) or node.func.id not in _FUNCS:
+            allowed = ", ".join(sorted(_FUNCS))
+            raise ExprError(f"only the functions {allowed} may be called")
+        if node.keywords:
+            raise ExprError("keyword arguments are not allowed")
+        func, lo, hi = _FUNCS[node.func.id]
+        if not lo <= len(node.args) <= hi:
+            raise ExprError(f"{node.func.id}() takes {lo} to {hi} arguments")
+        args = [_build(a, names) for a in node.args]
+        if len(args) == 1:
+            (a0,) = args
+            return lambda m: func(a0(m))
+        return lambda m: func(*[a(m) for a in args])
+    raise ExprError(f"{type(node).__name__} is not allowed in an expression")

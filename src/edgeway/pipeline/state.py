@@ -1,0 +1,274 @@
+"""The pipeline's state store: a journal of readings held by windows and rate limits.
+
+No configuration of its own: it lives at ``data_dir/pipeline.db`` and follows
+``outbox.durability`` (``fsync``: ``synchronous=FULL``; ``os``: ``NORMAL``).
+
+Why it exists: a reading absorbed into an open window was acknowledged to its
+device, but nothing of it is in the outbox yet. It must survive a crash until
+the window's aggregate is safe in the outbox. So a holding step appends each
+reading it absorbs here (:meth:`Journal.append`); the pipeline resolves the
+device's submit future only when this store's group commit holding that append
+*and* the outbox commit of everything the submit produced are both done.
+When a window's aggregate is safe in the outbox, the step's journal entries
+older than the next open window are deleted and the closed mark of the key
+(``marks``) is stored in the same transaction (:meth:`StateStore.release`).
+
+At start-up every journal row is handed back to its step (``restore``), so
+open windows continue where they were. A crash after the aggregate reached the
+outbox but before its release committed makes the window emit again after the
+restart, with the same ``window_start``/``window_end``: the cloud drops it.
+
+Group commit as in the outbox: appends made in one loop iteration share one
+transaction and one fsync, on one writer thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from edgeway.pipeline.registry import Release
+from edgeway.reading import Origin, Reading
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS journal(
+    id INTEGER PRIMARY KEY,
+    step TEXT NOT NULL,
+    key TEXT NOT NULL,
+    ts REAL NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS journal_key ON journal(step, key, ts);
+CREATE TABLE IF NOT EXISTS marks(
+    step TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY(step, key)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(slots=True)
+class Restored:
+    """What the store held for one step at open."""
+
+    entries: list[tuple[str, Reading]] = field(default_factory=list)
+    marks: dict[str, float] = field(default_factory=dict)
+
+
+def _encode(r: Reading) -> bytes:
+    return orjson.dumps(
+        [r.device_id, r.metrics, r.tags or None, r.origin.adapter, r.origin.address, r.priority]
+    )
+
+
+def _decode(ts: float, data: bytes) -> Reading:
+    device_id, metrics, tags, adapter, address, priority = orjson.loads(data)
+    return Reading(device_id, ts, metrics, Origin(adapter, address), tags or {}, priority)
+
+
+class Journal:
+    """One holding step's handle on the store."""
+
+    __slots__ = ("_store", "step_id")
+
+    def __init__(self, store: StateStore, step_id: str) -> None:
+        self._store = store
+        self.step_id = step_id
+
+    def append(self, key: str, reading: Reading) -> None:
+        """Journal ``reading`` (absorbed under ``key``) in the next group commit."""
+        self._store._queue(("append", self.step_id, key, reading.ts, _encode(reading)))
+
+
+class StateStore:
+    """SQLite journal of held readings with group commit (see module docstring)."""
+
+    def __init__(self, path: Path, durability: Literal["fsync", "os"] = "fsync") -> None:
+        self.path = Path(path)
+        self.durability = durability
+        self._conn: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ops: list[tuple[Any, ...]] = []
+        self._fut: asyncio.Future[None] | None = None
+        self._committing = False
+        self._scheduled = False
+        self._idle = asyncio.Event()
+        self._closed = True
+        self.ops_queued = 0
+        """Operations queued since open; the pipeline compares it around a
+        submit to know whether the submit must wait for this store."""
+        self.rows = 0
+        """Journal rows on disk as of the last commit."""
+        self.commits = 0
+
+    # -- lifetime ---------------------------------------------------------
+
+    async def open(self) -> dict[str, Restored]:
+        """Open (or create) the store; return what each step held at the last stop."""
+        self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pipeline-state")
+        restored = await self._loop.run_in_executor(self._executor, self._open_sync)
+        self._idle.set()
+        self._closed = False
+        return restored
+
+    def _open_sync(self) -> dict[str, Restored]:
+        t0 = time.monotonic()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'fsync' else 'NORMAL'}")
+        conn.executescript(_SCHEMA)
+        self._conn = conn
+        out: dict[str, Restored] = {}
+        n = 0
+        for step, key, ts, data in conn.execute(
+            "SELECT step, key, ts, data FROM journal ORDER BY id"
+        ):
+            out.setdefault(step, Restored()).entries.append((key, _decode(ts, data)))
+            n += 1
+        for step, key, value in conn.execute("SELECT step, key, value FROM marks"):
+            out.setdefault(step, Restored()).marks[key] = value
+        self.rows = n
+        log.info(
+            "pipeline state open",
+            extra={
+                "fields": {
+                    "path": str(self.path),
+                    "journal_rows": n,
+                    "open_ms": round((time.monotonic() - t0) * 1000, 1),
+                }
+            },
+        )
+        return out
+
+    async def close(self) -> None:
+        """Commit what is queued and close the database."""
+        if self._closed:
+            return
+        self._closed = True
+        while self._committing or self._ops:
+            if not self._committing:
+                self._start_commit()
+            self._idle.clear()
+            await self._idle.wait()
+        assert self._executor is not None and self._loop is not None
+        await self._loop.run_in_executor(self._executor, self._close_sync)
+        self._executor.shutdown(wait=True)
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.close()
+            self._conn = None
+
+    # -- operations -------------------------------------------------------
+
+    def journal(self, step_id: str) -> Journal:
+        """The handle a holding step appends through."""
+        return Journal(self, step_id)
+
+    def release(self, step_id: str, releases: Sequence[Release]) -> None:
+        """Delete ``step_id``'s entries each release made redundant; store the marks."""
+        for rel in releases:
+            self._queue(("release", step_id, rel.key, rel.before))
+
+    def commit_future(self) -> asyncio.Future[None] | None:
+        """Future of the group commit that will hold every operation queued so far."""
+        return self._fut
+
+    def _queue(self, op: tuple[Any, ...]) -> None:
+        if self._closed:
+            raise RuntimeError("pipeline state store is closed")
+        self._ops.append(op)
+        self.ops_queued += 1
+        if self._fut is None:
+            assert self._loop is not None
+            self._fut = self._loop.create_future()
+        if not self._committing and not self._scheduled:
+            assert self._loop is not None
+            self._scheduled = True
+            # End of this loop iteration: every append of this iteration joins.
+            self._loop.call_soon(self._start_commit)
+
+    def _start_commit(self) -> None:
+        self._scheduled = False
+        if self._committing or not self._ops:
+            return
+        ops, fut = self._ops, self._fut
+        self._ops, self._fut = [], None
+        self._committing = True
+        self._idle.clear()
+        assert self._loop is not None and self._executor is not None and fut is not None
+        job = self._loop.run_in_executor(self._executor, self._commit_sync, ops)
+        job.add_done_callback(lambda j: self._commit_done(j, fut))
+
+    def _commit_done(self, job: asyncio.Future[int], fut: asyncio.Future[None]) -> None:
+        self._committing = False
+        exc = job.exception()
+        if exc is not None:
+            log.error("pipeline state commit failed: %s", exc)
+            if not fut.done():
+                fut.set_exception(exc)
+        else:
+            self.rows = job.result()
+            self.commits += 1
+            if not fut.done():
+                fut.set_result(None)
+        if self._ops:
+            self._start_commit()
+        else:
+            self._idle.set()
+
+    def _commit_sync(self, ops: list[tuple[Any, ...]]) -> int:
+        conn = self._conn
+        assert conn is not None
+        rows = self.rows
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            appends: list[tuple[Any, ...]] = []
+            for op in ops:
+                if op[0] == "append":
+                    appends.append(op[1:])
+                    continue
+                # Keep order: appends queued before this release go in first.
+                if appends:
+                    conn.executemany(
+                        "INSERT INTO journal(step, key, ts, data) VALUES (?,?,?,?)", appends
+                    )
+                    rows += len(appends)
+                    appends = []
+                _, step, key, before = op
+                rows -= conn.execute(
+                    "DELETE FROM journal WHERE step=? AND key=? AND ts<?", (step, key, before)
+                ).rowcount
+                conn.execute(
+                    "INSERT OR REPLACE INTO marks(step, key, value) VALUES (?,?,?)",
+                    (step, key, before),
+                )
+            if appends:
+                conn.executemany(
+                    "INSERT INTO journal(step, key, ts, data) VALUES (?,?,?,?)", appends
+                )
+                rows += len(appends)
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        return rows

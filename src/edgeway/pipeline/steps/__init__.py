@@ -1,0 +1,18 @@
+"""The built-in pipeline steps; importing this package registers them.
+
+One module per step type; each module's docstring opens with a config example
+(the same examples appear in docs/pipeline.md and are run by the tests).
+"""
+
+from __future__ import annotations
+
+from edgeway.pipeline.steps import (  # noqa: F401  (registration at import)
+    deadband,
+    dedup,
+    mapping,
+    onchange,
+    ratelimit,
+    transform,
+    validate,
+    window,
+)
