@@ -484,3 +484,17 @@ async def test_failed_confirmation_commit_rewinds(
     assert ob.counters()["a"]["delivered"] == 100
     assert db_rows(ob.path) == 0
     assert_conservation(ob)
+
+
+def test_backoff_is_full_jitter_capped_and_honours_retry_after(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "x.db", gateway_id="gw", config=OutboxSection(), sink_names=["a"])
+    runner = SinkRunner(ob, CollectSink("a"), backoff_initial=0.5, backoff_max=8.0)
+    for attempt, ceiling in [(0, 0.5), (1, 1.0), (3, 4.0), (4, 8.0), (50, 8.0), (10_000, 8.0)]:
+        delays = [runner.backoff_delay(attempt) for _ in range(200)]
+        assert all(0.0 <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling * 0.5  # spread over the whole range
+    assert runner.backoff_delay(5, retry_after=30.0) == 30.0
+    assert runner.backoff_delay(0, retry_after=0.0) == 0.0
+    assert runner.backoff_delay(0, retry_after=1e9) == 3600.0
+    with pytest.raises(ValueError):
+        SinkRunner(ob, CollectSink("a"), backoff_initial=0.0)
