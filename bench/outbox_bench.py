@@ -19,6 +19,8 @@ Usage::
   (500 records per POST) to an aiohttp server in a separate process: records/s
   and the gateway process's CPU-s per 1,000 (the server's CPU is not counted).
 - open: ``Outbox.open()`` with the backlog pending (crash-recovery start-up).
+  ``--open-backlog N`` also times an open with N pending rows (built with raw
+  inserts, so millions take seconds) and the first read from it.
 
 Rates on a shared machine are noisy; CPU-seconds per 1,000 rows are steadier.
 """
@@ -179,6 +181,57 @@ async def bench_drain(path: Path, durability: str) -> dict[str, Any]:
     }
 
 
+def _build_backlog(path: Path, rows: int) -> float:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA synchronous=OFF")
+    m = orjson.dumps(_reading(0).metrics)
+    size = len(m) + len("device-000") + ROW_OVERHEAD
+    conn.execute("BEGIN")
+    chunk = 100_000
+    for start in range(0, rows, chunk):
+        conn.executemany(
+            "INSERT INTO records(seq, pending, created, size, priority, device_id, ts, metrics, "
+            "tags, msg_id) VALUES (?,1,?,?,0,?,?,?,NULL,NULL)",
+            (
+                (i + 1, 1.7e9, size, f"device-{i % 100:03d}", 1.7e9 + i, m)
+                for i in range(start, min(start + chunk, rows))
+            ),
+        )
+    conn.execute("UPDATE sinks SET accepted = ? WHERE name = 's'", (rows,))
+    conn.execute(
+        "INSERT OR REPLACE INTO meta VALUES ('next_seq', ?), ('total_bytes', ?)",
+        (rows + 1, rows * size),
+    )
+    conn.execute("COMMIT")
+    conn.close()
+    return path.stat().st_size / 1e6
+
+
+async def bench_open_backlog(path: Path, rows: int) -> dict[str, Any]:
+    """Build ``rows`` pending rows fast (raw SQL, consistent meta and counters),
+    then time a crash-recovery open and the first batch read."""
+    ob = Outbox(path, gateway_id="bench", config=OutboxSection(), sink_names=["s"])
+    await ob.open()  # creates the schema and the sink row
+    await ob.close()
+    db_mb = _build_backlog(path, rows)
+    t0 = time.perf_counter()
+    ob = Outbox(path, gateway_id="bench", config=OutboxSection(), sink_names=["s"])
+    await ob.open()
+    open_ms = (time.perf_counter() - t0) * 1000
+    t1 = time.perf_counter()
+    b = await ob.read_batch("s", 500, 1 << 20)
+    first_ms = (time.perf_counter() - t1) * 1000
+    pending = ob.counters()["s"]["pending"]
+    await ob.close()
+    return {
+        "pending": pending,
+        "db_mb": round(db_mb),
+        "open_ms": round(open_ms, 1),
+        "first_batch_ms": round(first_ms, 1),
+        "first_batch_records": len(b),
+    }
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -237,6 +290,7 @@ async def main(argv: list[str]) -> int:
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--inflight", type=int, default=1000)
     p.add_argument("--durability", choices=["fsync", "os"], default="fsync")
+    p.add_argument("--open-backlog", type=int, default=0, help="also time an open with N pending")
     p.add_argument("--dir", type=Path, default=None, help="where to put the databases")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
@@ -250,6 +304,9 @@ async def main(argv: list[str]) -> int:
         shutil.copy(d / "outbox.db", d / "outbox-http.db")
         drain = await bench_drain(d / "outbox.db", args.durability)
         drain_http = await bench_drain_http(d / "outbox-http.db", args.durability)
+        big = (
+            await bench_open_backlog(d / "big.db", args.open_backlog) if args.open_backlog else None
+        )
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "durability": args.durability,
@@ -261,6 +318,7 @@ async def main(argv: list[str]) -> int:
         "raw_executemany_1000_per_commit": raw_1000,
         "drain_read_confirm": drain,
         "drain_http": drain_http,
+        "open_with_backlog": big,
     }
     text = json.dumps(result, indent=2)
     print(text)
