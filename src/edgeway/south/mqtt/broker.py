@@ -344,8 +344,8 @@ class Broker:
             prev = old.conn
             old.conn = None
             self._connected -= 1
-            prev.session = None
             prev.taken_over()
+            prev.session = None
             self._detach(old, prev)
             old = self.sessions.get(cid)
         if old is not None and clean_start:

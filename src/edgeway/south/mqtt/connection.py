@@ -287,7 +287,7 @@ class MqttConnection(asyncio.Protocol):
         self.state = CLOSED
         if self._auth_task is not None:
             self._auth_task.cancel()
-        self._acks.clear()
+        self._forget_unanswered()
         self.broker.connection_lost(self)
 
     def pause_writing(self) -> None:
@@ -992,7 +992,23 @@ class MqttConnection(asyncio.Protocol):
 
     def taken_over(self) -> None:
         """Another connection took this client id (v5: DISCONNECT 0x8E)."""
+        self._forget_unanswered()
         self.close(0x8E)
+
+    def _forget_unanswered(self) -> None:
+        """Drop PUBLISHes still waiting for ingest; the client sends them again.
+
+        QoS 2 ones were not routed yet, so their packet ids must not make the
+        re-sent PUBLISH look like a duplicate (it would never be routed).
+        """
+        if not self._acks:
+            return
+        session = self.session
+        if session is not None:
+            for e in self._acks:
+                if e.qos == 2 and e.msg is not None:
+                    session.in_qos2.discard(e.packet_id)  # type: ignore[arg-type]
+        self._acks.clear()
 
     def server_shutdown(self) -> None:
         self.close(0x8B)
