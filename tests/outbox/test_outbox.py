@@ -498,3 +498,11 @@ def test_backoff_is_full_jitter_capped_and_honours_retry_after(tmp_path: Path) -
     assert runner.backoff_delay(0, retry_after=1e9) == 3600.0
     with pytest.raises(ValueError):
         SinkRunner(ob, CollectSink("a"), backoff_initial=0.0)
+
+
+async def test_routed_to_no_sink_is_not_stored(open_outbox: OpenOutbox) -> None:
+    ob = await open_outbox(sinks=("a", "b"))
+    assert await ob.submit([reading("d", 1)], sinks=[]) == IngestStatus.ACCEPTED
+    await ob.submit([reading("d", 2)], sinks=["b"])
+    assert db_rows(ob.path) == 1
+    assert ob.counters()["a"]["accepted"] == 0 and ob.counters()["b"]["accepted"] == 1

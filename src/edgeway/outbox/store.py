@@ -735,7 +735,9 @@ class Outbox:
     def submit(
         self, readings: Sequence[Reading], sinks: Sequence[str] | None = None
     ) -> asyncio.Future[IngestStatus]:
-        """Store ``readings`` for ``sinks`` (``None``: every sink).
+        """Store ``readings`` for ``sinks`` (``None``: every sink; with no sink
+        configured they are kept for the first sink added; ``[]``: none, so
+        nothing is stored).
 
         The future resolves once the group commit holding them is durable
         (``ACCEPTED``), or with ``REJECTED_FULL`` under ``when_full: reject_new``.
@@ -759,6 +761,9 @@ class Outbox:
                 if st is None:
                     raise ValueError(f"unknown sink {name!r}")
                 mask |= st.bit
+            if mask == 0:  # routed to no sink: nothing to keep
+                fut.set_result(IngestStatus.ACCEPTED)
+                return fut
         self._submits.append(_Submit(readings, mask, fut))
         self._request_commit()
         return fut
