@@ -333,3 +333,18 @@ async def test_stop_sends_server_shutting_down(tmp_path: Path) -> None:
         assert isinstance(got[-1], Disconnect) and got[-1].reason_code == 0x8B
         assert await c4.closed() == []
         await wait_until(lambda: not rb.broker.connections)
+
+
+async def test_max_topic_levels(tmp_path: Path) -> None:
+    cfg = MqttSection(limits=MqttLimits(max_topic_levels=3))
+    async with running_broker(tmp_path, config=cfg) as rb:
+        c, _ = await RawClient.connect(rb.port, "c")
+        ack = await c.subscribe("a/b/c", "a/b/c/d", "$share/g/a/b/c", "a/#")
+        assert ack.reason_codes == [0, 0x8F, 0, 0]
+        assert (await c.publish("a/b/c/d", b"deep", qos=1)).reason_code == 0x90
+        await c.nothing(0.2)
+        c4, _ = await RawClient.connect(rb.port, "c4", level=4)
+        assert (await c4.subscribe("a/b/c/d")).reason_codes == [0x80]
+        await c4.publish("a/b/c", b"ok", qos=1)
+        assert (await c.receive_publish()).payload == b"ok"
+        assert rb.broker.stats()["dropped_too_many_topic_levels"] == 1

@@ -572,6 +572,10 @@ class MqttConnection(asyncio.Protocol):
                 session.in_qos2.add(pid)  # type: ignore[arg-type]
         if "+" in topic or "#" in topic:
             raise ProtocolError(0x90, "wildcard in topic name")
+        if topic.count("/") >= broker.limits.max_topic_levels:
+            broker.count_drop("too_many_topic_levels")
+            self._complete_or_queue(_PendingAck(None, None, pid, qos, 0x90 if v5 else 0))
+            return
         # Authorisation (cached per connection).
         acl = self._acl
         if acl is None:
@@ -799,6 +803,11 @@ class MqttConnection(asyncio.Protocol):
                 validate_topic_filter(flt)
             except ProtocolError as e:
                 codes.append(e.reason_code if v5 else 0x80)
+                continue
+            if flt.count("/") >= broker.limits.max_topic_levels + (
+                2 if flt.startswith("$share/") else 0
+            ):
+                codes.append(0x8F if v5 else 0x80)
                 continue
             shared = flt.startswith("$share/")
             if shared and sub.no_local:
