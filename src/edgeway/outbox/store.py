@@ -348,29 +348,25 @@ class _Writer:
         per_mask: dict[int, int] = {}
         seq = self.next_seq
         total = self.total_bytes
+        dumps = orjson.dumps
+        append = rows.append
         for sub in submits:
-            encoded = []
+            first = len(rows)
             nbytes = 0
+            mask = sub.mask
+            # Encode straight into the row tuples: this loop runs once per
+            # reading on the hot path.
             for r in sub.readings:
-                metrics = orjson.dumps(r.metrics)
-                tags = orjson.dumps(r.tags) if r.tags else None
-                size = len(metrics) + (len(tags) if tags else 0) + len(r.device_id) + ROW_OVERHEAD
+                metrics = dumps(r.metrics)
+                tags = dumps(r.tags) if r.tags else None
+                size = len(metrics) + len(r.device_id) + ROW_OVERHEAD
+                if tags is not None:
+                    size += len(tags)
                 nbytes += size
-                encoded.append((r, metrics, tags, size))
-            if limit is not None and total + nbytes > limit:
-                res.statuses.append(IngestStatus.REJECTED_FULL)
-                for name, bit in self.bits.items():
-                    if sub.mask & bit:
-                        self.counters[name][5] += len(sub.readings)
-                continue
-            res.statuses.append(IngestStatus.ACCEPTED)
-            total += nbytes
-            per_mask[sub.mask] = per_mask.get(sub.mask, 0) + len(encoded)
-            for r, metrics, tags, size in encoded:
-                rows.append(
+                append(
                     (
                         seq,
-                        sub.mask,
+                        mask,
                         now,
                         size,
                         r.priority,
@@ -382,6 +378,17 @@ class _Writer:
                     )
                 )
                 seq += 1
+            if limit is not None and total + nbytes > limit:
+                del rows[first:]
+                seq -= len(sub.readings)
+                res.statuses.append(IngestStatus.REJECTED_FULL)
+                for name, bit in self.bits.items():
+                    if mask & bit:
+                        self.counters[name][5] += len(sub.readings)
+                continue
+            res.statuses.append(IngestStatus.ACCEPTED)
+            total += nbytes
+            per_mask[mask] = per_mask.get(mask, 0) + len(sub.readings)
         if not rows:
             return
         self.conn.executemany(
