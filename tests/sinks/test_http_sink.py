@@ -190,17 +190,29 @@ async def test_batches_body_and_order(server: IngestServer, make_harness: Any) -
 
 
 async def test_gzip_bearer_and_headers(server: IngestServer, make_harness: Any) -> None:
-    h = await make_harness(server.url, gzip=True, bearer_token="t0k", headers={"X-Site": "plant-7"})
+    h = await make_harness(
+        server.url,
+        max_records=2000,
+        max_bytes="4MiB",
+        gzip=True,
+        bearer_token="t0k",
+        headers={"X-Site": "plant-7"},
+    )
     await h.outbox.submit([reading("d", i) for i in range(20)])
     h.start()
     await server.wait_records(20)
-    hdrs = server.seen[0].headers
-    assert hdrs["Content-Encoding"] == "gzip"
-    plain = len(orjson.dumps(server.seen[0].body))
-    assert 0 < server.wire_bytes[0] < plain / 3  # it really was compressed
-    assert hdrs["Authorization"] == "Bearer t0k"
-    assert hdrs["X-Site"] == "plant-7"
-    assert len(server.delivered()) == 20
+    # a large batch: compressed off the loop, same result
+    await h.outbox.submit([reading("d", i) for i in range(1500)])
+    await server.wait_records(1520)
+    for n in (0, -1):
+        hdrs = server.seen[n].headers
+        assert hdrs["Content-Encoding"] == "gzip"
+        plain = len(orjson.dumps(server.seen[n].body))
+        assert 0 < server.wire_bytes[n] < plain / 3  # it really was compressed
+        assert hdrs["Authorization"] == "Bearer t0k"
+        assert hdrs["X-Site"] == "plant-7"
+    assert len(orjson.dumps(server.seen[-1].body)) > 64 * 1024
+    assert len(server.delivered()) == 1520
 
 
 async def test_retry_after_honoured_and_key_stable(server: IngestServer, make_harness: Any) -> None:
