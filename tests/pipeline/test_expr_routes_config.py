@@ -1,0 +1,236 @@
+"""Safe expressions, route matching and default sinks, config errors, ``edgeway stats``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from conftest import MakeHarness, rd
+
+from edgeway.config import ConfigError, parse_config
+from edgeway.pipeline import stats_main
+from edgeway.pipeline.expr import ExprError, MissingMetric, compile_expr
+from edgeway.pipeline.routes import topic_filter_regex
+
+# -- expressions -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "metrics", "expected"),
+    [
+        ("a + b * 2", {"a": 1, "b": 3}, 7.0),
+        ("-a ** 2", {"a": 3}, -9.0),
+        ("a % 4 / 2", {"a": 10}, 1.0),
+        ("abs(a - b)", {"a": 1, "b": 4}, 3.0),
+        ("min(a, b, 0.5) + max(a, b)", {"a": 1, "b": 4}, 4.5),
+        ("round(a / 3, 2)", {"a": 1}, 0.33),
+        ("sqrt(a)", {"a": 16}, 4.0),
+        ("0 < a <= 10", {"a": 10}, True),
+        ("a == 2", {"a": 3}, False),
+        ("on * 5", {"on": True}, 5.0),
+    ],
+)
+def test_expressions_evaluate(text: str, metrics: dict[str, float], expected: object) -> None:
+    fn, _names = compile_expr(text)
+    assert fn(metrics) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "__import__('os').system('true')",
+        "a.__class__",
+        "open('x')",
+        "a[0]",
+        "'text'",
+        "lambda: 1",
+        "[x for x in a]",
+        "a if b else c",
+        "a and b",
+        "exec('1')",
+        "a + " * 200 + "a",
+        "min(a)",
+        "round(a, ndigits=2)",
+        "True",
+        "a; b",
+    ],
+)
+def test_unsafe_or_unsupported_expressions_are_refused(text: str) -> None:
+    with pytest.raises(ExprError):
+        compile_expr(text)
+
+
+def test_expression_runtime_errors_stay_per_reading() -> None:
+    fn, names = compile_expr("a / b + c")
+    assert names == {"a", "b", "c"}
+    with pytest.raises(ZeroDivisionError):
+        fn({"a": 1, "b": 0, "c": 1})
+    with pytest.raises(MissingMetric):
+        fn({"a": 1, "b": 1})
+    with pytest.raises(TypeError):
+        fn({"a": "x", "b": 1, "c": 1})
+    big, _ = compile_expr("10 ** 10 ** 10")
+    with pytest.raises(OverflowError):
+        big({})
+
+
+def test_affine_unit_conversion_matches_pint() -> None:
+    from edgeway.pipeline.steps.transform import unit_converter
+
+    f = unit_converter("degF", "degC")
+    assert math.isclose(f(212.0), 100.0) and math.isclose(f(-40.0), -40.0)
+    assert math.isclose(unit_converter("kWh", "MJ")(1.0), 3.6)
+    with pytest.raises(ValueError, match="cannot convert"):
+        unit_converter("m", "s")
+
+
+# -- routes ----------------------------------------------------------------------
+
+
+def test_topic_filters() -> None:
+    import re
+
+    def m(f: str, t: str) -> bool:
+        return re.fullmatch(topic_filter_regex(f), t) is not None
+
+    assert m("a/+/c", "a/b/c") and not m("a/+/c", "a/b/x/c")
+    assert m("a/#", "a") and m("a/#", "a/b/c") and not m("a/#", "ab")
+    assert m("#", "x/y")
+
+
+async def test_routes_split_metrics_and_default_sinks(harness: MakeHarness) -> None:
+    h = await harness(
+        """
+routes:
+  - name: temps
+    match: {metrics: ["temp*"], devices: ["room-*"]}
+    sinks: [cloud]
+  - name: alarms
+    match: {tags: {severity: "hi*"}, adapters: [coap]}
+    sinks: [archive]
+  - name: topic
+    match: {topics: ["plant/+/pumps/#"], device_types: [pump]}
+    sinks: [archive]
+pipeline:
+  default_sinks: [quarantine]
+"""
+    )
+    await h.send(
+        rd("room-1", 1.0, {"temp_c": 21.0, "humidity": 40}),
+        rd("hall-1", 1.0, {"temp_c": 19.0}),
+        rd("x", 1.0, {"a": 1}, tags={"severity": "high"}, adapter="coap"),
+        rd("y", 1.0, {"a": 2}, tags={"severity": "high"}, adapter="mqtt"),
+        rd("p", 1.0, {"rpm": 3}, tags={"type": "pump"}, address="plant/a/pumps/1/telemetry"),
+        rd("q", 1.0, {"rpm": 4}, tags={"type": "fan"}, address="plant/a/pumps/2"),
+    )
+    assert [(r.device_id, r.metrics) for r in await h.take("cloud")] == [
+        ("room-1", {"temp_c": 21.0})
+    ]
+    assert [(r.device_id, r.metrics) for r in await h.take("archive")] == [
+        ("x", {"a": 1}),
+        ("p", {"rpm": 3}),
+    ]
+    # Metrics no matching route took, and readings no route took.
+    assert [(r.device_id, r.metrics) for r in await h.take("quarantine")] == [
+        ("room-1", {"humidity": 40}),
+        ("hall-1", {"temp_c": 19.0}),
+        ("y", {"a": 2}),
+        ("q", {"rpm": 4}),
+    ]
+    s = h.stats()
+    assert s["received"]["readings"] == 6
+    assert s["default_route"]["readings"] == 4
+    assert {r["name"]: r["received"]["readings"] for r in s["routes"]} == {
+        "temps": 1,
+        "alarms": 1,
+        "topic": 1,
+    }
+
+
+async def test_several_routes_take_the_same_reading(harness: MakeHarness) -> None:
+    h = await harness(
+        """
+routes:
+  - name: raw
+    sinks: [archive]
+  - name: averaged
+    steps: [{window: {size: 10s, aggregates: [mean], grace: 0s}}]
+    sinks: [cloud]
+"""
+    )
+    await h.send(rd("d", 1.0, {"v": 1.0}), rd("d", 2.0, {"v": 3.0}))
+    await h.tick(10.0)
+    assert len(await h.take("archive")) == 2
+    assert [r.metrics["v_mean"] for r in await h.take("cloud")] == [2.0]
+
+
+async def test_unknown_sink_is_refused_at_start(harness: MakeHarness) -> None:
+    with pytest.raises(ValueError, match="unknown sinks"):
+        await harness("routes:\n  - {name: r, sinks: [nowhere]}\n")
+
+
+# -- config errors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("step", "where"),
+    [
+        ("window: {size: ten, aggregates: [mean]}", "routes[0].steps[0].window.size"),
+        ("deadband: {pct: 1}", "routes[0].steps[0].deadband.pct"),
+        ("deadband: {}", "routes[0].steps[0].deadband"),
+        ("average: {}", "routes[0].steps[0]"),
+        ("transform: {x: {expr: 'os.system(1)'}}", "routes[0].steps[0].transform.x"),
+        ("transform: {x: {from_unit: furlongs, to_unit: degC}}", "routes[0].steps[0].transform.x"),
+        ("validate: {types: {x: float}}", "routes[0].steps[0].validate.types.x"),
+        ("rate_limit: {interval: 0}", "routes[0].steps[0].rate_limit.interval"),
+        ("dedup: {by: id}", "routes[0].steps[0].dedup.by"),
+    ],
+)
+def test_config_errors_name_file_line_and_key(step: str, where: str) -> None:
+    text = f"sinks: []\nroutes:\n  - name: r\n    steps:\n      - {step}\n"
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, "gw.yaml")
+    first = str(e.value).splitlines()[0]
+    assert first.startswith(f"gw.yaml:5: {where}:"), first
+
+
+def test_edgeway_check_reports_route_errors(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("routes:\n  - name: r\n    steps:\n      - window: {size: 10s}\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "edgeway", "check", str(cfg)], capture_output=True, text=True
+    )
+    assert res.returncode != 0
+    assert f"{cfg}:4: routes[0].steps[0].window.aggregates: required key is missing" in (
+        res.stdout + res.stderr
+    )
+
+
+# -- edgeway stats ---------------------------------------------------------------------
+
+
+async def test_stats_file_and_report(
+    harness: MakeHarness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert stats_main([], tmp_path) == 1
+    h = await harness(
+        "routes:\n  - name: r\n    steps: [{deadband: {absolute: 1}}]\n    sinks: [cloud]\n"
+    )
+    await h.send(*[rd("d", float(i), {"v": 20.0 + i * 0.1}) for i in range(20)])
+    await h.close()  # writes stats.json
+    capsys.readouterr()
+    assert stats_main([], tmp_path) == 0
+    text = capsys.readouterr().out
+    assert "received 20 readings" in text and "sent 2 readings" in text
+    assert "r/0:deadband" in text
+    assert stats_main(["--json"], tmp_path) == 0
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    assert data["sinks"]["cloud"]["sent"]["readings"] == 2
+    assert data["routes"][0]["steps"][0]["in"]["readings"] == 20
+    assert data["routes"][0]["steps"][0]["out"]["bytes"] < data["routes"][0]["steps"][0]["in"]["bytes"]
