@@ -569,7 +569,7 @@ class MqttConnection(asyncio.Protocol):
             if v5 and self._in_quota > broker.limits.receive_maximum:
                 raise ProtocolError(0x93, "receive maximum exceeded")
             if qos == 2:
-                session.in_qos2.add(pid)  # type: ignore[arg-type]
+                session.remember_qos2(pid)  # type: ignore[arg-type]
         if "+" in topic or "#" in topic:
             raise ProtocolError(0x90, "wildcard in topic name")
         if topic.count("/") >= broker.limits.max_topic_levels:

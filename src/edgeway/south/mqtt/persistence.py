@@ -173,9 +173,9 @@ class BrokerStore:
             if pid is not None:
                 owner.inflight[pid] = Inflight(pid, d, bool(released))
             else:
-                owner.queue.append(d)
-                if qos == 0:
-                    owner.qos0_queued += 1
+                owner.enqueue(d, len(owner.queue) + 1)  # never drops: loads what was saved
+        for s in sessions.values():
+            s.dirty = False
         return LoadedState(retained, list(sessions.values()))
 
     # ----------------------------------------------------------- write-behind

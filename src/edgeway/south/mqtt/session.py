@@ -37,6 +37,13 @@ NEVER_EXPIRES = 0xFFFFFFFF
 """v5 session expiry interval meaning "never" (MQTT 3.1.2.11.2)."""
 
 
+_NO_QUEUE: deque[Any] = deque()
+"""Shared empty queue, never appended to: most sessions (clean, QoS 0, keeping
+up) never queue, and a deque of their own costs ~600 bytes each."""
+_NO_IDS: set[int] = set()
+"""Shared empty set of inbound QoS 2 ids, never added to (see ``remember_qos2``)."""
+
+
 @dataclass(slots=True)
 class Delivery:
     """One message bound for one session, with the per-subscriber options."""
@@ -86,9 +93,9 @@ class Session:
         """Seconds the session outlives its connection (0 = it ends with it)."""
         self.subscriptions: dict[str, SubEntry] = {}
         self.inflight: dict[int, Inflight] = {}
-        self.queue: deque[Delivery] = deque()
+        self.queue: deque[Delivery] = _NO_QUEUE
         self.qos0_queued = 0
-        self.in_qos2: set[int] = set()
+        self.in_qos2: set[int] = _NO_IDS
         self.conn: MqttConnection | None = None
         self.disconnected_at: float | None = None
         """Wall-clock time the last connection ended (None while connected)."""
@@ -120,6 +127,8 @@ class Session:
         """Queue a delivery; if the queue is full drop the oldest QoS 0
         message, else the oldest message. Returns True if one was dropped."""
         queue = self.queue
+        if queue is _NO_QUEUE:
+            queue = self.queue = deque()
         dropped = False
         if len(queue) >= max_queued:
             dropped = True
@@ -140,6 +149,12 @@ class Session:
         self.dirty = True
         return dropped
 
+    def remember_qos2(self, packet_id: int) -> None:
+        """An inbound QoS 2 PUBLISH was accepted; its id is kept until PUBREL."""
+        if self.in_qos2 is _NO_IDS:
+            self.in_qos2 = set()
+        self.in_qos2.add(packet_id)
+
     def dequeue(self) -> Delivery:
         d = self.queue.popleft()
         if d.qos == 0:
@@ -148,10 +163,10 @@ class Session:
         return d
 
     def clear_messages(self) -> None:
-        self.queue.clear()
+        self.queue = _NO_QUEUE
         self.qos0_queued = 0
         self.inflight.clear()
-        self.in_qos2.clear()
+        self.in_qos2 = _NO_IDS
         self.dirty = True
 
     def snapshot(self) -> dict[str, Any]:
