@@ -314,3 +314,70 @@ async def test_connack_refused_for_unsupported_version(tmp_path: Path) -> None:
             assert await reader.read(10) == b"\x20\x02\x00\x01"
             assert await reader.read(10) == b""
         writer.close()
+
+
+async def test_will_sent_when_session_ends_before_will_delay(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        watcher, _ = await RawClient.connect(rb.port, "w")
+        await watcher.subscribe("will/#")
+        will = Will("will/e", b"ended", properties=Properties(will_delay_interval=600))
+        c, _ = await RawClient.connect(
+            rb.port, "e", will=will, properties=Properties(session_expiry_interval=1)
+        )
+        c.abort()
+        p = await watcher.receive_publish(wait=4)  # at session end (1 s), not after 600 s
+        assert p.payload == b"ended"
+        await wait_until(lambda: "e" not in rb.broker.sessions)
+
+
+async def test_disconnect_cannot_turn_session_expiry_on(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        c, _ = await RawClient.connect(rb.port, "c")  # session expiry 0
+        c.send(Disconnect(0, Properties(session_expiry_interval=60)))
+        got = await c.closed()
+        assert isinstance(got[-1], Disconnect) and got[-1].reason_code == 0x82
+        # The other way round is allowed: a persistent session ends at DISCONNECT.
+        c, _ = await RawClient.connect(
+            rb.port, "d", properties=Properties(session_expiry_interval=60)
+        )
+        await c.subscribe("t", qos=1)
+        await c.disconnect(0, Properties(session_expiry_interval=0))
+        await wait_until(lambda: "d" not in rb.broker.sessions)
+
+
+async def test_will_needs_publish_permission(tmp_path: Path) -> None:
+    class NoWills:
+        def may_publish(self, principal: object, topic: str) -> bool:
+            return not topic.startswith("will/")
+
+        def may_subscribe(self, principal: object, topic_filter: str) -> bool:
+            return True
+
+    async with running_broker(tmp_path, authoriser=NoWills()) as rb:  # type: ignore[arg-type]
+        watcher, _ = await RawClient.connect(rb.port, "w")
+        await watcher.subscribe("#")
+        c, _ = await RawClient.connect(rb.port, "c", will=Will("will/c", b"x"))
+        c.abort()
+        await wait_until(lambda: rb.broker.stats().get("dropped_will_not_authorised") == 1)
+        await watcher.nothing(0.1)
+
+
+async def test_gateway_originated_publish(tmp_path: Path) -> None:
+    async with running_broker(tmp_path) as rb:
+        dev, _ = await RawClient.connect(rb.port, "dev1", level=4, clean=False)
+        await dev.subscribe("devices/dev1/receipts", qos=1)
+        rb.broker.publish("devices/dev1/receipts", b'{"confirmed": ["m1"]}', qos=1)
+        p = await dev.receive_publish()
+        assert (p.topic, p.qos, p.payload) == ("devices/dev1/receipts", 1, b'{"confirmed": ["m1"]}')
+        await dev.disconnect()
+        # Offline persistent session: queued for later.
+        rb.broker.publish("devices/dev1/receipts", b"later", qos=1)
+        rb.broker.publish("devices/dev1/config", b"cfg", qos=1, retain=True)
+        dev, _ = await RawClient.connect(rb.port, "dev1", level=4, clean=False)
+        assert (await dev.receive_publish()).payload == b"later"
+        await dev.subscribe("devices/dev1/config", qos=1)
+        p = await dev.receive_publish()
+        assert (p.payload, p.retain) == (b"cfg", True)
+        s = rb.broker.stats()
+        for key in ("connections", "messages_in", "messages_out", "dropped", "decode_errors"):
+            assert key in s
