@@ -156,3 +156,18 @@ async def test_unanswered_qos2_telemetry_is_taken_again_after_reconnect(tmp_path
         assert (await c.expect(PubComp)).packet_id == 7
         assert (await watcher.receive_publish()).payload == b'{"v": 1}'
         await watcher.nothing(0.2)
+
+
+async def test_ingest_failure_is_not_acknowledged_as_stored(tmp_path: Path) -> None:
+    ingest = HandIngest()
+    async with running_broker(tmp_path, ingest=ingest) as rb:
+        c, _ = await RawClient.connect(rb.port, "dev1")
+        c.send(Publish(TOPIC, b'{"v": 1}', 1, False, False, 1))
+        await wait_until(lambda: len(ingest.submitted) == 1)
+        ingest.submitted[0][1].set_exception(RuntimeError("outbox is closed"))
+        assert (await c.expect(PubAck)).reason_code == 0x97
+        c.send(Publish(TOPIC, b'{"v": 2}', 1, False, False, 2))
+        await wait_until(lambda: len(ingest.submitted) == 2)
+        ingest.resolve(1)
+        assert (await c.expect(PubAck)).reason_code == 0  # the connection lives on
+        assert rb.broker.stats()["dropped_ingest_failed"] == 1

@@ -680,9 +680,16 @@ class MqttConnection(asyncio.Protocol):
         reason = e.reason
         fut = e.fut
         if fut is not None:
-            status = fut.result() if not fut.cancelled() else IngestStatus.REJECTED_FULL
+            if fut.cancelled() or fut.exception() is not None:
+                # Ingest failed (e.g. the outbox is closing): not stored, so not
+                # acknowledged as stored; answered like a full outbox.
+                self.broker.count_drop("ingest_failed")
+                status: IngestStatus = IngestStatus.REJECTED_FULL
+            else:
+                status = fut.result()
+                if status is IngestStatus.REJECTED_FULL:
+                    self.broker.count_drop("ingest_full")
             if status is IngestStatus.REJECTED_FULL:
-                self.broker.count_drop("ingest_full")
                 if self.level != MQTT_5:
                     if e.qos:
                         # No refusal code in 3.1.1: close unacknowledged, the
