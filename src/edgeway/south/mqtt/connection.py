@@ -554,6 +554,8 @@ class MqttConnection(asyncio.Protocol):
         props = p.properties
         v5 = self.level == MQTT_5
         if v5:
+            if props.subscription_identifiers:
+                raise ProtocolError(0x82, "subscription identifier in a client's PUBLISH")
             alias = props.topic_alias
             if alias is not None:
                 topic = self._resolve_alias(topic, alias)
