@@ -102,7 +102,12 @@ async def test_transform(harness: MakeHarness) -> None:
     h = await harness(examples()["transform"])
     await h.send(rd("d", 1.0, {"pressure": 101325, "temperature": 68, "humidity": 50}))
     (r,) = await h.take()
-    assert r.metrics == {"pressure": 1013.25, "temperature": 20.0, "humidity": 50, "dew_point": 10.0}
+    assert r.metrics == {
+        "pressure": 1013.25,
+        "temperature": 20.0,
+        "humidity": 50,
+        "dew_point": 10.0,
+    }
     assert r.tags == {"unit:temperature": "degC"}
     # A missing operand leaves dew_point unset and counts an error.
     await h.send(rd("d", 2.0, {"temperature": 50}))

@@ -233,4 +233,6 @@ async def test_stats_file_and_report(
     data = json.loads(capsys.readouterr().out)
     assert data["sinks"]["cloud"]["sent"]["readings"] == 2
     assert data["routes"][0]["steps"][0]["in"]["readings"] == 20
-    assert data["routes"][0]["steps"][0]["out"]["bytes"] < data["routes"][0]["steps"][0]["in"]["bytes"]
+    assert (
+        data["routes"][0]["steps"][0]["out"]["bytes"] < data["routes"][0]["steps"][0]["in"]["bytes"]
+    )

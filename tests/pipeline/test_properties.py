@@ -78,5 +78,9 @@ def test_on_change_passes_exactly_the_changes(series: list[object]) -> None:
     for i, v in enumerate(series):
         out = s.apply([Reading("d", float(i), {"x": v}, Origin("t"))], 0.0)  # type: ignore[attr-defined]
         sent.extend(r.metrics["x"] for r in out)
-    expected = [v for i, v in enumerate(series) if i == 0 or (v != series[i - 1] or type(v) is not type(series[i - 1]))]
+    expected = [
+        v
+        for i, v in enumerate(series)
+        if i == 0 or (v != series[i - 1] or type(v) is not type(series[i - 1]))
+    ]
     assert sent == expected

@@ -14,8 +14,9 @@ routes:
 """
 
 
-def cfg(size: str = "10s", hop: str = "null", aggs: str = "mean", grace: str = "2s",
-        late: str = "drop") -> str:
+def cfg(
+    size: str = "10s", hop: str = "null", aggs: str = "mean", grace: str = "2s", late: str = "drop"
+) -> str:
     return ROUTE.format(size=size, hop=hop, aggs=aggs, grace=grace, late=late)
 
 
@@ -38,7 +39,10 @@ async def test_sliding_windows_each_reading_in_size_over_hop_windows(harness: Ma
     for ts, v in [(0.0, 1), (4.0, 2), (7.0, 4), (12.0, 8)]:
         await h.send(rd("d", ts, {"v": v}), now=ts)
     await h.tick(30.0)
-    got = [(r.metrics["window_start"], r.metrics["window_end"], r.metrics["v_sum"]) for r in await h.take()]
+    got = [
+        (r.metrics["window_start"], r.metrics["window_end"], r.metrics["v_sum"])
+        for r in await h.take()
+    ]
     # Windows [-5,5) [0,10) [5,15) [10,20): closed in order.
     assert got == [(-5, 5, 3.0), (0, 10, 7.0), (5, 15, 12.0), (10, 20, 8.0)]
 
@@ -91,7 +95,9 @@ async def test_late_forward_passes_the_reading_on(harness: MakeHarness) -> None:
 
 
 async def test_aggregates_golden(harness: MakeHarness) -> None:
-    h = await harness(cfg(grace="0s", aggs="mean, min, max, sum, count, first, last, stddev, p50, p100"))
+    h = await harness(
+        cfg(grace="0s", aggs="mean, min, max, sum, count, first, last, stddev, p50, p100")
+    )
     values = [4.0, 2.0, 9.0, 5.0]
     for i, v in enumerate(values):
         await h.send(rd("d", 20.0 + i, {"v": v, "state": f"s{i}"}))
@@ -122,8 +128,14 @@ async def test_devices_and_metrics_are_separate(harness: MakeHarness) -> None:
     await h.send(rd("a", 2.0, {"x": 3.0, "y": 7.0}))
     await h.tick(10.0)
     got = {r.device_id: r.metrics for r in await h.take()}
-    assert got["a"] == {"x_mean": 2.0, "x_count": 2, "y_mean": 7.0, "y_count": 1,
-                        "window_start": 0, "window_end": 10}
+    assert got["a"] == {
+        "x_mean": 2.0,
+        "x_count": 2,
+        "y_mean": 7.0,
+        "y_count": 1,
+        "window_start": 0,
+        "window_end": 10,
+    }
     assert got["b"]["x_mean"] == 10.0
 
 

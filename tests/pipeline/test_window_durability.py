@@ -6,9 +6,8 @@ after a crash carries the same window_start/window_end."""
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -68,22 +67,26 @@ CHILD = textwrap.dedent(
 async def test_sigkill_in_the_middle_of_a_window_loses_nothing_acknowledged(
     harness: MakeHarness, tmp_path: Path
 ) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(tmp_path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CHILD,
+        str(tmp_path),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(SINKS + CONFIG)
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        proc.stdin.write((SINKS + CONFIG).encode())
         proc.stdin.close()
-        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
-        assert line.strip() == "acked", proc.stderr.read() if proc.stderr else ""
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if line.strip() != b"acked":
+            pytest.fail(f"child did not acknowledge: {(await proc.stderr.read()).decode()}")
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(proc.wait(), 10)
 
     h = await harness(CONFIG, data_dir=tmp_path)
     for i in range(5, 10):
@@ -131,8 +134,17 @@ async def test_window_emitted_again_after_a_crash_has_the_same_bounds(
     assert len(both) == 2
     assert both[0].id != both[1].id
     assert [(r.device_id, r.metrics) for r in both] == [
-        ("d", {"v_mean": 1.0, "v_count": 3, "v_first": 0.0, "v_last": 2.0,
-               "window_start": 100, "window_end": 110})
+        (
+            "d",
+            {
+                "v_mean": 1.0,
+                "v_count": 3,
+                "v_first": 0.0,
+                "v_last": 2.0,
+                "window_start": 100,
+                "window_end": 110,
+            },
+        )
     ] * 2
     # This time the release went through: a third start emits nothing.
     await h2.close()
