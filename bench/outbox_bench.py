@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import orjson
 
@@ -62,6 +62,9 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print
 """
 
 
+Durability = Literal["fsync", "os"]
+
+
 def _reading(i: int) -> Reading:
     # ~100-byte telemetry, as MEASUREMENTS.md's SQLite figures use.
     return Reading(
@@ -76,10 +79,12 @@ def _cpu() -> float:
     return t.user + t.system
 
 
-async def bench_append(path: Path, rows: int, inflight: int, durability: str) -> dict[str, Any]:
+async def bench_append(
+    path: Path, rows: int, inflight: int, durability: Durability
+) -> dict[str, Any]:
     ob = Outbox(
         path, gateway_id="bench", config=OutboxSection(durability=durability), sink_names=["s"]
-    )  # type: ignore[arg-type]
+    )
     await ob.open()
     done = asyncio.Event()
     submitted = 0
@@ -115,7 +120,7 @@ async def bench_append(path: Path, rows: int, inflight: int, durability: str) ->
     }
 
 
-def bench_raw(path: Path, rows: int, per_commit: int, durability: str) -> dict[str, Any]:
+def bench_raw(path: Path, rows: int, per_commit: int, durability: Durability) -> dict[str, Any]:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
@@ -147,11 +152,11 @@ def bench_raw(path: Path, rows: int, per_commit: int, durability: str) -> dict[s
     }
 
 
-async def bench_drain(path: Path, durability: str) -> dict[str, Any]:
+async def bench_drain(path: Path, durability: Durability) -> dict[str, Any]:
     t0 = time.perf_counter()
     ob = Outbox(
         path, gateway_id="bench", config=OutboxSection(durability=durability), sink_names=["s"]
-    )  # type: ignore[arg-type]
+    )
     await ob.open()
     open_ms = (time.perf_counter() - t0) * 1000
     pending = ob.counters()["s"]["pending"]
@@ -248,13 +253,13 @@ def _start_server(port: int) -> subprocess.Popen[bytes]:
     raise RuntimeError("bench HTTP server did not start")
 
 
-async def bench_drain_http(path: Path, durability: str) -> dict[str, Any]:
+async def bench_drain_http(path: Path, durability: Durability) -> dict[str, Any]:
     port = _free_port()
     server = _start_server(port)
     try:
         ob = Outbox(
             path, gateway_id="bench", config=OutboxSection(durability=durability), sink_names=["s"]
-        )  # type: ignore[arg-type]
+        )
         await ob.open()
         backlog = ob.counters()["s"]["pending"]
         sink = create_sink(
@@ -294,21 +299,23 @@ async def main(argv: list[str]) -> int:
     p.add_argument("--dir", type=Path, default=None, help="where to put the databases")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
+    durability = cast(Durability, args.durability)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         d = Path(tmp)
-        append = await bench_append(d / "outbox.db", args.rows, args.inflight, args.durability)
+        append = await bench_append(d / "outbox.db", args.rows, args.inflight, durability)
         raw_same = bench_raw(
-            d / "raw.db", args.rows, max(int(append["rows_per_commit"]), 1), args.durability
+            d / "raw.db", args.rows, max(int(append["rows_per_commit"]), 1), durability
         )
-        raw_1000 = bench_raw(d / "raw1000.db", args.rows, 1000, args.durability)
+        raw_1000 = bench_raw(d / "raw1000.db", args.rows, 1000, durability)
         shutil.copy(d / "outbox.db", d / "outbox-http.db")
-        drain = await bench_drain(d / "outbox.db", args.durability)
-        drain_http = await bench_drain_http(d / "outbox-http.db", args.durability)
+        drain = await bench_drain(d / "outbox.db", durability)
+        drain_http = await bench_drain_http(d / "outbox-http.db", durability)
         big = (
             await bench_open_backlog(d / "big.db", args.open_backlog) if args.open_backlog else None
         )
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loop": type(asyncio.get_running_loop()).__module__,
         "durability": args.durability,
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "cpus": os.cpu_count(),
@@ -329,4 +336,12 @@ async def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(sys.argv[1:])))
+    # The gateway runs on uvloop (edgeway.cli); measure on the same loop.
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        sys.exit(runner.run(main(sys.argv[1:])))
