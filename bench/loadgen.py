@@ -127,6 +127,13 @@ class Job:
     (asyncio default 100, Mosquitto 100) SYNs are dropped and retried after
     1 s, which would make connect times meaningless."""
     keepalive: int = 600
+    refill_half: bool = True
+    """pub1: refill the window when half of it is acknowledged (fewer, larger
+    writes) instead of after every read that brought acks."""
+    quickack: bool = False
+    """Set TCP_QUICKACK after every read, so that our ACKs never wait for the
+    delayed-ACK timer (a server that leaves Nagle on would otherwise hold its
+    next PUBACKs until that timer fires)."""
 
 
 class _Shared:
@@ -156,6 +163,7 @@ class _Conn(asyncio.Protocol):
         self.ready = asyncio.get_running_loop().create_future()
         self.partial = 0  # bytes of an unfinished packet at the end of the stream
         self.closing = False
+        self.quickack: socket.socket | None = None
         if self.role == "pub1":
             one = publish_packet(self.topic, job.payload, 1, 1)
             self.plen = len(one)
@@ -165,6 +173,7 @@ class _Conn(asyncio.Protocol):
             )
             self.pos = 0
             self.outstanding = 0
+            self.refill_at = job.window // 2 if job.refill_half else job.window - 1
             self.unit = 4  # PUBACK
             self.type_byte = PUBACK_TYPE
         elif self.role == "pub0":
@@ -181,6 +190,7 @@ class _Conn(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.quickack = sock if self.job.quickack and sock is not None else None
         transport.write(connect_packet(self.client_id, self.job.keepalive))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -190,6 +200,8 @@ class _Conn(asyncio.Protocol):
             self.worker.error(f"{self.client_id}: connection lost ({exc})")
 
     def data_received(self, data: bytes) -> None:
+        if self.quickack is not None:
+            self.quickack.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         if self.need:
             self.handshake += data
             if len(self.handshake) < self.need:
@@ -229,7 +241,7 @@ class _Conn(asyncio.Protocol):
             self.outstanding -= n
             # Refill at half the window, not on every ack: fewer, larger
             # writes on both sides (a client with a send window does the same).
-            if self.outstanding <= self.job.window // 2:
+            if self.outstanding <= self.refill_at:
                 more = self.job.window - self.outstanding
                 self.outstanding += more
                 self.send_pub1(more)
