@@ -4,6 +4,8 @@
 ``edgeway check F``  validate a configuration file without starting anything
 ``edgeway passwd``   hash a password for the ``mqtt.users`` section
 ``edgeway deadletter list|replay|purge``  inspect the outbox's dead letters
+``edgeway demo``     gateway + simulated devices + a local cloud, in one command
+``edgeway simulate`` simulated devices against a gateway (MQTT, CoAP, HTTP, Modbus, OPC-UA)
 """
 
 from __future__ import annotations
@@ -101,6 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(dl)
     dl.add_argument("rest", nargs=argparse.REMAINDER, help="list | replay [ID] | purge [ID]")
 
+    from edgeway.sim.demo import add_demo_arguments
+    from edgeway.sim.runner import add_simulate_arguments
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a gateway, simulated devices and a local cloud receiver, and watch data flow",
+        description="One command, no configuration: the gateway, simulated MQTT/CoAP/HTTP/"
+        "Modbus/OPC-UA devices and a local cloud receiver, with live figures. Ctrl-C stops.",
+    )
+    add_demo_arguments(demo)
+    simulate = sub.add_parser(
+        "simulate",
+        help="run simulated devices against a gateway",
+        description="Virtual devices with realistic signals. MQTT/CoAP/HTTP devices send to "
+        "--target; for Modbus and OPC-UA the simulator is the server the gateway polls.",
+    )
+    add_simulate_arguments(simulate)
+
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -182,6 +202,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run_async(gateway)
 
 
+def cmd_sim(args: argparse.Namespace) -> int:
+    """``edgeway demo`` and ``edgeway simulate`` (they handle Ctrl-C themselves)."""
+    from edgeway.logs import configure_logging
+
+    configure_logging("warning", "text")
+    # gmqtt logs every reconnect attempt of every device at warning level.
+    logging.getLogger("edgeway.sim.gmqtt").setLevel(logging.ERROR)
+    logging.getLogger("gmqtt").setLevel(logging.ERROR)
+    # asyncua warns that the simulated OPC-UA server runs without security (loopback demo).
+    logging.getLogger("asyncua").setLevel(logging.ERROR)
+
+    def write(line: str) -> None:
+        print(line, flush=True)
+
+    async def main() -> int:
+        if args.command == "demo":
+            from edgeway.sim.demo import options_from_args, run_demo
+
+            result = await run_demo(options_from_args(args), write)
+            return EXIT_OK if result.lost == 0 else EXIT_RUNTIME
+        from edgeway.sim.runner import run_simulation
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await run_simulation(args, write, stop)
+
+    try:
+        with _new_runner() as runner:
+            return runner.run(main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return EXIT_RUNTIME
+
+
 def _run_async(gateway: object) -> int:
     from edgeway.gateway import Gateway, StartupError
     from edgeway.south.mqtt.listeners import ListenerError
@@ -243,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             return cmd_run(args)
         return EXIT_OK
+    if args.command in ("demo", "simulate"):
+        return cmd_sim(args)
     if args.command == "passwd":
         from edgeway.devices.config_auth import passwd_main
 

@@ -1,0 +1,576 @@
+"""``edgeway demo``: the gateway, simulated devices on every protocol, and a local cloud.
+
+Example::
+
+    edgeway demo                          # until Ctrl-C
+    edgeway demo --cloud-outage 20        # the cloud goes down for 20 s after a few seconds
+    edgeway demo --duration 30 --devices 100
+
+One process runs, on loopback: the gateway (built in code, no file: MQTT,
+CoAP and HTTP listeners, receipts on, admin API on, one HTTP sink), a small
+cloud receiver (:class:`~edgeway.sim.cloud.CloudReceiver`) that the sink
+delivers to, and simulated devices: MQTT, CoAP and HTTP devices that push,
+and Modbus and OPC-UA servers that the gateway polls (those two when
+pymodbus / asyncua are installed). Each listener takes its usual port, or a
+free one when that port is taken (a local Mosquitto on 1883 is common).
+
+Every few seconds a line shows readings in, records delivered, pending and
+dropped (from :meth:`Gateway.status`), what the cloud has, and what the
+devices still hold. At the end (``--duration`` or Ctrl-C) devices stop, the
+backlog drains, and a summary proves for every pushed message that it
+reached the cloud: ``lost`` counts messages a device produced that the
+cloud never received and no device still holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import importlib.util
+import logging
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeway.config import (
+    AdminSection,
+    CoapSection,
+    Config,
+    GatewaySection,
+    HttpIngestSection,
+    ListenerConfig,
+    LogSection,
+    MqttSection,
+    ReceiptsSection,
+    SinkConfig,
+)
+from edgeway.sim.cloud import CloudReceiver, OutageMode
+from edgeway.sim.devices import VirtualDevice, make_devices
+from edgeway.sim.runner import (
+    CoapFleet,
+    FleetStats,
+    HttpFleet,
+    ModbusSimServer,
+    MqttFleet,
+    OpcUaSimServer,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"mqtt": 1883, "coap": 5683, "http": 8080, "admin": 9180, "cloud": 8088}
+"""The gateway's usual ports, and one for the demo's cloud receiver."""
+
+READY_TIMEOUT = 20.0
+"""Seconds the gateway may take to start (an OPC-UA session takes ~1 s)."""
+
+DRAIN_TIMEOUT = 30.0
+"""Seconds allowed at the end for devices' buffers and the outbox to empty.
+After a cloud outage the sink's retry backoff (at most a few seconds here,
+the cloud answers Retry-After: 1) and the backlog must both fit in it."""
+
+Write = Callable[[str], None]
+
+
+@dataclass(slots=True)
+class DemoOptions:
+    """What ``edgeway demo`` runs."""
+
+    duration: float | None = None
+    """Seconds to run; None: until Ctrl-C (or ``stop``)."""
+    cloud_outage: float = 0.0
+    """Seconds the cloud receiver is down, starting ``outage_after`` s in."""
+    outage_after: float = 4.0
+    outage_mode: OutageMode = "503"
+    mqtt_devices: int = 20
+    coap_devices: int = 5
+    http_devices: int = 5
+    modbus_devices: int = 3
+    opcua_devices: int = 2
+    rate: float = 1.0
+    """Messages per second per pushing device."""
+    interval: float = 2.0
+    """Seconds between status lines."""
+    data_dir: Path | None = None
+    """Gateway data and the cloud's records; None: a temporary directory, removed at the end."""
+    host: str = "127.0.0.1"
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class DemoResult:
+    """The summary's figures (also what tests check)."""
+
+    seconds: float = 0.0
+    produced: dict[str, int] = field(default_factory=dict)
+    """Messages produced by pushing devices, per protocol."""
+    polled: int = 0
+    """Readings the gateway took from Modbus and OPC-UA (delivered or pending)."""
+    stored: int = 0
+    delivered: int = 0
+    pending: int = 0
+    dropped: int = 0
+    cloud_records: int = 0
+    cloud_unique: int = 0
+    duplicates: int = 0
+    held_by_devices: int = 0
+    lost: int = 0
+    lost_ids: list[str] = field(default_factory=list)
+
+
+def pick_port(host: str, preferred: int, kind: int = socket.SOCK_STREAM) -> int:
+    """``preferred`` when it can be bound on ``host``, else a free port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in (preferred, 0):
+        with socket.socket(family, kind) as s:
+            if kind == socket.SOCK_STREAM:
+                # As the servers do: a port in TIME_WAIT is free to take.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            return int(s.getsockname()[1])
+    raise OSError(f"no free port on {host}")  # pragma: no cover - bind(0) does not fail
+
+
+def available_protocols() -> dict[str, bool]:
+    """Which protocol libraries are installed (the demo runs what it can)."""
+    return {
+        "coap": importlib.util.find_spec("aiocoap") is not None,
+        "modbus": importlib.util.find_spec("pymodbus") is not None,
+        "opcua": importlib.util.find_spec("asyncua") is not None,
+    }
+
+
+class Demo:
+    """Everything ``edgeway demo`` runs, with its lifetimes."""
+
+    def __init__(self, options: DemoOptions, write: Write) -> None:
+        self.opt = options
+        self.write = write
+        self.stop = asyncio.Event()
+        """Set to end the demo (Ctrl-C, --duration)."""
+        self.cloud: CloudReceiver | None = None
+        self.gateway: Any = None
+        self.fleets: list[MqttFleet | CoapFleet | HttpFleet] = []
+        self.modbus: ModbusSimServer | None = None
+        self.opcua: OpcUaSimServer | None = None
+        self.ports: dict[str, int] = {}
+        self.result = DemoResult()
+        self._tmp: Path | None = None
+        self._started = 0.0
+        self._outage_state = ""
+
+    # ------------------------------------------------------------------ set-up
+
+    def _config(self, data_dir: Path) -> Config:
+        o, p = self.opt, self.ports
+        assert self.cloud is not None
+        cfg = Config(
+            gateway=GatewaySection(id="demo-gw", data_dir=data_dir / "gateway"),
+            log=LogSection(level="warning"),
+            mqtt=MqttSection(
+                listeners=[ListenerConfig(bind=f"{o.host}:{p['mqtt']}", allow_anonymous=True)]
+            ),
+            sinks=[SinkConfig(name="cloud", url=self.cloud.url, options={"max_wait": 0.2})],
+            receipts=ReceiptsSection(enabled=True),
+            admin=AdminSection(listen=f"{o.host}:{p['admin']}"),
+            http_ingest=HttpIngestSection(listen=f"{o.host}:{p['http']}", allow_anonymous=True),
+        )
+        if "coap" in p:
+            cfg.coap = CoapSection(listen=f"{o.host}:{p['coap']}")
+        if self.modbus is not None:
+            cfg.modbus = self.modbus.gateway_config(interval=1.0)
+        if self.opcua is not None:
+            cfg.opcua = self.opcua.gateway_config(sampling_interval=1.0)
+        return cfg
+
+    async def run(self) -> DemoResult:
+        """Start everything, show figures until stopped, drain, summarise, stop."""
+        from edgeway.gateway import Gateway
+
+        o = self.opt
+        have = available_protocols()
+        if o.data_dir is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="edgeway-demo-"))
+        data_dir = o.data_dir or self._tmp
+        assert data_dir is not None
+        seed = o.seed if o.seed is not None else int(time.time())
+        self.ports = {
+            name: pick_port(
+                o.host, port, socket.SOCK_DGRAM if name == "coap" else socket.SOCK_STREAM
+            )
+            for name, port in DEFAULT_PORTS.items()
+            if name != "coap" or have["coap"]
+        }
+        self.cloud = CloudReceiver(
+            o.host, self.ports["cloud"], store_path=data_dir / "cloud-records.jsonl"
+        )
+        gw_task: asyncio.Task[None] | None = None
+        try:
+            await self.cloud.start()
+            if have["modbus"] and o.modbus_devices > 0:
+                self.modbus = ModbusSimServer(
+                    make_devices(
+                        o.modbus_devices,
+                        prefix="modbus",
+                        seed=seed + 1,
+                        kinds=("machine", "meter", "env"),
+                    ),
+                    o.host,
+                )
+                await self.modbus.start()
+            if have["opcua"] and o.opcua_devices > 0:
+                self.opcua = OpcUaSimServer(
+                    make_devices(
+                        o.opcua_devices,
+                        prefix="opcua",
+                        seed=seed + 2,
+                        kinds=("machine",),
+                        fault_fraction=0.5,
+                        rate=1.0,
+                    ),
+                    o.host,
+                )
+                await self.opcua.start()
+            self.gateway = Gateway(self._config(data_dir))
+            gw_task = asyncio.create_task(self.gateway.run(), name="gateway")
+            ready = asyncio.create_task(self.gateway.ready.wait())
+            done, _ = await asyncio.wait(
+                {ready, gw_task}, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+            if gw_task in done:
+                ready.cancel()
+                gw_task.result()  # raises the start-up error
+                raise RuntimeError("the gateway stopped during start-up")
+            if ready not in done:
+                ready.cancel()
+                raise RuntimeError(f"the gateway was not ready within {READY_TIMEOUT:g} s")
+            self._fix_bound_ports()
+            self._build_fleets(seed)
+            self._banner(data_dir)
+            await self._run_devices()
+            return self.result
+        finally:
+            if self.gateway is not None and gw_task is not None:
+                self.gateway.request_stop()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(gw_task, 10.0)
+            if self.opcua is not None:
+                await self.opcua.stop()
+            if self.modbus is not None:
+                await self.modbus.stop()
+            await self.cloud.stop()
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _fix_bound_ports(self) -> None:
+        gw = self.gateway
+        if gw.listeners:
+            self.ports["mqtt"] = gw.listeners[0].bound[1]
+        for a in gw.adapters:
+            if a.section == "coap" and a.port:
+                self.ports["coap"] = a.port
+            if a.section == "http_ingest" and getattr(a, "port", None):
+                self.ports["http"] = a.port
+        if gw.admin is not None and gw.admin.bound is not None:
+            self.ports["admin"] = gw.admin.bound[1]
+
+    def _build_fleets(self, seed: int) -> None:
+        o, p = self.opt, self.ports
+        if o.mqtt_devices > 0:
+            devs = make_devices(o.mqtt_devices, prefix="mqtt", seed=seed, rate=o.rate)
+            self.fleets.append(MqttFleet(devs, o.host, p["mqtt"], qos=1))
+        if "coap" in p and o.coap_devices > 0:
+            devs = make_devices(o.coap_devices, prefix="coap", seed=seed + 3, rate=o.rate)
+            self.fleets.append(CoapFleet(devs, o.host, p["coap"]))
+        if o.http_devices > 0:
+            devs = make_devices(o.http_devices, prefix="http", seed=seed + 4, rate=o.rate)
+            self.fleets.append(HttpFleet(devs, o.host, p["http"]))
+
+    def _banner(self, data_dir: Path) -> None:
+        o, p, w = self.opt, self.ports, self.write
+        assert self.cloud is not None
+
+        def note(name: str) -> str:
+            return (
+                "" if p[name] == DEFAULT_PORTS[name] else f"  (port {DEFAULT_PORTS[name]} is taken)"
+            )
+
+        w("edgeway demo: a gateway, simulated devices and a local cloud, all on this machine")
+        w("")
+        w("devices connect to the gateway at")
+        w(f"  MQTT   mqtt://{o.host}:{p['mqtt']}{note('mqtt')}   topic devices/<id>/telemetry")
+        if "coap" in p:
+            w(f"  CoAP   coap://{o.host}:{p['coap']}/devices/<id>/telemetry{note('coap')}")
+        w(f"  HTTP   http://{o.host}:{p['http']}/devices/<id>/telemetry{note('http')}")
+        for fleet in self.fleets:
+            w(
+                f"         {len(fleet.devices)} simulated {fleet.protocol.upper()} devices, "
+                f"{o.rate:g} reading/s each"
+            )
+        if self.modbus is not None:
+            w(
+                f"  Modbus {len(self.modbus.devices)} simulated devices at {o.host}:{self.modbus.port}, "
+                "polled every second"
+            )
+        if self.opcua is not None:
+            w(
+                f"  OPC-UA {len(self.opcua.devices)} simulated machines at {self.opcua.endpoint}, "
+                "subscribed"
+            )
+        w(f"the gateway forwards to the cloud receiver at {self.cloud.url}{note('cloud')}")
+        w(f"status: http://{o.host}:{p['admin']}/api/status   metrics: /metrics{note('admin')}")
+        w(
+            f"try:    mosquitto_pub -p {p['mqtt']} -q 1 -t devices/my-sensor/telemetry "
+            "-m '{\"temp\": 21.5}'"
+        )
+        if self._tmp is None:
+            w(f"data:   {data_dir} (the cloud's records in cloud-records.jsonl)")
+        if o.cloud_outage > 0:
+            w(
+                f"the cloud goes down for {o.cloud_outage:g} s after {o.outage_after:g} s: watch "
+                "'pending' grow, then drain"
+            )
+        stop_how = (
+            f"stops after {o.duration:g} s, or press Ctrl-C"
+            if o.duration
+            else "press Ctrl-C to stop"
+        )
+        w(f"{stop_how}")
+        w("")
+
+    # --------------------------------------------------------------- running
+
+    async def _run_devices(self) -> None:
+        o = self.opt
+        assert self.cloud is not None
+        self._started = time.monotonic()
+        devices_stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            fleet_tasks = [
+                tg.create_task(f.run(devices_stop, drain=DRAIN_TIMEOUT), name=f"sim:{f.protocol}")
+                for f in self.fleets
+            ]
+            if self.opcua is not None:
+                tg.create_task(self.opcua.run(devices_stop), name="sim:opcua")
+            outage = tg.create_task(self._outage(), name="outage") if o.cloud_outage > 0 else None
+            status = tg.create_task(self._status_lines(), name="status")
+            await self._wait_for_end()
+            if outage is not None and not outage.done():
+                outage.cancel()
+                if self.cloud.down:
+                    self.write("ending the cloud outage early, so the backlog can drain")
+                    await self.cloud.bring_up()
+            self.write("stopping devices; waiting for the backlog to reach the cloud ...")
+            devices_stop.set()
+            await asyncio.gather(*fleet_tasks, return_exceptions=True)
+            await self._wait_outbox_drained()
+            status.cancel()
+        self._summary()
+
+    async def _wait_for_end(self) -> None:
+        if self.opt.duration is None:
+            await self.stop.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), self.opt.duration)
+
+    async def _outage(self) -> None:
+        assert self.cloud is not None
+        o = self.opt
+        await asyncio.sleep(o.outage_after)
+        self._outage_state = " cloud DOWN"
+        self.write(
+            f"--- cloud receiver DOWN for {o.cloud_outage:g} s ({_mode_text(o.outage_mode)})"
+        )
+        try:
+            await self.cloud.outage(o.cloud_outage, o.outage_mode)
+        finally:
+            self._outage_state = ""
+        self.write("--- cloud receiver UP again: the backlog drains")
+
+    async def _status_lines(self) -> None:
+        while True:
+            await asyncio.sleep(self.opt.interval)
+            self.write(self._status_line())
+
+    def _counters(self) -> dict[str, int]:
+        st = self.gateway.status()
+        return dict(st["outbox"].get("cloud", {}))
+
+    def _status_line(self) -> str:
+        assert self.cloud is not None
+        c = self._counters()
+        held = sum(len(d.buffer) for f in self.fleets for d in f.devices)
+        t = time.monotonic() - self._started
+        return (
+            f"{t:5.0f}s  in {c.get('accepted', 0):6d}  delivered {c.get('delivered', 0):6d}  "
+            f"pending {c.get('pending', 0):5d}  dropped {c.get('dropped', 0)}  | cloud "
+            f"{self.cloud.stats.unique} ({self.cloud.stats.duplicates} dup)  | devices hold "
+            f"{held}{self._outage_state}"
+        )
+
+    async def _wait_outbox_drained(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT
+        while loop.time() < deadline:
+            if self._counters().get("pending", 0) == 0:
+                return
+            await asyncio.sleep(0.1)
+
+    # --------------------------------------------------------------- summary
+
+    def _summary(self) -> None:
+        assert self.cloud is not None
+        r, w = self.result, self.write
+        c = self._counters()
+        r.seconds = time.monotonic() - self._started
+        r.produced = {f.protocol: f.stats.produced for f in self.fleets}
+        r.stored = c.get("accepted", 0)
+        r.delivered = c.get("delivered", 0)
+        r.pending = c.get("pending", 0)
+        r.dropped = c.get("dropped", 0)
+        r.cloud_records = self.cloud.stats.records
+        r.cloud_unique = self.cloud.stats.unique
+        r.duplicates = self.cloud.stats.duplicates
+        pushed = [d for f in self.fleets for d in f.devices]
+        r.held_by_devices = sum(len(d.buffer) for d in pushed)
+        adapters = self.gateway.status()["adapters"]
+        r.polled = sum(
+            int(a.get("readings", 0))
+            for name, a in adapters.items()
+            if name.startswith(("modbus:", "opcua:"))
+        )
+        r.lost_ids = lost_messages(pushed, self.cloud)
+        r.lost = len(r.lost_ids) + r.dropped
+        fleet_stats: list[FleetStats] = [f.stats for f in self.fleets]
+        per = ", ".join(f"{s.protocol} {s.produced}" for s in fleet_stats)
+        w("")
+        w(f"summary after {r.seconds:.1f} s")
+        w(f"  sent by devices   {sum(r.produced.values())} messages ({per})")
+        w(f"  polled by gateway {r.polled} readings from Modbus and OPC-UA devices")
+        w(
+            f"  gateway stored    {r.stored} readings, delivered {r.delivered}, "
+            f"pending {r.pending}, dropped {r.dropped}"
+        )
+        w(
+            f"  cloud received    {r.cloud_records} records: {r.cloud_unique} unique, "
+            f"{r.duplicates} duplicates (sent again after a failure; the cloud drops them by id)"
+        )
+        if r.held_by_devices:
+            w(f"  held by devices   {r.held_by_devices} (still waiting for a receipt: not lost)")
+        if r.pending:
+            w(f"  still pending     {r.pending} in the gateway's outbox (on disk: not lost)")
+        w(f"  lost              {r.lost}")
+        if r.lost:
+            w(f"  lost messages: {', '.join(r.lost_ids[:20])}{' ...' if r.lost > 20 else ''}")
+        else:
+            w("nothing was lost: every message a device sent reached the cloud")
+
+
+def lost_messages(devices: list[VirtualDevice], cloud: CloudReceiver) -> list[str]:
+    """Message ids (``<device>-<seq>``) a device produced that the cloud never
+    received and that the device no longer holds: really lost."""
+    out: list[str] = []
+    for d in devices:
+        got = cloud.received_seqs(d.device_id)
+        held = d.buffer.seqs()
+        out.extend(
+            f"{d.device_id}-{s}" for s in range(1, d.seq + 1) if s not in got and s not in held
+        )
+    return out
+
+
+def _mode_text(mode: OutageMode) -> str:
+    return "answering 503" if mode == "503" else "refusing connections"
+
+
+async def run_demo(options: DemoOptions, write: Write) -> DemoResult:
+    """Run the demo until ``options.duration`` or Ctrl-C (SIGINT/SIGTERM)."""
+    import signal
+
+    demo = Demo(options, write)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+
+    def on_signal() -> None:
+        # First Ctrl-C: stop devices, drain, summarise. Second: stop now.
+        if demo.stop.is_set() and main is not None:
+            write("second interrupt: stopping without waiting for the backlog")
+            main.cancel()
+        demo.stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal)
+    try:
+        return await demo.run()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+def add_demo_arguments(p: Any) -> None:
+    """The options of ``edgeway demo`` (an argparse parser)."""
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument(
+        "--cloud-outage",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="take the cloud receiver down for SECONDS, starting a few seconds in",
+    )
+    p.add_argument(
+        "--outage-after",
+        type=float,
+        default=4.0,
+        metavar="S",
+        help="when the outage starts (default 4 s)",
+    )
+    p.add_argument(
+        "--outage-mode",
+        choices=["503", "refuse"],
+        default="503",
+        help="the cloud answers 503 with Retry-After (default) or refuses connections",
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=20,
+        metavar="N",
+        help="MQTT devices (default 20; 5 CoAP and 5 HTTP devices come with them)",
+    )
+    p.add_argument("--rate", type=float, default=1.0, help="readings per second per device")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between status lines")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help="keep the gateway's data and the cloud's records here (default: a "
+        "temporary directory, removed at the end)",
+    )
+    p.add_argument("--seed", type=int, help="random seed for the devices")
+
+
+def options_from_args(args: Any) -> DemoOptions:
+    """DemoOptions from parsed ``edgeway demo`` arguments."""
+    return DemoOptions(
+        duration=args.duration,
+        cloud_outage=args.cloud_outage,
+        outage_after=args.outage_after,
+        outage_mode=args.outage_mode,
+        mqtt_devices=args.devices,
+        rate=args.rate,
+        interval=args.interval,
+        data_dir=args.data_dir,
+        seed=args.seed,
+    )

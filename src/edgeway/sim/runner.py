@@ -1,0 +1,952 @@
+"""Run virtual devices over real protocols: MQTT, CoAP and HTTP clients; Modbus
+and OPC-UA servers that the gateway polls.
+
+Example (what ``edgeway simulate --devices 1000 --protocol mqtt`` does)::
+
+    devices = make_devices(1000, prefix="sim", seed=1, rate=1.0)
+    fleet = MqttFleet(devices, "127.0.0.1", 1883, qos=1)
+    stop = asyncio.Event()
+    await fleet.run(stop)          # until stop is set; fleet.stats has the counters
+
+Push fleets (MQTT, CoAP, HTTP) run all their devices in one event loop: a
+device is a small object and two tasks, so 1,000 devices cost a few MB.
+Each device keeps its messages in its own :class:`OutgoingBuffer` until
+they are confirmed: by the gateway's receipt for MQTT (the cloud has them),
+by a 2.04 / 2xx for CoAP and HTTP (the gateway has them on disk). While the
+gateway is unreachable the buffers grow, and they are sent when it is back.
+
+MQTT devices (gmqtt, MQTT 5) keep a persistent session (session expiry one
+hour) with a retained last will on ``devices/{id}/status``, reconnect on
+their own after a broker restart, subscribe to ``devices/{id}/receipts`` and
+``devices/{id}/commands`` and answer commands on
+``devices/{id}/commands/response``.
+
+Pollers' peers: :class:`ModbusSimServer` (pymodbus, one unit id per device,
+register values computed at each read) and :class:`OpcUaSimServer`
+(asyncua, one object per device, values written at the device's rate). Each
+one gives the gateway configuration that reads it (``gateway_config()``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import random
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from edgeway.config import ModbusDeviceConfig, OpcUaServerConfig
+from edgeway.reading import MetricValue
+from edgeway.sim.devices import VirtualDevice
+
+log = logging.getLogger(__name__)
+
+MQTT_INFLIGHT = 16
+"""Unacknowledged QoS 1 PUBLISH per device connection. Below Mosquitto's
+default max_inflight_messages (20) and edgeway's receive_maximum (64): a
+client beyond the server's receive maximum is disconnected (MQTT 5 §4.9)."""
+
+CONNECT_CONCURRENCY = 64
+"""Devices connecting at once. A listen backlog is typically 128-4096; a
+thousand SYNs at once overflow a small one and cost retransmission seconds."""
+
+HTTP_BATCH = 100
+"""Messages per HTTP POST when a device flushes its backlog: a JSON array of
+100 ~120-byte readings is ~12 KB, far below the ingest's 256 KiB limit."""
+
+REQUEST_TIMEOUT = 10.0
+"""Seconds a CoAP or HTTP upload may take before it is retried."""
+
+STOP_GRACE = 3.0
+"""Seconds allowed for disconnecting cleanly at stop."""
+
+
+@dataclass(slots=True)
+class FleetStats:
+    """Counters of one fleet (summed over its devices)."""
+
+    protocol: str
+    devices: int = 0
+    produced: int = 0
+    """Messages the devices produced."""
+    sent: int = 0
+    """Messages handed to a connection (re-sends after a failure counted again)."""
+    acked: int = 0
+    """Messages the gateway acknowledged as stored (CoAP 2.04, HTTP 2xx)."""
+    receipts: int = 0
+    """Messages freed by gateway receipts (MQTT: the cloud has them)."""
+    errors: int = 0
+    connects: int = 0
+    connected: int = 0
+    commands: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+def buffered(devices: Sequence[VirtualDevice]) -> int:
+    """Messages held in the devices' buffers (not confirmed yet)."""
+    return sum(len(d.buffer) for d in devices)
+
+
+class _Stopping(Exception):
+    pass
+
+
+async def _sleep_until(deadline: float, stop: asyncio.Event) -> None:
+    """Sleep until the loop time ``deadline`` or ``stop``; raise _Stopping on stop."""
+    delay = deadline - asyncio.get_running_loop().time()
+    if stop.is_set():
+        raise _Stopping
+    if delay > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            raise _Stopping
+
+
+async def _produce(
+    device: VirtualDevice, stats: FleetStats, wake: asyncio.Event, stop: asyncio.Event
+) -> None:
+    """Make a device produce messages at its rate (bursts included) until stop."""
+    loop = asyncio.get_running_loop()
+    # Spread the devices over the first interval so they do not send in lockstep.
+    nxt = loop.time() + random.uniform(0, 1.0 / device.rate)
+    with contextlib.suppress(_Stopping):
+        while True:
+            await _sleep_until(nxt, stop)
+            now = time.time()
+            device.next_message(now)
+            stats.produced += 1
+            wake.set()
+            nxt = max(nxt + device.interval(now), loop.time() - 1.0)
+
+
+async def _drained(device: VirtualDevice, limit: float) -> None:
+    """Wait (at most ``limit`` s) until nothing is left in the device's buffer."""
+    buf = device.buffer
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(limit):
+            while len(buf):
+                buf.emptied.clear()
+                await buf.emptied.wait()
+
+
+# ------------------------------------------------------------------------------ MQTT
+
+
+def _inflight_storage_class() -> type[Any]:
+    from gmqtt.storage import PersistentStorage
+
+    class InflightStorage(PersistentStorage):  # type: ignore[misc]
+        """gmqtt's store of unacknowledged PUBLISH, with a window to wait on."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.changed = asyncio.Event()
+
+        def remove_message_by_mid(self, mid: int) -> None:
+            super().remove_message_by_mid(mid)
+            self.changed.set()
+
+        def clear(self) -> None:
+            super().clear()
+            self.changed.set()
+
+        def __len__(self) -> int:
+            return len(self._messages)
+
+    return InflightStorage
+
+
+@dataclass(slots=True)
+class _MqttLink:
+    device: VirtualDevice
+    client: Any
+    storage: Any
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    ever_connected: bool = False
+
+
+class MqttFleet:
+    """MQTT devices (gmqtt clients, MQTT 5) publishing telemetry to one broker."""
+
+    protocol = "mqtt"
+
+    def __init__(
+        self,
+        devices: Sequence[VirtualDevice],
+        host: str,
+        port: int,
+        *,
+        qos: int = 1,
+        keepalive: int = 30,
+        username: str | None = None,
+        password: str | None = None,
+        session_expiry: int = 3600,
+        reconnect_delay: float = 1.0,
+    ) -> None:
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, got {qos}")
+        self.devices = list(devices)
+        self.host = host
+        self.port = port
+        self.qos = qos
+        self.keepalive = keepalive
+        self.username = username
+        self.password = password
+        self.session_expiry = session_expiry
+        self.reconnect_delay = reconnect_delay
+        self.stats = FleetStats("mqtt", devices=len(self.devices))
+        self.links: list[_MqttLink] = []
+        self.all_connected = asyncio.Event()
+
+    def _make_link(self, device: VirtualDevice) -> _MqttLink:
+        import gmqtt
+
+        storage = _inflight_storage_class()()
+        dev_id = device.device_id
+        will = gmqtt.Message(f"devices/{dev_id}/status", b'{"online":false}', qos=1, retain=True)
+        client = gmqtt.Client(
+            dev_id,
+            clean_session=True,
+            will_message=will,
+            persistent_storage=storage,
+            session_expiry_interval=self.session_expiry,
+            logger=logging.getLogger("edgeway.sim.gmqtt"),
+        )
+        # gmqtt's own reconnect, with a per-device delay so a restarted broker
+        # is not hit by every device in the same millisecond.
+        client.set_config(
+            {
+                "reconnect_retries": -1,
+                "reconnect_delay": self.reconnect_delay * random.uniform(0.5, 1.5),
+            }
+        )
+        if self.username is not None:
+            client.set_auth_credentials(self.username, self.password)
+        link = _MqttLink(device, client, storage)
+        client.on_connect = functools.partial(self._on_connect, link)
+        client.on_disconnect = functools.partial(self._on_disconnect, link)
+        client.on_message = functools.partial(self._on_message, link)
+        return link
+
+    def _on_connect(self, link: _MqttLink, client: Any, flags: Any, rc: Any, props: Any) -> None:
+        dev_id = link.device.device_id
+        self.stats.connects += 1
+        self.stats.connected += 1
+        link.ever_connected = True
+        client.subscribe(
+            [
+                _subscription(f"devices/{dev_id}/receipts"),
+                _subscription(f"devices/{dev_id}/commands"),
+            ]
+        )
+        client.publish(f"devices/{dev_id}/status", b'{"online":true}', qos=1, retain=True)
+        link.wake.set()
+        if self.stats.connected >= len(self.links):
+            self.all_connected.set()
+
+    def _on_disconnect(self, link: _MqttLink, client: Any, packet: Any, exc: Any = None) -> None:
+        self.stats.connected = max(0, self.stats.connected - 1)
+        self.all_connected.clear()
+        link.storage.changed.set()
+
+    def _on_message(
+        self, link: _MqttLink, client: Any, topic: str, payload: bytes, qos: int, props: Any
+    ) -> int:
+        dev = link.device
+        if topic.endswith("/receipts"):
+            try:
+                doc = orjson.loads(payload)
+                ids = doc.get("msg_ids") or []
+            except (orjson.JSONDecodeError, AttributeError):
+                log.warning("%s: unreadable receipt %r", dev.device_id, payload[:100])
+                return 0
+            self.stats.receipts += dev.buffer.confirm([str(i) for i in ids])
+        elif topic.endswith("/commands"):
+            answer = dev.handle_command(payload, time.time())
+            self.stats.commands += 1
+            client.publish(f"devices/{dev.device_id}/commands/response", answer, qos=1)
+        return 0
+
+    async def _connect(self, link: _MqttLink, stop: asyncio.Event, gate: asyncio.Semaphore) -> None:
+        from gmqtt.mqtt.constants import MQTTv50
+
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                async with gate:
+                    await asyncio.wait_for(
+                        link.client.connect(
+                            self.host, self.port, keepalive=self.keepalive, version=MQTTv50
+                        ),
+                        REQUEST_TIMEOUT,
+                    )
+                return
+            except Exception as e:  # refused, timeout, reset: retry while the gateway comes up
+                self.stats.errors += 1
+                log.debug("%s: connect failed: %s", link.device.device_id, e)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 10.0)
+
+    async def _send(self, link: _MqttLink) -> None:
+        """Hand unsent messages to the connection, at most MQTT_INFLIGHT unacked."""
+        dev = link.device
+        topic = f"devices/{dev.device_id}/telemetry"
+        client = link.client
+        while True:
+            await link.wake.wait()
+            link.wake.clear()
+            for msg_id, pending in dev.buffer.unsent():
+                while client.is_connected and self.qos > 0 and len(link.storage) >= MQTT_INFLIGHT:
+                    link.storage.changed.clear()
+                    await link.storage.changed.wait()
+                if not client.is_connected:
+                    break
+                client.publish(topic, pending.payload, qos=self.qos)
+                dev.buffer.mark_sent(msg_id)
+                self.stats.sent += 1
+
+    async def run(self, stop: asyncio.Event, drain: float = 0.0) -> None:
+        """Connect every device, publish until ``stop``, wait up to ``drain``
+        seconds for the buffers to be confirmed, then disconnect."""
+        self.links = [self._make_link(d) for d in self.devices]
+        gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for link in self.links:
+                    tg.create_task(self._device(link, stop, gate, drain))
+        finally:
+            await self._disconnect_all()
+
+    async def _device(
+        self, link: _MqttLink, stop: asyncio.Event, gate: asyncio.Semaphore, drain: float
+    ) -> None:
+        await self._connect(link, stop, gate)
+        async with asyncio.TaskGroup() as tg:
+            sender = tg.create_task(self._send(link))
+            await _produce(link.device, self.stats, link.wake, stop)
+            await _drained(link.device, drain)
+            sender.cancel()
+
+    async def _disconnect_all(self) -> None:
+        async def one(link: _MqttLink) -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(link.client.disconnect(), STOP_GRACE)
+
+        await asyncio.gather(*(one(link) for link in self.links if link.ever_connected))
+
+
+def _subscription(topic: str) -> Any:
+    import gmqtt
+
+    return gmqtt.Subscription(topic, qos=1)
+
+
+# ------------------------------------------------------------------------------ CoAP
+
+
+class CoapFleet:
+    """CoAP devices (aiocoap): confirmable POSTs to ``/devices/{id}/telemetry``,
+    one in flight per device; a message is freed on 2.04 (stored)."""
+
+    protocol = "coap"
+
+    def __init__(self, devices: Sequence[VirtualDevice], host: str, port: int) -> None:
+        self.devices = list(devices)
+        self.host = host
+        self.port = port
+        self.stats = FleetStats("coap", devices=len(self.devices))
+
+    async def run(self, stop: asyncio.Event, drain: float = 0.0) -> None:
+        """Send until ``stop``; then up to ``drain`` seconds to empty the buffers."""
+        import aiocoap
+
+        ctx = await aiocoap.Context.create_client_context()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for dev in self.devices:
+                    tg.create_task(self._device(ctx, dev, stop, drain))
+        finally:
+            await ctx.shutdown()
+
+    async def _device(
+        self, ctx: Any, dev: VirtualDevice, stop: asyncio.Event, drain: float
+    ) -> None:
+        wake = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            sender = tg.create_task(self._send(ctx, dev, wake))
+            await _produce(dev, self.stats, wake, stop)
+            await _drained(dev, drain)
+            sender.cancel()
+
+    async def _send(self, ctx: Any, dev: VirtualDevice, wake: asyncio.Event) -> None:
+        import aiocoap
+
+        uri = f"coap://{_host_literal(self.host)}:{self.port}/devices/{dev.device_id}/telemetry"
+        delay = 0.5
+        while True:
+            await wake.wait()
+            wake.clear()
+            for msg_id, pending in dev.buffer.unsent():
+                req = aiocoap.Message(
+                    code=aiocoap.POST,
+                    uri=uri,
+                    payload=pending.payload,
+                    content_format=50,  # application/json
+                )
+                self.stats.sent += 1
+                try:
+                    resp = await asyncio.wait_for(ctx.request(req).response, REQUEST_TIMEOUT)
+                    ok = resp.code.is_successful()
+                except Exception as e:  # timeout, network error: keep it, retry later
+                    log.debug("%s: coap post failed: %s", dev.device_id, e)
+                    ok = False
+                if ok:
+                    dev.buffer.confirm([msg_id])
+                    self.stats.acked += 1
+                    delay = 0.5
+                    continue
+                self.stats.errors += 1
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 10.0)
+                wake.set()
+                break
+
+
+# ------------------------------------------------------------------------------ HTTP
+
+
+class HttpFleet:
+    """HTTP devices (aiohttp): POST to ``/devices/{id}/telemetry``; a backlog
+    goes as JSON arrays of up to HTTP_BATCH; freed on 2xx (stored)."""
+
+    protocol = "http"
+
+    def __init__(
+        self,
+        devices: Sequence[VirtualDevice],
+        host: str,
+        port: int,
+        *,
+        token: str | None = None,
+    ) -> None:
+        self.devices = list(devices)
+        self.host = host
+        self.port = port
+        self.token = token
+        self.stats = FleetStats("http", devices=len(self.devices))
+
+    async def run(self, stop: asyncio.Event, drain: float = 0.0) -> None:
+        """Send until ``stop``; then up to ``drain`` seconds to empty the buffers."""
+        import aiohttp
+
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+            async with asyncio.TaskGroup() as tg:
+                for dev in self.devices:
+                    tg.create_task(self._device(session, dev, stop, drain))
+
+    async def _device(
+        self, session: Any, dev: VirtualDevice, stop: asyncio.Event, drain: float
+    ) -> None:
+        wake = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            sender = tg.create_task(self._send(session, dev, wake))
+            await _produce(dev, self.stats, wake, stop)
+            await _drained(dev, drain)
+            sender.cancel()
+
+    async def _send(self, session: Any, dev: VirtualDevice, wake: asyncio.Event) -> None:
+        url = f"http://{_host_literal(self.host)}:{self.port}/devices/{dev.device_id}/telemetry"
+        delay = 0.5
+        while True:
+            await wake.wait()
+            wake.clear()
+            unsent = dev.buffer.unsent()
+            while unsent:
+                chunk, unsent = unsent[:HTTP_BATCH], unsent[HTTP_BATCH:]
+                body = (
+                    chunk[0][1].payload
+                    if len(chunk) == 1
+                    else b"[" + b",".join(p.payload for _, p in chunk) + b"]"
+                )
+                self.stats.sent += len(chunk)
+                try:
+                    async with session.post(url, data=body) as resp:
+                        await resp.read()
+                        ok = 200 <= resp.status < 300
+                except Exception as e:  # refused, reset, timeout: keep them, retry later
+                    log.debug("%s: http post failed: %s", dev.device_id, e)
+                    ok = False
+                if ok:
+                    dev.buffer.confirm([m for m, _ in chunk])
+                    self.stats.acked += len(chunk)
+                    delay = 0.5
+                    continue
+                self.stats.errors += 1
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 10.0)
+                wake.set()
+                break
+
+
+def _host_literal(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+# ------------------------------------------------------------------------------ Modbus
+
+_REGISTER_MAP: dict[str, list[tuple[str, int, str, float]]] = {
+    # kind: (metric, holding register address, data type, scale) - value = raw * scale
+    "env": [
+        ("temperature", 0, "int16", 0.01),
+        ("humidity", 1, "uint16", 0.1),
+        ("battery", 2, "uint16", 0.001),
+    ],
+    "machine": [
+        ("vibration", 0, "uint16", 0.01),
+        ("current", 1, "uint16", 0.01),
+        ("bearing_temp", 2, "int16", 0.1),
+        ("rpm", 3, "uint16", 1.0),
+        ("running", 4, "uint16", 1.0),
+    ],
+    "meter": [
+        ("power", 0, "uint32", 0.1),
+        ("energy_wh", 2, "uint32", 1.0),
+        ("parts", 4, "uint32", 1.0),
+    ],
+}
+MODBUS_REGISTERS = 8
+"""Holding registers per simulated unit (the largest map above needs 6)."""
+MODBUS_MAX_UNITS = 247
+"""Modbus unit ids 1-247 are addressable devices (0 is broadcast, 248-255 reserved)."""
+
+
+def _to_registers(value: MetricValue, data_type: str, scale: float) -> list[int]:
+    raw = round(float(value) / scale)
+    if data_type == "int16":
+        return [max(-32768, min(32767, raw)) & 0xFFFF]
+    if data_type == "uint16":
+        return [max(0, min(0xFFFF, raw))]
+    hi, lo = struct.unpack(">HH", struct.pack(">I", max(0, min(0xFFFFFFFF, raw))))
+    return [hi, lo]
+
+
+class ModbusSimServer:
+    """A Modbus TCP server: one unit id per device (1, 2, ...); each read of a
+    unit's holding registers returns the device's values at that moment."""
+
+    def __init__(
+        self, devices: Sequence[VirtualDevice], host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        if len(devices) > MODBUS_MAX_UNITS:
+            raise ValueError(f"at most {MODBUS_MAX_UNITS} Modbus devices per server")
+        self.devices = list(devices)
+        self.host = host
+        self.port = port
+        self.reads = 0
+        self._server: Any = None
+
+    async def _refresh(
+        self,
+        device: VirtualDevice,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        set_values: Any,
+    ) -> None:
+        if set_values is not None:
+            return None
+        self.reads += 1
+        metrics = device.sample(time.time())
+        for metric, addr, dtype, scale in _REGISTER_MAP[device.kind]:
+            regs = _to_registers(metrics.get(metric, 0), dtype, scale)
+            registers[addr - start_address : addr - start_address + len(regs)] = regs
+        return None
+
+    async def start(self) -> None:
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        sims = [
+            SimDevice(
+                id=unit,
+                simdata=(
+                    [SimData(0, count=1, values=False, datatype=DataType.BITS)],
+                    [SimData(0, count=1, values=False, datatype=DataType.BITS)],
+                    [SimData(0, values=[0] * MODBUS_REGISTERS, datatype=DataType.REGISTERS)],
+                    [SimData(0, values=[0] * 1, datatype=DataType.REGISTERS)],
+                ),
+                action=functools.partial(self._refresh, dev),
+            )
+            for unit, dev in enumerate(self.devices, start=1)
+        ]
+        self._server = ModbusTcpServer(sims, address=(self.host, self.port))
+        await self._server.serve_forever(background=True)
+        self.port = int(self._server.transport.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.shutdown()
+            self._server = None
+
+    def gateway_config(self, interval: float = 1.0) -> list[ModbusDeviceConfig]:
+        """The ``modbus:`` entries that make the gateway poll every device here."""
+        out = []
+        for unit, dev in enumerate(self.devices, start=1):
+            points = [
+                {"metric": m, "address": a, "data_type": t, "scale": s}
+                for m, a, t, s in _REGISTER_MAP[dev.kind]
+            ]
+            out.append(
+                ModbusDeviceConfig.model_validate(
+                    {
+                        "name": f"sim-modbus-{unit}",
+                        "device_id": dev.device_id,
+                        "host": self.host,
+                        "port": self.port,
+                        "unit_id": unit,
+                        "timeout": 2.0,
+                        "groups": [
+                            {
+                                "function": "holding_registers",
+                                "interval": interval,
+                                "points": points,
+                            }
+                        ],
+                    }
+                )
+            )
+        return out
+
+
+# ------------------------------------------------------------------------------ OPC-UA
+
+OPCUA_NAMESPACE = "urn:edgeway:sim"
+
+
+class OpcUaSimServer:
+    """An OPC-UA server (asyncua, no security: loopback demos and tests only)
+    with one object per device and one variable per metric
+    (``ns=2;s={device_id}.{metric}``), written at each device's rate."""
+
+    def __init__(
+        self, devices: Sequence[VirtualDevice], host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.devices = list(devices)
+        self.host = host
+        self.port = port
+        self.writes = 0
+        self._server: Any = None
+        self._ns = 2
+        self._vars: dict[str, dict[str, Any]] = {}
+
+    @property
+    def endpoint(self) -> str:
+        return f"opc.tcp://{_host_literal(self.host)}:{self.port}/edgeway-sim/"
+
+    async def start(self) -> None:
+        from asyncua import ua
+        from asyncua.server.server import Server
+
+        if self.port == 0:
+            self.port = _free_tcp_port(self.host)
+        server = Server()
+        await server.init()
+        server.set_endpoint(self.endpoint)
+        server.set_server_name("edgeway simulator")
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        self._ns = await server.register_namespace(OPCUA_NAMESPACE)
+        now = time.time()
+        for dev in self.devices:
+            obj = await server.nodes.objects.add_object(self._ns, dev.device_id)
+            self._vars[dev.device_id] = {}
+            for metric, value in dev.sample(now).items():
+                node = ua.NodeId(ua.String(f"{dev.device_id}.{metric}"), ua.Int16(self._ns))
+                self._vars[dev.device_id][metric] = await obj.add_variable(
+                    node, metric, _variant(value)
+                )
+        await server.start()
+        self._server = server
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Write every device's values at its rate until ``stop``."""
+        async with asyncio.TaskGroup() as tg:
+            for dev in self.devices:
+                tg.create_task(self._update(dev, stop))
+
+    async def _update(self, dev: VirtualDevice, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        nxt = loop.time()
+        variables = self._vars[dev.device_id]
+        with contextlib.suppress(_Stopping):
+            while True:
+                await _sleep_until(nxt, stop)
+                now = time.time()
+                for metric, value in dev.sample(now).items():
+                    var = variables.get(metric)
+                    if var is not None:
+                        await var.write_value(_variant(value))
+                        self.writes += 1
+                nxt = max(nxt + dev.interval(now), loop.time() - 1.0)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.stop(), STOP_GRACE)
+            self._server = None
+
+    def gateway_config(self, sampling_interval: float = 0.5) -> list[OpcUaServerConfig]:
+        """The ``opcua:`` entries that make the gateway subscribe to every device here."""
+        out = []
+        for i, dev in enumerate(self.devices):
+            nodes = [
+                {
+                    "metric": metric,
+                    "node_id": f"ns={self._ns};s={dev.device_id}.{metric}",
+                    "sampling_interval": sampling_interval,
+                }
+                for metric in self._vars.get(dev.device_id, {})
+            ]
+            out.append(
+                OpcUaServerConfig.model_validate(
+                    {
+                        "name": f"sim-opcua-{i}",
+                        "device_id": dev.device_id,
+                        "endpoint": self.endpoint,
+                        "publishing_interval": sampling_interval,
+                        "nodes": nodes,
+                    }
+                )
+            )
+        return out
+
+
+def _variant(value: MetricValue) -> Any:
+    from asyncua import ua
+
+    if isinstance(value, bool):
+        return ua.Variant(value, ua.VariantType.Boolean)
+    if isinstance(value, str):
+        return ua.Variant(value, ua.VariantType.String)
+    # Always Double: a variable keeps the type it was created with.
+    return ua.Variant(float(value), ua.VariantType.Double)
+
+
+def _free_tcp_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+# ------------------------------------------------------------------------------ CLI
+
+PROTOCOLS = ("mqtt", "coap", "http", "modbus", "opcua", "mixed")
+DEFAULT_TARGETS = {
+    "mqtt": "127.0.0.1:1883",
+    "coap": "127.0.0.1:5683",
+    "http": "127.0.0.1:8080",
+    "modbus": "127.0.0.1:5020",
+    "opcua": "127.0.0.1:4840",
+}
+"""Where each protocol's devices connect (mqtt/coap/http: the gateway's
+defaults) or listen (modbus/opcua: the simulator is the server; 5020 because
+502 needs root)."""
+MIXED_SHARES = (("mqtt", 0.6), ("coap", 0.2), ("http", 0.2))
+"""How ``--protocol mixed`` splits the devices between the pushing protocols."""
+
+
+def add_simulate_arguments(p: Any) -> None:
+    """The options of ``edgeway simulate`` (an argparse parser)."""
+    p.add_argument("--devices", type=int, default=10, metavar="N", help="number of devices")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="mqtt")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="readings per second per device (default 1)",
+    )
+    p.add_argument("--qos", type=int, choices=[0, 1, 2], default=1, help="MQTT QoS (default 1)")
+    p.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        help="the gateway (mqtt/coap/http) or where to listen (modbus/opcua; port 0: "
+        "any free port); default: the protocol's usual port on 127.0.0.1",
+    )
+    p.add_argument("--mqtt-target", metavar="HOST:PORT", help="with --protocol mixed")
+    p.add_argument("--coap-target", metavar="HOST:PORT", help="with --protocol mixed")
+    p.add_argument("--http-target", metavar="HOST:PORT", help="with --protocol mixed")
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--prefix", default="sim", help="device ids are PREFIX-0000, PREFIX-0001, ...")
+    p.add_argument("--seed", type=int, help="random seed (same seed, same devices)")
+    p.add_argument(
+        "--fault-fraction",
+        type=float,
+        default=0.2,
+        help="share of machines that develop a bearing fault (default 0.2)",
+    )
+    p.add_argument(
+        "--bursts-per-hour",
+        type=float,
+        default=2.0,
+        help="bursts of 10x the rate per device and hour (default 2; 0: none)",
+    )
+    p.add_argument(
+        "--day-length",
+        type=float,
+        default=86400.0,
+        metavar="S",
+        help="period of the daily temperature cycle in seconds (shorten it to watch)",
+    )
+    p.add_argument("--username", help="MQTT user name")
+    p.add_argument("--password", help="MQTT password")
+    p.add_argument("--token", help="HTTP bearer token")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between status lines")
+
+
+def _split_target(value: str) -> tuple[str, int]:
+    from edgeway.config import parse_host_port
+
+    return parse_host_port(value)
+
+
+async def run_simulation(args: Any, write: Any, stop: asyncio.Event) -> int:
+    """``edgeway simulate``: run until ``stop`` or ``--duration``; print status lines."""
+    if args.devices < 1 or args.rate <= 0:
+        write("error: --devices must be at least 1 and --rate above 0")
+        return 2
+    proto: str = args.protocol
+    common: dict[str, Any] = {
+        "seed": args.seed,
+        "rate": args.rate,
+        "fault_fraction": args.fault_fraction,
+        "bursts_per_hour": args.bursts_per_hour,
+        "day_length": args.day_length,
+        "now": time.time(),
+    }
+    try:
+        return await _simulate(args, proto, common, write, stop)
+    except ValueError as e:
+        write(f"error: {e}")
+        return 2
+
+
+async def _simulate(
+    args: Any, proto: str, common: dict[str, Any], write: Any, stop: asyncio.Event
+) -> int:
+    from edgeway.sim.devices import make_devices
+
+    if proto in ("modbus", "opcua"):
+        host, port = _split_target(args.target or DEFAULT_TARGETS[proto])
+        devices = make_devices(args.devices, prefix=args.prefix, **common)
+        server: ModbusSimServer | OpcUaSimServer
+        server = (ModbusSimServer if proto == "modbus" else OpcUaSimServer)(devices, host, port)
+        await server.start()
+        try:
+            write(
+                f"{proto} simulator with {len(devices)} devices listening on {host}:{server.port}"
+            )
+            write("gateway configuration that reads them:")
+            import yaml
+
+            entries = [
+                c.model_dump(mode="json", exclude_defaults=True) for c in server.gateway_config()
+            ]
+            write(yaml.safe_dump({proto: entries}, sort_keys=False).rstrip())
+            async with asyncio.TaskGroup() as tg:
+                if isinstance(server, OpcUaSimServer):
+                    tg.create_task(server.run(stop))
+                tg.create_task(_until(stop, args.duration))
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), args.interval)
+                    done = server.reads if isinstance(server, ModbusSimServer) else server.writes
+                    write(f"{'reads' if proto == 'modbus' else 'value writes'}: {done}")
+        finally:
+            await server.stop()
+        return 0
+
+    plan = [(proto, args.devices)] if proto != "mixed" else _mixed_counts(args.devices)
+    fleets: list[MqttFleet | CoapFleet | HttpFleet] = []
+    for p, n in plan:
+        if n == 0:
+            continue
+        target = getattr(args, f"{p}_target", None) if proto == "mixed" else args.target
+        host, port = _split_target(target or DEFAULT_TARGETS[p])
+        prefix = args.prefix if proto != "mixed" else f"{args.prefix}-{p}"
+        devices = make_devices(n, prefix=prefix, **common)
+        if p == "mqtt":
+            fleets.append(
+                MqttFleet(
+                    devices,
+                    host,
+                    port,
+                    qos=args.qos,
+                    username=args.username,
+                    password=args.password,
+                )
+            )
+        elif p == "coap":
+            fleets.append(CoapFleet(devices, host, port))
+        else:
+            fleets.append(HttpFleet(devices, host, port, token=args.token))
+    for f in fleets:
+        write(
+            f"{len(f.devices)} {f.protocol} devices -> {f.host}:{f.port}, "
+            f"{args.rate:g} readings/s each"
+        )
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(f.run(stop, drain=5.0)) for f in fleets]
+        timer = tg.create_task(_until(stop, args.duration))
+        while not all(t.done() for t in tasks):
+            await asyncio.wait(tasks, timeout=args.interval)
+            write(_status(fleets))
+        timer.cancel()
+    write("stopped: " + _status(fleets))
+    return 0
+
+
+def _mixed_counts(n: int) -> list[tuple[str, int]]:
+    counts = [(p, int(n * share)) for p, share in MIXED_SHARES]
+    counts[0] = (counts[0][0], n - sum(c for _, c in counts[1:]))
+    return counts
+
+
+async def _until(stop: asyncio.Event, duration: float | None) -> None:
+    if duration is None:
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), duration)
+    stop.set()
+
+
+def _status(fleets: Sequence[MqttFleet | CoapFleet | HttpFleet]) -> str:
+    parts = []
+    for f in fleets:
+        s = f.stats
+        confirmed = s.receipts if f.protocol == "mqtt" else s.acked
+        extra = f" connected {s.connected}/{s.devices}" if f.protocol == "mqtt" else ""
+        parts.append(
+            f"{f.protocol}: produced {s.produced} confirmed {confirmed} "
+            f"held {buffered(f.devices)} errors {s.errors}{extra}"
+        )
+    return " | ".join(parts)
