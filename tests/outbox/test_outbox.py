@@ -506,3 +506,25 @@ async def test_routed_to_no_sink_is_not_stored(open_outbox: OpenOutbox) -> None:
     await ob.submit([reading("d", 2)], sinks=["b"])
     assert db_rows(ob.path) == 1
     assert ob.counters()["a"]["accepted"] == 0 and ob.counters()["b"]["accepted"] == 1
+
+
+@pytest.mark.parametrize(("durability", "level"), [("fsync", 2), ("os", 1)])
+async def test_durability_maps_to_synchronous(
+    open_outbox: OpenOutbox, durability: str, level: int
+) -> None:
+    """fsync -> synchronous=FULL (WAL fsynced at every commit); os -> NORMAL."""
+    ob = await open_outbox(durability=durability)
+    assert ob._writer is not None
+    conn = ob._writer.conn
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == level
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_commit_interval_gathers_more(open_outbox: OpenOutbox) -> None:
+    ob = await open_outbox(commit_interval=0.05)
+    futs = []
+    for i in range(50):
+        futs.append(ob.submit([reading("d", i)]))
+        await asyncio.sleep(0)  # separate loop iterations
+    await asyncio.gather(*futs)
+    assert ob.commits == 1
