@@ -50,8 +50,13 @@ class FileSinkOptions(_Options):
     """``options:`` of a ``file://`` sink."""
 
     max_file_bytes: Size = Field(default=64 * 1024 * 1024, ge=1024)
+    """Rotate before the file would pass this. 64 MiB files copy quickly to
+    removable media and open in any editor."""
     keep_files: int = Field(default=0, ge=0)
+    """Rotated files kept; 0 keeps all (deleting exported data is the operator's call)."""
     durability: Literal["fsync", "os"] = "fsync"
+    """``fsync`` each batch before confirming it (match ``outbox.durability``:
+    the sink cannot see the outbox section)."""
     max_records: int = Field(default=1000, ge=1, le=100_000)
     max_bytes: Size = Field(default=4 * 1024 * 1024, ge=1024)
     max_wait: Duration = 0.0

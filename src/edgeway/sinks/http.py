@@ -91,8 +91,14 @@ class HttpSinkOptions(_Options):
     """``options:`` of an ``http://`` / ``https://`` sink."""
 
     max_records: int = Field(default=500, ge=1, le=100_000)
+    """Records per request. 500 keeps a request at ~50 KB, a few ms on a LAN;
+    100,000 caps the memory of one batch (~10 MB of JSON)."""
     max_bytes: Size = Field(default=1024 * 1024, ge=1024)
+    """About the uncompressed body size per request. 1 MiB stays under common
+    proxy/ingress body limits (nginx's default ``client_max_body_size`` is 1 MiB)."""
     max_wait: Duration = 0.0
+    """Wait for a batch to fill. 0: send what is there; batches grow by
+    themselves while a request is in flight, and latency stays low."""
     gzip: bool = False
     headers: dict[str, str] = Field(default_factory=dict)
     bearer_token: str | None = None
