@@ -462,7 +462,12 @@ class Broker:
         retain: bool = False,
         properties: Properties | None = None,
     ) -> None:
-        """Publish a gateway-originated message (receipts, commands)."""
+        """Publish a gateway-originated message (receipts, commands).
+
+        Call it on the event loop's thread. It is routed like a device's
+        message (retained if asked, queued for offline persistent sessions)
+        but is not telemetry: it never enters the pipeline.
+        """
         expires_at = None
         if properties is not None and properties.message_expiry_interval is not None:
             expires_at = time.time() + properties.message_expiry_interval
