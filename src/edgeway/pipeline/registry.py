@@ -20,6 +20,7 @@ readings made redundant (see docs/pipeline.md, "Durability of windows").
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -92,11 +93,12 @@ class Step(abc.ABC):
 
 @dataclass(slots=True, frozen=True)
 class Release:
-    """Journal entries of ``key`` with ``ts < before`` are no longer needed, and
-    ``before`` is the key's new closed mark (persisted with the deletion)."""
+    """The journal entries ``ids`` of ``key`` are no longer needed, and ``before``
+    (unless None) is the key's new closed mark (persisted with the deletion)."""
 
     key: str
-    before: float
+    before: float | None
+    ids: Sequence[int] = ()
 
 
 class HoldingStep(Step):
@@ -111,8 +113,9 @@ class HoldingStep(Step):
         """Emit what is due at wall-clock ``now`` (windows that closed, held values)."""
 
     @abc.abstractmethod
-    def restore(self, key: str, reading: Reading) -> None:
-        """Absorb a journaled reading again after a restart (no journaling)."""
+    def restore(self, key: str, reading: Reading, journal_id: int) -> None:
+        """Absorb a journaled reading again after a restart (no journaling);
+        ``journal_id`` is its entry, to be named in a later :class:`Release`."""
 
     @abc.abstractmethod
     def restore_mark(self, key: str, before: float) -> None:

@@ -30,8 +30,6 @@ metrics passes unchanged.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from pydantic import Field, model_validator
 
 from edgeway.config import Duration
@@ -152,7 +150,7 @@ class DeadbandStep(Step):
                     metrics = {
                         k: v for k, v in r.metrics.items() if k in passed or not self._is_covered(k)
                     }
-                    out.append(replace(r, metrics=metrics))
+                    out.append(Reading(r.device_id, r.ts, metrics, r.origin, r.tags, r.priority))
         return out
 
     def forget(self, device_id: str) -> None:

@@ -15,8 +15,6 @@ metrics is dropped (counted as readings in minus readings out).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from pydantic import Field
 
 from edgeway.pipeline.registry import Step, StepContext, StepParams, register_step
@@ -64,5 +62,5 @@ class MapStep(Step):
             if not metrics:
                 continue
             tags = {**r.tags, **self.tags} if self.tags else r.tags
-            out.append(replace(r, metrics=metrics, tags=tags))
+            out.append(Reading(r.device_id, r.ts, metrics, r.origin, tags, r.priority))
         return out

@@ -41,7 +41,7 @@ class RateLimitParams(StepParams):
 
 
 class _Slot:
-    __slots__ = ("due", "held", "journaled", "last_ts")
+    __slots__ = ("due", "held", "ids", "last_ts")
 
     def __init__(self) -> None:
         self.last_ts = -math.inf
@@ -49,7 +49,8 @@ class _Slot:
         self.held: Reading | None = None
         self.due = math.inf
         """Wall-clock time at which the held value is sent if nothing else comes."""
-        self.journaled = False
+        self.ids: list[int] = []
+        """Journal entries of the held values since the last one sent."""
 
 
 @register_step
@@ -67,9 +68,10 @@ class RateLimitStep(HoldingStep):
         self.n_held = 0
 
     def _release(self, device: str, metric: str, slot: _Slot, ts: float) -> None:
-        if slot.journaled:
-            slot.journaled = False
-            self._releases.append(Release(device + KEY_SEP + metric, math.nextafter(ts, math.inf)))
+        if slot.ids:
+            ids, slot.ids = slot.ids, []
+            key = device + KEY_SEP + metric
+            self._releases.append(Release(key, math.nextafter(ts, math.inf), ids))
 
     def apply(self, readings: list[Reading], now: float) -> list[Reading]:
         out: list[Reading] = []
@@ -104,8 +106,7 @@ class RateLimitStep(HoldingStep):
                 slot.held = held
                 journal = self.ctx.journal
                 if journal is not None:
-                    journal.append(dev + KEY_SEP + name, held)
-                    slot.journaled = True
+                    slot.ids.append(journal.append(dev + KEY_SEP + name, held))
             if send:
                 out.append(
                     r
@@ -135,7 +136,7 @@ class RateLimitStep(HoldingStep):
                 prev.metrics.update(held.metrics)
         return sorted(merged.values(), key=lambda r: r.ts)
 
-    def restore(self, key: str, reading: Reading) -> None:
+    def restore(self, key: str, reading: Reading, journal_id: int) -> None:
         dev, _, name = key.partition(KEY_SEP)
         slot = self.slots.get((dev, name))
         if slot is None:
@@ -146,7 +147,7 @@ class RateLimitStep(HoldingStep):
             reading.device_id, reading.ts, dict(reading.metrics), reading.origin, reading.tags
         )
         slot.due = -math.inf  # send at the first tick after the restart
-        slot.journaled = True
+        slot.ids.append(journal_id)
 
     def restore_mark(self, key: str, before: float) -> None:
         dev, _, name = key.partition(KEY_SEP)

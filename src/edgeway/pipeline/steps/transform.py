@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from pydantic import RootModel, model_validator
@@ -154,5 +153,5 @@ class TransformStep(Step):
                     v = round(v, op.ndigits)
                 metrics[op.metric] = v
             tags = {**r.tags, **self.unit_tags} if self.unit_tags else r.tags
-            out.append(replace(r, metrics=metrics, tags=tags))
+            out.append(Reading(r.device_id, r.ts, metrics, r.origin, tags, r.priority))
         return out

@@ -202,10 +202,13 @@ class _Acc:
 
 
 class _Win:
-    __slots__ = ("accs", "priority", "tags", "tags_ts")
+    __slots__ = ("accs", "ids", "priority", "tags", "tags_ts")
 
     def __init__(self) -> None:
         self.accs: dict[str, _Acc] = {}
+        self.ids: list[int] = []
+        """Journal entries of readings whose last window this is: they can go
+        once this window's aggregate is safe."""
         self.tags: dict[str, str] = {}
         self.tags_ts = -math.inf
         self.priority = 0
@@ -260,12 +263,13 @@ class WindowStep(HoldingStep):
         lo = math.floor((ts - self.size) / self.hop) + 1
         return range(lo, hi + 1)
 
-    def _absorb(self, r: Reading, covered: dict[str, MetricValue], now: float) -> bool:
+    def _absorb(self, r: Reading, covered: dict[str, MetricValue], now: float) -> _Win | None:
+        """Add ``r`` to its open windows; return the last of them (None: late)."""
         dev = self.devs.get(r.device_id)
         if dev is None:
             dev = self.devs[r.device_id] = _Dev()
         dev.last_arrival = now
-        absorbed = False
+        last: _Win | None = None
         for k in self._windows_of(r.ts):
             if k <= dev.closed_k:
                 continue
@@ -284,10 +288,10 @@ class WindowStep(HoldingStep):
                 win.tags_ts, win.tags = r.ts, r.tags
             if r.priority > win.priority:
                 win.priority = r.priority
-            absorbed = True
-        if absorbed and r.ts > dev.watermark:
+            last = win
+        if last is not None and r.ts > dev.watermark:
             dev.watermark = r.ts
-        return absorbed
+        return last
 
     def _emit(self, device_id: str, k: int, win: _Win) -> Reading:
         metrics: dict[str, MetricValue] = {}
@@ -312,12 +316,16 @@ class WindowStep(HoldingStep):
         ks = sorted(k for k in dev.wins if k <= upto_k)
         if not ks:
             return []
-        out = [self._emit(device_id, k, dev.wins.pop(k)) for k in ks]
+        out = []
+        ids: list[int] = []
+        for k in ks:
+            win = dev.wins.pop(k)
+            out.append(self._emit(device_id, k, win))
+            ids.extend(win.ids)
         self.open_windows -= len(ks)
         dev.closed_k = ks[-1]
-        # The next window still open starts at (k+1)*hop: older readings are in
-        # closed windows only, so their journal entries go once these are safe.
-        self._releases.append(Release(device_id, (ks[-1] + 1) * self.hop))
+        # The mark is where the next window starts: readings before it are late.
+        self._releases.append(Release(device_id, (ks[-1] + 1) * self.hop, ids))
         return out
 
     def _close_by_watermark(self, device_id: str, dev: _Dev) -> list[Reading]:
@@ -338,9 +346,10 @@ class WindowStep(HoldingStep):
             if not covered:
                 out.append(r)
                 continue
-            if self._absorb(r, covered, now):
+            win = self._absorb(r, covered, now)
+            if win is not None:
                 if journal is not None:
-                    journal.append(r.device_id, r)
+                    win.ids.append(journal.append(r.device_id, r))
                 dev = self.devs[r.device_id]
                 out.extend(self._close_by_watermark(r.device_id, dev))
             elif self.forward_late:
@@ -371,10 +380,16 @@ class WindowStep(HoldingStep):
             out.extend(self._close(device_id, dev, k))
         return out
 
-    def restore(self, key: str, reading: Reading) -> None:
+    def restore(self, key: str, reading: Reading, journal_id: int) -> None:
         covered = {n: v for n, v in reading.metrics.items() if self.covers(n)}
-        if covered and self._absorb(reading, covered, -math.inf):
+        win = self._absorb(reading, covered, -math.inf) if covered else None
+        if win is not None:
+            win.ids.append(journal_id)
             self._recheck.add(key)
+        else:
+            # Its window closed after all (the release did not commit): the
+            # entry is redundant; delete it, keeping the key's mark as it is.
+            self._releases.append(Release(key, None, [journal_id]))
 
     def restore_mark(self, key: str, before: float) -> None:
         dev = self.devs.get(key)
