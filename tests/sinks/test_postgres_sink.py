@@ -91,7 +91,6 @@ async def test_rows_inserted_with_every_column(db: tuple[Any, str]) -> None:
         f'"{table}"',
     )
     assert pk == "PRIMARY KEY (id)"
-    assert sink.state.records_sent == 500
 
 
 async def test_same_batch_twice_inserts_rows_once(db: tuple[Any, str]) -> None:
@@ -213,7 +212,7 @@ async def test_server_unreachable_then_back(db: tuple[Any, str]) -> None:
         for _ in range(3):
             with pytest.raises(RetryableSinkError):
                 await sink.send_batch(records(10, 10))
-        assert sink.state.last_error is not None
+        assert not sink.state.connected
         await proxy.start()
         # The pool replaces its broken connection; the runner's next retry succeeds.
         for _attempt in range(3):

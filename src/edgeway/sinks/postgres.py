@@ -50,7 +50,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 import urllib.parse
 from collections.abc import Sequence
 from typing import Any
@@ -117,7 +116,11 @@ def _quote_table(name: str) -> tuple[str, str]:
 
 @register_sink
 class PostgresSink(Sink):
-    """Inserts records into a PostgreSQL table (see the module docstring)."""
+    """Inserts records into a PostgreSQL table (see the module docstring).
+
+    The sink keeps ``state.connected`` current; the runner records successes,
+    errors and batch latency in ``state``.
+    """
 
     schemes = ("postgresql", "postgres")
 
@@ -222,7 +225,6 @@ class PostgresSink(Sink):
             return
         import asyncpg
 
-        started = time.monotonic()
         dumps = orjson.dumps
         ids = [r.id for r in records]
         devices = [r.device_id for r in records]
@@ -250,13 +252,11 @@ class PostgresSink(Sink):
                 raise RetryableSinkError(f"PostgreSQL connection problem: {e!r}") from e
             except (asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                 raise RetryableSinkError(f"PostgreSQL error: {e!r}") from e
-        except Exception as e:
+        except Exception:
             if self._pool is None:
                 self.state.connected = False
-            self.state.record_error(e)
             raise
         self.state.connected = True
-        self.state.record_success(len(records), time.monotonic() - started)
 
     async def close(self) -> None:
         """Close the pool."""
