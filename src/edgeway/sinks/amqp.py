@@ -95,7 +95,7 @@ def _parse_options(config: SinkConfig) -> AmqpSinkOptions:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ValueError(f"sink {config.name!r}: options.{key}: {msg}") from None
+        raise ValueError(f"options.{key}: {msg}") from None
 
 
 @register_sink
@@ -117,17 +117,17 @@ class AmqpSink(Sink):
         self.max_wait = opts.max_wait
         url = urllib.parse.urlsplit(config.url)
         if not url.hostname:
-            raise ValueError(f"sink {config.name!r}: url: no host in {config.url!r}")
+            raise ValueError(f"url: no host in {config.url!r}")
         try:
             url.port  # noqa: B018 - validates the port
         except ValueError:
-            raise ValueError(f"sink {config.name!r}: url: bad port in {config.url!r}") from None
+            raise ValueError(f"url: bad port in {config.url!r}") from None
         self.tls = url.scheme.lower() == "amqps"
         try:
             opts.routing_key.format(gateway_id="g", device_id="d", sink="s")
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(
-                f"sink {config.name!r}: options.routing_key: bad template {opts.routing_key!r} "
+                f"options.routing_key: bad template {opts.routing_key!r} "
                 f"(placeholders: gateway_id, device_id, sink): {e}"
             ) from None
         self.ssl_context = self._make_ssl_context(opts)
@@ -141,21 +141,19 @@ class AmqpSink(Sink):
         if not self.tls:
             for key in ("ca", "cert", "key"):
                 if getattr(opts, key) is not None:
-                    raise ValueError(
-                        f"sink {self.name!r}: options.{key}: TLS options need an amqps:// url"
-                    )
+                    raise ValueError(f"options.{key}: TLS options need an amqps:// url")
             return None
         if (opts.cert is None) != (opts.key is None):
-            raise ValueError(f"sink {self.name!r}: options.key: cert and key go together")
+            raise ValueError("options.key: cert and key go together")
         try:
             ctx = ssl.create_default_context(cafile=str(opts.ca) if opts.ca else None)
         except (OSError, ssl.SSLError) as e:
-            raise ValueError(f"sink {self.name!r}: options.ca: {e}") from None
+            raise ValueError(f"options.ca: {e}") from None
         if opts.cert is not None and opts.key is not None:
             try:
                 ctx.load_cert_chain(str(opts.cert), str(opts.key))
             except (OSError, ssl.SSLError) as e:
-                raise ValueError(f"sink {self.name!r}: options.cert: {e}") from None
+                raise ValueError(f"options.cert: {e}") from None
         return ctx
 
     def routing_key_for(self, device_id: str) -> str:

@@ -193,7 +193,7 @@ def _parse_options(config: SinkConfig) -> MqttSinkOptions:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ValueError(f"sink {config.name!r}: options.{key}: {msg}") from None
+        raise ValueError(f"options.{key}: {msg}") from None
 
 
 def azure_sas_token(resource_uri: str, key_b64: str, expiry: int) -> str:
@@ -399,12 +399,12 @@ class MqttSink(Sink):
         url = urllib.parse.urlsplit(config.url)
         tls = url.scheme.lower() == "mqtts"
         if not url.hostname:
-            raise ValueError(f"sink {config.name!r}: url: no host in {config.url!r}")
+            raise ValueError(f"url: no host in {config.url!r}")
         self.host = url.hostname
         try:
             port = url.port
         except ValueError:
-            raise ValueError(f"sink {config.name!r}: url: bad port in {config.url!r}") from None
+            raise ValueError(f"url: bad port in {config.url!r}") from None
         self.port = port or (8883 if tls else 1883)
 
         topic = opts.topic
@@ -418,17 +418,14 @@ class MqttSink(Sink):
         self._sas: tuple[str, str] | None = None
 
         if opts.preset is not None and not tls:
-            raise ValueError(
-                f"sink {config.name!r}: options.preset: {opts.preset} needs an mqtts:// url"
-            )
+            raise ValueError(f"options.preset: {opts.preset} needs an mqtts:// url")
         if opts.preset == "aws_iot":
             # AWS IoT Core: X.509 client certificate, client id = thing name,
             # topics per its "dt/<app>/<context>/<thing>/<type>" guidance,
             # 100 publishes/s per connection and 128 KiB per message.
             if opts.cert is None or opts.key is None:
                 raise ValueError(
-                    f"sink {config.name!r}: options.cert: aws_iot needs cert and key "
-                    "(the thing's X.509 certificate)"
+                    "options.cert: aws_iot needs cert and key (the thing's X.509 certificate)"
                 )
             thing = opts.thing_name or gateway_id
             client_id = client_id or thing.replace("{", "{{").replace("}", "}}")
@@ -455,15 +452,15 @@ class MqttSink(Sink):
                 try:
                     base64.b64decode(opts.sas_key, validate=True)
                 except ValueError:
-                    raise ValueError(f"sink {config.name!r}: options.sas_key: not base64") from None
+                    raise ValueError("options.sas_key: not base64") from None
                 self._sas = (f"{self.host}/devices/{dev}", opts.sas_key)
             elif password is None and opts.cert is None:
                 raise ValueError(
-                    f"sink {config.name!r}: options.sas_key: azure_iot_hub needs sas_key, "
+                    "options.sas_key: azure_iot_hub needs sas_key, "
                     "password (a SAS token) or cert/key"
                 )
         elif opts.sas_key is not None:
-            raise ValueError(f"sink {config.name!r}: options.sas_key: only for azure_iot_hub")
+            raise ValueError("options.sas_key: only for azure_iot_hub")
 
         self.topic_template = topic or "edgeway/{gateway_id}/{device_id}/telemetry"
         self.mode: Literal["record", "batch"] = mode or "record"
@@ -476,7 +473,7 @@ class MqttSink(Sink):
             self.topic_template.format(gateway_id="g", device_id="d", sink="s")
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(
-                f"sink {config.name!r}: options.topic: bad template {self.topic_template!r} "
+                f"options.topic: bad template {self.topic_template!r} "
                 f"(placeholders: gateway_id, device_id, sink): {e}"
             ) from None
         try:
@@ -485,8 +482,7 @@ class MqttSink(Sink):
             )
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(
-                f"sink {config.name!r}: options.client_id: bad template "
-                f"(placeholders: gateway_id, sink): {e}"
+                f"options.client_id: bad template (placeholders: gateway_id, sink): {e}"
             ) from None
         self.ssl_context = self._make_ssl_context(tls, opts)
         self._topics: dict[str, bytes] = {}
@@ -497,21 +493,19 @@ class MqttSink(Sink):
         if not tls:
             for key in ("ca", "cert", "key"):
                 if getattr(opts, key) is not None:
-                    raise ValueError(
-                        f"sink {self.name!r}: options.{key}: TLS options need an mqtts:// url"
-                    )
+                    raise ValueError(f"options.{key}: TLS options need an mqtts:// url")
             return None
         if (opts.cert is None) != (opts.key is None):
-            raise ValueError(f"sink {self.name!r}: options.key: cert and key go together")
+            raise ValueError("options.key: cert and key go together")
         try:
             ctx = ssl.create_default_context(cafile=str(opts.ca) if opts.ca else None)
         except (OSError, ssl.SSLError) as e:
-            raise ValueError(f"sink {self.name!r}: options.ca: {e}") from None
+            raise ValueError(f"options.ca: {e}") from None
         if opts.cert is not None and opts.key is not None:
             try:
                 ctx.load_cert_chain(str(opts.cert), str(opts.key), opts.key_password)
             except (OSError, ssl.SSLError) as e:
-                raise ValueError(f"sink {self.name!r}: options.cert: {e}") from None
+                raise ValueError(f"options.cert: {e}") from None
         return ctx
 
     # -- encoding ---------------------------------------------------------

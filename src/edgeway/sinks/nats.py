@@ -104,7 +104,7 @@ def _parse_options(config: SinkConfig) -> NatsSinkOptions:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ValueError(f"sink {config.name!r}: options.{key}: {msg}") from None
+        raise ValueError(f"options.{key}: {msg}") from None
 
 
 @register_sink
@@ -128,20 +128,20 @@ class NatsSink(Sink):
         for s in self.servers:
             u = urllib.parse.urlsplit(s if "://" in s else f"nats://{s}")
             if u.scheme not in ("nats", "tls") or not u.hostname:
-                raise ValueError(f"sink {config.name!r}: url: bad NATS server {s!r}")
+                raise ValueError(f"url: bad NATS server {s!r}")
             try:
                 u.port  # noqa: B018 - validates the port
             except ValueError:
-                raise ValueError(f"sink {config.name!r}: url: bad port in {s!r}") from None
+                raise ValueError(f"url: bad port in {s!r}") from None
         try:
             opts.subject.format(gateway_id="g", device_id="d", sink="s")
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(
-                f"sink {config.name!r}: options.subject: bad template {opts.subject!r} "
+                f"options.subject: bad template {opts.subject!r} "
                 f"(placeholders: gateway_id, device_id, sink): {e}"
             ) from None
         if opts.create_stream and opts.stream is None:
-            raise ValueError(f"sink {config.name!r}: options.stream: create_stream needs a stream")
+            raise ValueError("options.stream: create_stream needs a stream")
         self.tls = self._make_ssl_context(opts)
         self._subjects: dict[str, str] = {}
         self._nc: Any = None
@@ -153,16 +153,16 @@ class NatsSink(Sink):
         if opts.ca is None and opts.cert is None and opts.key is None:
             return None
         if (opts.cert is None) != (opts.key is None):
-            raise ValueError(f"sink {self.name!r}: options.key: cert and key go together")
+            raise ValueError("options.key: cert and key go together")
         try:
             ctx = ssl.create_default_context(cafile=str(opts.ca) if opts.ca else None)
         except (OSError, ssl.SSLError) as e:
-            raise ValueError(f"sink {self.name!r}: options.ca: {e}") from None
+            raise ValueError(f"options.ca: {e}") from None
         if opts.cert is not None and opts.key is not None:
             try:
                 ctx.load_cert_chain(str(opts.cert), str(opts.key))
             except (OSError, ssl.SSLError) as e:
-                raise ValueError(f"sink {self.name!r}: options.cert: {e}") from None
+                raise ValueError(f"options.cert: {e}") from None
         return ctx
 
     def subject_for(self, device_id: str) -> str:

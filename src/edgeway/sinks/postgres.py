@@ -83,7 +83,7 @@ class PostgresSinkOptions(BaseModel):
     max_wait: Duration = 0.0
     """Wait this long for a batch to fill (0: send what is there)."""
 
-    table: str = Field(default="edgeway_records", pattern=r"^[A-Za-z_][A-Za-z0-9_$.]*$")
+    table: str = "edgeway_records"
     """Table name, optionally ``schema.table``."""
     create_table: bool = True
     """Create the table (and a hypertable, with TimescaleDB) if it is missing."""
@@ -103,7 +103,7 @@ def _parse_options(config: SinkConfig) -> PostgresSinkOptions:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ValueError(f"sink {config.name!r}: options.{key}: {msg}") from None
+        raise ValueError(f"options.{key}: {msg}") from None
 
 
 def _quote_table(name: str) -> tuple[str, str]:
@@ -133,15 +133,15 @@ class PostgresSink(Sink):
         self.max_wait = opts.max_wait
         url = urllib.parse.urlsplit(config.url)
         if not url.hostname and "host=" not in url.query:
-            raise ValueError(f"sink {config.name!r}: url: no host in {config.url!r}")
+            raise ValueError(f"url: no host in {config.url!r}")
         try:
             url.port  # noqa: B018 - validates the port
         except ValueError:
-            raise ValueError(f"sink {config.name!r}: url: bad port in {config.url!r}") from None
+            raise ValueError(f"url: bad port in {config.url!r}") from None
         try:
             self.table, self._bare_table = _quote_table(opts.table)
         except ValueError as e:
-            raise ValueError(f"sink {config.name!r}: options.table: {e}") from None
+            raise ValueError(f"options.table: {e}") from None
         self.dsn = config.url
         self.hypertable = False
         self._pool: Any = None
