@@ -626,3 +626,20 @@ async def test_outbox_runner_delivers_everything_across_a_link_outage(
     assert len(seen) == n, f"{n - len(seen)} readings missing"
     for dev, seqs in first_seen.items():
         assert seqs == sorted(seqs), f"{dev} out of order"
+
+
+async def test_broker_maximum_packet_size_is_respected(tmp_path: Path) -> None:
+    # Mosquitto announces max_packet_size to MQTT 5 clients in CONNACK.
+    broker = Mosquitto(tmp_path, extra="max_packet_size 300")
+    broker.start()
+    sink = make_sink(broker.port)
+    big = Record(id="gw1:1", seq=1, device_id="d", ts=1.0, metrics={"s": "x" * 400})
+    try:
+        await sink.send_batch(records(5))
+        with pytest.raises(PermanentSinkError, match="maximum packet size 300"):
+            await sink.send_batch([*records(2, 5), big])
+        await sink.send_batch(records(2, 10))  # the connection was never broken
+        assert sink._conn is not None and sink._conn.max_packet_size == 300
+    finally:
+        await sink.close()
+        broker.kill()

@@ -294,7 +294,12 @@ class _Connection:
     """
 
     def __init__(
-        self, client: _NoReconnectClient, window: _AckWindow, max_inflight: int, v5: bool
+        self,
+        client: _NoReconnectClient,
+        window: _AckWindow,
+        max_inflight: int,
+        v5: bool,
+        max_packet_size: int | None = None,
     ) -> None:
         self.client = client
         self.window = window
@@ -302,6 +307,8 @@ class _Connection:
         # QoS 1 PUBLISH variable header tail: v5 adds an empty property list.
         self._props = b"\x00" if v5 else b""
         self._next_mid = 0
+        self.max_packet_size = max_packet_size
+        """The broker's MQTT 5 Maximum Packet Size, if it announced one."""
 
     @property
     def usable(self) -> bool:
@@ -330,6 +337,17 @@ class _Connection:
         mid = self._next_mid
         chunks: list[bytes] = []
         window.refused.clear()
+        if self.max_packet_size is not None:
+            # A broker disconnects a client that sends a larger packet
+            # (MQTT-3.2.2-15): refuse the batch before writing any of it.
+            overhead = 1 + 4 + 2 + len(props)  # header, length, packet id, properties
+            for topic, payload in messages:
+                size = overhead + len(topic) + len(payload)
+                if size > self.max_packet_size:
+                    raise PermanentSinkError(
+                        f"a {size}-byte PUBLISH exceeds the broker's maximum packet size "
+                        f"{self.max_packet_size}"
+                    )
         for topic, payload in messages:
             if len(inflight) >= limit:
                 self._write(chunks)
@@ -570,9 +588,11 @@ class MqttSink(Sink):
         )
         _take_over_pubacks(client, window)
         receive_maximum: list[int] = []
+        max_packet_size: list[int] = []
 
         def on_connect(_c: Any, _flags: Any, _rc: Any, properties: dict[str, Any]) -> None:
             receive_maximum.extend(properties.get("receive_maximum") or [])
+            max_packet_size.extend(properties.get("maximum_packet_size") or [])
 
         lost = asyncio.Event()
 
@@ -629,7 +649,13 @@ class MqttSink(Sink):
             self.client_id,
             limit,
         )
-        return _Connection(client, window, limit, self.protocol == MQTTv50)
+        return _Connection(
+            client,
+            window,
+            limit,
+            self.protocol == MQTTv50,
+            max_packet_size[0] if max_packet_size else None,
+        )
 
     async def _connection(self) -> _Connection:
         conn = self._conn
