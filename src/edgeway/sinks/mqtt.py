@@ -218,12 +218,12 @@ class _NoReconnectClient(_GmqttClient):  # type: ignore[misc]
 
 
 class _AckWindow(_GmqttStorage):  # type: ignore[misc]
-    """Counts this connection's unacknowledged publishes and wakes the sender.
+    """Tracks this connection's unacknowledged publishes and wakes the sender.
 
-    Plugged into gmqtt as its "persistent storage": gmqtt calls
-    ``push_message`` for every QoS 1 PUBLISH it writes and
-    ``remove_message_by_mid`` for every PUBACK. It keeps no packets, so gmqtt
-    never replays anything (the outbox does).
+    :class:`_Connection` adds each packet id it writes to ``inflight``; a
+    PUBACK removes it (through :func:`_take_over_pubacks`). It is also plugged
+    into gmqtt as its "persistent storage" (the same method names), keeping no
+    packets, so gmqtt never replays anything: the outbox does.
     """
 
     def __init__(self) -> None:
@@ -260,16 +260,18 @@ class _AckWindow(_GmqttStorage):  # type: ignore[misc]
             w.set_result(None)
 
     async def wait_until_at_most(self, n: int) -> None:
-        """Return once at most ``n`` publishes are unacknowledged."""
-        while len(self.inflight) > n and self.error is None:
+        """Return once at most ``n`` publishes are unacknowledged; raise if the
+        connection is lost before (acks that all arrived count, even if the
+        connection dropped right after)."""
+        while len(self.inflight) > n:
+            if self.error is not None:
+                raise self.error
             self._wake_at = n
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        if self.error is not None:
-            raise self.error
 
 
 def _varint(n: int) -> bytes:
@@ -285,12 +287,12 @@ def _varint(n: int) -> bytes:
 class _Connection:
     """One network connection to the broker: a gmqtt client and its ack window.
 
-    gmqtt connects, keeps the connection alive and parses PUBACKs; the
-    PUBLISH packets of a batch are encoded here and written in one
+    gmqtt connects, keeps the connection alive and splits incoming packets;
+    the PUBLISH packets of a batch are encoded here and written in one
     ``transport.write`` per window instead of one per message, which more than
     doubles throughput (a ``send()`` system call per message was half of the
-    CPU time). Packet ids are allocated here; gmqtt's PUBACK handler frees ids
-    it does not know as a no-op and reports the ack to :class:`_AckWindow`.
+    CPU time). Packet ids are allocated here (gmqtt's allocator is not used)
+    and PUBACKs go straight to :class:`_AckWindow`.
     """
 
     def __init__(
