@@ -234,7 +234,7 @@ class PostgresSink(Sink):
         try:
             pool = await self._ensure_pool()
             try:
-                async with pool.acquire() as conn:
+                async with pool.acquire(timeout=self.options.connect_timeout) as conn:
                     if not self._table_ready and self.options.create_table:
                         await self._create_table(conn)
                     self._table_ready = True
