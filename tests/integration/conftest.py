@@ -29,6 +29,7 @@ from collections.abc import Iterator
 
 import pytest
 from edgeway_process import GatewayLauncher, GatewayProcess, StartGateway
+from mqtt_peers import PahoPeer
 
 
 @pytest.fixture
@@ -72,3 +73,14 @@ def shared_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway
 def gateway(start_gateway: StartGateway) -> GatewayProcess:
     """One ``edgeway run`` on embedded defaults, listening on a free loopback port."""
     return start_gateway()
+
+
+@pytest.fixture
+def peers() -> Iterator[list[PahoPeer]]:
+    """A list for the paho peers a test creates; each is disconnected afterwards."""
+    made: list[PahoPeer] = []
+    try:
+        yield made
+    finally:
+        for p in made:
+            p.disconnect()

@@ -25,11 +25,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 
 STARTUP_TIMEOUT = 20.0
 """Seconds to wait for the MQTT port to accept. Start-up is well under a second
 when the machine is quiet; the bound is generous because CI machines are shared."""
+PORT_ATTEMPTS = 3
+"""Tries with a fresh free port when the one we picked was taken meanwhile."""
 STOP_TIMEOUT = 5.0
 """The gateway promises to exit within 5 s of SIGTERM; after that we SIGKILL."""
 
@@ -41,20 +44,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(
-    host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None
-) -> bool:
-    """Poll until ``host:port`` accepts a TCP connection; False on timeout or if
-    ``proc`` exits first."""
+def wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float) -> bool:
+    """Poll until ``proc`` itself has a listening TCP socket on ``port``;
+    False on timeout or if it exits first. (Merely connecting to the port
+    could reach some other process that grabbed the port meanwhile.)"""
     deadline = time.monotonic() + timeout
+    ps = psutil.Process(proc.pid)
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
+        if proc.poll() is not None:
             return False
         try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
+            sockets = ps.net_connections(kind="tcp")
+        except psutil.Error:
+            return False
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in sockets):
+            return True
+        time.sleep(0.05)
     return False
 
 
@@ -134,9 +139,52 @@ class GatewayLauncher:
         wait: bool = True,
         env: dict[str, str] | None = None,
     ) -> GatewayProcess:
+        """Start one gateway; see :func:`conftest.start_gateway` for the arguments."""
+        # A port found free can be taken by someone else before the gateway
+        # binds it (tests run in parallel on shared machines): then the
+        # gateway exits 1 naming the port, and we try another one.
+        for _ in range(PORT_ATTEMPTS - 1 if port is None else 0):
+            chosen = free_port()
+            gw = self._start(config_text, chosen, data_dir, extra_args, listen, wait, env)
+            if gw.process.poll() != 1 or not self._port_taken(gw):
+                return self._checked(gw, wait)
+        return self._checked(
+            self._start(
+                config_text,
+                free_port() if port is None else port,
+                data_dir,
+                extra_args,
+                listen,
+                wait,
+                env,
+            ),
+            wait,
+        )
+
+    @staticmethod
+    def _port_taken(gw: GatewayProcess) -> bool:
+        return str(gw.port) in gw.output()
+
+    def _checked(self, gw: GatewayProcess, wait: bool) -> GatewayProcess:
+        if wait and gw.process.poll() is not None:
+            pytest.fail(
+                f"edgeway run exited with {gw.process.returncode} ({' '.join(gw.args[1:])}); "
+                f"output:\n{gw.output()[-4000:]}"
+            )
+        return gw
+
+    def _start(
+        self,
+        config_text: str | None,
+        port: int,
+        data_dir: Path | bool | None,
+        extra_args: Sequence[str],
+        listen: bool | None,
+        wait: bool,
+        env: dict[str, str] | None,
+    ) -> GatewayProcess:
         workdir = self._tmp.mktemp("gateway")
         host = "127.0.0.1"
-        port = free_port(host) if port is None else port
         args = [sys.executable, "-m", "edgeway", "run", "--log-level", "info"]
         config_path: Path | None = None
         if os.environ.get("EDGEWAY_ITEST_BROKER") == "mosquitto":
@@ -185,12 +233,13 @@ class GatewayLauncher:
             )
         gw = GatewayProcess(host, port, proc, data_path, workdir, config_path, output_path, args)
         self.started.append(gw)
-        if wait and not wait_port(host, port, STARTUP_TIMEOUT, proc):
-            code = proc.poll()
-            state = f"exited with {code}" if code is not None else "never opened the port"
+        if wait and not wait_listening(proc, port, STARTUP_TIMEOUT) and proc.poll() is None:
             pytest.fail(
-                f"edgeway run {state} ({' '.join(args[1:])}); output:\n{gw.output()[-4000:]}"
+                f"edgeway run never opened port {port} ({' '.join(args[1:])}); "
+                f"output:\n{gw.output()[-4000:]}"
             )
+        if wait and proc.poll() is not None:
+            proc.wait()
         return gw
 
     def stop_all(self) -> None:

@@ -221,6 +221,16 @@ class PahoPeer:
             sock.close()
 
 
+def connected(gw: Any, peers: list[PahoPeer], **kwargs: Any) -> PahoPeer:
+    """A paho peer connected to ``gw`` (anything with ``host`` and ``port``),
+    added to ``peers`` (the fixture disconnects them); CONNACK must be success."""
+    peer = PahoPeer(gw.host, gw.port, **kwargs)
+    peers.append(peer)
+    rc, _ = peer.connect()
+    assert rc == 0, f"CONNACK {rc:#x}"
+    return peer
+
+
 def v5_props(**values: Any) -> Properties:
     """PUBLISH properties, e.g. ``v5_props(ResponseTopic="r", CorrelationData=b"x")``."""
     props = Properties(PacketTypes.PUBLISH)

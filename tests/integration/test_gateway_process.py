@@ -24,24 +24,7 @@ import aiomqtt
 import pytest
 from aiohttp import web
 from edgeway_process import GatewayProcess, StartGateway, edgeway_only
-from mqtt_peers import TIMEOUT, PahoPeer, raw_connect_packet, unique
-
-
-@pytest.fixture
-def peers() -> Iterator[list[PahoPeer]]:
-    made: list[PahoPeer] = []
-    yield made
-    for p in made:
-        p.disconnect()
-
-
-def connected(gw: GatewayProcess, peers: list[PahoPeer], **kwargs: Any) -> PahoPeer:
-    peer = PahoPeer(gw.host, gw.port, **kwargs)
-    peers.append(peer)
-    rc, _ = peer.connect()
-    assert rc == 0, f"CONNACK {rc:#x}"
-    return peer
-
+from mqtt_peers import TIMEOUT, PahoPeer, connected, raw_connect_packet, unique
 
 # ---------------------------------------------------------------------------
 # telemetry

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiomqtt
@@ -27,6 +26,7 @@ from mqtt_peers import (
     TIMEOUT,
     PahoPeer,
     closed_by_peer,
+    connected,
     mosquitto_args,
     mosquitto_pub,
     raw_connack,
@@ -37,24 +37,6 @@ from mqtt_peers import (
 
 VERSIONS = [pytest.param(4, id="v311"), pytest.param(5, id="v5")]
 QOS = [0, 1, 2]
-
-
-@pytest.fixture
-def peers() -> Iterator[list[PahoPeer]]:
-    """Collects the paho peers a test creates and disconnects them afterwards."""
-    made: list[PahoPeer] = []
-    yield made
-    for p in made:
-        p.disconnect()
-
-
-def connected(gw: GatewayProcess, peers: list[PahoPeer], **kwargs: object) -> PahoPeer:
-    """A paho peer connected to ``gw`` (CONNACK must be success)."""
-    peer = PahoPeer(gw.host, gw.port, **kwargs)  # type: ignore[arg-type]
-    peers.append(peer)
-    rc, _ = peer.connect()
-    assert rc == 0, f"CONNACK {rc:#x}"
-    return peer
 
 
 # ---------------------------------------------------------------------------

@@ -72,14 +72,6 @@ def auth_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayPr
         launcher.stop_all()
 
 
-@pytest.fixture
-def peers() -> Iterator[list[PahoPeer]]:
-    made: list[PahoPeer] = []
-    yield made
-    for p in made:
-        p.disconnect()
-
-
 def login(gw: GatewayProcess, peers: list[PahoPeer], user: str, **kwargs: object) -> PahoPeer:
     peer = PahoPeer(gw.host, gw.port, username=user, password=PASSWORDS[user], **kwargs)  # type: ignore[arg-type]
     peers.append(peer)
