@@ -56,6 +56,9 @@ class CloudStats:
     records: int = 0
     unique: int = 0
     duplicates: int = 0
+    resent: int = 0
+    """Unique records carrying a device ``seq`` already received from that device
+    (the device sent the message again; a cloud can drop it by device and seq)."""
     refused: int = 0
     """Requests answered 503 while down (connections refused are not seen)."""
     bad_requests: int = 0
@@ -72,6 +75,7 @@ class CloudStats:
             "records": self.records,
             "unique": self.unique,
             "duplicates": self.duplicates,
+            "resent": self.resent,
             "refused": self.refused,
             "bad_requests": self.bad_requests,
             "devices": len(self.seqs),
@@ -219,7 +223,10 @@ class CloudReceiver:
             if isinstance(metrics, dict) and isinstance(dev, str):
                 seq = metrics.get("seq")
                 if isinstance(seq, int) and not isinstance(seq, bool):
-                    st.seqs.setdefault(dev, set()).add(seq)
+                    got = st.seqs.setdefault(dev, set())
+                    if seq in got:
+                        st.resent += 1
+                    got.add(seq)
             ts = r.get("ts")
             if (
                 self.keep_latencies

@@ -74,7 +74,28 @@ DRAIN_TIMEOUT = 30.0
 After a cloud outage the sink's retry backoff (at most a few seconds here,
 the cloud answers Retry-After: 1) and the backlog must both fit in it."""
 
+OPCUA_START_WAIT = 20.0
+"""Seconds during which the OPC-UA adapters' connection warnings are hidden:
+the demo's OPC-UA simulator is a child process and asyncua takes 1-5 s of
+CPU to build its address space, while the gateway starts at once (its
+adapters retry until the server is up)."""
+
 Write = Callable[[str], None]
+
+
+class _QuietUntil(logging.Filter):
+    """Drops log records that mention one of ``words`` until a monotonic time."""
+
+    def __init__(self, words: tuple[str, ...], until: float) -> None:
+        super().__init__()
+        self.words = words
+        self.until = until
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if time.monotonic() >= self.until:
+            return True
+        msg = record.getMessage()
+        return not any(w in msg for w in self.words)
 
 
 @dataclass(slots=True)
@@ -118,6 +139,7 @@ class DemoResult:
     cloud_records: int = 0
     cloud_unique: int = 0
     duplicates: int = 0
+    resent: int = 0
     held_by_devices: int = 0
     lost: int = 0
     lost_ids: list[str] = field(default_factory=list)
@@ -166,6 +188,7 @@ class Demo:
         self.ports: dict[str, int] = {}
         self.result = DemoResult()
         self._tmp: Path | None = None
+        self._opcua_proc: asyncio.subprocess.Process | None = None
         self._started = 0.0
         self._outage_state = ""
 
@@ -215,6 +238,13 @@ class Demo:
             o.host, self.ports["cloud"], store_path=data_dir / "cloud-records.jsonl"
         )
         gw_task: asyncio.Task[None] | None = None
+        # Start-up on a busy machine: pollers may miss their first connect
+        # (the loop is busy starting everything) and the OPC-UA simulator needs
+        # a few seconds; they retry, and their warnings would only alarm.
+        quiet = _QuietUntil(("sim-opcua", "sim-modbus"), time.monotonic() + OPCUA_START_WAIT)
+        for name in ("edgeway.south.opcua", "edgeway.south.modbus", "edgeway.gateway"):
+            logging.getLogger(name).addFilter(quiet)
+        logging.getLogger("pymodbus.logging").setLevel(logging.ERROR)
         try:
             await self.cloud.start()
             if have["modbus"] and o.modbus_devices > 0:
@@ -229,18 +259,7 @@ class Demo:
                 )
                 await self.modbus.start()
             if have["opcua"] and o.opcua_devices > 0:
-                self.opcua = OpcUaSimServer(
-                    make_devices(
-                        o.opcua_devices,
-                        prefix="opcua",
-                        seed=seed + 2,
-                        kinds=("machine",),
-                        fault_fraction=0.5,
-                        rate=1.0,
-                    ),
-                    o.host,
-                )
-                await self.opcua.start()
+                await self._start_opcua(seed + 2)
             self.gateway = Gateway(self._config(data_dir))
             gw_task = asyncio.create_task(self.gateway.run(), name="gateway")
             ready = asyncio.create_task(self.gateway.ready.wait())
@@ -264,13 +283,49 @@ class Demo:
                 self.gateway.request_stop()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(gw_task, 10.0)
-            if self.opcua is not None:
-                await self.opcua.stop()
+            await self._stop_opcua()
             if self.modbus is not None:
                 await self.modbus.stop()
             await self.cloud.stop()
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
+
+    async def _start_opcua(self, seed: int) -> None:
+        """Start the simulated OPC-UA server in a child process (``edgeway simulate
+        --protocol opcua``): asyncua takes seconds of CPU to build a server's
+        address space, which would hold up this process's event loop (and the
+        first data a newcomer sees). The gateway's OPC-UA adapter connects when
+        the server is up, retrying meanwhile."""
+        import sys
+
+        o = self.opt
+        port = pick_port(o.host, 0)
+        args = {"prefix": "opcua", "seed": seed, "kinds": ("machine",), "fault_fraction": 0.5}
+        # Same devices as the child builds: the gateway's node ids come from them.
+        devices = make_devices(o.opcua_devices, **args)  # type: ignore[arg-type]
+        self.opcua = OpcUaSimServer(devices, o.host, port)
+        self._opcua_proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgeway", "simulate", "--protocol", "opcua",
+            "--devices", str(o.opcua_devices), "--prefix", "opcua", "--seed", str(seed),
+            "--kinds", "machine", "--fault-fraction", "0.5", "--rate", "1",
+            "--target", f"{o.host}:{port}", "--interval", "3600",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+
+    async def _stop_opcua(self) -> None:
+        proc = self._opcua_proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 5.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
 
     def _fix_bound_ports(self) -> None:
         gw = self.gateway
@@ -360,8 +415,6 @@ class Demo:
                 tg.create_task(f.run(devices_stop, drain=DRAIN_TIMEOUT), name=f"sim:{f.protocol}")
                 for f in self.fleets
             ]
-            if self.opcua is not None:
-                tg.create_task(self.opcua.run(devices_stop), name="sim:opcua")
             outage = tg.create_task(self._outage(), name="outage") if o.cloud_outage > 0 else None
             status = tg.create_task(self._status_lines(), name="status")
             await self._wait_for_end()
@@ -371,6 +424,9 @@ class Demo:
                     self.write("ending the cloud outage early, so the backlog can drain")
                     await self.cloud.bring_up()
             self.write("stopping devices; waiting for the backlog to reach the cloud ...")
+            # A Ctrl-C in a terminal also stops the OPC-UA simulator (same process
+            # group): its adapter's reconnect warnings would only be noise now.
+            logging.getLogger("edgeway.south.opcua").setLevel(logging.ERROR)
             devices_stop.set()
             await asyncio.gather(*fleet_tasks, return_exceptions=True)
             await self._wait_outbox_drained()
@@ -399,6 +455,17 @@ class Demo:
         self.write("--- cloud receiver UP again: the backlog drains")
 
     async def _status_lines(self) -> None:
+        assert self.cloud is not None
+        # The first line as soon as the cloud has data: the newcomer's "it works".
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.opt.interval * 5):
+                while self.cloud.stats.unique == 0:
+                    await self.cloud.changed.wait()
+            self.write(
+                f"first records reached the cloud {time.monotonic() - self._started:.1f} s "
+                "after the devices started"
+            )
+            self.write(self._status_line())
         while True:
             await asyncio.sleep(self.opt.interval)
             self.write(self._status_line())
@@ -442,6 +509,7 @@ class Demo:
         r.cloud_records = self.cloud.stats.records
         r.cloud_unique = self.cloud.stats.unique
         r.duplicates = self.cloud.stats.duplicates
+        r.resent = self.cloud.stats.resent
         pushed = [d for f in self.fleets for d in f.devices]
         r.held_by_devices = sum(len(d.buffer) for d in pushed)
         adapters = self.gateway.status()["adapters"]
@@ -466,6 +534,8 @@ class Demo:
             f"  cloud received    {r.cloud_records} records: {r.cloud_unique} unique, "
             f"{r.duplicates} duplicates (sent again after a failure; the cloud drops them by id)"
         )
+        if r.resent:
+            w(f"  sent again        {r.resent} messages a device sent twice (no receipt in time)")
         if r.held_by_devices:
             w(f"  held by devices   {r.held_by_devices} (still waiting for a receipt: not lost)")
         if r.pending:

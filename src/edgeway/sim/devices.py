@@ -60,6 +60,8 @@ class Pending:
     seq: int
     payload: bytes
     sent: bool = False
+    sent_at: float = 0.0
+    """Loop time of the last hand-over to a connection."""
 
 
 @dataclass(slots=True)
@@ -90,10 +92,20 @@ class OutgoingBuffer:
         """Messages not handed to a connection yet, oldest first."""
         return [(k, p) for k, p in self.items.items() if not p.sent]
 
-    def mark_sent(self, msg_id: str) -> None:
+    def mark_sent(self, msg_id: str, at: float = 0.0) -> None:
         p = self.items.get(msg_id)
         if p is not None:
             p.sent = True
+            p.sent_at = at
+
+    def requeue_sent_before(self, t: float) -> int:
+        """Mark messages sent before loop time ``t`` unsent again; how many."""
+        n = 0
+        for p in self.items.values():
+            if p.sent and p.sent_at < t:
+                p.sent = False
+                n += 1
+        return n
 
     def mark_unsent(self, msg_id: str) -> None:
         """The link failed before the gateway took it: send it again later."""

@@ -64,6 +64,17 @@ HTTP_BATCH = 100
 REQUEST_TIMEOUT = 10.0
 """Seconds a CoAP or HTTP upload may take before it is retried."""
 
+RECEIPT_GRACE = 30.0
+"""Seconds after a reconnect that an MQTT device waits for receipts of what
+it sent before the disconnect, before sending those messages again. A
+persistent session delivers queued receipts at once; a receipt can still be
+lost when the gateway confirmed a record while its broker was stopping (a
+restart). Sending again costs a duplicate the cloud can drop; not sending
+would leave the message in the device forever."""
+
+RECEIPT_CHECK = 1.0
+"""Seconds between checks of the receipt grace above."""
+
 STOP_GRACE = 3.0
 """Seconds allowed for disconnecting cleanly at stop."""
 
@@ -84,6 +95,9 @@ class FleetStats:
     """Messages freed by gateway receipts (MQTT: the cloud has them)."""
     errors: int = 0
     connects: int = 0
+    reconnects: int = 0
+    resent: int = 0
+    """Messages sent again: no receipt within the grace after a reconnect (MQTT)."""
     connected: int = 0
     commands: int = 0
 
@@ -173,6 +187,8 @@ class _MqttLink:
     storage: Any
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     ever_connected: bool = False
+    connected_at: float = 0.0
+    """Loop time of the latest CONNACK (0: never)."""
 
 
 class MqttFleet:
@@ -192,6 +208,7 @@ class MqttFleet:
         password: str | None = None,
         session_expiry: int = 3600,
         reconnect_delay: float = 1.0,
+        receipt_grace: float = RECEIPT_GRACE,
     ) -> None:
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos}")
@@ -204,6 +221,7 @@ class MqttFleet:
         self.password = password
         self.session_expiry = session_expiry
         self.reconnect_delay = reconnect_delay
+        self.receipt_grace = receipt_grace
         self.stats = FleetStats("mqtt", devices=len(self.devices))
         self.links: list[_MqttLink] = []
         self.all_connected = asyncio.Event()
@@ -242,7 +260,10 @@ class MqttFleet:
         dev_id = link.device.device_id
         self.stats.connects += 1
         self.stats.connected += 1
+        if link.ever_connected:
+            self.stats.reconnects += 1
         link.ever_connected = True
+        link.connected_at = asyncio.get_running_loop().time()
         client.subscribe(
             [
                 _subscription(f"devices/{dev_id}/receipts"),
@@ -303,9 +324,17 @@ class MqttFleet:
         dev = link.device
         topic = f"devices/{dev.device_id}/telemetry"
         client = link.client
+        loop = asyncio.get_running_loop()
         while True:
-            await link.wake.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(link.wake.wait(), RECEIPT_CHECK)
             link.wake.clear()
+            if (
+                self.qos > 0
+                and client.is_connected
+                and loop.time() - link.connected_at > self.receipt_grace
+            ):
+                self.stats.resent += dev.buffer.requeue_sent_before(link.connected_at)
             for msg_id, pending in dev.buffer.unsent():
                 while client.is_connected and self.qos > 0 and len(link.storage) >= MQTT_INFLIGHT:
                     link.storage.changed.clear()
@@ -313,7 +342,7 @@ class MqttFleet:
                 if not client.is_connected:
                     break
                 client.publish(topic, pending.payload, qos=self.qos)
-                dev.buffer.mark_sent(msg_id)
+                dev.buffer.mark_sent(msg_id, loop.time())
                 self.stats.sent += 1
 
     async def run(self, stop: asyncio.Event, drain: float = 0.0) -> None:
@@ -655,6 +684,9 @@ class OpcUaSimServer:
         self.writes = 0
         self._server: Any = None
         self._ns = 2
+        """The namespace index of our nodes: the first one a server registers
+        after 0 (OPC-UA) and 1 (the server's own) is 2, so a gateway can be
+        configured before this server runs (the demo starts it in a child)."""
         self._vars: dict[str, dict[str, Any]] = {}
 
     @property
@@ -722,7 +754,8 @@ class OpcUaSimServer:
                     "node_id": f"ns={self._ns};s={dev.device_id}.{metric}",
                     "sampling_interval": sampling_interval,
                 }
-                for metric in self._vars.get(dev.device_id, {})
+                # The same metrics the server creates variables for (start()).
+                for metric in dev.signal.sample(time.time())
             ]
             out.append(
                 OpcUaServerConfig.model_validate(
@@ -799,6 +832,12 @@ def add_simulate_arguments(p: Any) -> None:
     p.add_argument("--prefix", default="sim", help="device ids are PREFIX-0000, PREFIX-0001, ...")
     p.add_argument("--seed", type=int, help="random seed (same seed, same devices)")
     p.add_argument(
+        "--kinds",
+        default="env,env,machine,meter",
+        help="device kinds, cycled: env (temperature, humidity), machine (vibration, current, "
+        "bearing temperature), meter (energy, parts); default env,env,machine,meter",
+    )
+    p.add_argument(
         "--fault-fraction",
         type=float,
         default=0.2,
@@ -835,7 +874,12 @@ async def run_simulation(args: Any, write: Any, stop: asyncio.Event) -> int:
         write("error: --devices must be at least 1 and --rate above 0")
         return 2
     proto: str = args.protocol
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if not kinds or not set(kinds) <= {"env", "machine", "meter"}:
+        write("error: --kinds takes env, machine and meter, separated by commas")
+        return 2
     common: dict[str, Any] = {
+        "kinds": kinds,
         "seed": args.seed,
         "rate": args.rate,
         "fault_fraction": args.fault_fraction,
