@@ -228,8 +228,9 @@ class Broker:
             except Exception:
                 log.exception("could not save MQTT broker state")
             finally:
-                store.close()
                 self.store = None
+                # Off the loop: the writer may still be busy for a moment.
+                await asyncio.to_thread(store.close)
         log.info("MQTT broker stopped")
 
     # ------------------------------------------------------------- counters

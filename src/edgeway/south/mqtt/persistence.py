@@ -18,6 +18,10 @@ What is written when, and why:
   (kill -9) can lose up to that much queued broker-to-device traffic; it
   cannot lose telemetry, whose acknowledgement waits for the outbox.
 
+All writes run on one writer thread, in order; the event loop only queues
+statements and snapshots (a full rewrite of 10,000 queued messages costs the
+loop ~0.1 ms instead of ~0.3 s of SQLite work).
+
 ``synchronous=NORMAL`` in WAL mode: a commit survives a process crash; a
 power cut may lose the last commits of broker state, never outbox data
 (the outbox has its own database and durability setting).
@@ -27,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -66,6 +71,13 @@ CREATE TABLE IF NOT EXISTS messages(
     PRIMARY KEY(client_id, seq));
 """
 
+_Statement = (
+    tuple[str, tuple[Any, ...] | list[tuple[Any, ...]]]
+    | Callable[[], list[tuple[str, list[tuple[Any, ...]]]]]
+)
+"""A statement with its parameters (a list: executemany), or a function the
+writer thread calls to build statements from a snapshot."""
+
 _PROP_FIELDS = [f.name for f in fields(Properties)]
 _BYTES_FIELDS = {"correlation_data", "authentication_data"}
 
@@ -95,6 +107,29 @@ def properties_from_blob(blob: bytes | None) -> Properties | None:
     return Properties(**data)
 
 
+def _message_row(
+    cid: str, seq: int, pid: int | None, released: bool, d: Delivery
+) -> tuple[Any, ...]:
+    m = d.msg
+    props = m.properties
+    return (
+        cid,
+        seq,
+        pid,
+        released,
+        d.qos,
+        d.retain,
+        orjson.dumps(d.sub_ids) if d.sub_ids else None,
+        m.topic,
+        m.payload,
+        m.qos,
+        m.retain,
+        properties_to_blob(props) if props is not None else None,
+        m.expires_at,
+        m.sender,
+    )
+
+
 @dataclass(slots=True)
 class LoadedState:
     """What :meth:`BrokerStore.load` read back."""
@@ -109,16 +144,21 @@ class BrokerStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        # Used by the writer thread only, except in load() and close(), which
+        # first wait for it to be idle.
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
-        self._pending: list[tuple[str, tuple[Any, ...]]] = []
+        self._pending: list[_Statement] = []
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="edgeway-broker-db")
+        self._last: Future[None] | None = None
 
     # ------------------------------------------------------------------ load
 
     def load(self) -> LoadedState:
-        """Read retained messages and persistent sessions."""
+        """Read retained messages and persistent sessions (waits for pending writes)."""
+        self.wait()
         db = self._db
         retained = [
             Message(topic, bytes(payload), qos, True, properties_from_blob(props), exp)
@@ -180,8 +220,8 @@ class BrokerStore:
 
     # ----------------------------------------------------------- write-behind
 
-    def later(self, sql: str, params: tuple[Any, ...]) -> None:
-        """Queue a statement for the next :meth:`flush`."""
+    def later(self, sql: str, params: tuple[Any, ...] | list[tuple[Any, ...]]) -> None:
+        """Queue a statement for the next :meth:`flush` (a list of tuples: executemany)."""
         self._pending.append((sql, params))
 
     @property
@@ -189,19 +229,39 @@ class BrokerStore:
         return bool(self._pending)
 
     def flush(self) -> None:
-        """Run the queued statements in one transaction."""
+        """Hand the queued statements to the writer thread (one transaction)."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        self._last = self._writer.submit(self._run, pending)
+
+    def wait(self) -> None:
+        """Block until the writer thread has run everything handed to it."""
+        if self._last is not None:
+            self._writer.submit(lambda: None).result()
+            self._last = None
+
+    def _run(self, pending: list[_Statement]) -> None:
         db = self._db
-        db.execute("BEGIN")
         try:
-            for sql, params in pending:
-                db.execute(sql, params)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            db.execute("BEGIN")
+            try:
+                for item in pending:
+                    if callable(item):
+                        for sql, rows in item():
+                            db.executemany(sql, rows)
+                        continue
+                    sql, params = item
+                    if isinstance(params, list):
+                        db.executemany(sql, params)
+                    else:
+                        db.execute(sql, params)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except Exception:
+            log.exception("could not save MQTT broker state to %s", self.path)
 
     def retained_changed(self, changes: dict[str, Message | None]) -> None:
         for topic, msg in changes.items():
@@ -259,53 +319,52 @@ class BrokerStore:
         )
 
     def messages_saved(self, sessions: Iterable[Session]) -> int:
-        """Rewrite queued and in-flight messages of ``sessions`` (one
-        transaction with everything else pending). Returns rows written."""
-        rows = 0
-        for s in sessions:
-            self.later("DELETE FROM messages WHERE client_id=?", (s.client_id,))
-            self.later(
-                "UPDATE sessions SET in_qos2=? WHERE client_id=?",
-                (orjson.dumps(sorted(s.in_qos2)) if s.in_qos2 else None, s.client_id),
-            )
-            seq = 0
-            for inf in s.inflight.values():
-                self._message_row(s.client_id, seq, inf.packet_id, inf.released, inf.delivery)
-                seq += 1
-            for d in s.queue:
-                self._message_row(s.client_id, seq, None, False, d)
-                seq += 1
-            rows += seq
-            s.dirty = False
-        self.flush()
-        return rows
+        """Rewrite queued and in-flight messages of ``sessions``.
 
-    def _message_row(
-        self, cid: str, seq: int, pid: int | None, released: bool, d: Delivery
-    ) -> None:
-        m = d.msg
-        self.later(
-            "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                cid,
-                seq,
-                pid,
-                int(released),
-                d.qos,
-                int(d.retain),
-                orjson.dumps(list(d.sub_ids)) if d.sub_ids else None,
-                m.topic,
-                m.payload,
-                m.qos,
-                int(m.retain),
-                properties_to_blob(m.properties),
-                m.expires_at,
-                m.sender,
-            ),
-        )
+        The loop only snapshots (list copies, ~0.1 ms per 10,000 messages);
+        rows are built and written by the writer thread, so a large offline
+        backlog does not stall the event loop. Returns messages snapshotted.
+        """
+        snapshots: list[
+            tuple[str, list[tuple[int, bool, Delivery]], list[Delivery], bytes | None]
+        ] = []
+        count = 0
+        for s in sessions:
+            inflight = [(i.packet_id, i.released, i.delivery) for i in s.inflight.values()]
+            queue = list(s.queue)
+            count += len(inflight) + len(queue)
+            ids = orjson.dumps(sorted(s.in_qos2)) if s.in_qos2 else None
+            snapshots.append((s.client_id, inflight, queue, ids))
+            s.dirty = False
+
+        def statements() -> list[tuple[str, list[tuple[Any, ...]]]]:
+            deletes: list[tuple[Any, ...]] = []
+            updates: list[tuple[Any, ...]] = []
+            rows: list[tuple[Any, ...]] = []
+            for cid, inflight, queue, ids in snapshots:
+                deletes.append((cid,))
+                updates.append((ids, cid))
+                seq = 0
+                for pid, released, d in inflight:
+                    rows.append(_message_row(cid, seq, pid, released, d))
+                    seq += 1
+                for d in queue:
+                    rows.append(_message_row(cid, seq, None, False, d))
+                    seq += 1
+            return [
+                ("DELETE FROM messages WHERE client_id=?", deletes),
+                ("UPDATE sessions SET in_qos2=? WHERE client_id=?", updates),
+                ("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows),
+            ]
+
+        self._pending.append(statements)
+        self.flush()
+        return count
 
     def close(self) -> None:
+        """Write what is pending, wait for the writer, close the database."""
         try:
             self.flush()
+            self._writer.shutdown(wait=True)
         finally:
             self._db.close()
