@@ -128,3 +128,12 @@ def test_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:3: gateway.colour: unknown key" in err
+
+
+def test_config_reference_page_is_current() -> None:
+    """docs/config-reference.md is generated from the schema; regenerate it with
+    `python -m edgeway.config_doc > docs/config-reference.md` after changing config.py."""
+    from edgeway.config_doc import render_reference
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "config-reference.md"
+    assert page.read_text(encoding="utf-8") == render_reference()

@@ -109,7 +109,9 @@ def parse_host_port(value: str, default_host: str = "127.0.0.1") -> tuple[str, i
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=False, validate_default=True, use_attribute_docstrings=True
+    )
 
 
 class GatewaySection(_Model):
@@ -121,17 +123,22 @@ class GatewaySection(_Model):
 
 class LogSection(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    """Least severe level written."""
     format: Literal["text", "json"] = "text"
+    """``text`` for people, ``json`` for one JSON object per line (log shippers)."""
 
 
 class TlsConfig(_Model):
     cert: Path
+    """Server certificate (PEM, full chain)."""
     key: Path
+    """Private key of the certificate (PEM)."""
     ca: Path | None = None
     """CA bundle used to verify client certificates."""
     require_client_cert: bool = False
     """Refuse clients without a certificate signed by ``ca`` (see docs/security.md)."""
     min_version: Literal["1.2", "1.3"] = "1.2"
+    """Lowest TLS version accepted; 1.2 is the floor."""
 
     @field_validator("require_client_cert")
     @classmethod
@@ -147,8 +154,11 @@ class ListenerConfig(_Model):
     bind: str = "127.0.0.1:1883"
     """``HOST:PORT``; port 0 picks a free port (logged at start)."""
     transport: Literal["tcp", "websocket"] = "tcp"
+    """``websocket`` serves MQTT over WebSocket (subprotocol ``mqtt``) for browsers."""
     websocket_path: str = "/mqtt"
+    """HTTP path of the WebSocket endpoint."""
     tls: TlsConfig | None = None
+    """Serve TLS on this listener (also for WebSocket: ``wss://``)."""
     allow_anonymous: bool = False
     """Let clients connect without credentials. Embedded defaults turn this on
     for the loopback listener only, and say so in the log."""
@@ -174,13 +184,17 @@ class MqttLimits(_Model):
     one); beyond it the oldest QoS 0 and then the oldest message is dropped
     and counted. Mosquitto's default of 1000 silently loses data (see docs)."""
     max_connections: int = Field(default=100000, ge=1)
+    """Refuse connections beyond this many (file descriptors and memory)."""
     connect_timeout: Duration = 10.0
     """Time allowed between TCP accept and CONNECT, against idle sockets."""
     max_keepalive: int = Field(default=65535, ge=0, le=65535)
     """Upper bound on a client's keep alive; v5 clients are told via Server Keep Alive."""
     max_session_expiry: Duration = 7 * 86400.0
+    """Upper bound on how long a persistent session outlives its connection."""
     topic_alias_maximum: int = Field(default=64, ge=0, le=65535)
+    """Topic aliases a v5 client may use towards us (bounds the alias table per connection)."""
     max_topic_levels: int = Field(default=32, ge=1)
+    """Deeper topics are refused; bounds the subscription tree's depth."""
 
 
 class AclRule(_Model):
@@ -193,9 +207,13 @@ class AclRule(_Model):
     username: str | None = None
     """Match this user (``*`` = any authenticated user, absent = anyone)."""
     client_id: str | None = None
+    """Match this client id (absent = any client)."""
     topic: str
+    """Topic filter the rule covers; ``+``, ``#``, ``{client_id}``, ``{username}``."""
     access: Literal["publish", "subscribe", "all"] = "all"
+    """What the rule covers."""
     allow: bool = True
+    """``false`` makes it a deny rule."""
 
     @field_validator("topic")
     @classmethod
@@ -208,20 +226,25 @@ class AclRule(_Model):
 
 class MqttUser(_Model):
     username: str = Field(min_length=1)
+    """The MQTT user name."""
     password_hash: str = Field(pattern=r"^\$argon2(id|i|d)\$")
     """An argon2 hash: make one with ``edgeway passwd``."""
 
 
 class MqttSection(_Model):
     enabled: bool = True
+    """Run the embedded MQTT broker."""
     listeners: list[ListenerConfig] = Field(
         default_factory=lambda: [ListenerConfig(bind="127.0.0.1:1883", allow_anonymous=True)]
     )
+    """Where devices connect. Default: one TCP listener on 127.0.0.1:1883, anonymous."""
     telemetry_topics: list[str] = Field(default_factory=lambda: ["devices/{device_id}/telemetry"])
     """Topic patterns whose publishes enter the pipeline. ``{device_id}`` is
     one topic level and becomes the reading's device id."""
     limits: MqttLimits = Field(default_factory=MqttLimits)
+    """Limits; each protects memory or fairness (see the reason per key)."""
     users: list[MqttUser] = Field(default_factory=list)
+    """Users allowed to connect with a password (see docs/security.md)."""
     acl: list[AclRule] = Field(default_factory=list)
     """Empty: every authenticated client may publish and subscribe anywhere
     except other devices' ``$``-topics. Non-empty: default deny."""
@@ -232,9 +255,13 @@ class OutboxSection(_Model):
     """``fsync``: a committed reading survives power loss. ``os``: survives a
     process crash (the OS has it) but not a power cut; faster."""
     max_bytes: Size | None = None
+    """Size limit of the stored backlog (none: disk is the limit)."""
     max_age: Duration | None = None
+    """Readings older than this are dropped (counted per sink)."""
     when_full: Literal["drop_oldest", "reject_new"] = "drop_oldest"
+    """``drop_oldest`` (counted, logged) or ``reject_new`` (back-pressure to devices)."""
     drain: Literal["ordered", "live_first"] = "ordered"
+    """``ordered``: per-device order; ``live_first``: fresh readings share the link with a backlog."""
     commit_interval: Duration = 0.0
     """Extra wait before a group commit to gather more readings (0: commit as
     soon as the previous commit finished)."""
@@ -246,15 +273,20 @@ class SinkConfig(_Model):
     settings, validated by that sink type at start-up."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Unique name; appears in counters, logs and dead letters."""
     url: str
+    """The scheme picks the type: http, https, mqtt, mqtts, nats, amqp, postgresql, file."""
     options: dict[str, Any] = Field(default_factory=dict)
+    """The sink type's own settings; see docs/sinks/."""
 
 
 class AdminSection(_Model):
     """The local admin API (health, status, Prometheus metrics)."""
 
     enabled: bool = True
+    """Serve the admin API."""
     listen: str = "127.0.0.1:9180"
+    """``HOST:PORT``; keep it on loopback or behind a proxy."""
 
     @field_validator("listen")
     @classmethod
@@ -265,7 +297,9 @@ class AdminSection(_Model):
 
 class ReceiptsSection(_Model):
     enabled: bool = False
+    """Publish a receipt once every sink a reading was routed to confirmed it."""
     topic: str = "devices/{device_id}/receipts"
+    """Where receipts go; ``{device_id}`` is replaced."""
 
 
 # --------------------------------------------------------------------------
