@@ -236,3 +236,50 @@ async def test_stats_file_and_report(
     assert (
         data["routes"][0]["steps"][0]["out"]["bytes"] < data["routes"][0]["steps"][0]["in"]["bytes"]
     )
+
+
+# -- steps' memory and the outbox ---------------------------------------------------
+
+
+async def test_dedup_by_sequence(harness: MakeHarness) -> None:
+    h = await harness(
+        "routes:\n  - name: r\n    steps: [{dedup: {by: sequence, sequence_metric: n, memory: 2}}]\n"
+        "    sinks: [cloud]\n"
+    )
+    for ts, n in [(1.0, 1), (2.0, 1), (3.0, 2), (4.0, 3), (5.0, 1)]:
+        await h.send(rd("d", ts, {"n": n, "v": ts}))
+    await h.send(rd("d", 6.0, {"v": 6.0}))  # no sequence metric: passes
+    # memory: 2 -> by ts 5 the device's n=1 was forgotten (only 2 and 3 remembered).
+    assert [r.ts for r in await h.take()] == [1.0, 3.0, 4.0, 5.0, 6.0]
+
+
+async def test_a_reading_the_outbox_refused_is_not_remembered(harness: MakeHarness) -> None:
+    from edgeway.ingest import IngestStatus
+    from edgeway.outbox import Batch
+
+    h = await harness(
+        "outbox: {when_full: reject_new, max_bytes: 400}\n"
+        "routes:\n  - name: r\n    steps: [{dedup: {}}, {deadband: {absolute: 1}}]\n"
+        "    sinks: [cloud]\n"
+    )
+    assert h.outbox is not None
+    refused = None
+    for n in range(1, 50):
+        r = rd("d", float(n), {"v": float(n * 10)})
+        if await h.send(r) is IngestStatus.REJECTED_FULL:
+            refused = r
+            break
+    assert refused is not None, "the outbox never filled up"
+    # The outbox refused it after the steps saw it (is_saturated leaves a 1 %
+    # margin): the steps must have forgotten the device.
+    assert h.stats()["rejected_full"] == 0
+    # The sink drains; the device sends the refused reading again: it is neither
+    # a duplicate nor inside the deadband of something that was never stored.
+    stored_before = await h.take()
+    # take() read every stored record; confirming them deletes them.
+    await h.outbox.confirm(Batch("cloud", stored_before, 0, stored_before[-1].seq, False, False))
+    assert not h.outbox.is_saturated()
+    assert await h.send(refused) is IngestStatus.ACCEPTED
+    after = await h.take()
+    assert [r.ts for r in after] == [refused.ts]
+    assert refused.ts not in [r.ts for r in stored_before]

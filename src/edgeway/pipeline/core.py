@@ -425,6 +425,9 @@ class Pipeline:
         if self.state.ops_queued != ops_before:
             sfut = self.state.commit_future()
             if sfut is not None:
+                if not futs and not releases and ok is IngestStatus.ACCEPTED:
+                    # Only absorbed: the state commit's shared future is the answer.
+                    return sfut
                 futs.append(sfut)
         if not futs and not releases:
             fut = loop.create_future()

@@ -9,9 +9,12 @@ the window's aggregate is safe in the outbox. So a holding step appends each
 reading it absorbs here (:meth:`Journal.append`); the pipeline resolves the
 device's submit future only when this store's group commit holding that append
 *and* the outbox commit of everything the submit produced are both done.
-When a window's aggregate is safe in the outbox, the step's journal entries
-older than the next open window are deleted and the closed mark of the key
-(``marks``) is stored in the same transaction (:meth:`StateStore.release`).
+When a window's aggregate is safe in the outbox, the journal entries of the
+readings whose last window it was are deleted (by id: entry ids are handed
+out on the loop at append time) and the closed mark of the key (``marks``)
+is stored in the same transaction (:meth:`StateStore.release`). The journal
+has no secondary index: one on (step, key, ts) made each append about 4x
+dearer (15 vs 3.4 us CPU per row, 100 rows per commit, measured here).
 
 At start-up every journal row is handed back to its step (``restore``), so
 open windows continue where they were. A crash after the aggregate reached the
@@ -37,6 +40,7 @@ from typing import Any, Literal
 
 import orjson
 
+from edgeway.ingest import IngestStatus
 from edgeway.pipeline.registry import Release
 from edgeway.reading import Origin, Reading
 
@@ -108,7 +112,7 @@ class StateStore:
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ops: list[tuple[Any, ...]] = []
-        self._fut: asyncio.Future[None] | None = None
+        self._fut: asyncio.Future[IngestStatus] | None = None
         self._committing = False
         self._scheduled = False
         self._idle = asyncio.Event()
@@ -199,8 +203,11 @@ class StateStore:
         for rel in releases:
             self._queue(("release", step_id, rel.key, rel.before, list(rel.ids)))
 
-    def commit_future(self) -> asyncio.Future[None] | None:
-        """Future of the group commit that will hold every operation queued so far."""
+    def commit_future(self) -> asyncio.Future[IngestStatus] | None:
+        """Future of the group commit that will hold every operation queued so far.
+
+        It resolves to ``ACCEPTED`` (so a submit that only absorbed readings can
+        hand it to its device as is), or raises if the commit failed."""
         return self._fut
 
     def _queue(self, op: tuple[Any, ...]) -> None:
@@ -229,7 +236,7 @@ class StateStore:
         job = self._loop.run_in_executor(self._executor, self._commit_sync, ops)
         job.add_done_callback(lambda j: self._commit_done(j, fut))
 
-    def _commit_done(self, job: asyncio.Future[int], fut: asyncio.Future[None]) -> None:
+    def _commit_done(self, job: asyncio.Future[int], fut: asyncio.Future[IngestStatus]) -> None:
         self._committing = False
         exc = job.exception()
         if exc is not None:
@@ -240,7 +247,7 @@ class StateStore:
             self.rows = job.result()
             self.commits += 1
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(IngestStatus.ACCEPTED)
         if self._ops:
             self._start_commit()
         else:

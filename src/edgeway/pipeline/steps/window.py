@@ -128,9 +128,11 @@ class _Acc:
         "numeric",
         "total",
         "values",
+        "welford",
     )
 
-    def __init__(self, keep_values: bool) -> None:
+    def __init__(self, keep_values: bool, welford: bool) -> None:
+        self.welford = welford
         self.n = 0
         self.total = 0.0
         self.comp = 0.0  # Neumaier compensation: sum and mean stay exact to ~1 ulp
@@ -162,9 +164,10 @@ class _Acc:
         else:
             self.comp += (x - t) + self.total
         self.total = t
-        d = x - self.mean
-        self.mean += d / self.n
-        self.m2 += d * (x - self.mean)
+        if self.welford:
+            d = x - self.mean
+            self.mean += d / self.n
+            self.m2 += d * (x - self.mean)
         if x < self.lo:
             self.lo = x
         if x > self.hi:
@@ -215,10 +218,12 @@ class _Win:
 
 
 class _Dev:
-    __slots__ = ("closed_k", "last_arrival", "watermark", "wins")
+    __slots__ = ("close_at", "closed_k", "last_arrival", "watermark", "wins")
 
     def __init__(self) -> None:
         self.wins: dict[int, _Win] = {}
+        self.close_at = math.inf
+        """Reading time at which the first open window closes (end + grace)."""
         self.closed_k: float = -math.inf
         """Index of the last window closed: windows up to it take nothing more."""
         self.watermark = -math.inf
@@ -241,7 +246,10 @@ class WindowStep(HoldingStep):
         self.grace = params.grace
         self.aggs = params.aggregates
         self.keep_values = any(a.startswith("p") for a in self.aggs)
+        self.want_stddev = "stddev" in self.aggs
         self.covers = compile_globs(params.metrics)
+        self.all_metrics = "*" in params.metrics
+        self.tumbling = self.hop == self.size
         self.forward_late = params.late == "forward"
         self.names = params.names
         self.origin = Origin("pipeline", ctx.route)
@@ -270,19 +278,23 @@ class WindowStep(HoldingStep):
             dev = self.devs[r.device_id] = _Dev()
         dev.last_arrival = now
         last: _Win | None = None
-        for k in self._windows_of(r.ts):
+        ks = (math.floor(r.ts / self.hop),) if self.tumbling else self._windows_of(r.ts)
+        for k in ks:
             if k <= dev.closed_k:
                 continue
             win = dev.wins.get(k)
             if win is None:
                 win = dev.wins[k] = _Win()
                 self.open_windows += 1
-                heapq.heappush(self._due, (self._end(k) + self.grace, r.device_id, k))
+                close_at = self._end(k) + self.grace
+                heapq.heappush(self._due, (close_at, r.device_id, k))
+                if close_at < dev.close_at:
+                    dev.close_at = close_at
             accs = win.accs
             for name, v in covered.items():
                 acc = accs.get(name)
                 if acc is None:
-                    acc = accs[name] = _Acc(self.keep_values)
+                    acc = accs[name] = _Acc(self.keep_values, self.want_stddev)
                 acc.add(v, r.ts)
             if r.ts >= win.tags_ts:
                 win.tags_ts, win.tags = r.ts, r.tags
@@ -324,6 +336,7 @@ class WindowStep(HoldingStep):
             ids.extend(win.ids)
         self.open_windows -= len(ks)
         dev.closed_k = ks[-1]
+        dev.close_at = min(self._end(k) for k in dev.wins) + self.grace if dev.wins else math.inf
         # The mark is where the next window starts: readings before it are late.
         self._releases.append(Release(device_id, (ks[-1] + 1) * self.hop, ids))
         return out
@@ -340,9 +353,12 @@ class WindowStep(HoldingStep):
     def apply(self, readings: list[Reading], now: float) -> list[Reading]:
         out: list[Reading] = []
         covers = self.covers
+        all_metrics = self.all_metrics
         journal = self.ctx.journal
         for r in readings:
-            covered = {n: v for n, v in r.metrics.items() if covers(n)}
+            covered = (
+                r.metrics if all_metrics else {n: v for n, v in r.metrics.items() if covers(n)}
+            )
             if not covered:
                 out.append(r)
                 continue
@@ -351,7 +367,8 @@ class WindowStep(HoldingStep):
                 if journal is not None:
                     win.ids.append(journal.append(r.device_id, r))
                 dev = self.devs[r.device_id]
-                out.extend(self._close_by_watermark(r.device_id, dev))
+                if dev.watermark >= dev.close_at:
+                    out.extend(self._close_by_watermark(r.device_id, dev))
             elif self.forward_late:
                 self.ctx.reject("late_forwarded")
                 out.append(r)
