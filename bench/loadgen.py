@@ -186,12 +186,13 @@ class _Conn(asyncio.Protocol):
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
-        sock = transport.get_extra_info("socket")
+        tr: Any = transport  # uvloop's transport is not an asyncio.Transport subclass
+        self.transport = tr
+        sock = tr.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.quickack = sock if self.job.quickack and sock is not None else None
-        transport.write(connect_packet(self.client_id, self.job.keepalive))
+        tr.write(connect_packet(self.client_id, self.job.keepalive))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():

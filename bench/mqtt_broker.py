@@ -387,8 +387,10 @@ def summarize_profile(path: Path, top: int = 12) -> list[str]:
     out = [f"{total} samples; own time:"]
     out += [f"  {n / total:6.1%}  {f}" for f, n in sorted(own.items(), key=lambda x: -x[1])[:top]]
     out.append("including callees:")
-    skip = ("<module>", "_run_module_as_main", "_run_code", "Runner.run", "Thread.", "main (")
-    skip += ("cmd_run", "_run_async")
+    skip = (
+        *("<module>", "_run_module_as_main", "_run_code", "Runner.run", "Thread.", "main ("),
+        *("cmd_run", "_run_async"),
+    )
     ranked = [
         (f, n) for f, n in sorted(incl.items(), key=lambda x: -x[1]) if not f.startswith(skip)
     ]
@@ -422,7 +424,7 @@ def goal_lines(figs: dict[tuple[str, str], Figure], s: Settings) -> list[str]:
     f = figs.get((f"{s.idle:,} idle clients", "broker RSS"))
     rss = f.values.get("edgeway") if f else None
     if rss is not None:
-        scaled = " (scaled from fewer clients)" if s.idle != IDLE_CLIENTS else ""
+        scaled = f" (only {s.idle:,} clients in this run)" if s.idle != IDLE_CLIENTS else ""
         out.append(
             f"- {s.idle:,} idle clients in <= 150 MB RSS: {rss:.0f} MB{scaled}, "
             f"{'met' if rss <= 150 else 'NOT met'}"
@@ -595,18 +597,18 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(f"{'load':28} {'metric':34} {'edgeway':>12} {'mosquitto':>12} {'ratio':>7}")
     for f in figures:
-        r = f.ratio()
-        rs = "n/a" if r is None else f"{r:.2f}x"
-        e, m = fmt(f.values.get("edgeway")), fmt(f.values.get("mosquitto"))
-        print(f"{f.load:28} {f.metric + ' (' + f.unit + ')':34} {e:>12} {m:>12} {rs:>7}")
-        rows.append(f"| {f.load} | {f.metric} ({f.unit}) | {e} | {m} | {rs} |")
+        ratio = f.ratio()
+        rs = "n/a" if ratio is None else f"{ratio:.2f}x"
+        ev, mv = fmt(f.values.get("edgeway")), fmt(f.values.get("mosquitto"))
+        print(f"{f.load:28} {f.metric + ' (' + f.unit + ')':34} {ev:>12} {mv:>12} {rs:>7}")
+        rows.append(f"| {f.load} | {f.metric} ({f.unit}) | {ev} | {mv} | {rs} |")
     notes = [
         f"- {f.load}, {name}: {note}" for f in figures for name, note in sorted(f.notes.items())
     ]
     if errors:
         print("\nerrors:")
-        for e in errors:
-            print(f"  {e}")
+        for err in errors:
+            print(f"  {err}")
 
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -623,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         if notes:
             text += ["Conditions per measurement:", "", *notes, ""]
         if errors:
-            text += ["Failures:", "", *[f"- {e}" for e in errors], ""]
+            text += ["Failures:", "", *[f"- {err}" for err in errors], ""]
         if profiles:
             text += [
                 "py-spy profiles of edgeway (sampled during the window, so those rates are "

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -73,7 +74,7 @@ class PahoPeer:
         self.keepalive = keepalive
         protocol = paho.MQTTv5 if version == 5 else paho.MQTTv311
         self.client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             clean_session=None if version == 5 else clean,
             protocol=protocol,
@@ -142,7 +143,7 @@ class PahoPeer:
         if self.version == 5:
             kwargs["clean_start"] = self.clean
             if self.session_expiry is not None:
-                props = Properties(PacketTypes.CONNECT)
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = self.session_expiry
         self._disconnected.clear()
         with self._cond:
@@ -233,7 +234,7 @@ def connected(gw: Any, peers: list[PahoPeer], **kwargs: Any) -> PahoPeer:
 
 def v5_props(**values: Any) -> Properties:
     """PUBLISH properties, e.g. ``v5_props(ResponseTopic="r", CorrelationData=b"x")``."""
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     for name, value in values.items():
         setattr(props, name, value)
     return props

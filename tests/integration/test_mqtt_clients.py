@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -404,7 +405,7 @@ def test_v5_request_response_properties_pass_through(
     )
     assert requester.publish(req_topic, b'{"op":"read"}', qos=1, properties=props) == 0
     request = responder.get()
-    rp = request.properties
+    rp: Any = request.properties  # paho sets property attributes dynamically
     assert rp is not None
     assert rp.ResponseTopic == resp_topic
     assert rp.CorrelationData == b"\x00corr-42\xff"
@@ -417,8 +418,9 @@ def test_v5_request_response_properties_pass_through(
     response = requester.get()
     assert response.topic == resp_topic
     assert response.payload == b'{"value":7}'
-    assert response.properties is not None
-    assert response.properties.CorrelationData == b"\x00corr-42\xff"
+    resp_props: Any = response.properties
+    assert resp_props is not None
+    assert resp_props.CorrelationData == b"\x00corr-42\xff"
 
 
 # ---------------------------------------------------------------------------
