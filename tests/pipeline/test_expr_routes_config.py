@@ -283,3 +283,48 @@ async def test_a_reading_the_outbox_refused_is_not_remembered(harness: MakeHarne
     after = await h.take()
     assert [r.ts for r in after] == [refused.ts]
     assert refused.ts not in [r.ts for r in stored_before]
+
+
+async def test_a_step_that_raises_refuses_for_its_route_only(harness: MakeHarness) -> None:
+    from edgeway.ingest import IngestStatus
+    from edgeway.pipeline.registry import Step, StepParams, register_step
+    from edgeway.reading import Reading
+
+    class BoomParams(StepParams):
+        pass
+
+    @register_step
+    class BoomStep(Step):
+        type_name = "test_boom"
+        Params = BoomParams
+
+        def apply(self, readings: list[Reading], now: float) -> list[Reading]:
+            raise RuntimeError("boom")
+
+    from edgeway.pipeline import registry
+
+    try:
+        await _boom_scenario(harness)
+    finally:
+        registry._STEPS.pop("test_boom", None)  # the registry is process-wide
+
+
+async def _boom_scenario(harness: MakeHarness) -> None:
+    from edgeway.ingest import IngestStatus
+
+    h = await harness(
+        """
+routes:
+  - {name: bad, steps: [{test_boom: {}}], sinks: [cloud]}
+  - {name: good, sinks: [archive]}
+"""
+    )
+    assert await h.send(rd("d", 1.0, {"v": 1})) is IngestStatus.ACCEPTED
+    assert [r.metrics for r in await h.take("archive")] == [{"v": 1}]
+    assert await h.take("cloud") == []
+    assert h.stats()["routes"][0]["failed"] == 1
+    h2_cfg = "routes:\n  - {name: bad, steps: [{test_boom: {}}], sinks: [cloud]}\n"
+    assert h.pipeline is not None
+    await h.close()
+    h2 = await harness(h2_cfg, data_dir=h.data_dir / "other")
+    assert await h2.send(rd("d", 1.0, {"v": 1})) is IngestStatus.REJECTED_INVALID

@@ -67,6 +67,10 @@ TAGS_ENVELOPE = 8
 
 STATS_FILE = "stats.json"
 
+FAILURE_LOG_INTERVAL = 10.0
+"""Seconds between log lines for a failing route: a step that raises on every
+reading must not flood the log (the count is in the stats)."""
+
 
 def reading_size(r: Reading) -> int:
     """About the bytes of ``r`` as one JSON record sent to the cloud."""
@@ -118,26 +122,32 @@ class _Route:
     sent: Flow = field(default_factory=Flow)
     pending: list[Reading] = field(default_factory=list)
     holding: list[tuple[int, HoldingStep]] = field(default_factory=list)
+    failures: int = 0
+    """Readings refused because a step raised (a bug; logged)."""
     forgets: bool = False
     """A step remembers devices (``forget`` matters if the outbox refuses)."""
 
 
 class _Memo:
     """Sizes of the readings of one submit, by object: a filter step passes the
-    same objects on, whose size is then not computed again."""
+    same objects on, whose size is then not computed again. The entry keeps
+    its reading alive, so no other object of this submit can reuse its id."""
 
     __slots__ = ("sizes",)
 
     def __init__(self) -> None:
-        self.sizes: dict[int, int] = {}
+        self.sizes: dict[int, tuple[Reading, int]] = {}
 
     def total(self, readings: Sequence[Reading]) -> int:
         sizes = self.sizes
         n = 0
         for r in readings:
-            s = sizes.get(id(r))
-            if s is None:
-                s = sizes[id(r)] = reading_size(r)
+            hit = sizes.get(id(r))
+            if hit is None:
+                s = reading_size(r)
+                sizes[id(r)] = (r, s)
+            else:
+                s = hit[1]
             n += s
         return n
 
@@ -217,6 +227,7 @@ class Pipeline:
         self._inflight: set[asyncio.Future[IngestStatus]] = set()
         self._retry: list[tuple[_Route, list[Reading], list[tuple[str, list[Release]]]]] = []
         self._stats_writing = False
+        self._last_failure_log = -FAILURE_LOG_INTERVAL
         self.started = time.time()
 
     # -- lifetime -----------------------------------------------------------
@@ -386,7 +397,15 @@ class Pipeline:
             batch = route.pending
             route.pending = []
             route.received.add(len(batch), memo.total(batch))
-            out = self._run(route, 0, batch, now, memo)
+            try:
+                out = self._run(route, 0, batch, now, memo)
+            except Exception as e:
+                # A step bug or an input no step foresaw must not take the
+                # adapter down: these readings are refused for this route,
+                # counted and logged, like invalid ones.
+                out = []
+                self._step_failed(route, e, len(batch))
+                invalid += len(batch)
             if out:
                 route.sent.add(len(out), memo.total(out))
                 outputs.append((route.sinks, out))
@@ -434,6 +453,20 @@ class Pipeline:
             fut.set_result(ok)
             return fut
         return self._join(futs, ok, releases, active, readings, None)
+
+    def _step_failed(self, route: _Route, e: Exception, n: int) -> None:
+        route.failures += n
+        t = time.monotonic()
+        if t - self._last_failure_log >= FAILURE_LOG_INTERVAL:
+            self._last_failure_log = t
+            log.error(
+                "route %s failed on %d readings: %r",
+                route.name,
+                n,
+                e,
+                exc_info=e,
+                extra={"fields": {"route": route.name, "readings": n}},
+            )
 
     def _run(
         self, route: _Route, start: int, batch: list[Reading], now: float, memo: _Memo
@@ -606,6 +639,7 @@ class Pipeline:
                         "bytes": route.received.bytes,
                     },
                     "sent": {"readings": route.sent.readings, "bytes": route.sent.bytes},
+                    "failed": route.failures,
                     "steps": steps,
                 }
             )
