@@ -286,7 +286,6 @@ async def test_a_reading_the_outbox_refused_is_not_remembered(harness: MakeHarne
 
 
 async def test_a_step_that_raises_refuses_for_its_route_only(harness: MakeHarness) -> None:
-    from edgeway.ingest import IngestStatus
     from edgeway.pipeline.registry import Step, StepParams, register_step
     from edgeway.reading import Reading
 
