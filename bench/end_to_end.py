@@ -1,0 +1,509 @@
+"""End to end: devices -> edgeway (MQTT, outbox on disk) -> sink -> a receiver.
+
+Not a test. Usage::
+
+    .venv/bin/python bench/end_to_end.py [--quick] [--sinks http,mqtt] [--json OUT.json]
+
+What runs (everything on free loopback ports; ``edgeway run`` is a child
+process started fresh for each sink; the durability is the default, fsync):
+
+- **cold start**: ``edgeway run`` from ``Popen`` until ``/healthz`` answers 200
+  (interpreter start, imports, outbox open, listeners bound), and its RSS then
+  (idle, no devices).
+- **throughput (W1)**: 100 MQTT connections publish ~100-byte JSON telemetry
+  at QoS 1, 16 messages in flight each, as fast as the gateway acknowledges
+  (``loadgen.py``, in worker processes). Reported: records/s that *reach the
+  receiver* over the window (the end-to-end rate), records/s the gateway
+  acknowledged (stored), the gateway's CPU-seconds per 1,000 delivered
+  records and its peak RSS.
+- **latency (W2)**: 100 devices (the simulator's MQTT fleet, gmqtt, in a child
+  process) at 10 messages/s each = 1,000 records/s, each stamped with its
+  send time; latency = arrival at the receiver minus that stamp, p50/p99/max;
+  and the gateway's CPU-seconds per 1,000 records at that rate.
+- **drain after an outage** (HTTP sink): the receiver refuses connections
+  while ``--backlog`` records are published and stored; then it comes back
+  and the time until all have arrived gives the drain rate.
+- **reference, same run**: the same W1 load against a Mosquitto with no
+  gateway (what the load generator and this machine can do at all).
+
+Sinks: ``http`` posts to an aiohttp receiver in this process (the bundled
+:class:`edgeway.sim.cloud.CloudReceiver`); ``mqtt`` publishes to a Mosquitto
+started here on a free port, counted by a subscriber in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import Job, LoadGen, split
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PAYLOAD = b'{"temp": 21.5, "hum": 40.2, "on": true, "battery": 3.71, "rssi": -67}'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/statm", "rb") as f:
+        return int(f.read().split()[1]) * PAGE / 1e6
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+# ---------------------------------------------------------------- receivers
+
+
+class LoopThread:
+    """An asyncio loop in a thread, for the receivers (the harness itself is sync)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class HttpReceiver:
+    """The bundled cloud receiver (aiohttp), counting records and latencies."""
+
+    def __init__(self, lt: LoopThread) -> None:
+        from edgeway.sim.cloud import CloudReceiver
+
+        self.lt = lt
+        self.cloud = CloudReceiver("127.0.0.1", 0)
+        lt.run(self.cloud.start())
+        self.url = self.cloud.url
+
+    def count(self) -> int:
+        return self.cloud.stats.unique
+
+    def latencies(self) -> list[float]:
+        return self.cloud.stats.latencies
+
+    def reset_latencies(self) -> None:
+        self.cloud.stats.latencies = []
+
+    def down(self) -> None:
+        self.lt.run(self.cloud.take_down("refuse"))
+
+    def up(self) -> None:
+        self.lt.run(self.cloud.bring_up())
+
+    def close(self) -> None:
+        self.lt.run(self.cloud.stop())
+
+
+class Mosquitto:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        conf = workdir / f"mosquitto-{self.port}.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n"
+            # The counting subscriber must never be the one that loses messages.
+            "max_queued_messages 10000000\nmax_inflight_messages 1000\n"
+            "persistence false\nset_tcp_nodelay true\n"
+        )
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_tcp(self.port, 10)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class MqttReceiver:
+    """A paho subscriber on the sink's Mosquitto, counting records and latencies."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.n = 0
+        self._lat: list[float] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="e2e-counter")
+        self.client.on_message = self._on_message
+        ready = threading.Event()
+        self.client.on_subscribe = lambda *a: ready.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe("edgeway/#", qos=1)
+        self.client.loop_start()
+        if not ready.wait(10):
+            raise RuntimeError("subscriber got no SUBACK")
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        import orjson
+
+        now = time.time()
+        try:
+            doc = orjson.loads(msg.payload)
+        except orjson.JSONDecodeError:
+            return
+        recs = doc if isinstance(doc, list) else doc.get("records", [doc])
+        for r in recs:
+            self.n += 1
+            ts = r.get("ts") if isinstance(r, dict) else None
+            if isinstance(ts, int | float):
+                self._lat.append(now - ts)
+
+    def count(self) -> int:
+        return self.n
+
+    def latencies(self) -> list[float]:
+        return self._lat
+
+    def reset_latencies(self) -> None:
+        self._lat = []
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+# ---------------------------------------------------------------- the gateway
+
+
+def wait_tcp(port: int, limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on {port} after {limit} s")
+
+
+class Edgeway:
+    """``edgeway run`` as a child process, ready when /healthz says so."""
+
+    def __init__(self, workdir: Path, sink: str | None) -> None:
+        self.port = free_port()
+        self.admin = free_port()
+        data = workdir / f"edgeway-{self.port}"
+        shutil.rmtree(data, ignore_errors=True)
+        args = [
+            sys.executable, "-m", "edgeway", "run", "--data-dir", str(data),
+            "--mqtt-listen", f"127.0.0.1:{self.port}", "--admin-listen", f"127.0.0.1:{self.admin}",
+            "--gateway-id", "bench", "--log-level", "warning",
+        ]  # fmt: skip
+        if sink:
+            args += ["--sink", sink]
+        self.log = workdir / f"edgeway-{self.port}.log"
+        t0 = time.monotonic()
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+        deadline = t0 + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"edgeway exited: {self.log.read_text()[-500:]}")
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.admin}/healthz", timeout=1
+                ) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("edgeway not ready in 30 s")
+            time.sleep(0.005)
+        self.cold_start_ms = (time.monotonic() - t0) * 1000
+        self.pid = self.proc.pid
+
+    def status(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/api/status", timeout=5) as r:
+            return dict(json.load(r))
+
+    def sink_counters(self) -> dict[str, int]:
+        return dict(next(iter(self.status()["outbox"].values()), {}))
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def cold_start(workdir: Path, runs: int) -> dict[str, float]:
+    """Median cold start (ms) and idle RSS (MB) of ``edgeway run`` with no devices."""
+    starts, rss = [], []
+    for _ in range(runs):
+        gw = Edgeway(workdir, None)
+        try:
+            starts.append(gw.cold_start_ms)
+            time.sleep(0.5)  # let start-up garbage settle
+            rss.append(proc_rss_mb(gw.pid))
+        finally:
+            gw.close()
+    return {"cold_start_ms": statistics.median(starts), "idle_rss_mb": statistics.median(rss)}
+
+
+# ---------------------------------------------------------------- loads
+
+
+def w1_jobs(port: int, procs: int) -> list[Job]:
+    return [
+        Job(
+            "pub1", "127.0.0.1", port, conns=c, client_prefix=f"e2e{i}",
+            topic="devices/bench-{n}/telemetry", payload=PAYLOAD, window=16, first_n=i * 100_000,
+        )
+        for i, c in enumerate(split(100, procs))
+    ]  # fmt: skip
+
+
+def throughput(
+    gw: Edgeway, recv: HttpReceiver | MqttReceiver, warmup: float, measure: float, procs: int
+) -> dict[str, float]:
+    gen = LoadGen(w1_jobs(gw.port, procs))
+    try:
+        gen.start(timeout=60)
+        gen.go()
+        time.sleep(warmup)
+        gen.check()
+        # Delivered = confirmed by the remote side (2xx, PUBACK): the gateway's
+        # own counter, so a slow counting subscriber cannot understate it.
+        c0 = gw.sink_counters().get("delivered", 0)
+        a0, cpu0, t0 = gen.total(), proc_cpu(gw.pid), time.monotonic()
+        peak = 0.0
+        while time.monotonic() - t0 < measure:
+            time.sleep(0.25)
+            peak = max(peak, proc_rss_mb(gw.pid))
+        c1 = gw.sink_counters().get("delivered", 0)
+        a1, cpu1, t1 = gen.total(), proc_cpu(gw.pid), time.monotonic()
+        gen.check()
+    finally:
+        gen.stop()
+    delivered, stored = c1 - c0, a1 - a0
+    return {
+        "delivered_per_s": delivered / (t1 - t0),
+        "acked_per_s": stored / (t1 - t0),
+        # Each record costs its ingest and its delivery; over the window the
+        # gateway did `stored` ingests and `delivered` deliveries.
+        "cpu_s_per_1k": (cpu1 - cpu0) / max((stored + delivered) / 2, 1) * 1000,
+        "peak_rss_mb": peak,
+    }
+
+
+def reference_ceiling(workdir: Path, warmup: float, measure: float, procs: int) -> float:
+    """W1 against a bare Mosquitto: the harness's ceiling on this machine now."""
+    mq = Mosquitto(workdir)
+    gen = LoadGen(w1_jobs(mq.port, procs))
+    try:
+        gen.start(timeout=60)
+        gen.go()
+        time.sleep(warmup)
+        a0, t0 = gen.total(), time.monotonic()
+        time.sleep(measure)
+        a1, t1 = gen.total(), time.monotonic()
+    finally:
+        gen.stop()
+        mq.close()
+    return (a1 - a0) / (t1 - t0)
+
+
+def _fleet_child(port: int, devices: int, rate: float, seconds: float) -> None:
+    """Child process: the simulator's MQTT fleet at a steady rate."""
+    from edgeway.sim.devices import make_devices
+    from edgeway.sim.runner import MqttFleet
+
+    async def main() -> None:
+        devs = make_devices(devices, prefix="lat", seed=1, rate=rate, bursts_per_hour=0.0)
+        fleet = MqttFleet(devs, "127.0.0.1", port, qos=1)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(seconds, stop.set)
+        await fleet.run(stop, drain=0.0)
+
+    asyncio.run(main())
+
+
+def latency(
+    gw: Edgeway, recv: HttpReceiver | MqttReceiver, warmup: float, measure: float
+) -> dict[str, float]:
+    child = mp.get_context("spawn").Process(
+        target=_fleet_child, args=(gw.port, 100, 10.0, warmup + measure + 1.0)
+    )
+    child.start()
+    try:
+        # The child needs a few seconds to import and connect 100 devices.
+        c = recv.count()
+        deadline = time.monotonic() + 60
+        while recv.count() < c + 1000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(warmup)
+        recv.reset_latencies()
+        c0, cpu0, t0 = recv.count(), proc_cpu(gw.pid), time.monotonic()
+        time.sleep(measure)
+        c1, cpu1, t1 = recv.count(), proc_cpu(gw.pid), time.monotonic()
+        lat = [x * 1000 for x in recv.latencies()]
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.terminate()
+            child.join()
+    n = c1 - c0
+    return {
+        "rate_per_s": n / (t1 - t0),
+        "p50_ms": pct(lat, 0.50),
+        "p99_ms": pct(lat, 0.99),
+        "max_ms": max(lat) if lat else float("nan"),
+        "cpu_s_per_1k": (cpu1 - cpu0) / max(n, 1) * 1000,
+        "rss_mb": proc_rss_mb(gw.pid),
+    }
+
+
+def drain_after_outage(
+    gw: Edgeway, recv: HttpReceiver, backlog: int, procs: int
+) -> dict[str, float]:
+    base = recv.count()
+    recv.down()
+    gen = LoadGen(w1_jobs(gw.port, procs))
+    try:
+        gen.start(timeout=60)
+        gen.go()
+        while gen.total() < backlog:
+            time.sleep(0.05)
+    finally:
+        gen.stop()
+    stored = gw.sink_counters().get("accepted", 0)
+    target = base + (stored - base)
+    recv.up()
+    t0 = time.monotonic()
+    deadline = t0 + 300
+    while recv.count() < target and time.monotonic() < deadline:
+        time.sleep(0.02)
+    took = time.monotonic() - t0
+    return {"backlog": float(stored - base), "drain_per_s": (recv.count() - base) / took}
+
+
+@contextlib.contextmanager
+def receiver(kind: str, lt: LoopThread, workdir: Path) -> Iterator[tuple[Any, str]]:
+    if kind == "http":
+        r = HttpReceiver(lt)
+        try:
+            yield r, r.url
+        finally:
+            r.close()
+    else:
+        mq = Mosquitto(workdir)
+        r2 = MqttReceiver(mq.port)
+        try:
+            yield r2, f"mqtt://127.0.0.1:{mq.port}"
+        finally:
+            r2.close()
+            mq.close()
+
+
+def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict[str, Any]:
+    warm, meas = (1.0, 4.0) if args.quick else (3.0, 15.0)
+    out: dict[str, Any] = {"quick": args.quick}
+    lt = LoopThread()
+    with tempfile.TemporaryDirectory(prefix="edgeway-e2e-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        out["cold"] = cold_start(work, 2 if args.quick else 5)
+        say(f"cold start {out['cold']['cold_start_ms']:.0f} ms, idle RSS "
+            f"{out['cold']['idle_rss_mb']:.1f} MB")  # fmt: skip
+        out["reference_w1_per_s"] = reference_ceiling(work, warm, meas, args.procs)
+        say(f"reference: load generator -> Mosquitto {out['reference_w1_per_s']:,.0f} msg/s")
+        for kind in args.sinks.split(","):
+            with receiver(kind, lt, work) as (recv, url):
+                gw = Edgeway(work, url)
+                try:
+                    res: dict[str, Any] = {}
+                    res["w1"] = throughput(gw, recv, warm, meas, args.procs)
+                    say(f"{kind}: W1 {res['w1']['delivered_per_s']:,.0f} records/s delivered, "
+                        f"{res['w1']['acked_per_s']:,.0f}/s stored, "
+                        f"{res['w1']['cpu_s_per_1k']:.3f} CPU-s/1k, "
+                        f"peak RSS {res['w1']['peak_rss_mb']:.0f} MB")  # fmt: skip
+                    # Let the W1 backlog go (out of the gateway and out of the
+                    # receiver's queue) before measuring latency at 1,000/s.
+                    deadline = time.monotonic() + 180
+                    while time.monotonic() < deadline:
+                        c = gw.sink_counters()
+                        if not c.get("pending", 0) and recv.count() >= c.get("delivered", 0):
+                            break
+                        time.sleep(0.1)
+                    res["w2"] = latency(gw, recv, warm, meas)
+                    say(f"{kind}: W2 {res['w2']['rate_per_s']:,.0f} records/s, latency p50 "
+                        f"{res['w2']['p50_ms']:.1f} / p99 {res['w2']['p99_ms']:.1f} / max "
+                        f"{res['w2']['max_ms']:.1f} ms, {res['w2']['cpu_s_per_1k']:.3f} CPU-s/1k")  # fmt: skip
+                    if kind == "http":
+                        res["drain"] = drain_after_outage(gw, recv, args.backlog, args.procs)
+                        say(f"{kind}: drain after outage {res['drain']['drain_per_s']:,.0f} "
+                            f"records/s ({res['drain']['backlog']:,.0f} backlog)")  # fmt: skip
+                    out[kind] = res
+                finally:
+                    gw.close()
+    lt.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short windows (~40 s in all)")
+    ap.add_argument("--sinks", help="http,mqtt (default; --quick: http)")
+    ap.add_argument("--procs", type=int, default=2, help="load generator processes")
+    ap.add_argument("--backlog", type=int, default=0, help="records stored during the outage")
+    ap.add_argument("--json", type=Path, help="write the figures as JSON here")
+    args = ap.parse_args(argv)
+    if not args.sinks:
+        args.sinks = "http" if args.quick else "http,mqtt"
+    if not args.backlog:
+        args.backlog = 20_000 if args.quick else 100_000
+    out = run(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
