@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_harness import RawClient, running_broker
+from mqtt_harness import RawClient, running_broker, wait_until
 
 from edgeway.config import ListenerConfig
 from edgeway.south.mqtt.codec import encode
@@ -129,3 +129,36 @@ async def test_mutated_streams_stay_inside_the_connection(
         assert rb.broker.stats()["protocol_errors"] > CASES // 4
     # Bad input is a protocol error, never an internal error caught at the boundary.
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_slow_subscriber_is_queued_bounded_and_drained(tmp_path: Path) -> None:
+    """While a subscriber's transport asks to pause writing, its messages queue
+    (bounded by max_queued_messages, oldest QoS 0 dropped first) and flow again
+    on resume_writing."""
+    from edgeway.config import MqttLimits, MqttSection
+    from edgeway.south.mqtt.codec import MqttReader
+
+    cfg = MqttSection(limits=MqttLimits(max_queued_messages=10))
+    async with running_broker(tmp_path, config=cfg) as rb:
+        listener = ListenerConfig(bind="127.0.0.1:0", allow_anonymous=True)
+        proto = rb.broker.protocol_factory(listener)()
+        t = MemoryTransport()
+        proto.connection_made(t)
+        proto.data_received(encode(Connect(5, "slow"), 5))
+        proto.data_received(encode(Subscribe(1, [Subscription("t", 0)]), 5))
+        await wait_until(lambda: len(t.out) >= 9)  # CONNACK and SUBACK, after authentication
+        reader = MqttReader(protocol_level=5)
+        assert [type(p).__name__ for p in reader.feed(bytes(t.out))] == ["ConnAck", "SubAck"]
+        t.out.clear()
+        proto.pause_writing()
+        pub, _ = await RawClient.connect(rb.port, "p")
+        for i in range(15):
+            await pub.publish("t", b"%d" % i)
+        await pub.publish("sync", b"", qos=1)  # all 15 routed by now
+        assert t.out == b""
+        assert rb.broker.stats()["dropped_queue_full"] == 5
+        proto.resume_writing()
+        rb.broker.flush_writes()
+        got = [p.payload for p in reader.feed(bytes(t.out)) if isinstance(p, Publish)]
+        assert got == [b"%d" % i for i in range(5, 15)]
+        proto.connection_lost(None)
