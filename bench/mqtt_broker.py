@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import resource
 import shutil
@@ -104,8 +105,9 @@ class Broker:
                 "max_queued_messages 1000000\n"
                 "persistence false\n" + ("set_tcp_nodelay true\n" if self.nodelay else "")
                 # Off by default (Mosquitto's default, and the brief's config).
-                # On, it changed little here: QoS 1 33-52k vs 31-43k msg/s,
-                # fan-out lower (one segment per delivery).
+                # On, it changed nothing at 100 connections here (QoS 1
+                # 31-34k vs 35-36k msg/s) and raised Mosquitto's CPU per
+                # message (one segment per PUBACK or delivery).
             )
             args = [MOSQUITTO, "-c", str(conf)]
         else:
@@ -472,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         "--mosquitto-nodelay", action="store_true", help="set_tcp_nodelay true for Mosquitto"
     )
     ap.add_argument("--no-write", action="store_true", help="do not write bench/results/")
+    ap.add_argument("--json", type=Path, help="also write the figures as JSON here (run_all.py)")
     args = ap.parse_args(argv)
 
     s = Settings(
@@ -609,6 +612,18 @@ def main(argv: list[str] | None = None) -> int:
         print("\nerrors:")
         for err in errors:
             print(f"  {err}")
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "figures": [
+                        {"load": f.load, "metric": f.metric, "unit": f.unit, "values": f.values}
+                        for f in figures
+                    ],
+                    "errors": errors,
+                }
+            )
+        )
 
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
