@@ -199,7 +199,9 @@ class MqttConnection(asyncio.Protocol):
         self.broker = broker
         self.listener = listener
         self.transport: asyncio.Transport | None = None
-        self.reader = MqttReader(broker.limits.max_packet_size)
+        # Decoded PUBLISHes are only read, never mutated (forwarded properties
+        # are copies), so they may share one empty Properties: ~1.5x faster decode.
+        self.reader = MqttReader(broker.limits.max_packet_size, share_empty_properties=True)
         self.level = 0
         self.state = AWAIT_CONNECT
         self.session: Session | None = None
