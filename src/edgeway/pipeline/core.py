@@ -436,10 +436,11 @@ class Pipeline:
             and not releases
             and ok is IngestStatus.ACCEPTED
             and self.state.ops_queued == ops_before
-            and not any(route.forgets for route in active)
         ):
-            # The outbox's own future says it all: nothing to release, no
-            # step memory to undo if the outbox refuses.
+            # The outbox's own future says it all: nothing to release; step
+            # memory to undo only if the outbox refuses.
+            if any(route.forgets for route in active):
+                futs[0].add_done_callback(lambda f: self._forget_if_refused(f, active, readings))
             return futs[0]
         if self.state.ops_queued != ops_before:
             sfut = self.state.commit_future()
@@ -453,6 +454,24 @@ class Pipeline:
             fut.set_result(ok)
             return fut
         return self._join(futs, ok, releases, active, readings, None)
+
+    def _forget_if_refused(
+        self, fut: asyncio.Future[Any], routes: list[_Route], readings: Sequence[Reading]
+    ) -> None:
+        if (
+            fut.cancelled()
+            or fut.exception() is not None
+            or fut.result() is not IngestStatus.ACCEPTED
+        ):
+            self._forget(routes, readings)
+
+    def _forget(self, routes: list[_Route], readings: Sequence[Reading]) -> None:
+        """Steps must not take the device's resend for a repeat of what was refused."""
+        devices = {r.device_id for r in readings}
+        for route in routes:
+            for slot in route.slots:
+                for d in devices:
+                    slot.step.forget(d)
 
     def _step_failed(self, route: _Route, e: Exception, n: int) -> None:
         route.failures += n
@@ -523,13 +542,7 @@ class Pipeline:
             if failure:
                 first = failure[0]
                 if routes:
-                    # Steps must not take the device's resend for a repeat of
-                    # what was just refused.
-                    devices = {r.device_id for r in readings}
-                    for route in routes:
-                        for slot in route.slots:
-                            for d in devices:
-                                slot.step.forget(d)
+                    self._forget(routes, readings)
                 if retry is not None:
                     self._retry.append((retry[0], retry[1], releases))
                 elif releases:

@@ -130,6 +130,12 @@ class HoldingStep(Step):
         return out
 
 
+NAME_CACHE_LIMIT = 10_000
+"""Entries of a step's per-metric-name caches (glob results, output names).
+Metric names come from devices; a device inventing names must not grow a
+cache without bound. Real sites have hundreds of names; past the limit the
+cache is cleared and refilled."""
+
 _STEPS: dict[str, type[Step]] = {}
 
 S = TypeVar("S", bound=type[Step])

@@ -33,7 +33,13 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from edgeway.config import Duration
-from edgeway.pipeline.registry import Step, StepContext, StepParams, register_step
+from edgeway.pipeline.registry import (
+    NAME_CACHE_LIMIT,
+    Step,
+    StepContext,
+    StepParams,
+    register_step,
+)
 from edgeway.pipeline.routes import compile_globs
 from edgeway.reading import MetricValue, Reading
 
@@ -96,6 +102,8 @@ class DeadbandStep(Step):
         c = self._covered.get(name)
         if c is None:
             c = name not in CONTEXT_METRICS and (name in self.bands or self.covers(name))
+            if len(self._covered) >= NAME_CACHE_LIMIT:
+                self._covered.clear()
             self._covered[name] = c
         return c
 

@@ -49,7 +49,14 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from edgeway.config import Duration
-from edgeway.pipeline.registry import HoldingStep, Release, StepContext, StepParams, register_step
+from edgeway.pipeline.registry import (
+    NAME_CACHE_LIMIT,
+    HoldingStep,
+    Release,
+    StepContext,
+    StepParams,
+    register_step,
+)
 from edgeway.pipeline.routes import compile_globs
 from edgeway.reading import MetricValue, Origin, Reading
 
@@ -310,6 +317,8 @@ class WindowStep(HoldingStep):
         for name, acc in win.accs.items():
             names = self._out_names.get(name)
             if names is None:
+                if len(self._out_names) >= NAME_CACHE_LIMIT:
+                    self._out_names.clear()
                 names = self._out_names[name] = [
                     (agg, self.names.format(metric=name, agg=agg)) for agg in self.aggs
                 ]
