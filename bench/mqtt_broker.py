@@ -442,6 +442,14 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def mosquitto_version() -> str:
+    try:
+        out = subprocess.run([MOSQUITTO, "-h"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else "unknown"
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(
@@ -499,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         f"date: {dt.datetime.now().isoformat(timespec='seconds')}",
         f"commit: {git_commit()}",
         f"machine: {os.cpu_count()} CPUs, load average at start {loadavg():.1f}",
-        f"mosquitto: {subprocess.run([MOSQUITTO, '-h'], capture_output=True, text=True).stdout.splitlines()[0:1]}",
+        f"mosquitto: {mosquitto_version()}",
         f"settings: warm-up {s.warmup:.0f} s, measure {s.measure:.0f} s, {s.procs} load processes, "
         f"QoS 1 window {s.window}/client (refilled at half), "
         f"QoS 0 batch {s.batch} + PINGREQ (4 batches in flight), "
