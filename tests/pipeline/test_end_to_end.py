@@ -23,7 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgeway.config import parse_config
 from edgeway.devices.config_auth import ConfigAuthenticator, ConfigAuthoriser
 from edgeway.outbox import Outbox, SinkRunner
-from edgeway.pipeline import Pipeline
+from edgeway.pipeline import Pipeline, load_stats
 from edgeway.sinks.base import create_sink
 from edgeway.south.mqtt.broker import Broker
 from edgeway.south.mqtt.listeners import start_listeners
@@ -93,7 +93,7 @@ routes:
       - window: {{size: 10s, aggregates: [mean], grace: 2s}}
       - deadband: {{absolute: 0.5}}
     sinks: [cloud]
-pipeline: {{tick_interval: 0.1s}}
+pipeline: {{tick_interval: 0.1s, stats_interval: 0.2s}}
 """
 
 
@@ -205,6 +205,13 @@ async def test_mqtt_device_to_http_cloud_through_the_pipeline(
         assert steps["sensors/1:window"]["in"]["readings"] == 21
         assert steps["sensors/1:window"]["out"]["readings"] == 3
         assert steps["sensors/2:deadband"]["out"]["readings"] == 2
+        # The running pipeline writes the figures `edgeway stats` reads.
+        async with asyncio.timeout(5):
+            while True:
+                written = load_stats(tmp_path / "data")
+                if written is not None and written["sent"]["readings"] == 3:
+                    break
+                await asyncio.sleep(0.05)
     finally:
         for lst in listeners:
             await lst.close()
