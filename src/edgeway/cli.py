@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_simulate_arguments(simulate)
 
+    stats = sub.add_parser(
+        "stats", help="bandwidth report: readings and bytes in from devices vs out to sinks"
+    )
+    _add_common(stats)
+    stats.add_argument("rest", nargs=argparse.REMAINDER, help="[--json]")
+
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -304,6 +310,15 @@ def main(argv: list[str] | None = None) -> int:
         from edgeway.devices.config_auth import passwd_main
 
         return passwd_main(["--stdin"] if args.stdin else [])
+    if args.command == "stats":
+        from edgeway.pipeline import stats_main
+
+        try:
+            cfg = _load(args.config)
+        except ConfigError as e:
+            _print_config_errors(e)
+            return EXIT_CONFIG
+        return stats_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
     if args.command == "deadletter":
         from edgeway.outbox import deadletter_main
 

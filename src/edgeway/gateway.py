@@ -25,6 +25,7 @@ from edgeway.config import Config, is_loopback, parse_host_port
 from edgeway.devices.auth import Authenticator, Authoriser
 from edgeway.ingest import Ingest
 from edgeway.outbox import Outbox, SinkRunner
+from edgeway.pipeline import Pipeline
 from edgeway.sinks.base import Sink, create_sink
 from edgeway.south.base import Backoff, SouthAdapter, adapter_class
 from edgeway.south.mqtt.broker import Broker
@@ -59,6 +60,7 @@ class Gateway:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     outbox: Outbox | None = None
+    pipeline: Pipeline | None = None
     broker: Broker | None = None
     sinks: list[Sink] = field(default_factory=list)
     listeners: list[RunningListener] = field(default_factory=list)
@@ -75,6 +77,7 @@ class Gateway:
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "broker": self.broker.stats() if self.broker is not None else None,
             "outbox": self.outbox.counters() if self.outbox is not None else {},
+            "pipeline": self.pipeline.stats() if self.pipeline is not None else None,
             "sinks": {s.name: dataclasses.asdict(s.state) for s in self.sinks},
             "adapters": {
                 f"{a.section}:{a.name}": dataclasses.asdict(a.state) for a in self.adapters
@@ -106,7 +109,20 @@ class Gateway:
         )
         self.outbox = outbox
         await outbox.open()
-        self.adapters = self._build_adapters(outbox)
+        try:
+            pipeline = Pipeline(
+                cfg.routes,
+                cfg.pipeline,
+                outbox=outbox,
+                data_dir=data_dir,
+                durability=cfg.outbox.durability,
+            )
+        except ValueError:
+            await outbox.close()
+            raise
+        await pipeline.open()
+        self.pipeline = pipeline
+        self.adapters = self._build_adapters(pipeline)
         try:
             for sink in self.sinks:
                 await sink.start()
@@ -150,6 +166,9 @@ class Gateway:
             await self._stop_front()
             if self.admin is not None:
                 await self.admin.close()
+            # After the adapters stopped (nothing submits any more), before the
+            # outbox closes (the pipeline's last window state and stats commit).
+            await pipeline.close()
             for sink in self.sinks:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(sink.close(), 1.0)
@@ -224,10 +243,10 @@ class Gateway:
 
     async def _start_broker(self, authenticator: Authenticator, authoriser: Authoriser) -> None:
         cfg = self.config
-        assert self.outbox is not None
+        assert self.pipeline is not None
         broker = Broker(
             cfg.mqtt,
-            ingest=self.outbox,
+            ingest=self.pipeline,
             authenticator=authenticator,
             authoriser=authoriser,
             data_dir=Path(cfg.gateway.data_dir),
