@@ -436,3 +436,33 @@ async def test_rtu_through_a_pseudo_terminal_pair() -> None:
                 assert ingest.readings[0].origin.address.startswith(client_port)
         finally:
             await server.shutdown()
+
+
+async def test_cancel_stops_the_poller_even_mid_request() -> None:
+    # pymodbus turns a cancellation inside a request into its own I/O error;
+    # the reconnect loop must still stop (found by bench/ingest_protocols.py).
+    in_request = asyncio.Event()
+
+    async def slow(*_: Any) -> None:
+        in_request.set()
+        await asyncio.sleep(0.5)
+
+    device = sim_device()
+    device.action = slow
+    server = ModbusTcpServer(device, address=("127.0.0.1", 0))
+    await server.serve_forever(background=True)
+    try:
+        port = server.transport.sockets[0].getsockname()[1]
+        adapter = ModbusAdapter(
+            device_config(host="127.0.0.1", port=port), ingest=RecordingIngest()
+        )
+        task = asyncio.create_task(adapter.run())
+        async with asyncio.timeout(10):
+            await in_request.wait()
+        task.cancel()
+        async with asyncio.timeout(3):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert task.done()
+    finally:
+        await server.shutdown()

@@ -49,6 +49,7 @@ from edgeway.config import ModbusDeviceConfig, ModbusFunction, ModbusGroup, Modb
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.reading import MetricValue, Origin, Reading
 from edgeway.south.base import Backoff, SouthAdapter, register_adapter
+from edgeway.south.cancel import cancel_requested
 from edgeway.south.decode_errors import DecodeErrorCounter
 
 log = logging.getLogger(__name__)
@@ -289,6 +290,8 @@ class ModbusAdapter(SouthAdapter):
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a misbehaving peer never stops the gateway
+                if cancel_requested():
+                    raise asyncio.CancelledError from e
                 self.state.record_error(e)
                 log.warning("modbus %s: %s; reconnecting", self.name, e)
             finally:

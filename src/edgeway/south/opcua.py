@@ -47,6 +47,7 @@ from edgeway.config import OpcUaNode, OpcUaServerConfig
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.reading import MetricValue, Origin, Reading
 from edgeway.south.base import Backoff, SouthAdapter, register_adapter
+from edgeway.south.cancel import cancel_requested
 from edgeway.south.decode_errors import DecodeErrorCounter
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,8 @@ class OpcUaAdapter(SouthAdapter):
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a misbehaving server never stops the gateway
+                if cancel_requested():
+                    raise asyncio.CancelledError from e
                 self.state.record_error(e)
                 log.warning("opcua %s: %s; reconnecting", self.name, e)
             finally:

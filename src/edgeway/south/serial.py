@@ -47,6 +47,7 @@ from edgeway.config import SerialCsv, SerialPortConfig
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.reading import MetricValue, Origin, Reading
 from edgeway.south.base import Backoff, SouthAdapter, register_adapter
+from edgeway.south.cancel import cancel_requested
 from edgeway.south.decode_errors import DecodeErrorCounter
 from edgeway.south.nmea import parse_sentence
 
@@ -258,6 +259,8 @@ class SerialAdapter(SouthAdapter):
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the port going away never stops the gateway
+                if cancel_requested():
+                    raise asyncio.CancelledError from e
                 self.state.record_error(e)
                 log.warning("serial %s: %s; reopening", self.name, e)
             finally:
