@@ -158,6 +158,12 @@ def cmd_check(path: Path) -> int:
 
 
 def _check_sinks(cfg: Config, filename: str) -> list[str]:
+    """Build every sink once so its type validates its ``options``; each problem
+    is reported as ``file:line: sinks[i].options.key: message`` when the sink
+    came from the file."""
+    import re
+
+    from edgeway.config import locate_key
     from edgeway.sinks.base import create_sink
 
     out: list[str] = []
@@ -165,7 +171,14 @@ def _check_sinks(cfg: Config, filename: str) -> list[str]:
         try:
             create_sink(s, cfg.gateway.id)
         except (ValueError, TypeError) as e:
-            out.append(f"{filename}: sinks[{i}] ({s.name}): {e}")
+            for part in str(e).split("; "):
+                m = re.match(r"(options(?:\.[\w-]+)*): (.*)", part)
+                key = f"sinks[{i}].{m.group(1)}" if m else f"sinks[{i}]"
+                msg = m.group(2) if m else part
+                loc: tuple[str | int, ...] = ("sinks", i, *(m.group(1).split(".") if m else ()))
+                line = locate_key(filename, loc)
+                where = f"{filename}:{line}" if line is not None else filename
+                out.append(f"{where}: {key} ({s.name}): {msg}")
     return out
 
 

@@ -836,6 +836,15 @@ def _clean_message(err: dict[str, Any]) -> str:
     return msg
 
 
+def locate_key(filename: str, loc: tuple[int | str, ...]) -> int | None:
+    """The line of ``loc`` (a key path) in a YAML file, or None if unknown."""
+    try:
+        root = yaml.compose(Path(filename).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError, ValueError):
+        return None
+    return _line_of(root, loc) if root is not None else None
+
+
 def parse_config(text: str, filename: str = "<config>") -> Config:
     """Parse and validate YAML text; raise :class:`ConfigError` on any problem."""
     try:

@@ -47,10 +47,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict
 
-from edgeway.config import Duration, SinkConfig, Size
-from edgeway.sinks.base import Record, RetryableSinkError, Sink, register_sink
+from edgeway.config import Duration, SinkConfig
+from edgeway.sinks.base import (
+    BatchOptions,
+    Record,
+    RetryableSinkError,
+    Sink,
+    parse_options,
+    register_sink,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,17 +66,10 @@ logger = logging.getLogger(__name__)
 _KEY_CACHE_MAX = 100_000
 
 
-class AmqpSinkOptions(BaseModel):
+class AmqpSinkOptions(BatchOptions):
     """The ``options`` of an ``amqp://`` / ``amqps://`` sink."""
 
     model_config = ConfigDict(extra="forbid")
-
-    max_records: int = Field(default=500, ge=1, le=100_000)
-    """Records per batch (the outbox runner reads batches of this size)."""
-    max_bytes: Size = Field(default=1024 * 1024, ge=1024)
-    """About the encoded size of a batch."""
-    max_wait: Duration = 0.0
-    """Wait this long for a batch to fill (0: send what is there)."""
 
     exchange: str = "edgeway"
     exchange_type: Literal["topic", "direct", "fanout", "headers"] = "topic"
@@ -88,16 +88,6 @@ class AmqpSinkOptions(BaseModel):
     key: Path | None = None
 
 
-def _parse_options(config: SinkConfig) -> AmqpSinkOptions:
-    try:
-        return AmqpSinkOptions.model_validate(config.options)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ValueError(f"options.{key}: {msg}") from None
-
-
 @register_sink
 class AmqpSink(Sink):
     """Publishes records to an AMQP exchange with publisher confirms (see the module docstring).
@@ -110,11 +100,9 @@ class AmqpSink(Sink):
 
     def __init__(self, config: SinkConfig, gateway_id: str) -> None:
         super().__init__(config, gateway_id)
-        opts = _parse_options(config)
+        opts = parse_options(AmqpSinkOptions, config.options)
         self.options = opts
-        self.max_batch_records = opts.max_records
-        self.max_batch_bytes = opts.max_bytes
-        self.max_wait = opts.max_wait
+        self.use_batch_options(opts)
         url = urllib.parse.urlsplit(config.url)
         if not url.hostname:
             raise ValueError(f"url: no host in {config.url!r}")

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from edgeway.config import SinkConfig
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgeway.config import Duration, SinkConfig, Size
 from edgeway.reading import MetricValue
 
 
@@ -102,6 +104,37 @@ class SinkState:
         self.last_error_at = time.time()
 
 
+class BatchOptions(BaseModel):
+    """The batching options every sink type accepts; a sink's options model
+    subclasses this (and may change the defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_records: int = Field(default=500, ge=1, le=100_000)
+    """Records per batch. 100,000 caps the memory of one batch (~10 MB of JSON)."""
+    max_bytes: Size = Field(default=1024 * 1024, ge=1024)
+    """About the encoded size of a batch."""
+    max_wait: Duration = 0.0
+    """Wait this long for a batch to fill (0: send what is there; batches grow
+    by themselves while the previous one is in flight)."""
+
+
+_O = TypeVar("_O", bound=BaseModel)
+
+
+def parse_options(model: type[_O], options: Mapping[str, Any]) -> _O:
+    """Validate a sink's ``options``; ``ValueError`` naming every key at fault."""
+    try:
+        return model.model_validate(options)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(options)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msgs.append(f"options.{key}: {msg}")
+        raise ValueError("; ".join(msgs)) from None
+
+
 class Sink(abc.ABC):
     """One cloud-side destination.
 
@@ -123,6 +156,12 @@ class Sink(abc.ABC):
         self.name = config.name
         self.gateway_id = gateway_id
         self.state = SinkState()
+
+    def use_batch_options(self, opts: BatchOptions) -> None:
+        """Take ``max_records``/``max_bytes``/``max_wait`` from parsed options."""
+        self.max_batch_records = opts.max_records
+        self.max_batch_bytes = opts.max_bytes
+        self.max_wait = opts.max_wait
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open connections (optional; must not raise when the remote is down)."""

@@ -33,8 +33,14 @@ import orjson
 from pydantic import Field
 
 from edgeway.config import Duration, SinkConfig, Size
-from edgeway.sinks.base import Record, RetryableSinkError, Sink, register_sink
-from edgeway.sinks.http import _Options, parse_options
+from edgeway.sinks.base import (
+    BatchOptions,
+    Record,
+    RetryableSinkError,
+    Sink,
+    parse_options,
+    register_sink,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +52,7 @@ TAIL_SCAN = 1024 * 1024
 larger than any single record we write."""
 
 
-class FileSinkOptions(_Options):
+class FileSinkOptions(BatchOptions):
     """``options:`` of a ``file://`` sink."""
 
     max_file_bytes: Size = Field(default=64 * 1024 * 1024, ge=1024)
@@ -84,9 +90,7 @@ class FileSink(Sink):
         opts: FileSinkOptions = parse_options(FileSinkOptions, config.options)
         self.options = opts
         self.path = path_from_url(config.url, config.name)
-        self.max_batch_records = opts.max_records
-        self.max_batch_bytes = opts.max_bytes
-        self.max_wait = opts.max_wait
+        self.use_batch_options(opts)
         self._fd: int | None = None
         self._size = 0
 

@@ -40,18 +40,20 @@ import ssl
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import aiohttp
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from edgeway.config import Duration, SinkConfig, Size
 from edgeway.sinks.base import (
+    BatchOptions,
     PermanentSinkError,
     Record,
     RetryableSinkError,
     Sink,
+    parse_options,
     register_sink,
 )
 
@@ -87,7 +89,7 @@ class HttpTlsOptions(_Options):
     """Verify the server certificate and host name. Turn off only for tests."""
 
 
-class HttpSinkOptions(_Options):
+class HttpSinkOptions(BatchOptions):
     """``options:`` of an ``http://`` / ``https://`` sink."""
 
     max_records: int = Field(default=500, ge=1, le=100_000)
@@ -105,19 +107,6 @@ class HttpSinkOptions(_Options):
     timeout: Duration = Field(default=10.0, gt=0)
     tls: HttpTlsOptions | None = None
     idempotency_header: str = Field(default="Idempotency-Key", min_length=1)
-
-
-def parse_options(model: type[_Options], options: dict[str, Any]) -> Any:
-    """Validate sink options; ``ValueError`` naming the key at fault."""
-    try:
-        return model.model_validate(options)
-    except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(options)"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            msgs.append(f"options.{key}: {msg}")
-        raise ValueError("; ".join(msgs)) from None
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -170,9 +159,7 @@ class HttpSink(Sink):
             raise ValueError("options.tls.key: needs tls.cert")
         self.options = opts
         self.url = config.url
-        self.max_batch_records = opts.max_records
-        self.max_batch_bytes = opts.max_bytes
-        self.max_wait = opts.max_wait
+        self.use_batch_options(opts)
         self._ssl = _ssl_context(opts.tls) if config.url.lower().startswith("https") else None
         self._headers = {"Content-Type": "application/json", **opts.headers}
         if opts.bearer_token:

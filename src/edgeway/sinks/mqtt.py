@@ -88,14 +88,16 @@ import orjson
 from gmqtt import Client as _GmqttClient
 from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 from gmqtt.storage import PersistentStorage as _GmqttStorage
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BeforeValidator, ConfigDict, Field
 
 from edgeway.config import Duration, SinkConfig, Size
 from edgeway.sinks.base import (
+    BatchOptions,
     PermanentSinkError,
     Record,
     RetryableSinkError,
     Sink,
+    parse_options,
     register_sink,
 )
 
@@ -128,17 +130,10 @@ def _protocol_str(value: Any) -> Any:
     return value
 
 
-class MqttSinkOptions(BaseModel):
+class MqttSinkOptions(BatchOptions):
     """The ``options`` of an ``mqtt://`` / ``mqtts://`` sink."""
 
     model_config = ConfigDict(extra="forbid")
-
-    max_records: int = Field(default=500, ge=1, le=100_000)
-    """Records per batch (the outbox runner reads batches of this size)."""
-    max_bytes: Size = Field(default=1024 * 1024, ge=1024)
-    """About the encoded size of a batch."""
-    max_wait: Duration = 0.0
-    """Wait this long for a batch to fill (0: send what is there)."""
 
     preset: Literal["aws_iot", "azure_iot_hub"] | None = None
     """Conventions of a cloud broker; explicit options still win."""
@@ -184,16 +179,6 @@ class MqttSinkOptions(BaseModel):
     sas_ttl: Duration = 3600.0
     """Lifetime of each generated SAS token; IoT Hub closes the connection when
     it expires and we reconnect with a new one."""
-
-
-def _parse_options(config: SinkConfig) -> MqttSinkOptions:
-    try:
-        return MqttSinkOptions.model_validate(config.options)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ValueError(f"options.{key}: {msg}") from None
 
 
 def azure_sas_token(resource_uri: str, key_b64: str, expiry: int) -> str:
@@ -411,11 +396,9 @@ class MqttSink(Sink):
 
     def __init__(self, config: SinkConfig, gateway_id: str) -> None:
         super().__init__(config, gateway_id)
-        opts = _parse_options(config)
+        opts = parse_options(MqttSinkOptions, config.options)
         self.options = opts
-        self.max_batch_records = opts.max_records
-        self.max_batch_bytes = opts.max_bytes
-        self.max_wait = opts.max_wait
+        self.use_batch_options(opts)
         url = urllib.parse.urlsplit(config.url)
         tls = url.scheme.lower() == "mqtts"
         if not url.hostname:

@@ -46,14 +46,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
 
-from edgeway.config import Duration, SinkConfig, Size
+from edgeway.config import Duration, SinkConfig
 from edgeway.sinks.base import (
+    BatchOptions,
     PermanentSinkError,
     Record,
     RetryableSinkError,
     Sink,
+    parse_options,
     register_sink,
 )
 
@@ -65,17 +67,10 @@ _TOKEN_UNSAFE = re.compile(r"[.*>\s]")
 _SUBJECT_CACHE_MAX = 100_000
 
 
-class NatsSinkOptions(BaseModel):
+class NatsSinkOptions(BatchOptions):
     """The ``options`` of a ``nats://`` sink."""
 
     model_config = ConfigDict(extra="forbid")
-
-    max_records: int = Field(default=500, ge=1, le=100_000)
-    """Records per batch (the outbox runner reads batches of this size)."""
-    max_bytes: Size = Field(default=1024 * 1024, ge=1024)
-    """About the encoded size of a batch."""
-    max_wait: Duration = 0.0
-    """Wait this long for a batch to fill (0: send what is there)."""
 
     subject: str = "edgeway.{gateway_id}.{device_id}"
     """Template with ``{gateway_id}``, ``{device_id}``, ``{sink}``."""
@@ -97,16 +92,6 @@ class NatsSinkOptions(BaseModel):
     """A NATS ``.creds`` file (JWT and NKey seed)."""
 
 
-def _parse_options(config: SinkConfig) -> NatsSinkOptions:
-    try:
-        return NatsSinkOptions.model_validate(config.options)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ValueError(f"options.{key}: {msg}") from None
-
-
 @register_sink
 class NatsSink(Sink):
     """Publishes records to NATS JetStream with acks (see the module docstring).
@@ -119,11 +104,9 @@ class NatsSink(Sink):
 
     def __init__(self, config: SinkConfig, gateway_id: str) -> None:
         super().__init__(config, gateway_id)
-        opts = _parse_options(config)
+        opts = parse_options(NatsSinkOptions, config.options)
         self.options = opts
-        self.max_batch_records = opts.max_records
-        self.max_batch_bytes = opts.max_bytes
-        self.max_wait = opts.max_wait
+        self.use_batch_options(opts)
         self.servers = [s.strip() for s in config.url.split(",") if s.strip()]
         for s in self.servers:
             u = urllib.parse.urlsplit(s if "://" in s else f"nats://{s}")

@@ -55,14 +55,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
 
-from edgeway.config import Duration, SinkConfig, Size
+from edgeway.config import Duration, SinkConfig
 from edgeway.sinks.base import (
+    BatchOptions,
     PermanentSinkError,
     Record,
     RetryableSinkError,
     Sink,
+    parse_options,
     register_sink,
 )
 
@@ -71,17 +73,10 @@ logger = logging.getLogger(__name__)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 
 
-class PostgresSinkOptions(BaseModel):
+class PostgresSinkOptions(BatchOptions):
     """The ``options`` of a ``postgresql://`` sink."""
 
     model_config = ConfigDict(extra="forbid")
-
-    max_records: int = Field(default=500, ge=1, le=100_000)
-    """Records per batch (the outbox runner reads batches of this size)."""
-    max_bytes: Size = Field(default=1024 * 1024, ge=1024)
-    """About the encoded size of a batch."""
-    max_wait: Duration = 0.0
-    """Wait this long for a batch to fill (0: send what is there)."""
 
     table: str = "edgeway_records"
     """Table name, optionally ``schema.table``."""
@@ -94,16 +89,6 @@ class PostgresSinkOptions(BaseModel):
     pool_size: int = Field(default=2, ge=1, le=32)
     """Connections kept open. The runner sends one batch at a time; a second
     connection lets a new batch start while a broken one is being replaced."""
-
-
-def _parse_options(config: SinkConfig) -> PostgresSinkOptions:
-    try:
-        return PostgresSinkOptions.model_validate(config.options)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ValueError(f"options.{key}: {msg}") from None
 
 
 def _quote_table(name: str) -> tuple[str, str]:
@@ -126,11 +111,9 @@ class PostgresSink(Sink):
 
     def __init__(self, config: SinkConfig, gateway_id: str) -> None:
         super().__init__(config, gateway_id)
-        opts = _parse_options(config)
+        opts = parse_options(PostgresSinkOptions, config.options)
         self.options = opts
-        self.max_batch_records = opts.max_records
-        self.max_batch_bytes = opts.max_bytes
-        self.max_wait = opts.max_wait
+        self.use_batch_options(opts)
         url = urllib.parse.urlsplit(config.url)
         if not url.hostname and "host=" not in url.query:
             raise ValueError(f"url: no host in {config.url!r}")
