@@ -335,7 +335,7 @@ async def main() -> None:
         f"({red['window_records']:,} windows before the deadband)",
         f"reduction: {red['record_reduction'] * 100:.2f} % of records, "
         f"{red['byte_reduction'] * 100:.2f} % of bytes (goal >= 90 % of bytes)",
-        f"cloud view vs true 10 s means: worst {red['cloud_view_worst_relative_error'] * 100:.3f} % "
+        f"cloud view vs true 10 s means: worst {red['cloud_view_worst_relative_error'] * 100:.4f} % "
         f"({red['cloud_view_worst_abs_error_degC']:.4f} degC), windows outside 0.5 %: "
         f"{red['cloud_view_violations']}",
         f"edgeway stats' estimate: received {red['stats_estimate_received_bytes']:,} bytes, "
