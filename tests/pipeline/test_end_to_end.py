@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
-import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import orjson
-import paho.mqtt.client as mqtt
 import pytest
-from aiohttp import web
-from paho.mqtt.enums import CallbackAPIVersion
+from conftest import T0, CloudServer, publish_all
 
 from edgeway.config import parse_config
 from edgeway.devices.config_auth import ConfigAuthenticator, ConfigAuthoriser
@@ -27,55 +21,6 @@ from edgeway.pipeline import Pipeline, load_stats
 from edgeway.sinks.base import create_sink
 from edgeway.south.mqtt.broker import Broker
 from edgeway.south.mqtt.listeners import start_listeners
-
-T0 = 1700000000
-
-
-class CloudServer:
-    """Records every record POSTed to /ingest."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-        self.changed = asyncio.Event()
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    async def handle(self, request: web.Request) -> web.Response:
-        raw = await request.read()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-        self.records.extend(orjson.loads(raw)["records"])
-        self.changed.set()
-        return web.Response(text="ok")
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/ingest", self.handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def wait_for(self, n: int, limit: float = 20.0) -> None:
-        async with asyncio.timeout(limit):
-            while len(self.records) < n:
-                self.changed.clear()
-                await self.changed.wait()
-
-
-@pytest.fixture
-async def cloud() -> AsyncIterator[CloudServer]:
-    server = CloudServer()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 def config_text(data_dir: Path, cloud_port: int) -> str:
@@ -95,39 +40,6 @@ routes:
     sinks: [cloud]
 pipeline: {{tick_interval: 0.1s, stats_interval: 0.2s}}
 """
-
-
-def publish_all(port: int, messages: list[tuple[str, str, dict[str, Any]]]) -> dict[str, list[int]]:
-    """Publish at QoS 1 (MQTT 5) from one client per device; PUBACK reason codes per device."""
-    codes: dict[str, list[int]] = {}
-    clients = []
-    lock = threading.Lock()
-    done = threading.Semaphore(0)
-    try:
-        for device in dict.fromkeys(m[0] for m in messages):
-            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device, protocol=mqtt.MQTTv5)
-
-            def on_publish(
-                _c: Any, _u: Any, mid: int, rc: Any, _p: Any, device: str = device
-            ) -> None:
-                with lock:
-                    codes.setdefault(device, []).append((mid, rc.value))  # type: ignore[arg-type]
-                done.release()
-
-            c.on_publish = on_publish
-            c.connect("127.0.0.1", port)
-            c.loop_start()
-            clients.append((device, c))
-        by_device = dict(clients)
-        for device, topic, body in messages:
-            by_device[device].publish(topic, orjson.dumps(body), qos=1)
-        for _ in messages:
-            assert done.acquire(timeout=10), "PUBACK missing"
-    finally:
-        for _, c in clients:
-            c.disconnect()
-            c.loop_stop()
-    return {d: [rc for _, rc in sorted(v)] for d, v in codes.items()}
 
 
 async def test_mqtt_device_to_http_cloud_through_the_pipeline(
