@@ -305,6 +305,10 @@ class ModbusAdapter(SouthAdapter):
         loop = asyncio.get_running_loop()
         due = [loop.time()] * len(groups)
         while True:
+            if cancel_requested():
+                # pymodbus can swallow a cancellation inside a request and
+                # return normally: without this check the loop never stops.
+                raise asyncio.CancelledError
             i = min(range(len(groups)), key=due.__getitem__)
             delay = due[i] - loop.time()
             if delay > 0:
