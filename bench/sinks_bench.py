@@ -155,6 +155,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--only", default="mqtt,nats,amqp,postgres")
+    ap.add_argument("--json", type=Path, help="also write the figures as JSON here (run_all.py)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     s = args.seconds
@@ -211,9 +212,15 @@ async def main() -> None:
         cases.append(("postgresql", pg_case))
 
     print(f"{'sink':<52} {'records/s':>10} {'cpu/1k':>8}")
+    figures = []
     for name, case in cases:
         rate, cpu = await case()
         print(f"{name:<52} {rate:>10,.0f} {cpu:>8.4f}", flush=True)
+        figures.append({"sink": name, "records_per_s": rate, "cpu_s_per_1k": cpu})
+    if args.json is not None:
+        import json
+
+        args.json.write_text(json.dumps({"figures": figures}))
 
 
 if __name__ == "__main__":
