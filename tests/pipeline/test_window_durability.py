@@ -177,3 +177,35 @@ async def test_late_reading_after_restart_stays_late(harness: MakeHarness, tmp_p
     await h2.tick(9000.0)
     assert len(await h2.take()) == 1  # only the old record, no second window
     assert h2.stats()["routes"][0]["steps"][0]["dropped"] == {"late": 1}
+
+
+async def test_aggregate_refused_by_a_full_outbox_is_offered_again(harness: MakeHarness) -> None:
+    from edgeway.ingest import IngestStatus
+    from edgeway.outbox import Batch
+
+    h = await harness(
+        """
+outbox: {when_full: reject_new, max_bytes: 600}
+routes:
+  - {name: w, match: {metrics: [v]}, steps: [{window: {size: 10s, aggregates: [mean], grace: 0s}}], sinks: [cloud]}
+  - {name: raw, match: {metrics: [filler]}, sinks: [cloud]}
+"""
+    )
+    assert h.outbox is not None and h.pipeline is not None
+    await h.send(rd("d", 1.0, {"v": 1.0}), rd("d", 2.0, {"v": 3.0}))
+    for i in range(100):  # fill the outbox until it refuses
+        if await h.send(rd("f", 1.0 + i, {"filler": i}), now=3.0) is not IngestStatus.ACCEPTED:
+            break
+    else:
+        pytest.fail("the outbox never filled up")
+    await h.tick(20.0)  # the window closes; the outbox refuses its aggregate
+    stored = await h.take()
+    assert all("v_mean" not in r.metrics for r in stored)
+    assert len(h.pipeline._retry) == 1  # held for the next tick
+    await h.outbox.confirm(Batch("cloud", stored, 0, stored[-1].seq, False, False))
+    await h.tick(20.5)  # offered again, now stored
+    (agg,) = await h.take()
+    assert agg.metrics == {"v_mean": 2.0, "window_start": 0, "window_end": 10}
+    await h.settle()
+    await h.pipeline.state.close()
+    assert h.pipeline.state.rows == 0  # released once stored
