@@ -86,6 +86,7 @@ async def test_mqtt_to_file_sink_with_status_and_metrics(tmp_path: Path) -> None
             metrics = (await http.get(f"{base}/metrics")).text
             assert 'edgeway_outbox_delivered_total{sink="files"} 50.0' in metrics
             assert 'edgeway_sink_connected{sink="files"} 1.0' in metrics
+            assert "edgeway_pipeline_received_readings_total 50.0" in metrics
     finally:
         gw.request_stop()
         await asyncio.wait_for(task, 10)

@@ -108,6 +108,39 @@ class StatusCollector:
         yield latency
         yield sent
 
+        pipeline = st.get("pipeline") or {}
+        if pipeline:
+            for direction, help_text in (("received", "from devices"), ("sent", "towards sinks")):
+                flow = pipeline.get(direction) or {}
+                for unit in ("readings", "bytes"):
+                    c = CounterMetricFamily(
+                        f"edgeway_pipeline_{direction}_{unit}", f"Pipeline {unit} {help_text}"
+                    )
+                    c.add_metric([], float(flow.get(unit, 0)))
+                    yield c
+            r_in = CounterMetricFamily(
+                "edgeway_route_received_readings", "Readings a route took", labels=["route"]
+            )
+            r_out = CounterMetricFamily(
+                "edgeway_route_sent_readings", "Readings a route produced", labels=["route"]
+            )
+            b_in = CounterMetricFamily(
+                "edgeway_route_received_bytes", "Bytes a route took", labels=["route"]
+            )
+            b_out = CounterMetricFamily(
+                "edgeway_route_sent_bytes", "Bytes a route produced", labels=["route"]
+            )
+            for route in pipeline.get("routes") or []:
+                name = str(route.get("name"))
+                r_in.add_metric([name], float(route["received"]["readings"]))
+                r_out.add_metric([name], float(route["sent"]["readings"]))
+                b_in.add_metric([name], float(route["received"]["bytes"]))
+                b_out.add_metric([name], float(route["sent"]["bytes"]))
+            yield r_in
+            yield r_out
+            yield b_in
+            yield b_out
+
         adapters = st.get("adapters") or {}
         a_conn = GaugeMetricFamily(
             "edgeway_adapter_connected", "1 when connected or listening", labels=["adapter"]
