@@ -229,8 +229,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
     # gmqtt logs every reconnect attempt of every device at warning level.
     logging.getLogger("edgeway.sim.gmqtt").setLevel(logging.ERROR)
     logging.getLogger("gmqtt").setLevel(logging.ERROR)
-    # asyncua warns that the simulated OPC-UA server runs without security (loopback demo).
-    logging.getLogger("asyncua").setLevel(logging.ERROR)
+    # asyncua warns that the simulated OPC-UA server runs without security
+    # (loopback demo), and logs tracebacks while its server is still starting;
+    # the OPC-UA adapter reports real connection problems in one line.
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
 
     def write(line: str) -> None:
         print(line, flush=True)
