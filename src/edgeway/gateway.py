@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 ADAPTER_READY_WAIT = 3.0
 """Seconds start-up waits for south adapters to bind or connect before "ready"."""
+RECEIPT_SETTLE = 1.0
+"""Seconds shutdown waits for in-flight sink batches so their receipts go out."""
 SHUTDOWN_GRACE = 4.0
 """Seconds allowed for an orderly stop; the issue promises exit within 5 s."""
 
@@ -285,11 +287,32 @@ class Gateway:
         for lst in self.listeners:
             with contextlib.suppress(Exception):
                 await lst.close()
+        if self.config.receipts.enabled and self.broker is not None:
+            await self._settle_for_receipts()
         if self.broker is not None:
             try:
                 await asyncio.wait_for(self.broker.stop(), SHUTDOWN_GRACE / 2)
             except TimeoutError:
                 log.warning("broker did not stop in time")
+
+    async def _settle_for_receipts(self) -> None:
+        """Give sinks a moment to confirm what is in flight before the broker
+        stops, so the receipts for those readings still reach their devices
+        (queued for persistent sessions, which the broker saves on stop).
+
+        Bounded by RECEIPT_SETTLE: with a sink that is down nothing settles,
+        and shutdown must still finish within 5 s. Readings confirmed later
+        (after a restart) get their receipt then, as the outbox confirms them.
+        """
+        outbox = self.outbox
+        if outbox is None or not self.sinks:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RECEIPT_SETTLE
+        while loop.time() < deadline:
+            if all(c.get("pending", 0) == 0 for c in outbox.counters().values()):
+                return
+            await asyncio.sleep(0.02)
 
     def _send_receipts(self, confirmed: Sequence[Any]) -> None:
         """Publish receipts for readings that every routed sink confirmed."""
