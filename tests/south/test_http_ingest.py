@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
+import struct
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,40 @@ async def test_array_senml_and_cbor_bodies(start: Start) -> None:
         ("boiler-1", {"b": 3}),
     ]
     assert ingest.readings[2].tags == {"unit:temp": "Cel"}
+
+
+async def test_plain_and_binary_bodies_need_their_codec_options(start: Start) -> None:
+    """text/plain and application/octet-stream carry no metric names: without
+    codec_options they are a 415 naming the option, never a server error."""
+    ingest = RecordingIngest()
+    _, bare = await start(ingest)
+    _, configured = await start(
+        ingest,
+        codec_options={
+            "plain": {"metric": "temperature", "type": "number"},
+            "binary": {"format": ">hH", "fields": [{"name": "t", "scale": 0.1}, {"name": "n"}]},
+        },
+    )
+    path = "/devices/boiler-1/telemetry"
+    text = {**auth(), "Content-Type": "text/plain"}
+    octets = {**auth(), "Content-Type": "application/octet-stream"}
+    frame = struct.pack(">hH", -25, 7)
+    async with httpx.AsyncClient() as client:
+        plain_bare = await client.post(bare + path, content=b"21.5", headers=text)
+        binary_bare = await client.post(bare + path, content=frame, headers=octets)
+        plain_ok = await client.post(configured + path, content=b" 21.5\n", headers=text)
+        binary_ok = await client.post(configured + path, content=frame, headers=octets)
+        plain_bad = await client.post(configured + path, content=b"ERR", headers=text)
+    for r, codec in ((plain_bare, "plain"), (binary_bare, "binary")):
+        assert r.status_code == 415
+        assert r.json()["reason"] == "codec_not_configured"
+        assert f"http_ingest.codec_options.{codec}" in r.json()["detail"]
+    assert (plain_ok.status_code, binary_ok.status_code) == (200, 200)
+    assert (plain_bad.status_code, plain_bad.json()["reason"]) == (400, "not_a_number")
+    assert [r.metrics for r in ingest.readings] == [
+        {"temperature": 21.5},
+        {"t": pytest.approx(-2.5), "n": 7},
+    ]
 
 
 async def test_answer_waits_for_the_ingest_future(start: Start) -> None:

@@ -26,7 +26,9 @@ Answers (a JSON body ``{"error": ..., "reason": ..., "detail": ...}`` on errors)
 * ``400`` a body that does not decode (``reason`` is the codec's slug, counted
   per device), or one the pipeline refused;
 * ``401`` no or a wrong bearer token (``WWW-Authenticate: Bearer``);
-* ``413`` a body over ``max_body_size``; ``415`` an unknown Content-Type;
+* ``413`` a body over ``max_body_size``; ``415`` an unknown Content-Type, or
+  ``text/plain`` / ``application/octet-stream`` while ``codec_options`` has no
+  ``plain`` / ``binary`` entry (reason ``codec_not_configured``);
 * ``429`` over the device's ``rate_limit``; ``503`` the outbox is full and
   refuses new readings, or did not answer within ``ack_timeout`` — both with
   ``Retry-After``.
@@ -151,6 +153,7 @@ class HttpIngestAdapter(SouthAdapter):
         """Responses by status code."""
         self._codecs: dict[str, Codec] = {}
         self._buckets: dict[str, TokenBucket] = {}
+        self._unconfigured_warned: set[str] = set()
 
     def _codec(self, name: str) -> Codec:
         codec = self._codecs.get(name)
@@ -250,7 +253,25 @@ class HttpIngestAdapter(SouthAdapter):
             cls = codec_for_content_type(content_type)
             if cls is None or cls.name == "sparkplug_b":
                 return _error(415, "unsupported_media_type", detail=content_type[:100])
-            codec = self._codec(cls.name)
+            try:
+                codec = self._codec(cls.name)
+            except ValueError:
+                # plain and binary cannot decode without options (a metric name,
+                # a struct format): this gateway does not take that type until
+                # the operator configures it, so 415 rather than a server error.
+                if cls.name not in self._unconfigured_warned:
+                    self._unconfigured_warned.add(cls.name)
+                    log.warning(
+                        "http ingest: refusing %s (415): set http_ingest.codec_options.%s",
+                        content_type[:100],
+                        cls.name,
+                    )
+                return _error(
+                    415,
+                    "unsupported_media_type",
+                    "codec_not_configured",
+                    f"{content_type[:100]} needs http_ingest.codec_options.{cls.name}",
+                )
 
         if self.ingest.is_saturated():
             return _error(503, "outbox_full", **{"Retry-After": self._retry_after()})
