@@ -304,9 +304,33 @@ def _new_runner() -> asyncio.Runner:
         return asyncio.Runner()
 
 
+def _take_common_options(args: argparse.Namespace, rest: list[str]) -> list[str]:
+    """Pick ``--config``/``--data-dir``/``--log-*`` out of a sub-command's own
+    arguments and return the others.
+
+    ``stats`` and ``deadletter`` hand their arguments on to their own parsers;
+    argparse's REMAINDER keeps everything after the action (``deadletter list
+    --data-dir D``) and refuses an option in first place (``stats --json``), so
+    without this a user would have to know the one order that works.
+    """
+    p = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", "-c", type=Path)
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--log-format")
+    p.add_argument("--log-level")
+    found, others = p.parse_known_args(rest)
+    for key, value in vars(found).items():
+        setattr(args, key, value)
+    return others
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if args.command in ("stats", "deadletter"):
+        args.rest = _take_common_options(args, [*args.rest, *extras])
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if args.command is None:
         parser.print_help()
         return EXIT_OK

@@ -110,7 +110,12 @@ class Gateway:
             sink_names=[s.name for s in self.sinks],
         )
         self.outbox = outbox
-        await outbox.open()
+        try:
+            await outbox.open()
+        except RuntimeError as e:
+            # Another gateway holds this data directory's lock: an operator's
+            # mistake, so one line naming the directory, not a traceback.
+            raise StartupError(str(e)) from e
         try:
             pipeline = Pipeline(
                 cfg.routes,

@@ -3,7 +3,8 @@
 - telemetry published to ``devices/{id}/telemetry`` is acknowledged, and
   reaches a real aiohttp server through ``--sink http://...``;
 - SIGTERM under load exits 0 within 5 s;
-- a second gateway on a taken port exits 1 with one line naming the port;
+- a second gateway on a taken port exits 1 with one line naming the port, and
+  on a data directory in use with one line naming it;
 - no config file: embedded defaults (anonymous on loopback, ``./edgeway-data``);
 - retained messages and persistent sessions survive a restart.
 """
@@ -183,6 +184,22 @@ def test_second_gateway_on_same_port_exits_1_naming_the_port(
     assert str(first.port) in lines[-1], f"last line does not name the port: {lines[-1]!r}"
     # The first gateway is unaffected.
     connected(first, peers, version=4)
+
+
+def test_second_gateway_on_same_data_dir_exits_1_naming_it(
+    start_gateway: StartGateway, peers: list[PahoPeer]
+) -> None:
+    edgeway_only()
+    first = start_gateway()
+    second = start_gateway(data_dir=first.data_dir, wait=False)
+    code = second.wait_exit(15.0)
+    out = second.output()
+    assert code == 1, f"exit code {code}; output:\n{out[-3000:]}"
+    assert "Traceback" not in out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines, "no message at all"
+    assert lines[-1].startswith("error: ") and str(first.data_dir) in lines[-1], lines[-1]
+    connected(first, peers, version=4)  # the first gateway is unaffected
 
 
 def test_no_config_runs_on_embedded_defaults(

@@ -1,0 +1,83 @@
+"""The ``edgeway`` command line as a user types it.
+
+``stats`` and ``deadletter`` hand their own options on to their own parsers;
+the common options (``--data-dir``, ``--config``) and theirs (``--json``) are
+accepted in any order, as ``edgeway --help`` and docs/outbox.md show them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import orjson
+import pytest
+
+from edgeway.cli import main as cli_main
+from edgeway.config import OutboxSection
+from edgeway.outbox import Outbox
+
+
+async def _empty_outbox(data_dir: Path) -> None:
+    ob = Outbox(data_dir / "outbox.db", gateway_id="gw", config=OutboxSection(), sink_names=["a"])
+    await ob.open()
+    await ob.close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["stats", "--json", "--data-dir", "{d}"],
+        ["stats", "--data-dir", "{d}", "--json"],
+        ["stats", "--json"],  # --data-dir comes from the config file
+    ],
+)
+def test_stats_json_in_any_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    (tmp_path / "stats.json").write_bytes(orjson.dumps({"at": 1.0, "sinks": {}}))
+    cfg = tmp_path / "edgeway.yaml"
+    cfg.write_text(f"gateway:\n  data_dir: {tmp_path}\n", encoding="utf-8")
+    args = [a.replace("{d}", str(tmp_path)) for a in argv]
+    assert cli_main([*args, "--config", str(cfg)]) == 0
+    assert orjson.loads(capsys.readouterr().out)["at"] == 1.0
+
+
+def test_stats_without_figures_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["stats", "--json", "--data-dir", str(tmp_path)]) == 1
+    assert "no figures" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["deadletter", "--data-dir", "{d}", "list"],
+        ["deadletter", "list", "--data-dir", "{d}"],
+        ["deadletter", "list", "--json", "--data-dir", "{d}"],
+        ["deadletter", "--data-dir", "{d}", "list", "--sink", "a", "--json"],
+    ],
+)
+def test_deadletter_common_options_in_any_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    asyncio.run(_empty_outbox(tmp_path))
+    assert cli_main([a.replace("{d}", str(tmp_path)) for a in argv]) == 0
+    captured = capsys.readouterr()
+    assert "error" not in captured.err
+
+
+def test_deadletter_names_a_missing_outbox(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["deadletter", "list", "--data-dir", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_unknown_option_is_still_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli_main(["run", "--no-such-option"])
+    assert e.value.code == 2
+    assert "--no-such-option" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli_main(["deadletter", "list", "--no-such-option"])
+    assert e.value.code == 2
