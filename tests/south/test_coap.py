@@ -212,6 +212,8 @@ async def test_port_in_use_fails_with_one_line() -> None:
 def test_unknown_default_format_is_a_startup_error() -> None:
     with pytest.raises(ValueError, match="default_format"):
         CoapAdapter(CoapSection(default_format="nope"), ingest=RecordingIngest())
+    with pytest.raises(ValueError, match=r"codec_options\.json"):
+        CoapAdapter(CoapSection(codec_options={"json": {"bogus": 1}}), ingest=RecordingIngest())
 
 
 def test_docs_example_parses() -> None:

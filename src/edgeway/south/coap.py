@@ -62,9 +62,6 @@ MAX_STORED_COMMANDS = 10_000
 the gateway has sent a command to; beyond it the least recently pushed is
 forgotten, so a stream of commands to made-up ids cannot grow memory."""
 
-TEXT_PLAIN = 0
-"""CoAP Content-Format of a diagnostic payload (text/plain; charset=utf-8)."""
-
 
 @register_adapter
 class CoapAdapter(SouthAdapter):
@@ -84,6 +81,12 @@ class CoapAdapter(SouthAdapter):
         super().__init__(config, ingest=ingest, gateway_id=gateway_id, data_dir=data_dir)
         self.decode_errors = DecodeErrorCounter()
         self._codecs: dict[str, Codec] = {}
+        for name in config.codec_options:
+            # Bad options stop start-up here rather than fail the first request.
+            try:
+                self._codec_by_name(name)
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"coap.codec_options.{name}: {e}") from None
         try:
             self._codec_by_name(config.default_format)
         except (KeyError, ValueError) as e:
