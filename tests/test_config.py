@@ -119,6 +119,35 @@ def test_overrides_replace_listeners_and_add_sinks(tmp_path: Path) -> None:
     ]
 
 
+def test_coap_and_http_listen_overrides(tmp_path: Path) -> None:
+    # No section: the flag creates one; HTTP is anonymous on loopback only.
+    cfg = apply_overrides(Config(), coap_listen="127.0.0.1:5684", http_listen="127.0.0.1:8081")
+    assert cfg.coap is not None and cfg.coap.listen == "127.0.0.1:5684"
+    assert cfg.http_ingest is not None
+    assert (cfg.http_ingest.listen, cfg.http_ingest.allow_anonymous) == ("127.0.0.1:8081", True)
+    wide = apply_overrides(Config(), http_listen="0.0.0.0:8081")
+    assert wide.http_ingest is not None and wide.http_ingest.allow_anonymous is False
+    # A configured (even disabled) section keeps its settings and is turned on at the new address.
+    text = (
+        "coap: {enabled: false, listen: '127.0.0.1:5683', max_body_size: 2048}\n"
+        "http_ingest: {enabled: false, tokens: {d1: token-of-d1-0123456789}}\n"
+    )
+    cfg = apply_overrides(
+        parse_config(text), coap_listen="127.0.0.1:5690", http_listen="0.0.0.0:8090"
+    )
+    assert cfg.coap is not None and cfg.http_ingest is not None
+    assert (cfg.coap.enabled, cfg.coap.listen, cfg.coap.max_body_size) == (
+        True,
+        "127.0.0.1:5690",
+        2048,
+    )
+    assert (cfg.http_ingest.enabled, cfg.http_ingest.listen) == (True, "0.0.0.0:8090")
+    assert cfg.http_ingest.tokens == {"d1": "token-of-d1-0123456789"}
+    assert cfg.http_ingest.allow_anonymous is False
+    with pytest.raises(ValueError):
+        apply_overrides(Config(), coap_listen="nonsense")
+
+
 def test_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "good.yaml"
     good.write_text("gateway:\n  id: gw1\n")

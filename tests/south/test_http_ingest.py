@@ -156,6 +156,22 @@ async def test_plain_and_binary_bodies_need_their_codec_options(start: Start) ->
     ]
 
 
+async def test_a_listener_nobody_can_use_says_so(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What `edgeway run --http-listen 0.0.0.0:PORT` without a config file builds.
+    with caplog.at_level("WARNING", logger="edgeway.south.http"):
+        _, url = await start(tokens={}, allow_anonymous=False)
+    assert "every request will be refused (401)" in caplog.text
+    async with httpx.AsyncClient() as client:
+        r = await client.post(f"{url}/devices/d/telemetry", json={"t": 1})
+    assert r.status_code == 401
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edgeway.south.http"):
+        await start()  # tokens configured: nothing to warn about
+    assert "refused" not in caplog.text
+
+
 async def test_answer_waits_for_the_ingest_future(start: Start) -> None:
     ingest = RecordingIngest(auto=False)
     _, url = await start(ingest)

@@ -117,6 +117,11 @@ def config_token_check(tokens: dict[str, str], allow_anonymous: bool) -> TokenCh
     return check
 
 
+def _admits_any_request(config: HttpIngestSection) -> bool:
+    """True when the config lets at least some request in (a token or anonymous)."""
+    return bool(config.tokens) or config.allow_anonymous
+
+
 def _error(
     status: int, error: str, reason: str = "", detail: str = "", **headers: str
 ) -> web.Response:
@@ -145,6 +150,7 @@ class HttpIngestAdapter(SouthAdapter):
     ) -> None:
         super().__init__(config, ingest=ingest, gateway_id=gateway_id, data_dir=data_dir)
         self.config: HttpIngestSection = config
+        self._custom_token_check = token_check
         self.token_check = token_check or config_token_check(config.tokens, config.allow_anonymous)
         self.decode_errors = DecodeErrorCounter()
         self.port: int | None = None
@@ -195,6 +201,15 @@ class HttpIngestAdapter(SouthAdapter):
             self.port = int(sockets[0].getsockname()[1]) if sockets else port
             scheme = "https" if self.config.tls else "http"
             log.info("http ingest listening on %s://%s:%d", scheme, host, self.port)
+            if self._custom_token_check is None and not _admits_any_request(self.config):
+                # e.g. --http-listen 0.0.0.0:8080 without a config file: say why
+                # every device gets 401 rather than leave the operator guessing.
+                log.warning(
+                    "http ingest: no http_ingest.tokens and allow_anonymous is false: "
+                    "every request will be refused (401)"
+                )
+            elif self.config.allow_anonymous:
+                log.info("http ingest: requests without a token are accepted (allow_anonymous)")
             self.state.connected = True
             self.ready.set()
             await asyncio.Event().wait()  # serve until cancelled
