@@ -310,6 +310,7 @@ class CoapSection(_Model):
     """The CoAP listener (``edgeway.south.coap``)."""
 
     enabled: bool = True
+    """Run the CoAP listener (the section's presence turns it on)."""
     listen: str = "127.0.0.1:5683"
     """``HOST:PORT`` (UDP); port 0 picks a free port (logged at start)."""
     max_body_size: Size = 64 * 1024
@@ -340,6 +341,7 @@ class ModbusPoint(_Model):
     """One value in a Modbus register map."""
 
     metric: str = Field(min_length=1)
+    """Metric name in the reading."""
     address: int = Field(ge=0, le=65535)
     """Zero-based protocol address (register 40001 is holding address 0)."""
     data_type: ModbusDataType = "uint16"
@@ -352,6 +354,7 @@ class ModbusPoint(_Model):
     word_order: Literal["big", "little"] = "big"
     """Register order of 32/64-bit values: ``big`` = high word first."""
     scale: float = 1.0
+    """Multiplier applied to the raw number."""
     offset: float = 0.0
     """value = raw * scale + offset (numbers only)."""
     unit: str | None = None
@@ -364,34 +367,49 @@ class ModbusGroup(_Model):
     """Points read together at one interval, from one table of one unit."""
 
     function: ModbusFunction = "holding_registers"
+    """Modbus table the group reads (function code 1, 2, 3 or 4)."""
     unit_id: int | None = Field(default=None, ge=0, le=255)
     """Defaults to the device's ``unit_id``."""
     interval: Duration = 10.0
+    """Time between two polls of the group."""
     points: list[ModbusPoint] = Field(min_length=1)
+    """Values read; adjacent addresses share one request."""
 
 
 class ModbusDeviceConfig(_Model):
     """One Modbus TCP server or RTU line polled by ``edgeway.south.modbus``."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Adapter name (logs, state, commands)."""
     enabled: bool = True
+    """Poll this device."""
     device_id: str = Field(min_length=1, max_length=128)
+    """Device id of the readings."""
     transport: Literal["tcp", "rtu"] = "tcp"
+    """``tcp`` (Modbus TCP) or ``rtu`` (serial line)."""
     host: str | None = None
     """TCP: the server's host."""
     port: int = Field(default=502, ge=1, le=65535)
+    """TCP: the server's port."""
     serial_port: str | None = None
     """RTU: the serial device (``/dev/ttyUSB0``)."""
     baudrate: int = Field(default=9600, ge=50)
+    """RTU: line speed."""
     bytesize: Literal[7, 8] = 8
+    """RTU: data bits."""
     parity: Literal["N", "E", "O"] = "N"
+    """RTU: parity (none, even, odd)."""
     stopbits: Literal[1, 2] = 1
+    """RTU: stop bits."""
     unit_id: int = Field(default=1, ge=0, le=255)
+    """Unit (slave) id; a group may override it."""
     timeout: Duration = 3.0
+    """Per request; a timeout drops the connection and reconnects with backoff."""
     max_gap: int = Field(default=0, ge=0, le=124)
     """Merge points into one request across gaps of up to this many unused
     registers (some devices refuse reads of unmapped registers: default 0)."""
     groups: list[ModbusGroup] = Field(min_length=1)
+    """Register groups, each polled at its own interval."""
 
     @field_validator("host")
     @classmethod
@@ -413,14 +431,19 @@ class OpcUaNode(_Model):
     """One OPC-UA variable mapped to a metric."""
 
     metric: str = Field(min_length=1)
+    """Metric name in the reading."""
     node_id: str | None = None
     """``ns=2;i=1001`` or ``ns=2;s=Boiler.Temp``."""
     browse_path: str | None = None
     """From the Objects folder: ``2:Boiler/2:Temperature``."""
     sampling_interval: Duration = 1.0
+    """How often the server samples the variable."""
     deadband: float | None = Field(default=None, ge=0)
+    """Report only changes larger than this (none: every change)."""
     deadband_type: Literal["absolute", "percent"] = "absolute"
+    """``percent`` is of the variable's EURange."""
     writable: bool = False
+    """Allow ``write()`` commands to this node."""
 
     @model_validator(mode="after")
     def _check_combination(self) -> Self:
@@ -433,6 +456,7 @@ class OpcUaMethod(_Model):
     """A method that commands may call."""
 
     name: str = Field(min_length=1)
+    """Name that ``call()`` uses."""
     object: str
     """Node id or browse path of the object that owns the method."""
     method: str
@@ -441,10 +465,13 @@ class OpcUaMethod(_Model):
 
 class OpcUaSecurity(_Model):
     policy: Literal["None", "Basic256Sha256"] = "None"
+    """Security policy of the secure channel."""
     mode: Literal["Sign", "SignAndEncrypt"] = "SignAndEncrypt"
+    """Message security mode with a policy other than None."""
     certificate: Path | None = None
     """Our client certificate (DER or PEM); required with Basic256Sha256."""
     private_key: Path | None = None
+    """Key of ``certificate`` (PEM or DER, unencrypted)."""
     server_certificate: Path | None = None
     """Pin the server's certificate; absent: take the one the endpoint offers."""
 
@@ -459,22 +486,34 @@ class OpcUaServerConfig(_Model):
     """One OPC-UA server subscribed to by ``edgeway.south.opcua``."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Adapter name (logs, state, commands)."""
     enabled: bool = True
+    """Subscribe to this server."""
     device_id: str = Field(min_length=1, max_length=128)
+    """Device id of the readings."""
     endpoint: str = Field(pattern=r"^opc\.tcp://")
+    """Server endpoint URL, ``opc.tcp://host:port/path``."""
     username: str | None = None
+    """User name token; absent: anonymous."""
     password: str | None = None
+    """Password of ``username``."""
     security: OpcUaSecurity = Field(default_factory=OpcUaSecurity)
+    """Secure channel policy, mode and certificates."""
     publishing_interval: Duration = 1.0
+    """Subscription publishing interval."""
     timeout: Duration = 5.0
+    """Request timeout; connecting may take three times this."""
     nodes: list[OpcUaNode] = Field(min_length=1)
+    """Variables monitored, one metric each."""
     methods: list[OpcUaMethod] = Field(default_factory=list)
+    """Methods commands may call."""
 
 
 class SerialCsv(_Model):
     columns: list[str] = Field(min_length=1)
     """Metric name per column, in order; ``""`` skips a column."""
     delimiter: str = Field(default=",", min_length=1, max_length=1)
+    """Column separator (one character)."""
     header: bool = False
     """Skip lines equal to the joined column names."""
 
@@ -483,16 +522,25 @@ class SerialPortConfig(_Model):
     """One serial line device read by ``edgeway.south.serial``."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Adapter name (logs, state)."""
     enabled: bool = True
+    """Read this port."""
     device_id: str = Field(min_length=1, max_length=128)
+    """Device id of the readings."""
     port: str = Field(min_length=1)
+    """Serial device (``/dev/ttyUSB0``) or a pyserial URL (``socket://host:port``)."""
     baudrate: int = Field(default=9600, ge=50)
+    """Line speed."""
     bytesize: Literal[5, 6, 7, 8] = 8
+    """Data bits."""
     parity: Literal["N", "E", "O", "M", "S"] = "N"
+    """Parity: none, even, odd, mark, space."""
     stopbits: float = Field(default=1, ge=1, le=2)
     """1, 1.5 or 2."""
     format: Literal["json", "csv", "kv", "nmea"] = "json"
+    """Line format: JSON objects, CSV, ``key=value`` pairs or NMEA 0183."""
     csv: SerialCsv | None = None
+    """Column map for ``format: csv``."""
     codec_options: dict[str, Any] = Field(default_factory=dict)
     """Options of the ``json`` codec for JSON lines."""
     max_line: Size = 4096
@@ -511,20 +559,25 @@ class SerialPortConfig(_Model):
 
 class BleDevice(_Model):
     address: str = Field(pattern=r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+    """Bluetooth address ``AA:BB:CC:DD:EE:FF``."""
     device_id: str = Field(min_length=1, max_length=128)
+    """Device id of its readings."""
 
 
 class BleSection(_Model):
     """BTHome v2 advertisements received by ``edgeway.south.ble``."""
 
     enabled: bool = True
+    """Scan for BTHome advertisements."""
     adapter: str | None = None
     """Bluetooth adapter (``hci0``); absent: the system default."""
     devices: list[BleDevice] = Field(default_factory=list)
+    """Known devices by address."""
     allow_unknown: bool = False
     """Also take advertisements from unlisted devices (device id
     ``bthome-<address without colons>``)."""
     scanning_mode: Literal["active", "passive"] = "passive"
+    """``passive`` listens only; ``active`` also asks for scan responses."""
 
 
 def _check_codec(name: str, options: dict[str, Any]) -> None:
