@@ -1,0 +1,106 @@
+"""``when_full: reject_new`` seen from a device, against ``edgeway run``.
+
+The outbox refuses what does not fit while the cloud does not confirm; the
+device learns it from the acknowledgement (MQTT v5 PUBACK 0x97, quota
+exceeded), nothing it was told is stored is lost, nothing it was refused
+reaches the cloud, and the counters in ``/api/status`` add up. When the cloud
+confirms again, the same devices are accepted again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+from aiohttp import web
+from edgeway_process import StartGateway, edgeway_only, free_port
+from mqtt_peers import TIMEOUT, PahoPeer, connected, unique
+
+# Each reading is stored as roughly 100-200 bytes: 4 KiB holds a few dozen.
+CONFIG = """
+outbox: {when_full: reject_new, max_bytes: 4KiB}
+sinks:
+  - {name: cloud, url: "http://127.0.0.1:%d/ingest", options: {max_records: 5}}
+"""
+
+
+async def _wait_received(received: list[Any], arrived: asyncio.Event, n: int) -> None:
+    async with asyncio.timeout(TIMEOUT * 2):
+        while len(received) < n:
+            arrived.clear()
+            await arrived.wait()
+
+
+async def test_reject_new_answers_0x97_loses_nothing_and_recovers(
+    start_gateway: StartGateway, peers: list[PahoPeer]
+) -> None:
+    edgeway_only()
+    cloud_up = asyncio.Event()
+    arrived = asyncio.Event()
+    received: list[dict[str, Any]] = []
+
+    async def ingest(request: web.Request) -> web.Response:
+        # The cloud hangs (no confirmation) until the test lets it answer.
+        await cloud_up.wait()
+        received.extend((await request.json())["records"])
+        arrived.set()
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/ingest", ingest)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        admin_port = free_port()
+        gw = await asyncio.to_thread(
+            start_gateway,
+            CONFIG % runner.addresses[0][1],
+            extra_args=["--admin-listen", f"127.0.0.1:{admin_port}"],
+        )
+        device = unique("dev")
+        topic = f"devices/{device}/telemetry"
+        pub = await asyncio.to_thread(connected, gw, peers, version=5, client_id=device)
+        codes: dict[int, int] = {}
+        for i in range(500):  # bounded: 4 KiB fills long before this
+            body = json.dumps({"i": i, "pad": "x" * 40})
+            codes[i] = await asyncio.to_thread(pub.publish, topic, body, 1)
+            if codes[i] != 0:
+                break
+        refused = [i for i, c in codes.items() if c != 0]
+        accepted = [i for i, c in codes.items() if c == 0]
+        assert refused, "the outbox never filled up"
+        assert codes[refused[0]] == 0x97, f"PUBACK {codes[refused[0]]:#x}, not quota exceeded"
+        assert len(accepted) >= 5
+
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin_port}") as admin:
+            c = (await admin.get("/api/status")).json()["outbox"]["cloud"]
+            assert c["rejected_full"] == len(refused)
+            assert c["dropped"] == 0  # reject_new refuses; it never drops
+            assert c["accepted"] == len(accepted) == c["delivered"] + c["pending"] + c["dropped"]
+
+            cloud_up.set()  # the cloud confirms: the backlog drains, space frees
+            await _wait_received(received, arrived, len(accepted))
+            got = [r["metrics"]["i"] for r in received if r["device_id"] == device]
+            assert got == accepted, "every acknowledged reading, in order, nothing refused"
+
+            # The device is accepted again, over v5 and over 3.1.1.
+            assert await asyncio.to_thread(pub.publish, topic, json.dumps({"i": 1000}), 1) == 0
+            old = await asyncio.to_thread(connected, gw, peers, version=4)
+            assert await asyncio.to_thread(old.publish, topic, json.dumps({"i": 1001}), 1) == 0
+            await _wait_received(received, arrived, len(accepted) + 2)
+            # The counters follow the confirmation's commit, a moment after the
+            # cloud answered.
+            for _ in range(200):  # polls an HTTP endpoint: at most 10 s
+                c = (await admin.get("/api/status")).json()["outbox"]["cloud"]
+                if c["delivered"] >= len(accepted) + 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert c["accepted"] == len(accepted) + 2 == c["delivered"]
+            assert c["pending"] == 0 and c["rejected_full"] == len(refused)
+    finally:
+        cloud_up.set()
+        await runner.cleanup()
