@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-_BUILTIN = ("json", "senml", "cbor", "binary", "sparkplug", "plain")
+_BUILTIN = ("json", "senml", "cbor", "binary", "sparkplug", "plain", "bthome")
 
 for _name in _BUILTIN:
     try:
