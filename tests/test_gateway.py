@@ -83,6 +83,11 @@ async def test_mqtt_to_file_sink_with_status_and_metrics(tmp_path: Path) -> None
             c = status["outbox"]["files"]
             assert c["accepted"] == c["delivered"] + c["pending"] + c["dropped"] == 50
             assert status["broker"]["readings_in"] == 50
+            # Each sink reports its state: connected, last success, batch latency.
+            st = status["sinks"]["files"]
+            assert st["connected"] is True and st["last_error"] is None
+            assert st["records_sent"] == 50 and st["batches_sent"] >= 1
+            assert st["last_success_at"] is not None and st["last_batch_latency"] >= 0
             metrics = (await http.get(f"{base}/metrics")).text
             assert 'edgeway_outbox_delivered_total{sink="files"} 50.0' in metrics
             assert 'edgeway_sink_connected{sink="files"} 1.0' in metrics

@@ -19,6 +19,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -211,6 +212,24 @@ def test_no_config_runs_on_embedded_defaults(
     assert client.publish(f"devices/{unique('dev')}/telemetry", b'{"v": 1}', qos=1) == 0
     assert (gw.workdir / "edgeway-data").is_dir(), "data not under ./edgeway-data"
     assert "anonymous" in gw.output().lower(), "no log line saying anonymous clients are allowed"
+
+
+def test_config_from_environment_and_flags_override_it(
+    start_gateway: StartGateway, peers: list[PahoPeer], tmp_path: Path
+) -> None:
+    """``EDGEWAY_CONFIG`` names the file; ``--log-format``/``--log-level`` win over it."""
+    edgeway_only()
+    cfg = tmp_path / "from-env.yaml"
+    cfg.write_text("gateway: {id: gw-from-env}\nlog: {level: error, format: text}\n")
+    gw = start_gateway(env={"EDGEWAY_CONFIG": str(cfg)}, extra_args=["--log-format", "json"])
+    connected(gw, peers, version=5)
+    for _ in range(100):  # the ready line follows the listener by a moment: at most 5 s
+        if '"edgeway ready"' in gw.output():
+            break
+        time.sleep(0.05)
+    lines = [json.loads(line) for line in gw.output().splitlines() if line.strip()]
+    ready = [obj for obj in lines if obj["msg"] == "edgeway ready"]  # info: --log-level info
+    assert ready and ready[0]["gateway_id"] == "gw-from-env", lines
 
 
 def test_retained_and_sessions_survive_restart(
