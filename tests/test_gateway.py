@@ -96,3 +96,43 @@ async def test_mqtt_to_file_sink_with_status_and_metrics(tmp_path: Path) -> None
         gw.request_stop()
         await asyncio.wait_for(task, 10)
     assert task.exception() is None
+
+
+async def test_decode_errors_per_reason_and_device_in_status_and_metrics(tmp_path: Path) -> None:
+    text = _config(tmp_path) + 'http_ingest: {listen: "127.0.0.1:0", allow_anonymous: true}\n'
+    gw = Gateway(parse_config(text, "test.yaml"))
+    task = asyncio.create_task(gw.run())
+    await asyncio.wait_for(gw.ready.wait(), 10)
+    try:
+        (adapter,) = gw.adapters
+        ingest_url = f"http://127.0.0.1:{adapter.port}/devices"  # type: ignore[attr-defined]
+        assert gw.admin is not None and gw.admin.bound is not None
+        base = f"http://127.0.0.1:{gw.admin.bound[1]}"
+        async with httpx.AsyncClient() as http:
+            for device, body in [("bad-1", b"{"), ("bad-1", b"{"), ("bad-2", b"{}")]:
+                r = await http.post(
+                    f"{ingest_url}/{device}/telemetry",
+                    content=body,
+                    headers={"Content-Type": "application/json"},
+                )
+                assert r.status_code == 400
+            good = await http.post(f"{ingest_url}/ok-1/telemetry", json={"t": 1})
+            assert good.status_code == 200
+            status = (await http.get(f"{base}/api/status")).json()
+            metrics = (await http.get(f"{base}/metrics")).text
+        a = status["adapters"]["http_ingest:http"]
+        assert (a["readings"], a["errors"]) == (1, 3)
+        assert a["decode_errors"] == {"invalid_json": 2, "no_metrics": 1}
+        assert a["decode_errors_by_device"] == [
+            {"device_id": "bad-1", "reason": "invalid_json", "count": 2},
+            {"device_id": "bad-2", "reason": "no_metrics", "count": 1},
+        ]
+        assert (
+            'edgeway_adapter_decode_errors_total{adapter="http_ingest:http",'
+            'reason="invalid_json"} 2.0'
+        ) in metrics
+        assert 'edgeway_adapter_errors_total{adapter="http_ingest:http"} 3.0' in metrics
+    finally:
+        gw.request_stop()
+        await asyncio.wait_for(task, 10)
+    assert task.exception() is None

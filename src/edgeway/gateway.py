@@ -28,6 +28,7 @@ from edgeway.outbox import Outbox, SinkRunner
 from edgeway.pipeline import Pipeline
 from edgeway.sinks.base import Sink, create_sink
 from edgeway.south.base import Backoff, SouthAdapter, adapter_class
+from edgeway.south.decode_errors import DecodeErrorCounter
 from edgeway.south.mqtt.broker import Broker
 from edgeway.south.mqtt.listeners import RunningListener, start_listeners
 
@@ -42,6 +43,24 @@ RECEIPT_SETTLE = 1.0
 """Seconds shutdown waits for in-flight sink batches so their receipts go out."""
 SHUTDOWN_GRACE = 4.0
 """Seconds allowed for an orderly stop; the issue promises exit within 5 s."""
+
+
+DECODE_ERROR_DEVICES_SHOWN = 20
+"""(device, reason) pairs listed per adapter in the status: the worst offenders,
+so /api/status stays small however many devices send garbage."""
+
+
+def _adapter_status(adapter: SouthAdapter) -> dict[str, Any]:
+    """An adapter's state plus its decode failures by reason and worst devices."""
+    out = dataclasses.asdict(adapter.state)
+    counter = getattr(adapter, "decode_errors", None)
+    if isinstance(counter, DecodeErrorCounter):
+        out["decode_errors"] = counter.by_reason()
+        out["decode_errors_by_device"] = [
+            {"device_id": device, "reason": reason, "count": n}
+            for (device, reason), n in counter.counts.most_common(DECODE_ERROR_DEVICES_SHOWN)
+        ]
+    return out
 
 
 @dataclass(slots=True)
@@ -81,9 +100,7 @@ class Gateway:
             "outbox": self.outbox.counters() if self.outbox is not None else {},
             "pipeline": self.pipeline.stats() if self.pipeline is not None else None,
             "sinks": {s.name: dataclasses.asdict(s.state) for s in self.sinks},
-            "adapters": {
-                f"{a.section}:{a.name}": dataclasses.asdict(a.state) for a in self.adapters
-            },
+            "adapters": {f"{a.section}:{a.name}": _adapter_status(a) for a in self.adapters},
         }
 
     def request_stop(self) -> None:

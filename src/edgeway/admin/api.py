@@ -151,13 +151,23 @@ class StatusCollector:
         a_err = CounterMetricFamily(
             "edgeway_adapter_errors", "Errors (decode, peer)", labels=["adapter"]
         )
+        # Per reason, not per device: reasons are a small fixed set (codec slugs),
+        # device ids are not, and a label per device would grow the series without bound.
+        a_dec = CounterMetricFamily(
+            "edgeway_adapter_decode_errors",
+            "Payloads that did not decode, by reason",
+            labels=["adapter", "reason"],
+        )
         for name, a in sorted(adapters.items()):
             a_conn.add_metric([name], 1.0 if a.get("connected") else 0.0)
             a_read.add_metric([name], float(a.get("readings", 0)))
             a_err.add_metric([name], float(a.get("errors", 0)))
+            for reason, n in sorted((a.get("decode_errors") or {}).items()):
+                a_dec.add_metric([name, str(reason)], float(n))
         yield a_conn
         yield a_read
         yield a_err
+        yield a_dec
 
 
 class AdminServer:

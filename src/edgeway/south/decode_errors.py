@@ -14,6 +14,7 @@ and the metrics can show which device sends what kind of garbage.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -27,11 +28,17 @@ MAX_KEYS = 10_000
 this dictionary without bound; beyond it, new pairs go to ``("*", reason)``."""
 
 
+LOG_INTERVAL = 10.0
+"""Seconds between warnings for one reason: a device sending garbage at 100/s
+must not flood the log; the counts stay exact (as the broker does)."""
+
+
 @dataclass(slots=True)
 class DecodeErrorCounter:
     """Decode failures by ``(device_id, reason)``."""
 
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    _logged_at: dict[str, float] = field(default_factory=dict)
 
     def record(self, state: AdapterState, device_id: str, reason: str, detail: str = "") -> None:
         """Count one failure and note it as the adapter's last error."""
@@ -42,9 +49,17 @@ class DecodeErrorCounter:
         state.record_error(
             f"{device_id}: {reason}: {detail}" if detail else f"{device_id}: {reason}"
         )
-        log.debug(
-            "decode error", extra={"device_id": device_id, "reason": reason, "detail": detail}
-        )
+        now = time.monotonic()
+        if now - self._logged_at.get(reason, -LOG_INTERVAL) >= LOG_INTERVAL:
+            self._logged_at[reason] = now
+            log.warning(
+                "payload refused from %s: %s%s (%d so far with this reason)",
+                device_id,
+                reason,
+                f": {detail[:200]}" if detail else "",
+                sum(n for (_, r), n in self.counts.items() if r == reason),
+                extra={"device_id": device_id, "reason": reason},
+            )
 
     def by_reason(self) -> dict[str, int]:
         """Totals per reason over all devices."""
