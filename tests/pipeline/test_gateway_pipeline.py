@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import T0, CloudServer, publish_all
 
@@ -32,6 +33,7 @@ routes:
     steps:
       - window: {{size: 10s, aggregates: [mean, max], grace: 1s}}
 pipeline: {{tick_interval: 0.1s, stats_interval: 0.2s}}
+admin: {{listen: "127.0.0.1:0"}}
 """,
         "gw.yaml",
     )
@@ -55,6 +57,18 @@ pipeline: {{tick_interval: 0.1s, stats_interval: 0.2s}}
                 {"t_mean": 10.5, "t_max": 11.0, "window_start": T0 + 10, "window_end": T0 + 20},
             ),
         ]
+        # The same figures per route and per sink in the Prometheus metrics.
+        assert gw.admin is not None and gw.admin.bound is not None
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(f"http://127.0.0.1:{gw.admin.bound[1]}/metrics")).text
+        assert 'edgeway_route_received_readings_total{route="averaged"} 12.0' in metrics
+        assert 'edgeway_route_sent_readings_total{route="averaged"} 2.0' in metrics
+        assert 'edgeway_sink_pipeline_sent_readings_total{sink="cloud"} 2.0' in metrics
+        assert "edgeway_pipeline_received_readings_total 12.0" in metrics
+        sent_bytes = _metric(metrics, 'edgeway_sink_pipeline_sent_bytes_total{sink="cloud"}')
+        in_bytes = _metric(metrics, 'edgeway_route_received_bytes_total{route="averaged"}')
+        assert 0 < sent_bytes < in_bytes
+        assert sent_bytes == _metric(metrics, 'edgeway_route_sent_bytes_total{route="averaged"}')
     finally:
         gw.request_stop()
         await asyncio.wait_for(task, 10)
@@ -65,3 +79,11 @@ pipeline: {{tick_interval: 0.1s, stats_interval: 0.2s}}
     assert out.startswith("received 12 readings")
     assert "sent 2 readings" in out
     assert "averaged/0:window" in out
+
+
+def _metric(text: str, series: str) -> float:
+    """The value of one series in Prometheus text output."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} not in the metrics")

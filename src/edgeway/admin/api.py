@@ -140,6 +140,24 @@ class StatusCollector:
             yield r_out
             yield b_in
             yield b_out
+            # What the pipeline handed the outbox for each sink (the cloud's side
+            # of the bandwidth report; delivery is edgeway_outbox_delivered_total).
+            s_r = CounterMetricFamily(
+                "edgeway_sink_pipeline_sent_readings",
+                "Readings the pipeline stored for a sink",
+                labels=["sink"],
+            )
+            s_b = CounterMetricFamily(
+                "edgeway_sink_pipeline_sent_bytes",
+                "Bytes (as sent records) the pipeline stored for a sink",
+                labels=["sink"],
+            )
+            for name, sink in sorted((pipeline.get("sinks") or {}).items()):
+                sent_flow = sink.get("sent") or {}
+                s_r.add_metric([str(name)], float(sent_flow.get("readings", 0)))
+                s_b.add_metric([str(name)], float(sent_flow.get("bytes", 0)))
+            yield s_r
+            yield s_b
 
         adapters = st.get("adapters") or {}
         a_conn = GaugeMetricFamily(
