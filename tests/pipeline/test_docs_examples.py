@@ -145,6 +145,11 @@ async def test_on_change(harness: MakeHarness) -> None:
         (1.0, {"state": "on"}),
         (3.0, {"state": "off"}),
     ]
+    # max_silence (15 min) in reading time: the unchanged value is sent again after it.
+    await h.send(rd("d", 3.0 + 899, {"state": "off"}))
+    assert await h.take() == []
+    await h.send(rd("d", 3.0 + 900, {"state": "off"}))
+    assert [(r.ts, r.metrics) for r in await h.take()] == [(903.0, {"state": "off"})]
 
 
 async def test_rate_limit(harness: MakeHarness) -> None:
@@ -195,3 +200,14 @@ async def test_window(harness: MakeHarness) -> None:
         "window_start": 100,
         "window_end": 110,
     }
+
+
+async def test_priority(harness: MakeHarness) -> None:
+    h = await harness(examples()["priority"])
+    await h.send(rd("d", 1.0, {"temperature": 20}))
+    await h.send(rd("d", 2.0, {"temperature": 95}))
+    await h.send(rd("d", 3.0, {"temperature": 30}))
+    await h.send(rd("d", 4.0, {"door": 1}, address="devices/d/alarms"))
+    await h.send(rd("d", 5.0, {"humidity": 5}, address="devices/d/alarms"))
+    got = [(r.ts, r.priority) for r in await h.take()]
+    assert got == [(2.0, 1), (4.0, 2), (5.0, 2), (1.0, 0), (3.0, 0)]
