@@ -11,6 +11,7 @@ from edgeway.pipeline.steps import (  # noqa: F401  (registration at import)
     dedup,
     mapping,
     onchange,
+    priority,
     ratelimit,
     transform,
     validate,
