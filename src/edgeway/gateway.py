@@ -300,6 +300,19 @@ class Gateway:
                         "anonymous MQTT clients are allowed on %s:%d, which is not loopback",
                         *lst.bound,
                     )
+            elif (
+                self.authenticator is None
+                and not cfg.mqtt.users
+                and not (lst.config.tls is not None and lst.config.tls.require_client_cert)
+            ):
+                # Credentials required, none configured: nobody can connect.
+                # Without this line the only trace is each refused client.
+                log.warning(
+                    "MQTT listener %s:%d requires credentials but mqtt.users is empty: no "
+                    "client can connect (add users, TLS client certificates, or "
+                    "allow_anonymous on a trusted network)",
+                    *lst.bound,
+                )
 
     async def _stop_front(self) -> None:
         """Stop accepting, disconnect clients, let pending acks and commits finish."""
