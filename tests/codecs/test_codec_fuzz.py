@@ -116,6 +116,8 @@ def test_arbitrary_json_documents(doc: Any, device_id: str | None) -> None:
         raw,
         device_id,
     )
+    tagged = get_codec("json", {"tags": {"type": "type", "a": "a", "ab": "a.b", "m": "max(a)"}})
+    check(tagged, raw, device_id)
 
 
 cbor_keys = keys | st.integers(min_value=-20, max_value=20)

@@ -185,3 +185,33 @@ def test_cbor_specifics() -> None:
     raw = bytes.fromhex("a2627473c11a6553f100617401")  # {"ts": 1(1700000000), "t": 1}
     [r] = codec.decode(raw, device_id="d1", origin=ORIGIN, now=NOW)
     assert (r.ts, r.metrics) == (1700000000.0, {"t": 1})
+
+
+@pytest.mark.parametrize("codec", ["json", "cbor"])
+def test_tags_option_gives_tags_routes_can_match(codec: str) -> None:
+    from edgeway.config import RouteMatch
+    from edgeway.pipeline.routes import RouteMatcher
+
+    options = {"tags": {"type": "type", "site": "meta.site", "rev": "meta.rev", "up": "meta.up"}}
+    payload = {"temp": 80.5, "type": "thermometer", "meta": {"site": "plant-a", "rev": 3}}
+    [r] = decode(payload, options, codec=codec)
+    # Plain-field tag paths are not metrics; nested ones leave their object's other fields.
+    assert r.metrics == {"temp": 80.5, "meta.site": "plant-a", "meta.rev": 3}
+    assert r.tags == {"type": "thermometer", "site": "plant-a", "rev": "3"}  # absent: no tag
+    [flag] = decode({"v": 1, "meta": {"up": True}}, options, codec=codec)
+    assert flag.tags == {"up": "true"}
+    matcher = RouteMatcher(RouteMatch(device_types=["therm*"], tags={"site": "plant-*"}))
+    assert matcher.matches(r) and not matcher.matches(flag)
+    # Without the option nothing changes: "type" is a metric like any other field.
+    [plain] = decode(payload, codec=codec)
+    assert plain.tags == {} and plain.metrics["type"] == "thermometer"
+
+
+def test_bad_tags() -> None:
+    options = {"tags": {"type": "type"}}
+    assert reason({"v": 1, "type": {"a": 1}}, options) == "bad_tag"
+    assert reason({"v": 1, "type": "x" * 257}, options) == "bad_tag"
+    with pytest.raises(ValueError, match="not a JMESPath"):
+        get_codec("json", {"tags": {"type": "a[?"}})
+    with pytest.raises(ValueError, match="tag names"):
+        get_codec("json", {"tags": {"": "a"}})

@@ -55,6 +55,11 @@ MAX_DEPTH = 8
 three levels (Tasmota ``ENERGY.Total``); deeper structures are data dumps,
 and each level makes a longer metric name in every stored row."""
 
+MAX_TAG_LENGTH = 256
+"""Longest tag name or value taken from a payload. Tags are labels (site,
+type, firmware), stored with every record a route produces; a longer value is
+a payload mistake, refused (``bad_tag``) rather than copied into every row."""
+
 _PLAIN_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 Getter = Callable[[Any], Any]
@@ -108,10 +113,23 @@ class JsonOptions(CodecOptions):
     records: str | None = None
     """JMESPath to the list of reading objects inside an envelope (e.g. ``data``)."""
     separator: str = Field(default=".", min_length=1, max_length=4)
+    tags: dict[str, str] = Field(default_factory=dict)
+    """Tag name -> JMESPath. Strings, numbers and booleans found there become the
+    reading's tags (routes match them: ``match.tags``; ``match.device_types``
+    reads the ``type`` tag), not metrics. An absent or null field sets no tag."""
 
     _check = field_validator("device_id", "timestamp", "message_id", "values", "records")(
         _check_path
     )
+
+    @field_validator("tags")
+    @classmethod
+    def _check_tags(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, path in v.items():
+            if not name or len(name) > MAX_TAG_LENGTH:
+                raise ValueError(f"tag names are 1 to {MAX_TAG_LENGTH} characters: {name!r}")
+            _check_path(path)
+        return v
 
     @field_validator("metrics")
     @classmethod
@@ -142,9 +160,10 @@ class ObjectMapper:
             if options.metrics
             else None
         )
-        # Fields that name the device, time or message are not metrics.
+        self._tags = {name: compile_path(p) for name, p in options.tags.items()}
+        # Fields that name the device, time, message or a tag are not metrics.
         reserved = set(options.exclude)
-        for p in (options.device_id, options.timestamp, options.message_id):
+        for p in (options.device_id, options.timestamp, options.message_id, *options.tags.values()):
             if p and _PLAIN_FIELD.match(p):
                 reserved.add(p)
         self._reserved = frozenset(reserved)
@@ -202,7 +221,28 @@ class ObjectMapper:
                     self._add(metrics, key, value, 0)
         if not metrics:
             raise DecodeError("no_metrics")
-        return Reading(device_id=device_id, ts=ts, metrics=metrics, origin=origin)
+        if not self._tags:
+            return Reading(device_id=device_id, ts=ts, metrics=metrics, origin=origin)
+        return Reading(
+            device_id=device_id, ts=ts, metrics=metrics, origin=origin, tags=self._read_tags(obj)
+        )
+
+    def _read_tags(self, obj: dict[str, Any]) -> dict[str, str]:
+        tags: dict[str, str] = {}
+        for name, get in self._tags.items():
+            value = get(obj)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str | int | float):
+                text = str(value)
+            else:
+                raise DecodeError("bad_tag", f"{name}: expected a string, got {_kind(value)}")
+            if len(text) > MAX_TAG_LENGTH:
+                raise DecodeError("bad_tag", f"{name}: longer than {MAX_TAG_LENGTH} characters")
+            tags[name] = text
+        return tags
 
     def _add(self, out: dict[str, MetricValue], name: str, value: Any, depth: int) -> None:
         if value is None or isinstance(value, list):
