@@ -32,7 +32,7 @@ class Origin:
     message_id: str | None = None
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Reading:
     """One device's metrics at one instant.
 
@@ -40,6 +40,13 @@ class Reading:
     metric name to its value. ``tags`` carries static metadata added by the
     pipeline (site, unit, device type). ``priority`` > 0 marks alarms and
     events that drain ahead of telemetry.
+
+    Treat a reading as immutable once built (steps make a new one with
+    ``dataclasses.replace``): the pipeline and the outbox may hold the same
+    object. It is not ``frozen`` only because a frozen dataclass's
+    ``__init__`` (``object.__setattr__`` per field) cost 1.3 us against 0.4 us,
+    and one is built per device message. ``Origin`` stays frozen: one
+    instance is shared by every reading of a connection's topic.
     """
 
     device_id: str

@@ -103,6 +103,13 @@ re-asks the authoriser."""
 
 EMPTY_PROPS = Properties()
 
+_PUBLISH_OK = 0
+_TOO_DEEP = 1
+_DENIED = 2
+_TopicInfo = tuple[int, str | None, Origin | None]
+"""Per topic a connection publishes to: verdict (``_PUBLISH_OK``, ``_TOO_DEEP``,
+``_DENIED``), telemetry device id (None: not telemetry) and its Origin."""
+
 _311_CONNACK = {0x86: 4, 0x87: 5, 0x8A: 5, 0x88: 3, 0x89: 3, 0x85: 2, 0x84: 1}
 """v5 CONNACK reason -> 3.1.1 return code (MQTT 5 spec table 3-1 mapping)."""
 
@@ -161,7 +168,6 @@ class MqttConnection(asyncio.Protocol):
 
     __slots__ = (
         "_acks",
-        "_acl",
         "_aliases_in",
         "_aliases_out",
         "_auth_task",
@@ -169,11 +175,11 @@ class MqttConnection(asyncio.Protocol):
         "_dirty",
         "_in_quota",
         "_normal_disconnect",
-        "_origins",
         "_out",
         "_pause",
         "_pending",
         "_saturation_check",
+        "_topics",
         "_write_paused",
         "accepted_at",
         "alias_max_out",
@@ -230,8 +236,7 @@ class MqttConnection(asyncio.Protocol):
         self._write_paused = False
         self._normal_disconnect = False
         self._saturation_check = False
-        self._acl: dict[str, bool] | None = None
-        self._origins: dict[str, Origin] | None = None
+        self._topics: dict[str, _TopicInfo] | None = None
         self._auth_task: asyncio.Task[AuthDecision] | None = None
 
     # ------------------------------------------------------------ transport
@@ -574,26 +579,19 @@ class MqttConnection(asyncio.Protocol):
                 raise ProtocolError(0x93, "receive maximum exceeded")
             if qos == 2:
                 session.remember_qos2(pid)  # type: ignore[arg-type]
-        if "+" in topic or "#" in topic:
-            raise ProtocolError(0x90, "wildcard in topic name")
-        if topic.count("/") >= broker.limits.max_topic_levels:
-            broker.count_drop("too_many_topic_levels")
-            self._complete_or_queue(_PendingAck(None, None, pid, qos, 0x90 if v5 else 0))
-            return
-        # Authorisation (cached per connection).
-        acl = self._acl
-        if acl is None:
-            acl = self._acl = {}
-        allowed = acl.get(topic)
-        if allowed is None:
-            assert self.principal is not None
-            allowed = broker.authoriser.may_publish(self.principal, topic)
-            if len(acl) >= ACL_CACHE_MAX:
-                acl.clear()
-            acl[topic] = allowed
-        if not allowed:
-            broker.count_drop("not_authorised")
-            self._complete_or_queue(_PendingAck(None, None, pid, qos, 0x87 if v5 else 0))
+        # Everything that depends on the topic alone, one lookup per message.
+        topics = self._topics
+        info = topics.get(topic) if topics is not None else None
+        if info is None:
+            info = self._topic_info(topic)
+        verdict, device_id, origin = info
+        if verdict:
+            if verdict == _TOO_DEEP:
+                broker.count_drop("too_many_topic_levels")
+                self._complete_or_queue(_PendingAck(None, None, pid, qos, 0x90 if v5 else 0))
+            else:
+                broker.count_drop("not_authorised")
+                self._complete_or_queue(_PendingAck(None, None, pid, qos, 0x87 if v5 else 0))
             return
         fwd: Properties | None = None
         expires_at: float | None = None
@@ -608,7 +606,6 @@ class MqttConnection(asyncio.Protocol):
             fwd = _forwardable(props)
             if props.message_expiry_interval is not None:
                 expires_at = time.time() + props.message_expiry_interval
-        device_id = broker.telemetry.device_id(topic) if broker.telemetry is not None else None
         if device_id is None and not self._acks:
             # The common case: route and acknowledge now, without a pending entry.
             broker.route_publish(topic, p.payload, qos, p.retain, fwd, expires_at, self.client_id)
@@ -622,14 +619,6 @@ class MqttConnection(asyncio.Protocol):
         if device_id is None:
             self._acks.append(_PendingAck(None, msg, pid, qos, 0))
             return
-        origins = self._origins
-        if origins is None:
-            origins = self._origins = {}
-        origin = origins.get(topic)
-        if origin is None:
-            if len(origins) >= ACL_CACHE_MAX:
-                origins.clear()
-            origin = origins[topic] = Origin("mqtt", topic, self.client_id)
         try:
             readings = decode_telemetry(
                 p.payload, device_id, topic, self.client_id, props.correlation_data, origin
@@ -658,6 +647,33 @@ class MqttConnection(asyncio.Protocol):
             fut.add_done_callback(self._ingest_done)
         if not v5 and len(self._acks) >= MAX_PENDING_ACKS_311:
             self._pause_reading(_PAUSE_ACKS)
+
+    def _topic_info(self, topic: str) -> _TopicInfo:
+        """Check ``topic`` (wildcards, depth, ACL) and find its telemetry device
+        id and origin; remembered per connection (:data:`ACL_CACHE_MAX`)."""
+        if "+" in topic or "#" in topic:
+            raise ProtocolError(0x90, "wildcard in topic name")
+        broker = self.broker
+        info: _TopicInfo
+        if topic.count("/") >= broker.limits.max_topic_levels:
+            info = (_TOO_DEEP, None, None)
+        else:
+            assert self.principal is not None
+            if not broker.authoriser.may_publish(self.principal, topic):
+                info = (_DENIED, None, None)
+            else:
+                telemetry = broker.telemetry
+                device_id = telemetry.device_id(topic) if telemetry is not None else None
+                # One Origin per topic: readings share it (it is frozen).
+                origin = Origin("mqtt", topic, self.client_id) if device_id is not None else None
+                info = (_PUBLISH_OK, device_id, origin)
+        topics = self._topics
+        if topics is None:
+            topics = self._topics = {}
+        elif len(topics) >= ACL_CACHE_MAX:
+            topics.clear()
+        topics[topic] = info
+        return info
 
     def _resolve_alias(self, topic: str, alias: int) -> str:
         if alias == 0 or alias > self.broker.limits.topic_alias_maximum:
