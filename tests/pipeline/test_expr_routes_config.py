@@ -327,3 +327,26 @@ routes:
     await h.close()
     h2 = await harness(h2_cfg, data_dir=h.data_dir / "other")
     assert await h2.send(rd("d", 1.0, {"v": 1})) is IngestStatus.REJECTED_INVALID
+
+
+async def test_rate_limit_is_per_device_and_metric(harness: MakeHarness) -> None:
+    h = await harness("routes:\n  - name: r\n    steps: [{rate_limit: {interval: 10s}}]\n")
+    await h.send(rd("d", 0.0, {"a": 1, "b": 1}))
+    await h.send(rd("d", 3.0, {"a": 2}))  # a of d: held until 10 s after ts 0
+    await h.send(rd("e", 4.0, {"a": 7}))  # another device: its own interval
+    await h.send(rd("d", 12.0, {"b": 3}))  # b of d: its own interval, passes
+    assert [(r.device_id, r.ts, r.metrics) for r in await h.take()] == [
+        ("d", 0.0, {"a": 1, "b": 1}),
+        ("e", 4.0, {"a": 7}),
+        ("d", 12.0, {"b": 3}),
+    ]
+    await h.tick(12.0)  # the held a of d is due (wall clock 3 + 7 s)
+    assert [(r.device_id, r.ts, r.metrics) for r in await h.take()] == [("d", 3.0, {"a": 2})]
+    # Held values replace each other; a value newer than the interval supersedes
+    # the held one: only the latest is sent, and the timer then has nothing left.
+    await h.send(rd("d", 15.0, {"a": 3}))  # 15 - 3 >= 10: at once
+    await h.send(rd("d", 18.0, {"a": 4}))  # held
+    await h.send(rd("d", 20.0, {"a": 5}))  # held, replaces 4
+    await h.send(rd("d", 30.0, {"a": 6}))  # 30 - 15 >= 10: at once, 5 is dropped
+    await h.tick(40.0)
+    assert [(r.ts, r.metrics) for r in await h.take()] == [(15.0, {"a": 3}), (30.0, {"a": 6})]
