@@ -159,6 +159,20 @@ def test_check_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert f"{bad}:3: gateway.colour: unknown key" in err
 
 
+def test_check_finds_bad_coap_codecs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "coap.yaml"
+    bad.write_text("coap:\n  default_format: plain\n")
+    assert main(["check", str(bad)]) == 2
+    assert (
+        f"{bad}:1: coap: default_format: codec 'plain' options: metric" in capsys.readouterr().err
+    )
+    bad.write_text("coap:\n  codec_options:\n    json: {timestamp: {field: ts}}\n")
+    assert main(["check", str(bad)]) == 2
+    assert "coap: codec_options.json: codec 'json' options: timestamp" in capsys.readouterr().err
+    bad.write_text("coap:\n  default_format: plain\n  codec_options:\n    plain: {metric: t}\n")
+    assert main(["check", str(bad)]) == 0
+
+
 def test_config_reference_page_is_current() -> None:
     """docs/config-reference.md is generated from the schema; regenerate it with
     `python -m edgeway.config_doc > docs/config-reference.md` after changing config.py."""

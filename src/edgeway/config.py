@@ -330,6 +330,20 @@ class CoapSection(_Model):
         parse_host_port(v)
         return v
 
+    @model_validator(mode="after")
+    def _check_codecs(self) -> Self:
+        # So that `edgeway check` finds these, not only the adapter at start-up.
+        for name, options in self.codec_options.items():
+            try:
+                _check_codec(name, options)
+            except ValueError as e:
+                raise ValueError(f"codec_options.{name}: {e}") from None
+        try:
+            _check_codec(self.default_format, self.codec_options.get(self.default_format, {}))
+        except ValueError as e:
+            raise ValueError(f"default_format: {e}") from None
+        return self
+
 
 ModbusFunction = Literal["coils", "discrete_inputs", "holding_registers", "input_registers"]
 ModbusDataType = Literal[
