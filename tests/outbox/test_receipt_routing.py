@@ -1,9 +1,12 @@
 """Receipts follow routing: a reading is confirmed to its device only when
 every sink it was routed to has confirmed it, and never when one of them lost
-it (retention drop). Issue 3, section 3."""
+it (retention drop). Issue 3, section 3. Also: drops are logged per sink and
+reason without flooding the log."""
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -71,3 +74,20 @@ async def test_no_receipt_for_a_reading_one_sink_lost(outbox: Outbox) -> None:
     # Receipts for exactly the rows both sinks confirmed; never for 1 and 2,
     # which a confirmed but b lost.
     assert sorted(c.seq for c in got) == sent_to_b
+
+
+async def test_drops_are_logged_per_sink_and_reason_without_flooding(
+    outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guarantee 4 of docs/outbox.md: counted and logged, at most one line per
+    sink and reason every 10 s however many rows go."""
+    with caplog.at_level(logging.WARNING, logger="edgeway.outbox.store"):
+        for i in range(60):
+            await outbox.submit([reading(i)])
+    c = outbox.counters()
+    assert c["a"]["dropped_max_bytes"] == c["b"]["dropped_max_bytes"] >= 40
+    lines = [r.getMessage() for r in caplog.records if "outbox dropped" in r.getMessage()]
+    found = sorted(
+        re.findall(r"^outbox dropped \d+ records for sink (\w+) \((\w+)\)$", "\n".join(lines), re.M)
+    )
+    assert found == [("a", "max_bytes"), ("b", "max_bytes")], lines
