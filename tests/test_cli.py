@@ -81,3 +81,13 @@ def test_unknown_option_is_still_an_error(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit) as e:
         cli_main(["deadletter", "list", "--no-such-option"])
     assert e.value.code == 2
+
+
+def test_sink_url_with_unknown_scheme_is_refused_before_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["run", "--data-dir", str(tmp_path / "d"), "--mqtt-listen", "127.0.0.1:0"]
+    assert cli_main([*argv, "--sink", "ftp://example/x"]) == 2
+    err = capsys.readouterr().err
+    assert "no sink for scheme 'ftp'" in err and "http" in err and "postgresql" in err
+    assert not (tmp_path / "d").exists()  # nothing was started or created
