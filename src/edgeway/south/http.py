@@ -59,7 +59,7 @@ from edgeway.codecs.base import (
     codec_class,
     codec_for_content_type,
 )
-from edgeway.config import HttpIngestSection, parse_host_port
+from edgeway.config import HttpIngestSection, is_loopback, parse_host_port
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.reading import Origin
 from edgeway.south.base import SouthAdapter, register_adapter
@@ -209,7 +209,14 @@ class HttpIngestAdapter(SouthAdapter):
                     "every request will be refused (401)"
                 )
             elif self.config.allow_anonymous:
-                log.info("http ingest: requests without a token are accepted (allow_anonymous)")
+                # As for MQTT listeners: fine on loopback, worth a warning elsewhere.
+                log.log(
+                    logging.INFO if is_loopback(host) else logging.WARNING,
+                    "http ingest: requests without a token are accepted on %s:%d%s",
+                    host,
+                    self.port,
+                    "" if is_loopback(host) else ", which is not loopback",
+                )
             self.state.connected = True
             self.ready.set()
             await asyncio.Event().wait()  # serve until cancelled
