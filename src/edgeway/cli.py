@@ -99,9 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     passwd = sub.add_parser("passwd", help="hash a password for mqtt.users[].password_hash")
     passwd.add_argument("--stdin", action="store_true", help="read the password from stdin")
 
-    dl = sub.add_parser("deadletter", help="list, replay or purge dead-lettered batches")
+    dl = sub.add_parser(
+        "deadletter",
+        help="list, replay or purge dead-lettered batches",
+        description="Batches a sink refused for good (an HTTP 4xx, say). replay and purge "
+        "need the gateway stopped; list works at any time. See docs/outbox.md.",
+    )
     _add_common(dl)
-    dl.add_argument("rest", nargs=argparse.REMAINDER, help="list | replay [ID] | purge [ID]")
+    dl.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="ACTION ...",
+        help="list [--sink NAME] [--limit N] [--json] | replay [ID ...] [--sink NAME] | "
+        "purge (ID ... | --all) [--sink NAME]; 'edgeway deadletter ACTION --help' for more",
+    )
 
     from edgeway.sim.demo import add_demo_arguments
     from edgeway.sim.runner import add_simulate_arguments
@@ -125,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         "stats", help="bandwidth report: readings and bytes in from devices vs out to sinks"
     )
     _add_common(stats)
-    stats.add_argument("rest", nargs=argparse.REMAINDER, help="[--json]")
+    stats.add_argument(
+        "rest", nargs=argparse.REMAINDER, metavar="--json", help="print the raw figures as JSON"
+    )
 
     sub.add_parser("version", help="print the version")
     return parser
