@@ -192,7 +192,9 @@ def test_tags_option_gives_tags_routes_can_match(codec: str) -> None:
     from edgeway.config import RouteMatch
     from edgeway.pipeline.routes import RouteMatcher
 
-    options = {"tags": {"type": "type", "site": "meta.site", "rev": "meta.rev", "up": "meta.up"}}
+    options: dict[str, object] = {
+        "tags": {"type": "type", "site": "meta.site", "rev": "meta.rev", "up": "meta.up"}
+    }
     payload = {"temp": 80.5, "type": "thermometer", "meta": {"site": "plant-a", "rev": 3}}
     [r] = decode(payload, options, codec=codec)
     # Plain-field tag paths are not metrics; nested ones leave their object's other fields.
@@ -208,7 +210,7 @@ def test_tags_option_gives_tags_routes_can_match(codec: str) -> None:
 
 
 def test_bad_tags() -> None:
-    options = {"tags": {"type": "type"}}
+    options: dict[str, object] = {"tags": {"type": "type"}}
     assert reason({"v": 1, "type": {"a": 1}}, options) == "bad_tag"
     assert reason({"v": 1, "type": "x" * 257}, options) == "bad_tag"
     with pytest.raises(ValueError, match="not a JMESPath"):

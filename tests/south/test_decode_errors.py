@@ -15,7 +15,7 @@ def test_counts_are_exact_and_the_log_is_rate_limited(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(decode_errors.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr("edgeway.south.decode_errors.time.monotonic", lambda: clock[0])
     counter, state = DecodeErrorCounter(), AdapterState()
     with caplog.at_level("WARNING", logger="edgeway.south.decode_errors"):
         for _ in range(50):
