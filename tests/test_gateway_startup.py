@@ -56,3 +56,17 @@ async def test_anonymous_loopback_listener_is_not_warned_about(
     with caplog.at_level(logging.WARNING, logger="edgeway.gateway"):
         await _start_and_stop(text)
     assert not [r for r in caplog.records if "no client can connect" in r.getMessage()]
+
+
+async def test_a_configuration_the_pipeline_refuses_is_a_startup_error(tmp_path: Path) -> None:
+    """Built without the CLI's checks (tests, embedding): still one line."""
+    from edgeway.gateway import StartupError
+
+    text = (
+        f'gateway: {{id: gw, data_dir: "{tmp_path}"}}\n'
+        'mqtt:\n  listeners: [{bind: "127.0.0.1:0", allow_anonymous: true}]\n'
+        "routes:\n  - {name: r, sinks: [nosuch]}\n"
+    )
+    gw = Gateway(parse_config(text, "gw.yaml"))
+    with pytest.raises(StartupError, match="unknown sinks"):
+        await asyncio.wait_for(gw.run(), 10)

@@ -162,6 +162,11 @@ def cmd_check(path: Path) -> int:
     # Sink options are validated by each sink type; do it here too so that
     # `check` catches everything `run` would refuse.
     problems = _check_sinks(cfg, str(path))
+    duplicates, unknown_sinks = _check_routes(cfg, str(path))
+    problems += duplicates
+    # Sinks may still come from the command line (--sink): say so, do not fail.
+    for p in unknown_sinks:
+        print(f"warning: {p} (unless added with --sink)", file=sys.stderr)
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     if problems:
@@ -195,6 +200,48 @@ def _check_sinks(cfg: Config, filename: str) -> list[str]:
     return out
 
 
+def _check_routes(cfg: Config, filename: str) -> tuple[list[str], list[str]]:
+    """What the pipeline would refuse at start, with the line: route names
+    defined twice, and sinks named by a route, a quarantine or
+    ``pipeline.default_sinks`` that are not configured. Returns the two lists
+    apart: ``check`` only warns about the second (``--sink`` may add them)."""
+    from edgeway.config import locate_key
+
+    known = {s.name for s in cfg.sinks}
+    duplicates: list[str] = []
+    out: list[str] = []
+
+    def report(
+        loc: tuple[str | int, ...], key: str, msg: str, into: list[str] | None = None
+    ) -> None:
+        line = locate_key(filename, loc)
+        text = f"{filename}:{line}: {key}: {msg}" if line else f"{filename}: {key}: {msg}"
+        (out if into is None else into).append(text)
+
+    def unknown(names: list[str]) -> str:
+        missing = ", ".join(repr(n) for n in names if n not in known)
+        return f"unknown sink {missing}; sinks: {', '.join(sorted(known)) or 'none'}"
+
+    seen: set[str] = set()
+    for i, rc in enumerate(cfg.routes):
+        if rc.name in seen:
+            msg = f"route {rc.name!r} defined twice"
+            report(("routes", i, "name"), f"routes[{i}].name", msg, duplicates)
+        seen.add(rc.name)
+        if rc.sinks is not None and any(n not in known for n in rc.sinks):
+            report(("routes", i, "sinks"), f"routes[{i}].sinks", unknown(list(rc.sinks)))
+        for j, spec in enumerate(rc.steps):
+            for step_type, params in spec.items():
+                q = params.get("quarantine") if isinstance(params, dict) else None
+                if isinstance(q, str) and q not in known:
+                    loc = ("routes", i, "steps", j, step_type, "quarantine")
+                    report(loc, f"routes[{i}].steps[{j}].{step_type}.quarantine", unknown([q]))
+    default = cfg.pipeline.default_sinks
+    if default is not None and any(n not in known for n in default):
+        report(("pipeline", "default_sinks"), "pipeline.default_sinks", unknown(list(default)))
+    return duplicates, out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from edgeway.config import apply_overrides
     from edgeway.gateway import Gateway
@@ -221,7 +268,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    problems = _check_sinks(cfg, str(args.config or "--sink"))
+    where = str(args.config or "--sink")
+    duplicates, unknown_sinks = _check_routes(cfg, where)
+    problems = _check_sinks(cfg, where) + duplicates + unknown_sinks
     if problems:
         for p in problems:
             print(f"error: {p}", file=sys.stderr)

@@ -141,9 +141,11 @@ class Gateway:
                 data_dir=data_dir,
                 durability=cfg.outbox.durability,
             )
-        except ValueError:
+        except ValueError as e:
+            # A configuration the pipeline refuses (``edgeway check`` names the
+            # line): one line, not a traceback.
             await outbox.close()
-            raise
+            raise StartupError(str(e)) from e
         await pipeline.open()
         self.pipeline = pipeline
         self.adapters = self._build_adapters(pipeline)
