@@ -93,7 +93,9 @@ class Backoff:
         self.attempt = 0
 
     def next_delay(self) -> float:
-        cap = min(self.maximum, self.initial * (2**self.attempt))
+        # The exponent stops at 62: 2**attempt as a float overflows at attempt
+        # 1024 (about 4 h of failures at a 30 s cap), and "forever" must hold.
+        cap = min(self.maximum, self.initial * (2 ** min(self.attempt, 62)))
         self.attempt += 1
         return random.uniform(0, cap)
 
