@@ -350,3 +350,16 @@ async def test_rate_limit_is_per_device_and_metric(harness: MakeHarness) -> None
     await h.send(rd("d", 30.0, {"a": 6}))  # 30 - 15 >= 10: at once, 5 is dropped
     await h.tick(40.0)
     assert [(r.ts, r.metrics) for r in await h.take()] == [(15.0, {"a": 3}), (30.0, {"a": 6})]
+
+
+async def test_stats_report_without_routes(
+    harness: MakeHarness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    h = await harness("")
+    await h.send(rd("d", 1.0, {"v": 1.0}))
+    await h.close()
+    capsys.readouterr()
+    assert stats_main([], tmp_path) == 0
+    text = capsys.readouterr().out
+    assert "no routes configured: every reading goes to the default sinks unchanged" in text
+    assert "route / step" not in text  # no empty table

@@ -60,7 +60,12 @@ def format_stats(s: dict[str, Any]) -> str:
         lines.append(f"refused while the outbox was full: {s['rejected_full']:,} readings")
     lines.append("")
     hdr = f"{'route / step':<34} {'in':>10} {'in bytes':>12} {'out':>10} {'out bytes':>12}  dropped"
-    lines.append(hdr)
+    # An empty table reads like a fault; without routes, say so instead.
+    lines.append(
+        hdr
+        if s.get("routes")
+        else "no routes configured: every reading goes to the default sinks unchanged"
+    )
     for route in s.get("routes", []):
         r, o = route["received"], route["sent"]
         lines.append(
