@@ -595,6 +595,12 @@ class Outbox:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._submits: list[_Submit] = []
         self._shared: dict[int, _Submit] = {}
+        self._share_futures = config.when_full != "reject_new"
+        self._saturation_limit: int | None = (
+            config.max_bytes - max(config.max_bytes // 100, 1)
+            if config.when_full == "reject_new" and config.max_bytes is not None
+            else None
+        )
         """Submits of the next commit by sink mask, when they share one future."""
         self._ops: list[_Op] = []
         self._committing = False
@@ -824,7 +830,7 @@ class Outbox:
                 fut = loop.create_future()
                 fut.set_result(IngestStatus.ACCEPTED)
                 return fut
-        if self.config.when_full != "reject_new":
+        if self._share_futures:
             # Nothing can refuse one submit and accept another: every submit
             # for these sinks in this commit shares one future and one entry
             # (a future and an object per device message were ~1 us of the
@@ -844,10 +850,9 @@ class Outbox:
 
     def is_saturated(self) -> bool:
         """True while ``reject_new`` would refuse new readings (within 1% of ``max_bytes``)."""
-        cfg = self.config
-        if cfg.when_full != "reject_new" or cfg.max_bytes is None:
-            return False
-        return self._total_bytes >= cfg.max_bytes - max(cfg.max_bytes // 100, 1)
+        # Asked once per device message: the threshold is computed once.
+        limit = self._saturation_limit
+        return limit is not None and self._total_bytes >= limit
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Per sink: accepted, delivered, pending, dropped, dropped_<reason>, rejected_full.

@@ -160,6 +160,17 @@ def _reading(
 ) -> Reading:
     if type(obj) is not dict:
         raise TelemetryError("not_an_object", type(obj).__name__)
+    if obj and "ts" not in obj and "msg_id" not in obj:
+        # The usual payload, a flat object of numbers, booleans and strings,
+        # is its own metrics dict: orjson built it for us alone, so no copy.
+        for v in obj.values():
+            t = type(v)
+            if not (t is float or t is int or t is str or t is bool):
+                break
+        else:
+            if correlation is not None:
+                origin = Origin(origin.adapter, origin.address, origin.client_id, correlation)
+            return Reading(device_id, now, obj, origin)
     ts = now
     msg_id: str | None = None
     metrics: dict[str, MetricValue] = {}
