@@ -147,6 +147,11 @@ async def test_unsupported_format_method_and_path(client: Any) -> None:
         r = await post(client, adapter, "d", b"<x/>", 41)  # application/xml
         assert r.code == Code.UNSUPPORTED_CONTENT_FORMAT
         assert b"50" in r.payload
+        # text/plain is a known format, but the plain codec needs a metric name
+        # this listener was not configured with: 4.15 naming the option, not 5.00.
+        r = await post(client, adapter, "d", b"21.5", 0)
+        assert r.code == Code.UNSUPPORTED_CONTENT_FORMAT
+        assert b"codec_options.plain" in r.payload
         r = await client.request(
             Message(code=Code.GET, uri=url(adapter, "devices/d/telemetry"))
         ).response

@@ -213,7 +213,17 @@ class CoapAdapter(SouthAdapter):
                     Code.UNSUPPORTED_CONTENT_FORMAT,
                     f"content format {int(fmt)} not supported; use 50, 60, 110 or 112",
                 )
-            codec = self._codec_by_name(cls.name)
+            try:
+                codec = self._codec_by_name(cls.name)
+            except ValueError:
+                # plain/binary need options (metric name, struct format) that
+                # this listener was not given: the format is known but not
+                # usable here, which for the device is "unsupported".
+                self.decode_errors.record(self.state, device_id, "codec_not_configured", cls.name)
+                return self._respond(
+                    Code.UNSUPPORTED_CONTENT_FORMAT,
+                    f"content format {int(fmt)} ({cls.name}) needs coap.codec_options.{cls.name}",
+                )
         # No client_id: without DTLS there is no authenticated principal.
         origin = Origin("coap", address=f"devices/{device_id}/telemetry")
         try:
