@@ -131,3 +131,27 @@ def test_run_refuses_unknown_route_sinks_in_one_line_each(
     err = capsys.readouterr().err
     assert err == f"error: {cfg}:3: routes[0].sinks: unknown sink 'sink2'; sinks: sink1\n"
     assert not (tmp_path / "d").exists()  # refused before anything started
+
+
+def test_sink_defined_twice_is_refused_by_check_and_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(
+        'sinks:\n  - {name: a, url: "file:///x"}\n  - {name: a, url: "file:///y"}\n',
+        encoding="utf-8",
+    )
+    want = f"error: {cfg}:3: sinks[1].name: sink 'a' defined twice\n"
+    assert cli_main(["check", str(cfg)]) == 2
+    assert capsys.readouterr().err == want
+    argv = [
+        "run",
+        "-c",
+        str(cfg),
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--mqtt-listen",
+        "127.0.0.1:0",
+    ]
+    assert cli_main(argv) == 2
+    assert capsys.readouterr().err == want

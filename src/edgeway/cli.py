@@ -185,7 +185,14 @@ def _check_sinks(cfg: Config, filename: str) -> list[str]:
     from edgeway.sinks.base import create_sink
 
     out: list[str] = []
+    seen: set[str] = set()
     for i, s in enumerate(cfg.sinks):
+        if s.name in seen:
+            # Names key the outbox's per-sink cursors and counters.
+            line = locate_key(filename, ("sinks", i, "name"))
+            where = f"{filename}:{line}" if line is not None else filename
+            out.append(f"{where}: sinks[{i}].name: sink {s.name!r} defined twice")
+        seen.add(s.name)
         try:
             create_sink(s, cfg.gateway.id)
         except (ValueError, TypeError) as e:

@@ -120,12 +120,15 @@ class Gateway:
                 "no sinks configured: readings are acknowledged, stored and kept in the outbox "
                 "until a sink is added (add one with --sink URL or a sinks: section)"
             )
-        outbox = Outbox(
-            data_dir / "outbox.db",
-            gateway_id=cfg.gateway.id,
-            config=cfg.outbox,
-            sink_names=[s.name for s in self.sinks],
-        )
+        try:
+            outbox = Outbox(
+                data_dir / "outbox.db",
+                gateway_id=cfg.gateway.id,
+                config=cfg.outbox,
+                sink_names=[s.name for s in self.sinks],
+            )
+        except ValueError as e:  # sink names defined twice: the operator's to fix
+            raise StartupError(str(e)) from e
         self.outbox = outbox
         try:
             await outbox.open()
