@@ -1,0 +1,123 @@
+"""The outbox's hot-path shapes: multi-row INSERTs and one future per group commit.
+
+Every row of a large group commit is stored exactly as submitted (whatever mix
+of chunk sizes the INSERT used), submits in one commit share a future that a
+caller cannot cancel for the others, and ``reject_new`` keeps one future (and
+one verdict) per submit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from edgeway.config import OutboxSection
+from edgeway.ingest import IngestStatus
+from edgeway.outbox import Outbox
+from edgeway.reading import Origin, Reading
+
+
+@pytest.fixture
+async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
+    ob = Outbox(tmp_path / "outbox.db", gateway_id="gw", config=OutboxSection(), sink_names=["a"])
+    await ob.open()
+    try:
+        yield ob
+    finally:
+        await ob.close()
+
+
+def _reading(i: int) -> Reading:
+    # Every 7th reading carries tags, a message id and a priority: the rows
+    # that are not plain must survive the multi-row statements too.
+    special = i % 7 == 0
+    return Reading(
+        f"dev-{i % 5}",
+        1_700_000_000.0 + i / 8,
+        {"i": i, "temp": 20.5 + i, "on": i % 2 == 0, "mode": f"m{i}"},
+        origin=Origin("test", message_id=f"m-{i}" if special else None),
+        tags={"site": "s1"} if special else {},
+        priority=1 if special else 0,
+    )
+
+
+async def test_one_large_commit_stores_every_row_as_submitted(outbox: Outbox) -> None:
+    # 1,151 rows = 4x256 + 1x64 + 3x16 + 3x4 + 3x1: every chunk size of the
+    # multi-row INSERT is used, the small ones as often as they can be.
+    readings = [_reading(i) for i in range(1151)]
+    futs = [outbox.submit(readings[i : i + 100]) for i in range(0, len(readings), 100)]
+    statuses = await asyncio.gather(*futs)
+    assert statuses == [IngestStatus.ACCEPTED] * len(futs)
+    assert outbox.commits == 1
+    assert outbox.counters()["a"]["accepted"] == 1151
+
+    conn = sqlite3.connect(outbox.path)
+    try:
+        rows = conn.execute(
+            "SELECT seq, pending, size, priority, device_id, ts, metrics, tags, msg_id "
+            "FROM records ORDER BY seq"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert [r[0] for r in rows] == list(range(1, 1152))
+    for (_seq, pending, size, priority, device_id, ts, metrics, tags, msg_id), r in zip(
+        rows, readings, strict=True
+    ):
+        assert pending == 1
+        assert (device_id, ts, priority) == (r.device_id, r.ts, r.priority)
+        assert orjson.loads(metrics) == r.metrics
+        assert (orjson.loads(tags) if tags is not None else {}) == r.tags
+        assert msg_id == r.origin.message_id
+        assert size == len(metrics) + len(device_id) + 48 + (len(tags) if tags else 0)
+    assert outbox.stored_bytes == sum(r[2] for r in rows)
+
+
+async def test_submits_in_one_commit_share_a_future_that_refuses_cancel(outbox: Outbox) -> None:
+    first = outbox.submit([_reading(1)])
+    second = outbox.submit([_reading(2), _reading(3)])
+    assert first is second
+    # A caller that gives up must not fail the other submitters.
+    assert first.cancel() is False
+    assert await first is IngestStatus.ACCEPTED
+    assert outbox.counters()["a"]["accepted"] == 3
+    # The next commit gets a future of its own.
+    third = outbox.submit([_reading(4)])
+    assert third is not first
+    assert await third is IngestStatus.ACCEPTED
+
+
+async def test_cancelled_waiter_does_not_fail_others(outbox: Outbox) -> None:
+    shared = outbox.submit([_reading(1)])
+    waiter = asyncio.create_task(asyncio.wait_for(asyncio.ensure_future(shared), 10))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    assert await shared is IngestStatus.ACCEPTED
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+
+
+async def test_reject_new_keeps_one_future_and_verdict_per_submit(tmp_path: Path) -> None:
+    # Room for about one reading: the second submit of the same commit is
+    # refused on its own while the first is accepted.
+    ob = Outbox(
+        tmp_path / "outbox.db",
+        gateway_id="gw",
+        config=OutboxSection(when_full="reject_new", max_bytes=200),
+        sink_names=["a"],
+    )
+    await ob.open()
+    try:
+        one = ob.submit([_reading(1)])
+        two = ob.submit([_reading(2), _reading(3)])
+        assert one is not two
+        assert await one is IngestStatus.ACCEPTED
+        assert await two is IngestStatus.REJECTED_FULL
+        c = ob.counters()["a"]
+        assert (c["accepted"], c["rejected_full"]) == (1, 2)
+    finally:
+        await ob.close()
