@@ -47,8 +47,9 @@ def _reading(i: int) -> Reading:
 
 
 async def test_one_large_commit_stores_every_row_as_submitted(outbox: Outbox) -> None:
-    # 1,151 rows = 4x256 + 1x64 + 3x16 + 3x4 + 3x1: every chunk size of the
-    # multi-row INSERT is used, the small ones as often as they can be.
+    # 1,151 rows: 986 plain ones (3x256 + 3x64 + 1x16 + 2x4 + 2x1) and 165
+    # with tags/priority/message id (2x64 + 2x16 + 1x4 + 1x1), so both INSERT
+    # forms run with most chunk sizes.
     readings = [_reading(i) for i in range(1151)]
     futs = [outbox.submit(readings[i : i + 100]) for i in range(0, len(readings), 100)]
     statuses = await asyncio.gather(*futs)
@@ -119,5 +120,29 @@ async def test_reject_new_keeps_one_future_and_verdict_per_submit(tmp_path: Path
         assert await two is IngestStatus.REJECTED_FULL
         c = ob.counters()["a"]
         assert (c["accepted"], c["rejected_full"]) == (1, 2)
+    finally:
+        await ob.close()
+
+
+async def test_rows_for_different_sinks_in_one_commit(tmp_path: Path) -> None:
+    ob = Outbox(
+        tmp_path / "outbox.db", gateway_id="gw", config=OutboxSection(), sink_names=["a", "b"]
+    )
+    await ob.open()
+    try:
+        only_a = ob.submit([_reading(1), _reading(2)], ["a"])
+        only_b = ob.submit([_reading(3), _reading(7)], ["b"])
+        both = ob.submit([_reading(4)])
+        assert only_a is not only_b and only_b is not both
+        await asyncio.gather(only_a, only_b, both)
+        assert ob.commits == 1
+        c = ob.counters()
+        assert (c["a"]["accepted"], c["b"]["accepted"]) == (3, 3)
+        conn = sqlite3.connect(ob.path)
+        try:
+            rows = conn.execute("SELECT seq, pending, msg_id FROM records ORDER BY seq").fetchall()
+        finally:
+            conn.close()
+        assert rows == [(1, 1, None), (2, 1, None), (3, 2, None), (4, 2, "m-7"), (5, 3, None)]
     finally:
         await ob.close()
