@@ -16,7 +16,6 @@ import struct
 from typing import Any
 
 import httpx
-import pytest
 from aiohttp import web
 from edgeway_process import StartGateway, edgeway_only, free_port
 from mqtt_peers import TIMEOUT, PahoPeer, connected, raw_connack, raw_connect_packet, unique
@@ -130,13 +129,6 @@ def _recv_exactly(sock: socket.socket, n: int, timeout: float) -> bytes | None:
     return data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (audit of issue 3): the broker checks is_saturated() right after "
-    "submitting, when the pipeline has already refused that PUBLISH for the same reason, "
-    "so a 3.1.1 client is disconnected unacknowledged instead of paused "
-    "(south/mqtt/connection.py data_received/_complete)",
-)
 async def test_saturated_outbox_stops_reading_311_sockets_until_it_drains(
     start_gateway: StartGateway,
 ) -> None:

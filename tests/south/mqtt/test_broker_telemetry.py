@@ -101,27 +101,46 @@ async def test_rejected_full_v5_quota_exceeded_not_routed(tmp_path: Path) -> Non
         assert rb.broker.stats()["dropped_ingest_full"] == 2
 
 
-async def test_rejected_full_v311_closes_without_ack_and_pauses_reading(tmp_path: Path) -> None:
+async def test_rejected_full_v311_is_held_resubmitted_and_pauses_reading(tmp_path: Path) -> None:
+    """3.1.1 has no refusal code: a PUBLISH the full outbox refused is held,
+    the socket is not read, and the PUBLISH is submitted again (then
+    acknowledged, in order) once the outbox has room."""
     ingest = HandIngest()
     async with running_broker(tmp_path, ingest=ingest) as rb:
         c, _ = await RawClient.connect(rb.port, "dev1", level=4)
         c.send(Publish(TOPIC, b'{"v": 1}', 1, False, False, 1))
-        await wait_until(lambda: len(ingest.submitted) == 1)
+        c.send(Publish(TOPIC, b'{"v": 2}', 1, False, False, 2))
+        await wait_until(lambda: len(ingest.submitted) == 2)
+        ingest.saturated = True
         ingest.resolve(0, IngestStatus.REJECTED_FULL)
-        assert await c.closed() == []  # no PUBACK: the client will send it again
+        ingest.resolve(1)  # accepted, but must not be acknowledged before 1
+        c.send(Publish(TOPIC, b'{"v": 3}', 1, False, False, 3))
+        await asyncio.sleep(0.3)
+        assert len(ingest.submitted) == 2  # held, and the socket is not read
+        assert c.inbox == []  # no PUBACK for 2 ahead of 1
+        ingest.saturated = False
+        # 1 is submitted again, then the socket is read again (3 arrives).
+        await wait_until(lambda: len(ingest.submitted) == 4)
+        assert ingest.submitted[2][0][0].metrics == {"v": 1}
+        assert ingest.submitted[3][0][0].metrics == {"v": 3}
+        ingest.resolve(2)
+        assert (await c.expect(PubAck)).packet_id == 1
+        assert (await c.expect(PubAck)).packet_id == 2
+        ingest.resolve(3)
+        assert (await c.expect(PubAck)).packet_id == 3
 
         # While ingest is saturated a 3.1.1 client's socket is not read.
         ingest.saturated = True
         c, _ = await RawClient.connect(rb.port, "dev2", level=4)
-        c.send(Publish(TOPIC, b'{"v": 2}', 0, False, False, None))
-        await wait_until(lambda: len(ingest.submitted) == 2)
-        ingest.resolve(1)
-        c.send(Publish(TOPIC, b'{"v": 3}', 1, False, False, 5))
+        c.send(Publish(TOPIC, b'{"v": 4}', 0, False, False, None))
+        await wait_until(lambda: len(ingest.submitted) == 5)
+        ingest.resolve(4)
+        c.send(Publish(TOPIC, b'{"v": 5}', 1, False, False, 5))
         await asyncio.sleep(0.3)
-        assert len(ingest.submitted) == 2  # not read while saturated
+        assert len(ingest.submitted) == 5  # not read while saturated
         ingest.saturated = False
-        await wait_until(lambda: len(ingest.submitted) == 3)
-        ingest.resolve(2)
+        await wait_until(lambda: len(ingest.submitted) == 6)
+        ingest.resolve(5)
         assert (await c.expect(PubAck)).packet_id == 5
 
 

@@ -36,12 +36,13 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgeway.devices.auth import AuthDecision, ConnectInfo, Principal
 from edgeway.ingest import IngestStatus
-from edgeway.reading import Origin
+from edgeway.reading import Origin, Reading
 from edgeway.south.mqtt.codec import (
     PINGRESP_BYTES,
     MqttReader,
@@ -130,6 +131,9 @@ class _PendingAck:
     qos: int
     reason: int
     """Reason code for the acknowledgement if accepted (v5)."""
+    readings: Sequence[Reading] | None = None
+    """Kept on 3.1.1 connections so a PUBLISH the full outbox refused can be
+    submitted again once it has room (3.1.1 has no refusal code)."""
 
 
 def _forwardable(props: Properties) -> Properties | None:
@@ -173,6 +177,7 @@ class MqttConnection(asyncio.Protocol):
         "_auth_task",
         "_cb_future",
         "_dirty",
+        "_held",
         "_in_quota",
         "_normal_disconnect",
         "_out",
@@ -229,6 +234,7 @@ class MqttConnection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._dirty = False
         self._acks: deque[_PendingAck] = _NO_ACKS
+        self._held = False
         self._cb_future: asyncio.Future[IngestStatus] | None = None
         self._in_quota = 0
         self._pending: list[Packet] | None = None
@@ -355,6 +361,8 @@ class MqttConnection(asyncio.Protocol):
         self._pause |= why
 
     def resume_reading(self, why: int) -> None:
+        if why & _PAUSE_SATURATED and self._held:
+            self._resubmit_held()
         if not self._pause & why:
             return
         self._pause &= ~why
@@ -631,7 +639,7 @@ class MqttConnection(asyncio.Protocol):
         broker.readings_in += len(readings)
         if not v5:
             self._saturation_check = True
-        entry = _PendingAck(fut, msg, pid, qos, 0)
+        entry = _PendingAck(fut, msg, pid, qos, 0, readings if not v5 and qos else None)
         if not self._acks and fut.done():
             self._complete(entry)
             return
@@ -695,8 +703,46 @@ class MqttConnection(asyncio.Protocol):
         else:
             self._complete(entry)
 
-    def _complete(self, e: _PendingAck) -> None:
-        """Route and acknowledge one inbound PUBLISH whose turn has come."""
+    def _hold(self, e: _PendingAck) -> None:
+        """Keep a refused 3.1.1 PUBLISH at the head of the FIFO until the outbox
+        has room; reading stops meanwhile, which is 3.1.1's back-pressure."""
+        acks = self._acks
+        if acks is _NO_ACKS:
+            acks = self._acks = deque()
+        acks.appendleft(e)
+        self._held = True
+        self.broker.count_drop("ingest_full_held")
+        self._pause_reading(_PAUSE_SATURATED)
+        self.broker.watch_saturation(self)
+
+    def _resubmit_held(self) -> None:
+        """The outbox has room again: submit every refused PUBLISH in the FIFO
+        again, in order, and wait for them like any other."""
+        self._held = False
+        if self.state == CLOSED:
+            return
+        ingest = self.broker.ingest
+        for e in self._acks:
+            fut = e.fut
+            if (
+                e.readings is not None
+                and fut is not None
+                and fut.done()
+                and not fut.cancelled()
+                and fut.exception() is None
+                and fut.result() is IngestStatus.REJECTED_FULL
+            ):
+                e.fut = ingest.submit(e.readings)
+        if self._acks and self._cb_future is None:
+            head = self._acks[0].fut
+            if head is not None:
+                self._cb_future = head
+                head.add_done_callback(self._ingest_done)
+
+    def _complete(self, e: _PendingAck) -> bool:
+        """Route and acknowledge one inbound PUBLISH whose turn has come.
+
+        False when it was held back (3.1.1, outbox full): stop completing."""
         reason = e.reason
         fut = e.fut
         if fut is not None:
@@ -711,13 +757,20 @@ class MqttConnection(asyncio.Protocol):
                     self.broker.count_drop("ingest_full")
             if status is IngestStatus.REJECTED_FULL:
                 if self.level != MQTT_5:
+                    if e.qos and e.readings is not None:
+                        # No refusal code in 3.1.1: hold this PUBLISH (and the
+                        # acknowledgements behind it, to keep their order), stop
+                        # reading the socket, and submit it again once the
+                        # outbox has room (_resubmit_held).
+                        self._hold(e)
+                        return False
                     if e.qos:
-                        # No refusal code in 3.1.1: close unacknowledged, the
+                        # Nothing to submit again: close unacknowledged, the
                         # client sends it again (and it must not look like a duplicate).
                         if e.qos == 2 and self.session is not None:
                             self.session.in_qos2.discard(e.packet_id)  # type: ignore[arg-type]
                         self.close()
-                    return
+                    return True
                 e.msg = None
                 reason = 0x97
             elif status is IngestStatus.REJECTED_INVALID:
@@ -735,6 +788,7 @@ class MqttConnection(asyncio.Protocol):
                 self._in_quota -= 1
                 if self.session is not None:
                     self.session.in_qos2.discard(e.packet_id)  # type: ignore[arg-type]
+        return True
 
     def _ingest_done(self, _fut: asyncio.Future[IngestStatus]) -> None:
         self._cb_future = None
@@ -750,11 +804,12 @@ class MqttConnection(asyncio.Protocol):
                 if head.fut is not None and not head.fut.done():
                     break
                 acks.popleft()
-                self._complete(head)
+                if not self._complete(head):
+                    break  # held: the outbox is full; _resubmit_held goes on
                 if self.state == CLOSED:
                     acks.clear()
                     break
-            if acks and self.state != CLOSED:
+            if acks and self.state != CLOSED and not self._held:
                 head_fut = acks[0].fut
                 assert head_fut is not None  # the loop stopped at an unfinished future
                 self._cb_future = head_fut
