@@ -528,3 +528,25 @@ async def test_commit_interval_gathers_more(open_outbox: OpenOutbox) -> None:
         await asyncio.sleep(0)  # separate loop iterations
     await asyncio.gather(*futs)
     assert ob.commits == 1
+
+
+async def test_confirm_only_commits_skip_the_fsync(open_outbox: OpenOutbox) -> None:
+    """A commit that stores readings runs with synchronous=FULL; one that only
+    confirms a sink's batch runs with NORMAL (losing it re-sends records with
+    the same ids, it never loses an acknowledged reading), then FULL again."""
+    ob = await open_outbox(durability="fsync")
+    assert ob._writer is not None
+    statements: list[str] = []
+    ob._writer.conn.set_trace_callback(statements.append)
+    await ob.submit([reading("d", i) for i in range(5)])
+    store_stmts = list(statements)
+    statements.clear()
+    batch = await ob.read_batch("a", 100, 1 << 20)
+    await ob.confirm(batch)
+    confirm_stmts = [s for s in statements if not s.startswith("SELECT")]
+    ob._writer.conn.set_trace_callback(None)
+    assert not any("synchronous" in s for s in store_stmts)
+    assert confirm_stmts[0] == "PRAGMA synchronous=NORMAL"
+    assert confirm_stmts[-1] == "PRAGMA synchronous=FULL"
+    assert ob._writer.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert ob.counters()["a"]["delivered"] == 5
