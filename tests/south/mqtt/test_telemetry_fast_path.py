@@ -39,3 +39,31 @@ def test_objects_the_fast_path_does_not_take() -> None:
     with pytest.raises(TelemetryError) as ei:
         decode_telemetry(b'{"a": 1, "b": [1]}', "d", "t", "c")
     assert ei.value.reason == "unsupported_value"
+
+
+def test_tags_object_becomes_reading_tags() -> None:
+    (r,) = decode_telemetry(
+        b'{"temp": 21.5, "tags": {"site": "north", "type": "boiler", "floor": 3}}',
+        "d1",
+        "devices/d1/telemetry",
+        "c1",
+    )
+    assert r.metrics == {"temp": 21.5}
+    assert r.tags == {"site": "north", "type": "boiler", "floor": "3"}
+    (plain,) = decode_telemetry(b'{"temp": 1}', "d1", "devices/d1/telemetry", "c1")
+    assert plain.tags == {}
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"temp": 1, "tags": ["a"]}',
+        b'{"temp": 1, "tags": {"a": {"b": 1}}}',
+        b'{"temp": 1, "tags": {"a": "' + b"x" * 300 + b'"}}',
+        b'{"temp": 1, "tags": {' + b",".join(b'"t%d": "v"' % i for i in range(40)) + b"}}",
+    ],
+)
+def test_bad_tags_are_refused_with_a_reason(payload: bytes) -> None:
+    with pytest.raises(TelemetryError) as ei:
+        decode_telemetry(payload, "d1", "devices/d1/telemetry", "c1")
+    assert ei.value.reason == "bad_tags"

@@ -24,10 +24,14 @@ Payload (JSON, decoded with orjson)::
   string (no zone = UTC); absent = arrival time;
 - ``msg_id`` is optional and becomes ``Origin.message_id`` (MQTT v5
   correlation data wins when present);
+- ``tags`` is optional: an object of short strings (``{"site": "north",
+  "type": "boiler"}``) that becomes the reading's tags, which routes match on
+  (``match.tags``, ``match.device_types`` reads the ``type`` tag); at most
+  ``MAX_TAGS`` of them;
 - an array of such objects is several readings from one message.
 
 A payload that fails is refused with a short reason (``invalid_json``,
-``not_an_object``, ``bad_ts``, ``unsupported_value``, ``no_metrics``) that the
+``not_an_object``, ``bad_ts``, ``bad_tags``, ``unsupported_value``, ``no_metrics``) that the
 broker counts.
 """
 
@@ -48,6 +52,13 @@ is ~50 bytes; 100,000 covers a site's devices. Cleared whole when full."""
 
 MS_THRESHOLD = 1e11
 """A numeric ``ts`` above this is milliseconds (1e11 s is year 5138)."""
+
+MAX_TAGS = 32
+"""Tags one reading may carry: tags are metadata for routing, not data; the
+bound keeps a payload from turning into a large per-row tag blob."""
+
+MAX_TAG_LENGTH = 256
+"""Characters in one tag name or value."""
 
 MAX_FLATTEN_DEPTH = 8
 """Nesting allowed in a metrics object; deeper is refused, which bounds the
@@ -160,7 +171,7 @@ def _reading(
 ) -> Reading:
     if type(obj) is not dict:
         raise TelemetryError("not_an_object", type(obj).__name__)
-    if obj and "ts" not in obj and "msg_id" not in obj:
+    if obj and "ts" not in obj and "msg_id" not in obj and "tags" not in obj:
         # The usual payload, a flat object of numbers, booleans and strings,
         # is its own metrics dict: orjson built it for us alone, so no copy.
         for v in obj.values():
@@ -173,6 +184,7 @@ def _reading(
             return Reading(device_id, now, obj, origin)
     ts = now
     msg_id: str | None = None
+    tags: dict[str, str] | None = None
     metrics: dict[str, MetricValue] = {}
     # One pass over the top level (the hot path: flat objects of numbers).
     for k, v in obj.items():
@@ -182,6 +194,9 @@ def _reading(
         if k == "msg_id":
             if v is not None:
                 msg_id = str(v)
+            continue
+        if k == "tags":
+            tags = _tags(v)
             continue
         t = type(v)
         if t is float or t is int or t is str or t is bool:
@@ -198,7 +213,32 @@ def _reading(
         msg_id = correlation
     if msg_id is not None:
         origin = Origin(origin.adapter, origin.address, origin.client_id, msg_id)
+    if tags:
+        return Reading(device_id, ts, metrics, origin, tags)
     return Reading(device_id, ts, metrics, origin)
+
+
+def _tags(v: Any) -> dict[str, str] | None:
+    """The ``tags`` object of a payload: string (or number/bool) values only."""
+    if v is None:
+        return None
+    if type(v) is not dict:
+        raise TelemetryError("bad_tags", f"tags must be an object, not {type(v).__name__}")
+    if len(v) > MAX_TAGS:
+        raise TelemetryError("bad_tags", f"more than {MAX_TAGS} tags")
+    out: dict[str, str] = {}
+    for name, value in v.items():
+        t = type(value)
+        if t is str:
+            text = value
+        elif t is int or t is float or t is bool:
+            text = orjson.dumps(value).decode()
+        else:
+            raise TelemetryError("bad_tags", f"tag {name}: {t.__name__}")
+        if len(name) > MAX_TAG_LENGTH or len(text) > MAX_TAG_LENGTH:
+            raise TelemetryError("bad_tags", f"tag {name[:32]}: longer than {MAX_TAG_LENGTH}")
+        out[name] = text
+    return out
 
 
 def decode_telemetry(
