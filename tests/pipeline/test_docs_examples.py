@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import MakeHarness, rd
+from pipeline_harness import MakeHarness, rd
 
 from edgeway.ingest import IngestStatus
 

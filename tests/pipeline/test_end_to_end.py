@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import T0, CloudServer, publish_all
+from pipeline_harness import T0, CloudServer, publish_all
 
 from edgeway.config import parse_config
 from edgeway.devices.config_auth import ConfigAuthenticator, ConfigAuthoriser

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import MakeHarness, rd
+from pipeline_harness import MakeHarness, rd
 
 from edgeway.config import ConfigError, parse_config
 from edgeway.pipeline import stats_main

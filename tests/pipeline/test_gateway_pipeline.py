@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import T0, CloudServer, publish_all
+from pipeline_harness import T0, CloudServer, publish_all
 
 from edgeway.cli import main as cli_main
 from edgeway.config import parse_config

@@ -4,7 +4,7 @@ lowering a priority, and configuration errors naming the key."""
 from __future__ import annotations
 
 import pytest
-from conftest import MakeHarness, rd
+from pipeline_harness import MakeHarness, rd
 
 from edgeway.config import ConfigError, parse_config
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import MakeHarness, rd
+from pipeline_harness import MakeHarness, rd
 
 ROUTE = """
 routes:

@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import SINKS, MakeHarness, rd
+from pipeline_harness import SINKS, MakeHarness, rd
 
 from edgeway.pipeline.state import StateStore
 
