@@ -55,7 +55,8 @@ from edgeway.sinks.base import (
     Record,
     RetryableSinkError,
     Sink,
-    parse_options,
+    client_ssl_context,
+    close_bounded,
     register_sink,
 )
 
@@ -97,12 +98,13 @@ class AmqpSink(Sink):
     """
 
     schemes = ("amqp", "amqps")
+    options_model = AmqpSinkOptions
+    options: AmqpSinkOptions
+    library = ("aio_pika", "aio-pika")
 
     def __init__(self, config: SinkConfig, gateway_id: str) -> None:
         super().__init__(config, gateway_id)
-        opts = parse_options(AmqpSinkOptions, config.options)
-        self.options = opts
-        self.use_batch_options(opts)
+        opts = self.options
         url = urllib.parse.urlsplit(config.url)
         if not url.hostname:
             raise ValueError(f"url: no host in {config.url!r}")
@@ -126,23 +128,9 @@ class AmqpSink(Sink):
         self._lock = asyncio.Lock()
 
     def _make_ssl_context(self, opts: AmqpSinkOptions) -> ssl.SSLContext | None:
-        if not self.tls:
-            for key in ("ca", "cert", "key"):
-                if getattr(opts, key) is not None:
-                    raise ValueError(f"options.{key}: TLS options need an amqps:// url")
-            return None
-        if (opts.cert is None) != (opts.key is None):
-            raise ValueError("options.key: cert and key go together")
-        try:
-            ctx = ssl.create_default_context(cafile=str(opts.ca) if opts.ca else None)
-        except (OSError, ssl.SSLError) as e:
-            raise ValueError(f"options.ca: {e}") from None
-        if opts.cert is not None and opts.key is not None:
-            try:
-                ctx.load_cert_chain(str(opts.cert), str(opts.key))
-            except (OSError, ssl.SSLError) as e:
-                raise ValueError(f"options.cert: {e}") from None
-        return ctx
+        return client_ssl_context(
+            opts.ca, opts.cert, opts.key, enabled=bool(self.tls), scheme="amqps"
+        )
 
     def routing_key_for(self, device_id: str) -> str:
         """The routing key of a record of ``device_id``."""
@@ -210,24 +198,9 @@ class AmqpSink(Sink):
         conn, self._connection = self._connection, None
         self._channel = self._publish = None
         if conn is not None and not conn.is_closed:
-            try:
-                # Bounded: a graceful close waits for the broker's CloseOk,
-                # which never comes on a silent link.
-                async with asyncio.timeout(2):
-                    await conn.close()
-            except Exception as e:  # already broken or stuck; nothing left to release
-                logger.debug("sink %s: close failed: %r", self.name, e)
+            await close_bounded(conn.close(), f"sink {self.name}")
 
     # -- Sink -------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Check that aio-pika is installed; the first batch connects."""
-        try:
-            import aio_pika  # noqa: F401
-        except ModuleNotFoundError:
-            logger.error(
-                "sink %s: aio-pika is not installed (pip install 'edgeway[sinks]')", self.name
-            )
 
     async def send_batch(self, records: Sequence[Record]) -> None:
         """Publish ``records``; return once RabbitMQ confirmed every one."""

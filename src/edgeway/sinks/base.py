@@ -22,9 +22,14 @@ scheme of ``SinkConfig.url`` picks the class.
 from __future__ import annotations
 
 import abc
+import asyncio
+import importlib
+import logging
+import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -139,6 +144,56 @@ def parse_options(model: type[_O], options: Mapping[str, Any]) -> _O:
         raise ValueError("; ".join(msgs)) from None
 
 
+_log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT = 2.0
+"""Seconds a sink waits for a graceful close: a graceful close waits for the
+peer (CloseOk, a flush), which never comes on a silent link."""
+
+
+def client_ssl_context(
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    key_password: str | None = None,
+    *,
+    enabled: bool = True,
+    scheme: str = "",
+) -> ssl.SSLContext | None:
+    """The TLS context of a client sink from its ``ca``/``cert``/``key`` options.
+
+    ``enabled`` False (a plain-text URL) refuses TLS options naming the key;
+    errors are ``ValueError("options.<key>: ...")`` so ``edgeway check`` shows them.
+    """
+    if not enabled:
+        for name, value in (("ca", ca), ("cert", cert), ("key", key)):
+            if value is not None:
+                raise ValueError(f"options.{name}: TLS options need a {scheme}:// url")
+        return None
+    if (cert is None) != (key is None):
+        raise ValueError("options.key: cert and key go together")
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"options.ca: {e}") from None
+    if cert is not None and key is not None:
+        try:
+            ctx.load_cert_chain(str(cert), str(key), key_password)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"options.cert: {e}") from None
+    return ctx
+
+
+async def close_bounded(close: Awaitable[Any], what: str) -> None:
+    """Await a connection's graceful close for at most :data:`CLOSE_TIMEOUT`;
+    a close that fails or hangs leaves nothing to release."""
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await close
+    except Exception as e:
+        _log.debug("%s: close failed: %r", what, e)
+
+
 class Sink(abc.ABC):
     """One cloud-side destination.
 
@@ -150,6 +205,11 @@ class Sink(abc.ABC):
     """
 
     schemes: ClassVar[tuple[str, ...]] = ()
+    options_model: ClassVar[type[BatchOptions]] = BatchOptions
+    """The pydantic model of ``SinkConfig.options``; parsed in ``__init__``."""
+    library: ClassVar[tuple[str, str] | None] = None
+    """``(module, pip package)`` of an optional dependency (the ``sinks``
+    extra) the sink needs; checked at start."""
     max_batch_records: int = 500
     max_batch_bytes: int = 1024 * 1024
     max_wait: float = 0.05
@@ -160,6 +220,8 @@ class Sink(abc.ABC):
         self.name = config.name
         self.gateway_id = gateway_id
         self.state = SinkState()
+        self.options = parse_options(self.options_model, config.options)
+        self.use_batch_options(self.options)
 
     def use_batch_options(self, opts: BatchOptions) -> None:
         """Take ``max_records``/``max_bytes``/``max_wait`` from parsed options."""
@@ -167,8 +229,20 @@ class Sink(abc.ABC):
         self.max_batch_bytes = opts.max_bytes
         self.max_wait = opts.max_wait
 
-    async def start(self) -> None:  # noqa: B027 - optional hook
-        """Open connections (optional; must not raise when the remote is down)."""
+    async def start(self) -> None:
+        """Open connections (optional; must not raise when the remote is down).
+
+        The default checks that :attr:`library` is installed and logs how to
+        install it if not; the first batch connects."""
+        if self.library is None:
+            return
+        module, package = self.library
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError:
+            _log.error(
+                "sink %s: %s is not installed (pip install 'edgeway[sinks]')", self.name, package
+            )
 
     @abc.abstractmethod
     async def send_batch(self, records: Sequence[Record]) -> None:

@@ -38,7 +38,6 @@ from edgeway.sinks.base import (
     Record,
     RetryableSinkError,
     Sink,
-    parse_options,
     register_sink,
 )
 
@@ -84,13 +83,12 @@ class FileSink(Sink):
     """Appends records as JSON lines, rotating by size."""
 
     schemes: ClassVar[tuple[str, ...]] = ("file",)
+    options_model = FileSinkOptions
+    options: FileSinkOptions
 
     def __init__(self, config: SinkConfig, gateway_id: str) -> None:
         super().__init__(config, gateway_id)
-        opts: FileSinkOptions = parse_options(FileSinkOptions, config.options)
-        self.options = opts
         self.path = path_from_url(config.url, config.name)
-        self.use_batch_options(opts)
         self._fd: int | None = None
         self._size = 0
 

@@ -53,7 +53,6 @@ from edgeway.sinks.base import (
     Record,
     RetryableSinkError,
     Sink,
-    parse_options,
     register_sink,
 )
 
@@ -151,15 +150,15 @@ class HttpSink(Sink):
     """POSTs batches of records to an HTTP(S) endpoint."""
 
     schemes: ClassVar[tuple[str, ...]] = ("http", "https")
+    options_model = HttpSinkOptions
+    options: HttpSinkOptions
 
     def __init__(self, config: SinkConfig, gateway_id: str) -> None:
         super().__init__(config, gateway_id)
-        opts: HttpSinkOptions = parse_options(HttpSinkOptions, config.options)
+        opts = self.options
         if opts.tls is not None and opts.tls.key is not None and opts.tls.cert is None:
             raise ValueError("options.tls.key: needs tls.cert")
-        self.options = opts
         self.url = config.url
-        self.use_batch_options(opts)
         self._ssl = _ssl_context(opts.tls) if config.url.lower().startswith("https") else None
         self._headers = {"Content-Type": "application/json", **opts.headers}
         if opts.bearer_token:

@@ -97,7 +97,7 @@ from edgeway.sinks.base import (
     Record,
     RetryableSinkError,
     Sink,
-    parse_options,
+    client_ssl_context,
     register_sink,
 )
 
@@ -393,12 +393,12 @@ class MqttSink(Sink):
     """
 
     schemes = ("mqtt", "mqtts")
+    options_model = MqttSinkOptions
+    options: MqttSinkOptions
 
     def __init__(self, config: SinkConfig, gateway_id: str) -> None:
         super().__init__(config, gateway_id)
-        opts = parse_options(MqttSinkOptions, config.options)
-        self.options = opts
-        self.use_batch_options(opts)
+        opts = self.options
         url = urllib.parse.urlsplit(config.url)
         tls = url.scheme.lower() == "mqtts"
         if not url.hostname:
@@ -493,23 +493,9 @@ class MqttSink(Sink):
         self._lock = asyncio.Lock()
 
     def _make_ssl_context(self, tls: bool, opts: MqttSinkOptions) -> ssl.SSLContext | None:
-        if not tls:
-            for key in ("ca", "cert", "key"):
-                if getattr(opts, key) is not None:
-                    raise ValueError(f"options.{key}: TLS options need an mqtts:// url")
-            return None
-        if (opts.cert is None) != (opts.key is None):
-            raise ValueError("options.key: cert and key go together")
-        try:
-            ctx = ssl.create_default_context(cafile=str(opts.ca) if opts.ca else None)
-        except (OSError, ssl.SSLError) as e:
-            raise ValueError(f"options.ca: {e}") from None
-        if opts.cert is not None and opts.key is not None:
-            try:
-                ctx.load_cert_chain(str(opts.cert), str(opts.key), opts.key_password)
-            except (OSError, ssl.SSLError) as e:
-                raise ValueError(f"options.cert: {e}") from None
-        return ctx
+        return client_ssl_context(
+            opts.ca, opts.cert, opts.key, opts.key_password, enabled=tls, scheme="mqtts"
+        )
 
     # -- encoding ---------------------------------------------------------
 

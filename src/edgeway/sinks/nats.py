@@ -55,7 +55,8 @@ from edgeway.sinks.base import (
     Record,
     RetryableSinkError,
     Sink,
-    parse_options,
+    client_ssl_context,
+    close_bounded,
     register_sink,
 )
 
@@ -101,12 +102,13 @@ class NatsSink(Sink):
     """
 
     schemes = ("nats",)
+    options_model = NatsSinkOptions
+    options: NatsSinkOptions
+    library = ("nats", "nats-py")
 
     def __init__(self, config: SinkConfig, gateway_id: str) -> None:
         super().__init__(config, gateway_id)
-        opts = parse_options(NatsSinkOptions, config.options)
-        self.options = opts
-        self.use_batch_options(opts)
+        opts = self.options
         self.servers = [s.strip() for s in config.url.split(",") if s.strip()]
         for s in self.servers:
             u = urllib.parse.urlsplit(s if "://" in s else f"nats://{s}")
@@ -135,18 +137,7 @@ class NatsSink(Sink):
     def _make_ssl_context(self, opts: NatsSinkOptions) -> ssl.SSLContext | None:
         if opts.ca is None and opts.cert is None and opts.key is None:
             return None
-        if (opts.cert is None) != (opts.key is None):
-            raise ValueError("options.key: cert and key go together")
-        try:
-            ctx = ssl.create_default_context(cafile=str(opts.ca) if opts.ca else None)
-        except (OSError, ssl.SSLError) as e:
-            raise ValueError(f"options.ca: {e}") from None
-        if opts.cert is not None and opts.key is not None:
-            try:
-                ctx.load_cert_chain(str(opts.cert), str(opts.key))
-            except (OSError, ssl.SSLError) as e:
-                raise ValueError(f"options.cert: {e}") from None
-        return ctx
+        return client_ssl_context(opts.ca, opts.cert, opts.key)
 
     def subject_for(self, device_id: str) -> str:
         """The subject a record of ``device_id`` is published on."""
@@ -250,23 +241,9 @@ class NatsSink(Sink):
     async def _drop(self) -> None:
         nc, self._nc, self._js = self._nc, None, None
         if nc is not None and not nc.is_closed:
-            try:
-                # Bounded: closing flushes, which never ends on a silent link.
-                async with asyncio.timeout(2):
-                    await nc.close()
-            except Exception as e:  # already broken or stuck; nothing left to release
-                logger.debug("sink %s: close failed: %r", self.name, e)
+            await close_bounded(nc.close(), f"sink {self.name}")
 
     # -- Sink -------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Check that nats-py is installed; the first batch connects."""
-        try:
-            import nats  # noqa: F401
-        except ModuleNotFoundError:
-            logger.error(
-                "sink %s: nats-py is not installed (pip install 'edgeway[sinks]')", self.name
-            )
 
     async def send_batch(self, records: Sequence[Record]) -> None:
         """Publish ``records``; return once JetStream acknowledged every one."""

@@ -64,7 +64,6 @@ from edgeway.sinks.base import (
     Record,
     RetryableSinkError,
     Sink,
-    parse_options,
     register_sink,
 )
 
@@ -108,12 +107,13 @@ class PostgresSink(Sink):
     """
 
     schemes = ("postgresql", "postgres")
+    options_model = PostgresSinkOptions
+    options: PostgresSinkOptions
+    library = ("asyncpg", "asyncpg")
 
     def __init__(self, config: SinkConfig, gateway_id: str) -> None:
         super().__init__(config, gateway_id)
-        opts = parse_options(PostgresSinkOptions, config.options)
-        self.options = opts
-        self.use_batch_options(opts)
+        opts = self.options
         url = urllib.parse.urlsplit(config.url)
         if not url.hostname and "host=" not in url.query:
             raise ValueError(f"url: no host in {config.url!r}")
@@ -192,15 +192,6 @@ class PostgresSink(Sink):
         )
 
     # -- Sink -------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Check that asyncpg is installed; the first batch connects."""
-        try:
-            import asyncpg  # noqa: F401
-        except ModuleNotFoundError:
-            logger.error(
-                "sink %s: asyncpg is not installed (pip install 'edgeway[sinks]')", self.name
-            )
 
     async def send_batch(self, records: Sequence[Record]) -> None:
         """Insert ``records`` (skipping ids already there); return once committed."""
