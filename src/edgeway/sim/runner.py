@@ -384,7 +384,28 @@ def _subscription(topic: str) -> Any:
 # ------------------------------------------------------------------------------ CoAP
 
 
-class CoapFleet:
+class _PushFleet:
+    """Devices that push readings over a request/response protocol: per
+    device, one producer fills the buffer and one sender empties it."""
+
+    devices: list[VirtualDevice]
+    stats: FleetStats
+
+    async def _device(
+        self, client: Any, dev: VirtualDevice, stop: asyncio.Event, drain: float
+    ) -> None:
+        wake = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            sender = tg.create_task(self._send(client, dev, wake))
+            await _produce(dev, self.stats, wake, stop)
+            await _drained(dev, drain)
+            sender.cancel()
+
+    async def _send(self, client: Any, dev: VirtualDevice, wake: asyncio.Event) -> None:
+        raise NotImplementedError
+
+
+class CoapFleet(_PushFleet):
     """CoAP devices (aiocoap): confirmable POSTs to ``/devices/{id}/telemetry``,
     one in flight per device; a message is freed on 2.04 (stored)."""
 
@@ -407,16 +428,6 @@ class CoapFleet:
                     tg.create_task(self._device(ctx, dev, stop, drain))
         finally:
             await ctx.shutdown()
-
-    async def _device(
-        self, ctx: Any, dev: VirtualDevice, stop: asyncio.Event, drain: float
-    ) -> None:
-        wake = asyncio.Event()
-        async with asyncio.TaskGroup() as tg:
-            sender = tg.create_task(self._send(ctx, dev, wake))
-            await _produce(dev, self.stats, wake, stop)
-            await _drained(dev, drain)
-            sender.cancel()
 
     async def _send(self, ctx: Any, dev: VirtualDevice, wake: asyncio.Event) -> None:
         import aiocoap
@@ -455,7 +466,7 @@ class CoapFleet:
 # ------------------------------------------------------------------------------ HTTP
 
 
-class HttpFleet:
+class HttpFleet(_PushFleet):
     """HTTP devices (aiohttp): POST to ``/devices/{id}/telemetry``; a backlog
     goes as JSON arrays of up to HTTP_BATCH; freed on 2xx (stored)."""
 
@@ -487,16 +498,6 @@ class HttpFleet:
             async with asyncio.TaskGroup() as tg:
                 for dev in self.devices:
                     tg.create_task(self._device(session, dev, stop, drain))
-
-    async def _device(
-        self, session: Any, dev: VirtualDevice, stop: asyncio.Event, drain: float
-    ) -> None:
-        wake = asyncio.Event()
-        async with asyncio.TaskGroup() as tg:
-            sender = tg.create_task(self._send(session, dev, wake))
-            await _produce(dev, self.stats, wake, stop)
-            await _drained(dev, drain)
-            sender.cancel()
 
     async def _send(self, session: Any, dev: VirtualDevice, wake: asyncio.Event) -> None:
         url = f"http://{_host_literal(self.host)}:{self.port}/devices/{dev.device_id}/telemetry"
