@@ -529,13 +529,20 @@ def _dec_suback(data: bytes, pos: int, end: int, b0: int, level: int | None) -> 
     if level == MQTT_5:
         props, pos = _read_properties(data, pos, end, PacketType.SUBACK)
         allowed = _SUBACK_CODES_5
+    return SubAck(packet_id, _read_reason_codes(data, pos, end, allowed, "SUBACK"), props)
+
+
+def _read_reason_codes(
+    data: bytes, pos: int, end: int, allowed: frozenset[int], packet: str
+) -> list[int]:
+    """The payload of a SUBACK/UNSUBACK: one or more defined reason codes."""
     codes = list(data[pos:end])
     if not codes:
-        raise _malformed("SUBACK without reason codes")
+        raise _malformed(f"{packet} without reason codes")
     for code in codes:
         if code not in allowed:
-            raise _malformed(f"SUBACK reason code 0x{code:02X} undefined")
-    return SubAck(packet_id, codes, props)
+            raise _malformed(f"{packet} reason code 0x{code:02X} undefined")
+    return codes
 
 
 def _dec_unsubscribe(data: bytes, pos: int, end: int, b0: int, level: int | None) -> Unsubscribe:
@@ -563,12 +570,7 @@ def _dec_unsuback(data: bytes, pos: int, end: int, b0: int, level: int | None) -
             raise _malformed("UNSUBACK remaining length must be 2 in 3.1.1")
         return UnsubAck(packet_id, [], Properties())
     props, pos = _read_properties(data, pos, end, PacketType.UNSUBACK)
-    codes = list(data[pos:end])
-    if not codes:
-        raise _malformed("UNSUBACK without reason codes")
-    for code in codes:
-        if code not in _UNSUBACK_CODES_5:
-            raise _malformed(f"UNSUBACK reason code 0x{code:02X} undefined")
+    codes = _read_reason_codes(data, pos, end, _UNSUBACK_CODES_5, "UNSUBACK")
     return UnsubAck(packet_id, codes, props)
 
 
