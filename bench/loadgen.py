@@ -127,6 +127,10 @@ class Job:
     (asyncio default 100, Mosquitto 100) SYNs are dropped and retried after
     1 s, which would make connect times meaningless."""
     keepalive: int = 600
+    limit: int = 0
+    """pub1: messages each connection publishes in all (0: no limit). With a
+    limit the run is a fixed amount of work (W1 of MEASUREMENTS.md: 100,000
+    records as fast as possible), and ``total()`` reaches conns * limit."""
     refill_half: bool = True
     """pub1: refill the window when half of it is acknowledged (fewer, larger
     writes: 0.03 instead of 0.15 load-generator CPU-s per 10k messages, which
@@ -178,6 +182,7 @@ class _Conn(asyncio.Protocol):
             )
             self.pos = 0
             self.outstanding = 0
+            self.left = job.limit if job.limit > 0 else -1  # -1: no limit
             self.refill_at = job.window // 2 if job.refill_half else job.window - 1
             self.unit = 4  # PUBACK
             self.type_byte = PUBACK_TYPE
@@ -247,8 +252,10 @@ class _Conn(asyncio.Protocol):
             self.outstanding -= n
             # Refill at half the window, not on every ack: fewer, larger
             # writes on both sides (a client with a send window does the same).
-            if self.outstanding <= self.refill_at:
+            if self.outstanding <= self.refill_at and self.left != 0:
                 more = self.job.window - self.outstanding
+                if self.left > 0:
+                    more = min(more, self.left)
                 self.outstanding += more
                 self.send_pub1(more)
         elif self.role == "pub0":
@@ -265,6 +272,9 @@ class _Conn(asyncio.Protocol):
     def send_pub1(self, n: int) -> None:
         if self.worker.stopping or self.transport is None:
             return
+        if self.left >= 0:
+            n = min(n, self.left)
+            self.left -= n
         while n > 0:
             k = min(n, PID_CYCLE)
             start = self.pos * self.plen
@@ -279,8 +289,9 @@ class _Conn(asyncio.Protocol):
 
     def begin(self) -> None:
         if self.role == "pub1":
-            self.outstanding = self.job.window
-            self.send_pub1(self.job.window)
+            first = self.job.window if self.left < 0 else min(self.job.window, self.left)
+            self.outstanding = first
+            self.send_pub1(first)
         elif self.role == "pub0":
             self.send_pub0(self.job.window)
 
