@@ -286,7 +286,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.config is None:
         log.info("no configuration file: running on embedded defaults")
 
-    gateway = Gateway(cfg)
+    gateway = Gateway(cfg, tune_gc=True)
     return _run_async(gateway)
 
 

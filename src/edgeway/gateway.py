@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -78,6 +79,9 @@ class Gateway:
     config: Config
     authenticator: Authenticator | None = None
     authoriser: Authoriser | None = None
+    tune_gc: bool = False
+    """Tune the garbage collector for the process once started (``edgeway
+    run`` sets it; tests running gateways in-process do not)."""
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     outbox: Outbox | None = None
@@ -184,6 +188,8 @@ class Gateway:
                             }
                         },
                     )
+                    if self.tune_gc:
+                        _tune_gc()
                     self.ready.set()
                     await self.stop_event.wait()
                     log.info("stopping")
@@ -371,6 +377,24 @@ class Gateway:
                 {"confirmed_seq": entry["seq"], "ids": entry["ids"], "msg_ids": entry["msg_ids"]}
             )
             self.broker.publish(topic_tpl.replace("{device_id}", device_id), payload, qos=1)
+
+
+GC_THRESHOLDS = (50_000, 20, 100)
+"""Collector thresholds once the gateway runs. The hot path allocates a few
+short-lived dicts and objects per reading, almost none of them in cycles
+(reference counting frees them), but CPython's default (700, 10, 10) runs a
+young-generation collection every 700 allocations anyway: about 10% of the
+gateway's CPU at full load. Measured with bench/end_to_end.py's fixed W1
+(MQTT sink), alternating runs: 0.0172 -> 0.0152 CPU-s per 1,000 records."""
+
+
+def _tune_gc() -> None:
+    """Freeze what start-up built (config, modules, compiled routes: they live
+    as long as the process, so the collector need never look at them again)
+    and collect the young generation less often (see GC_THRESHOLDS)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class StartupError(Exception):
