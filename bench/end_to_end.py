@@ -223,15 +223,22 @@ class MqttReceiver:
                             doc = orjson.loads(payload)
                         except orjson.JSONDecodeError:
                             doc = None
-                        recs = doc if isinstance(doc, list) else (
-                            doc.get("records", [doc]) if isinstance(doc, dict) else [])
+                        recs = (
+                            doc
+                            if isinstance(doc, list)
+                            else (doc.get("records", [doc]) if isinstance(doc, dict) else [])
+                        )
                         for r in recs:
                             ts = r.get("ts") if isinstance(r, dict) else None
                             if isinstance(ts, int | float):
                                 self._lat.append(now - ts)
                             self.n += 1
                     elif payload[:1] == b"[" or b'"records"' in payload[:40]:
-                        self.n += len(orjson.loads(payload).get("records", [])) if payload[:1] != b"[" else len(orjson.loads(payload))
+                        self.n += (
+                            len(orjson.loads(payload).get("records", []))
+                            if payload[:1] != b"["
+                            else len(orjson.loads(payload))
+                        )
                     else:
                         self.n += 1
                 elif kind == 9:

@@ -42,11 +42,9 @@ import time
 from pathlib import Path
 from typing import Any, Literal, cast
 
-import orjson
-
 from edgeway.config import OutboxSection, SinkConfig
 from edgeway.outbox import Outbox, SinkRunner
-from edgeway.outbox.store import _SCHEMA, ROW_OVERHEAD
+from edgeway.outbox.store import _SCHEMA, CHUNK_MAX, RECORD_OVERHEAD, record_text
 from edgeway.reading import Reading
 from edgeway.sinks.base import create_sink
 
@@ -120,27 +118,39 @@ async def bench_append(
     }
 
 
+def _chunk_rows(first: int, texts: list[bytes], now: float) -> list[tuple[Any, ...]]:
+    """Chunk rows (CHUNK_MAX records each) for consecutive records from ``first``."""
+    rows = []
+    for k in range(0, len(texts), CHUNK_MAX):
+        part = texts[k : k + CHUNK_MAX]
+        seq = first + k
+        size = sum(len(t) - len(str(seq + j)) + RECORD_OVERHEAD for j, t in enumerate(part))
+        rows.append((seq, seq + len(part) - 1, 1, now, size, 0, b"\n".join(part), None))
+    return rows
+
+
+_INSERT_CHUNK = (
+    "INSERT INTO chunks(seq_first, seq_last, pending, created, size, priority, data, msg_ids) "
+    "VALUES (?,?,?,?,?,?,?,?)"
+)
+
+
 def bench_raw(path: Path, rows: int, per_commit: int, durability: Durability) -> dict[str, Any]:
+    """The outbox's own storage work done by hand: each record serialized to
+    its JSON text, joined into chunk rows, one transaction per commit."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
     conn.executescript(_SCHEMA)
     c0, t0 = _cpu(), time.perf_counter()
-    seq = 1
     now = time.time()
     for start in range(0, rows, per_commit):
-        batch = []
+        texts = []
         for i in range(start, min(start + per_commit, rows)):
             r = _reading(i)
-            m = orjson.dumps(r.metrics)
-            batch.append((seq, 1, now, len(m) + ROW_OVERHEAD, 0, r.device_id, r.ts, m, None, None))
-            seq += 1
+            texts.append(record_text(r, f"bench:{i + 1}"))
         conn.execute("BEGIN")
-        conn.executemany(
-            "INSERT INTO records(seq, pending, created, size, priority, device_id, ts, metrics, "
-            "tags, msg_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            batch,
-        )
+        conn.executemany(_INSERT_CHUNK, _chunk_rows(start + 1, texts, now))
         conn.execute("COMMIT")
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
     conn.close()
@@ -189,23 +199,21 @@ async def bench_drain(path: Path, durability: Durability) -> dict[str, Any]:
 def _build_backlog(path: Path, rows: int) -> float:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA synchronous=OFF")
-    m = orjson.dumps(_reading(0).metrics)
-    size = len(m) + len("device-000") + ROW_OVERHEAD
     conn.execute("BEGIN")
-    chunk = 100_000
-    for start in range(0, rows, chunk):
-        conn.executemany(
-            "INSERT INTO records(seq, pending, created, size, priority, device_id, ts, metrics, "
-            "tags, msg_id) VALUES (?,1,?,?,0,?,?,?,NULL,NULL)",
-            (
-                (i + 1, 1.7e9, size, f"device-{i % 100:03d}", 1.7e9 + i, m)
-                for i in range(start, min(start + chunk, rows))
-            ),
-        )
+    step = 102_400  # a multiple of CHUNK_MAX
+    total = 0
+    for start in range(0, rows, step):
+        texts = [
+            record_text(_reading(i), f"bench:{i + 1}")
+            for i in range(start, min(start + step, rows))
+        ]
+        chunk_rows = _chunk_rows(start + 1, texts, 1.7e9)
+        total += sum(r[4] for r in chunk_rows)
+        conn.executemany(_INSERT_CHUNK, chunk_rows)
     conn.execute("UPDATE sinks SET accepted = ? WHERE name = 's'", (rows,))
     conn.execute(
         "INSERT OR REPLACE INTO meta VALUES ('next_seq', ?), ('total_bytes', ?)",
-        (rows + 1, rows * size),
+        (rows + 1, total),
     )
     conn.execute("COMMIT")
     conn.close()

@@ -26,6 +26,7 @@ from edgeway.config import Config, is_loopback, parse_host_port
 from edgeway.devices.auth import Authenticator, Authoriser
 from edgeway.ingest import Ingest
 from edgeway.outbox import Outbox, SinkRunner
+from edgeway.outbox.store import CHUNK_MAX
 from edgeway.pipeline import Pipeline
 from edgeway.sinks.base import Sink, create_sink
 from edgeway.south.base import Backoff, SouthAdapter, adapter_class
@@ -130,6 +131,7 @@ class Gateway:
                 gateway_id=cfg.gateway.id,
                 config=cfg.outbox,
                 sink_names=[s.name for s in self.sinks],
+                chunk_max=min([CHUNK_MAX, *(s.max_batch_records for s in self.sinks)]),
             )
         except ValueError as e:  # sink names defined twice: the operator's to fix
             raise StartupError(str(e)) from e

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from edgeway_process import StartGateway, free_port
 
 from edgeway.config import OutboxSection
 from edgeway.outbox import Outbox
+from outbox_db import pending_for
 
 KILLS = 4
 """Gateway lives ended by SIGKILL; a fifth life drains the outbox."""
@@ -209,6 +209,4 @@ async def _counters_after(db: Path) -> tuple[dict[str, dict[str, int]], int]:
         counters = ob.counters()
     finally:
         await ob.close()
-    with sqlite3.connect(db) as conn:
-        (rows,) = conn.execute("SELECT count(*) FROM records").fetchone()
-    return counters, int(rows)
+    return counters, pending_for(db, "cloud")

@@ -15,7 +15,6 @@ import asyncio
 import json
 import signal
 import socket
-import sqlite3
 import struct
 import threading
 import time
@@ -28,6 +27,8 @@ import pytest
 from aiohttp import web
 from edgeway_process import GatewayProcess, StartGateway, edgeway_only
 from mqtt_peers import TIMEOUT, PahoPeer, connected, raw_connect_packet, unique
+
+from outbox_db import stored_records
 
 # ---------------------------------------------------------------------------
 # telemetry
@@ -165,8 +166,7 @@ def test_sigterm_under_load_exits_zero_within_5s(start_gateway: StartGateway) ->
     if gw.args[0] != "/usr/sbin/mosquitto":
         # In-flight work finished: every message a device got a PUBACK for,
         # before or during the shutdown, is in the outbox (no sink: all kept).
-        with sqlite3.connect(gw.data_dir / "outbox.db") as db:
-            stored = db.execute("SELECT count(*) FROM records").fetchone()[0]
+        stored = len(stored_records(gw.data_dir / "outbox.db"))
         assert stored >= acks[0], f"{acks[0]} acknowledged, {stored} stored"
 
 

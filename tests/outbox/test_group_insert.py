@@ -1,7 +1,7 @@
-"""The outbox's hot-path shapes: multi-row INSERTs and one future per group commit.
+"""The outbox's hot-path shapes: chunks of records and one future per group commit.
 
-Every row of a large group commit is stored exactly as submitted (whatever mix
-of chunk sizes the INSERT used), submits in one commit share a future that a
+Every record of a large group commit is stored exactly as submitted (whatever
+chunks it was split into), submits in one commit share a future that a
 caller cannot cancel for the others, and ``reject_new`` keeps one future (and
 one verdict) per submit.
 """
@@ -9,17 +9,17 @@ one verdict) per submit.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import orjson
 import pytest
 
 from edgeway.config import OutboxSection
 from edgeway.ingest import IngestStatus
 from edgeway.outbox import Outbox
+from edgeway.outbox.store import stored_size
 from edgeway.reading import Origin, Reading
+from outbox_db import stored_records
 
 
 @pytest.fixture
@@ -47,9 +47,8 @@ def _reading(i: int) -> Reading:
 
 
 async def test_one_large_commit_stores_every_row_as_submitted(outbox: Outbox) -> None:
-    # 1,151 rows: 986 plain ones (3x256 + 3x64 + 1x16 + 2x4 + 2x1) and 165
-    # with tags/priority/message id (2x64 + 2x16 + 1x4 + 1x1), so both INSERT
-    # forms run with most chunk sizes.
+    # 1,151 records, every 7th with tags/priority/message id: runs of equal
+    # priority become separate chunks, long runs are split at CHUNK_MAX.
     readings = [_reading(i) for i in range(1151)]
     futs = [outbox.submit(readings[i : i + 100]) for i in range(0, len(readings), 100)]
     statuses = await asyncio.gather(*futs)
@@ -57,25 +56,22 @@ async def test_one_large_commit_stores_every_row_as_submitted(outbox: Outbox) ->
     assert outbox.commits == 1
     assert outbox.counters()["a"]["accepted"] == 1151
 
-    conn = sqlite3.connect(outbox.path)
-    try:
-        rows = conn.execute(
-            "SELECT seq, pending, size, priority, device_id, ts, metrics, tags, msg_id "
-            "FROM records ORDER BY seq"
-        ).fetchall()
-    finally:
-        conn.close()
-    assert [r[0] for r in rows] == list(range(1, 1152))
-    for (_seq, pending, size, priority, device_id, ts, metrics, tags, msg_id), r in zip(
-        rows, readings, strict=True
-    ):
-        assert pending == 1
-        assert (device_id, ts, priority) == (r.device_id, r.ts, r.priority)
-        assert orjson.loads(metrics) == r.metrics
-        assert (orjson.loads(tags) if tags is not None else {}) == r.tags
-        assert msg_id == r.origin.message_id
-        assert size == len(metrics) + len(device_id) + 48 + (len(tags) if tags else 0)
-    assert outbox.stored_bytes == sum(r[2] for r in rows)
+    rows = stored_records(outbox.path)
+    assert [r.seq for r in rows] == list(range(1, 1152))
+    for row, r in zip(rows, readings, strict=True):
+        assert row.pending == 1
+        assert row.doc["id"] == f"gw:{row.seq}"
+        assert (row.doc["device_id"], row.doc["ts"], row.priority) == (
+            r.device_id,
+            r.ts,
+            r.priority,
+        )
+        assert row.doc["metrics"] == r.metrics
+        assert row.doc.get("tags", {}) == r.tags
+        assert row.doc.get("priority", 0) == r.priority
+        assert row.msg_id == r.origin.message_id
+        assert row.size == stored_size(r, "gw")
+    assert outbox.stored_bytes == sum(r.size for r in rows)
 
 
 async def test_submits_in_one_commit_share_a_future_that_refuses_cancel(outbox: Outbox) -> None:
@@ -138,11 +134,7 @@ async def test_rows_for_different_sinks_in_one_commit(tmp_path: Path) -> None:
         assert ob.commits == 1
         c = ob.counters()
         assert (c["a"]["accepted"], c["b"]["accepted"]) == (3, 3)
-        conn = sqlite3.connect(ob.path)
-        try:
-            rows = conn.execute("SELECT seq, pending, msg_id FROM records ORDER BY seq").fetchall()
-        finally:
-            conn.close()
+        rows = [(r.seq, r.pending, r.msg_id) for r in stored_records(ob.path)]
         assert rows == [(1, 1, None), (2, 1, None), (3, 2, None), (4, 2, "m-7"), (5, 3, None)]
     finally:
         await ob.close()

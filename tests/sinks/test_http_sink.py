@@ -17,7 +17,7 @@ from aiohttp import web
 
 from edgeway.config import OutboxSection, SinkConfig
 from edgeway.outbox import Outbox, SinkRunner, deadletter_main, list_dead_letters
-from edgeway.outbox.store import ROW_OVERHEAD
+from edgeway.outbox.store import stored_size
 from edgeway.reading import Reading
 from edgeway.sinks.base import PermanentSinkError, RetryableSinkError, create_sink
 from edgeway.sinks.http import HttpSink, idempotency_key, parse_retry_after
@@ -287,7 +287,7 @@ async def test_limits_drop_exactly_while_the_server_is_down(make_harness: Any) -
     url = srv.url
     await srv.stop()
     # Every reading below stores the same number of bytes, so the count is exact.
-    one = len(orjson.dumps(reading("dev0", 200).metrics)) + len("dev0") + ROW_OVERHEAD
+    one = stored_size(reading("dev0", 200), "gw1")
     h = await make_harness(url, OutboxSection(max_bytes=one * 120), max_records=50)
     h.start(backoff_initial=0.02, backoff_max=0.1)
     try:

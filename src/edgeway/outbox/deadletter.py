@@ -6,10 +6,10 @@ Usage (``edgeway deadletter ...`` with the gateway's ``--config``/``--data-dir``
     edgeway deadletter replay [ID ...] [--sink NAME]     # gateway must be stopped
     edgeway deadletter purge (ID ... | --all) [--sink NAME]
 
-``replay`` puts the records back in the outbox for their sink with their
-original sequence and record id (so a cloud that did get them drops the
-duplicates), counts them as accepted again and moves the sink's cursor back so
-the next start sends them. It and ``purge`` take the outbox lock: they refuse
+``replay`` puts the records back in the outbox for their sink, at the end of
+its queue, with their original record id (so a cloud that did get them drops
+the duplicates), and counts them as accepted again; the next start sends
+them. It and ``purge`` take the outbox lock: they refuse
 to run while a gateway has the outbox open, because the running gateway keeps
 its counters and cursors in memory.
 """
@@ -28,7 +28,13 @@ from typing import Any
 
 import orjson
 
-from edgeway.outbox.store import acquire_lock, release_lock
+from edgeway.outbox.store import (
+    CHUNK_MAX,
+    RECORD_OVERHEAD,
+    acquire_lock,
+    release_lock,
+    text_from_columns,
+)
 
 DB_NAME = "outbox.db"
 
@@ -101,17 +107,26 @@ def list_dead_letters(
     try:
         record_id = _id_of(conn)
         where, params = _where(sink, None)
+        rid = "record_id" if _has_record_id(conn) else "NULL"
         rows = conn.execute(
-            "SELECT id, sink, seq, device_id, ts, at, error, metrics FROM deadletter"
+            f"SELECT id, sink, seq, device_id, ts, at, error, metrics, {rid} FROM deadletter"
             f"{where} ORDER BY id LIMIT ?",
             (*params, limit),
         ).fetchall()
     finally:
         conn.close()
     return [
-        DeadLetter(r[0], r[1], record_id(r[2]), r[2], r[3], r[4], r[5], r[6], orjson.loads(r[7]))
+        DeadLetter(
+            r[0], r[1], r[8] or record_id(r[2]), r[2], r[3], r[4], r[5], r[6], orjson.loads(r[7])
+        )
         for r in rows
     ]
+
+
+def _has_record_id(conn: sqlite3.Connection) -> bool:
+    """Dead letters written since schema 2 keep their record id (a replayed
+    record's sequence differs from the one in its id)."""
+    return any(row[1] == "record_id" for row in conn.execute("PRAGMA table_info(deadletter)"))
 
 
 def replay_dead_letters(
@@ -133,56 +148,79 @@ def replay_dead_letters(
 
 
 def _replay(conn: sqlite3.Connection, sink: str | None, ids: Sequence[int] | None) -> int:
+    if not conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chunks'"
+    ).fetchone():
+        raise RuntimeError("the outbox is from an older edgeway: start edgeway once, then replay")
+    record_id = _id_of(conn)
+    rid = "record_id" if _has_record_id(conn) else "NULL"
     conn.execute("BEGIN IMMEDIATE")
     try:
-        sinks = {
-            name: (bit, cursor)
-            for name, bit, cursor in conn.execute("SELECT name, bit, cursor FROM sinks")
-        }
+        bits = {name: bit for name, bit in conn.execute("SELECT name, bit FROM sinks")}
         where, params = _where(sink, ids)
         rows = conn.execute(
-            "SELECT id, sink, seq, created, size, priority, device_id, ts, metrics, tags, msg_id "
+            f"SELECT id, sink, seq, priority, device_id, ts, metrics, tags, msg_id, {rid} "
             f"FROM deadletter{where} ORDER BY id",
             params,
         ).fetchall()
-        added_bytes = 0
-        accepted: dict[str, int] = {}
-        lowest: dict[str, int] = {}
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        next_seq = int(meta.get("next_seq", 1))
+        now = time.time()
+        per_sink: dict[str, list[tuple[int, bytes, str | None]]] = {}
         done: list[int] = []
-        for dl_id, name, seq, created, size, prio, dev, ts, metrics, tags, msg_id in rows:
-            if name not in sinks:
+        for dl_id, name, seq, prio, dev, ts, metrics, tags, msg_id, rec_id in rows:
+            if name not in bits:
                 continue
-            bit = sinks[name][0]
-            changed = conn.execute(
-                "UPDATE records SET pending = pending | ? WHERE seq = ? AND (pending & ?) = 0",
-                (bit, seq, bit),
-            ).rowcount
-            if not changed:
-                exists = conn.execute("SELECT 1 FROM records WHERE seq = ?", (seq,)).fetchone()
-                if exists is None:
-                    conn.execute(
-                        "INSERT INTO records(seq, pending, created, size, priority, device_id, "
-                        "ts, metrics, tags, msg_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                        (seq, bit, created, size, prio, dev, ts, metrics, tags, msg_id),
-                    )
-                    added_bytes += size
-                    changed = 1
-            if changed:
-                accepted[name] = accepted.get(name, 0) + 1
-                lowest[name] = min(lowest.get(name, seq), seq)
+            text = text_from_columns(rec_id or record_id(seq), dev, ts, metrics, tags, prio)
+            per_sink.setdefault(name, []).append((prio, text, msg_id))
             done.append(dl_id)
-        for name, n in accepted.items():
+        added_bytes = 0
+        for name, items in per_sink.items():
+            # New chunks at the end of the queue, for this sink only: runs of
+            # equal priority, CHUNK_MAX records at most.
+            i = 0
+            while i < len(items):
+                prio = items[i][0]
+                j = i
+                while j < len(items) and j - i < CHUNK_MAX and items[j][0] == prio:
+                    j += 1
+                part = items[i:j]
+                first = next_seq
+                size = sum(
+                    len(t) - len(str(first + k)) + RECORD_OVERHEAD
+                    for k, (_, t, _) in enumerate(part)
+                )
+                msgs = [m for _, _, m in part]
+                conn.execute(
+                    "INSERT INTO chunks(seq_first, seq_last, pending, created, size, priority, "
+                    "data, msg_ids) VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        first,
+                        first + len(part) - 1,
+                        bits[name],
+                        now,
+                        size,
+                        prio,
+                        b"\n".join(t for _, t, _ in part),
+                        orjson.dumps(msgs) if any(m is not None for m in msgs) else None,
+                    ),
+                )
+                next_seq += len(part)
+                added_bytes += size
+                i = j
             conn.execute(
-                "UPDATE sinks SET accepted = accepted + ?, cursor = min(cursor, ?) WHERE name = ?",
-                (n, lowest[name] - 1, name),
+                "UPDATE sinks SET accepted = accepted + ? WHERE name = ?", (len(items), name)
             )
-        conn.execute("UPDATE meta SET value = value + ? WHERE key = 'total_bytes'", (added_bytes,))
+        conn.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES ('next_seq', ?), ('total_bytes', ?)",
+            (next_seq, int(meta.get("total_bytes", 0)) + added_bytes),
+        )
         conn.executemany("DELETE FROM deadletter WHERE id = ?", [(i,) for i in done])
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    return sum(accepted.values())
+    return sum(len(v) for v in per_sink.values())
 
 
 def purge_dead_letters(

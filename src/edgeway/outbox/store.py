@@ -23,15 +23,24 @@ Design, in short:
   commit is running, schedules one for the end of the current loop iteration
   (``call_soon``, no timer). Submits made while a commit runs join the next one.
   Futures resolve after ``COMMIT`` returned, that is after the fsync.
-- Routing is a per-row bitmask ``pending``: bit *i* set = sink *i* still has to
-  confirm the row. One row per reading and one UPDATE (or DELETE, for the last
-  sink) per confirmed batch is far cheaper than a delivery table with one row
-  per (reading, sink): that would double the inserts on the hot path and need
-  a second index. The price is a limit of 62 sinks per outbox.
-- Each sink reads with its own cursor (``seq > cursor``, the rowid index) from a
-  pool of reader threads with their own connections, so a slow or down sink
-  never blocks another sink or the writer. The persisted cursor means "every
-  row at or below it is done for this sink", so a restart never rescans.
+- Records are stored in *chunks*: one row per run of consecutive records
+  with the same sinks and priority in one group commit (at most
+  ``CHUNK_MAX`` records), holding each record as the exact JSON object the
+  sinks send (``{"id": ..., "device_id": ..., "ts": ..., "metrics": {...}}``),
+  one per line. The record id and sequence are fixed when the chunk is
+  written. A row per reading cost ~3 us of SQLite work to insert and ~7 us
+  to read and confirm (bench/outbox_bench.py); per chunk that cost is shared
+  by up to 256 records, and a sink that sends JSON (HTTP, MQTT, NATS, AMQP,
+  file) sends the stored text as it is, without serializing again.
+- Routing is a per-chunk bitmask ``pending``: bit *i* set = sink *i* still has
+  to confirm records of the chunk. A sink's persisted ``cursor`` says "every
+  record at or below it is done for this sink"; a chunk's bit is cleared when
+  the cursor passes its last record (or when the chunk was read and confirmed
+  whole, ahead of the cursor: priority and live-first reads), and the chunk
+  is deleted when no bit is left. The price is a limit of 62 sinks per outbox.
+- Each sink reads with its own cursor from a pool of reader threads with their
+  own connections, so a slow or down sink never blocks another sink or the
+  writer. A batch may end inside a chunk; the next read starts after it.
 - Counters per sink (accepted, delivered, dropped per reason, rejected) live in
   the ``sinks`` table and are updated in the same transaction as the rows they
   count, so ``accepted = delivered + pending + dropped`` holds after any crash.
@@ -63,26 +72,32 @@ import orjson
 from edgeway.config import OutboxSection
 from edgeway.ingest import IngestStatus
 from edgeway.reading import Reading
-from edgeway.sinks.base import Record
+from edgeway.sinks.base import Record, record_json_obj
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: one ``records`` row per reading (migrated to chunks at open); 2: chunks."""
 
 MAX_SINKS = 62
 """Sinks per outbox: one bit each in the row's ``pending`` INTEGER (SQLite
 integers are signed 64-bit; we keep the sign bit and one spare clear)."""
 
-ROW_OVERHEAD = 48
-"""Bytes added to each record's payload size for ``max_bytes`` accounting: the
-fixed columns (seq, pending, created, size, priority, ts) and SQLite's cell
-header. The database file is larger still (pages, free space, WAL)."""
+RECORD_OVERHEAD = 16
+"""Bytes added to each record's size for ``max_bytes`` accounting: its share of
+the chunk row (header, columns, line break). A record's size is its stored JSON
+text without the digits of its sequence number, so that equal readings count
+equal bytes whatever their place in the queue (see :func:`record_text`)."""
 
-SCAN_WINDOW = 50_000
-"""Most sequence numbers one read scans for rows of one sink. A sink that is
-routed few rows must not walk a million rows of another sink's backlog in a
-single query (that would hold a reader thread for a second); it walks them in
-windows instead and reports ``more``."""
+CHUNK_MAX = 256
+"""Records per chunk row at most. Larger chunks gained nothing measurable;
+smaller ones keep the retention and live-first granularity fine."""
+
+SCAN_WINDOW = 250_000
+"""Most sequence numbers one read scans for chunks of one sink. A sink that is
+routed few records must not walk a million records of another sink's backlog
+in a single query (that would hold a reader thread for a long time); it walks
+them in windows instead and reports ``more``."""
 
 AGE_CHECK_INTERVAL = 1.0
 """Seconds between ``max_age`` sweeps. Age limits are coarse by nature (hours,
@@ -92,9 +107,9 @@ DROP_LOG_INTERVAL = 10.0
 """Seconds between drop log lines per (sink, reason): a full outbox drops on
 every commit and must not flood the log."""
 
-MAX_RETRY_DROP_CHUNK = 2_000
-"""Rows examined per step when dropping the oldest rows to fit ``max_bytes``;
-bounds the memory of one step."""
+DROP_STEP_CHUNKS = 64
+"""Chunks examined per step when dropping the oldest records to fit
+``max_bytes`` or ``max_age``; bounds the memory of one step."""
 
 READER_THREADS = 2
 """Reader connections shared by all sink runners. Two keep one long window
@@ -124,19 +139,17 @@ CREATE TABLE IF NOT EXISTS sinks(
     dropped_dead_letter INTEGER NOT NULL DEFAULT 0,
     rejected_full INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS records(
-    seq INTEGER PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS chunks(
+    seq_first INTEGER PRIMARY KEY,
+    seq_last INTEGER NOT NULL,
     pending INTEGER NOT NULL,
     created REAL NOT NULL,
     size INTEGER NOT NULL,
     priority INTEGER NOT NULL,
-    device_id TEXT NOT NULL,
-    ts REAL NOT NULL,
-    metrics BLOB NOT NULL,
-    tags BLOB,
-    msg_id TEXT
+    data BLOB NOT NULL,
+    msg_ids BLOB
 );
-CREATE INDEX IF NOT EXISTS records_priority ON records(seq) WHERE priority > 0;
+CREATE INDEX IF NOT EXISTS chunks_priority ON chunks(seq_first) WHERE priority > 0;
 CREATE TABLE IF NOT EXISTS deadletter(
     id INTEGER PRIMARY KEY,
     sink TEXT NOT NULL,
@@ -155,41 +168,43 @@ CREATE TABLE IF NOT EXISTS deadletter(
 CREATE INDEX IF NOT EXISTS deadletter_sink ON deadletter(sink, id);
 """
 
-_SEQS = "SELECT value FROM json_each(?)"
+_CHUNK_COLS = "seq_first, seq_last, pending, size, priority, data"
 
-_COLUMNS = 10
-"""Values per ``records`` row in the general INSERT."""
 
-_PLAIN_COLUMNS = 5
-"""Values per row in the plain INSERT: seq, size, device_id, ts, metrics. A
-plain row (priority 0, no tags, no message id, the usual telemetry) shares
-``pending`` and ``created`` with its statement (``?1``, ``?2``); binding 5
-values instead of 10 measured 2.3 against 4.0-4.7 us of writer CPU per row."""
-
-_ROWS_PER_INSERT = 256
-"""Rows bound by one multi-row INSERT: at most 2,560 parameters, well below
-SQLite's 32,766 (3.32+); bigger chunks gained nothing measurable."""
-
-_INSERT_SIZES = (_ROWS_PER_INSERT, 64, 16, 4, 1)
-"""Chunk sizes, largest first: any batch is at most n/256 + 12 statements."""
-
-_INSERT_COLS = (
-    "INSERT INTO records(seq, pending, created, size, priority, device_id, ts, metrics, "
-    "tags, msg_id) VALUES "
-)
-
-_INSERT_SQL = {
-    rows: _INSERT_COLS + ",".join(["(?,?,?,?,?,?,?,?,?,?)"] * rows) for rows in _INSERT_SIZES
-}
-
-_INSERT_PLAIN_SQL = {
-    rows: _INSERT_COLS
-    + ",".join(
-        f"(?{3 + 5 * k},?1,?2,?{4 + 5 * k},0,?{5 + 5 * k},?{6 + 5 * k},?{7 + 5 * k},NULL,NULL)"
-        for k in range(rows)
+def record_text(r: Reading, record_id: str) -> bytes:
+    """The JSON object a record is stored (and sent) as: exactly what
+    ``orjson.dumps(Record.to_json_obj())`` gives for it."""
+    return orjson.dumps(
+        record_json_obj(record_id, r.device_id, r.ts, r.metrics, r.tags, r.priority)
     )
-    for rows in _INSERT_SIZES
-}
+
+
+def text_from_columns(
+    record_id: str, device_id: str, ts: float, metrics: bytes, tags: bytes | None, priority: int
+) -> bytes:
+    """A record's stored text from the columns of a schema-1 row or a dead letter."""
+    return orjson.dumps(
+        record_json_obj(
+            record_id,
+            device_id,
+            ts,
+            orjson.loads(metrics),
+            orjson.loads(tags) if tags else None,
+            priority,
+        )
+    )
+
+
+def stored_size(r: Reading, gateway_id: str) -> int:
+    """Bytes one reading counts for ``max_bytes`` (its text without the sequence
+    digits, plus :data:`RECORD_OVERHEAD`)."""
+    return len(record_text(r, gateway_id + ":")) + RECORD_OVERHEAD
+
+
+def _parse_texts(texts: Sequence[bytes]) -> list[dict[str, Any]]:
+    """Record texts to dicts in one orjson call (JSON objects joined by commas
+    are an array's elements)."""
+    return orjson.loads(b"[" + b",".join(texts) + b"]")  # type: ignore[no-any-return]
 
 
 @dataclass(slots=True, frozen=True)
@@ -221,6 +236,10 @@ class Batch:
     generation: int = 0
     """The sink's rewind count when read; a batch read before a rewind is not
     confirmed (it is read and sent again)."""
+    chunks: list[int] = field(default_factory=list)
+    """First sequence numbers of the chunks read whole ahead of the cursor
+    (priority and live-first reads); confirming the batch clears the sink's
+    bit on them."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -249,8 +268,9 @@ class _SharedFuture(asyncio.Future[IngestStatus]):
 class _Op:
     kind: str  # "confirm" | "dead_letter"
     sink: str
-    seqs: list[int]
     cursor: int
+    chunks: list[int]
+    records: list[Record]
     error: str
     fut: asyncio.Future[None]
 
@@ -267,6 +287,7 @@ class _JobResult:
     statuses: list[IngestStatus] = field(default_factory=list)
     confirmed: list[Confirmed] = field(default_factory=list)
     new_rows: dict[str, int] = field(default_factory=dict)
+    cursors: dict[str, int] = field(default_factory=dict)
     high_seq: int = 0
     counters: dict[str, dict[str, int]] = field(default_factory=dict)
     total_bytes: int = 0
@@ -319,20 +340,25 @@ class _Writer:
         cfg: OutboxSection,
         bits: dict[str, int],
         counters: dict[str, list[int]],
+        cursors: dict[str, int],
         next_seq: int,
         total_bytes: int,
         unrouted: int,
         epochs: list[tuple[int, str]],
+        chunk_max: int,
     ) -> None:
         self.conn = conn
         self.cfg = cfg
         self.bits = bits
         self.counters = counters
+        self.cursors = cursors
+        """Each sink's committed cursor (what the ``sinks`` table says)."""
         self.next_seq = next_seq
         self.total_bytes = total_bytes
         self.unrouted = unrouted
         self.epoch_starts = [e[0] for e in epochs]
         self.epoch_ids = [e[1] for e in epochs]
+        self.chunk_max = chunk_max
         self.last_age_check = 0.0
         self.drops_unlogged: dict[tuple[str, str], int] = {}
         self.last_drop_log: dict[tuple[str, str], float] = {}
@@ -353,6 +379,7 @@ class _Writer:
             self.unrouted,
             [list(c) for c in self.counters.values()],
             dict(self.drops_unlogged),
+            dict(self.cursors),
         )
         # A job with no new readings only confirms, dead-letters or drops rows.
         # Losing it in a power cut means those records are sent again with the
@@ -388,6 +415,7 @@ class _Writer:
             for c, old in zip(self.counters.values(), saved[3], strict=True):
                 c[:] = old
             self.drops_unlogged = saved[4]
+            self.cursors = saved[5]
             raise
         finally:
             if relax:
@@ -400,73 +428,115 @@ class _Writer:
         return res
 
     def _insert(self, submits: list[_Submit], now: float, res: _JobResult) -> None:
+        """Turn the job's readings into record texts and chunk rows.
+
+        Chunks are runs of consecutive records with the same sinks and
+        priority, in submission order, so a sink reads each device's records
+        in the order they came (at most ``chunk_max`` records each)."""
         cfg = self.cfg
         limit = cfg.max_bytes if cfg.when_full == "reject_new" else None
-        # Flat parameter lists bound by a few multi-row INSERTs (see
-        # _insert_rows), not row by row: plain rows per sink mask
-        # (_PLAIN_COLUMNS values each), the others _COLUMNS values each.
-        plain: dict[int, list[Any]] = {}
-        general: list[Any] = []
-        per_mask: dict[int, int] = {}
         seq = self.next_seq
         total = self.total_bytes
         dumps = orjson.dumps
-        general_extend = general.extend
+        prefix = self.epoch_ids[-1] + ":"
+        chunk_max = self.chunk_max
+        # Open chunk: [seq_first, texts, msg_ids by index (or None), size, mask, priority]
+        chunks: list[list[Any]] = []
+        cur: list[Any] | None = None
+        per_mask: dict[int, int] = {}
         for sub in submits:
             mask = sub.mask
-            rows = plain.get(mask)
-            if rows is None:
-                rows = plain[mask] = []
-            plain_extend = rows.extend
-            first_plain = len(rows)
-            first_general = len(general)
-            nbytes = 0
+            first = seq
+            texts: list[bytes] = []
+            sizes: list[int] = []
+            runs: list[tuple[int, int]] = []  # (start index, priority) where priority changes
+            msgs: dict[int, str] | None = None
+            last_prio = -1
             # This loop runs once per reading on the hot path, with the GIL.
             for r in sub.readings:
-                metrics = dumps(r.metrics)
-                size = len(metrics) + len(r.device_id) + ROW_OVERHEAD
-                msg_id = r.origin.message_id
-                if r.tags or r.priority or msg_id is not None:
-                    tags_json = dumps(r.tags) if r.tags else None
-                    if tags_json is not None:
-                        size += len(tags_json)
-                    general_extend(
-                        (
-                            seq,
-                            mask,
-                            now,
-                            size,
-                            r.priority,
-                            r.device_id,
-                            r.ts,
-                            metrics,
-                            tags_json,
-                            msg_id,
-                        )
-                    )
+                sid = str(seq)
+                prio = r.priority
+                if r.tags or prio:
+                    obj: dict[str, Any] = {
+                        "id": prefix + sid,
+                        "device_id": r.device_id,
+                        "ts": r.ts,
+                        "metrics": r.metrics,
+                    }
+                    if r.tags:
+                        obj["tags"] = r.tags
+                    if prio:
+                        obj["priority"] = prio
+                    text = dumps(obj)
                 else:
-                    plain_extend((seq, size, r.device_id, r.ts, metrics))
-                nbytes += size
+                    text = dumps(
+                        {
+                            "id": prefix + sid,
+                            "device_id": r.device_id,
+                            "ts": r.ts,
+                            "metrics": r.metrics,
+                        }
+                    )
+                if prio != last_prio:
+                    runs.append((len(texts), prio))
+                    last_prio = prio
+                msg_id = r.origin.message_id
+                if msg_id is not None:
+                    if msgs is None:
+                        msgs = {}
+                    msgs[len(texts)] = msg_id
+                texts.append(text)
+                sizes.append(len(text) - len(sid) + RECORD_OVERHEAD)
                 seq += 1
+            n = len(texts)
+            nbytes = sum(sizes)
             if limit is not None and total + nbytes > limit:
-                del rows[first_plain:]
-                del general[first_general:]
-                seq -= len(sub.readings)
+                seq = first
                 res.statuses.append(IngestStatus.REJECTED_FULL)
                 for name, bit in self.bits.items():
                     if mask & bit:
-                        self.counters[name][5] += len(sub.readings)
+                        self.counters[name][5] += n
                 continue
             res.statuses.append(IngestStatus.ACCEPTED)
             total += nbytes
-            per_mask[mask] = per_mask.get(mask, 0) + len(sub.readings)
+            per_mask[mask] = per_mask.get(mask, 0) + n
+            runs.append((n, -1))
+            for k in range(len(runs) - 1):
+                start, prio = runs[k]
+                end = runs[k + 1][0]
+                i = start
+                while i < end:
+                    if cur is None or cur[4] != mask or cur[5] != prio or len(cur[1]) >= chunk_max:
+                        cur = [first + i, [], None, 0, mask, prio]
+                        chunks.append(cur)
+                    take = min(end - i, chunk_max - len(cur[1]))
+                    base = len(cur[1])
+                    cur[1].extend(texts[i : i + take])
+                    cur[3] += sum(sizes[i : i + take])
+                    if msgs is not None:
+                        for j in range(i, i + take):
+                            m = msgs.get(j)
+                            if m is not None:
+                                if cur[2] is None:
+                                    cur[2] = {}
+                                cur[2][base + j - i] = m
+                    i += take
         if not per_mask:
             return
-        for mask, rows in plain.items():
-            if rows:
-                self._insert_rows(rows, _PLAIN_COLUMNS, _INSERT_PLAIN_SQL, [mask, now])
-        if general:
-            self._insert_rows(general, _COLUMNS, _INSERT_SQL, [])
+        rows = []
+        for seq_first, texts, msg_map, size, mask, prio in chunks:
+            msg_blob = None
+            if msg_map is not None:
+                msg_blob = dumps([msg_map.get(i) for i in range(len(texts))])
+            rows.append(
+                (seq_first, seq_first + len(texts) - 1, mask, now, size, prio,
+                 b"\n".join(texts), msg_blob)
+            )  # fmt: skip
+        self.conn.executemany(
+            "INSERT INTO chunks(seq_first, seq_last, pending, created, size, priority, data, "
+            "msg_ids) VALUES (?,?,?,?,?,?,?,?)",
+            rows,
+        )
         self.next_seq = seq
         self.total_bytes = total
         for mask, n in per_mask.items():
@@ -478,118 +548,178 @@ class _Writer:
                     self.counters[name][0] += n
                     res.new_rows[name] = res.new_rows.get(name, 0) + n
 
-    def _insert_rows(
-        self, params: list[Any], columns: int, statements: dict[int, str], shared: list[Any]
-    ) -> None:
-        """INSERT the rows in ``params`` (flat, ``columns`` values each), with
-        ``statements`` (rows -> SQL) whose first parameters are ``shared``.
-
-        ``executemany`` would release and re-take the GIL around every row's
-        ``sqlite3_step``; while the event loop is busy each re-take waits for
-        the loop to yield it, which measured 130-180 us per row instead of
-        ~6. A statement of ``_ROWS_PER_INSERT`` rows hands the GIL over once
-        per chunk; the rest goes in smaller fixed sizes so that the statement
-        cache holds a handful of statements, not one per batch size.
-        """
-        conn = self.conn
-        n = len(params) // columns
-        i = 0
-        for rows in _INSERT_SIZES:
-            step = rows * columns
-            sql = statements[rows]
-            while n >= rows:
-                conn.execute(sql, shared + params[i : i + step] if shared else params[i : i + step])
-                i += step
-                n -= rows
-
     def _apply_op(self, op: _Op, res: _JobResult, want_receipts: bool) -> None:
+        """A sink confirmed (or refused for good) a batch: the records after its
+        old cursor up to ``op.cursor``, plus the chunks read whole ahead of it."""
         conn = self.conn
         bit = self.bits[op.sink]
-        seqs_json = orjson.dumps(op.seqs).decode()
-        if op.kind == "dead_letter":
+        old = self.cursors[op.sink]
+        new = max(op.cursor, old)
+        counted = 0
+        ranges: list[tuple[int, int]] = []  # still-pending records of the batch
+        done: list[int] = []  # chunks this sink is now finished with
+        if new > old:
+            for first, last in conn.execute(
+                "SELECT seq_first, seq_last FROM chunks WHERE seq_first > ? AND seq_first <= ? "
+                "AND seq_last > ? AND (pending & ?) != 0",
+                (old - CHUNK_MAX, new, old, bit),
+            ):
+                lo, hi = max(first, old + 1), min(last, new)
+                if hi >= lo:
+                    counted += hi - lo + 1
+                    ranges.append((lo, hi))
+                if last <= new:
+                    done.append(first)
+        if op.chunks:
+            for first, last in conn.execute(
+                "SELECT seq_first, seq_last FROM chunks WHERE seq_first IN "
+                "(SELECT value FROM json_each(?)) AND (pending & ?) != 0",
+                (orjson.dumps(op.chunks).decode(), bit),
+            ):
+                counted += last - first + 1
+                ranges.append((first, last))
+                done.append(first)
+        if done:
+            ids = orjson.dumps(done).decode()
+            deleted = conn.execute(
+                "DELETE FROM chunks WHERE seq_first IN (SELECT value FROM json_each(?)) "
+                "AND pending = ? RETURNING seq_first, size, "
+                + ("data, msg_ids" if want_receipts and op.kind == "confirm" else "NULL, NULL"),
+                (ids, bit),
+            ).fetchall()
             conn.execute(
-                "INSERT INTO deadletter(sink, seq, at, error, created, size, priority, device_id, "
-                "ts, metrics, tags, msg_id) SELECT ?, seq, ?, ?, created, size, priority, "
-                f"device_id, ts, metrics, tags, msg_id FROM records WHERE seq IN ({_SEQS}) "
-                "AND (pending & ?) != 0",
-                (op.sink, time.time(), op.error, seqs_json, bit),
+                "UPDATE chunks SET pending = pending & ~? WHERE seq_first IN "
+                "(SELECT value FROM json_each(?)) AND (pending & ?) != 0",
+                (bit, ids, bit),
             )
-        deleted = conn.execute(
-            f"DELETE FROM records WHERE seq IN ({_SEQS}) AND pending = ? "
-            "RETURNING seq, device_id, msg_id, size",
-            (seqs_json, bit),
-        ).fetchall()
-        updated = conn.execute(
-            f"UPDATE records SET pending = pending & ~? WHERE seq IN ({_SEQS}) "
-            "AND (pending & ?) != 0",
-            (bit, seqs_json, bit),
-        ).rowcount
-        n = len(deleted) + updated
-        self.total_bytes -= sum(row[3] for row in deleted)
+            self.total_bytes -= sum(row[1] for row in deleted)
+            if want_receipts and op.kind == "confirm":
+                for first, _size, data, msg_blob in deleted:
+                    docs = _parse_texts(data.split(b"\n"))
+                    msgs = orjson.loads(msg_blob) if msg_blob else None
+                    res.confirmed.extend(
+                        Confirmed(d["device_id"], first + i, d["id"], msgs[i] if msgs else None)
+                        for i, d in enumerate(docs)
+                    )
         counters = self.counters[op.sink]
         if op.kind == "confirm":
-            counters[1] += n
-            if want_receipts:
-                res.confirmed.extend(
-                    Confirmed(row[1], row[0], self.record_id(row[0]), row[2]) for row in deleted
-                )
+            counters[1] += counted
         else:
-            counters[4] += n
-            self._note_drop(op.sink, "dead_letter", n)
-        conn.execute("UPDATE sinks SET cursor=? WHERE name=?", (op.cursor, op.sink))
+            counters[4] += counted
+            self._note_drop(op.sink, "dead_letter", counted)
+            if counted:
+                self._dead_letter(op, ranges)
+        self.cursors[op.sink] = new
+        conn.execute("UPDATE sinks SET cursor=? WHERE name=?", (new, op.sink))
+
+    def _dead_letter(self, op: _Op, ranges: list[tuple[int, int]]) -> None:
+        ranges.sort()
+        starts = [lo for lo, _ in ranges]
+        at = time.time()
+        rows = []
+        for r in op.records:
+            i = bisect.bisect_right(starts, r.seq) - 1
+            if i < 0 or r.seq > ranges[i][1]:
+                continue  # dropped by retention meanwhile (counted there)
+            text = r.to_json_bytes()
+            rows.append(
+                (op.sink, r.seq, at, op.error, at, len(text) + RECORD_OVERHEAD, r.priority,
+                 r.device_id, r.ts, orjson.dumps(r.metrics),
+                 orjson.dumps(r.tags) if r.tags else None, None, r.id)
+            )  # fmt: skip
+        self.conn.executemany(
+            "INSERT INTO deadletter(sink, seq, at, error, created, size, priority, device_id, "
+            "ts, metrics, tags, msg_id, record_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
 
     # -- retention --------------------------------------------------------
 
     def _enforce_limits(self, now: float) -> None:
         cfg = self.cfg
+        conn = self.conn
         if cfg.max_bytes is not None and cfg.when_full == "drop_oldest":
             while self.total_bytes > cfg.max_bytes:
                 excess = self.total_bytes - cfg.max_bytes
-                rows = self.conn.execute(
-                    "SELECT seq, size FROM records ORDER BY seq LIMIT ?", (MAX_RETRY_DROP_CHUNK,)
+                rows = conn.execute(
+                    "SELECT seq_first, seq_last, pending, size FROM chunks ORDER BY seq_first "
+                    "LIMIT ?",
+                    (DROP_STEP_CHUNKS,),
                 ).fetchall()
                 if not rows:
                     break
-                freed = 0
-                cut = rows[-1][0]
-                for seq, size in rows:
-                    freed += size
-                    if freed >= excess:
-                        cut = seq
+                for first, last, pending, size in rows:
+                    if excess <= 0:
                         break
-                self._drop("seq <= ?", (cut,), "max_bytes")
+                    if size <= excess:
+                        conn.execute("DELETE FROM chunks WHERE seq_first = ?", (first,))
+                        self._count_drop(first, last, pending, "max_bytes")
+                        self.total_bytes -= size
+                        excess -= size
+                    else:
+                        excess -= self._trim(first, last, pending, size, excess)
         if cfg.max_age is not None and now - self.last_age_check >= AGE_CHECK_INTERVAL:
             self.last_age_check = now
             cutoff = now - cfg.max_age
-            # created grows with seq (both follow commit order), so the old rows
-            # are the lowest seqs: find the last old one by walking from the start.
+            # created grows with seq (both follow commit order), so the old
+            # chunks are the lowest: walk from the start.
             while True:
-                rows = self.conn.execute(
-                    "SELECT seq, created FROM records ORDER BY seq LIMIT ?",
-                    (MAX_RETRY_DROP_CHUNK,),
+                rows = conn.execute(
+                    "SELECT seq_first, seq_last, pending, size, created FROM chunks "
+                    "ORDER BY seq_first LIMIT ?",
+                    (DROP_STEP_CHUNKS,),
                 ).fetchall()
-                old = [seq for seq, created in rows if created < cutoff]
-                if not old:
-                    break
-                self._drop("seq <= ? AND created < ?", (old[-1], cutoff), "max_age")
-                if len(old) < len(rows):
+                old = [row for row in rows if row[4] < cutoff]
+                for first, last, pending, size, _created in old:
+                    conn.execute("DELETE FROM chunks WHERE seq_first = ?", (first,))
+                    self._count_drop(first, last, pending, "max_age")
+                    self.total_bytes -= size
+                if len(old) < len(rows) or not rows:
                     break
 
-    def _drop(self, where: str, params: tuple[Any, ...], reason: str) -> None:
-        deleted = self.conn.execute(
-            f"DELETE FROM records WHERE {where} RETURNING pending, size", params
-        ).fetchall()
-        idx = 2 if reason == "max_bytes" else 3
-        per_bit: dict[int, int] = {}
-        for pending, size in deleted:
+    def _trim(self, first: int, last: int, pending: int, size: int, excess: int) -> int:
+        """Drop the oldest records of one chunk, at least ``excess`` bytes
+        (the whole chunk if that is what it takes); returns the bytes freed."""
+        data, msg_blob = self.conn.execute(
+            "SELECT data, msg_ids FROM chunks WHERE seq_first = ?", (first,)
+        ).fetchone()
+        texts = data.split(b"\n")
+        k = freed = 0
+        while freed < excess and k < len(texts):
+            freed += len(texts[k]) - len(str(first + k)) + RECORD_OVERHEAD
+            k += 1
+        if k == len(texts):  # the whole chunk has to go after all
+            self.conn.execute("DELETE FROM chunks WHERE seq_first = ?", (first,))
+            self._count_drop(first, last, pending, "max_bytes")
             self.total_bytes -= size
-            if pending == 0:
-                self.unrouted -= 1
-            else:
-                per_bit[pending] = per_bit.get(pending, 0) + 1
-        for mask, n in per_bit.items():
-            for name, bit in self.bits.items():
-                if mask & bit:
+            return size
+        msgs = orjson.loads(msg_blob)[k:] if msg_blob else None
+        self.conn.execute(
+            "UPDATE chunks SET seq_first = ?, size = ?, data = ?, msg_ids = ? WHERE seq_first = ?",
+            (
+                first + k,
+                size - freed,
+                b"\n".join(texts[k:]),
+                orjson.dumps(msgs) if msgs and any(m is not None for m in msgs) else None,
+                first,
+            ),
+        )
+        self._count_drop(first, first + k - 1, pending, "max_bytes")
+        self.total_bytes -= freed
+        return freed
+
+    def _count_drop(self, first: int, last: int, pending: int, reason: str) -> None:
+        """Count records ``first..last`` of a chunk with ``pending`` as dropped
+        for every sink that had not confirmed them (its cursor is below)."""
+        if pending == 0:
+            self.unrouted -= last - first + 1
+            return
+        idx = 2 if reason == "max_bytes" else 3
+        for name, bit in self.bits.items():
+            if pending & bit:
+                cursor = self.cursors[name]
+                n = last - max(first - 1, cursor) if last > cursor else 0
+                if n:
                     self.counters[name][idx] += n
                     self._note_drop(name, reason, n)
 
@@ -630,9 +760,16 @@ class Outbox:
         gateway_id: str,
         config: OutboxSection,
         sink_names: Sequence[str],
+        chunk_max: int = CHUNK_MAX,
     ) -> None:
+        """``chunk_max``: records per chunk at most (at most :data:`CHUNK_MAX`);
+        the gateway passes the smallest ``max_records`` of its sinks, so that a
+        chunk read whole (priority, live first) never exceeds a sink's batch."""
         if len(set(sink_names)) != len(sink_names):
             raise ValueError(f"duplicate sink names: {list(sink_names)}")
+        if not 1 <= chunk_max <= CHUNK_MAX:
+            raise ValueError(f"chunk_max must be within 1..{CHUNK_MAX}")
+        self.chunk_max = chunk_max
         self.path = Path(path)
         self.gateway_id = gateway_id
         self.config = config
@@ -721,16 +858,26 @@ class Outbox:
                     f"{self.path}: outbox schema {version} is newer than this edgeway "
                     f"({SCHEMA_VERSION}); upgrade edgeway"
                 )
-            # max(seq) is one rowid-index probe; it guards against a next_seq
-            # that lags the rows (it never should, both change in one transaction).
-            (max_seq,) = conn.execute("SELECT max(seq) FROM records").fetchone()
-            (max_dl,) = conn.execute("SELECT max(seq) FROM deadletter").fetchone()
-            next_seq = max(int(meta.get("next_seq", 1)), (max_seq or 0) + 1, (max_dl or 0) + 1)
-            total_bytes = int(meta.get("total_bytes", 0))
-            unrouted = int(meta.get("unrouted", 0))
             epochs = conn.execute(
                 "SELECT from_seq, gateway_id FROM epochs ORDER BY from_seq"
             ).fetchall()
+            dl_cols = {row[1] for row in conn.execute("PRAGMA table_info(deadletter)")}
+            if "record_id" not in dl_cols:
+                conn.execute("ALTER TABLE deadletter ADD COLUMN record_id TEXT")
+            total_bytes = int(meta.get("total_bytes", 0))
+            if conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'"
+            ).fetchone():
+                total_bytes = _migrate_v1(conn, epochs)
+            # The last chunk is one rowid-index probe; it guards against a next_seq
+            # that lags the rows (it never should, both change in one transaction).
+            row = conn.execute(
+                "SELECT seq_last FROM chunks ORDER BY seq_first DESC LIMIT 1"
+            ).fetchone()
+            max_seq = row[0] if row else 0
+            (max_dl,) = conn.execute("SELECT max(seq) FROM deadletter").fetchone()
+            next_seq = max(int(meta.get("next_seq", 1)), max_seq + 1, (max_dl or 0) + 1)
+            unrouted = int(meta.get("unrouted", 0))
             if not epochs or epochs[-1][1] != self.gateway_id:
                 if epochs:
                     log.warning(
@@ -773,7 +920,7 @@ class Outbox:
             if new_mask and unrouted:
                 # Readings stored while no sink was configured go to the first
                 # sinks added. One scan, once, when those sinks first appear.
-                conn.execute("UPDATE records SET pending = ? WHERE pending = 0", (new_mask,))
+                conn.execute("UPDATE chunks SET pending = ? WHERE pending = 0", (new_mask,))
                 for name, bit in bits.items():
                     if new_mask & bit:
                         counters[name][0] += unrouted
@@ -814,7 +961,18 @@ class Outbox:
                 }
             },
         )
-        return _Writer(conn, self.config, bits, counters, next_seq, total_bytes, unrouted, epochs)
+        return _Writer(
+            conn,
+            self.config,
+            bits,
+            counters,
+            cursors,
+            next_seq,
+            total_bytes,
+            unrouted,
+            epochs,
+            self.chunk_max,
+        )
 
     async def close(self) -> None:
         """Commit what is pending, checkpoint the WAL and close the database."""
@@ -1072,23 +1230,21 @@ class Outbox:
             max_bytes,
             live,
         )
-        records, nbytes, pos, prio_pos, live_pos, more = await self._loop.run_in_executor(
+        records, nbytes, pos, prio_pos, live_pos, more, whole = await self._loop.run_in_executor(
             self._readers, self._read_sync, *args
         )
         if st.rewinds != rewinds:  # a confirmation failed meanwhile: read again
             return Batch(sink, [], 0, st.cursor, False, True, st.rewinds)
         st.pos = pos
         st.prio_pos = prio_pos
-        out_of_order = False
+        out_of_order = bool(whole)
         if live:
             st.live_pos = live_pos
             out_of_order = True
             assert st.live_start is not None
             if pos >= st.live_start:
                 st.live_start = None
-        if any(r.priority > 0 and r.seq > pos for r in records):
-            out_of_order = True
-        return Batch(sink, records, nbytes, pos, out_of_order, more, rewinds)
+        return Batch(sink, records, nbytes, pos, out_of_order, more, rewinds, whole)
 
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
@@ -1113,94 +1269,137 @@ class Outbox:
         max_records: int,
         max_bytes: int,
         live: bool,
-    ) -> tuple[list[Record], int, int, int, int, bool]:
+    ) -> tuple[list[Record], int, int, int, int, bool, list[int]]:
         conn = self._reader()
-        cols = "seq, size, priority, device_id, ts, metrics, tags"
-        out: list[tuple[Any, ...]] = []
+        texts: list[bytes] = []
+        seqs: list[int] = []
+        prios: list[int] = []
+        whole: list[int] = []
         nbytes = 0
         more = False
-        seen: set[int] = set()
 
-        def take(rows: list[tuple[Any, ...]]) -> tuple[int, bool]:
-            """Append rows within the byte budget; (count taken, budget hit)."""
+        def take_whole(row: tuple[Any, ...], room: int) -> bool:
+            """Take a chunk whole (read ahead of the cursor) if it fits in
+            ``room`` records and the byte budget (or nothing is taken yet)."""
             nonlocal nbytes
-            n = 0
-            for row in rows:
-                if out and nbytes + row[1] > max_bytes:
-                    return n, True
-                if row[0] in seen:
-                    n += 1
-                    continue
-                out.append(row)
-                nbytes += row[1]
-                n += 1
-            return n, False
+            first, last, _pending, size, prio, data = row
+            n = last - first + 1
+            if texts and (n > room or nbytes + size > max_bytes):
+                return False
+            texts.extend(data.split(b"\n"))
+            seqs.extend(range(first, last + 1))
+            prios.extend([prio] * n)
+            nbytes += size
+            whole.append(first)
+            return True
 
         def scan(after: int, upper: int, want: int) -> tuple[int, bool]:
-            """Read rows in (after, upper] in seq order; the new position and
-            whether rows may remain in the range."""
+            """Take records in (after, upper] in order (a chunk may be taken in
+            part); the new position and whether records may remain."""
+            nonlocal nbytes
             bounded = min(upper, after + SCAN_WINDOW)
             rows = conn.execute(
-                f"SELECT {cols} FROM records WHERE seq > ? AND seq <= ? "
-                "AND (pending & ?) != 0 ORDER BY seq LIMIT ?",
-                (after, bounded, bit, want),
-            ).fetchall()
-            n, full = take(rows)
-            if full or len(rows) == want:
-                new = rows[n - 1][0] if n else after
-            else:
-                new = bounded  # the whole window was scanned
-            return new, new < upper
+                f"SELECT {_CHUNK_COLS} FROM chunks WHERE seq_first > ? AND seq_first <= ? "
+                "AND seq_last > ? AND (pending & ?) != 0 ORDER BY seq_first",
+                (after - CHUNK_MAX, bounded, after, bit),
+            )
+            goal = len(texts) + want
+            new = after
+            for first, last, _pending, size, prio, data in rows:
+                if first in taken:
+                    new = last
+                    continue
+                start = max(first, after + 1)
+                room = goal - len(texts)
+                if start == first and last - first + 1 <= room and nbytes + size <= max_bytes:
+                    texts.extend(data.split(b"\n"))
+                    seqs.extend(range(first, last + 1))
+                    prios.extend([prio] * (last - first + 1))
+                    nbytes += size
+                    new = last
+                    if len(texts) >= goal:
+                        rows.close()
+                        return new, new < upper
+                    continue
+                # Part of a chunk: record by record within the budgets.
+                part = data.split(b"\n")[start - first :]
+                seq = start
+                for t in part:
+                    rsize = len(t) - len(str(seq)) + RECORD_OVERHEAD
+                    if len(texts) >= goal or (texts and nbytes + rsize > max_bytes):
+                        rows.close()
+                        return seq - 1, True
+                    texts.append(t)
+                    seqs.append(seq)
+                    prios.append(prio)
+                    nbytes += rsize
+                    seq += 1
+                new = last
+                if len(texts) >= goal:
+                    rows.close()
+                    return new, new < upper
+            if nbytes >= max_bytes and texts:
+                return new, new < upper
+            return bounded, bounded < upper  # the whole window was scanned
 
+        taken: set[int] = set()
         conn.execute("BEGIN")  # one snapshot for the three queries
         try:
-            # 1. priority rows ahead of the ordered position (partial index)
+            # 1. priority chunks ahead of the ordered position (partial index)
             lo = max(pos, prio_pos)
             if lo < high:
                 rows = conn.execute(
-                    f"SELECT {cols} FROM records INDEXED BY records_priority WHERE priority > 0 "
-                    "AND seq > ? AND seq <= ? AND (pending & ?) != 0 ORDER BY seq LIMIT ?",
-                    (lo, high, bit, max_records),
-                ).fetchall()
-                n, full = take(rows)
-                if n:
-                    prio_pos = rows[n - 1][0]
-                    seen.update(r[0] for r in rows[:n])
-                more = more or full or len(rows) == max_records
-            # 2. under live_first, fresh rows take up to half of the batch
-            if live and live_start is not None and len(out) < max_records and live_pos < high:
-                live_pos, rest = scan(live_pos, high, max((max_records - len(out)) // 2, 1))
-                more = more or rest
+                    f"SELECT {_CHUNK_COLS} FROM chunks INDEXED BY chunks_priority "
+                    "WHERE priority > 0 AND seq_first > ? AND seq_first <= ? "
+                    "AND (pending & ?) != 0 ORDER BY seq_first",
+                    (lo, high, bit),
+                )
+                for row in rows:
+                    if len(texts) >= max_records or not take_whole(row, max_records - len(texts)):
+                        more = True
+                        break
+                    prio_pos = row[1]
+                    taken.add(row[0])
+                rows.close()
+            # 2. under live_first, fresh chunks take up to half of the batch
+            if live and live_start is not None and len(texts) < max_records and live_pos < high:
+                half = max((max_records - len(texts)) // 2, 1)
+                goal = len(texts) + half
+                rows = conn.execute(
+                    f"SELECT {_CHUNK_COLS} FROM chunks WHERE seq_first > ? AND seq_first <= ? "
+                    "AND (pending & ?) != 0 ORDER BY seq_first",
+                    (live_pos, high, bit),
+                )
+                for row in rows:
+                    if row[0] in taken:
+                        live_pos = row[1]
+                        continue
+                    if len(texts) >= goal or not take_whole(row, goal - len(texts)):
+                        more = True
+                        break
+                    taken.add(row[0])
+                    live_pos = row[1]
+                else:
+                    live_pos = high
+                rows.close()
             # 3. the ordered backlog (under live_first: up to where the catch-up began)
             upper = live_start if (live and live_start is not None) else high
             if pos < upper:
-                if len(out) < max_records and not (out and nbytes >= max_bytes):
-                    pos, rest = scan(pos, upper, max_records - len(out))
+                if len(texts) < max_records and not (texts and nbytes >= max_bytes):
+                    pos, rest = scan(pos, upper, max_records - len(texts))
                     more = more or rest
                 else:
                     more = True
         finally:
             conn.execute("COMMIT")
-        return self._records(out), nbytes, pos, prio_pos, live_pos, more
-
-    def _records(self, rows: list[tuple[Any, ...]]) -> list[Record]:
-        """Rows to records (in the reader thread, off the loop)."""
-        loads = orjson.loads
-        last_start = self._epoch_starts[-1]
-        prefix = self._epoch_ids[-1] + ":"
-        record_id = self.record_id
-        return [
-            Record(
-                prefix + str(seq) if seq >= last_start else record_id(seq),
-                seq,
-                device_id,
-                ts,
-                loads(metrics),
-                loads(tags) if tags else {},
-                priority,
-            )
-            for seq, _size, priority, device_id, ts, metrics, tags in rows
+        if not texts:
+            return [], 0, pos, prio_pos, live_pos, more, whole
+        docs = _parse_texts(texts)
+        records = [
+            Record(d["id"], seq, d["device_id"], d["ts"], d["metrics"], d.get("tags") or {}, p, t)
+            for d, seq, p, t in zip(docs, seqs, prios, texts, strict=True)
         ]
+        return records, nbytes, pos, prio_pos, live_pos, more, whole
 
     async def refresh_batch(self, batch: Batch) -> Batch:
         """``batch`` without the records that retention dropped since it was read.
@@ -1216,20 +1415,32 @@ class Outbox:
             return batch
         assert self._loop is not None and self._readers is not None
         bit = self._reads[batch.sink].bit
-        seqs = orjson.dumps([r.seq for r in batch.records]).decode()
+        lo = min(r.seq for r in batch.records)
+        hi = max(r.seq for r in batch.records)
 
-        def still_pending() -> set[int]:
-            rows = self._reader().execute(
-                f"SELECT seq FROM records WHERE seq IN ({_SEQS}) AND (pending & ?) != 0",
-                (seqs, bit),
+        def still_pending() -> list[tuple[int, int]]:
+            return (
+                self._reader()
+                .execute(
+                    "SELECT seq_first, seq_last FROM chunks WHERE seq_first > ? AND seq_first <= ? "
+                    "AND seq_last >= ? AND (pending & ?) != 0 ORDER BY seq_first",
+                    (lo - CHUNK_MAX, hi, lo, bit),
+                )
+                .fetchall()
             )
-            return {row[0] for row in rows}
 
-        keep = await self._loop.run_in_executor(self._readers, still_pending)
-        if len(keep) == len(batch.records):
+        ranges = await self._loop.run_in_executor(self._readers, still_pending)
+        starts = [first for first, _ in ranges]
+
+        def kept(seq: int) -> bool:
+            i = bisect.bisect_right(starts, seq) - 1
+            return i >= 0 and seq <= ranges[i][1]
+
+        records = [r for r in batch.records if kept(r.seq)]
+        if len(records) == len(batch.records):
             return batch
-        records = [r for r in batch.records if r.seq in keep]
         kept_bytes = batch.nbytes * len(records) // len(batch.records)
+        firsts = set(starts)
         return Batch(
             batch.sink,
             records,
@@ -1238,6 +1449,7 @@ class Outbox:
             batch.out_of_order,
             batch.more,
             batch.generation,
+            [c for c in batch.chunks if c in firsts],
         )
 
     def confirm(self, batch: Batch) -> asyncio.Future[None]:
@@ -1261,8 +1473,17 @@ class Outbox:
             # read and sent again, and confirmed then.
             fut.set_result(None)
             return fut
-        seqs = [r.seq for r in batch.records]
-        self._ops.append(_Op(kind, batch.sink, seqs, batch.cursor, error, fut))
+        self._ops.append(
+            _Op(
+                kind,
+                batch.sink,
+                batch.cursor,
+                batch.chunks,
+                list(batch.records) if kind == "dead_letter" else [],
+                error,
+                fut,
+            )
+        )
         self._request_commit()
         return fut
 
@@ -1288,6 +1509,70 @@ class Outbox:
             except TimeoutError:
                 return st.unread >= min_rows
         return True
+
+
+def _migrate_v1(conn: sqlite3.Connection, epochs: list[tuple[int, str]]) -> int:
+    """Schema 1 -> 2 (inside the open transaction): every ``records`` row becomes
+    a record of a chunk, with its sequence, record id, sinks and priority; the
+    ``records`` table is dropped. Returns the stored bytes, recounted.
+
+    One pass in sequence order, 10,000 rows at a time; done once, at the first
+    start of an edgeway with chunks (about a second per million rows here)."""
+    starts = [e[0] for e in epochs]
+    ids = [e[1] for e in epochs]
+
+    def record_id(seq: int) -> str:
+        i = bisect.bisect_right(starts, seq) - 1
+        return f"{ids[max(i, 0)]}:{seq}"
+
+    rows_out: list[tuple[Any, ...]] = []
+    cur: list[Any] | None = None  # [first, last, pending, created, size, priority, texts, msgs]
+
+    def close() -> None:
+        if cur is not None:
+            msgs = cur[7]
+            rows_out.append(
+                (cur[0], cur[1], cur[2], cur[3], cur[4], cur[5], b"\n".join(cur[6]),
+                 orjson.dumps(msgs) if any(m is not None for m in msgs) else None)
+            )  # fmt: skip
+
+    after = 0
+    moved = 0
+    while True:
+        batch = conn.execute(
+            "SELECT seq, pending, created, priority, device_id, ts, metrics, tags, msg_id "
+            "FROM records WHERE seq > ? ORDER BY seq LIMIT 10000",
+            (after,),
+        ).fetchall()
+        if not batch:
+            break
+        for seq, pending, created, prio, device_id, ts, metrics, tags, msg_id in batch:
+            text = text_from_columns(record_id(seq), device_id, ts, metrics, tags, prio)
+            size = len(text) - len(str(seq)) + RECORD_OVERHEAD
+            if (
+                cur is None
+                or seq != cur[1] + 1
+                or pending != cur[2]
+                or prio != cur[5]
+                or len(cur[6]) >= CHUNK_MAX
+            ):
+                close()
+                cur = [seq, seq, pending, created, 0, prio, [], []]
+            cur[1] = seq
+            cur[4] += size
+            cur[6].append(text)
+            cur[7].append(msg_id)
+        after = batch[-1][0]
+        moved += len(batch)
+        if len(rows_out) > 1000:
+            conn.executemany("INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?)", rows_out)
+            rows_out.clear()
+    close()
+    conn.executemany("INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?)", rows_out)
+    conn.execute("DROP TABLE records")
+    (total,) = conn.execute("SELECT coalesce(sum(size), 0) FROM chunks").fetchone()
+    log.info("outbox: moved %d stored records to schema 2 (chunks)", moved)
+    return int(total)
 
 
 def acquire_lock(db_path: Path) -> int:

@@ -46,7 +46,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
 from pydantic import ConfigDict
 
 from edgeway.config import Duration, SinkConfig
@@ -210,7 +209,6 @@ class AmqpSink(Sink):
 
         properties = aiormq.spec.Basic.Properties
 
-        dumps = orjson.dumps
         headers: dict[str, Any] = {"gateway_id": self.gateway_id}
         mandatory = self.options.mandatory
         exchange = self.options.exchange
@@ -225,7 +223,7 @@ class AmqpSink(Sink):
                         results = await asyncio.gather(
                             *(
                                 publish(
-                                    dumps(r.to_json_obj()),
+                                    r.to_json_bytes(),
                                     exchange=exchange,
                                     routing_key=self.routing_key_for(r.device_id),
                                     properties=properties(

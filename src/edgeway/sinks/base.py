@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgeway.config import Duration, SinkConfig, Size
@@ -57,20 +58,39 @@ class Record:
     metrics: dict[str, MetricValue]
     tags: dict[str, str] = field(default_factory=dict)
     priority: int = 0
+    json: bytes | None = field(default=None, compare=False, repr=False)
+    """The record's JSON object as stored by the outbox: exactly
+    ``orjson.dumps(self.to_json_obj())``, so a sink sends it as it is
+    (:meth:`to_json_bytes`). None for a record built elsewhere."""
+
+    def to_json_bytes(self) -> bytes:
+        """``orjson.dumps(self.to_json_obj())``, without the work when the
+        outbox already has the text."""
+        j = self.json
+        return j if j is not None else orjson.dumps(self.to_json_obj())
 
     def to_json_obj(self) -> dict[str, Any]:
         """The record as it appears in every JSON body a sink sends."""
-        obj: dict[str, Any] = {
-            "id": self.id,
-            "device_id": self.device_id,
-            "ts": self.ts,
-            "metrics": self.metrics,
-        }
-        if self.tags:
-            obj["tags"] = self.tags
-        if self.priority:
-            obj["priority"] = self.priority
-        return obj
+        return record_json_obj(
+            self.id, self.device_id, self.ts, self.metrics, self.tags, self.priority
+        )
+
+
+def record_json_obj(
+    record_id: str,
+    device_id: str,
+    ts: float,
+    metrics: dict[str, Any],
+    tags: dict[str, str] | None,
+    priority: int,
+) -> dict[str, Any]:
+    """A record's JSON object: ``tags`` and ``priority`` only when set."""
+    obj: dict[str, Any] = {"id": record_id, "device_id": device_id, "ts": ts, "metrics": metrics}
+    if tags:
+        obj["tags"] = tags
+    if priority:
+        obj["priority"] = priority
+    return obj
 
 
 class SinkError(Exception):

@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar, Literal
 
-import orjson
 from pydantic import Field
 
 from edgeway.config import Duration, SinkConfig, Size
@@ -163,7 +162,7 @@ class FileSink(Sink):
     async def send_batch(self, records: Sequence[Record]) -> None:
         if not records:
             return
-        data = b"".join(orjson.dumps(r.to_json_obj()) + b"\n" for r in records)
+        data = b"".join([r.to_json_bytes() + b"\n" for r in records])
         try:
             await asyncio.to_thread(self._write, data)
         except OSError as e:

@@ -518,7 +518,7 @@ class MqttSink(Sink):
         dumps = orjson.dumps
         limit = self.max_message_bytes
         if self.mode == "record":
-            out = [(self._topic(r.device_id), dumps(r.to_json_obj())) for r in records]
+            out = [(self._topic(r.device_id), r.to_json_bytes()) for r in records]
             for _, payload in out:
                 if len(payload) > limit:
                     raise PermanentSinkError(
@@ -527,7 +527,7 @@ class MqttSink(Sink):
             return out
         by_device: dict[str, list[bytes]] = {}
         for r in records:
-            by_device.setdefault(r.device_id, []).append(dumps(r.to_json_obj()))
+            by_device.setdefault(r.device_id, []).append(r.to_json_bytes())
         head = b'{"gateway_id":' + dumps(self.gateway_id) + b',"records":['
         messages: list[tuple[bytes, bytes]] = []
         for device_id, items in by_device.items():

@@ -45,7 +45,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
 from pydantic import ConfigDict, Field
 
 from edgeway.config import Duration, SinkConfig
@@ -252,7 +251,6 @@ class NatsSink(Sink):
         from nats.errors import MaxPayloadError
 
         headers_stream = self.options.stream
-        dumps = orjson.dumps
         try:
             async with self._lock:
                 js = await self._ensure_connected()
@@ -264,7 +262,7 @@ class NatsSink(Sink):
                             pending.append(
                                 await js.publish_async(
                                     self.subject_for(r.device_id),
-                                    dumps(r.to_json_obj()),
+                                    r.to_json_bytes(),
                                     stream=headers_stream,
                                     headers={"Nats-Msg-Id": r.id},
                                 )
