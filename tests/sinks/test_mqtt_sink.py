@@ -643,3 +643,112 @@ async def test_broker_maximum_packet_size_is_respected(tmp_path: Path) -> None:
     finally:
         await sink.close()
         broker.kill()
+
+
+class ScriptedBroker:
+    """A minimal MQTT server speaking raw bytes: CONNACK, then PUBACKs for
+    the PUBLISHes it reads, written in awkward pieces (one byte, a packet and
+    a half, PINGRESPs in between), with chosen reason codes. Mosquitto cannot
+    be made to split its PUBACKs like this; the sink's bulk PUBACK reader
+    must cope with any split (see ``_bulk_pubacks``)."""
+
+    def __init__(self, v5: bool, puback: Any, split: bool = True) -> None:
+        self.v5 = v5
+        self.split = split
+        self.puback = puback  # (index, packet id) -> PUBACK packet bytes
+        self.server: asyncio.Server | None = None
+        self.received = 0
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _packet(self, r: asyncio.StreamReader) -> tuple[int, bytes]:
+        first = (await r.readexactly(1))[0]
+        n, mult = 0, 1
+        while True:
+            b = (await r.readexactly(1))[0]
+            n += (b & 0x7F) * mult
+            mult *= 128
+            if not b & 0x80:
+                break
+        return first, await r.readexactly(n)
+
+    async def _client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        sock = w.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            kind, _ = await self._packet(r)
+            assert kind == 0x10
+            w.write(b"\x20\x03\x00\x00\x00" if self.v5 else b"\x20\x02\x00\x00")
+            out = bytearray()
+            while True:
+                kind, body = await self._packet(r)
+                if kind >> 4 != 3:
+                    continue
+                tlen = int.from_bytes(body[:2], "big")
+                mid = int.from_bytes(body[2 + tlen : 4 + tlen], "big")
+                out += self.puback(self.received, mid)
+                self.received += 1
+                if self.received % 7 == 0:
+                    out += b"\xd0\x00"  # PINGRESP between PUBACKs
+                # Flush in pieces of 1, 3, 5, 7, ... bytes: splits everywhere.
+                size = 1 + 2 * (self.received % 4)
+                while self.split and len(out) >= size:
+                    w.write(bytes(out[:size]))
+                    del out[:size]
+                    await w.drain()
+                if out and r._buffer == b"":  # type: ignore[attr-defined]
+                    await asyncio.sleep(0.001)
+                    w.write(bytes(out))
+                    out.clear()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+
+@pytest.mark.parametrize("v5", [True, False])
+async def test_pubacks_split_anywhere_are_all_counted(v5: bool) -> None:
+    def puback(i: int, mid: int) -> bytes:
+        m = mid.to_bytes(2, "big")
+        if not v5 or i % 3 == 0:
+            return b"\x40\x02" + m
+        if i % 3 == 1:
+            return b"\x40\x03" + m + b"\x10"  # success: no matching subscribers
+        return b"\x40\x04" + m + b"\x00\x00"  # success, empty properties
+
+    broker = ScriptedBroker(v5, puback)
+    port = await broker.start()
+    sink = make_sink(port, protocol="5" if v5 else "3.1.1", max_inflight=50)
+    try:
+        for k in range(4):
+            await asyncio.wait_for(sink.send_batch(records(120, k * 120)), 10)
+        assert broker.received == 480
+    finally:
+        await sink.close()
+        await broker.close()
+
+
+async def test_a_refusal_among_split_pubacks_is_reported() -> None:
+    def puback(i: int, mid: int) -> bytes:
+        code = b"\x87" if i == 61 else b"\x10"  # 0x87 not authorized
+        return b"\x40\x03" + mid.to_bytes(2, "big") + code
+
+    # Whole runs of PUBACKs per write: the refusal is read by the bulk path.
+    broker = ScriptedBroker(True, puback, split=False)
+    port = await broker.start()
+    sink = make_sink(port, max_inflight=50)
+    try:
+        await asyncio.wait_for(sink.send_batch(records(50)), 10)
+        with pytest.raises(PermanentSinkError, match="broker refused 1 of 50 messages: 0x87"):
+            await asyncio.wait_for(sink.send_batch(records(50, 50)), 10)
+        await asyncio.wait_for(sink.send_batch(records(50, 100)), 10)
+    finally:
+        await sink.close()
+        await broker.close()

@@ -228,6 +228,13 @@ class _AckWindow(_GmqttStorage):  # type: ignore[misc]
         if w is not None and len(self.inflight) <= self._wake_at and not w.done():
             w.set_result(None)
 
+    def ack_many(self, mids: Sequence[int]) -> None:
+        """Successful PUBACKs for ``mids`` (one read's worth, see :func:`_bulk_pubacks`)."""
+        self.inflight.difference_update(mids)
+        w = self._waiter
+        if w is not None and len(self.inflight) <= self._wake_at and not w.done():
+            w.set_result(None)
+
     def clear(self) -> None:
         # Called on a CONNACK without a session: nothing of ours is in flight then.
         if self.inflight:
@@ -620,6 +627,7 @@ class MqttSink(Sink):
             self.client_id,
             limit,
         )
+        _bulk_pubacks(client, window)
         return _Connection(
             client,
             window,
@@ -702,6 +710,130 @@ class MqttSink(Sink):
         if conn is not None:
             await conn.close()
         self.state.connected = False
+
+
+_PUBACK_RUN = 16384
+_PUBACK_TYPES = b"\x40" * _PUBACK_RUN
+_PUBACK_LENGTHS = {2: b"\x02" * _PUBACK_RUN, 3: b"\x03" * _PUBACK_RUN}
+_PUBACK_IDS = {2: struct.Struct(">2xH"), 3: struct.Struct(">2xHx")}
+
+
+def _bulk_pubacks(client: Any, window: _AckWindow) -> None:
+    """Acknowledge runs of PUBACKs in bulk, before gmqtt parses packets.
+
+    At full rate most reads from the broker are nothing but PUBACKs: ``40 02
+    <id>`` (v3.1.1, or v5 success without reason code) or ``40 03 <id> <rc>``
+    (v5 with a reason code, which Mosquitto always sends: 0x10 "no matching
+    subscribers" is a success too). gmqtt turns every one into a Package,
+    routes it through its connection and handler and calls a per-type method:
+    several microseconds per PUBACK, the largest CPU cost of this sink
+    (bench/sinks_bench.py profile). This wraps the connected protocol's packet
+    parser and its data_received: each run of same-size PUBACKs is checked
+    with slice compares and acknowledged with one set operation; refusals
+    (reason code 0x80 and up) are collected as before. Any other packet
+    (PINGRESP, DISCONNECT, a PUBACK with properties) goes to gmqtt's parser
+    on its own, in order. tests/sinks/test_mqtt_sink.py splits PUBACKs at
+    every byte offset against this.
+    """
+    conn: Any = getattr(client, "_connection", None)
+    proto: Any = getattr(conn, "_protocol", None)
+    parse = getattr(proto, "_read_packet", None)
+    if conn is None or proto is None or parse is None:
+        logger.warning("gmqtt internals changed: PUBACKs are parsed one by one")
+        return
+    ack_many = window.ack_many
+    refused = window.refused
+    monotonic = time.monotonic
+
+    def run_length(data: bytes, length: int, stride: int, k: int) -> int:
+        """How many of the first ``k`` packets are PUBACKs of this size."""
+        if (
+            data[0 : stride * k : stride] == _PUBACK_TYPES[:k]
+            and data[1 : stride * k : stride] == _PUBACK_LENGTHS[length][:k]
+        ):
+            return k
+        run = 0
+        while run < k and data[stride * run] == 0x40 and data[stride * run + 1] == length:
+            run += 1
+        return run
+
+    def take(data: bytes) -> int:
+        """Acknowledge the leading run of PUBACKs in ``data``; bytes used."""
+        if len(data) < 4 or data[0] != 0x40 or data[1] not in (2, 3):
+            return 0
+        length = data[1]
+        stride = length + 2
+        run = run_length(data, length, stride, min(len(data) // stride, _PUBACK_RUN))
+        if run == 0:
+            return 0
+        end = stride * run
+        conn._last_data_in = monotonic()  # gmqtt's keepalive bookkeeping
+        if length == 3:
+            codes = data[4:end:stride]
+            if max(codes) >= 0x80:
+                refused.extend(c for c in codes if c >= 0x80)
+        ack_many([m for (m,) in _PUBACK_IDS[length].iter_unpack(data[:end])])
+        return end
+
+    def consume(data: bytes) -> int:
+        """Handle every complete packet in ``data``: PUBACK runs here, any
+        other packet one at a time through gmqtt's parser, in order. Returns
+        the bytes used (less than ``len(data)`` when a packet is incomplete;
+        -1 when gmqtt found a malformed length)."""
+        pos, size = 0, len(data)
+        while pos < size:
+            used = take(data[pos:] if pos else data)
+            if used:
+                pos += used
+                continue
+            # One packet of another kind: its length, then gmqtt parses it.
+            i, length, mult = pos + 1, 0, 1
+            while True:
+                if i >= size:
+                    return pos
+                b = data[i]
+                length += (b & 0x7F) * mult
+                i += 1
+                if not b & 0x80:
+                    break
+                mult *= 128
+                if mult > 128**3:
+                    return pos if pos else int(parse(data))
+            if i + length > size:
+                return pos
+            parse(data[pos : i + length])
+            pos = i + length
+        return pos
+
+    # gmqtt reads through an asyncio StreamReader and a reader task: each
+    # segment from the socket costs a feed, a task wake-up and a read before
+    # any packet is parsed, and the broker sends a few PUBACKs per segment.
+    # So packets are handled as they arrive, in data_received, when gmqtt
+    # holds nothing unparsed (no buffered bytes, no partial packet in its read
+    # loop); an incomplete packet at the end is fed to gmqtt's reader, whose
+    # loop then calls read_packet below with it and what follows.
+    reader = getattr(proto, "_stream_reader", None)
+    feed = proto.data_received
+    tail = False
+    """gmqtt's read loop holds a partial packet (it did not parse all it read)."""
+
+    def read_packet(data: bytes) -> int:
+        nonlocal tail
+        used = consume(data)
+        tail = 0 <= used < len(data)
+        return used
+
+    def data_received(data: bytes) -> None:
+        if not tail and reader is not None and not reader._buffer:
+            used = consume(data)
+            if used == len(data):
+                return
+            if used > 0:
+                data = data[used:]
+        feed(data)
+
+    proto._read_packet = read_packet
+    proto.data_received = data_received
 
 
 def _take_over_pubacks(client: Any, window: _AckWindow) -> None:
