@@ -281,11 +281,14 @@ def wait_tcp(port: int, limit: float) -> None:
 class Edgeway:
     """``edgeway run`` as a child process, ready when /healthz says so."""
 
-    def __init__(self, workdir: Path, sink: str | None) -> None:
+    def __init__(self, workdir: Path, sink: str | None, data_dir: Path | None = None) -> None:
+        """``data_dir``: start on that existing data (a restart); default: a fresh one."""
         self.port = free_port()
         self.admin = free_port()
-        data = workdir / f"edgeway-{self.port}"
-        shutil.rmtree(data, ignore_errors=True)
+        data = data_dir or workdir / f"edgeway-{self.port}"
+        if data_dir is None:
+            shutil.rmtree(data, ignore_errors=True)
+        self.data_dir = data
         args = [
             sys.executable, "-m", "edgeway", "run", "--data-dir", str(data),
             "--mqtt-listen", f"127.0.0.1:{self.port}", "--admin-listen", f"127.0.0.1:{self.admin}",
