@@ -384,7 +384,7 @@ def test_documented_config_is_valid() -> None:
         create_sink(sink, "gw")
     sink.options.pop("tls")
     built = create_sink(sink, "gw")
-    assert isinstance(built, HttpSink) and built.max_batch_records == 500
+    assert isinstance(built, HttpSink) and built.max_batch_records == 2000
 
 
 def _make_pki(d: Path) -> dict[str, Path]:

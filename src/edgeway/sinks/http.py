@@ -6,7 +6,7 @@ Configuration::
       - name: cloud
         url: https://ingest.example.com/v1/telemetry
         options:
-          max_records: 500          # records per request
+          max_records: 2000         # records per request (max_bytes bounds the body too)
           max_bytes: 1MiB           # uncompressed body size per request (about)
           max_wait: 0s              # wait for a batch to fill; 0 = send what is there
           gzip: true                # Content-Encoding: gzip
@@ -91,9 +91,12 @@ class HttpTlsOptions(_Options):
 class HttpSinkOptions(BatchOptions):
     """``options:`` of an ``http://`` / ``https://`` sink."""
 
-    max_records: int = Field(default=500, ge=1, le=100_000)
-    """Records per request. 500 keeps a request at ~50 KB, a few ms on a LAN;
-    100,000 caps the memory of one batch (~10 MB of JSON)."""
+    max_records: int = Field(default=2000, ge=1, le=100_000)
+    """Records per request (at most; ``max_bytes`` bounds the body too). Full
+    batches happen only with a backlog; 2,000 (~250 KB of ~120-byte records)
+    delivered 10-20% more records/s than 500 at 6-17% less CPU per record
+    (bench/end_to_end.py fixed W1, alternating runs). 100,000 caps the memory
+    of one batch (~10 MB of JSON)."""
     max_bytes: Size = Field(default=1024 * 1024, ge=1024)
     """About the uncompressed body size per request. 1 MiB stays under common
     proxy/ingress body limits (nginx's default ``client_max_body_size`` is 1 MiB)."""
