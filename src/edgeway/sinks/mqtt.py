@@ -281,6 +281,21 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+_PUBLISH_HEADERS: dict[int, bytes] = {}
+"""QoS 1 PUBLISH fixed header (type byte and remaining length) by remaining
+length: records of one device are about the same size, so a batch needs a
+handful of them; bounded by clearing (see :func:`_publish_header`)."""
+
+
+def _publish_header(remaining: int) -> bytes:
+    h = _PUBLISH_HEADERS.get(remaining)
+    if h is None:
+        if len(_PUBLISH_HEADERS) >= 4096:
+            _PUBLISH_HEADERS.clear()
+        h = _PUBLISH_HEADERS[remaining] = b"\x32" + _varint(remaining)
+    return h
+
+
 class _Connection:
     """One network connection to the broker: a gmqtt client and its ack window.
 
@@ -333,8 +348,12 @@ class _Connection:
         low_water = limit // 2
         props = self._props
         pack_h = _H.pack
+        headers = _PUBLISH_HEADERS
+        fixed = 2 + len(props)  # packet id and properties
         mid = self._next_mid
         chunks: list[bytes] = []
+        append = chunks.append
+        add = inflight.add
         window.refused.clear()
         if self.max_packet_size is not None:
             # A broker disconnects a client that sends a larger packet
@@ -356,15 +375,12 @@ class _Connection:
             mid = mid % 65535 + 1
             while mid in inflight:
                 mid = mid % 65535 + 1
-            inflight.add(mid)
-            chunks.append(
-                b"\x32"
-                + _varint(len(topic) + 2 + len(props) + len(payload))
-                + topic
-                + pack_h(mid)
-                + props
-                + payload
-            )
+            add(mid)
+            remaining = len(topic) + fixed + len(payload)
+            append(headers.get(remaining) or _publish_header(remaining))
+            append(topic)
+            append(pack_h(mid) + props if props else pack_h(mid))
+            append(payload)
         self._next_mid = mid
         if chunks:
             self._write(chunks)
