@@ -72,7 +72,7 @@ import orjson
 from edgeway.config import OutboxSection
 from edgeway.ingest import IngestStatus
 from edgeway.reading import Reading
-from edgeway.sinks.base import Record, record_json_obj
+from edgeway.sinks.base import Record, record_json_obj, stored_records
 
 log = logging.getLogger(__name__)
 
@@ -1394,11 +1394,7 @@ class Outbox:
             conn.execute("COMMIT")
         if not texts:
             return [], 0, pos, prio_pos, live_pos, more, whole
-        docs = _parse_texts(texts)
-        records = [
-            Record(d["id"], seq, d["device_id"], d["ts"], d["metrics"], d.get("tags") or {}, p, t)
-            for d, seq, p, t in zip(docs, seqs, prios, texts, strict=True)
-        ]
+        records = stored_records(seqs, prios, texts)
         return records, nbytes, pos, prio_pos, live_pos, more, whole
 
     async def refresh_batch(self, batch: Batch) -> Batch:

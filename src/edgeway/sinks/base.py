@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -69,11 +69,70 @@ class Record:
         j = self.json
         return j if j is not None else orjson.dumps(self.to_json_obj())
 
+    if not TYPE_CHECKING:  # keeps mypy checking attribute names on Record
+
+        def __getattr__(self, name: str) -> Any:
+            # Reached only for an unset slot: ts, metrics and tags of a record
+            # that stored_records() built without parsing its text.
+            if name in _LAZY_FIELDS:
+                d = orjson.loads(self.json)
+                self.ts = d["ts"]
+                self.metrics = d["metrics"]
+                self.tags = d.get("tags") or {}
+                return getattr(self, name)
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def to_json_obj(self) -> dict[str, Any]:
         """The record as it appears in every JSON body a sink sends."""
         return record_json_obj(
             self.id, self.device_id, self.ts, self.metrics, self.tags, self.priority
         )
+
+
+_LAZY_FIELDS = frozenset(("ts", "metrics", "tags"))
+_ID_HEAD = b'{"id":"'
+_DEVICE_KEY = b'","device_id":"'
+
+
+def stored_records(
+    seqs: Sequence[int], priorities: Sequence[int], texts: Sequence[bytes]
+) -> list[Record]:
+    """Records for the outbox's stored texts, parsed only as far as sinks need.
+
+    Most sinks send the stored text as it is and look at a record's id and
+    device id only (topic, routing key, idempotency key); parsing every text
+    and building full records cost the reader ~2 us per record, half of a
+    read. So id and device id are cut out of the text (it always starts
+    ``{"id":"...","device_id":"...",``: see :func:`record_json_obj`), and
+    ``ts``, ``metrics`` and ``tags`` are parsed from it on first use. A text
+    with an escape in those two strings is parsed whole.
+    """
+    new = object.__new__
+    out: list[Record] = []
+    append = out.append
+    for seq, prio, text in zip(seqs, priorities, texts, strict=True):
+        end = text.find(b'"', 7)
+        start = end + 15
+        stop = text.find(b'"', start)
+        if (
+            text.startswith(_ID_HEAD)
+            and text.startswith(_DEVICE_KEY, end)
+            and stop > 0
+            and b"\\" not in text[7:stop]
+        ):
+            r = new(Record)
+            r.id = text[7:end].decode()
+            r.seq = seq
+            r.device_id = text[start:stop].decode()
+            r.priority = prio
+            r.json = text
+        else:
+            d = orjson.loads(text)
+            r = Record(
+                d["id"], seq, d["device_id"], d["ts"], d["metrics"], d.get("tags") or {}, prio, text
+            )
+        append(r)
+    return out
 
 
 def record_json_obj(
