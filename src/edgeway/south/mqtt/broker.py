@@ -476,6 +476,11 @@ class Broker:
         self.route(Message(topic, payload, qos, retain, properties, expires_at, None))
         self.flush_writes_soon()
 
+    def has_subscribers(self, topic: str) -> bool:
+        """Whether a message on ``topic`` would be delivered to anyone now."""
+        m = self.tree.match(topic)
+        return bool(m.direct or m.shared)
+
     def route_publish(
         self,
         topic: str,

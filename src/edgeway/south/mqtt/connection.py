@@ -623,10 +623,20 @@ class MqttConnection(asyncio.Protocol):
             elif qos == 2:
                 self.send(PubRec(pid))  # type: ignore[arg-type]
             return
-        msg = Message(topic, p.payload, qos, p.retain, fwd, expires_at, self.client_id)
+        msg: Message | None
         if device_id is None:
+            msg = Message(topic, p.payload, qos, p.retain, fwd, expires_at, self.client_id)
             self._acks.append(_PendingAck(None, msg, pid, qos, 0))
             return
+        # Telemetry is routed (once stored) like any message, but usually
+        # nobody subscribes to it: then no Message is built and nothing is
+        # routed. Decided on arrival, as Mosquitto routes on arrival; a
+        # subscription made while the reading is being stored does not get it.
+        msg = (
+            Message(topic, p.payload, qos, p.retain, fwd, expires_at, self.client_id)
+            if p.retain or broker.has_subscribers(topic)
+            else None
+        )
         try:
             readings = decode_telemetry(
                 p.payload, device_id, topic, self.client_id, props.correlation_data, origin
@@ -1097,7 +1107,9 @@ class MqttConnection(asyncio.Protocol):
         session = self.session
         if session is not None:
             for e in self._acks:
-                if e.qos == 2 and e.msg is not None:
+                # Not yet routed or stored: a PUBLISH to route, or telemetry
+                # waiting for the outbox (which may have no Message to route).
+                if e.qos == 2 and (e.msg is not None or e.fut is not None):
                     session.in_qos2.discard(e.packet_id)  # type: ignore[arg-type]
         self._acks.clear()
 
