@@ -713,8 +713,9 @@ class ScriptedBroker:
             w.close()
 
 
+@pytest.mark.parametrize("window", [50, 200])  # 200: above _GATHER_MIN in flight
 @pytest.mark.parametrize("v5", [True, False])
-async def test_pubacks_split_anywhere_are_all_counted(v5: bool) -> None:
+async def test_pubacks_split_anywhere_are_all_counted(v5: bool, window: int) -> None:
     def puback(i: int, mid: int) -> bytes:
         m = mid.to_bytes(2, "big")
         if not v5 or i % 3 == 0:
@@ -725,7 +726,7 @@ async def test_pubacks_split_anywhere_are_all_counted(v5: bool) -> None:
 
     broker = ScriptedBroker(v5, puback)
     port = await broker.start()
-    sink = make_sink(port, protocol="5" if v5 else "3.1.1", max_inflight=50)
+    sink = make_sink(port, protocol="5" if v5 else "3.1.1", max_inflight=window)
     try:
         for k in range(4):
             await asyncio.wait_for(sink.send_batch(records(120, k * 120)), 10)

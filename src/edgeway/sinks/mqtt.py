@@ -733,6 +733,14 @@ class MqttSink(Sink):
         self.state.connected = False
 
 
+_GATHER_MIN = 64
+"""Unacknowledged publishes from which reads pause to gather PUBACKs (below
+it, as at low rates, every PUBACK is read at once: no added latency)."""
+_GATHER_DELAY = 0.001
+"""The pause (seconds). With a 1,000-message window against Mosquitto here,
+CPU per record of the sink alone fell from 0.0056-0.0084 to 0.0019-0.0029
+ms and its rate rose 10% (bench/sinks_bench.py, alternating runs); inside
+the gateway under full ingest load reads already gather (no change measured)."""
 _PUBACK_RUN = 16384
 _PUBACK_TYPES = b"\x40" * _PUBACK_RUN
 _PUBACK_LENGTHS = {2: b"\x02" * _PUBACK_RUN, 3: b"\x03" * _PUBACK_RUN}
@@ -844,10 +852,36 @@ def _bulk_pubacks(client: Any, window: _AckWindow) -> None:
         tail = 0 <= used < len(data)
         return used
 
+    # A broker answers each PUBLISH at once, so with a full window the
+    # PUBACKs come a few per TCP segment and every segment costs a read and a
+    # callback. While many are due, reading pauses for a moment after each
+    # read so that the next one finds them gathered in the socket buffer.
+    loop = asyncio.get_running_loop()
+    inflight = window.inflight
+    paused = False
+
+    def resume() -> None:
+        nonlocal paused
+        paused = False
+        transport = proto._transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def gather_next_read() -> None:
+        nonlocal paused
+        if paused or len(inflight) < _GATHER_MIN:
+            return
+        transport = proto._transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+            paused = True
+            loop.call_later(_GATHER_DELAY, resume)
+
     def data_received(data: bytes) -> None:
         if not tail and reader is not None and not reader._buffer:
             used = consume(data)
             if used == len(data):
+                gather_next_read()
                 return
             if used > 0:
                 data = data[used:]
