@@ -25,6 +25,7 @@ import abc
 import asyncio
 import importlib
 import logging
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -90,8 +91,9 @@ class Record:
 
 
 _LAZY_FIELDS = frozenset(("ts", "metrics", "tags"))
-_ID_HEAD = b'{"id":"'
-_DEVICE_KEY = b'","device_id":"'
+_HEAD = re.compile(rb'\{"id":"([^"\\]*)","device_id":"([^"\\]*)"')
+"""The start of every stored text (see :func:`record_json_obj`), when neither
+string holds an escape."""
 
 
 def stored_records(
@@ -102,28 +104,22 @@ def stored_records(
     Most sinks send the stored text as it is and look at a record's id and
     device id only (topic, routing key, idempotency key); parsing every text
     and building full records cost the reader ~2 us per record, half of a
-    read. So id and device id are cut out of the text (it always starts
-    ``{"id":"...","device_id":"...",``: see :func:`record_json_obj`), and
-    ``ts``, ``metrics`` and ``tags`` are parsed from it on first use. A text
-    with an escape in those two strings is parsed whole.
+    read. So id and device id are cut out of the text with one regular
+    expression match, and ``ts``, ``metrics`` and ``tags`` are parsed from it
+    on first use. A text with an escape in those two strings is parsed whole.
     """
     new = object.__new__
+    head = _HEAD.match
     out: list[Record] = []
     append = out.append
     for seq, prio, text in zip(seqs, priorities, texts, strict=True):
-        end = text.find(b'"', 7)
-        start = end + 15
-        stop = text.find(b'"', start)
-        if (
-            text.startswith(_ID_HEAD)
-            and text.startswith(_DEVICE_KEY, end)
-            and stop > 0
-            and b"\\" not in text[7:stop]
-        ):
+        m = head(text)
+        if m is not None:
+            rid, dev = m.groups()
             r = new(Record)
-            r.id = text[7:end].decode()
+            r.id = rid.decode()
             r.seq = seq
-            r.device_id = text[start:stop].decode()
+            r.device_id = dev.decode()
             r.priority = prio
             r.json = text
         else:
