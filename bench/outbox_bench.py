@@ -44,7 +44,7 @@ from typing import Any, Literal, cast
 
 from edgeway.config import OutboxSection, SinkConfig
 from edgeway.outbox import Outbox, SinkRunner
-from edgeway.outbox.store import _SCHEMA, CHUNK_MAX, RECORD_OVERHEAD, record_text
+from edgeway.outbox.store import _SCHEMA, INSERT_CHUNK, ChunkBuilder, record_size, record_text
 from edgeway.reading import Reading
 from edgeway.sinks.base import create_sink
 
@@ -120,19 +120,10 @@ async def bench_append(
 
 def _chunk_rows(first: int, texts: list[bytes], now: float) -> list[tuple[Any, ...]]:
     """Chunk rows (CHUNK_MAX records each) for consecutive records from ``first``."""
-    rows = []
-    for k in range(0, len(texts), CHUNK_MAX):
-        part = texts[k : k + CHUNK_MAX]
-        seq = first + k
-        size = sum(len(t) - len(str(seq + j)) + RECORD_OVERHEAD for j, t in enumerate(part))
-        rows.append((seq, seq + len(part) - 1, 1, now, size, 0, b"\n".join(part), None))
-    return rows
-
-
-_INSERT_CHUNK = (
-    "INSERT INTO chunks(seq_first, seq_last, pending, created, size, priority, data, msg_ids) "
-    "VALUES (?,?,?,?,?,?,?,?)"
-)
+    builder = ChunkBuilder()
+    sizes = [record_size(t, first + k) for k, t in enumerate(texts)]
+    builder.add(first, texts, sizes, None, 1, 0, now)
+    return builder.rows()
 
 
 def bench_raw(path: Path, rows: int, per_commit: int, durability: Durability) -> dict[str, Any]:
@@ -150,7 +141,7 @@ def bench_raw(path: Path, rows: int, per_commit: int, durability: Durability) ->
             r = _reading(i)
             texts.append(record_text(r, f"bench:{i + 1}"))
         conn.execute("BEGIN")
-        conn.executemany(_INSERT_CHUNK, _chunk_rows(start + 1, texts, now))
+        conn.executemany(INSERT_CHUNK, _chunk_rows(start + 1, texts, now))
         conn.execute("COMMIT")
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
     conn.close()
@@ -209,7 +200,7 @@ def _build_backlog(path: Path, rows: int) -> float:
         ]
         chunk_rows = _chunk_rows(start + 1, texts, 1.7e9)
         total += sum(r[4] for r in chunk_rows)
-        conn.executemany(_INSERT_CHUNK, chunk_rows)
+        conn.executemany(INSERT_CHUNK, chunk_rows)
     conn.execute("UPDATE sinks SET accepted = ? WHERE name = 's'", (rows,))
     conn.execute(
         "INSERT OR REPLACE INTO meta VALUES ('next_seq', ?), ('total_bytes', ?)",

@@ -17,11 +17,10 @@ its counters and cursors in memory.
 from __future__ import annotations
 
 import argparse
-import bisect
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,11 @@ from typing import Any
 import orjson
 
 from edgeway.outbox.store import (
-    CHUNK_MAX,
-    RECORD_OVERHEAD,
+    INSERT_CHUNK,
+    ChunkBuilder,
     acquire_lock,
+    record_ids,
+    record_size,
     release_lock,
     text_from_columns,
 )
@@ -76,15 +77,10 @@ def _open(db_path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _id_of(conn: sqlite3.Connection) -> Any:
-    epochs = conn.execute("SELECT from_seq, gateway_id FROM epochs ORDER BY from_seq").fetchall()
-    starts = [e[0] for e in epochs]
-
-    def record_id(seq: int) -> str:
-        i = max(bisect.bisect_right(starts, seq) - 1, 0)
-        return f"{epochs[i][1] if epochs else '?'}:{seq}"
-
-    return record_id
+def _id_of(conn: sqlite3.Connection) -> Callable[[int], str]:
+    return record_ids(
+        conn.execute("SELECT from_seq, gateway_id FROM epochs ORDER BY from_seq").fetchall()
+    )
 
 
 def _where(sink: str | None, ids: Sequence[int] | None) -> tuple[str, list[Any]]:
@@ -166,61 +162,35 @@ def _replay(conn: sqlite3.Connection, sink: str | None, ids: Sequence[int] | Non
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         next_seq = int(meta.get("next_seq", 1))
         now = time.time()
-        per_sink: dict[str, list[tuple[int, bytes, str | None]]] = {}
+        # New chunks at the end of the queue, each for its sink only.
+        builder = ChunkBuilder()
+        seq = next_seq
+        accepted: dict[str, int] = {}
         done: list[int] = []
-        for dl_id, name, seq, prio, dev, ts, metrics, tags, msg_id, rec_id in rows:
+        for dl_id, name, old_seq, prio, dev, ts, metrics, tags, msg_id, rec_id in rows:
             if name not in bits:
                 continue
-            text = text_from_columns(rec_id or record_id(seq), dev, ts, metrics, tags, prio)
-            per_sink.setdefault(name, []).append((prio, text, msg_id))
+            text = text_from_columns(rec_id or record_id(old_seq), dev, ts, metrics, tags, prio)
+            builder.add(seq, [text], [record_size(text, seq)], [msg_id], bits[name], prio, now)
+            seq += 1
+            accepted[name] = accepted.get(name, 0) + 1
             done.append(dl_id)
-        added_bytes = 0
-        for name, items in per_sink.items():
-            # New chunks at the end of the queue, for this sink only: runs of
-            # equal priority, CHUNK_MAX records at most.
-            i = 0
-            while i < len(items):
-                prio = items[i][0]
-                j = i
-                while j < len(items) and j - i < CHUNK_MAX and items[j][0] == prio:
-                    j += 1
-                part = items[i:j]
-                first = next_seq
-                size = sum(
-                    len(t) - len(str(first + k)) + RECORD_OVERHEAD
-                    for k, (_, t, _) in enumerate(part)
-                )
-                msgs = [m for _, _, m in part]
-                conn.execute(
-                    "INSERT INTO chunks(seq_first, seq_last, pending, created, size, priority, "
-                    "data, msg_ids) VALUES (?,?,?,?,?,?,?,?)",
-                    (
-                        first,
-                        first + len(part) - 1,
-                        bits[name],
-                        now,
-                        size,
-                        prio,
-                        b"\n".join(t for _, t, _ in part),
-                        orjson.dumps(msgs) if any(m is not None for m in msgs) else None,
-                    ),
-                )
-                next_seq += len(part)
-                added_bytes += size
-                i = j
-            conn.execute(
-                "UPDATE sinks SET accepted = accepted + ? WHERE name = ?", (len(items), name)
-            )
+        chunk_rows = builder.rows()
+        conn.executemany(INSERT_CHUNK, chunk_rows)
+        conn.executemany(
+            "UPDATE sinks SET accepted = accepted + ? WHERE name = ?",
+            [(n, name) for name, n in accepted.items()],
+        )
         conn.execute(
             "INSERT OR REPLACE INTO meta(key, value) VALUES ('next_seq', ?), ('total_bytes', ?)",
-            (next_seq, int(meta.get("total_bytes", 0)) + added_bytes),
+            (seq, int(meta.get("total_bytes", 0)) + sum(r[4] for r in chunk_rows)),
         )
         conn.executemany("DELETE FROM deadletter WHERE id = ?", [(i,) for i in done])
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    return sum(len(v) for v in per_sink.values())
+    return sum(accepted.values())
 
 
 def purge_dead_letters(

@@ -55,6 +55,7 @@ import asyncio
 import bisect
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import queue
@@ -201,6 +202,96 @@ def stored_size(r: Reading, gateway_id: str) -> int:
     return len(record_text(r, gateway_id + ":")) + RECORD_OVERHEAD
 
 
+def record_size(text: bytes, seq: int) -> int:
+    """Bytes the stored ``text`` of record ``seq`` counts for ``max_bytes``."""
+    return len(text) - len(str(seq)) + RECORD_OVERHEAD
+
+
+def record_ids(epochs: Sequence[tuple[int, str]]) -> Callable[[int], str]:
+    """seq -> record id, for the gateway ids in ``epochs`` ((from_seq, id), ascending)."""
+    starts = [e[0] for e in epochs]
+
+    def record_id(seq: int) -> str:
+        i = max(bisect.bisect_right(starts, seq) - 1, 0)
+        return f"{epochs[i][1] if epochs else '?'}:{seq}"
+
+    return record_id
+
+
+INSERT_CHUNK = (
+    "INSERT INTO chunks(seq_first, seq_last, pending, created, size, priority, data, msg_ids) "
+    "VALUES (?,?,?,?,?,?,?,?)"
+)
+
+
+class ChunkBuilder:
+    """Chunk rows from records added in sequence order: the group commit, the
+    schema-1 migration and the dead-letter replay all store records this way.
+
+    Records join the open chunk while they follow it with the same sinks and
+    priority and it holds fewer than ``chunk_max``; otherwise a new one opens.
+    """
+
+    __slots__ = ("_chunks", "chunk_max")
+
+    def __init__(self, chunk_max: int = CHUNK_MAX) -> None:
+        self.chunk_max = chunk_max
+        # [seq_first, seq_last, pending, created, size, priority, texts, msg_ids or None]
+        self._chunks: list[list[Any]] = []
+
+    def add(
+        self,
+        first: int,
+        texts: Sequence[bytes],
+        sizes: Sequence[int],
+        msg_ids: Sequence[str | None] | None,
+        pending: int,
+        priority: int,
+        created: float,
+    ) -> None:
+        """Records ``first``, ``first + 1``, ... with these texts, sizes and
+        device message ids (None: none has one), all for the same sinks."""
+        i, n = 0, len(texts)
+        chunk_max = self.chunk_max
+        chunks = self._chunks
+        cur = chunks[-1] if chunks else None
+        while i < n:
+            seq = first + i
+            if (
+                cur is None
+                or cur[1] + 1 != seq
+                or cur[2] != pending
+                or cur[5] != priority
+                or len(cur[6]) >= chunk_max
+            ):
+                cur = [seq, seq - 1, pending, created, 0, priority, [], None]
+                chunks.append(cur)
+            take = min(n - i, chunk_max - len(cur[6]))
+            had = len(cur[6])
+            cur[6].extend(texts[i : i + take])
+            cur[1] += take
+            cur[4] += sum(sizes[i : i + take])
+            if msg_ids is not None:
+                if cur[7] is None:
+                    cur[7] = [None] * had
+                cur[7].extend(msg_ids[i : i + take])
+            elif cur[7] is not None:
+                cur[7].extend([None] * take)
+            i += take
+
+    def rows(self, *, keep_open: bool = False) -> list[tuple[Any, ...]]:
+        """The chunks as ``chunks`` rows (for :data:`INSERT_CHUNK`), taken out
+        of the builder; ``keep_open`` keeps the last one to go on filling."""
+        done = self._chunks[:-1] if keep_open else self._chunks
+        self._chunks = self._chunks[-1:] if keep_open and self._chunks else []
+        dumps = orjson.dumps
+        return [
+            (first, last, pending, created, size, prio, b"\n".join(texts),
+             dumps(msgs) if msgs is not None and any(m is not None for m in msgs) else None)
+            for first, last, pending, created, size, prio, texts, msgs in done
+        ]  # fmt: skip
+
+
 def _parse_texts(texts: Sequence[bytes]) -> list[dict[str, Any]]:
     """Record texts to dicts in one orjson call (JSON objects joined by commas
     are an array's elements)."""
@@ -287,7 +378,6 @@ class _JobResult:
     statuses: list[IngestStatus] = field(default_factory=list)
     confirmed: list[Confirmed] = field(default_factory=list)
     new_rows: dict[str, int] = field(default_factory=dict)
-    cursors: dict[str, int] = field(default_factory=dict)
     high_seq: int = 0
     counters: dict[str, dict[str, int]] = field(default_factory=dict)
     total_bytes: int = 0
@@ -356,17 +446,13 @@ class _Writer:
         self.next_seq = next_seq
         self.total_bytes = total_bytes
         self.unrouted = unrouted
-        self.epoch_starts = [e[0] for e in epochs]
-        self.epoch_ids = [e[1] for e in epochs]
+        self.id_prefix = epochs[-1][1] + ":"
+        """Record ids of new readings: this gateway id, a colon, the sequence."""
         self.chunk_max = chunk_max
         self.last_age_check = 0.0
         self.drops_unlogged: dict[tuple[str, str], int] = {}
         self.last_drop_log: dict[tuple[str, str], float] = {}
         self.commits = 0
-
-    def record_id(self, seq: int) -> str:
-        i = bisect.bisect_right(self.epoch_starts, seq) - 1
-        return f"{self.epoch_ids[max(i, 0)]}:{seq}"
 
     # -- the group commit ---------------------------------------------------
 
@@ -438,11 +524,8 @@ class _Writer:
         seq = self.next_seq
         total = self.total_bytes
         dumps = orjson.dumps
-        prefix = self.epoch_ids[-1] + ":"
-        chunk_max = self.chunk_max
-        # Open chunk: [seq_first, texts, msg_ids by index (or None), size, mask, priority]
-        chunks: list[list[Any]] = []
-        cur: list[Any] | None = None
+        prefix = self.id_prefix
+        builder = ChunkBuilder(self.chunk_max)
         per_mask: dict[int, int] = {}
         for sub in submits:
             mask = sub.mask
@@ -450,43 +533,29 @@ class _Writer:
             texts: list[bytes] = []
             sizes: list[int] = []
             runs: list[tuple[int, int]] = []  # (start index, priority) where priority changes
-            msgs: dict[int, str] | None = None
+            msgs: list[str | None] | None = None
             last_prio = -1
-            # This loop runs once per reading on the hot path, with the GIL.
+            # This loop runs once per reading on the hot path, with the GIL:
+            # the usual reading (no tags, no priority) skips record_json_obj.
             for r in sub.readings:
                 sid = str(seq)
                 prio = r.priority
                 if r.tags or prio:
-                    obj: dict[str, Any] = {
-                        "id": prefix + sid,
-                        "device_id": r.device_id,
-                        "ts": r.ts,
-                        "metrics": r.metrics,
-                    }
-                    if r.tags:
-                        obj["tags"] = r.tags
-                    if prio:
-                        obj["priority"] = prio
-                    text = dumps(obj)
+                    obj = record_json_obj(prefix + sid, r.device_id, r.ts, r.metrics, r.tags, prio)
                 else:
-                    text = dumps(
-                        {
-                            "id": prefix + sid,
-                            "device_id": r.device_id,
-                            "ts": r.ts,
-                            "metrics": r.metrics,
-                        }
-                    )
+                    obj = {"id": prefix + sid, "device_id": r.device_id, "ts": r.ts,
+                           "metrics": r.metrics}  # fmt: skip
+                text = dumps(obj)
                 if prio != last_prio:
                     runs.append((len(texts), prio))
                     last_prio = prio
                 msg_id = r.origin.message_id
-                if msg_id is not None:
-                    if msgs is None:
-                        msgs = {}
-                    msgs[len(texts)] = msg_id
+                if msg_id is not None and msgs is None:
+                    msgs = [None] * len(texts)
+                if msgs is not None:
+                    msgs.append(msg_id)
                 texts.append(text)
-                sizes.append(len(text) - len(sid) + RECORD_OVERHEAD)
+                sizes.append(len(text) - len(sid) + RECORD_OVERHEAD)  # record_size, inlined
                 seq += 1
             n = len(texts)
             nbytes = sum(sizes)
@@ -500,43 +569,23 @@ class _Writer:
             res.statuses.append(IngestStatus.ACCEPTED)
             total += nbytes
             per_mask[mask] = per_mask.get(mask, 0) + n
-            runs.append((n, -1))
-            for k in range(len(runs) - 1):
-                start, prio = runs[k]
-                end = runs[k + 1][0]
-                i = start
-                while i < end:
-                    if cur is None or cur[4] != mask or cur[5] != prio or len(cur[1]) >= chunk_max:
-                        cur = [first + i, [], None, 0, mask, prio]
-                        chunks.append(cur)
-                    take = min(end - i, chunk_max - len(cur[1]))
-                    base = len(cur[1])
-                    cur[1].extend(texts[i : i + take])
-                    cur[3] += sum(sizes[i : i + take])
-                    if msgs is not None:
-                        for j in range(i, i + take):
-                            m = msgs.get(j)
-                            if m is not None:
-                                if cur[2] is None:
-                                    cur[2] = {}
-                                cur[2][base + j - i] = m
-                    i += take
+            if len(runs) == 1:
+                builder.add(first, texts, sizes, msgs, mask, runs[0][1], now)
+            else:
+                runs.append((n, -1))
+                for (start, prio), (end, _) in itertools.pairwise(runs):
+                    builder.add(
+                        first + start,
+                        texts[start:end],
+                        sizes[start:end],
+                        msgs[start:end] if msgs is not None else None,
+                        mask,
+                        prio,
+                        now,
+                    )
         if not per_mask:
             return
-        rows = []
-        for seq_first, texts, msg_map, size, mask, prio in chunks:
-            msg_blob = None
-            if msg_map is not None:
-                msg_blob = dumps([msg_map.get(i) for i in range(len(texts))])
-            rows.append(
-                (seq_first, seq_first + len(texts) - 1, mask, now, size, prio,
-                 b"\n".join(texts), msg_blob)
-            )  # fmt: skip
-        self.conn.executemany(
-            "INSERT INTO chunks(seq_first, seq_last, pending, created, size, priority, data, "
-            "msg_ids) VALUES (?,?,?,?,?,?,?,?)",
-            rows,
-        )
+        self.conn.executemany(INSERT_CHUNK, builder.rows())
         self.next_seq = seq
         self.total_bytes = total
         for mask, n in per_mask.items():
@@ -652,9 +701,7 @@ class _Writer:
                     if excess <= 0:
                         break
                     if size <= excess:
-                        conn.execute("DELETE FROM chunks WHERE seq_first = ?", (first,))
-                        self._count_drop(first, last, pending, "max_bytes")
-                        self.total_bytes -= size
+                        self._drop_chunk(first, last, pending, size, "max_bytes")
                         excess -= size
                     else:
                         excess -= self._trim(first, last, pending, size, excess)
@@ -671,9 +718,7 @@ class _Writer:
                 ).fetchall()
                 old = [row for row in rows if row[4] < cutoff]
                 for first, last, pending, size, _created in old:
-                    conn.execute("DELETE FROM chunks WHERE seq_first = ?", (first,))
-                    self._count_drop(first, last, pending, "max_age")
-                    self.total_bytes -= size
+                    self._drop_chunk(first, last, pending, size, "max_age")
                 if len(old) < len(rows) or not rows:
                     break
 
@@ -686,12 +731,10 @@ class _Writer:
         texts = data.split(b"\n")
         k = freed = 0
         while freed < excess and k < len(texts):
-            freed += len(texts[k]) - len(str(first + k)) + RECORD_OVERHEAD
+            freed += record_size(texts[k], first + k)
             k += 1
         if k == len(texts):  # the whole chunk has to go after all
-            self.conn.execute("DELETE FROM chunks WHERE seq_first = ?", (first,))
-            self._count_drop(first, last, pending, "max_bytes")
-            self.total_bytes -= size
+            self._drop_chunk(first, last, pending, size, "max_bytes")
             return size
         msgs = orjson.loads(msg_blob)[k:] if msg_blob else None
         self.conn.execute(
@@ -707,6 +750,11 @@ class _Writer:
         self._count_drop(first, first + k - 1, pending, "max_bytes")
         self.total_bytes -= freed
         return freed
+
+    def _drop_chunk(self, first: int, last: int, pending: int, size: int, reason: str) -> None:
+        self.conn.execute("DELETE FROM chunks WHERE seq_first = ?", (first,))
+        self._count_drop(first, last, pending, reason)
+        self.total_bytes -= size
 
     def _count_drop(self, first: int, last: int, pending: int, reason: str) -> None:
         """Count records ``first..last`` of a chunk with ``pending`` as dropped
@@ -804,8 +852,6 @@ class Outbox:
         self._reader_lock = threading.Lock()
         self._lock_fd: int | None = None
         self._age_timer: asyncio.TimerHandle | None = None
-        self._epoch_starts: list[int] = []
-        self._epoch_ids: list[str] = []
         self._age_due = False
         self._commit_waiters: list[asyncio.Future[None]] = []
         self.commits = 0
@@ -830,8 +876,6 @@ class Outbox:
             self._lock_fd = None
             raise
         self._writer = writer
-        self._epoch_starts = list(writer.epoch_starts)
-        self._epoch_ids = list(writer.epoch_ids)
         self._high_seq = writer.next_seq - 1
         self._total_bytes = writer.total_bytes
         self._counters = {n: _counter_dict(writer.counters[n]) for n in self.sink_names}
@@ -1092,11 +1136,6 @@ class Outbox:
         self._commit_waiters.append(fut)
         await fut
 
-    def record_id(self, seq: int) -> str:
-        """The stable id of the record with sequence ``seq``."""
-        i = bisect.bisect_right(self._epoch_starts, seq) - 1
-        return f"{self._epoch_ids[max(i, 0)]}:{seq}"
-
     # -- group commit (loop side) -----------------------------------------
 
     def _request_commit(self) -> None:
@@ -1278,18 +1317,20 @@ class Outbox:
         nbytes = 0
         more = False
 
+        def add_chunk(first: int, last: int, size: int, prio: int, data: bytes) -> None:
+            nonlocal nbytes
+            texts.extend(data.split(b"\n"))
+            seqs.extend(range(first, last + 1))
+            prios.extend([prio] * (last - first + 1))
+            nbytes += size
+
         def take_whole(row: tuple[Any, ...], room: int) -> bool:
             """Take a chunk whole (read ahead of the cursor) if it fits in
             ``room`` records and the byte budget (or nothing is taken yet)."""
-            nonlocal nbytes
             first, last, _pending, size, prio, data = row
-            n = last - first + 1
-            if texts and (n > room or nbytes + size > max_bytes):
+            if texts and (last - first + 1 > room or nbytes + size > max_bytes):
                 return False
-            texts.extend(data.split(b"\n"))
-            seqs.extend(range(first, last + 1))
-            prios.extend([prio] * n)
-            nbytes += size
+            add_chunk(first, last, size, prio, data)
             whole.append(first)
             return True
 
@@ -1312,10 +1353,7 @@ class Outbox:
                 start = max(first, after + 1)
                 room = goal - len(texts)
                 if start == first and last - first + 1 <= room and nbytes + size <= max_bytes:
-                    texts.extend(data.split(b"\n"))
-                    seqs.extend(range(first, last + 1))
-                    prios.extend([prio] * (last - first + 1))
-                    nbytes += size
+                    add_chunk(first, last, size, prio, data)
                     new = last
                     if len(texts) >= goal:
                         rows.close()
@@ -1325,7 +1363,7 @@ class Outbox:
                 part = data.split(b"\n")[start - first :]
                 seq = start
                 for t in part:
-                    rsize = len(t) - len(str(seq)) + RECORD_OVERHEAD
+                    rsize = record_size(t, seq)
                     if len(texts) >= goal or (texts and nbytes + rsize > max_bytes):
                         rows.close()
                         return seq - 1, True
@@ -1514,24 +1552,8 @@ def _migrate_v1(conn: sqlite3.Connection, epochs: list[tuple[int, str]]) -> int:
 
     One pass in sequence order, 10,000 rows at a time; done once, at the first
     start of an edgeway with chunks (about a second per million rows here)."""
-    starts = [e[0] for e in epochs]
-    ids = [e[1] for e in epochs]
-
-    def record_id(seq: int) -> str:
-        i = bisect.bisect_right(starts, seq) - 1
-        return f"{ids[max(i, 0)]}:{seq}"
-
-    rows_out: list[tuple[Any, ...]] = []
-    cur: list[Any] | None = None  # [first, last, pending, created, size, priority, texts, msgs]
-
-    def close() -> None:
-        if cur is not None:
-            msgs = cur[7]
-            rows_out.append(
-                (cur[0], cur[1], cur[2], cur[3], cur[4], cur[5], b"\n".join(cur[6]),
-                 orjson.dumps(msgs) if any(m is not None for m in msgs) else None)
-            )  # fmt: skip
-
+    record_id = record_ids(epochs)
+    builder = ChunkBuilder()
     after = 0
     moved = 0
     while True:
@@ -1544,27 +1566,11 @@ def _migrate_v1(conn: sqlite3.Connection, epochs: list[tuple[int, str]]) -> int:
             break
         for seq, pending, created, prio, device_id, ts, metrics, tags, msg_id in batch:
             text = text_from_columns(record_id(seq), device_id, ts, metrics, tags, prio)
-            size = len(text) - len(str(seq)) + RECORD_OVERHEAD
-            if (
-                cur is None
-                or seq != cur[1] + 1
-                or pending != cur[2]
-                or prio != cur[5]
-                or len(cur[6]) >= CHUNK_MAX
-            ):
-                close()
-                cur = [seq, seq, pending, created, 0, prio, [], []]
-            cur[1] = seq
-            cur[4] += size
-            cur[6].append(text)
-            cur[7].append(msg_id)
+            builder.add(seq, [text], [record_size(text, seq)], [msg_id], pending, prio, created)
         after = batch[-1][0]
         moved += len(batch)
-        if len(rows_out) > 1000:
-            conn.executemany("INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?)", rows_out)
-            rows_out.clear()
-    close()
-    conn.executemany("INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?)", rows_out)
+        conn.executemany(INSERT_CHUNK, builder.rows(keep_open=True))
+    conn.executemany(INSERT_CHUNK, builder.rows())
     conn.execute("DROP TABLE records")
     (total,) = conn.execute("SELECT coalesce(sum(size), 0) FROM chunks").fetchone()
     log.info("outbox: moved %d stored records to schema 2 (chunks)", moved)

@@ -493,10 +493,8 @@ class Broker:
     ) -> None:
         """:meth:`route` for the hot path: no Message is built when nobody
         subscribes and nothing is retained."""
-        if not retain:
-            m = self.tree.match(topic)
-            if not m.direct and not m.shared:
-                return
+        if not retain and not self.has_subscribers(topic):
+            return
         self.route(Message(topic, payload, qos, retain, properties, expires_at, sender))
 
     def route(self, msg: Message) -> None:
