@@ -9,7 +9,17 @@ import pytest
 from mqtt_harness import HandIngest, RawClient, running_broker, wait_until
 
 from edgeway.ingest import IngestStatus, MemoryIngest
-from edgeway.south.mqtt.packets import Properties, PubAck, PubComp, Publish, PubRec, PubRel
+from edgeway.south.mqtt.codec import encode
+from edgeway.south.mqtt.connection import MAX_BATCH
+from edgeway.south.mqtt.packets import (
+    Disconnect,
+    Properties,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+)
 
 TOPIC = "devices/dev1/telemetry"
 
@@ -108,7 +118,9 @@ async def test_rejected_full_v311_is_held_resubmitted_and_pauses_reading(tmp_pat
     ingest = HandIngest()
     async with running_broker(tmp_path, ingest=ingest) as rb:
         c, _ = await RawClient.connect(rb.port, "dev1", level=4)
+        # One read each (the PUBLISHes of one read are submitted together).
         c.send(Publish(TOPIC, b'{"v": 1}', 1, False, False, 1))
+        await wait_until(lambda: len(ingest.submitted) == 1)
         c.send(Publish(TOPIC, b'{"v": 2}', 1, False, False, 2))
         await wait_until(lambda: len(ingest.submitted) == 2)
         ingest.saturated = True
@@ -197,3 +209,122 @@ async def test_ingest_failure_is_not_acknowledged_as_stored(tmp_path: Path) -> N
         ingest.resolve(1)
         assert (await c.expect(PubAck)).reason_code == 0  # the connection lives on
         assert rb.broker.stats()["dropped_ingest_failed"] == 1
+
+
+def _one_read(c: RawClient, *packets: Publish) -> None:
+    """Write ``packets`` at once, so the broker reads them together."""
+    c.send_raw(b"".join(encode(p, c.level) for p in packets))
+
+
+@pytest.mark.parametrize("level", [4, 5])
+async def test_telemetry_of_one_read_is_submitted_once_and_acked_in_order(
+    tmp_path: Path, level: int
+) -> None:
+    ingest = HandIngest()
+    async with running_broker(tmp_path, ingest=ingest) as rb:
+        c, _ = await RawClient.connect(rb.port, "dev1", level=level)
+        _one_read(
+            c,
+            *(Publish(TOPIC, b'{"v": %d}' % i, 1, False, False, i) for i in range(1, 4)),
+            Publish(TOPIC, b'[{"v": 4}, {"v": 5}]', 0, False, False, None),
+            Publish(TOPIC, b'{"v": 6}', 1, False, False, 9),
+        )
+        await wait_until(lambda: len(ingest.submitted) == 1)
+        assert [r.metrics["v"] for r in ingest.submitted[0][0]] == [1, 2, 3, 4, 5, 6]
+        await c.nothing(0.2)  # nothing acknowledged before it is stored
+        ingest.resolve(0)
+        assert [(await c.expect(PubAck)).packet_id for _ in range(4)] == [1, 2, 3, 9]
+        await c.nothing(0.1)
+        assert rb.broker.stats()["readings_in"] == 6
+
+
+async def test_one_read_keeps_the_order_of_refused_and_plain_publishes(tmp_path: Path) -> None:
+    """Telemetry around a bad payload and a plain PUBLISH in one read: each
+    gets its own answer, in the order the client sent them, whatever the
+    order in which its telemetry is stored."""
+    ingest = HandIngest()
+    async with running_broker(tmp_path, ingest=ingest) as rb:
+        watcher, _ = await RawClient.connect(rb.port, "w")
+        await watcher.subscribe("plain/#", qos=1)
+        c, _ = await RawClient.connect(rb.port, "dev1")
+        _one_read(
+            c,
+            Publish(TOPIC, b'{"v": 1}', 1, False, False, 1),
+            Publish(TOPIC, b"not json", 1, False, False, 2),
+            Publish(TOPIC, b'{"v": 3}', 1, False, False, 3),
+            Publish("plain/topic", b"p", 1, False, False, 4),
+            Publish(TOPIC, b'{"v": 5}', 1, False, False, 5),
+        )
+        await wait_until(lambda: len(ingest.submitted) == 3)
+        assert [[r.metrics["v"] for r in s[0]] for s in ingest.submitted] == [[1], [3], [5]]
+        ingest.resolve(2)
+        ingest.resolve(1)
+        await c.nothing(0.2)
+        await watcher.nothing(0.05)  # the plain PUBLISH waits for the telemetry before it
+        ingest.resolve(0)
+        acks = [await c.expect(PubAck) for _ in range(5)]
+        assert [(a.packet_id, a.reason_code) for a in acks] == [
+            (1, 0), (2, 0x99), (3, 0), (4, 0), (5, 0)
+        ]  # fmt: skip
+        assert (await watcher.receive_publish()).payload == b"p"
+
+
+async def test_refused_batch_v5_every_publish_gets_0x97(tmp_path: Path) -> None:
+    ingest = HandIngest()
+    async with running_broker(tmp_path, ingest=ingest) as rb:
+        c, _ = await RawClient.connect(rb.port, "dev1")
+        _one_read(c, *(Publish(TOPIC, b'{"v": 1}', 1, False, False, i) for i in (7, 8, 9)))
+        await wait_until(lambda: len(ingest.submitted) == 1)
+        assert len(ingest.submitted[0][0]) == 3
+        ingest.resolve(0, IngestStatus.REJECTED_FULL)
+        acks = [await c.expect(PubAck) for _ in range(3)]
+        assert [(a.packet_id, a.reason_code) for a in acks] == [(7, 0x97), (8, 0x97), (9, 0x97)]
+        assert rb.broker.stats()["dropped_ingest_full"] == 3
+
+
+async def test_refused_batch_v311_is_held_whole_and_submitted_again(tmp_path: Path) -> None:
+    ingest = HandIngest()
+    async with running_broker(tmp_path, ingest=ingest) as rb:
+        c, _ = await RawClient.connect(rb.port, "dev1", level=4)
+        _one_read(c, *(Publish(TOPIC, b'{"v": %d}' % i, 1, False, False, i) for i in (1, 2, 3)))
+        await wait_until(lambda: len(ingest.submitted) == 1)
+        ingest.saturated = True
+        ingest.resolve(0, IngestStatus.REJECTED_FULL)
+        await c.nothing(0.2)
+        ingest.saturated = False
+        await wait_until(lambda: len(ingest.submitted) == 2)
+        assert [r.metrics["v"] for r in ingest.submitted[1][0]] == [1, 2, 3]
+        ingest.resolve(1)
+        assert [(await c.expect(PubAck)).packet_id for _ in range(3)] == [1, 2, 3]
+        assert rb.broker.stats()["dropped_ingest_full"] == 3
+
+
+async def test_a_bad_packet_after_telemetry_in_one_read_still_stores_it(tmp_path: Path) -> None:
+    """PUBLISHes before a malformed packet are handled as if read alone:
+    their readings are stored, then the connection closes with 0x81."""
+    ingest = MemoryIngest()
+    async with running_broker(tmp_path, ingest=ingest) as rb:
+        c, _ = await RawClient.connect(rb.port, "dev1")
+        good = b"".join(
+            encode(Publish(TOPIC, b'{"v": %d}' % i, 1, False, False, i), 5) for i in (1, 2)
+        )
+        c.send_raw(good + b"\x32\x01\x00")  # PUBLISH whose topic runs past its end
+        got = await c.closed()
+        assert isinstance(got[-1], Disconnect) and got[-1].reason_code == 0x81
+        await wait_until(lambda: len(ingest.readings) == 2)
+        assert [r.metrics["v"] for r in ingest.readings] == [1, 2]
+        assert rb.broker.stats()["readings_in"] == 2
+
+
+async def test_large_read_is_submitted_in_bounded_batches(tmp_path: Path) -> None:
+    ingest = HandIngest()
+    async with running_broker(tmp_path, ingest=ingest) as rb:
+        c, _ = await RawClient.connect(rb.port, "dev1")
+        n = MAX_BATCH * 2 + 10
+        _one_read(c, *(Publish(TOPIC, b'{"v": %d}' % i, 0, False, False, None) for i in range(n)))
+        await wait_until(lambda: sum(len(s[0]) for s in ingest.submitted) == n)
+        got = [r.metrics["v"] for s in ingest.submitted for r in s[0]]
+        assert got == list(range(n))
+        sizes = [len(s[0]) for s in ingest.submitted]
+        assert max(sizes) == MAX_BATCH  # a read this size fills whole batches
+        assert rb.broker.stats()["readings_in"] == n

@@ -22,6 +22,7 @@ from edgeway.south.mqtt.codec import (
     decode_packet,
     encode,
     encode_puback,
+    encode_pubacks,
     encode_pubcomp,
     encode_publish,
     encode_pubrec,
@@ -204,6 +205,19 @@ def test_encode_puback_fast_path() -> None:
         encode_pubrel(1, 5, 0x10)
     assert PINGREQ_BYTES == encode(PingReq(), 5)
     assert PINGRESP_BYTES == encode(PingResp(), 4)
+
+
+@given(
+    st.lists(st.integers(1, 0xFFFF), max_size=300),
+    st.sampled_from([4, 5]),
+    st.sampled_from([0, 0x10, 0x80, 0x97, 0x99]),
+)
+def test_encode_pubacks_is_the_pubacks_one_by_one(pids: list[int], level: int, reason: int) -> None:
+    want = b"".join(encode_puback(p, level, reason) for p in pids)
+    assert encode_pubacks(pids, level, reason) == want
+    assert [(a.packet_id, a.reason_code) for a in MqttReader(protocol_level=level).feed(want)] == [
+        (p, reason if level == 5 else 0) for p in pids
+    ]
 
 
 def test_encode_publish_is_what_encode_uses() -> None:

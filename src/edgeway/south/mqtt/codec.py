@@ -1086,6 +1086,16 @@ def encode_puback(packet_id: int, protocol_level: int, reason_code: int = 0) -> 
     return _encode_ack(0x40, packet_id, protocol_level, reason_code, _PUBACK_CODES_5)
 
 
+def encode_pubacks(packet_ids: list[int], protocol_level: int, reason_code: int = 0) -> bytes:
+    """PUBACKs for ``packet_ids``, in order, as one bytes (see :func:`encode_puback`)."""
+    if reason_code == 0 or protocol_level != MQTT_5:
+        n = len(packet_ids)
+        words = [0x4002] * (2 * n)
+        words[1::2] = packet_ids  # parsed ids: 1..65535 (the reader refuses 0)
+        return struct.pack(f">{2 * n}H", *words)
+    return b"".join([encode_puback(pid, protocol_level, reason_code) for pid in packet_ids])
+
+
 def encode_pubrec(packet_id: int, protocol_level: int, reason_code: int = 0) -> bytes:
     """A whole PUBREC (see :func:`encode_puback`)."""
     return _encode_ack(0x50, packet_id, protocol_level, reason_code, _PUBACK_CODES_5)
