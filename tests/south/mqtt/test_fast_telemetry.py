@@ -1,0 +1,252 @@
+"""The broker's byte-level telemetry path (``MqttConnection._fast_telemetry``)
+does exactly what the packet-by-packet path does.
+
+Each example is one stream of PUBLISHes (telemetry and not, QoS 0-2, retained,
+with and without v5 properties, payloads the fast path takes and payloads it
+must leave alone, sometimes a malformed packet at the end), cut into reads at
+random offsets, fed in-process to two connections: one with the fast path, one
+without. Both must store the same readings and write the same bytes to the
+client and to a subscriber, with the same broker counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgeway.config import ListenerConfig, MqttLimits, MqttSection
+from edgeway.devices.auth import AllowAll
+from edgeway.ingest import MemoryIngest
+from edgeway.south.mqtt.broker import Broker
+from edgeway.south.mqtt.codec import encode
+from edgeway.south.mqtt.connection import MqttConnection
+from edgeway.south.mqtt.packets import Connect, Properties, Publish, Subscribe, Subscription
+
+TOPICS = ["devices/d1/telemetry", "devices/d2/telemetry", "plain/x", "devices/d1/other"]
+PAYLOADS = [
+    b'{"temp": 21.5, "hum": 40, "on": true, "mode": "auto"}',
+    b'{"v": -1}',
+    b'{"a": null, "b": 2}',
+    b'{"a": {"b": 1}}',
+    b'{"v": 1, "ts": 1700000000}',
+    b'{"v": 1, "msg_id": "m7"}',
+    b'{"v": 1, "tags": {"site": "s"}}',
+    b'[{"v": 1}, {"v": 2}]',
+    b"{}",
+    b'"text"',
+    b"not json",
+    b'{"v": [1, 2]}',
+    b'{"k": "' + b"x" * 150 + b'"}',  # a two-byte remaining length
+    b'{"k": "' + b"x" * 300 + b'"}',  # over the maximum packet size
+    b'{"k": "\\u0000{["}',
+]
+PROPS = [
+    Properties(),
+    Properties(correlation_data=b"c-1"),
+    Properties(payload_format_indicator=1),
+    Properties(user_properties=[("k", "v")]),
+]
+_T0 = b"\x00\x14devices/d1/telemetry"
+MALFORMED = [
+    b"",
+    b"\x32\x20" + _T0 + b"\x00\x00" + b'{"v": 1}',  # packet id 0, on a telemetry topic
+    b"\x32\x17" + _T0 + b"\x00",  # packet id cut short
+    b"\x30\x30" + _T0 + b'{"v": 1}',  # runs past the end of the stream
+    b"\x36\x02\x00\x00",  # QoS 3
+    b"\x38\x05\x00\x01a{}",  # QoS 0 with DUP
+    b"\x32\x03\x00\x09a",  # topic runs past the end
+    b"\x32\x07\x00\x01a\x00\x00{}",  # packet id 0
+    b"\x30\x05\x00\x03a+b",  # wildcard in a topic name
+]
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> tuple[int, bool, bytes, list[int]]:
+    level = draw(st.sampled_from([4, 5]))
+    watched = draw(st.booleans())
+    packets = []
+    pid = 0
+    for _ in range(draw(st.integers(1, 40))):
+        # The usual telemetry PUBLISH (what the fast path takes), and now and
+        # then one thing about it changed, so that runs of usual ones end on
+        # each kind of packet the fast path must leave alone.
+        topic = draw(st.sampled_from(TOPICS[:2]))
+        payload = draw(st.sampled_from(PAYLOADS[:2]))
+        qos = draw(st.sampled_from([0, 1, 1]))
+        retain = False
+        props = Properties()
+        change = draw(st.integers(0, 9))
+        if change == 5:
+            topic = draw(st.sampled_from(TOPICS[2:]))
+        elif change == 6:
+            payload = draw(st.sampled_from(PAYLOADS[2:]))
+        elif change == 7:
+            qos = 2
+        elif change == 8:
+            retain = True
+        elif change == 9 and level == 5:
+            props = draw(st.sampled_from(PROPS[1:]))
+        pid_now = None
+        if qos:
+            pid += 1
+            pid_now = pid
+        dup = qos > 0 and draw(st.booleans())
+        packets.append(encode(Publish(topic, payload, qos, retain, dup, pid_now, props), level))
+    data = b"".join(packets) + draw(st.sampled_from(MALFORMED))
+    # Reads end mostly where packets do (as under load), sometimes inside one.
+    ends = list(itertools.accumulate(len(p) for p in packets))
+    cuts = draw(st.lists(st.sampled_from(ends), max_size=8))
+    cuts += draw(st.lists(st.integers(0, len(data)), max_size=2))
+    cuts.sort()
+    return level, watched, data, cuts
+
+
+async def _run(level: int, watched: bool, data: bytes, cuts: list[int], fast: bool) -> Any:
+    allow = AllowAll()
+    ingest = MemoryIngest()
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = Broker(
+            # A small receive maximum and packet size, so both limits are hit.
+            MqttSection(limits=MqttLimits(receive_maximum=8, max_packet_size=256)), ingest=ingest, authenticator=allow, authoriser=allow,
+            data_dir=Path(tmp), gateway_id="t",
+        )  # fmt: skip
+        await broker.start()
+        factory = broker.protocol_factory(ListenerConfig(bind="127.0.0.1:0", allow_anonymous=True))
+        conns = []
+        for cid in ("dev", "watcher"):
+            conn = factory()
+            t = _Transport()
+            conn.connection_made(t)  # type: ignore[arg-type]
+            conn.data_received(
+                encode(Connect(level, cid, True, 60, properties=Properties()), level)
+            )
+            conns.append((conn, t))
+        await asyncio.sleep(0.01)  # CONNACKs
+        (dev, t_dev), (watcher, t_watch) = conns
+        if watched:
+            watcher.data_received(
+                encode(Subscribe(1, [Subscription("devices/d1/#", 1)], Properties()), level)
+            )
+        # Every topic once, the slow way (this is what lets the fast path take it).
+        warm = b"".join(
+            encode(Publish(t, b'{"w": 0}', 0, False, False, None, Properties()), level)
+            for t in TOPICS
+        )
+        dev.data_received(warm)
+        await asyncio.sleep(0)
+        del t_dev.out[:]
+        del t_watch.out[:]
+        ingest.readings.clear()
+        stats0 = broker.stats()
+        bounds = [0, *cuts, len(data)]
+        for a, b in itertools.pairwise(bounds):
+            if b > a:
+                dev.data_received(data[a:b])
+                await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        stats = broker.stats()
+        # ts: the payload's (1700000000) or the time of arrival, which differs by run.
+        readings = [
+            (r.device_id, r.metrics, r.origin, r.tags, r.ts == 1700000000) for r in ingest.readings
+        ]
+        result = (
+            readings,
+            bytes(t_dev.out),
+            bytes(t_watch.out),
+            t_dev.closed,
+            {k: v - stats0.get(k, 0) for k, v in stats.items() if isinstance(v, int)},
+        )
+        for c, _ in conns:
+            c.connection_lost(None)
+        await broker.stop()
+    return result
+
+
+def _both(level: int, watched: bool, data: bytes, cuts: list[int], fast: bool) -> Any:
+    MqttConnection.fast_telemetry = fast
+    try:
+        return asyncio.run(_run(level, watched, data, cuts, fast))
+    finally:
+        MqttConnection.fast_telemetry = True
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(streams())
+def test_fast_path_matches_the_packet_path(stream: tuple[int, bool, bytes, list[int]]) -> None:
+    level, watched, data, cuts = stream
+    slow = _both(level, watched, data, cuts, fast=False)
+    fast = _both(level, watched, data, cuts, fast=True)
+    assert fast[0] == slow[0]  # readings, in order
+    assert fast[1] == slow[1]  # bytes to the client: acknowledgements, DISCONNECT
+    assert fast[2] == slow[2]  # what the subscriber got
+    assert fast[3] == slow[3]
+    assert fast[4] == slow[4]  # broker counters
+
+
+def test_fast_path_is_taken() -> None:
+    """The common case really goes through the fast path (else the test above
+    compares the slow path with itself)."""
+    calls = []
+    orig = MqttConnection._on_publish
+
+    def spy(self: MqttConnection, p: Publish) -> None:
+        calls.append(p.topic)
+        orig(self, p)
+
+    MqttConnection._on_publish = spy  # type: ignore[method-assign]
+    try:
+        pubs = b"".join(
+            encode(Publish(TOPICS[0], b'{"v": %d}' % i, 1, False, False, i + 1), 4)
+            for i in range(20)
+        )
+        res = _both(4, False, pubs, [], fast=True)
+    finally:
+        MqttConnection._on_publish = orig  # type: ignore[method-assign]
+    assert [r[1]["v"] for r in res[0]] == list(range(20))
+    assert len(res[1]) == 20 * 4  # twenty PUBACKs
+    assert calls == TOPICS  # the warm-up only
+
+
+def test_receive_maximum_within_one_read() -> None:
+    """v5: the ninth unacknowledged QoS 1 PUBLISH of a read (receive maximum
+    8 here) closes the connection with 0x93 on both paths, after the eight."""
+    pubs = b"".join(
+        encode(Publish(TOPICS[0], PAYLOADS[0], 1, False, False, i, Properties()), 5)
+        for i in range(1, 13)
+    )
+    fast = _both(5, False, pubs, [], fast=True)
+    assert fast == _both(5, False, pubs, [], fast=False)
+    assert fast[1].endswith(b"\xe0\x01\x93") and fast[1].count(b"@\x02") == 8
+    assert len(fast[0]) == 8 and fast[3]
