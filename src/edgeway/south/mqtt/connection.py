@@ -355,7 +355,9 @@ class MqttConnection(asyncio.Protocol):
         v5 = self.level == MQTT_5
         quota = broker.limits.receive_maximum if v5 else 1 << 30
         in_quota = self._in_quota
-        has_subscribers = broker.has_subscribers
+        # No subscription at all (the usual gateway): no lookup per message.
+        # Subscriptions cannot change during this call.
+        has_subscribers = broker.has_subscribers if len(broker.tree) else None
         loads = orjson.loads
         reading = Reading
         n = len(data)
@@ -420,7 +422,7 @@ class MqttConnection(asyncio.Protocol):
                     break
                 device_id, origin, topic = info
                 msg = None
-                if has_subscribers(topic):
+                if has_subscribers is not None and has_subscribers(topic):
                     msg = Message(
                         topic, payload, 1 if pid else 0, False, None, None, self.client_id
                     )
