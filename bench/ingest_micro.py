@@ -71,7 +71,9 @@ async def run(per_read: int, level: int, seconds: float) -> dict[str, float]:
         conn = broker.protocol_factory(ListenerConfig(bind="127.0.0.1:0", allow_anonymous=True))()
         t = _Transport()
         conn.connection_made(t)  # type: ignore[arg-type]
-        conn.data_received(encode(Connect(level, "dev-1", True, 60, properties=Properties()), level))
+        conn.data_received(
+            encode(Connect(level, "dev-1", True, 60, properties=Properties()), level)
+        )
         await asyncio.sleep(0.05)  # CONNACK
         pid = 0
         reads = []
@@ -79,7 +81,11 @@ async def run(per_read: int, level: int, seconds: float) -> dict[str, float]:
             pkts = []
             for _ in range(per_read):
                 pid = pid % 65535 + 1
-                pkts.append(encode(Publish("devices/bench-1/telemetry", PAYLOAD, 1, False, False, pid), level))
+                pkts.append(
+                    encode(
+                        Publish("devices/bench-1/telemetry", PAYLOAD, 1, False, False, pid), level
+                    )
+                )
             reads.append(b"".join(pkts))
         total, rounds = 0, []
         for _ in range(max(1, int(seconds / 0.5))):

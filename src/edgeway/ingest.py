@@ -36,6 +36,14 @@ class IngestStatus(enum.Enum):
 class Ingest(Protocol):
     """Accepts readings and tells when they are safe."""
 
+    @property
+    def batchable(self) -> bool:
+        """True when the readings of several device messages may be submitted
+        together: each message would get the same answer alone as the whole
+        batch gets (no per-message validation). The MQTT broker then stores a
+        read's telemetry with one submit; otherwise it submits per message."""
+        ...
+
     def submit(self, readings: Sequence[Reading]) -> asyncio.Future[IngestStatus]:
         """Hand over readings; the future resolves once they are safe."""
         ...
@@ -54,6 +62,8 @@ class MemoryIngest:
 
     For tests and for running the broker without an outbox.
     """
+
+    batchable = True
 
     def __init__(self) -> None:
         self.readings: list[Reading] = []

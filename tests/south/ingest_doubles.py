@@ -18,6 +18,8 @@ from edgeway.reading import Reading
 class RecordingIngest:
     """Records batches; resolves them at once (``auto``) or when the test says."""
 
+    batchable = True  # one status for everything
+
     def __init__(self, *, auto: bool = True, status: IngestStatus = IngestStatus.ACCEPTED) -> None:
         self.auto = auto
         self.status = status

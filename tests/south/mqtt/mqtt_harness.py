@@ -84,6 +84,8 @@ async def running_broker(
 class HandIngest:
     """An ingest whose futures the test resolves by hand."""
 
+    batchable = True
+
     def __init__(self) -> None:
         self.submitted: list[tuple[list[Reading], asyncio.Future[IngestStatus]]] = []
         self.saturated = False

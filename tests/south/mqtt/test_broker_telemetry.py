@@ -328,3 +328,32 @@ async def test_large_read_is_submitted_in_bounded_batches(tmp_path: Path) -> Non
         sizes = [len(s[0]) for s in ingest.submitted]
         assert max(sizes) == MAX_BATCH  # a read this size fills whole batches
         assert rb.broker.stats()["readings_in"] == n
+
+
+async def test_an_ingest_that_answers_each_message_gets_one_submit_per_publish(
+    tmp_path: Path,
+) -> None:
+    """A pipeline with routes validates per device message: the broker then
+    submits each PUBLISH of a read on its own, fast path or not, so only the
+    refused one gets 0x99."""
+    ingest = HandIngest()
+    ingest.batchable = False
+    async with running_broker(tmp_path, ingest=ingest) as rb:
+        c, _ = await RawClient.connect(rb.port, "dev1")
+        for first in (1, 4):  # the second read is one the fast path takes
+            _one_read(
+                c,
+                *(
+                    Publish(TOPIC, b'{"v": %d}' % i, 1, False, False, i)
+                    for i in range(first, first + 3)
+                ),
+            )
+            await wait_until(lambda n=first + 2: len(ingest.submitted) == n)
+            ingest.resolve(first - 1)
+            ingest.resolve(first, IngestStatus.REJECTED_INVALID)
+            ingest.resolve(first + 1)
+            acks = [await c.expect(PubAck) for _ in range(3)]
+            assert [(a.packet_id, a.reason_code) for a in acks] == [
+                (first, 0), (first + 1, 0x99), (first + 2, 0)
+            ]  # fmt: skip
+        assert [len(s[0]) for s in ingest.submitted] == [1] * 6

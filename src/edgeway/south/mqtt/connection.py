@@ -364,6 +364,8 @@ class MqttConnection(asyncio.Protocol):
         pos = 0
         batch = self._batch
         now = time.time()
+        # One message per submit when the ingest answers each on its own.
+        batch_max = MAX_BATCH if broker.ingest.batchable else 1
         taken = 0
         readings = 0
         try:
@@ -440,7 +442,7 @@ class MqttConnection(asyncio.Protocol):
                 readings += 1
                 pos = end
                 batch.n += 1
-                if batch.n >= MAX_BATCH:
+                if batch.n >= batch_max:
                     self._in_quota = in_quota
                     self._submit_batch()
                     batch = None
@@ -839,7 +841,7 @@ class MqttConnection(asyncio.Protocol):
                 batch.msgs = []
             batch.msgs.append(msg)
         batch.n += 1
-        if batch.n >= MAX_BATCH:
+        if batch.n >= MAX_BATCH or not broker.ingest.batchable:
             self._submit_batch()
 
     def _submit_batch(self) -> None:
