@@ -538,6 +538,27 @@ def latency(
     }
 
 
+class _Target:
+    """What :func:`latency` measures against: a port to publish to, a pid to time."""
+
+    def __init__(self, port: int, pid: int) -> None:
+        self.port = port
+        self.pid = pid
+
+
+def latency_floor(workdir: Path, warmup: float, measure: float) -> dict[str, float]:
+    """W2 with no gateway: the fleet publishes to a Mosquitto the counting
+    subscriber reads directly, so p50/p99 are the harness's own (the fleet's
+    Python client, Mosquitto, the receiver) on this machine now."""
+    mq = Mosquitto(workdir)
+    recv = MqttReceiver(mq.port, topic_filter="devices/#")
+    try:
+        return latency(_Target(mq.port, mq.proc.pid), recv, warmup, measure)  # type: ignore[arg-type]
+    finally:
+        recv.close()
+        mq.close()
+
+
 def drain_after_outage(
     gw: Edgeway, recv: HttpReceiver, backlog: int, procs: int
 ) -> dict[str, float]:
@@ -595,6 +616,9 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict[st
         b = out["mosquitto_bridge"]
         say(f"reference: W1 through a Mosquitto bridge {b['per_s']:,.0f} records/s, "
             f"{b['cpu_s_per_1k']:.3f} CPU-s/1k (no storage)")  # fmt: skip
+        out["latency_floor"] = fl = latency_floor(work, warm, meas)
+        say(f"reference: W2 with no gateway (fleet -> Mosquitto -> receiver) p50 "
+            f"{fl['p50_ms']:.1f} / p99 {fl['p99_ms']:.1f} / max {fl['max_ms']:.1f} ms")  # fmt: skip
         for kind in args.sinks.split(","):
             with receiver(kind, lt, work) as (recv, url):
                 gw = Edgeway(work, url)
