@@ -25,6 +25,13 @@ ingest future flushes the completed prefix (routing then acknowledging each).
 Inbound QoS 2 is routed when its PUBLISH is accepted (like Mosquitto), and its
 packet id is kept until PUBREL so a re-sent PUBLISH is not delivered twice.
 
+Telemetry is stored per read, not per PUBLISH: the QoS 0/1 telemetry of one
+``data_received`` forms one FIFO entry (a batch: one ingest submit, its PUBACKs
+written together), unless the ingest validates each message on its own
+(``Ingest.batchable``). The usual telemetry PUBLISH is taken straight from the
+read's bytes (:meth:`MqttConnection._fast_telemetry`); everything else goes
+through :class:`MqttReader` and :meth:`MqttConnection._on_publish`.
+
 Any exception while handling a packet closes this connection only: a
 :class:`ProtocolError` with its reason code (v5: DISCONNECT first), anything
 else logged as a bug with DISCONNECT 0x83.
