@@ -547,7 +547,12 @@ class MqttSink(Sink):
         dumps = orjson.dumps
         limit = self.max_message_bytes
         if self.mode == "record":
-            out = [(self._topic(r.device_id), r.to_json_bytes()) for r in records]
+            # Once per record: the topic cache and the stored text read inline.
+            topics, make_topic = self._topics, self._topic
+            out = [
+                (topics.get(r.device_id) or make_topic(r.device_id), r.json or r.to_json_bytes())
+                for r in records
+            ]
             for _, payload in out:
                 if len(payload) > limit:
                     raise PermanentSinkError(
