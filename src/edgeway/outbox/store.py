@@ -535,23 +535,9 @@ class _Writer:
             runs: list[tuple[int, int]] = []  # (start index, priority) where priority changes
             msgs: list[str | None] | None = None
             last_prio = -1
-            rs = sub.readings
-            if not any([r.tags or r.priority or r.origin.message_id is not None for r in rs]):
-                # The usual submit (telemetry without tags, priority or device
-                # message id): comprehensions instead of the loop below.
-                ids = [prefix + str(q) for q in range(seq, seq + len(rs))]
-                texts = [
-                    dumps({"id": i, "device_id": r.device_id, "ts": r.ts, "metrics": r.metrics})
-                    for i, r in zip(ids, rs, strict=True)
-                ]
-                cut = len(prefix) + RECORD_OVERHEAD  # record_size: the text less its seq
-                sizes = [len(t) - len(i) + cut for t, i in zip(texts, ids, strict=True)]
-                runs.append((0, 0))
-                seq += len(rs)
-                rs = ()
             # This loop runs once per reading on the hot path, with the GIL:
             # the usual reading (no tags, no priority) skips record_json_obj.
-            for r in rs:
+            for r in sub.readings:
                 sid = str(seq)
                 prio = r.priority
                 if r.tags or prio:

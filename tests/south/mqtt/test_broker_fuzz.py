@@ -11,10 +11,9 @@ import asyncio
 import logging
 import random
 from pathlib import Path
-from typing import Any
 
 import pytest
-from mqtt_harness import RawClient, running_broker, wait_until
+from mqtt_harness import MemoryTransport, RawClient, running_broker, wait_until
 
 from edgeway.config import ListenerConfig
 from edgeway.south.mqtt.codec import encode
@@ -28,37 +27,6 @@ from edgeway.south.mqtt.packets import (
     Subscription,
     Unsubscribe,
 )
-
-
-class MemoryTransport(asyncio.Transport):
-    """Collects what the broker writes; records close/pause calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = bytearray()
-        self.closed = False
-        self.paused = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.out += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 5555) if name == "peername" else default
 
 
 def _valid_stream(level: int) -> list[bytes]:

@@ -66,7 +66,7 @@ from typing import Any
 from edgeway.config import ListenerConfig, MqttSection
 from edgeway.devices.auth import Authenticator, Authoriser, Principal
 from edgeway.ingest import Ingest
-from edgeway.south.mqtt.connection import CLOSED, CONNECTED, MqttConnection
+from edgeway.south.mqtt.connection import CLOSED, CONNECTED, MAX_BATCH, MqttConnection
 from edgeway.south.mqtt.packets import MQTT_5, Properties, Will
 from edgeway.south.mqtt.persistence import AUTOSAVE_INTERVAL, BrokerStore
 from edgeway.south.mqtt.retained import Message, RetainedStore
@@ -110,6 +110,10 @@ class Broker:
         self.config = config
         self.limits = config.limits
         self.ingest = ingest
+        self.batch_max = MAX_BATCH if ingest.batchable else 1
+        """Telemetry PUBLISHes stored with one submit at most: one each when
+        the ingest answers each device message on its own (fixed by then: a
+        pipeline's routes are built with it)."""
         self.authenticator = authenticator
         self.authoriser = authoriser
         self.data_dir = Path(data_dir)

@@ -166,9 +166,11 @@ def _flatten(obj: dict[str, Any], prefix: str, out: dict[str, MetricValue], dept
             raise TelemetryError("unsupported_value", f"{prefix}{k}: {t.__name__}")
 
 
-def _reading(
+def reading_from(
     obj: Any, device_id: str, now: float, origin: Origin, correlation: str | None
 ) -> Reading:
+    """One reading from one decoded JSON object (see :func:`decode_telemetry`),
+    or raise :class:`TelemetryError`."""
     if type(obj) is not dict:
         raise TelemetryError("not_an_object", type(obj).__name__)
     if obj and "ts" not in obj and "msg_id" not in obj and "tags" not in obj:
@@ -271,5 +273,5 @@ def decode_telemetry(
     if isinstance(data, list):
         if not data:
             raise TelemetryError("no_metrics", "empty array")
-        return [_reading(o, device_id, now, origin, correlation) for o in data]
-    return [_reading(data, device_id, now, origin, correlation)]
+        return [reading_from(o, device_id, now, origin, correlation) for o in data]
+    return [reading_from(data, device_id, now, origin, correlation)]
