@@ -546,3 +546,38 @@ async def test_confirm_only_commits_skip_the_fsync(open_outbox: OpenOutbox) -> N
     assert confirm_stmts[-1] == "PRAGMA synchronous=FULL"
     assert ob._writer.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
     assert ob.counters()["a"]["delivered"] == 5
+
+
+async def test_a_caught_up_confirmation_rides_with_the_next_readings(
+    open_outbox: OpenOutbox,
+) -> None:
+    """``confirm(linger=True)`` (the runner's, when its sink is caught up) joins
+    the next commit of new readings instead of a commit of its own; with no
+    new readings it commits after CONFIRM_LINGER; ``expedite`` commits it now."""
+    ob = await open_outbox()
+    await ob.submit([reading("d", 0)])
+    b = await ob.read_batch("a", 100, 1 << 20)
+    commits = ob.commits
+    fut = ob.confirm(b, linger=True)
+    await asyncio.sleep(0.005)
+    assert not fut.done() and ob.commits == commits
+    await ob.submit([reading("d", 1)])  # the readings' commit carries it
+    assert fut.done() and ob.commits == commits + 1
+    assert ob.counters()["a"]["delivered"] == 1
+    # Idle: it commits on its own after the linger.
+    b = await ob.read_batch("a", 100, 1 << 20)
+    t0 = time.monotonic()
+    await ob.confirm(b, linger=True)
+    waited = time.monotonic() - t0
+    assert store_mod.CONFIRM_LINGER * 0.8 <= waited < store_mod.CONFIRM_LINGER + 1.0
+    assert ob.counters()["a"]["delivered"] == 2
+    # Someone waits on it: now.
+    await ob.submit([reading("d", 2)])
+    b = await ob.read_batch("a", 100, 1 << 20)
+    fut = ob.confirm(b, linger=True)
+    ob.expedite()
+    t0 = time.monotonic()
+    await fut
+    assert time.monotonic() - t0 < store_mod.CONFIRM_LINGER * 0.8
+    assert ob.counters()["a"]["delivered"] == 3
+    assert_conservation(ob)

@@ -110,7 +110,8 @@ class SinkRunner:
                     # batch read before that: the batch is read and sent again.
                     await self._settle(prev)
                 if delivered:
-                    prev = outbox.confirm(batch)
+                    # Caught up: the confirmation may ride with the next readings.
+                    prev = outbox.confirm(batch, linger=caught_up)
                 else:
                     prev = outbox.dead_letter(batch, self._last_error)
                 prev_out_of_order = batch.out_of_order
@@ -127,6 +128,8 @@ class SinkRunner:
         """Wait for a confirmation's commit. If the commit failed (disk full),
         the outbox has rewound this sink's reads to the last committed cursor,
         so the batch is sent again; pause before that rather than spin."""
+        if not confirmation.done():
+            self.outbox.expedite()
         try:
             await confirmation
         except RuntimeError as e:
