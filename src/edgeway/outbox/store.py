@@ -116,7 +116,7 @@ confirmation (the sink's next read ahead of its cursor, close) commits it at
 once (:meth:`Outbox.expedite`)."""
 
 TAIL_MAX_CHUNKS = 1024
-TAIL_MAX_BYTES = 4 * 1024 * 1024
+TAIL_MAX_BYTES = 1024 * 1024
 """The newest committed chunks kept in memory (at most this many, and bytes of
 record text), so that a sink that keeps up reads them without a query and
 without a reader-thread round trip (~90 us of CPU on this machine, more than
