@@ -104,12 +104,14 @@ routed few records must not walk a million records of another sink's backlog
 in a single query (that would hold a reader thread for a long time); it walks
 them in windows instead and reports ``more``."""
 
-CONFIRM_LINGER = 0.05
+CONFIRM_LINGER = 0.01
 """Seconds a confirmation of a caught-up sink may wait for the next group
 commit of new readings instead of committing on its own. Under a steady load
 (1,000 readings/s: a commit every millisecond or so) it always rides along,
 which saves a transaction and a writer round trip per sink batch; an idle
-gateway commits it after this delay. Nothing waits on it meanwhile: the sink
+gateway commits it after this delay. 10 ms measured the same CPU at 1,000
+readings/s as 50 ms (alternating W2 runs) and keeps counters and receipts
+close to real time. Nothing waits on it meanwhile: the sink
 has already sent the batch and goes on; a crash in between only means the
 batch is sent again with the same record ids. Anything that does wait on a
 confirmation (the sink's next read ahead of its cursor, close) commits it at
