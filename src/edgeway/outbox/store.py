@@ -61,6 +61,7 @@ import contextlib
 import fcntl
 import itertools
 import logging
+import operator
 import os
 import queue
 import sqlite3
@@ -123,6 +124,9 @@ TAIL_MAX_BYTES = 1024 * 1024
 record text), so that a sink that keeps up reads them without a query and
 without a reader-thread round trip (~90 us of CPU on this machine, more than
 the query itself): at 1,000 readings/s each reading is its own batch."""
+
+_FIRST = operator.itemgetter(0)
+"""A tail entry's first sequence number (the tail's bisect key)."""
 
 AGE_CHECK_INTERVAL = 1.0
 """Seconds between ``max_age`` sweeps. Age limits are coarse by nature (hours,
@@ -954,8 +958,8 @@ class Outbox:
         )
         """Submits of the next commit by sink mask, when they share one future."""
         self._tail: list[list[Any]] = []
-        """Newest chunks: [seq_first, seq_last, pending, size, priority, data]."""
-        self._tail_firsts: list[int] = []
+        """Newest chunks, in sequence order: [seq_first, seq_last, pending,
+        size, priority, data]."""
         self._tail_bytes = 0
         self._tail_lo = 1
         """Every chunk from this seq up to the high seq is in the tail."""
@@ -1436,11 +1440,10 @@ class Outbox:
         if pos + 1 < self._tail_lo or st.prio_pos > pos or high - pos > SCAN_WINDOW:
             return None
         bit = st.bit
-        i = max(bisect.bisect_right(self._tail_firsts, pos) - 1, 0)
+        i = max(bisect.bisect_right(self._tail, pos, key=_FIRST) - 1, 0)
         rows = [e for e in itertools.islice(self._tail, i, None) if e[1] > pos and e[2] & bit]
-        for e in rows:
-            if e[4]:
-                return None
+        if any(e[4] for e in rows):
+            return None
         acc = _Taken(max_bytes)
         pos, more = acc.scan(rows, pos, high, high, max_records)
         st.pos = pos
@@ -1449,11 +1452,10 @@ class Outbox:
 
     def _tail_add(self, job: _Job, res: _JobResult) -> None:
         """Keep the chunks a commit inserted in the tail (see :data:`TAIL_MAX_CHUNKS`)."""
-        tail, firsts = self._tail, self._tail_firsts
+        tail = self._tail
         if res.dropped:
             # Retention changed rows, possibly in the tail: start it afresh.
             tail.clear()
-            firsts.clear()
             self._tail_bytes = 0
             self._tail_lo = res.high_seq + 1
             return
@@ -1461,25 +1463,20 @@ class Outbox:
             if op.chunks:  # chunks confirmed whole ahead of the cursor
                 clear = ~self._reads[op.sink].bit
                 for first in op.chunks:
-                    i = bisect.bisect_left(firsts, first)
-                    if i < len(firsts) and firsts[i] == first:
+                    i = bisect.bisect_left(tail, first, key=_FIRST)
+                    if i < len(tail) and tail[i][0] == first:
                         tail[i][2] &= clear
         for first, last, pending, _created, size, prio, data, _msgs in res.chunks:
             tail.append([first, last, pending, size, prio, data])
-            firsts.append(first)
             self._tail_bytes += len(data)
-        excess = len(tail) - TAIL_MAX_CHUNKS
-        k = max(excess, 0)
-        nbytes = self._tail_bytes
-        for j in range(k):
-            nbytes -= len(tail[j][5])
-        while nbytes > TAIL_MAX_BYTES and k < len(tail):
+        # Let the oldest go until both limits hold.
+        k, nbytes = 0, self._tail_bytes
+        while k < len(tail) and (len(tail) - k > TAIL_MAX_CHUNKS or nbytes > TAIL_MAX_BYTES):
             nbytes -= len(tail[k][5])
             k += 1
         if k:
             self._tail_lo = tail[k - 1][1] + 1
             del tail[:k]
-            del firsts[:k]
             self._tail_bytes = nbytes
 
     def _reader(self) -> sqlite3.Connection:

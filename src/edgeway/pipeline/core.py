@@ -362,16 +362,10 @@ class Pipeline:
             fut.set_result(IngestStatus.REJECTED_FULL)
             return fut
         if not self.routes:
-            # Pass-through: count and hand over, no futures of our own. Inlined
-            # (reading_size, Flow.add): this runs once per device message.
+            # Pass-through: count and hand over, no futures of our own
+            # (Flow.add inlined: this runs once per read's telemetry batch).
             n = len(readings)
-            if n == 1:
-                r = readings[0]
-                nbytes = len(_dumps(r.metrics)) + len(r.device_id) + RECORD_ENVELOPE
-                if r.tags:
-                    nbytes += len(_dumps(r.tags)) + TAGS_ENVELOPE
-            else:
-                nbytes = readings_size(readings)
+            nbytes = readings_size(readings)
             for flow in (self.received, self.default, self._default_flow):
                 flow.readings += n
                 flow.bytes += nbytes
