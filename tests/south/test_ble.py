@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -174,12 +175,23 @@ async def test_allow_unknown_and_rejections() -> None:
 async def test_no_bluetooth_adapter_is_one_clear_line() -> None:
     # This machine has no Bluetooth adapter (and no BlueZ): start-up must fail
     # with one line that says so, not a traceback from D-Bus.
+    pytest.importorskip("bleak", reason="needs the ble extra (pip install 'edgeway[ble]')")
     adapter = BleAdapter(BleSection(adapter="hci7"), ingest=RecordingIngest())
     with pytest.raises(BleUnavailable) as e:
         await asyncio.wait_for(adapter.run(), 20)
     message = str(e.value)
     assert message.startswith("ble: no usable Bluetooth adapter (hci7)")
     assert "\n" not in message
+    assert not adapter.state.connected
+
+
+async def test_without_bleak_start_up_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a gateway without the ble extra says (None in sys.modules makes the
+    # import fail as if bleak were not installed).
+    monkeypatch.setitem(sys.modules, "bleak", None)
+    adapter = BleAdapter(BleSection(), ingest=RecordingIngest())
+    with pytest.raises(BleUnavailable, match=r"pip install 'edgeway\[ble\]'"):
+        await asyncio.wait_for(adapter.run(), 20)
     assert not adapter.state.connected
 
 
