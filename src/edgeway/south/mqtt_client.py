@@ -176,6 +176,8 @@ class _Connection:
         self.lost = asyncio.Event()
         self.lost_reason = ""
         self.pending: collections.deque[_Pending] = collections.deque()
+        self.redeliver = False
+        """A message was not stored: a reconnect is asked for (once per connection)."""
 
 
 @register_adapter
@@ -478,10 +480,14 @@ class MqttClientAdapter(SouthAdapter):
         n: int,
     ) -> None:
         if future.cancelled() or future.exception() is not None:
-            self.state.record_error(
-                f"ingest failed: {future.exception() if not future.cancelled() else 'cancelled'}"
-            )
+            # Not stored (a failed outbox commit): keep it at the broker and have it
+            # redelivered. Not acknowledging it alone would block every later
+            # acknowledgement (they go out in order) until the broker's in-flight
+            # window is full and it sends nothing more.
+            error = future.exception() if not future.cancelled() else "cancelled"
+            self.state.record_error(f"ingest failed: {error}")
             self._settle(conn, pending, False)
+            self._redeliver(conn, logging.WARNING, f"ingest failed ({error!r})")  # repr: one line
             return
         status = future.result()
         if status is IngestStatus.ACCEPTED:
@@ -493,7 +499,21 @@ class MqttClientAdapter(SouthAdapter):
         else:  # REJECTED_FULL: keep it at the broker; reconnect later to have it redelivered
             self.state.rejected += 1
             self._settle(conn, pending, False)
-            self._reconnect.set()
+            self._redeliver(conn, logging.INFO, "outbox full")
+
+    def _redeliver(self, conn: _Connection, level: int, why: str) -> None:
+        """Reconnect (after a backoff) so that the broker redelivers what was not
+        acknowledged on ``conn``; logged once per connection."""
+        if self._conn is not conn or conn.redeliver:
+            return
+        conn.redeliver = True
+        log.log(
+            level,
+            "mqtt_client %s: %s; reconnecting to have the broker redeliver",
+            self.name,
+            why,
+        )
+        self._reconnect.set()
 
     def _settle(self, conn: _Connection, pending: _Pending | None, ack: bool) -> None:
         if pending is not None:
