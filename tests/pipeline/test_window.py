@@ -161,3 +161,24 @@ def test_bad_window_parameters_are_refused() -> None:
             parse_config(f"routes:\n  - name: r\n    steps:\n      - window: {bad}\n", "c.yaml")
         assert message in str(e.value), str(e.value)
         assert str(e.value).startswith("c.yaml:4: routes[0].steps[0].window")
+
+
+async def test_a_reading_from_the_future_does_not_make_later_ones_late(
+    harness: MakeHarness,
+) -> None:
+    """A device's clock jumps half an hour ahead for one reading (within the
+    input limits' plausible range): its next, correctly stamped readings
+    still count in their window, and the future one gets its own window."""
+    h = await harness(cfg(grace="2s"))
+    await h.send(rd("d", 100.0, {"v": 1.0}), now=100.0)
+    await h.send(rd("d", 1900.0, {"v": 50.0}), now=101.0)  # 30 min ahead of the clock
+    assert await h.send(rd("d", 102.0, {"v": 3.0}), now=102.0) is not None
+    await h.send(rd("d", 111.0, {"v": 5.0}), now=111.0)
+    await h.tick(113.0)
+    assert [(r.metrics["window_start"], r.metrics["v_mean"]) for r in await h.take()] == [
+        (100, 2.0)
+    ]
+    assert h.stats()["routes"][0]["steps"][0].get("dropped", {}) == {}
+    await h.tick(1912.0)  # the gateway's clock reaches the future reading's window
+    got = [(r.metrics["window_start"], r.metrics["v_mean"]) for r in await h.take()]
+    assert got == [(110, 5.0), (1900, 50.0)]

@@ -22,7 +22,11 @@ own aggregates. Aggregates: ``mean min max sum count first last stddev``
 
 A window closes ``grace`` after its end, either
 
-- in reading time: the device sent a reading with ``ts >= end + grace``; or
+- in reading time: the device sent a reading with ``ts >= end + grace``
+  (reading time counts only up to the gateway's clock plus ``grace``: a
+  reading stamped in the future, by a device whose clock jumped ahead, goes
+  to its own window but does not close the current ones, so the device's
+  next readings with a sane time are not late); or
 - on the pipeline's timer: the wall clock passed ``end + grace`` and the
   device has sent nothing for ``grace`` seconds (so a steady device whose
   clock lags the gateway's is not cut off; a silent one still closes).
@@ -234,7 +238,7 @@ class _Dev:
         self.closed_k: float = -math.inf
         """Index of the last window closed: windows up to it take nothing more."""
         self.watermark = -math.inf
-        """Highest reading time seen."""
+        """Highest reading time seen, capped at the wall clock + grace on arrival."""
         self.last_arrival = -math.inf
         """Wall clock of the last reading absorbed."""
 
@@ -278,8 +282,15 @@ class WindowStep(HoldingStep):
         lo = math.floor((ts - self.size) / self.hop) + 1
         return range(lo, hi + 1)
 
-    def _absorb(self, r: Reading, covered: dict[str, MetricValue], now: float) -> _Win | None:
-        """Add ``r`` to its open windows; return the last of them (None: late)."""
+    def _absorb(
+        self, r: Reading, covered: dict[str, MetricValue], now: float, horizon: float
+    ) -> _Win | None:
+        """Add ``r`` to its open windows; return the last of them (None: late).
+
+        ``horizon`` caps how far ``r`` moves the device's reading time (the
+        watermark): the wall clock + grace on arrival, so one reading from the
+        future cannot close the device's open windows and make its next,
+        correctly stamped readings late."""
         dev = self.devs.get(r.device_id)
         if dev is None:
             dev = self.devs[r.device_id] = _Dev()
@@ -309,7 +320,7 @@ class WindowStep(HoldingStep):
                 win.priority = r.priority
             last = win
         if last is not None and r.ts > dev.watermark:
-            dev.watermark = r.ts
+            dev.watermark = r.ts if r.ts <= horizon else max(dev.watermark, horizon)
         return last
 
     def _emit(self, device_id: str, k: int, win: _Win) -> Reading:
@@ -371,7 +382,7 @@ class WindowStep(HoldingStep):
             if not covered:
                 out.append(r)
                 continue
-            win = self._absorb(r, covered, now)
+            win = self._absorb(r, covered, now, now + self.grace)
             if win is not None:
                 if journal is not None:
                     win.ids.append(journal.append(r.device_id, r))
@@ -408,7 +419,8 @@ class WindowStep(HoldingStep):
 
     def restore(self, key: str, reading: Reading, journal_id: int) -> None:
         covered = {n: v for n, v in reading.metrics.items() if self.covers(n)}
-        win = self._absorb(reading, covered, -math.inf) if covered else None
+        # Journaled readings were accepted once: their times count in full.
+        win = self._absorb(reading, covered, -math.inf, math.inf) if covered else None
         if win is not None:
             win.ids.append(journal_id)
             self._recheck.add(key)
