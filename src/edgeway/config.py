@@ -195,6 +195,11 @@ class MqttLimits(_Model):
     """Topic aliases a v5 client may use towards us (bounds the alias table per connection)."""
     max_topic_levels: int = Field(default=32, ge=1)
     """Deeper topics are refused; bounds the subscription tree's depth."""
+    packet_timeout: Duration = 60.0
+    """Time a packet may take to arrive once its first byte has (0: no limit).
+    Keep alive counts any byte, so without it a client sending a byte now and
+    then holds its socket and partial packet forever. 60 s carries a 1 MiB
+    packet at 140 kbit/s; the connection is closed (v5: DISCONNECT 0x8D)."""
 
 
 class AclRule(_Model):

@@ -647,7 +647,11 @@ class Broker:
         try:
             now = loop.time()
             connect_timeout = self.limits.connect_timeout
+            packet_timeout = self.limits.packet_timeout
             for conn in list(self.connections):
+                if packet_timeout and conn.packet_stalled(now, packet_timeout):
+                    conn.packet_timed_out()
+                    continue
                 if conn.rx:
                     conn.rx = False
                     conn.last_rx = now

@@ -225,6 +225,7 @@ class MqttConnection(asyncio.Protocol):
         "level",
         "listener",
         "max_out_packet",
+        "partial_since",
         "principal",
         "reader",
         "remote",
@@ -257,6 +258,9 @@ class MqttConnection(asyncio.Protocol):
         self.rx = False
         """Set on every read; the broker's sweep turns it into ``last_rx``."""
         self.last_rx = 0.0
+        self.partial_since = 0.0
+        """Loop time the incomplete packet in :attr:`reader` began arriving (0:
+        none); the broker's sweep enforces ``packet_timeout`` on it."""
         self.accepted_at = 0.0
         self.will: Will | None = None
         self.window = broker.limits.receive_maximum
@@ -308,6 +312,7 @@ class MqttConnection(asyncio.Protocol):
         broker = self.broker
         broker.receiving += 1
         try:
+            pos = 0
             if self._fast_topics is not None and self.state == CONNECTED and self.fast_telemetry:
                 # Telemetry the slow path has seen from this topic before is
                 # taken straight from the bytes; the rest of the read (if any)
@@ -315,14 +320,20 @@ class MqttConnection(asyncio.Protocol):
                 pos = self._fast_telemetry(data)
                 if pos:
                     data = data[pos:]
+            reader = self.reader
             try:
-                packets = self.reader.feed(data) if data else []
+                packets = reader.feed(data) if data else []
             except ProtocolError as e:
                 # Packets before the bad one are handled, as if read one by one.
                 before: list[Packet] = getattr(e, "packets", None) or []
                 if (before or self._batch is not None) and self._pending is None:
                     self._handle_packets(before)
                 raise
+            if reader.buffered_bytes:
+                if packets or pos or not self.partial_since:
+                    self.partial_since = broker.loop.time()  # a packet began in this read
+            elif self.partial_since:
+                self.partial_since = 0.0
             if self._pending is not None:
                 self._pending.extend(packets)
             elif packets or self._batch is not None:
@@ -522,6 +533,9 @@ class MqttConnection(asyncio.Protocol):
             return
         self._pause &= ~why
         if not self._pause and self.transport is not None and self.state != CLOSED:
+            if self.partial_since:
+                # The packet could not progress while we did not read.
+                self.partial_since = self.broker.loop.time()
             self.transport.resume_reading()
 
     # ------------------------------------------------------------ dispatch
@@ -1319,6 +1333,17 @@ class MqttConnection(asyncio.Protocol):
             self.session.inflight.pop(pid, None)
 
     # ------------------------------------------------------------ lifecycle
+
+    def packet_stalled(self, now: float, timeout: float) -> bool:
+        """Whether a partial packet has taken more than ``timeout`` seconds
+        while we were reading (see ``packet_timeout``)."""
+        since = self.partial_since
+        return since != 0.0 and not self._pause and now - since > timeout
+
+    def packet_timed_out(self) -> None:
+        """Called by the broker's sweep when :meth:`packet_stalled`."""
+        self.broker.count("packet_timeouts")
+        self.close(0x8D)
 
     def keepalive_expired(self) -> None:
         """Called by the broker's sweep: nothing received for 1.5x keep alive."""
