@@ -90,7 +90,9 @@ class FleetStats:
     sent: int = 0
     """Messages handed to a connection (re-sends after a failure counted again)."""
     acked: int = 0
-    """Messages the gateway acknowledged as stored (CoAP 2.04, HTTP 2xx)."""
+    """Messages the gateway acknowledged as stored (CoAP 2.04, HTTP 2xx, MQTT
+    PUBACK/PUBCOMP at QoS 1/2). gmqtt does not report a PUBACK's reason code,
+    so an MQTT refusal (not authorised, quota) counts here too."""
     receipts: int = 0
     """Messages freed by gateway receipts (MQTT: the cloud has them)."""
     errors: int = 0
@@ -160,22 +162,51 @@ def _inflight_storage_class() -> type[Any]:
     from gmqtt.storage import PersistentStorage
 
     class InflightStorage(PersistentStorage):  # type: ignore[misc]
-        """gmqtt's store of unacknowledged PUBLISH, with a window to wait on."""
+        """gmqtt's store of unacknowledged PUBLISH, with a window to wait on;
+        counts the telemetry messages the broker acknowledged (PUBACK,
+        PUBCOMP), not the status and command responses."""
 
-        def __init__(self) -> None:
+        def __init__(self, stats: FleetStats) -> None:
             super().__init__()
             self.changed = asyncio.Event()
+            self.stats = stats
+            self._telemetry: set[int] = set()
+            self._next_is_telemetry = False
+
+        def publish_telemetry(self, client: Any, topic: str, payload: bytes, qos: int) -> None:
+            """``client.publish``, remembering the packet id (gmqtt stores
+            the packet inside ``publish``, synchronously)."""
+            self._next_is_telemetry = True
+            try:
+                client.publish(topic, payload, qos=qos)
+            finally:
+                self._next_is_telemetry = False
+
+        def push_message(self, mid: int, raw_package: bytes) -> None:
+            super().push_message(mid, raw_package)
+            if self._next_is_telemetry:
+                self._telemetry.add(mid)
 
         def remove_message_by_mid(self, mid: int) -> None:
+            if mid in self._telemetry and mid in self._messages:
+                self._telemetry.discard(mid)
+                self.stats.acked += 1
             super().remove_message_by_mid(mid)
             self.changed.set()
 
         def clear(self) -> None:
             super().clear()
+            self._telemetry.clear()
             self.changed.set()
 
         def __len__(self) -> int:
             return len(self._messages)
+
+        def __bool__(self) -> bool:
+            # gmqtt takes ``persistent_storage or PersistentStorage()``: without
+            # this an empty store (len 0) is falsy and gmqtt silently uses its
+            # own, so the window above was never enforced and nothing counted.
+            return True
 
     return InflightStorage
 
@@ -229,7 +260,7 @@ class MqttFleet:
     def _make_link(self, device: VirtualDevice) -> _MqttLink:
         import gmqtt
 
-        storage = _inflight_storage_class()()
+        storage = _inflight_storage_class()(self.stats)
         dev_id = device.device_id
         will = gmqtt.Message(f"devices/{dev_id}/status", b'{"online":false}', qos=1, retain=True)
         client = gmqtt.Client(
@@ -341,7 +372,7 @@ class MqttFleet:
                     await link.storage.changed.wait()
                 if not client.is_connected:
                     break
-                client.publish(topic, pending.payload, qos=self.qos)
+                link.storage.publish_telemetry(client, topic, pending.payload, self.qos)
                 dev.buffer.mark_sent(msg_id, loop.time())
                 self.stats.sent += 1
 
@@ -364,8 +395,24 @@ class MqttFleet:
         async with asyncio.TaskGroup() as tg:
             sender = tg.create_task(self._send(link))
             await _produce(link.device, self.stats, link.wake, stop)
-            await _drained(link.device, drain)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + drain
+            await self._acknowledged(link, drain)
+            if self.stats.receipts:
+                # Only a gateway with receipts on ever frees a device's buffer.
+                await _drained(link.device, deadline - loop.time())
             sender.cancel()
+
+    async def _acknowledged(self, link: _MqttLink, limit: float) -> None:
+        """Wait (at most ``limit`` s) until the gateway acknowledged everything
+        the device has sent (QoS 0: until it is all sent)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                while len(link.storage) or link.device.buffer.unsent():
+                    link.storage.changed.clear()
+                    link.wake.set()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(link.storage.changed.wait(), RECEIPT_CHECK)
 
     async def _disconnect_all(self) -> None:
         async def one(link: _MqttLink) -> None:
@@ -966,7 +1013,7 @@ async def _simulate(
             await asyncio.wait(tasks, timeout=args.interval)
             write(_status(fleets))
         timer.cancel()
-    write("stopped: " + _status(fleets))
+    write("stopped: " + _status(fleets, final=True))
     return 0
 
 
@@ -984,14 +1031,32 @@ async def _until(stop: asyncio.Event, duration: float | None) -> None:
     stop.set()
 
 
-def _status(fleets: Sequence[MqttFleet | CoapFleet | HttpFleet]) -> str:
+def _status(fleets: Sequence[MqttFleet | CoapFleet | HttpFleet], *, final: bool = False) -> str:
+    """One status line. CoAP and HTTP devices count a message confirmed when
+    the gateway stored it; MQTT devices when the gateway's receipt says the
+    cloud has it. Without receipts an MQTT device only knows the gateway
+    acknowledged its messages: the last line says so, rather than showing
+    every message as held, which would read like data loss."""
     parts = []
     for f in fleets:
         s = f.stats
-        confirmed = s.receipts if f.protocol == "mqtt" else s.acked
-        extra = f" connected {s.connected}/{s.devices}" if f.protocol == "mqtt" else ""
-        parts.append(
-            f"{f.protocol}: produced {s.produced} confirmed {confirmed} "
-            f"held {buffered(f.devices)} errors {s.errors}{extra}"
+        if not isinstance(f, MqttFleet):
+            parts.append(
+                f"{f.protocol}: produced {s.produced} confirmed {s.acked} "
+                f"held {buffered(f.devices)} errors {s.errors}"
+            )
+            continue
+        acked = f"acknowledged {s.acked}" if f.qos else "qos 0 (nothing acknowledged)"
+        line = (
+            f"mqtt: produced {s.produced} sent {s.sent} {acked} confirmed {s.receipts} "
+            f"held {buffered(f.devices)} errors {s.errors} connected {s.connected}/{s.devices}"
         )
+        if final and not s.receipts:
+            line = (
+                f"mqtt: produced {s.produced} sent {s.sent} {acked} errors {s.errors}; "
+                "delivery to the cloud not confirmed (no receipts came back: the gateway "
+                "has receipts off?); the devices keep their messages until a receipt "
+                "names them"
+            )
+        parts.append(line)
     return " | ".join(parts)
