@@ -236,6 +236,20 @@ class MqttUser(_Model):
     """An argon2 hash: make one with ``edgeway passwd``."""
 
 
+class MqttEventLog(_Model):
+    """Log lines for client events (connect, disconnect, refused login, denied
+    publish or subscribe), rate-limited per kind with a token bucket."""
+
+    lines_per_second: float = Field(default=10.0, gt=0)
+    """Sustained lines per second per kind. 10: a site's normal reconnects all
+    show; a reconnect storm of 10,000 devices or a device retrying a denied
+    publish in a loop costs ~10 lines/s, and the lines left out are counted in
+    the next one."""
+    burst: int = Field(default=100, ge=1)
+    """Lines per kind that may come at once before the rate applies (a
+    gateway restart reconnecting 100 devices is logged in full)."""
+
+
 class MqttSection(_Model):
     enabled: bool = True
     """Run the embedded MQTT broker."""
@@ -253,6 +267,8 @@ class MqttSection(_Model):
     acl: list[AclRule] = Field(default_factory=list)
     """Empty: every authenticated client may publish and subscribe anywhere
     except other devices' ``$``-topics. Non-empty: default deny."""
+    event_log: MqttEventLog = Field(default_factory=MqttEventLog)
+    """Log lines per client event (see docs/protocols/mqtt-broker.md#logging)."""
 
 
 class OutboxSection(_Model):

@@ -224,7 +224,8 @@ class ConfigAuthenticator:
                 entry = None
             elif entry.locked_until > now:
                 wait = entry.locked_until - now
-                log.info(
+                # The broker logs the refusal (rate-limited); this is the detail.
+                log.debug(
                     "login for user %r from %s refused: locked out for %.1f s more",
                     username,
                     info.remote,
@@ -234,9 +235,7 @@ class ConfigAuthenticator:
                     False, None, 0x8A, f"too many failed logins; retry in {wait:.0f} s"
                 )
         if self._pending >= self._max_pending:
-            log.warning(
-                "login for user %r refused: %d hash checks pending", username, self._pending
-            )
+            log.debug("login for user %r refused: %d hash checks pending", username, self._pending)
             return AuthDecision(False, None, 0x89, "server busy")
         stored = self._users.get(username)
         password = info.password if info.password is not None else b""
@@ -252,7 +251,7 @@ class ConfigAuthenticator:
             self._failures.pop(username, None)
             return AuthDecision(True, Principal(info.client_id, username))
         self._record_failure(username, self._clock())
-        log.info(
+        log.debug(
             "login for user %r from %s refused: bad user name or password", username, info.remote
         )
         return AuthDecision(False, None, 0x86, "bad user name or password")

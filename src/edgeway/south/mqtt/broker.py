@@ -66,6 +66,7 @@ from typing import Any
 from edgeway.config import ListenerConfig, MqttSection
 from edgeway.devices.auth import Authenticator, Authoriser, Principal
 from edgeway.ingest import Ingest
+from edgeway.logs import EventLog
 from edgeway.south.mqtt.connection import CLOSED, CONNECTED, MAX_BATCH, MqttConnection
 from edgeway.south.mqtt.packets import MQTT_5, Properties, Will
 from edgeway.south.mqtt.persistence import AUTOSAVE_INTERVAL, BrokerStore
@@ -148,6 +149,12 @@ class Broker:
         self.messages_out = 0
         self.readings_in = 0
         self.counters: dict[str, int] = {}
+        self.events = EventLog(
+            log,
+            per_second=config.event_log.lines_per_second,
+            burst=config.event_log.burst,
+        )
+        """Connect, disconnect, refused login, denied publish/subscribe lines."""
         self.dropped: dict[str, int] = {}
         self.decode_errors: dict[str, int] = {}
 
@@ -273,6 +280,7 @@ class Broker:
             "decode_errors": sum(self.decode_errors.values()),
             "queued": sum(len(s.queue) for s in self.sessions.values()),
             "inflight": sum(len(s.inflight) for s in self.sessions.values()),
+            "log_lines_suppressed": self.events.suppressed_total,
         }
         for k, v in self.counters.items():
             out[k] = v
@@ -687,6 +695,7 @@ class Broker:
                 dirty = [s for s in self.sessions.values() if s.dirty and s.persistent]
                 if dirty:
                     self.store.messages_saved(dirty)
+            self.events.report_suppressed()
             self.flush_writes()
         except Exception:
             log.exception("MQTT broker sweep failed")

@@ -201,6 +201,7 @@ class MqttConnection(asyncio.Protocol):
         "_acks",
         "_aliases_in",
         "_aliases_out",
+        "_announced",
         "_auth_task",
         "_batch",
         "_cb_future",
@@ -215,6 +216,7 @@ class MqttConnection(asyncio.Protocol):
         "_saturation_check",
         "_topics",
         "_waiting",
+        "_why",
         "_write_paused",
         "accepted_at",
         "alias_max_out",
@@ -290,6 +292,10 @@ class MqttConnection(asyncio.Protocol):
         """Topics (as the bytes on the wire) this connection sent telemetry to,
         with device id, origin and topic: what :meth:`_fast_telemetry` may take."""
         self._auth_task: asyncio.Task[AuthDecision] | None = None
+        self._announced = False
+        """A connect line was logged: a disconnect line follows."""
+        self._why: str | None = None
+        """Why the connection ends (for its disconnect line), once we know."""
 
     # ------------------------------------------------------------ transport
 
@@ -464,6 +470,19 @@ class MqttConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = CLOSED
+        if self._announced:
+            self._announced = False
+            why = self._why
+            if why is None:
+                why = f"connection lost: {exc}" if exc is not None else "connection closed"
+            self.broker.events.emit(
+                "disconnect",
+                logging.WARNING if why.startswith("protocol error") else logging.INFO,
+                "MQTT client %s disconnected (%s): %s",
+                self.client_id,
+                self.remote,
+                why,
+            )
         if self._auth_task is not None:
             self._auth_task.cancel()
         self._forget_unanswered()
@@ -500,10 +519,13 @@ class MqttConnection(asyncio.Protocol):
             t.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
 
-    def close(self, reason_code: int | None = None) -> None:
-        """Close the connection; v5 clients get DISCONNECT ``reason_code`` first."""
+    def close(self, reason_code: int | None = None, why: str | None = None) -> None:
+        """Close the connection; v5 clients get DISCONNECT ``reason_code`` first.
+        ``why`` goes to the disconnect log line."""
         if self.state == CLOSED:
             return
+        if why is not None and self._why is None:
+            self._why = why
         if reason_code is not None and self.level == MQTT_5 and self.state == CONNECTED:
             self.send(Disconnect(reason_code))
         self.state = CLOSED
@@ -519,7 +541,7 @@ class MqttConnection(asyncio.Protocol):
                 self.write(e.connack())
             elif self.level == MQTT_5:
                 self.write(encode(ConnAck(False, e.reason_code), MQTT_5))
-        self.close(e.reason_code)
+        self.close(e.reason_code, f"protocol error 0x{e.reason_code:02X}: {e}")
 
     def _pause_reading(self, why: int) -> None:
         if not self._pause and self.transport is not None:
@@ -640,10 +662,19 @@ class MqttConnection(asyncio.Protocol):
         broker.track_task(task)
         task.add_done_callback(lambda t: self._auth_done(t, p, assigned))
 
-    def _refuse(self, v5_reason: int, why: str) -> None:
+    def _refuse(self, v5_reason: int, why: str, username: str | None = None) -> None:
         code = v5_reason if self.level == MQTT_5 else _311_CONNACK.get(v5_reason, 5)
         self.write(encode(ConnAck(False, code), self.level or 4))
-        log.info("refused MQTT client %s (%s): %s", self.client_id, self.remote, why)
+        self.broker.events.emit(
+            "login_failed",
+            logging.WARNING,
+            "MQTT client %s (%s, user %s) refused: %s (CONNACK 0x%02X)",
+            self.client_id,
+            self.remote,
+            username,
+            why,
+            code,
+        )
         self.broker.count("connect_refused")
         self.close()
 
@@ -665,7 +696,7 @@ class MqttConnection(asyncio.Protocol):
                 self._refuse(0x88 if self.level != MQTT_5 else 0x80, "authenticator error")
                 return
             if not decision.allowed:
-                self._refuse(decision.reason_code, decision.reason or "not authorised")
+                self._refuse(decision.reason_code, decision.reason or "not authorised", p.username)
                 return
             self.principal = decision.principal or Principal(
                 self.client_id, p.username, p.username is None
@@ -729,6 +760,19 @@ class MqttConnection(asyncio.Protocol):
                 shared_subscription_available=1,
             )
         self.send(ack)
+        self._announced = True
+        principal = self.principal
+        broker.events.emit(
+            "connect",
+            logging.INFO,
+            "MQTT client %s connected (%s) as %s: MQTT %s, %s session, keep alive %d s",
+            self.client_id,
+            self.remote,
+            "anonymous" if principal is None or principal.anonymous else principal.username,
+            "5.0" if v5 else "3.1.1",
+            "resumed" if present else ("persistent" if session.persistent else "clean"),
+            keepalive,
+        )
         # Redeliver what the session had in flight (DUP), then its queue.
         for inf in list(session.inflight.values()):
             if inf.released:
@@ -779,6 +823,14 @@ class MqttConnection(asyncio.Protocol):
                 self._complete_or_queue(_PendingAck(None, None, pid, qos, 0x90 if v5 else 0))
             else:
                 broker.count_drop("not_authorised")
+                broker.events.emit(
+                    "publish_denied",
+                    logging.WARNING,
+                    "MQTT client %s (user %s) may not publish to %s: dropped",
+                    self.client_id,
+                    self._username(),
+                    topic,
+                )
                 self._complete_or_queue(_PendingAck(None, None, pid, qos, 0x87 if v5 else 0))
             return
         fwd: Properties | None = None
@@ -1155,6 +1207,14 @@ class MqttConnection(asyncio.Protocol):
             real = flt.split("/", 2)[2] if shared else flt
             if not broker.authoriser.may_subscribe(self.principal, real):
                 broker.count("subscribe_denied")
+                broker.events.emit(
+                    "subscribe_denied",
+                    logging.WARNING,
+                    "MQTT client %s (user %s) may not subscribe to %s: refused",
+                    self.client_id,
+                    self._username(),
+                    flt,
+                )
                 codes.append(0x87 if v5 else 0x80)
                 continue
             entry = SubEntry(
@@ -1196,12 +1256,14 @@ class MqttConnection(asyncio.Protocol):
                 session.expiry_interval = min(new_expiry, cap) if cap else new_expiry
             if p.reason_code == 0x04:
                 # "Disconnect with Will Message": the will is sent.
+                self._why = "client DISCONNECT 0x04 (with will message)"
                 self.state = CLOSED
                 self.flush()
                 if self.transport is not None:
                     self.transport.close()
                 return
         self._normal_disconnect = True
+        self._why = "client DISCONNECT"
         self.will = None
         self.state = CLOSED
         self.flush()
@@ -1348,12 +1410,12 @@ class MqttConnection(asyncio.Protocol):
     def keepalive_expired(self) -> None:
         """Called by the broker's sweep: nothing received for 1.5x keep alive."""
         self.broker.count("keepalive_timeouts")
-        self.close(0x8D)
+        self.close(0x8D, f"keep alive timeout (nothing received for 1.5 x {self.keepalive} s)")
 
     def taken_over(self) -> None:
         """Another connection took this client id (v5: DISCONNECT 0x8E)."""
         self._forget_unanswered()
-        self.close(0x8E)
+        self.close(0x8E, "session taken over by a new connection with this client id")
 
     def _forget_unanswered(self) -> None:
         """Drop PUBLISHes still waiting for ingest; the client sends them again.
@@ -1374,7 +1436,11 @@ class MqttConnection(asyncio.Protocol):
         self._waiting = 0
 
     def server_shutdown(self) -> None:
-        self.close(0x8B)
+        self.close(0x8B, "gateway shutting down")
+
+    def _username(self) -> str | None:
+        p = self.principal
+        return None if p is None or p.anonymous else p.username
 
     @property
     def sends_will(self) -> bool:
