@@ -36,6 +36,7 @@ from edgeway.south.mqtt.listeners import RunningListener, start_listeners
 
 if TYPE_CHECKING:
     from edgeway.admin.api import AdminServer
+    from edgeway.commands.service import CommandService
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class Gateway:
     listeners: list[RunningListener] = field(default_factory=list)
     adapters: list[SouthAdapter] = field(default_factory=list)
     admin: AdminServer | None = None
+    commands: CommandService | None = None
     started_at: float = 0.0
     _front_stopped: bool = False
 
@@ -104,6 +106,9 @@ class Gateway:
             "broker": self.broker.stats() if self.broker is not None else None,
             "outbox": self.outbox.counters() if self.outbox is not None else {},
             "pipeline": self.pipeline.stats() if self.pipeline is not None else None,
+            "commands": (
+                dataclasses.asdict(self.commands.stats) if self.commands is not None else None
+            ),
             "sinks": {s.name: dataclasses.asdict(s.state) for s in self.sinks},
             "adapters": {f"{a.section}:{a.name}": _adapter_status(a) for a in self.adapters},
         }
@@ -157,6 +162,13 @@ class Gateway:
             raise StartupError(str(e)) from e
         await pipeline.open()
         self.pipeline = pipeline
+        if cfg.commands.enabled:
+            from edgeway.commands.service import CommandService
+
+            self.commands = CommandService(
+                data_dir, cfg.commands, emit=outbox.submit, durability=cfg.outbox.durability
+            )
+            await self.commands.open()
         self.adapters = self._build_adapters(pipeline)
         try:
             for sink in self.sinks:
@@ -165,6 +177,12 @@ class Gateway:
                 # Before the TaskGroup, so that a port already in use surfaces as
                 # a plain ListenerError the CLI can print in one line.
                 await self._start_broker(authenticator, authoriser)
+            if self.commands is not None and self.broker is not None:
+                from edgeway.south.mqtt.downlink import BrokerDownlink
+
+                downlink = BrokerDownlink(self.broker, cfg.commands.mqtt, self.commands)
+                downlink.attach()
+                self.commands.add_downlink(downlink)
             if cfg.receipts.enabled and self.broker is not None:
                 outbox.add_confirmed_listener(self._send_receipts)
             if cfg.admin is not None and cfg.admin.enabled:
@@ -206,6 +224,8 @@ class Gateway:
             # After the adapters stopped (nothing submits any more), before the
             # outbox closes (the pipeline's last window state and stats commit).
             await pipeline.close()
+            if self.commands is not None:
+                await self.commands.close()
             for sink in self.sinks:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(sink.close(), 1.0)

@@ -61,7 +61,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from edgeway.config import ListenerConfig, MqttSection
 from edgeway.devices.auth import Authenticator, Authoriser, Principal
@@ -93,6 +93,26 @@ misbehaving device must not flood the log; the counters have every case."""
 SATURATION_POLL = 0.05
 """Seconds between checks of ``ingest.is_saturated()`` while 3.1.1 clients
 are paused (no event is offered for "not saturated any more")."""
+
+
+class BrokerObserver(Protocol):
+    """Something in the gateway that follows device sessions and reads the
+    PUBLISHes that are not telemetry (the command downlink does). Called on
+    the loop's thread, synchronously: keep each call short, never block."""
+
+    def session_online(self, session: Session) -> None:
+        """A client connected (its resumed subscriptions are in place)."""
+
+    def session_offline(self, session: Session) -> None:
+        """A client's connection ended (its session may persist)."""
+
+    def subscribed(self, session: Session, topic_filter: str) -> None:
+        """A client's subscription was added or replaced."""
+
+    def published(
+        self, topic: str, payload: bytes, properties: Properties | None, sender: str
+    ) -> None:
+        """A client's PUBLISH that is not telemetry was accepted for routing."""
 
 
 class Broker:
@@ -142,6 +162,8 @@ class Broker:
         self._stopped = False
         self._started = False
         self._connected = 0
+        self.observers: list[BrokerObserver] = []
+        """Followers of sessions and non-telemetry PUBLISHes (see BrokerObserver)."""
         self.receiving = 0
         """Nesting depth of protocol callbacks; writes are flushed when it returns to 0."""
         # Counters (plain ints: they sit on the hot path).
@@ -324,6 +346,8 @@ class Broker:
         self._connected -= 1
         session.conn = None
         self._detach(session, conn)
+        for obs in self.observers:
+            obs.session_offline(session)
 
     def _detach(self, session: Session, conn: MqttConnection) -> None:
         """The session's connection ended (closed, lost or taken over)."""
@@ -380,6 +404,8 @@ class Broker:
         session.conn = conn
         session.disconnected_at = None
         self._connected += 1
+        for obs in self.observers:
+            obs.session_online(session)
         store = self.store
         if store is not None:
             if session.persistent:
@@ -450,6 +476,8 @@ class Broker:
         """Add a subscription; True if it replaced one with the same filter."""
         existed = self.tree.subscribe(session, entry)
         session.subscriptions[entry.topic_filter] = entry
+        for obs in self.observers:
+            obs.subscribed(session, entry.topic_filter)
         if session.persistent and self.store is not None:
             self.store.subscription_saved(session.client_id, entry)
             self.schedule_store_flush()
@@ -474,8 +502,12 @@ class Broker:
         qos: int = 0,
         retain: bool = False,
         properties: Properties | None = None,
+        on_ack: Callable[[str], None] | None = None,
     ) -> None:
         """Publish a gateway-originated message (receipts, commands).
+
+        ``on_ack`` is called with the client id of every subscriber that
+        completes a QoS 1/2 delivery of it (see ``Message.on_ack``).
 
         Call it on the event loop's thread. It is routed like a device's
         message (retained if asked, queued for offline persistent sessions)
@@ -485,7 +517,7 @@ class Broker:
         if properties is not None and properties.message_expiry_interval is not None:
             expires_at = time.time() + properties.message_expiry_interval
         self.messages_in += 1
-        self.route(Message(topic, payload, qos, retain, properties, expires_at, None))
+        self.route(Message(topic, payload, qos, retain, properties, expires_at, None, on_ack))
         self.flush_writes_soon()
 
     def has_subscribers(self, topic: str) -> bool:
@@ -506,11 +538,18 @@ class Broker:
         """:meth:`route` for the hot path: no Message is built when nobody
         subscribes and nothing is retained."""
         if not retain and not self.has_subscribers(topic):
+            if sender is not None:
+                for obs in self.observers:
+                    obs.published(topic, payload, properties, sender)
             return
         self.route(Message(topic, payload, qos, retain, properties, expires_at, sender))
 
     def route(self, msg: Message) -> None:
         """Deliver ``msg`` to every matching subscription (and retain it)."""
+        sender = msg.sender
+        if sender is not None:
+            for obs in self.observers:
+                obs.published(msg.topic, msg.payload, msg.properties, sender)
         if msg.retain:
             self.retained.set(msg)
             self.schedule_store_flush()

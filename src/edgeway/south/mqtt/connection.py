@@ -1140,8 +1140,12 @@ class MqttConnection(asyncio.Protocol):
         """PUBACK (QoS 1) or PUBCOMP (QoS 2) for a message we sent."""
         session = self.session
         assert session is not None
-        if session.inflight.pop(pid, None) is not None:
+        done = session.inflight.pop(pid, None)
+        if done is not None:
             session.dirty = True
+            on_ack = done.delivery.msg.on_ack
+            if on_ack is not None:
+                on_ack(session.client_id)
             if session.queue:
                 self._drain_queue()
 

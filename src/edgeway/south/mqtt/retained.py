@@ -18,7 +18,7 @@ so a scan is cheaper to keep correct than a second trie.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from edgeway.south.mqtt.packets import Properties
@@ -42,6 +42,10 @@ class Message:
     properties: Properties | None = None
     expires_at: float | None = None
     sender: str | None = None
+    on_ack: Callable[[str], None] | None = None
+    """Gateway-originated messages only (commands): called with the client id
+    of each subscriber whose PUBACK/PUBCOMP completes its delivery. Not
+    persisted: after a restart the command queue sends again instead."""
 
     def remaining_expiry(self, now: float) -> int | None:
         """Seconds left, rounded up; 0 once expired; None if it never expires."""

@@ -1,0 +1,804 @@
+"""The durable command queue and its dispatcher.
+
+Configuration (defaults shown; see docs/commands.md)::
+
+    commands:
+      max_per_device: 1000     # unfinished commands per device
+      default_ttl: 1h          # time to wait for the device before EXPIRED
+      result_timeout: 30s      # time after delivery for a result before TIMED_OUT
+      mqtt:
+        topic: devices/{device_id}/commands/{name}
+
+What it promises (guarantee 7 of DESIGN.md):
+
+* :meth:`CommandService.submit` returns only once the command is committed
+  to ``commands.db`` (SQLite WAL, ``synchronous=FULL`` with ``durability:
+  fsync``): "queued" means on disk. Submits of one loop iteration share one
+  commit (:class:`~edgeway.storage.sqlite.Database`).
+* Per device, commands go out in the order they were queued (FIFO), one at a
+  time until the device's transport confirmed the previous one (DELIVERED);
+  results may come back in any order.
+* Every state change is committed before it is acted on: a command is marked
+  SENT (attempts + 1) on disk *before* it is handed to the transport. After a
+  kill -9, commands found SENT or DELIVERED-without-result are sent again with
+  ``redelivery: true`` and the same id; QUEUED ones go out as usual. None is
+  lost; a device that remembers ids runs each once.
+* A command ends in exactly one terminal state: SUCCEEDED, FAILED (the device
+  said so, or its protocol can never take it), EXPIRED (its time to live ended
+  before delivery), TIMED_OUT (delivered, no result in time) or CANCELLED.
+* A duplicate idempotency key (per device) returns the existing command
+  instead of queueing a second one, while that command is kept in history.
+
+Memory: unfinished commands are held in memory (bounded by
+``max_per_device`` per device); finished ones are in the database only, plus
+a small cache for callers waiting on them.
+
+Every state change also goes up to the sinks as a record (through
+``emit``; the gateway passes the outbox), tagged ``record_type: command``, in
+the priority lane, so the cloud learns durably what became of its commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import heapq
+import logging
+import re
+import sqlite3
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+
+from edgeway.commands.model import TERMINAL, Command, CommandResult, CommandState
+from edgeway.downlink import DeliveryError, Downlink
+from edgeway.reading import Origin, Reading
+from edgeway.storage.sqlite import Database
+
+if TYPE_CHECKING:
+    from edgeway.config import CommandsSection
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+"""Command names: they become one MQTT topic level, a CoAP/HTTP path segment
+and a log field, so no '/', '+', '#', spaces or control characters."""
+DEVICE_ID_MAX = 256
+"""Longest device id a command may address (device ids elsewhere are topic
+levels; 256 is far above any seen and bounds the index)."""
+IDEMPOTENCY_KEY_MAX = 128
+"""Longest idempotency key kept (a UUID is 36)."""
+TERMINAL_CACHE = 1024
+"""Finished commands kept in memory for ``get``/``wait`` right after they end;
+older ones are read from the database."""
+TICK = 0.25
+"""Seconds between checks of time to live and result deadlines: the error of
+an EXPIRED or TIMED_OUT transition is below this."""
+PURGE_EVERY = 300.0
+"""Seconds between purges of finished commands past ``history``."""
+EVENT_TEXT_MAX = 4096
+"""Longest result or error text carried in an uplink command record; the full
+result stays in the queue's database."""
+
+SCHEMA_V1 = """
+CREATE TABLE commands(
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    device_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    params BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    result_timeout REAL NOT NULL,
+    idem_key TEXT,
+    source TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    delivered_at REAL,
+    result BLOB,
+    error TEXT
+);
+CREATE UNIQUE INDEX commands_idem ON commands(device_id, idem_key) WHERE idem_key IS NOT NULL;
+CREATE INDEX commands_active ON commands(state) WHERE state IN ('queued', 'sent', 'delivered');
+CREATE INDEX commands_device ON commands(device_id, seq);
+CREATE INDEX commands_updated ON commands(updated_at);
+"""
+
+_COLS = (
+    "seq, id, device_id, name, params, created_at, expires_at, result_timeout, idem_key, "
+    "source, state, attempts, updated_at, delivered_at, result, error"
+)
+
+
+class CommandError(Exception):
+    """A command the service refuses; ``code`` is stable for API clients:
+    ``invalid``, ``queue_full``, ``not_found``, ``disabled``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class CommandStats:
+    """Counters of the command queue (admin API, metrics)."""
+
+    submitted: int = 0
+    duplicates: int = 0
+    """Submits answered with an existing command (same idempotency key)."""
+    refused_full: int = 0
+    refused_invalid: int = 0
+    sent: int = 0
+    redelivered: int = 0
+    delivered: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    expired: int = 0
+    timed_out: int = 0
+    cancelled: int = 0
+    results_unmatched: int = 0
+    """Results for unknown or finished commands, or from another device."""
+    active: int = 0
+    """Unfinished commands now."""
+    devices_waiting: int = 0
+    """Devices with unfinished commands now."""
+
+
+@dataclass(slots=True)
+class _Record:
+    """One unfinished command with what the dispatcher needs beside it."""
+
+    cmd: Command
+    result_timeout: float
+    waiters: list[asyncio.Future[Command]] = field(default_factory=list)
+
+
+class CommandService:
+    """The queue of commands to devices; see the module docstring."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        config: CommandsSection,
+        *,
+        emit: Callable[[Sequence[Reading]], Any] | None = None,
+        durability: Literal["fsync", "os"] = "fsync",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.db = Database(
+            data_dir / "commands.db", migrations=[SCHEMA_V1], durability=durability, name="commands"
+        )
+        self.stats = CommandStats()
+        self.downlinks: list[Downlink] = []
+        self._emit = emit
+        self._clock = clock
+        self._active: dict[str, _Record] = {}
+        self._by_device: dict[str, deque[_Record]] = {}
+        self._keys: dict[tuple[str, str], _Record] = {}
+        self._finished: OrderedDict[str, Command] = OrderedDict()
+        self._pumping: set[str] = set()
+        self._rekick: set[str] = set()
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._next_seq = 1
+        self._ticker: asyncio.Task[None] | None = None
+        self._last_purge = 0.0
+        self._closed = False
+
+    # --------------------------------------------------------------- lifetime
+
+    async def open(self) -> None:
+        """Open the database and take back every unfinished command."""
+        await self.db.open()
+
+        def load(conn: sqlite3.Connection) -> tuple[int, list[tuple[Any, ...]]]:
+            top = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM commands").fetchone()[0]
+            rows = conn.execute(
+                f"SELECT {_COLS} FROM commands WHERE state IN ('queued', 'sent', 'delivered') "
+                "ORDER BY seq"
+            ).fetchall()
+            return int(top), rows
+
+        top, rows = await self.db.read(load)
+        self._next_seq = top + 1
+        for row in rows:
+            rec = _record_from_row(row)
+            if rec.cmd.state is CommandState.DELIVERED:
+                # Its result may have been lost with the process: send it
+                # again (a redelivery, same id) so the device answers again.
+                rec.cmd.state = CommandState.SENT
+                rec.cmd.delivered_at = None
+            self._remember(rec)
+        self.stats.active = len(self._active)
+        self._ticker = asyncio.create_task(self._tick_loop(), name="commands:timers")
+        if rows:
+            log.info(
+                "command queue: %d unfinished commands for %d devices taken back",
+                len(rows),
+                len(self._by_device),
+            )
+
+    async def close(self) -> None:
+        """Stop dispatching; unfinished commands stay on disk for the next start."""
+        self._closed = True
+        tasks = list(self._tasks)
+        if self._ticker is not None:
+            tasks.append(self._ticker)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for rec in self._active.values():
+            for w in rec.waiters:
+                if not w.done():
+                    w.cancel()
+        await self.db.close()
+
+    def add_downlink(self, downlink: Downlink) -> None:
+        """A protocol that can reach devices; queued commands are tried on it."""
+        self.downlinks.append(downlink)
+        for device in list(self._by_device):
+            self.device_reachable(device)
+
+    def remove_downlink(self, downlink: Downlink) -> None:
+        with contextlib.suppress(ValueError):
+            self.downlinks.remove(downlink)
+
+    # ---------------------------------------------------------------- callers
+
+    async def submit(
+        self,
+        device_id: str,
+        name: str,
+        params: dict[str, Any] | None = None,
+        *,
+        ttl: float | None = None,
+        result_timeout: float | None = None,
+        idempotency_key: str | None = None,
+        source: str = "api",
+    ) -> tuple[Command, bool]:
+        """Queue a command; returns it (QUEUED, on disk) and whether it is new
+        (False: an existing command with the same idempotency key)."""
+        cfg = self.config
+        if self._closed:
+            raise CommandError("disabled", "the command queue is stopped")
+        params = {} if params is None else params
+        self._check(device_id, name, params, ttl, result_timeout, idempotency_key)
+        if idempotency_key is not None:
+            existing = self._keys.get((device_id, idempotency_key))
+            if existing is not None:
+                self.stats.duplicates += 1
+                return existing.cmd, False
+            found = await self.db.read(
+                lambda conn: conn.execute(
+                    f"SELECT {_COLS} FROM commands WHERE device_id = ? AND idem_key = ?",
+                    (device_id, idempotency_key),
+                ).fetchone()
+            )
+            existing = self._keys.get((device_id, idempotency_key))  # queued meanwhile
+            if existing is not None:
+                self.stats.duplicates += 1
+                return existing.cmd, False
+            if found is not None:
+                self.stats.duplicates += 1
+                return _record_from_row(found).cmd, False
+        queue = self._by_device.get(device_id)
+        if queue is not None and len(queue) >= cfg.max_per_device:
+            self.stats.refused_full += 1
+            raise CommandError(
+                "queue_full",
+                f"device {device_id!r} has {len(queue)} unfinished commands "
+                f"(commands.max_per_device = {cfg.max_per_device})",
+            )
+        now = self._clock()
+        cmd = Command(
+            id=uuid.uuid4().hex,
+            device_id=device_id,
+            name=name,
+            params=params,
+            created_at=now,
+            expires_at=now + (ttl if ttl is not None else cfg.default_ttl),
+            seq=self._next_seq,
+            idempotency_key=idempotency_key,
+            source=source,
+            updated_at=now,
+        )
+        self._next_seq += 1
+        rec = _Record(cmd, result_timeout if result_timeout is not None else cfg.result_timeout)
+        # Held in memory before the commit so a second submit with the same
+        # key, or one that would overflow the queue, is answered consistently;
+        # not dispatched before the commit.
+        self._remember(rec, dispatch=False)
+        try:
+            await self.db.write(lambda conn: _insert(conn, rec))
+        except BaseException:
+            self._forget(rec)
+            raise
+        self.stats.submitted += 1
+        self._emit_state(cmd)
+        self.device_reachable(device_id)
+        return cmd, True
+
+    def _check(
+        self,
+        device_id: str,
+        name: str,
+        params: Any,
+        ttl: float | None,
+        result_timeout: float | None,
+        idempotency_key: str | None,
+    ) -> None:
+        cfg = self.config
+        problem: str | None = None
+        if not isinstance(device_id, str) or not 0 < len(device_id) <= DEVICE_ID_MAX:
+            problem = f"device id must be 1-{DEVICE_ID_MAX} characters"
+        elif any(c in device_id for c in "/+#") or not device_id.isprintable():
+            problem = "device id cannot contain '/', '+', '#' or control characters"
+        elif not isinstance(name, str) or not NAME_RE.match(name):
+            problem = "command name must be 1-64 of A-Z a-z 0-9 _ . : -"
+        elif not isinstance(params, dict):
+            problem = "params must be a JSON object"
+        elif len(orjson.dumps(params)) > cfg.max_params_bytes:
+            problem = f"params are larger than commands.max_params_bytes ({cfg.max_params_bytes})"
+        elif ttl is not None and not 0 < ttl <= cfg.max_ttl:
+            problem = f"ttl must be above 0 and at most commands.max_ttl ({cfg.max_ttl:g} s)"
+        elif result_timeout is not None and not 0 < result_timeout <= cfg.max_ttl:
+            problem = "timeout must be above 0 and at most commands.max_ttl"
+        elif idempotency_key is not None and (
+            not isinstance(idempotency_key, str)
+            or not 0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX
+        ):
+            problem = f"idempotency key must be 1-{IDEMPOTENCY_KEY_MAX} characters"
+        if problem is not None:
+            self.stats.refused_invalid += 1
+            raise CommandError("invalid", problem)
+
+    async def cancel(self, command_id: str) -> Command:
+        """Cancel an unfinished command (a finished one is returned as it is).
+        A command already SENT may still run on the device: cancelling it only
+        stops the gateway from sending it again and from waiting for it."""
+        rec = self._active.get(command_id)
+        if rec is None:
+            cmd = await self.get(command_id)
+            if cmd is None:
+                raise CommandError("not_found", f"no command {command_id!r}")
+            return cmd
+        await self._finish(rec, CommandState.CANCELLED, error="cancelled")
+        return rec.cmd
+
+    async def get(self, command_id: str) -> Command | None:
+        """The command with this id, unfinished or in history."""
+        rec = self._active.get(command_id)
+        if rec is not None:
+            return rec.cmd
+        cmd = self._finished.get(command_id)
+        if cmd is not None:
+            return cmd
+        row = await self.db.read(
+            lambda conn: conn.execute(
+                f"SELECT {_COLS} FROM commands WHERE id = ?", (command_id,)
+            ).fetchone()
+        )
+        return None if row is None else _record_from_row(row).cmd
+
+    async def list(
+        self,
+        *,
+        device_id: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        before_seq: int | None = None,
+    ) -> list[Command]:
+        """Commands, newest first, filtered; page with ``before_seq``."""
+        where: list[str] = []
+        args: list[Any] = []
+        if device_id is not None:
+            where.append("device_id = ?")
+            args.append(device_id)
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        if before_seq is not None:
+            where.append("seq < ?")
+            args.append(before_seq)
+        sql = f"SELECT {_COLS} FROM commands"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(max(1, min(limit, 1000)))
+        rows = await self.db.read(lambda conn: conn.execute(sql, args).fetchall())
+        out = []
+        for row in rows:
+            rec = self._active.get(row[1])
+            out.append(rec.cmd if rec is not None else _record_from_row(row).cmd)
+        return out
+
+    async def wait(self, command_id: str, within: float) -> Command:
+        """The command once finished, or as it is after ``within`` seconds."""
+        rec = self._active.get(command_id)
+        if rec is None:
+            cmd = await self.get(command_id)
+            if cmd is None:
+                raise CommandError("not_found", f"no command {command_id!r}")
+            return cmd
+        fut: asyncio.Future[Command] = asyncio.get_running_loop().create_future()
+        rec.waiters.append(fut)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), within)
+        except TimeoutError:
+            return rec.cmd
+        finally:
+            with contextlib.suppress(ValueError):
+                rec.waiters.remove(fut)
+
+    # ---------------------------------------------------------- downlink events
+
+    def device_reachable(self, device_id: str) -> None:
+        """Send what is queued for ``device_id`` (a downlink says it is back)."""
+        if self._closed or device_id not in self._by_device:
+            return
+        if device_id in self._pumping:
+            self._rekick.add(device_id)
+            return
+        self._pumping.add(device_id)
+        task = asyncio.get_running_loop().create_task(
+            self._pump(device_id), name=f"commands:{device_id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def report(self, result: CommandResult) -> bool:
+        """A device's answer; False (and counted) if it matches no command of
+        that device that is waiting for one."""
+        rec = self._active.get(result.command_id)
+        if rec is None or rec.cmd.device_id != result.device_id:
+            self.stats.results_unmatched += 1
+            log.debug(
+                "command result not matched",
+                extra={"fields": {"device_id": result.device_id, "id": result.command_id}},
+            )
+            return False
+        cmd = rec.cmd
+        if cmd.state is not CommandState.DELIVERED:
+            # The answer overtook the transport's confirmation (both in one
+            # read): an answer proves delivery. Stored with the final state.
+            cmd.state = CommandState.DELIVERED
+            cmd.delivered_at = cmd.updated_at = self._clock()
+            self.stats.delivered += 1
+            self._emit_state(cmd)
+        state = CommandState.SUCCEEDED if result.success else CommandState.FAILED
+        res = result.result
+        error: str | None
+        if res is not None and len(orjson.dumps(res)) > self.config.max_params_bytes:
+            res = None
+            error = "result larger than commands.max_params_bytes (dropped)"
+        else:
+            error = result.error
+        task = asyncio.get_running_loop().create_task(
+            self._finish(rec, state, result=res, error=error)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    # --------------------------------------------------------------- dispatch
+
+    async def _pump(self, device_id: str) -> None:
+        """Hand this device's commands to a downlink in order, one until its
+        delivery is confirmed, then the next."""
+        try:
+            while not self._closed:
+                self._rekick.discard(device_id)
+                rec = self._next_to_send(device_id)
+                if rec is None:
+                    return
+                cmd = rec.cmd
+                if cmd.expires_at <= self._clock():
+                    await self._finish(rec, CommandState.EXPIRED, error="time to live ended")
+                    continue
+                downlink = next((d for d in self.downlinks if d.reachable(cmd)), None)
+                if downlink is None:
+                    return
+                cmd.attempts += 1
+                cmd.state = CommandState.SENT
+                cmd.updated_at = self._clock()
+                await self.db.write(functools.partial(_update, c=cmd))
+                if cmd.state is not CommandState.SENT:  # cancelled meanwhile
+                    continue
+                self.stats.sent += 1
+                if cmd.redelivery:
+                    self.stats.redelivered += 1
+                self._emit_state(cmd)
+                try:
+                    ok = await asyncio.wait_for(downlink.deliver(cmd), rec.result_timeout)
+                except DeliveryError as e:
+                    await self._finish(rec, CommandState.FAILED, error=str(e))
+                    continue
+                except TimeoutError:
+                    ok = False
+                if cmd.state is not CommandState.SENT:
+                    continue  # answered (or cancelled) before the transport's ack
+                if not ok:
+                    # The device went away: it gets the command again (flagged
+                    # as a redelivery) when it is back.
+                    if device_id in self._rekick:
+                        continue
+                    return
+                cmd.state = CommandState.DELIVERED
+                cmd.delivered_at = cmd.updated_at = self._clock()
+                self.stats.delivered += 1
+                heapq.heappush(
+                    self._deadlines, (cmd.delivered_at + rec.result_timeout, cmd.seq, cmd.id)
+                )
+                await self.db.write(functools.partial(_update, c=cmd))
+                self._emit_state(cmd)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("command dispatch for device %r failed", device_id)
+        finally:
+            self._pumping.discard(device_id)
+            if device_id in self._rekick and not self._closed:
+                self._rekick.discard(device_id)
+                self.device_reachable(device_id)
+
+    def _next_to_send(self, device_id: str) -> _Record | None:
+        queue = self._by_device.get(device_id)
+        if not queue:
+            return None
+        for rec in queue:
+            if rec.cmd.state is not CommandState.DELIVERED:
+                return rec
+        return None
+
+    async def _finish(
+        self,
+        rec: _Record,
+        state: CommandState,
+        *,
+        result: Any = None,
+        error: str | None = None,
+    ) -> None:
+        cmd = rec.cmd
+        if cmd.state.terminal:
+            return
+        cmd.state = state
+        cmd.result = result
+        cmd.error = error if state is not CommandState.SUCCEEDED else None
+        cmd.updated_at = self._clock()
+        self._forget(rec)
+        self._finished[cmd.id] = cmd
+        while len(self._finished) > TERMINAL_CACHE:
+            self._finished.popitem(last=False)
+        counter = state.value
+        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        try:
+            await self.db.write(lambda conn: _update(conn, cmd))
+        finally:
+            self._emit_state(cmd)
+            for w in rec.waiters:
+                if not w.done():
+                    w.set_result(cmd)
+            # The next command of the device may go out now.
+            if cmd.device_id in self._by_device:
+                self.device_reachable(cmd.device_id)
+
+    # ---------------------------------------------------------------- timers
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            try:
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("command queue timer failed")
+
+    async def _tick(self) -> None:
+        now = self._clock()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, _, cid = heapq.heappop(deadlines)
+            rec = self._active.get(cid)
+            if rec is None:
+                continue
+            cmd = rec.cmd
+            if cmd.state is CommandState.DELIVERED:
+                if cmd.delivered_at is not None and cmd.delivered_at + rec.result_timeout <= now:
+                    await self._finish(rec, CommandState.TIMED_OUT, error="no result in time")
+            elif cmd.expires_at <= now:
+                await self._finish(rec, CommandState.EXPIRED, error="time to live ended")
+        if now - self._last_purge >= PURGE_EVERY:
+            self._last_purge = now
+            await self._purge(now)
+
+    async def _purge(self, now: float) -> None:
+        cfg = self.config
+        cutoff = now - cfg.history
+        keep = cfg.max_history
+
+        def purge(conn: sqlite3.Connection) -> int:
+            done = "state NOT IN ('queued', 'sent', 'delivered')"
+            n = conn.execute(f"DELETE FROM commands WHERE {done} AND updated_at < ?", (cutoff,))
+            total = n.rowcount
+            count = conn.execute(f"SELECT COUNT(*) FROM commands WHERE {done}").fetchone()[0]
+            if count > keep:
+                total += conn.execute(
+                    f"DELETE FROM commands WHERE seq IN (SELECT seq FROM commands WHERE {done} "
+                    "ORDER BY seq LIMIT ?)",
+                    (count - keep,),
+                ).rowcount
+            return int(total)
+
+        await self.db.write(purge)
+
+    # -------------------------------------------------------------- bookkeeping
+
+    def _remember(self, rec: _Record, *, dispatch: bool = True) -> None:
+        cmd = rec.cmd
+        self._active[cmd.id] = rec
+        self._by_device.setdefault(cmd.device_id, deque()).append(rec)
+        if cmd.idempotency_key is not None:
+            self._keys[(cmd.device_id, cmd.idempotency_key)] = rec
+        heapq.heappush(self._deadlines, (cmd.expires_at, cmd.seq, cmd.id))
+        if cmd.state is CommandState.DELIVERED and cmd.delivered_at is not None:
+            heapq.heappush(
+                self._deadlines, (cmd.delivered_at + rec.result_timeout, cmd.seq, cmd.id)
+            )
+        self.stats.active = len(self._active)
+        self.stats.devices_waiting = len(self._by_device)
+
+    def _forget(self, rec: _Record) -> None:
+        cmd = rec.cmd
+        self._active.pop(cmd.id, None)
+        queue = self._by_device.get(cmd.device_id)
+        if queue is not None:
+            with contextlib.suppress(ValueError):
+                queue.remove(rec)
+            if not queue:
+                del self._by_device[cmd.device_id]
+        if cmd.idempotency_key is not None:
+            self._keys.pop((cmd.device_id, cmd.idempotency_key), None)
+        self.stats.active = len(self._active)
+        self.stats.devices_waiting = len(self._by_device)
+
+    def pending_devices(self) -> Iterable[str]:
+        """Devices with unfinished commands (downlinks ask on reconnect)."""
+        return self._by_device.keys()
+
+    def _emit_state(self, cmd: Command) -> None:
+        if self._emit is None:
+            return
+        metrics: dict[str, Any] = {
+            "command_id": cmd.id,
+            "command": cmd.name,
+            "state": cmd.state.value,
+            "attempts": cmd.attempts,
+            "source": cmd.source,
+        }
+        if cmd.error is not None:
+            metrics["error"] = cmd.error[:EVENT_TEXT_MAX]
+        if cmd.result is not None:
+            metrics["result"] = orjson.dumps(cmd.result).decode()[:EVENT_TEXT_MAX]
+        reading = Reading(
+            cmd.device_id,
+            cmd.updated_at,
+            metrics,
+            Origin("commands", cmd.name, message_id=cmd.id),
+            {"record_type": "command"},
+            priority=1,
+        )
+        try:
+            fut = self._emit([reading])
+        except Exception:
+            log.exception("command record for %s could not be stored", cmd.id)
+            return
+        if isinstance(fut, asyncio.Future):
+            fut.add_done_callback(_log_emit_failure)
+
+
+def _log_emit_failure(fut: asyncio.Future[Any]) -> None:
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    if exc is not None:
+        log.warning("command record not stored: %s", exc)
+
+
+def _insert(conn: sqlite3.Connection, rec: _Record) -> None:
+    c = rec.cmd
+    conn.execute(
+        f"INSERT INTO commands({_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            c.seq,
+            c.id,
+            c.device_id,
+            c.name,
+            orjson.dumps(c.params),
+            c.created_at,
+            c.expires_at,
+            rec.result_timeout,
+            c.idempotency_key,
+            c.source,
+            c.state.value,
+            c.attempts,
+            c.updated_at,
+            c.delivered_at,
+            None if c.result is None else orjson.dumps(c.result),
+            c.error,
+        ),
+    )
+
+
+def _update(conn: sqlite3.Connection, c: Command) -> None:
+    conn.execute(
+        "UPDATE commands SET state = ?, attempts = ?, updated_at = ?, delivered_at = ?, "
+        "result = ?, error = ? WHERE seq = ?",
+        (
+            c.state.value,
+            c.attempts,
+            c.updated_at,
+            c.delivered_at,
+            None if c.result is None else orjson.dumps(c.result),
+            c.error,
+            c.seq,
+        ),
+    )
+
+
+def _record_from_row(row: tuple[Any, ...]) -> _Record:
+    (
+        seq,
+        cid,
+        device_id,
+        name,
+        params,
+        created_at,
+        expires_at,
+        result_timeout,
+        idem_key,
+        source,
+        state,
+        attempts,
+        updated_at,
+        delivered_at,
+        result,
+        error,
+    ) = row
+    cmd = Command(
+        id=cid,
+        device_id=device_id,
+        name=name,
+        params=orjson.loads(params),
+        created_at=created_at,
+        expires_at=expires_at,
+        seq=seq,
+        idempotency_key=idem_key,
+        source=source,
+        state=CommandState(state),
+        attempts=attempts,
+        updated_at=updated_at,
+        delivered_at=delivered_at,
+        result=None if result is None else orjson.loads(result),
+        error=error,
+    )
+    return _Record(cmd, result_timeout)
+
+
+__all__ = [
+    "TERMINAL",
+    "CommandError",
+    "CommandService",
+    "CommandStats",
+]

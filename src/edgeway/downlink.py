@@ -1,0 +1,66 @@
+"""The downlink interface: how the gateway reaches a device, the mirror of
+:mod:`edgeway.ingest`.
+
+A south adapter that can talk to a device implements :class:`Downlink` and
+registers it with the :class:`~edgeway.commands.service.CommandService`.
+Nothing else in the gateway speaks a device's protocol: rules, the admin API,
+the cloud and (later) twins and firmware updates all go through commands.
+
+The contract, for an adapter:
+
+* :meth:`Downlink.reachable` answers now, without I/O, whether a command can
+  be handed to the device (an MQTT device is connected and subscribed to its
+  command topic; an HTTP device is long-polling; a Modbus point exists).
+* :meth:`Downlink.deliver` hands one command over. The future resolves
+  ``True`` once the device's transport took it (MQTT PUBACK from the device's
+  session, the HTTP long-poll response written, a Modbus write answered),
+  ``False`` if the device went away before that (the service keeps the command
+  and sends it again, flagged as a redelivery, when the device is back). It
+  raises :class:`DeliveryError` for a command the device can never take (an
+  unknown Modbus point): the command fails at once.
+* When a device becomes reachable (connects, subscribes, polls) the adapter
+  calls :meth:`DownlinkEvents.device_reachable` so queued commands go out; a
+  device's answer comes back through :meth:`DownlinkEvents.report`.
+  Adapters whose transport answers synchronously (Modbus, OPC-UA) report the
+  result right after delivering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from edgeway.commands.model import Command, CommandResult
+
+
+class DeliveryError(Exception):
+    """The device can never take this command (the message says why)."""
+
+
+class Downlink(Protocol):
+    """Reaches devices over one adapter's protocol."""
+
+    name: str
+    """Which adapter this is (``mqtt``, ``coap``, ``http``, ...), for status."""
+
+    def reachable(self, command: Command) -> bool:
+        """Whether ``command`` can be handed to its device now (no I/O)."""
+        ...
+
+    def deliver(self, command: Command) -> asyncio.Future[bool]:
+        """Hand ``command`` to its device; see the module docstring."""
+        ...
+
+
+class DownlinkEvents(Protocol):
+    """What a downlink tells the command service."""
+
+    def device_reachable(self, device_id: str) -> None:
+        """The device may now take commands: send what is queued for it."""
+        ...
+
+    def report(self, result: CommandResult) -> bool:
+        """A device answered a command; False if the answer was not taken
+        (unknown command, another device's command, already finished)."""
+        ...

@@ -1,0 +1,1 @@
+"""Shared storage helpers (see :mod:`edgeway.storage.sqlite`)."""
