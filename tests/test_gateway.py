@@ -136,3 +136,45 @@ async def test_decode_errors_per_reason_and_device_in_status_and_metrics(tmp_pat
         gw.request_stop()
         await asyncio.wait_for(task, 10)
     assert task.exception() is None
+
+
+async def test_healthz_reports_a_coap_listener_that_stopped_serving(tmp_path: Path) -> None:
+    """A device listener that stops answering turns /healthz to 503 "degraded"
+    naming it, until its restarted listener answers again."""
+    text = _config(tmp_path) + 'coap: {listen: "127.0.0.1:0", probe_interval: 0.3}\n'
+    gw = Gateway(parse_config(text, "test.yaml"))
+    task = asyncio.create_task(gw.run())
+    await asyncio.wait_for(gw.ready.wait(), 10)
+    try:
+        (coap,) = gw.adapters
+        assert gw.admin is not None and gw.admin.bound is not None
+        base = f"http://127.0.0.1:{gw.admin.bound[1]}"
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{base}/healthz")).json() == {"status": "ok"}
+            # The listener's socket is no longer read (what uvloop did to it
+            # after an ICMP error): nothing fails, nothing is logged by itself.
+            sock = coap.listener_socket()  # type: ignore[attr-defined]
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            seen: list[tuple[int, dict[str, object]]] = []
+
+            async def health() -> tuple[int, dict[str, object]]:
+                r = await http.get(f"{base}/healthz")
+                seen.append((r.status_code, r.json()))
+                return seen[-1]
+
+            async def until(status: int) -> None:
+                deadline = asyncio.get_running_loop().time() + 15
+                while (await health())[0] != status:
+                    assert asyncio.get_running_loop().time() < deadline, seen[-3:]
+                    await asyncio.sleep(0.02)
+
+            await until(503)
+            assert seen[-1][1] == {"status": "degraded", "problems": ["coap:coap is not serving"]}
+            await until(200)
+            assert coap.listener_restarts == 1  # type: ignore[attr-defined]
+            status = (await http.get(f"{base}/api/status")).json()
+            assert status["adapters"]["coap:coap"]["listening"] is True
+    finally:
+        gw.request_stop()
+        await asyncio.wait_for(task, 10)
+    assert task.exception() is None

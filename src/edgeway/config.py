@@ -391,6 +391,12 @@ class CoapSection(_Model):
     """Options for the codec of each content format, by codec name."""
     retry_after: Duration = 5.0
     """Max-Age sent with 5.03 when the outbox refuses new readings."""
+    probe_interval: Duration = 5.0
+    """Seconds between the listener's checks of itself: a CoAP ping from the
+    gateway to its own listener. When three pings in a row (1 s each) go
+    unanswered the listener is marked not serving (``/healthz`` 503) and
+    restarted. 5 s: a listener that stopped reading is noticed within about
+    8 s, for one 4-byte datagram per interval. 0 turns the checks off."""
 
     @field_validator("listen")
     @classmethod

@@ -113,6 +113,18 @@ class Gateway:
             "adapters": {f"{a.section}:{a.name}": _adapter_status(a) for a in self.adapters},
         }
 
+    def health_problems(self) -> list[str]:
+        """What keeps the gateway from serving devices right now (empty: healthy).
+
+        A south listener that stopped serving (down, restarting) is one: the
+        gateway may still run, but devices that reach it that way get no answer.
+        """
+        return [
+            f"{a.section}:{a.name} is not serving"
+            for a in self.adapters
+            if a.state.listening is False
+        ]
+
     def request_stop(self) -> None:
         """Ask ``run()`` to shut down (signal handlers call this)."""
         self.stop_event.set()
@@ -189,7 +201,9 @@ class Gateway:
                 from edgeway.admin.api import AdminServer
 
                 host, port = parse_host_port(cfg.admin.listen)
-                self.admin = AdminServer(host, port, self.status, self.ready.is_set)
+                self.admin = AdminServer(
+                    host, port, self.status, self.ready.is_set, problems=self.health_problems
+                )
                 await self.admin.start()
             try:
                 async with asyncio.TaskGroup() as tg:

@@ -285,3 +285,74 @@ async def test_libcoap_client_observes_commands() -> None:
         adapter.push_command("lc-obs", b"reboot-now")
         _, out = await task
     assert "reboot-now" in out
+
+
+# ---------------------------------------------------------------- availability
+
+
+def _con_post(message_id: int, device: str, payload: bytes) -> bytes:
+    """A confirmable POST to devices/{device}/telemetry, encoded by hand."""
+    msg = bytes([0x42, 0x02]) + message_id.to_bytes(2, "big") + b"\x5a\x17"
+    delta = 11  # Uri-Path
+    for segment in (b"devices", device.encode(), b"telemetry"):
+        msg += bytes([(delta << 4) | len(segment)]) + segment
+        delta = 0
+    return msg + b"\xff" + payload
+
+
+async def _client_gone_before_the_answer_then_another_client_is_served() -> None:
+    ingest = RecordingIngest()
+    async with coap_server(ingest) as adapter:
+        # A real UDP client that sends a confirmable POST and closes its socket
+        # at once: the 2.04 finds no socket and draws an ICMP port unreachable.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gone:
+            gone.sendto(_con_post(1, "gone", b'{"v": 1}'), ("127.0.0.1", adapter.port))
+        await ingest.wait_readings(1)
+        await wait_until(lambda: adapter.responses.get("2.04") == 1)
+        ctx = await aiocoap.Context.create_client_context()
+        try:
+            # aiocoap retransmits for ~90 s; a listener that stopped reading
+            # never answers, so the timeout is the failure.
+            async with asyncio.timeout(10):
+                r = await post(ctx, adapter, "next", b'{"v": 2}')
+        finally:
+            await ctx.shutdown()
+        assert r.code == Code.CHANGED
+        assert [x.device_id for x in ingest.readings] == ["gone", "next"]
+        assert adapter.listener_restarts == 0  # served by the first listener itself
+
+
+def test_client_gone_before_the_answer_does_not_stop_the_listener_on_uvloop() -> None:
+    """``edgeway run`` runs on uvloop: there the ICMP error that a closed client
+    socket draws used to stop the listener's reader for good, silently."""
+    uvloop = pytest.importorskip("uvloop")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_client_gone_before_the_answer_then_another_client_is_served())
+
+
+async def test_client_gone_before_the_answer_does_not_stop_the_listener() -> None:
+    await _client_gone_before_the_answer_then_another_client_is_served()
+
+
+async def test_a_listener_that_stops_reading_is_reported_and_restarted(
+    client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    ingest = RecordingIngest()
+    async with coap_server(ingest, probe_interval=0.3) as adapter:
+        assert adapter.state.listening is True
+        assert (await post(client, adapter, "before", b'{"v": 1}')).code == Code.CHANGED
+        # Silence the listener the way the uvloop bug did: its socket is no
+        # longer read, with no error anywhere.
+        sock = adapter.listener_socket()
+        assert sock is not None
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+        await wait_until(lambda: adapter.state.listening is False, within=15)
+        assert adapter.state.connected is False
+        assert "stopped serving" in (adapter.state.last_error or "")
+        await wait_until(lambda: adapter.state.listening is True, within=15)
+        assert adapter.listener_restarts == 1
+        assert adapter.listener_socket() is not sock
+        assert (await post(client, adapter, "after", b'{"v": 2}')).code == Code.CHANGED
+    errors = [r for r in caplog.records if r.name == "edgeway.south.coap" and "stopped" in r.msg]
+    assert len(errors) == 1 and errors[0].levelname == "ERROR"
+    assert [r.device_id for r in ingest.readings] == ["before", "after"]

@@ -8,7 +8,10 @@ Configuration (off unless configured; ``--admin-listen HOST:PORT`` turns it on):
 Endpoints:
 
 ``GET /healthz``
-    ``200 {"status": "ok"}`` once the gateway is ready, ``503`` before.
+    ``200 {"status": "ok"}`` once the gateway is ready, ``503 {"status":
+    "starting"}`` before; ``503 {"status": "degraded", "problems": [...]}``
+    while a part has stopped serving (a device listener that is down or
+    restarting).
 ``GET /api/status``
     One JSON document: gateway id, uptime, broker counters, outbox counters per
     sink (``accepted = delivered + pending + dropped``), sink and adapter states.
@@ -192,7 +195,13 @@ class AdminServer:
     """Serves the admin endpoints on one address."""
 
     def __init__(
-        self, host: str, port: int, status: StatusSource, ready: Callable[[], bool]
+        self,
+        host: str,
+        port: int,
+        status: StatusSource,
+        ready: Callable[[], bool],
+        *,
+        problems: Callable[[], list[str]] = list,
     ) -> None:
         from prometheus_client import CollectorRegistry
 
@@ -200,6 +209,7 @@ class AdminServer:
         self.port = port
         self._status = status
         self._ready = ready
+        self._problems = problems
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(StatusCollector(status))  # type: ignore[arg-type]
         self._runner: web.AppRunner | None = None
@@ -234,9 +244,12 @@ class AdminServer:
             self._runner = None
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        if self._ready():
-            return web.json_response({"status": "ok"})
-        return web.json_response({"status": "starting"}, status=503)
+        if not self._ready():
+            return web.json_response({"status": "starting"}, status=503)
+        problems = self._problems()
+        if problems:
+            return web.json_response({"status": "degraded", "problems": problems}, status=503)
+        return web.json_response({"status": "ok"})
 
     async def _api_status(self, request: web.Request) -> web.Response:
         body = orjson.dumps(self._status(), default=str, option=orjson.OPT_NON_STR_KEYS)

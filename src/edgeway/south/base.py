@@ -32,6 +32,10 @@ class AdapterState:
     """What an adapter reports about itself (admin API, metrics, stats)."""
 
     connected: bool = False
+    listening: bool | None = None
+    """For adapters that serve devices on a socket (CoAP, HTTP): True while the
+    listener is known to serve, False while it is down or restarting (health
+    reports it); None for adapters that do not listen (pollers, clients)."""
     last_error: str | None = None
     last_error_at: float | None = None
     last_reading_at: float | None = None

@@ -37,6 +37,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
+import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -52,7 +54,8 @@ from edgeway.codecs.base import (
 from edgeway.config import CoapSection, parse_host_port
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.reading import Origin
-from edgeway.south.base import SouthAdapter, register_adapter
+from edgeway.south.base import Backoff, SouthAdapter, register_adapter
+from edgeway.south.coap_probe import CoapPinger
 from edgeway.south.decode_errors import DecodeErrorCounter
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,41 @@ MAX_STORED_COMMANDS = 10_000
 """Devices whose latest command is kept for GET/Observe. One entry per device
 the gateway has sent a command to; beyond it the least recently pushed is
 forgotten, so a stream of commands to made-up ids cannot grow memory."""
+
+
+PROBE_ATTEMPTS = 3
+"""Unanswered pings in a row before the listener is declared dead: a single
+datagram can be lost to a full socket buffer under a burst without the
+listener being dead."""
+PROBE_TIMEOUT = 1.0
+"""Seconds to wait for each ping's reset. A loopback round trip takes well under
+a millisecond; 1 s leaves room for a loop busy with a burst of requests."""
+
+_IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+_IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+
+
+def _ignore_icmp_errors(sock: socket.socket) -> None:
+    """Stop the kernel from reporting ICMP errors on the listener's socket.
+
+    aiocoap's udp6 transport turns on ``IP_RECVERR``/``IPV6_RECVERR`` so that an
+    ICMP "port unreachable" can fail pending exchanges early. With it on, such
+    an error makes the socket signal ``POLLERR``; the stdlib event loop just
+    calls the reader, which drains the error queue, but libuv (uvloop, which
+    ``edgeway run`` uses) treats ``POLLERR`` on a polled descriptor as fatal and
+    silently stops polling it. So one client that sent a confirmable request
+    and closed its socket before the answer came (the answer draws the ICMP
+    error) made the listener stop reading for good, with nothing logged.
+
+    Without RECVERR, Linux drops ICMP errors for unconnected UDP sockets, which
+    is what every other UDP server sees. The cost: an exchange with a vanished
+    client ends by timeout (aiocoap's retransmission limit) instead of at once.
+    """
+    if sys.platform != "linux":
+        return
+    for level, option in ((socket.IPPROTO_IPV6, _IPV6_RECVERR), (socket.IPPROTO_IP, _IP_RECVERR)):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(level, option, 0)
 
 
 @register_adapter
@@ -99,44 +137,116 @@ class CoapAdapter(SouthAdapter):
         """The UDP port actually bound (useful with port 0)."""
         self.responses: dict[str, int] = {}
         """Responses sent to telemetry requests, by code (``"2.04"``, ``"4.00"``, ...)."""
+        self.listener_restarts = 0
+        """Times the listener stopped answering pings and was replaced."""
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        """Serve until cancelled. A port in use raises at once (one line)."""
-        import aiocoap
+        """Serve until cancelled. A port in use raises at once (one line).
 
+        While serving, the listener pings itself every ``probe_interval``; a
+        listener that stops answering is reported (``state.listening`` False,
+        one error line) and replaced by a fresh one on the same port."""
         host, port = parse_host_port(self.config.listen)
         site = self._build_site()
         try:
-            # UDP only: aiocoap would also open CoAP-over-TCP/WebSocket endpoints by default.
-            self._context = await aiocoap.Context.create_server_context(
-                site, bind=(host, port), transports=["udp6"]
-            )
+            await self._open_listener(host, port, site)
         except OSError as e:
             raise OSError(
                 f"coap: cannot listen on {self.config.listen}: {e.strerror or e}"
             ) from None
         self.port = self._bound_port() or port
-        self.state.connected = True
+        self.state.connected = self.state.listening = True
         log.info("coap listening on %s:%s (udp)", host, self.port)
         self.ready.set()
         try:
-            await asyncio.Future()
+            while True:
+                await self._watch_listener(host)
+                await self._restart_listener(host, site)
         finally:
             self.state.connected = False
-            ctx, self._context = self._context, None
+            self.state.listening = False
+            await self._close_listener()
+
+    async def _open_listener(self, host: str, port: int, site: Any) -> None:
+        import aiocoap
+
+        # UDP only: aiocoap would also open CoAP-over-TCP/WebSocket endpoints
+        # by default. The logger sits under "aiocoap" so that the gateway's
+        # logging set-up keeps the library's per-request lines quiet.
+        self._context = await aiocoap.Context.create_server_context(
+            site, bind=(host, port), transports=["udp6"], loggername="aiocoap.server"
+        )
+        sock = self.listener_socket()
+        if sock is not None:
+            _ignore_icmp_errors(sock)
+
+    async def _close_listener(self) -> None:
+        ctx, self._context = self._context, None
+        if ctx is not None:
             with contextlib.suppress(Exception):
                 await ctx.shutdown()
 
-    def _bound_port(self) -> int | None:
-        # aiocoap has no public accessor for the bound address; with port 0 the
-        # tests and the log need the real one.
+    async def _watch_listener(self, host: str) -> None:
+        """Return when the listener stopped answering pings (never when the
+        checks are off)."""
+        interval = self.config.probe_interval
+        if interval <= 0 or self.port is None:
+            await asyncio.Future()
+        assert self.port is not None
+        pinger = CoapPinger(host, self.port)
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                if not await pinger.answers(PROBE_ATTEMPTS, PROBE_TIMEOUT):
+                    return
+                self.state.connected = self.state.listening = True
+        finally:
+            pinger.close()
+
+    async def _restart_listener(self, host: str, site: Any) -> None:
+        """Replace a listener that stopped answering; retried with backoff
+        while the port cannot be bound again. ``state.listening`` stays False
+        until the new listener has answered a ping."""
+        self.state.connected = self.state.listening = False
+        reason = f"no answer to {PROBE_ATTEMPTS} pings in a row"
+        self.state.record_error(f"listener stopped serving ({reason})")
+        log.error(
+            "coap listener on %s:%s stopped serving (%s); restarting it",
+            host,
+            self.port,
+            reason,
+        )
+        await self._close_listener()
+        backoff = Backoff(initial=0.5, maximum=30.0)
+        while True:
+            try:
+                await self._open_listener(host, self.port or 0, site)
+            except OSError as e:
+                self.state.record_error(e)
+                log.error("coap listener on %s:%s cannot be reopened: %s", host, self.port, e)
+                await backoff.wait()
+                continue
+            self.listener_restarts += 1
+            log.warning("coap listener on %s:%s restarted", host, self.port)
+            return
+
+    def listener_socket(self) -> socket.socket | None:
+        """The listener's UDP socket (diagnostics, tests); None when not listening."""
+        # aiocoap has no public accessor for its socket; the bound port (with
+        # port 0) and the ICMP set-up need it.
         with contextlib.suppress(Exception):
             for ri in self._context.request_interfaces:
                 mi = ri.token_interface.message_interface
-                return int(mi.transport.get_extra_info("socket").getsockname()[1])
+                sock = mi.transport.get_extra_info("socket")
+                if isinstance(sock, socket.socket):
+                    return sock
         return None
+
+    def _bound_port(self) -> int | None:
+        sock = self.listener_socket()
+        return int(sock.getsockname()[1]) if sock is not None else None
 
     def _build_site(self) -> Any:
         # The devices resource is the root itself rather than a child of an

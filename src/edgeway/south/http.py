@@ -217,11 +217,11 @@ class HttpIngestAdapter(SouthAdapter):
                     self.port,
                     "" if is_loopback(host) else ", which is not loopback",
                 )
-            self.state.connected = True
+            self.state.connected = self.state.listening = True
             self.ready.set()
             await asyncio.Event().wait()  # serve until cancelled
         finally:
-            self.state.connected = False
+            self.state.connected = self.state.listening = False
             await runner.cleanup()
 
     def _respond(self, response: web.Response) -> web.Response:
