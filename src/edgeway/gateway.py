@@ -189,6 +189,11 @@ class Gateway:
                 # Before the TaskGroup, so that a port already in use surfaces as
                 # a plain ListenerError the CLI can print in one line.
                 await self._start_broker(authenticator, authoriser)
+            if self.commands is not None:
+                for adapter in self.adapters:
+                    adapter_downlink = adapter.downlink(self.commands)
+                    if adapter_downlink is not None:
+                        self.commands.add_downlink(adapter_downlink)
             if self.commands is not None and self.broker is not None:
                 from edgeway.south.mqtt.downlink import BrokerDownlink
 

@@ -466,3 +466,49 @@ async def test_cancel_stops_the_poller_even_mid_request() -> None:
         assert task.done()
     finally:
         await server.shutdown()
+
+
+# ---------------------------------------------------------------- commands
+
+
+async def test_commands_write_points_on_the_real_server(tmp_path: Path) -> None:
+    """`write` commands through the command queue reach the pymodbus server
+    with the read's data type; bad ones fail without writing anything."""
+    from edgeway.commands.model import CommandState
+    from edgeway.commands.service import CommandService
+    from edgeway.config import CommandsSection
+
+    async with tcp_server() as (_, port):
+        ingest = RecordingIngest()
+        adapter = ModbusAdapter(device_config(host="127.0.0.1", port=port), ingest=ingest)
+        svc = CommandService(tmp_path, CommandsSection())
+        await svc.open()
+        try:
+            # Queued while the adapter is not connected yet: sent once it is.
+            ok, _ = await svc.submit("boiler-1", "write", {"setpoint": 63, "valve.1": True})
+            await asyncio.sleep(0.1)
+            dl = adapter.downlink(svc)
+            assert dl is not None
+            svc.add_downlink(dl)
+            async with running(adapter):
+                done = await svc.wait(ok.id, 10)
+                assert done.state is CommandState.SUCCEEDED, done
+                assert done.result == {"written": {"setpoint": 63, "valve.1": True}}
+                bad, _ = await svc.submit("boiler-1", "write", {"setpoint": 64, "temperature": 1})
+                assert (await svc.wait(bad.id, 10)).state is CommandState.FAILED
+                assert "not writable" in (bad.error or "")
+                refused, _ = await svc.submit("boiler-1", "write", {"setpoint": -5})
+                assert (await svc.wait(refused.id, 10)).state is CommandState.FAILED
+                unknown, _ = await svc.submit("boiler-1", "explode")
+                assert (await svc.wait(unknown.id, 10)).state is CommandState.FAILED
+        finally:
+            await svc.close()
+        client = AsyncModbusTcpClient("127.0.0.1", port=port)
+        await client.connect()
+        try:
+            rr = await client.read_holding_registers(20, count=1, device_id=1)
+            assert rr.registers == [63]  # the failed commands wrote nothing
+            coils = await client.read_coils(4, count=2, device_id=1)
+            assert coils.bits[:2] == [False, True]
+        finally:
+            client.close()

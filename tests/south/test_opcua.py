@@ -269,6 +269,39 @@ async def test_write_and_method_call(plant: Plant) -> None:
             await adapter.call("nope")
 
 
+async def test_commands_write_and_call(plant: Plant, tmp_path: Path) -> None:
+    """Commands through the queue: `write` changes the node on the asyncua
+    server, a method name calls it and returns its output."""
+    from edgeway.commands.model import CommandState
+    from edgeway.commands.service import CommandService
+    from edgeway.config import CommandsSection
+
+    ingest = RecordingIngest()
+    adapter = OpcUaAdapter(config(plant), ingest=ingest)
+    svc = CommandService(tmp_path, CommandsSection())
+    await svc.open()
+    dl = adapter.downlink(svc)
+    assert dl is not None
+    svc.add_downlink(dl)
+    try:
+        async with running(adapter):
+            w, _ = await svc.submit("line-3", "write", {"setpoint": 77})
+            assert (await svc.wait(w.id, 10)).state is CommandState.SUCCEEDED
+            assert await plant.setpoint.read_value() == 77
+            c, _ = await svc.submit("line-3", "add", {"args": [20, 22]})
+            done = await svc.wait(c.id, 10)
+            assert done.state is CommandState.SUCCEEDED and done.result == {"output": 42}
+            c2, _ = await svc.submit("line-3", "call", {"method": "add", "args": [1, 2]})
+            assert (await svc.wait(c2.id, 10)).result == {"output": 3}
+            bad, _ = await svc.submit("line-3", "write", {"setpoint": 1.5})
+            assert (await svc.wait(bad.id, 10)).state is CommandState.FAILED
+            assert await plant.setpoint.read_value() == 77
+            nope, _ = await svc.submit("line-3", "call", {"method": "nope"})
+            assert (await svc.wait(nope.id, 10)).state is CommandState.FAILED
+    finally:
+        await svc.close()
+
+
 async def test_unresolvable_node_and_bad_values_are_counted(plant: Plant) -> None:
     ingest = RecordingIngest()
     cfg = config(

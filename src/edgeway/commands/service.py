@@ -607,6 +607,12 @@ class CommandService:
 
     async def _tick(self) -> None:
         now = self._clock()
+        # Downlinks that poll their devices (Modbus, OPC-UA) say nothing when
+        # a device comes back: try the ones with commands waiting.
+        for dl in self.downlinks:
+            for device in getattr(dl, "devices", ()):
+                if device in self._by_device and device not in self._pumping:
+                    self.device_reachable(device)
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             _, _, cid = heapq.heappop(deadlines)

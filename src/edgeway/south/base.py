@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest
 
 
@@ -82,6 +83,11 @@ class SouthAdapter(abc.ABC):
     @abc.abstractmethod
     async def run(self) -> None:
         """Serve or poll until cancelled."""
+
+    def downlink(self, events: DownlinkEvents) -> Downlink | None:
+        """This adapter's way to reach devices with commands, if it has one
+        (see :mod:`edgeway.downlink`); the gateway registers it."""
+        return None
 
 
 class Backoff:

@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 from edgeway.codecs.base import DecodeError, metric_value
 from edgeway.config import ModbusDeviceConfig, ModbusFunction, ModbusGroup, ModbusPoint
+from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.reading import MetricValue, Origin, Reading
 from edgeway.south.base import Backoff, SouthAdapter, register_adapter
@@ -396,6 +397,13 @@ class ModbusAdapter(SouthAdapter):
                     if idx.isdigit() and int(idx) < p.count:
                         return g, p, int(idx)
         raise KeyError(f"no point {metric!r} on modbus device {self.config.name}")
+
+    def downlink(self, events: DownlinkEvents) -> Downlink | None:
+        """Commands ``write`` (and, for OPC-UA, ``call``/method names); see
+        :mod:`edgeway.south.write_downlink`."""
+        from edgeway.south.write_downlink import WriteDownlink
+
+        return WriteDownlink(self, self.config.device_id, events)
 
     async def write(self, metric: str, value: MetricValue) -> None:
         """Write a command value to a ``writable`` holding-register or coil point.

@@ -44,6 +44,7 @@ from typing import Any
 
 from edgeway.codecs.base import DecodeError, metric_value
 from edgeway.config import OpcUaNode, OpcUaServerConfig
+from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.reading import MetricValue, Origin, Reading
 from edgeway.south.base import Backoff, SouthAdapter, register_adapter
@@ -311,6 +312,13 @@ class OpcUaAdapter(SouthAdapter):
         if self._client is None or not self.state.connected:
             raise ConnectionError(f"opcua {self.config.name} is not connected")
         return self._client
+
+    def downlink(self, events: DownlinkEvents) -> Downlink | None:
+        """Commands ``write`` (and, for OPC-UA, ``call``/method names); see
+        :mod:`edgeway.south.write_downlink`."""
+        from edgeway.south.write_downlink import WriteDownlink
+
+        return WriteDownlink(self, self.config.device_id, events)
 
     async def write(self, metric: str, value: MetricValue) -> None:
         """Write ``value`` to a ``writable`` node, converted to the node's data type.
