@@ -277,6 +277,47 @@ async def test_anonymous_and_token_check_hook(start: Start) -> None:
     assert seen == [("d", "registry-token"), ("d", TOKEN)]
 
 
+async def test_anonymous_requests_need_a_json_or_cbor_content_type(start: Start) -> None:
+    """A web page can post text/plain, forms and multipart cross-origin without
+    a CORS preflight; JSON and CBOR types need one, which is never granted. So
+    without a token only JSON and CBOR bodies are taken (415 otherwise); with a
+    token the device may use any type it is configured for."""
+    ingest = RecordingIngest()
+    _, url = await start(ingest, allow_anonymous=True, codec_options={"plain": {"metric": "t"}})
+    post = f"{url}/devices/d/telemetry"
+    async with httpx.AsyncClient() as client:
+        refused = [
+            await client.post(post, content=b'{"t": 1}'),  # no Content-Type
+            await client.post(post, content=b'{"t": 1}', headers={"Content-Type": "text/plain"}),
+            await client.post(post, data={"t": "1"}),  # application/x-www-form-urlencoded
+            await client.post(post, files={"t": b"1"}),  # multipart/form-data
+            await client.post(
+                post, content=b"21.5", headers={"Content-Type": "text/plain; charset=utf-8"}
+            ),
+        ]
+        accepted = [
+            await client.post(post, json={"t": 2}),
+            await client.post(
+                post,
+                content=cbor2.dumps({"t": 3}),
+                headers={"Content-Type": "application/cbor"},
+            ),
+            await client.post(
+                post,
+                content=b'[{"n": "t", "v": 4}]',
+                headers={"Content-Type": "application/senml+json; charset=utf-8"},
+            ),
+            # With a token, text/plain (configured here) is fine.
+            await client.post(
+                post, content=b"5", headers={**auth(ANY_TOKEN), "Content-Type": "text/plain"}
+            ),
+        ]
+    assert [r.status_code for r in refused] == [415] * 5
+    assert all(r.json()["reason"] == "anonymous_needs_json_or_cbor" for r in refused)
+    assert [r.status_code for r in accepted] == [200] * 4
+    assert [r.metrics["t"] for r in ingest.readings] == [2, 3, 4, 5]
+
+
 async def test_bad_requests(start: Start) -> None:
     ingest = RecordingIngest()
     adapter, url = await start(ingest, max_body_size=1024)

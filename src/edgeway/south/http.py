@@ -26,7 +26,8 @@ Answers (a JSON body ``{"error": ..., "reason": ..., "detail": ...}`` on errors)
 * ``400`` a body that does not decode (``reason`` is the codec's slug, counted
   per device), or one the pipeline refused;
 * ``401`` no or a wrong bearer token (``WWW-Authenticate: Bearer``);
-* ``413`` a body over ``max_body_size``; ``415`` an unknown Content-Type, or
+* ``413`` a body over ``max_body_size``; ``415`` a request without a token
+  that is not JSON or CBOR (see :data:`ANONYMOUS_CODECS`), an unknown Content-Type, or
   ``text/plain`` / ``application/octet-stream`` while ``codec_options`` has no
   ``plain`` / ``binary`` entry (reason ``codec_not_configured``);
 * ``429`` over the device's ``rate_limit``; ``503`` the outbox is full and
@@ -120,6 +121,22 @@ def config_token_check(tokens: dict[str, str], allow_anonymous: bool) -> TokenCh
 def _admits_any_request(config: HttpIngestSection) -> bool:
     """True when the config lets at least some request in (a token or anonymous)."""
     return bool(config.tokens) or config.allow_anonymous
+
+
+ANONYMOUS_CODECS = frozenset({"json", "cbor", "senml+json", "senml+cbor"})
+"""Codecs a request without a token may use. None of their media types is one
+a web page may send cross-origin without asking first (a CORS preflight, which
+this listener never grants): a page the operator's browser opens cannot make
+it post readings. A missing Content-Type, ``text/plain``, form and multipart
+bodies are exactly what such a page can send, so they need a token."""
+
+
+def _anonymous_may_send(content_type: str | None) -> bool:
+    """True when ``content_type`` is a JSON or CBOR type of :data:`ANONYMOUS_CODECS`."""
+    if content_type is None:
+        return False
+    cls = codec_for_content_type(content_type)
+    return cls is not None and cls.name in ANONYMOUS_CODECS
 
 
 def _error(
@@ -269,6 +286,14 @@ class HttpIngestAdapter(SouthAdapter):
         if request.content_length is not None and request.content_length > cfg.max_body_size:
             return _error(413, "too_large", detail=f"limit {cfg.max_body_size} bytes")
         content_type = request.headers.get("Content-Type")
+        if token is None and not _anonymous_may_send(content_type):
+            return _error(
+                415,
+                "unsupported_media_type",
+                "anonymous_needs_json_or_cbor",
+                "requests without a token must be application/json, application/cbor, "
+                "application/senml+json or application/senml+cbor",
+            )
         if content_type is None:
             codec = self._codec(cfg.default_codec)
         else:
