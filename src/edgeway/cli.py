@@ -4,6 +4,8 @@
 ``edgeway check F``  validate a configuration file without starting anything
 ``edgeway passwd``   hash a password for the ``mqtt.users`` section
 ``edgeway deadletter list|replay|purge``  inspect the outbox's dead letters
+``edgeway tokens create|list|revoke``  bearer tokens for the admin API
+``edgeway status``   a running gateway's state, through its admin API
 ``edgeway demo``     gateway + simulated devices + a local cloud, in one command
 ``edgeway simulate`` simulated devices against a gateway (MQTT, CoAP, HTTP, Modbus, OPC-UA)
 """
@@ -140,8 +142,58 @@ def build_parser() -> argparse.ArgumentParser:
         "rest", nargs=argparse.REMAINDER, metavar="--json", help="print the raw figures as JSON"
     )
 
+    _add_admin_commands(sub)
     sub.add_parser("version", help="print the version")
     return parser
+
+
+def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``tokens`` (the token store, offline or while running) and the commands
+    that talk to a running gateway's admin API (``status``)."""
+    from edgeway.admin.client import add_status_arguments
+
+    tokens = sub.add_parser(
+        "tokens",
+        help="create, list or revoke admin API bearer tokens",
+        description="Tokens live in DATA_DIR/tokens.db and work at once, also while the "
+        "gateway runs. See docs/admin-api.md.",
+    )
+    _add_common(tokens)
+    tokens.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="ACTION ...",
+        help="create --name NAME --role viewer|operator|engineer|admin | list [--json] | "
+        "revoke ID; 'edgeway tokens ACTION --help' for more",
+    )
+    status = sub.add_parser(
+        "status",
+        help="a running gateway's state, from its admin API (token: $EDGEWAY_TOKEN)",
+    )
+    status.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=os.environ.get("EDGEWAY_CONFIG") or None,
+        help="configuration whose admin.listen to use (default: $EDGEWAY_CONFIG)",
+    )
+    add_status_arguments(status)
+
+
+def _cmd_admin(args: argparse.Namespace) -> int:
+    """``edgeway tokens ...`` and ``edgeway status``."""
+    try:
+        cfg = _load(args.config)
+    except ConfigError as e:
+        _print_config_errors(e)
+        return EXIT_CONFIG
+    if args.command == "tokens":
+        from edgeway.admin.tokens import tokens_main
+
+        return tokens_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
+    from edgeway.admin.client import status_main
+
+    return status_main(args, cfg)
 
 
 def _load(path: Path | None) -> Config:
@@ -396,7 +448,7 @@ def _take_common_options(args: argparse.Namespace, rest: list[str]) -> list[str]
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    if args.command in ("stats", "deadletter"):
+    if args.command in ("stats", "deadletter", "tokens"):
         args.rest = _take_common_options(args, [*args.rest, *extras])
     elif extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
@@ -427,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             _print_config_errors(e)
             return EXIT_CONFIG
         return stats_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
+    if args.command in ("tokens", "status"):
+        return _cmd_admin(args)
     if args.command == "deadletter":
         from edgeway.outbox import deadletter_main
 

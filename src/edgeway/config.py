@@ -40,6 +40,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -301,19 +302,64 @@ class SinkConfig(_Model):
     """The sink type's own settings; see docs/sinks/."""
 
 
+_ALLOWED_HOST_RE = re.compile(
+    r"^\.?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$"
+)
+
+
 class AdminSection(_Model):
-    """The local admin API (health, status, Prometheus metrics)."""
+    """The local admin API (health, status, Prometheus metrics); see docs/admin-api.md."""
 
     enabled: bool = True
     """Serve the admin API."""
     listen: str = "127.0.0.1:9180"
     """``HOST:PORT``; keep it on loopback or behind a proxy."""
+    auth: Literal["tokens", "none"] | None = None
+    """``tokens``: every endpoint but the health probes needs a bearer token
+    (``edgeway tokens create``). ``none``: no tokens, allowed only when
+    ``listen`` is a loopback address. Absent: ``none`` on a loopback
+    ``listen`` (logged at start), ``tokens`` on any other."""
+    metrics_public: bool = False
+    """Serve ``/metrics`` without a token (for a Prometheus without credentials)."""
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """Extra names accepted in the ``Host`` header (the listener's own address
+    and localhost names always are); ``.example.com`` also accepts its
+    subdomains. Other names get 421: a defence against DNS rebinding."""
 
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, v: str) -> str:
         parse_host_port(v)
         return v
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, v: list[str]) -> list[str]:
+        out = []
+        for name in v:
+            host = name.strip().lower().rstrip(".")
+            if not (_ALLOWED_HOST_RE.match(host) or _is_ip(host.strip("[]"))):
+                raise ValueError(f"expected a host name or address without port, got {name!r}")
+            out.append(host.strip("[]"))
+        return out
+
+    @field_validator("auth")
+    @classmethod
+    def _check_auth(cls, v: str | None, info: ValidationInfo) -> str | None:
+        listen = info.data.get("listen")
+        if v == "none" and listen is not None and not is_loopback(parse_host_port(listen)[0]):
+            raise ValueError(
+                f"'none' (no tokens) is only allowed on a loopback admin.listen, got {listen!r}: "
+                "create tokens with 'edgeway tokens create' and set auth: tokens"
+            )
+        return v
+
+    @property
+    def tokens_required(self) -> bool:
+        """Whether requests need a bearer token (``auth``, or its default for ``listen``)."""
+        if self.auth is not None:
+            return self.auth == "tokens"
+        return not is_loopback(parse_host_port(self.listen)[0])
 
 
 class ReceiptsSection(_Model):
@@ -1041,6 +1087,14 @@ def load_config(path: Path | str | None) -> Config:
 # command-line overrides
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and ``localhost``."""
     if host == "localhost":
@@ -1112,8 +1166,10 @@ def apply_overrides(
             cfg.http_ingest.listen = http_listen
             cfg.http_ingest.enabled = True
     if admin_listen:
-        parse_host_port(admin_listen)
-        cfg.admin = AdminSection(listen=admin_listen)
+        # Keep the section's other keys (auth, allowed_hosts) and check them
+        # again against the new address: auth none stays loopback-only.
+        base = cfg.admin.model_dump() if cfg.admin is not None else {}
+        cfg.admin = AdminSection.model_validate({**base, "listen": admin_listen, "enabled": True})
     if log_level:
         cfg.log.level = log_level  # type: ignore[assignment]
     if log_format:

@@ -205,10 +205,17 @@ class Gateway:
             if cfg.admin is not None and cfg.admin.enabled:
                 from edgeway.admin.api import AdminServer
 
-                host, port = parse_host_port(cfg.admin.listen)
-                self.admin = AdminServer(
-                    host, port, self.status, self.ready.is_set, problems=self.health_problems
-                )
+                try:
+                    self.admin = AdminServer.from_config(
+                        cfg.admin,
+                        data_dir,
+                        self.status,
+                        self.ready.is_set,
+                        stopping=self.stop_event.is_set,
+                        problems=self.health_problems,
+                    )
+                except ValueError as e:
+                    raise StartupError(str(e)) from e
                 await self.admin.start()
             try:
                 async with asyncio.TaskGroup() as tg:

@@ -1,35 +1,56 @@
-"""The local admin API: health, status and Prometheus metrics.
+"""The local admin API: health probes, status and Prometheus metrics.
 
 Configuration (off unless configured; ``--admin-listen HOST:PORT`` turns it on)::
 
     admin:
       listen: "127.0.0.1:9180"
+      auth: tokens            # absent: none on loopback, tokens elsewhere
+      metrics_public: false
+      allowed_hosts: [gw1.example.com]
 
-Endpoints:
+Endpoints (the reference with examples is docs/admin-api.md):
 
-``GET /healthz``
+``GET /livez``  (no token)
+    ``200 {"status": "alive"}`` while the process answers at all.
+``GET /readyz``  (no token)
+    ``200 {"status": "ready"}`` once started, ``503`` while starting or stopping.
+``GET /healthz``  (no token)
     ``200 {"status": "ok"}`` once the gateway is ready, ``503 {"status":
     "starting"}`` before; ``503 {"status": "degraded", "problems": [...]}``
     while a part has stopped serving (a device listener that is down or
     restarting).
-``GET /api/status``
-    One JSON document: gateway id, uptime, broker counters, outbox counters per
-    sink (``accepted = delivered + pending + dropped``), sink and adapter states.
-``GET /metrics``
-    The same figures in the Prometheus text format (``edgeway_*``), built at
-    scrape time from the live objects by a custom collector, so there is no
-    per-message cost for metrics.
+``GET /api/status``  (role viewer)
+    One JSON document: gateway id, uptime, build (version, Python), process
+    CPU and memory, broker counters, outbox counters per sink (``accepted =
+    delivered + pending + dropped``), sink and adapter states.
+``GET /metrics``  (role viewer, or no token with ``admin.metrics_public``)
+    The same figures in the Prometheus text format (``edgeway_*``, plus the
+    standard ``process_*``), built at scrape time from the live objects by a
+    custom collector, so there is no per-message cost for metrics.
+
+Who may call what is :mod:`edgeway.admin.access`; tokens are
+:mod:`edgeway.admin.tokens`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
+
+from edgeway.admin.access import AccessControl, HostPolicy, public, requires
+from edgeway.admin.build import BuildInfo, build_info, process_figures
+from edgeway.admin.tokens import DB_NAME, Role, TokenStore, TokenStoreError
+from edgeway.config import is_loopback, parse_host_port
+
+if TYPE_CHECKING:
+    from edgeway.config import AdminSection
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +212,32 @@ class StatusCollector:
         yield a_dec
 
 
+class BuildInfoCollector:
+    """``edgeway_build_info{version,python,implementation} 1``: the usual
+    Prometheus idiom, so a dashboard can join any series with the version."""
+
+    def __init__(self, info: BuildInfo) -> None:
+        self._info = info
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        g = GaugeMetricFamily(
+            "edgeway_build_info",
+            "edgeway version and the Python running it (value always 1)",
+            labels=["version", "python", "implementation"],
+        )
+        g.add_metric([self._info.version, self._info.python, self._info.implementation], 1.0)
+        yield g
+
+
 class AdminServer:
-    """Serves the admin endpoints on one address."""
+    """Serves the admin endpoints on one address.
+
+    ``status`` gives the gateway's figures, ``ready`` whether start-up is
+    done, ``stopping`` whether shutdown began (``/readyz`` turns 503 so a
+    load balancer stops sending). ``access`` decides who may call what.
+    """
 
     def __init__(
         self,
@@ -201,22 +246,64 @@ class AdminServer:
         status: StatusSource,
         ready: Callable[[], bool],
         *,
+        access: AccessControl,
+        stopping: Callable[[], bool] = lambda: False,
         problems: Callable[[], list[str]] = list,
     ) -> None:
-        from prometheus_client import CollectorRegistry
+        from prometheus_client import CollectorRegistry, ProcessCollector
 
         self.host = host
         self.port = port
         self._status = status
         self._ready = ready
         self._problems = problems
+        self._stopping = stopping
+        self.access = access
+        self.build = build_info()
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(StatusCollector(status))  # type: ignore[arg-type]
+        self._registry.register(BuildInfoCollector(self.build))  # type: ignore[arg-type]
+        # process_cpu_seconds_total, process_resident_memory_bytes, ... (Linux /proc)
+        ProcessCollector(registry=self._registry)
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
 
+    @classmethod
+    def from_config(
+        cls,
+        config: AdminSection,
+        data_dir: Path,
+        status: StatusSource,
+        ready: Callable[[], bool],
+        stopping: Callable[[], bool] = lambda: False,
+        problems: Callable[[], list[str]] = list,
+    ) -> AdminServer:
+        """The server ``config`` describes; opens ``data_dir/tokens.db`` when
+        tokens are required. Raises ValueError naming ``admin.auth`` when
+        tokens are off on an address that is not loopback."""
+        host, port = parse_host_port(config.listen)
+        tokens: TokenStore | None = None
+        if config.tokens_required:
+            try:
+                tokens = TokenStore(data_dir / DB_NAME, busy_timeout=0)
+            except TokenStoreError as e:
+                raise ValueError(f"admin.auth: tokens: cannot open the token store: {e}") from e
+        elif not is_loopback(host):
+            # The config schema refuses this too; a programmatic Config may not.
+            raise ValueError(
+                f"admin.auth: none is only allowed on a loopback admin.listen, got {config.listen!r}"
+            )
+        access = AccessControl(
+            HostPolicy(host, tuple(config.allowed_hosts)),
+            tokens,
+            metrics_public=config.metrics_public,
+        )
+        return cls(host, port, status, ready, access=access, stopping=stopping, problems=problems)
+
     def _app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self.access.middleware])
+        app.router.add_get("/livez", self._livez)
+        app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/api/status", self._api_status)
         app.router.add_get("/metrics", self._metrics)
@@ -237,12 +324,44 @@ class AdminServer:
         sockets = getattr(server, "sockets", None) or []
         self.bound = sockets[0].getsockname()[:2] if sockets else (self.host, self.port)
         log.info("admin API on http://%s:%d (/healthz, /api/status, /metrics)", *self.bound)
+        tokens = self.access.tokens
+        if tokens is None:
+            log.info(
+                "admin API: no tokens needed on loopback listener %s:%d (admin.auth); "
+                "anyone who can reach it may use every endpoint",
+                *self.bound,
+            )
+        else:
+            try:
+                active = sum(1 for t in tokens.list() if t.revoked is None)
+            except TokenStoreError:
+                active = 0
+            if not active:
+                log.warning(
+                    "admin API requires tokens and none exists yet: create one with "
+                    "'edgeway tokens create --name NAME --role viewer' (works while running)"
+                )
 
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.access.tokens is not None:
+            self.access.tokens.close()
 
+    @public
+    async def _livez(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    @public
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if self._stopping():
+            return web.json_response({"status": "stopping"}, status=503)
+        if self._ready():
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "starting"}, status=503)
+
+    @public
     async def _healthz(self, request: web.Request) -> web.Response:
         if not self._ready():
             return web.json_response({"status": "starting"}, status=503)
@@ -251,10 +370,17 @@ class AdminServer:
             return web.json_response({"status": "degraded", "problems": problems}, status=503)
         return web.json_response({"status": "ok"})
 
+    @requires(Role.VIEWER)
     async def _api_status(self, request: web.Request) -> web.Response:
-        body = orjson.dumps(self._status(), default=str, option=orjson.OPT_NON_STR_KEYS)
+        status = {
+            **self._status(),
+            "build": dataclasses.asdict(self.build),
+            "process": dataclasses.asdict(process_figures()),
+        }
+        body = orjson.dumps(status, default=str, option=orjson.OPT_NON_STR_KEYS)
         return web.Response(body=body, content_type="application/json")
 
+    @requires(Role.VIEWER)
     async def _metrics(self, request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 

@@ -1,0 +1,158 @@
+"""The CLI's side of the admin API: commands that act on a running gateway.
+
+``--admin URL`` picks the gateway (default: the configured ``admin.listen``,
+with a wildcard address turned into loopback); the token comes from
+``EDGEWAY_TOKEN``. Commands build an :class:`AdminClient` with
+:func:`client_from_args` and get typed errors (:class:`AdminClientError`)
+that say what to do, never a traceback::
+
+    client = client_from_args(args, cfg)
+    status = client.get_json("/api/status")
+
+``edgeway status`` is the first such command; ``command send`` and
+``reload`` are meant to follow the same shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import httpx
+import orjson
+
+from edgeway.config import Config, parse_host_port
+
+TOKEN_ENV = "EDGEWAY_TOKEN"
+TIMEOUT = 10.0
+"""Seconds for one admin request: the API answers from memory in
+milliseconds; a gateway that takes longer is stuck, and the CLI should say so."""
+
+
+class AdminClientError(Exception):
+    """A request to the admin API failed; the message says what to do."""
+
+
+def add_admin_arguments(p: argparse.ArgumentParser) -> None:
+    """``--admin URL`` for a command that talks to a running gateway."""
+    p.add_argument(
+        "--admin",
+        metavar="URL",
+        help="the gateway's admin API (default: http:// + the configured admin.listen); "
+        f"the token comes from ${TOKEN_ENV}",
+    )
+
+
+def default_admin_url(cfg: Config) -> str:
+    """``http://HOST:PORT`` of the configured admin listener."""
+    if cfg.admin is None or not cfg.admin.enabled:
+        raise AdminClientError(
+            "no admin API configured (admin.listen): pass --admin URL or give --config"
+        )
+    host, port = parse_host_port(cfg.admin.listen)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class AdminClient:
+    """Synchronous JSON requests to one gateway's admin API."""
+
+    def __init__(self, base_url: str, token: str | None, timeout: float = TIMEOUT) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get_json(self, path: str) -> Any:
+        return self._request("GET", path)
+
+    def post_json(self, path: str, body: object) -> Any:
+        return self._request("POST", path, content=orjson.dumps(body))
+
+    def _request(self, method: str, path: str, content: bytes | None = None) -> Any:
+        try:
+            r = self._http.request(
+                method,
+                path,
+                content=content,
+                headers={"Content-Type": "application/json"} if content is not None else None,
+            )
+        except httpx.HTTPError as e:
+            raise AdminClientError(
+                f"cannot reach the admin API at {self.base_url}: {e or type(e).__name__} "
+                "(is the gateway running with admin.listen there?)"
+            ) from None
+        message = _error_message(r)
+        if r.status_code == 401:
+            hint = (
+                f"set {TOKEN_ENV} (make one with 'edgeway tokens create --name NAME --role viewer')"
+                if "Authorization" not in self._http.headers
+                else f"the token in {TOKEN_ENV} is unknown or revoked"
+            )
+            raise AdminClientError(f"{self.base_url}{path}: 401 {message}; {hint}")
+        if r.status_code >= 400:
+            raise AdminClientError(f"{self.base_url}{path}: {r.status_code} {message}")
+        try:
+            return orjson.loads(r.content)
+        except orjson.JSONDecodeError:
+            raise AdminClientError(f"{self.base_url}{path}: the answer is not JSON") from None
+
+
+def _error_message(r: httpx.Response) -> str:
+    try:
+        body = orjson.loads(r.content)
+    except orjson.JSONDecodeError:
+        return r.reason_phrase
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])
+    return r.reason_phrase
+
+
+def client_from_args(args: argparse.Namespace, cfg: Config) -> AdminClient:
+    """The client for ``--admin`` (or the configured listener) and ``$EDGEWAY_TOKEN``."""
+    url = args.admin or default_admin_url(cfg)
+    return AdminClient(url, os.environ.get(TOKEN_ENV) or None)
+
+
+# --------------------------------------------------------------------------
+# edgeway status
+
+
+def add_status_arguments(p: argparse.ArgumentParser) -> None:
+    add_admin_arguments(p)
+    p.add_argument("--json", action="store_true", help="print /api/status as it came")
+
+
+def status_main(args: argparse.Namespace, cfg: Config) -> int:
+    """``edgeway status``: a running gateway's state, from its admin API."""
+    try:
+        with client_from_args(args, cfg) as client:
+            st = client.get_json("/api/status")
+    except AdminClientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    build = st.get("build") or {}
+    print(
+        f"gateway {st.get('gateway_id')}: {'ready' if st.get('ready') else 'not ready'}, "
+        f"up {float(st.get('uptime_s') or 0):.0f} s, edgeway {build.get('version')} "
+        f"(Python {build.get('python')})"
+    )
+    for sink, c in sorted((st.get("outbox") or {}).items()):
+        print(
+            f"  sink {sink}: {c.get('pending', 0)} pending, {c.get('delivered', 0)} delivered, "
+            f"{c.get('dropped', 0)} dropped"
+        )
+    return 0
