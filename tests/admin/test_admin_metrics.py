@@ -68,8 +68,12 @@ async def test_metrics_names_and_types_match_the_golden_list(tmp_path: Path) -> 
         for line in GOLDEN.read_text().splitlines()
         if line.strip() and not line.startswith("#")
     )
-    assert _types(text) == golden, (
-        f"metrics changed: update {GOLDEN.name} (and docs/operations.md) with them"
+    exposed = _types(text)
+    added = sorted(set(exposed) - set(golden))
+    removed = sorted(set(golden) - set(exposed))
+    assert exposed == golden, (
+        f"metrics changed (new or retyped: {added}; gone: {removed}): "
+        f"update {GOLDEN.name} and docs/operations.md"
     )
 
 
