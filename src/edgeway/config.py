@@ -287,6 +287,12 @@ class OutboxSection(_Model):
     commit_interval: Duration = 0.0
     """Extra wait before a group commit to gather more readings (0: commit as
     soon as the previous commit finished)."""
+    disk_reserve: Size = 8 * 1024 * 1024
+    """Disk space held back in ``outbox.db.reserve`` and released when the disk
+    is full, so that sinks' confirmations still commit and the backlog drains
+    (0: none). 8 MiB is twice the WAL SQLite lets grow between checkpoints
+    (1,000 pages of 4 KiB). Readings are refused while the disk is full and
+    accepted again once twice this is free."""
 
 
 class SinkConfig(_Model):

@@ -28,6 +28,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from edgeway.outbox.store import Batch, Outbox
+from edgeway.ratelimit_log import RateLimitedLog
 from edgeway.sinks.base import PermanentSinkError, RetryableSinkError, Sink
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ hour is more likely misconfigured than busy; we would rather probe hourly."""
 
 ERROR_LOG_INTERVAL = 60.0
 """Seconds between repeated error log lines of one failing sink (the first
-failure and the recovery are always logged)."""
+failure and the recovery are always logged; the lines between are counted)."""
 
 
 class SinkRunner:
@@ -64,7 +65,11 @@ class SinkRunner:
         self.backoff_max = backoff_max
         self._rng = random.Random()
         self._failing_since: float | None = None
-        self._last_error_log = 0.0
+        self._failures = 0
+        """Failed sends since the last success."""
+        self._confirm_failures = 0
+        """Confirmations in a row whose commit failed (a full disk)."""
+        self._errors = RateLimitedLog(log, ERROR_LOG_INTERVAL)
         self._last_error = ""
 
     async def run(self) -> None:
@@ -133,8 +138,22 @@ class SinkRunner:
         try:
             await confirmation
         except RuntimeError as e:
-            log.error("sink %s: could not record a confirmation: %s", self.sink.name, e)
-            await asyncio.sleep(self.backoff_delay(3))
+            # Back off like a failing send: a commit that keeps failing must
+            # not turn into the same batch sent every second.
+            self._errors.log(
+                logging.ERROR,
+                "confirm",
+                "sink %s: could not record a confirmation: %s",
+                self.sink.name,
+                e,
+                extra={"fields": {"sink": self.sink.name}},
+            )
+            await asyncio.sleep(self.backoff_delay(self._confirm_failures + 2))
+            self._confirm_failures += 1
+            return
+        # (Not a reset of the log's rate limit: a confirmation read before the
+        # rewind resolves at once, committed or not.)
+        self._confirm_failures = 0
 
     async def _deliver(self, batch: Batch, *, stale: bool = False) -> tuple[bool, Batch]:
         """Send until confirmed (True) or refused for good (False); returns the
@@ -173,12 +192,15 @@ class SinkRunner:
                 continue
             sink.state.record_success(len(batch), time.monotonic() - t0)
             if self._failing_since is not None:
+                self._errors.reset("send")
                 log.info(
-                    "sink %s is delivering again after %.1f s",
+                    "sink %s is delivering again after %.1f s (%d failed attempts)",
                     sink.name,
                     time.monotonic() - self._failing_since,
+                    self._failures,
                 )
                 self._failing_since = None
+                self._failures = 0
             return True, batch
 
     def backoff_delay(self, attempt: int, retry_after: float | None = None) -> float:
@@ -190,13 +212,14 @@ class SinkRunner:
         return self._rng.uniform(0.0, ceiling)
 
     def _log_failure(self, error: BaseException, delay: float) -> None:
-        now = time.monotonic()
         if self._failing_since is None:
-            self._failing_since = now
-        elif now - self._last_error_log < ERROR_LOG_INTERVAL:
-            return
-        self._last_error_log = now
-        log.warning(
+            self._failing_since = time.monotonic()
+        self._failures += 1
+        # No traceback: the error says what failed; a sink down for a day is
+        # one line a minute with a count of the attempts in between.
+        self._errors.log(
+            logging.WARNING,
+            "send",
             "sink %s failed (%s: %s); retrying in %.2f s",
             self.sink.name,
             type(error).__name__,

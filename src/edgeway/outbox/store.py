@@ -9,6 +9,7 @@ Configuration (the ``outbox:`` section; every key is optional)::
       when_full: drop_oldest   # or reject_new (backpressure to devices)
       drain: ordered           # or live_first (fresh readings share the link with a backlog)
       commit_interval: 0       # extra wait to gather a bigger group commit (0: none)
+      disk_reserve: 8MiB       # released on a full disk so confirmations commit (0: none)
 
 Design, in short:
 
@@ -48,6 +49,8 @@ Design, in short:
 - Counters per sink (accepted, delivered, dropped per reason, rejected) live in
   the ``sinks`` table and are updated in the same transaction as the rows they
   count, so ``accepted = delivered + pending + dropped`` holds after any crash.
+- A full disk: a reserve file is released so that confirmations still commit,
+  readings are refused until there is room again (:mod:`edgeway.outbox.reserve`).
 - Nothing at open is proportional to the backlog: the sequence, byte total and
   counters are stored, not recomputed (start-up with millions of pending rows
   takes milliseconds plus SQLite's WAL recovery).
@@ -77,6 +80,8 @@ import orjson
 
 from edgeway.config import OutboxSection
 from edgeway.ingest import IngestStatus
+from edgeway.outbox.reserve import DiskReserve
+from edgeway.ratelimit_log import RateLimitedLog
 from edgeway.reading import Reading
 from edgeway.sinks.base import Record, record_json_obj, stored_records
 
@@ -139,6 +144,19 @@ every commit and must not flood the log."""
 DROP_STEP_CHUNKS = 64
 """Chunks examined per step when dropping the oldest records to fit
 ``max_bytes`` or ``max_age``; bounds the memory of one step."""
+
+SPACE_CHECK_INTERVAL = 1.0
+"""Seconds between attempts to give space back and restore the disk reserve
+while the disk is full (a checkpoint, a few incremental vacuum steps and a
+``statvfs``): a full disk recovers within about this after sinks drained."""
+
+VACUUM_STEP_BUDGET = 0.05
+"""Seconds of incremental vacuum per space check at most, so that giving
+space back never holds the writer (and the commits behind it) for long."""
+
+ERROR_LOG_INTERVAL = 60.0
+"""Seconds between log lines of a repeating commit failure (a full disk fails
+every commit): one line and a count, not a traceback per commit."""
 
 READER_THREADS = 2
 """Reader connections shared by all sink runners. Two keep one long window
@@ -414,6 +432,8 @@ class _JobResult:
     """The chunk rows this commit inserted (:data:`INSERT_CHUNK` order)."""
     dropped: bool = False
     """Retention dropped or trimmed rows in this commit."""
+    disk_full: bool = False
+    """The writer refuses new readings for lack of disk space (after this job)."""
 
 
 @dataclass(slots=True)
@@ -442,9 +462,21 @@ def _counter_dict(row: Sequence[int]) -> dict[str, int]:
     return dict(zip(_COUNTER_FIELDS, row, strict=True))
 
 
+def is_disk_full(e: BaseException) -> bool:
+    """True for SQLite's "database or disk is full" (``SQLITE_FULL``)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    return isinstance(e, sqlite3.Error) and code is not None and code & 0xFF == sqlite3.SQLITE_FULL
+
+
 def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN/COMMIT ourselves (one per group commit).
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+        # A new database: pages emptied by confirmations can be given back to
+        # the filesystem (PRAGMA incremental_vacuum), which a full disk needs to
+        # recover (see edgeway.outbox.reserve). Only possible before the first
+        # table exists; older databases keep freed pages for new readings.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
     # A WAL of at most 64 MiB is kept after checkpoints, so a long backlog
@@ -468,6 +500,8 @@ class _Writer:
         unrouted: int,
         epochs: list[tuple[int, str]],
         chunk_max: int,
+        reserve: DiskReserve,
+        disk_full: bool,
     ) -> None:
         self.conn = conn
         self.cfg = cfg
@@ -487,10 +521,85 @@ class _Writer:
         self.commits = 0
         self.dropped = False
         """Retention dropped or trimmed rows in the current job."""
+        self.reserve = reserve
+        self.disk_full = disk_full
+        """A commit failed for lack of disk space and there is not yet room
+        again: new readings are refused, confirmations still commit."""
+        self.last_space_check = 0.0
+        self.incremental_vacuum = conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        self.errors = RateLimitedLog(log, ERROR_LOG_INTERVAL)
 
     # -- the group commit ---------------------------------------------------
 
     def run_job(self, job: _Job) -> _JobResult:
+        """Apply one group commit. On a full disk, release the reserve, refuse
+        the job's readings and commit the rest (confirmations, dead letters,
+        retention) in the space freed; raises if even that does not fit."""
+        try:
+            res = self._run_once(job)
+        except sqlite3.Error as e:
+            if not is_disk_full(e):
+                raise
+            was_full = self.disk_full
+            self.disk_full = True
+            freed = self.reserve.release()
+            self.errors.log(
+                logging.WARNING,
+                "disk_full",
+                "outbox: disk full (%s); %s; new readings are refused until there is room",
+                e,
+                f"released the {self.reserve.size}-byte reserve" if freed else "no reserve left",
+                extra={"fields": {"path": str(self.reserve.path.parent)}},
+            )
+            if was_full and not freed:
+                # Already refusing readings: make room in the WAL, once.
+                self._checkpoint()
+            res = self._run_once(job)
+        if self.disk_full:
+            self._recover_space()
+        res.disk_full = self.disk_full
+        return res
+
+    def _checkpoint(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _recover_space(self) -> None:
+        """While the disk is full, at most every :data:`SPACE_CHECK_INTERVAL`:
+        move the WAL into the database, give emptied pages back to the
+        filesystem, and accept readings again once the reserve is back."""
+        now = time.monotonic()
+        if now - self.last_space_check < SPACE_CHECK_INTERVAL:
+            return
+        self.last_space_check = now
+        conn = self.conn
+        self._checkpoint()
+        if self.incremental_vacuum:
+            page = conn.execute("PRAGMA page_size").fetchone()[0]
+            # Each step's moved pages go through the WAL: a quarter of the
+            # reserve per step leaves room for them.
+            step = max(self.reserve.size // 4 // page, 64)
+            deadline = now + VACUUM_STEP_BUDGET
+            try:
+                while conn.execute("PRAGMA freelist_count").fetchone()[0] > 0:
+                    # Each call frees one page per step of the statement: fetchall
+                    # runs it to the end (its own transaction).
+                    conn.execute(f"PRAGMA incremental_vacuum({step})").fetchall()
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    if time.monotonic() >= deadline:
+                        break
+            except sqlite3.Error as e:
+                self.errors.log(logging.WARNING, "vacuum", "outbox: cannot give space back: %s", e)
+        if self.reserve.restore():
+            self.disk_full = False
+            held = self.errors.reset("disk_full")
+            log.warning(
+                "outbox: disk space is back (%d MiB free); accepting readings again%s",
+                self.reserve.free_bytes() // (1024 * 1024),
+                f" ({held} more disk-full failures since the last line)" if held else "",
+            )
+
+    def _run_once(self, job: _Job) -> _JobResult:
         res = _JobResult()
         conn = self.conn
         saved = (
@@ -555,6 +664,11 @@ class _Writer:
         Chunks are runs of consecutive records with the same sinks and
         priority, in submission order, so a sink reads each device's records
         in the order they came (at most ``chunk_max`` records each)."""
+        if self.disk_full:
+            for sub in submits:
+                res.statuses.append(IngestStatus.REJECTED_FULL)
+                self._count_rejected(sub.mask, len(sub.readings))
+            return
         cfg = self.cfg
         limit = cfg.max_bytes if cfg.when_full == "reject_new" else None
         seq = self.next_seq
@@ -598,9 +712,7 @@ class _Writer:
             if limit is not None and total + nbytes > limit:
                 seq = first
                 res.statuses.append(IngestStatus.REJECTED_FULL)
-                for name, bit in self.bits.items():
-                    if mask & bit:
-                        self.counters[name][5] += n
+                self._count_rejected(mask, n)
                 continue
             res.statuses.append(IngestStatus.ACCEPTED)
             total += nbytes
@@ -633,6 +745,12 @@ class _Writer:
                 if mask & bit:
                     self.counters[name][0] += n
                     res.new_rows[name] = res.new_rows.get(name, 0) + n
+
+    def _count_rejected(self, mask: int, n: int) -> None:
+        """``n`` readings for the sinks in ``mask`` were refused (outbox or disk full)."""
+        for name, bit in self.bits.items():
+            if mask & bit:
+                self.counters[name][5] += n
 
     def _apply_op(self, op: _Op, res: _JobResult, want_receipts: bool) -> None:
         """A sink confirmed (or refused for good) a batch: the records after its
@@ -984,6 +1102,12 @@ class Outbox:
         self._lock_fd: int | None = None
         self._age_timer: asyncio.TimerHandle | None = None
         self._age_due = False
+        """A timer asks for a commit with nothing in it (retention, space check)."""
+        self.reserve = DiskReserve(
+            self.path.with_name(self.path.name + ".reserve"), config.disk_reserve
+        )
+        self._disk_full = False
+        self._space_timer: asyncio.TimerHandle | None = None
         self._commit_waiters: list[asyncio.Future[None]] = []
         self.commits = 0
         """Group commits done since open (for tests and metrics)."""
@@ -1018,8 +1142,20 @@ class Outbox:
         self._closed = False
         if self.config.max_age is not None:
             self._age_timer = self._loop.call_later(AGE_CHECK_INTERVAL, self._age_tick)
+        self._set_disk_full(writer.disk_full)
 
     def _open_sync(self) -> _Writer:
+        try:
+            return self._open_once()
+        except sqlite3.Error as e:
+            # A full disk refuses even the start-up transaction: give the
+            # reserve back and try again (then start refusing readings).
+            if not (is_disk_full(e) and self.reserve.release()):
+                raise
+            log.warning("outbox: disk full at start (%s); released the reserve", e)
+            return self._open_once()
+
+    def _open_once(self) -> _Writer:
         sync = "FULL" if self.config.durability == "fsync" else "NORMAL"
         t0 = time.monotonic()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -1120,8 +1256,19 @@ class Outbox:
             )
             conn.execute("COMMIT")
         except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
             conn.close()
             raise
+        disk_full = not self.reserve.restore()
+        if disk_full:
+            log.warning(
+                "outbox: %d MiB free in %s, not enough for the %d MiB disk reserve and new "
+                "readings: refusing readings until there is room",
+                self.reserve.free_bytes() // (1024 * 1024),
+                self.path.parent,
+                self.config.disk_reserve // (1024 * 1024),
+            )
         for name, bit in bits.items():
             c = cursors[name]
             self._reads[name] = _ReadState(bit=bit, pos=c, prio_pos=c, cursor=c)
@@ -1148,6 +1295,8 @@ class Outbox:
             unrouted,
             epochs,
             self.chunk_max,
+            self.reserve,
+            disk_full,
         )
 
     async def close(self) -> None:
@@ -1157,6 +1306,8 @@ class Outbox:
         self._closed = True
         if self._age_timer is not None:
             self._age_timer.cancel()
+        if self._space_timer is not None:
+            self._space_timer.cancel()
         self._ops_urgent = True
         while self._committing or self._submits or self._ops:
             if not self._committing:
@@ -1232,10 +1383,16 @@ class Outbox:
         return fut
 
     def is_saturated(self) -> bool:
-        """True while ``reject_new`` would refuse new readings (within 1% of ``max_bytes``)."""
+        """True while new readings would be refused: the disk is full, or
+        ``reject_new`` is within 1% of ``max_bytes``."""
         # Asked once per device message: the threshold is computed once.
         limit = self._saturation_limit
-        return limit is not None and self._total_bytes >= limit
+        return self._disk_full or (limit is not None and self._total_bytes >= limit)
+
+    @property
+    def disk_full(self) -> bool:
+        """New readings are refused for lack of disk space (see :mod:`edgeway.outbox.reserve`)."""
+        return self._disk_full
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Per sink: accepted, delivered, pending, dropped, dropped_<reason>, rejected_full.
@@ -1308,6 +1465,23 @@ class Outbox:
         self._request_commit()
         self._age_timer = self._loop.call_later(AGE_CHECK_INTERVAL, self._age_tick)
 
+    def _space_tick(self) -> None:
+        """While the disk is full: a commit every :data:`SPACE_CHECK_INTERVAL`,
+        so the writer checks for room even when nothing else commits."""
+        assert self._loop is not None
+        self._space_timer = None
+        if self._closed or not self._disk_full:
+            return
+        self._age_due = True
+        self._request_commit()
+        self._space_timer = self._loop.call_later(SPACE_CHECK_INTERVAL, self._space_tick)
+
+    def _set_disk_full(self, full: bool) -> None:
+        self._disk_full = full
+        if full and self._space_timer is None and not self._closed:
+            assert self._loop is not None
+            self._space_timer = self._loop.call_later(SPACE_CHECK_INTERVAL, self._space_tick)
+
     def _writer_main(self) -> None:
         writer = self._writer
         loop = self._loop
@@ -1319,9 +1493,14 @@ class Outbox:
                     break
                 try:
                     res = writer.run_job(job)
+                    if writer.errors.active("commit"):
+                        held = writer.errors.reset("commit")
+                        log.warning("outbox commits succeed again (%d failures not logged)", held)
                 except BaseException as e:  # reported to every waiter, then go on
-                    log.exception("outbox commit failed")
-                    res = _JobResult(error=e)
+                    writer.errors.log(
+                        logging.ERROR, "commit", "outbox commit failed: %s", e, exc_info=e
+                    )
+                    res = _JobResult(error=e, disk_full=writer.disk_full)
                 loop.call_soon_threadsafe(self._commit_done, job, res)
         finally:
             with contextlib.suppress(sqlite3.Error):
@@ -1330,6 +1509,8 @@ class Outbox:
 
     def _commit_done(self, job: _Job, res: _JobResult) -> None:
         self._committing = False
+        if res.disk_full != self._disk_full:
+            self._set_disk_full(res.disk_full)
         if res.error is not None:
             err = res.error
             for sub in job.submits:
@@ -1342,6 +1523,10 @@ class Outbox:
                 st.pos = st.prio_pos = st.cursor
                 st.live_start = None
                 st.rewinds += 1
+                # The rewound rows are unread again: wake a caught-up runner
+                # that waits for new rows (none may come while ingest is refused).
+                st.unread += 1
+                st.event.set()
                 if not op.fut.done():
                     op.fut.set_exception(RuntimeError(f"outbox commit failed: {err}"))
         else:
