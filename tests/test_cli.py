@@ -115,8 +115,8 @@ def test_check_names_route_problems_with_their_lines(
     assert cli_main(["check", str(cfg)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert f"error: {cfg}:6: routes[1].name: route 'r' defined twice" in err
-    # Sinks may come from --sink at run time: check warns, with the line.
-    assert any(line.startswith(f"warning: {cfg}:5: routes[0].sinks:") for line in err), err
+    # An error, not a warning: `run` refuses it too (unless --sink adds one).
+    assert f"error: {cfg}:5: routes[0].sinks: unknown sink 'nosuch'; sinks: cloud" in err, err
     assert any(f"{cfg}:8: routes[1].steps[0].validate.quarantine:" in x for x in err), err
     assert any(f"{cfg}:10: pipeline.default_sinks:" in x for x in err), err
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from edgeway import __version__
-from edgeway.config import Config, ConfigError, load_config
+from edgeway.config import Config, ConfigError, KeyLines, load_config
 
 log = logging.getLogger("edgeway.cli")
 
@@ -206,108 +206,27 @@ def _print_config_errors(err: ConfigError) -> None:
 
 
 def cmd_check(path: Path) -> int:
-    try:
-        cfg = load_config(path)
-    except ConfigError as e:
-        _print_config_errors(e)
-        return EXIT_CONFIG
-    # Sink options are validated by each sink type; do it here too so that
-    # `check` catches everything `run` would refuse.
-    problems = _check_sinks(cfg, str(path))
-    duplicates, unknown_sinks = _check_routes(cfg, str(path))
-    problems += duplicates
-    # Sinks may still come from the command line (--sink): say so, do not fail.
-    for p in unknown_sinks:
-        print(f"warning: {p} (unless added with --sink)", file=sys.stderr)
-    for p in problems:
-        print(f"error: {p}", file=sys.stderr)
-    if problems:
+    """``edgeway check FILE``: every problem ``edgeway run`` would refuse, each
+    as ``file:line: key path: what was expected`` (see :mod:`edgeway.validate`)."""
+    from edgeway.validate import validate
+
+    issues = validate(path)
+    for issue in issues:
+        print(f"error: {issue}", file=sys.stderr)
+    if issues:
         return EXIT_CONFIG
     print(f"{path}: ok")
     return EXIT_OK
-
-
-def _check_sinks(cfg: Config, filename: str) -> list[str]:
-    """Build every sink once so its type validates its ``options``; each problem
-    is reported as ``file:line: sinks[i].options.key: message`` when the sink
-    came from the file."""
-    import re
-
-    from edgeway.config import locate_key
-    from edgeway.sinks.base import create_sink
-
-    out: list[str] = []
-    seen: set[str] = set()
-    for i, s in enumerate(cfg.sinks):
-        if s.name in seen:
-            # Names key the outbox's per-sink cursors and counters.
-            line = locate_key(filename, ("sinks", i, "name"))
-            where = f"{filename}:{line}" if line is not None else filename
-            out.append(f"{where}: sinks[{i}].name: sink {s.name!r} defined twice")
-        seen.add(s.name)
-        try:
-            create_sink(s, cfg.gateway.id)
-        except (ValueError, TypeError) as e:
-            for part in str(e).split("; "):
-                m = re.match(r"(options(?:\.[\w-]+)*): (.*)", part)
-                key = f"sinks[{i}].{m.group(1)}" if m else f"sinks[{i}]"
-                msg = m.group(2) if m else part
-                loc: tuple[str | int, ...] = ("sinks", i, *(m.group(1).split(".") if m else ()))
-                line = locate_key(filename, loc)
-                where = f"{filename}:{line}" if line is not None else filename
-                out.append(f"{where}: {key} ({s.name}): {msg}")
-    return out
-
-
-def _check_routes(cfg: Config, filename: str) -> tuple[list[str], list[str]]:
-    """What the pipeline would refuse at start, with the line: route names
-    defined twice, and sinks named by a route, a quarantine or
-    ``pipeline.default_sinks`` that are not configured. Returns the two lists
-    apart: ``check`` only warns about the second (``--sink`` may add them)."""
-    from edgeway.config import locate_key
-
-    known = {s.name for s in cfg.sinks}
-    duplicates: list[str] = []
-    out: list[str] = []
-
-    def report(
-        loc: tuple[str | int, ...], key: str, msg: str, into: list[str] | None = None
-    ) -> None:
-        line = locate_key(filename, loc)
-        text = f"{filename}:{line}: {key}: {msg}" if line else f"{filename}: {key}: {msg}"
-        (out if into is None else into).append(text)
-
-    def unknown(names: list[str]) -> str:
-        missing = ", ".join(repr(n) for n in names if n not in known)
-        return f"unknown sink {missing}; sinks: {', '.join(sorted(known)) or 'none'}"
-
-    seen: set[str] = set()
-    for i, rc in enumerate(cfg.routes):
-        if rc.name in seen:
-            msg = f"route {rc.name!r} defined twice"
-            report(("routes", i, "name"), f"routes[{i}].name", msg, duplicates)
-        seen.add(rc.name)
-        if rc.sinks is not None and any(n not in known for n in rc.sinks):
-            report(("routes", i, "sinks"), f"routes[{i}].sinks", unknown(list(rc.sinks)))
-        for j, spec in enumerate(rc.steps):
-            for step_type, params in spec.items():
-                q = params.get("quarantine") if isinstance(params, dict) else None
-                if isinstance(q, str) and q not in known:
-                    loc = ("routes", i, "steps", j, step_type, "quarantine")
-                    report(loc, f"routes[{i}].steps[{j}].{step_type}.quarantine", unknown([q]))
-    default = cfg.pipeline.default_sinks
-    if default is not None and any(n not in known for n in default):
-        report(("pipeline", "default_sinks"), "pipeline.default_sinks", unknown(list(default)))
-    return duplicates, out
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from edgeway.config import apply_overrides
     from edgeway.gateway import Gateway
     from edgeway.logs import configure_logging
+    from edgeway.validate import check_config, read_config
 
     try:
-        cfg = _load(args.config)
+        cfg, lines = read_config(args.config) if args.config else (Config(), KeyLines("--sink"))
     except ConfigError as e:
         _print_config_errors(e)
         return EXIT_CONFIG
@@ -327,12 +246,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    where = str(args.config or "--sink")
-    duplicates, unknown_sinks = _check_routes(cfg, where)
-    problems = _check_sinks(cfg, where) + duplicates + unknown_sinks
-    if problems:
-        for p in problems:
-            print(f"error: {p}", file=sys.stderr)
+    # The same checks as `edgeway check`, after the overrides (--sink adds sinks).
+    issues = check_config(cfg, lines)
+    if issues:
+        _print_config_errors(ConfigError(issues))
         return EXIT_CONFIG
     configure_logging(cfg.log.level, cfg.log.format)
     if args.config is None:

@@ -24,10 +24,13 @@ Example (every key is optional; this is close to the embedded defaults)::
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import socket
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -1010,11 +1013,62 @@ def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     return line
 
 
+def unknown_key(name: object, known: Iterable[str]) -> str:
+    """``unknown key 'listn', did you mean 'listen'?``: the message for a key
+    no model has, with the nearest known key when one is close (difflib)."""
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+    hint = f", did you mean {close[0]!r}?" if close else ""
+    return f"unknown key {str(name)!r}{hint}"
+
+
+def _types_at(tp: Any, part: int | str) -> list[Any]:
+    """The types that ``part`` (a key or an index) of a value of type ``tp`` may have."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _types_at(args[0], part)
+    if origin in (typing.Union, types.UnionType):
+        return [t for a in args for t in _types_at(a, part)]
+    if origin in (list, tuple) and isinstance(part, int) and args:
+        return [args[0]]
+    if origin is dict and isinstance(part, str) and len(args) == 2:
+        return [args[1]]
+    if isinstance(tp, type) and issubclass(tp, BaseModel) and isinstance(part, str):
+        field = tp.model_fields.get(part)
+        return [field.annotation] if field is not None else []
+    return []
+
+
+def known_keys(loc: tuple[int | str, ...], root: type[BaseModel] | None = None) -> list[str]:
+    """The keys the schema allows in the mapping at ``loc`` (empty if it is
+    not a section, e.g. a free-form ``options`` mapping)."""
+    current: list[Any] = [Config if root is None else root]
+    for part in loc:
+        current = [t for tp in current for t in _types_at(tp, part)]
+    keys: set[str] = set()
+    for tp in current:
+        for model in _models(tp):
+            keys.update(model.model_fields)
+    return sorted(keys)
+
+
+def _models(tp: Any) -> list[type[BaseModel]]:
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _models(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(tp) for m in _models(a)]
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [tp]
+    return []
+
+
 def _clean_message(err: dict[str, Any]) -> str:
     kind = err.get("type", "")
     msg = str(err.get("msg", "invalid"))
     if kind == "extra_forbidden":
-        return "unknown key"
+        loc = tuple(err.get("loc", ()))
+        return unknown_key(loc[-1], known_keys(loc[:-1])) if loc else "unknown key"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     if kind == "missing":
@@ -1030,6 +1084,57 @@ def _clean_message(err: dict[str, Any]) -> str:
     return msg
 
 
+@dataclass(slots=True, frozen=True)
+class KeyLines:
+    """Where the keys of one parsed configuration are: file name and the
+    composed YAML tree, so later checks report ``file:line: key: message``."""
+
+    filename: str
+    root: yaml.Node | None = None
+
+    def line(self, loc: tuple[int | str, ...]) -> int | None:
+        """The 1-based line of ``loc`` (a key path), or None without a file."""
+        return _line_of(self.root, loc)
+
+    def issue(
+        self, loc: tuple[int | str, ...], message: str, key: str | None = None
+    ) -> ConfigIssue:
+        """A :class:`ConfigIssue` for ``loc``; ``key`` overrides the shown key path."""
+        return ConfigIssue(
+            self.filename, self.line(loc), _key_path(loc) if key is None else key, message
+        )
+
+
+def _duplicate_keys(
+    node: yaml.Node | None, loc: tuple[int | str, ...], lines: KeyLines
+) -> list[ConfigIssue]:
+    """Keys given twice in one mapping: YAML keeps the last silently, so a
+    setting someone believes in is ignored. Reported at the second one."""
+    out: list[ConfigIssue] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value != "<<":
+                line = k.start_mark.line + 1
+                if k.value in first:
+                    out.append(
+                        ConfigIssue(
+                            lines.filename,
+                            line,
+                            _key_path((*loc, k.value)),
+                            f"key {k.value!r} given twice (first on line {first[k.value]}); "
+                            "YAML would keep only this one",
+                        )
+                    )
+                else:
+                    first[k.value] = line
+                out += _duplicate_keys(v, (*loc, k.value), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out += _duplicate_keys(item, (*loc, i), lines)
+    return out
+
+
 def locate_key(filename: str, loc: tuple[int | str, ...]) -> int | None:
     """The line of ``loc`` (a key path) in a YAML file, or None if unknown."""
     try:
@@ -1041,6 +1146,11 @@ def locate_key(filename: str, loc: tuple[int | str, ...]) -> int | None:
 
 def parse_config(text: str, filename: str = "<config>") -> Config:
     """Parse and validate YAML text; raise :class:`ConfigError` on any problem."""
+    return parse_config_lines(text, filename)[0]
+
+
+def parse_config_lines(text: str, filename: str = "<config>") -> tuple[Config, KeyLines]:
+    """:func:`parse_config`, also returning where each key is (for later checks)."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text) if root is not None else {}
@@ -1062,19 +1172,16 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
                 )
             ]
         )
+    lines = KeyLines(filename, root)
+    issues = _duplicate_keys(root, (), lines)
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as e:
-        issues = [
-            ConfigIssue(
-                filename,
-                _line_of(root, tuple(err["loc"])),
-                _key_path(tuple(err["loc"])),
-                _clean_message(dict(err)),
-            )
-            for err in e.errors()
-        ]
-        raise ConfigError(issues) from None
+        issues += [lines.issue(tuple(err["loc"]), _clean_message(dict(err))) for err in e.errors()]
+        raise ConfigError(sorted(issues, key=lambda i: i.line or 0)) from None
+    if issues:
+        raise ConfigError(issues)
+    return config, lines
 
 
 def load_config(path: Path | str | None) -> Config:

@@ -360,4 +360,3 @@ async def test_simulate_without_receipts_reports_acknowledged_not_lost(
         assert "delivery to the cloud not confirmed" in last
         assert "held" not in last and "confirmed 0" not in last
         await wait_until(lambda: len(_records(cloud)) >= produced)
-

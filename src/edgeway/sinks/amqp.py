@@ -49,6 +49,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict
 
 from edgeway.config import Duration, SinkConfig
+from edgeway.extras import OptionalLibrary
 from edgeway.sinks.base import (
     BatchOptions,
     Record,
@@ -99,7 +100,7 @@ class AmqpSink(Sink):
     schemes = ("amqp", "amqps")
     options_model = AmqpSinkOptions
     options: AmqpSinkOptions
-    library = ("aio_pika", "aio-pika")
+    library = OptionalLibrary("aio_pika", "aio-pika", "sinks")
 
     def __init__(self, config: SinkConfig, gateway_id: str) -> None:
         super().__init__(config, gateway_id)

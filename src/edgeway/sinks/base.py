@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgeway.config import Duration, SinkConfig, Size
+from edgeway.config import Duration, SinkConfig, Size, known_keys, unknown_key
+from edgeway.extras import OptionalLibrary
 from edgeway.reading import MetricValue
 
 
@@ -206,17 +207,33 @@ class BatchOptions(BaseModel):
 _O = TypeVar("_O", bound=BaseModel)
 
 
+class SinkOptionsError(ValueError):
+    """Settings of one sink that its type refuses. ``problems`` holds each
+    one's key path inside the sink (``("options", "tls", "ca")``) and what
+    is wrong, so ``edgeway check`` names the line; ``str()`` is
+    ``options.tls.ca: ...; options.x: ...``."""
+
+    def __init__(self, problems: Sequence[tuple[tuple[str | int, ...], str]]) -> None:
+        self.problems = list(problems)
+        super().__init__(
+            "; ".join(f"{'.'.join(map(str, key))}: {msg}" for key, msg in self.problems)
+        )
+
+
 def parse_options(model: type[_O], options: Mapping[str, Any]) -> _O:
-    """Validate a sink's ``options``; ``ValueError`` naming every key at fault."""
+    """Validate a sink's ``options``; :class:`SinkOptionsError` naming every key at fault."""
     try:
         return model.model_validate(options)
     except ValidationError as e:
-        msgs = []
+        problems: list[tuple[tuple[str | int, ...], str]] = []
         for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(options)"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            msgs.append(f"options.{key}: {msg}")
-        raise ValueError("; ".join(msgs)) from None
+            loc = tuple(err["loc"])
+            if err["type"] == "extra_forbidden":
+                msg = unknown_key(loc[-1], known_keys(loc[:-1], root=model))
+            else:
+                msg = err["msg"].removeprefix("Value error, ")
+            problems.append((("options", *loc), msg))
+        raise SinkOptionsError(problems) from None
 
 
 _log = logging.getLogger(__name__)
@@ -238,24 +255,28 @@ def client_ssl_context(
     """The TLS context of a client sink from its ``ca``/``cert``/``key`` options.
 
     ``enabled`` False (a plain-text URL) refuses TLS options naming the key;
-    errors are ``ValueError("options.<key>: ...")`` so ``edgeway check`` shows them.
+    errors are :class:`SinkOptionsError` so ``edgeway check`` shows them.
     """
+
+    def refuse(name: str, message: str) -> SinkOptionsError:
+        return SinkOptionsError([(("options", name), message)])
+
     if not enabled:
         for name, value in (("ca", ca), ("cert", cert), ("key", key)):
             if value is not None:
-                raise ValueError(f"options.{name}: TLS options need a {scheme}:// url")
+                raise refuse(name, f"TLS options need a {scheme}:// url")
         return None
     if (cert is None) != (key is None):
-        raise ValueError("options.key: cert and key go together")
+        raise refuse("key", "cert and key go together")
     try:
         ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
     except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"options.ca: {e}") from None
+        raise refuse("ca", str(e)) from None
     if cert is not None and key is not None:
         try:
             ctx.load_cert_chain(str(cert), str(key), key_password)
         except (OSError, ssl.SSLError) as e:
-            raise ValueError(f"options.cert: {e}") from None
+            raise refuse("cert", str(e)) from None
     return ctx
 
 
@@ -282,9 +303,9 @@ class Sink(abc.ABC):
     schemes: ClassVar[tuple[str, ...]] = ()
     options_model: ClassVar[type[BatchOptions]] = BatchOptions
     """The pydantic model of ``SinkConfig.options``; parsed in ``__init__``."""
-    library: ClassVar[tuple[str, str] | None] = None
-    """``(module, pip package)`` of an optional dependency (the ``sinks``
-    extra) the sink needs; checked at start."""
+    library: ClassVar[OptionalLibrary | None] = None
+    """An optional dependency the sink needs (the ``sinks`` extra); a missing
+    one is a configuration error (``edgeway check``, start-up)."""
     max_batch_records: int = 500
     max_batch_bytes: int = 1024 * 1024
     max_wait: float = 0.05
@@ -309,15 +330,8 @@ class Sink(abc.ABC):
 
         The default checks that :attr:`library` is installed and logs how to
         install it if not; the first batch connects."""
-        if self.library is None:
-            return
-        module, package = self.library
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError:
-            _log.error(
-                "sink %s: %s is not installed (pip install 'edgeway[sinks]')", self.name, package
-            )
+        if self.library is not None and not self.library.installed():
+            _log.error("sink %s: %s", self.name, self.library.missing())
 
     @abc.abstractmethod
     async def send_batch(self, records: Sequence[Record]) -> None:
@@ -340,7 +354,6 @@ def register_sink(cls: _S) -> _S:
 
 def sink_class_for(url: str) -> type[Sink]:
     """The registered sink class for ``url``'s scheme; ``ValueError`` if none."""
-    import importlib
 
     from edgeway.sinks import SCHEME_MODULES
 

@@ -48,6 +48,7 @@ from typing import Any
 from pydantic import ConfigDict, Field
 
 from edgeway.config import Duration, SinkConfig
+from edgeway.extras import OptionalLibrary
 from edgeway.sinks.base import (
     BatchOptions,
     PermanentSinkError,
@@ -103,7 +104,7 @@ class NatsSink(Sink):
     schemes = ("nats",)
     options_model = NatsSinkOptions
     options: NatsSinkOptions
-    library = ("nats", "nats-py")
+    library = OptionalLibrary("nats", "nats-py", "sinks")
 
     def __init__(self, config: SinkConfig, gateway_id: str) -> None:
         super().__init__(config, gateway_id)

@@ -58,6 +58,7 @@ import orjson
 from pydantic import ConfigDict, Field
 
 from edgeway.config import Duration, SinkConfig
+from edgeway.extras import OptionalLibrary
 from edgeway.sinks.base import (
     BatchOptions,
     PermanentSinkError,
@@ -109,7 +110,7 @@ class PostgresSink(Sink):
     schemes = ("postgresql", "postgres")
     options_model = PostgresSinkOptions
     options: PostgresSinkOptions
-    library = ("asyncpg", "asyncpg")
+    library = OptionalLibrary("asyncpg", "asyncpg", "sinks")
 
     def __init__(self, config: SinkConfig, gateway_id: str) -> None:
         super().__init__(config, gateway_id)

@@ -9,6 +9,8 @@ protocols that are configured; add a new adapter to that table.
 
 from __future__ import annotations
 
+from edgeway.extras import OptionalLibrary
+
 SECTION_MODULES: dict[str, str] = {
     "coap": "coap",
     "http_ingest": "http",
@@ -18,3 +20,14 @@ SECTION_MODULES: dict[str, str] = {
     "mqtt_client": "mqtt_client",
     "ble": "ble",
 }
+
+SECTION_LIBRARIES: dict[str, OptionalLibrary] = {
+    "coap": OptionalLibrary("aiocoap", "aiocoap", "protocols"),
+    "modbus": OptionalLibrary("pymodbus", "pymodbus", "protocols"),
+    "opcua": OptionalLibrary("asyncua", "asyncua", "protocols"),
+    "serial": OptionalLibrary("serial_asyncio", "pyserial-asyncio", "protocols"),
+    "mqtt_client": OptionalLibrary("paho", "paho-mqtt", "protocols"),
+    "ble": OptionalLibrary("bleak", "bleak", "ble"),
+}
+"""The optional library each adapter imports when it runs (``edgeway check``
+and start-up refuse a configured adapter whose library is missing)."""
