@@ -540,7 +540,11 @@ class CommandService:
                 heapq.heappush(
                     self._deadlines, (cmd.delivered_at + rec.result_timeout, cmd.seq, cmd.id)
                 )
-                await self.db.write(functools.partial(_update, c=cmd))
+                # Not awaited: DELIVERED on disk only informs (after a restart
+                # a delivered command without a result is sent again anyway),
+                # and the device's answer usually follows within the same
+                # commit window, so the two share one commit.
+                self.db.write(functools.partial(_update, c=cmd)).add_done_callback(_log_failure)
                 self._emit_state(cmd)
         except asyncio.CancelledError:
             raise
@@ -712,6 +716,11 @@ class CommandService:
             return
         if isinstance(fut, asyncio.Future):
             fut.add_done_callback(_log_emit_failure)
+
+
+def _log_failure(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("command state not stored: %s", fut.exception())
 
 
 def _log_emit_failure(fut: asyncio.Future[Any]) -> None:
