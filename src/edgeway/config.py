@@ -766,6 +766,14 @@ class HttpIngestSection(_Model):
     """Codec for a request without Content-Type."""
     codec_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Options for the codec of each content type, by codec name."""
+    command_poll_max: Duration = Field(default=60.0, gt=0, le=3600)
+    """Longest ``wait`` of a command long-poll (``GET /devices/{id}/commands``)."""
+    max_command_polls: int = Field(default=10_000, ge=1)
+    """Devices long-polling for commands at once (503 beyond): one poll holds a
+    connection and about a kilobyte."""
+    commands_allow_anonymous: bool = False
+    """Let devices without a token poll commands and post results. Off even with
+    ``allow_anonymous``: whoever polls takes the device's commands."""
 
     @field_validator("listen")
     @classmethod

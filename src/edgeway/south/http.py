@@ -61,10 +61,12 @@ from edgeway.codecs.base import (
     codec_for_content_type,
 )
 from edgeway.config import HttpIngestSection, is_loopback, parse_host_port
+from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.reading import Origin
 from edgeway.south.base import SouthAdapter, register_adapter
 from edgeway.south.decode_errors import DecodeErrorCounter
+from edgeway.south.http_downlink import HttpDownlink
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +179,12 @@ class HttpIngestAdapter(SouthAdapter):
         self._codecs: dict[str, Codec] = {}
         self._buckets: dict[str, TokenBucket] = {}
         self._unconfigured_warned: set[str] = set()
+        self._downlink: HttpDownlink | None = None
+
+    def downlink(self, events: DownlinkEvents) -> Downlink | None:
+        """Long-poll commands; see :mod:`edgeway.south.http_downlink`."""
+        self._downlink = HttpDownlink(events, max_polls=self.config.max_command_polls)
+        return self._downlink
 
     def _codec(self, name: str) -> Codec:
         codec = self._codecs.get(name)
@@ -191,6 +199,10 @@ class HttpIngestAdapter(SouthAdapter):
         # body is cut off without being buffered whole.
         app = web.Application(client_max_size=self.config.max_body_size)
         app.router.add_post("/devices/{device_id}/telemetry", self._post_telemetry)
+        app.router.add_get("/devices/{device_id}/commands", self._get_commands)
+        app.router.add_post(
+            "/devices/{device_id}/commands/{command_id}/result", self._post_command_result
+        )
         app.router.add_get("/healthz", self._healthz)
         return app
 
@@ -355,6 +367,50 @@ class HttpIngestAdapter(SouthAdapter):
         if status is IngestStatus.REJECTED_FULL:
             return _error(503, "outbox_full", **{"Retry-After": self._retry_after()})
         return _error(400, "rejected", "rejected_invalid")
+
+    async def _command_caller(self, request: web.Request) -> str | web.Response:
+        """The device id a command request may act for, or the error answer."""
+        if self._downlink is None:
+            return _error(404, "not_found", detail="commands are not enabled on this gateway")
+        try:
+            device_id = check_device_id(request.match_info["device_id"])
+        except DecodeError as e:
+            return _error(400, "bad_request", e.reason, e.detail)
+        auth = request.headers.get("Authorization")
+        token: str | None = None
+        if auth is not None:
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                return _error(401, "unauthorized", "bad_authorization", **_bearer())
+            token = value.strip()
+        if token is None and not self.config.commands_allow_anonymous:
+            return _error(401, "unauthorized", "no_token", **_bearer())
+        if token is not None and not await self.token_check(device_id, token):
+            return _error(401, "unauthorized", "bad_token", **_bearer())
+        return device_id
+
+    async def _get_commands(self, request: web.Request) -> web.StreamResponse:
+        caller = await self._command_caller(request)
+        if isinstance(caller, web.Response):
+            return self._respond(caller)
+        assert self._downlink is not None
+        try:
+            wait = float(request.query.get("wait", "0"))
+        except ValueError:
+            return self._respond(_error(400, "bad_request", detail="wait must be seconds"))
+        wait = min(max(wait, 0.0), self.config.command_poll_max)
+        return await self._downlink.poll(request, caller, wait)
+
+    async def _post_command_result(self, request: web.Request) -> web.Response:
+        caller = await self._command_caller(request)
+        if isinstance(caller, web.Response):
+            return self._respond(caller)
+        assert self._downlink is not None
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._respond(_error(413, "too_large"))
+        return self._respond(self._downlink.result(caller, request.match_info["command_id"], body))
 
     def _rate_ok(self, device_id: str) -> bool:
         assert self.config.rate_limit is not None
