@@ -103,6 +103,20 @@ async def test_forged_host_header_is_refused_with_421(tmp_path: Path) -> None:
             assert r.status_code == 200, host
 
 
+async def test_cross_site_requests_are_refused(tmp_path: Path) -> None:
+    """A page of another site can send a form POST or a fetch to the loopback
+    API with a correct Host; its browser names the page in Origin."""
+    async with running_gateway(tmp_path) as rg, httpx.AsyncClient(base_url=rg.base) as http:
+        for origin in ["http://evil.example", "https://evil.example:9180", "null", "file://"]:
+            r = await http.get("/api/status", headers={"Origin": origin})
+            assert (r.status_code, r.json()["error"]) == (403, "cross_origin"), origin
+            r = await http.post("/api/status", headers={"Origin": origin}, content=b"x=1")
+            assert r.status_code == 403, origin
+        for origin in [rg.base, "http://localhost:3000", "http://[::1]:8080"]:
+            r = await http.get("/api/status", headers={"Origin": origin})
+            assert r.status_code == 200, origin
+
+
 async def test_host_check_on_a_wildcard_listener(tmp_path: Path) -> None:
     # Any address of the machine is fine (it cannot be re-pointed); names are not.
     policy = HostPolicy("0.0.0.0", ("gw1.example.net",))

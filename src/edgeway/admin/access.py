@@ -8,11 +8,17 @@ Every request passes, in order:
    carries ``Host: evil.example``; only the listener's own address, localhost
    names, IP literals (which cannot be re-pointed) the listener answers on, and
    ``admin.allowed_hosts`` are accepted; anything else gets ``421``.
-2. **Route access**: each handler declares the least role it needs with
+2. **Origin check** (cross-site requests): a browser adds ``Origin`` to
+   cross-origin requests other than plain GETs; a form on any web site can
+   POST to ``http://127.0.0.1:9180`` with the right ``Host``, and under
+   ``admin.auth: none`` nothing else would stop it. A request whose
+   ``Origin`` names a host the Host check would refuse (or ``null``) gets
+   ``403``.
+3. **Route access**: each handler declares the least role it needs with
    :func:`requires` or :func:`public`. A handler that declares nothing is
    refused to everyone (fail closed); an unknown path needs ``viewer`` before
    it gets its 404, so probing paths reveals nothing without a token.
-3. **Bearer token** (``Authorization: Bearer ewt_...``), checked against the
+4. **Bearer token** (``Authorization: Bearer ewt_...``), checked against the
    :class:`~edgeway.admin.tokens.TokenStore`: ``401`` without a valid token,
    ``403`` when the token's role is below the route's. With ``admin.auth:
    none`` (loopback only) every request has every role.
@@ -27,6 +33,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
@@ -130,6 +137,19 @@ class HostPolicy:
                 return True
         elif host == self.listen_host.lower():
             return True
+        return self._allowed_name(host)
+
+    def allows_origin(self, origin: str) -> bool:
+        """Whether a browser ``Origin`` header names a host :meth:`allows`."""
+        try:
+            parts = urllib.parse.urlsplit(origin.strip())
+        except ValueError:
+            return False
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return False  # "null" (sandboxed frames, file://) and anything odd
+        return self.allows(parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]")
+
+    def _allowed_name(self, host: str) -> bool:
         return any(
             host == allowed
             or (allowed.startswith(".") and (host.endswith(allowed) or host == allowed[1:]))
@@ -222,6 +242,15 @@ class AccessControl:
                 "misdirected_request",
                 "this admin API does not answer to that Host name; "
                 "add it to admin.allowed_hosts if it is yours",
+            )
+        origin = request.headers.get("Origin")
+        if origin is not None and not self.hosts.allows_origin(origin):
+            self.refusals.refused(request, 403, f"cross-origin ({escape_for_log(origin)})")
+            return _error(
+                403,
+                "cross_origin",
+                "requests from web pages of other sites are refused; "
+                "add the site's host to admin.allowed_hosts if it is yours",
             )
         needed = self._needed(request)
         if needed == PUBLIC:
