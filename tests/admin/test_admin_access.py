@@ -339,3 +339,13 @@ async def test_refusals_are_logged_rate_limited_and_escaped(
 def test_escape_for_log() -> None:
     assert escape_for_log("a\nb\x1b[31mé") == "a\\x0ab\\x1b[31m\\xe9"
     assert escape_for_log("x" * 200).endswith("...") and len(escape_for_log("x" * 200)) == 83
+
+
+def test_allowed_hosts_are_names_or_addresses_without_port() -> None:
+    cfg = parse_config("admin: {allowed_hosts: [GW1.Example.com., .plant.example, '[fe80::1]']}")
+    assert cfg.admin is not None
+    assert cfg.admin.allowed_hosts == ["gw1.example.com", ".plant.example", "fe80::1"]
+    for bad in ["http://gw1", "gw1:9180", "*.example", "gw 1", ""]:
+        with pytest.raises(ConfigError) as e:
+            parse_config(f"admin: {{allowed_hosts: ['{bad}']}}")
+        assert e.value.issues[0].key == "admin.allowed_hosts"
