@@ -180,3 +180,56 @@ def test_config_reference_page_is_current() -> None:
 
     page = Path(__file__).resolve().parents[1] / "docs" / "config-reference.md"
     assert page.read_text(encoding="utf-8") == render_reference()
+
+
+def _reference_rows() -> dict[str, tuple[str, str, str]]:
+    """``{key: (type, default, meaning)}`` of the rendered reference, per table
+    (sink option keys are prefixed with their table's first scheme)."""
+    from edgeway.config_doc import render_reference
+
+    rows: dict[str, tuple[str, str, str]] = {}
+    prefix = ""
+    for line in render_reference().splitlines():
+        if line.startswith("## `sinks[].options` for `"):
+            prefix = line.split("`")[3].removesuffix("://") + ":"
+        if line.startswith("| `"):
+            key, typ, default, meaning = (c.strip() for c in line.strip("|").split(" | "))
+            rows[prefix + key.strip("`")] = (typ, default, meaning)
+    return rows
+
+
+def test_config_reference_gives_every_key_a_meaning() -> None:
+    missing = [key for key, (_, _, meaning) in _reference_rows().items() if not meaning]
+    assert missing == [], f"keys without a docstring in their config model: {missing}"
+
+
+def test_config_reference_shows_defaults_as_yaml() -> None:
+    rows = _reference_rows()
+    assert rows["mqtt.enabled"][1] == "`true`"
+    assert rows["mqtt.listeners[].tls.require_client_cert"][1] == "`false`"
+    assert rows["mqtt.limits.max_packet_size"][1] == "`1MiB`"
+    assert rows["mqtt.limits.max_session_expiry"][1] == "`7d`"
+    assert rows["mqtt.limits.connect_timeout"][1] == "`10s`"
+    assert rows["log.level"][1] == "`info`"
+    assert rows["mqtt.listeners[]"][1] == "`[{bind: '127.0.0.1:1883', allow_anonymous: true}]`"
+    assert rows["mqtt.telemetry_topics"][1] == "`['devices/{device_id}/telemetry']`"
+
+
+def test_yaml_defaults_read_back_as_the_same_values() -> None:
+    from edgeway.config import _parse_duration, _parse_size
+    from edgeway.config_doc import format_duration, format_size
+
+    for seconds in (0.0, 0.001, 0.25, 0.5, 1.0, 1.5, 10.0, 60.0, 90.0, 3600.0, 86400.0, 7 * 86400):
+        assert _parse_duration(format_duration(seconds)) == pytest.approx(seconds)
+    for size in (0, 1, 1000, 1024, 4096, 65536, 1024**2, 3 * 1024**2 + 1, 2 * 1024**3):
+        assert _parse_size(format_size(size)) == size
+
+
+def test_config_reference_has_a_table_per_sink_type() -> None:
+    rows = _reference_rows()
+    for scheme in ("http", "file", "mqtt", "nats", "amqp", "postgresql"):
+        assert f"{scheme}:options.max_records" in rows, scheme
+    assert rows["http:options.max_records"][1] == "`2000`"
+    assert rows["http:options.tls.verify"][1] == "`true`"
+    assert rows["file:options.max_file_bytes"][1] == "`64MiB`"
+    assert rows["mqtt:options.session_expiry"][1] == "`1d`"

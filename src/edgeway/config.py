@@ -737,7 +737,9 @@ class HttpIngestSection(_Model):
     """HTTP ingest (``edgeway.south.http``): ``POST /devices/{device_id}/telemetry``."""
 
     enabled: bool = True
+    """Run the HTTP ingest listener (the section's presence turns it on)."""
     name: str = Field(default="http", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Adapter name: the readings' origin and the name in logs and the status."""
     listen: str = "127.0.0.1:8080"
     """``HOST:PORT``; port 0 picks a free port (logged at start)."""
     tls: TlsConfig | None = None
@@ -805,6 +807,7 @@ class MqttClientTls(_Model):
     cert: Path | None = None
     """Client certificate (PEM) for brokers that authenticate clients by certificate."""
     key: Path | None = None
+    """Private key of ``cert`` (PEM, unencrypted)."""
 
 
 class MqttClientSubscription(_Model):
@@ -814,7 +817,9 @@ class MqttClientSubscription(_Model):
     """An MQTT filter in which ``{device_id}`` (and optionally ``{metric_prefix}``)
     each stand for one topic level: ``plant/+/sensors/{device_id}``."""
     codec: str = "json"
+    """Payload format of these topics (see docs/codecs.md)."""
     codec_options: dict[str, Any] = Field(default_factory=dict)
+    """Options of ``codec``."""
     qos: Literal[0, 1] = 1
     """1 (default): acknowledged only once the outbox has the reading, so the broker
     redelivers until then. Not 2: paho answers a QoS 2 PUBLISH with PUBREC on
@@ -846,19 +851,26 @@ class MqttClientConfig(_Model):
     """One external MQTT broker that ``edgeway.south.mqtt_client`` subscribes to."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Adapter name: the readings' origin and the name in logs and the status."""
     enabled: bool = True
+    """Connect to this broker."""
     url: str = Field(pattern=r"^mqtts?://[^/]+$")
     """``mqtt://host:1883`` or ``mqtts://host:8883`` (TLS)."""
     client_id: str | None = Field(default=None, min_length=1, max_length=128)
     """Default ``edgeway-<gateway id>-<name>``: stable, so the broker keeps the
     session (and redelivers unacknowledged messages) across reconnects."""
     username: str | None = None
+    """User name for the broker; absent: connect without credentials."""
     password: str | None = None
+    """Password of ``username``."""
     tls: MqttClientTls | None = None
+    """CA and client certificate for ``mqtts://`` (absent: the system's CAs)."""
     protocol: Literal["5", "3.1.1"] = "5"
+    """MQTT version spoken to the broker."""
     session_expiry: Duration = 3600.0
     """How long the broker keeps our session (and queues for us) while we are away (MQTT 5)."""
     keepalive: int = Field(default=60, ge=5, le=65535)
+    """MQTT keep alive (seconds) sent in CONNECT."""
     receive_maximum: int = Field(default=100, ge=1, le=65535)
     """Unacknowledged QoS 1/2 messages the broker may have in flight to us (MQTT 5).
     Each waits in memory for the outbox; 100 keeps a group commit busy."""
@@ -867,6 +879,7 @@ class MqttClientConfig(_Model):
     preset: Literal["zigbee2mqtt", "tasmota", "shelly", "sparkplug_b"] | None = None
     """Adds the preset's subscriptions (see docs/protocols/mqtt-client.md)."""
     subscriptions: list[MqttClientSubscription] = Field(default_factory=list)
+    """Topics to subscribe to, each with its device ids and codec."""
 
     @model_validator(mode="after")
     def _check_combination(self) -> Self:
@@ -917,7 +930,9 @@ class RouteConfig(_Model):
     """A route: match readings, apply steps in order, store for ``sinks``."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Unique name; appears in counters, ``edgeway stats`` and logs."""
     match: RouteMatch = Field(default_factory=RouteMatch)
+    """Which readings the route takes (absent: every reading)."""
     steps: list[Annotated[dict[str, Any], AfterValidator(_check_step)]] = Field(
         default_factory=list
     )

@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
@@ -76,6 +77,7 @@ def _models_in(tp: Any) -> list[type[BaseModel]]:
 
 
 def _default(info: FieldInfo) -> str:
+    """The default as one would write it in the YAML file (``true``, ``1MiB``, ``7d``)."""
     if info.is_required():
         return "*required*"
     if info.default_factory is not None:
@@ -91,15 +93,54 @@ def _default(info: FieldInfo) -> str:
         value = info.default
     if value is None or value is PydanticUndefined:
         return "none"
-    if isinstance(value, enum.Enum):
-        value = value.value
-    if isinstance(value, Path):
-        value = str(value)
     if value in ([], {}):
         return "empty"
-    if isinstance(value, list | dict) and len(repr(value)) > 60:
-        return "(see description)"
-    return f"`{value!r}`" if isinstance(value, str) else f"`{value}`"
+    kind = _field_type(info)
+    if kind.startswith("duration") and isinstance(value, int | float):
+        text = format_duration(float(value))
+    elif kind.startswith("size") and isinstance(value, int):
+        text = format_size(value)
+    else:
+        text = _yaml(_plain(value))
+    return "(see meaning)" if len(text) > 60 else f"`{text}`"
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as the YAML loader would give it back (models as mappings)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_unset=True)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _yaml(value: Any) -> str:
+    """One line of flow-style YAML, quoted only where YAML needs it."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def format_duration(seconds: float) -> str:
+    """``7d``, ``10s``, ``250ms``: the largest unit that gives a whole number."""
+    for unit, factor in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 0.001)):
+        count = seconds / factor
+        if count >= 1 and abs(count - round(count)) < 1e-9:
+            return f"{round(count)}{unit}"
+    return f"{seconds:g}s"
+
+
+def format_size(size: int) -> str:
+    """``1MiB``, ``64KiB``, ``1000``: the largest binary unit that divides it."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
 
 
 def _field_type(info: FieldInfo) -> str:
@@ -161,10 +202,47 @@ def render_reference() -> str:
         desc = _one_line(info.description)
         if desc:
             out.append(desc + "\n")
-        out.append("| key | type | default | meaning |\n|---|---|---|---|")
-        for key, typ, default, meaning in rows:
-            out.append(f"| `{key}` | {typ} | {default} | {meaning} |")
+        out += _table(rows)
+    out.append(_SINKS_HEADER)
+    for schemes, model, page in _sink_types():
+        rows = []
+        _walk(model, "options.", rows, set())
+        names = ", ".join(f"`{s}://`" for s in schemes)
+        out.append(f"\n## `sinks[].options` for {names}\n")
+        out.append(f"See [sinks/{page}](sinks/{page}).\n")
+        out += _table(rows)
     return "\n".join(out) + "\n"
+
+
+_SINKS_HEADER = """
+# Sink options
+
+Each sink's `options:` are checked by its type (the URL's scheme), by
+`edgeway check` as at start-up. Every type takes the batching keys
+`max_records`, `max_bytes` and `max_wait`, some with their own defaults.
+"""
+
+
+def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:
+    out = ["| key | type | default | meaning |\n|---|---|---|---|"]
+    out += [f"| `{key}` | {typ} | {default} | {meaning} |" for key, typ, default, meaning in rows]
+    return out
+
+
+def _sink_types() -> list[tuple[list[str], type[BaseModel], str]]:
+    """(URL schemes, options model, docs page) of every built-in sink type."""
+    from edgeway.sinks import SCHEME_MODULES
+    from edgeway.sinks.base import sink_class_for
+
+    by_class: dict[type[Any], list[str]] = {}
+    for scheme in SCHEME_MODULES:
+        by_class.setdefault(sink_class_for(f"{scheme}://"), []).append(scheme)
+    out = []
+    for cls, schemes in by_class.items():
+        module = SCHEME_MODULES[schemes[0]]
+        page = "postgresql.md" if module == "postgres" else f"{module}.md"
+        out.append((schemes, cls.options_model, page))
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -73,20 +73,28 @@ class AmqpSinkOptions(BatchOptions):
     model_config = ConfigDict(extra="forbid")
 
     exchange: str = "edgeway"
+    """Exchange every record is published to."""
     exchange_type: Literal["topic", "direct", "fanout", "headers"] = "topic"
+    """Type used when declaring the exchange."""
     declare_exchange: bool = True
     """Declare the exchange (durable) at connect; off when it is managed elsewhere
     or the user may not declare."""
     routing_key: str = "edgeway.{gateway_id}.{device_id}"
     """Template with ``{gateway_id}``, ``{device_id}``, ``{sink}``."""
     mandatory: bool = True
+    """A message no queue binding matches fails the batch (retryably) instead of
+    being dropped by the broker without a word."""
     connect_timeout: Duration = 10.0
+    """Longest wait for a connection; then the batch is retried with backoff."""
     ack_timeout: Duration = 30.0
     """A batch whose confirms have not all arrived after this long fails and
     the connection is dropped: a broker that stopped answering must not hang the sink."""
     ca: Path | None = None
+    """CA bundle that signed the broker's certificate (``amqps://``)."""
     cert: Path | None = None
+    """Client certificate (PEM) for brokers that verify clients."""
     key: Path | None = None
+    """Private key of ``cert`` (PEM)."""
 
 
 @register_sink

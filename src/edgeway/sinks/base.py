@@ -193,7 +193,8 @@ class BatchOptions(BaseModel):
     """The batching options every sink type accepts; a sink's options model
     subclasses this (and may change the defaults)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Attribute docstrings become descriptions: docs/config-reference.md shows them.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     max_records: int = Field(default=500, ge=1, le=100_000)
     """Records per batch. 100,000 caps the memory of one batch (~10 MB of JSON)."""

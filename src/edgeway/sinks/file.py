@@ -62,8 +62,11 @@ class FileSinkOptions(BatchOptions):
     """``fsync`` each batch before confirming it (match ``outbox.durability``:
     the sink cannot see the outbox section)."""
     max_records: int = Field(default=1000, ge=1, le=100_000)
+    """Records per write (one fsync each). 100,000 caps the memory of one batch."""
     max_bytes: Size = Field(default=4 * 1024 * 1024, ge=1024)
+    """About the bytes written per batch."""
     max_wait: Duration = 0.0
+    """Wait this long for a batch to fill (0: write what is there)."""
 
 
 def path_from_url(url: str, sink_name: str) -> Path:

@@ -75,15 +75,18 @@ ERROR_BODY_CHARS = 200
 
 
 class _Options(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class HttpTlsOptions(_Options):
     """TLS settings for ``https://``: CA bundle, client certificate (mTLS), verification."""
 
     ca: Path | None = None
+    """CA bundle that signed the endpoint's certificate (default: the system's CAs)."""
     cert: Path | None = None
+    """Client certificate (PEM) for mutual TLS."""
     key: Path | None = None
+    """Private key of ``cert`` (PEM, unencrypted)."""
     verify: bool = True
     """Verify the server certificate and host name. Turn off only for tests."""
 
@@ -104,11 +107,18 @@ class HttpSinkOptions(BatchOptions):
     """Wait for a batch to fill. 0: send what is there; batches grow by
     themselves while a request is in flight, and latency stays low."""
     gzip: bool = False
+    """Compress each body (``Content-Encoding: gzip``, level 1)."""
     headers: dict[str, str] = Field(default_factory=dict)
+    """Extra headers sent with every request."""
     bearer_token: str | None = None
+    """Sent as ``Authorization: Bearer <token>``."""
     timeout: Duration = Field(default=10.0, gt=0)
+    """Per request, connecting included; a timeout is retried with backoff."""
     tls: HttpTlsOptions | None = None
+    """``https://`` only: CA bundle, client certificate, verification."""
     idempotency_header: str = Field(default="Idempotency-Key", min_length=1)
+    """Header carrying a key that stays the same on every retry of a batch, so
+    the endpoint can drop a repeated request."""
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

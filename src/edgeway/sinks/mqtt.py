@@ -145,19 +145,26 @@ class MqttSinkOptions(BatchOptions):
     client_id: str | None = None
     """Template with ``{gateway_id}`` and ``{sink}``; default ``edgeway-{gateway_id}-{sink}``."""
     protocol: Annotated[Literal["5", "3.1.1"] | None, BeforeValidator(_protocol_str)] = None
+    """MQTT version, ``"5"`` or ``"3.1.1"`` (none: the preset's, else 5)."""
     username: str | None = None
+    """User name for the broker (``azure_iot_hub`` makes its own)."""
     password: str | None = None
+    """Password for ``username``."""
     ca: Path | None = None
     """CA bundle to verify the broker (default: the system's CAs)."""
     cert: Path | None = None
     """Client certificate (PEM) for mutual TLS."""
     key: Path | None = None
+    """Private key of ``cert`` (PEM)."""
     key_password: str | None = None
+    """Password of an encrypted ``key``."""
     session_expiry: Duration = 86400.0
     """MQTT 5 session expiry. A day rides out a long outage; the broker frees
     the session after it (AWS IoT caps it at one hour by default)."""
     keepalive: int = Field(default=60, ge=5, le=65535)
+    """MQTT keep alive (seconds) sent in CONNECT."""
     connect_timeout: Duration = 10.0
+    """Longest wait for TCP, TLS and CONNACK; then the batch is retried with backoff."""
     ack_timeout: Duration = 30.0
     """A batch whose PUBACKs have not all arrived after this long fails and the
     connection is dropped: a broker that stopped answering must not hang the sink."""

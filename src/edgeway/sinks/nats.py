@@ -83,12 +83,16 @@ class NatsSinkOptions(BatchOptions):
     duplicate_window: Duration = 120.0
     """De-duplication window of a stream we create (JetStream's default, 2 min)."""
     connect_timeout: Duration = 5.0
+    """Longest wait for a connection; then the batch is retried with backoff."""
     ack_timeout: Duration = 30.0
     """A batch whose acks have not all arrived after this long fails: a server
     that stopped answering must not hang the sink."""
     ca: Path | None = None
+    """CA bundle that signed the server's certificate (``tls://`` servers)."""
     cert: Path | None = None
+    """Client certificate (PEM) for servers that verify clients."""
     key: Path | None = None
+    """Private key of ``cert`` (PEM)."""
     credentials: Path | None = None
     """A NATS ``.creds`` file (JWT and NKey seed)."""
 

@@ -83,6 +83,7 @@ class PostgresSinkOptions(BatchOptions):
     create_table: bool = True
     """Create the table (and a hypertable, with TimescaleDB) if it is missing."""
     connect_timeout: Duration = 10.0
+    """Longest wait for a connection; then the batch is retried with backoff."""
     statement_timeout: Duration = 30.0
     """A batch insert that takes longer fails (retryably): a stuck server or a
     lock must not hang the sink."""
