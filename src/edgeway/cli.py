@@ -178,6 +178,22 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="configuration whose admin.listen to use (default: $EDGEWAY_CONFIG)",
     )
     add_status_arguments(status)
+    from edgeway.commands.cli import add_command_arguments
+
+    command = sub.add_parser(
+        "command",
+        help="send, list, show or cancel commands to devices (through the admin API)",
+        description="Commands to devices through a running gateway's admin API "
+        "(--admin URL; token from $EDGEWAY_TOKEN). See docs/commands.md.",
+    )
+    command.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=os.environ.get("EDGEWAY_CONFIG") or None,
+        help="configuration whose admin.listen to use (default: $EDGEWAY_CONFIG)",
+    )
+    add_command_arguments(command)
 
 
 def _cmd_admin(args: argparse.Namespace) -> int:
@@ -187,6 +203,10 @@ def _cmd_admin(args: argparse.Namespace) -> int:
     except ConfigError as e:
         _print_config_errors(e)
         return EXIT_CONFIG
+    if args.command == "command":
+        from edgeway.commands.cli import command_main
+
+        return command_main(args, cfg)
     if args.command == "tokens":
         from edgeway.admin.tokens import tokens_main
 
@@ -396,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_config_errors(e)
             return EXIT_CONFIG
         return stats_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
-    if args.command in ("tokens", "status"):
+    if args.command in ("tokens", "status", "command"):
         return _cmd_admin(args)
     if args.command == "deadletter":
         from edgeway.outbox import deadletter_main

@@ -216,6 +216,7 @@ class Gateway:
                     )
                 except ValueError as e:
                     raise StartupError(str(e)) from e
+                self.admin.commands = self.commands
                 await self.admin.start()
             try:
                 async with asyncio.TaskGroup() as tg:

@@ -239,16 +239,21 @@ def test_every_admin_route_declares_its_access() -> None:
         "127.0.0.1", 0, dict, lambda: True, access=AccessControl(HostPolicy("127.0.0.1"), None)
     )
     declared = {
-        route.resource.canonical: declared_access(route.handler)  # type: ignore[union-attr]
+        (route.method, route.resource.canonical): declared_access(route.handler)  # type: ignore[union-attr]
         for route in server._app().router.routes()
-        if route.method == "GET"
+        if route.method != "HEAD"
     }
     assert declared == {
-        "/livez": PUBLIC,
-        "/readyz": PUBLIC,
-        "/healthz": PUBLIC,
-        "/api/status": Role.VIEWER,
-        "/metrics": Role.VIEWER,
+        ("GET", "/livez"): PUBLIC,
+        ("GET", "/readyz"): PUBLIC,
+        ("GET", "/healthz"): PUBLIC,
+        ("GET", "/api/status"): Role.VIEWER,
+        ("GET", "/metrics"): Role.VIEWER,
+        ("POST", "/api/devices/{device_id}/commands"): Role.OPERATOR,
+        ("GET", "/api/devices/{device_id}/commands"): Role.VIEWER,
+        ("GET", "/api/commands"): Role.VIEWER,
+        ("GET", "/api/commands/{command_id}"): Role.VIEWER,
+        ("POST", "/api/commands/{command_id}/cancel"): Role.OPERATOR,
     }
 
 

@@ -46,10 +46,12 @@ from aiohttp import web
 
 from edgeway.admin.access import AccessControl, HostPolicy, public, requires
 from edgeway.admin.build import BuildInfo, build_info, process_figures
+from edgeway.admin.commands_api import CommandRoutes
 from edgeway.admin.tokens import DB_NAME, Role, TokenStore, TokenStoreError
 from edgeway.config import is_loopback, parse_host_port
 
 if TYPE_CHECKING:
+    from edgeway.commands.service import CommandService
     from edgeway.config import AdminSection
 
 log = logging.getLogger(__name__)
@@ -267,6 +269,9 @@ class AdminServer:
         ProcessCollector(registry=self._registry)
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
+        self.commands: CommandService | None = None
+        """The gateway's command queue, when commands are enabled (routes in
+        :mod:`edgeway.admin.commands_api`)."""
 
     @classmethod
     def from_config(
@@ -307,6 +312,7 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/api/status", self._api_status)
         app.router.add_get("/metrics", self._metrics)
+        CommandRoutes(lambda: self.commands).add_to(app)
         return app
 
     async def start(self) -> None:

@@ -118,10 +118,13 @@ def _error_message(r: httpx.Response) -> str:
     return r.reason_phrase
 
 
-def client_from_args(args: argparse.Namespace, cfg: Config) -> AdminClient:
-    """The client for ``--admin`` (or the configured listener) and ``$EDGEWAY_TOKEN``."""
+def client_from_args(
+    args: argparse.Namespace, cfg: Config, timeout: float = TIMEOUT
+) -> AdminClient:
+    """The client for ``--admin`` (or the configured listener) and ``$EDGEWAY_TOKEN``;
+    ``timeout`` longer than the default for requests that wait on purpose."""
     url = args.admin or default_admin_url(cfg)
-    return AdminClient(url, os.environ.get(TOKEN_ENV) or None)
+    return AdminClient(url, os.environ.get(TOKEN_ENV) or None, timeout)
 
 
 # --------------------------------------------------------------------------
