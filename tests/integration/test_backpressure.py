@@ -188,3 +188,65 @@ async def test_saturated_outbox_stops_reading_311_sockets_until_it_drains(
             sock.close()
         cloud_up.set()
         await runner.cleanup()
+
+
+# 1% of 64 KiB (the band where is_saturated() refuses up front) is wider than a
+# reading: the pipeline, not the outbox's insert, refuses these.
+CONFIG_WIDE_BAND = """
+outbox: {when_full: reject_new, max_bytes: 64KiB}
+sinks:
+  - {name: cloud, url: "http://127.0.0.1:%d/ingest"}
+"""
+
+
+async def test_readings_refused_up_front_count_in_the_sinks_rejected_full(
+    start_gateway: StartGateway, peers: list[PahoPeer]
+) -> None:
+    """Every refused reading counts in its sink's ``rejected_full``, also those the
+    pipeline refuses before the outbox sees them (``is_saturated``)."""
+    edgeway_only()
+    hang = asyncio.Event()
+
+    async def ingest(request: web.Request) -> web.Response:
+        await hang.wait()  # the cloud never confirms during the test
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/ingest", ingest)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        admin_port = free_port()
+        gw = await asyncio.to_thread(
+            start_gateway,
+            CONFIG_WIDE_BAND % runner.addresses[0][1],
+            extra_args=["--admin-listen", f"127.0.0.1:{admin_port}"],
+        )
+        device = unique("dev")
+        topic = f"devices/{device}/telemetry"
+        pub = await asyncio.to_thread(connected, gw, peers, version=5, client_id=device)
+        accepted = refused = 0
+        for i in range(2000):  # bounded: 64 KiB fills long before this
+            body = json.dumps({"i": i, "pad": "x" * 60})
+            code = await asyncio.to_thread(pub.publish, topic, body, 1)
+            if code == 0:
+                accepted += 1
+                continue
+            assert code == 0x97
+            refused += 1
+            if refused == 25:
+                break
+        assert refused == 25, "the outbox never filled up"
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin_port}") as admin:
+            for _ in range(200):  # the refusals join the counters with the next commit
+                c = (await admin.get("/api/status")).json()["outbox"]["cloud"]
+                if c["rejected_full"] >= refused:
+                    break
+                await asyncio.sleep(0.05)
+            assert c["rejected_full"] == refused
+            assert c["accepted"] == accepted and c["dropped"] == 0
+    finally:
+        hang.set()
+        await runner.cleanup()

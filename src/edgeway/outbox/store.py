@@ -158,6 +158,13 @@ ERROR_LOG_INTERVAL = 60.0
 """Seconds between log lines of a repeating commit failure (a full disk fails
 every commit): one line and a count, not a traceback per commit."""
 
+DROPS_AHEAD_MAX = 256
+"""Ranges of dropped records remembered per sink above its cursor (see
+``_Writer.drops_ahead``). Drops go oldest first, so consecutive drops for one
+reason merge into one range and a sink needs a handful; past this the newest
+ranges merge, which can only blur the reason of records far above the cursor
+(a sink's batches in flight are the lowest)."""
+
 READER_THREADS = 2
 """Reader connections shared by all sink runners. Two keep one long window
 scan from stalling another sink; more would only fight over 2 cores."""
@@ -417,6 +424,8 @@ class _Job:
     submits: list[_Submit]
     ops: list[_Op]
     want_receipts: bool
+    rejected: dict[int, int] = field(default_factory=dict)
+    """Readings refused before they reached the outbox, by sink mask (counted)."""
 
 
 @dataclass(slots=True)
@@ -517,6 +526,11 @@ class _Writer:
         self.chunk_max = chunk_max
         self.last_age_check = 0.0
         self.drops_unlogged: dict[tuple[str, str], int] = {}
+        self.drops_ahead: dict[str, list[list[int]]] = {name: [] for name in bits}
+        """Per sink, ``[first, last, counter index]`` ranges of records retention
+        dropped above its cursor. A record dropped while its batch was in
+        flight may still be confirmed by the sink: it then counts as delivered,
+        not dropped (see ``_redeem_drops``)."""
         self.last_drop_log: dict[tuple[str, str], float] = {}
         self.commits = 0
         self.dropped = False
@@ -609,6 +623,7 @@ class _Writer:
             [list(c) for c in self.counters.values()],
             dict(self.drops_unlogged),
             dict(self.cursors),
+            {k: [list(r) for r in v] for k, v in self.drops_ahead.items() if v},
         )
         # A job with no new readings only confirms, dead-letters or drops rows.
         # Losing it in a power cut means those records are sent again with the
@@ -624,6 +639,8 @@ class _Writer:
             now = time.time()
             for op in job.ops:
                 self._apply_op(op, res, job.want_receipts)
+            for mask, n in job.rejected.items():
+                self._count_rejected(mask, n)
             self._insert(job.submits, now, res)
             self.dropped = False
             self._enforce_limits(now)
@@ -647,6 +664,7 @@ class _Writer:
                 c[:] = old
             self.drops_unlogged = saved[4]
             self.cursors = saved[5]
+            self.drops_ahead = {name: saved[6].get(name, []) for name in self.bits}
             raise
         finally:
             if relax:
@@ -762,6 +780,7 @@ class _Writer:
         counted = 0
         ranges: list[tuple[int, int]] = []  # still-pending records of the batch
         done: list[int] = []  # chunks this sink is now finished with
+        in_order: set[int] = set()  # chunks counted in the ordered range
         if new > old:
             for first, last in conn.execute(
                 "SELECT seq_first, seq_last FROM chunks WHERE seq_first > ? AND seq_first <= ? "
@@ -772,6 +791,7 @@ class _Writer:
                 if hi >= lo:
                     counted += hi - lo + 1
                     ranges.append((lo, hi))
+                    in_order.add(first)
                 if last <= new:
                     done.append(first)
         if op.chunks:
@@ -780,6 +800,10 @@ class _Writer:
                 "(SELECT value FROM json_each(?)) AND (pending & ?) != 0",
                 (orjson.dumps(op.chunks).decode(), bit),
             ):
+                if first in in_order:
+                    # A priority chunk read whole that the ordered read then
+                    # passed in the same batch: counted once.
+                    continue
                 counted += last - first + 1
                 ranges.append((first, last))
                 done.append(first)
@@ -808,6 +832,8 @@ class _Writer:
         counters = self.counters[op.sink]
         if op.kind == "confirm":
             counters[1] += counted
+            if counted < len(op.records) and self.drops_ahead[op.sink]:
+                self._redeem_drops(op.sink, op.records, ranges)
         else:
             counters[4] += counted
             self._note_drop(op.sink, "dead_letter", counted)
@@ -815,6 +841,31 @@ class _Writer:
                 self._dead_letter(op, ranges)
         self.cursors[op.sink] = new
         conn.execute("UPDATE sinks SET cursor=? WHERE name=?", (new, op.sink))
+        ahead = self.drops_ahead[op.sink]
+        if ahead and ahead[0][1] <= new:
+            # Ranges the cursor passed: their records can no longer be confirmed.
+            self.drops_ahead[op.sink] = [r for r in ahead if r[1] > new]
+
+    def _redeem_drops(
+        self, sink: str, records: Sequence[Record], ranges: list[tuple[int, int]]
+    ) -> None:
+        """``records`` were confirmed by ``sink``; those no longer stored were
+        dropped by retention while their batch was in flight (and counted as
+        dropped then): the sink delivered them, so they count as delivered."""
+        ranges = sorted(ranges)
+        starts = [lo for lo, _ in ranges]
+        ahead = self.drops_ahead[sink]
+        counters = self.counters[sink]
+        for r in records:
+            seq = r.seq
+            i = bisect.bisect_right(starts, seq) - 1
+            if i >= 0 and seq <= ranges[i][1]:
+                continue  # still stored: counted as delivered above
+            for lo, hi, idx in ahead:
+                if lo <= seq <= hi:
+                    counters[idx] -= 1
+                    counters[1] += 1
+                    break
 
     def _dead_letter(self, op: _Op, ranges: list[tuple[int, int]]) -> None:
         ranges.sort()
@@ -927,6 +978,18 @@ class _Writer:
                 if n:
                     self.counters[name][idx] += n
                     self._note_drop(name, reason, n)
+                    self._remember_drop(name, last - n + 1, last, idx)
+
+    def _remember_drop(self, sink: str, first: int, last: int, idx: int) -> None:
+        """Note records ``first..last`` dropped for ``sink`` (counter ``idx``),
+        in case they were in flight (see :attr:`drops_ahead`)."""
+        ahead = self.drops_ahead[sink]
+        if ahead:
+            prev = ahead[-1]
+            if (prev[2] == idx and prev[1] < first) or len(ahead) >= DROPS_AHEAD_MAX:
+                prev[1] = max(prev[1], last)
+                return
+        ahead.append([first, last, idx])
 
     def _note_drop(self, sink: str, reason: str, n: int) -> None:
         if n:
@@ -1108,6 +1171,9 @@ class Outbox:
         )
         self._disk_full = False
         self._space_timer: asyncio.TimerHandle | None = None
+        self._rejected: dict[int, int] = {}
+        """Readings refused up front (:meth:`count_rejected`) since the last commit, by mask."""
+        self._rejected_timer: asyncio.TimerHandle | None = None
         self._commit_waiters: list[asyncio.Future[None]] = []
         self.commits = 0
         """Group commits done since open (for tests and metrics)."""
@@ -1308,8 +1374,11 @@ class Outbox:
             self._age_timer.cancel()
         if self._space_timer is not None:
             self._space_timer.cancel()
+        if self._rejected_timer is not None:
+            self._rejected_timer.cancel()
         self._ops_urgent = True
-        while self._committing or self._submits or self._ops:
+        self._age_due = bool(self._rejected)
+        while self._committing or self._submits or self._ops or self._age_due:
             if not self._committing:
                 self._start_commit()
             self._idle.clear()
@@ -1354,12 +1423,7 @@ class Outbox:
         if sinks is None:
             mask = self._all_mask
         else:
-            mask = 0
-            for name in sinks:
-                st = self._reads.get(name)
-                if st is None:
-                    raise ValueError(f"unknown sink {name!r}")
-                mask |= st.bit
+            mask = self._mask(sinks)
             if mask == 0:  # routed to no sink: nothing to keep
                 fut = loop.create_future()
                 fut.set_result(IngestStatus.ACCEPTED)
@@ -1388,6 +1452,38 @@ class Outbox:
         # Asked once per device message: the threshold is computed once.
         limit = self._saturation_limit
         return self._disk_full or (limit is not None and self._total_bytes >= limit)
+
+    def count_rejected(self, n: int, sinks: Sequence[str] | None = None) -> None:
+        """Count ``n`` readings for ``sinks`` (None: every sink) that were refused
+        because :meth:`is_saturated` was true, before they were submitted (the
+        pipeline and adapters refuse up front). They join the sinks'
+        ``rejected_full`` counters with the next commit (at most
+        :data:`CONFIRM_LINGER` from now)."""
+        if n <= 0 or self._closed:
+            return
+        mask = self._all_mask if sinks is None else self._mask(sinks)
+        if not mask:
+            return
+        self._rejected[mask] = self._rejected.get(mask, 0) + n
+        if self._rejected_timer is None and not (self._committing or self._scheduled):
+            assert self._loop is not None
+            # Not a commit per refusal: refusals come fast while saturated.
+            self._rejected_timer = self._loop.call_later(CONFIRM_LINGER, self._flush_rejected)
+
+    def _flush_rejected(self) -> None:
+        self._rejected_timer = None
+        if self._rejected:
+            self._age_due = True
+            self._request_commit()
+
+    def _mask(self, sinks: Sequence[str]) -> int:
+        mask = 0
+        for name in sinks:
+            st = self._reads.get(name)
+            if st is None:
+                raise ValueError(f"unknown sink {name!r}")
+            mask |= st.bit
+        return mask
 
     @property
     def disk_full(self) -> bool:
@@ -1445,7 +1541,11 @@ class Outbox:
         if self._committing or not (self._submits or self._ops or self._age_due):
             return
         self._age_due = False
-        job = _Job(self._submits, self._ops, bool(self._listeners))
+        job = _Job(self._submits, self._ops, bool(self._listeners), self._rejected)
+        self._rejected = {}
+        if self._rejected_timer is not None:
+            self._rejected_timer.cancel()
+            self._rejected_timer = None
         self._submits = []
         self._shared = {}
         self._ops = []
@@ -1513,6 +1613,8 @@ class Outbox:
             self._set_disk_full(res.disk_full)
         if res.error is not None:
             err = res.error
+            for mask, n in job.rejected.items():  # counted with the next commit
+                self._rejected[mask] = self._rejected.get(mask, 0) + n
             for sub in job.submits:
                 if not sub.fut.done():
                     sub.fut.set_exception(RuntimeError(f"outbox commit failed: {err}"))
@@ -1561,6 +1663,9 @@ class Outbox:
             self._start_commit()
         elif self._ops:
             self._linger_ops()
+        elif self._rejected and self._rejected_timer is None and not self._closed:
+            assert self._loop is not None
+            self._rejected_timer = self._loop.call_later(CONFIRM_LINGER, self._flush_rejected)
         if not self._committing:
             self._idle.set()
 
@@ -1851,7 +1956,9 @@ class Outbox:
                 batch.sink,
                 batch.cursor,
                 batch.chunks,
-                list(batch.records) if kind == "dead_letter" else [],
+                # The records (a reference, not a copy): a confirmation needs
+                # their seqs if retention dropped some while they were sent.
+                batch.records,
                 error,
                 fut,
             )

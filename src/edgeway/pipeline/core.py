@@ -109,6 +109,8 @@ class OutboxIngest(Protocol):
 
     def is_saturated(self) -> bool: ...
 
+    def count_rejected(self, n: int, sinks: Sequence[str] | None = None) -> None: ...
+
 
 @dataclass(slots=True)
 class Flow:
@@ -338,6 +340,39 @@ class Pipeline:
     def is_saturated(self) -> bool:
         return self.outbox.is_saturated()
 
+    def _count_refused(self, readings: Sequence[Reading]) -> None:
+        """Count readings refused up front in their sinks' ``rejected_full``:
+        per sink their routes lead to (matching only; no step runs, so a
+        reading a step would have filtered counts too), as ``accepted`` would
+        have counted them; readings no route takes (or only in part) for the
+        default sinks."""
+        if not self.routes:
+            self.outbox.count_rejected(len(readings), self.default_sinks)
+            return
+        per_sinks: dict[tuple[str, ...] | None, int] = {}
+        for r in readings:
+            # As submit routes them: whole, or some metrics (the rest to the default).
+            taken = whole = False
+            claimed: set[str] = set()
+            for route in self.routes:
+                m = route.matcher
+                if not m.matches(r):
+                    continue
+                pred = m.metrics
+                if pred is None:
+                    whole = True
+                else:
+                    sub = {k for k in r.metrics if pred(k)}
+                    if not sub:
+                        continue
+                    claimed |= sub
+                taken = True
+                per_sinks[route.sinks] = per_sinks.get(route.sinks, 0) + 1
+            if not taken or (not whole and len(claimed) < len(r.metrics)):
+                per_sinks[self.default_sinks] = per_sinks.get(self.default_sinks, 0) + 1
+        for sinks, n in per_sinks.items():
+            self.outbox.count_rejected(n, sinks)
+
     @property
     def batchable(self) -> bool:
         """Without routes every reading is accepted alike (see :meth:`submit`);
@@ -358,6 +393,7 @@ class Pipeline:
             # Refuse before any step remembers or absorbs these readings: the
             # device will send them again.
             self.rejected_full += len(readings)
+            self._count_refused(readings)
             fut = loop.create_future()
             fut.set_result(IngestStatus.REJECTED_FULL)
             return fut
