@@ -56,6 +56,9 @@ so /api/status stays small however many devices send garbage."""
 def _adapter_status(adapter: SouthAdapter) -> dict[str, Any]:
     """An adapter's state plus its decode failures by reason and worst devices."""
     out = dataclasses.asdict(adapter.state)
+    refusals = getattr(adapter, "refusals", None)
+    if isinstance(refusals, dict):
+        out["refusals"] = dict(refusals)
     counter = getattr(adapter, "decode_errors", None)
     if isinstance(counter, DecodeErrorCounter):
         out["decode_errors"] = counter.by_reason()

@@ -133,6 +133,15 @@ class _Bucket:
     stamp: float
     suppressed: int = 0
 
+    def take(self, now: float, rate: float, burst: float) -> bool:
+        """Refill at ``rate`` per second up to ``burst``; take one token if there is one."""
+        self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
 
 class EventLog:
     """Log lines about client events, rate-limited per kind.
@@ -171,13 +180,7 @@ class EventLog:
         b = self._buckets.get(kind)
         if b is None:
             b = self._buckets[kind] = _Bucket(self._burst, now)
-        else:
-            b.tokens = min(self._burst, b.tokens + (now - b.stamp) * self._rate)
-            b.stamp = now
-        if b.tokens < 1.0:
-            return None
-        b.tokens -= 1.0
-        return b
+        return b if b.take(now, self._rate, self._burst) else None
 
     def emit(self, kind: str, level: int, msg: str, *args: object) -> bool:
         """Log ``msg % args`` at ``level`` unless ``kind`` is over its rate;
@@ -208,3 +211,42 @@ class EventLog:
                     kind,
                     extra={"fields": {"event": kind}},
                 )
+
+
+class LibraryLogLimit(logging.Filter):
+    """Rate-limits a library's log lines that a remote sender can trigger.
+
+    Attached to a library's logger (``aiocoap.server``), it lets each message
+    template (the ``msg`` before formatting, so every "Ignoring unparsable
+    message from %s" is one kind) through at most ``per_second`` times a
+    second after a burst of ``burst``; a line that passes after some were held
+    back says how many. Tracebacks are kept on the lines that pass.
+    """
+
+    def __init__(self, *, per_second: float, burst: int, kinds: int = 64) -> None:
+        super().__init__()
+        self._rate = per_second
+        self._burst = float(burst)
+        self._kinds = kinds
+        """Templates tracked at most; a library has a fixed set of them, the
+        bound only guards against one that formats before logging."""
+        self._buckets: dict[str, _Bucket] = {}
+        self.suppressed_total = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)[:200]
+        now = time.monotonic()
+        b = self._buckets.get(key)
+        if b is None:
+            if len(self._buckets) >= self._kinds:
+                self._buckets.pop(next(iter(self._buckets)))
+            b = self._buckets[key] = _Bucket(self._burst, now)
+        if not b.take(now, self._rate, self._burst):
+            b.suppressed += 1
+            self.suppressed_total += 1
+            return False
+        if b.suppressed and isinstance(record.args, tuple):
+            record.msg = f"{record.msg} (%d more such lines suppressed)"
+            record.args = (*record.args, b.suppressed)
+            b.suppressed = 0
+        return True

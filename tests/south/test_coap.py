@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import shutil
 import socket
 from collections.abc import AsyncIterator
@@ -356,3 +357,100 @@ async def test_a_listener_that_stops_reading_is_reported_and_restarted(
     errors = [r for r in caplog.records if r.name == "edgeway.south.coap" and "stopped" in r.msg]
     assert len(errors) == 1 and errors[0].levelname == "ERROR"
     assert [r.device_id for r in ingest.readings] == ["before", "after"]
+
+
+# ---------------------------------------------------------------- hostile input
+
+
+def _request(mid: int, options: list[tuple[int, bytes]], code: int = 0x02, tkl: int = 2) -> bytes:
+    """A confirmable request with these (number, value) options, encoded by hand."""
+    out = bytes([0x40 | tkl, code]) + mid.to_bytes(2, "big") + b"\x5a" * tkl
+    last = 0
+    for number, value in sorted(options, key=lambda o: o[0]):
+        delta = number - last
+        last = number
+        ext = b""
+        if delta >= 269:
+            ext, delta = (delta - 269).to_bytes(2, "big"), 14
+        elif delta >= 13:
+            ext, delta = bytes([delta - 13]), 13
+        out += bytes([(delta << 4) | len(value)]) + ext + value
+    return out + b'\xff{"v": 1}'
+
+
+TELEMETRY = [(11, b"devices"), (11, b"fz"), (11, b"telemetry")]
+HOSTILE = {
+    # unknown critical options: 4.02 (aiocoap answered 2.04 as if absent)
+    "oscore": (_request(0, [*TELEMETRY, (9, b"\x09")]), "4.02"),
+    "if-none-match": (_request(0, [*TELEMETRY, (5, b"")]), "4.02"),
+    "critical 2049": (_request(0, [*TELEMETRY, (2049, b"zz")]), "4.02"),
+    "proxy-uri": (_request(0, [*TELEMETRY, (35, b"coap://e/x")]), "5.05"),
+    # a Uri-Path that is not UTF-8: aiocoap raised out of its read callback
+    # (a traceback from the event loop per datagram, no answer)
+    "uri-path not utf-8": (_request(0, [(11, b"devices"), (11, b"\xff\xfe"), (11, b"t")]), "4.02"),
+    "uri-query not utf-8": (_request(0, [*TELEMETRY, (15, b"\xc3")]), "4.02"),
+    # Observe on a POST: aiocoap answered, then logged a TypeError traceback
+    "observe on post": (_request(0, [*TELEMETRY, (6, b"")]), "2.04"),
+    # a reserved option length (15): aiocoap ignores it (a warning line each)
+    "option length 15": (bytes([0x41, 0x02, 0, 0, 0x5A, 0xBF]), None),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+async def test_hostile_request_gets_a_clean_answer(name: str) -> None:
+    datagram, expected = HOSTILE[name]
+    async with coap_server(RecordingIngest()) as adapter:
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            s.connect(("127.0.0.1", adapter.port))
+            s.send(datagram)
+            if expected is None:
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.3):
+                        await loop.sock_recv(s, 2048)
+                return
+            async with asyncio.timeout(10):
+                answer = await loop.sock_recv(s, 2048)
+    code = f"{answer[1] >> 5}.{answer[1] & 31:02d}"
+    assert (code, answer[0] >> 4 & 3, answer[2:4]) == (expected, 2, datagram[2:4])  # ACK, same MID
+
+
+async def test_a_thousand_hostile_datagrams_log_a_few_lines_and_no_traceback(
+    client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    ingest = RecordingIngest()
+    async with coap_server(ingest) as adapter:
+        loop = asyncio.get_running_loop()
+        kinds = list(HOSTILE.values())
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            s.connect(("127.0.0.1", adapter.port))
+            # In rounds of one datagram of each kind, reading the answers of a
+            # round before the next, so the socket buffer never overflows.
+            answers = 0
+            for i in range(1000):
+                datagram = bytearray(kinds[i % len(kinds)][0])
+                datagram[2:4] = (i + 1).to_bytes(2, "big")  # each a new message
+                s.send(bytes(datagram))
+                if i % len(kinds) == len(kinds) - 1:
+                    async with asyncio.timeout(10):
+                        for _ in range(sum(1 for _, code in kinds if code is not None)):
+                            await loop.sock_recv(s, 2048)
+                            answers += 1
+        # The listener still serves a well-behaved device.
+        r = await post(client, adapter, "good", b'{"v": 2}')
+        assert r.code == Code.CHANGED
+    assert answers >= 800
+    assert adapter.refusals["unknown_critical_option"] == 375  # 3 of 8 kinds
+    assert adapter.refusals["undecodable"] == 250
+    assert adapter.refusals["proxy_option"] == 125
+    lines = [
+        r
+        for r in caplog.records
+        if r.name.startswith(("edgeway.south.coap", "aiocoap", "asyncio"))
+        and r.levelno >= logging.WARNING
+    ]
+    assert not [r for r in lines if r.exc_info], [r.getMessage() for r in lines if r.exc_info]
+    assert len(lines) <= 6, [r.getMessage() for r in lines]

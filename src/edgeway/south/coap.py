@@ -41,6 +41,7 @@ import socket
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,10 @@ from edgeway.codecs.base import (
 )
 from edgeway.config import CoapSection, parse_host_port
 from edgeway.ingest import Ingest, IngestStatus
+from edgeway.logs import EventLog, LibraryLogLimit
 from edgeway.reading import Origin
 from edgeway.south.base import Backoff, SouthAdapter, register_adapter
+from edgeway.south.coap_guard import bad_option_ack, option_refusal, request_options
 from edgeway.south.coap_probe import CoapPinger
 from edgeway.south.decode_errors import DecodeErrorCounter
 
@@ -73,6 +76,14 @@ listener being dead."""
 PROBE_TIMEOUT = 1.0
 """Seconds to wait for each ping's reset. A loopback round trip takes well under
 a millisecond; 1 s leaves room for a loop busy with a burst of requests."""
+
+REFUSAL_LINES_PER_SECOND = 0.1
+REFUSAL_LINE_BURST = 2
+"""Refusal lines: two at once, then one every 10 s (saying how many were left
+out), and the same for each of aiocoap's own messages. Anyone can send such
+datagrams in bulk; each is counted in ``refusals`` anyway, so the log only
+needs to say that it happens and from where."""
+AIOCOAP_LOGGER = "aiocoap.server"
 
 _IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 _IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
@@ -139,6 +150,13 @@ class CoapAdapter(SouthAdapter):
         """Responses sent to telemetry requests, by code (``"2.04"``, ``"4.00"``, ...)."""
         self.listener_restarts = 0
         """Times the listener stopped answering pings and was replaced."""
+        self.refusals: dict[str, int] = {}
+        """Requests refused before rendering, by reason (``unknown_critical_option``,
+        ``malformed_option``, ``proxy_option``, ``undecodable``)."""
+        self._events = EventLog(log, per_second=REFUSAL_LINES_PER_SECOND, burst=REFUSAL_LINE_BURST)
+        self._library_log_limit = LibraryLogLimit(
+            per_second=REFUSAL_LINES_PER_SECOND, burst=REFUSAL_LINE_BURST
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -160,6 +178,8 @@ class CoapAdapter(SouthAdapter):
         self.state.connected = self.state.listening = True
         log.info("coap listening on %s:%s (udp)", host, self.port)
         self.ready.set()
+        library_log = logging.getLogger(AIOCOAP_LOGGER)
+        library_log.addFilter(self._library_log_limit)
         try:
             while True:
                 await self._watch_listener(host)
@@ -168,16 +188,26 @@ class CoapAdapter(SouthAdapter):
             self.state.connected = False
             self.state.listening = False
             await self._close_listener()
+            library_log.removeFilter(self._library_log_limit)
 
     async def _open_listener(self, host: str, port: int, site: Any) -> None:
         import aiocoap
 
-        # UDP only: aiocoap would also open CoAP-over-TCP/WebSocket endpoints
-        # by default. The logger sits under "aiocoap" so that the gateway's
-        # logging set-up keeps the library's per-request lines quiet.
-        self._context = await aiocoap.Context.create_server_context(
-            site, bind=(host, port), transports=["udp6"], loggername="aiocoap.server"
+        # What create_server_context(transports=["udp6"]) does, with aiocoap's
+        # udp6 transport subclassed to answer datagrams it cannot decode (see
+        # _guarded_udp6). UDP only: aiocoap would also open CoAP-over-TCP and
+        # WebSocket endpoints by default. The logger sits under "aiocoap" so
+        # that the gateway's logging set-up keeps the library's per-request
+        # lines quiet, and its remaining lines are rate-limited.
+        loop = asyncio.get_running_loop()
+        ctx = aiocoap.Context(loop=loop, serversite=site, loggername=AIOCOAP_LOGGER)
+        transport = _guarded_udp6(self.answer_undecodable)
+        await ctx._append_tokenmanaged_messagemanaged_transport(
+            lambda mman: transport.create_server_transport_endpoint(
+                mman, log=ctx.log, loop=loop, bind=(host, port), multicast=[]
+            )
         )
+        self._context = ctx
         sock = self.listener_socket()
         if sock is not None:
             _ignore_icmp_errors(sock)
@@ -295,6 +325,34 @@ class CoapAdapter(SouthAdapter):
         for k, v in options.items():
             setattr(msg.opt, k, v)
         return msg
+
+    def _count_refusal(self, reason: str, detail: str, remote: object) -> None:
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+        self._events.emit(
+            "coap_refused",
+            logging.WARNING,
+            "coap: refused a request from %s: %s (%s)",
+            remote,
+            reason,
+            detail,
+        )
+
+    def refuse_options(self, request: Any) -> Any | None:
+        """The answer to a request whose options the listener refuses, or None."""
+        from aiocoap import Code
+
+        refusal = option_refusal(request_options(request))
+        if refusal is None:
+            return None
+        self._count_refusal(refusal.reason, f"option {refusal.option}", request.remote.hostinfo)
+        code = Code.BAD_OPTION if refusal.code == "4.02" else Code.PROXYING_NOT_SUPPORTED
+        return self._respond(code, f"{refusal.reason}: option {refusal.option}")
+
+    def answer_undecodable(self, data: bytes, address: object, exc: Exception) -> bytes | None:
+        """A datagram aiocoap could not decode: count it, log a rate-limited
+        line, and return the 4.02 to send back (None: send nothing)."""
+        self._count_refusal("undecodable", type(exc).__name__, _host_port(address))
+        return bad_option_ack(data, b"undecodable option")
 
     async def render_telemetry(self, request: Any, device_id: str) -> Any:
         """Decode a telemetry upload, hand it to the ingest and answer with its fate."""
@@ -444,10 +502,67 @@ def _devices_resource_class() -> Any:
 
         async def add_observation(self, request: Any, serverobservation: Any) -> None:
             where = self._split(request)
-            if where is not None and where[1] == "commands" and request.code == Code.GET:
+            if where is not None and self._observable(request):
                 self.adapter.add_observer(where[0], serverobservation)
 
         async def render_to_pipe(self, pipe: Any) -> None:
+            request = pipe.request
+            refusal = self.adapter.refuse_options(request)
+            if refusal is not None:
+                pipe.add_response(refusal, is_last=True)
+                return
+            if request.opt.observe is not None and not self._observable(request):
+                # Observe means nothing on other requests (RFC 7641 2); left in,
+                # aiocoap 0.4.17 renders the answer and then raises on an
+                # observation nobody accepted (a traceback per request).
+                request.opt.observe = None
             await interfaces.ObservableResource._render_to_pipe(self, pipe)
 
+        def _observable(self, request: Any) -> bool:
+            where = self._split(request)
+            return where is not None and where[1] == "commands" and request.code == Code.GET
+
     return DevicesResource
+
+
+def _guarded_udp6(answer: Callable[[bytes, object, Exception], bytes | None]) -> Any:
+    """aiocoap's udp6 transport, answering datagrams it cannot decode.
+
+    aiocoap 0.4.17 turns only its own ``UnparsableMessage`` into a dropped
+    datagram; a string option that is not UTF-8 raises ``UnicodeDecodeError``
+    out of the transport's read callback, which the event loop logs with a
+    traceback, per datagram, and nothing is answered. Here such a datagram gets
+    ``answer``'s bytes (a 4.02 to a confirmable request) and no traceback.
+    """
+    from aiocoap.transports.udp6 import MessageInterfaceUDP6
+
+    class GuardedUDP6(MessageInterfaceUDP6):  # type: ignore[misc]
+        def datagram_msg_received(
+            self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int, address: Any
+        ) -> None:
+            try:
+                super().datagram_msg_received(data, ancdata, flags, address)
+            except Exception as e:
+                # Decoding failed (or dispatching did, which aiocoap has logged
+                # already): re-raising would only add the event loop's traceback.
+                reply = answer(data, address, e)
+                if reply is not None:
+                    # Answer from the address the request came to, as aiocoap does.
+                    pktinfo = [
+                        (level, kind, value)
+                        for level, kind, value in ancdata
+                        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO
+                    ]
+                    self.transport.sendmsg(reply, pktinfo, 0, address)
+
+    return GuardedUDP6
+
+
+def _host_port(address: Any) -> str:
+    """``host:port`` of a socket address, IPv4-mapped IPv6 shown as IPv4."""
+    try:
+        host, port = str(address[0]), int(address[1])
+    except (TypeError, ValueError, IndexError):
+        return str(address)
+    host = host.removeprefix("::ffff:") if host.startswith("::ffff:") and "." in host else host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
