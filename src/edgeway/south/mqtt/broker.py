@@ -46,9 +46,13 @@ Choices worth knowing:
 - Shared subscriptions: each message goes to exactly one member of each
   group, round-robin over online members (an offline persistent member only
   when nobody in the group is online).
+- Retained messages owed to a SUBSCRIBE are found by walking a topic trie
+  and sent a bounded slice per event-loop turn after the SUBACK (see
+  :mod:`.retained` and ``MqttConnection._send_retained``); live messages to
+  that client wait behind them.
 - One periodic sweep (:data:`SWEEP_INTERVAL`) enforces keep alive (1.5x),
-  the connect timeout, session expiry, delayed wills and autosave, instead of
-  a timer per connection.
+  the connect timeout, the packet timeout, session expiry, delayed wills and
+  autosave, instead of a timer per connection.
 - On :meth:`Broker.stop` wills of connected clients are not published (the
   server going away is not the client failing).
 """

@@ -82,7 +82,7 @@ from edgeway.south.mqtt.packets import (
     Unsubscribe,
     Will,
 )
-from edgeway.south.mqtt.retained import Message
+from edgeway.south.mqtt.retained import Message, RetainedCursor
 from edgeway.south.mqtt.session import Delivery, Inflight, Session
 from edgeway.south.mqtt.telemetry import TelemetryError, decode_telemetry, reading_from
 from edgeway.south.mqtt.topics import SubEntry
@@ -102,10 +102,27 @@ CLOSED = 3
 _PAUSE_AUTH = 1
 _PAUSE_SATURATED = 2
 _PAUSE_ACKS = 4
+_PAUSE_WRITE = 8
 
 MAX_PENDING_ACKS_311 = 1000
 """A 3.1.1 client has no receive maximum; while this many of its PUBLISHes
 wait for ingest we stop reading its socket, which bounds memory per client."""
+
+OUTPUT_PER_TURN = 256 * 1024
+"""Bytes of PUBLISHes written to one connection per event-loop turn; the rest
+waits (session queue, retained backlog) for the next turn. With the transport's
+64 KiB high-water mark (past which nothing more is written and the client's
+socket is not read until it drains) this bounds what a client that does not
+read holds in our socket buffer: about 320 KiB."""
+
+DRAIN_PER_TURN = 256
+"""Waiting PUBLISHes (retained backlog, session queue) sent to one connection
+per event-loop turn: ~1 ms of encoding. Live messages are not counted (their
+work is the publisher's read's), only the backlog, which may be 100,000 deep."""
+
+RETAINED_NODES_PER_TURN = 1024
+"""Retained-trie nodes one connection's SUBSCRIBEs walk per event-loop turn
+(~0.3 ms): a filter whose walk finds nothing for long still yields the loop."""
 
 MAX_BATCH = 256
 """Telemetry PUBLISHes of one read submitted together at most (a read of
@@ -194,6 +211,26 @@ def _split_at_packet_id(data: bytes) -> tuple[bytes, bytes]:
     return data[:pos], data[pos + 2 :]
 
 
+@dataclass(slots=True)
+class _RetainedWalk:
+    """One granted filter's retained messages, still being sent."""
+
+    cursor: RetainedCursor
+    qos: int
+    sub_ids: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class _RetainedBacklog:
+    """Retained messages owed after SUBACKs, sent a slice per turn; live
+    messages wait in the session queue behind them, so a retained message is
+    never sent after a newer live one on its topic."""
+
+    walks: deque[_RetainedWalk]
+    ready: deque[Delivery]
+    """Found by a walk, not sent yet (the window or the turn's budget is full)."""
+
+
 class MqttConnection(asyncio.Protocol):
     """Protocol instance for one client; see the module docstring."""
 
@@ -211,8 +248,13 @@ class MqttConnection(asyncio.Protocol):
         "_in_quota",
         "_normal_disconnect",
         "_out",
+        "_out_bytes",
+        "_out_drained",
+        "_out_walked",
+        "_output_scheduled",
         "_pause",
         "_pending",
+        "_retained",
         "_saturation_check",
         "_topics",
         "_waiting",
@@ -272,6 +314,14 @@ class MqttConnection(asyncio.Protocol):
         self._aliases_out: dict[str, int] | None = None
         self._aliases_in: dict[int, str] | None = None
         self._out: list[bytes] = []
+        self._out_bytes = 0
+        """PUBLISH bytes in ``_out`` (see :data:`OUTPUT_PER_TURN`)."""
+        self._out_drained = 0
+        """Waiting PUBLISHes sent this turn (see :data:`DRAIN_PER_TURN`)."""
+        self._out_walked = 0
+        """Retained-trie nodes walked this turn (:data:`RETAINED_NODES_PER_TURN`)."""
+        self._output_scheduled = False
+        self._retained: _RetainedBacklog | None = None
         self._dirty = False
         self._acks: deque[_PendingAck] = _NO_ACKS
         self._waiting = 0
@@ -489,10 +539,15 @@ class MqttConnection(asyncio.Protocol):
         self.broker.connection_lost(self)
 
     def pause_writing(self) -> None:
+        # The client does not read what we send: deliveries wait in its
+        # session queue (bounded) and its socket is not read either, so the
+        # acknowledgements it asks for cannot pile up in our buffer.
         self._write_paused = True
+        self._pause_reading(_PAUSE_WRITE)
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self.resume_reading(_PAUSE_WRITE)
         if self.state == CONNECTED:
             self._drain_queue()
             self.broker.flush_writes_soon()
@@ -511,6 +566,7 @@ class MqttConnection(asyncio.Protocol):
 
     def flush(self) -> None:
         self._dirty = False
+        self._out_bytes = self._out_drained = self._out_walked = 0
         out = self._out
         if not out:
             return
@@ -1146,7 +1202,7 @@ class MqttConnection(asyncio.Protocol):
             on_ack = done.delivery.msg.on_ack
             if on_ack is not None:
                 on_ack(session.client_id)
-            if session.queue:
+            if session.queue or self._retained is not None:
                 self._drain_queue()
 
     def _on_pubrec(self, p: PubRec) -> None:
@@ -1159,7 +1215,7 @@ class MqttConnection(asyncio.Protocol):
         if p.reason_code >= 0x80:
             del session.inflight[p.packet_id]
             session.dirty = True
-            if session.queue:
+            if session.queue or self._retained is not None:
                 self._drain_queue()
             return
         inf.released = True
@@ -1192,7 +1248,7 @@ class MqttConnection(asyncio.Protocol):
             else None
         )
         codes: list[int] = []
-        retained: list[tuple[SubEntry, list[Message]]] = []
+        walks: list[_RetainedWalk] = []
         for sub in p.subscriptions:
             flt = sub.topic_filter
             try:
@@ -1234,14 +1290,15 @@ class MqttConnection(asyncio.Protocol):
             if not shared and (
                 entry.retain_handling == 0 or (entry.retain_handling == 1 and not existed)
             ):
-                msgs = broker.retained.matching(real)
-                if msgs:
-                    retained.append((entry, msgs))
+                ids = (entry.subscription_id,) if entry.subscription_id else ()
+                walks.append(_RetainedWalk(broker.retained.cursor(real), entry.qos, ids))
         self.send(SubAck(p.packet_id, codes))
-        for entry, msgs in retained:
-            ids = (entry.subscription_id,) if entry.subscription_id else ()
-            for m in msgs:
-                self.deliver(Delivery(m, min(m.qos, entry.qos), True, ids), None)
+        if walks and len(broker.retained):
+            backlog = self._retained
+            if backlog is None:
+                backlog = self._retained = _RetainedBacklog(deque(), deque())
+            backlog.walks.extend(walks)
+            self._drain_queue()
 
     def _on_unsubscribe(self, p: Unsubscribe) -> None:
         session = self.session
@@ -1281,7 +1338,12 @@ class MqttConnection(asyncio.Protocol):
         session = self.session
         if session is None:
             return
-        if self._write_paused or session.queue:
+        if (
+            self._write_paused
+            or session.queue
+            or self._retained is not None
+            or self._out_bytes >= OUTPUT_PER_TURN
+        ):
             if session.enqueue(d, self.broker.limits.max_queued_messages):
                 self.broker.count_drop("queue_full")
             if not self._write_paused:
@@ -1301,13 +1363,21 @@ class MqttConnection(asyncio.Protocol):
         self._write_publish(d, pid, False, cache)
 
     def _drain_queue(self) -> None:
+        """Send what waits (retained backlog, then the session queue) while
+        the window, the socket and this turn's budget allow; a spent budget
+        goes on next turn (:meth:`_output_turn`)."""
         session = self.session
         if session is None:
+            return
+        if self._retained is not None and not self._send_retained(session, self._retained):
             return
         queue = session.queue
         inflight = session.inflight
         now = time.time()
         while queue and not self._write_paused:
+            if self._out_bytes >= OUTPUT_PER_TURN or self._out_drained >= DRAIN_PER_TURN:
+                self._continue_output()
+                break
             d = queue[0]
             if d.msg.expires_at is not None and d.msg.expires_at <= now:
                 session.dequeue()
@@ -1315,6 +1385,7 @@ class MqttConnection(asyncio.Protocol):
                 continue
             if d.qos == 0:
                 session.dequeue()
+                self._out_drained += 1
                 self._write_publish(d, None, False, None)
                 continue
             if len(inflight) >= self.window:
@@ -1322,7 +1393,75 @@ class MqttConnection(asyncio.Protocol):
             session.dequeue()
             pid = session.next_packet_id()
             inflight[pid] = Inflight(pid, d)
+            self._out_drained += 1
             self._write_publish(d, pid, False, None)
+
+    def _send_retained(self, session: Session, backlog: _RetainedBacklog) -> bool:
+        """Walk and send retained messages owed to SUBSCRIBEs, within this
+        turn's budgets; True once all are sent."""
+        ready = backlog.ready
+        walks = backlog.walks
+        inflight = session.inflight
+        while True:
+            while ready:
+                if self._write_paused:
+                    return False
+                if self._out_bytes >= OUTPUT_PER_TURN or self._out_drained >= DRAIN_PER_TURN:
+                    self._continue_output()
+                    return False
+                d = ready[0]
+                if d.qos == 0:
+                    ready.popleft()
+                    self._out_drained += 1
+                    self._write_publish(d, None, False, None)
+                    continue
+                if len(inflight) >= self.window:
+                    return False  # a PUBACK goes on (_on_puback)
+                ready.popleft()
+                pid = session.next_packet_id()
+                inflight[pid] = Inflight(pid, d)
+                session.dirty = True
+                self._out_drained += 1
+                self._write_publish(d, pid, False, None)
+            if not walks:
+                self._retained = None
+                return True
+            nodes = RETAINED_NODES_PER_TURN - self._out_walked
+            if nodes <= 0:
+                self._continue_output()
+                return False
+            walk = walks[0]
+            msgs, visited = walk.cursor.take(nodes)
+            self._out_walked += visited
+            qos = walk.qos
+            for m in msgs:
+                ready.append(Delivery(m, m.qos if m.qos < qos else qos, True, walk.sub_ids))
+            if walk.cursor.done:
+                walks.popleft()
+
+    def _continue_output(self) -> None:
+        """This turn's output budget is spent: go on next turn."""
+        if not self._output_scheduled:
+            self._output_scheduled = True
+            self.broker.loop.call_soon(self._output_turn)
+
+    def _output_turn(self) -> None:
+        self._output_scheduled = False
+        if self.state != CONNECTED or self._write_paused:
+            return  # resume_writing goes on
+        # A new turn (the last one's output was flushed, or there was none).
+        self._out_drained = self._out_walked = 0
+        broker = self.broker
+        broker.receiving += 1
+        try:
+            self._drain_queue()
+        except Exception:
+            log.exception("error sending to MQTT client %s", self.client_id)
+            self.close(0x83)
+        finally:
+            broker.receiving -= 1
+            if not broker.receiving:
+                broker.flush_writes()
 
     def _write_publish(
         self, d: Delivery, pid: int | None, dup: bool, cache: dict[Any, Any] | None
@@ -1383,12 +1522,14 @@ class MqttConnection(asyncio.Protocol):
             self.write(head)
             self.write(pid.to_bytes(2, "big"))  # type: ignore[union-attr]
             self.write(tail)
+            self._out_bytes += size
         else:
             assert isinstance(enc, bytes)
             if self.max_out_packet and len(enc) > self.max_out_packet:
                 self._too_large(pid)
                 return
             self.write(enc)
+            self._out_bytes += len(enc)
         self.broker.messages_out += 1
 
     def _too_large(self, pid: int | None) -> None:

@@ -9,10 +9,13 @@ A retained PUBLISH with an empty payload clears its topic (MQTT 3.3.1.3). A
 retained message with a v5 message expiry interval disappears when it
 expires; expiry is checked lazily when the message would be delivered.
 
-Lookup by a filter without wildcards is a dict lookup; a filter with
-wildcards scans the stored topics. Sites keep hundreds to a few thousand
-retained topics and subscriptions with wildcards are rare next to publishes,
-so a scan is cheaper to keep correct than a second trie.
+Retained messages are kept in a topic trie: a filter with wildcards walks
+only the branches it can match (``a/+/c`` visits the children of ``a`` and one
+child of each), never every stored topic. A SUBSCRIBE does not collect its
+matches at once: :meth:`RetainedStore.cursor` gives a :class:`RetainedCursor`
+that finds them a bounded number of trie nodes at a time, so ``#`` over
+100,000 retained messages is sent in slices between other clients' work.
+A plain topic is a dict lookup.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from edgeway.south.mqtt.packets import Properties
-from edgeway.south.mqtt.topics import topic_matches
 
 
 @dataclass(slots=True)
@@ -60,13 +62,92 @@ class Message:
         return self.expires_at is not None and self.expires_at <= now
 
 
-class RetainedStore:
-    """Retained messages by topic, with change tracking for persistence."""
+class _Node:
+    """One topic level in the trie: the retained message ending here, if any."""
 
-    __slots__ = ("_by_topic", "dirty")
+    __slots__ = ("children", "msg")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] | None = None
+        self.msg: Message | None = None
+
+
+class RetainedCursor:
+    """The retained messages matching one filter, found a slice at a time.
+
+    A depth-first walk of the trie that can stop after any node and go on
+    later. Each node's children are copied when the walk enters it (a C-speed
+    list copy), so messages set or cleared meanwhile never break the walk: a
+    message set on a topic the walk has not reached yet is found with its new
+    value, one cleared is skipped. Expired messages are dropped on the way.
+    """
+
+    __slots__ = ("_levels", "_stack", "_store")
+
+    def __init__(self, store: RetainedStore, topic_filter: str) -> None:
+        self._store = store
+        self._levels = topic_filter.split("/")
+        # Frames: (nodes still to visit, filter level to match at each; -1:
+        # everything below a ``#``).
+        self._stack: list[tuple[Iterator[_Node], int]] = [(iter((store._root,)), 0)]
+
+    @property
+    def done(self) -> bool:
+        return not self._stack
+
+    def take(self, max_nodes: int) -> tuple[list[Message], int]:
+        """The next matches, and the trie nodes visited (at most ``max_nodes``)."""
+        out: list[Message] = []
+        stack = self._stack
+        levels = self._levels
+        n = len(levels)
+        visited = 0
+        while stack and visited < max_nodes:
+            nodes, i = stack[-1]
+            node = next(nodes, None)
+            if node is None:
+                stack.pop()
+                continue
+            visited += 1
+            if node.msg is not None and (i < 0 or i == n or (levels[i] == "#" and i > 0)):
+                # Below a "#", at the filter's end, or "a/#" matching "a" itself.
+                out.append(node.msg)
+            children = node.children
+            if not children or i == n:
+                continue
+            if i < 0:
+                stack.append((iter(list(children.values())), -1))
+                continue
+            level = levels[i]
+            if level == "#" or level == "+":
+                if i == 0:
+                    # MQTT 4.7.2: a wildcard first level does not match "$..." topics.
+                    kids = [c for k, c in children.items() if not k.startswith("$")]
+                else:
+                    kids = list(children.values())
+                stack.append((iter(kids), -1 if level == "#" else i + 1))
+            else:
+                child = children.get(level)
+                if child is not None:
+                    stack.append((iter((child,)), i + 1))
+        if out:
+            now = time.time()
+            if any(m.expires_at is not None for m in out):
+                for m in [m for m in out if m.expired(now)]:
+                    self._store._drop(m.topic)
+                out = [m for m in out if not m.expired(now)]
+        return out, visited
+
+
+class RetainedStore:
+    """Retained messages by topic (a dict and a trie), with change tracking
+    for persistence."""
+
+    __slots__ = ("_by_topic", "_root", "dirty")
 
     def __init__(self) -> None:
         self._by_topic: dict[str, Message] = {}
+        self._root = _Node()
         self.dirty: dict[str, Message | None] = {}
         """Topics changed since the last save: the message, or None if cleared."""
 
@@ -77,14 +158,14 @@ class RetainedStore:
         """Store ``msg`` as its topic's retained message, or clear the topic
         if the payload is empty."""
         if msg.payload:
-            self._by_topic[msg.topic] = msg
+            self._store(msg)
             self.dirty[msg.topic] = msg
-        elif self._by_topic.pop(msg.topic, None) is not None:
-            self.dirty[msg.topic] = None
+        elif msg.topic in self._by_topic:
+            self._drop(msg.topic)
 
     def load(self, msg: Message) -> None:
         """Add a message read from storage (not marked dirty)."""
-        self._by_topic[msg.topic] = msg
+        self._store(msg)
 
     def get(self, topic: str) -> Message | None:
         msg = self._by_topic.get(topic)
@@ -93,27 +174,54 @@ class RetainedStore:
             return None
         return msg
 
+    def cursor(self, topic_filter: str) -> RetainedCursor:
+        """A walk over the messages matching ``topic_filter`` (no ``$share``)."""
+        return RetainedCursor(self, topic_filter)
+
     def matching(self, topic_filter: str) -> list[Message]:
-        """Unexpired retained messages whose topic matches ``topic_filter``."""
+        """Unexpired retained messages whose topic matches ``topic_filter``, all
+        at once (unbounded work: the broker uses :meth:`cursor`)."""
         if "+" not in topic_filter and "#" not in topic_filter:
             msg = self.get(topic_filter)
             return [msg] if msg is not None else []
-        now = time.time()
+        cursor = self.cursor(topic_filter)
         out: list[Message] = []
-        expired: list[str] = []
-        for topic, msg in self._by_topic.items():
-            if topic_matches(topic_filter, topic):
-                if msg.expired(now):
-                    expired.append(topic)
-                else:
-                    out.append(msg)
-        for topic in expired:
-            self._drop(topic)
+        while not cursor.done:
+            out += cursor.take(1 << 30)[0]
         return out
+
+    def _store(self, msg: Message) -> None:
+        node = self._root
+        for level in msg.topic.split("/"):
+            children = node.children
+            if children is None:
+                children = node.children = {}
+            child = children.get(level)
+            if child is None:
+                child = children[level] = _Node()
+            node = child
+        node.msg = msg
+        self._by_topic[msg.topic] = msg
 
     def _drop(self, topic: str) -> None:
         del self._by_topic[topic]
         self.dirty[topic] = None
+        path: list[tuple[_Node, str]] = []
+        node = self._root
+        for level in topic.split("/"):
+            assert node.children is not None
+            path.append((node, level))
+            node = node.children[level]
+        node.msg = None
+        # Prune the levels left empty, so a churn of unique topics does not leak.
+        for parent, level in reversed(path):
+            assert parent.children is not None
+            child = parent.children[level]
+            if child.msg is not None or child.children:
+                break
+            del parent.children[level]
+            if not parent.children:
+                parent.children = None
 
     def __iter__(self) -> Iterator[Message]:
         return iter(list(self._by_topic.values()))
