@@ -187,6 +187,32 @@ def test_typo_suggests_the_nearest_key(tmp_path: Path, capsys: pytest.CaptureFix
     ]
 
 
+def test_typos_in_steps_and_sink_schemes_get_a_suggestion(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = """\
+sinks:
+  - {name: cloud, url: "htps://ingest.example.com"}
+routes:
+  - name: r
+    steps:
+      - window: {size: 10s, aggregates: [mean], grase: 1s}
+      - deadbnd: {percent: 1}
+"""
+    lines = validate(text, filename="t.yaml")
+    assert [str(i) for i in lines] == [
+        "t.yaml:6: routes[0].steps[0].window.grase: unknown key 'grase', did you mean 'grace'?",
+        "t.yaml:7: routes[0].steps[1]: unknown step type 'deadbnd', did you mean 'deadband'?; "
+        "types: deadband, dedup, map, on_change, priority, rate_limit, transform, validate, "
+        "window",
+    ]
+    text = 'sinks:\n  - {name: cloud, url: "htps://ingest.example.com"}\n'
+    (line,) = check_and_run(tmp_path, text, capsys)
+    assert line.startswith(
+        "2: sinks[0].url (cloud): no sink for scheme 'htps', did you mean 'https'?"
+    )
+
+
 def test_no_suggestion_when_nothing_is_close() -> None:
     with pytest.raises(ConfigError) as e:
         parse_config("admin:\n  zzzz: 1\n", "a.yaml")

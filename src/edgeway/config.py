@@ -1086,12 +1086,29 @@ def _models(tp: Any) -> list[type[BaseModel]]:
     return []
 
 
+def _keys_beside(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys allowed next to the unknown one at ``loc``: from the schema,
+    or, inside a route step (``routes[0].steps[1].window.sise``), from that
+    step type's parameter model."""
+    keys = known_keys(loc[:-1])
+    if keys or "steps" not in loc:
+        return keys
+    at = loc.index("steps") + 2  # routes, i, steps, j, <type>, ...
+    if at < len(loc) - 1 and isinstance(loc[at], str):
+        from edgeway.pipeline.registry import step_types
+
+        step = step_types().get(str(loc[at]))
+        if step is not None:
+            return known_keys(loc[at + 1 : -1], root=step.Params)
+    return []
+
+
 def _clean_message(err: dict[str, Any]) -> str:
     kind = err.get("type", "")
     msg = str(err.get("msg", "invalid"))
     if kind == "extra_forbidden":
         loc = tuple(err.get("loc", ()))
-        return unknown_key(loc[-1], known_keys(loc[:-1])) if loc else "unknown key"
+        return unknown_key(loc[-1], _keys_beside(loc)) if loc else "unknown key"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     if kind == "missing":

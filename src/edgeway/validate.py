@@ -103,7 +103,7 @@ def _sinks(config: Config, lines: KeyLines) -> Iterator[ConfigIssue]:
         try:
             cls = sink_class_for(sink.url)
         except ValueError as e:
-            yield lines.issue(("sinks", i, "url"), str(e), f"{where} ({sink.name})")
+            yield lines.issue(("sinks", i, "url"), str(e), f"{where}.url ({sink.name})")
             continue
         if cls.library is not None and not cls.library.installed():
             yield lines.issue(("sinks", i, "url"), cls.library.missing(), f"{where} ({sink.name})")

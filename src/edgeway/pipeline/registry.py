@@ -20,6 +20,7 @@ readings made redundant (see docs/pipeline.md, "Durability of windows").
 from __future__ import annotations
 
 import abc
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -172,7 +173,9 @@ def parse_step_spec(spec: dict[str, Any]) -> tuple[type[Step], BaseModel]:
     ((name, raw),) = spec.items()
     cls = types.get(name)
     if cls is None:
-        raise ValueError(f"unknown step type {name!r}; types: {', '.join(sorted(types))}")
+        close = difflib.get_close_matches(str(name), list(types), n=1)
+        hint = f", did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown step type {name!r}{hint}; types: {', '.join(sorted(types))}")
     if raw is None:
         raw = {}
     try:

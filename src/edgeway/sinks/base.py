@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import difflib
 import importlib
 import logging
 import re
@@ -365,7 +366,9 @@ def sink_class_for(url: str) -> type[Sink]:
         return _REGISTRY[scheme]
     except KeyError:
         known = ", ".join(sorted(SCHEME_MODULES))
-        raise ValueError(f"no sink for scheme {scheme!r} (known: {known})") from None
+        close = difflib.get_close_matches(scheme, list(SCHEME_MODULES), n=1)
+        hint = f", did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"no sink for scheme {scheme!r}{hint} (known: {known})") from None
 
 
 def create_sink(config: SinkConfig, gateway_id: str) -> Sink:
