@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import re
 import struct
 from collections.abc import AsyncIterator, Callable
@@ -418,3 +419,55 @@ def test_docs_example_loads() -> None:
     for block in blocks:
         cfg = parse_config(block, str(DOCS))
         assert cfg.http_ingest is not None
+
+
+MALFORMED = [
+    # one header line over aiohttp's 8190 bytes
+    b"POST /devices/d/telemetry HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n",
+    # more than 128 headers
+    b"POST /devices/d/telemetry HTTP/1.1\r\nHost: x\r\n"
+    + b"".join(b"X-%d: 1\r\n" % i for i in range(200))
+    + b"\r\n",
+    # a request line over 8190 bytes
+    b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n",
+    b"POST /devices/d/telemetry HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nnocolon\r\n\r\n",
+]
+
+
+async def test_a_thousand_malformed_requests_get_400_and_a_few_lines_no_traceback(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    ingest = RecordingIngest()
+    adapter, url = await start(ingest)
+    statuses: list[bytes] = []
+
+    async def send(raw: bytes) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", adapter.port)
+        try:
+            writer.write(raw)
+            await writer.drain()
+            statuses.append((await reader.readline()).split(b" ")[1])
+        finally:
+            writer.close()
+
+    async with asyncio.timeout(60):
+        for i in range(0, 1000, 20):
+            await asyncio.gather(*(send(MALFORMED[j % len(MALFORMED)]) for j in range(i, i + 20)))
+    assert statuses == [b"400"] * 1000
+    async with httpx.AsyncClient() as client:
+        ok = await client.post(f"{url}/devices/boiler-1/telemetry", json={"t": 1}, headers=auth())
+    assert ok.status_code == 200
+    lines = [
+        r
+        for r in caplog.records
+        if r.name.startswith(("aiohttp", "edgeway.south.http", "asyncio"))
+        and r.levelno >= logging.WARNING
+    ]
+    assert not [r for r in lines if r.exc_info]
+    assert len(lines) <= 4, [r.getMessage() for r in lines]
+    assert sum(adapter.refusals.values()) == 1000
+    assert adapter.refusals["LineTooLong"] >= 280

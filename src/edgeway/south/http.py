@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from edgeway.codecs.base import (
     Codec,
@@ -63,6 +64,7 @@ from edgeway.codecs.base import (
 from edgeway.config import HttpIngestSection, is_loopback, parse_host_port
 from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
+from edgeway.logs import EventLog
 from edgeway.reading import Origin
 from edgeway.south.base import SouthAdapter, register_adapter
 from edgeway.south.decode_errors import DecodeErrorCounter
@@ -141,6 +143,49 @@ def _anonymous_may_send(content_type: str | None) -> bool:
     return cls is not None and cls.name in ANONYMOUS_CODECS
 
 
+BAD_REQUEST_LINES_PER_SECOND = 0.1
+BAD_REQUEST_LINE_BURST = 2
+"""Lines about malformed requests: two at once, then one every 10 s saying how
+many were left out. Anyone who can connect can send them in bulk; each is
+counted in ``refusals`` anyway."""
+
+
+class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The logger aiohttp's request handler writes to, for one listener.
+
+    aiohttp logs every request it cannot parse (a header line over 8190
+    bytes, more than 128 headers, a bad request line, a bad chunk) as "Error
+    handling request" with a full traceback, after answering 400 itself. An
+    unauthenticated client can send those in bulk; here each is counted by
+    kind and said in one rate-limited line without a traceback. Anything else
+    (a bug of ours: 500) passes through unchanged.
+    """
+
+    def __init__(self, refusals: dict[str, int]) -> None:
+        super().__init__(log, {})
+        self._refusals = refusals
+        self._events = EventLog(
+            log, per_second=BAD_REQUEST_LINES_PER_SECOND, burst=BAD_REQUEST_LINE_BURST
+        )
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            kind = type(exc).__name__
+            self._refusals[kind] = self._refusals.get(kind, 0) + 1
+            if level > logging.DEBUG:  # aiohttp logs non-HTTP traffic at debug
+                self._events.emit(
+                    "http_bad_request",
+                    logging.WARNING,
+                    "http ingest: refused a malformed request from %s: %s: %s",
+                    args[0] if args else "?",
+                    kind,
+                    str(exc.message)[:200],
+                )
+            return
+        super().log(level, msg, *args, **kwargs)
+
+
 def _error(
     status: int, error: str, reason: str = "", detail: str = "", **headers: str
 ) -> web.Response:
@@ -176,6 +221,9 @@ class HttpIngestAdapter(SouthAdapter):
         """The bound port, once listening (useful with port 0)."""
         self.requests: dict[int, int] = {}
         """Responses by status code."""
+        self.refusals: dict[str, int] = {}
+        """Requests aiohttp refused (400) before routing them, by kind
+        (``LineTooLong``, ``BadHttpMessage``, ``InvalidHeader``, ...)."""
         self._codecs: dict[str, Codec] = {}
         self._buckets: dict[str, TokenBucket] = {}
         self._unconfigured_warned: set[str] = set()
@@ -215,7 +263,12 @@ class HttpIngestAdapter(SouthAdapter):
 
     async def run(self) -> None:
         host, port = parse_host_port(self.config.listen)
-        runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            self.build_app(),
+            access_log=None,
+            handle_signals=False,
+            logger=_ServerLog(self.refusals),
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, host, port, ssl_context=self._ssl_context())
