@@ -155,3 +155,14 @@ def test_sink_defined_twice_is_refused_by_check_and_run(
     ]
     assert cli_main(argv) == 2
     assert capsys.readouterr().err == want
+
+
+def test_check_with_sink_accepts_routes_to_the_sinks_run_would_add(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("routes:\n  - name: r\n    sinks: [sink1]\n", encoding="utf-8")
+    assert cli_main(["check", str(cfg)]) == 2
+    assert "routes[0].sinks: unknown sink 'sink1'; sinks: none" in capsys.readouterr().err
+    assert cli_main(["check", str(cfg), "--sink", f"file://{tmp_path}/out.jsonl"]) == 0
+    assert capsys.readouterr().out == f"{cfg}: ok\n"

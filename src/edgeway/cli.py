@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a configuration file and exit (0 ok, 2 errors)")
     check.add_argument("file", type=Path)
+    check.add_argument(
+        "--sink",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="check as 'edgeway run --sink URL' would run it (routes may name sink1, ...)",
+    )
 
     passwd = sub.add_parser("passwd", help="hash a password for mqtt.users[].password_hash")
     passwd.add_argument("--stdin", action="store_true", help="read the password from stdin")
@@ -225,12 +232,13 @@ def _print_config_errors(err: ConfigError) -> None:
         print(f"error: {issue}", file=sys.stderr)
 
 
-def cmd_check(path: Path) -> int:
-    """``edgeway check FILE``: every problem ``edgeway run`` would refuse, each
-    as ``file:line: key path: what was expected`` (see :mod:`edgeway.validate`)."""
+def cmd_check(path: Path, sinks: list[str] | None = None) -> int:
+    """``edgeway check FILE [--sink URL]...``: every problem ``edgeway run``
+    would refuse, each as ``file:line: key path: what was expected`` (see
+    :mod:`edgeway.validate`)."""
     from edgeway.validate import validate
 
-    issues = validate(path)
+    issues = validate(path, sink_urls=sinks or ())
     for issue in issues:
         print(f"error: {issue}", file=sys.stderr)
     if issues:
@@ -396,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgeway {__version__}")
         return EXIT_OK
     if args.command == "check":
-        return cmd_check(args.file)
+        return cmd_check(args.file, args.sink)
     if args.command == "run":
         with contextlib.suppress(KeyboardInterrupt):
             return cmd_run(args)

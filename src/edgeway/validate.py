@@ -30,7 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from edgeway.config import (
     ConfigIssue,
     KeyLines,
     TlsConfig,
+    apply_overrides,
     parse_config_lines,
 )
 
@@ -48,13 +49,16 @@ __all__ = ["check_config", "read_config", "validate"]
 Loc = tuple[str | int, ...]
 
 
-def validate(source: str | Path, *, filename: str | None = None) -> list[ConfigIssue]:
+def validate(
+    source: str | Path, *, filename: str | None = None, sink_urls: Sequence[str] = ()
+) -> list[ConfigIssue]:
     """Every problem in a configuration; empty when ``edgeway run`` would accept it.
 
     ``source`` is a file (:class:`~pathlib.Path`) or YAML text (``str``,
     reported as ``filename``, default ``<config>``). Relative paths in the
     configuration (certificates) are taken from the current directory, as
-    ``edgeway run`` takes them.
+    ``edgeway run`` takes them. ``sink_urls`` are sinks a command line adds
+    (``--sink URL``: ``sink1``, ``sink2``, ...), which routes may name.
     """
     try:
         if isinstance(source, Path):
@@ -63,6 +67,8 @@ def validate(source: str | Path, *, filename: str | None = None) -> list[ConfigI
             config, lines = parse_config_lines(source, filename or "<config>")
     except ConfigError as e:
         return list(e.issues)
+    if sink_urls:
+        config = apply_overrides(config, sinks=sink_urls)
     return check_config(config, lines)
 
 
