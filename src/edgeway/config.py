@@ -191,6 +191,13 @@ class MqttLimits(_Model):
     """Refuse connections beyond this many (file descriptors and memory)."""
     connect_timeout: Duration = 10.0
     """Time allowed between TCP accept and CONNECT, against idle sockets."""
+    disconnect_linger: Duration = 2.0
+    """After a DISCONNECT or refusing CONNACK with a reason, time the client
+    gets to read it before the socket is closed; what it sends meanwhile is
+    read and discarded (closing with unread input resets the connection and
+    the reason is lost). 2 s: a client reads it in milliseconds and closes;
+    one that does neither holds only a socket, no session, this long. 0: close
+    at once."""
     max_keepalive: int = Field(default=65535, ge=0, le=65535)
     """Upper bound on a client's keep alive; v5 clients are told via Server Keep Alive."""
     max_session_expiry: Duration = 7 * 86400.0

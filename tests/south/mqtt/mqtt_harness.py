@@ -89,6 +89,7 @@ class MemoryTransport(asyncio.Transport):
         self.out = bytearray()
         self.closed = False
         self.paused = False
+        self.eof = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.out += data
@@ -98,6 +99,12 @@ class MemoryTransport(asyncio.Transport):
 
     def abort(self) -> None:
         self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
 
     def is_closing(self) -> bool:
         return self.closed

@@ -169,7 +169,7 @@ async def _run(level: int, watched: bool, batchable: bool, data: bytes, cuts: li
                 readings,
                 bytes(t_dev.out),
                 bytes(t_watch.out),
-                t_dev.closed,
+                t_dev.closed or t_dev.eof,  # ended: closed, or shut for writing (lingering)
                 {k: v - stats0.get(k, 0) for k, v in stats.items() if isinstance(v, int)},
             )
             for c, _ in conns:

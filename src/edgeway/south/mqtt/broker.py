@@ -236,7 +236,8 @@ class Broker:
             if h is not None:
                 h.cancel()
         now = time.time()
-        for conn in list(self.connections):
+        conns = list(self.connections)
+        for conn in conns:
             session = conn.session
             if session is not None and session.conn is conn:
                 session.conn = None
@@ -268,6 +269,11 @@ class Broker:
                 self.store = None
                 # Off the loop: the writer may still be busy for a moment.
                 await asyncio.to_thread(store.close)
+        # Clients told "server shutting down" had the time above to read it.
+        for conn in conns:
+            tr = conn.transport
+            if tr is not None and not tr.is_closing():
+                tr.close()
         log.info("MQTT broker stopped")
 
     # ------------------------------------------------------------- counters
@@ -340,6 +346,10 @@ class Broker:
 
     def connection_lost(self, conn: MqttConnection) -> None:
         self.connections.discard(conn)
+        self.release(conn)
+
+    def release(self, conn: MqttConnection) -> None:
+        """``conn`` is done with its session (it closed, or lingers closing)."""
         self._saturated.discard(conn)
         session = conn.session
         conn.session = None
@@ -699,7 +709,12 @@ class Broker:
             now = loop.time()
             connect_timeout = self.limits.connect_timeout
             packet_timeout = self.limits.packet_timeout
+            linger = self.limits.disconnect_linger
             for conn in list(self.connections):
+                if conn.state == CLOSED:
+                    if conn.lingering_since and now - conn.lingering_since > linger:
+                        conn.linger_expired()
+                    continue
                 if packet_timeout and conn.packet_stalled(now, packet_timeout):
                     conn.packet_timed_out()
                     continue

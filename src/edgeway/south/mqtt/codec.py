@@ -86,7 +86,9 @@ __all__ = [
     "PINGRESP_BYTES",
     "MqttReader",
     "UnsupportedProtocolVersion",
+    "connack_code",
     "decode_packet",
+    "disconnect_code",
     "encode",
     "encode_puback",
     "encode_pubcomp",
@@ -174,6 +176,67 @@ _DISCONNECT_CODES_5: Final = frozenset(
 )
 _AUTH_CODES_5: Final = frozenset({0x00, 0x18, 0x19})
 _CONNACK_CODES_311: Final = frozenset(range(6))
+
+# What a server may answer for a reason it has in v5 terms, when the packet it
+# answers with cannot carry that code (spec 3.2.2.2, 3.14.2.1; 3.1.1 3.2.2.3).
+_PROTOCOL_VIOLATIONS: Final = frozenset(
+    {0x81, 0x82, 0x8F, 0x90, 0x93, 0x94, 0x95, 0x96, 0x98, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E}
+    | {0xA0, 0xA1, 0xA2}
+)
+_CONNACK_311_FOR: Final = {
+    0x84: 1,  # unacceptable protocol version
+    0x85: 2,  # identifier rejected
+    0x80: 3,  # server unavailable: unspecified, implementation specific, busy, quota ...
+    0x83: 3,
+    0x88: 3,
+    0x89: 3,
+    0x8B: 3,
+    0x97: 3,
+    0x9F: 3,
+    0x86: 4,  # bad user name or password
+    0x87: 5,  # not authorised: not authorised, banned, bad authentication method
+    0x8A: 5,
+    0x8C: 5,
+}
+_DISCONNECT_FOR: Final = {
+    0x84: 0x82,  # CONNACK-only codes, as the nearest DISCONNECT code
+    0x85: 0x82,
+    0x86: 0x87,
+    0x8A: 0x87,
+    0x8C: 0x87,
+    0x88: 0x89,
+}
+
+
+def connack_code(reason: int, protocol_level: int) -> int | None:
+    """The code a refusing CONNACK carries for the v5 reason ``reason``, valid
+    for ``protocol_level``; None when that version answers with no CONNACK.
+
+    MQTT 5: ``reason`` itself when CONNACK may carry it, else 0x82 (protocol
+    error) for a protocol violation and 0x80 (unspecified error) for the rest.
+    MQTT 3.1.1 has return codes 1 to 5 only: refusals map to the nearest one
+    (0x86 -> 4, 0x87/0x8A -> 5, busy or unavailable -> 3, ...); a protocol
+    violation has none, and 3.1.1 says to close without a CONNACK (4.8).
+    """
+    if protocol_level == MQTT_5:
+        if reason in _CONNACK_CODES_5 and reason != 0:
+            return reason
+        return _PROTOCOL_ERROR if reason in _PROTOCOL_VIOLATIONS else 0x80
+    if reason in _PROTOCOL_VIOLATIONS:
+        return None
+    return _CONNACK_311_FOR.get(reason, 3)
+
+
+def disconnect_code(reason: int) -> int:
+    """The reason code of a server's MQTT 5 DISCONNECT for the v5 reason
+    ``reason``: itself when a server's DISCONNECT may carry it, else the
+    nearest one (a CONNACK-only refusal as 0x87 or 0x82, anything else as
+    0x80 unspecified error). 0x04 is the client's alone. MQTT 3.1.1 has no
+    server DISCONNECT: the connection is just closed."""
+    if reason in _DISCONNECT_CODES_5 and reason != 0x04:
+        return reason
+    return _DISCONNECT_FOR.get(reason, 0x80)
+
 
 # --------------------------------------------------------------------------------------------
 # Properties (spec 2.2.2.2). The table is in identifier order, which is also the field order

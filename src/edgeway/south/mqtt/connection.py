@@ -12,7 +12,8 @@ Configuration: the limits that act per connection::
 
 The transport may be asyncio's TCP/TLS transport or the WebSocket adapter of
 ``listeners.py``; only ``write``, ``close``, ``abort``, ``is_closing``,
-``get_extra_info``, ``pause_reading`` and ``resume_reading`` are used.
+``get_extra_info``, ``pause_reading``, ``resume_reading``, ``can_write_eof``
+and ``write_eof`` are used.
 
 Hot path rules: no task per message, no per-message logging, and output is
 collected in a list during one ``data_received`` (or one routing pass) and
@@ -56,6 +57,8 @@ from edgeway.south.mqtt.codec import (
     PINGRESP_BYTES,
     MqttReader,
     UnsupportedProtocolVersion,
+    connack_code,
+    disconnect_code,
     encode,
     encode_puback,
     encode_pubacks,
@@ -141,10 +144,6 @@ _DENIED = 2
 _TopicInfo = tuple[int, str | None, Origin | None]
 """Per topic a connection publishes to: verdict (``_PUBLISH_OK``, ``_TOO_DEEP``,
 ``_DENIED``), telemetry device id (None: not telemetry) and its Origin."""
-
-_311_CONNACK = {0x86: 4, 0x87: 5, 0x8A: 5, 0x88: 3, 0x89: 3, 0x85: 2, 0x84: 1}
-"""v5 CONNACK reason -> 3.1.1 return code (MQTT 5 spec table 3-1 mapping)."""
-
 
 _NO_ACKS: deque[Any] = deque()
 """Shared empty FIFO (never appended to): an idle connection does not pay
@@ -267,6 +266,7 @@ class MqttConnection(asyncio.Protocol):
         "keepalive",
         "last_rx",
         "level",
+        "lingering_since",
         "listener",
         "max_out_packet",
         "partial_since",
@@ -346,6 +346,9 @@ class MqttConnection(asyncio.Protocol):
         """A connect line was logged: a disconnect line follows."""
         self._why: str | None = None
         """Why the connection ends (for its disconnect line), once we know."""
+        self.lingering_since = 0.0
+        """When we closed after telling the client why (0: not lingering); see
+        :meth:`_linger`."""
 
     # ------------------------------------------------------------ transport
 
@@ -571,33 +574,76 @@ class MqttConnection(asyncio.Protocol):
         if not out:
             return
         t = self.transport
-        if t is not None and not t.is_closing():
+        if t is not None and not t.is_closing() and not self.lingering_since:
+            # (Lingering: the reason was the last thing written; our side is shut.)
             t.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
 
-    def close(self, reason_code: int | None = None, why: str | None = None) -> None:
-        """Close the connection; v5 clients get DISCONNECT ``reason_code`` first.
-        ``why`` goes to the disconnect log line."""
+    def close(
+        self, reason_code: int | None = None, why: str | None = None, *, told: bool = False
+    ) -> None:
+        """Close the connection; v5 clients get DISCONNECT ``reason_code`` first
+        (mapped to a code a server's DISCONNECT may carry). ``why`` goes to the
+        disconnect log line; ``told``: a refusing CONNACK was just written.
+        A client that was told why gets to read it (:meth:`_linger`)."""
         if self.state == CLOSED:
             return
         if why is not None and self._why is None:
             self._why = why
         if reason_code is not None and self.level == MQTT_5 and self.state == CONNECTED:
-            self.send(Disconnect(reason_code))
+            self.send(Disconnect(disconnect_code(reason_code)))
+            told = True
         self.state = CLOSED
         self.flush()
+        t = self.transport
+        if t is None:
+            return
+        if told and not t.is_closing() and self.broker.limits.disconnect_linger > 0:
+            self._linger(t)
+        else:
+            t.close()
+
+    def _linger(self, t: asyncio.Transport) -> None:
+        """Close after a DISCONNECT (or refusing CONNACK) so the client reads it.
+
+        Closing a socket that still has unread input makes the kernel answer
+        with a reset, and a client that is still sending (a burst that ran
+        into a limit) then sees "connection reset" instead of the reason. So:
+        the session is released now (will, takeover, expiry as if the
+        connection were gone), our side is shut for writing once the reason
+        is out (TCP: FIN after it), and what the client still sends is read
+        and discarded (``data_received`` ignores a closed connection) until
+        it closes its side or ``disconnect_linger`` passes (the broker's
+        sweep calls :meth:`linger_expired`)."""
+        self.lingering_since = self.broker.loop.time()
+        self._forget_unanswered()
+        self.broker.release(self)
+        if t.can_write_eof():
+            t.write_eof()
+        if self._pause:
+            self._pause = 0
+            t.resume_reading()
+
+    def linger_expired(self) -> None:
+        """The client neither closed nor went away in ``disconnect_linger``."""
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
     def _protocol_error(self, e: ProtocolError) -> None:
         self.broker.count("protocol_errors")
+        told = False
         if self.state == AWAIT_CONNECT or self.state == AUTHENTICATING:
             if isinstance(e, UnsupportedProtocolVersion):
                 # Answered in a form that client version can parse.
                 self.write(e.connack())
+                told = True
             elif self.level == MQTT_5:
-                self.write(encode(ConnAck(False, e.reason_code), MQTT_5))
-        self.close(e.reason_code, f"protocol error 0x{e.reason_code:02X}: {e}")
+                code = connack_code(e.reason_code, MQTT_5)
+                assert code is not None  # v5 has a CONNACK code for every reason
+                self.write(encode(ConnAck(False, code), MQTT_5))
+                told = True
+            # 3.1.1: a protocol violation is answered by closing (4.8), no CONNACK.
+        self.close(e.reason_code, f"protocol error 0x{e.reason_code:02X}: {e}", told=told)
 
     def _pause_reading(self, why: int) -> None:
         if not self._pause and self.transport is not None:
@@ -687,7 +733,7 @@ class MqttConnection(asyncio.Protocol):
             return
         if broker.connected_count() >= broker.limits.max_connections:
             broker.count_drop("max_connections")
-            self._refuse(0x97 if v5 else 0x88, "max_connections reached")
+            self._refuse(0x97, "max_connections reached")
             return
         if p.will is not None:
             t = p.will.topic
@@ -719,8 +765,11 @@ class MqttConnection(asyncio.Protocol):
         task.add_done_callback(lambda t: self._auth_done(t, p, assigned))
 
     def _refuse(self, v5_reason: int, why: str, username: str | None = None) -> None:
-        code = v5_reason if self.level == MQTT_5 else _311_CONNACK.get(v5_reason, 5)
-        self.write(encode(ConnAck(False, code), self.level or 4))
+        level = self.level or 4
+        code = connack_code(v5_reason, level)
+        if code is None:
+            code = 5  # a refusal is never a protocol violation; not authorised
+        self.write(encode(ConnAck(False, code), level))
         self.broker.events.emit(
             "login_failed",
             logging.WARNING,
@@ -732,7 +781,7 @@ class MqttConnection(asyncio.Protocol):
             code,
         )
         self.broker.count("connect_refused")
-        self.close()
+        self.close(told=True)
 
     def _auth_done(
         self, task: asyncio.Task[AuthDecision], p: Connect, assigned: str | None
@@ -749,7 +798,7 @@ class MqttConnection(asyncio.Protocol):
                 return
             except Exception:
                 log.exception("authenticator failed for %s", self.client_id)
-                self._refuse(0x88 if self.level != MQTT_5 else 0x80, "authenticator error")
+                self._refuse(0x80, "authenticator error")
                 return
             if not decision.allowed:
                 self._refuse(decision.reason_code, decision.reason or "not authorised", p.username)
@@ -1550,7 +1599,7 @@ class MqttConnection(asyncio.Protocol):
     def packet_timed_out(self) -> None:
         """Called by the broker's sweep when :meth:`packet_stalled`."""
         self.broker.count("packet_timeouts")
-        self.close(0x8D)
+        self.close(0x8D, "a partial packet took longer than packet_timeout")
 
     def keepalive_expired(self) -> None:
         """Called by the broker's sweep: nothing received for 1.5x keep alive."""
