@@ -316,6 +316,12 @@ class SinkConfig(_Model):
     """The scheme picks the type: http, https, mqtt, mqtts, nats, amqp, postgresql, file."""
     options: dict[str, Any] = Field(default_factory=dict)
     """The sink type's own settings; see docs/sinks/."""
+    probe_interval: Duration = 1.0
+    """While the sink backs off after a connection failure, check this often
+    whether its remote side accepts a TCP connection again, and retry at once
+    when it does (0: no probe; the retry waits out the backoff, up to 60 s).
+    1 s starts a drain within about a second of the cloud's return for one
+    connection attempt a second, which a server that is down does not notice."""
 
 
 _ALLOWED_HOST_RE = re.compile(

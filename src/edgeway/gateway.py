@@ -224,7 +224,12 @@ class Gateway:
             try:
                 async with asyncio.TaskGroup() as tg:
                     for sink in self.sinks:
-                        tg.create_task(SinkRunner(outbox, sink).run(), name=f"sink:{sink.name}")
+                        tg.create_task(
+                            SinkRunner(
+                                outbox, sink, probe_interval=sink.config.probe_interval
+                            ).run(),
+                            name=f"sink:{sink.name}",
+                        )
                     for adapter in self.adapters:
                         tg.create_task(self._supervise(adapter), name=f"south:{adapter.name}")
                     await self._wait_adapters_ready()

@@ -33,6 +33,10 @@ from edgeway.sinks.base import PermanentSinkError, RetryableSinkError, Sink
 
 log = logging.getLogger(__name__)
 
+PROBE_INTERVAL = 1.0
+"""Default seconds between probes of a sink that is backing off after a
+connection failure (``SinkConfig.probe_interval``)."""
+
 RETRY_AFTER_MAX = 3600.0
 """Longest ``Retry-After`` honoured (seconds). A server asking for more than an
 hour is more likely misconfigured than busy; we would rather probe hourly."""
@@ -56,14 +60,21 @@ class SinkRunner:
         *,
         backoff_initial: float = 0.5,
         backoff_max: float = 60.0,
+        probe_interval: float = PROBE_INTERVAL,
+        rng: random.Random | None = None,
     ) -> None:
+        """``probe_interval``: see :meth:`wait_backoff` (0: no probes); ``rng``
+        draws the backoff jitter (tests pass a fixed one)."""
         if backoff_initial <= 0 or backoff_max < backoff_initial:
             raise ValueError("need 0 < backoff_initial <= backoff_max")
+        if probe_interval < 0:
+            raise ValueError("need probe_interval >= 0")
         self.outbox = outbox
         self.sink = sink
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self._rng = random.Random()
+        self.probe_interval = probe_interval
+        self._rng = rng if rng is not None else random.Random()
         self._failing_since: float | None = None
         self._failures = 0
         """Failed sends since the last success."""
@@ -188,7 +199,11 @@ class SinkRunner:
                 delay = self.backoff_delay(attempt, retry_after)
                 attempt += 1
                 self._log_failure(e, delay)
-                await asyncio.sleep(delay)
+                # A Retry-After is the remote side's own word, and a sink that
+                # is connected failed for another reason: no probe then.
+                await self.wait_backoff(
+                    delay, probe=retry_after is None and not sink.state.connected
+                )
                 continue
             sink.state.record_success(len(batch), time.monotonic() - t0)
             if self._failing_since is not None:
@@ -202,6 +217,36 @@ class SinkRunner:
                 self._failing_since = None
                 self._failures = 0
             return True, batch
+
+    async def wait_backoff(self, delay: float, *, probe: bool) -> None:
+        """Sleep ``delay`` seconds; with ``probe``, every :attr:`probe_interval`
+        ask the sink whether its remote side accepts connections, and end the
+        wait as soon as one that was refused (down) is accepted (back). A probe
+        that succeeds from the start says nothing new (the failure was not a
+        refused connection), so the backoff then runs its course: a probe never
+        turns the backoff into a retry every second."""
+        interval = self.probe_interval
+        if not probe or interval <= 0 or delay <= interval:
+            await asyncio.sleep(delay)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        seen_down = False
+        while deadline - loop.time() > interval:
+            await asyncio.sleep(interval)
+            up = await self.sink.probe()
+            if up is None:
+                break
+            if not up:
+                seen_down = True
+            elif seen_down:
+                log.info(
+                    "sink %s: the remote side accepts connections again; retrying now",
+                    self.sink.name,
+                    extra={"fields": {"sink": self.sink.name}},
+                )
+                return
+        await asyncio.sleep(max(deadline - loop.time(), 0.0))
 
     def backoff_delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds before retry ``attempt`` (0-based): the remote side's

@@ -58,6 +58,7 @@ from edgeway.sinks.base import (
     client_ssl_context,
     close_bounded,
     register_sink,
+    url_address,
 )
 
 logger = logging.getLogger(__name__)
@@ -269,6 +270,10 @@ class AmqpSink(Sink):
             if self._connection is None:
                 self.state.connected = False
             raise
+
+    def probe_addresses(self) -> list[tuple[str, int]]:
+        addr = url_address(self.config.url, 5671 if self.tls else 5672)
+        return [addr] if addr else []
 
     async def close(self) -> None:
         """Close the connection (everything sent is already confirmed)."""

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import difflib
 import importlib
 import logging
 import re
 import ssl
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,6 +242,40 @@ def parse_options(model: type[_O], options: Mapping[str, Any]) -> _O:
 
 _log = logging.getLogger(__name__)
 
+PROBE_TIMEOUT = 2.0
+"""Seconds a probe's TCP connect may take. A handshake on a working link takes
+milliseconds; 2 s still covers the first round trip of a slow cellular link."""
+
+
+async def tcp_reachable(addresses: Sequence[tuple[str, int]]) -> bool:
+    """True if one of ``addresses`` accepts a TCP connection (closed at once,
+    nothing sent): the cheap check behind :meth:`Sink.probe`."""
+    for host, port in addresses:
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                _reader, writer = await asyncio.open_connection(host, port)
+        except (OSError, TimeoutError):
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+    return False
+
+
+def url_address(url: str, default_port: int) -> tuple[str, int] | None:
+    """``(host, port)`` of ``url`` (``default_port`` if it names none); None
+    without a host name (a Unix socket, a host in the query string)."""
+    u = urllib.parse.urlsplit(url)
+    if not u.hostname:
+        return None
+    try:
+        port = u.port
+    except ValueError:
+        return None
+    return u.hostname, port or default_port
+
+
 CLOSE_TIMEOUT = 2.0
 """Seconds a sink waits for a graceful close: a graceful close waits for the
 peer (CloseOk, a flush), which never comes on a silent link."""
@@ -338,6 +374,22 @@ class Sink(abc.ABC):
     @abc.abstractmethod
     async def send_batch(self, records: Sequence[Record]) -> None:
         """Send ``records`` and return once the remote side has confirmed them."""
+
+    def probe_addresses(self) -> list[tuple[str, int]]:
+        """Where the remote side listens: ``(host, port)`` pairs that accept a
+        TCP connection once it is back. Empty (the default): no cheap check,
+        the runner waits out its backoff."""
+        return []
+
+    async def probe(self) -> bool | None:
+        """A cheap check, while the runner backs off after a connection
+        failure, that the remote side accepts connections again: True, False,
+        or None when this sink has no such check. The default connects to
+        :meth:`probe_addresses` (TCP only: no TLS handshake, nothing sent)."""
+        addresses = self.probe_addresses()
+        if not addresses:
+            return None
+        return await tcp_reachable(addresses)
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

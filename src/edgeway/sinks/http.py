@@ -54,6 +54,7 @@ from edgeway.sinks.base import (
     RetryableSinkError,
     Sink,
     register_sink,
+    url_address,
 )
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,10 @@ class HttpSink(Sink):
         if status in (408, 429) or status >= 500 or status < 400:
             raise RetryableSinkError(msg, retry_after)
         raise PermanentSinkError(msg)
+
+    def probe_addresses(self) -> list[tuple[str, int]]:
+        addr = url_address(self.url, 443 if self.url.lower().startswith("https") else 80)
+        return [addr] if addr else []
 
     async def close(self) -> None:
         if self._session is not None:

@@ -741,6 +741,11 @@ class MqttSink(Sink):
                 self.state.connected = False
             raise
 
+    def probe_addresses(self) -> list[tuple[str, int]]:
+        # The sink connects lazily: while it backs off there is no connection
+        # whose state could be asked, so the broker's port is.
+        return [(self.host, self.port)]
+
     async def close(self) -> None:
         """Disconnect cleanly; the broker keeps the session until it expires."""
         conn, self._conn = self._conn, None

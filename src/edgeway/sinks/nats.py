@@ -58,6 +58,7 @@ from edgeway.sinks.base import (
     client_ssl_context,
     close_bounded,
     register_sink,
+    url_address,
 )
 
 logger = logging.getLogger(__name__)
@@ -304,6 +305,14 @@ class NatsSink(Sink):
             if self._nc is None:
                 self.state.connected = False
             raise
+
+    def probe_addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for s in self.servers:
+            addr = url_address(s if "://" in s else f"nats://{s}", 4222)
+            if addr is not None:
+                out.append(addr)
+        return out
 
     async def close(self) -> None:
         """Close the connection (published messages are already acked)."""

@@ -66,6 +66,7 @@ from edgeway.sinks.base import (
     RetryableSinkError,
     Sink,
     register_sink,
+    url_address,
 )
 
 logger = logging.getLogger(__name__)
@@ -233,6 +234,11 @@ class PostgresSink(Sink):
                 self.state.connected = False
             raise
         self.state.connected = True
+
+    def probe_addresses(self) -> list[tuple[str, int]]:
+        # None for a Unix socket or a host given in the query string: no probe.
+        addr = url_address(self.dsn, 5432)
+        return [addr] if addr else []
 
     async def close(self) -> None:
         """Close the pool."""
