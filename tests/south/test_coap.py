@@ -454,3 +454,87 @@ async def test_a_thousand_hostile_datagrams_log_a_few_lines_and_no_traceback(
     ]
     assert not [r for r in lines if r.exc_info], [r.getMessage() for r in lines if r.exc_info]
     assert len(lines) <= 6, [r.getMessage() for r in lines]
+
+
+# ---------------------------------------------------------------- observation limits
+
+
+def _observe(client: Any, adapter: CoapAdapter, device: str) -> Any:
+    return client.request(
+        Message(code=Code.GET, uri=url(adapter, f"devices/{device}/commands"), observe=0)
+    )
+
+
+async def test_observations_are_capped_per_address_with_503_and_max_age(client: Any) -> None:
+    async with coap_server(
+        RecordingIngest(), max_observations_per_address=2, retry_after=9
+    ) as adapter:
+        first = _observe(client, adapter, "v-1")
+        second = _observe(client, adapter, "v-2")
+        for req in (first, second):
+            r = await asyncio.wait_for(req.response, 10)
+            assert r.code == Code.CONTENT and r.opt.observe is not None
+        third = await asyncio.wait_for(_observe(client, adapter, "v-3").response, 10)
+        assert third.code == Code.SERVICE_UNAVAILABLE and third.opt.max_age == 9
+        assert third.opt.observe is None
+        assert adapter.observer_count("v-3") == 0
+        assert adapter.refusals == {"observe_limit_per_address": 1}
+        # A plain GET (no Observe) is still answered: polling stays possible.
+        r = await client.request(
+            Message(code=Code.GET, uri=url(adapter, "devices/v-3/commands"))
+        ).response
+        assert r.code == Code.CONTENT
+        # Observing a device again from the same address (a device after a
+        # reboot, from a new port) replaces its old observation: no lock-out.
+        other = await aiocoap.Context.create_client_context()
+        try:
+            renewed = _observe(other, adapter, "v-1")
+            r = await asyncio.wait_for(renewed.response, 10)
+            assert r.code == Code.CONTENT and r.opt.observe is not None
+            # The replaced observation ends (a last 5.03, which aiocoap's
+            # client reports as the end of the observation).
+            with pytest.raises((StopAsyncIteration, aiocoap.error.ObservationCancelled)):
+                await asyncio.wait_for(anext(aiter(first.observation)), 10)
+        finally:
+            await wait_until(lambda: adapter.observer_count("v-1") == 1)
+            await other.shutdown()
+        assert adapter.refusals == {"observe_limit_per_address": 1}
+
+
+async def test_observations_are_capped_in_total(client: Any) -> None:
+    async with coap_server(RecordingIngest(), max_observations=1) as adapter:
+        r = await asyncio.wait_for(_observe(client, adapter, "t-1").response, 10)
+        assert r.code == Code.CONTENT
+        r = await asyncio.wait_for(_observe(client, adapter, "t-2").response, 10)
+        assert r.code == Code.SERVICE_UNAVAILABLE and r.opt.max_age == 5
+        assert adapter.refusals == {"observe_limit": 1}
+
+
+@pytest.mark.parametrize(
+    ("options", "allowed"),
+    [
+        ({"observe": "deny"}, False),
+        ({"observe_networks": ["10.0.0.0/8", "fd00::/8"]}, False),
+        ({"observe_networks": ["127.0.0.0/8"]}, True),
+    ],
+)
+async def test_who_may_observe(client: Any, options: dict[str, Any], allowed: bool) -> None:
+    async with coap_server(RecordingIngest(), **options) as adapter:
+        adapter.push_command("w-1", b"open")
+        r = await asyncio.wait_for(_observe(client, adapter, "w-1").response, 10)
+        if allowed:
+            assert r.code == Code.CONTENT and adapter.observer_count("w-1") == 1
+            return
+        assert r.code == Code.FORBIDDEN and r.opt.observe is None
+        assert adapter.observer_count("w-1") == 0
+        assert adapter.refusals == {"observe_denied": 1}
+        # Reading the command without observing is not refused.
+        r = await client.request(
+            Message(code=Code.GET, uri=url(adapter, "devices/w-1/commands"))
+        ).response
+        assert (r.code, r.payload) == (Code.CONTENT, b"open")
+
+
+def test_observe_networks_must_be_networks() -> None:
+    with pytest.raises(ValueError, match=r"observe_networks"):
+        CoapSection(observe_networks=["10.0.0.0/8", "not-a-net"])

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import socket
 import sys
@@ -143,6 +144,12 @@ class CoapAdapter(SouthAdapter):
         self._commands: OrderedDict[str, bytes] = OrderedDict()
         self._command_formats: dict[str, int | None] = {}
         self._observers: dict[str, set[Any]] = {}
+        self._observation_count = 0
+        self._observation_by_key: dict[tuple[str, str], Any] = {}
+        self._observations_by_address: dict[str, int] = {}
+        self._observe_networks = [
+            ipaddress.ip_network(n, strict=False) for n in config.observe_networks
+        ]
         self._context: Any = None
         self.port: int | None = None
         """The UDP port actually bound (useful with port 0)."""
@@ -326,7 +333,8 @@ class CoapAdapter(SouthAdapter):
             setattr(msg.opt, k, v)
         return msg
 
-    def _count_refusal(self, reason: str, detail: str, remote: object) -> None:
+    def count_refusal(self, reason: str, detail: str, remote: object) -> None:
+        """Count a refused request by ``reason``; a rate-limited line says so."""
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
         self._events.emit(
             "coap_refused",
@@ -344,14 +352,14 @@ class CoapAdapter(SouthAdapter):
         refusal = option_refusal(request_options(request))
         if refusal is None:
             return None
-        self._count_refusal(refusal.reason, f"option {refusal.option}", request.remote.hostinfo)
+        self.count_refusal(refusal.reason, f"option {refusal.option}", request.remote.hostinfo)
         code = Code.BAD_OPTION if refusal.code == "4.02" else Code.PROXYING_NOT_SUPPORTED
         return self._respond(code, f"{refusal.reason}: option {refusal.option}")
 
     def answer_undecodable(self, data: bytes, address: object, exc: Exception) -> bytes | None:
         """A datagram aiocoap could not decode: count it, log a rate-limited
         line, and return the 4.02 to send back (None: send nothing)."""
-        self._count_refusal("undecodable", type(exc).__name__, _host_port(address))
+        self.count_refusal("undecodable", type(exc).__name__, _host_port(address))
         return bad_option_ack(data, b"undecodable option")
 
     async def render_telemetry(self, request: Any, device_id: str) -> Any:
@@ -445,14 +453,77 @@ class CoapAdapter(SouthAdapter):
             msg.opt.content_format = fmt
         return msg
 
-    def add_observer(self, device_id: str, observation: Any) -> None:
+    def observe_refusal(self, device_id: str, client_ip: str) -> tuple[str, str] | None:
+        """Why ``client_ip`` may not observe ``device_id``'s commands now, as ``(reason,
+        text)``, or None. Reasons: ``observe_denied`` (4.03),
+        ``observe_limit`` and ``observe_limit_per_address`` (5.03)."""
+        cfg = self.config
+        if cfg.observe == "deny" or not self._may_observe(client_ip):
+            return "observe_denied", "observe is not allowed from this address"
+        if (device_id, client_ip) in self._observation_by_key:
+            return None  # replaces the one it had: no new place taken
+        if self._observation_count >= cfg.max_observations:
+            return "observe_limit", f"{cfg.max_observations} observations held; retry later"
+        if self._observations_by_address.get(client_ip, 0) >= cfg.max_observations_per_address:
+            return (
+                "observe_limit_per_address",
+                f"{cfg.max_observations_per_address} observations held for this address",
+            )
+        return None
+
+    def _may_observe(self, client_ip: str) -> bool:
+        if not self._observe_networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._observe_networks if net.version == ip.version)
+
+    def add_observer(self, device_id: str, observation: Any, client_ip: str) -> None:
+        """Register an accepted observation of ``device_id``'s commands by ``client_ip``.
+
+        An address holds one observation per device: a new one replaces the
+        old, which ends at once with a last non-confirmable 5.03. A device that
+        rebooted and observes again from a new port would otherwise leave its
+        old observation behind (nothing tells the gateway that a client is
+        gone until a confirmable notification goes unacknowledged, and none
+        is sent while no command is pushed), and after a few reboots the
+        per-address limit would lock it out."""
+        from aiocoap import Code, Message, Unreliable
+
+        key = (device_id, client_ip)
+        old = self._observation_by_key.get(key)
+        if old is not None:
+            old.trigger(
+                Message(
+                    # Non-confirmable: no retransmission state is kept for a
+                    # client that is likely gone.
+                    transport_tuning=Unreliable,
+                    code=Code.SERVICE_UNAVAILABLE,
+                    payload=b"replaced by a newer observation from this address",
+                ),
+                is_last=True,
+            )
+        self._observation_by_key[key] = observation
         observers = self._observers.setdefault(device_id, set())
         observers.add(observation)
+        self._observation_count += 1
+        by_address = self._observations_by_address
+        by_address[client_ip] = by_address.get(client_ip, 0) + 1
 
         def _cancel() -> None:
             observers.discard(observation)
             if not observers:
                 self._observers.pop(device_id, None)
+            if self._observation_by_key.get(key) is observation:
+                del self._observation_by_key[key]
+            self._observation_count -= 1
+            left = by_address.get(client_ip, 1) - 1
+            if left:
+                by_address[client_ip] = left
+            else:
+                by_address.pop(client_ip, None)
 
         observation.accept(_cancel)
 
@@ -470,6 +541,16 @@ def _devices_resource_class() -> Any:
         def to_message(self) -> Any:
             msg = super().to_message()
             msg.opt.size1 = self.limit
+            return msg
+
+    class ObserveLimit(error.ServiceUnavailable):  # type: ignore[misc]
+        def __init__(self, text: str, max_age: int) -> None:
+            super().__init__(text)
+            self.max_age = max_age
+
+        def to_message(self) -> Any:
+            msg = super().to_message()
+            msg.opt.max_age = self.max_age
             return msg
 
     class DevicesResource(interfaces.ObservableResource, resource.PathCapable):  # type: ignore[misc]
@@ -502,8 +583,20 @@ def _devices_resource_class() -> Any:
 
         async def add_observation(self, request: Any, serverobservation: Any) -> None:
             where = self._split(request)
-            if where is not None and self._observable(request):
-                self.adapter.add_observer(where[0], serverobservation)
+            if where is None or not self._observable(request):
+                return
+            adapter = self.adapter
+            client_ip = _client_ip(request.remote)
+            refusal = adapter.observe_refusal(where[0], client_ip)
+            if refusal is not None:
+                # Raised before aiocoap renders anything: the answer to the
+                # GET is this error, without an Observe option.
+                reason, text = refusal
+                adapter.count_refusal(reason, text, request.remote.hostinfo)
+                if reason == "observe_denied":
+                    raise error.Forbidden(text)
+                raise ObserveLimit(text, max(1, round(adapter.config.retry_after)))
+            adapter.add_observer(where[0], serverobservation, client_ip)
 
         async def render_to_pipe(self, pipe: Any) -> None:
             request = pipe.request
@@ -564,5 +657,19 @@ def _host_port(address: Any) -> str:
         host, port = str(address[0]), int(address[1])
     except (TypeError, ValueError, IndexError):
         return str(address)
-    host = host.removeprefix("::ffff:") if host.startswith("::ffff:") and "." in host else host
+    host = _unmapped(host)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _client_ip(remote: Any) -> str:
+    """The client's IP address of an aiocoap remote, IPv4-mapped shown as IPv4."""
+    try:
+        host = str(remote.sockaddr[0])
+    except (AttributeError, IndexError, TypeError):
+        host = str(getattr(remote, "hostinfo", remote)).rsplit(":", 1)[0].strip("[]")
+    return _unmapped(host)
+
+
+def _unmapped(host: str) -> str:
+    """An IPv4-mapped IPv6 address (``::ffff:10.0.0.1``) as IPv4; others as they are."""
+    return host.removeprefix("::ffff:") if host.startswith("::ffff:") and "." in host else host
