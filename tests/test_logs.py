@@ -113,3 +113,29 @@ def test_event_log_skips_disabled_levels_without_spending_tokens(
     assert events.emit("connect", logging.WARNING, "shown")
     assert events.suppressed_total == 0
     assert out.getvalue().count("\n") == 1
+
+
+def test_library_log_limit_passes_a_burst_per_template_then_says_what_it_held(
+    text_log: tuple[logging.Logger, io.StringIO],
+) -> None:
+    from edgeway.logs import LibraryLogLimit
+
+    logger, out = text_log
+    limit = LibraryLogLimit(per_second=0.0001, burst=2)
+    logger.addFilter(limit)
+    try:
+        for i in range(500):
+            logger.warning("Ignoring unparsable message from %s", f"10.0.0.{i % 250}")
+            logger.warning("another message %d", i)
+        lines = out.getvalue().splitlines()
+        assert len(lines) == 4  # two of each template
+        assert limit.suppressed_total == 996
+        limit._buckets["another message %d"].tokens = 1.0  # as if time had passed
+        logger.warning("another message %d", 7)
+        assert (
+            out.getvalue()
+            .splitlines()[-1]
+            .endswith("another message 7 (498 more such lines suppressed)")
+        )
+    finally:
+        logger.removeFilter(limit)

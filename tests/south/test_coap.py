@@ -22,6 +22,7 @@ import cbor2
 from aiocoap import Code, Message
 from ingest_doubles import RecordingIngest, wait_until
 
+from coap_datagrams import coap_request, con_post, telemetry_path
 from edgeway.config import CoapSection, parse_config
 from edgeway.ingest import IngestStatus
 from edgeway.south.coap import CoapAdapter
@@ -291,23 +292,13 @@ async def test_libcoap_client_observes_commands() -> None:
 # ---------------------------------------------------------------- availability
 
 
-def _con_post(message_id: int, device: str, payload: bytes) -> bytes:
-    """A confirmable POST to devices/{device}/telemetry, encoded by hand."""
-    msg = bytes([0x42, 0x02]) + message_id.to_bytes(2, "big") + b"\x5a\x17"
-    delta = 11  # Uri-Path
-    for segment in (b"devices", device.encode(), b"telemetry"):
-        msg += bytes([(delta << 4) | len(segment)]) + segment
-        delta = 0
-    return msg + b"\xff" + payload
-
-
 async def _client_gone_before_the_answer_then_another_client_is_served() -> None:
     ingest = RecordingIngest()
     async with coap_server(ingest) as adapter:
         # A real UDP client that sends a confirmable POST and closes its socket
         # at once: the 2.04 finds no socket and draws an ICMP port unreachable.
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gone:
-            gone.sendto(_con_post(1, "gone", b'{"v": 1}'), ("127.0.0.1", adapter.port))
+            gone.sendto(con_post(1, "gone", b'{"v": 1}'), ("127.0.0.1", adapter.port))
         await ingest.wait_readings(1)
         await wait_until(lambda: adapter.responses.get("2.04") == 1)
         ctx = await aiocoap.Context.create_client_context()
@@ -362,35 +353,23 @@ async def test_a_listener_that_stops_reading_is_reported_and_restarted(
 # ---------------------------------------------------------------- hostile input
 
 
-def _request(mid: int, options: list[tuple[int, bytes]], code: int = 0x02, tkl: int = 2) -> bytes:
-    """A confirmable request with these (number, value) options, encoded by hand."""
-    out = bytes([0x40 | tkl, code]) + mid.to_bytes(2, "big") + b"\x5a" * tkl
-    last = 0
-    for number, value in sorted(options, key=lambda o: o[0]):
-        delta = number - last
-        last = number
-        ext = b""
-        if delta >= 269:
-            ext, delta = (delta - 269).to_bytes(2, "big"), 14
-        elif delta >= 13:
-            ext, delta = bytes([delta - 13]), 13
-        out += bytes([(delta << 4) | len(value)]) + ext + value
-    return out + b'\xff{"v": 1}'
-
-
-TELEMETRY = [(11, b"devices"), (11, b"fz"), (11, b"telemetry")]
+TELEMETRY = telemetry_path("fz")
+BODY = b'{"v": 1}'
 HOSTILE = {
     # unknown critical options: 4.02 (aiocoap answered 2.04 as if absent)
-    "oscore": (_request(0, [*TELEMETRY, (9, b"\x09")]), "4.02"),
-    "if-none-match": (_request(0, [*TELEMETRY, (5, b"")]), "4.02"),
-    "critical 2049": (_request(0, [*TELEMETRY, (2049, b"zz")]), "4.02"),
-    "proxy-uri": (_request(0, [*TELEMETRY, (35, b"coap://e/x")]), "5.05"),
+    "oscore": (coap_request(0, [*TELEMETRY, (9, b"\x09")], payload=BODY), "4.02"),
+    "if-none-match": (coap_request(0, [*TELEMETRY, (5, b"")], payload=BODY), "4.02"),
+    "critical 2049": (coap_request(0, [*TELEMETRY, (2049, b"zz")], payload=BODY), "4.02"),
+    "proxy-uri": (coap_request(0, [*TELEMETRY, (35, b"coap://e/x")], payload=BODY), "5.05"),
     # a Uri-Path that is not UTF-8: aiocoap raised out of its read callback
     # (a traceback from the event loop per datagram, no answer)
-    "uri-path not utf-8": (_request(0, [(11, b"devices"), (11, b"\xff\xfe"), (11, b"t")]), "4.02"),
-    "uri-query not utf-8": (_request(0, [*TELEMETRY, (15, b"\xc3")]), "4.02"),
+    "uri-path not utf-8": (
+        coap_request(0, [(11, b"devices"), (11, b"\xff\xfe"), (11, b"t")], payload=BODY),
+        "4.02",
+    ),
+    "uri-query not utf-8": (coap_request(0, [*TELEMETRY, (15, b"\xc3")], payload=BODY), "4.02"),
     # Observe on a POST: aiocoap answered, then logged a TypeError traceback
-    "observe on post": (_request(0, [*TELEMETRY, (6, b"")]), "2.04"),
+    "observe on post": (coap_request(0, [*TELEMETRY, (6, b"")], payload=BODY), "2.04"),
     # a reserved option length (15): aiocoap ignores it (a warning line each)
     "option length 15": (bytes([0x41, 0x02, 0, 0, 0x5A, 0xBF]), None),
 }

@@ -1,0 +1,31 @@
+"""What the CoAP listener refuses before aiocoap renders (sans-IO rules)."""
+
+from __future__ import annotations
+
+from edgeway.south.coap_guard import OptionRefusal, bad_option_ack, option_refusal
+
+PATH = [(11, 7), (11, 2), (11, 9)]
+
+
+def test_option_refusal() -> None:
+    assert option_refusal(PATH) is None
+    assert option_refusal([*PATH, (12, 1), (60, 2), (23, 1), (27, 3), (258, 1)]) is None
+    assert option_refusal([*PATH, (2048, 5)]) is None  # unknown elective: ignored
+    assert option_refusal([*PATH, (9, 1)]) == OptionRefusal("4.02", "unknown_critical_option", 9)
+    assert option_refusal([(1, 2), *PATH]) == OptionRefusal("4.02", "unknown_critical_option", 1)
+    assert option_refusal([*PATH, (35, 10)]) == OptionRefusal("5.05", "proxy_option", 35)
+    assert option_refusal([*PATH, (12, 3)]) == OptionRefusal("4.02", "malformed_option", 12)
+    assert option_refusal([(11, 256)]) == OptionRefusal("4.02", "malformed_option", 11)
+
+
+def test_bad_option_ack() -> None:
+    con_post = bytes([0x42, 0x02, 0x12, 0x34, 0xAA, 0xBB, 0xB7]) + b"devices"
+    assert bad_option_ack(con_post, b"why") == bytes([0x62, 0x82, 0x12, 0x34, 0xAA, 0xBB]) + (
+        b"\xffwhy"
+    )
+    non_post = bytes([0x52, 0x02, 0, 1, 0xAA, 0xBB])
+    assert bad_option_ack(non_post) is None  # non-confirmable: ignored
+    assert bad_option_ack(bytes([0x42, 0x45, 0, 1, 0xAA, 0xBB])) is None  # a response
+    assert bad_option_ack(bytes([0x49, 0x02, 0, 1]) + b"\0" * 9) is None  # token > 8
+    assert bad_option_ack(bytes([0x42, 0x02, 0, 1, 0xAA])) is None  # truncated token
+    assert bad_option_ack(b"\x40") is None
