@@ -256,7 +256,7 @@ class AccessControl:
         if needed == PUBLIC:
             return await handler(request)
         if needed is None:
-            log.error("admin API route %s declares no access; refused", request.path)
+            self.refusals.refused(request, 403, "the route declares no access rule (a bug)")
             return _error(403, "forbidden", "this route declares no access rule")
         assert isinstance(needed, Role)
         if self.tokens is None:
@@ -274,7 +274,7 @@ class AccessControl:
         try:
             record = self.tokens.verify(token)
         except TokenStoreError as e:
-            log.error("admin API: token store unreadable: %s", e)
+            self.refusals.refused(request, 503, f"token store unreadable: {e}")
             return _error(503, "unavailable", "the token store cannot be read")
         if record is None:
             self.refusals.refused(request, 401, "invalid or revoked token")
