@@ -289,7 +289,13 @@ class OutboxSection(_Model):
     max_bytes: Size | None = None
     """Size limit of the stored backlog (none: disk is the limit)."""
     max_age: Duration | None = None
-    """Readings older than this are dropped (counted per sink)."""
+    """Readings older than this are dropped (counted per sink). Ages run on a
+    clock that no wall-clock correction moves (docs/outbox.md, "Clocks")."""
+    max_age_downtime: Duration = 0.0
+    """How much of the time edgeway was stopped counts towards ``max_age``, at
+    most (the wall-clock gap since the last commit, clamped). 0: none, since a
+    board without a real-time clock cannot tell a long stop from a clock
+    correction of years; set it (e.g. to ``max_age``) with a battery-backed clock."""
     when_full: Literal["drop_oldest", "reject_new"] = "drop_oldest"
     """``drop_oldest`` (counted, logged) or ``reject_new`` (back-pressure to devices)."""
     drain: Literal["ordered", "live_first"] = "ordered"

@@ -161,7 +161,9 @@ def _replay(conn: sqlite3.Connection, sink: str | None, ids: Sequence[int] | Non
         ).fetchall()
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         next_seq = int(meta.get("next_seq", 1))
-        now = time.time()
+        # The outbox's age clock where it stopped (see edgeway.outbox.ageclock),
+        # so that a wrong wall clock does not make these look ancient.
+        now = float(meta.get("age_clock", time.time()))
         # New chunks at the end of the queue, each for its sink only.
         builder = ChunkBuilder()
         seq = next_seq

@@ -6,6 +6,7 @@ Configuration (the ``outbox:`` section; every key is optional)::
       durability: fsync        # fsync: survives power loss; os: survives a process crash
       max_bytes: 2GiB          # retention limit on stored record bytes (absent: no limit)
       max_age: 7d              # drop records older than this (absent: keep forever)
+      max_age_downtime: 0      # how much of a stop counts towards max_age (edgeway.outbox.ageclock)
       when_full: drop_oldest   # or reject_new (backpressure to devices)
       drain: ordered           # or live_first (fresh readings share the link with a backlog)
       commit_interval: 0       # extra wait to gather a bigger group commit (0: none)
@@ -80,6 +81,7 @@ import orjson
 
 from edgeway.config import OutboxSection
 from edgeway.ingest import IngestStatus
+from edgeway.outbox.ageclock import AgeClock
 from edgeway.outbox.reserve import DiskReserve
 from edgeway.ratelimit_log import RateLimitedLog
 from edgeway.reading import Reading
@@ -132,6 +134,10 @@ the query itself): at 1,000 readings/s each reading is its own batch."""
 
 _FIRST = operator.itemgetter(0)
 """A tail entry's first sequence number (the tail's bisect key)."""
+
+AGE_GAP_LOG = 60.0
+"""A wall-clock gap at start that differs from what is counted towards ages
+by more than this many seconds is logged (a clock correction or a long stop)."""
 
 AGE_CHECK_INTERVAL = 1.0
 """Seconds between ``max_age`` sweeps. Age limits are coarse by nature (hours,
@@ -511,8 +517,11 @@ class _Writer:
         chunk_max: int,
         reserve: DiskReserve,
         disk_full: bool,
+        clock: AgeClock,
     ) -> None:
         self.conn = conn
+        self.clock = clock
+        """``created`` and ``max_age`` run on it, not on the wall clock."""
         self.cfg = cfg
         self.bits = bits
         self.counters = counters
@@ -636,7 +645,7 @@ class _Writer:
             conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("BEGIN IMMEDIATE")
         try:
-            now = time.time()
+            now = self.clock.now()
             for op in job.ops:
                 self._apply_op(op, res, job.want_receipts)
             for mask, n in job.rejected.items():
@@ -646,9 +655,9 @@ class _Writer:
             self._enforce_limits(now)
             res.dropped = self.dropped
             conn.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES "
-                "('next_seq', ?), ('total_bytes', ?), ('unrouted', ?)",
-                (self.next_seq, self.total_bytes, self.unrouted),
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('next_seq', ?), "
+                "('total_bytes', ?), ('unrouted', ?), ('age_clock', ?), ('age_wall', ?)",
+                (self.next_seq, self.total_bytes, self.unrouted, now, self.clock.wall()),
             )
             conn.executemany(
                 "UPDATE sinks SET accepted=?, delivered=?, dropped_max_bytes=?, dropped_max_age=?, "
@@ -1112,10 +1121,16 @@ class Outbox:
         config: OutboxSection,
         sink_names: Sequence[str],
         chunk_max: int = CHUNK_MAX,
+        wall_clock: Callable[[], float] = time.time,
+        monotonic_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``chunk_max``: records per chunk at most (at most :data:`CHUNK_MAX`);
         the gateway passes the smallest ``max_records`` of its sinks, so that a
-        chunk read whole (priority, live first) never exceeds a sink's batch."""
+        chunk read whole (priority, live first) never exceeds a sink's batch.
+        ``wall_clock`` and ``monotonic_clock`` drive the age clock (see
+        :mod:`edgeway.outbox.ageclock`; tests pass their own)."""
+        self._wall_clock = wall_clock
+        self._monotonic_clock = monotonic_clock
         if len(set(sink_names)) != len(sink_names):
             raise ValueError(f"duplicate sink names: {list(sink_names)}")
         if not 1 <= chunk_max <= CHUNK_MAX:
@@ -1250,9 +1265,26 @@ class Outbox:
             # The last chunk is one rowid-index probe; it guards against a next_seq
             # that lags the rows (it never should, both change in one transaction).
             row = conn.execute(
-                "SELECT seq_last FROM chunks ORDER BY seq_first DESC LIMIT 1"
+                "SELECT seq_last, created FROM chunks ORDER BY seq_first DESC LIMIT 1"
             ).fetchone()
             max_seq = row[0] if row else 0
+            # The age clock resumes from the last commit (before it was stored:
+            # from the newest chunk's time, a wall-clock time then).
+            stored_age = meta.get("age_clock", row[1] if row else None)
+            clock, resumed = AgeClock.resume(
+                None if stored_age is None else float(stored_age),
+                float(meta["age_wall"]) if "age_wall" in meta else None,
+                self.config.max_age_downtime,
+                monotonic=self._monotonic_clock,
+                wall=self._wall_clock,
+            )
+            if abs(resumed.wall_gap - resumed.credited) > AGE_GAP_LOG:
+                log.info(
+                    "outbox: the wall clock moved %+.0f s since the last commit; %.0f s of "
+                    "it count towards max_age (max_age_downtime)",
+                    resumed.wall_gap,
+                    resumed.credited,
+                )
             (max_dl,) = conn.execute("SELECT max(seq) FROM deadletter").fetchone()
             next_seq = max(int(meta.get("next_seq", 1)), max_seq + 1, (max_dl or 0) + 1)
             unrouted = int(meta.get("unrouted", 0))
@@ -1363,6 +1395,7 @@ class Outbox:
             self.chunk_max,
             self.reserve,
             disk_full,
+            clock,
         )
 
     async def close(self) -> None:
