@@ -42,6 +42,15 @@ class Principal:
     username: str | None
     anonymous: bool = False
 
+    @property
+    def identity(self) -> str:
+        """Who this is, as a session's owner: ``user:<name>`` for a verified
+        user name (password or certificate common name), ``anonymous``
+        otherwise. Not the client id, which is only the client's claim."""
+        if self.anonymous or self.username is None:
+            return "anonymous"
+        return "user:" + self.username
+
 
 @dataclass(slots=True, frozen=True)
 class AuthDecision:

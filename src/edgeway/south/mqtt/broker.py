@@ -385,10 +385,19 @@ class Broker:
             self.store.session_saved(session)
             self.schedule_store_flush()
 
+    def session_owner(self, client_id: str) -> str | None:
+        """The identity owning the session of ``client_id`` (None: no session,
+        or an owner not recorded)."""
+        s = self.sessions.get(client_id)
+        return s.owner if s is not None else None
+
     def attach_session(
         self, conn: MqttConnection, clean_start: bool, expiry: int
     ) -> tuple[Session, bool]:
-        """Give ``conn`` its session (new or resumed); returns (session, present)."""
+        """Give ``conn`` its session (new or resumed); returns (session, present).
+
+        The caller has checked that ``conn``'s identity may have it
+        (:meth:`session_owner`): a session is never handed to another identity."""
         cid = conn.client_id
         old = self.sessions.get(cid)
         if old is not None and old.conn is not None:
@@ -416,6 +425,8 @@ class Broker:
             session.protocol_level = conn.level
             session.expiry_interval = expiry
         session.conn = conn
+        if conn.principal is not None:
+            session.owner = conn.principal.identity
         session.disconnected_at = None
         self._connected += 1
         for obs in self.observers:

@@ -803,9 +803,19 @@ class MqttConnection(asyncio.Protocol):
             if not decision.allowed:
                 self._refuse(decision.reason_code, decision.reason or "not authorised", p.username)
                 return
-            self.principal = decision.principal or Principal(
+            principal = decision.principal or Principal(
                 self.client_id, p.username, p.username is None
             )
+            owner = broker.session_owner(self.client_id)
+            if owner is not None and owner != principal.identity:
+                # A session belongs to the identity that created it: another
+                # one may neither resume it (its queue, subscriptions) nor
+                # take it over or end it (clean start). Refused, not given a
+                # fresh session, so the owner's session and connection stay.
+                broker.count("client_id_in_use")
+                self._refuse(0x85, f"client id in use by another identity ({owner})", p.username)
+                return
+            self.principal = principal
             self._connected(p, assigned)
             pending, self._pending = self._pending, None
             self.resume_reading(_PAUSE_AUTH)
@@ -1516,6 +1526,14 @@ class MqttConnection(asyncio.Protocol):
         self, d: Delivery, pid: int | None, dup: bool, cache: dict[Any, Any] | None
     ) -> None:
         msg = d.msg
+        principal = self.principal
+        if principal is not None and not self.broker.authoriser.may_subscribe(principal, msg.topic):
+            # Read access is checked where data leaves, not only at SUBSCRIBE:
+            # queued, in-flight and restored messages were routed under an
+            # earlier ACL (a restart with a new configuration) and every path
+            # to the client (live, queue, retained, redelivery) passes here.
+            self._not_readable(msg.topic, pid)
+            return
         level = self.level
         alias: int | None = None
         topic = msg.topic
@@ -1560,6 +1578,23 @@ class MqttConnection(asyncio.Protocol):
         if key is not None and cache is not None:
             cache[key] = enc
         self._emit(enc, pid)
+
+    def _not_readable(self, topic: str, pid: int | None) -> None:
+        """Drop a message this client may not read (counted, logged)."""
+        broker = self.broker
+        broker.count_drop("read_not_authorised")
+        broker.events.emit(
+            "delivery_denied",
+            logging.WARNING,
+            "MQTT client %s (user %s) may not read %s: not delivered",
+            self.client_id,
+            self._username(),
+            topic,
+        )
+        session = self.session
+        if pid is not None and session is not None:
+            session.inflight.pop(pid, None)
+            session.dirty = True
 
     def _emit(self, enc: bytes | tuple[bytes, bytes], pid: int | None) -> None:
         if type(enc) is tuple:

@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS retained(
     properties BLOB, expires_at REAL);
 CREATE TABLE IF NOT EXISTS sessions(
     client_id TEXT PRIMARY KEY, protocol_level INTEGER NOT NULL,
-    expiry_interval INTEGER NOT NULL, disconnected_at REAL, in_qos2 BLOB);
+    expiry_interval INTEGER NOT NULL, disconnected_at REAL, in_qos2 BLOB, owner TEXT);
 CREATE TABLE IF NOT EXISTS subscriptions(
     client_id TEXT NOT NULL, topic_filter TEXT NOT NULL, qos INTEGER NOT NULL,
     no_local INTEGER NOT NULL, retain_as_published INTEGER NOT NULL,
@@ -70,6 +70,10 @@ CREATE TABLE IF NOT EXISTS messages(
     properties BLOB, expires_at REAL, sender TEXT,
     PRIMARY KEY(client_id, seq));
 """
+
+_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("sessions", "owner", "TEXT"),)
+"""Columns added since the first schema; a database made before gets them
+(NULL in old rows) when it is opened."""
 
 _Statement = (
     tuple[str, tuple[Any, ...] | list[tuple[Any, ...]]]
@@ -150,6 +154,10 @@ class BrokerStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        for table, column, decl in _ADDED_COLUMNS:
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
         self._pending: list[_Statement] = []
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="edgeway-broker-db")
         self._last: Future[None] | None = None
@@ -167,10 +175,12 @@ class BrokerStore:
             )
         ]
         sessions: dict[str, Session] = {}
-        for cid, level, expiry, disc, in_qos2 in db.execute(
-            "SELECT client_id, protocol_level, expiry_interval, disconnected_at, in_qos2 FROM sessions"
+        for cid, level, expiry, disc, in_qos2, owner in db.execute(
+            "SELECT client_id, protocol_level, expiry_interval, disconnected_at, in_qos2, owner"
+            " FROM sessions"
         ):
             s = Session(cid, level, expiry)
+            s.owner = owner
             s.disconnected_at = disc
             if in_qos2:
                 s.in_qos2 = set(orjson.loads(in_qos2))
@@ -282,13 +292,16 @@ class BrokerStore:
     def session_saved(self, s: Session) -> None:
         """Write the session row (not its messages)."""
         self.later(
-            "INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?)",
+            "INSERT OR REPLACE INTO sessions"
+            " (client_id, protocol_level, expiry_interval, disconnected_at, in_qos2, owner)"
+            " VALUES (?,?,?,?,?,?)",
             (
                 s.client_id,
                 s.protocol_level,
                 s.expiry_interval,
                 s.disconnected_at,
                 orjson.dumps(sorted(s.in_qos2)) if s.in_qos2 else None,
+                s.owner,
             ),
         )
         s.persisted = True

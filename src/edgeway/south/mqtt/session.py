@@ -77,6 +77,7 @@ class Session:
         "expiry_interval",
         "in_qos2",
         "inflight",
+        "owner",
         "persisted",
         "protocol_level",
         "qos0_queued",
@@ -88,6 +89,10 @@ class Session:
 
     def __init__(self, client_id: str, protocol_level: int, expiry_interval: int = 0) -> None:
         self.client_id = client_id
+        self.owner: str | None = None
+        """The identity (:attr:`Principal.identity`) that created the session;
+        only it may resume or take it over (None: not known, a session saved
+        before owners were recorded; the next identity to resume it owns it)."""
         self.protocol_level = protocol_level
         self.expiry_interval = expiry_interval
         """Seconds the session outlives its connection (0 = it ends with it)."""
@@ -173,6 +178,7 @@ class Session:
         """Small summary for diagnostics."""
         return {
             "client_id": self.client_id,
+            "owner": self.owner,
             "online": self.conn is not None,
             "subscriptions": len(self.subscriptions),
             "inflight": len(self.inflight),
