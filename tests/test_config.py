@@ -201,6 +201,8 @@ def _reference_rows() -> dict[str, tuple[str, str, str]]:
 def test_config_reference_gives_every_key_a_meaning() -> None:
     missing = [key for key, (_, _, meaning) in _reference_rows().items() if not meaning]
     assert missing == [], f"keys without a docstring in their config model: {missing}"
+    sections = [name for name, info in Config.model_fields.items() if not info.description]
+    assert sections == [], f"sections without a docstring in Config: {sections}"
 
 
 def test_config_reference_shows_defaults_as_yaml() -> None:

@@ -1003,23 +1003,42 @@ class PipelineSection(_Model):
 
 
 class Config(_Model):
+    """The whole configuration file: one section per key (all optional)."""
+
     gateway: GatewaySection = Field(default_factory=GatewaySection)
+    """This gateway's identity and where it keeps its data."""
     log: LogSection = Field(default_factory=LogSection)
+    """Log level and format."""
     mqtt: MqttSection = Field(default_factory=MqttSection)
+    """The embedded MQTT broker devices connect to (docs/protocols/mqtt-broker.md, docs/security.md)."""
     outbox: OutboxSection = Field(default_factory=OutboxSection)
+    """The durable store-and-forward queue between the pipeline and the sinks (docs/outbox.md)."""
     sinks: list[SinkConfig] = Field(default_factory=list)
+    """Where readings go: one entry per cloud endpoint; each type's options are in the tables below (docs/sinks/)."""
     receipts: ReceiptsSection = Field(default_factory=ReceiptsSection)
+    """Tell devices when the cloud has their readings (MQTT receipt messages)."""
     commands: CommandsSection = Field(default_factory=CommandsSection)
+    """Commands to devices: the durable queue and its limits (docs/commands.md)."""
     admin: AdminSection | None = None
+    """The local admin API: health, status, metrics (docs/admin-api.md). Absent: off."""
     coap: CoapSection | None = None
+    """The CoAP listener (docs/protocols/coap.md). Absent: off."""
     modbus: list[ModbusDeviceConfig] = Field(default_factory=list)
+    """Modbus TCP/RTU devices polled by the gateway (docs/protocols/modbus.md)."""
     opcua: list[OpcUaServerConfig] = Field(default_factory=list)
+    """OPC-UA servers subscribed to (docs/protocols/opcua.md)."""
     serial: list[SerialPortConfig] = Field(default_factory=list)
+    """Serial line devices read line by line (docs/protocols/serial.md)."""
     ble: BleSection | None = None
+    """BTHome Bluetooth LE advertisements (docs/protocols/ble.md). Absent: off."""
     http_ingest: HttpIngestSection | None = None
+    """The HTTP ingest listener (docs/protocols/http.md). Absent: off."""
     mqtt_client: list[MqttClientConfig] = Field(default_factory=list)
+    """External MQTT brokers the gateway subscribes to (docs/protocols/mqtt-client.md)."""
     routes: list[RouteConfig] = Field(default_factory=list)
+    """Edge processing: which readings go where, through which steps (docs/pipeline.md)."""
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
+    """Settings of the pipeline itself (docs/pipeline.md)."""
 
 
 # --------------------------------------------------------------------------
