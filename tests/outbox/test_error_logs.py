@@ -16,7 +16,7 @@ from edgeway.outbox import Outbox, SinkRunner
 from edgeway.outbox import store as store_mod
 from edgeway.ratelimit_log import RateLimitedLog
 from edgeway.reading import Reading
-from edgeway.sinks.base import Record, RetryableSinkError, Sink
+from edgeway.sinks.base import PermanentSinkError, Record, RetryableSinkError, Sink
 
 
 class FlakySink(Sink):
@@ -24,14 +24,17 @@ class FlakySink(Sink):
 
     schemes = ()
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, refuse: bool = False) -> None:
         super().__init__(SinkConfig(name="a", url="test://"), "gw")
         self.max_batch_records = 10
         self.max_wait = 0.0
         self.failures = failures
+        self.refuse = refuse
         self.records: list[Record] = []
 
     async def send_batch(self, records: Sequence[Record]) -> None:
+        if self.refuse:
+            raise PermanentSinkError("HTTP 400: unknown schema")
         if self.failures:
             self.failures -= 1
             raise RetryableSinkError("connection refused")
@@ -107,6 +110,28 @@ async def test_a_sink_failing_again_and_again_logs_once_then_the_count(
     failed = [m for m in lines if "sink a failed" in m]
     assert len(failed) == 1, failed
     assert any("delivering again" in m and "(25 failed attempts)" in m for m in lines), lines
+
+
+async def test_a_cloud_refusing_every_batch_logs_once_not_per_batch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="edgeway")
+    ob = Outbox(tmp_path / "o.db", gateway_id="gw", config=OutboxSection(), sink_names=["a"])
+    await ob.open()
+    try:
+        await ob.submit([reading(i) for i in range(200)])  # 20 batches of 10
+        runner = SinkRunner(ob, FlakySink(refuse=True))
+        task = asyncio.create_task(runner.run())
+        try:
+            await until(ob, lambda: ob.counters()["a"]["dropped_dead_letter"] >= 200)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await ob.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "edgeway.outbox.runner"]
+    refused = [m for m in lines if "for good, dead-lettered" in m]
+    assert len(refused) == 1, refused
 
 
 def test_rate_limited_log_counts_what_it_holds_back(caplog: pytest.LogCaptureFixture) -> None:

@@ -91,6 +91,28 @@ async def test_records_dropped_by_several_commits_in_flight_count_as_delivered(
     check(ob, accepted=13, delivered=4, dropped_max_bytes=0, pending=9)
 
 
+async def test_records_expired_by_max_age_while_sent_count_as_delivered(tmp_path: Path) -> None:
+    mono = [100.0]
+    ob = Outbox(
+        tmp_path / "outbox.db",
+        gateway_id="gw",
+        config=OutboxSection(max_age=60),
+        sink_names=["a", "nudge"],
+        monotonic_clock=lambda: mono[0],
+    )
+    await ob.open()
+    try:
+        await ob.submit([reading(i) for i in range(1, 11)], ["a"])
+        batch = await ob.read_batch("a", 6, 1 << 20)  # 1..6 on their way
+        mono[0] += 61
+        await ob.submit([reading(0)], ["nudge"])  # a commit: the age sweep drops 1..10
+        check(ob, accepted=10, dropped_max_age=10, pending=0)
+        await ob.confirm(batch)
+        check(ob, accepted=10, delivered=6, dropped_max_age=4, pending=0)
+    finally:
+        await ob.close()
+
+
 async def test_a_priority_chunk_passed_by_the_ordered_read_counts_once(
     open_outbox: OpenOutbox,
 ) -> None:

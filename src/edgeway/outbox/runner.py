@@ -183,7 +183,11 @@ class SinkRunner:
             except PermanentSinkError as e:
                 sink.state.record_error(e)
                 self._last_error = f"{type(e).__name__}: {e}"
-                log.error(
+                # A cloud that refuses every batch (a schema change) would log a
+                # line per batch: the dead-letter table keeps each one.
+                self._errors.log(
+                    logging.ERROR,
+                    "dead_letter",
                     "sink %s refused %d records (%s..%s) for good, dead-lettered: %s",
                     sink.name,
                     len(batch),

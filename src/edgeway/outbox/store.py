@@ -1190,6 +1190,8 @@ class Outbox:
         """Readings refused up front (:meth:`count_rejected`) since the last commit, by mask."""
         self._rejected_timer: asyncio.TimerHandle | None = None
         self._commit_waiters: list[asyncio.Future[None]] = []
+        self._loop_errors = RateLimitedLog(log, ERROR_LOG_INTERVAL)
+        """Repeated errors on the loop side (the writer thread has its own)."""
         self.commits = 0
         """Group commits done since open (for tests and metrics)."""
 
@@ -1685,8 +1687,10 @@ class Outbox:
                 for cb in self._listeners:
                     try:
                         cb(res.confirmed)
-                    except Exception:
-                        log.exception("confirmed-listener failed")
+                    except Exception as e:
+                        self._loop_errors.log(
+                            logging.ERROR, "listener", "confirmed-listener failed: %s", e, exc_info=e
+                        )
         if self._commit_waiters:
             waiters, self._commit_waiters = self._commit_waiters, []
             for w in waiters:
