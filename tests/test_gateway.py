@@ -151,6 +151,7 @@ async def test_healthz_reports_a_coap_listener_that_stopped_serving(tmp_path: Pa
         base = f"http://127.0.0.1:{gw.admin.bound[1]}"
         async with httpx.AsyncClient() as http:
             assert (await http.get(f"{base}/healthz")).json() == {"status": "ok"}
+            await _wait_for(lambda: coap.probe_answered)  # type: ignore[attr-defined]
             # The listener's socket is no longer read (what uvloop did to it
             # after an ICMP error): nothing fails, nothing is logged by itself.
             sock = coap.listener_socket()  # type: ignore[attr-defined]

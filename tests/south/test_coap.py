@@ -333,6 +333,7 @@ async def test_a_listener_that_stops_reading_is_reported_and_restarted(
     async with coap_server(ingest, probe_interval=0.3) as adapter:
         assert adapter.state.listening is True
         assert (await post(client, adapter, "before", b'{"v": 1}')).code == Code.CHANGED
+        await wait_until(lambda: adapter.probe_answered)
         # Silence the listener the way the uvloop bug did: its socket is no
         # longer read, with no error anywhere.
         sock = adapter.listener_socket()

@@ -20,9 +20,10 @@ def test_ping_and_reset_encoding() -> None:
     assert not is_reset_for(b"\x70\x00\x12\x35", 0x1234)  # another ping's
     assert not is_reset_for(b"\x60\x00\x12\x34", 0x1234)  # an ACK, not a reset
     assert not is_reset_for(b"\x70\x00\x12\x34\xff", 0x1234)
-    assert probe_address("0.0.0.0", 5683) == ("127.0.0.1", 5683)
-    assert probe_address("::", 5683) == ("::1", 5683)
-    assert probe_address("10.1.2.3", 5683) == ("10.1.2.3", 5683)
+    assert probe_address("::ffff:0.0.0.0", 5683) == ("127.0.0.1", 5683)
+    assert probe_address("::", 5683) == ("127.0.0.1", 5683)
+    assert probe_address("::ffff:10.1.2.3", 5683) == ("10.1.2.3", 5683)
+    assert probe_address("::1", 5683) == ("::1", 5683)
 
 
 async def test_a_listener_answers_and_a_silent_socket_does_not() -> None:

@@ -156,6 +156,8 @@ class CoapAdapter(SouthAdapter):
         self.responses: dict[str, int] = {}
         """Responses sent to telemetry requests, by code (``"2.04"``, ``"4.00"``, ...)."""
         self.listener_restarts = 0
+        self.probe_answered = False
+        """True once the listener answered its self-check (``probe_interval``)."""
         """Times the listener stopped answering pings and was replaced."""
         self.refusals: dict[str, int] = {}
         """Requests refused before rendering, by reason (``unknown_critical_option``,
@@ -189,7 +191,7 @@ class CoapAdapter(SouthAdapter):
         library_log.addFilter(self._library_log_limit)
         try:
             while True:
-                await self._watch_listener(host)
+                await self._watch_listener()
                 await self._restart_listener(host, site)
         finally:
             self.state.connected = False
@@ -225,20 +227,38 @@ class CoapAdapter(SouthAdapter):
             with contextlib.suppress(Exception):
                 await ctx.shutdown()
 
-    async def _watch_listener(self, host: str) -> None:
+    async def _watch_listener(self) -> None:
         """Return when the listener stopped answering pings (never when the
-        checks are off)."""
+        checks are off, or cannot reach the listener at all)."""
         interval = self.config.probe_interval
-        if interval <= 0 or self.port is None:
+        sock = self.listener_socket()
+        if interval <= 0 or sock is None:
             await asyncio.Future()
-        assert self.port is not None
-        pinger = CoapPinger(host, self.port)
+        assert sock is not None
+        host, port = sock.getsockname()[:2]
+        pinger = CoapPinger(host, port)
+        # The first check of the first listener comes at once: it proves that
+        # pings reach it, so that a later silence means the listener died.
+        wait = 0.0 if not self.probe_answered else interval
         try:
             while True:
-                await asyncio.sleep(interval)
-                if not await pinger.answers(PROBE_ATTEMPTS, PROBE_TIMEOUT):
+                await asyncio.sleep(wait)
+                wait = interval
+                if await pinger.answers(PROBE_ATTEMPTS, PROBE_TIMEOUT):
+                    self.probe_answered = True
+                    self.state.connected = self.state.listening = True
+                elif self.probe_answered:
                     return
-                self.state.connected = self.state.listening = True
+                else:
+                    # Not answered right after start: the ping cannot reach
+                    # the listener (a firewall on loopback?). Restarting would
+                    # not help and would repeat forever.
+                    log.warning(
+                        "coap: the listener's self-check gets no answer from %s:%s; "
+                        "checks are off (coap.probe_interval)",
+                        *pinger.address,
+                    )
+                    await asyncio.Future()
         finally:
             pinger.close()
 

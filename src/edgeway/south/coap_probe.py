@@ -41,14 +41,18 @@ def is_reset_for(datagram: bytes, message_id: int) -> bool:
 
 
 def probe_address(host: str, port: int) -> tuple[str, int]:
-    """Where to ping a listener bound to ``host``: a wildcard bind is reached
-    on loopback, a named address as it is."""
+    """Where to ping a listener whose socket is bound to ``host`` (as its
+    ``getsockname()`` says): an IPv4-mapped address as IPv4, a wildcard bind
+    on 127.0.0.1 (aiocoap's sockets are dual-stack, and IPv4 loopback exists
+    where IPv6 may be off)."""
     try:
-        ip = ipaddress.ip_address(host.strip("[]"))
+        ip = ipaddress.ip_address(host.split("%", 1)[0].strip("[]"))
     except ValueError:
         return host, port
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
     if ip.is_unspecified:
-        return ("::1" if ip.version == 6 else "127.0.0.1"), port
+        return "127.0.0.1", port
     return str(ip), port
 
 
