@@ -196,7 +196,7 @@ def _adapters(config: Config, lines: KeyLines) -> Iterator[ConfigIssue]:
 
 
 def _tls_files(config: Config, lines: KeyLines) -> Iterator[ConfigIssue]:
-    from edgeway.south.mqtt.listeners import ListenerError, build_server_ssl_context
+    from edgeway.south.mqtt.listeners import ListenerError, TlsFileError, build_server_ssl_context
 
     servers: list[tuple[Loc, TlsConfig]] = [
         (("mqtt", "listeners", i, "tls"), lst.tls)
@@ -208,8 +208,10 @@ def _tls_files(config: Config, lines: KeyLines) -> Iterator[ConfigIssue]:
     for loc, tls in servers:
         try:
             build_server_ssl_context(tls)
+        except TlsFileError as e:
+            yield lines.issue((*loc, e.key), str(e))
         except ListenerError as e:
-            yield lines.issue((*loc, _tls_key_named(str(e))), str(e))
+            yield lines.issue(loc, str(e))
     for i, client in enumerate(config.mqtt_client):
         tls_c = client.tls
         if tls_c is None:
@@ -235,16 +237,6 @@ def _tls_files(config: Config, lines: KeyLines) -> Iterator[ConfigIssue]:
                 problem = _opcua_file_problem(path, key == "private_key")
                 if problem:
                     yield lines.issue(("opcua", i, "security", key), problem)
-
-
-def _tls_key_named(message: str) -> str:
-    """Which of ``cert``/``key``/``ca`` a listener's TLS error is about (its
-    messages say ``TLS certificate ...``, ``TLS key ...``, ``TLS CA ...``)."""
-    about = message.partition("TLS ")[2]
-    for word, key in (("key", "key"), ("CA", "ca")):
-        if about.startswith(word):
-            return key
-    return "cert"
 
 
 def _reason(e: OSError | ssl.SSLError) -> str:

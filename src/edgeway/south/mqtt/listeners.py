@@ -89,6 +89,16 @@ class ListenerError(Exception):
     """A listener could not start. ``str()`` is one line, for the CLI."""
 
 
+class TlsFileError(ListenerError):
+    """A listener's certificate, key or CA file is missing or does not parse;
+    ``key`` is the ``tls`` key that names it (``cert``, ``key``, ``ca``), so
+    ``edgeway check`` can point at its line."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 @dataclass(slots=True)
 class RunningListener:
     """A bound listener. ``close()`` stops accepting new connections only;
@@ -230,12 +240,15 @@ async def _start_one(
 # TLS
 
 
+_TLS_KEYS = {"certificate": "cert", "key": "key", "CA": "ca"}
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as e:
         reason = os.strerror(e.errno).lower() if e.errno else str(e)
-        raise ListenerError(f"cannot read TLS {what} {path}: {reason}") from None
+        raise TlsFileError(_TLS_KEYS[what], f"cannot read TLS {what} {path}: {reason}") from None
 
 
 def build_server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -252,16 +265,19 @@ def build_server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     try:
         certs = x509.load_pem_x509_certificates(cert_pem)
     except ValueError:
-        raise ListenerError(f"TLS certificate {tls.cert}: no PEM certificate in the file") from None
+        raise TlsFileError(
+            "cert", f"TLS certificate {tls.cert}: no PEM certificate in the file"
+        ) from None
     try:
         serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:
-        raise ListenerError(
+        raise TlsFileError(
+            "key",
             f"TLS key {tls.key}: the key is encrypted; edgeway needs an unencrypted key "
-            "(protect it with file permissions)"
+            "(protect it with file permissions)",
         ) from None
     except (ValueError, Exception) as e:  # cryptography raises several types
-        raise ListenerError(f"TLS key {tls.key}: not a PEM private key ({e})") from None
+        raise TlsFileError("key", f"TLS key {tls.key}: not a PEM private key ({e})") from None
     not_after = certs[0].not_valid_after_utc
     now = dt.datetime.now(dt.UTC)
     if not_after < now:
@@ -277,14 +293,16 @@ def build_server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
         ctx.load_cert_chain(str(tls.cert), str(tls.key))
     except ssl.SSLError as e:
         if "KEY_VALUES_MISMATCH" in str(e) or "key values mismatch" in str(e):
-            raise ListenerError(
-                f"TLS key {tls.key} does not match certificate {tls.cert}"
+            raise TlsFileError(
+                "key", f"TLS key {tls.key} does not match certificate {tls.cert}"
             ) from None
-        raise ListenerError(
-            f"TLS certificate {tls.cert} / key {tls.key}: cannot load ({e.reason or e})"
+        raise TlsFileError(
+            "cert", f"TLS certificate {tls.cert} / key {tls.key}: cannot load ({e.reason or e})"
         ) from None
     except OSError as e:
-        raise ListenerError(f"cannot read TLS certificate {tls.cert}: {_os_reason(e)}") from None
+        raise TlsFileError(
+            "cert", f"cannot read TLS certificate {tls.cert}: {_os_reason(e)}"
+        ) from None
     if tls.require_client_cert:
         if tls.ca is None:
             raise ListenerError("tls.require_client_cert needs tls.ca")
@@ -293,7 +311,7 @@ def build_server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
             x509.load_pem_x509_certificates(ca_pem)
             ctx.load_verify_locations(cadata=ca_pem.decode("ascii", "replace"))
         except (ValueError, ssl.SSLError):
-            raise ListenerError(f"TLS CA {tls.ca}: no PEM certificate in the file") from None
+            raise TlsFileError("ca", f"TLS CA {tls.ca}: no PEM certificate in the file") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
     else:
         ctx.verify_mode = ssl.CERT_NONE
