@@ -7,6 +7,7 @@ import contextlib
 import json
 import queue
 import socket
+import statistics
 import subprocess
 import threading
 import time
@@ -50,6 +51,7 @@ class Mosquitto:
         extra: str = "",
         tls: CertFiles | None = None,
         unlimited_queue: bool = True,
+        nodelay: bool = True,
     ) -> None:
         self.port = free_port()
         self.dir = directory
@@ -60,7 +62,7 @@ class Mosquitto:
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
             f"max_queued_messages {0 if unlimited_queue else 1000}",
-            "set_tcp_nodelay true",
+            f"set_tcp_nodelay {'true' if nodelay else 'false'}",
             # Started as root (CI), Mosquitto would switch to user "mosquitto",
             # who cannot read files under pytest's private tmp directory.
             "user root",
@@ -195,6 +197,38 @@ async def test_record_mode_delivers_every_record_with_topic_and_body(
     for dev in {r.device_id for r in sent}:
         seqs = [json.loads(p)["id"] for t, p in got if t.endswith(f"/{dev}/telemetry")]
         assert seqs == [r.id for r in sent if r.device_id == dev]
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_pubacks_come_at_once_from_a_broker_with_nagle_on(
+    tmp_path: Path, protocol: str
+) -> None:
+    """Mosquitto at its defaults: Nagle on (no set_tcp_nodelay) and a window of 20
+    (its MQTT 5 Receive Maximum). It sends the first PUBACK of a burst and holds
+    the rest until we ACK that one; a delayed ACK on our side (40 ms on Linux)
+    would cost that much per window (v5) or per batch (3.1.1)."""
+    broker = Mosquitto(tmp_path, nodelay=False)
+    broker.start()
+    sink = make_sink(broker.port, protocol=protocol)
+    try:
+        await sink.start()
+        await sink.send_batch(records(100))  # connects
+        assert sink._conn is not None
+        assert sink._conn.max_inflight == (20 if protocol == "5" else 1000)
+        # Our own small writes never wait for the broker's ACKs either.
+        sock = sink._conn.client._connection._transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        took = []
+        for i in range(1, 16):
+            t0 = time.perf_counter()
+            await sink.send_batch(records(100, start=100 * i))
+            took.append(time.perf_counter() - t0)
+        # Loopback answers in well under a millisecond; 20 ms leaves room for a
+        # loaded machine and is half a single delayed ACK.
+        assert statistics.median(took) < 0.020, took
+    finally:
+        await sink.close()
+        broker.kill()
 
 
 async def test_batch_mode_sends_one_message_per_device(mosquitto: Mosquitto) -> None:
