@@ -199,10 +199,27 @@ async def test_record_mode_delivers_every_record_with_topic_and_body(
         assert seqs == [r.id for r in sent if r.device_id == dev]
 
 
+def on_uvloop(coro: Any) -> None:
+    """Run ``coro`` on uvloop, as ``edgeway run`` does: its transports are its
+    own (one keeps the protocol's ``data_received`` it saw at connect)."""
+    uvloop = pytest.importorskip("uvloop")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
+
+
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_pubacks_come_at_once_from_a_broker_with_nagle_on(
     tmp_path: Path, protocol: str
 ) -> None:
+    await pubacks_come_at_once(tmp_path, protocol)
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_pubacks_come_at_once_on_uvloop(tmp_path: Path, protocol: str) -> None:
+    on_uvloop(pubacks_come_at_once(tmp_path, protocol))
+
+
+async def pubacks_come_at_once(tmp_path: Path, protocol: str) -> None:
     """Mosquitto at its defaults: Nagle on (no set_tcp_nodelay) and a window of 20
     (its MQTT 5 Receive Maximum). It sends the first PUBACK of a burst and holds
     the rest until we ACK that one; a delayed ACK on our side (40 ms on Linux)
@@ -750,6 +767,15 @@ class ScriptedBroker:
 @pytest.mark.parametrize("window", [50, 200])  # 200: above _GATHER_MIN in flight
 @pytest.mark.parametrize("v5", [True, False])
 async def test_pubacks_split_anywhere_are_all_counted(v5: bool, window: int) -> None:
+    await pubacks_split_anywhere(v5, window)
+
+
+@pytest.mark.parametrize("v5", [True, False])
+def test_pubacks_split_anywhere_on_uvloop(v5: bool) -> None:
+    on_uvloop(pubacks_split_anywhere(v5, 200))
+
+
+async def pubacks_split_anywhere(v5: bool, window: int) -> None:
     def puback(i: int, mid: int) -> bytes:
         m = mid.to_bytes(2, "big")
         if not v5 or i % 3 == 0:

@@ -927,6 +927,11 @@ def _bulk_pubacks(client: Any, window: _AckWindow) -> None:
 
     proto._read_packet = read_packet
     proto.data_received = data_received
+    # uvloop's transport keeps the bound data_received it saw at connect (the
+    # asyncio loop looks it up per read): hand the protocol over again, or
+    # under `edgeway run` (uvloop) none of the above is ever called.
+    if proto._transport is not None:
+        proto._transport.set_protocol(proto)
 
 
 def _take_over_pubacks(client: Any, window: _AckWindow) -> None:
