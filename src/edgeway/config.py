@@ -48,6 +48,10 @@ from pydantic import (
     model_validator,
 )
 
+from edgeway.limits import DEFAULT_LIMITS, InputLimits
+
+_LIMITS = DEFAULT_LIMITS
+
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib|k|m|g)?\s*$", re.IGNORECASE)
@@ -116,6 +120,43 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", frozen=False, validate_default=True, use_attribute_docstrings=True
     )
+
+
+class InputLimitsSection(_Model):
+    """What one device message may turn into (``edgeway.limits``; reasons in
+    docs/limits.md). The top-level section applies to every adapter; an
+    adapter's own ``input_limits`` overrides the keys it names."""
+
+    max_readings_per_message: int = Field(default=_LIMITS.max_readings_per_message, ge=1)
+    """Readings one message may expand to (JSON arrays, SenML packs, Sparkplug births)."""
+    max_metrics_per_reading: int = Field(default=_LIMITS.max_metrics_per_reading, ge=1)
+    """Metrics in one reading, after nested objects are flattened."""
+    max_name_length: int = Field(default=_LIMITS.max_name_length, ge=1)
+    """Characters in a metric name, after flattening (``motor.rpm``)."""
+    max_string_length: int = Field(default=_LIMITS.max_string_length, ge=1)
+    """Characters in a string value."""
+    max_flattened_size: Size = Field(default=_LIMITS.max_flattened_size, ge=1)
+    """Characters of names and strings (8 per number) over all readings of one
+    message, counted while nested objects flatten: 1 MiB, the broker's default
+    maximum packet size."""
+    max_timestamp_age: Duration = _LIMITS.max_timestamp_age
+    """How far before the gateway's clock a reading's time may lie (10 years)."""
+    max_timestamp_ahead: Duration = _LIMITS.max_timestamp_ahead
+    """How far after the gateway's clock a reading's time may lie (1 hour)."""
+
+    def build(self) -> InputLimits:
+        """The limits as the codecs and adapters use them."""
+        return InputLimits(**self.model_dump())
+
+    def over(self, base: InputLimitsSection) -> InputLimitsSection:
+        """``base`` with the keys set in this section replacing its own."""
+        return base.model_copy(update={k: getattr(self, k) for k in self.model_fields_set})
+
+
+def input_limits(section: InputLimitsSection | None) -> InputLimits:
+    """An adapter's limits: its resolved ``input_limits``, or the defaults when it
+    was built without a whole configuration (tests, tools)."""
+    return section.build() if section is not None else DEFAULT_LIMITS
 
 
 class GatewaySection(_Model):
@@ -273,6 +314,9 @@ class MqttSection(_Model):
     one topic level and becomes the reading's device id."""
     limits: MqttLimits = Field(default_factory=MqttLimits)
     """Limits; each protects memory or fairness (see the reason per key)."""
+    input_limits: InputLimitsSection | None = None
+    """Overrides of the top-level ``input_limits`` for the broker's telemetry
+    (only the keys given)."""
     users: list[MqttUser] = Field(default_factory=list)
     """Users allowed to connect with a password (see docs/security.md)."""
     acl: list[AclRule] = Field(default_factory=list)
@@ -490,6 +534,8 @@ class CoapSection(_Model):
     An address holds one observation per device (observing it again replaces
     the old one), so 8 is a gateway or host behind one address watching 8
     devices' commands."""
+    input_limits: InputLimitsSection | None = None
+    """Overrides of the top-level ``input_limits`` for this adapter (only the keys given)."""
 
     @field_validator("listen")
     @classmethod
@@ -738,6 +784,8 @@ class SerialPortConfig(_Model):
     """Longest line kept (bytes). NMEA sentences are at most 82 characters and
     telemetry lines a few hundred; a longer line is noise or a wrong baud
     rate, and is dropped and counted."""
+    input_limits: InputLimitsSection | None = None
+    """Overrides of the top-level ``input_limits`` for this port (only the keys given)."""
 
     @model_validator(mode="after")
     def _check_combination(self) -> Self:
@@ -824,6 +872,8 @@ class HttpIngestSection(_Model):
     commands_allow_anonymous: bool = False
     """Let devices without a token poll commands and post results. Off even with
     ``allow_anonymous``: whoever polls takes the device's commands."""
+    input_limits: InputLimitsSection | None = None
+    """Overrides of the top-level ``input_limits`` for this adapter (only the keys given)."""
 
     @field_validator("listen")
     @classmethod
@@ -928,6 +978,8 @@ class MqttClientConfig(_Model):
     """Adds the preset's subscriptions (see docs/protocols/mqtt-client.md)."""
     subscriptions: list[MqttClientSubscription] = Field(default_factory=list)
     """Topics to subscribe to, each with its device ids and codec."""
+    input_limits: InputLimitsSection | None = None
+    """Overrides of the top-level ``input_limits`` for this connection (only the keys given)."""
 
     @model_validator(mode="after")
     def _check_combination(self) -> Self:
@@ -1039,6 +1091,20 @@ class Config(_Model):
     """Edge processing: which readings go where, through which steps (docs/pipeline.md)."""
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     """Settings of the pipeline itself (docs/pipeline.md)."""
+    input_limits: InputLimitsSection = Field(default_factory=InputLimitsSection)
+    """What one device message may turn into, for every adapter (docs/limits.md)."""
+
+    @model_validator(mode="after")
+    def _resolve_input_limits(self) -> Self:
+        # Each adapter gets the whole set: the top level with its own keys on top.
+        top = self.input_limits
+        sections: list[Any] = [self.mqtt, self.http_ingest, self.coap]
+        sections += [*self.mqtt_client, *self.serial]
+        for section in sections:
+            if section is not None:
+                own = section.input_limits
+                section.input_limits = top if own is None else own.over(top)
+        return self
 
 
 # --------------------------------------------------------------------------

@@ -107,8 +107,9 @@ def test_jmespath_mapping() -> None:
 
 
 def test_array_gives_one_reading_each_and_records_envelope() -> None:
-    rs = decode([{"ts": 1, "a": 1}, {"ts": 2, "a": 2}])
-    assert [(r.ts, r.metrics) for r in rs] == [(1.0, {"a": 1}), (2.0, {"a": 2})]
+    # (Times within input_limits' plausible range around NOW.)
+    rs = decode([{"ts": NOW - 2, "a": 1}, {"ts": NOW - 1, "a": 2}])
+    assert [(r.ts, r.metrics) for r in rs] == [(NOW - 2, {"a": 1}), (NOW - 1, {"a": 2})]
     rs = decode({"gw": "x", "data": [{"a": 1}, {"a": 2}]}, {"records": "data"})
     assert [r.metrics for r in rs] == [{"a": 1}, {"a": 2}]
 

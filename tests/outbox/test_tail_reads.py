@@ -119,10 +119,15 @@ async def _play(
     ids=["ordered", "live_first", "max_bytes"],
 )
 @pytest.mark.parametrize("small_tail", [False, True], ids=["tail", "small_tail"])
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(ops=st.lists(st.one_of(submit_op, read_op, read_op), min_size=1, max_size=40))
 def test_tail_reads_match_the_query(
-    cfg: dict[str, Any], small_tail: bool, ops: list[tuple[Any, ...]], monkeypatch: pytest.MonkeyPatch
+    cfg: dict[str, Any],
+    small_tail: bool,
+    ops: list[tuple[Any, ...]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if small_tail:
         monkeypatch.setattr(store_mod, "TAIL_MAX_CHUNKS", 3)
@@ -158,7 +163,9 @@ async def test_a_caught_up_sink_reads_without_the_reader_threads(tmp_path: Path)
 
 
 async def test_tail_holds_a_bounded_amount(tmp_path: Path) -> None:
-    ob = Outbox(tmp_path / "o.db", gateway_id="gw", config=OutboxSection(durability="os"), sink_names=["a"])
+    ob = Outbox(
+        tmp_path / "o.db", gateway_id="gw", config=OutboxSection(durability="os"), sink_names=["a"]
+    )
     await ob.open()
     try:
         big = {"blob": "x" * 4000}

@@ -20,7 +20,7 @@ pytest.importorskip("serial_asyncio")
 from ingest_doubles import RecordingIngest, wait_until
 
 from edgeway.codecs.base import DecodeError
-from edgeway.config import SerialCsv, SerialPortConfig, parse_config
+from edgeway.config import InputLimitsSection, SerialCsv, SerialPortConfig, parse_config
 from edgeway.south.nmea import checksum, parse_sentence
 from edgeway.south.serial import LineFramer, SerialAdapter, parse_csv, parse_kv
 
@@ -234,7 +234,15 @@ async def test_csv_and_kv_through_a_pty() -> None:
 async def test_nmea_through_a_pty() -> None:
     with pty_pair() as (master, port):
         ingest = RecordingIngest()
-        adapter = SerialAdapter(port_config(port, format="nmea", baudrate=9600), ingest=ingest)
+        # The RMC sentence is the classic 1994 example: older than the default
+        # input_limits.max_timestamp_age allows, so this port allows 40 years.
+        config = port_config(
+            port,
+            format="nmea",
+            baudrate=9600,
+            input_limits=InputLimitsSection(max_timestamp_age=40 * 365 * 86400.0),
+        )
+        adapter = SerialAdapter(config, ingest=ingest)
         async with running(adapter):
             gsv = nmea("GPGSV,1,1,01,03,03,111,00")
             bad = GGA[:-2] + "00"

@@ -35,35 +35,16 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from edgeway.limits import DEFAULT_LIMITS, DecodeError, InputLimits
 from edgeway.reading import MetricValue, Origin, Reading
 
-MAX_STRING_VALUE = 4096
-"""Longest string metric value kept (characters). Telemetry strings are states
-and short labels; a longer string is almost certainly a payload that was meant
-for another topic, and every reading is stored and forwarded, so it costs
-outbox space on every sink."""
-
-MAX_METRICS_PER_READING = 1024
-"""Most metrics one reading may carry. A Zigbee2MQTT or Tasmota message has
-tens; a bound keeps one bad message from filling the outbox row limit."""
-
-MAX_READINGS_PER_PAYLOAD = 10_000
-"""Most readings one payload may expand to (SenML packs, JSON arrays,
-Sparkplug births). One payload is one ingest submission, held in memory until
-the outbox commits it."""
+__all__ = ["DecodeError"]  # defined with the limits, raised by every codec
 
 MAX_DEVICE_ID_LENGTH = 128
 """Same bound as ``gateway.id``: ids travel in every record and topic."""
 
-
-class DecodeError(ValueError):
-    """A payload that does not decode. `reason` is a short stable slug used as a counter label
-    (e.g. "invalid_json", "not_an_object", "bad_timestamp", "cbor_error")."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+MAX_STRING_VALUE = DEFAULT_LIMITS.max_string_length
+"""The default :attr:`InputLimits.max_string_length` (configurable: ``input_limits``)."""
 
 
 class NoOptions(BaseModel):
@@ -109,17 +90,28 @@ class Codec(abc.ABC):
     coap_formats: ClassVar[tuple[int, ...]] = ()
     Options: ClassVar[type[BaseModel]] = NoOptions
 
-    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, options: Mapping[str, Any] | None = None, *, limits: InputLimits = DEFAULT_LIMITS
+    ) -> None:
         self.options: Any = validate_options(self.Options, options, self.name)
+        self.limits = limits
 
-    @abc.abstractmethod
     def decode(
         self, payload: bytes, *, device_id: str | None, origin: Origin, now: float
     ) -> list[Reading]:
         """Decode one payload. ``device_id`` None: take it from the payload.
 
-        Raises :class:`DecodeError` (and nothing else) when the payload is bad.
+        Raises :class:`DecodeError` (and nothing else) when the payload is bad
+        or its readings break one of :attr:`limits` (checked here for every codec).
         """
+        readings = self.decode_readings(payload, device_id=device_id, origin=origin, now=now)
+        return self.limits.check_readings(readings, now)
+
+    @abc.abstractmethod
+    def decode_readings(
+        self, payload: bytes, *, device_id: str | None, origin: Origin, now: float
+    ) -> list[Reading]:
+        """The codec's own decoding (:meth:`decode` applies the limits to its result)."""
 
 
 _REGISTRY: dict[str, type[Codec]] = {}
@@ -153,13 +145,15 @@ def codec_class(name: str) -> type[Codec]:
         ) from None
 
 
-def get_codec(name: str, options: Mapping[str, Any] | None = None) -> Codec:
-    """Build codec ``name`` with ``options``.
+def get_codec(
+    name: str, options: Mapping[str, Any] | None = None, *, limits: InputLimits = DEFAULT_LIMITS
+) -> Codec:
+    """Build codec ``name`` with ``options`` and input ``limits``.
 
     :class:`KeyError` for an unknown name, :class:`ValueError` for bad options
     (the message names the key).
     """
-    return codec_class(name)(options)
+    return codec_class(name)(options, limits=limits)
 
 
 def _media_type(content_type: str) -> str:
@@ -252,10 +246,9 @@ def parse_timestamp(value: Any, unit: TimestampUnit = "auto") -> float:
 
 
 def metric_value(value: Any, name: str) -> MetricValue:
-    """Check one metric value: a finite number, a bool or a short string."""
+    """Check one metric value: a finite number, a bool or a string (its length is one of
+    the :class:`~edgeway.limits.InputLimits`, checked on the whole message)."""
     if isinstance(value, bool | str):
-        if isinstance(value, str) and len(value) > MAX_STRING_VALUE:
-            raise DecodeError("value_too_long", f"{name!r}: {len(value)} characters")
         return value
     if isinstance(value, int):
         # Integers beyond 64 bits do not fit any sink's column type.
@@ -281,16 +274,6 @@ def check_device_id(device_id: Any) -> str:
     if any(c in device_id for c in "/+#\x00"):
         raise DecodeError("bad_device_id", f"{device_id[:64]!r} contains '/', '+', '#' or NUL")
     return device_id
-
-
-def check_counts(readings: list[Reading]) -> list[Reading]:
-    """Apply the per-payload limits (:data:`MAX_READINGS_PER_PAYLOAD`, :data:`MAX_METRICS_PER_READING`)."""
-    if len(readings) > MAX_READINGS_PER_PAYLOAD:
-        raise DecodeError("too_many_readings", f"{len(readings)} > {MAX_READINGS_PER_PAYLOAD}")
-    for r in readings:
-        if len(r.metrics) > MAX_METRICS_PER_READING:
-            raise DecodeError("too_many_metrics", f"{len(r.metrics)} > {MAX_METRICS_PER_READING}")
-    return readings
 
 
 def _kind(value: Any) -> str:

@@ -36,12 +36,12 @@ from edgeway.codecs.base import (
     CodecOptions,
     DecodeError,
     TimestampUnit,
-    check_counts,
     check_device_id,
     metric_value,
     parse_timestamp,
     register_codec,
 )
+from edgeway.limits import DEFAULT_LIMITS, InputLimits
 from edgeway.reading import MetricValue, Origin, Reading
 
 
@@ -98,12 +98,14 @@ class BinaryCodec(Codec):
     coap_formats = (42,)
     Options = BinaryOptions
 
-    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(options)
+    def __init__(
+        self, options: Mapping[str, Any] | None = None, *, limits: InputLimits = DEFAULT_LIMITS
+    ) -> None:
+        super().__init__(options, limits=limits)
         opts: BinaryOptions = self.options
         self._struct = struct.Struct(opts.format)
 
-    def decode(
+    def decode_readings(
         self, payload: bytes, *, device_id: str | None, origin: Origin, now: float
     ) -> list[Reading]:
         size = self._struct.size
@@ -115,9 +117,9 @@ class BinaryCodec(Codec):
             if len(payload) != size:
                 raise DecodeError("bad_length", f"expected {size} bytes, got {len(payload)}")
             frames = [payload]
-        if len(frames) > 10_000:  # same bound as MAX_READINGS_PER_PAYLOAD, checked before work
+        if len(frames) > self.limits.max_readings_per_message:  # checked before any work
             raise DecodeError("too_many_readings", f"{len(frames)} structs")
-        return check_counts([self._frame(f, device_id, origin, now) for f in frames])
+        return [self._frame(f, device_id, origin, now) for f in frames]
 
     def _frame(self, frame: bytes, device_id: str | None, origin: Origin, now: float) -> Reading:
         opts: BinaryOptions = self.options

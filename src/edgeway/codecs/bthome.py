@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from edgeway.codecs.base import Codec, DecodeError, check_counts, register_codec
+from edgeway.codecs.base import Codec, DecodeError, register_codec
 from edgeway.reading import MetricValue, Origin, Reading
 
 SERVICE_UUID = "0000fcd2-0000-1000-8000-00805f9b34fb"
@@ -262,7 +262,7 @@ class BTHomeCodec(Codec):
 
     name: ClassVar[str] = "bthome"
 
-    def decode(
+    def decode_readings(
         self, payload: bytes, *, device_id: str | None, origin: Origin, now: float
     ) -> list[Reading]:
         if device_id is None:
@@ -271,6 +271,6 @@ class BTHomeCodec(Codec):
         if not packet.metrics:
             return []
         tags = {f"unit:{k}": v for k, v in packet.units.items()}
-        return check_counts(
-            [Reading(device_id=device_id, ts=now, metrics=packet.metrics, origin=origin, tags=tags)]
-        )
+        return [
+            Reading(device_id=device_id, ts=now, metrics=packet.metrics, origin=origin, tags=tags)
+        ]

@@ -18,13 +18,12 @@ metric. Bytes after the first complete CBOR item are an error
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
 from typing import Any
 
 import cbor2
 
-from edgeway.codecs.base import Codec, DecodeError, register_codec
-from edgeway.codecs.json import JsonOptions, ObjectMapper
+from edgeway.codecs.base import DecodeError, register_codec
+from edgeway.codecs.json import JsonCodec
 from edgeway.reading import Origin, Reading
 
 MAX_CBOR_DEPTH = 64
@@ -48,19 +47,14 @@ def loads_cbor(payload: bytes) -> Any:
 
 
 @register_codec
-class CborCodec(Codec):
-    """CBOR reading objects (or arrays of them) with the JSON codec's field mapping."""
+class CborCodec(JsonCodec):
+    """CBOR reading objects (or arrays of them) with the JSON codec's options and mapping."""
 
     name = "cbor"
     content_types = ("application/cbor",)
     coap_formats = (60,)
-    Options = JsonOptions
 
-    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(options)
-        self.mapper = ObjectMapper(self.options)
-
-    def decode(
+    def decode_readings(
         self, payload: bytes, *, device_id: str | None, origin: Origin, now: float
     ) -> list[Reading]:
         return self.mapper.map(loads_cbor(payload), device_id=device_id, origin=origin, now=now)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jmespath
 import jmespath.exceptions
@@ -42,12 +42,12 @@ from edgeway.codecs.base import (
     CodecOptions,
     DecodeError,
     TimestampUnit,
-    check_counts,
     check_device_id,
     metric_value,
     parse_timestamp,
     register_codec,
 )
+from edgeway.limits import DEFAULT_LIMITS, FlattenBudget, InputLimits
 from edgeway.reading import MetricValue, Origin, Reading
 
 MAX_DEPTH = 8
@@ -148,8 +148,9 @@ class ObjectMapper:
     Shared by the ``json`` and ``cbor`` codecs and by adapter presets.
     """
 
-    def __init__(self, options: JsonOptions) -> None:
+    def __init__(self, options: JsonOptions, limits: InputLimits = DEFAULT_LIMITS) -> None:
         self.options = options
+        self.limits = limits
         self._device_id = compile_path(options.device_id) if options.device_id else None
         self._ts = compile_path(options.timestamp) if options.timestamp else None
         self._msg_id = compile_path(options.message_id) if options.message_id else None
@@ -174,18 +175,36 @@ class ObjectMapper:
             doc = self._records(doc)
             if doc is None:
                 raise DecodeError("no_records", f"{self.options.records} not found")
+        budget = self.limits.budget()
         if isinstance(doc, dict):
-            return [self.map_object(doc, device_id=device_id, origin=origin, now=now)]
+            return [
+                self.map_object(doc, device_id=device_id, origin=origin, now=now, budget=budget)
+            ]
         if isinstance(doc, list):
             if not doc:
                 raise DecodeError("empty_array")
-            return check_counts(
-                [self.map_object(o, device_id=device_id, origin=origin, now=now) for o in doc]
-            )
+            if len(doc) > self.limits.max_readings_per_message:  # before any work
+                raise DecodeError(
+                    "too_many_readings", f"{len(doc)} > {self.limits.max_readings_per_message}"
+                )
+            return [
+                self.map_object(o, device_id=device_id, origin=origin, now=now, budget=budget)
+                for o in doc
+            ]
         raise DecodeError("not_an_object", f"expected an object or array, got {_kind(doc)}")
 
-    def map_object(self, obj: Any, *, device_id: str | None, origin: Origin, now: float) -> Reading:
-        """Map one reading object."""
+    def map_object(
+        self,
+        obj: Any,
+        *,
+        device_id: str | None,
+        origin: Origin,
+        now: float,
+        budget: FlattenBudget | None = None,
+    ) -> Reading:
+        """Map one reading object; nested objects spend ``budget`` (the message's) as they flatten."""
+        if budget is None:
+            budget = self.limits.budget()
         if not isinstance(obj, dict):
             raise DecodeError("not_an_object", f"expected an object, got {_kind(obj)}")
         if device_id is None:
@@ -202,7 +221,7 @@ class ObjectMapper:
         metrics: dict[str, MetricValue] = {}
         if self._metrics is not None:
             for name, get in self._metrics.items():
-                self._add(metrics, name, get(obj), 0)
+                self._add(metrics, name, get(obj), 0, budget)
         else:
             source = obj
             if self._values is not None:
@@ -218,7 +237,7 @@ class ObjectMapper:
                 if not isinstance(key, str):
                     raise DecodeError("bad_key", f"metric names are strings, got {_kind(key)}")
                 if key not in reserved:
-                    self._add(metrics, key, value, 0)
+                    self._add(metrics, key, value, 0, budget)
         if not metrics:
             raise DecodeError("no_metrics")
         if not self._tags:
@@ -244,9 +263,16 @@ class ObjectMapper:
             tags[name] = text
         return tags
 
-    def _add(self, out: dict[str, MetricValue], name: str, value: Any, depth: int) -> None:
+    def _add(
+        self, out: dict[str, MetricValue], name: str, value: Any, depth: int, budget: FlattenBudget
+    ) -> None:
+        # Limits are checked as names grow and leaves are added (not on the
+        # result): a long prefix repeated on many leaves stops at the limit.
         if value is None or isinstance(value, list):
             return
+        limits = self.limits
+        if len(name) > limits.max_name_length:
+            limits.check_name(name)
         if isinstance(value, dict):
             if depth >= MAX_DEPTH:
                 raise DecodeError("too_deep", f"{name!r}: nested deeper than {MAX_DEPTH}")
@@ -254,9 +280,12 @@ class ObjectMapper:
             for key, sub in value.items():
                 if not isinstance(key, str):
                     raise DecodeError("bad_key", f"metric names are strings, got {_kind(key)}")
-                self._add(out, f"{name}{sep}{key}", sub, depth + 1)
+                self._add(out, f"{name}{sep}{key}", sub, depth + 1, budget)
             return
-        out[name] = metric_value(value, name)
+        if len(out) >= limits.max_metrics_per_reading and name not in out:
+            raise DecodeError("too_many_metrics", f"more than {limits.max_metrics_per_reading}")
+        out[name] = v = metric_value(value, name)
+        budget.spend(name, v)
 
 
 def _kind(value: Any) -> str:
@@ -276,15 +305,17 @@ class JsonCodec(Codec):
     """JSON reading objects (or arrays of them) with optional JMESPath field mapping."""
 
     name = "json"
-    content_types = ("application/json", "text/json")
+    content_types: ClassVar[tuple[str, ...]] = ("application/json", "text/json")
     coap_formats = (50,)
     Options = JsonOptions
 
-    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(options)
-        self.mapper = ObjectMapper(self.options)
+    def __init__(
+        self, options: Mapping[str, Any] | None = None, *, limits: InputLimits = DEFAULT_LIMITS
+    ) -> None:
+        super().__init__(options, limits=limits)
+        self.mapper = ObjectMapper(self.options, self.limits)
 
-    def decode(
+    def decode_readings(
         self, payload: bytes, *, device_id: str | None, origin: Origin, now: float
     ) -> list[Reading]:
         return self.mapper.map(loads_json(payload), device_id=device_id, origin=origin, now=now)

@@ -72,7 +72,7 @@ class PlainCodec(Codec):
     coap_formats = (0,)
     Options = PlainOptions
 
-    def decode(
+    def decode_readings(
         self, payload: bytes, *, device_id: str | None, origin: Origin, now: float
     ) -> list[Reading]:
         opts: PlainOptions = self.options

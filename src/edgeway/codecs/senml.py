@@ -49,7 +49,6 @@ from edgeway.codecs.base import (
     Codec,
     CodecOptions,
     DecodeError,
-    check_counts,
     check_device_id,
     metric_value,
     parse_timestamp,
@@ -221,12 +220,10 @@ def resolve_pack(
             group.tags[f"unit:{metric}"] = unit
     if not groups:
         raise DecodeError("no_metrics")
-    return check_counts(
-        [
-            Reading(device_id=dev, ts=ts, metrics=g.metrics, origin=origin, tags=g.tags)
-            for (dev, ts), g in groups.items()
-        ]
-    )
+    return [
+        Reading(device_id=dev, ts=ts, metrics=g.metrics, origin=origin, tags=g.tags)
+        for (dev, ts), g in groups.items()
+    ]
 
 
 @register_codec
@@ -238,7 +235,7 @@ class SenmlJsonCodec(Codec):
     coap_formats = (110,)
     Options = SenmlOptions
 
-    def decode(
+    def decode_readings(
         self, payload: bytes, *, device_id: str | None, origin: Origin, now: float
     ) -> list[Reading]:
         return resolve_pack(
@@ -259,7 +256,7 @@ class SenmlCborCodec(Codec):
     coap_formats = (112,)
     Options = SenmlOptions
 
-    def decode(
+    def decode_readings(
         self, payload: bytes, *, device_id: str | None, origin: Origin, now: float
     ) -> list[Reading]:
         doc = loads_cbor(payload)

@@ -50,12 +50,12 @@ from edgeway.codecs.base import (
     Codec,
     CodecOptions,
     DecodeError,
-    check_counts,
     check_device_id,
     metric_value,
     parse_timestamp,
     register_codec,
 )
+from edgeway.limits import DEFAULT_LIMITS, InputLimits
 from edgeway.reading import MetricValue, Origin, Reading
 
 NAMESPACE = "spBv1.0"
@@ -325,8 +325,10 @@ class SparkplugCodec(Codec):
     coap_formats = ()
     Options = SparkplugOptions
 
-    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(options)
+    def __init__(
+        self, options: Mapping[str, Any] | None = None, *, limits: InputLimits = DEFAULT_LIMITS
+    ) -> None:
+        super().__init__(options, limits=limits)
         self._nodes: dict[tuple[str, str], _NodeState] = {}
 
     def aliases(self, group: str, node: str) -> Mapping[int, str]:
@@ -334,7 +336,7 @@ class SparkplugCodec(Codec):
         state = self._nodes.get((group, node))
         return state.aliases if state is not None else {}
 
-    def decode(
+    def decode_readings(
         self, payload: bytes, *, device_id: str | None, origin: Origin, now: float
     ) -> list[Reading]:
         topic = SparkplugTopic.parse(origin.address)
@@ -398,12 +400,10 @@ class SparkplugCodec(Codec):
         if opts.state_metric is not None and (kind.endswith("BIRTH") or kind.endswith("DEATH")):
             ts = parse_timestamp(default_ts, "ms") if default_ts is not None else now
             groups.setdefault(ts, {})[opts.state_metric] = kind.endswith("BIRTH")
-        return check_counts(
-            [
-                Reading(device_id=device_id, ts=ts, metrics=metrics, origin=origin)
-                for ts, metrics in groups.items()
-            ]
-        )
+        return [
+            Reading(device_id=device_id, ts=ts, metrics=metrics, origin=origin)
+            for ts, metrics in groups.items()
+        ]
 
 
 # --------------------------------------------------------------------------

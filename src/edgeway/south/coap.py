@@ -53,7 +53,7 @@ from edgeway.codecs.base import (
     codec_for_coap_format,
     get_codec,
 )
-from edgeway.config import CoapSection, parse_host_port
+from edgeway.config import CoapSection, input_limits, parse_host_port
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.logs import EventLog, LibraryLogLimit
 from edgeway.reading import Origin
@@ -130,6 +130,7 @@ class CoapAdapter(SouthAdapter):
     ) -> None:
         super().__init__(config, ingest=ingest, gateway_id=gateway_id, data_dir=data_dir)
         self.decode_errors = DecodeErrorCounter()
+        self.limits = input_limits(config.input_limits)
         self._codecs: dict[str, Codec] = {}
         for name in config.codec_options:
             # Bad options stop start-up here rather than fail the first request.
@@ -339,7 +340,7 @@ class CoapAdapter(SouthAdapter):
     def _codec_by_name(self, name: str) -> Codec:
         codec = self._codecs.get(name)
         if codec is None:
-            codec = get_codec(name, self.config.codec_options.get(name))
+            codec = get_codec(name, self.config.codec_options.get(name), limits=self.limits)
             self._codecs[name] = codec
         return codec
 

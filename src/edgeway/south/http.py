@@ -61,7 +61,7 @@ from edgeway.codecs.base import (
     codec_class,
     codec_for_content_type,
 )
-from edgeway.config import HttpIngestSection, is_loopback, parse_host_port
+from edgeway.config import HttpIngestSection, input_limits, is_loopback, parse_host_port
 from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.logs import EventLog
@@ -217,6 +217,7 @@ class HttpIngestAdapter(SouthAdapter):
         self._custom_token_check = token_check
         self.token_check = token_check or config_token_check(config.tokens, config.allow_anonymous)
         self.decode_errors = DecodeErrorCounter()
+        self.limits = input_limits(config.input_limits)
         self.port: int | None = None
         """The bound port, once listening (useful with port 0)."""
         self.requests: dict[int, int] = {}
@@ -237,7 +238,7 @@ class HttpIngestAdapter(SouthAdapter):
     def _codec(self, name: str) -> Codec:
         codec = self._codecs.get(name)
         if codec is None:
-            codec = codec_class(name)(self.config.codec_options.get(name, {}))
+            codec = codec_class(name)(self.config.codec_options.get(name, {}), limits=self.limits)
             self._codecs[name] = codec
         return codec
 

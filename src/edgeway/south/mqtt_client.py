@@ -63,8 +63,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edgeway.codecs.base import Codec, DecodeError, check_device_id, get_codec
-from edgeway.config import MqttClientConfig, MqttClientSubscription
+from edgeway.config import MqttClientConfig, MqttClientSubscription, input_limits
 from edgeway.ingest import Ingest, IngestStatus
+from edgeway.limits import InputLimits
 from edgeway.reading import Origin, Reading
 from edgeway.south.base import Backoff, SouthAdapter, register_adapter
 from edgeway.south.decode_errors import DecodeErrorCounter
@@ -135,10 +136,11 @@ class Route:
     filter: str
 
     @classmethod
-    def build(cls, sub: MqttClientSubscription) -> Route:
+    def build(cls, sub: MqttClientSubscription, limits: InputLimits) -> Route:
         levels = sub.topic.split("/")
         mqtt_filter = "/".join("+" if lv.startswith("{") else lv for lv in levels)
-        return cls(sub, get_codec(sub.codec, sub.codec_options), levels, mqtt_filter)
+        codec = get_codec(sub.codec, sub.codec_options, limits=limits)
+        return cls(sub, codec, levels, mqtt_filter)
 
     def match(self, topic: str) -> tuple[str | None, str | None] | None:
         """``(device_id, metric_prefix)`` from the topic, or None when it does not match."""
@@ -192,7 +194,8 @@ class MqttClientAdapter(SouthAdapter):
         super().__init__(config, ingest=ingest, gateway_id=gateway_id, data_dir=data_dir)
         self.config: MqttClientConfig = config
         subs = list(PRESETS.get(config.preset or "", [])) + list(config.subscriptions)
-        self.routes = [Route.build(s) for s in subs]
+        limits = input_limits(config.input_limits)
+        self.routes = [Route.build(s, limits) for s in subs]
         self.client_id = config.client_id or f"edgeway-{gateway_id}-{config.name}"
         self.decode_errors = DecodeErrorCounter()
         self.messages = 0

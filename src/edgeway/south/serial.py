@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeway.codecs.base import Codec, DecodeError, get_codec, metric_value
-from edgeway.config import SerialCsv, SerialPortConfig
+from edgeway.config import SerialCsv, SerialPortConfig, input_limits
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.reading import MetricValue, Origin, Reading
 from edgeway.south.base import Backoff, SouthAdapter, register_adapter
@@ -158,9 +158,10 @@ class SerialAdapter(SouthAdapter):
         self.ignored = 0
         """Valid lines that carry no reading (CSV header, NMEA GSV/GSA/...)."""
         self._codec: Codec | None = None
+        self._limits = input_limits(config.input_limits)
         if config.format == "json":
             try:
-                self._codec = get_codec("json", config.codec_options)
+                self._codec = get_codec("json", config.codec_options, limits=self._limits)
             except (KeyError, ValueError) as e:
                 raise ValueError(f"serial {config.name}: {e}") from None
         self._origin = Origin("serial", address=config.port)
@@ -190,7 +191,8 @@ class SerialAdapter(SouthAdapter):
                 ts = fix.ts
         if not metrics:
             return []
-        return [Reading(device_id=cfg.device_id, ts=ts, metrics=metrics, origin=self._origin)]
+        reading = Reading(device_id=cfg.device_id, ts=ts, metrics=metrics, origin=self._origin)
+        return self._limits.check_readings([reading], now)
 
     async def handle_line(self, raw: bytes | None) -> None:
         """Decode one framed line and submit it (``None``: an over-long line)."""

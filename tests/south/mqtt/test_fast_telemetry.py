@@ -6,7 +6,10 @@ with and without v5 properties, payloads the fast path takes and payloads it
 must leave alone, sometimes a malformed packet at the end), cut into reads at
 random offsets, fed in-process to two connections: one with the fast path, one
 without. Both must store the same readings and write the same bytes to the
-client and to a subscriber, with the same broker counters.
+client and to a subscriber, with the same broker counters. Small input limits
+(:data:`INPUT_LIMITS`) make some payloads break each of them, and make the
+fast path both skip the per-metric check (payloads of at most
+``unchecked_payload_size`` bytes) and run it (longer ones).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mqtt_harness import MemoryTransport, running_broker
 
-from edgeway.config import ListenerConfig, MqttLimits, MqttSection
+from edgeway.config import InputLimitsSection, ListenerConfig, MqttLimits, MqttSection
 from edgeway.ingest import MemoryIngest
 from edgeway.south.mqtt.codec import encode
 from edgeway.south.mqtt.connection import MqttConnection
@@ -45,7 +48,26 @@ PAYLOADS = [
     b'{"k": "' + b"x" * 150 + b'"}',  # a two-byte remaining length
     b'{"k": "' + b"x" * 300 + b'"}',  # over the maximum packet size
     b'{"k": "\\u0000{["}',
+    # Each breaks one of INPUT_LIMITS (or the timestamp rules):
+    b'{"nnnnnnnnnnnnnnnnnnnnn": 1}',  # name_too_long
+    b'{"a": {"bbbbbbbbbbbbbbbbbbbb": 1}}',  # name_too_long, once flattened
+    b'{"a": 1, "b": 2, "c": 3, "d": 4, "e": 5, "f": 6}',  # too_many_metrics
+    b'{"s": "' + b"x" * 201 + b'"}',  # value_too_long
+    b'{"a": "' + b"x" * 100 + b'", "b": "' + b"y" * 60 + b'"}',  # too_large
+    b'{"v": 1, "ts": 1e300}',  # bad_timestamp
+    b'{"v": 1, "ts": 4000000000}',  # timestamp_out_of_range (2096)
+    b'{"v": 1, "ts": 1}',  # timestamp_out_of_range (1970)
+    b'{"v": 1, "ts": "2999-01-01T00:00:00Z"}',  # timestamp_out_of_range
+    b'[{"v": 1}, {"v": 2}, {"v": 3}]',  # too_many_readings
 ]
+INPUT_LIMITS = InputLimitsSection(
+    max_readings_per_message=2,
+    max_metrics_per_reading=5,
+    max_name_length=20,
+    max_string_length=200,
+    max_flattened_size=150,
+)
+"""unchecked_payload_size 20: PAYLOADS[1] skips the per-metric check, PAYLOADS[0] runs it."""
 PROPS = [
     Properties(),
     Properties(correlation_data=b"c-1"),
@@ -120,7 +142,9 @@ class _Ingest(MemoryIngest):
 async def _run(level: int, watched: bool, batchable: bool, data: bytes, cuts: list[int]) -> Any:
     ingest = _Ingest(batchable)
     # A small receive maximum and packet size, so both limits are hit.
-    config = MqttSection(limits=MqttLimits(receive_maximum=8, max_packet_size=256))
+    config = MqttSection(
+        limits=MqttLimits(receive_maximum=8, max_packet_size=256), input_limits=INPUT_LIMITS
+    )
     with tempfile.TemporaryDirectory() as tmp:
         async with running_broker(Path(tmp), config=config, ingest=ingest) as rb:
             broker = rb.broker
@@ -202,9 +226,18 @@ def test_fast_path_matches_the_packet_path(
     assert fast[4] == slow[4]  # broker counters
 
 
-def test_fast_path_is_taken() -> None:
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"v": %d}',  # checked by size alone
+        b'{"temp": 21.5, "hum": 40, "on": true, "mode": "auto", "n": %d}',  # per metric
+        b'{"v": %d, "ts": 1700000000}',  # and its timestamp
+    ],
+)
+def test_fast_path_is_taken(payload: bytes) -> None:
     """The common case really goes through the fast path (else the test above
-    compares the slow path with itself)."""
+    compares the slow path with itself), within the input limits whether or
+    not it needs the per-metric check."""
     calls = []
     orig = MqttConnection._on_publish
 
@@ -215,13 +248,12 @@ def test_fast_path_is_taken() -> None:
     MqttConnection._on_publish = spy  # type: ignore[method-assign]
     try:
         pubs = b"".join(
-            encode(Publish(TOPICS[0], b'{"v": %d}' % i, 1, False, False, i + 1), 4)
-            for i in range(20)
+            encode(Publish(TOPICS[0], payload % i, 1, False, False, i + 1), 4) for i in range(20)
         )
         res = _both(4, False, pubs, [], fast=True)
     finally:
         MqttConnection._on_publish = orig  # type: ignore[method-assign]
-    assert [r[1]["v"] for r in res[0]] == list(range(20))
+    assert [r[1].get("v", r[1].get("n")) for r in res[0]] == list(range(20))
     assert len(res[1]) == 20 * 4  # twenty PUBACKs
     assert calls == TOPICS  # the warm-up only
 

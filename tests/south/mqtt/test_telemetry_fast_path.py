@@ -34,8 +34,8 @@ def test_objects_the_fast_path_does_not_take() -> None:
     # null skipped, nested flattened, ts and msg_id honoured: the general path.
     (r,) = decode_telemetry(b'{"a": null, "b": {"c": 1}, "d": 2}', "d", "t", "c")
     assert r.metrics == {"b.c": 1, "d": 2}
-    (r,) = decode_telemetry(b'{"v": 1, "msg_id": "m1", "ts": 10}', "d", "t", "c")
-    assert (r.metrics, r.ts, r.origin.message_id) == ({"v": 1}, 10.0, "m1")
+    (r,) = decode_telemetry(b'{"v": 1, "msg_id": "m1", "ts": 1732550400}', "d", "t", "c")
+    assert (r.metrics, r.ts, r.origin.message_id) == ({"v": 1}, 1732550400.0, "m1")
     with pytest.raises(TelemetryError) as ei:
         decode_telemetry(b'{"a": 1, "b": [1]}', "d", "t", "c")
     assert ei.value.reason == "unsupported_value"

@@ -67,7 +67,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from edgeway.config import ListenerConfig, MqttSection
+from edgeway.config import ListenerConfig, MqttSection, input_limits
 from edgeway.devices.auth import Authenticator, Authoriser, Principal
 from edgeway.ingest import Ingest
 from edgeway.logs import EventLog
@@ -134,6 +134,8 @@ class Broker:
     ) -> None:
         self.config = config
         self.limits = config.limits
+        self.input_limits = input_limits(config.input_limits)
+        """What one telemetry PUBLISH may turn into (``input_limits``)."""
         self.ingest = ingest
         self.batch_max = MAX_BATCH if ingest.batchable else 1
         """Telemetry PUBLISHes stored with one submit at most: one each when

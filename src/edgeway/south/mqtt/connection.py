@@ -423,7 +423,10 @@ class MqttConnection(asyncio.Protocol):
         QoS 0/1, no retain, a topic this connection published telemetry to
         before (so its UTF-8, wildcards, depth and ACL were checked: see
         :attr:`_fast_topics`), no v5 properties, one JSON object that is a
-        valid reading (:func:`reading_from`, the slow path's own decoder).
+        valid reading (:func:`reading_from`, the slow path's own decoder)
+        within the input limits (the same :meth:`InputLimits.check_readings`;
+        skipped for a payload of at most ``unchecked_payload_size`` bytes
+        stamped with the arrival time, which cannot break any of them).
         Anything else, including every malformed packet and every refused
         payload, stops here and is handled by the reader and
         :meth:`_on_publish` from that packet on, so errors, reason codes and
@@ -441,6 +444,8 @@ class MqttConnection(asyncio.Protocol):
         # Subscriptions cannot change during this call.
         has_subscribers = broker.has_subscribers if len(broker.tree) else None
         loads = orjson.loads
+        limits = broker.input_limits
+        unchecked = limits.unchecked_payload_size
         batch_max = broker.batch_max
         n = len(data)
         pos = 0
@@ -484,7 +489,9 @@ class MqttConnection(asyncio.Protocol):
                 try:
                     # An array (several readings) is refused here as not an
                     # object, and goes to the slow path like any refusal.
-                    reading = reading_from(loads(payload), device_id, now, origin, None)
+                    reading = reading_from(loads(payload), device_id, now, origin, None, limits)
+                    if end - p > unchecked or reading.ts != now:
+                        limits.check_readings([reading], now)
                 except (orjson.JSONDecodeError, TelemetryError):
                     break  # the slow path counts and answers it
                 msg = None
@@ -986,7 +993,13 @@ class MqttConnection(asyncio.Protocol):
         )
         try:
             readings = decode_telemetry(
-                p.payload, device_id, topic, self.client_id, props.correlation_data, origin
+                p.payload,
+                device_id,
+                topic,
+                self.client_id,
+                props.correlation_data,
+                origin,
+                broker.input_limits,
             )
         except TelemetryError as e:
             broker.telemetry_error(e, topic)

@@ -19,9 +19,11 @@ Payload (JSON, decoded with orjson)::
   with ``.`` (``motor.rpm``), because the Reading model is flat and dotted
   names survive every sink; ``null`` values are skipped (a device saying "no
   value now"); arrays are refused (their meaning is not defined here);
-- ``ts`` is optional: epoch seconds, epoch milliseconds (any number above
-  1e11, i.e. after 1973 in ms and after year 5138 in s) or an ISO 8601
-  string (no zone = UTC); absent = arrival time;
+- ``ts`` is optional: epoch seconds, milliseconds, microseconds or
+  nanoseconds (picked by magnitude: a number above 1e11 is milliseconds, i.e.
+  after 1973 in ms and after year 5138 in s) or an ISO 8601 string (no zone =
+  UTC), read by the codecs' own :func:`~edgeway.codecs.base.parse_timestamp`;
+  absent = arrival time;
 - ``msg_id`` is optional and becomes ``Origin.message_id`` (MQTT v5
   correlation data wins when present);
 - ``tags`` is optional: an object of short strings (``{"site": "north",
@@ -30,28 +32,35 @@ Payload (JSON, decoded with orjson)::
   ``MAX_TAGS`` of them;
 - an array of such objects is several readings from one message.
 
+The readings of one payload must keep within the gateway's
+:class:`~edgeway.limits.InputLimits` (``input_limits``: readings per message,
+metrics per reading, name and string length, flattened size, plausible
+timestamps), checked as for every codec; nested objects spend the flattened
+size budget as they are flattened, so a payload that would expand beyond it
+stops there.
+
 A payload that fails is refused with a short reason (``invalid_json``,
-``not_an_object``, ``bad_ts``, ``bad_tags``, ``unsupported_value``, ``no_metrics``) that the
-broker counts.
+``not_an_object``, ``bad_timestamp``, ``bad_tags``, ``unsupported_value``,
+``no_metrics``, or a limit's: ``too_many_readings``, ``too_many_metrics``,
+``name_too_long``, ``value_too_long``, ``too_large``, ``timestamp_out_of_range``)
+that the broker counts.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
+from edgeway.codecs.base import parse_timestamp
+from edgeway.limits import DEFAULT_LIMITS, DecodeError, FlattenBudget, InputLimits
 from edgeway.reading import MetricValue, Origin, Reading
 
 TELEMETRY_CACHE_MAX = 100_000
 """Topics whose pattern match is remembered (positive or negative). A topic
 is ~50 bytes; 100,000 covers a site's devices. Cleared whole when full."""
-
-MS_THRESHOLD = 1e11
-"""A numeric ``ts`` above this is milliseconds (1e11 s is year 5138)."""
 
 MAX_TAGS = 32
 """Tags one reading may carry: tags are metadata for routing, not data; the
@@ -65,12 +74,9 @@ MAX_FLATTEN_DEPTH = 8
 work one payload can cause."""
 
 
-class TelemetryError(ValueError):
-    """A telemetry payload that cannot become readings; ``reason`` is the counter name."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+TelemetryError = DecodeError
+"""A telemetry payload that cannot become readings: the codecs' error, so
+``reason`` counts the same way for every adapter."""
 
 
 class _Pattern:
@@ -130,47 +136,51 @@ class TelemetryTopics:
         return result
 
 
-def _parse_ts(value: Any) -> float:
-    t = type(value)
-    if t is float or t is int:
-        ts = float(value)
-        return ts / 1000.0 if ts > MS_THRESHOLD else ts
-    if isinstance(value, bool):
-        raise TelemetryError("bad_ts", "ts is a boolean")
-    if isinstance(value, int | float):
-        ts = float(value)
-        return ts / 1000.0 if ts > MS_THRESHOLD else ts
-    if isinstance(value, str):
-        try:
-            d = dt.datetime.fromisoformat(value)
-        except ValueError:
-            raise TelemetryError("bad_ts", f"not ISO 8601: {value[:40]!r}") from None
-        if d.tzinfo is None:
-            d = d.replace(tzinfo=dt.UTC)
-        return d.timestamp()
-    raise TelemetryError("bad_ts", f"ts of type {type(value).__name__}")
-
-
-def _flatten(obj: dict[str, Any], prefix: str, out: dict[str, MetricValue], depth: int) -> None:
+def _flatten(
+    obj: dict[str, Any],
+    prefix: str,
+    out: dict[str, MetricValue],
+    depth: int,
+    limits: InputLimits,
+    budget: FlattenBudget,
+) -> None:
+    # The limits act while names grow and leaves are added: a long prefix
+    # repeated on many leaves stops at the limit instead of being built whole.
+    max_name = limits.max_name_length
     for k, v in obj.items():
+        name = prefix + k
+        if len(name) > max_name:
+            limits.check_name(name)
         t = type(v)
         if t is float or t is int or t is str or t is bool:
-            out[prefix + k] = v
+            if len(out) >= limits.max_metrics_per_reading:
+                raise DecodeError("too_many_metrics", f"more than {limits.max_metrics_per_reading}")
+            budget.spend(name, v)
+            out[name] = v
         elif v is None:
             continue
         elif t is dict:
             if depth >= MAX_FLATTEN_DEPTH:
-                raise TelemetryError("unsupported_value", f"{prefix}{k}: nested too deep")
-            _flatten(v, prefix + k + ".", out, depth + 1)
+                raise TelemetryError("unsupported_value", f"{name!r}: nested too deep")
+            _flatten(v, name + ".", out, depth + 1, limits, budget)
         else:
-            raise TelemetryError("unsupported_value", f"{prefix}{k}: {t.__name__}")
+            raise TelemetryError("unsupported_value", f"{name!r}: {t.__name__}")
 
 
 def reading_from(
-    obj: Any, device_id: str, now: float, origin: Origin, correlation: str | None
+    obj: Any,
+    device_id: str,
+    now: float,
+    origin: Origin,
+    correlation: str | None,
+    limits: InputLimits = DEFAULT_LIMITS,
+    budget: FlattenBudget | None = None,
 ) -> Reading:
     """One reading from one decoded JSON object (see :func:`decode_telemetry`),
-    or raise :class:`TelemetryError`."""
+    or raise :class:`TelemetryError`.
+
+    Only flattening is limited here (``budget``: the message's, or a fresh
+    one); the caller applies :meth:`InputLimits.check_readings` to the result."""
     if type(obj) is not dict:
         raise TelemetryError("not_an_object", type(obj).__name__)
     if obj and "ts" not in obj and "msg_id" not in obj and "tags" not in obj:
@@ -191,7 +201,7 @@ def reading_from(
     # One pass over the top level (the hot path: flat objects of numbers).
     for k, v in obj.items():
         if k == "ts":
-            ts = _parse_ts(v)
+            ts = parse_timestamp(v)
             continue
         if k == "msg_id":
             if v is not None:
@@ -206,9 +216,11 @@ def reading_from(
         elif v is None:
             continue
         elif t is dict:
-            _flatten(v, k + ".", metrics, 1)
+            if budget is None:
+                budget = limits.budget()
+            _flatten(v, k + ".", metrics, 1, limits, budget)
         else:
-            raise TelemetryError("unsupported_value", f"{k}: {t.__name__}")
+            raise TelemetryError("unsupported_value", f"{k!r}: {t.__name__}")
     if not metrics:
         raise TelemetryError("no_metrics")
     if correlation is not None:
@@ -250,8 +262,10 @@ def decode_telemetry(
     client_id: str,
     correlation_data: bytes | None = None,
     origin: Origin | None = None,
+    limits: InputLimits = DEFAULT_LIMITS,
 ) -> list[Reading]:
-    """Decode one telemetry payload into readings, or raise :class:`TelemetryError`.
+    """Decode one telemetry payload into readings within ``limits``, or raise
+    :class:`TelemetryError`.
 
     ``origin`` may be passed in (``Origin("mqtt", topic, client_id)``) by a
     caller that caches it per topic: it is immutable and costs more to build
@@ -270,8 +284,17 @@ def decode_telemetry(
             correlation = correlation_data.decode("utf-8")
         except UnicodeDecodeError:
             correlation = correlation_data.hex()
+    budget = limits.budget()
     if isinstance(data, list):
         if not data:
             raise TelemetryError("no_metrics", "empty array")
-        return [reading_from(o, device_id, now, origin, correlation) for o in data]
-    return [reading_from(data, device_id, now, origin, correlation)]
+        if len(data) > limits.max_readings_per_message:  # before any work
+            raise DecodeError(
+                "too_many_readings", f"{len(data)} > {limits.max_readings_per_message}"
+            )
+        readings = [
+            reading_from(o, device_id, now, origin, correlation, limits, budget) for o in data
+        ]
+    else:
+        readings = [reading_from(data, device_id, now, origin, correlation, limits, budget)]
+    return limits.check_readings(readings, now)
