@@ -235,3 +235,19 @@ def test_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError) as e:
         parse_config("input_limits:\n  max_name_length: 0\n")
     assert "input_limits.max_name_length" in str(e.value)
+
+
+def test_docs_examples_parse() -> None:
+    """The YAML examples in docs/limits.md and docs/configuration.md's section load."""
+    import re
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    limits_page = (docs / "limits.md").read_text()
+    config_page = (docs / "configuration.md").read_text()
+    section = config_page.split("## `input_limits`", 1)[1].split("\n## ", 1)[0]
+    for text in (limits_page, section):
+        (example,) = re.findall(r"```yaml\n(.*?)```", text, re.S)
+        config = parse_config(example)
+        assert config.http_ingest is not None and config.http_ingest.input_limits is not None
+        assert config.http_ingest.input_limits.max_readings_per_message == 100
