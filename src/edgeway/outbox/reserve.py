@@ -14,7 +14,8 @@ outbox deletes it, refuses new readings, and commits the confirmations alone in
 the space it freed; as sinks drain, the emptied pages go back to the filesystem
 (``incremental_vacuum``) and the reserve is allocated again once the
 filesystem has room for it *and* for new readings (:data:`INGEST_ROOM`, or
-the reserve's size if larger; :meth:`DiskReserve.restore`). Only then are readings accepted again.
+the reserve's size if larger; only :data:`DRAINED_ROOM` once the outbox is
+empty; :meth:`DiskReserve.restore`). Only then are readings accepted again.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ INGEST_ROOM = 8 * 1024 * 1024
 re-allocate the reserve and accept readings again: twice the WAL that SQLite
 lets grow between checkpoints (1,000 pages of 4 KiB). With less, ingest would
 fill the disk again at its next checkpoint."""
+
+DRAINED_ROOM = 1024 * 1024
+"""Free bytes beyond the reserve that suffice once the outbox is empty (every
+record delivered): on a disk that other files keep nearly full, waiting for
+:data:`INGEST_ROOM` would refuse readings for good, and an empty outbox can
+only grow from here (if it fills the disk again, it refuses again)."""
 
 
 class DiskReserve:
@@ -54,19 +61,22 @@ class DiskReserve:
         st = os.statvfs(self.path.parent)
         return st.f_bavail * st.f_frsize
 
-    def room(self) -> bool:
-        """Enough free space to allocate the reserve and accept readings."""
-        return self.free_bytes() >= self.size + max(self.size, INGEST_ROOM)
+    def room(self, *, drained: bool = False) -> bool:
+        """Enough free space to allocate the reserve and accept readings
+        (``drained``: the outbox holds no record)."""
+        extra = DRAINED_ROOM if drained else max(self.size, INGEST_ROOM)
+        return self.free_bytes() >= self.size + extra
 
-    def restore(self) -> bool:
+    def restore(self, *, drained: bool = False) -> bool:
         """Allocate the reserve if the filesystem has room for it and for new
-        readings (:data:`INGEST_ROOM`); True if the reserve is held now (with
-        no reserve configured: if there is that room)."""
+        readings (:data:`INGEST_ROOM`, :data:`DRAINED_ROOM` if ``drained``);
+        True if the reserve is held now (with no reserve configured: if there
+        is that room)."""
         if self.size == 0:
-            return self.room()
+            return self.room(drained=drained)
         if self.held:
             return True
-        if not self.room():
+        if not self.room(drained=drained):
             return False
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:

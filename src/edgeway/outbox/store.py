@@ -613,7 +613,7 @@ class _Writer:
                         break
             except sqlite3.Error as e:
                 self.errors.log(logging.WARNING, "vacuum", "outbox: cannot give space back: %s", e)
-        if self.reserve.restore():
+        if self.reserve.restore(drained=self.total_bytes == 0):
             self.disk_full = False
             held = self.errors.reset("disk_full")
             log.warning(
@@ -1360,7 +1360,7 @@ class Outbox:
                 conn.execute("ROLLBACK")
             conn.close()
             raise
-        disk_full = not self.reserve.restore()
+        disk_full = not self.reserve.restore(drained=total_bytes == 0)
         if disk_full:
             log.warning(
                 "outbox: %d MiB free in %s, not enough for the %d MiB disk reserve and new "
