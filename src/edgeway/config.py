@@ -228,6 +228,12 @@ class MqttLimits(_Model):
     """Messages queued per offline persistent session (or per slow online
     one); beyond it the oldest QoS 0 and then the oldest message is dropped
     and counted. Mosquitto's default of 1000 silently loses data (see docs)."""
+    max_queued_bytes: Size = 8 * 1024 * 1024
+    """The same per session in bytes (topic + payload + ~100), so a few large
+    messages cannot take what 10,000 small ones would: 8 MiB is 10,000
+    messages of ~700 bytes. Beyond it, as beyond ``max_queued_messages``,
+    except that an online client losing a QoS 1/2 message is disconnected
+    (v5: 0x97). 0: no byte limit."""
     max_connections: int = Field(default=100000, ge=1)
     """Refuse connections beyond this many (file descriptors and memory)."""
     connect_timeout: Duration = 10.0

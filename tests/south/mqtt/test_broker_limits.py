@@ -14,13 +14,20 @@ from hypothesis import strategies as st
 from mqtt_harness import RawClient, running_broker, wait_until
 
 from edgeway.config import MqttLimits, MqttSection
-from edgeway.south.mqtt.connection import MqttConnection
+from edgeway.south.mqtt.connection import OUTPUT_PER_TURN, MqttConnection
 from edgeway.south.mqtt.packets import (
+    ConnAck,
+    Connect,
     Disconnect,
     PingReq,
     PingResp,
+    Properties,
+    SubAck,
+    Subscribe,
+    Subscription,
 )
 from edgeway.south.mqtt.retained import Message, RetainedStore
+from edgeway.south.mqtt.session import QUEUED_OVERHEAD, Delivery, Session
 from edgeway.south.mqtt.topics import topic_matches
 
 
@@ -283,3 +290,125 @@ async def test_subscribe_to_everything_is_sent_in_slices(tmp_path: Path) -> None
         assert topic7 in (["1 d/7/7 v7", "0 d/7/7 live"], ["1 d/7/7 live", "0 d/7/7 live"])
         for c in (probe, pub):
             await c.disconnect()
+
+
+# ------------------------------------------------------ queues and sockets
+
+
+def test_session_queue_bounded_in_bytes() -> None:
+    """Large messages: the queue is bounded by bytes as well as by count (it
+    held 10,000 messages whatever their size: 10,000 x 1 MiB = 10 GiB)."""
+    s = Session("c", 5, 60)
+    big = 10_000
+    cap = 3 * (big + 1 + QUEUED_OVERHEAD)
+    for i in range(3):
+        assert s.enqueue(Delivery(Message("t", b"%d" % i * big, qos=1), 1, False), 100, cap) == (
+            0,
+            False,
+        )
+    s.enqueue(Delivery(Message("t", b"q"), 0, False), 100, cap)  # over by a QoS 0: it goes
+    assert [d.msg.payload[:1] for d in s.queue] == [b"0", b"1", b"2"]
+    assert s.enqueue(Delivery(Message("t", b"3" * big, qos=1), 1, False), 100, cap) == (1, True)
+    assert [d.msg.payload[:1] for d in s.queue] == [b"1", b"2", b"3"]
+    assert s.queued_bytes == cap
+    # One message larger than the whole limit is dropped itself, not the queue.
+    assert s.enqueue(Delivery(Message("t", b"x" * cap), 0, False), 100, cap) == (1, False)
+    assert len(s.queue) == 3 and s.queued_bytes == cap
+    while s.queue:
+        s.dequeue()
+    assert s.queued_bytes == 0 and s.qos0_queued == 0
+
+
+async def _non_reading_client(port: int, client_id: str, filters: list[str], qos: int) -> RawClient:
+    """A client that subscribes and then never reads its socket (its receive
+    buffer made small, so the gateway's side fills soon)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    client = RawClient(reader, writer, 5)
+    client.send(Connect(5, client_id, True, 60, None, None, None, Properties()))
+    await client.expect(ConnAck)
+    client.send(Subscribe(client.pid(), [Subscription(f, qos) for f in filters]))
+    await client.expect(SubAck)
+    return client
+
+
+async def test_non_reading_subscriber_holds_bounded_bytes(tmp_path: Path) -> None:
+    """400 retained messages of 64 KiB (25 MiB) to a subscriber that does not
+    read: everything was written to its transport in one go (the socket buffer
+    held ~20 MiB); now output stops at the transport's high-water mark plus
+    one turn's slice, and the rest waits in the walk."""
+    async with running_broker(tmp_path) as rb:
+        payload = b"x" * 65536
+        for i in range(400):
+            rb.broker.retained.load(Message(f"big/{i}", payload, 0, True))
+        client = await _non_reading_client(rb.port, "deaf", ["big/#"], 0)
+        conn = _only_connection(rb.broker.connections, "deaf")
+        assert conn.transport is not None
+        await wait_until(lambda: conn._write_paused)
+        await asyncio.sleep(0.2)  # nothing is expected to happen: give it the chance
+        held = conn.transport.get_write_buffer_size()
+        assert held <= 64 * 1024 + OUTPUT_PER_TURN + len(payload) + 1024, held
+        client.abort()
+
+
+async def test_non_reading_subscriber_queue_bounded_in_bytes(tmp_path: Path) -> None:
+    """Live messages to a subscriber that does not read: its queue stops at
+    ``max_queued_bytes`` (it held max_queued_messages of any size), the
+    excess QoS 0 messages are dropped and counted."""
+    cfg = MqttSection(limits=MqttLimits(max_queued_bytes=1024 * 1024))
+    async with running_broker(tmp_path, config=cfg) as rb:
+        client = await _non_reading_client(rb.port, "deaf", ["t"], 0)
+        conn = _only_connection(rb.broker.connections, "deaf")
+        assert conn.transport is not None and conn.session is not None
+        pub, _ = await RawClient.connect(rb.port, "pub")
+        payload = b"y" * 65536
+        for _ in range(200):  # 12.5 MiB
+            await pub.publish("t", payload, qos=1)  # QoS 1: flow-controlled by its PUBACK
+        assert conn._write_paused
+        assert conn.session.queued_bytes <= 1024 * 1024
+        assert conn.transport.get_write_buffer_size() <= 64 * 1024 + OUTPUT_PER_TURN + 65536
+        stats = rb.broker.stats()
+        assert stats["dropped_queue_full"] > 100
+        assert stats["queued_bytes"] == conn.session.queued_bytes
+        client.abort()
+        await pub.disconnect()
+
+
+async def test_online_client_losing_qos1_is_disconnected_with_0x97(tmp_path: Path) -> None:
+    """A QoS 1 subscriber whose queue overflows (it does not acknowledge) is
+    told DISCONNECT 0x97 rather than losing messages silently; its persistent
+    session keeps the queue for its return."""
+    cfg = MqttSection(limits=MqttLimits(max_queued_messages=3))
+    async with running_broker(tmp_path, config=cfg) as rb:
+        sub, _ = await RawClient.connect(
+            rb.port,
+            "slowack",
+            level=5,
+            clean=False,
+            properties=Properties(session_expiry_interval=600, receive_maximum=1),
+        )
+        await sub.subscribe("t", qos=1)
+        pub, _ = await RawClient.connect(rb.port, "pub")
+        for i in range(5):  # 1 in flight + 3 queued, the 5th pushes out the oldest queued
+            await pub.publish("t", b"%d" % i, qos=1)
+        got = await sub.closed()
+        assert [type(p).__name__ for p in got] == ["Publish", "Disconnect"]
+        assert got[1].reason_code == 0x97  # type: ignore[attr-defined]
+        stats = rb.broker.stats()
+        assert stats["slow_subscriber_disconnects"] == 1
+        assert stats["dropped_queue_full"] == 1
+        sub, ack = await RawClient.connect(
+            rb.port,
+            "slowack",
+            level=5,
+            clean=False,
+            properties=Properties(session_expiry_interval=600),
+        )
+        assert ack.session_present
+        got_back = [(await sub.receive_publish()).payload for _ in range(4)]
+        assert got_back == [b"0", b"2", b"3", b"4"]  # "0" again (DUP), "1" was dropped
+        await sub.disconnect()
+        await pub.disconnect()

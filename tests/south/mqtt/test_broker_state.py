@@ -44,9 +44,9 @@ def test_session_queue_bounded_drops_oldest_qos0_first() -> None:
     for i in range(3):
         s.enqueue(Delivery(Message("t", b"%d" % i, qos=1), 1, False), 3)
     s.enqueue(Delivery(Message("t", b"q0"), 0, False), 4)
-    assert s.enqueue(Delivery(Message("t", b"new", qos=1), 1, False), 4) is True
+    assert s.enqueue(Delivery(Message("t", b"new", qos=1), 1, False), 4) == (1, False)
     assert [d.msg.payload for d in s.queue] == [b"0", b"1", b"2", b"new"]
-    assert s.enqueue(Delivery(Message("t", b"new2", qos=1), 1, False), 4) is True
+    assert s.enqueue(Delivery(Message("t", b"new2", qos=1), 1, False), 4) == (1, True)
     assert [d.msg.payload for d in s.queue] == [b"1", b"2", b"new", b"new2"]
     assert s.dropped == 2
 

@@ -313,6 +313,7 @@ class Broker:
             "dropped": sum(self.dropped.values()),
             "decode_errors": sum(self.decode_errors.values()),
             "queued": sum(len(s.queue) for s in self.sessions.values()),
+            "queued_bytes": sum(s.queued_bytes for s in self.sessions.values()),
             "inflight": sum(len(s.inflight) for s in self.sessions.values()),
             "log_lines_suppressed": self.events.suppressed_total,
         }
@@ -619,8 +620,7 @@ class Broker:
                 except Exception:
                     self._delivery_failed(conn)
             elif d.qos and session.persistent:
-                if session.enqueue(d, self.limits.max_queued_messages):
-                    self.count_drop("queue_full")
+                self.queue_offline(session, d)
         for group in shared:
             picked = group.pick(_online)
             if picked is None:
@@ -640,8 +640,16 @@ class Broker:
                 except Exception:
                     self._delivery_failed(conn)
             elif d.qos and session.persistent:
-                if session.enqueue(d, self.limits.max_queued_messages):
-                    self.count_drop("queue_full")
+                self.queue_offline(session, d)
+
+    def queue_offline(self, session: Session, d: Delivery) -> int:
+        """Queue ``d`` for ``session`` within its limits (messages, bytes);
+        what is dropped to make room is counted. Returns how many."""
+        limits = self.limits
+        dropped, _ = session.enqueue(d, limits.max_queued_messages, limits.max_queued_bytes)
+        if dropped:
+            self.count_drop("queue_full", dropped)
+        return dropped
 
     def _delivery_failed(self, conn: MqttConnection) -> None:
         # A bug while sending to one subscriber closes that subscriber only,

@@ -1410,15 +1410,19 @@ class MqttConnection(asyncio.Protocol):
         session = self.session
         if session is None:
             return
+        if self.state == CLOSED:
+            # Closing (e.g. just disconnected as too slow): as if offline.
+            if d.qos and session.persistent:
+                self.broker.queue_offline(session, d)
+            return
         if (
             self._write_paused
             or session.queue
             or self._retained is not None
             or self._out_bytes >= OUTPUT_PER_TURN
         ):
-            if session.enqueue(d, self.broker.limits.max_queued_messages):
-                self.broker.count_drop("queue_full")
-            if not self._write_paused:
+            self._queue(session, d)
+            if not self._write_paused and self.state != CLOSED:
                 self._drain_queue()
             return
         if d.qos == 0:
@@ -1426,13 +1430,32 @@ class MqttConnection(asyncio.Protocol):
             return
         inflight = session.inflight
         if len(inflight) >= self.window:
-            if session.enqueue(d, self.broker.limits.max_queued_messages):
-                self.broker.count_drop("queue_full")
+            self._queue(session, d)
             return
         pid = session.next_packet_id()
         inflight[pid] = Inflight(pid, d)
         session.dirty = True
         self._write_publish(d, pid, False, cache)
+
+    def _queue(self, session: Session, d: Delivery) -> None:
+        """Queue ``d`` within the session's limits (``max_queued_messages``,
+        ``max_queued_bytes``). QoS 0 messages are dropped first, counted; if a
+        QoS 1/2 one has to go, this client cannot keep up with what it asked
+        for at least once: it is told so (v5: DISCONNECT 0x97) and closed, and
+        a persistent session keeps the rest of its queue for its return."""
+        broker = self.broker
+        limits = broker.limits
+        dropped, lost_qos = session.enqueue(d, limits.max_queued_messages, limits.max_queued_bytes)
+        if not dropped:
+            return
+        broker.count_drop("queue_full", dropped)
+        if lost_qos:
+            broker.count("slow_subscriber_disconnects")
+            self.close(0x97)
+            if self._write_paused and self.transport is not None:
+                # It does not read: the DISCONNECT would wait behind what it
+                # has not read, and a graceful close would wait for it forever.
+                self.transport.abort()
 
     def _drain_queue(self) -> None:
         """Send what waits (retained backlog, then the session queue) while

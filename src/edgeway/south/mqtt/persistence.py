@@ -223,7 +223,7 @@ class BrokerStore:
             if pid is not None:
                 owner.inflight[pid] = Inflight(pid, d, bool(released))
             else:
-                owner.enqueue(d, len(owner.queue) + 1)  # never drops: loads what was saved
+                owner.enqueue(d, len(owner.queue) + 1)  # no byte limit: loads what was saved
         for s in sessions.values():
             s.dirty = False
         return LoadedState(retained, list(sessions.values()))

@@ -6,6 +6,7 @@ Configuration (the limits that bound a session)::
       limits:
         receive_maximum: 64          # our inflight window towards a client
         max_queued_messages: 10000   # per session, beyond it the oldest is dropped
+        max_queued_bytes: 8MiB       # the same, counted in bytes
         max_session_expiry: 7d
 
 A session outlives its connection when it is persistent (3.1.1
@@ -42,6 +43,19 @@ _NO_QUEUE: deque[Any] = deque()
 up) never queue, and a deque of their own costs ~600 bytes each."""
 _NO_IDS: set[int] = set()
 """Shared empty set of inbound QoS 2 ids, never added to (see ``remember_qos2``)."""
+
+QUEUED_OVERHEAD = 100
+"""Bytes a queued delivery costs beyond its topic and payload (the Delivery,
+its queue slot, a share of the Message), for ``max_queued_bytes``."""
+
+NOTHING_DROPPED = (0, False)
+"""What :meth:`Session.enqueue` returns when the queue had room."""
+
+
+def queued_size(d: Delivery) -> int:
+    """What one queued delivery counts against ``max_queued_bytes``."""
+    msg = d.msg
+    return len(msg.payload) + len(msg.topic) + QUEUED_OVERHEAD
 
 
 @dataclass(slots=True)
@@ -82,6 +96,7 @@ class Session:
         "protocol_level",
         "qos0_queued",
         "queue",
+        "queued_bytes",
         "subscriptions",
         "will",
         "will_at",
@@ -99,6 +114,8 @@ class Session:
         self.subscriptions: dict[str, SubEntry] = {}
         self.inflight: dict[int, Inflight] = {}
         self.queue: deque[Delivery] = _NO_QUEUE
+        self.queued_bytes = 0
+        """Sum of :func:`queued_size` over ``queue``."""
         self.qos0_queued = 0
         self.in_qos2: set[int] = _NO_IDS
         self.conn: MqttConnection | None = None
@@ -128,31 +145,44 @@ class Session:
         self._next_pid = pid + 1 if pid < 65535 else 1
         return pid
 
-    def enqueue(self, delivery: Delivery, max_queued: int) -> bool:
-        """Queue a delivery; if the queue is full drop the oldest QoS 0
-        message, else the oldest message. Returns True if one was dropped."""
+    def enqueue(self, delivery: Delivery, max_queued: int, max_bytes: int = 0) -> tuple[int, bool]:
+        """Queue a delivery; while the queue is over ``max_queued`` messages or
+        ``max_bytes`` (0: no byte limit), drop its oldest QoS 0 message, else
+        its oldest message (the new one too, if it alone is too large).
+
+        Returns how many were dropped and whether one of them was QoS 1/2.
+        """
         queue = self.queue
         if queue is _NO_QUEUE:
             queue = self.queue = deque()
-        dropped = False
-        if len(queue) >= max_queued:
-            dropped = True
-            self.dropped += 1
-            if max_queued == 0:
-                return True
+        queue.append(delivery)
+        self.queued_bytes += queued_size(delivery)
+        if delivery.qos == 0:
+            self.qos0_queued += 1
+        self.dirty = True
+        if len(queue) <= max_queued and (not max_bytes or self.queued_bytes <= max_bytes):
+            return NOTHING_DROPPED
+        dropped = 0
+        lost_qos = False
+        while queue and (len(queue) > max_queued or (max_bytes and self.queued_bytes > max_bytes)):
             if self.qos0_queued:
                 for i, d in enumerate(queue):
                     if d.qos == 0:
                         del queue[i]
-                        self.qos0_queued -= 1
                         break
             else:
-                queue.popleft()
-        queue.append(delivery)
-        if delivery.qos == 0:
-            self.qos0_queued += 1
-        self.dirty = True
-        return dropped
+                d = queue.popleft()
+                lost_qos = True
+            self._forget(d)
+            dropped += 1
+        self.dropped += dropped
+        return dropped, lost_qos
+
+    def _forget(self, d: Delivery) -> None:
+        """``d`` left the queue: update the counts."""
+        self.queued_bytes -= queued_size(d)
+        if d.qos == 0:
+            self.qos0_queued -= 1
 
     def remember_qos2(self, packet_id: int) -> None:
         """An inbound QoS 2 PUBLISH was accepted; its id is kept until PUBREL."""
@@ -162,14 +192,14 @@ class Session:
 
     def dequeue(self) -> Delivery:
         d = self.queue.popleft()
-        if d.qos == 0:
-            self.qos0_queued -= 1
+        self._forget(d)
         self.dirty = True
         return d
 
     def clear_messages(self) -> None:
         self.queue = _NO_QUEUE
         self.qos0_queued = 0
+        self.queued_bytes = 0
         self.inflight.clear()
         self.in_qos2 = _NO_IDS
         self.dirty = True
@@ -183,5 +213,6 @@ class Session:
             "subscriptions": len(self.subscriptions),
             "inflight": len(self.inflight),
             "queued": len(self.queue),
+            "queued_bytes": self.queued_bytes,
             "dropped": self.dropped,
         }
