@@ -1451,7 +1451,7 @@ class MqttConnection(asyncio.Protocol):
         broker.count_drop("queue_full", dropped)
         if lost_qos:
             broker.count("slow_subscriber_disconnects")
-            self.close(0x97)
+            self.close(0x97, "its queue is full: too slow for its QoS 1/2 subscriptions")
             if self._write_paused and self.transport is not None:
                 # It does not read: the DISCONNECT would wait behind what it
                 # has not read, and a graceful close would wait for it forever.
