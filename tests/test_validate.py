@@ -100,6 +100,20 @@ sinks:
     assert line.startswith("5: sinks[0].options.ca (cloud): "), line
 
 
+def test_a_sink_types_own_check_names_its_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = """\
+sinks:
+  - name: aws
+    url: mqtt://broker.example.com
+    options:
+      preset: aws_iot
+"""
+    (line,) = check_and_run(tmp_path, text, capsys)
+    assert line == "5: sinks[0].options.preset (aws): aws_iot needs an mqtts:// url"
+
+
 def test_placeholder_password_hash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = f"""\
 mqtt:

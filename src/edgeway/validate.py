@@ -120,13 +120,7 @@ def _sinks(config: Config, lines: KeyLines) -> Iterator[ConfigIssue]:
                 loc = ("sinks", i, *key)
                 yield lines.issue(loc, message, f"{where}.{'.'.join(map(str, key))} ({sink.name})")
         except (ValueError, TypeError) as e:
-            # Sink types raise "options.x: ..." or "url: ..." for their own checks.
-            prefix, sep, message = str(e).partition(": ")
-            if sep and prefix.split(".")[0] in ("options", "url") and " " not in prefix:
-                loc = ("sinks", i, *prefix.split("."))
-                yield lines.issue(loc, message, f"{where}.{prefix} ({sink.name})")
-            else:
-                yield lines.issue(("sinks", i), str(e), f"{where} ({sink.name})")
+            yield lines.issue(("sinks", i), str(e), f"{where} ({sink.name})")
 
 
 # --------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from edgeway.sinks.base import (
     Record,
     RetryableSinkError,
     Sink,
+    SinkOptionsError,
     client_ssl_context,
     close_bounded,
     register_sink,
@@ -116,18 +117,19 @@ class AmqpSink(Sink):
         opts = self.options
         url = urllib.parse.urlsplit(config.url)
         if not url.hostname:
-            raise ValueError(f"url: no host in {config.url!r}")
+            raise SinkOptionsError.at("url", f"no host in {config.url!r}")
         try:
             url.port  # noqa: B018 - validates the port
         except ValueError:
-            raise ValueError(f"url: bad port in {config.url!r}") from None
+            raise SinkOptionsError.at("url", f"bad port in {config.url!r}") from None
         self.tls = url.scheme.lower() == "amqps"
         try:
             opts.routing_key.format(gateway_id="g", device_id="d", sink="s")
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(
-                f"options.routing_key: bad template {opts.routing_key!r} "
-                f"(placeholders: gateway_id, device_id, sink): {e}"
+            raise SinkOptionsError.at(
+                "options.routing_key",
+                f"bad template {opts.routing_key!r} "
+                f"(placeholders: gateway_id, device_id, sink): {e}",
             ) from None
         self.ssl_context = self._make_ssl_context(opts)
         self._keys: dict[str, str] = {}

@@ -223,6 +223,11 @@ class SinkOptionsError(ValueError):
             "; ".join(f"{'.'.join(map(str, key))}: {msg}" for key, msg in self.problems)
         )
 
+    @classmethod
+    def at(cls, key: str, message: str) -> SinkOptionsError:
+        """One problem at a dotted key (``"options.tls.key"``, ``"url"``)."""
+        return cls([(tuple(key.split(".")), message)])
+
 
 def parse_options(model: type[_O], options: Mapping[str, Any]) -> _O:
     """Validate a sink's ``options``; :class:`SinkOptionsError` naming every key at fault."""

@@ -37,6 +37,7 @@ from edgeway.sinks.base import (
     Record,
     RetryableSinkError,
     Sink,
+    SinkOptionsError,
     register_sink,
 )
 
@@ -73,7 +74,7 @@ def path_from_url(url: str, sink_name: str) -> Path:
     """The file a ``file://`` URL names (a directory gets ``<sink name>.jsonl``)."""
     raw = url.split("://", 1)[1] if "://" in url else url
     if not raw:
-        raise ValueError(f"file sink URL {url!r} names no path")
+        raise SinkOptionsError.at("url", f"file sink URL {url!r} names no path")
     p = Path(raw)
     if p.suffix.lower() in FILE_SUFFIXES:
         return p

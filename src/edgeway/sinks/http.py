@@ -53,6 +53,7 @@ from edgeway.sinks.base import (
     Record,
     RetryableSinkError,
     Sink,
+    SinkOptionsError,
     register_sink,
     url_address,
 )
@@ -152,7 +153,7 @@ def _ssl_context(tls: HttpTlsOptions | None) -> ssl.SSLContext | None:
         if tls.cert is not None:
             ctx.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
     except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"options.tls: cannot load certificates: {e}") from None
+        raise SinkOptionsError.at("options.tls", f"cannot load certificates: {e}") from None
     if not tls.verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -171,7 +172,7 @@ class HttpSink(Sink):
         super().__init__(config, gateway_id)
         opts = self.options
         if opts.tls is not None and opts.tls.key is not None and opts.tls.cert is None:
-            raise ValueError("options.tls.key: needs tls.cert")
+            raise SinkOptionsError.at("options.tls.key", "needs tls.cert")
         self.url = config.url
         self._ssl = _ssl_context(opts.tls) if config.url.lower().startswith("https") else None
         self._headers = {"Content-Type": "application/json", **opts.headers}

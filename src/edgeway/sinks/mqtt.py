@@ -98,6 +98,7 @@ from edgeway.sinks.base import (
     Record,
     RetryableSinkError,
     Sink,
+    SinkOptionsError,
     client_ssl_context,
     register_sink,
 )
@@ -442,12 +443,12 @@ class MqttSink(Sink):
         url = urllib.parse.urlsplit(config.url)
         tls = url.scheme.lower() == "mqtts"
         if not url.hostname:
-            raise ValueError(f"url: no host in {config.url!r}")
+            raise SinkOptionsError.at("url", f"no host in {config.url!r}")
         self.host = url.hostname
         try:
             port = url.port
         except ValueError:
-            raise ValueError(f"url: bad port in {config.url!r}") from None
+            raise SinkOptionsError.at("url", f"bad port in {config.url!r}") from None
         self.port = port or (8883 if tls else 1883)
 
         topic = opts.topic
@@ -461,14 +462,14 @@ class MqttSink(Sink):
         self._sas: tuple[str, str] | None = None
 
         if opts.preset is not None and not tls:
-            raise ValueError(f"options.preset: {opts.preset} needs an mqtts:// url")
+            raise SinkOptionsError.at("options.preset", f"{opts.preset} needs an mqtts:// url")
         if opts.preset == "aws_iot":
             # AWS IoT Core: X.509 client certificate, client id = thing name,
             # topics per its "dt/<app>/<context>/<thing>/<type>" guidance,
             # 100 publishes/s per connection and 128 KiB per message.
             if opts.cert is None or opts.key is None:
-                raise ValueError(
-                    "options.cert: aws_iot needs cert and key (the thing's X.509 certificate)"
+                raise SinkOptionsError.at(
+                    "options.cert", "aws_iot needs cert and key (the thing's X.509 certificate)"
                 )
             thing = opts.thing_name or gateway_id
             client_id = client_id or thing.replace("{", "{{").replace("}", "}}")
@@ -495,15 +496,15 @@ class MqttSink(Sink):
                 try:
                     base64.b64decode(opts.sas_key, validate=True)
                 except ValueError:
-                    raise ValueError("options.sas_key: not base64") from None
+                    raise SinkOptionsError.at("options.sas_key", "not base64") from None
                 self._sas = (f"{self.host}/devices/{dev}", opts.sas_key)
             elif password is None and opts.cert is None:
-                raise ValueError(
-                    "options.sas_key: azure_iot_hub needs sas_key, "
-                    "password (a SAS token) or cert/key"
+                raise SinkOptionsError.at(
+                    "options.sas_key",
+                    "azure_iot_hub needs sas_key, password (a SAS token) or cert/key",
                 )
         elif opts.sas_key is not None:
-            raise ValueError("options.sas_key: only for azure_iot_hub")
+            raise SinkOptionsError.at("options.sas_key", "only for azure_iot_hub")
 
         self.topic_template = topic or "edgeway/{gateway_id}/{device_id}/telemetry"
         self.mode: Literal["record", "batch"] = mode or "record"
@@ -515,17 +516,18 @@ class MqttSink(Sink):
         try:
             self.topic_template.format(gateway_id="g", device_id="d", sink="s")
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(
-                f"options.topic: bad template {self.topic_template!r} "
-                f"(placeholders: gateway_id, device_id, sink): {e}"
+            raise SinkOptionsError.at(
+                "options.topic",
+                f"bad template {self.topic_template!r} "
+                f"(placeholders: gateway_id, device_id, sink): {e}",
             ) from None
         try:
             self.client_id = (client_id or "edgeway-{gateway_id}-{sink}").format(
                 gateway_id=gateway_id, sink=self.name
             )
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(
-                f"options.client_id: bad template (placeholders: gateway_id, sink): {e}"
+            raise SinkOptionsError.at(
+                "options.client_id", f"bad template (placeholders: gateway_id, sink): {e}"
             ) from None
         self.ssl_context = self._make_ssl_context(tls, opts)
         self._topics: dict[str, bytes] = {}

@@ -55,6 +55,7 @@ from edgeway.sinks.base import (
     Record,
     RetryableSinkError,
     Sink,
+    SinkOptionsError,
     client_ssl_context,
     close_bounded,
     register_sink,
@@ -118,20 +119,20 @@ class NatsSink(Sink):
         for s in self.servers:
             u = urllib.parse.urlsplit(s if "://" in s else f"nats://{s}")
             if u.scheme not in ("nats", "tls") or not u.hostname:
-                raise ValueError(f"url: bad NATS server {s!r}")
+                raise SinkOptionsError.at("url", f"bad NATS server {s!r}")
             try:
                 u.port  # noqa: B018 - validates the port
             except ValueError:
-                raise ValueError(f"url: bad port in {s!r}") from None
+                raise SinkOptionsError.at("url", f"bad port in {s!r}") from None
         try:
             opts.subject.format(gateway_id="g", device_id="d", sink="s")
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(
-                f"options.subject: bad template {opts.subject!r} "
-                f"(placeholders: gateway_id, device_id, sink): {e}"
+            raise SinkOptionsError.at(
+                "options.subject",
+                f"bad template {opts.subject!r} (placeholders: gateway_id, device_id, sink): {e}",
             ) from None
         if opts.create_stream and opts.stream is None:
-            raise ValueError("options.stream: create_stream needs a stream")
+            raise SinkOptionsError.at("options.stream", "create_stream needs a stream")
         self.tls = self._make_ssl_context(opts)
         self._subjects: dict[str, str] = {}
         self._nc: Any = None

@@ -65,6 +65,7 @@ from edgeway.sinks.base import (
     Record,
     RetryableSinkError,
     Sink,
+    SinkOptionsError,
     register_sink,
     url_address,
 )
@@ -119,15 +120,15 @@ class PostgresSink(Sink):
         opts = self.options
         url = urllib.parse.urlsplit(config.url)
         if not url.hostname and "host=" not in url.query:
-            raise ValueError(f"url: no host in {config.url!r}")
+            raise SinkOptionsError.at("url", f"no host in {config.url!r}")
         try:
             url.port  # noqa: B018 - validates the port
         except ValueError:
-            raise ValueError(f"url: bad port in {config.url!r}") from None
+            raise SinkOptionsError.at("url", f"bad port in {config.url!r}") from None
         try:
             self.table, self._bare_table = _quote_table(opts.table)
         except ValueError as e:
-            raise ValueError(f"options.table: {e}") from None
+            raise SinkOptionsError.at("options.table", f"{e}") from None
         self.dsn = config.url
         self.hypertable = False
         self._pool: Any = None
