@@ -122,11 +122,15 @@ class Gateway:
         A south listener that stopped serving (down, restarting) is one: the
         gateway may still run, but devices that reach it that way get no answer.
         """
-        return [
+        problems = [
             f"{a.section}:{a.name} is not serving"
             for a in self.adapters
             if a.state.listening is False
         ]
+        if self.outbox is not None and self.outbox.disk_full:
+            # Sinks still drain; devices are refused until there is room.
+            problems.append("outbox: the disk is full, new readings are refused")
+        return problems
 
     def request_stop(self) -> None:
         """Ask ``run()`` to shut down (signal handlers call this)."""

@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
-from edgeway_process import StartGateway, edgeway_only
+from edgeway_process import StartGateway, edgeway_only, free_port
 from mqtt_peers import TIMEOUT, PahoPeer, connected, unique
 
 CONFIG = """
@@ -80,10 +81,16 @@ async def test_gateway_on_a_full_disk_refuses_then_drains_and_accepts_again(
                 arrived.clear()
                 await arrived.wait()
 
+    admin: httpx.AsyncClient | None = None
     try:
+        admin_port = free_port()
         gw = await asyncio.to_thread(
-            start_gateway, CONFIG % runner.addresses[0][1], data_dir=small_disk / "data"
+            start_gateway,
+            CONFIG % runner.addresses[0][1],
+            data_dir=small_disk / "data",
+            extra_args=["--admin-listen", f"127.0.0.1:{admin_port}"],
         )
+        admin = httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin_port}")
         device = unique("dev")
         topic = f"devices/{device}/telemetry"
         pub = await asyncio.to_thread(connected, gw, peers, version=5, client_id=device)
@@ -104,6 +111,9 @@ async def test_gateway_on_a_full_disk_refuses_then_drains_and_accepts_again(
         assert refused == 5, "the disk never filled up"
         assert len(accepted) > 100
         assert gw.process.poll() is None, "the gateway died on a full disk"
+        health = await admin.get("/healthz")
+        assert health.status_code == 503
+        assert "outbox: the disk is full, new readings are refused" in health.json()["problems"]
 
         up.set()  # the cloud is back: the backlog drains, space comes back
         await wait_received(len(accepted))
@@ -122,6 +132,9 @@ async def test_gateway_on_a_full_disk_refuses_then_drains_and_accepts_again(
                 await asyncio.sleep(0.2)  # a device retries a refused reading later
         await wait_received(len(accepted) + 1)
         assert received[-1]["metrics"]["i"] == 10_000
+        assert (await admin.get("/healthz")).status_code == 200
     finally:
+        if admin is not None:
+            await admin.aclose()
         up.set()
         await runner.cleanup()
