@@ -926,8 +926,9 @@ class MqttClientSubscription(_Model):
     """Options of ``codec``."""
     qos: Literal[0, 1] = 1
     """1 (default): acknowledged only once the outbox has the reading, so the broker
-    redelivers until then. Not 2: paho answers a QoS 2 PUBLISH with PUBREC on
-    receipt, after which the broker never resends it; 0: no redelivery at all."""
+    redelivers until then. Not 2: its exactly-once costs two more packets per
+    message and record ids already let the cloud drop a duplicate; 0: no
+    redelivery at all."""
     device_id: str | None = Field(default=None, min_length=1, max_length=128)
     """Fixed device id for a topic without ``{device_id}`` (else the codec finds it)."""
     exclude: list[str] = Field(default_factory=list)
@@ -978,6 +979,10 @@ class MqttClientConfig(_Model):
     receive_maximum: int = Field(default=100, ge=1, le=65535)
     """Unacknowledged QoS 1/2 messages the broker may have in flight to us (MQTT 5).
     Each waits in memory for the outbox; 100 keeps a group commit busy."""
+    max_packet_size: Size = Field(default=1024 * 1024, ge=64, le=268_435_460)
+    """Largest packet accepted from the broker (announced to it in MQTT 5; a
+    larger one drops the connection): the most a packet being received holds
+    in memory. 1 MiB, as the embedded broker's default."""
     shared_group: str | None = Field(default=None, pattern=r"^[^/+#$]+$")
     """Subscribe as ``$share/<group>/<filter>`` so gateways with the same group split the load."""
     preset: Literal["zigbee2mqtt", "tasmota", "shelly", "sparkplug_b"] | None = None

@@ -27,6 +27,19 @@ from edgeway.codecs.sparkplug import BOOLEAN, DOUBLE, SparkplugMetric, encode_pa
 from edgeway.config import MqttClientConfig, parse_config
 from edgeway.ingest import IngestStatus
 from edgeway.south.base import adapter_class
+from edgeway.south.mqtt.codec import MqttReader, encode
+from edgeway.south.mqtt.packets import (
+    MQTT_5,
+    ConnAck,
+    Connect,
+    PingReq,
+    Properties,
+    ProtocolError,
+    PubAck,
+    Publish,
+    SubAck,
+    Subscribe,
+)
 from edgeway.south.mqtt_client import MqttClientAdapter, topic_matches
 
 MOSQUITTO = "/usr/sbin/mosquitto"
@@ -248,6 +261,150 @@ async def test_recovers_after_one_failed_ingest(
     assert adapter.state.errors >= 1 and adapter.connections >= 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("ingest failed" in m and "disk I/O error" in m for m in warnings), warnings
+
+
+class ScriptedBroker:
+    """An MQTT 5 server on a free port that speaks through edgeway's codec and
+    does what a test tells it: CONNACK (with properties), SUBACK, then
+    ``after_suback`` bytes. Records every packet it reads and its CONNECTs."""
+
+    def __init__(self, connack: ConnAck, after_suback: bytes = b"") -> None:
+        self.connack = connack
+        self.after_suback = after_suback
+        self.packets: list[Any] = []
+        self.connects = 0
+        self._changed = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(TIMEOUT):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def _client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        reader = MqttReader()
+        try:
+            while data := await r.read(65536):
+                for packet in reader.feed(data):
+                    self.packets.append(packet)
+                    if isinstance(packet, Connect):
+                        self.connects += 1
+                        w.write(encode(self.connack, MQTT_5))
+                    elif isinstance(packet, Subscribe):
+                        granted = [sub.qos for sub in packet.subscriptions]
+                        w.write(encode(SubAck(packet.packet_id, granted), MQTT_5))
+                        w.write(self.after_suback)
+                self._changed.set()
+        except (ConnectionError, ProtocolError):
+            pass
+        finally:
+            w.close()
+            self._changed.set()
+
+
+async def test_keepalive_pings_and_a_silent_broker_is_dropped(start: Start) -> None:
+    # The broker asks for a 1 s keepalive (MQTT 5 Server Keep Alive) and then
+    # never answers a PINGREQ: after 1.5 keepalives without a packet the adapter
+    # drops the connection (a cut link shows no error) and connects again.
+    broker = ScriptedBroker(ConnAck(properties=Properties(server_keep_alive=1)))
+    port = await broker.start()
+    try:
+        adapter = await start(port, subscriptions=[{"topic": "d/{device_id}"}])
+        await broker.wait_for(lambda: any(isinstance(p, PingReq) for p in broker.packets))
+        async with asyncio.timeout(TIMEOUT):
+            await adapter.wait_for(lambda: adapter.connections == 2)
+        assert broker.connects == 2
+        assert adapter.state.errors >= 1
+    finally:
+        await broker.close()
+
+
+async def test_a_malformed_packet_from_the_broker_drops_the_connection(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A PUBLISH whose topic length runs past the packet, then a good one: the
+    # adapter drops the connection at the bad one (the codec's error, logged on
+    # one line) and connects again; nothing after it is taken.
+    bad = b"\x30\x03\x00\x09d"
+    good = encode(Publish("d/x", b'{"n": 1}'), MQTT_5)
+    broker = ScriptedBroker(ConnAck(), after_suback=bad + good)
+    port = await broker.start()
+    ingest = RecordingIngest()
+    try:
+        with caplog.at_level(logging.WARNING, logger="edgeway.south.mqtt_client"):
+            adapter = await start(port, ingest, subscriptions=[{"topic": "d/{device_id}"}])
+            async with asyncio.timeout(TIMEOUT):
+                await adapter.wait_for(lambda: adapter.connections == 2)
+        assert ingest.readings == []
+        lost = [r.getMessage() for r in caplog.records if "connection lost" in r.getMessage()]
+        assert lost and "bad packet from the broker" in lost[0] and "\n" not in lost[0]
+    finally:
+        await broker.close()
+
+
+async def test_pubacks_of_one_read_go_out_in_order(start: Start) -> None:
+    # 50 QoS 1 messages in one write: each is acknowledged once, in order.
+    burst = b"".join(
+        encode(Publish(f"d/dev{i % 3}", b'{"n": %d}' % i, qos=1, packet_id=i + 1), MQTT_5)
+        for i in range(50)
+    )
+    broker = ScriptedBroker(ConnAck(), after_suback=burst)
+    port = await broker.start()
+    ingest = RecordingIngest()
+    try:
+        await start(port, ingest, subscriptions=[{"topic": "d/{device_id}"}])
+        acked = lambda: [p.packet_id for p in broker.packets if isinstance(p, PubAck)]  # noqa: E731
+        await broker.wait_for(lambda: len(acked()) >= 50)
+        assert acked() == list(range(1, 51))
+        assert [r.metrics["n"] for r in ingest.readings] == list(range(50))
+    finally:
+        await broker.close()
+
+
+def test_on_uvloop(tmp_path: Path) -> None:
+    """``edgeway run`` runs on uvloop, whose transports are its own classes."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def run() -> None:
+        broker = Mosquitto(tmp_path, extra="allow_anonymous true")
+        broker.start()
+        ingest = RecordingIngest()
+        adapter = MqttClientAdapter(
+            MqttClientConfig.model_validate(
+                {
+                    "name": "ext",
+                    "url": f"mqtt://127.0.0.1:{broker.port}",
+                    "subscriptions": [{"topic": "d/{device_id}"}],
+                }
+            ),
+            ingest=ingest,
+            gateway_id="gw1",
+            data_dir=tmp_path,
+        )
+        task = asyncio.create_task(adapter.run())
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                await adapter.ready.wait()
+            await publish(broker.port, *[("d/a", json.dumps({"n": i})) for i in range(100)])
+            await ingest.wait_readings(100)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            broker.stop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())
 
 
 async def test_shared_subscription_splits_the_load(broker: Mosquitto, start: Start) -> None:
