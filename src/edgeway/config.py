@@ -234,6 +234,26 @@ class MqttLimits(_Model):
     messages of ~700 bytes. Beyond it, as beyond ``max_queued_messages``,
     except that an online client losing a QoS 1/2 message is disconnected
     (v5: 0x97). 0: no byte limit."""
+    max_retained_messages: int = Field(default=100_000, ge=0)
+    """Topics with a retained message at most (0: no limit). Sites keep a few
+    thousand; the bound is against a client retaining on ever new topics
+    (each one is kept in memory and on disk, and loaded at start). Beyond it a
+    new retained message is refused: v5 QoS 1/2 PUBACK/PUBREC 0x97, not
+    routed; otherwise routed without being retained. Counted."""
+    max_retained_bytes: Size = 64 * 1024 * 1024
+    """The same in bytes (topic + payload + ~200 per message): 64 MiB is
+    100,000 messages of ~450 bytes (0: no limit)."""
+    max_persistent_sessions: int = Field(default=10_000, ge=0)
+    """Sessions kept for their client when it disconnects, at most (0: no
+    limit): each holds its subscriptions and a queue of up to
+    ``max_queued_bytes``. A CONNECT that would create one more is refused
+    (v5 CONNACK 0x97 Quota exceeded, 3.1.1 0x03 Server unavailable); resuming
+    or replacing an existing one is not. 10,000 devices per site, one session each."""
+    max_subscriptions_per_client: int = Field(default=1000, ge=0)
+    """Topic filters one session may hold (0: no limit). Devices hold a few,
+    a dashboard a few hundred; each costs a node in the subscription tree and
+    a row on disk. Beyond it a filter is refused (SUBACK v5 0x97, 3.1.1 0x80),
+    counted, and costs no more work than that check."""
     max_connections: int = Field(default=100000, ge=1)
     """Refuse connections beyond this many (file descriptors and memory)."""
     connect_timeout: Duration = 10.0

@@ -9,6 +9,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mqtt_harness import RawClient, running_broker, wait_until
@@ -412,3 +413,116 @@ async def test_online_client_losing_qos1_is_disconnected_with_0x97(tmp_path: Pat
         assert got_back == [b"0", b"2", b"3", b"4"]  # "0" again (DUP), "1" was dropped
         await sub.disconnect()
         await pub.disconnect()
+
+
+# -------------------------------------------------------------------- caps
+
+
+async def test_retained_messages_capped_by_count(tmp_path: Path) -> None:
+    """Beyond ``max_retained_messages`` a new retained topic is refused: v5
+    QoS 1 gets PUBACK 0x97 and nothing is routed; 3.1.1 (no refusal code) is
+    delivered live but not retained. Replacing and clearing still work."""
+    cfg = MqttSection(limits=MqttLimits(max_retained_messages=2))
+    async with running_broker(tmp_path, config=cfg) as rb:
+        watcher, _ = await RawClient.connect(rb.port, "watcher")
+        await watcher.subscribe("r/#", qos=1)
+        pub5, _ = await RawClient.connect(rb.port, "pub5", level=5)
+        assert (await pub5.publish("r/1", b"a", qos=1, retain=True)).reason_code == 0
+        assert (await pub5.publish("r/2", b"b", qos=1, retain=True)).reason_code == 0
+        assert (await pub5.publish("r/3", b"c", qos=1, retain=True)).reason_code == 0x97
+        assert (await pub5.publish("r/1", b"a2", qos=1, retain=True)).reason_code == 0
+        assert [(await watcher.receive_publish()).payload for _ in range(3)] == [
+            b"a",
+            b"b",
+            b"a2",
+        ]
+        pub4, _ = await RawClient.connect(rb.port, "pub4", level=4)
+        await pub4.publish("r/4", b"d", qos=1, retain=True)  # accepted: delivered, not kept
+        assert (await watcher.receive_publish()).payload == b"d"
+        await pub5.publish("r/2", b"", qos=1, retain=True)  # clearing frees a place
+        assert (await watcher.receive_publish()).payload == b""
+        assert (await pub5.publish("r/5", b"e", qos=1, retain=True)).reason_code == 0
+        await watcher.receive_publish()
+        late, _ = await RawClient.connect(rb.port, "late")
+        await late.subscribe("r/#")
+        got = sorted([(await late.receive_publish()).topic for _ in range(2)])
+        assert got == ["r/1", "r/5"]
+        await late.nothing(0.2)
+        stats = rb.broker.stats()
+        assert stats["dropped_retained_full"] == 2
+        assert stats["retained"] == 2
+        for c in (watcher, pub5, pub4, late):
+            await c.disconnect()
+
+
+async def test_retained_messages_capped_by_bytes(tmp_path: Path) -> None:
+    cfg = MqttSection(limits=MqttLimits(max_retained_bytes=3 * 1024))
+    async with running_broker(tmp_path, config=cfg) as rb:
+        pub, _ = await RawClient.connect(rb.port, "pub", level=5)
+        ok = await pub.publish("big/1", b"x" * 2000, qos=1, retain=True)
+        refused = await pub.publish("big/2", b"x" * 2000, qos=1, retain=True)
+        smaller = await pub.publish("big/1", b"x" * 500, qos=1, retain=True)  # replaces
+        fits_now = await pub.publish("big/2", b"x" * 2000, qos=1, retain=True)
+        assert [a.reason_code for a in (ok, refused, smaller, fits_now)] == [0, 0x97, 0, 0]
+        stats = rb.broker.stats()
+        assert stats["retained"] == 2
+        assert stats["retained_bytes"] <= 3 * 1024
+        # The gateway's own retained publishes and wills obey it too.
+        rb.broker.publish("big/3", b"x" * 2000, qos=1, retain=True)
+        assert rb.broker.stats()["retained"] == 2
+        assert rb.broker.stats()["dropped_retained_full"] == 2
+        await pub.disconnect()
+
+
+async def test_persistent_sessions_capped(tmp_path: Path) -> None:
+    """Beyond ``max_persistent_sessions`` a CONNECT that would create one is
+    refused (v5 CONNACK 0x97, 3.1.1 return code 3); a clean session, or
+    resuming an existing one, is not."""
+    cfg = MqttSection(limits=MqttLimits(max_persistent_sessions=2))
+    expiry = Properties(session_expiry_interval=600)
+    async with running_broker(tmp_path, config=cfg) as rb:
+        for cid in ("keep1", "keep2"):
+            c, _ = await RawClient.connect(rb.port, cid, level=5, clean=False, properties=expiry)
+            await c.disconnect()
+        c5, ack5 = await RawClient.connect(
+            rb.port, "keep3", level=5, clean=False, properties=expiry, expect_ok=False
+        )
+        assert ack5.reason_code == 0x97
+        assert await c5.closed() == []
+        c4, ack4 = await RawClient.connect(rb.port, "keep4", level=4, clean=False, expect_ok=False)
+        assert ack4.reason_code == 3
+        clean, _ = await RawClient.connect(rb.port, "clean", level=5)
+        back, ack = await RawClient.connect(
+            rb.port, "keep1", level=5, clean=False, properties=expiry
+        )
+        assert ack.session_present
+        stats = rb.broker.stats()
+        assert stats["persistent_sessions"] == 2
+        assert stats["dropped_persistent_sessions_full"] == 2
+        # Ending one (expiry 0 at DISCONNECT) makes room.
+        await back.disconnect(properties=Properties(session_expiry_interval=0))
+        await wait_until(lambda: rb.broker.stats()["persistent_sessions"] == 1)
+        c5, _ = await RawClient.connect(rb.port, "keep3", level=5, clean=False, properties=expiry)
+        for c in (c4, clean, c5):
+            await c.close()
+
+
+@pytest.mark.parametrize("level", [4, 5])
+async def test_subscriptions_per_client_capped(tmp_path: Path, level: int) -> None:
+    cfg = MqttSection(limits=MqttLimits(max_subscriptions_per_client=2))
+    refused = 0x97 if level == 5 else 0x80
+    async with running_broker(tmp_path, config=cfg) as rb:
+        c, _ = await RawClient.connect(rb.port, "subs", level=level)
+        assert (await c.subscribe("a", "b", "c", qos=1)).reason_codes == [1, 1, refused]
+        # Replacing one it holds is not a new one.
+        assert (await c.subscribe("a", qos=0)).reason_codes == [0]
+        # A huge SUBSCRIBE past the cap costs a lookup per filter.
+        many = [f"x/{i}" for i in range(20_000)]
+        started = time.perf_counter()
+        ack = await c.subscribe(*many)
+        assert ack.reason_codes == [refused] * len(many)
+        assert time.perf_counter() - started < 2.0
+        stats = rb.broker.stats()
+        assert stats["subscriptions"] == 2
+        assert stats["subscribe_quota_exceeded"] == 1 + len(many)
+        await c.disconnect()

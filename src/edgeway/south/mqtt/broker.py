@@ -149,8 +149,12 @@ class Broker:
             TelemetryTopics(config.telemetry_topics) if config.telemetry_topics else None
         )
         self.tree: SubscriptionTree[Session] = SubscriptionTree()
-        self.retained = RetainedStore()
+        self.retained = RetainedStore(
+            config.limits.max_retained_messages, config.limits.max_retained_bytes
+        )
         self.sessions: dict[str, Session] = {}
+        self._persistent: set[Session] = set()
+        """Sessions that outlive their connection (``max_persistent_sessions``)."""
         self.connections: set[MqttConnection] = set()
         self.store: BrokerStore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -206,6 +210,7 @@ class Broker:
             if s.disconnected_at is None:
                 s.disconnected_at = now
             self.sessions[s.client_id] = s
+            self._persistent.add(s)
             for entry in s.subscriptions.values():
                 self.tree.subscribe(s, entry)
         self._started = True
@@ -305,8 +310,10 @@ class Broker:
             "connections": len(self.connections),
             "clients_connected": self._connected,
             "sessions": len(self.sessions),
+            "persistent_sessions": len(self._persistent),
             "subscriptions": len(self.tree),
             "retained": len(self.retained),
+            "retained_bytes": self.retained.bytes,
             "messages_in": self.messages_in,
             "messages_out": self.messages_out,
             "readings_in": self.readings_in,
@@ -427,6 +434,10 @@ class Broker:
             self._will_principal.pop(cid, None)
             session.protocol_level = conn.level
             session.expiry_interval = expiry
+        if session.persistent:
+            self._persistent.add(session)
+        else:
+            self._persistent.discard(session)
         session.conn = conn
         if conn.principal is not None:
             session.owner = conn.principal.identity
@@ -458,7 +469,18 @@ class Broker:
             )
         self._drop_session(session)
 
+    def may_keep_session(self, client_id: str) -> bool:
+        """Whether a CONNECT asking for a persistent session may have one:
+        resuming or replacing its own always may; a new one only below
+        ``max_persistent_sessions``."""
+        cap = self.limits.max_persistent_sessions
+        if not cap or len(self._persistent) < cap:
+            return True
+        old = self.sessions.get(client_id)
+        return old is not None and old in self._persistent
+
     def _drop_session(self, session: Session) -> None:
+        self._persistent.discard(session)
         for flt in session.subscriptions:
             self.tree.unsubscribe(session, flt)
         session.subscriptions.clear()
@@ -579,7 +601,11 @@ class Broker:
             for obs in self.observers:
                 obs.published(msg.topic, msg.payload, msg.properties, sender)
         if msg.retain:
-            self.retained.set(msg)
+            if not self.retained.set(msg):
+                # Over max_retained_*: routed, not retained (a v5 publisher
+                # that asked for an acknowledgement was refused before this).
+                self.count_drop("retained_full")
+                msg.retain = False
             self.schedule_store_flush()
         m = self.tree.match(msg.topic)
         direct = m.direct

@@ -864,6 +864,10 @@ class MqttConnection(asyncio.Protocol):
         ):
             keepalive = server_ka = limits.max_keepalive
         self.keepalive = keepalive
+        if expiry and not broker.may_keep_session(self.client_id):
+            broker.count_drop("persistent_sessions_full")
+            self._refuse(0x97, "max_persistent_sessions reached", p.username)
+            return
         session, present = broker.attach_session(self, p.clean_start, expiry)
         self.session = session
         self.state = CONNECTED
@@ -968,9 +972,18 @@ class MqttConnection(asyncio.Protocol):
             fwd = _forwardable(props)
             if props.message_expiry_interval is not None:
                 expires_at = time.time() + props.message_expiry_interval
+        retain = p.retain
+        if retain and p.payload and not broker.retained.fits(topic, len(p.payload)):
+            # Over max_retained_messages / max_retained_bytes. (The byte-level
+            # fast path never takes a retained PUBLISH: nothing to mirror there.)
+            broker.count_drop("retained_full")
+            if v5 and qos:
+                self._complete_or_queue(_PendingAck(None, None, pid, qos, 0x97))
+                return
+            retain = False  # no way to say it: delivered, not retained
         if device_id is None and not self._acks and self._batch is None:
             # The common case: route and acknowledge now, without a pending entry.
-            broker.route_publish(topic, p.payload, qos, p.retain, fwd, expires_at, self.client_id)
+            broker.route_publish(topic, p.payload, qos, retain, fwd, expires_at, self.client_id)
             if qos == 1:
                 self.write(encode_puback(pid, self.level))  # type: ignore[arg-type]
                 self._in_quota -= 1
@@ -979,7 +992,7 @@ class MqttConnection(asyncio.Protocol):
             return
         msg: Message | None
         if device_id is None:
-            msg = Message(topic, p.payload, qos, p.retain, fwd, expires_at, self.client_id)
+            msg = Message(topic, p.payload, qos, retain, fwd, expires_at, self.client_id)
             self._complete_or_queue(_PendingAck(None, msg, pid, qos, 0))
             return
         # Telemetry is routed (once stored) like any message, but usually
@@ -987,8 +1000,8 @@ class MqttConnection(asyncio.Protocol):
         # routed. Decided on arrival, as Mosquitto routes on arrival; a
         # subscription made while the reading is being stored does not get it.
         msg = (
-            Message(topic, p.payload, qos, p.retain, fwd, expires_at, self.client_id)
-            if p.retain or broker.has_subscribers(topic)
+            Message(topic, p.payload, qos, retain, fwd, expires_at, self.client_id)
+            if retain or broker.has_subscribers(topic)
             else None
         )
         try:
@@ -1321,8 +1334,15 @@ class MqttConnection(asyncio.Protocol):
         )
         codes: list[int] = []
         walks: list[_RetainedWalk] = []
+        max_subs = broker.limits.max_subscriptions_per_client
         for sub in p.subscriptions:
             flt = sub.topic_filter
+            if max_subs and len(session.subscriptions) >= max_subs:
+                if flt not in session.subscriptions:
+                    # First, so the rest of a huge SUBSCRIBE costs a lookup each.
+                    broker.count("subscribe_quota_exceeded")
+                    codes.append(0x97 if v5 else 0x80)
+                    continue
             try:
                 validate_topic_filter(flt)
             except ProtocolError as e:

@@ -16,6 +16,11 @@ matches at once: :meth:`RetainedStore.cursor` gives a :class:`RetainedCursor`
 that finds them a bounded number of trie nodes at a time, so ``#`` over
 100,000 retained messages is sent in slices between other clients' work.
 A plain topic is a dict lookup.
+
+The store is bounded (``mqtt.limits.max_retained_messages`` and
+``max_retained_bytes``, counted as topic + payload + :data:`RETAINED_OVERHEAD`):
+:meth:`RetainedStore.set` refuses a message that does not fit, and the
+broker decides what the publisher is told.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from edgeway.south.mqtt.packets import Properties
+
+RETAINED_OVERHEAD = 200
+"""Bytes a retained message costs beyond its topic and payload (the Message,
+its trie node and dict entries), for ``max_retained_bytes``."""
 
 
 @dataclass(slots=True)
@@ -60,6 +69,11 @@ class Message:
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and self.expires_at <= now
+
+
+def retained_size(msg: Message) -> int:
+    """What one retained message counts against ``max_retained_bytes``."""
+    return len(msg.topic) + len(msg.payload) + RETAINED_OVERHEAD
 
 
 class _Node:
@@ -143,28 +157,52 @@ class RetainedStore:
     """Retained messages by topic (a dict and a trie), with change tracking
     for persistence."""
 
-    __slots__ = ("_by_topic", "_root", "dirty")
+    __slots__ = ("_by_topic", "_root", "bytes", "dirty", "max_bytes", "max_messages")
 
-    def __init__(self) -> None:
+    def __init__(self, max_messages: int = 0, max_bytes: int = 0) -> None:
         self._by_topic: dict[str, Message] = {}
         self._root = _Node()
+        self.max_messages = max_messages
+        """At most this many topics retained (0: no limit)."""
+        self.max_bytes = max_bytes
+        """At most this many bytes (:func:`retained_size`) retained (0: no limit)."""
+        self.bytes = 0
+        """Sum of :func:`retained_size` over the stored messages."""
         self.dirty: dict[str, Message | None] = {}
         """Topics changed since the last save: the message, or None if cleared."""
 
     def __len__(self) -> int:
         return len(self._by_topic)
 
-    def set(self, msg: Message) -> None:
+    def fits(self, topic: str, payload_size: int) -> bool:
+        """Whether a retained message of ``payload_size`` bytes on ``topic``
+        may be stored now (replacing the topic's current one, if any)."""
+        old = self._by_topic.get(topic)
+        if old is None:
+            if self.max_messages and len(self._by_topic) >= self.max_messages:
+                return False
+            freed = 0
+        else:
+            freed = retained_size(old)
+        size = len(topic) + payload_size + RETAINED_OVERHEAD
+        return not self.max_bytes or self.bytes - freed + size <= self.max_bytes
+
+    def set(self, msg: Message) -> bool:
         """Store ``msg`` as its topic's retained message, or clear the topic
-        if the payload is empty."""
+        if the payload is empty. False: refused, it does not :meth:`fits`."""
         if msg.payload:
+            if not self.fits(msg.topic, len(msg.payload)):
+                return False
             self._store(msg)
             self.dirty[msg.topic] = msg
         elif msg.topic in self._by_topic:
             self._drop(msg.topic)
+        return True
 
     def load(self, msg: Message) -> None:
-        """Add a message read from storage (not marked dirty)."""
+        """Add a message read from storage (not marked dirty). Not refused
+        when over the limits (they may have been lowered): nothing stored is
+        thrown away, new ones are refused until it is under them again."""
         self._store(msg)
 
     def get(self, topic: str) -> Message | None:
@@ -200,11 +238,15 @@ class RetainedStore:
             if child is None:
                 child = children[level] = _Node()
             node = child
+        old = node.msg
+        if old is not None:
+            self.bytes -= retained_size(old)
         node.msg = msg
+        self.bytes += retained_size(msg)
         self._by_topic[msg.topic] = msg
 
     def _drop(self, topic: str) -> None:
-        del self._by_topic[topic]
+        self.bytes -= retained_size(self._by_topic.pop(topic))
         self.dirty[topic] = None
         path: list[tuple[_Node, str]] = []
         node = self._root
