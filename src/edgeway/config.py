@@ -269,6 +269,12 @@ class MqttLimits(_Model):
     """Upper bound on a client's keep alive; v5 clients are told via Server Keep Alive."""
     max_session_expiry: Duration = 7 * 86400.0
     """Upper bound on how long a persistent session outlives its connection."""
+    session_downtime_credit: Duration = 0.0
+    """How much of a stop across a reboot counts towards session expiry, at
+    most (the wall-clock gap, clamped). 0: none, since a board without a
+    real-time clock cannot tell a long stop from a clock correction of years;
+    set it (e.g. to max_session_expiry) with a battery-backed clock. A restart
+    without a reboot is measured exactly, whatever this says."""
     topic_alias_maximum: int = Field(default=64, ge=0, le=65535)
     """Topic aliases a v5 client may use towards us (bounds the alias table per connection)."""
     max_topic_levels: int = Field(default=32, ge=1)

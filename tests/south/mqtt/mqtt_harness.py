@@ -19,6 +19,7 @@ from edgeway.devices.auth import AllowAll, Authenticator, Authoriser
 from edgeway.ingest import Ingest, IngestStatus, MemoryIngest
 from edgeway.reading import Reading
 from edgeway.south.mqtt.broker import Broker
+from edgeway.south.mqtt.clock import BrokerClock
 from edgeway.south.mqtt.codec import MqttReader, encode
 from edgeway.south.mqtt.packets import (
     ConnAck,
@@ -57,6 +58,7 @@ async def running_broker(
     ingest: Ingest | None = None,
     authenticator: Authenticator | None = None,
     authoriser: Authoriser | None = None,
+    clock: BrokerClock | None = None,
 ) -> AsyncIterator[RunningBroker]:
     """Start a broker on 127.0.0.1:0; stop it (and its server) on exit."""
     allow = AllowAll()
@@ -67,6 +69,7 @@ async def running_broker(
         authoriser=authoriser or allow,
         data_dir=data_dir,
         gateway_id="test-gw",
+        clock=clock,
     )
     await broker.start()
     listener = ListenerConfig(bind="127.0.0.1:0", allow_anonymous=True)

@@ -71,6 +71,7 @@ from edgeway.config import ListenerConfig, MqttSection, input_limits
 from edgeway.devices.auth import Authenticator, Authoriser, Principal
 from edgeway.ingest import Ingest
 from edgeway.logs import EventLog
+from edgeway.south.mqtt.clock import BrokerClock
 from edgeway.south.mqtt.connection import CLOSED, CONNECTED, MAX_BATCH, MqttConnection
 from edgeway.south.mqtt.packets import MQTT_5, Properties, Will
 from edgeway.south.mqtt.persistence import AUTOSAVE_INTERVAL, BrokerStore
@@ -131,8 +132,11 @@ class Broker:
         authoriser: Authoriser,
         data_dir: Path,
         gateway_id: str,
+        clock: BrokerClock | None = None,
     ) -> None:
         self.config = config
+        self.clock = clock or BrokerClock()
+        """Session expiry and will delay run on it (``clock.py``), not on the wall clock."""
         self.limits = config.limits
         self.input_limits = input_limits(config.input_limits)
         """What one telemetry PUBLISH may turn into (``input_limits``)."""
@@ -203,7 +207,8 @@ class Broker:
         self._loop = asyncio.get_running_loop()
         self.store = BrokerStore(self.data_dir / "broker.db")
         state = self.store.load()
-        now = time.time()
+        self.clock.resume(state.clock, self.limits.session_downtime_credit)
+        now = self.clock.now()
         for msg in state.retained:
             self.retained.load(msg)
         for s in state.sessions:
@@ -222,6 +227,7 @@ class Broker:
                     "retained": len(self.retained),
                     "sessions": len(self.sessions),
                     "db": str(self.store.path),
+                    "downtime_counted_s": round(self.clock.credited, 1),
                 }
             },
         )
@@ -242,7 +248,7 @@ class Broker:
         for h in (self._sweep_handle, self._flush_handle, self._saturation_handle):
             if h is not None:
                 h.cancel()
-        now = time.time()
+        now = self.clock.now()
         conns = list(self.connections)
         for conn in conns:
             session = conn.session
@@ -266,6 +272,7 @@ class Broker:
             try:
                 store.retained_changed(self.retained.dirty)
                 self.retained.dirty = {}
+                store.clock_saved(self.clock.stamp())
                 persistent = [s for s in self.sessions.values() if s.persistent]
                 for s in persistent:
                     store.session_saved(s)
@@ -375,7 +382,7 @@ class Broker:
 
     def _detach(self, session: Session, conn: MqttConnection) -> None:
         """The session's connection ended (closed, lost or taken over)."""
-        now = time.time()
+        now = self.clock.now()
         will = conn.will if conn.sends_will else None
         if not session.persistent:
             if will is not None:
@@ -769,6 +776,12 @@ class Broker:
                     conn.rx = False
                     conn.last_rx = now
                     continue
+                if conn.held:
+                    # We stopped reading it (back-pressure): its packets, its
+                    # PINGREQs too, wait in the socket. Held time is not
+                    # idleness; keep alive counts again once we read again.
+                    conn.last_rx = now
+                    continue
                 if conn.state == CONNECTED:
                     ka = conn.keepalive
                     if ka and now - conn.last_rx > ka * 1.5:
@@ -776,30 +789,16 @@ class Broker:
                 elif conn.state != CLOSED and now - conn.accepted_at > connect_timeout:
                     self.count("connect_timeouts")
                     conn.close()
-            wall = time.time()
-            expired: list[Session] = []
-            for s in self.sessions.values():
-                if s.conn is not None:
-                    continue
-                if s.will_at is not None and wall >= s.will_at and s.will is not None:
-                    will, s.will, s.will_at = s.will, None, None
-                    self._publish_will(
-                        will, s.client_id, self._will_principal.pop(s.client_id, None)
-                    )
-                if (
-                    s.disconnected_at is not None
-                    and s.expiry_interval != NEVER_EXPIRES
-                    and wall >= s.disconnected_at + s.expiry_interval
-                ):
-                    expired.append(s)
-            for s in expired:
-                self.count("sessions_expired")
-                self._end_session(s)
-            if self.store is not None and wall - self._last_autosave >= AUTOSAVE_INTERVAL:
-                self._last_autosave = wall
+            self.expire_sessions()
+            t = self.clock.now()
+            if self.store is not None and t - self._last_autosave >= AUTOSAVE_INTERVAL:
+                self._last_autosave = t
+                self.store.clock_saved(self.clock.stamp())
                 dirty = [s for s in self.sessions.values() if s.dirty and s.persistent]
                 if dirty:
-                    self.store.messages_saved(dirty)
+                    self.store.messages_saved(dirty)  # flushes the clock too
+                else:
+                    self.store.flush()
             self.events.report_suppressed()
             self.flush_writes()
         except Exception:
@@ -807,6 +806,27 @@ class Broker:
         finally:
             if not self._stopped:
                 self._sweep_handle = loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def expire_sessions(self) -> None:
+        """Send delayed wills that are due and end expired sessions, by the
+        broker clock (part of the sweep; tests call it after moving a clock)."""
+        now = self.clock.now()
+        expired: list[Session] = []
+        for s in self.sessions.values():
+            if s.conn is not None:
+                continue
+            if s.will_at is not None and now >= s.will_at and s.will is not None:
+                will, s.will, s.will_at = s.will, None, None
+                self._publish_will(will, s.client_id, self._will_principal.pop(s.client_id, None))
+            if (
+                s.disconnected_at is not None
+                and s.expiry_interval != NEVER_EXPIRES
+                and now >= s.disconnected_at + s.expiry_interval
+            ):
+                expired.append(s)
+        for s in expired:
+            self.count("sessions_expired")
+            self._end_session(s)
 
 
 def _online(session: Session) -> bool:

@@ -1692,6 +1692,13 @@ class MqttConnection(asyncio.Protocol):
         self.broker.count("packet_timeouts")
         self.close(0x8D, "a partial packet took longer than packet_timeout")
 
+    @property
+    def held(self) -> bool:
+        """Whether we stopped reading this client for back-pressure (the
+        outbox is full or its acknowledgements pile up), not for its own
+        doing (a client that does not read what we send is not exempt)."""
+        return bool(self._pause & (_PAUSE_SATURATED | _PAUSE_ACKS))
+
     def keepalive_expired(self) -> None:
         """Called by the broker's sweep: nothing received for 1.5x keep alive."""
         self.broker.count("keepalive_timeouts")

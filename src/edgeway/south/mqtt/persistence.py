@@ -39,6 +39,7 @@ from typing import Any
 
 import orjson
 
+from edgeway.south.mqtt.clock import BootTime, ClockStamp
 from edgeway.south.mqtt.packets import Properties
 from edgeway.south.mqtt.retained import Message
 from edgeway.south.mqtt.session import Delivery, Inflight, Session
@@ -57,6 +58,9 @@ CREATE TABLE IF NOT EXISTS retained(
 CREATE TABLE IF NOT EXISTS sessions(
     client_id TEXT PRIMARY KEY, protocol_level INTEGER NOT NULL,
     expiry_interval INTEGER NOT NULL, disconnected_at REAL, in_qos2 BLOB, owner TEXT);
+CREATE TABLE IF NOT EXISTS clock(
+    id INTEGER PRIMARY KEY CHECK (id = 1), clock REAL NOT NULL, wall REAL NOT NULL,
+    boot_id TEXT, since_boot REAL);
 CREATE TABLE IF NOT EXISTS subscriptions(
     client_id TEXT NOT NULL, topic_filter TEXT NOT NULL, qos INTEGER NOT NULL,
     no_local INTEGER NOT NULL, retain_as_published INTEGER NOT NULL,
@@ -140,6 +144,9 @@ class LoadedState:
 
     retained: list[Message]
     sessions: list[Session]
+    clock: ClockStamp | None = None
+    """The broker clock when last saved (None: a database from before it);
+    sessions' ``disconnected_at`` are on that clock."""
 
 
 class BrokerStore:
@@ -226,7 +233,13 @@ class BrokerStore:
                 owner.enqueue(d, len(owner.queue) + 1)  # no byte limit: loads what was saved
         for s in sessions.values():
             s.dirty = False
-        return LoadedState(retained, list(sessions.values()))
+        clock: ClockStamp | None = None
+        for value, wall, boot_id, since_boot in db.execute(
+            "SELECT clock, wall, boot_id, since_boot FROM clock"
+        ):
+            boot = BootTime(boot_id, since_boot) if boot_id is not None else None
+            clock = ClockStamp(value, wall, boot)
+        return LoadedState(retained, list(sessions.values()), clock)
 
     # ----------------------------------------------------------- write-behind
 
@@ -305,6 +318,19 @@ class BrokerStore:
             ),
         )
         s.persisted = True
+
+    def clock_saved(self, stamp: ClockStamp) -> None:
+        """Write the broker clock (see ``clock.py``), for the next start."""
+        boot = stamp.boot
+        self.later(
+            "INSERT OR REPLACE INTO clock VALUES (1,?,?,?,?)",
+            (
+                stamp.clock,
+                stamp.wall,
+                boot.boot_id if boot is not None else None,
+                boot.since_boot if boot is not None else None,
+            ),
+        )
 
     def session_deleted(self, client_id: str) -> None:
         self.later("DELETE FROM sessions WHERE client_id=?", (client_id,))

@@ -120,10 +120,12 @@ class Session:
         self.in_qos2: set[int] = _NO_IDS
         self.conn: MqttConnection | None = None
         self.disconnected_at: float | None = None
-        """Wall-clock time the last connection ended (None while connected)."""
+        """When the last connection ended, on the broker clock (``clock.py``:
+        monotonic, kept across restarts); None while connected."""
         self.will: Will | None = None
         """A will waiting for its v5 will delay interval to elapse."""
         self.will_at: float | None = None
+        """When the delayed will is due, on the broker clock."""
         self.dropped = 0
         self._next_pid = 1
         self.dirty = False
