@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 
 import argon2
@@ -294,3 +295,53 @@ def test_tls_mosquitto_pub_with_client_certificate(
     done = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
     assert sub.get().payload == b"cli-tls"
+
+
+# ---------------------------------------------------------------------------
+# sessions belong to an identity; log lines cannot be forged
+
+
+def test_another_user_cannot_take_a_persistent_session(
+    auth_gateway: GatewayProcess, peers: list[PahoPeer]
+) -> None:
+    gw = auth_gateway
+    shared = unique("shared-id")
+    alice = login(gw, peers, "alice", version=5, client_id=shared, clean=False, session_expiry=300)
+    assert alice.subscribe("inbox/alice/#", 1) == [1]
+    alice.disconnect()
+    # bob claims alice's client id: refused (paho v5), and over 3.1.1 (return code 2).
+    thief = PahoPeer(
+        gw.host, gw.port, version=5, client_id=shared, clean=False, session_expiry=300,
+        username="bob", password=PASSWORDS["bob"],
+    )  # fmt: skip
+    peers.append(thief)
+    assert thief.connect() == (0x85, False)  # client identifier not valid
+    connack, sock = raw_connack(
+        gw.host, gw.port,
+        raw_connect_packet(shared, username="bob", password=PASSWORDS["bob"], clean=False),
+    )  # fmt: skip
+    with sock:
+        assert connack == b"\x20\x02\x00\x02"  # identifier rejected
+    owner = PahoPeer(
+        gw.host, gw.port, version=5, client_id=shared, clean=False, session_expiry=300,
+        username="alice", password=PASSWORDS["alice"],
+    )  # fmt: skip
+    peers.append(owner)
+    assert owner.connect() == (0, True)  # her session is still there
+
+
+def test_a_client_id_with_a_newline_cannot_forge_a_log_line(auth_gateway: GatewayProcess) -> None:
+    gw = auth_gateway
+    marker = unique("forged")
+    forged = f"dev\n2026-12-06T20:00:00.000Z info    edgeway.gateway: {marker}"
+    connack, sock = raw_connack(
+        gw.host, gw.port, raw_connect_packet(forged, username="mallorycli", password="wrong")
+    )
+    with sock:
+        assert connack == b"\x20\x02\x00\x04"
+    deadline = time.monotonic() + TIMEOUT
+    while marker not in gw.output() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the log line has no event to wait on; bounded poll
+    lines = [line for line in gw.output().splitlines() if marker in line]
+    assert len(lines) == 1, lines
+    assert "edgeway.south.mqtt.broker: MQTT client dev\\n2026-12-06T20:00:00.000Z" in lines[0]

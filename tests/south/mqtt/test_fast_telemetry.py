@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from mqtt_harness import MemoryTransport, running_broker
 
 from edgeway.config import InputLimitsSection, ListenerConfig, MqttLimits, MqttSection
+from edgeway.devices.auth import Principal
 from edgeway.ingest import MemoryIngest
 from edgeway.south.mqtt.codec import encode
 from edgeway.south.mqtt.connection import MqttConnection
@@ -139,6 +140,18 @@ class _Ingest(MemoryIngest):
         self.batchable = batchable  # type: ignore[misc]
 
 
+class _WatcherMayNotReadD2:
+    """Everything is allowed except that the watcher may not read
+    devices/d2/telemetry: its subscription (devices/#) is granted, and the
+    read ACL at delivery drops d2's telemetry, which both paths route."""
+
+    def may_publish(self, principal: Principal, topic: str) -> bool:
+        return True
+
+    def may_subscribe(self, principal: Principal, topic_filter: str) -> bool:
+        return not (principal.client_id == "watcher" and topic_filter == TOPICS[1])
+
+
 async def _run(level: int, watched: bool, batchable: bool, data: bytes, cuts: list[int]) -> Any:
     ingest = _Ingest(batchable)
     # A small receive maximum and packet size, so both limits are hit.
@@ -146,7 +159,9 @@ async def _run(level: int, watched: bool, batchable: bool, data: bytes, cuts: li
         limits=MqttLimits(receive_maximum=8, max_packet_size=256), input_limits=INPUT_LIMITS
     )
     with tempfile.TemporaryDirectory() as tmp:
-        async with running_broker(Path(tmp), config=config, ingest=ingest) as rb:
+        async with running_broker(
+            Path(tmp), config=config, ingest=ingest, authoriser=_WatcherMayNotReadD2()
+        ) as rb:
             broker = rb.broker
             factory = broker.protocol_factory(
                 ListenerConfig(bind="127.0.0.1:0", allow_anonymous=True)
@@ -164,7 +179,7 @@ async def _run(level: int, watched: bool, batchable: bool, data: bytes, cuts: li
             (dev, t_dev), (watcher, t_watch) = conns
             if watched:
                 watcher.data_received(
-                    encode(Subscribe(1, [Subscription("devices/d1/#", 1)], Properties()), level)
+                    encode(Subscribe(1, [Subscription("devices/#", 1)], Properties()), level)
                 )
             # Every topic once, the slow way (this is what lets the fast path take it).
             warm = b"".join(
@@ -282,3 +297,17 @@ def test_each_payload_after_a_fast_run(level: int, payload: bytes) -> None:
     after = encode(Publish(TOPICS[1], PAYLOADS[1], 0, False, False, None, Properties()), level)
     data = usual + odd + after
     assert _both(level, False, data, [], fast=True) == _both(level, False, data, [], fast=False)
+
+
+def test_read_acl_at_delivery_on_both_paths() -> None:
+    """Telemetry the fast path routes is checked against the subscriber's read
+    ACL like the packet path's: d1 reaches the watcher, d2 does not."""
+    pubs = b"".join(
+        encode(Publish(TOPICS[i % 2], b'{"v": %d}' % i, 1, False, False, i + 1), 4)
+        for i in range(10)
+    )
+    fast = _both(4, True, pubs, [], fast=True)
+    assert fast == _both(4, True, pubs, [], fast=False)
+    assert len(fast[0]) == 10  # all stored
+    assert fast[4]["dropped_read_not_authorised"] == 5
+    assert fast[2].count(b"devices/d1/telemetry") == 5 and b"devices/d2" not in fast[2]
