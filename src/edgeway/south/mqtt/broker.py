@@ -501,6 +501,14 @@ class Broker:
     def _publish_will(self, will: Will, client_id: str, principal: Principal | None) -> None:
         if principal is not None and not self.authoriser.may_publish(principal, will.topic):
             self.count_drop("will_not_authorised")
+            self.events.emit(
+                "publish_denied",
+                logging.WARNING,
+                "MQTT client %s (user %s) may not publish its will to %s: dropped",
+                client_id,
+                None if principal.anonymous else principal.username,
+                will.topic,
+            )
             return
         props = will.properties
         fwd: Properties | None = None

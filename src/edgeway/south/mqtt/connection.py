@@ -534,7 +534,11 @@ class MqttConnection(asyncio.Protocol):
             self._announced = False
             why = self._why
             if why is None:
-                why = f"connection lost: {exc}" if exc is not None else "connection closed"
+                why = (
+                    f"connection lost: {exc}"
+                    if exc is not None
+                    else "connection closed without DISCONNECT"
+                )
             self.broker.events.emit(
                 "disconnect",
                 logging.WARNING if why.startswith("protocol error") else logging.INFO,
