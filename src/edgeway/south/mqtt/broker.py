@@ -10,8 +10,14 @@ Configuration (``mqtt:`` section; every key optional)::
         max_packet_size: 1MiB
         receive_maximum: 64
         max_queued_messages: 10000
+        max_queued_bytes: 8MiB
+        max_retained_messages: 100000
+        max_retained_bytes: 64MiB
+        max_persistent_sessions: 10000
+        max_subscriptions_per_client: 1000
         max_connections: 100000
         connect_timeout: 10s
+        packet_timeout: 60s
         max_keepalive: 65535
         max_session_expiry: 7d
         topic_alias_maximum: 64
