@@ -113,15 +113,13 @@ mqtt:
         task = asyncio.create_task(gw.run())
         await asyncio.wait_for(gw.ready.wait(), 20)
         port = gw.listeners[0].bound[1]
-        dev = subprocess.Popen(
-            [sys.executable, "-c", DEVICE, str(port), "bench-dev"],
-            stdout=subprocess.PIPE,
-            text=True,
+        dev = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", DEVICE, str(port), "bench-dev", stdout=subprocess.PIPE
         )
         try:
             assert dev.stdout is not None
-            line = await asyncio.wait_for(asyncio.to_thread(dev.stdout.readline), 20)
-            assert line.strip() == "ready", line
+            line = await asyncio.wait_for(dev.stdout.readline(), 20)
+            assert line.strip() == b"ready", line
             svc = gw.commands
             assert svc is not None
             await asyncio.sleep(0.3)
@@ -150,7 +148,7 @@ mqtt:
             used = cpu() - c0
         finally:
             dev.terminate()
-            dev.wait(5)
+            await asyncio.wait_for(dev.wait(), 5)
             gw.request_stop()
             await asyncio.wait_for(task, 20)
     latencies.sort()

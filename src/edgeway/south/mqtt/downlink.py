@@ -182,12 +182,20 @@ class BrokerDownlink:
     # --------------------------------------------------------- BrokerObserver
 
     def session_online(self, session: Session) -> None:
+        # A new connection for this client id: a delivery still waiting for
+        # the old connection's PUBACK will not get it (a take-over by a new
+        # connection does not end the old one through session_offline), so
+        # the command goes out again, flagged as a redelivery.
+        self._connection_ended(session.client_id)
         if session.subscriptions:
             # A resumed session: its subscriptions are already in place.
             self._kick(session.client_id)
 
     def session_offline(self, session: Session) -> None:
-        futs = self._waiting.pop(session.client_id, None)
+        self._connection_ended(session.client_id)
+
+    def _connection_ended(self, device_id: str) -> None:
+        futs = self._waiting.pop(device_id, None)
         if futs:
             for fut in futs.values():
                 if not fut.done():
