@@ -253,6 +253,7 @@ class MqttConnection(asyncio.Protocol):
         "_output_scheduled",
         "_pause",
         "_pending",
+        "_readable",
         "_retained",
         "_saturation_check",
         "_topics",
@@ -338,6 +339,9 @@ class MqttConnection(asyncio.Protocol):
         self._normal_disconnect = False
         self._saturation_check = False
         self._topics: dict[str, _TopicInfo] | None = None
+        self._readable: dict[str, bool] | None = None
+        """Read ACL decisions per topic this connection was sent (see
+        :meth:`_may_read`), bounded like ``_topics``."""
         self._fast_topics: dict[bytes, tuple[str, Origin, str]] | None = None
         """Topics (as the bytes on the wire) this connection sent telemetry to,
         with device id, origin and topic: what :meth:`_fast_telemetry` may take."""
@@ -1586,8 +1590,7 @@ class MqttConnection(asyncio.Protocol):
         self, d: Delivery, pid: int | None, dup: bool, cache: dict[Any, Any] | None
     ) -> None:
         msg = d.msg
-        principal = self.principal
-        if principal is not None and not self.broker.authoriser.may_subscribe(principal, msg.topic):
+        if not self._may_read(msg.topic):
             # Read access is checked where data leaves, not only at SUBSCRIBE:
             # queued, in-flight and restored messages were routed under an
             # earlier ACL (a restart with a new configuration) and every path
@@ -1638,6 +1641,27 @@ class MqttConnection(asyncio.Protocol):
         if key is not None and cache is not None:
             cache[key] = enc
         self._emit(enc, pid)
+
+    def _may_read(self, topic: str) -> bool:
+        """The read ACL for ``topic`` (``may_subscribe`` on the topic name),
+        remembered per connection: a hit in the authoriser's own cache costs
+        ~0.45-0.65 us (it hashes the principal), one in this connection's dict
+        ~0.1-0.2 us (timeit on this 2-core machine, loaded), per delivery."""
+        readable = self._readable
+        if readable is not None:
+            hit = readable.get(topic)
+            if hit is not None:
+                return hit
+        principal = self.principal
+        if principal is None:
+            return True  # not connected yet: nothing is sent
+        ok = self.broker.authoriser.may_subscribe(principal, topic)
+        if readable is None:
+            readable = self._readable = {}
+        elif len(readable) >= ACL_CACHE_MAX:
+            readable.clear()
+        readable[topic] = ok
+        return ok
 
     def _not_readable(self, topic: str, pid: int | None) -> None:
         """Drop a message this client may not read (counted, logged)."""
