@@ -157,9 +157,9 @@ class CoapAdapter(SouthAdapter):
         self.responses: dict[str, int] = {}
         """Responses sent to telemetry requests, by code (``"2.04"``, ``"4.00"``, ...)."""
         self.listener_restarts = 0
+        """Times the listener stopped answering pings and was replaced."""
         self.probe_answered = False
         """True once the listener answered its self-check (``probe_interval``)."""
-        """Times the listener stopped answering pings and was replaced."""
         self.refusals: dict[str, int] = {}
         """Requests refused before rendering, by reason (``unknown_critical_option``,
         ``malformed_option``, ``proxy_option``, ``undecodable``)."""
@@ -212,15 +212,17 @@ class CoapAdapter(SouthAdapter):
         loop = asyncio.get_running_loop()
         ctx = aiocoap.Context(loop=loop, serversite=site, loggername=AIOCOAP_LOGGER)
         transport = _guarded_udp6(self.answer_undecodable)
-        await ctx._append_tokenmanaged_messagemanaged_transport(
-            lambda mman: transport.create_server_transport_endpoint(
-                mman, log=ctx.log, loop=loop, bind=(host, port), multicast=[]
+        try:
+            await ctx._append_tokenmanaged_messagemanaged_transport(
+                lambda mman: transport.create_server_transport_endpoint(
+                    mman, log=ctx.log, loop=loop, bind=(host, port), multicast=[]
+                )
             )
-        )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await ctx.shutdown()
+            raise
         self._context = ctx
-        sock = self.listener_socket()
-        if sock is not None:
-            _ignore_icmp_errors(sock)
 
     async def _close_listener(self) -> None:
         ctx, self._context = self._context, None
@@ -647,10 +649,21 @@ def _guarded_udp6(answer: Callable[[bytes, object, Exception], bytes | None]) ->
     out of the transport's read callback, which the event loop logs with a
     traceback, per datagram, and nothing is answered. Here such a datagram gets
     ``answer``'s bytes (a 4.02 to a confirmable request) and no traceback.
+
+    The socket's ICMP error reporting is turned off as soon as the transport
+    has it, before its first read (see :func:`_ignore_icmp_errors`).
     """
     from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
     class GuardedUDP6(MessageInterfaceUDP6):  # type: ignore[misc]
+        def connection_made(self, transport: Any) -> None:
+            # Called before the transport starts reading (both are scheduled,
+            # in this order, when the endpoint is created).
+            sock = transport.get_extra_info("socket")
+            if isinstance(sock, socket.socket):
+                _ignore_icmp_errors(sock)
+            super().connection_made(transport)
+
         def datagram_msg_received(
             self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int, address: Any
         ) -> None:
