@@ -15,7 +15,7 @@ from typing import Any
 import cbor2
 import httpx
 import pytest
-from ingest_doubles import RecordingIngest
+from ingest_doubles import RecordingIngest, wait_until
 
 from certs import (
     CertFiles,
@@ -471,3 +471,21 @@ async def test_a_thousand_malformed_requests_get_400_and_a_few_lines_no_tracebac
     assert len(lines) <= 4, [r.getMessage() for r in lines]
     assert sum(adapter.refusals.values()) == 1000
     assert adapter.refusals["LineTooLong"] >= 280
+
+
+async def test_non_http_traffic_is_counted_without_a_line(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)  # aiohttp reports it at debug
+    adapter, _ = await start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", adapter.port)
+    writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 64)  # TLS hello
+    assert (await reader.readline()).split(b" ")[1] == b"400"
+    writer.close()
+    await wait_until(lambda: sum(adapter.refusals.values()) == 1)
+    assert list(adapter.refusals) == ["BadHttpMethod"]
+    assert not [
+        r
+        for r in caplog.records
+        if r.name.startswith(("aiohttp", "edgeway.south.http")) and r.levelno >= logging.WARNING
+    ]

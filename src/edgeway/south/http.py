@@ -173,7 +173,10 @@ class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         if isinstance(exc, HttpProcessingError):
             kind = type(exc).__name__
             self._refusals[kind] = self._refusals.get(kind, 0) + 1
-            if level > logging.DEBUG:  # aiohttp logs non-HTTP traffic at debug
+            # LoggerAdapter.debug() comes here whatever the level: aiohttp
+            # reports non-HTTP traffic (a bad method first) at debug, counted
+            # but not worth a line.
+            if level > logging.DEBUG:
                 self._events.emit(
                     "http_bad_request",
                     logging.WARNING,
