@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import json
 import queue
+import random
 import socket
 import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +321,53 @@ async def test_broker_down_then_back(tmp_path: Path) -> None:
         assert sink.state.connected
     finally:
         await sink.close()
+        broker.kill()
+
+
+async def test_a_broker_back_after_a_long_backoff_is_probed_and_drained_at_once(
+    tmp_path: Path,
+) -> None:
+    """The runner probes the broker's port while it backs off: once the broker
+    is back the drain starts within seconds, not at the end of a 30 s backoff."""
+
+    class LongestBackoff(random.Random):
+        def uniform(self, a: float, b: float) -> float:
+            return b
+
+    class WatchedSink(MqttSink):
+        failed = asyncio.Event()
+
+        async def send_batch(self, records: Sequence[Record]) -> None:
+            try:
+                await super().send_batch(records)
+            except Exception:
+                self.failed.set()
+                raise
+
+    broker = Mosquitto(tmp_path)  # not started: the broker is down
+    sink = WatchedSink(
+        SinkConfig(name="cloud", url=f"mqtt://127.0.0.1:{broker.port}", options={}), "gw1"
+    )
+    ob = Outbox(tmp_path / "o.db", gateway_id="gw1", config=OutboxSection(), sink_names=["cloud"])
+    await ob.open()
+    runner = SinkRunner(ob, sink, backoff_initial=30.0, backoff_max=60.0, rng=LongestBackoff())
+    task = asyncio.create_task(runner.run())
+    try:
+        await ob.submit([Reading(f"dev{i % 3}", 1_700_000_000.0 + i, {"n": i}) for i in range(40)])
+        async with asyncio.timeout(TIMEOUT):
+            await sink.failed.wait()  # the first attempt failed: a 30 s backoff began
+        await asyncio.sleep(1.5)  # the outage lasts a while
+        await asyncio.to_thread(broker.start)
+        t0 = time.monotonic()
+        async with asyncio.timeout(5):  # the broker's PUBACKs within seconds, not 30
+            while ob.counters()["cloud"]["delivered"] < 40:
+                await ob.wait_for_commit()
+        assert time.monotonic() - t0 < 5
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sink.close()
+        await ob.close()
         broker.kill()
 
 
