@@ -234,6 +234,13 @@ class Gateway:
                             ).run(),
                             name=f"sink:{sink.name}",
                         )
+                        source = (
+                            sink.command_source(self.commands)
+                            if self.commands is not None
+                            else None
+                        )
+                        if source is not None:
+                            tg.create_task(source.run(), name=f"commands:{source.name}")
                     for adapter in self.adapters:
                         tg.create_task(self._supervise(adapter), name=f"south:{adapter.name}")
                     await self._wait_adapters_ready()

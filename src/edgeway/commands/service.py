@@ -697,6 +697,11 @@ class CommandService:
             "attempts": cmd.attempts,
             "source": cmd.source,
         }
+        key = cmd.idempotency_key
+        if key is not None:
+            # The caller's own id for its request (the cloud's id, without
+            # the "cloud:" prefix), so it can match records to requests.
+            metrics["request_id"] = key.removeprefix("cloud:")
         if cmd.error is not None:
             metrics["error"] = cmd.error[:EVENT_TEXT_MAX]
         if cmd.result is not None:

@@ -34,7 +34,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -42,6 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from edgeway.config import Duration, SinkConfig, Size, known_keys, unknown_key
 from edgeway.extras import OptionalLibrary
 from edgeway.reading import MetricValue
+
+if TYPE_CHECKING:
+    from edgeway.commands.service import CommandService
 
 
 @dataclass(slots=True)
@@ -396,8 +399,22 @@ class Sink(abc.ABC):
             return None
         return await tcp_reachable(addresses)
 
+    def command_source(self, service: CommandService) -> CommandSource | None:
+        """Where this sink takes commands for devices from the cloud, if it is
+        configured to (see :mod:`edgeway.commands.cloud`); None by default."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+
+class CommandSource(Protocol):
+    """A sink's downlink from the cloud: runs (reconnecting forever) until
+    cancelled, queueing the commands it receives."""
+
+    name: str
+
+    async def run(self) -> None: ...
 
 
 _REGISTRY: dict[str, type[Sink]] = {}

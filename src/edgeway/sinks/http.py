@@ -40,7 +40,7 @@ import ssl
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import aiohttp
 import orjson
@@ -58,7 +58,15 @@ from edgeway.sinks.base import (
     url_address,
 )
 
+if TYPE_CHECKING:
+    from edgeway.commands.service import CommandService
+    from edgeway.sinks.base import CommandSource
+
 log = logging.getLogger(__name__)
+
+COMMANDS_BODY_MAX = 4 * 1024 * 1024
+"""Largest command poll answer read: bounds the memory a cloud (or whoever
+answers at its URL) can make the gateway hold per poll."""
 
 GZIP_LEVEL = 1
 """zlib level 1 gets most of the size gain on repetitive telemetry JSON
@@ -121,6 +129,12 @@ class HttpSinkOptions(BatchOptions):
     idempotency_header: str = Field(default="Idempotency-Key", min_length=1)
     """Header carrying a key that stays the same on every retry of a batch, so
     the endpoint can drop a repeated request."""
+    commands_url: str | None = Field(default=None, pattern=r"^https?://")
+    """Take commands for devices from the cloud by long-polling this URL (GET
+    ``?gateway_id=..&wait=..``, answers POSTed back to it; docs/commands.md);
+    absent: off. Sent with this sink's headers, token and TLS settings."""
+    commands_wait: Duration = Field(default=30.0, gt=0, le=300)
+    """How long one command poll may wait at the cloud for something to do."""
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -240,6 +254,12 @@ class HttpSink(Sink):
             raise RetryableSinkError(msg, retry_after)
         raise PermanentSinkError(msg)
 
+    def command_source(self, service: CommandService) -> CommandSource | None:
+        """Long-poll ``commands_url`` for cloud commands, when configured."""
+        if self.options.commands_url is None:
+            return None
+        return HttpCommandSource(self, self.options.commands_url, service)
+
     def probe_addresses(self) -> list[tuple[str, int]]:
         addr = url_address(self.url, 443 if self.url.lower().startswith("https") else 80)
         return [addr] if addr else []
@@ -248,3 +268,79 @@ class HttpSink(Sink):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class HttpCommandSource:
+    """Commands from the cloud over HTTP: a long-poll loop.
+
+    ``GET commands_url?gateway_id=ID&wait=S`` answers ``200 {"commands": [request,
+    ...]}`` (requests as in :mod:`edgeway.commands.cloud`) or ``204`` when
+    nothing came within ``wait``. Once every command of a poll is on disk the
+    gateway POSTs ``{"gateway_id": ID, "answers": [answer, ...]}`` to the same
+    URL; a request the cloud got no answer for it sends again (queued once:
+    its id is the idempotency key). Errors back off (0.5 s doubling to 30 s).
+    """
+
+    def __init__(self, sink: HttpSink, url: str, service: CommandService) -> None:
+        self.sink = sink
+        self.url = url
+        self.service = service
+        self.name = f"{sink.name}:commands"
+        self.connected = False
+        self.polls = 0
+
+    async def run(self) -> None:
+        from edgeway.commands.cloud import accept
+        from edgeway.south.base import Backoff
+
+        sink = self.sink
+        wait = sink.options.commands_wait
+        headers = {k: v for k, v in sink._headers.items() if k != "Content-Encoding"}
+        source = f"cloud:{sink.name}"
+        backoff = Backoff(initial=0.5, maximum=30.0)
+        connector = aiohttp.TCPConnector(limit=1, ssl=sink._ssl if sink._ssl is not None else True)
+        async with aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=wait + sink.options.timeout),
+            skip_auto_headers=("User-Agent",),
+        ) as session:
+            while True:
+                try:
+                    async with session.get(
+                        self.url,
+                        params={"gateway_id": sink.gateway_id, "wait": f"{wait:g}"},
+                        headers=headers,
+                        allow_redirects=False,
+                    ) as resp:
+                        self.polls += 1
+                        if resp.status == 204:
+                            self.connected = True
+                            backoff.reset()
+                            continue
+                        if resp.status != 200:
+                            raise RetryableSinkError(f"HTTP {resp.status} from {self.url}")
+                        body = await resp.content.read(COMMANDS_BODY_MAX + 1)
+                    if len(body) > COMMANDS_BODY_MAX:
+                        raise RetryableSinkError(f"command poll over {COMMANDS_BODY_MAX} bytes")
+                    doc = orjson.loads(body)
+                    requests = doc.get("commands") if isinstance(doc, dict) else None
+                    if not isinstance(requests, list):
+                        raise RetryableSinkError("command poll answer has no 'commands' list")
+                    answers = [
+                        await accept(self.service, orjson.dumps(r), source) for r in requests
+                    ]
+                    async with session.post(
+                        self.url,
+                        data=orjson.dumps({"gateway_id": sink.gateway_id, "answers": answers}),
+                        headers=headers,
+                        allow_redirects=False,
+                    ) as ack:
+                        await ack.read()
+                    self.connected = True
+                    backoff.reset()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    self.connected = False
+                    log.warning("sink %s: command poll failed: %s", sink.name, e)
+                    await backoff.wait()

@@ -43,8 +43,9 @@ import ssl
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import orjson
 from pydantic import ConfigDict, Field
 
 from edgeway.config import Duration, SinkConfig
@@ -61,6 +62,10 @@ from edgeway.sinks.base import (
     register_sink,
     url_address,
 )
+
+if TYPE_CHECKING:
+    from edgeway.commands.service import CommandService
+    from edgeway.sinks.base import CommandSource
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +102,11 @@ class NatsSinkOptions(BatchOptions):
     """Private key of ``cert`` (PEM)."""
     credentials: Path | None = None
     """A NATS ``.creds`` file (JWT and NKey seed)."""
+    commands_subject: str | None = None
+    """Take commands for devices from the cloud on this subject (placeholder
+    ``{gateway_id}``, e.g. ``edgeway-commands.{gateway_id}``); absent: off. A
+    request (see docs/commands.md) is answered once the command is on disk.
+    It must not be one of the record subjects (``subject`` with any device)."""
 
 
 @register_sink
@@ -131,6 +141,25 @@ class NatsSink(Sink):
                 "options.subject",
                 f"bad template {opts.subject!r} (placeholders: gateway_id, device_id, sink): {e}",
             ) from None
+        if opts.commands_subject is not None:
+            try:
+                self.commands_subject: str | None = opts.commands_subject.format(
+                    gateway_id=_TOKEN_UNSAFE.sub("_", gateway_id)
+                )
+            except (KeyError, IndexError, ValueError) as e:
+                raise SinkOptionsError.at(
+                    "options.commands_subject",
+                    f"bad template {opts.commands_subject!r} (placeholder: gateway_id): {e}",
+                ) from None
+            if any(_subject_matches(p, self.commands_subject) for p in self.stream_subjects()):
+                raise SinkOptionsError.at(
+                    "options.commands_subject",
+                    f"{self.commands_subject!r} is one of the record subjects "
+                    f"({self.stream_subjects()[0]}): a stream capturing records would answer "
+                    "command requests, and a device could publish on it",
+                )
+        else:
+            self.commands_subject = None
         if opts.create_stream and opts.stream is None:
             raise SinkOptionsError.at("options.stream", "create_stream needs a stream")
         self.tls = self._make_ssl_context(opts)
@@ -307,6 +336,21 @@ class NatsSink(Sink):
                 self.state.connected = False
             raise
 
+    def command_source(self, service: CommandService) -> CommandSource | None:
+        """Commands from the cloud on ``commands_subject`` (NATS request/reply)."""
+        if self.commands_subject is None:
+            return None
+        return NatsCommandSource(self, self.commands_subject, service)
+
+    def connect_options(self) -> dict[str, Any]:
+        """TLS and credentials for a connection of this sink's."""
+        kwargs: dict[str, Any] = {}
+        if self.tls is not None:
+            kwargs["tls"] = self.tls
+        if self.options.credentials is not None:
+            kwargs["user_credentials"] = str(self.options.credentials)
+        return kwargs
+
     def probe_addresses(self) -> list[tuple[str, int]]:
         out = []
         for s in self.servers:
@@ -319,3 +363,83 @@ class NatsSink(Sink):
         """Close the connection (published messages are already acked)."""
         await self._drop()
         self.state.connected = False
+
+
+def _subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, ``>`` the rest."""
+    pt, st = pattern.split("."), subject.split(".")
+    for i, p in enumerate(pt):
+        if p == ">":
+            return len(st) > i
+        if i >= len(st) or (p != "*" and p != st[i]):
+            return False
+    return len(pt) == len(st)
+
+
+class NatsCommandSource:
+    """Takes cloud command requests on a NATS subject and answers each once
+    its command is on disk (see :mod:`edgeway.commands.cloud`).
+
+    Its own connection, apart from the sink's publishing one (which connects
+    only while there is something to send): kept open with nats-py's
+    reconnects, subscribed in a queue group named after the gateway so that
+    several processes of one gateway id share the requests. A request whose
+    command could not be stored gets no answer: the cloud's request times out
+    and it sends it again (the idempotency key makes that safe).
+    """
+
+    def __init__(self, sink: NatsSink, subject: str, service: CommandService) -> None:
+        self.sink = sink
+        self.subject = subject
+        self.service = service
+        self.name = f"{sink.name}:commands"
+        self.connected = False
+        self.requests = 0
+
+    async def run(self) -> None:
+        import nats
+
+        from edgeway.south.base import Backoff
+
+        backoff = Backoff(initial=0.5, maximum=30.0)
+        source = f"cloud:{self.sink.name}"
+        while True:
+            try:
+                nc = await nats.connect(
+                    servers=self.sink.servers,
+                    name=f"edgeway-{self.sink.gateway_id}-{self.sink.name}-commands",
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,  # type: ignore[arg-type]
+                    connect_timeout=max(1, round(self.sink.options.connect_timeout)),
+                    **self.sink.connect_options(),
+                )
+            except Exception as e:
+                logger.warning("sink %s: commands: cannot connect: %s", self.sink.name, e)
+                await backoff.wait()
+                continue
+            backoff.reset()
+
+            async def handle(msg: Any) -> None:
+                from edgeway.commands.cloud import accept
+
+                self.requests += 1
+                try:
+                    answer = await accept(self.service, msg.data, source)
+                except Exception as e:
+                    logger.warning("sink %s: command not stored: %s", self.sink.name, e)
+                    return  # no answer: the cloud retries
+                if msg.reply:
+                    await msg.respond(orjson.dumps(answer))
+
+            try:
+                await nc.subscribe(
+                    self.subject, queue=f"edgeway-{self.sink.gateway_id}", cb=handle
+                )
+                self.connected = True
+                logger.info(
+                    "sink %s: taking commands on NATS subject %s", self.sink.name, self.subject
+                )
+                await asyncio.Future()  # until cancelled; nats-py reconnects meanwhile
+            finally:
+                self.connected = False
+                await close_bounded(nc.close(), f"sink {self.sink.name} commands")
