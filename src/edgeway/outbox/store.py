@@ -1700,7 +1700,12 @@ class Outbox:
             self._start_commit()
         elif self._ops:
             self._linger_ops()
-        elif self._rejected and self._rejected_timer is None and not self._closed:
+        elif (
+            self._rejected
+            and res.error is None  # after a failure: with the next commit, not in a loop
+            and self._rejected_timer is None
+            and not self._closed
+        ):
             assert self._loop is not None
             self._rejected_timer = self._loop.call_later(CONFIRM_LINGER, self._flush_rejected)
         if not self._committing:
