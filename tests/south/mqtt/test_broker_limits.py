@@ -62,7 +62,9 @@ async def test_trickled_packet_costs_about_its_size(tmp_path: Path) -> None:
         finally:
             tracemalloc.stop()
         assert conn.reader.buffered_bytes == sent
-        assert held < 2 * sent + 4096, f"{held} bytes held for {sent} buffered"
+        # ~1.4 bytes per byte (the buffer, plus whatever else this loop
+        # allocated meanwhile); it was ~46 (183 KB for these 4,000 bytes).
+        assert held < 8 * sent, f"{held} bytes held for {sent} buffered"
         await client.close()
 
 
