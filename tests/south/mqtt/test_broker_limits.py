@@ -159,21 +159,33 @@ def test_retained_cursor_finds_what_a_scan_finds(
 
 
 STALL_MAX = 0.1
-"""Longest ping round trip allowed while a SUBSCRIBE is served: before the
-trie and the slices, seconds; after, a few ms of CPU per turn (the bench,
-``bench/mqtt_retained.py``, has the figures); the rest is margin for a shared
-machine."""
+"""Most CPU time the event loop may spend within one ping round trip of
+another client while a SUBSCRIBE is served: before the trie and the slices,
+seconds (2.7 s in one callback); after, a few ms (the bench,
+``bench/mqtt_retained.py``, has the figures). CPU time of this thread, not
+wall time: on a shared machine this process may wait for a core for 300 ms
+without the broker holding anything."""
 
 
 class _PingProbe:
     """Another client's PINGREQ round trips, back to back: how long the
-    broker's event loop was held while something else went on."""
+    broker's event loop was held while something else went on. Each round
+    trip's CPU time of the loop's thread is kept (``cpu``), and its wall time
+    (``wall``) for the failure message."""
 
     def __init__(self, client: RawClient) -> None:
         self.client = client
-        self.rtts: list[float] = []
+        self.cpu: list[float] = []
+        self.wall: list[float] = []
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    def check(self) -> None:
+        stall = max(self.cpu)
+        assert stall < STALL_MAX, (
+            f"another client waited {stall * 1000:.0f} ms of CPU "
+            f"({max(self.wall) * 1000:.0f} ms wall at most)"
+        )
 
     async def __aenter__(self) -> _PingProbe:
         # A full collection of the test's own many objects is not the broker's stall.
@@ -181,7 +193,7 @@ class _PingProbe:
         gc.freeze()
         self._task = asyncio.create_task(self._run())
         async with asyncio.timeout(5):
-            while len(self.rtts) < 3:  # noqa: ASYNC110 - the probe is running
+            while len(self.cpu) < 3:  # noqa: ASYNC110 - the probe is running
                 await asyncio.sleep(0.01)
         return self
 
@@ -197,11 +209,12 @@ class _PingProbe:
         loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             # The whole cycle: a stall while this one sleeps counts too.
-            t0 = loop.time()
+            t0, c0 = loop.time(), time.thread_time()
             await asyncio.sleep(0.001)
             self.client.send(PingReq())
             await self.client.expect(PingResp, wait=60)
-            self.rtts.append(loop.time() - t0)
+            self.cpu.append(time.thread_time() - c0)
+            self.wall.append(loop.time() - t0)
 
 
 class _MosquittoSub:
@@ -263,8 +276,7 @@ async def test_wildcard_subscribe_over_many_retained_does_not_stall_others(
         assert {line.split()[1] for line in lines} == {
             f"site/{site}/dev{dev}/temp" for site in range(50) for dev in range(100)
         }
-        stall = max(pings.rtts)
-        assert stall < STALL_MAX, f"another client waited {stall * 1000:.0f} ms"
+        pings.check()
         await probe.disconnect()
 
 
@@ -284,8 +296,7 @@ async def test_subscribe_to_everything_is_sent_in_slices(tmp_path: Path) -> None
             # A live message on a retained topic while the retained ones go out.
             await pub.publish("d/7/7", b"live", qos=1, retain=True)
             lines = await sub.lines()
-        stall = max(pings.rtts)
-        assert stall < STALL_MAX, f"another client waited {stall * 1000:.0f} ms"
+        pings.check()
         retained = [line for line in lines if line.startswith("1 ")]
         assert len(retained) == n and len({line.split()[1] for line in retained}) == n
         # The live message is never overtaken by its topic's older retained one.
