@@ -145,7 +145,7 @@ async def test_wait_backoff_ends_early_only_when_the_remote_side_came_back(
     await runner.wait_backoff(1.0, probe=True)
     took = time.monotonic() - t0
     if cut_short:
-        assert took < 0.5 and sink.probes == 3
+        assert took < 0.9 and sink.probes == 3  # three probes 0.05 s apart, not 1 s
     else:
         assert took >= 0.95
     t0 = time.monotonic()
