@@ -154,9 +154,11 @@ class _WatcherMayNotReadD2:
 
 async def _run(level: int, watched: bool, batchable: bool, data: bytes, cuts: list[int]) -> Any:
     ingest = _Ingest(batchable)
-    # A small receive maximum and packet size, so both limits are hit.
+    # A small receive maximum, packet size and retained store, so these limits
+    # are hit (the fast path takes no retained PUBLISH: refusals are the slow path's).
     config = MqttSection(
-        limits=MqttLimits(receive_maximum=8, max_packet_size=256), input_limits=INPUT_LIMITS
+        limits=MqttLimits(receive_maximum=8, max_packet_size=256, max_retained_messages=1),
+        input_limits=INPUT_LIMITS,
     )
     with tempfile.TemporaryDirectory() as tmp:
         async with running_broker(
