@@ -85,7 +85,10 @@ class StatusCollector:
             "sessions",
             "subscriptions",
             "retained",
+            "retained_bytes",
             "queued",
+            "queued_bytes",
+            "persistent_sessions",
             "inflight",
         }
         for key, value in sorted(broker.items()):
