@@ -174,3 +174,28 @@ async def test_full_disk_refuses_then_drains_and_resumes_losing_nothing(
     outbox_lines = [r for r in caplog.records if r.name.startswith("edgeway.outbox")]
     assert sum(r.exc_info is not None for r in outbox_lines) <= 1
     assert len([r for r in outbox_lines if r.levelno >= logging.WARNING]) < 20
+
+
+@pytest.mark.parametrize("fallocate", ["native", "unsupported", "absent"])
+def test_the_reserve_is_allocated_not_sparse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fallocate: str
+) -> None:
+    import errno
+
+    from edgeway.outbox.reserve import DiskReserve
+
+    if fallocate == "unsupported":
+
+        def refuse(fd: int, offset: int, size: int) -> None:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+
+        monkeypatch.setattr(os, "posix_fallocate", refuse)
+    elif fallocate == "absent":
+        monkeypatch.delattr(os, "posix_fallocate", raising=False)
+    reserve = DiskReserve(tmp_path / "outbox.db.reserve", 3 * 1024 * 1024 + 5)
+    assert not reserve.held
+    assert reserve.restore()
+    st = reserve.path.stat()
+    assert st.st_size == reserve.size and st.st_blocks * 512 >= reserve.size
+    assert reserve.held and reserve.release() and not reserve.path.exists()
+    assert not reserve.release()  # nothing left to free

@@ -104,12 +104,14 @@ class DiskReserve:
 
 def _allocate(fd: int, size: int) -> None:
     """Give ``fd`` ``size`` bytes of real blocks (a sparse file would reserve nothing)."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-        return
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
+    fallocate = getattr(os, "posix_fallocate", None)  # not on macOS
+    if fallocate is not None:
+        try:
+            fallocate(fd, 0, size)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
     block = b"\0" * (1024 * 1024)
     left = size
     while left > 0:
