@@ -874,6 +874,10 @@ class _Writer:
                 if lo <= seq <= hi:
                     counters[idx] -= 1
                     counters[1] += 1
+                    # Not in the next "dropped" log line either, if not logged yet.
+                    key = (sink, "max_bytes" if idx == 2 else "max_age")
+                    if self.drops_unlogged.get(key, 0) > 0:
+                        self.drops_unlogged[key] -= 1
                     break
 
     def _dead_letter(self, op: _Op, ranges: list[tuple[int, int]]) -> None:
@@ -1012,6 +1016,8 @@ class _Writer:
         for key in list(self.drops_unlogged):
             if now - self.last_drop_log.get(key, -DROP_LOG_INTERVAL) >= DROP_LOG_INTERVAL:
                 n = self.drops_unlogged.pop(key)
+                if not n:  # every one delivered after all (see _redeem_drops)
+                    continue
                 self.last_drop_log[key] = now
                 sink, reason = key
                 log.warning(
