@@ -57,5 +57,12 @@ def test_demo_with_a_cloud_outage_loses_nothing(tmp_path: Path) -> None:
     sent = int(re.search(r"sent by devices\s+(\d+)", out).group(1))  # type: ignore[union-attr]
     unique = int(re.search(r"(\d+) unique", out).group(1))  # type: ignore[union-attr]
     assert sent > 200 and unique >= sent
+    # Command round trips through the gateway's command queue (first after 5 s):
+    # an MQTT device and another one answered, each line with its time.
+    trips = re.findall(r"^command  (\S+) \((\S+)\)  (\S+)(?: \S+)?  (\w+) in (\d+) ms", out, re.M)
+    assert ("MQTT", "set_rate", "succeeded") in {(p, n, s) for _, p, n, s, _ in trips}, out
+    assert any(p != "MQTT" and s == "succeeded" for _, p, _, s, _ in trips), out
+    m = re.search(r"^\s+commands\s+(\d+) sent, (\d+) succeeded$", out, re.M)
+    assert m is not None and int(m.group(1)) >= 2 and m.group(1) == m.group(2), out
     # The cloud stored what it counted.
     assert len((tmp_path / "cloud-records.jsonl").read_bytes().splitlines()) >= unique

@@ -3,115 +3,44 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeway.config import (
     CoapSection,
-    Config,
-    GatewaySection,
     HttpIngestSection,
-    ListenerConfig,
-    MqttSection,
     ReceiptsSection,
-    SinkConfig,
 )
 from edgeway.gateway import Gateway
 from edgeway.sim.cloud import CloudReceiver
 from edgeway.sim.demo import lost_messages
 from edgeway.sim.devices import make_devices
 from edgeway.sim.runner import CoapFleet, HttpFleet, ModbusSimServer, MqttFleet, OpcUaSimServer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_until(predicate: Callable[[], bool], limit: float = 20.0) -> None:
-    """Poll a condition that has no event of its own (counters of other parts); bounded."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while not predicate():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
-def gateway_config(
-    data_dir: Path, cloud: CloudReceiver, mqtt_port: int = 0, **extra: Any
-) -> Config:
-    return Config(
-        gateway=GatewaySection(id="gw-sim", data_dir=data_dir),
-        mqtt=MqttSection(
-            listeners=[ListenerConfig(bind=f"127.0.0.1:{mqtt_port}", allow_anonymous=True)]
-        ),
-        sinks=[SinkConfig(name="cloud", url=cloud.url)],
-        receipts=ReceiptsSection(enabled=True),
-        **extra,
-    )
-
-
-@contextlib.asynccontextmanager
-async def running(gw: Gateway) -> AsyncIterator[Gateway]:
-    task = asyncio.create_task(gw.run())
-    try:
-        await asyncio.wait_for(gw.ready.wait(), 15)
-        yield gw
-    finally:
-        gw.request_stop()
-        await asyncio.wait_for(task, 15)
-
-
-@pytest.fixture
-async def cloud(tmp_path: Path) -> AsyncIterator[CloudReceiver]:
-    c = CloudReceiver(store_path=tmp_path / "cloud.jsonl")
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.stop()
+from sim_gateway import (
+    devices_seen,
+    free_port,
+    gateway_config,
+    mqtt_requests,
+    records,
+    running,
+    wait_until,
+)
 
 
 def _command(port: int, device_id: str) -> dict[str, Any]:
-    """Send a command with paho and wait for the device's answer."""
-    got: list[bytes] = []
-    done = threading.Event()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="operator", protocol=mqtt.MQTTv5)
-
-    def on_message(c: Any, u: Any, msg: Any) -> None:
-        got.append(msg.payload)
-        done.set()
-
-    client.on_message = on_message
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        client.subscribe(f"devices/{device_id}/commands/response", qos=1)
-        # The subscription must be in place before the command goes out
-        # (paho has no SUBACK wait in its threaded API; a short pause suffices).
-        time.sleep(0.2)
-        client.publish(
-            f"devices/{device_id}/commands", b'{"id": "c-1", "name": "ping"}', qos=1
-        ).wait_for_publish(5)
-        assert done.wait(10), "no command response"
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    return dict(orjson.loads(got[0]))
+    """Send a command straight to the device's topic with paho; its answer."""
+    (answer,) = mqtt_requests(
+        port,
+        f"devices/{device_id}/commands/response",
+        [(f"devices/{device_id}/commands", b'{"id": "c-1", "name": "ping"}')],
+    )
+    return dict(orjson.loads(answer))
 
 
 async def test_mqtt_devices_free_their_buffers_on_receipts_and_answer_commands(
@@ -219,7 +148,7 @@ async def test_modbus_and_opcua_simulators_are_polled(tmp_path: Path, cloud: Clo
         async with running(Gateway(cfg)):
             updates = asyncio.create_task(ua.run(stop))
             try:
-                await wait_until(lambda: {"mb-0000", "mb-0001", "ua-0000"} <= _devices_seen(cloud))
+                await wait_until(lambda: {"mb-0000", "mb-0001", "ua-0000"} <= devices_seen(cloud))
             finally:
                 stop.set()
                 await updates
@@ -227,24 +156,12 @@ async def test_modbus_and_opcua_simulators_are_polled(tmp_path: Path, cloud: Clo
     finally:
         await ua.stop()
         await mb.stop()
-    records = _records(cloud)
-    machine = [r for r in records if r["device_id"] == "mb-0000"]
+    stored = records(cloud)
+    machine = [r for r in stored if r["device_id"] == "mb-0000"]
     assert {"vibration", "current", "bearing_temp", "rpm", "running"} <= set(machine[0]["metrics"])
     assert 0 < machine[-1]["metrics"]["rpm"] < 3100 or machine[-1]["metrics"]["running"] == 0
-    env = [r for r in records if r["device_id"] == "ua-0000"]
+    env = [r for r in stored if r["device_id"] == "ua-0000"]
     assert {"temperature", "humidity", "battery"} & set(env[0]["metrics"])
-
-
-def _records(cloud: CloudReceiver) -> list[dict[str, Any]]:
-    """What the cloud stored (its JSON lines file)."""
-    assert cloud.store_path is not None
-    if not cloud.store_path.exists():
-        return []
-    return [orjson.loads(line) for line in cloud.store_path.read_bytes().splitlines()]
-
-
-def _devices_seen(cloud: CloudReceiver) -> set[str]:
-    return {r["device_id"] for r in _records(cloud)}
 
 
 async def test_cloud_receiver_outages_and_duplicates(tmp_path: Path) -> None:
@@ -338,7 +255,7 @@ async def test_simulate_mqtt_against_a_gateway(tmp_path: Path, cloud: CloudRecei
         text = await _simulate_mqtt(gw.listeners[0].bound[1], 10, 3)
         assert "10 mqtt devices -> 127.0.0.1:" in text
         assert "stopped: mqtt: produced" in text and "held 0" in text.splitlines()[-1]
-        assert len({r["device_id"] for r in _records(cloud)}) == 10
+        assert len({r["device_id"] for r in records(cloud)}) == 10
 
 
 async def test_simulate_without_receipts_reports_acknowledged_not_lost(
@@ -359,4 +276,4 @@ async def test_simulate_without_receipts_reports_acknowledged_not_lost(
         assert f"sent {produced} acknowledged {produced} " in last
         assert "delivery to the cloud not confirmed" in last
         assert "held" not in last and "confirmed 0" not in last
-        await wait_until(lambda: len(_records(cloud)) >= produced)
+        await wait_until(lambda: len(records(cloud)) >= produced)

@@ -16,10 +16,15 @@ free one when that port is taken (a local Mosquitto on 1883 is common).
 
 Every few seconds a line shows readings in, records delivered, pending and
 dropped (from :meth:`Gateway.status`), what the cloud has, and what the
-devices still hold. At the end (``--duration`` or Ctrl-C) devices stop, the
-backlog drains, and a summary proves for every pushed message that it
-reached the cloud: ``lost`` counts messages a device produced that the
-cloud never received and no device still holds.
+devices still hold. From ``command_after`` seconds on, every
+``command_interval`` seconds, the demo sends a command through the gateway's
+command queue to one MQTT device and one other device (HTTP, Modbus, OPC-UA
+in turn) and prints each round trip: device, command, end state, time from
+queued to result (:class:`CommandRounds`). At the end (``--duration`` or
+Ctrl-C) devices stop, the backlog drains, and a summary proves for every
+pushed message that it reached the cloud: ``lost`` counts messages a device
+produced that the cloud never received and no device still holds; it also
+counts the commands sent and succeeded.
 """
 
 from __future__ import annotations
@@ -29,14 +34,17 @@ import contextlib
 import errno
 import importlib.util
 import logging
+import secrets
 import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from edgeway.config import (
     AdminSection,
@@ -80,6 +88,12 @@ the demo's OPC-UA simulator is a child process and asyncua takes 1-5 s of
 CPU to build its address space, while the gateway starts at once (its
 adapters retry until the server is up)."""
 
+COMMAND_WAIT = 10.0
+"""Seconds a demo command may take, queued to result (its time to live and
+result timeout too): a device on loopback answers in milliseconds; one that
+is not connected yet (the OPC-UA simulator starts in seconds) gets the time
+to connect."""
+
 Write = Callable[[str], None]
 
 
@@ -121,6 +135,10 @@ class DemoOptions:
     """Gateway data and the cloud's records; None: a temporary directory, removed at the end."""
     host: str = "127.0.0.1"
     seed: int | None = None
+    command_after: float = 5.0
+    """Seconds after the devices start that the first commands go out."""
+    command_interval: float = 10.0
+    """Seconds between command round trips; 0: no commands."""
 
 
 @dataclass(slots=True)
@@ -143,6 +161,123 @@ class DemoResult:
     held_by_devices: int = 0
     lost: int = 0
     lost_ids: list[str] = field(default_factory=list)
+    commands_sent: int = 0
+    commands_succeeded: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class CommandTarget:
+    """A device the demo sends commands to, and the commands it cycles through."""
+
+    protocol: str
+    device_id: str
+    commands: tuple[tuple[str, dict[str, Any]], ...]
+
+
+@dataclass(slots=True, frozen=True)
+class RoundTrip:
+    """One command's trip: what was sent and how it ended."""
+
+    target: CommandTarget
+    name: str
+    params: dict[str, Any]
+    state: str
+    seconds: float | None
+    """Queued to result (None: no end within COMMAND_WAIT)."""
+    result: Any = None
+    error: str | None = None
+
+    def line(self) -> str:
+        """The line the demo prints."""
+        params = orjson.dumps(self.params).decode() if self.params else ""
+        head = f"command  {self.target.device_id} ({self.target.protocol})  {self.name}"
+        if params:
+            head += f" {params}"
+        if self.seconds is None:
+            return f"{head}  still {self.state} after {COMMAND_WAIT:g} s"
+        tail = (
+            orjson.dumps(self.result).decode()[:80]
+            if self.state == "succeeded"
+            else (self.error or "")[:80]
+        )
+        return f"{head}  {self.state} in {self.seconds * 1000:.0f} ms: {tail}"
+
+
+class CommandRounds:
+    """Command round trips through the gateway's command queue: after
+    ``first_after`` seconds and then every ``every`` seconds, one command to
+    ``mqtt`` and one to the next of ``others`` (in turn), concurrently; a
+    line per trip."""
+
+    def __init__(
+        self,
+        commands: Any,
+        write: Write,
+        mqtt: CommandTarget | None,
+        others: Sequence[CommandTarget],
+        *,
+        first_after: float,
+        every: float,
+    ) -> None:
+        self.commands = commands
+        """The gateway's :class:`~edgeway.commands.service.CommandService`."""
+        self.write = write
+        self.mqtt = mqtt
+        self.others = list(others)
+        self.first_after = first_after
+        self.every = every
+        self.trips: list[RoundTrip] = []
+        self.sent = 0
+        self._turns: dict[str, int] = {}
+
+    @property
+    def succeeded(self) -> int:
+        return sum(1 for t in self.trips if t.state == "succeeded")
+
+    async def run(self, ending: asyncio.Event) -> None:
+        """Send rounds until ``ending`` is set; a round under way is finished."""
+        delay = self.first_after
+        n = 0
+        while not await _wait_event(ending, delay):
+            targets = [self.mqtt] if self.mqtt is not None else []
+            if self.others:
+                targets.append(self.others[n % len(self.others)])
+            n += 1
+            await asyncio.gather(*(self._trip(t) for t in targets))
+            delay = self.every
+
+    async def _trip(self, target: CommandTarget) -> None:
+        turn = self._turns.get(target.device_id, 0)
+        self._turns[target.device_id] = turn + 1
+        name, params = target.commands[turn % len(target.commands)]
+        cmd, _ = await self.commands.submit(
+            target.device_id,
+            name,
+            params,
+            ttl=COMMAND_WAIT,
+            result_timeout=COMMAND_WAIT,
+            source="demo",
+        )
+        self.sent += 1
+        done = await self.commands.wait(cmd.id, COMMAND_WAIT + 1.0)
+        trip = RoundTrip(
+            target,
+            name,
+            params,
+            done.state.value,
+            done.updated_at - done.created_at if done.state.terminal else None,
+            done.result,
+            done.error,
+        )
+        self.trips.append(trip)
+        self.write(trip.line())
+
+
+async def _wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``event``; whether it is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+    return event.is_set()
 
 
 def pick_port(host: str, preferred: int, kind: int = socket.SOCK_STREAM) -> int:
@@ -191,6 +326,10 @@ class Demo:
         self._opcua_proc: asyncio.subprocess.Process | None = None
         self._started = 0.0
         self._outage_state = ""
+        self._http_token = secrets.token_urlsafe(24)
+        """The HTTP devices' bearer token: telemetry is open on loopback, but
+        the gateway hands commands only to a device that shows a token."""
+        self.rounds: CommandRounds | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -206,7 +345,11 @@ class Demo:
             sinks=[SinkConfig(name="cloud", url=self.cloud.url, options={"max_wait": 0.2})],
             receipts=ReceiptsSection(enabled=True),
             admin=AdminSection(listen=f"{o.host}:{p['admin']}"),
-            http_ingest=HttpIngestSection(listen=f"{o.host}:{p['http']}", allow_anonymous=True),
+            http_ingest=HttpIngestSection(
+                listen=f"{o.host}:{p['http']}",
+                allow_anonymous=True,
+                tokens={"*": self._http_token},
+            ),
         )
         if "coap" in p:
             cfg.coap = CoapSection(listen=f"{o.host}:{p['coap']}")
@@ -349,7 +492,7 @@ class Demo:
             self.fleets.append(CoapFleet(devs, o.host, p["coap"]))
         if o.http_devices > 0:
             devs = make_devices(o.http_devices, prefix="http", seed=seed + 4, rate=o.rate)
-            self.fleets.append(HttpFleet(devs, o.host, p["http"]))
+            self.fleets.append(HttpFleet(devs, o.host, p["http"], token=self._http_token))
 
     def _banner(self, data_dir: Path) -> None:
         o, p, w = self.opt, self.ports, self.write
@@ -388,6 +531,15 @@ class Demo:
             f"try:    mosquitto_pub -p {p['mqtt']} -q 1 -t devices/my-sensor/telemetry "
             "-m '{\"temp\": 21.5}'"
         )
+        if o.command_interval > 0 and self.gateway.commands is not None:
+            w(
+                f"commands: after {o.command_after:g} s, then every {o.command_interval:g} s, "
+                "one to an MQTT device and one to another device, through the command queue"
+            )
+            w(
+                f"        edgeway command send mqtt-0001 ping --wait --admin "
+                f"http://{o.host}:{p['admin']}"
+            )
         if self._tmp is None:
             w(f"data:   {data_dir} (the cloud's records in cloud-records.jsonl)")
         if o.cloud_outage > 0:
@@ -417,7 +569,18 @@ class Demo:
             ]
             outage = tg.create_task(self._outage(), name="outage") if o.cloud_outage > 0 else None
             status = tg.create_task(self._status_lines(), name="status")
+            ending = asyncio.Event()
+            rounds = self._command_rounds()
+            commands = (
+                tg.create_task(rounds.run(ending), name="commands") if rounds is not None else None
+            )
             await self._wait_for_end()
+            ending.set()
+            if commands is not None:
+                # A round under way ends within COMMAND_WAIT; its line belongs in the output.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(commands), COMMAND_WAIT + 2.0)
+                commands.cancel()
             if outage is not None and not outage.done():
                 outage.cancel()
                 if self.cloud.down:
@@ -432,6 +595,37 @@ class Demo:
             await self._wait_outbox_drained()
             status.cancel()
         self._summary()
+
+    def _command_rounds(self) -> CommandRounds | None:
+        """Who gets commands: the first MQTT device (``set_rate`` up and back:
+        it then publishes faster or slower), and in turn the first HTTP device
+        (``ping``), a Modbus machine and an OPC-UA machine (``write running``
+        false then true: the machine stops, rpm 0, and starts again)."""
+        o = self.opt
+        if o.command_interval <= 0 or getattr(self.gateway, "commands", None) is None:
+            return None
+        by_protocol = {f.protocol: f.devices[0].device_id for f in self.fleets if f.devices}
+        mqtt = None
+        if "mqtt" in by_protocol:
+            rates = (("set_rate", {"rate": o.rate * 2}), ("set_rate", {"rate": o.rate}))
+            mqtt = CommandTarget("MQTT", by_protocol["mqtt"], rates)
+        others = []
+        if "http" in by_protocol:
+            others.append(CommandTarget("HTTP", by_protocol["http"], (("ping", {}),)))
+        stop_start = (("write", {"running": False}), ("write", {"running": True}))
+        for protocol, server in (("Modbus", self.modbus), ("OPC-UA", self.opcua)):
+            machines = [d for d in server.devices if d.kind == "machine"] if server else []
+            if machines:
+                others.append(CommandTarget(protocol, machines[0].device_id, stop_start))
+        self.rounds = CommandRounds(
+            self.gateway.commands,
+            self.write,
+            mqtt,
+            others,
+            first_after=o.command_after,
+            every=o.command_interval,
+        )
+        return self.rounds
 
     async def _wait_for_end(self) -> None:
         if self.opt.duration is None:
@@ -540,6 +734,10 @@ class Demo:
             w(f"  held by devices   {r.held_by_devices} (still waiting for a receipt: not lost)")
         if r.pending:
             w(f"  still pending     {r.pending} in the gateway's outbox (on disk: not lost)")
+        if self.rounds is not None:
+            r.commands_sent = self.rounds.sent
+            r.commands_succeeded = self.rounds.succeeded
+            w(f"  commands          {r.commands_sent} sent, {r.commands_succeeded} succeeded")
         w(f"  lost              {r.lost}")
         if r.lost:
             w(f"  lost messages: {', '.join(r.lost_ids[:20])}{' ...' if r.lost > 20 else ''}")

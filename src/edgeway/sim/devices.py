@@ -17,13 +17,26 @@ receipts (``devices/{id}/receipts``); ``seq`` travels to the cloud inside the
 record's metrics, so the demo can prove for each device which messages
 arrived and that none was lost.
 
-Commands (JSON on ``devices/{id}/commands``; answer on
-``devices/{id}/commands/response`` with the same ``id``)::
+Commands arrive as JSON objects ``{"id", "name", "params"[, "redelivery"]}``
+(the gateway's command queue sends them over MQTT or an HTTP long-poll, see
+docs/commands.md) and get an answer with the same ``id``::
 
     {"id": "c1", "name": "ping"}                         -> {"id": "c1", "status": "ok", "result": {"pong": ts}}
-    {"id": "c2", "name": "set_rate", "params": {"rate": 5}}
+    {"id": "c2", "name": "set_rate", "params": {"rate": 5}}   # messages per second from now on
     {"id": "c3", "name": "reset_fault"}                  # machines only
     {"id": "c4", "name": "get_state"}
+    {"id": "c5", "name": "write", "params": {"running": false}}   # a writable point (WRITABLE)
+    {"id": "c6", "name": "reboot"}                       -> {"id": "c6", "status": "error", "error": "unknown command 'reboot'"}
+
+A device remembers the answers to its last ANSWERED_MAX command ids: a
+command that comes again with an id it has answered (a redelivery after a
+lost PUBACK or a gateway restart) gets the same answer again and is not run
+twice.
+
+Writable points (``WRITABLE``): what a Modbus register write, an OPC-UA
+variable write or a ``write`` command may change, and what the device then
+reports: a machine's ``running`` (false stops it: rpm 0 until started again),
+a meter's ``parts`` counter (a preset, e.g. 0 at a shift change).
 """
 
 from __future__ import annotations
@@ -47,6 +60,22 @@ hundred KiB of flash; 10,000 ~120-byte messages is about 1 MiB, and at one
 message per second it covers almost three hours without the gateway. Beyond
 it the oldest message is dropped and counted (``dropped``), like a ring buffer
 in firmware."""
+
+ANSWERED_MAX = 256
+"""Command ids (with their answers) a device remembers. A redelivery comes
+after a reconnect or a gateway restart, behind at most the device's few
+unfinished commands; a few hundred ids cover that many times over at
+~100 bytes each (docs/commands.md: "the last few hundred are enough")."""
+
+WRITABLE: dict[str, tuple[str, ...]] = {
+    "env": (),
+    "machine": ("running",),
+    "meter": ("parts",),
+}
+"""Per device kind, the metrics that can be written from outside."""
+
+PARTS_MAX = 2**32 - 1
+"""A parts counter is a 32-bit register (two Modbus registers)."""
 
 MAX_RATE = 1000.0
 """Highest per-device rate a command may set (messages/s): above that one
@@ -145,6 +174,11 @@ class VirtualDevice:
     seq: int = 0
     buffer: OutgoingBuffer = field(default_factory=OutgoingBuffer)
     commands_answered: int = 0
+    """Commands run (each id once)."""
+    commands_repeated: int = 0
+    """Commands that came again with an id already answered: answered again, not run."""
+    answered: OrderedDict[str, bytes] = field(default_factory=OrderedDict)
+    """The last ANSWERED_MAX command ids and their answers."""
     last_metrics: dict[str, MetricValue] = field(default_factory=dict)
 
     def sample(self, now: float) -> dict[str, MetricValue]:
@@ -166,8 +200,41 @@ class VirtualDevice:
         """Seconds until the next message (shorter during a burst)."""
         return 1.0 / (self.rate * self.bursts.rate_factor(now))
 
+    def write(self, metric: str, value: Any) -> None:
+        """Change a writable point (``WRITABLE``), as a register or variable
+        write does; later samples show it. KeyError for a point that cannot be
+        written, ValueError for a value it cannot hold."""
+        self.apply_write(metric, self.checked_write(metric, value))
+
+    def checked_write(self, metric: str, value: Any) -> bool | int:
+        """``value`` as ``metric`` would take it; KeyError / ValueError as :meth:`write`."""
+        if metric not in WRITABLE[self.kind]:
+            raise KeyError(f"{metric} is not writable on a {self.kind} device")
+        if metric == "running":
+            if value not in (True, False, 0, 1):  # 1 == True: 0/1 registers pass
+                raise ValueError(f"running: expected true/false or 0/1, got {value!r}")
+            return bool(value)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or value != int(value)
+            or not 0 <= value <= PARTS_MAX
+        ):
+            raise ValueError(f"{metric}: expected a whole number 0-{PARTS_MAX}, got {value!r}")
+        return int(value)
+
+    def apply_write(self, metric: str, value: bool | int) -> None:
+        """Set a value :meth:`checked_write` returned."""
+        sig = self.signal
+        if isinstance(sig, MachineSignal):
+            sig.set_running(bool(value))
+        elif isinstance(sig, MeterSignal):
+            sig.preset_parts(int(value))
+
     def handle_command(self, raw: bytes, now: float) -> bytes:
-        """Answer a command payload; malformed commands get an error answer."""
+        """Answer a command payload; malformed commands get an error answer.
+        A command id answered before gets the same answer, without running
+        the command again."""
         try:
             cmd = orjson.loads(raw)
             if not isinstance(cmd, dict):
@@ -175,12 +242,24 @@ class VirtualDevice:
         except (orjson.JSONDecodeError, ValueError) as e:
             return orjson.dumps({"id": None, "status": "error", "error": f"bad command: {e}"})
         cid = cmd.get("id")
-        name = cmd.get("name")
-        params = cmd.get("params") or {}
+        if isinstance(cid, str) and cid in self.answered:
+            self.commands_repeated += 1
+            self.answered.move_to_end(cid)
+            return self.answered[cid]
+        answer = self._run_command(cid, cmd.get("name"), cmd.get("params") or {}, now)
+        if isinstance(cid, str):
+            self.answered[cid] = answer
+            while len(self.answered) > ANSWERED_MAX:
+                self.answered.popitem(last=False)
+        return answer
+
+    def _run_command(self, cid: Any, name: Any, params: Any, now: float) -> bytes:
+        if not isinstance(params, dict):
+            return _error(cid, "params must be a JSON object")
         result: dict[str, Any]
         if name == "ping":
             result = {"pong": round(now, 3)}
-        elif name == "set_rate" and isinstance(params, dict):
+        elif name == "set_rate":
             rate = params.get("rate")
             if (
                 not isinstance(rate, int | float)
@@ -201,6 +280,16 @@ class VirtualDevice:
                 "buffered": len(self.buffer),
                 "metrics": self.last_metrics,
             }
+        elif name == "write":
+            if not params:
+                return _error(cid, "write needs params: {point: value}")
+            try:  # all checked before any is written
+                checked = {m: self.checked_write(m, v) for m, v in params.items()}
+            except (KeyError, ValueError) as e:
+                return _error(cid, str(e.args[0]))
+            for metric, value in checked.items():
+                self.apply_write(metric, value)
+            result = {"written": checked}
         else:
             return _error(cid, f"unknown command {name!r}")
         self.commands_answered += 1

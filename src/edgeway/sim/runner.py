@@ -18,8 +18,15 @@ gateway is unreachable the buffers grow, and they are sent when it is back.
 MQTT devices (gmqtt, MQTT 5) keep a persistent session (session expiry one
 hour) with a retained last will on ``devices/{id}/status``, reconnect on
 their own after a broker restart, subscribe to ``devices/{id}/receipts`` and
-``devices/{id}/commands`` and answer commands on
-``devices/{id}/commands/response``.
+take commands the way the gateway's command queue sends them: subscribed to
+``devices/{id}/commands/+``, answering ``devices/{id}/commands/{name}`` on
+the message's response topic (``.../{name}/result`` without one). A command
+published straight to ``devices/{id}/commands`` (any broker, no queue) is
+answered on ``devices/{id}/commands/response``.
+
+HTTP devices given a token (or ``poll_commands=True``) long-poll
+``GET /devices/{id}/commands`` and post each answer to
+``/devices/{id}/commands/{command id}/result``.
 
 Pollers' peers: :class:`ModbusSimServer` (pymodbus, one unit id per device,
 register values computed at each read) and :class:`OpcUaSimServer`
@@ -36,6 +43,7 @@ import logging
 import random
 import struct
 import time
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +52,7 @@ import orjson
 
 from edgeway.config import ModbusDeviceConfig, OpcUaServerConfig
 from edgeway.reading import MetricValue
-from edgeway.sim.devices import VirtualDevice
+from edgeway.sim.devices import WRITABLE, VirtualDevice
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +83,19 @@ would leave the message in the device forever."""
 RECEIPT_CHECK = 1.0
 """Seconds between checks of the receipt grace above."""
 
+COMMAND_POLL_WAIT = 25.0
+"""Seconds an HTTP device's command long-poll asks the gateway to hold it:
+below the 30 s idle timeout common in proxies and the gateway's
+``command_poll_max`` (60 s); a command arrives at once either way."""
+
+COMMAND_BODY_MAX = 256 * 1024
+"""Largest command an HTTP device reads (the gateway caps params at
+``commands.max_params_bytes``, 64 KiB by default)."""
+
+RESULT_ATTEMPTS = 3
+"""Times an HTTP device tries to post an answer (network errors only);
+after that the gateway times the command out."""
+
 STOP_GRACE = 3.0
 """Seconds allowed for disconnecting cleanly at stop."""
 
@@ -102,6 +123,9 @@ class FleetStats:
     """Messages sent again: no receipt within the grace after a reconnect (MQTT)."""
     connected: int = 0
     commands: int = 0
+    """Commands the devices answered (repeated ids included)."""
+    command_errors: int = 0
+    """Command polls or answers that failed (HTTP: refused, reset, 5xx)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -299,6 +323,9 @@ class MqttFleet:
             [
                 _subscription(f"devices/{dev_id}/receipts"),
                 _subscription(f"devices/{dev_id}/commands"),
+                # no_local: the device's own answers on commands/response are
+                # not commands for it.
+                _subscription(f"devices/{dev_id}/commands/+", no_local=True),
             ]
         )
         client.publish(f"devices/{dev_id}/status", b'{"online":true}', qos=1, retain=True)
@@ -323,10 +350,15 @@ class MqttFleet:
                 log.warning("%s: unreadable receipt %r", dev.device_id, payload[:100])
                 return 0
             self.stats.receipts += dev.buffer.confirm([str(i) for i in ids])
-        elif topic.endswith("/commands"):
+        elif topic == f"devices/{dev.device_id}/commands":
             answer = dev.handle_command(payload, time.time())
             self.stats.commands += 1
             client.publish(f"devices/{dev.device_id}/commands/response", answer, qos=1)
+        elif topic.startswith(f"devices/{dev.device_id}/commands/"):
+            answer = dev.handle_command(payload, time.time())
+            self.stats.commands += 1
+            reply = _response_topic(props, f"devices/{dev.device_id}/commands/")
+            client.publish(reply or f"{topic}/result", answer, qos=1)
         return 0
 
     async def _connect(self, link: _MqttLink, stop: asyncio.Event, gate: asyncio.Semaphore) -> None:
@@ -422,10 +454,27 @@ class MqttFleet:
         await asyncio.gather(*(one(link) for link in self.links if link.ever_connected))
 
 
-def _subscription(topic: str) -> Any:
+def _subscription(topic: str, *, no_local: bool = False) -> Any:
     import gmqtt
 
-    return gmqtt.Subscription(topic, qos=1)
+    return gmqtt.Subscription(topic, qos=1, no_local=no_local)
+
+
+def _response_topic(props: Any, prefix: str) -> str | None:
+    """The MQTT 5 response topic of a received PUBLISH (gmqtt gives lists),
+    if it is under ``prefix``: whoever can publish a command must not make the
+    device publish anywhere else (another device's telemetry, say)."""
+    value = props.get("response_topic") if isinstance(props, dict) else None
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    if (
+        isinstance(value, str)
+        and value.startswith(prefix)
+        and "+" not in value
+        and "#" not in value
+    ):
+        return value
+    return None
 
 
 # ------------------------------------------------------------------------------ CoAP
@@ -526,11 +575,17 @@ class HttpFleet(_PushFleet):
         port: int,
         *,
         token: str | None = None,
+        poll_commands: bool | None = None,
+        command_wait: float = COMMAND_POLL_WAIT,
     ) -> None:
         self.devices = list(devices)
         self.host = host
         self.port = port
         self.token = token
+        self.poll_commands = bool(token) if poll_commands is None else poll_commands
+        """Long-poll commands: by default when there is a token (the gateway
+        wants one for commands, unless ``commands_allow_anonymous``)."""
+        self.command_wait = command_wait
         self.stats = FleetStats("http", devices=len(self.devices))
 
     async def run(self, stop: asyncio.Event, drain: float = 0.0) -> None:
@@ -545,6 +600,78 @@ class HttpFleet(_PushFleet):
             async with asyncio.TaskGroup() as tg:
                 for dev in self.devices:
                     tg.create_task(self._device(session, dev, stop, drain))
+
+    async def _device(
+        self, client: Any, dev: VirtualDevice, stop: asyncio.Event, drain: float
+    ) -> None:
+        if not self.poll_commands:
+            await super()._device(client, dev, stop, drain)
+            return
+        async with asyncio.TaskGroup() as tg:
+            poller = tg.create_task(self._commands(client, dev))
+            await super()._device(client, dev, stop, drain)
+            poller.cancel()
+
+    async def _commands(self, session: Any, dev: VirtualDevice) -> None:
+        """Long-poll the device's commands and post each answer, until cancelled."""
+        import aiohttp
+
+        base = f"http://{_host_literal(self.host)}:{self.port}/devices/{dev.device_id}/commands"
+        hold = aiohttp.ClientTimeout(total=self.command_wait + REQUEST_TIMEOUT)
+        delay = 0.5
+        while True:
+            status, body = 0, b""
+            try:
+                async with session.get(
+                    base, params={"wait": f"{self.command_wait:g}"}, timeout=hold
+                ) as resp:
+                    status = resp.status
+                    body = await resp.content.read(COMMAND_BODY_MAX + 1)
+            except (aiohttp.ClientError, TimeoutError) as e:
+                log.debug("%s: command poll failed: %s", dev.device_id, e)
+            if status == 200 and len(body) <= COMMAND_BODY_MAX:
+                await self._answer(session, dev, base, body)
+                delay = 0.5
+                continue
+            if status == 204:
+                delay = 0.5
+                continue
+            if status in (401, 403, 404):
+                # Not allowed, or a gateway without commands: polling again
+                # would only repeat the refusal.
+                log.warning("%s: command polls refused (HTTP %d)", dev.device_id, status)
+                self.stats.command_errors += 1
+                return
+            self.stats.command_errors += 1  # 409 superseded, 503 busy, network errors
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 10.0)
+
+    async def _answer(self, session: Any, dev: VirtualDevice, base: str, body: bytes) -> None:
+        import aiohttp
+        from yarl import URL
+
+        try:
+            cid = orjson.loads(body).get("id")
+        except (orjson.JSONDecodeError, AttributeError):
+            cid = None
+        answer = dev.handle_command(body, time.time())
+        self.stats.commands += 1
+        if not isinstance(cid, str) or not cid:
+            self.stats.command_errors += 1  # nothing to answer to
+            return
+        url = URL(f"{base}/{urllib.parse.quote(cid, safe='')}/result", encoded=True)
+        for attempt in range(RESULT_ATTEMPTS):
+            try:
+                async with session.post(url, data=answer) as resp:
+                    await resp.read()
+                    if resp.status < 500:
+                        if resp.status != 200:
+                            self.stats.command_errors += 1  # 404: no longer waited for
+                        return
+            except (aiohttp.ClientError, TimeoutError) as e:
+                log.debug("%s: command answer failed: %s", dev.device_id, e)
+            await asyncio.sleep(0.5 * (attempt + 1))
+        self.stats.command_errors += 1
 
     async def _send(self, session: Any, dev: VirtualDevice, wake: asyncio.Event) -> None:
         url = f"http://{_host_literal(self.host)}:{self.port}/devices/{dev.device_id}/telemetry"
@@ -622,6 +749,40 @@ def _to_registers(value: MetricValue, data_type: str, scale: float) -> list[int]
     return [hi, lo]
 
 
+def _from_registers(regs: Sequence[int], data_type: str, scale: float) -> float:
+    if data_type == "int16":
+        raw = regs[0] - 0x10000 if regs[0] & 0x8000 else regs[0]
+    elif data_type == "uint16":
+        raw = regs[0]
+    else:
+        raw = (regs[0] << 16) | regs[1]
+    return raw * scale
+
+
+_REGISTER_COUNT = {"int16": 1, "uint16": 1, "uint32": 2}
+
+
+def decode_register_write(
+    kind: str, address: int, values: Sequence[int]
+) -> dict[str, float] | None:
+    """The points a write of ``values`` at ``address`` sets on a device of
+    ``kind``, or None when the write must be refused: it touches a register
+    of a point that is not writable (``WRITABLE``), covers only part of a
+    two-register value, or lies outside the map."""
+    end = address + len(values)
+    out: dict[str, float] = {}
+    covered = 0
+    for metric, addr, dtype, scale in _REGISTER_MAP[kind]:
+        n = _REGISTER_COUNT[dtype]
+        if addr + n <= address or addr >= end:
+            continue  # not touched
+        if metric not in WRITABLE[kind] or addr < address or addr + n > end:
+            return None
+        out[metric] = _from_registers(values[addr - address : addr - address + n], dtype, scale)
+        covered += n
+    return out if covered == len(values) else None
+
+
 class ModbusSimServer:
     """A Modbus TCP server: one unit id per device (1, 2, ...); each read of a
     unit's holding registers returns the device's values at that moment."""
@@ -635,6 +796,9 @@ class ModbusSimServer:
         self.host = host
         self.port = port
         self.reads = 0
+        self.writes = 0
+        """Register writes the devices took."""
+        self.refused_writes = 0
         self._server: Any = None
 
     async def _refresh(
@@ -646,14 +810,44 @@ class ModbusSimServer:
         count: int,
         registers: list[int],
         set_values: Any,
-    ) -> None:
+    ) -> Any:
+        """pymodbus's action for every access: a read refreshes the registers
+        from the device; a write goes to :meth:`_written` (its refusal, an
+        ExcCodes, is the answer)."""
         if set_values is not None:
-            return None
+            return self._written(device, function_code, address, set_values)
         self.reads += 1
         metrics = device.sample(time.time())
         for metric, addr, dtype, scale in _REGISTER_MAP[device.kind]:
             regs = _to_registers(metrics.get(metric, 0), dtype, scale)
             registers[addr - start_address : addr - start_address + len(regs)] = regs
+        return None
+
+    def _written(
+        self, device: VirtualDevice, function_code: int, address: int, values: Sequence[Any]
+    ) -> Any:
+        """A client writes registers: the device takes the values (later reads
+        show them) or the write is refused with ILLEGAL_ADDRESS (a register
+        that is not writable, coils) / ILLEGAL_DATA_VALUE (a value the point
+        cannot hold), and nothing is changed."""
+        from pymodbus.constants import ExcCodes
+
+        points = (
+            None
+            if function_code not in (6, 16)  # write single / multiple registers
+            else decode_register_write(device.kind, address, [int(v) for v in values])
+        )
+        if points is None:
+            self.refused_writes += 1
+            return ExcCodes.ILLEGAL_ADDRESS
+        try:
+            checked = {m: device.checked_write(m, v) for m, v in points.items()}
+        except (KeyError, ValueError):
+            self.refused_writes += 1
+            return ExcCodes.ILLEGAL_VALUE
+        for metric, value in checked.items():
+            device.apply_write(metric, value)
+        self.writes += 1
         return None
 
     async def start(self) -> None:
@@ -688,7 +882,13 @@ class ModbusSimServer:
         out = []
         for unit, dev in enumerate(self.devices, start=1):
             points = [
-                {"metric": m, "address": a, "data_type": t, "scale": s}
+                {
+                    "metric": m,
+                    "address": a,
+                    "data_type": t,
+                    "scale": s,
+                    "writable": m in WRITABLE[dev.kind],
+                }
                 for m, a, t, s in _REGISTER_MAP[dev.kind]
             ]
             out.append(
@@ -736,6 +936,10 @@ class OpcUaSimServer:
         after 0 (OPC-UA) and 1 (the server's own) is 2, so a gateway can be
         configured before this server runs (the demo starts it in a child)."""
         self._vars: dict[str, dict[str, Any]] = {}
+        self._writable: dict[Any, tuple[VirtualDevice, str]] = {}
+        """NodeId -> (device, metric) of the variables clients may write."""
+        self.client_writes = 0
+        """Variable writes from clients that the devices took."""
 
     @property
     def endpoint(self) -> str:
@@ -743,6 +947,7 @@ class OpcUaSimServer:
 
     async def start(self) -> None:
         from asyncua import ua
+        from asyncua.common.callback import CallbackType
         from asyncua.server.server import Server
 
         if self.port == 0:
@@ -759,11 +964,36 @@ class OpcUaSimServer:
             self._vars[dev.device_id] = {}
             for metric, value in dev.sample(now).items():
                 node = ua.NodeId(ua.String(f"{dev.device_id}.{metric}"), ua.Int16(self._ns))
-                self._vars[dev.device_id][metric] = await obj.add_variable(
-                    node, metric, _variant(value)
-                )
+                var = await obj.add_variable(node, metric, _variant(value))
+                self._vars[dev.device_id][metric] = var
+                if metric in WRITABLE[dev.kind]:
+                    await var.set_writable()
+                    self._writable[node] = (dev, metric)
+        server.subscribe_server_callback(CallbackType.PostWrite, self._client_wrote)
         await server.start()
         self._server = server
+
+    def _client_wrote(self, event: Any, _dispatcher: Any) -> None:
+        """A client wrote variables (asyncua's PostWrite): the devices take the
+        values they accepted, so the values they report next follow (our own
+        updates are internal writes, not external ones)."""
+        from asyncua.ua.attribute_ids import AttributeIds
+
+        if not event.is_external:
+            return
+        for item, status in zip(
+            event.request_params.NodesToWrite, event.response_params, strict=False
+        ):
+            target = self._writable.get(item.NodeId)
+            if target is None or item.AttributeId != AttributeIds.Value or not status.is_good():
+                continue
+            dev, metric = target
+            try:
+                dev.write(metric, item.Value.Value.Value)
+            except (KeyError, ValueError) as e:
+                log.warning("%s: write of %s not taken: %s", dev.device_id, metric, e)
+                continue
+            self.client_writes += 1
 
     async def run(self, stop: asyncio.Event) -> None:
         """Write every device's values at its rate until ``stop``."""
@@ -801,6 +1031,7 @@ class OpcUaSimServer:
                     "metric": metric,
                     "node_id": f"ns={self._ns};s={dev.device_id}.{metric}",
                     "sampling_interval": sampling_interval,
+                    "writable": metric in WRITABLE[dev.kind],
                 }
                 # The same metrics the server creates variables for (start()).
                 for metric in dev.signal.sample(time.time())

@@ -96,6 +96,8 @@ class MachineSignal:
     load: float = 0.7
     next_load_change: float = 0.0
     running: bool = True
+    halted: bool = False
+    """Stopped from outside (a write of ``running``) until started again."""
 
     @classmethod
     def random(cls, rng: random.Random, *, fault: bool = False, now: float = 0.0) -> MachineSignal:
@@ -117,6 +119,13 @@ class MachineSignal:
             return 0.0
         return min(1.0, ((now - self.fault_start) / self.fault_duration) ** 2)
 
+    def set_running(self, on: bool) -> None:
+        """Start or stop the machine, as an operator's write does: a stopped
+        machine stays stopped until started again."""
+        self.halted = not on
+        if on:
+            self.running = True
+
     def sample(self, now: float) -> dict[str, MetricValue]:
         """Metrics at ``now``; the load steps to a new level every 1-5 minutes."""
         if now >= self.next_load_change:
@@ -124,7 +133,7 @@ class MachineSignal:
             self.next_load_change = now + self.rng.uniform(60.0, 300.0)
             # A machine is stopped now and then (a shift change, a batch done).
             self.running = self.rng.random() > 0.05
-        if not self.running:
+        if self.halted or not self.running:
             return {
                 "running": False,
                 "rpm": 0,
@@ -168,6 +177,10 @@ class MeterSignal:
             parts=rng.randrange(0, 1_000_000),
             parts_per_hour=rng.uniform(60.0, 3600.0),
         )
+
+    def preset_parts(self, value: int) -> None:
+        """Set the parts counter (a reset to 0 at a shift change, as a write does)."""
+        self.parts = value
 
     def sample(self, now: float) -> dict[str, MetricValue]:
         """Counters advanced by the time elapsed since the previous sample."""
