@@ -163,9 +163,9 @@ async def test_http_sim_devices_long_poll_and_answer(tmp_path: Path, cloud: Clou
             assert unknown.state is CommandState.FAILED and "unknown command" in (
                 unknown.error or ""
             )
-            meter_write = await _round_trip(gw, "ht-0001", "write", {"running": False})
-            assert meter_write.state is CommandState.FAILED
-            assert "running is not writable on a env device" in (meter_write.error or "")
+            env_write = await _round_trip(gw, "ht-0001", "write", {"running": False})
+            assert env_write.state is CommandState.FAILED
+            assert "running is not writable on env devices" in (env_write.error or "")
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)

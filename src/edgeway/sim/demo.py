@@ -531,13 +531,14 @@ class Demo:
             f"try:    mosquitto_pub -p {p['mqtt']} -q 1 -t devices/my-sensor/telemetry "
             "-m '{\"temp\": 21.5}'"
         )
-        if o.command_interval > 0 and self.gateway.commands is not None:
+        if self.gateway.commands is not None:
+            if o.command_interval > 0:
+                w(
+                    f"commands: after {o.command_after:g} s, then every {o.command_interval:g} s, "
+                    "one to an MQTT device and one to another device, through the command queue"
+                )
             w(
-                f"commands: after {o.command_after:g} s, then every {o.command_interval:g} s, "
-                "one to an MQTT device and one to another device, through the command queue"
-            )
-            w(
-                f"        edgeway command send mqtt-0001 ping --wait --admin "
+                f"try:    edgeway command send mqtt-0001 ping --wait --admin "
                 f"http://{o.host}:{p['admin']}"
             )
         if self._tmp is None:
@@ -821,6 +822,13 @@ def add_demo_arguments(p: Any) -> None:
     p.add_argument("--rate", type=float, default=1.0, help="readings per second per device")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between status lines")
     p.add_argument(
+        "--command-interval",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds between command round trips, the first 5 s in (default 10; 0: none)",
+    )
+    p.add_argument(
         "--data-dir",
         type=Path,
         help="keep the gateway's data and the cloud's records here (default: a "
@@ -839,6 +847,7 @@ def options_from_args(args: Any) -> DemoOptions:
         mqtt_devices=args.devices,
         rate=args.rate,
         interval=args.interval,
+        command_interval=args.command_interval,
         data_dir=args.data_dir,
         seed=args.seed,
     )

@@ -209,7 +209,7 @@ class VirtualDevice:
     def checked_write(self, metric: str, value: Any) -> bool | int:
         """``value`` as ``metric`` would take it; KeyError / ValueError as :meth:`write`."""
         if metric not in WRITABLE[self.kind]:
-            raise KeyError(f"{metric} is not writable on a {self.kind} device")
+            raise KeyError(f"{metric} is not writable on {self.kind} devices")
         if metric == "running":
             if value not in (True, False, 0, 1):  # 1 == True: 0/1 registers pass
                 raise ValueError(f"running: expected true/false or 0/1, got {value!r}")
