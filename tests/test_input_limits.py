@@ -6,9 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import cbor2
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from edgeway.codecs.base import DecodeError, get_codec
@@ -24,6 +25,14 @@ SMALL = InputLimits(
     max_string_length=10,
     max_flattened_size=120,
 )
+LONG_STRINGS = InputLimits(
+    max_readings_per_message=4,
+    max_metrics_per_reading=6,
+    max_name_length=12,
+    max_flattened_size=120,
+)
+"""Strings may be as long as a payload here, so the broker's decoder judges by the
+payload's length (``check_readings``' ``text_bound``) instead of reading each value."""
 LIMIT_REASONS = {
     "too_many_readings",
     "too_many_metrics",
@@ -78,9 +87,10 @@ objects = st.recursive(
 messages = st.one_of(objects, st.lists(objects, min_size=1, max_size=6))
 
 
+@pytest.mark.parametrize("limits", [SMALL, LONG_STRINGS])
 @settings(max_examples=300, deadline=None)
-@given(messages)
-def test_codec_and_broker_apply_the_same_limits(doc: Any) -> None:
+@given(doc=messages)
+def test_codec_and_broker_apply_the_same_limits(limits: InputLimits, doc: Any) -> None:
     """The JSON codec (HTTP, CoAP, client mode) and the embedded broker's decoder
     accept the same messages, with the same metrics, and what they accept keeps
     within every limit; what they refuse, they refuse for a limit."""
@@ -88,14 +98,64 @@ def test_codec_and_broker_apply_the_same_limits(doc: Any) -> None:
     outcomes = []
     for decode in (codec_decode, broker_decode):
         try:
-            readings = decode(payload)
+            readings = decode(payload, limits)
         except DecodeError as e:
             assert e.reason in LIMIT_REASONS, e
             outcomes.append(None)
         else:
-            assert within(readings, SMALL)
+            assert within(readings, limits)
             outcomes.append([r.metrics for r in readings])
     assert outcomes[0] == outcomes[1]
+
+
+def outcome(decode: Any, payload: bytes) -> list[dict[str, Any]] | str:
+    """The metrics of each reading, or the refusal's reason."""
+    try:
+        readings = decode(payload)
+    except DecodeError as e:
+        return e.reason
+    assert within(readings, SMALL)
+    return [r.metrics for r in readings]
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages)
+def test_cbor_codec_applies_the_same_limits_as_json(doc: Any) -> None:
+    cbor = get_codec("cbor", limits=SMALL)
+
+    def cbor_decode(payload: bytes) -> list[Reading]:
+        return cbor.decode(payload, device_id="d", origin=Origin("coap"), now=time.time())
+
+    assert outcome(cbor_decode, cbor2.dumps(doc)) == outcome(codec_decode, orjson.dumps(doc))
+
+
+senml_records = st.lists(
+    st.fixed_dictionaries(
+        {"n": st.from_regex(r"[a-z][a-z:./_-]{0,15}", fullmatch=True)},
+        optional={
+            "v": st.integers(-1000, 1000),
+            "vs": st.text(max_size=14),
+            "t": st.integers(-100, 0),
+            "bn": st.sampled_from(["dev1:", "dev2:"]),
+        },
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(senml_records)
+def test_senml_codec_keeps_within_the_limits(pack: list[dict[str, Any]]) -> None:
+    """SenML packs group records into readings per device and time: whatever
+    that gives keeps within the limits, or is refused for one (or for SenML's rules)."""
+    codec = get_codec("senml+json", limits=SMALL)
+    result = outcome(
+        lambda p: codec.decode(p, device_id=None, origin=Origin("coap"), now=time.time()),
+        orjson.dumps(pack),
+    )
+    if isinstance(result, str):
+        assert result in LIMIT_REASONS or result.startswith(("senml_", "no_", "bad_")), result
 
 
 @settings(max_examples=300, deadline=None)
@@ -107,6 +167,30 @@ def test_small_payloads_cannot_break_a_limit(doc: Any) -> None:
         payload = orjson.dumps(doc)
         if len(payload) <= limits.unchecked_payload_size:
             broker_decode(payload, limits)  # raises nothing
+
+
+flat_objects = st.dictionaries(
+    st.text(max_size=40),
+    st.one_of(st.integers(-(2**63), 2**63 - 1), st.booleans(), st.text(max_size=40)),
+    max_size=12,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(flat_objects, st.booleans())
+@example({"k" * 21: 0, "a": 0}, False)  # a name one over, in the tightest payload
+@example({"k" * 21: 0, "": 0, "a": 0}, False)
+def test_flat_object_within_never_passes_what_the_full_check_refuses(
+    obj: dict[str, Any], spaced: bool
+) -> None:
+    """The broker's fast path judges a flat object by its payload's length
+    (``flat_object_within``): whenever that says yes, the full check agrees."""
+    import json
+
+    payload = json.dumps(obj).encode() if spaced else orjson.dumps(obj)
+    for limits in (SMALL, LONG_STRINGS, InputLimits(max_name_length=20)):
+        if limits.flat_object_within(obj, len(payload)):
+            limits.check_readings([Reading("d", 0.0, obj)], 0.0)
 
 
 def test_unchecked_payload_size_is_derived_from_the_limits() -> None:
@@ -196,10 +280,31 @@ def test_each_limit_alone() -> None:
             assert e.value.reason == reason, (doc, decode)
 
 
+def test_judging_by_payload_length_still_counts_every_number() -> None:
+    """The broker's decoder bounds string values by the payload's length; numbers
+    still count VALUE_SIZE each: 15 one-digit metrics are 135 characters flattened
+    from an 84-byte payload."""
+    payload = orjson.dumps([{"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}] * 3)
+    assert len(payload) < LONG_STRINGS.max_flattened_size
+    for decode in (codec_decode, broker_decode):
+        with pytest.raises(DecodeError) as e:
+            decode(payload, LONG_STRINGS)
+        assert e.value.reason == "too_large"
+    [r] = broker_decode(b'{"s": "' + b"x" * 90 + b'"}', LONG_STRINGS)  # 1 + 90 characters
+    assert len(r.metrics["s"]) == 90
+
+
 def test_refusal_details_cannot_forge_a_log_line() -> None:
-    with pytest.raises(DecodeError) as e:
-        broker_decode(orjson.dumps({"x\nWARNING forged" + "y" * 20: 1}))
-    assert "\n" not in str(e.value)
+    """Names from the payload appear in refusal details (logged) escaped."""
+    for doc in [
+        {"x\nWARNING forged" + "y" * 20: 1},  # name_too_long
+        {"v": 1, "tags": {"site\nWARNING forged": [1]}},  # bad_tags
+        {"v": 1, "tags": {"site\nWARNING forged": "x" * 300}},
+        {"a\nWARNING forged": [1]},  # unsupported_value
+    ]:
+        with pytest.raises(DecodeError) as e:
+            broker_decode(orjson.dumps(doc))
+        assert "\n" not in str(e.value), doc
 
 
 def test_config_top_level_and_per_adapter_override() -> None:

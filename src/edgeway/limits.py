@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from edgeway.reading import Reading
 
@@ -122,10 +123,19 @@ class InputLimits:
                 f"{name[:64]!r}...: {len(name)} characters > {self.max_name_length}",
             )
 
-    def check_readings(self, readings: list[Reading], now: float) -> list[Reading]:
+    def check_readings(
+        self, readings: list[Reading], now: float, text_bound: int | None = None
+    ) -> list[Reading]:
         """Check every limit on the readings of one message; return them, or raise
         :class:`DecodeError`. Work is linear in the metrics, and stops at the
-        first one over a limit."""
+        first one over a limit.
+
+        ``text_bound``, when given, is at least the characters of all string
+        values together (a JSON payload's length: every string value is a
+        token of it); then, when it alone proves the string and size limits,
+        the values are not looked at, only counted (the broker's hot path)."""
+        if text_bound is not None and self._within(readings, now, text_bound):
+            return readings
         if len(readings) > self.max_readings_per_message:
             raise DecodeError(
                 "too_many_readings", f"{len(readings)} > {self.max_readings_per_message}"
@@ -158,6 +168,49 @@ class InputLimits:
                     "too_large", f"flattened size over {self.max_flattened_size} characters"
                 )
         return readings
+
+    def flat_object_within(self, metrics: dict[str, Any], payload_size: int) -> bool:
+        """True when ``metrics``, a JSON object of ``payload_size`` bytes that is its
+        own reading (numbers, booleans and strings only, no nesting), keeps every
+        limit but the timestamp's. Its names and strings are tokens of the
+        payload, so its length bounds them all together; one name can be no
+        longer than the payload less 5 bytes per metric (``"":0,`` for each
+        other one, braces, quotes, colon and value for its own), and only when
+        that allows a name too long are the names measured (in C). False: use
+        :meth:`check_readings`."""
+        n = len(metrics)
+        max_name = self.max_name_length
+        return (
+            n <= self.max_metrics_per_reading
+            and payload_size <= self.max_string_length
+            and payload_size + VALUE_SIZE * n <= self.max_flattened_size
+            and (payload_size - 5 * n <= max_name or max(map(len, metrics)) <= max_name)
+        )
+
+    def _within(self, readings: list[Reading], now: float, text_bound: int) -> bool:
+        """True when every limit holds, judged from name lengths (summed in C),
+        counts and ``text_bound``; False when that cannot tell (the exact check
+        then decides and names the limit)."""
+        if text_bound > self.max_string_length:
+            return False
+        if len(readings) > self.max_readings_per_message:
+            return False
+        max_name = self.max_name_length
+        low = now - self.max_timestamp_age
+        high = now + self.max_timestamp_ahead
+        size = text_bound
+        for r in readings:
+            metrics = r.metrics
+            names = sum(map(len, metrics))
+            if (
+                len(metrics) > self.max_metrics_per_reading
+                or (names > max_name and max(map(len, metrics)) > max_name)
+                or not low <= r.ts <= high
+                or r.tags
+            ):
+                return False
+            size += names + VALUE_SIZE * len(metrics)
+        return size <= self.max_flattened_size
 
 
 class FlattenBudget:

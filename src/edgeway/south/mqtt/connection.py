@@ -429,8 +429,9 @@ class MqttConnection(asyncio.Protocol):
         :attr:`_fast_topics`), no v5 properties, one JSON object that is a
         valid reading (:func:`reading_from`, the slow path's own decoder)
         within the input limits (the same :meth:`InputLimits.check_readings`;
-        skipped for a payload of at most ``unchecked_payload_size`` bytes
-        stamped with the arrival time, which cannot break any of them).
+        for a payload of at most ``unchecked_payload_size`` bytes, which cannot
+        break any other limit, only its timestamp is checked, and for a flat
+        object :meth:`InputLimits.flat_object_within` judges by its length).
         Anything else, including every malformed packet and every refused
         payload, stops here and is handled by the reader and
         :meth:`_on_publish` from that packet on, so errors, reason codes and
@@ -493,9 +494,16 @@ class MqttConnection(asyncio.Protocol):
                 try:
                     # An array (several readings) is refused here as not an
                     # object, and goes to the slow path like any refusal.
-                    reading = reading_from(loads(payload), device_id, now, origin, None, limits)
-                    if end - p > unchecked or reading.ts != now:
-                        limits.check_readings([reading], now)
+                    obj = loads(payload)
+                    reading = reading_from(obj, device_id, now, origin, None, limits)
+                    if end - p > unchecked:
+                        # The usual object is its own metrics (and stamped now).
+                        if reading.metrics is not obj or not limits.flat_object_within(
+                            obj, end - p
+                        ):
+                            limits.check_readings([reading], now, end - p)
+                    elif reading.ts != now:
+                        limits.check_timestamp(reading.ts, now)
                 except (orjson.JSONDecodeError, TelemetryError):
                     break  # the slow path counts and answers it
                 msg = None

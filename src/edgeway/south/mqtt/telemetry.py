@@ -248,9 +248,9 @@ def _tags(v: Any) -> dict[str, str] | None:
         elif t is int or t is float or t is bool:
             text = orjson.dumps(value).decode()
         else:
-            raise TelemetryError("bad_tags", f"tag {name}: {t.__name__}")
+            raise TelemetryError("bad_tags", f"tag {name[:32]!r}: {t.__name__}")
         if len(name) > MAX_TAG_LENGTH or len(text) > MAX_TAG_LENGTH:
-            raise TelemetryError("bad_tags", f"tag {name[:32]}: longer than {MAX_TAG_LENGTH}")
+            raise TelemetryError("bad_tags", f"tag {name[:32]!r}: longer than {MAX_TAG_LENGTH}")
         out[name] = text
     return out
 
@@ -297,4 +297,5 @@ def decode_telemetry(
         ]
     else:
         readings = [reading_from(data, device_id, now, origin, correlation, limits, budget)]
-    return limits.check_readings(readings, now)
+    # Every string value is a token of the payload: its length bounds them all.
+    return limits.check_readings(readings, now, len(payload))
