@@ -20,6 +20,7 @@ import pytest
 from ingest_doubles import RecordingIngest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgeway.codecs.base import DecodeError
 from edgeway.config import (
     CoapSection,
     HttpIngestSection,
@@ -29,6 +30,7 @@ from edgeway.config import (
 )
 from edgeway.devices.auth import AllowAll
 from edgeway.ingest import MemoryIngest
+from edgeway.reading import Origin
 from edgeway.south.coap import CoapAdapter
 from edgeway.south.http import HttpIngestAdapter
 from edgeway.south.mqtt.broker import Broker
@@ -60,6 +62,7 @@ def payloads(now: float) -> dict[str, bytes]:
 
 
 REFUSED = [r for r in payloads(0) if r != "accepted"]
+ORIGIN = Origin("test")
 
 
 # ---------------------------------------------------------------- MQTT v5
@@ -206,3 +209,58 @@ def test_payloads_are_within_one_packet_and_body() -> None:
     """Each payload breaks a limit on its own, not the body or packet size."""
     assert max(len(p) for p in payloads(time.time()).values()) < 10_000
     assert json.loads(payloads(0)["too_large"])[0]  # a JSON array of objects
+
+
+# ------------------------------------------------- client mode and serial lines
+
+
+def test_mqtt_client_subscriptions_decode_with_the_connection_limits(tmp_path: Path) -> None:
+    from edgeway.config import parse_config
+    from edgeway.south.mqtt_client import MqttClientAdapter
+
+    config = parse_config(
+        """
+input_limits: {max_string_length: 50}
+mqtt_client:
+  - name: plant
+    url: mqtt://127.0.0.1:1883
+    preset: zigbee2mqtt
+    input_limits: {max_name_length: 10}
+"""
+    )
+    adapter = MqttClientAdapter(
+        config.mqtt_client[0], ingest=RecordingIngest(), gateway_id="gw", data_dir=tmp_path
+    )
+    (route,) = adapter.routes
+    assert (route.codec.limits.max_name_length, route.codec.limits.max_string_length) == (10, 50)
+    with pytest.raises(DecodeError) as e:
+        route.codec.decode(b'{"temperature_c": 21}', device_id="d", origin=ORIGIN, now=0.0)
+    assert e.value.reason == "name_too_long"
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b"temperature_inside_the_cabinet=21.5", "name_too_long"),
+        (b"state=" + b"x" * 60, "value_too_long"),
+        (b'{"v": 1, "ts": 1}', "timestamp_out_of_range"),
+    ],
+)
+def test_serial_lines_keep_within_the_port_limits(line: bytes, reason: str) -> None:
+    from edgeway.config import SerialPortConfig
+    from edgeway.south.serial import SerialAdapter
+
+    fmt = "json" if line.startswith(b"{") else "kv"
+    config = SerialPortConfig(
+        name="s1",
+        device_id="dev-s",
+        port="/dev/null",
+        format=fmt,
+        input_limits=InputLimitsSection(max_name_length=20, max_string_length=50),
+    )
+    adapter = SerialAdapter(config, ingest=RecordingIngest())
+    with pytest.raises(DecodeError) as e:
+        adapter.decode_line(line, time.time())
+    assert e.value.reason == reason
+    ok = b'{"t": 21.5}' if fmt == "json" else b"t=21.5"
+    assert adapter.decode_line(ok, time.time())[0].metrics == {"t": 21.5}
