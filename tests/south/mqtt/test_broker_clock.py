@@ -162,3 +162,49 @@ async def test_v311_client_held_by_backpressure_is_not_keepalive_expired(
         assert (await c.expect(PubAck)).packet_id == 1
         await c.disconnect()
         await watcher.nothing(0.2)
+
+
+async def test_message_expiry_survives_a_wall_clock_jump(tmp_path: Path) -> None:
+    """Message expiry intervals (retained and queued) run on the broker clock
+    too: a 10-year jump expires neither; the real interval does."""
+    clocks = Clocks()
+    async with running_broker(tmp_path, clock=clocks.broker_clock()) as rb:
+        props = Properties(session_expiry_interval=3600)
+        sub, _ = await RawClient.connect(rb.port, "sub", clean=False, properties=props)
+        await sub.subscribe("q/#", qos=1)
+        await sub.disconnect()
+        pub, _ = await RawClient.connect(rb.port, "pub")
+        ttl = Properties(message_expiry_interval=60)
+        await pub.publish("r/x", b"retained", qos=1, retain=True, properties=ttl)
+        await pub.publish("q/x", b"queued", qos=1, properties=ttl)
+        clocks.wall += YEARS_10
+        clocks.mono += 10
+        sub, _ = await RawClient.connect(rb.port, "sub", clean=False, properties=props)
+        got = await sub.receive_publish()
+        assert (got.payload, got.properties.message_expiry_interval) == (b"queued", 50)
+        await sub.subscribe("r/#", qos=1)
+        got = await sub.receive_publish()
+        assert (got.payload, got.properties.message_expiry_interval) == (b"retained", 50)
+        clocks.mono += 51
+        late, _ = await RawClient.connect(rb.port, "late")
+        await late.subscribe("r/#", qos=1)
+        await late.nothing(0.2)  # expired by the broker clock
+
+
+async def test_system_clock_jump_does_not_expire_retained_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the process's time.time jumped 10 years (before: every retained
+    message with an expiry interval was gone)."""
+    async with running_broker(tmp_path) as rb:
+        pub, _ = await RawClient.connect(rb.port, "pub")
+        ttl = Properties(message_expiry_interval=3600)
+        await pub.publish("r/x", b"retained", qos=1, retain=True, properties=ttl)
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + YEARS_10)
+        sub, _ = await RawClient.connect(rb.port, "sub")
+        await sub.subscribe("r/#", qos=1)
+        got = await sub.receive_publish()
+        monkeypatch.setattr(time, "time", real)
+        assert got.payload == b"retained"
+        assert 3590 <= (got.properties.message_expiry_interval or 0) <= 3600

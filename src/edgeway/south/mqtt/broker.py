@@ -160,7 +160,7 @@ class Broker:
         )
         self.tree: SubscriptionTree[Session] = SubscriptionTree()
         self.retained = RetainedStore(
-            config.limits.max_retained_messages, config.limits.max_retained_bytes
+            config.limits.max_retained_messages, config.limits.max_retained_bytes, self.clock.now
         )
         self.sessions: dict[str, Session] = {}
         self._persistent: set[Session] = set()
@@ -534,7 +534,7 @@ class Broker:
                 user_properties=list(props.user_properties),
             )
         if props.message_expiry_interval is not None:
-            expires_at = time.time() + props.message_expiry_interval
+            expires_at = self.clock.now() + props.message_expiry_interval
         self.count("wills_published")
         self.route(
             Message(will.topic, will.payload, will.qos, will.retain, fwd, expires_at, client_id)
@@ -586,7 +586,7 @@ class Broker:
         """
         expires_at = None
         if properties is not None and properties.message_expiry_interval is not None:
-            expires_at = time.time() + properties.message_expiry_interval
+            expires_at = self.clock.now() + properties.message_expiry_interval
         self.messages_in += 1
         self.route(Message(topic, payload, qos, retain, properties, expires_at, None, on_ack))
         self.flush_writes_soon()

@@ -1,4 +1,4 @@
-"""The broker's own clock for session expiry and delayed wills (sans-IO).
+"""The broker's own clock for session expiry, delayed wills and message expiry (sans-IO).
 
 Configuration::
 
@@ -7,8 +7,8 @@ Configuration::
         max_session_expiry: 7d
         session_downtime_credit: 0s   # how much of a stop across a reboot counts
 
-Session expiry and will delay are durations ("300 s after the client went
-away"). Measured on the wall clock, a forward jump (NTP correcting a board
+Session expiry, will delay and message expiry are durations ("300 s after
+the client went away"). Measured on the wall clock, a forward jump (NTP correcting a board
 without a real-time clock by years) would expire every session at once, and a
 backward one would keep them forever. So the broker measures them on its own
 clock: :meth:`BrokerClock.now` advances with the monotonic clock while the

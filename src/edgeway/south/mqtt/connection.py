@@ -987,7 +987,7 @@ class MqttConnection(asyncio.Protocol):
                     return
             fwd = _forwardable(props)
             if props.message_expiry_interval is not None:
-                expires_at = time.time() + props.message_expiry_interval
+                expires_at = broker.clock.now() + props.message_expiry_interval
         retain = p.retain
         if retain and p.payload and not broker.retained.fits(topic, len(p.payload)):
             # Over max_retained_messages / max_retained_bytes. (The byte-level
@@ -1504,7 +1504,7 @@ class MqttConnection(asyncio.Protocol):
             return
         queue = session.queue
         inflight = session.inflight
-        now = time.time()
+        now = self.broker.clock.now()
         while queue and not self._write_paused:
             if self._out_bytes >= OUTPUT_PER_TURN or self._out_drained >= DRAIN_PER_TURN:
                 self._continue_output()
@@ -1629,7 +1629,11 @@ class MqttConnection(asyncio.Protocol):
         props: Properties = EMPTY_PROPS
         if level == MQTT_5:
             base = msg.properties
-            expiry = msg.remaining_expiry(time.time()) if msg.expires_at is not None else None
+            expiry = (
+                msg.remaining_expiry(self.broker.clock.now())
+                if msg.expires_at is not None
+                else None
+            )
             if base is not None or d.sub_ids or expiry is not None or alias is not None:
                 props = Properties(
                     payload_format_indicator=base.payload_format_indicator if base else None,

@@ -40,8 +40,9 @@ its trie node and dict entries), for ``max_retained_bytes``."""
 class Message:
     """An application message as the broker routes it.
 
-    ``expires_at`` is wall-clock seconds (``time.time()``) so that it keeps
-    its meaning across a restart; ``None`` means it never expires.
+    ``expires_at`` is seconds on the broker clock (``clock.py``: it does not
+    jump with the wall clock and keeps its meaning across a restart); ``None``
+    means it never expires.
     ``sender`` is the publishing client id (for no-local), or ``None`` for
     messages the gateway itself publishes.
     """
@@ -145,7 +146,7 @@ class RetainedCursor:
                 if child is not None:
                     stack.append((iter((child,)), i + 1))
         if out:
-            now = time.time()
+            now = self._store.clock()
             if any(m.expires_at is not None for m in out):
                 for m in [m for m in out if m.expired(now)]:
                     self._store._drop(m.topic)
@@ -157,9 +158,13 @@ class RetainedStore:
     """Retained messages by topic (a dict and a trie), with change tracking
     for persistence."""
 
-    __slots__ = ("_by_topic", "_root", "bytes", "dirty", "max_bytes", "max_messages")
+    __slots__ = ("_by_topic", "_root", "bytes", "clock", "dirty", "max_bytes", "max_messages")
 
-    def __init__(self, max_messages: int = 0, max_bytes: int = 0) -> None:
+    def __init__(
+        self, max_messages: int = 0, max_bytes: int = 0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.clock = clock
+        """What ``expires_at`` is measured on (the broker passes its own clock)."""
         self._by_topic: dict[str, Message] = {}
         self._root = _Node()
         self.max_messages = max_messages
@@ -207,7 +212,7 @@ class RetainedStore:
 
     def get(self, topic: str) -> Message | None:
         msg = self._by_topic.get(topic)
-        if msg is not None and msg.expired(time.time()):
+        if msg is not None and msg.expired(self.clock()):
             self._drop(topic)
             return None
         return msg
