@@ -371,6 +371,20 @@ async def test_pubacks_of_one_read_go_out_in_order(start: Start) -> None:
         await broker.close()
 
 
+def test_a_connect_the_codec_refuses_stops_start_up(tmp_path: Path) -> None:
+    config = MqttClientConfig.model_validate(
+        {
+            "name": "ext",
+            "url": "mqtt://127.0.0.1:1883",
+            "protocol": "3.1.1",
+            "password": "no user",
+            "subscriptions": [{"topic": "d/{device_id}"}],
+        }
+    )
+    with pytest.raises(ValueError, match=r"mqtt_client ext: .*password without a user name"):
+        MqttClientAdapter(config, ingest=RecordingIngest(), gateway_id="gw1", data_dir=tmp_path)
+
+
 def test_on_uvloop(tmp_path: Path) -> None:
     """``edgeway run`` runs on uvloop, whose transports are its own classes."""
     uvloop = pytest.importorskip("uvloop")

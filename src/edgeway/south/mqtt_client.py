@@ -312,6 +312,10 @@ class MqttClientAdapter(SouthAdapter):
         """Successful connections so far (1 after the first CONNACK)."""
         self._conn: _Connection | None = None
         self._level = MQTT_5 if config.protocol == "5" else MQTT_311
+        try:  # once, so that a CONNECT the codec refuses stops start-up, not each connection
+            self._connect_bytes = encode(self._connect_packet(), self._level)
+        except ValueError as e:
+            raise ValueError(f"mqtt_client {config.name}: {e}") from None
         self._reconnect = asyncio.Event()
         self._changed = asyncio.Event()
         url = urlsplit(config.url)
@@ -370,7 +374,7 @@ class MqttClientAdapter(SouthAdapter):
                     self._port,
                     ssl=self._ssl_context() if self._tls else None,
                 )
-                conn.send(encode(self._connect_packet(), self._level))
+                conn.send(self._connect_bytes)
                 connack = await conn.connack
         except TimeoutError:
             raise ConnectionError(f"no CONNACK within {CONNECT_TIMEOUT:.0f}s") from None
