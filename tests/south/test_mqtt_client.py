@@ -371,6 +371,26 @@ async def test_pubacks_of_one_read_go_out_in_order(start: Start) -> None:
         await broker.close()
 
 
+async def test_reading_pauses_while_a_submit_waits_for_the_outbox(
+    broker: Mosquitto, start: Start
+) -> None:
+    # A broker with a backlog sends as fast as we acknowledge; reading on while
+    # the outbox stores would let ingest take the event loop from the sinks.
+    ingest = RecordingIngest(auto=False)
+    adapter = await start(broker.port, ingest, subscriptions=[{"topic": "d/{device_id}"}])
+    conn = adapter._conn
+    assert conn is not None and conn._transport is not None
+    await publish(broker.port, ("d/a", b'{"n": 1}'))
+    await ingest.wait_pending(1)
+    assert not conn._transport.is_reading()
+    ingest.pending[0].set_result(IngestStatus.ACCEPTED)
+    await asyncio.sleep(0)  # the done-callback
+    assert conn._transport.is_reading()
+    ingest.auto = True
+    await publish(broker.port, ("d/a", b'{"n": 2}'))
+    await ingest.wait_readings(2)
+
+
 def test_a_connect_the_codec_refuses_stops_start_up(tmp_path: Path) -> None:
     config = MqttClientConfig.model_validate(
         {

@@ -222,6 +222,8 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._sock: socket.socket | None = None
         self._acks: list[int] = []
+        self._held = 0
+        self.subscribed = False
 
     # asyncio.Protocol
 
@@ -247,6 +249,33 @@ class _Connection(asyncio.Protocol):
         self.fail(f"{type(exc).__name__}: {exc}" if exc else "closed by the broker")
 
     # for the adapter
+
+    def hold(self) -> None:
+        """A submit of this connection's readings is waiting for the outbox: read
+        nothing more until it is stored. A broker can send faster than the
+        outbox stores (a backlog at the broker): reading on would let ingest
+        take the whole event loop and starve the sinks; held, the loop has
+        the commit's time for them. The broker keeps what it has not sent."""
+        self._held += 1
+        if self._held == 1 and self.subscribed and self._transport is not None:
+            self._transport.pause_reading()
+
+    def release(self) -> None:
+        self._held -= 1
+        if self._held == 0 and self._transport is not None and not self.lost.is_set():
+            self.last_in = time.monotonic()  # our pause was no silence of the broker's
+            self._transport.resume_reading()
+
+    @property
+    def held(self) -> bool:
+        return self._held > 0
+
+    def mark_subscribed(self) -> None:
+        """SUBACK is in: from now on reads may pause (before, a redelivered
+        message waiting for the outbox would keep the SUBACK unread)."""
+        self.subscribed = True
+        if self._held and self._transport is not None:
+            self._transport.pause_reading()
 
     def send(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -384,6 +413,7 @@ class MqttClientAdapter(SouthAdapter):
             )
         keepalive = connack.properties.server_keep_alive or cfg.keepalive
         await self._subscribe(conn)
+        conn.mark_subscribed()
         self.connections += 1
         self.state.connected = True
         self.state.last_error = None
@@ -407,7 +437,7 @@ class MqttClientAdapter(SouthAdapter):
                 await asyncio.wait(
                     {lost, again}, timeout=keepalive / 2, return_when=asyncio.FIRST_COMPLETED
                 )
-                if time.monotonic() - conn.last_in > keepalive * 1.5:
+                if not conn.held and time.monotonic() - conn.last_in > keepalive * 1.5:
                     conn.fail(f"no packet from the broker for {keepalive * 1.5:.0f}s")
                 elif not lost.done():
                     conn.send(PINGREQ_BYTES)
@@ -522,6 +552,7 @@ class MqttClientAdapter(SouthAdapter):
     def _submit(self, conn: _Connection, readings: list[Reading], waiting: list[_Pending]) -> None:
         future = self.ingest.submit(readings)
         n = len(readings)
+        conn.hold()
         future.add_done_callback(lambda f: self._stored(conn, waiting, f, n))
 
     def _decode(self, topic: str, payload: bytes) -> list[Reading]:
@@ -557,6 +588,7 @@ class MqttClientAdapter(SouthAdapter):
         future: asyncio.Future[IngestStatus],
         n: int,
     ) -> None:
+        conn.release()
         if future.cancelled() or future.exception() is not None:
             # Not stored (a failed outbox commit): keep it at the broker and have it
             # redelivered. Not acknowledging it alone would block every later
