@@ -26,9 +26,17 @@ process started fresh for each sink; the durability is the default, fsync):
 - **reference, same run**: the same W1 load against a Mosquitto with no
   gateway (what the load generator and this machine can do at all).
 
-Sinks: ``http`` posts to an aiohttp receiver in this process (the bundled
-:class:`edgeway.sim.cloud.CloudReceiver`); ``mqtt`` publishes to a Mosquitto
-started here on a free port, counted by a subscriber in this process.
+Cases (``--sinks``, see :data:`CASES`): ``http`` posts to an aiohttp
+receiver in this process (the bundled :class:`edgeway.sim.cloud.CloudReceiver`);
+``mqtt`` publishes to a Mosquitto started here on a free port, counted by a
+subscriber in this process; ``mqtt311`` the same over MQTT 3.1.1. With
+``-default`` the Mosquitto is at the package's defaults (Receive Maximum and
+in-flight window 20, Nagle on), the cloud broker most people point a gateway
+at; without, tuned (``max_inflight_messages 1000``, ``set_tcp_nodelay true``).
+``client...`` cases run the gateway in MQTT client mode: devices publish to
+a Mosquitto (configured like the cloud one) that the gateway subscribes to,
+as Node-RED would. The Mosquitto-bridge reference runs with each
+configuration used.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -134,15 +143,23 @@ class HttpReceiver:
         self.lt.run(self.cloud.stop())
 
 
+TUNED = "max_inflight_messages 1000\nset_tcp_nodelay true\n"
+"""What a broker set up for a gateway has; the package's defaults are a window
+of 20 (MQTT 5 Receive Maximum and outgoing in-flight) and Nagle left on."""
+
+
 class Mosquitto:
-    def __init__(self, workdir: Path, extra: str = "") -> None:
+    """``tuned``: with :data:`TUNED`; otherwise Mosquitto's defaults except for
+    the listener and ``max_queued_messages`` (raised so that a counting
+    subscriber or a gateway in client mode that falls behind is never the
+    one losing messages: MEASUREMENTS.md, docs/protocols/mqtt-client.md)."""
+
+    def __init__(self, workdir: Path, extra: str = "", tuned: bool = True) -> None:
         self.port = free_port()
         conf = workdir / f"mosquitto-{self.port}.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n"
-            # The counting subscriber must never be the one that loses messages.
-            "max_queued_messages 10000000\nmax_inflight_messages 1000\n"
-            "persistence false\nset_tcp_nodelay true\n" + extra
+            "max_queued_messages 10000000\npersistence false\n" + (TUNED if tuned else "") + extra
         )
         self.proc = subprocess.Popen(
             [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -190,6 +207,7 @@ class MqttReceiver:
         import orjson
 
         buf = b""
+        quickack = getattr(socket, "TCP_QUICKACK", None)
         while not self._stop:
             try:
                 data = self.sock.recv(1 << 20)
@@ -197,6 +215,11 @@ class MqttReceiver:
                 return
             if not data:
                 return
+            if quickack is not None:
+                # A broker with Nagle on (the default config) holds its next
+                # PUBLISH until this ACK; a subscriber that never writes would
+                # let the kernel delay it 40 ms. The harness must not add that.
+                self.sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
             now = time.time()
             buf = buf + data if buf else data
             i, end = 0, len(buf)
@@ -278,12 +301,68 @@ def wait_tcp(port: int, limit: float) -> None:
     raise RuntimeError(f"nothing listens on {port} after {limit} s")
 
 
-class Edgeway:
-    """``edgeway run`` as a child process, ready when /healthz says so."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Case:
+    """One gateway set-up the bench measures (``--sinks`` names them)."""
 
-    def __init__(self, workdir: Path, sink: str | None, data_dir: Path | None = None) -> None:
+    sink: str
+    """``http`` or ``mqtt``."""
+    protocol: str = "5"
+    """The MQTT sink's protocol."""
+    tuned: bool = True
+    """The MQTT brokers (cloud side, and device side in client mode) with
+    :data:`TUNED`; otherwise at the package's defaults."""
+    client_mode: bool = False
+    """Devices publish to a Mosquitto that the gateway subscribes to (MQTT 5)."""
+
+    def config(self, cloud_url: str, device_port: int | None) -> str:
+        """The gateway's YAML configuration (sink and, in client mode, the subscription)."""
+        out = (
+            f"sinks:\n  - name: cloud\n    url: {cloud_url}\n"
+            f'    options: {{protocol: "{self.protocol}"}}\n'
+            if self.sink == "mqtt"
+            else f"sinks:\n  - name: cloud\n    url: {cloud_url}\n"
+        )
+        if device_port is not None:
+            out += (
+                f"mqtt_client:\n  - name: devices\n    url: mqtt://127.0.0.1:{device_port}\n"
+                '    subscriptions:\n      - topic: "devices/{device_id}/telemetry"\n'
+            )
+        return out
+
+
+CASES = {
+    "http": Case("http"),
+    "mqtt": Case("mqtt"),
+    "mqtt311": Case("mqtt", "3.1.1"),
+    "mqtt-default": Case("mqtt", tuned=False),
+    "mqtt311-default": Case("mqtt", "3.1.1", tuned=False),
+    "client": Case("mqtt", client_mode=True),
+    "client-default": Case("mqtt", tuned=False, client_mode=True),
+    "client311-default": Case("mqtt", "3.1.1", tuned=False, client_mode=True),
+}
+"""``-default``: the brokers at Mosquitto's package defaults (the cloud broker
+most people point a gateway at); ``client``: client mode, subscribing to the
+devices' Mosquitto, as Node-RED does."""
+
+
+class Edgeway:
+    """``edgeway run`` as a child process, ready when /healthz says so.
+
+    ``load_port`` is where devices publish: the gateway's own broker, or with
+    ``config`` subscribing to another broker (client mode) that one."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        sink: str | None,
+        data_dir: Path | None = None,
+        config: str | None = None,
+        load_port: int | None = None,
+    ) -> None:
         """``data_dir``: start on that existing data (a restart); default: a fresh one."""
         self.port = free_port()
+        self.load_port = load_port or self.port
         self.admin = free_port()
         data = data_dir or workdir / f"edgeway-{self.port}"
         if data_dir is None:
@@ -296,6 +375,10 @@ class Edgeway:
         ]  # fmt: skip
         if sink:
             args += ["--sink", sink]
+        if config:
+            cfg = workdir / f"edgeway-{self.port}.yaml"
+            cfg.write_text(config)
+            args += ["--config", str(cfg)]
         self.log = workdir / f"edgeway-{self.port}.log"
         t0 = time.monotonic()
         with self.log.open("wb") as out:
@@ -319,7 +402,7 @@ class Edgeway:
         self.pid = self.proc.pid
 
     def status(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/api/status", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/api/status", timeout=30) as r:
             return dict(json.load(r))
 
     def sink_counters(self) -> dict[str, int]:
@@ -371,7 +454,7 @@ def fixed_run(
     the CPU is the gateway's over that same time. Ingest and delivery share
     the gateway's CPU here, so this is the rate it sustains end to end."""
     per_conn = records // 100
-    gen = LoadGen(w1_jobs(gw.port, procs, per_conn, prefix="fix"))
+    gen = LoadGen(w1_jobs(gw.load_port, procs, per_conn, prefix="fix"))
     base = recv.count()
     target = base + per_conn * 100
     try:
@@ -404,7 +487,7 @@ def fixed_run(
 def throughput(
     gw: Edgeway, recv: HttpReceiver | MqttReceiver, warmup: float, measure: float, procs: int
 ) -> dict[str, float]:
-    gen = LoadGen(w1_jobs(gw.port, procs))
+    gen = LoadGen(w1_jobs(gw.load_port, procs))
     try:
         gen.start(timeout=60)
         gen.go()
@@ -451,16 +534,24 @@ def reference_ceiling(workdir: Path, warmup: float, measure: float, procs: int) 
     return (a1 - a0) / (t1 - t0)
 
 
-def mosquitto_bridge(workdir: Path, records: int, procs: int) -> dict[str, float]:
+def mosquitto_bridge(
+    workdir: Path,
+    records: int,
+    procs: int,
+    tuned: bool = True,
+    w2: tuple[float, float] | None = None,
+) -> dict[str, Any]:
     """The peer to beat, on this machine now: the same fixed W1 through a
     Mosquitto bridge (devices -> Mosquitto with a QoS 1 bridge -> a second
     Mosquitto), as MEASUREMENTS.md measured it (29,500 records/s at 0.016
     CPU-s per 1,000 there). Neither Mosquitto stores anything on disk. The CPU
-    is the bridging Mosquitto's."""
-    cloud = Mosquitto(workdir)
+    is the bridging Mosquitto's. With ``w2`` (warm-up, measured seconds) also
+    W2 through it, for the latency to compare with."""
+    cloud = Mosquitto(workdir, tuned=tuned)
     edge = Mosquitto(
         workdir,
-        f"connection cloud\naddress 127.0.0.1:{cloud.port}\ntopic devices/# out 1\n"
+        tuned=tuned,
+        extra=f"connection cloud\naddress 127.0.0.1:{cloud.port}\ntopic devices/# out 1\n"
         "cleansession true\nbridge_protocol_version mqttv311\n",
     )
     recv = MqttReceiver(cloud.port, "devices/#")
@@ -475,17 +566,21 @@ def mosquitto_bridge(workdir: Path, records: int, procs: int) -> dict[str, float
         while recv.count() < per_conn * 100 and time.monotonic() < deadline:
             time.sleep(0.005)
         t1, cpu1 = time.monotonic(), proc_cpu(edge.proc.pid)
+        n = recv.count()
+        gen.stop()
+        out: dict[str, Any] = {
+            "records": float(n),
+            "per_s": n / (t1 - t0),
+            "cpu_s_per_1k": (cpu1 - cpu0) / max(n, 1) * 1000,
+        }
+        if w2 is not None:
+            out["w2"] = latency(_Target(edge.port, edge.proc.pid), recv, *w2)  # type: ignore[arg-type]
     finally:
         gen.stop()
         recv.close()
         edge.close()
         cloud.close()
-    n = recv.count()
-    return {
-        "records": float(n),
-        "per_s": n / (t1 - t0),
-        "cpu_s_per_1k": (cpu1 - cpu0) / max(n, 1) * 1000,
-    }
+    return out
 
 
 def _fleet_child(port: int, devices: int, rate: float, seconds: float) -> None:
@@ -507,7 +602,7 @@ def latency(
     gw: Edgeway, recv: HttpReceiver | MqttReceiver, warmup: float, measure: float
 ) -> dict[str, float]:
     child = mp.get_context("spawn").Process(
-        target=_fleet_child, args=(gw.port, 100, 10.0, warmup + measure + 1.0)
+        target=_fleet_child, args=(gw.load_port, 100, 10.0, warmup + measure + 1.0)
     )
     child.start()
     try:
@@ -542,8 +637,69 @@ class _Target:
     """What :func:`latency` measures against: a port to publish to, a pid to time."""
 
     def __init__(self, port: int, pid: int) -> None:
-        self.port = port
+        self.load_port = port
         self.pid = pid
+
+
+NODE_RED_FLOW = [
+    {"id": "relay", "type": "tab", "label": "relay"},
+    {"id": "devices", "type": "mqtt-broker", "broker": "127.0.0.1", "port": "{devices}",
+     "clientid": "nr-in", "protocolVersion": "4", "keepalive": "60", "cleansession": True,
+     "autoConnect": True},
+    {"id": "cloud", "type": "mqtt-broker", "broker": "127.0.0.1", "port": "{cloud}",
+     "clientid": "nr-out", "protocolVersion": "4", "keepalive": "60", "cleansession": True,
+     "autoConnect": True},
+    {"id": "in", "type": "mqtt in", "z": "relay", "topic": "devices/+/telemetry", "qos": "1",
+     "datatype": "buffer", "broker": "devices", "wires": [["out"]]},
+    {"id": "out", "type": "mqtt out", "z": "relay", "topic": "", "qos": "1", "retain": "false",
+     "broker": "cloud", "wires": []},
+]  # fmt: skip
+"""Node-RED as MEASUREMENTS.md ran it: MQTT in (QoS 1) wired to MQTT out (QoS 1)."""
+
+
+def node_red(
+    workdir: Path, red_js: Path, args: argparse.Namespace, tuned: bool, warm: float, meas: float
+) -> dict[str, Any]:
+    """The same fixed W1 and W2 through Node-RED (``--node-red``, not installed by
+    the project: ``npm install node-red`` somewhere and give its red.js). Devices
+    publish to a Mosquitto that Node-RED subscribes to; it publishes to a second
+    one, as edgeway's client mode does. The CPU is Node-RED's."""
+    devices, cloud = Mosquitto(workdir, tuned=tuned), Mosquitto(workdir, tuned=tuned)
+    recv = MqttReceiver(cloud.port, "devices/#")
+    user = workdir / f"node-red-{devices.port}"
+    user.mkdir()
+    flow = json.dumps(NODE_RED_FLOW)
+    flow = flow.replace('"{devices}"', f'"{devices.port}"').replace('"{cloud}"', f'"{cloud.port}"')
+    (user / "flows.json").write_text(flow)
+    port = free_port()
+    log_path = workdir / f"node-red-{port}.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        ["node", str(red_js), "-u", str(user), "-p", str(port), "flows.json"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60  # both MQTT nodes connect on their own schedule
+        while log_path.read_bytes().count(b"Connected to broker") < 2:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"node-red not connected: {log_path.read_text()[-500:]}")
+            time.sleep(0.1)
+        time.sleep(0.5)  # the subscription's SUBACK
+        target = _Target(devices.port, proc.pid)
+        fixed_run(target, recv, 20_000, args.procs)  # type: ignore[arg-type]
+        res: dict[str, Any] = {
+            "w1_fixed": fixed_run(target, recv, args.records, args.procs),  # type: ignore[arg-type]
+            "w2": latency(target, recv, warm, meas),  # type: ignore[arg-type]
+        }
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+        recv.close()
+        devices.close()
+        cloud.close()
+    return res
 
 
 def latency_floor(workdir: Path, warmup: float, measure: float) -> dict[str, float]:
@@ -584,21 +740,37 @@ def drain_after_outage(
 
 
 @contextlib.contextmanager
-def receiver(kind: str, lt: LoopThread, workdir: Path) -> Iterator[tuple[Any, str]]:
-    if kind == "http":
+def receiver(case: Case, lt: LoopThread, workdir: Path) -> Iterator[tuple[Any, str]]:
+    if case.sink == "http":
         r = HttpReceiver(lt)
         try:
             yield r, r.url
         finally:
             r.close()
     else:
-        mq = Mosquitto(workdir)
+        mq = Mosquitto(workdir, tuned=case.tuned)
         r2 = MqttReceiver(mq.port)
         try:
             yield r2, f"mqtt://127.0.0.1:{mq.port}"
         finally:
             r2.close()
             mq.close()
+
+
+@contextlib.contextmanager
+def gateway(case: Case, workdir: Path, url: str) -> Iterator[Edgeway]:
+    """``edgeway run`` for ``case``, with the devices' Mosquitto in client mode."""
+    devices = Mosquitto(workdir, tuned=case.tuned) if case.client_mode else None
+    try:
+        port = devices.port if devices else None
+        gw = Edgeway(workdir, None, config=case.config(url, port), load_port=port)
+        try:
+            yield gw
+        finally:
+            gw.close()
+    finally:
+        if devices is not None:
+            devices.close()
 
 
 def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -612,49 +784,60 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict[st
             f"{out['cold']['idle_rss_mb']:.1f} MB")  # fmt: skip
         out["reference_w1_per_s"] = reference_ceiling(work, warm, meas, args.procs)
         say(f"reference: load generator -> Mosquitto {out['reference_w1_per_s']:,.0f} msg/s")
-        out["mosquitto_bridge"] = mosquitto_bridge(work, args.records, args.procs)
-        b = out["mosquitto_bridge"]
-        say(f"reference: W1 through a Mosquitto bridge {b['per_s']:,.0f} records/s, "
-            f"{b['cpu_s_per_1k']:.3f} CPU-s/1k (no storage)")  # fmt: skip
+        kinds = args.sinks.split(",")
+        unknown = [k for k in kinds if k not in CASES]
+        if unknown:
+            raise SystemExit(f"--sinks: unknown {unknown}; known: {', '.join(CASES)}")
+        for tuned in sorted({CASES[k].tuned for k in kinds if CASES[k].sink == "mqtt"} | {True}):
+            key = "mosquitto_bridge" if tuned else "mosquitto_bridge_default"
+            out[key] = b = mosquitto_bridge(work, args.records, args.procs, tuned, (warm, meas))
+            say(f"reference: W1 through a Mosquitto bridge{'' if tuned else ' (default config)'} "
+                f"{b['per_s']:,.0f} records/s, {b['cpu_s_per_1k']:.3f} CPU-s/1k (no storage); "
+                f"W2 p50 {b['w2']['p50_ms']:.2f} / p99 {b['w2']['p99_ms']:.2f} ms")  # fmt: skip
+        if args.node_red:
+            for tuned in (False, True):
+                key = "node_red" if tuned else "node_red_default"
+                out[key] = nr = node_red(work, args.node_red, args, tuned, warm, meas)
+                f, w2 = nr["w1_fixed"], nr["w2"]
+                say(f"reference: Node-RED{'' if tuned else ' (default config)'} W1 "
+                    f"{f['per_s']:,.0f} records/s, {f['cpu_s_per_1k']:.3f} CPU-s/1k; W2 p50 "
+                    f"{w2['p50_ms']:.2f} / p99 {w2['p99_ms']:.2f} ms")  # fmt: skip
         out["latency_floor"] = fl = latency_floor(work, warm, meas)
         say(f"reference: W2 with no gateway (fleet -> Mosquitto -> receiver) p50 "
             f"{fl['p50_ms']:.1f} / p99 {fl['p99_ms']:.1f} / max {fl['max_ms']:.1f} ms")  # fmt: skip
-        for kind in args.sinks.split(","):
-            with receiver(kind, lt, work) as (recv, url):
-                gw = Edgeway(work, url)
-                try:
-                    res: dict[str, Any] = {}
-                    fixed_run(gw, recv, 20_000, args.procs)  # warm-up: connections, caches
-                    res["w1_fixed"] = fixed_run(gw, recv, args.records, args.procs)
-                    f = res["w1_fixed"]
-                    say(f"{kind}: W1 {f['records']:,.0f} records in {f['seconds']:.2f} s: "
-                        f"{f['per_s']:,.0f} records/s end to end (all acknowledged after "
-                        f"{f['acked_in_s']:.2f} s), {f['cpu_s_per_1k']:.3f} CPU-s/1k, "
-                        f"peak RSS {f['peak_rss_mb']:.0f} MB")  # fmt: skip
-                    res["w1"] = throughput(gw, recv, warm, meas, args.procs)
-                    say(f"{kind}: flat out {res['w1']['delivered_per_s']:,.0f} records/s delivered, "
-                        f"{res['w1']['acked_per_s']:,.0f}/s stored, "
-                        f"{res['w1']['cpu_s_per_1k']:.3f} CPU-s/1k, "
-                        f"peak RSS {res['w1']['peak_rss_mb']:.0f} MB")  # fmt: skip
-                    # Let the W1 backlog go (out of the gateway and out of the
-                    # receiver's queue) before measuring latency at 1,000/s.
-                    deadline = time.monotonic() + 180
-                    while time.monotonic() < deadline:
-                        c = gw.sink_counters()
-                        if not c.get("pending", 0) and recv.count() >= c.get("delivered", 0):
-                            break
-                        time.sleep(0.1)
-                    res["w2"] = latency(gw, recv, warm, meas)
-                    say(f"{kind}: W2 {res['w2']['rate_per_s']:,.0f} records/s, latency p50 "
-                        f"{res['w2']['p50_ms']:.1f} / p99 {res['w2']['p99_ms']:.1f} / max "
-                        f"{res['w2']['max_ms']:.1f} ms, {res['w2']['cpu_s_per_1k']:.3f} CPU-s/1k")  # fmt: skip
-                    if kind == "http":
-                        res["drain"] = drain_after_outage(gw, recv, args.backlog, args.procs)
-                        say(f"{kind}: drain after outage {res['drain']['drain_per_s']:,.0f} "
-                            f"records/s ({res['drain']['backlog']:,.0f} backlog)")  # fmt: skip
-                    out[kind] = res
-                finally:
-                    gw.close()
+        for kind in kinds:
+            case = CASES[kind]
+            with receiver(case, lt, work) as (recv, url), gateway(case, work, url) as gw:
+                res: dict[str, Any] = {}
+                fixed_run(gw, recv, 20_000, args.procs)  # warm-up: connections, caches
+                res["w1_fixed"] = fixed_run(gw, recv, args.records, args.procs)
+                f = res["w1_fixed"]
+                say(f"{kind}: W1 {f['records']:,.0f} records in {f['seconds']:.2f} s: "
+                    f"{f['per_s']:,.0f} records/s end to end (all acknowledged after "
+                    f"{f['acked_in_s']:.2f} s), {f['cpu_s_per_1k']:.3f} CPU-s/1k, "
+                    f"peak RSS {f['peak_rss_mb']:.0f} MB")  # fmt: skip
+                res["w1"] = throughput(gw, recv, warm, meas, args.procs)
+                say(f"{kind}: flat out {res['w1']['delivered_per_s']:,.0f} records/s delivered, "
+                    f"{res['w1']['acked_per_s']:,.0f}/s stored, "
+                    f"{res['w1']['cpu_s_per_1k']:.3f} CPU-s/1k, "
+                    f"peak RSS {res['w1']['peak_rss_mb']:.0f} MB")  # fmt: skip
+                # Let the W1 backlog go (out of the gateway and out of the
+                # receiver's queue) before measuring latency at 1,000/s.
+                deadline = time.monotonic() + 180
+                while time.monotonic() < deadline:
+                    c = gw.sink_counters()
+                    if not c.get("pending", 0) and recv.count() >= c.get("delivered", 0):
+                        break
+                    time.sleep(0.1)
+                res["w2"] = latency(gw, recv, warm, meas)
+                say(f"{kind}: W2 {res['w2']['rate_per_s']:,.0f} records/s, latency p50 "
+                    f"{res['w2']['p50_ms']:.1f} / p99 {res['w2']['p99_ms']:.1f} / max "
+                    f"{res['w2']['max_ms']:.1f} ms, {res['w2']['cpu_s_per_1k']:.3f} CPU-s/1k")  # fmt: skip
+                if kind == "http":
+                    res["drain"] = drain_after_outage(gw, recv, args.backlog, args.procs)
+                    say(f"{kind}: drain after outage {res['drain']['drain_per_s']:,.0f} "
+                        f"records/s ({res['drain']['backlog']:,.0f} backlog)")  # fmt: skip
+                out[kind] = res
     lt.close()
     return out
 
@@ -662,14 +845,22 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short windows (~40 s in all)")
-    ap.add_argument("--sinks", help="http,mqtt (default; --quick: http)")
+    ap.add_argument(
+        "--sinks",
+        help=f"cases to run, of {','.join(CASES)} (default: all; --quick: http)",
+    )
     ap.add_argument("--procs", type=int, default=2, help="load generator processes")
     ap.add_argument("--backlog", type=int, default=0, help="records stored during the outage")
     ap.add_argument("--records", type=int, default=100_000, help="records in the fixed W1 run")
     ap.add_argument("--json", type=Path, help="write the figures as JSON here")
+    ap.add_argument(
+        "--node-red",
+        type=Path,
+        help="node_modules/node-red/red.js of an installed Node-RED: run it as a reference",
+    )
     args = ap.parse_args(argv)
     if not args.sinks:
-        args.sinks = "http" if args.quick else "http,mqtt"
+        args.sinks = "http" if args.quick else ",".join(CASES)
     if not args.backlog:
         args.backlog = 20_000 if args.quick else 100_000
     out = run(args)

@@ -243,6 +243,19 @@ def _sinks(doc: dict[str, Any]) -> list[Fig]:
     return out
 
 
+_E2E_CASES = {
+    "http": "HTTP sink (aiohttp)",
+    "mqtt": "MQTT sink (Mosquitto)",
+    "mqtt311": "MQTT sink 3.1.1 (Mosquitto)",
+    "mqtt-default": "MQTT sink (Mosquitto at its defaults)",
+    "mqtt311-default": "MQTT sink 3.1.1 (Mosquitto at its defaults)",
+    "client": "client mode, MQTT sink",
+    "client-default": "client mode, MQTT sink (Mosquittos at their defaults)",
+    "client311-default": "client mode, MQTT sink 3.1.1 (Mosquittos at their defaults)",
+}
+"""bench/end_to_end.py's cases (its ``CASES``) and their labels in the report."""
+
+
 def _e2e(doc: dict[str, Any]) -> list[Fig]:
     c = doc["cold"]
     out = [
@@ -256,12 +269,23 @@ def _e2e(doc: dict[str, Any]) -> list[Fig]:
         Fig("end_to_end", "idle RSS, no devices", "MB", c["idle_rss_mb"], higher_is_better=False),
     ]
     ref = doc.get("reference_w1_per_s")
-    for sink in ("http", "mqtt"):
+    for sink, label in _E2E_CASES.items():
         r = doc.get(sink)
         if not r:
             continue
         w1, w2 = r["w1"], r["w2"]
-        label = "HTTP sink (aiohttp)" if sink == "http" else "MQTT sink (Mosquitto)"
+        bridge = doc.get("mosquitto_bridge_default" if "default" in sink else "mosquitto_bridge")
+        if bridge and "w1_fixed" in r:
+            out.append(
+                Fig(
+                    "end_to_end",
+                    f"{label}: W1 fixed, end to end",
+                    "records/s",
+                    r["w1_fixed"]["per_s"],
+                    "Mosquitto bridge, same broker configuration",
+                    bridge["per_s"],
+                )
+            )
         out += [
             Fig(
                 "end_to_end",
