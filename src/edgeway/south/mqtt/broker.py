@@ -61,6 +61,11 @@ Choices worth knowing:
   autosave, instead of a timer per connection.
 - On :meth:`Broker.stop` wills of connected clients are not published (the
   server going away is not the client failing).
+- A session belongs to the identity that created it (``Session.owner``);
+  another identity claiming its client id is refused (CONNACK 0x85). Every
+  PUBLISH leaving for a client is checked against that client's read ACL.
+- Session expiry, will delay and message expiry run on the broker's own
+  clock (:mod:`.clock`), which a wall-clock jump does not move.
 """
 
 from __future__ import annotations
@@ -142,7 +147,8 @@ class Broker:
     ) -> None:
         self.config = config
         self.clock = clock or BrokerClock()
-        """Session expiry and will delay run on it (``clock.py``), not on the wall clock."""
+        """Session expiry, will delay and message expiry run on it
+        (``clock.py``), not on the wall clock."""
         self.limits = config.limits
         self.input_limits = input_limits(config.input_limits)
         """What one telemetry PUBLISH may turn into (``input_limits``)."""
