@@ -539,3 +539,30 @@ async def test_subscriptions_per_client_capped(tmp_path: Path, level: int) -> No
         assert stats["subscriptions"] == 2
         assert stats["subscribe_quota_exceeded"] == 1 + len(many)
         await c.disconnect()
+
+
+async def test_long_topics_do_not_fill_the_acl_caches(tmp_path: Path) -> None:
+    """A client publishing to many topics of 60,000 characters: each one was
+    kept as a key of the broker's per-topic caches (telemetry patterns up to
+    100,000 topics, subscription matches 50,000, the connection's ACL 256):
+    6 MB held after these 100, gigabytes possible. Long topics are now worked
+    out each time instead."""
+    async with running_broker(tmp_path) as rb:
+        pub, _ = await RawClient.connect(rb.port, "longtopics", level=4)
+        sub, _ = await RawClient.connect(rb.port, "reader", level=4)
+        await sub.subscribe("t/#")
+        prefix = "t/" + "x" * 60_000
+        gc.collect()
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            for i in range(100):
+                await pub.publish(f"{prefix}/{i}", b"v", qos=1)
+                assert (await sub.receive_publish()).topic.endswith(f"/{i}")
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        assert held < 1_000_000, f"{held} bytes held after 100 topics of 60,000 characters"
+        await pub.disconnect()
+        await sub.disconnect()

@@ -88,7 +88,7 @@ from edgeway.south.mqtt.packets import (
 from edgeway.south.mqtt.retained import Message, RetainedCursor
 from edgeway.south.mqtt.session import Delivery, Inflight, Session
 from edgeway.south.mqtt.telemetry import TelemetryError, decode_telemetry, reading_from
-from edgeway.south.mqtt.topics import SubEntry
+from edgeway.south.mqtt.topics import CACHED_TOPIC_MAX, SubEntry
 
 if TYPE_CHECKING:
     from edgeway.config import ListenerConfig
@@ -135,6 +135,7 @@ ACL_CACHE_MAX = 256
 """Publish decisions (and telemetry origins) remembered per connection:
 devices publish to a few topics; a client cycling through many just
 re-asks the authoriser."""
+
 
 EMPTY_PROPS = Properties()
 
@@ -1122,6 +1123,8 @@ class MqttConnection(asyncio.Protocol):
                 # One Origin per topic: readings share it (it is frozen).
                 origin = Origin("mqtt", topic, self.client_id) if device_id is not None else None
                 info = (_PUBLISH_OK, device_id, origin)
+        if len(topic) > CACHED_TOPIC_MAX:
+            return info  # not kept: ACL_CACHE_MAX of them would be ~16 MiB per cache
         topics = self._topics
         if topics is None:
             topics = self._topics = {}
@@ -1668,6 +1671,8 @@ class MqttConnection(asyncio.Protocol):
         if principal is None:
             return True  # not connected yet: nothing is sent
         ok = self.broker.authoriser.may_subscribe(principal, topic)
+        if len(topic) > CACHED_TOPIC_MAX:
+            return ok
         if readable is None:
             readable = self._readable = {}
         elif len(readable) >= ACL_CACHE_MAX:

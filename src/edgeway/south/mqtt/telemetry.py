@@ -57,10 +57,12 @@ import orjson
 from edgeway.codecs.base import parse_timestamp
 from edgeway.limits import DEFAULT_LIMITS, DecodeError, FlattenBudget, InputLimits
 from edgeway.reading import MetricValue, Origin, Reading
+from edgeway.south.mqtt.topics import CACHED_TOPIC_MAX
 
 TELEMETRY_CACHE_MAX = 100_000
 """Topics whose pattern match is remembered (positive or negative). A topic
-is ~50 bytes; 100,000 covers a site's devices. Cleared whole when full."""
+is ~50 bytes; 100,000 covers a site's devices. Cleared whole when full.
+Topics longer than :data:`~edgeway.south.mqtt.topics.CACHED_TOPIC_MAX` are not kept."""
 
 MAX_TAGS = 32
 """Tags one reading may carry: tags are metadata for routing, not data; the
@@ -130,6 +132,8 @@ class TelemetryTopics:
                 result = p.match(levels)
                 if result is not None:
                     break
+        if len(topic) > CACHED_TOPIC_MAX:
+            return result
         if len(cache) >= TELEMETRY_CACHE_MAX:
             cache.clear()
         cache[topic] = result

@@ -31,6 +31,14 @@ MATCH_CACHE_MAX = 50_000
 covers 10,000 devices with a handful of topics each. Beyond it the cache is
 cleared, not evicted one by one (cheaper, and refills in one pass)."""
 
+CACHED_TOPIC_MAX = 512
+"""Longest topic (characters) kept as a key of the broker's per-topic caches
+(these matches, telemetry patterns, a connection's ACL decisions). Device
+topics are tens of characters; a topic may be 65,535, and without this bound
+a client publishing to many distinct long topics could make the caches hold
+their maximum count of them (this one: 3 GiB). Longer topics are worked out
+each time."""
+
 SHARE_PREFIX = "$share/"
 
 
@@ -215,6 +223,8 @@ class SubscriptionTree(Generic[K]):
         dollar = topic.startswith("$")
         self._walk(self._root, levels, 0, dollar, by_key, shared)
         result = Matches([(k, tuple(v)) for k, v in by_key.items()], shared)
+        if len(topic) > CACHED_TOPIC_MAX:
+            return result
         if len(self._cache) >= MATCH_CACHE_MAX:
             self._cache.clear()
         self._cache[topic] = result
