@@ -288,3 +288,33 @@ async def test_opcua_sim_write_is_visible_in_later_readings(
                 await updates
     finally:
         await ua.stop()
+
+
+async def test_simulate_http_with_a_token_answers_commands(
+    tmp_path: Path, cloud: CloudReceiver
+) -> None:
+    """``edgeway simulate --protocol http --token T`` (a real process) takes commands."""
+    import sys
+
+    cfg = gateway_config(
+        tmp_path / "gw",
+        cloud,
+        http_ingest=HttpIngestSection(
+            listen="127.0.0.1:0", allow_anonymous=False, tokens={"*": TOKEN}
+        ),
+    )
+    async with running(Gateway(cfg)) as gw:
+        http = next(a for a in gw.adapters if a.section == "http_ingest")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgeway", "simulate", "--protocol", "http",
+            "--devices", "1", "--prefix", "cli", "--token", TOKEN, "--duration", "30",
+            "--target", f"127.0.0.1:{http.port}",  # type: ignore[attr-defined]
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            done = await _round_trip(gw, "cli-0000", "set_rate", {"rate": 4})
+            assert done.state is CommandState.SUCCEEDED, done
+            assert done.result == {"rate": 4.0}
+        finally:
+            proc.terminate()
+            await proc.wait()

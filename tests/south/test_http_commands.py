@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ingest_doubles import wait_until
 
 from edgeway.commands.model import CommandState
 from edgeway.config import parse_config
@@ -127,3 +128,36 @@ async def test_a_newer_poll_supersedes_the_older(gateway: tuple[Gateway, str]) -
         cmd, _ = await gw.commands.submit("pump-1", "stop")
         r2 = await second
         assert r2.status_code == 200 and r2.json()["id"] == cmd.id
+
+
+async def test_a_waiting_poll_does_not_hold_the_gateway_stop(tmp_path: Path) -> None:
+    cfg = parse_config(
+        f"""
+gateway: {{id: gw-h, data_dir: "{tmp_path}"}}
+mqtt: {{enabled: false}}
+http_ingest:
+  listen: "127.0.0.1:0"
+  tokens: {{pump-1: "{TOKEN}"}}
+  command_poll_max: 60
+""",
+        "t.yaml",
+    )
+    gw = Gateway(cfg)
+    task = asyncio.create_task(gw.run())
+    await asyncio.wait_for(gw.ready.wait(), 10)
+    adapter = next(a for a in gw.adapters if isinstance(a, HttpIngestAdapter))
+    downlink = adapter._downlink
+    assert downlink is not None
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{adapter.port}", timeout=70) as http:
+        poll = asyncio.create_task(
+            http.get("/devices/pump-1/commands?wait=60", headers=auth(TOKEN))
+        )
+        await wait_until(lambda: "pump-1" in downlink._polls)  # the gateway holds the poll
+        t0 = asyncio.get_running_loop().time()
+        gw.request_stop()
+        # Before, the stop waited for the poll's 60 s (aiohttp's graceful shutdown).
+        await asyncio.wait_for(task, 10)
+        assert asyncio.get_running_loop().time() - t0 < 5
+        r = await asyncio.wait_for(poll, 5)
+        assert r.status_code == 503 and r.json()["error"] == "stopping"
+        assert r.headers["Retry-After"] == "5"

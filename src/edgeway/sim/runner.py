@@ -1137,7 +1137,9 @@ def add_simulate_arguments(p: Any) -> None:
     )
     p.add_argument("--username", help="MQTT user name")
     p.add_argument("--password", help="MQTT password")
-    p.add_argument("--token", help="HTTP bearer token")
+    p.add_argument(
+        "--token", help="HTTP bearer token (with one, HTTP devices also long-poll their commands)"
+    )
     p.add_argument("--interval", type=float, default=5.0, help="seconds between status lines")
 
 

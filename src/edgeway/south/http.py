@@ -308,6 +308,8 @@ class HttpIngestAdapter(SouthAdapter):
             await asyncio.Event().wait()  # serve until cancelled
         finally:
             self.state.connected = self.state.listening = False
+            if self._downlink is not None:
+                self._downlink.close()  # long polls would hold the cleanup below
             await runner.cleanup()
 
     def _respond(self, response: web.Response) -> web.Response:

@@ -21,7 +21,9 @@ in: a command can carry what only its device should see, and whoever polls
 takes it. ``commands_allow_anonymous: true`` lifts that (a trusted network).
 One poll per device is kept (a newer poll replaces the older, which gets
 ``409``), and ``max_command_polls`` polls in all (``503`` beyond), so the
-memory pollers take is bounded.
+memory pollers take is bounded. When the gateway stops, waiting polls are
+answered at once with ``503`` and ``Retry-After`` rather than holding the
+stop for up to ``wait`` seconds.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ class _Superseded(Exception):
     """A newer poll of the same device took this one's place."""
 
 
+class _Stopping(Exception):
+    """The listener is stopping."""
+
+
 class HttpDownlink:
     """The HTTP ingest listener's :class:`~edgeway.downlink.Downlink`."""
 
@@ -65,6 +71,15 @@ class HttpDownlink:
         self.events = events
         self.max_polls = max_polls
         self._polls: dict[str, _Poll] = {}
+        self._closed = False
+
+    def close(self) -> None:
+        """The listener is stopping: answer every waiting poll now (503), and
+        any poll still arriving; their commands stay queued for the next start."""
+        self._closed = True
+        for poll in self._polls.values():
+            if not poll.command.done():
+                poll.command.set_exception(_Stopping())
 
     def reachable(self, command: Command) -> bool:
         poll = self._polls.get(command.device_id)
@@ -82,6 +97,8 @@ class HttpDownlink:
     async def poll(self, request: web.Request, device_id: str, wait: float) -> web.StreamResponse:
         """Serve one long-poll GET for ``device_id``."""
         loop = asyncio.get_running_loop()
+        if self._closed:
+            return _stopping_response()
         old = self._polls.get(device_id)
         if old is None and len(self._polls) >= self.max_polls:
             return web.json_response(
@@ -104,6 +121,8 @@ class HttpDownlink:
                 return web.json_response(
                     {"error": "superseded", "detail": "a newer poll took its place"}, status=409
                 )
+            except _Stopping:
+                return _stopping_response()
             body = orjson.dumps(command.device_payload())
             resp = web.Response(body=body, content_type="application/json")
             try:
@@ -137,3 +156,11 @@ class HttpDownlink:
                 status=404,
             )
         return web.json_response({"accepted": True})
+
+
+def _stopping_response() -> web.Response:
+    return web.json_response(
+        {"error": "stopping", "detail": "the gateway is stopping"},
+        status=503,
+        headers={"Retry-After": "5"},
+    )
