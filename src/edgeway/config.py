@@ -566,6 +566,21 @@ class CoapSection(_Model):
     An address holds one observation per device (observing it again replaces
     the old one), so 8 is a gateway or host behind one address watching 8
     devices' commands."""
+    commands: bool = False
+    """Take commands to devices over this listener: devices observe (or GET)
+    ``devices/{id}/commands`` and POST results to
+    ``devices/{id}/commands/{command_id}/result``. Off by default: without
+    DTLS a CoAP client has no credentials, so whoever can reach the port (from
+    ``observe_networks``, when set) can take any device's commands. Turn it on
+    on a trusted network only."""
+    command_poll_wait: Duration = Field(default=1.0, gt=0, le=60)
+    """Longest wait of a plain GET (no Observe) of ``devices/{id}/commands`` for
+    the queue to hand it a command (2.05 with an empty payload after it). A
+    queued command is handed over after one commit (a few ms); 1 s leaves room
+    for a busy disk. Devices that wait longer should observe instead."""
+    max_command_polls: int = Field(default=1000, ge=1)
+    """Plain GETs of commands waiting at once (5.03 with Max-Age beyond): each
+    holds a request and a task (a few KB) for up to ``command_poll_wait``."""
     input_limits: InputLimitsSection | None = None
     """Overrides of the top-level ``input_limits`` for this adapter (only the keys given)."""
 

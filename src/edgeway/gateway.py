@@ -59,6 +59,9 @@ def _adapter_status(adapter: SouthAdapter) -> dict[str, Any]:
     refusals = getattr(adapter, "refusals", None)
     if isinstance(refusals, dict):
         out["refusals"] = dict(refusals)
+    command_stats = getattr(adapter, "command_stats", None)
+    if dataclasses.is_dataclass(command_stats) and not isinstance(command_stats, type):
+        out["commands"] = dataclasses.asdict(command_stats)
     counter = getattr(adapter, "decode_errors", None)
     if isinstance(counter, DecodeErrorCounter):
         out["decode_errors"] = counter.by_reason()

@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import socket
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from aiocoap import Code, Message
 from ingest_doubles import RecordingIngest, wait_until
 
 from coap_datagrams import coap_request, con_post, telemetry_path
+from edgeway.commands.model import Command
 from edgeway.config import CoapSection, parse_config
 from edgeway.ingest import IngestStatus
 from edgeway.south.coap import CoapAdapter
@@ -31,9 +33,24 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "protocols" / "coap.md"
 COAP_CLIENT = shutil.which("coap-client-notls") or shutil.which("coap-client")
 
 
+class RecordingEvents:
+    """The command queue's side of a downlink: records who became reachable."""
+
+    def __init__(self) -> None:
+        self.reachable: list[str] = []
+
+    def device_reachable(self, device_id: str) -> None:
+        self.reachable.append(device_id)
+
+    def report(self, result: Any) -> bool:
+        return False
+
+
 @contextlib.asynccontextmanager
 async def coap_server(ingest: Any, **cfg: Any) -> AsyncIterator[CoapAdapter]:
     adapter = CoapAdapter(CoapSection(listen="127.0.0.1:0", **cfg), ingest=ingest)
+    if adapter.config.commands:
+        adapter.downlink(RecordingEvents())
     task = asyncio.create_task(adapter.run())
     try:
         async with asyncio.timeout(10):
@@ -182,28 +199,35 @@ async def test_blockwise_upload_and_size_limit(client: Any) -> None:
     assert len(ingest.batches) == 1
 
 
+def command(device: str, name: str, params: dict[str, Any]) -> Command:
+    return Command(uuid.uuid4().hex, device, name, params, created_at=0.0, expires_at=1e10)
+
+
 async def test_observe_commands(client: Any) -> None:
     ingest = RecordingIngest()
-    async with coap_server(ingest) as adapter:
+    async with coap_server(ingest, commands=True) as adapter:
+        downlink = adapter._downlink
+        assert downlink is not None
         req = client.request(
             Message(code=Code.GET, uri=url(adapter, "devices/valve-1/commands"), observe=0)
         )
         first = await asyncio.wait_for(req.response, 10)
         assert first.code == Code.CONTENT and first.payload == b""
         assert adapter.observer_count("valve-1") == 1
+        assert isinstance(downlink.events, RecordingEvents)
+        assert downlink.events.reachable == ["valve-1"]
         notifications = aiter(req.observation)
-        assert adapter.push_command("valve-1", b'{"open": true}', 50) == 1
+        cmd = command("valve-1", "open", {"open": True})
+        assert downlink.reachable(cmd)
+        delivered = downlink.deliver(cmd)
         n1 = await asyncio.wait_for(anext(notifications), 10)
-        assert n1.payload == b'{"open": true}' and n1.opt.content_format == 50
-        adapter.push_command("valve-1", b'{"open": false}')
-        n2 = await asyncio.wait_for(anext(notifications), 10)
-        assert n2.payload == b'{"open": false}'
-        assert adapter.push_command("nobody-listens", b"x") == 0
-        # a later plain GET sees the latest command
-        r = await client.request(
-            Message(code=Code.GET, uri=url(adapter, "devices/valve-1/commands"))
-        ).response
-        assert r.payload == b'{"open": false}'
+        assert json.loads(n1.payload) == cmd.device_payload()
+        assert n1.opt.content_format == 50
+        assert await asyncio.wait_for(delivered, 10) is True  # the client's ACK
+        # Nobody observes this one: not reachable, and a delivery fails at once.
+        nobody = command("nobody-listens", "x", {})
+        assert not downlink.reachable(nobody)
+        assert await downlink.deliver(nobody) is False
         req.observation.cancel()
 
 
@@ -280,13 +304,16 @@ async def test_libcoap_client_post_blockwise_and_errors() -> None:
 @pytest.mark.skipif(COAP_CLIENT is None, reason="libcoap3-bin (coap-client) not installed")
 async def test_libcoap_client_observes_commands() -> None:
     ingest = RecordingIngest()
-    async with coap_server(ingest) as adapter:
+    async with coap_server(ingest, commands=True) as adapter:
         uri = f"coap://127.0.0.1:{adapter.port}/devices/lc-obs/commands"
         task = asyncio.create_task(coap_client("-m", "get", "-s", "3", uri))
         await wait_until(lambda: adapter.observer_count("lc-obs") > 0)
-        adapter.push_command("lc-obs", b"reboot-now")
+        assert adapter._downlink is not None
+        delivered = adapter._downlink.deliver(command("lc-obs", "reboot", {"at": "now"}))
+        # libcoap acknowledged the confirmable notification.
+        assert await asyncio.wait_for(delivered, 10) is True
         _, out = await task
-    assert "reboot-now" in out
+    assert '"params":{"at":"now"}' in out
 
 
 # ---------------------------------------------------------------- availability
@@ -447,7 +474,11 @@ def _observe(client: Any, adapter: CoapAdapter, device: str) -> Any:
 
 async def test_observations_are_capped_per_address_with_503_and_max_age(client: Any) -> None:
     async with coap_server(
-        RecordingIngest(), max_observations_per_address=2, retry_after=9
+        RecordingIngest(),
+        commands=True,
+        command_poll_wait=0.1,
+        max_observations_per_address=2,
+        retry_after=9,
     ) as adapter:
         first = _observe(client, adapter, "v-1")
         second = _observe(client, adapter, "v-2")
@@ -482,7 +513,7 @@ async def test_observations_are_capped_per_address_with_503_and_max_age(client: 
 
 
 async def test_observations_are_capped_in_total(client: Any) -> None:
-    async with coap_server(RecordingIngest(), max_observations=1) as adapter:
+    async with coap_server(RecordingIngest(), commands=True, max_observations=1) as adapter:
         r = await asyncio.wait_for(_observe(client, adapter, "t-1").response, 10)
         assert r.code == Code.CONTENT
         r = await asyncio.wait_for(_observe(client, adapter, "t-2").response, 10)
@@ -499,8 +530,9 @@ async def test_observations_are_capped_in_total(client: Any) -> None:
     ],
 )
 async def test_who_may_observe(client: Any, options: dict[str, Any], allowed: bool) -> None:
-    async with coap_server(RecordingIngest(), **options) as adapter:
-        adapter.push_command("w-1", b"open")
+    async with coap_server(
+        RecordingIngest(), commands=True, command_poll_wait=0.1, **options
+    ) as adapter:
         r = await asyncio.wait_for(_observe(client, adapter, "w-1").response, 10)
         if allowed:
             assert r.code == Code.CONTENT and adapter.observer_count("w-1") == 1
@@ -508,11 +540,16 @@ async def test_who_may_observe(client: Any, options: dict[str, Any], allowed: bo
         assert r.code == Code.FORBIDDEN and r.opt.observe is None
         assert adapter.observer_count("w-1") == 0
         assert adapter.refusals == {"observe_denied": 1}
-        # Reading the command without observing is not refused.
         r = await client.request(
             Message(code=Code.GET, uri=url(adapter, "devices/w-1/commands"))
         ).response
-        assert (r.code, r.payload) == (Code.CONTENT, b"open")
+        if "observe_networks" in options:
+            # A plain GET takes commands too: refused outside observe_networks.
+            assert r.code == Code.FORBIDDEN
+            assert adapter.refusals == {"observe_denied": 1, "commands_denied": 1}
+        else:
+            # observe: deny: devices poll with a plain GET instead (nothing queued).
+            assert (r.code, r.payload) == (Code.CONTENT, b"")
 
 
 def test_observe_networks_must_be_networks() -> None:

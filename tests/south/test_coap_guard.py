@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from edgeway.south.coap_guard import OptionRefusal, bad_option_ack, option_refusal
+from edgeway.south.coap_guard import (
+    EmptyReply,
+    OptionRefusal,
+    bad_option_ack,
+    empty_message_id,
+    option_refusal,
+)
 
 PATH = [(11, 7), (11, 2), (11, 9)]
 
@@ -29,3 +35,14 @@ def test_bad_option_ack() -> None:
     assert bad_option_ack(bytes([0x49, 0x02, 0, 1]) + b"\0" * 9) is None  # token > 8
     assert bad_option_ack(bytes([0x42, 0x02, 0, 1, 0xAA])) is None  # truncated token
     assert bad_option_ack(b"\x40") is None
+
+
+def test_empty_message_id() -> None:
+    assert empty_message_id(bytes([0x60, 0x00, 0x12, 0x34])) == EmptyReply(0x1234, reset=False)
+    assert empty_message_id(bytes([0x70, 0x00, 0x00, 0x07])) == EmptyReply(7, reset=True)
+    assert empty_message_id(bytes([0x40, 0x00, 0, 1])) is None  # a ping (CON), not a reply
+    assert empty_message_id(bytes([0x60, 0x45, 0, 1])) is None  # a piggybacked response
+    assert empty_message_id(bytes([0x61, 0x00, 0, 1, 0xAA])) is None  # a token: not empty
+    assert empty_message_id(bytes([0x60, 0x00, 0, 1, 0xFF])) is None  # bytes after the header
+    assert empty_message_id(bytes([0xA0, 0x00, 0, 1])) is None  # version 2
+    assert empty_message_id(b"\x60\x00") is None

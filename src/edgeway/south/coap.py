@@ -9,6 +9,7 @@ Example::
       codec_options:
         json: {timestamp: {field: ts, unit: ms}}
       retry_after: 5s              # Max-Age of a 5.03 when the outbox is full
+      commands: false              # observe/GET commands, POST results (no DTLS: trusted networks only)
 
 Resources:
 
@@ -19,9 +20,9 @@ Resources:
   Max-Age when the outbox refuses them, 4.00 with a diagnostic payload for a
   payload that does not decode or is rejected by validation, 4.13 (with Size1)
   for a body over ``max_body_size``, 4.15 for an unsupported Content-Format.
-- ``GET /devices/{device_id}/commands`` (with Observe): the latest command
-  pushed for that device with :meth:`CoapAdapter.push_command`; observers are
-  notified on every push.
+- ``GET /devices/{device_id}/commands`` (with Observe) and ``POST
+  /devices/{device_id}/commands/{command_id}/result``: commands to devices
+  when ``commands: true`` (4.04 otherwise); see :mod:`edgeway.south.coap_downlink`.
 
 On acknowledgement: aiocoap piggybacks the response on the ACK of a
 confirmable request when it is ready within its empty-ACK delay, and otherwise
@@ -41,10 +42,9 @@ import logging
 import socket
 import sys
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from edgeway.codecs.base import (
     Codec,
@@ -54,21 +54,22 @@ from edgeway.codecs.base import (
     get_codec,
 )
 from edgeway.config import CoapSection, input_limits, parse_host_port
+from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.logs import EventLog, LibraryLogLimit
 from edgeway.reading import Origin
 from edgeway.south.base import Backoff, SouthAdapter, register_adapter
-from edgeway.south.coap_guard import bad_option_ack, option_refusal, request_options
+from edgeway.south.coap_downlink import CoapCommandStats, CoapDownlink
+from edgeway.south.coap_guard import (
+    bad_option_ack,
+    empty_message_id,
+    option_refusal,
+    request_options,
+)
 from edgeway.south.coap_probe import CoapPinger
 from edgeway.south.decode_errors import DecodeErrorCounter
 
 log = logging.getLogger(__name__)
-
-MAX_STORED_COMMANDS = 10_000
-"""Devices whose latest command is kept for GET/Observe. One entry per device
-the gateway has sent a command to; beyond it the least recently pushed is
-forgotten, so a stream of commands to made-up ids cannot grow memory."""
-
 
 PROBE_ATTEMPTS = 3
 """Unanswered pings in a row before the listener is declared dead: a single
@@ -142,9 +143,7 @@ class CoapAdapter(SouthAdapter):
             self._codec_by_name(config.default_format)
         except (KeyError, ValueError) as e:
             raise ValueError(f"coap.default_format: {e}") from None
-        self._commands: OrderedDict[str, bytes] = OrderedDict()
-        self._command_formats: dict[str, int | None] = {}
-        self._observers: dict[str, set[Any]] = {}
+        self._downlink: CoapDownlink | None = None
         self._observation_count = 0
         self._observation_by_key: dict[tuple[str, str], Any] = {}
         self._observations_by_address: dict[str, int] = {}
@@ -198,6 +197,8 @@ class CoapAdapter(SouthAdapter):
             self.state.connected = False
             self.state.listening = False
             await self._close_listener()
+            if self._downlink is not None:
+                self._downlink.close()
             library_log.removeFilter(self._library_log_limit)
 
     async def _open_listener(self, host: str, port: int, site: Any) -> None:
@@ -211,7 +212,7 @@ class CoapAdapter(SouthAdapter):
         # lines quiet, and its remaining lines are rate-limited.
         loop = asyncio.get_running_loop()
         ctx = aiocoap.Context(loop=loop, serversite=site, loggername=AIOCOAP_LOGGER)
-        transport = _guarded_udp6(self.answer_undecodable)
+        transport = _guarded_udp6(self)
         try:
             await ctx._append_tokenmanaged_messagemanaged_transport(
                 lambda mman: transport.create_server_transport_endpoint(
@@ -316,26 +317,40 @@ class CoapAdapter(SouthAdapter):
 
     # ------------------------------------------------------------------ commands
 
-    def push_command(
-        self, device_id: str, payload: bytes, content_format: int | None = None
-    ) -> int:
-        """Make ``payload`` the latest command for ``device_id`` and notify its
-        observers. Returns how many observers were notified (0: the device is
-        not observing; it gets the command on its next GET)."""
-        self._commands[device_id] = payload
-        self._command_formats[device_id] = content_format
-        self._commands.move_to_end(device_id)
-        while len(self._commands) > MAX_STORED_COMMANDS:
-            old, _ = self._commands.popitem(last=False)
-            self._command_formats.pop(old, None)
-        observers = list(self._observers.get(device_id, ()))
-        for obs in observers:
-            obs.trigger()
-        return len(observers)
+    def downlink(self, events: DownlinkEvents) -> Downlink | None:
+        """Commands over CoAP when ``commands: true``; see :mod:`edgeway.south.coap_downlink`."""
+        if not self.config.commands:
+            return None
+        self._downlink = CoapDownlink(
+            events,
+            poll_wait=self.config.command_poll_wait,
+            max_polls=self.config.max_command_polls,
+        )
+        return self._downlink
+
+    @property
+    def commands_enabled(self) -> bool:
+        """Whether this listener takes commands (``commands: true`` and the gateway's queue)."""
+        return self._downlink is not None
+
+    @property
+    def command_stats(self) -> CoapCommandStats | None:
+        """The downlink's counters (in the adapter's status), None when commands are off."""
+        return None if self._downlink is None else self._downlink.stats
 
     def observer_count(self, device_id: str) -> int:
         """Clients currently observing ``devices/{device_id}/commands``."""
-        return len(self._observers.get(device_id, ()))
+        return 0 if self._downlink is None else self._downlink.observer_count(device_id)
+
+    def message_sent(self, message: Any) -> None:
+        """The transport sent ``message`` (the downlink follows its commands)."""
+        if self._downlink is not None:
+            self._downlink.message_sent(message)
+
+    def empty_received(self, sockaddr: Any, mid: int, *, reset: bool) -> None:
+        """An empty ACK or RST arrived (the downlink's notifications are confirmed so)."""
+        if self._downlink is not None:
+            self._downlink.empty_received(sockaddr, mid, reset=reset)
 
     # ------------------------------------------------------------------ requests
 
@@ -464,17 +479,63 @@ class CoapAdapter(SouthAdapter):
         end = (block1.start if block1 is not None else 0) + len(request.payload)
         return (size1 is not None and size1 > limit) or end > limit
 
-    def render_commands(self, request: Any, device_id: str) -> Any:
+    def _commands_refusal(self, request: Any, device_id: str) -> Any | None:
+        """The answer to a commands request this listener does not serve, or None."""
+        from aiocoap import Code
+
+        if self._downlink is None:
+            return self._respond(
+                Code.NOT_FOUND, "commands are not enabled on this listener (coap.commands)"
+            )
+        try:
+            check_device_id(device_id)
+        except DecodeError as e:
+            return self._respond(Code.BAD_REQUEST, f"{e.reason}: {e.detail}")
+        if not self._may_observe(_client_ip(request.remote)):
+            text = "commands are not allowed from this address"
+            self.count_refusal("commands_denied", text, request.remote.hostinfo)
+            return self._respond(Code.FORBIDDEN, text)
+        return None
+
+    async def render_commands(self, request: Any, device_id: str) -> Any:
+        """``GET /devices/{id}/commands``: the first answer to an observation
+        (empty), a plain GET's poll, or a follow-up block of a command."""
         from aiocoap import Code, Message
 
         if request.code != Code.GET:
             return self._respond(Code.METHOD_NOT_ALLOWED, "use GET (with Observe)")
-
-        msg = Message(code=Code.CONTENT, payload=self._commands.get(device_id, b""))
-        fmt = self._command_formats.get(device_id)
-        if fmt is not None:
-            msg.opt.content_format = fmt
+        refusal = self._commands_refusal(request, device_id)
+        if refusal is not None:
+            return refusal
+        assert self._downlink is not None
+        if request.opt.observe == 0:
+            # The observation was accepted (add_observation): commands follow
+            # as notifications.
+            return Message(code=Code.CONTENT, payload=b"")
+        msg = await self._downlink.poll(device_id, _client_ip(request.remote), request.opt.block2)
+        if msg is None:
+            text = f"{self.config.max_command_polls} command polls waiting; retry later"
+            self.count_refusal("poll_limit", text, request.remote.hostinfo)
+            return self._respond(
+                Code.SERVICE_UNAVAILABLE, text, max_age=max(1, round(self.config.retry_after))
+            )
         return msg
+
+    def render_result(self, request: Any, device_id: str, command_id: str) -> Any:
+        """``POST /devices/{id}/commands/{command_id}/result``: a device's answer."""
+        from aiocoap import Code
+
+        if request.code != Code.POST:
+            return self._respond(Code.METHOD_NOT_ALLOWED, "use POST")
+        refusal = self._commands_refusal(request, device_id)
+        if refusal is not None:
+            return refusal
+        assert self._downlink is not None
+        fmt = request.opt.content_format
+        code, text = self._downlink.result(
+            device_id, command_id, request.payload, None if fmt is None else int(fmt)
+        )
+        return self._respond(code, text)
 
     def observe_refusal(self, device_id: str, client_ip: str) -> tuple[str, str] | None:
         """Why ``client_ip`` may not observe ``device_id``'s commands now, as ``(reason,
@@ -529,16 +590,14 @@ class CoapAdapter(SouthAdapter):
                 is_last=True,
             )
         self._observation_by_key[key] = observation
-        observers = self._observers.setdefault(device_id, set())
-        observers.add(observation)
         self._observation_count += 1
         by_address = self._observations_by_address
         by_address[client_ip] = by_address.get(client_ip, 0) + 1
+        downlink = self._downlink
+        assert downlink is not None
 
         def _cancel() -> None:
-            observers.discard(observation)
-            if not observers:
-                self._observers.pop(device_id, None)
+            downlink.observation_ended(device_id, observation)
             if self._observation_by_key.get(key) is observation:
                 del self._observation_by_key[key]
             self._observation_count -= 1
@@ -549,6 +608,7 @@ class CoapAdapter(SouthAdapter):
                 by_address.pop(client_ip, None)
 
         observation.accept(_cancel)
+        downlink.observed(device_id, observation, client_ip)
 
 
 @functools.cache
@@ -584,13 +644,16 @@ def _devices_resource_class() -> Any:
             self.adapter = adapter
 
         @staticmethod
-        def _split(request: Any) -> tuple[str, str] | None:
-            path = request.opt.uri_path
-            if len(path) == 3 and path[0] == "devices" and path[2] in ("telemetry", "commands"):
-                return path[1], path[2]
-            return None
+        def _split(request: Any) -> _Target | None:
+            return _Target.of(request.opt.uri_path)
 
         async def needs_blockwise_assembly(self, request: Any) -> bool:
+            where = self._split(request)
+            if where is not None and where.kind == "commands":
+                # Command bodies go out block by block from the downlink's
+                # own transfer (aiocoap's Block2 cache cannot say when the
+                # last block went out, which is when a command is delivered).
+                return False
             if self.adapter.exceeds_limit(request):
                 raise TooLarge(self.adapter.config.max_body_size)
             return True
@@ -599,18 +662,19 @@ def _devices_resource_class() -> Any:
             where = self._split(request)
             if where is None:
                 raise error.NotFound()
-            device_id, kind = where
-            if kind == "telemetry":
-                return await self.adapter.render_telemetry(request, device_id)
-            return self.adapter.render_commands(request, device_id)
+            if where.kind == "telemetry":
+                return await self.adapter.render_telemetry(request, where.device_id)
+            if where.kind == "result":
+                return self.adapter.render_result(request, where.device_id, where.command_id)
+            return await self.adapter.render_commands(request, where.device_id)
 
         async def add_observation(self, request: Any, serverobservation: Any) -> None:
             where = self._split(request)
-            if where is None or not self._observable(request):
-                return
             adapter = self.adapter
+            if where is None or not self._observable(request) or not adapter.commands_enabled:
+                return  # answered by render (4.04 when commands are off)
             client_ip = _client_ip(request.remote)
-            refusal = adapter.observe_refusal(where[0], client_ip)
+            refusal = adapter.observe_refusal(where.device_id, client_ip)
             if refusal is not None:
                 # Raised before aiocoap renders anything: the answer to the
                 # GET is this error, without an Observe option.
@@ -619,7 +683,7 @@ def _devices_resource_class() -> Any:
                 if reason == "observe_denied":
                     raise error.Forbidden(text)
                 raise ObserveLimit(text, max(1, round(adapter.config.retry_after)))
-            adapter.add_observer(where[0], serverobservation, client_ip)
+            adapter.add_observer(where.device_id, serverobservation, client_ip)
 
         async def render_to_pipe(self, pipe: Any) -> None:
             request = pipe.request
@@ -636,13 +700,46 @@ def _devices_resource_class() -> Any:
 
         def _observable(self, request: Any) -> bool:
             where = self._split(request)
-            return where is not None and where[1] == "commands" and request.code == Code.GET
+            return where is not None and where.kind == "commands" and request.code == Code.GET
 
     return DevicesResource
 
 
-def _guarded_udp6(answer: Callable[[bytes, object, Exception], bytes | None]) -> Any:
-    """aiocoap's udp6 transport, answering datagrams it cannot decode.
+class _Target(NamedTuple):
+    """What a request's path names."""
+
+    device_id: str
+    kind: str
+    """``telemetry``, ``commands`` or ``result``."""
+    command_id: str = ""
+
+    @classmethod
+    def of(cls, path: Sequence[str]) -> _Target | None:
+        if len(path) == 3 and path[0] == "devices" and path[2] in ("telemetry", "commands"):
+            return cls(path[1], path[2])
+        if (
+            len(path) == 5
+            and path[0] == "devices"
+            and path[2] == "commands"
+            and path[4] == "result"
+        ):
+            return cls(path[1], "result", path[3])
+        return None
+
+
+class _TransportWatch(Protocol):
+    """What the listener's transport tells the adapter."""
+
+    def answer_undecodable(self, data: bytes, address: object, exc: Exception) -> bytes | None: ...
+
+    def message_sent(self, message: Any) -> None: ...
+
+    def empty_received(self, sockaddr: Any, mid: int, *, reset: bool) -> None: ...
+
+
+def _guarded_udp6(watch: _TransportWatch) -> Any:
+    """aiocoap's udp6 transport, answering datagrams it cannot decode, and
+    telling ``watch`` what it sends and which empty ACKs/RSTs arrive.
 
     aiocoap 0.4.17 turns only its own ``UnparsableMessage`` into a dropped
     datagram; a string option that is not UTF-8 raises ``UnicodeDecodeError``
@@ -652,6 +749,13 @@ def _guarded_udp6(answer: Callable[[bytes, object, Exception], bytes | None]) ->
 
     The socket's ICMP error reporting is turned off as soon as the transport
     has it, before its first read (see :func:`_ignore_icmp_errors`).
+
+    aiocoap confirms nothing to a resource: it retransmits a confirmable
+    notification until the peer's ACK and ends the observation when none
+    comes, but says nothing when the ACK does come. A command is DELIVERED on
+    that ACK, so the transport reports the message id of each message it
+    sends and of each empty ACK/RST it receives (read from the 4-byte header,
+    :func:`~edgeway.south.coap_guard.empty_message_id`).
     """
     from aiocoap.transports.udp6 import MessageInterfaceUDP6
 
@@ -664,15 +768,22 @@ def _guarded_udp6(answer: Callable[[bytes, object, Exception], bytes | None]) ->
                 _ignore_icmp_errors(sock)
             super().connection_made(transport)
 
+        def send(self, message: Any) -> None:
+            super().send(message)
+            watch.message_sent(message)
+
         def datagram_msg_received(
             self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int, address: Any
         ) -> None:
+            empty = empty_message_id(data)
+            if empty is not None:
+                watch.empty_received(address, empty.mid, reset=empty.reset)
             try:
                 super().datagram_msg_received(data, ancdata, flags, address)
             except Exception as e:
                 # Decoding failed (or dispatching did, which aiocoap has logged
                 # already): re-raising would only add the event loop's traceback.
-                reply = answer(data, address, e)
+                reply = watch.answer_undecodable(data, address, e)
                 if reply is not None:
                     # Answer from the address the request came to, as aiocoap does.
                     pktinfo = [

@@ -79,7 +79,7 @@ def request_options(request: Any) -> list[tuple[int, int]]:
 
 
 _HEADER = struct.Struct("!BBH")
-_CON, _ACK = 0, 2
+_CON, _ACK, _RST = 0, 2, 3
 _BAD_OPTION = (4 << 5) | 2
 
 
@@ -98,3 +98,25 @@ def bad_option_ack(datagram: bytes, diagnostic: bytes = b"") -> bytes | None:
         return None
     head = _HEADER.pack((1 << 6) | (_ACK << 4) | tkl, _BAD_OPTION, mid) + token
     return head + (b"\xff" + diagnostic if diagnostic else b"")
+
+
+@dataclass(frozen=True, slots=True)
+class EmptyReply:
+    """An empty ACK or RST (RFC 7252 4.2, 4.3): how a peer confirms or
+    rejects a confirmable message by its message id alone."""
+
+    mid: int
+    reset: bool
+
+
+def empty_message_id(datagram: bytes) -> EmptyReply | None:
+    """The message id of an empty ACK or RST datagram (4 bytes: version 1,
+    code 0.00, no token; RFC 7252 4.1 allows nothing after the header), None
+    for anything else."""
+    if len(datagram) != _HEADER.size:
+        return None
+    first, code, mid = _HEADER.unpack_from(datagram)
+    version, mtype, tkl = first >> 6, (first >> 4) & 3, first & 0x0F
+    if version != 1 or code != 0 or tkl != 0 or mtype not in (_ACK, _RST):
+        return None
+    return EmptyReply(mid, mtype == _RST)
