@@ -318,3 +318,27 @@ async def test_simulate_http_with_a_token_answers_commands(
         finally:
             proc.terminate()
             await proc.wait()
+
+
+async def test_demo_command_rounds_go_on_after_a_refusal(tmp_path: Path) -> None:
+    """A refused submit (queue full) is a line, not the end of the demo's rounds."""
+    from edgeway.commands.service import CommandService
+    from edgeway.config import CommandsSection
+    from edgeway.sim.demo import CommandRounds, CommandTarget
+
+    service = CommandService(tmp_path, CommandsSection(max_per_device=1), durability="os")
+    await service.open()
+    try:
+        await service.submit("nobody", "ping")  # no device takes it: the queue stays full
+        lines: list[str] = []
+        target = CommandTarget("MQTT", "nobody", (("ping", {}),))
+        rounds = CommandRounds(service, lines.append, target, [], first_after=0, every=0.01)
+        ending = asyncio.Event()
+        task = asyncio.create_task(rounds.run(ending))
+        await wait_until(lambda: len(lines) >= 2)  # two rounds: the first did not end them
+        ending.set()
+        await asyncio.wait_for(task, 5)
+        assert all("nobody (MQTT)  ping  refused:" in line for line in lines), lines
+        assert rounds.sent == 0 and rounds.succeeded == 0
+    finally:
+        await service.close()

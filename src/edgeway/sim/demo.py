@@ -46,6 +46,7 @@ from typing import Any
 
 import orjson
 
+from edgeway.commands.service import CommandError
 from edgeway.config import (
     AdminSection,
     CoapSection,
@@ -250,14 +251,18 @@ class CommandRounds:
         turn = self._turns.get(target.device_id, 0)
         self._turns[target.device_id] = turn + 1
         name, params = target.commands[turn % len(target.commands)]
-        cmd, _ = await self.commands.submit(
-            target.device_id,
-            name,
-            params,
-            ttl=COMMAND_WAIT,
-            result_timeout=COMMAND_WAIT,
-            source="demo",
-        )
+        try:
+            cmd, _ = await self.commands.submit(
+                target.device_id,
+                name,
+                params,
+                ttl=COMMAND_WAIT,
+                result_timeout=COMMAND_WAIT,
+                source="demo",
+            )
+        except CommandError as e:  # queue full, stopping: say so, the demo goes on
+            self.write(f"command  {target.device_id} ({target.protocol})  {name}  refused: {e}")
+            return
         self.sent += 1
         done = await self.commands.wait(cmd.id, COMMAND_WAIT + 1.0)
         trip = RoundTrip(
