@@ -552,9 +552,10 @@ class CoapSection(_Model):
     address is in ``observe_networks`` (any address when that is empty);
     ``deny``: nobody (4.03 Forbidden; devices poll with a plain GET)."""
     observe_networks: list[str] = Field(default_factory=list)
-    """Client networks (CIDR, e.g. ``10.20.0.0/16``) allowed to observe; empty:
-    any. Without DTLS the source address is the only identity CoAP offers;
-    others get 4.03 Forbidden."""
+    """Client networks (CIDR, e.g. ``10.20.0.0/16``) allowed to observe, and
+    with ``commands`` on, to poll commands and post results; empty: any.
+    Without DTLS the source address is the only identity CoAP offers; others
+    get 4.03 Forbidden."""
     max_observations: int = Field(default=1000, ge=0)
     """Observations held at once over all clients (5.03 with Max-Age beyond).
     Each holds a task, a pipe and its request in memory (9.1 KB measured with

@@ -512,6 +512,46 @@ async def test_observations_are_capped_per_address_with_503_and_max_age(client: 
         assert adapter.refusals == {"observe_limit_per_address": 1}
 
 
+async def test_command_polls_are_capped_and_a_newer_poll_replaces_the_older(client: Any) -> None:
+    async with coap_server(
+        RecordingIngest(), commands=True, command_poll_wait=5, max_command_polls=1, retry_after=7
+    ) as adapter:
+
+        def poll(device: str) -> Any:
+            msg = Message(code=Code.GET, uri=url(adapter, f"devices/{device}/commands"))
+            return asyncio.ensure_future(client.request(msg).response)
+
+        downlink = adapter._downlink
+        assert downlink is not None
+        waiting = poll("p-1")
+        await wait_until(lambda: downlink.reachable(command("p-1", "x", {})))
+        # The one place is taken: another device's poll gets 5.03 at once.
+        r = await asyncio.wait_for(poll("p-2"), 10)
+        assert r.code == Code.SERVICE_UNAVAILABLE and r.opt.max_age == 7
+        assert adapter.refusals == {"poll_limit": 1}
+        # The same device polling again takes its place: the older poll is
+        # answered at once, empty (nothing was queued), well before its 5 s.
+        newer = poll("p-1")
+        r = await asyncio.wait_for(waiting, 3)
+        assert (r.code, r.payload) == (Code.CONTENT, b"")
+        delivered = downlink.deliver(command("p-1", "go", {"n": 1}))
+        r = await asyncio.wait_for(newer, 10)
+        assert json.loads(r.payload)["params"] == {"n": 1}
+        assert await asyncio.wait_for(delivered, 10) is True
+
+
+async def test_a_result_over_max_body_size_is_refused_block_by_block(client: Any) -> None:
+    async with coap_server(RecordingIngest(), commands=True, max_body_size=4096) as adapter:
+        msg = Message(
+            code=Code.POST,
+            uri=url(adapter, "devices/r-1/commands/abc/result"),
+            payload=b'{"result": "' + b"r" * 6000 + b'"}',
+            content_format=50,
+        )
+        r = await asyncio.wait_for(client.request(msg).response, 10)
+        assert r.code == Code.REQUEST_ENTITY_TOO_LARGE and r.opt.size1 == 4096
+
+
 async def test_observations_are_capped_in_total(client: Any) -> None:
     async with coap_server(RecordingIngest(), commands=True, max_observations=1) as adapter:
         r = await asyncio.wait_for(_observe(client, adapter, "t-1").response, 10)
