@@ -566,3 +566,26 @@ async def test_long_topics_do_not_fill_the_acl_caches(tmp_path: Path) -> None:
         assert held < 1_000_000, f"{held} bytes held after 100 topics of 60,000 characters"
         await pub.disconnect()
         await sub.disconnect()
+
+
+async def test_retained_backlog_survives_a_reconnect(tmp_path: Path) -> None:
+    """A persistent session whose connection ends while its SUBSCRIBE's
+    retained messages are still going out gets the rest when it comes back
+    (they wait with the session, as queued messages do)."""
+    async with running_broker(tmp_path) as rb:
+        for i in range(50):
+            rb.broker.retained.load(Message(f"r/{i}", b"%d" % i, 1, True))
+        props = Properties(session_expiry_interval=600, receive_maximum=1)
+        sub, _ = await RawClient.connect(rb.port, "back", level=5, clean=False, properties=props)
+        await sub.subscribe("r/#", qos=1)
+        first = await sub.receive_publish(ack=False)  # the window (1) is now full
+        sub.abort()
+        await wait_until(lambda: rb.broker.stats()["clients_connected"] == 0)
+        sub, ack = await RawClient.connect(rb.port, "back", level=5, clean=False, properties=props)
+        assert ack.session_present
+        again = await sub.receive_publish()
+        assert (again.topic, again.dup) == (first.topic, True)
+        rest = [(await sub.receive_publish()).topic for _ in range(49)]
+        assert sorted([first.topic, *rest]) == sorted(f"r/{i}" for i in range(50))
+        await sub.nothing(0.2)
+        await sub.disconnect()

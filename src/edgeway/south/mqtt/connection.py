@@ -85,8 +85,14 @@ from edgeway.south.mqtt.packets import (
     Unsubscribe,
     Will,
 )
-from edgeway.south.mqtt.retained import Message, RetainedCursor
-from edgeway.south.mqtt.session import Delivery, Inflight, Session
+from edgeway.south.mqtt.retained import Message
+from edgeway.south.mqtt.session import (
+    Delivery,
+    Inflight,
+    RetainedBacklog,
+    RetainedWalk,
+    Session,
+)
 from edgeway.south.mqtt.telemetry import TelemetryError, decode_telemetry, reading_from
 from edgeway.south.mqtt.topics import CACHED_TOPIC_MAX, SubEntry
 
@@ -211,26 +217,6 @@ def _split_at_packet_id(data: bytes) -> tuple[bytes, bytes]:
     return data[:pos], data[pos + 2 :]
 
 
-@dataclass(slots=True)
-class _RetainedWalk:
-    """One granted filter's retained messages, still being sent."""
-
-    cursor: RetainedCursor
-    qos: int
-    sub_ids: tuple[int, ...]
-
-
-@dataclass(slots=True)
-class _RetainedBacklog:
-    """Retained messages owed after SUBACKs, sent a slice per turn; live
-    messages wait in the session queue behind them, so a retained message is
-    never sent after a newer live one on its topic."""
-
-    walks: deque[_RetainedWalk]
-    ready: deque[Delivery]
-    """Found by a walk, not sent yet (the window or the turn's budget is full)."""
-
-
 class MqttConnection(asyncio.Protocol):
     """Protocol instance for one client; see the module docstring."""
 
@@ -255,7 +241,6 @@ class MqttConnection(asyncio.Protocol):
         "_pause",
         "_pending",
         "_readable",
-        "_retained",
         "_saturation_check",
         "_topics",
         "_waiting",
@@ -323,7 +308,6 @@ class MqttConnection(asyncio.Protocol):
         self._out_walked = 0
         """Retained-trie nodes walked this turn (:data:`RETAINED_NODES_PER_TURN`)."""
         self._output_scheduled = False
-        self._retained: _RetainedBacklog | None = None
         self._dirty = False
         self._acks: deque[_PendingAck] = _NO_ACKS
         self._waiting = 0
@@ -1306,7 +1290,7 @@ class MqttConnection(asyncio.Protocol):
             on_ack = done.delivery.msg.on_ack
             if on_ack is not None:
                 on_ack(session.client_id)
-            if session.queue or self._retained is not None:
+            if session.queue or session.retained is not None:
                 self._drain_queue()
 
     def _on_pubrec(self, p: PubRec) -> None:
@@ -1319,7 +1303,7 @@ class MqttConnection(asyncio.Protocol):
         if p.reason_code >= 0x80:
             del session.inflight[p.packet_id]
             session.dirty = True
-            if session.queue or self._retained is not None:
+            if session.queue or session.retained is not None:
                 self._drain_queue()
             return
         inf.released = True
@@ -1352,7 +1336,7 @@ class MqttConnection(asyncio.Protocol):
             else None
         )
         codes: list[int] = []
-        walks: list[_RetainedWalk] = []
+        walks: list[RetainedWalk] = []
         max_subs = broker.limits.max_subscriptions_per_client
         for sub in p.subscriptions:
             flt = sub.topic_filter
@@ -1402,12 +1386,12 @@ class MqttConnection(asyncio.Protocol):
                 entry.retain_handling == 0 or (entry.retain_handling == 1 and not existed)
             ):
                 ids = (entry.subscription_id,) if entry.subscription_id else ()
-                walks.append(_RetainedWalk(broker.retained.cursor(real), entry.qos, ids))
+                walks.append(RetainedWalk(broker.retained.cursor(real), entry.qos, ids))
         self.send(SubAck(p.packet_id, codes))
         if walks and len(broker.retained):
-            backlog = self._retained
+            backlog = session.retained
             if backlog is None:
-                backlog = self._retained = _RetainedBacklog(deque(), deque())
+                backlog = session.retained = RetainedBacklog(deque(), deque())
             backlog.walks.extend(walks)
             self._drain_queue()
 
@@ -1457,7 +1441,7 @@ class MqttConnection(asyncio.Protocol):
         if (
             self._write_paused
             or session.queue
-            or self._retained is not None
+            or session.retained is not None
             or self._out_bytes >= OUTPUT_PER_TURN
         ):
             self._queue(session, d)
@@ -1503,7 +1487,7 @@ class MqttConnection(asyncio.Protocol):
         session = self.session
         if session is None:
             return
-        if self._retained is not None and not self._send_retained(session, self._retained):
+        if session.retained is not None and not self._send_retained(session, session.retained):
             return
         queue = session.queue
         inflight = session.inflight
@@ -1530,7 +1514,7 @@ class MqttConnection(asyncio.Protocol):
             self._out_drained += 1
             self._write_publish(d, pid, False, None)
 
-    def _send_retained(self, session: Session, backlog: _RetainedBacklog) -> bool:
+    def _send_retained(self, session: Session, backlog: RetainedBacklog) -> bool:
         """Walk and send retained messages owed to SUBSCRIBEs, within this
         turn's budgets; True once all are sent."""
         ready = backlog.ready
@@ -1558,7 +1542,7 @@ class MqttConnection(asyncio.Protocol):
                 self._out_drained += 1
                 self._write_publish(d, pid, False, None)
             if not walks:
-                self._retained = None
+                session.retained = None
                 return True
             nodes = RETAINED_NODES_PER_TURN - self._out_walked
             if nodes <= 0:

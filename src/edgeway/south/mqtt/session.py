@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgeway.south.mqtt.packets import Will
-from edgeway.south.mqtt.retained import Message
+from edgeway.south.mqtt.retained import Message, RetainedCursor
 from edgeway.south.mqtt.topics import SubEntry
 
 if TYPE_CHECKING:
@@ -69,6 +69,29 @@ class Delivery:
 
 
 @dataclass(slots=True)
+class RetainedWalk:
+    """One granted filter's retained messages, still being sent."""
+
+    cursor: RetainedCursor
+    qos: int
+    sub_ids: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class RetainedBacklog:
+    """Retained messages owed after SUBACKs, sent a slice per event-loop turn
+    (``MqttConnection._send_retained``). Live messages wait in the session
+    queue behind them, so a retained message is never sent after a newer live
+    one on its topic. Kept with the session, so a persistent session whose
+    connection ends halfway gets the rest when it comes back (while the
+    gateway runs: it is not saved to disk)."""
+
+    walks: deque[RetainedWalk]
+    ready: deque[Delivery]
+    """Found by a walk, not sent yet (the window or the turn's budget is full)."""
+
+
+@dataclass(slots=True)
 class Inflight:
     """An outbound QoS 1/2 message sent and not yet completed."""
 
@@ -97,6 +120,7 @@ class Session:
         "qos0_queued",
         "queue",
         "queued_bytes",
+        "retained",
         "subscriptions",
         "will",
         "will_at",
@@ -117,6 +141,8 @@ class Session:
         self.queued_bytes = 0
         """Sum of :func:`queued_size` over ``queue``."""
         self.qos0_queued = 0
+        self.retained: RetainedBacklog | None = None
+        """Retained messages still owed to SUBSCRIBEs (sent before the queue)."""
         self.in_qos2: set[int] = _NO_IDS
         self.conn: MqttConnection | None = None
         self.disconnected_at: float | None = None
@@ -202,6 +228,7 @@ class Session:
         self.queue = _NO_QUEUE
         self.qos0_queued = 0
         self.queued_bytes = 0
+        self.retained = None
         self.inflight.clear()
         self.in_qos2 = _NO_IDS
         self.dirty = True
