@@ -386,3 +386,29 @@ async def test_observe_networks_gate_every_commands_request(tmp_path: Path, clie
         assert r.code == Code.FORBIDDEN
         assert cmd.state is CommandState.QUEUED and cmd.attempts == 0
         assert adapter.refusals == {"observe_denied": 1, "commands_denied": 2}
+
+
+async def test_a_late_ack_after_the_queue_stopped_waiting_gets_the_command_sent_again(
+    gateway: tuple[Gateway, CoapAdapter],
+) -> None:
+    gw, adapter = gateway
+    assert gw.commands is not None
+    async with raw_device(adapter) as device:
+        device.transport.sendto(observe_get(0x300, "slow-1"))
+        await device.next()
+        # The queue waits 1 s for the device's ACK (the command's timeout),
+        # aiocoap retransmits for much longer (2-3 s for the first retry).
+        cmd, _ = await gw.commands.submit("slow-1", "ping", result_timeout=1.0)
+        mtype, _code, mid, _opts, payload = await device.next()
+        assert mtype == CON and json.loads(payload).get("redelivery") is None
+        # The device misses it, and acknowledges the retransmission, late.
+        again = await device.next()
+        assert again[:3] == (CON, 0x45, mid)
+        device.transport.sendto(empty_reply(mid))
+        # The device still observes: the command goes out again, as a
+        # redelivery, instead of staying SENT until the device registers again.
+        mtype, _code, mid2, _opts, payload = await device.next()
+        assert mtype == CON and mid2 != mid
+        assert json.loads(payload)["id"] == cmd.id and json.loads(payload)["redelivery"] is True
+        device.transport.sendto(empty_reply(mid2))
+        await state_becomes(gw, cmd, CommandState.DELIVERED)

@@ -161,6 +161,10 @@ class CoapDownlink:
         queue waits for its delivery before the next)."""
         self._sending: dict[int, _Sending] = {}
         self._awaiting_ack: dict[tuple[tuple[str, int], int], _Transfer] = {}
+        self._late_acks: dict[tuple[tuple[str, int], int], tuple[str, Any]] = {}
+        """Notifications still retransmitted after the queue stopped waiting
+        for them: (device id, observation). A few per observation at most (its
+        notifications in flight, ~93 s of them); dropped when it ends."""
 
     # --------------------------------------------------------------- Downlink
 
@@ -223,6 +227,9 @@ class CoapDownlink:
             observers[:] = [(o, ip) for o, ip in observers if o is not observation]
             if not observers:
                 del self._observations[device_id]
+        if self._late_acks:
+            for key in [k for k, (_, o) in self._late_acks.items() if o is observation]:
+                del self._late_acks[key]
         transfer = self._transfers.get(device_id)
         if (
             transfer is not None
@@ -326,7 +333,16 @@ class CoapDownlink:
 
     def empty_received(self, sockaddr: Any, mid: int, *, reset: bool) -> None:
         """An empty ACK (or RST) from ``sockaddr`` for message id ``mid``."""
-        transfer = self._awaiting_ack.pop((_address_key(sockaddr), mid), None)
+        key = (_address_key(sockaddr), mid)
+        late = self._late_acks.pop(key, None)
+        if late is not None:
+            device_id, observation = late
+            if not reset and any(
+                o is observation for o, _ in self._observations.get(device_id, ())
+            ):
+                self.events.device_reachable(device_id)
+            return
+        transfer = self._awaiting_ack.pop(key, None)
         if transfer is None or transfer.delivered.done():
             return
         if reset:
@@ -394,9 +410,19 @@ class CoapDownlink:
         for key in transfer.messages:
             self._sending.pop(key, None)
         transfer.messages.clear()
+        late = fut.cancelled() and transfer.observation is not None
         for ack_key in transfer.ack_keys:
             if self._awaiting_ack.get(ack_key) is transfer:
                 del self._awaiting_ack[ack_key]
+                if late:
+                    # The queue stopped waiting (the command's result timeout
+                    # can be shorter than aiocoap's ~93 s of retransmissions)
+                    # while the notification is still being retransmitted.
+                    # If the device acknowledges it after all, it is alive and
+                    # observing: the command goes out again then (a
+                    # redelivery, promptly acknowledged) instead of staying
+                    # SENT until the device registers again.
+                    self._late_acks[ack_key] = (device_id, transfer.observation)
         transfer.ack_keys.clear()
 
     def close(self) -> None:
@@ -408,3 +434,4 @@ class CoapDownlink:
             if not poll.answer.done():
                 poll.answer.set_result(None)
         self._observations.clear()
+        self._late_acks.clear()
