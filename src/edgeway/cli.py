@@ -258,9 +258,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         _print_config_errors(e)
         return EXIT_CONFIG
-    try:
-        cfg = apply_overrides(
-            cfg,
+
+    def overrides(c: Config) -> Config:
+        """The command-line flags, applied at start and to every reload."""
+        return apply_overrides(
+            c,
             data_dir=args.data_dir,
             mqtt_listen=args.mqtt_listen,
             sinks=args.sink,
@@ -271,6 +273,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             http_listen=args.http_listen,
             admin_listen=args.admin_listen,
         )
+
+    try:
+        cfg = overrides(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -284,6 +289,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("no configuration file: running on embedded defaults")
 
     gateway = Gateway(cfg, tune_gc=True)
+    gateway.config_overrides = overrides
+    if args.config is not None:
+        gateway.config_path = Path(args.config)
+        with contextlib.suppress(OSError):
+            gateway.config_text = Path(args.config).read_text(encoding="utf-8")
     return _run_async(gateway)
 
 
@@ -334,6 +344,7 @@ def _run_async(gateway: object) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, gateway.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
         try:
             await gateway.run()
         except (ListenerError, StartupError, OSError) as e:

@@ -28,6 +28,7 @@ from edgeway.ingest import Ingest
 from edgeway.outbox import Outbox, SinkRunner
 from edgeway.outbox.store import CHUNK_MAX
 from edgeway.pipeline import Pipeline
+from edgeway.runtime.switch import IngestSwitch
 from edgeway.sinks.base import Sink, create_sink
 from edgeway.south.base import Backoff, SouthAdapter, adapter_class
 from edgeway.south.decode_errors import DecodeErrorCounter
@@ -101,7 +102,36 @@ class Gateway:
     admin: AdminServer | None = None
     commands: CommandService | None = None
     started_at: float = 0.0
+    config_text: str | None = None
+    """The YAML text of the configuration in force (None: built in code or
+    from command-line flags only); kept in the history when it changes."""
+    config_source: str = "start"
+    """Where the configuration in force came from (start, sighup, api, ...)."""
+    config_path: Path | None = None
+    """The file the configuration was read from: SIGHUP and ``edgeway reload``
+    read it again. None: those reloads are refused."""
+    config_overrides: Any = None
+    """``Config -> Config``: the command-line flags the gateway was started
+    with (``--sink``, ``--mqtt-listen``, ...), applied to every configuration
+    a reload reads or receives, as they were at start."""
+    ingest: IngestSwitch | None = None
+    """What adapters and the broker submit to: the pipeline, behind a switch
+    a reload can turn (see edgeway.runtime.switch)."""
+    reloads: int = 0
+    reload_failures: int = 0
+    reload_grace: float = 2.0
+    """Seconds a reloaded gateway must stay healthy before the reload stands."""
     _front_stopped: bool = False
+    _tg: asyncio.TaskGroup | None = None
+    _sink_tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _adapter_tasks: dict[int, asyncio.Task[Any]] = field(default_factory=dict)
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _downlinks: dict[int, Any] = field(default_factory=dict)
+    """The command downlink of each adapter that has one (by id(adapter))."""
+    _broker_downlink: Any = None
+    _reload_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _retired_sinks: list[Sink] = field(default_factory=list)
+    """Sinks a reload replaced, closed once the reload stands."""
 
     def status(self) -> dict[str, Any]:
         """A snapshot of every part's counters and state (admin API, metrics)."""
@@ -111,6 +141,8 @@ class Gateway:
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "broker": self.broker.stats() if self.broker is not None else None,
             "outbox": self.outbox.counters() if self.outbox is not None else {},
+            "outbox_retired": self.outbox.retired_counters() if self.outbox is not None else {},
+            "reloads": {"applied": self.reloads, "failed": self.reload_failures},
             "pipeline": self.pipeline.stats() if self.pipeline is not None else None,
             "commands": (
                 dataclasses.asdict(self.commands.stats) if self.commands is not None else None
@@ -146,23 +178,125 @@ class Gateway:
         data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start-up
 
         authenticator, authoriser = self._auth()
-        self.sinks = [create_sink(s, cfg.gateway.id) for s in cfg.sinks]
-        if not self.sinks:
+        sinks = [create_sink(s, cfg.gateway.id) for s in cfg.sinks]
+        if not sinks:
             log.warning(
                 "no sinks configured: readings are acknowledged, stored and kept in the outbox "
                 "until a sink is added (add one with --sink URL or a sinks: section)"
             )
+        await self._open_data_path(cfg, sinks)
+        assert self.pipeline is not None
+        self.ingest = IngestSwitch(self.pipeline)
+        if cfg.commands.enabled:
+            from edgeway.commands.service import CommandService
+
+            self.commands = CommandService(
+                data_dir, cfg.commands, emit=self._store_records, durability=cfg.outbox.durability
+            )
+            await self.commands.open()
+        self.adapters = self._build_adapters(self.ingest)
+        try:
+            for sink in self.sinks:
+                await sink.start()
+            if cfg.mqtt.enabled:
+                # Before the TaskGroup, so that a port already in use surfaces as
+                # a plain ListenerError the CLI can print in one line.
+                await self._start_broker(authenticator, authoriser)
+            if self.commands is not None:
+                for adapter in self.adapters:
+                    adapter_downlink = adapter.downlink(self.commands)
+                    if adapter_downlink is not None:
+                        self.commands.add_downlink(adapter_downlink)
+                        self._downlinks[id(adapter)] = adapter_downlink
+            if self.commands is not None and self.broker is not None:
+                from edgeway.south.mqtt.downlink import BrokerDownlink
+
+                downlink = BrokerDownlink(self.broker, cfg.commands.mqtt, self.commands)
+                downlink.attach()
+                self.commands.add_downlink(downlink)
+                self._broker_downlink = downlink
+            if cfg.admin is not None and cfg.admin.enabled:
+                from edgeway.admin.api import AdminServer
+
+                try:
+                    self.admin = AdminServer.from_config(
+                        cfg.admin,
+                        data_dir,
+                        self.status,
+                        self.ready.is_set,
+                        stopping=self.stop_event.is_set,
+                        problems=self.health_problems,
+                    )
+                except ValueError as e:
+                    raise StartupError(str(e)) from e
+                self.admin.commands = self.commands
+                await self.admin.start()
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    self._tg = tg
+                    self._start_runners()
+                    for adapter in self.adapters:
+                        self._start_adapter(adapter)
+                    await self._wait_adapters_ready()
+                    log.info(
+                        "edgeway ready",
+                        extra={
+                            "fields": {
+                                "gateway_id": cfg.gateway.id,
+                                "data_dir": str(data_dir),
+                                "startup_ms": round((time.monotonic() - self.started_at) * 1000, 1),
+                            }
+                        },
+                    )
+                    if self.tune_gc:
+                        _tune_gc()
+                    if self.config_text is not None:
+                        from edgeway.runtime.reload import ConfigHistory
+
+                        history = ConfigHistory(data_dir)
+                        await asyncio.to_thread(history.record, self.config_text, "start")
+                    self.ready.set()
+                    await self.stop_event.wait()
+                    log.info("stopping")
+                    await self._stop_front()
+                    raise _Shutdown
+            except* _Shutdown:
+                pass
+        finally:
+            await self._stop_front()
+            if self.admin is not None:
+                await self.admin.close()
+            self._tg = None
+            # After the adapters stopped (nothing submits any more), before the
+            # outbox closes (the pipeline's last window state and stats commit).
+            if self.pipeline is not None:
+                await self.pipeline.close()
+            if self.commands is not None:
+                await self.commands.close()
+            for sink in self.sinks:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(sink.close(), 1.0)
+            if self.outbox is not None:
+                await self.outbox.close()
+            log.info("stopped")
+
+    # ------------------------------------------------------------- data path
+
+    async def _open_data_path(self, cfg: Config, sinks: list[Sink]) -> None:
+        """Open the outbox for ``sinks`` and the pipeline for ``cfg``'s routes;
+        set ``self.sinks``, ``self.outbox``, ``self.pipeline``. Raises
+        StartupError (nothing left open) for what the operator must fix."""
+        data_dir = Path(cfg.gateway.data_dir)
         try:
             outbox = Outbox(
                 data_dir / "outbox.db",
                 gateway_id=cfg.gateway.id,
                 config=cfg.outbox,
-                sink_names=[s.name for s in self.sinks],
-                chunk_max=min([CHUNK_MAX, *(s.max_batch_records for s in self.sinks)]),
+                sink_names=[s.name for s in sinks],
+                chunk_max=min([CHUNK_MAX, *(s.max_batch_records for s in sinks)]),
             )
         except ValueError as e:  # sink names defined twice: the operator's to fix
             raise StartupError(str(e)) from e
-        self.outbox = outbox
         try:
             await outbox.open()
         except RuntimeError as e:
@@ -182,110 +316,159 @@ class Gateway:
             # line): one line, not a traceback.
             await outbox.close()
             raise StartupError(str(e)) from e
-        await pipeline.open()
-        self.pipeline = pipeline
-        if cfg.commands.enabled:
-            from edgeway.commands.service import CommandService
-
-            self.commands = CommandService(
-                data_dir, cfg.commands, emit=outbox.submit, durability=cfg.outbox.durability
-            )
-            await self.commands.open()
-        self.adapters = self._build_adapters(pipeline)
         try:
-            for sink in self.sinks:
-                await sink.start()
-            if cfg.mqtt.enabled:
-                # Before the TaskGroup, so that a port already in use surfaces as
-                # a plain ListenerError the CLI can print in one line.
-                await self._start_broker(authenticator, authoriser)
-            if self.commands is not None:
-                for adapter in self.adapters:
-                    adapter_downlink = adapter.downlink(self.commands)
-                    if adapter_downlink is not None:
-                        self.commands.add_downlink(adapter_downlink)
-            if self.commands is not None and self.broker is not None:
-                from edgeway.south.mqtt.downlink import BrokerDownlink
-
-                downlink = BrokerDownlink(self.broker, cfg.commands.mqtt, self.commands)
-                downlink.attach()
-                self.commands.add_downlink(downlink)
-            if cfg.receipts.enabled and self.broker is not None:
-                outbox.add_confirmed_listener(self._send_receipts)
-            if cfg.admin is not None and cfg.admin.enabled:
-                from edgeway.admin.api import AdminServer
-
-                try:
-                    self.admin = AdminServer.from_config(
-                        cfg.admin,
-                        data_dir,
-                        self.status,
-                        self.ready.is_set,
-                        stopping=self.stop_event.is_set,
-                        problems=self.health_problems,
-                    )
-                except ValueError as e:
-                    raise StartupError(str(e)) from e
-                self.admin.commands = self.commands
-                await self.admin.start()
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    for sink in self.sinks:
-                        tg.create_task(
-                            SinkRunner(
-                                outbox, sink, probe_interval=sink.config.probe_interval
-                            ).run(),
-                            name=f"sink:{sink.name}",
-                        )
-                        source = (
-                            sink.command_source(self.commands)
-                            if self.commands is not None
-                            else None
-                        )
-                        if source is not None:
-                            tg.create_task(source.run(), name=f"commands:{source.name}")
-                    for adapter in self.adapters:
-                        tg.create_task(self._supervise(adapter), name=f"south:{adapter.name}")
-                    await self._wait_adapters_ready()
-                    log.info(
-                        "edgeway ready",
-                        extra={
-                            "fields": {
-                                "gateway_id": cfg.gateway.id,
-                                "data_dir": str(data_dir),
-                                "startup_ms": round((time.monotonic() - self.started_at) * 1000, 1),
-                            }
-                        },
-                    )
-                    if self.tune_gc:
-                        _tune_gc()
-                    self.ready.set()
-                    await self.stop_event.wait()
-                    log.info("stopping")
-                    await self._stop_front()
-                    raise _Shutdown
-            except* _Shutdown:
-                pass
-        finally:
-            await self._stop_front()
-            if self.admin is not None:
-                await self.admin.close()
-            # After the adapters stopped (nothing submits any more), before the
-            # outbox closes (the pipeline's last window state and stats commit).
-            await pipeline.close()
-            if self.commands is not None:
-                await self.commands.close()
-            for sink in self.sinks:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(sink.close(), 1.0)
+            await pipeline.open()
+        except BaseException:
             await outbox.close()
-            log.info("stopped")
+            raise
+        if cfg.receipts.enabled:
+            outbox.add_confirmed_listener(self._send_receipts)
+        self.sinks, self.outbox, self.pipeline = sinks, outbox, pipeline
 
-    async def _supervise(self, adapter: SouthAdapter) -> None:
+    async def _close_data_path(self) -> None:
+        """Stop the sink runners, close the pipeline and the outbox (sinks stay)."""
+        await self._stop_runners()
+        if self.pipeline is not None:
+            await self.pipeline.close()
+        if self.outbox is not None:
+            await self.outbox.close()
+
+    def _store_records(self, readings: Sequence[Any]) -> Any:
+        """Records the gateway makes itself (command states) into the outbox
+        in force (a reload may replace it)."""
+        assert self.outbox is not None
+        return self.outbox.submit(readings)
+
+    def _start_runners(self) -> None:
+        """A runner task per sink, and its cloud command source if it has one."""
+        tg, outbox = self._tg, self.outbox
+        assert tg is not None and outbox is not None
+        for sink in self.sinks:
+            self._sink_tasks.append(
+                tg.create_task(
+                    SinkRunner(outbox, sink, probe_interval=sink.config.probe_interval).run(),
+                    name=f"sink:{sink.name}",
+                )
+            )
+            source = sink.command_source(self.commands) if self.commands is not None else None
+            if source is not None:
+                self._sink_tasks.append(
+                    tg.create_task(source.run(), name=f"commands:{source.name}")
+                )
+
+    async def _stop_runners(self) -> None:
+        tasks, self._sink_tasks = self._sink_tasks, []
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    def _start_adapter(self, adapter: SouthAdapter, *, fatal: bool = True) -> asyncio.Task[Any]:
+        assert self._tg is not None
+        task = self._tg.create_task(
+            self._supervise(adapter, fatal=fatal), name=f"south:{adapter.name}"
+        )
+        self._adapter_tasks[id(adapter)] = task
+        return task
+
+    async def _stop_adapter(self, adapter: SouthAdapter) -> None:
+        task = self._adapter_tasks.pop(id(adapter), None)
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    async def apply_text(self, text: str, source: str, filename: str = "<api>") -> list[str]:
+        """Validate YAML ``text`` (with the start's command-line flags) and apply
+        it; ReloadError (with ``issues`` for a configuration that does not
+        validate) when nothing changed."""
+        from edgeway.config import ConfigError, parse_config_lines
+        from edgeway.runtime.reload import ReloadError
+        from edgeway.validate import check_config
+
+        try:
+            cfg, lines = parse_config_lines(text, filename)
+            if self.config_overrides is not None:
+                cfg = self.config_overrides(cfg)
+            issues = check_config(cfg, lines)
+        except ConfigError as e:
+            issues = list(e.issues)
+        except ValueError as e:
+            raise ReloadError(f"not applied: {e}") from e
+        if issues:
+            err = ReloadError("not applied: the configuration does not validate")
+            err.issues = issues
+            raise err
+        return await self.reload(cfg, text, source)
+
+    async def reload_from_file(self, source: str) -> list[str]:
+        """Read the configuration file again and apply it (SIGHUP, ``edgeway reload``)."""
+        from edgeway.runtime.reload import ReloadError
+
+        path = self.config_path
+        if path is None:
+            raise ReloadError("started without a configuration file: nothing to read again")
+        try:
+            text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+        except OSError as e:
+            raise ReloadError(f"cannot read {path}: {e.strerror}") from e
+        return await self.apply_text(text, source, str(path))
+
+    async def rollback(self, number: int | None = None) -> list[str]:
+        """Apply a configuration from the history (default: the one before the
+        current one)."""
+        from edgeway.runtime.reload import ConfigHistory, ReloadError
+
+        history = ConfigHistory(Path(self.config.gateway.data_dir))
+        entries = await asyncio.to_thread(history.entries)
+        if number is None:
+            if len(entries) < 2:
+                raise ReloadError("no earlier configuration in the history")
+            entry = entries[1]
+        else:
+            found = next((e for e in entries if e.number == number), None)
+            if found is None:
+                raise ReloadError(f"no configuration number {number} in the history")
+            entry = found
+        text = await asyncio.to_thread(entry.text)
+        return await self.apply_text(text, f"rollback:{entry.number}", f"history #{entry.number}")
+
+    def request_reload(self, source: str = "sighup") -> None:
+        """Re-read the configuration file in the background (a signal handler)."""
+
+        async def run() -> None:
+            from edgeway.runtime.reload import ReloadError
+
+            try:
+                await self.reload_from_file(source)
+            except ReloadError as e:
+                issues = getattr(e, "issues", None)
+                log.error("reload (%s): %s", source, e)
+                for issue in issues or ():
+                    log.error("  %s", issue)
+
+        task = asyncio.get_running_loop().create_task(run(), name="reload")
+        self._reload_tasks.add(task)
+        task.add_done_callback(self._reload_tasks.discard)
+
+    async def reload(self, cfg: Config, text: str | None, source: str) -> list[str]:
+        """Apply ``cfg`` (already validated) while running; see edgeway.runtime.apply.
+        Returns the changes made; raises ReloadError when nothing was changed
+        (refused, or rolled back)."""
+        from edgeway.runtime.apply import apply_config
+
+        changes: list[str] = await apply_config(self, cfg, text, source)
+        return changes
+
+    async def _supervise(self, adapter: SouthAdapter, *, fatal: bool = True) -> None:
         """Run an adapter; a failure before it was ever ready is fatal (a port in
         use, a missing device: the operator must fix it), a failure later is a
         bug or a resource problem: log it and restart the adapter with backoff,
-        so one protocol never takes the gateway down."""
+        so one protocol never takes the gateway down. With ``fatal=False`` (an
+        adapter a reload started) a failure before ready ends the task with the
+        error recorded in ``adapter.state`` instead: the reload rolls back."""
         backoff = Backoff(initial=1.0, maximum=60.0)
         while True:
             try:
@@ -293,6 +476,9 @@ class Gateway:
                 return
             except Exception as e:
                 if not adapter.ready.is_set():
+                    if not fatal:
+                        adapter.state.record_error(e)
+                        return
                     raise StartupError(f"{adapter.section} adapter {adapter.name}: {e}") from e
                 adapter.state.record_error(e)
                 log.exception("south adapter %s failed; restarting", adapter.name)
@@ -349,10 +535,10 @@ class Gateway:
 
     async def _start_broker(self, authenticator: Authenticator, authoriser: Authoriser) -> None:
         cfg = self.config
-        assert self.pipeline is not None
+        assert self.ingest is not None
         broker = Broker(
             cfg.mqtt,
-            ingest=self.pipeline,
+            ingest=self.ingest,
             authenticator=authenticator,
             authoriser=authoriser,
             data_dir=Path(cfg.gateway.data_dir),

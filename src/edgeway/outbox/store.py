@@ -1146,6 +1146,8 @@ class Outbox:
         self.gateway_id = gateway_id
         self.config = config
         self.sink_names = list(sink_names)
+        self.retired: dict[str, dict[str, int]] = {}
+        """Counters of sinks no longer configured with records still pending."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: _Writer | None = None
         self._thread: threading.Thread | None = None
@@ -1352,9 +1354,10 @@ class Outbox:
             if orphans:
                 log.warning(
                     "sinks %s are no longer configured; their pending records stay until "
-                    "the retention limits drop them",
+                    "the retention limits drop them, or 'edgeway outbox purge SINK'",
                     orphans,
                 )
+            self.retired = {n: _counter_dict(known[n][3:]) for n in orphans}
             conn.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?), "
                 "('next_seq', ?), ('total_bytes', ?), ('unrouted', ?)",
@@ -1531,6 +1534,20 @@ class Outbox:
         """New readings are refused for lack of disk space (see :mod:`edgeway.outbox.reserve`)."""
         return self._disk_full
 
+    def retired_counters(self) -> dict[str, dict[str, int]]:
+        """Sinks no longer configured that still have records pending, with
+        their counters as of this open (``pending`` included): readings that
+        stay stored until purged on purpose or dropped by retention."""
+        out: dict[str, dict[str, int]] = {}
+        for name, c in self.retired.items():
+            dropped = c["dropped_max_bytes"] + c["dropped_max_age"] + c["dropped_dead_letter"]
+            out[name] = {
+                **c,
+                "dropped": dropped,
+                "pending": c["accepted"] - c["delivered"] - dropped,
+            }
+        return out
+
     def counters(self) -> dict[str, dict[str, int]]:
         """Per sink: accepted, delivered, pending, dropped, dropped_<reason>, rejected_full.
 
@@ -1695,7 +1712,11 @@ class Outbox:
                         cb(res.confirmed)
                     except Exception as e:
                         self._loop_errors.log(
-                            logging.ERROR, "listener", "confirmed-listener failed: %s", e, exc_info=e
+                            logging.ERROR,
+                            "listener",
+                            "confirmed-listener failed: %s",
+                            e,
+                            exc_info=e,
                         )
         if self._commit_waiters:
             waiters, self._commit_waiters = self._commit_waiters, []
@@ -1895,7 +1916,9 @@ class Outbox:
                         (pos - CHUNK_MAX, bounded, pos, bit),
                     )
                     try:
-                        pos, rest = acc.scan(rows, pos, upper, bounded, max_records - len(acc.texts))
+                        pos, rest = acc.scan(
+                            rows, pos, upper, bounded, max_records - len(acc.texts)
+                        )
                     finally:
                         rows.close()
                     more = more or rest

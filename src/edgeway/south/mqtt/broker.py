@@ -206,6 +206,11 @@ class Broker:
         self.dropped: dict[str, int] = {}
         self.decode_errors: dict[str, int] = {}
 
+    def set_ingest_batching(self, batchable: bool) -> None:
+        """The ingest behind the broker changed (a reload replaced the pipeline):
+        submit a read's telemetry together only if it may be (see ``batch_max``)."""
+        self.batch_max = MAX_BATCH if batchable else 1
+
     # ------------------------------------------------------------ lifecycle
 
     @property

@@ -108,6 +108,11 @@ class BrokerDownlink:
         or False when the device's connection ends first)."""
         self.results_refused = 0
 
+    def set_topics(self, config: CommandsMqttSection) -> None:
+        """Use other command and result topics from now on (a reload)."""
+        self.commands = TopicTemplate(config.topic)
+        self.results = TopicTemplate(config.result_topic)
+
     def attach(self) -> None:
         self.broker.observers.append(self)
 

@@ -1,0 +1,1 @@
+"""The gateway runtime: live reconfiguration (reload) and the ingest switch."""
