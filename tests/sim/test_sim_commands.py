@@ -14,11 +14,12 @@ import orjson
 import pytest
 
 from edgeway.commands.model import Command, CommandState
-from edgeway.config import HttpIngestSection
+from edgeway.config import CoapSection, HttpIngestSection
 from edgeway.gateway import Gateway
 from edgeway.sim.cloud import CloudReceiver
 from edgeway.sim.devices import ANSWERED_MAX, make_devices
 from edgeway.sim.runner import (
+    CoapFleet,
     HttpFleet,
     ModbusSimServer,
     MqttFleet,
@@ -184,7 +185,7 @@ async def test_http_sim_devices_without_a_token_do_not_poll(
     async with running(Gateway(cfg)) as gw:
         http = next(a for a in gw.adapters if a.section == "http_ingest")
         fleet = HttpFleet(make_devices(2, prefix="nt", seed=13, rate=10.0), "127.0.0.1", http.port)  # type: ignore[attr-defined]
-        assert not fleet.poll_commands
+        assert not fleet.takes_commands
         stop = asyncio.Event()
         task = asyncio.create_task(fleet.run(stop, drain=5.0))
         try:
@@ -290,26 +291,32 @@ async def test_opcua_sim_write_is_visible_in_later_readings(
         await ua.stop()
 
 
-async def test_simulate_http_with_a_token_answers_commands(
-    tmp_path: Path, cloud: CloudReceiver
+@pytest.mark.parametrize(
+    ("protocol", "options"),
+    [("http", ["--token", TOKEN]), ("coap", ["--coap-commands"])],
+)
+async def test_simulate_devices_take_commands(
+    tmp_path: Path, cloud: CloudReceiver, protocol: str, options: list[str]
 ) -> None:
-    """``edgeway simulate --protocol http --token T`` (a real process) takes commands."""
+    """``edgeway simulate --protocol http --token T`` / ``--protocol coap
+    --coap-commands`` (a real process) take commands."""
     import sys
 
     cfg = gateway_config(
         tmp_path / "gw",
         cloud,
-        http_ingest=HttpIngestSection(
-            listen="127.0.0.1:0", allow_anonymous=False, tokens={"*": TOKEN}
-        ),
+        http_ingest=HttpIngestSection(listen="127.0.0.1:0", tokens={"*": TOKEN}),
+        coap=CoapSection(listen="127.0.0.1:0", commands=True),
     )
     async with running(Gateway(cfg)) as gw:
-        http = next(a for a in gw.adapters if a.section == "http_ingest")
+        adapter = next(
+            a for a in gw.adapters if a.section == protocol.replace("http", "http_ingest")
+        )
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edgeway", "simulate", "--protocol", "http",
-            "--devices", "1", "--prefix", "cli", "--token", TOKEN, "--duration", "30",
-            "--target", f"127.0.0.1:{http.port}",  # type: ignore[attr-defined]
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "edgeway", "simulate", "--protocol", protocol,
+            "--devices", "1", "--prefix", "cli", *options, "--duration", "30",
+            "--target", f"127.0.0.1:{adapter.port}",  # type: ignore[attr-defined]
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         try:
             done = await _round_trip(gw, "cli-0000", "set_rate", {"rate": 4})
@@ -342,3 +349,52 @@ async def test_demo_command_rounds_go_on_after_a_refusal(tmp_path: Path) -> None
         assert rounds.sent == 0 and rounds.succeeded == 0
     finally:
         await service.close()
+
+
+async def test_coap_sim_devices_observe_and_answer(tmp_path: Path, cloud: CloudReceiver) -> None:
+    cfg = gateway_config(
+        tmp_path / "gw", cloud, coap=CoapSection(listen="127.0.0.1:0", commands=True)
+    )
+    async with running(Gateway(cfg)) as gw:
+        coap = next(a for a in gw.adapters if a.section == "coap")
+        devices = make_devices(2, prefix="co", seed=16, rate=5.0)
+        fleet = CoapFleet(devices, "127.0.0.1", coap.port, observe_commands=True)  # type: ignore[attr-defined]
+        stop = asyncio.Event()
+        task = asyncio.create_task(fleet.run(stop, drain=5.0))
+        try:
+            done = await _round_trip(gw, "co-0001", "set_rate", {"rate": 8})
+            assert done.state is CommandState.SUCCEEDED and done.result == {"rate": 8.0}, done
+            assert devices[1].rate == 8.0
+            unknown = await _round_trip(gw, "co-0000", "reboot")
+            assert unknown.state is CommandState.FAILED and "unknown command" in (
+                unknown.error or ""
+            )
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    assert fleet.stats.commands == 2 and fleet.stats.acked == fleet.stats.produced
+
+
+async def test_coap_sim_devices_stop_asking_a_gateway_without_coap_commands(
+    tmp_path: Path, cloud: CloudReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = gateway_config(tmp_path / "gw", cloud, coap=CoapSection(listen="127.0.0.1:0"))
+    async with running(Gateway(cfg)) as gw:
+        coap = next(a for a in gw.adapters if a.section == "coap")
+        fleet = CoapFleet(
+            make_devices(3, prefix="nc", seed=17, rate=10.0),
+            "127.0.0.1",
+            coap.port,  # type: ignore[attr-defined]
+            observe_commands=True,
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(fleet.run(stop, drain=5.0))
+        try:
+            # Each device is refused once (4.04) and stops asking; telemetry goes on.
+            await wait_until(lambda: fleet.stats.command_errors == 3 and fleet.stats.acked >= 30)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    assert fleet.stats.command_errors == 3
+    refusals = [r for r in caplog.records if "refuses command requests" in r.getMessage()]
+    assert len(refusals) == 1, refusals  # once per fleet, not per device

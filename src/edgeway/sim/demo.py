@@ -18,8 +18,8 @@ Every few seconds a line shows readings in, records delivered, pending and
 dropped (from :meth:`Gateway.status`), what the cloud has, and what the
 devices still hold. From ``command_after`` seconds on, every
 ``command_interval`` seconds, the demo sends a command through the gateway's
-command queue to one MQTT device and one other device (HTTP, Modbus, OPC-UA
-in turn) and prints each round trip: device, command, end state, time from
+command queue to one MQTT device and one other device (HTTP, CoAP, Modbus,
+OPC-UA in turn) and prints each round trip: device, command, end state, time from
 queued to result (:class:`CommandRounds`). At the end (``--duration`` or
 Ctrl-C) devices stop, the backlog drains, and a summary proves for every
 pushed message that it reached the cloud: ``lost`` counts messages a device
@@ -94,6 +94,9 @@ COMMAND_WAIT = 10.0
 result timeout too): a device on loopback answers in milliseconds; one that
 is not connected yet (the OPC-UA simulator starts in seconds) gets the time
 to connect."""
+
+LINE_DETAIL_MAX = 80
+"""Characters of a command's result or error shown on its line (the line stays one line)."""
 
 Write = Callable[[str], None]
 
@@ -196,11 +199,9 @@ class RoundTrip:
             head += f" {params}"
         if self.seconds is None:
             return f"{head}  still {self.state} after {COMMAND_WAIT:g} s"
-        tail = (
-            orjson.dumps(self.result).decode()[:80]
-            if self.state == "succeeded"
-            else (self.error or "")[:80]
-        )
+        tail = orjson.dumps(self.result).decode() if self.state == "succeeded" else self.error or ""
+        if len(tail) > LINE_DETAIL_MAX:
+            tail = tail[: LINE_DETAIL_MAX - 3] + "..."
         return f"{head}  {self.state} in {self.seconds * 1000:.0f} ms: {tail}"
 
 
@@ -357,7 +358,9 @@ class Demo:
             ),
         )
         if "coap" in p:
-            cfg.coap = CoapSection(listen=f"{o.host}:{p['coap']}")
+            # Commands over CoAP: off by default (no DTLS, no credentials); on
+            # loopback only the demo's own devices can reach it.
+            cfg.coap = CoapSection(listen=f"{o.host}:{p['coap']}", commands=True)
         if self.modbus is not None:
             cfg.modbus = self.modbus.gateway_config(interval=1.0)
         if self.opcua is not None:
@@ -494,7 +497,7 @@ class Demo:
             self.fleets.append(MqttFleet(devs, o.host, p["mqtt"], qos=1))
         if "coap" in p and o.coap_devices > 0:
             devs = make_devices(o.coap_devices, prefix="coap", seed=seed + 3, rate=o.rate)
-            self.fleets.append(CoapFleet(devs, o.host, p["coap"]))
+            self.fleets.append(CoapFleet(devs, o.host, p["coap"], observe_commands=True))
         if o.http_devices > 0:
             devs = make_devices(o.http_devices, prefix="http", seed=seed + 4, rate=o.rate)
             self.fleets.append(HttpFleet(devs, o.host, p["http"], token=self._http_token))
@@ -605,8 +608,9 @@ class Demo:
     def _command_rounds(self) -> CommandRounds | None:
         """Who gets commands: the first MQTT device (``set_rate`` up and back:
         it then publishes faster or slower), and in turn the first HTTP device
-        (``ping``), a Modbus machine and an OPC-UA machine (``write running``
-        false then true: the machine stops, rpm 0, and starts again)."""
+        (``ping``), the first CoAP device (``get_state``), a Modbus machine and
+        an OPC-UA machine (``write running`` false then true: the machine
+        stops, rpm 0, and starts again)."""
         o = self.opt
         if o.command_interval <= 0 or getattr(self.gateway, "commands", None) is None:
             return None
@@ -618,6 +622,8 @@ class Demo:
         others = []
         if "http" in by_protocol:
             others.append(CommandTarget("HTTP", by_protocol["http"], (("ping", {}),)))
+        if "coap" in by_protocol:
+            others.append(CommandTarget("CoAP", by_protocol["coap"], (("get_state", {}),)))
         stop_start = (("write", {"running": False}), ("write", {"running": True}))
         for protocol, server in (("Modbus", self.modbus), ("OPC-UA", self.opcua)):
             machines = [d for d in server.devices if d.kind == "machine"] if server else []

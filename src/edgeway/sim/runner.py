@@ -25,8 +25,9 @@ published straight to ``devices/{id}/commands`` (any broker, no queue) is
 answered on ``devices/{id}/commands/response``.
 
 HTTP devices given a token (or ``poll_commands=True``) long-poll
-``GET /devices/{id}/commands`` and post each answer to
-``/devices/{id}/commands/{command id}/result``.
+``GET /devices/{id}/commands``; CoAP devices with ``observe_commands=True``
+observe it (the gateway needs ``coap.commands: true``). Both post each answer
+to ``/devices/{id}/commands/{command id}/result``.
 
 Pollers' peers: :class:`ModbusSimServer` (pymodbus, one unit id per device,
 register values computed at each read) and :class:`OpcUaSimServer`
@@ -482,23 +483,84 @@ def _response_topic(props: Any, prefix: str) -> str | None:
 
 class _PushFleet:
     """Devices that push readings over a request/response protocol: per
-    device, one producer fills the buffer and one sender empties it."""
+    device, one producer fills the buffer and one sender empties it; with
+    ``takes_commands``, one more task waits for the device's commands
+    (:meth:`_commands`) and posts each answer (:meth:`_answer`)."""
 
     devices: list[VirtualDevice]
     stats: FleetStats
+    takes_commands: bool = False
+    _refusal_logged: bool = False
 
     async def _device(
         self, client: Any, dev: VirtualDevice, stop: asyncio.Event, drain: float
     ) -> None:
         wake = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
+            commands = tg.create_task(self._commands(client, dev)) if self.takes_commands else None
             sender = tg.create_task(self._send(client, dev, wake))
             await _produce(dev, self.stats, wake, stop)
             await _drained(dev, drain)
             sender.cancel()
+            if commands is not None:
+                commands.cancel()
 
     async def _send(self, client: Any, dev: VirtualDevice, wake: asyncio.Event) -> None:
         raise NotImplementedError
+
+    host: str
+    port: int
+
+    def _commands_url(self, scheme: str, dev: VirtualDevice, command_id: str | None = None) -> str:
+        """The device's commands resource, or with ``command_id`` its result resource."""
+        url = f"{scheme}://{_host_literal(self.host)}:{self.port}/devices/{dev.device_id}/commands"
+        if command_id is None:
+            return url
+        return f"{url}/{urllib.parse.quote(command_id, safe='')}/result"
+
+    async def _commands(self, client: Any, dev: VirtualDevice) -> None:
+        """Wait for the device's commands and answer each, until cancelled."""
+        raise NotImplementedError
+
+    async def _post_result(
+        self, client: Any, dev: VirtualDevice, command_id: str, answer: bytes
+    ) -> bool | None:
+        """Post one answer: True taken, False refused (no command waits for
+        it), None failed (worth another try)."""
+        raise NotImplementedError
+
+    async def _answer(self, client: Any, dev: VirtualDevice, body: bytes) -> None:
+        """Run (or, for an id answered before, repeat) a command; post the answer."""
+        try:
+            cid = orjson.loads(body).get("id")
+        except (orjson.JSONDecodeError, AttributeError):
+            cid = None
+        answer = dev.handle_command(body, time.time())
+        self.stats.commands += 1
+        if not isinstance(cid, str) or not cid:
+            self.stats.command_errors += 1  # nothing to answer to
+            return
+        for attempt in range(RESULT_ATTEMPTS):
+            taken = await self._post_result(client, dev, cid, answer)
+            if taken is not None:
+                if not taken:
+                    self.stats.command_errors += 1  # no longer waited for
+                return
+            await asyncio.sleep(0.5 * (attempt + 1))
+        self.stats.command_errors += 1
+
+    def _refused(self, dev: VirtualDevice, why: str) -> None:
+        """The gateway refuses this device's commands requests (not allowed,
+        commands off): it stops asking. Logged once per fleet, not per device."""
+        self.stats.command_errors += 1
+        if not self._refusal_logged:
+            self._refusal_logged = True
+            log.warning(
+                "%s: the gateway refuses command requests (%s); devices that get this "
+                "refusal stop asking",
+                dev.device_id,
+                why,
+            )
 
 
 class CoapFleet(_PushFleet):
@@ -507,11 +569,75 @@ class CoapFleet(_PushFleet):
 
     protocol = "coap"
 
-    def __init__(self, devices: Sequence[VirtualDevice], host: str, port: int) -> None:
+    def __init__(
+        self,
+        devices: Sequence[VirtualDevice],
+        host: str,
+        port: int,
+        *,
+        observe_commands: bool = False,
+    ) -> None:
         self.devices = list(devices)
         self.host = host
         self.port = port
+        self.takes_commands = observe_commands
+        """Observe ``/devices/{id}/commands`` (the gateway needs ``coap.commands: true``)."""
         self.stats = FleetStats("coap", devices=len(self.devices))
+
+    async def _commands(self, ctx: Any, dev: VirtualDevice) -> None:
+        """Observe the device's commands resource; answer each notification
+        that carries a command (aiocoap acknowledges the confirmable
+        notification: DELIVERED). An observation that ends (the gateway
+        restarts) is made again."""
+        import aiocoap
+        from aiocoap.numbers.codes import Code
+
+        uri = self._commands_url("coap", dev)
+        refusals = {Code.NOT_FOUND, Code.FORBIDDEN, Code.UNAUTHORIZED, Code.METHOD_NOT_ALLOWED}
+        delay = 0.5
+        while True:
+            req = ctx.request(aiocoap.Message(code=Code.GET, uri=uri, observe=0))
+            try:
+                first = await asyncio.wait_for(req.response, REQUEST_TIMEOUT)
+                if first.code in refusals:
+                    self._refused(dev, f"CoAP {first.code}")
+                    return
+                if first.code.is_successful():
+                    delay = 0.5
+                    if first.payload:
+                        await self._answer(ctx, dev, first.payload)
+                    async for note in req.observation:
+                        if note.payload:
+                            await self._answer(ctx, dev, note.payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # timeout, network error, observation ended with an error
+                log.debug("%s: command observation ended: %s", dev.device_id, e)
+            finally:
+                if not req.observation.cancelled:
+                    req.observation.cancel()
+            self.stats.command_errors += 1
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 10.0)
+
+    async def _post_result(
+        self, ctx: Any, dev: VirtualDevice, command_id: str, answer: bytes
+    ) -> bool | None:
+        import aiocoap
+        from aiocoap.numbers.codes import Code
+
+        msg = aiocoap.Message(
+            code=Code.POST,
+            uri=self._commands_url("coap", dev, command_id),
+            payload=answer,
+            content_format=50,  # application/json
+        )
+        try:
+            resp = await asyncio.wait_for(ctx.request(msg).response, REQUEST_TIMEOUT)
+        except Exception as e:  # timeout, network error
+            log.debug("%s: command answer failed: %s", dev.device_id, e)
+            return None
+        return None if resp.code.class_ == 5 else resp.code == Code.CHANGED  # 5.xx: retry
 
     async def run(self, stop: asyncio.Event, drain: float = 0.0) -> None:
         """Send until ``stop``; then up to ``drain`` seconds to empty the buffers."""
@@ -582,7 +708,7 @@ class HttpFleet(_PushFleet):
         self.host = host
         self.port = port
         self.token = token
-        self.poll_commands = bool(token) if poll_commands is None else poll_commands
+        self.takes_commands = bool(token) if poll_commands is None else poll_commands
         """Long-poll commands: by default when there is a token (the gateway
         wants one for commands, unless ``commands_allow_anonymous``)."""
         self.command_wait = command_wait
@@ -601,22 +727,11 @@ class HttpFleet(_PushFleet):
                 for dev in self.devices:
                     tg.create_task(self._device(session, dev, stop, drain))
 
-    async def _device(
-        self, client: Any, dev: VirtualDevice, stop: asyncio.Event, drain: float
-    ) -> None:
-        if not self.poll_commands:
-            await super()._device(client, dev, stop, drain)
-            return
-        async with asyncio.TaskGroup() as tg:
-            poller = tg.create_task(self._commands(client, dev))
-            await super()._device(client, dev, stop, drain)
-            poller.cancel()
-
     async def _commands(self, session: Any, dev: VirtualDevice) -> None:
         """Long-poll the device's commands and post each answer, until cancelled."""
         import aiohttp
 
-        base = f"http://{_host_literal(self.host)}:{self.port}/devices/{dev.device_id}/commands"
+        base = self._commands_url("http", dev)
         hold = aiohttp.ClientTimeout(total=self.command_wait + REQUEST_TIMEOUT)
         delay = 0.5
         while True:
@@ -630,7 +745,7 @@ class HttpFleet(_PushFleet):
             except (aiohttp.ClientError, TimeoutError) as e:
                 log.debug("%s: command poll failed: %s", dev.device_id, e)
             if status == 200 and len(body) <= COMMAND_BODY_MAX:
-                await self._answer(session, dev, base, body)
+                await self._answer(session, dev, body)
                 delay = 0.5
                 continue
             if status == 204:
@@ -639,39 +754,26 @@ class HttpFleet(_PushFleet):
             if status in (401, 403, 404):
                 # Not allowed, or a gateway without commands: polling again
                 # would only repeat the refusal.
-                log.warning("%s: command polls refused (HTTP %d)", dev.device_id, status)
-                self.stats.command_errors += 1
+                self._refused(dev, f"HTTP {status}")
                 return
             self.stats.command_errors += 1  # 409 superseded, 503 busy, network errors
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 10.0)
 
-    async def _answer(self, session: Any, dev: VirtualDevice, base: str, body: bytes) -> None:
+    async def _post_result(
+        self, session: Any, dev: VirtualDevice, command_id: str, answer: bytes
+    ) -> bool | None:
         import aiohttp
         from yarl import URL
 
+        url = URL(self._commands_url("http", dev, command_id), encoded=True)
         try:
-            cid = orjson.loads(body).get("id")
-        except (orjson.JSONDecodeError, AttributeError):
-            cid = None
-        answer = dev.handle_command(body, time.time())
-        self.stats.commands += 1
-        if not isinstance(cid, str) or not cid:
-            self.stats.command_errors += 1  # nothing to answer to
-            return
-        url = URL(f"{base}/{urllib.parse.quote(cid, safe='')}/result", encoded=True)
-        for attempt in range(RESULT_ATTEMPTS):
-            try:
-                async with session.post(url, data=answer) as resp:
-                    await resp.read()
-                    if resp.status < 500:
-                        if resp.status != 200:
-                            self.stats.command_errors += 1  # 404: no longer waited for
-                        return
-            except (aiohttp.ClientError, TimeoutError) as e:
-                log.debug("%s: command answer failed: %s", dev.device_id, e)
-            await asyncio.sleep(0.5 * (attempt + 1))
-        self.stats.command_errors += 1
+            async with session.post(url, data=answer) as resp:
+                await resp.read()
+                return None if resp.status >= 500 else resp.status == 200
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.debug("%s: command answer failed: %s", dev.device_id, e)
+            return None
 
     async def _send(self, session: Any, dev: VirtualDevice, wake: asyncio.Event) -> None:
         url = f"http://{_host_literal(self.host)}:{self.port}/devices/{dev.device_id}/telemetry"
@@ -1140,6 +1242,11 @@ def add_simulate_arguments(p: Any) -> None:
     p.add_argument(
         "--token", help="HTTP bearer token (with one, HTTP devices also long-poll their commands)"
     )
+    p.add_argument(
+        "--coap-commands",
+        action="store_true",
+        help="CoAP devices observe their commands (the gateway needs coap.commands: true)",
+    )
     p.add_argument("--interval", type=float, default=5.0, help="seconds between status lines")
 
 
@@ -1231,7 +1338,7 @@ async def _simulate(
                 )
             )
         elif p == "coap":
-            fleets.append(CoapFleet(devices, host, port))
+            fleets.append(CoapFleet(devices, host, port, observe_commands=args.coap_commands))
         else:
             fleets.append(HttpFleet(devices, host, port, token=args.token))
     for f in fleets:
