@@ -485,7 +485,7 @@ class CoapAdapter(SouthAdapter):
 
         if self._downlink is None:
             return self._respond(
-                Code.NOT_FOUND, "commands are not enabled on this listener (coap.commands)"
+                Code.NOT_FOUND, "commands are not enabled (coap.commands, commands.enabled)"
             )
         try:
             check_device_id(device_id)
