@@ -7,11 +7,15 @@ TOKEN = b"\x5a\x17"
 
 
 def coap_request(
-    message_id: int, options: list[tuple[int, bytes]], code: int = 0x02, payload: bytes = b""
+    message_id: int,
+    options: list[tuple[int, bytes]],
+    code: int = 0x02,
+    payload: bytes = b"",
+    token: bytes = TOKEN,
 ) -> bytes:
     """A confirmable request (POST by default) with these ``(number, value)``
-    options (values up to 12 bytes) and a 2-byte token."""
-    out = bytes([0x40 | len(TOKEN), code]) + message_id.to_bytes(2, "big") + TOKEN
+    options (values up to 12 bytes) and a token (2 bytes by default)."""
+    out = bytes([0x40 | len(token), code]) + message_id.to_bytes(2, "big") + token
     last = 0
     for number, value in sorted(options, key=lambda o: o[0]):
         assert len(value) <= 12, "extended option lengths are not encoded here"

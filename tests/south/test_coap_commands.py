@@ -21,7 +21,7 @@ import cbor2
 from aiocoap import Code, Message
 from ingest_doubles import wait_until
 
-from coap_datagrams import empty_reply, observe_get, parse
+from coap_datagrams import coap_request, commands_path, empty_reply, observe_get, parse
 from edgeway.commands.model import Command, CommandState
 from edgeway.config import parse_config
 from edgeway.gateway import Gateway
@@ -153,10 +153,10 @@ class RawDevice(asyncio.DatagramProtocol):
 
 
 @contextlib.asynccontextmanager
-async def raw_device(adapter: CoapAdapter) -> AsyncIterator[RawDevice]:
+async def raw_device(adapter: CoapAdapter, host: str = "127.0.0.1") -> AsyncIterator[RawDevice]:
     loop = asyncio.get_running_loop()
     transport, device = await loop.create_datagram_endpoint(
-        RawDevice, remote_addr=("127.0.0.1", adapter.port)
+        RawDevice, local_addr=(host, 0), remote_addr=("127.0.0.1", adapter.port)
     )
     try:
         yield device
@@ -412,3 +412,43 @@ async def test_a_late_ack_after_the_queue_stopped_waiting_gets_the_command_sent_
         assert json.loads(payload)["id"] == cmd.id and json.loads(payload)["redelivery"] is True
         device.transport.sendto(empty_reply(mid2))
         await state_becomes(gw, cmd, CommandState.DELIVERED)
+
+
+async def test_only_the_address_that_took_a_command_fetches_its_other_blocks(
+    gateway: tuple[Gateway, CoapAdapter],
+) -> None:
+    gw, adapter = gateway
+    assert gw.commands is not None
+
+    def block_get(mid: int, device: str, number: int) -> bytes:
+        # Block2: block number, M=0, size exponent 6 (1024 bytes). A token of
+        # its own: the observation's token would replace the observation.
+        block2 = (23, bytes([number << 4 | 6]))
+        return coap_request(mid, [*commands_path(device), block2], code=1, token=b"\xb1")
+
+    async with raw_device(adapter) as taker, raw_device(adapter, "127.0.0.2") as other:
+        taker.transport.sendto(observe_get(0x400, "cam-9"))
+        await taker.next()
+        cmd, _ = await gw.commands.submit("cam-9", "load", {"blob": "q" * 4000})
+        mtype, _code, mid, _opts, first = await taker.next()
+        assert mtype == CON
+        taker.transport.sendto(empty_reply(mid))
+        # Another address cannot read the rest of the command: 4.08.
+        other.transport.sendto(block_get(0x500, "cam-9", 1))
+        assert (await other.next())[:3] == (ACK, 0x88, 0x500)
+        body, number = first, 1
+        while True:
+            taker.transport.sendto(block_get(0x410 + number, "cam-9", number))
+            mtype, code, _mid, opts, chunk = await taker.next()
+            assert (mtype, code) == (ACK, 0x45)
+            block2 = int.from_bytes(opts[23][0], "big")
+            assert block2 >> 4 == number
+            body += chunk
+            if not block2 & 0x08:
+                break
+            number += 1
+        assert json.loads(body)["params"] == {"blob": "q" * 4000}
+        await state_becomes(gw, cmd, CommandState.DELIVERED)
+        # Past the end: nothing more to read.
+        taker.transport.sendto(block_get(0x4FF, "cam-9", 9))
+        assert (await taker.next())[1] == 0x88
