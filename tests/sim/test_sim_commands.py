@@ -398,3 +398,28 @@ async def test_coap_sim_devices_stop_asking_a_gateway_without_coap_commands(
     assert fleet.stats.command_errors == 3
     refusals = [r for r in caplog.records if "refuses command requests" in r.getMessage()]
     assert len(refusals) == 1, refusals  # once per fleet, not per device
+
+
+async def test_http_command_polls_do_not_starve_telemetry(
+    tmp_path: Path, cloud: CloudReceiver
+) -> None:
+    """More polling devices than aiohttp's default pool (100): uploads still go
+    (before, the polls held every connection and nothing was confirmed)."""
+    cfg = gateway_config(
+        tmp_path / "gw",
+        cloud,
+        http_ingest=HttpIngestSection(listen="127.0.0.1:0", tokens={"*": TOKEN}),
+    )
+    async with running(Gateway(cfg)) as gw:
+        http = next(a for a in gw.adapters if a.section == "http_ingest")
+        devices = make_devices(120, prefix="many", seed=18, rate=1.0)
+        fleet = HttpFleet(devices, "127.0.0.1", http.port, token=TOKEN)  # type: ignore[attr-defined]
+        stop = asyncio.Event()
+        task = asyncio.create_task(fleet.run(stop, drain=5.0))
+        try:
+            await wait_until(lambda: all(d.buffer.confirmed for d in devices), limit=20)
+            done = await _round_trip(gw, devices[-1].device_id, "ping")
+            assert done.state is CommandState.SUCCEEDED, done
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
