@@ -254,6 +254,11 @@ class MqttLimits(_Model):
     a dashboard a few hundred; each costs a node in the subscription tree and
     a row on disk. Beyond it a filter is refused (SUBACK v5 0x97, 3.1.1 0x80),
     counted, and costs no more work than that check."""
+    max_subscription_chars: int = Field(default=256_000, ge=0)
+    """Characters of topic filters one session may hold, all filters together
+    (0: no limit): a filter may be 65,535 characters, so the count alone let
+    one client keep 64 MiB in the subscription tree. 256,000 is 1,000
+    filters of 256. Beyond it, as beyond ``max_subscriptions_per_client``."""
     max_connections: int = Field(default=100000, ge=1)
     """Refuse connections beyond this many (file descriptors and memory)."""
     connect_timeout: Duration = 10.0

@@ -26,6 +26,8 @@ from edgeway.south.mqtt.packets import (
     SubAck,
     Subscribe,
     Subscription,
+    UnsubAck,
+    Unsubscribe,
 )
 from edgeway.south.mqtt.retained import Message, RetainedStore
 from edgeway.south.mqtt.session import QUEUED_OVERHEAD, Delivery, Session
@@ -589,3 +591,25 @@ async def test_retained_backlog_survives_a_reconnect(tmp_path: Path) -> None:
         assert sorted([first.topic, *rest]) == sorted(f"r/{i}" for i in range(50))
         await sub.nothing(0.2)
         await sub.disconnect()
+
+
+async def test_subscription_characters_capped(tmp_path: Path) -> None:
+    """Filters may be 65,535 characters: the count alone let one client keep
+    64 MiB of them. ``max_subscription_chars`` bounds them all together,
+    also after a restart restores a persistent session's filters."""
+    cfg = MqttSection(limits=MqttLimits(max_subscription_chars=20))
+    props = Properties(session_expiry_interval=600)
+    async with running_broker(tmp_path, config=cfg) as rb:
+        c, _ = await RawClient.connect(rb.port, "chars", level=5, clean=False, properties=props)
+        ack = await c.subscribe("a" * 10, "b" * 10, "c")
+        assert ack.reason_codes == [0, 0, 0x97]
+        await c.disconnect()
+    async with running_broker(tmp_path, config=cfg) as rb:  # restored from disk
+        c, ack = await RawClient.connect(rb.port, "chars", level=5, clean=False, properties=props)
+        assert ack.session_present
+        assert (await c.subscribe("d")).reason_codes == [0x97]
+        c.send(Unsubscribe(c.pid(), ["a" * 10]))
+        await c.expect(UnsubAck)
+        assert (await c.subscribe("d")).reason_codes == [0]
+        assert rb.broker.stats()["subscribe_quota_exceeded"] == 1
+        await c.disconnect()

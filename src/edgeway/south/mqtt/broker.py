@@ -15,6 +15,7 @@ Configuration (``mqtt:`` section; every key optional)::
         max_retained_bytes: 64MiB
         max_persistent_sessions: 10000
         max_subscriptions_per_client: 1000
+        max_subscription_chars: 256000
         max_connections: 100000
         connect_timeout: 10s
         packet_timeout: 60s
@@ -235,6 +236,7 @@ class Broker:
             self._persistent.add(s)
             for entry in s.subscriptions.values():
                 self.tree.subscribe(s, entry)
+                s.subscription_chars += len(entry.topic_filter)
         self._started = True
         self._sweep_handle = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
         log.info(
@@ -508,6 +510,7 @@ class Broker:
         for flt in session.subscriptions:
             self.tree.unsubscribe(session, flt)
         session.subscriptions.clear()
+        session.subscription_chars = 0
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
         if session.persisted and self.store is not None:
@@ -557,6 +560,8 @@ class Broker:
     def subscribe(self, session: Session, entry: SubEntry) -> bool:
         """Add a subscription; True if it replaced one with the same filter."""
         existed = self.tree.subscribe(session, entry)
+        if entry.topic_filter not in session.subscriptions:
+            session.subscription_chars += len(entry.topic_filter)
         session.subscriptions[entry.topic_filter] = entry
         for obs in self.observers:
             obs.subscribed(session, entry.topic_filter)
@@ -568,6 +573,7 @@ class Broker:
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
+        session.subscription_chars -= len(topic_filter)
         self.tree.unsubscribe(session, topic_filter)
         if session.persistent and self.store is not None:
             self.store.subscription_deleted(session.client_id, topic_filter)

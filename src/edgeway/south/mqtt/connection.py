@@ -1338,14 +1338,17 @@ class MqttConnection(asyncio.Protocol):
         codes: list[int] = []
         walks: list[RetainedWalk] = []
         max_subs = broker.limits.max_subscriptions_per_client
+        max_chars = broker.limits.max_subscription_chars
         for sub in p.subscriptions:
             flt = sub.topic_filter
-            if max_subs and len(session.subscriptions) >= max_subs:
-                if flt not in session.subscriptions:
-                    # First, so the rest of a huge SUBSCRIBE costs a lookup each.
-                    broker.count("subscribe_quota_exceeded")
-                    codes.append(0x97 if v5 else 0x80)
-                    continue
+            if (
+                (max_subs and len(session.subscriptions) >= max_subs)
+                or (max_chars and session.subscription_chars + len(flt) > max_chars)
+            ) and flt not in session.subscriptions:
+                # First, so the rest of a huge SUBSCRIBE costs a lookup each.
+                broker.count("subscribe_quota_exceeded")
+                codes.append(0x97 if v5 else 0x80)
+                continue
             try:
                 validate_topic_filter(flt)
             except ProtocolError as e:

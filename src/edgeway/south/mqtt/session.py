@@ -121,6 +121,7 @@ class Session:
         "queue",
         "queued_bytes",
         "retained",
+        "subscription_chars",
         "subscriptions",
         "will",
         "will_at",
@@ -136,6 +137,8 @@ class Session:
         self.expiry_interval = expiry_interval
         """Seconds the session outlives its connection (0 = it ends with it)."""
         self.subscriptions: dict[str, SubEntry] = {}
+        self.subscription_chars = 0
+        """Characters of the filters in ``subscriptions`` (the broker keeps it)."""
         self.inflight: dict[int, Inflight] = {}
         self.queue: deque[Delivery] = _NO_QUEUE
         self.queued_bytes = 0
