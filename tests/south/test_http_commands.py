@@ -4,6 +4,7 @@ against a gateway running in-process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -161,3 +162,44 @@ http_ingest:
         r = await asyncio.wait_for(poll, 5)
         assert r.status_code == 503 and r.json()["error"] == "stopping"
         assert r.headers["Retry-After"] == "5"
+
+
+class _NoQueue:
+    """DownlinkEvents with no queue behind it: polls wait, then 204."""
+
+    def device_reachable(self, device_id: str) -> None:
+        pass
+
+    def report(self, result: object) -> bool:
+        return False
+
+
+async def test_a_restarted_listener_serves_polls_again(tmp_path: Path) -> None:
+    """The gateway restarts a failed adapter (same object): its stop answered
+    polls 503, the restart must serve them again."""
+    from ingest_doubles import RecordingIngest
+
+    from edgeway.config import HttpIngestSection
+
+    adapter = HttpIngestAdapter(
+        HttpIngestSection(listen="127.0.0.1:0", tokens={"pump-1": TOKEN}),
+        ingest=RecordingIngest(),
+        gateway_id="gw",
+        data_dir=tmp_path,
+    )
+    adapter.downlink(_NoQueue())
+    for _run in range(2):
+        adapter.port = 0
+        task = asyncio.create_task(adapter.run())
+        try:
+            await wait_until(lambda: adapter.port != 0)
+            async with httpx.AsyncClient(timeout=10) as http:
+                r = await http.get(
+                    f"http://127.0.0.1:{adapter.port}/devices/pump-1/commands?wait=0.1",
+                    headers=auth(TOKEN),
+                )
+            assert r.status_code == 204, r.text
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

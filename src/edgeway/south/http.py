@@ -274,6 +274,8 @@ class HttpIngestAdapter(SouthAdapter):
             logger=_ServerLog(self.refusals),
         )
         await runner.setup()
+        if self._downlink is not None:
+            self._downlink.open()  # a restarted adapter (after a failure) serves polls again
         try:
             site = web.TCPSite(runner, host, port, ssl_context=self._ssl_context())
             try:

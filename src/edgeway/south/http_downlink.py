@@ -73,6 +73,10 @@ class HttpDownlink:
         self._polls: dict[str, _Poll] = {}
         self._closed = False
 
+    def open(self) -> None:
+        """The listener (re)starts: polls are served again."""
+        self._closed = False
+
     def close(self) -> None:
         """The listener is stopping: answer every waiting poll now (503), and
         any poll still arriving; their commands stay queued for the next start."""
