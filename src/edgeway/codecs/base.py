@@ -35,10 +35,11 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from edgeway.limits import DEFAULT_LIMITS, DecodeError, InputLimits
+# DecodeError is defined with the limits (a refused limit raises it too) and
+# re-exported here, where every codec and adapter has always imported it from.
+from edgeway.limits import DEFAULT_LIMITS, InputLimits
+from edgeway.limits import DecodeError as DecodeError
 from edgeway.reading import MetricValue, Origin, Reading
-
-__all__ = ["DecodeError"]  # defined with the limits, raised by every codec
 
 MAX_DEVICE_ID_LENGTH = 128
 """Same bound as ``gateway.id``: ids travel in every record and topic."""
