@@ -166,6 +166,28 @@ async def test_restart_with_clean_close_continues_the_window(
     assert r.metrics["v_mean"] == 2.0 and r.metrics["v_count"] == 2
 
 
+@pytest.mark.parametrize("tick_first", [False, True])
+async def test_a_future_reading_restored_after_restart_does_not_make_later_ones_late(
+    harness: MakeHarness, tmp_path: Path, tick_first: bool
+) -> None:
+    """A reading stamped half an hour ahead is journaled in its own window; after
+    a restart it still does not close the device's current window."""
+    config = CONFIG.replace("grace: 1h", "grace: 2s")
+    h1 = await harness(config, data_dir=tmp_path)
+    await h1.send(rd("d", 100.0, {"v": 1.0}), now=100.0)
+    await h1.send(rd("d", 1900.0, {"v": 50.0}), now=101.0)
+    await h1.close()
+    h2 = await harness(config, data_dir=tmp_path)
+    if tick_first:
+        await h2.tick(101.5)
+    await h2.send(rd("d", 102.0, {"v": 3.0}), now=102.0)
+    await h2.tick(113.0)
+    assert [(r.metrics["window_start"], r.metrics["v_mean"]) for r in await h2.take()] == [
+        (100, 2.0)
+    ]
+    assert h2.stats()["routes"][0]["steps"][0].get("dropped", {}) == {}
+
+
 async def test_late_reading_after_restart_stays_late(harness: MakeHarness, tmp_path: Path) -> None:
     h1 = await harness(CONFIG, data_dir=tmp_path)
     await h1.send(rd("d", 100.0, {"v": 1.0}))

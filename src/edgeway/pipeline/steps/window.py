@@ -294,6 +294,10 @@ class WindowStep(HoldingStep):
         dev = self.devs.get(r.device_id)
         if dev is None:
             dev = self.devs[r.device_id] = _Dev()
+        if dev.watermark > horizon:
+            # Restored from the journal in full (restore has no clock): capped
+            # now, as it would have been on arrival.
+            dev.watermark = horizon
         dev.last_arrival = now
         last: _Win | None = None
         ks = (math.floor(r.ts / self.hop),) if self.tumbling else self._windows_of(r.ts)
@@ -402,6 +406,7 @@ class WindowStep(HoldingStep):
             for device_id in sorted(self._recheck):
                 dev = self.devs.get(device_id)
                 if dev is not None:
+                    dev.watermark = min(dev.watermark, now + self.grace)  # see _absorb
                     out.extend(self._close_by_watermark(device_id, dev))
             self._recheck.clear()
         due = self._due
