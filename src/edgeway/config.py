@@ -797,6 +797,9 @@ class OpcUaServerConfig(_Model):
     """Variables monitored, one metric each."""
     methods: list[OpcUaMethod] = Field(default_factory=list)
     """Methods commands may call."""
+    input_limits: InputLimitsSection | None = None
+    """Overrides of the top-level ``input_limits`` for this server (only the keys given):
+    string values and source timestamps come from the server."""
 
 
 class SerialCsv(_Model):
@@ -1157,7 +1160,7 @@ class Config(_Model):
         # Each adapter gets the whole set: the top level with its own keys on top.
         top = self.input_limits
         sections: list[Any] = [self.mqtt, self.http_ingest, self.coap]
-        sections += [*self.mqtt_client, *self.serial]
+        sections += [*self.mqtt_client, *self.serial, *self.opcua]
         for section in sections:
             if section is not None:
                 own = section.input_limits

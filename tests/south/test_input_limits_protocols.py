@@ -264,3 +264,36 @@ def test_serial_lines_keep_within_the_port_limits(line: bytes, reason: str) -> N
     assert e.value.reason == reason
     ok = b'{"t": 21.5}' if fmt == "json" else b"t=21.5"
     assert adapter.decode_line(ok, time.time())[0].metrics == {"t": 21.5}
+
+
+async def test_opcua_string_values_and_source_timestamps_keep_within_the_limits() -> None:
+    """OPC-UA values come from the server: a String node's value longer than
+    max_string_length, or a source timestamp from a clock a day ahead, is
+    refused and counted like a payload."""
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from edgeway.config import OpcUaServerConfig
+    from edgeway.south.opcua import OpcUaAdapter
+
+    ingest = RecordingIngest()
+    adapter = OpcUaAdapter(
+        OpcUaServerConfig(
+            name="line3",
+            device_id="line-3",
+            endpoint="opc.tcp://127.0.0.1:4840",
+            nodes=[{"metric": "state", "node_id": "ns=2;s=State"}],  # type: ignore[list-item]
+            input_limits=InputLimitsSection(max_string_length=100),
+        ),
+        ingest=ingest,
+    )
+    now = dt.datetime.now(dt.UTC)
+
+    def change(ts: dt.datetime) -> Any:
+        return SimpleNamespace(StatusCode=None, SourceTimestamp=ts)
+
+    await adapter.handle_change(1, "x" * 101, change(now))
+    await adapter.handle_change(1, "running", change(now + dt.timedelta(days=1)))
+    await adapter.handle_change(1, "running", change(now))
+    assert [r.metrics for r in ingest.readings] == [{"state": "running"}]
+    assert adapter.decode_errors.by_reason() == {"value_too_long": 1, "timestamp_out_of_range": 1}

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeway.codecs.base import DecodeError, metric_value
-from edgeway.config import OpcUaNode, OpcUaServerConfig
+from edgeway.config import OpcUaNode, OpcUaServerConfig, input_limits
 from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.reading import MetricValue, Origin, Reading
@@ -142,6 +142,7 @@ class OpcUaAdapter(SouthAdapter):
     ) -> None:
         super().__init__(config, ingest=ingest, gateway_id=gateway_id, data_dir=data_dir)
         self.decode_errors = DecodeErrorCounter()
+        self._limits = input_limits(config.input_limits)
         self._client: Any = None
         self._nodes: dict[str, Any] = {}
         """Resolved asyncua nodes by metric name, for writes."""
@@ -300,6 +301,12 @@ class OpcUaAdapter(SouthAdapter):
             metrics={item.metric: metric},
             origin=Origin("opcua", address=item.node_id or item.browse_path or ""),
         )
+        try:
+            # A String node's value and the source timestamp are the server's.
+            self._limits.check_readings([reading], time.time())
+        except DecodeError as e:
+            self.decode_errors.record(self.state, device, e.reason, e.detail)
+            return
         result = await self.ingest.submit([reading])
         if result is IngestStatus.ACCEPTED:
             self.state.record_readings(1)
