@@ -334,6 +334,16 @@ coap:
     assert InputLimitsSection(max_flattened_size="64KiB").build().max_flattened_size == 65536
 
 
+def test_listeners_turned_on_from_the_command_line_get_the_top_level_limits() -> None:
+    from edgeway.config import apply_overrides
+
+    config = parse_config("input_limits: {max_string_length: 100}\n")
+    cfg = apply_overrides(config, coap_listen="127.0.0.1:0", http_listen="127.0.0.1:0")
+    for section in (cfg.coap, cfg.http_ingest):
+        assert section is not None and section.input_limits is not None
+        assert section.input_limits.build().max_string_length == 100
+
+
 def test_config_errors_name_the_key() -> None:
     from edgeway.config import ConfigError
 

@@ -1497,7 +1497,7 @@ def apply_overrides(
     if coap_listen:
         parse_host_port(coap_listen)
         if cfg.coap is None:
-            cfg.coap = CoapSection(listen=coap_listen)
+            cfg.coap = CoapSection(listen=coap_listen, input_limits=cfg.input_limits)
         else:
             cfg.coap.listen = coap_listen
             cfg.coap.enabled = True
@@ -1507,7 +1507,9 @@ def apply_overrides(
             # Same rule as --mqtt-listen: anonymous on loopback only.
             host, _ = parse_host_port(http_listen)
             cfg.http_ingest = HttpIngestSection(
-                listen=http_listen, allow_anonymous=is_loopback(host)
+                listen=http_listen,
+                allow_anonymous=is_loopback(host),
+                input_limits=cfg.input_limits,  # as the file's own sections get them
             )
         else:
             cfg.http_ingest.listen = http_listen
