@@ -336,6 +336,26 @@ async def test_history_keeps_applied_configs(running: tuple[Gateway, int], tmp_p
     assert ConfigHistory(tmp_path / "data").entries()[0].source == f"rollback:{entries[1].number}"
 
 
+async def test_input_limits_apply_to_the_broker_without_a_restart(
+    running: tuple[Gateway, int], tmp_path: Path
+) -> None:
+    gw, port = running
+    assert gw.broker is not None and gw.broker.input_limits.max_name_length == 256
+    changes = await gw.apply_text(
+        config(tmp_path, port, extra="input_limits: {max_name_length: 8}\n"), "test"
+    )
+    assert "mqtt input_limits" in changes
+    assert gw.broker.input_limits.max_name_length == 8
+    refused = gw.broker.stats().get("decode_errors_name_too_long", 0)
+    dev = await asyncio.to_thread(Device, port, "d1")
+    try:
+        info = dev.client.publish("devices/d1/telemetry", b'{"temperature": 1}', qos=1)
+        await asyncio.to_thread(info.wait_for_publish, 5)
+        await wait_for(lambda: gw.broker.stats().get("decode_errors_name_too_long", 0) > refused)
+    finally:
+        await asyncio.to_thread(dev.stop)
+
+
 def test_plan_names_restart_only_changes() -> None:
     old = parse_config("mqtt: {limits: {max_packet_size: 1MiB}}\n", "a")
     new = parse_config("mqtt: {limits: {max_packet_size: 2MiB}}\n", "b")

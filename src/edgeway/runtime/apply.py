@@ -77,6 +77,8 @@ async def apply_config(gw: Gateway, new: Config, text: str | None, source: str) 
                 _apply_commands(gw, old, new, undo)
             if p.mqtt_auth:
                 _apply_mqtt_auth(gw, old, new, undo)
+            if p.mqtt_input_limits:
+                _apply_mqtt_input_limits(gw, new, undo)
             if p.data_path:
                 await _reopen_data_path(gw, old, new, undo)
             if p.listeners_added or p.listeners_removed or p.listeners_changed:
@@ -160,6 +162,21 @@ def _apply_mqtt_auth(gw: Gateway, old: Config, new: Config, undo: list[Undo]) ->
 
     async def back() -> None:
         broker.authenticator, broker.authoriser = before
+
+    undo.append(back)
+
+
+def _apply_mqtt_input_limits(gw: Gateway, new: Config, undo: list[Undo]) -> None:
+    broker = gw.broker
+    if broker is None:
+        return
+    from edgeway.config import input_limits
+
+    before = broker.input_limits
+    broker.input_limits = input_limits(new.mqtt.input_limits)
+
+    async def back() -> None:
+        broker.input_limits = before
 
     undo.append(back)
 

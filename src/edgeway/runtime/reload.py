@@ -27,6 +27,9 @@ MQTT listeners      per ``bind``: unchanged listeners and their clients stay;
                     a removed or changed listener closes with its clients
                     (v5: DISCONNECT 0x8B) and the new one opens.
 MQTT users, ACL     new connections are checked against the new ones.
+``input_limits``    the broker decodes the next PUBLISH with the new ones
+                    (top level or ``mqtt.input_limits``); other adapters
+                    get theirs as a changed entry.
 ``commands``        limits apply at once (``enabled`` needs a restart).
 ``log.level``       at once.
 everything else     needs a restart: the reload is refused, naming the keys.
@@ -57,7 +60,7 @@ DATA_PATH_KEYS = ("sinks", "routes", "pipeline", "outbox", "receipts")
 """Top-level keys whose change re-opens the data path."""
 RESTART_KEYS = ("gateway", "admin")
 """Top-level keys that need a restart."""
-MQTT_LIVE_KEYS = frozenset({"listeners", "users", "acl"})
+MQTT_LIVE_KEYS = frozenset({"listeners", "users", "acl", "input_limits"})
 """Keys of ``mqtt`` a reload applies; any other ``mqtt`` change needs a restart."""
 
 
@@ -84,6 +87,9 @@ class ReloadPlan:
     listeners_removed: list[str] = field(default_factory=list)
     listeners_changed: list[str] = field(default_factory=list)
     mqtt_auth: bool = False
+    mqtt_input_limits: bool = False
+    """The broker's ``input_limits`` (also a top-level ``input_limits`` change):
+    the next PUBLISH is decoded with the new ones."""
     commands: bool = False
     log: bool = False
     restart_needed: list[str] = field(default_factory=list)
@@ -104,6 +110,8 @@ class ReloadPlan:
         out += [f"mqtt listener {b} changed" for b in self.listeners_changed]
         if self.mqtt_auth:
             out.append("mqtt users/acl")
+        if self.mqtt_input_limits:
+            out.append("mqtt input_limits")
         if self.commands:
             out.append("commands")
         if self.log:
@@ -148,6 +156,8 @@ def plan(old: Config, new: Config) -> ReloadPlan:
             p.restart_needed.append(f"mqtt.{key}")
         elif key in ("users", "acl"):
             p.mqtt_auth = True
+        elif key == "input_limits":
+            p.mqtt_input_limits = True
     old_l = {lst.bind: _dump(lst) for lst in old.mqtt.listeners} if old.mqtt.enabled else {}
     new_l = {lst.bind: _dump(lst) for lst in new.mqtt.listeners} if new.mqtt.enabled else {}
     p.listeners_added = [b for b in new_l if b not in old_l]
