@@ -92,7 +92,12 @@ async def mqtt_broker(tmp_path: Path, ingest: MemoryIngest) -> AsyncIterator[tup
         await server.wait_closed()
 
 
-async def test_mqtt_v5_client_gets_0x99_and_the_broker_counts_the_reason(tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", [paho.MQTTv5, paho.MQTTv311])
+async def test_mqtt_client_gets_0x99_and_the_broker_counts_the_reason(
+    tmp_path: Path, protocol: int
+) -> None:
+    """v5: PUBACK 0x99 for each refused message; 3.1.1 has no refusal code (a
+    normal PUBACK). Either way nothing refused is stored, and each is counted."""
     ingest = MemoryIngest()
     async with mqtt_broker(tmp_path, ingest) as (broker, port):
         acks: dict[int, int] = {}
@@ -102,11 +107,11 @@ async def test_mqtt_v5_client_gets_0x99_and_the_broker_counts_the_reason(tmp_pat
         c = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id="dev-1",
-            protocol=paho.MQTTv5,
+            protocol=protocol,
         )
 
         def on_publish(client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
-            acks[mid] = rc.value
+            acks[mid] = rc.value if protocol == paho.MQTTv5 else 0
             if len(acks) == len(sent):
                 done.set()
 
@@ -124,8 +129,9 @@ async def test_mqtt_v5_client_gets_0x99_and_the_broker_counts_the_reason(tmp_pat
         finally:
             await asyncio.to_thread(c.disconnect)
             await asyncio.to_thread(c.loop_stop)
+        refusal = 0x99 if protocol == paho.MQTTv5 else 0
         assert {reason: acks[mid] for reason, mid in mids.items()} == {
-            reason: 0 if reason == "accepted" else 0x99 for reason in sent
+            reason: 0 if reason == "accepted" else refusal for reason in sent
         }
         stats = broker.stats()
     assert [r.metrics for r in ingest.readings] == [{"v": 1}]
