@@ -201,6 +201,30 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="configuration whose admin.listen to use (default: $EDGEWAY_CONFIG)",
     )
     add_command_arguments(command)
+    from edgeway.runtime.cli import add_config_arguments, add_reload_arguments
+
+    reload = sub.add_parser(
+        "reload",
+        help="make a running gateway read its configuration file again and apply it",
+        description="What SIGHUP does, through the admin API (role engineer). Exit 0 when "
+        "applied, 1 when refused or rolled back (the previous configuration stays). "
+        "See docs/reload.md.",
+    )
+    config = sub.add_parser(
+        "config",
+        help="show, apply, list or roll back a running gateway's configuration",
+        description="Configuration changes through the admin API. See docs/reload.md.",
+    )
+    for q in (reload, config):
+        q.add_argument(
+            "--config",
+            "-c",
+            type=Path,
+            default=os.environ.get("EDGEWAY_CONFIG") or None,
+            help="configuration whose admin.listen to use (default: $EDGEWAY_CONFIG)",
+        )
+    add_reload_arguments(reload)
+    add_config_arguments(config)
 
 
 def _cmd_admin(args: argparse.Namespace) -> int:
@@ -214,6 +238,14 @@ def _cmd_admin(args: argparse.Namespace) -> int:
         from edgeway.commands.cli import command_main
 
         return command_main(args, cfg)
+    if args.command == "reload":
+        from edgeway.runtime.cli import reload_main
+
+        return reload_main(args, cfg)
+    if args.command == "config":
+        from edgeway.runtime.cli import config_main
+
+        return config_main(args, cfg)
     if args.command == "tokens":
         from edgeway.admin.tokens import tokens_main
 
@@ -435,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_config_errors(e)
             return EXIT_CONFIG
         return stats_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
-    if args.command in ("tokens", "status", "command"):
+    if args.command in ("tokens", "status", "command", "reload", "config"):
         return _cmd_admin(args)
     if args.command == "deadletter":
         from edgeway.outbox import deadletter_main

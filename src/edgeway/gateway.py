@@ -230,6 +230,7 @@ class Gateway:
                 except ValueError as e:
                     raise StartupError(str(e)) from e
                 self.admin.commands = self.commands
+                self.admin.config_control = self
                 await self.admin.start()
             try:
                 async with asyncio.TaskGroup() as tg:

@@ -254,6 +254,11 @@ def test_every_admin_route_declares_its_access() -> None:
         ("GET", "/api/commands"): Role.VIEWER,
         ("GET", "/api/commands/{command_id}"): Role.VIEWER,
         ("POST", "/api/commands/{command_id}/cancel"): Role.OPERATOR,
+        ("GET", "/api/config"): Role.ENGINEER,
+        ("POST", "/api/config"): Role.ENGINEER,
+        ("POST", "/api/config/reload"): Role.ENGINEER,
+        ("GET", "/api/config/history"): Role.VIEWER,
+        ("POST", "/api/config/rollback"): Role.ENGINEER,
     }
 
 

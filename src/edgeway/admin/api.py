@@ -47,6 +47,7 @@ from aiohttp import web
 from edgeway.admin.access import AccessControl, HostPolicy, public, requires
 from edgeway.admin.build import BuildInfo, build_info, process_figures
 from edgeway.admin.commands_api import CommandRoutes
+from edgeway.admin.config_api import ConfigRoutes
 from edgeway.admin.tokens import DB_NAME, Role, TokenStore, TokenStoreError
 from edgeway.config import is_loopback, parse_host_port
 
@@ -272,6 +273,9 @@ class AdminServer:
         ProcessCollector(registry=self._registry)
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
+        self.config_control: Any = None
+        """The running gateway's configuration operations (Gateway), for
+        :mod:`edgeway.admin.config_api`."""
         self.commands: CommandService | None = None
         """The gateway's command queue, when commands are enabled (routes in
         :mod:`edgeway.admin.commands_api`)."""
@@ -316,6 +320,7 @@ class AdminServer:
         app.router.add_get("/api/status", self._api_status)
         app.router.add_get("/metrics", self._metrics)
         CommandRoutes(lambda: self.commands).add_to(app)
+        ConfigRoutes(lambda: self.config_control).add_to(app)
         return app
 
     async def start(self) -> None:

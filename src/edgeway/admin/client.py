@@ -79,6 +79,36 @@ class AdminClient:
     def post_json(self, path: str, body: object) -> Any:
         return self._request("POST", path, content=orjson.dumps(body))
 
+    def request_raw(self, method: str, path: str, content: bytes | None = None) -> tuple[int, Any]:
+        """A request whose refusals (4xx other than 401/403) the caller reads:
+        ``(status, JSON body)``. Connection problems and missing or weak
+        tokens still raise :class:`AdminClientError`."""
+        try:
+            r = self._http.request(method, path, content=content)
+        except httpx.HTTPError as e:
+            raise AdminClientError(
+                f"cannot reach the admin API at {self.base_url}: {e or type(e).__name__} "
+                "(is the gateway running with admin.listen there?)"
+            ) from None
+        if r.status_code in (401, 403) or (r.status_code >= 500 and r.status_code != 503):
+            self._raise_for(r, path)
+        try:
+            body = orjson.loads(r.content) if r.content else {}
+        except orjson.JSONDecodeError:
+            raise AdminClientError(f"{self.base_url}{path}: the answer is not JSON") from None
+        return r.status_code, body
+
+    def _raise_for(self, r: httpx.Response, path: str) -> None:
+        message = _error_message(r)
+        if r.status_code == 401:
+            hint = (
+                f"set {TOKEN_ENV} (make one with 'edgeway tokens create --name NAME --role viewer')"
+                if "Authorization" not in self._http.headers
+                else f"the token in {TOKEN_ENV} is unknown or revoked"
+            )
+            raise AdminClientError(f"{self.base_url}{path}: 401 {message}; {hint}")
+        raise AdminClientError(f"{self.base_url}{path}: {r.status_code} {message}")
+
     def _request(self, method: str, path: str, content: bytes | None = None) -> Any:
         try:
             r = self._http.request(

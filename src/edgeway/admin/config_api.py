@@ -1,0 +1,165 @@
+"""Admin API routes for the configuration in force: show, apply, reload,
+history, rollback (see docs/reload.md).
+
+``GET /api/config``  (role engineer: the text may hold credentials)
+    ``{"sha256", "source", "text"}`` of the configuration in force.
+``POST /api/config``  (role engineer)
+    Body: the whole configuration as YAML (``Content-Type: application/yaml``
+    or ``text/plain``, at most :data:`BODY_MAX`). Validated like ``edgeway
+    check`` (the gateway's command-line flags apply on top, as at start), then
+    applied live. ``200 {"applied": true, "changes": [...], "sha256"}``;
+    ``400 {"error": "invalid", "issues": [...]}`` when it does not validate;
+    ``409 {"error": "not_applied", "message"}`` when it needs a restart, or
+    ``{"error": "rolled_back", ...}`` when it failed to start or stay healthy
+    and the previous configuration is back.
+``POST /api/config/reload``  (role engineer)
+    Read the configuration file again and apply it (what SIGHUP does).
+``GET /api/config/history``  (role viewer)
+    The last applied configurations, newest first: number, time, source, sha256.
+``POST /api/config/rollback``  (role engineer)
+    Body ``{"number": N}`` (absent: the one before the current one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import web
+
+from edgeway.admin.access import requires
+from edgeway.admin.tokens import Role
+from edgeway.config import Config
+
+BODY_MAX = 1024 * 1024
+"""Largest configuration text taken (a site's configuration is tens of KB)."""
+
+
+class ConfigControl(Protocol):
+    """What the gateway offers the API (implemented by Gateway)."""
+
+    config: Config
+    config_text: str | None
+    config_source: str
+
+    async def apply_text(self, text: str, source: str, filename: str = "<api>") -> list[str]: ...
+
+    async def reload_from_file(self, source: str) -> list[str]: ...
+
+    async def rollback(self, number: int | None = None) -> list[str]: ...
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _applied(control: ConfigControl, changes: list[str]) -> web.Response:
+    from edgeway.runtime.reload import text_hash
+
+    text = control.config_text
+    return _json(
+        {
+            "applied": True,
+            "changes": changes,
+            "sha256": text_hash(text) if text is not None else None,
+        }
+    )
+
+
+class ConfigRoutes:
+    """The configuration endpoints; ``control()`` is the running gateway."""
+
+    def __init__(self, control: Any) -> None:
+        self._control = control
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/api/config", self.show)
+        app.router.add_post("/api/config", self.apply)
+        app.router.add_post("/api/config/reload", self.reload)
+        app.router.add_get("/api/config/history", self.history)
+        app.router.add_post("/api/config/rollback", self.rollback)
+
+    def _get(self) -> ConfigControl | None:
+        control: ConfigControl | None = self._control()
+        return control
+
+    async def _run(self, action: Any) -> web.Response:
+        from edgeway.runtime.reload import ReloadError
+
+        control = self._get()
+        if control is None:
+            return _json({"error": "unavailable", "message": "the gateway is not running"}, 503)
+        try:
+            changes = await action(control)
+        except ReloadError as e:
+            if e.issues:
+                return _json(
+                    {
+                        "error": "invalid",
+                        "message": str(e),
+                        "issues": [str(i) for i in e.issues],
+                    },
+                    400,
+                )
+            code = "rolled_back" if e.rolled_back else "not_applied"
+            return _json({"error": code, "message": str(e)}, 409)
+        return _applied(control, changes)
+
+    @requires(Role.ENGINEER)
+    async def show(self, request: web.Request) -> web.Response:
+        from edgeway.runtime.reload import text_hash
+
+        control = self._get()
+        if control is None:
+            return _json({"error": "unavailable", "message": "the gateway is not running"}, 503)
+        text = control.config_text
+        return _json(
+            {
+                "sha256": text_hash(text) if text is not None else None,
+                "source": control.config_source,
+                "text": text,
+            }
+        )
+
+    @requires(Role.ENGINEER)
+    async def apply(self, request: web.Request) -> web.Response:
+        raw = await request.content.read(BODY_MAX + 1)
+        if len(raw) > BODY_MAX:
+            return _json({"error": "too_large", "message": f"over {BODY_MAX} bytes"}, 413)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return _json({"error": "invalid", "message": "the body is not UTF-8"}, 400)
+        return await self._run(lambda c: c.apply_text(text, "api", "<api>"))
+
+    @requires(Role.ENGINEER)
+    async def reload(self, request: web.Request) -> web.Response:
+        return await self._run(lambda c: c.reload_from_file("api-reload"))
+
+    @requires(Role.VIEWER)
+    async def history(self, request: web.Request) -> web.Response:
+        from edgeway.runtime.reload import ConfigHistory
+
+        control = self._get()
+        if control is None:
+            return _json({"error": "unavailable", "message": "the gateway is not running"}, 503)
+        history = ConfigHistory(Path(control.config.gateway.data_dir))
+        entries = await asyncio.to_thread(history.entries)
+        return _json({"history": [e.to_json() for e in entries]})
+
+    @requires(Role.ENGINEER)
+    async def rollback(self, request: web.Request) -> web.Response:
+        raw = await request.content.read(4096)
+        number: int | None = None
+        if raw.strip():
+            try:
+                doc = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return _json({"error": "invalid", "message": "body must be JSON"}, 400)
+            n = doc.get("number") if isinstance(doc, dict) else None
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool)):
+                return _json({"error": "invalid", "message": "number must be an integer"}, 400)
+            number = n
+        return await self._run(lambda c: c.rollback(number))
