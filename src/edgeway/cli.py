@@ -123,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
         "purge (ID ... | --all) [--sink NAME]; 'edgeway deadletter ACTION --help' for more",
     )
 
+    ob = sub.add_parser(
+        "outbox",
+        help="purge what a removed sink still had pending (gateway stopped)",
+        description="edgeway outbox purge SINK: a sink removed from the configuration keeps "
+        "its pending readings until purged on purpose. Needs the gateway stopped. "
+        "See docs/reload.md.",
+    )
+    _add_common(ob)
+    ob.add_argument("rest", nargs=argparse.REMAINDER, metavar="purge SINK")
+
     from edgeway.sim.demo import add_demo_arguments
     from edgeway.sim.runner import add_simulate_arguments
 
@@ -436,7 +446,7 @@ def _take_common_options(args: argparse.Namespace, rest: list[str]) -> list[str]
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    if args.command in ("stats", "deadletter", "tokens"):
+    if args.command in ("stats", "deadletter", "tokens", "outbox"):
         args.rest = _take_common_options(args, [*args.rest, *extras])
     elif extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
@@ -469,6 +479,16 @@ def main(argv: list[str] | None = None) -> int:
         return stats_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
     if args.command in ("tokens", "status", "command", "reload", "config"):
         return _cmd_admin(args)
+    if args.command == "outbox":
+        from edgeway.outbox.purge import outbox_main
+
+        try:
+            cfg = _load(args.config)
+        except ConfigError as e:
+            _print_config_errors(e)
+            return EXIT_CONFIG
+        data_dir = args.data_dir or Path(cfg.gateway.data_dir)
+        return outbox_main(list(args.rest), data_dir, {s.name for s in cfg.sinks})
     if args.command == "deadletter":
         from edgeway.outbox import deadletter_main
 
