@@ -763,8 +763,11 @@ it, as at low rates, every PUBACK is read at once: no added latency)."""
 _GATHER_DELAY = 0.001
 """The pause (seconds). With a 1,000-message window against Mosquitto here,
 CPU per record of the sink alone fell from 0.0056-0.0084 to 0.0019-0.0038
-ms and its rate rose 10% (bench/sinks_bench.py, alternating runs); inside
-the gateway under full ingest load reads already gather (no change measured)."""
+ms and its rate rose 10% (bench/sinks_bench.py, alternating runs). The
+"no change inside the gateway" measured with it was void: under uvloop this
+code did not run until 2026-12-06 (see :func:`_bulk_pubacks`); since, the
+3.1.1 sink runs at 1.55-1.83x a Mosquitto bridge end to end
+(bench/results/end_to_end-2026-12-06.md), with this pause in effect."""
 _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 """Linux only; elsewhere PUBACKs from a broker with Nagle on come late."""
 _PUBACK_RUN = 16384
