@@ -187,13 +187,7 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "status",
         help="a running gateway's state, from its admin API (token: $EDGEWAY_TOKEN)",
     )
-    status.add_argument(
-        "--config",
-        "-c",
-        type=Path,
-        default=os.environ.get("EDGEWAY_CONFIG") or None,
-        help="configuration whose admin.listen to use (default: $EDGEWAY_CONFIG)",
-    )
+    _add_admin_config(status)
     add_status_arguments(status)
     from edgeway.commands.cli import add_command_arguments
 
@@ -203,13 +197,7 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         description="Commands to devices through a running gateway's admin API "
         "(--admin URL; token from $EDGEWAY_TOKEN). See docs/commands.md.",
     )
-    command.add_argument(
-        "--config",
-        "-c",
-        type=Path,
-        default=os.environ.get("EDGEWAY_CONFIG") or None,
-        help="configuration whose admin.listen to use (default: $EDGEWAY_CONFIG)",
-    )
+    _add_admin_config(command)
     add_command_arguments(command)
     from edgeway.runtime.cli import add_config_arguments, add_reload_arguments
 
@@ -226,15 +214,21 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         description="Configuration changes through the admin API. See docs/reload.md.",
     )
     for q in (reload, config):
-        q.add_argument(
-            "--config",
-            "-c",
-            type=Path,
-            default=os.environ.get("EDGEWAY_CONFIG") or None,
-            help="configuration whose admin.listen to use (default: $EDGEWAY_CONFIG)",
-        )
+        _add_admin_config(q)
     add_reload_arguments(reload)
     add_config_arguments(config)
+
+
+def _add_admin_config(p: argparse.ArgumentParser) -> None:
+    """``--config`` for a command that talks to a running gateway: the file
+    whose ``admin.listen`` says where (``--admin URL`` overrides it)."""
+    p.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=os.environ.get("EDGEWAY_CONFIG") or None,
+        help="configuration whose admin.listen to use (default: $EDGEWAY_CONFIG)",
+    )
 
 
 def _cmd_admin(args: argparse.Namespace) -> int:

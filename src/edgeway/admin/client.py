@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import orjson
@@ -98,7 +98,7 @@ class AdminClient:
             raise AdminClientError(f"{self.base_url}{path}: the answer is not JSON") from None
         return r.status_code, body
 
-    def _raise_for(self, r: httpx.Response, path: str) -> None:
+    def _raise_for(self, r: httpx.Response, path: str) -> NoReturn:
         message = _error_message(r)
         if r.status_code == 401:
             hint = (
@@ -122,16 +122,8 @@ class AdminClient:
                 f"cannot reach the admin API at {self.base_url}: {e or type(e).__name__} "
                 "(is the gateway running with admin.listen there?)"
             ) from None
-        message = _error_message(r)
-        if r.status_code == 401:
-            hint = (
-                f"set {TOKEN_ENV} (make one with 'edgeway tokens create --name NAME --role viewer')"
-                if "Authorization" not in self._http.headers
-                else f"the token in {TOKEN_ENV} is unknown or revoked"
-            )
-            raise AdminClientError(f"{self.base_url}{path}: 401 {message}; {hint}")
         if r.status_code >= 400:
-            raise AdminClientError(f"{self.base_url}{path}: {r.status_code} {message}")
+            self._raise_for(r, path)
         try:
             return orjson.loads(r.content)
         except orjson.JSONDecodeError:

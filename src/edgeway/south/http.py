@@ -340,13 +340,9 @@ class HttpIngestAdapter(SouthAdapter):
         except DecodeError as e:
             return _error(400, "bad_request", e.reason, e.detail)
 
-        auth = request.headers.get("Authorization")
-        token: str | None = None
-        if auth is not None:
-            scheme, _, value = auth.partition(" ")
-            if scheme.lower() != "bearer" or not value.strip():
-                return _error(401, "unauthorized", "bad_authorization", **_bearer())
-            token = value.strip()
+        token = _bearer_token(request)
+        if isinstance(token, web.Response):
+            return token
         if not await self.token_check(device_id, token):
             log.info("http ingest: refused credentials for %s from %s", device_id, request.remote)
             return _error(
@@ -437,13 +433,9 @@ class HttpIngestAdapter(SouthAdapter):
             device_id = check_device_id(request.match_info["device_id"])
         except DecodeError as e:
             return _error(400, "bad_request", e.reason, e.detail)
-        auth = request.headers.get("Authorization")
-        token: str | None = None
-        if auth is not None:
-            scheme, _, value = auth.partition(" ")
-            if scheme.lower() != "bearer" or not value.strip():
-                return _error(401, "unauthorized", "bad_authorization", **_bearer())
-            token = value.strip()
+        token = _bearer_token(request)
+        if isinstance(token, web.Response):
+            return token
         if token is None and not self.config.commands_allow_anonymous:
             return _error(401, "unauthorized", "no_token", **_bearer())
         if token is not None and not await self.token_check(device_id, token):
@@ -483,6 +475,18 @@ class HttpIngestAdapter(SouthAdapter):
                 self._buckets.pop(next(iter(self._buckets)))
         self._buckets[device_id] = bucket
         return bucket.take(now)
+
+
+def _bearer_token(request: web.Request) -> str | web.Response | None:
+    """The request's bearer token, None without one, or the 401 for a malformed
+    Authorization header."""
+    auth = request.headers.get("Authorization")
+    if auth is None:
+        return None
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return _error(401, "unauthorized", "bad_authorization", **_bearer())
+    return value.strip()
 
 
 def _bearer() -> dict[str, str]:
