@@ -83,7 +83,7 @@ import time
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
 from gmqtt import Client as _GmqttClient
@@ -91,9 +91,11 @@ from gmqtt.mqtt.constants import MQTTv50, MQTTv311
 from gmqtt.storage import PersistentStorage as _GmqttStorage
 from pydantic import BeforeValidator, ConfigDict, Field
 
+from edgeway.commands.cloud import REQUEST_MAX_BYTES
 from edgeway.config import Duration, SinkConfig, Size
 from edgeway.sinks.base import (
     BatchOptions,
+    CommandSource,
     PermanentSinkError,
     Record,
     RetryableSinkError,
@@ -102,6 +104,9 @@ from edgeway.sinks.base import (
     client_ssl_context,
     register_sink,
 )
+
+if TYPE_CHECKING:
+    from edgeway.commands.service import CommandService
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +201,22 @@ class MqttSinkOptions(BatchOptions):
     sas_ttl: Duration = 3600.0
     """Lifetime of each generated SAS token; IoT Hub closes the connection when
     it expires and we reconnect with a new one."""
+    commands: bool = False
+    """Take commands for devices from the cloud by subscribing to
+    ``commands_topic`` on this broker (its own connection; docs/commands.md).
+    Off by default: a sink only publishes unless asked to take orders."""
+    commands_topic: str = "edgeway/{gateway_id}/commands/#"
+    """Topic filter of the cloud's requests (placeholders ``{gateway_id}``,
+    ``{sink}``). With a trailing ``/#``, the levels after the prefix may name
+    the device and the command: ``.../commands/{device_id}/{name}``."""
+    commands_answers_topic: str = "edgeway/{gateway_id}/commands/answers"
+    """Where answers go when a request has no MQTT 5 response topic
+    (placeholders ``{gateway_id}``, ``{sink}``); never taken as a request."""
+    commands_max_inflight: int = Field(default=16, ge=1, le=65535)
+    """Requests being stored at once (the MQTT 5 Receive Maximum we announce,
+    so the broker holds the rest): each costs a database commit, so more
+    would only queue in memory. MQTT 3.1.1 has no such limit: the broker's
+    own in-flight limit applies (Mosquitto: 20)."""
 
 
 def azure_sas_token(resource_uri: str, key_b64: str, expiry: int) -> str:
@@ -529,10 +550,46 @@ class MqttSink(Sink):
             raise SinkOptionsError.at(
                 "options.client_id", f"bad template (placeholders: gateway_id, sink): {e}"
             ) from None
+        self.commands_topic: str | None = None
+        self.commands_answers_topic = ""
+        if opts.commands:
+            self.commands_topic = self._command_topic("commands_topic", True)
+            self.commands_answers_topic = self._command_topic("commands_answers_topic", False)
         self.ssl_context = self._make_ssl_context(tls, opts)
         self._topics: dict[str, bytes] = {}
         self._conn: _Connection | None = None
         self._lock = asyncio.Lock()
+
+    def _command_topic(self, key: str, is_filter: bool) -> str:
+        """Option ``key`` formatted; a topic filter when ``is_filter``, else a topic name."""
+        template: str = getattr(self.options, key)
+        try:
+            topic = template.format(gateway_id=self.gateway_id, sink=self.name)
+        except (KeyError, IndexError, ValueError) as e:
+            raise SinkOptionsError.at(
+                f"options.{key}", f"bad template {template!r} (placeholders: gateway_id, sink): {e}"
+            ) from None
+        levels = topic.split("/")
+        wildcards_ok = (
+            is_filter
+            and all(lv in ("+", "#") or ("+" not in lv and "#" not in lv) for lv in levels)
+            and "#" not in levels[:-1]
+        )
+        if (
+            not topic
+            or len(topic.encode()) > 65535
+            or (("+" in topic or "#" in topic) and not wildcards_ok)
+        ):
+            raise SinkOptionsError.at(f"options.{key}", f"invalid MQTT topic {topic!r}")
+        return topic
+
+    def credentials(self) -> tuple[str | None, str | None]:
+        """User name and password for a CONNECT (a fresh SAS token for Azure)."""
+        username, password = self.username, self.password
+        if self._sas is not None:
+            resource, key = self._sas
+            password = azure_sas_token(resource, key, int(time.time() + self.options.sas_ttl))
+        return username, password
 
     def _make_ssl_context(self, tls: bool, opts: MqttSinkOptions) -> ssl.SSLContext | None:
         return client_ssl_context(
@@ -621,10 +678,7 @@ class MqttSink(Sink):
 
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
-        username, password = self.username, self.password
-        if self._sas is not None:
-            resource, key = self._sas
-            password = azure_sas_token(resource, key, int(time.time() + self.options.sas_ttl))
+        username, password = self.credentials()
         if username is not None:
             client.set_auth_credentials(username, password)
         connecting = asyncio.ensure_future(
@@ -744,6 +798,12 @@ class MqttSink(Sink):
                 self.state.connected = False
             raise
 
+    def command_source(self, service: CommandService) -> CommandSource | None:
+        """Commands from the cloud on ``commands_topic``, when ``commands`` is on."""
+        if self.commands_topic is None:
+            return None
+        return MqttCommandSource(self, self.commands_topic, service)
+
     def probe_addresses(self) -> list[tuple[str, int]]:
         # The sink connects lazily: while it backs off there is no connection
         # whose state could be asked, so the broker's port is.
@@ -755,6 +815,190 @@ class MqttSink(Sink):
         if conn is not None:
             await conn.close()
         self.state.connected = False
+
+
+_COMMANDS_PACKET_MAX = REQUEST_MAX_BYTES + 4096
+"""The MQTT 5 Maximum Packet Size the downlink announces: the largest request
+parsed plus room for topic and properties; a broker drops larger messages for
+us (MQTT-3.1.2-25) instead of making us read them."""
+
+
+class MqttCommandSource:
+    """Takes cloud command requests from ``commands_topic`` and acknowledges
+    each once its command is on disk (see :mod:`edgeway.commands.cloud`).
+
+    Its own connection, apart from the publishing one (which connects only
+    while there is something to send and whose packet handling is tuned for
+    PUBACKs): client id ``<sink client id>-commands``, persistent session
+    (clean start off, the sink's ``session_expiry``) and a QoS 1 subscription,
+    so requests sent while the gateway was away are delivered when it
+    returns. The PUBACK of a request is sent only after
+    :func:`~edgeway.commands.cloud.accept` returned; if the command could not
+    be stored the connection is dropped without it, and the broker delivers
+    the request again on the next connection (the idempotency key makes that
+    safe). The answer goes to the request's MQTT 5 response topic (with its
+    correlation data), else to ``commands_answers_topic``.
+    """
+
+    def __init__(self, sink: MqttSink, topic: str, service: CommandService) -> None:
+        self.sink = sink
+        self.topic = topic
+        self.service = service
+        self.name = f"{sink.name}:commands"
+        self.client_id = f"{sink.client_id}-commands"
+        self.connected = False
+        self.subscribed = asyncio.Event()
+        """Set while the broker has confirmed the subscription (SUBACK)."""
+        self.requests = 0
+        # ".../commands/#": the levels after this prefix name device and command.
+        self._prefix = topic[:-1] if topic.endswith("/#") else None
+        self._source = f"cloud:{sink.name}"
+
+    def _address(self, topic: str) -> tuple[str | None, str | None] | None:
+        """Device id and command name carried by ``topic``; None if it has too many levels."""
+        if self._prefix is None or not topic.startswith(self._prefix):
+            return None, None
+        rest = topic[len(self._prefix) :]
+        levels = rest.split("/") if rest else []
+        if len(levels) > 2:
+            return None
+        return (levels[0] if levels else None), (levels[1] if len(levels) > 1 else None)
+
+    async def handle(
+        self, client: Any, topic: str, payload: bytes, properties: dict[str, Any]
+    ) -> None:
+        """Store one request and publish its answer; raises if it was not stored."""
+        from edgeway.commands.cloud import accept
+
+        if topic == self.sink.commands_answers_topic:
+            return  # our own answers, when the filter covers them (MQTT 3.1.1)
+        self.requests += 1
+        address = self._address(topic)
+        if address is None:
+            answer: dict[str, Any] = {
+                "error": "invalid",
+                "message": "topic has more than two levels after the commands prefix",
+            }
+        else:
+            answer = await accept(
+                self.service, payload, self._source, device_id=address[0], name=address[1]
+            )
+        reply = (properties.get("response_topic") or [None])[0]
+        if not isinstance(reply, str) or not reply or "+" in reply or "#" in reply:
+            # No (usable) response topic: a wildcard in a PUBLISH topic would
+            # make the broker drop our connection (MQTT-3.3.2-2).
+            reply = self.sink.commands_answers_topic
+        extra: dict[str, Any] = {}
+        correlation = (properties.get("correlation_data") or [None])[0]
+        if correlation is not None and self.sink.protocol == MQTTv50:
+            extra["correlation_data"] = correlation
+        client.publish(reply, orjson.dumps(answer), qos=1, **extra)
+
+    async def run(self) -> None:
+        from edgeway.south.base import Backoff
+
+        backoff = Backoff(initial=0.5, maximum=30.0)
+        while True:
+            try:
+                await self._session(backoff)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                logger.warning("sink %s: commands: %s", self.sink.name, e)
+            self.connected = False
+            await backoff.wait()
+
+    async def _session(self, backoff: Any) -> None:
+        """One connection: connect, subscribe, take requests until it is lost
+        or a request could not be stored."""
+        sink = self.sink
+        opts = sink.options
+        props: dict[str, Any] = {}
+        if sink.protocol == MQTTv50:
+            props = {
+                "session_expiry_interval": sink.session_expiry,
+                "receive_maximum": opts.commands_max_inflight,
+                "maximum_packet_size": _COMMANDS_PACKET_MAX,
+            }
+        client = _NoReconnectClient(
+            self.client_id, clean_session=False, optimistic_acknowledgement=False, **props
+        )
+        ended = asyncio.Event()
+        failure: list[str] = []
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def on_message(_c: Any, topic: str, payload: bytes, qos: int, props: Any) -> int:
+            # QoS 0 requests (nothing to acknowledge) come through here.
+            try:
+                await self.handle(client, topic, payload, props)
+            except Exception as e:
+                logger.warning("sink %s: command not stored: %s", sink.name, e)
+            return 0
+
+        async def take(mid: int, topic: str, payload: bytes, props: dict[str, Any]) -> None:
+            try:
+                await self.handle(client, topic, payload, props)
+            except Exception as e:
+                # No PUBACK: drop the connection so the broker sends it again.
+                failure.append(f"command not stored, reconnecting for redelivery: {e}")
+                ended.set()
+                return
+            if not ended.is_set():
+                client._package_handler._send_puback(mid)
+
+        def on_qos1(mid: int, payload: bytes, topic: str, props: dict[str, Any]) -> None:
+            # Replaces gmqtt's handler: PUBACK only once the request is stored.
+            task = asyncio.ensure_future(take(mid, topic, payload, props))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        def on_disconnect(_c: Any, _packet: Any, _exc: Any = None) -> None:
+            ended.set()
+
+        def on_subscribe(_c: Any, _mid: int, qos: Any, _props: Any) -> None:
+            if qos and all(q in (0, 1, 2) for q in qos):
+                self.subscribed.set()
+            else:
+                failure.append(f"subscription to {self.topic!r} refused: {qos}")
+                ended.set()
+
+        client.on_message = on_message
+        client.on_disconnect = on_disconnect
+        client.on_subscribe = on_subscribe
+        client._package_handler._handle_qos_1_publish_packet = on_qos1
+        username, password = sink.credentials()
+        if username is not None:
+            client.set_auth_credentials(username, password)
+        try:
+            async with asyncio.timeout(opts.connect_timeout):
+                await client.connect(
+                    sink.host,
+                    sink.port,
+                    ssl=sink.ssl_context or False,
+                    keepalive=opts.keepalive,
+                    version=sink.protocol,
+                )
+            # no_local: our answers never come back to us (MQTT 5 only: in
+            # 3.1.1 that bit is reserved and the broker would disconnect us).
+            client.subscribe(self.topic, qos=1, no_local=sink.protocol == MQTTv50)
+            self.connected = True
+            backoff.reset()
+            logger.info(
+                "sink %s: taking commands on MQTT topic %s as %s",
+                sink.name,
+                self.topic,
+                self.client_id,
+            )
+            await ended.wait()
+            if failure:
+                raise RuntimeError(failure[0])
+            raise ConnectionError("connection to the broker lost")
+        finally:
+            self.connected = False
+            self.subscribed.clear()
+            for task in tasks:
+                task.cancel()
+            await _Connection(client, _AckWindow(), 1, False).close()
 
 
 _GATHER_MIN = 64
