@@ -983,9 +983,28 @@ class MqttClientSubscription(_Model):
     """Fixed device id for a topic without ``{device_id}`` (else the codec finds it)."""
     exclude: list[str] = Field(default_factory=list)
     """Filters of topics to ignore although ``topic`` matches them."""
+    command_topic: str | None = Field(default=None, min_length=1, max_length=1024)
+    """Where commands to this subscription's devices are published (QoS 1), with
+    ``{device_id}`` and optionally ``{name}`` (the command's name) each filling a
+    level: ``plant/{device_id}/cmd/{name}``. Absent: no commands (presets set
+    one, see docs/protocols/mqtt-client.md)."""
+    command_payload: Literal["params", "value", "shelly_rpc"] = "params"
+    """What a command's PUBLISH carries: ``params`` its params as a JSON object;
+    ``value`` ``params.value`` alone (a string as is, else JSON), the params
+    JSON when there is no ``value``; ``shelly_rpc`` a Shelly Gen2 RPC request
+    ``{"id", "src", "method", "params"}`` whose response is the result."""
 
     @model_validator(mode="after")
     def _check_topic(self) -> Self:
+        if self.command_topic is not None:
+            cmd_levels = self.command_topic.split("/")
+            if "{device_id}" not in cmd_levels:
+                raise ValueError("command_topic needs {device_id} as a level")
+            for level in cmd_levels:
+                if level.startswith("{") and level not in ("{device_id}", "{name}"):
+                    raise ValueError(f"command_topic: unknown placeholder {level!r}")
+                if "+" in level or "#" in level or "\x00" in level:
+                    raise ValueError("command_topic: no wildcards in a topic name")
         levels = self.topic.split("/")
         for i, level in enumerate(levels):
             if level.startswith("{") and level not in ("{device_id}", "{metric_prefix}"):
@@ -1039,6 +1058,15 @@ class MqttClientConfig(_Model):
     """Adds the preset's subscriptions (see docs/protocols/mqtt-client.md)."""
     subscriptions: list[MqttClientSubscription] = Field(default_factory=list)
     """Topics to subscribe to, each with its device ids and codec."""
+    max_commands_in_flight: int = Field(default=100, ge=1, le=65_000)
+    """Commands published and not yet PUBACKed at once (fewer if the broker's MQTT 5
+    Receive Maximum is lower: going over it gets us disconnected). Each holds a
+    future and its packet id; the rest wait in the command queue."""
+    max_command_devices: int = Field(default=10_000, ge=1, le=1_000_000)
+    """Device ids remembered as reachable for commands (learned from telemetry on
+    subscriptions with a ``command_topic``). Each costs about 200 bytes; the cap
+    bounds what a broker publishing under endless ids can make us hold. Ids past
+    it are not commandable (logged once)."""
     input_limits: InputLimitsSection | None = None
     """Overrides of the top-level ``input_limits`` for this connection (only the keys given)."""
 

@@ -64,6 +64,7 @@ from urllib.parse import urlsplit
 
 from edgeway.codecs.base import Codec, DecodeError, check_device_id, get_codec
 from edgeway.config import MqttClientConfig, MqttClientSubscription, input_limits
+from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.limits import InputLimits
 from edgeway.reading import Origin, Reading
@@ -80,11 +81,13 @@ from edgeway.south.mqtt.packets import (
     PingResp,
     Properties,
     ProtocolError,
+    PubAck,
     Publish,
     SubAck,
     Subscribe,
     Subscription,
 )
+from edgeway.south.mqtt_client_downlink import MqttClientDownlink
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,7 @@ PRESETS: dict[str, list[MqttClientSubscription]] = {
             codec="json",
             codec_options={"timestamp": "last_seen"},
             exclude=["zigbee2mqtt/bridge", "zigbee2mqtt/bridge/#"],
+            command_topic="zigbee2mqtt/{device_id}/set",
         )
     ],
     # Tasmota: tele/<topic>/SENSOR JSON with one object per sensor. Its "Time" is
@@ -119,6 +123,8 @@ PRESETS: dict[str, list[MqttClientSubscription]] = {
             topic="tele/{device_id}/SENSOR",
             codec="json",
             codec_options={"timestamp": None, "exclude": ["Time"]},
+            command_topic="cmnd/{device_id}/{name}",
+            command_payload="value",
         )
     ],
     # Shelly Gen2+ status notifications: <device id>/status/<component> JSON, e.g.
@@ -128,9 +134,12 @@ PRESETS: dict[str, list[MqttClientSubscription]] = {
             topic="{device_id}/status/{metric_prefix}",
             codec="json",
             codec_options={"timestamp": None, "exclude": ["id", "source"]},
+            command_topic="{device_id}/rpc",
+            command_payload="shelly_rpc",
         )
     ],
-    # Sparkplug B: the codec reads group, node and device from the topic.
+    # Sparkplug B: the codec reads group, node and device from the topic. No
+    # commands yet (DCMD needs the protobuf encoder and group/node routing).
     "sparkplug_b": [MqttClientSubscription(topic="spBv1.0/#", codec="sparkplug_b")],
 }
 
@@ -211,6 +220,13 @@ class _Connection(asyncio.Protocol):
         self.reader = MqttReader(max_packet_size, level, share_empty_properties=True)
         self.connack: asyncio.Future[ConnAck] = loop.create_future()
         self.suback: dict[int, asyncio.Future[SubAck]] = {}
+        self.puback: dict[int, asyncio.Future[int | None]] = {}
+        """Our QoS 1 PUBLISHes (commands) by packet id -> PUBACK reason code
+        (None: the connection was lost first)."""
+        self.send_window = 1
+        """Our PUBLISHes in flight at most: the broker's receive maximum (MQTT 5
+        CONNACK) or ``max_commands_in_flight``, whichever is lower."""
+        self._next_id = 1
         self.lost = asyncio.Event()
         self.lost_reason = ""
         self.pending: collections.deque[_Pending] = collections.deque()
@@ -302,8 +318,26 @@ class _Connection(asyncio.Protocol):
         for fut in [*waiters, *self.suback.values()]:
             if not fut.done():
                 fut.set_exception(ConnectionError(reason))
+        for pub in self.puback.values():
+            if not pub.done():
+                pub.set_result(None)
+        self.puback.clear()
         if self._transport is not None:
             self._transport.abort()
+
+    def publish(self, topic: str, payload: bytes) -> asyncio.Future[int | None]:
+        """PUBLISH at QoS 1; the future gets the PUBACK's reason code."""
+        fut: asyncio.Future[int | None] = self._loop.create_future()
+        if self.lost.is_set():
+            fut.set_result(None)
+            return fut
+        mid = self._next_id
+        while mid == 1 or mid in self.puback:  # 1 is SUBSCRIBE's
+            mid = mid % 65535 + 1
+        self._next_id = mid % 65535 + 1
+        self.puback[mid] = fut
+        self.send(encode(Publish(topic, payload, qos=1, packet_id=mid), self.level))
+        return fut
 
     async def close(self) -> None:
         """DISCONNECT (the session stays at the broker) and close, within CLOSE_TIMEOUT."""
@@ -340,6 +374,19 @@ class MqttClientAdapter(SouthAdapter):
         self.connections = 0
         """Successful connections so far (1 after the first CONNACK)."""
         self._conn: _Connection | None = None
+        self.command_devices: dict[str, Route] = {}
+        """Device ids seen in telemetry on a route with a command topic (commandable)."""
+        self._downlink: MqttClientDownlink | None = None
+        self._rpc_topic: str | None = None
+        self._command_devices_full = False
+        if any(s.command_payload == "shelly_rpc" and s.command_topic for s in subs):
+            # Shelly RPC responses come back on <src>/rpc; src is our client id.
+            if any(c in self.client_id for c in "/+#"):
+                raise ValueError(
+                    f"mqtt_client {config.name}: client_id {self.client_id!r} is the Shelly "
+                    "RPC src, a topic level: no '/', '+', '#'"
+                )
+            self._rpc_topic = f"{self.client_id}/rpc"
         self._level = MQTT_5 if config.protocol == "5" else MQTT_311
         try:  # once, so that a CONNECT the codec refuses stops start-up, not each connection
             self._connect_bytes = encode(self._connect_packet(), self._level)
@@ -371,6 +418,53 @@ class MqttClientAdapter(SouthAdapter):
         """What is asked of the broker (with ``$share/<group>/`` when configured)."""
         group = self.config.shared_group
         return [f"$share/{group}/{r.filter}" if group else r.filter for r in self.routes]
+
+    # ------------------------------------------------------------------ commands
+
+    def downlink(self, events: DownlinkEvents) -> Downlink | None:
+        """Commands for the devices of subscriptions with a ``command_topic``;
+        see :mod:`edgeway.south.mqtt_client_downlink`."""
+        if not any(r.config.command_topic for r in self.routes):
+            return None
+        self._downlink = MqttClientDownlink(self, events)
+        return self._downlink
+
+    def can_publish(self) -> bool:
+        """Connected, subscribed, and the broker's in-flight window has room."""
+        conn = self._conn
+        return (
+            conn is not None
+            and self.state.connected
+            and not conn.lost.is_set()
+            and len(conn.puback) < conn.send_window
+        )
+
+    def publish(self, topic: str, payload: bytes) -> asyncio.Future[int | None]:
+        """PUBLISH at QoS 1 on the current connection; the future gets the
+        PUBACK's reason code, None if there is no connection or it is lost first."""
+        conn = self._conn
+        if conn is None:
+            fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+        return conn.publish(topic, payload)
+
+    def _command_device(self, device_id: str, route: Route) -> None:
+        devices = self.command_devices
+        if len(devices) >= self.config.max_command_devices:
+            if not self._command_devices_full:
+                self._command_devices_full = True
+                log.warning(
+                    "mqtt_client %s: %d devices known for commands (max_command_devices); "
+                    "new ones are not commandable",
+                    self.name,
+                    len(devices),
+                )
+            return
+        devices[device_id] = route
+        self._notify()
+        if self._downlink is not None:
+            self._downlink.events.device_reachable(device_id)
 
     # ------------------------------------------------------------------ run
 
@@ -412,6 +506,9 @@ class MqttClientAdapter(SouthAdapter):
                 f"broker refused the connection: reason code 0x{connack.reason_code:02x}"
             )
         keepalive = connack.properties.server_keep_alive or cfg.keepalive
+        conn.send_window = min(
+            connack.properties.receive_maximum or 65535, cfg.max_commands_in_flight
+        )
         await self._subscribe(conn)
         conn.mark_subscribed()
         self.connections += 1
@@ -477,6 +574,8 @@ class MqttClientAdapter(SouthAdapter):
             Subscription(f, qos=r.config.qos)
             for f, r in zip(self.subscription_filters, self.routes, strict=True)
         ]
+        if self._rpc_topic is not None:
+            subs.append(Subscription(self._rpc_topic, qos=1))
         fut: asyncio.Future[SubAck] = asyncio.get_running_loop().create_future()
         conn.suback[1] = fut
         conn.send(encode(Subscribe(1, subs), self._level))
@@ -540,6 +639,10 @@ class MqttClientAdapter(SouthAdapter):
                 fut = conn.suback.pop(packet.packet_id, None)
                 if fut is not None and not fut.done():
                     fut.set_result(packet)
+            elif isinstance(packet, PubAck):
+                pub = conn.puback.pop(packet.packet_id, None)
+                if pub is not None and not pub.done():
+                    pub.set_result(packet.reason_code)
             elif isinstance(packet, Disconnect):
                 conn.fail(f"broker disconnected us: reason code 0x{packet.reason_code:02x}")
                 return
@@ -565,6 +668,8 @@ class MqttClientAdapter(SouthAdapter):
             try:
                 if device_id is not None:
                     device_id = check_device_id(device_id)
+                    if route.config.command_topic and device_id not in self.command_devices:
+                        self._command_device(device_id, route)
                 readings = route.codec.decode(
                     payload, device_id=device_id, origin=origin, now=time.time()
                 )
@@ -579,6 +684,8 @@ class MqttClientAdapter(SouthAdapter):
                     for r in readings
                 ]
             return readings
+        if topic == self._rpc_topic and self._downlink is not None:
+            self._downlink.rpc_response(payload)
         return []  # excluded, or a topic no route claims (overlapping broker subscriptions)
 
     def _stored(

@@ -1,0 +1,150 @@
+"""Commands to devices behind an external broker (MQTT client mode).
+
+A subscription with a ``command_topic`` (presets set one) makes its devices
+commandable: a command is published at QoS 1 on that template with
+``{device_id}`` and ``{name}`` filled in, its payload shaped by
+``command_payload``:
+
+========================  ==================================  ======================================
+preset                    command topic                       payload
+========================  ==================================  ======================================
+``zigbee2mqtt``           ``zigbee2mqtt/{device_id}/set``     params as JSON (``{"state": "ON"}``)
+``tasmota``               ``cmnd/{device_id}/{name}``         ``params.value`` (else params JSON)
+``shelly``                ``{device_id}/rpc``                 ``{"id", "src", "method", "params"}``
+========================  ==================================  ======================================
+
+Reachable: the connection is up and the device id was seen in telemetry on
+a subscription with a command topic (that subscription's template is used).
+Any id is not taken: several client-mode connections (and the embedded
+broker) may offer commands, and the one that actually hears from a device is
+the one that reaches it. Remembered ids are capped by ``max_command_devices``.
+
+Delivered: the external broker's PUBACK. These ecosystems have no
+acknowledgement from the device itself, so "delivered to the broker" is the
+strongest confirmation there is; the command then succeeds at once with
+``{"delivered_to": "broker", "topic": ...}``, except for Shelly RPC, whose
+device answers on ``<src>/rpc`` (src: our client id) with the result or an
+error: that answer is the command's result. An MQTT 5 PUBACK with a failure
+reason code (not authorized, say) fails the command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from edgeway.commands.model import Command, CommandResult
+from edgeway.downlink import DeliveryError, DownlinkEvents
+
+if TYPE_CHECKING:
+    from edgeway.config import MqttClientSubscription
+    from edgeway.south.mqtt_client import MqttClientAdapter
+
+log = logging.getLogger(__name__)
+
+RPC_RESPONSE_MAX_BYTES = 64 * 1024
+"""A Shelly RPC response larger than this is not parsed: results are small
+(a component's status) and this bounds the JSON work one message can cause."""
+
+
+def command_topic(template: str, device_id: str, name: str) -> str:
+    """Fill a command topic template (levels, so a value cannot add levels)."""
+    if any(c in name for c in "/+#\x00"):
+        raise DeliveryError(f"command name {name!r} cannot be a topic level")
+    return "/".join(
+        device_id if lv == "{device_id}" else name if lv == "{name}" else lv
+        for lv in template.split("/")
+    )
+
+
+def command_payload(sub: MqttClientSubscription, command: Command, src: str) -> bytes:
+    """The PUBLISH payload of ``command`` for this subscription's ecosystem."""
+    params = command.params
+    if sub.command_payload == "value":
+        if "value" not in params:
+            return orjson.dumps(params) if params else b""  # empty: Tasmota's query
+        value = params["value"]
+        return value.encode() if isinstance(value, str) else orjson.dumps(value)
+    if sub.command_payload == "shelly_rpc":
+        return orjson.dumps(
+            {"id": command.id, "src": src, "method": command.name, "params": params}
+        )
+    return orjson.dumps(params)
+
+
+class MqttClientDownlink:
+    """The :class:`~edgeway.downlink.Downlink` of one client-mode connection."""
+
+    name = "mqtt_client"
+
+    def __init__(self, adapter: MqttClientAdapter, events: DownlinkEvents) -> None:
+        self.adapter = adapter
+        self.events = events
+
+    @property
+    def devices(self) -> Iterable[str]:
+        """Devices the command timer tries (queued commands go out after a
+        reconnect, or once the broker's in-flight window has room)."""
+        return self.adapter.command_devices if self.adapter.state.connected else ()
+
+    def reachable(self, command: Command) -> bool:
+        return self.adapter.can_publish() and command.device_id in self.adapter.command_devices
+
+    def deliver(self, command: Command) -> asyncio.Future[bool]:
+        route = self.adapter.command_devices.get(command.device_id)
+        if route is None or route.config.command_topic is None:
+            fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            fut.set_result(False)
+            return fut
+        sub = route.config
+        assert sub.command_topic is not None
+        topic = command_topic(sub.command_topic, command.device_id, command.name)
+        payload = command_payload(sub, command, self.adapter.client_id)
+        acked = self.adapter.publish(topic, payload)
+        out: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def done(f: asyncio.Future[int | None]) -> None:
+            if out.done():
+                return
+            reason = None if f.cancelled() or f.exception() is not None else f.result()
+            if reason is None:
+                out.set_result(False)  # connection lost first: sent again when back
+                return
+            out.set_result(True)
+            if reason >= 0x80:
+                self._report(command, False, None, f"broker refused the command: 0x{reason:02x}")
+            elif sub.command_payload != "shelly_rpc":  # Shelly answers itself
+                self._report(command, True, {"delivered_to": "broker", "topic": topic}, None)
+
+        acked.add_done_callback(done)
+        return out
+
+    def _report(self, command: Command, ok: bool, result: Any, error: str | None) -> None:
+        self.events.report(CommandResult(command.id, command.device_id, ok, result, error))
+
+    def rpc_response(self, payload: bytes) -> None:
+        """A Shelly Gen2 RPC response frame ``{"id", "src", "result"|"error"}``."""
+        if len(payload) > RPC_RESPONSE_MAX_BYTES:
+            return
+        try:
+            frame = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(frame, dict):
+            return
+        cid, device = frame.get("id"), frame.get("src")
+        if not isinstance(cid, str) or not isinstance(device, str):
+            return
+        error = frame.get("error")
+        if error is not None:
+            if isinstance(error, dict):
+                text = f"{error.get('code')}: {error.get('message')}"
+            else:
+                text = str(error)
+            self.events.report(CommandResult(cid, device, False, None, text[:1024]))
+        else:
+            self.events.report(CommandResult(cid, device, True, frame.get("result"), None))
