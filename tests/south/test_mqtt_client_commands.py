@@ -135,11 +135,18 @@ async def test_tasmota_cmnd(broker: Mosquitto, start: Start, service: CommandSer
     assert (await service.wait(other.id, 0.3)).state is CommandState.QUEUED
 
 
-async def test_custom_template(broker: Mosquitto, start: Start, service: CommandService) -> None:  # noqa: F811
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_custom_template(
+    broker: Mosquitto,  # noqa: F811
+    start: Start,  # noqa: F811
+    service: CommandService,
+    protocol: str,
+) -> None:
     adapter = await commandable(
         start,
         service,
         broker.port,
+        protocol=protocol,
         subscriptions=[
             {"topic": "plant/{device_id}/data", "command_topic": "plant/{device_id}/cmd/{name}"}
         ],
