@@ -260,3 +260,30 @@ async def test_in_flight_bounded_by_receive_maximum(start: Start, service: Comma
         assert adapter.state.connected and adapter.connections == 1
     finally:
         await scripted.close()
+
+
+async def test_unacked_sent_again(start: Start, service: CommandService) -> None:  # noqa: F811
+    # The broker never PUBACKs: when the connection goes, the command is not
+    # DELIVERED and goes out again on the next connection, as a redelivery.
+    scripted = ScriptedBroker(ConnAck(), encode(Publish("d/a", b'{"x": 1}'), MQTT_5))
+    port = await scripted.start()
+    try:
+        adapter = await commandable(
+            start,
+            service,
+            port,
+            subscriptions=[{"topic": "d/{device_id}", "command_topic": "d/{device_id}/set"}],
+        )
+        async with asyncio.timeout(TIMEOUT):
+            await adapter.wait_for(lambda: "a" in adapter.command_devices)
+        cmd, _ = await service.submit("a", "set", {"on": True})
+        sent = lambda: [p for p in scripted.packets if isinstance(p, Publish)]  # noqa: E731
+        await scripted.wait_for(lambda: len(sent()) == 1)
+        adapter.request_reconnect()
+        await scripted.wait_for(lambda: len(sent()) == 2)
+        assert adapter.connections == 2
+        assert [p.topic for p in sent()] == ["d/a/set", "d/a/set"]
+        again = await service.get(cmd.id)
+        assert again is not None and again.attempts == 2 and again.state is CommandState.SENT
+    finally:
+        await scripted.close()
