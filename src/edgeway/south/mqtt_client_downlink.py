@@ -96,13 +96,13 @@ class MqttClientDownlink:
 
     def deliver(self, command: Command) -> asyncio.Future[bool]:
         route = self.adapter.command_devices.get(command.device_id)
-        if route is None or route.config.command_topic is None:
+        template = route.config.command_topic if route is not None else None
+        if route is None or template is None:
             fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             fut.set_result(False)
             return fut
         sub = route.config
-        assert sub.command_topic is not None
-        topic = command_topic(sub.command_topic, command.device_id, command.name)
+        topic = command_topic(template, command.device_id, command.name)
         payload = command_payload(sub, command, self.adapter.client_id)
         acked = self.adapter.publish(topic, payload)
         out: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
