@@ -79,19 +79,10 @@ class StatusCollector:
         up.add_metric([], float(st.get("uptime_s", 0.0)))
         yield up
 
+        from edgeway.south.mqtt.broker import Broker
+
         broker = st.get("broker") or {}
-        gauges = {
-            "connections",
-            "clients_connected",
-            "sessions",
-            "subscriptions",
-            "retained",
-            "retained_bytes",
-            "queued",
-            "queued_bytes",
-            "persistent_sessions",
-            "inflight",
-        }
+        gauges = Broker.STAT_GAUGES
         for key, value in sorted(broker.items()):
             name = _metric_name("edgeway_mqtt", key)
             if key in gauges:

@@ -330,8 +330,29 @@ class Broker:
                 self.decode_errors[reason],
             )
 
+    STAT_GAUGES: frozenset[str] = frozenset(
+        {
+            "connections",
+            "clients_connected",
+            "sessions",
+            "persistent_sessions",
+            "subscriptions",
+            "retained",
+            "retained_bytes",
+            "queued",
+            "queued_bytes",
+            "inflight",
+        }
+    )
+    """Keys of :meth:`stats` that are levels (Prometheus gauges); every other
+    key counts since start (a counter, ``_total``). Declared here, next to
+    the figures, so a new level is typed where it is added (the metrics
+    collector reads this set; a key missing from it was once exported as a
+    counter)."""
+
     def stats(self) -> dict[str, int]:
-        """Counters and gauges, flat (``dropped_<reason>``, ``decode_errors_<reason>``)."""
+        """Counters and gauges, flat (``dropped_<reason>``, ``decode_errors_<reason>``);
+        :attr:`STAT_GAUGES` says which are gauges."""
         out: dict[str, int] = {
             "connections": len(self.connections),
             "clients_connected": self._connected,
