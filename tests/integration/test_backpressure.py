@@ -10,9 +10,11 @@ confirms again, the same devices are accepted again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -26,6 +28,25 @@ outbox: {when_full: reject_new, max_bytes: 4KiB}
 sinks:
   - {name: cloud, url: "http://127.0.0.1:%d/ingest", options: {max_records: 5}}
 """
+
+
+@contextlib.asynccontextmanager
+async def _cloud(
+    ingest: Callable[[web.Request], Awaitable[web.Response]], release: asyncio.Event
+) -> AsyncIterator[int]:
+    """A cloud answering ``POST /ingest`` with ``ingest`` on a free port (yielded);
+    ``release`` is set on the way out so that a handler held on it returns."""
+    app = web.Application()
+    app.router.add_post("/ingest", ingest)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        release.set()
+        await runner.cleanup()
 
 
 async def _wait_received(received: list[Any], arrived: asyncio.Event, n: int) -> None:
@@ -50,17 +71,11 @@ async def test_reject_new_answers_0x97_loses_nothing_and_recovers(
         arrived.set()
         return web.json_response({"ok": True})
 
-    app = web.Application()
-    app.router.add_post("/ingest", ingest)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
+    async with _cloud(ingest, release=cloud_up) as port:
         admin_port = free_port()
         gw = await asyncio.to_thread(
             start_gateway,
-            CONFIG % runner.addresses[0][1],
+            CONFIG % port,
             extra_args=["--admin-listen", f"127.0.0.1:{admin_port}"],
         )
         device = unique("dev")
@@ -103,9 +118,6 @@ async def test_reject_new_answers_0x97_loses_nothing_and_recovers(
                 await asyncio.sleep(0.05)
             assert c["accepted"] == len(accepted) + 2 == c["delivered"]
             assert c["pending"] == 0 and c["rejected_full"] == len(refused)
-    finally:
-        cloud_up.set()
-        await runner.cleanup()
 
 
 def _publish_311(sock: socket.socket, topic: str, body: bytes, pid: int) -> None:
@@ -148,46 +160,39 @@ async def test_saturated_outbox_stops_reading_311_sockets_until_it_drains(
         arrived.set()
         return web.json_response({"ok": True})
 
-    app = web.Application()
-    app.router.add_post("/ingest", ingest)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    sock: socket.socket | None = None
-    try:
-        # The saturation margin (1 % of 64 KiB) is larger than one row: some
-        # accepted PUBLISH brings the outbox into it before one is refused.
-        config = (CONFIG % runner.addresses[0][1]).replace("max_bytes: 4KiB", "max_bytes: 64KiB")
-        gw = await asyncio.to_thread(start_gateway, config)
-        topic = f"devices/{unique('dev')}/telemetry"
-        connack, sock = await asyncio.to_thread(
-            raw_connack, gw.host, gw.port, raw_connect_packet(unique("old"))
-        )
-        assert connack == b"\x20\x02\x00\x00"
-        accepted = 0
-        waiting: int | None = None
-        for pid in range(1, 5000):  # bounded: 64 KiB fills long before this
-            body = json.dumps({"i": pid, "pad": "x" * 40}).encode()
-            _publish_311(sock, topic, body, pid)
-            ack = await asyncio.to_thread(_recv_exactly, sock, 4, 1.0)
-            if ack is None:  # not read: the socket is paused
-                waiting = pid
-                break
-            assert ack == b"\x40\x02" + struct.pack("!H", pid), f"closed or refused at {pid}"
-            accepted += 1
-        assert waiting is not None, "the outbox never filled up"
-        assert accepted >= 5
-        cloud_up.set()  # the backlog drains; the socket is read again
-        ack = await asyncio.to_thread(_recv_exactly, sock, 4, TIMEOUT)
-        assert ack == b"\x40\x02" + struct.pack("!H", waiting)
-        await _wait_received(received, arrived, accepted + 1)
-        assert [r["metrics"]["i"] for r in received] == list(range(1, waiting + 1))
-    finally:
-        if sock is not None:
-            sock.close()
-        cloud_up.set()
-        await runner.cleanup()
+    async with _cloud(ingest, release=cloud_up) as port:
+        sock: socket.socket | None = None
+        try:
+            # The saturation margin (1 % of 64 KiB) is larger than one row: some
+            # accepted PUBLISH brings the outbox into it before one is refused.
+            config = (CONFIG % port).replace("max_bytes: 4KiB", "max_bytes: 64KiB")
+            gw = await asyncio.to_thread(start_gateway, config)
+            topic = f"devices/{unique('dev')}/telemetry"
+            connack, sock = await asyncio.to_thread(
+                raw_connack, gw.host, gw.port, raw_connect_packet(unique("old"))
+            )
+            assert connack == b"\x20\x02\x00\x00"
+            accepted = 0
+            waiting: int | None = None
+            for pid in range(1, 5000):  # bounded: 64 KiB fills long before this
+                body = json.dumps({"i": pid, "pad": "x" * 40}).encode()
+                _publish_311(sock, topic, body, pid)
+                ack = await asyncio.to_thread(_recv_exactly, sock, 4, 1.0)
+                if ack is None:  # not read: the socket is paused
+                    waiting = pid
+                    break
+                assert ack == b"\x40\x02" + struct.pack("!H", pid), f"closed or refused at {pid}"
+                accepted += 1
+            assert waiting is not None, "the outbox never filled up"
+            assert accepted >= 5
+            cloud_up.set()  # the backlog drains; the socket is read again
+            ack = await asyncio.to_thread(_recv_exactly, sock, 4, TIMEOUT)
+            assert ack == b"\x40\x02" + struct.pack("!H", waiting)
+            await _wait_received(received, arrived, accepted + 1)
+            assert [r["metrics"]["i"] for r in received] == list(range(1, waiting + 1))
+        finally:
+            if sock is not None:
+                sock.close()
 
 
 # 1% of 64 KiB (the band where is_saturated() refuses up front) is wider than a
@@ -211,17 +216,11 @@ async def test_readings_refused_up_front_count_in_the_sinks_rejected_full(
         await hang.wait()  # the cloud never confirms during the test
         return web.json_response({"ok": True})
 
-    app = web.Application()
-    app.router.add_post("/ingest", ingest)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
+    async with _cloud(ingest, release=hang) as port:
         admin_port = free_port()
         gw = await asyncio.to_thread(
             start_gateway,
-            CONFIG_WIDE_BAND % runner.addresses[0][1],
+            CONFIG_WIDE_BAND % port,
             extra_args=["--admin-listen", f"127.0.0.1:{admin_port}"],
         )
         device = unique("dev")
@@ -247,6 +246,3 @@ async def test_readings_refused_up_front_count_in_the_sinks_rejected_full(
                 await asyncio.sleep(0.05)
             assert c["rejected_full"] == refused
             assert c["accepted"] == accepted and c["dropped"] == 0
-    finally:
-        hang.set()
-        await runner.cleanup()

@@ -335,14 +335,10 @@ class HttpIngestAdapter(SouthAdapter):
 
     async def _telemetry(self, request: web.Request) -> web.Response:
         cfg = self.config
-        try:
-            device_id = check_device_id(request.match_info["device_id"])
-        except DecodeError as e:
-            return _error(400, "bad_request", e.reason, e.detail)
-
-        token = _bearer_token(request)
-        if isinstance(token, web.Response):
-            return token
+        caller = _device_and_token(request)
+        if isinstance(caller, web.Response):
+            return caller
+        device_id, token = caller
         if not await self.token_check(device_id, token):
             log.info("http ingest: refused credentials for %s from %s", device_id, request.remote)
             return _error(
@@ -429,13 +425,10 @@ class HttpIngestAdapter(SouthAdapter):
         """The device id a command request may act for, or the error answer."""
         if self._downlink is None:
             return _error(404, "not_found", detail="commands are not enabled on this gateway")
-        try:
-            device_id = check_device_id(request.match_info["device_id"])
-        except DecodeError as e:
-            return _error(400, "bad_request", e.reason, e.detail)
-        token = _bearer_token(request)
-        if isinstance(token, web.Response):
-            return token
+        caller = _device_and_token(request)
+        if isinstance(caller, web.Response):
+            return caller
+        device_id, token = caller
         if token is None and not self.config.commands_allow_anonymous:
             return _error(401, "unauthorized", "no_token", **_bearer())
         if token is not None and not await self.token_check(device_id, token):
@@ -475,6 +468,19 @@ class HttpIngestAdapter(SouthAdapter):
                 self._buckets.pop(next(iter(self._buckets)))
         self._buckets[device_id] = bucket
         return bucket.take(now)
+
+
+def _device_and_token(request: web.Request) -> tuple[str, str | None] | web.Response:
+    """The path's device id and the request's bearer token (None without one), or
+    the 400/401 answer for a malformed id or Authorization header."""
+    try:
+        device_id = check_device_id(request.match_info["device_id"])
+    except DecodeError as e:
+        return _error(400, "bad_request", e.reason, e.detail)
+    token = _bearer_token(request)
+    if isinstance(token, web.Response):
+        return token
+    return device_id, token
 
 
 def _bearer_token(request: web.Request) -> str | web.Response | None:
