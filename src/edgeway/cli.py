@@ -231,13 +231,33 @@ def _add_admin_config(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _cmd_admin(args: argparse.Namespace) -> int:
-    """``edgeway tokens ...`` and ``edgeway status``."""
+# The subcommands that read the configuration file before anything else.
+_CONFIG_COMMANDS = frozenset(
+    ("stats", "outbox", "deadletter", "tokens", "status", "command", "reload", "config")
+)
+
+
+def _cmd_with_config(args: argparse.Namespace) -> int:
+    """Every subcommand of ``_CONFIG_COMMANDS``: load the configuration once
+    (printing its errors), then hand it to the subcommand."""
     try:
         cfg = _load(args.config)
     except ConfigError as e:
         _print_config_errors(e)
         return EXIT_CONFIG
+    if args.command == "stats":
+        from edgeway.pipeline import stats_main
+
+        return stats_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
+    if args.command == "outbox":
+        from edgeway.outbox.purge import outbox_main
+
+        data_dir = args.data_dir or Path(cfg.gateway.data_dir)
+        return outbox_main(list(args.rest), data_dir, {s.name for s in cfg.sinks})
+    if args.command == "deadletter":
+        from edgeway.outbox import deadletter_main
+
+        return deadletter_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
     if args.command == "command":
         from edgeway.commands.cli import command_main
 
@@ -462,37 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         from edgeway.devices.config_auth import passwd_main
 
         return passwd_main(["--stdin"] if args.stdin else [])
-    if args.command == "stats":
-        from edgeway.pipeline import stats_main
-
-        try:
-            cfg = _load(args.config)
-        except ConfigError as e:
-            _print_config_errors(e)
-            return EXIT_CONFIG
-        return stats_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
-    if args.command in ("tokens", "status", "command", "reload", "config"):
-        return _cmd_admin(args)
-    if args.command == "outbox":
-        from edgeway.outbox.purge import outbox_main
-
-        try:
-            cfg = _load(args.config)
-        except ConfigError as e:
-            _print_config_errors(e)
-            return EXIT_CONFIG
-        data_dir = args.data_dir or Path(cfg.gateway.data_dir)
-        return outbox_main(list(args.rest), data_dir, {s.name for s in cfg.sinks})
-    if args.command == "deadletter":
-        from edgeway.outbox import deadletter_main
-
-        try:
-            cfg = _load(args.config)
-        except ConfigError as e:
-            _print_config_errors(e)
-            return EXIT_CONFIG
-        data_dir = args.data_dir or Path(cfg.gateway.data_dir)
-        return deadletter_main(list(args.rest), data_dir)
+    if args.command in _CONFIG_COMMANDS:
+        return _cmd_with_config(args)
     parser.error(f"unknown command {args.command!r}")
     return EXIT_CONFIG  # pragma: no cover
 
