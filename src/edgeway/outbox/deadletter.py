@@ -17,10 +17,11 @@ its counters and cursors in memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,22 @@ def _open(db_path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(db_path, isolation_level=None, timeout=30.0)
     conn.execute("PRAGMA synchronous=FULL")
     return conn
+
+
+@contextlib.contextmanager
+def open_locked(db_path: Path) -> Iterator[sqlite3.Connection]:
+    """The outbox opened by an offline command that writes to it, with its lock
+    held: ``RuntimeError`` while a gateway has it open, because the running
+    gateway keeps its counters and cursors in memory."""
+    fd = acquire_lock(db_path)
+    try:
+        conn = _open(db_path)
+        try:
+            yield conn
+        finally:
+            conn.close()
+    finally:
+        release_lock(fd)
 
 
 def _id_of(conn: sqlite3.Connection) -> Callable[[int], str]:
@@ -132,15 +149,8 @@ def replay_dead_letters(
 
     Raises ``RuntimeError`` while a gateway has the outbox open.
     """
-    fd = acquire_lock(db_path)
-    try:
-        conn = _open(db_path)
-        try:
-            return _replay(conn, sink, ids)
-        finally:
-            conn.close()
-    finally:
-        release_lock(fd)
+    with open_locked(db_path) as conn:
+        return _replay(conn, sink, ids)
 
 
 def _replay(conn: sqlite3.Connection, sink: str | None, ids: Sequence[int] | None) -> int:
@@ -200,16 +210,9 @@ def purge_dead_letters(
 ) -> int:
     """Delete dead letters for good; returns how many. They stay counted as
     ``dropped_dead_letter``. Raises ``RuntimeError`` while a gateway runs."""
-    fd = acquire_lock(db_path)
-    try:
-        conn = _open(db_path)
-        try:
-            where, params = _where(sink, ids)
-            return conn.execute(f"DELETE FROM deadletter{where}", params).rowcount
-        finally:
-            conn.close()
-    finally:
-        release_lock(fd)
+    with open_locked(db_path) as conn:
+        where, params = _where(sink, ids)
+        return conn.execute(f"DELETE FROM deadletter{where}", params).rowcount
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -20,9 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeway.outbox.store import acquire_lock, release_lock
-
-DB_NAME = "outbox.db"
+from edgeway.outbox.deadletter import DB_NAME, open_locked
 
 
 @dataclass(slots=True, frozen=True)
@@ -46,40 +44,30 @@ def purge_sink(
         )
     if not db_path.exists():
         raise FileNotFoundError(f"no outbox at {db_path}")
-    fd = acquire_lock(db_path)
-    try:
-        conn = sqlite3.connect(db_path, isolation_level=None, timeout=30.0)
-        try:
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("BEGIN IMMEDIATE")
-            row = conn.execute(
-                "SELECT bit, accepted, delivered, dropped_max_bytes, dropped_max_age, "
-                "dropped_dead_letter FROM sinks WHERE name = ?",
-                (sink,),
-            ).fetchone()
-            if row is None:
-                conn.execute("ROLLBACK")
-                known = [r[0] for r in conn.execute("SELECT name FROM sinks ORDER BY name")]
-                raise LookupError(f"no sink {sink!r} in {db_path} (known: {known})")
-            bit, accepted, delivered, d1, d2, d3 = row
-            pending = accepted - delivered - d1 - d2 - d3
-            deleted, freed = conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM chunks WHERE pending = ?", (bit,)
-            ).fetchone()
-            conn.execute("DELETE FROM chunks WHERE pending = ?", (bit,))
-            conn.execute(
-                "UPDATE chunks SET pending = pending & ~? WHERE pending & ? != 0", (bit, bit)
-            )
-            conn.execute("DELETE FROM sinks WHERE name = ?", (sink,))
-            conn.execute(
-                "UPDATE meta SET value = MAX(0, CAST(value AS INTEGER) - ?) WHERE key = 'total_bytes'",
-                (freed,),
-            )
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-    finally:
-        release_lock(fd)
+    with open_locked(db_path) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        row = conn.execute(
+            "SELECT bit, accepted, delivered, dropped_max_bytes, dropped_max_age, "
+            "dropped_dead_letter FROM sinks WHERE name = ?",
+            (sink,),
+        ).fetchone()
+        if row is None:
+            conn.execute("ROLLBACK")
+            known = [r[0] for r in conn.execute("SELECT name FROM sinks ORDER BY name")]
+            raise LookupError(f"no sink {sink!r} in {db_path} (known: {known})")
+        bit, accepted, delivered, d1, d2, d3 = row
+        pending = accepted - delivered - d1 - d2 - d3
+        deleted, freed = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM chunks WHERE pending = ?", (bit,)
+        ).fetchone()
+        conn.execute("DELETE FROM chunks WHERE pending = ?", (bit,))
+        conn.execute("UPDATE chunks SET pending = pending & ~? WHERE pending & ? != 0", (bit, bit))
+        conn.execute("DELETE FROM sinks WHERE name = ?", (sink,))
+        conn.execute(
+            "UPDATE meta SET value = MAX(0, CAST(value AS INTEGER) - ?) WHERE key = 'total_bytes'",
+            (freed,),
+        )
+        conn.execute("COMMIT")
     return PurgeResult(sink, pending, deleted, freed)
 
 
