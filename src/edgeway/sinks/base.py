@@ -303,26 +303,22 @@ def client_ssl_context(
     ``enabled`` False (a plain-text URL) refuses TLS options naming the key;
     errors are :class:`SinkOptionsError` so ``edgeway check`` shows them.
     """
-
-    def refuse(name: str, message: str) -> SinkOptionsError:
-        return SinkOptionsError([(("options", name), message)])
-
     if not enabled:
         for name, value in (("ca", ca), ("cert", cert), ("key", key)):
             if value is not None:
-                raise refuse(name, f"TLS options need a {scheme}:// url")
+                raise SinkOptionsError.at(f"options.{name}", f"TLS options need a {scheme}:// url")
         return None
     if (cert is None) != (key is None):
-        raise refuse("key", "cert and key go together")
+        raise SinkOptionsError.at("options.key", "cert and key go together")
     try:
         ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
     except (OSError, ssl.SSLError) as e:
-        raise refuse("ca", str(e)) from None
+        raise SinkOptionsError.at("options.ca", str(e)) from None
     if cert is not None and key is not None:
         try:
             ctx.load_cert_chain(str(cert), str(key), key_password)
         except (OSError, ssl.SSLError) as e:
-            raise refuse("cert", str(e)) from None
+            raise SinkOptionsError.at("options.cert", str(e)) from None
     return ctx
 
 

@@ -104,6 +104,8 @@ from edgeway.sinks.base import (
     client_ssl_context,
     register_sink,
 )
+from edgeway.south.mqtt.codec import validate_topic_filter, validate_topic_name
+from edgeway.south.mqtt.packets import ProtocolError
 
 if TYPE_CHECKING:
     from edgeway.commands.service import CommandService
@@ -569,18 +571,10 @@ class MqttSink(Sink):
             raise SinkOptionsError.at(
                 f"options.{key}", f"bad template {template!r} (placeholders: gateway_id, sink): {e}"
             ) from None
-        levels = topic.split("/")
-        wildcards_ok = (
-            is_filter
-            and all(lv in ("+", "#") or ("+" not in lv and "#" not in lv) for lv in levels)
-            and "#" not in levels[:-1]
-        )
-        if (
-            not topic
-            or len(topic.encode()) > 65535
-            or (("+" in topic or "#" in topic) and not wildcards_ok)
-        ):
-            raise SinkOptionsError.at(f"options.{key}", f"invalid MQTT topic {topic!r}")
+        try:
+            (validate_topic_filter if is_filter else validate_topic_name)(topic)
+        except ProtocolError:
+            raise SinkOptionsError.at(f"options.{key}", f"invalid MQTT topic {topic!r}") from None
         return topic
 
     def credentials(self) -> tuple[str | None, str | None]:
