@@ -115,6 +115,12 @@ class InputLimits:
                 f"(allowed -{self.max_timestamp_age:.0f} to +{self.max_timestamp_ahead:.0f})",
             )
 
+    def check_reading_count(self, count: int) -> None:
+        """:class:`DecodeError` ``too_many_readings`` when one message holds more than
+        :attr:`max_readings_per_message`; decoders call it before decoding the items."""
+        if count > self.max_readings_per_message:
+            raise DecodeError("too_many_readings", f"{count} > {self.max_readings_per_message}")
+
     def check_name(self, name: str) -> None:
         """:class:`DecodeError` ``name_too_long`` for a metric name (or a flattening prefix)."""
         if len(name) > self.max_name_length:
@@ -136,10 +142,7 @@ class InputLimits:
         the values are not looked at, only counted (the broker's hot path)."""
         if text_bound is not None and self._within(readings, now, text_bound):
             return readings
-        if len(readings) > self.max_readings_per_message:
-            raise DecodeError(
-                "too_many_readings", f"{len(readings)} > {self.max_readings_per_message}"
-            )
+        self.check_reading_count(len(readings))
         max_metrics = self.max_metrics_per_reading
         max_name = self.max_name_length
         max_string = self.max_string_length

@@ -117,8 +117,7 @@ class BinaryCodec(Codec):
             if len(payload) != size:
                 raise DecodeError("bad_length", f"expected {size} bytes, got {len(payload)}")
             frames = [payload]
-        if len(frames) > self.limits.max_readings_per_message:  # checked before any work
-            raise DecodeError("too_many_readings", f"{len(frames)} structs")
+        self.limits.check_reading_count(len(frames))  # before any work
         return [self._frame(f, device_id, origin, now) for f in frames]
 
     def _frame(self, frame: bytes, device_id: str | None, origin: Origin, now: float) -> Reading:

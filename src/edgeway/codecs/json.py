@@ -183,10 +183,7 @@ class ObjectMapper:
         if isinstance(doc, list):
             if not doc:
                 raise DecodeError("empty_array")
-            if len(doc) > self.limits.max_readings_per_message:  # before any work
-                raise DecodeError(
-                    "too_many_readings", f"{len(doc)} > {self.limits.max_readings_per_message}"
-                )
+            self.limits.check_reading_count(len(doc))  # before any work
             return [
                 self.map_object(o, device_id=device_id, origin=origin, now=now, budget=budget)
                 for o in doc

@@ -292,10 +292,7 @@ def decode_telemetry(
     if isinstance(data, list):
         if not data:
             raise TelemetryError("no_metrics", "empty array")
-        if len(data) > limits.max_readings_per_message:  # before any work
-            raise DecodeError(
-                "too_many_readings", f"{len(data)} > {limits.max_readings_per_message}"
-            )
+        limits.check_reading_count(len(data))  # before any work
         readings = [
             reading_from(o, device_id, now, origin, correlation, limits, budget) for o in data
         ]
