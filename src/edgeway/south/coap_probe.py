@@ -20,10 +20,10 @@ import os
 import socket
 import struct
 
+from edgeway.south.coap_guard import empty_message_id
+
 _EMPTY_CON = 0x40
 """Version 1, type CON (0), token length 0."""
-_EMPTY_RST = 0x70
-"""Version 1, type RST (3), token length 0."""
 _HEADER = struct.Struct("!BBH")
 
 
@@ -34,10 +34,8 @@ def ping_datagram(message_id: int) -> bytes:
 
 def is_reset_for(datagram: bytes, message_id: int) -> bool:
     """True when ``datagram`` is the empty reset that answers the ping ``message_id``."""
-    if len(datagram) != _HEADER.size:
-        return False
-    first, code, mid = _HEADER.unpack(datagram)
-    return bool(first == _EMPTY_RST and code == 0 and mid == message_id & 0xFFFF)
+    reply = empty_message_id(datagram)
+    return reply is not None and reply.reset and reply.mid == message_id & 0xFFFF
 
 
 def probe_address(host: str, port: int) -> tuple[str, int]:
@@ -61,11 +59,11 @@ class _PingProtocol(asyncio.DatagramProtocol):
         self.waiting: dict[int, asyncio.Future[None]] = {}
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        if len(data) != _HEADER.size:
+        reply = empty_message_id(data)
+        if reply is None or not reply.reset:
             return
-        mid = _HEADER.unpack(data)[2]
-        fut = self.waiting.get(mid)
-        if fut is not None and not fut.done() and is_reset_for(data, mid):
+        fut = self.waiting.get(reply.mid)
+        if fut is not None and not fut.done():
             fut.set_result(None)
 
     def error_received(self, exc: Exception) -> None:
