@@ -83,20 +83,10 @@ class AdminClient:
         """A request whose refusals (4xx other than 401/403) the caller reads:
         ``(status, JSON body)``. Connection problems and missing or weak
         tokens still raise :class:`AdminClientError`."""
-        try:
-            r = self._http.request(method, path, content=content)
-        except httpx.HTTPError as e:
-            raise AdminClientError(
-                f"cannot reach the admin API at {self.base_url}: {e or type(e).__name__} "
-                "(is the gateway running with admin.listen there?)"
-            ) from None
+        r = self._send(method, path, content)
         if r.status_code in (401, 403) or (r.status_code >= 500 and r.status_code != 503):
             self._raise_for(r, path)
-        try:
-            body = orjson.loads(r.content) if r.content else {}
-        except orjson.JSONDecodeError:
-            raise AdminClientError(f"{self.base_url}{path}: the answer is not JSON") from None
-        return r.status_code, body
+        return r.status_code, self._json(r.content or b"{}", path)
 
     def _raise_for(self, r: httpx.Response, path: str) -> NoReturn:
         message = _error_message(r)
@@ -110,22 +100,31 @@ class AdminClient:
         raise AdminClientError(f"{self.base_url}{path}: {r.status_code} {message}")
 
     def _request(self, method: str, path: str, content: bytes | None = None) -> Any:
+        headers = {"Content-Type": "application/json"} if content is not None else None
+        r = self._send(method, path, content, headers)
+        if r.status_code >= 400:
+            self._raise_for(r, path)
+        return self._json(r.content, path)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        content: bytes | None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        """One request; a connection problem becomes an :class:`AdminClientError`."""
         try:
-            r = self._http.request(
-                method,
-                path,
-                content=content,
-                headers={"Content-Type": "application/json"} if content is not None else None,
-            )
+            return self._http.request(method, path, content=content, headers=headers)
         except httpx.HTTPError as e:
             raise AdminClientError(
                 f"cannot reach the admin API at {self.base_url}: {e or type(e).__name__} "
                 "(is the gateway running with admin.listen there?)"
             ) from None
-        if r.status_code >= 400:
-            self._raise_for(r, path)
+
+    def _json(self, content: bytes, path: str) -> Any:
         try:
-            return orjson.loads(r.content)
+            return orjson.loads(content)
         except orjson.JSONDecodeError:
             raise AdminClientError(f"{self.base_url}{path}: the answer is not JSON") from None
 
