@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from edgeway import __version__
-from edgeway.config import Config, ConfigError, KeyLines, load_config
+from edgeway.config import Config, ConfigError, ConfigIssue, KeyLines, load_config
 
 log = logging.getLogger("edgeway.cli")
 
@@ -243,7 +243,7 @@ def _cmd_with_config(args: argparse.Namespace) -> int:
     try:
         cfg = _load(args.config)
     except ConfigError as e:
-        _print_config_errors(e)
+        _print_config_errors(e.issues)
         return EXIT_CONFIG
     if args.command == "stats":
         from edgeway.pipeline import stats_main
@@ -283,8 +283,8 @@ def _load(path: Path | None) -> Config:
     return load_config(path)
 
 
-def _print_config_errors(err: ConfigError) -> None:
-    for issue in err.issues:
+def _print_config_errors(issues: list[ConfigIssue]) -> None:
+    for issue in issues:
         print(f"error: {issue}", file=sys.stderr)
 
 
@@ -295,8 +295,7 @@ def cmd_check(path: Path, sinks: list[str] | None = None) -> int:
     from edgeway.validate import validate
 
     issues = validate(path, sink_urls=sinks or ())
-    for issue in issues:
-        print(f"error: {issue}", file=sys.stderr)
+    _print_config_errors(issues)
     if issues:
         return EXIT_CONFIG
     print(f"{path}: ok")
@@ -312,7 +311,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg, lines = read_config(args.config) if args.config else (Config(), KeyLines("--sink"))
     except ConfigError as e:
-        _print_config_errors(e)
+        _print_config_errors(e.issues)
         return EXIT_CONFIG
 
     def overrides(c: Config) -> Config:
@@ -338,7 +337,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The same checks as `edgeway check`, after the overrides (--sink adds sinks).
     issues = check_config(cfg, lines)
     if issues:
-        _print_config_errors(ConfigError(issues))
+        _print_config_errors(issues)
         return EXIT_CONFIG
     configure_logging(cfg.log.level, cfg.log.format)
     if args.config is None:
