@@ -672,7 +672,6 @@ class Broker:
         if not direct and not shared:
             return
         cache: dict[Any, Any] = {}
-        sender = msg.sender
         mqos = msg.qos
         mretain = msg.retain
         for session, entries in direct:

@@ -145,12 +145,16 @@ class RetainedCursor:
                 child = children.get(level)
                 if child is not None:
                     stack.append((iter((child,)), i + 1))
-        if out:
-            now = self._store.clock()
-            if any(m.expires_at is not None for m in out):
-                for m in [m for m in out if m.expired(now)]:
-                    self._store._drop(m.topic)
-                out = [m for m in out if not m.expired(now)]
+        if any(m.expires_at is not None for m in out):
+            store = self._store
+            now = store.clock()
+            live: list[Message] = []
+            for m in out:
+                if m.expired(now):
+                    store._drop(m.topic)
+                else:
+                    live.append(m)
+            out = live
         return out, visited
 
 
