@@ -174,23 +174,20 @@ class EventLog:
         self.suppressed_total = 0
         """Lines not written because of the rate limit (all kinds)."""
 
-    def _take(self, kind: str) -> _Bucket | None:
-        """The kind's bucket with one token taken, or None (none left)."""
-        now = self._clock()
-        b = self._buckets.get(kind)
-        if b is None:
-            b = self._buckets[kind] = _Bucket(self._burst, now)
-        return b if b.take(now, self._rate, self._burst) else None
+    def _take(self, b: _Bucket) -> bool:
+        """Take one token from ``b``; False when none is left."""
+        return b.take(self._clock(), self._rate, self._burst)
 
     def emit(self, kind: str, level: int, msg: str, *args: object) -> bool:
         """Log ``msg % args`` at ``level`` unless ``kind`` is over its rate;
         True when written. Arguments are formatted only when written."""
         if not self._logger.isEnabledFor(level):
             return False
-        b = self._take(kind)
+        b = self._buckets.get(kind)
         if b is None:
-            bucket = self._buckets[kind]
-            bucket.suppressed += 1
+            b = self._buckets[kind] = _Bucket(self._burst, self._clock())
+        if not self._take(b):
+            b.suppressed += 1
             self.suppressed_total += 1
             return False
         if b.suppressed:
@@ -203,7 +200,7 @@ class EventLog:
     def report_suppressed(self) -> None:
         """Say how many lines each kind left out, once its rate allows a line."""
         for kind, b in self._buckets.items():
-            if b.suppressed and self._take(kind) is not None:
+            if b.suppressed and self._take(b):
                 n, b.suppressed = b.suppressed, 0
                 self._logger.warning(
                     "%d %s lines suppressed (rate limit)",
