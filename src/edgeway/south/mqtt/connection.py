@@ -44,7 +44,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -1493,57 +1493,55 @@ class MqttConnection(asyncio.Protocol):
         if session.retained is not None and not self._send_retained(session, session.retained):
             return
         queue = session.queue
-        inflight = session.inflight
         now = self.broker.clock.now()
-        while queue and not self._write_paused:
-            if self._out_bytes >= OUTPUT_PER_TURN or self._out_drained >= DRAIN_PER_TURN:
-                self._continue_output()
-                break
+        while queue and not self._write_paused and not self._turn_spent():
             d = queue[0]
             if d.msg.expires_at is not None and d.msg.expires_at <= now:
                 session.dequeue()
                 self.broker.count_drop("expired")
                 continue
-            if d.qos == 0:
-                session.dequeue()
-                self._out_drained += 1
-                self._write_publish(d, None, False, None)
-                continue
-            if len(inflight) >= self.window:
+            if not self._send_head(session, d, session.dequeue):
                 break
-            session.dequeue()
-            pid = session.next_packet_id()
-            inflight[pid] = Inflight(pid, d)
+
+    def _turn_spent(self) -> bool:
+        """Whether this turn's output budget is spent (then it goes on next turn)."""
+        if self._out_bytes >= OUTPUT_PER_TURN or self._out_drained >= DRAIN_PER_TURN:
+            self._continue_output()
+            return True
+        return False
+
+    def _send_head(self, session: Session, d: Delivery, pop: Callable[[], object]) -> bool:
+        """Send ``d``, the first of what waits, taking it off with ``pop``;
+        False (it stays) when it needs a packet id and the window is full."""
+        if d.qos == 0:
+            pop()
             self._out_drained += 1
-            self._write_publish(d, pid, False, None)
+            self._write_publish(d, None, False, None)
+            return True
+        inflight = session.inflight
+        if len(inflight) >= self.window:
+            return False  # a PUBACK goes on (_on_puback)
+        pop()
+        pid = session.next_packet_id()
+        inflight[pid] = Inflight(pid, d)
+        session.dirty = True
+        self._out_drained += 1
+        self._write_publish(d, pid, False, None)
+        return True
 
     def _send_retained(self, session: Session, backlog: RetainedBacklog) -> bool:
         """Walk and send retained messages owed to SUBSCRIBEs, within this
         turn's budgets; True once all are sent."""
         ready = backlog.ready
         walks = backlog.walks
-        inflight = session.inflight
         while True:
             while ready:
-                if self._write_paused:
+                if (
+                    self._write_paused
+                    or self._turn_spent()
+                    or not self._send_head(session, ready[0], ready.popleft)
+                ):
                     return False
-                if self._out_bytes >= OUTPUT_PER_TURN or self._out_drained >= DRAIN_PER_TURN:
-                    self._continue_output()
-                    return False
-                d = ready[0]
-                if d.qos == 0:
-                    ready.popleft()
-                    self._out_drained += 1
-                    self._write_publish(d, None, False, None)
-                    continue
-                if len(inflight) >= self.window:
-                    return False  # a PUBACK goes on (_on_puback)
-                ready.popleft()
-                pid = session.next_packet_id()
-                inflight[pid] = Inflight(pid, d)
-                session.dirty = True
-                self._out_drained += 1
-                self._write_publish(d, pid, False, None)
             if not walks:
                 session.retained = None
                 return True
