@@ -11,7 +11,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeway.codecs.base import MAX_STRING_VALUE, Codec, DecodeError, get_codec
+from edgeway.codecs.base import Codec, DecodeError, get_codec
 from edgeway.codecs.sparkplug import SparkplugCodec
 from edgeway.reading import Origin, Reading
 
@@ -47,7 +47,7 @@ def check(codec: Codec, payload: bytes, device_id: str | None, topic: str = "t")
             assert isinstance(name, str)
             assert isinstance(value, bool | int | float | str)
             assert not isinstance(value, float) or math.isfinite(value)
-            assert not isinstance(value, str) or len(value) <= MAX_STRING_VALUE
+            assert not isinstance(value, str) or len(value) <= codec.limits.max_string_length
 
 
 @SETTINGS

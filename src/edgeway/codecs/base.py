@@ -44,9 +44,6 @@ from edgeway.reading import MetricValue, Origin, Reading
 MAX_DEVICE_ID_LENGTH = 128
 """Same bound as ``gateway.id``: ids travel in every record and topic."""
 
-MAX_STRING_VALUE = DEFAULT_LIMITS.max_string_length
-"""The default :attr:`InputLimits.max_string_length` (configurable: ``input_limits``)."""
-
 
 class NoOptions(BaseModel):
     """Options model of a codec that takes none."""
