@@ -50,14 +50,14 @@ import sqlite3
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
-from edgeway.commands.model import TERMINAL, Command, CommandResult, CommandState
+from edgeway.commands.model import Command, CommandResult, CommandState
 from edgeway.downlink import DeliveryError, Downlink
 from edgeway.reading import Origin, Reading
 from edgeway.storage.sqlite import Database
@@ -363,16 +363,20 @@ class CommandService:
             self.stats.refused_invalid += 1
             raise CommandError("invalid", problem)
 
+    async def _inactive(self, command_id: str) -> Command:
+        """A command that is not active: from history, or CommandError not_found."""
+        cmd = await self.get(command_id)
+        if cmd is None:
+            raise CommandError("not_found", f"no command {command_id!r}")
+        return cmd
+
     async def cancel(self, command_id: str) -> Command:
         """Cancel an unfinished command (a finished one is returned as it is).
         A command already SENT may still run on the device: cancelling it only
         stops the gateway from sending it again and from waiting for it."""
         rec = self._active.get(command_id)
         if rec is None:
-            cmd = await self.get(command_id)
-            if cmd is None:
-                raise CommandError("not_found", f"no command {command_id!r}")
-            return cmd
+            return await self._inactive(command_id)
         await self._finish(rec, CommandState.CANCELLED, error="cancelled")
         return rec.cmd
 
@@ -427,10 +431,7 @@ class CommandService:
         """The command once finished, or as it is after ``within`` seconds."""
         rec = self._active.get(command_id)
         if rec is None:
-            cmd = await self.get(command_id)
-            if cmd is None:
-                raise CommandError("not_found", f"no command {command_id!r}")
-            return cmd
+            return await self._inactive(command_id)
         fut: asyncio.Future[Command] = asyncio.get_running_loop().create_future()
         rec.waiters.append(fut)
         try:
@@ -683,10 +684,6 @@ class CommandService:
         self.stats.active = len(self._active)
         self.stats.devices_waiting = len(self._by_device)
 
-    def pending_devices(self) -> Iterable[str]:
-        """Devices with unfinished commands (downlinks ask on reconnect)."""
-        return self._by_device.keys()
-
     def _emit_state(self, cmd: Command) -> None:
         if self._emit is None:
             return
@@ -817,7 +814,6 @@ def _record_from_row(row: tuple[Any, ...]) -> _Record:
 
 
 __all__ = [
-    "TERMINAL",
     "CommandError",
     "CommandService",
     "CommandStats",

@@ -261,46 +261,41 @@ def _resume(gw: Gateway) -> None:
 async def _apply_listeners(
     gw: Gateway, old: Config, new: Config, p: ReloadPlan, undo: list[Undo]
 ) -> None:
-    from edgeway.south.mqtt.listeners import start_listeners
+    from edgeway.south.mqtt.listeners import RunningListener, start_listeners
 
     broker = gw.broker
     assert broker is not None
-    going = set(p.listeners_removed) | set(p.listeners_changed)
-    closing = [lst for lst in gw.listeners if lst.config.bind in going]
-    old_cfgs = [lst.config for lst in closing]
-    for lst in closing:
-        await lst.close()
-        gw.listeners.remove(lst)
-        _disconnect_clients(gw, lst.config)
-    new_cfgs = [
-        c for c in new.mqtt.listeners if c.bind in set(p.listeners_added) | set(p.listeners_changed)
-    ]
-    try:
-        opened = await start_listeners(
-            new_cfgs, broker.protocol_factory, connect_timeout=new.mqtt.limits.connect_timeout
-        )
-    except BaseException:
-        gw.listeners.extend(
-            await start_listeners(
-                old_cfgs, broker.protocol_factory, connect_timeout=old.mqtt.limits.connect_timeout
-            )
-        )
-        raise
-    gw.listeners.extend(opened)
-    for lst in opened:
-        log.info("reload: MQTT listener on %s:%d", *lst.bound)
+    # mqtt.limits needs a restart, so old and new connect timeouts are the same.
+    timeout = new.mqtt.limits.connect_timeout
 
-    async def back() -> None:
-        for lst in opened:
+    async def close(listeners: list[RunningListener]) -> None:
+        for lst in listeners:
             await lst.close()
             if lst in gw.listeners:
                 gw.listeners.remove(lst)
             _disconnect_clients(gw, lst.config)
-        gw.listeners.extend(
-            await start_listeners(
-                old_cfgs, broker.protocol_factory, connect_timeout=old.mqtt.limits.connect_timeout
-            )
-        )
+
+    async def open_(cfgs: list[Any]) -> list[RunningListener]:
+        opened = await start_listeners(cfgs, broker.protocol_factory, connect_timeout=timeout)
+        gw.listeners.extend(opened)
+        return opened
+
+    going = set(p.listeners_removed) | set(p.listeners_changed)
+    closing = [lst for lst in gw.listeners if lst.config.bind in going]
+    old_cfgs = [lst.config for lst in closing]
+    await close(closing)
+    coming = set(p.listeners_added) | set(p.listeners_changed)
+    try:
+        opened = await open_([c for c in new.mqtt.listeners if c.bind in coming])
+    except BaseException:
+        await open_(old_cfgs)
+        raise
+    for lst in opened:
+        log.info("reload: MQTT listener on %s:%d", *lst.bound)
+
+    async def back() -> None:
+        await close(opened)
+        await open_(old_cfgs)
 
     undo.append(back)
 

@@ -46,7 +46,6 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,12 +287,3 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def describe(entries: Iterable[HistoryEntry]) -> list[str]:
-    """Lines for ``edgeway config history``."""
-    out = []
-    for e in entries:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.applied_at))
-        out.append(f"{e.number:>4}  {when}  {e.sha256[:12]}  {e.source}")
-    return out

@@ -30,10 +30,6 @@ class IngestSwitch:
     def batchable(self) -> bool:
         return self.target.batchable
 
-    @property
-    def holding(self) -> bool:
-        return self._held is not None
-
     def submit(self, readings: Sequence[Reading]) -> asyncio.Future[IngestStatus]:
         held = self._held
         if held is None:

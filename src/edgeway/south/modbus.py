@@ -398,6 +398,14 @@ class ModbusAdapter(SouthAdapter):
                         return g, p, int(idx)
         raise KeyError(f"no point {metric!r} on modbus device {self.config.name}")
 
+    def writable_point(self, metric: str) -> tuple[ModbusGroup, ModbusPoint, int]:
+        """The point a write of ``metric`` goes to: KeyError for an unknown
+        metric, PermissionError for one not configured ``writable``."""
+        group, point, bit = self._find(metric)
+        if not point.writable:
+            raise PermissionError(f"{metric} is not writable (set writable: true)")
+        return group, point, bit
+
     def downlink(self, events: DownlinkEvents) -> Downlink | None:
         """Commands ``write`` (and, for OPC-UA, ``call``/method names); see
         :mod:`edgeway.south.write_downlink`."""
@@ -413,9 +421,7 @@ class ModbusAdapter(SouthAdapter):
         hold, :class:`ConnectionError` when not connected and
         :class:`ModbusPeerError` when the device refuses.
         """
-        group, point, bit = self._find(metric)
-        if not point.writable:
-            raise PermissionError(f"{metric} is not writable (set writable: true)")
+        group, point, bit = self.writable_point(metric)
         unit = group.unit_id if group.unit_id is not None else self.config.unit_id
         client = self._client
         if client is None:

@@ -327,6 +327,16 @@ class OpcUaAdapter(SouthAdapter):
 
         return WriteDownlink(self, self.config.device_id, events)
 
+    def writable_point(self, metric: str) -> OpcUaNode:
+        """The node a write of ``metric`` goes to: KeyError for an unknown
+        metric, PermissionError for one not configured ``writable``."""
+        item = next((n for n in self.config.nodes if n.metric == metric), None)
+        if item is None:
+            raise KeyError(f"no node {metric!r} on opcua server {self.config.name}")
+        if not item.writable:
+            raise PermissionError(f"{metric} is not writable (set writable: true)")
+        return item
+
     async def write(self, metric: str, value: MetricValue) -> None:
         """Write ``value`` to a ``writable`` node, converted to the node's data type.
 
@@ -336,11 +346,7 @@ class OpcUaAdapter(SouthAdapter):
         """
         from asyncua import ua
 
-        item = next((n for n in self.config.nodes if n.metric == metric), None)
-        if item is None:
-            raise KeyError(f"no node {metric!r} on opcua server {self.config.name}")
-        if not item.writable:
-            raise PermissionError(f"{metric} is not writable (set writable: true)")
+        self.writable_point(metric)
         self._connected_client()
         node = self._nodes.get(metric)
         if node is None:

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from edgeway.commands.model import Command, CommandResult
 from edgeway.downlink import DeliveryError, DownlinkEvents
@@ -36,12 +35,6 @@ if TYPE_CHECKING:
     from edgeway.south.base import SouthAdapter
 
 log = logging.getLogger(__name__)
-
-
-class Writable(Protocol):
-    """What an adapter offers for commands (Modbus and OPC-UA adapters)."""
-
-    async def write(self, metric: str, value: MetricValue) -> None: ...
 
 
 def _check_value(metric: str, value: Any) -> MetricValue:
@@ -104,18 +97,10 @@ class WriteDownlink:
         return {m.name for m in getattr(self.adapter.config, "methods", [])}
 
     def _check_writable(self, metric: str) -> None:
-        cfg = self.adapter.config
-        points: Sequence[Any]
-        if hasattr(cfg, "groups"):  # Modbus
-            points = [p for g in cfg.groups for p in g.points]
-            base = metric.split(".", 1)[0]
-            found = [p for p in points if p.metric in (metric, base)]
-        else:  # OPC-UA
-            found = [n for n in cfg.nodes if n.metric == metric]
-        if not found:
-            raise DeliveryError(f"no point {metric!r} on {self.adapter.name}")
-        if not found[0].writable:
-            raise DeliveryError(f"{metric} is not writable (set writable: true)")
+        try:
+            self.adapter.writable_point(metric)  # type: ignore[attr-defined]
+        except (KeyError, PermissionError) as e:
+            raise DeliveryError(str(e.args[0])) from None
 
     async def _run(
         self, command: Command, plan: list[tuple[str, Any]], fut: asyncio.Future[bool]
