@@ -24,7 +24,6 @@ import orjson
 
 from edgeway.config import Config, is_loopback, parse_host_port
 from edgeway.devices.auth import Authenticator, Authoriser
-from edgeway.ingest import Ingest
 from edgeway.outbox import Outbox, SinkRunner
 from edgeway.outbox.store import CHUNK_MAX
 from edgeway.pipeline import Pipeline
@@ -45,6 +44,9 @@ ADAPTER_READY_WAIT = 3.0
 """Seconds start-up waits for south adapters to bind or connect before "ready"."""
 RECEIPT_SETTLE = 1.0
 """Seconds shutdown waits for in-flight sink batches so their receipts go out."""
+RUNNER_STOP_WAIT = 1.0
+RUNNER_STOP_ROUNDS = 3
+"""A sink runner gets this long after each cancellation, this many times, to end."""
 SHUTDOWN_GRACE = 4.0
 """Seconds allowed for an orderly stop; the issue promises exit within 5 s."""
 
@@ -144,12 +146,20 @@ class Gateway:
             "outbox_retired": self.outbox.retired_counters() if self.outbox is not None else {},
             "reloads": {"applied": self.reloads, "failed": self.reload_failures},
             "pipeline": self.pipeline.stats() if self.pipeline is not None else None,
-            "commands": (
-                dataclasses.asdict(self.commands.stats) if self.commands is not None else None
-            ),
+            "commands": self._command_status(),
             "sinks": {s.name: dataclasses.asdict(s.state) for s in self.sinks},
             "adapters": {f"{a.section}:{a.name}": _adapter_status(a) for a in self.adapters},
         }
+
+    def _command_status(self) -> dict[str, Any] | None:
+        if self.commands is None:
+            return None
+        out = dataclasses.asdict(self.commands.stats)
+        if self._broker_downlink is not None:
+            # Results the embedded broker's downlink refused before the queue
+            # saw them (not JSON, or published by another client id).
+            out["mqtt_results_refused"] = self._broker_downlink.results_refused
+        return out
 
     def health_problems(self) -> list[str]:
         """What keeps the gateway from serving devices right now (empty: healthy).
@@ -194,7 +204,7 @@ class Gateway:
                 data_dir, cfg.commands, emit=self._store_records, durability=cfg.outbox.durability
             )
             await self.commands.open()
-        self.adapters = self._build_adapters(self.ingest)
+        self.adapters = self._build_adapters()
         try:
             for sink in self.sinks:
                 await sink.start()
@@ -202,12 +212,8 @@ class Gateway:
                 # Before the TaskGroup, so that a port already in use surfaces as
                 # a plain ListenerError the CLI can print in one line.
                 await self._start_broker(authenticator, authoriser)
-            if self.commands is not None:
-                for adapter in self.adapters:
-                    adapter_downlink = adapter.downlink(self.commands)
-                    if adapter_downlink is not None:
-                        self.commands.add_downlink(adapter_downlink)
-                        self._downlinks[id(adapter)] = adapter_downlink
+            for adapter in self.adapters:
+                self._register_downlink(adapter)
             if self.commands is not None and self.broker is not None:
                 from edgeway.south.mqtt.downlink import BrokerDownlink
 
@@ -260,6 +266,7 @@ class Gateway:
                     await self.stop_event.wait()
                     log.info("stopping")
                     await self._stop_front()
+                    await self._stop_runners()
                     raise _Shutdown
             except* _Shutdown:
                 pass
@@ -358,12 +365,23 @@ class Gateway:
                 )
 
     async def _stop_runners(self) -> None:
+        """Cancel the sink runners and command sources and wait for them. A task
+        still running after a second is cancelled again: on Python 3.11 a
+        cancellation that races with a library's own timeout can be lost
+        (asyncio.timeout/wait_for), and shutdown must not wait for it forever."""
         tasks, self._sink_tasks = self._sink_tasks, []
+        pending: set[asyncio.Task[Any]] = set(tasks)
+        for _ in range(RUNNER_STOP_ROUNDS):
+            if not pending:
+                break
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=RUNNER_STOP_WAIT)
+            if pending:
+                log.warning("still stopping: %s", ", ".join(sorted(t.get_name() for t in pending)))
         for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+            if t.done() and not t.cancelled():
+                t.exception()  # retrieved: a runner's error was logged where it happened
 
     def _start_adapter(self, adapter: SouthAdapter, *, fatal: bool = True) -> asyncio.Task[Any]:
         assert self._tg is not None
@@ -501,31 +519,37 @@ class Gateway:
             if not a.ready.is_set():
                 log.warning("south adapter %s is not connected yet; it keeps retrying", a.name)
 
-    def _build_adapters(self, ingest: Ingest) -> list[SouthAdapter]:
+    def _build_adapters(self) -> list[SouthAdapter]:
         """One adapter per configured entry of every registered adapter section."""
         from edgeway.south.base import registered_sections
 
-        cfg = self.config
         out: list[SouthAdapter] = []
         for section in registered_sections():
-            value = getattr(cfg, section, None)
+            value = getattr(self.config, section, None)
             entries = value if isinstance(value, list) else ([] if value is None else [value])
-            entries = [e for e in entries if getattr(e, "enabled", True) is not False]
-            if not entries:
-                continue
-            cls = adapter_class(section)
             for entry in entries:
-                if getattr(entry, "enabled", True) is False:
-                    continue
-                out.append(
-                    cls(
-                        entry,
-                        ingest=ingest,
-                        gateway_id=cfg.gateway.id,
-                        data_dir=Path(cfg.gateway.data_dir),
-                    )
-                )
+                if getattr(entry, "enabled", True) is not False:
+                    out.append(self._build_adapter(section, entry))
         return out
+
+    def _build_adapter(self, section: str, entry: Any) -> SouthAdapter:
+        """The adapter for one configured entry, submitting to the ingest switch."""
+        assert self.ingest is not None
+        return adapter_class(section)(
+            entry,
+            ingest=self.ingest,
+            gateway_id=self.config.gateway.id,
+            data_dir=Path(self.config.gateway.data_dir),
+        )
+
+    def _register_downlink(self, adapter: SouthAdapter) -> None:
+        """Give the command queue the adapter's downlink, if it has one."""
+        if self.commands is None:
+            return
+        downlink = adapter.downlink(self.commands)
+        if downlink is not None:
+            self.commands.add_downlink(downlink)
+            self._downlinks[id(adapter)] = downlink
 
     def _auth(self) -> tuple[Authenticator, Authoriser]:
         if self.authenticator is not None and self.authoriser is not None:

@@ -329,31 +329,22 @@ async def _apply_adapters(
             await _stop(gw, a)
         old_entries = adapter_entries(old)
         for a in going:
-            restored = _build(gw, a.section, old_entries[(a.section, a.name)], old)
+            restored = _build(gw, a.section, old_entries[(a.section, a.name)])
             gw.adapters.append(restored)
             gw._start_adapter(restored, fatal=False)
 
     undo.append(back)
     for key in [*p.adapters_changed, *p.adapters_added]:
-        a = _build(gw, key[0], entries[key], new)
+        a = _build(gw, key[0], entries[key])
         gw.adapters.append(a)
         started.append(a)
         gw._start_adapter(a, fatal=False)
     await _wait_started(gw, started)
 
 
-def _build(gw: Gateway, section: str, entry: Any, cfg: Config) -> SouthAdapter:
-    from edgeway.south.base import adapter_class
-
-    assert gw.ingest is not None
-    a = adapter_class(section)(
-        entry, ingest=gw.ingest, gateway_id=cfg.gateway.id, data_dir=Path(cfg.gateway.data_dir)
-    )
-    if gw.commands is not None:
-        dl = a.downlink(gw.commands)
-        if dl is not None:
-            gw.commands.add_downlink(dl)
-            gw._downlinks[id(a)] = dl
+def _build(gw: Gateway, section: str, entry: Any) -> SouthAdapter:
+    a = gw._build_adapter(section, entry)
+    gw._register_downlink(a)
     return a
 
 
