@@ -43,6 +43,7 @@ class Device:
         self.disconnects = 0
         self.connected = threading.Event()
         self._mids: dict[int, int] = {}
+        self._early: set[int] = set()
         self._lock = threading.Lock()
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5
@@ -58,17 +59,25 @@ class Device:
         self.disconnects += 1
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, *a: Any) -> None:
+        # Never call into paho while holding our lock (paho calls this with
+        # its own lock held: holding ours around publish() deadlocked).
         with self._lock:
             n = self._mids.pop(mid, None)
-            if n is not None:
+            if n is None:
+                self._early.add(mid)  # acknowledged before publish() returned
+            else:
                 self.acked.add(n)
 
     def publish(self, n: int) -> None:
+        info = self.client.publish(
+            f"devices/{self.device_id}/telemetry", orjson.dumps({"n": n}), qos=1
+        )
         with self._lock:
-            info = self.client.publish(
-                f"devices/{self.device_id}/telemetry", orjson.dumps({"n": n}), qos=1
-            )
-            self._mids[info.mid] = n
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+                self.acked.add(n)
+            else:
+                self._mids[info.mid] = n
 
     def stop(self) -> None:
         self.client.disconnect()
