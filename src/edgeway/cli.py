@@ -217,6 +217,16 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         _add_admin_config(q)
     add_reload_arguments(reload)
     add_config_arguments(config)
+    from edgeway.ml.cli import add_models_arguments
+
+    models = sub.add_parser(
+        "models",
+        help="upload, activate, shadow, canary, promote or roll back edge ML models",
+        description="The model registry of a running gateway (admin API, role engineer for "
+        "changes); 'keygen' and 'sign' work offline. See docs/models.md.",
+    )
+    _add_admin_config(models)
+    add_models_arguments(models)
 
 
 def _add_admin_config(p: argparse.ArgumentParser) -> None:
@@ -233,7 +243,17 @@ def _add_admin_config(p: argparse.ArgumentParser) -> None:
 
 # The subcommands that read the configuration file before anything else.
 _CONFIG_COMMANDS = frozenset(
-    ("stats", "outbox", "deadletter", "tokens", "status", "command", "reload", "config")
+    (
+        "stats",
+        "outbox",
+        "deadletter",
+        "tokens",
+        "status",
+        "command",
+        "reload",
+        "config",
+        "models",
+    )
 )
 
 
@@ -262,6 +282,10 @@ def _cmd_with_config(args: argparse.Namespace) -> int:
         from edgeway.commands.cli import command_main
 
         return command_main(args, cfg)
+    if args.command == "models":
+        from edgeway.ml.cli import models_main
+
+        return models_main(args, cfg)
     if args.command == "reload":
         from edgeway.runtime.cli import reload_main
 

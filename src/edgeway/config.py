@@ -525,6 +525,47 @@ class CommandsSection(_Model):
     """The embedded broker's command topics."""
 
 
+class ModelsSection(_Model):
+    """The model registry and the inference thread (``edgeway.ml``, docs/models.md)."""
+
+    enabled: bool = True
+    """Keep a model registry and run ``model`` steps (needs the ``ml`` extra:
+    onnxruntime). Off: ``model`` steps pass readings through unscored."""
+    max_size: Size = Field(default=64 * 1024 * 1024, ge=1024)
+    """Largest model file accepted by an upload."""
+    keys: dict[str, str] = Field(default_factory=dict)
+    """Trusted Ed25519 public keys by name (PEM text, or base64 of the 32 raw
+    bytes); an upload's signature must match one of them."""
+    require_signature: bool = False
+    """Refuse uploads without a valid signature."""
+    queue: int = Field(default=1000, ge=1, le=1_000_000)
+    """Inference jobs (one per step batch) waiting for the inference thread;
+    beyond it rows are not scored and are counted (``dropped``)."""
+    window: int = Field(default=200, ge=10, le=100_000)
+    """Calls each version's budget is judged over."""
+    min_calls: int = Field(default=20, ge=1)
+    """Calls a version makes before it is judged."""
+    max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    """Share of failed calls (an exception, a NaN or infinite output) over which a
+    version is taken out of service (an active one rolled back)."""
+    max_latency: Duration = Field(default=0.05, gt=0)
+    """p99 of a version's call latency over which it is taken out of service."""
+    agree_within: float = Field(default=0.05, ge=0)
+    """Shadow comparison: outputs that differ by at most this count as agreeing."""
+
+    @field_validator("keys")
+    @classmethod
+    def _keys_parse(cls, value: dict[str, str]) -> dict[str, str]:
+        from edgeway.ml.store import load_public_key
+
+        for name, text in value.items():
+            try:
+                load_public_key(text)
+            except Exception as e:
+                raise ValueError(f"key {name!r} is not an Ed25519 public key: {e}") from None
+        return value
+
+
 # --------------------------------------------------------------------------
 # south adapters: CoAP, Modbus, OPC-UA, serial, BLE (edgeway.south.*)
 
@@ -1160,6 +1201,8 @@ class Config(_Model):
     """Tell devices when the cloud has their readings (MQTT receipt messages)."""
     commands: CommandsSection = Field(default_factory=CommandsSection)
     """Commands to devices: the durable queue and its limits (docs/commands.md)."""
+    models: ModelsSection = Field(default_factory=ModelsSection)
+    """Edge ML: the model registry, inference budgets and rollback (docs/models.md)."""
     admin: AdminSection | None = None
     """The local admin API: health, status, metrics (docs/admin-api.md). Absent: off."""
     coap: CoapSection | None = None

@@ -37,6 +37,7 @@ from edgeway.south.mqtt.listeners import RunningListener, start_listeners
 if TYPE_CHECKING:
     from edgeway.admin.api import AdminServer
     from edgeway.commands.service import CommandService
+    from edgeway.ml.manager import ModelManager
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class Gateway:
     adapters: list[SouthAdapter] = field(default_factory=list)
     admin: AdminServer | None = None
     commands: CommandService | None = None
+    models: ModelManager | None = None
     started_at: float = 0.0
     config_text: str | None = None
     """The YAML text of the configuration in force (None: built in code or
@@ -147,6 +149,7 @@ class Gateway:
             "reloads": {"applied": self.reloads, "failed": self.reload_failures},
             "pipeline": self.pipeline.stats() if self.pipeline is not None else None,
             "commands": self._command_status(),
+            "models": self.models.status() if self.models is not None else None,
             "sinks": {s.name: dataclasses.asdict(s.state) for s in self.sinks},
             "adapters": {f"{a.section}:{a.name}": _adapter_status(a) for a in self.adapters},
         }
@@ -194,7 +197,14 @@ class Gateway:
                 "no sinks configured: readings are acknowledged, stored and kept in the outbox "
                 "until a sink is added (add one with --sink URL or a sinks: section)"
             )
-        await self._open_data_path(cfg, sinks)
+        if cfg.models.enabled:
+            await self._open_models(cfg)
+        try:
+            await self._open_data_path(cfg, sinks)
+        except BaseException:
+            if self.models is not None:
+                await self.models.close()
+            raise
         assert self.pipeline is not None
         self.ingest = IngestSwitch(self.pipeline)
         if cfg.commands.enabled:
@@ -236,6 +246,7 @@ class Gateway:
                 except ValueError as e:
                     raise StartupError(str(e)) from e
                 self.admin.commands = self.commands
+                self.admin.models = self.models
                 self.admin.config_control = self
                 await self.admin.start()
             try:
@@ -281,12 +292,28 @@ class Gateway:
                 await self.pipeline.close()
             if self.commands is not None:
                 await self.commands.close()
+            if self.models is not None:
+                await self.models.close()
             for sink in self.sinks:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(sink.close(), 1.0)
             if self.outbox is not None:
                 await self.outbox.close()
             log.info("stopped")
+
+    async def _open_models(self, cfg: Config) -> None:
+        """Open the model registry and start the inference thread."""
+        from edgeway.ml.manager import ModelManager
+        from edgeway.ml.store import ModelStore, load_public_key
+
+        store = ModelStore(
+            Path(cfg.gateway.data_dir) / "models",
+            max_size=cfg.models.max_size,
+            keys={name: load_public_key(text) for name, text in cfg.models.keys.items()},
+            require_signature=cfg.models.require_signature,
+        )
+        self.models = ModelManager(store, cfg.models)
+        await self.models.open()
 
     # ------------------------------------------------------------- data path
 
@@ -318,6 +345,7 @@ class Gateway:
                 outbox=outbox,
                 data_dir=data_dir,
                 durability=cfg.outbox.durability,
+                services={"models": self.models} if self.models is not None else None,
             )
         except ValueError as e:
             # A configuration the pipeline refuses (``edgeway check`` names the

@@ -48,12 +48,14 @@ from edgeway.admin.access import AccessControl, HostPolicy, public, requires
 from edgeway.admin.build import BuildInfo, build_info, process_figures
 from edgeway.admin.commands_api import CommandRoutes
 from edgeway.admin.config_api import ConfigRoutes
+from edgeway.admin.models_api import ModelRoutes
 from edgeway.admin.tokens import DB_NAME, Role, TokenStore, TokenStoreError
 from edgeway.config import is_loopback, parse_host_port
 
 if TYPE_CHECKING:
     from edgeway.commands.service import CommandService
     from edgeway.config import AdminSection
+    from edgeway.ml.manager import ModelManager
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +272,9 @@ class AdminServer:
         self.commands: CommandService | None = None
         """The gateway's command queue, when commands are enabled (routes in
         :mod:`edgeway.admin.commands_api`)."""
+        self.models: ModelManager | None = None
+        """The gateway's model registry, when models are enabled (routes in
+        :mod:`edgeway.admin.models_api`)."""
 
     @classmethod
     def from_config(
@@ -312,6 +317,7 @@ class AdminServer:
         app.router.add_get("/metrics", self._metrics)
         CommandRoutes(lambda: self.commands).add_to(app)
         ConfigRoutes(lambda: self.config_control).add_to(app)
+        ModelRoutes(lambda: self.models).add_to(app)
         return app
 
     async def start(self) -> None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import httpx
@@ -79,6 +81,21 @@ class AdminClient:
     def post_json(self, path: str, body: object) -> Any:
         return self._request("POST", path, content=orjson.dumps(body))
 
+    def put_file(self, path: str, file: Path, headers: dict[str, str]) -> tuple[int, Any]:
+        """Stream ``file`` as the body of a PUT (never read whole into memory);
+        ``(status, JSON body)`` like :meth:`request_raw`."""
+
+        def chunks() -> Iterator[bytes]:
+            with open(file, "rb") as f:
+                while chunk := f.read(256 * 1024):
+                    yield chunk
+
+        size = file.stat().st_size
+        r = self._send("PUT", path, chunks(), {**headers, "Content-Length": str(size)})
+        if r.status_code in (401, 403) or (r.status_code >= 500 and r.status_code != 503):
+            self._raise_for(r, path)
+        return r.status_code, self._json(r.content or b"{}", path)
+
     def request_raw(self, method: str, path: str, content: bytes | None = None) -> tuple[int, Any]:
         """A request whose refusals (4xx other than 401/403) the caller reads:
         ``(status, JSON body)``. Connection problems and missing or weak
@@ -110,7 +127,7 @@ class AdminClient:
         self,
         method: str,
         path: str,
-        content: bytes | None,
+        content: bytes | Iterator[bytes] | None,
         headers: dict[str, str] | None = None,
     ) -> httpx.Response:
         """One request; a connection problem becomes an :class:`AdminClientError`."""

@@ -40,7 +40,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -185,6 +185,7 @@ class Pipeline:
         durability: Literal["fsync", "os"] = "fsync",
         clock: Callable[[], float] = time.time,
         timers: bool = True,
+        services: Mapping[str, Any] | None = None,
     ) -> None:
         """Build every route's steps (raises ``ValueError`` for a bad route).
 
@@ -215,7 +216,12 @@ class Pipeline:
             slots = []
             for i, spec in enumerate(rc.steps):
                 ((type_name, _),) = spec.items()
-                ctx = StepContext(route=rc.name, step_id=f"{rc.name}/{i}:{type_name}")
+                ctx = StepContext(
+                    route=rc.name,
+                    step_id=f"{rc.name}/{i}:{type_name}",
+                    services=services or {},
+                    wake=self.request_tick,
+                )
                 step = build_step(spec, ctx)
                 quarantine = getattr(step.params, "quarantine", None)
                 if quarantine is not None:
@@ -247,6 +253,7 @@ class Pipeline:
         self._inflight: set[asyncio.Future[IngestStatus]] = set()
         self._retry: list[tuple[_Route, list[Reading], list[tuple[str, list[Release]]]]] = []
         self._stats_writing = False
+        self._wake_pending = False
         self._last_failure_log = -FAILURE_LOG_INTERVAL
         self.started = time.time()
 
@@ -309,6 +316,20 @@ class Pipeline:
         await self.state.close()
         with contextlib.suppress(OSError):
             await asyncio.to_thread(self._write_stats, self.stats())
+
+    def request_tick(self) -> None:
+        """Tick at the loop's next turn (once, however many steps ask)."""
+        if self._closed or self._loop is None or self._wake_pending:
+            return
+        self._wake_pending = True
+        self._loop.call_soon(self._woken)
+
+    def _woken(self) -> None:
+        self._wake_pending = False
+        try:
+            self.tick()
+        except Exception:
+            log.exception("pipeline tick failed")
 
     def _on_tick(self) -> None:
         if self._closed:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -61,6 +61,13 @@ class StepContext:
     errors: int = 0
     """Per-metric failures that did not refuse the reading (a transform that
     divided by zero, a missing operand)."""
+    services: Mapping[str, Any] = field(default_factory=dict)
+    """Gateway services a step may use, by name (``models``: the
+    :class:`edgeway.ml.manager.ModelManager`); empty when the pipeline is
+    built without a running gateway (``edgeway check``, tests)."""
+    wake: Callable[[], None] | None = None
+    """Ask the pipeline to call the holding steps' ``tick`` soon (a step whose
+    results arrive from another thread); None until the pipeline opens."""
 
     def reject(self, reason: str, n: int = 1) -> None:
         """Count ``n`` readings refused for ``reason``."""

@@ -6,6 +6,8 @@ One module per step type; each module's docstring opens with a config example
 
 from __future__ import annotations
 
+from edgeway.ml import step as _model_step  # noqa: F401  (the ``model`` step)
+from edgeway.ml import zscore as _anomaly_step  # noqa: F401  (the ``anomaly`` step)
 from edgeway.pipeline.steps import (  # noqa: F401  (registration at import)
     deadband,
     dedup,
