@@ -52,10 +52,16 @@ def main() -> None:
     nodes = [
         summed,
         helper.make_node(
-            "ConstantOfShape", ["shape"], ["w"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.001])
+            "ConstantOfShape",
+            ["shape"],
+            ["w"],
+            value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.001]),
         ),
         helper.make_node(
-            "ConstantOfShape", ["wide"], ["w0"], value=helper.make_tensor("v0", TensorProto.FLOAT, [1], [0.01])
+            "ConstantOfShape",
+            ["wide"],
+            ["w0"],
+            value=helper.make_tensor("v0", TensorProto.FLOAT, [1], [0.01]),
         ),
         helper.make_node("MatMul", ["x", "w0"], ["h0"]),
     ]

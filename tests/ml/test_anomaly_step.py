@@ -57,7 +57,7 @@ def test_other_metrics_booleans_and_strings_pass_untouched() -> None:
 
 
 def test_memory_is_bounded_by_devices_and_metrics() -> None:
-    cls, p = parse_step_spec(
+    _, p = parse_step_spec(
         {"anomaly": {"metrics": ["*"], "max_devices": 100, "max_metrics": 3, "warmup": 2}}
     )
     s = AnomalyStep(p, StepContext(route="r", step_id="r/0:anomaly"))  # type: ignore[arg-type]

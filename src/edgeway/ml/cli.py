@@ -39,7 +39,9 @@ EXIT_USAGE = 2
 def add_models_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     keygen = sub.add_parser("keygen", help="make an Ed25519 signing key (offline)")
-    keygen.add_argument("--key", type=Path, required=True, help="where to write the private key (PEM)")
+    keygen.add_argument(
+        "--key", type=Path, required=True, help="where to write the private key (PEM)"
+    )
     sign = sub.add_parser("sign", help="sign a model file (offline); prints the signature")
     sign.add_argument("file", type=Path)
     sign.add_argument("--key", type=Path, required=True, help="the private key (PEM)")

@@ -34,10 +34,10 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from edgeway.ml.store import CandidateMode, ModelError, ModelStore, Slots
+from edgeway.ml.store import CandidateMode, ModelError, ModelStore, Slots, check_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -136,7 +136,9 @@ class Runner:
             if self.batched:
                 results = self.session.run(None, {self.input: rows})
             else:
-                parts = [self.session.run(None, {self.input: rows[i : i + 1]}) for i in range(len(rows))]
+                parts = [
+                    self.session.run(None, {self.input: rows[i : i + 1]}) for i in range(len(rows))
+                ]
                 results = [np.concatenate([p[k] for p in parts]) for k in range(len(self.outputs))]
             out: Outputs = {}
             nan = False
@@ -347,40 +349,38 @@ class ModelManager:
         task.add_done_callback(lambda _t: self._judging.discard(key))
 
     async def _take_out(self, model: str, version: str, reason: str) -> None:
-        slots = self._slots.get(model)
-        if slots is None:
+        cur = self._slots.get(model)
+        if cur is None:
             return
-        if slots.candidate == version:
+        new = replace(cur)
+        if cur.candidate == version:
             log.error("model %s: candidate %s dropped: %s", model, version, reason)
-            slots.candidate, slots.mode, slots.share = None, None, 0.0
-            await self._commit(
-                model, "candidate_failed", "guard", reason, version, mark=(version, "failed")
+            new.candidate, new.mode, new.share = None, None, 0.0
+            await self._apply(
+                new, "candidate_failed", "guard", reason, version, (version, "failed")
             )
-        elif slots.active == version:
-            if slots.previous is not None:
-                log.error(
-                    "model %s: version %s rolled back to %s: %s",
-                    model,
-                    version,
-                    slots.previous,
-                    reason,
-                )
-                slots.active, slots.previous = slots.previous, None
-                await self._commit(
-                    model, "rolled_back", "guard", reason, version, mark=(version, "failed")
-                )
-            else:
-                log.error(
-                    "model %s: version %s out of service and no previous version to return to: %s",
-                    model,
-                    version,
-                    reason,
-                )
-                self._silent[model] = f"{version}: {reason}"
-                await self.store.save_slots(
-                    slots, what="out_of_service", by="guard", detail=reason, version=version,
-                    mark=(version, "failed"),
-                )
+        elif cur.active == version and cur.previous is not None:
+            log.error(
+                "model %s: version %s rolled back to %s: %s", model, version, cur.previous, reason
+            )
+            new.active, new.previous = cur.previous, None
+            await self._apply(new, "rolled_back", "guard", reason, version, (version, "failed"))
+        elif cur.active == version:
+            log.error(
+                "model %s: version %s out of service and no previous version to return to: %s",
+                model,
+                version,
+                reason,
+            )
+            self._silent[model] = f"{version}: {reason}"
+            await self.store.save_slots(
+                cur,
+                what="out_of_service",
+                by="guard",
+                detail=reason,
+                version=version,
+                mark=(version, "failed"),
+            )
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -391,75 +391,105 @@ class ModelManager:
         path = str(self.store.path(name, version))
         return await asyncio.to_thread(Runner, name, version, path, self.config.window)
 
-    async def _load_slots(self, name: str, *, by: str) -> None:
-        """Load what ``self._slots[name]`` names and publish it to the worker."""
-        slots = self._slots[name]
-        active = candidate = None
-        if slots.active is not None:
-            try:
-                active = await self._load(name, slots.active)
-            except ModelError as e:
-                log.error("model %s: active version %s: %s", name, slots.active, e)
-                if slots.previous is not None and by == "startup":
-                    failed = slots.active
-                    slots.active, slots.previous = slots.previous, None
-                    await self._commit(
-                        name, "rolled_back", by, str(e), failed, mark=(failed, "failed"), load=False
-                    )
-                    return await self._load_slots(name, by=by)
-                self._silent[name] = str(e)
-        if slots.candidate is not None:
-            try:
-                candidate = await self._load(name, slots.candidate)
-            except ModelError as e:
-                log.error("model %s: candidate %s: %s", name, slots.candidate, e)
-                failed = slots.candidate
-                slots.candidate, slots.mode, slots.share = None, None, 0.0
-                await self.store.save_slots(
-                    slots, what="candidate_failed", by=by, detail=str(e), version=failed,
-                    mark=(failed, "failed"),
-                )
-        if active is not None:
-            self._silent.pop(name, None)
-        self._live[name] = _Live(active, candidate, slots.mode, slots.share)
+    async def _runners(self, slots: Slots) -> _Live:
+        """Load what ``slots`` names (raises ModelError for one that does not load)."""
+        live = self._live.get(slots.name)
 
-    async def _commit(
+        async def get(version: str | None) -> Runner | None:
+            if version is None:
+                return None
+            for runner in (live.active, live.candidate) if live is not None else ():
+                if (
+                    runner is not None
+                    and runner.version == version
+                    and runner.stats.out_of_service is None
+                ):
+                    return runner  # keep its figures
+            return await self._load(slots.name, version)
+
+        return _Live(await get(slots.active), await get(slots.candidate), slots.mode, slots.share)
+
+    async def _apply(
         self,
-        name: str,
+        new: Slots,
         what: str,
         by: str,
         detail: str,
         version: str | None,
-        *,
         mark: tuple[str, str] | None = None,
-        load: bool = True,
-    ) -> None:
-        slots = self._slots[name]
+    ) -> Slots:
+        """Load, persist, then publish ``new`` to the worker (in that order:
+        status never names a version the worker does not run)."""
+        live = await self._runners(new)
         await self.store.save_slots(
-            slots, what=what, by=by, detail=detail, version=version, mark=mark
+            new, what=what, by=by, detail=detail, version=version, mark=mark
         )
-        if load:
-            await self._load_slots(name, by=by)
+        old = self._slots.get(new.name)
+        if old is None or (old.candidate, old.active) != (new.candidate, new.active):
+            self._compare.pop(new.name, None)  # the comparison was of another pair
+        self._slots[new.name] = new
+        self._live[new.name] = live
+        if live.active is not None:
+            self._silent.pop(new.name, None)
+        return new
 
-    def _slots_of(self, name: str) -> Slots:
-        slots = self._slots.get(name)
-        if slots is None:
-            slots = self._slots[name] = Slots(name)
-        return slots
+    async def _load_slots(self, name: str, *, by: str) -> None:
+        """At start: load what was stored, stepping back over versions that no
+        longer load (a rollback to the previous, a candidate dropped)."""
+        slots = self._slots[name]
+        if slots.candidate is not None:
+            try:
+                await self._load(name, slots.candidate)
+            except ModelError as e:
+                log.error("model %s: candidate %s: %s", name, slots.candidate, e)
+                failed = slots.candidate
+                slots = replace(slots, candidate=None, mode=None, share=0.0)
+                await self.store.save_slots(
+                    slots,
+                    what="candidate_failed",
+                    by=by,
+                    detail=str(e),
+                    version=failed,
+                    mark=(failed, "failed"),
+                )
+        if slots.active is not None:
+            try:
+                await self._load(name, slots.active)
+            except ModelError as e:
+                log.error("model %s: active version %s: %s", name, slots.active, e)
+                failed = slots.active
+                if slots.previous is None:
+                    self._silent[name] = str(e)
+                    slots = replace(slots, active=None)
+                else:
+                    slots = replace(slots, active=slots.previous, previous=None)
+                await self.store.save_slots(
+                    slots,
+                    what="rolled_back",
+                    by=by,
+                    detail=str(e),
+                    version=failed,
+                    mark=(failed, "failed"),
+                )
+                if slots.active is not None:
+                    self._slots[name] = slots
+                    return await self._load_slots(name, by=by)
+        self._slots[name] = slots
+        self._live[name] = await self._runners(slots)
+
+    def _current(self, name: str) -> Slots:
+        check_name("model name", name)
+        return replace(self._slots.get(name) or Slots(name))
 
     async def activate(self, name: str, version: str, *, by: str) -> Slots:
         """Make ``version`` active (after it loads); the old active becomes previous."""
-        runner = await self._load(name, version)  # refuses what does not load
-        slots = self._slots_of(name)
-        if slots.active == version:
-            return slots
-        slots.previous, slots.active = slots.active, version
-        if slots.candidate == version:
-            slots.candidate, slots.mode, slots.share = None, None, 0.0
-        self._compare.pop(name, None)
-        del runner
-        await self._commit(name, "activated", by, "", version, mark=(version, "ready"))
-        return slots
+        new = self._current(name)
+        if new.active == version:
+            return new
+        new.previous, new.active = new.active, version
+        if new.candidate == version:
+            new.candidate, new.mode, new.share = None, None, 0.0
+        return await self._apply(new, "activated", by, "", version, (version, "ready"))
 
     async def set_candidate(
         self, name: str, version: str, mode: CandidateMode, *, share: float = 0.0, by: str
@@ -468,53 +498,39 @@ class ModelManager:
             raise ModelError("invalid", "mode must be shadow or canary")
         if mode == "canary" and not 0.0 < share <= 1.0:
             raise ModelError("invalid", "a canary share is above 0 and at most 1")
-        slots = self._slots_of(name)
-        if slots.active is None:
+        new = self._current(name)
+        if new.active is None:
             raise ModelError("invalid", f"model {name} has no active version to compare with")
-        if slots.active == version:
+        if new.active == version:
             raise ModelError("invalid", f"version {version} is already active")
-        await self._load(name, version)
-        slots.candidate, slots.mode = version, mode
-        slots.share = share if mode == "canary" else 0.0
-        self._compare.pop(name, None)
+        new.candidate, new.mode = version, mode
+        new.share = share if mode == "canary" else 0.0
         detail = mode if mode == "shadow" else f"canary {share:.0%}"
-        await self._commit(name, "candidate", by, detail, version, mark=(version, "ready"))
-        return slots
+        return await self._apply(new, "candidate", by, detail, version, (version, "ready"))
 
     async def promote(self, name: str, *, by: str) -> Slots:
-        slots = self._slots_of(name)
-        if slots.candidate is None:
+        new = self._current(name)
+        if new.candidate is None:
             raise ModelError("invalid", f"model {name} has no candidate to promote")
-        version = slots.candidate
-        slots.candidate, slots.mode, slots.share = None, None, 0.0
-        slots.previous, slots.active = slots.active, version
-        self._compare.pop(name, None)
-        await self._commit(name, "promoted", by, "", version)
-        return slots
+        version = new.candidate
+        new.candidate, new.mode, new.share = None, None, 0.0
+        new.previous, new.active = new.active, version
+        return await self._apply(new, "promoted", by, "", version)
 
     async def rollback(self, name: str, *, by: str, reason: str = "") -> Slots:
-        slots = self._slots_of(name)
-        if slots.previous is None:
+        new = self._current(name)
+        if new.previous is None:
             raise ModelError("invalid", f"model {name} has no previous version")
-        failed = slots.active
-        slots.active, slots.previous = slots.previous, None
-        await self._commit(
-            name,
-            "rolled_back",
-            by,
-            reason,
-            failed,
-            mark=None if failed is None else (failed, "rolled_back"),
-        )
-        return slots
+        failed = new.active
+        new.active, new.previous = new.previous, None
+        mark = None if failed is None else (failed, "rolled_back")
+        return await self._apply(new, "rolled_back", by, reason, failed, mark)
 
     async def clear_candidate(self, name: str, *, by: str) -> Slots:
-        slots = self._slots_of(name)
-        version = slots.candidate
-        slots.candidate, slots.mode, slots.share = None, None, 0.0
-        self._compare.pop(name, None)
-        await self._commit(name, "candidate_cleared", by, "", version)
-        return slots
+        new = self._current(name)
+        version = new.candidate
+        new.candidate, new.mode, new.share = None, None, 0.0
+        return await self._apply(new, "candidate_cleared", by, "", version)
 
     # -- figures -------------------------------------------------------------
 
@@ -541,4 +557,3 @@ class ModelManager:
 
 def _row(out: Outputs, i: int) -> Outputs:
     return {k: [v[i]] for k, v in out.items()}
-

@@ -137,7 +137,8 @@ class Slots:
 def check_name(kind: str, value: str) -> str:
     if not isinstance(value, str) or not NAME_RE.match(value):
         raise ModelError(
-            "invalid", f"{kind} {value!r}: 1-64 letters, digits, '.', '_' or '-', not starting with a dot"
+            "invalid",
+            f"{kind} {value!r}: 1-64 letters, digits, '.', '_' or '-', not starting with a dot",
         )
     return value
 
@@ -237,7 +238,9 @@ class ModelStore:
             raw = digest.digest()
             hexd = raw.hex()
             if sha256 is not None and sha256.lower() != hexd:
-                raise ModelError("digest_mismatch", f"SHA-256 is {hexd}, the uploader said {sha256}")
+                raise ModelError(
+                    "digest_mismatch", f"SHA-256 is {hexd}, the uploader said {sha256}"
+                )
             signed_by = self._verify(raw, signature)
             await asyncio.to_thread(os.replace, part, final)
         except BaseException:
@@ -265,7 +268,9 @@ class ModelStore:
 
         if signature is None:
             if self.require_signature:
-                raise ModelError("unsigned", "models.require_signature is on: a signature is needed")
+                raise ModelError(
+                    "unsigned", "models.require_signature is on: a signature is needed"
+                )
             return None
         if not self.keys:
             raise ModelError("unsigned", "a signature was given but models.keys holds no key")
@@ -293,9 +298,7 @@ class ModelStore:
 
     async def versions(self, name: str | None = None) -> list[ModelVersion]:
         def q(conn: sqlite3.Connection) -> list[Any]:
-            sql = (
-                "SELECT name, version, sha256, size, signed_by, created_at, state, note FROM versions"
-            )
+            sql = "SELECT name, version, sha256, size, signed_by, created_at, state, note FROM versions"
             if name is None:
                 return conn.execute(sql + " ORDER BY name, created_at").fetchall()
             return conn.execute(sql + " WHERE name = ? ORDER BY created_at", (name,)).fetchall()

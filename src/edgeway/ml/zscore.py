@@ -52,6 +52,7 @@ from edgeway.pipeline.registry import (
 from edgeway.pipeline.routes import compile_globs
 from edgeway.reading import MetricValue, Reading
 
+
 class AnomalyParams(StepParams):
     metrics: list[str] = Field(min_length=1)
     half_life: Duration = 3600.0
