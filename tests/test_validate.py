@@ -217,8 +217,8 @@ routes:
     assert [str(i) for i in lines] == [
         "t.yaml:6: routes[0].steps[0].window.grase: unknown key 'grase', did you mean 'grace'?",
         "t.yaml:7: routes[0].steps[1]: unknown step type 'deadbnd', did you mean 'deadband'?; "
-        "types: deadband, dedup, map, on_change, priority, rate_limit, transform, validate, "
-        "window",
+        "types: anomaly, deadband, dedup, map, model, on_change, priority, rate_limit, "
+        "transform, validate, window",
     ]
     text = 'sinks:\n  - {name: cloud, url: "htps://ingest.example.com"}\n'
     (line,) = check_and_run(tmp_path, text, capsys)

@@ -259,6 +259,15 @@ def test_every_admin_route_declares_its_access() -> None:
         ("POST", "/api/config/reload"): Role.ENGINEER,
         ("GET", "/api/config/history"): Role.VIEWER,
         ("POST", "/api/config/rollback"): Role.ENGINEER,
+        ("GET", "/api/models"): Role.VIEWER,
+        ("GET", "/api/models/{name}"): Role.VIEWER,
+        ("PUT", "/api/models/{name}/versions/{version}"): Role.ENGINEER,
+        ("DELETE", "/api/models/{name}/versions/{version}"): Role.ENGINEER,
+        ("POST", "/api/models/{name}/activate"): Role.ENGINEER,
+        ("POST", "/api/models/{name}/candidate"): Role.ENGINEER,
+        ("DELETE", "/api/models/{name}/candidate"): Role.ENGINEER,
+        ("POST", "/api/models/{name}/promote"): Role.ENGINEER,
+        ("POST", "/api/models/{name}/rollback"): Role.ENGINEER,
     }
 
 

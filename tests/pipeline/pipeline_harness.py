@@ -50,9 +50,12 @@ def rd(
 
 
 class Harness:
-    def __init__(self, config_text: str, data_dir: Path) -> None:
+    def __init__(
+        self, config_text: str, data_dir: Path, services: dict[str, Any] | None = None
+    ) -> None:
         self.config = parse_config(SINKS + config_text, "test.yaml")
         self.data_dir = data_dir
+        self.services = services
         self.now = 0.0
         self.outbox: Outbox | None = None
         self.pipeline: Pipeline | None = None
@@ -73,6 +76,7 @@ class Harness:
             durability=self.config.outbox.durability,
             clock=lambda: self.now,
             timers=False,
+            services=self.services,
         )
         await self.pipeline.open()
 
@@ -124,8 +128,10 @@ MakeHarness = Callable[..., Awaitable[Harness]]
 async def harness(tmp_path: Path) -> AsyncIterator[MakeHarness]:
     made: list[Harness] = []
 
-    async def make(config_text: str, data_dir: Path | None = None) -> Harness:
-        h = Harness(config_text, data_dir or tmp_path)
+    async def make(
+        config_text: str, data_dir: Path | None = None, services: dict[str, Any] | None = None
+    ) -> Harness:
+        h = Harness(config_text, data_dir or tmp_path, services)
         made.append(h)
         await h.open()
         return h

@@ -211,3 +211,53 @@ async def test_priority(harness: MakeHarness) -> None:
     await h.send(rd("d", 5.0, {"humidity": 5}, address="devices/d/alarms"))
     got = [(r.ts, r.priority) for r in await h.take()]
     assert got == [(2.0, 1), (4.0, 2), (5.0, 2), (1.0, 0), (3.0, 0)]
+
+
+async def test_anomaly(harness: MakeHarness) -> None:
+    h = await harness(examples()["anomaly"])
+    for i, v in enumerate([2.0, 2.1, 1.9, 2.0, 2.1, 2.0, 9.0]):
+        await h.send(rd("d", float(i), {"vibration": v}))
+    out = [r.metrics for r in await h.take()]
+    assert out[:5] == [{"vibration": v} for v in [2.0, 2.1, 1.9, 2.0, 2.1]]
+    assert out[5]["anomaly"] is False and out[5]["vibration"] == 2.0
+    assert out[6]["anomaly"] is True and out[6]["vibration"] == 9.0
+    assert out[6]["anomaly_score"] == abs(out[6]["vibration_z"])
+
+
+async def test_model(harness: MakeHarness, tmp_path: Path) -> None:
+    import asyncio
+
+    import edgeway
+    from edgeway.config import ModelsSection
+    from edgeway.ml.manager import ModelManager
+    from edgeway.ml.store import ModelStore
+
+    shipped = Path(edgeway.__file__).parent / "ml" / "models" / "pump_health.onnx"
+    cfg = ModelsSection()
+    mgr = ModelManager(ModelStore(tmp_path / "models", max_size=cfg.max_size), cfg)
+    await mgr.open()
+    try:
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            yield shipped.read_bytes()
+
+        await mgr.store.add("pump-health", "1", chunks())
+        await mgr.activate("pump-health", "1", by="test")
+        h = await harness(examples()["model"], services={"models": mgr})
+        reading = {"vibration": 11.0, "bearing_temp": 95.0, "current": 12.0}
+        await h.send(rd("pump-1", 5.0, reading))
+        await h.send(rd("pump-1", 6.0, {"vibration": 11.0}))  # lacks features: not scored
+        got = await h.take()
+        async with asyncio.timeout(10):
+            while len(got) < 3:
+                await asyncio.sleep(0.01)
+                got += await h.take()
+        # The scored reading comes whenever inference is done (here, maybe
+        # before the second reading was sent).
+        (scored,) = [r for r in got if "failure_probability" in r.metrics]
+        assert [r.metrics for r in got if r is not scored] == [reading, {"vibration": 11.0}]
+        assert (scored.device_id, scored.ts) == ("pump-1", 5.0)
+        assert scored.metrics["failure_probability"] > 0.99
+        assert scored.tags["model"] == "pump-health@1"
+    finally:
+        await mgr.close()
