@@ -1,0 +1,483 @@
+"""Scale-out: several gateways in MQTT client mode on one shared subscription.
+
+Usage::
+
+    .venv/bin/python bench/scale_out.py                         # throughput 1, 2, 3 gateways + kills
+    .venv/bin/python bench/scale_out.py --only kills --gateways 3 --rate 2000 --seconds 90 --kill-every 30
+    .venv/bin/python bench/scale_out.py --only throughput --messages 60000
+    .venv/bin/python bench/scale_out.py ... --json               # one JSON object per scenario
+
+The rig, all on loopback: a Mosquitto (a broker per run, on a free port,
+``max_queued_messages 0``), ``N`` ``edgeway run`` processes, each with its own
+data directory and gateway id, subscribed as ``$share/edgeway/devices/+/telemetry``
+(MQTT 5, persistent session, acknowledging the broker only after the outbox
+commit), each sending to one HTTP server that stands in for the cloud and
+records every record it gets. A paho-mqtt publisher sends QoS 1 telemetry for
+100 devices, each message numbered per device and globally.
+
+- **throughput**: ``--messages`` published as fast as the publisher goes,
+  through 1, 2 and 3 gateways: records/s arriving at the cloud (first to last).
+- **kills**: ``--rate`` messages/s for ``--seconds`` while one gateway (round
+  robin) is killed with SIGKILL every ``--kill-every`` seconds and restarted
+  ``--restart-after`` seconds later on its data directory. At the end, exact
+  counts: published, acknowledged by the broker, delivered (unique), lost
+  (acknowledged, never delivered), duplicates with the same record id (a sink
+  batch sent again) and with another record id (the broker redelivered a
+  message the gateway had stored but not yet acknowledged), per-device order
+  inversions (a message arriving after a later one of the same device, first
+  arrivals only), and the takeover time: after each kill, how long until
+  messages published after it arrive again at the full rate (the largest
+  latency of a message published in the second after the kill).
+
+Figures are printed, never asserted (tests/integration/test_scale_out.py runs a
+CI-sized version and asserts the invariants).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+MOSQUITTO = "/usr/sbin/mosquitto"
+DEVICES = 100
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_tcp(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+class Broker:
+    """Mosquitto on a free port; queues without limit (its default of 1,000
+    silently drops what an absent member has not taken)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
+            "persistence false\nset_tcp_nodelay true\nuser root\n"
+        )
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_tcp(self.port, 10)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Cloud:
+    """The cloud: an aiohttp server on its own thread recording each record
+    with its arrival time."""
+
+    port: int = field(default_factory=free_port)
+    records: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        from aiohttp import web
+
+        ready = threading.Event()
+
+        async def handle(request: web.Request) -> web.Response:
+            body = orjson.loads(await request.read())
+            now = time.time()
+            with self.lock:
+                self.records.extend((now, r) for r in body["records"])
+            return web.Response(text="ok")
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            app = web.Application(client_max_size=64 * 1024 * 1024)
+            app.router.add_post("/ingest", handle)
+            runner = web.AppRunner(app, access_log=None)
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=main, name="cloud", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise TimeoutError("cloud server did not start")
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def snapshot(self) -> list[tuple[float, dict[str, Any]]]:
+        with self.lock:
+            return list(self.records)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.records)
+
+
+class Gateway:
+    """One ``edgeway run`` in client mode on the shared group."""
+
+    def __init__(self, index: int, workdir: Path, broker_port: int, cloud_port: int) -> None:
+        self.id = f"gw-{index}"
+        self.dir = workdir / self.id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = self.dir / "edgeway.yaml"
+        self.config.write_text(
+            f"""
+gateway: {{id: {self.id}, data_dir: "{self.dir / "data"}"}}
+mqtt: {{enabled: false}}
+mqtt_client:
+  - name: site
+    url: mqtt://127.0.0.1:{broker_port}
+    shared_group: edgeway
+    subscriptions: [{{topic: "devices/{{device_id}}/telemetry"}}]
+sinks:
+  - name: cloud
+    url: http://127.0.0.1:{cloud_port}/ingest
+"""
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lives = 0
+
+    def start(self) -> None:
+        log = open(self.dir / f"output-{self.lives}.log", "wb")
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeway", "run", "--config", str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        log.close()
+        self.lives += 1
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        out = self.dir / f"output-{self.lives - 1}.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.id} exited: {out.read_text()[-2000:]}")
+            if b"edgeway ready" in out.read_bytes():
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.id} not ready: {out.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                return self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(10)
+
+
+class Publisher:
+    """paho-mqtt, QoS 1, MQTT 5: numbered messages for DEVICES devices."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.sent: dict[int, float] = {}
+        self.acked: set[int] = set()
+        self._mids: dict[int, int] = {}
+        self._early: set[int] = set()
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id="scale-out-publisher", protocol=mqtt.MQTTv5
+        )
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.client.on_publish = self._on_publish
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.per_device = [0] * DEVICES
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, _rc: Any = None, _p: Any = None) -> None:
+        # Called by paho with its own lock held: never call into paho while
+        # holding ours (the two would deadlock), hence the early set.
+        with self._lock:
+            k = self._mids.pop(mid, None)
+            if k is None:
+                self._early.add(mid)
+            else:
+                self.acked.add(k)
+
+    def publish(self, k: int) -> None:
+        d = k % DEVICES
+        n = self.per_device[d]
+        self.per_device[d] = n + 1
+        payload = orjson.dumps({"k": k, "n": n})
+        self.sent[k] = time.time()
+        info = self.client.publish(f"devices/dev-{d}/telemetry", payload, qos=1)
+        with self._lock:
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+                self.acked.add(k)
+            else:
+                self._mids[info.mid] = k
+
+    def wait_acked(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._mids:
+                    return
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@dataclass
+class Rig:
+    workdir: Path
+    gateways: int
+    broker: Broker = field(init=False)
+    cloud: Cloud = field(init=False)
+    gws: list[Gateway] = field(init=False)
+
+    def __enter__(self) -> Rig:
+        self.broker = Broker(self.workdir)
+        self.cloud = Cloud()
+        self.cloud.start()
+        self.gws = [
+            Gateway(i, self.workdir, self.broker.port, self.cloud.port)
+            for i in range(self.gateways)
+        ]
+        for g in self.gws:
+            g.start()
+        for g in self.gws:
+            g.wait_ready()
+        time.sleep(0.5)  # the subscriptions are in place soon after "ready"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for g in self.gws:
+            with contextlib.suppress(Exception):
+                g.stop()
+        self.broker.close()
+        self.cloud.stop()
+
+
+def throughput(gateways: int, messages: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp, Rig(Path(tmp), gateways) as rig:
+        pub = Publisher(rig.broker.port)
+        t0 = time.time()
+        for k in range(messages):
+            pub.publish(k)
+        pub.wait_acked(120)
+        published_s = time.time() - t0
+        deadline = time.monotonic() + 180
+        while rig.cloud.count() < messages and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pub.close()
+        recs = rig.cloud.snapshot()
+        unique = {r["metrics"]["k"] for _, r in recs}
+        first = min((t for t, _ in recs), default=t0)
+        last = max((t for t, _ in recs), default=t0)
+        shares = {g.id: sum(r["id"].startswith(g.id + ":") for _, r in recs) for g in rig.gws}
+    return {
+        "scenario": "throughput",
+        "gateways": gateways,
+        "messages": messages,
+        "delivered_unique": len(unique),
+        "publish_s": round(published_s, 2),
+        "records_per_s": round(len(recs) / max(last - t0, 1e-9)),
+        "first_to_last_s": round(last - first, 2),
+        "shares": shares,
+    }
+
+
+def kills(
+    gateways: int, rate: int, seconds: float, kill_every: float, restart_after: float
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp, Rig(Path(tmp), gateways) as rig:
+        pub = Publisher(rig.broker.port)
+        kill_times: list[tuple[float, str]] = []
+        stop = threading.Event()
+
+        def killer() -> None:
+            i = 0
+            while not stop.wait(kill_every):
+                g = rig.gws[i % len(rig.gws)]
+                i += 1
+                kill_times.append((time.time(), g.id))
+                g.kill()
+                if stop.wait(restart_after):
+                    g.start()
+                    break
+                g.start()
+
+        thread = threading.Thread(target=killer, name="killer", daemon=True)
+        thread.start()
+        t0 = time.monotonic()
+        k = 0
+        per_tick = max(1, rate // 100)
+        while time.monotonic() - t0 < seconds:
+            due = int((time.monotonic() - t0) * rate)
+            while k < due:
+                pub.publish(k)
+                k += 1
+            time.sleep(1 / 100 if per_tick else 0.01)
+        stop.set()
+        thread.join(30)
+        for g in rig.gws:  # a gateway restarted at the very end must be up to drain
+            if g.proc is None or g.proc.poll() is not None:
+                g.start()
+        pub.wait_acked(60)
+        acked = set(pub.acked)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            got = {r["metrics"]["k"] for _, r in rig.cloud.snapshot()}
+            if acked <= got:
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)  # late duplicates, if any, arrive now
+        pub.close()
+        recs = rig.cloud.snapshot()
+        sent = dict(pub.sent)
+    return _kill_figures(gateways, rate, seconds, kill_every, recs, sent, acked, kill_times)
+
+
+def _kill_figures(
+    gateways: int,
+    rate: int,
+    seconds: float,
+    kill_every: float,
+    recs: list[tuple[float, dict[str, Any]]],
+    sent: dict[int, float],
+    acked: set[int],
+    kill_times: list[tuple[float, str]],
+) -> dict[str, Any]:
+    ids_of: dict[int, set[str]] = {}
+    copies: dict[int, int] = {}
+    first_arrival: dict[int, float] = {}
+    inversions = 0
+    last_n: dict[str, int] = {}
+    seen_k: set[int] = set()
+    for t, r in recs:
+        k = r["metrics"]["k"]
+        ids_of.setdefault(k, set()).add(r["id"])
+        copies[k] = copies.get(k, 0) + 1
+        if k in seen_k:
+            continue
+        seen_k.add(k)
+        first_arrival[k] = t
+        dev, n = r["device_id"], r["metrics"]["n"]
+        if n < last_n.get(dev, -1):
+            inversions += 1
+        last_n[dev] = max(n, last_n.get(dev, -1))
+    lost = sorted(acked - seen_k)
+    dup_same = sum(c - len(ids_of[k]) for k, c in copies.items())
+    dup_new = sum(len(ids) - 1 for ids in ids_of.values())
+    lat = sorted(first_arrival[k] - sent[k] for k in first_arrival if k in sent)
+    takeovers = []
+    for kt, _gid in kill_times:
+        window = [first_arrival[k] - sent[k] for k in first_arrival if kt <= sent.get(k, 0) < kt + 1]
+        if window:
+            takeovers.append(round(max(window), 2))
+    return {
+        "scenario": "kills",
+        "gateways": gateways,
+        "rate": rate,
+        "seconds": seconds,
+        "kill_every": kill_every,
+        "kills": len(kill_times),
+        "published": len(sent),
+        "acked_by_broker": len(acked),
+        "delivered_unique": len(seen_k),
+        "lost": len(lost),
+        "lost_examples": lost[:10],
+        "duplicates_same_id": dup_same,
+        "duplicates_new_id": dup_new,
+        "order_inversions": inversions,
+        "latency_p50_s": round(statistics.median(lat), 3) if lat else None,
+        "latency_p99_s": round(lat[int(0.99 * (len(lat) - 1))], 3) if lat else None,
+        "takeover_s": takeovers,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=["throughput", "kills"])
+    ap.add_argument("--gateways", type=int, default=3)
+    ap.add_argument("--messages", type=int, default=60_000)
+    ap.add_argument("--rate", type=int, default=2000)
+    ap.add_argument("--seconds", type=float, default=90.0)
+    ap.add_argument("--kill-every", type=float, default=30.0)
+    ap.add_argument("--restart-after", type=float, default=1.0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    results = []
+    if args.only in (None, "throughput"):
+        for n in (1, 2, 3) if args.only is None else (args.gateways,):
+            results.append(throughput(n, args.messages))
+            _print(results[-1], args.json)
+    if args.only in (None, "kills"):
+        results.append(
+            kills(args.gateways, args.rate, args.seconds, args.kill_every, args.restart_after)
+        )
+        _print(results[-1], args.json)
+
+
+def _print(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(orjson.dumps(result).decode(), flush=True)
+        return
+    print(", ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
