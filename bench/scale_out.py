@@ -158,11 +158,29 @@ class Cloud:
 class Gateway:
     """One ``edgeway run`` in client mode on the shared group."""
 
-    def __init__(self, index: int, workdir: Path, broker_port: int, cloud_port: int) -> None:
+    def __init__(
+        self,
+        index: int,
+        workdir: Path,
+        broker_port: int,
+        cloud_port: int,
+        *,
+        partition: int | None = None,
+    ) -> None:
+        """``partition`` None: the shared group on ``devices/+/telemetry``
+        (MQTT 5); else only ``devices/p<partition>/+/telemetry`` (MQTT 3.1.1,
+        for brokers without shared subscriptions)."""
         self.id = f"gw-{index}"
         self.dir = workdir / self.id
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = self.dir / "edgeway.yaml"
+        if partition is None:
+            client = 'shared_group: edgeway\n    subscriptions: [{topic: "devices/{device_id}/telemetry"}]'
+        else:
+            client = (
+                'protocol: "3.1.1"\n'
+                f'    subscriptions: [{{topic: "devices/p{partition}/{{device_id}}/telemetry"}}]'
+            )
         self.config.write_text(
             f"""
 gateway: {{id: {self.id}, data_dir: "{self.dir / "data"}"}}
@@ -170,8 +188,7 @@ mqtt: {{enabled: false}}
 mqtt_client:
   - name: site
     url: mqtt://127.0.0.1:{broker_port}
-    shared_group: edgeway
-    subscriptions: [{{topic: "devices/{{device_id}}/telemetry"}}]
+    {client}
 sinks:
   - name: cloud
     url: http://127.0.0.1:{cloud_port}/ingest
@@ -224,9 +241,11 @@ sinks:
 class Publisher:
     """paho-mqtt, QoS 1, MQTT 5: numbered messages for DEVICES devices."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, partitions: int = 0, protocol: int = 5) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
+
+        self.partitions = partitions
 
         self.sent: dict[int, float] = {}
         self.acked: set[int] = set()
@@ -234,7 +253,9 @@ class Publisher:
         self._early: set[int] = set()
         self._lock = threading.Lock()
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id="scale-out-publisher", protocol=mqtt.MQTTv5
+            CallbackAPIVersion.VERSION2,
+            client_id="scale-out-publisher",
+            protocol=mqtt.MQTTv5 if protocol == 5 else mqtt.MQTTv311,
         )
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
@@ -259,7 +280,8 @@ class Publisher:
         self.per_device[d] = n + 1
         payload = orjson.dumps({"k": k, "n": n})
         self.sent[k] = time.time()
-        info = self.client.publish(f"devices/dev-{d}/telemetry", payload, qos=1)
+        part = f"p{d % self.partitions}/" if self.partitions else ""
+        info = self.client.publish(f"devices/{part}dev-{d}/telemetry", payload, qos=1)
         with self._lock:
             if info.mid in self._early:
                 self._early.discard(info.mid)
@@ -278,6 +300,157 @@ class Publisher:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class NatsCluster:
+    """Three nats-server nodes on loopback in one cluster, JetStream on, each
+    with its MQTT listener (3.1.1; NATS keeps MQTT sessions and QoS 1
+    messages in JetStream streams replicated on the three nodes)."""
+
+    def __init__(self, workdir: Path, nodes: int = 3) -> None:
+        self.dir = workdir
+        self.ports = [(free_port(), free_port(), free_port()) for _ in range(nodes)]
+        routes = ", ".join(f"nats-route://127.0.0.1:{c}" for _, c, _ in self.ports)
+        self.confs = []
+        for i, (client, cluster, mqtt) in enumerate(self.ports):
+            conf = workdir / f"nats-{i}.conf"
+            conf.write_text(
+                f"server_name: n{i}\nlisten: 127.0.0.1:{client}\n"
+                f"jetstream {{ store_dir: {workdir / f'js{i}'} }}\n"
+                f"cluster {{ name: scale, listen: 127.0.0.1:{cluster}, routes: [{routes}] }}\n"
+                f"mqtt {{ listen: 127.0.0.1:{mqtt} }}\n"
+            )
+            self.confs.append(conf)
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * nodes
+        for i in range(nodes):
+            self.start(i)
+        for i in range(nodes):
+            wait_tcp(self.mqtt_port(i), 20)
+        self._wait_jetstream()
+
+    def mqtt_port(self, i: int) -> int:
+        return self.ports[i][2]
+
+    def start(self, i: int) -> None:
+        log = open(self.dir / f"nats-{i}.log", "ab")
+        self.procs[i] = subprocess.Popen(
+            ["nats-server", "-c", str(self.confs[i])], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+
+    def kill(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    def _wait_jetstream(self, timeout: float = 90.0) -> None:
+        """Until a QoS 1 message goes from node 0 to a subscriber on the last
+        node: the MQTT streams exist and have leaders (tens of seconds on a
+        loaded machine the first time)."""
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        got = threading.Event()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="probe-sub")
+                sub.on_message = lambda *_a: got.set()
+                sub.connect("127.0.0.1", self.mqtt_port(len(self.procs) - 1))
+                sub.loop_start()
+                sub.subscribe("probe/t", 1)
+                time.sleep(0.5)
+                pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="probe-pub")
+                pub.connect("127.0.0.1", self.mqtt_port(0))
+                pub.loop_start()
+                pub.publish("probe/t", b"x", qos=1)
+                ok = got.wait(3)
+                for c in (pub, sub):
+                    c.disconnect()
+                    c.loop_stop()
+                if ok:
+                    return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise TimeoutError("the NATS cluster's MQTT did not become ready")
+
+    def close(self) -> None:
+        for i in range(len(self.procs)):
+            proc = self.procs[i]
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def nats_partitioned(
+    gateways: int, rate: int, seconds: float, kill_node_at: float, restart_after: float
+) -> dict[str, Any]:
+    """Three gateways on a 3-node NATS cluster, each on its own node and its
+    own partition of the devices (NATS has no MQTT shared subscriptions), while
+    the last node is killed with SIGKILL and restarted."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        nats = NatsCluster(work)
+        cloud = Cloud()
+        cloud.start()
+        gws = [
+            Gateway(i, work, nats.mqtt_port(i % 3), cloud.port, partition=i)
+            for i in range(gateways)
+        ]
+        try:
+            for g in gws:
+                g.start()
+            for g in gws:
+                g.wait_ready(60)
+            time.sleep(1.0)
+            pub = Publisher(nats.mqtt_port(0), partitions=gateways, protocol=4)
+            kill_times: list[tuple[float, str]] = []
+
+            def killer() -> None:
+                time.sleep(kill_node_at)
+                kill_times.append((time.time(), "nats-2"))
+                nats.kill(2)
+                time.sleep(restart_after)
+                nats.start(2)
+
+            thread = threading.Thread(target=killer, daemon=True)
+            thread.start()
+            t0 = time.monotonic()
+            k = 0
+            while time.monotonic() - t0 < seconds:
+                due = int((time.monotonic() - t0) * rate)
+                while k < due:
+                    pub.publish(k)
+                    k += 1
+                time.sleep(0.01)
+            thread.join(60)
+            pub.wait_acked(60)
+            acked = set(pub.acked)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if acked <= {r["metrics"]["k"] for _, r in cloud.snapshot()}:
+                    break
+                time.sleep(0.2)
+            time.sleep(1.0)
+            pub.close()
+            recs = cloud.snapshot()
+            result = _kill_figures(
+                gateways, rate, seconds, 0, recs, dict(pub.sent), acked, kill_times
+            )
+            result["scenario"] = "nats_partitioned"
+            return result
+        finally:
+            for g in gws:
+                with contextlib.suppress(Exception):
+                    g.stop()
+            nats.close()
+            cloud.stop()
 
 
 @dataclass
@@ -451,7 +624,7 @@ def _kill_figures(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=["throughput", "kills"])
+    ap.add_argument("--only", choices=["throughput", "kills", "nats"])
     ap.add_argument("--gateways", type=int, default=3)
     ap.add_argument("--messages", type=int, default=60_000)
     ap.add_argument("--rate", type=int, default=2000)
@@ -468,6 +641,11 @@ def main() -> None:
     if args.only in (None, "kills"):
         results.append(
             kills(args.gateways, args.rate, args.seconds, args.kill_every, args.restart_after)
+        )
+        _print(results[-1], args.json)
+    if args.only in (None, "nats"):
+        results.append(
+            nats_partitioned(args.gateways, args.rate, args.seconds, args.seconds / 3, 5.0)
         )
         _print(results[-1], args.json)
 

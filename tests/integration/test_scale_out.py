@@ -34,3 +34,18 @@ def test_load_is_shared_by_every_gateway() -> None:
     r = scale_out.throughput(gateways=3, messages=6000)
     assert r["delivered_unique"] == 6000, r
     assert all(n > 0 for n in r["shares"].values()), r
+
+
+def test_nats_cluster_partitioned_gateways_survive_a_node_kill() -> None:
+    """A 3-node NATS cluster (MQTT 3.1.1 backed by JetStream) has no shared
+    subscriptions: each gateway takes its own partition of the devices
+    (``devices/p<N>/{device_id}/telemetry``) on its own node. The node of the
+    third gateway is killed with SIGKILL mid-run and restarted."""
+    r = scale_out.nats_partitioned(
+        gateways=3, rate=400, seconds=10, kill_node_at=3, restart_after=3
+    )
+    assert r["kills"] == 1, r
+    assert r["acked_by_broker"] == r["published"] >= 3500, r
+    assert r["lost"] == 0, r
+    # One gateway per partition and device: per-device order holds.
+    assert r["order_inversions"] == 0, r
