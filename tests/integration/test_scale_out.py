@@ -31,8 +31,8 @@ def test_three_gateways_one_killed_every_few_seconds_lose_nothing() -> None:
 
 
 def test_load_is_shared_by_every_gateway() -> None:
-    r = scale_out.throughput(gateways=3, messages=6000)
-    assert r["delivered_unique"] == 6000, r
+    r = scale_out.throughput(gateways=3, seconds=3, warmup=2)
+    assert r["records_per_s"] > 0, r
     assert all(n > 0 for n in r["shares"].values()), r
 
 
