@@ -217,6 +217,15 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         _add_admin_config(q)
     add_reload_arguments(reload)
     add_config_arguments(config)
+    from edgeway.runtime.fleet_cli import add_fleet_arguments
+
+    fleet = sub.add_parser(
+        "fleet",
+        help="make the fleet key and sign configurations to push to gateways (offline)",
+        description="Pushed configurations are signed with Ed25519 and sent as config.apply "
+        "commands through a cloud downlink. See docs/fleet.md.",
+    )
+    add_fleet_arguments(fleet)
     from edgeway.ml.cli import add_models_arguments
 
     models = sub.add_parser(
@@ -505,6 +514,10 @@ def main(argv: list[str] | None = None) -> int:
         from edgeway.devices.config_auth import passwd_main
 
         return passwd_main(["--stdin"] if args.stdin else [])
+    if args.command == "fleet":
+        from edgeway.runtime.fleet_cli import fleet_main
+
+        return fleet_main(args)
     if args.command in _CONFIG_COMMANDS:
         return _cmd_with_config(args)
     parser.error(f"unknown command {args.command!r}")

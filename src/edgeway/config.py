@@ -556,13 +556,30 @@ class ModelsSection(_Model):
     @field_validator("keys")
     @classmethod
     def _keys_parse(cls, value: dict[str, str]) -> dict[str, str]:
-        from edgeway.ml.store import load_public_key
+        from edgeway.signing import check_public_keys
 
-        for name, text in value.items():
-            try:
-                load_public_key(text)
-            except Exception as e:
-                raise ValueError(f"key {name!r} is not an Ed25519 public key: {e}") from None
+        check_public_keys(value)
+        return value
+
+
+class FleetSection(_Model):
+    """Configurations pushed by the cloud, signed (``edgeway.runtime.fleet``, docs/fleet.md)."""
+
+    enabled: bool = True
+    """Take ``config.apply`` commands addressed to this gateway's id (from any
+    cloud downlink: the MQTT, NATS or HTTP sink's commands). They are refused
+    unless ``keys`` holds the key that signed them."""
+    keys: dict[str, str] = Field(default_factory=dict)
+    """Trusted Ed25519 public keys by name (PEM, or base64 of the 32 raw bytes).
+    A pushed configuration must keep at least one of them, so that the next one
+    can still be verified."""
+
+    @field_validator("keys")
+    @classmethod
+    def _keys_parse(cls, value: dict[str, str]) -> dict[str, str]:
+        from edgeway.signing import check_public_keys
+
+        check_public_keys(value)
         return value
 
 
@@ -1203,6 +1220,8 @@ class Config(_Model):
     """Commands to devices: the durable queue and its limits (docs/commands.md)."""
     models: ModelsSection = Field(default_factory=ModelsSection)
     """Edge ML: the model registry, inference budgets and rollback (docs/models.md)."""
+    fleet: FleetSection = Field(default_factory=FleetSection)
+    """Signed configurations pushed from the cloud through the command downlink (docs/fleet.md)."""
     admin: AdminSection | None = None
     """The local admin API: health, status, metrics (docs/admin-api.md). Absent: off."""
     coap: CoapSection | None = None

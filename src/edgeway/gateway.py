@@ -133,6 +133,8 @@ class Gateway:
     _downlinks: dict[int, Any] = field(default_factory=dict)
     """The command downlink of each adapter that has one (by id(adapter))."""
     _broker_downlink: Any = None
+    _fleet: Any = None
+    """The downlink that takes pushed configurations (edgeway.runtime.fleet)."""
     _reload_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _retired_sinks: list[Sink] = field(default_factory=list)
     """Sinks a reload replaced, closed once the reload stands."""
@@ -214,6 +216,14 @@ class Gateway:
                 data_dir, cfg.commands, emit=self._store_records, durability=cfg.outbox.durability
             )
             await self.commands.open()
+            if cfg.fleet.enabled:
+                from edgeway.runtime.fleet import GatewayDownlink
+
+                try:
+                    self._fleet = GatewayDownlink(self, cfg.gateway.id, data_dir, self.commands)
+                except RuntimeError as e:
+                    raise StartupError(str(e)) from e
+                self.commands.add_downlink(self._fleet)
         self.adapters = self._build_adapters()
         try:
             for sink in self.sinks:
@@ -290,6 +300,8 @@ class Gateway:
             # outbox closes (the pipeline's last window state and stats commit).
             if self.pipeline is not None:
                 await self.pipeline.close()
+            if self._fleet is not None:
+                await self._fleet.close()
             if self.commands is not None:
                 await self.commands.close()
             if self.models is not None:
@@ -304,7 +316,8 @@ class Gateway:
     async def _open_models(self, cfg: Config) -> None:
         """Open the model registry and start the inference thread."""
         from edgeway.ml.manager import ModelManager
-        from edgeway.ml.store import ModelStore, load_public_key
+        from edgeway.ml.store import ModelStore
+        from edgeway.signing import load_public_key
 
         store = ModelStore(
             Path(cfg.gateway.data_dir) / "models",

@@ -36,7 +36,7 @@ def make_manager(root: Path, **cfg: Any) -> ModelManager:
     config = ModelsSection(**cfg)
     keys = {}
     if "keys" in cfg:
-        from edgeway.ml.store import load_public_key
+        from edgeway.signing import load_public_key
 
         keys = {k: load_public_key(v) for k, v in cfg["keys"].items()}
     store = ModelStore(

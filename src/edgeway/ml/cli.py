@@ -19,7 +19,6 @@ Exit status: 0 done, 1 refused or failed, 2 bad arguments.
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import sys
 import urllib.parse
@@ -169,37 +168,24 @@ def _sha256(path: Path) -> str:
 
 
 def _keygen(path: Path) -> int:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from edgeway.signing import generate
 
-    if path.exists():
-        print(f"error: {path} exists; not overwriting a key", file=sys.stderr)
+    try:
+        print(generate(path))
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    path.touch(mode=0o600)
-    path.write_bytes(pem)
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    print(base64.b64encode(raw).decode())
     return EXIT_OK
 
 
 def _sign(file: Path, key_path: Path) -> int:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     from edgeway.ml.store import signed_message
+    from edgeway.signing import sign
 
+    digest = bytes.fromhex(_sha256(file))
     try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        print(sign(key_path, signed_message(digest)))
     except (OSError, ValueError) as e:
         print(f"error: {key_path}: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if not isinstance(key, Ed25519PrivateKey):
-        print(f"error: {key_path} is not an Ed25519 private key", file=sys.stderr)
-        return EXIT_USAGE
-    digest = bytes.fromhex(_sha256(file))
-    print(base64.b64encode(key.sign(signed_message(digest))).decode())
     return EXIT_OK

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from edgeway.signing import verify
 from edgeway.storage.sqlite import Database
 
 SIGNATURE_CONTEXT = b"edgeway-model-v1:"
@@ -148,23 +149,6 @@ def signed_message(digest: bytes) -> bytes:
     return SIGNATURE_CONTEXT + digest
 
 
-def load_public_key(text: str) -> Any:
-    """An Ed25519 public key from PEM text or the base64 of its 32 raw bytes."""
-    import base64
-
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    text = text.strip()
-    if text.startswith("-----BEGIN"):
-        key = serialization.load_pem_public_key(text.encode())
-        if not isinstance(key, Ed25519PublicKey):
-            raise ValueError("not an Ed25519 public key")
-        return key
-    raw = base64.b64decode(text, validate=True)
-    return Ed25519PublicKey.from_public_bytes(raw)
-
-
 class ModelStore:
     """Model files and their records under ``DATA_DIR/models``."""
 
@@ -264,24 +248,16 @@ class ModelStore:
         return record
 
     def _verify(self, digest: bytes, signature: bytes | None) -> str | None:
-        from cryptography.exceptions import InvalidSignature
-
         if signature is None:
             if self.require_signature:
-                raise ModelError(
-                    "unsigned", "models.require_signature is on: a signature is needed"
-                )
+                raise ModelError("unsigned", "models.require_signature is on: a signature is needed")
             return None
         if not self.keys:
             raise ModelError("unsigned", "a signature was given but models.keys holds no key")
-        message = signed_message(digest)
-        for key_name, key in self.keys.items():
-            try:
-                key.verify(signature, message)
-            except InvalidSignature:
-                continue
-            return str(key_name)
-        raise ModelError("bad_signature", "the signature matches none of models.keys")
+        signer = verify(self.keys, signature, signed_message(digest))
+        if signer is None:
+            raise ModelError("bad_signature", "the signature matches none of models.keys")
+        return signer
 
     # -- records ------------------------------------------------------------
 

@@ -32,7 +32,10 @@ MQTT users, ACL     new connections are checked against the new ones.
                     get theirs as a changed entry.
 ``commands``        limits apply at once (``enabled`` needs a restart).
 ``log.level``       at once.
-everything else     needs a restart: the reload is refused, naming the keys.
+``fleet``           at once (its keys are read at each pushed configuration).
+everything else     needs a restart: the reload is refused, naming the keys
+                    (``models`` included; any section this table does not
+                    name, so none is reported applied while still unused).
 ==================  =====================================================
 
 :class:`ConfigHistory` keeps the last :data:`HISTORY_KEEP` applied
@@ -61,6 +64,16 @@ RESTART_KEYS = ("gateway", "admin")
 """Top-level keys that need a restart."""
 MQTT_LIVE_KEYS = frozenset({"listeners", "users", "acl", "input_limits"})
 """Keys of ``mqtt`` a reload applies; any other ``mqtt`` change needs a restart."""
+LIVE_SETTINGS = ("fleet",)
+"""Top-level keys whose users read the configuration in force each time
+(``fleet.keys`` at each pushed configuration): a change takes effect once the
+new configuration is in force, nothing to restart."""
+PLANNED_KEYS = frozenset(
+    {*DATA_PATH_KEYS, *RESTART_KEYS, *LIVE_SETTINGS, "mqtt", "commands", "log", "input_limits"}
+)
+"""Top-level keys :func:`plan` knows (besides the south adapters' sections);
+a change of any other key needs a restart, so that no section is ever
+reported as applied while the running parts still use the old values."""
 
 
 class ReloadError(Exception):
@@ -91,6 +104,8 @@ class ReloadPlan:
     the next PUBLISH is decoded with the new ones."""
     commands: bool = False
     log: bool = False
+    settings: list[str] = field(default_factory=list)
+    """Changed keys among LIVE_SETTINGS."""
     restart_needed: list[str] = field(default_factory=list)
     """Keys whose change this gateway cannot apply while running."""
 
@@ -115,6 +130,7 @@ class ReloadPlan:
             out.append("commands")
         if self.log:
             out.append("log")
+        out += self.settings
         return out
 
 
@@ -174,6 +190,16 @@ def plan(old: Config, new: Config) -> ReloadPlan:
             p.restart_needed.append("log.format")
         else:
             p.log = True
+    from edgeway.south.base import registered_sections
+
+    planned = PLANNED_KEYS | set(registered_sections())
+    for key in type(new).model_fields:
+        if _dump_all(getattr(old, key)) == _dump_all(getattr(new, key)):
+            continue
+        if key in LIVE_SETTINGS:
+            p.settings.append(key)
+        elif key not in planned:
+            p.restart_needed.append(key)
     return p
 
 
