@@ -314,12 +314,14 @@ class Case:
     :data:`TUNED`; otherwise at the package's defaults."""
     client_mode: bool = False
     """Devices publish to a Mosquitto that the gateway subscribes to (MQTT 5)."""
+    connections: int = 1
+    """The MQTT sink's ``connections`` option."""
 
     def config(self, cloud_url: str, device_port: int | None) -> str:
         """The gateway's YAML configuration (sink and, in client mode, the subscription)."""
         out = (
             f"sinks:\n  - name: cloud\n    url: {cloud_url}\n"
-            f'    options: {{protocol: "{self.protocol}"}}\n'
+            f'    options: {{protocol: "{self.protocol}", connections: {self.connections}}}\n'
             if self.sink == "mqtt"
             else f"sinks:\n  - name: cloud\n    url: {cloud_url}\n"
         )
@@ -336,6 +338,8 @@ CASES = {
     "mqtt": Case("mqtt"),
     "mqtt311": Case("mqtt", "3.1.1"),
     "mqtt-default": Case("mqtt", tuned=False),
+    "mqtt-default-c2": Case("mqtt", tuned=False, connections=2),
+    "mqtt-default-c4": Case("mqtt", tuned=False, connections=4),
     "mqtt311-default": Case("mqtt", "3.1.1", tuned=False),
     "client": Case("mqtt", client_mode=True),
     "client-default": Case("mqtt", tuned=False, client_mode=True),

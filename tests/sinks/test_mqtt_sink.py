@@ -27,6 +27,7 @@ from edgeway.sinks.base import (
     PermanentSinkError,
     Record,
     RetryableSinkError,
+    SinkOptionsError,
     create_sink,
 )
 from edgeway.sinks.mqtt import MqttSink, azure_sas_token
@@ -200,6 +201,44 @@ async def test_record_mode_delivers_every_record_with_topic_and_body(
         assert seqs == [r.id for r in sent if r.device_id == dev]
 
 
+async def test_several_connections_keep_each_devices_order(mosquitto: Mosquitto) -> None:
+    """``connections: 3``: records spread over three connections by topic, each
+    device's records in order on its one connection; every record delivered."""
+    sub = Subscriber(mosquitto.port, "edgeway/#")
+    sink = make_sink(mosquitto.port, connections=3)
+    try:
+        await sink.start()
+        batches = [records(400, 400 * k, devices=48) for k in range(3)]
+        for batch in batches:
+            await sink.send_batch(batch)
+        got = await asyncio.to_thread(sub.collect, 1200)
+        sub.assert_quiet()
+        used = [c for c in sink._conns if c is not None]
+        assert len(used) == 3  # 48 devices hash onto all three
+        ids = {c.client._client_id for c in used}
+        assert ids == {"edgeway-gw1-cloud", "edgeway-gw1-cloud-1", "edgeway-gw1-cloud-2"}
+    finally:
+        await sink.close()
+        sub.close()
+    sent = [r for b in batches for r in b]
+    assert sorted(json.loads(p)["id"] for _, p in got) == sorted(r.id for r in sent)
+    for dev in {r.device_id for r in sent}:
+        seqs = [json.loads(p)["id"] for t, p in got if t.endswith(f"/{dev}/telemetry")]
+        assert seqs == [r.id for r in sent if r.device_id == dev]
+
+
+def test_cloud_presets_allow_one_connection() -> None:
+    with pytest.raises(SinkOptionsError, match="one connection"):
+        create_sink(
+            SinkConfig(
+                name="hub",
+                url="mqtts://example.azure-devices.net",
+                options={"preset": "azure_iot_hub", "password": "sas", "connections": 2},
+            ),
+            "gw1",
+        )
+
+
 def on_uvloop(coro: Any) -> None:
     """Run ``coro`` on uvloop, as ``edgeway run`` does: its transports are its
     own (one keeps the protocol's ``data_received`` it saw at connect)."""
@@ -231,10 +270,10 @@ async def pubacks_come_at_once(tmp_path: Path, protocol: str) -> None:
     try:
         await sink.start()
         await sink.send_batch(records(100))  # connects
-        assert sink._conn is not None
-        assert sink._conn.max_inflight == (20 if protocol == "5" else 1000)
+        assert sink._conns[0] is not None
+        assert sink._conns[0].max_inflight == (20 if protocol == "5" else 1000)
         # Our own small writes never wait for the broker's ACKs either.
-        sock = sink._conn.client._connection._transport.get_extra_info("socket")
+        sock = sink._conns[0].client._connection._transport.get_extra_info("socket")
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         took = []
         for i in range(1, 16):
@@ -738,7 +777,7 @@ async def test_broker_maximum_packet_size_is_respected(tmp_path: Path) -> None:
         with pytest.raises(PermanentSinkError, match="maximum packet size 300"):
             await sink.send_batch([*records(2, 5), big])
         await sink.send_batch(records(2, 10))  # the connection was never broken
-        assert sink._conn is not None and sink._conn.max_packet_size == 300
+        assert sink._conns[0] is not None and sink._conns[0].max_packet_size == 300
     finally:
         await sink.close()
         broker.kill()
