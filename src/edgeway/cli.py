@@ -217,6 +217,16 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         _add_admin_config(q)
     add_reload_arguments(reload)
     add_config_arguments(config)
+    from edgeway.twins.cli import add_twin_arguments
+
+    twin = sub.add_parser(
+        "twin",
+        help="show or change device twins (desired state) through the admin API",
+        description="Device twins through a running gateway's admin API (--admin URL; token "
+        "from $EDGEWAY_TOKEN). See docs/twins.md.",
+    )
+    _add_admin_config(twin)
+    add_twin_arguments(twin)
     from edgeway.runtime.fleet_cli import add_fleet_arguments
 
     fleet = sub.add_parser(
@@ -262,6 +272,7 @@ _CONFIG_COMMANDS = frozenset(
         "reload",
         "config",
         "models",
+        "twin",
     )
 )
 
@@ -291,6 +302,10 @@ def _cmd_with_config(args: argparse.Namespace) -> int:
         from edgeway.commands.cli import command_main
 
         return command_main(args, cfg)
+    if args.command == "twin":
+        from edgeway.twins.cli import twin_main
+
+        return twin_main(args, cfg)
     if args.command == "models":
         from edgeway.ml.cli import models_main
 

@@ -562,6 +562,18 @@ class ModelsSection(_Model):
         return value
 
 
+class TwinsSection(_Model):
+    """Device twins: desired and reported state per device (``edgeway.twins``, docs/twins.md)."""
+
+    enabled: bool = True
+    """Keep twins (DATA_DIR/twins.db) and serve them over MQTT, HTTP and the admin API."""
+    max_bytes: Size = Field(default=64 * 1024, ge=2, le=16 * 1024 * 1024)
+    """Largest JSON encoding of one document (desired or reported); a patch
+    that would make it larger is refused (``too_large``)."""
+    max_depth: int = Field(default=8, ge=1, le=64)
+    """Deepest nesting of objects and arrays in a document (``too_deep``)."""
+
+
 class FleetSection(_Model):
     """Configurations pushed by the cloud, signed (``edgeway.runtime.fleet``, docs/fleet.md)."""
 
@@ -1220,6 +1232,8 @@ class Config(_Model):
     """Commands to devices: the durable queue and its limits (docs/commands.md)."""
     models: ModelsSection = Field(default_factory=ModelsSection)
     """Edge ML: the model registry, inference budgets and rollback (docs/models.md)."""
+    twins: TwinsSection = Field(default_factory=TwinsSection)
+    """Device twins: desired/reported documents with versions (docs/twins.md)."""
     fleet: FleetSection = Field(default_factory=FleetSection)
     """Signed configurations pushed from the cloud through the command downlink (docs/fleet.md)."""
     admin: AdminSection | None = None

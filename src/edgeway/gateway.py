@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from edgeway.admin.api import AdminServer
     from edgeway.commands.service import CommandService
     from edgeway.ml.manager import ModelManager
+    from edgeway.twins.service import TwinService
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,9 @@ class Gateway:
     """The command downlink of each adapter that has one (by id(adapter))."""
     _broker_downlink: Any = None
     _fleet: Any = None
+    twins: TwinService | None = None
+    _twin_mqtt: Any = None
+    _twin_downlink: Any = None
     """The downlink that takes pushed configurations (edgeway.runtime.fleet)."""
     _reload_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _retired_sinks: list[Sink] = field(default_factory=list)
@@ -224,6 +228,8 @@ class Gateway:
                 except RuntimeError as e:
                     raise StartupError(str(e)) from e
                 self.commands.add_downlink(self._fleet)
+        if cfg.twins.enabled:
+            await self._open_twins(cfg)
         self.adapters = self._build_adapters()
         try:
             for sink in self.sinks:
@@ -241,6 +247,11 @@ class Gateway:
                 downlink.attach()
                 self.commands.add_downlink(downlink)
                 self._broker_downlink = downlink
+            if self.twins is not None and self.broker is not None:
+                from edgeway.twins.mqtt import TwinMqtt
+
+                self._twin_mqtt = TwinMqtt(self.broker, self.twins)
+                self._twin_mqtt.attach()
             if cfg.admin is not None and cfg.admin.enabled:
                 from edgeway.admin.api import AdminServer
 
@@ -257,6 +268,7 @@ class Gateway:
                     raise StartupError(str(e)) from e
                 self.admin.commands = self.commands
                 self.admin.models = self.models
+                self.admin.twins = self.twins
                 self.admin.config_control = self
                 await self.admin.start()
             try:
@@ -302,6 +314,12 @@ class Gateway:
                 await self.pipeline.close()
             if self._fleet is not None:
                 await self._fleet.close()
+            if self._twin_mqtt is not None:
+                self._twin_mqtt.detach()
+            if self._twin_downlink is not None:
+                await self._twin_downlink.close()
+            if self.twins is not None:
+                await self.twins.close()
             if self.commands is not None:
                 await self.commands.close()
             if self.models is not None:
@@ -312,6 +330,24 @@ class Gateway:
             if self.outbox is not None:
                 await self.outbox.close()
             log.info("stopped")
+
+    async def _open_twins(self, cfg: Config) -> None:
+        """The twin store; cloud ``twin.desired`` requests through the command queue."""
+        from edgeway.twins.model import TwinLimits
+        from edgeway.twins.service import TwinService
+
+        self.twins = TwinService(
+            cfg.gateway.data_dir,
+            TwinLimits(cfg.twins.max_bytes, cfg.twins.max_depth),
+            emit=self._store_records,
+            durability=cfg.outbox.durability,
+        )
+        await self.twins.open()
+        if self.commands is not None:
+            from edgeway.twins.downlink import TwinDownlink
+
+            self._twin_downlink = TwinDownlink(self.twins, self.commands)
+            self.commands.add_downlink(self._twin_downlink)
 
     async def _open_models(self, cfg: Config) -> None:
         """Open the model registry and start the inference thread."""
@@ -576,12 +612,15 @@ class Gateway:
     def _build_adapter(self, section: str, entry: Any) -> SouthAdapter:
         """The adapter for one configured entry, submitting to the ingest switch."""
         assert self.ingest is not None
-        return adapter_class(section)(
+        adapter = adapter_class(section)(
             entry,
             ingest=self.ingest,
             gateway_id=self.config.gateway.id,
             data_dir=Path(self.config.gateway.data_dir),
         )
+        if hasattr(adapter, "twins"):
+            adapter.twins = self.twins  # the HTTP ingest serves them (edgeway.twins)
+        return adapter
 
     def _register_downlink(self, adapter: SouthAdapter) -> None:
         """Give the command queue the adapter's downlink, if it has one."""

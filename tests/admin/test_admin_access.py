@@ -268,6 +268,9 @@ def test_every_admin_route_declares_its_access() -> None:
         ("DELETE", "/api/models/{name}/candidate"): Role.ENGINEER,
         ("POST", "/api/models/{name}/promote"): Role.ENGINEER,
         ("POST", "/api/models/{name}/rollback"): Role.ENGINEER,
+        ("GET", "/api/devices/{device_id}/twin"): Role.VIEWER,
+        ("PATCH", "/api/devices/{device_id}/twin/desired"): Role.OPERATOR,
+        ("GET", "/api/twins"): Role.VIEWER,
     }
 
 

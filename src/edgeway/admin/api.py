@@ -50,12 +50,14 @@ from edgeway.admin.commands_api import CommandRoutes
 from edgeway.admin.config_api import ConfigRoutes
 from edgeway.admin.models_api import ModelRoutes
 from edgeway.admin.tokens import DB_NAME, Role, TokenStore, TokenStoreError
+from edgeway.admin.twins_api import TwinRoutes
 from edgeway.config import is_loopback, parse_host_port
 
 if TYPE_CHECKING:
     from edgeway.commands.service import CommandService
     from edgeway.config import AdminSection
     from edgeway.ml.manager import ModelManager
+    from edgeway.twins.service import TwinService
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +274,8 @@ class AdminServer:
         self.commands: CommandService | None = None
         """The gateway's command queue, when commands are enabled (routes in
         :mod:`edgeway.admin.commands_api`)."""
+        self.twins: TwinService | None = None
+        """The gateway's twins, when enabled (routes in :mod:`edgeway.admin.twins_api`)."""
         self.models: ModelManager | None = None
         """The gateway's model registry, when models are enabled (routes in
         :mod:`edgeway.admin.models_api`)."""
@@ -318,6 +322,7 @@ class AdminServer:
         CommandRoutes(lambda: self.commands).add_to(app)
         ConfigRoutes(lambda: self.config_control).add_to(app)
         ModelRoutes(lambda: self.models).add_to(app)
+        TwinRoutes(lambda: self.twins).add_to(app)
         return app
 
     async def start(self) -> None:

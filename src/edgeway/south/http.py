@@ -49,7 +49,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -69,6 +69,9 @@ from edgeway.reading import Origin
 from edgeway.south.base import SouthAdapter, register_adapter
 from edgeway.south.decode_errors import DecodeErrorCounter
 from edgeway.south.http_downlink import HttpDownlink
+
+if TYPE_CHECKING:
+    from edgeway.twins.service import TwinService
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +235,9 @@ class HttpIngestAdapter(SouthAdapter):
         self._buckets: dict[str, TokenBucket] = {}
         self._unconfigured_warned: set[str] = set()
         self._downlink: HttpDownlink | None = None
+        self.twins: TwinService | None = None
+        """Set by the gateway when twins are on (edgeway.twins.http serves them)."""
+        self._twin_polls = 0
 
     def downlink(self, events: DownlinkEvents) -> Downlink | None:
         """Long-poll commands; see :mod:`edgeway.south.http_downlink`."""
@@ -255,6 +261,8 @@ class HttpIngestAdapter(SouthAdapter):
         app.router.add_post(
             "/devices/{device_id}/commands/{command_id}/result", self._post_command_result
         )
+        app.router.add_get("/devices/{device_id}/twin", self._get_twin)
+        app.router.add_patch("/devices/{device_id}/twin/reported", self._patch_twin_reported)
         app.router.add_get("/healthz", self._healthz)
         return app
 
@@ -425,6 +433,12 @@ class HttpIngestAdapter(SouthAdapter):
         """The device id a command request may act for, or the error answer."""
         if self._downlink is None:
             return _error(404, "not_found", detail="commands are not enabled on this gateway")
+        return await self._device_caller(request)
+
+    async def _device_caller(self, request: web.Request) -> str | web.Response:
+        """The device id a request for a device's own data (commands, twin) may
+        act for, or the error answer: a token is needed even where telemetry
+        may come without one, unless ``commands_allow_anonymous``."""
         caller = _device_and_token(request)
         if isinstance(caller, web.Response):
             return caller
@@ -457,6 +471,46 @@ class HttpIngestAdapter(SouthAdapter):
         except web.HTTPRequestEntityTooLarge:
             return self._respond(_error(413, "too_large"))
         return self._respond(self._downlink.result(caller, request.match_info["command_id"], body))
+
+    async def _twin_caller(self, request: web.Request) -> str | web.Response:
+        if self.twins is None:
+            return _error(404, "not_found", detail="twins are not enabled on this gateway")
+        return await self._device_caller(request)
+
+    async def _get_twin(self, request: web.Request) -> web.Response:
+        """``GET /devices/{id}/twin[?wait=S]``: the twin with an ETag; with
+        ``If-None-Match`` and ``wait``, held until it changes (long-poll, at most
+        ``command_poll_max``; ``304`` if it did not)."""
+        from edgeway.twins.http import get_twin
+
+        caller = await self._twin_caller(request)
+        if isinstance(caller, web.Response):
+            return self._respond(caller)
+        assert self.twins is not None
+        if self._twin_polls >= self.config.max_command_polls:
+            return self._respond(_error(503, "busy", detail="too many waiting requests"))
+        self._twin_polls += 1
+        try:
+            return self._respond(
+                await get_twin(self.twins, caller, request, self.config.command_poll_max)
+            )
+        finally:
+            self._twin_polls -= 1
+
+    async def _patch_twin_reported(self, request: web.Request) -> web.Response:
+        """``PATCH /devices/{id}/twin/reported``: a JSON merge patch of the
+        device's reported state (``If-Match: <version>`` to make it conditional)."""
+        from edgeway.twins.http import patch_reported
+
+        caller = await self._twin_caller(request)
+        if isinstance(caller, web.Response):
+            return self._respond(caller)
+        assert self.twins is not None
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._respond(_error(413, "too_large"))
+        return self._respond(await patch_reported(self.twins, caller, request, body))
 
     def _rate_ok(self, device_id: str) -> bool:
         assert self.config.rate_limit is not None

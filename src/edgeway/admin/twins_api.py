@@ -1,0 +1,104 @@
+"""Admin API routes for device twins (see docs/twins.md).
+
+``GET /api/devices/{device_id}/twin``  (viewer)
+    The twin: desired, reported, delta, versions, per-key timestamps.
+``PATCH /api/devices/{device_id}/twin/desired``  (operator)
+    Body: a JSON merge patch of the desired document (``null`` deletes a key).
+    ``If-Match: <desired version>`` makes it conditional. ``200 {"twin"}``;
+    ``409 conflict`` (with the current ``version``); ``413 too_large``;
+    ``400 invalid | too_deep``; ``503 disabled``.
+``GET /api/twins?after=&limit=``  (viewer)
+    Twins by device id, paged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from edgeway.admin.access import PRINCIPAL, requires
+from edgeway.admin.tokens import Role
+
+if TYPE_CHECKING:
+    from edgeway.twins.service import TwinService
+
+BODY_MAX = 16 * 1024 * 1024
+_STATUS = {"invalid": 400, "too_deep": 400, "too_large": 413, "conflict": 409}
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": code, "message": message, **extra}, status=status)
+
+
+class TwinRoutes:
+    def __init__(self, service: Callable[[], TwinService | None]) -> None:
+        self._service = service
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/api/devices/{device_id}/twin", self.show)
+        app.router.add_patch("/api/devices/{device_id}/twin/desired", self.patch_desired)
+        app.router.add_get("/api/twins", self.list)
+
+    def _svc(self) -> TwinService | web.Response:
+        svc = self._service()
+        if svc is None:
+            return _error(503, "disabled", "twins are not enabled on this gateway")
+        return svc
+
+    @requires(Role.VIEWER)
+    async def show(self, request: web.Request) -> web.Response:
+        svc = self._svc()
+        if isinstance(svc, web.Response):
+            return svc
+        twin = await svc.get(request.match_info["device_id"])
+        return web.Response(body=orjson.dumps(twin.to_json()), content_type="application/json")
+
+    @requires(Role.VIEWER)
+    async def list(self, request: web.Request) -> web.Response:
+        svc = self._svc()
+        if isinstance(svc, web.Response):
+            return svc
+        try:
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            return _error(400, "invalid", "limit must be an integer")
+        twins = await svc.list(limit, request.query.get("after", ""))
+        body = {"twins": [t.to_json() for t in twins]}
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    @requires(Role.OPERATOR)
+    async def patch_desired(self, request: web.Request) -> web.Response:
+        from edgeway.twins.model import TwinError
+
+        svc = self._svc()
+        if isinstance(svc, web.Response):
+            return svc
+        if_match: int | None = None
+        raw_match = request.headers.get("If-Match")
+        if raw_match is not None:
+            try:
+                if_match = int(raw_match.strip().strip('"'))
+            except ValueError:
+                return _error(400, "invalid", "If-Match is a desired version number")
+        raw = await request.content.read(min(svc.limits.max_bytes * 2 + 1024, BODY_MAX) + 1)
+        if len(raw) > min(svc.limits.max_bytes * 2 + 1024, BODY_MAX):
+            return _error(413, "too_large", "body too large")
+        principal = request.get(PRINCIPAL)
+        token = principal.token if principal is not None else None
+        by = f"api:{token.name}" if token is not None else "api"
+        try:
+            try:
+                patch = orjson.loads(raw)
+            except orjson.JSONDecodeError as e:
+                raise TwinError("invalid", f"body is not JSON: {e}") from None
+            twin = await svc.patch(
+                request.match_info["device_id"], "desired", patch, if_match=if_match, by=by
+            )
+        except TwinError as e:
+            return _error(_STATUS.get(e.code, 400), e.code, str(e), **e.extra)
+        return web.Response(
+            body=orjson.dumps({"twin": twin.to_json()}), content_type="application/json"
+        )
