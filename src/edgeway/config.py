@@ -1213,6 +1213,9 @@ class PipelineSection(_Model):
     """How often ``data_dir/stats.json`` (read by ``edgeway stats``) is rewritten."""
 
 
+from edgeway.rules.config import RuleConfig, check_rules  # noqa: E402  (see edgeway/rules/__init__.py)
+
+
 class Config(_Model):
     """The whole configuration file: one section per key (all optional)."""
 
@@ -1256,6 +1259,8 @@ class Config(_Model):
     """Edge processing: which readings go where, through which steps (docs/pipeline.md)."""
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     """Settings of the pipeline itself (docs/pipeline.md)."""
+    rules: Annotated[list[RuleConfig], AfterValidator(check_rules)] = Field(default_factory=list)
+    """Local decisions: conditions over readings and the actions they take (docs/rules.md)."""
     input_limits: InputLimitsSection = Field(default_factory=InputLimitsSection)
     """What one device message may turn into, for every adapter (docs/limits.md)."""
 

@@ -27,6 +27,8 @@ from edgeway.devices.auth import Authenticator, Authoriser
 from edgeway.outbox import Outbox, SinkRunner
 from edgeway.outbox.store import CHUNK_MAX
 from edgeway.pipeline import Pipeline
+from edgeway.rules.actions import ActionTargets
+from edgeway.rules.stage import rules_stage_or_none
 from edgeway.runtime.switch import IngestSwitch
 from edgeway.sinks.base import Sink, create_sink
 from edgeway.south.base import Backoff, SouthAdapter, adapter_class
@@ -142,6 +144,8 @@ class Gateway:
     _reload_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _retired_sinks: list[Sink] = field(default_factory=list)
     """Sinks a reload replaced, closed once the reload stands."""
+    rule_targets: ActionTargets = field(default_factory=ActionTargets)
+    """Where rule actions go; filled as the parts start (edgeway.rules.actions)."""
 
     def status(self) -> dict[str, Any]:
         """A snapshot of every part's counters and state (admin API, metrics)."""
@@ -156,6 +160,9 @@ class Gateway:
             "pipeline": self.pipeline.stats() if self.pipeline is not None else None,
             "commands": self._command_status(),
             "models": self.models.status() if self.models is not None else None,
+            "rules": self.pipeline.rules.status()
+            if self.pipeline and self.pipeline.rules
+            else None,
             "sinks": {s.name: dataclasses.asdict(s.state) for s in self.sinks},
             "adapters": {f"{a.section}:{a.name}": _adapter_status(a) for a in self.adapters},
         }
@@ -228,6 +235,7 @@ class Gateway:
                 except RuntimeError as e:
                     raise StartupError(str(e)) from e
                 self.commands.add_downlink(self._fleet)
+            self.rule_targets.commands = self.commands
         if cfg.twins.enabled:
             await self._open_twins(cfg)
         self.adapters = self._build_adapters()
@@ -238,6 +246,7 @@ class Gateway:
                 # Before the TaskGroup, so that a port already in use surfaces as
                 # a plain ListenerError the CLI can print in one line.
                 await self._start_broker(authenticator, authoriser)
+                self.rule_targets.publish = self._publish_for_rules
             for adapter in self.adapters:
                 self._register_downlink(adapter)
             if self.commands is not None and self.broker is not None:
@@ -387,6 +396,7 @@ class Gateway:
             # Another gateway holds this data directory's lock: an operator's
             # mistake, so one line naming the directory, not a traceback.
             raise StartupError(str(e)) from e
+        self.rule_targets.emit = self._store_records
         try:
             pipeline = Pipeline(
                 cfg.routes,
@@ -395,6 +405,9 @@ class Gateway:
                 data_dir=data_dir,
                 durability=cfg.outbox.durability,
                 services={"models": self.models} if self.models is not None else None,
+                rules=rules_stage_or_none(
+                    cfg.rules, data_dir, self.rule_targets, cfg.outbox.durability
+                ),
             )
         except ValueError as e:
             # A configuration the pipeline refuses (``edgeway check`` names the
@@ -423,6 +436,11 @@ class Gateway:
         in force (a reload may replace it)."""
         assert self.outbox is not None
         return self.outbox.submit(readings)
+
+    def _publish_for_rules(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        """A rule's MQTT publish on the embedded broker."""
+        assert self.broker is not None
+        self.broker.publish(topic, payload, qos=qos, retain=retain)
 
     def _start_runners(self) -> None:
         """A runner task per sink, and its cloud command source if it has one."""

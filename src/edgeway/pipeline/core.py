@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
 
@@ -53,6 +53,9 @@ from edgeway.pipeline.registry import HoldingStep, Release, Step, StepContext, b
 from edgeway.pipeline.routes import RouteMatcher
 from edgeway.pipeline.state import StateStore
 from edgeway.reading import MetricValue, Reading
+
+if TYPE_CHECKING:
+    from edgeway.rules.stage import RuleStage
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +189,16 @@ class Pipeline:
         clock: Callable[[], float] = time.time,
         timers: bool = True,
         services: Mapping[str, Any] | None = None,
+        rules: RuleStage | None = None,
     ) -> None:
         """Build every route's steps (raises ``ValueError`` for a bad route).
 
         ``clock`` is the wall clock windows close by (tests pass a fake one);
-        ``timers=False`` leaves ticking to the caller (:meth:`tick`).
+        ``timers=False`` leaves ticking to the caller (:meth:`tick`);
+        ``rules`` observes every accepted reading before the routes (its
+        state commit joins the acknowledgement; see edgeway.rules.stage).
         """
+        self.rules = rules
         self.config = config if config is not None else PipelineSection()
         self.outbox = outbox
         self.data_dir = Path(data_dir)
@@ -263,6 +270,12 @@ class Pipeline:
         """Open the state store, give held readings back to their steps, start the timers."""
         self._loop = asyncio.get_running_loop()
         restored = await self.state.open()
+        if self.rules is not None:
+            try:
+                await self.rules.open()
+            except BaseException:
+                await self.state.close()
+                raise
         self._closed = False
         used: set[str] = set()
         for route in self.routes:
@@ -313,6 +326,8 @@ class Pipeline:
                 h.cancel()
         if self._inflight:
             await asyncio.wait(list(self._inflight))
+        if self.rules is not None:
+            await self.rules.close()
         await self.state.close()
         with contextlib.suppress(OSError):
             await asyncio.to_thread(self._write_stats, self.stats())
@@ -402,7 +417,22 @@ class Pipeline:
         return not self.routes
 
     def submit(self, readings: Sequence[Reading]) -> asyncio.Future[IngestStatus]:
-        """Run the routes on ``readings``; the future resolves when all is safe."""
+        """Run the rules and the routes on ``readings``; the future resolves
+        when all is safe (outbox, window state and rule state committed)."""
+        fut = self._submit_routes(readings)
+        rules = self.rules
+        if rules is None:
+            return fut
+        if fut.done() and (
+            fut.exception() is not None or fut.result() is IngestStatus.REJECTED_FULL
+        ):
+            return fut  # refused before any step (the device sends again)
+        rfut = rules.observe(readings)
+        if rfut is None:
+            return fut
+        return self._join([fut, rfut], IngestStatus.ACCEPTED, [], [], readings, None)
+
+    def _submit_routes(self, readings: Sequence[Reading]) -> asyncio.Future[IngestStatus]:
         loop = self._loop
         if loop is None:
             raise RuntimeError("pipeline is not open")

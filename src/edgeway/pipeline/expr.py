@@ -38,6 +38,12 @@ MAX_NODES = 100
 
 Evaluator = Callable[[Mapping[str, MetricValue]], float | bool]
 
+CallBuilder = Callable[[list[ast.expr], set[str]], Evaluator]
+"""Builds a caller-defined function from its (unevaluated) arguments; the rules
+use it for window functions, whose first argument names a metric's history
+rather than its value (``avg(temperature, 60)``). It adds the names it reads
+and raises :class:`ExprError` for arguments it does not accept."""
+
 
 class ExprError(ValueError):
     """The expression is not allowed or does not parse."""
@@ -87,9 +93,14 @@ def _num(v: Any) -> float:
     raise TypeError(f"metric value {v!r} is not a number")
 
 
-def compile_expr(text: str) -> tuple[Evaluator, frozenset[str]]:
+def compile_expr(
+    text: str, *, calls: Mapping[str, CallBuilder] | None = None, logic: bool = False
+) -> tuple[Evaluator, frozenset[str]]:
     """Check ``text`` and return (evaluator, names it reads).
 
+    ``calls`` adds functions of the caller's own (see :data:`CallBuilder`);
+    ``logic`` also allows ``and``, ``or`` and ``not`` (rule conditions; a
+    transform computes numbers and does not need them).
     Raises :class:`ExprError` naming the construct that is not allowed.
     """
     if len(text) > MAX_EXPR_LENGTH:
@@ -102,11 +113,48 @@ def compile_expr(text: str) -> tuple[Evaluator, frozenset[str]]:
     if nodes > MAX_NODES:
         raise ExprError(f"expression has {nodes} parts, at most {MAX_NODES} allowed")
     names: set[str] = set()
-    fn = _build(tree.body, names)
+    fn = _Builder(calls or {}, logic).build(tree.body, names)
     return fn, frozenset(names)
 
 
-def _build(node: ast.expr, names: set[str]) -> Evaluator:
+class _Builder:
+    """Turns an AST into closures, with the caller's extra functions and logic."""
+
+    __slots__ = ("calls", "logic")
+
+    def __init__(self, calls: Mapping[str, CallBuilder], logic: bool) -> None:
+        self.calls = calls
+        self.logic = logic
+
+    def build(self, node: ast.expr, names: set[str]) -> Evaluator:
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            extra = self.calls.get(node.func.id)
+            if extra is not None:
+                if node.keywords:
+                    raise ExprError("keyword arguments are not allowed")
+                return extra(node.args, names)
+            if self.calls and node.func.id not in _FUNCS:
+                allowed = ", ".join(sorted([*_FUNCS, *self.calls]))
+                raise ExprError(f"only the functions {allowed} may be called")
+        if self.logic and isinstance(node, ast.BoolOp):
+            parts = [self.build(v, names) for v in node.values]
+            if isinstance(node.op, ast.And):
+                return lambda m: all(bool(p(m)) for p in parts)
+            return lambda m: any(bool(p(m)) for p in parts)
+        if self.logic and isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            inner = self.build(node.operand, names)
+            return lambda m: not inner(m)
+        return _build(node, names, self.build)
+
+
+def _build(
+    node: ast.expr,
+    names: set[str],
+    sub: Callable[[ast.expr, set[str]], Evaluator] | None = None,
+) -> Evaluator:
+    """One node; ``sub`` builds the children (the :class:`_Builder` in use)."""
+    if sub is None:
+        sub = _build
     if isinstance(node, ast.Constant):
         if isinstance(node.value, bool) or not isinstance(node.value, int | float):
             raise ExprError(f"only numbers are allowed as constants, got {node.value!r}")
@@ -127,24 +175,24 @@ def _build(node: ast.expr, names: set[str]) -> Evaluator:
         op = _BINOPS.get(type(node.op))
         if op is None:
             raise ExprError(f"operator {type(node.op).__name__} is not allowed")
-        left, right = _build(node.left, names), _build(node.right, names)
+        left, right = sub(node.left, names), sub(node.right, names)
         return lambda m: op(left(m), right(m))  # type: ignore[arg-type]
     if isinstance(node, ast.UnaryOp):
-        operand = _build(node.operand, names)
+        operand = sub(node.operand, names)
         if isinstance(node.op, ast.USub):
             return lambda m: -operand(m)
         if isinstance(node.op, ast.UAdd):
             return lambda m: +operand(m)
         raise ExprError(f"unary {type(node.op).__name__} is not allowed")
     if isinstance(node, ast.Compare):
-        first = _build(node.left, names)
+        first = sub(node.left, names)
         ops: list[Callable[[float, float], bool]] = []
         for o in node.ops:
             f = _CMPOPS.get(type(o))
             if f is None:
                 raise ExprError(f"comparison {type(o).__name__} is not allowed")
             ops.append(f)
-        rest = [_build(c, names) for c in node.comparators]
+        rest = [sub(c, names) for c in node.comparators]
 
         def compare(m: Mapping[str, MetricValue]) -> bool:
             a = first(m)
@@ -165,7 +213,7 @@ def _build(node: ast.expr, names: set[str]) -> Evaluator:
         func, lo, hi = _FUNCS[node.func.id]
         if not lo <= len(node.args) <= hi:
             raise ExprError(f"{node.func.id}() takes {lo} to {hi} arguments")
-        args = [_build(a, names) for a in node.args]
+        args = [sub(a, names) for a in node.args]
         if len(args) == 1:
             (a0,) = args
             return lambda m: func(a0(m))

@@ -12,9 +12,10 @@ part                how a change is applied
 ``routes``,         the moment it takes (milliseconds; devices stay
 ``pipeline``,       connected, their acknowledgements wait), sink runners
 ``outbox``,         stop, the pipeline's open windows are journaled, the
-``receipts``        outbox re-opens with the new sinks and limits, the
-                    pipeline with the new routes (windows of unchanged
-                    steps continue), runners start again. Nothing
+``receipts``,       outbox re-opens with the new sinks and limits, the
+``rules``           pipeline with the new routes (windows of unchanged
+                    steps continue) and rules (a rule keeps its durable
+                    state under its name), runners start again. Nothing
                     acknowledged is lost: pending readings of a sink whose
                     URL changed go to the new URL; a removed sink's pending
                     readings stay stored and counted (``edgeway outbox
@@ -58,7 +59,7 @@ from edgeway.config import Config
 HISTORY_KEEP = 20
 """Applied configurations kept (the issue asks for the last 20)."""
 
-DATA_PATH_KEYS = ("sinks", "routes", "pipeline", "outbox", "receipts")
+DATA_PATH_KEYS = ("sinks", "routes", "pipeline", "outbox", "receipts", "rules")
 """Top-level keys whose change re-opens the data path."""
 RESTART_KEYS = ("gateway", "admin")
 """Top-level keys that need a restart."""

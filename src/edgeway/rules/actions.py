@@ -1,0 +1,323 @@
+"""Carrying out what rule transitions ask for.
+
+:class:`ActionRunner` takes stored actions (:mod:`edgeway.rules.outputs`)
+and hands each to its target, then marks it done in ``rules.db``:
+
+- ``command``: :meth:`CommandService.submit` with the transition's
+  idempotency key (a repeat after a crash returns the queued command);
+- ``publish``: the embedded broker's ``publish``;
+- ``alarm``: an :class:`AlarmTarget` (the alarm service);
+- ``event``: a record into the outbox (priority lane, ``record_type: rule``,
+  ``message_id`` the transition id);
+- ``webhook``: an HTTP POST in a task of its own, bounded in number, with a
+  per-attempt timeout and backoff between retries, so a slow or dead URL
+  never delays another action or the event loop;
+- ``twin``: a :class:`TwinTarget` when there is one (a later issue).
+
+Per device, commands, publishes, alarms and events go out in transition
+order (a fan switched on, then off, arrives in that order); different devices
+proceed side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from edgeway.logs import printable
+from edgeway.reading import MetricValue, Origin, Reading
+from edgeway.rules.outputs import (
+    AlarmChange,
+    CallWebhook,
+    Publish,
+    RecordEvent,
+    SendCommand,
+    SetTwinDesired,
+)
+from edgeway.rules.store import RuleStore, StoredAction
+
+log = logging.getLogger(__name__)
+
+MAX_WEBHOOKS = 8
+"""Webhook calls in flight at once: a site's rules call a handful of URLs;
+more in parallel would only hammer a receiver that is already slow."""
+MAX_WEBHOOKS_WAITING = 1000
+"""Webhook calls waiting for a slot; past this, new ones fail at once
+(counted), so a dead URL cannot grow memory without bound. Each is a small
+JSON body."""
+WEBHOOK_BACKOFF = 0.5
+"""Seconds before the first retry, doubled each time."""
+WEBHOOK_BODY_LOG = 200
+"""Characters of a webhook's error kept for the log and the store."""
+
+
+class AlarmTarget(Protocol):
+    """What a rule needs of the alarm service (edgeway.alarms.service.AlarmService)."""
+
+    async def raise_alarm(
+        self,
+        source: str,
+        type: str,
+        *,
+        severity: int,
+        message: str,
+        by: str,
+        values: dict[str, MetricValue] | None = None,
+    ) -> Any: ...
+
+    async def clear_alarm(self, source: str, type: str, *, by: str, message: str = "") -> Any: ...
+
+
+class CommandTarget(Protocol):
+    """What a rule needs of :class:`edgeway.commands.service.CommandService`."""
+
+    async def submit(
+        self,
+        device_id: str,
+        name: str,
+        params: dict[str, Any] | None = None,
+        *,
+        ttl: float | None = None,
+        result_timeout: float | None = None,
+        idempotency_key: str | None = None,
+        source: str = "api",
+    ) -> tuple[Any, bool]: ...
+
+
+class TwinTarget(Protocol):
+    """The twin service's hook (a later issue): a desired-state change."""
+
+    async def set_desired(self, device_id: str, desired: dict[str, Any], *, by: str) -> Any: ...
+
+
+@dataclass(slots=True)
+class ActionTargets:
+    """Where actions go; the gateway fills it as it builds its parts (a part
+    left None fails its actions visibly: counted and logged)."""
+
+    commands: CommandTarget | None = None
+    publish: Callable[[str, bytes, int, bool], None] | None = None
+    """(topic, payload, qos, retain) on the embedded broker."""
+    alarms: AlarmTarget | None = None
+    emit: Callable[[Sequence[Reading]], Any] | None = None
+    """Records into the outbox (``Outbox.submit``)."""
+    twins: TwinTarget | None = None
+
+
+@dataclass(slots=True)
+class ActionStats:
+    """Counters of carried-out actions, per kind (``/api/status``)."""
+
+    done: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    waiting: int = 0
+
+
+class ActionFailed(Exception):
+    """An action that cannot be carried out (its target is missing or refused it)."""
+
+
+class ActionRunner:
+    """Carries stored actions out; see the module docstring."""
+
+    def __init__(self, store: RuleStore, targets: ActionTargets) -> None:
+        self.store = store
+        self.targets = targets
+        self.stats = ActionStats()
+        self._chains: dict[str, asyncio.Task[None]] = {}
+        self._webhooks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(MAX_WEBHOOKS)
+        self._client: Any = None
+        self._closed = False
+
+    def run(self, actions: Sequence[StoredAction]) -> None:
+        """Start carrying out ``actions`` (already stored), in order per device."""
+        if self._closed:
+            return
+        by_device: dict[str, list[StoredAction]] = {}
+        for sa in actions:
+            a = sa.action
+            if isinstance(a, CallWebhook):
+                self._start_webhook(sa, a)
+                continue
+            device = a.source if isinstance(a, AlarmChange) else getattr(a, "device_id", "")
+            by_device.setdefault(device, []).append(sa)
+        for device, group in by_device.items():
+            self.stats.waiting += len(group)
+            prev = self._chains.get(device)
+            task = asyncio.get_running_loop().create_task(
+                self._chain(prev, group), name=f"rules:actions:{device}"
+            )
+            self._chains[device] = task
+            task.add_done_callback(functools.partial(self._chain_done, device))
+
+    def _chain_done(self, device: str, task: asyncio.Task[None]) -> None:
+        if self._chains.get(device) is task:
+            del self._chains[device]
+
+    async def _chain(self, prev: asyncio.Task[None] | None, group: list[StoredAction]) -> None:
+        if prev is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.shield(prev)
+        for sa in group:
+            self.stats.waiting -= 1
+            await self._one(sa)
+
+    async def _one(self, sa: StoredAction) -> None:
+        a = sa.action
+        error: str | None = None
+        try:
+            await self._carry_out(a)
+        except asyncio.CancelledError:
+            raise  # stopping: stays waiting in the store, carried out at the next start
+        except Exception as e:
+            error = str(e)[:WEBHOOK_BODY_LOG] or type(e).__name__
+        self._finish(sa, error)
+
+    def _finish(self, sa: StoredAction, error: str | None) -> None:
+        kind = sa.action.kind
+        counts = self.stats.failed if error is not None else self.stats.done
+        counts[kind] = counts.get(kind, 0) + 1
+        if error is not None:
+            log.warning(
+                "rule action %s of %s failed: %s",
+                kind,
+                printable(sa.transition_id),
+                printable(error),
+                extra={"fields": {"transition": sa.transition_id, "action": kind}},
+            )
+        try:
+            self.store.mark_done(sa.id, error).add_done_callback(_log_store_failure)
+        except Exception:  # the store is closing: done again at the next start
+            log.debug("rule action %d not marked done", sa.id, exc_info=True)
+
+    async def _carry_out(self, a: Any) -> None:
+        t = self.targets
+        if isinstance(a, SendCommand):
+            if t.commands is None:
+                raise ActionFailed("commands are disabled (commands.enabled: false)")
+            await t.commands.submit(
+                a.device_id,
+                a.name,
+                a.params,
+                ttl=a.ttl,
+                idempotency_key=a.idempotency_key,
+                source=a.source,
+            )
+        elif isinstance(a, Publish):
+            if t.publish is None:
+                raise ActionFailed("the embedded MQTT broker is disabled")
+            from edgeway.south.mqtt.codec import validate_topic_name
+
+            validate_topic_name(a.topic)
+            t.publish(a.topic, a.payload.encode(), a.qos, a.retain)
+        elif isinstance(a, AlarmChange):
+            if t.alarms is None:
+                raise ActionFailed("no alarm service")
+            if a.do == "raise":
+                await t.alarms.raise_alarm(
+                    a.source,
+                    a.type,
+                    severity=a.severity,
+                    message=a.message,
+                    by=a.by,
+                    values=a.values,
+                )
+            else:
+                await t.alarms.clear_alarm(a.source, a.type, by=a.by, message=a.message)
+        elif isinstance(a, RecordEvent):
+            if t.emit is None:
+                raise ActionFailed("no outbox")
+            reading = Reading(
+                a.device_id,
+                a.ts,
+                dict(a.metrics),
+                Origin("rules", a.rule, message_id=a.transition_id),
+                {"record_type": "rule"},
+                priority=1,
+            )
+            fut = t.emit([reading])
+            if isinstance(fut, asyncio.Future):
+                status = await fut
+                if getattr(status, "value", "accepted") != "accepted":
+                    raise ActionFailed(f"the outbox refused the record: {status}")
+        elif isinstance(a, SetTwinDesired):
+            if t.twins is None:
+                raise ActionFailed("no twin service (device twins come in a later release)")
+            await t.twins.set_desired(a.device_id, a.desired, by="rules")
+        else:
+            raise ActionFailed(f"unknown action {a!r}")
+
+    # ------------------------------------------------------------ webhooks
+
+    def _start_webhook(self, sa: StoredAction, a: CallWebhook) -> None:
+        if len(self._webhooks) >= MAX_WEBHOOKS_WAITING:
+            self._finish(sa, f"more than {MAX_WEBHOOKS_WAITING} webhook calls waiting")
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._webhook(sa, a), name=f"rules:webhook:{sa.id}"
+        )
+        self._webhooks.add(task)
+        task.add_done_callback(self._webhooks.discard)
+
+    async def _webhook(self, sa: StoredAction, a: CallWebhook) -> None:
+        import httpx
+
+        if self._client is None:
+            self._client = httpx.AsyncClient(follow_redirects=False)
+        headers = {
+            "content-type": "application/json",
+            "edgeway-transition-id": a.transition_id,
+            **a.headers,
+        }
+        error: str | None = None
+        delay = WEBHOOK_BACKOFF
+        for attempt in range(a.retries + 1):
+            if attempt:
+                await asyncio.sleep(delay)
+                delay *= 2
+            async with self._slots:
+                try:
+                    resp = await self._client.post(
+                        a.url, content=a.body.encode(), headers=headers, timeout=a.timeout
+                    )
+                except httpx.HTTPError as e:
+                    error = f"{type(e).__name__}: {e}"
+                    continue
+            if resp.status_code < 300:
+                error = None
+                break
+            error = f"HTTP {resp.status_code}"
+            if 400 <= resp.status_code < 500 and resp.status_code not in (408, 429):
+                break  # the receiver refuses this body: a retry cannot help
+        self._finish(sa, error)
+
+    # ------------------------------------------------------------ lifetime
+
+    async def close(self) -> None:
+        """Stop; what is not done stays in the store for the next start."""
+        self._closed = True
+        tasks = [*self._chains.values(), *self._webhooks]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.aclose()
+
+    async def idle(self) -> None:
+        """Wait until every action started so far is carried out (tests, bench)."""
+        while self._chains or self._webhooks:
+            await asyncio.wait([*self._chains.values(), *self._webhooks])
+
+
+def _log_store_failure(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("rule action not marked done: %s", fut.exception())

@@ -1,0 +1,178 @@
+"""Rules as a stage of the pipeline, with a typed output.
+
+:class:`RuleStage` sits at the front of :class:`edgeway.pipeline.Pipeline`:
+every reading the pipeline accepts is observed by the rules before the
+routes run (rules see readings as devices sent them). Its output is not
+readings but a :class:`~edgeway.rules.engine.RuleOutput`: state changes and
+transitions carrying typed actions (commands, alarms, publishes, webhooks,
+event records). The stage stores that output in ``rules.db`` and the
+pipeline acknowledges the device only when that commit is done too, so a
+duration that began with an acknowledged reading survives a kill. After the
+commit the actions are carried out (:class:`ActionRunner`).
+
+Timers (a ``for:`` ending without a new reading, a cooldown ending) fire at
+their deadline on the rule clock; after a restart they fire at the time they
+were due (at once if it passed while the gateway was down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from edgeway.reading import Reading
+from edgeway.rules.actions import ActionRunner, ActionTargets
+from edgeway.rules.config import RuleConfig
+from edgeway.rules.engine import RuleEngine, RuleOutput
+from edgeway.rules.store import HISTORY_KEEP, RuleStore, StoredAction, purge_history
+
+log = logging.getLogger(__name__)
+
+TIMER_SLACK = 0.002
+"""Seconds added to a timer so it does not wake a hair before its deadline
+(the loop's clock and the rule clock are read apart)."""
+
+
+class RuleStage:
+    """The rules between ingest and the routes; see the module docstring."""
+
+    def __init__(
+        self,
+        rules: Sequence[RuleConfig],
+        data_dir: Path,
+        *,
+        targets: ActionTargets,
+        durability: Literal["fsync", "os"] = "fsync",
+    ) -> None:
+        self.configs = list(rules)
+        self.store = RuleStore(data_dir, durability)
+        self.targets = targets
+        self.engine: RuleEngine | None = None
+        self.runner = ActionRunner(self.store, targets)
+        self.failed_writes = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writes: set[asyncio.Future[list[StoredAction]]] = set()
+        self._closed = True
+
+    async def open(self) -> None:
+        """Open rules.db, take back state and unfinished actions, arm the timers."""
+        self._loop = asyncio.get_running_loop()
+        loaded = await self.store.open()
+        clock = self.store.clock
+        assert clock is not None
+        self.engine = RuleEngine(self.configs, clock=clock.now, wall=clock.wall)
+        self.engine.restore_all(loaded.states)
+        self._closed = False
+        if loaded.waiting:
+            log.info("rules: %d actions of earlier transitions to carry out", len(loaded.waiting))
+            self.runner.run(loaded.waiting)
+        before = clock.wall() - HISTORY_KEEP
+        self.store.db.write(lambda conn: purge_history(conn, before))
+        self._fire()  # durations that ended while the gateway was down
+
+    async def close(self) -> None:
+        """Stop the timers, finish stores in flight, stop the runner, close rules.db."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._writes:
+            await asyncio.wait(list(self._writes))
+        await self.runner.close()
+        with contextlib.suppress(Exception):
+            await self.store.checkpoint_clock()
+        await self.store.close()
+
+    def status(self) -> dict[str, Any]:
+        """Counters for ``/api/status``."""
+        engine = self.engine
+        return {
+            "engine": dataclasses.asdict(engine.stats) if engine is not None else None,
+            "actions": dataclasses.asdict(self.runner.stats),
+            "failed_writes": self.failed_writes,
+        }
+
+    # ------------------------------------------------------------ observing
+
+    def observe(self, readings: Sequence[Reading]) -> asyncio.Future[Any] | None:
+        """Evaluate the rules on ``readings``; a future for the state commit
+        (None: nothing changed that needs storing)."""
+        if self._closed or self.engine is None:
+            return None
+        out = self.engine.observe(readings)
+        if not out:
+            return None
+        fut = self._store(out)
+        self._rearm()
+        return fut
+
+    def _store(self, out: RuleOutput) -> asyncio.Future[list[StoredAction]]:
+        fut = self.store.write(out)
+        self._writes.add(fut)
+        fut.add_done_callback(self._stored)
+        return fut
+
+    def _stored(self, fut: asyncio.Future[list[StoredAction]]) -> None:
+        self._writes.discard(fut)
+        if fut.cancelled():
+            return
+        e = fut.exception()
+        if e is not None:
+            # Nothing of it is durable: the device is not acknowledged either
+            # (the pipeline joins this future) and sends again.
+            self.failed_writes += 1
+            log.error("rules: state not stored: %s", e)
+            return
+        actions = fut.result()
+        if actions:
+            self.runner.run(actions)
+
+    # ------------------------------------------------------------ timers
+
+    def _rearm(self) -> None:
+        engine = self.engine
+        if engine is None or self._closed or self._loop is None:
+            return
+        at = engine.next_deadline()
+        if at is None or (self._timer_at is not None and self._timer_at <= at):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        delay = max(0.0, at - engine.clock()) + TIMER_SLACK
+        self._timer = self._loop.call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self._closed or self.engine is None:
+            return
+        try:
+            out = self.engine.due()
+            if out:
+                self._store(out)
+        except Exception:
+            log.exception("rules: timer failed")
+        self._rearm()
+
+
+def rules_stage_or_none(
+    rules: Sequence[RuleConfig],
+    data_dir: Path,
+    targets: ActionTargets,
+    durability: Literal["fsync", "os"] = "fsync",
+) -> RuleStage | None:
+    """A stage for the enabled ``rules`` (None without any: the pipeline's
+    path stays exactly as it is with no rule configured)."""
+    enabled = [r for r in rules if r.enabled]
+    if not enabled:
+        return None
+    return RuleStage(enabled, data_dir, targets=targets, durability=durability)
