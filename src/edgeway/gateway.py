@@ -280,6 +280,8 @@ class Gateway:
                 self.admin.twins = self.twins
                 self.admin.config_control = self
                 await self.admin.start()
+            if self.pipeline.rules is not None:
+                self.pipeline.rules.start_actions()
             try:
                 async with asyncio.TaskGroup() as tg:
                     self._tg = tg
@@ -421,6 +423,8 @@ class Gateway:
             raise
         if cfg.receipts.enabled:
             outbox.add_confirmed_listener(self._send_receipts)
+        if pipeline.rules is not None and self.ready.is_set():  # a reload's new data path
+            pipeline.rules.start_actions()
         self.sinks, self.outbox, self.pipeline = sinks, outbox, pipeline
 
     async def _close_data_path(self) -> None:

@@ -134,10 +134,22 @@ class ActionRunner:
         self._slots = asyncio.Semaphore(MAX_WEBHOOKS)
         self._client: Any = None
         self._closed = False
+        self._held: list[StoredAction] | None = []
+        """Actions waiting for :meth:`start` (None once started)."""
+
+    def start(self) -> None:
+        """The targets are in place (the gateway built the command queue and
+        the broker): carry out what waited, and from now on at once."""
+        held, self._held = self._held, None
+        if held:
+            self.run(held)
 
     def run(self, actions: Sequence[StoredAction]) -> None:
         """Start carrying out ``actions`` (already stored), in order per device."""
         if self._closed:
+            return
+        if self._held is not None:
+            self._held.extend(actions)
             return
         by_device: dict[str, list[StoredAction]] = {}
         for sa in actions:

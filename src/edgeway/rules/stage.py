@@ -77,6 +77,11 @@ class RuleStage:
         self.store.db.write(lambda conn: purge_history(conn, before))
         self._fire()  # durations that ended while the gateway was down
 
+    def start_actions(self) -> None:
+        """Carry out actions from now on (held until the gateway's command
+        queue and broker exist: an action must not fail for want of them)."""
+        self.runner.start()
+
     async def close(self) -> None:
         """Stop the timers, finish stores in flight, stop the runner, close rules.db."""
         if self._closed:

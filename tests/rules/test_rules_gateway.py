@@ -1,0 +1,205 @@
+"""Rules in a running gateway: a paho device's reading sets a rule, whose
+actions come back to the device (a command over its own MQTT downlink), to an
+MQTT subscriber (publish), to a real HTTP server (webhook), to the sinks
+(event record) and to an alarm service.
+
+The alarm service is a recording stand-in for edgeway.alarms.service.AlarmService
+(built in parallel on the alarms17 branch, not on main yet): it records the
+calls the rule makes through the AlarmTarget protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+import pytest
+from aiohttp import web
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgeway.commands.model import CommandState
+from edgeway.config import parse_config
+from edgeway.gateway import Gateway
+
+
+class RecordingAlarms:
+    """Records raise/clear calls (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str, dict[str, Any]]] = []
+        self.changed = asyncio.Event()
+
+    async def raise_alarm(self, source: str, type: str, **kw: Any) -> None:
+        self.calls.append(("raise", source, type, kw))
+        self.changed.set()
+
+    async def clear_alarm(self, source: str, type: str, **kw: Any) -> None:
+        self.calls.append(("clear", source, type, kw))
+        self.changed.set()
+
+
+class Device:
+    """A paho device: sends telemetry, receives and answers its commands,
+    and listens on an alert topic."""
+
+    def __init__(self, port: int, device_id: str) -> None:
+        self.device_id = device_id
+        self.port = port
+        self.commands: list[dict[str, Any]] = []
+        self.alerts: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self._subs = 0
+
+    def _on_connect(self, client: mqtt.Client, *_a: Any) -> None:
+        client.subscribe([(f"devices/{self.device_id}/commands/+", 1), ("alerts/#", 1)])
+
+    def _on_subscribe(self, *_a: Any) -> None:
+        self.subscribed.set()
+
+    def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        doc = orjson.loads(msg.payload)
+        with self.lock:
+            (self.alerts if msg.topic.startswith("alerts/") else self.commands).append(doc)
+        if not msg.topic.startswith("alerts/"):
+            client.publish(
+                msg.topic + "/result", orjson.dumps({"id": doc["id"], "status": "ok"}), qos=1
+            )
+
+    def start(self) -> None:
+        self.client.connect("127.0.0.1", self.port)
+        self.client.loop_start()
+        assert self.subscribed.wait(5)
+
+    def send(self, **metrics: Any) -> None:
+        info = self.client.publish(
+            f"devices/{self.device_id}/telemetry", orjson.dumps(metrics), qos=1
+        )
+        info.wait_for_publish(5)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+async def hook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    got: list[dict[str, Any]] = []
+    fails = {"n": 1}
+
+    async def receive(request: web.Request) -> web.Response:
+        if fails["n"]:  # the first call fails: the runner must retry
+            fails["n"] -= 1
+            return web.Response(status=503)
+        doc = await request.json()
+        doc["header_id"] = request.headers.get("edgeway-transition-id")
+        got.append(doc)
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}/hook", got
+    await runner.cleanup()
+
+
+async def until(pred: Any, within: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    while not pred():
+        assert loop.time() < end, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_device_reading_to_rule_to_command_and_every_action(
+    tmp_path: Path, hook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    url, hooked = hook
+    out_file = tmp_path / "out.jsonl"
+    cfg = parse_config(
+        f"""
+gateway: {{id: gw-r, data_dir: "{tmp_path / "data"}"}}
+mqtt:
+  listeners: [{{bind: "127.0.0.1:0", allow_anonymous: true}}]
+sinks:
+  - {{name: file, url: "file://{out_file}"}}
+rules:
+  - name: hot
+    match: {{devices: ["boiler-*"]}}
+    when: "temperature > 80"
+    clear: "temperature < 70"
+    on_set:
+      - command: {{name: fan, params: {{speed: 100}}}}
+      - publish: {{topic: "alerts/{{device_id}}/{{rule}}"}}
+      - webhook: {{url: "{url}", timeout: 2s, retries: 2}}
+      - alarm: {{type: overheat, severity: 700, message: "{{device_id}} is hot"}}
+      - event: {{}}
+    on_clear:
+      - command: {{name: fan, params: {{speed: 0}}}}
+      - alarm: {{type: overheat}}
+""",
+        "t.yaml",
+    )
+    gw = Gateway(cfg)
+    alarms = RecordingAlarms()
+    gw.rule_targets.alarms = alarms
+    task = asyncio.create_task(gw.run())
+    await asyncio.wait_for(gw.ready.wait(), 10)
+    dev = Device(gw.listeners[0].bound[1], "boiler-1")
+    await asyncio.to_thread(dev.start)
+    try:
+        await asyncio.to_thread(dev.send, temperature=75)
+        await asyncio.to_thread(dev.send, temperature=85)
+        await until(lambda: len(dev.commands) == 1 and len(hooked) == 1 and len(alarms.calls) == 1)
+        cmd = dev.commands[0]
+        assert cmd["name"] == "fan" and cmd["params"] == {"speed": 100}
+        await until(lambda: len(dev.alerts) == 1)
+        assert dev.alerts[0]["state"] == "set" and dev.alerts[0]["id"] == "hot:boiler-1:1"
+        assert hooked[0]["id"] == hooked[0]["header_id"] == "hot:boiler-1:1"
+        assert alarms.calls[0][:3] == ("raise", "boiler-1", "overheat")
+        assert alarms.calls[0][3]["severity"] == 700 and alarms.calls[0][3]["by"] == "rule:hot"
+        assert gw.commands is not None
+        stored = await gw.commands.get(cmd["id"])
+        assert stored is not None and stored.source == "rule:hot"
+        done = await gw.commands.wait(cmd["id"], 10)
+        assert done.state is CommandState.SUCCEEDED
+
+        # Hysteresis: 75 is between the two thresholds, nothing happens.
+        await asyncio.to_thread(dev.send, temperature=75)
+        await asyncio.sleep(0.3)
+        assert len(dev.commands) == 1
+        await asyncio.to_thread(dev.send, temperature=65)
+        await until(lambda: len(dev.commands) == 2 and len(alarms.calls) == 2)
+        assert dev.commands[1]["params"] == {"speed": 0}
+        assert alarms.calls[1][:3] == ("clear", "boiler-1", "overheat")
+
+        # The event record reached the sink, in the priority lane, tagged.
+        def events() -> list[dict[str, Any]]:
+            if not out_file.exists():
+                return []
+            rows = [json.loads(x) for x in out_file.read_text().splitlines() if x]
+            return [r for r in rows if r.get("tags", {}).get("record_type") == "rule"]
+
+        await until(lambda: len(events()) == 1)
+        assert events()[0]["metrics"]["state"] == "set"
+        status = gw.status()["rules"]
+        assert status["engine"]["transitions"] == 2
+        assert status["actions"]["failed"] == {}
+    finally:
+        await asyncio.to_thread(dev.stop)
+        gw.request_stop()
+        await asyncio.wait_for(task, 10)
