@@ -173,9 +173,10 @@ class ActionRunner:
             del self._chains[device]
 
     async def _chain(self, prev: asyncio.Task[None] | None, group: list[StoredAction]) -> None:
-        if prev is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.shield(prev)
+        if prev is not None and not prev.done():
+            # After the device's earlier actions; wait() does not raise their
+            # errors, and a cancellation of this task still ends it.
+            await asyncio.wait([prev])
         for sa in group:
             self.stats.waiting -= 1
             await self._one(sa)
@@ -188,6 +189,8 @@ class ActionRunner:
         except asyncio.CancelledError:
             raise  # stopping: stays waiting in the store, carried out at the next start
         except Exception as e:
+            if self._closed or getattr(e, "code", None) == "disabled":
+                return  # the gateway is stopping: carried out at the next start
             error = str(e)[:WEBHOOK_BODY_LOG] or type(e).__name__
         self._finish(sa, error)
 

@@ -36,7 +36,7 @@ import orjson
 from edgeway.pipeline.expr import MissingMetric
 from edgeway.pipeline.routes import RouteMatcher, compile_globs
 from edgeway.reading import MetricValue, Reading
-from edgeway.rules.condition import Condition, Samples, Scope, compile_condition
+from edgeway.rules.condition import Condition, Samples, Scope, WindowKey, compile_condition
 from edgeway.rules.config import ActionConfig, RuleConfig, ScheduleWindow
 from edgeway.rules.outputs import (
     Action,
@@ -257,10 +257,13 @@ class RuleEngine:
         self._static = [r for r in self.rules.values() if not r.dynamic]
         self._dynamic = [r for r in self.rules.values() if r.dynamic]
         self._match_cache: dict[tuple[str, str, str], tuple[CompiledRule, ...]] = {}
-        self._spans: dict[str, float] = {}
+        self._windowed: dict[str, list[WindowKey]] = {}
+        """Metric -> the windows (metric, seconds) rules read of it."""
         for r in self.rules.values():
-            for metric, seconds in r.windows:
-                self._spans[metric] = max(self._spans.get(metric, 0.0), seconds)
+            for key in r.windows:
+                keys = self._windowed.setdefault(key[0], [])
+                if key not in keys:
+                    keys.append(key)
         self._timers: list[tuple[float, str, str]] = []
 
     # ------------------------------------------------------------ state
@@ -306,7 +309,7 @@ class RuleEngine:
         if not self.rules:
             return out
         t, wall = self.clock(), self.wall()
-        spans = self._spans
+        windowed = self._windowed
         for r in readings:
             self.stats.readings += 1
             rules = self._rules_for(r)
@@ -318,15 +321,17 @@ class RuleEngine:
             metrics = r.metrics
             scope.update(metrics)
             scope.now = t
-            if spans:
+            if windowed:
                 for name, value in metrics.items():
-                    span = spans.get(name)
-                    if span is None or isinstance(value, str):
+                    keys = windowed.get(name)
+                    if keys is None or isinstance(value, str):
                         continue
-                    samples = scope.windows.get(name)
-                    if samples is None:
-                        samples = scope.windows[name] = Samples(span)
-                    samples.add(t, float(value))
+                    v = float(value)
+                    for key in keys:
+                        samples = scope.windows.get(key)
+                        if samples is None:
+                            samples = scope.windows[key] = Samples(key[1])
+                        samples.add(t, v)
             for rule in rules:
                 if rule.names.isdisjoint(metrics):
                     continue

@@ -1,0 +1,283 @@
+"""Rules benchmark: 1,000 rules at 1,000 readings/s, memory per rule, and
+reading -> command latency.
+
+Usage::
+
+    .venv/bin/python bench/rules.py [--rules 1000] [--devices 10] [--rate 1000]
+        [--seconds 20] [--json OUT.json]
+
+- **memory per rule** (in this process): a :class:`RuleStage` with
+  ``--rules`` rules (a mix of plain thresholds, hysteresis, ``for:``
+  durations and window functions: ``avg``, ``count``, ``delta``) over
+  ``--devices`` devices, fed until every window is full; Python heap
+  (tracemalloc) after, minus before, divided by the rules. The goal
+  (issue 17) is at most 100 KB per rule.
+- **load and latency** (``edgeway run`` as a child process, fsync durability,
+  the same rules): ``--devices`` paho-mqtt devices in this process publish
+  ``--rate`` readings/s in all, QoS 1. Every 50th reading of a device crosses
+  the threshold of its trigger rule, whose ``on_set`` and ``on_clear`` send a
+  command back to that device; the next reading clears it. Latency = the
+  command arriving at the device minus the publish of the reading that fired
+  it (reading in, rule state committed, command committed, PUBLISH out): a
+  bound on "reading -> command sent". Reported: p50/p99/max, the readings/s
+  the gateway acknowledged, its CPU share, and its RSS.
+
+Each reading of a device is evaluated by the ``--rules / --devices`` rules
+that match it (100 with the defaults). Figures are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+TRIGGER_EVERY = 50
+"""A device's every 50th reading fires its trigger rule (and the next clears it)."""
+
+
+def rules_yaml(n: int, devices: int) -> str:
+    """``n`` rules over ``devices`` devices: one trigger rule per device (with
+    commands), the rest never fire but are evaluated on every reading."""
+    out = ["rules:"]
+    for i in range(n):
+        dev = f"dev-{i % devices}"
+        if i < devices:
+            out.append(
+                f"  - name: trigger-{i}\n    match: {{devices: [{dev}]}}\n"
+                f'    when: "t > 50"\n'
+                f"    on_set: [{{command: {{name: fan, params: {{speed: 100}}}}}}]\n"
+                f"    on_clear: [{{command: {{name: fan, params: {{speed: 0}}}}}}]"
+            )
+            continue
+        kind = i % 4
+        when = [
+            f"t > {1000 + i}",
+            f"avg(t, 10s) > {1000 + i}",
+            f"count(t, 10s) > {100000 + i} or delta(t, 10s) > {1000 + i}",
+            f"t > {1000 + i} and t < {2000 + i}",
+        ][kind]
+        extra = ["    for: 5s", f'    clear: "t < {900 + i}"', "    cooldown: 1m", ""][kind]
+        out.append(
+            f'  - name: r{i}\n    match: {{devices: [{dev}]}}\n    when: "{when}"\n{extra}'.rstrip()
+        )
+    return "\n".join(out) + "\n"
+
+
+async def memory_per_rule(n: int, devices: int) -> dict[str, Any]:
+    from edgeway.config import parse_config
+    from edgeway.reading import Origin, Reading
+    from edgeway.rules.actions import ActionTargets
+    from edgeway.rules.stage import RuleStage
+
+    text = rules_yaml(n, devices)
+    cfg = parse_config(text)
+    with tempfile.TemporaryDirectory() as tmp:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        stage = RuleStage(cfg.rules, Path(tmp), targets=ActionTargets(), durability="os")
+        await stage.open()
+        stage.start_actions()
+        origin = Origin("mqtt", "x")
+        t0 = time.perf_counter()
+        fed = 0
+        # 600 readings per device: the 10 s windows hold what arrives in 10 s.
+        for k in range(600):
+            batch = [
+                Reading(f"dev-{d}", time.time(), {"t": 20.0 + (k % 7)}, origin)
+                for d in range(devices)
+            ]
+            fut = stage.observe(batch)
+            if fut is not None:
+                await fut
+            fed += len(batch)
+        elapsed = time.perf_counter() - t0
+        after = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        assert stage.engine is not None
+        evals = stage.engine.stats.evaluations
+        await stage.close()
+    per_rule = (after - before) / n
+    return {
+        "rules": n,
+        "devices": devices,
+        "heap_bytes": after - before,
+        "bytes_per_rule": round(per_rule),
+        "readings": fed,
+        "evaluations": evals,
+        "us_per_evaluation": round(elapsed / evals * 1e6, 2),
+        "note": "in-process engine under tracemalloc (slower than without it)",
+    }
+
+
+class Devices:
+    """Paho devices: publish telemetry, record commands' arrival."""
+
+    def __init__(self, port: int, n: int) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.clients = []
+        self.fired: dict[str, list[tuple[float, int]]] = {f"dev-{d}": [] for d in range(n)}
+        self.arrived: dict[str, list[tuple[float, int]]] = {f"dev-{d}": [] for d in range(n)}
+        self.acked = 0
+        self.lock = threading.Lock()
+        for d in range(n):
+            dev = f"dev-{d}"
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=dev)
+            c.max_inflight_messages_set(1000)
+            c.max_queued_messages_set(0)
+            c.on_message = lambda _c, _u, msg, dev=dev: self._command(dev, msg)
+            c.on_publish = lambda *_a: self._ack()
+            c.connect("127.0.0.1", port)
+            c.subscribe(f"devices/{dev}/commands/+", qos=1)
+            c.loop_start()
+            self.clients.append(c)
+
+    def _ack(self) -> None:
+        with self.lock:
+            self.acked += 1
+
+    def _command(self, dev: str, msg: Any) -> None:
+        doc = orjson.loads(msg.payload)
+        self.arrived[dev].append((time.perf_counter(), doc["params"]["speed"]))
+
+    def run(self, rate: float, seconds: float) -> None:
+        n = len(self.clients)
+        interval = n / rate
+        start = time.perf_counter()
+        k = 0
+        end = start + seconds
+        while time.perf_counter() < end:
+            due = start + k * interval
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            hot = k % TRIGGER_EVERY == TRIGGER_EVERY - 1
+            value = 60.0 if hot else 20.0
+            was_hot = k % TRIGGER_EVERY == 0 and k > 0
+            for d, c in enumerate(self.clients):
+                dev = f"dev-{d}"
+                t = time.perf_counter()
+                c.publish(f"devices/{dev}/telemetry", orjson.dumps({"t": value}), qos=1)
+                if hot:
+                    self.fired[dev].append((t, 100))
+                elif was_hot:
+                    self.fired[dev].append((t, 0))
+            k += 1
+
+    def stop(self) -> None:
+        for c in self.clients:
+            c.disconnect()
+            c.loop_stop()
+
+    def latencies(self) -> list[float]:
+        out = []
+        for dev, fired in self.fired.items():
+            arrived = list(self.arrived[dev])
+            for t, speed in fired:
+                hit = next((a for a in arrived if a[0] >= t and a[1] == speed), None)
+                if hit is not None:
+                    arrived.remove(hit)
+                    out.append(hit[0] - t)
+        return out
+
+
+def load_and_latency(n: int, devices: int, rate: float, seconds: float) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    from edgeway_process import free_port, wait_listening
+
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "edgeway.yaml"
+        cfg.write_text(
+            f'mqtt:\n  listeners: [{{bind: "127.0.0.1:{port}", allow_anonymous: true}}]\n'
+            + rules_yaml(n, devices)
+        )
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "edgeway",
+                "run",
+                "--config",
+                str(cfg),
+                "--data-dir",
+                str(Path(tmp) / "data"),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+        )
+        try:
+            assert wait_listening(proc, port, 30), "gateway did not start"
+            ps = psutil.Process(proc.pid)
+            fleet = Devices(port, devices)
+            time.sleep(1.0)
+            cpu0 = ps.cpu_times()
+            t0 = time.perf_counter()
+            fleet.run(rate, seconds)
+            time.sleep(1.0)
+            wall = time.perf_counter() - t0
+            cpu1 = ps.cpu_times()
+            rss = ps.memory_info().rss
+            fleet.stop()
+            lat = sorted(fleet.latencies())
+            fired = sum(len(v) for v in fleet.fired.values())
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
+    return {
+        "rules": n,
+        "devices": devices,
+        "rate_asked": rate,
+        "readings_acked_per_s": round(fleet.acked / wall),
+        "gateway_cpu_share": round(cpu / wall, 3),
+        "gateway_rss_mb": round(rss / 1e6, 1),
+        "commands_expected": fired,
+        "commands_arrived": len(lat),
+        "latency_ms": {
+            "p50": round(q[49] * 1000, 2),
+            "p99": round(q[98] * 1000, 2),
+            "max": round(lat[-1] * 1000, 2) if lat else None,
+        },
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rules", type=int, default=1000)
+    ap.add_argument("--devices", type=int, default=10)
+    ap.add_argument("--rate", type=float, default=1000.0)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    out = {"memory": asyncio.run(memory_per_rule(args.rules, args.devices))}
+    print(json.dumps(out["memory"], indent=2), flush=True)
+    out["load"] = load_and_latency(args.rules, args.devices, args.rate, args.seconds)
+    print(json.dumps(out["load"], indent=2), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
