@@ -203,3 +203,48 @@ rules:
         await asyncio.to_thread(dev.stop)
         gw.request_stop()
         await asyncio.wait_for(task, 10)
+
+
+async def test_reload_changes_rules_and_keeps_their_state(tmp_path: Path) -> None:
+    from edgeway.reading import Origin, Reading
+
+    def text(threshold: int) -> str:
+        return f"""
+gateway: {{id: gw-r, data_dir: "{tmp_path / "data"}"}}
+mqtt:
+  listeners: [{{bind: "127.0.0.1:0", allow_anonymous: true}}]
+rules:
+  - {{name: hot, when: "t > {threshold}"}}
+"""
+
+    gw = Gateway(parse_config(text(80), "t.yaml"))
+    gw.reload_grace = 0.1
+    task = asyncio.create_task(gw.run())
+    await asyncio.wait_for(gw.ready.wait(), 10)
+
+    async def send(t: float) -> None:
+        assert gw.ingest is not None
+        await gw.ingest.submit([Reading("d1", 0.0, {"t": t}, Origin("test"))])
+
+    def transitions() -> int:
+        assert gw.pipeline is not None and gw.pipeline.rules is not None
+        assert gw.pipeline.rules.engine is not None
+        return gw.pipeline.rules.engine.stats.transitions
+
+    try:
+        await send(90)
+        assert transitions() == 1
+        changes = await gw.apply_text(text(50), "test")
+        assert changes
+        assert gw.pipeline is not None and gw.pipeline.rules is not None
+        engine = gw.pipeline.rules.engine
+        assert engine is not None and engine.rules["hot"].when.text == "t > 50"
+        await send(60)  # still set: the state survived the reload, no second set
+        assert engine.stats.transitions == 0
+        await send(40)
+        assert engine.stats.transitions == 1
+        ((_, _, st),) = [(r, d, s) for (r, d), s in engine.states.items()]
+        assert st.seq == 2 and not st.active
+    finally:
+        gw.request_stop()
+        await asyncio.wait_for(task, 10)
