@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing as mp
 import os
 import statistics
 import subprocess
@@ -129,17 +130,17 @@ async def memory_per_rule(n: int, devices: int) -> dict[str, Any]:
 class Devices:
     """Paho devices: publish telemetry, record commands' arrival."""
 
-    def __init__(self, port: int, n: int) -> None:
+    def __init__(self, port: int, names: list[str]) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
+        self.names = names
         self.clients = []
-        self.fired: dict[str, list[tuple[float, int]]] = {f"dev-{d}": [] for d in range(n)}
-        self.arrived: dict[str, list[tuple[float, int]]] = {f"dev-{d}": [] for d in range(n)}
+        self.fired: dict[str, list[tuple[float, int]]] = {d: [] for d in names}
+        self.arrived: dict[str, list[tuple[float, int]]] = {d: [] for d in names}
         self.acked = 0
         self.lock = threading.Lock()
-        for d in range(n):
-            dev = f"dev-{d}"
+        for dev in names:
             c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=dev)
             c.max_inflight_messages_set(1000)
             c.max_queued_messages_set(0)
@@ -158,22 +159,22 @@ class Devices:
         doc = orjson.loads(msg.payload)
         self.arrived[dev].append((time.perf_counter(), doc["params"]["speed"]))
 
-    def run(self, rate: float, seconds: float) -> None:
-        n = len(self.clients)
-        interval = n / rate
-        start = time.perf_counter()
+    def run(self, rate: float, seconds: float, start: float) -> None:
+        """Publish ``rate`` readings/s in all from ``start`` (perf_counter)."""
+        interval = len(self.clients) / rate
         k = 0
         end = start + seconds
-        while time.perf_counter() < end:
+        while True:
             due = start + k * interval
+            if due >= end:
+                break
             delay = due - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
             hot = k % TRIGGER_EVERY == TRIGGER_EVERY - 1
             value = 60.0 if hot else 20.0
             was_hot = k % TRIGGER_EVERY == 0 and k > 0
-            for d, c in enumerate(self.clients):
-                dev = f"dev-{d}"
+            for dev, c in zip(self.names, self.clients, strict=True):
                 t = time.perf_counter()
                 c.publish(f"devices/{dev}/telemetry", orjson.dumps({"t": value}), qos=1)
                 if hot:
@@ -199,7 +200,21 @@ class Devices:
         return out
 
 
-def load_and_latency(n: int, devices: int, rate: float, seconds: float) -> dict[str, Any]:
+def _worker(
+    port: int, names: list[str], rate: float, seconds: float, start: float, out: Any
+) -> None:
+    """One load process (perf_counter is CLOCK_MONOTONIC: comparable across processes)."""
+    fleet = Devices(port, names)
+    fleet.run(rate, seconds, start)
+    time.sleep(1.5)
+    fleet.stop()
+    fired = sum(len(v) for v in fleet.fired.values())
+    out.put((fleet.acked, fired, fleet.latencies()))
+
+
+def load_and_latency(
+    n: int, devices: int, rate: float, seconds: float, durability: str = "fsync", procs: int = 2
+) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "tests" / "integration"))
     from edgeway_process import free_port, wait_listening
 
@@ -208,7 +223,7 @@ def load_and_latency(n: int, devices: int, rate: float, seconds: float) -> dict[
         cfg = Path(tmp) / "edgeway.yaml"
         cfg.write_text(
             f'mqtt:\n  listeners: [{{bind: "127.0.0.1:{port}", allow_anonymous: true}}]\n'
-            + rules_yaml(n, devices)
+            f"outbox: {{durability: {durability}}}\n" + rules_yaml(n, devices)
         )
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         proc = subprocess.Popen(
@@ -229,18 +244,32 @@ def load_and_latency(n: int, devices: int, rate: float, seconds: float) -> dict[
         try:
             assert wait_listening(proc, port, 30), "gateway did not start"
             ps = psutil.Process(proc.pid)
-            fleet = Devices(port, devices)
-            time.sleep(1.0)
+            ctx = mp.get_context("spawn")
+            results = ctx.Queue()
+            names = [f"dev-{d}" for d in range(devices)]
+            groups = [names[i::procs] for i in range(procs)]
+            start = time.perf_counter() + 3.0  # workers connected by then
+            workers = [
+                ctx.Process(
+                    target=_worker,
+                    args=(port, g, rate * len(g) / devices, seconds, start, results),
+                )
+                for g in groups
+            ]
+            for w in workers:
+                w.start()
+            time.sleep(max(0.0, start - time.perf_counter()))
             cpu0 = ps.cpu_times()
             t0 = time.perf_counter()
-            fleet.run(rate, seconds)
-            time.sleep(1.0)
-            wall = time.perf_counter() - t0
+            got = [results.get(timeout=seconds + 60) for _ in workers]
+            wall = time.perf_counter() - t0 - 1.5
             cpu1 = ps.cpu_times()
             rss = ps.memory_info().rss
-            fleet.stop()
-            lat = sorted(fleet.latencies())
-            fired = sum(len(v) for v in fleet.fired.values())
+            for w in workers:
+                w.join(10)
+            acked = sum(a for a, _, _ in got)
+            fired = sum(f for _, f, _ in got)
+            lat = sorted(x for _, _, ls in got for x in ls)
         finally:
             proc.terminate()
             proc.wait(10)
@@ -250,7 +279,9 @@ def load_and_latency(n: int, devices: int, rate: float, seconds: float) -> dict[
         "rules": n,
         "devices": devices,
         "rate_asked": rate,
-        "readings_acked_per_s": round(fleet.acked / wall),
+        "durability": durability,
+        "load_processes": procs,
+        "readings_acked_per_s": round(acked / wall),
         "gateway_cpu_share": round(cpu / wall, 3),
         "gateway_rss_mb": round(rss / 1e6, 1),
         "commands_expected": fired,
@@ -270,10 +301,22 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--durability",
+        choices=["fsync", "os"],
+        default="fsync",
+        help="outbox.durability (also the rules' and the command queue's)",
+    )
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--procs", type=int, default=2, help="load generator processes")
     args = ap.parse_args()
-    out = {"memory": asyncio.run(memory_per_rule(args.rules, args.devices))}
-    print(json.dumps(out["memory"], indent=2), flush=True)
-    out["load"] = load_and_latency(args.rules, args.devices, args.rate, args.seconds)
+    out: dict[str, Any] = {}
+    if not args.skip_memory:
+        out["memory"] = asyncio.run(memory_per_rule(args.rules, args.devices))
+        print(json.dumps(out["memory"], indent=2), flush=True)
+    out["load"] = load_and_latency(
+        args.rules, args.devices, args.rate, args.seconds, args.durability, args.procs
+    )
     print(json.dumps(out["load"], indent=2), flush=True)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -279,3 +279,31 @@ def test_config_errors_name_the_rule_key() -> None:
         parse_config("rules:\n  - {name: a, when: 'x > 1'}\n  - {name: a, when: 'x > 2'}\n")
     with pytest.raises(ConfigError, match="exactly one of"):
         parse_config("rules:\n  - {name: a, when: 'x > 1', on_set: [{}]}\n")
+
+
+def test_condition_fast_paths_agree_with_the_general_comparison() -> None:
+    """One comparison and two-part and/or have closures of their own; they
+    must give what the general (chained) comparison and all()/any() give."""
+    import itertools
+
+    from edgeway.pipeline.expr import compile_expr
+
+    values = [-1.5, 0.0, 2.0, 80.0, 80.5]
+    for op in ["<", "<=", ">", ">=", "==", "!="]:
+        fast, _ = compile_expr(f"a {op} 80", logic=True)
+        fast_names, _ = compile_expr(f"a {op} b", logic=True)
+        chained, _ = compile_expr(f"a {op} b < 1000", logic=True)  # two ops: the loop
+        for a, b in itertools.product(values, values):
+            m = {"a": a, "b": b}
+            assert fast(m) == eval(f"a {op} 80", {}, m)  # Python itself: the reference
+            assert fast_names(m) == eval(f"a {op} b", {}, m)
+            assert chained(m) == eval(f"a {op} b < 1000", {}, m)
+    for text in [
+        "a > 1 and b > 1",
+        "a > 1 or b > 1",
+        "a > 1 and b > 1 and a < 50",
+        "a > 1 or b > 1 or a < -1",
+    ]:
+        fn, _ = compile_expr(text, logic=True)
+        for a, b in itertools.product(values, values):
+            assert fn({"a": a, "b": b}) == eval(text, {}, {"a": a, "b": b})

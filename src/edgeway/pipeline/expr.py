@@ -138,6 +138,11 @@ class _Builder:
                 raise ExprError(f"only the functions {allowed} may be called")
         if self.logic and isinstance(node, ast.BoolOp):
             parts = [self.build(v, names) for v in node.values]
+            if len(parts) == 2:  # the usual case, without a generator
+                p0, p1 = parts
+                if isinstance(node.op, ast.And):
+                    return lambda m: bool(p0(m)) and bool(p1(m))
+                return lambda m: bool(p0(m)) or bool(p1(m))
             if isinstance(node.op, ast.And):
                 return lambda m: all(bool(p(m)) for p in parts)
             return lambda m: any(bool(p(m)) for p in parts)
@@ -193,6 +198,14 @@ def _build(
                 raise ExprError(f"comparison {type(o).__name__} is not allowed")
             ops.append(f)
         rest = [sub(c, names) for c in node.comparators]
+        if len(ops) == 1:
+            # One comparison (a rule's usual ``temperature > 80``): no loop.
+            f0, b0 = ops[0], rest[0]
+            rnode = node.comparators[0]
+            if isinstance(rnode, ast.Constant) and isinstance(rnode.value, int | float):
+                c0 = float(rnode.value)
+                return lambda m: f0(first(m), c0)  # type: ignore[arg-type]
+            return lambda m: f0(first(m), b0(m))  # type: ignore[arg-type]
 
         def compare(m: Mapping[str, MetricValue]) -> bool:
             a = first(m)
