@@ -217,7 +217,7 @@ routes:
     assert [str(i) for i in lines] == [
         "t.yaml:6: routes[0].steps[0].window.grase: unknown key 'grase', did you mean 'grace'?",
         "t.yaml:7: routes[0].steps[1]: unknown step type 'deadbnd', did you mean 'deadband'?; "
-        "types: anomaly, deadband, dedup, map, model, on_change, priority, rate_limit, "
+        "types: anomaly, deadband, dedup, map, model, on_change, priority, rate_limit, rules, "
         "transform, validate, window",
     ]
     text = 'sinks:\n  - {name: cloud, url: "htps://ingest.example.com"}\n'

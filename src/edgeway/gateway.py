@@ -400,6 +400,9 @@ class Gateway:
             raise StartupError(str(e)) from e
         self.rule_targets.emit = self._store_records
         try:
+            rules = rules_stage_or_none(
+                cfg.rules, cfg.routes, data_dir, self.rule_targets, cfg.outbox.durability
+            )
             pipeline = Pipeline(
                 cfg.routes,
                 cfg.pipeline,
@@ -407,9 +410,7 @@ class Gateway:
                 data_dir=data_dir,
                 durability=cfg.outbox.durability,
                 services={"models": self.models} if self.models is not None else None,
-                rules=rules_stage_or_none(
-                    cfg.rules, data_dir, self.rule_targets, cfg.outbox.durability
-                ),
+                rules=rules,
             )
         except ValueError as e:
             # A configuration the pipeline refuses (``edgeway check`` names the

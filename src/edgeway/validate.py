@@ -153,6 +153,14 @@ def _routes(config: Config, lines: KeyLines) -> Iterator[ConfigIssue]:
         yield lines.issue(("pipeline", "default_sinks"), unknown(list(default)))
 
 
+def _rule_steps(config: Config, lines: KeyLines) -> Iterator[ConfigIssue]:
+    """A route's ``rules`` step names configured rules, each once (docs/rules.md)."""
+    from edgeway.rules.stage import rule_step_problems
+
+    for loc, message in rule_step_problems(config.rules, config.routes):
+        yield lines.issue(loc, message)
+
+
 # --------------------------------------------------------------------------
 # south adapters
 
@@ -298,6 +306,7 @@ def _password_hashes(config: Config, lines: KeyLines) -> Iterator[ConfigIssue]:
 _CHECKS: tuple[Callable[[Config, KeyLines], Iterator[ConfigIssue]], ...] = (
     _sinks,
     _routes,
+    _rule_steps,
     _adapters,
     _tls_files,
     _password_hashes,

@@ -261,3 +261,35 @@ async def test_model(harness: MakeHarness, tmp_path: Path) -> None:
         assert scored.tags["model"] == "pump-health@1"
     finally:
         await mgr.close()
+
+
+async def test_rules(harness: MakeHarness, tmp_path: Path) -> None:
+    from edgeway.config import parse_config
+    from edgeway.rules.actions import ActionTargets
+    from edgeway.rules.stage import RuleStage, stepped_rules
+
+    cfg = parse_config(examples()["rules"])
+    stage = RuleStage(
+        cfg.rules,
+        tmp_path / "rules",
+        targets=ActionTargets(),
+        durability="os",
+        stepped=stepped_rules(cfg.rules, cfg.routes),
+    )
+    await stage.open()
+    try:
+        h = await harness(examples()["rules"], services={"rules": stage})
+        assert await h.send(rd("d1", 5.0, {"celsius": 85.0})) is IngestStatus.ACCEPTED
+        assert [r.metrics for r in await h.take()] == [{"celsius": 85.0, "fahrenheit": 185.0}]
+        # Acknowledged: the transition is on disk already.
+        assert [(t["rule"], t["state"]) for t in await stage.store.transitions()] == [
+            ("too-hot", "set")
+        ]
+        await h.send(rd("d1", 6.0, {"celsius": 20.0}))
+        rows = await stage.store.transitions()
+        assert [(t["rule"], t["state"], t["seq"]) for t in rows] == [
+            ("too-hot", "clear", 2),
+            ("too-hot", "set", 1),
+        ]
+    finally:
+        await stage.close()

@@ -307,3 +307,38 @@ def test_condition_fast_paths_agree_with_the_general_comparison() -> None:
         fn, _ = compile_expr(text, logic=True)
         for a, b in itertools.product(values, values):
             assert fn({"a": a, "b": b}) == eval(text, {}, {"a": a, "b": b})
+
+
+def test_rules_named_by_a_step_are_evaluated_there_not_at_the_front() -> None:
+    c = Clock()
+    e = RuleEngine(
+        [rule(name="front", when="t > 80"), rule(name="later", when="f > 176")],
+        clock=c.now,
+        wall=c.wall,
+        stepped={"r/1:rules": ["later"]},
+    )
+    front = e.observe([reading(t=90, f=200)])
+    assert [t.rule for t in front.transitions] == ["front"]
+    at_step = e.observe([reading(t=90, f=200)], step="r/1:rules")
+    assert [t.rule for t in at_step.transitions] == ["later"]
+    assert not e.observe([reading(t=90)], step="other/0:rules")  # an unknown step: nothing
+
+
+def test_rule_step_names_are_checked() -> None:
+    from edgeway.validate import validate
+
+    text = """
+rules:
+  - {name: a, when: "t > 1"}
+routes:
+  - name: r
+    steps:
+      - rules: {names: [a]}
+      - rules: {names: [a, nope]}
+"""
+    issues = validate(text, filename="f.yaml")
+    assert [(i.key, i.line) for i in issues] == [
+        ("routes[0].steps[1].rules.names", 8),
+        ("routes[0].steps[1].rules.names", 8),
+    ]
+    assert "named by two steps" in issues[0].message and "no rule named 'nope'" in issues[1].message

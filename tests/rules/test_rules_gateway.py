@@ -248,3 +248,42 @@ rules:
     finally:
         gw.request_stop()
         await asyncio.wait_for(task, 10)
+
+
+async def test_rules_step_sees_the_route_s_transformed_readings(tmp_path: Path) -> None:
+    """A rule named by a route's ``rules`` step sees the metrics the route's
+    transform made; the device is acknowledged after the rule state commit."""
+    from edgeway.reading import Origin, Reading
+
+    cfg = parse_config(
+        f"""
+gateway: {{id: gw-r, data_dir: "{tmp_path / "data"}"}}
+mqtt:
+  listeners: [{{bind: "127.0.0.1:0", allow_anonymous: true}}]
+rules:
+  - {{name: hot-f, when: "fahrenheit > 176"}}
+  - {{name: raw, when: "fahrenheit > 0"}}
+routes:
+  - name: convert
+    steps:
+      - transform: {{fahrenheit: {{expr: "celsius * 1.8 + 32"}}}}
+      - rules: {{names: [hot-f]}}
+""",
+        "t.yaml",
+    )
+    gw = Gateway(cfg)
+    task = asyncio.create_task(gw.run())
+    await asyncio.wait_for(gw.ready.wait(), 10)
+    try:
+        assert gw.ingest is not None and gw.pipeline is not None and gw.pipeline.rules is not None
+        status = await gw.ingest.submit([Reading("d1", 0.0, {"celsius": 85.0}, Origin("test"))])
+        assert status.value == "accepted"
+        engine = gw.pipeline.rules.engine
+        assert engine is not None
+        # hot-f saw the transformed metric; raw (at the front) never sees it.
+        assert set(engine.states) == {("hot-f", "d1")} and engine.states[("hot-f", "d1")].active
+        rows = await gw.pipeline.rules.store.transitions()
+        assert [(r["rule"], r["state"]) for r in rows] == [("hot-f", "set")]  # on disk already
+    finally:
+        gw.request_stop()
+        await asyncio.wait_for(task, 10)

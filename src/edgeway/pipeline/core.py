@@ -199,6 +199,9 @@ class Pipeline:
         state commit joins the acknowledgement; see edgeway.rules.stage).
         """
         self.rules = rules
+        if rules is not None:
+            # The ``rules`` route step evaluates its rules in this stage.
+            services = {**(services or {}), "rules": rules}
         self.config = config if config is not None else PipelineSection()
         self.outbox = outbox
         self.data_dir = Path(data_dir)
@@ -505,6 +508,7 @@ class Pipeline:
         outputs: list[tuple[tuple[str, ...] | None, list[Reading]]] = []
         releases: list[tuple[str, list[Release]]] = []
         invalid = 0
+        commits: list[asyncio.Future[Any]] = []
         ops_before = self.state.ops_queued
         for route in active:
             batch = route.pending
@@ -524,6 +528,9 @@ class Pipeline:
                 outputs.append((route.sinks, out))
             for slot in route.slots:
                 ctx = slot.ctx
+                if ctx.commits:
+                    commits.extend(ctx.commits)
+                    ctx.commits.clear()
                 if ctx.invalid:
                     invalid += ctx.invalid
                     ctx.invalid = 0
@@ -544,6 +551,7 @@ class Pipeline:
             else IngestStatus.ACCEPTED
         )
         futs = self._store(outputs, memo)
+        futs.extend(commits)
         if (
             len(futs) == 1
             and not releases
@@ -727,11 +735,17 @@ class Pipeline:
                 for _, step in route.holding
                 if (rel := step.take_releases())
             ]
-            if not out and not releases:
+            commits: list[asyncio.Future[Any]] = []
+            for slot in route.slots:
+                if slot.ctx.commits:
+                    commits.extend(slot.ctx.commits)
+                    slot.ctx.commits.clear()
+            if not out and not releases and not commits:
                 continue
             if out:
                 route.sent.add(len(out), memo.total(out))
             futs = self._store([(route.sinks, out)], memo) if out else []
+            futs.extend(commits)
             if self.state.ops_queued != ops_before:
                 sfut = self.state.commit_future()
                 if sfut is not None:

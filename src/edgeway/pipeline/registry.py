@@ -20,6 +20,7 @@ readings made redundant (see docs/pipeline.md, "Durability of windows").
 from __future__ import annotations
 
 import abc
+import asyncio
 import difflib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,10 @@ class StepContext:
     """Gateway services a step may use, by name (``models``: the
     :class:`edgeway.ml.manager.ModelManager`); empty when the pipeline is
     built without a running gateway (``edgeway check``, tests)."""
+    commits: list[asyncio.Future[Any]] = field(default_factory=list)
+    """Commits a step started for this submit that must be on disk before the
+    device is acknowledged (the ``rules`` step's rule state); the pipeline
+    joins them to the submit's future and empties the list."""
     wake: Callable[[], None] | None = None
     """Ask the pipeline to call the holding steps' ``tick`` soon (a step whose
     results arrive from another thread); None until the pipeline opens."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import heapq
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 from zoneinfo import ZoneInfo
@@ -236,8 +236,44 @@ class EngineStats:
     devices_refused: int = 0
 
 
+class _Group:
+    """Rules evaluated at one point of the pipeline (the front, or one route's
+    ``rules`` step), with the devices' values and windows as seen there."""
+
+    __slots__ = ("cache", "dynamic", "scopes", "static", "windowed")
+
+    def __init__(self, rules: Sequence[CompiledRule]) -> None:
+        self.static = [r for r in rules if not r.dynamic]
+        self.dynamic = [r for r in rules if r.dynamic]
+        self.cache: dict[tuple[str, str, str], tuple[CompiledRule, ...]] = {}
+        self.scopes: dict[str, Scope] = {}
+        self.windowed: dict[str, list[WindowKey]] = {}
+        """Metric -> the windows (metric, seconds) these rules read of it."""
+        for r in rules:
+            for key in r.windows:
+                keys = self.windowed.setdefault(key[0], [])
+                if key not in keys:
+                    keys.append(key)
+
+    def rules_for(self, r: Reading) -> Sequence[CompiledRule]:
+        key = (r.device_id, r.origin.adapter, r.origin.address)
+        hit = self.cache.get(key)
+        if hit is None:
+            if len(self.cache) >= MATCH_CACHE_MAX:
+                self.cache.clear()
+            hit = self.cache[key] = tuple(x for x in self.static if x.static_match(r))
+        if not self.dynamic:
+            return hit
+        return [*hit, *(x for x in self.dynamic if x.matcher.matches(r))]
+
+
 class RuleEngine:
-    """Every configured rule over every device; see the module docstring."""
+    """Every configured rule over every device; see the module docstring.
+
+    Rules named by a route's ``rules`` step (``stepped``: step id -> rule
+    names) are evaluated there, on the readings that reach that step; the
+    others at the front, on readings as devices sent them.
+    """
 
     def __init__(
         self,
@@ -246,24 +282,26 @@ class RuleEngine:
         clock: Callable[[], float],
         wall: Callable[[], float],
         max_devices: int = MAX_DEVICES,
+        stepped: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.rules = {r.name: CompiledRule(r) for r in rules if r.enabled}
         self.clock = clock
         self.wall = wall
         self.max_devices = max_devices
         self.states: dict[tuple[str, str], RuleState] = {}
-        self.scopes: dict[str, Scope] = {}
         self.stats = EngineStats(rules=len(self.rules))
-        self._static = [r for r in self.rules.values() if not r.dynamic]
-        self._dynamic = [r for r in self.rules.values() if r.dynamic]
-        self._match_cache: dict[tuple[str, str, str], tuple[CompiledRule, ...]] = {}
-        self._windowed: dict[str, list[WindowKey]] = {}
-        """Metric -> the windows (metric, seconds) rules read of it."""
-        for r in self.rules.values():
-            for key in r.windows:
-                keys = self._windowed.setdefault(key[0], [])
-                if key not in keys:
-                    keys.append(key)
+        stepped = stepped or {}
+        claimed = {n for names in stepped.values() for n in names}
+        self.front = _Group([r for r in self.rules.values() if r.name not in claimed])
+        self.steps = {
+            sid: _Group([self.rules[n] for n in names if n in self.rules])
+            for sid, names in stepped.items()
+        }
+        self._group_of: dict[str, _Group] = {}
+        for group in (self.front, *self.steps.values()):
+            for r in (*group.static, *group.dynamic):
+                self._group_of[r.name] = group
+        self._devices = 0
         self._timers: list[tuple[float, str, str]] = []
 
     # ------------------------------------------------------------ state
@@ -282,40 +320,34 @@ class RuleEngine:
 
     # ------------------------------------------------------------ readings
 
-    def _rules_for(self, r: Reading) -> Iterable[CompiledRule]:
-        key = (r.device_id, r.origin.adapter, r.origin.address)
-        hit = self._match_cache.get(key)
-        if hit is None:
-            if len(self._match_cache) >= MATCH_CACHE_MAX:
-                self._match_cache.clear()
-            hit = self._match_cache[key] = tuple(x for x in self._static if x.static_match(r))
-        if not self._dynamic:
-            return hit
-        return [*hit, *(x for x in self._dynamic if x.matcher.matches(r))]
-
-    def _scope(self, device_id: str) -> Scope | None:
-        scope = self.scopes.get(device_id)
+    def _scope(self, group: _Group, device_id: str) -> Scope | None:
+        scope = group.scopes.get(device_id)
         if scope is None:
-            if len(self.scopes) >= self.max_devices:
+            if self._devices >= self.max_devices:
                 self.stats.devices_refused += 1
                 return None
-            scope = self.scopes[device_id] = Scope()
-            self.stats.devices = len(self.scopes)
+            scope = group.scopes[device_id] = Scope()
+            self._devices += 1
+            self.stats.devices = self._devices
         return scope
 
-    def observe(self, readings: Sequence[Reading], out: RuleOutput | None = None) -> RuleOutput:
-        """Evaluate the rules these readings concern."""
+    def observe(
+        self, readings: Sequence[Reading], out: RuleOutput | None = None, step: str | None = None
+    ) -> RuleOutput:
+        """Evaluate the rules these readings concern: the front's, or those
+        of the route step ``step``."""
         out = RuleOutput() if out is None else out
-        if not self.rules:
+        group = self.front if step is None else self.steps.get(step)
+        if group is None or not (group.static or group.dynamic):
             return out
         t, wall = self.clock(), self.wall()
-        windowed = self._windowed
+        windowed = group.windowed
         for r in readings:
             self.stats.readings += 1
-            rules = self._rules_for(r)
+            rules = group.rules_for(r)
             if not rules:
                 continue
-            scope = self._scope(r.device_id)
+            scope = self._scope(group, r.device_id)
             if scope is None:
                 continue
             metrics = r.metrics
@@ -359,7 +391,7 @@ class RuleEngine:
                 continue  # a stale timer: the state moved on
             if self._deadline(rule, st) > t:
                 continue  # re-armed later (a later timer entry exists)
-            scope = self.scopes.get(device_id) or Scope()
+            scope = self._group_of[name].scopes.get(device_id) or Scope()
             scope.now = t
             self._evaluate(rule, device_id, scope, t, wall, out, timer=True)
         return out

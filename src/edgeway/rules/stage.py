@@ -21,10 +21,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from edgeway.config import RouteConfig
 from edgeway.reading import Reading
 from edgeway.rules.actions import ActionRunner, ActionTargets
 from edgeway.rules.config import RuleConfig
@@ -48,8 +49,11 @@ class RuleStage:
         *,
         targets: ActionTargets,
         durability: Literal["fsync", "os"] = "fsync",
+        stepped: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.configs = list(rules)
+        self.stepped = dict(stepped or {})
+        """Route step id -> the rules that step evaluates (the others: the front)."""
         self.store = RuleStore(data_dir, durability)
         self.targets = targets
         self.engine: RuleEngine | None = None
@@ -67,7 +71,9 @@ class RuleStage:
         loaded = await self.store.open()
         clock = self.store.clock
         assert clock is not None
-        self.engine = RuleEngine(self.configs, clock=clock.now, wall=clock.wall)
+        self.engine = RuleEngine(
+            self.configs, clock=clock.now, wall=clock.wall, stepped=self.stepped
+        )
         self.engine.restore_all(loaded.states)
         self._closed = False
         if loaded.waiting:
@@ -107,12 +113,15 @@ class RuleStage:
 
     # ------------------------------------------------------------ observing
 
-    def observe(self, readings: Sequence[Reading]) -> asyncio.Future[Any] | None:
-        """Evaluate the rules on ``readings``; a future for the state commit
-        (None: nothing changed that needs storing)."""
+    def observe(
+        self, readings: Sequence[Reading], step: str | None = None
+    ) -> asyncio.Future[Any] | None:
+        """Evaluate the front's rules (or route step ``step``'s) on
+        ``readings``; a future for the state commit (None: nothing changed
+        that needs storing)."""
         if self._closed or self.engine is None:
             return None
-        out = self.engine.observe(readings)
+        out = self.engine.observe(readings, step=step)
         if not out:
             return None
         fut = self._store(out)
@@ -171,13 +180,54 @@ class RuleStage:
 
 def rules_stage_or_none(
     rules: Sequence[RuleConfig],
+    routes: Sequence[RouteConfig],
     data_dir: Path,
     targets: ActionTargets,
     durability: Literal["fsync", "os"] = "fsync",
 ) -> RuleStage | None:
     """A stage for the enabled ``rules`` (None without any: the pipeline's
-    path stays exactly as it is with no rule configured)."""
+    path stays exactly as it is with no rule configured). Raises ValueError
+    for a route's ``rules`` step naming a rule that is not configured, or a
+    rule two steps name."""
     enabled = [r for r in rules if r.enabled]
     if not enabled:
         return None
-    return RuleStage(enabled, data_dir, targets=targets, durability=durability)
+    stepped = stepped_rules(rules, routes)
+    return RuleStage(enabled, data_dir, targets=targets, durability=durability, stepped=stepped)
+
+
+def stepped_rules(
+    rules: Sequence[RuleConfig], routes: Sequence[RouteConfig]
+) -> dict[str, list[str]]:
+    """Route step id (``route/index:rules``) -> the rules it names; ValueError
+    for the first problem :func:`rule_step_problems` finds."""
+    for _, message in rule_step_problems(rules, routes):
+        raise ValueError(message)
+    return {
+        f"{route.name}/{i}:rules": list((spec.get("rules") or {}).get("names", []))
+        for route in routes
+        for i, spec in enumerate(route.steps)
+        if "rules" in spec
+    }
+
+
+def rule_step_problems(
+    rules: Sequence[RuleConfig], routes: Sequence[RouteConfig]
+) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """(key path, message) for each ``rules`` step naming a rule that is not
+    configured, or one another step names already (``edgeway check``)."""
+    known = {r.name for r in rules}
+    where: dict[str, str] = {}
+    for ri, route in enumerate(routes):
+        for i, spec in enumerate(route.steps):
+            if "rules" not in spec:
+                continue
+            sid = f"{route.name}/{i}:rules"
+            loc = ("routes", ri, "steps", i, "rules", "names")
+            for n in (spec.get("rules") or {}).get("names", []):
+                if n not in known:
+                    yield loc, f"{sid}: no rule named {n!r}; rules: {sorted(known)}"
+                elif n in where:
+                    yield loc, f"rule {n!r} is named by two steps: {where[n]} and {sid}"
+                else:
+                    where[n] = sid

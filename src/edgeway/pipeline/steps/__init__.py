@@ -19,3 +19,4 @@ from edgeway.pipeline.steps import (  # noqa: F401  (registration at import)
     validate,
     window,
 )
+from edgeway.rules import step as _rules_step  # noqa: F401  (the ``rules`` step)
