@@ -84,8 +84,8 @@ def rules_yaml(n: int, devices: int) -> str:
 async def memory_per_rule(n: int, devices: int) -> dict[str, Any]:
     from edgeway.config import parse_config
     from edgeway.reading import Origin, Reading
-    from edgeway.rules.actions import ActionTargets
     from edgeway.rules.stage import RuleStage
+    from edgeway.rules.targets import ActionTargets
 
     text = rules_yaml(n, devices)
     cfg = parse_config(text)

@@ -27,8 +27,7 @@ from edgeway.devices.auth import Authenticator, Authoriser
 from edgeway.outbox import Outbox, SinkRunner
 from edgeway.outbox.store import CHUNK_MAX
 from edgeway.pipeline import Pipeline
-from edgeway.rules.actions import ActionTargets
-from edgeway.rules.stage import rules_stage_or_none
+from edgeway.rules.targets import ActionTargets
 from edgeway.runtime.switch import IngestSwitch
 from edgeway.sinks.base import Sink, create_sink
 from edgeway.south.base import Backoff, SouthAdapter, adapter_class
@@ -400,9 +399,13 @@ class Gateway:
             raise StartupError(str(e)) from e
         self.rule_targets.emit = self._store_records
         try:
-            rules = rules_stage_or_none(
-                cfg.rules, cfg.routes, data_dir, self.rule_targets, cfg.outbox.durability
-            )
+            rules = None
+            if cfg.rules:  # imported only when used: nothing changes without rules
+                from edgeway.rules.stage import rules_stage_or_none
+
+                rules = rules_stage_or_none(
+                    cfg.rules, cfg.routes, data_dir, self.rule_targets, cfg.outbox.durability
+                )
             pipeline = Pipeline(
                 cfg.routes,
                 cfg.pipeline,

@@ -265,8 +265,8 @@ async def test_model(harness: MakeHarness, tmp_path: Path) -> None:
 
 async def test_rules(harness: MakeHarness, tmp_path: Path) -> None:
     from edgeway.config import parse_config
-    from edgeway.rules.actions import ActionTargets
     from edgeway.rules.stage import RuleStage, stepped_rules
+    from edgeway.rules.targets import ActionTargets
 
     cfg = parse_config(examples()["rules"])
     stage = RuleStage(

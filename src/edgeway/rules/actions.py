@@ -25,12 +25,12 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from edgeway.logs import printable
-from edgeway.reading import MetricValue, Origin, Reading
+from edgeway.reading import Origin, Reading
 from edgeway.rules.outputs import (
     AlarmChange,
     CallWebhook,
@@ -40,6 +40,7 @@ from edgeway.rules.outputs import (
     SetTwinDesired,
 )
 from edgeway.rules.store import RuleStore, StoredAction
+from edgeway.rules.targets import ActionTargets
 
 log = logging.getLogger(__name__)
 
@@ -54,59 +55,6 @@ WEBHOOK_BACKOFF = 0.5
 """Seconds before the first retry, doubled each time."""
 WEBHOOK_BODY_LOG = 200
 """Characters of a webhook's error kept for the log and the store."""
-
-
-class AlarmTarget(Protocol):
-    """What a rule needs of the alarm service (edgeway.alarms.service.AlarmService)."""
-
-    async def raise_alarm(
-        self,
-        source: str,
-        type: str,
-        *,
-        severity: int,
-        message: str,
-        by: str,
-        values: dict[str, MetricValue] | None = None,
-    ) -> Any: ...
-
-    async def clear_alarm(self, source: str, type: str, *, by: str, message: str = "") -> Any: ...
-
-
-class CommandTarget(Protocol):
-    """What a rule needs of :class:`edgeway.commands.service.CommandService`."""
-
-    async def submit(
-        self,
-        device_id: str,
-        name: str,
-        params: dict[str, Any] | None = None,
-        *,
-        ttl: float | None = None,
-        result_timeout: float | None = None,
-        idempotency_key: str | None = None,
-        source: str = "api",
-    ) -> tuple[Any, bool]: ...
-
-
-class TwinTarget(Protocol):
-    """The twin service's hook (a later issue): a desired-state change."""
-
-    async def set_desired(self, device_id: str, desired: dict[str, Any], *, by: str) -> Any: ...
-
-
-@dataclass(slots=True)
-class ActionTargets:
-    """Where actions go; the gateway fills it as it builds its parts (a part
-    left None fails its actions visibly: counted and logged)."""
-
-    commands: CommandTarget | None = None
-    publish: Callable[[str, bytes, int, bool], None] | None = None
-    """(topic, payload, qos, retain) on the embedded broker."""
-    alarms: AlarmTarget | None = None
-    emit: Callable[[Sequence[Reading]], Any] | None = None
-    """Records into the outbox (``Outbox.submit``)."""
-    twins: TwinTarget | None = None
 
 
 @dataclass(slots=True)

@@ -27,10 +27,11 @@ from typing import Any, Literal
 
 from edgeway.config import RouteConfig
 from edgeway.reading import Reading
-from edgeway.rules.actions import ActionRunner, ActionTargets
+from edgeway.rules.actions import ActionRunner
 from edgeway.rules.config import RuleConfig
 from edgeway.rules.engine import RuleEngine, RuleOutput
 from edgeway.rules.store import HISTORY_KEEP, RuleStore, StoredAction, purge_history
+from edgeway.rules.targets import ActionTargets
 
 log = logging.getLogger(__name__)
 
