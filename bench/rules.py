@@ -272,7 +272,8 @@ def load_and_latency(
             lat = sorted(x for _, _, ls in got for x in ls)
         finally:
             proc.terminate()
-            proc.wait(10)
+            proc.wait(30)
+        inside = sent_after_transition(Path(tmp) / "data")
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
     return {
@@ -286,11 +287,50 @@ def load_and_latency(
         "gateway_rss_mb": round(rss / 1e6, 1),
         "commands_expected": fired,
         "commands_arrived": len(lat),
+        "in_gateway_ms": _quantiles(inside),
         "latency_ms": {
             "p50": round(q[49] * 1000, 2),
             "p99": round(q[98] * 1000, 2),
             "max": round(lat[-1] * 1000, 2) if lat else None,
         },
+    }
+
+
+def sent_after_transition(data: Path) -> list[float]:
+    """Seconds from each transition (its rule evaluated: the reading's arrival)
+    to its command marked SENT (handed to the device's transport), from the
+    gateway's own records: ``rules.db`` and the command records in the outbox."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import sqlite3
+
+    from outbox_db import stored_records
+
+    with sqlite3.connect(data / "rules.db") as conn:
+        at = {
+            f"rule:{rule}:{rule}:{dev}:{seq}": t
+            for rule, dev, seq, t in conn.execute(
+                "SELECT rule, device_id, seq, at FROM transitions"
+            )
+        }
+    out = []
+    for rec in stored_records(data / "outbox.db"):
+        m = rec.doc.get("metrics", {})
+        key = m.get("request_id")
+        if m.get("state") == "sent" and key in at:
+            out.append(rec.doc["ts"] - at[key])
+    return out
+
+
+def _quantiles(xs: list[float]) -> dict[str, Any]:
+    if len(xs) < 2:
+        return {"n": len(xs)}
+    xs = sorted(xs)
+    q = statistics.quantiles(xs, n=100)
+    return {
+        "n": len(xs),
+        "p50": round(q[49] * 1000, 2),
+        "p99": round(q[98] * 1000, 2),
+        "max": round(xs[-1] * 1000, 2),
     }
 
 
