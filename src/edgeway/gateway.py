@@ -279,6 +279,8 @@ class Gateway:
                 self.admin.twins = self.twins
                 self.admin.config_control = self
                 await self.admin.start()
+            # The alarm service (issue 17 s.2), when the gateway has one.
+            self.rule_targets.alarms = getattr(self, "alarms", None) or self.rule_targets.alarms
             if self.pipeline.rules is not None:
                 self.pipeline.rules.start_actions()
             try:
