@@ -79,6 +79,7 @@ class ActionRunner:
         self.stats = ActionStats()
         self._chains: dict[str, asyncio.Task[None]] = {}
         self._webhooks: set[asyncio.Task[None]] = set()
+        self._marks: set[asyncio.Future[None]] = set()
         self._slots = asyncio.Semaphore(MAX_WEBHOOKS)
         self._client: Any = None
         self._closed = False
@@ -155,9 +156,16 @@ class ActionRunner:
                 extra={"fields": {"transition": sa.transition_id, "action": kind}},
             )
         try:
-            self.store.mark_done(sa.id, error).add_done_callback(_log_store_failure)
+            mark = self.store.mark_done(sa.id, error)
         except Exception:  # the store is closing: done again at the next start
             log.debug("rule action %d not marked done", sa.id, exc_info=True)
+            return
+        self._marks.add(mark)
+        mark.add_done_callback(self._marked)
+
+    def _marked(self, fut: asyncio.Future[None]) -> None:
+        self._marks.discard(fut)
+        _log_store_failure(fut)
 
     async def _carry_out(self, a: Any) -> None:
         t = self.targets
@@ -276,9 +284,10 @@ class ActionRunner:
                 await self._client.aclose()
 
     async def idle(self) -> None:
-        """Wait until every action started so far is carried out (tests, bench)."""
-        while self._chains or self._webhooks:
-            await asyncio.wait([*self._chains.values(), *self._webhooks])
+        """Wait until every action started so far is carried out and marked
+        done on disk (tests, bench)."""
+        while self._chains or self._webhooks or self._marks:
+            await asyncio.wait([*self._chains.values(), *self._webhooks, *self._marks])
 
 
 def _log_store_failure(fut: asyncio.Future[None]) -> None:

@@ -1,0 +1,93 @@
+"""The rule stage with real stores: rules.db and the command queue's
+commands.db in a temporary directory (no network: commands stay queued)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from edgeway.commands.service import CommandService
+from edgeway.config import CommandsSection, parse_config
+from edgeway.reading import Origin, Reading
+from edgeway.rules.stage import RuleStage
+from edgeway.rules.targets import ActionTargets
+
+CONFIG = """
+rules:
+  - name: hot
+    when: "t > 80"
+    on_set: [{command: {name: fan, params: {speed: 100}}}]
+"""
+
+
+def reading(t: float) -> Reading:
+    return Reading("d1", 0.0, {"t": t}, Origin("test"))
+
+
+def queued(data: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(data / "commands.db") as conn:
+        return list(conn.execute("SELECT name, idem_key FROM commands"))
+
+
+async def open_stage(data: Path, commands: CommandService) -> RuleStage:
+    stage = RuleStage(
+        parse_config(CONFIG).rules, data, targets=ActionTargets(commands=commands), durability="os"
+    )
+    await stage.open()
+    return stage
+
+
+async def test_actions_stored_before_a_stop_are_carried_out_once_after_the_start(
+    tmp_path: Path,
+) -> None:
+    commands = CommandService(tmp_path, CommandsSection(), durability="os")
+    await commands.open()
+    try:
+        stage = await open_stage(tmp_path, commands)
+        # The gateway has not started the actions yet (it stops first): the
+        # transition and its action are on disk, the command is not queued.
+        fut = stage.observe([reading(90)])
+        assert fut is not None
+        await fut
+        await stage.close()
+        assert queued(tmp_path) == []
+
+        stage = await open_stage(tmp_path, commands)
+        stage.start_actions()
+        await stage.runner.idle()
+        assert queued(tmp_path) == [("fan", "rule:hot:hot:d1:1")]
+        assert stage.runner.stats.done == {"command": 1}
+        # Not set again after the restart: the state said it was set.
+        assert stage.observe([reading(95)]) is None
+        await stage.close()
+
+        # A crash after the command was queued but before the action was
+        # marked done: carried out again, and the queue's idempotency key
+        # keeps it to one command.
+        with sqlite3.connect(tmp_path / "rules.db") as conn:
+            conn.execute("UPDATE actions SET done = 0")
+        stage = await open_stage(tmp_path, commands)
+        stage.start_actions()
+        await stage.runner.idle()
+        assert queued(tmp_path) == [("fan", "rule:hot:hot:d1:1")]
+        assert commands.stats.duplicates == 1
+        await stage.close()
+    finally:
+        await commands.close()
+
+
+async def test_an_action_without_its_target_fails_visibly(tmp_path: Path) -> None:
+    stage = RuleStage(parse_config(CONFIG).rules, tmp_path, targets=ActionTargets())
+    await stage.open()
+    try:
+        stage.start_actions()
+        fut = stage.observe([reading(90)])
+        assert fut is not None
+        await fut
+        await stage.runner.idle()
+        assert stage.runner.stats.failed == {"command": 1}
+        with sqlite3.connect(tmp_path / "rules.db") as conn:
+            ((done, error),) = conn.execute("SELECT done, error FROM actions").fetchall()
+        assert done == 1 and "commands are disabled" in error
+    finally:
+        await stage.close()
