@@ -91,3 +91,41 @@ async def test_an_action_without_its_target_fails_visibly(tmp_path: Path) -> Non
         assert done == 1 and "commands are disabled" in error
     finally:
         await stage.close()
+
+
+async def test_a_failed_state_write_takes_the_stored_state_back(tmp_path: Path) -> None:
+    """A transition whose commit failed (disk full, I/O error) is made again,
+    with the same id, when the device sends again (it was not acknowledged)."""
+    import asyncio
+    import sqlite3 as sq
+
+    stage = RuleStage(parse_config(CONFIG).rules, tmp_path, targets=ActionTargets())
+    await stage.open()
+    try:
+        real = stage.store.write
+
+        def failing(out):  # type: ignore[no-untyped-def]
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(sq.OperationalError("disk I/O error"))
+            return fut
+
+        stage.store.write = failing  # type: ignore[method-assign]
+        fut = stage.observe([reading(90)])
+        assert fut is not None
+        try:
+            await fut
+        except sq.OperationalError:
+            pass
+        stage.store.write = real  # type: ignore[method-assign]
+        for _ in range(100):  # the failure's callback runs on the loop's next turns
+            if stage.failed_writes and stage._resyncing is None:
+                break
+            await asyncio.sleep(0.01)
+        assert stage.failed_writes == 1
+        fut = stage.observe([reading(90)])  # the device's resend
+        assert fut is not None
+        await fut
+        rows = await stage.store.transitions()
+        assert [(r["seq"], r["state"]) for r in rows] == [(1, "set")]
+    finally:
+        await stage.close()

@@ -306,6 +306,12 @@ class RuleEngine:
 
     # ------------------------------------------------------------ state
 
+    def reset_states(self, states: Iterable[tuple[str, str, RuleState]]) -> None:
+        """Forget every state and timer and take ``states`` (the stored ones) back."""
+        self.states.clear()
+        self._timers.clear()
+        self.restore_all(states)
+
     def restore_all(self, states: Iterable[tuple[str, str, RuleState]]) -> None:
         """Take back stored states (at start); rules no longer configured are ignored."""
         for rule, device_id, state in states:

@@ -30,7 +30,13 @@ from edgeway.reading import Reading
 from edgeway.rules.actions import ActionRunner
 from edgeway.rules.config import RuleConfig
 from edgeway.rules.engine import RuleEngine, RuleOutput
-from edgeway.rules.store import HISTORY_KEEP, RuleStore, StoredAction, purge_history
+from edgeway.rules.store import (
+    HISTORY_KEEP,
+    RuleStore,
+    StoredAction,
+    load_states,
+    purge_history,
+)
 from edgeway.rules.targets import ActionTargets
 
 log = logging.getLogger(__name__)
@@ -64,6 +70,7 @@ class RuleStage:
         self._timer_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writes: set[asyncio.Future[list[StoredAction]]] = set()
+        self._resyncing: asyncio.Task[None] | None = None
         self._closed = True
 
     async def open(self) -> None:
@@ -98,6 +105,10 @@ class RuleStage:
             self._timer.cancel()
         if self._writes:
             await asyncio.wait(list(self._writes))
+        if self._resyncing is not None:
+            self._resyncing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resyncing
         await self.runner.close()
         with contextlib.suppress(Exception):
             await self.store.checkpoint_clock()
@@ -144,11 +155,34 @@ class RuleStage:
             # Nothing of it is durable: the device is not acknowledged either
             # (the pipeline joins this future) and sends again.
             self.failed_writes += 1
-            log.error("rules: state not stored: %s", e)
+            log.error("rules: state not stored: %s; taking the stored state back", e)
+            self._resync()
             return
         actions = fut.result()
         if actions:
             self.runner.run(actions)
+
+    def _resync(self) -> None:
+        """After a failed write the engine's memory is ahead of the disk (a
+        transition it made is not stored, its actions would never run): take
+        the stored state back, so the transition happens again, stored, when
+        the device sends again."""
+        if self._closed or self._resyncing is not None:
+            return
+
+        async def run() -> None:
+            try:
+                loaded = await self.store.db.read(load_states)
+                if self.engine is not None and not self._closed:
+                    self.engine.reset_states(loaded)
+                    self._timer_at = None
+                    self._rearm()
+            except Exception:
+                log.exception("rules: stored state not read back")
+            finally:
+                self._resyncing = None
+
+        self._resyncing = asyncio.get_running_loop().create_task(run(), name="rules:resync")
 
     # ------------------------------------------------------------ timers
 

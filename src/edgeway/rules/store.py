@@ -185,13 +185,18 @@ def _save_clock(conn: sqlite3.Connection, now: float, wall: float) -> None:
     )
 
 
-def _load(conn: sqlite3.Connection) -> Loaded:
-    states = [
+def load_states(conn: sqlite3.Connection) -> list[tuple[str, str, RuleState]]:
+    """Every stored (rule, device, state)."""
+    return [
         (rule, dev, RuleState(bool(active), since, seq, cooldown))
         for rule, dev, active, since, seq, cooldown in conn.execute(
             "SELECT rule, device_id, active, since, seq, cooldown_until FROM rule_state"
         )
     ]
+
+
+def _load(conn: sqlite3.Connection) -> Loaded:
+    states = load_states(conn)
     waiting = []
     for aid, doc, rule, dev, seq in conn.execute(
         "SELECT a.id, a.doc, t.rule, t.device_id, t.seq FROM actions a "
