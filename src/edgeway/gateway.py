@@ -237,6 +237,7 @@ class Gateway:
             self.rule_targets.commands = self.commands
         if cfg.twins.enabled:
             await self._open_twins(cfg)
+            self.rule_targets.twins = self.twins
         self.adapters = self._build_adapters()
         try:
             for sink in self.sinks:

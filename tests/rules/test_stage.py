@@ -129,3 +129,39 @@ async def test_a_failed_state_write_takes_the_stored_state_back(tmp_path: Path) 
         assert [(r["seq"], r["state"]) for r in rows] == [(1, "set")]
     finally:
         await stage.close()
+
+
+async def test_twin_action_patches_the_desired_state(tmp_path: Path) -> None:
+    from edgeway.twins.model import TwinLimits
+    from edgeway.twins.service import TwinService
+
+    twins = TwinService(tmp_path, TwinLimits(65536, 8), durability="os")
+    await twins.open()
+    text = """
+rules:
+  - name: eco
+    when: "t < 10"
+    on_set: [{twin: {desired: {mode: eco, setpoint: 18}}}]
+    on_clear: [{twin: {desired: {mode: null}}}]
+"""
+    stage = RuleStage(
+        parse_config(text).rules, tmp_path, targets=ActionTargets(twins=twins), durability="os"
+    )
+    await stage.open()
+    try:
+        stage.start_actions()
+        for t in (5.0, 20.0):
+            fut = stage.observe([reading(t)])
+            assert fut is not None
+            await fut
+            await stage.runner.idle()
+            twin = await twins.get("d1")
+            if t < 10:
+                assert twin.desired == {"mode": "eco", "setpoint": 18}
+            else:
+                assert twin.desired == {"setpoint": 18}  # merge patch: null removes
+        assert twin.desired_version == 2
+        assert stage.runner.stats.done == {"twin": 2}
+    finally:
+        await stage.close()
+        await twins.close()

@@ -12,7 +12,9 @@ and hands each to its target, then marks it done in ``rules.db``:
 - ``webhook``: an HTTP POST in a task of its own, bounded in number, with a
   per-attempt timeout and backoff between retries, so a slow or dead URL
   never delays another action or the event loop;
-- ``twin``: a :class:`TwinTarget` when there is one (a later issue).
+- ``twin``: a merge patch of the device twin's desired state
+  (:class:`TwinTarget`, the twin service), which then reaches the device as
+  a delta like any desired change.
 
 Per device, commands, publishes, alarms and events go out in transition
 order (a fan switched on, then off, arrives in that order); different devices
@@ -219,8 +221,8 @@ class ActionRunner:
                     raise ActionFailed(f"the outbox refused the record: {status}")
         elif isinstance(a, SetTwinDesired):
             if t.twins is None:
-                raise ActionFailed("no twin service (device twins come in a later release)")
-            await t.twins.set_desired(a.device_id, a.desired, by="rules")
+                raise ActionFailed("device twins are disabled (twins.enabled: false)")
+            await t.twins.patch(a.device_id, "desired", a.desired, by=a.by)
         else:
             raise ActionFailed(f"unknown action {a!r}")
 

@@ -117,8 +117,8 @@ class EventAction(_Model):
 
 
 class TwinAction(_Model):
-    """Change a device twin's desired state (needs the twin service; until
-    then the action fails visibly, counted and logged)."""
+    """Change the device twin's desired state (a JSON merge patch: a key set
+    to null is removed); the device gets it as a delta (docs/twins.md)."""
 
     desired: dict[str, Any] = Field(default_factory=dict)
     """Desired-state keys and values to set on the device's twin."""
@@ -138,7 +138,7 @@ class ActionConfig(_Model):
     event: EventAction | None = None
     """Send a record of the transition to the sinks."""
     twin: TwinAction | None = None
-    """Change the device twin's desired state (hook for the twin service)."""
+    """Change the device twin's desired state (a merge patch)."""
 
     @model_validator(mode="after")
     def _one(self) -> Self:

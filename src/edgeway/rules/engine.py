@@ -510,7 +510,7 @@ def _resolve(a: ActionConfig, rule: CompiledRule, tr: Transition, setting: bool)
             metrics.setdefault(k, v)
         return RecordEvent(tr.device_id, tr.at, metrics, tr.id, tr.rule)
     assert a.twin is not None
-    return SetTwinDesired(tr.device_id, dict(a.twin.desired))
+    return SetTwinDesired(tr.device_id, dict(a.twin.desired), by)
 
 
 def _json(tr: Transition) -> str:

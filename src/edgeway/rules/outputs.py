@@ -83,10 +83,11 @@ class RecordEvent:
 
 @dataclass(slots=True, frozen=True)
 class SetTwinDesired:
-    """A change of the device twin's desired state (the twin service's hook)."""
+    """A merge patch of the device twin's desired state."""
 
     device_id: str
     desired: dict[str, Any]
+    by: str = "rules"
     kind: Literal["twin"] = "twin"
 
 

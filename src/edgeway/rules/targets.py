@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from edgeway.reading import MetricValue, Reading
 
@@ -48,9 +48,18 @@ class CommandTarget(Protocol):
 
 
 class TwinTarget(Protocol):
-    """The twin service's hook (a later issue): a desired-state change."""
+    """What a rule needs of :class:`edgeway.twins.service.TwinService`: a
+    merge patch of a device's desired state, on disk when it returns."""
 
-    async def set_desired(self, device_id: str, desired: dict[str, Any], *, by: str) -> Any: ...
+    async def patch(
+        self,
+        device_id: str,
+        section: Literal["desired", "reported"],
+        patch: Any,
+        *,
+        if_match: int | None = None,
+        by: str,
+    ) -> Any: ...
 
 
 @dataclass(slots=True)
