@@ -342,3 +342,22 @@ routes:
         ("routes[0].steps[1].rules.names", 8),
     ]
     assert "named by two steps" in issues[0].message and "no rule named 'nope'" in issues[1].message
+
+
+def test_conditions_read_the_device_twin() -> None:
+    e, _ = engine(rule(name="over", when="temperature > desired(setpoint) + 5"))
+    assert feed(e, temperature=30) == []  # no twin yet: unknown
+    e.set_twin("d1", "desired", {"setpoint": 20}, 1)
+    assert feed(e, temperature=26) == [("d1", "set", 1)]
+    e.set_twin("d1", "desired", {"setpoint": 25}, 2)
+    assert feed(e, temperature=26) == [("d1", "clear", 2)]
+    e.set_twin("d1", "desired", {"setpoint": 0}, 1)  # an older version: ignored
+    assert feed(e, temperature=26) == []
+
+
+def test_a_rule_on_the_twin_only_is_evaluated_at_every_reading() -> None:
+    e, _ = engine(rule(name="fw", when="reported(firmware) < 3"))
+    e.set_twin("d1", "reported", {"firmware": 2}, 1)
+    assert feed(e, anything=1) == [("d1", "set", 1)]
+    with pytest.raises(ValidationError, match="takes a key of the twin"):
+        rule(when="desired(1) > 0")

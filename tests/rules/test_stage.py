@@ -165,3 +165,38 @@ rules:
     finally:
         await stage.close()
         await twins.close()
+
+
+async def test_rules_follow_the_device_twins(tmp_path: Path) -> None:
+    """Twins stored before the start are loaded; a change reaches the rules
+    through the twin service's listener."""
+    from edgeway.twins.model import TwinLimits
+    from edgeway.twins.service import TwinService
+
+    twins = TwinService(tmp_path, TwinLimits(65536, 8), durability="os")
+    await twins.open()
+    await twins.patch("d1", "desired", {"limit": 50}, by="test")
+    text = """
+rules:
+  - {name: over, when: "t > desired(limit)"}
+"""
+    stage = RuleStage(
+        parse_config(text).rules, tmp_path, targets=ActionTargets(twins=twins), durability="os"
+    )
+    await stage.open()
+    try:
+        stage.start_actions()
+        assert stage._twin_load is not None
+        await stage._twin_load
+        fut = stage.observe([reading(60)])
+        assert fut is not None  # 60 > 50: set
+        await fut
+        await twins.patch("d1", "desired", {"limit": 70}, by="test")
+        fut = stage.observe([reading(60)])
+        assert fut is not None  # 60 < 70 now: cleared
+        await fut
+        rows = await stage.store.transitions()
+        assert [(r["state"], r["seq"]) for r in rows] == [("clear", 2), ("set", 1)]
+    finally:
+        await stage.close()
+        await twins.close()

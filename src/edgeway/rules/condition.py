@@ -9,9 +9,11 @@ Examples::
     count(door_open, 10m) >= 3          # samples in the last ten minutes
     delta(energy, 1h) > 50              # last minus first within the hour
     not (min_over(pressure, 30s) > 2)
+    temperature > desired(setpoint) + 5 # the device twin's desired state
 
 Names are the device's last values (this reading's metrics on top of what
-it sent before). A condition that names a metric the device has not sent is
+it sent before); ``desired(key)`` and ``reported(key)`` read the device
+twin's top-level keys (numbers and booleans). A condition that names a metric the device has not sent is
 *unknown*: it neither sets nor clears a rule. Windows hold what arrived
 during this run (they refill after a restart; rule *state* is durable).
 
@@ -90,14 +92,35 @@ class Samples:
         return items
 
 
-class Scope(dict[str, MetricValue]):
-    """A device's last values, with its windows and the time of evaluation."""
+class TwinValues:
+    """A device's twin as the rules see it: each section's document and version."""
 
-    __slots__ = ("now", "windows")
+    __slots__ = ("desired", "desired_version", "reported", "reported_version")
+
+    def __init__(self) -> None:
+        self.desired: dict[str, object] = {}
+        self.reported: dict[str, object] = {}
+        self.desired_version = -1
+        self.reported_version = -1
+
+    def update(self, section: str, doc: dict[str, object], version: int) -> None:
+        """Take ``doc`` unless an equal or newer version is already here (a
+        change notified while the start-up load read an older copy)."""
+        if section == "desired" and version > self.desired_version:
+            self.desired, self.desired_version = doc, version
+        elif section == "reported" and version > self.reported_version:
+            self.reported, self.reported_version = doc, version
+
+
+class Scope(dict[str, MetricValue]):
+    """A device's last values, with its windows, its twin and the time of evaluation."""
+
+    __slots__ = ("now", "twin", "windows")
 
     def __init__(self) -> None:
         super().__init__()
         self.windows: dict[WindowKey, Samples] = {}
+        self.twin: TwinValues | None = None
         self.now = 0.0
 
 
@@ -131,6 +154,8 @@ class Condition:
     """Metrics it reads (last values and windows)."""
     windows: frozenset[WindowKey]
     """(metric, seconds) of every window function it uses."""
+    twin: bool = False
+    """It reads the device twin (``desired(key)``, ``reported(key)``)."""
 
 
 def _window_call(name: str, windows: set[WindowKey]) -> CallBuilder:
@@ -173,6 +198,30 @@ def _window_call(name: str, windows: set[WindowKey]) -> CallBuilder:
     return build
 
 
+def _twin_call(section: str, used: list[bool]) -> CallBuilder:
+    def build(args: list[ast.expr], names: set[str]) -> Evaluator:
+        if len(args) != 1 or not isinstance(args[0], ast.Name):
+            raise ExprError(f"{section}() takes a key of the twin: {section}(setpoint)")
+        key = args[0].id
+        used.append(True)
+
+        def evaluate(m: Mapping[str, MetricValue]) -> float:
+            twin = cast(Scope, m).twin
+            doc = (
+                None if twin is None else (twin.desired if section == "desired" else twin.reported)
+            )
+            v = None if doc is None else doc.get(key)
+            if isinstance(v, int | float):  # bool is an int: True counts as 1.0
+                return float(v)
+            if v is None:
+                raise MissingMetric(f"{section}({key})")
+            raise TypeError(f"twin value {section}({key}) is not a number")
+
+        return evaluate
+
+    return build
+
+
 def durations_to_seconds(text: str) -> str:
     """``60s`` -> ``60.0`` (a duration literal is not Python syntax)."""
     return _DURATION.sub(lambda m: repr(float(m.group(1)) * _UNITS[m.group(2)]), text)
@@ -181,6 +230,9 @@ def durations_to_seconds(text: str) -> str:
 def compile_condition(text: str) -> Condition:
     """Check and compile ``text``; raises :class:`ExprError` (a ValueError)."""
     windows: set[WindowKey] = set()
+    twin: list[bool] = []
     calls = {name: _window_call(name, windows) for name in _WINDOW_FUNCS}
+    calls["desired"] = _twin_call("desired", twin)
+    calls["reported"] = _twin_call("reported", twin)
     fn, names = compile_expr(durations_to_seconds(text), calls=calls, logic=True)
-    return Condition(text, fn, names, frozenset(windows))
+    return Condition(text, fn, names, frozenset(windows), bool(twin))

@@ -36,7 +36,14 @@ import orjson
 from edgeway.pipeline.expr import MissingMetric
 from edgeway.pipeline.routes import RouteMatcher, compile_globs
 from edgeway.reading import MetricValue, Reading
-from edgeway.rules.condition import Condition, Samples, Scope, WindowKey, compile_condition
+from edgeway.rules.condition import (
+    Condition,
+    Samples,
+    Scope,
+    TwinValues,
+    WindowKey,
+    compile_condition,
+)
 from edgeway.rules.config import ActionConfig, RuleConfig, ScheduleWindow
 from edgeway.rules.outputs import (
     Action,
@@ -169,6 +176,7 @@ class CompiledRule:
         "on_clear",
         "on_set",
         "schedule",
+        "twin",
         "when",
         "windows",
     )
@@ -183,6 +191,7 @@ class CompiledRule:
         self.when: Condition = compile_condition(cfg.when)
         self.clear: Condition | None = compile_condition(cfg.clear) if cfg.clear else None
         self.names = self.when.names | (self.clear.names if self.clear else frozenset())
+        self.twin = self.when.twin or (self.clear is not None and self.clear.twin)
         self.windows = self.when.windows | (self.clear.windows if self.clear else frozenset())
         self.for_ = cfg.for_
         self.clear_for = cfg.clear_for
@@ -303,6 +312,9 @@ class RuleEngine:
                 self._group_of[r.name] = group
         self._devices = 0
         self._timers: list[tuple[float, str, str]] = []
+        self.uses_twin = any(r.twin for r in self.rules.values())
+        """Some rule reads the device twin: keep the twins (``set_twin``)."""
+        self.twins: dict[str, TwinValues] = {}
 
     # ------------------------------------------------------------ state
 
@@ -333,9 +345,27 @@ class RuleEngine:
                 self.stats.devices_refused += 1
                 return None
             scope = group.scopes[device_id] = Scope()
+            if self.uses_twin:
+                scope.twin = self._twin(device_id)
             self._devices += 1
             self.stats.devices = self._devices
         return scope
+
+    def _twin(self, device_id: str) -> TwinValues:
+        twin = self.twins.get(device_id)
+        if twin is None:
+            twin = self.twins[device_id] = TwinValues()
+        return twin
+
+    def set_twin(self, device_id: str, section: str, doc: dict[str, object], version: int) -> None:
+        """A device twin's section is now ``doc`` at ``version`` (the twin
+        service's change listener, and its stored twins at start). Rules read
+        it at the device's next reading; a twin change alone evaluates nothing."""
+        if not self.uses_twin:
+            return
+        if device_id not in self.twins and len(self.twins) >= self.max_devices:
+            return
+        self._twin(device_id).update(section, doc, version)
 
     def observe(
         self, readings: Sequence[Reading], out: RuleOutput | None = None, step: str | None = None
@@ -371,8 +401,8 @@ class RuleEngine:
                             samples = scope.windows[key] = Samples(key[1])
                         samples.add(t, v)
             for rule in rules:
-                if rule.names.isdisjoint(metrics):
-                    continue
+                if rule.names and rule.names.isdisjoint(metrics):
+                    continue  # (a rule naming no metric, only the twin: every reading)
                 if rule.metrics is not None and not any(rule.metrics(k) for k in metrics):
                     continue
                 self._evaluate(rule, r.device_id, scope, t, wall, out, timer=False)
@@ -397,7 +427,10 @@ class RuleEngine:
                 continue  # a stale timer: the state moved on
             if self._deadline(rule, st) > t:
                 continue  # re-armed later (a later timer entry exists)
-            scope = self._group_of[name].scopes.get(device_id) or Scope()
+            scope = self._group_of[name].scopes.get(device_id)
+            if scope is None:
+                scope = Scope()
+                scope.twin = self.twins.get(device_id)
             scope.now = t
             self._evaluate(rule, device_id, scope, t, wall, out, timer=True)
         return out

@@ -37,10 +37,12 @@ from edgeway.rules.store import (
     load_states,
     purge_history,
 )
-from edgeway.rules.targets import ActionTargets
+from edgeway.rules.targets import ActionTargets, TwinTarget
 
 log = logging.getLogger(__name__)
 
+TWIN_PAGE = 1000
+"""Twins read per query at start (the twin service's largest page)."""
 TIMER_SLACK = 0.002
 """Seconds added to a timer so it does not wake a hair before its deadline
 (the loop's clock and the rule clock are read apart)."""
@@ -71,6 +73,8 @@ class RuleStage:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writes: set[asyncio.Future[list[StoredAction]]] = set()
         self._resyncing: asyncio.Task[None] | None = None
+        self._twin_source: TwinTarget | None = None
+        self._twin_load: asyncio.Task[None] | None = None
         self._closed = True
 
     async def open(self) -> None:
@@ -93,8 +97,38 @@ class RuleStage:
 
     def start_actions(self) -> None:
         """Carry out actions from now on (held until the gateway's command
-        queue and broker exist: an action must not fail for want of them)."""
+        queue and broker exist: an action must not fail for want of them);
+        follow the device twins if a rule reads them."""
         self.runner.start()
+        twins = self.targets.twins
+        if self.engine is not None and self.engine.uses_twin and twins is not None:
+            twins.add_listener(self._twin_changed)
+            self._twin_source = twins
+            self._twin_load = asyncio.get_running_loop().create_task(
+                self._load_twins(twins), name="rules:twins"
+            )
+
+    def _twin_changed(self, twin: Any, section: Any) -> None:
+        if self.engine is not None:
+            doc = twin.desired if section == "desired" else twin.reported
+            version = twin.desired_version if section == "desired" else twin.reported_version
+            self.engine.set_twin(twin.device_id, section, doc, version)
+
+    async def _load_twins(self, twins: TwinTarget) -> None:
+        """The stored twins, page by page (until loaded, conditions on the
+        twin are unknown: they change nothing)."""
+        after = ""
+        try:
+            while not self._closed:
+                page = await twins.list(limit=TWIN_PAGE, after=after)
+                for twin in page:
+                    self._twin_changed(twin, "desired")
+                    self._twin_changed(twin, "reported")
+                if len(page) < TWIN_PAGE:
+                    return
+                after = page[-1].device_id
+        except Exception:
+            log.exception("rules: device twins not loaded; conditions on them stay unknown")
 
     async def close(self) -> None:
         """Stop the timers, finish stores in flight, stop the runner, close rules.db."""
@@ -105,6 +139,12 @@ class RuleStage:
             self._timer.cancel()
         if self._writes:
             await asyncio.wait(list(self._writes))
+        if self._twin_source is not None:
+            self._twin_source.remove_listener(self._twin_changed)
+        if self._twin_load is not None:
+            self._twin_load.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._twin_load
         if self._resyncing is not None:
             self._resyncing.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -61,6 +61,15 @@ class TwinTarget(Protocol):
         by: str,
     ) -> Any: ...
 
+    async def list(self, limit: int = 100, after: str = "") -> list[Any]:
+        """Stored twins by device id (``Twin``: device_id, desired,
+        desired_version, reported, reported_version)."""
+        ...
+
+    def add_listener(self, listener: Callable[[Any, Any], None]) -> None: ...
+
+    def remove_listener(self, listener: Callable[[Any, Any], None]) -> None: ...
+
 
 @dataclass(slots=True)
 class ActionTargets:
