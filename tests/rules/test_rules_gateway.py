@@ -287,3 +287,35 @@ routes:
     finally:
         gw.request_stop()
         await asyncio.wait_for(task, 10)
+
+
+async def test_rules_and_twins_in_the_gateway(tmp_path: Path) -> None:
+    """A condition on the twin's desired state and a twin action, wired by
+    the gateway to its twin service."""
+    from edgeway.reading import Origin, Reading
+
+    cfg = parse_config(
+        f"""
+gateway: {{id: gw-r, data_dir: "{tmp_path / "data"}"}}
+mqtt:
+  listeners: [{{bind: "127.0.0.1:0", allow_anonymous: true}}]
+rules:
+  - name: over-limit
+    when: "t > desired(limit)"
+    on_set: [{{twin: {{desired: {{fan: 1}}}}}}]
+""",
+        "t.yaml",
+    )
+    gw = Gateway(cfg)
+    task = asyncio.create_task(gw.run())
+    await asyncio.wait_for(gw.ready.wait(), 10)
+    try:
+        assert gw.twins is not None and gw.ingest is not None
+        await gw.twins.patch("d1", "desired", {"limit": 50}, by="test")
+        await gw.ingest.submit([Reading("d1", 0.0, {"t": 60.0}, Origin("test"))])
+        await until(lambda: gw.twins is not None and gw.twins.patches == 2)
+        twin = await gw.twins.get("d1")
+        assert twin.desired == {"limit": 50, "fan": 1}
+    finally:
+        gw.request_stop()
+        await asyncio.wait_for(task, 10)
