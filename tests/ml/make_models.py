@@ -10,7 +10,7 @@ Every model takes ``x``: float32 [N, 3] and gives ``score``: float32 [N, 1].
 - ``sum``: score = x0 + x1 + x2
 - ``sum_scaled``: score = 1.01 * (x0 + x1 + x2) (a candidate that nearly agrees)
 - ``nan``: score = NaN (a model gone wrong)
-- ``slow``: ``sum`` plus about 60 M multiply-adds of matrix products per call whose result
+- ``slow``: ``sum`` plus about 300 M multiply-adds of matrix products per call whose result
   it multiplies by zero (a model ten times or more slower than its budget)
 """
 
@@ -66,7 +66,7 @@ def main() -> None:
         helper.make_node("MatMul", ["x", "w0"], ["h0"]),
     ]
     prev = "h0"
-    for i in range(1, 60):
+    for i in range(1, 300):
         nodes.append(helper.make_node("MatMul", [prev, "w"], [f"h{i}"]))
         prev = f"h{i}"
     nodes += [
