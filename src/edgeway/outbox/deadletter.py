@@ -31,12 +31,12 @@ import orjson
 from edgeway.outbox.store import (
     INSERT_CHUNK,
     ChunkBuilder,
-    acquire_lock,
+    check_schema,
     record_ids,
     record_size,
-    release_lock,
     text_from_columns,
 )
+from edgeway.storage.sqlite import acquire_lock, release_lock
 
 DB_NAME = "outbox.db"
 
@@ -74,7 +74,12 @@ def _open(db_path: Path) -> sqlite3.Connection:
     if not db_path.exists():
         raise FileNotFoundError(f"no outbox at {db_path}")
     conn = sqlite3.connect(db_path, isolation_level=None, timeout=30.0)
-    conn.execute("PRAGMA synchronous=FULL")
+    try:
+        check_schema(conn, db_path)
+        conn.execute("PRAGMA synchronous=FULL")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 

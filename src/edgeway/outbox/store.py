@@ -62,11 +62,9 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import fcntl
 import itertools
 import logging
 import operator
-import os
 import queue
 import sqlite3
 import threading
@@ -75,7 +73,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -86,11 +84,28 @@ from edgeway.outbox.reserve import DiskReserve
 from edgeway.ratelimit_log import RateLimitedLog
 from edgeway.reading import Reading
 from edgeway.sinks.base import Record, record_json_obj, stored_records
+from edgeway.storage.sqlite import (
+    MetaVersion,
+    Migration,
+    acquire_lock,
+    add_column,
+    check_version,
+    connect,
+    migrate,
+    release_lock,
+    split_statements,
+)
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
-"""1: one ``records`` row per reading (migrated to chunks at open); 2: chunks."""
+"""1: one ``records`` row per reading (migrated to chunks at open); 2: chunks.
+Kept as the ``schema_version`` row of ``meta`` (:data:`VERSION`), as before the
+shared storage helper ran the migrations."""
+
+VERSION = MetaVersion("meta", "schema_version")
+"""Where the outbox keeps its schema version (a ``meta`` row, not the helper's
+default ``schema_version`` table: files written before keep their format)."""
 
 MAX_SINKS = 62
 """Sinks per outbox: one bit each in the row's ``pending`` INTEGER (SQLite
@@ -483,21 +498,23 @@ def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, sqlite3.Error) and code is not None and code & 0xFF == sqlite3.SQLITE_FULL
 
 
-def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
-    # isolation_level=None: we issue BEGIN/COMMIT ourselves (one per group commit).
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
-        # A new database: pages emptied by confirmations can be given back to
-        # the filesystem (PRAGMA incremental_vacuum), which a full disk needs to
-        # recover (see edgeway.outbox.reserve). Only possible before the first
-        # table exists; older databases keep freed pages for new readings.
-        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    # A WAL of at most 64 MiB is kept after checkpoints, so a long backlog
-    # does not leave a huge WAL file behind.
-    conn.execute("PRAGMA journal_size_limit=67108864")
-    return conn
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+"""Bytes of WAL kept after a checkpoint, so a long backlog does not leave a
+huge WAL file behind."""
+
+
+def _connect(path: Path, durability: Literal["fsync", "os"]) -> sqlite3.Connection:
+    # incremental_vacuum: pages emptied by confirmations can be given back to
+    # the filesystem, which a full disk needs to recover (edgeway.outbox.reserve);
+    # only a new file gets it, older ones keep freed pages for new readings.
+    return connect(
+        path,
+        durability,
+        busy_timeout=30.0,
+        foreign_keys=False,
+        incremental_vacuum=True,
+        journal_size_limit=JOURNAL_SIZE_LIMIT,
+    )
 
 
 class _Writer:
@@ -1247,31 +1264,21 @@ class Outbox:
             return self._open_once()
 
     def _open_once(self) -> _Writer:
-        sync = "FULL" if self.config.durability == "fsync" else "NORMAL"
         t0 = time.monotonic()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = _connect(self.path, sync)
+        conn = _connect(self.path, self.config.durability)
         try:
-            conn.executescript(_SCHEMA)
+            migrate(conn, MIGRATIONS, f"{self.path}: outbox", version=VERSION)
             conn.execute("BEGIN IMMEDIATE")
+            # Tables and columns added within schema 2 (idempotent, as before
+            # versions were checked by the helper).
+            _create_schema(conn)
+            add_column(conn, "deadletter", "record_id", "TEXT")
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            version = int(meta.get("schema_version", SCHEMA_VERSION))
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path}: outbox schema {version} is newer than this edgeway "
-                    f"({SCHEMA_VERSION}); upgrade edgeway"
-                )
             epochs = conn.execute(
                 "SELECT from_seq, gateway_id FROM epochs ORDER BY from_seq"
             ).fetchall()
-            dl_cols = {row[1] for row in conn.execute("PRAGMA table_info(deadletter)")}
-            if "record_id" not in dl_cols:
-                conn.execute("ALTER TABLE deadletter ADD COLUMN record_id TEXT")
             total_bytes = int(meta.get("total_bytes", 0))
-            if conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'"
-            ).fetchone():
-                total_bytes = _migrate_v1(conn, epochs)
             # The last chunk is one rowid-index probe; it guards against a next_seq
             # that lags the rows (it never should, both change in one transaction).
             row = conn.execute(
@@ -2065,8 +2072,41 @@ class Outbox:
         return True
 
 
+def _create_schema(conn: sqlite3.Connection) -> None:
+    """Schema 2's tables (``IF NOT EXISTS``), inside the caller's transaction."""
+    for statement in split_statements(_SCHEMA):
+        conn.execute(statement)
+
+
+def _to_chunks(conn: sqlite3.Connection) -> None:
+    """Migration to schema 2: the chunk tables; a schema-1 file's ``records``
+    moved into them and its stored bytes recounted."""
+    _create_schema(conn)
+    if conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'"
+    ).fetchone():
+        epochs = conn.execute(
+            "SELECT from_seq, gateway_id FROM epochs ORDER BY from_seq"
+        ).fetchall()
+        total = _migrate_v1(conn, epochs)
+        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('total_bytes', ?)", (total,))
+
+
+MIGRATIONS: list[Migration] = [_create_schema, _to_chunks]
+"""Schema versions (see :data:`SCHEMA_VERSION`): a new file gets schema 2's
+tables at once (the first migration) and finds nothing to move (the second);
+a schema-1 file gets the second only. Each runs in its own transaction with
+its version bump (:func:`edgeway.storage.sqlite.migrate`)."""
+
+
+def check_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse a file written by a newer edgeway (offline commands that open
+    the outbox without running its migrations: dead letters, purge)."""
+    check_version(conn, len(MIGRATIONS), f"{path}: outbox", VERSION)
+
+
 def _migrate_v1(conn: sqlite3.Connection, epochs: list[tuple[int, str]]) -> int:
-    """Schema 1 -> 2 (inside the open transaction): every ``records`` row becomes
+    """Schema 1 -> 2 (inside the migration's transaction): every ``records`` row becomes
     a record of a chunk, with its sequence, record id, sinks and priority; the
     ``records`` table is dropped. Returns the stored bytes, recounted.
 
@@ -2095,29 +2135,3 @@ def _migrate_v1(conn: sqlite3.Connection, epochs: list[tuple[int, str]]) -> int:
     (total,) = conn.execute("SELECT coalesce(sum(size), 0) FROM chunks").fetchone()
     log.info("outbox: moved %d stored records to schema 2 (chunks)", moved)
     return int(total)
-
-
-def acquire_lock(db_path: Path) -> int:
-    """Take the outbox's exclusive lock (one process per data directory).
-
-    The lock is an ``flock`` on ``outbox.db.lock``: the kernel drops it when the
-    process dies, so a SIGKILL never leaves a stale lock behind.
-    """
-    lock_path = db_path.with_name(db_path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RuntimeError(
-            f"{db_path} is in use by another edgeway process (lock {lock_path})"
-        ) from None
-    return fd
-
-
-def release_lock(fd: int | None) -> None:
-    """Release a lock taken by :func:`acquire_lock`."""
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
