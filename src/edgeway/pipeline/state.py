@@ -21,19 +21,21 @@ open windows continue where they were. A crash after the aggregate reached the
 outbox but before its release committed makes the window emit again after the
 restart, with the same ``window_start``/``window_end``: the cloud drops it.
 
-Group commit as in the outbox: appends made in one loop iteration share one
-transaction and one fsync, on one writer thread.
+Group commit on the shared SQLite helper (:class:`edgeway.storage.sqlite.Database`):
+the operations queued in one loop iteration become one write; writes queued
+while a commit runs share the next transaction and its one fsync, on the
+helper's writer thread. The helper also opens the file (pragmas), runs the
+migrations (version in ``schema_version``; a file made before versions were
+kept has the same tables and is simply stamped 1) and refuses a newer schema.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +45,7 @@ import orjson
 from edgeway.ingest import IngestStatus
 from edgeway.pipeline.registry import Release
 from edgeway.reading import Origin, Reading
+from edgeway.storage.sqlite import Database, Migration
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,9 @@ CREATE TABLE IF NOT EXISTS marks(
     PRIMARY KEY(step, key)
 ) WITHOUT ROWID;
 """
+
+MIGRATIONS: list[Migration] = [_SCHEMA]
+"""``IF NOT EXISTS``: a file from before versions were kept has these tables."""
 
 
 @dataclass(slots=True)
@@ -108,12 +114,18 @@ class StateStore:
     def __init__(self, path: Path, durability: Literal["fsync", "os"] = "fsync") -> None:
         self.path = Path(path)
         self.durability = durability
-        self._conn: sqlite3.Connection | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self.db = Database(
+            self.path,
+            migrations=MIGRATIONS,
+            durability=durability,
+            name="pipeline state",
+            checkpoint_on_close=True,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ops: list[tuple[Any, ...]] = []
         self._fut: asyncio.Future[IngestStatus] | None = None
-        self._committing = False
+        self._writing = 0
+        """Writes handed to the database and not yet resolved."""
         self._scheduled = False
         self._idle = asyncio.Event()
         self._closed = True
@@ -124,26 +136,35 @@ class StateStore:
         """Journal rows on disk as of the last commit."""
         self._next_id = 1
         self.commits = 0
+        """Writes committed (several may share one transaction)."""
 
     # -- lifetime ---------------------------------------------------------
 
     async def open(self) -> dict[str, Restored]:
         """Open (or create) the store; return what each step held at the last stop."""
         self._loop = asyncio.get_running_loop()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pipeline-state")
-        restored = await self._loop.run_in_executor(self._executor, self._open_sync)
+        t0 = time.monotonic()
+        await self.db.open()
+        try:
+            restored = await self.db.read(self._restore)
+        except BaseException:
+            await self.db.close()
+            raise
+        log.info(
+            "pipeline state open",
+            extra={
+                "fields": {
+                    "path": str(self.path),
+                    "journal_rows": self.rows,
+                    "open_ms": round((time.monotonic() - t0) * 1000, 1),
+                }
+            },
+        )
         self._idle.set()
         self._closed = False
         return restored
 
-    def _open_sync(self) -> dict[str, Restored]:
-        t0 = time.monotonic()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'fsync' else 'NORMAL'}")
-        conn.executescript(_SCHEMA)
-        self._conn = conn
+    def _restore(self, conn: sqlite3.Connection) -> dict[str, Restored]:
         out: dict[str, Restored] = {}
         n = 0
         last = 0
@@ -159,16 +180,6 @@ class StateStore:
         for step, key, value in conn.execute("SELECT step, key, value FROM marks"):
             out.setdefault(step, Restored()).marks[key] = value
         self.rows = n
-        log.info(
-            "pipeline state open",
-            extra={
-                "fields": {
-                    "path": str(self.path),
-                    "journal_rows": n,
-                    "open_ms": round((time.monotonic() - t0) * 1000, 1),
-                }
-            },
-        )
         return out
 
     async def close(self) -> None:
@@ -176,21 +187,11 @@ class StateStore:
         if self._closed:
             return
         self._closed = True
-        while self._committing or self._ops:
-            if not self._committing:
-                self._start_commit()
+        while self._writing or self._ops:
+            self._start_commit()
             self._idle.clear()
             await self._idle.wait()
-        assert self._executor is not None and self._loop is not None
-        await self._loop.run_in_executor(self._executor, self._close_sync)
-        self._executor.shutdown(wait=True)
-
-    def _close_sync(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._conn.close()
-            self._conn = None
+        await self.db.close()
 
     # -- operations -------------------------------------------------------
 
@@ -218,7 +219,7 @@ class StateStore:
         if self._fut is None:
             assert self._loop is not None
             self._fut = self._loop.create_future()
-        if not self._committing and not self._scheduled:
+        if not self._scheduled:
             assert self._loop is not None
             self._scheduled = True
             # End of this loop iteration: every append of this iteration joins.
@@ -226,72 +227,63 @@ class StateStore:
 
     def _start_commit(self) -> None:
         self._scheduled = False
-        if self._committing or not self._ops:
+        if not self._ops:
             return
         ops, fut = self._ops, self._fut
         self._ops, self._fut = [], None
-        self._committing = True
+        assert fut is not None
+        self._writing += 1
         self._idle.clear()
-        assert self._loop is not None and self._executor is not None and fut is not None
-        job = self._loop.run_in_executor(self._executor, self._commit_sync, ops)
+        job = self.db.write(lambda conn: _apply(conn, ops))
         job.add_done_callback(lambda j: self._commit_done(j, fut))
 
     def _commit_done(self, job: asyncio.Future[int], fut: asyncio.Future[IngestStatus]) -> None:
-        self._committing = False
+        self._writing -= 1
         exc = job.exception()
         if exc is not None:
             log.error("pipeline state commit failed: %s", exc)
             if not fut.done():
                 fut.set_exception(exc)
         else:
-            self.rows = job.result()
+            self.rows += job.result()
             self.commits += 1
             if not fut.done():
                 fut.set_result(IngestStatus.ACCEPTED)
-        if self._ops:
-            self._start_commit()
-        else:
+        if not self._writing and not self._ops:
             self._idle.set()
 
-    def _commit_sync(self, ops: list[tuple[Any, ...]]) -> int:
-        conn = self._conn
-        assert conn is not None
-        rows = self.rows
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            appends: list[tuple[Any, ...]] = []
-            for op in ops:
-                if op[0] == "append":
-                    appends.append(op[1:])
-                    continue
-                # Keep order: appends queued before this release go in first.
-                if appends:
-                    conn.executemany(
-                        "INSERT INTO journal(id, step, key, ts, data) VALUES (?,?,?,?,?)", appends
-                    )
-                    rows += len(appends)
-                    appends = []
-                _, step, key, before, ids = op
-                if ids:
-                    # By rowid: no secondary index to maintain on every insert
-                    # (an index on (step, key, ts) made appends 4x dearer).
-                    rows -= conn.execute(
-                        "DELETE FROM journal WHERE id IN (SELECT value FROM json_each(?))",
-                        (orjson.dumps(ids),),
-                    ).rowcount
-                if before is not None:
-                    conn.execute(
-                        "INSERT OR REPLACE INTO marks(step, key, value) VALUES (?,?,?)",
-                        (step, key, before),
-                    )
-            if appends:
-                conn.executemany(
-                    "INSERT INTO journal(id, step, key, ts, data) VALUES (?,?,?,?,?)", appends
-                )
-                rows += len(appends)
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
-        return rows
+
+_INSERT = "INSERT INTO journal(id, step, key, ts, data) VALUES (?,?,?,?,?)"
+
+
+def _apply(conn: sqlite3.Connection, ops: list[tuple[Any, ...]]) -> int:
+    """Apply one loop iteration's operations (inside the helper's transaction);
+    returns the change in journal rows."""
+    delta = 0
+    appends: list[tuple[Any, ...]] = []
+    for op in ops:
+        if op[0] == "append":
+            appends.append(op[1:])
+            continue
+        # Keep order: appends queued before this release go in first.
+        if appends:
+            conn.executemany(_INSERT, appends)
+            delta += len(appends)
+            appends = []
+        _, step, key, before, ids = op
+        if ids:
+            # By rowid: no secondary index to maintain on every insert
+            # (an index on (step, key, ts) made appends 4x dearer).
+            delta -= conn.execute(
+                "DELETE FROM journal WHERE id IN (SELECT value FROM json_each(?))",
+                (orjson.dumps(ids),),
+            ).rowcount
+        if before is not None:
+            conn.execute(
+                "INSERT OR REPLACE INTO marks(step, key, value) VALUES (?,?,?)",
+                (step, key, before),
+            )
+    if appends:
+        conn.executemany(_INSERT, appends)
+        delta += len(appends)
+    return delta

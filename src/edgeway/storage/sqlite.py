@@ -329,12 +329,30 @@ class Database:
         alone. Callable from any thread, with or without a loop."""
         self._enqueue(_Op(fn, None, True))
 
-    def wait_sync(self) -> None:
-        """Block until everything queued so far ran (a barrier for a caller
-        that is about to read the file itself, or a test)."""
+    def call_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the writer thread outside any transaction, after
+        everything queued so far, and block for its result (the broker's
+        synchronous load at start; a barrier)."""
         done = threading.Event()
-        self._enqueue(_Op(_nothing, None, False, done))
+        box: list[Any] = []
+
+        def run(conn: sqlite3.Connection) -> None:
+            try:
+                box.append((True, fn(conn)))
+            except Exception as e:
+                box.append((False, e))
+
+        self._enqueue(_Op(run, None, False, done))
         done.wait()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        result: T = value
+        return result
+
+    def wait_sync(self) -> None:
+        """Block until everything queued so far ran."""
+        self.call_sync(_nothing)
 
     def _queue(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> asyncio.Future[T]:
         if self._loop is None:

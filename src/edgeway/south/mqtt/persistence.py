@@ -18,9 +18,13 @@ What is written when, and why:
   (kill -9) can lose up to that much queued broker-to-device traffic; it
   cannot lose telemetry, whose acknowledgement waits for the outbox.
 
-All writes run on one writer thread, in order; the event loop only queues
-statements and snapshots (a full rewrite of 10,000 queued messages costs the
-loop ~0.1 ms instead of ~0.3 s of SQLite work).
+All writes run on the writer thread of the shared SQLite helper
+(:class:`edgeway.storage.sqlite.Database`, write-behind: :meth:`~Database.post`),
+in order; the event loop only queues statements and snapshots (a full rewrite
+of 10,000 queued messages costs the loop ~0.1 ms instead of ~0.3 s of SQLite
+work). The helper also opens the file with its pragmas and runs the
+migrations (version in ``schema_version``; a file made before versions were
+kept gets every migration, each written to find what is already there).
 
 ``synchronous=NORMAL`` in WAL mode: a commit survives a process crash; a
 power cut may lose the last commits of broker state, never outbox data
@@ -32,7 +36,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,7 @@ from edgeway.south.mqtt.packets import Properties
 from edgeway.south.mqtt.retained import Message
 from edgeway.south.mqtt.session import Delivery, Inflight, Session
 from edgeway.south.mqtt.topics import SubEntry
+from edgeway.storage.sqlite import Database, Migration, add_column
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +79,15 @@ CREATE TABLE IF NOT EXISTS messages(
     PRIMARY KEY(client_id, seq));
 """
 
-_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("sessions", "owner", "TEXT"),)
-"""Columns added since the first schema; a database made before gets them
-(NULL in old rows) when it is opened."""
+
+def _add_owner(conn: sqlite3.Connection) -> None:
+    add_column(conn, "sessions", "owner", "TEXT")
+
+
+MIGRATIONS: list[Migration] = [_SCHEMA, _add_owner]
+"""1: the tables (``IF NOT EXISTS``); 2: ``sessions.owner`` (NULL in rows
+made before it; already there in files made by the first schema's later
+versions, which added it at every open)."""
 
 _Statement = (
     tuple[str, tuple[Any, ...] | list[tuple[Any, ...]]]
@@ -153,93 +163,16 @@ class BrokerStore:
     """The broker's SQLite database; see the module docstring."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        # Used by the writer thread only, except in load() and close(), which
-        # first wait for it to be idle.
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        for table, column, decl in _ADDED_COLUMNS:
-            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        self._db = Database(path, migrations=MIGRATIONS, durability="os", name="broker state")
+        self._db.open_sync()
         self._pending: list[_Statement] = []
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="edgeway-broker-db")
-        self._last: Future[None] | None = None
 
     # ------------------------------------------------------------------ load
 
     def load(self) -> LoadedState:
-        """Read retained messages and persistent sessions (waits for pending writes)."""
-        self.wait()
-        db = self._db
-        retained = [
-            Message(topic, bytes(payload), qos, True, properties_from_blob(props), exp)
-            for topic, payload, qos, props, exp in db.execute(
-                "SELECT topic, payload, qos, properties, expires_at FROM retained"
-            )
-        ]
-        sessions: dict[str, Session] = {}
-        for cid, level, expiry, disc, in_qos2, owner in db.execute(
-            "SELECT client_id, protocol_level, expiry_interval, disconnected_at, in_qos2, owner"
-            " FROM sessions"
-        ):
-            s = Session(cid, level, expiry)
-            s.owner = owner
-            s.disconnected_at = disc
-            if in_qos2:
-                s.in_qos2 = set(orjson.loads(in_qos2))
-            s.persisted = True
-            sessions[cid] = s
-        for cid, filt, qos, nl, rap, rh, sid in db.execute(
-            "SELECT client_id, topic_filter, qos, no_local, retain_as_published,"
-            " retain_handling, subscription_id FROM subscriptions"
-        ):
-            owner = sessions.get(cid)
-            if owner is not None:
-                owner.subscriptions[filt] = SubEntry(filt, qos, bool(nl), bool(rap), rh, sid)
-        for row in db.execute(
-            "SELECT client_id, packet_id, released, qos, retain, sub_ids, topic, payload,"
-            " msg_qos, msg_retain, properties, expires_at, sender FROM messages"
-            " ORDER BY client_id, seq"
-        ):
-            (
-                cid,
-                pid,
-                released,
-                qos,
-                retain,
-                sub_ids,
-                topic,
-                payload,
-                mqos,
-                mret,
-                props,
-                exp,
-                sender,
-            ) = row
-            owner = sessions.get(cid)
-            if owner is None:
-                continue
-            msg = Message(
-                topic, bytes(payload), mqos, bool(mret), properties_from_blob(props), exp, sender
-            )
-            d = Delivery(msg, qos, bool(retain), tuple(orjson.loads(sub_ids)) if sub_ids else ())
-            if pid is not None:
-                owner.inflight[pid] = Inflight(pid, d, bool(released))
-            else:
-                owner.enqueue(d, len(owner.queue) + 1)  # no byte limit: loads what was saved
-        for s in sessions.values():
-            s.dirty = False
-        clock: ClockStamp | None = None
-        for value, wall, boot_id, since_boot in db.execute(
-            "SELECT clock, wall, boot_id, since_boot FROM clock"
-        ):
-            boot = BootTime(boot_id, since_boot) if boot_id is not None else None
-            clock = ClockStamp(value, wall, boot)
-        return LoadedState(retained, list(sessions.values()), clock)
+        """Read retained messages and persistent sessions (after pending writes)."""
+        return self._db.call_sync(_load)
 
     # ----------------------------------------------------------- write-behind
 
@@ -252,39 +185,16 @@ class BrokerStore:
         return bool(self._pending)
 
     def flush(self) -> None:
-        """Hand the queued statements to the writer thread (one transaction)."""
+        """Hand the queued statements to the writer thread (one write, in the
+        next group transaction; a failure is logged and rolled back)."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        self._last = self._writer.submit(self._run, pending)
+        self._db.post(lambda conn: _run(conn, pending))
 
     def wait(self) -> None:
         """Block until the writer thread has run everything handed to it."""
-        if self._last is not None:
-            self._writer.submit(lambda: None).result()
-            self._last = None
-
-    def _run(self, pending: list[_Statement]) -> None:
-        db = self._db
-        try:
-            db.execute("BEGIN")
-            try:
-                for item in pending:
-                    if callable(item):
-                        for sql, rows in item():
-                            db.executemany(sql, rows)
-                        continue
-                    sql, params = item
-                    if isinstance(params, list):
-                        db.executemany(sql, params)
-                    else:
-                        db.execute(sql, params)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        except Exception:
-            log.exception("could not save MQTT broker state to %s", self.path)
+        self._db.wait_sync()
 
     def retained_changed(self, changes: dict[str, Message | None]) -> None:
         for topic, msg in changes.items():
@@ -404,6 +314,86 @@ class BrokerStore:
         """Write what is pending, wait for the writer, close the database."""
         try:
             self.flush()
-            self._writer.shutdown(wait=True)
         finally:
-            self._db.close()
+            self._db.close_sync()
+
+
+def _run(db: sqlite3.Connection, pending: list[_Statement]) -> None:
+    for item in pending:
+        if callable(item):
+            for sql, rows in item():
+                db.executemany(sql, rows)
+            continue
+        sql, params = item
+        if isinstance(params, list):
+            db.executemany(sql, params)
+        else:
+            db.execute(sql, params)
+
+
+def _load(db: sqlite3.Connection) -> LoadedState:
+    retained = [
+        Message(topic, bytes(payload), qos, True, properties_from_blob(props), exp)
+        for topic, payload, qos, props, exp in db.execute(
+            "SELECT topic, payload, qos, properties, expires_at FROM retained"
+        )
+    ]
+    sessions: dict[str, Session] = {}
+    for cid, level, expiry, disc, in_qos2, owner in db.execute(
+        "SELECT client_id, protocol_level, expiry_interval, disconnected_at, in_qos2, owner"
+        " FROM sessions"
+    ):
+        s = Session(cid, level, expiry)
+        s.owner = owner
+        s.disconnected_at = disc
+        if in_qos2:
+            s.in_qos2 = set(orjson.loads(in_qos2))
+        s.persisted = True
+        sessions[cid] = s
+    for cid, filt, qos, nl, rap, rh, sid in db.execute(
+        "SELECT client_id, topic_filter, qos, no_local, retain_as_published,"
+        " retain_handling, subscription_id FROM subscriptions"
+    ):
+        owner = sessions.get(cid)
+        if owner is not None:
+            owner.subscriptions[filt] = SubEntry(filt, qos, bool(nl), bool(rap), rh, sid)
+    for row in db.execute(
+        "SELECT client_id, packet_id, released, qos, retain, sub_ids, topic, payload,"
+        " msg_qos, msg_retain, properties, expires_at, sender FROM messages"
+        " ORDER BY client_id, seq"
+    ):
+        (
+            cid,
+            pid,
+            released,
+            qos,
+            retain,
+            sub_ids,
+            topic,
+            payload,
+            mqos,
+            mret,
+            props,
+            exp,
+            sender,
+        ) = row
+        owner = sessions.get(cid)
+        if owner is None:
+            continue
+        msg = Message(
+            topic, bytes(payload), mqos, bool(mret), properties_from_blob(props), exp, sender
+        )
+        d = Delivery(msg, qos, bool(retain), tuple(orjson.loads(sub_ids)) if sub_ids else ())
+        if pid is not None:
+            owner.inflight[pid] = Inflight(pid, d, bool(released))
+        else:
+            owner.enqueue(d, len(owner.queue) + 1)  # no byte limit: loads what was saved
+    for s in sessions.values():
+        s.dirty = False
+    clock: ClockStamp | None = None
+    for value, wall, boot_id, since_boot in db.execute(
+        "SELECT clock, wall, boot_id, since_boot FROM clock"
+    ):
+        boot = BootTime(boot_id, since_boot) if boot_id is not None else None
+        clock = ClockStamp(value, wall, boot)
+    return LoadedState(retained, list(sessions.values()), clock)
