@@ -1034,6 +1034,19 @@ class MqttClientTls(_Model):
     """Private key of ``cert`` (PEM, unencrypted)."""
 
 
+def _check_topic_template(key: str, template: str, placeholders: tuple[str, ...]) -> None:
+    """A topic name template: ``{device_id}`` a level, only ``placeholders``
+    as whole levels, no wildcards."""
+    levels = template.split("/")
+    if "{device_id}" not in levels:
+        raise ValueError(f"{key} needs {{device_id}} as a level")
+    for level in levels:
+        if level.startswith("{") and level not in placeholders:
+            raise ValueError(f"{key}: unknown placeholder {level!r}")
+        if "+" in level or "#" in level or "\x00" in level:
+            raise ValueError(f"{key}: no wildcards in a topic name")
+
+
 class MqttClientSubscription(_Model):
     """One topic pattern of an external broker, its device ids and its codec."""
 
@@ -1058,6 +1071,10 @@ class MqttClientSubscription(_Model):
     ``{device_id}`` and optionally ``{name}`` (the command's name) each filling a
     level: ``plant/{device_id}/cmd/{name}``. Absent: no commands (presets set
     one, see docs/protocols/mqtt-client.md)."""
+    receipt_topic: str | None = Field(default=None, min_length=1, max_length=1024)
+    """Where receipts to this subscription's devices are published (QoS 1, on
+    the external broker; with ``receipts.enabled``), ``{device_id}`` filling a
+    level: ``plant/{device_id}/receipts``. Absent: ``receipts.topic``."""
     command_payload: Literal["params", "value", "shelly_rpc"] = "params"
     """What a command's PUBLISH carries: ``params`` its params as a JSON object;
     ``value`` ``params.value`` alone (a string as is, else JSON), the params
@@ -1067,14 +1084,9 @@ class MqttClientSubscription(_Model):
     @model_validator(mode="after")
     def _check_topic(self) -> Self:
         if self.command_topic is not None:
-            cmd_levels = self.command_topic.split("/")
-            if "{device_id}" not in cmd_levels:
-                raise ValueError("command_topic needs {device_id} as a level")
-            for level in cmd_levels:
-                if level.startswith("{") and level not in ("{device_id}", "{name}"):
-                    raise ValueError(f"command_topic: unknown placeholder {level!r}")
-                if "+" in level or "#" in level or "\x00" in level:
-                    raise ValueError("command_topic: no wildcards in a topic name")
+            _check_topic_template("command_topic", self.command_topic, ("{device_id}", "{name}"))
+        if self.receipt_topic is not None:
+            _check_topic_template("receipt_topic", self.receipt_topic, ("{device_id}",))
         levels = self.topic.split("/")
         for i, level in enumerate(levels):
             if level.startswith("{") and level not in ("{device_id}", "{metric_prefix}"):

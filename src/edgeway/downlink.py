@@ -64,3 +64,23 @@ class DownlinkEvents(Protocol):
         """A device answered a command; False if the answer was not taken
         (unknown command, another device's command, already finished)."""
         ...
+
+
+class ReceiptDownlink(Protocol):
+    """A way to reach devices with receipts (:mod:`edgeway.receipts`).
+
+    Receipts are the one producer on the downlink that is not a command: they
+    are not queued on disk (a lost one is superseded by the next, which names
+    the highest confirmed sequence), so an adapter hands them straight to its
+    transport instead of through the command queue.
+    """
+
+    name: str
+    """Which adapter this is, for status."""
+
+    def send_receipt(self, device_id: str, payload: bytes, default_topic: str) -> bool:
+        """Send ``payload`` to ``device_id`` now if this adapter reaches it
+        (no I/O wait: queue it on the transport). ``default_topic`` is the
+        ``receipts.topic`` template; an adapter may have its own. False: this
+        adapter does not know the device, or cannot send now."""
+        ...

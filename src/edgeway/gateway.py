@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from edgeway.config import Config, is_loopback, parse_host_port
 from edgeway.devices.auth import Authenticator, Authoriser
 from edgeway.outbox import Outbox, SinkRunner
@@ -38,8 +36,11 @@ from edgeway.south.mqtt.listeners import RunningListener, start_listeners
 if TYPE_CHECKING:
     from edgeway.admin.api import AdminServer
     from edgeway.commands.service import CommandService
+    from edgeway.downlink import ReceiptDownlink
     from edgeway.ml.manager import ModelManager
     from edgeway.twins.service import TwinService
+    from edgeway.receipts import ReceiptSender
+    from edgeway.south.mqtt.downlink import BrokerReceipts
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +137,13 @@ class Gateway:
     """The command downlink of each adapter that has one (by id(adapter))."""
     _broker_downlink: Any = None
     _fleet: Any = None
+    """The downlink that takes pushed configurations (edgeway.runtime.fleet)."""
     twins: TwinService | None = None
     _twin_mqtt: Any = None
     _twin_downlink: Any = None
-    """The downlink that takes pushed configurations (edgeway.runtime.fleet)."""
+    receipts: ReceiptSender | None = None
+    """Receipts to devices (``receipts.enabled``), see edgeway.receipts."""
+    _broker_receipts: BrokerReceipts | None = None
     _reload_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _retired_sinks: list[Sink] = field(default_factory=list)
     """Sinks a reload replaced, closed once the reload stands."""
@@ -162,6 +166,9 @@ class Gateway:
             "rules": self.pipeline.rules.status()
             if self.pipeline and self.pipeline.rules
             else None,
+            "receipts": (
+                dataclasses.asdict(self.receipts.stats) if self.receipts is not None else None
+            ),
             "sinks": {s.name: dataclasses.asdict(s.state) for s in self.sinks},
             "adapters": {f"{a.section}:{a.name}": _adapter_status(a) for a in self.adapters},
         }
@@ -429,7 +436,10 @@ class Gateway:
             await outbox.close()
             raise
         if cfg.receipts.enabled:
-            outbox.add_confirmed_listener(self._send_receipts)
+            from edgeway.receipts import ReceiptSender
+
+            self.receipts = ReceiptSender(cfg.receipts.topic, self._receipt_downlinks)
+            outbox.add_confirmed_listener(self.receipts.confirmed)
         if pipeline.rules is not None and self.ready.is_set():  # a reload's new data path
             pipeline.rules.start_actions()
         self.sinks, self.outbox, self.pipeline = sinks, outbox, pipeline
@@ -653,6 +663,8 @@ class Gateway:
 
     def _register_downlink(self, adapter: SouthAdapter) -> None:
         """Give the command queue the adapter's downlink, if it has one."""
+        if self.config.receipts.enabled:
+            adapter.receipt_downlink()  # it remembers its devices from now on
         if self.commands is None:
             return
         downlink = adapter.downlink(self.commands)
@@ -724,7 +736,7 @@ class Gateway:
         for lst in self.listeners:
             with contextlib.suppress(Exception):
                 await lst.close()
-        if self.config.receipts.enabled and self.broker is not None:
+        if self.config.receipts.enabled:
             await self._settle_for_receipts()
         if self.broker is not None:
             try:
@@ -752,23 +764,21 @@ class Gateway:
             outbox.expedite()  # no new readings come to carry a confirmation
             await asyncio.sleep(0.02)
 
-    def _send_receipts(self, confirmed: Sequence[Any]) -> None:
-        """Publish receipts for readings that every routed sink confirmed."""
-        if self.broker is None:
-            return
-        latest: dict[str, dict[str, Any]] = {}
-        for c in confirmed:
-            entry = latest.setdefault(c.device_id, {"seq": 0, "ids": [], "msg_ids": []})
-            entry["seq"] = max(entry["seq"], c.seq)
-            entry["ids"].append(c.record_id)
-            if c.message_id is not None:
-                entry["msg_ids"].append(c.message_id)
-        topic_tpl = self.config.receipts.topic
-        for device_id, entry in latest.items():
-            payload = orjson.dumps(
-                {"confirmed_seq": entry["seq"], "ids": entry["ids"], "msg_ids": entry["msg_ids"]}
-            )
-            self.broker.publish(topic_tpl.replace("{device_id}", device_id), payload, qos=1)
+    def _receipt_downlinks(self) -> list[ReceiptDownlink]:
+        """Where receipts go now: the embedded broker and every adapter that
+        carries them (asked at each batch: a reload may have replaced some)."""
+        out: list[ReceiptDownlink] = []
+        if self.broker is not None:
+            if self._broker_receipts is None or self._broker_receipts.broker is not self.broker:
+                from edgeway.south.mqtt.downlink import BrokerReceipts
+
+                self._broker_receipts = BrokerReceipts(self.broker)
+            out.append(self._broker_receipts)
+        for adapter in self.adapters:
+            downlink = adapter.receipt_downlink()
+            if downlink is not None:
+                out.append(downlink)
+        return out
 
 
 GC_THRESHOLDS = (50_000, 20, 100)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from edgeway.downlink import Downlink, DownlinkEvents
+from edgeway.downlink import Downlink, DownlinkEvents, ReceiptDownlink
 from edgeway.ingest import Ingest
 
 
@@ -87,6 +87,12 @@ class SouthAdapter(abc.ABC):
     def downlink(self, events: DownlinkEvents) -> Downlink | None:
         """This adapter's way to reach devices with commands, if it has one
         (see :mod:`edgeway.downlink`); the gateway registers it."""
+        return None
+
+    def receipt_downlink(self) -> ReceiptDownlink | None:
+        """This adapter's way to send receipts, if it has one (see
+        :mod:`edgeway.receipts`). The gateway asks once receipts are enabled;
+        an adapter may start remembering its devices from then on."""
         return None
 
 

@@ -87,7 +87,7 @@ from edgeway.south.mqtt.packets import (
     Subscribe,
     Subscription,
 )
-from edgeway.south.mqtt_client_downlink import MqttClientDownlink
+from edgeway.south.mqtt_client_downlink import MqttClientDownlink, MqttClientReceipts
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +377,10 @@ class MqttClientAdapter(SouthAdapter):
         self.command_devices: dict[str, Route] = {}
         """Device ids seen in telemetry on a route with a command topic (commandable)."""
         self._downlink: MqttClientDownlink | None = None
+        self.receipt_devices: dict[str, Route] = {}
+        """Device ids seen in telemetry on any route, once receipts are on
+        (capped by ``max_command_devices`` too)."""
+        self._receipts: MqttClientReceipts | None = None
         self._rpc_topic: str | None = None
         self._command_devices_full = False
         if any(s.command_payload == "shelly_rpc" and s.command_topic for s in subs):
@@ -429,6 +433,13 @@ class MqttClientAdapter(SouthAdapter):
         self._downlink = MqttClientDownlink(self, events)
         return self._downlink
 
+    def receipt_downlink(self) -> MqttClientReceipts:
+        """Receipts to the devices this connection hears from (see
+        :class:`~edgeway.south.mqtt_client_downlink.MqttClientReceipts`)."""
+        if self._receipts is None:
+            self._receipts = MqttClientReceipts(self)
+        return self._receipts
+
     def can_publish(self) -> bool:
         """Connected, subscribed, and the broker's in-flight window has room."""
         conn = self._conn
@@ -465,6 +476,13 @@ class MqttClientAdapter(SouthAdapter):
         self._notify()
         if self._downlink is not None:
             self._downlink.events.device_reachable(device_id)
+
+    def _receipt_devices(self, readings: list[Reading], route: Route) -> None:
+        """Remember who sent these readings (the topic's id or the codec's)."""
+        known = self.receipt_devices
+        for r in readings:
+            if r.device_id not in known and len(known) < self.config.max_command_devices:
+                known[r.device_id] = route
 
     # ------------------------------------------------------------------ run
 
@@ -676,6 +694,8 @@ class MqttClientAdapter(SouthAdapter):
             except DecodeError as e:
                 self.decode_errors.record(self.state, device_id or topic, e.reason, e.detail)
                 return []
+            if self._receipts is not None:
+                self._receipt_devices(readings, route)
             if prefix:
                 readings = [
                     dataclasses.replace(

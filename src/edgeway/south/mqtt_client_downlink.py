@@ -148,3 +148,39 @@ class MqttClientDownlink:
             self.events.report(CommandResult(cid, device, False, None, text[:1024]))
         else:
             self.events.report(CommandResult(cid, device, True, frame.get("result"), None))
+
+
+class MqttClientReceipts:
+    """Receipts to devices behind an external broker (:mod:`edgeway.receipts`).
+
+    A device gets its receipt from the connection that heard its telemetry
+    (``adapter.receipt_devices``, capped like the command devices), at QoS 1
+    on its subscription's ``receipt_topic``, else ``receipts.topic``. Nothing
+    is queued here: with the connection down, or the broker's in-flight
+    window full (commands first), the receipt is not sent (counted as
+    unreachable); the next one names a higher ``confirmed_seq``.
+    """
+
+    name = "mqtt_client"
+
+    def __init__(self, adapter: MqttClientAdapter) -> None:
+        self.adapter = adapter
+        self.sent = 0
+        self.not_sent = 0
+
+    def send_receipt(self, device_id: str, payload: bytes, default_topic: str) -> bool:
+        from edgeway.receipts import receipt_topic
+
+        adapter = self.adapter
+        route = adapter.receipt_devices.get(device_id)
+        if route is None:
+            return False
+        if not adapter.can_publish():
+            self.not_sent += 1
+            return False
+        template = route.config.receipt_topic or default_topic
+        # The PUBACK's future resolves on its own (or when the connection is
+        # lost); nothing waits on it: a receipt is not sent again.
+        adapter.publish(receipt_topic(template, device_id), payload)
+        self.sent += 1
+        return True

@@ -247,3 +247,20 @@ class BrokerDownlink:
             )
             return
         self.events.report(result)
+
+
+class BrokerReceipts:
+    """Receipts to devices on the embedded broker (:mod:`edgeway.receipts`):
+    QoS 1 on the receipt topic, routed to whoever subscribed (the ACL decides
+    who may) and queued for an offline persistent session, as any message."""
+
+    name = "mqtt"
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def send_receipt(self, device_id: str, payload: bytes, default_topic: str) -> bool:
+        from edgeway.receipts import receipt_topic
+
+        self.broker.publish(receipt_topic(default_topic, device_id), payload, qos=1)
+        return True
