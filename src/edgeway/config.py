@@ -1075,14 +1075,24 @@ class MqttClientSubscription(_Model):
     """Where receipts to this subscription's devices are published (QoS 1, on
     the external broker; with ``receipts.enabled``), ``{device_id}`` filling a
     level: ``plant/{device_id}/receipts``. Absent: ``receipts.topic``."""
-    command_payload: Literal["params", "value", "shelly_rpc"] = "params"
+    command_payload: Literal["params", "value", "shelly_rpc", "sparkplug_b"] = "params"
     """What a command's PUBLISH carries: ``params`` its params as a JSON object;
     ``value`` ``params.value`` alone (a string as is, else JSON), the params
     JSON when there is no ``value``; ``shelly_rpc`` a Shelly Gen2 RPC request
-    ``{"id", "src", "method", "params"}`` whose response is the result."""
+    ``{"id", "src", "method", "params"}`` whose response is the result;
+    ``sparkplug_b`` an NCMD/DCMD protobuf on the topic the device's births came
+    from (no ``command_topic``; the ``sparkplug_b`` codec only)."""
 
     @model_validator(mode="after")
     def _check_topic(self) -> Self:
+        if self.command_payload == "sparkplug_b":
+            if self.codec != "sparkplug_b":
+                raise ValueError("command_payload sparkplug_b needs codec sparkplug_b")
+            if self.command_topic is not None:
+                raise ValueError(
+                    "command_payload sparkplug_b takes no command_topic "
+                    "(commands go to spBv1.0/<group>/NCMD|DCMD/<node>[/<device>])"
+                )
         if self.command_topic is not None:
             _check_topic_template("command_topic", self.command_topic, ("{device_id}", "{name}"))
         if self.receipt_topic is not None:

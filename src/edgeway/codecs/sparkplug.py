@@ -23,6 +23,17 @@ topic (``origin.address``: ``spBv1.0/{group}/{type}/{node}[/{device}]``).
   node's aliases.
 * ``NCMD``/``DCMD`` and ``STATE``: no readings (commands are not telemetry).
 
+Commands go the other way (:meth:`SparkplugCodec.encode_command`, used by the
+``sparkplug_b`` preset of MQTT client mode): a device id the codec produced
+is mapped back to its group, edge node and device, and a command becomes an
+``NCMD`` (node-level id) or ``DCMD`` (device-level id) on
+``spBv1.0/{group}/NCMD|DCMD/{node}[/{device}]`` writing one metric: the one
+named ``params.metric`` (else the command's name) with ``params.value``, or
+several, ``params.metrics`` (name -> value). The metric's datatype is the one
+its birth announced (else taken from the JSON value: bool, int64, double,
+string); when the birth gave it an alias, the metric is sent by alias only,
+as Sparkplug 3.0 requires of a node that uses aliases.
+
 Metrics are grouped into one reading per timestamp (a metric's own timestamp,
 else the payload's, else the receive time). Control metrics (``bdSeq``,
 ``Node Control/*``, ``Device Control/*``) and null values are not stored;
@@ -68,6 +79,13 @@ without limit."""
 MAX_NODES = 10_000
 """Edge nodes whose alias tables are kept; beyond it the oldest is forgotten
 (its next data message then gives ``unknown_alias`` until it is reborn)."""
+
+MAX_TARGETS = 100_000
+"""Device ids mapped back to (group, node, device) for commands; beyond it the
+oldest is forgotten until the device sends again (about 200 bytes each)."""
+
+MAX_COMMAND_METRICS = 256
+"""Metrics one command may write (``params.metrics``): bounds the payload built."""
 
 # Sparkplug B DataType enum (sparkplug_b.proto)
 INT8, INT16, INT32, INT64 = 1, 2, 3, 4
@@ -280,6 +298,9 @@ class _NodeState:
     aliases: dict[int, str] = field(default_factory=dict)
     datatypes: dict[str, int] = field(default_factory=dict)
     """``name`` (node metrics) or ``device/name`` -> datatype: data messages omit it."""
+    alias_of: dict[str, int] = field(default_factory=dict)
+    """``name`` or ``device/name`` -> alias, for commands (aliases are unique per
+    node, names only per node or device)."""
 
 
 _MESSAGE_TYPES = frozenset(
@@ -330,6 +351,8 @@ class SparkplugCodec(Codec):
     ) -> None:
         super().__init__(options, limits=limits)
         self._nodes: dict[tuple[str, str], _NodeState] = {}
+        self._targets: dict[str, SparkplugTopic] = {}
+        """Device id -> the topic parts of its last message (for commands)."""
 
     def aliases(self, group: str, node: str) -> Mapping[int, str]:
         """The alias table learned for one edge node (for diagnostics and tests)."""
@@ -351,6 +374,10 @@ class SparkplugCodec(Codec):
             device_id = check_device_id(
                 template.format(group=topic.group, node=topic.node, device=topic.device or "")
             )
+        if device_id not in self._targets:
+            if len(self._targets) >= MAX_TARGETS:
+                self._targets.pop(next(iter(self._targets)))
+            self._targets[device_id] = topic
 
         if kind == "NBIRTH":
             self._nodes.pop(key, None)  # a new session: aliases may have changed
@@ -368,6 +395,7 @@ class SparkplugCodec(Codec):
                     raise DecodeError("too_many_aliases", f"more than {MAX_ALIASES_PER_NODE}")
                 if m.alias is not None:
                     state.aliases[m.alias] = m.name
+                    state.alias_of[prefix + m.name] = m.alias
                 state.datatypes[prefix + m.name] = m.datatype
 
         default_ts = msg.timestamp
@@ -404,6 +432,97 @@ class SparkplugCodec(Codec):
             Reading(device_id=device_id, ts=ts, metrics=metrics, origin=origin)
             for ts, metrics in groups.items()
         ]
+
+    def encode_command(
+        self, device_id: str, name: str, params: Mapping[str, Any], *, now_ms: int
+    ) -> tuple[str, bytes] | None:
+        """``(topic, payload)`` of an NCMD/DCMD writing the metrics ``params``
+        names (see the module docstring); None if this codec never decoded a
+        message of ``device_id``. Raises ``ValueError`` for params that cannot
+        be written (the command fails with that message)."""
+        target = self._targets.get(device_id)
+        if target is None:
+            return None
+        if "metrics" in params:
+            wanted = params["metrics"]
+            if not isinstance(wanted, dict) or not wanted:
+                raise ValueError("params.metrics must be an object of metric name -> value")
+            if len(wanted) > MAX_COMMAND_METRICS:
+                raise ValueError(f"at most {MAX_COMMAND_METRICS} metrics per command")
+        else:
+            if "value" not in params:
+                raise ValueError("a Sparkplug command needs params.value (or params.metrics)")
+            metric = params.get("metric", name)
+            if not isinstance(metric, str) or not metric:
+                raise ValueError("params.metric must be a metric name")
+            wanted = {metric: params["value"]}
+        state = self._nodes.get((target.group, target.node))
+        prefix = "" if target.device is None else target.device + "/"
+        metrics = [_command_metric(state, prefix, m, v) for m, v in wanted.items()]
+        kind = "NCMD" if target.device is None else "DCMD"
+        topic = f"{NAMESPACE}/{target.group}/{kind}/{target.node}"
+        if target.device is not None:
+            topic += "/" + target.device
+        return topic, encode_payload(metrics, timestamp=now_ms)
+
+
+_INT_RANGES = {
+    INT8: (-(2**7), 2**7 - 1),
+    INT16: (-(2**15), 2**15 - 1),
+    INT32: (-(2**31), 2**31 - 1),
+    INT64: (-(2**63), 2**63 - 1),
+    UINT8: (0, 2**8 - 1),
+    UINT16: (0, 2**16 - 1),
+    UINT32: (0, 2**32 - 1),
+    UINT64: (0, 2**64 - 1),
+    DATETIME: (0, 2**64 - 1),
+}
+
+
+def _command_metric(
+    state: _NodeState | None, prefix: str, name: str, value: Any
+) -> SparkplugMetric:
+    """One metric of a command: the birth's datatype (checked against the
+    value) and alias when known, else a datatype from the JSON value."""
+    datatype = state.datatypes.get(prefix + name, 0) if state is not None else 0
+    alias = state.alias_of.get(prefix + name) if state is not None else None
+    if not datatype:
+        datatype = _datatype_of(name, value)
+    elif datatype in _INT_RANGES:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}: an integer is expected (its birth says so)")
+        lo, hi = _INT_RANGES[datatype]
+        if not lo <= value <= hi:
+            raise ValueError(f"{name}: {value} is out of range for its datatype")
+    elif datatype in (FLOAT, DOUBLE):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{name}: a number is expected (its birth says so)")
+    elif datatype == BOOLEAN:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: true or false is expected (its birth says so)")
+    elif datatype in (STRING, TEXT, UUID):
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: a string is expected (its birth says so)")
+    else:
+        raise ValueError(f"{name}: datatype {datatype} cannot be written by a command")
+    if alias is not None:
+        # Sparkplug 3.0: a node that uses aliases gets commands by alias only.
+        return SparkplugMetric(alias=alias, datatype=datatype, value=value)
+    return SparkplugMetric(name=name, datatype=datatype, value=value)
+
+
+def _datatype_of(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        return BOOLEAN
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise ValueError(f"{name}: {value} does not fit an int64")
+        return INT64
+    if isinstance(value, float):
+        return DOUBLE
+    if isinstance(value, str):
+        return STRING
+    raise ValueError(f"{name}: a number, boolean or string is expected")
 
 
 # --------------------------------------------------------------------------

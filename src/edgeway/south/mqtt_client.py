@@ -138,9 +138,13 @@ PRESETS: dict[str, list[MqttClientSubscription]] = {
             command_payload="shelly_rpc",
         )
     ],
-    # Sparkplug B: the codec reads group, node and device from the topic. No
-    # commands yet (DCMD needs the protobuf encoder and group/node routing).
-    "sparkplug_b": [MqttClientSubscription(topic="spBv1.0/#", codec="sparkplug_b")],
+    # Sparkplug B: the codec reads group, node and device from the topic;
+    # commands become NCMD/DCMD to the node or device the births came from.
+    "sparkplug_b": [
+        MqttClientSubscription(
+            topic="spBv1.0/#", codec="sparkplug_b", command_payload="sparkplug_b"
+        )
+    ],
 }
 
 
@@ -175,6 +179,11 @@ class Route:
         mqtt_filter = "/".join("+" if lv.startswith("{") else lv for lv in levels)
         codec = get_codec(sub.codec, sub.codec_options, limits=limits)
         return cls(sub, codec, levels, mqtt_filter)
+
+    @property
+    def commandable(self) -> bool:
+        """Its devices take commands: a command topic, or Sparkplug NCMD/DCMD."""
+        return self.config.command_topic is not None or self.config.command_payload == "sparkplug_b"
 
     def match(self, topic: str) -> tuple[str | None, str | None] | None:
         """``(device_id, metric_prefix)`` from the topic, or None when it does not match."""
@@ -428,7 +437,7 @@ class MqttClientAdapter(SouthAdapter):
     def downlink(self, events: DownlinkEvents) -> Downlink | None:
         """Commands for the devices of subscriptions with a ``command_topic``;
         see :mod:`edgeway.south.mqtt_client_downlink`."""
-        if not any(r.config.command_topic for r in self.routes):
+        if not any(r.commandable for r in self.routes):
             return None
         self._downlink = MqttClientDownlink(self, events)
         return self._downlink
@@ -686,7 +695,7 @@ class MqttClientAdapter(SouthAdapter):
             try:
                 if device_id is not None:
                     device_id = check_device_id(device_id)
-                    if route.config.command_topic and device_id not in self.command_devices:
+                    if route.commandable and device_id not in self.command_devices:
                         self._command_device(device_id, route)
                 readings = route.codec.decode(
                     payload, device_id=device_id, origin=origin, now=time.time()
@@ -694,6 +703,11 @@ class MqttClientAdapter(SouthAdapter):
             except DecodeError as e:
                 self.decode_errors.record(self.state, device_id or topic, e.reason, e.detail)
                 return []
+            if device_id is None and route.commandable:
+                # The codec found the ids (Sparkplug: group, node, device).
+                for r in readings:
+                    if r.device_id not in self.command_devices:
+                        self._command_device(r.device_id, route)
             if self._receipts is not None:
                 self._receipt_devices(readings, route)
             if prefix:

@@ -13,6 +13,16 @@ preset                    command topic                       payload
 ``shelly``                ``{device_id}/rpc``                 ``{"id", "src", "method", "params"}``
 ========================  ==================================  ======================================
 
+Sparkplug B (preset ``sparkplug_b``, ``command_payload: sparkplug_b``): a
+command is a DCMD protobuf on ``spBv1.0/{group}/DCMD/{node}/{device}`` (NCMD
+on ``spBv1.0/{group}/NCMD/{node}`` for a node's own id) writing the metric
+``params.metric`` (else the command's name) = ``params.value``, or every
+``params.metrics`` entry. The codec maps the device id back to the group,
+edge node and device its messages came from, and writes
+the metric with the datatype and alias its birth announced
+(:meth:`edgeway.codecs.sparkplug.SparkplugCodec.encode_command`). Params it
+cannot write (a string for a boolean metric, say) fail the command at once.
+
 Reachable: the connection is up and the device id was seen in telemetry on
 a subscription with a command topic (that subscription's template is used).
 Any id is not taken: several client-mode connections (and the embedded
@@ -32,17 +42,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from edgeway.codecs.sparkplug import SparkplugCodec
 from edgeway.commands.model import Command, CommandResult
 from edgeway.downlink import DeliveryError, DownlinkEvents
 
 if TYPE_CHECKING:
     from edgeway.config import MqttClientSubscription
-    from edgeway.south.mqtt_client import MqttClientAdapter
+    from edgeway.south.mqtt_client import MqttClientAdapter, Route
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +88,25 @@ def command_payload(sub: MqttClientSubscription, command: Command, src: str) -> 
     return orjson.dumps(params)
 
 
+def _message(route: Route, command: Command, src: str) -> tuple[str, bytes] | None:
+    """The command's topic and payload on this route; None if the route cannot
+    reach the device now (Sparkplug: the codec forgot it)."""
+    sub = route.config
+    if sub.command_payload == "sparkplug_b":
+        if not isinstance(route.codec, SparkplugCodec):
+            return None
+        try:
+            return route.codec.encode_command(
+                command.device_id, command.name, command.params, now_ms=int(time.time() * 1000)
+            )
+        except ValueError as e:
+            raise DeliveryError(str(e)) from None
+    if sub.command_topic is None:
+        return None
+    topic = command_topic(sub.command_topic, command.device_id, command.name)
+    return topic, command_payload(sub, command, src)
+
+
 class MqttClientDownlink:
     """The :class:`~edgeway.downlink.Downlink` of one client-mode connection."""
 
@@ -96,14 +127,13 @@ class MqttClientDownlink:
 
     def deliver(self, command: Command) -> asyncio.Future[bool]:
         route = self.adapter.command_devices.get(command.device_id)
-        template = route.config.command_topic if route is not None else None
-        if route is None or template is None:
+        message = _message(route, command, self.adapter.client_id) if route else None
+        if route is None or message is None:
             fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             fut.set_result(False)
             return fut
         sub = route.config
-        topic = command_topic(template, command.device_id, command.name)
-        payload = command_payload(sub, command, self.adapter.client_id)
+        topic, payload = message
         acked = self.adapter.publish(topic, payload)
         out: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
