@@ -9,6 +9,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from ingest_doubles import RecordingIngest
 from test_mqtt_client import Mosquitto, Start, broker, publish, start  # noqa: F401  (fixtures)
 from test_mqtt_client_commands import Device, commandable, finished, service  # noqa: F401
 
@@ -18,12 +19,14 @@ from edgeway.codecs.sparkplug import (
     INT32,
     INT64,
     STRING,
+    SparkplugCodec,
     SparkplugMetric,
     encode_payload,
 )
 from edgeway.commands.model import CommandState
 from edgeway.commands.service import CommandService
 from edgeway.config import MqttClientSubscription
+from edgeway.south.mqtt_client import MqttClientAdapter
 
 descriptor_pb2 = pytest.importorskip("google.protobuf.descriptor_pb2")
 from google.protobuf import descriptor_pool, message_factory  # noqa: E402
@@ -70,6 +73,7 @@ def _payload_class() -> Any:
 
 
 Payload = _payload_class()
+ADAPTERS: dict[int, MqttClientAdapter] = {}
 
 NBIRTH = encode_payload(
     [
@@ -96,7 +100,7 @@ DBIRTH_2 = encode_payload([SparkplugMetric(name="Mode", datatype=STRING, value="
 @pytest.fixture
 async def births(broker: Mosquitto, start: Start, service: CommandService) -> int:  # noqa: F811
     """A connection with the ``sparkplug_b`` preset that has heard two edge
-    nodes' births; returns the broker's port."""
+    nodes' births; returns the broker's port (the adapter: ``ADAPTERS[port]``)."""
     port = broker.port
     adapter = await commandable(start, service, port, preset="sparkplug_b")
     await publish(
@@ -110,6 +114,7 @@ async def births(broker: Mosquitto, start: Start, service: CommandService) -> in
         await adapter.wait_for(
             lambda: {"node1", "node1.pump1", "node2", "node2.valve"} <= set(adapter.command_devices)
         )
+    ADAPTERS[port] = adapter
     return port
 
 
@@ -195,6 +200,43 @@ async def test_metrics_by_name_and_values_the_birth_refuses(
             done = await finished(service, bad)
             assert done.state is CommandState.FAILED and why in (done.error or ""), done
         assert node.messages.empty()
+
+
+async def test_a_dead_device_gets_its_commands_after_its_next_birth(
+    births: int,
+    service: CommandService,  # noqa: F811
+) -> None:
+    adapter = ADAPTERS[births]
+    codec = adapter.routes[0].codec
+    ingest = adapter.ingest
+    assert isinstance(codec, SparkplugCodec) and isinstance(ingest, RecordingIngest)
+
+    async def send(topic: str, payload: bytes) -> None:
+        """Publish as the edge node; wait until the connection decoded it
+        (births and deaths each give a reading: ``online`` true or false)."""
+        n = len(ingest.readings)
+        await publish(births, (topic, payload))
+        await ingest.wait_readings(n + 1)
+
+    death = encode_payload([], seq=2)
+    await send("spBv1.0/plant/DDEATH/node1/pump1", death)
+    assert not codec.online("node1.pump1") and codec.online("node1")
+    async with Device(births, "spBv1.0/plant/DCMD/#", client_id="node1") as node:
+        cmd, _ = await service.submit("node1.pump1", "Speed", {"value": 5})
+        # Dead: the command waits (the timer tries every 0.25 s), nothing is sent.
+        waited = await service.wait(cmd.id, 0.6)
+        assert waited.state is CommandState.QUEUED and waited.attempts == 0, waited
+        assert node.messages.empty()
+        await send("spBv1.0/plant/DBIRTH/node1/pump1", DBIRTH)
+        topic, payload = await node.next()
+        assert topic == "spBv1.0/plant/DCMD/node1/pump1" and _metric(payload).int_value == 5
+        assert (await finished(service, cmd)).state is CommandState.SUCCEEDED
+    # A node's death takes its devices with it, until they are born again.
+    await send("spBv1.0/plant/NDEATH/node1", death)
+    assert not codec.online("node1") and not codec.online("node1.pump1")
+    await send("spBv1.0/plant/NBIRTH/node1", NBIRTH)
+    assert codec.online("node1") and not codec.online("node1.pump1")
+    assert codec.online("node2.valve")
 
 
 def test_sparkplug_commands_config_is_checked() -> None:

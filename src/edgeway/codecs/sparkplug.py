@@ -29,7 +29,9 @@ is mapped back to its group, edge node and device, and a command becomes an
 ``NCMD`` (node-level id) or ``DCMD`` (device-level id) on
 ``spBv1.0/{group}/NCMD|DCMD/{node}[/{device}]`` writing one metric: the one
 named ``params.metric`` (else the command's name) with ``params.value``, or
-several, ``params.metrics`` (name -> value). The metric's datatype is the one
+several, ``params.metrics`` (name -> value). A device or node whose last message was
+a death certificate (``DDEATH``; ``NDEATH`` for the node and its devices) is
+not reachable: its commands wait for its next birth. The metric's datatype is the one
 its birth announced (else taken from the JSON value: bool, int64, double,
 string); when the birth gave it an alias, the metric is sent by alias only,
 as Sparkplug 3.0 requires of a node that uses aliases.
@@ -353,6 +355,9 @@ class SparkplugCodec(Codec):
         self._nodes: dict[tuple[str, str], _NodeState] = {}
         self._targets: dict[str, SparkplugTopic] = {}
         """Device id -> the topic parts of its last message (for commands)."""
+        self._dead: set[str] = set()
+        """Device ids (of ``_targets``) whose last word was a death certificate
+        (theirs, or their node's): commands wait for the next birth."""
 
     def aliases(self, group: str, node: str) -> Mapping[int, str]:
         """The alias table learned for one edge node (for diagnostics and tests)."""
@@ -374,10 +379,7 @@ class SparkplugCodec(Codec):
             device_id = check_device_id(
                 template.format(group=topic.group, node=topic.node, device=topic.device or "")
             )
-        if device_id not in self._targets:
-            if len(self._targets) >= MAX_TARGETS:
-                self._targets.pop(next(iter(self._targets)))
-            self._targets[device_id] = topic
+        self._track(device_id, topic)
 
         if kind == "NBIRTH":
             self._nodes.pop(key, None)  # a new session: aliases may have changed
@@ -433,15 +435,41 @@ class SparkplugCodec(Codec):
             for ts, metrics in groups.items()
         ]
 
+    def _track(self, device_id: str, topic: SparkplugTopic) -> None:
+        """Remember where ``device_id`` lives and whether it is alive."""
+        targets = self._targets
+        if device_id not in targets:
+            if len(targets) >= MAX_TARGETS:
+                self._dead.discard(targets.pop(next(iter(targets))))
+            targets[device_id] = topic
+        kind = topic.message_type
+        if kind == "NDEATH":
+            # The node and every device behind it are gone (a bounded scan:
+            # deaths are rare and _targets is capped).
+            self._dead.update(
+                d for d, t in targets.items() if t.group == topic.group and t.node == topic.node
+            )
+        elif kind == "DDEATH":
+            self._dead.add(device_id)
+        elif self._dead:
+            # Alive again. A reborn node's devices come back with their own
+            # DBIRTHs; until then they stay dead.
+            self._dead.discard(device_id)
+
+    def online(self, device_id: str) -> bool:
+        """Whether commands can go to ``device_id`` now: the codec decoded a
+        message of it and its last word (or its node's) was not a death."""
+        return device_id in self._targets and device_id not in self._dead
+
     def encode_command(
         self, device_id: str, name: str, params: Mapping[str, Any], *, now_ms: int
     ) -> tuple[str, bytes] | None:
         """``(topic, payload)`` of an NCMD/DCMD writing the metrics ``params``
         names (see the module docstring); None if this codec never decoded a
-        message of ``device_id``. Raises ``ValueError`` for params that cannot
+        message of ``device_id`` or its last word was a death. Raises ``ValueError`` for params that cannot
         be written (the command fails with that message)."""
         target = self._targets.get(device_id)
-        if target is None:
+        if target is None or device_id in self._dead:
             return None
         if "metrics" in params:
             wanted = params["metrics"]

@@ -123,7 +123,13 @@ class MqttClientDownlink:
         return self.adapter.command_devices if self.adapter.state.connected else ()
 
     def reachable(self, command: Command) -> bool:
-        return self.adapter.can_publish() and command.device_id in self.adapter.command_devices
+        route = self.adapter.command_devices.get(command.device_id)
+        if route is None or not self.adapter.can_publish():
+            return False
+        codec = route.codec
+        # A Sparkplug node or device that sent its death certificate waits
+        # for its next birth (the command timer tries again).
+        return not isinstance(codec, SparkplugCodec) or codec.online(command.device_id)
 
     def deliver(self, command: Command) -> asyncio.Future[bool]:
         route = self.adapter.command_devices.get(command.device_id)
