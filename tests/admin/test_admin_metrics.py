@@ -27,6 +27,7 @@ TRAFFIC = """
 http_ingest: {listen: "127.0.0.1:0", allow_anonymous: true}
 routes:
   - {name: all, steps: []}
+receipts: {enabled: true}
 """
 
 

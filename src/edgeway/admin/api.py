@@ -212,6 +212,22 @@ class StatusCollector:
         yield a_err
         yield a_dec
 
+        receipts = st.get("receipts")
+        if receipts:  # null when receipts are off
+            r_sent = CounterMetricFamily(
+                "edgeway_receipts_sent",
+                "Receipts handed to a downlink's transport",
+                labels=["downlink"],
+            )
+            for name, n in sorted((receipts.get("sent") or {}).items()):
+                r_sent.add_metric([str(name)], float(n))
+            yield r_sent
+            r_lost = CounterMetricFamily(
+                "edgeway_receipts_unreachable", "Receipts no downlink could send"
+            )
+            r_lost.add_metric([], float(receipts.get("unreachable", 0)))
+            yield r_lost
+
 
 class BuildInfoCollector:
     """``edgeway_build_info{version,python,implementation} 1``: the usual
