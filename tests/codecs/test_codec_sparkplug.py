@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from edgeway.codecs import sparkplug
 from edgeway.codecs.base import DecodeError, get_codec
 from edgeway.codecs.sparkplug import (
     BOOLEAN,
@@ -196,3 +197,31 @@ def test_rejections(topic: str, payload: bytes, expected: str) -> None:
     with pytest.raises(DecodeError) as e:
         decode(get_codec("sparkplug_b"), topic, payload)  # type: ignore[arg-type]
     assert e.value.reason == expected
+
+
+def test_command_targets_are_bounded_and_deaths_mark_only_their_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sans-IO: the device ids kept for commands stay within MAX_TARGETS (the
+    oldest forgotten, with its node's index), and an NDEATH makes that node and
+    its devices unreachable, no other node's."""
+    monkeypatch.setattr(sparkplug, "MAX_TARGETS", 4)
+    codec = get_codec("sparkplug_b")
+    assert isinstance(codec, SparkplugCodec)
+    data = encode_payload([SparkplugMetric(name="x", datatype=DOUBLE, value=1.0)], seq=1)
+    decode(codec, "spBv1.0/g/NDATA/n1", data)
+    decode(codec, "spBv1.0/g/DDATA/n1/a", data)
+    decode(codec, "spBv1.0/g/DDATA/n2/b", data)
+    decode(codec, "spBv1.0/g/NDATA/n2", data)
+    assert all(codec.online(d) for d in ("n1", "n1.a", "n2.b", "n2"))
+    decode(codec, "spBv1.0/g/DDATA/n2/c", data)  # a fifth: n1 (the oldest) goes
+    assert (
+        not codec.online("n1") and codec.encode_command("n1", "x", {"value": 1}, now_ms=1) is None
+    )
+    assert codec.online("n2.c")
+    decode(codec, "spBv1.0/g/NDEATH/n2", encode_payload([], seq=2))
+    assert not any(codec.online(d) for d in ("n2", "n2.b", "n2.c"))
+    assert codec.online("n1.a")
+    assert codec.encode_command("n2.b", "x", {"value": 1}, now_ms=1) is None
+    topic, _ = codec.encode_command("n1.a", "x", {"value": 2.5}, now_ms=1) or ("", b"")
+    assert topic == "spBv1.0/g/DCMD/n1/a"

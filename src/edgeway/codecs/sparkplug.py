@@ -355,6 +355,9 @@ class SparkplugCodec(Codec):
         self._nodes: dict[tuple[str, str], _NodeState] = {}
         self._targets: dict[str, SparkplugTopic] = {}
         """Device id -> the topic parts of its last message (for commands)."""
+        self._by_node: dict[tuple[str, str], set[str]] = {}
+        """(group, node) -> its device ids in ``_targets`` (an NDEATH marks them
+        dead without scanning every target)."""
         self._dead: set[str] = set()
         """Device ids (of ``_targets``) whose last word was a death certificate
         (theirs, or their node's): commands wait for the next birth."""
@@ -438,23 +441,33 @@ class SparkplugCodec(Codec):
     def _track(self, device_id: str, topic: SparkplugTopic) -> None:
         """Remember where ``device_id`` lives and whether it is alive."""
         targets = self._targets
+        node = (topic.group, topic.node)
         if device_id not in targets:
             if len(targets) >= MAX_TARGETS:
-                self._dead.discard(targets.pop(next(iter(targets))))
+                self._forget(next(iter(targets)))
             targets[device_id] = topic
+            self._by_node.setdefault(node, set()).add(device_id)
         kind = topic.message_type
         if kind == "NDEATH":
-            # The node and every device behind it are gone (a bounded scan:
-            # deaths are rare and _targets is capped).
-            self._dead.update(
-                d for d, t in targets.items() if t.group == topic.group and t.node == topic.node
-            )
+            # The node and every device behind it are gone.
+            self._dead.update(self._by_node.get(node, ()))
         elif kind == "DDEATH":
             self._dead.add(device_id)
         elif self._dead:
             # Alive again. A reborn node's devices come back with their own
             # DBIRTHs; until then they stay dead.
             self._dead.discard(device_id)
+
+    def _forget(self, device_id: str) -> None:
+        """Drop the oldest target to stay within :data:`MAX_TARGETS`."""
+        topic = self._targets.pop(device_id)
+        self._dead.discard(device_id)
+        node = (topic.group, topic.node)
+        peers = self._by_node.get(node)
+        if peers is not None:
+            peers.discard(device_id)
+            if not peers:
+                del self._by_node[node]
 
     def online(self, device_id: str) -> bool:
         """Whether commands can go to ``device_id`` now: the codec decoded a
