@@ -92,3 +92,27 @@ def test_old_broker_file_gets_the_owner_column_and_keeps_its_sessions(tmp_path: 
         conn.execute("UPDATE schema_version SET version = 3")
     with pytest.raises(StorageError, match="broker state: schema version 3 is newer"):
         BrokerStore(path)
+
+
+def test_old_tokens_file_keeps_its_tokens_and_a_newer_one_is_refused(tmp_path: Path) -> None:
+    from edgeway.admin.tokens import Role, TokenStore, TokenStoreError
+
+    path = tmp_path / "tokens.db"
+    store = TokenStore(path)
+    try:
+        record, secret = store.create("ops", Role.parse("viewer"))
+    finally:
+        store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE schema_version")  # as the hand-made store left it
+    store = TokenStore(path)
+    try:
+        assert [t.id for t in store.list()] == [record.id]
+        assert store.verify(secret) is not None
+    finally:
+        store.close()
+    assert _version(path) == 1
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE schema_version SET version = 2")
+    with pytest.raises(TokenStoreError, match="tokens: schema version 2 is newer"):
+        TokenStore(path)

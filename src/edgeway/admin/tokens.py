@@ -41,6 +41,8 @@ from typing import NamedTuple
 
 import orjson
 
+from edgeway.storage.sqlite import StorageError, connect, migrate
+
 DB_NAME = "tokens.db"
 TOKEN_PREFIX = "ewt"
 ID_HEX_DIGITS = 12
@@ -153,12 +155,19 @@ class TokenStore:
             with contextlib.suppress(FileExistsError):
                 os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         try:
-            self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
-        except sqlite3.Error as e:
-            raise TokenStoreError(f"{self.path}: {e}") from e
+            # The shared helper's pragmas (WAL, synchronous=NORMAL) and
+            # migrations (a newer file is refused). Not its writer thread:
+            # the CLI and the gateway both write here, synchronously.
+            self._db = connect(self.path, "os", busy_timeout=busy_timeout, foreign_keys=False)
+            try:
+                migrate(self._db, [_SCHEMA], f"{self.path}: tokens")
+            except BaseException:
+                self._db.close()
+                raise
+        except (sqlite3.Error, StorageError) as e:
+            raise TokenStoreError(
+                str(e) if isinstance(e, StorageError) else f"{self.path}: {e}"
+            ) from e
         self._entries: dict[str, _Entry] = {}
         self._data_version: int | None = None
         self._used: dict[str, float] = {}
