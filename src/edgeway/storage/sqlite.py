@@ -1,8 +1,7 @@
 """One SQLite database with a single writer thread and group commit.
 
-The durable stores that are not the outbox (commands today; the registry,
-twins, alarms and models as they come) share this helper instead of each
-hand-making a connection, pragmas, a thread and a schema check::
+Every durable store shares this helper instead of hand-making a connection,
+pragmas, a thread and a schema check (which of it each uses: at the end)::
 
     db = Database(data_dir / "commands.db", migrations=[SCHEMA_V1], durability="fsync")
     await db.open()
@@ -25,7 +24,31 @@ obvious (a read after a write's future resolved sees the write).
 Migrations are a list of SQL scripts (or functions of the connection); the
 number applied is kept in a ``schema_version`` table, so a newer edgeway
 applies only the scripts an older one did not. A database from a newer
-edgeway (a version above the list) is refused, not guessed at.
+edgeway (a version above the list) is refused, not guessed at. A store that
+kept its version elsewhere before this helper existed (the outbox: a ``meta``
+row) names that place with a :class:`VersionSlot`, so its files keep their
+format and move between releases of the same schema both ways.
+
+Which store uses what, and why not all of it:
+
+* commands, models, the pipeline state, the broker's persistence: all of it
+  (:func:`connect`, :func:`migrate`, the writer thread and group commit). The
+  broker's write-behind is fire-and-forget (:meth:`Database.post`) and its
+  API synchronous (:meth:`Database.open_sync`, :meth:`Database.call_sync`,
+  :meth:`Database.close_sync`).
+* the admin API's tokens: :func:`connect` and :func:`migrate` only; the CLI
+  and the gateway both write that file, synchronously, the gateway with no
+  busy wait.
+* the outbox: :func:`connect` (with its extra pragmas), :func:`migrate` (its
+  version in ``meta``), :func:`acquire_lock` (the data directory's lock, an
+  ``flock`` on ``outbox.db.lock``). It keeps its own writer thread, because
+  moving it here would cost its hot path: its group commit carries per-job
+  state the generic one has no place for (the in-memory tail handed to the
+  sinks after the commit, sink confirmations that linger for the next commit
+  of readings, retention and the full-disk reserve decided inside the
+  transaction, with a retry of the same job when the disk is full), and it
+  costs about 3 us per record, where a closure, a future and a SAVEPOINT per
+  write would add to that (``bench/results/storage-2026-12-06.md``).
 """
 
 from __future__ import annotations
