@@ -98,15 +98,17 @@ def publish_until_killed(
 ) -> set[int]:
     """Publish messages ``first_n...`` at QoS 1; call ``kill`` after ``kill_after``
     seconds; return the message numbers the gateway acknowledged (PUBACK)."""
-    acked: set[int] = set()
+    acked_mids: set[int] = set()
     mid_to_n: dict[int, int] = {}
     lock = threading.Lock()
 
     def on_publish(_c: Any, _u: Any, mid: int, _rc: Any = None, _p: Any = None) -> None:
+        # paho calls this holding its own message lock, and publish() takes
+        # that lock: never call publish() while holding ours (the two
+        # deadlocked, hanging the test). So only the mid is noted here; the
+        # mids of one client do not wrap (MESSAGES_PER_LIFE < 65,535).
         with lock:
-            n = mid_to_n.get(mid)
-            if n is not None:
-                acked.add(n)
+            acked_mids.add(mid)
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"crash-{first_n}")
     client.on_publish = on_publish
@@ -121,9 +123,8 @@ def publish_until_killed(
                 kill()
                 killed = True
             payload = orjson.dumps({"n": k, "msg_id": f"m{k}"})
-            with lock:
-                info = client.publish(f"devices/dev{k % 5}/telemetry", payload, qos=1)
-                mid_to_n[info.mid] = k
+            info = client.publish(f"devices/dev{k % 5}/telemetry", payload, qos=1)
+            mid_to_n[info.mid] = k
             if killed:
                 break
             time.sleep(0.001)  # pace: a device, not a flood; the kill lands mid-stream
@@ -134,7 +135,7 @@ def publish_until_killed(
         client.loop_stop()
         client.disconnect()
     with lock:
-        return set(acked)
+        return {mid_to_n[mid] for mid in acked_mids if mid in mid_to_n}
 
 
 def test_sigkill_loses_nothing_acknowledged(
