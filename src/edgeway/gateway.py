@@ -38,9 +38,9 @@ if TYPE_CHECKING:
     from edgeway.commands.service import CommandService
     from edgeway.downlink import ReceiptDownlink
     from edgeway.ml.manager import ModelManager
-    from edgeway.twins.service import TwinService
     from edgeway.receipts import ReceiptSender
     from edgeway.south.mqtt.downlink import BrokerReceipts
+    from edgeway.twins.service import TwinService
 
 log = logging.getLogger(__name__)
 
