@@ -5,6 +5,7 @@
 ``edgeway passwd``   hash a password for the ``mqtt.users`` section
 ``edgeway deadletter list|replay|purge``  inspect the outbox's dead letters
 ``edgeway tokens create|list|revoke``  bearer tokens for the admin API
+``edgeway users add|list|remove|passwd``  people who log in to the HMI
 ``edgeway status``   a running gateway's state, through its admin API
 ``edgeway demo``     gateway + simulated devices + a local cloud, in one command
 ``edgeway simulate`` simulated devices against a gateway (MQTT, CoAP, HTTP, Modbus, OPC-UA)
@@ -183,6 +184,20 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="create --name NAME --role viewer|operator|engineer|admin | list [--json] | "
         "revoke ID; 'edgeway tokens ACTION --help' for more",
     )
+    users = sub.add_parser(
+        "users",
+        help="add, list or remove the people who log in to the HMI, or set a password",
+        description="Users live in DATA_DIR/users.db (argon2id hashes) and work at once, also "
+        "while the gateway runs. See docs/hmi.md.",
+    )
+    _add_common(users)
+    users.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="ACTION ...",
+        help="add NAME --role viewer|operator|engineer|admin [--password-stdin] | list [--json] "
+        "| remove NAME | passwd NAME [--password-stdin]",
+    )
     status = sub.add_parser(
         "status",
         help="a running gateway's state, from its admin API (token: $EDGEWAY_TOKEN)",
@@ -273,6 +288,7 @@ _CONFIG_COMMANDS = frozenset(
         "config",
         "models",
         "twin",
+        "users",
     )
 )
 
@@ -322,6 +338,10 @@ def _cmd_with_config(args: argparse.Namespace) -> int:
         from edgeway.admin.tokens import tokens_main
 
         return tokens_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
+    if args.command == "users":
+        from edgeway.admin.users import users_main
+
+        return users_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
     from edgeway.admin.client import status_main
 
     return status_main(args, cfg)
@@ -507,7 +527,7 @@ def _take_common_options(args: argparse.Namespace, rest: list[str]) -> list[str]
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    if args.command in ("stats", "deadletter", "tokens", "outbox"):
+    if args.command in ("stats", "deadletter", "tokens", "users", "outbox"):
         args.rest = _take_common_options(args, [*args.rest, *extras])
     elif extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")

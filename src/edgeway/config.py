@@ -434,6 +434,9 @@ class AdminSection(_Model):
     """Extra names accepted in the ``Host`` header (the listener's own address
     and localhost names always are); ``.example.com`` also accepts its
     subdomains. Other names get 421: a defence against DNS rebinding."""
+    tls: TlsConfig | None = None
+    """Serve the admin API and the HMI over HTTPS with this certificate (the
+    session cookie is then ``Secure``)."""
 
     @field_validator("listen")
     @classmethod

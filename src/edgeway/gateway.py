@@ -286,6 +286,7 @@ class Gateway:
                 self.admin.models = self.models
                 self.admin.twins = self.twins
                 self.admin.config_control = self
+                self.ingest.tap = self.admin.recent.record
                 await self.admin.start()
             # The alarm service (issue 17 s.2), when the gateway has one.
             self.rule_targets.alarms = getattr(self, "alarms", None) or self.rule_targets.alarms

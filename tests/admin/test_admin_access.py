@@ -271,6 +271,22 @@ def test_every_admin_route_declares_its_access() -> None:
         ("GET", "/api/devices/{device_id}/twin"): Role.VIEWER,
         ("PATCH", "/api/devices/{device_id}/twin/desired"): Role.OPERATOR,
         ("GET", "/api/twins"): Role.VIEWER,
+        ("POST", "/api/config/validate"): Role.ENGINEER,
+        ("GET", "/api/openapi.json"): Role.VIEWER,
+        # The HMI (edgeway.admin.hmi): pages and assets are public, data is not.
+        ("GET", "/"): PUBLIC,
+        ("GET", "/hmi/{name}"): PUBLIC,
+        ("GET", "/api/docs"): PUBLIC,
+        ("POST", "/api/login"): PUBLIC,
+        ("POST", "/api/logout"): Role.VIEWER,
+        ("GET", "/api/session"): PUBLIC,
+        ("GET", "/api/overview"): Role.VIEWER,
+        ("GET", "/api/live/devices"): Role.VIEWER,
+        ("GET", "/api/live/devices/{device_id}"): Role.VIEWER,
+        ("GET", "/api/live/devices/{device_id}/trend"): Role.VIEWER,
+        ("GET", "/api/events"): Role.VIEWER,
+        ("GET", "/api/logs"): Role.OPERATOR,
+        ("GET", "/api/deadletters"): Role.VIEWER,
     }
 
 

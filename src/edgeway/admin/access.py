@@ -40,7 +40,10 @@ from typing import Final, TypeVar
 
 from aiohttp import web
 
+from edgeway.admin.errors import error
+from edgeway.admin.sessions import COOKIE, CSRF_HEADER, Session, SessionStore, csrf_ok
 from edgeway.admin.tokens import Role, TokenRecord, TokenStore, TokenStoreError
+from edgeway.admin.users import UserStore, UserStoreError
 
 log = logging.getLogger("edgeway.admin")
 
@@ -59,6 +62,8 @@ PUBLIC: Final = "public"
 _ACCESS_ATTR = "__edgeway_admin_access__"
 
 WILDCARDS = frozenset({"0.0.0.0", "::"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+"""Methods that change nothing: no CSRF token needed."""
 
 
 def requires(role: Role) -> Callable[[H], H]:
@@ -195,10 +200,30 @@ class RefusalLog:
 
 @dataclass(slots=True, frozen=True)
 class Principal:
-    """Who made a request: a token, or nobody under ``admin.auth: none``."""
+    """Who made a request: a token, a logged-in user, or nobody under
+    ``admin.auth: none``."""
 
     role: Role
     token: TokenRecord | None = None
+    user: str | None = None
+    session: Session | None = None
+
+    def describe(self) -> str:
+        """For log lines and audit: ``token ID, role R`` or ``user NAME, role R``."""
+        if self.token is not None:
+            return f"token {self.token.id}, role {self.role.label}"
+        if self.user is not None:
+            return f"user {self.user}, role {self.role.label}"
+        return f"no authentication, role {self.role.label}"
+
+    @property
+    def source(self) -> str:
+        """Who to name as a command's source or a change's author."""
+        if self.token is not None:
+            return f"api:{self.token.name}"
+        if self.user is not None:
+            return f"user:{self.user}"
+        return "api"
 
 
 ANONYMOUS_ADMIN: Final = Principal(Role.ADMIN)
@@ -208,8 +233,14 @@ PRINCIPAL: Final = web.RequestKey("principal", Principal)
 """Where a handler finds who called it: ``request[PRINCIPAL]``."""
 
 
-def _error(status: int, error: str, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": error, "message": message}, status=status, headers=headers)
+_error = error
+
+
+_Refuse = Callable[..., None]
+
+
+def _no_log(*args: object, **kwargs: object) -> None:
+    """A refusal not worth a log line (a live channel re-checking its caller)."""
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -232,6 +263,9 @@ class AccessControl:
     tokens: TokenStore | None
     metrics_public: bool = False
     refusals: RefusalLog = field(default_factory=RefusalLog)
+    users: UserStore | None = None
+    """People who may log in (with ``tokens``); None: bearer tokens only."""
+    sessions: SessionStore = field(default_factory=SessionStore)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -259,42 +293,87 @@ class AccessControl:
             self.refusals.refused(request, 403, "the route declares no access rule (a bug)")
             return _error(403, "forbidden", "this route declares no access rule")
         assert isinstance(needed, Role)
+        who = self.identify(request)
+        if isinstance(who, web.Response):
+            return who
+        if who.role < needed:
+            return self._insufficient(request, who, needed)
+        if who.session is not None and request.method not in SAFE_METHODS:
+            if not csrf_ok(who.session, request.headers.get(CSRF_HEADER)):
+                self.refusals.refused(request, 403, "no or wrong CSRF token", who.describe())
+                return _error(
+                    403,
+                    "csrf",
+                    f"a write from a browser session needs the {CSRF_HEADER} header "
+                    "(GET /api/session gives it)",
+                )
+        request[PRINCIPAL] = who
+        return await handler(request)
+
+    def identify(
+        self, request: web.Request, *, log_refusal: bool = True
+    ) -> Principal | web.Response:
+        """Who is calling: a bearer token, else a session cookie; or the
+        refusal to send (401, 503). Live channels call it again on every
+        event, so a revoked token or an ended session stops them too."""
         if self.tokens is None:
-            request[PRINCIPAL] = ANONYMOUS_ADMIN
-            return await handler(request)
+            return ANONYMOUS_ADMIN
+        refused = self.refusals.refused if log_refusal else _no_log
         token = _bearer(request)
+        if not token and self.users is not None:
+            sid = request.cookies.get(COOKIE)
+            if sid:
+                return self._session_principal(request, sid, refused)
         if not token:
-            self.refusals.refused(request, 401, "no bearer token")
+            refused(request, 401, "no bearer token")
             return _error(
                 401,
                 "unauthorized",
-                "this endpoint needs a bearer token (edgeway tokens create)",
+                "this endpoint needs a bearer token (edgeway tokens create) or a log-in",
                 **{"WWW-Authenticate": 'Bearer realm="edgeway"'},
             )
         try:
             record = self.tokens.verify(token)
         except TokenStoreError as e:
-            self.refusals.refused(request, 503, f"token store unreadable: {e}")
+            refused(request, 503, f"token store unreadable: {e}")
             return _error(503, "unavailable", "the token store cannot be read")
         if record is None:
-            self.refusals.refused(request, 401, "invalid or revoked token")
+            refused(request, 401, "invalid or revoked token")
             return _error(
                 401,
                 "invalid_token",
                 "the token is unknown, malformed or revoked",
                 **{"WWW-Authenticate": 'Bearer realm="edgeway", error="invalid_token"'},
             )
-        if record.role < needed:
-            who = f"token {record.id}, role {record.role.label}"
-            self.refusals.refused(request, 403, f"needs {needed.label}", who)
-            return _error(
-                403,
-                "insufficient_role",
-                f"this endpoint needs role {needed.label}; the token has {record.role.label}",
-                **{"WWW-Authenticate": 'Bearer realm="edgeway", error="insufficient_scope"'},
-            )
-        request[PRINCIPAL] = Principal(record.role, record)
-        return await handler(request)
+        return Principal(record.role, record)
+
+    def _session_principal(
+        self, request: web.Request, sid: str, refused: _Refuse
+    ) -> Principal | web.Response:
+        assert self.users is not None
+        session = self.sessions.get(sid)
+        try:
+            user = self.users.get(session.user) if session is not None else None
+            if user is not None and session is not None and user.changed > session.created:
+                user = None  # a new password ends the sessions opened with the old one
+        except UserStoreError as e:
+            refused(request, 503, f"user store unreadable: {e}")
+            return _error(503, "unavailable", "the user store cannot be read")
+        if user is None or session is None:
+            refused(request, 401, "session unknown or ended")
+            return _error(401, "session_ended", "the session has ended: log in again")
+        return Principal(user.role, None, user.name, session)
+
+    def _insufficient(self, request: web.Request, who: Principal, needed: Role) -> web.Response:
+        self.refusals.refused(request, 403, f"needs {needed.label}", who.describe())
+        holder = "the token" if who.token is not None else "you"
+        verb = "has" if who.token is not None else "have"
+        return _error(
+            403,
+            "insufficient_role",
+            f"this endpoint needs role {needed.label}; {holder} {verb} {who.role.label}",
+            **{"WWW-Authenticate": 'Bearer realm="edgeway", error="insufficient_scope"'},
+        )
 
     def _needed(self, request: web.Request) -> Role | str | None:
         match = request.match_info

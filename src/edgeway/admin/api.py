@@ -34,9 +34,11 @@ Who may call what is :mod:`edgeway.admin.access`; tokens are
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
+import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,9 +50,15 @@ from edgeway.admin.access import AccessControl, HostPolicy, public, requires
 from edgeway.admin.build import BuildInfo, build_info, process_figures
 from edgeway.admin.commands_api import CommandRoutes
 from edgeway.admin.config_api import ConfigRoutes
+from edgeway.admin.errors import json_errors
+from edgeway.admin.hmi import HmiRoutes, RecentLogs
 from edgeway.admin.models_api import ModelRoutes
+from edgeway.admin.openapi import build_openapi
+from edgeway.admin.recent import RecentValues
 from edgeway.admin.tokens import DB_NAME, Role, TokenStore, TokenStoreError
 from edgeway.admin.twins_api import TwinRoutes
+from edgeway.admin.users import DB_NAME as USERS_DB_NAME
+from edgeway.admin.users import UserStore, UserStoreError
 from edgeway.config import is_loopback, parse_host_port
 
 if TYPE_CHECKING:
@@ -266,6 +274,8 @@ class AdminServer:
         access: AccessControl,
         stopping: Callable[[], bool] = lambda: False,
         problems: Callable[[], list[str]] = list,
+        ssl_context: ssl.SSLContext | None = None,
+        data_dir: Path | None = None,
     ) -> None:
         from prometheus_client import CollectorRegistry, ProcessCollector
 
@@ -295,6 +305,16 @@ class AdminServer:
         self.models: ModelManager | None = None
         """The gateway's model registry, when models are enabled (routes in
         :mod:`edgeway.admin.models_api`)."""
+        self.ssl_context = ssl_context
+        self.recent = RecentValues()
+        """Each device's latest values and short trends for the HMI; the
+        gateway feeds it from the ingest switch (:mod:`edgeway.admin.recent`)."""
+        self.logs = RecentLogs()
+        self.hmi = HmiRoutes(
+            access, status, self.recent, self.logs, lambda: data_dir,
+            secure_cookie=ssl_context is not None,
+        )  # fmt: skip
+        self._openapi: bytes | None = None
 
     @classmethod
     def from_config(
@@ -311,10 +331,12 @@ class AdminServer:
         tokens are off on an address that is not loopback."""
         host, port = parse_host_port(config.listen)
         tokens: TokenStore | None = None
+        users: UserStore | None = None
         if config.tokens_required:
             try:
                 tokens = TokenStore(data_dir / DB_NAME, busy_timeout=0)
-            except TokenStoreError as e:
+                users = UserStore(data_dir / USERS_DB_NAME, busy_timeout=0)
+            except (TokenStoreError, UserStoreError) as e:
                 raise ValueError(f"admin.auth: tokens: cannot open the token store: {e}") from e
         elif not is_loopback(host):
             # The config schema refuses this too; a programmatic Config may not.
@@ -325,11 +347,23 @@ class AdminServer:
             HostPolicy(host, tuple(config.allowed_hosts)),
             tokens,
             metrics_public=config.metrics_public,
+            users=users,
         )
-        return cls(host, port, status, ready, access=access, stopping=stopping, problems=problems)
+        ssl_context = None
+        if config.tls is not None:
+            from edgeway.south.mqtt.listeners import build_server_ssl_context
+
+            try:
+                ssl_context = build_server_ssl_context(config.tls)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"admin.tls: {e}") from e
+        return cls(
+            host, port, status, ready, access=access, stopping=stopping, problems=problems,
+            ssl_context=ssl_context, data_dir=data_dir,
+        )  # fmt: skip
 
     def _app(self) -> web.Application:
-        app = web.Application(middlewares=[self.access.middleware])
+        app = web.Application(middlewares=[json_errors, self.access.middleware])
         app.router.add_get("/livez", self._livez)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/healthz", self._healthz)
@@ -339,12 +373,16 @@ class AdminServer:
         ConfigRoutes(lambda: self.config_control).add_to(app)
         ModelRoutes(lambda: self.models).add_to(app)
         TwinRoutes(lambda: self.twins).add_to(app)
+        self.hmi.add_to(app)
+        app.router.add_get("/api/openapi.json", self._openapi_doc)
         return app
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(
+            self._runner, self.host, self.port, reuse_address=True, ssl_context=self.ssl_context
+        )
         try:
             await site.start()
         except OSError as e:
@@ -355,7 +393,9 @@ class AdminServer:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.bound = sockets[0].getsockname()[:2] if sockets else (self.host, self.port)
-        log.info("admin API on http://%s:%d (/healthz, /api/status, /metrics)", *self.bound)
+        logging.getLogger().addHandler(self.logs)
+        scheme = "https" if self.ssl_context is not None else "http"
+        log.info("admin API and HMI on %s://%s:%d/", scheme, *self.bound)
         tokens = self.access.tokens
         if tokens is None:
             log.info(
@@ -373,20 +413,33 @@ class AdminServer:
                     "admin API requires tokens and none exists yet: create one with "
                     "'edgeway tokens create --name NAME --role viewer' (works while running)"
                 )
+            users = self.access.users
+            with contextlib.suppress(UserStoreError):
+                if users is not None and not users.list():
+                    log.warning(
+                        "the HMI has no users yet: create the first administrator with "
+                        "'edgeway users add NAME --role admin' (works while running)"
+                    )
 
     async def close(self) -> None:
+        logging.getLogger().removeHandler(self.logs)
+        self.hmi.closing.set()  # live channels end, so the runner need not wait for them
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         if self.access.tokens is not None:
             self.access.tokens.close()
+        if self.access.users is not None:
+            self.access.users.close()
 
     @public
     async def _livez(self, request: web.Request) -> web.Response:
+        """Liveness: 200 while the process answers at all."""
         return web.json_response({"status": "alive"})
 
     @public
     async def _readyz(self, request: web.Request) -> web.Response:
+        """Readiness: 200 once started, 503 while starting or stopping."""
         if self._stopping():
             return web.json_response({"status": "stopping"}, status=503)
         if self._ready():
@@ -395,6 +448,7 @@ class AdminServer:
 
     @public
     async def _healthz(self, request: web.Request) -> web.Response:
+        """Health: 200 ok, or 503 starting / degraded with the problems."""
         if not self._ready():
             return web.json_response({"status": "starting"}, status=503)
         problems = self._problems()
@@ -403,7 +457,15 @@ class AdminServer:
         return web.json_response({"status": "ok"})
 
     @requires(Role.VIEWER)
+    async def _openapi_doc(self, request: web.Request) -> web.Response:
+        """This API described in OpenAPI 3.1 (built from the routes)."""
+        if self._openapi is None:
+            self._openapi = orjson.dumps(build_openapi(request.app))
+        return web.Response(body=self._openapi, content_type="application/json")
+
+    @requires(Role.VIEWER)
     async def _api_status(self, request: web.Request) -> web.Response:
+        """Every part's counters and state, with build and process figures."""
         status = {
             **self._status(),
             "build": dataclasses.asdict(self.build),
@@ -414,6 +476,7 @@ class AdminServer:
 
     @requires(Role.VIEWER)
     async def _metrics(self, request: web.Request) -> web.Response:
+        """The figures in the Prometheus text format (edgeway_*, process_*)."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return web.Response(

@@ -119,6 +119,7 @@ class CommandRoutes:
     @requires(Role.OPERATOR)
     @_answers_refusals
     async def send(self, request: web.Request) -> web.Response:
+        """Queue a command for a device (``?wait=S`` waits for its end)."""
         from edgeway.commands.service import CommandError
 
         svc = self._svc()
@@ -137,8 +138,7 @@ class CommandRoutes:
         if unknown:
             return _error(400, "invalid", f"unknown fields: {', '.join(sorted(unknown))}")
         principal = request.get(PRINCIPAL)
-        token = principal.token if principal is not None else None
-        source = f"api:{token.name}" if token is not None else "api"
+        source = principal.source if principal is not None else "api"
         key = body.get("idempotency_key") or request.headers.get("Idempotency-Key")
         try:
             cmd, new = await svc.submit(
@@ -179,16 +179,19 @@ class CommandRoutes:
     @requires(Role.VIEWER)
     @_answers_refusals
     async def list(self, request: web.Request) -> web.Response:
+        """Commands, newest first (``device_id``, ``state``, ``limit``, ``before``)."""
         return await self._list(request, None)
 
     @requires(Role.VIEWER)
     @_answers_refusals
     async def device_list(self, request: web.Request) -> web.Response:
+        """One device's commands, newest first."""
         return await self._list(request, request.match_info["device_id"])
 
     @requires(Role.VIEWER)
     @_answers_refusals
     async def show(self, request: web.Request) -> web.Response:
+        """One command (``?wait=S`` waits for its end)."""
         from edgeway.commands.service import CommandError
 
         svc = self._svc()
@@ -205,6 +208,7 @@ class CommandRoutes:
     @requires(Role.OPERATOR)
     @_answers_refusals
     async def cancel(self, request: web.Request) -> web.Response:
+        """Cancel an unfinished command."""
         from edgeway.commands.service import CommandError
 
         svc = self._svc()

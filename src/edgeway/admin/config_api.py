@@ -43,6 +43,7 @@ class ConfigControl(Protocol):
     config: Config
     config_text: str | None
     config_source: str
+    config_overrides: Any
 
     async def apply_text(self, text: str, source: str, filename: str = "<api>") -> list[str]: ...
 
@@ -68,6 +69,33 @@ def _applied(control: ConfigControl, changes: list[str]) -> web.Response:
     )
 
 
+async def _body_text(request: web.Request) -> str | web.Response:
+    """The request's body as text, or the error to answer."""
+    raw = await request.content.read(BODY_MAX + 1)
+    if len(raw) > BODY_MAX:
+        return _json({"error": "too_large", "message": f"over {BODY_MAX} bytes"}, 413)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _json({"error": "invalid", "message": "the body is not UTF-8"}, 400)
+
+
+def _issues(text: str, overrides: Any) -> list[str]:
+    """What ``edgeway check`` would say of ``text`` (empty: valid)."""
+    from edgeway.config import ConfigError, parse_config_lines
+    from edgeway.validate import check_config
+
+    try:
+        cfg, lines = parse_config_lines(text, "<api>")
+        if overrides is not None:
+            cfg = overrides(cfg)
+        return [str(i) for i in check_config(cfg, lines)]
+    except ConfigError as e:
+        return [str(i) for i in e.issues]
+    except ValueError as e:
+        return [str(e)]
+
+
 class ConfigRoutes:
     """The configuration endpoints; ``control()`` is the running gateway."""
 
@@ -77,6 +105,7 @@ class ConfigRoutes:
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/api/config", self.show)
         app.router.add_post("/api/config", self.apply)
+        app.router.add_post("/api/config/validate", self.validate)
         app.router.add_post("/api/config/reload", self.reload)
         app.router.add_get("/api/config/history", self.history)
         app.router.add_post("/api/config/rollback", self.rollback)
@@ -109,6 +138,7 @@ class ConfigRoutes:
 
     @requires(Role.ENGINEER)
     async def show(self, request: web.Request) -> web.Response:
+        """The configuration in force: its text, source and sha256."""
         from edgeway.runtime.reload import text_hash
 
         control = self._get()
@@ -125,21 +155,40 @@ class ConfigRoutes:
 
     @requires(Role.ENGINEER)
     async def apply(self, request: web.Request) -> web.Response:
-        raw = await request.content.read(BODY_MAX + 1)
-        if len(raw) > BODY_MAX:
-            return _json({"error": "too_large", "message": f"over {BODY_MAX} bytes"}, 413)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return _json({"error": "invalid", "message": "the body is not UTF-8"}, 400)
+        """Validate a whole configuration (YAML body) and apply it live, with rollback."""
+        text = await _body_text(request)
+        if isinstance(text, web.Response):
+            return text
         return await self._run(lambda c: c.apply_text(text, "api", "<api>"))
 
     @requires(Role.ENGINEER)
+    async def validate(self, request: web.Request) -> web.Response:
+        """Check a whole configuration (YAML body) as apply would, without applying it.
+
+        ``200 {"valid": true}`` or ``400 {"error": "invalid", "issues": [...]}``.
+        """
+        text = await _body_text(request)
+        if isinstance(text, web.Response):
+            return text
+        control = self._get()
+        overrides = control.config_overrides if control is not None else None
+        issues = await asyncio.to_thread(_issues, text, overrides)
+        if issues:
+            return _json(
+                {"error": "invalid", "message": "the configuration does not validate",
+                 "issues": issues},
+                400,
+            )  # fmt: skip
+        return _json({"valid": True})
+
+    @requires(Role.ENGINEER)
     async def reload(self, request: web.Request) -> web.Response:
+        """Read the configuration file again and apply it (what SIGHUP does)."""
         return await self._run(lambda c: c.reload_from_file("api-reload"))
 
     @requires(Role.VIEWER)
     async def history(self, request: web.Request) -> web.Response:
+        """The last applied configurations, newest first."""
         from edgeway.runtime.reload import ConfigHistory
 
         control = self._get()
@@ -151,6 +200,7 @@ class ConfigRoutes:
 
     @requires(Role.ENGINEER)
     async def rollback(self, request: web.Request) -> web.Response:
+        """Apply a configuration from the history (``{"number": N}``)."""
         raw = await request.content.read(4096)
         number: int | None = None
         if raw.strip():

@@ -126,6 +126,27 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def open_private_db(
+    path: Path, busy_timeout: float, schema: str, name: str
+) -> sqlite3.Connection:
+    """A small credential store's SQLite file, created readable by its owner
+    only (only hashes inside, but names and roles are nobody else's business),
+    with the shared helper's pragmas (WAL, synchronous=NORMAL) and migrations
+    (a newer file is refused: StorageError). Not its writer thread: the CLI and
+    the gateway both write here, synchronously. Usable from a worker thread
+    (log-in checks)."""
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    db = connect(path, "os", busy_timeout=busy_timeout, foreign_keys=False)
+    try:
+        migrate(db, [schema], f"{path}: {name}")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 def split_token(token: str) -> tuple[str, str] | None:
     """``(id, secret)`` of a well-formed token, else None (no store access)."""
     if len(token) > TOKEN_MAX_LENGTH:
@@ -150,20 +171,8 @@ class TokenStore:
 
     def __init__(self, path: Path, *, busy_timeout: float = 5.0) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            # Only hashes inside, but names and roles are nobody else's business.
-            with contextlib.suppress(FileExistsError):
-                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         try:
-            # The shared helper's pragmas (WAL, synchronous=NORMAL) and
-            # migrations (a newer file is refused). Not its writer thread:
-            # the CLI and the gateway both write here, synchronously.
-            self._db = connect(self.path, "os", busy_timeout=busy_timeout, foreign_keys=False)
-            try:
-                migrate(self._db, [_SCHEMA], f"{self.path}: tokens")
-            except BaseException:
-                self._db.close()
-                raise
+            self._db = open_private_db(self.path, busy_timeout, _SCHEMA, "tokens")
         except (sqlite3.Error, StorageError) as e:
             raise TokenStoreError(
                 str(e) if isinstance(e, StorageError) else f"{self.path}: {e}"

@@ -13,7 +13,7 @@ number of readings held is bounded by what devices may have unacknowledged
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.reading import Reading
@@ -25,12 +25,17 @@ class IngestSwitch:
     def __init__(self, target: Ingest) -> None:
         self.target = target
         self._held: list[tuple[list[Reading], asyncio.Future[IngestStatus]]] | None = None
+        self.tap: Callable[[Sequence[Reading]], None] | None = None
+        """Sees every submitted batch first (the HMI's recent values); it
+        must be quick and must not raise."""
 
     @property
     def batchable(self) -> bool:
         return self.target.batchable
 
     def submit(self, readings: Sequence[Reading]) -> asyncio.Future[IngestStatus]:
+        if self.tap is not None:
+            self.tap(readings)
         held = self._held
         if held is None:
             return self.target.submit(readings)

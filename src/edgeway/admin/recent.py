@@ -1,0 +1,220 @@
+"""Recent values for the HMI: each device's latest metrics and short trends.
+
+The HMI's device pages need what a device sent last and how a number moved
+over the last minutes; the outbox has the data but is a queue for sinks (rows
+leave when delivered), and the pipeline's state keeps windows, not series.
+So the admin listener keeps its own store, fed by a tap on the ingest switch
+(every reading a device submits, before the pipeline, as the device sent it):
+
+- per device: last seen, the adapter it came through, the latest value of
+  each metric (at most :data:`METRICS_PER_DEVICE`);
+- per numeric metric: a ring of the last ``points_per_series`` (time, value)
+  pairs, two ``array('d')`` of fixed size (16 bytes a point, no object per
+  point);
+- bounded: at most ``max_series`` rings (the least recently updated ring is
+  reused beyond that) and ``max_devices`` devices (the least recently seen is
+  forgotten), so memory is at most ``max_series * points_per_series * 16``
+  bytes plus the latest values (defaults: 2,000 x 3,600 x 16 = 115 MB worst
+  case, 1 hour at 1 Hz for 2,000 series; a few MB for a typical site).
+
+Trends are downsampled on the server (:func:`min_max_downsample`): the range
+is cut into buckets and each keeps its minimum and maximum, in time order, so
+a spike survives and the browser never draws more than ``2 * buckets``
+points, however long the series.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from edgeway.reading import MetricValue, Reading
+
+POINTS_PER_SERIES = 3600
+"""One hour at 1 Hz: what a technician looks at while standing at a machine."""
+MAX_SERIES = 2000
+"""Rings kept (see the module docstring for the memory this bounds)."""
+MAX_DEVICES = 50_000
+"""Devices remembered: five times the 10,000 a site's HMI is sized for."""
+METRICS_PER_DEVICE = 64
+"""Latest values kept per device; a device sending more keeps its first 64."""
+STRING_MAX = 256
+"""Characters of a string value kept (the HMI shows it, it does not store it)."""
+TREND_POINTS_MAX = 4000
+"""Most points a trend answer holds (2 per bucket): a chart is ~2,000 pixels wide."""
+
+
+class Ring:
+    """The last ``capacity`` (time, value) pairs of one series."""
+
+    __slots__ = ("capacity", "count", "head", "ts", "values")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.ts = array("d", bytes(8 * capacity))
+        self.values = array("d", bytes(8 * capacity))
+        self.head = 0
+        self.count = 0
+
+    def append(self, t: float, v: float) -> None:
+        self.ts[self.head] = t
+        self.values[self.head] = v
+        self.head = (self.head + 1) % self.capacity
+        if self.count < self.capacity:
+            self.count += 1
+
+    def clear(self) -> None:
+        self.head = 0
+        self.count = 0
+
+    def ordered(self) -> tuple[array[float], array[float]]:
+        """Copies of the times and values, oldest first (for a thread to work on)."""
+        if self.count < self.capacity:
+            return self.ts[: self.count], self.values[: self.count]
+        h = self.head
+        return self.ts[h:] + self.ts[:h], self.values[h:] + self.values[:h]
+
+
+def min_max_downsample(
+    ts: Sequence[float], values: Sequence[float], since: float, until: float, buckets: int
+) -> tuple[list[float], list[float]]:
+    """The points of ``[since, until]`` reduced to each bucket's min and max.
+
+    ``ts`` must be sorted. Returns at most ``2 * buckets`` points in time
+    order; a range with fewer points than that comes back whole.
+    """
+    lo = bisect.bisect_left(ts, since)
+    hi = bisect.bisect_right(ts, until)
+    n = hi - lo
+    if n <= 2 * buckets:
+        return list(ts[lo:hi]), list(values[lo:hi])
+    out_t: list[float] = []
+    out_v: list[float] = []
+    step = n / buckets
+    index = values.index
+    for b in range(buckets):
+        start = lo + int(b * step)
+        stop = lo + int((b + 1) * step)
+        if stop <= start:
+            continue
+        chunk = values[start:stop]
+        mn = min(chunk)
+        mx = max(chunk)
+        i_mn = index(mn, start, stop)
+        i_mx = index(mx, start, stop)
+        first, second = (i_mn, i_mx) if i_mn <= i_mx else (i_mx, i_mn)
+        out_t.append(ts[first])
+        out_v.append(values[first])
+        if second != first:
+            out_t.append(ts[second])
+            out_v.append(values[second])
+    return out_t, out_v
+
+
+@dataclass(slots=True)
+class DeviceEntry:
+    """What the HMI knows of one device."""
+
+    device_id: str
+    adapter: str
+    first_seen: float
+    last_seen: float
+    readings: int = 0
+    latest: dict[str, MetricValue] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "device_id": self.device_id,
+            "adapter": self.adapter,
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "readings": self.readings,
+            "metrics": len(self.latest),
+        }
+
+
+def _number(v: MetricValue) -> float | None:
+    if isinstance(v, bool):
+        return 1.0 if v else 0.0
+    if isinstance(v, int | float):
+        f = float(v)
+        return f if math.isfinite(f) else None
+    return None
+
+
+class RecentValues:
+    """The store the module docstring describes; fed by :meth:`record`."""
+
+    def __init__(
+        self,
+        *,
+        points_per_series: int = POINTS_PER_SERIES,
+        max_series: int = MAX_SERIES,
+        max_devices: int = MAX_DEVICES,
+    ) -> None:
+        self.points_per_series = points_per_series
+        self.max_series = max_series
+        self.max_devices = max_devices
+        self.devices: OrderedDict[str, DeviceEntry] = OrderedDict()
+        self.series: OrderedDict[tuple[str, str], Ring] = OrderedDict()
+        self.series_reused = 0
+        """Rings handed to another series because :attr:`max_series` was reached."""
+
+    def record(self, readings: Sequence[Reading]) -> None:
+        """Take a batch of readings (called on the event loop for every submit:
+        a dict update and an array store per metric, no allocation per point)."""
+        devices = self.devices
+        for r in readings:
+            dev = devices.get(r.device_id)
+            if dev is None:
+                dev = self._new_device(r)
+            else:
+                devices.move_to_end(r.device_id)
+            dev.last_seen = r.ts
+            dev.readings += 1
+            latest = dev.latest
+            for name, value in r.metrics.items():
+                if name not in latest and len(latest) >= METRICS_PER_DEVICE:
+                    continue
+                if isinstance(value, str) and len(value) > STRING_MAX:
+                    value = value[:STRING_MAX]
+                latest[name] = value
+                num = _number(value)
+                if num is not None:
+                    self._ring(r.device_id, name).append(r.ts, num)
+
+    def _new_device(self, r: Reading) -> DeviceEntry:
+        dev = DeviceEntry(r.device_id, r.origin.adapter, r.ts, r.ts)
+        self.devices[r.device_id] = dev
+        while len(self.devices) > self.max_devices:
+            self.devices.popitem(last=False)
+        return dev
+
+    def _ring(self, device_id: str, metric: str) -> Ring:
+        key = (device_id, metric)
+        ring = self.series.get(key)
+        if ring is not None:
+            self.series.move_to_end(key)
+            return ring
+        if len(self.series) >= self.max_series:
+            _, ring = self.series.popitem(last=False)
+            ring.clear()
+            self.series_reused += 1
+        else:
+            ring = Ring(self.points_per_series)
+        self.series[key] = ring
+        return ring
+
+    def ring(self, device_id: str, metric: str) -> Ring | None:
+        return self.series.get((device_id, metric))
+
+    def trended(self, device_id: str) -> list[str]:
+        """Metrics of ``device_id`` that have a ring."""
+        dev = self.devices.get(device_id)
+        if dev is None:
+            return []
+        return [m for m in dev.latest if (device_id, m) in self.series]
