@@ -170,6 +170,8 @@ def test_login_limiter_refills() -> None:
     assert all(lim.take("a") == 0 for _ in range(LOGIN_BURST))
     assert lim.take("a") > 0
     assert lim.take("b") == 0  # per address
+    lim.succeeded("b")  # only failures count
+    assert all(lim.take("b") == 0 for _ in range(LOGIN_BURST))
     now[0] += 12.5  # 5 a minute: one attempt back after 12 s
     assert lim.take("a") == 0
 

@@ -211,7 +211,7 @@ class HmiRoutes:
         """Log in with ``{"user", "password"}``: sets the session cookie.
 
         Answers ``{"user", "role", "csrf"}``; ``429`` with Retry-After after
-        5 attempts a minute from one address; ``401`` for a wrong name or
+        5 failed attempts a minute from one address; ``401`` for a wrong name or
         password (the same answer for both).
         """
         users = self.access.users
@@ -244,6 +244,7 @@ class HmiRoutes:
         if user is None:
             self.access.refusals.refused(request, 401, f"log-in failed for {printable(name)!r}")
             return error(401, "login_failed", "wrong user name or password")
+        self.limiter.succeeded(request.remote or "?")
         sid, session = self.access.sessions.create(user.name)
         log.info("admin API: user %s (%s) logged in from %s", user.name, user.role.label,
                  printable(request.remote or "?"))  # fmt: skip

@@ -36,7 +36,7 @@ IDLE_TIMEOUT = 8 * 3600.0
 ABSOLUTE_TIMEOUT = 24 * 3600.0
 """A session ends this long after log-in, used or not."""
 LOGIN_BURST = 5
-"""Log-in attempts a client address may make at once..."""
+"""Failed log-in attempts a client address may make at once..."""
 LOGIN_PER_MINUTE = 5.0
 """...and how fast its allowance comes back: 5 guesses a minute make a
 dictionary attack on one gateway take years, and a technician who mistypes
@@ -124,3 +124,10 @@ class LoginLimiter:
         while len(self._buckets) > LOGIN_CLIENTS_MAX:
             self._buckets.popitem(last=False)
         return wait
+
+    def succeeded(self, client: str) -> None:
+        """A log-in worked: give its attempt back, so only failures count
+        (a shared tablet logging in per shift never waits)."""
+        entry = self._buckets.get(client)
+        if entry is not None:
+            self._buckets[client] = (min(float(LOGIN_BURST), entry[0] + 1.0), entry[1])

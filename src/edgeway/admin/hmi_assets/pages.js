@@ -69,7 +69,8 @@ function overviewPage(main) {
     setText("ov-connected", fmt(o.devices_connected));
     setText("ov-online", `${fmt(o.devices_online)} / ${fmt(o.devices_seen)}`);
     setText("ov-mem", o.memory_bytes ? `${fmt(o.memory_bytes / 1048576)} MiB` : "-");
-    setText("ov-uptime", `${fmt(o.uptime_s / 3600)} h`);
+    const up = o.uptime_s || 0;
+    setText("ov-uptime", up < 3600 ? `${Math.floor(up / 60)} min` : up < 172800 ? `${fmt(up / 3600)} h` : `${fmt(up / 86400)} d`);
   };
   return api("/api/overview").then((o) => { update(o); live(null, { overview: update }); });
 }
@@ -201,7 +202,7 @@ async function commandsSection(section, deviceId) {
 }
 
 function commandRow(c) {
-  return h("tr", {}, h("td", {}, when(c.created)), h("td", {}, c.name),
+  return h("tr", {}, h("td", {}, when(c.created_at)), h("td", {}, c.name),
     h("td", {}, h("span", { class: `state-${c.state}` }, c.state)),
     h("td", {}, c.result ? JSON.stringify(c.result) : c.error || ""), h("td", {}, c.source || ""));
 }
@@ -274,7 +275,7 @@ async function configPage(main) {
   const loadHistory = async () => {
     const doc = await api("/api/config/history");
     main.querySelector("#config-history tbody").replaceChildren(...doc.history.map((e) => h("tr", {},
-      h("td", {}, e.number), h("td", {}, when(e.at || e.applied_at || e.ts)), h("td", {}, e.source),
+      h("td", {}, e.number), h("td", {}, when(e.applied_at)), h("td", {}, e.source),
       h("td", {}, (e.sha256 || "").slice(0, 12)),
       h("td", {}, can("engineer") ? h("button", { type: "button", onclick: async () => {
         if (!(await confirmDialog(`Roll back to configuration #${e.number}?`))) return;
