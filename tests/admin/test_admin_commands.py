@@ -4,43 +4,13 @@ paho-mqtt device answering on the embedded broker."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
-import paho.mqtt.client as mqtt
-from admin_harness import create_token, edgeway_cli, running_gateway
-from paho.mqtt.enums import CallbackAPIVersion
+from admin_harness import Device, create_token, edgeway_cli, running_gateway
 
 TOKENS = '{listen: "127.0.0.1:0", auth: tokens}'
-
-
-class Device:
-    """A 3.1.1 paho device that runs what it is told and answers with the id."""
-
-    def __init__(self, port: int, device_id: str, status: str = "ok") -> None:
-        self.device_id = device_id
-        self.status = status
-        self.ready = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id)
-        self.client.on_connect = lambda c, *a: c.subscribe(f"devices/{device_id}/commands/+", 1)
-        self.client.on_subscribe = lambda *a: self.ready.set()
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        doc = orjson.loads(msg.payload)
-        answer = {"id": doc["id"], "status": self.status, "result": {"echo": doc["params"]}}
-        if self.status != "ok":
-            answer["error"] = "valve stuck"
-        client.publish(msg.topic + "/result", orjson.dumps(answer), qos=1)
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def mqtt_port(rg: Any) -> int:
