@@ -23,10 +23,8 @@ from typing import Any
 
 import httpx
 import orjson
-import paho.mqtt.client as mqtt
 import pytest
-from admin_harness import SRC
-from paho.mqtt.enums import CallbackAPIVersion
+from admin_harness import SRC, Device
 
 from edgeway.admin.tokens import Role
 from edgeway.admin.users import UserStore
@@ -51,19 +49,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class SimDevice:
-    """A paho-mqtt device: telemetry every 0.2 s (temp rises), answers commands."""
+class SimDevice(Device):
+    """The harness's command-answering device, plus telemetry every 0.2 s (temp rises)."""
 
     def __init__(self, port: int, device_id: str) -> None:
-        self.device_id = device_id
+        super().__init__(port, device_id)
         self.stop_event = threading.Event()
-        self.subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id)
-        self.client.on_connect = lambda c, *a: c.subscribe(f"devices/{device_id}/commands/+", 1)
-        self.client.on_subscribe = lambda *a: self.subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
         self.thread = threading.Thread(target=self._publish, daemon=True)
         self.thread.start()
 
@@ -74,16 +65,10 @@ class SimDevice:
             doc = {"temp": round(20 + n * 0.1, 2), "rpm": 1000 + (n % 7)}
             self.client.publish(f"devices/{self.device_id}/telemetry", orjson.dumps(doc), qos=1)
 
-    def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        doc = orjson.loads(msg.payload)
-        answer = {"id": doc["id"], "status": "ok", "result": {"applied": doc["params"]}}
-        client.publish(msg.topic + "/result", orjson.dumps(answer), qos=1)
-
     def stop(self) -> None:
         self.stop_event.set()
         self.thread.join(5)
-        self.client.disconnect()
-        self.client.loop_stop()
+        super().stop()
 
 
 @dataclass
@@ -133,7 +118,7 @@ admin: {{listen: "127.0.0.1:{admin_port}", auth: tokens}}
         else:
             pytest.fail(f"gateway did not start: {(tmp / 'gateway.log').read_text()[-2000:]}")
         device = SimDevice(mqtt_port, "pump-1")
-        assert device.subscribed.wait(10)
+        assert device.ready.wait(10)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         with playwright_api.sync_playwright() as pw:
             browser = pw.chromium.launch(
@@ -219,7 +204,7 @@ def test_operator_sends_a_command_and_sees_its_result(site: Site) -> None:
     page.click("#confirm-ok")
     result = page.locator("#cmd-result")
     playwright_api.expect(result).to_have_attribute("data-state", "succeeded")
-    playwright_api.expect(result).to_contain_text('{"applied":{"rpm":1200}}')
+    playwright_api.expect(result).to_contain_text('{"echo":{"rpm":1200}}')
     playwright_api.expect(page.locator("#cmd-list")).to_contain_text("user:olga")
     page.screenshot(path=str(ARTIFACTS / "command.png"), full_page=True)
     page.context.close()
