@@ -123,6 +123,7 @@ class ModelRoutes:
 
     @requires(Role.VIEWER)
     async def list(self, request: web.Request) -> web.Response:
+        """Every model's slots, figures and versions."""
         async def go(mgr: ModelManager) -> Any:
             versions = await mgr.store.versions()
             st = mgr.status()
@@ -132,6 +133,7 @@ class ModelRoutes:
 
     @requires(Role.VIEWER)
     async def show(self, request: web.Request) -> web.Response:
+        """One model: slots, figures, versions and its last lifecycle events."""
         name = request.match_info["name"]
 
         async def go(mgr: ModelManager) -> Any:
@@ -152,6 +154,7 @@ class ModelRoutes:
 
     @requires(Role.ENGINEER)
     async def upload(self, request: web.Request) -> web.Response:
+        """Upload a version: the body is the ONNX file (``X-Model-SHA256``, ``X-Model-Signature``)."""
         name, version = request.match_info["name"], request.match_info["version"]
         sig_text = request.headers.get("X-Model-Signature")
         signature: bytes | None = None
@@ -189,6 +192,7 @@ class ModelRoutes:
 
     @requires(Role.ENGINEER)
     async def remove(self, request: web.Request) -> web.Response:
+        """Remove a version no slot uses."""
         name, version = request.match_info["name"], request.match_info["version"]
 
         async def go(mgr: ModelManager) -> Any:
@@ -199,6 +203,7 @@ class ModelRoutes:
 
     @requires(Role.ENGINEER)
     async def activate(self, request: web.Request) -> web.Response:
+        """Make a version the active one (``{"version": V}``)."""
         name = request.match_info["name"]
 
         async def go(mgr: ModelManager) -> Any:
@@ -213,6 +218,7 @@ class ModelRoutes:
 
     @requires(Role.ENGINEER)
     async def candidate(self, request: web.Request) -> web.Response:
+        """Run a version beside the active one (``{"version", "mode": shadow|canary, "share"}``)."""
         name = request.match_info["name"]
 
         async def go(mgr: ModelManager) -> Any:
@@ -231,6 +237,7 @@ class ModelRoutes:
 
     @requires(Role.ENGINEER)
     async def clear_candidate(self, request: web.Request) -> web.Response:
+        """Stop the candidate."""
         name = request.match_info["name"]
 
         async def go(mgr: ModelManager) -> Any:
@@ -240,6 +247,7 @@ class ModelRoutes:
 
     @requires(Role.ENGINEER)
     async def promote(self, request: web.Request) -> web.Response:
+        """Make the candidate the active version."""
         name = request.match_info["name"]
 
         async def go(mgr: ModelManager) -> Any:
@@ -249,6 +257,7 @@ class ModelRoutes:
 
     @requires(Role.ENGINEER)
     async def rollback(self, request: web.Request) -> web.Response:
+        """Go back to the previous active version (``{"reason": TEXT}``)."""
         name = request.match_info["name"]
 
         async def go(mgr: ModelManager) -> Any:
