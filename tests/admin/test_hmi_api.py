@@ -8,6 +8,7 @@ import asyncio
 import re
 import sqlite3
 import time
+from array import array
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -367,8 +368,8 @@ def test_ring_keeps_the_last_points_in_order() -> None:
 
 def test_min_max_downsample_keeps_spikes_and_bounds_points() -> None:
     n = 604_800
-    ts = [float(i) for i in range(n)]
-    vs = [0.0] * n
+    ts = array("d", range(n))
+    vs = array("d", bytes(8 * n))
     vs[123_457] = 99.0  # one spike in a week of flat data
     vs[500_001] = -5.0
     t, v = min_max_downsample(ts, vs, 0, float("inf"), 1000)
@@ -379,6 +380,35 @@ def test_min_max_downsample_keeps_spikes_and_bounds_points() -> None:
     # A range with few points comes back whole.
     t, v = min_max_downsample(ts, vs, 10, 19, 1000)
     assert t == [float(i) for i in range(10, 20)]
+
+
+@pytest.mark.parametrize("n", [2001, 604_800, 604_801, 99_999])
+def test_numpy_downsampling_matches_the_plain_one(n: int) -> None:
+    import random
+
+    from edgeway.admin import recent
+
+    assert recent._np is not None, "numpy is installed here: the fast path must be taken"
+    rnd = random.Random(n)
+    ts = array("d", (i * 1.0 for i in range(n)))
+    vs = array("d", (rnd.gauss(0, 1) for _ in range(n)))
+    since, until = 3.0, n - 7.0
+    fast = min_max_downsample(ts, vs, since, until, 1000)
+    lo, hi = 3, n - 6
+    assert fast == recent._downsample_python(ts, vs, lo, hi, 1000)
+    assert fast == recent._downsample_numpy(ts, vs, lo, hi, 1000)
+
+
+def test_ring_snapshot_copied_while_appending_stays_in_order() -> None:
+    ring = Ring(100)
+    for i in range(150):
+        ring.append(float(i), float(i))
+    snap = ring.snapshot()
+    for i in range(150, 160):  # the loop appends while a thread copies
+        ring.append(float(i), float(i))
+    ts, vs = snap.copy()
+    assert list(ts) == sorted(ts) and list(ts) == list(vs)
+    assert ts[-1] == 149.0 and len(ts) == 89  # 10 overwritten (+1 margin) dropped
 
 
 def test_recent_values_are_bounded() -> None:

