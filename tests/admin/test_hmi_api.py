@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+import ssl
 import time
 from array import array
 from collections.abc import AsyncIterator
@@ -454,3 +455,30 @@ async def test_devices_are_paged_searched_and_filtered_on_the_server(tmp_path: P
             assert r.status_code == 404
             r = await http.get("/api/live/devices/dev-00042")
             assert r.json()["latest"] == {"v": 42} and r.json()["trended"] == []
+
+
+# ---------------------------------------------------------------- HTTPS
+
+
+async def test_admin_listener_serves_https_with_a_secure_cookie(tmp_path: Path) -> None:
+    from certs import make_cert_files
+
+    certs = make_cert_files(tmp_path / "certs")
+    admin = (
+        f'{{listen: "127.0.0.1:0", auth: tokens, '
+        f'tls: {{cert: "{certs.server_cert}", key: "{certs.server_key}"}}}}'
+    )
+    async with running_gateway(tmp_path, admin) as rg:
+        await add_user(rg.data_dir, "ann", "admin")
+        base = rg.base.replace("http://", "https://")
+        certs_context = ssl.create_default_context(cafile=str(certs.ca_cert))
+        async with httpx.AsyncClient(base_url=base, verify=certs_context) as http:
+            assert (await http.get("/readyz")).status_code == 200
+            r = await http.post("/api/login", json={"user": "ann", "password": PASSWORD})
+            assert r.status_code == 200
+            cookie = r.headers["set-cookie"]
+            assert "Secure" in cookie and "HttpOnly" in cookie
+            assert (await http.get("/api/status")).status_code == 200
+        async with httpx.AsyncClient(base_url=rg.base) as plain:
+            with pytest.raises(httpx.HTTPError):
+                await plain.get("/readyz")  # plain HTTP to a TLS listener gets nowhere
