@@ -482,3 +482,20 @@ async def test_admin_listener_serves_https_with_a_secure_cookie(tmp_path: Path) 
         async with httpx.AsyncClient(base_url=rg.base) as plain:
             with pytest.raises(httpx.HTTPError):
                 await plain.get("/readyz")  # plain HTTP to a TLS listener gets nowhere
+
+
+async def test_a_configuration_change_names_the_user_in_the_history(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path, TOKENS) as rg:
+        await add_user(rg.data_dir, "eve", "engineer")
+        async with httpx.AsyncClient(base_url=rg.base, timeout=30) as http:
+            csrf = await login(http, "eve")
+            text = rg.config_path.read_text() + "\n# changed from the HMI\n"
+            r = await http.post("/api/config/validate", content=text.encode(),
+                                headers={"X-CSRF-Token": csrf})  # fmt: skip
+            assert r.json() == {"valid": True}
+            r = await http.post(
+                "/api/config", content=text.encode(), headers={"X-CSRF-Token": csrf}
+            )
+            assert r.status_code == 200, r.text
+            history = (await http.get("/api/config/history")).json()["history"]
+            assert history[0]["source"] == "user:eve"

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from edgeway.admin.access import requires
+from edgeway.admin.access import PRINCIPAL, requires
 from edgeway.admin.tokens import Role
 from edgeway.config import Config
 
@@ -96,6 +96,16 @@ def _issues(text: str, overrides: Any) -> list[str]:
         return [str(e)]
 
 
+def _source(request: web.Request, machine: str) -> str:
+    """The history's ``source`` for a change: ``machine`` (``api``) for a
+    token or no authentication, ``user:NAME`` for a person logged in to the
+    HMI, so the history tells who changed the configuration."""
+    principal = request.get(PRINCIPAL)
+    if principal is not None and principal.user is not None:
+        return f"user:{principal.user}"
+    return machine
+
+
 class ConfigRoutes:
     """The configuration endpoints; ``control()`` is the running gateway."""
 
@@ -159,7 +169,8 @@ class ConfigRoutes:
         text = await _body_text(request)
         if isinstance(text, web.Response):
             return text
-        return await self._run(lambda c: c.apply_text(text, "api", "<api>"))
+        source = _source(request, "api")
+        return await self._run(lambda c: c.apply_text(text, source, "<api>"))
 
     @requires(Role.ENGINEER)
     async def validate(self, request: web.Request) -> web.Response:
@@ -184,7 +195,8 @@ class ConfigRoutes:
     @requires(Role.ENGINEER)
     async def reload(self, request: web.Request) -> web.Response:
         """Read the configuration file again and apply it (what SIGHUP does)."""
-        return await self._run(lambda c: c.reload_from_file("api-reload"))
+        source = _source(request, "api-reload")
+        return await self._run(lambda c: c.reload_from_file(source))
 
     @requires(Role.VIEWER)
     async def history(self, request: web.Request) -> web.Response:
