@@ -232,8 +232,32 @@ def test_viewer_cannot_send_a_command(site: Site) -> None:
     page.context.close()
 
 
+def upload_shipped_model(page: Any, base: str) -> None:
+    """The pump_health model edgeway ships, uploaded and activated through the
+    API with the browser's own session (cookie and CSRF secret)."""
+    import hashlib
+
+    from edgeway import ml
+
+    body = (Path(ml.__file__).parent / "models" / "pump_health.onnx").read_bytes()
+    csrf = page.evaluate("async () => (await (await fetch('/api/session')).json()).csrf")
+    r = page.request.put(
+        base + "/api/models/pump_health/versions/1",
+        data=body,
+        headers={"X-CSRF-Token": csrf, "X-Model-SHA256": hashlib.sha256(body).hexdigest()},
+    )
+    assert r.status == 201, r.text()
+    r = page.request.post(
+        base + "/api/models/pump_health/activate",
+        data=orjson.dumps({"version": "1"}),
+        headers={"X-CSRF-Token": csrf, "Content-Type": "application/json"},
+    )
+    assert r.ok, r.text()
+
+
 def test_pages_render_for_an_admin(site: Site) -> None:
     page = logged_in(site, "ann")
+    upload_shipped_model(page, site.base)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     for name, ready in (
@@ -241,10 +265,13 @@ def test_pages_render_for_an_admin(site: Site) -> None:
         ("sinks", "#deadletters"),
         ("config", "#config-history tbody tr"),
         ("logs", "#logs tbody tr"),
+        ("models", "#models tr[data-model=pump_health]"),
     ):
         page.click(f"nav a[data-page={name}]")
         page.wait_for_selector(ready)
         page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    playwright_api.expect(page.locator("#models")).to_contain_text("in service")
+    playwright_api.expect(page.locator("#model-versions")).to_contain_text("unsigned")
     page.click("nav a[data-page=config]")
     page.click("#config-validate")
     playwright_api.expect(page.locator("#config-result")).to_have_text("valid")

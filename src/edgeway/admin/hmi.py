@@ -38,6 +38,7 @@ ASSETS = {
     "app.js": "text/javascript",
     "charts.js": "text/javascript",
     "pages.js": "text/javascript",
+    "models.js": "text/javascript",
     "style.css": "text/css",
     "docs.html": "text/html",
     "docs.js": "text/javascript",

@@ -3,6 +3,8 @@
 import { registerCorePages } from "/hmi/pages.js";
 
 export const ROLES = ["viewer", "operator", "engineer", "admin"];
+/** Page modules beyond the core ones: each exports register() (see models.js). */
+const PAGE_MODULES = ["/hmi/models.js"];
 export const state = { user: null, role: null, csrf: null, login: true };
 const pages = [];
 
@@ -164,6 +166,7 @@ export function showLogin(message) {
 
 async function start() {
   registerCorePages();
+  for (const m of PAGE_MODULES) (await import(m)).register();
   document.getElementById("logout").addEventListener("click", async () => {
     try { await api("/api/logout", { method: "POST" }); } catch { /* already out */ }
     showLogin();
