@@ -145,7 +145,7 @@ def fill(gw: Gateway) -> None:
 
     for k in range(WEEK):
         ring.append(start + k, 20 + 5 * math.sin(k / 3600) + (15 if k == 400_000 else 0))
-    recent.series[("trend-7d", "temp")] = ring
+    recent.devices["trend-7d"].rings["temp"] = ring
 
 
 def login(ctx: Any, base: str) -> None:

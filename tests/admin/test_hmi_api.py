@@ -417,9 +417,23 @@ def test_recent_values_are_bounded() -> None:
     for i in range(5):
         store.record([Reading(f"d{i}", float(i), {"a": i, "b": "text" * 100}, Origin("mqtt"))])
     assert list(store.devices) == ["d3", "d4"]  # the least recently seen went
-    assert len(store.series) == 3 and store.series_reused == 2
+    assert store.rings == 2  # the forgotten devices gave their rings back
     assert store.devices["d4"].latest["b"] == ("text" * 100)[:256]
     assert store.trended("d4") == ["a"]  # strings have no trend
+    # Beyond max_series, the least recently seen device's ring is reused.
+    store.record([Reading("d3", 9.0, {"x": 1.0, "y": 2.0}, Origin("mqtt"))])
+    assert store.rings == 3 and store.series_reused == 1
+    assert store.trended("d4") == [] and store.devices["d4"].latest["a"] == 4
+    assert store.trended("d3") == ["a", "x", "y"]
+    ts, vs = store.ring("d3", "y").ordered()  # type: ignore[union-attr]
+    assert list(ts) == [9.0] and list(vs) == [2.0]
+    # Not finite: latest value kept, no trend point. The only device holding
+    # rings does not give one up for its own new metric (z: latest only).
+    store.record(
+        [Reading("d3", 10.0, {"y": float("nan"), "z": True, "x": 10**400}, Origin("mqtt"))]
+    )
+    assert list(store.ring("d3", "y").ordered()[1]) == [2.0]  # type: ignore[union-attr]
+    assert store.devices["d3"].latest["z"] is True and store.trended("d3") == ["a", "x", "y"]
 
 
 async def test_devices_are_paged_searched_and_filtered_on_the_server(tmp_path: Path) -> None:

@@ -26,7 +26,6 @@ points, however long the series.
 from __future__ import annotations
 
 import bisect
-import math
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -204,6 +203,8 @@ class DeviceEntry:
     last_seen: float
     readings: int = 0
     latest: dict[str, MetricValue] = field(default_factory=dict)
+    rings: dict[str, Ring] = field(default_factory=dict)
+    """The trend of each numeric metric that has one."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -214,15 +215,6 @@ class DeviceEntry:
             "readings": self.readings,
             "metrics": len(self.latest),
         }
-
-
-def _number(v: MetricValue) -> float | None:
-    if isinstance(v, bool):
-        return 1.0 if v else 0.0
-    if isinstance(v, int | float):
-        f = float(v)
-        return f if math.isfinite(f) else None
-    return None
 
 
 class RecentValues:
@@ -239,13 +231,18 @@ class RecentValues:
         self.max_series = max_series
         self.max_devices = max_devices
         self.devices: OrderedDict[str, DeviceEntry] = OrderedDict()
-        self.series: OrderedDict[tuple[str, str], Ring] = OrderedDict()
+        self.rings = 0
+        """Rings held by all devices (at most :attr:`max_series`)."""
+        self._holders: OrderedDict[str, DeviceEntry] = OrderedDict()
+        """Devices that hold rings, least recently seen first: where a ring
+        is taken from, in O(1), once :attr:`max_series` is reached."""
         self.series_reused = 0
         """Rings handed to another series because :attr:`max_series` was reached."""
 
     def record(self, readings: Sequence[Reading]) -> None:
         """Take a batch of readings (called on the event loop for every submit:
-        a dict update and an array store per metric, no allocation per point)."""
+        per reading a dict move, per metric a dict store and an array store;
+        no allocation per point)."""
         devices = self.devices
         for r in readings:
             dev = devices.get(r.device_id)
@@ -253,47 +250,83 @@ class RecentValues:
                 dev = self._new_device(r)
             else:
                 devices.move_to_end(r.device_id)
-            dev.last_seen = r.ts
+                if dev.rings:
+                    self._holders.move_to_end(r.device_id)
+            ts = r.ts
+            dev.last_seen = ts
             dev.readings += 1
             latest = dev.latest
+            rings = dev.rings
             for name, value in r.metrics.items():
-                if name not in latest and len(latest) >= METRICS_PER_DEVICE:
+                kind = type(value)
+                if kind is float or kind is int:
+                    try:
+                        num = float(value)
+                    except OverflowError:  # an int beyond a double
+                        num = float("inf")
+                    if num - num != 0.0:  # inf or NaN: no trend point
+                        latest[name] = value
+                        continue
+                elif kind is bool:
+                    num = 1.0 if value else 0.0
+                else:
+                    if name in latest or len(latest) < METRICS_PER_DEVICE:
+                        text = str(value)
+                        latest[name] = text[:STRING_MAX] if len(text) > STRING_MAX else text
                     continue
-                if isinstance(value, str) and len(value) > STRING_MAX:
-                    value = value[:STRING_MAX]
+                ring = rings.get(name)
+                if ring is None:
+                    if len(latest) >= METRICS_PER_DEVICE and name not in latest:
+                        continue
+                    ring = self._new_ring(dev, name)
+                    if ring is None:
+                        latest[name] = value
+                        continue
                 latest[name] = value
-                num = _number(value)
-                if num is not None:
-                    self._ring(r.device_id, name).append(r.ts, num)
+                h = ring.head
+                ring.ts[h] = ts
+                ring.values[h] = num
+                ring.head = h + 1 if h + 1 < ring.capacity else 0
+                ring.appended += 1
+                if ring.count < ring.capacity:
+                    ring.count += 1
 
     def _new_device(self, r: Reading) -> DeviceEntry:
         dev = DeviceEntry(r.device_id, r.origin.adapter, r.ts, r.ts)
         self.devices[r.device_id] = dev
         while len(self.devices) > self.max_devices:
-            self.devices.popitem(last=False)
+            _, gone = self.devices.popitem(last=False)
+            self.rings -= len(gone.rings)
+            self._holders.pop(gone.device_id, None)
         return dev
 
-    def _ring(self, device_id: str, metric: str) -> Ring:
-        key = (device_id, metric)
-        ring = self.series.get(key)
-        if ring is not None:
-            self.series.move_to_end(key)
-            return ring
-        if len(self.series) >= self.max_series:
-            _, ring = self.series.popitem(last=False)
+    def _new_ring(self, dev: DeviceEntry, metric: str) -> Ring | None:
+        """A ring for a new series: a new one while under :attr:`max_series`,
+        else one of the least recently seen device that has rings; None when
+        that is ``dev`` itself (its other trends are not given up for a new one)."""
+        holders = self._holders
+        if self.rings >= self.max_series:
+            victim = next(iter(holders.values()))
+            if victim is dev:
+                return None
+            _, ring = victim.rings.popitem()
+            if not victim.rings:
+                del holders[victim.device_id]
             ring.clear()
             self.series_reused += 1
         else:
             ring = Ring(self.points_per_series)
-        self.series[key] = ring
+            self.rings += 1
+        dev.rings[metric] = ring
+        holders[dev.device_id] = dev
+        holders.move_to_end(dev.device_id)
         return ring
 
     def ring(self, device_id: str, metric: str) -> Ring | None:
-        return self.series.get((device_id, metric))
+        dev = self.devices.get(device_id)
+        return dev.rings.get(metric) if dev is not None else None
 
     def trended(self, device_id: str) -> list[str]:
         """Metrics of ``device_id`` that have a ring."""
         dev = self.devices.get(device_id)
-        if dev is None:
-            return []
-        return [m for m in dev.latest if (device_id, m) in self.series]
+        return list(dev.rings) if dev is not None else []
