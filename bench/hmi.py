@@ -17,6 +17,7 @@ Browser: Debian's chromium (``/usr/bin/chromium``) driven by Playwright.
   trend API call alone is timed too.
 - **/metrics**: 50 scrapes with a bearer token, same gateway (10,000 devices
   in the store; the exposition has no per-device series, by design).
+- **tap**: what feeding the store costs per reading on the ingest path.
 - **CPU**: ``edgeway run`` as a subprocess with 20 paho devices sending at
   1 Hz; its CPU time is sampled over ``--watch`` seconds with no browser, then
   with 5 browser contexts each showing a device page (live values over SSE,
@@ -324,13 +325,45 @@ def cpu_watch(watch: float) -> dict[str, Any]:
             proc.wait(10)
 
 
+def tap_cost() -> dict[str, float]:
+    """What the recent-values tap adds per reading on the ingest path (3 metrics),
+    against a dict store per metric on the same machine as a yardstick."""
+    from edgeway.admin.recent import RecentValues
+
+    out: dict[str, float] = {}
+    origin = Origin("mqtt")
+    for devices in (500, 10_000):  # 1,500 series (all trended); 30,000 (2,000 trended)
+        store = RecentValues()
+        batch = [
+            Reading(f"d{i % devices}", time.time(), {"temp": 21.5, "hum": 40.0, "on": True}, origin)
+            for i in range(10_000)
+        ]
+        store.record(batch)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            store.record(batch)
+        out[f"us_per_reading_{devices}_devices"] = round(
+            (time.perf_counter() - t0) / 100_000 * 1e6, 2
+        )
+    d: dict[int, int] = {}
+    t0 = time.perf_counter()
+    for i in range(300_000):
+        d[i % 1000] = i
+    out["yardstick_ns_per_dict_store"] = round((time.perf_counter() - t0) / 300_000 * 1e9, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--watch", type=float, default=20.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    out = {"in_process": in_process(args.runs), "cpu": cpu_watch(args.watch)}
+    out = {
+        "tap": tap_cost(),
+        "in_process": in_process(args.runs),
+        "cpu": cpu_watch(args.watch),
+    }
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:

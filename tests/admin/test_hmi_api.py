@@ -20,7 +20,7 @@ from admin_harness import create_token, edgeway_cli, running_gateway
 
 from edgeway.admin.access import PUBLIC, declared_access
 from edgeway.admin.openapi import build_openapi
-from edgeway.admin.recent import RecentValues, Ring, min_max_downsample
+from edgeway.admin.recent import RING_IDLE, RecentValues, Ring, min_max_downsample
 from edgeway.admin.sessions import LOGIN_BURST, LoginLimiter
 from edgeway.admin.tokens import Role
 from edgeway.admin.users import UserStore
@@ -420,13 +420,18 @@ def test_recent_values_are_bounded() -> None:
     assert store.rings == 2  # the forgotten devices gave their rings back
     assert store.devices["d4"].latest["b"] == ("text" * 100)[:256]
     assert store.trended("d4") == ["a"]  # strings have no trend
-    # Beyond max_series, the least recently seen device's ring is reused.
+    # Beyond max_series, the least recently seen device's ring is reused once
+    # that device has been silent for RING_IDLE, not before.
     store.record([Reading("d3", 9.0, {"x": 1.0, "y": 2.0}, Origin("mqtt"))])
+    assert store.rings == 3 and store.series_reused == 0 and store.series_refused == 1
+    assert store.trended("d3") == ["a", "x"] and store.devices["d3"].latest["y"] == 2.0
+    later = 4.0 + RING_IDLE
+    store.record([Reading("d3", later, {"x": 1.0, "y": 2.0}, Origin("mqtt"))])
     assert store.rings == 3 and store.series_reused == 1
     assert store.trended("d4") == [] and store.devices["d4"].latest["a"] == 4
     assert store.trended("d3") == ["a", "x", "y"]
     ts, vs = store.ring("d3", "y").ordered()  # type: ignore[union-attr]
-    assert list(ts) == [9.0] and list(vs) == [2.0]
+    assert list(ts) == [later] and list(vs) == [2.0]
     # Not finite: latest value kept, no trend point. The only device holding
     # rings does not give one up for its own new metric (z: latest only).
     store.record(
@@ -461,14 +466,14 @@ async def test_devices_are_paged_searched_and_filtered_on_the_server(tmp_path: P
             doc = (await http.get("/api/live/devices?status=stale&adapter=mqtt&limit=500")).json()
             assert doc["total"] == 1000 and not any(d["online"] for d in doc["devices"])
             assert len((await http.get("/api/live/devices?limit=100000")).json()["devices"]) == 500
-            r = await http.get("/api/live/devices/dev-09999/trend?metric=v")
-            assert r.json() == {"t": [pytest.approx(now)], "v": [9999.0], "total": 1}
-            # Trend rings are bounded (MAX_SERIES): the least recently updated
-            # series gave its ring up; its latest value is still there.
+            r = await http.get("/api/live/devices/dev-00001/trend?metric=v")
+            assert r.json() == {"t": [pytest.approx(now)], "v": [1.0], "total": 1}
+            # Trend rings are bounded (MAX_SERIES): first come, first served;
+            # a device beyond that has its latest value without a trend.
             r = await http.get("/api/live/devices/dev-00042/trend?metric=v")
-            assert r.status_code == 404
-            r = await http.get("/api/live/devices/dev-00042")
-            assert r.json()["latest"] == {"v": 42} and r.json()["trended"] == []
+            assert r.status_code == 200
+            r = await http.get("/api/live/devices/dev-09999")
+            assert r.json()["latest"] == {"v": 9999} and r.json()["trended"] == []
 
 
 # ---------------------------------------------------------------- HTTPS

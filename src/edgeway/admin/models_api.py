@@ -113,7 +113,9 @@ class ModelRoutes:
 
         mgr = self._manager()
         if mgr is None:
-            return _error(503, "disabled", "models are not enabled on this gateway (models.enabled)")
+            return _error(
+                503, "disabled", "models are not enabled on this gateway (models.enabled)"
+            )
         try:
             return _json(await fn(mgr))
         except ModelError as e:
@@ -124,6 +126,7 @@ class ModelRoutes:
     @requires(Role.VIEWER)
     async def list(self, request: web.Request) -> web.Response:
         """Every model's slots, figures and versions."""
+
         async def go(mgr: ModelManager) -> Any:
             versions = await mgr.store.versions()
             st = mgr.status()
@@ -173,7 +176,9 @@ class ModelRoutes:
 
             length = request.content_length
             if length is not None and length > mgr.store.max_size:
-                raise ModelError("too_large", f"model over models.max_size ({mgr.store.max_size} bytes)")
+                raise ModelError(
+                    "too_large", f"model over models.max_size ({mgr.store.max_size} bytes)"
+                )
             record = await mgr.store.add(
                 name,
                 version,

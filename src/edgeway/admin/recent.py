@@ -11,8 +11,9 @@ So the admin listener keeps its own store, fed by a tap on the ingest switch
 - per numeric metric: a ring of the last ``points_per_series`` (time, value)
   pairs, two ``array('d')`` of fixed size (16 bytes a point, no object per
   point);
-- bounded: at most ``max_series`` rings (the least recently updated ring is
-  reused beyond that) and ``max_devices`` devices (the least recently seen is
+- bounded: at most ``max_series`` rings (beyond that, a new series takes
+  the ring of the least recently seen device if it has been silent for
+  :data:`RING_IDLE`, else it has no trend) and ``max_devices`` devices (the least recently seen is
   forgotten), so memory is at most ``max_series * points_per_series * 16``
   bytes plus the latest values (defaults: 2,000 x 3,600 x 16 = 115 MB worst
   case, 1 hour at 1 Hz for 2,000 series; a few MB for a typical site).
@@ -48,6 +49,12 @@ METRICS_PER_DEVICE = 64
 """Latest values kept per device; a device sending more keeps its first 64."""
 STRING_MAX = 256
 """Characters of a string value kept (the HMI shows it, it does not store it)."""
+RING_IDLE = 600.0
+"""Seconds a device must have been silent before its rings go to a new series
+once ``max_series`` rings exist. Taking the least recent device's ring at
+once would, with more live series than rings, hand rings round in a circle
+(every point a cleared ring, no trend for anyone, and ~20 us per reading);
+first come, first served keeps the trends that exist."""
 TREND_POINTS_MAX = 4000
 """Most points a trend answer holds (2 per bucket): a chart is ~2,000 pixels wide."""
 
@@ -238,6 +245,9 @@ class RecentValues:
         is taken from, in O(1), once :attr:`max_series` is reached."""
         self.series_reused = 0
         """Rings handed to another series because :attr:`max_series` was reached."""
+        self.series_refused = 0
+        """New series left without a trend: every ring in use by a device seen
+        in the last :data:`RING_IDLE` seconds."""
 
     def record(self, readings: Sequence[Reading]) -> None:
         """Take a batch of readings (called on the event loop for every submit:
@@ -278,7 +288,7 @@ class RecentValues:
                 if ring is None:
                     if len(latest) >= METRICS_PER_DEVICE and name not in latest:
                         continue
-                    ring = self._new_ring(dev, name)
+                    ring = self._new_ring(dev, name, ts)
                     if ring is None:
                         latest[name] = value
                         continue
@@ -300,14 +310,16 @@ class RecentValues:
             self._holders.pop(gone.device_id, None)
         return dev
 
-    def _new_ring(self, dev: DeviceEntry, metric: str) -> Ring | None:
+    def _new_ring(self, dev: DeviceEntry, metric: str, now: float) -> Ring | None:
         """A ring for a new series: a new one while under :attr:`max_series`,
-        else one of the least recently seen device that has rings; None when
-        that is ``dev`` itself (its other trends are not given up for a new one)."""
+        else one of the least recently seen device that has rings if it has
+        been silent for :data:`RING_IDLE`; None otherwise (the new series
+        keeps its latest value, without a trend)."""
         holders = self._holders
         if self.rings >= self.max_series:
             victim = next(iter(holders.values()))
-            if victim is dev:
+            if victim is dev or now - victim.last_seen < RING_IDLE:
+                self.series_refused += 1
                 return None
             _, ring = victim.rings.popitem()
             if not victim.rings:
