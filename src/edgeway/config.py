@@ -437,6 +437,12 @@ class AdminSection(_Model):
     tls: TlsConfig | None = None
     """Serve the admin API and the HMI over HTTPS with this certificate (the
     session cookie is then ``Secure``)."""
+    trend_points: int = Field(default=3600, ge=60, le=10_000_000)
+    """Points kept per trended metric for the HMI (3600: an hour at 1 Hz;
+    604800: a week). 16 bytes a point, in memory."""
+    trend_series: int = Field(default=2000, ge=0, le=1_000_000)
+    """Trended metrics at most; memory is at most ``trend_points * trend_series
+    * 16`` bytes. Beyond it, new metrics show their latest value only."""
 
     @field_validator("listen")
     @classmethod

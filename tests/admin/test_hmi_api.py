@@ -412,6 +412,12 @@ def test_ring_snapshot_copied_while_appending_stays_in_order() -> None:
     assert ts[-1] == 149.0 and len(ts) == 89  # 10 overwritten (+1 margin) dropped
 
 
+def test_recent_values_without_trends() -> None:
+    store = RecentValues(max_series=0)  # admin.trend_series: 0
+    store.record([Reading("d1", 1.0, {"a": 1.0}, Origin("mqtt"))])
+    assert store.devices["d1"].latest == {"a": 1.0} and store.trended("d1") == []
+
+
 def test_recent_values_are_bounded() -> None:
     store = RecentValues(points_per_series=8, max_series=3, max_devices=2)
     for i in range(5):
@@ -442,7 +448,8 @@ def test_recent_values_are_bounded() -> None:
 
 
 async def test_devices_are_paged_searched_and_filtered_on_the_server(tmp_path: Path) -> None:
-    async with running_gateway(tmp_path, TOKENS) as rg:
+    admin = '{listen: "127.0.0.1:0", auth: tokens, trend_points: 120, trend_series: 2000}'
+    async with running_gateway(tmp_path, admin) as rg:
         token = _bearer(await create_token(rg.data_dir, "viewer"))
         assert rg.gateway.admin is not None
         now = time.time()
@@ -466,6 +473,8 @@ async def test_devices_are_paged_searched_and_filtered_on_the_server(tmp_path: P
             doc = (await http.get("/api/live/devices?status=stale&adapter=mqtt&limit=500")).json()
             assert doc["total"] == 1000 and not any(d["online"] for d in doc["devices"])
             assert len((await http.get("/api/live/devices?limit=100000")).json()["devices"]) == 500
+            ring = rg.gateway.admin.recent.ring("dev-00001", "v")
+            assert ring is not None and ring.capacity == 120  # admin.trend_points
             r = await http.get("/api/live/devices/dev-00001/trend?metric=v")
             assert r.json() == {"t": [pytest.approx(now)], "v": [1.0], "total": 1}
             # Trend rings are bounded (MAX_SERIES): first come, first served;

@@ -276,6 +276,7 @@ class AdminServer:
         problems: Callable[[], list[str]] = list,
         ssl_context: ssl.SSLContext | None = None,
         data_dir: Path | None = None,
+        recent: RecentValues | None = None,
     ) -> None:
         from prometheus_client import CollectorRegistry, ProcessCollector
 
@@ -306,7 +307,7 @@ class AdminServer:
         """The gateway's model registry, when models are enabled (routes in
         :mod:`edgeway.admin.models_api`)."""
         self.ssl_context = ssl_context
-        self.recent = RecentValues()
+        self.recent = recent if recent is not None else RecentValues()
         """Each device's latest values and short trends for the HMI; the
         gateway feeds it from the ingest switch (:mod:`edgeway.admin.recent`)."""
         self.logs = RecentLogs()
@@ -360,6 +361,9 @@ class AdminServer:
         return cls(
             host, port, status, ready, access=access, stopping=stopping, problems=problems,
             ssl_context=ssl_context, data_dir=data_dir,
+            recent=RecentValues(
+                points_per_series=config.trend_points, max_series=config.trend_series
+            ),
         )  # fmt: skip
 
     def _app(self) -> web.Application:

@@ -317,11 +317,11 @@ class RecentValues:
         keeps its latest value, without a trend)."""
         holders = self._holders
         if self.rings >= self.max_series:
-            victim = next(iter(holders.values()))
-            if victim is dev or now - victim.last_seen < RING_IDLE:
+            victim = next(iter(holders.values()), None)
+            if victim is None or victim is dev or now - victim.last_seen < RING_IDLE:
                 self.series_refused += 1
                 return None
-            _, ring = victim.rings.popitem()
+            _, ring = victim.rings.popitem()  # (max_series > 0: victim has one)
             if not victim.rings:
                 del holders[victim.device_id]
             ring.clear()
