@@ -22,7 +22,7 @@ from edgeway.admin.access import PUBLIC, declared_access
 from edgeway.admin.openapi import build_openapi
 from edgeway.admin.recent import RING_IDLE, RecentValues, Ring, min_max_downsample
 from edgeway.admin.sessions import LOGIN_BURST, LoginLimiter
-from edgeway.admin.tokens import Role
+from edgeway.admin.tokens import Role, TokenStore
 from edgeway.admin.users import UserStore
 from edgeway.reading import Origin, Reading
 
@@ -31,6 +31,16 @@ PASSWORD = "correct horse battery"
 
 
 async def add_user(data_dir: Path, name: str, role: str, password: str = PASSWORD) -> None:
+    """A user added in this process (what ``edgeway users add`` does; the CLI
+    itself is tested in test_users_cli_*): a subprocess costs seconds."""
+    store = UserStore(data_dir / "users.db")
+    try:
+        await asyncio.to_thread(store.add, name, Role.parse(role), password)
+    finally:
+        store.close()
+
+
+async def add_user_cli(data_dir: Path, name: str, role: str, password: str = PASSWORD) -> None:
     proc = await asyncio.create_subprocess_exec(
         *_cli(
             "users", "add", name, "--role", role, "--password-stdin", "--data-dir", str(data_dir)
@@ -75,7 +85,7 @@ def assert_error_shape(r: httpx.Response) -> None:
 
 async def test_users_cli_and_browser_session(tmp_path: Path) -> None:
     async with running_gateway(tmp_path, TOKENS) as rg:
-        await add_user(rg.data_dir, "olga", "operator")
+        await add_user_cli(rg.data_dir, "olga", "operator")
         r = await edgeway_cli("users", "list", "--json", "--data-dir", str(rg.data_dir))
         assert r.code == 0 and '"name":"olga"' in r.stdout and '"role":"operator"' in r.stdout
         assert "argon2" not in r.stdout
@@ -266,9 +276,11 @@ async def test_every_endpoint_for_every_role(tmp_path: Path) -> None:
             return c
 
         callers["nobody"] = (None, {}, client())
+        tokens = TokenStore(rg.data_dir / "tokens.db")  # what 'edgeway tokens create' does
         for role in Role:
-            token = await create_token(rg.data_dir, role.label, role.label)
+            _, token = tokens.create(role.label, role)
             callers[role.label] = (role, _bearer(token), client())
+        tokens.close()
         for role in (Role.VIEWER, Role.OPERATOR):
             await add_user(rg.data_dir, f"u-{role.label}", role.label)
             c = client()
