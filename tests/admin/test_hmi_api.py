@@ -539,3 +539,17 @@ async def test_a_configuration_change_names_the_user_in_the_history(tmp_path: Pa
             assert r.status_code == 200, r.text
             history = (await http.get("/api/config/history")).json()["history"]
             assert history[0]["source"] == "user:eve"
+
+
+async def test_without_auth_the_hmi_needs_no_log_in(tmp_path: Path) -> None:
+    """admin.auth: none (loopback only): the page gets role admin, no log-in."""
+    async with running_gateway(tmp_path) as rg:
+        async with httpx.AsyncClient(base_url=rg.base) as http:
+            assert (await http.get("/api/session")).json() == {
+                "user": None, "role": "admin", "csrf": None, "login": False,
+            }  # fmt: skip
+            r = await http.post("/api/login", json={"user": "a", "password": "b" * 8})
+            assert r.status_code == 400 and r.json()["error"] == "no_login"
+            page = await http.get("/")
+            assert page.status_code == 200 and "/hmi/app.js" in page.text
+            assert "default-src 'self'" in page.headers["Content-Security-Policy"]

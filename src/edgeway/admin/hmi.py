@@ -22,7 +22,12 @@ from aiohttp import web
 from edgeway.admin.access import PRINCIPAL, AccessControl, Principal, public, requires
 from edgeway.admin.build import process_figures
 from edgeway.admin.errors import error
-from edgeway.admin.recent import TREND_POINTS_MAX, RecentValues, min_max_downsample
+from edgeway.admin.recent import (
+    TREND_POINTS_MAX,
+    DeviceEntry,
+    RecentValues,
+    min_max_downsample,
+)
 from edgeway.admin.sessions import COOKIE, LOGIN_CONCURRENT, LoginLimiter
 from edgeway.admin.tokens import Role
 from edgeway.admin.users import PASSWORD_MAX, UserStoreError
@@ -326,27 +331,13 @@ class HmiRoutes:
         sort = q.get("sort", "device_id")
         if sort not in ("device_id", "last_seen", "-last_seen", "adapter"):
             return error(400, "invalid", "sort is device_id, last_seen, -last_seen or adapter")
-        now = time.time()
-        rows = [
-            d
-            for d in self.recent.devices.values()
-            if (not text or text in d.device_id.lower())
-            and (not adapter or d.adapter == adapter)
-            and (not state or (now - d.last_seen <= ONLINE_AFTER) == (state == "online"))
-        ]
-        key = sort.lstrip("-")
-        rows.sort(key=lambda d: getattr(d, key), reverse=sort.startswith("-"))
-        page = rows[offset : offset + limit]
-        return _json(
-            {
-                "total": len(rows),
-                "offset": offset,
-                "devices": [
-                    {**d.to_json(), "online": now - d.last_seen <= ONLINE_AFTER} for d in page
-                ],
-                "adapters": sorted({d.adapter for d in self.recent.devices.values()}),
-            }
+        # The list is copied here (a C-speed copy of references); filtering and
+        # sorting 10,000 devices run in a thread, off the event loop.
+        everyone = list(self.recent.devices.values())
+        page = await asyncio.to_thread(
+            _select, everyone, text, adapter, state, sort, offset, limit, time.time()
         )
+        return _json(page)
 
     @requires(Role.VIEWER)
     async def device(self, request: web.Request) -> web.Response:
@@ -464,3 +455,32 @@ class HmiRoutes:
         finally:
             self.live_clients -= 1
         return resp
+
+
+def _select(
+    devices: list[DeviceEntry],
+    text: str,
+    adapter: str,
+    state: str,
+    sort: str,
+    offset: int,
+    limit: int,
+    now: float,
+) -> dict[str, Any]:
+    """One page of the devices list (the work of ``GET /api/live/devices``)."""
+    rows = [
+        d
+        for d in devices
+        if (not text or text in d.device_id.lower())
+        and (not adapter or d.adapter == adapter)
+        and (not state or (now - d.last_seen <= ONLINE_AFTER) == (state == "online"))
+    ]
+    key = sort.lstrip("-")
+    rows.sort(key=lambda d: getattr(d, key), reverse=sort.startswith("-"))
+    page = rows[offset : offset + limit]
+    return {
+        "total": len(rows),
+        "offset": offset,
+        "devices": [{**d.to_json(), "online": now - d.last_seen <= ONLINE_AFTER} for d in page],
+        "adapters": sorted({d.adapter for d in devices}),
+    }
