@@ -553,3 +553,22 @@ async def test_without_auth_the_hmi_needs_no_log_in(tmp_path: Path) -> None:
             page = await http.get("/")
             assert page.status_code == 200 and "/hmi/app.js" in page.text
             assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+
+
+def test_every_hmi_asset_ships_in_the_package() -> None:
+    """The files the HMI serves are exactly those in hmi_assets/, and the
+    package data ships them (no CDN, no build step: what is here is served)."""
+    import tomllib
+
+    from edgeway.admin.hmi import ASSETS
+
+    root = Path(__file__).resolve().parents[2]
+    folder = root / "src" / "edgeway" / "admin" / "hmi_assets"
+    assert set(ASSETS) == {p.name for p in folder.iterdir()}
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "admin/hmi_assets/*" in project["tool"]["setuptools"]["package-data"]["edgeway"]
+    for name in ASSETS:
+        text = (folder / name).read_text()
+        assert "http://" not in text and "https://" not in text, name  # nothing from outside
+        for ref in re.findall(r'"/hmi/([\w.]+)"', text):
+            assert ref in ASSETS, (name, ref)
