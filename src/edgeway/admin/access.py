@@ -233,9 +233,6 @@ PRINCIPAL: Final = web.RequestKey("principal", Principal)
 """Where a handler finds who called it: ``request[PRINCIPAL]``."""
 
 
-_error = error
-
-
 _Refuse = Callable[..., None]
 
 
@@ -271,7 +268,7 @@ class AccessControl:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not self.hosts.allows(request.headers.get("Host")):
             self.refusals.refused(request, 421, "Host not allowed")
-            return _error(
+            return error(
                 421,
                 "misdirected_request",
                 "this admin API does not answer to that Host name; "
@@ -280,7 +277,7 @@ class AccessControl:
         origin = request.headers.get("Origin")
         if origin is not None and not self.hosts.allows_origin(origin):
             self.refusals.refused(request, 403, f"cross-origin ({escape_for_log(origin)})")
-            return _error(
+            return error(
                 403,
                 "cross_origin",
                 "requests from web pages of other sites are refused; "
@@ -291,7 +288,7 @@ class AccessControl:
             return await handler(request)
         if needed is None:
             self.refusals.refused(request, 403, "the route declares no access rule (a bug)")
-            return _error(403, "forbidden", "this route declares no access rule")
+            return error(403, "forbidden", "this route declares no access rule")
         assert isinstance(needed, Role)
         who = self.identify(request)
         if isinstance(who, web.Response):
@@ -301,7 +298,7 @@ class AccessControl:
         if who.session is not None and request.method not in SAFE_METHODS:
             if not csrf_ok(who.session, request.headers.get(CSRF_HEADER)):
                 self.refusals.refused(request, 403, "no or wrong CSRF token", who.describe())
-                return _error(
+                return error(
                     403,
                     "csrf",
                     f"a write from a browser session needs the {CSRF_HEADER} header "
@@ -326,7 +323,7 @@ class AccessControl:
                 return self._session_principal(request, sid, refused)
         if not token:
             refused(request, 401, "no bearer token")
-            return _error(
+            return error(
                 401,
                 "unauthorized",
                 "this endpoint needs a bearer token (edgeway tokens create) or a log-in",
@@ -336,10 +333,10 @@ class AccessControl:
             record = self.tokens.verify(token)
         except TokenStoreError as e:
             refused(request, 503, f"token store unreadable: {e}")
-            return _error(503, "unavailable", "the token store cannot be read")
+            return error(503, "unavailable", "the token store cannot be read")
         if record is None:
             refused(request, 401, "invalid or revoked token")
-            return _error(
+            return error(
                 401,
                 "invalid_token",
                 "the token is unknown, malformed or revoked",
@@ -358,17 +355,17 @@ class AccessControl:
                 user = None  # a new password ends the sessions opened with the old one
         except UserStoreError as e:
             refused(request, 503, f"user store unreadable: {e}")
-            return _error(503, "unavailable", "the user store cannot be read")
+            return error(503, "unavailable", "the user store cannot be read")
         if user is None or session is None:
             refused(request, 401, "session unknown or ended")
-            return _error(401, "session_ended", "the session has ended: log in again")
+            return error(401, "session_ended", "the session has ended: log in again")
         return Principal(user.role, None, user.name, session)
 
     def _insufficient(self, request: web.Request, who: Principal, needed: Role) -> web.Response:
         self.refusals.refused(request, 403, f"needs {needed.label}", who.describe())
         holder = "the token" if who.token is not None else "you"
         verb = "has" if who.token is not None else "have"
-        return _error(
+        return error(
             403,
             "insufficient_role",
             f"this endpoint needs role {needed.label}; {holder} {verb} {who.role.label}",

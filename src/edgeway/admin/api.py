@@ -336,9 +336,13 @@ class AdminServer:
         if config.tokens_required:
             try:
                 tokens = TokenStore(data_dir / DB_NAME, busy_timeout=0)
-                users = UserStore(data_dir / USERS_DB_NAME, busy_timeout=0)
-            except (TokenStoreError, UserStoreError) as e:
+            except TokenStoreError as e:
                 raise ValueError(f"admin.auth: tokens: cannot open the token store: {e}") from e
+            try:
+                users = UserStore(data_dir / USERS_DB_NAME, busy_timeout=0)
+            except UserStoreError as e:
+                tokens.close()
+                raise ValueError(f"admin.auth: tokens: cannot open the user store: {e}") from e
         elif not is_loopback(host):
             # The config schema refuses this too; a programmatic Config may not.
             raise ValueError(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from edgeway.admin.access import PRINCIPAL, AccessControl, Principal, public, requires
+from edgeway.admin.access import PRINCIPAL, AccessControl, public, requires
 from edgeway.admin.build import process_figures
 from edgeway.admin.errors import error
 from edgeway.admin.recent import (
@@ -434,7 +434,7 @@ class HmiRoutes:
             await resp.prepare(request)
             while not self.closing.is_set():
                 who = self.access.identify(request, log_refusal=False)
-                if isinstance(who, web.Response) or not isinstance(who, Principal):
+                if isinstance(who, web.Response):
                     await resp.write(b'event: ended\ndata: {"reason": "session ended"}\n\n')
                     break
                 request[PRINCIPAL] = who
