@@ -163,8 +163,13 @@ async def test_users_cli_refuses_bad_input(tmp_path: Path) -> None:
 
 async def test_login_is_rate_limited_per_address(tmp_path: Path) -> None:
     async with running_gateway(tmp_path, TOKENS) as rg:
+        async with httpx.AsyncClient(base_url=rg.base) as http:
+            # First run: the log-in page says how to create the first admin.
+            doc = (await http.get("/api/session")).json()
+            assert doc["user"] is None and doc["login"] is True and doc["users_exist"] is False
         await add_user(rg.data_dir, "ann", "admin")
         async with httpx.AsyncClient(base_url=rg.base) as http:
+            assert (await http.get("/api/session")).json()["users_exist"] is True
             codes = []
             for _ in range(LOGIN_BURST + 1):
                 r = await http.post("/api/login", json={"user": "ann", "password": "guess-1234"})

@@ -291,4 +291,9 @@ def test_readme_screenshot(site: Site) -> None:
     page.screenshot(path=str(shot))
     if os.environ.get("EDGEWAY_UPDATE_SCREENSHOT") == "1":
         shutil.copy(shot, ROOT / "docs" / "img" / "hmi.png")
+    # A tablet held upright: one column, nothing wider than the screen.
+    page.set_viewport_size({"width": 768, "height": 1024})
+    page.wait_for_timeout(300)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 768
+    page.screenshot(path=str(ARTIFACTS / "tablet.png"), full_page=True)
     page.context.close()
