@@ -207,6 +207,13 @@ def test_operator_sends_a_command_and_sees_its_result(site: Site) -> None:
     playwright_api.expect(result).to_contain_text('{"echo":{"rpm":1200}}')
     playwright_api.expect(page.locator("#cmd-list")).to_contain_text("user:olga")
     page.screenshot(path=str(ARTIFACTS / "command.png"), full_page=True)
+    # The twin: a desired change, confirmed, shows as desired and not yet reported.
+    page.fill("#twin-patch", '{"setpoint": 50}')
+    page.click("#twin-send")
+    page.click("#confirm-ok")
+    playwright_api.expect(page.locator("#twin-message")).to_have_text("desired state changed")
+    playwright_api.expect(page.locator("#twin-desired")).to_contain_text('"setpoint": 50')
+    playwright_api.expect(page.locator("#twin-delta")).to_contain_text('"setpoint": 50')
     page.context.close()
 
 
@@ -216,6 +223,8 @@ def test_viewer_cannot_send_a_command(site: Site) -> None:
     playwright_api.expect(page.locator("td[data-metric=temp]")).to_be_visible()
     playwright_api.expect(page.locator("#cmd-list")).to_be_visible()
     assert page.locator("#cmd-send").count() == 0  # no button
+    playwright_api.expect(page.locator("#twin-desired")).to_be_visible()
+    assert page.locator("#twin-send").count() == 0
     # The API refuses too, with the browser's own session and CSRF token.
     answer = page.evaluate(
         """async () => {

@@ -50,6 +50,7 @@ class TwinRoutes:
 
     @requires(Role.VIEWER)
     async def show(self, request: web.Request) -> web.Response:
+        """A device's twin: desired, reported, delta, versions and per-key timestamps."""
         svc = self._svc()
         if isinstance(svc, web.Response):
             return svc
@@ -58,6 +59,7 @@ class TwinRoutes:
 
     @requires(Role.VIEWER)
     async def list(self, request: web.Request) -> web.Response:
+        """Twins by device id, paged (``?after=&limit=``)."""
         svc = self._svc()
         if isinstance(svc, web.Response):
             return svc
@@ -71,6 +73,7 @@ class TwinRoutes:
 
     @requires(Role.OPERATOR)
     async def patch_desired(self, request: web.Request) -> web.Response:
+        """Change the desired document with a JSON merge patch (``If-Match``: its version)."""
         from edgeway.twins.model import TwinError
 
         svc = self._svc()
@@ -87,8 +90,7 @@ class TwinRoutes:
         if len(raw) > min(svc.limits.max_bytes * 2 + 1024, BODY_MAX):
             return _error(413, "too_large", "body too large")
         principal = request.get(PRINCIPAL)
-        token = principal.token if principal is not None else None
-        by = f"api:{token.name}" if token is not None else "api"
+        by = principal.source if principal is not None else "api"
         try:
             try:
                 patch = orjson.loads(raw)

@@ -38,8 +38,8 @@ export class ApiError extends Error {
 }
 
 /** Call the admin API; JSON in and out; errors are {error, message}. */
-export async function api(path, { method = "GET", body, text } = {}) {
-  const headers = {};
+export async function api(path, { method = "GET", body, text, headers: extra } = {}) {
+  const headers = { ...(extra || {}) };
   if (method !== "GET" && state.csrf) headers["X-CSRF-Token"] = state.csrf;
   let payload;
   if (text !== undefined) { headers["Content-Type"] = "application/yaml"; payload = text; }

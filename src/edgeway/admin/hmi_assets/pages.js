@@ -158,10 +158,45 @@ async function devicePage(main, deviceId) {
   await loadTrend();
   live(deviceId, { device: (d) => { showValues(d.latest); document.getElementById("dev-last-seen").textContent = ago(d.last_seen); } });
   const trendTimer = setInterval(loadTrend, 5000);
+  const twin = h("section", { id: "twin" });
   const section = h("section", {});
-  main.append(section);
+  main.append(twin, section);
+  await twinSection(twin, deviceId);
   await commandsSection(section, deviceId);
   return () => clearInterval(trendTimer);
+}
+
+// The device's twin (/api/devices/{id}/twin): desired, reported, what differs.
+async function twinSection(section, deviceId) {
+  const url = `/api/devices/${encodeURIComponent(deviceId)}/twin`;
+  let tw;
+  try { tw = await api(url); } catch (e) { section.append(h("h2", {}, "Twin"), h("p", { class: "muted" }, e.message)); return; }
+  const show = (label, id, doc) => h("div", {}, h("div", { class: "muted" }, label), h("pre", { class: "result", id }, JSON.stringify(doc, null, 1)));
+  const body = h("div", { class: "grid" });
+  const render = (t) => {
+    tw = t;
+    const delta = t.delta && Object.keys(t.delta).length;
+    body.replaceChildren(show(`desired (version ${t.desired_version})`, "twin-desired", t.desired),
+      show(`reported (version ${t.reported_version})`, "twin-reported", t.reported),
+      h("div", {}, h("div", { class: "muted" }, "not yet reported"),
+        h("pre", { class: delta ? "result warning" : "result", id: "twin-delta" }, JSON.stringify(t.delta || {}, null, 1))));
+  };
+  section.append(h("h2", {}, "Twin"), body);
+  render(tw);
+  if (!can("operator")) return;
+  const patch = h("input", { id: "twin-patch", placeholder: 'desired change as JSON, e.g. {"setpoint": 50}', size: 40 });
+  const msg = h("span", { id: "twin-message", class: "muted" });
+  section.append(h("form", { class: "toolbar", onsubmit: async (e) => {
+    e.preventDefault();
+    let doc;
+    try { doc = JSON.parse(patch.value); } catch { msg.textContent = "not JSON"; return; }
+    if (!(await confirmDialog(`Change the desired state of ${deviceId}: ${patch.value}?`))) return;
+    try {
+      const answer = await api(url + "/desired", { method: "PATCH", body: doc, headers: { "If-Match": String(tw.desired_version) } });
+      render(answer.twin);
+      msg.textContent = "desired state changed";
+    } catch (err) { msg.textContent = err.message; }
+  } }, patch, h("button", { id: "twin-send", class: "primary", type: "submit" }, "Set desired"), msg));
 }
 
 async function commandsSection(section, deviceId) {
