@@ -27,8 +27,6 @@ so a restart resumes with the same versions in the same roles.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
 import re
 import sqlite3
 import time
@@ -38,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgeway.signing import verify
+from edgeway.storage.blobs import BlobError, receive, remove_parts
 from edgeway.storage.sqlite import Database
 
 SIGNATURE_CONTEXT = b"edgeway-model-v1:"
@@ -169,9 +168,7 @@ class ModelStore:
 
     async def open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        for part in self.root.glob("*/*.part"):
-            with contextlib.suppress(OSError):
-                part.unlink()
+        remove_parts(self.root)
         await self.db.open()
 
     async def close(self) -> None:
@@ -194,43 +191,21 @@ class ModelStore:
         note: str = "",
     ) -> ModelVersion:
         """Store one version from ``chunks``; refuse it whole if any check fails."""
-        import asyncio
-
         final = self.path(name, version)
         if await self.get(name, version) is not None:
             raise ModelError("exists", f"model {name} version {version} already exists")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        part = final.with_name(f"{final.name}.{os.getpid()}.{time.monotonic_ns()}.part")
-        digest = hashlib.sha256()
-        size = 0
+        signer: list[str | None] = [None]
+
+        def check(digest: bytes) -> None:
+            signer[0] = self._verify(digest, signature)
+
         try:
-            f = await asyncio.to_thread(open, part, "wb")
-            try:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if size > self.max_size:
-                        raise ModelError(
-                            "too_large", f"model over models.max_size ({self.max_size} bytes)"
-                        )
-                    digest.update(chunk)
-                    await asyncio.to_thread(f.write, chunk)
-                await asyncio.to_thread(_sync, f)
-            finally:
-                await asyncio.to_thread(f.close)
-            if size == 0:
-                raise ModelError("invalid", "empty model file")
-            raw = digest.digest()
-            hexd = raw.hex()
-            if sha256 is not None and sha256.lower() != hexd:
-                raise ModelError(
-                    "digest_mismatch", f"SHA-256 is {hexd}, the uploader said {sha256}"
-                )
-            signed_by = self._verify(raw, signature)
-            await asyncio.to_thread(os.replace, part, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                part.unlink()
-            raise
+            hexd, size = await receive(
+                chunks, final, max_size=self.max_size, sha256=sha256, check=check, what="model"
+            )
+        except BlobError as e:
+            raise ModelError(e.code, str(e)) from None
+        signed_by = signer[0]
         record = ModelVersion(name, version, hexd, size, signed_by, time.time(), "ready", note)
 
         def insert(conn: sqlite3.Connection) -> None:
@@ -363,11 +338,6 @@ class ModelStore:
             raise ModelError("not_found", f"no model {name} version {version}")
         with contextlib.suppress(OSError):
             self.path(name, version).unlink()
-
-
-def _sync(f: Any) -> None:
-    f.flush()
-    os.fsync(f.fileno())
 
 
 def _event(
