@@ -583,6 +583,32 @@ class TwinsSection(_Model):
     """Deepest nesting of objects and arrays in a document (``too_deep``)."""
 
 
+class FirmwareSection(_Model):
+    """Firmware images and update campaigns (``edgeway.firmware``, docs/firmware.md)."""
+
+    enabled: bool = True
+    """Keep firmware images (DATA_DIR/firmware) and run campaigns."""
+    max_image_size: Size = Field(default=256 * 1024 * 1024, ge=1024)
+    """Largest image accepted by an upload."""
+    keys: dict[str, str] = Field(default_factory=dict)
+    """Trusted Ed25519 public keys by name (PEM, or base64 of the 32 raw bytes)."""
+    require_signature: bool = True
+    """Refuse images without a valid signature (turn off only to try the feature)."""
+    download_base: str | None = None
+    """The URL devices download images from, up to ``/firmware/{image}``
+    (``http://gateway.site:8080``: the HTTP ingest listener as devices reach it).
+    Absent: the command carries no URL; devices that know the gateway's address
+    build it themselves."""
+
+    @field_validator("keys")
+    @classmethod
+    def _keys_parse(cls, value: dict[str, str]) -> dict[str, str]:
+        from edgeway.signing import check_public_keys
+
+        check_public_keys(value)
+        return value
+
+
 class FleetSection(_Model):
     """Configurations pushed by the cloud, signed (``edgeway.runtime.fleet``, docs/fleet.md)."""
 
@@ -1268,6 +1294,8 @@ class Config(_Model):
     """Edge ML: the model registry, inference budgets and rollback (docs/models.md)."""
     twins: TwinsSection = Field(default_factory=TwinsSection)
     """Device twins: desired/reported documents with versions (docs/twins.md)."""
+    firmware: FirmwareSection = Field(default_factory=FirmwareSection)
+    """Firmware images and update campaigns (docs/firmware.md)."""
     fleet: FleetSection = Field(default_factory=FleetSection)
     """Signed configurations pushed from the cloud through the command downlink (docs/fleet.md)."""
     admin: AdminSection | None = None

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from edgeway.admin.api import AdminServer
     from edgeway.commands.service import CommandService
     from edgeway.downlink import ReceiptDownlink
+    from edgeway.firmware.service import FirmwareService
     from edgeway.ml.manager import ModelManager
     from edgeway.receipts import ReceiptSender
     from edgeway.south.mqtt.downlink import BrokerReceipts
@@ -139,6 +140,7 @@ class Gateway:
     _fleet: Any = None
     """The downlink that takes pushed configurations (edgeway.runtime.fleet)."""
     twins: TwinService | None = None
+    firmware: FirmwareService | None = None
     _twin_mqtt: Any = None
     _twin_downlink: Any = None
     receipts: ReceiptSender | None = None
@@ -245,6 +247,20 @@ class Gateway:
         if cfg.twins.enabled:
             await self._open_twins(cfg)
             self.rule_targets.twins = self.twins
+        if cfg.firmware.enabled and self.commands is not None:
+            from edgeway.firmware.service import FirmwareService
+            from edgeway.signing import load_public_key
+
+            self.firmware = FirmwareService(
+                data_dir,
+                self.commands,
+                max_size=cfg.firmware.max_image_size,
+                keys={n: load_public_key(k) for n, k in cfg.firmware.keys.items()},
+                require_signature=cfg.firmware.require_signature,
+                download_base=cfg.firmware.download_base,
+                durability=cfg.outbox.durability,
+            )
+            await self.firmware.open()
         self.adapters = self._build_adapters()
         try:
             for sink in self.sinks:
@@ -285,6 +301,7 @@ class Gateway:
                 self.admin.commands = self.commands
                 self.admin.models = self.models
                 self.admin.twins = self.twins
+                self.admin.firmware = self.firmware
                 self.admin.config_control = self
                 self.ingest.tap = self.admin.recent.record
                 await self.admin.start()
@@ -339,6 +356,8 @@ class Gateway:
                 self._twin_mqtt.detach()
             if self._twin_downlink is not None:
                 await self._twin_downlink.close()
+            if self.firmware is not None:
+                await self.firmware.close()
             if self.twins is not None:
                 await self.twins.close()
             if self.commands is not None:
@@ -660,6 +679,8 @@ class Gateway:
         )
         if hasattr(adapter, "twins"):
             adapter.twins = self.twins  # the HTTP ingest serves them (edgeway.twins)
+        if hasattr(adapter, "firmware"):
+            adapter.firmware = self.firmware  # and firmware downloads
         return adapter
 
     def _register_downlink(self, adapter: SouthAdapter) -> None:

@@ -52,6 +52,7 @@ from edgeway.admin.commands_api import CommandRoutes
 from edgeway.admin.config_api import ConfigRoutes
 from edgeway.admin.errors import json_errors
 from edgeway.admin.hmi import HmiRoutes, RecentLogs
+from edgeway.admin.firmware_api import FirmwareRoutes
 from edgeway.admin.models_api import ModelRoutes
 from edgeway.admin.openapi import build_openapi
 from edgeway.admin.recent import RecentValues
@@ -64,6 +65,7 @@ from edgeway.config import is_loopback, parse_host_port
 if TYPE_CHECKING:
     from edgeway.commands.service import CommandService
     from edgeway.config import AdminSection
+    from edgeway.firmware.service import FirmwareService
     from edgeway.ml.manager import ModelManager
     from edgeway.twins.service import TwinService
 
@@ -301,6 +303,8 @@ class AdminServer:
         self.commands: CommandService | None = None
         """The gateway's command queue, when commands are enabled (routes in
         :mod:`edgeway.admin.commands_api`)."""
+        self.firmware: FirmwareService | None = None
+        """Firmware images and campaigns (routes in :mod:`edgeway.admin.firmware_api`)."""
         self.twins: TwinService | None = None
         """The gateway's twins, when enabled (routes in :mod:`edgeway.admin.twins_api`)."""
         self.models: ModelManager | None = None
@@ -383,6 +387,7 @@ class AdminServer:
         TwinRoutes(lambda: self.twins).add_to(app)
         self.hmi.add_to(app)
         app.router.add_get("/api/openapi.json", self._openapi_doc)
+        FirmwareRoutes(lambda: self.firmware).add_to(app)
         return app
 
     async def start(self) -> None:

@@ -71,6 +71,7 @@ from edgeway.south.decode_errors import DecodeErrorCounter
 from edgeway.south.http_downlink import HttpDownlink
 
 if TYPE_CHECKING:
+    from edgeway.firmware.service import FirmwareService
     from edgeway.twins.service import TwinService
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,8 @@ class HttpIngestAdapter(SouthAdapter):
         self._unconfigured_warned: set[str] = set()
         self._downlink: HttpDownlink | None = None
         self.twins: TwinService | None = None
+        self.firmware: FirmwareService | None = None
+        """Set by the gateway: the images devices may download here."""
         """Set by the gateway when twins are on (edgeway.twins.http serves them)."""
         self._twin_polls = 0
 
@@ -261,6 +264,7 @@ class HttpIngestAdapter(SouthAdapter):
         app.router.add_post(
             "/devices/{device_id}/commands/{command_id}/result", self._post_command_result
         )
+        app.router.add_get("/devices/{device_id}/firmware/{image_id}", self._get_firmware)
         app.router.add_get("/devices/{device_id}/twin", self._get_twin)
         app.router.add_patch("/devices/{device_id}/twin/reported", self._patch_twin_reported)
         app.router.add_get("/healthz", self._healthz)
@@ -471,6 +475,23 @@ class HttpIngestAdapter(SouthAdapter):
         except web.HTTPRequestEntityTooLarge:
             return self._respond(_error(413, "too_large"))
         return self._respond(self._downlink.result(caller, request.match_info["command_id"], body))
+
+    async def _get_firmware(self, request: web.Request) -> web.StreamResponse:
+        """``GET /devices/{id}/firmware/{image}``: the image, with range requests
+        (a download cut off resumes where it stopped), only for a device that an
+        unfinished campaign of that image targets."""
+        caller = await self._device_caller(request)
+        if isinstance(caller, web.Response):
+            return self._respond(caller)
+        image_id = request.match_info["image_id"]
+        fw = self.firmware
+        if fw is None or not fw.may_download(image_id, caller):
+            return self._respond(_error(404, "not_found", detail="no such image for this device"))
+        path = fw.path(image_id)
+        if not path.is_file():
+            return self._respond(_error(404, "not_found", detail="no such image"))
+        self.requests[200] = self.requests.get(200, 0) + 1
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
     async def _twin_caller(self, request: web.Request) -> str | web.Response:
         if self.twins is None:

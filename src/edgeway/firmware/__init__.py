@@ -1,0 +1,1 @@
+"""Firmware updates: signed images and campaigns (docs/firmware.md)."""

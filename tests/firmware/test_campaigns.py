@@ -1,0 +1,283 @@
+"""Firmware campaigns end to end: signed images uploaded through the admin
+API, paho-mqtt devices that take the firmware.update command, download the
+image from the HTTP ingest with a range request that resumes a cut-off
+download, check its SHA-256 and report an LwM2M result; waves, thresholds,
+pause/abort, a restart in the middle."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import socket
+import threading
+import urllib.request
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgeway.config import parse_config
+from edgeway.firmware.service import signed_message
+from edgeway.gateway import Gateway
+
+IMAGE = os.urandom(200_000)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Fleet:
+    """Devices in one process. ``fail`` maps a device to the LwM2M result it
+    reports instead of success; ``cut`` devices' first download stops half way
+    and resumes with a Range request."""
+
+    def __init__(self, port: int, devices: list[str], fail: dict[str, str], version: str) -> None:
+        self.port, self.fail, self.version = port, fail, version
+        self.executed: Counter[str] = Counter()
+        self.resumed = 0
+        self.lock = threading.Lock()
+        self.clients = []
+        for d in devices:
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=d)
+            c.user_data_set(d)
+            c.on_connect = lambda c, u, *a: c.subscribe(f"devices/{u}/commands/+", 1)
+            c.on_message = self._on_message
+            c.connect("127.0.0.1", port)
+            c.loop_start()
+            self.clients.append(c)
+
+    def _on_message(self, client: mqtt.Client, device: str, msg: mqtt.MQTTMessage) -> None:
+        cmd = orjson.loads(msg.payload)
+        threading.Thread(
+            target=self._update, args=(client, device, msg.topic, cmd), daemon=True
+        ).start()
+
+    def _update(self, client: mqtt.Client, device: str, topic: str, cmd: dict[str, Any]) -> None:
+        p = cmd["params"]
+        with self.lock:
+            self.executed[device] += 1
+        if device in self.fail:
+            answer = {"id": cmd["id"], "status": "ok", "result": {"result": self.fail[device]}}
+        else:
+            half = p["size"] // 2
+            req = urllib.request.Request(p["url"], headers={"Range": f"bytes=0-{half - 1}"})
+            with urllib.request.urlopen(req, timeout=10) as r:
+                first = r.read()
+                assert r.status == 206
+            req = urllib.request.Request(p["url"], headers={"Range": f"bytes={len(first)}-"})
+            with urllib.request.urlopen(req, timeout=10) as r:
+                data = first + r.read()
+            with self.lock:
+                self.resumed += 1
+            ok = hashlib.sha256(data).hexdigest() == p["sha256"]
+            result = {"result": "success", "version": p["version"]} if ok else {"result": 5}
+            answer = {"id": cmd["id"], "status": "ok", "result": result}
+        client.publish(topic + "/result", orjson.dumps(answer), qos=1)
+
+    def stop(self) -> None:
+        for c in self.clients:
+            c.disconnect()
+            c.loop_stop()
+
+
+KEY = Ed25519PrivateKey.generate()
+PUBLIC = base64.b64encode(
+    KEY.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+).decode()
+
+
+def config(tmp: Path, mport: int, hport: int, admin: int) -> str:
+    return f"""
+gateway: {{id: gw-fw, data_dir: "{tmp / "data"}"}}
+mqtt:
+  listeners: [{{bind: "127.0.0.1:{mport}", allow_anonymous: true}}]
+http_ingest: {{listen: "127.0.0.1:{hport}", allow_anonymous: true, commands_allow_anonymous: true}}
+admin: {{listen: "127.0.0.1:{admin}", auth: none}}
+sinks: [{{name: files, url: "file://{tmp / "out"}"}}]
+firmware:
+  keys: {{release: "{PUBLIC}"}}
+  download_base: "http://127.0.0.1:{hport}"
+"""
+
+
+class Rig:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.mport, self.hport, self.admin = free_port(), free_port(), free_port()
+        self.base = f"http://127.0.0.1:{self.admin}"
+        self.gw: Gateway | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> Gateway:
+        text = config(self.tmp, self.mport, self.hport, self.admin)
+        self.gw = Gateway(parse_config(text, "t.yaml"), config_text=text)
+        self.task = asyncio.create_task(self.gw.run())
+        await asyncio.wait_for(self.gw.ready.wait(), 15)
+        return self.gw
+
+    async def stop(self) -> None:
+        if self.gw is not None and self.task is not None:
+            self.gw.request_stop()
+            await asyncio.wait_for(self.task, 15)
+            self.gw = self.task = None
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    r = Rig(tmp_path)
+    await r.start()
+    try:
+        yield r
+    finally:
+        await r.stop()
+
+
+async def upload(
+    http: httpx.AsyncClient,
+    version: str,
+    sign: bool = True,
+    data: bytes = IMAGE,
+    signed_data: bytes | None = None,
+) -> httpx.Response:
+    """PUT an image; signed (over ``signed_data`` if given, else ``data``)."""
+    digest = hashlib.sha256(data).digest()
+    headers = {"X-Image-SHA256": digest.hex()}
+    if sign:
+        signed = hashlib.sha256(signed_data if signed_data is not None else data).digest()
+        headers["X-Image-Signature"] = base64.b64encode(
+            KEY.sign(signed_message("pump-ctl", version, signed))
+        ).decode()
+    return await http.put(
+        f"/api/firmware/images?hardware=pump-ctl&version={version}", content=data, headers=headers
+    )
+
+
+async def wait_campaign(
+    http: httpx.AsyncClient, cid: str, states: set[str], limit: float = 60
+) -> dict[str, Any]:
+    async with asyncio.timeout(limit):
+        while True:
+            body = (await http.get(f"/api/firmware/campaigns/{cid}")).json()
+            if body["campaign"]["state"] in states:
+                return body
+            await asyncio.sleep(0.2)
+
+
+async def test_waves_and_error_threshold_halt_before_group_3(rig: Rig) -> None:
+    groups = {f"g{g}": [f"pump-{g}-{i}" for i in range(10)] for g in (1, 2, 3)}
+    everyone = [d for ids in groups.values() for d in ids]
+    fail = {d: "integrity_check_failure" for d in groups["g2"][:5]}
+    fleet = await asyncio.to_thread(Fleet, rig.mport, everyone, fail, "2.0")
+    try:
+        await asyncio.sleep(1.0)
+        async with httpx.AsyncClient(base_url=rig.base, timeout=20) as http:
+            r = await upload(http, "2.0", sign=False)
+            assert r.status_code == 422 and r.json()["error"] == "unsigned"
+            r = await upload(http, "2.0", data=IMAGE[:-1] + b"x", signed_data=IMAGE)
+            assert r.status_code == 422 and r.json()["error"] == "bad_signature"
+            r = await upload(http, "2.0")
+            assert r.status_code == 201, r.text
+            image = r.json()["image"]
+            # A device that no campaign targets cannot download it.
+            r0 = await asyncio.to_thread(
+                _status, f"http://127.0.0.1:{rig.hport}/devices/pump-1-0/firmware/{image['id']}"
+            )
+            assert r0 == 404
+            r = await http.post(
+                "/api/firmware/campaigns",
+                json={
+                    "image": image["id"], "groups": groups, "canary_share": 0.1, "pace": 6000,
+                    "success_threshold": 0.9, "error_threshold": 0.2, "min_finished": 5,
+                },
+            )  # fmt: skip
+            assert r.status_code == 201, r.text
+            cid = r.json()["campaign"]["id"]
+            body = await wait_campaign(http, cid, {"halted", "completed"})
+        assert body["campaign"]["state"] == "halted", body["campaign"]
+        by_state = Counter((d["device_id"].split("-")[1], d["state"]) for d in body["devices"])
+        # Group 3 never started; group 1 and the canaries all succeeded.
+        assert all(
+            d["state"] == "pending"
+            for d in body["devices"]
+            if d["device_id"].startswith("pump-3-") and d["wave"] == 3
+        )
+        assert by_state[("1", "failed")] == 0
+        failed = [d for d in body["devices"] if d["state"] == "failed"]
+        assert failed and all(d["result"] == "integrity_check_failure" for d in failed)
+        succeeded = [d for d in body["devices"] if d["state"] == "succeeded"]
+        assert all(fleet.executed[d["device_id"]] == 1 for d in succeeded)
+        assert fleet.resumed == len(succeeded)  # every download resumed with a Range request
+    finally:
+        await asyncio.to_thread(fleet.stop)
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+async def test_restart_resumes_and_no_device_updates_twice(rig: Rig) -> None:
+    devices = [f"pump-{i}" for i in range(12)]
+    fleet = await asyncio.to_thread(Fleet, rig.mport, devices, {}, "3.1")
+    try:
+        await asyncio.sleep(1.0)
+        async with httpx.AsyncClient(base_url=rig.base, timeout=20) as http:
+            image = (await upload(http, "3.1")).json()["image"]
+            r = await http.post(
+                "/api/firmware/campaigns",
+                json={"image": image["id"], "groups": {"all": devices}, "canary_share": 0.25,
+                      "pace": 240, "max_in_flight": 2},
+            )  # fmt: skip
+            cid = r.json()["campaign"]["id"]
+            async with asyncio.timeout(30):
+                while sum(fleet.executed.values()) < 3:  # noqa: ASYNC110 - a thread counts
+                    await asyncio.sleep(0.1)
+            r = await http.post(f"/api/firmware/campaigns/{cid}/pause")
+            assert r.json()["campaign"]["state"] == "paused"
+        await rig.stop()
+        await rig.start()
+        async with httpx.AsyncClient(base_url=rig.base, timeout=20) as http:
+            body = (await http.get(f"/api/firmware/campaigns/{cid}")).json()
+            assert body["campaign"]["state"] == "paused"  # it survived the restart as it was
+            await http.post(f"/api/firmware/campaigns/{cid}/resume")
+            body = await wait_campaign(http, cid, {"completed", "halted"}, 90)
+        assert body["campaign"]["state"] == "completed", body
+        assert all(d["state"] == "succeeded" for d in body["devices"])
+        assert all(fleet.executed[d] == 1 for d in devices), fleet.executed
+    finally:
+        await asyncio.to_thread(fleet.stop)
+
+
+async def test_abort_cancels_what_is_queued(rig: Rig) -> None:
+    async with httpx.AsyncClient(base_url=rig.base, timeout=20) as http:
+        image = (await upload(http, "4.0")).json()["image"]
+        # Nobody is connected: the commands wait in the queue.
+        r = await http.post(
+            "/api/firmware/campaigns",
+            json={"image": image["id"], "groups": {"g": ["ghost-1", "ghost-2"]}, "canary_share": 0},
+        )
+        cid = r.json()["campaign"]["id"]
+        await asyncio.sleep(1.5)
+        r = await http.post(f"/api/firmware/campaigns/{cid}/abort")
+        body = r.json()["campaign"]
+        assert body["state"] == "aborted" and body["counts"] == {"cancelled": 2}
+        cmds = (await http.get("/api/commands?device_id=ghost-1")).json()["commands"]
+        assert cmds and cmds[0]["state"] == "cancelled"
+        r = await http.post(f"/api/firmware/campaigns/{cid}/resume")
+        assert r.status_code == 400
