@@ -232,6 +232,16 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         _add_admin_config(q)
     add_reload_arguments(reload)
     add_config_arguments(config)
+    from edgeway.firmware.cli import add_firmware_arguments
+
+    firmware = sub.add_parser(
+        "firmware",
+        help="firmware images and update campaigns (through the admin API)",
+        description="Signed firmware images and campaigns through a running gateway's admin API "
+        "(--admin URL; token from $EDGEWAY_TOKEN). See docs/firmware.md.",
+    )
+    _add_admin_config(firmware)
+    add_firmware_arguments(firmware)
     from edgeway.twins.cli import add_twin_arguments
 
     twin = sub.add_parser(
@@ -289,6 +299,7 @@ _CONFIG_COMMANDS = frozenset(
         "models",
         "twin",
         "users",
+        "firmware",
     )
 )
 
@@ -318,6 +329,10 @@ def _cmd_with_config(args: argparse.Namespace) -> int:
         from edgeway.commands.cli import command_main
 
         return command_main(args, cfg)
+    if args.command == "firmware":
+        from edgeway.firmware.cli import firmware_main
+
+        return firmware_main(args, cfg)
     if args.command == "twin":
         from edgeway.twins.cli import twin_main
 

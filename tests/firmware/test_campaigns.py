@@ -31,6 +31,7 @@ from edgeway.firmware.service import signed_message
 from edgeway.gateway import Gateway
 
 IMAGE = os.urandom(200_000)
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def free_port() -> int:
@@ -281,3 +282,46 @@ async def test_abort_cancels_what_is_queued(rig: Rig) -> None:
         assert cmds and cmds[0]["state"] == "cancelled"
         r = await http.post(f"/api/firmware/campaigns/{cid}/resume")
         assert r.status_code == 400
+
+
+async def test_cli_signs_uploads_and_starts_a_campaign(rig: Rig, tmp_path: Path) -> None:
+    import sys
+
+    key = tmp_path / "release.pem"
+    key.write_bytes(
+        KEY.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    image = tmp_path / "image.bin"
+    image.write_bytes(IMAGE)
+    src = SRC
+
+    async def cli(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgeway", "firmware", *args,
+            env={**os.environ, "PYTHONPATH": src},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    code, sig, err = await cli("sign", "pump-ctl", "5.0", str(image), "--key", str(key))
+    assert code == 0, err
+    admin = ["--admin", rig.base]
+    code, out, err = await cli(
+        "upload", "pump-ctl", "5.0", str(image), "--signature", sig.strip(), *admin
+    )
+    assert code == 0, err
+    image_id = orjson.loads(out)["image"]["id"]
+    code, out, err = await cli(
+        "upload", "pump-ctl", "5.1", str(image), "--signature", sig.strip(), *admin
+    )
+    assert code == 1 and "signature" in err  # signed for 5.0, not 5.1
+    code, out, err = await cli("campaign", image_id, "--group", "a=ghost-7", *admin)
+    assert code == 0, err
+    cid = orjson.loads(out)["campaign"]["id"]
+    code, out, err = await cli("abort", cid, *admin)
+    assert code == 0 and orjson.loads(out)["campaign"]["state"] == "aborted"

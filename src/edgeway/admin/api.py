@@ -51,8 +51,8 @@ from edgeway.admin.build import BuildInfo, build_info, process_figures
 from edgeway.admin.commands_api import CommandRoutes
 from edgeway.admin.config_api import ConfigRoutes
 from edgeway.admin.errors import json_errors
-from edgeway.admin.hmi import HmiRoutes, RecentLogs
 from edgeway.admin.firmware_api import FirmwareRoutes
+from edgeway.admin.hmi import HmiRoutes, RecentLogs
 from edgeway.admin.models_api import ModelRoutes
 from edgeway.admin.openapi import build_openapi
 from edgeway.admin.recent import RecentValues

@@ -10,7 +10,7 @@
     ``{"image": ID, "groups": {"line-1": ["pump-1", ...], ...}, "canary_share": 0.1,
     "pace": 60, "max_in_flight": 50, "success_threshold": 0.9,
     "error_threshold": 0.2, "min_finished": 5, "ttl": 3600}``. ``201 {"campaign"}``.
-``POST /api/firmware/campaigns/{id}/pause|resume|abort``  (operator)
+``POST /api/firmware/campaigns/{id}/pause``, ``.../resume``, ``.../abort``  (operator)
 
 Errors: ``{"error", "message"}``; ``400 invalid``, ``404 not_found``,
 ``409 exists``, ``413 too_large``, ``422 digest_mismatch|bad_signature|unsigned``,
@@ -64,7 +64,9 @@ class FirmwareRoutes:
         r.add_get("/api/firmware/campaigns", self.campaigns)
         r.add_post("/api/firmware/campaigns", self.create)
         r.add_get("/api/firmware/campaigns/{id}", self.show)
-        r.add_post("/api/firmware/campaigns/{id}/{action:pause|resume|abort}", self.act)
+        r.add_post("/api/firmware/campaigns/{id}/pause", self.pause)
+        r.add_post("/api/firmware/campaigns/{id}/resume", self.resume)
+        r.add_post("/api/firmware/campaigns/{id}/abort", self.abort)
 
     async def _call(self, fn: Callable[[FirmwareService], Awaitable[web.Response]]) -> web.Response:
         from edgeway.firmware.service import FirmwareError
@@ -79,6 +81,7 @@ class FirmwareRoutes:
 
     @requires(Role.VIEWER)
     async def images(self, request: web.Request) -> web.Response:
+        """Firmware images: version, hardware, size, SHA-256, who signed them."""
         async def go(svc: FirmwareService) -> web.Response:
             return _json({"images": [i.to_json() for i in await svc.images()]})
 
@@ -86,6 +89,10 @@ class FirmwareRoutes:
 
     @requires(Role.ENGINEER)
     async def upload(self, request: web.Request) -> web.Response:
+        """Upload an image (the body, streamed) for ``?hardware=&version=``.
+
+        Headers ``X-Image-SHA256`` (hex) and ``X-Image-Signature`` (base64
+        Ed25519 over the hardware type, the version and the SHA-256)."""
         from edgeway.firmware.service import FirmwareError
 
         q = request.query
@@ -117,6 +124,7 @@ class FirmwareRoutes:
 
     @requires(Role.VIEWER)
     async def campaigns(self, request: web.Request) -> web.Response:
+        """Firmware campaigns with their state and counts per device state."""
         async def go(svc: FirmwareService) -> web.Response:
             return _json({"campaigns": [c.to_json() for c in await svc.campaigns()]})
 
@@ -124,6 +132,7 @@ class FirmwareRoutes:
 
     @requires(Role.VIEWER)
     async def show(self, request: web.Request) -> web.Response:
+        """One campaign and each of its devices' state and LwM2M result."""
         from edgeway.firmware.service import FirmwareError
 
         cid = request.match_info["id"]
@@ -139,6 +148,8 @@ class FirmwareRoutes:
 
     @requires(Role.ENGINEER)
     async def create(self, request: web.Request) -> web.Response:
+        """Start a campaign: ``{"image", "groups": {name: [device ids]}, ...}``
+        with its canary share, pace, thresholds and time to live."""
         from edgeway.firmware.service import FirmwareError
 
         async def go(svc: FirmwareService) -> web.Response:
@@ -163,12 +174,26 @@ class FirmwareRoutes:
 
         return await self._call(go)
 
-    @requires(Role.OPERATOR)
-    async def act(self, request: web.Request) -> web.Response:
-        cid, action = request.match_info["id"], request.match_info["action"]
+    async def _act(self, request: web.Request, action: str) -> web.Response:
+        cid = request.match_info["id"]
 
         async def go(svc: FirmwareService) -> web.Response:
             camp = await svc.set_state(cid, action)  # type: ignore[arg-type]
             return _json({"campaign": camp.to_json()})
 
         return await self._call(go)
+
+    @requires(Role.OPERATOR)
+    async def pause(self, request: web.Request) -> web.Response:
+        """Pause a campaign: no device is started; those in flight finish."""
+        return await self._act(request, "pause")
+
+    @requires(Role.OPERATOR)
+    async def resume(self, request: web.Request) -> web.Response:
+        """Resume a paused or halted campaign."""
+        return await self._act(request, "resume")
+
+    @requires(Role.OPERATOR)
+    async def abort(self, request: web.Request) -> web.Response:
+        """Abort a campaign: its queued update commands are cancelled."""
+        return await self._act(request, "abort")
