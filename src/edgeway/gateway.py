@@ -35,6 +35,7 @@ from edgeway.south.mqtt.listeners import RunningListener, start_listeners
 
 if TYPE_CHECKING:
     from edgeway.admin.api import AdminServer
+    from edgeway.alarms.service import AlarmService
     from edgeway.commands.service import CommandService
     from edgeway.downlink import ReceiptDownlink
     from edgeway.firmware.service import FirmwareService
@@ -109,6 +110,8 @@ class Gateway:
     admin: AdminServer | None = None
     commands: CommandService | None = None
     models: ModelManager | None = None
+    alarms: AlarmService | None = None
+    """The alarms (``alarms.enabled``): rules raise and clear them."""
     started_at: float = 0.0
     config_text: str | None = None
     """The YAML text of the configuration in force (None: built in code or
@@ -171,6 +174,7 @@ class Gateway:
             "receipts": (
                 dataclasses.asdict(self.receipts.stats) if self.receipts is not None else None
             ),
+            "alarms": self.alarms.status() if self.alarms is not None else None,
             "sinks": {s.name: dataclasses.asdict(s.state) for s in self.sinks},
             "adapters": {f"{a.section}:{a.name}": _adapter_status(a) for a in self.adapters},
         }
@@ -261,6 +265,14 @@ class Gateway:
                 durability=cfg.outbox.durability,
             )
             await self.firmware.open()
+        if cfg.alarms.enabled:
+            from edgeway.alarms.service import AlarmService
+
+            self.alarms = AlarmService(
+                data_dir, cfg.alarms, emit=self._store_records, durability=cfg.outbox.durability
+            )
+            await self.alarms.open()
+            self.rule_targets.alarms = self.alarms
         self.adapters = self._build_adapters()
         try:
             for sink in self.sinks:
@@ -302,11 +314,10 @@ class Gateway:
                 self.admin.models = self.models
                 self.admin.twins = self.twins
                 self.admin.firmware = self.firmware
+                self.admin.alarms = self.alarms
                 self.admin.config_control = self
                 self.ingest.tap = self.admin.recent.record
                 await self.admin.start()
-            # The alarm service (issue 17 s.2), when the gateway has one.
-            self.rule_targets.alarms = getattr(self, "alarms", None) or self.rule_targets.alarms
             if self.pipeline.rules is not None:
                 self.pipeline.rules.start_actions()
             try:
@@ -364,6 +375,8 @@ class Gateway:
                 await self.commands.close()
             if self.models is not None:
                 await self.models.close()
+            if self.alarms is not None:
+                await self.alarms.close()
             for sink in self.sinks:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(sink.close(), 1.0)
@@ -473,8 +486,8 @@ class Gateway:
             await self.outbox.close()
 
     def _store_records(self, readings: Sequence[Any]) -> Any:
-        """Records the gateway makes itself (command states) into the outbox
-        in force (a reload may replace it)."""
+        """Records the gateway makes itself (command states, alarm transitions)
+        into the outbox in force (a reload may replace it)."""
         assert self.outbox is not None
         return self.outbox.submit(readings)
 

@@ -47,6 +47,7 @@ import orjson
 from aiohttp import web
 
 from edgeway.admin.access import AccessControl, HostPolicy, public, requires
+from edgeway.admin.alarms_api import AlarmRoutes, alarm_metrics
 from edgeway.admin.build import BuildInfo, build_info, process_figures
 from edgeway.admin.commands_api import CommandRoutes
 from edgeway.admin.config_api import ConfigRoutes
@@ -63,6 +64,7 @@ from edgeway.admin.users import UserStore, UserStoreError
 from edgeway.config import is_loopback, parse_host_port
 
 if TYPE_CHECKING:
+    from edgeway.alarms.service import AlarmService
     from edgeway.commands.service import CommandService
     from edgeway.config import AdminSection
     from edgeway.firmware.service import FirmwareService
@@ -221,6 +223,7 @@ class StatusCollector:
         yield a_read
         yield a_err
         yield a_dec
+        yield from alarm_metrics(st.get("alarms"))
 
         receipts = st.get("receipts")
         if receipts:  # null when receipts are off
@@ -320,6 +323,8 @@ class AdminServer:
             secure_cookie=ssl_context is not None,
         )  # fmt: skip
         self._openapi: bytes | None = None
+        self.alarms: AlarmService | None = None
+        """The gateway's alarms (routes in :mod:`edgeway.admin.alarms_api`)."""
 
     @classmethod
     def from_config(
@@ -382,6 +387,7 @@ class AdminServer:
         app.router.add_get("/api/status", self._api_status)
         app.router.add_get("/metrics", self._metrics)
         CommandRoutes(lambda: self.commands).add_to(app)
+        AlarmRoutes(lambda: self.alarms).add_to(app)
         ConfigRoutes(lambda: self.config_control).add_to(app)
         ModelRoutes(lambda: self.models).add_to(app)
         TwinRoutes(lambda: self.twins).add_to(app)

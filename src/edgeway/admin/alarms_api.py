@@ -1,0 +1,270 @@
+"""Admin API routes for alarms (see docs/alarms.md).
+
+``GET /api/alarms?state=&source=&limit=``  (role viewer)
+    Alarms, most severe first. ``state``: ``shown`` (default: what an
+    operator sees, not shelved, suppressed or out of service), ``all``,
+    ``active``, ``unacked``, ``shelved``, ``suppressed``, ``out_of_service``.
+``GET /api/alarms/{source}/{type}``  (role viewer)
+    One alarm; ``404`` when it is normal (nothing kept).
+``GET /api/alarms/{source}/{type}/history?limit=``  (role viewer)
+    Its journaled transitions, newest first, each with who, when and comment.
+``POST /api/alarms/{source}/{type}/{action}``  (role operator)
+    ``action``: ``ack``, ``confirm``, ``reset``, ``clear``, ``shelve``,
+    ``unshelve``, ``suppress``, ``unsuppress``, ``out-of-service``,
+    ``in-service``. Body ``{"comment": "...", "user": "..."}``; ``shelve``
+    also takes ``"duration": "1h"`` or ``"one_shot": true``. Who acted is the
+    token's name; under ``admin.auth: none`` (loopback only, no identity) the
+    body's ``user``. ``200 {"alarm": {...}}`` once the transition is on disk.
+
+Errors have the admin API's shape ``{"error": CODE, "message": TEXT}``:
+``400 invalid``, ``404 not_found``, ``409 illegal`` (the alarm's state does
+not allow it, e.g. acknowledging an acknowledged alarm), ``503 disabled``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from edgeway.admin.access import PRINCIPAL, requires
+from edgeway.admin.tokens import Role
+from edgeway.alarms.model import BY_MAX, Action, Alarm, AlarmError
+from edgeway.config import _parse_duration
+
+if TYPE_CHECKING:
+    from edgeway.alarms.service import AlarmService
+
+BODY_MAX = 8 * 1024
+"""Largest request body: a comment (1,024 characters) and a few fields."""
+LIST_MAX = 10_000
+"""Most alarms one listing returns (alarms.max_alarms defaults to 10,000)."""
+
+_STATUS = {"invalid": 400, "not_found": 404, "illegal": 409, "full": 429, "disabled": 503}
+_ACTIONS = {
+    "ack": Action.ACK,
+    "confirm": Action.CONFIRM,
+    "reset": Action.RESET,
+    "clear": Action.CLEAR,
+    "shelve": Action.SHELVE,
+    "unshelve": Action.UNSHELVE,
+    "suppress": Action.SUPPRESS,
+    "unsuppress": Action.UNSUPPRESS,
+    "out-of-service": Action.OUT_OF_SERVICE,
+    "in-service": Action.IN_SERVICE,
+}
+_FIELDS = frozenset({"comment", "user", "duration", "one_shot"})
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+def _refused(e: AlarmError) -> web.Response:
+    return _error(_STATUS.get(e.code, 400), e.code, str(e))
+
+
+def _json(doc: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object (empty body: {}); AlarmError("invalid") otherwise."""
+    if request.content_length is not None and request.content_length > BODY_MAX:
+        raise AlarmError("invalid", f"body over {BODY_MAX} bytes")
+    raw = await request.content.read(BODY_MAX + 1)
+    if len(raw) > BODY_MAX:
+        raise AlarmError("invalid", f"body over {BODY_MAX} bytes")
+    try:
+        body = orjson.loads(raw) if raw.strip() else {}
+    except orjson.JSONDecodeError as e:
+        raise AlarmError("invalid", f"body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise AlarmError("invalid", "body must be a JSON object")
+    unknown = set(body) - _FIELDS
+    if unknown:
+        raise AlarmError("invalid", f"unknown fields: {', '.join(sorted(unknown))}")
+    return body
+
+
+def _who(request: web.Request, body: dict[str, Any]) -> str:
+    """The token's name; without tokens (loopback, auth none) the body's user."""
+    principal = request.get(PRINCIPAL)
+    token = principal.token if principal is not None else None
+    if token is not None:
+        return str(token.name)
+    user = body.get("user") or "anonymous"
+    if not isinstance(user, str) or len(user) > BY_MAX:
+        raise AlarmError("invalid", f"user must be a string of at most {BY_MAX} characters")
+    return user
+
+
+class AlarmRoutes:
+    """The alarm endpoints; ``service()`` is the running gateway's alarms."""
+
+    def __init__(self, service: Callable[[], AlarmService | None]) -> None:
+        self._service = service
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/api/alarms", self.list)
+        app.router.add_get("/api/alarms/{source}/{type}", self.show)
+        app.router.add_get("/api/alarms/{source}/{type}/history", self.history)
+        app.router.add_post("/api/alarms/{source}/{type}/{action}", self.act)
+
+    def _svc(self) -> AlarmService:
+        svc = self._service()
+        if svc is None:
+            raise AlarmError("disabled", "alarms are not enabled on this gateway (alarms.enabled)")
+        return svc
+
+    @requires(Role.VIEWER)
+    async def list(self, request: web.Request) -> web.Response:
+        q = request.query
+        try:
+            limit = min(int(q.get("limit", "1000")), LIST_MAX)
+        except ValueError:
+            return _error(400, "invalid", "limit must be an integer")
+        try:
+            alarms = self._svc().list(
+                state=q.get("state", "shown"), source=q.get("source"), limit=limit
+            )
+        except AlarmError as e:
+            return _refused(e)
+        return _json({"alarms": [a.to_json() for a in alarms]})
+
+    @requires(Role.VIEWER)
+    async def show(self, request: web.Request) -> web.Response:
+        source, type_ = request.match_info["source"], request.match_info["type"]
+        try:
+            alarm = self._svc().get(source, type_)
+        except AlarmError as e:
+            return _refused(e)
+        if alarm is None:
+            return _error(404, "not_found", f"no alarm {source}/{type_} (it is normal)")
+        return _alarm(alarm)
+
+    @requires(Role.VIEWER)
+    async def history(self, request: web.Request) -> web.Response:
+        try:
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            return _error(400, "invalid", "limit must be an integer")
+        try:
+            records = await self._svc().history(
+                request.match_info["source"], request.match_info["type"], limit
+            )
+        except AlarmError as e:
+            return _refused(e)
+        return _json({"transitions": [r.to_json() for r in records]})
+
+    @requires(Role.OPERATOR)
+    async def act(self, request: web.Request) -> web.Response:
+        source, type_ = request.match_info["source"], request.match_info["type"]
+        name = request.match_info["action"]
+        action = _ACTIONS.get(name)
+        if action is None:
+            return _error(404, "not_found", f"no alarm action {name!r} ({', '.join(_ACTIONS)})")
+        try:
+            svc = self._svc()
+            body = await _body(request)
+            by = _who(request, body)
+            comment = body.get("comment") or ""
+            if not isinstance(comment, str):
+                raise AlarmError("invalid", "comment must be a string")
+            alarm: Alarm | None
+            if action is Action.SHELVE:
+                alarm = await svc.shelve(
+                    source,
+                    type_,
+                    by=by,
+                    comment=comment,
+                    duration=_duration(body.get("duration")),
+                    one_shot=body.get("one_shot") is True,
+                )
+            else:
+                alarm = await svc.act(action, source, type_, by=by, comment=comment)
+        except AlarmError as e:
+            return _refused(e)
+        if alarm is None:
+            return _error(404, "not_found", f"no alarm {source}/{type_} (it is normal)")
+        return _alarm(alarm)
+
+
+def _duration(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(_parse_duration(value))
+    except (TypeError, ValueError) as e:
+        raise AlarmError("invalid", f"duration: {e}") from None
+
+
+def _alarm(alarm: Alarm) -> web.Response:
+    return _json({"alarm": alarm.to_json()})
+
+
+_ALARM_GAUGES = (
+    ("alarms", "edgeway_alarms_kept", "Alarms kept now (any state but normal)"),
+    ("active", "edgeway_alarms_active", "Alarms active now"),
+    ("unacked", "edgeway_alarms_unacknowledged", "Alarms not acknowledged"),
+    ("shelved", "edgeway_alarms_shelved", "Alarms shelved"),
+    ("suppressed", "edgeway_alarms_suppressed", "Alarms suppressed by design"),
+    ("out_of_service", "edgeway_alarms_out_of_service", "Alarms out of service"),
+)
+
+
+def alarm_metrics(alarms: dict[str, Any] | None) -> Iterator[Any]:
+    """The alarm service's counters and the alarm-system health figures
+    (ISA-18.2: rate per 10 minutes, time in flood, most frequent, standing)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if alarms is None:
+        return
+    for key, name, help_text in _ALARM_GAUGES:
+        g = GaugeMetricFamily(name, help_text)
+        g.add_metric([], float(alarms.get(key, 0)))
+        yield g
+    t = CounterMetricFamily("edgeway_alarms_transitions", "Alarm transitions journaled")
+    t.add_metric([], float(alarms.get("transitions", 0)))
+    yield t
+    a = CounterMetricFamily(
+        "edgeway_alarms_annunciated", "Alarms gone active while not shelved or suppressed"
+    )
+    a.add_metric([], float(alarms.get("annunciated", 0)))
+    yield a
+    r = CounterMetricFamily(
+        "edgeway_alarms_refused", "Alarm requests refused, by reason", labels=["reason"]
+    )
+    for reason in ("full", "illegal", "invalid"):
+        r.add_metric([reason], float(alarms.get(f"refused_{reason}", 0)))
+    yield r
+    health = alarms.get("health") or {}
+    rate = GaugeMetricFamily("edgeway_alarms_rate_10m", "Alarms annunciated in the last 10 minutes")
+    rate.add_metric([], float(health.get("rate_10m", 0)))
+    yield rate
+    flood = GaugeMetricFamily(
+        "edgeway_alarms_in_flood", "1 while alarms.flood_threshold is exceeded"
+    )
+    flood.add_metric([], 1.0 if health.get("in_flood") else 0.0)
+    yield flood
+    fs = CounterMetricFamily("edgeway_alarms_flood_seconds", "Seconds spent in alarm flood")
+    fs.add_metric([], float(health.get("flood_seconds", 0.0)))
+    yield fs
+    fl = CounterMetricFamily("edgeway_alarms_floods", "Alarm floods begun")
+    fl.add_metric([], float(health.get("floods", 0)))
+    yield fl
+    standing = GaugeMetricFamily(
+        "edgeway_alarms_standing", "Alarms active longer than alarms.standing_after"
+    )
+    standing.add_metric([], float(health.get("standing", 0)))
+    yield standing
+    top = GaugeMetricFamily(
+        "edgeway_alarms_most_frequent",
+        "The 10 most frequent alarms: annunciations in the last 24 hours",
+        labels=["source", "type"],
+    )
+    for source, type_, n in health.get("top") or []:
+        top.add_metric([str(source), str(type_)], float(n))
+    yield top
