@@ -214,6 +214,16 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     _add_admin_config(command)
     add_command_arguments(command)
+    from edgeway.alarms.cli import add_alarm_arguments
+
+    alarms = sub.add_parser(
+        "alarms",
+        help="list, acknowledge, shelve, clear ... alarms (through the admin API)",
+        description="Alarms of a running gateway through its admin API (--admin URL; token "
+        "from $EDGEWAY_TOKEN; actions need role operator). See docs/alarms.md.",
+    )
+    _add_admin_config(alarms)
+    add_alarm_arguments(alarms)
     from edgeway.runtime.cli import add_config_arguments, add_reload_arguments
 
     reload = sub.add_parser(
@@ -300,6 +310,7 @@ _CONFIG_COMMANDS = frozenset(
         "twin",
         "users",
         "firmware",
+        "alarms",
     )
 )
 
@@ -341,6 +352,10 @@ def _cmd_with_config(args: argparse.Namespace) -> int:
         from edgeway.ml.cli import models_main
 
         return models_main(args, cfg)
+    if args.command == "alarms":
+        from edgeway.alarms.cli import alarms_main
+
+        return alarms_main(args, cfg)
     if args.command == "reload":
         from edgeway.runtime.cli import reload_main
 

@@ -77,7 +77,7 @@ class AlarmMachine(RuleBasedStateMachine):
         """Apply to the model; (refused, transitions made)."""
         self.ids += 1
         try:
-            nxt, trans = apply(self.alarm, "s", "t", event, self.options, f"id{self.ids}")
+            nxt, trans = apply(self.alarm, "s", "t", event, self.options, lambda: f"id{self.ids}")
         except AlarmError as e:
             assert e.code in ("illegal", "not_found"), e.code
             assert str(e)  # says why
@@ -223,15 +223,15 @@ test_alarm_state_machine = AlarmMachine.TestCase
 def test_illegal_transitions_say_why() -> None:
     opts = Options()
     a, _ = apply(
-        None, "boiler-1", "hot", Event(Action.RAISE, "rule:r", 1.0, severity=500), opts, "x"
+        None, "boiler-1", "hot", Event(Action.RAISE, "rule:r", 1.0, severity=500), opts, lambda: "x"
     )
-    a, _ = apply(a, "boiler-1", "hot", Event(Action.ACK, "ann", 2.0), opts, "y")
+    a, _ = apply(a, "boiler-1", "hot", Event(Action.ACK, "ann", 2.0), opts, lambda: "y")
     with pytest.raises(AlarmError) as e:
-        apply(a, "boiler-1", "hot", Event(Action.ACK, "bob", 3.0), opts, "z")
+        apply(a, "boiler-1", "hot", Event(Action.ACK, "bob", 3.0), opts, lambda: "z")
     assert e.value.code == "illegal"
     assert str(e.value) == "cannot acknowledge: boiler-1/hot is active, acknowledged"
     with pytest.raises(AlarmError) as e:
-        apply(None, "boiler-1", "hot", Event(Action.ACK, "bob", 3.0), opts, "z")
+        apply(None, "boiler-1", "hot", Event(Action.ACK, "bob", 3.0), opts, lambda: "z")
     assert e.value.code == "not_found"
 
 

@@ -81,7 +81,11 @@ class AlarmHealth:
         once a second by the service's timer, and on every annunciation)."""
         seconds = self._seconds
         while seconds and seconds[0][0] <= now - RATE_WINDOW:
-            self._rate -= int(seconds.popleft()[1])
+            second, n = seconds.popleft()
+            self._rate -= int(n)
+            if self._flood_since is not None and self._rate <= self.flood_threshold:
+                # Ended when this second left the window, not when we looked.
+                self._end_flood(second + RATE_WINDOW)
         hours = self._hours
         while hours and hours[0][0] <= now - TOP_WINDOW:
             _, counts = hours.popleft()
@@ -89,13 +93,14 @@ class AlarmHealth:
             for key, _n in counts.items():
                 if self._total[key] <= 0:
                     del self._total[key]
-        flooding = self._rate > self.flood_threshold
-        if flooding and self._flood_since is None:
+        if self._rate > self.flood_threshold and self._flood_since is None:
             self._flood_since = now
             self.floods += 1
-        elif not flooding and self._flood_since is not None:
-            self._flood_seconds += max(now - self._flood_since, 0.0)
-            self._flood_since = None
+
+    def _end_flood(self, at: float) -> None:
+        assert self._flood_since is not None
+        self._flood_seconds += max(at - self._flood_since, 0.0)
+        self._flood_since = None
 
     def figures(self, now: float, alarms: Iterable[Alarm], standing_after: float) -> HealthFigures:
         self.tick(now)

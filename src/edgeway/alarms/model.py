@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -358,13 +359,13 @@ def apply(
     type: str,
     event: Event,
     options: Options,
-    new_id: str,
+    new_id: Callable[[], str],
 ) -> tuple[Alarm | None, list[Transition]]:
     """The state after ``event`` (None: normal, nothing to keep) and the
     transitions it made ([]: nothing changed, e.g. a raise of an alarm
     already active with the same severity). Raises AlarmError("illegal")
-    for a transition the state does not allow. ``new_id`` is the id a new
-    occurrence gets."""
+    for a transition the state does not allow. ``new_id()`` makes the id of
+    a new occurrence (called only then: a UUID costs a system call)."""
     a = current if current is not None else Alarm(source, type, "")
     e = event
     out: list[Transition] = []
@@ -396,7 +397,7 @@ def apply(
                 new = a.normal or not a.id
                 a = replace(
                     a,
-                    id=new_id if new else a.id,
+                    id=new_id() if new else a.id,
                     active=True,
                     acked=False,
                     confirmed=not options.require_confirm,

@@ -198,6 +198,7 @@ class AlarmService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_purge = 0.0
         self._closed = False
+        self._listeners: list[Callable[[Transition], None]] = []
 
     # --------------------------------------------------------------- lifetime
 
@@ -248,9 +249,14 @@ class AlarmService:
         """Stop the timer; finish transitions in progress; close the journal."""
         self._closed = True
         if self._timer is not None:
-            self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
+            # Woken, it sees _closed and returns; cancelled only if it does not
+            # (a cancellation racing wait_for's own timeout can be lost on 3.11).
+            self._wake.set()
+            done, _ = await asyncio.wait({self._timer}, timeout=TIMER_MAX_SLEEP)
+            if not done:
+                self._timer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._timer
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._flush_sent()
@@ -373,6 +379,15 @@ class AlarmService:
             raise AlarmError("invalid", f"{action.value} is not a simple operator action")
         return await self._operator(source, type, action, by, comment)
 
+    def add_listener(self, fn: Callable[[Transition], None]) -> None:
+        """Call ``fn`` with every transition once it is journaled (the HMI's
+        live view, tests waiting for a timer). It must not block."""
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[Transition], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(fn)
+
     def get(self, source: str, type: str) -> Alarm | None:
         """The alarm (source, type) now, or None when it is normal."""
         return self._alarms.get((source, type))
@@ -481,7 +496,7 @@ class AlarmService:
                 )
         options = self._options(key[1])
         try:
-            new, transitions = apply(current, key[0], key[1], event, options, uuid.uuid4().hex)
+            new, transitions = apply(current, key[0], key[1], event, options, _new_id)
         except AlarmError:
             self.stats.refused_illegal += 1
             raise
@@ -511,6 +526,11 @@ class AlarmService:
                 self.stats.annunciated += 1
                 self.health.annunciated(key[0], key[1], t.at)
             _log_transition(t)
+            for fn in self._listeners:
+                try:
+                    fn(t)
+                except Exception:
+                    log.exception("alarm listener failed")
         self._emit_transitions(numbered)
         return kept, final
 
@@ -580,7 +600,7 @@ class AlarmService:
             self._wake.set()
 
     async def _timer_loop(self) -> None:
-        while True:
+        while not self._closed:
             now = self._clock()
             wait = TIMER_MAX_SLEEP
             if self._deadlines:
@@ -589,6 +609,8 @@ class AlarmService:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
+            if self._closed:
+                return
             try:
                 await self._expire(self._clock())
                 self.health.tick(self._clock())
@@ -658,6 +680,10 @@ _FILTERS: dict[str, Callable[[Alarm], bool]] = {
     "suppressed": lambda a: a.suppressed,
     "out_of_service": lambda a: a.out_of_service,
 }
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
 
 
 def _journal(
