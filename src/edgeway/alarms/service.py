@@ -29,8 +29,9 @@ here. What it promises:
 * **Sinks, ahead of telemetry**: each transition goes to the outbox as a
   record tagged ``record_type: alarm`` in the priority lane (priority 1-5 by
   severity band). A transition is marked sent once the outbox has it on disk;
-  one that was not (a crash in between) is sent again at start, with the same
-  record id (``ALARM_ID:SEQ``), so the cloud can drop the duplicate.
+  one that was not (a crash in between) is sent again at start; every record
+  carries ``alarm_id`` and ``transition`` (its number in the journal), so the
+  cloud can drop a duplicate.
 * **Timers**: a timed shelving ends by itself within a few milliseconds of its
   deadline (the timer sleeps until the next one, at most 1 s at a time).
 * Illegal transitions (ack of an acknowledged alarm, ...) raise

@@ -432,9 +432,7 @@ class NatsCommandSource:
                     await msg.respond(orjson.dumps(answer))
 
             try:
-                await nc.subscribe(
-                    self.subject, queue=f"edgeway-{self.sink.gateway_id}", cb=handle
-                )
+                await nc.subscribe(self.subject, queue=f"edgeway-{self.sink.gateway_id}", cb=handle)
                 self.connected = True
                 logger.info(
                     "sink %s: taking commands on NATS subject %s", self.sink.name, self.subject
