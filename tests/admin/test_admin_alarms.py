@@ -121,3 +121,14 @@ async def test_loopback_api_without_tokens_records_the_given_user(tmp_path: Path
         assert r.code == 0, r.stderr
         (last, *_) = await svc.history("tank-1", "level")
         assert (last.action, last.by, last.comment) == ("ack", "night shift", "ok")
+        r = await edgeway_cli(
+            "alarms", "raise", "tank-2", "level", "--severity", "high", "-m", "too high",
+            "--user", "scada", "--admin", rg.base,
+        )  # fmt: skip
+        assert r.code == 0, r.stderr
+        a = svc.get("tank-2", "level")
+        assert a is not None and (a.severity, a.message, a.active) == (801, "too high", True)
+        r = await edgeway_cli(
+            "alarms", "raise", "tank-2", "level", "--severity", "urgent", "--admin", rg.base
+        )
+        assert r.code == 1 and "severity must be 1-1000 or one of" in r.stderr

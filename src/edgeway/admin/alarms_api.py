@@ -8,6 +8,9 @@
     One alarm; ``404`` when it is normal (nothing kept).
 ``GET /api/alarms/{source}/{type}/history?limit=``  (role viewer)
     Its journaled transitions, newest first, each with who, when and comment.
+``POST /api/alarms/{source}/{type}/raise``  (role operator)
+    A manual alarm (an operator's, or a system without rules of its own):
+    ``{"severity": 800 or "high", "message": "...", "values": {...}}``.
 ``POST /api/alarms/{source}/{type}/{action}``  (role operator)
     ``action``: ``ack``, ``confirm``, ``reset``, ``clear``, ``shelve``,
     ``unshelve``, ``suppress``, ``unsuppress``, ``out-of-service``,
@@ -31,7 +34,7 @@ from aiohttp import web
 
 from edgeway.admin.access import PRINCIPAL, requires
 from edgeway.admin.tokens import Role
-from edgeway.alarms.model import BY_MAX, Action, Alarm, AlarmError
+from edgeway.alarms.model import BY_MAX, Action, Alarm, AlarmError, parse_severity
 from edgeway.config import _parse_duration
 
 if TYPE_CHECKING:
@@ -44,6 +47,7 @@ LIST_MAX = 10_000
 
 _STATUS = {"invalid": 400, "not_found": 404, "illegal": 409, "full": 429, "disabled": 503}
 _ACTIONS = {
+    "raise": Action.RAISE,
     "ack": Action.ACK,
     "confirm": Action.CONFIRM,
     "reset": Action.RESET,
@@ -55,7 +59,7 @@ _ACTIONS = {
     "out-of-service": Action.OUT_OF_SERVICE,
     "in-service": Action.IN_SERVICE,
 }
-_FIELDS = frozenset({"comment", "user", "duration", "one_shot"})
+_FIELDS = frozenset({"comment", "user", "duration", "one_shot", "severity", "message", "values"})
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -174,7 +178,16 @@ class AlarmRoutes:
             if not isinstance(comment, str):
                 raise AlarmError("invalid", "comment must be a string")
             alarm: Alarm | None
-            if action is Action.SHELVE:
+            if action is Action.RAISE:
+                alarm = await svc.raise_alarm(
+                    source,
+                    type_,
+                    severity=_severity(body.get("severity")),
+                    message=body.get("message") or comment,
+                    by=by,
+                    values=body.get("values"),
+                )
+            elif action is Action.SHELVE:
                 alarm = await svc.shelve(
                     source,
                     type_,
@@ -190,6 +203,13 @@ class AlarmRoutes:
         if alarm is None:
             return _error(404, "not_found", f"no alarm {source}/{type_} (it is normal)")
         return _alarm(alarm)
+
+
+def _severity(value: Any) -> int:
+    try:
+        return parse_severity(value)
+    except ValueError as e:
+        raise AlarmError("invalid", str(e)) from None
 
 
 def _duration(value: Any) -> float | None:

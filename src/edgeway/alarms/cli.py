@@ -1,5 +1,5 @@
-"""``edgeway alarms list|show|history|ack|confirm|reset|clear|shelve|unshelve|
-suppress|unsuppress|out-of-service|in-service``: alarms through a running
+"""``edgeway alarms list|show|history|raise|ack|confirm|reset|clear|shelve|
+unshelve|suppress|unsuppress|out-of-service|in-service``: alarms through a running
 gateway's admin API (``--admin URL``, token from ``$EDGEWAY_TOKEN``).
 
 Every action carries a comment (``-m TEXT``) and is recorded with the token's
@@ -27,6 +27,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 
 ACTIONS = (
+    ("raise", "raise a manual alarm (--severity 1-1000 or low ... high)"),
     ("ack", "acknowledge an alarm"),
     ("confirm", "confirm an acknowledged alarm (types with require_confirm)"),
     ("reset", "reset a latched alarm whose condition cleared"),
@@ -66,6 +67,8 @@ def add_alarm_arguments(p: argparse.ArgumentParser) -> None:
             default=None,
             help="who (recorded when the API has no tokens; default $USER)",
         )
+        if name == "raise":
+            q.add_argument("--severity", required=True, help="1-1000, or low ... high")
         if name == "shelve":
             how = q.add_mutually_exclusive_group(required=True)
             how.add_argument("--for", dest="duration", metavar="TIME", help="e.g. 30m, 2h")
@@ -135,6 +138,8 @@ def alarms_main(args: argparse.Namespace, cfg: Config) -> int:
                     "comment": args.comment,
                     "user": args.user or getpass.getuser(),
                 }
+                if args.action == "raise":
+                    body = {"severity": args.severity, "message": args.comment, **body}
                 if args.action == "shelve":
                     if args.one_shot:
                         body["one_shot"] = True
