@@ -648,7 +648,8 @@ class AlarmsSection(_Model):
     """Keep alarms (rules raise them; the API and CLI act on them)."""
     max_alarms: int = Field(default=10_000, ge=1, le=1_000_000)
     """Alarms kept at once (active, unacknowledged, shelved, suppressed); a raise
-    of a new one beyond it is refused and counted. Bounds memory (about 1 KB each)."""
+    of a new one beyond it is refused and counted. Bounds memory (about 2 KB each,
+    measured with a short message and one value)."""
     max_shelve: Duration = Field(default=8 * 3600.0, gt=0)
     """Longest timed shelving (ISA-18.2: shelving is time-limited; one shift)."""
     standing_after: Duration = Field(default=24 * 3600.0, gt=0)
