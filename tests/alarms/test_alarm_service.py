@@ -239,6 +239,10 @@ async def test_refusals_name_the_problem(tmp_path: Path) -> None:
         with pytest.raises(AlarmError) as e:
             await svc.raise_alarm("d3", "t", severity=1, message="", by="x")
         assert e.value.code == "full" and svc.stats.refused_full == 1
+        with pytest.raises(AlarmError) as e:  # a new key by any way counts
+            await svc.suppress("d3", "t", by="x")
+        assert e.value.code == "full" and svc.stats.refused_full == 2
+        await svc.suppress("d2", "t", by="x")  # a kept one: fine
         await svc.ack("d1", "t", by="x")
         with pytest.raises(AlarmError) as e:
             await svc.ack("d1", "t", by="y")

@@ -487,20 +487,21 @@ class AlarmService:
 
     async def _apply(self, key: tuple[str, str], event: Event) -> tuple[Alarm | None, Alarm | None]:
         current = self._alarms.get(key)
-        if current is None and event.action is Action.RAISE:
-            if len(self._alarms) >= self.config.max_alarms:
-                self.stats.refused_full += 1
-                raise AlarmError(
-                    "full",
-                    f"{len(self._alarms)} alarms are kept (alarms.max_alarms); "
-                    f"{key[0]}/{key[1]} not raised",
-                )
         options = self._options(key[1])
         try:
             new, transitions = apply(current, key[0], key[1], event, options, _new_id)
         except AlarmError:
             self.stats.refused_illegal += 1
             raise
+        if current is None and new is not None and len(self._alarms) >= self.config.max_alarms:
+            # A raise, or a shelve/suppress of an alarm not kept yet: either
+            # would take memory beyond the bound.
+            self.stats.refused_full += 1
+            raise AlarmError(
+                "full",
+                f"{len(self._alarms)} alarms are kept (alarms.max_alarms): "
+                f"{event.action.value} of {key[0]}/{key[1]} refused",
+            )
         if not transitions:
             return current, current
         numbered: list[tuple[int, Transition]] = []
