@@ -28,6 +28,7 @@ class Sinks:
     def __init__(self) -> None:
         self.records: list[Reading] = []
         self.fail = False
+        self.stored = asyncio.Event()
 
     def __call__(self, readings: Sequence[Reading]) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -35,6 +36,7 @@ class Sinks:
             fut.set_exception(OSError("disk full"))
         else:
             self.records.extend(readings)
+            self.stored.set()
             fut.set_result(None)
         return fut
 
@@ -208,17 +210,42 @@ async def test_records_the_outbox_did_not_take_are_sent_again_at_start(tmp_path:
     assert sinks.records == []
     sinks.fail = False
     async with service(tmp_path, sinks) as svc:
-        pass
+        async with asyncio.timeout(5):
+            while len(sinks.records) < 2:
+                await sinks.stored.wait()
+                sinks.stored.clear()
     got = [(r.metrics["event"], r.metrics["by"], r.metrics["comment"]) for r in sinks.records]
     assert got == [("raise", "rule:l", ""), ("ack", "bob", "bucket placed")]
     rec = sinks.records[0]
     assert rec.tags == {"record_type": "alarm"} and rec.priority == 5  # band high
-    assert rec.origin.message_id == f"{rec.metrics['alarm_id']}:1"
-    # Marked sent now: a third start sends nothing.
+    assert (rec.metrics["alarm_id"], rec.metrics["transition"]) == (svc_id(tmp_path), 1)
+    # Marked sent (at close at the latest): a third start sends nothing.
     sinks.records.clear()
-    async with service(tmp_path, sinks):
-        pass
-    assert sinks.records == []
+    async with service(tmp_path, sinks) as svc:
+        await svc.raise_alarm("s2", "leak", severity=100, message="", by="rule:l")
+    assert [r.device_id for r in sinks.records] == ["s2"]
+
+
+async def test_records_are_offered_again_while_running(tmp_path: Path) -> None:
+    """An outbox that refuses for a while (full, failing) gets the records
+    again, in a second, without a restart."""
+    sinks = Sinks()
+    sinks.fail = True
+    async with service(tmp_path, sinks) as svc:
+        await svc.raise_alarm("s1", "leak", severity=850, message="wet", by="rule:l")
+        assert sinks.records == []
+        sinks.fail = False
+        async with asyncio.timeout(3):
+            await sinks.stored.wait()
+        assert [r.metrics["event"] for r in sinks.records] == ["raise"]
+
+
+def svc_id(data: Path) -> str:
+    conn = journal(data)
+    try:
+        return str(conn.execute("SELECT alarm_id FROM transitions WHERE seq = 1").fetchone()[0])
+    finally:
+        conn.close()
 
 
 async def test_refusals_name_the_problem(tmp_path: Path) -> None:

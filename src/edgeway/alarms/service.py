@@ -48,6 +48,7 @@ import logging
 import sqlite3
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ from edgeway.alarms.model import (
     check_key,
     check_text,
 )
+from edgeway.ingest import IngestStatus
 from edgeway.reading import Origin, Reading
 from edgeway.storage.sqlite import Database
 
@@ -84,8 +86,10 @@ PURGE_EVERY = 300.0
 VALUES_MAX_BYTES = 4096
 """Largest JSON of the ``values`` a raise carries (the readings behind it)."""
 RESEND_MAX = 10_000
-"""Transitions not yet in the outbox taken back per start (older ones are in
-the journal; a crash loses at most the last commit window's, so far below)."""
+"""Transitions waiting to be stored for the sinks kept in memory for retries
+(and taken back per start); beyond it the oldest wait for the next start in
+the journal (marked unsent), so an outbox that refuses for long costs no
+unbounded memory."""
 
 SCHEMA_V1 = """
 CREATE TABLE alarms(
@@ -114,7 +118,6 @@ CREATE INDEX transitions_activated ON transitions(at) WHERE activated = 1;
 
 Numbered = list[tuple[int, Transition]]
 """Transitions with their journal sequence numbers."""
-Seqs = list[int]
 Records = list["TransitionRecord"]
 # (Aliases: inside AlarmService the name ``list`` is its method.)
 
@@ -193,6 +196,9 @@ class AlarmService:
         self._deadlines: list[tuple[float, str, str]] = []
         self._next_seq = 1
         self._sent: list[int] = []
+        self._unsent: deque[tuple[int, Transition]] = deque(maxlen=RESEND_MAX)
+        """Transitions the outbox did not take (not open yet, full, failing):
+        offered again at every timer turn."""
         """Transitions the outbox has on disk, to mark in the journal."""
         self._wake = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
@@ -237,7 +243,8 @@ class AlarmService:
             self.health.annunciated(source, type_, at)
         for seq, action, by, comment, at, state in unsent:
             alarm = Alarm.from_json(orjson.loads(state))
-            self._emit_transitions([(seq, Transition(Action(action), by, at, comment, alarm))])
+            # Offered at the timer's first turn: the outbox may open after us.
+            self._unsent.append((seq, Transition(Action(action), by, at, comment, alarm)))
         self._timer = asyncio.create_task(self._timer_loop(), name="alarms:timer")
         if states or unsent:
             log.info(
@@ -561,22 +568,35 @@ class AlarmService:
         readings = [_record(seq, t) for seq, t in numbered]
         try:
             fut = self._emit(readings)
-        except Exception:
-            log.exception("alarm records could not be stored for the sinks")
+        except Exception as e:
+            self._not_stored(numbered, str(e) or type(e).__name__)
             return
-        seqs = [seq for seq, _ in numbered]
         if isinstance(fut, asyncio.Future):
-            fut.add_done_callback(lambda f: self._stored(f, seqs))
+            fut.add_done_callback(lambda f: self._stored(f, numbered))
         else:
-            self._sent.extend(seqs)
+            self._sent.extend(seq for seq, _ in numbered)
 
-    def _stored(self, fut: asyncio.Future[Any], seqs: Seqs) -> None:
+    def _stored(self, fut: asyncio.Future[Any], numbered: Numbered) -> None:
         if fut.cancelled() or fut.exception() is not None:
-            log.warning("alarm records not stored for the sinks (sent again at start)")
-            return
-        if getattr(fut.result(), "name", "ACCEPTED") == "ACCEPTED":
-            self._sent.extend(seqs)
+            self._not_stored(numbered, "cancelled" if fut.cancelled() else str(fut.exception()))
+        elif fut.result() in (None, IngestStatus.ACCEPTED):
+            self._sent.extend(seq for seq, _ in numbered)
             self._wake.set()
+        else:
+            self._not_stored(numbered, f"the outbox answered {fut.result()}")
+
+    def _not_stored(self, numbered: Numbered, why: str) -> None:
+        """Keep for a retry at the next timer turn (they stay unsent in the
+        journal, so a restart offers them again too)."""
+        if not self._unsent:  # one line per outage, not per transition
+            log.warning("alarm records not stored for the sinks yet (%s); retrying", why)
+        self._unsent.extend(numbered)
+
+    def _offer_unsent(self) -> None:
+        if self._unsent and self._emit is not None:
+            pending = list(self._unsent)
+            self._unsent.clear()
+            self._emit_transitions(pending)
 
     async def _flush_sent(self) -> None:
         if not self._sent:
@@ -616,6 +636,7 @@ class AlarmService:
             try:
                 await self._expire(self._clock())
                 self.health.tick(self._clock())
+                self._offer_unsent()
                 await self._flush_sent()
                 now = self._clock()
                 if now - self._last_purge >= PURGE_EVERY:
