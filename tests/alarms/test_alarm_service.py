@@ -48,7 +48,8 @@ async def service(
     clock: Callable[[], float] = time.time,
     **cfg: Any,
 ) -> AsyncIterator[AlarmService]:
-    svc = AlarmService(data, AlarmsSection(**cfg), emit=emit, durability="os", clock=clock)
+    durability = cfg.pop("durability", "os")
+    svc = AlarmService(data, AlarmsSection(**cfg), emit=emit, durability=durability, clock=clock)
     await svc.open()
     try:
         yield svc
@@ -156,6 +157,25 @@ async def test_timed_shelving_ends_by_itself_within_a_second(tmp_path: Path) -> 
         assert (last.action, last.by, last.comment) == ("unshelve", "system", "shelving time ended")
         assert 0 <= last.at - deadline < 1.0
         assert [a.source for a in svc.list()] == ["pump-2"]
+
+
+async def test_five_hundred_shelvings_ending_together_all_end_within_a_second(
+    tmp_path: Path,
+) -> None:
+    async with service(tmp_path, durability="fsync") as svc:
+        ends: dict[str, float] = {}
+
+        def listener(t: Transition) -> None:
+            if t.action.value == "unshelve":
+                ends[t.alarm.source] = time.time()
+
+        shelved_all = await asyncio.gather(
+            *(svc.shelve(f"d{i}", "door", by="ann", duration=0.5) for i in range(500))
+        )
+        deadline = max(a.shelving.until for a in shelved_all)  # type: ignore[union-attr]
+        svc.add_listener(listener)
+        await until(svc, lambda: len(ends) == 500, 5)
+        assert max(ends.values()) - deadline < 1.0
 
 
 async def test_one_shot_shelving_ends_when_the_alarm_clears(tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import heapq
 import logging
 import sqlite3
@@ -196,10 +197,10 @@ class AlarmService:
         self._deadlines: list[tuple[float, str, str]] = []
         self._next_seq = 1
         self._sent: list[int] = []
+        """Transitions the outbox has on disk, to mark in the journal."""
         self._unsent: deque[tuple[int, Transition]] = deque(maxlen=RESEND_MAX)
         """Transitions the outbox did not take (not open yet, full, failing):
         offered again at every timer turn."""
-        """Transitions the outbox has on disk, to mark in the journal."""
         self._wake = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -210,8 +211,8 @@ class AlarmService:
     # --------------------------------------------------------------- lifetime
 
     async def open(self) -> None:
-        """Open the journal, take back every alarm, resend what the sinks
-        did not get, start the timer."""
+        """Open the journal, take back every alarm and what the sinks did not
+        get yet (offered at the timer's first turn), start the timer."""
         await self.db.open()
         now = self._clock()
 
@@ -455,10 +456,15 @@ class AlarmService:
         return alarm
 
     async def _change(
-        self, source: str, type: str, event: Event
+        self,
+        source: str,
+        type: str,
+        event: Event,
+        only_if: Callable[[Alarm | None], bool] | None = None,
     ) -> tuple[Alarm | None, Alarm | None]:
         """Apply ``event`` to (source, type) under the key's lock; returns the
-        alarm kept after it (None: normal, forgotten) and its last state."""
+        alarm kept after it (None: normal, forgotten) and its last state.
+        ``only_if``: a test of the state, under the lock; false: no change."""
         if self._closed:
             raise AlarmError("disabled", "the alarm service is stopped")
         try:
@@ -472,13 +478,18 @@ class AlarmService:
             raise
         # Shielded: once the change started it finishes (journal, memory,
         # sinks) even if the caller is cancelled, so the two never disagree.
-        task = asyncio.get_running_loop().create_task(self._locked_change((source, type), event))
+        task = asyncio.get_running_loop().create_task(
+            self._locked_change((source, type), event, only_if)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(task)
 
     async def _locked_change(
-        self, key: tuple[str, str], event: Event
+        self,
+        key: tuple[str, str],
+        event: Event,
+        only_if: Callable[[Alarm | None], bool] | None,
     ) -> tuple[Alarm | None, Alarm | None]:
         entry = self._locks.get(key)
         if entry is None:
@@ -486,7 +497,11 @@ class AlarmService:
         entry.users += 1
         try:
             async with entry.lock:
-                return await self._apply(key, event)
+                current = self._alarms.get(key)
+                if only_if is not None and not only_if(current):
+                    return current, current
+                # Stamped under the lock, so a key's journal is in time order.
+                return await self._apply(key, dataclasses.replace(event, at=self._clock()))
         finally:
             entry.users -= 1
             if entry.users == 0:
@@ -651,18 +666,34 @@ class AlarmService:
     async def _expire(self, now: float) -> None:
         """End the timed shelvings whose deadline passed."""
         deadlines = self._deadlines
+        due: list[tuple[str, str, float]] = []
         while deadlines and deadlines[0][0] <= now:
             until, source, type_ = heapq.heappop(deadlines)
             alarm = self._alarms.get((source, type_))
             sh = None if alarm is None else alarm.shelving
             if sh is None or sh.until != until:
                 continue  # unshelved or shelved again meanwhile
-            with contextlib.suppress(AlarmError):
-                await self._change(
+            due.append((source, type_, until))
+        if not due:
+            return
+        # Together: each ends within a commit of its deadline, not after
+        # every earlier one's commit.
+        results = await asyncio.gather(
+            *(
+                self._change(
                     source,
                     type_,
                     Event(Action.UNSHELVE, "system", now, "shelving time ended"),
+                    only_if=functools.partial(_shelved_until, until=until),
                 )
+                for source, type_, until in due
+            ),
+            return_exceptions=True,
+        )
+        for (source, type_, until), result in zip(due, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, AlarmError):
+                log.error("alarm %s/%s: shelving not ended: %s", source, type_, result)
+                heapq.heappush(self._deadlines, (until, source, type_))  # next turn
 
     async def _purge(self, now: float) -> None:
         cutoff = now - self.config.history
@@ -703,6 +734,11 @@ _FILTERS: dict[str, Callable[[Alarm], bool]] = {
     "suppressed": lambda a: a.suppressed,
     "out_of_service": lambda a: a.out_of_service,
 }
+
+
+def _shelved_until(alarm: Alarm | None, *, until: float) -> bool:
+    """Still shelved with this deadline (not unshelved or shelved again)."""
+    return alarm is not None and alarm.shelving is not None and alarm.shelving.until == until
 
 
 def _new_id() -> str:
