@@ -118,6 +118,14 @@ def _transition(t: dict[str, Any]) -> str:
     return f"{_when(t['at'])}  {t['action']}  by {t['by']}{comment}"
 
 
+def _login() -> str:
+    """The login name, for ``--user``'s default (``cli`` where there is none)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "cli"
+
+
 def alarms_main(args: argparse.Namespace, cfg: Config) -> int:
     try:
         with client_from_args(args, cfg) as client:
@@ -136,7 +144,7 @@ def alarms_main(args: argparse.Namespace, cfg: Config) -> int:
             else:
                 body: dict[str, Any] = {
                     "comment": args.comment,
-                    "user": args.user or getpass.getuser(),
+                    "user": args.user or _login(),
                 }
                 if args.action == "raise":
                     body = {"severity": args.severity, "message": args.comment, **body}
