@@ -15,6 +15,10 @@ transition of every key. Prints events/s, transitions/s, the refusals (an
 illegal transition refused is expected when producers race), the checker's
 verdict, and the CPU-seconds per 1,000 events. Exit 1 if the checker found a
 problem. The CI-sized run is tests/alarms/test_alarm_service.py.
+
+Then ``--latency`` raises one after another with ``durability: fsync`` (the
+time until each is on disk, p50/p99) and as many shelvings of 0.5 s ending
+together (how late each ends after its deadline: the goal is under 1 s).
 """
 
 from __future__ import annotations
@@ -83,6 +87,46 @@ async def run(args: argparse.Namespace, data: Path) -> dict[str, Any]:
     }
 
 
+async def latency(data: Path, n: int) -> dict[str, Any]:
+    """``n`` raises one after another (fsync), then ``n`` shelvings of 0.5 s
+    ending together: how long a raise takes to be on disk, how late a
+    shelving ends after its deadline."""
+    svc = AlarmService(data, AlarmsSection(max_alarms=1_000_000), durability="fsync")
+    await svc.open()
+    ends: dict[str, float] = {}
+    try:
+        took = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            await svc.raise_alarm(f"lat-{i}", "probe", severity=500, message="", by="bench")
+            took.append(time.perf_counter() - t0)
+        shelved = await asyncio.gather(
+            *(svc.shelve(f"sh-{i}", "probe", by="bench", duration=0.5) for i in range(n))
+        )
+        done = asyncio.Event()
+
+        def on(t: Any) -> None:
+            if t.action.value == "unshelve":
+                ends[t.alarm.source] = time.time()
+                if len(ends) == n:
+                    done.set()
+
+        svc.add_listener(on)
+        await asyncio.wait_for(done.wait(), 30)
+    finally:
+        await svc.close()
+    late = sorted(ends[a.source] - a.shelving.until for a in shelved if a.shelving)
+    took.sort()
+    return {
+        "raises": n,
+        "raise_ms_p50": round(took[n // 2] * 1000, 2),
+        "raise_ms_p99": round(took[int(n * 0.99)] * 1000, 2),
+        "shelvings": n,
+        "shelving_end_late_ms_p50": round(late[n // 2] * 1000, 1),
+        "shelving_end_late_ms_max": round(late[-1] * 1000, 1),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sequences", type=int, default=100_000)
@@ -91,10 +135,14 @@ def main() -> int:
     p.add_argument("--concurrent", type=int, default=256)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--durability", choices=("os", "fsync"), default="os")
+    p.add_argument("--latency", type=int, default=1000, help="raises/shelvings timed (0: none)")
+    p.add_argument("--dir", type=Path, help="where the journals go (default: a temporary one)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="alarms-stress-") as tmp:
-        figures = asyncio.run(run(args, Path(tmp)))
+    with tempfile.TemporaryDirectory(prefix="alarms-stress-", dir=args.dir) as tmp:
+        figures = asyncio.run(run(args, Path(tmp) / "stress"))
+        if args.latency:
+            figures["latency"] = asyncio.run(latency(Path(tmp) / "latency", args.latency))
     figures["date"] = dt.date.today().isoformat()
     print(json.dumps(figures, indent=2))
     if args.out:

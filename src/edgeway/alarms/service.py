@@ -478,12 +478,19 @@ class AlarmService:
             raise
         # Shielded: once the change started it finishes (journal, memory,
         # sinks) even if the caller is cancelled, so the two never disagree.
-        task = asyncio.get_running_loop().create_task(
-            self._locked_change((source, type), event, only_if)
-        )
+        return await asyncio.shield(self._start_change((source, type), event, only_if))
+
+    def _start_change(
+        self,
+        key: tuple[str, str],
+        event: Event,
+        only_if: Callable[[Alarm | None], bool] | None = None,
+    ) -> asyncio.Task[tuple[Alarm | None, Alarm | None]]:
+        """The change as a task the service owns (close() waits for it)."""
+        task = asyncio.get_running_loop().create_task(self._locked_change(key, event, only_if))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return await asyncio.shield(task)
+        return task
 
     async def _locked_change(
         self,
@@ -649,7 +656,7 @@ class AlarmService:
             if self._closed:
                 return
             try:
-                await self._expire(self._clock())
+                self._expire(self._clock())
                 self.health.tick(self._clock())
                 self._offer_unsent()
                 await self._flush_sent()
@@ -663,7 +670,7 @@ class AlarmService:
                 log.exception("alarm timer failed")
                 await asyncio.sleep(TIMER_MAX_SLEEP)
 
-    async def _expire(self, now: float) -> None:
+    def _expire(self, now: float) -> None:
         """End the timed shelvings whose deadline passed."""
         deadlines = self._deadlines
         due: list[tuple[str, str, float]] = []
@@ -674,26 +681,23 @@ class AlarmService:
             if sh is None or sh.until != until:
                 continue  # unshelved or shelved again meanwhile
             due.append((source, type_, until))
-        if not due:
+        for source, type_, until in due:
+            # Not awaited: the timer goes on to the next deadline while these
+            # commit (with fsync a commit can take 100 ms on a busy disk).
+            task = self._start_change(
+                (source, type_),
+                Event(Action.UNSHELVE, "system", now, "shelving time ended"),
+                functools.partial(_shelved_until, until=until),
+            )
+            task.add_done_callback(functools.partial(self._expired, source, type_, until))
+
+    def _expired(self, source: str, type_: str, until: float, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
             return
-        # Together: each ends within a commit of its deadline, not after
-        # every earlier one's commit.
-        results = await asyncio.gather(
-            *(
-                self._change(
-                    source,
-                    type_,
-                    Event(Action.UNSHELVE, "system", now, "shelving time ended"),
-                    only_if=functools.partial(_shelved_until, until=until),
-                )
-                for source, type_, until in due
-            ),
-            return_exceptions=True,
-        )
-        for (source, type_, until), result in zip(due, results, strict=True):
-            if isinstance(result, BaseException) and not isinstance(result, AlarmError):
-                log.error("alarm %s/%s: shelving not ended: %s", source, type_, result)
-                heapq.heappush(self._deadlines, (until, source, type_))  # next turn
+        e = task.exception()
+        if e is not None and not isinstance(e, AlarmError):
+            log.error("alarm %s/%s: shelving not ended: %s", source, type_, e)
+            heapq.heappush(self._deadlines, (until, source, type_))  # the next turn
 
     async def _purge(self, now: float) -> None:
         cutoff = now - self.config.history
