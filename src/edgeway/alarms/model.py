@@ -331,7 +331,7 @@ class Options:
 def _illegal(alarm: Alarm | None, what: str) -> AlarmError:
     if alarm is None:
         return AlarmError("not_found", f"cannot {what}: no such alarm (it is normal)")
-    where = "normal" if alarm is None or alarm.normal else describe(alarm)
+    where = "normal" if alarm.normal else describe(alarm)
     name = f"{alarm.source}/{alarm.type}"
     return AlarmError("illegal", f"cannot {what}: {name} is {where}")
 
