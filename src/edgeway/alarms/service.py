@@ -84,6 +84,8 @@ TIMER_MAX_SLEEP = 1.0
 wall clock jumps, and how stale the flood state may get."""
 PURGE_EVERY = 300.0
 """Seconds between purges of transitions past ``alarms.history``."""
+HISTORY_MAX = 1000
+"""Most transitions one history read returns (about 1 KB each as JSON)."""
 VALUES_MAX_BYTES = 4096
 """Largest JSON of the ``values`` a raise carries (the readings behind it)."""
 RESEND_MAX = 10_000
@@ -420,7 +422,7 @@ class AlarmService:
     async def history(self, source: str, type: str, limit: int = 100) -> Records:
         """The latest transitions of (source, type), newest first."""
         check_key(source, type)
-        limit = min(max(limit, 1), 10_000)
+        limit = min(max(limit, 1), HISTORY_MAX)
         rows = await self.db.read(
             lambda conn: conn.execute(
                 "SELECT seq, at, alarm_id, action, by, comment, state FROM transitions "
