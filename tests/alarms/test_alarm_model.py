@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from edgeway.alarms.model import (
+    SIMPLE_ACTIONS,
     Action,
     Alarm,
     AlarmError,
@@ -47,16 +48,7 @@ class Ref:
         return not self.normal or self.shelved is not None or self.suppressed or self.oos
 
 
-OPERATOR = [
-    Action.ACK,
-    Action.CONFIRM,
-    Action.RESET,
-    Action.UNSHELVE,
-    Action.SUPPRESS,
-    Action.UNSUPPRESS,
-    Action.OUT_OF_SERVICE,
-    Action.IN_SERVICE,
-]
+OPERATOR = list(SIMPLE_ACTIONS)
 
 
 class AlarmMachine(RuleBasedStateMachine):

@@ -15,22 +15,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from edgeway.alarms.model import Action, Alarm, AlarmError, Event, Options, apply
+from edgeway.alarms.model import SIMPLE_ACTIONS, Action, Alarm, AlarmError, Event, Options, apply
 from edgeway.alarms.service import AlarmService
 from edgeway.config import AlarmsSection
 
 KEYS = [("d1", "overheat"), ("d1", "low_flow"), ("d2", "overheat")]
 TYPES = {"overheat": {"latching": True, "require_confirm": True}}
-SIMPLE = [
-    Action.ACK,
-    Action.CONFIRM,
-    Action.RESET,
-    Action.UNSHELVE,
-    Action.SUPPRESS,
-    Action.UNSUPPRESS,
-    Action.OUT_OF_SERVICE,
-    Action.IN_SERVICE,
-]
+SIMPLE = list(SIMPLE_ACTIONS)
 
 
 def _comparable(a: Alarm) -> dict[str, Any]:

@@ -225,13 +225,51 @@ def _alarm(alarm: Alarm) -> web.Response:
     return _json({"alarm": alarm.to_json()})
 
 
-_ALARM_GAUGES = (
-    ("alarms", "edgeway_alarms_kept", "Alarms kept now (any state but normal)"),
-    ("active", "edgeway_alarms_active", "Alarms active now"),
-    ("unacked", "edgeway_alarms_unacknowledged", "Alarms not acknowledged"),
-    ("shelved", "edgeway_alarms_shelved", "Alarms shelved"),
-    ("suppressed", "edgeway_alarms_suppressed", "Alarms suppressed by design"),
-    ("out_of_service", "edgeway_alarms_out_of_service", "Alarms out of service"),
+_ALARM_FIGURES: tuple[tuple[str | None, str, str, bool, str], ...] = (
+    # (part of the status (None: top level), key, metric, counter?, help)
+    (None, "alarms", "edgeway_alarms_kept", False, "Alarms kept now (any state but normal)"),
+    (None, "active", "edgeway_alarms_active", False, "Alarms active now"),
+    (None, "unacked", "edgeway_alarms_unacknowledged", False, "Alarms not acknowledged"),
+    (None, "shelved", "edgeway_alarms_shelved", False, "Alarms shelved"),
+    (None, "suppressed", "edgeway_alarms_suppressed", False, "Alarms suppressed by design"),
+    (None, "out_of_service", "edgeway_alarms_out_of_service", False, "Alarms out of service"),
+    (None, "transitions", "edgeway_alarms_transitions", True, "Alarm transitions journaled"),
+    (
+        None,
+        "annunciated",
+        "edgeway_alarms_annunciated",
+        True,
+        "Alarms gone active while not shelved or suppressed",
+    ),
+    (
+        "health",
+        "rate_10m",
+        "edgeway_alarms_rate_10m",
+        False,
+        "Alarms annunciated in the last 10 minutes",
+    ),
+    (
+        "health",
+        "in_flood",
+        "edgeway_alarms_in_flood",
+        False,
+        "1 while alarms.flood_threshold is exceeded",
+    ),
+    (
+        "health",
+        "flood_seconds",
+        "edgeway_alarms_flood_seconds",
+        True,
+        "Seconds spent in alarm flood",
+    ),
+    ("health", "floods", "edgeway_alarms_floods", True, "Alarm floods begun"),
+    (
+        "health",
+        "standing",
+        "edgeway_alarms_standing",
+        False,
+        "Alarms active longer than alarms.standing_after",
+    ),
 )
 
 
@@ -242,44 +280,18 @@ def alarm_metrics(alarms: dict[str, Any] | None) -> Iterator[Any]:
 
     if alarms is None:
         return
-    for key, name, help_text in _ALARM_GAUGES:
-        g = GaugeMetricFamily(name, help_text)
-        g.add_metric([], float(alarms.get(key, 0)))
-        yield g
-    t = CounterMetricFamily("edgeway_alarms_transitions", "Alarm transitions journaled")
-    t.add_metric([], float(alarms.get("transitions", 0)))
-    yield t
-    a = CounterMetricFamily(
-        "edgeway_alarms_annunciated", "Alarms gone active while not shelved or suppressed"
-    )
-    a.add_metric([], float(alarms.get("annunciated", 0)))
-    yield a
+    health = alarms.get("health") or {}
+    for part, key, name, counter, help_text in _ALARM_FIGURES:
+        figures = alarms if part is None else health
+        family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, help_text)
+        family.add_metric([], float(figures.get(key) or 0))
+        yield family
     r = CounterMetricFamily(
         "edgeway_alarms_refused", "Alarm requests refused, by reason", labels=["reason"]
     )
     for reason in ("full", "illegal", "invalid"):
         r.add_metric([reason], float(alarms.get(f"refused_{reason}", 0)))
     yield r
-    health = alarms.get("health") or {}
-    rate = GaugeMetricFamily("edgeway_alarms_rate_10m", "Alarms annunciated in the last 10 minutes")
-    rate.add_metric([], float(health.get("rate_10m", 0)))
-    yield rate
-    flood = GaugeMetricFamily(
-        "edgeway_alarms_in_flood", "1 while alarms.flood_threshold is exceeded"
-    )
-    flood.add_metric([], 1.0 if health.get("in_flood") else 0.0)
-    yield flood
-    fs = CounterMetricFamily("edgeway_alarms_flood_seconds", "Seconds spent in alarm flood")
-    fs.add_metric([], float(health.get("flood_seconds", 0.0)))
-    yield fs
-    fl = CounterMetricFamily("edgeway_alarms_floods", "Alarm floods begun")
-    fl.add_metric([], float(health.get("floods", 0)))
-    yield fl
-    standing = GaugeMetricFamily(
-        "edgeway_alarms_standing", "Alarms active longer than alarms.standing_after"
-    )
-    standing.add_metric([], float(health.get("standing", 0)))
-    yield standing
     top = GaugeMetricFamily(
         "edgeway_alarms_most_frequent",
         "The 10 most frequent alarms: annunciations in the last 24 hours",

@@ -274,21 +274,18 @@ class Action(enum.StrEnum):
     """A raise of an active alarm with another severity or message."""
 
 
-OPERATOR_ACTIONS = frozenset(
-    {
-        Action.ACK,
-        Action.CONFIRM,
-        Action.RESET,
-        Action.SHELVE,
-        Action.UNSHELVE,
-        Action.SUPPRESS,
-        Action.UNSUPPRESS,
-        Action.OUT_OF_SERVICE,
-        Action.IN_SERVICE,
-        Action.CLEAR,
-    }
+SIMPLE_ACTIONS = (
+    Action.ACK,
+    Action.CONFIRM,
+    Action.RESET,
+    Action.UNSHELVE,
+    Action.SUPPRESS,
+    Action.UNSUPPRESS,
+    Action.OUT_OF_SERVICE,
+    Action.IN_SERVICE,
 )
-"""What the API and the CLI may ask for (raise comes from rules and code)."""
+"""Operator actions with nothing but who and why (``AlarmService.act``);
+raise, clear and shelve carry more and have methods of their own."""
 
 
 @dataclass(slots=True, frozen=True)

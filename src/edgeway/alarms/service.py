@@ -60,6 +60,7 @@ import orjson
 from edgeway.alarms.health import AlarmHealth, HealthFigures
 from edgeway.alarms.model import (
     BY_MAX,
+    SIMPLE_ACTIONS,
     Action,
     Alarm,
     AlarmError,
@@ -386,7 +387,7 @@ class AlarmService:
         """An operator action by name (the API); shelve has its own method."""
         if action is Action.CLEAR:
             return await self.clear_alarm(source, type, by=by, message=comment)
-        if action is Action.SHELVE or action not in _SIMPLE:
+        if action not in SIMPLE_ACTIONS:
             raise AlarmError("invalid", f"{action.value} is not a simple operator action")
         return await self._operator(source, type, action, by, comment)
 
@@ -717,19 +718,6 @@ class AlarmService:
 
         await self.db.write(purge)
 
-
-_SIMPLE = frozenset(
-    {
-        Action.ACK,
-        Action.CONFIRM,
-        Action.RESET,
-        Action.UNSHELVE,
-        Action.SUPPRESS,
-        Action.UNSUPPRESS,
-        Action.OUT_OF_SERVICE,
-        Action.IN_SERVICE,
-    }
-)
 
 _FILTERS: dict[str, Callable[[Alarm], bool]] = {
     "shown": lambda a: not a.hidden and not a.normal,
