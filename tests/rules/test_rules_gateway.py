@@ -1,12 +1,8 @@
 """Rules in a running gateway: a paho device's reading sets a rule, whose
 actions come back to the device (a command over its own MQTT downlink), to an
 MQTT subscriber (publish), to a real HTTP server (webhook), to the sinks
-(event record) and to an alarm service.
-
-The alarm service is a recording stand-in for edgeway.alarms.service.AlarmService
-(built in parallel on the alarms17 branch, not on main yet): it records the
-calls the rule makes through the AlarmTarget protocol.
-"""
+(event record) and to the gateway's alarm service (edgeway.alarms), which
+journals the alarm and sends its transitions to the sinks."""
 
 from __future__ import annotations
 
@@ -23,25 +19,20 @@ import pytest
 from aiohttp import web
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgeway.alarms.model import Transition
 from edgeway.commands.model import CommandState
 from edgeway.config import parse_config
 from edgeway.gateway import Gateway
 
 
-class RecordingAlarms:
-    """Records raise/clear calls (see the module docstring)."""
+class AlarmLog:
+    """The transitions of the gateway's alarm service, once journaled."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, str, str, dict[str, Any]]] = []
-        self.changed = asyncio.Event()
+        self.transitions: list[Transition] = []
 
-    async def raise_alarm(self, source: str, type: str, **kw: Any) -> None:
-        self.calls.append(("raise", source, type, kw))
-        self.changed.set()
-
-    async def clear_alarm(self, source: str, type: str, **kw: Any) -> None:
-        self.calls.append(("clear", source, type, kw))
-        self.changed.set()
+    def __call__(self, t: Transition) -> None:
+        self.transitions.append(t)
 
 
 class Device:
@@ -155,23 +146,36 @@ rules:
         "t.yaml",
     )
     gw = Gateway(cfg)
-    alarms = RecordingAlarms()
-    gw.rule_targets.alarms = alarms
+    alarms = AlarmLog()
     task = asyncio.create_task(gw.run())
     await asyncio.wait_for(gw.ready.wait(), 10)
+    assert gw.alarms is not None
+    gw.alarms.add_listener(alarms)
     dev = Device(gw.listeners[0].bound[1], "boiler-1")
     await asyncio.to_thread(dev.start)
     try:
         await asyncio.to_thread(dev.send, temperature=75)
         await asyncio.to_thread(dev.send, temperature=85)
-        await until(lambda: len(dev.commands) == 1 and len(hooked) == 1 and len(alarms.calls) == 1)
+        await until(
+            lambda: len(dev.commands) == 1 and len(hooked) == 1 and len(alarms.transitions) == 1
+        )
         cmd = dev.commands[0]
         assert cmd["name"] == "fan" and cmd["params"] == {"speed": 100}
         await until(lambda: len(dev.alerts) == 1)
         assert dev.alerts[0]["state"] == "set" and dev.alerts[0]["id"] == "hot:boiler-1:1"
         assert hooked[0]["id"] == hooked[0]["header_id"] == "hot:boiler-1:1"
-        assert alarms.calls[0][:3] == ("raise", "boiler-1", "overheat")
-        assert alarms.calls[0][3]["severity"] == 700 and alarms.calls[0][3]["by"] == "rule:hot"
+        raised = alarms.transitions[0]
+        assert (raised.action.value, raised.alarm.source, raised.alarm.type) == (
+            "raise",
+            "boiler-1",
+            "overheat",
+        )
+        assert (raised.alarm.severity, raised.alarm.message, raised.by) == (
+            700,
+            "boiler-1 is hot",
+            "rule:hot",
+        )
+        assert gw.alarms.get("boiler-1", "overheat") == raised.alarm
         assert gw.commands is not None
         stored = await gw.commands.get(cmd["id"])
         assert stored is not None and stored.source == "rule:hot"
@@ -183,9 +187,15 @@ rules:
         await asyncio.sleep(0.3)
         assert len(dev.commands) == 1
         await asyncio.to_thread(dev.send, temperature=65)
-        await until(lambda: len(dev.commands) == 2 and len(alarms.calls) == 2)
+        await until(lambda: len(dev.commands) == 2 and len(alarms.transitions) == 2)
         assert dev.commands[1]["params"] == {"speed": 0}
-        assert alarms.calls[1][:3] == ("clear", "boiler-1", "overheat")
+        cleared = alarms.transitions[1]
+        assert (cleared.action.value, cleared.by, cleared.alarm.active) == (
+            "clear",
+            "rule:hot",
+            False,
+        )
+        assert cleared.alarm.id == raised.alarm.id  # one alarm, raised then cleared
 
         # The event record reached the sink, in the priority lane, tagged.
         def events() -> list[dict[str, Any]]:
@@ -196,6 +206,15 @@ rules:
 
         await until(lambda: len(events()) == 1)
         assert events()[0]["metrics"]["state"] == "set"
+
+        # The alarm's transitions reached the sink too, tagged, in the priority lane.
+        def alarm_records() -> list[dict[str, Any]]:
+            rows = [json.loads(x) for x in out_file.read_text().splitlines() if x]
+            return [r for r in rows if r.get("tags", {}).get("record_type") == "alarm"]
+
+        await until(lambda: len(alarm_records()) == 2)
+        assert [r["metrics"]["event"] for r in alarm_records()] == ["raise", "clear"]
+        assert all(r["priority"] == 4 for r in alarm_records())  # 700: medium_high
         status = gw.status()["rules"]
         assert status["engine"]["transitions"] == 2
         assert status["actions"]["failed"] == {}
