@@ -125,6 +125,7 @@ class AlarmRoutes:
 
     @requires(Role.VIEWER)
     async def list(self, request: web.Request) -> web.Response:
+        """Alarms, filtered by ``?state=`` (default: those shown), ``?source=``, ``?limit=``."""
         q = request.query
         try:
             limit = min(int(q.get("limit", "1000")), LIST_MAX)
@@ -140,6 +141,7 @@ class AlarmRoutes:
 
     @requires(Role.VIEWER)
     async def show(self, request: web.Request) -> web.Response:
+        """One alarm (source, type): its state, severity, occurrence and timestamps."""
         source, type_ = request.match_info["source"], request.match_info["type"]
         try:
             alarm = self._svc().get(source, type_)
@@ -151,6 +153,7 @@ class AlarmRoutes:
 
     @requires(Role.VIEWER)
     async def history(self, request: web.Request) -> web.Response:
+        """An alarm's transitions, newest first (at most 1,000), each with who and the comment."""
         try:
             limit = int(request.query.get("limit", "100"))
         except ValueError:
@@ -165,6 +168,8 @@ class AlarmRoutes:
 
     @requires(Role.OPERATOR)
     async def act(self, request: web.Request) -> web.Response:
+        """An operator action on an alarm: ack, confirm, reset, clear, shelve, unshelve,
+        suppress, unsuppress, out-of-service, in-service or raise, with ``{"comment"}``."""
         source, type_ = request.match_info["source"], request.match_info["type"]
         name = request.match_info["action"]
         action = _ACTIONS.get(name)
