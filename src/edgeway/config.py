@@ -30,7 +30,7 @@ import re
 import socket
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -1589,11 +1589,26 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
     return parse_config_lines(text, filename)[0]
 
 
-def parse_config_lines(text: str, filename: str = "<config>") -> tuple[Config, KeyLines]:
-    """:func:`parse_config`, also returning where each key is (for later checks)."""
+def parse_config_lines(
+    text: str, filename: str = "<config>", environ: Mapping[str, str] | None = None
+) -> tuple[Config, KeyLines]:
+    """:func:`parse_config`, also returning where each key is (for later checks).
+
+    ``${VAR}`` references in values are expanded from ``environ`` (default:
+    the process environment; see :mod:`edgeway.config_env`)."""
+    from edgeway.config_env import construct, expand_tree
+
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text) if root is not None else {}
+        unset = expand_tree(root, environ)
+        if unset:
+            raise ConfigError(
+                [
+                    ConfigIssue(filename, n.start_mark.line + 1, _key_path(loc), m)
+                    for loc, n, m in unset
+                ]
+            )
+        data = construct(root) if root is not None else {}
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         line = mark.line + 1 if mark is not None else None
