@@ -9,6 +9,8 @@
 ``edgeway status``   a running gateway's state, through its admin API
 ``edgeway demo``     gateway + simulated devices + a local cloud, in one command
 ``edgeway simulate`` simulated devices against a gateway (MQTT, CoAP, HTTP, Modbus, OPC-UA)
+``edgeway init``     write a commented starter configuration
+``edgeway systemd-unit``  print the systemd unit for this installation
 """
 
 from __future__ import annotations
@@ -161,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _add_admin_commands(sub)
+    from edgeway.deploy.init import add_deploy_commands
+
+    add_deploy_commands(sub)
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -490,6 +495,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
 def _run_async(gateway: object) -> int:
     from edgeway.gateway import Gateway, StartupError
     from edgeway.south.mqtt.listeners import ListenerError
+    from edgeway.systemd import service_notifications
 
     assert isinstance(gateway, Gateway)
 
@@ -499,7 +505,8 @@ def _run_async(gateway: object) -> int:
             loop.add_signal_handler(sig, gateway.request_stop)
         loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
         try:
-            await gateway.run()
+            async with service_notifications(gateway.ready):
+                await gateway.run()
         except (ListenerError, StartupError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_RUNTIME
@@ -575,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command in ("demo", "simulate"):
         return cmd_sim(args)
+    if args.command in ("init", "systemd-unit"):
+        from edgeway.deploy.init import run_deploy_command
+
+        return run_deploy_command(args)
     if args.command == "passwd":
         from edgeway.devices.config_auth import passwd_main
 

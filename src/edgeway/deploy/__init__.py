@@ -1,0 +1,1 @@
+"""Files installed with edgeway for running it as a service (the systemd unit)."""
