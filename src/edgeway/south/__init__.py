@@ -26,7 +26,6 @@ SECTION_LIBRARIES: dict[str, OptionalLibrary] = {
     "modbus": OptionalLibrary("pymodbus", "pymodbus", "protocols"),
     "opcua": OptionalLibrary("asyncua", "asyncua", "protocols"),
     "serial": OptionalLibrary("serial_asyncio", "pyserial-asyncio", "protocols"),
-    "mqtt_client": OptionalLibrary("paho", "paho-mqtt", "protocols"),
     "ble": OptionalLibrary("bleak", "bleak", "ble"),
 }
 """The optional library each adapter imports when it runs (``edgeway check``
