@@ -495,6 +495,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
 def _run_async(gateway: object) -> int:
     from edgeway.gateway import Gateway, StartupError
     from edgeway.south.mqtt.listeners import ListenerError
+    from edgeway.storage.sqlite import StorageError
     from edgeway.systemd import service_notifications
 
     assert isinstance(gateway, Gateway)
@@ -507,11 +508,11 @@ def _run_async(gateway: object) -> int:
         try:
             async with service_notifications(gateway.ready):
                 await gateway.run()
-        except (ListenerError, StartupError, OSError) as e:
+        except (ListenerError, StartupError, StorageError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_RUNTIME
         except BaseExceptionGroup as eg:
-            expected, other = eg.split((ListenerError, StartupError, OSError))
+            expected, other = eg.split((ListenerError, StartupError, StorageError, OSError))
             if other is not None:
                 raise
             assert expected is not None
