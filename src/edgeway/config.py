@@ -164,6 +164,9 @@ class GatewaySection(_Model):
     """This gateway's id; part of every record id, so a cloud can tell gateways apart."""
     data_dir: Path = Path("./edgeway-data")
     """Outbox, retained messages, sessions and window state live here."""
+    health_interval: Duration = 0.0
+    """Send a health summary record of the gateway to every sink this often
+    (``record_type: health``, see edgeway/health_report.py). 0: off."""
 
 
 class LogSection(_Model):

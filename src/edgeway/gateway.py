@@ -345,6 +345,8 @@ class Gateway:
                         history = ConfigHistory(data_dir)
                         await asyncio.to_thread(history.record, self.config_text, "start")
                     self.ready.set()
+                    if cfg.gateway.health_interval > 0:
+                        tg.create_task(self._health_reporter().run(), name="health")
                     await self.stop_event.wait()
                     log.info("stopping")
                     await self._stop_front()
@@ -485,6 +487,17 @@ class Gateway:
         if self.outbox is not None:
             await self.outbox.close()
 
+    def _health_reporter(self) -> Any:
+        from edgeway.health_report import HealthReporter, summarize
+
+        cfg = self.config.gateway
+        return HealthReporter(
+            cfg.id,
+            cfg.health_interval,
+            lambda: summarize(self.status(), self.health_problems()),
+            self._store_records,
+        )
+
     def _store_records(self, readings: Sequence[Any]) -> Any:
         """Records the gateway makes itself (command states, alarm transitions)
         into the outbox in force (a reload may replace it)."""
@@ -512,6 +525,9 @@ class Gateway:
                 self._sink_tasks.append(
                     tg.create_task(source.run(), name=f"commands:{source.name}")
                 )
+            side = sink.side_task()
+            if side is not None:
+                self._sink_tasks.append(tg.create_task(side.run(), name=f"side:{side.name}"))
 
     async def _stop_runners(self) -> None:
         """Cancel the sink runners and command sources and wait for them. A task

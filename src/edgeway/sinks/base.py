@@ -400,6 +400,11 @@ class Sink(abc.ABC):
         configured to (see :mod:`edgeway.commands.cloud`); None by default."""
         return None
 
+    def side_task(self) -> SinkSideTask | None:
+        """Work of this sink beside sending batches (the MQTT sink's gateway
+        birth/death), run by the gateway next to its runner; None by default."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
@@ -407,6 +412,15 @@ class Sink(abc.ABC):
 class CommandSource(Protocol):
     """A sink's downlink from the cloud: runs (reconnecting forever) until
     cancelled, queueing the commands it receives."""
+
+    name: str
+
+    async def run(self) -> None: ...
+
+
+class SinkSideTask(Protocol):
+    """A sink's own long-running work beside its batches: runs (reconnecting
+    forever) until cancelled, and finishes cleanly when cancelled."""
 
     name: str
 

@@ -81,7 +81,7 @@ import ssl
 import struct
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -101,6 +101,7 @@ from edgeway.sinks.base import (
     RetryableSinkError,
     Sink,
     SinkOptionsError,
+    SinkSideTask,
     client_ssl_context,
     register_sink,
 )
@@ -222,6 +223,10 @@ class MqttSinkOptions(BatchOptions):
     commands_answers_topic: str = "edgeway/{gateway_id}/commands/answers"
     """Where answers go when a request has no MQTT 5 response topic
     (placeholders ``{gateway_id}``, ``{sink}``); never taken as a request."""
+    status_topic: str | None = None
+    """Where the gateway's birth and death are kept, retained, with a will
+    (placeholders ``{gateway_id}``, ``{sink}``; e.g. ``edgeway/{gateway_id}/status``),
+    on a connection of its own; see :mod:`edgeway.sinks.mqtt_presence`. None: off."""
     commands_max_inflight: int = Field(default=16, ge=1, le=65535)
     """Requests being stored at once (the MQTT 5 Receive Maximum we announce,
     so the broker holds the rest): each costs a database commit, so more
@@ -565,6 +570,9 @@ class MqttSink(Sink):
         if opts.commands:
             self.commands_topic = self._command_topic("commands_topic", True)
             self.commands_answers_topic = self._command_topic("commands_answers_topic", False)
+        self.status_topic = (
+            self._command_topic("status_topic", False) if opts.status_topic is not None else None
+        )
         self.ssl_context = self._make_ssl_context(tls, opts)
         self._topics: dict[str, bytes] = {}
         n = opts.connections
@@ -838,6 +846,14 @@ class MqttSink(Sink):
             return None
         return MqttCommandSource(self, self.commands_topic, service)
 
+    def side_task(self) -> SinkSideTask | None:
+        """The gateway's birth/death on ``status_topic``, when it is set."""
+        if self.status_topic is None:
+            return None
+        from edgeway.sinks.mqtt_presence import MqttPresence
+
+        return MqttPresence(self, self.status_topic)
+
     def probe_addresses(self) -> list[tuple[str, int]]:
         # The sink connects lazily: while it backs off there is no connection
         # whose state could be asked, so the broker's port is.
@@ -850,6 +866,42 @@ class MqttSink(Sink):
             if conn is not None:
                 await conn.close()
         self.state.connected = False
+
+
+async def reconnect_forever(
+    session: Callable[[Any], Awaitable[None]], sink: MqttSink, what: str, on_end: Callable[[], None]
+) -> None:
+    """Run ``session(backoff)`` again after each end (logged), with backoff,
+    until cancelled: the loop of the sink's own long-lived connections."""
+    from edgeway.south.base import Backoff
+
+    backoff = Backoff(initial=0.5, maximum=30.0)
+    while True:
+        try:
+            await session(backoff)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.warning("sink %s: %s: %s", sink.name, what, e)
+        on_end()
+        await backoff.wait()
+
+
+async def connect_side_client(sink: MqttSink, client: _NoReconnectClient) -> None:
+    """Connect one of the sink's own extra clients (commands, status) with its
+    credentials, TLS, keep-alive and protocol, within ``connect_timeout``."""
+    username, password = sink.credentials()
+    if username is not None:
+        client.set_auth_credentials(username, password)
+    opts = sink.options
+    async with asyncio.timeout(opts.connect_timeout):
+        await client.connect(
+            sink.host,
+            sink.port,
+            ssl=sink.ssl_context or False,
+            keepalive=opts.keepalive,
+            version=sink.protocol,
+        )
 
 
 _COMMANDS_PACKET_MAX = REQUEST_MAX_BYTES + 4096
@@ -930,18 +982,10 @@ class MqttCommandSource:
         client.publish(reply, orjson.dumps(answer), qos=1, **extra)
 
     async def run(self) -> None:
-        from edgeway.south.base import Backoff
-
-        backoff = Backoff(initial=0.5, maximum=30.0)
-        while True:
-            try:
-                await self._session(backoff)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                logger.warning("sink %s: commands: %s", self.sink.name, e)
+        def ended() -> None:
             self.connected = False
-            await backoff.wait()
+
+        await reconnect_forever(self._session, self.sink, "commands", ended)
 
     async def _session(self, backoff: Any) -> None:
         """One connection: connect, subscribe, take requests until it is lost
@@ -1001,18 +1045,8 @@ class MqttCommandSource:
         client.on_disconnect = on_disconnect
         client.on_subscribe = on_subscribe
         client._package_handler._handle_qos_1_publish_packet = on_qos1
-        username, password = sink.credentials()
-        if username is not None:
-            client.set_auth_credentials(username, password)
         try:
-            async with asyncio.timeout(opts.connect_timeout):
-                await client.connect(
-                    sink.host,
-                    sink.port,
-                    ssl=sink.ssl_context or False,
-                    keepalive=opts.keepalive,
-                    version=sink.protocol,
-                )
+            await connect_side_client(sink, client)
             # no_local: our answers never come back to us (MQTT 5 only: in
             # 3.1.1 that bit is reserved and the broker would disconnect us).
             client.subscribe(self.topic, qos=1, no_local=sink.protocol == MQTTv50)
