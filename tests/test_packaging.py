@@ -77,7 +77,7 @@ def test_every_third_party_import_is_declared() -> None:
     project = _pyproject()["project"]
     assert isinstance(project, dict)
     runtime = {_dist_name(r) for r in project["dependencies"]}
-    for name in ("sinks", "protocols", "ble"):
+    for name in ("sinks", "protocols", "ble", "ml"):
         runtime |= {_dist_name(r) for r in _extras()[name]}
     dists = packages_distributions()
     undeclared = {}
@@ -89,7 +89,7 @@ def test_every_third_party_import_is_declared() -> None:
         assert names, f"{module} is imported but not installed here"
         if not names & runtime:
             undeclared[module] = sorted(names)
-    assert undeclared == {}, f"imported, not in dependencies or sinks/protocols/ble: {undeclared}"
+    assert undeclared == {}, f"imported, not in dependencies or sinks/protocols/ble/ml: {undeclared}"
 
 
 def _optional_libraries() -> list[tuple[str, OptionalLibrary]]:

@@ -32,6 +32,7 @@ STORES = {
     "pipeline.db": "UPDATE schema_version SET version = ?",
     "broker.db": "UPDATE schema_version SET version = ?",
     "tokens.db": "UPDATE schema_version SET version = ?",
+    "models/models.db": "UPDATE schema_version SET version = ?",
 }
 
 
@@ -66,7 +67,7 @@ def written_by_this_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert gw.terminate() == 0, gw.output()
     finally:
         launcher.stop_all()
-    assert sorted(p.name for p in data.glob("*.db")) == sorted(STORES)
+    assert sorted(str(p.relative_to(data)) for p in data.rglob("*.db")) == sorted(STORES)
     return data
 
 
