@@ -45,6 +45,7 @@ class ThreadedIngestServer:
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _runner: web.AppRunner | None = None
+    _site: web.TCPSite | None = None
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
@@ -62,8 +63,7 @@ class ThreadedIngestServer:
             app.router.add_post("/ingest", self._handle)
             self._runner = web.AppRunner(app, access_log=None)
             loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-            loop.run_until_complete(site.start())
+            loop.run_until_complete(self._open())
             ready.set()
             loop.run_forever()
             loop.run_until_complete(self._runner.cleanup())
@@ -72,6 +72,18 @@ class ThreadedIngestServer:
         self._thread = threading.Thread(target=main, name="ingest-server", daemon=True)
         self._thread.start()
         assert ready.wait(10), "ingest server did not start"
+
+    async def _open(self) -> None:
+        """Listen on ``port`` (again, after :meth:`_close`: the fault suite's outages)."""
+        assert self._runner is not None
+        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        await self._site.start()
+
+    async def _close(self) -> None:
+        """Stop listening: new connections are refused, as from a cloud that is down."""
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
 
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None:
