@@ -80,6 +80,7 @@ def main() -> int:
                 report = runs[name](Path(tmp))
             except Exception as e:  # a stalled scenario is a result too
                 line = f"| {name} | FAIL: {type(e).__name__}: {str(e).splitlines()[0][:200]} |"
+                print(f"{name}: {e}", file=sys.stderr, flush=True)  # with the gateway's output
                 failed += 1
             else:
                 if report is None:

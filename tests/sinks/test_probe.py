@@ -192,3 +192,15 @@ def test_sinks_without_a_network_endpoint_have_no_probe(tmp_path: Path) -> None:
     )
     assert file_sink.probe_addresses() == [] and socket_pg.probe_addresses() == []
     assert asyncio.run(file_sink.probe()) is None
+
+
+def test_retry_after_is_a_lower_bound_not_the_delay() -> None:
+    # A cloud answering 503 with "Retry-After: 0" to every attempt was retried
+    # in a busy loop that starved the devices' acknowledgements (tests/faults,
+    # "sink answers 503"): the backoff still grows, Retry-After only lengthens it.
+    sink = HttpSink(SinkConfig(name="c", url="http://127.0.0.1:9/ingest"), "gw")
+    runner = SinkRunner(None, sink, backoff_initial=0.5, backoff_max=60.0, rng=LongestBackoff())  # type: ignore[arg-type]
+    assert [runner.backoff_delay(a, 0.0) for a in range(4)] == [0.5, 1.0, 2.0, 4.0]
+    assert runner.backoff_delay(0, 7.0) == 7.0  # the remote side's word when longer
+    assert runner.backoff_delay(20, None) == 60.0
+    assert runner.backoff_delay(0, 10_000.0) == 3600.0  # RETRY_AFTER_MAX

@@ -253,12 +253,18 @@ class SinkRunner:
         await asyncio.sleep(max(deadline - loop.time(), 0.0))
 
     def backoff_delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds before retry ``attempt`` (0-based): the remote side's
-        ``retry_after`` if given, else full jitter over a capped exponential."""
-        if retry_after is not None and retry_after >= 0:
-            return min(retry_after, RETRY_AFTER_MAX)
+        """Seconds before retry ``attempt`` (0-based): full jitter over a capped
+        exponential, and at least the remote side's ``retry_after`` if given.
+
+        A ``Retry-After`` is a lower bound, not the delay itself: a cloud that
+        answers 503 with ``Retry-After: 0`` to every attempt would otherwise
+        be retried as fast as the loopback allows, a busy loop that starved
+        the devices' acknowledgements (tests/faults, "sink answers 503")."""
         ceiling = min(self.backoff_max, self.backoff_initial * (2 ** min(attempt, 62)))
-        return self._rng.uniform(0.0, ceiling)
+        jitter = self._rng.uniform(0.0, ceiling)
+        if retry_after is not None and retry_after >= 0:
+            return max(min(retry_after, RETRY_AFTER_MAX), jitter)
+        return jitter
 
     def _log_failure(self, error: BaseException, delay: float) -> None:
         if self._failing_since is None:
