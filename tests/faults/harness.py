@@ -201,6 +201,12 @@ class FaultyCloud(ThreadedIngestServer):
     async def _handle(self, request: web.Request) -> web.Response:
         self.requests += 1
         mode = self.mode
+        if mode == "down":
+            # A request on a connection kept alive from before the port closed:
+            # a server that is down answers nothing; the connection just ends.
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=503, text="down")
         if mode == "hang":
             await self._released.wait()
             return web.Response(status=503, text="was hanging")

@@ -43,7 +43,9 @@ def cloud_away(tmp: Path, mode: str = "down", acks_during: int = 200) -> Report:
         assert s.cloud is not None
         s.wait_acked(40)
         s.cloud.set_mode(mode)
+        stored = len(s.cloud.snapshot())
         s.wait_acked(acks_during)  # devices are acknowledged while the cloud is away
+        assert len(s.cloud.snapshot()) == stored, "records reached a cloud that was away"
         s.cloud.set_mode("ok")
         s.wait_acked(40)
         return s.finish()
@@ -55,7 +57,9 @@ def flapping_sink(tmp: Path, cycles: int = 8, acks_per_phase: int = 15) -> Repor
         assert s.cloud is not None
         for _ in range(cycles):
             s.cloud.set_mode("down")
+            stored = len(s.cloud.snapshot())
             s.wait_acked(acks_per_phase)
+            assert len(s.cloud.snapshot()) == stored, "records reached a cloud that was down"
             s.cloud.set_mode("ok")
             s.wait_acked(acks_per_phase)
         return s.finish()
