@@ -33,7 +33,10 @@ STORES = {
     "broker.db": "UPDATE schema_version SET version = ?",
     "tokens.db": "UPDATE schema_version SET version = ?",
     "models/models.db": "UPDATE schema_version SET version = ?",
+    "twins.db": "UPDATE schema_version SET version = ?",
 }
+"""Every store a gateway writes: a new store fails the fixture's check until
+it is listed here (and so tested for the refusal)."""
 
 
 @pytest.fixture(scope="module")
