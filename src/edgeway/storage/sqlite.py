@@ -185,7 +185,9 @@ def check_version(
     if version > known:
         raise StorageError(
             f"{name}: schema version {version} is newer than this edgeway knows "
-            f"({known}); was it written by a newer release? Upgrade edgeway"
+            f"({known}); was it written by a newer release? Upgrade edgeway, or restore "
+            "the data directory's backup from before the upgrade "
+            "(docs/install.md#upgrades-and-downgrades)"
         )
     return version
 
@@ -324,7 +326,8 @@ class Database:
         try:
             conn = connect(self.path, self.durability)
             try:
-                migrate(conn, self.migrations, self.name, version=self.version)
+                # The path in the name: a refusal must say which file (docs/install.md).
+                migrate(conn, self.migrations, f"{self.path}: {self.name}", version=self.version)
             except BaseException:
                 conn.close()
                 raise
