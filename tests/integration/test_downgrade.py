@@ -36,6 +36,7 @@ STORES = {
     "twins.db": "UPDATE schema_version SET version = ?",
     "users.db": "UPDATE schema_version SET version = ?",
     "firmware/firmware.db": "UPDATE schema_version SET version = ?",
+    "alarms.db": "UPDATE schema_version SET version = ?",
 }
 """Every store a gateway writes: a new store fails the fixture's check until
 it is listed here (and so tested for the refusal)."""
