@@ -427,9 +427,14 @@ def test_rules_default_deny_and_placeholders() -> None:
     assert not z.may_publish(ALICE, "other")
     assert z.may_subscribe(ALICE, "sensors/c1/+/temp")
     assert z.may_subscribe(ALICE, "sensors/c1/#")
-    assert not z.may_subscribe(ALICE, "sensors/+/temp")
-    assert not z.may_subscribe(ALICE, "sensors/#")
-    assert not z.may_subscribe(ALICE, "#")
+    # Wider filters are granted (they reach sensors/c1/...); what they must
+    # not see is refused per topic name at delivery.
+    assert z.may_subscribe(ALICE, "sensors/+/temp")
+    assert z.may_subscribe(ALICE, "sensors/#")
+    assert z.may_subscribe(ALICE, "#")
+    assert not z.may_subscribe(ALICE, "sensors/c2/temp")
+    assert not z.may_subscribe(ALICE, "sensors/c2/#")
+    assert not z.may_subscribe(ALICE, "other/#")
     # "*" means an authenticated user: anonymous clients get only the second rule.
     anon_c1 = Principal("c1", None, anonymous=True)
     assert not z.may_publish(anon_c1, "sensors/c1/temp")
@@ -466,9 +471,14 @@ def test_first_matching_rule_wins_with_deny() -> None:
     assert not z.may_publish(ALICE, "sensors/secret/x")
     assert z.may_publish(ALICE, "sensors/public")
     assert z.may_subscribe(ALICE, "sensors/public/+")
-    assert not z.may_subscribe(ALICE, "sensors/#")  # would include the secret ones
-    assert not z.may_subscribe(ALICE, "sensors/+/x")
+    # Overlapping the deny rule is no reason to refuse: the secret topics are
+    # dropped per message at delivery (the topic name is refused below).
+    assert z.may_subscribe(ALICE, "sensors/#")
+    assert z.may_subscribe(ALICE, "sensors/+/x")
+    assert not z.may_subscribe(ALICE, "sensors/secret/x")
+    # Wholly inside the deny rule: refused at SUBSCRIBE.
     assert not z.may_subscribe(ALICE, "sensors/secret")
+    assert not z.may_subscribe(ALICE, "sensors/secret/+/y")
 
     z = ConfigAuthoriser(
         section(
@@ -480,11 +490,30 @@ def test_first_matching_rule_wins_with_deny() -> None:
         )
     )
     assert z.may_subscribe(ALICE, "sensors/a/+")
-    assert not z.may_subscribe(ALICE, "sensors/+")
+    assert z.may_subscribe(ALICE, "sensors/+")  # reaches sensors/a
+    assert not z.may_subscribe(ALICE, "sensors/b")
+    assert not z.may_subscribe(ALICE, "sensors/b/#")  # wholly denied
     assert z.may_subscribe(ALICE, "other/#")
-    # The deny rule's overlap with "+/a/#" is "sensors/a/#", covered by the
-    # earlier allow: granted.
     assert z.may_subscribe(ALICE, "+/a/#")
+    # Topic names (the delivery check): the first matching rule decides.
+    assert z.may_subscribe(ALICE, "sensors/a/x")
+    assert not z.may_subscribe(ALICE, "sensors/x")
+    assert z.may_subscribe(ALICE, "other/x")
+
+
+def test_filter_covered_only_by_several_deny_rules_is_granted_but_reads_nothing() -> None:
+    z = ConfigAuthoriser(
+        section(
+            acl=[{"topic": "a", "allow": False}, {"topic": "a/+/#", "allow": False}, {"topic": "#"}]
+        )
+    )
+    # Neither deny rule covers "a/#" alone: granted (documented), and every
+    # topic it can match is refused at delivery.
+    assert z.may_subscribe(ALICE, "a/#")
+    for topic in ("a", "a/x", "a/x/y"):
+        assert not z.may_subscribe(ALICE, topic)
+    assert not z.may_subscribe(ALICE, "a/x/#")  # one deny rule covers it: refused
+    assert z.may_subscribe(ALICE, "b")
 
 
 def test_wildcard_rules_do_not_reach_dollar_topics() -> None:

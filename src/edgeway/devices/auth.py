@@ -76,7 +76,14 @@ class Authoriser(Protocol):
         ...
 
     def may_subscribe(self, principal: Principal, topic_filter: str) -> bool:
-        """May this client subscribe to ``topic_filter`` (``$share/g/`` already stripped)?"""
+        """May this client subscribe to ``topic_filter`` (``$share/g/`` already
+        stripped)? True when some topic it matches is readable; the broker
+        asks again with each topic name at delivery, so a filter overlapping
+        denied topics is granted and those messages are dropped one by one."""
+        ...
+
+    def invalidate(self) -> None:
+        """Forget every cached decision: rules or identities changed."""
         ...
 
 
@@ -91,3 +98,6 @@ class AllowAll:
 
     def may_subscribe(self, principal: Principal, topic_filter: str) -> bool:
         return True
+
+    def invalidate(self) -> None:
+        pass

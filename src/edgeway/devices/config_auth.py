@@ -464,13 +464,17 @@ class ConfigAuthoriser:
 
     Publish: the topic name matches the rule's filter.
 
-    Subscribe: the filter is granted only if every topic it can match is
-    allowed. In rule order, an allow rule whose filter covers the whole
-    requested filter grants it; a deny rule whose filter overlaps the
-    requested one refuses it, unless that overlap is wholly covered by an
-    earlier allow rule. This is exact for one allow or deny rule and
-    conservative (it may refuse, never wrongly grant) when only the union of
-    several allow rules would cover a filter.
+    Subscribe: the filter is granted when some topic it can match is
+    readable, that is when an allow rule overlaps it and that overlap is not
+    wholly covered by an earlier deny rule; a deny rule covering the whole
+    filter refuses it. A granted filter may still match denied topics (``#``
+    with one deny rule anywhere): those messages are dropped one by one where
+    they leave for the client, where the broker asks :meth:`may_subscribe`
+    again with the topic name (for a topic name this is exactly "the first
+    matching rule decides"). This is what Mosquitto and EMQX do; refusing
+    the whole filter would make ``#`` useless under any deny rule. When only
+    the union of several deny rules covers a filter it is granted and
+    delivers nothing, which is harmless.
 
     Placeholders: ``{client_id}`` and ``{username}`` are replaced by the
     client's values. A value containing ``+``, ``#``, ``/`` or NUL, or an
@@ -546,6 +550,11 @@ class ConfigAuthoriser:
             del cache[next(iter(cache))]
         cache[key] = v
 
+    def invalidate(self) -> None:
+        """Forget every cached decision (the rules or an identity changed)."""
+        self._pub_cache.clear()
+        self._sub_cache.clear()
+
     def cache_size(self) -> int:
         """Entries in both decision caches (for tests and metrics)."""
         return len(self._pub_cache) + len(self._sub_cache)
@@ -570,7 +579,7 @@ class ConfigAuthoriser:
     def _decide_subscribe(self, principal: Principal, topic_filter: str) -> bool:
         if not self.rules:
             return True
-        allowed_so_far: list[str] = []
+        denied_so_far: list[str] = []
         for rule in self.rules:
             if not rule.subscribe or not self._applies(rule, principal):
                 continue
@@ -581,17 +590,18 @@ class ConfigAuthoriser:
                 if rule.allow:
                     continue
                 return False
-            if rule.allow:
+            overlap = filter_intersection(pattern, topic_filter)
+            if overlap is None:
+                continue
+            if not rule.allow:
                 if filter_subsumes(pattern, topic_filter):
-                    return True
-                if filter_intersection(pattern, topic_filter) is not None:
-                    allowed_so_far.append(pattern)
-            else:
-                overlap = filter_intersection(pattern, topic_filter)
-                if overlap is None:
-                    continue
-                if not any(filter_subsumes(a, overlap) for a in allowed_so_far):
-                    return False
+                    return False  # every topic of the filter is denied from here on
+                denied_so_far.append(pattern)
+            elif not any(filter_subsumes(d, overlap) for d in denied_so_far):
+                # Some topic of the filter is readable: the subscription is
+                # granted and what it must not see is dropped per message at
+                # delivery (MqttConnection._may_read), as Mosquitto and EMQX do.
+                return True
         return False
 
     def _applies(self, rule: _Rule, principal: Principal) -> bool:

@@ -159,9 +159,18 @@ def _apply_mqtt_auth(gw: Gateway, old: Config, new: Config, undo: list[Undo]) ->
     before = (broker.authenticator, broker.authoriser)
     broker.authenticator = ConfigAuthenticator(new.mqtt)
     broker.authoriser = ConfigAuthoriser(new.mqtt)
+    # Connections remember decisions (publish verdicts, the telemetry fast
+    # path, read verdicts): a new ACL must apply to their next message.
+    broker.acl_changed()
+    # A user removed or given a new password loses its connections now.
+    kept = {u.username: u.password_hash for u in new.mqtt.users}
+    for user in old.mqtt.users:
+        if kept.get(user.username) != user.password_hash:
+            broker.revoke(user.username)
 
     async def back() -> None:
         broker.authenticator, broker.authoriser = before
+        broker.acl_changed()
 
     undo.append(back)
 

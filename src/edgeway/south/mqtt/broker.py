@@ -388,6 +388,56 @@ class Broker:
         self.connections.add(conn)
         self.count("connections_total")
 
+    # ---------------------------------------------------- access changes
+
+    def acl_changed(self) -> int:
+        """The ACL changed (reload, a device's rules or groups edited): forget
+        every cached decision, the authoriser's and every connection's
+        (publish verdicts, the telemetry fast path's topics, read verdicts),
+        so the next message of every client is decided under the new rules;
+        disconnect clients holding a subscription the new rules refuse
+        (their queued messages are filtered at delivery anyway). Returns the
+        number of clients disconnected."""
+        self.authoriser.invalidate()
+        closed = 0
+        for conn in list(self.connections):
+            conn.forget_acl()
+            principal = conn.principal
+            session = conn.session
+            if principal is None or session is None or conn.state != CONNECTED:
+                continue
+            for flt in session.subscriptions:
+                real = flt.split("/", 2)[2] if flt.startswith("$share/") else flt
+                if not self.authoriser.may_subscribe(principal, real):
+                    conn.revoke(f"ACL changed: may no longer subscribe to {flt}")
+                    closed += 1
+                    break
+        return closed
+
+    def revoke(self, username: str) -> int:
+        """Identity ``username`` (a device id: a user name or a certificate's
+        common name) lost its access: disconnect its clients now (v5:
+        DISCONNECT 0x87), drop their pending wills, and forget cached
+        decisions. Returns the number of clients disconnected."""
+        self.authoriser.invalidate()
+        owner = "user:" + username
+        closed = 0
+        for conn in list(self.connections):
+            conn.forget_acl()
+            p = conn.principal
+            if p is not None and not p.anonymous and p.username == username:
+                conn.revoke("identity revoked")
+                closed += 1
+        for session in self.sessions.values():
+            if session.owner == owner and session.will is not None:
+                session.will = None
+                session.will_at = None
+                self._will_principal.pop(session.client_id, None)
+        if closed:
+            self.count("clients_revoked", closed)
+            self.flush_writes_soon()
+        return closed
+
     def connected_count(self) -> int:
         return self._connected
 

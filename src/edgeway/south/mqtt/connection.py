@@ -1760,6 +1760,23 @@ class MqttConnection(asyncio.Protocol):
     def server_shutdown(self) -> None:
         self.close(0x8B, "gateway shutting down")
 
+    def forget_acl(self) -> None:
+        """Drop this connection's remembered ACL decisions (publish verdicts,
+        the telemetry fast path's topics, read verdicts): the ACL or an
+        identity changed, and the next message must be decided afresh."""
+        self._topics = None
+        self._fast_topics = None
+        self._readable = None
+
+    def revoke(self, why: str) -> None:
+        """Disconnect at once because this client's identity was revoked
+        (device disabled, credential removed): v5 clients get DISCONNECT
+        0x87 (not authorised); no will is published, as the client no longer
+        speaks for anyone."""
+        self.forget_acl()
+        self.will = None
+        self.close(0x87, why)
+
     def _username(self) -> str | None:
         p = self.principal
         return None if p is None or p.anonymous else p.username

@@ -1,0 +1,179 @@
+"""The broker under a configured ACL: delivery-time filtering, ACL changes and
+revocation taking effect at once, and bypass attempts.
+
+Peers: aiomqtt (a real third-party client) for the headline case, the raw
+client of ``mqtt_harness`` where a test must send exact packets (aliases,
+wills, shared subscriptions) or see exact reason codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+from mqtt_harness import RawClient, running_broker, wait_until
+
+from edgeway.config import MqttSection
+from edgeway.devices.config_auth import ConfigAuthoriser
+from edgeway.ingest import MemoryIngest
+from edgeway.south.mqtt.connection import MqttConnection
+from edgeway.south.mqtt.packets import Disconnect, Properties, Publish, Will
+
+pytestmark = pytest.mark.asyncio
+
+SECRET_DENIED = [
+    {"topic": "secret/#", "access": "subscribe", "allow": False},
+    {"topic": "#"},
+]
+
+
+def _acl(rules: list[dict[str, Any]]) -> ConfigAuthoriser:
+    return ConfigAuthoriser(MqttSection.model_validate({"acl": rules}))
+
+
+async def test_hash_subscriber_gets_everything_except_the_denied_topics(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, authoriser=_acl(SECRET_DENIED)) as rb:
+        async with aiomqtt.Client("127.0.0.1", rb.port, identifier="watcher") as watcher:
+            await watcher.subscribe("#", qos=1)  # granted despite the deny rule
+            async with aiomqtt.Client("127.0.0.1", rb.port, identifier="pub") as pub:
+                for topic in ("a/b", "secret/x", "c", "secret", "secret/y/z", "d/secret"):
+                    await pub.publish(topic, topic.encode(), qos=1)
+            got: list[str] = []
+            async with asyncio.timeout(5):
+                async for msg in watcher.messages:
+                    got.append(str(msg.topic))
+                    if msg.topic.value == "d/secret":
+                        break
+        assert got == ["a/b", "c", "d/secret"]
+        assert rb.broker.dropped.get("read_not_authorised") == 3
+
+
+async def test_filter_wholly_inside_a_deny_rule_is_refused(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, authoriser=_acl(SECRET_DENIED)) as rb:
+        c, _ = await RawClient.connect(rb.port, "c1")
+        ack = await c.subscribe("secret/#", "secret/+/x", "$share/g/secret/#", "other/#", qos=1)
+        assert ack.reason_codes == [0x87, 0x87, 0x87, 1]
+        await c.close()
+
+
+async def test_shared_retained_and_will_are_filtered_at_delivery(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, authoriser=_acl(SECRET_DENIED)) as rb:
+        pub, _ = await RawClient.connect(rb.port, "pub")
+        await pub.publish("secret/r", b"retained secret", qos=1, retain=True)
+        await pub.publish("open/r", b"retained open", qos=1, retain=True)
+        shared, _ = await RawClient.connect(rb.port, "shared")
+        assert (await shared.subscribe("$share/g/#", qos=1)).reason_codes == [1]
+        plain, _ = await RawClient.connect(rb.port, "plain")
+        assert (await plain.subscribe("#", qos=1)).reason_codes == [1]
+        assert (await plain.receive_publish()).topic == "open/r"  # not secret/r
+        # A will to a denied topic reaches nobody who may not read it.
+        doomed, _ = await RawClient.connect(
+            rb.port, "doomed", will=Will("secret/will", b"w", 1, False, Properties())
+        )
+        doomed.abort()
+        await pub.publish("open/after", b"x", qos=1)
+        assert (await plain.receive_publish()).topic == "open/after"
+        assert (await shared.receive_publish()).topic == "open/after"
+        await plain.nothing()
+        await shared.nothing()
+        for c in (pub, shared, plain):
+            await c.close()
+
+
+async def _telemetry_run(tmp_path: Path, fast: bool) -> list[Any]:
+    """Publish telemetry, change the ACL so that topic is denied, publish
+    again in the same connection: only the first reading may be ingested."""
+    ingest = MemoryIngest()
+    MqttConnection.fast_telemetry = fast
+    try:
+        async with running_broker(tmp_path, ingest=ingest, authoriser=_acl([{"topic": "#"}])) as rb:
+            c, _ = await RawClient.connect(rb.port, "d1", level=4)
+            for i in range(3):  # the second and third take the fast path when on
+                await c.publish("devices/d1/telemetry", b'{"v": %d}' % i, qos=1)
+            rb.broker.authoriser = _acl([{"topic": "devices/d1/other"}])
+            rb.broker.acl_changed()
+            c.send(Publish("devices/d1/telemetry", b'{"v": 99}', 1, False, False, 9))
+            await c.publish("devices/d1/other", b"{}", qos=1)  # in order after it
+            await c.close()
+    finally:
+        MqttConnection.fast_telemetry = True
+    return [r.metrics["v"] for r in ingest.readings]
+
+
+async def test_acl_change_reaches_the_telemetry_fast_path(tmp_path: Path) -> None:
+    slow = await _telemetry_run(tmp_path / "slow", fast=False)
+    fast = await _telemetry_run(tmp_path / "fast", fast=True)
+    assert slow == fast == [0, 1, 2]
+
+
+async def test_acl_change_disconnects_a_subscriber_now_refused(tmp_path: Path) -> None:
+    async with running_broker(tmp_path, authoriser=_acl([{"topic": "#"}])) as rb:
+        c, _ = await RawClient.connect(rb.port, "watcher")
+        await c.subscribe("plant/#", qos=1)
+        keeps, _ = await RawClient.connect(rb.port, "keeps")
+        await keeps.subscribe("other/#", qos=1)
+        rb.broker.authoriser = _acl([{"topic": "other/#"}])
+        start = time.monotonic()
+        assert rb.broker.acl_changed() == 1
+        got = await c.closed()
+        assert time.monotonic() - start < 1.0
+        assert [p.reason_code for p in got if isinstance(p, Disconnect)] == [0x87]
+        pub, _ = await RawClient.connect(rb.port, "pub")
+        await pub.publish("other/x", b"1", qos=1)
+        assert (await keeps.receive_publish()).topic == "other/x"
+        for x in (keeps, pub):
+            await x.close()
+
+
+async def test_revoked_identity_is_disconnected_within_a_second_without_its_will(
+    tmp_path: Path,
+) -> None:
+    from edgeway.devices.auth import AuthDecision, ConnectInfo, Principal
+
+    class NameIsUser:
+        async def authenticate(self, info: ConnectInfo) -> AuthDecision:
+            return AuthDecision(True, Principal(info.client_id, info.username))
+
+    async with running_broker(
+        tmp_path, authenticator=NameIsUser(), authoriser=_acl([{"topic": "#"}])
+    ) as rb:
+        watcher, _ = await RawClient.connect(rb.port, "w", username="watcher")
+        await watcher.subscribe("#", qos=1)
+        victim, _ = await RawClient.connect(
+            rb.port,
+            "v",
+            username="dev-7",
+            will=Will("status/dev-7", b"gone", 1, False, Properties()),
+        )
+        other, _ = await RawClient.connect(rb.port, "o", username="dev-8")
+        start = time.monotonic()
+        assert rb.broker.revoke("dev-7") == 1
+        got = await victim.closed()
+        assert time.monotonic() - start < 1.0
+        assert [p.reason_code for p in got if isinstance(p, Disconnect)] == [0x87]
+        await other.publish("status/dev-8", b"here", qos=1)
+        assert (await watcher.receive_publish()).topic == "status/dev-8"  # no will first
+        await wait_until(lambda: rb.broker.counters.get("clients_revoked") == 1)
+        for c in (watcher, other):
+            await c.close()
+
+
+async def test_topic_alias_cannot_reach_a_denied_topic(tmp_path: Path) -> None:
+    rules = [{"topic": "secret/#", "access": "publish", "allow": False}, {"topic": "#"}]
+    async with running_broker(tmp_path, authoriser=_acl(rules)) as rb:
+        watcher, _ = await RawClient.connect(rb.port, "w")
+        await watcher.subscribe("#", qos=1)
+        c, _ = await RawClient.connect(rb.port, "c")
+        ack = await c.publish("secret/x", b"1", qos=1, properties=Properties(topic_alias=1))
+        assert ack.reason_code == 0x87
+        # The alias, if it was recorded at all, still names the denied topic.
+        ack = await c.publish("", b"2", qos=1, properties=Properties(topic_alias=1))
+        assert ack.reason_code == 0x87
+        await c.publish("open/x", b"3", qos=1)
+        assert (await watcher.receive_publish()).payload == b"3"
+        for x in (watcher, c):
+            await x.close()
