@@ -264,6 +264,19 @@ class MqttLimits(_Model):
     filters of 256. Beyond it, as beyond ``max_subscriptions_per_client``."""
     max_connections: int = Field(default=100000, ge=1)
     """Refuse connections beyond this many (file descriptors and memory)."""
+    max_connections_per_address: int = Field(default=0, ge=0)
+    """Open TCP connections one source address may hold, counted from accept
+    (so idle sockets that never send CONNECT count too); beyond it the socket
+    is closed at once. 0: no limit (the default, because a site behind one
+    NAT address may hold thousands of devices); set it where devices have
+    their own addresses."""
+    max_failed_logins_per_address: int = Field(default=20, ge=1)
+    """Distinct user names failing to log in (bad name, password or token)
+    from one source address before it is locked out for 1 s, doubling up to
+    60 s (CONNACK 0x8A, no credential checked). It stops one address
+    guessing across many user names, which the per-user lockout (5
+    failures) alone does not; distinct names, so one misconfigured device
+    retrying does not lock out every device sharing its NAT address."""
     connect_timeout: Duration = 10.0
     """Time allowed between TCP accept and CONNECT, against idle sockets."""
     disconnect_linger: Duration = 2.0

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeway.config import AclRule, ConfigError, MqttSection, MqttUser, parse_config
-from edgeway.devices import config_auth
+from edgeway.devices import backoff, config_auth
 from edgeway.devices.auth import ConnectInfo, Principal
 from edgeway.devices.config_auth import (
     ConfigAuthenticator,
@@ -228,7 +228,7 @@ async def test_lockout_after_repeated_failures_then_backoff() -> None:
             await a.authenticate(info("mallory", b"x"))
         assert (await a.authenticate(info("mallory", b"x"))).reason_code == 0x8A
         # Failures are forgotten after a quiet period.
-        clock.now += config_auth.FAILURE_MEMORY + 1
+        clock.now += backoff.MEMORY + 1
         assert (await a.authenticate(info("alice", b"pw"))).allowed
     finally:
         a.close()

@@ -43,6 +43,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from edgeway.config import AclRule, MqttSection
 from edgeway.devices.auth import AuthDecision, ConnectInfo, Principal
+from edgeway.devices.backoff import LoginBackoff
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +73,8 @@ connect timeout; beyond it clients are told "server busy" (0x89) and retry
 later instead of queueing work whose answer would arrive after they gave up."""
 
 MAX_FAILURES = 5
-"""Consecutive failed logins for one user name before it is locked out."""
-LOCKOUT_BASE = 1.0
-"""First lockout (s); it doubles with each further failure up to LOCKOUT_MAX.
-Short on purpose: a device whose password was rotated must get back in soon,
-while 2**n growth makes online guessing useless (hours per few dozen tries)."""
-LOCKOUT_MAX = 60.0
-FAILURE_MEMORY = 900.0
-"""Seconds after the last failure when a user name's failure count is forgotten."""
-FAILURE_TABLE_MAX = 10_000
-"""User names whose failures are tracked. Bounded because an attacker chooses
-the names; evicting the oldest costs them one argon2 verification (~0.1 s of
-our CPU) per name, so pushing a target out takes ~15 minutes of sustained
-guessing, during which the target itself stays locked."""
+"""Consecutive failed logins for one user name before it is locked out (for
+1 s, doubling up to 60 s; see :mod:`edgeway.devices.backoff`)."""
 
 
 def _hasher() -> argon2.PasswordHasher:
@@ -141,13 +131,6 @@ def passwd_main(argv: list[str]) -> int:
     return 0
 
 
-@dataclass(slots=True)
-class _Failures:
-    count: int = 0
-    last: float = 0.0
-    locked_until: float = 0.0
-
-
 class ConfigAuthenticator:
     """Authenticates CONNECTs against ``mqtt.users``.
 
@@ -182,11 +165,9 @@ class ConfigAuthenticator:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._users: dict[str, str] = {u.username: u.password_hash for u in mqtt.users}
-        self._max_failures = max_failures
         self._max_pending = max_pending
         self._pending = 0
-        self._failures: dict[str, _Failures] = {}
-        self._clock = clock
+        self._failures = LoginBackoff(max_failures=max_failures, clock=clock)
         self._executor: ThreadPoolExecutor | None = None
         self._dummy_hash: str | None = None
         self._hasher = _hasher()
@@ -216,24 +197,16 @@ class ConfigAuthenticator:
     async def _check_password(self, info: ConnectInfo) -> AuthDecision:
         username = info.username
         assert username is not None
-        now = self._clock()
-        entry = self._failures.get(username)
-        if entry is not None:
-            if now - entry.last > FAILURE_MEMORY:
-                del self._failures[username]
-                entry = None
-            elif entry.locked_until > now:
-                wait = entry.locked_until - now
-                # The broker logs the refusal (rate-limited); this is the detail.
-                log.debug(
-                    "login for user %r from %s refused: locked out for %.1f s more",
-                    username,
-                    info.remote,
-                    wait,
-                )
-                return AuthDecision(
-                    False, None, 0x8A, f"too many failed logins; retry in {wait:.0f} s"
-                )
+        wait = self._failures.locked_for(username)
+        if wait > 0:
+            # The broker logs the refusal (rate-limited); this is the detail.
+            log.debug(
+                "login for user %r from %s refused: locked out for %.1f s more",
+                username,
+                info.remote,
+                wait,
+            )
+            return AuthDecision(False, None, 0x8A, f"too many failed logins; retry in {wait:.0f} s")
         if self._pending >= self._max_pending:
             log.debug("login for user %r refused: %d hash checks pending", username, self._pending)
             return AuthDecision(False, None, 0x89, "server busy")
@@ -248,9 +221,13 @@ class ConfigAuthenticator:
         finally:
             self._pending -= 1
         if ok:
-            self._failures.pop(username, None)
+            self._failures.succeeded(username)
             return AuthDecision(True, Principal(info.client_id, username))
-        self._record_failure(username, self._clock())
+        lock = self._failures.failed(username)
+        if lock:
+            log.warning(
+                "user %r locked out for %.0f s after repeated failed logins", username, lock
+            )
         log.debug(
             "login for user %r from %s refused: bad user name or password", username, info.remote
         )
@@ -294,21 +271,6 @@ class ConfigAuthenticator:
             # A benign race: two threads may both compute it; either is fine.
             self._dummy_hash = hasher.hash("edgeway-dummy-password")
         return self._dummy_hash
-
-    def _record_failure(self, username: str, now: float) -> None:
-        entry = self._failures.pop(username, None) or _Failures()
-        entry.count += 1
-        entry.last = now
-        if entry.count >= self._max_failures:
-            lock = min(LOCKOUT_MAX, LOCKOUT_BASE * 2 ** (entry.count - self._max_failures))
-            entry.locked_until = now + lock
-            log.warning(
-                "user %r locked out for %.0f s after %d failed logins", username, lock, entry.count
-            )
-        # Re-inserted last, so the dict's order is oldest failure first.
-        self._failures[username] = entry
-        while len(self._failures) > FAILURE_TABLE_MAX:
-            del self._failures[next(iter(self._failures))]
 
 
 # --------------------------------------------------------------------------

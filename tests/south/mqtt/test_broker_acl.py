@@ -177,3 +177,58 @@ async def test_topic_alias_cannot_reach_a_denied_topic(tmp_path: Path) -> None:
         assert (await watcher.receive_publish()).payload == b"3"
         for x in (watcher, c):
             await x.close()
+
+
+# ---------------------------------------------------------------------------
+# per-address limits
+
+
+class _RefuseAllBut:
+    """Accepts only user ``ok``; everyone else is a bad user name or password."""
+
+    async def authenticate(self, info: Any) -> Any:
+        from edgeway.devices.auth import AuthDecision, Principal
+
+        if info.username == "ok":
+            return AuthDecision(True, Principal(info.client_id, "ok"))
+        return AuthDecision(False, None, 0x86, "bad user name or password")
+
+
+async def test_an_address_spraying_user_names_is_locked_out(tmp_path: Path) -> None:
+    config = MqttSection.model_validate({"limits": {"max_failed_logins_per_address": 5}})
+    async with running_broker(tmp_path, config=config, authenticator=_RefuseAllBut()) as rb:
+        # One device retrying one wrong name does not lock the address.
+        for _ in range(8):
+            c, ack = await RawClient.connect(rb.port, "", username="same", expect_ok=False)
+            assert ack.reason_code == 0x86
+            await c.close()
+        c, _ = await RawClient.connect(rb.port, "", username="ok")
+        await c.close()
+        # Five distinct names: locked, even for a good login, without asking
+        # the authenticator.
+        for i in range(4):
+            c, ack = await RawClient.connect(rb.port, "", username=f"u{i}", expect_ok=False)
+            assert ack.reason_code == 0x86
+            await c.close()
+        c, ack = await RawClient.connect(rb.port, "", username="ok", expect_ok=False)
+        assert ack.reason_code == 0x8A
+        await c.close()
+        assert rb.broker.counters["address_locked_out"] == 1
+
+
+async def test_connections_per_address_are_limited(tmp_path: Path) -> None:
+    config = MqttSection.model_validate({"limits": {"max_connections_per_address": 3}})
+    async with running_broker(tmp_path, config=config) as rb:
+        held = [await asyncio.open_connection("127.0.0.1", rb.port) for _ in range(3)]
+        await wait_until(lambda: len(rb.broker.connections) == 3)
+        r, w = await asyncio.open_connection("127.0.0.1", rb.port)
+        assert await asyncio.wait_for(r.read(), 5) == b""  # closed at accept
+        w.close()
+        assert rb.broker.dropped["max_connections_per_address"] == 1
+        # One closes: a new one is let in and can CONNECT.
+        held[0][1].close()
+        await wait_until(lambda: len(rb.broker.connections) == 2)
+        c, _ = await RawClient.connect(rb.port, "fourth")
+        await c.close()
+        for _, writer in held[1:]:
+            writer.close()

@@ -81,6 +81,7 @@ from typing import Any, Protocol
 
 from edgeway.config import ListenerConfig, MqttSection, input_limits
 from edgeway.devices.auth import Authenticator, Authoriser, Principal
+from edgeway.devices.backoff import LoginBackoff, address_key
 from edgeway.ingest import Ingest
 from edgeway.logs import EventLog
 from edgeway.south.mqtt.clock import BrokerClock
@@ -173,6 +174,11 @@ class Broker:
         self._persistent: set[Session] = set()
         """Sessions that outlive their connection (``max_persistent_sessions``)."""
         self.connections: set[MqttConnection] = set()
+        self._per_address: dict[str, int] = {}
+        """Open connections per source address (entries only while > 0)."""
+        self.login_backoff = LoginBackoff(max_failures=self.limits.max_failed_logins_per_address)
+        """Failed logins per source address (the authenticator keeps its own
+        per user name)."""
         self.store: BrokerStore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweep_handle: asyncio.TimerHandle | None = None
@@ -385,6 +391,22 @@ class Broker:
         if self._stopped:
             conn.close()
             return
+        cap = self.limits.max_connections_per_address
+        host = address_key(conn.remote)
+        held = self._per_address.get(host, 0)
+        if cap and held >= cap:
+            self.count_drop("max_connections_per_address")
+            self.events.emit(
+                "connection_refused",
+                logging.WARNING,
+                "MQTT connection from %s refused: %d open from that address (limit %d)",
+                conn.remote,
+                held,
+                cap,
+            )
+            conn.close()
+            return
+        self._per_address[host] = held + 1
         self.connections.add(conn)
         self.count("connections_total")
 
@@ -452,7 +474,14 @@ class Broker:
                 return cid
 
     def connection_lost(self, conn: MqttConnection) -> None:
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            host = address_key(conn.remote)
+            held = self._per_address.get(host, 1) - 1
+            if held > 0:
+                self._per_address[host] = held
+            else:
+                self._per_address.pop(host, None)
         self.release(conn)
 
     def release(self, conn: MqttConnection) -> None:

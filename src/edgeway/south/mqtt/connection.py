@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from edgeway.devices.auth import AuthDecision, ConnectInfo, Principal
+from edgeway.devices.backoff import address_key
 from edgeway.ingest import IngestStatus
 from edgeway.reading import Origin, Reading
 from edgeway.south.mqtt.codec import (
@@ -743,6 +744,11 @@ class MqttConnection(asyncio.Protocol):
             broker.count_drop("max_connections")
             self._refuse(0x97, "max_connections reached")
             return
+        wait = broker.login_backoff.locked_for(address_key(self.remote))
+        if wait > 0:
+            broker.count("address_locked_out")
+            self._refuse(0x8A, f"too many failed logins from this address; retry in {wait:.0f} s")
+            return
         if p.will is not None:
             t = p.will.topic
             if not t or "+" in t or "#" in t:
@@ -809,6 +815,11 @@ class MqttConnection(asyncio.Protocol):
                 self._refuse(0x80, "authenticator error")
                 return
             if not decision.allowed:
+                if decision.reason_code in (0x86, 0x87):
+                    # A wrong secret or none: a new user name failing counts
+                    # against the address (busy 0x89 and locked 0x8A are not
+                    # the client's guess).
+                    broker.login_backoff.failed(address_key(self.remote), p.username or "")
                 self._refuse(decision.reason_code, decision.reason or "not authorised", p.username)
                 return
             principal = decision.principal or Principal(
