@@ -203,6 +203,28 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="add NAME --role viewer|operator|engineer|admin [--password-stdin] | list [--json] "
         "| remove NAME | passwd NAME [--password-stdin]",
     )
+    credentials = sub.add_parser(
+        "credentials",
+        help="per-device MQTT passwords, HTTP/CoAP tokens, groups, disable (audit-logged)",
+        description="Per-device credentials in DATA_DIR/credentials.db; work at once, also "
+        "while the gateway runs. See docs/security.md.",
+    )
+    _add_common(credentials)
+    credentials.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="ACTION ...",
+        help="issue ID [--kind mqtt|http|coap] | set-password ID | groups ID G1,G2 | "
+        "disable ID | enable ID | remove ID [--kind K] | list [--json]",
+    )
+    from edgeway.admin.client import add_audit_arguments
+
+    audit = sub.add_parser(
+        "audit",
+        help="the audit log of administrative changes, from a running gateway's admin API",
+    )
+    _add_admin_config(audit)
+    add_audit_arguments(audit)
     status = sub.add_parser(
         "status",
         help="a running gateway's state, from its admin API (token: $EDGEWAY_TOKEN)",
@@ -307,6 +329,8 @@ _CONFIG_COMMANDS = frozenset(
         "outbox",
         "deadletter",
         "tokens",
+        "credentials",
+        "audit",
         "status",
         "command",
         "reload",
@@ -377,6 +401,14 @@ def _cmd_with_config(args: argparse.Namespace) -> int:
         from edgeway.admin.users import users_main
 
         return users_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
+    if args.command == "credentials":
+        from edgeway.devices.credentials_cli import credentials_main
+
+        return credentials_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
+    if args.command == "audit":
+        from edgeway.admin.client import audit_main
+
+        return audit_main(args, cfg)
     from edgeway.admin.client import status_main
 
     return status_main(args, cfg)
@@ -565,7 +597,7 @@ def _take_common_options(args: argparse.Namespace, rest: list[str]) -> list[str]
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    if args.command in ("stats", "deadletter", "tokens", "users", "outbox"):
+    if args.command in ("stats", "deadletter", "tokens", "users", "outbox", "credentials"):
         args.rest = _take_common_options(args, [*args.rest, *extras])
     elif extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")

@@ -310,16 +310,23 @@ class MqttLimits(_Model):
 class AclRule(_Model):
     """One ACL rule. The first rule matching user/client and topic decides.
 
-    ``topic`` may use ``+``/``#`` and the placeholders ``{client_id}`` and
-    ``{username}``; ``access`` is what the rule grants or denies.
+    ``topic`` may use ``+``/``#`` and the placeholders ``{client_id}``,
+    ``{username}`` and ``{device_id}`` (the same as ``{username}``: the
+    verified name); ``access`` is what the rule grants or denies.
     """
 
     username: str | None = None
     """Match this user (``*`` = any authenticated user, absent = anyone)."""
+    device: str | None = None
+    """Match this device id (the verified name; ``*`` globs like ``username``).
+    Another spelling of ``username`` for rules about devices; give one of them."""
+    group: str | None = None
+    """Match devices in this group (``edgeway credentials groups ID G1,G2``)."""
     client_id: str | None = None
     """Match this client id (absent = any client)."""
     topic: str
-    """Topic filter the rule covers; ``+``, ``#``, ``{client_id}``, ``{username}``."""
+    """Topic filter the rule covers; ``+``, ``#``, ``{client_id}``, ``{username}``,
+    ``{device_id}``."""
     access: Literal["publish", "subscribe", "all"] = "all"
     """What the rule covers."""
     allow: bool = True
@@ -332,6 +339,12 @@ class AclRule(_Model):
 
         validate_acl_topic(v)
         return v
+
+    @model_validator(mode="after")
+    def _one_name_matcher(self) -> Self:
+        if self.username is not None and self.device is not None:
+            raise ValueError("give username or device, not both (they match the same name)")
+        return self
 
 
 class MqttUser(_Model):
@@ -693,6 +706,12 @@ class CoapSection(_Model):
     """Run the CoAP listener (the section's presence turns it on)."""
     listen: str = "127.0.0.1:5683"
     """``HOST:PORT`` (UDP); port 0 picks a free port (logged at start)."""
+    allow_anonymous: bool = True
+    """Accept requests for devices that have no CoAP token in the credential
+    store, without a token. ``true`` (the default, as before per-device
+    tokens): a trusted network; ``false``: only devices given a token
+    (``edgeway credentials issue ID --kind coap``, sent as the Uri-Query
+    ``token=...``) may post. A device that has a token must always send it."""
     max_body_size: Size = 64 * 1024
     """Largest request body accepted, after Block1 reassembly (4.13 beyond).
     64 KiB: a SenML pack of a few hundred records; a body is held in memory

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from edgeway.admin.api import AdminServer
     from edgeway.alarms.service import AlarmService
     from edgeway.commands.service import CommandService
+    from edgeway.devices.identity import DeviceAccessControl
     from edgeway.downlink import ReceiptDownlink
     from edgeway.firmware.service import FirmwareService
     from edgeway.ml.manager import ModelManager
@@ -96,6 +97,10 @@ class Gateway:
     config: Config
     authenticator: Authenticator | None = None
     authoriser: Authoriser | None = None
+    access: DeviceAccessControl | None = None
+    """Identities, credentials and revocation for every listener (built at
+    start from the config and the data directory unless the authenticator
+    and authoriser are injected in code)."""
     tune_gc: bool = False
     """Tune the garbage collector for the process once started (``edgeway
     run`` sets it; tests running gateways in-process do not)."""
@@ -282,6 +287,8 @@ class Gateway:
                 # a plain ListenerError the CLI can print in one line.
                 await self._start_broker(authenticator, authoriser)
                 self.rule_targets.publish = self._publish_for_rules
+            if self.access is not None:
+                self.access.attach(self.broker)
             for adapter in self.adapters:
                 self._register_downlink(adapter)
             if self.commands is not None and self.broker is not None:
@@ -356,6 +363,8 @@ class Gateway:
                 pass
         finally:
             await self._stop_front()
+            if self.access is not None:
+                self.access.close()
             if self.admin is not None:
                 await self.admin.close()
             self._tg = None
@@ -710,6 +719,7 @@ class Gateway:
             adapter.twins = self.twins  # the HTTP ingest serves them (edgeway.twins)
         if hasattr(adapter, "firmware"):
             adapter.firmware = self.firmware  # and firmware downloads
+        adapter.access = self.access
         return adapter
 
     def _register_downlink(self, adapter: SouthAdapter) -> None:
@@ -726,9 +736,10 @@ class Gateway:
     def _auth(self) -> tuple[Authenticator, Authoriser]:
         if self.authenticator is not None and self.authoriser is not None:
             return self.authenticator, self.authoriser
-        from edgeway.devices.config_auth import ConfigAuthenticator, ConfigAuthoriser
+        from edgeway.devices.identity import DeviceAccessControl
 
-        return ConfigAuthenticator(self.config.mqtt), ConfigAuthoriser(self.config.mqtt)
+        self.access = DeviceAccessControl(self.config, Path(self.config.gateway.data_dir))
+        return self.access.authenticator, self.access.authoriser
 
     async def _start_broker(self, authenticator: Authenticator, authoriser: Authoriser) -> None:
         cfg = self.config
@@ -768,13 +779,15 @@ class Gateway:
             elif (
                 self.authenticator is None
                 and not cfg.mqtt.users
+                and (self.access is None or not self.access.store.devices())
                 and not (lst.config.tls is not None and lst.config.tls.require_client_cert)
             ):
                 # Credentials required, none configured: nobody can connect.
                 # Without this line the only trace is each refused client.
                 log.warning(
-                    "MQTT listener %s:%d requires credentials but mqtt.users is empty: no "
-                    "client can connect (add users, TLS client certificates, or "
+                    "MQTT listener %s:%d requires credentials but mqtt.users is empty and no "
+                    "device has credentials: no client can connect (add users, "
+                    "'edgeway credentials issue ID', TLS client certificates, or "
                     "allow_anonymous on a trusted network)",
                     *lst.bound,
                 )

@@ -248,6 +248,7 @@ def test_every_admin_route_declares_its_access() -> None:
         ("GET", "/readyz"): PUBLIC,
         ("GET", "/healthz"): PUBLIC,
         ("GET", "/api/status"): Role.VIEWER,
+        ("GET", "/api/audit"): Role.OPERATOR,
         ("GET", "/metrics"): Role.VIEWER,
         ("POST", "/api/devices/{device_id}/commands"): Role.OPERATOR,
         ("GET", "/api/devices/{device_id}/commands"): Role.VIEWER,

@@ -589,10 +589,10 @@ def test_cache_hit_is_fast() -> None:
 
 def test_bad_acl_topics_are_config_errors() -> None:
     with pytest.raises(ConfigError) as err:
-        parse_config('mqtt:\n  acl:\n    - {topic: "a/#/b"}\n    - {topic: "x/{device_id}"}\n')
+        parse_config('mqtt:\n  acl:\n    - {topic: "a/#/b"}\n    - {topic: "x/{device}"}\n')
     text = str(err.value)
     assert "<config>:3: mqtt.acl[0].topic: '#' must be a whole level and the last one" in text
-    assert "<config>:4: mqtt.acl[1].topic: unknown placeholder '{device_id}'" in text
+    assert "<config>:4: mqtt.acl[1].topic: unknown placeholder '{device}'" in text
     with pytest.raises(ConfigError, match="'\\+' must be a whole level"):
         parse_config('mqtt: {acl: [{topic: "a+/b"}]}')
     # Bypassing pydantic validation still cannot build a broken authoriser.
@@ -606,3 +606,32 @@ def test_require_client_cert_without_ca_is_a_config_error() -> None:
             "mqtt:\n  listeners:\n    - bind: 127.0.0.1:8883\n"
             "      tls: {cert: s.pem, key: s.key, require_client_cert: true}\n"
         )
+
+
+def test_group_device_and_device_id_template_rules() -> None:
+    z = ConfigAuthoriser(
+        section(
+            acl=[
+                {"device": "boiler-*", "topic": "plant/boilers/#", "access": "publish"},
+                {"group": "hall-a", "topic": "halls/a/#"},
+                {"device": "*", "topic": "devices/{device_id}/#"},
+            ]
+        )
+    )
+    boiler = Principal("c", "boiler-3", groups=frozenset({"hall-a"}))
+    pump = Principal("c", "pump-1")
+    assert z.may_publish(boiler, "plant/boilers/3")
+    assert not z.may_publish(pump, "plant/boilers/3")
+    assert z.may_publish(boiler, "halls/a/temp") and not z.may_publish(pump, "halls/a/temp")
+    assert z.may_publish(pump, "devices/pump-1/telemetry")
+    assert not z.may_publish(pump, "devices/boiler-3/telemetry")
+    # Anonymous clients have no device id: the template does not apply.
+    assert not z.may_publish(ANON, "devices/None/telemetry")
+    # Groups changed (a new principal): decisions follow after invalidate().
+    z.invalidate()
+    assert not z.may_publish(Principal("c", "boiler-3"), "halls/a/temp")
+
+
+def test_username_and_device_together_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="username or device"):
+        parse_config('mqtt: {acl: [{username: a, device: b, topic: "x"}]}')

@@ -48,6 +48,7 @@ from aiohttp import web
 
 from edgeway.admin.access import AccessControl, HostPolicy, public, requires
 from edgeway.admin.alarms_api import AlarmRoutes, alarm_metrics
+from edgeway.admin.audit_api import AuditRoutes
 from edgeway.admin.build import BuildInfo, build_info, process_figures
 from edgeway.admin.commands_api import CommandRoutes
 from edgeway.admin.config_api import ConfigRoutes
@@ -61,6 +62,7 @@ from edgeway.admin.tokens import DB_NAME, Role, TokenStore, TokenStoreError
 from edgeway.admin.twins_api import TwinRoutes
 from edgeway.admin.users import DB_NAME as USERS_DB_NAME
 from edgeway.admin.users import UserStore, UserStoreError
+from edgeway.audit import AuditLog
 from edgeway.config import is_loopback, parse_host_port
 
 if TYPE_CHECKING:
@@ -325,6 +327,9 @@ class AdminServer:
         self._openapi: bytes | None = None
         self.alarms: AlarmService | None = None
         """The gateway's alarms (routes in :mod:`edgeway.admin.alarms_api`)."""
+        self.audit: AuditLog | None = None
+        """Where change requests are recorded (:mod:`edgeway.admin.audit_api`);
+        opened by :meth:`start`."""
 
     @classmethod
     def from_config(
@@ -371,16 +376,20 @@ class AdminServer:
                 ssl_context = build_server_ssl_context(config.tls)
             except (OSError, ValueError) as e:
                 raise ValueError(f"admin.tls: {e}") from e
-        return cls(
+        server = cls(
             host, port, status, ready, access=access, stopping=stopping, problems=problems,
             ssl_context=ssl_context, data_dir=data_dir,
             recent=RecentValues(
                 points_per_series=config.trend_points, max_series=config.trend_series
             ),
         )  # fmt: skip
+        server.audit = AuditLog(data_dir)
+        return server
 
     def _app(self) -> web.Application:
-        app = web.Application(middlewares=[json_errors, self.access.middleware])
+        audit = AuditRoutes(lambda: self.audit)
+        app = web.Application(middlewares=[json_errors, self.access.middleware, audit.middleware])
+        audit.add_to(app)
         app.router.add_get("/livez", self._livez)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/healthz", self._healthz)
@@ -397,6 +406,8 @@ class AdminServer:
         return app
 
     async def start(self) -> None:
+        if self.audit is not None:
+            await self.audit.open()
         self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(
@@ -450,6 +461,8 @@ class AdminServer:
             self.access.tokens.close()
         if self.access.users is not None:
             self.access.users.close()
+        if self.audit is not None:
+            await self.audit.close()
 
     @public
     async def _livez(self, request: web.Request) -> web.Response:

@@ -197,3 +197,40 @@ def status_main(args: argparse.Namespace, cfg: Config) -> int:
             f"{c.get('dropped', 0)} dropped"
         )
     return 0
+
+
+def add_audit_arguments(p: argparse.ArgumentParser) -> None:
+    add_admin_arguments(p)
+    p.add_argument("--limit", type=int, default=50, help="entries, newest first (default 50)")
+    p.add_argument("--before", type=int, help="entries older than this id (paging)")
+    p.add_argument("--action", help="only actions starting with this (e.g. 'POST /api/config')")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def audit_main(args: argparse.Namespace, cfg: Config) -> int:
+    """``edgeway audit``: the audit log, from a running gateway's admin API."""
+    import time
+    import urllib.parse
+
+    query = {"limit": str(args.limit)}
+    if args.before is not None:
+        query["before"] = str(args.before)
+    if args.action:
+        query["action"] = args.action
+    try:
+        with client_from_args(args, cfg) as client:
+            body = client.get_json("/api/audit?" + urllib.parse.urlencode(query))
+    except AdminClientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for entry in body.get("entries") or []:
+        if args.json:
+            print(orjson.dumps(entry).decode())
+            continue
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(entry.get("at") or 0)))
+        status = entry.get("status")
+        print(
+            f"{entry.get('id')}\t{when}\t{entry.get('who')}\t{entry.get('source') or '-'}\t"
+            f"{entry.get('action')}\t{entry.get('target') or '-'}\t{status if status else '-'}"
+        )
+    return 0

@@ -321,6 +321,12 @@ def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t is not None else "-"
 
 
+def _audit(data_dir: Path, action: str, target: str, detail: dict[str, str] | None) -> None:
+    from edgeway.audit import cli_actor, record_offline
+
+    record_offline(Path(data_dir), who=cli_actor(), action=action, target=target, detail=detail)
+
+
 def tokens_main(argv: list[str], data_dir: Path) -> int:
     """``edgeway tokens create|list|revoke``; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -333,6 +339,7 @@ def tokens_main(argv: list[str], data_dir: Path) -> int:
     try:
         if args.action == "create":
             record, token = store.create(args.name, Role.parse(args.role))
+            _audit(data_dir, "tokens create", record.id, {"name": record.name, "role": args.role})
             print(token)
             print(
                 f"token {record.id} ({record.role.label}, {record.name!r}) created; this is the "
@@ -355,6 +362,7 @@ def tokens_main(argv: list[str], data_dir: Path) -> int:
                 print(f"{len(records)} token(s)", file=sys.stderr)
             return 0
         if store.revoke(args.id):
+            _audit(data_dir, "tokens revoke", args.id, None)
             print(f"revoked {args.id}")
             return 0
         print(f"error: no active token with id {args.id!r}", file=sys.stderr)

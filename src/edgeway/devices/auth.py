@@ -40,7 +40,19 @@ class Principal:
 
     client_id: str
     username: str | None
+    """The verified identity: a device id (credential store, certificate
+    common name) or a ``mqtt.users`` name; None when anonymous."""
     anonymous: bool = False
+    groups: frozenset[str] = frozenset()
+    """The device's ACL groups (credential store); rules with ``group`` match these."""
+    method: str = ""
+    """How it was proved: ``password``, ``token``, ``certificate``, ``anonymous``
+    (for logs and the status; the ACL does not look at it)."""
+
+    @property
+    def device_id(self) -> str | None:
+        """The device this client speaks for (its verified name)."""
+        return None if self.anonymous else self.username
 
     @property
     def identity(self) -> str:

@@ -284,14 +284,15 @@ def _split(topic: str) -> list[str]:
 def validate_acl_topic(topic: str) -> None:
     """Raise ``ValueError`` unless ``topic`` is a valid ACL pattern: a topic
     filter (``+`` a whole level, ``#`` only as the last level) whose only
-    placeholders are ``{client_id}`` and ``{username}``."""
+    placeholders are ``{client_id}``, ``{username}`` and ``{device_id}``."""
     if not topic:
         raise ValueError("topic must not be empty")
     rest = _PLACEHOLDER_RE.sub("", topic)
     if "{" in rest or "}" in rest:
         bad = re.findall(r"\{[^}]*\}?", rest)
         raise ValueError(
-            f"unknown placeholder {bad[0] if bad else '{'!r}; use {{client_id}} or {{username}}"
+            f"unknown placeholder {bad[0] if bad else '{'!r}; "
+            "use {client_id}, {username} or {device_id}"
         )
     levels = _split(topic)
     for i, level in enumerate(levels):
@@ -380,7 +381,7 @@ def _intersect(a: list[str], b: list[str]) -> list[str] | None:
 # --------------------------------------------------------------------------
 # ACL
 
-_PLACEHOLDER_RE = re.compile(r"\{(client_id|username)\}")
+_PLACEHOLDER_RE = re.compile(r"\{(client_id|username|device_id)\}")
 # Sentinels returned by ConfigAuthoriser._pattern (never valid filters, as
 # they contain NUL), compared by identity.
 _SKIP = "\x00skip"
@@ -400,6 +401,7 @@ a client cannot fill memory with long unique topic names."""
 @dataclass(slots=True, frozen=True)
 class _Rule:
     username: re.Pattern[str] | None
+    group: str | None
     client_id: re.Pattern[str] | None
     topic: str
     has_placeholders: bool
@@ -465,7 +467,8 @@ class ConfigAuthoriser:
                 raise ValueError(f"mqtt.acl[{n}].topic: {e} (got {r.topic!r})") from None
             self.rules.append(
                 _Rule(
-                    username=_glob(r.username),
+                    username=_glob(r.username if r.username is not None else r.device),
+                    group=r.group,
                     client_id=_glob(r.client_id),
                     topic=r.topic,
                     has_placeholders=bool(_PLACEHOLDER_RE.search(r.topic)),
@@ -572,6 +575,8 @@ class ConfigAuthoriser:
                 return False
             if not rule.username.match(principal.username):
                 return False
+        if rule.group is not None and rule.group not in principal.groups:
+            return False
         if rule.client_id is not None and not rule.client_id.match(principal.client_id):
             return False
         return True
@@ -588,6 +593,7 @@ class ConfigAuthoriser:
             nonlocal unsafe
             name = m.group(1)
             value = principal.client_id if name == "client_id" else principal.username
+            # {device_id} is {username}: the verified name.
             if value is None or value == "" or any(c in value for c in _UNSAFE):
                 unsafe = True
                 return ""
@@ -595,7 +601,9 @@ class ConfigAuthoriser:
 
         pattern = _PLACEHOLDER_RE.sub(fill, rule.topic)
         if unsafe:
-            if "{username}" in rule.topic and (principal.anonymous or principal.username is None):
+            if ("{username}" in rule.topic or "{device_id}" in rule.topic) and (
+                principal.anonymous or principal.username is None
+            ):
                 # Anonymous clients have no user name: the rule is about
                 # some user's own topics, so it does not apply to them.
                 return _SKIP

@@ -157,8 +157,14 @@ def _apply_mqtt_auth(gw: Gateway, old: Config, new: Config, undo: list[Undo]) ->
     from edgeway.devices.config_auth import ConfigAuthenticator, ConfigAuthoriser
 
     before = (broker.authenticator, broker.authoriser)
-    broker.authenticator = ConfigAuthenticator(new.mqtt)
-    broker.authoriser = ConfigAuthoriser(new.mqtt)
+    access = gw.access
+    if access is not None:
+        # The credential store stays; mqtt.users and mqtt.acl are replaced.
+        access.reconfigure(new)
+        broker.authenticator, broker.authoriser = access.authenticator, access.authoriser
+    else:
+        broker.authenticator = ConfigAuthenticator(new.mqtt)
+        broker.authoriser = ConfigAuthoriser(new.mqtt)
     # Connections remember decisions (publish verdicts, the telemetry fast
     # path, read verdicts): a new ACL must apply to their next message.
     broker.acl_changed()
@@ -169,7 +175,11 @@ def _apply_mqtt_auth(gw: Gateway, old: Config, new: Config, undo: list[Undo]) ->
             broker.revoke(user.username)
 
     async def back() -> None:
-        broker.authenticator, broker.authoriser = before
+        if access is not None:
+            access.reconfigure(old)
+            broker.authenticator, broker.authoriser = access.authenticator, access.authoriser
+        else:
+            broker.authenticator, broker.authoriser = before
         broker.acl_changed()
 
     undo.append(back)

@@ -22,10 +22,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from edgeway.downlink import Downlink, DownlinkEvents, ReceiptDownlink
 from edgeway.ingest import Ingest
+
+if TYPE_CHECKING:
+    from edgeway.devices.identity import DeviceAccessControl
 
 
 @dataclass(slots=True)
@@ -75,6 +78,9 @@ class SouthAdapter(abc.ABC):
         self.state = AdapterState()
         self.ready = asyncio.Event()
         """Set once listening/connected for the first time (tests wait on it)."""
+        self.access: DeviceAccessControl | None = None
+        """Per-device credentials and ACL (set by the gateway; None: the
+        adapter's own config decides, as in tests building it alone)."""
 
     @property
     def name(self) -> str:

@@ -411,6 +411,9 @@ class CoapAdapter(SouthAdapter):
         except DecodeError as e:
             self.decode_errors.record(self.state, "-", e.reason, e.detail)
             return self._respond(Code.BAD_REQUEST, f"{e.reason}: {e.detail}")
+        refusal = self._caller_refusal(request, device_id, ingest=True)
+        if refusal is not None:
+            return refusal
         payload: bytes = request.payload
         if len(payload) > self.config.max_body_size:
             return self._too_large()
@@ -495,6 +498,36 @@ class CoapAdapter(SouthAdapter):
             text = "commands are not allowed from this address"
             self.count_refusal("commands_denied", text, request.remote.hostinfo)
             return self._respond(Code.FORBIDDEN, text)
+        return self._caller_refusal(request, device_id, ingest=False)
+
+    def _caller_refusal(self, request: Any, device_id: str, *, ingest: bool) -> Any | None:
+        """4.01 when the request may not act for ``device_id`` (a wrong or
+        missing token where one is needed, a disabled device), 4.03 when the
+        ACL refuses its telemetry; None when it may go on. The token is the
+        Uri-Query ``token=...`` (per-device; see docs/security.md for why not
+        OSCORE)."""
+        from aiocoap import Code
+
+        token = _query_token(request)
+        access = self.access
+        verified = False
+        if access is not None:
+            from edgeway.devices.credentials import Verdict
+
+            verdict = access.check_token("coap", device_id, token)
+            if verdict is Verdict.OK:
+                verified = True
+            elif verdict is not Verdict.UNKNOWN:
+                reason = "no_token" if token is None else "bad_token"
+                self.count_refusal(reason, "device " + device_id, request.remote.hostinfo)
+                return self._respond(Code.UNAUTHORIZED, reason)
+        if not verified and not self.config.allow_anonymous:
+            reason = "no_token" if token is None else "bad_token"
+            self.count_refusal(reason, "device " + device_id, request.remote.hostinfo)
+            return self._respond(Code.UNAUTHORIZED, reason)
+        if ingest and access is not None and not access.may_ingest(device_id, verified=verified):
+            self.count_refusal("acl", "device " + device_id, request.remote.hostinfo)
+            return self._respond(Code.FORBIDDEN, "acl")
         return None
 
     async def render_commands(self, request: Any, device_id: str) -> Any:
@@ -794,6 +827,17 @@ def _guarded_udp6(watch: _TransportWatch) -> Any:
                     self.transport.sendmsg(reply, pktinfo, 0, address)
 
     return GuardedUDP6
+
+
+TOKEN_QUERY = "token="
+
+
+def _query_token(request: Any) -> str | None:
+    """The ``token=...`` Uri-Query of a request (the first), or None."""
+    for q in request.opt.uri_query:
+        if q.startswith(TOKEN_QUERY):
+            return str(q[len(TOKEN_QUERY) :])
+    return None
 
 
 def _host_port(address: Any) -> str:

@@ -301,7 +301,11 @@ class HttpIngestAdapter(SouthAdapter):
             self.port = int(sockets[0].getsockname()[1]) if sockets else port
             scheme = "https" if self.config.tls else "http"
             log.info("http ingest listening on %s://%s:%d", scheme, host, self.port)
-            if self._custom_token_check is None and not _admits_any_request(self.config):
+            if (
+                self._custom_token_check is None
+                and self.access is None
+                and not _admits_any_request(self.config)
+            ):
                 # e.g. --http-listen 0.0.0.0:8080 without a config file: say why
                 # every device gets 401 rather than leave the operator guessing.
                 log.warning(
@@ -351,11 +355,15 @@ class HttpIngestAdapter(SouthAdapter):
         if isinstance(caller, web.Response):
             return caller
         device_id, token = caller
-        if not await self.token_check(device_id, token):
+        verified = await self._credentials_ok(device_id, token)
+        if verified is None:
             log.info("http ingest: refused credentials for %s from %s", device_id, request.remote)
             return _error(
                 401, "unauthorized", "no_token" if token is None else "bad_token", **_bearer()
             )
+        if self.access is not None and not self.access.may_ingest(device_id, verified=verified):
+            log.info("http ingest: ACL refuses telemetry of %s from %s", device_id, request.remote)
+            return _error(403, "forbidden", "acl")
 
         if cfg.rate_limit is not None and not self._rate_ok(device_id):
             return _error(429, "rate_limited", **{"Retry-After": self._retry_after()})
@@ -447,11 +455,34 @@ class HttpIngestAdapter(SouthAdapter):
         if isinstance(caller, web.Response):
             return caller
         device_id, token = caller
-        if token is None and not self.config.commands_allow_anonymous:
+        if token is None and (
+            not self.config.commands_allow_anonymous
+            or (self.access is not None and self.access.store.has("http", device_id))
+        ):
+            # A device with a token in the credential store must use it here too.
             return _error(401, "unauthorized", "no_token", **_bearer())
-        if token is not None and not await self.token_check(device_id, token):
+        if token is not None and await self._credentials_ok(device_id, token) is None:
             return _error(401, "unauthorized", "bad_token", **_bearer())
         return device_id
+
+    async def _credentials_ok(self, device_id: str, token: str | None) -> bool | None:
+        """Whether the request may act for ``device_id``: True when its token
+        proved it, False when it came in anonymously (allowed here), None when
+        refused. A token in the credential store decides for its device (and
+        a device disabled there is refused whatever it sends); devices the
+        store has no HTTP token for are left to ``http_ingest.tokens``."""
+        access = self.access
+        if access is not None:
+            from edgeway.devices.credentials import Verdict
+
+            verdict = access.check_token("http", device_id, token)
+            if verdict is Verdict.OK:
+                return True
+            if verdict is not Verdict.UNKNOWN:
+                return None
+        if not await self.token_check(device_id, token):
+            return None
+        return token is not None
 
     async def _get_commands(self, request: web.Request) -> web.StreamResponse:
         caller = await self._command_caller(request)
