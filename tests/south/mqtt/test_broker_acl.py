@@ -154,7 +154,7 @@ async def test_revoked_identity_is_disconnected_within_a_second_without_its_will
         assert rb.broker.revoke("dev-7") == 1
         got = await victim.closed()
         assert time.monotonic() - start < 1.0
-        assert [p.reason_code for p in got if isinstance(p, Disconnect)] == [0x87]
+        assert [p.reason_code for p in got if isinstance(p, Disconnect)] == [0x98]
         await other.publish("status/dev-8", b"here", qos=1)
         assert (await watcher.receive_publish()).topic == "status/dev-8"  # no will first
         await wait_until(lambda: rb.broker.counters.get("clients_revoked") == 1)
@@ -232,3 +232,22 @@ async def test_connections_per_address_are_limited(tmp_path: Path) -> None:
         await c.close()
         for _, writer in held[1:]:
             writer.close()
+
+
+@pytest.mark.parametrize("client_id", ["+", "#", "a/b", "dev/#"])
+async def test_client_ids_with_wildcards_or_levels_gain_nothing(
+    tmp_path: Path, client_id: str
+) -> None:
+    rules = [{"topic": "devices/{client_id}/#"}]
+    async with running_broker(tmp_path, authoriser=_acl(rules)) as rb:
+        c, _ = await RawClient.connect(rb.port, client_id)
+        for topic in (
+            "devices/other/t",
+            f"devices/{client_id.replace('#', 'x')}/t",
+            "devices/a/b/t",
+        ):
+            ack = await c.publish(topic.replace("+", "x"), b"1", qos=1)
+            assert ack.reason_code == 0x87, topic
+        ack = await c.subscribe("devices/#", f"devices/{client_id.replace('#', 'x')}/#", qos=1)
+        assert ack.reason_codes == [0x87, 0x87]
+        await c.close()

@@ -418,8 +418,9 @@ class Broker:
         (publish verdicts, the telemetry fast path's topics, read verdicts),
         so the next message of every client is decided under the new rules;
         disconnect clients holding a subscription the new rules refuse
-        (their queued messages are filtered at delivery anyway). Returns the
-        number of clients disconnected."""
+        (v5: DISCONNECT 0x87 not authorised; their queued messages are
+        filtered at delivery anyway). Returns the number of clients
+        disconnected."""
         self.authoriser.invalidate()
         closed = 0
         for conn in list(self.connections):
@@ -431,7 +432,7 @@ class Broker:
             for flt in session.subscriptions:
                 real = flt.split("/", 2)[2] if flt.startswith("$share/") else flt
                 if not self.authoriser.may_subscribe(principal, real):
-                    conn.revoke(f"ACL changed: may no longer subscribe to {flt}")
+                    conn.close(0x87, f"ACL changed: may no longer subscribe to {flt}")
                     closed += 1
                     break
         return closed
@@ -439,7 +440,7 @@ class Broker:
     def revoke(self, username: str) -> int:
         """Identity ``username`` (a device id: a user name or a certificate's
         common name) lost its access: disconnect its clients now (v5:
-        DISCONNECT 0x87), drop their pending wills, and forget cached
+        DISCONNECT 0x98 administrative action), drop their pending wills, and forget cached
         decisions. Returns the number of clients disconnected."""
         self.authoriser.invalidate()
         owner = "user:" + username

@@ -1781,12 +1781,12 @@ class MqttConnection(asyncio.Protocol):
 
     def revoke(self, why: str) -> None:
         """Disconnect at once because this client's identity was revoked
-        (device disabled, credential removed): v5 clients get DISCONNECT
-        0x87 (not authorised); no will is published, as the client no longer
-        speaks for anyone."""
+        (device disabled, credential removed or replaced): v5 clients get
+        DISCONNECT 0x98 (administrative action); no will is published, as
+        the client no longer speaks for anyone."""
         self.forget_acl()
         self.will = None
-        self.close(0x87, why)
+        self.close(0x98, why)
 
     def _username(self) -> str | None:
         p = self.principal
