@@ -217,6 +217,18 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="issue ID [--kind mqtt|http|coap] | set-password ID | groups ID G1,G2 | "
         "disable ID | enable ID | remove ID [--kind K] | list [--json]",
     )
+    ca = sub.add_parser(
+        "ca",
+        help="the gateway's certificate authority: init, issue-cert ID, server-cert, revoke ID",
+        description="Device certificates from the gateway's own CA (DATA_DIR/ca). See docs/ca.md.",
+    )
+    _add_common(ca)
+    ca.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="ACTION ...",
+        help="init | issue-cert ID [--out FILE] | server-cert HOST... | revoke ID | crl",
+    )
     from edgeway.admin.client import add_audit_arguments
 
     audit = sub.add_parser(
@@ -330,6 +342,7 @@ _CONFIG_COMMANDS = frozenset(
         "deadletter",
         "tokens",
         "credentials",
+        "ca",
         "audit",
         "status",
         "command",
@@ -405,6 +418,10 @@ def _cmd_with_config(args: argparse.Namespace) -> int:
         from edgeway.devices.credentials_cli import credentials_main
 
         return credentials_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
+    if args.command == "ca":
+        from edgeway.devices.ca_cli import ca_main
+
+        return ca_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
     if args.command == "audit":
         from edgeway.admin.client import audit_main
 
@@ -597,7 +614,7 @@ def _take_common_options(args: argparse.Namespace, rest: list[str]) -> list[str]
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    if args.command in ("stats", "deadletter", "tokens", "users", "outbox", "credentials"):
+    if args.command in ("stats", "deadletter", "tokens", "users", "outbox", "credentials", "ca"):
         args.rest = _take_common_options(args, [*args.rest, *extras])
     elif extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")

@@ -136,6 +136,7 @@ class DeviceAccessControl:
         """Called with each device id that lost access (after the broker)."""
         self.revocations = 0
         self._watch: asyncio.TimerHandle | None = None
+        self._crls = _crl_paths(config)
 
     def reconfigure(self, config: Config) -> None:
         """A reload: ``mqtt.users`` and ``mqtt.acl`` from ``config``; the
@@ -143,6 +144,7 @@ class DeviceAccessControl:
         decisions."""
         self.authoriser = ConfigAuthoriser(config.mqtt)
         self.authenticator.replace_fallback(ConfigAuthenticator(config.mqtt))
+        self._crls = {p: self._crls.get(p, m) for p, m in _crl_paths(config).items()}
 
     def principal(self, client_id: str, device_id: str, *, method: str) -> Principal:
         return Principal(client_id, device_id, groups=self.store.groups(device_id), method=method)
@@ -209,7 +211,9 @@ class DeviceAccessControl:
         self.apply_changes()
 
     def apply_changes(self) -> None:
-        """Act on what changed in the store since the last look."""
+        """Act on what changed in the store since the last look, and on
+        updated CRLs of the MQTT listeners."""
+        self._check_crls()
         changes = self.store.changes()
         if not changes.revoked and not changes.groups_changed:
             return
@@ -229,3 +233,41 @@ class DeviceAccessControl:
             )
             for hook in self.on_revoked:
                 hook(device_id)
+
+    def _check_crls(self) -> None:
+        """A listener's CRL file changed: disconnect open connections whose
+        client certificate it revokes (the listener refuses new handshakes
+        with them itself; see ``listeners.CrlWatch``)."""
+        for path, seen in list(self._crls.items()):
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue
+            if mtime == seen:
+                continue
+            self._crls[path] = mtime
+            if self.broker is None:
+                continue
+            try:
+                from cryptography import x509
+
+                crl = x509.load_pem_x509_crl(path.read_bytes())
+            except (OSError, ValueError) as e:
+                log.error("TLS CRL %s cannot be read: %s", path, e)
+                continue
+            closed = self.broker.revoke_certificates({r.serial_number for r in crl})
+            if closed:
+                log.warning("CRL %s: %d MQTT connection(s) with a revoked certificate closed",
+                            path, closed)  # fmt: skip
+
+
+def _crl_paths(config: Config) -> dict[Path, float]:
+    """The MQTT listeners' CRL files and their modification times now."""
+    out: dict[Path, float] = {}
+    for lst in config.mqtt.listeners:
+        if lst.tls is not None and lst.tls.crl is not None:
+            try:
+                out[lst.tls.crl] = lst.tls.crl.stat().st_mtime
+            except OSError:
+                out[lst.tls.crl] = 0.0
+    return out

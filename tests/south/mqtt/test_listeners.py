@@ -771,8 +771,10 @@ async def test_broker_over_websocket_with_password_and_acl(tmp_path: Path) -> No
         assert ok["suback"] == [1]
         assert ok["messages"] == [("devices/alice/telemetry", b'{"t": 21.5}')]
 
+        # Nothing under other/ is readable for alice: refused. (devices/# would
+        # be granted, delivering only her own topics: see test_broker_acl.py.)
         denied = await asyncio.to_thread(
-            paho_session, port, username="alice", password="wonderland", subscribe="devices/#"
+            paho_session, port, username="alice", password="wonderland", subscribe="other/#"
         )
         assert denied["suback"] == [0x80]
 

@@ -461,6 +461,26 @@ class Broker:
             self.flush_writes_soon()
         return closed
 
+    def revoke_certificates(self, serials: set[int]) -> int:
+        """Disconnect clients whose TLS client certificate's serial number is
+        in ``serials`` (a CRL was updated: new handshakes are refused by the
+        listener, open connections end here). Returns how many."""
+        closed = 0
+        for conn in list(self.connections):
+            t = conn.transport
+            ssl_obj = t.get_extra_info("ssl_object") if t is not None else None
+            if ssl_obj is None:
+                continue
+            cert = ssl_obj.getpeercert()
+            serial = cert.get("serialNumber") if cert else None
+            if serial is not None and int(serial, 16) in serials:
+                conn.revoke("client certificate revoked")
+                closed += 1
+        if closed:
+            self.count("clients_revoked", closed)
+            self.flush_writes_soon()
+        return closed
+
     def connected_count(self) -> int:
         return self._connected
 

@@ -110,6 +110,7 @@ class RunningListener:
     _server: asyncio.AbstractServer
     _http: web.Server | None = None
     _closed: bool = field(default=False)
+    _crl: CrlWatch | None = None
 
     @property
     def url(self) -> str:
@@ -121,6 +122,8 @@ class RunningListener:
         if self._closed:
             return
         self._closed = True
+        if self._crl is not None:
+            self._crl.stop()
         self._server.close()
         # Not aiohttp's pre_shutdown() for WebSocket listeners: it marks every
         # connection closing, and aiohttp then ignores data arriving on
@@ -232,6 +235,9 @@ async def _start_one(
     sockets = server.sockets
     bound_addr = sockets[0].getsockname() if sockets else (host, port)
     lst = RunningListener(cfg, (str(bound_addr[0]), int(bound_addr[1])), server, http)
+    if ssl_ctx is not None and cfg.tls is not None and cfg.tls.crl is not None:
+        lst._crl = CrlWatch(ssl_ctx, cfg.tls.crl)
+        lst._crl.start()
     log.info("MQTT listening on %s (%s)", lst.url, _describe(cfg))
     return lst
 
@@ -240,7 +246,7 @@ async def _start_one(
 # TLS
 
 
-_TLS_KEYS = {"certificate": "cert", "key": "key", "CA": "ca"}
+_TLS_KEYS = {"certificate": "cert", "key": "key", "CA": "ca", "CRL": "crl"}
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -313,9 +319,67 @@ def build_server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
         except (ValueError, ssl.SSLError):
             raise TlsFileError("ca", f"TLS CA {tls.ca}: no PEM certificate in the file") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
+        if tls.crl is not None:
+            load_crl(ctx, tls.crl)
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     else:
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+CRL_POLL = 0.5
+"""Seconds between looks at a listener's CRL file (one stat): a certificate
+revoked by ``edgeway ca revoke`` cannot start a connection a second later."""
+
+
+def load_crl(ctx: ssl.SSLContext, path: Path) -> None:
+    """Add the CRL in ``path`` to ``ctx``'s store. The store keeps older
+    CRLs too; OpenSSL checks with the newest of the same issuer (by last
+    update), so adding the new one is enough, on a context in use."""
+    data = _read(path, "CRL")
+    try:
+        x509.load_pem_x509_crl(data)
+        # A file, not cadata: OpenSSL's file lookup loads CRLs, cadata only certificates.
+        ctx.load_verify_locations(cafile=str(path))
+    except (ValueError, ssl.SSLError) as e:
+        raise TlsFileError("crl", f"TLS CRL {path}: not a PEM CRL ({e})") from None
+
+
+@dataclass(slots=True)
+class CrlWatch:
+    """Re-reads a listener's CRL into its TLS context when the file changes."""
+
+    ctx: ssl.SSLContext
+    path: Path
+    mtime: float = 0.0
+    handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self.mtime = self._mtime()
+        self.handle = asyncio.get_running_loop().call_later(CRL_POLL, self._tick)
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _mtime(self) -> float:
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return self.mtime
+
+    def _tick(self) -> None:
+        mtime = self._mtime()
+        if mtime != self.mtime:
+            self.mtime = mtime
+            try:
+                load_crl(self.ctx, self.path)
+                log.info("TLS CRL %s read again", self.path)
+            except ListenerError as e:
+                # The previous CRL stays in force; the operator sees why.
+                log.error("%s (the previous CRL stays in force)", e)
+        self.handle = asyncio.get_running_loop().call_later(CRL_POLL, self._tick)
 
 
 def client_cert_cn(transport: asyncio.BaseTransport) -> str | None:

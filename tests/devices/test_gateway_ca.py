@@ -1,0 +1,145 @@
+"""The gateway's CA on the MQTT TLS listener, with aiomqtt clients over TLS:
+a certificate issued by ``edgeway ca`` logs in as its CN; an expired one and
+one from another CA fail the handshake; ``edgeway ca revoke`` closes the
+open connection within a second and refuses the next handshake (CRL)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ssl
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from edgeway.config import parse_config
+from edgeway.devices.ca import GatewayCa
+from edgeway.devices.ca_cli import ca_main
+from edgeway.gateway import Gateway
+
+pytestmark = pytest.mark.asyncio
+
+CONFIG = """
+gateway: {{id: gw-ca, data_dir: "{data}"}}
+mqtt:
+  listeners:
+    - bind: "127.0.0.1:0"
+      tls: {{cert: "{ca}/server.pem", key: "{ca}/server.pem", ca: "{ca}/ca.pem",
+             crl: "{ca}/crl.pem", require_client_cert: true}}
+  acl:
+    - {{device: "*", topic: "devices/{{device_id}}/#"}}
+"""
+
+
+@contextlib.asynccontextmanager
+async def tls_gateway(tmp_path: Path) -> AsyncIterator[tuple[Gateway, GatewayCa, int]]:
+    data = tmp_path / "data"
+    assert ca_main(["init"], data) == 0
+    ca = GatewayCa(data)
+    assert ca_main(["server-cert", "127.0.0.1"], data) == 0
+    gw = Gateway(parse_config(CONFIG.format(data=data, ca=ca.dir)))
+    task = asyncio.create_task(gw.run())
+    try:
+        await asyncio.wait_for(gw.ready.wait(), 15)
+        yield gw, ca, gw.listeners[0].bound[1]
+    finally:
+        gw.request_stop()
+        await asyncio.wait_for(task, 15)
+
+
+def client_tls(bundle: Path, ca: GatewayCa) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(ca.cert_path)
+    ctx.load_cert_chain(bundle)
+    return ctx
+
+
+def refused_at_handshake(port: int, tls: ssl.SSLContext) -> str:
+    """Connect, send a CONNECT, and return how the server refused (the TLS
+    alert, or "closed"); fails if it answers with a CONNACK."""
+    import socket
+
+    connect = bytes.fromhex("101000044d5154540402003c0004") + b"dev1"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        try:
+            with tls.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(connect)
+                data = s.recv(4)
+        except (ssl.SSLError, ConnectionResetError) as e:
+            return str(e)
+    assert data == b"", f"answered {data!r}: not refused"
+    return "closed"
+
+
+def client(port: int, tls: ssl.SSLContext, name: str) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        "127.0.0.1", port, identifier=name, tls_context=tls,
+        protocol=aiomqtt.ProtocolVersion.V5, timeout=5,
+    )  # fmt: skip
+
+
+async def test_issued_certificate_is_the_identity(tmp_path: Path) -> None:
+    async with tls_gateway(tmp_path) as (gw, ca, port):
+        bundle = tmp_path / "dev-1.pem"
+        assert ca_main(["issue-cert", "dev-1", "--out", str(bundle)], ca.dir.parent) == 0
+        assert bundle.stat().st_mode & 0o777 == 0o600
+        async with client(port, client_tls(bundle, ca), "c1") as c:
+            await c.subscribe("devices/dev-1/#", qos=1)
+            await c.publish("devices/dev-1/state", b"mine", qos=1)
+            await c.publish("devices/dev-2/state", b"not mine", qos=1)  # ACL: {device_id}
+            async with asyncio.timeout(5):
+                msg = await anext(aiter(c.messages))
+            assert str(msg.topic) == "devices/dev-1/state"
+        assert gw.broker is not None
+        assert gw.broker.dropped.get("not_authorised", 0) >= 1
+
+
+async def test_expired_certificate_and_another_ca_fail_the_handshake(tmp_path: Path) -> None:
+    async with tls_gateway(tmp_path) as (gw, ca, port):
+        old = tmp_path / "old.pem"
+        ca.issue("dev-old", old, days=1, not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3))
+        other = GatewayCa(tmp_path / "other")
+        other.init("someone else's CA")
+        foreign = tmp_path / "foreign.pem"
+        other.issue("dev-1", foreign)  # the right name, the wrong issuer
+        # asyncio closes a failed handshake without flushing the alert, so
+        # the client sees the connection closed (or the alert when it came).
+        for bundle in (old, foreign):
+            why = await asyncio.to_thread(refused_at_handshake, port, client_tls(bundle, ca))
+            assert why == "closed" or "alert" in why, why
+        assert gw.broker is not None and gw.broker.connected_count() == 0
+        # The same client set-up with a valid certificate gets its CONNACK.
+        good = tmp_path / "good.pem"
+        ca.issue("dev-good", good)
+        with pytest.raises(AssertionError, match="not refused"):
+            await asyncio.to_thread(refused_at_handshake, port, client_tls(good, ca))
+
+
+async def test_revoked_certificate_is_disconnected_and_refused(tmp_path: Path) -> None:
+    async with tls_gateway(tmp_path) as (_gw, ca, port):
+        bundle = tmp_path / "dev-1.pem"
+        keep = tmp_path / "dev-2.pem"
+        ca.issue("dev-1", bundle)
+        ca.issue("dev-2", keep)
+        async with client(port, client_tls(keep, ca), "c2") as other:
+            async with client(port, client_tls(bundle, ca), "c1") as c:
+                await c.subscribe("devices/dev-1/#", qos=1)
+                start = time.monotonic()
+                assert await asyncio.to_thread(ca_main, ["revoke", "dev-1"], ca.dir.parent) == 0
+                with pytest.raises(aiomqtt.MqttError):
+                    async with asyncio.timeout(5):
+                        async for _ in c.messages:
+                            pass
+                assert time.monotonic() - start < 1.0
+            # The other device's connection stays.
+            await other.publish("devices/dev-2/state", b"still here", qos=1)
+        await asyncio.sleep(0.6)  # the listener's CRL poll (0.5 s) has read the file
+        why = await asyncio.to_thread(refused_at_handshake, port, client_tls(bundle, ca))
+        assert why == "closed" or "revoked" in why, why
+        # The other device still gets in: the CRL revokes one certificate.
+        async with client(port, client_tls(keep, ca), "c2-again"):
+            pass
