@@ -84,6 +84,9 @@ def _stand_in(name: str, certs: CertFiles, into: Path) -> Path:
     if stem.endswith(".creds"):
         target.write_text("-----BEGIN NATS USER JWT-----\n", encoding="ascii")
         return target
+    if "crl" in stem:
+        target.write_bytes(_empty_crl(certs))
+        return target
     is_key = stem.endswith(".key") or "key" in stem
     is_ca = bool(re.search(r"(^|[-_.])ca([-_.\d]|$)", stem)) or "rootca" in stem
     source = certs.server_key if is_key else certs.ca_cert if is_ca else certs.server_cert
@@ -100,6 +103,25 @@ def _stand_in(name: str, certs: CertFiles, into: Path) -> Path:
             data = x509.load_pem_x509_certificate(data).public_bytes(serialization.Encoding.DER)
     target.write_bytes(data)
     return target
+
+
+def _empty_crl(certs: CertFiles) -> bytes:
+    """A revocation list of the test CA, revoking nothing."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+
+    ca = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
+    key = serialization.load_pem_private_key(certs.ca_key.read_bytes(), password=None)
+    now = dt.datetime.now(dt.UTC)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.subject)
+        .last_update(now)
+        .next_update(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return crl.public_bytes(serialization.Encoding.PEM)
 
 
 def test_the_docs_have_examples() -> None:

@@ -28,7 +28,7 @@ gateway: {{id: gw-ca, data_dir: "{data}"}}
 mqtt:
   listeners:
     - bind: "127.0.0.1:0"
-      tls: {{cert: "{ca}/server.pem", key: "{ca}/server.pem", ca: "{ca}/ca.pem",
+      tls: {{cert: "{ca}/server.pem", key: "{ca}/server.key", ca: "{ca}/ca.pem",
              crl: "{ca}/crl.pem", require_client_cert: true}}
   acl:
     - {{device: "*", topic: "devices/{{device_id}}/#"}}

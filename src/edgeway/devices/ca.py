@@ -183,9 +183,11 @@ class GatewayCa:
         days: int = CERT_DAYS,
         server_names: list[str] | None = None,
         not_before: dt.datetime | None = None,
+        key_out: Path | None = None,
     ) -> Issued:
         """Write ``out``: the new key, its certificate (CN = ``device_id``)
-        and the CA certificate, PEM, mode 0600. ``server_names``: a server
+        and the CA certificate, PEM, mode 0600 (with ``key_out``: the key
+        there, the certificates in ``out``). ``server_names``: a server
         certificate for those DNS names / IP addresses instead."""
         if server_names is None:
             try:
@@ -224,7 +226,12 @@ class GatewayCa:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
         pem = serialization.Encoding.PEM
-        _write_private(out, _key_pem(key) + cert.public_bytes(pem) + ca_cert.public_bytes(pem))
+        chain = cert.public_bytes(pem) + ca_cert.public_bytes(pem)
+        if key_out is not None:
+            _write_private(key_out, _key_pem(key))
+            _write_public(out, chain)
+        else:
+            _write_private(out, _key_pem(key) + chain)
         conn = self._db()
         try:
             conn.execute(

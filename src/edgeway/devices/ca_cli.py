@@ -58,10 +58,14 @@ def ca_main(argv: list[str], data_dir: Path) -> int:
                   " and CA certificate; keep it secret")  # fmt: skip
         elif args.action == "server-cert":
             out = args.out or ca.dir / "server.pem"
-            issued = ca.issue(args.hosts[0], out, days=args.days, server_names=args.hosts)
+            key_out = out.with_suffix(".key")
+            issued = ca.issue(
+                args.hosts[0], out, days=args.days, server_names=args.hosts, key_out=key_out
+            )
             target = args.hosts[0]
             detail = {"serial": format(issued.serial, "x"), "hosts": args.hosts}
-            print(f"{out}: use it as the listener's tls.cert and tls.key")
+            print(f"{out} (certificate and CA) and {key_out} (key, mode 0600): the listener's "
+                  "tls.cert and tls.key")  # fmt: skip
         elif args.action == "revoke":
             n = ca.revoke(args.device)
             if not n:
