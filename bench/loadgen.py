@@ -71,9 +71,17 @@ def utf8(s: str | bytes) -> bytes:
     return struct.pack("!H", len(b)) + b
 
 
-def connect_packet(client_id: str, keepalive: int = 600, clean: bool = True) -> bytes:
-    body = utf8("MQTT") + bytes([4, 0x02 if clean else 0]) + struct.pack("!H", keepalive)
+def connect_packet(
+    client_id: str,
+    keepalive: int = 600,
+    clean: bool = True,
+    credentials: tuple[str, str] | None = None,
+) -> bytes:
+    flags = (0x02 if clean else 0) | (0xC0 if credentials else 0)
+    body = utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
     body += utf8(client_id)
+    if credentials:
+        body += utf8(credentials[0]) + utf8(credentials[1])
     return b"\x10" + varint(len(body)) + body
 
 
@@ -131,6 +139,8 @@ class Job:
     """pub1: messages each connection publishes in all (0: no limit). With a
     limit the run is a fixed amount of work (W1 of MEASUREMENTS.md: 100,000
     records as fast as possible), and ``total()`` reaches conns * limit."""
+    credentials: dict[int, tuple[str, str]] | None = None
+    """User name and password per connection number (None: anonymous)."""
     refill_half: bool = True
     """pub1: refill the window when half of it is acknowledged (fewer, larger
     writes: 0.03 instead of 0.15 load-generator CPU-s per 10k messages, which
@@ -165,6 +175,7 @@ class _Conn(asyncio.Protocol):
         self.job = job
         self.role = job.role
         self.client_id = f"{job.client_prefix}-{n}"
+        self.credentials = job.credentials.get(n) if job.credentials else None
         self.topic = job.topic.replace("{n}", str(n))
         self.transport: asyncio.Transport | None = None
         self.handshake = bytearray()
@@ -202,7 +213,7 @@ class _Conn(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.quickack = sock if self.job.quickack and sock is not None else None
-        tr.write(connect_packet(self.client_id, self.job.keepalive))
+        tr.write(connect_packet(self.client_id, self.job.keepalive, credentials=self.credentials))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():

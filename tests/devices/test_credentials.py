@@ -108,3 +108,12 @@ def test_verify_is_fast(store: CredentialStore) -> None:
             assert store.verify("mqtt", device, secret.encode()) is Verdict.OK
     per_check = (time.perf_counter() - start) / 2000
     assert per_check < 100e-6  # microseconds on the event loop, not argon2's 0.1 s
+
+
+def test_issue_many_in_one_transaction(store: CredentialStore) -> None:
+    issued = store.issue_many([f"d{i}" for i in range(500)], "coap")
+    assert len(set(issued.values())) == 500
+    assert all(store.verify("coap", d, s.encode()) is Verdict.OK for d, s in issued.items())
+    with pytest.raises(CredentialError):
+        store.issue_many(["ok", "bad/id"], "coap")
+    assert not store.has("coap", "ok")  # nothing of a refused batch is stored
