@@ -172,6 +172,11 @@ class ConfigAuthenticator:
         self._dummy_hash: str | None = None
         self._hasher = _hasher()
 
+    @property
+    def has_users(self) -> bool:
+        """Whether ``mqtt.users`` names anyone."""
+        return bool(self._users)
+
     def close(self) -> None:
         """Stop the hashing threads (idle ones exit at once)."""
         if self._executor is not None:

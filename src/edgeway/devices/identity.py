@@ -84,6 +84,13 @@ class DeviceAuthenticator:
             return AuthDecision(
                 True, self._access.principal(info.client_id, name, method="certificate")
             )
+        if name is not None and not store.has("mqtt", name) and not self._fallback.has_users:
+            if not info.allow_anonymous:
+                # Nobody else could vouch for this name: refused at once, without
+                # the dummy argon2 check ConfigAuthenticator spends on unknown
+                # names (which here would only tell apart store devices by time).
+                self._failures.failed(name)
+                return AuthDecision(False, None, 0x86, "bad user name or password")
         if name is None or not store.has("mqtt", name):
             decision = await self._fallback.authenticate(info)
             p = decision.principal
