@@ -103,7 +103,11 @@ def one_run(work: Path, creds: dict[int, tuple[str, str]], acl: bool, args: argp
             )  # fmt: skip
             first += n
         gen = LoadGen(jobs)
-        gen.start(timeout=180)
+        try:
+            gen.start(timeout=180)
+        except Exception:
+            print((work / "edgeway.log").read_text()[-3000:], file=sys.stderr)
+            raise
         gen.go()
         time.sleep(args.warmup)
         n0, c0, t0 = gen.total(), cpu_seconds(proc.pid), time.monotonic()
