@@ -84,11 +84,20 @@ async def test_shared_retained_and_will_are_filtered_at_delivery(tmp_path: Path)
             await c.close()
 
 
-async def _telemetry_run(tmp_path: Path, fast: bool) -> list[Any]:
+async def _telemetry_run(tmp_path: Path, fast: bool) -> tuple[list[Any], int]:
     """Publish telemetry, change the ACL so that topic is denied, publish
-    again in the same connection: only the first reading may be ingested."""
+    again in the same connection: only the first readings may be ingested.
+    Also returns how many telemetry PUBLISHes took the packet path."""
     ingest = MemoryIngest()
     MqttConnection.fast_telemetry = fast
+    slow_calls: list[str] = []
+    orig = MqttConnection._on_publish
+
+    def spy(self: MqttConnection, p: Publish) -> None:
+        slow_calls.append(p.topic)
+        orig(self, p)
+
+    MqttConnection._on_publish = spy  # type: ignore[method-assign]
     try:
         async with running_broker(tmp_path, ingest=ingest, authoriser=_acl([{"topic": "#"}])) as rb:
             c, _ = await RawClient.connect(rb.port, "d1", level=4)
@@ -101,13 +110,19 @@ async def _telemetry_run(tmp_path: Path, fast: bool) -> list[Any]:
             await c.close()
     finally:
         MqttConnection.fast_telemetry = True
-    return [r.metrics["v"] for r in ingest.readings]
+        MqttConnection._on_publish = orig  # type: ignore[method-assign]
+    telemetry = sum(1 for t in slow_calls if t == "devices/d1/telemetry")
+    return [r.metrics["v"] for r in ingest.readings], telemetry
 
 
 async def test_acl_change_reaches_the_telemetry_fast_path(tmp_path: Path) -> None:
-    slow = await _telemetry_run(tmp_path / "slow", fast=False)
-    fast = await _telemetry_run(tmp_path / "fast", fast=True)
+    slow, slow_path = await _telemetry_run(tmp_path / "slow", fast=False)
+    fast, fast_path = await _telemetry_run(tmp_path / "fast", fast=True)
     assert slow == fast == [0, 1, 2]
+    assert slow_path == 4
+    # The fast path took publishes 1 and 2, and gave the topic back to the
+    # packet path (which refused it) once the ACL changed.
+    assert fast_path == 2
 
 
 async def test_acl_change_disconnects_a_subscriber_now_refused(tmp_path: Path) -> None:
