@@ -46,6 +46,9 @@ CONFIG = """
 gateway: {{id: bench-acl, data_dir: "{data}"}}
 mqtt:
   listeners: [{{bind: "127.0.0.1:{port}"}}]
+  # 10,000 connections set up at once on a shared 2-core machine: a client
+  # may take longer than the default 10 s to send its CONNECT.
+  limits: {{connect_timeout: 60s}}
 {acl}
 admin: {{listen: "127.0.0.1:{admin}"}}
 log: {{level: warning}}
