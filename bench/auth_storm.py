@@ -77,51 +77,79 @@ def connect_packet(client_id: str, username: str, password: str) -> bytes:
 
 class _Storm:
     """One client process's connections: each records its CONNACK, then
-    stays connected until every device of every process is in."""
+    stays connected until every device of every process is in. Raw
+    ``asyncio.Protocol`` connections (uvloop when installed), as in
+    ``loadgen.py``: the client must cost less than the gateway it measures."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, t0: float) -> None:
         self.results: list[tuple[float, int]] = []
         self.n = n
+        self.t0 = t0
         self.all_in = asyncio.Event()
-        self.hold = asyncio.Event()
+        self.transports: list[asyncio.BaseTransport] = []
 
-    def _record(self, took: float, code: int) -> None:
-        self.results.append((took, code))
+    def record(self, code: int) -> None:
+        self.results.append((time.monotonic() - self.t0, code))
         if len(self.results) == self.n:
             self.all_in.set()
 
-    async def one(self, port: int, packet: bytes, t0: float) -> None:
+    async def one(self, port: int, packet: bytes) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            transport, _ = await loop.create_connection(
+                lambda: _Device(self, packet), "127.0.0.1", port
+            )
         except OSError:
-            self._record(time.monotonic() - t0, -1)
+            self.record(-1)
             return
-        writer.write(packet)
-        try:
-            ack = await asyncio.wait_for(reader.readexactly(4), 60)
-            code = ack[3]
-        except (OSError, asyncio.IncompleteReadError, TimeoutError):
-            code = -2
-        self._record(time.monotonic() - t0, code)
-        await self.hold.wait()
-        writer.close()
+        self.transports.append(transport)
+
+
+class _Device(asyncio.Protocol):
+    def __init__(self, storm: _Storm, packet: bytes) -> None:
+        self.storm = storm
+        self.packet = packet
+        self.got = b""
+        self.done = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.packet)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.got += data
+        if len(self.got) >= 4:
+            self.done = True
+            self.storm.record(self.got[3])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done:
+            self.done = True
+            self.storm.record(-2)
 
 
 def _client(port: int, creds: list[tuple[str, str]], start_at: float, out: Any, done: Any) -> None:
     async def run() -> list[tuple[float, int]]:
         packets = [connect_packet(f"c-{d}", d, s) for d, s in creds]
-        storm = _Storm(len(packets))
         # Every client process starts the storm at the same wall-clock moment.
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        t0 = time.monotonic()
-        tasks = [asyncio.create_task(storm.one(port, p, t0)) for p in packets]
+        storm = _Storm(len(packets), time.monotonic())
+        tasks = [asyncio.create_task(storm.one(port, p)) for p in packets]
         await storm.all_in.wait()
         out.put(None)  # this process has all its CONNACKs
         await asyncio.get_running_loop().run_in_executor(None, done.wait)
-        storm.hold.set()
         await asyncio.gather(*tasks)
+        for t in storm.transports:
+            t.close()
         return storm.results
 
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
     out.put(asyncio.run(run()))
 
 
