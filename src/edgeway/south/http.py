@@ -241,6 +241,11 @@ class HttpIngestAdapter(SouthAdapter):
         """Set by the gateway: the images devices may download here."""
         """Set by the gateway when twins are on (edgeway.twins.http serves them)."""
         self._twin_polls = 0
+        self._auth_events = EventLog(
+            log, per_second=BAD_REQUEST_LINES_PER_SECOND, burst=BAD_REQUEST_LINE_BURST
+        )
+        """Refused credentials and ACL refusals: one line each, rate-limited
+        (a client sending wrong tokens in a loop must not fill the disk)."""
 
     def downlink(self, events: DownlinkEvents) -> Downlink | None:
         """Long-poll commands; see :mod:`edgeway.south.http_downlink`."""
@@ -357,12 +362,24 @@ class HttpIngestAdapter(SouthAdapter):
         device_id, token = caller
         verified = await self._credentials_ok(device_id, token)
         if verified is None:
-            log.info("http ingest: refused credentials for %s from %s", device_id, request.remote)
+            self._auth_events.emit(
+                "http_auth_failed",
+                logging.WARNING,
+                "http ingest: refused credentials for %s from %s",
+                device_id,
+                request.remote,
+            )
             return _error(
                 401, "unauthorized", "no_token" if token is None else "bad_token", **_bearer()
             )
         if self.access is not None and not self.access.may_ingest(device_id, verified=verified):
-            log.info("http ingest: ACL refuses telemetry of %s from %s", device_id, request.remote)
+            self._auth_events.emit(
+                "http_acl_denied",
+                logging.WARNING,
+                "http ingest: the ACL refuses telemetry of %s from %s",
+                device_id,
+                request.remote,
+            )
             return _error(403, "forbidden", "acl")
 
         if cfg.rate_limit is not None and not self._rate_ok(device_id):
