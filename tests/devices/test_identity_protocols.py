@@ -118,7 +118,9 @@ async def test_mqtt_acl_per_device_template_and_group(tmp_path: Path) -> None:
                 password=env.secrets[("dev-1", "mqtt")], protocol=aiomqtt.ProtocolVersion.V5,
             ) as dev,
         ):  # fmt: skip
-            await watcher.subscribe("devices/#", qos=1)  # the group's rule
+            # The group's rule (devices/#); state topics only, as the gateway
+            # publishes twin deltas under devices/<id>/twin/ on connect.
+            await watcher.subscribe("devices/+/state", qos=1)
             # Denied (PUBACK 0x87, which aiomqtt does not raise): never delivered,
             # so the first message the watcher sees is the allowed one after it.
             await dev.publish("devices/dev-2/state", b"spoof", qos=1)
