@@ -25,19 +25,17 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gateway_child import GatewayChild, cpu_seconds, free_port  # noqa: E402
 from loadgen import Job, LoadGen, split  # noqa: E402
 
 from edgeway.devices.credentials import CredentialStore  # noqa: E402
@@ -56,15 +54,20 @@ log: {{level: warning}}
 ACL = '  acl:\n    - {device: "*", topic: "devices/{device_id}/#"}\n'
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _jobs(args: argparse.Namespace, port: int, creds: dict[int, tuple[str, str]]) -> list[Job]:
+    """One QoS 1 publisher job per load-generator process, each device its own
+    connection with its own credentials."""
+    jobs = []
+    first = 0
+    for i, n in enumerate(split(args.devices, args.procs)):
+        jobs.append(
+            Job("pub1", "127.0.0.1", port, conns=n, client_prefix=f"c{i}",
+                topic="devices/dev-{n}/telemetry", payload=b'{"t": 21.5, "rh": 40}',
+                window=args.window, first_n=first, connect_concurrency=500,
+                credentials={k: creds[k] for k in range(first, first + n)})
+        )  # fmt: skip
+        first += n
+    return jobs
 
 
 def one_run(work: Path, creds: dict[int, tuple[str, str]], acl: bool, args: argparse.Namespace,
@@ -72,57 +75,27 @@ def one_run(work: Path, creds: dict[int, tuple[str, str]], acl: bool, args: argp
     data = work / f"data-{'acl' if acl else 'none'}-{time.monotonic_ns()}"
     shutil.copytree(template, data)  # the same provisioned store for every run
     port, admin = free_port(), free_port()
-    cfg = work / "edgeway.yaml"
-    cfg.write_text(CONFIG.format(data=data, port=port, admin=admin, acl=ACL if acl else ""))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    log = (work / "edgeway.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeway", "run", "--config", str(cfg)],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
+    config = CONFIG.format(data=data, port=port, admin=admin, acl=ACL if acl else "")
     gen: LoadGen | None = None
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit((work / "edgeway.log").read_text()[-2000:])
+        with GatewayChild(work, config, admin) as gw:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("edgeway not healthy in 60 s")
-            time.sleep(0.02)
-        jobs = []
-        first = 0
-        for i, n in enumerate(split(args.devices, args.procs)):
-            jobs.append(
-                Job("pub1", "127.0.0.1", port, conns=n, client_prefix=f"c{i}",
-                    topic="devices/dev-{n}/telemetry", payload=b'{"t": 21.5, "rh": 40}',
-                    window=args.window, first_n=first, connect_concurrency=500,
-                    credentials={k: creds[k] for k in range(first, first + n)})
-            )  # fmt: skip
-            first += n
-        gen = LoadGen(jobs)
-        try:
-            gen.start(timeout=180)
-        except Exception:
-            print((work / "edgeway.log").read_text()[-3000:], file=sys.stderr)
-            raise
-        gen.go()
-        time.sleep(args.warmup)
-        n0, c0, t0 = gen.total(), cpu_seconds(proc.pid), time.monotonic()
-        time.sleep(args.seconds)
-        n1, c1, t1 = gen.total(), cpu_seconds(proc.pid), time.monotonic()
-        gen.check()
+                gen = LoadGen(_jobs(args, port, creds))
+                try:
+                    gen.start(timeout=180)
+                except Exception:
+                    print(gw.log_tail(), file=sys.stderr)
+                    raise
+                gen.go()
+                time.sleep(args.warmup)
+                n0, c0, t0 = gen.total(), cpu_seconds(gw.pid), time.monotonic()
+                time.sleep(args.seconds)
+                n1, c1, t1 = gen.total(), cpu_seconds(gw.pid), time.monotonic()
+                gen.check()
+            finally:
+                if gen is not None:
+                    gen.stop()
     finally:
-        if gen is not None:
-            gen.stop()
-        proc.terminate()
-        proc.wait(30)
-        log.close()
         shutil.rmtree(data, ignore_errors=True)
     msgs = n1 - n0
     return {

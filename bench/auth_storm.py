@@ -26,13 +26,10 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from edgeway.devices.credentials import CredentialStore  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gateway_child import GatewayChild, cpu_seconds, free_port  # noqa: E402
 
 CONFIG = """
 gateway: {{id: bench-auth, data_dir: "{data}"}}
@@ -50,12 +50,6 @@ mqtt:
 admin: {{listen: "127.0.0.1:{admin}"}}
 log: {{level: warning}}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _utf8(b: bytes) -> bytes:
@@ -153,11 +147,6 @@ def _client(port: int, creds: list[tuple[str, str]], start_at: float, out: Any, 
     out.put(asyncio.run(run()))
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--devices", type=int, default=10_000)
@@ -179,29 +168,8 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     store.close()
     provision_s = time.monotonic() - t
     port, admin = free_port(), free_port()
-    cfg = work / "edgeway.yaml"
-    cfg.write_text(CONFIG.format(data=data, port=port, admin=admin))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    log = (work / "edgeway.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeway", "run", "--config", str(cfg)],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
-    try:
-        t = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit((work / "edgeway.log").read_text()[-2000:])
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() - t > 60:
-                raise SystemExit("edgeway not healthy in 60 s")
-            time.sleep(0.02)
-        start_s = time.monotonic() - t
+    with GatewayChild(work, CONFIG.format(data=data, port=port, admin=admin), admin) as gw:
+        start_s = gw.start_s
         ctx = mp.get_context("spawn")
         out: Any = ctx.Queue()
         done = ctx.Event()
@@ -212,20 +180,16 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         ]
         for p in procs:
             p.start()
-        cpu0 = cpu_seconds(proc.pid)
+        cpu0 = cpu_seconds(gw.pid)
         for _ in procs:
             assert out.get(timeout=120) is None
-        cpu1 = cpu_seconds(proc.pid)
+        cpu1 = cpu_seconds(gw.pid)
         done.set()
         results: list[tuple[float, int]] = []
         for _ in procs:
             results.extend(out.get(timeout=120))
         for p in procs:
             p.join(30)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
     ok = sorted(t for t, code in results if code == 0)
     refused = sum(1 for _, code in results if code > 0)
     failed = sum(1 for _, code in results if code < 0)
