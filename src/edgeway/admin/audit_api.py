@@ -87,6 +87,12 @@ class AuditRoutes:
 
     @requires(Role.OPERATOR)
     async def list(self, request: web.Request) -> web.Response:
+        """The audit log, newest first: who changed what, when, from where.
+
+        Query: ``limit`` (at most 1000, default 100), ``before`` (an entry id:
+        older entries, for paging), ``action`` (a prefix of the action, e.g.
+        ``POST /api/config`` or ``credentials``). Answer ``{"entries": [{"id",
+        "at", "who", "source", "action", "target", "status", "detail"}]}``."""
         audit = self._audit()
         if audit is None:
             return web.json_response({"error": "disabled", "message": "no audit log"}, status=503)
