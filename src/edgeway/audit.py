@@ -185,7 +185,7 @@ def _offline(data_dir: Path) -> sqlite3.Connection:
     data_dir.mkdir(parents=True, exist_ok=True)
     conn = connect(data_dir / DB_NAME)
     try:
-        migrate(conn, MIGRATIONS, DB_NAME)
+        migrate(conn, MIGRATIONS, str(data_dir / DB_NAME))
     except BaseException:
         conn.close()
         raise

@@ -37,6 +37,8 @@ STORES = {
     "users.db": "UPDATE schema_version SET version = ?",
     "firmware/firmware.db": "UPDATE schema_version SET version = ?",
     "alarms.db": "UPDATE schema_version SET version = ?",
+    "audit.db": "UPDATE schema_version SET version = ?",
+    "credentials.db": "UPDATE schema_version SET version = ?",
 }
 """Every store a gateway writes: a new store fails the fixture's check until
 it is listed here (and so tested for the refusal)."""

@@ -199,7 +199,7 @@ class CredentialStore:
         path = data_dir / DB_NAME
         conn = connect(path)
         try:
-            migrate(conn, [_SCHEMA_V1], DB_NAME)
+            migrate(conn, [_SCHEMA_V1], str(path))
         except BaseException:
             conn.close()
             raise
