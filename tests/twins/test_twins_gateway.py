@@ -270,3 +270,41 @@ async def test_cloud_request_and_records_and_cli(running: Running, tmp_path: Pat
                 if b'"twin"' in line
             ]
     assert {(r["device_id"], r["metrics"]["version"]) for r in recs} >= {("pump-3", 1), ("pump-3", 2)}
+
+
+async def test_a_client_id_alone_does_not_make_a_device(tmp_path: Path) -> None:
+    """A client that logged in as device pump-1 but calls itself pump-2 cannot
+    report pump-2's twin: the client id is only a claim."""
+    from argon2 import PasswordHasher
+
+    h = PasswordHasher().hash("pw-of-pump-1")
+    port = free_port()
+    text = f"""
+gateway: {{id: gw-t2, data_dir: "{tmp_path / "data"}"}}
+mqtt:
+  listeners: [{{bind: "127.0.0.1:{port}", allow_anonymous: false}}]
+  users: [{{username: pump-1, password_hash: "{h}"}}]
+sinks:
+  - {{name: files, url: "file://{tmp_path / "out"}"}}
+"""
+    gw = Gateway(parse_config(text, "t.yaml"), config_text=text)
+    task = asyncio.create_task(gw.run())
+    await asyncio.wait_for(gw.ready.wait(), 15)
+    assert gw.twins is not None
+    liar = Device(port, "pump-2")
+    honest = Device(port, "pump-1")
+    try:
+        for dev in (liar, honest):
+            dev.client.username_pw_set("pump-1", "pw-of-pump-1")
+            await asyncio.to_thread(dev.connect)
+        await asyncio.to_thread(liar.publish, "devices/pump-2/twin/reported", {"rpm": 1})
+        await asyncio.to_thread(honest.publish, "devices/pump-1/twin/reported", {"rpm": 2})
+        answers = await asyncio.to_thread(honest.wait, "answers", 1)
+        assert answers[0][0] == "devices/pump-1/twin/reported/accepted"
+        assert (await gw.twins.get("pump-2")).reported_version == 0
+        assert (await gw.twins.get("pump-1")).reported == {"rpm": 2}
+    finally:
+        await asyncio.to_thread(liar.stop)
+        await asyncio.to_thread(honest.stop)
+        gw.request_stop()
+        await asyncio.wait_for(task, 15)

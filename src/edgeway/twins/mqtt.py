@@ -21,10 +21,12 @@ device's MQTT client id, as for commands):
   twin goes to the response topic, else ``devices/{id}/twin/get/response``.
 
 Only the device itself may publish on its twin topics: a PUBLISH from another
-client id is dropped and counted (the ACL should also keep other clients from
-subscribing to ``devices/{id}/twin/#``: the template ``devices/{client_id}/#``
-does). Each device has at most :data:`MAX_PENDING` twin requests being stored
-at once; more are answered ``busy``.
+client id, or from a client that proved another identity than the device id
+it claims as its client id (``Broker.speaks_for``), is dropped and counted
+(the ACL should also keep other clients from subscribing to
+``devices/{id}/twin/#``: the template ``devices/{client_id}/#`` does).
+Each device has at most :data:`MAX_PENDING` twin requests being stored at
+once; more are answered ``busy``.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class TwinMqtt:
         device, rest = parsed
         if rest not in ("reported", "get"):
             return
-        if sender != device:
+        if not self.broker.speaks_for(sender, device):
             self.refused += 1
             log.warning(
                 "twin request refused: a client may not use another device's twin",

@@ -703,6 +703,22 @@ class Broker:
 
     # ---------------------------------------------------------------- routing
 
+    def speaks_for(self, client_id: str, device_id: str) -> bool:
+        """Whether the connected client ``client_id`` may act as device
+        ``device_id`` (report its twin, answer its commands): its client id
+        is the device id, and a client that proved an identity (a device
+        credential, a certificate, an ``mqtt.users`` name) proved that one:
+        a client id alone is only a claim. An anonymous client (a listener
+        with ``allow_anonymous``) is taken at its client id."""
+        if client_id != device_id:
+            return False
+        session = self.sessions.get(client_id)
+        conn = session.conn if session is not None else None
+        principal = getattr(conn, "principal", None)
+        if principal is None or principal.anonymous:
+            return True
+        return bool(principal.device_id == device_id)
+
     def publish(
         self,
         topic: str,

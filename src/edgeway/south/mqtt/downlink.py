@@ -220,7 +220,7 @@ class BrokerDownlink:
         if parsed is None:
             return
         device, _name = parsed
-        if sender != device:
+        if not self.broker.speaks_for(sender, device):
             self.results_refused += 1
             log.warning(
                 "command result refused: client may not answer for another device",
