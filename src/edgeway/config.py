@@ -568,6 +568,18 @@ class CommandsSection(_Model):
     """The embedded broker's command topics."""
 
 
+def _public_keys(value: dict[str, str]) -> dict[str, str]:
+    from edgeway.signing import check_public_keys
+
+    check_public_keys(value)
+    return value
+
+
+PublicKeys = Annotated[dict[str, str], AfterValidator(_public_keys)]
+"""Trusted Ed25519 public keys by name (PEM, or base64 of the 32 raw bytes);
+one that does not parse is a configuration error naming its key."""
+
+
 class ModelsSection(_Model):
     """The model registry and the inference thread (``edgeway.ml``, docs/models.md)."""
 
@@ -576,7 +588,7 @@ class ModelsSection(_Model):
     onnxruntime). Off: ``model`` steps pass readings through unscored."""
     max_size: Size = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest model file accepted by an upload."""
-    keys: dict[str, str] = Field(default_factory=dict)
+    keys: PublicKeys = Field(default_factory=dict)
     """Trusted Ed25519 public keys by name (PEM text, or base64 of the 32 raw
     bytes); an upload's signature must match one of them."""
     require_signature: bool = False
@@ -595,14 +607,6 @@ class ModelsSection(_Model):
     """p99 of a version's call latency over which it is taken out of service."""
     agree_within: float = Field(default=0.05, ge=0)
     """Shadow comparison: outputs that differ by at most this count as agreeing."""
-
-    @field_validator("keys")
-    @classmethod
-    def _keys_parse(cls, value: dict[str, str]) -> dict[str, str]:
-        from edgeway.signing import check_public_keys
-
-        check_public_keys(value)
-        return value
 
 
 class TwinsSection(_Model):
@@ -624,7 +628,7 @@ class FirmwareSection(_Model):
     """Keep firmware images (DATA_DIR/firmware) and run campaigns."""
     max_image_size: Size = Field(default=256 * 1024 * 1024, ge=1024)
     """Largest image accepted by an upload."""
-    keys: dict[str, str] = Field(default_factory=dict)
+    keys: PublicKeys = Field(default_factory=dict)
     """Trusted Ed25519 public keys by name (PEM, or base64 of the 32 raw bytes)."""
     require_signature: bool = True
     """Refuse images without a valid signature (turn off only to try the feature)."""
@@ -634,14 +638,6 @@ class FirmwareSection(_Model):
     Absent: the command carries no URL; devices that know the gateway's address
     build it themselves."""
 
-    @field_validator("keys")
-    @classmethod
-    def _keys_parse(cls, value: dict[str, str]) -> dict[str, str]:
-        from edgeway.signing import check_public_keys
-
-        check_public_keys(value)
-        return value
-
 
 class FleetSection(_Model):
     """Configurations pushed by the cloud, signed (``edgeway.runtime.fleet``, docs/fleet.md)."""
@@ -650,18 +646,10 @@ class FleetSection(_Model):
     """Take ``config.apply`` commands addressed to this gateway's id (from any
     cloud downlink: the MQTT, NATS or HTTP sink's commands). They are refused
     unless ``keys`` holds the key that signed them."""
-    keys: dict[str, str] = Field(default_factory=dict)
+    keys: PublicKeys = Field(default_factory=dict)
     """Trusted Ed25519 public keys by name (PEM, or base64 of the 32 raw bytes).
     A pushed configuration must keep at least one of them, so that the next one
     can still be verified."""
-
-    @field_validator("keys")
-    @classmethod
-    def _keys_parse(cls, value: dict[str, str]) -> dict[str, str]:
-        from edgeway.signing import check_public_keys
-
-        check_public_keys(value)
-        return value
 
 
 class AlarmTypeSection(_Model):

@@ -28,6 +28,7 @@ The contract, for an adapter:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -84,3 +85,33 @@ class ReceiptDownlink(Protocol):
         ``receipts.topic`` template; an adapter may have its own. False: this
         adapter does not know the device, or cannot send now."""
         ...
+
+
+class GatewayHandled:
+    """Base of the downlinks the gateway serves itself, without a device's
+    transport (pushed configurations, cloud twin requests): a command is
+    taken at once (delivered) and :meth:`handle` runs in a task of its own
+    that reports the result; :meth:`close` ends those still running."""
+
+    name = "gateway"
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def deliver(self, command: Command) -> asyncio.Future[bool]:
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        fut.set_result(True)  # taken: the result follows when it is done
+        task = asyncio.create_task(self.handle(command), name=f"{self.name} {command.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fut
+
+    async def handle(self, command: Command) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t

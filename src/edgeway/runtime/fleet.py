@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import logging
 import os
@@ -55,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from edgeway.commands.model import Command, CommandResult
+from edgeway.downlink import GatewayHandled
 from edgeway.signing import load_public_key, verify
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ class _Refused(Exception):
         self.extra = extra
 
 
-class GatewayDownlink:
+class GatewayDownlink(GatewayHandled):
     """The downlink that reaches the gateway itself (see the module docstring)."""
 
     name = "gateway"
@@ -127,35 +127,20 @@ class GatewayDownlink:
     def __init__(
         self, gateway: Applier, gateway_id: str, data_dir: Path, events: DownlinkEvents
     ) -> None:
+        super().__init__()
         self.gateway = gateway
         self.gateway_id = gateway_id
         self.path = Path(data_dir) / STATE_FILE
         self.events = events
         self.state = FleetState.load(self.path)
         self._lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
         self.applied = 0
         self.refused = 0
 
     def reachable(self, command: Command) -> bool:
         return command.device_id == self.gateway_id and command.name in COMMANDS
 
-    def deliver(self, command: Command) -> asyncio.Future[bool]:
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        fut.set_result(True)  # taken: the result follows when it is done
-        task = asyncio.create_task(self._handle(command), name=f"fleet {command.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return fut
-
-    async def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        for t in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-
-    async def _handle(self, command: Command) -> None:
+    async def handle(self, command: Command) -> None:
         if command.name == "config.status":
             self._report(command, True, self._status())
             return

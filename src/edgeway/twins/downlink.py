@@ -17,11 +17,10 @@ protocol (docs/twins.md).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import TYPE_CHECKING, Any
 
 from edgeway.commands.model import Command, CommandResult
+from edgeway.downlink import GatewayHandled
 from edgeway.twins.model import TwinError
 
 if TYPE_CHECKING:
@@ -31,33 +30,18 @@ if TYPE_CHECKING:
 COMMAND = "twin.desired"
 
 
-class TwinDownlink:
+class TwinDownlink(GatewayHandled):
     name = "twins"
 
     def __init__(self, service: TwinService, events: DownlinkEvents) -> None:
+        super().__init__()
         self.service = service
         self.events = events
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def reachable(self, command: Command) -> bool:
         return command.name == COMMAND
 
-    def deliver(self, command: Command) -> asyncio.Future[bool]:
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        fut.set_result(True)
-        task = asyncio.create_task(self._apply(command))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return fut
-
-    async def close(self) -> None:
-        for t in list(self._tasks):
-            t.cancel()
-        for t in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-
-    async def _apply(self, command: Command) -> None:
+    async def handle(self, command: Command) -> None:
         params: dict[str, Any] = command.params
         try:
             unknown = set(params) - {"patch", "version"}
