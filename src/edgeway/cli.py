@@ -263,6 +263,16 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     _add_admin_config(alarms)
     add_alarm_arguments(alarms)
+    from edgeway.devices.cli import add_devices_arguments
+
+    devices = sub.add_parser(
+        "devices",
+        help="add, list, show, update, disable, enable, remove, import or export devices",
+        description="The device registry through a running gateway's admin API "
+        "(--admin URL; token from $EDGEWAY_TOKEN). See docs/devices.md.",
+    )
+    _add_admin_config(devices)
+    add_devices_arguments(devices)
     from edgeway.runtime.cli import add_config_arguments, add_reload_arguments
 
     reload = sub.add_parser(
@@ -353,6 +363,7 @@ _CONFIG_COMMANDS = frozenset(
         "users",
         "firmware",
         "alarms",
+        "devices",
     )
 )
 
@@ -398,6 +409,10 @@ def _cmd_with_config(args: argparse.Namespace) -> int:
         from edgeway.alarms.cli import alarms_main
 
         return alarms_main(args, cfg)
+    if args.command == "devices":
+        from edgeway.devices.cli import devices_main
+
+        return devices_main(args, cfg)
     if args.command == "reload":
         from edgeway.runtime.cli import reload_main
 

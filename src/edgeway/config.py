@@ -215,6 +215,9 @@ class ListenerConfig(_Model):
     allow_anonymous: bool = False
     """Let clients connect without credentials. Embedded defaults turn this on
     for the loopback listener only, and say so in the log."""
+    unregistered: Literal["allow", "refuse"] = "allow"
+    """Devices the registry does not know: ``allow`` (listed as unregistered) or
+    ``refuse`` (CONNACK 0x87 not authorised). See docs/devices.md."""
 
     @field_validator("bind")
     @classmethod
@@ -688,6 +691,29 @@ class AlarmsSection(_Model):
     """Behaviour per alarm type (``high_temperature: {latching: true}``)."""
 
 
+class DevicesSection(_Model):
+    """The device registry and device status (``edgeway.devices``; docs/devices.md)."""
+
+    enabled: bool = True
+    """Keep the registry (``devices.db``) and every device's status."""
+    flush_interval: Duration = Field(default=2.0, gt=0, le=60)
+    """How often status (last seen, online, ...) is written: one write per device
+    that changed per interval, never one per reading."""
+    offline_after: Duration = 300.0
+    """A device without a connection (HTTP, CoAP, pollers) is offline after this
+    long without a message; 0: never by silence."""
+    max_unregistered: int = Field(default=10_000, ge=0)
+    """Records kept for devices seen but not registered; beyond it they are
+    counted, not recorded (ids on the wire are the sender's choice)."""
+    events: bool = False
+    """Send lifecycle events (connected, disconnected, auth_failed, registered,
+    revoked) up through the outbox to every sink (``record_type:
+    device_event``). Off by default: it adds records of a new type to what the
+    cloud receives, which its receiver must expect."""
+    events_per_second: float = Field(default=200.0, gt=0)
+    """Most lifecycle events per second (burst 1,000); the rest are counted."""
+
+
 # --------------------------------------------------------------------------
 # south adapters: CoAP, Modbus, OPC-UA, serial, BLE (edgeway.south.*)
 
@@ -721,6 +747,9 @@ class CoapSection(_Model):
     unanswered the listener is marked not serving (``/healthz`` 503) and
     restarted. 5 s: a listener that stopped reading is noticed within about
     8 s, for one 4-byte datagram per interval. 0 turns the checks off."""
+    unregistered: Literal["allow", "refuse"] = "allow"
+    """Devices the registry does not know: ``allow`` (listed as unregistered) or
+    ``refuse`` (4.03 Forbidden). See docs/devices.md."""
     observe: Literal["allow", "deny"] = "allow"
     """Who may observe ``devices/{id}/commands``: ``allow``: clients whose
     address is in ``observe_networks`` (any address when that is empty);
@@ -1097,6 +1126,9 @@ class HttpIngestSection(_Model):
     commands_allow_anonymous: bool = False
     """Let devices without a token poll commands and post results. Off even with
     ``allow_anonymous``: whoever polls takes the device's commands."""
+    unregistered: Literal["allow", "refuse"] = "allow"
+    """Devices the registry does not know: ``allow`` (listed as unregistered) or
+    ``refuse`` (403). See docs/devices.md."""
     input_limits: InputLimitsSection | None = None
     """Overrides of the top-level ``input_limits`` for this adapter (only the keys given)."""
 
@@ -1364,6 +1396,8 @@ class Config(_Model):
     """Signed configurations pushed from the cloud through the command downlink (docs/fleet.md)."""
     alarms: AlarmsSection = Field(default_factory=AlarmsSection)
     """Alarms: latching, confirmation, shelving limits, health figures (docs/alarms.md)."""
+    devices: DevicesSection = Field(default_factory=DevicesSection)
+    """The device registry and device status (docs/devices.md)."""
     admin: AdminSection | None = None
     """The local admin API: health, status, metrics (docs/admin-api.md). Absent: off."""
     coap: CoapSection | None = None

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeway.config import Config, is_loopback, parse_host_port
 from edgeway.devices.auth import Authenticator, Authoriser
+from edgeway.ingest import Ingest
 from edgeway.outbox import Outbox, SinkRunner
 from edgeway.outbox.store import CHUNK_MAX
 from edgeway.pipeline import Pipeline
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from edgeway.alarms.service import AlarmService
     from edgeway.commands.service import CommandService
     from edgeway.devices.identity import DeviceAccessControl
+    from edgeway.devices.service import DeviceService
     from edgeway.downlink import ReceiptDownlink
     from edgeway.firmware.service import FirmwareService
     from edgeway.ml.manager import ModelManager
@@ -117,6 +119,8 @@ class Gateway:
     models: ModelManager | None = None
     alarms: AlarmService | None = None
     """The alarms (``alarms.enabled``): rules raise and clear them."""
+    devices: DeviceService | None = None
+    """The device registry and status (``devices:``), when enabled."""
     started_at: float = 0.0
     config_text: str | None = None
     """The YAML text of the configuration in force (None: built in code or
@@ -180,6 +184,7 @@ class Gateway:
                 dataclasses.asdict(self.receipts.stats) if self.receipts is not None else None
             ),
             "alarms": self.alarms.status() if self.alarms is not None else None,
+            "devices": self.devices.status() if self.devices is not None else None,
             "sinks": {s.name: dataclasses.asdict(s.state) for s in self.sinks},
             "adapters": {f"{a.section}:{a.name}": _adapter_status(a) for a in self.adapters},
         }
@@ -278,6 +283,11 @@ class Gateway:
             )
             await self.alarms.open()
             self.rule_targets.alarms = self.alarms
+        if cfg.devices.enabled:
+            from edgeway.devices.service import DeviceService
+
+            self.devices = DeviceService(data_dir, cfg, emit=self._store_records)
+            await self.devices.open()
         self.adapters = self._build_adapters()
         try:
             for sink in self.sinks:
@@ -322,6 +332,7 @@ class Gateway:
                 self.admin.twins = self.twins
                 self.admin.firmware = self.firmware
                 self.admin.alarms = self.alarms
+                self.admin.devices = self.devices
                 self.admin.config_control = self
                 self.ingest.tap = self.admin.recent.record
                 await self.admin.start()
@@ -333,6 +344,9 @@ class Gateway:
                     self._start_runners()
                     for adapter in self.adapters:
                         self._start_adapter(adapter)
+                    if self.devices is not None:
+                        self.devices.watch(self.adapters)
+                        tg.create_task(self.devices.run(), name="devices")
                     await self._wait_adapters_ready()
                     log.info(
                         "edgeway ready",
@@ -388,6 +402,8 @@ class Gateway:
                 await self.models.close()
             if self.alarms is not None:
                 await self.alarms.close()
+            if self.devices is not None:
+                await self.devices.close()
             for sink in self.sinks:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(sink.close(), 1.0)
@@ -711,7 +727,7 @@ class Gateway:
         assert self.ingest is not None
         adapter = adapter_class(section)(
             entry,
-            ingest=self.ingest,
+            ingest=self._adapter_ingest(),
             gateway_id=self.config.gateway.id,
             data_dir=Path(self.config.gateway.data_dir),
         )
@@ -721,6 +737,12 @@ class Gateway:
             adapter.firmware = self.firmware  # and firmware downloads
         adapter.access = self.access
         return adapter
+
+    def _adapter_ingest(self) -> Ingest:
+        """What adapters and the broker submit to: the switch, behind the
+        device registry's gate when it is enabled."""
+        assert self.ingest is not None
+        return self.ingest if self.devices is None else self.devices.ingest_for(self.ingest)
 
     def _register_downlink(self, adapter: SouthAdapter) -> None:
         """Give the command queue the adapter's downlink, if it has one."""
@@ -744,9 +766,11 @@ class Gateway:
     async def _start_broker(self, authenticator: Authenticator, authoriser: Authoriser) -> None:
         cfg = self.config
         assert self.ingest is not None
+        if self.devices is not None:
+            authenticator = self.devices.authenticator_for(authenticator)
         broker = Broker(
             cfg.mqtt,
-            ingest=self.ingest,
+            ingest=self._adapter_ingest(),
             authenticator=authenticator,
             authoriser=authoriser,
             data_dir=Path(cfg.gateway.data_dir),
@@ -754,6 +778,8 @@ class Gateway:
         )
         self.broker = broker
         await broker.start()
+        if self.devices is not None:
+            self.devices.attach_broker(broker)
         try:
             self.listeners = await start_listeners(
                 cfg.mqtt.listeners,

@@ -31,6 +31,10 @@ class IngestStatus(enum.Enum):
     MQTT v5 answers 0x97 (quota exceeded); HTTP answers 503; CoAP 5.03."""
     REJECTED_INVALID = "rejected_invalid"
     """Refused by validation in the pipeline (the reason is counted there)."""
+    REJECTED_DEVICE = "rejected_device"
+    """Refused because of who sent it: a disabled device, or one the registry
+    does not know on a listener that refuses unregistered devices
+    (edgeway.devices.presence). HTTP answers 403; CoAP 4.03."""
 
 
 class Ingest(Protocol):

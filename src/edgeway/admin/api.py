@@ -52,6 +52,7 @@ from edgeway.admin.audit_api import AuditRoutes
 from edgeway.admin.build import BuildInfo, build_info, process_figures
 from edgeway.admin.commands_api import CommandRoutes
 from edgeway.admin.config_api import ConfigRoutes
+from edgeway.admin.devices_api import DeviceRoutes
 from edgeway.admin.errors import json_errors
 from edgeway.admin.firmware_api import FirmwareRoutes
 from edgeway.admin.hmi import HmiRoutes, RecentLogs
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
     from edgeway.alarms.service import AlarmService
     from edgeway.commands.service import CommandService
     from edgeway.config import AdminSection
+    from edgeway.devices.service import DeviceService
     from edgeway.firmware.service import FirmwareService
     from edgeway.ml.manager import ModelManager
     from edgeway.twins.service import TwinService
@@ -330,6 +332,8 @@ class AdminServer:
         self.audit: AuditLog | None = None
         """Where change requests are recorded (:mod:`edgeway.admin.audit_api`);
         opened by :meth:`start`."""
+        self.devices: DeviceService | None = None
+        """The device registry, when enabled (routes in :mod:`edgeway.admin.devices_api`)."""
 
     @classmethod
     def from_config(
@@ -395,6 +399,7 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/api/status", self._api_status)
         app.router.add_get("/metrics", self._metrics)
+        DeviceRoutes(lambda: self.devices).add_to(app)
         CommandRoutes(lambda: self.commands).add_to(app)
         AlarmRoutes(lambda: self.alarms).add_to(app)
         ConfigRoutes(lambda: self.config_control).add_to(app)

@@ -105,6 +105,14 @@ class AdminClient:
             self._raise_for(r, path)
         return r.status_code, self._json(r.content or b"{}", path)
 
+    def request_text(self, method: str, path: str) -> tuple[int, str]:
+        """A request whose answer is text, not JSON (a CSV export):
+        ``(status, text)``; an error status raises :class:`AdminClientError`."""
+        r = self._send(method, path, None)
+        if r.status_code >= 400:
+            self._raise_for(r, path)
+        return r.status_code, r.text
+
     def _raise_for(self, r: httpx.Response, path: str) -> NoReturn:
         message = _error_message(r)
         if r.status_code == 401:

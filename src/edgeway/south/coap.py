@@ -461,6 +461,8 @@ class CoapAdapter(SouthAdapter):
                 "outbox full, retry later",
                 max_age=max(1, round(self.config.retry_after)),
             )
+        if status is IngestStatus.REJECTED_DEVICE:
+            return self._respond(Code.FORBIDDEN, "device disabled or not registered")
         return self._respond(Code.BAD_REQUEST, "rejected by validation")
 
     def _too_large(self) -> Any:

@@ -456,6 +456,8 @@ class HttpIngestAdapter(SouthAdapter):
         self.state.rejected += 1
         if status is IngestStatus.REJECTED_FULL:
             return _error(503, "outbox_full", **{"Retry-After": self._retry_after()})
+        if status is IngestStatus.REJECTED_DEVICE:
+            return _error(403, "device_refused", detail="device disabled or not registered")
         return _error(400, "rejected", "rejected_invalid")
 
     async def _command_caller(self, request: web.Request) -> str | web.Response:

@@ -230,6 +230,7 @@ class MqttConnection(asyncio.Protocol):
         "_batch",
         "_cb_future",
         "_dirty",
+        "_end",
         "_fast_topics",
         "_held",
         "_in_quota",
@@ -336,6 +337,9 @@ class MqttConnection(asyncio.Protocol):
         """A connect line was logged: a disconnect line follows."""
         self._why: str | None = None
         """Why the connection ends (for its disconnect line), once we know."""
+        self._end: str | None = None
+        """Why it ended, as a registry reason (see :attr:`end_reason`), when
+        the broker ended it."""
         self.lingering_since = 0.0
         """When we closed after telling the client why (0: not lingering); see
         :meth:`_linger`."""
@@ -652,6 +656,7 @@ class MqttConnection(asyncio.Protocol):
                 self.write(encode(ConnAck(False, code), MQTT_5))
                 told = True
             # 3.1.1: a protocol violation is answered by closing (4.8), no CONNACK.
+        self._end = self._end or "error"
         self.close(e.reason_code, f"protocol error 0x{e.reason_code:02X}: {e}", told=told)
 
     def _pause_reading(self, why: int) -> None:
@@ -1743,11 +1748,13 @@ class MqttConnection(asyncio.Protocol):
     def keepalive_expired(self) -> None:
         """Called by the broker's sweep: nothing received for 1.5x keep alive."""
         self.broker.count("keepalive_timeouts")
+        self._end = "keepalive"
         self.close(0x8D, f"keep alive timeout (nothing received for 1.5 x {self.keepalive} s)")
 
     def taken_over(self) -> None:
         """Another connection took this client id (v5: DISCONNECT 0x8E)."""
         self._forget_unanswered()
+        self._end = "taken_over"
         self.close(0x8E, "session taken over by a new connection with this client id")
 
     def _forget_unanswered(self) -> None:
@@ -1769,6 +1776,7 @@ class MqttConnection(asyncio.Protocol):
         self._waiting = 0
 
     def server_shutdown(self) -> None:
+        self._end = "shutdown"
         self.close(0x8B, "gateway shutting down")
 
     def forget_acl(self) -> None:
@@ -1787,6 +1795,17 @@ class MqttConnection(asyncio.Protocol):
         self.forget_acl()
         self.will = None
         self.close(0x98, why)
+
+    @property
+    def end_reason(self) -> str:
+        """Why the connection ended, in the device registry's words: clean
+        (DISCONNECT), will (ended without one, will sent: DISCONNECT 0x04 or
+        a lost connection), keepalive, error, revoked, taken_over, shutdown."""
+        if self._end is not None:
+            return self._end
+        if self._normal_disconnect:
+            return "clean"
+        return "will" if self.will is not None else "error"
 
     def _username(self) -> str | None:
         p = self.principal

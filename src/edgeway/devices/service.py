@@ -1,0 +1,118 @@
+"""The registry and device status as one gateway component.
+
+The gateway builds one from its configuration and asks it for the three
+things it puts in front of the data path: the ingest the adapters submit to
+(:meth:`DeviceService.ingest_for`), the MQTT authenticator
+(:meth:`DeviceService.authenticator_for`), and the broker's session follower
+(:meth:`DeviceService.attach_broker`)::
+
+    devices = DeviceService(data_dir, cfg, emit=outbox.submit)
+    await devices.open()
+    ingest = devices.ingest_for(switch)
+    ...
+    task = tg.create_task(devices.run())     # the status flusher
+    ...
+    await devices.close()
+
+See :mod:`edgeway.devices.registry` (the records) and
+:mod:`edgeway.devices.presence` (status, events, gates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeway.devices.auth import Authenticator
+from edgeway.devices.presence import (
+    BrokerPresence,
+    DeviceIngest,
+    DevicePresence,
+    RegistryAuthenticator,
+)
+from edgeway.devices.registry import DB_NAME, DeviceRegistry
+from edgeway.ingest import Ingest
+from edgeway.reading import Reading
+
+if TYPE_CHECKING:
+    from edgeway.config import Config
+    from edgeway.south.base import SouthAdapter
+    from edgeway.south.mqtt.broker import Broker
+
+
+class DeviceService:
+    """Owns ``devices.db``, the status flusher and the gates."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        config: Config,
+        *,
+        emit: Callable[[Sequence[Reading]], Any] | None = None,
+    ) -> None:
+        section = config.devices
+        self.config = config
+        self.registry = DeviceRegistry(
+            data_dir / DB_NAME,
+            durability=config.outbox.durability,
+            max_unregistered=section.max_unregistered,
+        )
+        self.presence = DevicePresence(
+            self.registry,
+            flush_interval=section.flush_interval,
+            offline_after=section.offline_after,
+            emit=emit if section.events else None,
+            events_per_second=section.events_per_second,
+        )
+        self.broker_presence: BrokerPresence | None = None
+        self._ingest: DeviceIngest | None = None
+        self.registry.on_change(self.presence.registry_changed)
+
+    async def open(self) -> None:
+        await self.registry.open()
+        # Whatever the file says, nobody is connected to a gateway that is
+        # only starting (the last run may have ended with a kill -9).
+        await self.registry.mark_all_offline("shutdown")
+
+    def ingest_for(self, inner: Ingest) -> Ingest:
+        """What adapters and the broker submit to, in front of ``inner``."""
+        if self._ingest is None or self._ingest.inner is not inner:
+            gated: dict[str, bool] = {}
+            http, coap = self.config.http_ingest, self.config.coap
+            if http is not None:
+                gated["http"] = http.unregistered == "refuse"
+            if coap is not None:
+                gated["coap"] = coap.unregistered == "refuse"
+            self._ingest = DeviceIngest(inner, self.presence, self.registry, gated)
+        return self._ingest
+
+    def authenticator_for(self, inner: Authenticator) -> Authenticator:
+        refuse = [lst.bind for lst in self.config.mqtt.listeners if lst.unregistered == "refuse"]
+        return RegistryAuthenticator(inner, self.registry, self.presence, refuse)
+
+    def attach_broker(self, broker: Broker) -> None:
+        bp = BrokerPresence(broker, self.presence)
+        bp.attach()
+        self.registry.on_change(bp.registry_changed)
+        self.broker_presence = bp
+
+    def watch(self, adapters: Iterable[SouthAdapter]) -> None:
+        self.presence.watch_pollers(adapters)
+
+    async def run(self) -> None:
+        await self.presence.run()
+
+    async def close(self) -> None:
+        if self._ingest is not None:
+            await self._ingest.close()
+        await self.presence.flush()
+        await self.registry.close()
+
+    def status(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self.presence.stats)
+        out["unregistered"] = self.registry.unregistered
+        out["unregistered_refused"] = self.registry.unregistered_refused
+        out["refused_requests"] = self._ingest.refused if self._ingest is not None else 0
+        return out
