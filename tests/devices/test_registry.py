@@ -202,7 +202,7 @@ async def test_list_filters_and_keyset_paging(registry: DeviceRegistry) -> None:
     after = None
     while True:
         page = await registry.list(DeviceFilter(status="offline"), limit=7, after=after)
-        assert page.total == 20
+        assert page.total == (20 if after is None else None)
         ids += [d.id for d in page.devices]
         if page.next_after is None:
             break

@@ -2,7 +2,8 @@
 
 ``GET /api/devices?status=&type=&tag=&group=&protocol=&prefix=&limit=&after=``  (viewer)
     ``{"devices": [...], "next_after": ID|null, "total": N}``: one page in id
-    order (at most 1,000); the next page with ``after`` = ``next_after``.
+    order (at most 1,000); the next page with ``after`` = ``next_after``
+    (``total`` is counted on the first page only, null on the others).
 ``GET /api/devices?format=csv``  (viewer)
     Every device matching the filters as CSV (the import's columns plus status).
 ``GET /api/devices/{id}``  (viewer)

@@ -181,7 +181,8 @@ def _run(client: AdminClient, args: argparse.Namespace) -> int:
         for d in doc["devices"]:
             print(_line(d))
         more = f"; next page: --after {doc['next_after']}" if doc.get("next_after") else ""
-        print(f"({len(doc['devices'])} of {doc['total']}{more})", file=sys.stderr)
+        total = f" of {doc['total']}" if doc.get("total") is not None else ""
+        print(f"({len(doc['devices'])}{total}{more})", file=sys.stderr)
         return EXIT_OK
     if action == "export":
         query = {"format": "csv"}
