@@ -281,3 +281,40 @@ async def test_records_survive_reopen_and_start_offline(tmp_path: Path) -> None:
         assert d is not None and d.status == "offline" and d.disconnect_reason == "shutdown"
     finally:
         await reg.close()
+
+
+async def test_status_counts_kept_by_triggers_match_a_real_count(registry: DeviceRegistry) -> None:
+    """The per-status counts (what a status-only listing's total reads) follow
+    every kind of write; checked against a count of the rows after each."""
+
+    async def real() -> dict[str, int]:
+        def read(c: object) -> dict[str, int]:
+            rows = c.execute("SELECT status, count(*) FROM devices GROUP BY status")  # type: ignore[attr-defined]
+            return {s: int(n) for s, n in rows}
+
+        return await registry.db.read(read)  # type: ignore[arg-type]
+
+    async def check() -> None:
+        counts = {k: v for k, v in (await registry.counts()).items() if v}
+        assert counts == await real()
+        for status, n in (await registry.counts()).items():
+            assert (await registry.list(DeviceFilter(status=status), limit=1)).total == n
+
+    await registry.add_many([(2, {"id": "a"}), (3, {"id": "b"}), (4, {"id": "c"})])
+    await check()
+    await registry.record_status(
+        [StatusUpdate("a", online=True, connected=True), StatusUpdate("x", last_seen=1.0)]
+    )
+    await check()
+    await registry.disable("a")
+    await registry.disable("b")
+    await check()
+    await registry.enable("a")
+    await registry.add({"id": "x"})  # unregistered -> registered (and online: seen)
+    await check()
+    await registry.mark_idle(10.0)
+    await check()
+    await registry.mark_all_offline("shutdown")
+    await registry.remove("c")
+    await check()
+    assert (await registry.list()).total == 3

@@ -143,6 +143,27 @@ CREATE TABLE device_groups(
 CREATE INDEX device_groups_device ON device_groups(device_id);
 """
 
+_SCHEMA_V2 = """
+CREATE TABLE device_counts(status TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO device_counts(status, n)
+    VALUES ('online', 0), ('offline', 0), ('disabled', 0), ('unregistered', 0);
+UPDATE device_counts SET n = (SELECT count(*) FROM devices WHERE devices.status = device_counts.status);
+CREATE TRIGGER devices_count_insert AFTER INSERT ON devices BEGIN
+    UPDATE device_counts SET n = n + 1 WHERE status = NEW.status;
+END;
+CREATE TRIGGER devices_count_delete AFTER DELETE ON devices BEGIN
+    UPDATE device_counts SET n = n - 1 WHERE status = OLD.status;
+END;
+CREATE TRIGGER devices_count_update AFTER UPDATE OF registered, enabled, online ON devices
+WHEN OLD.status IS NOT NEW.status BEGIN
+    UPDATE device_counts SET n = n - 1 WHERE status = OLD.status;
+    UPDATE device_counts SET n = n + 1 WHERE status = NEW.status;
+END;
+"""
+"""Devices per status, kept by triggers: ``list --status offline`` answers its
+total without counting 70,000 index entries (10 ms on an idle machine, over
+100 ms on a busy one); a status change costs two one-row updates."""
+
 _COLS = (
     "id, name, type, tags, groups_, credentials, metadata, firmware, registered, enabled, "
     "online, connected, protocols, last_seen, last_connect, last_disconnect, "
@@ -237,8 +258,8 @@ class DevicePage:
     """Pass as ``after`` for the next page; None: this was the last."""
     total: int | None
     """Devices matching the filter, all pages: counted for the first page only
-    (``after`` None). Counting 70,000 matches costs ~10 ms, more than the
-    page itself; a client paging through needs it once."""
+    (``after`` None): a status alone is read from counts kept by triggers;
+    other filters count their matches, which a client paging through needs once."""
 
 
 @dataclass(slots=True)
@@ -494,6 +515,19 @@ def _where(f: DeviceFilter) -> tuple[str, list[Any]]:
     return " AND ".join(clauses) or "1", args
 
 
+def _count(c: sqlite3.Connection, f: DeviceFilter, where: str, args: list[Any]) -> int:
+    """Devices matching ``f``: from the per-status counts when the filter is
+    the status alone (or nothing), else counted."""
+    others = (f.type, f.tag, f.group, f.protocol, f.prefix)
+    if not any(others):
+        if f.status is None:
+            row = c.execute("SELECT coalesce(sum(n), 0) FROM device_counts").fetchone()
+        else:
+            row = c.execute("SELECT n FROM device_counts WHERE status = ?", (f.status,)).fetchone()
+        return int(row[0]) if row is not None else 0
+    return int(c.execute(f"SELECT count(*) FROM devices d WHERE {where}", args).fetchone()[0])
+
+
 def _merge_protocols(old: str, new: set[str]) -> str:
     have = {p for p in old.split(",") if p}
     if new <= have:
@@ -537,7 +571,9 @@ class DeviceRegistry:
         max_unregistered: int = 10_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.db = Database(path, migrations=[_SCHEMA_V1], durability=durability, name=DB_NAME)
+        self.db = Database(
+            path, migrations=[_SCHEMA_V1, _SCHEMA_V2], durability=durability, name=DB_NAME
+        )
         self.max_unregistered = max_unregistered
         self.clock = clock
         self._listeners: list[ChangeListener] = []
@@ -620,8 +656,7 @@ class DeviceRegistry:
             ).fetchall()
             total = None
             if after is None:
-                sql = f"SELECT count(*) FROM devices d WHERE {where}"
-                total = int(c.execute(sql, args).fetchone()[0])
+                total = _count(c, filters, where, args)
             devices = [_row_device(r) for r in rows[:limit]]
             more = len(rows) > limit
             return DevicePage(devices, devices[-1].id if more else None, total)
@@ -832,7 +867,7 @@ class DeviceRegistry:
 
         def read(c: sqlite3.Connection) -> dict[str, int]:
             out = dict.fromkeys(STATUSES, 0)
-            for status, n in c.execute("SELECT status, count(*) FROM devices GROUP BY status"):
+            for status, n in c.execute("SELECT status, n FROM device_counts"):
                 out[status] = int(n)
             return out
 
