@@ -603,6 +603,8 @@ class MqttConnection(asyncio.Protocol):
             return
         if why is not None and self._why is None:
             self._why = why
+        if self._end is None and reason_code is not None:
+            self._end = _END_BY_CODE.get(reason_code)
         if reason_code is not None and self.level == MQTT_5 and self.state == CONNECTED:
             self.send(Disconnect(disconnect_code(reason_code)))
             told = True
@@ -1754,7 +1756,6 @@ class MqttConnection(asyncio.Protocol):
     def taken_over(self) -> None:
         """Another connection took this client id (v5: DISCONNECT 0x8E)."""
         self._forget_unanswered()
-        self._end = "taken_over"
         self.close(0x8E, "session taken over by a new connection with this client id")
 
     def _forget_unanswered(self) -> None:
@@ -1776,7 +1777,6 @@ class MqttConnection(asyncio.Protocol):
         self._waiting = 0
 
     def server_shutdown(self) -> None:
-        self._end = "shutdown"
         self.close(0x8B, "gateway shutting down")
 
     def forget_acl(self) -> None:
@@ -1796,6 +1796,14 @@ class MqttConnection(asyncio.Protocol):
         self.will = None
         self.close(0x98, why)
 
+    def _username(self) -> str | None:
+        p = self.principal
+        return None if p is None or p.anonymous else p.username
+
+    @property
+    def sends_will(self) -> bool:
+        return self.will is not None and not self._normal_disconnect
+
     @property
     def end_reason(self) -> str:
         """Why the connection ended, in the device registry's words: clean
@@ -1807,13 +1815,11 @@ class MqttConnection(asyncio.Protocol):
             return "clean"
         return "will" if self.will is not None else "error"
 
-    def _username(self) -> str | None:
-        p = self.principal
-        return None if p is None or p.anonymous else p.username
 
-    @property
-    def sends_will(self) -> bool:
-        return self.will is not None and not self._normal_disconnect
+_END_BY_CODE = {0x8B: "shutdown", 0x8E: "taken_over", 0x98: "revoked"}
+"""Registry reasons (:attr:`MqttConnection.end_reason`) for the broker's own
+DISCONNECT codes: server shutting down, session taken over, administrative
+action (a revoked identity)."""
 
 
 def _peer_cn(ssl_obj: Any) -> str | None:
