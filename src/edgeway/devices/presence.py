@@ -23,8 +23,8 @@ What tells us what (the gateway wires these up):
 - pollers (Modbus, OPC-UA: one device per configured entry): their
   connection and error counters, looked at on each flush.
 
-Hot path cost: a reading costs two dict stores (last seen, protocol) and
-one dict lookup; nothing is written until the flush, which writes one
+Hot path cost: a reading costs one dict store (when and over what) and one
+dict lookup (a ``firmware_version`` metric); nothing is written until the flush, which writes one
 statement per device that changed (one transaction per flush: 10,000 busy
 devices cost one commit every ``flush_interval``, never one per reading).
 Memory is bounded: at most ``MAX_PENDING`` devices wait for a flush; one
@@ -65,8 +65,8 @@ MAX_PENDING = 200_000
 """Devices whose news waits for the next flush. A few hundred bytes each at
 most: ~50 MB in the worst case of that many distinct devices in one
 ``flush_interval``; a normal site has a few thousand."""
-FIRMWARE_METRICS = ("firmware_version", "fw_version")
-"""Metric names read as the device's reported firmware version (strings)."""
+FIRMWARE_METRIC = "firmware_version"
+"""The metric read as the device's reported firmware version (a string)."""
 EVENT_BURST = 1000
 """Events that may go at once before ``events_per_second`` applies (a
 gateway restart reconnects every device in a few seconds)."""
@@ -110,8 +110,8 @@ class DevicePresence:
         self.max_pending = max_pending
         self.clock = clock
         self.stats = PresenceStats()
-        self._seen_at: dict[str, float] = {}
-        self._seen_via: dict[str, str] = {}
+        self._seen: dict[str, tuple[float, str]] = {}
+        """Device -> (when, protocol) since the last flush: the hot path's only store."""
         self._updates: dict[str, StatusUpdate] = {}
         self._events: list[Reading] = []
         self._events_scheduled = False
@@ -124,37 +124,33 @@ class DevicePresence:
     # ------------------------------------------------------------ hot path
 
     def seen_readings(self, readings: Sequence[Reading]) -> None:
-        """Readings were submitted: their devices were seen now."""
-        seen_at, seen_via = self._seen_at, self._seen_via
-        if len(seen_at) + len(readings) > self.max_pending:
+        """Readings of one device message were submitted: their devices were
+        seen now, over the protocol of the first one's origin (one adapter's
+        message). One dict store per reading, plus one lookup for firmware."""
+        seen = self._seen
+        if len(seen) + len(readings) > self.max_pending:
             self._seen_bounded(readings)
             return
-        now = self.clock()
+        entry = (self.clock(), readings[0].origin.adapter)
         for r in readings:
-            device = r.device_id
-            seen_at[device] = now
-            seen_via[device] = r.origin.adapter
-            metrics = r.metrics
-            if "firmware_version" in metrics or "fw_version" in metrics:
-                self._firmware(device, metrics)
+            seen[r.device_id] = entry
+            if FIRMWARE_METRIC in r.metrics:
+                self._firmware(r.device_id, r.metrics[FIRMWARE_METRIC])
 
     def _seen_bounded(self, readings: Sequence[Reading]) -> None:
-        now = self.clock()
+        seen = self._seen
+        entry = (self.clock(), readings[0].origin.adapter)
         for r in readings:
-            if r.device_id not in self._seen_at and len(self._seen_at) >= self.max_pending:
+            if r.device_id not in seen and len(seen) >= self.max_pending:
                 self.stats.pending_dropped += 1
                 continue
-            self._seen_at[r.device_id] = now
-            self._seen_via[r.device_id] = r.origin.adapter
+            seen[r.device_id] = entry
 
-    def _firmware(self, device: str, metrics: dict[str, Any]) -> None:
-        for name in FIRMWARE_METRICS:
-            value = metrics.get(name)
-            if isinstance(value, str) and value:
-                update = self._update(device)
-                if update is not None:
-                    update.firmware = value[:64]
-                return
+    def _firmware(self, device: str, value: object) -> None:
+        if isinstance(value, str) and value:
+            update = self._update(device)
+            if update is not None:
+                update.firmware = value[:64]
 
     def _update(self, device_id: str) -> StatusUpdate | None:
         u = self._updates.get(device_id)
@@ -314,15 +310,14 @@ class DevicePresence:
         """What waits for the flush, merged per device (and forgotten here)."""
         self._check_pollers()
         updates, self._updates = self._updates, {}
-        seen_at, self._seen_at = self._seen_at, {}
-        seen_via, self._seen_via = self._seen_via, {}
-        for device, at in seen_at.items():
+        seen, self._seen = self._seen, {}
+        for device, (at, protocol) in seen.items():
             u = updates.get(device)
             if u is None:
                 u = updates[device] = StatusUpdate(device)
             if u.last_seen is None or at > u.last_seen:
                 u.last_seen = at
-            u.protocols.add(seen_via[device])
+            u.protocols.add(protocol)
             if u.connected is None:
                 # Seen without a connection event in this interval: online
                 # (connection-less protocols; a connected device stays so).
