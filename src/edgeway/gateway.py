@@ -286,7 +286,9 @@ class Gateway:
         if cfg.devices.enabled:
             from edgeway.devices.service import DeviceService
 
-            self.devices = DeviceService(data_dir, cfg, emit=self._store_records)
+            self.devices = DeviceService(
+                data_dir, cfg, emit=self._store_records, live=lambda: self.config
+            )
             await self.devices.open()
         self.adapters = self._build_adapters()
         try:

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import orjson
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeway.config import parse_config
@@ -372,3 +373,56 @@ async def test_status_writes_are_batched_not_per_reading(tmp_path: Path) -> None
             rec = await run.device(d.client._client_id.decode())
             assert rec["online"] and rec["last_seen"] is not None
             await in_thread(d.disconnect)
+
+
+async def test_reload_keeps_the_registry_checks_and_applies_new_policies(tmp_path: Path) -> None:
+    from edgeway.runtime.reload import ReloadError
+
+    def text(users: str, policy: str, flush: str = "0.05s") -> str:
+        return f"""
+gateway: {{id: gw-dev, data_dir: "{tmp_path / "data"}"}}
+mqtt:
+  listeners: [{{bind: "127.0.0.1:0", allow_anonymous: true}}]
+  users: {users}
+sinks:
+  - {{name: files, url: "file://{tmp_path / "out"}"}}
+admin: {{listen: "127.0.0.1:0"}}
+devices: {{flush_interval: {flush}, events: true}}
+http_ingest: {{listen: "127.0.0.1:0", allow_anonymous: true, unregistered: {policy}}}
+"""
+
+    gw = Gateway(parse_config(text("[]", "allow"), "test.yaml"))
+    task = asyncio.create_task(gw.run())
+    await asyncio.wait_for(gw.ready.wait(), TIMEOUT)
+    try:
+        assert gw.devices is not None and gw.broker is not None
+        await gw.devices.registry.add({"id": "off"})
+        await gw.devices.registry.disable("off")
+        port = gw.listeners[0].bound[1]
+        assert await in_thread(lambda: Device(port, "off").connect()) == 0x8A
+        (http,) = gw.adapters
+        url = f"http://127.0.0.1:{http.port}/devices/new-1/telemetry"  # type: ignore[attr-defined]
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            assert (await client.post(url, json={"t": 1})).status_code == 200
+
+            # mqtt.users changes: the broker gets a new authenticator, still
+            # behind the registry; the HTTP listener now refuses strangers.
+            from edgeway.devices.config_auth import hash_password
+
+            hashed = f'[{{username: someone, password_hash: "{hash_password("pw-123456")}"}}]'
+            changes = await gw.apply_text(text(hashed, "refuse"), "test")
+            assert changes
+            port = gw.listeners[0].bound[1]
+            peer = Device(port, "off")
+            assert await in_thread(peer.connect) == 0x8A
+            await in_thread(peer.go_silent)
+            (http,) = gw.adapters
+            url = f"http://127.0.0.1:{http.port}/devices/new-2/telemetry"  # type: ignore[attr-defined]
+            assert (await client.post(url, json={"t": 1})).status_code == 403
+
+        # The devices section itself needs a restart: refused, not ignored.
+        with pytest.raises(ReloadError, match="restart"):
+            await gw.apply_text(text(hashed, "refuse", flush="1s"), "test")
+    finally:
+        gw.request_stop()
+        await asyncio.wait_for(task, TIMEOUT)

@@ -119,7 +119,7 @@ async def test_gate_refuses_disabled_and_unregistered_where_asked(
 ) -> None:
     presence = DevicePresence(registry)
     inner = MemoryIngest()
-    gate = DeviceIngest(inner, presence, registry, {"http": True, "coap": False})
+    gate = DeviceIngest(inner, presence, registry, {"http": True, "coap": False}.get)
     await registry.add({"id": "ok"})
     await registry.add({"id": "off"})
     await registry.disable("off")

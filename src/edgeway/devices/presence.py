@@ -417,13 +417,14 @@ class RegistryAuthenticator:
         inner: Authenticator,
         registry: DeviceRegistry,
         presence: DevicePresence,
-        refuse_unregistered_on: Iterable[str] = (),
+        refuse_unregistered_on: Callable[[str], bool] = lambda listener: False,
     ) -> None:
         self.inner = inner
         self.registry = registry
         self.presence = presence
-        self.refuse_unregistered_on = frozenset(refuse_unregistered_on)
-        """Listener bind strings whose policy is ``refuse``."""
+        self.refuse_unregistered_on = refuse_unregistered_on
+        """Whether the listener (its bind string) refuses unregistered devices:
+        asked at each CONNECT, so a reload's new policy holds at once."""
 
     async def authenticate(self, info: ConnectInfo) -> AuthDecision:
         decision = await self.inner.authenticate(info)
@@ -437,7 +438,7 @@ class RegistryAuthenticator:
         if flags is not None and flags.registered and not flags.enabled:
             self.presence.auth_failed(device, "mqtt", info.remote, "device disabled")
             return AuthDecision(False, reason_code=0x8A, reason="device disabled")
-        if info.listener in self.refuse_unregistered_on and (flags is None or not flags.registered):
+        if self.refuse_unregistered_on(info.listener) and (flags is None or not flags.registered):
             self.presence.auth_failed(device, "mqtt", info.remote, "device not registered")
             return AuthDecision(False, reason_code=0x87, reason="device not registered")
         return decision
@@ -463,13 +464,14 @@ class DeviceIngest:
         inner: Ingest,
         presence: DevicePresence,
         registry: DeviceRegistry,
-        gated: dict[str, bool] | None = None,
+        gated: Callable[[str], bool | None] = lambda adapter: None,
     ) -> None:
         self.inner = inner
         self.presence = presence
         self.registry = registry
-        self.gated = gated or {}
-        """Origin adapter -> whether unregistered devices are refused there."""
+        self.gated = gated
+        """Origin adapter -> whether unregistered devices are refused there
+        (None: not gated). Asked per submit, so a reload's policy holds at once."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.refused = 0
 
@@ -483,7 +485,7 @@ class DeviceIngest:
     def submit(self, readings: Sequence[Reading]) -> asyncio.Future[IngestStatus]:
         if readings:
             self.presence.seen_readings(readings)
-            refuse_unregistered = self.gated.get(readings[0].origin.adapter)
+            refuse_unregistered = self.gated(readings[0].origin.adapter)
             if refuse_unregistered is not None:
                 return self._gated(readings, refuse_unregistered)
         return self.inner.submit(readings)

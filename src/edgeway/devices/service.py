@@ -51,9 +51,13 @@ class DeviceService:
         config: Config,
         *,
         emit: Callable[[Sequence[Reading]], Any] | None = None,
+        live: Callable[[], Config] | None = None,
     ) -> None:
         section = config.devices
         self.config = config
+        self._live = live or (lambda: config)
+        """The configuration in force (the gateway's, which a reload replaces):
+        the listeners' ``unregistered`` policies are read from it when asked."""
         self.registry = DeviceRegistry(
             data_dir / DB_NAME,
             durability=config.outbox.durability,
@@ -79,18 +83,27 @@ class DeviceService:
     def ingest_for(self, inner: Ingest) -> Ingest:
         """What adapters and the broker submit to, in front of ``inner``."""
         if self._ingest is None or self._ingest.inner is not inner:
-            gated: dict[str, bool] = {}
-            http, coap = self.config.http_ingest, self.config.coap
-            if http is not None:
-                gated["http"] = http.unregistered == "refuse"
-            if coap is not None:
-                gated["coap"] = coap.unregistered == "refuse"
-            self._ingest = DeviceIngest(inner, self.presence, self.registry, gated)
+            self._ingest = DeviceIngest(inner, self.presence, self.registry, self._gate_policy)
         return self._ingest
 
+    def _gate_policy(self, adapter: str) -> bool | None:
+        """For an HTTP or CoAP reading: whether its listener refuses
+        unregistered devices; None for the others (not gated)."""
+        cfg = self._live()
+        section = cfg.http_ingest if adapter == "http" else cfg.coap if adapter == "coap" else None
+        return None if section is None else section.unregistered == "refuse"
+
+    def _refuses_unregistered(self, bind: str) -> bool:
+        return any(
+            lst.bind == bind and lst.unregistered == "refuse" for lst in self._live().mqtt.listeners
+        )
+
     def authenticator_for(self, inner: Authenticator) -> Authenticator:
-        refuse = [lst.bind for lst in self.config.mqtt.listeners if lst.unregistered == "refuse"]
-        return RegistryAuthenticator(inner, self.registry, self.presence, refuse)
+        """``inner`` behind the registry's checks (start-up, and a reload that
+        replaces ``mqtt.users``)."""
+        return RegistryAuthenticator(
+            inner, self.registry, self.presence, self._refuses_unregistered
+        )
 
     def attach_broker(self, broker: Broker) -> None:
         bp = BrokerPresence(broker, self.presence)

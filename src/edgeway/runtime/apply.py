@@ -165,6 +165,8 @@ def _apply_mqtt_auth(gw: Gateway, old: Config, new: Config, undo: list[Undo]) ->
     else:
         broker.authenticator = ConfigAuthenticator(new.mqtt)
         broker.authoriser = ConfigAuthoriser(new.mqtt)
+    if gw.devices is not None:  # the registry's checks stay in front
+        broker.authenticator = gw.devices.authenticator_for(broker.authenticator)
     # Connections remember decisions (publish verdicts, the telemetry fast
     # path, read verdicts): a new ACL must apply to their next message.
     broker.acl_changed()
