@@ -347,7 +347,7 @@ class Gateway:
                     for adapter in self.adapters:
                         self._start_adapter(adapter)
                     if self.devices is not None:
-                        self.devices.watch(self.adapters)
+                        self.devices.watch(lambda: self.adapters)
                         tg.create_task(self.devices.run(), name="devices")
                     await self._wait_adapters_ready()
                     log.info(

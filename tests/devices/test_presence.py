@@ -100,7 +100,7 @@ async def test_poller_errors_and_lost_connection(registry: DeviceRegistry) -> No
     emitted: list[Reading] = []
     presence = DevicePresence(registry, emit=emitted.extend)
     poller = Poller()
-    presence.watch_pollers([poller])  # type: ignore[list-item]
+    presence.watch_pollers(lambda: [poller])  # type: ignore[list-item, return-value]
     poller.state.connected = True
     presence.seen_readings(readings(["plc-9"], adapter="modbus"))
     await presence.flush()

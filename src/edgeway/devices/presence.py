@@ -118,7 +118,9 @@ class DevicePresence:
         self._rate = events_per_second
         self._tokens = float(EVENT_BURST)
         self._tokens_at = time.monotonic()
-        self._pollers: list[tuple[SouthAdapter, str, _PollerSeen]] = []
+        self._pollers: Callable[[], Iterable[SouthAdapter]] = tuple
+        self._poller_seen: dict[int, _PollerSeen] = {}
+        """Counters last seen per poller (by id of the adapter): as many as adapters."""
         self._flush_lock = asyncio.Lock()
 
     # ------------------------------------------------------------ hot path
@@ -210,19 +212,22 @@ class DevicePresence:
 
     # ------------------------------------------------------------ pollers
 
-    def watch_pollers(self, adapters: Iterable[SouthAdapter]) -> None:
-        """Follow adapters that poll one device each (a ``device_id`` in their
-        config: Modbus, OPC-UA) through their connection and error counters."""
-        self._pollers = []
-        for a in adapters:
-            device_id = getattr(a.config, "device_id", None)
-            if isinstance(device_id, str) and a.section in ("modbus", "opcua"):
-                seen = _PollerSeen(a.state.connected, a.state.errors)
-                self._pollers.append((a, device_id, seen))
+    def watch_pollers(self, adapters: Callable[[], Iterable[SouthAdapter]]) -> None:
+        """Follow the adapters that poll one device each (a ``device_id`` in
+        their config: Modbus, OPC-UA) through their connection and error
+        counters; ``adapters`` gives the running ones at each flush (a reload
+        adds and removes some)."""
+        self._pollers = adapters
 
     def _check_pollers(self) -> None:
-        for adapter, device_id, seen in self._pollers:
+        current: dict[int, _PollerSeen] = {}
+        for adapter in self._pollers():
+            device_id = getattr(adapter.config, "device_id", None)
+            if not isinstance(device_id, str) or adapter.section not in ("modbus", "opcua"):
+                continue
             st = adapter.state
+            seen = self._poller_seen.get(id(adapter)) or _PollerSeen(False, 0)
+            current[id(adapter)] = seen
             if st.errors > seen.errors:
                 self.poll_failed(
                     device_id,
@@ -241,6 +246,7 @@ class DevicePresence:
                     detail=st.last_error or "",
                 )
             seen.connected, seen.errors = st.connected, st.errors
+        self._poller_seen = current
 
     # ------------------------------------------------------------ events
 

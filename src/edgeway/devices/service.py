@@ -111,7 +111,8 @@ class DeviceService:
         self.registry.on_change(bp.registry_changed)
         self.broker_presence = bp
 
-    def watch(self, adapters: Iterable[SouthAdapter]) -> None:
+    def watch(self, adapters: Callable[[], Iterable[SouthAdapter]]) -> None:
+        """Follow the pollers among ``adapters()`` (the running ones)."""
         self.presence.watch_pollers(adapters)
 
     async def run(self) -> None:
