@@ -318,3 +318,29 @@ async def test_status_counts_kept_by_triggers_match_a_real_count(registry: Devic
     await registry.remove("c")
     await check()
     assert (await registry.list()).total == 3
+
+
+async def test_export_defuses_spreadsheet_formulas_and_import_restores_them(
+    registry: DeviceRegistry,
+) -> None:
+    await registry.add({"id": "d1", "name": "=HYPERLINK(1)", "type": "-meter"})
+    await registry.record_status([StatusUpdate("d1", firmware="@SUM(A1)")])
+    text = export_rows((await registry.list()).devices, header=True)
+    row = text.splitlines()[1].split(",")
+    assert row[1] == "'=HYPERLINK(1)" and row[2] == "'-meter" and row[6] == "'@SUM(A1)"
+    ((_, fields),) = parse_csv(text.encode())
+    assert fields["name"] == "=HYPERLINK(1)" and fields["type"] == "-meter"
+    assert fields["firmware"] == "@SUM(A1)"
+
+
+async def test_peer_text_is_kept_printable(registry: DeviceRegistry) -> None:
+    from edgeway.devices.presence import DevicePresence
+    from edgeway.reading import Origin, Reading
+
+    presence = DevicePresence(registry)
+    presence.seen_readings([Reading("d1", 1.0, {"firmware_version": "1.0\x1b[2J"}, Origin("mqtt"))])
+    presence.poll_failed("d1", "opcua", "BadNode\x1b]0;pwned\x07", offline=True)
+    await presence.flush()
+    d = await registry.get("d1")
+    assert d is not None and d.firmware is None  # not printable: not taken
+    assert d.last_error == "BadNode?]0;pwned?"

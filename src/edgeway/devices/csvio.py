@@ -42,6 +42,17 @@ class CsvError(Exception):
     """The file as a whole cannot be read (no header, no id column, too big)."""
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+"""What a spreadsheet takes for a formula at the start of a cell: an export
+prefixes such a cell with ``'`` (OWASP's advice against CSV injection; a
+device's own reported firmware version ends up in these files), and an
+import takes that prefix off again."""
+
+
+def _unescape(cell: str) -> str:
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_START) else cell
+
+
 def _list(cell: str) -> list[str]:
     sep = ";" if ";" in cell else ","
     return [v.strip() for v in cell.split(sep) if v.strip()]
@@ -77,8 +88,8 @@ def parse_csv(data: bytes) -> list[tuple[int, Mapping[str, Any]]]:
             if len(rows) >= MAX_ROWS:
                 raise CsvError(f"more than {MAX_ROWS} rows: split the file")
             fields: dict[str, Any] = {}
-            for col, cell in zip(columns, cells, strict=False):
-                cell = cell.strip()
+            for col, raw in zip(columns, cells, strict=False):
+                cell = _unescape(raw.strip())
                 if col not in IMPORT_COLUMNS or (not cell and col != "id"):
                     continue
                 fields[col] = _list(cell) if col in ("tags", "groups", "credentials") else cell
@@ -92,10 +103,12 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, list | tuple):
-        return ";".join(value)
-    if isinstance(value, dict):
-        return orjson.dumps(value).decode() if value else ""
-    return str(value)
+        text = ";".join(value)
+    elif isinstance(value, dict):
+        text = orjson.dumps(value).decode() if value else ""
+    else:
+        text = str(value)
+    return "'" + text if text.startswith(FORMULA_START) else text
 
 
 def export_rows(devices: Sequence[Device], *, header: bool) -> str:

@@ -149,10 +149,12 @@ class DevicePresence:
             seen[r.device_id] = entry
 
     def _firmware(self, device: str, value: object) -> None:
-        if isinstance(value, str) and value:
+        # The device's own text, shown in the CLI: printable only (no
+        # terminal escapes), 64 characters at most.
+        if isinstance(value, str) and value and len(value) <= 64 and value.isprintable():
             update = self._update(device)
             if update is not None:
-                update.firmware = value[:64]
+                update.firmware = value
 
     def _update(self, device_id: str) -> StatusUpdate | None:
         u = self._updates.get(device_id)

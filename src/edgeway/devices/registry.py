@@ -311,6 +311,12 @@ ChangeListener = Callable[[str, str], None]
 # ------------------------------------------------------------------ validation
 
 
+def printable(text: str) -> str:
+    """``text`` with anything a terminal could take for a control sequence
+    replaced by ``?`` (an error message a peer may have written)."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
 def check_device_id(value: object) -> str:
     if not isinstance(value, str) or not DEVICE_ID.match(value):
         raise DeviceError(
@@ -819,7 +825,7 @@ class DeviceRegistry:
                         u.last_connect,
                         u.last_disconnect,
                         u.disconnect_reason,
-                        None if u.last_error is None else u.last_error[:MAX_ERROR],
+                        None if u.last_error is None else printable(u.last_error[:MAX_ERROR]),
                         u.last_error_at,
                         u.firmware,
                         u.device_id,
