@@ -330,7 +330,7 @@ def check_device_id(value: object) -> str:
 def _text(value: object, name: str, limit: int) -> str:
     if not isinstance(value, str):
         raise DeviceError("invalid", "must be a string", name)
-    if len(value) > limit or any(ord(c) < 0x20 for c in value):
+    if len(value) > limit or not value.isprintable():
         raise DeviceError("invalid", f"at most {limit} printable characters", name)
     return value
 
