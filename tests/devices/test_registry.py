@@ -3,6 +3,7 @@ change listeners, unregistered devices and their cap, status batches, CSV."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -344,3 +345,29 @@ async def test_peer_text_is_kept_printable(registry: DeviceRegistry) -> None:
     d = await registry.get("d1")
     assert d is not None and d.firmware is None  # not printable: not taken
     assert d.last_error == "BadNode?]0;pwned?"
+
+
+async def test_lookups_do_not_wait_for_a_long_write(registry: DeviceRegistry) -> None:
+    """A CONNECT's lookup and a listing read on their own connection: a flush
+    or an import holding the writer for a while does not hold them up."""
+    import threading
+    import time
+
+    await registry.add({"id": "d1"})
+    release = threading.Event()
+
+    def long_write(c: object) -> None:
+        c.execute("UPDATE devices SET name = 'x' WHERE id = 'd1'")  # type: ignore[attr-defined]
+        release.wait(5.0)  # a transaction that takes its time
+
+    write = registry.db.write(long_write)  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    flags = await asyncio.wait_for(registry.flags("d1"), 2.0)
+    page = await asyncio.wait_for(registry.list(), 2.0)
+    took = time.monotonic() - t0
+    release.set()
+    await write
+    assert flags is not None and flags.enabled and [d.name for d in page.devices] == [""]
+    assert took < 1.0
+    assert (await registry.get("d1")).name == "x"  # type: ignore[union-attr]

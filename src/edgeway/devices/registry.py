@@ -48,15 +48,17 @@ import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 
-from edgeway.storage.sqlite import Database
+from edgeway.storage.sqlite import Database, StorageError, connect
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DB_NAME = "devices.db"
 
@@ -584,6 +586,10 @@ class DeviceRegistry:
         self.clock = clock
         self._listeners: list[ChangeListener] = []
         self._flags: OrderedDict[str, DeviceFlags | None] = OrderedDict()
+        self._generation = 0
+        """Changes so far: a lookup that a change overtook is not cached."""
+        self._reader: sqlite3.Connection | None = None
+        self._read_pool: ThreadPoolExecutor | None = None
         self.unregistered = 0
         """Unregistered records now (kept below ``max_unregistered``)."""
         self.unregistered_refused = 0
@@ -597,8 +603,28 @@ class DeviceRegistry:
             )
         )
 
+        self._reader = connect(self.db.path, self.db.durability)
+        self._read_pool = ThreadPoolExecutor(1, thread_name_prefix="devices-read")
+
     async def close(self) -> None:
+        if self._read_pool is not None:
+            self._read_pool.shutdown(wait=True)
+            self._read_pool = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         await self.db.close()
+
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run ``fn`` on the read connection's own thread. WAL lets it read
+        while the writer thread holds a long transaction (a flush of 10,000
+        statuses, an import of 100,000 rows), so a CONNECT's lookup and a
+        listing never wait for them; it sees every write whose future has
+        resolved (committed before the read began)."""
+        reader, pool = self._reader, self._read_pool
+        if reader is None or pool is None:
+            raise StorageError(f"{DB_NAME} is not open")
+        return asyncio.get_running_loop().run_in_executor(pool, fn, reader)
 
     # ------------------------------------------------------------ listeners
 
@@ -609,6 +635,7 @@ class DeviceRegistry:
         return lambda: self._listeners.remove(callback) if callback in self._listeners else None
 
     def _changed(self, device_id: str, change: str) -> None:
+        self._generation += 1
         self._flags.pop(device_id, None)
         for cb in list(self._listeners):
             try:
@@ -619,7 +646,7 @@ class DeviceRegistry:
     # ------------------------------------------------------------ reads
 
     async def get(self, device_id: str) -> Device | None:
-        return await self.db.read(lambda c: _get(c, device_id))
+        return await self._read(lambda c: _get(c, device_id))
 
     async def flags(self, device_id: str) -> DeviceFlags | None:
         """(registered, enabled) of ``device_id``, None for no record: from a
@@ -635,7 +662,10 @@ class DeviceRegistry:
             ).fetchone()
             return DeviceFlags(bool(row[0]), bool(row[1])) if row is not None else None
 
-        value = await self.db.read(read)
+        generation = self._generation
+        value = await self._read(read)
+        if generation != self._generation:
+            return value  # a change landed meanwhile: this answer may predate it
         cache[device_id] = value
         if len(cache) > FLAGS_CACHE_MAX:
             cache.popitem(last=False)
@@ -667,7 +697,7 @@ class DeviceRegistry:
             more = len(rows) > limit
             return DevicePage(devices, devices[-1].id if more else None, total)
 
-        return await self.db.read(read)
+        return await self._read(read)
 
     # ------------------------------------------------------------ changes
 
@@ -877,4 +907,4 @@ class DeviceRegistry:
                 out[status] = int(n)
             return out
 
-        return await self.db.read(read)
+        return await self._read(read)
