@@ -76,6 +76,12 @@ async def test_roles_crud_errors_and_paging(tmp_path: Path) -> None:
             assert lines[0].startswith("id,name,type,tags,groups")
             assert [line.split(",")[0] for line in lines[1:]] == ["d0", "d1", "d2", "d4", "n1"]
 
+            assert run.gateway.devices is not None
+            await run.gateway.devices.presence.flush()
+            metrics = (await v.get("/metrics")).text
+            assert 'edgeway_devices{status="offline"} 4.0' in metrics
+            assert 'edgeway_devices{status="disabled"} 1.0' in metrics
+
 
 async def test_cli_add_list_show_disable_import_export(tmp_path: Path) -> None:
     async with running_gateway(tmp_path) as run:

@@ -244,6 +244,27 @@ class StatusCollector:
             )
             r_lost.add_metric([], float(receipts.get("unreachable", 0)))
             yield r_lost
+        yield from _device_metrics(st.get("devices"))
+
+
+def _device_metrics(devices: dict[str, Any] | None) -> Iterator[Any]:
+    """Devices by registry status (as of the last status flush) and the
+    lifecycle events held back by the limiter."""
+    if not devices:
+        return
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    by_status = GaugeMetricFamily(
+        "edgeway_devices", "Devices in the registry by status", labels=["status"]
+    )
+    for status, n in sorted((devices.get("by_status") or {}).items()):
+        by_status.add_metric([str(status)], float(n))
+    yield by_status
+    suppressed = CounterMetricFamily(
+        "edgeway_device_events_suppressed", "Lifecycle events over events_per_second"
+    )
+    suppressed.add_metric([], float(devices.get("events_suppressed", 0)))
+    yield suppressed
 
 
 class BuildInfoCollector:

@@ -44,7 +44,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edgeway.devices.auth import AuthDecision, Authenticator, ConnectInfo, Principal
@@ -87,6 +87,8 @@ class PresenceStats:
     events_suppressed: int = 0
     went_idle: int = 0
     """Devices without a connection marked offline after ``offline_after``."""
+    by_status: dict[str, int] = field(default_factory=dict)
+    """Devices per registry status, as of the last flush (metrics)."""
 
 
 class DevicePresence:
@@ -341,6 +343,7 @@ class DevicePresence:
             if self.offline_after > 0:
                 idle = await self.registry.mark_idle(self.clock() - self.offline_after)
                 self.stats.went_idle += idle
+            self.stats.by_status = await self.registry.counts()
             self.stats.flushes += 1
             self.stats.written += written
             self.stats.last_flush_ms = round((time.perf_counter() - t0) * 1000, 2)
