@@ -752,7 +752,10 @@ class Gateway:
             adapter.receipt_downlink()  # it remembers its devices from now on
         if self.commands is None:
             return
-        downlink = adapter.downlink(self.commands)
+        events: Any = self.commands
+        if self.devices is not None:
+            events = self.devices.downlink_events(self.commands, adapter.section)
+        downlink = adapter.downlink(events)
         if downlink is not None:
             self.commands.add_downlink(downlink)
             self._downlinks[id(adapter)] = downlink

@@ -426,3 +426,18 @@ http_ingest: {{listen: "127.0.0.1:0", allow_anonymous: true, unregistered: {poli
     finally:
         gw.request_stop()
         await asyncio.wait_for(task, TIMEOUT)
+
+
+async def test_a_device_that_only_polls_its_commands_is_seen(tmp_path: Path) -> None:
+    extra = (
+        'http_ingest: {listen: "127.0.0.1:0", allow_anonymous: true, '
+        "commands_allow_anonymous: true}\n"
+    )
+    async with gateway(tmp_path, extra) as run:
+        (http,) = run.gw.adapters
+        url = f"http://127.0.0.1:{http.port}/devices/poller-1/commands?wait=0"  # type: ignore[attr-defined]
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            r = await client.get(url)
+            assert r.status_code in (200, 204), r.text
+        rec = await run.until("poller-1", lambda d: d["last_seen"] is not None)
+        assert rec["protocols"] == ["http"] and rec["status"] == "unregistered"

@@ -53,6 +53,8 @@ from edgeway.ingest import Ingest, IngestStatus
 from edgeway.reading import Origin, Reading
 
 if TYPE_CHECKING:
+    from edgeway.commands.model import CommandResult
+    from edgeway.downlink import DownlinkEvents
     from edgeway.south.base import SouthAdapter
     from edgeway.south.mqtt.broker import Broker
     from edgeway.south.mqtt.connection import MqttConnection
@@ -140,6 +142,15 @@ class DevicePresence:
             seen[r.device_id] = entry
             if FIRMWARE_METRIC in r.metrics:
                 self._firmware(r.device_id, r.metrics[FIRMWARE_METRIC])
+
+    def seen(self, device_id: str, protocol: str) -> None:
+        """A device was heard without a reading (a command poll, an observe,
+        a command result)."""
+        seen = self._seen
+        if device_id not in seen and len(seen) >= self.max_pending:
+            self.stats.pending_dropped += 1
+            return
+        seen[device_id] = (self.clock(), protocol)
 
     def _seen_bounded(self, readings: Sequence[Reading]) -> None:
         seen = self._seen
@@ -366,6 +377,28 @@ def principal_device(principal: Principal | None, client_id: str) -> str:
     when the authenticator resolved one, else the client id."""
     device = getattr(principal, "device_id", None)
     return device if isinstance(device, str) and device else client_id
+
+
+class PresenceEvents:
+    """A :class:`~edgeway.downlink.DownlinkEvents` in front of the command
+    service: a device that polls or observes its commands, or answers one,
+    was heard (HTTP long-poll, CoAP observe, MQTT client mode), so a device
+    that only takes commands is seen too."""
+
+    def __init__(self, inner: DownlinkEvents, presence: DevicePresence, protocol: str) -> None:
+        self.inner = inner
+        self.presence = presence
+        self.protocol = protocol
+
+    def device_reachable(self, device_id: str) -> None:
+        self.presence.seen(device_id, self.protocol)
+        self.inner.device_reachable(device_id)
+
+    def report(self, result: CommandResult) -> bool:
+        taken = self.inner.report(result)
+        if taken:
+            self.presence.seen(result.device_id, self.protocol)
+        return taken
 
 
 # ------------------------------------------------------------------ MQTT

@@ -30,9 +30,11 @@ from edgeway.devices.presence import (
     BrokerPresence,
     DeviceIngest,
     DevicePresence,
+    PresenceEvents,
     RegistryAuthenticator,
 )
 from edgeway.devices.registry import DB_NAME, DeviceRegistry
+from edgeway.downlink import DownlinkEvents
 from edgeway.ingest import Ingest
 from edgeway.reading import Reading
 
@@ -110,6 +112,12 @@ class DeviceService:
         bp.attach()
         self.registry.on_change(bp.registry_changed)
         self.broker_presence = bp
+
+    def downlink_events(self, inner: DownlinkEvents, section: str) -> DownlinkEvents:
+        """What an adapter's downlink reports to: ``inner`` (the command
+        service), noting the devices heard on the way."""
+        protocol = "http" if section == "http_ingest" else section
+        return PresenceEvents(inner, self.presence, protocol)
 
     def watch(self, adapters: Callable[[], Iterable[SouthAdapter]]) -> None:
         """Follow the pollers among ``adapters()`` (the running ones)."""
