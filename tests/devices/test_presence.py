@@ -135,3 +135,24 @@ async def test_gate_refuses_disabled_and_unregistered_where_asked(
     # Enabled again: the flags cache follows at once.
     await registry.enable("off")
     assert await gate.submit(readings(["off"], "http")) is IngestStatus.ACCEPTED
+
+
+async def test_a_failed_flush_keeps_its_news_for_the_next(
+    registry: DeviceRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    presence = DevicePresence(registry)
+    presence.connected("d1", "mqtt", "10.0.0.7:40000")
+    real = registry.record_status
+
+    async def disk_error(updates: object) -> int:
+        raise sqlite3.OperationalError("disk I/O error")  # what a failing disk gives
+
+    monkeypatch.setattr(registry, "record_status", disk_error)
+    with pytest.raises(sqlite3.OperationalError):
+        await presence.flush()
+    monkeypatch.setattr(registry, "record_status", real)
+    assert await presence.flush() == 1
+    d = await registry.get("d1")
+    assert d is not None and d.online and d.last_connect is not None

@@ -350,7 +350,14 @@ class DevicePresence:
         async with self._flush_lock:
             t0 = time.perf_counter()
             updates = self.take()
-            written = await self.registry.record_status(updates) if updates else 0
+            try:
+                written = await self.registry.record_status(updates) if updates else 0
+            except Exception:
+                # Not written (disk full, I/O error): keep the news for the
+                # next flush unless newer news about the device came since.
+                for u in updates:
+                    self._updates.setdefault(u.device_id, u)
+                raise
             if self.offline_after > 0:
                 idle = await self.registry.mark_idle(self.clock() - self.offline_after)
                 self.stats.went_idle += idle
