@@ -61,7 +61,7 @@ HISTORY_KEEP = 20
 
 DATA_PATH_KEYS = ("sinks", "routes", "pipeline", "outbox", "receipts", "rules")
 """Top-level keys whose change re-opens the data path."""
-RESTART_KEYS = ("gateway", "admin", "devices")
+RESTART_KEYS = ("gateway", "admin")
 """Top-level keys that need a restart."""
 MQTT_LIVE_KEYS = frozenset({"listeners", "users", "acl", "input_limits"})
 """Keys of ``mqtt`` a reload applies; any other ``mqtt`` change needs a restart."""
