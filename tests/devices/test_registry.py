@@ -371,3 +371,26 @@ async def test_lookups_do_not_wait_for_a_long_write(registry: DeviceRegistry) ->
     assert flags is not None and flags.enabled and [d.name for d in page.devices] == [""]
     assert took < 1.0
     assert (await registry.get("d1")).name == "x"  # type: ignore[union-attr]
+
+
+async def test_lookups_of_one_loop_turn_share_one_query(registry: DeviceRegistry) -> None:
+    """A connect storm's lookups (1,200 here, across several IN chunks) are
+    answered right, with one read for the lot."""
+    await registry.add_many([(i, {"id": f"dev-{i:04d}"}) for i in range(1000)])
+    await registry.disable("dev-0007")
+    registry._flags.clear()
+    reads = 0
+    real = registry._read
+
+    def counting(fn):  # type: ignore[no-untyped-def]
+        nonlocal reads
+        reads += 1
+        return real(fn)
+
+    registry._read = counting  # type: ignore[method-assign]
+    ids = [f"dev-{i:04d}" for i in range(1200)]  # 200 unknown
+    answers = await asyncio.gather(*(registry.flags(d) for d in ids), registry.flags("dev-0001"))
+    assert reads == 1
+    assert answers[7] is not None and not answers[7].enabled
+    assert all(a is not None and a.enabled for i, a in enumerate(answers[:1000]) if i != 7)
+    assert answers[1000:1200] == [None] * 200 and answers[-1] == answers[1]

@@ -81,6 +81,9 @@ MAX_METADATA_BYTES = 4096
 100,000 records stay a few hundred megabytes at worst."""
 MAX_ERROR = 300
 """Last error text kept per device (a poll failure's message)."""
+LOOKUP_CHUNK = 500
+"""Ids per ``IN (...)`` query of a batch of lookups: far below SQLite's limit
+on bound parameters (32,766), each query a few milliseconds."""
 LIST_LIMIT_MAX = 1000
 """Largest page: one page is built in memory and sent as one JSON document."""
 FLAGS_CACHE_MAX = 10_000
@@ -586,6 +589,9 @@ class DeviceRegistry:
         self.clock = clock
         self._listeners: list[ChangeListener] = []
         self._flags: OrderedDict[str, DeviceFlags | None] = OrderedDict()
+        self._lookups: dict[str, asyncio.Future[DeviceFlags | None]] = {}
+        """Flags lookups waiting for this loop turn's query."""
+        self._lookup_tasks: set[asyncio.Task[None]] = set()
         self._generation = 0
         """Changes so far: a lookup that a change overtook is not cached."""
         self._reader: sqlite3.Connection | None = None
@@ -607,6 +613,8 @@ class DeviceRegistry:
         self._read_pool = ThreadPoolExecutor(1, thread_name_prefix="devices-read")
 
     async def close(self) -> None:
+        for task in list(self._lookup_tasks):
+            task.cancel()
         if self._read_pool is not None:
             self._read_pool.shutdown(wait=True)
             self._read_pool = None
@@ -655,21 +663,61 @@ class DeviceRegistry:
         if device_id in cache:
             cache.move_to_end(device_id)
             return cache[device_id]
+        fut = self._lookups.get(device_id)
+        if fut is None:
+            # Lookups asked in one loop turn go in one query (a connect
+            # storm: 10,000 CONNECTs cost a few dozen queries, not 10,000).
+            fut = asyncio.get_running_loop().create_future()
+            self._lookups[device_id] = fut
+            if len(self._lookups) == 1:
+                asyncio.get_running_loop().call_soon(self._look_up)
+        # Shielded: a caller that gives up does not cancel the others' answer.
+        return await asyncio.shield(fut)
 
-        def read(c: sqlite3.Connection) -> DeviceFlags | None:
-            row = c.execute(
-                "SELECT registered, enabled FROM devices WHERE id = ?", (device_id,)
-            ).fetchone()
-            return DeviceFlags(bool(row[0]), bool(row[1])) if row is not None else None
+    def _look_up(self) -> None:
+        batch, self._lookups = self._lookups, {}
+        task = asyncio.get_running_loop().create_task(self._look_up_batch(batch))
+        self._lookup_tasks.add(task)
+        task.add_done_callback(self._lookup_tasks.discard)
+
+    async def _look_up_batch(self, batch: dict[str, asyncio.Future[DeviceFlags | None]]) -> None:
+        ids = list(batch)
+
+        def read(c: sqlite3.Connection) -> dict[str, DeviceFlags]:
+            found: dict[str, DeviceFlags] = {}
+            for k in range(0, len(ids), LOOKUP_CHUNK):
+                chunk = ids[k : k + LOOKUP_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT id, registered, enabled FROM devices WHERE id IN ({marks})"
+                for device_id, registered, enabled in c.execute(sql, chunk):
+                    found[device_id] = DeviceFlags(bool(registered), bool(enabled))
+            return found
 
         generation = self._generation
-        value = await self._read(read)
-        if generation != self._generation:
-            return value  # a change landed meanwhile: this answer may predate it
-        cache[device_id] = value
-        if len(cache) > FLAGS_CACHE_MAX:
+        try:
+            found = await self._read(read)
+        except BaseException as e:
+            for fut in batch.values():
+                if fut.done():
+                    continue
+                if isinstance(e, asyncio.CancelledError):
+                    fut.cancel()  # closing: nobody is left to answer
+                else:
+                    fut.set_exception(e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return
+        # A change that landed meanwhile may postdate this answer: not cached.
+        keep = generation == self._generation
+        cache = self._flags
+        for device_id, fut in batch.items():
+            value = found.get(device_id)
+            if keep:
+                cache[device_id] = value
+            if not fut.done():
+                fut.set_result(value)
+        while len(cache) > FLAGS_CACHE_MAX:
             cache.popitem(last=False)
-        return value
 
     async def list(
         self, filters: DeviceFilter = DeviceFilter(), *, limit: int = 100, after: str | None = None
