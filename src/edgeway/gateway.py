@@ -301,6 +301,8 @@ class Gateway:
                 self.rule_targets.publish = self._publish_for_rules
             if self.access is not None:
                 self.access.attach(self.broker)
+                if self.devices is not None:
+                    self.devices.link_access(self.access)
             for adapter in self.adapters:
                 self._register_downlink(adapter)
             if self.commands is not None and self.broker is not None:

@@ -291,7 +291,8 @@ coap: {listen: "127.0.0.1:0", probe_interval: 0}
             rec = await run.until("h-1", lambda d: d["status"] == "online")
             await run.api.post("/api/devices/h-1/disable")
             r = await client.post("/devices/h-1/telemetry", json={"t": 3})
-            assert r.status_code == 403
+            # Disabled in the credential store too: its check answers first (401).
+            assert r.status_code == 401
 
         ctx = await aiocoap.Context.create_client_context()
         try:
@@ -307,7 +308,7 @@ coap: {listen: "127.0.0.1:0", probe_interval: 0}
             assert (await run.api.post("/api/devices", json={"id": "c-1"})).status_code == 201
             await run.api.post("/api/devices/c-1/disable")
             resp = await asyncio.wait_for(ctx.request(msg).response, TIMEOUT)
-            assert resp.code == aiocoap.FORBIDDEN
+            assert resp.code == aiocoap.UNAUTHORIZED  # the credential store's check, first
         finally:
             await ctx.shutdown()
 
@@ -441,3 +442,28 @@ async def test_a_device_that_only_polls_its_commands_is_seen(tmp_path: Path) -> 
             assert r.status_code in (200, 204), r.text
         rec = await run.until("poller-1", lambda d: d["last_seen"] is not None)
         assert rec["protocols"] == ["http"] and rec["status"] == "unregistered"
+
+
+async def test_disable_and_enable_reach_the_credential_store(tmp_path: Path) -> None:
+    """A device with its own credential (the store of issue 15 section 2):
+    disabled in the registry, it is disabled in the store too (refused by the
+    credential check, even after a restart); enabled, it connects again."""
+    async with gateway(tmp_path) as run:
+        assert run.gw.access is not None
+        secret = run.gw.access.store.issue("cred-1", "mqtt")
+        assert (await run.api.post("/api/devices", json={"id": "cred-1"})).status_code == 201
+
+        def login() -> int:
+            d = Device(run.mqtt_port, "cred-1")
+            d.client.username_pw_set("cred-1", secret)
+            rc = d.connect()
+            d.go_silent()
+            return rc
+
+        assert await in_thread(login) == 0
+        assert (await run.api.post("/api/devices/cred-1/disable")).status_code == 200
+        assert run.gw.access.store.is_disabled("cred-1")
+        assert await in_thread(login) != 0
+        assert (await run.api.post("/api/devices/cred-1/enable")).status_code == 200
+        assert not run.gw.access.store.is_disabled("cred-1")
+        assert await in_thread(login) == 0

@@ -40,6 +40,7 @@ from edgeway.reading import Reading
 
 if TYPE_CHECKING:
     from edgeway.config import Config
+    from edgeway.devices.identity import DeviceAccessControl
     from edgeway.south.base import SouthAdapter
     from edgeway.south.mqtt.broker import Broker
 
@@ -118,6 +119,20 @@ class DeviceService:
         service), noting the devices heard on the way."""
         protocol = "http" if section == "http_ingest" else section
         return PresenceEvents(inner, self.presence, protocol)
+
+    def link_access(self, access: DeviceAccessControl) -> None:
+        """Keep the credential store's view in step with the registry: a
+        device disabled or removed here is revoked there (stored as disabled,
+        its connections closed, cached decisions forgotten); enabled here, it
+        is enabled there again."""
+
+        def changed(device_id: str, change: str) -> None:
+            if change in ("disabled", "removed"):
+                access.revoke_device(device_id)
+            elif change == "enabled":
+                access.store.set_disabled(device_id, False)
+
+        self.registry.on_change(changed)
 
     def watch(self, adapters: Callable[[], Iterable[SouthAdapter]]) -> None:
         """Follow the pollers among ``adapters()`` (the running ones)."""
