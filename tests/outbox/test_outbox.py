@@ -490,7 +490,10 @@ def test_backoff_is_full_jitter_capped_and_honours_retry_after(tmp_path: Path) -
         assert all(0.0 <= d <= ceiling for d in delays)
         assert max(delays) > ceiling * 0.5  # spread over the whole range
     assert runner.backoff_delay(5, retry_after=30.0) == 30.0
-    assert runner.backoff_delay(0, retry_after=0.0) == 0.0
+    # Retry-After is a lower bound, not the delay: "Retry-After: 0" on every
+    # attempt must not turn into an immediate retry loop (tests/faults).
+    zero = [runner.backoff_delay(0, retry_after=0.0) for _ in range(200)]
+    assert all(0.0 <= d <= 0.5 for d in zero) and max(zero) > 0.25
     assert runner.backoff_delay(0, retry_after=1e9) == 3600.0
     with pytest.raises(ValueError):
         SinkRunner(ob, CollectSink("a"), backoff_initial=0.0)
