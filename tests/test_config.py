@@ -218,8 +218,8 @@ def test_config_reference_shows_defaults_as_yaml() -> None:
 
 
 def test_yaml_defaults_read_back_as_the_same_values() -> None:
-    from edgeway.config import _parse_duration, _parse_size
     from edgeway.config_doc import format_duration, format_size
+    from edgeway.config_types import _parse_duration, _parse_size
 
     for seconds in (0.0, 0.001, 0.25, 0.5, 1.0, 1.5, 10.0, 60.0, 90.0, 3600.0, 86400.0, 7 * 86400):
         assert _parse_duration(format_duration(seconds)) == pytest.approx(seconds)

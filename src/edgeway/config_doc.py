@@ -18,7 +18,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from edgeway.config import Config, _parse_duration, _parse_size
+from edgeway.config import Config
+from edgeway.config_types import _parse_duration, _parse_size
 
 _HEADER = """# Configuration key reference
 

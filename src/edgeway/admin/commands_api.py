@@ -32,7 +32,7 @@ from aiohttp import web
 
 from edgeway.admin.access import PRINCIPAL, requires
 from edgeway.admin.tokens import Role
-from edgeway.config import _parse_duration
+from edgeway.config_types import _parse_duration
 
 if TYPE_CHECKING:
     from edgeway.commands.model import Command

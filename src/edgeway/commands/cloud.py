@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from edgeway.config import _parse_duration
+from edgeway.config_types import _parse_duration
 
 if TYPE_CHECKING:
     from edgeway.commands.service import CommandService
