@@ -11,15 +11,20 @@ Configuration::
 
 from __future__ import annotations
 
-from edgeway.outbox.deadletter import (
-    DeadLetter,
-    deadletter_main,
-    list_dead_letters,
-    purge_dead_letters,
-    replay_dead_letters,
-)
-from edgeway.outbox.runner import SinkRunner
-from edgeway.outbox.store import Batch, Confirmed, Outbox
+from typing import TYPE_CHECKING
+
+from edgeway.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from edgeway.outbox.deadletter import (
+        DeadLetter,
+        deadletter_main,
+        list_dead_letters,
+        purge_dead_letters,
+        replay_dead_letters,
+    )
+    from edgeway.outbox.runner import SinkRunner
+    from edgeway.outbox.store import Batch, Confirmed, Outbox
 
 __all__ = [
     "Batch",
@@ -32,3 +37,18 @@ __all__ = [
     "purge_dead_letters",
     "replay_dead_letters",
 ]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "Batch": "store",
+        "Confirmed": "store",
+        "DeadLetter": "deadletter",
+        "Outbox": "store",
+        "SinkRunner": "runner",
+        "deadletter_main": "deadletter",
+        "list_dead_letters": "deadletter",
+        "purge_dead_letters": "deadletter",
+        "replay_dead_letters": "deadletter",
+    },
+)

@@ -17,9 +17,14 @@ Configuration::
 
 from __future__ import annotations
 
-from edgeway.pipeline.core import Pipeline, reading_size
-from edgeway.pipeline.registry import HoldingStep, Step, register_step, step_types
-from edgeway.pipeline.stats import load_stats, stats_main
+from typing import TYPE_CHECKING
+
+from edgeway.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from edgeway.pipeline.core import Pipeline, reading_size
+    from edgeway.pipeline.registry import HoldingStep, Step, register_step, step_types
+    from edgeway.pipeline.stats import load_stats, stats_main
 
 __all__ = [
     "HoldingStep",
@@ -31,3 +36,17 @@ __all__ = [
     "stats_main",
     "step_types",
 ]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "HoldingStep": "registry",
+        "Pipeline": "core",
+        "Step": "registry",
+        "load_stats": "stats",
+        "reading_size": "core",
+        "register_step": "registry",
+        "stats_main": "stats",
+        "step_types": "registry",
+    },
+)
