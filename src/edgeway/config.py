@@ -62,6 +62,7 @@ from edgeway.config_types import (
 )
 from edgeway.outbox.config import OutboxSection
 from edgeway.pipeline.config import PipelineSection, RouteConfig, RouteMatch
+from edgeway.rules.config import RuleConfig, check_rules
 from edgeway.sinks.config import SinkConfig
 from edgeway.south.ble_config import BleDevice, BleSection
 from edgeway.south.coap_config import CoapSection
@@ -253,7 +254,6 @@ class DevicesSection(_Model):
     """Most lifecycle events per second (burst 1,000); the rest are counted."""
 
 
-from edgeway.rules.config import RuleConfig, check_rules  # noqa: E402  (see edgeway/rules/__init__.py)
 
 
 class Config(_Model):

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from edgeway.limits import DEFAULT_LIMITS, InputLimits
 
@@ -92,6 +92,15 @@ def parse_host_port(value: str, default_host: str = "127.0.0.1") -> tuple[str, i
     if host == "":
         host = "0.0.0.0"
     return host, int(port_s)
+
+
+def _check_host_port(value: str) -> str:
+    parse_host_port(value)
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_check_host_port)]
+"""``HOST:PORT`` checked at load time (``[::1]:1883``, ``:1883`` for all interfaces)."""
 
 
 class _Model(BaseModel):

@@ -64,12 +64,12 @@ from edgeway.admin.twins_api import TwinRoutes
 from edgeway.admin.users import DB_NAME as USERS_DB_NAME
 from edgeway.admin.users import UserStore, UserStoreError
 from edgeway.audit import AuditLog
-from edgeway.config import is_loopback, parse_host_port
+from edgeway.config_types import is_loopback, parse_host_port
 
 if TYPE_CHECKING:
+    from edgeway.admin.config import AdminSection
     from edgeway.alarms.service import AlarmService
     from edgeway.commands.service import CommandService
-    from edgeway.config import AdminSection
     from edgeway.devices.service import DeviceService
     from edgeway.firmware.service import FirmwareService
     from edgeway.ml.manager import ModelManager

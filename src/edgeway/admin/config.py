@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from edgeway.config_types import (
+    HostPort,
     TlsConfig,
     _is_ip,
     _Model,
@@ -25,7 +26,7 @@ class AdminSection(_Model):
 
     enabled: bool = True
     """Serve the admin API."""
-    listen: str = "127.0.0.1:9180"
+    listen: HostPort = "127.0.0.1:9180"
     """``HOST:PORT``; keep it on loopback or behind a proxy."""
     auth: Literal["tokens", "none"] | None = None
     """``tokens``: every endpoint but the health probes needs a bearer token
@@ -47,12 +48,6 @@ class AdminSection(_Model):
     trend_series: int = Field(default=2000, ge=0, le=1_000_000)
     """Trended metrics at most; memory is at most ``trend_points * trend_series
     * 16`` bytes. Beyond it, new metrics show their latest value only."""
-
-    @field_validator("listen")
-    @classmethod
-    def _check_listen(cls, v: str) -> str:
-        parse_host_port(v)
-        return v
 
     @field_validator("allowed_hosts")
     @classmethod

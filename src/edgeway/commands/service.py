@@ -63,7 +63,7 @@ from edgeway.reading import Origin, Reading
 from edgeway.storage.sqlite import Database
 
 if TYPE_CHECKING:
-    from edgeway.config import CommandsSection
+    from edgeway.commands.config import CommandsSection
 
 log = logging.getLogger(__name__)
 

@@ -41,9 +41,12 @@ from dataclasses import dataclass
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from edgeway.config import AclRule, MqttSection
 from edgeway.devices.auth import AuthDecision, ConnectInfo, Principal
 from edgeway.devices.backoff import LoginBackoff
+from edgeway.south.mqtt.config import (
+    ACL_PLACEHOLDER_RE as _PLACEHOLDER_RE,
+)
+from edgeway.south.mqtt.config import AclRule, MqttSection, validate_acl_topic
 
 log = logging.getLogger(__name__)
 
@@ -286,27 +289,6 @@ def _split(topic: str) -> list[str]:
     return topic.split("/")
 
 
-def validate_acl_topic(topic: str) -> None:
-    """Raise ``ValueError`` unless ``topic`` is a valid ACL pattern: a topic
-    filter (``+`` a whole level, ``#`` only as the last level) whose only
-    placeholders are ``{client_id}``, ``{username}`` and ``{device_id}``."""
-    if not topic:
-        raise ValueError("topic must not be empty")
-    rest = _PLACEHOLDER_RE.sub("", topic)
-    if "{" in rest or "}" in rest:
-        bad = re.findall(r"\{[^}]*\}?", rest)
-        raise ValueError(
-            f"unknown placeholder {bad[0] if bad else '{'!r}; "
-            "use {client_id}, {username} or {device_id}"
-        )
-    levels = _split(topic)
-    for i, level in enumerate(levels):
-        if "#" in level and (level != "#" or i != len(levels) - 1):
-            raise ValueError("'#' must be a whole level and the last one")
-        if "+" in level and level != "+":
-            raise ValueError("'+' must be a whole level")
-
-
 def _dollar_conflict(a: list[str], b: list[str]) -> bool:
     """MQTT 4.7.2: a filter starting with a wildcard does not match topics
     starting with ``$``. True when one side is a ``$`` literal and the other
@@ -386,7 +368,6 @@ def _intersect(a: list[str], b: list[str]) -> list[str] | None:
 # --------------------------------------------------------------------------
 # ACL
 
-_PLACEHOLDER_RE = re.compile(r"\{(client_id|username|device_id)\}")
 # Sentinels returned by ConfigAuthoriser._pattern (never valid filters, as
 # they contain NUL), compared by identity.
 _SKIP = "\x00skip"

@@ -41,7 +41,7 @@ from collections import OrderedDict
 
 from pydantic import Field
 
-from edgeway.config import Duration
+from edgeway.config_types import Duration
 from edgeway.pipeline.registry import (
     NAME_CACHE_LIMIT,
     Step,

@@ -77,9 +77,9 @@ from typing import Any, Literal
 
 import orjson
 
-from edgeway.config import OutboxSection
 from edgeway.ingest import IngestStatus
 from edgeway.outbox.ageclock import AgeClock
+from edgeway.outbox.config import OutboxSection
 from edgeway.outbox.reserve import DiskReserve
 from edgeway.ratelimit_log import RateLimitedLog
 from edgeway.reading import Reading

@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
 
-from edgeway.config import PipelineSection, RouteConfig
 from edgeway.ingest import IngestStatus
+from edgeway.pipeline.config import PipelineSection, RouteConfig
 from edgeway.pipeline.registry import HoldingStep, Release, Step, StepContext, build_step
 from edgeway.pipeline.routes import RouteMatcher
 from edgeway.pipeline.state import StateStore

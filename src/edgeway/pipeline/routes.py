@@ -24,7 +24,7 @@ import fnmatch
 import re
 from collections.abc import Callable, Sequence
 
-from edgeway.config import RouteMatch
+from edgeway.pipeline.config import RouteMatch
 from edgeway.reading import Reading
 
 MAX_MATCH_CACHE = 100_000

@@ -1,8 +1,6 @@
 """Local decisions: rules over readings, with durable state and actions.
 
-Importing :mod:`edgeway.config` first lets ``edgeway.config`` and
-``edgeway.rules.config`` import each other whichever is imported first (the
-root ``Config`` has a ``rules:`` field; the rule models use its leaf types).
+The rule models (``edgeway.rules.config``) import only the shared value types
+(``edgeway.config_types``) and the route match, so the root schema imports them
+like any component's section model, without a cycle.
 """
-
-import edgeway.config  # noqa: F401  (see the docstring)

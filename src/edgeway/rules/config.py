@@ -28,7 +28,8 @@ from typing import Any, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from edgeway.config import Duration, RouteMatch, _Model
+from edgeway.config_types import Duration, _Model
+from edgeway.pipeline.config import RouteMatch
 
 RULE_NAME_RE = r"^[A-Za-z0-9_.-]{1,64}$"
 """Rule names become part of command idempotency keys, MQTT topics and log

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from edgeway.config import RouteConfig
+from edgeway.pipeline.config import RouteConfig
 from edgeway.reading import Reading
 from edgeway.rules.actions import ActionRunner
 from edgeway.rules.config import RuleConfig

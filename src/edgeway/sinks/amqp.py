@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict
 
-from edgeway.config import Duration, SinkConfig
+from edgeway.config_types import Duration
 from edgeway.extras import OptionalLibrary
 from edgeway.sinks.base import (
     BatchOptions,
@@ -61,6 +61,7 @@ from edgeway.sinks.base import (
     register_sink,
     url_address,
 )
+from edgeway.sinks.config import SinkConfig
 
 logger = logging.getLogger(__name__)
 

@@ -39,9 +39,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgeway.config import Duration, SinkConfig, Size, known_keys, unknown_key
+from edgeway.config import known_keys, unknown_key
+from edgeway.config_types import Duration, Size
 from edgeway.extras import OptionalLibrary
 from edgeway.reading import MetricValue
+from edgeway.sinks.config import SinkConfig
 
 if TYPE_CHECKING:
     from edgeway.commands.service import CommandService

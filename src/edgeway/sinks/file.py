@@ -31,7 +31,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from edgeway.config import Duration, SinkConfig, Size
+from edgeway.config_types import Duration, Size
 from edgeway.sinks.base import (
     BatchOptions,
     Record,
@@ -40,6 +40,7 @@ from edgeway.sinks.base import (
     SinkOptionsError,
     register_sink,
 )
+from edgeway.sinks.config import SinkConfig
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ import aiohttp
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgeway.config import Duration, SinkConfig, Size
+from edgeway.config_types import Duration, Size
 from edgeway.sinks.base import (
     BatchOptions,
     PermanentSinkError,
@@ -57,6 +57,7 @@ from edgeway.sinks.base import (
     register_sink,
     url_address,
 )
+from edgeway.sinks.config import SinkConfig
 
 if TYPE_CHECKING:
     from edgeway.commands.service import CommandService

@@ -92,7 +92,7 @@ from gmqtt.storage import PersistentStorage as _GmqttStorage
 from pydantic import BeforeValidator, ConfigDict, Field
 
 from edgeway.commands.cloud import REQUEST_MAX_BYTES
-from edgeway.config import Duration, SinkConfig, Size
+from edgeway.config_types import Duration, Size
 from edgeway.sinks.base import (
     BatchOptions,
     CommandSource,
@@ -105,6 +105,7 @@ from edgeway.sinks.base import (
     client_ssl_context,
     register_sink,
 )
+from edgeway.sinks.config import SinkConfig
 from edgeway.south.mqtt.codec import validate_topic_filter, validate_topic_name
 from edgeway.south.mqtt.packets import ProtocolError
 

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pydantic import ConfigDict, Field
 
-from edgeway.config import Duration, SinkConfig
+from edgeway.config_types import Duration
 from edgeway.extras import OptionalLibrary
 from edgeway.sinks.base import (
     BatchOptions,
@@ -62,6 +62,7 @@ from edgeway.sinks.base import (
     register_sink,
     url_address,
 )
+from edgeway.sinks.config import SinkConfig
 
 if TYPE_CHECKING:
     from edgeway.commands.service import CommandService

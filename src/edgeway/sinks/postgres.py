@@ -57,7 +57,7 @@ from typing import Any
 import orjson
 from pydantic import ConfigDict, Field
 
-from edgeway.config import Duration, SinkConfig
+from edgeway.config_types import Duration
 from edgeway.extras import OptionalLibrary
 from edgeway.sinks.base import (
     BatchOptions,
@@ -69,6 +69,7 @@ from edgeway.sinks.base import (
     register_sink,
     url_address,
 )
+from edgeway.sinks.config import SinkConfig
 
 logger = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from typing import Any
 
 from edgeway.codecs.base import DecodeError
 from edgeway.codecs.bthome import SERVICE_UUID, decode_bthome
-from edgeway.config import BleSection
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.reading import Origin, Reading
 from edgeway.south.base import SouthAdapter, register_adapter
+from edgeway.south.ble_config import BleSection
 from edgeway.south.decode_errors import DecodeErrorCounter
 
 log = logging.getLogger(__name__)

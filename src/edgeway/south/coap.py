@@ -53,12 +53,13 @@ from edgeway.codecs.base import (
     codec_for_coap_format,
     get_codec,
 )
-from edgeway.config import CoapSection, input_limits, parse_host_port
+from edgeway.config_types import input_limits, parse_host_port
 from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.logs import EventLog, LibraryLogLimit
 from edgeway.reading import Origin
 from edgeway.south.base import Backoff, SouthAdapter, register_adapter
+from edgeway.south.coap_config import CoapSection
 from edgeway.south.coap_downlink import CoapCommandStats, CoapDownlink
 from edgeway.south.coap_guard import (
     bad_option_ack,

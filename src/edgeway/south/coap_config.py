@@ -9,11 +9,11 @@ from pydantic import Field, field_validator, model_validator
 
 from edgeway.config_types import (
     Duration,
+    HostPort,
     InputLimitsSection,
     Size,
     _check_codec,
     _Model,
-    parse_host_port,
 )
 
 
@@ -22,7 +22,7 @@ class CoapSection(_Model):
 
     enabled: bool = True
     """Run the CoAP listener (the section's presence turns it on)."""
-    listen: str = "127.0.0.1:5683"
+    listen: HostPort = "127.0.0.1:5683"
     """``HOST:PORT`` (UDP); port 0 picks a free port (logged at start)."""
     allow_anonymous: bool = True
     """Accept requests for devices that have no CoAP token in the credential
@@ -86,12 +86,6 @@ class CoapSection(_Model):
     holds a request and a task (a few KB) for up to ``command_poll_wait``."""
     input_limits: InputLimitsSection | None = None
     """Overrides of the top-level ``input_limits`` for this adapter (only the keys given)."""
-
-    @field_validator("listen")
-    @classmethod
-    def _check_listen(cls, v: str) -> str:
-        parse_host_port(v)
-        return v
 
     @field_validator("observe_networks")
     @classmethod

@@ -61,13 +61,14 @@ from edgeway.codecs.base import (
     codec_class,
     codec_for_content_type,
 )
-from edgeway.config import HttpIngestSection, input_limits, is_loopback, parse_host_port
+from edgeway.config_types import input_limits, is_loopback, parse_host_port
 from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.logs import EventLog
 from edgeway.reading import Origin
 from edgeway.south.base import SouthAdapter, register_adapter
 from edgeway.south.decode_errors import DecodeErrorCounter
+from edgeway.south.http_config import HttpIngestSection
 from edgeway.south.http_downlink import HttpDownlink
 
 if TYPE_CHECKING:

@@ -11,12 +11,12 @@ from pydantic import Field, field_validator, model_validator
 
 from edgeway.config_types import (
     Duration,
+    HostPort,
     InputLimitsSection,
     Size,
     TlsConfig,
     _check_codec,
     _Model,
-    parse_host_port,
 )
 
 
@@ -27,7 +27,7 @@ class HttpIngestSection(_Model):
     """Run the HTTP ingest listener (the section's presence turns it on)."""
     name: str = Field(default="http", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     """Adapter name: the readings' origin and the name in logs and the status."""
-    listen: str = "127.0.0.1:8080"
+    listen: HostPort = "127.0.0.1:8080"
     """``HOST:PORT``; port 0 picks a free port (logged at start)."""
     tls: TlsConfig | None = None
     """Serve HTTPS with this certificate (``require_client_cert`` for mutual TLS)."""
@@ -68,12 +68,6 @@ class HttpIngestSection(_Model):
     ``refuse`` (403). See docs/devices.md."""
     input_limits: InputLimitsSection | None = None
     """Overrides of the top-level ``input_limits`` for this adapter (only the keys given)."""
-
-    @field_validator("listen")
-    @classmethod
-    def _check_listen(cls, v: str) -> str:
-        parse_host_port(v)
-        return v
 
     @field_validator("tokens")
     @classmethod

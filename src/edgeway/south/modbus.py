@@ -45,13 +45,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgeway.codecs.base import DecodeError, metric_value
-from edgeway.config import ModbusDeviceConfig, ModbusFunction, ModbusGroup, ModbusPoint
 from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.reading import MetricValue, Origin, Reading
 from edgeway.south.base import Backoff, SouthAdapter, register_adapter
 from edgeway.south.cancel import cancel_requested
 from edgeway.south.decode_errors import DecodeErrorCounter
+from edgeway.south.modbus_config import ModbusDeviceConfig, ModbusFunction, ModbusGroup, ModbusPoint
 
 log = logging.getLogger(__name__)
 

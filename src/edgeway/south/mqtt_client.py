@@ -63,7 +63,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from edgeway.codecs.base import Codec, DecodeError, check_device_id, get_codec
-from edgeway.config import MqttClientConfig, MqttClientSubscription, input_limits
+from edgeway.config_types import input_limits
 from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.limits import InputLimits
@@ -87,6 +87,7 @@ from edgeway.south.mqtt.packets import (
     Subscribe,
     Subscription,
 )
+from edgeway.south.mqtt_client_config import MqttClientConfig, MqttClientSubscription
 from edgeway.south.mqtt_client_downlink import MqttClientDownlink, MqttClientReceipts
 
 log = logging.getLogger(__name__)

@@ -53,8 +53,8 @@ from edgeway.commands.model import Command, CommandResult
 from edgeway.downlink import DeliveryError, DownlinkEvents
 
 if TYPE_CHECKING:
-    from edgeway.config import MqttClientSubscription
     from edgeway.south.mqtt_client import MqttClientAdapter, Route
+    from edgeway.south.mqtt_client_config import MqttClientSubscription
 
 log = logging.getLogger(__name__)
 

@@ -43,13 +43,14 @@ from pathlib import Path
 from typing import Any
 
 from edgeway.codecs.base import DecodeError, metric_value
-from edgeway.config import OpcUaNode, OpcUaServerConfig, input_limits
+from edgeway.config_types import input_limits
 from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.reading import MetricValue, Origin, Reading
 from edgeway.south.base import Backoff, SouthAdapter, register_adapter
 from edgeway.south.cancel import cancel_requested
 from edgeway.south.decode_errors import DecodeErrorCounter
+from edgeway.south.opcua_config import OpcUaNode, OpcUaServerConfig
 
 log = logging.getLogger(__name__)
 

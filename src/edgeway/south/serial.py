@@ -43,13 +43,14 @@ from pathlib import Path
 from typing import Any
 
 from edgeway.codecs.base import Codec, DecodeError, get_codec, metric_value
-from edgeway.config import SerialCsv, SerialPortConfig, input_limits
+from edgeway.config_types import input_limits
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.reading import MetricValue, Origin, Reading
 from edgeway.south.base import Backoff, SouthAdapter, register_adapter
 from edgeway.south.cancel import cancel_requested
 from edgeway.south.decode_errors import DecodeErrorCounter
 from edgeway.south.nmea import parse_sentence
+from edgeway.south.serial_config import SerialCsv, SerialPortConfig
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from edgeway.config import Duration
+from edgeway.config_types import Duration
 from edgeway.pipeline.registry import (
     NAME_CACHE_LIMIT,
     Step,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from edgeway.config import Duration
+from edgeway.config_types import Duration
 from edgeway.pipeline.registry import StepContext, StepParams, register_step
 from edgeway.pipeline.steps.deadband import DeadbandParams, DeadbandStep
 

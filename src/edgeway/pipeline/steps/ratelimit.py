@@ -26,7 +26,7 @@ import math
 
 from pydantic import Field
 
-from edgeway.config import Duration
+from edgeway.config_types import Duration
 from edgeway.pipeline.registry import HoldingStep, Release, StepContext, StepParams, register_step
 from edgeway.pipeline.routes import compile_globs
 from edgeway.reading import MetricValue, Reading

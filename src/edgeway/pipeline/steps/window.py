@@ -52,7 +52,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from edgeway.config import Duration
+from edgeway.config_types import Duration
 from edgeway.pipeline.registry import (
     NAME_CACHE_LIMIT,
     HoldingStep,

@@ -79,12 +79,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from edgeway.config import ListenerConfig, MqttSection, input_limits
+from edgeway.config_types import input_limits
 from edgeway.devices.auth import Authenticator, Authoriser, Principal
 from edgeway.devices.backoff import LoginBackoff, address_key
 from edgeway.ingest import Ingest
 from edgeway.logs import EventLog
 from edgeway.south.mqtt.clock import BrokerClock
+from edgeway.south.mqtt.config import ListenerConfig, MqttSection
 from edgeway.south.mqtt.connection import CLOSED, CONNECTED, MAX_BATCH, MqttConnection
 from edgeway.south.mqtt.packets import MQTT_5, Properties, Will
 from edgeway.south.mqtt.persistence import AUTOSAVE_INTERVAL, BrokerStore

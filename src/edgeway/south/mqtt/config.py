@@ -4,22 +4,23 @@ limits, users, ACL and the client event log (docs/protocols/mqtt-broker.md).
 
 from __future__ import annotations
 
+import re
 from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
 from edgeway.config_types import (
     Duration,
+    HostPort,
     InputLimitsSection,
     Size,
     TlsConfig,
     _Model,
-    parse_host_port,
 )
 
 
 class ListenerConfig(_Model):
-    bind: str = "127.0.0.1:1883"
+    bind: HostPort = "127.0.0.1:1883"
     """``HOST:PORT``; port 0 picks a free port (logged at start)."""
     transport: Literal["tcp", "websocket"] = "tcp"
     """``websocket`` serves MQTT over WebSocket (subprotocol ``mqtt``) for browsers."""
@@ -33,12 +34,6 @@ class ListenerConfig(_Model):
     unregistered: Literal["allow", "refuse"] = "allow"
     """Devices the registry does not know: ``allow`` (listed as unregistered) or
     ``refuse`` (CONNACK 0x87 not authorised). See docs/devices.md."""
-
-    @field_validator("bind")
-    @classmethod
-    def _check_bind(cls, v: str) -> str:
-        parse_host_port(v)
-        return v
 
 
 class MqttLimits(_Model):
@@ -130,6 +125,31 @@ class MqttLimits(_Model):
     packet at 140 kbit/s; the connection is closed (v5: DISCONNECT 0x8D)."""
 
 
+ACL_PLACEHOLDER_RE = re.compile(r"\{(client_id|username|device_id)\}")
+"""The placeholders an ACL rule's topic may use (filled per client)."""
+
+
+def validate_acl_topic(topic: str) -> None:
+    """Raise ``ValueError`` unless ``topic`` is a valid ACL pattern: a topic
+    filter (``+`` a whole level, ``#`` only as the last level) whose only
+    placeholders are ``{client_id}``, ``{username}`` and ``{device_id}``."""
+    if not topic:
+        raise ValueError("topic must not be empty")
+    rest = ACL_PLACEHOLDER_RE.sub("", topic)
+    if "{" in rest or "}" in rest:
+        bad = re.findall(r"\{[^}]*\}?", rest)
+        raise ValueError(
+            f"unknown placeholder {bad[0] if bad else '{'!r}; "
+            "use {client_id}, {username} or {device_id}"
+        )
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ValueError("'#' must be a whole level and the last one")
+        if "+" in level and level != "+":
+            raise ValueError("'+' must be a whole level")
+
+
 class AclRule(_Model):
     """One ACL rule. The first rule matching user/client and topic decides.
 
@@ -158,8 +178,6 @@ class AclRule(_Model):
     @field_validator("topic")
     @classmethod
     def _check_topic(cls, v: str) -> str:
-        from edgeway.devices.config_auth import validate_acl_topic
-
         validate_acl_topic(v)
         return v
 

@@ -98,8 +98,8 @@ from edgeway.south.mqtt.telemetry import TelemetryError, decode_telemetry, readi
 from edgeway.south.mqtt.topics import CACHED_TOPIC_MAX, SubEntry
 
 if TYPE_CHECKING:
-    from edgeway.config import ListenerConfig
     from edgeway.south.mqtt.broker import Broker
+    from edgeway.south.mqtt.config import ListenerConfig
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from edgeway.south.mqtt.packets import Properties
 from edgeway.south.mqtt.topics import topic_matches
 
 if TYPE_CHECKING:
+    from edgeway.commands.config import CommandsMqttSection
     from edgeway.commands.model import Command
-    from edgeway.config import CommandsMqttSection
     from edgeway.south.mqtt.broker import Broker
     from edgeway.south.mqtt.session import Session
 

@@ -36,7 +36,8 @@ from aiohttp import WSMsgType, web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from edgeway.config import ListenerConfig, TlsConfig, parse_host_port
+from edgeway.config_types import TlsConfig, parse_host_port
+from edgeway.south.mqtt.config import ListenerConfig
 
 log = logging.getLogger(__name__)
 
