@@ -133,7 +133,7 @@ async def reduction(n_sensors: int, seconds: int) -> dict[str, Any]:
             sent.extend(b.records)
             if not b.records:
                 break
-        stats = pipeline.stats()
+        stats = pipeline.report()
         await pipeline.close()
         await outbox.close()
     sent_bytes = sum(len(orjson.dumps(r.to_json_obj())) for r in sent)

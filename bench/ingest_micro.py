@@ -102,7 +102,7 @@ async def run(per_read: int, level: int, seconds: float, payload: bytes) -> dict
                 n += 64 * per_read
             rounds.append((time.process_time() - cpu0) / n * 1e6)
             total += n
-        assert broker.stats()["readings_in"] == total
+        assert broker.stats().readings_in == total
         await broker.stop()
     rounds.sort()
     return {"publishes": total, "us_min": rounds[0], "us_median": rounds[len(rounds) // 2]}

@@ -7,6 +7,12 @@ Every error names the file, the line and the key path, and what was expected::
 Unknown keys are errors (``extra="forbid"`` everywhere). ``edgeway check FILE``
 runs :func:`load_config` and prints these errors without starting anything.
 
+This module is the root of the schema and its loading. Each component owns its
+section's model in a module next to it (``south/modbus_config.py``,
+``south/mqtt/config.py``, ``outbox/config.py``, ...) that imports only the
+shared value types of :mod:`edgeway.config_types`; adding a section is its model
+there and one field of :class:`Config` here.
+
 Example (every key is optional; this is close to the embedded defaults)::
 
     gateway:

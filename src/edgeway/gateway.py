@@ -1,5 +1,10 @@
 """Builds the gateway's parts from a :class:`~edgeway.config.Config` and runs them.
 
+Every part is a :class:`~edgeway.runtime.component.Component` (the embedded
+broker, the pipeline, the outbox, each sink and south adapter): the gateway
+starts and stops them, and reads their health and typed stats for the admin
+API (:meth:`Gateway.status`, :meth:`Gateway.metric_samples`).
+
 One asyncio process; every long-lived task is owned by a ``TaskGroup``. The
 order of start-up is the order data flows backwards: outbox first (so nothing
 can be acknowledged before it is ready), then sinks, then the broker and its
@@ -20,19 +25,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeway.config import Config, is_loopback, parse_host_port
+from edgeway.config import Config
 from edgeway.devices.auth import Authenticator, Authoriser
 from edgeway.ingest import Ingest
 from edgeway.outbox import Outbox, SinkRunner
 from edgeway.outbox.store import CHUNK_MAX
 from edgeway.pipeline import Pipeline
 from edgeway.rules.targets import ActionTargets
+from edgeway.runtime.component import (
+    Component,
+    MetricKind,
+    MetricSpec,
+    Sample,
+    metric_samples,
+    status_dict,
+    stop_within,
+)
 from edgeway.runtime.switch import IngestSwitch
-from edgeway.sinks.base import Sink, create_sink
-from edgeway.south.base import Backoff, SouthAdapter, adapter_class
-from edgeway.south.decode_errors import DecodeErrorCounter
+from edgeway.sinks.base import SINK_STOP_WAIT, Sink, create_sink
+from edgeway.south.base import AdapterStartError, SouthAdapter, adapter_class
 from edgeway.south.mqtt.broker import Broker
-from edgeway.south.mqtt.listeners import RunningListener, start_listeners
+from edgeway.south.mqtt.embedded import EmbeddedBroker
+from edgeway.south.mqtt.listeners import RunningListener
 
 if TYPE_CHECKING:
     from edgeway.admin.api import AdminServer
@@ -58,30 +72,7 @@ RUNNER_STOP_ROUNDS = 3
 """A sink runner gets this long after each cancellation, this many times, to end."""
 SHUTDOWN_GRACE = 4.0
 """Seconds allowed for an orderly stop; the issue promises exit within 5 s."""
-
-
-DECODE_ERROR_DEVICES_SHOWN = 20
-"""(device, reason) pairs listed per adapter in the status: the worst offenders,
-so /api/status stays small however many devices send garbage."""
-
-
-def _adapter_status(adapter: SouthAdapter) -> dict[str, Any]:
-    """An adapter's state plus its decode failures by reason and worst devices."""
-    out = dataclasses.asdict(adapter.state)
-    refusals = getattr(adapter, "refusals", None)
-    if isinstance(refusals, dict):
-        out["refusals"] = dict(refusals)
-    command_stats = getattr(adapter, "command_stats", None)
-    if dataclasses.is_dataclass(command_stats) and not isinstance(command_stats, type):
-        out["commands"] = dataclasses.asdict(command_stats)
-    counter = getattr(adapter, "decode_errors", None)
-    if isinstance(counter, DecodeErrorCounter):
-        out["decode_errors"] = counter.by_reason()
-        out["decode_errors_by_device"] = [
-            {"device_id": device, "reason": reason, "count": n}
-            for (device, reason), n in counter.counts.most_common(DECODE_ERROR_DEVICES_SHOWN)
-        ]
-    return out
+UPTIME = MetricSpec("uptime_seconds", MetricKind.GAUGE, "Seconds since start")
 
 
 @dataclass(slots=True)
@@ -110,6 +101,9 @@ class Gateway:
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     outbox: Outbox | None = None
     pipeline: Pipeline | None = None
+    embedded: EmbeddedBroker | None = None
+    """The embedded MQTT broker and its listeners (``broker`` and ``listeners``
+    are its parts, kept here for the reload and the tests)."""
     broker: Broker | None = None
     sinks: list[Sink] = field(default_factory=list)
     listeners: list[RunningListener] = field(default_factory=list)
@@ -170,11 +164,11 @@ class Gateway:
             "gateway_id": self.config.gateway.id,
             "ready": self.ready.is_set(),
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
-            "broker": self.broker.stats() if self.broker is not None else None,
+            "broker": self.embedded.stats().flat() if self.embedded is not None else None,
             "outbox": self.outbox.counters() if self.outbox is not None else {},
             "outbox_retired": self.outbox.retired_counters() if self.outbox is not None else {},
             "reloads": {"applied": self.reloads, "failed": self.reload_failures},
-            "pipeline": self.pipeline.stats() if self.pipeline is not None else None,
+            "pipeline": self.pipeline.report() if self.pipeline is not None else None,
             "commands": self._command_status(),
             "models": self.models.status() if self.models is not None else None,
             "rules": self.pipeline.rules.status()
@@ -185,9 +179,36 @@ class Gateway:
             ),
             "alarms": self.alarms.status() if self.alarms is not None else None,
             "devices": self.devices.status() if self.devices is not None else None,
-            "sinks": {s.name: dataclasses.asdict(s.state) for s in self.sinks},
-            "adapters": {f"{a.section}:{a.name}": _adapter_status(a) for a in self.adapters},
+            "sinks": {s.name: status_dict(s.stats()) for s in self.sinks},
+            "adapters": {_adapter_key(a): status_dict(a.stats()) for a in self.adapters},
         }
+
+    def components(self) -> list[Component]:
+        """Every running part, in the order data flows (devices to cloud)."""
+        out: list[Component] = [*self.adapters]
+        if self.embedded is not None:
+            out.append(self.embedded)
+        out += [c for c in (self.pipeline, self.outbox) if c is not None]
+        return out + self.sinks
+
+    def metric_samples(self) -> list[Sample]:
+        """``/metrics``: the uptime and every component's declared figures, the
+        sinks' and adapters' labelled with their names."""
+        uptime = time.monotonic() - self.started_at if self.started_at else 0.0
+        out = [Sample(UPTIME, (), uptime)]
+        if self.embedded is not None:
+            out += metric_samples(self.embedded.stats())
+        if self.outbox is not None:
+            out += metric_samples(self.outbox.stats())
+        for sink in self.sinks:
+            out += metric_samples(sink.stats(), (("sink", sink.name),))
+        if self.pipeline is not None:
+            out += metric_samples(self.pipeline.stats())
+        if self.receipts is not None:
+            out += metric_samples(self.receipts.stats)
+        for adapter in self.adapters:
+            out += metric_samples(adapter.stats(), (("adapter", _adapter_key(adapter)),))
+        return out
 
     def _command_status(self) -> dict[str, Any] | None:
         if self.commands is None:
@@ -205,15 +226,7 @@ class Gateway:
         A south listener that stopped serving (down, restarting) is one: the
         gateway may still run, but devices that reach it that way get no answer.
         """
-        problems = [
-            f"{a.section}:{a.name} is not serving"
-            for a in self.adapters
-            if a.state.listening is False
-        ]
-        if self.outbox is not None and self.outbox.disk_full:
-            # Sinks still drain; devices are refused until there is room.
-            problems.append("outbox: the disk is full, new readings are refused")
-        return problems
+        return [problem for c in self.components() for problem in c.health().problems]
 
     def request_stop(self) -> None:
         """Ask ``run()`` to shut down (signal handlers call this)."""
@@ -328,6 +341,7 @@ class Gateway:
                         self.ready.is_set,
                         stopping=self.stop_event.is_set,
                         problems=self.health_problems,
+                        samples=self.metric_samples,
                     )
                 except ValueError as e:
                     raise StartupError(str(e)) from e
@@ -389,7 +403,7 @@ class Gateway:
             # After the adapters stopped (nothing submits any more), before the
             # outbox closes (the pipeline's last window state and stats commit).
             if self.pipeline is not None:
-                await self.pipeline.close()
+                await self.pipeline.stop(SHUTDOWN_GRACE / 2)
             if self._fleet is not None:
                 await self._fleet.close()
             if self._twin_mqtt is not None:
@@ -409,10 +423,9 @@ class Gateway:
             if self.devices is not None:
                 await self.devices.close()
             for sink in self.sinks:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(sink.close(), 1.0)
+                await stop_within(sink, SINK_STOP_WAIT)
             if self.outbox is not None:
-                await self.outbox.close()
+                await self.outbox.stop(SHUTDOWN_GRACE / 2)
             log.info("stopped")
 
     async def _open_twins(self, cfg: Config) -> None:
@@ -466,7 +479,7 @@ class Gateway:
         except ValueError as e:  # sink names defined twice: the operator's to fix
             raise StartupError(str(e)) from e
         try:
-            await outbox.open()
+            await outbox.start()
         except RuntimeError as e:
             # Another gateway holds this data directory's lock: an operator's
             # mistake, so one line naming the directory, not a traceback.
@@ -495,7 +508,7 @@ class Gateway:
             await outbox.close()
             raise StartupError(str(e)) from e
         try:
-            await pipeline.open()
+            await pipeline.start()
         except BaseException:
             await outbox.close()
             raise
@@ -512,9 +525,9 @@ class Gateway:
         """Stop the sink runners, close the pipeline and the outbox (sinks stay)."""
         await self._stop_runners()
         if self.pipeline is not None:
-            await self.pipeline.close()
+            await self.pipeline.stop(SHUTDOWN_GRACE / 2)
         if self.outbox is not None:
-            await self.outbox.close()
+            await self.outbox.stop(SHUTDOWN_GRACE / 2)
 
     def _health_reporter(self) -> Any:
         from edgeway.health_report import HealthReporter, summarize
@@ -676,26 +689,12 @@ class Gateway:
         return changes
 
     async def _supervise(self, adapter: SouthAdapter, *, fatal: bool = True) -> None:
-        """Run an adapter; a failure before it was ever ready is fatal (a port in
-        use, a missing device: the operator must fix it), a failure later is a
-        bug or a resource problem: log it and restart the adapter with backoff,
-        so one protocol never takes the gateway down. With ``fatal=False`` (an
-        adapter a reload started) a failure before ready ends the task with the
-        error recorded in ``adapter.state`` instead: the reload rolls back."""
-        backoff = Backoff(initial=1.0, maximum=60.0)
-        while True:
-            try:
-                await adapter.run()
-                return
-            except Exception as e:
-                if not adapter.ready.is_set():
-                    if not fatal:
-                        adapter.state.record_error(e)
-                        return
-                    raise StartupError(f"{adapter.section} adapter {adapter.name}: {e}") from e
-                adapter.state.record_error(e)
-                log.exception("south adapter %s failed; restarting", adapter.name)
-                await backoff.wait()
+        """Run an adapter in the TaskGroup (see :meth:`SouthAdapter.supervise`):
+        a fatal start-up error becomes a StartupError that stops the gateway."""
+        try:
+            await adapter.supervise(fatal=fatal)
+        except AdapterStartError as e:
+            raise StartupError(str(e)) from e
 
     async def _wait_adapters_ready(self) -> None:
         """Give listeners a moment to bind before saying ready; pollers whose
@@ -770,76 +769,48 @@ class Gateway:
         self.access = DeviceAccessControl(self.config, Path(self.config.gateway.data_dir))
         return self.access.authenticator, self.access.authoriser
 
+    def _devices_have_credentials(self) -> bool:
+        """Some device has credentials of its own (``edgeway credentials issue``)."""
+        return self.access is not None and bool(self.access.store.devices())
+
     async def _start_broker(self, authenticator: Authenticator, authoriser: Authoriser) -> None:
         cfg = self.config
         assert self.ingest is not None
         if self.devices is not None:
             authenticator = self.devices.authenticator_for(authenticator)
-        broker = Broker(
+        embedded = EmbeddedBroker(
             cfg.mqtt,
             ingest=self._adapter_ingest(),
             authenticator=authenticator,
             authoriser=authoriser,
             data_dir=Path(cfg.gateway.data_dir),
             gateway_id=cfg.gateway.id,
+            credentials_from_config=self.authenticator is None,
+            devices_have_credentials=self._devices_have_credentials,
+            on_broker_started=(
+                self.devices.attach_broker if self.devices is not None else None
+            ),
         )
-        self.broker = broker
-        await broker.start()
-        if self.devices is not None:
-            self.devices.attach_broker(broker)
-        try:
-            self.listeners = await start_listeners(
-                cfg.mqtt.listeners,
-                broker.protocol_factory,
-                connect_timeout=cfg.mqtt.limits.connect_timeout,
-            )
-        except BaseException:
-            await broker.stop()
-            raise
-        for lst in self.listeners:
-            host, _ = parse_host_port(lst.config.bind)
-            if lst.config.allow_anonymous:
-                if is_loopback(host):
-                    log.info(
-                        "anonymous MQTT clients are allowed on loopback listener %s:%d",
-                        *lst.bound,
-                    )
-                else:
-                    log.warning(
-                        "anonymous MQTT clients are allowed on %s:%d, which is not loopback",
-                        *lst.bound,
-                    )
-            elif (
-                self.authenticator is None
-                and not cfg.mqtt.users
-                and (self.access is None or not self.access.store.devices())
-                and not (lst.config.tls is not None and lst.config.tls.require_client_cert)
-            ):
-                # Credentials required, none configured: nobody can connect.
-                # Without this line the only trace is each refused client.
-                log.warning(
-                    "MQTT listener %s:%d requires credentials but mqtt.users is empty and no "
-                    "device has credentials: no client can connect (add users, "
-                    "'edgeway credentials issue ID', TLS client certificates, or "
-                    "allow_anonymous on a trusted network)",
-                    *lst.bound,
-                )
+        self.embedded, self.broker = embedded, embedded.broker
+        self.listeners = embedded.listeners  # one list: a reload edits it in place
+        await embedded.start()
 
     async def _stop_front(self) -> None:
         """Stop accepting, disconnect clients, let pending acks and commits finish."""
         if self._front_stopped:
             return
         self._front_stopped = True
-        for lst in self.listeners:
-            with contextlib.suppress(Exception):
-                await lst.close()
+        if self.embedded is None:
+            return
+        await self.embedded.close_listeners()
         if self.config.receipts.enabled:
             await self._settle_for_receipts()
-        if self.broker is not None:
-            try:
-                await asyncio.wait_for(self.broker.stop(), SHUTDOWN_GRACE / 2)
-            except TimeoutError:
-                log.warning("broker did not stop in time")
+        try:
+            await asyncio.wait_for(
+                self.embedded.stop_broker(SHUTDOWN_GRACE / 2), SHUTDOWN_GRACE / 2
+            )
+        except TimeoutError:
+            log.warning("broker did not stop in time")
 
     async def _settle_for_receipts(self) -> None:
         """Give sinks a moment to confirm what is in flight before the broker
@@ -894,6 +865,11 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def _adapter_key(adapter: SouthAdapter) -> str:
+    """``section:name``: an adapter's key in the status and its metric label."""
+    return f"{adapter.section}:{adapter.name}"
 
 
 class StartupError(Exception):

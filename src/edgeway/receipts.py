@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from edgeway.downlink import ReceiptDownlink
+from edgeway.runtime.component import counter
 
 if TYPE_CHECKING:
     from edgeway.outbox.store import Confirmed
@@ -44,9 +45,16 @@ log = logging.getLogger(__name__)
 class ReceiptStats:
     """Counters of receipts (admin API, metrics)."""
 
-    sent: dict[str, int] = field(default_factory=dict)
+    sent: dict[str, int] = field(
+        default_factory=dict,
+        metadata=counter(
+            "receipts_sent", "Receipts handed to a downlink's transport", label="downlink"
+        ),
+    )
     """Receipts handed to each downlink's transport, by downlink name."""
-    unreachable: int = 0
+    unreachable: int = field(
+        default=0, metadata=counter("receipts_unreachable", "Receipts no downlink could send")
+    )
     """Receipts no downlink could send (device unknown, connection down)."""
 
 

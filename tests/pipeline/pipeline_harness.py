@@ -118,7 +118,7 @@ class Harness:
 
     def stats(self) -> dict[str, Any]:
         assert self.pipeline is not None
-        return self.pipeline.stats()
+        return self.pipeline.report()
 
 
 MakeHarness = Callable[..., Awaitable[Harness]]

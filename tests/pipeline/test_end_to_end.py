@@ -110,7 +110,7 @@ async def test_mqtt_device_to_http_cloud_through_the_pipeline(
             {"temp_mean": 30.0, "window_start": T0 + 20, "window_end": T0 + 30},
         )
         assert all(r["id"].startswith("gw-e2e:") for r in cloud.records)
-        s = pipeline.stats()
+        s = pipeline.report()
         assert s["received"]["readings"] == 23
         steps = {st["step"]: st for st in s["routes"][0]["steps"]}
         assert steps["sensors/0:validate"]["dropped"] == {"range:temp": 1}

@@ -355,12 +355,14 @@ async def test_input_limits_apply_to_the_broker_without_a_restart(
     )
     assert "mqtt input_limits" in changes
     assert gw.broker.input_limits.max_name_length == 8
-    refused = gw.broker.stats().get("decode_errors_name_too_long", 0)
+    refused = gw.broker.stats().flat().get("decode_errors_name_too_long", 0)
     dev = await asyncio.to_thread(Device, port, "d1")
     try:
         info = dev.client.publish("devices/d1/telemetry", b'{"temperature": 1}', qos=1)
         await asyncio.to_thread(info.wait_for_publish, 5)
-        await wait_for(lambda: gw.broker.stats().get("decode_errors_name_too_long", 0) > refused)
+        await wait_for(
+            lambda: gw.broker.stats().flat().get("decode_errors_name_too_long", 0) > refused
+        )
     finally:
         await asyncio.to_thread(dev.stop)
 

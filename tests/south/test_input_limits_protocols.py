@@ -133,7 +133,7 @@ async def test_mqtt_client_gets_0x99_and_the_broker_counts_the_reason(
         assert {reason: acks[mid] for reason, mid in mids.items()} == {
             reason: 0 if reason == "accepted" else refusal for reason in sent
         }
-        stats = broker.stats()
+        stats = broker.stats().flat()
     assert [r.metrics for r in ingest.readings] == [{"v": 1}]
     for reason in REFUSED:
         assert stats[f"decode_errors_{reason}"] == 1, reason

@@ -39,7 +39,7 @@ import dataclasses
 import logging
 import re
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +65,7 @@ from edgeway.admin.users import DB_NAME as USERS_DB_NAME
 from edgeway.admin.users import UserStore, UserStoreError
 from edgeway.audit import AuditLog
 from edgeway.config_types import is_loopback, parse_host_port
+from edgeway.runtime.component import METRIC_PREFIX, MetricKind, Sample
 
 if TYPE_CHECKING:
     from edgeway.admin.config import AdminSection
@@ -78,173 +79,48 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 StatusSource = Callable[[], dict[str, Any]]
+SampleSource = Callable[[], Iterable[Sample]]
 _METRIC_NAME = re.compile(r"[^a-zA-Z0-9_]")
+"""Characters a metric name cannot hold (a reason key may bring them)."""
 
 
-def _metric_name(*parts: str) -> str:
-    return "_".join(_METRIC_NAME.sub("_", p) for p in parts if p)
+class SampleCollector:
+    """A prometheus-client collector over the components' typed stats, read on
+    scrape: each :class:`~edgeway.runtime.component.Sample` names its metric,
+    type, help and labels (declared on the stats dataclass field), so nothing
+    here knows a figure by name. Samples of one metric form one family."""
+
+    def __init__(self, samples: SampleSource) -> None:
+        self._samples = samples
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        families: dict[str, Any] = {}
+        for sample in self._samples():
+            spec = sample.spec
+            family = families.get(spec.name)
+            if family is None:
+                kind = CounterMetricFamily if spec.kind is MetricKind.COUNTER else GaugeMetricFamily
+                name = _METRIC_NAME.sub("_", METRIC_PREFIX + spec.name)
+                labels = [label for label, _ in sample.labels]
+                family = families[spec.name] = kind(name, spec.help, labels=labels)
+            family.add_metric([value for _, value in sample.labels], sample.value)
+        yield from families.values()
 
 
-class StatusCollector:
-    """A prometheus-client collector that reads the gateway status on scrape."""
+class AlarmCollector:
+    """The alarm service's and the device registry's figures, from the status
+    document on scrape. Neither is a component with typed stats yet; when they
+    are, their figures move to :class:`SampleCollector`."""
 
     def __init__(self, status: StatusSource) -> None:
         self._status = status
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        st = self._status()
-        up = GaugeMetricFamily("edgeway_uptime_seconds", "Seconds since start")
-        up.add_metric([], float(st.get("uptime_s", 0.0)))
-        yield up
-
-        from edgeway.south.mqtt.broker import Broker
-
-        broker = st.get("broker") or {}
-        gauges = Broker.STAT_GAUGES
-        for key, value in sorted(broker.items()):
-            name = _metric_name("edgeway_mqtt", key)
-            if key in gauges:
-                g = GaugeMetricFamily(name, f"MQTT broker {key}")
-                g.add_metric([], float(value))
-                yield g
-            else:
-                c = CounterMetricFamily(name, f"MQTT broker {key}")
-                c.add_metric([], float(value))
-                yield c
-
-        outbox = st.get("outbox") or {}
-        keys: set[str] = set()
-        for counters in outbox.values():
-            keys.update(counters)
-        for key in sorted(keys):
-            name = _metric_name("edgeway_outbox", key)
-            fam: Any
-            if key == "pending":
-                fam = GaugeMetricFamily(
-                    name, "Readings stored and not yet confirmed", labels=["sink"]
-                )
-            else:
-                fam = CounterMetricFamily(name, f"Outbox {key} readings", labels=["sink"])
-            for sink, counters in sorted(outbox.items()):
-                fam.add_metric([sink], float(counters.get(key, 0)))
-            yield fam
-
-        sinks = st.get("sinks") or {}
-        connected = GaugeMetricFamily(
-            "edgeway_sink_connected", "1 when the sink's last send worked", labels=["sink"]
-        )
-        latency = GaugeMetricFamily(
-            "edgeway_sink_batch_latency_seconds", "Last batch latency", labels=["sink"]
-        )
-        sent = CounterMetricFamily(
-            "edgeway_sink_records_sent", "Records confirmed by the remote side", labels=["sink"]
-        )
-        for name, s in sorted(sinks.items()):
-            connected.add_metric([name], 1.0 if s.get("connected") else 0.0)
-            latency.add_metric([name], float(s.get("last_batch_latency") or 0.0))
-            sent.add_metric([name], float(s.get("records_sent", 0)))
-        yield connected
-        yield latency
-        yield sent
-
-        pipeline = st.get("pipeline") or {}
-        if pipeline:
-            for direction, help_text in (("received", "from devices"), ("sent", "towards sinks")):
-                flow = pipeline.get(direction) or {}
-                for unit in ("readings", "bytes"):
-                    c = CounterMetricFamily(
-                        f"edgeway_pipeline_{direction}_{unit}", f"Pipeline {unit} {help_text}"
-                    )
-                    c.add_metric([], float(flow.get(unit, 0)))
-                    yield c
-            r_in = CounterMetricFamily(
-                "edgeway_route_received_readings", "Readings a route took", labels=["route"]
-            )
-            r_out = CounterMetricFamily(
-                "edgeway_route_sent_readings", "Readings a route produced", labels=["route"]
-            )
-            b_in = CounterMetricFamily(
-                "edgeway_route_received_bytes", "Bytes a route took", labels=["route"]
-            )
-            b_out = CounterMetricFamily(
-                "edgeway_route_sent_bytes", "Bytes a route produced", labels=["route"]
-            )
-            for route in pipeline.get("routes") or []:
-                name = str(route.get("name"))
-                r_in.add_metric([name], float(route["received"]["readings"]))
-                r_out.add_metric([name], float(route["sent"]["readings"]))
-                b_in.add_metric([name], float(route["received"]["bytes"]))
-                b_out.add_metric([name], float(route["sent"]["bytes"]))
-            yield r_in
-            yield r_out
-            yield b_in
-            yield b_out
-            # What the pipeline handed the outbox for each sink (the cloud's side
-            # of the bandwidth report; delivery is edgeway_outbox_delivered_total).
-            s_r = CounterMetricFamily(
-                "edgeway_sink_pipeline_sent_readings",
-                "Readings the pipeline stored for a sink",
-                labels=["sink"],
-            )
-            s_b = CounterMetricFamily(
-                "edgeway_sink_pipeline_sent_bytes",
-                "Bytes (as sent records) the pipeline stored for a sink",
-                labels=["sink"],
-            )
-            for name, sink in sorted((pipeline.get("sinks") or {}).items()):
-                sent_flow = sink.get("sent") or {}
-                s_r.add_metric([str(name)], float(sent_flow.get("readings", 0)))
-                s_b.add_metric([str(name)], float(sent_flow.get("bytes", 0)))
-            yield s_r
-            yield s_b
-
-        adapters = st.get("adapters") or {}
-        a_conn = GaugeMetricFamily(
-            "edgeway_adapter_connected", "1 when connected or listening", labels=["adapter"]
-        )
-        a_read = CounterMetricFamily(
-            "edgeway_adapter_readings", "Readings received", labels=["adapter"]
-        )
-        a_err = CounterMetricFamily(
-            "edgeway_adapter_errors", "Errors (decode, peer)", labels=["adapter"]
-        )
-        # Per reason, not per device: reasons are a small fixed set (codec slugs),
-        # device ids are not, and a label per device would grow the series without bound.
-        a_dec = CounterMetricFamily(
-            "edgeway_adapter_decode_errors",
-            "Payloads that did not decode, by reason",
-            labels=["adapter", "reason"],
-        )
-        for name, a in sorted(adapters.items()):
-            a_conn.add_metric([name], 1.0 if a.get("connected") else 0.0)
-            a_read.add_metric([name], float(a.get("readings", 0)))
-            a_err.add_metric([name], float(a.get("errors", 0)))
-            for reason, n in sorted((a.get("decode_errors") or {}).items()):
-                a_dec.add_metric([name, str(reason)], float(n))
-        yield a_conn
-        yield a_read
-        yield a_err
-        yield a_dec
-        yield from alarm_metrics(st.get("alarms"))
-
-        receipts = st.get("receipts")
-        if receipts:  # null when receipts are off
-            r_sent = CounterMetricFamily(
-                "edgeway_receipts_sent",
-                "Receipts handed to a downlink's transport",
-                labels=["downlink"],
-            )
-            for name, n in sorted((receipts.get("sent") or {}).items()):
-                r_sent.add_metric([str(name)], float(n))
-            yield r_sent
-            r_lost = CounterMetricFamily(
-                "edgeway_receipts_unreachable", "Receipts no downlink could send"
-            )
-            r_lost.add_metric([], float(receipts.get("unreachable", 0)))
-            yield r_lost
-        yield from _device_metrics(st.get("devices"))
+        status = self._status()
+        yield from alarm_metrics(status.get("alarms"))
+        yield from _device_metrics(status.get("devices"))
 
 
 def _device_metrics(devices: dict[str, Any] | None) -> Iterator[Any]:
@@ -289,7 +165,8 @@ class BuildInfoCollector:
 class AdminServer:
     """Serves the admin endpoints on one address.
 
-    ``status`` gives the gateway's figures, ``ready`` whether start-up is
+    ``status`` gives the gateway's figures (``/api/status``), ``samples`` the
+    same as metric samples (``/metrics``), ``ready`` whether start-up is
     done, ``stopping`` whether shutdown began (``/readyz`` turns 503 so a
     load balancer stops sending). ``access`` decides who may call what.
     """
@@ -307,6 +184,7 @@ class AdminServer:
         ssl_context: ssl.SSLContext | None = None,
         data_dir: Path | None = None,
         recent: RecentValues | None = None,
+        samples: SampleSource = tuple,
     ) -> None:
         from prometheus_client import CollectorRegistry, ProcessCollector
 
@@ -319,7 +197,8 @@ class AdminServer:
         self.access = access
         self.build = build_info()
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(StatusCollector(status))  # type: ignore[arg-type]
+        self._registry.register(SampleCollector(samples))  # type: ignore[arg-type]
+        self._registry.register(AlarmCollector(status))  # type: ignore[arg-type]
         self._registry.register(BuildInfoCollector(self.build))  # type: ignore[arg-type]
         # process_cpu_seconds_total, process_resident_memory_bytes, ... (Linux /proc)
         ProcessCollector(registry=self._registry)
@@ -365,6 +244,7 @@ class AdminServer:
         ready: Callable[[], bool],
         stopping: Callable[[], bool] = lambda: False,
         problems: Callable[[], list[str]] = list,
+        samples: SampleSource = tuple,
     ) -> AdminServer:
         """The server ``config`` describes; opens ``data_dir/tokens.db`` when
         tokens are required. Raises ValueError naming ``admin.auth`` when
@@ -403,7 +283,7 @@ class AdminServer:
                 raise ValueError(f"admin.tls: {e}") from e
         server = cls(
             host, port, status, ready, access=access, stopping=stopping, problems=problems,
-            ssl_context=ssl_context, data_dir=data_dir,
+            ssl_context=ssl_context, data_dir=data_dir, samples=samples,
             recent=RecentValues(
                 points_per_series=config.trend_points, max_series=config.trend_series
             ),

@@ -62,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import dataclasses
 import itertools
 import logging
 import operator
@@ -81,8 +82,10 @@ from edgeway.ingest import IngestStatus
 from edgeway.outbox.ageclock import AgeClock
 from edgeway.outbox.config import OutboxSection
 from edgeway.outbox.reserve import DiskReserve
+from edgeway.outbox.stats import OutboxSinkStats, OutboxStats
 from edgeway.ratelimit_log import RateLimitedLog
 from edgeway.reading import Reading
+from edgeway.runtime.component import HEALTHY, Health, finish_closing
 from edgeway.sinks.base import Record, record_json_obj, stored_records
 from edgeway.storage.sqlite import (
     MetaVersion,
@@ -1545,31 +1548,40 @@ class Outbox:
         """Sinks no longer configured that still have records pending, with
         their counters as of this open (``pending`` included): readings that
         stay stored until purged on purpose or dropped by retention."""
-        out: dict[str, dict[str, int]] = {}
-        for name, c in self.retired.items():
-            dropped = c["dropped_max_bytes"] + c["dropped_max_age"] + c["dropped_dead_letter"]
-            out[name] = {
-                **c,
-                "dropped": dropped,
-                "pending": c["accepted"] - c["delivered"] - dropped,
-            }
-        return out
+        return {name: dataclasses.asdict(c) for name, c in self.stats().retired.items()}
 
     def counters(self) -> dict[str, dict[str, int]]:
-        """Per sink: accepted, delivered, pending, dropped, dropped_<reason>, rejected_full.
+        """Per sink: accepted, delivered, pending, dropped, dropped_<reason>, rejected_full
+        (:class:`~edgeway.outbox.stats.OutboxSinkStats` as a dict)."""
+        return {name: dataclasses.asdict(c) for name, c in self.stats().sinks.items()}
 
-        As of the last commit; ``accepted == delivered + pending + dropped``
-        always holds (``pending`` is derived from it and checked by the tests
-        against the rows on disk).
-        """
-        out: dict[str, dict[str, int]] = {}
-        for name, c in self._counters.items():
-            dropped = c["dropped_max_bytes"] + c["dropped_max_age"] + c["dropped_dead_letter"]
-            d = dict(c)
-            d["dropped"] = dropped
-            d["pending"] = c["accepted"] - c["delivered"] - dropped
-            out[name] = d
-        return out
+    # ---------------------------------------------------------- as a component
+
+    @property
+    def name(self) -> str:
+        return "outbox"
+
+    async def start(self) -> None:
+        """:meth:`open`: the database, its lock and the writer thread."""
+        await self.open()
+
+    async def stop(self, grace: float) -> None:
+        """:meth:`close`. Not abandoned after ``grace`` seconds: closing commits
+        what devices were told is stored, so a slow close is only warned about."""
+        await finish_closing(self.close(), "outbox", grace)
+
+    def health(self) -> Health:
+        """Unhealthy while the disk is full: devices are refused until there is room."""
+        if self._disk_full:
+            return Health.failing("outbox: the disk is full, new readings are refused")
+        return HEALTHY
+
+    def stats(self) -> OutboxStats:
+        """Per sink, as of the last commit (``accepted == delivered + pending + dropped``)."""
+        return OutboxStats(
+            sinks={n: OutboxSinkStats.from_counts(c) for n, c in self._counters.items()},
+            retired={n: OutboxSinkStats.from_counts(c) for n, c in self.retired.items()},
+        )
 
     @property
     def stored_bytes(self) -> int:

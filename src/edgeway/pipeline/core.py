@@ -49,10 +49,12 @@ import orjson
 
 from edgeway.ingest import IngestStatus
 from edgeway.pipeline.config import PipelineSection, RouteConfig
+from edgeway.pipeline.figures import PipelineStats, RouteStats, SinkFlowStats
 from edgeway.pipeline.registry import HoldingStep, Release, Step, StepContext, build_step
 from edgeway.pipeline.routes import RouteMatcher
 from edgeway.pipeline.state import StateStore
 from edgeway.reading import MetricValue, Reading
+from edgeway.runtime.component import HEALTHY, Health, finish_closing
 
 if TYPE_CHECKING:
     from edgeway.rules.stage import RuleStage
@@ -333,7 +335,7 @@ class Pipeline:
             await self.rules.close()
         await self.state.close()
         with contextlib.suppress(OSError):
-            await asyncio.to_thread(self._write_stats, self.stats())
+            await asyncio.to_thread(self._write_stats, self.report())
 
     def request_tick(self) -> None:
         """Tick at the loop's next turn (once, however many steps ask)."""
@@ -365,7 +367,7 @@ class Pipeline:
         assert self._loop is not None
         if not self._stats_writing:
             self._stats_writing = True
-            job = self._loop.run_in_executor(None, self._write_stats, self.stats())
+            job = self._loop.run_in_executor(None, self._write_stats, self.report())
             job.add_done_callback(self._stats_written)
         self._stats_handle = self._loop.call_later(self.config.stats_interval, self._on_stats)
 
@@ -754,8 +756,11 @@ class Pipeline:
 
     # -- figures --------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
-        """Readings and bytes in and out, per route, step and sink (``edgeway stats``)."""
+    def report(self) -> dict[str, Any]:
+        """Readings and bytes in and out, per route, step and sink, with the
+        outbox's counters per sink: ``stats.json`` (``edgeway stats``) and the
+        pipeline in ``/api/status``. The figures exported as metrics are
+        :meth:`stats`."""
         routes = []
         for route in self.routes:
             steps = []
@@ -783,16 +788,11 @@ class Pipeline:
                     "steps": steps,
                 }
             )
-        all_sinks = list(self.outbox.sink_names)
-        per_sink: dict[str, dict[str, int]] = {s: {"readings": 0, "bytes": 0} for s in all_sinks}
-        for sinks, flow in self.sent_by_sinks.items():
-            for s in sinks if sinks is not None else all_sinks:
-                if s in per_sink:
-                    per_sink[s]["readings"] += flow.readings
-                    per_sink[s]["bytes"] += flow.bytes
-        sent = Flow()
-        for flow in self.sent_by_sinks.values():
-            sent.add(flow.readings, flow.bytes)
+        per_sink = {
+            name: {"readings": f.readings, "bytes": f.bytes}
+            for name, f in self._sent_per_sink().items()
+        }
+        sent = self._sent_total()
         counters_fn = getattr(self.outbox, "counters", None)
         outbox_counters = counters_fn() if callable(counters_fn) else {}
         sinks_out = {
@@ -810,6 +810,68 @@ class Pipeline:
             "sinks": sinks_out,
             "state": {"journal_rows": self.state.rows, "commits": self.state.commits},
         }
+
+    def _sent_per_sink(self) -> dict[str, Flow]:
+        all_sinks = list(self.outbox.sink_names)
+        per_sink = {s: Flow() for s in all_sinks}
+        for sinks, flow in self.sent_by_sinks.items():
+            for s in sinks if sinks is not None else all_sinks:
+                if s in per_sink:
+                    per_sink[s].add(flow.readings, flow.bytes)
+        return per_sink
+
+    def _sent_total(self) -> Flow:
+        sent = Flow()
+        for flow in self.sent_by_sinks.values():
+            sent.add(flow.readings, flow.bytes)
+        return sent
+
+    # ---------------------------------------------------------- as a component
+
+    @property
+    def name(self) -> str:
+        return "pipeline"
+
+    async def start(self) -> None:
+        """:meth:`open`: restore journaled windows and start the timers."""
+        await self.open()
+
+    async def stop(self, grace: float) -> None:
+        """:meth:`close`; emissions in flight are waited for (they carry
+        readings devices were told are stored), the wait warned about past
+        ``grace`` seconds."""
+        await finish_closing(self.close(), "pipeline", grace)
+
+    def health(self) -> Health:
+        """Always healthy: a step that fails is counted per route, never stops the flow."""
+        return HEALTHY
+
+    def stats(self) -> PipelineStats:
+        """Readings and bytes in and out, per route and per sink."""
+        sent = self._sent_total()
+        return PipelineStats(
+            received_readings=self.received.readings,
+            received_bytes=self.received.bytes,
+            sent_readings=sent.readings,
+            sent_bytes=sent.bytes,
+            default_route_readings=self.default.readings,
+            rejected_full=self.rejected_full,
+            routes=[
+                RouteStats(
+                    name=route.name,
+                    received_readings=route.received.readings,
+                    sent_readings=route.sent.readings,
+                    received_bytes=route.received.bytes,
+                    sent_bytes=route.sent.bytes,
+                    failed=route.failures,
+                )
+                for route in self.routes
+            ],
+            sinks={
+                name: SinkFlowStats(f.readings, f.bytes)
+                for name, f in self._sent_per_sink().items()
+            },
+        )
 
     def _write_stats(self, stats: dict[str, Any]) -> None:
         path = self.data_dir / STATS_FILE

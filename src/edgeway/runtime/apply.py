@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeway.config import Config
+from edgeway.runtime.component import stop_within
 from edgeway.runtime.reload import ConfigHistory, ReloadError, ReloadPlan, adapter_entries, plan
+from edgeway.sinks.base import SINK_STOP_WAIT
 
 if TYPE_CHECKING:
     from edgeway.gateway import Gateway
@@ -102,10 +104,7 @@ async def apply_config(gw: Gateway, new: Config, text: str | None, source: str) 
         gw.reloads += 1
         retired, gw._retired_sinks = gw._retired_sinks, []
         for sink in retired:
-            try:
-                await asyncio.wait_for(sink.close(), 1.0)
-            except Exception:
-                log.debug("sink %s did not close cleanly", sink.name, exc_info=True)
+            await stop_within(sink, SINK_STOP_WAIT)
         gw.config_text, gw.config_source = text, source
         if text is not None:
             await asyncio.to_thread(history.record, text, source)
@@ -231,10 +230,7 @@ async def _reopen_data_path(gw: Gateway, old: Config, new: Config, undo: list[Un
 
     async def close_sinks(sinks: list[Sink]) -> None:
         for s in sinks:
-            try:
-                await asyncio.wait_for(s.close(), 1.0)
-            except Exception:
-                log.debug("sink %s did not close cleanly", s.name, exc_info=True)
+            await stop_within(s, SINK_STOP_WAIT)
 
     switch.hold()
     try:

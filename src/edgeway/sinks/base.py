@@ -43,6 +43,7 @@ from edgeway.config import known_keys, unknown_key
 from edgeway.config_types import Duration, Size
 from edgeway.extras import OptionalLibrary
 from edgeway.reading import MetricValue
+from edgeway.runtime.component import HEALTHY, Health, counter, gauge
 from edgeway.sinks.config import SinkConfig
 
 if TYPE_CHECKING:
@@ -177,13 +178,19 @@ class PermanentSinkError(SinkError):
 class SinkState:
     """What a sink reports about itself (admin API, metrics, ``edgeway stats``)."""
 
-    connected: bool = False
+    connected: bool = field(
+        default=False, metadata=gauge("sink_connected", "1 when the sink's last send worked")
+    )
     last_error: str | None = None
     last_error_at: float | None = None
     last_success_at: float | None = None
-    last_batch_latency: float | None = None
+    last_batch_latency: float | None = field(
+        default=None, metadata=gauge("sink_batch_latency_seconds", "Last batch latency")
+    )
     batches_sent: int = 0
-    records_sent: int = 0
+    records_sent: int = field(
+        default=0, metadata=counter("sink_records_sent", "Records confirmed by the remote side")
+    )
 
     def record_success(self, n_records: int, latency: float) -> None:
         self.connected = True
@@ -334,6 +341,11 @@ async def close_bounded(close: Awaitable[Any], what: str) -> None:
         _log.debug("%s: close failed: %r", what, e)
 
 
+SINK_STOP_WAIT = 1.0
+"""Seconds a sink gets to close its connections (shutdown, a reload that
+replaced it): a remote side that does not answer must not hold either up."""
+
+
 class Sink(abc.ABC):
     """One cloud-side destination.
 
@@ -409,6 +421,25 @@ class Sink(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+    # ---------------------------------------------------------- as a component
+
+    async def stop(self, grace: float) -> None:
+        """Release connections within ``grace`` seconds (a remote side that
+        does not answer a close must not hold up shutdown)."""
+        try:
+            await asyncio.wait_for(self.close(), grace)
+        except TimeoutError:
+            _log.warning("sink %s did not close within %.1f s", self.name, grace)
+
+    def health(self) -> Health:
+        """Always healthy: a sink that is down does not stop the gateway (the
+        outbox keeps its readings); :attr:`state` says whether it is connected."""
+        return HEALTHY
+
+    def stats(self) -> SinkState:
+        """Connection state, last batch and records sent (see :class:`SinkState`)."""
+        return self.state
 
 
 class CommandSource(Protocol):

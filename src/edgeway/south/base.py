@@ -9,23 +9,38 @@ protocol has an acknowledgement, it acknowledges only when the future from
 ``submit`` resolves with ``ACCEPTED``.
 
 Adapters register for a config section name with :func:`register_adapter`.
-Each adapter's config model lives in ``edgeway.config`` (so that errors carry
-file, line and key); the gateway builds one adapter per configured entry.
+Each adapter's config model lives in its own configuration module
+(``edgeway.south.<protocol>_config``, imported by the root schema so that errors
+carry file, line and key); the gateway builds one adapter per configured entry.
+
+An adapter is a :class:`~edgeway.runtime.component.Component`: ``start()`` runs
+``run()`` in a task the adapter owns, ``stop(timeout)`` cancels it, ``health()``
+reads its state and ``stats()`` returns an :class:`AdapterStats`.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
+import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from edgeway.downlink import Downlink, DownlinkEvents, ReceiptDownlink
 from edgeway.ingest import Ingest
+from edgeway.runtime.component import HEALTHY, OMIT_NONE, Health, counter, gauge
+from edgeway.south.decode_errors import DecodeErrorCounter
+
+log = logging.getLogger(__name__)
+
+DECODE_ERROR_DEVICES_SHOWN = 20
+"""(device, reason) pairs listed per adapter in the status: the worst offenders,
+so /api/status stays small however many devices send garbage."""
 
 if TYPE_CHECKING:
     from edgeway.devices.identity import DeviceAccessControl
@@ -35,7 +50,9 @@ if TYPE_CHECKING:
 class AdapterState:
     """What an adapter reports about itself (admin API, metrics, stats)."""
 
-    connected: bool = False
+    connected: bool = field(
+        default=False, metadata=gauge("adapter_connected", "1 when connected or listening")
+    )
     listening: bool | None = None
     """For adapters that serve devices on a socket (CoAP, HTTP): True while the
     listener is known to serve, False while it is down or restarting (health
@@ -43,8 +60,8 @@ class AdapterState:
     last_error: str | None = None
     last_error_at: float | None = None
     last_reading_at: float | None = None
-    readings: int = 0
-    errors: int = 0
+    readings: int = field(default=0, metadata=counter("adapter_readings", "Readings received"))
+    errors: int = field(default=0, metadata=counter("adapter_errors", "Errors (decode, peer)"))
     rejected: int = 0
 
     def record_readings(self, n: int) -> None:
@@ -55,6 +72,43 @@ class AdapterState:
         self.errors += 1
         self.last_error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         self.last_error_at = time.time()
+
+
+@dataclass(slots=True, frozen=True)
+class DecodeErrorEntry:
+    """How many payloads of one device failed to decode for one reason."""
+
+    device_id: str
+    reason: str
+    count: int
+
+
+@dataclass(slots=True)
+class AdapterStats(AdapterState):
+    """An adapter's state plus its refusals, command figures and decode failures
+    (by reason, and the worst devices) where the adapter has them."""
+
+    refusals: dict[str, int] | None = field(default=None, metadata=OMIT_NONE)
+    """Requests refused before decoding, by reason (listeners)."""
+    commands: Any = field(default=None, metadata=OMIT_NONE)
+    """The adapter's command delivery figures (a dataclass), if it takes commands."""
+    # Per reason, not per device: reasons are a small fixed set (codec slugs),
+    # device ids are not, and a label per device would grow the series without bound.
+    decode_errors: dict[str, int] | None = field(
+        default=None,
+        metadata=counter(
+            "adapter_decode_errors",
+            "Payloads that did not decode, by reason",
+            label="reason",
+            omit_none=True,
+        ),
+    )
+    decode_errors_by_device: list[DecodeErrorEntry] | None = field(default=None, metadata=OMIT_NONE)
+
+
+class AdapterStartError(Exception):
+    """An adapter failed before it ever served: a local problem the operator
+    must fix (a port in use, a missing serial device); one line."""
 
 
 class SouthAdapter(abc.ABC):
@@ -81,6 +135,7 @@ class SouthAdapter(abc.ABC):
         self.access: DeviceAccessControl | None = None
         """Per-device credentials and ACL (set by the gateway; None: the
         adapter's own config decides, as in tests building it alone)."""
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -100,6 +155,75 @@ class SouthAdapter(abc.ABC):
         :mod:`edgeway.receipts`). The gateway asks once receipts are enabled;
         an adapter may start remembering its devices from then on."""
         return None
+
+    # ---------------------------------------------------------- as a component
+
+    async def supervise(self, *, fatal: bool = True) -> None:
+        """Run the adapter; a failure before it was ever ready is fatal (a port in
+        use, a missing device: the operator must fix it) and raises
+        :class:`AdapterStartError`; a failure later is a bug or a resource
+        problem: logged, and the adapter restarted with backoff, so one protocol
+        never takes the gateway down. With ``fatal=False`` (an adapter a reload
+        started) a failure before ready ends the task with the error recorded in
+        ``state`` instead: the reload rolls back."""
+        backoff = Backoff(initial=1.0, maximum=60.0)
+        while True:
+            try:
+                await self.run()
+                return
+            except Exception as e:
+                if not self.ready.is_set():
+                    if not fatal:
+                        self.state.record_error(e)
+                        return
+                    raise AdapterStartError(f"{self.section} adapter {self.name}: {e}") from e
+                self.state.record_error(e)
+                log.exception("south adapter %s failed; restarting", self.name)
+                await backoff.wait()
+
+    async def start(self) -> None:
+        """Run :meth:`supervise` in a task this adapter owns, until :meth:`stop`
+        (the gateway runs ``supervise`` in its own TaskGroup instead, so that a
+        fatal start-up error stops it). Returns at once: ``ready`` tells when
+        the adapter serves, ``state`` why it does not."""
+        if self._task is None or self._task.done():
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self.supervise(fatal=False), name=f"south:{self.name}")
+
+    async def stop(self, grace: float) -> None:
+        """Cancel the task :meth:`start` made and wait up to ``grace`` seconds for it."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=grace)
+        if not done:
+            log.warning("south adapter %s did not stop within %.1f s", self.name, grace)
+
+    def health(self) -> Health:
+        """Unhealthy while a listener is known not to serve (down, restarting):
+        devices that reach the gateway that way get no answer."""
+        if self.state.listening is False:
+            return Health.failing(f"{self.section}:{self.name} is not serving")
+        return HEALTHY
+
+    def stats(self) -> AdapterStats:
+        """The state, plus refusals, command figures and decode failures."""
+        out = AdapterStats(**{f: getattr(self.state, f) for f in AdapterState.__dataclass_fields__})
+        refusals = getattr(self, "refusals", None)
+        if isinstance(refusals, dict):
+            out.refusals = dict(refusals)
+        command_stats = getattr(self, "command_stats", None)
+        if dataclasses.is_dataclass(command_stats) and not isinstance(command_stats, type):
+            out.commands = command_stats
+        errors = getattr(self, "decode_errors", None)
+        if isinstance(errors, DecodeErrorCounter):
+            out.decode_errors = errors.by_reason()
+            out.decode_errors_by_device = [
+                DecodeErrorEntry(device, reason, n)
+                for (device, reason), n in errors.counts.most_common(DECODE_ERROR_DEVICES_SHOWN)
+            ]
+        return out
 
 
 class Backoff:

@@ -17,8 +17,10 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from edgeway.south.base import AdapterState
+if TYPE_CHECKING:
+    from edgeway.south.base import AdapterState
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ async def test_retained_set_deliver_clear(tmp_path: Path) -> None:
         p = await sub2.receive_publish()
         assert p.topic == "r/2"
         await sub2.nothing()
-        assert rb.broker.stats()["retained"] == 1
+        assert rb.broker.stats().retained == 1
 
 
 async def test_unsubscribe(tmp_path: Path) -> None:

@@ -94,7 +94,7 @@ async def test_mutated_streams_stay_inside_the_connection(
         pub, _ = await RawClient.connect(rb.port, "after")
         await pub.publish("ok", b"fine", qos=1)
         assert (await watcher.receive_publish()).payload == b"fine"
-        assert rb.broker.stats()["protocol_errors"] > CASES // 4
+        assert rb.broker.stats().events["protocol_errors"] > CASES // 4
     # Bad input is a protocol error, never an internal error caught at the boundary.
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
@@ -124,7 +124,7 @@ async def test_slow_subscriber_is_queued_bounded_and_drained(tmp_path: Path) -> 
             await pub.publish("t", b"%d" % i)
         await pub.publish("sync", b"", qos=1)  # all 15 routed by now
         assert t.out == b""
-        assert rb.broker.stats()["dropped_queue_full"] == 5
+        assert rb.broker.stats().dropped_by_reason["queue_full"] == 5
         proto.resume_writing()
         rb.broker.flush_writes()
         got = [p.payload for p in reader.feed(bytes(t.out)) if isinstance(p, Publish)]

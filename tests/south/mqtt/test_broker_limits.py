@@ -95,7 +95,7 @@ async def test_packet_that_makes_no_progress_is_closed(tmp_path: Path) -> None:
             [(Disconnect, 0x8D)],
             [],
         )
-        assert rb.broker.stats()["packet_timeouts"] == 1
+        assert rb.broker.stats().events["packet_timeouts"] == 1
         await client.close()
 
 
@@ -112,7 +112,7 @@ async def test_complete_packets_keep_resetting_the_packet_clock(tmp_path: Path) 
             await asyncio.sleep(0.3)
             client.send_raw(ping[1:])  # ... completed within the timeout
             assert (await client.recv()).__class__.__name__ == "PingResp"
-        assert rb.broker.stats().get("packet_timeouts", 0) == 0
+        assert rb.broker.stats().flat().get("packet_timeouts", 0) == 0
         await client.disconnect()
 
 
@@ -386,7 +386,7 @@ async def test_non_reading_subscriber_queue_bounded_in_bytes(tmp_path: Path) -> 
         assert conn._write_paused
         assert conn.session.queued_bytes <= 1024 * 1024
         assert conn.transport.get_write_buffer_size() <= 64 * 1024 + OUTPUT_PER_TURN + 65536
-        stats = rb.broker.stats()
+        stats = rb.broker.stats().flat()
         assert stats["dropped_queue_full"] > 100
         assert stats["queued_bytes"] == conn.session.queued_bytes
         client.abort()
@@ -413,7 +413,7 @@ async def test_online_client_losing_qos1_is_disconnected_with_0x97(tmp_path: Pat
         got = await sub.closed()
         assert [type(p).__name__ for p in got] == ["Publish", "Disconnect"]
         assert got[1].reason_code == 0x97  # type: ignore[attr-defined]
-        stats = rb.broker.stats()
+        stats = rb.broker.stats().flat()
         assert stats["slow_subscriber_disconnects"] == 1
         assert stats["dropped_queue_full"] == 1
         sub, ack = await RawClient.connect(
@@ -463,7 +463,7 @@ async def test_retained_messages_capped_by_count(tmp_path: Path) -> None:
         got = sorted([(await late.receive_publish()).topic for _ in range(2)])
         assert got == ["r/1", "r/5"]
         await late.nothing(0.2)
-        stats = rb.broker.stats()
+        stats = rb.broker.stats().flat()
         assert stats["dropped_retained_full"] == 2
         assert stats["retained"] == 2
         for c in (watcher, pub5, pub4, late):
@@ -479,13 +479,13 @@ async def test_retained_messages_capped_by_bytes(tmp_path: Path) -> None:
         smaller = await pub.publish("big/1", b"x" * 500, qos=1, retain=True)  # replaces
         fits_now = await pub.publish("big/2", b"x" * 2000, qos=1, retain=True)
         assert [a.reason_code for a in (ok, refused, smaller, fits_now)] == [0, 0x97, 0, 0]
-        stats = rb.broker.stats()
+        stats = rb.broker.stats().flat()
         assert stats["retained"] == 2
         assert stats["retained_bytes"] <= 3 * 1024
         # The gateway's own retained publishes and wills obey it too.
         rb.broker.publish("big/3", b"x" * 2000, qos=1, retain=True)
-        assert rb.broker.stats()["retained"] == 2
-        assert rb.broker.stats()["dropped_retained_full"] == 2
+        assert rb.broker.stats().retained == 2
+        assert rb.broker.stats().dropped_by_reason["retained_full"] == 2
         await pub.disconnect()
 
 
@@ -511,12 +511,12 @@ async def test_persistent_sessions_capped(tmp_path: Path) -> None:
             rb.port, "keep1", level=5, clean=False, properties=expiry
         )
         assert ack.session_present
-        stats = rb.broker.stats()
+        stats = rb.broker.stats().flat()
         assert stats["persistent_sessions"] == 2
         assert stats["dropped_persistent_sessions_full"] == 2
         # Ending one (expiry 0 at DISCONNECT) makes room.
         await back.disconnect(properties=Properties(session_expiry_interval=0))
-        await wait_until(lambda: rb.broker.stats()["persistent_sessions"] == 1)
+        await wait_until(lambda: rb.broker.stats().persistent_sessions == 1)
         c5, _ = await RawClient.connect(rb.port, "keep3", level=5, clean=False, properties=expiry)
         for c in (c4, clean, c5):
             await c.close()
@@ -537,7 +537,7 @@ async def test_subscriptions_per_client_capped(tmp_path: Path, level: int) -> No
         ack = await c.subscribe(*many)
         assert ack.reason_codes == [refused] * len(many)
         assert time.perf_counter() - started < 2.0
-        stats = rb.broker.stats()
+        stats = rb.broker.stats().flat()
         assert stats["subscriptions"] == 2
         assert stats["subscribe_quota_exceeded"] == 1 + len(many)
         await c.disconnect()
@@ -582,7 +582,7 @@ async def test_retained_backlog_survives_a_reconnect(tmp_path: Path) -> None:
         await sub.subscribe("r/#", qos=1)
         first = await sub.receive_publish(ack=False)  # the window (1) is now full
         sub.abort()
-        await wait_until(lambda: rb.broker.stats()["clients_connected"] == 0)
+        await wait_until(lambda: rb.broker.stats().clients_connected == 0)
         sub, ack = await RawClient.connect(rb.port, "back", level=5, clean=False, properties=props)
         assert ack.session_present
         again = await sub.receive_publish()
@@ -611,5 +611,5 @@ async def test_subscription_characters_capped(tmp_path: Path) -> None:
         c.send(Unsubscribe(c.pid(), ["a" * 10]))
         await c.expect(UnsubAck)
         assert (await c.subscribe("d")).reason_codes == [0]
-        assert rb.broker.stats()["subscribe_quota_exceeded"] == 1
+        assert rb.broker.stats().events["subscribe_quota_exceeded"] == 1
         await c.disconnect()

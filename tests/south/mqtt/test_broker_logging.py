@@ -105,7 +105,7 @@ async def test_event_lines_are_rate_limited_per_kind(
         text = broker_log.getvalue()
         assert text.count(" connected (") == 2
         assert text.count(" disconnected (") == 2
-        assert rb.broker.stats()["log_lines_suppressed"] == 6
+        assert rb.broker.stats().log_lines_suppressed == 6
 
 
 async def test_forged_client_id_cannot_make_a_second_line(

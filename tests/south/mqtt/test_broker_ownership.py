@@ -62,7 +62,7 @@ async def test_another_identity_cannot_resume_or_end_a_session(tmp_path: Path, l
         assert ack.reason_code == refused
         await pub.publish("inbox/x", b"still alice's", qos=1)
         assert (await alice.receive_publish()).payload == b"still alice's"
-        assert rb.broker.stats()["client_id_in_use"] == 4
+        assert rb.broker.stats().events["client_id_in_use"] == 4
 
 
 async def test_the_owner_survives_a_restart(tmp_path: Path) -> None:
@@ -122,4 +122,4 @@ async def test_read_acl_is_checked_at_delivery(tmp_path: Path) -> None:
         await pub.publish("plant/line2", b"live ok", qos=1)
         assert (await a.receive_publish()).payload == b"live ok"
         await a.nothing(0.2)
-        assert rb.broker.stats()["dropped_read_not_authorised"] == 2
+        assert rb.broker.stats().dropped_by_reason["read_not_authorised"] == 2

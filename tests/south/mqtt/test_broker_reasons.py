@@ -200,7 +200,7 @@ async def test_paho_v5_reads_the_disconnect_reason_while_still_sending(tmp_path:
     async with running_broker(tmp_path, config=cfg) as rb:
         reasons = await asyncio.to_thread(_paho_burst, rb.port)
         assert reasons[:1] == [0x94]
-        assert rb.broker.stats()["protocol_errors"] == 1
+        assert rb.broker.stats().events["protocol_errors"] == 1
 
 
 async def test_told_client_gets_eof_after_the_reason_and_a_silent_one_is_cut_off(

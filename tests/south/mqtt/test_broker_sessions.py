@@ -101,7 +101,7 @@ async def test_session_takeover(tmp_path: Path) -> None:
         old311, _ = await RawClient.connect(rb.port, "same3", level=4)
         _new311, _ = await RawClient.connect(rb.port, "same3", level=4)
         assert await old311.closed() == []
-        assert rb.broker.stats()["clients_connected"] == 2
+        assert rb.broker.stats().clients_connected == 2
 
 
 async def test_will_on_abrupt_close_not_on_disconnect(tmp_path: Path) -> None:
@@ -213,7 +213,7 @@ async def test_restart_keeps_retained_and_persistent_session(tmp_path: Path) -> 
         p = await sub2.expect(Publish)
         assert p.payload == b"inflight"  # and never acknowledged
     async with running_broker(tmp_path) as rb:
-        s = rb.broker.stats()
+        s = rb.broker.stats().flat()
         assert s["retained"] == 1 and s["sessions"] == 2
         sub, ack = await RawClient.connect(
             rb.port, "s", clean=False, properties=Properties(session_expiry_interval=3600)
@@ -245,7 +245,7 @@ async def test_offline_queue_bounded_and_counted(tmp_path: Path) -> None:
         pub, _ = await RawClient.connect(rb.port, "p")
         for i in range(8):
             await pub.publish("t", b"%d" % i, qos=1)
-        assert rb.broker.stats()["dropped_queue_full"] == 3
+        assert rb.broker.stats().dropped_by_reason["queue_full"] == 3
         sub, _ = await RawClient.connect(rb.port, "s", level=4, clean=False)
         got = [(await sub.receive_publish()).payload for _ in range(5)]
         assert got == [b"3", b"4", b"5", b"6", b"7"]
@@ -358,7 +358,7 @@ async def test_will_needs_publish_permission(tmp_path: Path) -> None:
         await watcher.subscribe("#")
         c, _ = await RawClient.connect(rb.port, "c", will=Will("will/c", b"x"))
         c.abort()
-        await wait_until(lambda: rb.broker.stats().get("dropped_will_not_authorised") == 1)
+        await wait_until(lambda: rb.broker.stats().flat().get("dropped_will_not_authorised") == 1)
         await watcher.nothing(0.1)
 
 
@@ -378,6 +378,6 @@ async def test_gateway_originated_publish(tmp_path: Path) -> None:
         await dev.subscribe("devices/dev1/config", qos=1)
         p = await dev.receive_publish()
         assert (p.payload, p.retain) == (b"cfg", True)
-        s = rb.broker.stats()
+        s = rb.broker.stats().flat()
         for key in ("connections", "messages_in", "messages_out", "dropped", "decode_errors"):
             assert key in s

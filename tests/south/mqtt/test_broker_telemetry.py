@@ -46,7 +46,7 @@ async def test_telemetry_into_memory_ingest(tmp_path: Path) -> None:
         assert r.origin.message_id == "corr-9"  # v5 correlation data wins over msg_id
         assert r.origin.client_id == "dev1" and r.origin.address == TOPIC
         assert [x.metrics["a"] for x in ingest.readings[1:]] == [1, 2]
-        assert rb.broker.stats()["readings_in"] == 3
+        assert rb.broker.stats().readings_in == 3
 
 
 @pytest.mark.parametrize("level", [4, 5])
@@ -88,7 +88,7 @@ async def test_bad_payload_0x99_counted_and_still_routed(tmp_path: Path) -> None
         ack = await c4.publish(TOPIC, b"[1,2]", qos=1)
         assert ack.reason_code == 0
         assert (await watcher.receive_publish()).payload == b"[1,2]"
-        s = rb.broker.stats()
+        s = rb.broker.stats().flat()
         assert s["decode_errors"] == 2
         assert s["decode_errors_invalid_json"] == 1 and s["decode_errors_not_an_object"] == 1
         assert ingest.readings == []
@@ -108,7 +108,7 @@ async def test_rejected_full_v5_quota_exceeded_not_routed(tmp_path: Path) -> Non
         assert (await c.expect(PubAck)).reason_code == 0x97
         assert (await c.expect(PubRec)).reason_code == 0x97
         await watcher.nothing(0.2)
-        assert rb.broker.stats()["dropped_ingest_full"] == 2
+        assert rb.broker.stats().dropped_by_reason["ingest_full"] == 2
 
 
 async def test_rejected_full_v311_is_held_resubmitted_and_pauses_reading(tmp_path: Path) -> None:
@@ -208,7 +208,7 @@ async def test_ingest_failure_is_not_acknowledged_as_stored(tmp_path: Path) -> N
         await wait_until(lambda: len(ingest.submitted) == 2)
         ingest.resolve(1)
         assert (await c.expect(PubAck)).reason_code == 0  # the connection lives on
-        assert rb.broker.stats()["dropped_ingest_failed"] == 1
+        assert rb.broker.stats().dropped_by_reason["ingest_failed"] == 1
 
 
 def _one_read(c: RawClient, *packets: Publish) -> None:
@@ -235,7 +235,7 @@ async def test_telemetry_of_one_read_is_submitted_once_and_acked_in_order(
         ingest.resolve(0)
         assert [(await c.expect(PubAck)).packet_id for _ in range(4)] == [1, 2, 3, 9]
         await c.nothing(0.1)
-        assert rb.broker.stats()["readings_in"] == 6
+        assert rb.broker.stats().readings_in == 6
 
 
 async def test_one_read_keeps_the_order_of_refused_and_plain_publishes(tmp_path: Path) -> None:
@@ -279,7 +279,7 @@ async def test_refused_batch_v5_every_publish_gets_0x97(tmp_path: Path) -> None:
         ingest.resolve(0, IngestStatus.REJECTED_FULL)
         acks = [await c.expect(PubAck) for _ in range(3)]
         assert [(a.packet_id, a.reason_code) for a in acks] == [(7, 0x97), (8, 0x97), (9, 0x97)]
-        assert rb.broker.stats()["dropped_ingest_full"] == 3
+        assert rb.broker.stats().dropped_by_reason["ingest_full"] == 3
 
 
 async def test_refused_batch_v311_is_held_whole_and_submitted_again(tmp_path: Path) -> None:
@@ -296,7 +296,7 @@ async def test_refused_batch_v311_is_held_whole_and_submitted_again(tmp_path: Pa
         assert [r.metrics["v"] for r in ingest.submitted[1][0]] == [1, 2, 3]
         ingest.resolve(1)
         assert [(await c.expect(PubAck)).packet_id for _ in range(3)] == [1, 2, 3]
-        assert rb.broker.stats()["dropped_ingest_full"] == 3
+        assert rb.broker.stats().dropped_by_reason["ingest_full"] == 3
 
 
 async def test_a_bad_packet_after_telemetry_in_one_read_still_stores_it(tmp_path: Path) -> None:
@@ -313,7 +313,7 @@ async def test_a_bad_packet_after_telemetry_in_one_read_still_stores_it(tmp_path
         assert isinstance(got[-1], Disconnect) and got[-1].reason_code == 0x81
         await wait_until(lambda: len(ingest.readings) == 2)
         assert [r.metrics["v"] for r in ingest.readings] == [1, 2]
-        assert rb.broker.stats()["readings_in"] == 2
+        assert rb.broker.stats().readings_in == 2
 
 
 async def test_large_read_is_submitted_in_bounded_batches(tmp_path: Path) -> None:
@@ -327,7 +327,7 @@ async def test_large_read_is_submitted_in_bounded_batches(tmp_path: Path) -> Non
         assert got == list(range(n))
         sizes = [len(s[0]) for s in ingest.submitted]
         assert max(sizes) == MAX_BATCH  # a read this size fills whole batches
-        assert rb.broker.stats()["readings_in"] == n
+        assert rb.broker.stats().readings_in == n
 
 
 async def test_an_ingest_that_answers_each_message_gets_one_submit_per_publish(

@@ -168,7 +168,7 @@ async def test_message_expiry(tmp_path: Path) -> None:
         assert p.properties.message_expiry_interval is not None
         assert 95 <= p.properties.message_expiry_interval <= 99
         await sub.nothing(0.2)
-        assert rb.broker.stats()["dropped_expired"] == 1
+        assert rb.broker.stats().dropped_by_reason["expired"] == 1
 
 
 async def test_request_response_and_user_properties_pass_through(tmp_path: Path) -> None:
@@ -223,7 +223,7 @@ async def test_outbound_maximum_packet_size(tmp_path: Path) -> None:
         await pub.publish("t", b"small", qos=1)
         p = await sub.receive_publish()
         assert p.payload == b"small"
-        assert rb.broker.stats()["dropped_packet_too_large"] == 1
+        assert rb.broker.stats().dropped_by_reason["packet_too_large"] == 1
 
 
 async def test_inbound_packet_too_large(tmp_path: Path) -> None:
@@ -252,7 +252,7 @@ async def test_malformed_packet_disconnects_with_0x81(tmp_path: Path) -> None:
         assert (await other.receive_publish()).payload == b"before"
         await other.publish("t", b"after")
         assert (await other.receive_publish()).payload == b"after"
-        assert rb.broker.stats()["protocol_errors"] == 1
+        assert rb.broker.stats().events["protocol_errors"] == 1
         # 3.1.1: just closed. Garbage before CONNECT: closed.
         c4, _ = await RawClient.connect(rb.port, "c4", level=4)
         c4.send_raw(b"\x30\xff\xff\xff\xff\x7f")
@@ -318,7 +318,7 @@ async def test_acl_denials(tmp_path: Path) -> None:
         rec = await c.publish("secret/y", b"no", qos=2)
         assert rec.reason_code == 0x87
         await spy.nothing(0.2)
-        assert rb.broker.stats()["dropped_not_authorised"] == 3
+        assert rb.broker.stats().dropped_by_reason["not_authorised"] == 3
 
 
 async def test_stop_sends_server_shutting_down(tmp_path: Path) -> None:
@@ -347,4 +347,4 @@ async def test_max_topic_levels(tmp_path: Path) -> None:
         assert (await c4.subscribe("a/b/c/d")).reason_codes == [0x80]
         await c4.publish("a/b/c", b"ok", qos=1)
         assert (await c.receive_publish()).payload == b"ok"
-        assert rb.broker.stats()["dropped_too_many_topic_levels"] == 1
+        assert rb.broker.stats().dropped_by_reason["too_many_topic_levels"] == 1

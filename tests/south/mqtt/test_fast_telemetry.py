@@ -193,14 +193,14 @@ async def _run(level: int, watched: bool, batchable: bool, data: bytes, cuts: li
             del t_dev.out[:]
             del t_watch.out[:]
             ingest.readings.clear()
-            stats0 = broker.stats()
+            stats0 = broker.stats().flat()
             bounds = [0, *cuts, len(data)]
             for a, b in itertools.pairwise(bounds):
                 if b > a:
                     dev.data_received(data[a:b])
                     await asyncio.sleep(0)
             await asyncio.sleep(0.01)
-            stats = broker.stats()
+            stats = broker.stats().flat()
             # ts: the payload's (1700000000) or the time of arrival, which differs by run.
             readings = [
                 (r.device_id, r.metrics, r.origin, r.tags, r.ts == 1700000000)

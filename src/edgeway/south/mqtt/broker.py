@@ -91,6 +91,7 @@ from edgeway.south.mqtt.packets import MQTT_5, Properties, Will
 from edgeway.south.mqtt.persistence import AUTOSAVE_INTERVAL, BrokerStore
 from edgeway.south.mqtt.retained import Message, RetainedStore
 from edgeway.south.mqtt.session import NEVER_EXPIRES, Delivery, Session
+from edgeway.south.mqtt.stats import BrokerStats
 from edgeway.south.mqtt.telemetry import TelemetryError, TelemetryTopics
 from edgeway.south.mqtt.topics import SubEntry, SubscriptionTree
 
@@ -266,8 +267,9 @@ class Broker:
 
         return factory
 
-    async def stop(self) -> None:
-        """Disconnect every client (v5: DISCONNECT 0x8B), save state, close the store."""
+    async def stop(self, grace: float = STOP_TIMEOUT) -> None:
+        """Disconnect every client (v5: DISCONNECT 0x8B), save state, close the
+        store; the connections' tasks get ``grace`` seconds to end."""
         if self._stopped:
             return
         self._stopped = True
@@ -292,7 +294,7 @@ class Broker:
         for t in tasks:
             t.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+            await asyncio.wait(tasks, timeout=grace)
         store = self.store
         if store is not None:
             try:
@@ -337,54 +339,30 @@ class Broker:
                 self.decode_errors[reason],
             )
 
-    STAT_GAUGES: frozenset[str] = frozenset(
-        {
-            "connections",
-            "clients_connected",
-            "sessions",
-            "persistent_sessions",
-            "subscriptions",
-            "retained",
-            "retained_bytes",
-            "queued",
-            "queued_bytes",
-            "inflight",
-        }
-    )
-    """Keys of :meth:`stats` that are levels (Prometheus gauges); every other
-    key counts since start (a counter, ``_total``). Declared here, next to
-    the figures, so a new level is typed where it is added (the metrics
-    collector reads this set; a key missing from it was once exported as a
-    counter)."""
-
-    def stats(self) -> dict[str, int]:
-        """Counters and gauges, flat (``dropped_<reason>``, ``decode_errors_<reason>``);
-        :attr:`STAT_GAUGES` says which are gauges."""
-        out: dict[str, int] = {
-            "connections": len(self.connections),
-            "clients_connected": self._connected,
-            "sessions": len(self.sessions),
-            "persistent_sessions": len(self._persistent),
-            "subscriptions": len(self.tree),
-            "retained": len(self.retained),
-            "retained_bytes": self.retained.bytes,
-            "messages_in": self.messages_in,
-            "messages_out": self.messages_out,
-            "readings_in": self.readings_in,
-            "dropped": sum(self.dropped.values()),
-            "decode_errors": sum(self.decode_errors.values()),
-            "queued": sum(len(s.queue) for s in self.sessions.values()),
-            "queued_bytes": sum(s.queued_bytes for s in self.sessions.values()),
-            "inflight": sum(len(s.inflight) for s in self.sessions.values()),
-            "log_lines_suppressed": self.events.suppressed_total,
-        }
-        for k, v in self.counters.items():
-            out[k] = v
-        for k, v in self.dropped.items():
-            out[f"dropped_{k}"] = v
-        for k, v in self.decode_errors.items():
-            out[f"decode_errors_{k}"] = v
-        return out
+    def stats(self) -> BrokerStats:
+        """Levels and counters; each field of :class:`BrokerStats` says how it is exported."""
+        sessions = self.sessions.values()
+        return BrokerStats(
+            connections=len(self.connections),
+            clients_connected=self._connected,
+            sessions=len(self.sessions),
+            persistent_sessions=len(self._persistent),
+            subscriptions=len(self.tree),
+            retained=len(self.retained),
+            retained_bytes=self.retained.bytes,
+            messages_in=self.messages_in,
+            messages_out=self.messages_out,
+            readings_in=self.readings_in,
+            dropped=sum(self.dropped.values()),
+            decode_errors=sum(self.decode_errors.values()),
+            queued=sum(len(s.queue) for s in sessions),
+            queued_bytes=sum(s.queued_bytes for s in sessions),
+            inflight=sum(len(s.inflight) for s in sessions),
+            log_lines_suppressed=self.events.suppressed_total,
+            events=dict(self.counters),
+            dropped_by_reason=dict(self.dropped),
+            decode_errors_by_reason=dict(self.decode_errors),
+        )
 
     # ------------------------------------------------------- connection hooks
 
