@@ -10,10 +10,13 @@ and one inside a function runs after every module finished loading.
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "edgeway"
@@ -162,3 +165,14 @@ def test_the_configuration_schema_loads_no_component_code() -> None:
         is_package = name not in modules or modules[name].name == "__init__.py"  # or namespace
         is_config = name.endswith(("config", "_config", "config_types"))
         assert is_package or is_config or name in LEAVES, f"edgeway.config loads {name}"
+
+
+@pytest.mark.parametrize("package", ["edgeway.outbox", "edgeway.pipeline"])
+def test_lazy_package_exports_resolve(package: str) -> None:
+    """Each name a package re-exports lazily (edgeway/lazy.py) resolves, and
+    an unknown name is still an AttributeError."""
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        assert getattr(module, name) is not None, name
+    with pytest.raises(AttributeError):
+        _ = module.no_such_name

@@ -38,17 +38,18 @@ __all__ = [
     "replay_dead_letters",
 ]
 
-__getattr__ = lazy_exports(
-    __name__,
-    {
-        "Batch": "store",
-        "Confirmed": "store",
-        "DeadLetter": "deadletter",
-        "Outbox": "store",
-        "SinkRunner": "runner",
-        "deadletter_main": "deadletter",
-        "list_dead_letters": "deadletter",
-        "purge_dead_letters": "deadletter",
-        "replay_dead_letters": "deadletter",
-    },
-)
+if not TYPE_CHECKING:  # mypy reads the imports above; a typo stays an error
+    __getattr__ = lazy_exports(
+        __name__,
+        {
+            "Batch": "store",
+            "Confirmed": "store",
+            "DeadLetter": "deadletter",
+            "Outbox": "store",
+            "SinkRunner": "runner",
+            "deadletter_main": "deadletter",
+            "list_dead_letters": "deadletter",
+            "purge_dead_letters": "deadletter",
+            "replay_dead_letters": "deadletter",
+        },
+    )

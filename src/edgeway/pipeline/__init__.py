@@ -37,16 +37,17 @@ __all__ = [
     "step_types",
 ]
 
-__getattr__ = lazy_exports(
-    __name__,
-    {
-        "HoldingStep": "registry",
-        "Pipeline": "core",
-        "Step": "registry",
-        "load_stats": "stats",
-        "reading_size": "core",
-        "register_step": "registry",
-        "stats_main": "stats",
-        "step_types": "registry",
-    },
-)
+if not TYPE_CHECKING:  # mypy reads the imports above; a typo stays an error
+    __getattr__ = lazy_exports(
+        __name__,
+        {
+            "HoldingStep": "registry",
+            "Pipeline": "core",
+            "Step": "registry",
+            "load_stats": "stats",
+            "reading_size": "core",
+            "register_step": "registry",
+            "stats_main": "stats",
+            "step_types": "registry",
+        },
+    )

@@ -61,9 +61,8 @@ class BrokerStats:
     def flat(self) -> dict[str, int]:
         """One level of keys, as ``/api/status`` shows the broker: the figures,
         the events by name, ``dropped_<reason>`` and ``decode_errors_<reason>``."""
-        out: dict[str, int] = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.type == "int"
-        }
+        figures = ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        out: dict[str, int] = {name: v for name, v in figures if isinstance(v, int)}
         out.update(self.events)
         out.update({f"dropped_{k}": v for k, v in self.dropped_by_reason.items()})
         out.update({f"decode_errors_{k}": v for k, v in self.decode_errors_by_reason.items()})
