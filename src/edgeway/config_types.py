@@ -103,6 +103,18 @@ HostPort = Annotated[str, AfterValidator(_check_host_port)]
 """``HOST:PORT`` checked at load time (``[::1]:1883``, ``:1883`` for all interfaces)."""
 
 
+def _public_keys(value: dict[str, str]) -> dict[str, str]:
+    from edgeway.signing import check_public_keys
+
+    check_public_keys(value)
+    return value
+
+
+PublicKeys = Annotated[dict[str, str], AfterValidator(_public_keys)]
+"""Trusted Ed25519 public keys by name (PEM, or base64 of the 32 raw bytes);
+one that does not parse is a configuration error naming its key."""
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", frozen=False, validate_default=True, use_attribute_docstrings=True

@@ -42,7 +42,7 @@ from edgeway.ml.store import CandidateMode, ModelError, ModelStore, Slots, check
 if TYPE_CHECKING:
     import numpy as np
 
-    from edgeway.config import ModelsSection
+    from edgeway.ml.config import ModelsSection
 
 log = logging.getLogger(__name__)
 
