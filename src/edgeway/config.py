@@ -53,6 +53,7 @@ from pydantic import (
 # the shared value types live in that leaf module. All are re-exported
 # (__all__ at the end) for the code that imports them from here.
 from edgeway.admin.config import AdminSection
+from edgeway.alarms.config import AlarmsSection, AlarmTypeSection
 from edgeway.commands.config import CommandsMqttSection, CommandsSection
 from edgeway.config_types import (
     Duration,
@@ -67,10 +68,13 @@ from edgeway.config_types import (
     is_loopback,
     parse_host_port,
 )
+from edgeway.devices.config import DevicesSection
+from edgeway.firmware.config import FirmwareSection
 from edgeway.ml.config import ModelsSection
 from edgeway.outbox.config import OutboxSection
 from edgeway.pipeline.config import PipelineSection, RouteConfig, RouteMatch
 from edgeway.rules.config import RuleConfig, check_rules
+from edgeway.runtime.fleet_config import FleetSection
 from edgeway.sinks.config import SinkConfig
 from edgeway.south.ble_config import BleDevice, BleSection
 from edgeway.south.coap_config import CoapSection
@@ -93,6 +97,7 @@ from edgeway.south.mqtt.config import (
 from edgeway.south.mqtt_client_config import MqttClientConfig, MqttClientSubscription, MqttClientTls
 from edgeway.south.opcua_config import OpcUaMethod, OpcUaNode, OpcUaSecurity, OpcUaServerConfig
 from edgeway.south.serial_config import SerialCsv, SerialPortConfig
+from edgeway.twins.config import TwinsSection
 
 
 class GatewaySection(_Model):
@@ -117,110 +122,6 @@ class ReceiptsSection(_Model):
     """Publish a receipt once every sink a reading was routed to confirmed it."""
     topic: str = "devices/{device_id}/receipts"
     """Where receipts go; ``{device_id}`` is replaced."""
-
-
-class TwinsSection(_Model):
-    """Device twins: desired and reported state per device (``edgeway.twins``, docs/twins.md)."""
-
-    enabled: bool = True
-    """Keep twins (DATA_DIR/twins.db) and serve them over MQTT, HTTP and the admin API."""
-    max_bytes: Size = Field(default=64 * 1024, ge=2, le=16 * 1024 * 1024)
-    """Largest JSON encoding of one document (desired or reported); a patch
-    that would make it larger is refused (``too_large``)."""
-    max_depth: int = Field(default=8, ge=1, le=64)
-    """Deepest nesting of objects and arrays in a document (``too_deep``)."""
-
-
-class FirmwareSection(_Model):
-    """Firmware images and update campaigns (``edgeway.firmware``, docs/firmware.md)."""
-
-    enabled: bool = True
-    """Keep firmware images (DATA_DIR/firmware) and run campaigns."""
-    max_image_size: Size = Field(default=256 * 1024 * 1024, ge=1024)
-    """Largest image accepted by an upload."""
-    keys: PublicKeys = Field(default_factory=dict)
-    """Trusted Ed25519 public keys by name (PEM, or base64 of the 32 raw bytes)."""
-    require_signature: bool = True
-    """Refuse images without a valid signature (turn off only to try the feature)."""
-    download_base: str | None = None
-    """The URL devices download images from, up to ``/firmware/{image}``
-    (``http://gateway.site:8080``: the HTTP ingest listener as devices reach it).
-    Absent: the command carries no URL; devices that know the gateway's address
-    build it themselves."""
-
-
-class FleetSection(_Model):
-    """Configurations pushed by the cloud, signed (``edgeway.runtime.fleet``, docs/fleet.md)."""
-
-    enabled: bool = True
-    """Take ``config.apply`` commands addressed to this gateway's id (from any
-    cloud downlink: the MQTT, NATS or HTTP sink's commands). They are refused
-    unless ``keys`` holds the key that signed them."""
-    keys: PublicKeys = Field(default_factory=dict)
-    """Trusted Ed25519 public keys by name (PEM, or base64 of the 32 raw bytes).
-    A pushed configuration must keep at least one of them, so that the next one
-    can still be verified."""
-
-
-class AlarmTypeSection(_Model):
-    """How alarms of one type behave (``alarms.types.TYPE``, ``alarms.defaults``)."""
-
-    latching: bool = False
-    """ISA-18.2 latching: the alarm stays active after its condition cleared,
-    until an operator resets it."""
-    require_confirm: bool = False
-    """OPC UA Part 9 confirm: an acknowledged alarm stays listed until an
-    operator also confirms it."""
-
-
-class AlarmsSection(_Model):
-    """Alarms: the state machine, its journal and health figures (``edgeway.alarms``)."""
-
-    enabled: bool = True
-    """Keep alarms (rules raise them; the API and CLI act on them)."""
-    max_alarms: int = Field(default=10_000, ge=1, le=1_000_000)
-    """Alarms kept at once (active, unacknowledged, shelved, suppressed); a raise
-    of a new one beyond it is refused and counted. Bounds memory (about 2 KB each,
-    measured with a short message and one value)."""
-    max_shelve: Duration = Field(default=8 * 3600.0, gt=0)
-    """Longest timed shelving (ISA-18.2: shelving is time-limited; one shift)."""
-    standing_after: Duration = Field(default=24 * 3600.0, gt=0)
-    """An alarm active longer than this counts as standing (stale)."""
-    flood_threshold: int = Field(default=10, ge=1)
-    """More than this many alarms in 10 minutes is a flood (ISA-18.2: 10)."""
-    history: Duration = Field(default=30 * 86400.0, gt=0)
-    """How long transitions stay in the journal (``edgeway alarms history``)."""
-    max_history: int = Field(default=100_000, ge=100)
-    """Transitions kept at most; the oldest are purged first."""
-    defaults: AlarmTypeSection = Field(default_factory=AlarmTypeSection)
-    """Behaviour of every type not listed under ``types``."""
-    types: dict[str, AlarmTypeSection] = Field(default_factory=dict)
-    """Behaviour per alarm type (``high_temperature: {latching: true}``)."""
-
-
-class DevicesSection(_Model):
-    """The device registry and device status (``edgeway.devices``; docs/devices.md)."""
-
-    enabled: bool = True
-    """Keep the registry (``devices.db``) and every device's status."""
-    flush_interval: Duration = Field(default=2.0, gt=0, le=60)
-    """How often status (last seen, online, ...) is written: one write per device
-    that changed per interval, never one per reading."""
-    offline_after: Duration = 300.0
-    """A device without a connection (HTTP, CoAP, pollers) is offline after this
-    long without a message; 0: never by silence."""
-    max_unregistered: int = Field(default=10_000, ge=0)
-    """Records kept for devices seen but not registered; beyond it they are
-    counted, not recorded (ids on the wire are the sender's choice)."""
-    events: bool = False
-    """Send lifecycle events (connected, disconnected, auth_failed, registered,
-    revoked) up through the outbox to every sink (``record_type:
-    device_event``). Off by default: it adds records of a new type to what the
-    cloud receives, which its receiver must expect."""
-    events_per_second: float = Field(default=200.0, gt=0)
-    """Most lifecycle events per second (burst 1,000); the rest are counted."""
-
-
 
 
 class Config(_Model):
@@ -648,6 +549,8 @@ def apply_overrides(
 __all__ = [
     "AclRule",
     "AdminSection",
+    "AlarmTypeSection",
+    "AlarmsSection",
     "BleDevice",
     "BleSection",
     "CoapSection",
@@ -656,7 +559,10 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConfigIssue",
+    "DevicesSection",
     "Duration",
+    "FirmwareSection",
+    "FleetSection",
     "GatewaySection",
     "HttpIngestSection",
     "InputLimitsSection",
@@ -691,6 +597,7 @@ __all__ = [
     "SinkConfig",
     "Size",
     "TlsConfig",
+    "TwinsSection",
     "_Model",
     "_check_codec",
     "_is_ip",
