@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from pydantic import BaseModel
+
 from edgeway.downlink import Downlink, DownlinkEvents, ReceiptDownlink
 from edgeway.ingest import Ingest
 from edgeway.runtime.component import HEALTHY, OMIT_NONE, Health, counter, gauge
@@ -123,6 +125,10 @@ class SouthAdapter(abc.ABC):
 
     section: ClassVar[str] = ""
     """The top-level config key this adapter type is configured under."""
+    config_model: ClassVar[type[BaseModel]]
+    """The model of one entry of that section, from the adapter's own
+    configuration module (``edgeway.south.<protocol>_config``); the root
+    schema's field for the section holds it (a test checks the two agree)."""
 
     def __init__(self, config: Any, *, ingest: Ingest, gateway_id: str, data_dir: Path) -> None:
         self.config = config

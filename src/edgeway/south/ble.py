@@ -53,6 +53,7 @@ class BleAdapter(SouthAdapter):
     """Scans for BTHome advertisements; see the module docstring."""
 
     section = "ble"
+    config_model = BleSection
     config: BleSection
 
     def __init__(

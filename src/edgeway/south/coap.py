@@ -120,6 +120,7 @@ class CoapAdapter(SouthAdapter):
     """The CoAP server; see the module docstring."""
 
     section = "coap"
+    config_model = CoapSection
     config: CoapSection
 
     def __init__(

@@ -210,6 +210,7 @@ class HttpIngestAdapter(SouthAdapter):
     """The HTTP(S) ingest listener."""
 
     section = "http_ingest"
+    config_model = HttpIngestSection
 
     def __init__(
         self,

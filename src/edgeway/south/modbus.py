@@ -219,6 +219,7 @@ class ModbusAdapter(SouthAdapter):
     """Polls one Modbus TCP server or RTU line; see the module docstring."""
 
     section = "modbus"
+    config_model = ModbusDeviceConfig
     config: ModbusDeviceConfig
 
     def __init__(

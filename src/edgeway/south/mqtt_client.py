@@ -368,6 +368,7 @@ class MqttClientAdapter(SouthAdapter):
     """Subscribes to one external broker and ingests the matching messages."""
 
     section = "mqtt_client"
+    config_model = MqttClientConfig
 
     def __init__(
         self, config: MqttClientConfig, *, ingest: Ingest, gateway_id: str, data_dir: Path

@@ -131,6 +131,7 @@ class OpcUaAdapter(SouthAdapter):
     """Subscribes to one OPC-UA server; see the module docstring."""
 
     section = "opcua"
+    config_model = OpcUaServerConfig
     config: OpcUaServerConfig
 
     def __init__(

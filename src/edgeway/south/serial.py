@@ -143,6 +143,7 @@ class SerialAdapter(SouthAdapter):
     """Reads one serial port; see the module docstring."""
 
     section = "serial"
+    config_model = SerialPortConfig
     config: SerialPortConfig
 
     def __init__(
