@@ -10,8 +10,10 @@ within a bounded time, asked for its health, and asked for typed stats::
     component.stats()         # OutboxStats(sinks={"cloud": OutboxSinkStats(...)}, ...)
     await component.stop(grace=2.0)
 
-Stats are dataclasses, never dicts: ``/api/status`` is their ``asdict`` and
-``/metrics`` is built from them. A field that is a Prometheus metric says so in
+Stats are dataclasses, never dicts: ``/api/status`` is their ``asdict`` (two
+keep the document's older shape: the broker's figures flat, ``BrokerStats.flat``,
+and the pipeline's fuller ``Pipeline.report``, which ``edgeway stats`` reads too)
+and ``/metrics`` is built from them. A field that is a Prometheus metric says so in
 its metadata, with :func:`counter` or :func:`gauge` (name, help, and for a
 mapping the label its keys become), so a figure is declared once, where it is
 counted, and the collector (:func:`metric_samples`) hard-codes no key::
