@@ -15,7 +15,6 @@ finish, close the outbox last so every acknowledged reading is on disk.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import gc
 import logging
@@ -41,9 +40,10 @@ from edgeway.runtime.component import (
     status_dict,
     stop_within,
 )
+from edgeway.runtime.component import StartupError as StartupError  # re-exported (cli)
 from edgeway.runtime.switch import IngestSwitch
 from edgeway.sinks.base import SINK_STOP_WAIT, Sink, create_sink
-from edgeway.south.base import AdapterStartError, SouthAdapter, adapter_class
+from edgeway.south.base import SouthAdapter, adapter_class
 from edgeway.south.mqtt.broker import Broker
 from edgeway.south.mqtt.embedded import EmbeddedBroker
 from edgeway.south.mqtt.listeners import RunningListener
@@ -138,7 +138,6 @@ class Gateway:
     _front_stopped: bool = False
     _tg: asyncio.TaskGroup | None = None
     _sink_tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-    _adapter_tasks: dict[int, asyncio.Task[Any]] = field(default_factory=dict)
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _downlinks: dict[int, Any] = field(default_factory=dict)
     """The command downlink of each adapter that has one (by id(adapter))."""
@@ -361,7 +360,7 @@ class Gateway:
                     self._tg = tg
                     self._start_runners()
                     for adapter in self.adapters:
-                        self._start_adapter(adapter)
+                        await self._start_adapter(adapter)
                     if self.devices is not None:
                         self.devices.watch(lambda: self.adapters)
                         tg.create_task(self.devices.run(), name="devices")
@@ -590,21 +589,11 @@ class Gateway:
             if t.done() and not t.cancelled():
                 t.exception()  # retrieved: a runner's error was logged where it happened
 
-    def _start_adapter(self, adapter: SouthAdapter, *, fatal: bool = True) -> asyncio.Task[Any]:
+    async def _start_adapter(self, adapter: SouthAdapter, *, fatal: bool = True) -> None:
+        """Start ``adapter`` in the gateway's TaskGroup: a fatal start-up error
+        (``fatal``) stops the gateway; otherwise it is in ``adapter.state``."""
         assert self._tg is not None
-        task = self._tg.create_task(
-            self._supervise(adapter, fatal=fatal), name=f"south:{adapter.name}"
-        )
-        self._adapter_tasks[id(adapter)] = task
-        return task
-
-    async def _stop_adapter(self, adapter: SouthAdapter) -> None:
-        task = self._adapter_tasks.pop(id(adapter), None)
-        if task is None:
-            return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await adapter.start(group=self._tg, fatal=fatal)
 
     async def apply_text(self, text: str, source: str, filename: str = "<api>") -> list[str]:
         """Validate YAML ``text`` (with the start's command-line flags) and apply
@@ -687,14 +676,6 @@ class Gateway:
 
         changes: list[str] = await apply_config(self, cfg, text, source)
         return changes
-
-    async def _supervise(self, adapter: SouthAdapter, *, fatal: bool = True) -> None:
-        """Run an adapter in the TaskGroup (see :meth:`SouthAdapter.supervise`):
-        a fatal start-up error becomes a StartupError that stops the gateway."""
-        try:
-            await adapter.supervise(fatal=fatal)
-        except AdapterStartError as e:
-            raise StartupError(str(e)) from e
 
     async def _wait_adapters_ready(self) -> None:
         """Give listeners a moment to bind before saying ready; pollers whose
@@ -870,10 +851,6 @@ def _tune_gc() -> None:
 def _adapter_key(adapter: SouthAdapter) -> str:
     """``section:name``: an adapter's key in the status and its metric label."""
     return f"{adapter.section}:{adapter.name}"
-
-
-class StartupError(Exception):
-    """A part could not start for a reason the operator must fix (one line)."""
 
 
 class _Shutdown(Exception):

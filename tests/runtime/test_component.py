@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from edgeway.config import parse_config
-from edgeway.gateway import Gateway
+from edgeway.gateway import Gateway, StartupError
 from edgeway.outbox.stats import OutboxSinkStats, OutboxStats
 from edgeway.pipeline.figures import PipelineStats
 from edgeway.runtime.component import (
@@ -141,3 +142,29 @@ sinks: [{{name: files, url: "file://{tmp_path}/out"}}]
     finally:
         gw.request_stop()
         await asyncio.wait_for(task, 10)
+
+
+async def test_an_adapter_that_cannot_start_stops_the_gateway_with_one_line(
+    tmp_path: Path,
+) -> None:
+    """A port already in use is the operator's to fix: the gateway does not
+    come up, and the error names the adapter (the CLI prints it in one line)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = parse_config(
+            f"""
+gateway: {{id: gw-c, data_dir: "{tmp_path}"}}
+mqtt: {{enabled: false}}
+http_ingest: {{listen: "127.0.0.1:{port}", allow_anonymous: true}}
+"""
+        )
+        gw = Gateway(cfg)
+        with pytest.raises(ExceptionGroup) as caught:
+            await asyncio.wait_for(gw.run(), 20)
+    matched, _ = caught.value.split(StartupError)
+    assert matched is not None
+    (error,) = matched.exceptions
+    assert str(error).startswith("http_ingest adapter http: ")
+    assert not gw.ready.is_set()

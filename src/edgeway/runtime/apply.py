@@ -46,6 +46,10 @@ ADAPTER_START_WAIT = 5.0
 """Seconds a new south adapter has to bind or connect before the reload rolls back
 (a poller whose device is down is not a failure: it keeps retrying)."""
 
+ADAPTER_STOP_WAIT = 5.0
+"""Seconds a replaced south adapter has to stop (release its port) before its
+successor starts; an adapter stops in milliseconds, this bounds one that hangs."""
+
 Undo = Callable[[], Awaitable[None]]
 
 
@@ -348,14 +352,14 @@ async def _apply_adapters(
         for a in going:
             restored = _build(gw, a.section, old_entries[(a.section, a.name)])
             gw.adapters.append(restored)
-            gw._start_adapter(restored, fatal=False)
+            await gw._start_adapter(restored, fatal=False)
 
     undo.append(back)
     for key in [*p.adapters_changed, *p.adapters_added]:
         a = _build(gw, key[0], entries[key])
         gw.adapters.append(a)
         started.append(a)
-        gw._start_adapter(a, fatal=False)
+        await gw._start_adapter(a, fatal=False)
     await _wait_started(gw, started)
 
 
@@ -366,7 +370,7 @@ def _build(gw: Gateway, section: str, entry: Any) -> SouthAdapter:
 
 
 async def _stop(gw: Gateway, a: SouthAdapter) -> None:
-    await gw._stop_adapter(a)
+    await a.stop(ADAPTER_STOP_WAIT)
     if a in gw.adapters:
         gw.adapters.remove(a)
     dl = gw._downlinks.pop(id(a), None)
@@ -381,8 +385,7 @@ async def _wait_started(gw: Gateway, started: list[SouthAdapter]) -> None:
     deadline = loop.time() + ADAPTER_START_WAIT
     while loop.time() < deadline:
         for a in started:
-            task = gw._adapter_tasks.get(id(a))
-            if task is not None and task.done() and not a.ready.is_set():
+            if a.gave_up:
                 raise ReloadError(f"{a.section} adapter {a.name}: {a.state.last_error}")
         if all(a.ready.is_set() for a in started):
             return

@@ -143,6 +143,11 @@ def metric_samples(stats: Any, labels: tuple[tuple[str, str], ...] = ()) -> Iter
             yield Sample(spec, labels, _number(value))
 
 
+class StartupError(Exception):
+    """A part could not start for a reason the operator must fix (one line):
+    a port in use, a missing device, a data directory another gateway holds."""
+
+
 @dataclass(frozen=True, slots=True)
 class Health:
     """Whether a component serves as it should; ``problems`` says what is

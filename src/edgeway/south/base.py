@@ -35,7 +35,14 @@ from pydantic import BaseModel
 
 from edgeway.downlink import Downlink, DownlinkEvents, ReceiptDownlink
 from edgeway.ingest import Ingest
-from edgeway.runtime.component import HEALTHY, OMIT_NONE, Health, counter, gauge
+from edgeway.runtime.component import (
+    HEALTHY,
+    OMIT_NONE,
+    Health,
+    StartupError,
+    counter,
+    gauge,
+)
 from edgeway.south.decode_errors import DecodeErrorCounter
 
 log = logging.getLogger(__name__)
@@ -108,11 +115,6 @@ class AdapterStats(AdapterState):
     decode_errors_by_device: list[DecodeErrorEntry] | None = field(default=None, metadata=OMIT_NONE)
 
 
-class AdapterStartError(Exception):
-    """An adapter failed before it ever served: a local problem the operator
-    must fix (a port in use, a missing serial device); one line."""
-
-
 class SouthAdapter(abc.ABC):
     """One configured device-side endpoint or poller.
 
@@ -167,7 +169,7 @@ class SouthAdapter(abc.ABC):
     async def supervise(self, *, fatal: bool = True) -> None:
         """Run the adapter; a failure before it was ever ready is fatal (a port in
         use, a missing device: the operator must fix it) and raises
-        :class:`AdapterStartError`; a failure later is a bug or a resource
+        :class:`~edgeway.runtime.component.StartupError`; a failure later is a bug or a resource
         problem: logged, and the adapter restarted with backoff, so one protocol
         never takes the gateway down. With ``fatal=False`` (an adapter a reload
         started) a failure before ready ends the task with the error recorded in
@@ -182,19 +184,32 @@ class SouthAdapter(abc.ABC):
                     if not fatal:
                         self.state.record_error(e)
                         return
-                    raise AdapterStartError(f"{self.section} adapter {self.name}: {e}") from e
+                    raise StartupError(f"{self.section} adapter {self.name}: {e}") from e
                 self.state.record_error(e)
                 log.exception("south adapter %s failed; restarting", self.name)
                 await backoff.wait()
 
-    async def start(self) -> None:
-        """Run :meth:`supervise` in a task this adapter owns, until :meth:`stop`
-        (the gateway runs ``supervise`` in its own TaskGroup instead, so that a
-        fatal start-up error stops it). Returns at once: ``ready`` tells when
-        the adapter serves, ``state`` why it does not."""
-        if self._task is None or self._task.done():
-            loop = asyncio.get_running_loop()
-            self._task = loop.create_task(self.supervise(fatal=False), name=f"south:{self.name}")
+    async def start(self, *, group: asyncio.TaskGroup | None = None, fatal: bool = False) -> None:
+        """Run :meth:`supervise` in a task, until :meth:`stop`: in ``group``
+        (the gateway's TaskGroup, which a ``fatal`` start-up error then stops)
+        or, alone, in a task of the adapter's own. Returns at once: ``ready``
+        tells when the adapter serves, ``state`` why it does not, and
+        :attr:`gave_up` whether it ended before it ever served."""
+        if self._task is not None and not self._task.done():
+            return
+        run = self.supervise(fatal=fatal)
+        name = f"south:{self.name}"
+        if group is not None:
+            self._task = group.create_task(run, name=name)
+        else:
+            self._task = asyncio.get_running_loop().create_task(run, name=name)
+
+    @property
+    def gave_up(self) -> bool:
+        """Its run ended before it was ever ready (a port in use: the error is
+        in ``state``); a reload that started it rolls back."""
+        task = self._task
+        return task is not None and task.done() and not self.ready.is_set()
 
     async def stop(self, grace: float) -> None:
         """Cancel the task :meth:`start` made and wait up to ``grace`` seconds for it."""
