@@ -21,16 +21,9 @@ from edgeway.limits import DEFAULT_LIMITS, InputLimits
 
 _LIMITS = DEFAULT_LIMITS
 
-
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-
-
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib|k|m|g)?\s*$", re.IGNORECASE)
-
-
 _SIZE_UNITS = {
     None: 1,
     "b": 1,
