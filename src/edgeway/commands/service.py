@@ -510,12 +510,21 @@ class CommandService:
                 downlink = next((d for d in self.downlinks if d.reachable(cmd)), None)
                 if downlink is None:
                     return
+                before = (cmd.state, cmd.attempts, cmd.updated_at)
                 cmd.attempts += 1
                 cmd.state = CommandState.SENT
                 cmd.updated_at = self._clock()
                 await self.db.write(functools.partial(_update, c=cmd))
                 if cmd.state is not CommandState.SENT:  # cancelled meanwhile
                     continue
+                if not downlink.reachable(cmd):
+                    # Its room went to another device's command while SENT was
+                    # being stored (pumps run per device; an MQTT broker's
+                    # Receive Maximum is shared): delivering now would break
+                    # the broker's limit. Back as it was, until the next kick.
+                    cmd.state, cmd.attempts, cmd.updated_at = before
+                    await self.db.write(functools.partial(_update, c=cmd))
+                    return
                 self.stats.sent += 1
                 if cmd.redelivery:
                     self.stats.redelivered += 1
