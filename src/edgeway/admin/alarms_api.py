@@ -33,6 +33,7 @@ import orjson
 from aiohttp import web
 
 from edgeway.admin.access import PRINCIPAL, requires
+from edgeway.admin.errors import error as _error
 from edgeway.admin.tokens import Role
 from edgeway.alarms.model import BY_MAX, Action, Alarm, AlarmError, parse_severity
 from edgeway.config_types import _parse_duration
@@ -60,10 +61,6 @@ _ACTIONS = {
     "in-service": Action.IN_SERVICE,
 }
 _FIELDS = frozenset({"comment", "user", "duration", "one_shot", "severity", "message", "values"})
-
-
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
 
 
 def _refused(e: AlarmError) -> web.Response:

@@ -31,6 +31,7 @@ import orjson
 from aiohttp import web
 
 from edgeway.admin.access import PRINCIPAL, requires
+from edgeway.admin.errors import error as _error
 from edgeway.admin.tokens import Role
 from edgeway.config_types import _parse_duration
 
@@ -45,10 +46,6 @@ BODY_MAX = 256 * 1024
 (64 KiB by default); the rest is room for the envelope."""
 
 _STATUS = {"invalid": 400, "not_found": 404, "queue_full": 429, "disabled": 503}
-
-
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
 
 
 def _command(cmd: Command, status: int = 200) -> web.Response:

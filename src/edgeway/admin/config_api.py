@@ -30,6 +30,7 @@ import orjson
 from aiohttp import web
 
 from edgeway.admin.access import PRINCIPAL, requires
+from edgeway.admin.errors import answer as _json
 from edgeway.admin.tokens import Role
 from edgeway.config import Config
 
@@ -50,10 +51,6 @@ class ConfigControl(Protocol):
     async def reload_from_file(self, source: str) -> list[str]: ...
 
     async def rollback(self, number: int | None = None) -> list[str]: ...
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
 def _applied(control: ConfigControl, changes: list[str]) -> web.Response:

@@ -38,6 +38,8 @@ import orjson
 from aiohttp import web
 
 from edgeway.admin.access import requires
+from edgeway.admin.errors import answer as _json
+from edgeway.admin.errors import error as _error
 from edgeway.admin.tokens import Role
 from edgeway.devices.csvio import CsvError, export_rows, parse_csv
 from edgeway.devices.registry import DeviceError, DeviceFilter, DeviceRegistry
@@ -54,14 +56,6 @@ EXPORT_PAGE = 1000
 
 _STATUS = {"invalid": 400, "not_found": 404, "exists": 409, "disabled": 503}
 _FILTERS = ("status", "type", "tag", "group", "protocol", "prefix")
-
-
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
-
-
-def _json(body: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
 class _Refused(Exception):

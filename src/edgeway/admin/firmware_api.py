@@ -22,12 +22,14 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
 
 from edgeway.admin.access import requires
+from edgeway.admin.errors import answer as _json
+from edgeway.admin.errors import error as _error
 from edgeway.admin.tokens import Role
 
 if TYPE_CHECKING:
@@ -43,14 +45,6 @@ _STATUS = {
     "bad_signature": 422,
     "unsigned": 422,
 }
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
-def _error(status: int, code: str, message: str) -> web.Response:
-    return _json({"error": code, "message": message}, status)
 
 
 class FirmwareRoutes:
@@ -82,6 +76,7 @@ class FirmwareRoutes:
     @requires(Role.VIEWER)
     async def images(self, request: web.Request) -> web.Response:
         """Firmware images: version, hardware, size, SHA-256, who signed them."""
+
         async def go(svc: FirmwareService) -> web.Response:
             return _json({"images": [i.to_json() for i in await svc.images()]})
 
@@ -125,6 +120,7 @@ class FirmwareRoutes:
     @requires(Role.VIEWER)
     async def campaigns(self, request: web.Request) -> web.Response:
         """Firmware campaigns with their state and counts per device state."""
+
         async def go(svc: FirmwareService) -> web.Response:
             return _json({"campaigns": [c.to_json() for c in await svc.campaigns()]})
 
@@ -161,11 +157,15 @@ class FirmwareRoutes:
             except orjson.JSONDecodeError as e:
                 raise FirmwareError("invalid", f"body is not JSON: {e}") from None
             if not isinstance(body, dict) or not isinstance(body.get("groups"), dict):
-                raise FirmwareError("invalid", "body needs 'image' and 'groups' (name: [device ids])")
+                raise FirmwareError(
+                    "invalid", "body needs 'image' and 'groups' (name: [device ids])"
+                )
             groups = body.pop("groups")
             image = body.pop("image", None)
             if not isinstance(image, str) or not all(isinstance(v, list) for v in groups.values()):
-                raise FirmwareError("invalid", "body needs 'image' and 'groups' (name: [device ids])")
+                raise FirmwareError(
+                    "invalid", "body needs 'image' and 'groups' (name: [device ids])"
+                )
             try:
                 camp = await svc.create(image, groups, **body)
             except TypeError as e:

@@ -34,6 +34,8 @@ import orjson
 from aiohttp import web
 
 from edgeway.admin.access import PRINCIPAL, requires
+from edgeway.admin.errors import answer as _json
+from edgeway.admin.errors import error as _error
 from edgeway.admin.tokens import Role
 
 if TYPE_CHECKING:
@@ -55,14 +57,6 @@ _STATUS = {
     "disabled": 503,
     "unavailable": 503,
 }
-
-
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
 def _who(request: web.Request) -> str:

@@ -14,12 +14,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import orjson
 from aiohttp import web
 
 from edgeway.admin.access import PRINCIPAL, requires
+from edgeway.admin.errors import answer, error
 from edgeway.admin.tokens import Role
 
 if TYPE_CHECKING:
@@ -27,10 +27,6 @@ if TYPE_CHECKING:
 
 BODY_MAX = 16 * 1024 * 1024
 _STATUS = {"invalid": 400, "too_deep": 400, "too_large": 413, "conflict": 409}
-
-
-def _error(status: int, code: str, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": code, "message": message, **extra}, status=status)
 
 
 class TwinRoutes:
@@ -45,7 +41,7 @@ class TwinRoutes:
     def _svc(self) -> TwinService | web.Response:
         svc = self._service()
         if svc is None:
-            return _error(503, "disabled", "twins are not enabled on this gateway")
+            return error(503, "disabled", "twins are not enabled on this gateway")
         return svc
 
     @requires(Role.VIEWER)
@@ -55,7 +51,7 @@ class TwinRoutes:
         if isinstance(svc, web.Response):
             return svc
         twin = await svc.get(request.match_info["device_id"])
-        return web.Response(body=orjson.dumps(twin.to_json()), content_type="application/json")
+        return answer(twin.to_json())
 
     @requires(Role.VIEWER)
     async def list(self, request: web.Request) -> web.Response:
@@ -66,41 +62,32 @@ class TwinRoutes:
         try:
             limit = int(request.query.get("limit", "100"))
         except ValueError:
-            return _error(400, "invalid", "limit must be an integer")
+            return error(400, "invalid", "limit must be an integer")
         twins = await svc.list(limit, request.query.get("after", ""))
-        body = {"twins": [t.to_json() for t in twins]}
-        return web.Response(body=orjson.dumps(body), content_type="application/json")
+        return answer({"twins": [t.to_json() for t in twins]})
 
     @requires(Role.OPERATOR)
     async def patch_desired(self, request: web.Request) -> web.Response:
         """Change the desired document with a JSON merge patch (``If-Match``: its version)."""
-        from edgeway.twins.model import TwinError
+        from edgeway.twins.model import TwinError, if_match, parse_patch
 
         svc = self._svc()
         if isinstance(svc, web.Response):
             return svc
-        if_match: int | None = None
-        raw_match = request.headers.get("If-Match")
-        if raw_match is not None:
-            try:
-                if_match = int(raw_match.strip().strip('"'))
-            except ValueError:
-                return _error(400, "invalid", "If-Match is a desired version number")
+        try:
+            version = if_match(request.headers.get("If-Match"))
+        except ValueError:
+            return error(400, "invalid", "If-Match is a desired version number")
         raw = await request.content.read(min(svc.limits.max_bytes * 2 + 1024, BODY_MAX) + 1)
         if len(raw) > min(svc.limits.max_bytes * 2 + 1024, BODY_MAX):
-            return _error(413, "too_large", "body too large")
+            return error(413, "too_large", "body too large")
         principal = request.get(PRINCIPAL)
         by = principal.source if principal is not None else "api"
         try:
-            try:
-                patch = orjson.loads(raw)
-            except orjson.JSONDecodeError as e:
-                raise TwinError("invalid", f"body is not JSON: {e}") from None
+            patch = parse_patch(raw)
             twin = await svc.patch(
-                request.match_info["device_id"], "desired", patch, if_match=if_match, by=by
+                request.match_info["device_id"], "desired", patch, if_match=version, by=by
             )
         except TwinError as e:
-            return _error(_STATUS.get(e.code, 400), e.code, str(e), **e.extra)
-        return web.Response(
-            body=orjson.dumps({"twin": twin.to_json()}), content_type="application/json"
-        )
+            return answer({"error": e.code, "message": str(e), **e.extra}, _STATUS.get(e.code, 400))
+        return answer({"twin": twin.to_json()})

@@ -389,7 +389,9 @@ class FirmwareService:
                     with contextlib.suppress(Exception):
                         await self.commands.cancel(t.command_id)
                 if t.state in (TargetState.PENDING, TargetState.SENT):
-                    await self._finish(t, TargetState.CANCELLED, 0, "campaign aborted")
+                    await self._finish(
+                        t, camp.image_id, TargetState.CANCELLED, 0, "campaign aborted"
+                    )
         return await self.campaign(cid)  # type: ignore[return-value]
 
     async def _set(self, cid: str, state: CampaignState, reason: str) -> None:
@@ -441,29 +443,34 @@ class FirmwareService:
             cmd = await self.commands.get(t.command_id)
             if cmd is None:
                 await self._finish(
-                    t, TargetState.FAILED, UpdateResult.UPDATE_FAILED, "command lost"
+                    t, camp.image_id, TargetState.FAILED, UpdateResult.UPDATE_FAILED, "command lost"
                 )
             elif cmd.state is CommandState.SUCCEEDED:
                 code, version = _outcome(cmd.result)
                 if code is UpdateResult.SUCCESS and image is not None and version == image.version:
-                    await self._finish(t, TargetState.SUCCEEDED, code, f"version {version}")
+                    await self._finish(
+                        t, camp.image_id, TargetState.SUCCEEDED, code, f"version {version}"
+                    )
                 elif code is UpdateResult.SUCCESS:
                     await self._finish(
-                        t, TargetState.FAILED, UpdateResult.UPDATE_FAILED,
+                        t, camp.image_id, TargetState.FAILED, UpdateResult.UPDATE_FAILED,
                         f"reported version {version!r}, not {image.version if image else '?'}",
                     )  # fmt: skip
                 else:
-                    await self._finish(t, TargetState.FAILED, code, code.label)
+                    await self._finish(t, camp.image_id, TargetState.FAILED, code, code.label)
             elif cmd.state.terminal:
                 code, _ = _outcome(cmd.result)
                 if code in (UpdateResult.SUCCESS, UpdateResult.INITIAL):
                     code = UpdateResult.UPDATE_FAILED
                 await self._finish(
-                    t, TargetState.FAILED, code, f"command {cmd.state.value}: {cmd.error or ''}"
+                    t,
+                    camp.image_id,
+                    TargetState.FAILED,
+                    code,
+                    f"command {cmd.state.value}: {cmd.error or ''}",
                 )
         if camp.state is not CampaignState.RUNNING or image is None:
             return
-        targets = await self.targets(camp.id)
         finished = [t for t in targets if t.state in (TargetState.SUCCEEDED, TargetState.FAILED)]
         failed = sum(t.state is TargetState.FAILED for t in finished)
         if len(finished) >= camp.min_finished and failed / len(finished) > camp.error_threshold:
@@ -551,7 +558,11 @@ class FirmwareService:
         )
         self.started += 1
 
-    async def _finish(self, t: Target, state: TargetState, result: int, detail: str) -> None:
+    async def _finish(
+        self, t: Target, image_id: str, state: TargetState, result: int, detail: str
+    ) -> None:
+        """End ``t`` (on disk, then in ``t`` itself, so the caller's list of
+        targets stays current without reading it again)."""
         now = time.time()
         await self.db.write(
             lambda c: c.execute(
@@ -560,9 +571,8 @@ class FirmwareService:
                 (state.value, int(result), detail[:500], now, t.campaign_id, t.device_id),
             )
         )
-        camp = await self.campaign(t.campaign_id)
-        if camp is not None:
-            self._downloads.get(camp.image_id, set()).discard(t.device_id)
+        t.state, t.result, t.detail, t.updated_at = state, int(result), detail[:500], now
+        self._downloads.get(image_id, set()).discard(t.device_id)
 
 
 def _outcome(result: Any) -> tuple[UpdateResult, str | None]:

@@ -435,26 +435,23 @@ class ModelManager:
 
     async def _load_slots(self, name: str, *, by: str) -> None:
         """At start: load what was stored, stepping back over versions that no
-        longer load (a rollback to the previous, a candidate dropped)."""
+        longer load (a rollback to the previous, a candidate dropped). Each
+        version is loaded once; the runners loaded here are the ones used."""
         slots = self._slots[name]
+        candidate: Runner | None = None
         if slots.candidate is not None:
             try:
-                await self._load(name, slots.candidate)
+                candidate = await self._load(name, slots.candidate)
             except ModelError as e:
                 log.error("model %s: candidate %s: %s", name, slots.candidate, e)
                 failed = slots.candidate
                 slots = replace(slots, candidate=None, mode=None, share=0.0)
-                await self.store.save_slots(
-                    slots,
-                    what="candidate_failed",
-                    by=by,
-                    detail=str(e),
-                    version=failed,
-                    mark=(failed, "failed"),
-                )
-        if slots.active is not None:
+                await self._record(slots, "candidate_failed", by, e, failed)
+        active: Runner | None = None
+        while slots.active is not None:
             try:
-                await self._load(name, slots.active)
+                active = await self._load(name, slots.active)
+                break
             except ModelError as e:
                 log.error("model %s: active version %s: %s", name, slots.active, e)
                 failed = slots.active
@@ -463,19 +460,16 @@ class ModelManager:
                     slots = replace(slots, active=None)
                 else:
                     slots = replace(slots, active=slots.previous, previous=None)
-                await self.store.save_slots(
-                    slots,
-                    what="rolled_back",
-                    by=by,
-                    detail=str(e),
-                    version=failed,
-                    mark=(failed, "failed"),
-                )
-                if slots.active is not None:
-                    self._slots[name] = slots
-                    return await self._load_slots(name, by=by)
+                await self._record(slots, "rolled_back", by, e, failed)
         self._slots[name] = slots
-        self._live[name] = await self._runners(slots)
+        self._live[name] = _Live(active, candidate, slots.mode, slots.share)
+
+    async def _record(
+        self, slots: Slots, what: str, by: str, error: ModelError, failed: str
+    ) -> None:
+        await self.store.save_slots(
+            slots, what=what, by=by, detail=str(error), version=failed, mark=(failed, "failed")
+        )
 
     def _current(self, name: str) -> Slots:
         check_name("model name", name)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
-from edgeway.twins.model import Twin, TwinError
+from edgeway.twins.model import Twin, TwinError, if_match, parse_patch
 
 if TYPE_CHECKING:
     from edgeway.twins.service import TwinService
@@ -66,23 +66,16 @@ async def get_twin(
 async def patch_reported(
     service: TwinService, device_id: str, request: web.Request, body: bytes
 ) -> web.Response:
-    if_match: int | None = None
-    raw = request.headers.get("If-Match")
-    if raw is not None:
-        try:
-            if_match = int(raw.strip().strip('"'))
-        except ValueError:
-            return web.json_response(
-                {"error": "bad_request", "detail": "If-Match is a reported version number"},
-                status=400,
-            )
     try:
-        try:
-            patch = orjson.loads(body)
-        except orjson.JSONDecodeError as e:
-            raise TwinError("invalid", f"not JSON: {e}") from None
+        version = if_match(request.headers.get("If-Match"))
+    except ValueError:
+        return web.json_response(
+            {"error": "bad_request", "detail": "If-Match is a reported version number"},
+            status=400,
+        )
+    try:
         twin = await service.patch(
-            device_id, "reported", patch, if_match=if_match, by=f"http:{device_id}"
+            device_id, "reported", parse_patch(body), if_match=version, by=f"http:{device_id}"
         )
     except TwinError as e:
         return web.json_response(

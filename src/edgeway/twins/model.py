@@ -63,6 +63,22 @@ class Twin:
         }
 
 
+def if_match(header: str | None) -> int | None:
+    """The version an ``If-Match`` header names (``7`` or ``"7"``), None
+    without one; ValueError for anything else."""
+    if header is None:
+        return None
+    return int(header.strip().strip('"'))
+
+
+def parse_patch(raw: bytes) -> Any:
+    """A patch body as JSON, or TwinError(invalid)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise TwinError("invalid", f"not JSON: {e}") from None
+
+
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7396: ``patch`` applied to ``target`` (neither is modified)."""
     if not isinstance(patch, dict):

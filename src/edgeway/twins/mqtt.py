@@ -39,7 +39,7 @@ import orjson
 
 from edgeway.south.mqtt.packets import Properties
 from edgeway.south.mqtt.topics import topic_matches
-from edgeway.twins.model import Twin, TwinError
+from edgeway.twins.model import Twin, TwinError, parse_patch
 
 if TYPE_CHECKING:
     from edgeway.south.mqtt.broker import Broker
@@ -151,13 +151,12 @@ class TwinMqtt:
                 return
             if len(payload) > self.service.limits.max_bytes:
                 raise TwinError("too_large", f"over {self.service.limits.max_bytes} bytes")
-            try:
-                patch = orjson.loads(payload)
-            except orjson.JSONDecodeError as e:
-                raise TwinError("invalid", f"not JSON: {e}") from None
-            if_match = _if_match(properties)
             twin = await self.service.patch(
-                device, "reported", patch, if_match=if_match, by=f"mqtt:{device}"
+                device,
+                "reported",
+                parse_patch(payload),
+                if_match=_if_match(properties),
+                by=f"mqtt:{device}",
             )
             self._answer(device, rest, properties, True, {"version": twin.reported_version})
         except TwinError as e:
