@@ -148,6 +148,7 @@ class Gateway:
     firmware: FirmwareService | None = None
     _twin_mqtt: Any = None
     _twin_downlink: Any = None
+    _firmware_mqtt: Any = None
     receipts: ReceiptSender | None = None
     """Receipts to devices (``receipts.enabled``), see edgeway.receipts."""
     _broker_receipts: BrokerReceipts | None = None
@@ -302,6 +303,8 @@ class Gateway:
                 data_dir, cfg, emit=self._store_records, live=lambda: self.config
             )
             await self.devices.open()
+            if self.firmware is not None:
+                self.firmware.registry = self.devices.registry  # campaigns by group, tag, type
         self.adapters = self._build_adapters()
         try:
             for sink in self.sinks:
@@ -329,6 +332,13 @@ class Gateway:
 
                 self._twin_mqtt = TwinMqtt(self.broker, self.twins)
                 self._twin_mqtt.attach()
+            if self.firmware is not None and self.broker is not None and cfg.firmware.mqtt_chunks:
+                from edgeway.firmware.mqtt import FirmwareMqtt
+
+                self._firmware_mqtt = FirmwareMqtt(
+                    self.broker, self.firmware, cfg.firmware.mqtt_chunk_max
+                )
+                self._firmware_mqtt.attach()
             if cfg.admin is not None and cfg.admin.enabled:
                 from edgeway.admin.api import AdminServer
 
@@ -407,6 +417,8 @@ class Gateway:
                 await self._fleet.close()
             if self._twin_mqtt is not None:
                 self._twin_mqtt.detach()
+            if self._firmware_mqtt is not None:
+                self._firmware_mqtt.detach()
             if self._twin_downlink is not None:
                 await self._twin_downlink.close()
             if self.firmware is not None:

@@ -7,10 +7,8 @@ pause/abort, a restart in the middle."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import os
-import socket
 import threading
 import urllib.request
 from collections import Counter
@@ -23,21 +21,11 @@ import orjson
 import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeway.config import parse_config
-from edgeway.firmware.service import signed_message
-from edgeway.gateway import Gateway
+from firmware_rig import IMAGE, KEY, Rig, upload, wait_campaign
 
-IMAGE = os.urandom(200_000)
 SRC = str(Path(__file__).resolve().parents[2] / "src")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Fleet:
@@ -94,48 +82,6 @@ class Fleet:
             c.loop_stop()
 
 
-KEY = Ed25519PrivateKey.generate()
-PUBLIC = base64.b64encode(
-    KEY.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-).decode()
-
-
-def config(tmp: Path, mport: int, hport: int, admin: int) -> str:
-    return f"""
-gateway: {{id: gw-fw, data_dir: "{tmp / "data"}"}}
-mqtt:
-  listeners: [{{bind: "127.0.0.1:{mport}", allow_anonymous: true}}]
-http_ingest: {{listen: "127.0.0.1:{hport}", allow_anonymous: true, commands_allow_anonymous: true}}
-admin: {{listen: "127.0.0.1:{admin}", auth: none}}
-sinks: [{{name: files, url: "file://{tmp / "out"}"}}]
-firmware:
-  keys: {{release: "{PUBLIC}"}}
-  download_base: "http://127.0.0.1:{hport}"
-"""
-
-
-class Rig:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.mport, self.hport, self.admin = free_port(), free_port(), free_port()
-        self.base = f"http://127.0.0.1:{self.admin}"
-        self.gw: Gateway | None = None
-        self.task: asyncio.Task[None] | None = None
-
-    async def start(self) -> Gateway:
-        text = config(self.tmp, self.mport, self.hport, self.admin)
-        self.gw = Gateway(parse_config(text, "t.yaml"), config_text=text)
-        self.task = asyncio.create_task(self.gw.run())
-        await asyncio.wait_for(self.gw.ready.wait(), 15)
-        return self.gw
-
-    async def stop(self) -> None:
-        if self.gw is not None and self.task is not None:
-            self.gw.request_stop()
-            await asyncio.wait_for(self.task, 15)
-            self.gw = self.task = None
-
-
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     r = Rig(tmp_path)
@@ -144,37 +90,6 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         yield r
     finally:
         await r.stop()
-
-
-async def upload(
-    http: httpx.AsyncClient,
-    version: str,
-    sign: bool = True,
-    data: bytes = IMAGE,
-    signed_data: bytes | None = None,
-) -> httpx.Response:
-    """PUT an image; signed (over ``signed_data`` if given, else ``data``)."""
-    digest = hashlib.sha256(data).digest()
-    headers = {"X-Image-SHA256": digest.hex()}
-    if sign:
-        signed = hashlib.sha256(signed_data if signed_data is not None else data).digest()
-        headers["X-Image-Signature"] = base64.b64encode(
-            KEY.sign(signed_message("pump-ctl", version, signed))
-        ).decode()
-    return await http.put(
-        f"/api/firmware/images?hardware=pump-ctl&version={version}", content=data, headers=headers
-    )
-
-
-async def wait_campaign(
-    http: httpx.AsyncClient, cid: str, states: set[str], limit: float = 60
-) -> dict[str, Any]:
-    async with asyncio.timeout(limit):
-        while True:
-            body = (await http.get(f"/api/firmware/campaigns/{cid}")).json()
-            if body["campaign"]["state"] in states:
-                return body
-            await asyncio.sleep(0.2)
 
 
 async def test_waves_and_error_threshold_halt_before_group_3(rig: Rig) -> None:

@@ -7,7 +7,9 @@
 ``GET /api/firmware/campaigns``  (viewer)
 ``GET /api/firmware/campaigns/{id}``  (viewer): the campaign and its devices.
 ``POST /api/firmware/campaigns``  (engineer)
-    ``{"image": ID, "groups": {"line-1": ["pump-1", ...], ...}, "canary_share": 0.1,
+    ``{"image": ID, "groups": {"line-1": ["pump-1", ...], ...}`` (named devices) or
+    ``"groups": ["line-1", "line-2"], "tags": ["beta"], "type": "pump"`` (the device
+    registry's groups as waves, in order; resolved now), ``"canary_share": 0.1,
     "pace": 60, "max_in_flight": 50, "success_threshold": 0.9,
     "error_threshold": 0.2, "min_finished": 5, "ttl": 3600}``. ``201 {"campaign"}``.
 ``POST /api/firmware/campaigns/{id}/pause``, ``.../resume``, ``.../abort``  (operator)
@@ -144,8 +146,10 @@ class FirmwareRoutes:
 
     @requires(Role.ENGINEER)
     async def create(self, request: web.Request) -> web.Response:
-        """Start a campaign: ``{"image", "groups": {name: [device ids]}, ...}``
-        with its canary share, pace, thresholds and time to live."""
+        """Start a campaign: ``{"image", "groups": {name: [device ids]}, ...}``, or
+        ``"groups": [registry group, ...], "tags": [...], "type": ...`` (resolved
+        from the device registry now, one wave per group), with its canary
+        share, pace, thresholds and time to live."""
         from edgeway.firmware.service import FirmwareError
 
         async def go(svc: FirmwareService) -> web.Response:
@@ -156,18 +160,29 @@ class FirmwareRoutes:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError as e:
                 raise FirmwareError("invalid", f"body is not JSON: {e}") from None
-            if not isinstance(body, dict) or not isinstance(body.get("groups"), dict):
-                raise FirmwareError(
-                    "invalid", "body needs 'image' and 'groups' (name: [device ids])"
-                )
-            groups = body.pop("groups")
+            if not isinstance(body, dict):
+                raise FirmwareError("invalid", "body is a JSON object")
             image = body.pop("image", None)
-            if not isinstance(image, str) or not all(isinstance(v, list) for v in groups.values()):
+            groups = body.pop("groups", None)
+            tags = body.pop("tags", None)
+            dtype = body.pop("type", None)
+            if not isinstance(image, str):
+                raise FirmwareError("invalid", "body needs 'image' (an image id)")
+            if isinstance(groups, dict) and tags is None and dtype is None:
+                if not all(isinstance(v, list) for v in groups.values()):
+                    raise FirmwareError("invalid", "'groups': {name: [device ids]}")
+                selection = None
+            elif isinstance(groups, list | None) and isinstance(tags, list | None):
+                selection = {"groups": groups or [], "tags": tags or [], "type": dtype}
+                groups = await svc.select(groups or [], tags or [], dtype)
+            else:
                 raise FirmwareError(
-                    "invalid", "body needs 'image' and 'groups' (name: [device ids])"
+                    "invalid",
+                    "'groups' is {name: [device ids]}, or registry group names "
+                    "(a list) with 'tags' (a list) and 'type'",
                 )
             try:
-                camp = await svc.create(image, groups, **body)
+                camp = await svc.create(image, groups, selection=selection, **body)
             except TypeError as e:
                 raise FirmwareError("invalid", str(e)) from None
             return _json({"campaign": camp.to_json()}, 201)

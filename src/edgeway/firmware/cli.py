@@ -8,6 +8,8 @@ admin API (``--admin URL``, token from ``$EDGEWAY_TOKEN``); ``sign`` works offli
     edgeway firmware images
     edgeway firmware campaign IMAGE_ID --group line-1=pump-1,pump-2 --group line-2=pump-3 \\
         [--canary 0.1] [--pace 60] [--success 0.9] [--errors 0.2]
+    edgeway firmware campaign IMAGE_ID --group line-1 --group line-2 [--tag beta] [--type pump]
+        # the device registry's groups as waves, resolved now
     edgeway firmware campaigns | show ID | pause ID | resume ID | abort ID
 
 The key pair is made with ``edgeway models keygen --key release.pem`` (the
@@ -45,9 +47,12 @@ def add_firmware_arguments(p: argparse.ArgumentParser) -> None:
     camp = sub.add_parser("campaign", help="start a campaign")
     camp.add_argument("image", help="image id (see 'images')")
     camp.add_argument(
-        "--group", action="append", required=True, metavar="NAME=DEV,DEV",
-        help="a wave of devices, in order; repeat for each group",
+        "--group", action="append", default=[], metavar="NAME[=DEV,DEV]",
+        help="a wave, in order; repeat for each group: NAME=DEV,DEV names its devices, "
+        "NAME alone takes the device registry's group NAME",
     )  # fmt: skip
+    camp.add_argument("--tag", action="append", default=[], help="registry devices with this tag")
+    camp.add_argument("--type", help="registry devices of this type")
     camp.add_argument("--canary", type=float, default=0.1, help="share of devices first")
     camp.add_argument("--pace", type=float, default=60, help="devices started per minute")
     camp.add_argument("--success", type=float, default=0.9, help="success threshold per wave")
@@ -104,15 +109,26 @@ def _request(client: Any, args: argparse.Namespace) -> tuple[int, Any]:
     if a == "campaigns":
         return 200, client.get_json("/api/firmware/campaigns")
     if a == "campaign":
-        groups: dict[str, list[str]] = {}
-        for g in args.group:
-            name, sep, devices = g.partition("=")
-            if not sep or not name or not devices:
-                raise ValueError(f"--group {g!r}: NAME=DEV,DEV,...")
-            groups[name] = [d for d in devices.split(",") if d]
-        body = {
+        named = [g for g in args.group if "=" in g]
+        body: dict[str, Any]
+        if named:
+            if len(named) < len(args.group) or args.tag or args.type:
+                raise ValueError(
+                    "--group NAME=DEV,... names devices: not with registry groups, --tag or --type"
+                )
+            groups: dict[str, list[str]] = {}
+            for g in named:
+                name, _, devices = g.partition("=")
+                if not name or not devices:
+                    raise ValueError(f"--group {g!r}: NAME=DEV,DEV,...")
+                groups[name] = [d for d in devices.split(",") if d]
+            body = {"groups": groups}
+        elif args.group or args.tag or args.type:
+            body = {"groups": args.group, "tags": args.tag, "type": args.type}
+        else:
+            raise ValueError("a campaign needs --group, --tag or --type")
+        body |= {
             "image": args.image,
-            "groups": groups,
             "canary_share": args.canary,
             "pace": args.pace,
             "success_threshold": args.success,

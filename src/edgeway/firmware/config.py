@@ -23,3 +23,9 @@ class FirmwareSection(_Model):
     (``http://gateway.site:8080``: the HTTP ingest listener as devices reach it).
     Absent: the command carries no URL; devices that know the gateway's address
     build it themselves."""
+    mqtt_chunks: bool = True
+    """Serve images in chunks over the embedded MQTT broker
+    (``devices/{id}/firmware/get`` -> ``devices/{id}/firmware/chunk``)."""
+    mqtt_chunk_max: Size = Field(default=32 * 1024, ge=256, le=1024 * 1024)
+    """Largest chunk sent over MQTT (also kept under each client's maximum
+    packet size)."""

@@ -119,6 +119,13 @@ class Campaign:
     min_finished: int = 5
     ttl: float = 3600.0
     """Time a device has to take and finish its update command."""
+    selection: dict[str, Any] = field(default_factory=dict)
+    """What the devices were selected by in the registry (groups, tags,
+    type), resolved when the campaign was created; empty: named devices."""
+    counted_since: float = 0.0
+    """The thresholds count devices finished at or after this time: a resume
+    after a halt sets it, so the failures that halted the campaign do not
+    halt it again at once."""
     reason: str = ""
     counts: dict[str, int] = field(default_factory=dict)
     updated_at: float = 0.0
@@ -137,6 +144,8 @@ class Campaign:
             "error_threshold": self.error_threshold,
             "min_finished": self.min_finished,
             "ttl": self.ttl,
+            "selection": self.selection,
+            "counted_since": self.counted_since,
             "reason": self.reason,
             "counts": self.counts,
             "updated_at": self.updated_at,

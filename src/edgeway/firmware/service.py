@@ -53,6 +53,7 @@ from edgeway.storage.sqlite import Database
 
 if TYPE_CHECKING:
     from edgeway.commands.service import CommandService
+    from edgeway.devices.registry import DeviceRegistry
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,14 @@ _PARAMS = (
     "error_threshold",
     "min_finished",
     "ttl",
+    "selection",
+    "counted_since",
 )
+USER_PARAMS = frozenset(_PARAMS[1:8])
+"""What a campaign's creator sets; ``selection`` and ``counted_since`` are the
+gateway's own."""
+MAX_TARGETS = 100_000
+"""Devices in one campaign: every target is a row read by each engine step."""
 
 
 class FirmwareError(Exception):
@@ -154,6 +162,9 @@ class FirmwareService:
         self._downloads: dict[str, set[str]] = {}
         """image id -> devices with an unfinished target (who may download it)."""
         self.started = 0
+        self.registry: DeviceRegistry | None = None
+        """The device registry, for campaigns that target its groups, tags
+        and type (set by the gateway when ``devices`` is enabled)."""
 
     async def open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -264,20 +275,71 @@ class FirmwareService:
         return [_image(r) for r in rows]
 
     def may_download(self, image_id: str, device_id: str) -> bool:
-        """Only a device with an unfinished target of a campaign of that image."""
+        """Only a device whose update command for that image is out (its
+        target ``sent``, whatever its campaign's state: those in flight finish)."""
         return device_id in self._downloads.get(image_id, ())
 
     # -- campaigns ---------------------------------------------------------
 
+    async def select(
+        self, groups: Sequence[str] = (), tags: Sequence[str] = (), type: str | None = None
+    ) -> dict[str, list[str]]:
+        """Waves from the device registry, resolved now: one per group in the
+        order given (``groups`` empty: one wave, ``selected``), each with the
+        registered, enabled devices of that group that have every tag of
+        ``tags`` and, if given, the type ``type``. A device in two groups
+        goes in the first."""
+        from edgeway.devices.registry import DeviceFilter
+
+        if self.registry is None:
+            raise FirmwareError(
+                "invalid",
+                "targeting by group, tag or type needs the device registry (devices.enabled)",
+            )
+        if not groups and not tags and type is None:
+            raise FirmwareError("invalid", "select devices by groups, tags or type")
+        for what, values in (("groups", groups), ("tags", tags)):
+            if not all(isinstance(v, str) and v for v in values):
+                raise FirmwareError("invalid", f"{what}: a list of names")
+        if type is not None and (not isinstance(type, str) or not type):
+            raise FirmwareError("invalid", "type: a device type")
+        want = set(tags)
+        waves: dict[str, list[str]] = {}
+        seen: set[str] = set()
+        wave_groups: list[str | None] = [*groups] or [None]
+        for group in wave_groups:
+            flt = DeviceFilter(group=group, type=type, tag=tags[0] if tags else None)
+            ids: list[str] = []
+            after: str | None = None
+            while True:
+                page = await self.registry.list(flt, limit=1000, after=after)
+                for d in page.devices:
+                    if d.registered and d.enabled and want <= set(d.tags) and d.id not in seen:
+                        seen.add(d.id)
+                        ids.append(d.id)
+                if len(seen) > MAX_TARGETS:
+                    raise FirmwareError("invalid", f"over {MAX_TARGETS} devices in one campaign")
+                if page.next_after is None:
+                    break
+                after = page.next_after
+            waves[group if group is not None else "selected"] = ids
+        return waves
+
     async def create(
-        self, image_id: str, groups: Mapping[str, Sequence[str]], **params: Any
+        self,
+        image_id: str,
+        groups: Mapping[str, Sequence[str]],
+        *,
+        selection: Mapping[str, Any] | None = None,
+        **params: Any,
     ) -> Campaign:
         """A campaign of ``image_id`` over ``groups`` (name -> device ids, in
-        order); the canary wave takes ``canary_share`` of all devices."""
+        order); the canary wave takes ``canary_share`` of all devices.
+        ``selection`` (what :meth:`select` was asked) is kept with it."""
         image = await self.image(image_id)
         if image is None:
             raise FirmwareError("not_found", f"no image {image_id!r}")
-        unknown = set(params) - set(_PARAMS[1:])
+        unknown = set(params) - USER_PARAMS
         if unknown:
             raise FirmwareError("invalid", f"unknown parameters: {', '.join(sorted(unknown))}")
         devices: list[tuple[str, str]] = []
@@ -291,10 +353,13 @@ class FirmwareService:
                     devices.append((group, d))
         if not devices:
             raise FirmwareError("invalid", "a campaign needs devices")
+        if len(devices) > MAX_TARGETS:
+            raise FirmwareError("invalid", f"over {MAX_TARGETS} devices in one campaign")
         cid = uuid.uuid4().hex[:12]
         campaign = Campaign(
-            cid, image_id, CampaignState.RUNNING, time.time(), ["canary", *groups], **params
-        )
+            cid, image_id, CampaignState.RUNNING, time.time(), ["canary", *groups],
+            selection=dict(selection or {}), **params,
+        )  # fmt: skip
         _check_params(campaign)
         rng = random.Random(cid)
         n_canary = (
@@ -333,7 +398,6 @@ class FirmwareService:
             )
 
         await self.db.write(write)
-        self._downloads.setdefault(image_id, set()).update(seen)
         log.info("firmware campaign %s of %s: %d devices", cid, image_id, len(targets))
         return await self.campaign(cid)  # type: ignore[return-value]
 
@@ -382,6 +446,13 @@ class FirmwareService:
             "resume": CampaignState.RUNNING,
             "abort": CampaignState.ABORTED,
         }[action]
+        if action == "resume" and camp.state is CampaignState.HALTED:
+            camp.counted_since = time.time()
+            await self.db.write(
+                lambda c: c.execute(
+                    "UPDATE campaigns SET params = ? WHERE id = ?", (_params(camp), cid)
+                )
+            )
         await self._set(cid, new, "" if action == "resume" else f"{action} by an operator")
         if action == "abort":
             for t in await self.targets(cid):
@@ -409,7 +480,7 @@ class FirmwareService:
         rows = await self.db.read(
             lambda c: c.execute(
                 "SELECT c.image_id, t.device_id FROM targets t JOIN campaigns c ON c.id = t.campaign_id "
-                "WHERE t.state IN ('pending', 'sent')"
+                "WHERE t.state = 'sent'"
             ).fetchall()
         )
         for image_id, device in rows:
@@ -471,7 +542,12 @@ class FirmwareService:
                 )
         if camp.state is not CampaignState.RUNNING or image is None:
             return
-        finished = [t for t in targets if t.state in (TargetState.SUCCEEDED, TargetState.FAILED)]
+        since = camp.counted_since
+        finished = [
+            t
+            for t in targets
+            if t.state in (TargetState.SUCCEEDED, TargetState.FAILED) and t.updated_at >= since
+        ]
         failed = sum(t.state is TargetState.FAILED for t in finished)
         if len(finished) >= camp.min_finished and failed / len(finished) > camp.error_threshold:
             await self._set(
@@ -502,7 +578,9 @@ class FirmwareService:
             done = [
                 t
                 for t in targets
-                if t.wave == w and t.state in (TargetState.SUCCEEDED, TargetState.FAILED)
+                if t.wave == w
+                and t.state in (TargetState.SUCCEEDED, TargetState.FAILED)
+                and t.updated_at >= since
             ]
             ok = sum(t.state is TargetState.SUCCEEDED for t in done)
             if done and ok / len(done) < camp.success_threshold:
@@ -539,15 +617,21 @@ class FirmwareService:
                 else None
             ),
         }
-        cmd, _ = await self.commands.submit(
-            t.device_id,
-            COMMAND,
-            params,
-            ttl=camp.ttl,
-            result_timeout=camp.ttl,
-            idempotency_key=f"fw:{camp.id}:{t.device_id}",
-            source=f"firmware:{camp.id}",
-        )
+        allowed = self._downloads.setdefault(image.id, set())
+        allowed.add(t.device_id)  # before the command: a device may download at once
+        try:
+            cmd, _ = await self.commands.submit(
+                t.device_id,
+                COMMAND,
+                params,
+                ttl=camp.ttl,
+                result_timeout=camp.ttl,
+                idempotency_key=f"fw:{camp.id}:{t.device_id}",
+                source=f"firmware:{camp.id}",
+            )
+        except BaseException:
+            allowed.discard(t.device_id)
+            raise
         now = time.time()
         await self.db.write(
             lambda c: c.execute(
