@@ -12,14 +12,12 @@ import os
 import threading
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import paho.mqtt.client as mqtt
-import pytest
 from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -80,16 +78,6 @@ class Fleet:
         for c in self.clients:
             c.disconnect()
             c.loop_stop()
-
-
-@pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    r = Rig(tmp_path)
-    await r.start()
-    try:
-        yield r
-    finally:
-        await r.stop()
 
 
 async def test_waves_and_error_threshold_halt_before_group_3(rig: Rig) -> None:

@@ -11,30 +11,17 @@ import asyncio
 import hashlib
 import queue
 import threading
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeway.firmware.mqtt import decode_chunk
 from firmware_rig import IMAGE, Rig, upload, wait_campaign
-
-
-@pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    r = Rig(tmp_path)
-    await r.start()
-    try:
-        yield r
-    finally:
-        await r.stop()
 
 
 class ChunkDevice:

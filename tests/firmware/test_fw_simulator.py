@@ -7,26 +7,15 @@ LwM2M Object 5 ends up on a campaign target here."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
-import pytest
 
 from edgeway.firmware.model import UpdateResult, UpdateState
 from edgeway.sim.devices import make_devices
 from edgeway.sim.firmware import FailurePlan, FirmwareAgent, FirmwareFleet, make_agents, running
 from firmware_rig import IMAGE, Rig, upload, wait_campaign
 
-
-@pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    r = Rig(tmp_path, extra="devices: {flush_interval: 0.2}\n")
-    await r.start()
-    try:
-        yield r
-    finally:
-        await r.stop()
+RIG_EXTRA = "devices: {flush_interval: 0.2}\n"
 
 
 FAILURES = [r for r in UpdateResult if r not in (UpdateResult.INITIAL, UpdateResult.SUCCESS)]

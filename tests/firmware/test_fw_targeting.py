@@ -7,26 +7,14 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import orjson
-import pytest
 
 from firmware_rig import Rig, upload
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
-
-
-@pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    r = Rig(tmp_path)
-    await r.start()
-    try:
-        yield r
-    finally:
-        await r.stop()
 
 
 DEVICES = [

@@ -40,11 +40,11 @@ import asyncio
 import logging
 import os
 import struct
-from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from edgeway.south.mqtt.device_requests import DeviceRequests
 from edgeway.south.mqtt.packets import Properties
 
 if TYPE_CHECKING:
@@ -103,42 +103,20 @@ def _pread(path: str, offset: int, size: int) -> tuple[int, bytes]:
         os.close(fd)
 
 
-class FirmwareMqtt:
+class FirmwareMqtt(DeviceRequests):
     """A BrokerObserver serving firmware chunks (see the module docstring)."""
 
+    what = "firmware chunk request"
+
     def __init__(self, broker: Broker, service: FirmwareService, chunk_max: int) -> None:
-        self.broker = broker
+        super().__init__(broker, MAX_PENDING)
         self.service = service
         self.chunk_max = chunk_max
-        self._pending: dict[str, int] = {}
         self._reads = asyncio.Semaphore(MAX_READS)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.refused = 0
-        """Requests from a client that does not speak for the device."""
         self.errors: dict[str, int] = {}
         """Error answers by code."""
         self.chunks = 0
         self.bytes = 0
-
-    def attach(self) -> None:
-        self.broker.observers.append(self)
-
-    def detach(self) -> None:
-        if self in self.broker.observers:
-            self.broker.observers.remove(self)
-        for t in list(self._tasks):
-            t.cancel()
-
-    # -- BrokerObserver ---------------------------------------------------------
-
-    def session_online(self, session: Session) -> None:
-        pass
-
-    def session_offline(self, session: Session) -> None:
-        pass
-
-    def subscribed(self, session: Session, topic_filter: str) -> None:
-        pass
 
     def published(
         self, topic: str, payload: bytes, properties: Properties | None, sender: str
@@ -146,12 +124,7 @@ class FirmwareMqtt:
         device = _topic_device(topic)
         if device is None:
             return
-        if not self.broker.speaks_for(sender, device):
-            self.refused += 1
-            log.warning(
-                "firmware chunk request refused: a client may not download for another device",
-                extra={"fields": {"client_id": sender, "device_id": device}},
-            )
+        if not self.admit(sender, device):
             return
         reply = self._reply_topic(device, properties)
         request = _parse(payload)
@@ -160,19 +133,18 @@ class FirmwareMqtt:
             return
         image_id, offset, size = request
         head = {"image": image_id, "offset": offset}
-        session = self.broker.sessions.get(device)
-        if self._pending.get(device, 0) >= MAX_PENDING or (session is not None and session.queue):
-            self._error(reply, head, "busy", "too many chunks unanswered: ask again later")
-            return
         if not self.service.may_download(image_id, device):
             self._error(reply, head, "not_found", "no such image for this device")
             return
-        room = self._room(session, reply[0], reply[1])
+        session = self.broker.sessions.get(device)
+        room = self._room(session, reply[0], reply[1], head)
         if room < 64:
             self._error(reply, head, "too_small", "the maximum packet size leaves no room")
             return
-        self._pending[device] = self._pending.get(device, 0) + 1
-        self._spawn(self._send(device, reply, image_id, offset, min(size, room)))
+        if (session is not None and session.queue) or not self.take(device):
+            self._error(reply, head, "busy", "too many chunks unanswered: ask again later")
+            return
+        self.spawn(self._send(device, reply, image_id, offset, min(size, room)))
 
     # -- work --------------------------------------------------------------------
 
@@ -183,7 +155,9 @@ class FirmwareMqtt:
                 return rt, Properties(correlation_data=props.correlation_data)
         return f"devices/{device}/firmware/chunk", None
 
-    def _room(self, session: Session | None, topic: str, props: Properties | None) -> int:
+    def _room(
+        self, session: Session | None, topic: str, props: Properties | None, head: dict[str, Any]
+    ) -> int:
         """Bytes of chunk data that fit the client's maximum packet size and
         ``chunk_max``."""
         conn = session.conn if session is not None else None
@@ -191,14 +165,9 @@ class FirmwareMqtt:
         if not limit:
             return self.chunk_max
         cd = props.correlation_data if props is not None else None
-        header = 160 + len(topic)  # the JSON header: ids and four numbers
+        header = 2 + len(orjson.dumps({**head, "size": 10**12, "total": 10**12}))
         used = PACKET_OVERHEAD + 2 + len(topic.encode()) + header + (3 + len(cd) if cd else 0)
         return min(self.chunk_max, limit - used)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _send(
         self,
@@ -222,11 +191,7 @@ class FirmwareMqtt:
             log.warning("firmware chunk of %s for %s: %s", image_id, device, e)
             self._error(reply, head, "not_found", "the image cannot be read")
         finally:
-            n = self._pending.get(device, 1) - 1
-            if n > 0:
-                self._pending[device] = n
-            else:
-                self._pending.pop(device, None)
+            self.release(device)
 
     def _error(
         self, reply: tuple[str, Properties | None], head: dict[str, Any], code: str, message: str

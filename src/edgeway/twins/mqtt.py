@@ -31,12 +31,12 @@ once; more are answered ``busy``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from edgeway.south.mqtt.device_requests import DeviceRequests
 from edgeway.south.mqtt.packets import Properties
 from edgeway.south.mqtt.topics import topic_matches
 from edgeway.twins.model import Twin, TwinError, parse_patch
@@ -60,44 +60,40 @@ def _topic_parts(topic: str) -> tuple[str, str] | None:
     return parts[1], "/".join(parts[3:])
 
 
-class TwinMqtt:
+class TwinMqtt(DeviceRequests):
     """A BrokerObserver serving twins to MQTT devices (see the module docstring)."""
 
+    what = "twin request"
+
     def __init__(self, broker: Broker, service: TwinService) -> None:
-        self.broker = broker
+        super().__init__(broker, MAX_PENDING)
         self.service = service
-        self._pending: dict[str, int] = {}
         self._last_sent: dict[str, tuple[int, int, int]] = {}
         """Per connected device: (its connection, desired and reported version)
         of the last delta sent, so a resumed session that also subscribes again
         gets one delta, not two."""
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.refused = 0
         self.requests = 0
 
     def attach(self) -> None:
-        self.broker.observers.append(self)
+        super().attach()
         self.service.add_listener(self._changed)
 
     def detach(self) -> None:
-        if self in self.broker.observers:
-            self.broker.observers.remove(self)
+        super().detach()
         self.service.remove_listener(self._changed)
-        for t in list(self._tasks):
-            t.cancel()
 
     # -- BrokerObserver ---------------------------------------------------------
 
     def session_online(self, session: Session) -> None:
         if any(self._delta_filter(session, f) for f in session.subscriptions):
-            self._spawn(self._send_delta(session.client_id))  # a resumed session
+            self.spawn(self._send_delta(session.client_id))  # a resumed session
 
     def session_offline(self, session: Session) -> None:
         self._last_sent.pop(session.client_id, None)
 
     def subscribed(self, session: Session, topic_filter: str) -> None:
         if self._delta_filter(session, topic_filter):
-            self._spawn(self._send_delta(session.client_id))
+            self.spawn(self._send_delta(session.client_id))
 
     def published(
         self, topic: str, payload: bytes, properties: Properties | None, sender: str
@@ -108,14 +104,9 @@ class TwinMqtt:
         device, rest = parsed
         if rest not in ("reported", "get"):
             return
-        if not self.broker.speaks_for(sender, device):
-            self.refused += 1
-            log.warning(
-                "twin request refused: a client may not use another device's twin",
-                extra={"fields": {"client_id": sender, "device_id": device}},
-            )
+        if not self.admit(sender, device):
             return
-        if self._pending.get(device, 0) >= MAX_PENDING:
+        if not self.take(device):
             self._answer(
                 device,
                 rest,
@@ -125,8 +116,7 @@ class TwinMqtt:
             )
             return
         self.requests += 1
-        self._pending[device] = self._pending.get(device, 0) + 1
-        self._spawn(self._handle(device, rest, payload, properties))
+        self.spawn(self._handle(device, rest, payload, properties))
 
     # -- work --------------------------------------------------------------------
 
@@ -135,11 +125,6 @@ class TwinMqtt:
         return not topic_filter.startswith("$share/") and topic_matches(
             topic_filter, f"devices/{session.client_id}/twin/desired/delta"
         )
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _handle(
         self, device: str, rest: str, payload: bytes, properties: Properties | None
@@ -166,11 +151,7 @@ class TwinMqtt:
         except Exception:
             log.exception("twin request of %s failed", device)
         finally:
-            n = self._pending.get(device, 1) - 1
-            if n > 0:
-                self._pending[device] = n
-            else:
-                self._pending.pop(device, None)
+            self.release(device)
 
     def _answer(
         self, device: str, rest: str, props: Properties | None, ok: bool, body: dict[str, Any]
