@@ -7,14 +7,19 @@ LwM2M Object 5 ends up on a campaign target here."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+from pathlib import Path
 
 import httpx
+import pytest
 
 from edgeway.firmware.model import UpdateResult, UpdateState
 from edgeway.sim.devices import make_devices
 from edgeway.sim.firmware import FailurePlan, FirmwareAgent, FirmwareFleet, make_agents, running
 from firmware_rig import IMAGE, Rig, upload, wait_campaign
 
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 RIG_EXTRA = "devices: {flush_interval: 0.2}\n"
 
 
@@ -75,3 +80,45 @@ async def test_every_result_code_and_both_transports(rig: Rig) -> None:
     assert integrity.received == len(IMAGE) and integrity.history[-1] == (0, 5)
     lost = agents["code-connection_lost"]
     assert lost.received == len(IMAGE) // 2 and lost.version == "1.0"
+
+
+async def test_simulate_command_takes_a_campaign(rig: Rig) -> None:
+    """``edgeway simulate --firmware mqtt``, a process of its own: its devices
+    take a campaign, one fails as told, the others report the new version."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgeway", "simulate", "--devices", "3", "--protocol", "mqtt",
+        "--target", f"127.0.0.1:{rig.mport}", "--firmware", "mqtt", "--seed", "3",
+        "--firmware-fail", "0.34:out_of_memory", "--firmware-cut", "0.34", "--rate", "0.2",
+        "--duration", "60", "--interval", "1",
+        env={**os.environ, "PYTHONPATH": SRC},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    ids = ["sim-0000", "sim-0001", "sim-0002"]
+    try:
+        async with httpx.AsyncClient(base_url=rig.base, timeout=20) as http:
+            async with asyncio.timeout(60):
+                for d in ids:  # the process connects its devices in its own time
+                    while (await http.get(f"/api/devices/{d}")).status_code != 200:  # noqa: ASYNC110
+                        await asyncio.sleep(0.3)
+            image = (await upload(http, "9.5")).json()["image"]["id"]
+            r = await http.post(
+                "/api/firmware/campaigns",
+                json={"image": image, "groups": {"all": ids}, "canary_share": 0,
+                      "error_threshold": 1.0, "success_threshold": 0.0, "pace": 6000},
+            )  # fmt: skip
+            body = await wait_campaign(http, r.json()["campaign"]["id"], {"completed", "halted"})
+            results = sorted(d["result"] for d in body["devices"])
+            assert results == ["out_of_memory", "success", "success"], body
+    finally:
+        proc.terminate()
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert b"3 mqtt devices" in out, out[-2000:]
+
+
+def test_parse_failure() -> None:
+    from edgeway.sim.firmware import parse_failure
+
+    assert parse_failure("0.2:integrity_check_failure") == (0.2, UpdateResult(5))
+    for bad in ("0.2", "2:update_failed", "x:update_failed", "0.1:success", "0.1:nope"):
+        with pytest.raises(ValueError):
+            parse_failure(bad)

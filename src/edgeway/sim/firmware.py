@@ -482,6 +482,48 @@ class FirmwareFleet(MqttFleet):
             await self.http.close()
 
 
+def parse_failure(text: str) -> tuple[float, UpdateResult]:
+    """``SHARE:RESULT`` (``0.2:integrity_check_failure``) -> (share, result);
+    ValueError with what is wrong."""
+    share, sep, name = text.partition(":")
+    try:
+        rate = float(share)
+    except ValueError:
+        rate = -1.0
+    if not sep or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"--firmware-fail {text!r}: SHARE:RESULT, SHARE between 0 and 1")
+    try:
+        result = UpdateResult[name.upper()]
+    except KeyError:
+        result = UpdateResult.INITIAL
+    if result in (UpdateResult.INITIAL, UpdateResult.SUCCESS):
+        names = ", ".join(r.label for r in UpdateResult if r > UpdateResult.SUCCESS)
+        raise ValueError(f"--firmware-fail {text!r}: RESULT is one of {names}")
+    return rate, result
+
+
+def firmware_fleet(
+    devices: Sequence[VirtualDevice], host: str, port: int, args: Any
+) -> FirmwareFleet:
+    """``edgeway simulate --protocol mqtt --firmware http|mqtt``: the fleet its options describe."""
+    rate, result = (0.0, UpdateResult.UPDATE_FAILED)
+    if args.firmware_fail:
+        rate, result = parse_failure(args.firmware_fail)
+    if not 0.0 <= args.firmware_cut <= 1.0:
+        raise ValueError("--firmware-cut is between 0 and 1")
+    agents = make_agents(
+        {"all": [d.device_id for d in devices]},
+        {"all": FailurePlan(rate, result, args.firmware_cut)},
+        seed=args.seed or 0,
+        version=args.firmware_version,
+        hardware=args.firmware_hardware,
+    )
+    return FirmwareFleet(
+        devices, host, port, agents=agents, transport=args.firmware, telemetry=True,
+        qos=args.qos, username=args.username, password=args.password,
+    )  # fmt: skip
+
+
 @contextlib.asynccontextmanager
 async def running(fleet: FirmwareFleet) -> Any:
     """Run ``fleet`` in a task until the block ends."""

@@ -1261,6 +1261,26 @@ def add_simulate_arguments(p: Any) -> None:
         action="store_true",
         help="CoAP devices observe their commands (the gateway needs coap.commands: true)",
     )
+    p.add_argument(
+        "--firmware",
+        choices=("http", "mqtt"),
+        help="MQTT devices take firmware.update commands (campaigns) and download over HTTP "
+        "or in MQTT chunks (edgeway.sim.firmware)",
+    )
+    p.add_argument("--firmware-version", default="1.0", help="their firmware version at start")
+    p.add_argument("--firmware-hardware", default="pump-ctl", help="their hardware type")
+    p.add_argument(
+        "--firmware-fail",
+        metavar="SHARE:RESULT",
+        help="a share of them fails updates with this LwM2M result, e.g. 0.2:integrity_check_failure",
+    )
+    p.add_argument(
+        "--firmware-cut",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="a share of them loses its connection half way through a download and resumes",
+    )
     p.add_argument("--interval", type=float, default=5.0, help="seconds between status lines")
 
 
@@ -1340,7 +1360,11 @@ async def _simulate(
         host, port = _split_target(target or DEFAULT_TARGETS[p])
         prefix = args.prefix if proto != "mixed" else f"{args.prefix}-{p}"
         devices = make_devices(n, prefix=prefix, **common)
-        if p == "mqtt":
+        if p == "mqtt" and getattr(args, "firmware", None):
+            from edgeway.sim.firmware import firmware_fleet
+
+            fleets.append(firmware_fleet(devices, host, port, args))
+        elif p == "mqtt":
             fleets.append(
                 MqttFleet(
                     devices,
