@@ -568,8 +568,9 @@ class FirmwareService:
             None,
         )
         if current is None:
+            # Each finished target already took its device off the image's
+            # downloaders; another campaign of the same image keeps its own.
             await self._set(camp.id, CampaignState.COMPLETED, "")
-            self._downloads.pop(camp.image_id, None)
             return
         # A wave starts only when the waves before it met the success threshold.
         for w in waves:
