@@ -32,7 +32,9 @@ cannot resume, ``not_enough_storage`` has too little room, ``unsupported_package
 is other hardware, the others (out of memory, invalid URI, update failed,
 unsupported protocol) report that code at the step where it happens. A share
 ``cut`` of the group loses its connection half way and resumes (and then
-succeeds). ``invalid_uri`` and ``unsupported_protocol`` also come by
+succeeds): over HTTP the response is dropped and a ``Range`` request goes on;
+over MQTT the device's connection is closed and a new one goes on asking at
+its offset. ``invalid_uri`` and ``unsupported_protocol`` also come by
 themselves, from a command without a usable URL.
 
 A device runs a given command id once: a redelivery of a command it answered
@@ -280,7 +282,9 @@ class HttpFetch:
 
 class MqttFetch:
     """Downloads in MQTT chunks over each device's own connection
-    (:class:`FirmwareFleet` routes the answers to :meth:`answer`)."""
+    (:class:`FirmwareFleet` routes the answers to :meth:`answer`). A cut
+    download closes the connection at ``stop_at`` and goes on, at its
+    offset, over a new one."""
 
     def __init__(self, fleet: FirmwareFleet, chunk: int = CHUNK) -> None:
         self.fleet = fleet
@@ -315,6 +319,10 @@ class MqttFetch:
         tries = 0
         while offset < end:
             link = self.fleet.link(device)
+            if link is not None and not link.client.is_connected:
+                link.wake.clear()
+                with contextlib.suppress(TimeoutError):  # (re)connecting: ask once it is back
+                    await asyncio.wait_for(link.wake.wait(), CHUNK_TIMEOUT)
             fut: asyncio.Future[tuple[dict[str, Any], bytes]] = (
                 asyncio.get_running_loop().create_future()
             )
@@ -346,6 +354,9 @@ class MqttFetch:
             hasher.update(data)
             offset += len(data)
             agent.received += len(data)
+        link = self.fleet.link(device)
+        if stop_at is not None and link is not None:
+            await link.client.reconnect()  # the connection drops here; a new one goes on
         return offset
 
 
