@@ -42,9 +42,9 @@ import logging
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from edgeway.codecs.base import (
     Codec,
@@ -62,6 +62,7 @@ from edgeway.south.base import Backoff, SouthAdapter, register_adapter
 from edgeway.south.coap_config import CoapSection
 from edgeway.south.coap_downlink import CoapCommandStats, CoapDownlink
 from edgeway.south.coap_guard import (
+    IF_MATCH,
     bad_option_ack,
     empty_message_id,
     option_refusal,
@@ -69,6 +70,12 @@ from edgeway.south.coap_guard import (
 )
 from edgeway.south.coap_probe import CoapPinger
 from edgeway.south.decode_errors import DecodeErrorCounter
+from edgeway.twins.coap import VIEWS as TWIN_VIEWS
+from edgeway.twins.coap import TwinCoap
+
+if TYPE_CHECKING:
+    from edgeway.firmware.service import FirmwareService
+    from edgeway.twins.service import TwinService
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +153,15 @@ class CoapAdapter(SouthAdapter):
         except (KeyError, ValueError) as e:
             raise ValueError(f"coap.default_format: {e}") from None
         self._downlink: CoapDownlink | None = None
+        self.twins: TwinService | None = None
+        """Set by the gateway when twins are on (``edgeway.twins.coap`` serves them)."""
+        self.firmware: FirmwareService | None = None
+        """Set by the gateway when firmware campaigns are on (Block2 downloads)."""
+        self._twin_coap: TwinCoap | None = None
+        self._images: dict[str, _ImageInfo] = {}
+        self.firmware_blocks = 0
+        """Firmware blocks served (``devices/{id}/firmware/{image}``)."""
+        self.firmware_bytes = 0
         self._observation_count = 0
         self._observation_by_key: dict[tuple[str, str], Any] = {}
         self._observations_by_address: dict[str, int] = {}
@@ -179,9 +195,14 @@ class CoapAdapter(SouthAdapter):
         one error line) and replaced by a fresh one on the same port."""
         host, port = parse_host_port(self.config.listen)
         site = self._build_site()
+        if self.twins is not None:
+            self._twin_coap = TwinCoap(self.twins, self._respond, self.count_refusal)
+            self._twin_coap.attach()
         try:
             await self._open_listener(host, port, site)
         except OSError as e:
+            if self._twin_coap is not None:
+                self._twin_coap.detach()
             raise OSError(
                 f"coap: cannot listen on {self.config.listen}: {e.strerror or e}"
             ) from None
@@ -201,6 +222,8 @@ class CoapAdapter(SouthAdapter):
             await self._close_listener()
             if self._downlink is not None:
                 self._downlink.close()
+            if self._twin_coap is not None:
+                self._twin_coap.detach()
             library_log.removeFilter(self._library_log_limit)
 
     async def _open_listener(self, host: str, port: int, site: Any) -> None:
@@ -385,11 +408,13 @@ class CoapAdapter(SouthAdapter):
             detail,
         )
 
-    def refuse_options(self, request: Any) -> Any | None:
-        """The answer to a request whose options the listener refuses, or None."""
+    def refuse_options(self, request: Any, *, if_match: bool = False) -> Any | None:
+        """The answer to a request whose options the listener refuses, or None
+        (``if_match``: the request's resource acts on If-Match)."""
         from aiocoap import Code
 
-        refusal = option_refusal(request_options(request))
+        also = _IF_MATCH_HANDLED if if_match else frozenset()
+        refusal = option_refusal(request_options(request), also)
         if refusal is None:
             return None
         self.count_refusal(refusal.reason, f"option {refusal.option}", request.remote.hostinfo)
@@ -574,14 +599,144 @@ class CoapAdapter(SouthAdapter):
         )
         return self._respond(code, text)
 
-    def observe_refusal(self, device_id: str, client_ip: str) -> tuple[str, str] | None:
-        """Why ``client_ip`` may not observe ``device_id``'s commands now, as ``(reason,
-        text)``, or None. Reasons: ``observe_denied`` (4.03),
-        ``observe_limit`` and ``observe_limit_per_address`` (5.03)."""
+    # ------------------------------------------------------------------ twins, firmware
+
+    def _own_data_reason(self, request: Any, device_id: str) -> str | None:
+        """Why a request may not read or change ``device_id``'s own data (its
+        twin, its firmware), or None: ``no_token``/``bad_token`` unless the
+        Uri-Query token is the device's CoAP token in the credential store.
+        Without a token only with ``device_data_allow_anonymous``, and never
+        for a device that has a CoAP token."""
+        from edgeway.devices.credentials import Verdict
+
+        token = _query_token(request)
+        verdict = None
+        if self.access is not None:
+            verdict = self.access.check_token("coap", device_id, token)
+            if verdict is Verdict.OK:
+                return None
+        if token is None:
+            anonymous_ok = verdict in (None, Verdict.UNKNOWN)
+            return None if anonymous_ok and self.config.device_data_allow_anonymous else "no_token"
+        return "bad_token"
+
+    def _own_data_refusal(self, request: Any, device_id: str) -> Any | None:
+        """The answer to a request for ``device_id``'s own data that may not
+        act for it (4.00 for a malformed id, 4.01 for the token), or None."""
+        from aiocoap import Code
+
+        try:
+            check_device_id(device_id)
+        except DecodeError as e:
+            self.count_refusal("bad_device_id", e.reason, request.remote.hostinfo)
+            return self._respond(Code.BAD_REQUEST, f"{e.reason}: {e.detail}"[:200])
+        reason = self._own_data_reason(request, device_id)
+        if reason is None:
+            return None
+        self.count_refusal(reason, "device " + device_id, request.remote.hostinfo)
+        return self._respond(Code.UNAUTHORIZED, reason)
+
+    def may_observe_twin(self, request: Any, device_id: str) -> bool:
+        """Whether an observation of ``device_id``'s twin may be accepted (if
+        not, rendering the request gives the refusal)."""
+        return self._twin_coap is not None and self._own_data_reason(request, device_id) is None
+
+    async def render_twin(self, request: Any, device_id: str, view: str) -> Any:
+        """``devices/{id}/twin[/desired|reported|delta]``: see :mod:`edgeway.twins.coap`."""
+        from aiocoap import Code
+
+        if self._twin_coap is None:
+            return self._respond(Code.NOT_FOUND, "twins are not enabled on this gateway")
+        refusal = self._own_data_refusal(request, device_id)
+        if refusal is not None:
+            return refusal
+        return await self._twin_coap.render(request, device_id, view)
+
+    def twin_observer_count(self, device_id: str) -> int:
+        """Observations of any view of ``device_id``'s twin held now."""
+        return 0 if self._twin_coap is None else self._twin_coap.observer_count(device_id)
+
+    async def render_firmware(self, request: Any, device_id: str, image_id: str) -> Any:
+        """``GET /devices/{id}/firmware/{image}``: one Block2 block of the image,
+        read from disk, for a device an unfinished campaign of it targets."""
+        from aiocoap import Code, Message
+        from aiocoap.optiontypes import BlockOption
+
+        if request.code != Code.GET:
+            return self._respond(Code.METHOD_NOT_ALLOWED, "use GET (with Block2)")
+        refusal = self._own_data_refusal(request, device_id)
+        if refusal is not None:
+            return refusal
+        fw = self.firmware
+        # The image id is looked up in the campaigns' targets before it names
+        # a file: only ids the firmware service made get that far.
+        info = None
+        if fw is not None and fw.may_download(image_id, device_id):
+            info = await self._image_info(fw, image_id)
+        if fw is None or info is None:
+            self.count_refusal(
+                "firmware_not_targeted", "device " + device_id, request.remote.hostinfo
+            )
+            return self._respond(Code.NOT_FOUND, "no such image for this device")
+        block2 = request.opt.block2
+        szx = (
+            FIRMWARE_BLOCK_SZX if block2 is None else min(block2.size_exponent, FIRMWARE_BLOCK_SZX)
+        )
+        number = 0 if block2 is None else block2.block_number
+        size = 1 << (szx + 4)
+        start = number * size
+        if number and start >= info.size:
+            text = f"block {number} of {size} bytes is past the end ({info.size} bytes)"
+            self.count_refusal("bad_block", text, request.remote.hostinfo)
+            return self._respond(Code.BAD_REQUEST, text)
+        wanted = list(request.opt.if_match)
+        if wanted and not any(v == info.etag or not v for v in wanted):
+            self.count_refusal("firmware_etag", "device " + device_id, request.remote.hostinfo)
+            return self._respond(
+                Code.PRECONDITION_FAILED, "the image is not the one If-Match names", etag=info.etag
+            )
+        expected = min(size, info.size - start)
+        try:
+            data = _read_block(fw.path(image_id), start, size)
+        except OSError as e:
+            data, problem = b"", f"{type(e).__name__}: {e.strerror or e}"
+        else:
+            problem = f"{len(data)} bytes on disk, {expected} expected"
+        if len(data) != expected:
+            log.error("coap: firmware image %s cannot be served: %s", image_id, problem)
+            return self._respond(Code.INTERNAL_SERVER_ERROR, "the image cannot be read")
+        msg = Message(code=Code.CONTENT, payload=data)
+        msg.opt.content_format = FIRMWARE_CONTENT_FORMAT
+        msg.opt.etag = info.etag
+        msg.opt.block2 = BlockOption.BlockwiseTuple(number, start + len(data) < info.size, szx)
+        if number == 0 or request.opt.size2 is not None:
+            msg.opt.size2 = info.size
+        self.firmware_blocks += 1
+        self.firmware_bytes += len(data)
+        return msg
+
+    async def _image_info(self, fw: FirmwareService, image_id: str) -> _ImageInfo | None:
+        info = self._images.get(image_id)
+        if info is None:
+            image = await fw.image(image_id)
+            if image is None:
+                return None
+            info = _ImageInfo(image.size, bytes.fromhex(image.sha256[:16]))
+            if len(self._images) >= MAX_IMAGE_INFOS:
+                self._images.pop(next(iter(self._images)))
+            self._images[image_id] = info
+        return info
+
+    def observe_refusal(self, resource: str, client_ip: str) -> tuple[str, str] | None:
+        """Why ``client_ip`` may not observe ``resource`` (a path such as
+        ``devices/{id}/commands``) now, as ``(reason, text)``, or None. Reasons:
+        ``observe_denied`` (4.03), ``observe_limit`` and
+        ``observe_limit_per_address`` (5.03). Commands and twin observations
+        share the limits."""
         cfg = self.config
         if cfg.observe == "deny" or not self._may_observe(client_ip):
             return "observe_denied", "observe is not allowed from this address"
-        if (device_id, client_ip) in self._observation_by_key:
+        if (resource, client_ip) in self._observation_by_key:
             return None  # replaces the one it had: no new place taken
         if self._observation_count >= cfg.max_observations:
             return "observe_limit", f"{cfg.max_observations} observations held; retry later"
@@ -602,9 +757,32 @@ class CoapAdapter(SouthAdapter):
         return any(ip in net for net in self._observe_networks if net.version == ip.version)
 
     def add_observer(self, device_id: str, observation: Any, client_ip: str) -> None:
-        """Register an accepted observation of ``device_id``'s commands by ``client_ip``.
+        """Register an accepted observation of ``device_id``'s commands by ``client_ip``."""
+        downlink = self._downlink
+        assert downlink is not None
+        self._hold_observation(
+            f"devices/{device_id}/commands",
+            observation,
+            client_ip,
+            lambda: downlink.observation_ended(device_id, observation),
+        )
+        downlink.observed(device_id, observation, client_ip)
 
-        An address holds one observation per device: a new one replaces the
+    def add_twin_observer(
+        self, device_id: str, view: str, request: Any, observation: Any, client_ip: str
+    ) -> None:
+        """Register an accepted observation of a view of ``device_id``'s twin."""
+        assert self._twin_coap is not None
+        ended = self._twin_coap.observed(device_id, view, request, observation)
+        self._hold_observation(_twin_resource(device_id, view), observation, client_ip, ended)
+
+    def _hold_observation(
+        self, resource: str, observation: Any, client_ip: str, ended: Callable[[], None]
+    ) -> None:
+        """Count an accepted observation of ``resource`` by ``client_ip``
+        against the limits until it ends (then ``ended`` is called).
+
+        An address holds one observation per resource: a new one replaces the
         old, which ends at once with a last non-confirmable 5.03. A device that
         rebooted and observes again from a new port would otherwise leave its
         old observation behind (nothing tells the gateway that a client is
@@ -613,7 +791,7 @@ class CoapAdapter(SouthAdapter):
         per-address limit would lock it out."""
         from aiocoap import Code, Message, Unreliable
 
-        key = (device_id, client_ip)
+        key = (resource, client_ip)
         old = self._observation_by_key.get(key)
         if old is not None:
             old.trigger(
@@ -630,11 +808,9 @@ class CoapAdapter(SouthAdapter):
         self._observation_count += 1
         by_address = self._observations_by_address
         by_address[client_ip] = by_address.get(client_ip, 0) + 1
-        downlink = self._downlink
-        assert downlink is not None
 
         def _cancel() -> None:
-            downlink.observation_ended(device_id, observation)
+            ended()
             if self._observation_by_key.get(key) is observation:
                 del self._observation_by_key[key]
             self._observation_count -= 1
@@ -645,7 +821,6 @@ class CoapAdapter(SouthAdapter):
                 by_address.pop(client_ip, None)
 
         observation.accept(_cancel)
-        downlink.observed(device_id, observation, client_ip)
 
 
 @functools.cache
@@ -674,7 +849,8 @@ def _devices_resource_class() -> Any:
             return msg
 
     class DevicesResource(interfaces.ObservableResource, resource.PathCapable):  # type: ignore[misc]
-        """The root resource: ``devices/{device_id}/telemetry`` and ``devices/{device_id}/commands``."""
+        """The root resource: ``devices/{device_id}/`` ``telemetry``, ``commands``,
+        ``twin[/...]`` and ``firmware/{image}``."""
 
         def __init__(self, adapter: CoapAdapter) -> None:
             super().__init__()
@@ -691,6 +867,14 @@ def _devices_resource_class() -> Any:
                 # own transfer (aiocoap's Block2 cache cannot say when the
                 # last block went out, which is when a command is delivered).
                 return False
+            if (
+                where is not None
+                and request.code == Code.GET
+                and where.kind in ("twin", "firmware")
+            ):
+                # Each block is rendered on its own (from the store, from
+                # the image on disk): nothing is cached between blocks.
+                return False
             if self.adapter.exceeds_limit(request):
                 raise TooLarge(self.adapter.config.max_body_size)
             return True
@@ -702,16 +886,25 @@ def _devices_resource_class() -> Any:
             if where.kind == "telemetry":
                 return await self.adapter.render_telemetry(request, where.device_id)
             if where.kind == "result":
-                return self.adapter.render_result(request, where.device_id, where.command_id)
+                return self.adapter.render_result(request, where.device_id, where.item)
+            if where.kind == "twin":
+                return await self.adapter.render_twin(request, where.device_id, where.item)
+            if where.kind == "firmware":
+                return await self.adapter.render_firmware(request, where.device_id, where.item)
             return await self.adapter.render_commands(request, where.device_id)
 
         async def add_observation(self, request: Any, serverobservation: Any) -> None:
             where = self._split(request)
             adapter = self.adapter
-            if where is None or not self._observable(request) or not adapter.commands_enabled:
+            if where is None or not self._observable(request):
+                return
+            if where.kind == "commands" and not adapter.commands_enabled:
                 return  # answered by render (4.04 when commands are off)
+            if where.kind == "twin" and not adapter.may_observe_twin(request, where.device_id):
+                return  # answered by render (4.04 without twins, 4.01 without the token)
             client_ip = _client_ip(request.remote)
-            refusal = adapter.observe_refusal(where.device_id, client_ip)
+            resource = "/".join(request.opt.uri_path)
+            refusal = adapter.observe_refusal(resource, client_ip)
             if refusal is not None:
                 # Raised before aiocoap renders anything: the answer to the
                 # GET is this error, without an Observe option.
@@ -720,11 +913,22 @@ def _devices_resource_class() -> Any:
                 if reason == "observe_denied":
                     raise error.Forbidden(text)
                 raise ObserveLimit(text, max(1, round(adapter.config.retry_after)))
-            adapter.add_observer(where.device_id, serverobservation, client_ip)
+            if where.kind == "twin":
+                adapter.add_twin_observer(
+                    where.device_id, where.item, request, serverobservation, client_ip
+                )
+            else:
+                adapter.add_observer(where.device_id, serverobservation, client_ip)
 
         async def render_to_pipe(self, pipe: Any) -> None:
             request = pipe.request
-            refusal = self.adapter.refuse_options(request)
+            where = self._split(request)
+            # If-Match is acted on where it means something: a reported patch
+            # and a firmware block (elsewhere it stays refused, 4.02).
+            if_match = where is not None and (
+                where.kind == "firmware" or (where.kind == "twin" and where.item == "reported")
+            )
+            refusal = self.adapter.refuse_options(request, if_match=if_match)
             if refusal is not None:
                 pipe.add_response(refusal, is_last=True)
                 return
@@ -737,7 +941,11 @@ def _devices_resource_class() -> Any:
 
         def _observable(self, request: Any) -> bool:
             where = self._split(request)
-            return where is not None and where.kind == "commands" and request.code == Code.GET
+            return (
+                where is not None
+                and where.kind in ("commands", "twin")
+                and request.code == Code.GET
+            )
 
     return DevicesResource
 
@@ -747,13 +955,23 @@ class _Target(NamedTuple):
 
     device_id: str
     kind: str
-    """``telemetry``, ``commands`` or ``result``."""
-    command_id: str = ""
+    """``telemetry``, ``commands``, ``result``, ``twin`` or ``firmware``."""
+    item: str = ""
+    """The command id (``result``), the view (``twin``: ``twin``, ``desired``,
+    ``reported``, ``delta``) or the image id (``firmware``)."""
 
     @classmethod
     def of(cls, path: Sequence[str]) -> _Target | None:
-        if len(path) == 3 and path[0] == "devices" and path[2] in ("telemetry", "commands"):
+        if len(path) < 3 or path[0] != "devices":
+            return None
+        if len(path) == 3 and path[2] in ("telemetry", "commands"):
             return cls(path[1], path[2])
+        if len(path) == 3 and path[2] == "twin":
+            return cls(path[1], "twin", "twin")
+        if len(path) == 4 and path[2] == "twin" and path[3] in TWIN_VIEWS[1:]:
+            return cls(path[1], "twin", path[3])
+        if len(path) == 4 and path[2] == "firmware" and path[3]:
+            return cls(path[1], "firmware", path[3])
         if (
             len(path) == 5
             and path[0] == "devices"
@@ -831,6 +1049,43 @@ def _guarded_udp6(watch: _TransportWatch) -> Any:
                     self.transport.sendmsg(reply, pktinfo, 0, address)
 
     return GuardedUDP6
+
+
+_IF_MATCH_HANDLED = frozenset({IF_MATCH})
+
+
+def _twin_resource(device_id: str, view: str) -> str:
+    """The path of a twin view (as the Uri-Path options joined by ``/``)."""
+    return f"devices/{device_id}/twin" + ("" if view == "twin" else f"/{view}")
+
+
+class _ImageInfo(NamedTuple):
+    """What every block of an image's download needs (images do not change)."""
+
+    size: int
+    etag: bytes
+
+
+MAX_IMAGE_INFOS = 64
+"""Images whose size and ETag the listener remembers (a campaign's image is
+asked for once per block by every device of the campaign)."""
+
+FIRMWARE_CONTENT_FORMAT = 42
+"""application/octet-stream."""
+FIRMWARE_BLOCK_SZX = 6
+"""The largest block served: 2 ** (6 + 4) = 1024 bytes (RFC 7959 2.2); a
+device asks for smaller blocks with the Block2 size of its requests."""
+
+
+def _read_block(path: Path, start: int, size: int) -> bytes:
+    """``size`` bytes of the file at ``start`` (fewer at its end).
+
+    Read on the event loop: one block (at most 1 KiB) from a file that every
+    device of a campaign reads, so from the page cache; a hop to a thread
+    would cost more than the read."""
+    with path.open("rb") as f:
+        f.seek(start)
+        return f.read(size)
 
 
 TOKEN_QUERY = "token="

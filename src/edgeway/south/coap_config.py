@@ -46,6 +46,12 @@ class CoapSection(_Model):
     unanswered the listener is marked not serving (``/healthz`` 503) and
     restarted. 5 s: a listener that stopped reading is noticed within about
     8 s, for one 4-byte datagram per interval. 0 turns the checks off."""
+    device_data_allow_anonymous: bool = False
+    """Let requests without a token read and patch a device's twin and download
+    its firmware (``devices/{id}/twin...``, ``devices/{id}/firmware/...``), for
+    devices that have no CoAP token in the credential store. Off even with
+    ``allow_anonymous``: whoever sends such a request acts as the device
+    (reads its desired state, writes its reported state)."""
     unregistered: Literal["allow", "refuse"] = "allow"
     """Devices the registry does not know: ``allow`` (listed as unregistered) or
     ``refuse`` (4.03 Forbidden). See docs/devices.md."""

@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-URI_HOST, URI_PORT, URI_PATH, URI_QUERY, ACCEPT = 3, 7, 11, 15, 17
+IF_MATCH, URI_HOST, URI_PORT, URI_PATH, URI_QUERY, ACCEPT = 1, 3, 7, 11, 15, 17
 BLOCK2, BLOCK1, PROXY_URI, PROXY_SCHEME = 23, 27, 35, 39
 OBSERVE, CONTENT_FORMAT, MAX_AGE, SIZE1 = 6, 12, 14, 60
 
@@ -34,6 +34,7 @@ means in a way this listener does not implement, so it is refused."""
 PROXY_OPTIONS = frozenset({PROXY_URI, PROXY_SCHEME})
 
 MAX_LENGTH = {
+    IF_MATCH: 8,
     URI_HOST: 255,
     URI_PORT: 2,
     URI_PATH: 255,
@@ -60,12 +61,17 @@ class OptionRefusal:
     option: int
 
 
-def option_refusal(options: list[tuple[int, int]]) -> OptionRefusal | None:
-    """The refusal for a request with these ``(number, value length)`` options, or None."""
+def option_refusal(
+    options: list[tuple[int, int]], also_handled: frozenset[int] = frozenset()
+) -> OptionRefusal | None:
+    """The refusal for a request with these ``(number, value length)`` options,
+    or None. ``also_handled``: critical options this request's resource acts
+    on besides :data:`HANDLED_CRITICAL` (If-Match where a request may be
+    conditional)."""
     for number, length in options:
         if number in PROXY_OPTIONS:
             return OptionRefusal("5.05", "proxy_option", number)
-        if number & 1 and number not in HANDLED_CRITICAL:
+        if number & 1 and number not in HANDLED_CRITICAL and number not in also_handled:
             return OptionRefusal("4.02", "unknown_critical_option", number)
         limit = MAX_LENGTH.get(number)
         if limit is not None and length > limit:
