@@ -321,3 +321,51 @@ async def test_a_large_desired_document_goes_out_in_blocks(tmp_path: Path, clien
             block2=BlockOption.BlockwiseTuple(500, False, 4), whole=False,
         )  # fmt: skip
         assert r.code == Code.BAD_REQUEST and b"past the end" in r.payload
+
+
+async def test_bad_requests_are_answered_counted_and_the_listener_keeps_serving(
+    tmp_path: Path, client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from aiocoap.optiontypes import BlockOption
+
+    async with gateway(tmp_path, "max_body_size: 4KiB") as env:
+        port = env.adapter.port
+        token = env.tokens["dev-1"]
+        cases = [
+            (Code.GET, f"devices/a+b/twin?token={token}", {}, Code.BAD_REQUEST),
+            (Code.GET, f"devices//twin/desired?token={token}", {}, Code.BAD_REQUEST),
+            (Code.GET, f"devices/dev-1/twin/desired/x?token={token}", {}, Code.NOT_FOUND),
+            (Code.GET, f"devices/dev-1/twin/other?token={token}", {}, Code.NOT_FOUND),
+            (
+                Code.DELETE,
+                f"devices/dev-1/twin/reported?token={token}",
+                {},
+                Code.METHOD_NOT_ALLOWED,
+            ),
+            (
+                Code.GET,
+                f"devices/dev-1/twin?token={token}",
+                {"block2": BlockOption.BlockwiseTuple(2**20 - 1, False, 6)},
+                Code.BAD_REQUEST,
+            ),
+            # Observe on a PUT means nothing (RFC 7641): answered as a PUT.
+            (Code.PUT, f"devices/dev-1/twin/reported?token={token}", {"observe": 0}, Code.CHANGED),
+            # A patch announced larger than the listener's body limit: 4.13 at once.
+            (
+                Code.PUT,
+                f"devices/dev-1/twin/reported?token={token}",
+                {"size1": 10**6},
+                Code.REQUEST_ENTITY_TOO_LARGE,
+            ),
+        ]
+        for code, path, opts, expected in cases:
+            msg = Message(code=code, uri=f"coap://127.0.0.1:{port}/{path}", payload=b"{}")
+            for k, v in opts.items():
+                setattr(msg.opt, k, v)
+            r = await asyncio.wait_for(client.request(msg, handle_blockwise=False).response, 15)
+            assert r.code == expected, (code, path, r.code, r.payload)
+        assert env.adapter.refusals["bad_device_id"] == 2
+        assert env.adapter.refusals["twin_bad_block"] == 1
+        r = await request(client, Code.GET, env.uri("dev-1", "twin/reported"))
+        assert r.code == Code.CONTENT and r.opt.etag == b"\x01"
+        assert not [rec for rec in caplog.records if rec.exc_info or rec.levelname == "ERROR"]

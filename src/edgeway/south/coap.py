@@ -23,6 +23,17 @@ Resources:
 - ``GET /devices/{device_id}/commands`` (with Observe) and ``POST
   /devices/{device_id}/commands/{command_id}/result``: commands to devices
   when ``commands: true`` (4.04 otherwise); see :mod:`edgeway.south.coap_downlink`.
+- ``devices/{device_id}/twin``, ``.../twin/desired`` (observable),
+  ``.../twin/reported`` (also PUT/PATCH), ``.../twin/delta``: the device's
+  twin when twins are on; see :mod:`edgeway.twins.coap`.
+- ``GET /devices/{device_id}/firmware/{image}``: a firmware image in Block2
+  blocks (RFC 7959) for a device an unfinished campaign of that image targets;
+  each block is read from disk on its own, ETag = the first 8 bytes of the
+  image's SHA-256.
+
+Twins and firmware are a device's own data: the request's Uri-Query token
+must be that device's CoAP token (``coap.device_data_allow_anonymous`` lets
+devices without one in, on a trusted network).
 
 On acknowledgement: aiocoap piggybacks the response on the ACK of a
 confirmable request when it is ready within its empty-ACK delay, and otherwise
