@@ -21,6 +21,7 @@ pytest.importorskip("cbor2")
 import aiocoap
 import cbor2
 from aiocoap import Code, Message
+from coap_devices import aiocoap_client  # noqa: F401  (the client fixture)
 from ingest_doubles import RecordingIngest, wait_until
 
 from coap_datagrams import coap_request, con_post, telemetry_path
@@ -60,15 +61,6 @@ async def coap_server(ingest: Any, **cfg: Any) -> AsyncIterator[CoapAdapter]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[Any]:
-    ctx = await aiocoap.Context.create_client_context()
-    try:
-        yield ctx
-    finally:
-        await ctx.shutdown()
 
 
 def url(adapter: CoapAdapter, path: str) -> str:

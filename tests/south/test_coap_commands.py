@@ -19,6 +19,7 @@ pytest.importorskip("cbor2")
 import aiocoap
 import cbor2
 from aiocoap import Code, Message
+from coap_devices import aiocoap_client  # noqa: F401  (the client fixture)
 from ingest_doubles import wait_until
 
 from coap_datagrams import coap_request, commands_path, empty_reply, observe_get, parse
@@ -61,15 +62,6 @@ async def gateway_with(tmp_path: Path, coap: str) -> AsyncIterator[tuple[Gateway
 async def gateway(tmp_path: Path) -> AsyncIterator[tuple[Gateway, CoapAdapter]]:
     async with gateway_with(tmp_path, "commands: true, command_poll_wait: 2s") as pair:
         yield pair
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[Any]:
-    ctx = await aiocoap.Context.create_client_context()
-    try:
-        yield ctx
-    finally:
-        await ctx.shutdown()
 
 
 def url(adapter: CoapAdapter, path: str) -> str:

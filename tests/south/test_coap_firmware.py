@@ -24,13 +24,15 @@ pytest.importorskip("aiocoap")
 import aiocoap
 from aiocoap import Code, Message
 from aiocoap.optiontypes import BlockOption
+from coap_devices import (
+    DeviceGateway,
+    aiocoap_client,  # noqa: F401  (the client fixture)
+    device_gateway,
+    request,
+)
 from ingest_doubles import wait_until
 
-from edgeway.config import parse_config
-from edgeway.devices.credentials import CredentialStore
 from edgeway.firmware.model import CampaignState, TargetState
-from edgeway.gateway import Gateway
-from edgeway.south.coap import CoapAdapter
 
 IMAGE = os.urandom(50_000)  # 49 blocks of 1024 bytes
 SHA = hashlib.sha256(IMAGE).hexdigest()
@@ -42,42 +44,17 @@ def free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Env:
-    def __init__(self, gw: Gateway, adapter: CoapAdapter, tokens: dict[str, str]) -> None:
-        self.gw, self.adapter, self.tokens = gw, adapter, tokens
-        assert gw.firmware is not None
-        self.fw = gw.firmware
-
-    def uri(self, device: str, path: str, token: str | None = "") -> str:
-        token = self.tokens[device] if token == "" else token
-        query = "" if token is None else f"?token={token}"
-        return f"coap://127.0.0.1:{self.adapter.port}/devices/{device}/{path}{query}"
-
-
 @contextlib.asynccontextmanager
-async def gateway(tmp_path: Path, image: bytes = IMAGE) -> AsyncIterator[tuple[Env, str]]:
-    data = tmp_path / "data"
-    store = CredentialStore.open(data)
-    tokens = {d: store.issue(d, "coap") for d in ("dev-1", "dev-2")}
-    store.close()
+async def gateway(tmp_path: Path, image: bytes = IMAGE) -> AsyncIterator[tuple[DeviceGateway, str]]:
     port = free_udp_port()
-    cfg = parse_config(
-        f"""
-gateway: {{id: gw-cf, data_dir: "{data}"}}
+    config = f"""
+gateway: {{id: gw-cf, data_dir: "{{data}}"}}
 mqtt: {{enabled: false}}
 outbox: {{durability: os}}
 coap: {{listen: "127.0.0.1:{port}", probe_interval: 0, allow_anonymous: false, commands: true}}
 firmware: {{require_signature: false, download_base: "coap://127.0.0.1:{port}"}}
-""",
-        "t.yaml",
-    )
-    gw = Gateway(cfg)
-    task = asyncio.create_task(gw.run())
-    try:
-        await asyncio.wait_for(gw.ready.wait(), 15)
-        adapter = next(a for a in gw.adapters if isinstance(a, CoapAdapter))
-        await asyncio.wait_for(adapter.ready.wait(), 10)
-        env = Env(gw, adapter, tokens)
+"""
+    async with device_gateway(tmp_path, ("dev-1", "dev-2"), config) as env:
 
         async def chunks() -> AsyncIterator[bytes]:
             for i in range(0, len(image), 65536):
@@ -85,25 +62,11 @@ firmware: {{require_signature: false, download_base: "coap://127.0.0.1:{port}"}}
 
         img = await env.fw.add_image("board-a", "2.0", chunks())
         yield env, img.id
-    finally:
-        gw.request_stop()
-        await asyncio.wait_for(task, 15)
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[Any]:
-    ctx = await aiocoap.Context.create_client_context()
-    try:
-        yield ctx
-    finally:
-        await ctx.shutdown()
 
 
 async def get_block(client: Any, uri: str, number: int, szx: int = 6, **opts: Any) -> Any:
-    msg = Message(code=Code.GET, uri=uri, block2=BlockOption.BlockwiseTuple(number, False, szx))
-    for k, v in opts.items():
-        setattr(msg.opt, k, v)
-    return await asyncio.wait_for(client.request(msg, handle_blockwise=False).response, 15)
+    block2 = BlockOption.BlockwiseTuple(number, False, szx)
+    return await request(client, Code.GET, uri, whole=False, block2=block2, **opts)
 
 
 async def test_a_coap_device_updates_with_a_resumed_block2_download(

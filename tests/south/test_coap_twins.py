@@ -17,74 +17,28 @@ pytest.importorskip("aiocoap")
 import aiocoap
 import cbor2
 from aiocoap import Code, Message
+from coap_devices import (
+    DeviceGateway,
+    aiocoap_client,  # noqa: F401  (the client fixture)
+    device_gateway,
+    request,
+)
 from ingest_doubles import wait_until
 
-from edgeway.config import parse_config
-from edgeway.devices.credentials import CredentialStore
-from edgeway.gateway import Gateway
-from edgeway.south.coap import CoapAdapter
 from edgeway.twins.coap import version_etag
 
 
-class Env:
-    def __init__(self, gw: Gateway, adapter: CoapAdapter, tokens: dict[str, str]) -> None:
-        self.gw = gw
-        self.adapter = adapter
-        self.tokens = tokens
-        assert gw.twins is not None
-        self.twins = gw.twins
-
-    def uri(self, device: str, path: str, token: str | None = "") -> str:
-        if token == "":
-            token = self.tokens[device]
-        query = "" if token is None else f"?token={token}"
-        return f"coap://127.0.0.1:{self.adapter.port}/devices/{device}/{path}{query}"
-
-
 @contextlib.asynccontextmanager
-async def gateway(tmp_path: Path, coap: str = "", twins: str = "") -> AsyncIterator[Env]:
-    data = tmp_path / "data"
-    store = CredentialStore.open(data)
-    tokens = {d: store.issue(d, "coap") for d in ("dev-1", "dev-2", "dev-3")}
-    store.close()
-    cfg = parse_config(
-        f"""
-gateway: {{id: gw-ct, data_dir: "{data}"}}
+async def gateway(tmp_path: Path, coap: str = "") -> AsyncIterator[DeviceGateway]:
+    config = f"""
+gateway: {{id: gw-ct, data_dir: "{{data}}"}}
 mqtt: {{enabled: false}}
 outbox: {{durability: os}}
 coap: {{listen: "127.0.0.1:0", probe_interval: 0, allow_anonymous: false, {coap}}}
-twins: {{max_bytes: 8KiB, max_depth: 4, {twins}}}
-""",
-        "t.yaml",
-    )
-    gw = Gateway(cfg)
-    task = asyncio.create_task(gw.run())
-    try:
-        await asyncio.wait_for(gw.ready.wait(), 15)
-        adapter = next(a for a in gw.adapters if isinstance(a, CoapAdapter))
-        await asyncio.wait_for(adapter.ready.wait(), 10)
-        yield Env(gw, adapter, tokens)
-    finally:
-        gw.request_stop()
-        await asyncio.wait_for(task, 15)
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[Any]:
-    ctx = await aiocoap.Context.create_client_context()
-    try:
-        yield ctx
-    finally:
-        await ctx.shutdown()
-
-
-async def request(
-    client: Any, code: Any, uri: str, payload: bytes = b"", *, whole: bool = True, **opts: Any
-) -> Any:
-    msg = Message(code=code, uri=uri, payload=payload)
-    for k, v in opts.items():
-        setattr(msg.opt, k, v)
-    return await asyncio.wait_for(client.request(msg, handle_blockwise=whole).response, 15)
+twins: {{max_bytes: 8KiB, max_depth: 4}}
+"""
+    async with device_gateway(tmp_path, ("dev-1", "dev-2", "dev-3"), config) as env:
+        yield env
 
 
 async def test_get_views_with_versions_as_etags_in_json_and_cbor(
