@@ -14,18 +14,21 @@ def coap_request(
     token: bytes = TOKEN,
 ) -> bytes:
     """A confirmable request (POST by default) with these ``(number, value)``
-    options (values up to 12 bytes) and a token (2 bytes by default)."""
+    options (values up to 268 bytes) and a token (2 bytes by default)."""
     out = bytes([0x40 | len(token), code]) + message_id.to_bytes(2, "big") + token
     last = 0
     for number, value in sorted(options, key=lambda o: o[0]):
-        assert len(value) <= 12, "extended option lengths are not encoded here"
+        assert len(value) <= 268, "longer option values are not encoded here"
         delta, last = number - last, number
         ext = b""
         if delta >= 269:
             ext, delta = (delta - 269).to_bytes(2, "big"), 14
         elif delta >= 13:
             ext, delta = bytes([delta - 13]), 13
-        out += bytes([(delta << 4) | len(value)]) + ext + value
+        length = len(value)
+        if length >= 13:
+            ext, length = ext + bytes([length - 13]), 13
+        out += bytes([(delta << 4) | length]) + ext + value
     return out + (b"\xff" + payload if payload else b"")
 
 

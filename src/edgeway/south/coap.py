@@ -252,7 +252,11 @@ class CoapAdapter(SouthAdapter):
         try:
             await ctx._append_tokenmanaged_messagemanaged_transport(
                 lambda mman: transport.create_server_transport_endpoint(
-                    mman, log=ctx.log, loop=loop, bind=(host, port), multicast=[]
+                    _stateless_firmware_blocks(mman),
+                    log=ctx.log,
+                    loop=loop,
+                    bind=(host, port),
+                    multicast=[],
                 )
             )
         except BaseException:
@@ -1001,6 +1005,35 @@ class _TransportWatch(Protocol):
     def message_sent(self, message: Any) -> None: ...
 
     def empty_received(self, sockaddr: Any, mid: int, *, reset: bool) -> None: ...
+
+
+def _stateless_firmware_blocks(mman: Any) -> Any:
+    """``mman`` (aiocoap's message manager of the listener), keeping no
+    duplicate-detection state for GETs of firmware blocks.
+
+    aiocoap remembers every confirmable request's message id, and the
+    response sent to it, for EXCHANGE_LIFETIME (247 s), to answer a
+    retransmitted request with the same response. For a firmware download
+    that is one 1 KiB response (about 5 KB with its message object) per block
+    for four minutes: 50 devices downloading 512 KiB each held 137 MB more
+    than idle (bench/coap_device_data.py). RFC 7252 4.5 lets a server treat
+    a duplicate of an idempotent request as a new one when answering is
+    cheaper than keeping state; a block GET is idempotent and answering it
+    is one read of 1 KiB, so for those nothing is kept and a retransmitted
+    block request is answered again from disk."""
+    from aiocoap import Code
+
+    remember = mman._deduplicate_message
+
+    def deduplicate(message: Any) -> bool:
+        if message.code == Code.GET:
+            where = _Target.of(message.opt.uri_path)
+            if where is not None and where.kind == "firmware":
+                return False
+        return bool(remember(message))
+
+    mman._deduplicate_message = deduplicate
+    return mman
 
 
 def _guarded_udp6(watch: _TransportWatch) -> Any:
