@@ -1009,7 +1009,8 @@ class _TransportWatch(Protocol):
 
 def _stateless_firmware_blocks(mman: Any) -> Any:
     """``mman`` (aiocoap's message manager of the listener), keeping no
-    duplicate-detection state for GETs of firmware blocks.
+    duplicate-detection state for GETs of firmware blocks and plain GETs
+    (without Observe) of twin documents.
 
     aiocoap remembers every confirmable request's message id, and the
     response sent to it, for EXCHANGE_LIFETIME (247 s), to answer a
@@ -1020,7 +1021,9 @@ def _stateless_firmware_blocks(mman: Any) -> Any:
     a duplicate of an idempotent request as a new one when answering is
     cheaper than keeping state; a block GET is idempotent and answering it
     is one read of 1 KiB, so for those nothing is kept and a retransmitted
-    block request is answered again from disk."""
+    block request is answered again from disk. The same for a twin GET (one
+    read of the store; 3.4 KB kept per request otherwise), but not for one
+    with Observe: a registration seen twice would replace itself."""
     from aiocoap import Code
 
     remember = mman._deduplicate_message
@@ -1028,7 +1031,9 @@ def _stateless_firmware_blocks(mman: Any) -> Any:
     def deduplicate(message: Any) -> bool:
         if message.code == Code.GET:
             where = _Target.of(message.opt.uri_path)
-            if where is not None and where.kind == "firmware":
+            if where is not None and (
+                where.kind == "firmware" or (where.kind == "twin" and message.opt.observe is None)
+            ):
                 return False
         return bool(remember(message))
 
