@@ -66,6 +66,13 @@ firmware: {{require_signature: false, download_base: "coap://127.0.0.1:{port}"}}
         yield env, img.id
 
 
+async def updating(env: DeviceGateway, image_id: str, device: str) -> None:
+    """A campaign of the image for ``device`` alone, once its update command
+    is out (only then may it download)."""
+    await env.fw.create(image_id, {"site": [device]}, canary_share=0.0, pace=600)
+    await wait_until(lambda: env.fw.may_download(image_id, device))
+
+
 async def get_block(client: Any, uri: str, number: int, szx: int = 6, **opts: Any) -> Any:
     block2 = BlockOption.BlockwiseTuple(number, False, szx)
     return await request(client, Code.GET, uri, whole=False, block2=block2, **opts)
@@ -147,7 +154,7 @@ async def test_a_coap_device_updates_with_a_resumed_block2_download(
 
 async def test_refusals_and_block_sizes(tmp_path: Path, client: Any) -> None:
     async with gateway(tmp_path) as (env, image_id):
-        await env.fw.create(image_id, {"site": ["dev-1"]}, canary_share=0.0, pace=0.001)
+        await updating(env, image_id, "dev-1")
         path = f"firmware/{image_id}"
         # The device asks for 64-byte blocks; a size above 1024 (BERT, szx 7) gets 1024.
         r = await get_block(client, env.uri("dev-1", path), 3, szx=2)
@@ -192,7 +199,7 @@ async def test_block_requests_hold_no_memory_and_a_repeated_one_is_answered_agai
 ) -> None:
     big = os.urandom(4 * 1024 * 1024)
     async with gateway(tmp_path, big) as (env, image_id):
-        await env.fw.create(image_id, {"site": ["dev-1"]}, canary_share=0.0, pace=0.001)
+        await updating(env, image_id, "dev-1")
         uri = env.uri("dev-1", f"firmware/{image_id}")
         await get_block(client, uri, 0)  # the image's size and ETag are looked up once
         gc.collect()

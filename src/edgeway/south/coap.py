@@ -27,7 +27,7 @@ Resources:
   ``.../twin/reported`` (also PUT/PATCH), ``.../twin/delta``: the device's
   twin when twins are on; see :mod:`edgeway.twins.coap`.
 - ``GET /devices/{device_id}/firmware/{image}``: a firmware image in Block2
-  blocks (RFC 7959) for a device an unfinished campaign of that image targets;
+  blocks (RFC 7959) for a device whose update command for that image is out;
   each block is read from disk on its own, ETag = the first 8 bytes of the
   image's SHA-256.
 
@@ -673,7 +673,7 @@ class CoapAdapter(SouthAdapter):
 
     async def render_firmware(self, request: Any, device_id: str, image_id: str) -> Any:
         """``GET /devices/{id}/firmware/{image}``: one Block2 block of the image,
-        read from disk, for a device an unfinished campaign of it targets."""
+        read from disk, for a device whose update command for it is out."""
         from aiocoap import Code, Message
         from aiocoap.optiontypes import BlockOption
 
