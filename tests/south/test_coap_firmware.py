@@ -32,6 +32,7 @@ from coap_devices import (
     request,
 )
 from ingest_doubles import wait_until
+from test_coap import COAP_CLIENT, coap_client
 
 from coap_datagrams import coap_request, parse
 from edgeway.firmware.model import CampaignState, TargetState
@@ -242,3 +243,31 @@ async def test_block_requests_hold_no_memory_and_a_repeated_one_is_answered_agai
             assert env.adapter.firmware_blocks == served + 2
         finally:
             transport.close()
+
+
+@pytest.mark.skipif(COAP_CLIENT is None, reason="libcoap3-bin (coap-client) not installed")
+async def test_libcoap_downloads_the_image_and_reads_and_patches_its_twin(
+    tmp_path: Path,
+) -> None:
+    """Another implementation (libcoap's coap-client, in C) against the same resources."""
+    async with gateway(tmp_path) as (env, image_id):
+        await updating(env, image_id, "dev-1")
+        out_file = tmp_path / "image.bin"
+        # -b 512: Block2 transfer in 512-byte blocks, written to a file.
+        rc, out = await coap_client(
+            "-m", "get", "-b", "512", "-o", str(out_file), env.uri("dev-1", f"firmware/{image_id}")
+        )  # fmt: skip
+        assert rc == 0, out
+        assert out_file.read_bytes() == IMAGE
+        assert env.adapter.firmware_blocks == len(IMAGE) // 512 + 1
+
+        rc, out = await coap_client(
+            "-m", "put", "-t", "50", "-e", '{"fw": "1.0"}', env.uri("dev-1", "twin/reported")
+        )  # fmt: skip
+        assert rc == 0, out
+        assert (await env.twins.get("dev-1")).reported == {"fw": "1.0"}
+        await env.twins.patch("dev-1", "desired", {"fw": "2.0"}, by="t")
+        rc, out = await coap_client("-m", "get", "-A", "50", env.uri("dev-1", "twin/delta"))
+        assert rc == 0 and json.loads(out.strip().splitlines()[-1]) == {"fw": "2.0"}, out
+        rc, out = await coap_client("-m", "get", env.uri("dev-1", "twin/desired", None))
+        assert "4.01" in out
