@@ -186,9 +186,6 @@ class TwinCoap:
         self._by_request: dict[int, _Observer] = {}
         """Observers by id() of the request that opened them: aiocoap renders
         every notification from that same request."""
-        self.notifications = 0
-        self.patches = 0
-        self.refused = 0
 
     def attach(self) -> None:
         self.service.add_listener(self._changed)
@@ -252,7 +249,6 @@ class TwinCoap:
         obs = self._by_request.get(id(request))
         if obs is not None:
             obs.etag = etag
-            self.notifications += 1
         body = encode(view_doc(twin, view), fmt)
         block2 = request.opt.block2
         szx = BLOCK_SZX if block2 is None else min(block2.size_exponent, BLOCK_SZX)
@@ -312,7 +308,6 @@ class TwinCoap:
                     Code.REQUEST_ENTITY_TOO_LARGE, str(e)[:200], size1=limits.max_bytes
                 )
             return self._respond(Code.BAD_REQUEST, f"{e.code}: {e}"[:200])
-        self.patches += 1
         msg = Message(code=Code.CHANGED)
         msg.opt.etag = version_etag(twin.reported_version)
         return msg
@@ -325,5 +320,4 @@ class TwinCoap:
         return self._respond(code, text)
 
     def _count(self, request: Any, reason: str, detail: str) -> None:
-        self.refused += 1
         self._refuse(reason, detail, request.remote.hostinfo)
