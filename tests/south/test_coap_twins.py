@@ -412,3 +412,35 @@ async def test_twin_gets_hold_no_memory_after_they_are_answered(
         finally:
             tracemalloc.stop()
         assert retained < 256 * 1024, retained
+
+
+async def test_a_disabled_device_loses_its_twin_observation_at_the_next_change(
+    tmp_path: Path, client: Any
+) -> None:
+    """Every notification is rendered through the token check: a device
+    disabled (as ``edgeway credentials disable`` does, on the same data
+    directory) gets 4.01 instead of its next desired state, which ends the
+    observation."""
+    from edgeway.devices.credentials_cli import credentials_main
+
+    async with gateway(tmp_path) as env:
+        req = client.request(
+            Message(code=Code.GET, uri=env.uri("dev-1", "twin/desired"), observe=0)
+        )
+        assert (await asyncio.wait_for(req.response, 15)).code == Code.CONTENT
+        notifications = aiter(req.observation)
+        await env.twins.patch("dev-1", "desired", {"v": 1}, by="t")
+        assert json.loads((await asyncio.wait_for(anext(notifications), 15)).payload) == {"v": 1}
+        data = tmp_path / "data"
+        assert await asyncio.to_thread(credentials_main, ["disable", "dev-1"], data) == 0
+        for _ in range(100):  # the gateway sees the store change within a second
+            r = await request(client, Code.GET, env.uri("dev-1", "twin/desired"))
+            if r.code == Code.UNAUTHORIZED:
+                break
+            await asyncio.sleep(0.05)
+        await env.twins.patch("dev-1", "desired", {"v": 2, "secret": "x"}, by="t")
+        last = await asyncio.wait_for(anext(notifications), 15)
+        assert last.code == Code.UNAUTHORIZED and b"secret" not in last.payload
+        with pytest.raises((aiocoap.error.Error, StopAsyncIteration)):
+            await asyncio.wait_for(anext(notifications), 15)  # the observation is over
+        await wait_until(lambda: env.adapter.twin_observer_count("dev-1") == 0)
