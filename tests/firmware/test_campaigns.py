@@ -228,3 +228,44 @@ async def test_cli_signs_uploads_and_starts_a_campaign(rig: Rig, tmp_path: Path)
     cid = orjson.loads(out)["campaign"]["id"]
     code, out, err = await cli("abort", cid, *admin)
     assert code == 0 and orjson.loads(out)["campaign"]["state"] == "aborted"
+
+
+async def test_a_finished_campaign_leaves_another_campaigns_downloads(rig: Rig) -> None:
+    """Two campaigns of one image: the first completing must not take the
+    right to download from a device of the second whose update is out."""
+    got: list[str] = []
+    holder = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="hold-1")
+    holder.on_connect = lambda c, *a: c.subscribe("devices/hold-1/commands/+", 1)
+    holder.on_message = lambda c, u, m: got.append(m.topic)  # takes it, never answers
+    holder.connect("127.0.0.1", rig.mport)
+    holder.loop_start()
+    fleet = await asyncio.to_thread(Fleet, rig.mport, ["quick-1"], {}, "5.0")
+    try:
+        await asyncio.sleep(1.0)
+        async with httpx.AsyncClient(base_url=rig.base, timeout=20) as http:
+            image = (await upload(http, "5.0")).json()["image"]
+            url = f"http://127.0.0.1:{rig.hport}/devices/hold-1/firmware/{image['id']}"
+            r = await http.post(
+                "/api/firmware/campaigns",
+                json={"image": image["id"], "groups": {"g": ["hold-1"]}, "canary_share": 0},
+            )
+            slow = r.json()["campaign"]["id"]
+            async with asyncio.timeout(20):
+                while not got:  # noqa: ASYNC110 - paho's thread appends
+                    await asyncio.sleep(0.1)
+            assert await asyncio.to_thread(_status, url) == 200
+            r = await http.post(
+                "/api/firmware/campaigns",
+                json={"image": image["id"], "groups": {"g": ["quick-1"]}, "canary_share": 0},
+            )
+            quick = r.json()["campaign"]["id"]
+            body = await wait_campaign(http, quick, {"completed", "halted"})
+            assert body["campaign"]["state"] == "completed", body
+            # The first campaign is still under way and its device may still download.
+            slow_state = (await http.get(f"/api/firmware/campaigns/{slow}")).json()["campaign"]
+            assert slow_state["state"] == "running", slow_state
+            assert await asyncio.to_thread(_status, url) == 200
+    finally:
+        await asyncio.to_thread(fleet.stop)
+        holder.disconnect()
+        holder.loop_stop()
