@@ -89,6 +89,7 @@ class AuditEntry:
             "target": self.target,
             "status": self.status,
             "detail": self.detail,
+            "reason": self.detail.get("reason") if isinstance(self.detail, dict) else None,
         }
 
 

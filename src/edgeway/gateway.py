@@ -165,7 +165,7 @@ class Gateway:
             "ready": self.ready.is_set(),
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "broker": self.embedded.stats().flat() if self.embedded is not None else None,
-            "outbox": self.outbox.counters() if self.outbox is not None else {},
+            "outbox": self.outbox.status() if self.outbox is not None else {},
             "outbox_retired": self.outbox.retired_counters() if self.outbox is not None else {},
             "reloads": {"applied": self.reloads, "failed": self.reload_failures},
             "pipeline": self.pipeline.report() if self.pipeline is not None else None,

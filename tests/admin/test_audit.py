@@ -80,3 +80,38 @@ def test_the_log_is_append_only(tmp_path: Path) -> None:
         conn.execute("DELETE FROM audit")
     conn.close()
     assert [e.who for e in read_offline(tmp_path)] == ["me (cli)"]
+
+
+async def test_a_change_carries_its_reason_into_the_audit(tmp_path: Path) -> None:
+    """X-Edgeway-Reason (percent-encoded UTF-8) is stored with the entry; one
+    that is not UTF-8 or too long is refused before the route runs."""
+    from urllib.parse import quote
+
+    async with running_gateway(tmp_path, TOKENS) as rg:
+        operator = await create_token(rg.data_dir, "operator", "ops-desk")
+        op = {"Authorization": f"Bearer {operator}"}
+        async with httpx.AsyncClient(base_url=rg.base, timeout=10) as http:
+            why = "valve 3 leaks; ticket #42, Jörg\nsecond line"
+            r = await http.post(
+                "/api/devices/boiler-1/commands",
+                json={"name": "stop"},
+                headers={**op, "X-Edgeway-Reason": quote(why)},
+            )
+            assert r.status_code == 202
+            for bad in ("%ff%fe", quote("x" * 501)):
+                r = await http.post(
+                    "/api/devices/boiler-2/commands",
+                    json={"name": "stop"},
+                    headers={**op, "X-Edgeway-Reason": bad},
+                )
+                assert r.status_code == 400 and "X-Edgeway-Reason" in r.json()["message"]
+            r = await http.post("/api/devices/boiler-3/commands", json={"name": "go"}, headers=op)
+            assert r.status_code == 202
+            entries = (await http.get("/api/audit", headers=op)).json()["entries"]
+            commands = (await http.get("/api/commands", headers=op)).json()["commands"]
+        assert {c["device_id"] for c in commands} == {"boiler-1", "boiler-3"}
+        posts = [e for e in entries if e["action"].startswith("POST")]
+        assert [(e["target"], e["reason"]) for e in posts] == [
+            ("boiler-3", None),
+            ("boiler-1", "valve 3 leaks; ticket #42, Jörg\\nsecond line"),
+        ]

@@ -12,7 +12,15 @@ is recorded (:meth:`AuditRoutes.middleware`, which runs inside
 name, the HMI user, or ``local`` under ``admin.auth: none``), the method and path, the
 peer address, and the answer's status, committed before the answer leaves.
 A request refused by the access checks changes nothing and is in the
-refusal log lines instead. Request bodies are not recorded: they may hold
+refusal log lines instead.
+
+**Reasons.** Any changing request may say why in the ``X-Edgeway-Reason``
+header: UTF-8, percent-encoded (``encodeURIComponent`` in a browser; plain
+ASCII passes as it is), at most :data:`REASON_MAX` characters. It is kept in
+the entry's ``detail.reason`` (and shown as ``reason``). A header rather than
+a body field because bodies differ by route (JSON, YAML, CSV, a firmware
+image) and a header reaches the audit without reading them. A reason that is
+too long or not UTF-8 is refused with ``400 invalid`` before the route runs. Request bodies are not recorded: they may hold
 secrets (a configuration's passwords); the configuration history keeps
 applied configurations.
 """
@@ -20,13 +28,16 @@ applied configurations.
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from edgeway.admin.access import PRINCIPAL, requires
+from edgeway.admin.errors import error
 from edgeway.admin.tokens import Role
+from edgeway.logs import printable
 
 if TYPE_CHECKING:
     from edgeway.audit import AuditLog
@@ -34,7 +45,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeway.admin")
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+REASON_HEADER = "X-Edgeway-Reason"
+REASON_MAX = 500
+"""Characters of a reason kept (a sentence or two: why, a ticket number)."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def request_reason(request: web.Request) -> str | None:
+    """The request's ``X-Edgeway-Reason``, decoded (None: none given);
+    ValueError when it is not percent-encoded UTF-8 or is too long."""
+    raw = request.headers.get(REASON_HEADER)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        text = urllib.parse.unquote(raw.strip(), errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError(f"{REASON_HEADER} is not percent-encoded UTF-8") from None
+    if len(text) > REASON_MAX:
+        raise ValueError(f"{REASON_HEADER} is over {REASON_MAX} characters")
+    return printable(text)
 
 
 def request_actor(request: web.Request) -> str:
@@ -64,6 +93,10 @@ class AuditRoutes:
         audit = self._audit()
         if audit is None or request.method in READ_METHODS or PRINCIPAL not in request:
             return await handler(request)
+        try:
+            reason = request_reason(request)
+        except ValueError as e:
+            return error(400, "invalid", str(e))
         status: int | None = None
         try:
             response = await handler(request)
@@ -77,10 +110,10 @@ class AuditRoutes:
                 await audit.record(
                     request_actor(request),
                     f"{request.method} {request.path}",
-                    target=request.match_info.get("device_id", "")
-                    or request.match_info.get("command_id", ""),
+                    target="/".join(v for k, v in request.match_info.items() if k != "action"),
                     source=request.remote or "",
                     status=status,
+                    detail={"reason": reason} if reason else None,
                 )
             except Exception:
                 log.exception("audit log: recording %s %s failed", request.method, request.path)

@@ -77,3 +77,12 @@ class OutboxStats:
     retired: dict[str, OutboxSinkStats] = field(default_factory=dict)
     """Sinks no longer configured that still have readings pending: they stay
     stored until purged on purpose or dropped by retention."""
+    oldest_pending_age: dict[str, float] = field(
+        default_factory=dict,
+        metadata=gauge(
+            "outbox_oldest_pending_age_seconds",
+            "Seconds since the oldest reading not yet confirmed by the sink was stored",
+            label="sink",
+        ),
+    )
+    """Per configured sink: age of its oldest unconfirmed record (0: none)."""

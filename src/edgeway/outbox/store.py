@@ -467,6 +467,8 @@ class _JobResult:
     """Retention dropped or trimmed rows in this commit."""
     disk_full: bool = False
     """The writer refuses new readings for lack of disk space (after this job)."""
+    oldest: dict[str, float | None] = field(default_factory=dict)
+    """Each sink's oldest pending record's ``created`` after this job."""
 
 
 @dataclass(slots=True)
@@ -571,6 +573,23 @@ class _Writer:
         self.last_space_check = 0.0
         self.incremental_vacuum = conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
         self.errors = RateLimitedLog(log, ERROR_LOG_INTERVAL)
+        self.oldest: dict[str, float | None] = {}
+        """Each sink's oldest pending record's ``created`` (age clock; None:
+        nothing pending), kept up to date by :meth:`_refresh_oldest`."""
+        self._refresh_oldest(bits)
+
+    def _refresh_oldest(self, names: Iterable[str]) -> None:
+        """Find each sink's oldest pending chunk: an index range scan from its
+        cursor (a chunk holds at most ``chunk_max`` records, so the chunk that
+        holds ``cursor + 1`` starts above ``cursor - chunk_max``), stopping at
+        the first chunk that holds one of the sink's records."""
+        for name in names:
+            row = self.conn.execute(
+                "SELECT created FROM chunks WHERE seq_first > ? AND seq_last > ? "
+                "AND pending & ? ORDER BY seq_first LIMIT 1",
+                (self.cursors[name] - self.chunk_max, self.cursors[name], self.bits[name]),
+            ).fetchone()
+            self.oldest[name] = row[0] if row else None
 
     # -- the group commit ---------------------------------------------------
 
@@ -698,6 +717,13 @@ class _Writer:
         finally:
             if relax:
                 conn.execute("PRAGMA synchronous=FULL")
+        # The oldest pending record moves only when a sink confirms, dead-letters
+        # or loses records, or when a sink with nothing pending gets some.
+        if job.ops or res.dropped:
+            self._refresh_oldest(self.bits)
+        else:
+            self._refresh_oldest(n for n in res.new_rows if self.oldest.get(n) is None)
+        res.oldest = dict(self.oldest)
         self.commits += 1
         res.high_seq = self.next_seq - 1
         res.total_bytes = self.total_bytes
@@ -1200,6 +1226,8 @@ class Outbox:
         self._high_seq = 0
         self._total_bytes = 0
         self._counters: dict[str, dict[str, int]] = {}
+        self._oldest: dict[str, float | None] = {}
+        self._age_clock: AgeClock | None = None
         self._listeners: list[Callable[[Sequence[Confirmed]], None]] = []
         self._readers: ThreadPoolExecutor | None = None
         self._reader_conns: list[sqlite3.Connection] = []
@@ -1246,6 +1274,8 @@ class Outbox:
         self._tail_lo = writer.next_seq
         self._total_bytes = writer.total_bytes
         self._counters = {n: _counter_dict(writer.counters[n]) for n in self.sink_names}
+        self._oldest = dict(writer.oldest)
+        self._age_clock = writer.clock
         self._idle.set()
         self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="outbox-read")
         self._thread = threading.Thread(target=self._writer_main, name="outbox-writer", daemon=True)
@@ -1550,6 +1580,11 @@ class Outbox:
         stay stored until purged on purpose or dropped by retention."""
         return {name: dataclasses.asdict(c) for name, c in self.stats().retired.items()}
 
+    def status(self) -> dict[str, dict[str, float]]:
+        """:meth:`counters` with each sink's ``oldest_pending_s`` (``/api/status``)."""
+        ages = self.oldest_pending_ages()
+        return {n: {**c, "oldest_pending_s": ages.get(n, 0.0)} for n, c in self.counters().items()}
+
     def counters(self) -> dict[str, dict[str, int]]:
         """Per sink: accepted, delivered, pending, dropped, dropped_<reason>, rejected_full
         (:class:`~edgeway.outbox.stats.OutboxSinkStats` as a dict)."""
@@ -1581,7 +1616,22 @@ class Outbox:
         return OutboxStats(
             sinks={n: OutboxSinkStats.from_counts(c) for n, c in self._counters.items()},
             retired={n: OutboxSinkStats.from_counts(c) for n, c in self.retired.items()},
+            oldest_pending_age=self.oldest_pending_ages(),
         )
+
+    def oldest_pending_ages(self) -> dict[str, float]:
+        """Per sink: seconds since its oldest record not yet confirmed was
+        stored (0: nothing pending), on the outbox's age clock, as of the last
+        commit (an index lookup per sink in the commits that move it)."""
+        clock = self._age_clock
+        if clock is None:
+            return {}
+        now = clock.now()
+        return {
+            n: 0.0 if created is None else round(max(0.0, now - created), 3)
+            for n, created in self._oldest.items()
+            if n in self._counters
+        }
 
     @property
     def stored_bytes(self) -> int:
@@ -1714,6 +1764,7 @@ class Outbox:
             self._high_seq = res.high_seq
             self._total_bytes = res.total_bytes
             self._counters = {n: res.counters[n] for n in self.sink_names}
+            self._oldest = res.oldest
             for sub, status in zip(job.submits, res.statuses, strict=True):
                 if not sub.fut.done():
                     sub.fut.set_result(status)
