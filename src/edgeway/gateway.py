@@ -360,6 +360,8 @@ class Gateway:
                 self.admin.firmware = self.firmware
                 self.admin.alarms = self.alarms
                 self.admin.devices = self.devices
+                self.admin.outbox = lambda: self.outbox
+                self.admin.rules = lambda: self.pipeline.rules if self.pipeline else None
                 self.admin.config_control = self
                 self.ingest.tap = self.admin.recent.record
                 await self.admin.start()

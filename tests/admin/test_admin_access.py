@@ -289,9 +289,9 @@ def test_every_admin_route_declares_its_access() -> None:
         ("GET", "/api/firmware/campaigns"): Role.VIEWER,
         ("POST", "/api/firmware/campaigns"): Role.ENGINEER,
         ("GET", "/api/firmware/campaigns/{id}"): Role.VIEWER,
-        ("POST", "/api/firmware/campaigns/{id}/pause"): Role.OPERATOR,
-        ("POST", "/api/firmware/campaigns/{id}/resume"): Role.OPERATOR,
-        ("POST", "/api/firmware/campaigns/{id}/abort"): Role.OPERATOR,
+        ("POST", "/api/firmware/campaigns/{id}/pause"): Role.ENGINEER,
+        ("POST", "/api/firmware/campaigns/{id}/resume"): Role.ENGINEER,
+        ("POST", "/api/firmware/campaigns/{id}/abort"): Role.ENGINEER,
         ("POST", "/api/config/validate"): Role.ENGINEER,
         ("GET", "/api/openapi.json"): Role.VIEWER,
         # The HMI (edgeway.admin.hmi): pages and assets are public, data is not.
@@ -308,6 +308,8 @@ def test_every_admin_route_declares_its_access() -> None:
         ("GET", "/api/events"): Role.VIEWER,
         ("GET", "/api/logs"): Role.OPERATOR,
         ("GET", "/api/deadletters"): Role.VIEWER,
+        ("POST", "/api/deadletters/replay"): Role.OPERATOR,
+        ("GET", "/api/rules"): Role.VIEWER,
     }
 
 

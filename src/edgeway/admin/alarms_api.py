@@ -14,7 +14,7 @@
 ``POST /api/alarms/{source}/{type}/{action}``  (role operator)
     ``action``: ``ack``, ``confirm``, ``reset``, ``clear``, ``shelve``,
     ``unshelve``, ``suppress``, ``unsuppress``, ``out-of-service``,
-    ``in-service``. Body ``{"comment": "...", "user": "..."}``; ``shelve``
+    ``in-service``, ``comment`` (a note, journaled; needs ``comment``). Body ``{"comment": "...", "user": "..."}``; ``shelve``
     also takes ``"duration": "1h"`` or ``"one_shot": true``. Who acted is the
     token's name; under ``admin.auth: none`` (loopback only, no identity) the
     body's ``user``. ``200 {"alarm": {...}}`` once the transition is on disk.
@@ -59,6 +59,7 @@ _ACTIONS = {
     "unsuppress": Action.UNSUPPRESS,
     "out-of-service": Action.OUT_OF_SERVICE,
     "in-service": Action.IN_SERVICE,
+    "comment": Action.COMMENT,
 }
 _FIELDS = frozenset({"comment", "user", "duration", "one_shot", "severity", "message", "values"})
 
@@ -91,11 +92,14 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 def _who(request: web.Request, body: dict[str, Any]) -> str:
-    """The token's name; without tokens (loopback, auth none) the body's user."""
+    """The token's name or the logged-in user's; without tokens (loopback,
+    auth none) the body's user."""
     principal = request.get(PRINCIPAL)
     token = principal.token if principal is not None else None
     if token is not None:
         return str(token.name)
+    if principal is not None and principal.user is not None:
+        return str(principal.user)  # an HMI session: never what the body claims
     user = body.get("user") or "anonymous"
     if not isinstance(user, str) or len(user) > BY_MAX:
         raise AlarmError("invalid", f"user must be a string of at most {BY_MAX} characters")
@@ -166,7 +170,7 @@ class AlarmRoutes:
     @requires(Role.OPERATOR)
     async def act(self, request: web.Request) -> web.Response:
         """An operator action on an alarm: ack, confirm, reset, clear, shelve, unshelve,
-        suppress, unsuppress, out-of-service, in-service or raise, with ``{"comment"}``."""
+        suppress, unsuppress, out-of-service, in-service, comment or raise, with ``{"comment"}``."""
         source, type_ = request.match_info["source"], request.match_info["type"]
         name = request.match_info["action"]
         action = _ACTIONS.get(name)

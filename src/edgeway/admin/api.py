@@ -59,6 +59,7 @@ from edgeway.admin.hmi import HmiRoutes, RecentLogs
 from edgeway.admin.models_api import ModelRoutes
 from edgeway.admin.openapi import build_openapi
 from edgeway.admin.recent import RecentValues
+from edgeway.admin.rules_api import RuleRoutes
 from edgeway.admin.tokens import DB_NAME, Role, TokenStore, TokenStoreError
 from edgeway.admin.twins_api import TwinRoutes
 from edgeway.admin.users import DB_NAME as USERS_DB_NAME
@@ -74,6 +75,8 @@ if TYPE_CHECKING:
     from edgeway.devices.service import DeviceService
     from edgeway.firmware.service import FirmwareService
     from edgeway.ml.manager import ModelManager
+    from edgeway.outbox.store import Outbox
+    from edgeway.rules.stage import RuleStage
     from edgeway.twins.service import TwinService
 
 log = logging.getLogger(__name__)
@@ -224,7 +227,7 @@ class AdminServer:
         self.logs = RecentLogs()
         self.hmi = HmiRoutes(
             access, status, self.recent, self.logs, lambda: data_dir,
-            secure_cookie=ssl_context is not None,
+            secure_cookie=ssl_context is not None, outbox=lambda: self.outbox(),
         )  # fmt: skip
         self._openapi: bytes | None = None
         self.alarms: AlarmService | None = None
@@ -234,6 +237,11 @@ class AdminServer:
         opened by :meth:`start`."""
         self.devices: DeviceService | None = None
         """The device registry, when enabled (routes in :mod:`edgeway.admin.devices_api`)."""
+        self.outbox: Callable[[], Outbox | None] = lambda: None
+        """The running outbox (a reload may open another): dead letters
+        replayed from the HMI."""
+        self.rules: Callable[[], RuleStage | None] = lambda: None
+        """The running pipeline's rules (a reload replaces them): the rules page."""
 
     @classmethod
     def from_config(
@@ -305,6 +313,7 @@ class AdminServer:
         AlarmRoutes(lambda: self.alarms).add_to(app)
         ConfigRoutes(lambda: self.config_control).add_to(app)
         ModelRoutes(lambda: self.models).add_to(app)
+        RuleRoutes(lambda: self.rules()).add_to(app)
         TwinRoutes(lambda: self.twins).add_to(app)
         self.hmi.add_to(app)
         app.router.add_get("/api/openapi.json", self._openapi_doc)

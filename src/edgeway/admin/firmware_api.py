@@ -12,7 +12,8 @@
     registry's groups as waves, in order; resolved now), ``"canary_share": 0.1,
     "pace": 60, "max_in_flight": 50, "success_threshold": 0.9,
     "error_threshold": 0.2, "min_finished": 5, "ttl": 3600}``. ``201 {"campaign"}``.
-``POST /api/firmware/campaigns/{id}/pause``, ``.../resume``, ``.../abort``  (operator)
+``POST /api/firmware/campaigns/{id}/pause``, ``.../resume``, ``.../abort``  (engineer:
+    the role that starts a campaign is the one that stops it)
 
 Errors: ``{"error", "message"}``; ``400 invalid``, ``404 not_found``,
 ``409 exists``, ``413 too_large``, ``422 digest_mismatch|bad_signature|unsigned``,
@@ -198,17 +199,17 @@ class FirmwareRoutes:
 
         return await self._call(go)
 
-    @requires(Role.OPERATOR)
+    @requires(Role.ENGINEER)
     async def pause(self, request: web.Request) -> web.Response:
         """Pause a campaign: no device is started; those in flight finish."""
         return await self._act(request, "pause")
 
-    @requires(Role.OPERATOR)
+    @requires(Role.ENGINEER)
     async def resume(self, request: web.Request) -> web.Response:
         """Resume a paused or halted campaign."""
         return await self._act(request, "resume")
 
-    @requires(Role.OPERATOR)
+    @requires(Role.ENGINEER)
     async def abort(self, request: web.Request) -> web.Response:
         """Abort a campaign: its queued update commands are cancelled."""
         return await self._act(request, "abort")

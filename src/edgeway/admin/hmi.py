@@ -36,6 +36,8 @@ from edgeway.logs import printable
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from edgeway.outbox.store import Outbox
+
 log = logging.getLogger("edgeway.admin")
 
 ASSETS = {
@@ -44,6 +46,9 @@ ASSETS = {
     "charts.js": "text/javascript",
     "pages.js": "text/javascript",
     "models.js": "text/javascript",
+    "registry.js": "text/javascript",
+    "alarms.js": "text/javascript",
+    "firmware.js": "text/javascript",
     "style.css": "text/css",
     "docs.html": "text/html",
     "docs.js": "text/javascript",
@@ -66,6 +71,9 @@ LOG_LINES = 500
 """Recent log lines kept for the logs page (each cut to LOG_LINE_MAX)."""
 LOG_LINE_MAX = 1000
 LOGIN_BODY_MAX = 4096
+REPLAY_IDS_MAX = 1000
+"""Dead letters one replay names at most (the HMI selects from its page of 100)."""
+REPLAY_BODY_MAX = 32 * 1024
 ONLINE_AFTER = 120.0
 """A device counts as online when it sent something in the last 2 minutes."""
 
@@ -128,6 +136,10 @@ def overview(status: dict[str, Any], recent: RecentValues, now: float) -> dict[s
         "cpu_seconds": proc.cpu_seconds,
         "memory_bytes": proc.resident_memory_bytes,
         "commands": status.get("commands"),
+        # The alarms page reloads its list when ``transitions`` moves.
+        "alarms": {k: alarms.get(k, 0) for k in ("active", "unacked", "shelved", "transitions")}
+        if (alarms := status.get("alarms"))
+        else None,
     }
 
 
@@ -143,12 +155,14 @@ class HmiRoutes:
         data_dir: Callable[[], Path | None],
         *,
         secure_cookie: bool = False,
+        outbox: Callable[[], Outbox | None] = lambda: None,
     ) -> None:
         self.access = access
         self.status = status
         self.recent = recent
         self.logs = logs
         self.data_dir = data_dir
+        self.outbox = outbox
         self.secure_cookie = secure_cookie
         self.closing = asyncio.Event()
         self.live_clients = 0
@@ -171,6 +185,7 @@ class HmiRoutes:
         app.router.add_get("/api/events", self.events)
         app.router.add_get("/api/logs", self.recent_logs)
         app.router.add_get("/api/deadletters", self.deadletters)
+        app.router.add_post("/api/deadletters/replay", self.replay)
 
     # -- pages ------------------------------------------------------------
 
@@ -407,6 +422,49 @@ class HmiRoutes:
         except Exception as e:  # no outbox yet, or locked: say so
             return error(503, "unavailable", f"dead letters cannot be read: {printable(e)}")
         return _json({"deadletters": [x.to_json_obj() for x in letters]})
+
+    @requires(Role.OPERATOR)
+    async def replay(self, request: web.Request) -> web.Response:
+        """Queue dead letters again while the gateway runs: ``{"ids": [...]}``
+        or ``{"all": true, "sink": NAME}`` (``sink`` optional).
+
+        They go to the end of their sink's queue with their record ids and
+        count as accepted again; at most 10,000 per call, oldest first.
+        Answers ``{"replayed": N, "left": M}`` (M: dead letters still kept)."""
+        from edgeway.outbox.deadletter import list_dead_letters
+
+        outbox = self.outbox()
+        if outbox is None:
+            return error(503, "unavailable", "the gateway is not running")
+        raw = await request.content.read(REPLAY_BODY_MAX + 1)
+        try:
+            body = orjson.loads(raw) if len(raw) <= REPLAY_BODY_MAX else None
+        except orjson.JSONDecodeError:
+            body = None
+        ids = body.get("ids") if isinstance(body, dict) else None
+        sink = body.get("sink") if isinstance(body, dict) else None
+        every = isinstance(body, dict) and body.get("all") is True
+        ids_ok = (
+            isinstance(ids, list)
+            and 0 < len(ids) <= REPLAY_IDS_MAX
+            and all(type(i) is int for i in ids)
+        )
+        if not (ids_ok or every) or (sink is not None and not isinstance(sink, str)):
+            return error(
+                400,
+                "invalid",
+                f'the body is {{"ids": [ID, ...]}} (at most {REPLAY_IDS_MAX}) '
+                'or {"all": true, "sink": NAME}',
+            )
+        try:
+            n = await outbox.replay_dead_letters(sink=sink, ids=ids if ids_ok else None)
+            left = await asyncio.to_thread(
+                list_dead_letters, outbox.path, sink=sink, limit=REPLAY_IDS_MAX + 1
+            )
+        except RuntimeError as e:
+            return error(503, "unavailable", f"dead letters cannot be replayed: {printable(e)}")
+        log.info("admin API: %d dead letter(s) replayed", n)
+        return _json({"replayed": n, "left": len(left)})
 
     # -- live channel -----------------------------------------------------
 

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 
 BODY_MAX = 64 * 1024
 """Largest JSON body of a lifecycle request."""
+EVENTS_LISTED = 50
+"""Lifecycle events ``GET /api/models`` lists (the HMI's rollback history)."""
 
 _STATUS = {
     "invalid": 400,
@@ -119,12 +121,14 @@ class ModelRoutes:
 
     @requires(Role.VIEWER)
     async def list(self, request: web.Request) -> web.Response:
-        """Every model's slots, figures and versions."""
+        """Every model's slots, figures and versions, and the last 50 lifecycle
+        events of all models (activations, promotions, rollbacks), newest first."""
 
         async def go(mgr: ModelManager) -> Any:
             versions = await mgr.store.versions()
             st = mgr.status()
-            return {**st, "versions": [v.to_json() for v in versions]}
+            events = await mgr.store.events(None, EVENTS_LISTED)
+            return {**st, "versions": [v.to_json() for v in versions], "events": events}
 
         return await self._call(go)
 

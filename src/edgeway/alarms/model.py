@@ -272,6 +272,8 @@ class Action(enum.StrEnum):
     IN_SERVICE = "in_service"
     SEVERITY = "severity"
     """A raise of an active alarm with another severity or message."""
+    COMMENT = "comment"
+    """A note on a kept alarm (OPC UA's AddComment): journaled, no state change."""
 
 
 SIMPLE_ACTIONS = (
@@ -453,6 +455,12 @@ def apply(
             a = note(replace(a, out_of_service=on), e.action)
         case Action.SEVERITY:
             raise AlarmError("invalid", "severity changes come with a raise")
+        case Action.COMMENT:
+            if current is None:
+                raise _illegal(current, "comment (only a kept alarm)")
+            if not e.comment.strip():
+                raise AlarmError("invalid", "a comment needs its text (comment)")
+            a = note(a, Action.COMMENT)
     return (None if a.forgettable else a), out
 
 
@@ -468,6 +476,8 @@ def legal_actions(alarm: Alarm | None) -> set[Action]:
     state-machine test's oracle)."""
     a = alarm if alarm is not None else Alarm("", "", "")
     out = {Action.SHELVE}
+    if alarm is not None:
+        out.add(Action.COMMENT)
     if alarm is not None and not a.acked:
         out.add(Action.ACK)
     if alarm is not None and a.acked and not a.confirmed:

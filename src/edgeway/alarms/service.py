@@ -387,7 +387,7 @@ class AlarmService:
         """An operator action by name (the API); shelve has its own method."""
         if action is Action.CLEAR:
             return await self.clear_alarm(source, type, by=by, message=comment)
-        if action not in SIMPLE_ACTIONS:
+        if action not in SIMPLE_ACTIONS and action is not Action.COMMENT:
             raise AlarmError("invalid", f"{action.value} is not a simple operator action")
         return await self._operator(source, type, action, by, comment)
 

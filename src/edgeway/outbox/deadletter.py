@@ -11,7 +11,9 @@ its queue, with their original record id (so a cloud that did get them drops
 the duplicates), and counts them as accepted again; the next start sends
 them. It and ``purge`` take the outbox lock: they refuse
 to run while a gateway has the outbox open, because the running gateway keeps
-its counters and cursors in memory.
+its counters and cursors in memory. A running gateway replays through its own
+outbox instead (:meth:`edgeway.outbox.store.Outbox.replay_dead_letters`, the
+admin API's ``POST /api/deadletters/replay`` and the HMI's sinks page).
 """
 
 from __future__ import annotations
@@ -158,56 +160,87 @@ def replay_dead_letters(
         return _replay(conn, sink, ids)
 
 
+REPLAY_MAX = 10_000
+"""Dead letters one replay takes at most (the running gateway's is one
+commit: bounded work; the HMI says how many are left)."""
+
+
+@dataclass(slots=True)
+class Requeued:
+    """Dead letters turned back into chunk rows (not yet written)."""
+
+    chunk_rows: list[tuple[Any, ...]]
+    accepted: dict[str, int]
+    """Records per sink."""
+    done: list[int]
+    """The dead letters' ids (to delete)."""
+    next_seq: int
+
+
+def requeue(
+    conn: sqlite3.Connection,
+    sink: str | None,
+    ids: Sequence[int] | None,
+    bits: dict[str, int],
+    next_seq: int,
+    now: float,
+    limit: int | None = None,
+) -> Requeued:
+    """The chosen dead letters (oldest first, at most ``limit``) as new
+    chunks at the end of the queue from ``next_seq``, each for its sink only,
+    keeping its record id (a cloud that did get it drops the duplicate).
+    Dead letters of sinks not in ``bits`` stay."""
+    record_id = _id_of(conn)
+    rid = "record_id" if _has_record_id(conn) else "NULL"
+    where, params = _where(sink, ids)
+    rows = conn.execute(
+        f"SELECT id, sink, seq, priority, device_id, ts, metrics, tags, msg_id, {rid} "
+        f"FROM deadletter{where} ORDER BY id" + (" LIMIT ?" if limit is not None else ""),
+        [*params, limit] if limit is not None else params,
+    ).fetchall()
+    builder = ChunkBuilder()
+    seq = next_seq
+    accepted: dict[str, int] = {}
+    done: list[int] = []
+    for dl_id, name, old_seq, prio, dev, ts, metrics, tags, msg_id, rec_id in rows:
+        if name not in bits:
+            continue
+        text = text_from_columns(rec_id or record_id(old_seq), dev, ts, metrics, tags, prio)
+        builder.add(seq, [text], [record_size(text, seq)], [msg_id], bits[name], prio, now)
+        seq += 1
+        accepted[name] = accepted.get(name, 0) + 1
+        done.append(dl_id)
+    return Requeued(builder.rows(), accepted, done, seq)
+
+
 def _replay(conn: sqlite3.Connection, sink: str | None, ids: Sequence[int] | None) -> int:
     if not conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chunks'"
     ).fetchone():
         raise RuntimeError("the outbox is from an older edgeway: start edgeway once, then replay")
-    record_id = _id_of(conn)
-    rid = "record_id" if _has_record_id(conn) else "NULL"
     conn.execute("BEGIN IMMEDIATE")
     try:
         bits = {name: bit for name, bit in conn.execute("SELECT name, bit FROM sinks")}
-        where, params = _where(sink, ids)
-        rows = conn.execute(
-            f"SELECT id, sink, seq, priority, device_id, ts, metrics, tags, msg_id, {rid} "
-            f"FROM deadletter{where} ORDER BY id",
-            params,
-        ).fetchall()
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        next_seq = int(meta.get("next_seq", 1))
         # The outbox's age clock where it stopped (see edgeway.outbox.ageclock),
         # so that a wrong wall clock does not make these look ancient.
         now = float(meta.get("age_clock", time.time()))
-        # New chunks at the end of the queue, each for its sink only.
-        builder = ChunkBuilder()
-        seq = next_seq
-        accepted: dict[str, int] = {}
-        done: list[int] = []
-        for dl_id, name, old_seq, prio, dev, ts, metrics, tags, msg_id, rec_id in rows:
-            if name not in bits:
-                continue
-            text = text_from_columns(rec_id or record_id(old_seq), dev, ts, metrics, tags, prio)
-            builder.add(seq, [text], [record_size(text, seq)], [msg_id], bits[name], prio, now)
-            seq += 1
-            accepted[name] = accepted.get(name, 0) + 1
-            done.append(dl_id)
-        chunk_rows = builder.rows()
-        conn.executemany(INSERT_CHUNK, chunk_rows)
+        out = requeue(conn, sink, ids, bits, int(meta.get("next_seq", 1)), now)
+        conn.executemany(INSERT_CHUNK, out.chunk_rows)
         conn.executemany(
             "UPDATE sinks SET accepted = accepted + ? WHERE name = ?",
-            [(n, name) for name, n in accepted.items()],
+            [(n, name) for name, n in out.accepted.items()],
         )
         conn.execute(
             "INSERT OR REPLACE INTO meta(key, value) VALUES ('next_seq', ?), ('total_bytes', ?)",
-            (seq, int(meta.get("total_bytes", 0)) + sum(r[4] for r in chunk_rows)),
+            (out.next_seq, int(meta.get("total_bytes", 0)) + sum(r[4] for r in out.chunk_rows)),
         )
-        conn.executemany("DELETE FROM deadletter WHERE id = ?", [(i,) for i in done])
+        conn.executemany("DELETE FROM deadletter WHERE id = ?", [(i,) for i in out.done])
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    return sum(accepted.values())
+    return sum(out.accepted.values())
 
 
 def purge_dead_letters(

@@ -444,12 +444,23 @@ class _Op:
 
 
 @dataclass(slots=True)
+class _Replay:
+    """Dead letters to queue again (:meth:`Outbox.replay_dead_letters`)."""
+
+    sink: str | None
+    ids: list[int] | None
+    fut: asyncio.Future[int]
+    count: int = 0
+
+
+@dataclass(slots=True)
 class _Job:
     submits: list[_Submit]
     ops: list[_Op]
     want_receipts: bool
     rejected: dict[int, int] = field(default_factory=dict)
     """Readings refused before they reached the outbox, by sink mask (counted)."""
+    replays: list[_Replay] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -690,6 +701,8 @@ class _Writer:
             for mask, n in job.rejected.items():
                 self._count_rejected(mask, n)
             self._insert(job.submits, now, res)
+            for rp in job.replays:
+                self._replay(rp, now, res)
             self.dropped = False
             self._enforce_limits(now)
             res.dropped = self.dropped
@@ -719,7 +732,7 @@ class _Writer:
                 conn.execute("PRAGMA synchronous=FULL")
         # The oldest pending record moves only when a sink confirms, dead-letters
         # or loses records, or when a sink with nothing pending gets some.
-        if job.ops or res.dropped:
+        if job.ops or job.replays or res.dropped:
             self._refresh_oldest(self.bits)
         else:
             self._refresh_oldest(n for n in res.new_rows if self.oldest.get(n) is None)
@@ -818,6 +831,24 @@ class _Writer:
                 if mask & bit:
                     self.counters[name][0] += n
                     res.new_rows[name] = res.new_rows.get(name, 0) + n
+
+    def _replay(self, rp: _Replay, now: float, res: _JobResult) -> None:
+        """Dead letters back at the end of their sinks' queues, in this commit
+        (see :mod:`edgeway.outbox.deadletter`), counted as accepted again."""
+        from edgeway.outbox.deadletter import REPLAY_MAX, requeue  # it imports this module
+
+        out = requeue(self.conn, rp.sink, rp.ids, self.bits, self.next_seq, now, REPLAY_MAX)
+        if not out.done:
+            return
+        self.conn.executemany(INSERT_CHUNK, out.chunk_rows)
+        self.conn.executemany("DELETE FROM deadletter WHERE id = ?", [(i,) for i in out.done])
+        res.chunks.extend(out.chunk_rows)
+        self.next_seq = out.next_seq
+        self.total_bytes += sum(r[4] for r in out.chunk_rows)
+        for name, n in out.accepted.items():
+            self.counters[name][0] += n
+            res.new_rows[name] = res.new_rows.get(name, 0) + n
+        rp.count = len(out.done)
 
     def _count_rejected(self, mask: int, n: int) -> None:
         """``n`` readings for the sinks in ``mask`` were refused (outbox or disk full)."""
@@ -1228,6 +1259,7 @@ class Outbox:
         self._counters: dict[str, dict[str, int]] = {}
         self._oldest: dict[str, float | None] = {}
         self._age_clock: AgeClock | None = None
+        self._replays: list[_Replay] = []
         self._listeners: list[Callable[[Sequence[Confirmed]], None]] = []
         self._readers: ThreadPoolExecutor | None = None
         self._reader_conns: list[sqlite3.Connection] = []
@@ -1665,10 +1697,11 @@ class Outbox:
 
     def _start_commit(self) -> None:
         self._scheduled = False
-        if self._committing or not (self._submits or self._ops or self._age_due):
+        if self._committing or not (self._submits or self._ops or self._age_due or self._replays):
             return
         self._age_due = False
-        job = _Job(self._submits, self._ops, bool(self._listeners), self._rejected)
+        job = _Job(self._submits, self._ops, bool(self._listeners), self._rejected, self._replays)
+        self._replays = []
         self._rejected = {}
         if self._rejected_timer is not None:
             self._rejected_timer.cancel()
@@ -1758,6 +1791,9 @@ class Outbox:
                 st.event.set()
                 if not op.fut.done():
                     op.fut.set_exception(RuntimeError(f"outbox commit failed: {err}"))
+            for rp in job.replays:
+                if not rp.fut.done():
+                    rp.fut.set_exception(RuntimeError(f"outbox commit failed: {err}"))
         else:
             self.commits += 1
             self._tail_add(job, res)
@@ -1772,6 +1808,9 @@ class Outbox:
                 self._reads[op.sink].cursor = op.cursor
                 if not op.fut.done():
                     op.fut.set_result(None)
+            for rp in job.replays:
+                if not rp.fut.done():
+                    rp.fut.set_result(rp.count)
             for name, n in res.new_rows.items():
                 st = self._reads[name]
                 st.unread += n
@@ -1793,7 +1832,7 @@ class Outbox:
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
-        if self._submits or self._ops_urgent:
+        if self._submits or self._ops_urgent or self._replays:
             self._start_commit()
         elif self._ops:
             self._linger_ops()
@@ -2062,6 +2101,22 @@ class Outbox:
         """The sink refused ``batch`` for good: copy it to the dead-letter table,
         count it as dropped (``dead_letter``) for that sink and move on."""
         return self._queue_op("dead_letter", batch, error, False)
+
+    def replay_dead_letters(
+        self, *, sink: str | None = None, ids: Sequence[int] | None = None
+    ) -> asyncio.Future[int]:
+        """Queue dead letters again while the gateway runs (all of ``sink``'s,
+        or those in ``ids``; at most :data:`~edgeway.outbox.deadletter.REPLAY_MAX`
+        per call, oldest first): in the next group commit, with their record
+        ids, counted as accepted again. Resolves to how many."""
+        assert self._loop is not None
+        fut: asyncio.Future[int] = self._loop.create_future()
+        if self._closed:
+            fut.set_exception(RuntimeError("outbox is closed"))
+            return fut
+        self._replays.append(_Replay(sink, list(ids) if ids else None, fut))
+        self._request_commit()
+        return fut
 
     def expedite(self) -> None:
         """Commit the queued confirmations now (someone waits on one)."""

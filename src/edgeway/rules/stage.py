@@ -163,6 +163,45 @@ class RuleStage:
             "failed_writes": self.failed_writes,
         }
 
+    async def rules(self) -> list[dict[str, Any]]:
+        """Each configured rule: its settings, how many devices it is active,
+        pending or cooling down for, and its last firing (``GET /api/rules``)."""
+        from edgeway.rules.store import last_firings
+
+        engine = self.engine
+        counts: dict[str, list[int]] = {}
+        if engine is not None:
+            now = engine.clock()
+            for (rule, _device), st in list(engine.states.items()):
+                c = counts.setdefault(rule, [0, 0, 0])
+                c[0] += st.active
+                c[1] += st.since is not None
+                c[2] += st.cooldown_until > now
+        fired = await self.store.db.read(last_firings) if not self._closed else {}
+        out = []
+        for cfg in self.configs:
+            active, pending, cooling = counts.get(cfg.name, (0, 0, 0))
+            state = "disabled" if not cfg.enabled else "active" if active else "idle"
+            out.append(
+                {
+                    "name": cfg.name,
+                    "enabled": cfg.enabled,
+                    "state": state,
+                    "when": cfg.when,
+                    "clear": cfg.clear,
+                    "for": cfg.for_,
+                    "cooldown": cfg.cooldown,
+                    "active_devices": active,
+                    "pending_devices": pending,
+                    "cooling_down_devices": cooling,
+                    "last_fired": fired.get(cfg.name),
+                    "step": next(
+                        (s for s, names in self.stepped.items() if cfg.name in names), None
+                    ),
+                }
+            )
+        return out
+
     # ------------------------------------------------------------ observing
 
     def observe(

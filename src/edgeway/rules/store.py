@@ -177,6 +177,17 @@ class RuleStore:
         return self.db.read(run)
 
 
+def last_firings(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+    """Each rule's latest ``set`` transition kept: ``{rule: {device_id, at}}``
+    (the rules page of the HMI)."""
+    rows = conn.execute(
+        "SELECT t.rule, t.device_id, t.at FROM transitions t JOIN "
+        "(SELECT MAX(id) AS id FROM transitions WHERE state = 'set' GROUP BY rule) m "
+        "ON t.id = m.id"
+    ).fetchall()
+    return {rule: {"device_id": device_id, "at": at} for rule, device_id, at in rows}
+
+
 def _save_clock(conn: sqlite3.Connection, now: float, wall: float) -> None:
     conn.execute(
         "INSERT INTO clock(id, clock, wall) VALUES (1, ?, ?) "

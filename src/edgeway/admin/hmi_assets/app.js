@@ -4,7 +4,7 @@ import { registerCorePages } from "/hmi/pages.js";
 
 export const ROLES = ["viewer", "operator", "engineer", "admin"];
 /** Page modules beyond the core ones: each exports register() (see models.js). */
-const PAGE_MODULES = ["/hmi/models.js"];
+const PAGE_MODULES = ["/hmi/registry.js", "/hmi/alarms.js", "/hmi/models.js", "/hmi/firmware.js"];
 export const state = { user: null, role: null, csrf: null, login: true };
 const pages = [];
 
@@ -37,10 +37,12 @@ export class ApiError extends Error {
   }
 }
 
-/** Call the admin API; JSON in and out; errors are {error, message}. */
-export async function api(path, { method = "GET", body, text, headers: extra } = {}) {
+/** Call the admin API; JSON in and out; errors are {error, message}.
+ *  reason: why (a change's X-Edgeway-Reason, percent-encoded; kept in the audit). */
+export async function api(path, { method = "GET", body, text, headers: extra, reason } = {}) {
   const headers = { ...(extra || {}) };
   if (method !== "GET" && state.csrf) headers["X-CSRF-Token"] = state.csrf;
+  if (reason) headers["X-Edgeway-Reason"] = encodeURIComponent(reason.slice(0, 500));
   let payload;
   if (text !== undefined) { headers["Content-Type"] = "application/yaml"; payload = text; }
   else if (body !== undefined) { headers["Content-Type"] = "application/json"; payload = JSON.stringify(body); }
@@ -54,7 +56,9 @@ export async function api(path, { method = "GET", body, text, headers: extra } =
 
 export function registerPage(page) {
   // page: {name, label, role, nav: bool, render(main, params) -> cleanup?}
-  pages.push(page);
+  // A page module may replace a core page of the same name (registry.js: devices).
+  const i = pages.findIndex((p) => p.name === page.name);
+  if (i >= 0) pages[i] = page; else pages.push(page);
 }
 
 export function banner(text) {
@@ -64,11 +68,22 @@ export function banner(text) {
 }
 
 export function confirmDialog(text) {
+  return askReason(text, false).then((r) => r !== null);
+}
+
+/** A confirmation that also asks why: resolves to the reason typed ("" if
+ *  none) or null when cancelled. The reason goes into the audit log. */
+export function askReason(text, withReason = true) {
   const dlg = document.getElementById("confirm");
+  const field = document.getElementById("confirm-reason");
   document.getElementById("confirm-text").textContent = text;
+  document.getElementById("confirm-reason-label").classList.toggle("hidden", !withReason);
+  field.value = "";
+  dlg.returnValue = "";
   return new Promise((resolve) => {
-    dlg.addEventListener("close", () => resolve(dlg.returnValue === "ok"), { once: true });
+    dlg.addEventListener("close", () => resolve(dlg.returnValue === "ok" ? field.value.trim() : null), { once: true });
     dlg.showModal();
+    if (withReason) field.focus();
   });
 }
 

@@ -1,12 +1,33 @@
-// The models page (edge ML, /api/models): what runs, how it does, versions.
-// A page module: app.js imports it and calls register(); alarms, rules and
-// devices pages plug in the same way.
-import { api, can, confirmDialog, h, registerPage } from "/hmi/app.js";
+// The rules and models page: each rule's state, last firing and cooldown
+// (/api/rules); each model's active version, candidate (shadow or canary),
+// figures, versions and lifecycle history with rollbacks (/api/models).
+// A page module: app.js imports it and calls register().
+import { api, askReason, can, h, registerPage } from "/hmi/app.js";
 
 const when = (ts) => (ts ? new Date(ts * 1000).toISOString().replace("T", " ").slice(0, 19) : "-");
 const num = (x) => (x === null || x === undefined ? "-" : String(x));
 
+const dur = (s) => (!s ? "-" : s < 120 ? `${s} s` : s < 7200 ? `${(s / 60).toFixed(0)} min` : `${(s / 3600).toFixed(1)} h`);
+
+async function rulesSection(main) {
+  main.append(h("h1", {}, "Rules"));
+  let doc;
+  try {
+    doc = await api("/api/rules");
+  } catch (e) {
+    main.append(h("p", { class: "muted", id: "rules-off" }, e.message));
+    return;
+  }
+  main.append(h("table", { id: "rules" }, h("thead", {}, h("tr", {}, ["rule", "state", "condition", "for", "cooldown", "devices active", "pending", "cooling down", "last fired"].map((x) => h("th", {}, x)))),
+    h("tbody", {}, doc.rules.map((r) => h("tr", { "data-rule": r.name }, h("td", {}, r.name),
+      h("td", {}, r.state === "active" ? h("span", { class: "warning" }, "active") : r.state === "disabled" ? h("span", { class: "muted" }, "disabled") : r.state),
+      h("td", {}, r.when + (r.clear ? ` (clears: ${r.clear})` : "")), h("td", {}, dur(r.for)), h("td", {}, dur(r.cooldown)),
+      h("td", { class: "num" }, r.active_devices), h("td", { class: "num" }, r.pending_devices), h("td", { class: "num" }, r.cooling_down_devices),
+      h("td", {}, r.last_fired ? `${when(r.last_fired.at)} (${r.last_fired.device_id})` : "never"))))));
+}
+
 async function modelsPage(main) {
+  await rulesSection(main);
   main.append(h("h1", {}, "Models"));
   let doc;
   try {
@@ -16,9 +37,10 @@ async function modelsPage(main) {
     return;
   }
   const msg = h("pre", { class: "result hidden", id: "models-result" });
-  const act = (name, what, path, body) => h("button", { type: "button", onclick: async () => {
-    if (!(await confirmDialog(`${what} model ${name}?`))) return;
-    try { await api(path, { method: "POST", body }); main.replaceChildren(); await modelsPage(main); }
+  const act = (name, what, path, withReason) => h("button", { type: "button", "data-action": what, onclick: async () => {
+    const why = await askReason(`${what} model ${name}?`);
+    if (why === null) return;
+    try { await api(path, { method: "POST", body: withReason ? { reason: why || "from the HMI" } : undefined, reason: why }); main.replaceChildren(); await modelsPage(main); }
     catch (e) { msg.textContent = e.message; msg.classList.remove("hidden"); }
   } }, what);
   const rows = Object.entries(doc.models).map(([name, m]) => {
@@ -30,7 +52,7 @@ async function modelsPage(main) {
       h("td", {}, s.out_of_service ? h("span", { class: "abnormal" }, "out of service") : m.active ? "in service" : "-"),
       h("td", {}, can("engineer") ? [
         m.candidate ? act(name, "Promote", `/api/models/${encodeURIComponent(name)}/promote`) : "",
-        m.previous ? act(name, "Roll back", `/api/models/${encodeURIComponent(name)}/rollback`, { reason: "from the HMI" }) : "",
+        m.previous ? act(name, "Roll back", `/api/models/${encodeURIComponent(name)}/rollback`, true) : "",
       ] : ""));
   });
   main.append(
@@ -40,10 +62,14 @@ async function modelsPage(main) {
     h("h2", {}, "Versions"),
     h("table", { id: "model-versions" }, h("thead", {}, h("tr", {}, ["model", "version", "state", "signed by", "uploaded", "note"].map((x) => h("th", {}, x)))),
       h("tbody", {}, doc.versions.map((v) => h("tr", {}, h("td", {}, v.name), h("td", {}, v.version), h("td", {}, v.state),
-        h("td", {}, v.signed_by || "unsigned"), h("td", {}, when(v.created_at)), h("td", {}, v.note || "")))))
+        h("td", {}, v.signed_by || "unsigned"), h("td", {}, when(v.created_at)), h("td", {}, v.note || ""))))),
+    h("h2", {}, "History (activations, promotions, rollbacks)"),
+    h("table", { id: "model-events" }, h("thead", {}, h("tr", {}, ["when", "model", "version", "what", "by", "detail"].map((x) => h("th", {}, x)))),
+      h("tbody", {}, (doc.events || []).map((e) => h("tr", {}, h("td", {}, when(e.ts)), h("td", {}, e.name), h("td", {}, e.version || ""),
+        h("td", {}, e.what === "rolled_back" ? h("span", { class: "warning" }, "rolled back") : e.what), h("td", {}, e.by || ""), h("td", {}, e.detail || "")))))
   );
 }
 
 export function register() {
-  registerPage({ name: "models", label: "Models", role: "viewer", nav: true, render: modelsPage });
+  registerPage({ name: "models", label: "Rules and models", role: "viewer", nav: true, render: modelsPage });
 }

@@ -1,5 +1,5 @@
 // The HMI's pages. Each is registerPage({name, label, role, nav, render}).
-import { api, can, banner, confirmDialog, h, live, registerPage } from "/hmi/app.js";
+import { ApiError, api, askReason, can, banner, h, live, registerPage } from "/hmi/app.js";
 import { drawTrend } from "/hmi/charts.js";
 
 const fmt = (n) => (n === null || n === undefined ? "-" : typeof n === "number" ? n.toLocaleString("en-US", { maximumFractionDigits: 2 }) : String(n));
@@ -8,6 +8,7 @@ const ago = (ts) => {
   const s = Math.max(0, Date.now() / 1000 - ts);
   return s < 60 ? `${s.toFixed(0)} s ago` : s < 3600 ? `${(s / 60).toFixed(0)} min ago` : `${(s / 3600).toFixed(1)} h ago`;
 };
+const age = (s) => (!s ? "-" : s < 120 ? `${s.toFixed(0)} s` : s < 7200 ? `${(s / 60).toFixed(0)} min` : `${(s / 3600).toFixed(1)} h`);
 const when = (ts) => (ts ? new Date(ts * 1000).toISOString().replace("T", " ").slice(0, 19) : "-");
 
 function card(label, id) {
@@ -35,7 +36,7 @@ function overviewPage(main) {
       card("Devices connected (MQTT)", "ov-connected"), card("Devices online", "ov-online"),
       card("CPU", "ov-cpu"), card("Memory", "ov-mem"), card("Uptime", "ov-uptime")),
     h("h2", {}, "Sinks"),
-    table(["sink", "state", "pending", "accepted", "delivered", "dropped", "accepted = delivered + pending + dropped", "last error"], [], "ov-sinks"),
+    table(["sink", "state", "pending", "oldest pending", "accepted", "delivered", "dropped", "accepted = delivered + pending + dropped", "last error"], [], "ov-sinks"),
   );
   let prev = null;
   const update = (o) => {
@@ -47,7 +48,9 @@ function overviewPage(main) {
       return h("tr", {},
         h("td", {}, name),
         h("td", {}, s.connected === false ? h("span", { class: "abnormal" }, "disconnected") : "connected"),
-        h("td", { class: "num" }, fmt(s.pending)), h("td", { class: "num" }, fmt(s.accepted)),
+        h("td", { class: "num" }, fmt(s.pending)),
+        h("td", { class: "num", "data-oldest": s.oldest_pending_s || 0 }, s.oldest_pending_s > 300 ? h("span", { class: "warning" }, age(s.oldest_pending_s)) : age(s.oldest_pending_s)),
+        h("td", { class: "num" }, fmt(s.accepted)),
         h("td", { class: "num" }, fmt(s.delivered)),
         h("td", { class: "num" }, s.dropped ? h("span", { class: "warning" }, fmt(s.dropped)) : "0"),
         h("td", {}, balanced ? "holds" : h("span", { class: "abnormal" }, "does not hold")),
@@ -75,8 +78,8 @@ function overviewPage(main) {
   return api("/api/overview").then((o) => { update(o); live(null, { overview: update }); });
 }
 
-// ---- devices ------------------------------------------------------------------
-async function devicesPage(main, _arg, query) {
+// ---- devices seen (without a registry; registry.js has the registry's page) ----
+export async function liveDevicesPage(main, _arg, query) {
   const PAGE = 100;
   let offset = Number(query.get("offset") || 0);
   const search = h("input", { id: "dev-search", type: "search", placeholder: "search device id", value: query.get("q") || "" });
@@ -125,7 +128,22 @@ async function devicesPage(main, _arg, query) {
 const RANGES = [["5 min", 300], ["1 h", 3600], ["24 h", 86400], ["7 days", 604800], ["all", 0]];
 
 async function devicePage(main, deviceId) {
-  const dev = await api(`/api/live/devices/${encodeURIComponent(deviceId)}`);
+  let dev = null;
+  try {
+    dev = await api(`/api/live/devices/${encodeURIComponent(deviceId)}`);
+  } catch (e) {
+    if (!(e instanceof ApiError && e.status === 404)) throw e;
+  }
+  const registry = h("section", { id: "registry-section" });
+  const twin = h("section", { id: "twin" });
+  const section = h("section", {});
+  if (!dev) {
+    main.append(h("h1", {}, `Device ${deviceId}`), h("p", { class: "muted", id: "no-readings" }, "No readings from this device since the gateway started."), registry, twin, section);
+    await (await import("/hmi/registry.js")).registrySection(registry, deviceId);
+    await twinSection(twin, deviceId);
+    await commandsSection(section, deviceId);
+    return null;
+  }
   const values = h("tbody", {});
   const metric = h("select", { id: "trend-metric" }, dev.trended.map((m) => h("option", { value: m }, m)));
   const range = h("select", { id: "trend-range" }, RANGES.map(([l, s]) => h("option", { value: s }, l)));
@@ -158,9 +176,8 @@ async function devicePage(main, deviceId) {
   await loadTrend();
   live(deviceId, { device: (d) => { showValues(d.latest); document.getElementById("dev-last-seen").textContent = ago(d.last_seen); } });
   const trendTimer = setInterval(loadTrend, 5000);
-  const twin = h("section", { id: "twin" });
-  const section = h("section", {});
-  main.append(twin, section);
+  main.append(registry, twin, section);
+  await (await import("/hmi/registry.js")).registrySection(registry, deviceId);
   await twinSection(twin, deviceId);
   await commandsSection(section, deviceId);
   return () => clearInterval(trendTimer);
@@ -190,9 +207,10 @@ async function twinSection(section, deviceId) {
     e.preventDefault();
     let doc;
     try { doc = JSON.parse(patch.value); } catch { msg.textContent = "not JSON"; return; }
-    if (!(await confirmDialog(`Change the desired state of ${deviceId}: ${patch.value}?`))) return;
+    const why = await askReason(`Change the desired state of ${deviceId}: ${patch.value}?`);
+    if (why === null) return;
     try {
-      const answer = await api(url + "/desired", { method: "PATCH", body: doc, headers: { "If-Match": String(tw.desired_version) } });
+      const answer = await api(url + "/desired", { method: "PATCH", body: doc, headers: { "If-Match": String(tw.desired_version) }, reason: why });
       render(answer.twin);
       msg.textContent = "desired state changed";
     } catch (err) { msg.textContent = err.message; }
@@ -211,12 +229,13 @@ async function commandsSection(section, deviceId) {
       e.preventDefault();
       let p = null;
       try { p = params.value.trim() ? JSON.parse(params.value) : null; } catch { banner("params: not JSON"); return; }
-      if (!(await confirmDialog(`Send '${name.value}' to ${deviceId}?`))) return;
+      const why = await askReason(`Send '${name.value}' to ${deviceId}?`);
+      if (why === null) return;
       send.disabled = true;
       result.classList.remove("hidden");
       result.textContent = "sending...";
       try {
-        const doc = await api(`/api/devices/${encodeURIComponent(deviceId)}/commands?wait=15`, { method: "POST", body: { name: name.value, params: p } });
+        const doc = await api(`/api/devices/${encodeURIComponent(deviceId)}/commands?wait=15`, { method: "POST", body: { name: name.value, params: p }, reason: why });
         const c = doc.command;
         result.textContent = `${c.state}${c.result ? " " + JSON.stringify(c.result) : ""}${c.error ? " " + c.error : ""}`;
         result.dataset.state = c.state;
@@ -264,25 +283,56 @@ async function commandsPage(main) {
 // ---- sinks and outbox ------------------------------------------------------------------
 async function sinksPage(main) {
   main.append(h("h1", {}, "Sinks and outbox"),
-    table(["sink", "state", "pending", "accepted", "delivered", "dropped (age)", "dropped (size)", "dead letters", "batches", "last success", "last error"], [], "sinks"),
-    h("h2", {}, "Dead letters"), h("p", { class: "muted" }, "Records a sink refused for good. Replay with 'edgeway deadletter replay' while the gateway is stopped."),
-    table(["id", "sink", "device", "time", "error", "metrics"], [], "deadletters"));
+    table(["sink", "state", "pending", "oldest pending", "accepted", "delivered", "dropped (age)", "dropped (size)", "dead letters", "batches", "last success", "last error"], [], "sinks"),
+    h("h2", {}, "Dead letters"), h("p", { class: "muted" }, "Records a sink refused for good. Replayed ones go to the end of their sink's queue with their record id (a cloud that has them drops the duplicate)."));
   const update = (o) => {
     main.querySelector("#sinks tbody").replaceChildren(...Object.entries(o.sinks).map(([n, s]) => h("tr", {},
       h("td", {}, n), h("td", {}, s.connected === false ? h("span", { class: "abnormal" }, "disconnected") : "connected"),
-      h("td", { class: "num" }, fmt(s.pending)), h("td", { class: "num" }, fmt(s.accepted)), h("td", { class: "num" }, fmt(s.delivered)),
+      h("td", { class: "num" }, fmt(s.pending)), h("td", { class: "num" }, age(s.oldest_pending_s)),
+      h("td", { class: "num" }, fmt(s.accepted)), h("td", { class: "num" }, fmt(s.delivered)),
       h("td", { class: "num" }, fmt(s.dropped_max_age)), h("td", { class: "num" }, fmt(s.dropped_max_bytes)),
       h("td", { class: "num" }, fmt(s.dropped_dead_letter)), h("td", { class: "num" }, fmt(s.batches_sent)),
       h("td", {}, when(s.last_success_at)), h("td", {}, s.last_error || ""))));
   };
   update(await api("/api/overview"));
   live(null, { overview: update });
-  try {
-    const dl = await api("/api/deadletters");
-    main.querySelector("#deadletters tbody").replaceChildren(...dl.deadletters.map((d) => h("tr", {},
-      h("td", {}, d.id), h("td", {}, d.sink), h("td", {}, d.device_id), h("td", {}, when(d.ts)),
-      h("td", {}, d.error), h("td", {}, JSON.stringify(d.metrics)))));
-  } catch (e) { main.querySelector("#deadletters tbody").replaceChildren(h("tr", {}, h("td", { colspan: 6 }, e.message))); }
+  const msg = h("span", { id: "dl-message", class: "muted" });
+  const body = h("tbody", {});
+  const all = h("input", { type: "checkbox", id: "dl-all", title: "select all shown" });
+  const replaySel = h("button", { id: "dl-replay", type: "button", disabled: true }, "Replay selected");
+  const replayAll = h("button", { id: "dl-replay-all", type: "button" }, "Replay all");
+  if (can("operator")) main.append(h("div", { class: "toolbar" }, replaySel, replayAll, msg));
+  main.append(h("table", { id: "deadletters" }, h("thead", {}, h("tr", {},
+    h("th", {}, can("operator") ? all : ""), ...["id", "sink", "device", "time", "error", "metrics"].map((x) => h("th", {}, x)))), body));
+  const chosen = () => [...body.querySelectorAll("input[data-id]:checked")].map((c) => Number(c.dataset.id));
+  const load = async () => {
+    try {
+      const dl = await api("/api/deadletters");
+      body.replaceChildren(...dl.deadletters.map((d) => h("tr", { "data-dl": d.id },
+        h("td", {}, can("operator") ? h("input", { type: "checkbox", "data-id": d.id, onchange: () => { replaySel.disabled = !chosen().length; } }) : ""),
+        h("td", {}, d.id), h("td", {}, d.sink), h("td", {}, d.device_id), h("td", {}, when(d.ts)),
+        h("td", {}, d.error), h("td", {}, JSON.stringify(d.metrics)))));
+      replayAll.disabled = !dl.deadletters.length;
+      replaySel.disabled = true;
+      all.checked = false;
+    } catch (e) { body.replaceChildren(h("tr", {}, h("td", { colspan: 7 }, e.message))); }
+  };
+  all.addEventListener("change", () => {
+    for (const c of body.querySelectorAll("input[data-id]")) c.checked = all.checked;
+    replaySel.disabled = !chosen().length;
+  });
+  const replay = async (doc, what) => {
+    const why = await askReason(`Replay ${what}? They are sent again to their sinks.`);
+    if (why === null) return;
+    try {
+      const r = await api("/api/deadletters/replay", { method: "POST", body: doc, reason: why });
+      msg.textContent = `${fmt(r.replayed)} replayed, ${fmt(r.left)} left`;
+    } catch (e) { msg.textContent = e.message; }
+    await load();
+  };
+  replaySel.addEventListener("click", () => { const ids = chosen(); replay({ ids }, `${ids.length} dead letter(s)`); });
+  replayAll.addEventListener("click", () => replay({ all: true }, "every dead letter"));
+  await load();
 }
 
 // ---- configuration -----------------------------------------------------------------------
@@ -299,8 +349,9 @@ async function configPage(main) {
       catch (e) { say(`${e.message}\n${(e.body && e.body.issues || []).join("\n")}`); }
     } }, "Validate");
     const apply = h("button", { id: "config-apply", class: "primary", type: "button", onclick: async () => {
-      if (!(await confirmDialog("Apply this configuration to the running gateway? It is rolled back if it fails."))) return;
-      try { const r = await api("/api/config", { method: "POST", text: area.value }); say(`applied: ${r.changes.join(", ") || "no change"}`); loadHistory(); }
+      const why = await askReason("Apply this configuration to the running gateway? It is rolled back if it fails.");
+      if (why === null) return;
+      try { const r = await api("/api/config", { method: "POST", text: area.value, reason: why }); say(`applied: ${r.changes.join(", ") || "no change"}`); loadHistory(); }
       catch (e) { say(`${e.code}: ${e.message}\n${(e.body && e.body.issues || []).join("\n")}`); }
     } }, "Apply");
     main.append(h("p", { class: "muted" }, `source ${cur.source}, sha256 ${(cur.sha256 || "").slice(0, 12)}`),
@@ -313,8 +364,9 @@ async function configPage(main) {
       h("td", {}, e.number), h("td", {}, when(e.applied_at)), h("td", {}, e.source),
       h("td", {}, (e.sha256 || "").slice(0, 12)),
       h("td", {}, can("engineer") ? h("button", { type: "button", onclick: async () => {
-        if (!(await confirmDialog(`Roll back to configuration #${e.number}?`))) return;
-        try { const r = await api("/api/config/rollback", { method: "POST", body: { number: e.number } }); say(`rolled back: ${r.changes.join(", ")}`); loadHistory(); }
+        const why = await askReason(`Roll back to configuration #${e.number}?`);
+        if (why === null) return;
+        try { const r = await api("/api/config/rollback", { method: "POST", body: { number: e.number }, reason: why }); say(`rolled back: ${r.changes.join(", ")}`); loadHistory(); }
         catch (err) { say(err.message); }
       } }, "Roll back") : ""))));
   };
@@ -339,7 +391,7 @@ async function logsPage(main) {
 
 export function registerCorePages() {
   registerPage({ name: "overview", label: "Overview", role: "viewer", nav: true, render: overviewPage });
-  registerPage({ name: "devices", label: "Devices", role: "viewer", nav: true, render: devicesPage });
+  registerPage({ name: "devices", label: "Devices", role: "viewer", nav: true, render: liveDevicesPage });
   registerPage({ name: "device", label: "Device", role: "viewer", nav: false, render: devicePage });
   registerPage({ name: "commands", label: "Commands", role: "viewer", nav: true, render: commandsPage });
   registerPage({ name: "sinks", label: "Sinks", role: "viewer", nav: true, render: sinksPage });
