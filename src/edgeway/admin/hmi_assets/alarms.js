@@ -104,5 +104,5 @@ async function alarmsPage(main) {
 }
 
 export function register() {
-  registerPage({ name: "alarms", label: "Alarms", role: "viewer", nav: true, render: alarmsPage });
+  registerPage({ name: "alarms", label: "Alarms", role: "viewer", nav: true, order: 15, render: alarmsPage });
 }

@@ -55,7 +55,7 @@ export async function api(path, { method = "GET", body, text, headers: extra, re
 }
 
 export function registerPage(page) {
-  // page: {name, label, role, nav: bool, render(main, params) -> cleanup?}
+  // page: {name, label, role, nav: bool, order (place in the menu), render(main, params) -> cleanup?}
   // A page module may replace a core page of the same name (registry.js: devices).
   const i = pages.findIndex((p) => p.name === page.name);
   if (i >= 0) pages[i] = page; else pages.push(page);
@@ -122,7 +122,7 @@ function parseHash() {
 function renderNav(active) {
   const nav = document.getElementById("nav");
   nav.replaceChildren(
-    ...pages.filter((p) => p.nav && can(p.role)).map((p) =>
+    ...pages.filter((p) => p.nav && can(p.role)).sort((a, b) => (a.order ?? 100) - (b.order ?? 100)).map((p) =>
       h("a", { href: `#/${p.name}`, class: p.name === active ? "active" : null, "data-page": p.name }, p.label)),
     h("a", { href: "/api/docs", target: "_blank" }, "API"),
   );

@@ -109,5 +109,5 @@ async function firmwarePage(main, arg) {
 }
 
 export function register() {
-  registerPage({ name: "firmware", label: "Firmware", role: "viewer", nav: true, render: firmwarePage });
+  registerPage({ name: "firmware", label: "Firmware", role: "viewer", nav: true, order: 50, render: firmwarePage });
 }

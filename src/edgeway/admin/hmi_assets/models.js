@@ -71,5 +71,5 @@ async function modelsPage(main) {
 }
 
 export function register() {
-  registerPage({ name: "models", label: "Rules and models", role: "viewer", nav: true, render: modelsPage });
+  registerPage({ name: "models", label: "Rules and models", role: "viewer", nav: true, order: 45, render: modelsPage });
 }

@@ -390,11 +390,11 @@ async function logsPage(main) {
 }
 
 export function registerCorePages() {
-  registerPage({ name: "overview", label: "Overview", role: "viewer", nav: true, render: overviewPage });
-  registerPage({ name: "devices", label: "Devices", role: "viewer", nav: true, render: liveDevicesPage });
+  registerPage({ name: "overview", label: "Overview", role: "viewer", nav: true, order: 10, render: overviewPage });
+  registerPage({ name: "devices", label: "Devices", role: "viewer", nav: true, order: 20, render: liveDevicesPage });
   registerPage({ name: "device", label: "Device", role: "viewer", nav: false, render: devicePage });
-  registerPage({ name: "commands", label: "Commands", role: "viewer", nav: true, render: commandsPage });
-  registerPage({ name: "sinks", label: "Sinks", role: "viewer", nav: true, render: sinksPage });
-  registerPage({ name: "config", label: "Configuration", role: "viewer", nav: true, render: configPage });
-  registerPage({ name: "logs", label: "Logs", role: "operator", nav: true, render: logsPage });
+  registerPage({ name: "commands", label: "Commands", role: "viewer", nav: true, order: 30, render: commandsPage });
+  registerPage({ name: "sinks", label: "Sinks", role: "viewer", nav: true, order: 40, render: sinksPage });
+  registerPage({ name: "config", label: "Configuration", role: "viewer", nav: true, order: 60, render: configPage });
+  registerPage({ name: "logs", label: "Logs", role: "operator", nav: true, order: 70, render: logsPage });
 }

@@ -138,5 +138,5 @@ export async function registrySection(section, deviceId) {
 }
 
 export function register() {
-  registerPage({ name: "devices", label: "Devices", role: "viewer", nav: true, render: devicesPage });
+  registerPage({ name: "devices", label: "Devices", role: "viewer", nav: true, order: 20, render: devicesPage });
 }
