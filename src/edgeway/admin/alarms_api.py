@@ -34,6 +34,7 @@ from aiohttp import web
 
 from edgeway.admin.access import PRINCIPAL, requires
 from edgeway.admin.errors import error as _error
+from edgeway.admin.errors import read_body
 from edgeway.admin.tokens import Role
 from edgeway.alarms.model import BY_MAX, Action, Alarm, AlarmError, parse_severity
 from edgeway.config_types import _parse_duration
@@ -76,7 +77,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
     """The request's JSON object (empty body: {}); AlarmError("invalid") otherwise."""
     if request.content_length is not None and request.content_length > BODY_MAX:
         raise AlarmError("invalid", f"body over {BODY_MAX} bytes")
-    raw = await request.content.read(BODY_MAX + 1)
+    raw = await read_body(request, BODY_MAX)
     if len(raw) > BODY_MAX:
         raise AlarmError("invalid", f"body over {BODY_MAX} bytes")
     try:

@@ -32,6 +32,7 @@ from aiohttp import web
 
 from edgeway.admin.access import PRINCIPAL, requires
 from edgeway.admin.errors import error as _error
+from edgeway.admin.errors import read_body
 from edgeway.admin.tokens import Role
 from edgeway.config_types import _parse_duration
 
@@ -122,7 +123,7 @@ class CommandRoutes:
         svc = self._svc()
         if request.content_length is not None and request.content_length > BODY_MAX:
             return _error(413, "too_large", f"body over {BODY_MAX} bytes")
-        raw = await request.content.read(BODY_MAX + 1)
+        raw = await read_body(request, BODY_MAX)
         if len(raw) > BODY_MAX:
             return _error(413, "too_large", f"body over {BODY_MAX} bytes")
         try:

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from edgeway.admin.access import PRINCIPAL, requires
 from edgeway.admin.errors import answer as _json
+from edgeway.admin.errors import read_body
 from edgeway.admin.tokens import Role
 from edgeway.config import Config
 
@@ -68,7 +69,7 @@ def _applied(control: ConfigControl, changes: list[str]) -> web.Response:
 
 async def _body_text(request: web.Request) -> str | web.Response:
     """The request's body as text, or the error to answer."""
-    raw = await request.content.read(BODY_MAX + 1)
+    raw = await read_body(request, BODY_MAX)
     if len(raw) > BODY_MAX:
         return _json({"error": "too_large", "message": f"over {BODY_MAX} bytes"}, 413)
     try:
@@ -210,7 +211,7 @@ class ConfigRoutes:
     @requires(Role.ENGINEER)
     async def rollback(self, request: web.Request) -> web.Response:
         """Apply a configuration from the history (``{"number": N}``)."""
-        raw = await request.content.read(4096)
+        raw = await read_body(request, 4095)
         number: int | None = None
         if raw.strip():
             try:

@@ -40,6 +40,7 @@ from aiohttp import web
 from edgeway.admin.access import requires
 from edgeway.admin.errors import answer as _json
 from edgeway.admin.errors import error as _error
+from edgeway.admin.errors import read_body
 from edgeway.admin.tokens import Role
 from edgeway.devices.csvio import CsvError, export_rows, parse_csv
 from edgeway.devices.registry import DeviceError, DeviceFilter, DeviceRegistry
@@ -83,7 +84,7 @@ def _answers_refusals(handler: Handler) -> Handler:
 async def _body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise _Refused(413, "too_large", f"body over {limit} bytes")
-    raw = await request.content.read(limit + 1)
+    raw = await read_body(request, limit)
     if len(raw) > limit:
         raise _Refused(413, "too_large", f"body over {limit} bytes")
     return raw

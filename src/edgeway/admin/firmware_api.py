@@ -33,6 +33,7 @@ from aiohttp import web
 from edgeway.admin.access import requires
 from edgeway.admin.errors import answer as _json
 from edgeway.admin.errors import error as _error
+from edgeway.admin.errors import read_body
 from edgeway.admin.tokens import Role
 
 if TYPE_CHECKING:
@@ -154,7 +155,7 @@ class FirmwareRoutes:
         from edgeway.firmware.service import FirmwareError
 
         async def go(svc: FirmwareService) -> web.Response:
-            raw = await request.content.read(BODY_MAX + 1)
+            raw = await read_body(request, BODY_MAX)
             if len(raw) > BODY_MAX:
                 raise FirmwareError("invalid", f"body over {BODY_MAX} bytes")
             try:

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from edgeway.admin.access import PRINCIPAL, AccessControl, public, requires
 from edgeway.admin.build import process_figures
-from edgeway.admin.errors import error
+from edgeway.admin.errors import error, read_body
 from edgeway.admin.recent import (
     TREND_POINTS_MAX,
     DeviceEntry,
@@ -247,7 +247,7 @@ class HmiRoutes:
                 "too many log-in attempts from this address; wait and try again",
                 **{"Retry-After": str(int(wait) + 1)},
             )
-        raw = await request.content.read(LOGIN_BODY_MAX + 1)
+        raw = await read_body(request, LOGIN_BODY_MAX)
         try:
             body = orjson.loads(raw) if len(raw) <= LOGIN_BODY_MAX else None
         except orjson.JSONDecodeError:
@@ -436,7 +436,7 @@ class HmiRoutes:
         outbox = self.outbox()
         if outbox is None:
             return error(503, "unavailable", "the gateway is not running")
-        raw = await request.content.read(REPLAY_BODY_MAX + 1)
+        raw = await read_body(request, REPLAY_BODY_MAX)
         try:
             body = orjson.loads(raw) if len(raw) <= REPLAY_BODY_MAX else None
         except orjson.JSONDecodeError:

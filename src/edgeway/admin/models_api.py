@@ -36,6 +36,7 @@ from aiohttp import web
 from edgeway.admin.access import PRINCIPAL, requires
 from edgeway.admin.errors import answer as _json
 from edgeway.admin.errors import error as _error
+from edgeway.admin.errors import read_body
 from edgeway.admin.tokens import Role
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def _who(request: web.Request) -> str:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.content.read(BODY_MAX + 1)
+    raw = await read_body(request, BODY_MAX)
     if len(raw) > BODY_MAX:
         raise _Bad("invalid", f"body over {BODY_MAX} bytes")
     try:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from edgeway.admin.access import PRINCIPAL, requires
-from edgeway.admin.errors import answer, error
+from edgeway.admin.errors import answer, error, read_body
 from edgeway.admin.tokens import Role
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class TwinRoutes:
             version = if_match(request.headers.get("If-Match"))
         except ValueError:
             return error(400, "invalid", "If-Match is a desired version number")
-        raw = await request.content.read(min(svc.limits.max_bytes * 2 + 1024, BODY_MAX) + 1)
+        raw = await read_body(request, min(svc.limits.max_bytes * 2 + 1024, BODY_MAX))
         if len(raw) > min(svc.limits.max_bytes * 2 + 1024, BODY_MAX):
             return error(413, "too_large", "body too large")
         principal = request.get(PRINCIPAL)
