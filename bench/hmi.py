@@ -8,9 +8,13 @@ Usage::
 Browser: Debian's chromium (``/usr/bin/chromium``) driven by Playwright.
 
 - **devices page**: a gateway (in this process, its own thread and loop)
-  whose recent-values store holds 10,000 devices (3 metrics each); a logged-in
-  browser opens ``/#/devices``; timed from navigation start until the first
-  100 rows are in the table (server-side paging), ``--runs`` times.
+  whose recent-values store holds 10,000 devices (3 metrics each) and whose
+  device registry holds the same 10,000 (CSV import through the API; 10
+  groups, 2 tags); a logged-in browser opens ``/#/devices`` (the registry's
+  page); timed from navigation start until the first 100 rows are in the
+  table (server-side keyset paging), ``--runs`` times; again with a group
+  filter (1,000 matches). The registry API is timed alone for each filter
+  and for a page deep in the list.
 - **trend**: one device with 604,800 points (7 days at 1 Hz) in its ring; the
   device page is opened with range "all"; timed from navigation until the
   chart is drawn (the server reduces it to <= 2,000 min/max points). The
@@ -80,15 +84,38 @@ admin: {{listen: "127.0.0.1:{admin_port}", auth: tokens}}
 """
 
 
-def prepare_credentials(data_dir: Path) -> str:
+def prepare_credentials(data_dir: Path, role: Role = Role.VIEWER) -> str:
     data_dir.mkdir(parents=True, exist_ok=True)
     users = UserStore(data_dir / "users.db")
     users.add("bench", Role.ADMIN, PASSWORD)
     users.close()
     tokens = TokenStore(data_dir / "tokens.db")
-    _, token = tokens.create("bench", Role.VIEWER)
+    _, token = tokens.create("bench", role)
     tokens.close()
     return token
+
+
+def register(http: httpx.Client) -> float:
+    """The 10,000 devices of the store in the registry (one CSV import)."""
+    csv = "id,name,type,tags,groups\n" + "".join(
+        f"sensor-{i:05d},Sensor {i},{'th' if i % 3 else 'co2'},{'east' if i % 2 else 'west'},"
+        f"line-{i % 10}\n"
+        for i in range(DEVICES)
+    )
+    t0 = time.perf_counter()
+    r = http.post("/api/devices/import", content=csv, headers={"Content-Type": "text/csv"})
+    assert r.status_code == 200 and r.json()["created"] == DEVICES, r.text
+    return time.perf_counter() - t0
+
+
+REGISTRY_QUERIES = {
+    "first_page": "limit=100",
+    "group": "group=line-3&limit=100",
+    "tag": "tag=east&limit=100",
+    "status": "status=offline&limit=100",
+    "prefix": "prefix=sensor-05&limit=100",
+    "deep_page": "after=sensor-09000&limit=100",
+}
 
 
 class ThreadGateway:
@@ -169,7 +196,7 @@ def time_page(ctx: Any, url: str, ready: str, runs: int) -> list[float]:
 def in_process(runs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         data_dir = Path(d) / "data"
-        token = prepare_credentials(data_dir)
+        token = prepare_credentials(data_dir, Role.OPERATOR)
         tg = ThreadGateway(config_text(data_dir, free_port(), free_port()))
         try:
             t0 = time.perf_counter()
@@ -177,14 +204,20 @@ def in_process(runs: int) -> dict[str, Any]:
             fill_s = time.perf_counter() - t0
             assert tg.gw.admin is not None and tg.gw.admin.bound is not None
             base = f"http://127.0.0.1:{tg.gw.admin.bound[1]}"
-            results: dict[str, Any] = {"fill_s": round(fill_s, 2)}
+            auth = {"Authorization": f"Bearer {token}"}
+            with httpx.Client(base_url=base, headers=auth, timeout=60) as http:
+                import_s = register(http)
+            results: dict[str, Any] = {"fill_s": round(fill_s, 2), "import_s": round(import_s, 2)}
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
                 ctx = browser.new_context(viewport={"width": 1280, "height": 800})
                 login(ctx, base)
                 time_page(ctx, f"{base}/#/overview", "#ov-sinks", 1)  # warm the cache
                 devices = time_page(
-                    ctx, f"{base}/#/devices", "#devices tbody tr:nth-child(100)", runs
+                    ctx, f"{base}/#/devices", "#registry tbody tr:nth-child(100)", runs
+                )
+                grouped = time_page(
+                    ctx, f"{base}/#/devices?group=line-3", "#registry tbody tr:nth-child(100)", runs
                 )
                 trend = time_page(ctx, f"{base}/#/device/trend-7d", "#trend[data-points]", runs)
                 page = ctx.new_page()
@@ -193,7 +226,16 @@ def in_process(runs: int) -> dict[str, Any]:
                 drawn = int(page.get_attribute("#trend", "data-points") or 0)
                 page.close()
                 browser.close()
-            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as http:
+            with httpx.Client(base_url=base, headers=auth) as http:
+                registry: dict[str, Any] = {}
+                for name, query in REGISTRY_QUERIES.items():
+                    times = []
+                    for _ in range(runs):
+                        t0 = time.perf_counter()
+                        r = http.get(f"/api/devices?{query}")
+                        times.append((time.perf_counter() - t0) * 1000)
+                        assert r.status_code == 200 and len(r.json()["devices"]) == 100, query
+                    registry[name] = _stats(times)
                 api = []
                 for _ in range(runs):
                     t0 = time.perf_counter()
@@ -211,6 +253,8 @@ def in_process(runs: int) -> dict[str, Any]:
                     assert r.status_code == 200
             results.update(
                 devices_page_ms=_stats(devices),
+                devices_page_group_filter_ms=_stats(grouped),
+                registry_api_ms=registry,
                 trend_page_ms=_stats(trend),
                 trend_points_drawn=drawn,
                 trend_api_ms=_stats(api),

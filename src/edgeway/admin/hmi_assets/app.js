@@ -181,7 +181,8 @@ export function showLogin(message) {
 
 async function start() {
   registerCorePages();
-  for (const m of PAGE_MODULES) (await import(m)).register();
+  // Fetched in parallel (one round trip, not one per module), registered in order.
+  for (const m of await Promise.all(PAGE_MODULES.map((u) => import(u)))) m.register();
   document.getElementById("logout").addEventListener("click", async () => {
     try { await api("/api/logout", { method: "POST" }); } catch { /* already out */ }
     showLogin();

@@ -24,9 +24,13 @@ export function statusBadge(status) {
 }
 
 async function devicesPage(main, arg, query) {
-  let first;
+  // The first page is read at once: it also tells whether there is a registry.
+  let first = null;
+  const initial = new URLSearchParams({ limit: PAGE });
+  for (const k of ["status", "group", "tag", "type"]) if (query.get(k)) initial.set(k, query.get(k));
+  if (query.get("q")) initial.set("prefix", query.get("q"));
   try {
-    first = await api("/api/devices?limit=1");
+    first = await api(`/api/devices?${initial}`);
   } catch (e) {
     if (e instanceof ApiError && e.status === 503) {
       const live = await import("/hmi/pages.js");
@@ -34,7 +38,6 @@ async function devicesPage(main, arg, query) {
     }
     throw e;
   }
-  void first;
   const search = h("input", { id: "reg-search", type: "search", placeholder: "device id starts with", value: query.get("q") || "" });
   const status = h("select", { id: "reg-status" }, h("option", { value: "" }, "any status"), STATUSES.map((s) => h("option", { value: s }, s)));
   status.value = query.get("status") || "";
@@ -65,7 +68,8 @@ async function devicesPage(main, arg, query) {
     for (const [k, el] of [["status", status], ["group", group], ["tag", tag], ["type", type]]) {
       if (el.value.trim()) params.set(k, el.value.trim());
     }
-    const doc = await api(`/api/devices?${params}`);
+    const doc = first || await api(`/api/devices?${params}`);
+    first = null;
     if (mine !== seq) return; // a newer filter answered first
     if (doc.total !== null && doc.total !== undefined) total = doc.total;
     body.replaceChildren(...doc.devices.map((d) => h("tr", { class: "clickable", "data-device": d.id,
