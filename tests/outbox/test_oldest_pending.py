@@ -15,15 +15,20 @@ def reading(i: int) -> Reading:
     return Reading("d1", 1_700_000_000.0 + i, {"i": i}, origin=Origin("test"))
 
 
-async def test_oldest_pending_age_follows_confirmations_per_sink(tmp_path: Path) -> None:
-    mono = [100.0]
-    ob = Outbox(
-        tmp_path / "outbox.db",
+def outbox(path: Path, mono: list[float], sinks: list[str]) -> Outbox:
+    """An outbox whose age clock the test moves (``mono[0]``)."""
+    return Outbox(
+        path / "outbox.db",
         gateway_id="gw",
         config=OutboxSection(),
-        sink_names=["a", "b"],
+        sink_names=sinks,
         monotonic_clock=lambda: mono[0],
     )
+
+
+async def test_oldest_pending_age_follows_confirmations_per_sink(tmp_path: Path) -> None:
+    mono = [100.0]
+    ob = outbox(tmp_path, mono, ["a", "b"])
     await ob.open()
     try:
         assert ob.oldest_pending_ages() == {"a": 0.0, "b": 0.0}
@@ -53,25 +58,13 @@ async def test_oldest_pending_age_follows_confirmations_per_sink(tmp_path: Path)
 
 async def test_oldest_pending_is_found_again_at_open(tmp_path: Path) -> None:
     mono = [100.0]
-    ob = Outbox(
-        tmp_path / "outbox.db",
-        gateway_id="gw",
-        config=OutboxSection(),
-        sink_names=["a"],
-        monotonic_clock=lambda: mono[0],
-    )
+    ob = outbox(tmp_path, mono, ["a"])
     await ob.open()
     await ob.submit([reading(i) for i in range(600)])  # three chunks of at most 256
     batch = await ob.read_batch("a", 300, 1 << 30)
     await ob.confirm(batch)  # the cursor is inside the second chunk
     await ob.close()
-    again = Outbox(
-        tmp_path / "outbox.db",
-        gateway_id="gw",
-        config=OutboxSection(),
-        sink_names=["a"],
-        monotonic_clock=lambda: mono[0],
-    )
+    again = outbox(tmp_path, mono, ["a"])
     await again.open()
     try:
         assert again.status()["a"]["pending"] == 300

@@ -730,12 +730,17 @@ class _Writer:
         finally:
             if relax:
                 conn.execute("PRAGMA synchronous=FULL")
-        # The oldest pending record moves only when a sink confirms, dead-letters
-        # or loses records, or when a sink with nothing pending gets some.
-        if job.ops or job.replays or res.dropped:
+        # A sink's oldest pending record moves only when that sink confirms or
+        # dead-letters records, when retention drops some, or when it had
+        # nothing pending and gets some (another sink's confirmation clears
+        # only that sink's bit).
+        if res.dropped or job.replays:
             self._refresh_oldest(self.bits)
         else:
-            self._refresh_oldest(n for n in res.new_rows if self.oldest.get(n) is None)
+            self._refresh_oldest(
+                {op.sink for op in job.ops}
+                | {n for n in res.new_rows if self.oldest.get(n) is None}
+            )
         res.oldest = dict(self.oldest)
         self.commits += 1
         res.high_seq = self.next_seq - 1

@@ -9,15 +9,20 @@ const num = (x) => (x === null || x === undefined ? "-" : String(x));
 
 const dur = (s) => (!s ? "-" : s < 120 ? `${s} s` : s < 7200 ? `${(s / 60).toFixed(0)} min` : `${(s / 3600).toFixed(1)} h`);
 
+/** The document at path, or null after saying in main why not (a part that is off). */
+async function loadOrSay(main, path, id) {
+  try {
+    return await api(path);
+  } catch (e) {
+    main.append(h("p", { class: "muted", id }, e.message));
+    return null;
+  }
+}
+
 async function rulesSection(main) {
   main.append(h("h1", {}, "Rules"));
-  let doc;
-  try {
-    doc = await api("/api/rules");
-  } catch (e) {
-    main.append(h("p", { class: "muted", id: "rules-off" }, e.message));
-    return;
-  }
+  const doc = await loadOrSay(main, "/api/rules", "rules-off");
+  if (!doc) return;
   main.append(h("table", { id: "rules" }, h("thead", {}, h("tr", {}, ["rule", "state", "condition", "for", "cooldown", "devices active", "pending", "cooling down", "last fired"].map((x) => h("th", {}, x)))),
     h("tbody", {}, doc.rules.map((r) => h("tr", { "data-rule": r.name }, h("td", {}, r.name),
       h("td", {}, r.state === "active" ? h("span", { class: "warning" }, "active") : r.state === "disabled" ? h("span", { class: "muted" }, "disabled") : r.state),
@@ -29,13 +34,8 @@ async function rulesSection(main) {
 async function modelsPage(main) {
   await rulesSection(main);
   main.append(h("h1", {}, "Models"));
-  let doc;
-  try {
-    doc = await api("/api/models");
-  } catch (e) {
-    main.append(h("p", { class: "muted", id: "models-off" }, e.message));
-    return;
-  }
+  const doc = await loadOrSay(main, "/api/models", "models-off");
+  if (!doc) return;
   const msg = h("pre", { class: "result hidden", id: "models-result" });
   const act = (name, what, path, withReason) => h("button", { type: "button", "data-action": what, onclick: async () => {
     const why = await askReason(`${what} model ${name}?`);
