@@ -109,6 +109,8 @@ async def test_a_change_carries_its_reason_into_the_audit(tmp_path: Path) -> Non
             assert r.status_code == 202
             entries = (await http.get("/api/audit", headers=op)).json()["entries"]
             commands = (await http.get("/api/commands", headers=op)).json()["commands"]
+        r = await edgeway_cli("audit", "--admin", rg.base, env={"EDGEWAY_TOKEN": operator})
+        assert r.code == 0 and "\tvalve 3 leaks; ticket #42, Jörg\\nsecond line\n" in r.stdout
         assert {c["device_id"] for c in commands} == {"boiler-1", "boiler-3"}
         posts = [e for e in entries if e["action"].startswith("POST")]
         assert [(e["target"], e["reason"]) for e in posts] == [

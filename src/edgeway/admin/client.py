@@ -240,5 +240,6 @@ def audit_main(args: argparse.Namespace, cfg: Config) -> int:
         print(
             f"{entry.get('id')}\t{when}\t{entry.get('who')}\t{entry.get('source') or '-'}\t"
             f"{entry.get('action')}\t{entry.get('target') or '-'}\t{status if status else '-'}"
+            f"\t{entry.get('reason') or '-'}"
         )
     return 0
