@@ -200,3 +200,37 @@ rules:
     finally:
         await stage.close()
         await twins.close()
+
+
+async def test_rules_summary_for_the_hmi(tmp_path: Path) -> None:
+    """GET /api/rules: per rule, devices active, pending (holding, waiting for
+    ``for``) and cooling down, and the last firing (its latest set)."""
+    rules = parse_config(
+        """
+rules:
+  - {name: hot, when: "t > 80", cooldown: 10m}
+  - {name: slow, when: "t > 50", for: 1h}
+  - {name: spare, when: "t > 0", enabled: false}
+"""
+    ).rules
+    stage = RuleStage(rules, tmp_path, targets=ActionTargets(), durability="os")
+    await stage.open()
+    try:
+        summary = {r["name"]: r for r in await stage.rules()}
+        assert summary["hot"]["last_fired"] is None and summary["hot"]["state"] == "idle"
+        for device, t in (("d1", 90.0), ("d2", 60.0)):
+            fut = stage.observe([Reading(device, 0.0, {"t": t}, Origin("test"))])
+            if fut is not None:
+                await fut
+        summary = {r["name"]: r for r in await stage.rules()}
+        hot, slow = summary["hot"], summary["slow"]
+        assert (hot["state"], hot["active_devices"], hot["cooling_down_devices"]) == (
+            "active",
+            1,
+            1,
+        )
+        assert hot["last_fired"]["device_id"] == "d1" and hot["cooldown"] == 600
+        assert (slow["state"], slow["active_devices"], slow["pending_devices"]) == ("idle", 0, 2)
+        assert summary["spare"]["state"] == "disabled"
+    finally:
+        await stage.close()
