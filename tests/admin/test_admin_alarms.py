@@ -132,3 +132,41 @@ async def test_loopback_api_without_tokens_records_the_given_user(tmp_path: Path
             "alarms", "raise", "tank-2", "level", "--severity", "urgent", "--admin", rg.base
         )
         assert r.code == 1 and "severity must be 1-1000 or one of" in r.stderr
+
+
+async def test_a_comment_is_journaled_and_a_session_acts_under_its_own_name(
+    tmp_path: Path,
+) -> None:
+    """``comment`` (OPC UA AddComment) journals a note and changes nothing; it
+    needs text and a kept alarm. A logged-in HMI user is the one recorded,
+    whatever the body's ``user`` claims."""
+    from edgeway.admin.tokens import Role
+    from edgeway.admin.users import UserStore
+
+    async with running_gateway(tmp_path, TOKENS) as rg:
+        svc = rg.gateway.alarms
+        assert svc is not None
+        await svc.raise_alarm("boiler-1", "overheat", severity=900, message="92 C", by="rule:hot")
+        users = UserStore(rg.data_dir / "users.db")  # 'edgeway users add' is tested elsewhere
+        users.add("olga", Role.OPERATOR, "a long enough password")
+        users.close()
+        async with httpx.AsyncClient(base_url=rg.base, timeout=10) as http:
+            login = await http.post(
+                "/api/login", json={"user": "olga", "password": "a long enough password"}
+            )
+            assert login.status_code == 200, login.text
+            h = {"X-CSRF-Token": login.json()["csrf"]}
+            url = "/api/alarms/boiler-1/overheat"
+            r = await http.post(f"{url}/comment", json={"comment": "fitter called"}, headers=h)
+            assert r.status_code == 200 and r.json()["alarm"]["acked"] is False
+            r = await http.post(f"{url}/comment", json={}, headers=h)
+            assert r.status_code == 400 and "comment" in r.json()["message"]
+            r = await http.post("/api/alarms/pump-9/none/comment", json={"comment": "x"}, headers=h)
+            assert r.status_code == 404  # normal: nothing kept to comment on
+            r = await http.post(f"{url}/ack", json={"user": "someone-else"}, headers=h)
+            assert r.status_code == 200 and r.json()["alarm"]["acked_by"] == "olga"
+            hist = (await http.get(f"{url}/history")).json()["transitions"]
+        assert [(t["action"], t["by"], t["comment"]) for t in hist[:2]] == [
+            ("ack", "olga", ""),
+            ("comment", "olga", "fitter called"),
+        ]
