@@ -405,6 +405,12 @@ def test_alarm_raised_by_a_rule_is_acknowledged_in_the_browser(site: Site) -> No
     playwright_api.expect(seen).to_contain_text("pump-1 runs hot")
     playwright_api.expect(seen.locator(".sev-high")).to_have_text("medium high 700")
     assert seen.locator("button").count() == 0
+    # The header's alarm summary, on every page.
+    viewer.click("nav a[data-page=commands]")
+    indicator = viewer.locator("#alarm-indicator")
+    playwright_api.expect(indicator).to_have_text("1 unacknowledged alarm")
+    playwright_api.expect(indicator).to_have_class("abnormal")
+    viewer.click("nav a[data-page=alarms]")
     status, doc = session_fetch(viewer, "POST", "/api/alarms/pump-1/overheat/ack", {})
     assert status == 403 and doc["error"] == "insufficient_role"
 
@@ -428,6 +434,7 @@ def test_alarm_raised_by_a_rule_is_acknowledged_in_the_browser(site: Site) -> No
     ]
     # The viewer's page follows over the live channel.
     playwright_api.expect(seen).to_have_attribute("data-acked", "1")
+    playwright_api.expect(indicator).to_have_text("1 active alarm")
     page.screenshot(path=str(ARTIFACTS / "alarms.png"), full_page=True)
     # Shelved for 15 minutes: gone from the list shown, listed under shelved.
     row.locator("button[data-action=shelve]").click()

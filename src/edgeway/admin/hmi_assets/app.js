@@ -91,10 +91,22 @@ export function askReason(text, withReason = true) {
 let source = null;
 const listeners = new Map();
 
+/** The alarm summary in the header, on every page (ISA-101: alarms are
+ *  never more than a glance away): red while any is unacknowledged. */
+function showAlarms(o) {
+  const el = document.getElementById("alarm-indicator");
+  const a = o.alarms;
+  if (!a || (!a.unacked && !a.active)) { el.classList.add("hidden"); return; }
+  el.classList.remove("hidden");
+  el.className = a.unacked ? "abnormal" : "muted";
+  el.textContent = a.unacked ? `${a.unacked} unacknowledged alarm${a.unacked === 1 ? "" : "s"}` : `${a.active} active alarm${a.active === 1 ? "" : "s"}`;
+}
+
 export function live(device, handlers) {
   closeLive();
   const url = device ? `/api/events?device=${encodeURIComponent(device)}` : "/api/events";
   source = new EventSource(url);
+  source.addEventListener("overview", (e) => showAlarms(JSON.parse(e.data)));
   for (const [name, fn] of Object.entries(handlers)) {
     const wrapped = (e) => fn(JSON.parse(e.data));
     listeners.set(name, wrapped);
@@ -150,11 +162,15 @@ export async function route() {
   } catch (e) {
     if (!(e instanceof ApiError && e.status === 401)) banner(e.message);
   }
+  // Pages without live data of their own still get the overview events
+  // (one shared snapshot a second) for the alarm summary.
+  if (source === null && state.role !== null) live(null, {});
 }
 
 // ---- log-in ---------------------------------------------------------------
 export function showLogin(message) {
   closeLive();
+  document.getElementById("alarm-indicator").classList.add("hidden");
   state.role = null; state.user = null; state.csrf = null;
   renderNav("");
   const main = document.getElementById("main");
