@@ -443,7 +443,8 @@ def test_alarm_raised_by_a_rule_is_acknowledged_in_the_browser(site: Site) -> No
     page.select_option("#alarm-filter", "shelved")
     playwright_api.expect(row.locator(".alarm-state")).to_contain_text("shelved until")
     row.locator("button[data-action=comment]").click()
-    confirm_with_reason(page, "fitter called")
+    page.fill("#confirm-reason", "fitter called")
+    page.press("#confirm-reason", "Enter")  # Enter confirms
     row.locator("button[data-action=unshelve]").click()
     confirm_with_reason(page, "back")
     playwright_api.expect(row).to_have_count(0)

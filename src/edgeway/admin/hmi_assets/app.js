@@ -80,6 +80,9 @@ export function askReason(text, withReason = true) {
   document.getElementById("confirm-reason-label").classList.toggle("hidden", !withReason);
   field.value = "";
   dlg.returnValue = "";
+  // Enter in the reason confirms (the form's first button, which Enter
+  // would press, is Cancel).
+  field.onkeydown = (e) => { if (e.key === "Enter") { e.preventDefault(); dlg.close("ok"); } };
   return new Promise((resolve) => {
     dlg.addEventListener("close", () => resolve(dlg.returnValue === "ok" ? field.value.trim() : null), { once: true });
     dlg.showModal();
