@@ -112,15 +112,25 @@ class Cloud:
         self.answers: list[dict[str, Any]] = []
         self.polls: list[dict[str, str]] = []
         self.lose_next_answer = False
+        self.trickle = False  # send poll answers in small pieces, one at a time
         self.answered = asyncio.Event()
 
-    async def poll(self, request: web.Request) -> web.Response:
+    async def poll(self, request: web.Request) -> web.StreamResponse:
         assert request.headers.get("Authorization") == "Bearer cloud-token-123"
         self.polls.append(dict(request.query))
         if not self.pending:
             await asyncio.sleep(min(float(request.query["wait"]), 0.2))
             return web.Response(status=204)
-        return web.json_response({"commands": self.pending})
+        if not self.trickle:
+            return web.json_response({"commands": self.pending})
+        body = orjson.dumps({"commands": self.pending})
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for i in range(0, len(body), 300):
+            await resp.write(body[i : i + 300])
+            await asyncio.sleep(0.01)
+        await resp.write_eof()
+        return resp
 
     async def ingest(self, request: web.Request) -> web.Response:
         await request.read()
@@ -186,5 +196,34 @@ sinks:
         assert [(x.device_id, x.name, x.idempotency_key) for x in cmds] == [
             ("pump-1", "stop", "cloud:r-1")
         ]
+    finally:
+        await stop(gw, task)
+
+
+async def test_http_long_poll_answer_in_pieces(tmp_path: Path, cloud: tuple[Cloud, str]) -> None:
+    """A poll answer that arrives in many TCP segments is read whole (one
+    ``read(n)`` returned only its first piece and the poll never parsed)."""
+    c, base = cloud
+    c.trickle = True
+    c.pending = [
+        {"id": f"r-{i}", "device_id": "pump-1", "name": "set", "params": {"note": "x" * 40}}
+        for i in range(40)
+    ]
+    gw, task = await start(
+        f"""
+gateway: {{id: gw-http, data_dir: "{tmp_path}"}}
+mqtt: {{enabled: false}}
+sinks:
+  - name: cloud
+    url: {base}/ingest
+    options: {{bearer_token: cloud-token-123, commands_url: "{base}/commands",
+               commands_wait: 1s}}
+"""
+    )
+    try:
+        assert gw.commands is not None
+        await asyncio.wait_for(c.answered.wait(), 15)
+        assert sorted(a["request_id"] for a in c.answers) == sorted(f"r-{i}" for i in range(40))
+        assert len(await gw.commands.list()) == 40
     finally:
         await stop(gw, task)

@@ -54,6 +54,7 @@ import orjson
 from edgeway.config import ModbusDeviceConfig, OpcUaServerConfig
 from edgeway.reading import MetricValue
 from edgeway.sim.devices import WRITABLE, VirtualDevice
+from edgeway.streams import read_capped
 
 log = logging.getLogger(__name__)
 
@@ -755,7 +756,7 @@ class HttpFleet(_PushFleet):
                     base, params={"wait": f"{self.command_wait:g}"}, timeout=hold
                 ) as resp:
                     status = resp.status
-                    body = await resp.content.read(COMMAND_BODY_MAX + 1)
+                    body = await read_capped(resp.content, COMMAND_BODY_MAX)
             except (aiohttp.ClientError, TimeoutError) as e:
                 log.debug("%s: command poll failed: %s", dev.device_id, e)
             if status == 200 and len(body) <= COMMAND_BODY_MAX:

@@ -58,6 +58,7 @@ from edgeway.sinks.base import (
     url_address,
 )
 from edgeway.sinks.config import SinkConfig
+from edgeway.streams import read_capped
 
 if TYPE_CHECKING:
     from edgeway.commands.service import CommandService
@@ -239,7 +240,7 @@ class HttpSink(Sink):
                 status = resp.status
                 text = ""
                 if not 200 <= status < 300:
-                    raw = await resp.content.read(ERROR_BODY_CHARS)
+                    raw = (await read_capped(resp.content, ERROR_BODY_CHARS))[:ERROR_BODY_CHARS]
                     text = raw.decode("utf-8", "replace")
                 else:
                     await resp.read()  # drain, so the connection is reused
@@ -320,7 +321,7 @@ class HttpCommandSource:
                             continue
                         if resp.status != 200:
                             raise RetryableSinkError(f"HTTP {resp.status} from {self.url}")
-                        body = await resp.content.read(COMMANDS_BODY_MAX + 1)
+                        body = await read_capped(resp.content, COMMANDS_BODY_MAX)
                     if len(body) > COMMANDS_BODY_MAX:
                         raise RetryableSinkError(f"command poll over {COMMANDS_BODY_MAX} bytes")
                     doc = orjson.loads(body)
