@@ -217,6 +217,21 @@ def _add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="issue ID [--kind mqtt|http|coap] | set-password ID | groups ID G1,G2 | "
         "disable ID | enable ID | remove ID [--kind K] | list [--json]",
     )
+    provisioning = sub.add_parser(
+        "provisioning",
+        help="provisioning keys devices enrol with: add, list, rotate, revoke (audit-logged)",
+        description="Provisioning keys in DATA_DIR/provisioning.db; work at once, also while "
+        "the gateway runs. See docs/devices.md.",
+    )
+    _add_common(provisioning)
+    provisioning.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="ACTION ...",
+        help="add ID [--groups G] [--type T] [--kinds mqtt,http] [--pattern GLOB] [--rate N] "
+        "[--expires 30d] [--max-uses N] [--reprovision] | list [--json] | rotate ID "
+        "[--grace 24h] | revoke ID",
+    )
     ca = sub.add_parser(
         "ca",
         help="the gateway's certificate authority: init, issue-cert ID, server-cert, revoke ID",
@@ -352,6 +367,7 @@ _CONFIG_COMMANDS = frozenset(
         "deadletter",
         "tokens",
         "credentials",
+        "provisioning",
         "ca",
         "audit",
         "status",
@@ -433,6 +449,10 @@ def _cmd_with_config(args: argparse.Namespace) -> int:
         from edgeway.devices.credentials_cli import credentials_main
 
         return credentials_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
+    if args.command == "provisioning":
+        from edgeway.devices.provisioning_cli import provisioning_main
+
+        return provisioning_main(list(args.rest), args.data_dir or Path(cfg.gateway.data_dir))
     if args.command == "ca":
         from edgeway.devices.ca_cli import ca_main
 
@@ -629,7 +649,9 @@ def _take_common_options(args: argparse.Namespace, rest: list[str]) -> list[str]
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    if args.command in ("stats", "deadletter", "tokens", "users", "outbox", "credentials", "ca"):
+    if args.command in (
+        "stats", "deadletter", "tokens", "users", "outbox", "credentials", "ca", "provisioning",
+    ):  # fmt: skip
         args.rest = _take_common_options(args, [*args.rest, *extras])
     elif extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")

@@ -40,6 +40,7 @@ STORES = {
     "audit.db": "UPDATE schema_version SET version = ?",
     "credentials.db": "UPDATE schema_version SET version = ?",
     "devices.db": "UPDATE schema_version SET version = ?",
+    "provisioning.db": "UPDATE schema_version SET version = ?",
 }
 """Every store a gateway writes: a new store fails the fixture's check until
 it is listed here (and so tested for the refusal)."""

@@ -46,19 +46,24 @@ class Principal:
     groups: frozenset[str] = frozenset()
     """The device's ACL groups (credential store); rules with ``group`` match these."""
     method: str = ""
-    """How it was proved: ``password``, ``token``, ``certificate``, ``anonymous``
-    (for logs and the status; the ACL does not look at it)."""
+    """How it was proved: ``password``, ``token``, ``certificate``, ``anonymous``,
+    ``provisioning`` (for logs and the status; the ACL does not look at it)."""
+    provisioning_key: str | None = None
+    """Set for a client that proved a provisioning key (not a device): it may
+    only ask for its enrolment (:mod:`edgeway.devices.provisioning_mqtt`)."""
 
     @property
     def device_id(self) -> str | None:
         """The device this client speaks for (its verified name)."""
-        return None if self.anonymous else self.username
+        return None if self.anonymous or self.provisioning_key else self.username
 
     @property
     def identity(self) -> str:
         """Who this is, as a session's owner: ``user:<name>`` for a verified
         user name (password or certificate common name), ``anonymous``
         otherwise. Not the client id, which is only the client's claim."""
+        if self.provisioning_key is not None:
+            return "provisioning:" + self.provisioning_key
         if self.anonymous or self.username is None:
             return "anonymous"
         return "user:" + self.username

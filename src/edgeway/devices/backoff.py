@@ -22,8 +22,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["LoginBackoff", "address_key"]
+__all__ = ["LoginBackoff", "RequestBackoff", "address_key"]
 
 BASE = 1.0
 """First lockout (s). Short on purpose: a device whose password was rotated
@@ -130,3 +131,41 @@ def address_key(remote: str) -> str:
     limits: a client's source port changes with every connection."""
     host, sep, _port = remote.rpartition(":")
     return host if sep else remote
+
+
+REQUEST_MAX_FAILURES = 5
+"""Wrong tokens for one device id (HTTP, CoAP) before it is locked out, as
+for MQTT logins (``config_auth.MAX_FAILURES``); and distinct device ids
+failing from one address before the address is."""
+
+
+class RequestBackoff:
+    """Failed-token backoff of a connection-less listener (HTTP, CoAP): per
+    device id, and per source address counting distinct device ids (a spray
+    over many ids locks the address; one device retrying a stale token locks
+    only itself, not its NAT neighbours). Bounded like :class:`LoginBackoff`.
+    """
+
+    __slots__ = ("by_address", "by_device", "locked_out")
+
+    def __init__(self, *, max_failures: int = REQUEST_MAX_FAILURES, **kw: Any) -> None:
+        self.by_device = LoginBackoff(max_failures=max_failures, **kw)
+        self.by_address = LoginBackoff(max_failures=max_failures, **kw)
+        self.locked_out = 0
+        """Requests refused because a lockout was in force (not checked)."""
+
+    def locked_for(self, device_id: str, remote: str) -> float:
+        """Seconds the request must wait (0: check its token)."""
+        wait = max(
+            self.by_device.locked_for(device_id), self.by_address.locked_for(address_key(remote))
+        )
+        if wait > 0:
+            self.locked_out += 1
+        return wait
+
+    def failed(self, device_id: str, remote: str) -> None:
+        self.by_device.failed(device_id)
+        self.by_address.failed(address_key(remote), device_id)
+
+    def succeeded(self, device_id: str) -> None:
+        self.by_device.succeeded(device_id)

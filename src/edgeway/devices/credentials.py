@@ -60,6 +60,7 @@ __all__ = [
     "CredentialStore",
     "Kind",
     "Verdict",
+    "keyed_digest",
     "load_key",
 ]
 
@@ -163,7 +164,8 @@ def load_key(data_dir: Path, *, create: bool = True) -> bytes:
     return key
 
 
-def _keyed(key: bytes, kind: str, device_id: str, secret: bytes) -> str:
+def keyed_digest(key: bytes, kind: str, device_id: str, secret: bytes) -> str:
+    """HMAC-SHA256 of a generated secret under the gateway key, as stored."""
     # Kind and device id are bound in, so a digest copied to another row
     # (another device, another protocol) does not verify there.
     msg = kind.encode() + b"\x00" + device_id.encode() + b"\x00" + secret
@@ -306,7 +308,7 @@ class CredentialStore:
         if len(secret) > SECRET_MAX_LENGTH:
             return Verdict.WRONG
         if digest.startswith(_HMAC_PREFIX):
-            ok = hmac.compare_digest(_keyed(self._key, kind, device_id, secret), digest)
+            ok = hmac.compare_digest(keyed_digest(self._key, kind, device_id, secret), digest)
             return Verdict.OK if ok else Verdict.WRONG
         return Verdict.NEEDS_ARGON2
 
@@ -351,7 +353,7 @@ class CredentialStore:
         if kind not in KINDS:
             raise CredentialError(f"kind must be one of {', '.join(KINDS)}")
         secret = secrets.token_urlsafe(SECRET_BYTES)
-        self._put(device_id, kind, _keyed(self._key, kind, device_id, secret.encode()))
+        self._put(device_id, kind, keyed_digest(self._key, kind, device_id, secret.encode()))
         return secret
 
     def issue_many(self, device_ids: list[str], kind: str) -> dict[str, str]:
@@ -368,7 +370,10 @@ class CredentialStore:
             self._conn.executemany(
                 "INSERT OR REPLACE INTO credentials(device_id, kind, digest, created) "
                 "VALUES (?, ?, ?, ?)",
-                [(d, kind, _keyed(self._key, kind, d, s.encode()), now) for d, s in out.items()],
+                [
+                    (d, kind, keyed_digest(self._key, kind, d, s.encode()), now)
+                    for d, s in out.items()
+                ],
             )
             self._conn.executemany(
                 "INSERT INTO identities(device_id, updated) VALUES (?, ?) "

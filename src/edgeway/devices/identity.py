@@ -36,6 +36,13 @@ from edgeway.devices.auth import AuthDecision, ConnectInfo, Principal
 from edgeway.devices.backoff import LoginBackoff
 from edgeway.devices.config_auth import MAX_FAILURES, ConfigAuthenticator, ConfigAuthoriser
 from edgeway.devices.credentials import CredentialStore, Verdict
+from edgeway.devices.provisioning import Provisioner, ProvisioningKeys
+from edgeway.devices.provisioning_mqtt import (
+    ProvisioningAuthoriser,
+    ProvisioningMqtt,
+    is_provisioning_user,
+)
+from edgeway.devices.provisioning_mqtt import authenticate as provisioning_login
 
 if TYPE_CHECKING:
     from edgeway.config import Config
@@ -77,6 +84,8 @@ class DeviceAuthenticator:
     async def authenticate(self, info: ConnectInfo) -> AuthDecision:
         store = self._access.store
         name = info.username
+        if is_provisioning_user(name):
+            return await provisioning_login(self._access.provisioner, info)
         if name is None and info.cert_subject_cn:
             name = info.cert_subject_cn
             if store.is_disabled(name):
@@ -136,11 +145,21 @@ class DeviceAccessControl:
 
     def __init__(self, config: Config, data_dir: Path) -> None:
         self.store = CredentialStore.open(data_dir)
-        self.authoriser = ConfigAuthoriser(config.mqtt)
+        self.provisioning_keys = ProvisioningKeys.open(data_dir)
+        self.provisioner: Provisioner | None = Provisioner(
+            self.provisioning_keys, self.store, data_dir
+        )
+        """Enrolments with provisioning keys (MQTT, HTTP ``POST /provision``)."""
+        self._provisioning_mqtt: ProvisioningMqtt | None = None
+        self.authoriser = ProvisioningAuthoriser(ConfigAuthoriser(config.mqtt))
         self.authenticator = DeviceAuthenticator(self, ConfigAuthenticator(config.mqtt))
         self.broker: Broker | None = None
         self.on_revoked: list[Callable[[str], None]] = []
         """Called with each device id that lost access (after the broker)."""
+        self.on_auth_failed: list[Callable[[str, str, str, str], None]] = []
+        """Called with (device id, protocol, remote address, reason) for each
+        request an HTTP or CoAP listener refused for its credentials (the
+        registry's ``auth_failed`` lifecycle event; MQTT reports its own)."""
         self.revocations = 0
         self._watch: asyncio.TimerHandle | None = None
         self._crls = _crl_paths(config)
@@ -149,7 +168,7 @@ class DeviceAccessControl:
         """A reload: ``mqtt.users`` and ``mqtt.acl`` from ``config``; the
         caller tells the broker (``acl_changed``), which forgets cached
         decisions."""
-        self.authoriser = ConfigAuthoriser(config.mqtt)
+        self.authoriser = ProvisioningAuthoriser(ConfigAuthoriser(config.mqtt))
         self.authenticator.replace_fallback(ConfigAuthenticator(config.mqtt))
         self._crls = {p: self._crls.get(p, m) for p, m in _crl_paths(config).items()}
 
@@ -161,6 +180,9 @@ class DeviceAccessControl:
     def attach(self, broker: Broker | None) -> None:
         """Start watching the store; revocations reach ``broker``'s clients."""
         self.broker = broker
+        if broker is not None and self.provisioner is not None and self._provisioning_mqtt is None:
+            self._provisioning_mqtt = ProvisioningMqtt(broker, self.provisioner)
+            self._provisioning_mqtt.attach()
         if self._watch is None:
             self._watch = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._tick)
 
@@ -168,7 +190,11 @@ class DeviceAccessControl:
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
+        if self._provisioning_mqtt is not None:
+            self._provisioning_mqtt.detach()
+            self._provisioning_mqtt = None
         self.authenticator.close()
+        self.provisioning_keys.close()
         self.store.close()
 
     def _tick(self) -> None:
@@ -193,6 +219,11 @@ class DeviceAccessControl:
         if verdict is Verdict.NEEDS_ARGON2:
             return Verdict.WRONG  # only MQTT takes person-chosen passwords
         return verdict
+
+    def auth_failed(self, device_id: str, protocol: str, remote: str, reason: str) -> None:
+        """A listener refused a request's credentials (see ``on_auth_failed``)."""
+        for hook in self.on_auth_failed:
+            hook(device_id, protocol, remote, reason)
 
     def may_ingest(self, device_id: str, *, verified: bool) -> bool:
         """The ACL for an HTTP or CoAP upload: may the caller publish to the

@@ -427,8 +427,8 @@ class BrokerPresence:
 
     def session_online(self, session: Session) -> None:
         conn = session.conn
-        if conn is None:
-            return
+        if conn is None or getattr(conn.principal, "provisioning_key", None) is not None:
+            return  # a provisioning client is no device (edgeway.devices.provisioning_mqtt)
         self._conns[session.client_id] = conn
         device = principal_device(conn.principal, session.client_id)
         self.presence.connected(device, "mqtt", conn.remote)
@@ -484,6 +484,8 @@ class RegistryAuthenticator:
                 info.client_id, "mqtt", info.remote, decision.reason or "not authorised"
             )
             return decision
+        if decision.principal is not None and decision.principal.provisioning_key is not None:
+            return decision  # not a device: the registry has nothing to say
         device = principal_device(decision.principal, info.client_id)
         flags = await self.registry.flags(device)
         if flags is not None and flags.registered and not flags.enabled:

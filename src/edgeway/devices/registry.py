@@ -323,7 +323,7 @@ def printable(text: str) -> str:
 
 
 def check_device_id(value: object) -> str:
-    if not isinstance(value, str) or not DEVICE_ID.match(value):
+    if not isinstance(value, str) or not DEVICE_ID.fullmatch(value):
         raise DeviceError(
             "invalid",
             "1 to 128 characters: letters, digits and _ . : @ - (not first), no spaces or / + #",
@@ -349,7 +349,7 @@ def _labels(value: object, name: str) -> tuple[str, ...]:
         raise DeviceError("invalid", f"at most {MAX_LABELS}", name)
     out: list[str] = []
     for v in value:
-        if not isinstance(v, str) or not LABEL.match(v):
+        if not isinstance(v, str) or not LABEL.fullmatch(v):
             raise DeviceError(
                 "invalid", f"{str(v)[:70]!r}: 1 to 64 characters, no spaces or commas", name
             )
@@ -870,7 +870,7 @@ class DeviceRegistry:
                     "SELECT protocols FROM devices WHERE id = ?", (u.device_id,)
                 ).fetchone()
                 if row is None:
-                    if created >= room or not DEVICE_ID.match(u.device_id):
+                    if created >= room or not DEVICE_ID.fullmatch(u.device_id):
                         refused += 1
                         continue
                     now = u.last_seen or u.last_connect or u.last_error_at or self.clock()

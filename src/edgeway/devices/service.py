@@ -133,6 +133,11 @@ class DeviceService:
                 access.store.set_disabled(device_id, False)
 
         self.registry.on_change(changed)
+        access.on_auth_failed.append(self.presence.auth_failed)
+        if access.provisioner is not None:
+            # Enrolled devices are registered here, with a `registered` event.
+            access.provisioner.registry = self.registry
+            access.provisioner.presence = self.presence
 
     def watch(self, adapters: Callable[[], Iterable[SouthAdapter]]) -> None:
         """Follow the pollers among ``adapters()`` (the running ones)."""

@@ -65,6 +65,7 @@ from edgeway.codecs.base import (
     get_codec,
 )
 from edgeway.config_types import input_limits, parse_host_port
+from edgeway.devices.backoff import RequestBackoff
 from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.logs import EventLog, LibraryLogLimit
@@ -192,6 +193,8 @@ class CoapAdapter(SouthAdapter):
         """Requests refused before rendering, by reason (``unknown_critical_option``,
         ``malformed_option``, ``proxy_option``, ``undecodable``)."""
         self._events = EventLog(log, per_second=REFUSAL_LINES_PER_SECOND, burst=REFUSAL_LINE_BURST)
+        self.backoff = RequestBackoff()
+        """Failed tokens per device id and per address (answered 4.29)."""
         self._library_log_limit = LibraryLogLimit(
             per_second=REFUSAL_LINES_PER_SECOND, burst=REFUSAL_LINE_BURST
         )
@@ -554,7 +557,16 @@ class CoapAdapter(SouthAdapter):
 
         token = _query_token(request)
         access = self.access
+        remote = str(request.remote.hostinfo)
+        if token is not None:
+            wait = self.backoff.locked_for(device_id, remote)
+            if wait > 0:
+                self.count_refusal("locked", "device " + device_id, remote)
+                return self._respond(
+                    Code.TOO_MANY_REQUESTS, "too many failed tokens", max_age=max(1, round(wait))
+                )
         verified = False
+        refused = False
         if access is not None:
             from edgeway.devices.credentials import Verdict
 
@@ -562,13 +574,17 @@ class CoapAdapter(SouthAdapter):
             if verdict is Verdict.OK:
                 verified = True
             elif verdict is not Verdict.UNKNOWN:
-                reason = "no_token" if token is None else "bad_token"
-                self.count_refusal(reason, "device " + device_id, request.remote.hostinfo)
-                return self._respond(Code.UNAUTHORIZED, reason)
-        if not verified and not self.config.allow_anonymous:
+                refused = True
+        if refused or (not verified and not self.config.allow_anonymous):
             reason = "no_token" if token is None else "bad_token"
-            self.count_refusal(reason, "device " + device_id, request.remote.hostinfo)
+            if token is not None:
+                self.backoff.failed(device_id, remote)
+            if access is not None:
+                access.auth_failed(device_id, "coap", remote, reason.replace("_", " "))
+            self.count_refusal(reason, "device " + device_id, remote)
             return self._respond(Code.UNAUTHORIZED, reason)
+        if verified:
+            self.backoff.succeeded(device_id)
         if ingest and access is not None and not access.may_ingest(device_id, verified=verified):
             self.count_refusal("acl", "device " + device_id, request.remote.hostinfo)
             return self._respond(Code.FORBIDDEN, "acl")

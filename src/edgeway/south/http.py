@@ -51,6 +51,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -62,6 +63,7 @@ from edgeway.codecs.base import (
     codec_for_content_type,
 )
 from edgeway.config_types import input_limits, is_loopback, parse_host_port
+from edgeway.devices.backoff import RequestBackoff
 from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.logs import EventLog
@@ -80,6 +82,9 @@ log = logging.getLogger(__name__)
 TokenCheck = Callable[[str, str | None], Awaitable[bool]]
 """``await check(device_id, bearer_token_or_None)`` -> may this request post for the device?
 Replaces the config's ``tokens`` when given (e.g. the device registry)."""
+
+PROVISION_BODY_MAX = 4096
+"""Bytes of a ``POST /provision`` body: ``{"device_id": ...}`` is under 200."""
 
 MAX_RATE_BUCKETS = 100_000
 """Devices whose token buckets are kept; beyond it the least recently used go.
@@ -249,6 +254,8 @@ class HttpIngestAdapter(SouthAdapter):
         """Set by the gateway: the images devices may download here."""
         """Set by the gateway when twins are on (edgeway.twins.http serves them)."""
         self._twin_polls = 0
+        self.backoff = RequestBackoff()
+        """Failed tokens per device id and per address (``locked`` answers: 429)."""
         self._auth_events = EventLog(
             log, per_second=BAD_REQUEST_LINES_PER_SECOND, burst=BAD_REQUEST_LINE_BURST
         )
@@ -280,6 +287,7 @@ class HttpIngestAdapter(SouthAdapter):
         app.router.add_get("/devices/{device_id}/firmware/{image_id}", self._get_firmware)
         app.router.add_get("/devices/{device_id}/twin", self._get_twin)
         app.router.add_patch("/devices/{device_id}/twin/reported", self._patch_twin_reported)
+        app.router.add_post("/provision", self._post_provision)
         app.router.add_get("/healthz", self._healthz)
         return app
 
@@ -368,18 +376,9 @@ class HttpIngestAdapter(SouthAdapter):
         if isinstance(caller, web.Response):
             return caller
         device_id, token = caller
-        verified = await self._credentials_ok(device_id, token)
-        if verified is None:
-            self._auth_events.emit(
-                "http_auth_failed",
-                logging.WARNING,
-                "http ingest: refused credentials for %s from %s",
-                device_id,
-                request.remote,
-            )
-            return _error(
-                401, "unauthorized", "no_token" if token is None else "bad_token", **_bearer()
-            )
+        verified = await self._authenticate(request, device_id, token)
+        if isinstance(verified, web.Response):
+            return verified
         if self.access is not None and not self.access.may_ingest(device_id, verified=verified):
             self._auth_events.emit(
                 "http_acl_denied",
@@ -488,9 +487,94 @@ class HttpIngestAdapter(SouthAdapter):
         ):
             # A device with a token in the credential store must use it here too.
             return _error(401, "unauthorized", "no_token", **_bearer())
-        if token is not None and await self._credentials_ok(device_id, token) is None:
-            return _error(401, "unauthorized", "bad_token", **_bearer())
+        if token is not None:
+            verified = await self._authenticate(request, device_id, token)
+            if isinstance(verified, web.Response):
+                return verified
         return device_id
+
+    async def _authenticate(
+        self, request: web.Request, device_id: str, token: str | None
+    ) -> bool | web.Response:
+        """:meth:`_credentials_ok` behind the failed-token backoff: True when
+        the token proved the device, False for an allowed anonymous request,
+        or the answer: 429 ``locked`` while the device id or the address is
+        locked out (no token is checked), 401 for refused credentials (a
+        wrong token counts towards a lockout; each refusal is an
+        ``auth_failed`` lifecycle event and a rate-limited log line)."""
+        remote = request.remote or ""
+        if token is not None:
+            wait = self.backoff.locked_for(device_id, remote)
+            if wait > 0:
+                return _error(
+                    429,
+                    "locked",
+                    detail="too many failed tokens; retry later",
+                    **{"Retry-After": str(max(1, round(wait)))},
+                )
+        verified = await self._credentials_ok(device_id, token)
+        if verified is not None:
+            if token is not None:
+                self.backoff.succeeded(device_id)
+            return verified
+        reason = "no_token" if token is None else "bad_token"
+        if token is not None:
+            self.backoff.failed(device_id, remote)
+        if self.access is not None:
+            self.access.auth_failed(device_id, "http", remote, reason.replace("_", " "))
+        self._auth_events.emit(
+            "http_auth_failed",
+            logging.WARNING,
+            "http ingest: refused credentials for %s from %s",
+            device_id,
+            remote,
+        )
+        return _error(401, "unauthorized", reason, **_bearer())
+
+    async def _post_provision(self, request: web.Request) -> web.Response:
+        return self._respond(await self._provision(request))
+
+    async def _provision(self, request: web.Request) -> web.Response:
+        """``POST /provision`` with ``Authorization: Bearer KEY_ID:SECRET`` (a
+        provisioning key) and ``{"device_id": ...}``: ``201`` with the
+        device's own credentials, shown this once (see
+        :mod:`edgeway.devices.provisioning`)."""
+        from edgeway.devices.provisioning import ProvisioningError, split_presented
+
+        provisioner = self.access.provisioner if self.access is not None else None
+        if provisioner is None:
+            return _error(404, "not_found", detail="provisioning is not enabled on this gateway")
+        token = _bearer_token(request)
+        if isinstance(token, web.Response):
+            return token
+        if token is None:
+            return _error(401, "unauthorized", "no_token", **_bearer())
+        limit = PROVISION_BODY_MAX
+        if request.content_length is not None and request.content_length > limit:
+            return _error(413, "too_large", detail=f"limit {limit} bytes")
+        raw = await request.content.read(limit + 1)
+        if len(raw) > limit:
+            return _error(413, "too_large", detail=f"limit {limit} bytes")
+        try:
+            body = orjson.loads(raw) if raw.strip() else {}
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            return _error(400, "invalid", detail="the body is a JSON object")
+        try:
+            key_id, secret = split_presented(token)
+            result = await provisioner.enrol(
+                key_id, secret, body, remote=request.remote or "", protocol="http"
+            )
+        except ProvisioningError as e:
+            headers = {"Retry-After": str(max(1, round(e.retry_after)))} if e.retry_after else {}
+            if e.status == 401:
+                headers.update(_bearer())
+            return _error(e.status, e.code, detail=str(e), **headers)
+        # The answer holds secrets: no cache may keep it.
+        return web.json_response(
+            result.to_json(), status=201, headers={"Cache-Control": "no-store"}
+        )
 
     async def _credentials_ok(self, device_id: str, token: str | None) -> bool | None:
         """Whether the request may act for ``device_id``: True when its token

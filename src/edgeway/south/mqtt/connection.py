@@ -874,6 +874,13 @@ class MqttConnection(asyncio.Protocol):
             self.alias_max_out = props.topic_alias_maximum or 0
         else:
             expiry = 0 if p.clean_start else (cap or 0xFFFFFFFF)
+        clean_start = p.clean_start
+        if self.principal is not None and self.principal.provisioning_key is not None:
+            # A provisioning client's session is never kept (nor resumed): it
+            # must not hold a client id a device will need.
+            if expiry and v5:
+                told_expiry = 0
+            expiry, clean_start = 0, True
         keepalive = p.keepalive
         server_ka: int | None = None
         if (
@@ -887,7 +894,7 @@ class MqttConnection(asyncio.Protocol):
             broker.count_drop("persistent_sessions_full")
             self._refuse(0x97, "max_persistent_sessions reached", p.username)
             return
-        session, present = broker.attach_session(self, p.clean_start, expiry)
+        session, present = broker.attach_session(self, clean_start, expiry)
         self.session = session
         self.state = CONNECTED
         ack = ConnAck(present, 0)
