@@ -58,6 +58,7 @@ from edgeway.admin.firmware_api import FirmwareRoutes
 from edgeway.admin.hmi import HmiRoutes, RecentLogs
 from edgeway.admin.models_api import ModelRoutes
 from edgeway.admin.openapi import build_openapi
+from edgeway.admin.provisioning_api import ProvisioningRoutes
 from edgeway.admin.recent import RecentValues
 from edgeway.admin.rules_api import RuleRoutes
 from edgeway.admin.tokens import DB_NAME, Role, TokenStore, TokenStoreError
@@ -221,6 +222,8 @@ class AdminServer:
         """The gateway's model registry, when models are enabled (routes in
         :mod:`edgeway.admin.models_api`)."""
         self.ssl_context = ssl_context
+        self.data_dir = data_dir
+        """Where the gateway keeps its stores (provisioning keys are read there)."""
         self.recent = recent if recent is not None else RecentValues()
         """Each device's latest values and short trends for the HMI; the
         gateway feeds it from the ingest switch (:mod:`edgeway.admin.recent`)."""
@@ -309,6 +312,7 @@ class AdminServer:
         app.router.add_get("/api/status", self._api_status)
         app.router.add_get("/metrics", self._metrics)
         DeviceRoutes(lambda: self.devices).add_to(app)
+        ProvisioningRoutes(self.data_dir).add_to(app)
         CommandRoutes(lambda: self.commands).add_to(app)
         AlarmRoutes(lambda: self.alarms).add_to(app)
         ConfigRoutes(lambda: self.config_control).add_to(app)
