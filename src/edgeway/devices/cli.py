@@ -1,6 +1,8 @@
 """``edgeway devices add|list|show|update|disable|enable|remove|import|export``:
 the device registry through a running gateway's admin API (``--admin URL``,
 token from ``$EDGEWAY_TOKEN``; reading needs role viewer, changes operator).
+``edgeway devices issue-cert ID`` writes a device's certificate bundle from
+the gateway's CA, offline (``edgeway ca issue-cert``'s code).
 
 Exit status: 0 done, 1 refused by the API (or an import with refused rows),
 2 bad arguments.
@@ -73,6 +75,15 @@ def add_devices_arguments(p: argparse.ArgumentParser) -> None:
         q = sub.add_parser(name, help=text)
         q.add_argument("id")
         actions.append(q)
+    cert = sub.add_parser(
+        "issue-cert",
+        help="a TLS client certificate bundle for a device from the gateway's CA (offline; "
+        "the same as 'edgeway ca issue-cert')",
+    )
+    cert.add_argument("id")
+    cert.add_argument("--out", type=Path, help="bundle file (default ./ID.pem)")
+    cert.add_argument("--days", type=int, help="validity (default: the CA's)")
+    cert.add_argument("--data-dir", type=Path, help="the gateway's data directory")
     imp = sub.add_parser("import", help="register the devices of a CSV file")
     imp.add_argument("file", type=Path)
     exp = sub.add_parser("export", help="every device as CSV (to stdout)")
@@ -154,6 +165,16 @@ def _request_for(action: str, args: argparse.Namespace) -> tuple[str, str, dict[
 
 
 def devices_main(args: argparse.Namespace, cfg: Config) -> int:
+    if args.action == "issue-cert":
+        # Works on the CA's files, offline: the same code as `edgeway ca issue-cert`.
+        from edgeway.devices.ca_cli import ca_main
+
+        argv = ["issue-cert", args.id]
+        if args.out is not None:
+            argv += ["--out", str(args.out)]
+        if args.days is not None:
+            argv += ["--days", str(args.days)]
+        return ca_main(argv, args.data_dir or Path(cfg.gateway.data_dir))
     timeout = IMPORT_TIMEOUT if args.action in ("import", "export") else None
     try:
         client = client_from_args(args, cfg, timeout) if timeout else client_from_args(args, cfg)
