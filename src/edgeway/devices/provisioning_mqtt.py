@@ -4,7 +4,8 @@ A device that holds a provisioning key ``ID:SECRET`` connects with user name
 ``$provision:ID`` and password ``SECRET`` (any client id; its session is
 never kept), then::
 
-    SUBSCRIBE  $edgeway/provision/{client_id}/+
+    SUBSCRIBE  $edgeway/provision/{client_id}/accepted and .../rejected
+               (or .../+ with MQTT 5 no_local, so its request is not echoed)
     PUBLISH    $edgeway/provision/{client_id}/request   {"device_id": "pump-17"}
     <-         $edgeway/provision/{client_id}/accepted  {"device_id", "credentials": {...}, ...}
            or  $edgeway/provision/{client_id}/rejected  {"error": CODE, "message": TEXT}

@@ -45,8 +45,9 @@ import random
 import struct
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -274,6 +275,7 @@ class MqttFleet:
         session_expiry: int = 3600,
         reconnect_delay: float = 1.0,
         receipt_grace: float = RECEIPT_GRACE,
+        credentials: Mapping[str, str] | None = None,
     ) -> None:
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos}")
@@ -284,6 +286,9 @@ class MqttFleet:
         self.keepalive = keepalive
         self.username = username
         self.password = password
+        self.credentials = credentials or {}
+        """Per device: its own MQTT password (user name: its id), e.g. from
+        enrolling with a provisioning key (:mod:`edgeway.sim.enrol`)."""
         self.session_expiry = session_expiry
         self.reconnect_delay = reconnect_delay
         self.receipt_grace = receipt_grace
@@ -313,7 +318,9 @@ class MqttFleet:
                 "reconnect_delay": self.reconnect_delay * random.uniform(0.5, 1.5),
             }
         )
-        if self.username is not None:
+        if dev_id in self.credentials:
+            client.set_auth_credentials(dev_id, self.credentials[dev_id])
+        elif self.username is not None:
             client.set_auth_credentials(self.username, self.password)
         link = _MqttLink(device, client, storage)
         client.on_connect = functools.partial(self._on_connect, link)
@@ -585,13 +592,20 @@ class CoapFleet(_PushFleet):
         port: int,
         *,
         observe_commands: bool = False,
+        tokens: Mapping[str, str] | None = None,
     ) -> None:
         self.devices = list(devices)
         self.host = host
         self.port = port
+        self.tokens = tokens or {}
+        """Per device: its own CoAP token (sent as ``?token=``)."""
         self.takes_commands = observe_commands
         """Observe ``/devices/{id}/commands`` (the gateway needs ``coap.commands: true``)."""
         self.stats = FleetStats("coap", devices=len(self.devices))
+
+    def _token_query(self, dev: VirtualDevice) -> str:
+        token = self.tokens.get(dev.device_id)
+        return "" if token is None else "?token=" + urllib.parse.quote(token, safe="")
 
     async def _commands(self, ctx: Any, dev: VirtualDevice) -> None:
         """Observe the device's commands resource; answer each notification
@@ -601,7 +615,7 @@ class CoapFleet(_PushFleet):
         import aiocoap
         from aiocoap.numbers.codes import Code
 
-        uri = self._commands_url("coap", dev)
+        uri = self._commands_url("coap", dev) + self._token_query(dev)
         refusals = {Code.NOT_FOUND, Code.FORBIDDEN, Code.UNAUTHORIZED, Code.METHOD_NOT_ALLOWED}
         delay = 0.5
         while True:
@@ -637,7 +651,7 @@ class CoapFleet(_PushFleet):
 
         msg = aiocoap.Message(
             code=Code.POST,
-            uri=self._commands_url("coap", dev, command_id),
+            uri=self._commands_url("coap", dev, command_id) + self._token_query(dev),
             payload=answer,
             content_format=50,  # application/json
         )
@@ -664,6 +678,7 @@ class CoapFleet(_PushFleet):
         import aiocoap
 
         uri = f"coap://{_host_literal(self.host)}:{self.port}/devices/{dev.device_id}/telemetry"
+        uri += self._token_query(dev)
         delay = 0.5
         while True:
             await wake.wait()
@@ -712,12 +727,17 @@ class HttpFleet(_PushFleet):
         token: str | None = None,
         poll_commands: bool | None = None,
         command_wait: float = COMMAND_POLL_WAIT,
+        tokens: Mapping[str, str] | None = None,
     ) -> None:
         self.devices = list(devices)
         self.host = host
         self.port = port
         self.token = token
-        self.takes_commands = bool(token) if poll_commands is None else poll_commands
+        self.tokens = tokens or {}
+        """Per device: its own bearer token (instead of ``token``)."""
+        self.takes_commands = (
+            bool(token or self.tokens) if poll_commands is None else poll_commands
+        )
         """Long-poll commands: by default when there is a token (the gateway
         wants one for commands, unless ``commands_allow_anonymous``)."""
         self.command_wait = command_wait
@@ -741,6 +761,11 @@ class HttpFleet(_PushFleet):
             for dev in self.devices:
                 tg.create_task(self._device(session, dev, stop, drain))
 
+    def _auth(self, dev: VirtualDevice) -> dict[str, str] | None:
+        """The device's own Authorization header (None: the session's)."""
+        token = self.tokens.get(dev.device_id)
+        return None if token is None else {"Authorization": f"Bearer {token}"}
+
     async def _commands(self, session: Any, dev: VirtualDevice) -> None:
         """Long-poll the device's commands (in the poll session's own pool) and
         post each answer (``session``, the telemetry pool), until cancelled."""
@@ -753,7 +778,10 @@ class HttpFleet(_PushFleet):
             status, body = 0, b""
             try:
                 async with self._poll_session.get(
-                    base, params={"wait": f"{self.command_wait:g}"}, timeout=hold
+                    base,
+                    params={"wait": f"{self.command_wait:g}"},
+                    timeout=hold,
+                    headers=self._auth(dev),
                 ) as resp:
                     status = resp.status
                     body = await read_capped(resp.content, COMMAND_BODY_MAX)
@@ -783,7 +811,7 @@ class HttpFleet(_PushFleet):
 
         url = URL(self._commands_url("http", dev, command_id), encoded=True)
         try:
-            async with session.post(url, data=answer) as resp:
+            async with session.post(url, data=answer, headers=self._auth(dev)) as resp:
                 await resp.read()
                 return None if resp.status >= 500 else resp.status == 200
         except (aiohttp.ClientError, TimeoutError) as e:
@@ -806,7 +834,7 @@ class HttpFleet(_PushFleet):
                 )
                 self.stats.sent += len(chunk)
                 try:
-                    async with session.post(url, data=body) as resp:
+                    async with session.post(url, data=body, headers=self._auth(dev)) as resp:
                         await resp.read()
                         ok = 200 <= resp.status < 300
                 except Exception as e:  # refused, reset, timeout: keep them, retry later
@@ -1258,6 +1286,20 @@ def add_simulate_arguments(p: Any) -> None:
         "--token", help="HTTP bearer token (with one, HTTP devices also long-poll their commands)"
     )
     p.add_argument(
+        "--provision-key",
+        metavar="ID:SECRET",
+        help="each device first enrols with this provisioning key (MQTT devices over MQTT, "
+        "HTTP and CoAP devices with POST /provision on the HTTP listener) and then uses the "
+        "credentials it received (docs/devices.md)",
+    )
+    p.add_argument(
+        "--credentials-file",
+        type=Path,
+        metavar="FILE",
+        help="with --provision-key: keep the devices' credentials here (mode 0600) and reuse "
+        "them next time, as a real device keeps what it was given",
+    )
+    p.add_argument(
         "--coap-commands",
         action="store_true",
         help="CoAP devices observe their commands (the gateway needs coap.commands: true)",
@@ -1310,11 +1352,16 @@ async def run_simulation(args: Any, write: Any, stop: asyncio.Event) -> int:
         "day_length": args.day_length,
         "now": time.time(),
     }
+    from edgeway.sim.enrol import EnrolError
+
     try:
         return await _simulate(args, proto, common, write, stop)
     except ValueError as e:
         write(f"error: {e}")
         return 2
+    except EnrolError as e:
+        write(f"error: {e}")
+        return 1
 
 
 async def _simulate(
@@ -1361,10 +1408,13 @@ async def _simulate(
         host, port = _split_target(target or DEFAULT_TARGETS[p])
         prefix = args.prefix if proto != "mixed" else f"{args.prefix}-{p}"
         devices = make_devices(n, prefix=prefix, **common)
+        creds = await _enrolled(args, p, devices, host, port, write)
         if p == "mqtt" and getattr(args, "firmware", None):
             from edgeway.sim.firmware import firmware_fleet
 
-            fleets.append(firmware_fleet(devices, host, port, args))
+            fw = firmware_fleet(devices, host, port, args)
+            fw.credentials = creds or {}
+            fleets.append(fw)
         elif p == "mqtt":
             fleets.append(
                 MqttFleet(
@@ -1374,12 +1424,17 @@ async def _simulate(
                     qos=args.qos,
                     username=args.username,
                     password=args.password,
+                    credentials=creds,
                 )
             )
         elif p == "coap":
-            fleets.append(CoapFleet(devices, host, port, observe_commands=args.coap_commands))
+            fleets.append(
+                CoapFleet(
+                    devices, host, port, observe_commands=args.coap_commands, tokens=creds
+                )
+            )
         else:
-            fleets.append(HttpFleet(devices, host, port, token=args.token))
+            fleets.append(HttpFleet(devices, host, port, token=args.token, tokens=creds))
     for f in fleets:
         write(
             f"{len(f.devices)} {f.protocol} devices -> {f.host}:{f.port}, "
@@ -1394,6 +1449,39 @@ async def _simulate(
         timer.cancel()
     write("stopped: " + _status(fleets, final=True))
     return 0
+
+
+async def _enrolled(
+    args: Any, protocol: str, devices: Sequence[VirtualDevice], host: str, port: int, write: Any
+) -> dict[str, str] | None:
+    """With ``--provision-key``: each device's own credential for
+    ``protocol``, enrolling those that have none yet (kept in
+    ``--credentials-file`` when given). None without a key."""
+    from edgeway.sim.enrol import enrol_devices, load_credentials, save_credentials
+
+    if not args.provision_key:
+        return None
+    kept = load_credentials(args.credentials_file)
+    missing = [d.device_id for d in devices if d.device_id not in kept]
+    if missing:
+        # MQTT and HTTP devices enrol where they send; CoAP devices over HTTP
+        # (--http-target), as CoAP has no provisioning endpoint.
+        via = "mqtt" if protocol == "mqtt" else "http"
+        ehost, eport = host, port
+        if protocol == "coap":
+            ehost, eport = _split_target(args.http_target or DEFAULT_TARGETS["http"])
+        start = time.monotonic()
+        kept.update(
+            await enrol_devices(
+                missing, key=args.provision_key, kind=protocol, via=via, host=ehost, port=eport
+            )
+        )
+        save_credentials(args.credentials_file, kept)
+        write(
+            f"{len(missing)} {protocol} devices enrolled over {via} with key "
+            f"{args.provision_key.split(':')[0]} in {time.monotonic() - start:.1f} s"
+        )
+    return {d.device_id: kept[d.device_id] for d in devices}
 
 
 def _mixed_counts(n: int) -> list[tuple[str, int]]:

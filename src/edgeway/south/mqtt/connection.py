@@ -634,7 +634,12 @@ class MqttConnection(asyncio.Protocol):
         self._forget_unanswered()
         self.broker.release(self)
         if t.can_write_eof():
-            t.write_eof()
+            try:
+                t.write_eof()
+            except OSError:
+                # The client went first (ENOTCONN): nothing left to linger for.
+                t.abort()
+                return
         if self._pause:
             self._pause = 0
             t.resume_reading()
