@@ -66,3 +66,17 @@ def test_demo_with_a_cloud_outage_loses_nothing(tmp_path: Path) -> None:
     assert m is not None and int(m.group(1)) >= 2 and m.group(1) == m.group(2), out
     # The cloud stored what it counted.
     assert len((tmp_path / "cloud-records.jsonl").read_bytes().splitlines()) >= unique
+    # Every pushing device enrolled with the demo's provisioning key and is
+    # registered (group demo); the registry file says so after the run.
+    m = re.search(r"provisioning key 'demo' in [\d.]+ s: (\d+) registered", out)
+    assert m is not None and int(m.group(1)) > 0, out
+    import sqlite3
+
+    conn = sqlite3.connect(tmp_path / "gateway" / "devices.db")
+    try:
+        (registered,) = conn.execute(
+            "SELECT count(*) FROM devices WHERE registered = 1 AND groups_ LIKE '%\"demo\"%'"
+        ).fetchone()
+    finally:
+        conn.close()
+    assert registered == int(m.group(1)), out

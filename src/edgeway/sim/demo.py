@@ -336,6 +336,8 @@ class Demo:
         """The HTTP devices' bearer token: telemetry is open on loopback, but
         the gateway hands commands only to a device that shows a token."""
         self.rounds: CommandRounds | None = None
+        self.enrolled: tuple[int, float] = (0, 0.0)
+        """Devices enrolled with the demo's provisioning key, and in how long."""
 
     # ------------------------------------------------------------------ set-up
 
@@ -426,6 +428,7 @@ class Demo:
                 raise RuntimeError(f"the gateway was not ready within {READY_TIMEOUT:g} s")
             self._fix_bound_ports()
             self._build_fleets(seed)
+            await self._enrol_fleets()
             self._banner(data_dir)
             await self._run_devices()
             return self.result
@@ -502,6 +505,41 @@ class Demo:
             devs = make_devices(o.http_devices, prefix="http", seed=seed + 4, rate=o.rate)
             self.fleets.append(HttpFleet(devs, o.host, p["http"], token=self._http_token))
 
+    async def _enrol_fleets(self) -> None:
+        """Every pushing device enrols with a provisioning key made for the
+        demo (MQTT devices over MQTT, HTTP and CoAP devices with POST
+        /provision) and then connects with its own credentials: the registry
+        lists them as registered, in group ``demo``. See docs/devices.md."""
+        from edgeway.sim.enrol import enrol_devices
+
+        access = self.gateway.access
+        if access is None or access.provisioner is None or not self.fleets:
+            return
+        n = sum(len(f.devices) for f in self.fleets)
+        secret = access.provisioning_keys.add(
+            "demo",
+            groups=["demo"],
+            template={"kinds": ["mqtt", "http", "coap"], "tags": ["simulated"]},
+            rate_per_minute=max(60.0, 2.0 * n),
+        )
+        start = time.monotonic()
+        for fleet in self.fleets:
+            via = "mqtt" if fleet.protocol == "mqtt" else "http"
+            port = self.ports["mqtt" if via == "mqtt" else "http"]
+            creds = await enrol_devices(
+                [d.device_id for d in fleet.devices],
+                key=f"demo:{secret}",
+                kind=fleet.protocol,
+                via=via,
+                host=self.opt.host,
+                port=port,
+            )
+            if isinstance(fleet, MqttFleet):
+                fleet.credentials = creds
+            else:
+                fleet.tokens = creds
+        self.enrolled = (n, time.monotonic() - start)
+
     def _banner(self, data_dir: Path) -> None:
         o, p, w = self.opt, self.ports, self.write
         assert self.cloud is not None
@@ -532,6 +570,12 @@ class Demo:
             w(
                 f"  OPC-UA {len(self.opcua.devices)} simulated machines at {self.opcua.endpoint}, "
                 "subscribed"
+            )
+        if self.enrolled[0]:
+            w(
+                f"devices enrolled with provisioning key 'demo' in {self.enrolled[1]:.1f} s: "
+                f"{self.enrolled[0]} registered (edgeway devices list --group demo --admin "
+                f"http://{o.host}:{p['admin']})"
             )
         w(f"the gateway forwards to the cloud receiver at {self.cloud.url}{note('cloud')}")
         w(f"status: http://{o.host}:{p['admin']}/api/status   metrics: /metrics{note('admin')}")
