@@ -227,8 +227,10 @@ class ProvisioningMqtt:
 
         ns = _namespace(conn.client_id)
         out_props = None
-        if props is not None and props.response_topic and props.response_topic.startswith(ns):
-            topic = props.response_topic
+        rt = props.response_topic if props is not None else None
+        if rt and rt.startswith(ns) and "+" not in rt and "#" not in rt:
+            assert props is not None
+            topic = rt
             out_props = Props(correlation_data=props.correlation_data)
         else:
             topic = ns + ("accepted" if accepted else "rejected")

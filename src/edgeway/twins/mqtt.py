@@ -13,7 +13,9 @@ device's MQTT client id, as for commands):
   intermediate delta).
 - ``devices/{id}/twin/reported`` (the device publishes): a JSON merge patch of
   its reported state. The answer goes to the MQTT 5 response topic (with the
-  correlation data) if given, else to ``devices/{id}/twin/reported/accepted``
+  correlation data) if given and the device may publish there itself (its
+  ACL: a response topic must not make the gateway publish where the device
+  may not, ``Broker.may_answer_on``), else to ``devices/{id}/twin/reported/accepted``
   ``{"version"}`` or ``.../rejected`` ``{"error", "message"[, "version"]}``.
   A ``version`` field in an MQTT 5 user property ``if-match`` makes it
   conditional.
@@ -157,7 +159,11 @@ class TwinMqtt(DeviceRequests):
         self, device: str, rest: str, props: Properties | None, ok: bool, body: dict[str, Any]
     ) -> None:
         out_props = None
-        if props is not None and props.response_topic:
+        if (
+            props is not None
+            and props.response_topic
+            and self.broker.may_answer_on(device, props.response_topic)
+        ):
             topic = props.response_topic
             out_props = Properties(correlation_data=props.correlation_data)
         elif rest == "get":

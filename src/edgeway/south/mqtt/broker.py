@@ -698,6 +698,20 @@ class Broker:
             return True
         return bool(principal.device_id == device_id)
 
+    def may_answer_on(self, client_id: str, topic: str) -> bool:
+        """Whether the gateway may publish an answer to client ``client_id``'s
+        request on ``topic``, the request's MQTT 5 response topic: only where
+        that client could publish itself (its ACL), so a response topic never
+        makes the gateway publish for a client where it may not (another
+        device's command topic). No wildcards, no ``$`` topics."""
+        if not topic or "+" in topic or "#" in topic or topic.startswith("$"):
+            return False
+        session = self.sessions.get(client_id)
+        principal = getattr(session.conn if session is not None else None, "principal", None)
+        if principal is None:
+            return False
+        return bool(self.authoriser.may_publish(principal, topic))
+
     def publish(
         self,
         topic: str,
