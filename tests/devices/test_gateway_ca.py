@@ -29,19 +29,21 @@ mqtt:
   listeners:
     - bind: "127.0.0.1:0"
       tls: {{cert: "{ca}/server.pem", key: "{ca}/server.key", ca: "{ca}/ca.pem",
-             crl: "{ca}/crl.pem", require_client_cert: true}}
+             crl: "{ca}/crl.pem", require_client_cert: true}}{listener}
   acl:
     - {{device: "*", topic: "devices/{{device_id}}/#"}}
 """
 
 
 @contextlib.asynccontextmanager
-async def tls_gateway(tmp_path: Path) -> AsyncIterator[tuple[Gateway, GatewayCa, int]]:
+async def tls_gateway(
+    tmp_path: Path, listener: str = ""
+) -> AsyncIterator[tuple[Gateway, GatewayCa, int]]:
     data = tmp_path / "data"
     assert ca_main(["init"], data) == 0
     ca = GatewayCa(data)
     assert ca_main(["server-cert", "127.0.0.1"], data) == 0
-    gw = Gateway(parse_config(CONFIG.format(data=data, ca=ca.dir)))
+    gw = Gateway(parse_config(CONFIG.format(data=data, ca=ca.dir, listener=listener)))
     task = asyncio.create_task(gw.run())
     try:
         await asyncio.wait_for(gw.ready.wait(), 15)
@@ -188,3 +190,21 @@ async def test_devices_issue_cert_disabled_unknown_and_disabled_mid_connection(
                 assert time.monotonic() < deadline, "enabled device still refused"
                 await asyncio.sleep(0.1)
         assert gw.broker is not None
+
+
+async def test_unknown_device_certificate_on_a_listener_refusing_unregistered(
+    tmp_path: Path,
+) -> None:
+    async with tls_gateway(tmp_path, "\n      unregistered: refuse") as (gw, ca, port):
+        bundle = tmp_path / "dev-9.pem"
+        ca.issue("dev-9", bundle)
+        tls = client_tls(bundle, ca)
+        # A valid certificate of this CA for a device the registry does not know: 0x87.
+        with pytest.raises(aiomqtt.MqttCodeError) as refused:
+            async with client(port, tls, "c9"):
+                pass
+        assert "135" in str(refused.value) or "authori" in str(refused.value).lower()
+        assert gw.devices is not None
+        await gw.devices.registry.add({"id": "dev-9"})
+        async with client(port, tls, "c9-registered"):
+            pass
