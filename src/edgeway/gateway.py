@@ -765,8 +765,11 @@ class Gateway:
         return self.access.authenticator, self.access.authoriser
 
     def _devices_have_credentials(self) -> bool:
-        """Some device has credentials of its own (``edgeway credentials issue``)."""
-        return self.access is not None and bool(self.access.store.devices())
+        """Some device has credentials of its own (``edgeway credentials issue``),
+        or can get them (a provisioning key: ``edgeway provisioning add``)."""
+        return self.access is not None and (
+            bool(self.access.store.devices()) or bool(self.access.provisioning_keys.list())
+        )
 
     async def _start_broker(self, authenticator: Authenticator, authoriser: Authoriser) -> None:
         cfg = self.config

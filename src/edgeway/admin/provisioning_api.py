@@ -100,6 +100,23 @@ class ProvisioningRoutes:
 
         return await asyncio.to_thread(run)
 
+    async def _with_secret(
+        self, key_id: str, make: Callable[[ProvisioningKeys], str], status: int
+    ) -> web.Response:
+        """Run ``make`` (which returns a new secret) and answer the key with
+        its ``ID:SECRET``, the only time it is shown (not cached)."""
+
+        def run(k: ProvisioningKeys) -> tuple[dict[str, Any], str]:
+            secret = make(k)
+            key = k.get(key_id)
+            assert key is not None
+            return key.to_json(), secret
+
+        key, secret = await self._with_keys(run)
+        response = answer({"key": key, "secret": f"{key_id}:{secret}"}, status)
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
     @requires(Role.ENGINEER)
     @_answers_refusals
     async def list(self, request: web.Request) -> web.StreamResponse:
@@ -120,15 +137,7 @@ class ProvisioningRoutes:
         if not isinstance(key_id, str):
             raise ProvisioningError("invalid", "id: a string")
         fields = key_fields(body)
-
-        def make(k: ProvisioningKeys) -> tuple[dict[str, Any], str]:
-            secret = k.add(key_id, **fields)
-            key = k.get(key_id)
-            assert key is not None
-            return key.to_json(), secret
-
-        key, secret = await self._with_keys(make)
-        return _secret_answer({"key": key, "secret": f"{key_id}:{secret}"}, 201)
+        return await self._with_secret(key_id, lambda k: k.add(key_id, **fields), 201)
 
     @requires(Role.ENGINEER)
     @_answers_refusals
@@ -140,15 +149,7 @@ class ProvisioningRoutes:
         grace = body.get("grace", DEFAULT_GRACE)
         if not isinstance(grace, int | float) or isinstance(grace, bool):
             raise ProvisioningError("invalid", "grace: seconds")
-
-        def rotate(k: ProvisioningKeys) -> tuple[dict[str, Any], str]:
-            secret = k.rotate(key_id, float(grace))
-            key = k.get(key_id)
-            assert key is not None
-            return key.to_json(), secret
-
-        key, secret = await self._with_keys(rotate)
-        return _secret_answer({"key": key, "secret": f"{key_id}:{secret}"}, 200)
+        return await self._with_secret(key_id, lambda k: k.rotate(key_id, float(grace)), 200)
 
     @requires(Role.ENGINEER)
     @_answers_refusals
@@ -163,9 +164,3 @@ class ProvisioningRoutes:
             return key.to_json()
 
         return answer({"key": await self._with_keys(revoke)})
-
-
-def _secret_answer(body: dict[str, Any], status: int) -> web.Response:
-    response = answer(body, status)
-    response.headers["Cache-Control"] = "no-store"
-    return response

@@ -700,32 +700,26 @@ class Provisioner:
             device_id, key.key_id, protocol, remote, " (again)" if exists else "",
         )  # fmt: skip
         if self.audit:
-            await self._audit(key, device_id, kinds, remote, protocol, exists)
+            detail: dict[str, Any] = {
+                "protocol": protocol,
+                "kinds": list(kinds),
+                "groups": list(key.groups),
+            }
+            if exists:
+                detail["reprovisioned"] = True
+            await self._audit(key.key_id, device_id, remote, detail)
         return Enrolment(device_id, credentials, key.groups, exists)
 
     async def _audit(
-        self,
-        key: ProvisioningKey,
-        device_id: str,
-        kinds: Sequence[str],
-        remote: str,
-        protocol: str,
-        again: bool,
+        self, key_id: str, device_id: str, remote: str, detail: dict[str, Any]
     ) -> None:
         from edgeway.audit import record_offline
 
-        detail: dict[str, Any] = {
-            "protocol": protocol,
-            "kinds": list(kinds),
-            "groups": list(key.groups),
-        }
-        if again:
-            detail["reprovisioned"] = True
         try:
             await asyncio.to_thread(
                 record_offline,
                 self.data_dir,
-                who=PROVISIONING_WHO + key.key_id,
+                who=PROVISIONING_WHO + key_id,
                 action="device provision",
                 target=device_id,
                 source=remote,
