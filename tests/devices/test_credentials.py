@@ -117,3 +117,31 @@ def test_issue_many_in_one_transaction(store: CredentialStore) -> None:
     with pytest.raises(CredentialError):
         store.issue_many(["ok", "bad/id"], "coap")
     assert not store.has("coap", "ok")  # nothing of a refused batch is stored
+
+
+def test_issue_enrolment_is_one_write_kept_in_step_in_memory(
+    store: CredentialStore, tmp_path: Path
+) -> None:
+    store.set_groups("pump-1", ["old"])
+    store.changes()
+    first = store.issue_enrolment("pump-1", ["mqtt", "http"], ["site-a"])
+    assert set(first) == {"mqtt", "http"}
+    assert store.verify("mqtt", "pump-1", first["mqtt"].encode()) is Verdict.OK
+    assert store.groups("pump-1") == {"old", "site-a"}
+    changed = store.changes()
+    assert changed.groups_changed and not changed.revoked  # nothing was replaced
+    # Enrolling again replaces the secret: the old one is refused and reported revoked.
+    again = store.issue_enrolment("pump-1", ["mqtt"], ["site-a"])
+    assert store.verify("mqtt", "pump-1", first["mqtt"].encode()) is Verdict.WRONG
+    assert store.verify("mqtt", "pump-1", again["mqtt"].encode()) is Verdict.OK
+    changed = store.changes()
+    assert changed.revoked == {"pump-1"} and not changed.groups_changed
+    # What is in memory is what is on disk: another connection reads the same.
+    other = CredentialStore.open(tmp_path)
+    try:
+        assert other.verify("mqtt", "pump-1", again["mqtt"].encode()) is Verdict.OK
+        assert other.verify("http", "pump-1", first["http"].encode()) is Verdict.OK
+        assert other.groups("pump-1") == {"old", "site-a"}
+        assert other.access("pump-1") == store.access("pump-1")
+    finally:
+        other.close()

@@ -387,6 +387,56 @@ class CredentialStore:
         self._version = -1
         return out
 
+    def issue_enrolment(
+        self, device_id: str, kinds: list[str], groups: list[str]
+    ) -> dict[str, str]:
+        """:meth:`issue` for each of ``kinds`` and ``groups`` added to the
+        device's, in one transaction (an enrolment with a provisioning key:
+        one commit, one fsync, on the event loop's thread)."""
+        check_device_id(device_id)
+        if not kinds or not set(kinds) <= set(KINDS):
+            raise CredentialError(f"kinds must be some of {', '.join(KINDS)}")
+        out = {k: secrets.token_urlsafe(SECRET_BYTES) for k in kinds}
+        digests = {k: keyed_digest(self._key, k, device_id, s.encode()) for k, s in out.items()}
+        now = time.time()
+        self._own_write_seen()
+        before = self._access.get(device_id)
+        old_groups = before.groups if before is not None else frozenset()
+        new_groups = frozenset(old_groups | set(groups))
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO credentials(device_id, kind, digest, created) "
+                "VALUES (?, ?, ?, ?)",
+                [(device_id, k, d, now) for k, d in digests.items()],
+            )
+            self._conn.execute(
+                "INSERT INTO identities(device_id, groups, updated) VALUES (?, ?, ?) "
+                "ON CONFLICT(device_id) DO UPDATE SET groups = excluded.groups, "
+                "updated = excluded.updated",
+                (device_id, ",".join(sorted(new_groups)), now),
+            )
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        # The rows in memory follow this write directly: re-reading every row
+        # after each enrolment (what other writes do, see _write) would make a
+        # burst of N enrolments cost O(N^2). A replaced secret is a revocation.
+        for kind, digest in digests.items():
+            if (kind, device_id) in self._digests:
+                self._pending.revoked.add(device_id)
+            self._digests[(kind, device_id)] = digest
+        if new_groups != old_groups:
+            self._pending.groups_changed = True
+        self._access[device_id] = DeviceAccess(
+            device_id,
+            new_groups,
+            before.disabled if before is not None else False,
+            tuple(sorted({*(before.kinds if before is not None else ()), *digests})),
+        )
+        return out
+
     def set_password(self, device_id: str, password: str) -> None:
         """A person-chosen MQTT password for ``device_id`` (argon2id)."""
         check_device_id(device_id)

@@ -688,10 +688,7 @@ class Provisioner:
         except BaseException:
             self.keys.give_back_use(key.key_id)
             raise
-        credentials = {kind: self.store.issue(device_id, kind) for kind in kinds}
-        if key.groups:
-            groups = sorted(set(self.store.groups(device_id)) | set(key.groups))
-            self.store.set_groups(device_id, groups)
+        credentials = self.store.issue_enrolment(device_id, list(kinds), list(key.groups))
         self.stats.enrolled += 1
         if exists and self.presence is not None:
             self.presence.event(device_id, "registered", reason="re-provisioned", protocol=protocol)
