@@ -240,6 +240,12 @@ async def test_http_key_brute_force_is_locked_out(tmp_path: Path) -> None:
         assert run.gw.access is not None and run.gw.access.store.devices() == []
         prov = run.gw.access.provisioner
         assert prov is not None and prov.stats.refused["unauthorized"] == 5
+        # Made-up key ids (long, with control characters) are refused without
+        # a per-key entry: the table only ever holds well-formed ids.
+        for bad in ("x" * 5000, "k<script>", "$provision", ""):
+            r = await run.provision(f"{bad}:secret", {})
+            assert r.status_code in (400, 401, 429), r.text
+        assert all(len(k) <= 64 for k in prov.by_key._entries)
 
 
 async def test_rotate_with_grace_and_revoke_while_running(tmp_path: Path) -> None:

@@ -538,6 +538,13 @@ class Provisioner:
         """The key, if ``secret`` proves it and it may be used now; counts a
         failure against the key id and the address otherwise."""
         host = address_key(remote)
+        if not KEY_ID.fullmatch(key_id):
+            # Not a key id at all: counted against the address only, so the
+            # per-key table never holds attacker-made strings (64 KiB user names).
+            wait = self.by_address.locked_for(host)
+            if wait <= 0:
+                self.by_address.failed(host)
+            self._refuse("unauthorized", "unknown provisioning key or wrong secret", "?", remote)
         wait = max(self.by_key.locked_for(key_id), self.by_address.locked_for(host))
         if wait > 0:
             self._refuse(
