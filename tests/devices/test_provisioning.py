@@ -510,3 +510,27 @@ def _expiry(seconds: int) -> Properties:
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = seconds
     return props
+
+
+def test_cli_through_the_main_parser(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgeway.cli import main
+
+    data = str(tmp_path / "data")
+    argv = ["provisioning", "add", "line-2", "--groups", "line-2", "--kinds", "mqtt,coap",
+            "--pattern", "s-*", "--rate", "5", "--expires", "7d", "--max-uses", "9"]  # fmt: skip
+    assert main([*argv, "--data-dir", data]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("line-2:") and "only time" in out.err
+    assert main(["provisioning", "list", "--json", "--data-dir", data]) == 0
+    (row,) = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["id"] == "line-2" and row["state"] == "active" and row["max_uses"] == 9
+    assert row["template"]["kinds"] == ["coap", "mqtt"] and row["id_pattern"] == "s-*"
+    assert 6.9 * 86400 < row["expires"] - time.time() <= 7 * 86400
+    assert main(["provisioning", "add", "line-2", "--data-dir", data]) == 1  # exists
+    assert main(["provisioning", "add", "bad:id", "--data-dir", data]) == 1
+    assert main(["provisioning", "add", "k", "--kinds", "ftp", "--data-dir", data]) == 1
+    assert main(["provisioning", "revoke", "nope", "--data-dir", data]) == 1
+    assert main(["provisioning", "revoke", "line-2", "--data-dir", data]) == 0
+    capsys.readouterr()
+    assert main(["provisioning", "list", "--data-dir", data]) == 0
+    assert "\trevoked\t" in capsys.readouterr().out
