@@ -42,6 +42,20 @@ async def test_engineer_manages_keys_operator_cannot(tmp_path: Path) -> None:
             assert r.status_code == 409
             r = await api.post("/api/provisioning/keys", json={"id": "k2", "x": 1}, headers=h)
             assert r.status_code == 400 and r.json()["error"] == "invalid"
+            for bad in (
+                {"template": {"kinds": [{}]}},
+                {"template": {"kinds": "ftp"}},
+                {"template": {"colour": "red"}},
+                {"groups": [1]},
+                {"groups": "a"},
+                {"rate_per_minute": 0},
+                {"rate_per_minute": True},
+                {"max_uses": 0},
+                {"expires_in": -1},
+                {"id_pattern": ""},
+            ):
+                r = await api.post("/api/provisioning/keys", json={"id": "k3", **bad}, headers=h)
+                assert r.status_code == 400, (bad, r.text)
             r = await api.post("/api/provisioning/keys", json={"id": "bad:id"}, headers=h)
             assert r.status_code == 400
             listed = (await api.get("/api/provisioning/keys", headers=h)).json()["keys"]

@@ -213,6 +213,9 @@ async def test_http_pattern_expiry_uses_rate_and_bad_bodies(tmp_path: Path) -> N
         assert (await run.provision(pattern, raw=b"[1]")).status_code == 400
         r = await run.provision(pattern, {"device_id": "pump-9", "admin": True})
         assert r.status_code == 400
+        for kinds in ([{}], "mqtt", [], ["ftp"], [["mqtt"]]):
+            r = await run.provision(pattern, {"device_id": "pump-9", "kinds": kinds})
+            assert r.status_code == 400, (kinds, r.text)
         r = await run.provision(pattern, raw=b'{"device_id": "' + b"x" * 5000 + b'"}')
         assert r.status_code == 413
         # No key, a malformed one, a device token where a key belongs.

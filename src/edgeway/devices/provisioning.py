@@ -239,7 +239,12 @@ def check_template(template: Mapping[str, Any]) -> dict[str, Any]:
     kinds = template.get("kinds", ["mqtt"])
     if isinstance(kinds, str):
         kinds = [k.strip() for k in kinds.split(",") if k.strip()]
-    if not isinstance(kinds, list) or not kinds or not set(kinds) <= set(KINDS):
+    if (
+        not isinstance(kinds, list)
+        or not kinds
+        or not all(isinstance(k, str) for k in kinds)
+        or not set(kinds) <= set(KINDS)
+    ):
         raise ProvisioningError("invalid", f"template.kinds: a list of {', '.join(KINDS)}")
     out["kinds"] = sorted(set(kinds))
     return out
@@ -629,7 +634,12 @@ class Provisioner:
         kinds = key.kinds
         asked = body.get("kinds")
         if asked is not None:
-            if not isinstance(asked, list) or not asked or not set(asked) <= set(kinds):
+            if (
+                not isinstance(asked, list)
+                or not asked
+                or not all(isinstance(k, str) for k in asked)
+                or not set(asked) <= set(kinds)
+            ):
                 self._refuse(
                     "invalid", f"kinds: a list of the key's kinds ({', '.join(kinds)})",
                     key_id, remote,

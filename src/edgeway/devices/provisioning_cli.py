@@ -119,6 +119,9 @@ def key_fields(body: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ProvisioningError("invalid", f"unknown fields: {', '.join(sorted(unknown))}")
     out = {k: v for k, v in body.items() if k in allowed and v is not None}
+    for name in ("rate_per_minute", "expires_in", "max_uses"):
+        if isinstance(out.get(name), bool):  # JSON true is no number of anything
+            raise ProvisioningError("invalid", f"{name}: a number")
     expires_in = out.pop("expires_in", None)
     if expires_in is not None:
         if not isinstance(expires_in, int | float) or expires_in <= 0:
