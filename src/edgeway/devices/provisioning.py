@@ -105,6 +105,10 @@ DEFAULT_RATE = 60.0
 technician switching devices on, far below what bulk guessing of ids needs."""
 MAX_RATE = 10_000.0
 MAX_PATTERN = 128
+MAX_USES = 1_000_000_000
+"""Far above any batch; keeps the count inside SQLite's integers."""
+MAX_LIFETIME = 10 * 365 * 86_400.0
+"""A key's expiry is at most ten years away (a finite number SQLite and JSON keep)."""
 MAX_PENDING = 256
 """Enrolments being worked on at once, all keys together (each holds a few
 hundred bytes and waits on two writes): beyond it the answer is ``busy``."""
@@ -399,8 +403,13 @@ class ProvisioningKeys:
             )
         if not 0 < rate_per_minute <= MAX_RATE:
             raise ProvisioningError("invalid", f"rate: above 0, at most {MAX_RATE:g} a minute")
-        if max_uses is not None and max_uses < 1:
-            raise ProvisioningError("invalid", "max uses: at least 1")
+        if max_uses is not None and not 1 <= max_uses <= MAX_USES:
+            raise ProvisioningError("invalid", f"max uses: 1 to {MAX_USES:,}")
+        if (
+            expires is not None
+            and not time.time() - MAX_LIFETIME < expires < time.time() + MAX_LIFETIME
+        ):
+            raise ProvisioningError("invalid", "expires: within ten years")
         secret = secrets.token_urlsafe(SECRET_BYTES)
         now = time.time()
         try:
