@@ -164,6 +164,8 @@ async def test_http_enrolment_gives_working_credentials_once(tmp_path: Path) -> 
         # The same id again: refused (the key does not allow re-provisioning).
         again = await run.provision(key, {"device_id": "pump-1"})
         assert again.status_code == 409 and again.json()["error"] == "exists"
+        status = (await run.api.get("/api/status")).json()["devices"]["provisioning"]
+        assert status == {"enrolled": 1, "refused": {"exists": 1}}
         # The old token keeps working (nothing was replaced).
         ok = await run.http.post(
             "/devices/pump-1/telemetry", json={"t": 2}, headers={"Authorization": f"Bearer {token}"}

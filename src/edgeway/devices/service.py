@@ -41,6 +41,7 @@ from edgeway.reading import Reading
 if TYPE_CHECKING:
     from edgeway.config import Config
     from edgeway.devices.identity import DeviceAccessControl
+    from edgeway.devices.provisioning import ProvisioningStats
     from edgeway.south.base import SouthAdapter
     from edgeway.south.mqtt.broker import Broker
 
@@ -75,6 +76,8 @@ class DeviceService:
         )
         self.broker_presence: BrokerPresence | None = None
         self._ingest: DeviceIngest | None = None
+        self._provisioning: ProvisioningStats | None = None
+        """Enrolments and refusals by code (``/api/status`` -> devices.provisioning)."""
         self.registry.on_change(self.presence.registry_changed)
 
     async def open(self) -> None:
@@ -138,6 +141,7 @@ class DeviceService:
             # Enrolled devices are registered here, with a `registered` event.
             access.provisioner.registry = self.registry
             access.provisioner.presence = self.presence
+            self._provisioning = access.provisioner.stats
 
     def watch(self, adapters: Callable[[], Iterable[SouthAdapter]]) -> None:
         """Follow the pollers among ``adapters()`` (the running ones)."""
@@ -157,4 +161,6 @@ class DeviceService:
         out["unregistered"] = self.registry.unregistered
         out["unregistered_refused"] = self.registry.unregistered_refused
         out["refused_requests"] = self._ingest.refused if self._ingest is not None else 0
+        if self._provisioning is not None:
+            out["provisioning"] = dataclasses.asdict(self._provisioning)
         return out
