@@ -19,6 +19,7 @@ import httpx
 import orjson
 import paho.mqtt.client as paho
 import pytest
+from device_events import device_events
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -54,13 +55,7 @@ class Running:
         )
 
     def events(self) -> list[dict[str, Any]]:
-        out = []
-        for f in sorted(self.out.glob("*.jsonl")):
-            for line in f.read_bytes().splitlines():
-                rec = orjson.loads(line)
-                if rec.get("tags", {}).get("record_type") == "device_event":
-                    out.append(rec)
-        return out
+        return device_events(self.out)
 
 
 def add_key(data: Path, key_id: str, **kw: Any) -> str:

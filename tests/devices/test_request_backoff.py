@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
+from device_events import device_events
 
 from edgeway.config import parse_config
 from edgeway.devices.backoff import RequestBackoff
@@ -71,21 +71,11 @@ async def gateway(tmp_path: Path) -> AsyncIterator[tuple[Gateway, dict[str, str]
         await asyncio.wait_for(task, 15)
 
 
-def _events(out: Path) -> list[dict[str, Any]]:
-    found = []
-    for f in sorted(out.glob("*.jsonl")):
-        for line in f.read_bytes().splitlines():
-            rec = orjson.loads(line)
-            if rec.get("tags", {}).get("record_type") == "device_event":
-                found.append(rec)
-    return found
-
-
 async def _auth_failed(out: Path, n: int, protocol: str) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 10
     while True:
         got = [
-            e for e in _events(out)
+            e for e in device_events(out)
             if e["metrics"]["event"] == "auth_failed" and e["metrics"].get("protocol") == protocol
         ]  # fmt: skip
         if len(got) >= n or time.monotonic() > deadline:
