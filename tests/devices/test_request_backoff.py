@@ -31,6 +31,7 @@ gateway: {{id: gw-bo, data_dir: "{data}"}}
 mqtt: {{enabled: false}}
 http_ingest: {{listen: "127.0.0.1:0"}}
 coap: {{listen: "127.0.0.1:0", allow_anonymous: false, probe_interval: 60}}
+twins: {{enabled: true}}
 sinks:
   - {{name: files, url: "file://{out}"}}
 devices: {{flush_interval: 0.05s, events: true}}
@@ -137,5 +138,21 @@ async def test_coap_wrong_tokens_lock_the_device(tmp_path: Path) -> None:
             assert (await post("dev-2", secrets["dev-2/coap"])).code == Code.CHANGED
             events = await _auth_failed(out, 5, "coap")
             assert len(events) == 5 and {e["device_id"] for e in events} == {"dev-1"}
+
+            # The device's own data (its twin) counts the same way.
+            async def twin(token: str) -> Any:
+                msg = Message(
+                    code=Code.GET,
+                    uri=f"coap://127.0.0.1:{port}/devices/dev-2/twin?token={token}",
+                )
+                async with asyncio.timeout(10):
+                    return await ctx.request(msg).response
+
+            assert (await twin(secrets["dev-2/coap"])).code == Code.CONTENT
+            for i in range(5):
+                assert (await twin(f"wrong-{i}")).code == Code.UNAUTHORIZED
+            assert (await twin(secrets["dev-2/coap"])).code == Code.TOO_MANY_REQUESTS
+            events = await _auth_failed(out, 10, "coap")
+            assert [e["device_id"] for e in events].count("dev-2") == 5
     finally:
         await ctx.shutdown()

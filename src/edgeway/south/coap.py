@@ -661,10 +661,23 @@ class CoapAdapter(SouthAdapter):
         except DecodeError as e:
             self.count_refusal("bad_device_id", e.reason, request.remote.hostinfo)
             return self._respond(Code.BAD_REQUEST, f"{e.reason}: {e.detail}"[:200])
+        remote = str(request.remote.hostinfo)
+        token = _query_token(request)
+        if token is not None and (wait := self.backoff.locked_for(device_id, remote)) > 0:
+            self.count_refusal("locked", "device " + device_id, remote)
+            return self._respond(
+                Code.TOO_MANY_REQUESTS, "too many failed tokens", max_age=max(1, round(wait))
+            )
         reason = self._own_data_reason(request, device_id)
         if reason is None:
+            if token is not None:
+                self.backoff.succeeded(device_id)
             return None
-        self.count_refusal(reason, "device " + device_id, request.remote.hostinfo)
+        if token is not None:
+            self.backoff.failed(device_id, remote)  # a wrong token, as on telemetry
+        if self.access is not None:
+            self.access.auth_failed(device_id, "coap", remote, reason.replace("_", " "))
+        self.count_refusal(reason, "device " + device_id, remote)
         return self._respond(Code.UNAUTHORIZED, reason)
 
     def may_observe_twin(self, request: Any, device_id: str) -> bool:
