@@ -28,7 +28,6 @@ them (MQTT 4.7.2). One request at a time per connection; more are answered
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +35,7 @@ import orjson
 
 from edgeway.devices.auth import AuthDecision, ConnectInfo, Principal
 from edgeway.devices.provisioning import ProvisioningError
+from edgeway.south.mqtt.device_requests import DeviceRequests
 
 if TYPE_CHECKING:
     from edgeway.devices.auth import Authoriser
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from edgeway.south.mqtt.broker import Broker
     from edgeway.south.mqtt.connection import MqttConnection
     from edgeway.south.mqtt.packets import Properties
-    from edgeway.south.mqtt.session import Session
 
 __all__ = [
     "TOPIC_PREFIX",
@@ -122,35 +121,18 @@ class ProvisioningAuthoriser:
         self.inner.invalidate()
 
 
-class ProvisioningMqtt:
-    """A BrokerObserver answering enrolment requests (see the module)."""
+class ProvisioningMqtt(DeviceRequests):
+    """A BrokerObserver answering enrolment requests (see the module): one
+    request at a time per provisioning client (``take`` by client id)."""
+
+    what = "provisioning request"
 
     def __init__(self, broker: Broker, provisioner: Provisioner) -> None:
-        self.broker = broker
+        super().__init__(broker, max_pending=1)
         self.provisioner = provisioner
-        self._busy: set[int] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
         self.ignored = 0
         """Requests on provisioning topics from clients that are not
         provisioning clients, or for another client's namespace."""
-
-    def attach(self) -> None:
-        self.broker.observers.append(self)
-
-    def detach(self) -> None:
-        if self in self.broker.observers:
-            self.broker.observers.remove(self)
-        for t in list(self._tasks):
-            t.cancel()
-
-    def session_online(self, session: Session) -> None:
-        return None
-
-    def session_offline(self, session: Session) -> None:
-        return None
-
-    def subscribed(self, session: Session, topic_filter: str) -> None:
-        return None
 
     def published(
         self, topic: str, payload: bytes, properties: Properties | None, sender: str
@@ -168,9 +150,6 @@ class ProvisioningMqtt:
         ):
             self.ignored += 1
             return
-        if id(conn) in self._busy:
-            self._answer(conn, properties, {"error": "busy", "message": "one request at a time"})
-            return
         if len(payload) > MAX_REQUEST:
             self._answer(
                 conn, properties, {"error": "invalid", "message": f"over {MAX_REQUEST} bytes"}
@@ -185,12 +164,10 @@ class ProvisioningMqtt:
                 conn, properties, {"error": "invalid", "message": "the request is a JSON object"}
             )
             return
-        self._busy.add(id(conn))
-        task = asyncio.get_running_loop().create_task(
-            self._enrol(conn, principal.provisioning_key, body, properties)
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if not self.take(sender):
+            self._answer(conn, properties, {"error": "busy", "message": "one request at a time"})
+            return
+        self.spawn(self._enrol(conn, principal.provisioning_key, body, properties))
 
     async def _enrol(
         self,
@@ -210,7 +187,7 @@ class ProvisioningMqtt:
             log.exception("provisioning over MQTT for %s failed", conn.remote)
             self._answer(conn, properties, {"error": "internal", "message": "see the gateway log"})
         finally:
-            self._busy.discard(id(conn))
+            self.release(conn.client_id)
 
     def _answer(
         self,
