@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 from edgeway.commands.service import CommandService
 from edgeway.config import CommandsSection, parse_config
@@ -234,3 +235,82 @@ rules:
         assert summary["spare"]["state"] == "disabled"
     finally:
         await stage.close()
+
+
+class RecordingDownlink:
+    """Every device reachable; records what it is handed (confirmed at once)."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.payloads: list[dict[str, object]] = []
+        self.got = asyncio.Event()
+
+    def reachable(self, command: object) -> bool:
+        return True
+
+    def deliver(self, command: Any) -> Any:
+        import asyncio
+
+        self.payloads.append(command.device_payload())
+        self.got.set()
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        fut.set_result(True)
+        return fut
+
+
+async def test_a_rule_command_goes_out_before_the_queue_commits_and_survives_losing_it(
+    tmp_path: Path,
+) -> None:
+    """The rules path has one commit (rules.db) before the command leaves:
+    with the command queue's writer blocked, the command still reaches the
+    transport. A kill before the queue's commit and the action's "done" loses
+    the queue's copy; the journal in rules.db sends it again after the start,
+    with the same id, flagged as a redelivery, and it is queued once."""
+    import asyncio
+    import threading
+
+    commands = CommandService(tmp_path, CommandsSection(), durability="os")
+    await commands.open()
+    device = RecordingDownlink()
+    commands.add_downlink(device)
+    try:
+        stage = await open_stage(tmp_path, commands)
+        stage.start_actions()
+        gate = threading.Event()
+        commands.db.post(lambda conn: gate.wait(10))  # the queue's writer is stuck
+        fut = stage.observe([reading(90)])
+        assert fut is not None
+        await fut
+        await asyncio.wait_for(device.got.wait(), 5)
+        assert queued(tmp_path) == []  # sent, not yet in commands.db
+        first = device.payloads[0]
+        assert "redelivery" not in first
+        gate.set()
+        await stage.runner.idle()
+        assert queued(tmp_path) == [("fan", "rule:hot:hot:d1:1")]
+        await stage.close()
+        await commands.close()
+
+        # As if killed before either commit: the queue's row and the action's
+        # "done" are gone.
+        with sqlite3.connect(tmp_path / "commands.db") as conn:
+            conn.execute("DELETE FROM commands")
+        with sqlite3.connect(tmp_path / "rules.db") as conn:
+            conn.execute("UPDATE actions SET done = 0")
+        device.got.clear()
+        commands = CommandService(tmp_path, CommandsSection(), durability="os")
+        await commands.open()
+        commands.add_downlink(device)
+        stage = await open_stage(tmp_path, commands)
+        stage.start_actions()
+        await asyncio.wait_for(device.got.wait(), 5)
+        await stage.runner.idle()
+        again = device.payloads[1]
+        assert again["id"] == first["id"] and again["redelivery"] is True
+        assert queued(tmp_path) == [("fan", "rule:hot:hot:d1:1")]
+        await stage.close()
+    finally:
+        await commands.close()

@@ -73,6 +73,8 @@ and a log field, so no '/', '+', '#', spaces or control characters."""
 DEVICE_ID_MAX = 256
 """Longest device id a command may address (device ids elsewhere are topic
 levels; 256 is far above any seen and bounds the index)."""
+COMMAND_ID_RE = re.compile(r"^[0-9a-f]{1,64}$")
+"""A caller-chosen command id (``uuid4().hex`` like the queue's own)."""
 IDEMPOTENCY_KEY_MAX = 128
 """Longest idempotency key kept (a UUID is 36)."""
 TERMINAL_CACHE = 1024
@@ -158,6 +160,9 @@ class _Record:
 
     cmd: Command
     result_timeout: float
+    journaled: bool = False
+    """Held in the caller's journal: its first hand-off does not wait for
+    SENT on disk (see :meth:`CommandService.submit_journaled`)."""
     waiters: list[asyncio.Future[Command]] = field(default_factory=list)
 
 
@@ -266,10 +271,13 @@ class CommandService:
         result_timeout: float | None = None,
         idempotency_key: str | None = None,
         source: str = "api",
+        command_id: str | None = None,
+        redelivery: bool = False,
     ) -> tuple[Command, bool]:
         """Queue a command; returns it (QUEUED, on disk) and whether it is new
-        (False: an existing command with the same idempotency key)."""
-        cfg = self.config
+        (False: an existing command with the same idempotency key).
+        ``command_id``: the id to give it (a caller's journal holds it);
+        ``redelivery``: it may have reached the device already."""
         if self._closed:
             raise CommandError("disabled", "the command queue is stopped")
         params = {} if params is None else params
@@ -292,6 +300,92 @@ class CommandService:
             if found is not None:
                 self.stats.duplicates += 1
                 return _record_from_row(found).cmd, False
+        rec = self._new_record(
+            device_id, name, params, ttl, result_timeout, idempotency_key, source, command_id
+        )
+        if redelivery:
+            # It may have reached the device before a kill (the caller's own
+            # journal says so): the first hand-off is flagged as a redelivery.
+            rec.cmd.attempts = 1
+        # Held in memory before the commit so a second submit with the same
+        # key, or one that would overflow the queue, is answered consistently;
+        # not dispatched before the commit.
+        self._remember(rec, dispatch=False)
+        try:
+            await self.db.write(lambda conn: _insert(conn, rec))
+        except BaseException:
+            self._forget(rec)
+            raise
+        self._queued(rec)
+        return rec.cmd, True
+
+    def submit_journaled(
+        self,
+        device_id: str,
+        name: str,
+        params: dict[str, Any],
+        *,
+        ttl: float | None,
+        idempotency_key: str,
+        command_id: str,
+        source: str,
+    ) -> tuple[Command, asyncio.Future[None]]:
+        """Queue a command the caller holds in a journal of its own (a rule
+        transition in ``rules.db``) and submits again, with the same id and
+        key, after a kill, until the returned future says it is stored here.
+
+        Unlike :meth:`submit` it returns at once: the command may be handed to
+        the transport before its row is committed here (one fsync less on a
+        rule's path; guarantee 7 holds through the caller's journal: a copy
+        lost here is submitted again with the same id, flagged as a
+        redelivery). The future resolves when the row is committed; it fails
+        if the commit did (the command may have gone out)."""
+        if self._closed:
+            raise CommandError("disabled", "the command queue is stopped")
+        self._check(device_id, name, params, ttl, None, idempotency_key)
+        existing = self._keys.get((device_id, idempotency_key))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if existing is not None:
+            self.stats.duplicates += 1
+            done.set_result(None)
+            return existing.cmd, done
+        rec = self._new_record(
+            device_id, name, params, ttl, None, idempotency_key, source, command_id
+        )
+        rec.journaled = True
+        self._remember(rec, dispatch=False)
+        stored = self.db.write(lambda conn: _insert(conn, rec))
+        stored.add_done_callback(functools.partial(self._journaled_stored, rec, done))
+        self._queued(rec)
+        return rec.cmd, done
+
+    def _journaled_stored(
+        self, rec: _Record, done: asyncio.Future[None], stored: asyncio.Future[None]
+    ) -> None:
+        e = None if stored.cancelled() else stored.exception()
+        if e is not None:
+            log.error("command %s not stored (it may have been sent): %s", rec.cmd.id, e)
+            if rec.cmd.id in self._active:
+                self._forget(rec)
+        if not done.done():
+            if e is None:
+                done.set_result(None)
+            else:
+                done.set_exception(e)
+
+    def _new_record(
+        self,
+        device_id: str,
+        name: str,
+        params: dict[str, Any],
+        ttl: float | None,
+        result_timeout: float | None,
+        idempotency_key: str | None,
+        source: str,
+        command_id: str | None,
+    ) -> _Record:
+        """A new QUEUED command (CommandError if the device's queue is full)."""
+        cfg = self.config
         queue = self._by_device.get(device_id)
         if queue is not None and len(queue) >= cfg.max_per_device:
             self.stats.refused_full += 1
@@ -300,9 +394,12 @@ class CommandService:
                 f"device {device_id!r} has {len(queue)} unfinished commands "
                 f"(commands.max_per_device = {cfg.max_per_device})",
             )
+        if command_id is not None and not COMMAND_ID_RE.match(command_id):
+            self.stats.refused_invalid += 1
+            raise CommandError("invalid", "command id must be 1-64 of a-f 0-9")
         now = self._clock()
         cmd = Command(
-            id=uuid.uuid4().hex,
+            id=command_id or uuid.uuid4().hex,
             device_id=device_id,
             name=name,
             params=params,
@@ -314,20 +411,12 @@ class CommandService:
             updated_at=now,
         )
         self._next_seq += 1
-        rec = _Record(cmd, result_timeout if result_timeout is not None else cfg.result_timeout)
-        # Held in memory before the commit so a second submit with the same
-        # key, or one that would overflow the queue, is answered consistently;
-        # not dispatched before the commit.
-        self._remember(rec, dispatch=False)
-        try:
-            await self.db.write(lambda conn: _insert(conn, rec))
-        except BaseException:
-            self._forget(rec)
-            raise
+        return _Record(cmd, result_timeout if result_timeout is not None else cfg.result_timeout)
+
+    def _queued(self, rec: _Record) -> None:
         self.stats.submitted += 1
-        self._emit_state(cmd)
-        self.device_reachable(device_id)
-        return cmd, True
+        self._emit_state(rec.cmd)
+        self.device_reachable(rec.cmd.device_id)
 
     def _check(
         self,
@@ -514,7 +603,14 @@ class CommandService:
                 cmd.attempts += 1
                 cmd.state = CommandState.SENT
                 cmd.updated_at = self._clock()
-                await self.db.write(functools.partial(_update, c=cmd))
+                if rec.journaled:
+                    # The caller's journal stands in for SENT on disk (a copy
+                    # lost here comes back as a redelivery): written behind,
+                    # after the insert (one writer thread, in order).
+                    rec.journaled = False
+                    self.db.write(functools.partial(_update, c=cmd)).add_done_callback(_log_failure)
+                else:
+                    await self.db.write(functools.partial(_update, c=cmd))
                 if cmd.state is not CommandState.SENT:  # cancelled meanwhile
                     continue
                 if not downlink.reachable(cmd):

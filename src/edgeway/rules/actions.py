@@ -82,6 +82,8 @@ class ActionRunner:
         self._chains: dict[str, asyncio.Task[None]] = {}
         self._webhooks: set[asyncio.Task[None]] = set()
         self._marks: set[asyncio.Future[None]] = set()
+        self._settling: set[asyncio.Future[None]] = set()
+        """Journaled commands not yet committed by the command queue."""
         self._slots = asyncio.Semaphore(MAX_WEBHOOKS)
         self._client: Any = None
         self._closed = False
@@ -136,7 +138,10 @@ class ActionRunner:
         a = sa.action
         error: str | None = None
         try:
-            await self._carry_out(a)
+            if isinstance(a, SendCommand) and a.command_id is not None and not sa.replay:
+                self._send_journaled(sa, a)
+                return
+            await self._carry_out(a, sa.replay)
         except asyncio.CancelledError:
             raise  # stopping: stays waiting in the store, carried out at the next start
         except Exception as e:
@@ -165,11 +170,41 @@ class ActionRunner:
         self._marks.add(mark)
         mark.add_done_callback(self._marked)
 
+    def _send_journaled(self, sa: StoredAction, a: SendCommand) -> None:
+        """A command of a transition just journaled: queued without waiting
+        for the command queue's commit, so it can go out at once; marked done
+        here once that commit is done. A kill before it leaves the action
+        waiting in ``rules.db``: submitted again at the next start with the
+        same command id and key (found there already: not queued twice; not
+        found: sent again, flagged as a redelivery)."""
+        t = self.targets
+        if t.commands is None:
+            raise ActionFailed("commands are disabled (commands.enabled: false)")
+        assert a.command_id is not None
+        _, stored = t.commands.submit_journaled(
+            a.device_id,
+            a.name,
+            a.params,
+            ttl=a.ttl,
+            idempotency_key=a.idempotency_key,
+            command_id=a.command_id,
+            source=a.source,
+        )
+        self._settling.add(stored)
+        stored.add_done_callback(functools.partial(self._settled, sa))
+
+    def _settled(self, sa: StoredAction, stored: asyncio.Future[None]) -> None:
+        self._settling.discard(stored)
+        if stored.cancelled() or self._closed:
+            return  # done again at the next start
+        e = stored.exception()
+        self._finish(sa, None if e is None else (str(e)[:WEBHOOK_BODY_LOG] or type(e).__name__))
+
     def _marked(self, fut: asyncio.Future[None]) -> None:
         self._marks.discard(fut)
         _log_store_failure(fut)
 
-    async def _carry_out(self, a: Any) -> None:
+    async def _carry_out(self, a: Any, replay: bool = False) -> None:
         t = self.targets
         if isinstance(a, SendCommand):
             if t.commands is None:
@@ -181,6 +216,8 @@ class ActionRunner:
                 ttl=a.ttl,
                 idempotency_key=a.idempotency_key,
                 source=a.source,
+                command_id=a.command_id,
+                redelivery=replay,
             )
         elif isinstance(a, Publish):
             if t.publish is None:
@@ -288,8 +325,10 @@ class ActionRunner:
     async def idle(self) -> None:
         """Wait until every action started so far is carried out and marked
         done on disk (tests, bench)."""
-        while self._chains or self._webhooks or self._marks:
-            await asyncio.wait([*self._chains.values(), *self._webhooks, *self._marks])
+        while self._chains or self._webhooks or self._marks or self._settling:
+            await asyncio.wait(
+                [*self._chains.values(), *self._webhooks, *self._marks, *self._settling]
+            )
 
 
 def _log_store_failure(fut: asyncio.Future[None]) -> None:

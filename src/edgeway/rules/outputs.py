@@ -28,6 +28,9 @@ class SendCommand:
     ttl: float | None
     idempotency_key: str
     source: str
+    command_id: str | None = None
+    """Given when the transition is journaled (``rules.db``), so a command
+    carried out again after a kill reaches the device with the same id."""
     kind: Literal["command"] = "command"
 
 

@@ -21,8 +21,10 @@ transition":
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import sqlite3
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +33,7 @@ import orjson
 
 from edgeway.outbox.ageclock import AgeClock
 from edgeway.rules.engine import RuleOutput, RuleState
-from edgeway.rules.outputs import Action, action_from_json, action_to_json
+from edgeway.rules.outputs import Action, SendCommand, action_from_json, action_to_json
 from edgeway.storage.sqlite import Database
 
 DB_NAME = "rules.db"
@@ -78,6 +80,8 @@ class StoredAction:
     id: int
     transition_id: str
     action: Action
+    replay: bool = False
+    """Taken back at start: it may have been carried out before the kill."""
 
 
 @dataclass(slots=True)
@@ -117,10 +121,13 @@ class RuleStore:
             (rule, dev, int(s.active), s.since, s.seq, s.cooldown_until)
             for rule, dev, s in out.states
         ]
-        transitions = [
-            (t, orjson.dumps(t.to_json()), [orjson.dumps(action_to_json(a)) for a in t.actions])
-            for t in out.transitions
-        ]
+        transitions = []
+        for t in out.transitions:
+            actions = [_with_command_id(a) for a in t.actions]
+            docs = [orjson.dumps(action_to_json(a)) for a in actions]
+            transitions.append(
+                (t, orjson.dumps(t.to_json()), list(zip(actions, docs, strict=True)))
+            )
 
         def run(conn: sqlite3.Connection) -> list[StoredAction]:
             conn.executemany(
@@ -137,7 +144,7 @@ class RuleStore:
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     (t.rule, t.device_id, t.seq, t.state, t.at, doc),
                 ).lastrowid
-                for a, adoc in zip(t.actions, actions, strict=True):
+                for a, adoc in actions:
                     aid = conn.execute(
                         "INSERT INTO actions(transition, doc) VALUES (?, ?)", (tid, adoc)
                     ).lastrowid
@@ -188,6 +195,14 @@ def last_firings(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     return {rule: {"device_id": device_id, "at": at} for rule, device_id, at in rows}
 
 
+def _with_command_id(a: Action) -> Action:
+    """A command gets its id when journaled: carried out again after a kill,
+    it reaches the device with the same id (edgeway.rules.actions)."""
+    if isinstance(a, SendCommand) and a.command_id is None:
+        return dataclasses.replace(a, command_id=uuid.uuid4().hex)
+    return a
+
+
 def _save_clock(conn: sqlite3.Connection, now: float, wall: float) -> None:
     conn.execute(
         "INSERT INTO clock(id, clock, wall) VALUES (1, ?, ?) "
@@ -214,7 +229,9 @@ def _load(conn: sqlite3.Connection) -> Loaded:
         "JOIN transitions t ON t.id = a.transition WHERE a.done = 0 ORDER BY a.id"
     ):
         waiting.append(
-            StoredAction(aid, f"{rule}:{dev}:{seq}", action_from_json(orjson.loads(doc)))
+            StoredAction(
+                aid, f"{rule}:{dev}:{seq}", action_from_json(orjson.loads(doc)), replay=True
+            )
         )
     row = conn.execute("SELECT clock, wall FROM clock WHERE id = 1").fetchone()
     return Loaded(states, waiting, row[0] if row else None, row[1] if row else None)

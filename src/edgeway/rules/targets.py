@@ -7,6 +7,7 @@ configured.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -44,7 +45,21 @@ class CommandTarget(Protocol):
         result_timeout: float | None = None,
         idempotency_key: str | None = None,
         source: str = "api",
+        command_id: str | None = None,
+        redelivery: bool = False,
     ) -> tuple[Any, bool]: ...
+
+    def submit_journaled(
+        self,
+        device_id: str,
+        name: str,
+        params: dict[str, Any],
+        *,
+        ttl: float | None,
+        idempotency_key: str,
+        command_id: str,
+        source: str,
+    ) -> tuple[Any, asyncio.Future[None]]: ...
 
 
 class TwinTarget(Protocol):
