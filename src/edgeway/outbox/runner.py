@@ -88,12 +88,17 @@ class SinkRunner:
 
         While a batch is being sent, the next one is read (when the batch holds
         no rows read ahead of the cursor), so disk reads overlap the network.
+        If priority rows (alarms, command records) are committed after that
+        read, the batch read ahead is given back unsent and read again, so
+        they go first: ahead of a priority row only the batch on the wire
+        (being sent or retried) when it was committed.
         """
         outbox, sink, name = self.outbox, self.sink, self.sink.name
         prev: asyncio.Future[None] | None = None
         prev_out_of_order = False
         caught_up = False
         prefetch: asyncio.Task[Batch] | None = None
+        prefetch_mark = 0
         try:
             while True:
                 if caught_up:
@@ -112,12 +117,18 @@ class SinkRunner:
                 if prefetch is not None:
                     batch = await prefetch
                     prefetch = None
+                    if outbox.priority_mark(name) != prefetch_mark and outbox.give_back(batch):
+                        # Priority rows (an alarm) came after this batch was
+                        # read ahead: read again, so they go before it.
+                        prefetched = False
+                        batch = await self._read()
                 else:
                     batch = await self._read()
                 caught_up = not batch.more
                 if not batch.records:
                     continue
                 if batch.more and not batch.out_of_order:
+                    prefetch_mark = outbox.priority_mark(name)
                     prefetch = asyncio.create_task(self._read(), name=f"prefetch:{name}")
                 delivered, batch = await self._deliver(batch, stale=prefetched)
                 if prev is not None:

@@ -502,6 +502,11 @@ class _ReadState:
     unread: int = 0
     """Rows committed for this sink since its last read started."""
     event: asyncio.Event = field(default_factory=asyncio.Event)
+    priority_commits: int = 0
+    """Commits that added priority rows for this sink (see :meth:`Outbox.priority_mark`)."""
+    before_read: tuple[int, int, int | None, int, int] | None = None
+    """(pos, prio_pos, live_start, live_pos, rewinds) before the last read:
+    where :meth:`Outbox.give_back` puts the reads back."""
 
 
 def _counter_dict(row: Sequence[int]) -> dict[str, int]:
@@ -1861,6 +1866,7 @@ class Outbox:
         st = self._reads[sink]
         assert self._loop is not None and self._readers is not None
         high = self._high_seq
+        st.before_read = (st.pos, st.prio_pos, st.live_start, st.live_pos, st.rewinds)
         st.unread = 0
         st.event.clear()
         live = False
@@ -1902,6 +1908,25 @@ class Outbox:
                 st.live_start = None
         return Batch(sink, records, nbytes, pos, out_of_order, more, rewinds, whole)
 
+    def priority_mark(self, sink: str) -> int:
+        """A number that grows each time priority rows for ``sink`` are
+        committed: a runner holding a batch read ahead compares it with the
+        mark taken before that read, to know whether to :meth:`give_back`."""
+        return self._reads[sink].priority_commits
+
+    def give_back(self, batch: Batch) -> bool:
+        """Put the reads of ``sink`` back to where they were before ``batch``,
+        its latest read, which was not sent: the next read starts there again
+        (priority rows first). False (nothing changed) if ``batch`` is not the
+        latest read or a rewind came since."""
+        st = self._reads[batch.sink]
+        before = st.before_read
+        if before is None or batch.generation != st.rewinds or batch.cursor != st.pos:
+            return False
+        st.pos, st.prio_pos, st.live_start, st.live_pos, _ = before
+        st.before_read = None
+        return True
+
     def _read_tail(
         self, st: _ReadState, sink: str, high: int, max_records: int, max_bytes: int
     ) -> Batch | None:
@@ -1939,9 +1964,16 @@ class Outbox:
                     i = bisect.bisect_left(tail, first, key=_FIRST)
                     if i < len(tail) and tail[i][0] == first:
                         tail[i][2] &= clear
+        prio_mask = 0
         for first, last, pending, _created, size, prio, data, _msgs in res.chunks:
             tail.append([first, last, pending, size, prio, data])
             self._tail_bytes += len(data)
+            if prio:
+                prio_mask |= pending
+        if prio_mask:
+            for st in self._reads.values():
+                if prio_mask & st.bit:
+                    st.priority_commits += 1
         # Let the oldest go until both limits hold.
         k, nbytes = 0, self._tail_bytes
         while k < len(tail) and (len(tail) - k > TAIL_MAX_CHUNKS or nbytes > TAIL_MAX_BYTES):
