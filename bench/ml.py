@@ -14,7 +14,10 @@ Usage::
   event loop, inference thread, result delivered back on the loop), one at a
   time: p50/p99 of submit -> delivered.
 - anomaly step: ``--readings`` readings of 3 metrics through the ``anomaly``
-  step for 1,000 devices: microseconds per reading.
+  step for 1,000 devices, with each detector (``zscore``, ``hst``):
+  microseconds per reading; for ``hst`` also the cost of one call (one
+  reading) and the memory of one model, for the default trees and the
+  largest the configuration allows (``--anomaly-only``: just this part).
 
 Figures are printed, never asserted.
 """
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -119,8 +123,6 @@ def anomaly(readings: int) -> None:
     from edgeway.pipeline.registry import StepContext, parse_step_spec
     from edgeway.reading import Origin, Reading
 
-    _, p = parse_step_spec({"anomaly": {"metrics": ["vibration", "bearing_temp", "current"]}})
-    step = AnomalyStep(p, StepContext(route="r", step_id="r/0:anomaly"))  # type: ignore[arg-type]
     rng = random.Random(1)
     origin = Origin("mqtt")
     batch = [
@@ -132,14 +134,57 @@ def anomaly(readings: int) -> None:
         )
         for i in range(readings)
     ]
-    t = time.perf_counter()
-    for i in range(0, readings, 100):
-        step.apply(batch[i : i + 100], float(i))
-    wall = time.perf_counter() - t
-    print(
-        f"anomaly step: {readings} readings x 3 metrics, 1,000 devices: "
-        f"{wall / readings * 1e6:.2f} us per reading ({readings / wall:,.0f} readings/s)"
-    )
+    metrics = ["vibration", "bearing_temp", "current"]
+    # hst: a short warm-up and window, so that most of the readings are scored.
+    hst = {"warmup": 10, "hst": {"max_devices": 1000, "window": 20}}
+    for detector, extra in (("zscore", {}), ("hst", hst)):
+        spec = {"metrics": metrics, "detector": detector, **extra}
+        _, p = parse_step_spec({"anomaly": spec})
+        step = AnomalyStep(p, StepContext(route="r", step_id="r/0:anomaly"))  # type: ignore[arg-type]
+        t = time.perf_counter()
+        for i in range(0, readings, 100):
+            step.apply(batch[i : i + 100], float(i))
+        wall = time.perf_counter() - t
+        print(
+            f"anomaly step ({detector}): {readings} readings x 3 metrics, 1,000 devices: "
+            f"{wall / readings * 1e6:.2f} us per reading ({readings / wall:,.0f} readings/s)"
+        )
+    hst_per_call(metrics, batch[: min(readings, 20_000)])
+
+
+def hst_per_call(metrics: list[str], batch: list[Any]) -> None:
+    """Per call (one reading of one device: score, then learn) and memory per
+    model, for the default trees and the largest the configuration allows."""
+    import tracemalloc
+
+    import river.anomaly  # noqa: F401  (its import is not a model's memory)
+
+    from edgeway.ml.hst import model_bytes
+    from edgeway.ml.zscore import AnomalyStep
+    from edgeway.pipeline.registry import StepContext, parse_step_spec
+    from edgeway.reading import Reading
+
+    one = [Reading("d", r.ts, r.metrics, r.origin) for r in batch]
+    for trees, height in ((10, 4), (10, 6), (25, 7)):
+        hst = {"trees": trees, "height": height, "window": 250, "max_devices": 1}
+        _, p = parse_step_spec({"anomaly": {"metrics": metrics, "detector": "hst", "hst": hst}})
+        step = AnomalyStep(p, StepContext(route="r", step_id="r/0:anomaly"))  # type: ignore[arg-type]
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for r in one[:400]:  # warm-up and one window: the model is built and full
+            step.apply([r], r.ts)
+        held = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        calls = []
+        for r in one[400:]:
+            t = time.perf_counter()
+            step.apply([r], r.ts)
+            calls.append(time.perf_counter() - t)
+        print(
+            f"hst trees={trees} height={height}: per call p50 {pct(calls, 0.5) * 1e3:.3f} "
+            f"p99 {pct(calls, 0.99) * 1e3:.3f} max {max(calls) * 1e3:.3f} ms; "
+            f"model {held / 1e3:,.0f} KB (bound {model_bytes(trees, height) / 1e3:,.0f} KB)"
+        )
 
 
 def main() -> None:
@@ -148,11 +193,17 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=20_000)
     ap.add_argument("--readings", type=int, default=200_000)
     ap.add_argument("--quick", action="store_true", help="a tenth of everything")
+    ap.add_argument("--anomaly-only", action="store_true", help="only the anomaly step")
     args = ap.parse_args()
     if args.quick:
-        args.calls, args.jobs, args.readings = args.calls // 10, args.jobs // 10, args.readings // 10
-    inference(args.calls)
-    asyncio.run(round_trip(args.jobs))
+        args.calls, args.jobs, args.readings = (
+            args.calls // 10,
+            args.jobs // 10,
+            args.readings // 10,
+        )
+    if not args.anomaly_only:
+        inference(args.calls)
+        asyncio.run(round_trip(args.jobs))
     anomaly(args.readings)
 
 

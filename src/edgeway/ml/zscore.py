@@ -1,4 +1,7 @@
-"""``anomaly``: a rolling z-score per device and metric, no trained model needed.
+"""``anomaly``: a built-in detector that needs no trained model: a rolling
+z-score per device and metric (``detector: zscore``, the default, below) or
+half-space trees per device over the metrics together (``detector: hst``,
+river's HalfSpaceTrees, see :mod:`edgeway.ml.hst`).
 
 Example::
 
@@ -38,10 +41,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edgeway.config_types import Duration
+from edgeway.ml.hst import HalfSpaceDetector, HstParams
 from edgeway.pipeline.registry import (
     NAME_CACHE_LIMIT,
     Step,
@@ -52,16 +57,33 @@ from edgeway.pipeline.registry import (
 from edgeway.pipeline.routes import compile_globs
 from edgeway.reading import MetricValue, Reading
 
+THRESHOLDS = {"zscore": 4.0, "hst": 0.9}
+"""Default ``threshold`` per detector: ``|z|`` and the half-space trees' score
+(0..1; 0.9 flagged 0.x % of the simulator's healthy readings, see docs/models.md)."""
+
 
 class AnomalyParams(StepParams):
     metrics: list[str] = Field(min_length=1)
+    detector: Literal["zscore", "hst"] = "zscore"
     half_life: Duration = 3600.0
     warmup: int = Field(default=100, ge=2, le=100_000)
-    threshold: float = Field(default=4.0, gt=0)
+    threshold: float | None = Field(default=None, gt=0)
+    """Default: 4.0 for ``zscore``, 0.9 for ``hst``."""
+    hst: HstParams = Field(default_factory=HstParams)
     max_devices: int = Field(default=10_000, ge=1, le=1_000_000)
     max_metrics: int = Field(default=32, ge=1, le=1_000)
     min_std: float = Field(default=1e-9, ge=0)
     """Floor of the standard deviation (a perfectly flat signal has none)."""
+
+    @model_validator(mode="after")
+    def _threshold(self) -> AnomalyParams:
+        if self.detector == "hst" and self.threshold is not None and self.threshold > 1:
+            raise ValueError("threshold: the hst score is between 0 and 1")
+        return self
+
+    @property
+    def flag_at(self) -> float:
+        return self.threshold if self.threshold is not None else THRESHOLDS[self.detector]
 
 
 class _Baseline:
@@ -88,6 +110,9 @@ class AnomalyStep(Step):
         self._names: dict[str, bool] = {}
         self._devices: OrderedDict[str, dict[str, _Baseline]] = OrderedDict()
         self.flagged = 0
+        self._hst = (
+            HalfSpaceDetector(params.hst, params.warmup) if params.detector == "hst" else None
+        )
 
     def _watches(self, name: str) -> bool:
         hit = self._names.get(name)
@@ -109,6 +134,8 @@ class AnomalyStep(Step):
         return got
 
     def apply(self, readings: list[Reading], now: float) -> list[Reading]:
+        if self._hst is not None:
+            return self._apply_hst(self._hst, readings)
         p = self.params
         out: list[Reading] = []
         for r in readings:
@@ -135,11 +162,30 @@ class AnomalyStep(Step):
                     added[f"{name}_z"] = round(z, 4)
                     score = max(score, abs(z))
             if score >= 0:
-                flagged = score >= p.threshold
-                self.flagged += flagged
-                added["anomaly_score"] = round(score, 4)
-                added["anomaly"] = flagged
-                r = Reading(r.device_id, r.ts, {**r.metrics, **added}, r.origin, r.tags, r.priority)
+                r = self._scored(r, score, added)
+            out.append(r)
+        return out
+
+    def _scored(self, r: Reading, score: float, added: dict[str, MetricValue]) -> Reading:
+        flagged = score >= self.params.flag_at
+        self.flagged += flagged
+        added["anomaly_score"] = round(score, 4)
+        added["anomaly"] = flagged
+        return Reading(r.device_id, r.ts, {**r.metrics, **added}, r.origin, r.tags, r.priority)
+
+    def _apply_hst(self, hst: HalfSpaceDetector, readings: list[Reading]) -> list[Reading]:
+        out: list[Reading] = []
+        for r in readings:
+            values: dict[str, float] = {}
+            for name, value in r.metrics.items():
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    continue
+                if self._watches(name) and math.isfinite(value):
+                    values[name] = float(value)
+            if values:
+                score = hst.score(r.device_id, values)
+                if score is not None:
+                    r = self._scored(r, score, {})
             out.append(r)
         return out
 
