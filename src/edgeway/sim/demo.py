@@ -61,6 +61,12 @@ from edgeway.config import (
 )
 from edgeway.sim.cloud import CloudReceiver, OutageMode
 from edgeway.sim.devices import VirtualDevice, make_devices
+from edgeway.sim.predictive import (
+    PredictiveChain,
+    add_predictive,
+    machine_id,
+    predictive_summary,
+)
 from edgeway.sim.runner import (
     CoapFleet,
     FleetStats,
@@ -143,6 +149,9 @@ class DemoOptions:
     """Seconds after the devices start that the first commands go out."""
     command_interval: float = 10.0
     """Seconds between command round trips; 0: no commands."""
+    fault_after: float = 20.0
+    """Seconds after the devices start that a bearing fault begins on the first
+    MQTT machine (edgeway.sim.predictive); 0: none."""
 
 
 @dataclass(slots=True)
@@ -338,6 +347,7 @@ class Demo:
         self.rounds: CommandRounds | None = None
         self.enrolled: tuple[int, float] = (0, 0.0)
         """Devices enrolled with the demo's provisioning key, and in how long."""
+        self.predictive: PredictiveChain | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -367,7 +377,31 @@ class Demo:
             cfg.modbus = self.modbus.gateway_config(interval=1.0)
         if self.opcua is not None:
             cfg.opcua = self.opcua.gateway_config(sampling_interval=1.0)
+        self._add_predictive(cfg)
         return cfg
+
+    def _predictive_machine(self) -> str | None:
+        """The MQTT machine the fault is injected on (None: no fault)."""
+        o = self.opt
+        if o.fault_after <= 0 or o.mqtt_devices <= 0:
+            return None
+        return machine_id(make_devices(o.mqtt_devices, prefix="mqtt"))
+
+    def _add_predictive(self, cfg: Config) -> None:
+        """The anomaly step and the rule of the predictive-maintenance chain."""
+        device_id = self._predictive_machine()
+        if device_id is not None:
+            add_predictive(cfg, device_id)
+
+    def _predictive_chain(self) -> PredictiveChain | None:
+        device_id = self._predictive_machine()
+        if device_id is None:
+            return None
+        dev = next(d for f in self.fleets for d in f.devices if d.device_id == device_id)
+        self.predictive = PredictiveChain(
+            self.gateway, dev, self.write, fault_after=self.opt.fault_after
+        )
+        return self.predictive
 
     async def run(self) -> DemoResult:
         """Start everything, show figures until stopped, drain, summarise, stop."""
@@ -627,8 +661,16 @@ class Demo:
             commands = (
                 tg.create_task(rounds.run(ending), name="commands") if rounds is not None else None
             )
+            chain = self._predictive_chain()
+            predictive = (
+                tg.create_task(chain.run(ending), name="predictive") if chain is not None else None
+            )
             await self._wait_for_end()
             ending.set()
+            if predictive is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(predictive), COMMAND_WAIT + 2.0)
+                predictive.cancel()
             if commands is not None:
                 # A round under way ends within COMMAND_WAIT; its line belongs in the output.
                 with contextlib.suppress(TimeoutError):
@@ -794,6 +836,8 @@ class Demo:
             r.commands_sent = self.rounds.sent
             r.commands_succeeded = self.rounds.succeeded
             w(f"  commands          {r.commands_sent} sent, {r.commands_succeeded} succeeded")
+        if self.predictive is not None:
+            w(f"  predictive        {predictive_summary(self.predictive.result)}")
         w(f"  lost              {r.lost}")
         if r.lost:
             w(f"  lost messages: {', '.join(r.lost_ids[:20])}{' ...' if r.lost > 20 else ''}")
@@ -884,6 +928,14 @@ def add_demo_arguments(p: Any) -> None:
         help="seconds between command round trips, the first 5 s in (default 10; 0: none)",
     )
     p.add_argument(
+        "--fault-after",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="a bearing fault begins on an MQTT machine after S seconds: anomaly, alarm, "
+        "rule, command to the machine (default 20; 0: none)",
+    )
+    p.add_argument(
         "--data-dir",
         type=Path,
         help="keep the gateway's data and the cloud's records here (default: a "
@@ -903,6 +955,7 @@ def options_from_args(args: Any) -> DemoOptions:
         rate=args.rate,
         interval=args.interval,
         command_interval=args.command_interval,
+        fault_after=args.fault_after,
         data_dir=args.data_dir,
         seed=args.seed,
     )
