@@ -42,7 +42,7 @@ from edgeway.rules.outputs import (
     SetTwinDesired,
 )
 from edgeway.rules.store import RuleStore, StoredAction
-from edgeway.rules.targets import ActionTargets
+from edgeway.rules.targets import ActionTargets, CommandTarget
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +177,8 @@ class ActionRunner:
         waiting in ``rules.db``: submitted again at the next start with the
         same command id and key (found there already: not queued twice; not
         found: sent again, flagged as a redelivery)."""
-        t = self.targets
-        if t.commands is None:
-            raise ActionFailed("commands are disabled (commands.enabled: false)")
         assert a.command_id is not None
-        _, stored = t.commands.submit_journaled(
+        _, stored = self._commands().submit_journaled(
             a.device_id,
             a.name,
             a.params,
@@ -192,6 +189,11 @@ class ActionRunner:
         )
         self._settling.add(stored)
         stored.add_done_callback(functools.partial(self._settled, sa))
+
+    def _commands(self) -> CommandTarget:
+        if self.targets.commands is None:
+            raise ActionFailed("commands are disabled (commands.enabled: false)")
+        return self.targets.commands
 
     def _settled(self, sa: StoredAction, stored: asyncio.Future[None]) -> None:
         self._settling.discard(stored)
@@ -207,9 +209,7 @@ class ActionRunner:
     async def _carry_out(self, a: Any, replay: bool = False) -> None:
         t = self.targets
         if isinstance(a, SendCommand):
-            if t.commands is None:
-                raise ActionFailed("commands are disabled (commands.enabled: false)")
-            await t.commands.submit(
+            await self._commands().submit(
                 a.device_id,
                 a.name,
                 a.params,
