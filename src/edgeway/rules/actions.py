@@ -113,6 +113,16 @@ class ActionRunner:
             device = a.source if isinstance(a, AlarmChange) else getattr(a, "device_id", "")
             by_device.setdefault(device, []).append(sa)
         for device, group in by_device.items():
+            if device not in self._chains:
+                # Nothing of this device's under way: its leading commands go
+                # to the queue now, a task hop earlier (the queue sends at once).
+                k = 0
+                while k < len(group) and _journaled(group[k]):
+                    self._send_now(group[k])
+                    k += 1
+                group = group[k:]
+                if not group:
+                    continue
             self.stats.waiting += len(group)
             prev = self._chains.get(device)
             task = asyncio.get_running_loop().create_task(
@@ -135,20 +145,29 @@ class ActionRunner:
             await self._one(sa)
 
     async def _one(self, sa: StoredAction) -> None:
-        a = sa.action
-        error: str | None = None
+        if _journaled(sa):
+            self._send_now(sa)
+            return
         try:
-            if isinstance(a, SendCommand) and a.command_id is not None and not sa.replay:
-                self._send_journaled(sa, a)
-                return
-            await self._carry_out(a, sa.replay)
+            await self._carry_out(sa.action, sa.replay)
         except asyncio.CancelledError:
             raise  # stopping: stays waiting in the store, carried out at the next start
         except Exception as e:
-            if self._closed or getattr(e, "code", None) == "disabled":
-                return  # the gateway is stopping: carried out at the next start
-            error = str(e)[:WEBHOOK_BODY_LOG] or type(e).__name__
-        self._finish(sa, error)
+            self._failed(sa, e)
+            return
+        self._finish(sa, None)
+
+    def _send_now(self, sa: StoredAction) -> None:
+        assert isinstance(sa.action, SendCommand)
+        try:
+            self._send_journaled(sa, sa.action)
+        except Exception as e:
+            self._failed(sa, e)
+
+    def _failed(self, sa: StoredAction, e: Exception) -> None:
+        if self._closed or getattr(e, "code", None) == "disabled":
+            return  # the gateway is stopping: carried out at the next start
+        self._finish(sa, str(e)[:WEBHOOK_BODY_LOG] or type(e).__name__)
 
     def _finish(self, sa: StoredAction, error: str | None) -> None:
         kind = sa.action.kind
@@ -329,6 +348,12 @@ class ActionRunner:
             await asyncio.wait(
                 [*self._chains.values(), *self._webhooks, *self._marks, *self._settling]
             )
+
+
+def _journaled(sa: StoredAction) -> bool:
+    """A command of a transition just journaled (not one taken back at start)."""
+    a = sa.action
+    return isinstance(a, SendCommand) and a.command_id is not None and not sa.replay
 
 
 def _log_store_failure(fut: asyncio.Future[None]) -> None:
