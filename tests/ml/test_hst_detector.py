@@ -114,9 +114,13 @@ def test_bad_params_are_refused() -> None:
                 "anomaly": {
                     "metrics": ["x"],
                     "detector": "hst",
-                    "hst": {"max_devices": 100_000, "height": 7, "trees": 25},
+                    "hst": {"max_devices": 100_000, "height": 6, "trees": 10},
                 }
             }
+        )
+    with pytest.raises(ValueError, match="nodes"):
+        parse_step_spec(
+            {"anomaly": {"metrics": ["x"], "detector": "hst", "hst": {"height": 7, "trees": 25}}}
         )
     with pytest.raises(ValueError, match="between 0 and 1"):
         parse_step_spec({"anomaly": {"metrics": ["x"], "detector": "hst", "threshold": 4}})

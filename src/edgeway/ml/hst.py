@@ -30,13 +30,14 @@ How edgeway uses it:
   ``learn_one``); ``anomaly_score`` is the score (0..1, higher is stranger),
   ``anomaly`` whether it reached ``threshold``.
 
-Cost and limits (measured, docs/models.md): a model of 10 trees of height 6
-takes about 250 KB and 30-50 us per reading (score and learn) on this project's
-2-core test machine, so it runs on the event loop; the limits keep the worst
-configuration's call under a millisecond. Memory grows as ``trees x
-2^(height+1)`` nodes per device; the configuration is refused when
-``max_devices`` models could exceed :data:`MEMORY_MAX`, and the least recently
-seen device's model is dropped first.
+Cost and limits (measured, docs/models.md): with the defaults (10 trees of
+height 4) a model takes about 75 KB, a reading (score and learn) 0.01-0.05 ms
+and the model's build at its first sample about 1 ms on this project's 2-core
+test machine, so it runs on the event loop; :data:`NODES_MAX` keeps every
+allowed configuration's build and window sweep to a few milliseconds. Memory
+grows as ``trees x 2^(height+1)`` nodes per device; the configuration is
+refused when ``max_devices`` models could exceed :data:`MEMORY_MAX`, and the
+least recently seen device's model is dropped first.
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ the limits; measured: 36 KB for 10 trees)."""
 MEMORY_MAX = 256 * 1024 * 1024
 """Bound on all of one step's models (``max_devices`` full models): a gateway
 runs on a small box beside the broker and the outbox."""
+NODES_MAX = 1300
+"""Nodes of one model at most (10 trees of height 6, or 20 of height 5). The
+step runs on the event loop, and river builds a model's trees at its first
+sample and sweeps every node at each window's end: 0.9 ms for 10 trees of
+height 4, 2.9 ms for height 6 and 15.6 ms for 25 trees of height 7, measured
+on the 2-core test machine under load. Past this, a call could hold the loop
+for more than a few milliseconds."""
 MARGIN = 2.0
 """A feature's learned range is widened by this share of itself on each side."""
 
@@ -83,6 +91,13 @@ class HstParams(StepParams):
         for name, (lo, hi) in self.limits.items():
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
                 raise ValueError(f"limits.{name}: need finite low < high, got [{lo}, {hi}]")
+        nodes = self.trees * ((1 << (self.height + 1)) - 1)
+        if nodes > NODES_MAX:
+            raise ValueError(
+                f"{self.trees} trees of height {self.height} have {nodes} nodes (at most "
+                f"{NODES_MAX}: building or sweeping more would hold the event loop for "
+                "milliseconds): fewer trees or levels"
+            )
         need = model_bytes(self.trees, self.height) * self.max_devices
         if need > MEMORY_MAX:
             raise ValueError(
