@@ -22,7 +22,9 @@ What it promises (guarantee 7 of DESIGN.md):
   SENT (attempts + 1) on disk *before* it is handed to the transport. After a
   kill -9, commands found SENT or DELIVERED-without-result are sent again with
   ``redelivery: true`` and the same id; QUEUED ones go out as usual. None is
-  lost; a device that remembers ids runs each once.
+  lost; a device that remembers ids runs each once. (A command submitted with
+  :meth:`CommandService.submit_journaled` goes out before its insert and SENT
+  are committed: the caller's journal sends it again, same id, after a kill.)
 * A command ends in exactly one terminal state: SUCCEEDED, FAILED (the device
   said so, or its protocol can never take it), EXPIRED (its time to live ended
   before delivery), TIMED_OUT (delivered, no result in time) or CANCELLED.
