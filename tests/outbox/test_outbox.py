@@ -292,6 +292,36 @@ async def test_priority_goes_first(open_outbox: OpenOutbox) -> None:
     assert db_rows(ob.path) == 0
 
 
+async def test_a_batch_read_ahead_is_given_back_for_a_priority_record(
+    open_outbox: OpenOutbox,
+) -> None:
+    """The sink runner's read-ahead: a batch read before a priority record was
+    committed can be given back unsent; the next read starts where it did,
+    priority first. Only the latest read can be given back."""
+    ob = await open_outbox()
+    await asyncio.gather(*(ob.submit([reading("d", i)]) for i in range(300)))
+    on_wire = await ob.read_batch("a", 50, 1 << 20)
+    mark = ob.priority_mark("a")
+    ahead = await ob.read_batch("a", 50, 1 << 20)
+    assert [r.seq for r in ahead.records] == list(range(51, 101))
+    await ob.submit([reading("d", 300)])  # telemetry does not move the mark
+    assert ob.priority_mark("a") == mark
+    await ob.submit([reading("alarm", 0, priority=5)])
+    assert ob.priority_mark("a") == mark + 1
+    assert not ob.give_back(on_wire)  # not the latest read
+    assert ob.give_back(ahead)
+    assert not ob.give_back(ahead)  # once
+    again = await ob.read_batch("a", 50, 1 << 20)
+    assert again.records[0].device_id == "alarm"
+    assert [r.seq for r in again.records[1:]] == list(range(51, 100))
+    await ob.confirm(on_wire)
+    await ob.confirm(again)
+    rest = await drain(ob, "a", 50)
+    assert [r.seq for r in rest] == list(range(100, 302))  # none twice, none skipped
+    assert ob.counters()["a"]["delivered"] == 302
+    assert_conservation(ob)
+
+
 async def test_live_first_shares_the_link(open_outbox: OpenOutbox) -> None:
     ob = await open_outbox(drain="live_first")
     await asyncio.gather(*(ob.submit([reading("d", i)]) for i in range(1000)))

@@ -117,7 +117,11 @@ class SinkRunner:
                 if prefetch is not None:
                     batch = await prefetch
                     prefetch = None
-                    if outbox.priority_mark(name) != prefetch_mark and outbox.give_back(batch):
+                    if (
+                        batch.records
+                        and outbox.priority_mark(name) != prefetch_mark
+                        and outbox.give_back(batch)
+                    ):
                         # Priority rows (an alarm) came after this batch was
                         # read ahead: read again, so they go before it.
                         prefetched = False

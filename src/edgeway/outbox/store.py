@@ -1921,7 +1921,12 @@ class Outbox:
         latest read or a rewind came since."""
         st = self._reads[batch.sink]
         before = st.before_read
-        if before is None or batch.generation != st.rewinds or batch.cursor != st.pos:
+        if (
+            before is None
+            or before[4] != st.rewinds  # a rewind since: the reads start afresh anyway
+            or batch.generation != st.rewinds
+            or batch.cursor != st.pos
+        ):
             return False
         st.pos, st.prio_pos, st.live_start, st.live_pos, _ = before
         st.before_read = None
