@@ -137,3 +137,6 @@ def test_without_river_the_step_names_the_extra(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setitem(sys.modules, "river.anomaly", None)
     with pytest.raises(ValueError, match=r"edgeway\[ml\]"):
         step()
+    with pytest.raises(ValueError, match=r"edgeway\[ml\]"):  # at configuration time
+        parse_step_spec({"anomaly": {"metrics": ["x"], "detector": "hst"}})
+    parse_step_spec({"anomaly": {"metrics": ["x"]}})  # the z-score needs nothing

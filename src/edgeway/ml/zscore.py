@@ -46,7 +46,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from edgeway.config_types import Duration
-from edgeway.ml.hst import HalfSpaceDetector, HstParams
+from edgeway.ml.hst import RIVER, HalfSpaceDetector, HstParams
 from edgeway.pipeline.registry import (
     NAME_CACHE_LIMIT,
     Step,
@@ -76,9 +76,13 @@ class AnomalyParams(StepParams):
     """Floor of the standard deviation (a perfectly flat signal has none)."""
 
     @model_validator(mode="after")
-    def _threshold(self) -> AnomalyParams:
-        if self.detector == "hst" and self.threshold is not None and self.threshold > 1:
+    def _hst(self) -> AnomalyParams:
+        if self.detector != "hst":
+            return self
+        if self.threshold is not None and self.threshold > 1:
             raise ValueError("threshold: the hst score is between 0 and 1")
+        if not RIVER.installed():  # refused by edgeway check, not at the first reading
+            raise ValueError(f"detector hst: {RIVER.missing()}")
         return self
 
     @property
