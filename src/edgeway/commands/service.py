@@ -364,7 +364,10 @@ class CommandService:
     def _journaled_stored(
         self, rec: _Record, done: asyncio.Future[None], stored: asyncio.Future[None]
     ) -> None:
-        e = None if stored.cancelled() else stored.exception()
+        if stored.cancelled():  # not known to be stored: the caller keeps it waiting
+            done.cancel()
+            return
+        e = stored.exception()
         if e is not None:
             log.error("command %s not stored (it may have been sent): %s", rec.cmd.id, e)
             if rec.cmd.id in self._active:
