@@ -3,8 +3,12 @@
 :class:`ActionRunner` takes stored actions (:mod:`edgeway.rules.outputs`)
 and hands each to its target, then marks it done in ``rules.db``:
 
-- ``command``: :meth:`CommandService.submit` with the transition's
-  idempotency key (a repeat after a crash returns the queued command);
+- ``command``: :meth:`CommandService.submit_journaled` with the command id
+  and idempotency key the transition's journal holds: the command goes out
+  without waiting for the queue's own commits, and the action is marked done
+  once the queue has committed it; one taken back at start goes through
+  :meth:`CommandService.submit` (a repeat returns the queued command, one the
+  queue lost is sent again with the same id, flagged as a redelivery);
 - ``publish``: the embedded broker's ``publish``;
 - ``alarm``: an :class:`AlarmTarget` (the alarm service);
 - ``event``: a record into the outbox (priority lane, ``record_type: rule``,
