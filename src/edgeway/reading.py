@@ -24,12 +24,24 @@ class Origin:
     authenticated principal, when there is one. ``message_id`` is the device's
     own identifier for the message (MQTT v5 correlation data or a ``msg_id``
     field) so that a receipt can name it back.
+
+    ``key``, when set, identifies the device message the same way on every
+    gateway that receives it (MQTT client mode: a hash of the connection's
+    name, the topic and the payload, set only when the payload identifies
+    the message; :mod:`edgeway.record_ids`). The outbox then derives the
+    record id from it and the reading instead of numbering it
+    ``gateway_id:sequence``, so a message a broker redelivers to another
+    gateway keeps its record ids. ``received`` is the time the message
+    arrived: a reading stamped with it carries no device time, and its
+    ``ts`` is left out of the record id.
     """
 
     adapter: str
     address: str = ""
     client_id: str = ""
     message_id: str | None = None
+    key: str | None = None
+    received: float = 0.0
 
 
 @dataclass(slots=True)

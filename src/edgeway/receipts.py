@@ -17,6 +17,9 @@ session) and each MQTT client-mode connection that has heard from the device
 
     {"confirmed_seq": 42, "ids": ["gw1:41", "gw1:42"], "msg_ids": ["m-1"]}
 
+(``ids`` are the record ids: in MQTT client mode a message that identifies
+itself has UUIDs there, :mod:`edgeway.record_ids`.)
+
 Receipts are not queued on disk: a receipt that could not go out (the
 client-mode connection was down) is not sent again, and the next receipt
 names a higher ``confirmed_seq``. Devices that need every message id should

@@ -30,8 +30,10 @@ Design, in short:
   ``CHUNK_MAX`` records), holding each record as the exact JSON object the
   sinks send (``{"id": ..., "device_id": ..., "ts": ..., "metrics": {...}}``),
   one per line. The record id and sequence are fixed when the chunk is
-  written. A row per reading cost ~3 us of SQLite work to insert and ~7 us
-  to read and confirm (bench/outbox_bench.py); per chunk that cost is shared
+  written; the id is ``gateway_id:sequence``, or a hash of the device
+  message for a reading whose origin carries a message key
+  (:mod:`edgeway.record_ids`). A row per reading cost ~3 us of SQLite work
+  to insert and ~7 us to read and confirm (bench/outbox_bench.py); per chunk that cost is shared
   by up to 256 records, and a sink that sends JSON (HTTP, MQTT, NATS, AMQP,
   file) sends the stored text as it is, without serializing again.
 - Routing is a per-chunk bitmask ``pending``: bit *i* set = sink *i* still has
@@ -85,6 +87,7 @@ from edgeway.outbox.reserve import DiskReserve
 from edgeway.outbox.stats import OutboxSinkStats, OutboxStats
 from edgeway.ratelimit_log import RateLimitedLog
 from edgeway.reading import Reading
+from edgeway.record_ids import keyed_record_id
 from edgeway.runtime.component import HEALTHY, Health, finish_closing
 from edgeway.sinks.base import Record, record_json_obj, stored_records
 from edgeway.storage.sqlite import (
@@ -786,10 +789,12 @@ class _Writer:
             for r in sub.readings:
                 sid = str(seq)
                 prio = r.priority
+                key = r.origin.key
+                rid = prefix + sid if key is None else keyed_record_id(r, key)
                 if r.tags or prio:
-                    obj = record_json_obj(prefix + sid, r.device_id, r.ts, r.metrics, r.tags, prio)
+                    obj = record_json_obj(rid, r.device_id, r.ts, r.metrics, r.tags, prio)
                 else:
-                    obj = {"id": prefix + sid, "device_id": r.device_id, "ts": r.ts,
+                    obj = {"id": rid, "device_id": r.device_id, "ts": r.ts,
                            "metrics": r.metrics}  # fmt: skip
                 text = dumps(obj)
                 if prio != last_prio:

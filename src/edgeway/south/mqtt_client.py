@@ -68,6 +68,7 @@ from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.limits import InputLimits
 from edgeway.reading import Origin, Reading
+from edgeway.record_ids import message_key
 from edgeway.south.base import Backoff, SouthAdapter, register_adapter
 from edgeway.south.decode_errors import DecodeErrorCounter
 from edgeway.south.mqtt.codec import PINGREQ_BYTES, MqttReader, encode, encode_pubacks
@@ -202,6 +203,39 @@ class Route:
             elif level == "{metric_prefix}":
                 prefix = value
         return device_id, prefix
+
+
+def identifies_message(
+    readings: Sequence[Reading], now: float, sequence_metric: str | None
+) -> bool:
+    """The payload these readings came from (received at ``now``) tells one
+    message from another: a device timestamp (a ``ts`` other than ``now``), a
+    message id, or the sequence metric (:mod:`edgeway.record_ids`)."""
+    for r in readings:
+        if r.ts != now or r.origin.message_id is not None:
+            return True
+        if sequence_metric is not None and sequence_metric in r.metrics:
+            return True
+    return False
+
+
+def _rebuilt(
+    readings: list[Reading], prefix: str | None, key: str | None, now: float
+) -> list[Reading]:
+    """The readings with their metric names under ``prefix`` and, with ``key``,
+    an origin carrying the message key (one new origin per origin shared)."""
+    keyed: dict[int, Origin] = {}
+    out = []
+    for r in readings:
+        origin = r.origin
+        if key is not None:
+            o = keyed.get(id(origin))
+            if o is None:
+                o = keyed[id(origin)] = dataclasses.replace(origin, key=key, received=now)
+            origin = o
+        metrics = {f"{prefix}.{k}": v for k, v in r.metrics.items()} if prefix else r.metrics
+        out.append(Reading(r.device_id, r.ts, metrics, origin, r.tags, r.priority))
+    return out
 
 
 @dataclasses.dataclass(slots=True)
@@ -694,14 +728,13 @@ class MqttClientAdapter(SouthAdapter):
                 continue
             device_id, prefix = found
             origin = Origin("mqtt_client", address=topic, client_id=self.config.name)
+            now = time.time()
             try:
                 if device_id is not None:
                     device_id = check_device_id(device_id)
                     if route.commandable and device_id not in self.command_devices:
                         self._command_device(device_id, route)
-                readings = route.codec.decode(
-                    payload, device_id=device_id, origin=origin, now=time.time()
-                )
+                readings = route.codec.decode(payload, device_id=device_id, origin=origin, now=now)
             except DecodeError as e:
                 self.decode_errors.record(self.state, device_id or topic, e.reason, e.detail)
                 return []
@@ -712,13 +745,13 @@ class MqttClientAdapter(SouthAdapter):
                         self._command_device(r.device_id, route)
             if self._receipts is not None:
                 self._receipt_devices(readings, route)
-            if prefix:
-                readings = [
-                    dataclasses.replace(
-                        r, metrics={f"{prefix}.{k}": v for k, v in r.metrics.items()}
-                    )
-                    for r in readings
-                ]
+            key = None
+            if route.config.record_ids == "message" and identifies_message(
+                readings, now, route.config.sequence_metric
+            ):
+                key = message_key(self.config.name, topic, payload)
+            if prefix or key:
+                readings = _rebuilt(readings, prefix, key, now)
             return readings
         if topic == self._rpc_topic and self._downlink is not None:
             self._downlink.rpc_response(payload)

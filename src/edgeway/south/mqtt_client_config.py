@@ -68,6 +68,18 @@ class MqttClientSubscription(_Model):
     """Where receipts to this subscription's devices are published (QoS 1, on
     the external broker; with ``receipts.enabled``), ``{device_id}`` filling a
     level: ``plant/{device_id}/receipts``. Absent: ``receipts.topic``."""
+    record_ids: Literal["message", "gateway"] = "message"
+    """``message`` (default): when a message's payload identifies it (a device
+    timestamp, a message id, or ``sequence_metric``), its readings' record ids
+    are a hash of the message (connection ``name``, topic, payload) and the
+    reading, the same on any gateway that receives it, so a message a broker
+    redelivers to another member of a shared group reaches the cloud under
+    the same id (docs/scale-out.md). A payload identifying nothing keeps
+    ``gateway_id:sequence``. ``gateway``: always ``gateway_id:sequence``."""
+    sequence_metric: str | None = Field(default=None, min_length=1, max_length=256)
+    """A metric numbering the device's messages (a counter): when the codec finds
+    it, the message identifies itself although it has no device timestamp
+    (``record_ids: message``)."""
     command_payload: Literal["params", "value", "shelly_rpc", "sparkplug_b"] = "params"
     """What a command's PUBLISH carries: ``params`` its params as a JSON object;
     ``value`` ``params.value`` alone (a string as is, else JSON), the params
