@@ -7,15 +7,24 @@
 #
 # Mount your own configuration over /etc/edgeway/edgeway.yaml; secrets go in
 # environment variables it references (${CLOUD_TOKEN}). See docs/install.md.
-# Multi-arch (Raspberry Pi): docker buildx build --platform linux/arm64,linux/arm/v7 .
+# Multi-arch (Raspberry Pi): docker buildx build --platform linux/arm64 .
+#
+# BASE is any image with Python >= 3.11 and its venv module: the official
+# python:3.11-slim by default, or a Debian bookworm with python3-venv built
+# locally where no image registry is reachable (bench/container_image.py
+# builds both that base and this file with buildah; docs/install.md).
+# The gateway lives in a virtual environment (/opt/edgeway), so the same
+# steps work where the system Python is "externally managed" (Debian 12).
+ARG BASE=python:3.11-slim
 
-FROM python:3.11-slim AS build
+FROM ${BASE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY src ./src
-RUN pip wheel --no-cache-dir --no-deps -w /wheels .
+RUN python3 -m venv /opt/build \
+ && /opt/build/bin/pip wheel --no-cache-dir --no-deps -w /wheels .
 
-FROM python:3.11-slim
+FROM ${BASE}
 ARG EXTRAS=all
 # A fixed uid/gid, so a volume's ownership is the same on every host.
 RUN groupadd --system --gid 10001 edgeway \
@@ -24,7 +33,10 @@ RUN groupadd --system --gid 10001 edgeway \
  && mkdir -p /var/lib/edgeway /etc/edgeway \
  && chown edgeway:edgeway /var/lib/edgeway && chmod 0750 /var/lib/edgeway
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir "$(ls /wheels/edgeway-*.whl)[${EXTRAS}]" && rm -rf /wheels
+RUN python3 -m venv /opt/edgeway \
+ && /opt/edgeway/bin/pip install --no-cache-dir "$(ls /wheels/edgeway-*.whl)[${EXTRAS}]" \
+ && rm -rf /wheels
+ENV PATH=/opt/edgeway/bin:$PATH
 COPY docker/edgeway.yaml /etc/edgeway/edgeway.yaml
 
 USER 10001:10001
