@@ -23,8 +23,11 @@ records every record it gets. A paho-mqtt publisher sends QoS 1 telemetry for
   ``--restart-after`` seconds later on its data directory. At the end, exact
   counts: published, acknowledged by the broker, delivered (unique), lost
   (acknowledged, never delivered), duplicates with the same record id (a sink
-  batch sent again) and with another record id (the broker redelivered a
-  message the gateway had stored but not yet acknowledged), per-device order
+  batch sent again, or the broker redelivered a message a gateway had stored
+  but not yet acknowledged: its payload carries the device's time, so its
+  record ids are the message's, edgeway.record_ids) and with another record
+  id (the same redelivery with ``--bare`` payloads, which identify nothing, so
+  each gateway numbers what it stores), per-device order
   inversions (a message arriving after a later one of the same device, first
   arrivals only), and the takeover time: after each kill, how long until
   messages published after it arrive again at the full rate (the largest
@@ -57,6 +60,11 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 MOSQUITTO = "/usr/sbin/mosquitto"
 DEVICES = 100
+DRAIN_QUIET = 45.0
+"""Seconds without a new record at the cloud that end the drain: longer than
+NATS's MQTT ack_wait (30 s), after which it redelivers what a killed gateway
+had not acknowledged."""
+DRAIN_MAX = 600.0
 
 
 def free_port() -> int:
@@ -120,6 +128,9 @@ class Cloud:
         async def handle(request: web.Request) -> web.Response:
             body = orjson.loads(await request.read())
             now = time.time()
+            gw = body["gateway_id"]
+            for r in body["records"]:
+                r["_gw"] = gw  # which gateway sent it (record ids may not say)
             with self.lock:
                 self.records.extend((now, r) for r in body["records"])
             return web.Response(text="ok")
@@ -242,11 +253,14 @@ sinks:
 class Publisher:
     """paho-mqtt, QoS 1, MQTT 5: numbered messages for DEVICES devices."""
 
-    def __init__(self, port: int, partitions: int = 0, protocol: int = 5) -> None:
+    def __init__(
+        self, port: int, partitions: int = 0, protocol: int = 5, device_time: bool = True
+    ) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
         self.partitions = partitions
+        self.device_time = device_time
 
         self.sent: dict[int, float] = {}
         self.acked: set[int] = set()
@@ -279,8 +293,13 @@ class Publisher:
         d = k % DEVICES
         n = self.per_device[d]
         self.per_device[d] = n + 1
-        payload = orjson.dumps({"k": k, "n": n})
-        self.sent[k] = time.time()
+        now = time.time()
+        # With the device's time the message identifies itself: its record id
+        # is the same on any gateway (edgeway.record_ids); without, each
+        # gateway numbers it.
+        doc = {"k": k, "n": n, "ts": now} if self.device_time else {"k": k, "n": n}
+        payload = orjson.dumps(doc)
+        self.sent[k] = now
         part = f"p{d % self.partitions}/" if self.partitions else ""
         info = self.client.publish(f"devices/{part}dev-{d}/telemetry", payload, qos=1)
         with self._lock:
@@ -390,11 +409,19 @@ class NatsCluster:
 
 
 def nats_partitioned(
-    gateways: int, rate: int, seconds: float, kill_node_at: float, restart_after: float
+    gateways: int,
+    rate: int,
+    seconds: float,
+    kill_node_at: float,
+    restart_after: float,
+    device_time: bool = True,
+    kill_gateway_every: float = 0.0,
 ) -> dict[str, Any]:
     """Three gateways on a 3-node NATS cluster, each on its own node and its
     own partition of the devices (NATS has no MQTT shared subscriptions), while
-    the last node is killed with SIGKILL and restarted."""
+    the last node is killed with SIGKILL and restarted ``restart_after`` later
+    and, with ``kill_gateway_every``, one gateway (round robin) is killed with
+    SIGKILL that often and restarted a second later."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         nats = NatsCluster(work)
@@ -410,41 +437,29 @@ def nats_partitioned(
             for g in gws:
                 g.wait_ready(60)
             time.sleep(1.0)
-            pub = Publisher(nats.mqtt_port(0), partitions=gateways, protocol=4)
+            pub = Publisher(
+                nats.mqtt_port(0), partitions=gateways, protocol=4, device_time=device_time
+            )
             kill_times: list[tuple[float, str]] = []
 
-            def killer() -> None:
+            def node_killer() -> None:
                 time.sleep(kill_node_at)
                 kill_times.append((time.time(), "nats-2"))
                 nats.kill(2)
                 time.sleep(restart_after)
                 nats.start(2)
 
-            thread = threading.Thread(target=killer, daemon=True)
+            thread = threading.Thread(target=node_killer, daemon=True)
             thread.start()
-            t0 = time.monotonic()
-            k = 0
-            while time.monotonic() - t0 < seconds:
-                due = int((time.monotonic() - t0) * rate)
-                while k < due:
-                    pub.publish(k)
-                    k += 1
-                time.sleep(0.01)
+            recs, sent, acked = _drive(
+                pub, gws, cloud, rate, seconds, kill_gateway_every, 1.0, kill_times
+            )
             thread.join(60)
-            pub.wait_acked(60)
-            acked = set(pub.acked)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                if acked <= {r["metrics"]["k"] for _, r in cloud.snapshot()}:
-                    break
-                time.sleep(0.2)
-            time.sleep(1.0)
-            pub.close()
-            recs = cloud.snapshot()
             result = _kill_figures(
-                gateways, rate, seconds, 0, recs, dict(pub.sent), acked, kill_times
+                gateways, rate, seconds, kill_gateway_every, recs, sent, acked, kill_times
             )
             result["scenario"] = "nats_partitioned"
+            result["device_time"] = device_time
             return result
         finally:
             for g in gws:
@@ -517,7 +532,7 @@ def throughput(gateways: int, seconds: float, warmup: float = 5.0) -> dict[str, 
         finally:
             gen.stop()
         recs = rig.cloud.snapshot()
-        shares = {g.id: sum(r["id"].startswith(g.id + ":") for _, r in recs) for g in rig.gws}
+        shares = {g.id: sum(r["_gw"] == g.id for _, r in recs) for g in rig.gws}
     return {
         "scenario": "throughput",
         "gateways": gateways,
@@ -528,54 +543,87 @@ def throughput(gateways: int, seconds: float, warmup: float = 5.0) -> dict[str, 
 
 
 def kills(
-    gateways: int, rate: int, seconds: float, kill_every: float, restart_after: float
+    gateways: int,
+    rate: int,
+    seconds: float,
+    kill_every: float,
+    restart_after: float,
+    device_time: bool = True,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, Rig(Path(tmp), gateways) as rig:
-        pub = Publisher(rig.broker.port)
+        pub = Publisher(rig.broker.port, device_time=device_time)
         kill_times: list[tuple[float, str]] = []
-        stop = threading.Event()
+        recs, sent, acked = _drive(
+            pub, rig.gws, rig.cloud, rate, seconds, kill_every, restart_after, kill_times
+        )
+    result = _kill_figures(gateways, rate, seconds, kill_every, recs, sent, acked, kill_times)
+    result["device_time"] = device_time
+    return result
 
-        def killer() -> None:
-            i = 0
-            while not stop.wait(kill_every):
-                g = rig.gws[i % len(rig.gws)]
-                i += 1
-                kill_times.append((time.time(), g.id))
-                g.kill()
-                if stop.wait(restart_after):
-                    g.start()
-                    break
-                g.start()
 
-        thread = threading.Thread(target=killer, name="killer", daemon=True)
-        thread.start()
-        t0 = time.monotonic()
-        k = 0
-        per_tick = max(1, rate // 100)
-        while time.monotonic() - t0 < seconds:
-            due = int((time.monotonic() - t0) * rate)
-            while k < due:
-                pub.publish(k)
-                k += 1
-            time.sleep(1 / 100 if per_tick else 0.01)
-        stop.set()
-        thread.join(30)
-        for g in rig.gws:  # a gateway restarted at the very end must be up to drain
-            if g.proc is None or g.proc.poll() is not None:
+def _drive(
+    pub: Publisher,
+    gws: list[Gateway],
+    cloud: Cloud,
+    rate: int,
+    seconds: float,
+    kill_every: float,
+    restart_after: float,
+    kill_times: list[tuple[float, str]],
+) -> tuple[list[tuple[float, dict[str, Any]]], dict[int, float], set[int]]:
+    """Publish ``rate`` messages/s for ``seconds`` while (``kill_every`` > 0)
+    one gateway, round robin, is SIGKILLed that often and restarted
+    ``restart_after`` later; then wait until every acknowledged message is at
+    the cloud. Returns what the cloud got, what was sent, what was acked."""
+    stop = threading.Event()
+
+    def killer() -> None:
+        i = 0
+        while not stop.wait(kill_every):
+            g = gws[i % len(gws)]
+            i += 1
+            kill_times.append((time.time(), g.id))
+            g.kill()
+            if stop.wait(restart_after):
                 g.start()
-        pub.wait_acked(60)
-        acked = set(pub.acked)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            got = {r["metrics"]["k"] for _, r in rig.cloud.snapshot()}
-            if acked <= got:
                 break
-            time.sleep(0.2)
-        time.sleep(1.0)  # late duplicates, if any, arrive now
-        pub.close()
-        recs = rig.cloud.snapshot()
-        sent = dict(pub.sent)
-    return _kill_figures(gateways, rate, seconds, kill_every, recs, sent, acked, kill_times)
+            g.start()
+
+    thread = threading.Thread(target=killer, name="killer", daemon=True)
+    if kill_every > 0:
+        thread.start()
+    t0 = time.monotonic()
+    k = 0
+    while time.monotonic() - t0 < seconds:
+        due = int((time.monotonic() - t0) * rate)
+        while k < due:
+            pub.publish(k)
+            k += 1
+        time.sleep(0.01)
+    stop.set()
+    if kill_every > 0:
+        thread.join(30)
+    for g in gws:  # a gateway restarted at the very end must be up to drain
+        if g.proc is None or g.proc.poll() is not None:
+            g.start()
+    pub.wait_acked(60)
+    acked = set(pub.acked)
+    # Drain: until everything acknowledged is at the cloud, or nothing new has
+    # arrived for DRAIN_QUIET seconds (a backlog still draining is not a loss),
+    # at most DRAIN_MAX.
+    deadline = time.monotonic() + DRAIN_MAX
+    count, quiet_since = cloud.count(), time.monotonic()
+    while time.monotonic() < deadline:
+        if acked <= {r["metrics"]["k"] for _, r in cloud.snapshot()}:
+            break
+        if cloud.count() != count:
+            count, quiet_since = cloud.count(), time.monotonic()
+        elif time.monotonic() - quiet_since > DRAIN_QUIET:
+            break
+        time.sleep(0.5)
+    time.sleep(1.0)  # late duplicates, if any, arrive now
+    pub.close()
+    return cloud.snapshot(), dict(pub.sent), acked
 
 
 def _kill_figures(
@@ -592,6 +640,7 @@ def _kill_figures(
     copies: dict[int, int] = {}
     first_arrival: dict[int, float] = {}
     inversions = 0
+    inverted: list[tuple[str, int, int, str, float]] = []
     last_n: dict[str, int] = {}
     seen_k: set[int] = set()
     for t, r in recs:
@@ -605,6 +654,8 @@ def _kill_figures(
         dev, n = r["device_id"], r["metrics"]["n"]
         if n < last_n.get(dev, -1):
             inversions += 1
+            if len(inverted) < 5:  # which message came late, after which, via which gateway
+                inverted.append((dev, n, last_n[dev], r["_gw"], round(t - sent.get(k, t), 2)))
         last_n[dev] = max(n, last_n.get(dev, -1))
     lost = sorted(acked - seen_k)
     dup_same = sum(c - len(ids_of[k]) for k, c in copies.items())
@@ -630,6 +681,7 @@ def _kill_figures(
         "duplicates_same_id": dup_same,
         "duplicates_new_id": dup_new,
         "order_inversions": inversions,
+        "inversion_examples": inverted,
         "latency_p50_s": round(statistics.median(lat), 3) if lat else None,
         "latency_p99_s": round(lat[int(0.99 * (len(lat) - 1))], 3) if lat else None,
         "takeover_s": takeovers,
@@ -645,6 +697,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=90.0)
     ap.add_argument("--kill-every", type=float, default=30.0)
     ap.add_argument("--restart-after", type=float, default=1.0)
+    ap.add_argument(
+        "--bare",
+        action="store_true",
+        help="payloads without the device's time: record ids are the gateways' own",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     results = []
@@ -654,12 +711,27 @@ def main() -> None:
             _print(results[-1], args.json)
     if args.only in (None, "kills"):
         results.append(
-            kills(args.gateways, args.rate, args.seconds, args.kill_every, args.restart_after)
+            kills(
+                args.gateways,
+                args.rate,
+                args.seconds,
+                args.kill_every,
+                args.restart_after,
+                device_time=not args.bare,
+            )
         )
         _print(results[-1], args.json)
     if args.only in (None, "nats"):
         results.append(
-            nats_partitioned(args.gateways, args.rate, args.seconds, args.seconds / 3, 5.0)
+            nats_partitioned(
+                args.gateways,
+                args.rate,
+                args.seconds,
+                args.seconds / 3,
+                5.0,
+                device_time=not args.bare,
+                kill_gateway_every=args.kill_every,
+            )
         )
         _print(results[-1], args.json)
 

@@ -26,8 +26,13 @@ def test_three_gateways_one_killed_every_few_seconds_lose_nothing() -> None:
     assert r["delivered_unique"] == r["published"], r
     # Duplicates happen (a sink batch sent again, or a message the broker
     # redelivered after the gateway stored it but died before its PUBACK);
-    # they are counted, never silent.
-    assert r["duplicates_same_id"] + r["duplicates_new_id"] <= 0.05 * r["published"], r
+    # they are counted, never silent, and since the payloads carry the
+    # device's time, a redelivered message keeps its record ids on whichever
+    # gateway stores it again (edgeway.record_ids): a cloud dropping repeated
+    # ids drops every duplicate.
+    assert r["device_time"] is True
+    assert r["duplicates_same_id"] <= 0.05 * r["published"], r
+    assert r["duplicates_new_id"] == 0, r
 
 
 def test_load_is_shared_by_every_gateway() -> None:
@@ -40,7 +45,10 @@ def test_nats_cluster_partitioned_gateways_survive_a_node_kill() -> None:
     """A 3-node NATS cluster (MQTT 3.1.1 backed by JetStream) has no shared
     subscriptions: each gateway takes its own partition of the devices
     (``devices/p<N>/{device_id}/telemetry``) on its own node. The node of the
-    third gateway is killed with SIGKILL mid-run and restarted."""
+    third gateway is killed with SIGKILL mid-run and restarted. (A gateway
+    killed on NATS gets its unacknowledged messages back only after NATS's
+    MQTT ack_wait, 30 s by default, after later ones: order is not kept
+    then; bench/scale_out.py --only nats measures it, docs/scale-out.md.)"""
     r = scale_out.nats_partitioned(
         gateways=3, rate=400, seconds=10, kill_node_at=3, restart_after=3
     )
@@ -49,3 +57,4 @@ def test_nats_cluster_partitioned_gateways_survive_a_node_kill() -> None:
     assert r["lost"] == 0, r
     # One gateway per partition and device: per-device order holds.
     assert r["order_inversions"] == 0, r
+    assert r["duplicates_new_id"] == 0, r
