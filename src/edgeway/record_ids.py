@@ -32,7 +32,6 @@ gateway's own numbering tells them apart, so they keep ``gateway_id:sequence``
 from __future__ import annotations
 
 import hashlib
-import uuid
 
 import orjson
 
@@ -42,27 +41,23 @@ from edgeway.reading import Reading
 def message_key(connection: str, topic: str, payload: bytes) -> str:
     """The key of one message: hex SHA-256 of the connection's name, the topic
     and the payload (128 bits are kept: the key only has to tell messages apart)."""
-    h = hashlib.sha256(connection.encode())
-    h.update(b"\0")
-    h.update(topic.encode())
-    h.update(b"\0")
-    h.update(payload)
-    return h.hexdigest()[:32]
+    return hashlib.sha256(
+        b"%s\0%s\0%s" % (connection.encode(), topic.encode(), payload)
+    ).hexdigest()[:32]
 
 
 def keyed_record_id(r: Reading, key: str) -> str:
     """The record id of ``r``, a reading of the message keyed ``key``: a UUID
     (version 8, RFC 9562) of SHA-256 over the key, the device id, the
     device's timestamp (left out when it is the receive time) and the metrics."""
-    h = hashlib.sha256(key.encode())
-    h.update(b"\0")
-    h.update(r.device_id.encode())
-    h.update(b"\0")
-    if r.ts != r.origin.received:
-        h.update(repr(r.ts).encode())
-    h.update(b"\0")
-    h.update(orjson.dumps(r.metrics, option=orjson.OPT_SORT_KEYS))
-    b = bytearray(h.digest()[:16])
-    b[6] = (b[6] & 0x0F) | 0x80  # version 8: custom (here SHA-256 based)
-    b[8] = (b[8] & 0x3F) | 0x80  # the RFC variant
-    return str(uuid.UUID(bytes=bytes(b)))
+    ts = b"" if r.ts == r.origin.received else repr(r.ts).encode()
+    metrics = orjson.dumps(r.metrics, option=orjson.OPT_SORT_KEYS)
+    d = bytearray(
+        hashlib.sha256(
+            b"%s\0%s\0%s\0%s" % (key.encode(), r.device_id.encode(), ts, metrics)
+        ).digest()[:16]
+    )
+    d[6] = (d[6] & 0x0F) | 0x80  # version 8: custom (here SHA-256 based)
+    d[8] = (d[8] & 0x3F) | 0x80  # the RFC variant
+    h = d.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"  # str(uuid.UUID(bytes=d))
