@@ -231,8 +231,8 @@ def check_container(work: Path, wrapper: bool) -> dict[str, Any]:
             "device", "pw", "devices/pump-1/telemetry", reading,
         )  # fmt: skip
         while True:
-            export = podman(
-                "exec", name, "cat", "/var/lib/edgeway/export/export.jsonl", check=False
+            export = podman(  # the file sink writes <sink name>.jsonl: "local"
+                "exec", name, "cat", "/var/lib/edgeway/export/local.jsonl", check=False
             )
             if "pump-1" in export:
                 break
