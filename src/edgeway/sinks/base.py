@@ -58,8 +58,10 @@ class Record:
     costs about three times as much, and one is built for every row a sink
     reads (the same choice as :class:`~edgeway.reading.Reading`).
 
-    ``id`` is ``"{gateway_id}:{seq}"``: the same on every retry and after any
-    restart, so a cloud can drop duplicates.
+    ``id`` is ``"{gateway_id}:{seq}"`` (or, for a reading of an identified
+    MQTT client-mode message, a UUID hashed from the message:
+    :mod:`edgeway.record_ids`): the same on every retry and after any
+    restart, so a cloud can drop duplicates. ``seq`` is always the outbox's.
     """
 
     id: str

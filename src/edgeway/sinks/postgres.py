@@ -12,7 +12,7 @@ Config example::
 The table (created if missing)::
 
     CREATE TABLE edgeway_records (
-        id          text PRIMARY KEY,        -- the record id, "{gateway_id}:{seq}"
+        id          text PRIMARY KEY,        -- the record id, "{gateway_id}:{seq}" or a UUID
         gateway_id  text NOT NULL,
         device_id   text NOT NULL,
         ts          timestamptz NOT NULL,    -- the reading's time
