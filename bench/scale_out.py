@@ -65,6 +65,12 @@ DRAIN_QUIET = 45.0
 NATS's MQTT ack_wait (30 s), after which it redelivers what a killed gateway
 had not acknowledged."""
 DRAIN_MAX = 600.0
+MAX_UNACKED = 50_000
+"""Publishes not yet acknowledged by the broker, at most (packet ids wrap at 65,535)."""
+REDELIVERED_AFTER = 25.0
+"""An inversion whose late message arrived this long after it was published is
+taken for a broker redelivery after NATS's MQTT ack_wait (30 s by default):
+the message was in flight to a gateway, or on a node, that died."""
 
 
 def free_port() -> int:
@@ -261,6 +267,8 @@ class Publisher:
 
         self.partitions = partitions
         self.device_time = device_time
+        self.stalled = 0.0
+        """Seconds publish() waited for acknowledgements (MAX_UNACKED)."""
 
         self.sent: dict[int, float] = {}
         self.acked: set[int] = set()
@@ -290,6 +298,16 @@ class Publisher:
                 self.acked.add(k)
 
     def publish(self, k: int) -> None:
+        # MQTT packet ids wrap at 65,535: with more messages unacknowledged,
+        # paho reuses ids and the mid -> k map would credit an acknowledgement
+        # to the wrong message. A broker that far behind slows the publisher
+        # down instead (the "published" count then falls short of rate x s).
+        while True:
+            with self._lock:
+                if len(self._mids) < MAX_UNACKED:
+                    break
+            self.stalled += 0.01
+            time.sleep(0.01)
         d = k % DEVICES
         n = self.per_device[d]
         self.per_device[d] = n + 1
@@ -623,6 +641,8 @@ def _drive(
         time.sleep(0.5)
     time.sleep(1.0)  # late duplicates, if any, arrive now
     pub.close()
+    if pub.stalled:
+        print(f"publisher held back {pub.stalled:.0f} s by {MAX_UNACKED} unacknowledged", flush=True)
     return cloud.snapshot(), dict(pub.sent), acked
 
 
@@ -640,6 +660,7 @@ def _kill_figures(
     copies: dict[int, int] = {}
     first_arrival: dict[int, float] = {}
     inversions = 0
+    prompt_inversions = 0
     inverted: list[tuple[str, int, int, str, float]] = []
     last_n: dict[str, int] = {}
     seen_k: set[int] = set()
@@ -654,6 +675,8 @@ def _kill_figures(
         dev, n = r["device_id"], r["metrics"]["n"]
         if n < last_n.get(dev, -1):
             inversions += 1
+            if t - sent.get(k, t) < REDELIVERED_AFTER:
+                prompt_inversions += 1
             if len(inverted) < 5:  # which message came late, after which, via which gateway
                 inverted.append((dev, n, last_n[dev], r["_gw"], round(t - sent.get(k, t), 2)))
         last_n[dev] = max(n, last_n.get(dev, -1))
@@ -682,6 +705,7 @@ def _kill_figures(
         "duplicates_new_id": dup_new,
         "order_inversions": inversions,
         "inversion_examples": inverted,
+        "inversions_not_redelivered": prompt_inversions,
         "latency_p50_s": round(statistics.median(lat), 3) if lat else None,
         "latency_p99_s": round(lat[int(0.99 * (len(lat) - 1))], 3) if lat else None,
         "takeover_s": takeovers,

@@ -45,16 +45,20 @@ def test_nats_cluster_partitioned_gateways_survive_a_node_kill() -> None:
     """A 3-node NATS cluster (MQTT 3.1.1 backed by JetStream) has no shared
     subscriptions: each gateway takes its own partition of the devices
     (``devices/p<N>/{device_id}/telemetry``) on its own node. The node of the
-    third gateway is killed with SIGKILL mid-run and restarted. (A gateway
-    killed on NATS gets its unacknowledged messages back only after NATS's
-    MQTT ack_wait, 30 s by default, after later ones: order is not kept
-    then; bench/scale_out.py --only nats measures it, docs/scale-out.md.)"""
+    third gateway is killed with SIGKILL mid-run and restarted.
+
+    Per-device order holds, except for the messages that were in flight on
+    the killed node's connection: NATS redelivers those after its MQTT
+    ack_wait (30 s by default), behind later ones (0 or hundreds, depending
+    on what was in flight at the kill). The test checks that every inversion
+    is such a late redelivery, and none came promptly out of order."""
     r = scale_out.nats_partitioned(
         gateways=3, rate=400, seconds=10, kill_node_at=3, restart_after=3
     )
     assert r["kills"] == 1, r
     assert r["acked_by_broker"] == r["published"] >= 3500, r
     assert r["lost"] == 0, r
-    # One gateway per partition and device: per-device order holds.
-    assert r["order_inversions"] == 0, r
+    # One gateway per partition and device: per-device order holds but for
+    # the late redeliveries.
+    assert r["inversions_not_redelivered"] == 0, r
     assert r["duplicates_new_id"] == 0, r
