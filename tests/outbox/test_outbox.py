@@ -582,11 +582,14 @@ async def test_confirm_only_commits_skip_the_fsync(open_outbox: OpenOutbox) -> N
 
 
 async def test_a_caught_up_confirmation_rides_with_the_next_readings(
-    open_outbox: OpenOutbox,
+    open_outbox: OpenOutbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``confirm(linger=True)`` (the runner's, when its sink is caught up) joins
     the next commit of new readings instead of a commit of its own; with no
     new readings it commits after CONFIRM_LINGER; ``expedite`` commits it now."""
+    # A linger long enough that "now" and "after the linger" stay apart on a
+    # loaded machine (at 10 ms, "now" had to be under 8 ms: it failed at load 15).
+    monkeypatch.setattr(store_mod, "CONFIRM_LINGER", 0.5)
     ob = await open_outbox()
     await ob.submit([reading("d", 0)])
     b = await ob.read_batch("a", 100, 1 << 20)
