@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -70,8 +71,10 @@ from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.logs import EventLog, LibraryLogLimit
 from edgeway.reading import Origin
-from edgeway.south.base import Backoff, SouthAdapter, register_adapter
+from edgeway.runtime.component import OMIT_NONE
+from edgeway.south.base import AdapterStats, Backoff, SouthAdapter, register_adapter
 from edgeway.south.coap_config import CoapSection
+from edgeway.south.coap_dedup import DuplicateCache, DuplicateCacheStats, Seen
 from edgeway.south.coap_downlink import CoapCommandStats, CoapDownlink
 from edgeway.south.coap_guard import (
     IF_MATCH,
@@ -107,6 +110,12 @@ datagrams in bulk; each is counted in ``refusals`` anyway, so the log only
 needs to say that it happens and from where."""
 AIOCOAP_LOGGER = "aiocoap.server"
 
+EXCHANGE_LIFETIME = 247.0
+"""Seconds a request is remembered to answer its retransmissions (RFC 7252
+4.8.2 with the default transmission parameters, aiocoap's value): the 45 s
+a client retransmits over plus twice the 100 s the RFC allows a datagram to
+be on its way."""
+
 _IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 _IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
 
@@ -132,6 +141,15 @@ def _ignore_icmp_errors(sock: socket.socket) -> None:
     for level, option in ((socket.IPPROTO_IPV6, _IPV6_RECVERR), (socket.IPPROTO_IP, _IP_RECVERR)):
         with contextlib.suppress(OSError):
             sock.setsockopt(level, option, 0)
+
+
+@dataclasses.dataclass(slots=True)
+class CoapAdapterStats(AdapterStats):
+    """An adapter's stats plus the CoAP listener's duplicate cache."""
+
+    duplicate_cache: DuplicateCacheStats | None = dataclasses.field(
+        default=None, metadata=OMIT_NONE
+    )
 
 
 @register_adapter
@@ -183,6 +201,14 @@ class CoapAdapter(SouthAdapter):
         self._context: Any = None
         self.port: int | None = None
         """The UDP port actually bound (useful with port 0)."""
+        self.duplicates = DuplicateCache(
+            lifetime=EXCHANGE_LIFETIME,
+            max_entries=config.dedup_max_entries,
+            max_bytes=config.dedup_max_bytes,
+            max_per_address=config.dedup_max_per_address,
+        )
+        """Recent requests and their answers, for retransmissions
+        (:mod:`edgeway.south.coap_dedup`); kept across listener restarts."""
         self.responses: dict[str, int] = {}
         """Responses sent to telemetry requests, by code (``"2.04"``, ``"4.00"``, ...)."""
         self.listener_restarts = 0
@@ -255,7 +281,7 @@ class CoapAdapter(SouthAdapter):
         try:
             await ctx._append_tokenmanaged_messagemanaged_transport(
                 lambda mman: transport.create_server_transport_endpoint(
-                    _stateless_firmware_blocks(mman),
+                    _bounded_duplicates(mman, self.duplicates),
                     log=ctx.log,
                     loop=loop,
                     bind=(host, port),
@@ -358,6 +384,13 @@ class CoapAdapter(SouthAdapter):
         # path, which was 40 % of the server's CPU per request.
         return _devices_resource_class()(self)
 
+    def stats(self) -> CoapAdapterStats:
+        """The adapter's stats with the duplicate cache's figures."""
+        base = super().stats()
+        out = CoapAdapterStats(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+        out.duplicate_cache = self.duplicates.stats()
+        return out
+
     # ------------------------------------------------------------------ commands
 
     def downlink(self, events: DownlinkEvents) -> Downlink | None:
@@ -385,8 +418,15 @@ class CoapAdapter(SouthAdapter):
         """Clients currently observing ``devices/{device_id}/commands``."""
         return 0 if self._downlink is None else self._downlink.observer_count(device_id)
 
-    def message_sent(self, message: Any) -> None:
-        """The transport sent ``message`` (the downlink follows its commands)."""
+    def message_sent(self, message: Any, data: bytes) -> None:
+        """The transport sent ``message``, encoded as ``data``: an ACK or RST
+        answers a request (the duplicate cache keeps it for retransmissions);
+        the downlink follows its commands."""
+        from aiocoap import ACK, RST
+
+        if message.mtype is ACK or message.mtype is RST:
+            sockaddr = message.remote.sockaddr
+            self.duplicates.answered(sockaddr[0], sockaddr[1], message.mid, data)
         if self._downlink is not None:
             self._downlink.message_sent(message)
 
@@ -1031,42 +1071,57 @@ class _TransportWatch(Protocol):
 
     def answer_undecodable(self, data: bytes, address: object, exc: Exception) -> bytes | None: ...
 
-    def message_sent(self, message: Any) -> None: ...
+    def message_sent(self, message: Any, data: bytes) -> None: ...
 
     def empty_received(self, sockaddr: Any, mid: int, *, reset: bool) -> None: ...
 
 
-def _stateless_firmware_blocks(mman: Any) -> Any:
-    """``mman`` (aiocoap's message manager of the listener), keeping no
-    duplicate-detection state for GETs of firmware blocks and plain GETs
-    (without Observe) of twin documents.
+def _bounded_duplicates(mman: Any, cache: DuplicateCache) -> Any:
+    """``mman`` (aiocoap's message manager of the listener), detecting
+    duplicate requests with ``cache`` instead of its own table.
 
-    aiocoap remembers every confirmable request's message id, and the
-    response sent to it, for EXCHANGE_LIFETIME (247 s), to answer a
-    retransmitted request with the same response. For a firmware download
-    that is one 1 KiB response (about 5 KB with its message object) per block
-    for four minutes: 50 devices downloading 512 KiB each held 137 MB more
-    than idle (bench/coap_device_data.py). RFC 7252 4.5 lets a server treat
-    a duplicate of an idempotent request as a new one when answering is
-    cheaper than keeping state; a block GET is idempotent and answering it
-    is one read of 1 KiB, so for those nothing is kept and a retransmitted
-    block request is answered again from disk. The same for a twin GET (one
-    read of the store; 3.4 KB kept per request otherwise), but not for one
-    with Observe: a registration seen twice would replace itself."""
-    from aiocoap import Code
+    aiocoap remembers every request's (remote, message id), with one
+    ``call_later`` timer each and the response ``Message`` it sent, for
+    EXCHANGE_LIFETIME (247 s) and without a cap: about 2.7 KB per confirmable
+    request, so a flood from many (forged) addresses grew the gateway without
+    bound. Here :class:`~edgeway.south.coap_dedup.DuplicateCache` keeps the
+    answer's encoded bytes (the transport hands them over as it sends them,
+    :meth:`CoapAdapter.message_sent`), capped by entries, bytes and per
+    sender; a retransmission is answered with those bytes straight from the
+    socket, and one whose entry was forgotten early is processed again.
 
-    remember = mman._deduplicate_message
+    Nothing is kept at all for GETs of firmware blocks and plain GETs
+    (without Observe) of twin documents. For a firmware download aiocoap
+    kept one 1 KiB response (about 5 KB with its message object) per block:
+    50 devices downloading 512 KiB each held 137 MB more than idle
+    (bench/coap_device_data.py). RFC 7252 4.5 lets a server treat a duplicate
+    of an idempotent request as a new one when answering is cheaper than
+    keeping state; a block GET is idempotent and answering it is one read of
+    1 KiB, so a retransmitted block request is answered again from disk. The
+    same for a twin GET (one read of the store), but not for one with
+    Observe: a registration seen twice would replace itself."""
+    from aiocoap import CON, Code
 
     def deduplicate(message: Any) -> bool:
+        remember = True
         if message.code == Code.GET:
             where = _Target.of(message.opt.uri_path)
-            if where is not None and (
+            remember = where is None or not (
                 where.kind == "firmware" or (where.kind == "twin" and message.opt.observe is None)
-            ):
-                return False
-        return bool(remember(message))
+            )
+        sockaddr = message.remote.sockaddr
+        seen = cache.arrived(
+            sockaddr[0], sockaddr[1], message.mid, time.monotonic(), remember=remember
+        )
+        if seen is Seen.NEW:
+            return False
+        if isinstance(seen, bytes) and message.mtype is CON:
+            mman.message_interface.send_datagram(seen, message.remote)
+        return True
 
     mman._deduplicate_message = deduplicate
+    # Answers reach the cache from the transport, encoded (message_sent).
+    mman._store_response_for_duplicates = lambda message: None
     return mman
 
 
@@ -1102,8 +1157,24 @@ def _guarded_udp6(watch: _TransportWatch) -> Any:
             super().connection_made(transport)
 
         def send(self, message: Any) -> None:
-            super().send(message)
-            watch.message_sent(message)
+            # aiocoap's send, encoding once: the bytes also go to the
+            # duplicate cache (watch.message_sent).
+            data = message.encode()
+            self.send_datagram(data, message.remote)
+            watch.message_sent(message, data)
+
+        def send_datagram(self, data: bytes, remote: Any) -> None:
+            """Send ``data`` to ``remote`` (an aiocoap UDP6 address), from the
+            local address its request came to, as aiocoap does."""
+            ancdata = []
+            if remote.pktinfo is not None:
+                ancdata.append((socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, remote.pktinfo))
+            # Which remote a send error (error_received) belongs to.
+            self._remote_being_sent_to.set(remote)
+            try:
+                self.transport.sendmsg(data, ancdata, 0, remote.sockaddr)
+            finally:
+                self._remote_being_sent_to.set(None)
 
         def datagram_msg_received(
             self, data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int, address: Any

@@ -90,6 +90,23 @@ class CoapSection(_Model):
     max_command_polls: int = Field(default=1000, ge=1)
     """Plain GETs of commands waiting at once (5.03 with Max-Age beyond): each
     holds a request and a task (a few KB) for up to ``command_poll_wait``."""
+    dedup_max_entries: int = Field(default=20_000, ge=1)
+    """Requests remembered at once to answer their retransmissions with the
+    same response (RFC 7252 4.5, for 247 s each); beyond, the oldest are
+    forgotten early and a late retransmission of one is processed as a new
+    request (at worst a duplicate reading). 20,000: 80 requests/s for the whole
+    247 s, and a retransmission comes within 45 s, so early forgetting starts
+    beyond about 440 requests/s; about 6.5 MB."""
+    dedup_max_bytes: Size = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    """Memory the remembered requests may hold (280 bytes each plus the
+    encoded answer, plus 240 bytes per sender); the oldest are forgotten
+    beyond. 8 MiB holds the 20,000 entries from up to about 14,000 addresses
+    at once."""
+    dedup_max_per_address: int = Field(default=2_000, ge=1)
+    """Requests remembered per IPv4 address or IPv6 /64: a sender at its share
+    forgets its own oldest, so one source cannot push everyone else's out. A
+    device sends far fewer (one a second is 247); 2,000 leaves room for a few
+    devices behind one NAT address."""
     input_limits: InputLimitsSection | None = None
     """Overrides of the top-level ``input_limits`` for this adapter (only the keys given)."""
 
