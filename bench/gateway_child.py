@@ -37,11 +37,15 @@ def cpu_seconds(pid: int) -> float:
 
 class GatewayChild:
     """Writes ``work/edgeway.yaml``, starts ``edgeway run`` on it (this
-    tree's code), and waits until ``/healthz`` on ``admin_port`` says 200;
-    stops it on exit. Its output goes to ``work/edgeway.log``."""
+    tree's code, or the tree at ``src`` for a reference run), and waits until
+    ``/healthz`` on ``admin_port`` says 200; stops it on exit. Its output goes
+    to ``work/edgeway.log``."""
 
-    def __init__(self, work: Path, config: str, admin_port: int) -> None:
+    def __init__(
+        self, work: Path, config: str, admin_port: int, *, src: Path = ROOT / "src"
+    ) -> None:
         self.work = work
+        self.src = src
         self.config = config
         self.admin_port = admin_port
         self.log_path = work / "edgeway.log"
@@ -59,7 +63,7 @@ class GatewayChild:
     def __enter__(self) -> GatewayChild:
         cfg = self.work / "edgeway.yaml"
         cfg.write_text(self.config)
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        env = {**os.environ, "PYTHONPATH": str(self.src)}
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edgeway", "run", "--config", str(cfg)],

@@ -22,6 +22,7 @@ from test_coap import coap_server, url
 
 from coap_datagrams import con_post, parse
 from edgeway.ingest import IngestStatus
+from edgeway.runtime.component import metric_samples
 from edgeway.south.coap_dedup import ADDRESS_BYTES, ENTRY_BYTES, DuplicateCache, Seen
 
 V4 = "::ffff:10.0.0.1"
@@ -244,6 +245,11 @@ async def test_a_retransmission_after_its_entry_was_forgotten_is_a_new_request()
         assert ingest.readings == 62  # at least once: processed again
         stats = adapter.stats().duplicate_cache
         assert stats is not None and stats.evicted["entries"] == 12 and stats.entries == 50
+        metrics = {
+            (m.spec.name, m.labels): m.value for m in metric_samples(adapter.stats(), (("a", "c"),))
+        }
+        assert metrics["coap_duplicate_cache_evictions", (("a", "c"), ("cap", "entries"))] == 12
+        assert metrics["coap_duplicate_cache_entries", (("a", "c"),)] == 50
 
 
 async def test_one_flooding_address_does_not_push_out_another_addresses_requests() -> None:

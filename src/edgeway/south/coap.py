@@ -10,6 +10,9 @@ Example::
         json: {timestamp: {field: ts, unit: ms}}
       retry_after: 5s              # Max-Age of a 5.03 when the outbox is full
       commands: false              # observe/GET commands, POST results (no DTLS: trusted networks only)
+      dedup_max_entries: 20000     # requests remembered to answer retransmissions (247 s each)
+      dedup_max_bytes: 8MiB
+      dedup_max_per_address: 2000  # per IPv4 address / IPv6 /64
 
 Resources:
 
@@ -41,6 +44,14 @@ sends an empty ACK first and the response later as a separate confirmable
 message. Either way a **2.04 response code** is what tells the device its
 reading is on disk (guarantee 1 of DESIGN.md); an empty ACK only says the
 request arrived.
+
+On retransmissions: a confirmable request seen again (same sender, same
+message id, within 247 s) gets the answer the first one got, and is not
+processed again, as long as the listener still remembers it; the memory for
+that is capped (:mod:`edgeway.south.coap_dedup`, ``dedup_*`` keys), and a
+retransmission of a request forgotten early is processed as a new one (at
+worst a duplicate reading). Forgetting early is counted in the adapter's
+``duplicate_cache`` figures.
 """
 
 from __future__ import annotations
