@@ -13,7 +13,7 @@ the duplicate cache's figures from ``/api/status``.
 Usage::
 
     bench/coap_flood.py [--requests 50000] [--ports 100] [--addresses 1]
-                        [--reference /work/main/src]
+                        [--reference /work/main/src] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import json
 import os
 import selectors
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -157,13 +158,26 @@ def main() -> None:
     p.add_argument(
         "--addresses", type=int, default=1, help="loopback source addresses (127.0.0.2, ...)"
     )
-    p.add_argument("--reference", type=Path, help="another tree's src/ to run first")
+    p.add_argument("--reference", type=Path, help="another tree's src/ to compare with")
+    p.add_argument("--repeat", type=int, default=1, help="runs per tree, in alternating order")
     args = p.parse_args()
+    trees = [ROOT / "src"] if args.reference is None else [args.reference, ROOT / "src"]
+    load = os.getloadavg()
     runs = []
-    if args.reference is not None:
-        runs.append(run(args.reference, args))
-    runs.append(run(ROOT / "src", args))
-    print(json.dumps({"loadavg_start": os.getloadavg(), "runs": runs}, indent=2))
+    for k in range(args.repeat):
+        # Alternate the order, so that a load that changes during the sitting
+        # does not always favour the same tree.
+        for src in trees if k % 2 == 0 else trees[::-1]:
+            runs.append(run(src, args))
+    summary = {
+        str(src): {
+            key: statistics.median(r[key] for r in runs if r["src"] == str(src))
+            for key in ("requests_per_s", "cpu_s_per_1000", "rss_growth_mb")
+        }
+        for src in trees
+    }
+    out = {"loadavg_start": load, "loadavg_end": os.getloadavg(), "medians": summary, "runs": runs}
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

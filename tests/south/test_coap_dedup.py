@@ -9,6 +9,7 @@ import gc
 import socket
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,10 @@ import pytest
 pytest.importorskip("aiocoap")
 
 from aiocoap import Code, Message
-from coap_devices import aiocoap_client  # noqa: F401  (the client fixture)
+from coap_devices import (
+    aiocoap_client,  # noqa: F401  (the client fixture)
+    device_gateway,
+)
 from ingest_doubles import RecordingIngest, wait_until
 from test_coap import coap_server, url
 
@@ -209,6 +213,33 @@ async def test_a_retransmitted_request_gets_the_same_answer_and_is_not_processed
         assert adapter.responses["2.04"] == 2
         stats = adapter.stats().duplicate_cache
         assert stats is not None and stats.duplicates == 1 and stats.entries == 2
+
+
+async def test_a_retransmission_reaches_the_sink_once(tmp_path: Path) -> None:
+    """Through a whole gateway: the retransmitted POST is answered, and the
+    file sink gets one record."""
+    config = f"""
+gateway: {{id: gw-dedup, data_dir: "{{data}}"}}
+mqtt: {{enabled: false}}
+coap: {{listen: "127.0.0.1:0", probe_interval: 0}}
+sinks:
+  - {{name: files, url: "file://{tmp_path / "out"}"}}
+"""
+    async with device_gateway(tmp_path, (), config) as env:
+        port = env.adapter.port
+        assert port is not None and env.gw.outbox is not None
+        outbox = env.gw.outbox
+        with udp_clients(1) as (s,):
+            request = con_post(0x0101, "once", b'{"v": 1}')
+            first = await exchange(s, port, request)
+            await wait_until(lambda: outbox.counters()["files"]["delivered"] == 1)
+            assert await exchange(s, port, request) == first
+            # A marker behind the duplicate: once it is delivered, so would the duplicate be.
+            await exchange(s, port, con_post(0x0102, "marker", b'{"v": 2}'))
+            await wait_until(lambda: outbox.counters()["files"]["delivered"] == 2)
+        counts = outbox.counters()["files"]
+        assert (counts["accepted"], counts["delivered"]) == (2, 2)
+        assert parse(first)[1] == Code.CHANGED
 
 
 async def test_a_retransmission_while_the_answer_is_pending_is_dropped() -> None:
