@@ -7,9 +7,10 @@ EXCHANGE_LIFETIME (247 s), every request's (sender, message id) and the
 answer it sent (the ACK carrying the response, or an empty ACK).
 
 aiocoap keeps that as a dict of ``Message`` objects plus one ``call_later``
-timer per request: about 2.7 KB per confirmable request, for 247 s, without
-any cap (1,000 requests/s hold about 670 MB; a flood from many source
-addresses, which UDP lets anyone forge, grows the gateway without bound).
+timer per request: 2.5 KB per confirmable request by tracemalloc, 2.9 KB of
+RSS (bench/results/coap_dedup-2026-12-07.md), for 247 s, without any cap
+(1,000 requests/s hold 600-700 MB; a flood from many source addresses,
+which UDP lets anyone forge, grows the gateway without bound).
 :class:`DuplicateCache` replaces it (``coap.py`` wires it into aiocoap's
 message manager and transport):
 
