@@ -164,15 +164,9 @@ async def cloud() -> AsyncIterator[tuple[Cloud, str]]:
     await runner.cleanup()
 
 
-async def test_http_long_poll(tmp_path: Path, cloud: tuple[Cloud, str]) -> None:
-    c, base = cloud
-    c.pending = [
-        {"id": "r-1", "device_id": "pump-1", "name": "stop"},
-        {"id": "r-2", "device_id": "pump-1", "name": "bad name"},
-    ]
-    c.lose_next_answer = True
-    gw, task = await start(
-        f"""
+def _polling_gateway(tmp_path: Path, base: str) -> str:
+    """A gateway whose HTTP sink polls ``base``/commands for cloud requests."""
+    return f"""
 gateway: {{id: gw-http, data_dir: "{tmp_path}"}}
 mqtt: {{enabled: false}}
 sinks:
@@ -181,7 +175,16 @@ sinks:
     options: {{bearer_token: cloud-token-123, commands_url: "{base}/commands",
                commands_wait: 1s}}
 """
-    )
+
+
+async def test_http_long_poll(tmp_path: Path, cloud: tuple[Cloud, str]) -> None:
+    c, base = cloud
+    c.pending = [
+        {"id": "r-1", "device_id": "pump-1", "name": "stop"},
+        {"id": "r-2", "device_id": "pump-1", "name": "bad name"},
+    ]
+    c.lose_next_answer = True
+    gw, task = await start(_polling_gateway(tmp_path, base))
     try:
         assert gw.commands is not None
         await asyncio.wait_for(c.answered.wait(), 10)
@@ -209,17 +212,7 @@ async def test_http_long_poll_answer_in_pieces(tmp_path: Path, cloud: tuple[Clou
         {"id": f"r-{i}", "device_id": "pump-1", "name": "set", "params": {"note": "x" * 40}}
         for i in range(40)
     ]
-    gw, task = await start(
-        f"""
-gateway: {{id: gw-http, data_dir: "{tmp_path}"}}
-mqtt: {{enabled: false}}
-sinks:
-  - name: cloud
-    url: {base}/ingest
-    options: {{bearer_token: cloud-token-123, commands_url: "{base}/commands",
-               commands_wait: 1s}}
-"""
-    )
+    gw, task = await start(_polling_gateway(tmp_path, base))
     try:
         assert gw.commands is not None
         await asyncio.wait_for(c.answered.wait(), 15)
