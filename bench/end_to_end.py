@@ -314,17 +314,15 @@ class Case:
     :data:`TUNED`; otherwise at the package's defaults."""
     client_mode: bool = False
     """Devices publish to a Mosquitto that the gateway subscribes to (MQTT 5)."""
-    connections: int = 1
-    """The MQTT sink's ``connections`` option."""
+    connections: int | None = None
+    """The MQTT sink's ``connections`` option (None: its default, ``auto``)."""
 
     def config(self, cloud_url: str, device_port: int | None) -> str:
         """The gateway's YAML configuration (sink and, in client mode, the subscription)."""
-        out = (
-            f"sinks:\n  - name: cloud\n    url: {cloud_url}\n"
-            f'    options: {{protocol: "{self.protocol}", connections: {self.connections}}}\n'
-            if self.sink == "mqtt"
-            else f"sinks:\n  - name: cloud\n    url: {cloud_url}\n"
-        )
+        out = f"sinks:\n  - name: cloud\n    url: {cloud_url}\n"
+        if self.sink == "mqtt":
+            conns = "" if self.connections is None else f", connections: {self.connections}"
+            out += f'    options: {{protocol: "{self.protocol}"{conns}}}\n'
         if device_port is not None:
             out += (
                 f"mqtt_client:\n  - name: devices\n    url: mqtt://127.0.0.1:{device_port}\n"
@@ -338,6 +336,7 @@ CASES = {
     "mqtt": Case("mqtt"),
     "mqtt311": Case("mqtt", "3.1.1"),
     "mqtt-default": Case("mqtt", tuned=False),
+    "mqtt-default-c1": Case("mqtt", tuned=False, connections=1),
     "mqtt-default-c2": Case("mqtt", tuned=False, connections=2),
     "mqtt-default-c4": Case("mqtt", tuned=False, connections=4),
     "mqtt311-default": Case("mqtt", "3.1.1", tuned=False),

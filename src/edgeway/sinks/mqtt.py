@@ -76,6 +76,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -130,6 +131,9 @@ _PERMANENT_PUBACK_CODES = {
 # from the field and a gateway that sees churning ids must not grow forever.
 _TOPIC_CACHE_MAX = 100_000
 _H = struct.Struct(">H")
+_AUTO_INFLIGHT = 80
+"""``connections: auto``: publishes in flight to aim for (see :meth:`MqttSink._auto_connections`)."""
+_AUTO_CONNECTIONS_MAX = 4
 # Seconds a graceful DISCONNECT may take before the socket is aborted.
 _CLOSE_TIMEOUT = 2.0
 
@@ -183,14 +187,15 @@ class MqttSinkOptions(BatchOptions):
     """Unacknowledged publishes at once (lowered to the broker's Receive
     Maximum). Enough to keep a WAN link busy; bounded so a slow broker holds
     at most this many packets of ours."""
-    connections: int = Field(default=1, ge=1, le=16)
-    """Connections to the broker, each with its own in-flight window; records
-    are spread by topic (so one device's records keep their order on one
-    connection). A broker's Receive Maximum caps each connection's window
-    (Mosquitto: 20), so against a nearby broker two to four connections carry
-    more (bench/results). Client ids after the first get ``-1``, ``-2``, ...
-    appended: cloud brokers that allow one connection per identity (AWS IoT,
-    Azure IoT Hub) need 1."""
+    connections: Annotated[int, Field(ge=1, le=16)] | Literal["auto"] = "auto"
+    """Connections to the broker, each with its own in-flight window; each
+    batch is shared out a device at a time (so one device's records keep
+    their order on one connection). ``auto``: one, and up to four when the
+    broker's MQTT 5 Receive Maximum allows fewer than 80 unacknowledged
+    publishes per connection (Mosquitto's default: 20), so that about 80 are
+    in flight; an extra connection the broker refuses is done without. Client
+    ids after the first get ``-1``, ``-2``, ... appended. The cloud presets
+    (one connection per identity) use 1 and refuse more."""
     max_records: int = Field(default=2000, ge=1, le=100_000)
     """Records per batch. A batch keeps the window full (refilled as PUBACKs
     come) and then waits for its last PUBACKs, during which the broker works
@@ -257,12 +262,16 @@ class _NoReconnectClient(_GmqttClient):  # type: ignore[misc]
 
 
 class _AckWindow(_GmqttStorage):  # type: ignore[misc]
-    """Tracks this connection's unacknowledged publishes and wakes the sender.
+    """Tracks this connection's unacknowledged publishes and refills the window.
 
     :class:`_Connection` adds each packet id it writes to ``inflight``; a
-    PUBACK removes it (through :func:`_take_over_pubacks`). It is also plugged
-    into gmqtt as its "persistent storage" (the same method names), keeping no
-    packets, so gmqtt never replays anything: the outbox does.
+    PUBACK removes it (through :func:`_bulk_pubacks` or
+    :func:`_take_over_pubacks`) and calls ``refill``, which writes the next
+    publishes of the batch right there, in the callback that read the PUBACKs
+    (a sliding window: no task wake-up between a PUBACK and the PUBLISH that
+    takes its slot). It is also plugged into gmqtt as its "persistent
+    storage" (the same method names), keeping no packets, so gmqtt never
+    replays anything: the outbox does.
     """
 
     def __init__(self) -> None:
@@ -270,24 +279,29 @@ class _AckWindow(_GmqttStorage):  # type: ignore[misc]
         self.inflight: set[int] = set()
         self.refused: list[int] = []
         self.error: BaseException | None = None
+        self.refill: Callable[[], None] | None = None
+        """Set while a batch has publishes not yet written (see :meth:`_Connection.publish_all`)."""
+        self.writes = 0
+        """Writes so far (a read that caused none must ACK on its own)."""
         self._waiter: asyncio.Future[None] | None = None
-        self._wake_at = 0
 
     def push_message(self, mid: int, raw_package: bytes) -> None:
         self.inflight.add(mid)
 
     def remove_message_by_mid(self, mid: int) -> None:
         self.inflight.discard(mid)
-        self._wake()
+        self._acked()
 
     def ack_many(self, mids: Sequence[int]) -> None:
         """Successful PUBACKs for ``mids`` (one read's worth, see :func:`_bulk_pubacks`)."""
         self.inflight.difference_update(mids)
-        self._wake()
+        self._acked()
 
-    def _wake(self) -> None:
+    def _acked(self) -> None:
+        if self.refill is not None:
+            self.refill()
         w = self._waiter
-        if w is not None and len(self.inflight) <= self._wake_at and not w.done():
+        if w is not None and not self.inflight and self.refill is None and not w.done():
             w.set_result(None)
 
     def clear(self) -> None:
@@ -302,18 +316,18 @@ class _AckWindow(_GmqttStorage):  # type: ignore[misc]
         """The connection is gone: whatever is in flight will never be acknowledged."""
         if self.error is None:
             self.error = error
+        self.refill = None
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def wait_until_at_most(self, n: int) -> None:
-        """Return once at most ``n`` publishes are unacknowledged; raise if the
-        connection is lost before (acks that all arrived count, even if the
-        connection dropped right after)."""
-        while len(self.inflight) > n:
+    async def wait_done(self) -> None:
+        """Return once every publish of the batch is written and acknowledged;
+        raise if the connection is lost before (acks that all arrived count,
+        even if the connection dropped right after)."""
+        while self.inflight or self.refill is not None:
             if self.error is not None:
                 raise self.error
-            self._wake_at = n
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -346,6 +360,28 @@ def _publish_header(remaining: int) -> bytes:
     return h
 
 
+class _Feed:
+    """One batch's messages for several connections: grouped per topic (so per
+    device, whose order MQTT keeps only on one connection) and taken a whole
+    group at a time by whichever connection has room, largest first, so the
+    connections finish together (a fixed split by hash left some idle while
+    the slowest finished; see docs/sinks/mqtt.md)."""
+
+    __slots__ = ("groups", "messages")
+
+    def __init__(self, messages: Sequence[tuple[bytes, bytes]]) -> None:
+        self.messages = messages
+        by_topic: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        for m in messages:
+            group = by_topic.get(m[0])
+            if group is None:
+                by_topic[m[0]] = [m]
+            else:
+                group.append(m)
+        # pop() takes from the end: smallest first in the list.
+        self.groups = sorted(by_topic.values(), key=len)
+
+
 class _Connection:
     """One network connection to the broker: a gmqtt client and its ack window.
 
@@ -373,29 +409,98 @@ class _Connection:
         self._next_mid = 0
         self.max_packet_size = max_packet_size
         """The broker's MQTT 5 Maximum Packet Size, if it announced one."""
+        self._queue: Sequence[tuple[bytes, bytes]] = ()
+        """The batch being published; ``_sent`` of it are written."""
+        self._sent = 0
+        self._feed: _Feed | None = None
+        self._published = 0
+        self._refill_min = max_inflight - max_inflight // 2
+        """Free slots worth a write: refilling from half-empty rather than at
+        every PUBACK makes fewer, larger writes (and fewer packets for the
+        broker to read) at the same throughput (bench/results)."""
+        self.quickack_socket: socket.socket | None = None
+        """Our duplicate of the socket's descriptor (see :func:`_bulk_pubacks`)."""
 
     @property
     def usable(self) -> bool:
         return self.window.error is None and bool(self.client.is_connected)
 
-    def _write(self, chunks: list[bytes]) -> None:
-        if not self.usable:
-            self.window.fail(RetryableSinkError("connection to the broker lost"))
-            raise self.window.error  # type: ignore[misc]
-        self.client._connection.send_package(b"".join(chunks))
-        chunks.clear()
+    def _check_sizes(self, messages: Sequence[tuple[bytes, bytes]]) -> None:
+        """A broker disconnects a client that sends a packet larger than its
+        Maximum Packet Size (MQTT-3.2.2-15): refuse the batch before writing any of it."""
+        if self.max_packet_size is None:
+            return
+        overhead = 1 + 4 + 2 + len(self._props)  # header, length, packet id, properties
+        for topic, payload in messages:
+            size = overhead + len(topic) + len(payload)
+            if size > self.max_packet_size:
+                raise PermanentSinkError(
+                    f"a {size}-byte PUBLISH exceeds the broker's maximum packet size "
+                    f"{self.max_packet_size}"
+                )
 
-    async def publish_all(self, messages: Sequence[tuple[bytes, bytes]]) -> None:
+    async def publish_all(self, work: Sequence[tuple[bytes, bytes]] | _Feed) -> None:
         """Publish at QoS 1, pipelined, and return when every PUBACK is in.
 
-        ``messages`` are (length-prefixed topic, payload) pairs.
+        ``work``: (length-prefixed topic, payload) pairs, or a :class:`_Feed`
+        shared with other connections that this one takes whole devices'
+        messages from. The first window is written here; the rest by
+        :meth:`_refill`, called where the PUBACKs are read, as slots free up.
+        """
+        window = self.window
+        window.refused.clear()
+        if isinstance(work, _Feed):
+            feed: _Feed | None = work
+            self._check_sizes(work.messages)
+            self._queue = ()
+        else:
+            feed = None
+            self._check_sizes(work)
+            self._queue = work
+        if not self.usable:
+            window.fail(RetryableSinkError("connection to the broker lost"))
+            raise window.error  # type: ignore[misc]
+        self._sent = 0
+        self._published = 0
+        self._feed = feed
+        window.refill = self._refill
+        try:
+            self._refill()
+            await window.wait_done()
+        except BaseException:
+            if feed is not None:
+                feed.groups.clear()  # the batch failed: the others can stop
+            raise
+        finally:
+            window.refill = None
+            self._queue = ()
+            self._feed = None
+        if window.refused:
+            codes = sorted(set(window.refused))
+            text = ", ".join(
+                f"0x{c:02x} {_PERMANENT_PUBACK_CODES.get(c, '')}".strip() for c in codes
+            )
+            msg = f"broker refused {len(window.refused)} of {self._published} messages: {text}"
+            if all(c in _PERMANENT_PUBACK_CODES for c in codes):
+                raise PermanentSinkError(msg)
+            raise RetryableSinkError(msg)
+
+    def _refill(self) -> None:
+        """Write the batch's next publishes into the free slots of the window,
+        in one write; when none are left, tell the window (``refill = None``).
+
+        Runs in the protocol callback that read the PUBACKs, so it must not
+        raise: a lost connection fails the window instead.
         """
         window = self.window
         inflight = window.inflight
-        limit = self.max_inflight
-        # Refill from half-empty rather than on every PUBACK: one wake-up per
-        # limit/2 acknowledgements instead of one per acknowledgement.
-        low_water = limit // 2
+        free = self.max_inflight - len(inflight)
+        queue, start = self._queue, self._sent
+        left = len(queue) - start
+        feed = self._feed
+        more = feed is not None and bool(feed.groups)
+        if free < (self._refill_min if more else min(self._refill_min, left)):
+            return  # wait for a few more slots: fewer, larger writes
         props = self._props
         pack_h = _H.pack
         headers = _PUBLISH_HEADERS
@@ -404,46 +509,42 @@ class _Connection:
         chunks: list[bytes] = []
         append = chunks.append
         add = inflight.add
-        window.refused.clear()
-        if self.max_packet_size is not None:
-            # A broker disconnects a client that sends a larger packet
-            # (MQTT-3.2.2-15): refuse the batch before writing any of it.
-            overhead = 1 + 4 + 2 + len(props)  # header, length, packet id, properties
-            for topic, payload in messages:
-                size = overhead + len(topic) + len(payload)
-                if size > self.max_packet_size:
-                    raise PermanentSinkError(
-                        f"a {size}-byte PUBLISH exceeds the broker's maximum packet size "
-                        f"{self.max_packet_size}"
-                    )
-        for topic, payload in messages:
-            if len(inflight) >= limit:
-                self._write(chunks)
-                await window.wait_until_at_most(low_water)
-            # Packet ids 1..65535; skip ids still in flight (possible only
-            # after wrap-around with a window close to 65535).
-            mid = mid % 65535 + 1
-            while mid in inflight:
+        while free:
+            if left == 0:
+                if feed is None or not feed.groups:
+                    break
+                # The next device's messages, all on this connection (its order).
+                queue, start = feed.groups.pop(), 0
+                left = len(queue)
+            end = start + min(free, left)
+            for i in range(start, end):
+                topic, payload = queue[i]
+                # Packet ids 1..65535; skip ids still in flight (possible only
+                # after wrap-around with a window close to 65535).
                 mid = mid % 65535 + 1
-            add(mid)
-            remaining = len(topic) + fixed + len(payload)
-            append(headers.get(remaining) or _publish_header(remaining))
-            append(topic)
-            append(pack_h(mid) + props if props else pack_h(mid))
-            append(payload)
+                while mid in inflight:
+                    mid = mid % 65535 + 1
+                add(mid)
+                remaining = len(topic) + fixed + len(payload)
+                append(headers.get(remaining) or _publish_header(remaining))
+                append(topic)
+                append(pack_h(mid) + props if props else pack_h(mid))
+                append(payload)
+            free -= end - start
+            left -= end - start
+            self._published += end - start
+            start = end
+        self._queue, self._sent = queue, start
         self._next_mid = mid
-        if chunks:
-            self._write(chunks)
-        await window.wait_until_at_most(0)
-        if window.refused:
-            codes = sorted(set(window.refused))
-            text = ", ".join(
-                f"0x{c:02x} {_PERMANENT_PUBACK_CODES.get(c, '')}".strip() for c in codes
-            )
-            msg = f"broker refused {len(window.refused)} of {len(messages)} messages: {text}"
-            if all(c in _PERMANENT_PUBACK_CODES for c in codes):
-                raise PermanentSinkError(msg)
-            raise RetryableSinkError(msg)
+        if left == 0 and (feed is None or not feed.groups):
+            window.refill = None
+        if not chunks:
+            return
+        if not self.usable:
+            window.fail(RetryableSinkError("connection to the broker lost"))
+            return
+        window.writes += 1
+        self.client._connection.send_package(b"".join(chunks))
 
     async def close(self) -> None:
         """Send DISCONNECT and close; abort the socket if that does not finish.
@@ -452,6 +553,9 @@ class _Connection:
         happens on a link that went silent (a cut cable, a NAT that forgot
         us), so it is bounded.
         """
+        if self.quickack_socket is not None:
+            self.quickack_socket.close()
+            self.quickack_socket = None
         try:
             async with asyncio.timeout(_CLOSE_TIMEOUT):
                 await self.client.disconnect()
@@ -577,12 +681,17 @@ class MqttSink(Sink):
         self.ssl_context = self._make_ssl_context(tls, opts)
         self._topics: dict[str, bytes] = {}
         n = opts.connections
-        if opts.preset is not None and n > 1:
+        if opts.preset is not None and n != "auto" and n > 1:
             raise SinkOptionsError.at(
                 "options.connections", f"{opts.preset} allows one connection per identity"
             )
-        self._conns: list[_Connection | None] = [None] * n
-        self._locks = [asyncio.Lock() for _ in range(n)]
+        self._auto = n == "auto" and opts.preset is None
+        """``connections: auto`` (see :meth:`_auto_connections`)."""
+        size = _AUTO_CONNECTIONS_MAX if self._auto else 1 if n == "auto" else n
+        self._conns: list[_Connection | None] = [None] * size
+        self._locks = [asyncio.Lock() for _ in range(size)]
+        self._active = 1 if self._auto else size
+        """Connections a batch is shared out to."""
 
     def _command_topic(self, key: str, is_filter: bool) -> str:
         """Option ``key`` formatted; a topic filter when ``is_filter``, else a topic name."""
@@ -740,14 +849,15 @@ class MqttSink(Sink):
             self._client_id(i),
             limit,
         )
-        _bulk_pubacks(client, window)
-        return _Connection(
+        conn = _Connection(
             client,
             window,
             limit,
             self.protocol == MQTTv50,
             max_packet_size[0] if max_packet_size else None,
         )
+        conn.quickack_socket = _bulk_pubacks(client, window)
+        return conn
 
     async def _connection(self, i: int = 0) -> _Connection:
         conn = self._conns[i]
@@ -767,7 +877,32 @@ class MqttSink(Sink):
         except Exception as e:  # gmqtt's MQTTConnectError: refused CONNACK
             raise RetryableSinkError(f"broker {self.host}:{self.port} refused: {e}") from e
         self._conns[i] = conn
+        if i == 0 and self._auto:
+            self._auto_connections(conn.max_inflight)
         return conn
+
+    def _auto_connections(self, window: int) -> None:
+        """``connections: auto``: as many connections as bring the publishes in
+        flight to about :data:`_AUTO_INFLIGHT`, given the window the broker
+        granted the first one (decided again at each of its connects).
+
+        With a window of 20 (Mosquitto's default Receive Maximum) a single
+        connection waits for a round trip through the broker every 20
+        publishes, and while the gateway's event loop is busy taking readings
+        in, every turn of the loop moves at most 20 records out; four
+        connections move 80 (bench/results/end_to_end-2026-12-07-mqtt5.md).
+        """
+        n = min(len(self._conns), -(-_AUTO_INFLIGHT // window))
+        if n != self._active:
+            logger.info(
+                "sink %s: the broker allows %d unacknowledged publishes per connection: "
+                "using %d connection%s",
+                self.name,
+                window,
+                n,
+                "" if n == 1 else "s",
+            )
+        self._active = n
 
     # -- Sink -------------------------------------------------------------
 
@@ -788,21 +923,13 @@ class MqttSink(Sink):
         if not records:
             return
         messages = self.encode(records)
-        n = len(self._conns)
+        n = self._active
         if n == 1:
             await self._publish_on(0, messages)
             return
-        # Spread by topic: one device's messages stay on one connection, where
-        # MQTT keeps them in order. The batch is done when every part is.
-        # hash() of the cached topic bytes: computed once per topic object, and
-        # SipHash spreads similar names (dev1, dev2, ...) where CRC-32 mod n
-        # did not; it differs between runs, which only moves devices between
-        # connections at a restart.
-        parts: list[list[tuple[bytes, bytes]]] = [[] for _ in range(n)]
-        for m in messages:
-            parts[hash(m[0]) % n].append(m)
+        feed = _Feed(messages)
         results = await asyncio.gather(
-            *(self._publish_on(i, part) for i, part in enumerate(parts) if part),
+            *(self._publish_on(i, feed) for i in range(min(n, len(feed.groups)))),
             return_exceptions=True,
         )
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -810,12 +937,28 @@ class MqttSink(Sink):
             # A permanent refusal wins (the batch would fail the same way again).
             raise next((e for e in errors if isinstance(e, PermanentSinkError)), errors[0])
 
-    async def _publish_on(self, i: int, messages: Sequence[tuple[bytes, bytes]]) -> None:
+    async def _publish_on(self, i: int, messages: Sequence[tuple[bytes, bytes]] | _Feed) -> None:
         """Publish on connection ``i`` (one batch at a time: the ack window is
         per connection), connecting it first if needed."""
         try:
             async with self._locks[i]:
-                conn = await self._connection(i)
+                try:
+                    conn = await self._connection(i)
+                except RetryableSinkError as e:
+                    if i == 0 or not self._auto:
+                        raise
+                    # An extra connection of `auto` that the broker will not
+                    # take (a connection limit, an ACL on client ids): the
+                    # others take its share, now and until the first connects again.
+                    logger.warning(
+                        "sink %s: going on with %d connection%s: %s",
+                        self.name,
+                        i,
+                        "" if i == 1 else "s",
+                        e,
+                    )
+                    self._active = min(self._active, i)
+                    return
                 self.state.connected = True
                 try:
                     async with asyncio.timeout(self.options.ack_timeout):
@@ -1090,7 +1233,16 @@ _PUBACK_LENGTHS = {2: b"\x02" * _PUBACK_RUN, 3: b"\x03" * _PUBACK_RUN}
 _PUBACK_IDS = {2: struct.Struct(">2xH"), 3: struct.Struct(">2xHx")}
 
 
-def _bulk_pubacks(client: Any, window: _AckWindow) -> None:
+def _quickack_socket(transport: Any) -> socket.socket | None:
+    """A socket object on a duplicate of ``transport``'s descriptor, to set
+    TCP_QUICKACK on (None where that option does not exist)."""
+    if _TCP_QUICKACK is None or transport is None:
+        return None
+    fd = transport.get_extra_info("socket").fileno()
+    return socket.socket(fileno=os.dup(fd)) if fd >= 0 else None
+
+
+def _bulk_pubacks(client: Any, window: _AckWindow) -> socket.socket | None:
     """Acknowledge runs of PUBACKs in bulk, before gmqtt parses packets.
 
     At full rate most reads from the broker are nothing but PUBACKs: ``40 02
@@ -1112,7 +1264,7 @@ def _bulk_pubacks(client: Any, window: _AckWindow) -> None:
     parse = getattr(proto, "_read_packet", None)
     if conn is None or proto is None or parse is None:
         logger.warning("gmqtt internals changed: PUBACKs are parsed one by one")
-        return
+        return None
     ack_many = window.ack_many
     refused = window.refused
     monotonic = time.monotonic
@@ -1230,19 +1382,25 @@ def _bulk_pubacks(client: Any, window: _AckWindow) -> None:
     # Measured against a default Mosquitto (alternating, bench/sinks_bench.py):
     # v5 450 -> 75,000 records/s, 3.1.1 11,000 -> 90,000; a 10-record batch
     # 44 ms -> 0.4 ms.
-    sock = proto._transport.get_extra_info("socket") if _TCP_QUICKACK is not None else None
+    # uvloop's transport socket is a stand-in that builds a socket object
+    # (two more system calls) per setsockopt: use a duplicate of the descriptor.
+    sock = _quickack_socket(proto._transport)
+    quickack = _TCP_QUICKACK or 0
 
     def data_received(data: bytes) -> None:
-        if inflight and sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+        writes = window.writes
         if not tail and reader is not None and not reader._buffer:
             used = consume(data)
             if used == len(data):
+                data = b""
                 gather_next_read()
-                return
-            if used > 0:
+            elif used > 0:
                 data = data[used:]
-        feed(data)
+        if data:
+            feed(data)
+        # A refill written just now carried the ACK; otherwise send it now.
+        if inflight and sock is not None and window.writes == writes:
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
 
     proto._read_packet = read_packet
     proto.data_received = data_received
@@ -1251,6 +1409,7 @@ def _bulk_pubacks(client: Any, window: _AckWindow) -> None:
     # under `edgeway run` (uvloop) none of the above is ever called.
     if proto._transport is not None:
         proto._transport.set_protocol(proto)
+    return sock
 
 
 def _take_over_pubacks(client: Any, window: _AckWindow) -> None:
