@@ -362,8 +362,11 @@ class Edgeway:
         data_dir: Path | None = None,
         config: str | None = None,
         load_port: int | None = None,
+        src: Path | None = None,
     ) -> None:
-        """``data_dir``: start on that existing data (a restart); default: a fresh one."""
+        """``data_dir``: start on that existing data (a restart); default: a fresh one.
+        ``src``: run the edgeway package found there (a baseline checkout's
+        ``src``) instead of the installed one."""
         self.port = free_port()
         self.load_port = load_port or self.port
         self.admin = free_port()
@@ -384,8 +387,15 @@ class Edgeway:
             args += ["--config", str(cfg)]
         self.log = workdir / f"edgeway-{self.port}.log"
         t0 = time.monotonic()
+        env = None
+        if src is not None:
+            env = dict(
+                os.environ, PYTHONPATH=os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])
+            )
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+            self.proc = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=env
+            )
         deadline = t0 + 30
         while True:
             if self.proc.poll() is not None:
@@ -449,7 +459,7 @@ def w1_jobs(port: int, procs: int, limit: int = 0, prefix: str = "e2e") -> list[
 
 
 def fixed_run(
-    gw: Edgeway, recv: HttpReceiver | MqttReceiver, records: int, procs: int
+    gw: Edgeway | Bridge | _Target, recv: HttpReceiver | MqttReceiver, records: int, procs: int
 ) -> dict[str, float]:
     """W1 as MEASUREMENTS.md defines it for the peers: ``records`` records
     (100 devices, QoS 1) as fast as possible; the rate is records over the
@@ -537,6 +547,32 @@ def reference_ceiling(workdir: Path, warmup: float, measure: float, procs: int) 
     return (a1 - a0) / (t1 - t0)
 
 
+class Bridge:
+    """The peer to beat, on this machine now: devices -> Mosquitto with a QoS 1
+    bridge -> a second Mosquitto, and a counting subscriber on the second, as
+    MEASUREMENTS.md measured it (29,500 records/s at 0.016 CPU-s per 1,000
+    there). Neither Mosquitto stores anything on disk; the CPU measured is the
+    bridging Mosquitto's (``pid``), where devices publish (``load_port``)."""
+
+    def __init__(self, workdir: Path, tuned: bool = True) -> None:
+        self.cloud = Mosquitto(workdir, tuned=tuned)
+        self.edge = Mosquitto(
+            workdir,
+            tuned=tuned,
+            extra=f"connection cloud\naddress 127.0.0.1:{self.cloud.port}\ntopic devices/# out 1\n"
+            "cleansession true\nbridge_protocol_version mqttv311\n",
+        )
+        self.recv = MqttReceiver(self.cloud.port, "devices/#")
+        self.load_port = self.edge.port
+        self.pid = self.edge.proc.pid
+        time.sleep(1.0)  # the bridge connects on its own schedule
+
+    def close(self) -> None:
+        self.recv.close()
+        self.edge.close()
+        self.cloud.close()
+
+
 def mosquitto_bridge(
     workdir: Path,
     records: int,
@@ -544,45 +580,16 @@ def mosquitto_bridge(
     tuned: bool = True,
     w2: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
-    """The peer to beat, on this machine now: the same fixed W1 through a
-    Mosquitto bridge (devices -> Mosquitto with a QoS 1 bridge -> a second
-    Mosquitto), as MEASUREMENTS.md measured it (29,500 records/s at 0.016
-    CPU-s per 1,000 there). Neither Mosquitto stores anything on disk. The CPU
-    is the bridging Mosquitto's. With ``w2`` (warm-up, measured seconds) also
-    W2 through it, for the latency to compare with."""
-    cloud = Mosquitto(workdir, tuned=tuned)
-    edge = Mosquitto(
-        workdir,
-        tuned=tuned,
-        extra=f"connection cloud\naddress 127.0.0.1:{cloud.port}\ntopic devices/# out 1\n"
-        "cleansession true\nbridge_protocol_version mqttv311\n",
-    )
-    recv = MqttReceiver(cloud.port, "devices/#")
-    time.sleep(1.0)  # the bridge connects on its own schedule
-    per_conn = records // 100
-    gen = LoadGen(w1_jobs(edge.port, procs, per_conn, prefix="bri"))
+    """The same fixed W1 through a :class:`Bridge` (started for this run); with
+    ``w2`` (warm-up, measured seconds) also W2 through it, for the latency to
+    compare with."""
+    bridge = Bridge(workdir, tuned)
     try:
-        gen.start(timeout=60)
-        cpu0, t0 = proc_cpu(edge.proc.pid), time.monotonic()
-        gen.go()
-        deadline = t0 + 120
-        while recv.count() < per_conn * 100 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        t1, cpu1 = time.monotonic(), proc_cpu(edge.proc.pid)
-        n = recv.count()
-        gen.stop()
-        out: dict[str, Any] = {
-            "records": float(n),
-            "per_s": n / (t1 - t0),
-            "cpu_s_per_1k": (cpu1 - cpu0) / max(n, 1) * 1000,
-        }
+        out: dict[str, Any] = fixed_run(bridge, bridge.recv, records, procs)
         if w2 is not None:
-            out["w2"] = latency(_Target(edge.port, edge.proc.pid), recv, *w2)  # type: ignore[arg-type]
+            out["w2"] = latency(bridge, bridge.recv, *w2)
     finally:
-        gen.stop()
-        recv.close()
-        edge.close()
-        cloud.close()
+        bridge.close()
     return out
 
 
@@ -602,7 +609,10 @@ def _fleet_child(port: int, devices: int, rate: float, seconds: float) -> None:
 
 
 def latency(
-    gw: Edgeway, recv: HttpReceiver | MqttReceiver, warmup: float, measure: float
+    gw: Edgeway | Bridge | _Target,
+    recv: HttpReceiver | MqttReceiver,
+    warmup: float,
+    measure: float,
 ) -> dict[str, float]:
     child = mp.get_context("spawn").Process(
         target=_fleet_child, args=(gw.load_port, 100, 10.0, warmup + measure + 1.0)
@@ -690,10 +700,10 @@ def node_red(
             time.sleep(0.1)
         time.sleep(0.5)  # the subscription's SUBACK
         target = _Target(devices.port, proc.pid)
-        fixed_run(target, recv, 20_000, args.procs)  # type: ignore[arg-type]
+        fixed_run(target, recv, 20_000, args.procs)
         res: dict[str, Any] = {
-            "w1_fixed": fixed_run(target, recv, args.records, args.procs),  # type: ignore[arg-type]
-            "w2": latency(target, recv, warm, meas),  # type: ignore[arg-type]
+            "w1_fixed": fixed_run(target, recv, args.records, args.procs),
+            "w2": latency(target, recv, warm, meas),
         }
     finally:
         proc.terminate()
@@ -712,7 +722,7 @@ def latency_floor(workdir: Path, warmup: float, measure: float) -> dict[str, flo
     mq = Mosquitto(workdir)
     recv = MqttReceiver(mq.port, topic_filter="devices/#")
     try:
-        return latency(_Target(mq.port, mq.proc.pid), recv, warmup, measure)  # type: ignore[arg-type]
+        return latency(_Target(mq.port, mq.proc.pid), recv, warmup, measure)
     finally:
         recv.close()
         mq.close()
@@ -761,12 +771,13 @@ def receiver(case: Case, lt: LoopThread, workdir: Path) -> Iterator[tuple[Any, s
 
 
 @contextlib.contextmanager
-def gateway(case: Case, workdir: Path, url: str) -> Iterator[Edgeway]:
-    """``edgeway run`` for ``case``, with the devices' Mosquitto in client mode."""
+def gateway(case: Case, workdir: Path, url: str, src: Path | None = None) -> Iterator[Edgeway]:
+    """``edgeway run`` for ``case``, with the devices' Mosquitto in client mode
+    (``src``: see :class:`Edgeway`)."""
     devices = Mosquitto(workdir, tuned=case.tuned) if case.client_mode else None
     try:
         port = devices.port if devices else None
-        gw = Edgeway(workdir, None, config=case.config(url, port), load_port=port)
+        gw = Edgeway(workdir, None, config=case.config(url, port), load_port=port, src=src)
         try:
             yield gw
         finally:
@@ -845,6 +856,81 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict[st
     return out
 
 
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def interleaved(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """``--rounds N``: every system up at once (the Mosquitto bridge of each
+    broker configuration, each case's gateway, and with ``--baseline-src`` each
+    case again on that code), then N rounds of the fixed W1 and W2, one
+    system after the other in an order that rotates each round. On a machine
+    whose speed changes from minute to minute (other work on it), the ratio
+    to the bridge measured seconds apart is what can be compared; each
+    figure is given as median and range over the rounds."""
+    warm, meas = (1.0, 4.0) if args.quick else (3.0, 15.0)
+    kinds = args.sinks.split(",")
+    unknown = [k for k in kinds if k not in CASES]
+    if unknown:
+        raise SystemExit(f"--sinks: unknown {unknown}; known: {', '.join(CASES)}")
+    lt = LoopThread()
+    systems: list[tuple[str, bool, Edgeway | Bridge, HttpReceiver | MqttReceiver]] = []
+    out: dict[str, Any] = {"quick": args.quick, "rounds": args.rounds, "systems": {}}
+    with (
+        tempfile.TemporaryDirectory(prefix="edgeway-e2e-", dir="/var/tmp") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        work = Path(tmp)
+        for tuned in sorted({CASES[k].tuned for k in kinds}, reverse=True):
+            bridge = Bridge(work, tuned)
+            stack.callback(bridge.close)
+            systems.append(("bridge" if tuned else "bridge-default", tuned, bridge, bridge.recv))
+        versions: list[tuple[str, Path | None]] = [("", None)]
+        if args.baseline_src:
+            versions.append(("@baseline", args.baseline_src))
+        for kind in kinds:
+            for suffix, src in versions:
+                case = CASES[kind]
+                recv, url = stack.enter_context(receiver(case, lt, work))
+                gw = stack.enter_context(gateway(case, work, url, src))
+                systems.append((kind + suffix, case.tuned, gw, recv))
+        for _name, _tuned, target, recv in systems:
+            fixed_run(target, recv, 20_000, args.procs)  # warm-up: connections, caches
+        runs: dict[str, dict[str, list[float]]] = {
+            name: {"w1": [], "cpu": [], "p50": [], "p99": []} for name, *_ in systems
+        }
+        for i in range(args.rounds):
+            k = i % len(systems)
+            order = systems[k:] + systems[:k]
+            for name, _tuned, target, recv in order:
+                f = fixed_run(target, recv, args.records, args.procs)
+                runs[name]["w1"].append(f["per_s"])
+                runs[name]["cpu"].append(f["cpu_s_per_1k"])
+            for name, _tuned, target, recv in order:
+                w = latency(target, recv, warm, meas)
+                runs[name]["p50"].append(w["p50_ms"])
+                runs[name]["p99"].append(w["p99_ms"])
+            say(f"round {i + 1}: " + "; ".join(
+                f"{name} W1 {runs[name]['w1'][-1]:,.0f}/s p99 {runs[name]['p99'][-1]:.1f} ms"
+                for name, *_ in systems))  # fmt: skip
+    lt.close()
+    for name, tuned, *_ in systems:
+        r = runs[name]
+        ref = runs["bridge" if tuned else "bridge-default"]
+        res = {key: _spread(values) for key, values in r.items()}
+        res["w1_ratio"] = _spread([a / b for a, b in zip(r["w1"], ref["w1"], strict=True)])
+        res["p99_minus_bridge_ms"] = _spread(
+            [a - b for a, b in zip(r["p99"], ref["p99"], strict=True)]
+        )
+        out["systems"][name] = {**res, "runs": r}
+        w1, ratio, dp = res["w1"], res["w1_ratio"], res["p99_minus_bridge_ms"]
+        say(f"{name}: W1 median {w1['median']:,.0f} records/s ({w1['min']:,.0f}-{w1['max']:,.0f}), "
+            f"{ratio['median']:.2f}x the bridge ({ratio['min']:.2f}-{ratio['max']:.2f}), "
+            f"{res['cpu']['median']:.3f} CPU-s/1k; W2 p99 {res['p99']['median']:.1f} ms, "
+            f"{dp['median']:+.1f} ms from the bridge's ({dp['min']:+.1f} to {dp['max']:+.1f})")  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short windows (~40 s in all)")
@@ -861,12 +947,24 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="node_modules/node-red/red.js of an installed Node-RED: run it as a reference",
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="interleave: N rounds of W1 and W2 over the bridge and every case, all kept up",
+    )
+    ap.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="with --rounds: also run each case on the edgeway package in this directory "
+        "(e.g. `git archive` of an older commit's src)",
+    )
     args = ap.parse_args(argv)
     if not args.sinks:
         args.sinks = "http" if args.quick else ",".join(CASES)
     if not args.backlog:
         args.backlog = 20_000 if args.quick else 100_000
-    out = run(args)
+    out = interleaved(args) if args.rounds else run(args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1))

@@ -202,8 +202,9 @@ async def test_record_mode_delivers_every_record_with_topic_and_body(
 
 
 async def test_several_connections_keep_each_devices_order(mosquitto: Mosquitto) -> None:
-    """``connections: 3``: records spread over three connections by topic, each
-    device's records in order on its one connection; every record delivered."""
+    """``connections: 3``: each batch shared out over three connections a
+    device at a time, each device's records in order on its one connection;
+    every record delivered."""
     sub = Subscriber(mosquitto.port, "edgeway/#")
     sink = make_sink(mosquitto.port, connections=3)
     try:
@@ -214,7 +215,7 @@ async def test_several_connections_keep_each_devices_order(mosquitto: Mosquitto)
         got = await asyncio.to_thread(sub.collect, 1200)
         sub.assert_quiet()
         used = [c for c in sink._conns if c is not None]
-        assert len(used) == 3  # 48 devices hash onto all three
+        assert len(used) == 3
         ids = {c.client._client_id for c in used}
         assert ids == {"edgeway-gw1-cloud", "edgeway-gw1-cloud-1", "edgeway-gw1-cloud-2"}
     finally:
@@ -225,6 +226,105 @@ async def test_several_connections_keep_each_devices_order(mosquitto: Mosquitto)
     for dev in {r.device_id for r in sent}:
         seqs = [json.loads(p)["id"] for t, p in got if t.endswith(f"/{dev}/telemetry")]
         assert seqs == [r.id for r in sent if r.device_id == dev]
+
+
+def assert_delivered_in_order(got: list[tuple[str, bytes]], sent: list[Record]) -> None:
+    """Every record arrived once, each device's records in the order sent."""
+    assert sorted(json.loads(p)["id"] for _, p in got) == sorted(r.id for r in sent)
+    for dev in {r.device_id for r in sent}:
+        seqs = [json.loads(p)["id"] for t, p in got if t.endswith(f"/{dev}/telemetry")]
+        assert seqs == [r.id for r in sent if r.device_id == dev]
+
+
+@pytest.mark.parametrize(
+    ("protocol", "extra", "expected"),
+    [
+        ("5", "", 4),  # Receive Maximum 20: 80 in flight over four
+        ("5", "max_inflight_messages 40", 2),
+        ("5", "max_inflight_messages 100", 1),
+        ("3.1.1", "", 1),  # no Receive Maximum in 3.1.1: one window of 1000
+    ],
+)
+async def test_auto_connections_follow_the_receive_maximum(
+    tmp_path: Path, protocol: str, extra: str, expected: int
+) -> None:
+    """The default ``connections: auto`` opens as many connections as bring
+    about 80 publishes in flight under the window the broker grants (at most
+    four); a batch keeps each device's order."""
+    broker = Mosquitto(tmp_path, extra=extra)
+    broker.start()
+    sub = Subscriber(broker.port, "edgeway/#")
+    sink = make_sink(broker.port, protocol=protocol)
+    try:
+        batches = [records(300, 300 * k, devices=40) for k in range(4)]
+        for batch in batches:
+            await sink.send_batch(batch)
+        got = await asyncio.to_thread(sub.collect, 1200)
+        sub.assert_quiet()
+        used = [c for c in sink._conns if c is not None]
+        assert len(used) == expected
+        ids = {c.client._client_id for c in used}
+        assert ids == {"edgeway-gw1-cloud"} | {f"edgeway-gw1-cloud-{i}" for i in range(1, expected)}
+    finally:
+        await sink.close()
+        sub.close()
+        broker.kill()
+    assert_delivered_in_order(got, [r for b in batches for r in b])
+
+
+async def test_auto_goes_on_without_an_extra_connection_the_broker_refuses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker that takes only so many connections refuses the third and
+    fourth that ``auto`` wants: the batch goes out on two, nothing fails or is
+    lost. (Mosquitto 2.0 with ``max_connections 2`` takes three here: the
+    test's subscriber and two of the sink's.)"""
+    broker = Mosquitto(tmp_path, extra="max_connections 2")
+    broker.start()
+    sub = Subscriber(broker.port, "edgeway/#")
+    sink = make_sink(broker.port)
+    try:
+        batches = [records(200, 200 * k, devices=30) for k in range(3)]
+        for batch in batches:
+            await asyncio.wait_for(sink.send_batch(batch), TIMEOUT)
+        got = await asyncio.to_thread(sub.collect, 600)
+        sub.assert_quiet()
+        assert sink._active == 2
+        assert [c is not None for c in sink._conns] == [True, True, False, False]
+        assert "going on with 2 connections" in caplog.text
+    finally:
+        await sink.close()
+        sub.close()
+        broker.kill()
+    assert_delivered_in_order(got, [r for b in batches for r in b])
+
+
+def test_feed_gives_each_device_whole_largest_first() -> None:
+    """A batch over several connections: one group per topic, in the batch's
+    order, taken largest first (so the last ones taken are the small ones)."""
+    from edgeway.sinks.mqtt import _Feed
+
+    messages = [(b"a", b"1"), (b"b", b"1"), (b"a", b"2"), (b"c", b"1"), (b"a", b"3"), (b"b", b"2")]
+    feed = _Feed(messages)
+    assert feed.groups.pop() == [(b"a", b"1"), (b"a", b"2"), (b"a", b"3")]
+    assert feed.groups.pop() == [(b"b", b"1"), (b"b", b"2")]
+    assert feed.groups.pop() == [(b"c", b"1")]
+    assert not feed.groups
+
+
+async def test_closing_closes_each_connections_duplicate_descriptor(
+    mosquitto: Mosquitto,
+) -> None:
+    """Each connection holds a duplicate of its socket's descriptor (for
+    TCP_QUICKACK); closing the sink closes every one (not left to the garbage
+    collector, or a busy gateway would hold them for a while)."""
+    sink = make_sink(mosquitto.port)
+    await sink.send_batch(records(50))
+    await sink.send_batch(records(50, 50))  # opens the extra connections
+    socks = [c.quickack_socket for c in sink._conns if c is not None]
+    assert len(socks) == 4 and all(s is not None and s.fileno() >= 0 for s in socks)
+    await sink.close()
+    assert all(s is not None and s.fileno() == -1 for s in socks)
 
 
 def test_cloud_presets_allow_one_connection() -> None:

@@ -856,7 +856,7 @@ class MqttSink(Sink):
             self.protocol == MQTTv50,
             max_packet_size[0] if max_packet_size else None,
         )
-        conn.quickack_socket = _bulk_pubacks(client, window)
+        conn.quickack_socket = _bulk_pubacks(client, window, limit, self._inflight)
         return conn
 
     async def _connection(self, i: int = 0) -> _Connection:
@@ -880,6 +880,10 @@ class MqttSink(Sink):
         if i == 0 and self._auto:
             self._auto_connections(conn.max_inflight)
         return conn
+
+    def _inflight(self) -> int:
+        """Publishes of this sink not acknowledged yet, on all its connections."""
+        return sum(len(c.window.inflight) for c in self._conns if c is not None)
 
     def _auto_connections(self, window: int) -> None:
         """``connections: auto``: as many connections as bring the publishes in
@@ -1216,7 +1220,9 @@ class MqttCommandSource:
 
 _GATHER_MIN = 64
 """Unacknowledged publishes from which reads pause to gather PUBACKs (below
-it, as at low rates, every PUBACK is read at once: no added latency)."""
+it, as at low rates, every PUBACK is read at once: no added latency): of the
+connection, or of all the sink's connections when each has a window smaller
+than this (see :func:`_bulk_pubacks`)."""
 _GATHER_DELAY = 0.001
 """The pause (seconds). With a 1,000-message window against Mosquitto here,
 CPU per record of the sink alone fell from 0.0056-0.0084 to 0.0019-0.0038
@@ -1242,7 +1248,9 @@ def _quickack_socket(transport: Any) -> socket.socket | None:
     return socket.socket(fileno=os.dup(fd)) if fd >= 0 else None
 
 
-def _bulk_pubacks(client: Any, window: _AckWindow) -> socket.socket | None:
+def _bulk_pubacks(
+    client: Any, window: _AckWindow, limit: int, sink_inflight: Callable[[], int]
+) -> socket.socket | None:
     """Acknowledge runs of PUBACKs in bulk, before gmqtt parses packets.
 
     At full rate most reads from the broker are nothing but PUBACKs: ``40 02
@@ -1351,9 +1359,19 @@ def _bulk_pubacks(client: Any, window: _AckWindow) -> socket.socket | None:
     # PUBACKs come a few per TCP segment and every segment costs a read and a
     # callback. While many are due, reading pauses for a moment after each
     # read so that the next one finds them gathered in the socket buffer.
+    # A small window (a Receive Maximum of 20, several connections) holds too
+    # few to count on its own: there the sink's publishes in flight count, and
+    # only a read that refilled the window pauses. A read that did not (the
+    # one PUBACK a Nagle-bound broker sends before it waits for our ACK) is
+    # ACKed at once and the rest read as soon as they come; pausing after it
+    # would cost a pause per window. Against a default Mosquitto with four
+    # connections this took reads from 0.41 to 0.15 per record and the sink's
+    # CPU per record from 0.0062-0.0065 to 0.0044-0.0048 ms at the same rate
+    # (sink alone, alternating runs).
     loop = asyncio.get_running_loop()
     inflight = window.inflight
     paused = False
+    small = limit < _GATHER_MIN
 
     def resume() -> None:
         nonlocal paused
@@ -1362,9 +1380,14 @@ def _bulk_pubacks(client: Any, window: _AckWindow) -> socket.socket | None:
         if transport is not None and not transport.is_closing():
             transport.resume_reading()
 
-    def gather_next_read() -> None:
+    def gather_next_read(refilled: bool) -> None:
         nonlocal paused
-        if paused or len(inflight) < _GATHER_MIN:
+        if paused:
+            return
+        if small:
+            if not refilled or sink_inflight() < _GATHER_MIN:
+                return
+        elif len(inflight) < _GATHER_MIN:
             return
         transport = proto._transport
         if transport is not None and not transport.is_closing():
@@ -1393,7 +1416,7 @@ def _bulk_pubacks(client: Any, window: _AckWindow) -> socket.socket | None:
             used = consume(data)
             if used == len(data):
                 data = b""
-                gather_next_read()
+                gather_next_read(window.writes != writes)
             elif used > 0:
                 data = data[used:]
         if data:
