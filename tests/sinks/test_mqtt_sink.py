@@ -201,39 +201,41 @@ async def test_record_mode_delivers_every_record_with_topic_and_body(
         assert seqs == [r.id for r in sent if r.device_id == dev]
 
 
-async def test_several_connections_keep_each_devices_order(mosquitto: Mosquitto) -> None:
-    """``connections: 3``: each batch shared out over three connections a
-    device at a time, each device's records in order on its one connection;
-    every record delivered."""
-    sub = Subscriber(mosquitto.port, "edgeway/#")
-    sink = make_sink(mosquitto.port, connections=3)
-    try:
-        await sink.start()
-        batches = [records(400, 400 * k, devices=48) for k in range(3)]
-        for batch in batches:
-            await sink.send_batch(batch)
-        got = await asyncio.to_thread(sub.collect, 1200)
-        sub.assert_quiet()
-        used = [c for c in sink._conns if c is not None]
-        assert len(used) == 3
-        ids = {c.client._client_id for c in used}
-        assert ids == {"edgeway-gw1-cloud", "edgeway-gw1-cloud-1", "edgeway-gw1-cloud-2"}
-    finally:
-        await sink.close()
-        sub.close()
-    sent = [r for b in batches for r in b]
-    assert sorted(json.loads(p)["id"] for _, p in got) == sorted(r.id for r in sent)
-    for dev in {r.device_id for r in sent}:
-        seqs = [json.loads(p)["id"] for t, p in got if t.endswith(f"/{dev}/telemetry")]
-        assert seqs == [r.id for r in sent if r.device_id == dev]
-
-
 def assert_delivered_in_order(got: list[tuple[str, bytes]], sent: list[Record]) -> None:
     """Every record arrived once, each device's records in the order sent."""
     assert sorted(json.loads(p)["id"] for _, p in got) == sorted(r.id for r in sent)
     for dev in {r.device_id for r in sent}:
         seqs = [json.loads(p)["id"] for t, p in got if t.endswith(f"/{dev}/telemetry")]
         assert seqs == [r.id for r in sent if r.device_id == dev]
+
+
+async def deliver(
+    sink: MqttSink, sub: Subscriber, batches: list[list[Record]]
+) -> tuple[list[tuple[str, bytes]], set[str]]:
+    """Send ``batches``: what the subscriber got, and the client ids of the
+    sink's connections."""
+    for batch in batches:
+        await asyncio.wait_for(sink.send_batch(batch), TIMEOUT)
+    got = await asyncio.to_thread(sub.collect, sum(len(b) for b in batches))
+    sub.assert_quiet()
+    return got, {c.client._client_id for c in sink._conns if c is not None}
+
+
+async def test_several_connections_keep_each_devices_order(mosquitto: Mosquitto) -> None:
+    """``connections: 3``: each batch shared out over three connections a
+    device at a time, each device's records in order on its one connection;
+    every record delivered."""
+    sub = Subscriber(mosquitto.port, "edgeway/#")
+    sink = make_sink(mosquitto.port, connections=3)
+    batches = [records(400, 400 * k, devices=48) for k in range(3)]
+    try:
+        await sink.start()
+        got, ids = await deliver(sink, sub, batches)
+        assert ids == {"edgeway-gw1-cloud", "edgeway-gw1-cloud-1", "edgeway-gw1-cloud-2"}
+    finally:
+        await sink.close()
+        sub.close()
+    assert_delivered_in_order(got, [r for b in batches for r in b])
 
 
 @pytest.mark.parametrize(
@@ -255,15 +257,9 @@ async def test_auto_connections_follow_the_receive_maximum(
     broker.start()
     sub = Subscriber(broker.port, "edgeway/#")
     sink = make_sink(broker.port, protocol=protocol)
+    batches = [records(300, 300 * k, devices=40) for k in range(4)]
     try:
-        batches = [records(300, 300 * k, devices=40) for k in range(4)]
-        for batch in batches:
-            await sink.send_batch(batch)
-        got = await asyncio.to_thread(sub.collect, 1200)
-        sub.assert_quiet()
-        used = [c for c in sink._conns if c is not None]
-        assert len(used) == expected
-        ids = {c.client._client_id for c in used}
+        got, ids = await deliver(sink, sub, batches)
         assert ids == {"edgeway-gw1-cloud"} | {f"edgeway-gw1-cloud-{i}" for i in range(1, expected)}
     finally:
         await sink.close()
@@ -283,12 +279,9 @@ async def test_auto_goes_on_without_an_extra_connection_the_broker_refuses(
     broker.start()
     sub = Subscriber(broker.port, "edgeway/#")
     sink = make_sink(broker.port)
+    batches = [records(200, 200 * k, devices=30) for k in range(3)]
     try:
-        batches = [records(200, 200 * k, devices=30) for k in range(3)]
-        for batch in batches:
-            await asyncio.wait_for(sink.send_batch(batch), TIMEOUT)
-        got = await asyncio.to_thread(sub.collect, 600)
-        sub.assert_quiet()
+        got, _ids = await deliver(sink, sub, batches)
         assert sink._active == 2
         assert [c is not None for c in sink._conns] == [True, True, False, False]
         assert "going on with 2 connections" in caplog.text
