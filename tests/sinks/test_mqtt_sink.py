@@ -292,6 +292,31 @@ async def test_auto_goes_on_without_an_extra_connection_the_broker_refuses(
     assert_delivered_in_order(got, [r for b in batches for r in b])
 
 
+async def test_auto_sends_a_batch_that_fits_one_window_on_one_connection(
+    mosquitto: Mosquitto,
+) -> None:
+    """At low rates (batches smaller than a window) the first connection takes
+    the whole batch in its first write (a connection takes as many devices
+    as its window has room for), so a batch waits for one round trip, not for
+    the slowest of four."""
+    sub = Subscriber(mosquitto.port, "edgeway/#")
+    sink = make_sink(mosquitto.port)
+    batches = [records(100), records(100, 100)]
+    batches += [records(15, 200 + 15 * k, devices=15) for k in range(5)]
+    try:
+        await deliver(sink, sub, batches[:1])  # the first connects; the second opens the rest
+        await deliver(sink, sub, batches[1:2])
+        extra = [c for c in sink._conns[1:] if c is not None]
+        assert len(extra) == 3
+        before = [c.window.writes for c in extra]
+        got, _ids = await deliver(sink, sub, batches[2:])
+        assert [c.window.writes for c in extra] == before  # all on the first
+    finally:
+        await sink.close()
+        sub.close()
+    assert_delivered_in_order(got, [r for b in batches[2:] for r in b])
+
+
 def test_feed_gives_each_device_whole_largest_first() -> None:
     """A batch over several connections: one group per topic, in the batch's
     order, taken largest first (so the last ones taken are the small ones)."""
@@ -312,8 +337,8 @@ async def test_closing_closes_each_connections_duplicate_descriptor(
     TCP_QUICKACK); closing the sink closes every one (not left to the garbage
     collector, or a busy gateway would hold them for a while)."""
     sink = make_sink(mosquitto.port)
-    await sink.send_batch(records(50))
-    await sink.send_batch(records(50, 50))  # opens the extra connections
+    await sink.send_batch(records(100))
+    await sink.send_batch(records(100, 100))  # opens the extra connections
     socks = [c.quickack_socket for c in sink._conns if c is not None]
     assert len(socks) == 4 and all(s is not None and s.fileno() >= 0 for s in socks)
     await sink.close()
