@@ -209,6 +209,23 @@ def assert_delivered_in_order(got: list[tuple[str, bytes]], sent: list[Record]) 
         assert seqs == [r.id for r in sent if r.device_id == dev]
 
 
+@contextlib.contextmanager
+def broker_and_subscriber(
+    tmp_path: Path, extra: str = ""
+) -> Iterator[tuple[Mosquitto, Subscriber]]:
+    """A Mosquitto with ``extra`` configuration and a subscriber to ``edgeway/#`` on it."""
+    broker = Mosquitto(tmp_path, extra=extra)
+    broker.start()
+    try:
+        sub = Subscriber(broker.port, "edgeway/#")
+        try:
+            yield broker, sub
+        finally:
+            sub.close()
+    finally:
+        broker.kill()
+
+
 async def deliver(
     sink: MqttSink, sub: Subscriber, batches: list[list[Record]]
 ) -> tuple[list[tuple[str, bytes]], set[str]]:
@@ -253,18 +270,15 @@ async def test_auto_connections_follow_the_receive_maximum(
     """The default ``connections: auto`` opens as many connections as bring
     about 80 publishes in flight under the window the broker grants (at most
     four); a batch keeps each device's order."""
-    broker = Mosquitto(tmp_path, extra=extra)
-    broker.start()
-    sub = Subscriber(broker.port, "edgeway/#")
-    sink = make_sink(broker.port, protocol=protocol)
     batches = [records(300, 300 * k, devices=40) for k in range(4)]
-    try:
-        got, ids = await deliver(sink, sub, batches)
-        assert ids == {"edgeway-gw1-cloud"} | {f"edgeway-gw1-cloud-{i}" for i in range(1, expected)}
-    finally:
-        await sink.close()
-        sub.close()
-        broker.kill()
+    with broker_and_subscriber(tmp_path, extra) as (broker, sub):
+        sink = make_sink(broker.port, protocol=protocol)
+        try:
+            got, ids = await deliver(sink, sub, batches)
+            expected_ids = {f"edgeway-gw1-cloud-{i}" for i in range(1, expected)}
+            assert ids == {"edgeway-gw1-cloud"} | expected_ids
+        finally:
+            await sink.close()
     assert_delivered_in_order(got, [r for b in batches for r in b])
 
 
@@ -275,20 +289,16 @@ async def test_auto_goes_on_without_an_extra_connection_the_broker_refuses(
     fourth that ``auto`` wants: the batch goes out on two, nothing fails or is
     lost. (Mosquitto 2.0 with ``max_connections 2`` takes three here: the
     test's subscriber and two of the sink's.)"""
-    broker = Mosquitto(tmp_path, extra="max_connections 2")
-    broker.start()
-    sub = Subscriber(broker.port, "edgeway/#")
-    sink = make_sink(broker.port)
     batches = [records(200, 200 * k, devices=30) for k in range(3)]
-    try:
-        got, _ids = await deliver(sink, sub, batches)
-        assert sink._active == 2
-        assert [c is not None for c in sink._conns] == [True, True, False, False]
-        assert "going on with 2 connections" in caplog.text
-    finally:
-        await sink.close()
-        sub.close()
-        broker.kill()
+    with broker_and_subscriber(tmp_path, "max_connections 2") as (broker, sub):
+        sink = make_sink(broker.port)
+        try:
+            got, _ids = await deliver(sink, sub, batches)
+            assert sink._active == 2
+            assert [c is not None for c in sink._conns] == [True, True, False, False]
+            assert "going on with 2 connections" in caplog.text
+        finally:
+            await sink.close()
     assert_delivered_in_order(got, [r for b in batches for r in b])
 
 
