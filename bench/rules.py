@@ -130,7 +130,9 @@ async def memory_per_rule(n: int, devices: int) -> dict[str, Any]:
 class Devices:
     """Paho devices: publish telemetry, record commands' arrival."""
 
-    def __init__(self, port: int, names: list[str]) -> None:
+    def __init__(self, port: int, names: list[str], nodelay: bool = True) -> None:
+        import socket
+
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
@@ -139,6 +141,7 @@ class Devices:
         self.fired: dict[str, list[tuple[float, int]]] = {d: [] for d in names}
         self.arrived: dict[str, list[tuple[float, int]]] = {d: [] for d in names}
         self.acked = 0
+        self.events: list[tuple[str, float, int, float]] = []
         self.lock = threading.Lock()
         for dev in names:
             c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=dev)
@@ -147,6 +150,11 @@ class Devices:
             c.on_message = lambda _c, _u, msg, dev=dev: self._command(dev, msg)
             c.on_publish = lambda *_a: self._ack()
             c.connect("127.0.0.1", port)
+            if nodelay:
+                # paho leaves Nagle on: a reading written right after the
+                # PUBACK of a command waits for the gateway's delayed ACK
+                # (40 ms on Linux). A device that wants low latency turns it off.
+                c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             c.subscribe(f"devices/{dev}/commands/+", qos=1)
             c.loop_start()
             self.clients.append(c)
@@ -197,23 +205,40 @@ class Devices:
                 if hit is not None:
                     arrived.remove(hit)
                     out.append(hit[0] - t)
+                    self.events.append((dev, t, speed, hit[0] - t))
         return out
 
 
 def _worker(
-    port: int, names: list[str], rate: float, seconds: float, start: float, out: Any
+    port: int,
+    names: list[str],
+    rate: float,
+    seconds: float,
+    start: float,
+    out: Any,
+    nodelay: bool = True,
 ) -> None:
     """One load process (perf_counter is CLOCK_MONOTONIC: comparable across processes)."""
-    fleet = Devices(port, names)
+    fleet = Devices(port, names, nodelay)
     fleet.run(rate, seconds, start)
     time.sleep(1.5)
     fleet.stop()
     fired = sum(len(v) for v in fleet.fired.values())
-    out.put((fleet.acked, fired, fleet.latencies()))
+    lat = fleet.latencies()
+    if os.environ.get("RULES_BENCH_DUMP"):
+        with open(os.environ["RULES_BENCH_DUMP"] + f".{os.getpid()}", "w") as f:
+            json.dump(fleet.events, f)
+    out.put((fleet.acked, fired, lat))
 
 
 def load_and_latency(
-    n: int, devices: int, rate: float, seconds: float, durability: str = "fsync", procs: int = 2
+    n: int,
+    devices: int,
+    rate: float,
+    seconds: float,
+    durability: str = "fsync",
+    procs: int = 2,
+    nodelay: bool = True,
 ) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "tests" / "integration"))
     from edgeway_process import free_port, wait_listening
@@ -252,7 +277,7 @@ def load_and_latency(
             workers = [
                 ctx.Process(
                     target=_worker,
-                    args=(port, g, rate * len(g) / devices, seconds, start, results),
+                    args=(port, g, rate * len(g) / devices, seconds, start, results, nodelay),
                 )
                 for g in groups
             ]
@@ -282,6 +307,7 @@ def load_and_latency(
         "rate_asked": rate,
         "durability": durability,
         "load_processes": procs,
+        "device_tcp_nodelay": nodelay,
         "readings_acked_per_s": round(acked / wall),
         "gateway_cpu_share": round(cpu / wall, 3),
         "gateway_rss_mb": round(rss / 1e6, 1),
@@ -349,13 +375,25 @@ def main() -> None:
     )
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--procs", type=int, default=2, help="load generator processes")
+    ap.add_argument(
+        "--nagle",
+        action="store_true",
+        help="leave Nagle's algorithm on in the devices' sockets (paho's default; "
+        "adds the gateway's 40 ms delayed ACK to some commands)",
+    )
     args = ap.parse_args()
     out: dict[str, Any] = {}
     if not args.skip_memory:
         out["memory"] = asyncio.run(memory_per_rule(args.rules, args.devices))
         print(json.dumps(out["memory"], indent=2), flush=True)
     out["load"] = load_and_latency(
-        args.rules, args.devices, args.rate, args.seconds, args.durability, args.procs
+        args.rules,
+        args.devices,
+        args.rate,
+        args.seconds,
+        args.durability,
+        args.procs,
+        not args.nagle,
     )
     print(json.dumps(out["load"], indent=2), flush=True)
     if args.json:
