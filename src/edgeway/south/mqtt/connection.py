@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -102,6 +103,10 @@ if TYPE_CHECKING:
     from edgeway.south.mqtt.config import ListenerConfig
 
 log = logging.getLogger(__name__)
+
+_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+"""Linux only; elsewhere a Nagle-on client's packet after a PUBACK may wait
+for the delayed ACK."""
 
 # Connection states.
 AWAIT_CONNECT = 0
@@ -242,6 +247,7 @@ class MqttConnection(asyncio.Protocol):
         "_output_scheduled",
         "_pause",
         "_pending",
+        "_quickack",
         "_readable",
         "_saturation_check",
         "_topics",
@@ -284,6 +290,9 @@ class MqttConnection(asyncio.Protocol):
         self.level = 0
         self.state = AWAIT_CONNECT
         self.session: Session | None = None
+        self._quickack: Any = None
+        """The transport's TCP socket where TCP_QUICKACK exists (see
+        :meth:`data_received`), else None."""
         self.principal: Principal | None = None
         self.client_id = ""
         self.remote = ""
@@ -356,12 +365,22 @@ class MqttConnection(asyncio.Protocol):
             self.remote = str(peer)
         now = self.broker.loop.time()
         self.accepted_at = self.last_rx = now
+        if _TCP_QUICKACK is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                self._quickack = sock
         self.broker.connection_made(self)
 
     def data_received(self, data: bytes) -> None:
         self.rx = True
         if self.state == CLOSED:
             return
+        if self._quickack is not None and self.session is not None and self.session.inflight:
+            # A PUBLISH of ours awaits its PUBACK: a client that leaves Nagle
+            # on (paho's default) holds its next packet (a reading) until we
+            # ACK the PUBACK's segment, which Linux delays up to 40 ms when we
+            # have nothing to send. Ask for the ACK now (not sticky: per read).
+            self._quickack.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
         broker = self.broker
         broker.receiving += 1
         try:
