@@ -22,6 +22,11 @@ Usage::
   bound on "reading -> command sent". Reported: p50/p99/max, the readings/s
   the gateway acknowledged, its CPU share, and its RSS.
 
+- ``--stagger``: device n's trigger fires n * 50 / devices rounds after
+  dev-0's (default: every device's in the same round, a burst of
+  transitions). ``--nagle``: the devices keep paho's default (Nagle on);
+  by default they set TCP_NODELAY.
+
 Each reading of a device is evaluated by the ``--rules / --devices`` rules
 that match it (100 with the defaults). Figures are printed, never asserted.
 """
@@ -130,13 +135,20 @@ async def memory_per_rule(n: int, devices: int) -> dict[str, Any]:
 class Devices:
     """Paho devices: publish telemetry, record commands' arrival."""
 
-    def __init__(self, port: int, names: list[str], nodelay: bool = True) -> None:
+    def __init__(
+        self,
+        port: int,
+        names: list[str],
+        nodelay: bool = True,
+        offsets: dict[str, int] | None = None,
+    ) -> None:
         import socket
 
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
         self.names = names
+        self.offsets = offsets or dict.fromkeys(names, 0)
         self.clients = []
         self.fired: dict[str, list[tuple[float, int]]] = {d: [] for d in names}
         self.arrived: dict[str, list[tuple[float, int]]] = {d: [] for d in names}
@@ -179,12 +191,14 @@ class Devices:
             delay = due - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            hot = k % TRIGGER_EVERY == TRIGGER_EVERY - 1
-            value = 60.0 if hot else 20.0
-            was_hot = k % TRIGGER_EVERY == 0 and k > 0
             for dev, c in zip(self.names, self.clients, strict=True):
+                # --stagger: device n fires n * 50 / devices rounds later than dev-0.
+                r = k - self.offsets[dev]
+                hot = r >= 0 and r % TRIGGER_EVERY == TRIGGER_EVERY - 1
+                was_hot = r % TRIGGER_EVERY == 0 and r > 0
                 t = time.perf_counter()
-                c.publish(f"devices/{dev}/telemetry", orjson.dumps({"t": value}), qos=1)
+                payload = orjson.dumps({"t": 60.0 if hot else 20.0})
+                c.publish(f"devices/{dev}/telemetry", payload, qos=1)
                 if hot:
                     self.fired[dev].append((t, 100))
                 elif was_hot:
@@ -217,9 +231,10 @@ def _worker(
     start: float,
     out: Any,
     nodelay: bool = True,
+    offsets: dict[str, int] | None = None,
 ) -> None:
     """One load process (perf_counter is CLOCK_MONOTONIC: comparable across processes)."""
-    fleet = Devices(port, names, nodelay)
+    fleet = Devices(port, names, nodelay, offsets)
     fleet.run(rate, seconds, start)
     time.sleep(1.5)
     fleet.stop()
@@ -239,6 +254,7 @@ def load_and_latency(
     durability: str = "fsync",
     procs: int = 2,
     nodelay: bool = True,
+    stagger: bool = False,
 ) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "tests" / "integration"))
     from edgeway_process import free_port, wait_listening
@@ -273,11 +289,23 @@ def load_and_latency(
             results = ctx.Queue()
             names = [f"dev-{d}" for d in range(devices)]
             groups = [names[i::procs] for i in range(procs)]
+            offsets = {
+                d: i * TRIGGER_EVERY // devices if stagger else 0 for i, d in enumerate(names)
+            }
             start = time.perf_counter() + 3.0  # workers connected by then
             workers = [
                 ctx.Process(
                     target=_worker,
-                    args=(port, g, rate * len(g) / devices, seconds, start, results, nodelay),
+                    args=(
+                        port,
+                        g,
+                        rate * len(g) / devices,
+                        seconds,
+                        start,
+                        results,
+                        nodelay,
+                        {d: offsets[d] for d in g},
+                    ),
                 )
                 for g in groups
             ]
@@ -308,6 +336,7 @@ def load_and_latency(
         "durability": durability,
         "load_processes": procs,
         "device_tcp_nodelay": nodelay,
+        "staggered": stagger,
         "readings_acked_per_s": round(acked / wall),
         "gateway_cpu_share": round(cpu / wall, 3),
         "gateway_rss_mb": round(rss / 1e6, 1),
@@ -379,7 +408,12 @@ def main() -> None:
         "--nagle",
         action="store_true",
         help="leave Nagle's algorithm on in the devices' sockets (paho's default; "
-        "adds the gateway's 40 ms delayed ACK to some commands)",
+        "before the broker's quick ACKs it added a 40 ms delayed ACK to some commands)",
+    )
+    ap.add_argument(
+        "--stagger",
+        action="store_true",
+        help="spread the devices' trigger rounds (default: all fire in the same round)",
     )
     args = ap.parse_args()
     out: dict[str, Any] = {}
@@ -394,6 +428,7 @@ def main() -> None:
         args.durability,
         args.procs,
         not args.nagle,
+        args.stagger,
     )
     print(json.dumps(out["load"], indent=2), flush=True)
     if args.json:
