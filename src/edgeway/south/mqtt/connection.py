@@ -380,7 +380,10 @@ class MqttConnection(asyncio.Protocol):
             # on (paho's default) holds its next packet (a reading) until we
             # ACK the PUBACK's segment, which Linux delays up to 40 ms when we
             # have nothing to send. Ask for the ACK now (not sticky: per read).
-            self._quickack.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            try:
+                self._quickack.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            except OSError:  # the socket is going away: only a hint was lost
+                self._quickack = None
         broker = self.broker
         broker.receiving += 1
         try:
