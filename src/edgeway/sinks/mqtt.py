@@ -94,6 +94,7 @@ from pydantic import BeforeValidator, ConfigDict, Field
 
 from edgeway.commands.cloud import REQUEST_MAX_BYTES
 from edgeway.config_types import Duration, Size
+from edgeway.quickack import TCP_QUICKACK, quickack_socket
 from edgeway.sinks.base import (
     BatchOptions,
     CommandSource,
@@ -1231,8 +1232,6 @@ ms and its rate rose 10% (bench/sinks_bench.py, alternating runs). The
 code did not run until 2026-12-06 (see :func:`_bulk_pubacks`); since, the
 3.1.1 sink runs at 1.55-1.83x a Mosquitto bridge end to end
 (bench/results/end_to_end-2026-12-06.md), with this pause in effect."""
-_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
-"""Linux only; elsewhere PUBACKs from a broker with Nagle on come late."""
 _PUBACK_RUN = 16384
 _PUBACK_TYPES = b"\x40" * _PUBACK_RUN
 _PUBACK_LENGTHS = {2: b"\x02" * _PUBACK_RUN, 3: b"\x03" * _PUBACK_RUN}
@@ -1242,9 +1241,10 @@ _PUBACK_IDS = {2: struct.Struct(">2xH"), 3: struct.Struct(">2xHx")}
 def _quickack_socket(transport: Any) -> socket.socket | None:
     """A socket object on a duplicate of ``transport``'s descriptor, to set
     TCP_QUICKACK on (None where that option does not exist)."""
-    if _TCP_QUICKACK is None or transport is None:
+    sock = quickack_socket(transport)
+    if sock is None:
         return None
-    fd = transport.get_extra_info("socket").fileno()
+    fd = sock.fileno()
     return socket.socket(fileno=os.dup(fd)) if fd >= 0 else None
 
 
@@ -1408,7 +1408,7 @@ def _bulk_pubacks(
     # uvloop's transport socket is a stand-in that builds a socket object
     # (two more system calls) per setsockopt: use a duplicate of the descriptor.
     sock = _quickack_socket(proto._transport)
-    quickack = _TCP_QUICKACK or 0
+    quickack = TCP_QUICKACK or 0
 
     def data_received(data: bytes) -> None:
         writes = window.writes

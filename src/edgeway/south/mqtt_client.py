@@ -67,6 +67,7 @@ from edgeway.config_types import input_limits
 from edgeway.downlink import Downlink, DownlinkEvents
 from edgeway.ingest import Ingest, IngestStatus
 from edgeway.limits import InputLimits
+from edgeway.quickack import ack_now, quickack_socket
 from edgeway.reading import Origin, Reading
 from edgeway.record_ids import message_key
 from edgeway.south.base import Backoff, SouthAdapter, register_adapter
@@ -101,7 +102,6 @@ CLOSE_TIMEOUT = 2.0
 """Seconds a DISCONNECT may take to go out before the socket is dropped: a
 link that went silent never drains its send buffer."""
 
-_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 """Linux only. A broker with Nagle on (Mosquitto's default) sends the first
 PUBLISH of a burst and holds the rest until we ACK it; the kernel would delay
 that ACK up to 40 ms, waiting for data of ours to ride on."""
@@ -289,13 +289,13 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        if _TCP_QUICKACK is not None:
-            self._sock = transport.get_extra_info("socket")
+        self._sock = quickack_socket(transport)
 
     def data_received(self, data: bytes) -> None:
         if self._sock is not None:
             # Not sticky: the kernel falls back to delayed ACKs, hence once per read.
-            self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)  # type: ignore[arg-type]
+            if not ack_now(self._sock):
+                self._sock = None
         self.last_in = time.monotonic()
         try:
             packets = self.reader.feed(data)

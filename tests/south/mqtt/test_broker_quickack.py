@@ -59,6 +59,6 @@ async def test_without_quickack_the_delayed_ack_shows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The control: this setup does expose the delay the fix removes."""
-    monkeypatch.setattr(connection, "_TCP_QUICKACK", None)
+    monkeypatch.setattr(connection, "quickack_socket", lambda transport: None)
     took = await _rounds(tmp_path)
     assert statistics.median(took) > 0.03, [round(t * 1000, 1) for t in took]

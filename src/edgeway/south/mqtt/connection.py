@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -54,6 +53,7 @@ import orjson
 from edgeway.devices.auth import AuthDecision, ConnectInfo, Principal
 from edgeway.devices.backoff import address_key
 from edgeway.ingest import IngestStatus
+from edgeway.quickack import ack_now, quickack_socket
 from edgeway.reading import Origin, Reading
 from edgeway.south.mqtt.codec import (
     PINGRESP_BYTES,
@@ -103,10 +103,6 @@ if TYPE_CHECKING:
     from edgeway.south.mqtt.config import ListenerConfig
 
 log = logging.getLogger(__name__)
-
-_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
-"""Linux only; elsewhere a Nagle-on client's packet after a PUBACK may wait
-for the delayed ACK."""
 
 # Connection states.
 AWAIT_CONNECT = 0
@@ -365,10 +361,7 @@ class MqttConnection(asyncio.Protocol):
             self.remote = str(peer)
         now = self.broker.loop.time()
         self.accepted_at = self.last_rx = now
-        if _TCP_QUICKACK is not None:
-            sock = transport.get_extra_info("socket")
-            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                self._quickack = sock
+        self._quickack = quickack_socket(transport)
         self.broker.connection_made(self)
 
     def data_received(self, data: bytes) -> None:
@@ -380,9 +373,7 @@ class MqttConnection(asyncio.Protocol):
             # on (paho's default) holds its next packet (a reading) until we
             # ACK the PUBACK's segment, which Linux delays up to 40 ms when we
             # have nothing to send. Ask for the ACK now (not sticky: per read).
-            try:
-                self._quickack.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-            except OSError:  # the socket is going away: only a hint was lost
+            if not ack_now(self._quickack):
                 self._quickack = None
         broker = self.broker
         broker.receiving += 1
