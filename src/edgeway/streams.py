@@ -8,7 +8,10 @@ through :func:`read_capped`."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
+import orjson
 
 
 async def read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
@@ -23,3 +26,33 @@ async def read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
         chunks.append(chunk)
         n += len(chunk)
     return b"".join(chunks)
+
+
+class BodyError(ValueError):
+    """A request body refused by :func:`read_json_object`; ``too_large``
+    tells an over-limit body from one that is not a JSON object."""
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
+
+
+async def read_json_object(
+    content: aiohttp.StreamReader, limit: int, content_length: int | None = None
+) -> dict[str, Any]:
+    """A JSON object body of at most ``limit`` bytes (an empty body is
+    ``{}``), read whole; :class:`BodyError` otherwise. ``content_length``
+    (the request's header, if any) refuses a body announced too large
+    before reading it."""
+    if content_length is not None and content_length > limit:
+        raise BodyError(f"body over {limit} bytes", too_large=True)
+    raw = await read_capped(content, limit)
+    if len(raw) > limit:
+        raise BodyError(f"body over {limit} bytes", too_large=True)
+    try:
+        body = orjson.loads(raw) if raw.strip() else {}
+    except orjson.JSONDecodeError as e:
+        raise BodyError(f"body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BodyError("body must be a JSON object")
+    return body

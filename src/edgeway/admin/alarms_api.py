@@ -34,10 +34,10 @@ from aiohttp import web
 
 from edgeway.admin.access import PRINCIPAL, requires
 from edgeway.admin.errors import error as _error
-from edgeway.admin.errors import read_body
 from edgeway.admin.tokens import Role
 from edgeway.alarms.model import BY_MAX, Action, Alarm, AlarmError, parse_severity
 from edgeway.config_types import _parse_duration
+from edgeway.streams import BodyError, read_json_object
 
 if TYPE_CHECKING:
     from edgeway.alarms.service import AlarmService
@@ -75,17 +75,10 @@ def _json(doc: Any) -> web.Response:
 
 async def _body(request: web.Request) -> dict[str, Any]:
     """The request's JSON object (empty body: {}); AlarmError("invalid") otherwise."""
-    if request.content_length is not None and request.content_length > BODY_MAX:
-        raise AlarmError("invalid", f"body over {BODY_MAX} bytes")
-    raw = await read_body(request, BODY_MAX)
-    if len(raw) > BODY_MAX:
-        raise AlarmError("invalid", f"body over {BODY_MAX} bytes")
     try:
-        body = orjson.loads(raw) if raw.strip() else {}
-    except orjson.JSONDecodeError as e:
-        raise AlarmError("invalid", f"body is not JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise AlarmError("invalid", "body must be a JSON object")
+        body = await read_json_object(request.content, BODY_MAX, request.content_length)
+    except BodyError as e:
+        raise AlarmError("invalid", str(e)) from None
     unknown = set(body) - _FIELDS
     if unknown:
         raise AlarmError("invalid", f"unknown fields: {', '.join(sorted(unknown))}")

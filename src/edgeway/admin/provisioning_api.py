@@ -31,7 +31,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
 from aiohttp import web
 
 from edgeway.admin.access import requires
@@ -40,6 +39,7 @@ from edgeway.admin.tokens import Role
 from edgeway.devices.credentials import CredentialError
 from edgeway.devices.provisioning import DEFAULT_GRACE, ProvisioningError, ProvisioningKeys
 from edgeway.devices.provisioning_cli import key_fields
+from edgeway.streams import BodyError, read_json_object
 
 T = TypeVar("T")
 BODY_MAX = 16 * 1024
@@ -62,16 +62,10 @@ def _answers_refusals(handler: Handler) -> Handler:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.content.read(BODY_MAX + 1)
-    if len(raw) > BODY_MAX:
-        raise ProvisioningError("invalid", f"body over {BODY_MAX} bytes")
     try:
-        body = orjson.loads(raw) if raw.strip() else {}
-    except orjson.JSONDecodeError as e:
-        raise ProvisioningError("invalid", f"body is not JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ProvisioningError("invalid", "body must be a JSON object")
-    return body
+        return await read_json_object(request.content, BODY_MAX)
+    except BodyError as e:
+        raise ProvisioningError("invalid", str(e)) from None
 
 
 class ProvisioningRoutes:

@@ -51,7 +51,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -72,6 +71,7 @@ from edgeway.south.base import SouthAdapter, register_adapter
 from edgeway.south.decode_errors import DecodeErrorCounter
 from edgeway.south.http_config import HttpIngestSection
 from edgeway.south.http_downlink import HttpDownlink
+from edgeway.streams import BodyError, read_json_object
 
 if TYPE_CHECKING:
     from edgeway.firmware.service import FirmwareService
@@ -550,16 +550,11 @@ class HttpIngestAdapter(SouthAdapter):
         if token is None:
             return _error(401, "unauthorized", "no_token", **_bearer())
         limit = PROVISION_BODY_MAX
-        if request.content_length is not None and request.content_length > limit:
-            return _error(413, "too_large", detail=f"limit {limit} bytes")
-        raw = await request.content.read(limit + 1)
-        if len(raw) > limit:
-            return _error(413, "too_large", detail=f"limit {limit} bytes")
         try:
-            body = orjson.loads(raw) if raw.strip() else {}
-        except orjson.JSONDecodeError:
-            body = None
-        if not isinstance(body, dict):
+            body = await read_json_object(request.content, limit, request.content_length)
+        except BodyError as e:
+            if e.too_large:
+                return _error(413, "too_large", detail=f"limit {limit} bytes")
             return _error(400, "invalid", detail="the body is a JSON object")
         try:
             key_id, secret = split_presented(token)
