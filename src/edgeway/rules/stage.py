@@ -41,6 +41,10 @@ from edgeway.rules.targets import ActionTargets, TwinTarget
 
 log = logging.getLogger(__name__)
 
+SUMMARY_SLICE = 10_000
+"""Rule x device states counted per turn of the event loop by :meth:`RuleStage.rules`
+(a few ms of work per slice)."""
+
 TWIN_PAGE = 1000
 """Twins read per query at start (the twin service's largest page)."""
 TIMER_SLACK = 0.002
@@ -172,11 +176,16 @@ class RuleStage:
         counts: dict[str, list[int]] = {}
         if engine is not None:
             now = engine.clock()
-            for (rule, _device), st in list(engine.states.items()):
-                c = counts.setdefault(rule, [0, 0, 0])
-                c[0] += st.active
-                c[1] += st.since is not None
-                c[2] += st.cooldown_until > now
+            # A snapshot walked in slices: a rule x device state table can hold
+            # millions of entries, and the event loop must not wait on it whole.
+            items = list(engine.states.items())
+            for start in range(0, len(items), SUMMARY_SLICE):
+                for (rule, _device), st in items[start : start + SUMMARY_SLICE]:
+                    c = counts.setdefault(rule, [0, 0, 0])
+                    c[0] += st.active
+                    c[1] += st.since is not None
+                    c[2] += st.cooldown_until > now
+                await asyncio.sleep(0)
         fired = await self.store.db.read(last_firings) if not self._closed else {}
         out = []
         for cfg in self.configs:
