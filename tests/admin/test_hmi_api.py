@@ -464,6 +464,68 @@ def test_recent_values_are_bounded() -> None:
     assert store.devices["d3"].latest["z"] is True and store.trended("d3") == ["a", "x", "y"]
 
 
+def _recent_state(store: RecentValues) -> Any:
+    devices = [
+        (
+            d.device_id, d.adapter, d.first_seen, d.last_seen, d.readings,
+            list(d.latest.items()),
+            [(name, list(r.ordered()[0]), list(r.ordered()[1]), r.head, r.count, r.appended)
+             for name, r in d.rings.items()],
+        )
+        for d in store.devices.values()
+    ]  # fmt: skip
+    return (devices, list(store._holders), store.rings, store.series_reused, store.series_refused)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_recent_values_by_runs_match_one_at_a_time(seed: int) -> None:
+    """record()'s column-at-a-time path for runs of one device against the
+    plain reading-at-a-time one, on random batches (numbers, bools, strings,
+    NaN, inf, huge ints, new devices and metrics, rings wrapping, every bound
+    reached), and the run path is actually taken."""
+    import random
+
+    rnd = random.Random(seed)
+    values: list[Any] = [1.5, -3, True, False, 0, "on", float("nan"), float("inf"), 10**400, 2.25]
+    plain_values = values[:2] + values[2:4] + [7.0, 9]
+    kw = {"points_per_series": rnd.choice([5, 16, 3600]), "max_series": rnd.choice([4, 12, 2000]),
+          "max_devices": rnd.choice([3, 50])}  # fmt: skip
+    fast, plain = RecentValues(**kw), RecentValues(**kw)
+    runs = 0
+    record_run = fast._record_run
+
+    def counting(readings: Any, i: int, j: int) -> bool:
+        nonlocal runs
+        took = record_run(readings, i, j)
+        runs += took
+        return took
+
+    fast._record_run = counting  # type: ignore[method-assign]
+    t = 1000.0
+    origin = Origin("mqtt")
+    for _ in range(60):
+        batch = []
+        for _ in range(rnd.randint(1, 25)):
+            dev = (
+                f"d{rnd.randint(0, 4)}"
+                if rnd.random() < 0.3
+                else (batch[-1].device_id if batch else "d0")
+            )
+            names = (
+                rnd.sample(["a", "b", "c", "d", "e"], rnd.randint(1, 3))
+                if rnd.random() < 0.2
+                else ["a", "b", "c"]
+            )
+            pool = values if rnd.random() < 0.1 else plain_values
+            t += rnd.choice([0.001, 1.0, RING_IDLE / 3])
+            batch.append(Reading(dev, t, {n: rnd.choice(pool) for n in names}, origin))
+        fast.record(batch)
+        for r in batch:
+            plain._record_one(r)
+        assert repr(_recent_state(fast)) == repr(_recent_state(plain))
+    assert runs > 0
+
+
 async def test_devices_are_paged_searched_and_filtered_on_the_server(tmp_path: Path) -> None:
     admin = '{listen: "127.0.0.1:0", auth: tokens, trend_points: 120, trend_series: 2000}'
     async with running_gateway(tmp_path, admin) as rg:

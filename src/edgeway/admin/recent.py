@@ -31,6 +31,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from edgeway.reading import MetricValue, Reading
 
@@ -55,6 +56,8 @@ once ``max_series`` rings exist. Taking the least recent device's ring at
 once would, with more live series than rings, hand rings round in a circle
 (every point a cleared ring, no trend for anyone, and ~20 us per reading);
 first come, first served keeps the trends that exist."""
+_NUMBERS = frozenset((float, int, bool))
+"""Value types that make a trend point (a subclass, such as an enum, goes one at a time)."""
 TREND_POINTS_MAX = 4000
 """Most points a trend answer holds (2 per bucket): a chart is ~2,000 pixels wide."""
 
@@ -250,56 +253,134 @@ class RecentValues:
         in the last :data:`RING_IDLE` seconds."""
 
     def record(self, readings: Sequence[Reading]) -> None:
-        """Take a batch of readings (called on the event loop for every submit:
-        per reading a dict move, per metric a dict store and an array store;
-        no allocation per point)."""
-        devices = self.devices
-        for r in readings:
-            dev = devices.get(r.device_id)
-            if dev is None:
-                dev = self._new_device(r)
-            else:
-                devices.move_to_end(r.device_id)
-                if dev.rings:
-                    self._holders.move_to_end(r.device_id)
-            ts = r.ts
-            dev.last_seen = ts
-            dev.readings += 1
-            latest = dev.latest
-            rings = dev.rings
-            for name, value in r.metrics.items():
-                kind = type(value)
-                if kind is float or kind is int:
-                    try:
-                        num = float(value)
-                    except OverflowError:  # an int beyond a double
-                        num = float("inf")
-                    if num - num != 0.0:  # inf or NaN: no trend point
-                        latest[name] = value
-                        continue
-                elif kind is bool:
-                    num = 1.0 if value else 0.0
-                else:
-                    if name in latest or len(latest) < METRICS_PER_DEVICE:
-                        text = str(value)
-                        latest[name] = text[:STRING_MAX] if len(text) > STRING_MAX else text
-                    continue
+        """Take a batch of readings (called on the event loop for every submit).
+
+        A batch is usually one read of one device: a run of readings of the
+        same device with the same numeric metrics, each already trended. Such
+        a run is stored a column at a time (:meth:`_record_run`: one array
+        slice per series instead of a dozen statements per point: 1.8 -> 1.2 us
+        per reading of five metrics, bench in the commit); anything else goes
+        a reading at a time (:meth:`_record_one`), with the same result (a
+        differential test compares them)."""
+        n = len(readings)
+        i = 0
+        while i < n:
+            r = readings[i]
+            j = i + 1
+            if j < n:
+                did = r.device_id
+                keys = r.metrics.keys()
+                while j < n and readings[j].device_id == did and readings[j].metrics.keys() == keys:
+                    j += 1
+            if j - i < 2 or not self._record_run(readings, i, j):
+                for k in range(i, j):
+                    self._record_one(readings[k])
+            i = j
+
+    def _record_run(self, readings: Sequence[Reading], i: int, j: int) -> bool:
+        """Readings ``i..j-1`` (one device, the same metric names) a column at a
+        time, if every metric already has a ring and every value is a finite
+        number or a bool; False (nothing changed) otherwise."""
+        first = readings[i]
+        dev = self.devices.get(first.device_id)
+        if dev is None:
+            return False
+        rings = dev.rings
+        k = j - i
+        columns: list[tuple[str, Ring, array[float], MetricValue]] = []
+        group = readings[i:j]
+        metrics = [r.metrics for r in group]
+        try:
+            for name in first.metrics:
                 ring = rings.get(name)
+                if ring is None or ring.capacity < k:
+                    return False
+                values = list(map(itemgetter(name), metrics))
+                if not set(map(type, values)) <= _NUMBERS:
+                    return False
+                points = array("d", values)  # bools as 1.0 / 0.0, as one at a time
+                total = sum(points)
+                if total - total != 0.0:  # an inf or NaN among them (or a huge sum)
+                    return False
+                columns.append((name, ring, points, values[-1]))
+        except OverflowError:  # an int beyond a double
+            return False
+        stamps = array("d", [r.ts for r in group])
+        last = group[-1]
+        self.devices.move_to_end(first.device_id)
+        if rings:
+            self._holders.move_to_end(first.device_id)
+        dev.last_seen = last.ts
+        dev.readings += k
+        latest = dev.latest
+        for name, ring, points, value in columns:
+            latest[name] = value
+            # Counted first: a reader copying in another thread drops at least
+            # the points overwritten meanwhile (see RingSnapshot).
+            ring.appended += k
+            h = ring.head
+            room = ring.capacity - h
+            if k <= room:
+                ring.ts[h : h + k] = stamps
+                ring.values[h : h + k] = points
+            else:
+                ring.ts[h:] = stamps[:room]
+                ring.values[h:] = points[:room]
+                ring.ts[: k - room] = stamps[room:]
+                ring.values[: k - room] = points[room:]
+            ring.head = (h + k) % ring.capacity
+            ring.count = min(ring.count + k, ring.capacity)
+        return True
+
+    def _record_one(self, r: Reading) -> None:
+        """One reading (per reading a dict move, per metric a dict store and an
+        array store; no allocation per point)."""
+        devices = self.devices
+        dev = devices.get(r.device_id)
+        if dev is None:
+            dev = self._new_device(r)
+        else:
+            devices.move_to_end(r.device_id)
+            if dev.rings:
+                self._holders.move_to_end(r.device_id)
+        ts = r.ts
+        dev.last_seen = ts
+        dev.readings += 1
+        latest = dev.latest
+        rings = dev.rings
+        for name, value in r.metrics.items():
+            kind = type(value)
+            if kind is float or kind is int:
+                try:
+                    num = float(value)
+                except OverflowError:  # an int beyond a double
+                    num = float("inf")
+                if num - num != 0.0:  # inf or NaN: no trend point
+                    latest[name] = value
+                    continue
+            elif kind is bool:
+                num = 1.0 if value else 0.0
+            else:
+                if name in latest or len(latest) < METRICS_PER_DEVICE:
+                    text = str(value)
+                    latest[name] = text[:STRING_MAX] if len(text) > STRING_MAX else text
+                continue
+            ring = rings.get(name)
+            if ring is None:
+                if len(latest) >= METRICS_PER_DEVICE and name not in latest:
+                    continue
+                ring = self._new_ring(dev, name, ts)
                 if ring is None:
-                    if len(latest) >= METRICS_PER_DEVICE and name not in latest:
-                        continue
-                    ring = self._new_ring(dev, name, ts)
-                    if ring is None:
-                        latest[name] = value
-                        continue
-                latest[name] = value
-                h = ring.head
-                ring.ts[h] = ts
-                ring.values[h] = num
-                ring.head = h + 1 if h + 1 < ring.capacity else 0
-                ring.appended += 1
-                if ring.count < ring.capacity:
-                    ring.count += 1
+                    latest[name] = value
+                    continue
+            latest[name] = value
+            h = ring.head
+            ring.ts[h] = ts
+            ring.values[h] = num
+            ring.head = h + 1 if h + 1 < ring.capacity else 0
+            ring.appended += 1
+            if ring.count < ring.capacity:
+                ring.count += 1
 
     def _new_device(self, r: Reading) -> DeviceEntry:
         dev = DeviceEntry(r.device_id, r.origin.adapter, r.ts, r.ts)
