@@ -83,6 +83,8 @@ async def _play(
             b = await ob.read_batch(sink, max_records, max_bytes)
             del ob._read_tail
             served += sum(got)
+            # The count that lets a read skip looking for priority chunks.
+            assert ob._tail_prio == sum(1 for e in ob._tail if e[4])
             assert ob.commits == before
             out.append(
                 (
@@ -158,6 +160,43 @@ async def test_a_caught_up_sink_reads_without_the_reader_threads(tmp_path: Path)
             await ob.confirm(b)
         assert ob.counters()["a"]["delivered"] == 50
         assert ob.counters()["a"]["pending"] == 0
+    finally:
+        await ob.close()
+
+
+async def test_a_read_far_behind_walks_only_the_chunks_it_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sink thousands of chunks behind the newest, all in the tail: each
+    batch looks at the chunks it takes (and the next), not at every chunk up
+    to the newest (that made a large tail cost more than the query)."""
+    monkeypatch.setattr(store_mod, "TAIL_MAX_CHUNKS", 100_000)
+    ob = Outbox(
+        tmp_path / "o.db", gateway_id="gw", config=OutboxSection(durability="os"), sink_names=["a"]
+    )
+    await ob.open()
+    try:
+        for i in range(2000):  # a commit each: 2,000 chunks of 2 records
+            await ob.submit([_reading(0, 2 * i, 0), _reading(0, 2 * i + 1, 0)])
+        assert len(ob._tail) == 2000 and ob._tail_lo == 1
+
+        looked = 0
+
+        class Entry(list):  # type: ignore[type-arg]
+            def __getitem__(self, i: Any) -> Any:
+                nonlocal looked
+                looked += 1
+                return super().__getitem__(i)
+
+        ob._tail[:] = [Entry(e) for e in ob._tail]
+        seqs: list[int] = []
+        for _ in range(5):
+            b = await ob.read_batch("a", 10, 1 << 20)
+            seqs += [r.seq for r in b.records]
+            assert b.more
+            await ob.confirm(b)
+        assert seqs == list(range(1, 51))
+        assert looked < 5 * 6 * 8  # about 6 chunks per batch, a few fields each
     finally:
         await ob.close()
 

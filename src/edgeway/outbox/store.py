@@ -147,11 +147,16 @@ confirmation (the sink's next read ahead of its cursor, close) commits it at
 once (:meth:`Outbox.expedite`)."""
 
 TAIL_MAX_CHUNKS = 1024
-TAIL_MAX_BYTES = 1024 * 1024
+TAIL_MAX_BYTES = 8 * 1024 * 1024
 """The newest committed chunks kept in memory (at most this many, and bytes of
 record text), so that a sink that keeps up reads them without a query and
 without a reader-thread round trip (~90 us of CPU on this machine, more than
-the query itself): at 1,000 readings/s each reading is its own batch."""
+the query itself): at 1,000 readings/s each reading is its own batch. 8 MiB
+(from 1 MiB): in a burst (bench/end_to_end.py W1, 100,000 records as fast as
+100 devices send them) the sink falls up to ~50,000 records (~6 MB of text)
+behind the newest while ingest runs; with 1 MiB it read those back through a
+reader thread (1.2-1.3 us of CPU per record on that thread, and twice the GIL
+handoffs: 18,750 futex calls per 100,000 records against 9,609)."""
 
 _FIRST = operator.itemgetter(0)
 """A tail entry's first sequence number (the tail's bisect key)."""
@@ -1257,6 +1262,8 @@ class Outbox:
         """Newest chunks, in sequence order: [seq_first, seq_last, pending,
         size, priority, data]."""
         self._tail_bytes = 0
+        self._tail_prio = 0
+        """Priority chunks in the tail (none, the usual: reads need not look for them)."""
         self._tail_lo = 1
         """Every chunk from this seq up to the high seq is in the tail."""
         self._ops: list[_Op] = []
@@ -1949,9 +1956,15 @@ class Outbox:
             return None
         bit = st.bit
         i = max(bisect.bisect_right(self._tail, pos, key=_FIRST) - 1, 0)
-        rows = [e for e in itertools.islice(self._tail, i, None) if e[1] > pos and e[2] & bit]
-        if any(e[4] for e in rows):
-            return None
+        rows: Iterable[list[Any]]
+        if self._tail_prio:
+            rows = [e for e in itertools.islice(self._tail, i, None) if e[1] > pos and e[2] & bit]
+            if any(e[4] for e in rows):
+                return None
+        else:
+            # Only as far as the batch goes: a sink far behind in a large
+            # tail must not walk all of it for every batch.
+            rows = (e for e in itertools.islice(self._tail, i, None) if e[1] > pos and e[2] & bit)
         acc = _Taken(max_bytes)
         pos, more = acc.scan(rows, pos, high, high, max_records)
         st.pos = pos
@@ -1965,6 +1978,7 @@ class Outbox:
             # Retention changed rows, possibly in the tail: start it afresh.
             tail.clear()
             self._tail_bytes = 0
+            self._tail_prio = 0
             self._tail_lo = res.high_seq + 1
             return
         for op in job.ops:
@@ -1980,6 +1994,7 @@ class Outbox:
             self._tail_bytes += len(data)
             if prio:
                 prio_mask |= pending
+                self._tail_prio += 1
         if prio_mask:
             for st in self._reads.values():
                 if prio_mask & st.bit:
@@ -1988,6 +2003,8 @@ class Outbox:
         k, nbytes = 0, self._tail_bytes
         while k < len(tail) and (len(tail) - k > TAIL_MAX_CHUNKS or nbytes > TAIL_MAX_BYTES):
             nbytes -= len(tail[k][5])
+            if tail[k][4]:
+                self._tail_prio -= 1
             k += 1
         if k:
             self._tail_lo = tail[k - 1][1] + 1
