@@ -89,7 +89,7 @@ from edgeway.ratelimit_log import RateLimitedLog
 from edgeway.reading import Reading
 from edgeway.record_ids import keyed_record_id
 from edgeway.runtime.component import HEALTHY, Health, finish_closing
-from edgeway.sinks.base import Record, record_json_obj, stored_records
+from edgeway.sinks.base import Record, known_records, record_json_obj, stored_records
 from edgeway.storage.sqlite import (
     MetaVersion,
     Migration,
@@ -321,7 +321,8 @@ class ChunkBuilder:
 
     def __init__(self, chunk_max: int = CHUNK_MAX) -> None:
         self.chunk_max = chunk_max
-        # [seq_first, seq_last, pending, created, size, priority, texts, msg_ids or None]
+        # [seq_first, seq_last, pending, created, size, priority, texts, msg_ids or None,
+        #  device ids or None (not known for every record)]
         self._chunks: list[list[Any]] = []
 
     def add(
@@ -333,9 +334,12 @@ class ChunkBuilder:
         pending: int,
         priority: int,
         created: float,
+        devices: Sequence[str] | None = None,
     ) -> None:
         """Records ``first``, ``first + 1``, ... with these texts, sizes and
-        device message ids (None: none has one), all for the same sinks."""
+        device message ids (None: none has one), all for the same sinks;
+        ``devices``: their device ids, when their record ids are the
+        outbox's own (see :meth:`rows`)."""
         i, n = 0, len(texts)
         chunk_max = self.chunk_max
         chunks = self._chunks
@@ -349,7 +353,7 @@ class ChunkBuilder:
                 or cur[5] != priority
                 or len(cur[6]) >= chunk_max
             ):
-                cur = [seq, seq - 1, pending, created, 0, priority, [], None]
+                cur = [seq, seq - 1, pending, created, 0, priority, [], None, []]
                 chunks.append(cur)
             take = min(n - i, chunk_max - len(cur[6]))
             had = len(cur[6])
@@ -362,18 +366,32 @@ class ChunkBuilder:
                 cur[7].extend(msg_ids[i : i + take])
             elif cur[7] is not None:
                 cur[7].extend([None] * take)
+            if cur[8] is not None:
+                if devices is None:
+                    cur[8] = None
+                else:
+                    cur[8].extend(devices[i : i + take])
             i += take
 
-    def rows(self, *, keep_open: bool = False) -> list[tuple[Any, ...]]:
+    def rows(
+        self, *, keep_open: bool = False, devices: dict[int, list[str]] | None = None
+    ) -> list[tuple[Any, ...]]:
         """The chunks as ``chunks`` rows (for :data:`INSERT_CHUNK`), taken out
-        of the builder; ``keep_open`` keeps the last one to go on filling."""
+        of the builder; ``keep_open`` keeps the last one to go on filling.
+        ``devices`` gets, by first sequence number, the device ids of each
+        chunk whose every record came with one (the in-memory tail keeps them:
+        :func:`edgeway.sinks.base.known_records`)."""
         done = self._chunks[:-1] if keep_open else self._chunks
         self._chunks = self._chunks[-1:] if keep_open and self._chunks else []
         dumps = orjson.dumps
+        if devices is not None:
+            for c in done:
+                if c[8] is not None:
+                    devices[c[0]] = c[8]
         return [
             (first, last, pending, created, size, prio, b"\n".join(texts),
              dumps(msgs) if msgs is not None and any(m is not None for m in msgs) else None)
-            for first, last, pending, created, size, prio, texts, msgs in done
+            for first, last, pending, created, size, prio, texts, msgs, _devices in done
         ]  # fmt: skip
 
 
@@ -482,6 +500,11 @@ class _JobResult:
     error: BaseException | None = None
     chunks: list[tuple[Any, ...]] = field(default_factory=list)
     """The chunk rows this commit inserted (:data:`INSERT_CHUNK` order)."""
+    chunk_devices: dict[int, list[str]] = field(default_factory=dict)
+    """By first sequence number, the device ids of the inserted chunks whose
+    records have ids of the form ``id_prefix + seq`` (all new readings
+    without a message key)."""
+    id_prefix: str = ""
     dropped: bool = False
     """Retention dropped or trimmed rows in this commit."""
     disk_full: bool = False
@@ -788,6 +811,7 @@ class _Writer:
             sizes: list[int] = []
             runs: list[tuple[int, int]] = []  # (start index, priority) where priority changes
             msgs: list[str | None] | None = None
+            devs: list[str] | None = []
             last_prio = -1
             # This loop runs once per reading on the hot path, with the GIL:
             # the usual reading (no tags, no priority) skips record_json_obj.
@@ -795,7 +819,11 @@ class _Writer:
                 sid = str(seq)
                 prio = r.priority
                 key = r.origin.key
-                rid = prefix + sid if key is None else keyed_record_id(r, key)
+                if key is None:
+                    rid = prefix + sid
+                else:
+                    rid = keyed_record_id(r, key)
+                    devs = None
                 if r.tags or prio:
                     obj = record_json_obj(rid, r.device_id, r.ts, r.metrics, r.tags, prio)
                 else:
@@ -812,6 +840,8 @@ class _Writer:
                     msgs.append(msg_id)
                 texts.append(text)
                 sizes.append(len(text) - len(sid) + RECORD_OVERHEAD)  # record_size, inlined
+                if devs is not None:
+                    devs.append(r.device_id)
                 seq += 1
             n = len(texts)
             nbytes = sum(sizes)
@@ -824,7 +854,7 @@ class _Writer:
             total += nbytes
             per_mask[mask] = per_mask.get(mask, 0) + n
             if len(runs) == 1:
-                builder.add(first, texts, sizes, msgs, mask, runs[0][1], now)
+                builder.add(first, texts, sizes, msgs, mask, runs[0][1], now, devs)
             else:
                 runs.append((n, -1))
                 for (start, prio), (end, _) in itertools.pairwise(runs):
@@ -836,10 +866,12 @@ class _Writer:
                         mask,
                         prio,
                         now,
+                        devs[start:end] if devs is not None else None,
                     )
         if not per_mask:
             return
-        res.chunks = builder.rows()
+        res.chunks = builder.rows(devices=res.chunk_devices)
+        res.id_prefix = prefix
         self.conn.executemany(INSERT_CHUNK, res.chunks)
         self.next_seq = seq
         self.total_bytes = total
@@ -1126,6 +1158,11 @@ class _Writer:
                 )
 
 
+_Known = tuple[str, list[str]]
+"""A tail chunk's record id prefix and device ids (its ids are the prefix and
+the sequence number): enough to build its records without parsing them."""
+
+
 class _Taken:
     """Records taken into one batch: texts, sequence numbers, priorities, bytes.
 
@@ -1133,7 +1170,9 @@ class _Taken:
     and the loop over the in-memory tail (:data:`TAIL_MAX_CHUNKS`), so both
     build the same batch from the same chunks."""
 
-    __slots__ = ("max_bytes", "nbytes", "prios", "seqs", "taken", "texts", "whole")
+    __slots__ = (
+        "devices", "max_bytes", "nbytes", "prefix", "prios", "seqs", "taken", "texts", "whole",
+    )  # fmt: skip
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -1144,12 +1183,36 @@ class _Taken:
         self.whole: list[int] = []
         """First seqs of the chunks taken whole ahead of the cursor."""
         self.taken: set[int] = set()
+        self.devices: list[str] | None = []
+        """The records' device ids while every chunk taken came with them
+        (tail entries, :data:`_Known`), else None."""
+        self.prefix: str | None = None
+        """Their record ids' prefix (ids are ``prefix + str(seq)``)."""
 
-    def add_chunk(self, first: int, last: int, size: int, prio: int, data: bytes) -> None:
+    def _know(self, known: _Known | None) -> list[str] | None:
+        """The device list to extend for a chunk with ``known``, or None
+        (and from then on for this batch) if its records cannot be built
+        from it."""
+        devices = self.devices
+        if devices is None:
+            return None
+        if known is None or (self.prefix is not None and known[0] != self.prefix):
+            self.devices = None
+            return None
+        self.prefix = known[0]
+        return devices
+
+    def add_chunk(
+        self, first: int, last: int, size: int, prio: int, data: bytes, known: _Known | None = None
+    ) -> None:
         self.texts.extend(data.split(b"\n"))
         self.seqs.extend(range(first, last + 1))
         self.prios.extend([prio] * (last - first + 1))
         self.nbytes += size
+        devices = self._know(known)
+        if devices is not None:
+            assert known is not None
+            devices.extend(known[1])
 
     def take_whole(self, row: Sequence[Any], room: int) -> bool:
         """Take a chunk whole (read ahead of the cursor) if it fits in ``room``
@@ -1173,14 +1236,15 @@ class _Taken:
         goal = len(texts) + want
         max_bytes = self.max_bytes
         new = after
-        for first, last, _pending, size, prio, data in rows:
+        for first, last, _pending, size, prio, data, *extra in rows:
             if first in self.taken:
                 new = last
                 continue
+            known = extra[0] if extra else None
             start = max(first, after + 1)
             room = goal - len(texts)
             if start == first and last - first + 1 <= room and self.nbytes + size <= max_bytes:
-                self.add_chunk(first, last, size, prio, data)
+                self.add_chunk(first, last, size, prio, data, known)
                 new = last
                 if len(texts) >= goal:
                     return new, new < upper
@@ -1192,6 +1256,10 @@ class _Taken:
                 rsize = record_size(t, seq)
                 if len(texts) >= goal or (texts and self.nbytes + rsize > max_bytes):
                     return seq - 1, True
+                devices = self._know(known)
+                if devices is not None:
+                    assert known is not None
+                    devices.append(known[1][seq - first])
                 texts.append(t)
                 self.seqs.append(seq)
                 self.prios.append(prio)
@@ -1968,7 +2036,12 @@ class Outbox:
         acc = _Taken(max_bytes)
         pos, more = acc.scan(rows, pos, high, high, max_records)
         st.pos = pos
-        records = stored_records(acc.seqs, acc.prios, acc.texts) if acc.texts else []
+        if not acc.texts:
+            records = []
+        elif acc.devices is not None and acc.prefix is not None:
+            records = known_records(acc.seqs, acc.prios, acc.texts, acc.devices, acc.prefix)
+        else:
+            records = stored_records(acc.seqs, acc.prios, acc.texts)
         return Batch(sink, records, acc.nbytes, pos, False, more, st.rewinds)
 
     def _tail_add(self, job: _Job, res: _JobResult) -> None:
@@ -1989,8 +2062,21 @@ class Outbox:
                     if i < len(tail) and tail[i][0] == first:
                         tail[i][2] &= clear
         prio_mask = 0
+        known = res.chunk_devices
+        prefix = res.id_prefix
         for first, last, pending, _created, size, prio, data, _msgs in res.chunks:
-            tail.append([first, last, pending, size, prio, data])
+            devices = known.get(first)
+            tail.append(
+                [
+                    first,
+                    last,
+                    pending,
+                    size,
+                    prio,
+                    data,
+                    None if devices is None else (prefix, devices),
+                ]
+            )
             self._tail_bytes += len(data)
             if prio:
                 prio_mask |= pending

@@ -143,6 +143,31 @@ def stored_records(
     return out
 
 
+def known_records(
+    seqs: Sequence[int],
+    priorities: Sequence[int],
+    texts: Sequence[bytes],
+    devices: Sequence[str],
+    prefix: str,
+) -> list[Record]:
+    """:func:`stored_records` for texts whose device ids are known and whose
+    record ids are ``prefix + str(seq)`` (the outbox's in-memory tail keeps
+    both for the records it just stored): the same records, without cutting
+    the two strings out of each text (0.55 -> 0.2 us per record)."""
+    new = object.__new__
+    out: list[Record] = []
+    append = out.append
+    for seq, prio, text, dev in zip(seqs, priorities, texts, devices, strict=True):
+        r = new(Record)
+        r.id = prefix + str(seq)
+        r.seq = seq
+        r.device_id = dev
+        r.priority = prio
+        r.json = text
+        append(r)
+    return out
+
+
 def record_json_obj(
     record_id: str,
     device_id: str,
