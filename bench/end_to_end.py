@@ -339,6 +339,8 @@ CASES = {
     "mqtt-default-c1": Case("mqtt", tuned=False, connections=1),
     "mqtt-default-c2": Case("mqtt", tuned=False, connections=2),
     "mqtt-default-c4": Case("mqtt", tuned=False, connections=4),
+    "mqtt-default-c8": Case("mqtt", tuned=False, connections=8),
+    "mqtt-default-c16": Case("mqtt", tuned=False, connections=16),
     "mqtt311-default": Case("mqtt", "3.1.1", tuned=False),
     "client": Case("mqtt", client_mode=True),
     "client-default": Case("mqtt", tuned=False, client_mode=True),
