@@ -282,6 +282,47 @@ async def test_auto_connections_follow_the_receive_maximum(
     assert_delivered_in_order(got, [r for b in batches for r in b])
 
 
+@pytest.mark.parametrize(
+    ("protocol", "extra", "expected", "behind"),
+    [
+        ("5", "", 4, 16),  # Receive Maximum 20: 80 in flight, 320 while behind
+        ("5", "max_inflight_messages 40", 2, 8),
+        ("5", "max_inflight_messages 100", 1, 4),
+        ("3.1.1", "", 1, 1),
+    ],
+)
+async def test_auto_opens_more_connections_while_behind(
+    tmp_path: Path, protocol: str, extra: str, expected: int, behind: int
+) -> None:
+    """``connections: auto`` while the sink is behind (a batch of 500
+    messages or more): about 320 publishes in flight (at most 16
+    connections); batches after it that are small again go out on the usual
+    few, the extra connections idle. Each device's order holds throughout."""
+    # The first batch connects the first connection, whose window decides.
+    small = [records(300, 300 * k, devices=40) for k in range(2)]
+    large = [records(2000, 600, devices=100), records(600, 2600, devices=100)]
+    after = [records(300, 3200 + 300 * k, devices=40) for k in range(2)]
+    with broker_and_subscriber(tmp_path, extra) as (broker, sub):
+        sink = make_sink(broker.port, protocol=protocol)
+        try:
+            got, ids = await deliver(sink, sub, small)
+            assert ids == {"edgeway-gw1-cloud"} | {
+                f"edgeway-gw1-cloud-{i}" for i in range(1, expected)
+            }
+            got2, ids = await deliver(sink, sub, large)
+            assert ids == {"edgeway-gw1-cloud"} | {
+                f"edgeway-gw1-cloud-{i}" for i in range(1, behind)
+            }
+            extra_conns = [c for c in sink._conns[expected:] if c is not None]
+            assert len(extra_conns) == behind - expected
+            before = [c.window.writes for c in extra_conns]
+            got3, _ids = await deliver(sink, sub, after)
+            assert [c.window.writes for c in extra_conns] == before  # idle
+        finally:
+            await sink.close()
+    assert_delivered_in_order(got + got2 + got3, [r for b in small + large + after for r in b])
+
+
 async def test_auto_goes_on_without_an_extra_connection_the_broker_refuses(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -295,7 +336,7 @@ async def test_auto_goes_on_without_an_extra_connection_the_broker_refuses(
         try:
             got, _ids = await deliver(sink, sub, batches)
             assert sink._active == 2
-            assert [c is not None for c in sink._conns] == [True, True, False, False]
+            assert [c is not None for c in sink._conns] == [True, True] + [False] * 14
             assert "going on with 2 connections" in caplog.text
         finally:
             await sink.close()

@@ -134,7 +134,11 @@ _TOPIC_CACHE_MAX = 100_000
 _H = struct.Struct(">H")
 _AUTO_INFLIGHT = 80
 """``connections: auto``: publishes in flight to aim for (see :meth:`MqttSink._auto_connections`)."""
-_AUTO_CONNECTIONS_MAX = 4
+_AUTO_INFLIGHT_BEHIND = 320
+"""``connections: auto``: publishes in flight to aim for while the sink is behind."""
+_AUTO_BEHIND_MESSAGES = 500
+"""``connections: auto``: a batch of at least this many messages means the sink is behind."""
+_AUTO_CONNECTIONS_MAX = 16
 # Seconds a graceful DISCONNECT may take before the socket is aborted.
 _CLOSE_TIMEOUT = 2.0
 
@@ -194,9 +198,11 @@ class MqttSinkOptions(BatchOptions):
     their order on one connection). ``auto``: one, and up to four when the
     broker's MQTT 5 Receive Maximum allows fewer than 80 unacknowledged
     publishes per connection (Mosquitto's default: 20), so that about 80 are
-    in flight; an extra connection the broker refuses is done without. Client
-    ids after the first get ``-1``, ``-2``, ... appended. The cloud presets
-    (one connection per identity) use 1 and refuse more."""
+    in flight; while the sink is behind (batches of 500 messages or more),
+    up to 16, about 320 in flight (opened then, left idle once caught up); an
+    extra connection the broker refuses is done without. Client ids after
+    the first get ``-1``, ``-2``, ... appended. The cloud presets (one
+    connection per identity) use 1 and refuse more."""
     max_records: int = Field(default=2000, ge=1, le=100_000)
     """Records per batch. A batch keeps the window full (refilled as PUBACKs
     come) and then waits for its last PUBACKs, during which the broker works
@@ -693,6 +699,8 @@ class MqttSink(Sink):
         self._locks = [asyncio.Lock() for _ in range(size)]
         self._active = 1 if self._auto else size
         """Connections a batch is shared out to."""
+        self._active_behind = self._active
+        """Connections a batch is shared out to while the sink is behind."""
 
     def _command_topic(self, key: str, is_filter: bool) -> str:
         """Option ``key`` formatted; a topic filter when ``is_filter``, else a topic name."""
@@ -896,18 +904,26 @@ class MqttSink(Sink):
         publishes, and while the gateway's event loop is busy taking readings
         in, every turn of the loop moves at most 20 records out; four
         connections move 80 (bench/results/end_to_end-2026-12-07-mqtt5.md).
+        While the sink is behind (a batch of :data:`_AUTO_BEHIND_MESSAGES`
+        or more) it aims for :data:`_AUTO_INFLIGHT_BEHIND` instead (16
+        connections of 20): the extra ones are opened by the first such batch
+        and stay open, idle, once it has caught up
+        (bench/results/end_to_end-2026-12-07-connections.md).
         """
         n = min(len(self._conns), -(-_AUTO_INFLIGHT // window))
-        if n != self._active:
+        behind = min(len(self._conns), -(-_AUTO_INFLIGHT_BEHIND // window))
+        if (n, behind) != (self._active, self._active_behind):
             logger.info(
                 "sink %s: the broker allows %d unacknowledged publishes per connection: "
-                "using %d connection%s",
+                "using %d connection%s (%d while behind)",
                 self.name,
                 window,
                 n,
                 "" if n == 1 else "s",
+                behind,
             )
         self._active = n
+        self._active_behind = behind
 
     # -- Sink -------------------------------------------------------------
 
@@ -928,7 +944,7 @@ class MqttSink(Sink):
         if not records:
             return
         messages = self.encode(records)
-        n = self._active
+        n = self._active_behind if len(messages) >= _AUTO_BEHIND_MESSAGES else self._active
         if n == 1:
             await self._publish_on(0, messages)
             return
@@ -955,14 +971,16 @@ class MqttSink(Sink):
                     # An extra connection of `auto` that the broker will not
                     # take (a connection limit, an ACL on client ids): the
                     # others take its share, now and until the first connects again.
-                    logger.warning(
-                        "sink %s: going on with %d connection%s: %s",
-                        self.name,
-                        i,
-                        "" if i == 1 else "s",
-                        e,
-                    )
+                    if i < self._active_behind:  # once, not for each refused
+                        logger.warning(
+                            "sink %s: going on with %d connection%s: %s",
+                            self.name,
+                            i,
+                            "" if i == 1 else "s",
+                            e,
+                        )
                     self._active = min(self._active, i)
+                    self._active_behind = min(self._active_behind, i)
                     return
                 self.state.connected = True
                 try:
