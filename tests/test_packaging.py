@@ -89,7 +89,9 @@ def test_every_third_party_import_is_declared() -> None:
         assert names, f"{module} is imported but not installed here"
         if not names & runtime:
             undeclared[module] = sorted(names)
-    assert undeclared == {}, f"imported, not in dependencies or sinks/protocols/ble/ml: {undeclared}"
+    assert undeclared == {}, (
+        f"imported, not in dependencies or sinks/protocols/ble/ml: {undeclared}"
+    )
 
 
 def _optional_libraries() -> list[tuple[str, OptionalLibrary]]:

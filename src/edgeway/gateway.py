@@ -785,9 +785,7 @@ class Gateway:
             gateway_id=cfg.gateway.id,
             credentials_from_config=self.authenticator is None,
             devices_have_credentials=self._devices_have_credentials,
-            on_broker_started=(
-                self.devices.attach_broker if self.devices is not None else None
-            ),
+            on_broker_started=(self.devices.attach_broker if self.devices is not None else None),
         )
         self.embedded, self.broker = embedded, embedded.broker
         self.listeners = embedded.listeners  # one list: a reload edits it in place

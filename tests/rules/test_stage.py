@@ -103,21 +103,21 @@ async def test_a_failed_state_write_takes_the_stored_state_back(tmp_path: Path) 
     stage = RuleStage(parse_config(CONFIG).rules, tmp_path, targets=ActionTargets())
     await stage.open()
     try:
-        real = stage.store.write
+        real = stage.store._commit
 
-        def failing(out):  # type: ignore[no-untyped-def]
-            fut = asyncio.get_running_loop().create_future()
-            fut.set_exception(sq.OperationalError("disk I/O error"))
-            return fut
+        def failing(batch, conn):  # type: ignore[no-untyped-def]
+            # The batch's commit fails on the writer thread, as on a full disk.
+            real(batch, conn)
+            raise sq.OperationalError("disk I/O error")
 
-        stage.store.write = failing  # type: ignore[method-assign]
+        stage.store._commit = failing  # type: ignore[method-assign]
         fut = stage.observe([reading(90)])
         assert fut is not None
         try:
             await fut
         except sq.OperationalError:
             pass
-        stage.store.write = real  # type: ignore[method-assign]
+        stage.store._commit = real  # type: ignore[method-assign]
         for _ in range(100):  # the failure's callback runs on the loop's next turns
             if stage.failed_writes and stage._resyncing is None:
                 break

@@ -61,7 +61,11 @@ async def push(gw: Gateway, name: str, params: dict[str, Any]) -> Command:
 
 
 def signed(text: str, version: int, key: Path) -> dict[str, Any]:
-    return {"version": version, "config": text, "signature": sign(key, signed_message(version, text))}
+    return {
+        "version": version,
+        "config": text,
+        "signature": sign(key, signed_message(version, text)),
+    }
 
 
 async def test_apply_status_idempotent_and_stale(

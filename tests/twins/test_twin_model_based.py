@@ -141,10 +141,11 @@ class TwinMachine(RuleBasedStateMachine):
         for d in DEVICES:
             twin = self.loop.run_until_complete(self.svc.get(d))
             m = self.model[d]
-            assert (twin.desired_version, twin.reported_version) == (m["desired_v"], m["reported_v"])
+            assert (twin.desired_version, twin.reported_version) == (
+                m["desired_v"],
+                m["reported_v"],
+            )
 
 
-TwinMachine.TestCase.settings = settings(
-    max_examples=100, stateful_step_count=100, deadline=None
-)
+TwinMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=100, deadline=None)
 test_twin_store_against_a_reference_model = TwinMachine.TestCase

@@ -129,7 +129,11 @@ async def test_mqtt_device_follows_desired_and_reports(running: Running) -> None
     try:
         await asyncio.to_thread(dev.connect)
         (first,) = await asyncio.to_thread(dev.wait, "deltas", 1)
-        assert first == {"version": 1, "reported_version": 0, "delta": {"setpoint": 42, "mode": "auto"}}
+        assert first == {
+            "version": 1,
+            "reported_version": 0,
+            "delta": {"setpoint": 42, "mode": "auto"},
+        }
         # The operator changes desired through the admin API: the delta follows.
         async with httpx.AsyncClient(base_url=running.admin, timeout=10) as api:
             r = await api.patch("/api/devices/pump-1/twin/desired", json={"setpoint": 45})
@@ -231,7 +235,12 @@ async def test_cloud_request_and_records_and_cli(running: Running, tmp_path: Pat
     answer = await accept(
         gw.commands,
         orjson.dumps(
-            {"id": "t-1", "device_id": "pump-3", "name": "twin.desired", "params": {"patch": {"rpm": 900}}}
+            {
+                "id": "t-1",
+                "device_id": "pump-3",
+                "name": "twin.desired",
+                "params": {"patch": {"rpm": 900}},
+            }
         ),
         "cloud:test",
     )
@@ -269,7 +278,10 @@ async def test_cloud_request_and_records_and_cli(running: Running, tmp_path: Pat
                 for line in f.read_bytes().splitlines()
                 if b'"twin"' in line
             ]
-    assert {(r["device_id"], r["metrics"]["version"]) for r in recs} >= {("pump-3", 1), ("pump-3", 2)}
+    assert {(r["device_id"], r["metrics"]["version"]) for r in recs} >= {
+        ("pump-3", 1),
+        ("pump-3", 2),
+    }
 
 
 async def test_a_client_id_alone_does_not_make_a_device(tmp_path: Path) -> None:

@@ -126,9 +126,7 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def open_private_db(
-    path: Path, busy_timeout: float, schema: str, name: str
-) -> sqlite3.Connection:
+def open_private_db(path: Path, busy_timeout: float, schema: str, name: str) -> sqlite3.Connection:
     """A small credential store's SQLite file, created readable by its owner
     only (only hashes inside, but names and roles are nobody else's business),
     with the shared helper's pragmas (WAL, synchronous=NORMAL) and migrations

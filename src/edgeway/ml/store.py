@@ -225,7 +225,9 @@ class ModelStore:
     def _verify(self, digest: bytes, signature: bytes | None) -> str | None:
         if signature is None:
             if self.require_signature:
-                raise ModelError("unsigned", "models.require_signature is on: a signature is needed")
+                raise ModelError(
+                    "unsigned", "models.require_signature is on: a signature is needed"
+                )
             return None
         if not self.keys:
             raise ModelError("unsigned", "a signature was given but models.keys holds no key")

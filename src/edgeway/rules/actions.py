@@ -349,6 +349,7 @@ class ActionRunner:
         """Wait until every action started so far is carried out and marked
         done on disk (tests, bench)."""
         while self._chains or self._webhooks or self._marks or self._settling:
+            self.store.flush_marks()  # not MARK_DELAY later
             await asyncio.wait(
                 [*self._chains.values(), *self._webhooks, *self._marks, *self._settling]
             )

@@ -229,26 +229,29 @@ class RuleStage:
         return fut
 
     def _store(self, out: RuleOutput) -> asyncio.Future[list[StoredAction]]:
-        fut = self.store.write(out)
+        fut = self.store.write(out, self._stored)
         self._writes.add(fut)
-        fut.add_done_callback(self._stored)
+        fut.add_done_callback(self._write_done)
         return fut
 
-    def _stored(self, fut: asyncio.Future[list[StoredAction]]) -> None:
+    def _write_done(self, fut: asyncio.Future[list[StoredAction]]) -> None:
         self._writes.discard(fut)
-        if fut.cancelled():
-            return
-        e = fut.exception()
-        if e is not None:
+        if not fut.cancelled():
+            fut.exception()  # handled by _stored; a timer's write has no other reader
+
+    def _stored(self, result: list[StoredAction] | BaseException) -> None:
+        """The commit of a write is known (called in the callback that learns
+        of it: a rule's command leaves a loop turn sooner)."""
+        if isinstance(result, BaseException):
+            e = result
             # Nothing of it is durable: the device is not acknowledged either
             # (the pipeline joins this future) and sends again.
             self.failed_writes += 1
             log.error("rules: state not stored: %s; taking the stored state back", e)
             self._resync()
             return
-        actions = fut.result()
-        if actions:
-            self.runner.run(actions)
+        if result:
+            self.runner.run(result)
 
     def _resync(self) -> None:
         """After a failed write the engine's memory is ahead of the disk (a

@@ -735,9 +735,7 @@ class HttpFleet(_PushFleet):
         self.token = token
         self.tokens = tokens or {}
         """Per device: its own bearer token (instead of ``token``)."""
-        self.takes_commands = (
-            bool(token or self.tokens) if poll_commands is None else poll_commands
-        )
+        self.takes_commands = bool(token or self.tokens) if poll_commands is None else poll_commands
         """Long-poll commands: by default when there is a token (the gateway
         wants one for commands, unless ``commands_allow_anonymous``)."""
         self.command_wait = command_wait
@@ -1429,9 +1427,7 @@ async def _simulate(
             )
         elif p == "coap":
             fleets.append(
-                CoapFleet(
-                    devices, host, port, observe_commands=args.coap_commands, tokens=creds
-                )
+                CoapFleet(devices, host, port, observe_commands=args.coap_commands, tokens=creds)
             )
         else:
             fleets.append(HttpFleet(devices, host, port, token=args.token, tokens=creds))

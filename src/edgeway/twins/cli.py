@@ -34,7 +34,7 @@ def add_twin_arguments(p: argparse.ArgumentParser) -> None:
     set_ = sub.add_parser("set", help="set one key of the desired state (dotted path)")
     set_.add_argument("device")
     set_.add_argument("key", help="a.b.c")
-    set_.add_argument("value", help="JSON (42, true, null, \"text\"); other text is a string")
+    set_.add_argument("value", help='JSON (42, true, null, "text"); other text is a string')
     for q in (patch, set_):
         q.add_argument("--if-match", type=int, help="apply only if desired is at this version")
     for q in (show, patch, set_):
