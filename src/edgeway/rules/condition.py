@@ -143,6 +143,9 @@ _WINDOW_FUNCS: dict[str, tuple[Callable[[Samples], float], bool]] = {
 }
 
 
+WINDOW_FUNCS = _WINDOW_FUNCS
+
+
 @dataclass(slots=True, frozen=True)
 class Condition:
     """A compiled condition."""
@@ -156,6 +159,9 @@ class Condition:
     """(metric, seconds) of every window function it uses."""
     twin: bool = False
     """It reads the device twin (``desired(key)``, ``reported(key)``)."""
+    tree: ast.expr | None = None
+    """The checked syntax tree (durations in seconds), for
+    :mod:`edgeway.rules.scan`."""
 
 
 def _window_call(name: str, windows: set[WindowKey]) -> CallBuilder:
@@ -234,5 +240,7 @@ def compile_condition(text: str) -> Condition:
     calls = {name: _window_call(name, windows) for name in _WINDOW_FUNCS}
     calls["desired"] = _twin_call("desired", twin)
     calls["reported"] = _twin_call("reported", twin)
-    fn, names = compile_expr(durations_to_seconds(text), calls=calls, logic=True)
-    return Condition(text, fn, names, frozenset(windows), bool(twin))
+    source = durations_to_seconds(text)
+    fn, names = compile_expr(source, calls=calls, logic=True)
+    tree = ast.parse(source, mode="eval").body
+    return Condition(text, fn, names, frozenset(windows), bool(twin), tree)

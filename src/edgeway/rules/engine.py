@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import heapq
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from edgeway.rules.outputs import (
     SendCommand,
     SetTwinDesired,
 )
+from edgeway.rules.scan import MAX_SCANNED_RULES, Scanner
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,9 @@ tens of thousands; past this, readings of new devices are not evaluated
 grow memory without bound."""
 MATCH_CACHE_MAX = 100_000
 """Entries of the (device, adapter, address) -> rules cache (cleared when full)."""
+SCAN_MIN_RULES = 8
+"""A device's rules are scanned (:mod:`edgeway.rules.scan`) from this many;
+below, the full path costs little."""
 VALUES_IN_TRANSITION = 32
 """Metric values copied into a transition's record: the ones its rule reads,
 at most this many (a record must stay small)."""
@@ -243,18 +248,40 @@ class EngineStats:
     active: int = 0
     devices: int = 0
     devices_refused: int = 0
+    scan_refused: int = 0
+    """Rule sets left without a scanner (MAX_SCANNED_RULES reached): their
+    devices' readings take the full path."""
 
 
 class _Group:
     """Rules evaluated at one point of the pipeline (the front, or one route's
     ``rules`` step), with the devices' values and windows as seen there."""
 
-    __slots__ = ("cache", "dynamic", "scopes", "static", "windowed")
+    __slots__ = (
+        "building",
+        "cache",
+        "dynamic",
+        "scan",
+        "scanned",
+        "scanners",
+        "scopes",
+        "static",
+        "stats",
+        "windowed",
+    )
 
-    def __init__(self, rules: Sequence[CompiledRule]) -> None:
+    def __init__(self, rules: Sequence[CompiledRule], stats: EngineStats, scan: bool) -> None:
+        self.scan = scan
         self.static = [r for r in rules if not r.dynamic]
         self.dynamic = [r for r in rules if r.dynamic]
-        self.cache: dict[tuple[str, str, str], tuple[CompiledRule, ...]] = {}
+        self.stats = stats
+        self.cache: dict[tuple[str, str, str], tuple[tuple[CompiledRule, ...], Scanner | None]] = {}
+        """(device, adapter, address) -> the static rules it matches, and their scanner."""
+        self.scanners: dict[tuple[CompiledRule, ...], Scanner] = {}
+        """One per distinct rule set (devices matching the same rules share it)."""
+        self.scanned = 0
+        """Rule slots in :attr:`scanners` (bounded by MAX_SCANNED_RULES)."""
+        self.building: list[Scanner] = []
         self.scopes: dict[str, Scope] = {}
         self.windowed: dict[str, list[WindowKey]] = {}
         """Metric -> the windows (metric, seconds) these rules read of it."""
@@ -264,16 +291,40 @@ class _Group:
                 if key not in keys:
                     keys.append(key)
 
-    def rules_for(self, r: Reading) -> Sequence[CompiledRule]:
+    def rules_for(self, r: Reading) -> tuple[Sequence[CompiledRule], Scanner | None]:
+        """The rules ``r`` concerns, and the scanner of the leading
+        ``len(scanner.rules)`` of them when it is built."""
         key = (r.device_id, r.origin.adapter, r.origin.address)
-        hit = self.cache.get(key)
-        if hit is None:
+        entry = self.cache.get(key)
+        if entry is None:
             if len(self.cache) >= MATCH_CACHE_MAX:
                 self.cache.clear()
-            hit = self.cache[key] = tuple(x for x in self.static if x.static_match(r))
+            hit = tuple(x for x in self.static if x.static_match(r))
+            entry = self.cache[key] = (hit, self._scanner(hit))
+        hit, scanner = entry
+        if scanner is not None and not scanner.ready:
+            scanner = None
         if not self.dynamic:
-            return hit
-        return [*hit, *(x for x in self.dynamic if x.matcher.matches(r))]
+            return hit, scanner
+        return [*hit, *(x for x in self.dynamic if x.matcher.matches(r))], scanner
+
+    def _scanner(self, rules: tuple[CompiledRule, ...]) -> Scanner | None:
+        if not self.scan or len(rules) < SCAN_MIN_RULES:
+            return None
+        scanner = self.scanners.get(rules)
+        if scanner is None:
+            if self.scanned + len(rules) > MAX_SCANNED_RULES:
+                self.stats.scan_refused += 1
+                return None
+            scanner = self.scanners[rules] = Scanner(rules)
+            self.scanned += len(rules)
+            self.building.append(scanner)
+        return scanner
+
+    def build_step(self) -> None:
+        """Build one slice of a scanner waiting to be built."""
+        if self.building and self.building[0].build_next():
+            self.building.pop(0)
 
 
 class RuleEngine:
@@ -292,7 +343,11 @@ class RuleEngine:
         wall: Callable[[], float],
         max_devices: int = MAX_DEVICES,
         stepped: Mapping[str, Sequence[str]] | None = None,
+        scan: bool = True,
     ) -> None:
+        """``scan``: skip idle rules whose ``when`` does not hold with a
+        generated scan (:mod:`edgeway.rules.scan`); False evaluates every
+        rule in full (the reference the scan is tested against)."""
         self.rules = {r.name: CompiledRule(r) for r in rules if r.enabled}
         self.clock = clock
         self.wall = wall
@@ -301,9 +356,11 @@ class RuleEngine:
         self.stats = EngineStats(rules=len(self.rules))
         stepped = stepped or {}
         claimed = {n for names in stepped.values() for n in names}
-        self.front = _Group([r for r in self.rules.values() if r.name not in claimed])
+        self.front = _Group(
+            [r for r in self.rules.values() if r.name not in claimed], self.stats, scan
+        )
         self.steps = {
-            sid: _Group([self.rules[n] for n in names if n in self.rules])
+            sid: _Group([self.rules[n] for n in names if n in self.rules], self.stats, scan)
             for sid, names in stepped.items()
         }
         self._group_of: dict[str, _Group] = {}
@@ -378,9 +435,11 @@ class RuleEngine:
             return out
         t, wall = self.clock(), self.wall()
         windowed = group.windowed
+        states = self.states
+        group.build_step()
         for r in readings:
             self.stats.readings += 1
-            rules = group.rules_for(r)
+            rules, scanner = group.rules_for(r)
             if not rules:
                 continue
             scope = self._scope(group, r.device_id)
@@ -400,12 +459,23 @@ class RuleEngine:
                         if samples is None:
                             samples = scope.windows[key] = Samples(key[1])
                         samples.add(t, v)
-            for rule in rules:
+            device_id = r.device_id
+            if scanner is not None:
+                # Only the rules that are not idle, or whose `when` holds or is
+                # not decided by the scan, go through the state machine; for the
+                # others nothing would change (edgeway.rules.scan).
+                n = len(scanner.rules)
+                self.stats.evaluations += n
+                todo: Iterable[CompiledRule] = [rules[i] for i in scanner(scope, states, device_id)]
+                rest: Sequence[CompiledRule] = rules[n:]
+            else:
+                todo, rest = (), rules
+            for rule in itertools.chain(todo, rest):
                 if rule.names and rule.names.isdisjoint(metrics):
                     continue  # (a rule naming no metric, only the twin: every reading)
                 if rule.metrics is not None and not any(rule.metrics(k) for k in metrics):
                     continue
-                self._evaluate(rule, r.device_id, scope, t, wall, out, timer=False)
+                self._evaluate(rule, device_id, scope, t, wall, out, timer=False)
         return out
 
     # ------------------------------------------------------------ timers
