@@ -35,8 +35,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import math
 import multiprocessing as mp
+import operator
 import os
 import statistics
 import subprocess
@@ -130,6 +133,47 @@ async def memory_per_rule(n: int, devices: int) -> dict[str, Any]:
         "us_per_evaluation": round(elapsed / evals * 1e6, 2),
         "note": "in-process engine under tracemalloc (slower than without it)",
     }
+
+
+def engine_cost(n: int, devices: int, readings: int = 20_000) -> dict[str, Any]:
+    """CPU time of the rule engine alone per reading (``--rules / --devices``
+    rules each), with the generated scan and with every rule evaluated in
+    full; best of 3 passes after the windows are full."""
+    import inspect
+
+    import yaml
+
+    from edgeway.reading import Origin, Reading
+    from edgeway.rules.config import RuleConfig
+    from edgeway.rules.engine import RuleEngine
+
+    cfgs = [RuleConfig.model_validate(r) for r in yaml.safe_load(rules_yaml(n, devices))["rules"]]
+    origins = [Origin("mqtt", f"devices/dev-{d}/telemetry") for d in range(devices)]
+    batch = [
+        [Reading(f"dev-{d}", 0.0, {"t": 20.0 + (k % 7) * 0.1}, origins[d]) for d in range(devices)]
+        for k in range(readings // devices)
+    ]
+    out: dict[str, Any] = {}
+    modes = [("scan", True), ("full", False)]
+    if "scan" not in inspect.signature(RuleEngine).parameters:
+        modes = [("full", True)]  # code from before the scan (a baseline run)
+    for label, scan in modes:
+        clock = [1000.0]
+        kw = {"scan": scan} if len(modes) == 2 else {}
+        now = functools.partial(operator.getitem, clock, 0)
+        engine = RuleEngine(cfgs, clock=now, wall=now, **kw)
+        for b in batch[:1000]:  # 10 s of readings: the windows are full
+            clock[0] += 0.01
+            engine.observe(b)
+        best = math.inf
+        for _ in range(3):
+            t0 = time.process_time()
+            for b in batch:
+                clock[0] += 0.01
+                engine.observe(b)
+            best = min(best, time.process_time() - t0)
+        out[f"{label}_us_per_reading"] = round(best / readings * 1e6, 1)
+    return out
 
 
 class Devices:
@@ -417,6 +461,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     out: dict[str, Any] = {}
+    out["engine"] = engine_cost(args.rules, args.devices)
+    print(json.dumps(out["engine"]), flush=True)
     if not args.skip_memory:
         out["memory"] = asyncio.run(memory_per_rule(args.rules, args.devices))
         print(json.dumps(out["memory"], indent=2), flush=True)
