@@ -314,3 +314,90 @@ async def test_a_rule_command_goes_out_before_the_queue_commits_and_survives_los
         await stage.close()
     finally:
         await commands.close()
+
+
+async def test_the_command_leaves_before_the_fsync_and_the_reading_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """With fsync durability the transition is committed to the WAL on the
+    event loop and its command leaves in the same turn; the fsync follows on
+    the store's thread, and the reading's future (its acknowledgement)
+    resolves only after it. With the store's thread blocked (no fsync can
+    happen), the command still reaches the device, the transition is in
+    rules.db for any other connection, and the reading is not acknowledged."""
+    import asyncio
+    import threading
+
+    commands = CommandService(tmp_path, CommandsSection(), durability="os")
+    await commands.open()
+    device = RecordingDownlink()
+    commands.add_downlink(device)
+    stage = RuleStage(
+        parse_config(CONFIG).rules,
+        tmp_path,
+        targets=ActionTargets(commands=commands),
+        durability="fsync",
+    )
+    await stage.open()
+    gate = threading.Event()
+    try:
+        stage.start_actions()
+        stage.store.db.read(lambda conn: gate.wait(10))  # the store's thread is stuck
+        fut = stage.observe([reading(90)])
+        assert fut is not None
+        await asyncio.wait_for(device.got.wait(), 5)
+        assert device.payloads[0]["name"] == "fan"
+        with sqlite3.connect(tmp_path / "rules.db") as conn:
+            rows = conn.execute("SELECT rule, seq, state FROM transitions").fetchall()
+        assert rows == [("hot", 1, "set")]
+        await asyncio.sleep(0.2)
+        assert not fut.done()  # not fsynced: the device is not acknowledged yet
+        gate.set()
+        await asyncio.wait_for(fut, 5)
+    finally:
+        gate.set()
+        await stage.close()
+        await commands.close()
+
+
+async def test_a_transition_made_again_after_a_power_cut_sends_the_same_command_id(
+    tmp_path: Path,
+) -> None:
+    """A power cut between the commit and its fsync can lose a transition
+    whose command already left; the device sends its reading again (it was
+    not acknowledged) and the transition is made again: its command carries
+    the same id, so a device that remembers ids runs it once. A rules.db made
+    afresh (another salt) gives other ids."""
+    import asyncio
+
+    async def first_command_id(data: Path) -> Any:
+        commands = CommandService(data, CommandsSection(), durability="os")
+        await commands.open()
+        device = RecordingDownlink()
+        commands.add_downlink(device)
+        stage = await open_stage(data, commands)
+        try:
+            stage.start_actions()
+            fut = stage.observe([reading(90)])
+            assert fut is not None
+            await fut
+            await asyncio.wait_for(device.got.wait(), 5)
+            await stage.runner.idle()
+            return device.payloads[0]["id"]
+        finally:
+            await stage.close()
+            await commands.close()
+
+    first = await first_command_id(tmp_path)
+    # What the power cut loses: the transition, its journal and the state, and
+    # (its row never fsynced either) the queue's copy.
+    with sqlite3.connect(tmp_path / "rules.db") as conn:
+        conn.execute("DELETE FROM transitions")
+        conn.execute("DELETE FROM rule_state")
+    with sqlite3.connect(tmp_path / "commands.db") as conn:
+        conn.execute("DELETE FROM commands")
+    assert await first_command_id(tmp_path) == first
+
+    other = tmp_path / "other"
+    other.mkdir()
+    assert await first_command_id(other) != first

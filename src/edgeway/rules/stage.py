@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +36,6 @@ from edgeway.rules.store import (
     RuleStore,
     StoredAction,
     load_states,
-    purge_history,
 )
 from edgeway.rules.targets import ActionTargets, TwinTarget
 
@@ -84,7 +84,7 @@ class RuleStage:
     async def open(self) -> None:
         """Open rules.db, take back state and unfinished actions, arm the timers."""
         self._loop = asyncio.get_running_loop()
-        loaded = await self.store.open()
+        loaded = await self.store.open(purge_before=time.time() - HISTORY_KEEP)
         clock = self.store.clock
         assert clock is not None
         self.engine = RuleEngine(
@@ -95,8 +95,6 @@ class RuleStage:
         if loaded.waiting:
             log.info("rules: %d actions of earlier transitions to carry out", len(loaded.waiting))
             self.runner.run(loaded.waiting)
-        before = clock.wall() - HISTORY_KEEP
-        self.store.db.write(lambda conn: purge_history(conn, before))
         self._fire()  # durations that ended while the gateway was down
 
     def start_actions(self) -> None:

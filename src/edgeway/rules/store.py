@@ -21,12 +21,14 @@ transition":
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
 import math
+import os
+import secrets
 import sqlite3
-import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ import orjson
 from edgeway.outbox.ageclock import AgeClock
 from edgeway.rules.engine import RuleOutput, RuleState
 from edgeway.rules.outputs import Action, SendCommand, action_from_json, action_to_json
-from edgeway.storage.sqlite import Database, StorageError
+from edgeway.storage.sqlite import Database, StorageError, connect
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +106,16 @@ class Loaded:
 
 MARK_DELAY = 1.0
 """Seconds an action's "done" mark may wait for the next transition's commit
-before it is committed alone. A mark is not on any path (a mark lost to a
-kill only means the action is taken up again at the start, with the same
-command id and key: not queued twice), and committing one alone would put a
-commit ahead of the next transition's, which a command is waiting for."""
+before it is committed alone. A mark is on no path (a mark lost to a kill
+only means the action is taken up again at the start, with the same command
+id and key: not queued twice)."""
+
+WAL_CHECKPOINT_BYTES = 4 << 20
+"""WAL size from which the sync job folds it into the database (a passive
+checkpoint, on the store's thread)."""
+WRITE_BUSY_TIMEOUT = 0.2
+"""Seconds the loop's connection waits for the write lock (only another
+program writing rules.db holds it: an edgeway command, a copy tool)."""
 
 
 @dataclass(slots=True)
@@ -125,46 +133,95 @@ class _Piece:
 
 @dataclass(slots=True)
 class _Batch:
-    """What the next commit of ``rules.db`` stores: every write and mark made
-    while the commit before it was in progress, in a few ``executemany``
-    calls (each SQLite call hands the GIL over and back: with a busy event
-    loop that costs up to a switch interval, so the calls per commit are
-    kept to a handful, however many writes ride in it)."""
+    """What one commit of ``rules.db`` stores: every write and mark made in
+    one turn of the event loop."""
 
     pieces: list[_Piece] = field(default_factory=list)
     marks: list[tuple[str | None, int]] = field(default_factory=list)
     mark_futures: list[asyncio.Future[None]] = field(default_factory=list)
-    taken: bool = False
-    """The writer thread began it: what comes now goes into the next batch."""
 
 
 class RuleStore:
-    """The rules' durable state; one :class:`Database` (writer thread), whose
-    commits each carry one :class:`_Batch`."""
+    """The rules' durable state.
+
+    Writes are committed on the event loop's own connection to ``rules.db``
+    (``synchronous=NORMAL``: the commit is written to the WAL, which survives
+    a kill of the process, without waiting for the disk), once per turn of
+    the loop for everything written in that turn (a burst of transitions
+    from many devices shares one commit; a commit is a few ``executemany``
+    calls, 0.1 - 0.3 ms). The transition's actions are carried out right
+    after that commit, so a rule's command leaves with no thread hand-off
+    and no fsync on its path: the turn of the event loop that made the
+    transition sends the command. Then, with ``durability: fsync``, the
+    store's thread fsyncs the WAL, and only then do the futures resolve (the
+    device's reading is acknowledged after it, so what a device was told is
+    stored survives a power cut). Reads and WAL checkpoints run on the
+    thread's own connection (:class:`Database`); nothing else writes.
+
+    What a power cut between the commit and its fsync (about a millisecond)
+    can do: the transition is lost with its command's journal while the
+    command may have left; the device was not acknowledged and sends its
+    reading again, the transition is made again with the same sequence
+    number, and its command gets the same id (ids are derived from the
+    database's salt, the rule, the device, the sequence number and the
+    action's place), so a device that remembers ids runs it once.
+    """
 
     def __init__(self, data_dir: Path, durability: Literal["fsync", "os"] = "fsync") -> None:
+        self.durability = durability
         self.db = Database(
             Path(data_dir) / DB_NAME, migrations=[SCHEMA_V1], durability=durability, name="rules"
         )
         self.clock: AgeClock | None = None
-        self._lock = threading.Lock()
+        self.commits = 0
+        """Commits of the loop's connection (a batch is one)."""
+        self._wconn: sqlite3.Connection | None = None
+        self._wal_fd: int | None = None
+        self._salt = 0
         self._batch: _Batch | None = None
-        """The batch not yet taken by the writer thread (None: none queued)."""
+        """The batch of this turn of the event loop (None: none yet)."""
         self._marks: list[tuple[str | None, int]] = []
         self._mark_futures: list[asyncio.Future[None]] = []
         self._mark_timer: asyncio.TimerHandle | None = None
         self._next_transition = 1
         self._next_action = 1
 
-    async def open(self) -> Loaded:
+    async def open(self, purge_before: float | None = None) -> Loaded:
+        """Open, read back what is stored, delete finished transitions older
+        than ``purge_before`` (wall clock), then take the writes over."""
         await self.db.open()
         loaded = await self.db.read(_load)
+        if purge_before is not None:
+            await self.db.write(lambda conn: purge_history(conn, purge_before))
+        self._salt = await self.db.write(_salt)
         self._next_transition, self._next_action = loaded.next_ids
         self.clock, _ = AgeClock.resume(loaded.clock, loaded.wall, math.inf)
+        path = self.db.path
+        try:
+            conn = connect(path, "os", busy_timeout=WRITE_BUSY_TIMEOUT)
+            # Checkpoints run on the store's thread (an fsync of the database
+            # file must not hold the event loop); a WAL reset keeps 4 MiB.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn.execute(f"PRAGMA journal_size_limit={WAL_CHECKPOINT_BYTES}")
+            self._wal_fd = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except (sqlite3.Error, OSError) as e:
+            await self.db.close()
+            raise StorageError(f"{path}: {e}") from e
+        self._wconn = conn
         return loaded
 
     async def close(self) -> None:
-        self.flush_marks()
+        """Commit what is waiting (marks, the clock), then close."""
+        if self._wconn is not None:
+            self.flush_marks()
+            if self._batch is not None:
+                self._flush()
+            await self._sync_now()
+            self._wconn.close()
+            self._wconn = None
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
         await self.db.close()
 
     def write(
@@ -172,10 +229,10 @@ class RuleStore:
         out: RuleOutput,
         then: Callable[[list[StoredAction] | BaseException], None] | None = None,
     ) -> asyncio.Future[list[StoredAction]]:
-        """Store ``out`` (states, transitions, actions, the clock) in the next
-        commit; the future gives the actions to carry out. ``then`` is called
-        with them (or the exception) in the callback that learns of the
-        commit, a turn of the event loop before the future's callbacks."""
+        """Store ``out`` (states, transitions, actions, the clock) in this
+        turn's commit. ``then`` is called with the actions to carry out (or
+        the exception) right after the commit; the future resolves with them
+        once the commit is durable (fsynced with ``durability: fsync``)."""
         assert self.clock is not None
         states = [
             (rule, dev, int(s.active), s.since, s.seq, s.cooldown_until)
@@ -190,8 +247,8 @@ class RuleStore:
             tid = self._next_transition
             self._next_transition += 1
             rows.append((tid, t.rule, t.device_id, t.seq, t.state, t.at, orjson.dumps(t.to_json())))
-            for a in t.actions:
-                a = _with_command_id(a)
+            for k, a in enumerate(t.actions):
+                a = _with_command_id(a, self._salt, t.id, k)
                 aid = self._next_action
                 self._next_action += 1
                 action_rows.append((aid, tid, orjson.dumps(action_to_json(a))))
@@ -200,10 +257,9 @@ class RuleStore:
         piece = _Piece(
             states, rows, action_rows, stored, (self.clock.now(), self.clock.wall()), fut, then
         )
-        with self._lock:
-            batch = self._open_batch()
-            batch.pieces.append(piece)
-            self._take_marks(batch)
+        batch = self._open_batch()
+        batch.pieces.append(piece)
+        self._take_marks(batch)
         return fut
 
     def mark_done(self, action_id: int, error: str | None) -> asyncio.Future[None]:
@@ -212,51 +268,78 @@ class RuleStore:
         :data:`MARK_DELAY` seconds."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        with self._lock:
-            self._marks.append((error, action_id))
-            self._mark_futures.append(fut)
-            if self._batch is not None:
-                self._take_marks(self._batch)
-                return fut
-        if self._mark_timer is None:
+        self._marks.append((error, action_id))
+        self._mark_futures.append(fut)
+        if self._batch is not None:
+            self._take_marks(self._batch)
+        elif self._mark_timer is None:
             self._mark_timer = loop.call_later(MARK_DELAY, self.flush_marks)
         return fut
 
     def flush_marks(self) -> None:
-        """Commit the waiting "done" marks now (at close, and :data:`MARK_DELAY`
+        """Commit the waiting "done" marks (at close, and :data:`MARK_DELAY`
         after the first of them)."""
         if self._mark_timer is not None:
             self._mark_timer.cancel()
             self._mark_timer = None
-        with self._lock:
-            if not self._marks:
-                return
+        if self._marks:
             self._take_marks(self._open_batch())
 
     def _take_marks(self, batch: _Batch) -> None:
-        # Under self._lock.
         if self._marks:
             batch.marks.extend(self._marks)
             batch.mark_futures.extend(self._mark_futures)
             self._marks, self._mark_futures = [], []
+            if self._mark_timer is not None:
+                self._mark_timer.cancel()
+                self._mark_timer = None
 
     def _open_batch(self) -> _Batch:
-        """The batch the next commit carries (queued for the writer when new).
-        Under self._lock."""
+        """This turn's batch, committed at the end of the turn."""
         batch = self._batch
         if batch is None:
+            if self._wconn is None:
+                raise StorageError(f"{self.db.path}: the rule store is not open")
             batch = self._batch = _Batch()
-            self.db.write_then(
-                functools.partial(self._commit, batch), functools.partial(_committed, batch)
-            )
+            # At the end of this turn of the event loop: the transitions of
+            # readings read in the same turn (a burst from many devices)
+            # share one commit.
+            asyncio.get_running_loop().call_soon(self._flush)
         return batch
 
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, None
+        conn = self._wconn
+        if batch is None or conn is None:
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            self._commit(batch, conn)
+            conn.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as e:
+            # Nothing of this batch is stored (disk full, I/O error).
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            _settle(batch, e)
+            return
+        # Written: a kill of the process can no longer undo it. Carry the
+        # transitions' actions out now, in this turn.
+        for p in batch.pieces:
+            if p.then is not None:
+                try:
+                    p.then(p.stored)
+                except Exception:
+                    log.exception("rules: carrying out a stored transition failed")
+        if self.durability != "fsync":
+            _settle(batch, None)
+            return
+        sync = self.db.read(self._sync)
+        sync.add_done_callback(functools.partial(_synced, batch))
+
     def _commit(self, batch: _Batch, conn: sqlite3.Connection) -> None:
-        """On the writer thread: the batch's rows, in order."""
-        with self._lock:
-            batch.taken = True
-            if self._batch is batch:
-                self._batch = None
+        """The batch's rows, in order."""
         pieces = batch.pieces
         if pieces:
             conn.executemany(_UPSERT_STATE, [row for p in pieces for row in p.states])
@@ -269,11 +352,40 @@ class RuleStore:
         if batch.marks:
             conn.executemany("UPDATE actions SET done = 1, error = ? WHERE id = ?", batch.marks)
 
+    def _sync(self, conn: sqlite3.Connection) -> None:
+        """On the store's thread: the WAL on disk (what the loop committed so
+        far); fold a large WAL into the database."""
+        fd = self._wal_fd
+        if fd is None:
+            return
+        os.fsync(fd)
+        if os.fstat(fd).st_size >= WAL_CHECKPOINT_BYTES:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    async def _sync_now(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.db.read(self._sync)
+
     def checkpoint_clock(self) -> asyncio.Future[None]:
         """Store the clock (at close: the next start resumes from here)."""
         assert self.clock is not None
         now, wall = self.clock.now(), self.clock.wall()
-        return self.db.write(lambda conn: _save_clock(conn, now, wall))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        conn = self._wconn
+        try:
+            if conn is None:
+                raise StorageError(f"{self.db.path}: the rule store is not open")
+            conn.execute("BEGIN IMMEDIATE")
+            _save_clock(conn, now, wall)
+            conn.execute("COMMIT")
+        except (sqlite3.Error, StorageError) as e:
+            if conn is not None and conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            fut.set_exception(e)
+            return fut
+        fut.set_result(None)
+        return fut
 
     def transitions(self, limit: int = 1000) -> asyncio.Future[list[dict[str, Any]]]:
         """The latest transitions, newest first (tests, debugging)."""
@@ -285,6 +397,54 @@ class RuleStore:
             return [orjson.loads(r[0]) for r in rows]
 
         return self.db.read(run)
+
+
+def _settle(batch: _Batch, e: BaseException | None) -> None:
+    """Resolve a batch's futures (and, after a failed commit, tell ``then``)."""
+    for p in batch.pieces:
+        if e is not None and p.then is not None:
+            try:
+                p.then(e)
+            except Exception:
+                log.exception("rules: handling a failed store failed")
+        if not p.future.done():
+            if e is None:
+                p.future.set_result(p.stored)
+            else:
+                p.future.set_exception(e)
+    for f in batch.mark_futures:
+        if not f.done():
+            if e is None:
+                f.set_result(None)
+            else:
+                f.set_exception(e)
+
+
+def _synced(batch: _Batch, sync: asyncio.Future[None]) -> None:
+    """The WAL holding ``batch`` is fsynced (or the fsync failed: then the
+    batch is not known to be durable, and its writes fail; the actions
+    already left, the device is not acknowledged and sends again)."""
+    e = sync.exception() if not sync.cancelled() else StorageError("rules.db: sync cancelled")
+    if e is None:
+        _settle(batch, None)
+        return
+    for p in batch.pieces:
+        if not p.future.done():
+            p.future.set_exception(e)
+    for f in batch.mark_futures:
+        if not f.done():
+            f.set_exception(e)
+
+
+def _salt(conn: sqlite3.Connection) -> int:
+    """This database's salt for command ids (``PRAGMA user_version``, unused
+    otherwise: set once, at random, when the file is new), so a rules.db
+    made afresh does not give old ids to new commands."""
+    salt = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if salt == 0:
+        salt = secrets.randbelow(2**31 - 1) + 1
+        conn.execute(f"PRAGMA user_version={salt}")
+    return salt
 
 
 _UPSERT_STATE = (
@@ -299,32 +459,6 @@ _INSERT_TRANSITION = (
 _INSERT_ACTION = "INSERT INTO actions(id, transition, doc) VALUES (?, ?, ?)"
 
 
-def _committed(batch: _Batch, ok: bool, value: Any) -> None:
-    """On the loop: every write and mark of ``batch`` is on disk (or none is)."""
-    e: BaseException | None = None
-    if not ok:
-        e = value if isinstance(value, BaseException) else StorageError(str(value))
-    for p in batch.pieces:
-        if p.then is not None:
-            try:
-                p.then(p.stored if e is None else e)
-            except Exception:
-                log.exception("rules: handling a stored transition failed")
-        if p.future.done():
-            continue
-        if e is None:
-            p.future.set_result(p.stored)
-        else:
-            p.future.set_exception(e)
-    for f in batch.mark_futures:
-        if f.done():
-            continue
-        if e is None:
-            f.set_result(None)
-        else:
-            f.set_exception(e)
-
-
 def last_firings(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     """Each rule's latest ``set`` transition kept: ``{rule: {device_id, at}}``
     (the rules page of the HMI)."""
@@ -336,12 +470,19 @@ def last_firings(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     return {rule: {"device_id": device_id, "at": at} for rule, device_id, at in rows}
 
 
-def _with_command_id(a: Action) -> Action:
+def _with_command_id(a: Action, salt: int, transition_id: str, index: int) -> Action:
     """A command gets its id when journaled: carried out again after a kill,
-    it reaches the device with the same id (edgeway.rules.actions)."""
+    it reaches the device with the same id (edgeway.rules.actions); made
+    again after a power cut lost its transition, it gets the same id too
+    (derived, not random: see :class:`RuleStore`)."""
     if isinstance(a, SendCommand) and a.command_id is None:
-        return dataclasses.replace(a, command_id=uuid.uuid4().hex)
+        cid = uuid.uuid5(_ID_SPACE, f"{salt}:{transition_id}:{index}").hex
+        return dataclasses.replace(a, command_id=cid)
     return a
+
+
+_ID_SPACE = uuid.UUID("5b7c1e9e-3f0a-4d4e-9a53-0c2b6f1d7e21")
+"""Namespace of the command ids rules derive (uuid5)."""
 
 
 def _save_clock(conn: sqlite3.Connection, now: float, wall: float) -> None:

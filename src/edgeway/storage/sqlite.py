@@ -88,9 +88,6 @@ class _Op(Generic[T]):
     write: bool
     done: threading.Event | None = None
     """Set when the op ran (a :meth:`Database.wait_sync` barrier)."""
-    then: Callable[[bool, Any], None] | None = None
-    """Called on the loop with (ok, result or exception) as soon as the
-    commit is known, before the future's callbacks (:meth:`Database.write_then`)."""
 
 
 def connect(
@@ -348,18 +345,6 @@ class Database:
         its result after COMMIT (or with its exception, rolled back alone)."""
         return self._queue(fn, write=True)
 
-    def write_then(
-        self, fn: Callable[[sqlite3.Connection], object], then: Callable[[bool, Any], None]
-    ) -> None:
-        """:meth:`write` with a callback instead of a future: ``then(ok,
-        result or exception)`` is called in the very callback that learns of
-        the commit. A caller on a latency path (a rule's command waits for
-        its transition's commit) saves the turn of the event loop a future's
-        done-callback costs; on a busy loop a turn can take milliseconds."""
-        if self._loop is None:
-            raise StorageError(f"{self.name} is not open on an event loop")
-        self._enqueue(_Op(fn, None, True, None, then))
-
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Run ``fn`` on the writer thread outside any transaction."""
         return self._queue(fn, write=False)
@@ -485,7 +470,7 @@ class Database:
         for op, ok, value in results:
             if op.done is not None:
                 op.done.set()
-            if op.future is not None or op.then is not None:
+            if op.future is not None:
                 waited.append((op, ok, value))
             elif not ok:
                 log.error("%s: a write-behind failed and was rolled back: %s", self.name, value)
@@ -499,11 +484,6 @@ def _nothing(conn: sqlite3.Connection) -> None:
 
 def _resolve_all(results: list[tuple[_Op[Any], bool, Any]]) -> None:
     for op, ok, value in results:
-        if op.then is not None:
-            try:
-                op.then(ok, value)
-            except Exception:
-                log.exception("a write's callback failed")
         fut = op.future
         if fut is None or fut.done():
             continue
