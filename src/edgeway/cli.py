@@ -576,6 +576,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
 
 
+GIL_SWITCH_INTERVAL = 0.001
+"""Seconds a thread holds the GIL before one that waits for it may take it."""
+
+
 def _run_async(gateway: object) -> int:
     from edgeway.gateway import Gateway, StartupError
     from edgeway.south.mqtt.listeners import ListenerError
@@ -583,6 +587,12 @@ def _run_async(gateway: object) -> int:
     from edgeway.systemd import service_notifications
 
     assert isinstance(gateway, Gateway)
+    # The event loop hands the GIL to the stores' writer threads (and takes it
+    # back) on every SQLite call; with Python's default 5 ms switch interval a
+    # thread that wants it back can wait that long behind a busy one. 1 ms
+    # halved the p99 of a rule's reading -> command at 1,000 readings/s
+    # (bench/results/rules-2026-12-07-scan.md) and changed no throughput.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
     async def main() -> int:
         loop = asyncio.get_running_loop()

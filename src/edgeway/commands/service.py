@@ -52,7 +52,7 @@ import sqlite3
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -358,7 +358,7 @@ class CommandService:
         self._remember(rec, dispatch=False)
         stored = self.db.write(lambda conn: _insert(conn, rec))
         stored.add_done_callback(functools.partial(self._journaled_stored, rec, done))
-        self._queued(rec)
+        self._queued(rec, now=True)
         return rec.cmd, done
 
     def _journaled_stored(
@@ -418,10 +418,10 @@ class CommandService:
         self._next_seq += 1
         return _Record(cmd, result_timeout if result_timeout is not None else cfg.result_timeout)
 
-    def _queued(self, rec: _Record) -> None:
+    def _queued(self, rec: _Record, now: bool = False) -> None:
         self.stats.submitted += 1
         self._emit_state(rec.cmd)
-        self.device_reachable(rec.cmd.device_id)
+        self.device_reachable(rec.cmd.device_id, now=now)
 
     def _check(
         self,
@@ -538,16 +538,22 @@ class CommandService:
 
     # ---------------------------------------------------------- downlink events
 
-    def device_reachable(self, device_id: str) -> None:
-        """Send what is queued for ``device_id`` (a downlink says it is back)."""
+    def device_reachable(self, device_id: str, now: bool = False) -> None:
+        """Send what is queued for ``device_id`` (a downlink says it is back).
+
+        ``now``: a journaled command just queued may be handed to the
+        transport in this call, when it is the device's next and nothing of
+        the device's is under way (no task's turn of the event loop first: a
+        rule's command leaves in the turn that made its transition)."""
         if self._closed or device_id not in self._by_device:
             return
         if device_id in self._pumping:
             self._rekick.add(device_id)
             return
         self._pumping.add(device_id)
+        first = self._send_journaled_now(device_id) if now else None
         task = asyncio.get_running_loop().create_task(
-            self._pump(device_id), name=f"commands:{device_id}"
+            self._pump(device_id, first), name=f"commands:{device_id}"
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -588,10 +594,49 @@ class CommandService:
 
     # --------------------------------------------------------------- dispatch
 
-    async def _pump(self, device_id: str) -> None:
-        """Hand this device's commands to a downlink in order, one until its
-        delivery is confirmed, then the next."""
+    def _send_journaled_now(self, device_id: str) -> tuple[_Record, Awaitable[bool]] | None:
+        """The first step of :meth:`_pump` for a journaled command, done at
+        once: SENT (written behind: the caller's journal stands in for it)
+        and handed to the transport. None if anything asks for the task's
+        ordinary path (not the device's next, expired, no downlink)."""
+        rec = self._next_to_send(device_id)
+        if rec is None or not rec.journaled:
+            return None
+        cmd = rec.cmd
+        if cmd.expires_at <= self._clock():
+            return None
+        downlink = next((d for d in self.downlinks if d.reachable(cmd)), None)
+        if downlink is None:
+            return None
+        rec.journaled = False
+        cmd.attempts += 1
+        cmd.state = CommandState.SENT
+        cmd.updated_at = self._clock()
+        self.db.write(functools.partial(_update, c=cmd)).add_done_callback(_log_failure)
+        self.stats.sent += 1
+        if cmd.redelivery:
+            self.stats.redelivered += 1
+        self._emit_state(cmd)
         try:
+            return rec, downlink.deliver(cmd)
+        except DeliveryError as e:
+            failed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            failed.set_exception(e)
+            return rec, failed
+
+    async def _pump(
+        self, device_id: str, first: tuple[_Record, Awaitable[bool]] | None = None
+    ) -> None:
+        """Hand this device's commands to a downlink in order, one until its
+        delivery is confirmed, then the next (``first``: one already handed
+        over, by :meth:`_send_journaled_now`)."""
+        try:
+            if (
+                first is not None
+                and not await self._confirm(*first)
+                and device_id not in self._rekick
+            ):
+                return
             while not self._closed:
                 self._rekick.discard(device_id)
                 rec = self._next_to_send(device_id)
@@ -631,32 +676,12 @@ class CommandService:
                     self.stats.redelivered += 1
                 self._emit_state(cmd)
                 try:
-                    ok = await asyncio.wait_for(downlink.deliver(cmd), rec.result_timeout)
+                    delivery: Awaitable[bool] = downlink.deliver(cmd)
                 except DeliveryError as e:
                     await self._finish(rec, CommandState.FAILED, error=str(e))
                     continue
-                except TimeoutError:
-                    ok = False
-                if cmd.state is not CommandState.SENT:
-                    continue  # answered (or cancelled) before the transport's ack
-                if not ok:
-                    # The device went away: it gets the command again (flagged
-                    # as a redelivery) when it is back.
-                    if device_id in self._rekick:
-                        continue
+                if not await self._confirm(rec, delivery) and device_id not in self._rekick:
                     return
-                cmd.state = CommandState.DELIVERED
-                cmd.delivered_at = cmd.updated_at = self._clock()
-                self.stats.delivered += 1
-                heapq.heappush(
-                    self._deadlines, (cmd.delivered_at + rec.result_timeout, cmd.seq, cmd.id)
-                )
-                # Not awaited: DELIVERED on disk only informs (after a restart
-                # a delivered command without a result is sent again anyway),
-                # and the device's answer usually follows within the same
-                # commit window, so the two share one commit.
-                self.db.write(functools.partial(_update, c=cmd)).add_done_callback(_log_failure)
-                self._emit_state(cmd)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -666,6 +691,34 @@ class CommandService:
             if device_id in self._rekick and not self._closed:
                 self._rekick.discard(device_id)
                 self.device_reachable(device_id)
+
+    async def _confirm(self, rec: _Record, delivery: Awaitable[bool]) -> bool:
+        """Wait for the transport to confirm ``rec``'s delivery; False when
+        the device went away (it gets the command again, flagged as a
+        redelivery, when it is back) and the pump should stop."""
+        cmd = rec.cmd
+        try:
+            ok = await asyncio.wait_for(delivery, rec.result_timeout)
+        except DeliveryError as e:
+            await self._finish(rec, CommandState.FAILED, error=str(e))
+            return True
+        except TimeoutError:
+            ok = False
+        if cmd.state is not CommandState.SENT:
+            return True  # answered (or cancelled) before the transport's ack
+        if not ok:
+            return False
+        cmd.state = CommandState.DELIVERED
+        cmd.delivered_at = cmd.updated_at = self._clock()
+        self.stats.delivered += 1
+        heapq.heappush(self._deadlines, (cmd.delivered_at + rec.result_timeout, cmd.seq, cmd.id))
+        # Not awaited: DELIVERED on disk only informs (after a restart a
+        # delivered command without a result is sent again anyway), and the
+        # device's answer usually follows within the same commit window, so
+        # the two share one commit.
+        self.db.write(functools.partial(_update, c=cmd)).add_done_callback(_log_failure)
+        self._emit_state(cmd)
+        return True
 
     def _next_to_send(self, device_id: str) -> _Record | None:
         queue = self._by_device.get(device_id)
