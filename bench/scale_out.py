@@ -642,7 +642,9 @@ def _drive(
     time.sleep(1.0)  # late duplicates, if any, arrive now
     pub.close()
     if pub.stalled:
-        print(f"publisher held back {pub.stalled:.0f} s by {MAX_UNACKED} unacknowledged", flush=True)
+        print(
+            f"publisher held back {pub.stalled:.0f} s by {MAX_UNACKED} unacknowledged", flush=True
+        )
     return cloud.snapshot(), dict(pub.sent), acked
 
 
@@ -686,7 +688,9 @@ def _kill_figures(
     lat = sorted(first_arrival[k] - sent[k] for k in first_arrival if k in sent)
     takeovers = []
     for kt, _gid in kill_times:
-        window = [first_arrival[k] - sent[k] for k in first_arrival if kt <= sent.get(k, 0) < kt + 1]
+        window = [
+            first_arrival[k] - sent[k] for k in first_arrival if kt <= sent.get(k, 0) < kt + 1
+        ]
         if window:
             takeovers.append(round(max(window), 2))
     return {

@@ -229,7 +229,7 @@ class FlattenBudget:
 
     def spend(self, name: str, value: object) -> None:
         """Count one flattened metric; :class:`DecodeError` ``too_large`` when over."""
-        self.left -= len(name) + (len(value) if type(value) is str else VALUE_SIZE)  # type: ignore[arg-type]
+        self.left -= len(name) + (len(value) if type(value) is str else VALUE_SIZE)
         if self.left < 0:
             raise DecodeError("too_large", "nested objects flatten beyond max_flattened_size")
 

@@ -84,7 +84,7 @@ def public(handler: H) -> H:
 
 def declared_access(handler: object) -> Role | str | None:
     """What a handler declared: a :class:`Role`, :data:`PUBLIC`, or None."""
-    return getattr(handler, _ACCESS_ATTR, None)  # type: ignore[no-any-return]
+    return getattr(handler, _ACCESS_ATTR, None)
 
 
 def escape_for_log(value: str) -> str:

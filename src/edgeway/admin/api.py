@@ -201,9 +201,9 @@ class AdminServer:
         self.access = access
         self.build = build_info()
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(SampleCollector(samples))  # type: ignore[arg-type]
-        self._registry.register(AlarmCollector(status))  # type: ignore[arg-type]
-        self._registry.register(BuildInfoCollector(self.build))  # type: ignore[arg-type]
+        self._registry.register(SampleCollector(samples))
+        self._registry.register(AlarmCollector(status))
+        self._registry.register(BuildInfoCollector(self.build))
         # process_cpu_seconds_total, process_resident_memory_bytes, ... (Linux /proc)
         ProcessCollector(registry=self._registry)
         self._runner: web.AppRunner | None = None

@@ -78,7 +78,7 @@ class ModelStep(HoldingStep):
 
     def _manager(self) -> ModelManager | None:
         got = self.ctx.services.get("models")
-        return got  # type: ignore[no-any-return]
+        return got
 
     def apply(self, readings: list[Reading], now: float) -> list[Reading]:
         features = self.params.features

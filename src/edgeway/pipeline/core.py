@@ -539,7 +539,7 @@ class Pipeline:
                 if ctx.quarantine:
                     q = ctx.quarantine
                     ctx.quarantine = []
-                    outputs.append(((slot.step.params.quarantine,), q))  # type: ignore[attr-defined]
+                    outputs.append(((slot.step.params.quarantine,), q))
             for _, step in route.holding:
                 rel = step.take_releases()
                 if rel:

@@ -181,7 +181,7 @@ def _build(
         if op is None:
             raise ExprError(f"operator {type(node.op).__name__} is not allowed")
         left, right = sub(node.left, names), sub(node.right, names)
-        return lambda m: op(left(m), right(m))  # type: ignore[arg-type]
+        return lambda m: op(left(m), right(m))
     if isinstance(node, ast.UnaryOp):
         operand = sub(node.operand, names)
         if isinstance(node.op, ast.USub):
@@ -204,14 +204,14 @@ def _build(
             rnode = node.comparators[0]
             if isinstance(rnode, ast.Constant) and isinstance(rnode.value, int | float):
                 c0 = float(rnode.value)
-                return lambda m: f0(first(m), c0)  # type: ignore[arg-type]
-            return lambda m: f0(first(m), b0(m))  # type: ignore[arg-type]
+                return lambda m: f0(first(m), c0)
+            return lambda m: f0(first(m), b0(m))
 
         def compare(m: Mapping[str, MetricValue]) -> bool:
             a = first(m)
             for f, b_fn in zip(ops, rest, strict=True):
                 b = b_fn(m)
-                if not f(a, b):  # type: ignore[arg-type]
+                if not f(a, b):
                     return False
                 a = b
             return True

@@ -197,7 +197,7 @@ def parse_step_spec(spec: dict[str, Any]) -> tuple[type[Step], BaseModel]:
             e.title,
             [
                 InitErrorDetails(
-                    type=err["type"],  # type: ignore[typeddict-item]
+                    type=err["type"],
                     loc=(name, *err["loc"]),
                     input=err["input"],
                     ctx=err.get("ctx", {}),

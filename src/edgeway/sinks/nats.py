@@ -228,7 +228,7 @@ class NatsSink(Sink):
             name=f"edgeway-{self.gateway_id}-{self.name}",
             allow_reconnect=False,
             max_reconnect_attempts=1,
-            reconnect_time_wait=0.1,  # type: ignore[arg-type]
+            reconnect_time_wait=0.1,
             connect_timeout=max(1, round(self.options.connect_timeout)),
             disconnected_cb=on_lost,
             closed_cb=on_lost,
@@ -410,7 +410,7 @@ class NatsCommandSource:
                     servers=self.sink.servers,
                     name=f"edgeway-{self.sink.gateway_id}-{self.sink.name}-commands",
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=1,  # type: ignore[arg-type]
+                    reconnect_time_wait=1,
                     connect_timeout=max(1, round(self.sink.options.connect_timeout)),
                     **self.sink.connect_options(),
                 )

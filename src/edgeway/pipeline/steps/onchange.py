@@ -33,7 +33,7 @@ class OnChangeStep(DeadbandStep):
     Params = OnChangeParams  # type: ignore[assignment]
     exact = True
 
-    def __init__(self, params: OnChangeParams, ctx: StepContext) -> None:  # type: ignore[override]
+    def __init__(self, params: OnChangeParams, ctx: StepContext) -> None:
         super().__init__(
             DeadbandParams(absolute=0.0, metrics=params.metrics, max_silence=params.max_silence),
             ctx,

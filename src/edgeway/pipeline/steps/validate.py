@@ -91,7 +91,7 @@ class ValidateStep(Step):
                 ok = isinstance(v, int) and not isinstance(v, bool)
             else:
                 ok = isinstance(v, int | float) and not isinstance(v, bool)
-                if ok and self.finite and not math.isfinite(float(v)):  # type: ignore[arg-type]
+                if ok and self.finite and not math.isfinite(float(v)):
                     return f"not_finite:{name}"
             if not ok:
                 return f"type:{name}"

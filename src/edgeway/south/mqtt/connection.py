@@ -1253,7 +1253,7 @@ class MqttConnection(asyncio.Protocol):
                         # Nothing to submit again: close unacknowledged, the
                         # client sends it again (and it must not look like a duplicate).
                         if e.qos == 2 and self.session is not None:
-                            self.session.in_qos2.discard(e.packet_id)  # type: ignore[arg-type]
+                            self.session.in_qos2.discard(e.packet_id)
                         self.close()
                     return True
                 e.msg = None
@@ -1281,7 +1281,7 @@ class MqttConnection(asyncio.Protocol):
                 # An error PUBREC ends the exchange (MQTT 4.3.3).
                 self._in_quota -= 1
                 if self.session is not None:
-                    self.session.in_qos2.discard(e.packet_id)  # type: ignore[arg-type]
+                    self.session.in_qos2.discard(e.packet_id)
         return True
 
     def _ingest_done(self, _fut: asyncio.Future[IngestStatus]) -> None:
@@ -1797,7 +1797,7 @@ class MqttConnection(asyncio.Protocol):
                 # Not yet routed or stored: a PUBLISH to route, or telemetry
                 # waiting for the outbox (which may have no Message to route).
                 if e.qos == 2 and (e.msg is not None or e.fut is not None):
-                    session.in_qos2.discard(e.packet_id)  # type: ignore[arg-type]
+                    session.in_qos2.discard(e.packet_id)
         self._acks.clear()
         self._waiting = 0
 

@@ -586,7 +586,7 @@ class WebSocketTransport(asyncio.Transport):
 
     # -- asyncio.Transport -------------------------------------------------
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:  # type: ignore[override]
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or not data:
             return
         self._buffer.append(bytes(data))
