@@ -49,7 +49,7 @@ builds at most one per call (a batch of readings), so building never holds
 the event loop longer than that."""
 
 MAX_SCANNED_RULES = 20_000
-"""Rule slots over all cached scanners (about 700 bytes each); past this,
+"""Rule slots over all cached scanners (about 800 bytes each); past this,
 new rule sets take the full path (counted in ``scan_refused``)."""
 
 _CMP: dict[type[ast.cmpop], str] = {
