@@ -102,9 +102,12 @@ class Device:
             )
             try:
                 info.wait_for_publish(2.0)
+                published = info.is_published()
             except RuntimeError:
-                pass
-            if info.is_published():
+                # Published while the connection was going away (the gateway
+                # was just killed): paho raises from both calls. Send again.
+                published = False
+            if published:
                 return Sent(value, first, time.time())
             self.client.loop_stop()
             self.client.disconnect()
