@@ -182,11 +182,17 @@ class CommandService:
     ) -> None:
         self.config = config
         self.db = Database(
-            data_dir / "commands.db", migrations=[SCHEMA_V1], durability=durability, name="commands"
+            data_dir / "commands.db",
+            migrations=[SCHEMA_V1],
+            durability=durability,
+            name="commands",
+            wake_per_turn=True,
         )
         self.stats = CommandStats()
         self.downlinks: list[Downlink] = []
         self._emit = emit
+        self._emits: list[Reading] = []
+        """Command records of this turn of the event loop (:meth:`_emit_state`)."""
         self._clock = clock
         self._active: dict[str, _Record] = {}
         self._by_device: dict[str, deque[_Record]] = {}
@@ -249,6 +255,7 @@ class CommandService:
             for w in rec.waiters:
                 if not w.done():
                     w.cancel()
+        self._flush_emits()  # this turn's records, before the outbox closes
         await self.db.close()
 
     def add_downlink(self, downlink: Downlink) -> None:
@@ -874,10 +881,24 @@ class CommandService:
             {"record_type": "command"},
             priority=1,
         )
+        # The records of one turn of the event loop go to the outbox together,
+        # at its end: a burst of commands (rules firing for many devices at
+        # once) is one submit, not two per command in the middle of sending.
+        self._emits.append(reading)
+        if len(self._emits) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self._flush_emits)
+            except RuntimeError:  # no loop running (a synchronous caller)
+                self._flush_emits()
+
+    def _flush_emits(self) -> None:
+        readings, self._emits = self._emits, []
+        if not readings or self._emit is None:
+            return
         try:
-            fut = self._emit([reading])
+            fut = self._emit(readings)
         except Exception:
-            log.exception("command record for %s could not be stored", cmd.id)
+            log.exception("%d command records could not be stored", len(readings))
             return
         if isinstance(fut, asyncio.Future):
             fut.add_done_callback(_log_emit_failure)

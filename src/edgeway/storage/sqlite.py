@@ -288,6 +288,7 @@ class Database:
         name: str | None = None,
         version: VersionSlot | None = None,
         checkpoint_on_close: bool = False,
+        wake_per_turn: bool = False,
     ) -> None:
         """``checkpoint_on_close``: fold the WAL into the file at close, so a
         store that is mostly empty between runs leaves no WAL behind."""
@@ -297,6 +298,12 @@ class Database:
         self.name = name or path.name
         self.version = version
         self.checkpoint_on_close = checkpoint_on_close
+        self.wake_per_turn = wake_per_turn
+        """Writes queued from the event loop wake the writer thread once, at
+        the end of the loop's turn, not each (a burst of writes made in one
+        turn then costs one thread wake-up, and the thread does not take the
+        GIL from the loop in the middle of the burst)."""
+        self._wake_due = False
         self.commits = 0
         """Transactions committed (a write group is one)."""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -390,8 +397,21 @@ class Database:
     def _enqueue(self, op: _Op[Any]) -> None:
         if self._thread is None or self._closing:
             raise StorageError(f"{self.name} is not open")
+        loop = self._loop
+        if self.wake_per_turn and loop is not None and op.done is None and _on_loop(loop):
+            with self._cond:
+                self._ops.append(op)
+            if not self._wake_due:
+                self._wake_due = True
+                loop.call_soon(self._wake)
+            return
         with self._cond:
             self._ops.append(op)
+            self._cond.notify()
+
+    def _wake(self) -> None:
+        self._wake_due = False
+        with self._cond:
             self._cond.notify()
 
     async def close(self) -> None:
@@ -480,6 +500,13 @@ class Database:
 
 def _nothing(conn: sqlite3.Connection) -> None:
     return None
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def _resolve_all(results: list[tuple[_Op[Any], bool, Any]]) -> None:
