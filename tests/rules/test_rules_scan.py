@@ -177,3 +177,31 @@ def test_the_generated_source_holds_no_configuration_text() -> None:
     assert not any("temperature" in c or "import os" in c for c in texts)
     assert "temperature" in fn.__globals__.values()
     assert "r'); import os #" in fn.__globals__.values()
+
+
+def test_a_window_that_held_an_infinite_value_reads_the_same_on_both_paths() -> None:
+    """Found by the test above (CI, 2026-12-07): the scan reads a window at
+    every reading, full evaluation only when a condition reaches it, and the
+    running sum dropped an infinite sample at different moments (inf - inf
+    is nan, which then stuck). Old samples now leave before a new one comes
+    in, and a non-finite sum is summed afresh."""
+    rules = [RuleConfig.model_validate({"name": f"r{i}", "when": "a < -5"}) for i in range(7)] + [
+        RuleConfig.model_validate({"name": "r7", "when": "a < -1 and -5 < avg(c, 1s)"})
+    ]
+    clock = Clock()
+    scanned = RuleEngine(rules, clock=clock.now, wall=clock.wall)
+    full = RuleEngine(rules, clock=clock.now, wall=clock.wall, scan=False)
+    steps = [
+        (0.0, {"a": -5}),
+        (0.0, {"a": "on", "b": "on", "c": math.inf}),
+        (2.0, {"a": "on"}),
+        (0.0, {"a": -5, "c": -1}),
+    ]
+    outs = []
+    for dt, metrics in steps:
+        clock.t += dt
+        r = Reading("d1", 0.0, dict(metrics), Origin("mqtt", "devices/d1/telemetry"))
+        a, b = scanned.observe([r]), full.observe([r])
+        assert dump(a) == dump(b)
+        outs.append(a)
+    assert [t.rule for t in outs[-1].transitions] == ["r7"]  # avg(c) = -1 once inf left

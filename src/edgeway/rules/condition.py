@@ -85,10 +85,17 @@ class Samples:
         """Drop samples older than the window; the rest."""
         items = self.items
         edge = now - self.span
+        dropped = False
         while items and items[0][0] < edge:
             self.total -= items.popleft()[1]
+            dropped = True
         if not items:
             self.total = 0.0
+        elif dropped and not math.isfinite(self.total):
+            # An infinite sample left (inf - inf is nan): the sum of what is left.
+            self.total = (
+                math.fsum(v for _, v in items) if _finite(items) else sum(v for _, v in items)
+            )
         return items
 
 
@@ -122,6 +129,10 @@ class Scope(dict[str, MetricValue]):
         self.windows: dict[WindowKey, Samples] = {}
         self.twin: TwinValues | None = None
         self.now = 0.0
+
+
+def _finite(items: deque[tuple[float, float]]) -> bool:
+    return all(math.isfinite(v) for _, v in items)
 
 
 def _avg(w: Samples) -> float:

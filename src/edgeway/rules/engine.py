@@ -458,6 +458,11 @@ class RuleEngine:
                         samples = scope.windows.get(key)
                         if samples is None:
                             samples = scope.windows[key] = Samples(key[1])
+                        # Old samples out before the new one in: the running
+                        # sum then sees the same steps in the same order
+                        # whenever a condition reads the window (or the scan
+                        # does), so every reader gets the same value.
+                        samples.evict(t)
                         samples.add(t, v)
             device_id = r.device_id
             if scanner is not None:
