@@ -616,20 +616,28 @@ class CommandService:
         if downlink is None:
             return None
         rec.journaled = False
+        self._mark_sent(cmd)
+        self.db.write(functools.partial(_update, c=cmd)).add_done_callback(_log_failure)
+        return rec, self._hand_over(cmd, downlink)
+
+    def _mark_sent(self, cmd: Command) -> None:
         cmd.attempts += 1
         cmd.state = CommandState.SENT
         cmd.updated_at = self._clock()
-        self.db.write(functools.partial(_update, c=cmd)).add_done_callback(_log_failure)
+
+    def _hand_over(self, cmd: Command, downlink: Downlink) -> Awaitable[bool]:
+        """Count, record and deliver a command marked SENT; its delivery (a
+        refusal by the transport as a failed one, for :meth:`_confirm`)."""
         self.stats.sent += 1
         if cmd.redelivery:
             self.stats.redelivered += 1
         self._emit_state(cmd)
         try:
-            return rec, downlink.deliver(cmd)
+            return downlink.deliver(cmd)
         except DeliveryError as e:
             failed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             failed.set_exception(e)
-            return rec, failed
+            return failed
 
     async def _pump(
         self, device_id: str, first: tuple[_Record, Awaitable[bool]] | None = None
@@ -657,9 +665,7 @@ class CommandService:
                 if downlink is None:
                     return
                 before = (cmd.state, cmd.attempts, cmd.updated_at)
-                cmd.attempts += 1
-                cmd.state = CommandState.SENT
-                cmd.updated_at = self._clock()
+                self._mark_sent(cmd)
                 if rec.journaled:
                     # The caller's journal stands in for SENT on disk (a copy
                     # lost here comes back as a redelivery): written behind,
@@ -678,15 +684,7 @@ class CommandService:
                     cmd.state, cmd.attempts, cmd.updated_at = before
                     await self.db.write(functools.partial(_update, c=cmd))
                     return
-                self.stats.sent += 1
-                if cmd.redelivery:
-                    self.stats.redelivered += 1
-                self._emit_state(cmd)
-                try:
-                    delivery: Awaitable[bool] = downlink.deliver(cmd)
-                except DeliveryError as e:
-                    await self._finish(rec, CommandState.FAILED, error=str(e))
-                    continue
+                delivery = self._hand_over(cmd, downlink)
                 if not await self._confirm(rec, delivery) and device_id not in self._rekick:
                     return
         except asyncio.CancelledError:

@@ -313,16 +313,10 @@ class RuleStore:
         if batch is None or conn is None:
             return
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            self._commit(batch, conn)
-            conn.execute("COMMIT")
+            _transaction(conn, functools.partial(self._commit, batch))
             self.commits += 1
-        except sqlite3.Error as e:
-            # Nothing of this batch is stored (disk full, I/O error).
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            _settle(batch, e)
+        except sqlite3.Error as e:  # nothing of this batch is stored (disk full, I/O error)
+            _settle(batch, e, tell=True)
             return
         # Written: a kill of the process can no longer undo it. Carry the
         # transitions' actions out now, in this turn.
@@ -371,20 +365,14 @@ class RuleStore:
         assert self.clock is not None
         now, wall = self.clock.now(), self.clock.wall()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        conn = self._wconn
         try:
-            if conn is None:
+            if self._wconn is None:
                 raise StorageError(f"{self.db.path}: the rule store is not open")
-            conn.execute("BEGIN IMMEDIATE")
-            _save_clock(conn, now, wall)
-            conn.execute("COMMIT")
+            _transaction(self._wconn, lambda conn: _save_clock(conn, now, wall))
         except (sqlite3.Error, StorageError) as e:
-            if conn is not None and conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
             fut.set_exception(e)
-            return fut
-        fut.set_result(None)
+        else:
+            fut.set_result(None)
         return fut
 
     def transitions(self, limit: int = 1000) -> asyncio.Future[list[dict[str, Any]]]:
@@ -399,10 +387,24 @@ class RuleStore:
         return self.db.read(run)
 
 
-def _settle(batch: _Batch, e: BaseException | None) -> None:
-    """Resolve a batch's futures (and, after a failed commit, tell ``then``)."""
+def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], None]) -> None:
+    """``fn`` in one transaction of the loop's connection, rolled back if it fails."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        fn(conn)
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+
+
+def _settle(batch: _Batch, e: BaseException | None, *, tell: bool = False) -> None:
+    """Resolve a batch's futures; ``tell``: pass a failed commit to ``then``
+    too (a failed fsync is not told: the actions already left)."""
     for p in batch.pieces:
-        if e is not None and p.then is not None:
+        if e is not None and tell and p.then is not None:
             try:
                 p.then(e)
             except Exception:
@@ -425,15 +427,7 @@ def _synced(batch: _Batch, sync: asyncio.Future[None]) -> None:
     batch is not known to be durable, and its writes fail; the actions
     already left, the device is not acknowledged and sends again)."""
     e = sync.exception() if not sync.cancelled() else StorageError("rules.db: sync cancelled")
-    if e is None:
-        _settle(batch, None)
-        return
-    for p in batch.pieces:
-        if not p.future.done():
-            p.future.set_exception(e)
-    for f in batch.mark_futures:
-        if not f.done():
-            f.set_exception(e)
+    _settle(batch, e)
 
 
 def _salt(conn: sqlite3.Connection) -> int:
