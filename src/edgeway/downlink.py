@@ -43,7 +43,10 @@ class Downlink(Protocol):
     """Reaches devices over one adapter's protocol."""
 
     name: str
-    """Which adapter this is (``mqtt``, ``coap``, ``http``, ...), for status."""
+    """Which adapter this is (``mqtt``, ``coap``, ``http``, ...), for status.
+    A downlink whose transport keeps a device's commands in order may also
+    say ``ordered = True``: the queue then hands several over before the
+    first is confirmed (edgeway.commands.service.ORDERED_IN_FLIGHT)."""
 
     def reachable(self, command: Command) -> bool:
         """Whether ``command`` can be handed to its device now (no I/O)."""

@@ -143,6 +143,81 @@ async def test_one_at_a_time_until_transport_confirms(service: Any) -> None:
     assert devices.sent[1].id == b.id
 
 
+class OrderedDevices(FakeDevices):
+    """A transport that keeps a device's commands in order (as MQTT does)."""
+
+    ordered = True
+
+
+async def test_ordered_transport_takes_the_next_before_the_first_is_confirmed(
+    service: Any,
+) -> None:
+    from edgeway.commands.service import ORDERED_IN_FLIGHT
+
+    devices = OrderedDevices(auto_ack=False)
+    service.add_downlink(devices)
+    devices.online.add("d1")
+    n = ORDERED_IN_FLIGHT + 4
+    cmds = [(await service.submit("d1", f"c{i}"))[0] for i in range(n)]
+    await until(lambda: len(devices.sent) == ORDERED_IN_FLIGHT)
+    await asyncio.sleep(0.05)
+    # A window of them in flight, in order; the rest wait for room.
+    assert [c.id for c in devices.sent] == [c.id for c in cmds[:ORDERED_IN_FLIGHT]]
+    devices.pending[cmds[0].id].set_result(True)
+    await until(lambda: len(devices.sent) == ORDERED_IN_FLIGHT + 1)
+    assert devices.sent[-1].id == cmds[ORDERED_IN_FLIGHT].id
+    for c in cmds[1:]:
+        await until(lambda c=c: c.id in devices.pending)
+        devices.pending[c.id].set_result(True)
+    await until(lambda: all(c.state is CommandState.DELIVERED for c in cmds))
+    assert [c.id for c in devices.sent] == [c.id for c in cmds]  # each once, in order
+
+
+async def test_rule_command_does_not_wait_behind_an_unconfirmed_one(service: Any) -> None:
+    """A journaled command (a rule's) is handed over in the call that queues
+    it even while the device's previous command awaits its confirmation, on
+    an ordered transport; on another it waits its turn."""
+    for cls, at_once in ((OrderedDevices, True), (FakeDevices, False)):
+        devices = cls(auto_ack=False)
+        service.downlinks.clear()
+        service.add_downlink(devices)
+        dev = f"d-{cls.__name__}"
+        devices.online.add(dev)
+        kw = {"ttl": None, "source": "rule:r"}
+        a, _ = service.submit_journaled(dev, "a", {}, idempotency_key="ka", command_id="a1", **kw)
+        assert [c.id for c in devices.sent] == ["a1"]
+        b, _ = service.submit_journaled(dev, "b", {}, idempotency_key="kb", command_id="b2", **kw)
+        assert [c.id for c in devices.sent] == (["a1", "b2"] if at_once else ["a1"])
+        devices.pending["a1"].set_result(True)
+        await until(lambda devices=devices: len(devices.sent) == 2)
+        assert [c.id for c in devices.sent] == ["a1", "b2"]
+        devices.pending["b2"].set_result(True)
+        await until(lambda: a.state is b.state is CommandState.DELIVERED)
+
+
+async def test_ordered_transport_gone_with_several_in_flight_redelivers_in_order(
+    service: Any,
+) -> None:
+    devices = OrderedDevices(auto_ack=False)
+    service.add_downlink(devices)
+    devices.online.add("d1")
+    cmds = [(await service.submit("d1", f"c{i}"))[0] for i in range(3)]
+    await until(lambda: len(devices.sent) == 3)
+    devices.online.discard("d1")
+    devices.pending.pop(cmds[0].id).set_result(True)  # the first got through
+    for c in cmds[1:]:
+        devices.pending.pop(c.id).set_result(False)  # then the connection ended
+    await until(lambda: cmds[0].state is CommandState.DELIVERED)
+    await asyncio.sleep(0.05)
+    assert [c.state for c in cmds[1:]] == [CommandState.SENT] * 2
+    devices.online.add("d1")
+    devices.auto_ack = True
+    service.device_reachable("d1")
+    await until(lambda: all(c.state is CommandState.DELIVERED for c in cmds))
+    assert [c.id for c in devices.sent] == [c.id for c in cmds] + [c.id for c in cmds[1:]]
+    assert [p.get("redelivery", False) for p in devices.payloads[3:]] == [True, True]
+
+
 async def test_device_gone_before_confirmation_gets_a_redelivery(service: Any) -> None:
     devices = FakeDevices(auto_ack=False)
     service.add_downlink(devices)

@@ -203,3 +203,59 @@ def _outbox_texts(data_dir: Path) -> list[dict[str, Any]]:
                 out.append(orjson.loads(line))
     conn.close()
     return out
+
+
+async def test_next_command_goes_out_before_the_device_acknowledges_the_first(
+    gateway: Gateway,
+) -> None:
+    """A device that has not sent the PUBACK of one command yet already gets
+    the next (QoS 1 on one connection keeps them in order); each counts as
+    delivered only with its own PUBACK."""
+    from edgeway.south.mqtt.codec import MqttReader, encode
+    from edgeway.south.mqtt.packets import (
+        ConnAck,
+        Connect,
+        PubAck,
+        Publish,
+        SubAck,
+        Subscribe,
+        Subscription,
+    )
+
+    assert gateway.commands is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gateway))
+    decoder = MqttReader(protocol_level=5)
+    inbox: list[Any] = []
+
+    async def recv() -> Any:
+        async with asyncio.timeout(5):
+            while not inbox:
+                data = await reader.read(65536)
+                assert data, "connection closed by the gateway"
+                inbox.extend(decoder.feed(data))
+        return inbox.pop(0)
+
+    try:
+        writer.write(encode(Connect(5, "valve-9"), 5))
+        assert isinstance(await recv(), ConnAck)
+        writer.write(encode(Subscribe(1, [Subscription("devices/valve-9/commands/+", 1)]), 5))
+        assert isinstance(await recv(), SubAck)
+        first, _ = await gateway.commands.submit("valve-9", "open")
+        second, _ = await gateway.commands.submit("valve-9", "close")
+        got = [await recv(), await recv()]  # both, no PUBACK sent yet
+        assert all(isinstance(p, Publish) and p.qos == 1 for p in got)
+        assert [orjson.loads(p.payload)["id"] for p in got] == [first.id, second.id]
+        await asyncio.sleep(0.1)
+        assert first.state is second.state is CommandState.SENT
+        writer.write(encode(PubAck(got[0].packet_id), 5))
+        await asyncio.wait_for(_until(lambda: first.state is CommandState.DELIVERED), 5)
+        assert second.state is CommandState.SENT
+        writer.write(encode(PubAck(got[1].packet_id), 5))
+        await asyncio.wait_for(_until(lambda: second.state is CommandState.DELIVERED), 5)
+    finally:
+        writer.close()
+
+
+async def _until(cond: Any) -> None:
+    while not cond():
+        await asyncio.sleep(0.01)

@@ -17,7 +17,10 @@ What it promises (guarantee 7 of DESIGN.md):
   commit (:class:`~edgeway.storage.sqlite.Database`).
 * Per device, commands go out in the order they were queued (FIFO), one at a
   time until the device's transport confirmed the previous one (DELIVERED);
-  results may come back in any order.
+  over a transport that keeps a device's messages in order (MQTT: one
+  connection, QoS 1; a downlink with ``ordered = True``) up to
+  :data:`ORDERED_IN_FLIGHT` go out before the first is confirmed. Results
+  may come back in any order.
 * Every state change is committed before it is acted on: a command is marked
   SENT (attempts + 1) on disk *before* it is handed to the transport. After a
   kill -9, commands found SENT or DELIVERED-without-result are sent again with
@@ -156,6 +159,18 @@ class CommandStats:
     """Devices with unfinished commands now."""
 
 
+ORDERED_IN_FLIGHT = 16
+"""Commands of one device handed to an ordered downlink (``ordered = True``)
+before the first of them is confirmed. MQTT keeps a connection's QoS 1
+messages in order, so a command need not wait for the PUBACK of the one
+before it (which a busy device can take milliseconds to send); other
+transports get one at a time."""
+
+
+def _ordered(downlink: Downlink | None) -> bool:
+    return bool(getattr(downlink, "ordered", False))
+
+
 @dataclass(slots=True)
 class _Record:
     """One unfinished command with what the dispatcher needs beside it."""
@@ -165,6 +180,9 @@ class _Record:
     journaled: bool = False
     """Held in the caller's journal: its first hand-off does not wait for
     SENT on disk (see :meth:`CommandService.submit_journaled`)."""
+    in_flight: bool = False
+    """Handed to the transport, its delivery not confirmed yet (a pump holds
+    its delivery in :attr:`CommandService._flights`)."""
     waiters: list[asyncio.Future[Command]] = field(default_factory=list)
 
 
@@ -196,10 +214,17 @@ class CommandService:
         self._clock = clock
         self._active: dict[str, _Record] = {}
         self._by_device: dict[str, deque[_Record]] = {}
+        self._todo: dict[str, deque[_Record]] = {}
+        """Per device, its commands not DELIVERED yet (to send, or handed
+        over and not confirmed), in queue order: what :meth:`_next_to_send`
+        looks through, without the delivered ones waiting for a result."""
         self._keys: dict[tuple[str, str], _Record] = {}
         self._finished: OrderedDict[str, Command] = OrderedDict()
         self._pumping: set[str] = set()
         self._rekick: set[str] = set()
+        self._flights: dict[str, deque[tuple[_Record, Awaitable[bool]]]] = {}
+        """Per pumping device: commands handed over, deliveries not yet
+        confirmed, in order (more than one only over an ordered downlink)."""
         self._deadlines: list[tuple[float, int, str]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._next_seq = 1
@@ -555,12 +580,23 @@ class CommandService:
         if self._closed or device_id not in self._by_device:
             return
         if device_id in self._pumping:
+            flights = self._flights.get(device_id)
+            if now and flights and len(flights) < ORDERED_IN_FLIGHT:
+                # The device's pump waits for a confirmation; over an ordered
+                # transport this command need not wait behind it.
+                sent = self._send_journaled_now(device_id, ordered_only=True)
+                if sent is not None:
+                    flights.append(sent)
+                    return
             self._rekick.add(device_id)
             return
         self._pumping.add(device_id)
+        flights = self._flights[device_id] = deque()
         first = self._send_journaled_now(device_id) if now else None
+        if first is not None:
+            flights.append(first)
         task = asyncio.get_running_loop().create_task(
-            self._pump(device_id, first), name=f"commands:{device_id}"
+            self._pump(device_id, flights), name=f"commands:{device_id}"
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -580,8 +616,7 @@ class CommandService:
         if cmd.state is not CommandState.DELIVERED:
             # The answer overtook the transport's confirmation (both in one
             # read): an answer proves delivery. Stored with the final state.
-            cmd.state = CommandState.DELIVERED
-            cmd.delivered_at = cmd.updated_at = self._clock()
+            self._delivered(rec)
             self.stats.delivered += 1
             self._emit_state(cmd)
         state = CommandState.SUCCEEDED if result.success else CommandState.FAILED
@@ -601,11 +636,14 @@ class CommandService:
 
     # --------------------------------------------------------------- dispatch
 
-    def _send_journaled_now(self, device_id: str) -> tuple[_Record, Awaitable[bool]] | None:
+    def _send_journaled_now(
+        self, device_id: str, *, ordered_only: bool = False
+    ) -> tuple[_Record, Awaitable[bool]] | None:
         """The first step of :meth:`_pump` for a journaled command, done at
         once: SENT (written behind: the caller's journal stands in for it)
         and handed to the transport. None if anything asks for the task's
-        ordinary path (not the device's next, expired, no downlink)."""
+        ordinary path (not the device's next, expired, no downlink; with
+        ``ordered_only``, a downlink that does not keep order)."""
         rec = self._next_to_send(device_id)
         if rec is None or not rec.journaled:
             return None
@@ -613,11 +651,12 @@ class CommandService:
         if cmd.expires_at <= self._clock():
             return None
         downlink = next((d for d in self.downlinks if d.reachable(cmd)), None)
-        if downlink is None:
+        if downlink is None or (ordered_only and not _ordered(downlink)):
             return None
         rec.journaled = False
         self._mark_sent(cmd)
         self.db.write(functools.partial(_update, c=cmd)).add_done_callback(_log_failure)
+        rec.in_flight = True
         return rec, self._hand_over(cmd, downlink)
 
     def _mark_sent(self, cmd: Command) -> None:
@@ -639,63 +678,89 @@ class CommandService:
             failed.set_exception(e)
             return failed
 
-    async def _pump(
-        self, device_id: str, first: tuple[_Record, Awaitable[bool]] | None = None
-    ) -> None:
+    async def _pump(self, device_id: str, flights: deque[tuple[_Record, Awaitable[bool]]]) -> None:
         """Hand this device's commands to a downlink in order, one until its
-        delivery is confirmed, then the next (``first``: one already handed
-        over, by :meth:`_send_journaled_now`)."""
+        delivery is confirmed, then the next; over an ordered downlink up to
+        :data:`ORDERED_IN_FLIGHT` before the first is confirmed (``flights``:
+        those already handed over, by :meth:`_send_journaled_now`)."""
         try:
-            if (
-                first is not None
-                and not await self._confirm(*first)
-                and device_id not in self._rekick
-            ):
-                return
             while not self._closed:
-                self._rekick.discard(device_id)
-                rec = self._next_to_send(device_id)
-                if rec is None:
-                    return
-                cmd = rec.cmd
-                if cmd.expires_at <= self._clock():
-                    await self._finish(rec, CommandState.EXPIRED, error="time to live ended")
-                    continue
-                downlink = next((d for d in self.downlinks if d.reachable(cmd)), None)
-                if downlink is None:
-                    return
-                before = (cmd.state, cmd.attempts, cmd.updated_at)
-                self._mark_sent(cmd)
-                if rec.journaled:
-                    # The caller's journal stands in for SENT on disk (a copy
-                    # lost here comes back as a redelivery): written behind,
-                    # after the insert (one writer thread, in order).
-                    rec.journaled = False
-                    self.db.write(functools.partial(_update, c=cmd)).add_done_callback(_log_failure)
-                else:
-                    await self.db.write(functools.partial(_update, c=cmd))
-                if cmd.state is not CommandState.SENT:  # cancelled meanwhile
-                    continue
-                if not downlink.reachable(cmd):
-                    # Its room went to another device's command while SENT was
-                    # being stored (pumps run per device; an MQTT broker's
-                    # Receive Maximum is shared): delivering now would break
-                    # the broker's limit. Back as it was, until the next kick.
-                    cmd.state, cmd.attempts, cmd.updated_at = before
-                    await self.db.write(functools.partial(_update, c=cmd))
-                    return
-                delivery = self._hand_over(cmd, downlink)
-                if not await self._confirm(rec, delivery) and device_id not in self._rekick:
+                if not flights or (
+                    len(flights) < ORDERED_IN_FLIGHT and _ordered(self._downlink_of(flights))
+                ):
+                    sent = await self._send_next(device_id)
+                    if sent is not None:
+                        flights.append(sent)
+                        continue
+                    if not flights:
+                        return
+                rec, delivery = flights.popleft()
+                ok = await self._confirm(rec, delivery)
+                rec.in_flight = False
+                if not ok and device_id not in self._rekick:
+                    # The device went away: what else is in flight learns
+                    # its fate too (delivered, or sent again when it is back).
+                    while flights:
+                        rec, delivery = flights.popleft()
+                        await self._confirm(rec, delivery)
+                        rec.in_flight = False
                     return
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("command dispatch for device %r failed", device_id)
         finally:
+            for rec, _delivery in flights:
+                rec.in_flight = False
+            self._flights.pop(device_id, None)
             self._pumping.discard(device_id)
             if device_id in self._rekick and not self._closed:
                 self._rekick.discard(device_id)
                 self.device_reachable(device_id)
+
+    def _downlink_of(self, flights: deque[tuple[_Record, Awaitable[bool]]]) -> Downlink | None:
+        """The downlink that took the newest command in flight (None if none takes it now)."""
+        cmd = flights[-1][0].cmd
+        return next((d for d in self.downlinks if d.reachable(cmd)), None)
+
+    async def _send_next(self, device_id: str) -> tuple[_Record, Awaitable[bool]] | None:
+        """Mark the device's next command SENT and hand it over; None when
+        there is none to send now (nothing queued, no downlink takes it)."""
+        while not self._closed:
+            self._rekick.discard(device_id)
+            rec = self._next_to_send(device_id)
+            if rec is None:
+                return None
+            cmd = rec.cmd
+            if cmd.expires_at <= self._clock():
+                await self._finish(rec, CommandState.EXPIRED, error="time to live ended")
+                continue
+            downlink = next((d for d in self.downlinks if d.reachable(cmd)), None)
+            if downlink is None:
+                return None
+            before = (cmd.state, cmd.attempts, cmd.updated_at)
+            self._mark_sent(cmd)
+            if rec.journaled:
+                # The caller's journal stands in for SENT on disk (a copy
+                # lost here comes back as a redelivery): written behind,
+                # after the insert (one writer thread, in order).
+                rec.journaled = False
+                self.db.write(functools.partial(_update, c=cmd)).add_done_callback(_log_failure)
+            else:
+                await self.db.write(functools.partial(_update, c=cmd))
+            if cmd.state is not CommandState.SENT:  # cancelled meanwhile
+                continue
+            if not downlink.reachable(cmd):
+                # Its room went to another device's command while SENT was
+                # being stored (pumps run per device; an MQTT broker's
+                # Receive Maximum is shared): delivering now would break
+                # the broker's limit. Back as it was, until the next kick.
+                cmd.state, cmd.attempts, cmd.updated_at = before
+                await self.db.write(functools.partial(_update, c=cmd))
+                return None
+            rec.in_flight = True
+            return rec, self._hand_over(cmd, downlink)
+        return None
 
     async def _confirm(self, rec: _Record, delivery: Awaitable[bool]) -> bool:
         """Wait for the transport to confirm ``rec``'s delivery; False when
@@ -713,10 +778,9 @@ class CommandService:
             return True  # answered (or cancelled) before the transport's ack
         if not ok:
             return False
-        cmd.state = CommandState.DELIVERED
-        cmd.delivered_at = cmd.updated_at = self._clock()
+        at = self._delivered(rec)
         self.stats.delivered += 1
-        heapq.heappush(self._deadlines, (cmd.delivered_at + rec.result_timeout, cmd.seq, cmd.id))
+        heapq.heappush(self._deadlines, (at + rec.result_timeout, cmd.seq, cmd.id))
         # Not awaited: DELIVERED on disk only informs (after a restart a
         # delivered command without a result is sent again anyway), and the
         # device's answer usually follows within the same commit window, so
@@ -726,13 +790,31 @@ class CommandService:
         return True
 
     def _next_to_send(self, device_id: str) -> _Record | None:
-        queue = self._by_device.get(device_id)
-        if not queue:
-            return None
-        for rec in queue:
-            if rec.cmd.state is not CommandState.DELIVERED:
-                return rec
+        todo = self._todo.get(device_id)
+        if todo:
+            for rec in todo:
+                if not rec.in_flight:
+                    return rec
         return None
+
+    def _delivered(self, rec: _Record) -> float:
+        """Mark ``rec`` DELIVERED (in memory); returns when."""
+        cmd = rec.cmd
+        cmd.state = CommandState.DELIVERED
+        at = cmd.delivered_at = cmd.updated_at = self._clock()
+        self._untodo(rec)
+        return at
+
+    def _untodo(self, rec: _Record) -> None:
+        todo = self._todo.get(rec.cmd.device_id)
+        if todo is not None:
+            if todo and todo[0] is rec:
+                todo.popleft()  # the usual case: delivered in order
+            else:
+                with contextlib.suppress(ValueError):
+                    todo.remove(rec)
+            if not todo:
+                del self._todo[rec.cmd.device_id]
 
     async def _finish(
         self,
@@ -828,6 +910,8 @@ class CommandService:
         cmd = rec.cmd
         self._active[cmd.id] = rec
         self._by_device.setdefault(cmd.device_id, deque()).append(rec)
+        if cmd.state is not CommandState.DELIVERED:
+            self._todo.setdefault(cmd.device_id, deque()).append(rec)
         if cmd.idempotency_key is not None:
             self._keys[(cmd.device_id, cmd.idempotency_key)] = rec
         heapq.heappush(self._deadlines, (cmd.expires_at, cmd.seq, cmd.id))
@@ -847,6 +931,7 @@ class CommandService:
                 queue.remove(rec)
             if not queue:
                 del self._by_device[cmd.device_id]
+        self._untodo(rec)
         if cmd.idempotency_key is not None:
             self._keys.pop((cmd.device_id, cmd.idempotency_key), None)
         self.stats.active = len(self._active)

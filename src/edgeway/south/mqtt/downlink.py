@@ -97,6 +97,10 @@ class BrokerDownlink:
     :class:`~edgeway.south.mqtt.broker.BrokerObserver` for sessions and results."""
 
     name = "mqtt"
+    ordered = True
+    """A device's commands travel its one connection at QoS 1 (or 0), which
+    keeps them in order: the queue hands the next over before the PUBACK of
+    the one before (edgeway.commands.service.ORDERED_IN_FLIGHT)."""
 
     def __init__(self, broker: Broker, config: CommandsMqttSection, events: DownlinkEvents) -> None:
         self.broker = broker
