@@ -12,6 +12,7 @@ missing metrics, so every branch of the generated code is taken.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -94,6 +95,9 @@ steps = st.lists(
             st.dictionaries(st.sampled_from(METRICS), values, min_size=1, max_size=3),
         ),
         st.tuples(st.just("tick"), st.sampled_from([0.5, 1.0, 3.0]), st.just(""), st.just({})),
+        # The stored states taken back: by the running engine (a failed
+        # write's resync) or by a new one (a restart: values and windows gone).
+        st.tuples(st.sampled_from(["resync", "restart"]), st.just(0.0), st.just(""), st.just({})),
     ),
     min_size=1,
     max_size=60,
@@ -137,6 +141,17 @@ def test_the_scan_changes_no_outcome(rules: list[RuleConfig], steps: list[Any]) 
         clock.w += dt * 3600  # hours pass on the wall clock: schedules open and close
         if kind == "tick":
             a, b = scanned.due(), full.due()
+        elif kind in ("resync", "restart"):
+            stored = [(r, d, dataclasses.replace(st)) for (r, d), st in full.states.items()]
+            if kind == "restart":
+                scanned = RuleEngine(rules, clock=clock.now, wall=clock.wall)
+                full = RuleEngine(rules, clock=clock.now, wall=clock.wall, scan=False)
+                scanned.restore_all([(r, d, dataclasses.replace(st)) for r, d, st in stored])
+                full.restore_all(stored)
+            else:
+                scanned.reset_states([(r, d, dataclasses.replace(st)) for r, d, st in stored])
+                full.reset_states(stored)
+            continue
         else:
             r = Reading(device, 0.0, dict(metrics), Origin("mqtt", f"devices/{device}/telemetry"))
             a, b = scanned.observe([r]), full.observe([r])
@@ -154,9 +169,9 @@ def test_the_scan_is_used_and_skips_idle_rules() -> None:
         engine.observe([r])
     scanner = engine.front.cache[("d1", "mqtt", "devices/d1/telemetry")][1]
     assert scanner is not None and scanner.ready
-    assert scanner(engine.front.scopes["d1"], engine.states, "d1") == []
+    assert scanner(engine.front.scopes["d1"]) == []
     engine.front.scopes["d1"]["t"] = 2.5  # rules r0, r1, r2 hold
-    assert scanner(engine.front.scopes["d1"], engine.states, "d1") == [0, 1, 2]
+    assert scanner(engine.front.scopes["d1"]) == [0, 1, 2]
 
 
 def test_the_generated_source_holds_no_configuration_text() -> None:
@@ -205,3 +220,33 @@ def test_a_window_that_held_an_infinite_value_reads_the_same_on_both_paths() -> 
         assert dump(a) == dump(b)
         outs.append(a)
     assert [t.rule for t in outs[-1].transitions] == ["r7"]  # avg(c) = -1 once inf left
+
+
+def test_a_state_restored_at_start_is_seen_by_the_scan() -> None:
+    """A rule active when the gateway stopped is active after the restart,
+    and the scan (which reads each device's rule states) must know it, even
+    though the device's values, windows and scope are new: its clearing
+    reading is evaluated, not skipped as an idle rule's."""
+    rules = [
+        RuleConfig.model_validate({"name": f"r{i}", "when": f"t > {i + 1}"}) for i in range(12)
+    ]
+    clock = Clock()
+    before = RuleEngine(rules, clock=clock.now, wall=clock.wall, scan=False)
+    before.observe([Reading("d1", 0.0, {"t": 1.5}, Origin("mqtt", "devices/d1/telemetry"))])
+    assert before.states[("r0", "d1")].active
+    stored = [(r, d, dataclasses.replace(s)) for (r, d), s in before.states.items()]
+    engines = []
+    for scan in (True, False):
+        e = RuleEngine(rules, clock=clock.now, wall=clock.wall, scan=scan)
+        e.restore_all([(r, d, dataclasses.replace(s)) for r, d, s in stored])
+        engines.append(e)
+    r = Reading("d1", 0.0, {"t": 1.5}, Origin("mqtt", "devices/d1/telemetry"))
+    for _ in range(3):  # the scanner is built a slice per call
+        clock.t += 0.1
+        assert [dump(e.observe([r])) for e in engines] == [dump(RuleOutput())] * 2
+    assert engines[0].front.cache[("d1", "mqtt", "devices/d1/telemetry")][1] is not None
+    clock.t += 0.1
+    clear = Reading("d1", 0.0, {"t": 0.0}, Origin("mqtt", "devices/d1/telemetry"))
+    a, b = (e.observe([clear]) for e in engines)
+    assert [t.state for t in b.transitions] == ["clear"]
+    assert dump(a) == dump(b)

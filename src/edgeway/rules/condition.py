@@ -29,7 +29,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from edgeway.pipeline.expr import (
     CallBuilder,
@@ -122,13 +122,16 @@ class TwinValues:
 class Scope(dict[str, MetricValue]):
     """A device's last values, with its windows, its twin and the time of evaluation."""
 
-    __slots__ = ("now", "twin", "windows")
+    __slots__ = ("now", "rule_states", "twin", "windows")
 
     def __init__(self) -> None:
         super().__init__()
         self.windows: dict[WindowKey, Samples] = {}
         self.twin: TwinValues | None = None
         self.now = 0.0
+        self.rule_states: dict[str, Any] = {}
+        """Rule name -> this device's state of it (the engine's own
+        ``RuleState`` objects, as in its ``states``), for the scan."""
 
 
 def _finite(items: deque[tuple[float, float]]) -> bool:

@@ -375,10 +375,16 @@ class RuleEngine:
 
     # ------------------------------------------------------------ state
 
+    def _groups(self) -> tuple[_Group, ...]:
+        return (self.front, *self.steps.values())
+
     def reset_states(self, states: Iterable[tuple[str, str, RuleState]]) -> None:
         """Forget every state and timer and take ``states`` (the stored ones) back."""
         self.states.clear()
         self._timers.clear()
+        for group in self._groups():
+            for scope in group.scopes.values():
+                scope.rule_states.clear()
         self.restore_all(states)
 
     def restore_all(self, states: Iterable[tuple[str, str, RuleState]]) -> None:
@@ -388,6 +394,9 @@ class RuleEngine:
             if r is None:
                 continue
             self.states[(rule, device_id)] = state
+            scope = self._group_of[rule].scopes.get(device_id)
+            if scope is not None:
+                scope.rule_states[rule] = state
             if state.since is not None:
                 self._arm(r, device_id, state)
         self.stats.pending = sum(1 for s in self.states.values() if s.since is not None)
@@ -402,6 +411,11 @@ class RuleEngine:
                 self.stats.devices_refused += 1
                 return None
             scope = group.scopes[device_id] = Scope()
+            states = self.states
+            for rule in itertools.chain(group.static, group.dynamic):
+                st = states.get((rule.name, device_id))
+                if st is not None:  # restored at start
+                    scope.rule_states[rule.name] = st
             if self.uses_twin:
                 scope.twin = self._twin(device_id)
             self._devices += 1
@@ -435,7 +449,6 @@ class RuleEngine:
             return out
         t, wall = self.clock(), self.wall()
         windowed = group.windowed
-        states = self.states
         group.build_step()
         for r in readings:
             self.stats.readings += 1
@@ -471,7 +484,7 @@ class RuleEngine:
                 # others nothing would change (edgeway.rules.scan).
                 n = len(scanner.rules)
                 self.stats.evaluations += n
-                todo: Iterable[CompiledRule] = [rules[i] for i in scanner(scope, states, device_id)]
+                todo: Iterable[CompiledRule] = [rules[i] for i in scanner(scope)]
                 rest: Sequence[CompiledRule] = rules[n:]
             else:
                 todo, rest = (), rules
@@ -548,7 +561,7 @@ class RuleEngine:
                 out.states.append((rule.name, device_id, _copy(st)))
             return
         if st is None:
-            st = self.states[key] = RuleState()
+            st = self.states[key] = scope.rule_states[rule.name] = RuleState()
         changed = False
         if st.since is None:
             st.since = t

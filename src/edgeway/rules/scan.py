@@ -39,9 +39,11 @@ from typing import TYPE_CHECKING, Any
 from edgeway.rules.condition import WINDOW_FUNCS, Samples, Scope
 
 if TYPE_CHECKING:
-    from edgeway.rules.engine import CompiledRule, RuleState
+    from edgeway.rules.engine import CompiledRule
 
-ScanFn = Callable[[Scope, "dict[tuple[str, str], RuleState]", str], list[int]]
+ScanFn = Callable[[Scope, list[Any]], list[int]]
+"""One slice's scan: (the device's scope, the terms computed so far in this
+call) -> indices of the rules that need the state machine."""
 
 BUILD_SLICE = 16
 """Rules per generated function: compiling one costs 1-3 ms, and the engine
@@ -99,13 +101,33 @@ def _number(node: ast.expr) -> float | None:
 
 
 class _Gen:
-    """Source lines and the namespace of one scanner being generated."""
+    """Source lines and the namespace of one slice being generated.
 
-    def __init__(self) -> None:
+    ``shared``: the term table of the whole scanner (term -> its place in the
+    list the slices fill in order at each call): a term an earlier slice
+    computes is read from that list, not computed again, so a value or window
+    is read once per reading however many slices use it."""
+
+    def __init__(self, shared: dict[tuple[Any, ...], int] | None = None) -> None:
         self.ns: dict[str, Any] = {"UNKNOWN": UNKNOWN, "UNDECIDED": UNDECIDED, "EMPTY": _EMPTY}
         self.terms: dict[tuple[Any, ...], str] = {}
+        self.shared: dict[tuple[Any, ...], int] = {} if shared is None else shared
         self.head: list[str] = []
         self.body: list[str] = []
+
+    def _known(self, key: tuple[Any, ...]) -> str | None:
+        """This slice's variable for ``key`` if it has one or an earlier slice
+        computed it (then read from ``T``); None if it is new."""
+        var = self.terms.get(key)
+        if var is None and key in self.shared:
+            var = self.terms[key] = f"x{len(self.terms)}"
+            self.head.append(f"    {var} = T[{self.shared[key]}]")
+        return var
+
+    def _computed(self, key: tuple[Any, ...], var: str) -> None:
+        """``var`` (just computed in the head) is the term ``key``: into ``T``."""
+        self.shared[key] = len(self.shared)
+        self.head.append(f"    append({var})")
 
     def const(self, value: object) -> str:
         name = f"K{len(self.ns)}"
@@ -117,7 +139,7 @@ class _Gen:
         one (a float, UNKNOWN or UNDECIDED), computed once at the top."""
         if isinstance(node, ast.Name):
             key: tuple[Any, ...] = ("m", node.id)
-            var = self.terms.get(key)
+            var = self._known(key)
             if var is None:
                 var = self.terms[key] = f"x{len(self.terms)}"
                 k = self.const(node.id)
@@ -131,6 +153,7 @@ class _Gen:
                     f"    elif {var} is not UNKNOWN:",
                     f"        {var} = UNDECIDED",
                 ]
+                self._computed(key, var)
             return var
         if (
             isinstance(node, ast.Call)
@@ -142,7 +165,7 @@ class _Gen:
         ):
             func_name, metric = node.func.id, node.args[0].id
             key = ("w", func_name, metric, span)
-            var = self.terms.get(key)
+            var = self._known(key)
             if var is None:
                 var = self.terms[key] = f"x{len(self.terms)}"
                 func, needs_value = WINDOW_FUNCS[func_name]
@@ -155,6 +178,7 @@ class _Gen:
                     "    else:",
                     f"        {var} = {f}(w)",
                 ]
+                self._computed(key, var)
             return var
         return None
 
@@ -198,7 +222,7 @@ class _Gen:
             return
         name = self.const(rule.name)
         self.body += [
-            f"    st = state((({name}, device_id)))",
+            f"    st = state({name})",
             "    if st is not None and (st.active or st.since is not None):",
             f"        out({index})",
             "    else:",
@@ -210,9 +234,10 @@ class _Gen:
     def build(self) -> ScanFn:
         src = "\n".join(
             [
-                "def scan(scope, states, device_id):",
+                "def scan(scope, T):",
                 "    get, windows, now = scope.get, scope.windows, scope.now",
-                "    state = states.get",
+                "    state = scope.rule_states.get",
+                "    append = T.append",
                 "    found = []",
                 "    out = found.append",
                 *self.head,
@@ -226,9 +251,14 @@ class _Gen:
         return fn
 
 
-def build_scan(rules: Sequence[CompiledRule], offset: int = 0) -> ScanFn:
-    """A scanner over ``rules``; the indices it returns count from ``offset``."""
-    gen = _Gen()
+def build_scan(
+    rules: Sequence[CompiledRule],
+    offset: int = 0,
+    shared: dict[tuple[Any, ...], int] | None = None,
+) -> ScanFn:
+    """A scanner over ``rules``; the indices it returns count from ``offset``;
+    ``shared``: the term table of the slices before it (see :class:`_Gen`)."""
+    gen = _Gen(shared)
     for i, rule in enumerate(rules):
         gen.rule(offset + i, rule)
     return gen.build()
@@ -237,28 +267,34 @@ def build_scan(rules: Sequence[CompiledRule], offset: int = 0) -> ScanFn:
 class Scanner:
     """The scanners of one rule set, built a slice per loop turn."""
 
-    __slots__ = ("parts", "ready", "rules")
+    __slots__ = ("parts", "ready", "rules", "terms")
 
     def __init__(self, rules: tuple[CompiledRule, ...]) -> None:
         self.rules = rules
         self.parts: list[ScanFn] = []
         self.ready = False
+        self.terms: dict[tuple[Any, ...], int] = {}
+        """The terms of all slices, in the order the slices compute them."""
 
     def build_next(self) -> bool:
         """Build the next slice; True when all are built."""
         start = len(self.parts) * BUILD_SLICE
         if start < len(self.rules):
-            self.parts.append(build_scan(self.rules[start : start + BUILD_SLICE], start))
+            self.parts.append(
+                build_scan(self.rules[start : start + BUILD_SLICE], start, self.terms)
+            )
         self.ready = len(self.parts) * BUILD_SLICE >= len(self.rules)
         return self.ready
 
-    def __call__(
-        self, scope: Scope, states: dict[tuple[str, str], RuleState], device_id: str
-    ) -> list[int]:
+    def __call__(self, scope: Scope) -> list[int]:
+        """The rules (indices into :attr:`rules`) that need the state machine
+        for the device of ``scope``: not idle there, or whose ``when`` holds
+        or is not decided by the scan."""
         parts = self.parts
+        terms: list[Any] = []
         if len(parts) == 1:
-            return parts[0](scope, states, device_id)
+            return parts[0](scope, terms)
         found: list[int] = []
         for part in parts:
-            found += part(scope, states, device_id)
+            found += part(scope, terms)
         return found
