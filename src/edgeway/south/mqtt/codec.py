@@ -310,6 +310,8 @@ _ZERO_OR_ONE: Final = frozenset(
 )
 # Spec: "It is a Protocol Error to include the value 0" for these.
 _NON_ZERO: Final = frozenset({"receive_maximum", "maximum_packet_size"})
+_INT_LIMIT: Final = {_BYTE: 0xFF, _TWO: 0xFFFF, _FOUR: 0xFFFFFFFF}
+_INT_SIZE: Final = {_BYTE: 1, _TWO: 2, _FOUR: 4}
 
 
 def _packet_name(ptype: int) -> str:
@@ -1060,14 +1062,13 @@ def _encode_properties(props: Properties, ptype: int) -> bytes:
             elif kind == _BIN:
                 out += _enc_bin(value)
             else:
-                limit = {_BYTE: 0xFF, _TWO: 0xFFFF, _FOUR: 0xFFFFFFFF}[kind]
-                if not 0 <= value <= limit:
+                if not 0 <= value <= _INT_LIMIT[kind]:
                     raise ValueError(f"property {name} out of range: {value}")
                 if name in _ZERO_OR_ONE and value > 1:
                     raise ValueError(f"property {name} must be 0 or 1, got {value}")
                 if (name in _NON_ZERO or pid == 0x23) and value == 0:
                     raise ValueError(f"property {name} must not be 0")
-                out += value.to_bytes({_BYTE: 1, _TWO: 2, _FOUR: 4}[kind], "big")
+                out += value.to_bytes(_INT_SIZE[kind], "big")
     return _enc_varint(len(out)) + bytes(out)
 
 
