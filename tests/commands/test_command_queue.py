@@ -149,16 +149,21 @@ class OrderedDevices(FakeDevices):
     ordered = True
 
 
+async def queued_on_ordered(service: Any, n: int) -> tuple[OrderedDevices, list[Command]]:
+    """Device d1 online behind an ordered transport that confirms on demand,
+    and ``n`` commands queued for it."""
+    devices = OrderedDevices(auto_ack=False)
+    service.add_downlink(devices)
+    devices.online.add("d1")
+    return devices, [(await service.submit("d1", f"c{i}"))[0] for i in range(n)]
+
+
 async def test_ordered_transport_takes_the_next_before_the_first_is_confirmed(
     service: Any,
 ) -> None:
     from edgeway.commands.service import ORDERED_IN_FLIGHT
 
-    devices = OrderedDevices(auto_ack=False)
-    service.add_downlink(devices)
-    devices.online.add("d1")
-    n = ORDERED_IN_FLIGHT + 4
-    cmds = [(await service.submit("d1", f"c{i}"))[0] for i in range(n)]
+    devices, cmds = await queued_on_ordered(service, ORDERED_IN_FLIGHT + 4)
     await until(lambda: len(devices.sent) == ORDERED_IN_FLIGHT)
     await asyncio.sleep(0.05)
     # A window of them in flight, in order; the rest wait for room.
@@ -192,16 +197,13 @@ async def test_rule_command_does_not_wait_behind_an_unconfirmed_one(service: Any
         await until(lambda devices=devices: len(devices.sent) == 2)
         assert [c.id for c in devices.sent] == ["a1", "b2"]
         devices.pending["b2"].set_result(True)
-        await until(lambda: a.state is b.state is CommandState.DELIVERED)
+        await until(lambda a=a, b=b: a.state is b.state is CommandState.DELIVERED)
 
 
 async def test_ordered_transport_gone_with_several_in_flight_redelivers_in_order(
     service: Any,
 ) -> None:
-    devices = OrderedDevices(auto_ack=False)
-    service.add_downlink(devices)
-    devices.online.add("d1")
-    cmds = [(await service.submit("d1", f"c{i}"))[0] for i in range(3)]
+    devices, cmds = await queued_on_ordered(service, 3)
     await until(lambda: len(devices.sent) == 3)
     devices.online.discard("d1")
     devices.pending.pop(cmds[0].id).set_result(True)  # the first got through
