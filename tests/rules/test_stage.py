@@ -401,3 +401,56 @@ async def test_a_transition_made_again_after_a_power_cut_sends_the_same_command_
     other = tmp_path / "other"
     other.mkdir()
     assert await first_command_id(other) != first
+
+
+async def test_a_long_turn_sends_the_first_devices_commands_before_it_ends(
+    tmp_path: Path,
+) -> None:
+    """Within one turn of the event loop (a burst read from many devices),
+    transitions share a commit only while the batch is younger than
+    BATCH_WAIT: a later device's write commits what waited first, so the
+    first devices' commands leave then instead of at the end of the turn."""
+    import time
+
+    from edgeway.rules.store import BATCH_WAIT
+
+    config = "rules:\n" + "".join(
+        f'  - name: hot{d}\n    match: {{devices: ["d{d}"]}}\n    when: "t > 80"\n'
+        f"    on_set: [{{command: {{name: fan, params: {{speed: {d}}}}}}}]\n"
+        for d in range(3)
+    )
+    commands = CommandService(tmp_path, CommandsSection(), durability="os")
+    await commands.open()
+    device = RecordingDownlink()
+    commands.add_downlink(device)
+    stage = RuleStage(
+        parse_config(config).rules,
+        tmp_path,
+        targets=ActionTargets(commands=commands),
+        durability="os",
+    )
+    await stage.open()
+    try:
+        stage.start_actions()
+        before = stage.store.commits
+
+        def hot(d: int) -> Reading:
+            return Reading(f"d{d}", 0.0, {"t": 90.0}, Origin("test"))
+
+        # d0 and d1 in the same moment: one batch, nothing sent yet.
+        futs = [stage.observe([hot(0)]), stage.observe([hot(1)])]
+        assert device.payloads == [] and stage.store.commits == before
+        # The loop held on purpose, as other devices' readings would hold it:
+        time.sleep(BATCH_WAIT * 2)  # noqa: ASYNC251
+        futs.append(stage.observe([hot(2)]))
+        # d2's write committed the waiting batch and its commands left, still in this turn.
+        assert stage.store.commits == before + 1
+        assert [p["params"] for p in device.payloads] == [{"speed": 0}, {"speed": 1}]
+        for fut in futs:
+            assert fut is not None
+            await fut  # d2's own batch at the end of the turn
+        assert stage.store.commits == before + 2
+        assert [p["params"] for p in device.payloads] == [{"speed": d} for d in range(3)]
+    finally:
+        await stage.close()
+        await commands.close()

@@ -29,6 +29,7 @@ import math
 import os
 import secrets
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,6 +111,15 @@ before it is committed alone. A mark is on no path (a mark lost to a kill
 only means the action is taken up again at the start, with the same command
 id and key: not queued twice)."""
 
+BATCH_WAIT = 0.001
+"""Seconds a batch may wait for the end of its turn of the event loop. A
+turn that reads a burst from many devices evaluates their rules one device
+after another (a few hundred microseconds each); a transition of the first
+device would wait for all of them before its commit and its command. A
+write that finds the turn's batch older than this commits it first, so its
+commands leave then, and starts the next batch (bench/results/
+rules-2026-12-07-pipelined.md)."""
+
 WAL_CHECKPOINT_BYTES = 4 << 20
 """WAL size from which the sync job folds it into the database (a passive
 checkpoint, on the store's thread)."""
@@ -139,6 +149,7 @@ class _Batch:
     pieces: list[_Piece] = field(default_factory=list)
     marks: list[tuple[str | None, int]] = field(default_factory=list)
     mark_futures: list[asyncio.Future[None]] = field(default_factory=list)
+    opened: float = field(default_factory=time.monotonic)
 
 
 class RuleStore:
@@ -149,7 +160,8 @@ class RuleStore:
     a kill of the process, without waiting for the disk), once per turn of
     the loop for everything written in that turn (a burst of transitions
     from many devices shares one commit; a commit is a few ``executemany``
-    calls, 0.1 - 0.3 ms). The transition's actions are carried out right
+    calls, 0.1 - 0.3 ms), and within a long turn once :data:`BATCH_WAIT`
+    after its first write. The transition's actions are carried out right
     after that commit, so a rule's command leaves with no thread hand-off
     and no fsync on its path: the turn of the event loop that made the
     transition sends the command. Then, with ``durability: fsync``, the
@@ -257,6 +269,10 @@ class RuleStore:
         piece = _Piece(
             states, rows, action_rows, stored, (self.clock.now(), self.clock.wall()), fut, then
         )
+        batch = self._batch
+        if batch is not None and batch.pieces and time.monotonic() - batch.opened >= BATCH_WAIT:
+            # A long turn (a burst): what waited commits now, its commands go.
+            self._flush()
         batch = self._open_batch()
         batch.pieces.append(piece)
         self._take_marks(batch)
@@ -295,7 +311,8 @@ class RuleStore:
                 self._mark_timer = None
 
     def _open_batch(self) -> _Batch:
-        """This turn's batch, committed at the end of the turn."""
+        """This turn's batch, committed at the end of the turn (or sooner:
+        :data:`BATCH_WAIT`)."""
         batch = self._batch
         if batch is None:
             if self._wconn is None:
