@@ -18,6 +18,7 @@ from paho.mqtt.properties import Properties
 from edgeway.commands.model import CommandState
 from edgeway.config import parse_config
 from edgeway.gateway import Gateway
+from sim_gateway import wait_until
 
 
 class Device:
@@ -248,18 +249,9 @@ async def test_next_command_goes_out_before_the_device_acknowledges_the_first(
         await asyncio.sleep(0.1)
         assert first.state is second.state is CommandState.SENT
         writer.write(encode(PubAck(got[0].packet_id), 5))
-        await _until(lambda: first.state is CommandState.DELIVERED)
+        await wait_until(lambda: first.state is CommandState.DELIVERED, 5)
         assert second.state is CommandState.SENT
         writer.write(encode(PubAck(got[1].packet_id), 5))
-        await _until(lambda: second.state is CommandState.DELIVERED)
+        await wait_until(lambda: second.state is CommandState.DELIVERED, 5)
     finally:
         writer.close()
-
-
-async def _until(cond: Any, within: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from edgeway.commands.service import CommandService
 from edgeway.config import CommandsSection, parse_config
@@ -261,6 +261,25 @@ class RecordingDownlink:
         return fut
 
 
+async def stage_to_recorder(
+    data: Path, config: str, durability: Literal["fsync", "os"]
+) -> tuple[RuleStage, CommandService, RecordingDownlink]:
+    """A rule stage over ``config`` whose commands go through a real queue to
+    a :class:`RecordingDownlink`; open, actions not started yet."""
+    commands = CommandService(data, CommandsSection(), durability="os")
+    await commands.open()
+    device = RecordingDownlink()
+    commands.add_downlink(device)
+    stage = RuleStage(
+        parse_config(config).rules,
+        data,
+        targets=ActionTargets(commands=commands),
+        durability=durability,
+    )
+    await stage.open()
+    return stage, commands, device
+
+
 async def test_a_rule_command_goes_out_before_the_queue_commits_and_survives_losing_it(
     tmp_path: Path,
 ) -> None:
@@ -328,17 +347,7 @@ async def test_the_command_leaves_before_the_fsync_and_the_reading_waits_for_it(
     import asyncio
     import threading
 
-    commands = CommandService(tmp_path, CommandsSection(), durability="os")
-    await commands.open()
-    device = RecordingDownlink()
-    commands.add_downlink(device)
-    stage = RuleStage(
-        parse_config(CONFIG).rules,
-        tmp_path,
-        targets=ActionTargets(commands=commands),
-        durability="fsync",
-    )
-    await stage.open()
+    stage, commands, device = await stage_to_recorder(tmp_path, CONFIG, "fsync")
     gate = threading.Event()
     try:
         stage.start_actions()
@@ -419,17 +428,7 @@ async def test_a_long_turn_sends_the_first_devices_commands_before_it_ends(
         f"    on_set: [{{command: {{name: fan, params: {{speed: {d}}}}}}}]\n"
         for d in range(3)
     )
-    commands = CommandService(tmp_path, CommandsSection(), durability="os")
-    await commands.open()
-    device = RecordingDownlink()
-    commands.add_downlink(device)
-    stage = RuleStage(
-        parse_config(config).rules,
-        tmp_path,
-        targets=ActionTargets(commands=commands),
-        durability="os",
-    )
-    await stage.open()
+    stage, commands, device = await stage_to_recorder(tmp_path, config, "os")
     try:
         stage.start_actions()
         before = stage.store.commits
