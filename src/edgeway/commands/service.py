@@ -58,7 +58,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import orjson
 
@@ -186,6 +186,16 @@ class _Record:
     waiters: list[asyncio.Future[Command]] = field(default_factory=list)
 
 
+class _Flight(NamedTuple):
+    """A command handed to a downlink, its delivery not yet confirmed."""
+
+    rec: _Record
+    delivery: Awaitable[bool]
+    ordered: bool
+    """The downlink that took it keeps the device's commands in order: the
+    next may follow before this one is confirmed."""
+
+
 class CommandService:
     """The queue of commands to devices; see the module docstring."""
 
@@ -222,7 +232,7 @@ class CommandService:
         self._finished: OrderedDict[str, Command] = OrderedDict()
         self._pumping: set[str] = set()
         self._rekick: set[str] = set()
-        self._flights: dict[str, deque[tuple[_Record, Awaitable[bool]]]] = {}
+        self._flights: dict[str, deque[_Flight]] = {}
         """Per pumping device: commands handed over, deliveries not yet
         confirmed, in order (more than one only over an ordered downlink)."""
         self._deadlines: list[tuple[float, int, str]] = []
@@ -581,7 +591,7 @@ class CommandService:
             return
         if device_id in self._pumping:
             flights = self._flights.get(device_id)
-            if now and flights and len(flights) < ORDERED_IN_FLIGHT:
+            if now and flights and flights[-1].ordered and len(flights) < ORDERED_IN_FLIGHT:
                 # The device's pump waits for a confirmation; over an ordered
                 # transport this command need not wait behind it.
                 sent = self._send_journaled_now(device_id, ordered_only=True)
@@ -636,14 +646,11 @@ class CommandService:
 
     # --------------------------------------------------------------- dispatch
 
-    def _send_journaled_now(
-        self, device_id: str, *, ordered_only: bool = False
-    ) -> tuple[_Record, Awaitable[bool]] | None:
+    def _send_journaled_now(self, device_id: str, *, ordered_only: bool = False) -> _Flight | None:
         """The first step of :meth:`_pump` for a journaled command, done at
-        once: SENT (written behind: the caller's journal stands in for it)
-        and handed to the transport. None if anything asks for the task's
-        ordinary path (not the device's next, expired, no downlink; with
-        ``ordered_only``, a downlink that does not keep order)."""
+        once (:meth:`_hand_over_journaled`). None if anything asks for the
+        task's ordinary path (not the device's next, expired, no downlink;
+        with ``ordered_only``, a downlink that does not keep order)."""
         rec = self._next_to_send(device_id)
         if rec is None or not rec.journaled:
             return None
@@ -653,11 +660,21 @@ class CommandService:
         downlink = next((d for d in self.downlinks if d.reachable(cmd)), None)
         if downlink is None or (ordered_only and not _ordered(downlink)):
             return None
+        return self._hand_over_journaled(rec, downlink)
+
+    def _hand_over_journaled(self, rec: _Record, downlink: Downlink) -> _Flight:
+        """SENT and handed over with nothing awaited: the caller's journal
+        stands in for SENT on disk (a copy lost here comes back as a
+        redelivery), so SENT is written behind, after the insert (one
+        writer thread, in order)."""
         rec.journaled = False
-        self._mark_sent(cmd)
-        self.db.write(functools.partial(_update, c=cmd)).add_done_callback(_log_failure)
+        self._mark_sent(rec.cmd)
+        self.db.write(functools.partial(_update, c=rec.cmd)).add_done_callback(_log_failure)
+        return self._in_flight(rec, downlink)
+
+    def _in_flight(self, rec: _Record, downlink: Downlink) -> _Flight:
         rec.in_flight = True
-        return rec, self._hand_over(cmd, downlink)
+        return _Flight(rec, self._hand_over(rec.cmd, downlink), _ordered(downlink))
 
     def _mark_sent(self, cmd: Command) -> None:
         cmd.attempts += 1
@@ -678,54 +695,47 @@ class CommandService:
             failed.set_exception(e)
             return failed
 
-    async def _pump(self, device_id: str, flights: deque[tuple[_Record, Awaitable[bool]]]) -> None:
+    async def _pump(self, device_id: str, flights: deque[_Flight]) -> None:
         """Hand this device's commands to a downlink in order, one until its
         delivery is confirmed, then the next; over an ordered downlink up to
         :data:`ORDERED_IN_FLIGHT` before the first is confirmed (``flights``:
         those already handed over, by :meth:`_send_journaled_now`)."""
+        # Once the device went away, what is in flight learns its fate
+        # (delivered, or sent again when the device is back); nothing more goes.
+        gone = False
         try:
             while not self._closed:
-                if not flights or (
-                    len(flights) < ORDERED_IN_FLIGHT and _ordered(self._downlink_of(flights))
+                if not gone and (
+                    not flights or (flights[-1].ordered and len(flights) < ORDERED_IN_FLIGHT)
                 ):
-                    sent = await self._send_next(device_id)
+                    sent = await self._send_next(device_id, ordered_only=bool(flights))
                     if sent is not None:
                         flights.append(sent)
                         continue
-                    if not flights:
-                        return
-                rec, delivery = flights.popleft()
-                ok = await self._confirm(rec, delivery)
-                rec.in_flight = False
-                if not ok and device_id not in self._rekick:
-                    # The device went away: what else is in flight learns
-                    # its fate too (delivered, or sent again when it is back).
-                    while flights:
-                        rec, delivery = flights.popleft()
-                        await self._confirm(rec, delivery)
-                        rec.in_flight = False
+                if not flights:
                     return
+                flight = flights.popleft()
+                ok = await self._confirm(flight.rec, flight.delivery)
+                flight.rec.in_flight = False
+                if not ok and device_id not in self._rekick:
+                    gone = True
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("command dispatch for device %r failed", device_id)
         finally:
-            for rec, _delivery in flights:
-                rec.in_flight = False
+            for flight in flights:
+                flight.rec.in_flight = False
             self._flights.pop(device_id, None)
             self._pumping.discard(device_id)
             if device_id in self._rekick and not self._closed:
                 self._rekick.discard(device_id)
                 self.device_reachable(device_id)
 
-    def _downlink_of(self, flights: deque[tuple[_Record, Awaitable[bool]]]) -> Downlink | None:
-        """The downlink that took the newest command in flight (None if none takes it now)."""
-        cmd = flights[-1][0].cmd
-        return next((d for d in self.downlinks if d.reachable(cmd)), None)
-
-    async def _send_next(self, device_id: str) -> tuple[_Record, Awaitable[bool]] | None:
+    async def _send_next(self, device_id: str, *, ordered_only: bool = False) -> _Flight | None:
         """Mark the device's next command SENT and hand it over; None when
-        there is none to send now (nothing queued, no downlink takes it)."""
+        there is none to send now (nothing queued, no downlink takes it;
+        with ``ordered_only``, none that keeps order)."""
         while not self._closed:
             self._rekick.discard(device_id)
             rec = self._next_to_send(device_id)
@@ -736,18 +746,13 @@ class CommandService:
                 await self._finish(rec, CommandState.EXPIRED, error="time to live ended")
                 continue
             downlink = next((d for d in self.downlinks if d.reachable(cmd)), None)
-            if downlink is None:
+            if downlink is None or (ordered_only and not _ordered(downlink)):
                 return None
+            if rec.journaled:
+                return self._hand_over_journaled(rec, downlink)
             before = (cmd.state, cmd.attempts, cmd.updated_at)
             self._mark_sent(cmd)
-            if rec.journaled:
-                # The caller's journal stands in for SENT on disk (a copy
-                # lost here comes back as a redelivery): written behind,
-                # after the insert (one writer thread, in order).
-                rec.journaled = False
-                self.db.write(functools.partial(_update, c=cmd)).add_done_callback(_log_failure)
-            else:
-                await self.db.write(functools.partial(_update, c=cmd))
+            await self.db.write(functools.partial(_update, c=cmd))
             if cmd.state is not CommandState.SENT:  # cancelled meanwhile
                 continue
             if not downlink.reachable(cmd):
@@ -758,8 +763,7 @@ class CommandService:
                 cmd.state, cmd.attempts, cmd.updated_at = before
                 await self.db.write(functools.partial(_update, c=cmd))
                 return None
-            rec.in_flight = True
-            return rec, self._hand_over(cmd, downlink)
+            return self._in_flight(rec, downlink)
         return None
 
     async def _confirm(self, rec: _Record, delivery: Awaitable[bool]) -> bool:

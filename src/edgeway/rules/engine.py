@@ -364,7 +364,7 @@ class RuleEngine:
             for sid, names in stepped.items()
         }
         self._group_of: dict[str, _Group] = {}
-        for group in (self.front, *self.steps.values()):
+        for group in self._groups():
             for r in (*group.static, *group.dynamic):
                 self._group_of[r.name] = group
         self._devices = 0
