@@ -181,22 +181,28 @@ async def test_ordered_transport_takes_the_next_before_the_first_is_confirmed(
 async def test_rule_command_does_not_wait_behind_an_unconfirmed_one(service: Any) -> None:
     """A journaled command (a rule's) is handed over in the call that queues
     it even while the device's previous command awaits its confirmation, on
-    an ordered transport; on another it waits its turn."""
-    for cls, at_once in ((OrderedDevices, True), (FakeDevices, False)):
+    an ordered transport (queued in the same turn as the first, or once the
+    device's dispatch waits for that confirmation); on another it waits its
+    turn."""
+    cases = [(c, o, s) for c, o in ((OrderedDevices, True), (FakeDevices, False)) for s in (0, 1)]
+    for k, (cls, at_once, settle) in enumerate(cases):
         devices = cls(auto_ack=False)
         service.downlinks.clear()
         service.add_downlink(devices)
-        dev = f"d-{cls.__name__}"
+        dev = f"d{k}"
         devices.online.add(dev)
+        first, second = f"a{k}", f"b{k}"
         kw = {"ttl": None, "source": "rule:r"}
-        a, _ = service.submit_journaled(dev, "a", {}, idempotency_key="ka", command_id="a1", **kw)
-        assert [c.id for c in devices.sent] == ["a1"]
-        b, _ = service.submit_journaled(dev, "b", {}, idempotency_key="kb", command_id="b2", **kw)
-        assert [c.id for c in devices.sent] == (["a1", "b2"] if at_once else ["a1"])
-        devices.pending["a1"].set_result(True)
+        a, _ = service.submit_journaled(dev, "a", {}, idempotency_key="ka", command_id=first, **kw)
+        assert [c.id for c in devices.sent] == [first]
+        if settle:  # the device's dispatch now waits for the first's confirmation
+            await asyncio.sleep(0.05)
+        b, _ = service.submit_journaled(dev, "b", {}, idempotency_key="kb", command_id=second, **kw)
+        assert [c.id for c in devices.sent] == ([first, second] if at_once else [first])
+        devices.pending[first].set_result(True)
         await until(lambda devices=devices: len(devices.sent) == 2)
-        assert [c.id for c in devices.sent] == ["a1", "b2"]
-        devices.pending["b2"].set_result(True)
+        assert [c.id for c in devices.sent] == [first, second]
+        devices.pending[second].set_result(True)
         await until(lambda a=a, b=b: a.state is b.state is CommandState.DELIVERED)
 
 

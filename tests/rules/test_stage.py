@@ -7,6 +7,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Literal
 
+import pytest
+
 from edgeway.commands.service import CommandService
 from edgeway.config import CommandsSection, parse_config
 from edgeway.reading import Origin, Reading
@@ -66,6 +68,7 @@ async def test_actions_stored_before_a_stop_are_carried_out_once_after_the_start
         # marked done: carried out again, and the queue's idempotency key
         # keeps it to one command.
         with sqlite3.connect(tmp_path / "rules.db") as conn:
+            assert conn.execute("SELECT done, error FROM actions").fetchall() == [(1, None)]
             conn.execute("UPDATE actions SET done = 0")
         stage = await open_stage(tmp_path, commands)
         stage.start_actions()
@@ -103,21 +106,16 @@ async def test_a_failed_state_write_takes_the_stored_state_back(tmp_path: Path) 
     stage = RuleStage(parse_config(CONFIG).rules, tmp_path, targets=ActionTargets())
     await stage.open()
     try:
-        real = stage.store._commit
-
-        def failing(batch, conn):  # type: ignore[no-untyped-def]
-            # The batch's commit fails on the writer thread, as on a full disk.
-            real(batch, conn)
-            raise sq.OperationalError("disk I/O error")
-
-        stage.store._commit = failing  # type: ignore[method-assign]
+        # The batch's commit fails in SQLite (as on a full disk): nothing of
+        # it is written.
+        conn = stage.store._wconn
+        assert conn is not None
+        conn.execute("PRAGMA query_only=ON")
         fut = stage.observe([reading(90)])
         assert fut is not None
-        try:
+        with pytest.raises(sq.OperationalError):
             await fut
-        except sq.OperationalError:
-            pass
-        stage.store._commit = real  # type: ignore[method-assign]
+        conn.execute("PRAGMA query_only=OFF")
         for _ in range(100):  # the failure's callback runs on the loop's next turns
             if stage.failed_writes and stage._resyncing is None:
                 break
@@ -318,6 +316,7 @@ async def test_a_rule_command_goes_out_before_the_queue_commits_and_survives_los
         with sqlite3.connect(tmp_path / "commands.db") as conn:
             conn.execute("DELETE FROM commands")
         with sqlite3.connect(tmp_path / "rules.db") as conn:
+            assert conn.execute("SELECT done, error FROM actions").fetchall() == [(1, None)]
             conn.execute("UPDATE actions SET done = 0")
         device.got.clear()
         commands = CommandService(tmp_path, CommandsSection(), durability="os")

@@ -714,8 +714,12 @@ class CommandService:
                         continue
                 if not flights:
                     return
-                flight = flights.popleft()
+                # Left in ``flights`` while it is confirmed: a rule's command
+                # queued meanwhile sees it and may follow it at once
+                # (device_reachable).
+                flight = flights[0]
                 ok = await self._confirm(flight.rec, flight.delivery)
+                flights.popleft()
                 flight.rec.in_flight = False
                 if not ok and device_id not in self._rekick:
                     gone = True
