@@ -414,10 +414,12 @@ async def test_a_transition_made_again_after_a_power_cut_sends_the_same_command_
 async def test_a_long_turn_sends_the_first_devices_commands_before_it_ends(
     tmp_path: Path,
 ) -> None:
-    """Within one turn of the event loop (a burst read from many devices),
-    transitions share a commit only while the batch is younger than
-    BATCH_WAIT: a later device's write commits what waited first, so the
-    first devices' commands leave then instead of at the end of the turn."""
+    """A write to a quiet store commits at once: its command leaves in the
+    call that made the transition. Writes within BATCH_WAIT of a commit share
+    a batch, committed at the end of the turn of the event loop or sooner,
+    by a later write that finds the batch older than BATCH_WAIT (a burst read
+    from many devices): the first devices' commands do not wait for the
+    whole turn."""
     import time
 
     from edgeway.rules.store import BATCH_WAIT
@@ -425,30 +427,64 @@ async def test_a_long_turn_sends_the_first_devices_commands_before_it_ends(
     config = "rules:\n" + "".join(
         f'  - name: hot{d}\n    match: {{devices: ["d{d}"]}}\n    when: "t > 80"\n'
         f"    on_set: [{{command: {{name: fan, params: {{speed: {d}}}}}}}]\n"
-        for d in range(3)
+        for d in range(4)
     )
     stage, commands, device = await stage_to_recorder(tmp_path, config, "os")
     try:
         stage.start_actions()
+        time.sleep(BATCH_WAIT * 2)  # noqa: ASYNC251  (a quiet store)
         before = stage.store.commits
 
         def hot(d: int) -> Reading:
             return Reading(f"d{d}", 0.0, {"t": 90.0}, Origin("test"))
 
-        # d0 and d1 in the same moment: one batch, nothing sent yet.
-        futs = [stage.observe([hot(0)]), stage.observe([hot(1)])]
-        assert device.payloads == [] and stage.store.commits == before
+        def sent() -> list[int]:
+            return [p["params"]["speed"] for p in device.payloads]
+
+        futs = [stage.observe([hot(0)])]
+        # Quiet: committed and sent in the call that made the transition.
+        assert stage.store.commits == before + 1 and sent() == [0]
+        # d1 and d2 right after that commit: one batch, nothing more sent yet.
+        futs += [stage.observe([hot(1)]), stage.observe([hot(2)])]
+        assert stage.store.commits == before + 1 and sent() == [0]
         # The loop held on purpose, as other devices' readings would hold it:
         time.sleep(BATCH_WAIT * 2)  # noqa: ASYNC251
-        futs.append(stage.observe([hot(2)]))
-        # d2's write committed the waiting batch and its commands left, still in this turn.
-        assert stage.store.commits == before + 1
-        assert [p["params"] for p in device.payloads] == [{"speed": 0}, {"speed": 1}]
+        futs.append(stage.observe([hot(3)]))
+        # d3's write committed the waiting batch and its commands left, still
+        # in this turn; d3 itself follows a commit just made: batched.
+        assert stage.store.commits == before + 2 and sent() == [0, 1, 2]
         for fut in futs:
             assert fut is not None
-            await fut  # d2's own batch at the end of the turn
-        assert stage.store.commits == before + 2
-        assert [p["params"] for p in device.payloads] == [{"speed": d} for d in range(3)]
+            await fut  # d3's batch at the end of the turn
+        assert stage.store.commits == before + 3 and sent() == [0, 1, 2, 3]
     finally:
         await stage.close()
         await commands.close()
+
+
+async def test_the_wal_is_checkpointed_when_it_outgrows_the_size_it_keeps(tmp_path: Path) -> None:
+    """rules.db's WAL is folded into the database once it holds more than
+    WAL_CHECKPOINT_BYTES; SQLite keeps the file at that size when it starts
+    it over, so the commits after that must not checkpoint again (each
+    would cost the store's thread a checkpoint and a database fsync)."""
+    from edgeway.rules.store import WAL_CHECKPOINT_BYTES
+
+    stage = RuleStage(parse_config(CONFIG).rules, tmp_path, targets=ActionTargets())
+    await stage.open()
+    try:
+        conn = stage.store._wconn
+        assert conn is not None
+        # Another table's big write fills the WAL beyond the size it keeps.
+        conn.execute("CREATE TABLE pad(x BLOB)")
+        conn.execute("INSERT INTO pad VALUES (zeroblob(?))", (WAL_CHECKPOINT_BYTES + (1 << 20),))
+        for t in (90, 20, 90, 20, 90, 20):
+            fut = stage.observe([reading(t)])
+            assert fut is not None
+            await fut  # committed and synced
+        assert stage.store.checkpoints == 1
+        wal = tmp_path / "rules.db-wal"
+        assert wal.stat().st_size == WAL_CHECKPOINT_BYTES  # started over, kept at the limit
+        rows = await stage.store.transitions()
+        assert [r["state"] for r in rows] == ["clear", "set"] * 3
+    finally:
+        await stage.close()

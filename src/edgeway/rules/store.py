@@ -112,17 +112,26 @@ only means the action is taken up again at the start, with the same command
 id and key: not queued twice)."""
 
 BATCH_WAIT = 0.001
-"""Seconds a batch may wait for the end of its turn of the event loop. A
-turn that reads a burst from many devices evaluates their rules one device
-after another (a few hundred microseconds each); a transition of the first
-device would wait for all of them before its commit and its command. A
-write that finds the turn's batch older than this commits it first, so its
-commands leave then, and starts the next batch (bench/results/
-rules-2026-12-07-pipelined.md)."""
+"""Seconds between commits below which writes are batched. A write made
+when the last commit is older than this commits at once (its command leaves
+in the call that made the transition: a lone transition waits for nothing).
+Within this time of a commit, writes join a batch, committed at the end of
+the turn of the event loop, or sooner by a write that finds the batch older
+than this (a turn that reads a burst from many devices evaluates their
+rules one device after another, a few hundred microseconds each: the first
+devices' commands do not wait for the whole turn). So a storm of
+transitions costs at most about one commit per millisecond of the loop
+(each is 0.05 ms of SQLite plus the GIL's hand-over to another thread and
+back, 0.5 ms at the median), and a quiet store adds no wait at all
+(bench/results/rules-2026-12-07-commit.md)."""
 
 WAL_CHECKPOINT_BYTES = 4 << 20
-"""WAL size from which the sync job folds it into the database (a passive
-checkpoint, on the store's thread)."""
+"""WAL size beyond which the sync job folds it into the database (a passive
+checkpoint, on the store's thread). It is also the size the WAL file keeps
+when SQLite starts it over (``journal_size_limit``), so only a file larger
+than this holds more than this: a checkpoint after every commit, which the
+test ``>=`` made once the file had reached it, cost 2-8 ms of the store's
+thread and a database fsync per commit."""
 WRITE_BUSY_TIMEOUT = 0.2
 """Seconds the loop's connection waits for the write lock (only another
 program writing rules.db holds it: an edgeway command, a copy tool)."""
@@ -157,14 +166,14 @@ class RuleStore:
 
     Writes are committed on the event loop's own connection to ``rules.db``
     (``synchronous=NORMAL``: the commit is written to the WAL, which survives
-    a kill of the process, without waiting for the disk), once per turn of
-    the loop for everything written in that turn (a burst of transitions
-    from many devices shares one commit; a commit is a few ``executemany``
-    calls, 0.1 - 0.3 ms), and within a long turn once :data:`BATCH_WAIT`
-    after its first write. The transition's actions are carried out right
+    a kill of the process, without waiting for the disk): at once when the
+    last commit is older than :data:`BATCH_WAIT`, otherwise batched with the
+    writes that follow it (a burst of transitions from many devices shares a
+    commit), committed at the end of the turn of the loop or once the batch
+    is :data:`BATCH_WAIT` old. The transition's actions are carried out right
     after that commit, so a rule's command leaves with no thread hand-off
-    and no fsync on its path: the turn of the event loop that made the
-    transition sends the command. Then, with ``durability: fsync``, the
+    and no fsync on its path: a lone transition's command leaves in the call
+    that made it. Then, with ``durability: fsync``, the
     store's thread fsyncs the WAL, and only then do the futures resolve (the
     device's reading is acknowledged after it, so what a device was told is
     stored survives a power cut). Reads and WAL checkpoints run on the
@@ -187,11 +196,15 @@ class RuleStore:
         self.clock: AgeClock | None = None
         self.commits = 0
         """Commits of the loop's connection (a batch is one)."""
+        self.checkpoints = 0
+        """WAL checkpoints run by the sync job."""
         self._wconn: sqlite3.Connection | None = None
         self._wal_fd: int | None = None
         self._salt = 0
         self._batch: _Batch | None = None
         """The batch of this turn of the event loop (None: none yet)."""
+        self._committed = -math.inf
+        """time.monotonic() at the end of the last commit (:data:`BATCH_WAIT`)."""
         self._marks: list[tuple[str | None, int]] = []
         self._mark_futures: list[asyncio.Future[None]] = []
         self._mark_timer: asyncio.TimerHandle | None = None
@@ -269,10 +282,18 @@ class RuleStore:
         piece = _Piece(
             states, rows, action_rows, stored, (self.clock.now(), self.clock.wall()), fut, then
         )
+        now = time.monotonic()
         batch = self._batch
-        if batch is not None and batch.pieces and time.monotonic() - batch.opened >= BATCH_WAIT:
+        if batch is not None and batch.pieces and now - batch.opened >= BATCH_WAIT:
             # A long turn (a burst): what waited commits now, its commands go.
             self._flush()
+        if self._batch is None and now - self._committed >= BATCH_WAIT:
+            # Quiet: this write is committed (and its actions carried out) now.
+            batch = self._batch = _Batch()
+            batch.pieces.append(piece)
+            self._take_marks(batch)
+            self._flush()
+            return fut
         batch = self._open_batch()
         batch.pieces.append(piece)
         self._take_marks(batch)
@@ -335,6 +356,8 @@ class RuleStore:
         except sqlite3.Error as e:  # nothing of this batch is stored (disk full, I/O error)
             _settle(batch, e, tell=True)
             return
+        finally:
+            self._committed = time.monotonic()
         # Written: a kill of the process can no longer undo it. Carry the
         # transitions' actions out now, in this turn.
         for p in batch.pieces:
@@ -370,8 +393,9 @@ class RuleStore:
         if fd is None:
             return
         os.fsync(fd)
-        if os.fstat(fd).st_size >= WAL_CHECKPOINT_BYTES:
+        if os.fstat(fd).st_size > WAL_CHECKPOINT_BYTES:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self.checkpoints += 1
 
     async def _sync_now(self) -> None:
         with contextlib.suppress(Exception):
