@@ -97,19 +97,27 @@ async def test_an_action_without_its_target_fails_visibly(tmp_path: Path) -> Non
         await stage.close()
 
 
+async def stage_and_its_connection(data: Path) -> tuple[RuleStage, sqlite3.Connection]:
+    """An open stage over CONFIG with no action targets, and the event
+    loop's own connection to its rules.db (to make a commit fail, or to
+    write beside the store)."""
+    stage = RuleStage(parse_config(CONFIG).rules, data, targets=ActionTargets())
+    await stage.open()
+    conn = stage.store._wconn
+    assert conn is not None
+    return stage, conn
+
+
 async def test_a_failed_state_write_takes_the_stored_state_back(tmp_path: Path) -> None:
     """A transition whose commit failed (disk full, I/O error) is made again,
     with the same id, when the device sends again (it was not acknowledged)."""
     import asyncio
     import sqlite3 as sq
 
-    stage = RuleStage(parse_config(CONFIG).rules, tmp_path, targets=ActionTargets())
-    await stage.open()
+    stage, conn = await stage_and_its_connection(tmp_path)
     try:
         # The batch's commit fails in SQLite (as on a full disk): nothing of
         # it is written.
-        conn = stage.store._wconn
-        assert conn is not None
         conn.execute("PRAGMA query_only=ON")
         fut = stage.observe([reading(90)])
         assert fut is not None
@@ -469,11 +477,8 @@ async def test_the_wal_is_checkpointed_when_it_outgrows_the_size_it_keeps(tmp_pa
     would cost the store's thread a checkpoint and a database fsync)."""
     from edgeway.rules.store import WAL_CHECKPOINT_BYTES
 
-    stage = RuleStage(parse_config(CONFIG).rules, tmp_path, targets=ActionTargets())
-    await stage.open()
+    stage, conn = await stage_and_its_connection(tmp_path)
     try:
-        conn = stage.store._wconn
-        assert conn is not None
         # Another table's big write fills the WAL beyond the size it keeps.
         conn.execute("CREATE TABLE pad(x BLOB)")
         conn.execute("INSERT INTO pad VALUES (zeroblob(?))", (WAL_CHECKPOINT_BYTES + (1 << 20),))
