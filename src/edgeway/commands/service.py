@@ -196,6 +196,13 @@ class _Flight(NamedTuple):
     next may follow before this one is confirmed."""
 
 
+def _may_follow(flights: deque[_Flight]) -> bool:
+    """Whether the device's next command may be handed over behind those in
+    ``flights`` (not empty) before they are confirmed: over a downlink that
+    keeps order, up to :data:`ORDERED_IN_FLIGHT` of them."""
+    return flights[-1].ordered and len(flights) < ORDERED_IN_FLIGHT
+
+
 class CommandService:
     """The queue of commands to devices; see the module docstring."""
 
@@ -591,7 +598,7 @@ class CommandService:
             return
         if device_id in self._pumping:
             flights = self._flights.get(device_id)
-            if now and flights and flights[-1].ordered and len(flights) < ORDERED_IN_FLIGHT:
+            if now and flights and _may_follow(flights):
                 # The device's pump waits for a confirmation; over an ordered
                 # transport this command need not wait behind it.
                 sent = self._send_journaled_now(device_id, ordered_only=True)
@@ -657,10 +664,18 @@ class CommandService:
         cmd = rec.cmd
         if cmd.expires_at <= self._clock():
             return None
+        downlink = self._downlink_for(cmd, ordered_only)
+        if downlink is None:
+            return None
+        return self._hand_over_journaled(rec, downlink)
+
+    def _downlink_for(self, cmd: Command, ordered_only: bool) -> Downlink | None:
+        """The first downlink that reaches ``cmd``'s device now (None if none
+        does or, with ``ordered_only``, if that one does not keep order)."""
         downlink = next((d for d in self.downlinks if d.reachable(cmd)), None)
         if downlink is None or (ordered_only and not _ordered(downlink)):
             return None
-        return self._hand_over_journaled(rec, downlink)
+        return downlink
 
     def _hand_over_journaled(self, rec: _Record, downlink: Downlink) -> _Flight:
         """SENT and handed over with nothing awaited: the caller's journal
@@ -705,9 +720,7 @@ class CommandService:
         gone = False
         try:
             while not self._closed:
-                if not gone and (
-                    not flights or (flights[-1].ordered and len(flights) < ORDERED_IN_FLIGHT)
-                ):
+                if not gone and (not flights or _may_follow(flights)):
                     sent = await self._send_next(device_id, ordered_only=bool(flights))
                     if sent is not None:
                         flights.append(sent)
@@ -749,8 +762,8 @@ class CommandService:
             if cmd.expires_at <= self._clock():
                 await self._finish(rec, CommandState.EXPIRED, error="time to live ended")
                 continue
-            downlink = next((d for d in self.downlinks if d.reachable(cmd)), None)
-            if downlink is None or (ordered_only and not _ordered(downlink)):
+            downlink = self._downlink_for(cmd, ordered_only)
+            if downlink is None:
                 return None
             if rec.journaled:
                 return self._hand_over_journaled(rec, downlink)

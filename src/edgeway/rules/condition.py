@@ -29,7 +29,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, cast
 
 from edgeway.pipeline.expr import (
     CallBuilder,
@@ -39,6 +39,9 @@ from edgeway.pipeline.expr import (
     compile_expr,
 )
 from edgeway.reading import MetricValue
+
+if TYPE_CHECKING:
+    from edgeway.rules.engine import RuleState
 
 MAX_WINDOW = 86_400.0
 """Longest window (1 day): windows live in memory, one sample per reading."""
@@ -129,7 +132,7 @@ class Scope(dict[str, MetricValue]):
         self.windows: dict[WindowKey, Samples] = {}
         self.twin: TwinValues | None = None
         self.now = 0.0
-        self.rule_states: dict[str, Any] = {}
+        self.rule_states: dict[str, RuleState] = {}
         """Rule name -> this device's state of it (the engine's own
         ``RuleState`` objects, as in its ``states``), for the scan."""
 

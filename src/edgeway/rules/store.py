@@ -287,16 +287,13 @@ class RuleStore:
         if batch is not None and batch.pieces and now - batch.opened >= BATCH_WAIT:
             # A long turn (a burst): what waited commits now, its commands go.
             self._flush()
-        if self._batch is None and now - self._committed >= BATCH_WAIT:
-            # Quiet: this write is committed (and its actions carried out) now.
-            batch = self._batch = _Batch()
-            batch.pieces.append(piece)
-            self._take_marks(batch)
-            self._flush()
-            return fut
-        batch = self._open_batch()
+        # Quiet: this write is committed (and its actions carried out) now.
+        quiet = self._batch is None and now - self._committed >= BATCH_WAIT
+        batch = self._open_batch(at_turn_end=not quiet)
         batch.pieces.append(piece)
         self._take_marks(batch)
+        if quiet:
+            self._flush()
         return fut
 
     def mark_done(self, action_id: int, error: str | None) -> asyncio.Future[None]:
@@ -331,18 +328,19 @@ class RuleStore:
                 self._mark_timer.cancel()
                 self._mark_timer = None
 
-    def _open_batch(self) -> _Batch:
+    def _open_batch(self, *, at_turn_end: bool = True) -> _Batch:
         """This turn's batch, committed at the end of the turn (or sooner:
-        :data:`BATCH_WAIT`)."""
+        :data:`BATCH_WAIT`; ``at_turn_end`` False: the caller commits it)."""
         batch = self._batch
         if batch is None:
             if self._wconn is None:
                 raise StorageError(f"{self.db.path}: the rule store is not open")
             batch = self._batch = _Batch()
-            # At the end of this turn of the event loop: the transitions of
-            # readings read in the same turn (a burst from many devices)
-            # share one commit.
-            asyncio.get_running_loop().call_soon(self._flush)
+            if at_turn_end:
+                # At the end of this turn of the event loop: the transitions
+                # of readings read in the same turn (a burst from many
+                # devices) share one commit.
+                asyncio.get_running_loop().call_soon(self._flush)
         return batch
 
     def _flush(self) -> None:
