@@ -29,6 +29,14 @@ class OutboxSection(_Model):
     """``drop_oldest`` (counted, logged) or ``reject_new`` (back-pressure to devices)."""
     drain: Literal["ordered", "live_first"] = "ordered"
     """``ordered``: per-device order; ``live_first``: fresh readings share the link with a backlog."""
+    forward_early: bool = True
+    """A sink that has sent everything gets a new reading while its group
+    commit is under way, instead of after it: the forwarding latency of a
+    broker bridge. The device is still acknowledged only after the commit. A
+    reading whose commit then fails (a full disk) or is cut short by a crash
+    or power cut may have reached the cloud unacknowledged; the device sends
+    it again (at least once, as always). ``false``: sinks send only what is
+    on disk."""
     commit_interval: Duration = 0.0
     """Extra wait before a group commit to gather more readings (0: commit as
     soon as the previous commit finished)."""

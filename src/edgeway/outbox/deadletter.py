@@ -225,7 +225,10 @@ def _replay(conn: sqlite3.Connection, sink: str | None, ids: Sequence[int] | Non
         # The outbox's age clock where it stopped (see edgeway.outbox.ageclock),
         # so that a wrong wall clock does not make these look ancient.
         now = float(meta.get("age_clock", time.time()))
-        out = requeue(conn, sink, ids, bits, int(meta.get("next_seq", 1)), now)
+        # After a crash, numbers up to the lease may be on readings forwarded
+        # early (edgeway.outbox.store.SEQ_LEASE): start above them.
+        first = max(int(meta.get("next_seq", 1)), int(meta.get("seq_lease", 0)))
+        out = requeue(conn, sink, ids, bits, first, now)
         conn.executemany(INSERT_CHUNK, out.chunk_rows)
         conn.executemany(
             "UPDATE sinks SET accepted = accepted + ? WHERE name = ?",

@@ -146,6 +146,20 @@ batch is sent again with the same record ids. Anything that does wait on a
 confirmation (the sink's next read ahead of its cursor, close) commits it at
 once (:meth:`Outbox.expedite`)."""
 
+SEQ_LEASE = 65_536
+"""Sequence numbers the loop may hand out, and forward early, beyond the
+last committed one. Each commit stores ``seq_lease`` (its next sequence
+number plus this, renewed when half is used) in the same transaction; after
+a crash the outbox starts numbering there, so an id a cloud saw on a
+reading forwarded early but never committed is never given to another
+reading (a cloud that drops duplicates by id would drop that one). A clean
+close stores the exact next number: only a crash leaves a gap."""
+
+EARLY_MAX_RECORDS = 4096
+EARLY_MAX_BYTES = 1024 * 1024
+"""Records forwarded early that a sink has not read yet, at most (and bytes
+of their text): past either, the sink is behind and reads from the tail."""
+
 TAIL_MAX_CHUNKS = 1024
 TAIL_MAX_BYTES = 8 * 1024 * 1024
 """The newest committed chunks kept in memory (at most this many, and bytes of
@@ -263,6 +277,14 @@ def record_text(r: Reading, record_id: str) -> bytes:
     return orjson.dumps(
         record_json_obj(record_id, r.device_id, r.ts, r.metrics, r.tags, r.priority)
     )
+
+
+def _record_obj(r: Reading, record_id: str) -> dict[str, Any]:
+    """:func:`record_text`'s object; the usual reading (no tags, no priority)
+    skips ``record_json_obj`` (this runs once per reading, with the GIL)."""
+    if r.tags or r.priority:
+        return record_json_obj(record_id, r.device_id, r.ts, r.metrics, r.tags, r.priority)
+    return {"id": record_id, "device_id": r.device_id, "ts": r.ts, "metrics": r.metrics}
 
 
 def text_from_columns(
@@ -434,6 +456,9 @@ class Batch:
     """First sequence numbers of the chunks read whole ahead of the cursor
     (priority and live-first reads); confirming the batch clears the sink's
     bit on them."""
+    early: int = 0
+    """The highest sequence number of records forwarded before their group
+    commit ended (0: none); the batch is confirmed once that commit ended."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -441,9 +466,15 @@ class Batch:
 
 @dataclass(slots=True)
 class _Submit:
-    readings: Sequence[Reading]
+    readings: list[Reading]
     mask: int
     fut: asyncio.Future[IngestStatus]
+    runs: list[tuple[int, int]]
+    """(index in ``readings``, sequence number) where a run of consecutive
+    sequence numbers starts (the loop numbers readings as they come)."""
+    texts: dict[int, bytes] | None = None
+    """Stored texts made on the loop, by index in ``readings`` (readings
+    forwarded early: :meth:`Outbox._forward`)."""
 
 
 class _SharedFuture(asyncio.Future[IngestStatus]):
@@ -477,6 +508,9 @@ class _Replay:
     ids: list[int] | None
     fut: asyncio.Future[int]
     count: int = 0
+    first_seq: int = 0
+    """The first of the :data:`~edgeway.outbox.deadletter.REPLAY_MAX`
+    sequence numbers the loop set aside for this replay."""
 
 
 @dataclass(slots=True)
@@ -487,6 +521,9 @@ class _Job:
     rejected: dict[int, int] = field(default_factory=dict)
     """Readings refused before they reached the outbox, by sink mask (counted)."""
     replays: list[_Replay] = field(default_factory=list)
+    next_seq: int = 0
+    """The loop's next sequence number when the job was made: every number
+    below it is used by this job or an earlier one."""
 
 
 @dataclass(slots=True)
@@ -511,6 +548,9 @@ class _JobResult:
     """The writer refuses new readings for lack of disk space (after this job)."""
     oldest: dict[str, float | None] = field(default_factory=dict)
     """Each sink's oldest pending record's ``created`` after this job."""
+    lease: int = 0
+    """Sequence numbers below this are never given again, even after a crash
+    (see :data:`SEQ_LEASE`)."""
 
 
 @dataclass(slots=True)
@@ -538,6 +578,12 @@ class _ReadState:
     before_read: tuple[int, int, int | None, int, int] | None = None
     """(pos, prio_pos, live_start, live_pos, rewinds) before the last read:
     where :meth:`Outbox.give_back` puts the reads back."""
+    early: bool = False
+    """The sink has read every record numbered so far: new ones are forwarded
+    to it as they are submitted (:meth:`Outbox._forward`)."""
+    early_records: list[Record] = field(default_factory=list)
+    """Records forwarded early, not read yet (above ``pos``, in order)."""
+    early_bytes: int = 0
 
 
 def _counter_dict(row: Sequence[int]) -> dict[str, int]:
@@ -597,6 +643,8 @@ class _Writer:
         self.cursors = cursors
         """Each sink's committed cursor (what the ``sinks`` table says)."""
         self.next_seq = next_seq
+        self.lease = next_seq
+        """The ``seq_lease`` stored by the last commit (see :data:`SEQ_LEASE`)."""
         self.total_bytes = total_bytes
         self.unrouted = unrouted
         self.id_prefix = epochs[-1][1] + ":"
@@ -719,6 +767,7 @@ class _Writer:
             dict(self.drops_unlogged),
             dict(self.cursors),
             {k: [list(r) for r in v] for k, v in self.drops_ahead.items() if v},
+            self.lease,
         )
         # A job with no new readings only confirms, dead-letters or drops rows.
         # Losing it in a power cut means those records are sent again with the
@@ -739,13 +788,26 @@ class _Writer:
             self._insert(job.submits, now, res)
             for rp in job.replays:
                 self._replay(rp, now, res)
+            # The loop numbered the job's readings (and set numbers aside for
+            # its replays): numbers of refused readings are not used again.
+            self.next_seq = max(self.next_seq, job.next_seq)
+            if self.next_seq + SEQ_LEASE // 2 > self.lease:
+                self.lease = self.next_seq + SEQ_LEASE
             self.dropped = False
             self._enforce_limits(now)
             res.dropped = self.dropped
             conn.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('next_seq', ?), "
-                "('total_bytes', ?), ('unrouted', ?), ('age_clock', ?), ('age_wall', ?)",
-                (self.next_seq, self.total_bytes, self.unrouted, now, self.clock.wall()),
+                "('total_bytes', ?), ('unrouted', ?), ('age_clock', ?), ('age_wall', ?), "
+                "('seq_lease', ?)",
+                (
+                    self.next_seq,
+                    self.total_bytes,
+                    self.unrouted,
+                    now,
+                    self.clock.wall(),
+                    self.lease,
+                ),
             )
             conn.executemany(
                 "UPDATE sinks SET accepted=?, delivered=?, dropped_max_bytes=?, dropped_max_age=?, "
@@ -762,6 +824,7 @@ class _Writer:
             self.drops_unlogged = saved[4]
             self.cursors = saved[5]
             self.drops_ahead = {name: saved[6].get(name, []) for name in self.bits}
+            self.lease = saved[7]
             raise
         finally:
             if relax:
@@ -780,6 +843,7 @@ class _Writer:
         res.oldest = dict(self.oldest)
         self.commits += 1
         res.high_seq = self.next_seq - 1
+        res.lease = self.lease
         res.total_bytes = self.total_bytes
         res.counters = {name: _counter_dict(c) for name, c in self.counters.items()}
         self._log_drops()
@@ -790,7 +854,9 @@ class _Writer:
 
         Chunks are runs of consecutive records with the same sinks and
         priority, in submission order, so a sink reads each device's records
-        in the order they came (at most ``chunk_max`` records each)."""
+        in the order they came (at most ``chunk_max`` records each). The loop
+        numbered the readings (:meth:`Outbox.submit`) and made the texts of
+        those it forwarded early; the rest are made here."""
         if self.disk_full:
             for sub in submits:
                 res.statuses.append(IngestStatus.REJECTED_FULL)
@@ -798,7 +864,6 @@ class _Writer:
             return
         cfg = self.cfg
         limit = cfg.max_bytes if cfg.when_full == "reject_new" else None
-        seq = self.next_seq
         total = self.total_bytes
         dumps = orjson.dumps
         prefix = self.id_prefix
@@ -806,33 +871,41 @@ class _Writer:
         per_mask: dict[int, int] = {}
         for sub in submits:
             mask = sub.mask
-            first = seq
+            readings = sub.readings
+            made = sub.texts
+            n = len(readings)
             texts: list[bytes] = []
             sizes: list[int] = []
-            runs: list[tuple[int, int]] = []  # (start index, priority) where priority changes
+            # (start index, priority, first seq) where the priority or the numbering changes
+            runs: list[tuple[int, int, int]] = []
             msgs: list[str | None] | None = None
             devs: list[str] | None = []
             last_prio = -1
+            bounds = sub.runs
+            k = 0
+            next_run = bounds[0][0]
+            seq = 0
             # This loop runs once per reading on the hot path, with the GIL:
             # the usual reading (no tags, no priority) skips record_json_obj.
-            for r in sub.readings:
-                sid = str(seq)
+            for i, r in enumerate(readings):
                 prio = r.priority
-                key = r.origin.key
-                if key is None:
-                    rid = prefix + sid
-                else:
-                    rid = keyed_record_id(r, key)
-                    devs = None
-                if r.tags or prio:
-                    obj = record_json_obj(rid, r.device_id, r.ts, r.metrics, r.tags, prio)
-                else:
-                    obj = {"id": rid, "device_id": r.device_id, "ts": r.ts,
-                           "metrics": r.metrics}  # fmt: skip
-                text = dumps(obj)
-                if prio != last_prio:
-                    runs.append((len(texts), prio))
+                if i == next_run:
+                    seq = bounds[k][1]
+                    k += 1
+                    next_run = bounds[k][0] if k < len(bounds) else n
+                    runs.append((i, prio, seq))
                     last_prio = prio
+                elif prio != last_prio:
+                    runs.append((i, prio, seq))
+                    last_prio = prio
+                sid = str(seq)
+                key = r.origin.key
+                if key is not None:
+                    devs = None
+                text = made.get(i) if made is not None else None
+                if text is None:
+                    rid = prefix + sid if key is None else keyed_record_id(r, key)
+                    text = dumps(_record_obj(r, rid))
                 msg_id = r.origin.message_id
                 if msg_id is not None and msgs is None:
                     msgs = [None] * len(texts)
@@ -843,10 +916,8 @@ class _Writer:
                 if devs is not None:
                     devs.append(r.device_id)
                 seq += 1
-            n = len(texts)
             nbytes = sum(sizes)
             if limit is not None and total + nbytes > limit:
-                seq = first
                 res.statuses.append(IngestStatus.REJECTED_FULL)
                 self._count_rejected(mask, n)
                 continue
@@ -854,26 +925,27 @@ class _Writer:
             total += nbytes
             per_mask[mask] = per_mask.get(mask, 0) + n
             if len(runs) == 1:
-                builder.add(first, texts, sizes, msgs, mask, runs[0][1], now, devs)
-            else:
-                runs.append((n, -1))
-                for (start, prio), (end, _) in itertools.pairwise(runs):
-                    builder.add(
-                        first + start,
-                        texts[start:end],
-                        sizes[start:end],
-                        msgs[start:end] if msgs is not None else None,
-                        mask,
-                        prio,
-                        now,
-                        devs[start:end] if devs is not None else None,
-                    )
+                builder.add(runs[0][2], texts, sizes, msgs, mask, runs[0][1], now, devs)
+                continue
+            runs.append((n, -1, 0))
+            for (start, prio, first), (end, _, _) in itertools.pairwise(runs):
+                builder.add(
+                    first,
+                    texts[start:end],
+                    sizes[start:end],
+                    msgs[start:end] if msgs is not None else None,
+                    mask,
+                    prio,
+                    now,
+                    devs[start:end] if devs is not None else None,
+                )
         if not per_mask:
             return
-        res.chunks = builder.rows(devices=res.chunk_devices)
+        # In sequence order (the tail's order): readings for other sinks that
+        # came between two for these make chunks of their own, numbered between.
+        res.chunks = sorted(builder.rows(devices=res.chunk_devices), key=_FIRST)
         res.id_prefix = prefix
         self.conn.executemany(INSERT_CHUNK, res.chunks)
-        self.next_seq = seq
         self.total_bytes = total
         for mask, n in per_mask.items():
             if mask == 0:
@@ -889,13 +961,12 @@ class _Writer:
         (see :mod:`edgeway.outbox.deadletter`), counted as accepted again."""
         from edgeway.outbox.deadletter import REPLAY_MAX, requeue  # it imports this module
 
-        out = requeue(self.conn, rp.sink, rp.ids, self.bits, self.next_seq, now, REPLAY_MAX)
+        out = requeue(self.conn, rp.sink, rp.ids, self.bits, rp.first_seq, now, REPLAY_MAX)
         if not out.done:
             return
         self.conn.executemany(INSERT_CHUNK, out.chunk_rows)
         self.conn.executemany("DELETE FROM deadletter WHERE id = ?", [(i,) for i in out.done])
         res.chunks.extend(out.chunk_rows)
-        self.next_seq = out.next_seq
         self.total_bytes += sum(r[4] for r in out.chunk_rows)
         for name, n in out.accepted.items():
             self.counters[name][0] += n
@@ -1368,6 +1439,20 @@ class Outbox:
         """Readings refused up front (:meth:`count_rejected`) since the last commit, by mask."""
         self._rejected_timer: asyncio.TimerHandle | None = None
         self._commit_waiters: list[asyncio.Future[None]] = []
+        self._next_seq = 1
+        """The next sequence number to give a reading (the loop numbers them)."""
+        self._lease = 0
+        """Numbers below this may be forwarded early (:data:`SEQ_LEASE`)."""
+        self._settled = 0
+        """Every number at or below it is in a group commit that ended
+        (committed, or refused with its job)."""
+        self._id_prefix = ""
+        self._early_mask = 0
+        """Bits of the sinks that are forwarded readings early."""
+        self._deferred: list[tuple[str, Batch, str, bool, asyncio.Future[None]]] = []
+        """Confirmations of batches forwarded early, held until their commit ended."""
+        self._deferred_urgent = False
+        self._settle_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._loop_errors = RateLimitedLog(log, ERROR_LOG_INTERVAL)
         """Repeated errors on the loop side (the writer thread has its own)."""
         self.commits = 0
@@ -1393,6 +1478,10 @@ class Outbox:
             raise
         self._writer = writer
         self._high_seq = writer.next_seq - 1
+        self._next_seq = writer.next_seq
+        self._settled = writer.next_seq - 1
+        self._lease = writer.lease
+        self._id_prefix = writer.id_prefix
         self._tail_lo = writer.next_seq
         self._total_bytes = writer.total_bytes
         self._counters = {n: _counter_dict(writer.counters[n]) for n in self.sink_names}
@@ -1458,7 +1547,14 @@ class Outbox:
                     resumed.credited,
                 )
             (max_dl,) = conn.execute("SELECT max(seq) FROM deadletter").fetchone()
-            next_seq = max(int(meta.get("next_seq", 1)), max_seq + 1, (max_dl or 0) + 1)
+            # After a crash, numbers up to the lease may be on readings that
+            # were forwarded early and never committed (SEQ_LEASE).
+            next_seq = max(
+                int(meta.get("next_seq", 1)),
+                int(meta.get("seq_lease", 0)),
+                max_seq + 1,
+                (max_dl or 0) + 1,
+            )
             unrouted = int(meta.get("unrouted", 0))
             if not epochs or epochs[-1][1] != self.gateway_id:
                 if epochs:
@@ -1634,6 +1730,8 @@ class Outbox:
                 fut = loop.create_future()
                 fut.set_result(IngestStatus.ACCEPTED)
                 return fut
+        first = self._next_seq
+        self._next_seq = first + len(readings)
         if self._share_futures:
             # Nothing can refuse one submit and accept another: every submit
             # for these sinks in this commit shares one future and one entry
@@ -1641,16 +1739,96 @@ class Outbox:
             # ~25 us a telemetry message costs).
             shared = self._shared.get(mask)
             if shared is None:
-                shared = _Submit([], mask, _SharedFuture(loop=loop))
+                shared = _Submit([], mask, _SharedFuture(loop=loop), [(0, first)])
                 self._shared[mask] = shared
                 self._submits.append(shared)
                 self._request_commit()
-            shared.readings.extend(readings)  # type: ignore[attr-defined]
+            held = shared.readings
+            base = len(held)
+            start, seq = shared.runs[-1]
+            if seq + base - start != first:  # readings for other sinks came between
+                shared.runs.append((base, first))
+            held.extend(readings)
+            if self._early_mask & mask:
+                self._forward(shared, base, readings, first, mask)
             return shared.fut
         fut = loop.create_future()
-        self._submits.append(_Submit(readings, mask, fut))
+        sub = _Submit(list(readings), mask, fut, [(0, first)])
+        self._submits.append(sub)
+        if self._early_mask & mask:
+            self._forward(sub, 0, readings, first, mask)
         self._request_commit()
         return fut
+
+    def _forward(
+        self, sub: _Submit, base: int, readings: Sequence[Reading], first: int, mask: int
+    ) -> None:
+        """Give ``readings`` (numbered from ``first``, at ``base`` in ``sub``)
+        to the sinks in ``mask`` that have read every record numbered so far,
+        now, while their group commit is still to come: a caught-up sink
+        sends them without waiting for the commit (:attr:`OutboxSection.forward_early`).
+        Their texts are made here, once, and stored as they were sent."""
+        if (
+            first + len(readings) > self._lease
+            or self.is_saturated()
+            or any(r.priority for r in readings)
+        ):
+            # Priority readings are read ahead by the query; a reading that
+            # may be refused (a full outbox) must not leave first.
+            self._end_early(mask)
+            return
+        texts = sub.texts
+        if texts is None:
+            texts = sub.texts = {}
+        prefix = self._id_prefix
+        dumps = orjson.dumps
+        seqs = range(first, first + len(readings))
+        made: list[bytes] = []
+        keyed = False
+        for i, (seq, r) in enumerate(zip(seqs, readings, strict=True)):
+            key = r.origin.key
+            if key is None:
+                rid = prefix + str(seq)
+            else:
+                rid = keyed_record_id(r, key)
+                keyed = True
+            text = dumps(_record_obj(r, rid))
+            texts[base + i] = text
+            made.append(text)
+        prios = [0] * len(made)
+        records = (
+            stored_records(seqs, prios, made)
+            if keyed
+            else known_records(seqs, prios, made, [r.device_id for r in readings], prefix)
+        )
+        nbytes = sum(len(t) for t in made)
+        for st in self._reads.values():
+            if not (st.early and mask & st.bit):
+                continue
+            if (
+                len(st.early_records) + len(records) > EARLY_MAX_RECORDS
+                or st.early_bytes + nbytes > EARLY_MAX_BYTES
+            ):
+                self._end_early(st.bit)  # behind: it reads these from the tail
+                continue
+            st.early_records.extend(records)
+            st.early_bytes += nbytes
+            st.unread += len(records)
+            st.event.set()
+
+    def _end_early(self, mask: int, *, drop: bool = False) -> None:
+        """The sinks in ``mask`` read new records from the tail again (after
+        the early ones they hold, or, with ``drop``, instead of them: those
+        are read again from the tail once committed)."""
+        if not self._early_mask & mask and not drop:
+            return
+        for st in self._reads.values():
+            if mask & st.bit:
+                st.early = False
+                if drop:
+                    st.early_records.clear()
+                    st.early_bytes = 0
+        self._early_mask &= ~mask
 
     def is_saturated(self) -> bool:
         """True while new readings would be refused: the disk is full, or
@@ -1790,7 +1968,23 @@ class Outbox:
         if self._committing or not (self._submits or self._ops or self._age_due or self._replays):
             return
         self._age_due = False
-        job = _Job(self._submits, self._ops, bool(self._listeners), self._rejected, self._replays)
+        if self._replays:
+            from edgeway.outbox.deadletter import REPLAY_MAX  # it imports this module
+
+            for rp in self._replays:
+                rp.first_seq = self._next_seq
+                self._next_seq += REPLAY_MAX
+            # Replayed records are numbered below readings still to come:
+            # early sinks must read them from the tail, in order.
+            self._end_early(self._early_mask)
+        job = _Job(
+            self._submits,
+            self._ops,
+            bool(self._listeners),
+            self._rejected,
+            self._replays,
+            self._next_seq,
+        )
         self._replays = []
         self._rejected = {}
         if self._rejected_timer is not None:
@@ -1836,10 +2030,12 @@ class Outbox:
         writer = self._writer
         loop = self._loop
         assert writer is not None and loop is not None
+        stopped = False
         try:
             while True:
                 job = self._jobs.get()
                 if job is None:
+                    stopped = True
                     break
                 try:
                     res = writer.run_job(job)
@@ -1854,15 +2050,28 @@ class Outbox:
                 loop.call_soon_threadsafe(self._commit_done, job, res)
         finally:
             with contextlib.suppress(sqlite3.Error):
+                if stopped:
+                    # A clean stop (close() waited for every commit): every
+                    # number given out was committed or refused, so the next
+                    # start numbers on from here, without the lease's gap.
+                    writer.conn.execute(
+                        "INSERT OR REPLACE INTO meta(key, value) VALUES ('seq_lease', ?)",
+                        (writer.next_seq,),
+                    )
                 writer.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             writer.conn.close()
 
     def _commit_done(self, job: _Job, res: _JobResult) -> None:
         self._committing = False
+        self._settled = max(self._settled, job.next_seq - 1)
         if res.disk_full != self._disk_full:
             self._set_disk_full(res.disk_full)
         if res.error is not None:
             err = res.error
+            if job.submits:
+                # Records forwarded early and not read yet are read from the
+                # tail if their commit comes (these were refused).
+                self._end_early(self._all_mask, drop=True)
             for mask, n in job.rejected.items():  # counted with the next commit
                 self._rejected[mask] = self._rejected.get(mask, 0) + n
             for sub in job.submits:
@@ -1875,6 +2084,7 @@ class Outbox:
                 st.pos = st.prio_pos = st.cursor
                 st.live_start = None
                 st.rewinds += 1
+                self._end_early(st.bit, drop=True)
                 # The rewound rows are unread again: wake a caught-up runner
                 # that waits for new rows (none may come while ingest is refused).
                 st.unread += 1
@@ -1886,14 +2096,23 @@ class Outbox:
                     rp.fut.set_exception(RuntimeError(f"outbox commit failed: {err}"))
         else:
             self.commits += 1
+            if res.dropped:
+                # Retention dropped records, maybe some forwarded early and not
+                # read yet: those are read from the tail instead (without them).
+                self._end_early(self._all_mask, drop=True)
             self._tail_add(job, res)
             self._high_seq = res.high_seq
+            self._lease = res.lease
             self._total_bytes = res.total_bytes
             self._counters = {n: res.counters[n] for n in self.sink_names}
             self._oldest = res.oldest
             for sub, status in zip(job.submits, res.statuses, strict=True):
                 if not sub.fut.done():
                     sub.fut.set_result(status)
+                if sub.texts is not None and status is not IngestStatus.ACCEPTED:
+                    # Refused (a full disk, reject_new), some forwarded early:
+                    # those not read yet are not sent; the sinks read the tail.
+                    self._end_early(self._all_mask, drop=True)
             for op in job.ops:
                 self._reads[op.sink].cursor = op.cursor
                 if not op.fut.done():
@@ -1903,6 +2122,8 @@ class Outbox:
                     rp.fut.set_result(rp.count)
             for name, n in res.new_rows.items():
                 st = self._reads[name]
+                if st.pos >= res.high_seq:
+                    continue  # all read already (forwarded early)
                 st.unread += n
                 st.event.set()
             if res.confirmed:
@@ -1922,6 +2143,14 @@ class Outbox:
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
+        if self._settle_waiters:
+            settled = self._settled
+            for seq, w in self._settle_waiters:
+                if seq <= settled and not w.done():
+                    w.set_result(None)
+            self._settle_waiters = [(seq, w) for seq, w in self._settle_waiters if not w.done()]
+        if self._deferred:
+            self._release_deferred()
         if self._submits or self._ops_urgent or self._replays:
             self._start_commit()
         elif self._ops:
@@ -1945,10 +2174,17 @@ class Outbox:
         backlog, else rows in sequence (per-device) order."""
         st = self._reads[sink]
         assert self._loop is not None and self._readers is not None
+        if st.early_records:
+            return self._read_early(st, sink, max_records, max_bytes)
         high = self._high_seq
-        st.before_read = (st.pos, st.prio_pos, st.live_start, st.live_pos, st.rewinds)
         st.unread = 0
         st.event.clear()
+        if st.pos >= high and st.live_start is None:
+            # Nothing committed past what this sink read (maybe early).
+            st.before_read = None
+            self._may_forward(st)
+            return Batch(sink, [], 0, st.pos, False, False, st.rewinds)
+        st.before_read = (st.pos, st.prio_pos, st.live_start, st.live_pos, st.rewinds)
         live = False
         if self.config.drain == "live_first":
             if st.live_start is None and high - st.pos > 2 * max_records:
@@ -1959,6 +2195,8 @@ class Outbox:
         if not live and self.tail_reads:
             batch = self._read_tail(st, sink, high, max_records, max_bytes)
             if batch is not None:
+                if not batch.more:
+                    self._may_forward(st)
                 return batch
         rewinds = st.rewinds
         args = (
@@ -1986,7 +2224,45 @@ class Outbox:
             assert st.live_start is not None
             if pos >= st.live_start:
                 st.live_start = None
+        if not more and not out_of_order:
+            self._may_forward(st)
         return Batch(sink, records, nbytes, pos, out_of_order, more, rewinds, whole)
+
+    def _may_forward(self, st: _ReadState) -> None:
+        """After a read that left nothing unread: if the sink has now read
+        every record numbered so far (nothing is waiting for a commit), new
+        readings are forwarded to it as they come (:meth:`_forward`)."""
+        if (
+            not st.early
+            and self.config.forward_early
+            and st.pos >= self._next_seq - 1
+            and st.live_start is None
+            and st.prio_pos <= st.pos
+        ):
+            st.early = True
+            self._early_mask |= st.bit
+
+    def _read_early(self, st: _ReadState, sink: str, max_records: int, max_bytes: int) -> Batch:
+        """The next records forwarded early (:meth:`_forward`), in order."""
+        held = st.early_records
+        take = nbytes = 0
+        for r in held:
+            size = len(r.json or b"")
+            if take >= max_records or (take and nbytes + size > max_bytes):
+                break
+            take += 1
+            nbytes += size
+        records = held[:take]
+        del held[:take]
+        st.early_bytes -= nbytes
+        st.pos = records[-1].seq
+        st.unread = 0
+        st.event.clear()
+        st.before_read = None  # not given back: later records may follow it early
+        # More: forwarded records left, or committed ones this sink has not
+        # read (the sink went back to the tail for a priority reading).
+        more = bool(held) or self._high_seq > st.pos
+        return Batch(sink, records, nbytes, st.pos, False, more, st.rewinds, early=st.pos)
 
     def priority_mark(self, sink: str) -> int:
         """A number that grows each time priority rows for ``sink`` are
@@ -2198,6 +2474,12 @@ class Outbox:
         all. Without retention limits nothing can be dropped: no query.
         """
         cfg = self.config
+        # A sink that retries is not caught up: it reads what comes next from
+        # the tail, not from records forwarded early and held meanwhile.
+        self._end_early(self._reads[batch.sink].bit, drop=True)
+        if batch.early > self._settled:
+            # Forwarded early: what is kept is known once its commit ended.
+            await self.wait_settled(batch.early)
         if not batch.records or (
             cfg.max_age is None and (cfg.max_bytes is None or cfg.when_full != "drop_oldest")
         ):
@@ -2239,7 +2521,17 @@ class Outbox:
             batch.more,
             batch.generation,
             [c for c in batch.chunks if c in firsts],
+            batch.early,
         )
+
+    async def wait_settled(self, seq: int) -> None:
+        """Wait until the group commit holding record ``seq`` ended."""
+        if seq <= self._settled:
+            return
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._settle_waiters.append((seq, fut))
+        await fut
 
     def confirm(self, batch: Batch, *, linger: bool = False) -> asyncio.Future[None]:
         """The sink confirmed ``batch``: clear its bit, delete rows no sink still
@@ -2270,6 +2562,8 @@ class Outbox:
 
     def expedite(self) -> None:
         """Commit the queued confirmations now (someone waits on one)."""
+        if self._deferred:
+            self._deferred_urgent = True
         if not self._ops or self._ops_urgent:
             return
         self._ops_urgent = True
@@ -2291,6 +2585,32 @@ class Outbox:
         if self._closed:
             fut.set_exception(RuntimeError("outbox is closed"))
             return fut
+        if batch.early > self._settled:
+            # Its records' commit has not ended yet: the confirmation (which
+            # reads their rows) waits for it.
+            self._deferred.append((kind, batch, error, linger, fut))
+            return fut
+        return self._add_op(kind, batch, error, linger, fut)
+
+    def _release_deferred(self) -> None:
+        """Queue the confirmations whose records' commit has ended."""
+        settled = self._settled
+        held = []
+        urgent = self._deferred_urgent
+        for item in self._deferred:
+            if item[1].early > settled:
+                held.append(item)
+                continue
+            kind, batch, error, linger, fut = item
+            if not fut.done():
+                self._add_op(kind, batch, error, linger and not urgent, fut)
+        self._deferred = held
+        if not held:
+            self._deferred_urgent = False
+
+    def _add_op(
+        self, kind: str, batch: Batch, error: str, linger: bool, fut: asyncio.Future[None]
+    ) -> asyncio.Future[None]:
         if batch.generation != self._reads[batch.sink].rewinds:
             # Read before a failed confirmation rewound this sink: its rows are
             # read and sent again, and confirmed then.
