@@ -368,6 +368,33 @@ async def test_auto_sends_a_batch_that_fits_one_window_on_one_connection(
     assert_delivered_in_order(got, [r for b in batches[2:] for r in b])
 
 
+async def test_a_batch_sent_beside_another_takes_a_free_connection(tmp_path: Path) -> None:
+    """``max_batches_in_flight``: with a default Mosquitto (four connections)
+    a batch sent while another waits for its PUBACKs goes out on a connection
+    the other does not hold, in the same turn of the loop, instead of
+    queueing behind it; both arrive."""
+    with broker_and_subscriber(tmp_path) as (broker, sub):
+        sink = make_sink(broker.port)
+        try:
+            await deliver(sink, sub, [records(100), records(100, 100)])  # opens all four
+            assert sink.max_batches_in_flight() == 4
+            conns = [c for c in sink._conns[:4] if c is not None]
+            before = [c.window.writes for c in conns]
+            first, second = records(1, 500, devices=1), records(1, 501, devices=1)
+            second[0].device_id = "other"
+            t1 = asyncio.create_task(sink.send_batch(first))
+            t2 = asyncio.create_task(sink.send_batch(second))
+            await asyncio.wait_for(asyncio.gather(t1, t2), TIMEOUT)
+            writes = [c.window.writes - b for c, b in zip(conns, before, strict=True)]
+            assert writes == [1, 1, 0, 0], writes  # one each, the second not queued
+            got = await asyncio.to_thread(sub.collect, 2)
+            assert sorted(json.loads(p)["id"] for _, p in got) == sorted(
+                r.id for r in first + second
+            )
+        finally:
+            await sink.close()
+
+
 def test_feed_gives_each_device_whole_largest_first() -> None:
     """A batch over several connections: one group per topic, in the batch's
     order, taken largest first (so the last ones taken are the small ones)."""

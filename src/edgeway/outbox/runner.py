@@ -24,7 +24,9 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from edgeway.outbox.store import Batch, Outbox
@@ -44,6 +46,15 @@ hour is more likely misconfigured than busy; we would rather probe hourly."""
 ERROR_LOG_INTERVAL = 60.0
 """Seconds between repeated error log lines of one failing sink (the first
 failure and the recovery are always logged; the lines between are counted)."""
+
+
+@dataclass(slots=True)
+class _Flight:
+    """A batch being delivered while others are (see :meth:`SinkRunner._launch`)."""
+
+    batch: Batch
+    devices: set[str]
+    task: asyncio.Task[tuple[bool, Batch]]
 
 
 class SinkRunner:
@@ -82,6 +93,15 @@ class SinkRunner:
         """Confirmations in a row whose commit failed (a full disk)."""
         self._errors = RateLimitedLog(log, ERROR_LOG_INTERVAL)
         self._last_error = ""
+        self._flights: deque[_Flight] = deque()
+        """Batches in flight at once, oldest first (a sink that keeps up and
+        takes several: :meth:`~edgeway.sinks.base.Sink.max_batches_in_flight`)."""
+        self._confirming: deque[asyncio.Future[None]] = deque()
+        """Confirmations of landed flights, oldest first, not settled yet."""
+        self._landed: asyncio.Future[None] | None = None
+        self._flight_error: BaseException | None = None
+        """A flight ended in an exception (not a send failure: those retry):
+        no later flight is confirmed, and the runner raises it."""
 
     async def run(self) -> None:
         """Forever: read a batch from the cursor, send, advance. Cancel to stop.
@@ -92,6 +112,11 @@ class SinkRunner:
         read, the batch read ahead is given back unsent and read again, so
         they go first: ahead of a priority row only the batch on the wire
         (being sent or retried) when it was committed.
+
+        A sink that keeps up and takes several batches at once (the MQTT
+        sink with several connections) gets the next batch while the previous
+        one waits for its acknowledgement, when the two share no device
+        (:meth:`_launch`); confirmations stay in order.
         """
         outbox, sink, name = self.outbox, self.sink, self.sink.name
         prev: asyncio.Future[None] | None = None
@@ -131,6 +156,16 @@ class SinkRunner:
                 caught_up = not batch.more
                 if not batch.records:
                     continue
+                depth = sink.max_batches_in_flight()
+                if caught_up and not batch.out_of_order and depth > 1:
+                    if prev is not None:  # the oldest confirmation: settled first
+                        self._confirming.appendleft(prev)
+                        prev = None
+                    await self._launch(batch, depth)
+                    prev_out_of_order = False
+                    continue
+                if self._flights or self._confirming:
+                    prev = await self._land_all(prev)
                 if batch.more and not batch.out_of_order:
                     prefetch_mark = outbox.priority_mark(name)
                     prefetch = asyncio.create_task(self._read(), name=f"prefetch:{name}")
@@ -150,6 +185,71 @@ class SinkRunner:
             if prefetch is not None:
                 prefetch.cancel()
                 await asyncio.gather(prefetch, return_exceptions=True)
+            flights = [f.task for f in self._flights]
+            for task in flights:
+                task.cancel()
+            await asyncio.gather(*flights, return_exceptions=True)
+
+    async def _launch(self, batch: Batch, depth: int) -> None:
+        """Start delivering ``batch`` while earlier batches are still in
+        flight: at most ``depth`` at once, and never beside one holding a
+        record of the same device, so a device's records reach the remote
+        side in order even when a batch before fails and is sent again.
+        Confirmations follow in order (:meth:`_on_landed`)."""
+        devices = {r.device_id for r in batch.records}
+        flights = self._flights
+        while flights and (
+            len(flights) >= depth or any(not devices.isdisjoint(f.devices) for f in flights)
+        ):
+            await self._wait_landed()
+        while self._confirming and (self._confirming[0].done() or len(self._confirming) > depth):
+            await self._settle(self._confirming.popleft())
+        task = asyncio.create_task(self._deliver(batch), name=f"deliver:{self.sink.name}")
+        flights.append(_Flight(batch, devices, task))
+        task.add_done_callback(self._on_landed)
+
+    async def _wait_landed(self) -> None:
+        """Until the oldest flight landed (and was confirmed in order)."""
+        self._landed = asyncio.get_running_loop().create_future()
+        try:
+            await self._landed
+        finally:
+            self._landed = None
+        if self._flight_error is not None:
+            raise self._flight_error
+
+    def _on_landed(self, _task: asyncio.Task[tuple[bool, Batch]]) -> None:
+        """Confirm the flights that landed, oldest first, up to the first one
+        still in the air: a batch is confirmed only after every batch before it
+        (its cursor covers theirs). After a cancelled or failed flight none is."""
+        flights = self._flights
+        while flights and flights[0].task.done():
+            task = flights.popleft().task
+            if task.cancelled() or self._flight_error is not None:
+                self._flight_error = self._flight_error or asyncio.CancelledError()
+                continue
+            error = task.exception()
+            if error is not None:
+                self._flight_error = error
+                continue
+            delivered, batch = task.result()
+            if delivered:
+                self._confirming.append(self.outbox.confirm(batch, linger=True))
+            else:
+                self._confirming.append(self.outbox.dead_letter(batch, self._last_error))
+        if self._landed is not None and not self._landed.done():
+            self._landed.set_result(None)
+
+    async def _land_all(self, prev: asyncio.Future[None] | None) -> asyncio.Future[None] | None:
+        """Wait for every flight to land; the last confirmation is the new
+        ``prev`` of the one-at-a-time path, the others are settled."""
+        while self._flights:
+            await self._wait_landed()
+        if prev is not None:
+            self._confirming.appendleft(prev)
+        while len(self._confirming) > 1:
+            await self._settle(self._confirming.popleft())
+        return self._confirming.popleft() if self._confirming else None
 
     def _read(self) -> Coroutine[Any, Any, Batch]:
         sink = self.sink

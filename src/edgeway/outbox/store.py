@@ -10,6 +10,7 @@ Configuration (the ``outbox:`` section; every key is optional)::
       when_full: drop_oldest   # or reject_new (backpressure to devices)
       drain: ordered           # or live_first (fresh readings share the link with a backlog)
       commit_interval: 0       # extra wait to gather a bigger group commit (0: none)
+      forward_early: true      # a caught-up sink gets a reading before its commit ends
       disk_reserve: 8MiB       # released on a full disk so confirmations commit (0: none)
 
 Design, in short:
@@ -29,8 +30,8 @@ Design, in short:
   with the same sinks and priority in one group commit (at most
   ``CHUNK_MAX`` records), holding each record as the exact JSON object the
   sinks send (``{"id": ..., "device_id": ..., "ts": ..., "metrics": {...}}``),
-  one per line. The record id and sequence are fixed when the chunk is
-  written; the id is ``gateway_id:sequence``, or a hash of the device
+  one per line. The loop numbers each reading as it is submitted (the
+  writer stores it under that number); the id is ``gateway_id:sequence``, or a hash of the device
   message for a reading whose origin carries a message key
   (:mod:`edgeway.record_ids`). A row per reading cost ~3 us of SQLite work
   to insert and ~7 us to read and confirm (bench/outbox_bench.py); per chunk that cost is shared
@@ -47,7 +48,11 @@ Design, in short:
   writer. A batch may end inside a chunk; the next read starts after it.
 - The newest committed chunks stay in memory (the *tail*); a sink that keeps
   up reads them from there, on the loop, without a query or a reader-thread
-  round trip. A caught-up sink's confirmation rides with the next commit of
+  round trip. A sink that has read every record numbered so far is handed
+  new readings at submit, before their commit (``forward_early``,
+  :meth:`Outbox._forward`); its confirmation waits for that commit, and a
+  stored ``seq_lease`` keeps a number seen that way from being given to
+  another reading after a crash (:data:`SEQ_LEASE`). A caught-up sink's confirmation rides with the next commit of
   new readings (at most :data:`CONFIRM_LINGER` later).
 - Counters per sink (accepted, delivered, dropped per reason, rejected) live in
   the ``sinks`` table and are updated in the same transaction as the rows they

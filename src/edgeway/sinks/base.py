@@ -420,6 +420,13 @@ class Sink(abc.ABC):
     async def send_batch(self, records: Sequence[Record]) -> None:
         """Send ``records`` and return once the remote side has confirmed them."""
 
+    def max_batches_in_flight(self) -> int:
+        """How many ``send_batch`` calls this sink takes at once (1, the
+        default: one at a time). More lets a runner that keeps up send the
+        next small batch while the previous one waits for its confirmation;
+        the batches then hold no device in common (edgeway.outbox.runner)."""
+        return 1
+
     def probe_addresses(self) -> list[tuple[str, int]]:
         """Where the remote side listens: ``(host, port)`` pairs that accept a
         TCP connection once it is back. Empty (the default): no cheap check,

@@ -697,6 +697,9 @@ class MqttSink(Sink):
         size = _AUTO_CONNECTIONS_MAX if self._auto else 1 if n == "auto" else n
         self._conns: list[_Connection | None] = [None] * size
         self._locks = [asyncio.Lock() for _ in range(size)]
+        self._busy = [0] * size
+        """Batches using each connection (taken when a batch is shared out,
+        before its publishes wait for the connection's lock)."""
         self._active = 1 if self._auto else size
         """Connections a batch is shared out to."""
         self._active_behind = self._active
@@ -949,14 +952,30 @@ class MqttSink(Sink):
             await self._publish_on(0, messages)
             return
         feed = _Feed(messages)
-        results = await asyncio.gather(
-            *(self._publish_on(i, feed) for i in range(min(n, len(feed.groups)))),
-            return_exceptions=True,
-        )
+        # A batch sent while another is in flight (max_batches_in_flight)
+        # takes the connections that one does not hold: it goes out now
+        # instead of after that one's PUBACKs. (They hold different devices,
+        # so no device's order depends on which connection carries it.)
+        busy = self._busy
+        use = ([i for i in range(n) if not busy[i]] or list(range(n)))[: len(feed.groups)]
+        for i in use:
+            busy[i] += 1
+        try:
+            results = await asyncio.gather(
+                *(self._publish_on(i, feed) for i in use), return_exceptions=True
+            )
+        finally:
+            for i in use:
+                busy[i] -= 1
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             # A permanent refusal wins (the batch would fail the same way again).
             raise next((e for e in errors if isinstance(e, PermanentSinkError)), errors[0])
+
+    def max_batches_in_flight(self) -> int:
+        """One per connection a batch is shared out to: a batch that leaves
+        one of them free does not wait for another's PUBACKs."""
+        return self._active
 
     async def _publish_on(self, i: int, messages: Sequence[tuple[bytes, bytes]] | _Feed) -> None:
         """Publish on connection ``i`` (one batch at a time: the ack window is
