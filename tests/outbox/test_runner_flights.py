@@ -90,7 +90,7 @@ def cursor(ob: Outbox) -> int:
 async def until_cursor(ob: Outbox, n: int) -> None:
     async with asyncio.timeout(5):
         while cursor(ob) != n:
-            await asyncio.sleep(0.01)
+            await ob.wait_for_commit()  # the cursor moves at commits only
 
 
 async def start(ob: Outbox, sink: HeldSink) -> asyncio.Task[None]:
