@@ -218,3 +218,26 @@ async def test_one_at_a_time_without_the_sinks_word(outbox: Outbox) -> None:
         sink.ack(2)
     finally:
         await stop(task)
+
+
+async def test_a_sinks_confirmations_in_one_commit_are_one_move(outbox: Outbox) -> None:
+    """Many small batches (a sink that keeps up) confirmed before the next
+    commit: one cursor move with every record, each caller's future
+    resolved; a dead letter between two keeps its own place."""
+    for i in range(6):
+        await outbox.submit([reading(f"d{i}", i)])
+    batches = [await outbox.read_batch("a", 1, 1 << 20) for _ in range(6)]
+    assert [b.records[0].seq for b in batches] == [1, 2, 3, 4, 5, 6]
+    futs = [outbox.confirm(b, linger=True) for b in batches[:3]]
+    futs.append(outbox.dead_letter(batches[3], "refused"))
+    futs += [outbox.confirm(b, linger=True) for b in batches[4:]]
+    assert [(op.kind, op.cursor, len(op.records)) for op in outbox._ops] == [
+        ("confirm", 3, 3),
+        ("dead_letter", 4, 1),
+        ("confirm", 6, 2),
+    ]
+    assert [len(b.records) for b in batches] == [1] * 6  # the batches' own lists kept
+    await asyncio.wait_for(asyncio.gather(*futs), 5)
+    c = outbox.counters()["a"]
+    assert (c["delivered"], c["dropped_dead_letter"], c["pending"]) == (5, 1, 0)
+    assert cursor(outbox) == 6

@@ -503,6 +503,9 @@ class _Op:
     records: list[Record]
     error: str
     fut: asyncio.Future[None]
+    generation: int = 0
+    merged: list[asyncio.Future[None]] = field(default_factory=list)
+    """Futures of the confirmations merged into this one (:meth:`Outbox._add_op`)."""
 
 
 @dataclass(slots=True)
@@ -2094,8 +2097,9 @@ class Outbox:
                 # that waits for new rows (none may come while ingest is refused).
                 st.unread += 1
                 st.event.set()
-                if not op.fut.done():
-                    op.fut.set_exception(RuntimeError(f"outbox commit failed: {err}"))
+                for fut in (op.fut, *op.merged):
+                    if not fut.done():
+                        fut.set_exception(RuntimeError(f"outbox commit failed: {err}"))
             for rp in job.replays:
                 if not rp.fut.done():
                     rp.fut.set_exception(RuntimeError(f"outbox commit failed: {err}"))
@@ -2120,8 +2124,9 @@ class Outbox:
                     self._end_early(self._all_mask, drop=True)
             for op in job.ops:
                 self._reads[op.sink].cursor = op.cursor
-                if not op.fut.done():
-                    op.fut.set_result(None)
+                for fut in (op.fut, *op.merged):
+                    if not fut.done():
+                        fut.set_result(None)
             for rp in job.replays:
                 if not rp.fut.done():
                     rp.fut.set_result(rp.count)
@@ -2621,19 +2626,40 @@ class Outbox:
             # read and sent again, and confirmed then.
             fut.set_result(None)
             return fut
-        self._ops.append(
-            _Op(
-                kind,
-                batch.sink,
-                batch.cursor,
-                batch.chunks,
-                # The records (a reference, not a copy): a confirmation needs
-                # their seqs if retention dropped some while they were sent.
-                batch.records,
-                error,
-                fut,
+        last = self._ops[-1] if self._ops else None
+        if (
+            kind == "confirm"
+            and last is not None
+            and last.kind == "confirm"
+            and last.sink == batch.sink
+            and last.generation == batch.generation
+            and not last.chunks
+            and not batch.chunks
+            and batch.cursor >= last.cursor
+        ):
+            # The next batch of the same sink in order (many small ones when
+            # it keeps up): one cursor move covers both, one set of
+            # statements in the commit instead of one per batch.
+            last.cursor = batch.cursor
+            if not last.merged:
+                last.records = list(last.records)  # it was the batch's own list
+            last.records.extend(batch.records)
+            last.merged.append(fut)
+        else:
+            self._ops.append(
+                _Op(
+                    kind,
+                    batch.sink,
+                    batch.cursor,
+                    batch.chunks,
+                    # The records (a reference, not a copy): a confirmation needs
+                    # their seqs if retention dropped some while they were sent.
+                    batch.records,
+                    error,
+                    fut,
+                    batch.generation,
+                )
             )
-        )
         if not linger:
             self._ops_urgent = True
             self._request_commit()
