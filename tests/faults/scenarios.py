@@ -23,9 +23,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 
-def sigkill_loop(tmp: Path, kills: int = 3, acks_per_life: int = 40) -> Report:
+def sigkill_loop(
+    tmp: Path, kills: int = 3, acks_per_life: int = 40, outbox: str = "{durability: fsync}"
+) -> Report:
     """SIGKILL at a random moment of the stream, restart on the same data directory."""
-    with scenario(f"SIGKILL loop ({kills} kills)", tmp) as s:
+    with scenario(f"SIGKILL loop ({kills} kills)", tmp, outbox=outbox) as s:
         for _ in range(kills):
             s.wait_acked(acks_per_life)
             time.sleep(s.rng.uniform(0.0, 0.2))  # the kill lands anywhere in the stream

@@ -17,6 +17,17 @@ def test_sigkill_loop(tmp_path: Path) -> None:
     assert report.gateway_lives == 4
 
 
+def test_sigkill_loop_sending_only_what_is_stored(tmp_path: Path) -> None:
+    """``forward_early: false``: sinks send only committed readings, so the
+    ids at the cloud are exactly the readings the outbox accepted."""
+    report = scenarios.sigkill_loop(
+        tmp_path, kills=3, outbox="{durability: fsync, forward_early: false}"
+    )
+    assert not report.forward_early
+    report.check()
+    assert report.gateway_lives == 4
+
+
 def test_sink_outage(tmp_path: Path) -> None:
     scenarios.cloud_away(tmp_path, "down").check()
 
