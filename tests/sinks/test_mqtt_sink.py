@@ -395,6 +395,32 @@ async def test_a_batch_sent_beside_another_takes_a_free_connection(tmp_path: Pat
             await sink.close()
 
 
+async def test_a_batch_beside_another_on_a_refused_extra_connection_is_not_lost(
+    tmp_path: Path,
+) -> None:
+    """The connection a batch sent beside another takes is an extra one the
+    broker refuses (Mosquitto with ``max_connections 1``: the subscriber and
+    the sink's first): the batch goes out on the first connection once that
+    one is free, instead of returning with nothing sent."""
+    with broker_and_subscriber(tmp_path, "max_connections 1") as (broker, sub):
+        sink = make_sink(broker.port)
+        try:
+            await deliver(sink, sub, [records(1)])  # connects the first only
+            assert sink.max_batches_in_flight() == 4  # extras not tried yet
+            first, second = records(1, 500, devices=1), records(1, 501, devices=1)
+            second[0].device_id = "other"
+            await asyncio.wait_for(
+                asyncio.gather(sink.send_batch(first), sink.send_batch(second)), TIMEOUT
+            )
+            got = await asyncio.to_thread(sub.collect, 2)
+            assert sorted(json.loads(p)["id"] for _, p in got) == sorted(
+                r.id for r in first + second
+            )
+            assert sink.max_batches_in_flight() == 1  # learnt
+        finally:
+            await sink.close()
+
+
 def test_feed_gives_each_device_whole_largest_first() -> None:
     """A batch over several connections: one group per topic, in the batch's
     order, taken largest first (so the last ones taken are the small ones)."""
