@@ -12,6 +12,7 @@ given to another reading, even after a crash (``seq_lease``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import tempfile
 import threading
@@ -77,14 +78,23 @@ class HeldWriter:
         assert await asyncio.to_thread(self.entered.wait, 10)
 
 
-@pytest.fixture
-async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
-    ob = Outbox(tmp_path / "o.db", gateway_id="gw", config=OutboxSection(), sink_names=["a"])
+@contextlib.asynccontextmanager
+async def opened(
+    path: Path, sinks: tuple[str, ...] = ("a",), *, tail_reads: bool = True, **cfg: Any
+) -> AsyncIterator[Outbox]:
+    ob = Outbox(path, gateway_id="gw", config=OutboxSection(**cfg), sink_names=list(sinks))
+    ob.tail_reads = tail_reads
     await ob.open()
     try:
         yield ob
     finally:
         await ob.close()
+
+
+@pytest.fixture
+async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
+    async with opened(tmp_path / "o.db") as ob:
+        yield ob
 
 
 async def caught_up(ob: Outbox, sink: str = "a") -> None:
@@ -135,10 +145,8 @@ async def test_a_caught_up_sink_gets_a_reading_before_its_commit_ends(
 async def test_the_stored_text_is_the_forwarded_text(tmp_path: Path) -> None:
     """Two sinks: one forwarded early, one reading from the table after
     the commit; keyed (client mode) and tagged readings included."""
-    ob = Outbox(tmp_path / "o.db", gateway_id="gw", config=OutboxSection(), sink_names=["a", "b"])
-    ob.tail_reads = False  # b reads the rows through the query
-    await ob.open()
-    try:
+    # b reads the rows through the query
+    async with opened(tmp_path / "o.db", ("a", "b"), tail_reads=False) as ob:
         await caught_up(ob)
         r2 = Reading("d", 1.5, {"x": 1}, Origin("mqtt_client", key="k1", message_id="m2"))
         r3 = Reading("e", 2.5, {"y": "s"}, Origin("mqtt"), tags={"site": "n"})
@@ -157,8 +165,6 @@ async def test_the_stored_text_is_the_forwarded_text(tmp_path: Path) -> None:
             (r.id, r.seq, r.device_id, r.to_json_bytes()) for r in late
         ]
         assert early.records[0].id != "gw:2"  # keyed: a hash of the message
-    finally:
-        await ob.close()
 
 
 async def test_a_refused_commit_sends_the_sink_back_to_the_tail(
@@ -209,15 +215,8 @@ async def test_a_refused_reading_forwarded_early_is_not_sent(
     sink if it has not read it yet: the cloud never gets a refused reading
     from a sink that was busy (tests/integration/test_disk_full_gateway.py
     caught this with the sink retrying)."""
-    ob = Outbox(
-        tmp_path / "o.db",
-        gateway_id="gw",
-        config=OutboxSection(max_bytes=2000, when_full="reject_new"),
-        sink_names=["a"],
-    )
-    await ob.open()
     held = HeldWriter(monkeypatch)
-    try:
+    async with opened(tmp_path / "o.db", max_bytes=2000, when_full="reject_new") as ob:
         await caught_up(ob)
         held.hold()
         f = ob.submit([Reading("d", 1.0, {"pad": "x" * 3000}, Origin("mqtt"))])
@@ -229,9 +228,6 @@ async def test_a_refused_reading_forwarded_early_is_not_sent(
         assert b.records == [] and not b.more
         counters = ob.counters()["a"]
         assert counters["rejected_full"] == 1 and counters["accepted"] == 1
-    finally:
-        held.go.set()
-        await ob.close()
 
 
 async def test_a_sink_that_retries_takes_no_more_readings_early(outbox: Outbox) -> None:
@@ -299,33 +295,25 @@ async def test_a_number_seen_early_is_never_given_again(
     its number is leased; a start after a crash numbers above the lease, a
     start after a clean close right after the last number."""
     path = tmp_path / "o.db"
-    ob = Outbox(path, gateway_id="gw", config=OutboxSection(), sink_names=["a"])
-    await ob.open()
     held = HeldWriter(monkeypatch)
-    await caught_up(ob)
-    held.hold()
-    ob.submit([reading(1)])
-    b = await ob.read_batch("a", 10, 1 << 20)
-    assert [r.seq for r in b.records] == [2]
-    next_seq, lease = stored_lease(path)
-    assert next_seq <= 2 < lease  # seq 2 is not committed, and leased
-    held.go.set()
-    await ob.close()
+    async with opened(path) as ob:
+        await caught_up(ob)
+        held.hold()
+        ob.submit([reading(1)])
+        b = await ob.read_batch("a", 10, 1 << 20)
+        assert [r.seq for r in b.records] == [2]
+        next_seq, lease = stored_lease(path)
+        assert next_seq <= 2 < lease  # seq 2 is not committed, and leased
+        held.go.set()
     assert stored_lease(path) == (3, 3)  # clean close: no gap
-    ob = Outbox(path, gateway_id="gw", config=OutboxSection(), sink_names=["a"])
-    await ob.open()
-    try:
+    async with opened(path) as ob:
         await ob.submit([reading(2)])
         b = await ob.read_batch("a", 10, 1 << 20)
         assert [r.seq for r in b.records][-1] == 3
-    finally:
-        await ob.close()
     # A crash: the last commit's lease is what the database says.
     with sqlite3.connect(path) as c:
         c.execute("UPDATE meta SET value = 70000 WHERE key = 'seq_lease'")
-    ob = Outbox(path, gateway_id="gw", config=OutboxSection(), sink_names=["a"])
-    await ob.open()
-    try:
+    async with opened(path) as ob:
         await ob.submit([reading(3)])
         seqs: list[int] = []
         while True:
@@ -334,22 +322,13 @@ async def test_a_number_seen_early_is_never_given_again(
             if not b.more:
                 break
         assert seqs[-1] == 70000
-    finally:
-        await ob.close()
 
 
 async def test_off_the_sink_reads_only_what_is_stored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ob = Outbox(
-        tmp_path / "o.db",
-        gateway_id="gw",
-        config=OutboxSection(forward_early=False),
-        sink_names=["a"],
-    )
-    await ob.open()
     held = HeldWriter(monkeypatch)
-    try:
+    async with opened(tmp_path / "o.db", forward_early=False) as ob:
         await caught_up(ob)
         held.hold()
         fut = ob.submit([reading(1)])
@@ -362,9 +341,6 @@ async def test_off_the_sink_reads_only_what_is_stored(
         await asyncio.wait_for(read, 5)
         b = await ob.read_batch("a", 10, 1 << 20)
         assert [r.seq for r in b.records] == [2] and not b.early
-    finally:
-        held.go.set()
-        await ob.close()
 
 
 # -- differential: forwarded early or not, each sink gets the same records --

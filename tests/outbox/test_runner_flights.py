@@ -12,6 +12,7 @@ again; no more batches fly than the sink takes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -93,22 +94,23 @@ async def until_cursor(ob: Outbox, n: int) -> None:
             await ob.wait_for_commit()  # the cursor moves at commits only
 
 
-async def start(ob: Outbox, sink: HeldSink) -> asyncio.Task[None]:
+@contextlib.asynccontextmanager
+async def running(ob: Outbox, depth: int) -> AsyncIterator[HeldSink]:
+    """A runner driving a :class:`HeldSink` that takes ``depth`` batches at once."""
+    sink = HeldSink(depth)
     runner = SinkRunner(ob, sink, backoff_initial=0.01, backoff_max=0.02, probe_interval=0)
-    return asyncio.create_task(runner.run())
-
-
-async def stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    task = asyncio.create_task(runner.run())
+    try:
+        yield sink
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_the_next_batch_leaves_before_the_previous_is_acknowledged(
     outbox: Outbox,
 ) -> None:
-    sink = HeldSink(depth=4)
-    task = await start(outbox, sink)
-    try:
+    async with running(outbox, 4) as sink:
         await outbox.submit([reading("d1", 1)])
         await sink.wait_sent(1)
         await outbox.submit([reading("d2", 2)])
@@ -125,16 +127,12 @@ async def test_the_next_batch_leaves_before_the_previous_is_acknowledged(
         await until_cursor(outbox, 3)
         assert outbox.counters()["a"]["delivered"] == 3
         assert outbox.counters()["a"]["pending"] == 0
-    finally:
-        await stop(task)
 
 
 async def test_a_device_never_flies_twice(outbox: Outbox) -> None:
     """The same device's next record waits for the previous batch: if that
     one fails and is sent again, the device's order at the remote side holds."""
-    sink = HeldSink(depth=4)
-    task = await start(outbox, sink)
-    try:
+    async with running(outbox, 4) as sink:
         await outbox.submit([reading("d1", 1)])
         await sink.wait_sent(1)
         await outbox.submit([reading("d1", 2)])
@@ -157,17 +155,13 @@ async def test_a_device_never_flies_twice(outbox: Outbox) -> None:
         assert d1 == [1, 1, 2]  # never 2 before the retried 1
         assert sorted(set(order)) == [1, 2, 3]
         await until_cursor(outbox, 3)
-    finally:
-        await stop(task)
 
 
 async def test_a_failed_batch_is_confirmed_before_the_ones_after_it(outbox: Outbox) -> None:
     """Batch 1 fails and is retried while batch 2 (another device) lands:
     batch 2's confirmation waits, so the cursor never passes batch 1 before
     it is delivered."""
-    sink = HeldSink(depth=4)
-    task = await start(outbox, sink)
-    try:
+    async with running(outbox, 4) as sink:
         await outbox.submit([reading("d1", 1)])
         await sink.wait_sent(1)
         await outbox.submit([reading("d2", 2)])
@@ -180,14 +174,10 @@ async def test_a_failed_batch_is_confirmed_before_the_ones_after_it(outbox: Outb
         sink.ack(1)
         await until_cursor(outbox, 2)
         assert outbox.counters()["a"]["delivered"] == 2
-    finally:
-        await stop(task)
 
 
 async def test_no_more_batches_fly_than_the_sink_takes(outbox: Outbox) -> None:
-    sink = HeldSink(depth=2)
-    task = await start(outbox, sink)
-    try:
+    async with running(outbox, 2) as sink:
         for i in range(1, 6):
             await outbox.submit([reading(f"d{i}", i)])
             await asyncio.sleep(0.01)
@@ -200,14 +190,10 @@ async def test_no_more_batches_fly_than_the_sink_takes(outbox: Outbox) -> None:
         assert sink.most_flying == 2
         assert sorted(r.seq for b in sink.sent for r in b) == [1, 2, 3, 4, 5]
         await until_cursor(outbox, 5)
-    finally:
-        await stop(task)
 
 
 async def test_one_at_a_time_without_the_sinks_word(outbox: Outbox) -> None:
-    sink = HeldSink(depth=1)
-    task = await start(outbox, sink)
-    try:
+    async with running(outbox, 1) as sink:
         await outbox.submit([reading("d1", 1)])
         await sink.wait_sent(1)
         await outbox.submit([reading("d2", 2)])
@@ -216,8 +202,6 @@ async def test_one_at_a_time_without_the_sinks_word(outbox: Outbox) -> None:
         sink.ack(1)
         await sink.wait_sent(2)
         sink.ack(2)
-    finally:
-        await stop(task)
 
 
 async def test_a_sinks_confirmations_in_one_commit_are_one_move(outbox: Outbox) -> None:
