@@ -2,18 +2,22 @@
 
 The outbox stores records in chunks (see edgeway.outbox.store); tests that
 check what is on disk expand the chunks here rather than repeat the layout.
+Also :func:`opened`, an outbox open for the length of a ``with``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from edgeway.outbox.store import RECORD_OVERHEAD
+from edgeway.config import OutboxSection
+from edgeway.outbox.store import RECORD_OVERHEAD, Outbox
 
 
 @dataclass(frozen=True)
@@ -65,3 +69,18 @@ def pending_for(path: Path, name: str) -> int:
     finally:
         conn.close()
     return sum(1 for r in stored_records(path) if r.pending & bit and r.seq > cursor)
+
+
+@contextlib.asynccontextmanager
+async def opened(
+    path: Path, sinks: tuple[str, ...] = ("a",), *, tail_reads: bool = True, **cfg: Any
+) -> AsyncIterator[Outbox]:
+    """An outbox at ``path`` (gateway id ``gw``) with ``sinks`` and the
+    ``outbox:`` options ``cfg``, closed when the block ends."""
+    ob = Outbox(path, gateway_id="gw", config=OutboxSection(**cfg), sink_names=list(sinks))
+    ob.tail_reads = tail_reads
+    await ob.open()
+    try:
+        yield ob
+    finally:
+        await ob.close()

@@ -12,7 +12,6 @@ given to another reading, even after a crash (``seq_lease``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 import tempfile
 import threading
@@ -24,11 +23,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeway.config import OutboxSection
 from edgeway.ingest import IngestStatus
 from edgeway.outbox import Outbox
 from edgeway.outbox import store as store_mod
 from edgeway.reading import Origin, Reading
+from outbox_db import opened
 
 
 def reading(i: int, device: str = "d", priority: int = 0, key: str | None = None) -> Reading:
@@ -76,19 +75,6 @@ class HeldWriter:
 
     async def wait_entered(self) -> None:
         assert await asyncio.to_thread(self.entered.wait, 10)
-
-
-@contextlib.asynccontextmanager
-async def opened(
-    path: Path, sinks: tuple[str, ...] = ("a",), *, tail_reads: bool = True, **cfg: Any
-) -> AsyncIterator[Outbox]:
-    ob = Outbox(path, gateway_id="gw", config=OutboxSection(**cfg), sink_names=list(sinks))
-    ob.tail_reads = tail_reads
-    await ob.open()
-    try:
-        yield ob
-    finally:
-        await ob.close()
 
 
 @pytest.fixture
@@ -365,31 +351,24 @@ settle_op = st.tuples(st.just("settle"))
 
 
 async def _play(path: Path, cfg: dict[str, Any], ops: list[tuple[Any, ...]]) -> Any:
-    ob = Outbox(path, gateway_id="gw", config=OutboxSection(**cfg), sink_names=list(SINKS))
-    await ob.open()
     got: dict[str, list[tuple[str, int, bytes]]] = {s: [] for s in SINKS}
     early = 0
     pending: list[asyncio.Future[Any]] = []
-    confirms: list[asyncio.Future[None]] = []
     n = 0
+    async with opened(path, SINKS, **cfg) as ob:
 
-    async def drain(sink: str, then: str, max_records: int) -> None:
-        nonlocal early
-        while True:
-            b = await ob.read_batch(sink, max_records, 1 << 20)
-            early += bool(b.early)
-            if b.records:
-                got[sink].extend((r.id, r.seq, r.to_json_bytes()) for r in b.records)
-                if then == "confirm":
-                    confirms.append(ob.confirm(b))
-                else:
-                    confirms.append(ob.dead_letter(b, "refused"))
-                # A runner keeps one confirmation in flight.
-                await confirms[-1]
-            if not b.more:
-                return
+        async def drain(sink: str, then: str, max_records: int) -> None:
+            nonlocal early
+            while True:
+                b = await ob.read_batch(sink, max_records, 1 << 20)
+                early += bool(b.early)
+                if b.records:
+                    got[sink].extend((r.id, r.seq, r.to_json_bytes()) for r in b.records)
+                    # A runner keeps one confirmation in flight.
+                    await (ob.confirm(b) if then == "confirm" else ob.dead_letter(b, "refused"))
+                if not b.more:
+                    return
 
-    try:
         for op in ops:
             if op[0] == "submit":
                 _, route, count, prio, wait = op
@@ -407,12 +386,7 @@ async def _play(path: Path, cfg: dict[str, Any], ops: list[tuple[Any, ...]]) -> 
         await asyncio.gather(*pending)
         for sink in SINKS:
             await drain(sink, "confirm", 1000)
-        await asyncio.gather(*confirms)
-        if ob._ops:
-            await ob.wait_for_commit()
         return got, ob.counters(), early
-    finally:
-        await ob.close()
 
 
 @pytest.mark.parametrize(

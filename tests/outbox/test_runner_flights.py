@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from edgeway.config import OutboxSection, SinkConfig
+from edgeway.config import SinkConfig
 from edgeway.outbox import Outbox, SinkRunner
 from edgeway.reading import Origin, Reading
 from edgeway.sinks.base import Record, RetryableSinkError, Sink
+from outbox_db import opened
 
 
 def reading(device: str, i: int) -> Reading:
@@ -75,17 +76,22 @@ class HeldSink(Sink):
 
 @pytest.fixture
 async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
-    ob = Outbox(tmp_path / "o.db", gateway_id="gw", config=OutboxSection(), sink_names=["a"])
-    await ob.open()
-    try:
+    async with opened(tmp_path / "o.db") as ob:
         yield ob
-    finally:
-        await ob.close()
 
 
 def cursor(ob: Outbox) -> int:
     """The sink's cursor as last committed."""
     return ob._reads["a"].cursor
+
+
+async def ack_until_cursor(ob: Outbox, sink: HeldSink, n: int) -> None:
+    """Acknowledge every batch the sink is sent until the cursor reaches ``n``."""
+    async with asyncio.timeout(5):
+        while cursor(ob) != n:
+            for seq in list(sink.acks):
+                sink.ack(seq)
+            await asyncio.sleep(0.01)  # the runner sends the next batches meanwhile
 
 
 async def until_cursor(ob: Outbox, n: int) -> None:
@@ -143,18 +149,11 @@ async def test_a_device_never_flies_twice(outbox: Outbox) -> None:
         await sink.wait_sent(2)  # the retry of batch 1
         assert [r.seq for r in sink.sent[1]] == [1]
         sink.ack(1)
-        await sink.wait_sent(3)
-        sink.ack(sink.sent[2][0].seq)
-        if len(sink.sent) < 4 and sink.acks:
-            await sink.wait_sent(4)
-        while sink.acks:
-            sink.ack(next(iter(sink.acks)))
-            await asyncio.sleep(0.01)
+        await ack_until_cursor(outbox, sink, 3)
         order = [r.seq for b in sink.sent for r in b]
         d1 = [r.seq for b in sink.sent for r in b if r.device_id == "d1"]
         assert d1 == [1, 1, 2]  # never 2 before the retried 1
         assert sorted(set(order)) == [1, 2, 3]
-        await until_cursor(outbox, 3)
 
 
 async def test_a_failed_batch_is_confirmed_before_the_ones_after_it(outbox: Outbox) -> None:
@@ -182,14 +181,9 @@ async def test_no_more_batches_fly_than_the_sink_takes(outbox: Outbox) -> None:
             await outbox.submit([reading(f"d{i}", i)])
             await asyncio.sleep(0.01)
         assert len(sink.sent) == 2 and sink.most_flying == 2
-        async with asyncio.timeout(5):
-            while cursor(outbox) != 5:
-                for seq in list(sink.acks):
-                    sink.ack(seq)
-                await asyncio.sleep(0.01)
+        await ack_until_cursor(outbox, sink, 5)
         assert sink.most_flying == 2
         assert sorted(r.seq for b in sink.sent for r in b) == [1, 2, 3, 4, 5]
-        await until_cursor(outbox, 5)
 
 
 async def test_one_at_a_time_without_the_sinks_word(outbox: Outbox) -> None:

@@ -50,9 +50,9 @@ failure and the recovery are always logged; the lines between are counted)."""
 
 @dataclass(slots=True)
 class _Flight:
-    """A batch being delivered while others are (see :meth:`SinkRunner._launch`)."""
+    """A batch being delivered while others are (see :meth:`SinkRunner._launch`):
+    its devices, and the delivery, whose result is the batch as sent."""
 
-    batch: Batch
     devices: set[str]
     task: asyncio.Task[tuple[bool, Batch]]
 
@@ -205,7 +205,7 @@ class SinkRunner:
         while self._confirming and (self._confirming[0].done() or len(self._confirming) > depth):
             await self._settle(self._confirming.popleft())
         task = asyncio.create_task(self._deliver(batch), name=f"deliver:{self.sink.name}")
-        flights.append(_Flight(batch, devices, task))
+        flights.append(_Flight(devices, task))
         task.add_done_callback(self._on_landed)
 
     async def _wait_landed(self) -> None:

@@ -70,6 +70,7 @@ import asyncio
 import bisect
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import operator
@@ -81,7 +82,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
 
@@ -471,7 +472,8 @@ class Batch:
 
 @dataclass(slots=True)
 class _Submit:
-    readings: list[Reading]
+    readings: Sequence[Reading]
+    """A list when shared by several submits (they extend it)."""
     mask: int
     fut: asyncio.Future[IngestStatus]
     runs: list[tuple[int, int]]
@@ -586,12 +588,14 @@ class _ReadState:
     before_read: tuple[int, int, int | None, int, int] | None = None
     """(pos, prio_pos, live_start, live_pos, rewinds) before the last read:
     where :meth:`Outbox.give_back` puts the reads back."""
-    early: bool = False
-    """The sink has read every record numbered so far: new ones are forwarded
-    to it as they are submitted (:meth:`Outbox._forward`)."""
     early_records: list[Record] = field(default_factory=list)
     """Records forwarded early, not read yet (above ``pos``, in order)."""
     early_bytes: int = 0
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _counter_dict(row: Sequence[int]) -> dict[str, int]:
@@ -1451,16 +1455,16 @@ class Outbox:
         """The next sequence number to give a reading (the loop numbers them)."""
         self._lease = 0
         """Numbers below this may be forwarded early (:data:`SEQ_LEASE`)."""
-        self._settled = 0
-        """Every number at or below it is in a group commit that ended
-        (committed, or refused with its job)."""
         self._id_prefix = ""
         self._early_mask = 0
-        """Bits of the sinks that are forwarded readings early."""
-        self._deferred: list[tuple[str, Batch, str, bool, asyncio.Future[None]]] = []
-        """Confirmations of batches forwarded early, held until their commit ended."""
+        """Bits of the sinks that have read every record numbered so far: new
+        ones are forwarded to them as they are submitted (:meth:`_forward`)."""
+        self._after_commit: list[tuple[int, Callable[[], object]]] = []
+        """(record seq, call): what waits for the group commit holding that
+        record to end (:meth:`wait_committed`; confirmations of batches
+        forwarded early, held until their rows exist)."""
         self._deferred_urgent = False
-        self._settle_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        """Someone waits on a held confirmation: it does not linger (:meth:`expedite`)."""
         self._loop_errors = RateLimitedLog(log, ERROR_LOG_INTERVAL)
         """Repeated errors on the loop side (the writer thread has its own)."""
         self.commits = 0
@@ -1487,7 +1491,6 @@ class Outbox:
         self._writer = writer
         self._high_seq = writer.next_seq - 1
         self._next_seq = writer.next_seq
-        self._settled = writer.next_seq - 1
         self._lease = writer.lease
         self._id_prefix = writer.id_prefix
         self._tail_lo = writer.next_seq
@@ -1751,7 +1754,7 @@ class Outbox:
                 self._shared[mask] = shared
                 self._submits.append(shared)
                 self._request_commit()
-            held = shared.readings
+            held = cast(list[Reading], shared.readings)
             base = len(held)
             start, seq = shared.runs[-1]
             if seq + base - start != first:  # readings for other sinks came between
@@ -1761,7 +1764,7 @@ class Outbox:
                 self._forward(shared, base, readings, first, mask)
             return shared.fut
         fut = loop.create_future()
-        sub = _Submit(list(readings), mask, fut, [(0, first)])
+        sub = _Submit(readings, mask, fut, [(0, first)])
         self._submits.append(sub)
         if self._early_mask & mask:
             self._forward(sub, 0, readings, first, mask)
@@ -1811,7 +1814,7 @@ class Outbox:
         )
         nbytes = sum(len(t) for t in made)
         for st in self._reads.values():
-            if not (st.early and mask & st.bit):
+            if not mask & st.bit & self._early_mask:
                 continue
             if (
                 len(st.early_records) + len(records) > EARLY_MAX_RECORDS
@@ -1830,10 +1833,9 @@ class Outbox:
         are read again from the tail once committed)."""
         if not self._early_mask & mask and not drop:
             return
-        for st in self._reads.values():
-            if mask & st.bit:
-                st.early = False
-                if drop:
+        if drop:
+            for st in self._reads.values():
+                if mask & st.bit:
                     st.early_records.clear()
                     st.early_bytes = 0
         self._early_mask &= ~mask
@@ -2071,11 +2073,13 @@ class Outbox:
 
     def _commit_done(self, job: _Job, res: _JobResult) -> None:
         self._committing = False
-        self._settled = max(self._settled, job.next_seq - 1)
         if res.disk_full != self._disk_full:
             self._set_disk_full(res.disk_full)
         if res.error is not None:
             err = res.error
+            # The job's numbers are used up (nothing is stored under them):
+            # reads pass over them, and what waits on their commit goes on.
+            self._high_seq = max(self._high_seq, job.next_seq - 1)
             if job.submits:
                 # Records forwarded early and not read yet are read from the
                 # tail if their commit comes (these were refused).
@@ -2153,14 +2157,14 @@ class Outbox:
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
-        if self._settle_waiters:
-            settled = self._settled
-            for seq, w in self._settle_waiters:
-                if seq <= settled and not w.done():
-                    w.set_result(None)
-            self._settle_waiters = [(seq, w) for seq, w in self._settle_waiters if not w.done()]
-        if self._deferred:
-            self._release_deferred()
+        if self._after_commit:
+            high = self._high_seq
+            due = [then for seq, then in self._after_commit if seq <= high]
+            self._after_commit = [(seq, then) for seq, then in self._after_commit if seq > high]
+            for then in due:
+                then()
+            if not self._after_commit:
+                self._deferred_urgent = False
         if self._submits or self._ops_urgent or self._replays:
             self._start_commit()
         elif self._ops:
@@ -2243,13 +2247,12 @@ class Outbox:
         every record numbered so far (nothing is waiting for a commit), new
         readings are forwarded to it as they come (:meth:`_forward`)."""
         if (
-            not st.early
+            not self._early_mask & st.bit
             and self.config.forward_early
             and st.pos >= self._next_seq - 1
             and st.live_start is None
             and st.prio_pos <= st.pos
         ):
-            st.early = True
             self._early_mask |= st.bit
 
     def _read_early(self, st: _ReadState, sink: str, max_records: int, max_bytes: int) -> Batch:
@@ -2487,9 +2490,8 @@ class Outbox:
         # A sink that retries is not caught up: it reads what comes next from
         # the tail, not from records forwarded early and held meanwhile.
         self._end_early(self._reads[batch.sink].bit, drop=True)
-        if batch.early > self._settled:
-            # Forwarded early: what is kept is known once its commit ended.
-            await self.wait_settled(batch.early)
+        # Forwarded early: what is kept is known once its commit ended.
+        await self.wait_committed(batch.early)
         if not batch.records or (
             cfg.max_age is None and (cfg.max_bytes is None or cfg.when_full != "drop_oldest")
         ):
@@ -2534,13 +2536,14 @@ class Outbox:
             batch.early,
         )
 
-    async def wait_settled(self, seq: int) -> None:
-        """Wait until the group commit holding record ``seq`` ended."""
-        if seq <= self._settled:
+    async def wait_committed(self, seq: int) -> None:
+        """Wait until the group commit holding record ``seq`` ended
+        (committed, or failed: then nothing is stored under it)."""
+        if seq <= self._high_seq:
             return
         assert self._loop is not None
         fut: asyncio.Future[None] = self._loop.create_future()
-        self._settle_waiters.append((seq, fut))
+        self._after_commit.append((seq, functools.partial(_resolve, fut)))
         await fut
 
     def confirm(self, batch: Batch, *, linger: bool = False) -> asyncio.Future[None]:
@@ -2572,7 +2575,7 @@ class Outbox:
 
     def expedite(self) -> None:
         """Commit the queued confirmations now (someone waits on one)."""
-        if self._deferred:
+        if self._after_commit:
             self._deferred_urgent = True
         if not self._ops or self._ops_urgent:
             return
@@ -2595,28 +2598,21 @@ class Outbox:
         if self._closed:
             fut.set_exception(RuntimeError("outbox is closed"))
             return fut
-        if batch.early > self._settled:
+        if batch.early > self._high_seq:
             # Its records' commit has not ended yet: the confirmation (which
             # reads their rows) waits for it.
-            self._deferred.append((kind, batch, error, linger, fut))
+            self._after_commit.append(
+                (batch.early, functools.partial(self._held_op, kind, batch, error, linger, fut))
+            )
             return fut
         return self._add_op(kind, batch, error, linger, fut)
 
-    def _release_deferred(self) -> None:
-        """Queue the confirmations whose records' commit has ended."""
-        settled = self._settled
-        held = []
-        urgent = self._deferred_urgent
-        for item in self._deferred:
-            if item[1].early > settled:
-                held.append(item)
-                continue
-            kind, batch, error, linger, fut = item
-            if not fut.done():
-                self._add_op(kind, batch, error, linger and not urgent, fut)
-        self._deferred = held
-        if not held:
-            self._deferred_urgent = False
+    def _held_op(
+        self, kind: str, batch: Batch, error: str, linger: bool, fut: asyncio.Future[None]
+    ) -> None:
+        """A confirmation held for its records' commit, queued now it ended."""
+        if not fut.done():
+            self._add_op(kind, batch, error, linger and not self._deferred_urgent, fut)
 
     def _add_op(
         self, kind: str, batch: Batch, error: str, linger: bool, fut: asyncio.Future[None]

@@ -967,16 +967,15 @@ class MqttSink(Sink):
         finally:
             for i in use:
                 busy[i] -= 1
-        if not any(isinstance(r, BaseException) for r in results) and feed.groups:
-            # Every connection this batch took was an extra one the broker
-            # refused (they give up their share quietly): the first one,
-            # busy with another batch, takes the rest when it is free.
-            await self._publish_on(0, feed)
-            return
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             # A permanent refusal wins (the batch would fail the same way again).
             raise next((e for e in errors if isinstance(e, PermanentSinkError)), errors[0])
+        if feed.groups:
+            # Every connection this batch took was an extra one the broker
+            # refused (they give up their share quietly): the first one,
+            # busy with another batch, takes the rest when it is free.
+            await self._publish_on(0, feed)
 
     def max_batches_in_flight(self) -> int:
         """One per connection a batch is shared out to: a batch that leaves
