@@ -545,7 +545,10 @@ async def test_recent_values_taken_on_a_loop_are_stored_by_device_soon_after() -
         dev = f"d{rnd.randint(0, 9)}"
         for _ in range(rnd.randint(1, 4)):
             t += 0.001
-            batch.append(Reading(dev, t, {"a": rnd.random(), "b": rnd.randint(0, 9)}, origin))
+            # Now and then other names (as many, or fewer): no run of one device's
+            # readings is then stored a column at a time.
+            names = rnd.choice([("a", "b")] * 30 + [("a", "c"), ("b",)])
+            batch.append(Reading(dev, t, {n: rnd.random() for n in names}, origin))
         deferred.record(batch)
         for r in batch:
             plain._record_one(r)

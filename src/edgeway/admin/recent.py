@@ -322,7 +322,9 @@ class RecentValues:
                 else:
                     got.append(r)
         for readings in by_device.values():
-            self._store(readings)
+            # Usually one run already (one device, the same metrics): no scan.
+            if len(readings) < RUN_MIN or not self._record_run(readings, 0, len(readings)):
+                self._store(readings)
 
     def _store(self, readings: Sequence[Reading]) -> None:
         """Store a batch: runs of one device with the same metric names, each
@@ -348,9 +350,9 @@ class RecentValues:
             i = j
 
     def _record_run(self, readings: Sequence[Reading], i: int, j: int) -> bool:
-        """Readings ``i..j-1`` (one device, the same metric names) a column at a
-        time, if every metric already has a ring and every value is a finite
-        number or a bool; False (nothing changed) otherwise."""
+        """Readings ``i..j-1`` (one device) a column at a time, if they have
+        the same metric names, every metric already has a ring and every value
+        is a finite number or a bool; False (nothing changed) otherwise."""
         first = readings[i]
         dev = self._devices.get(first.device_id)
         if dev is None:
@@ -360,7 +362,11 @@ class RecentValues:
         columns: list[tuple[str, Ring, array[float], MetricValue]] = []
         group = readings[i:j]
         metrics = [r.metrics for r in group]
+        if len(set(map(len, metrics))) != 1:
+            return False
         try:
+            # As many names each, and each of the first's in all (KeyError
+            # otherwise): the same names.
             for name in first.metrics:
                 ring = rings.get(name)
                 if ring is None or ring.capacity < k:
@@ -373,7 +379,7 @@ class RecentValues:
                 if total - total != 0.0:  # an inf or NaN among them (or a huge sum)
                     return False
                 columns.append((name, ring, points, values[-1]))
-        except OverflowError:  # an int beyond a double
+        except (OverflowError, KeyError):  # an int beyond a double; other names
             return False
         stamps = array("d", [r.ts for r in group])
         last = group[-1]
