@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,15 +267,24 @@ class GatewayCa:
 
         Its ``last_update`` is strictly later than the previous CRL's: a
         listener adds the new CRL to its running TLS context, and OpenSSL
-        uses the newest of equivalent CRLs (by last update, in seconds)."""
+        uses the newest of equivalent CRLs (by last update, in seconds).
+        It is never in the future either: OpenSSL passes over a CRL that is
+        not yet valid and checks with the older one, which does not list the
+        certificate just revoked. So a second CRL within the same second
+        waits for the next (at most a second; this runs in the CLI or a
+        worker thread, never on the event loop)."""
         ca_key, ca_cert = self._load()
         now = _now()
         if self.crl_path.exists():
             try:
                 old = x509.load_pem_x509_crl(self.crl_path.read_bytes())
-                now = max(now, old.last_update_utc + dt.timedelta(seconds=1))
             except ValueError:
                 pass
+            else:
+                earliest = old.last_update_utc + dt.timedelta(seconds=1)
+                while now < earliest:
+                    time.sleep(min(1.0, (earliest - dt.datetime.now(dt.UTC)).total_seconds()))
+                    now = _now()
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(ca_cert.subject)
