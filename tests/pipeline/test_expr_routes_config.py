@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pipeline_harness import MakeHarness, rd
@@ -363,3 +364,28 @@ async def test_stats_report_without_routes(
     text = capsys.readouterr().out
     assert "no routes configured: every reading goes to the default sinks unchanged" in text
     assert "route / step" not in text  # no empty table
+
+
+async def test_pass_through_counts_exact_bytes_when_asked(harness: MakeHarness) -> None:
+    """Without routes the bytes of a batch are counted later, many batches at
+    once (core.UNSIZED_MAX): the figures read at any moment are exact all the
+    same, and the readings held for that are bounded."""
+    from edgeway.pipeline import core
+
+    h = await harness("")
+    assert h.pipeline is not None
+    sent: list[Any] = []
+    for i in range(core.UNSIZED_MAX // 2 + 7):
+        batch = [rd(f"d{i % 7}", 1000.0 + i, {"t": i / 3, "s": "x" * (i % 5)})] * (1 + i % 3)
+        await h.send(*batch)
+        sent += batch
+        if i % 500 == 0:  # read now and then: exact at that moment
+            s = h.stats()
+            assert s["received"]["bytes"] == core.readings_size(sent), i
+        assert h.pipeline._unsized_n < core.UNSIZED_MAX
+    s = h.stats()
+    want = core.readings_size(sent)
+    assert s["received"]["readings"] == len(sent)
+    assert s["received"]["bytes"] == s["default_route"]["bytes"] == want
+    assert s["sent"]["bytes"] == want
+    assert h.pipeline.stats().received_bytes == want

@@ -42,6 +42,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -70,6 +71,9 @@ cloud; it is an estimate (ids and timestamps vary by a few bytes)."""
 TAGS_ENVELOPE = 8
 """Bytes of ``,"tags":`` when a record has tags."""
 
+UNSIZED_MAX = 4096
+"""Pass-through readings whose bytes are counted later, together, at most
+(:meth:`Pipeline._size_pending`; a few MB of readings)."""
 STATS_FILE = "stats.json"
 
 FAILURE_LOG_INTERVAL = 10.0
@@ -256,6 +260,9 @@ class Pipeline:
         self.default = Flow()
         self.sent_by_sinks: dict[tuple[str, ...] | None, Flow] = {}
         self._default_flow = self.sent_by_sinks[self.default_sinks] = Flow()
+        self._unsized: list[Sequence[Reading]] = []
+        """Pass-through batches counted in readings, not yet in bytes."""
+        self._unsized_n = 0
         self.rejected_full = 0
         self.failed_commits = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -456,11 +463,15 @@ class Pipeline:
         if not self.routes:
             # Pass-through: count and hand over, no futures of our own
             # (Flow.add inlined: this runs once per read's telemetry batch).
+            # Bytes are counted later, for many batches at once (one JSON
+            # encoding: 0.44 -> 0.13 us a reading for W1's reads of 1-4).
             n = len(readings)
-            nbytes = readings_size(readings)
             for flow in (self.received, self.default, self._default_flow):
                 flow.readings += n
-                flow.bytes += nbytes
+            self._unsized.append(readings)
+            self._unsized_n += n
+            if self._unsized_n >= UNSIZED_MAX:
+                self._size_pending()
             return self.outbox.submit(readings, self.default_sinks)
         now = self.clock()
         memo = _Memo()
@@ -756,11 +767,23 @@ class Pipeline:
 
     # -- figures --------------------------------------------------------------
 
+    def _size_pending(self) -> None:
+        """Count the bytes of the pass-through batches taken since the last
+        call (readings are immutable once built: :class:`Reading`)."""
+        unsized, self._unsized = self._unsized, []
+        self._unsized_n = 0
+        if not unsized:
+            return
+        nbytes = readings_size(list(chain.from_iterable(unsized)))
+        for flow in (self.received, self.default, self._default_flow):
+            flow.bytes += nbytes
+
     def report(self) -> dict[str, Any]:
         """Readings and bytes in and out, per route, step and sink, with the
         outbox's counters per sink: ``stats.json`` (``edgeway stats``) and the
         pipeline in ``/api/status``. The figures exported as metrics are
         :meth:`stats`."""
+        self._size_pending()
         routes = []
         for route in self.routes:
             steps = []
@@ -848,6 +871,7 @@ class Pipeline:
 
     def stats(self) -> PipelineStats:
         """Readings and bytes in and out, per route and per sink."""
+        self._size_pending()
         sent = self._sent_total()
         return PipelineStats(
             received_readings=self.received.readings,
