@@ -147,6 +147,30 @@ async def test_revoked_certificate_is_disconnected_and_refused(tmp_path: Path) -
             pass
 
 
+async def test_a_crl_of_the_same_second_as_the_one_before_is_in_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two CRLs with the same last update (revocations within one second):
+    the listener checks with the one written last. Added to the running TLS
+    context, OpenSSL kept checking with the first (the newest by last update
+    wins, and neither is newer), which did not revoke the certificate."""
+    from edgeway.devices import ca as ca_mod
+
+    async with tls_gateway(tmp_path) as (_gw, ca, port):
+        bundle = tmp_path / "dev-1.pem"
+        ca.issue("dev-1", bundle)
+        second = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(seconds=5)
+        monkeypatch.setattr(ca_mod, "_now", lambda: second)
+        ca.write_crl()  # nothing revoked yet
+        await asyncio.sleep(0.7)  # the listener's CRL poll (0.5 s) has read it
+        with pytest.raises(AssertionError, match="not refused"):
+            await asyncio.to_thread(refused_at_handshake, port, client_tls(bundle, ca))
+        assert ca.revoke("dev-1") == 1  # a CRL of the same second
+        await asyncio.sleep(0.7)
+        why = await asyncio.to_thread(refused_at_handshake, port, client_tls(bundle, ca))
+        assert why == "closed" or "revoked" in why, why
+
+
 async def test_devices_issue_cert_disabled_unknown_and_disabled_mid_connection(
     tmp_path: Path,
 ) -> None:

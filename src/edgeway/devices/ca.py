@@ -30,7 +30,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sqlite3
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,26 +264,15 @@ class GatewayCa:
     def write_crl(self, *, days: int = CRL_DAYS) -> None:
         """Sign and write ``crl.pem`` listing every revoked, unexpired serial.
 
-        Its ``last_update`` is strictly later than the previous CRL's: a
-        listener adds the new CRL to its running TLS context, and OpenSSL
-        uses the newest of equivalent CRLs (by last update, in seconds).
-        It is never in the future either: OpenSSL passes over a CRL that is
-        not yet valid and checks with the older one, which does not list the
-        certificate just revoked. So a second CRL within the same second
-        waits for the next (at most a second; this runs in the CLI or a
-        worker thread, never on the event loop)."""
+        Its ``last_update`` is the current second, never later: a TLS server
+        checks with the newest CRL that is already valid, and one dated ahead
+        (the way this once made a CRL written within the same second as the
+        one before the newest) was passed over for the previous one, which did
+        not list the certificate just revoked. A listener puts each new CRL in
+        force alone (``CrlWatch``), so one of the same second as the previous
+        counts all the same."""
         ca_key, ca_cert = self._load()
         now = _now()
-        if self.crl_path.exists():
-            try:
-                old = x509.load_pem_x509_crl(self.crl_path.read_bytes())
-            except ValueError:
-                pass
-            else:
-                earliest = old.last_update_utc + dt.timedelta(seconds=1)
-                while now < earliest:
-                    time.sleep(min(1.0, (earliest - dt.datetime.now(dt.UTC)).total_seconds()))
-                    now = _now()
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(ca_cert.subject)

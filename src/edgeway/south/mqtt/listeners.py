@@ -237,7 +237,7 @@ async def _start_one(
     bound_addr = sockets[0].getsockname() if sockets else (host, port)
     lst = RunningListener(cfg, (str(bound_addr[0]), int(bound_addr[1])), server, http)
     if ssl_ctx is not None and cfg.tls is not None and cfg.tls.crl is not None:
-        lst._crl = CrlWatch(ssl_ctx, cfg.tls.crl)
+        lst._crl = CrlWatch(ssl_ctx, cfg.tls.crl, cfg.tls)
         lst._crl.start()
     log.info("MQTT listening on %s (%s)", lst.url, _describe(cfg))
     return lst
@@ -334,9 +334,10 @@ revoked by ``edgeway ca revoke`` cannot start a connection a second later."""
 
 
 def load_crl(ctx: ssl.SSLContext, path: Path) -> None:
-    """Add the CRL in ``path`` to ``ctx``'s store. The store keeps older
-    CRLs too; OpenSSL checks with the newest of the same issuer (by last
-    update), so adding the new one is enough, on a context in use."""
+    """Add the CRL in ``path`` to ``ctx``'s store (a new context's: a store
+    keeps the CRLs added before, and OpenSSL checks with the newest valid one
+    of an issuer by last update, in seconds, so a CRL written in the same
+    second as the one before could be passed over: :class:`CrlWatch`)."""
     data = _read(path, "CRL")
     try:
         x509.load_pem_x509_crl(data)
@@ -348,12 +349,25 @@ def load_crl(ctx: ssl.SSLContext, path: Path) -> None:
 
 @dataclass(slots=True)
 class CrlWatch:
-    """Re-reads a listener's CRL into its TLS context when the file changes."""
+    """Puts a listener's CRL in force when the file changes.
+
+    Adding the new CRL to the running context is not enough: its store keeps
+    the older CRLs too, and OpenSSL checks with the newest valid one by last
+    update, in seconds, so a CRL written within the same second as the one
+    before it (two revocations in a row, or a revocation right after ``ca
+    init``) left the certificate it revokes able to connect. So each change
+    builds a new context (certificate, key, CA and this CRL alone) and the
+    listener's context hands every new handshake to it from its SNI callback
+    (called for every ClientHello, with or without a server name), before the
+    client's certificate is checked."""
 
     ctx: ssl.SSLContext
     path: Path
+    tls: TlsConfig
     mtime: float = 0.0
     handle: asyncio.TimerHandle | None = None
+    current: ssl.SSLContext | None = None
+    """The context built from the latest CRL (None: the listener's own)."""
 
     def start(self) -> None:
         self.mtime = self._mtime()
@@ -375,12 +389,19 @@ class CrlWatch:
         if mtime != self.mtime:
             self.mtime = mtime
             try:
-                load_crl(self.ctx, self.path)
-                log.info("TLS CRL %s read again", self.path)
+                fresh = build_server_ssl_context(self.tls)
             except ListenerError as e:
                 # The previous CRL stays in force; the operator sees why.
                 log.error("%s (the previous CRL stays in force)", e)
+            else:
+                self.current = fresh
+                self.ctx.sni_callback = self._switch
+                log.info("TLS CRL %s read again", self.path)
         self.handle = asyncio.get_running_loop().call_later(CRL_POLL, self._tick)
+
+    def _switch(self, conn: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _ctx: object) -> None:
+        if self.current is not None:
+            conn.context = self.current
 
 
 def client_cert_cn(transport: asyncio.BaseTransport) -> str | None:
