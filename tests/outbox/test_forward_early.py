@@ -345,12 +345,26 @@ read_op = st.tuples(
     st.just("read"),
     st.sampled_from(SINKS),
     st.integers(1, 30),
-    st.sampled_from(["confirm", "confirm", "confirm", "dead_letter"]),
+    # retry: the runner sends the batch again (refresh_batch) before it is confirmed.
+    st.sampled_from(["confirm", "confirm", "confirm", "dead_letter", "retry"]),
 )
 settle_op = st.tuples(st.just("settle"))
 
 
 async def _play(path: Path, cfg: dict[str, Any], ops: list[tuple[Any, ...]]) -> Any:
+    cfg = dict(cfg)
+    early_max = cfg.pop("early_max", None)
+    if early_max is None:
+        return await _play_ops(path, cfg, ops)
+    saved = store_mod.EARLY_MAX_RECORDS
+    store_mod.EARLY_MAX_RECORDS = early_max  # a sink falls behind after so many
+    try:
+        return await _play_ops(path, cfg, ops)
+    finally:
+        store_mod.EARLY_MAX_RECORDS = saved
+
+
+async def _play_ops(path: Path, cfg: dict[str, Any], ops: list[tuple[Any, ...]]) -> Any:
     got: dict[str, list[tuple[str, int, bytes]]] = {s: [] for s in SINKS}
     early = 0
     pending: list[asyncio.Future[Any]] = []
@@ -363,9 +377,11 @@ async def _play(path: Path, cfg: dict[str, Any], ops: list[tuple[Any, ...]]) -> 
                 b = await ob.read_batch(sink, max_records, 1 << 20)
                 early += bool(b.early)
                 if b.records:
+                    if then == "retry":
+                        b = await ob.refresh_batch(b)
                     got[sink].extend((r.id, r.seq, r.to_json_bytes()) for r in b.records)
                     # A runner keeps one confirmation in flight.
-                    await (ob.confirm(b) if then == "confirm" else ob.dead_letter(b, "refused"))
+                    await (ob.dead_letter(b, "refused") if then == "dead_letter" else ob.confirm(b))
                 if not b.more:
                     return
 
@@ -391,8 +407,12 @@ async def _play(path: Path, cfg: dict[str, Any], ops: list[tuple[Any, ...]]) -> 
 
 @pytest.mark.parametrize(
     "cfg",
-    [{"durability": "os"}, {"durability": "os", "max_bytes": 3000}],
-    ids=["ordered", "max_bytes"],
+    [
+        {"durability": "os"},
+        {"durability": "os", "max_bytes": 3000},
+        {"durability": "os", "early_max": 5},
+    ],
+    ids=["ordered", "max_bytes", "early_max"],
 )
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
