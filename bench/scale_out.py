@@ -274,8 +274,12 @@ class Publisher:
 
         self.sent: dict[int, float] = {}
         self.acked: set[int] = set()
+        self.ack_order: dict[int, int] = {}
+        """Message -> the rank of its PUBACK among all: the order the broker
+        accepted (stored) the messages in."""
+        self._acks = 0
         self._mids: dict[int, int] = {}
-        self._early: set[int] = set()
+        self._early: dict[int, int] = {}
         self._lock = threading.Lock()
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -299,10 +303,12 @@ class Publisher:
         # holding ours (the two would deadlock), hence the early set.
         with self._lock:
             k = self._mids.pop(mid, None)
+            self._acks += 1
             if k is None:
-                self._early.add(mid)
+                self._early[mid] = self._acks
             else:
                 self.acked.add(k)
+                self.ack_order[k] = self._acks
 
     def _on_disconnect(self, *_a: Any) -> None:
         self.disconnects += 1
@@ -331,9 +337,10 @@ class Publisher:
         part = f"p{d % self.partitions}/" if self.partitions else ""
         info = self.client.publish(f"devices/{part}dev-{d}/telemetry", payload, qos=1)
         with self._lock:
-            if info.mid in self._early:
-                self._early.discard(info.mid)
+            rank = self._early.pop(info.mid, None)
+            if rank is not None:
                 self.acked.add(k)
+                self.ack_order[k] = rank
             else:
                 self._mids[info.mid] = k
 
@@ -544,6 +551,7 @@ def nats_partitioned(
                 acked,
                 kill_times,
                 broker_inverted=observer.inverted,
+                ack_order=pub.ack_order,
             )
             result["scenario"] = "nats_partitioned"
             result["publisher_disconnects"] = pub.disconnects
@@ -728,10 +736,15 @@ def _kill_figures(
     acked: set[int],
     kill_times: list[tuple[float, str]],
     broker_inverted: set[tuple[str, int]] | None = None,
+    ack_order: dict[int, int] | None = None,
 ) -> dict[str, Any]:
-    """``broker_inverted``: (device, n) of the messages an :class:`Observer`
-    saw after a later one of their device (the broker's own order)."""
+    """An inversion was made by the broker when ``broker_inverted`` (the
+    (device, n) an :class:`Observer` saw after a later one of their device)
+    holds it, or when the broker acknowledged the late message after the
+    later one (``ack_order``, :attr:`Publisher.ack_order`: it stored them in
+    that order, as when the publisher sent a message again after a drop)."""
     ids_of: dict[int, set[str]] = {}
+    k_of = {(r["device_id"], r["metrics"]["n"]): r["metrics"]["k"] for _, r in recs}
     copies: dict[int, int] = {}
     first_arrival: dict[int, float] = {}
     inversions = 0
@@ -753,7 +766,12 @@ def _kill_figures(
         if n < last_n.get(dev, -1):
             inversions += 1
             late = t - sent.get(k, t)
-            if broker_inverted is not None and (dev, n) in broker_inverted:
+            before = k_of.get((dev, last_n[dev]))
+            if (broker_inverted is not None and (dev, n) in broker_inverted) or (
+                ack_order is not None
+                and before is not None
+                and ack_order.get(k, -1) > ack_order.get(before, 1 << 62)
+            ):
                 by_broker += 1
             elif late < REDELIVERED_AFTER:
                 prompt_inversions += 1
