@@ -62,9 +62,10 @@ _NUMBERS = frozenset((float, int, bool))
 FLUSH_EVERY = 0.05
 """Seconds a batch taken by :meth:`RecentValues.record` may wait before it is
 stored (anything reading the store stores it first)."""
-PENDING_MAX = 10_000
-"""Readings taken and not stored yet, at most (a few MB of readings the
-outbox holds anyway)."""
+PENDING_MAX = 4000
+"""Readings taken and not stored yet, at most: a flush of that many holds the
+event loop ~6 ms (1.4 us a reading, bench/recent_micro.py); W1 flat out
+(~60,000 readings/s) takes ~3,000 per FLUSH_EVERY."""
 RUN_MIN = 8
 """Readings of one device in a row from which they are stored a column at a
 time (measured: runs of 2 cost 4.8 us a reading that way, against 1.9 one
