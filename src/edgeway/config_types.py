@@ -162,9 +162,10 @@ class TlsConfig(_Model):
     """Refuse clients without a certificate signed by ``ca`` (see docs/security.md)."""
     crl: Path | None = None
     """Certificate revocation list of ``ca`` (PEM, e.g. ``DATA_DIR/ca/crl.pem``
-    from ``edgeway ca``), checked at every handshake; MQTT listeners read it
-    again when the file changes (within a second), the admin listener at
-    start. See docs/ca.md."""
+    from ``edgeway ca``), checked at every handshake; MQTT and HTTP ingest
+    listeners read it again when the file changes (within a second: the
+    latest CRL alone is in force), the admin listener at start. See
+    docs/ca.md."""
     min_version: Literal["1.2", "1.3"] = "1.2"
     """Lowest TLS version accepted; 1.2 is the floor."""
 

@@ -489,3 +489,47 @@ async def test_non_http_traffic_is_counted_without_a_line(
         for r in caplog.records
         if r.name.startswith(("aiohttp", "edgeway.south.http")) and r.levelno >= logging.WARNING
     ]
+
+
+async def test_mutual_tls_follows_the_crl_as_it_changes(start: Start, tmp_path: Path) -> None:
+    """With ``require_client_cert`` and ``tls.crl``, a certificate revoked
+    after the listener started (``edgeway ca revoke`` rewrites the CRL) is
+    refused at the next handshake, as on the MQTT listeners, and on a
+    keep-alive connection opened before at its next request (the listener
+    read the CRL once, at start, before)."""
+    import ssl
+
+    from edgeway.devices.ca import GatewayCa
+
+    ca = GatewayCa(tmp_path / "ca")
+    ca.init("test CA")
+    ca.issue("127.0.0.1", ca.dir / "server.pem", server_names=["127.0.0.1"],
+             key_out=ca.dir / "server.key")  # fmt: skip
+    ca.issue("boiler-1", tmp_path / "boiler-1.pem")
+    tls = TlsConfig(cert=ca.dir / "server.pem", key=ca.dir / "server.key", ca=ca.cert_path,
+                    crl=ca.crl_path, require_client_cert=True)  # fmt: skip
+    ingest = RecordingIngest()
+    _, url = await start(ingest, tls=tls.model_dump(), allow_anonymous=True)
+    client = ssl.create_default_context(cafile=str(ca.cert_path))
+    client.load_cert_chain(tmp_path / "boiler-1.pem")
+
+    async def post() -> int:
+        # A new connection each time: a revoked certificate is refused at the handshake.
+        async with httpx.AsyncClient(verify=client) as c:
+            r = await c.post(f"{url}/devices/boiler-1/telemetry", json={"t": 1})
+            return r.status_code
+
+    assert await post() == 200
+    async with httpx.AsyncClient(verify=client) as kept:  # a keep-alive connection
+        r = await kept.post(f"{url}/devices/boiler-1/telemetry", json={"t": 2})
+        assert r.status_code == 200
+        assert ca.revoke("boiler-1") == 1
+        await asyncio.sleep(0.7)  # the listener's CRL poll (0.5 s) has read it
+        # The connection opened before: refused per request, and closed.
+        r = await kept.post(f"{url}/devices/boiler-1/telemetry", json={"t": 3})
+        assert r.status_code == 403 and r.json()["error"] == "certificate_revoked"
+        assert r.headers.get("connection", "").lower() == "close"
+    # A new connection: refused at the handshake.
+    with pytest.raises(httpx.HTTPError):
+        await post()
+    assert [r.metrics["t"] for r in ingest.readings] == [1, 2]

@@ -75,6 +75,7 @@ from edgeway.streams import BodyError, read_json_object
 
 if TYPE_CHECKING:
     from edgeway.firmware.service import FirmwareService
+    from edgeway.south.mqtt.listeners import CrlWatch
     from edgeway.twins.service import TwinService
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,10 @@ class HttpIngestAdapter(SouthAdapter):
         self.decode_errors = DecodeErrorCounter()
         self.limits = input_limits(config.input_limits)
         self.port: int | None = None
+        self._crl_watch: CrlWatch | None = None
+        """The listener's CRL (``tls.crl``) as it changes: new handshakes use
+        the latest, and requests on connections opened before it are checked
+        against it (:meth:`_revoked_certificates`)."""
         """The bound port, once listening (useful with port 0)."""
         self.requests: dict[int, int] = {}
         """Responses by status code."""
@@ -278,7 +283,9 @@ class HttpIngestAdapter(SouthAdapter):
         """The aiohttp application (routes and body limit); :meth:`run` serves it."""
         # aiohttp enforces client_max_size while reading, so an oversized chunked
         # body is cut off without being buffered whole.
-        app = web.Application(client_max_size=self.config.max_body_size)
+        app = web.Application(
+            client_max_size=self.config.max_body_size, middlewares=[self._revoked_certificates]
+        )
         app.router.add_post("/devices/{device_id}/telemetry", self._post_telemetry)
         app.router.add_get("/devices/{device_id}/commands", self._get_commands)
         app.router.add_post(
@@ -309,8 +316,18 @@ class HttpIngestAdapter(SouthAdapter):
         await runner.setup()
         if self._downlink is not None:
             self._downlink.open()  # a restarted adapter (after a failure) serves polls again
+        crl_watch = None
         try:
-            site = web.TCPSite(runner, host, port, ssl_context=self._ssl_context())
+            ssl_ctx = self._ssl_context()
+            tls = self.config.tls
+            if ssl_ctx is not None and tls is not None and tls.crl is not None:
+                # As on the MQTT listeners: a CRL written later (edgeway ca
+                # revoke) is in force within a second.
+                from edgeway.south.mqtt.listeners import CrlWatch
+
+                crl_watch = self._crl_watch = CrlWatch(ssl_ctx, tls.crl, tls)
+                crl_watch.start()
+            site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx)
             try:
                 await site.start()
             except OSError as e:
@@ -346,10 +363,32 @@ class HttpIngestAdapter(SouthAdapter):
             self.ready.set()
             await asyncio.Event().wait()  # serve until cancelled
         finally:
+            if crl_watch is not None:
+                crl_watch.stop()
+                self._crl_watch = None
             self.state.connected = self.state.listening = False
             if self._downlink is not None:
                 self._downlink.close()  # long polls would hold the cleanup below
             await runner.cleanup()
+
+    @web.middleware
+    async def _revoked_certificates(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """A request on a keep-alive connection whose client certificate the
+        CRL revoked since its handshake: 403 ``certificate_revoked``, and the
+        connection is closed (a device posting every second would otherwise
+        never be cut off)."""
+        watch = self._crl_watch
+        if watch is not None and watch.revoked and request.transport is not None:
+            tls = request.transport.get_extra_info("ssl_object")
+            cert = tls.getpeercert() if tls is not None else None
+            serial = cert.get("serialNumber") if cert else None
+            if isinstance(serial, str) and int(serial, 16) in watch.revoked:
+                response = _error(403, "certificate_revoked", detail="client certificate revoked")
+                response.force_close()
+                return self._respond(response)
+        return await handler(request)
 
     def _respond(self, response: web.Response) -> web.Response:
         self.requests[response.status] = self.requests.get(response.status, 0) + 1

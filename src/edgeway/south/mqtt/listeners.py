@@ -368,9 +368,12 @@ class CrlWatch:
     handle: asyncio.TimerHandle | None = None
     current: ssl.SSLContext | None = None
     """The context built from the latest CRL (None: the listener's own)."""
+    revoked: frozenset[int] = frozenset()
+    """Serial numbers the latest CRL revokes (for checks on open connections)."""
 
     def start(self) -> None:
         self.mtime = self._mtime()
+        self._read_revoked()
         self.handle = asyncio.get_running_loop().call_later(CRL_POLL, self._tick)
 
     def stop(self) -> None:
@@ -396,8 +399,16 @@ class CrlWatch:
             else:
                 self.current = fresh
                 self.ctx.sni_callback = self._switch
+                self._read_revoked()
                 log.info("TLS CRL %s read again", self.path)
         self.handle = asyncio.get_running_loop().call_later(CRL_POLL, self._tick)
+
+    def _read_revoked(self) -> None:
+        try:
+            crl = x509.load_pem_x509_crl(self.path.read_bytes())
+        except (OSError, ValueError):
+            return  # build_server_ssl_context said why; the previous list stays
+        self.revoked = frozenset(r.serial_number for r in crl)
 
     def _switch(self, conn: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _ctx: object) -> None:
         if self.current is not None:
