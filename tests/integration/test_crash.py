@@ -105,14 +105,22 @@ def ingest_server() -> Iterator[ThreadedIngestServer]:
         srv.stop()
 
 
+ACK_WAIT = 15.0
+"""Seconds a life waits for its first acknowledgement before it is killed anyway."""
+
+
 def publish_until_killed(
     host: str, port: int, first_n: int, kill_after: float, kill: Any
 ) -> set[int]:
-    """Publish messages ``first_n...`` at QoS 1; call ``kill`` after ``kill_after``
-    seconds; return the message numbers the gateway acknowledged (PUBACK)."""
+    """Publish messages ``first_n...`` at QoS 1; call ``kill`` ``kill_after``
+    seconds after the first acknowledgement (on a loaded machine the
+    connection and the first fsync'd commit can take longer than that from
+    the start; at most ACK_WAIT is waited for it); return the message
+    numbers the gateway acknowledged (PUBACK)."""
     acked_mids: set[int] = set()
     mid_to_n: dict[int, int] = {}
     lock = threading.Lock()
+    first_ack: list[float] = []
 
     def on_publish(_c: Any, _u: Any, mid: int, _rc: Any = None, _p: Any = None) -> None:
         # paho calls this holding its own message lock, and publish() takes
@@ -121,6 +129,8 @@ def publish_until_killed(
         # mids of one client do not wrap (MESSAGES_PER_LIFE < 65,535).
         with lock:
             acked_mids.add(mid)
+            if not first_ack:
+                first_ack.append(time.monotonic())
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"crash-{first_n}")
     client.on_publish = on_publish
@@ -129,9 +139,16 @@ def publish_until_killed(
     client.loop_start()
     started = time.monotonic()
     killed = False
+
+    def due() -> bool:
+        now = time.monotonic()
+        with lock:
+            since = first_ack[0] if first_ack else None
+        return (since is not None and now - since >= kill_after) or now - started >= ACK_WAIT
+
     try:
         for k in range(first_n, first_n + MESSAGES_PER_LIFE):
-            if not killed and time.monotonic() - started >= kill_after:
+            if not killed and due():
                 kill()
                 killed = True
             payload = orjson.dumps({"n": k, "msg_id": f"m{k}"})
@@ -140,8 +157,11 @@ def publish_until_killed(
             if killed:
                 break
             time.sleep(0.001)  # pace: a device, not a flood; the kill lands mid-stream
-        if not killed:
-            kill()
+        while not killed:  # all published: kill once the first ack is kill_after old
+            if due():
+                kill()
+                killed = True
+            time.sleep(0.01)
         time.sleep(0.2)  # let paho notice the dead connection; acks after the kill are impossible
     finally:
         client.loop_stop()
