@@ -240,11 +240,11 @@ class HttpIngestAdapter(SouthAdapter):
         self.decode_errors = DecodeErrorCounter()
         self.limits = input_limits(config.input_limits)
         self.port: int | None = None
+        """The bound port, once listening (useful with port 0)."""
         self._crl_watch: CrlWatch | None = None
         """The listener's CRL (``tls.crl``) as it changes: new handshakes use
         the latest, and requests on connections opened before it are checked
         against it (:meth:`_revoked_certificates`)."""
-        """The bound port, once listening (useful with port 0)."""
         self.requests: dict[int, int] = {}
         """Responses by status code."""
         self.refusals: dict[str, int] = {}
