@@ -3,9 +3,10 @@ every submit) for the end-to-end benchmark's payload, 100 devices. Not a test.
 
 Two shapes of reads: 15 readings of one device each, and 1 to 4 (what W1's
 100 connections with 16 messages in flight deliver per read most of the
-time). Each is measured stored as it is taken (no event loop: what
-``record`` did before batches were kept) and kept on a running loop and
-stored by device every 2,500 readings (50 ms of W1 at 50,000 readings/s:
+time). Each is measured stored as it is taken (no event loop: each batch
+at once, as before batches were kept, though with today's RUN_MIN; the
+code before, 9829871, is in bench/results/w1-cpu-2026-12-07.md) and kept
+on a running loop and stored by device every 2,500 readings (50 ms of W1 at 50,000 readings/s:
 :data:`edgeway.admin.recent.FLUSH_EVERY`). Usage::
 
     .venv/bin/python bench/recent_micro.py

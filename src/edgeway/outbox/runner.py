@@ -175,11 +175,8 @@ class SinkRunner:
                     # outbox rewound this sink and ignores the confirmation of a
                     # batch read before that: the batch is read and sent again.
                     await self._settle(prev)
-                if delivered:
-                    # Caught up: the confirmation may ride with the next readings.
-                    prev = outbox.confirm(batch, linger=caught_up)
-                else:
-                    prev = outbox.dead_letter(batch, self._last_error)
+                # Caught up: the confirmation may ride with the next readings.
+                prev = self._conclude(delivered, batch, linger=caught_up)
                 prev_out_of_order = batch.out_of_order
         finally:
             if prefetch is not None:
@@ -233,12 +230,16 @@ class SinkRunner:
                 self._flight_error = error
                 continue
             delivered, batch = task.result()
-            if delivered:
-                self._confirming.append(self.outbox.confirm(batch, linger=True))
-            else:
-                self._confirming.append(self.outbox.dead_letter(batch, self._last_error))
+            self._confirming.append(self._conclude(delivered, batch, linger=True))
         if self._landed is not None and not self._landed.done():
             self._landed.set_result(None)
+
+    def _conclude(self, delivered: bool, batch: Batch, *, linger: bool) -> asyncio.Future[None]:
+        """The outbox's end of a batch sent: confirmed if it was delivered,
+        else dead-lettered (refused for good) with the sink's last error."""
+        if delivered:
+            return self.outbox.confirm(batch, linger=linger)
+        return self.outbox.dead_letter(batch, self._last_error)
 
     async def _land_all(self, prev: asyncio.Future[None] | None) -> asyncio.Future[None] | None:
         """Wait for every flight to land; the last confirmation is the new
