@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import edgeway.sim.demo as demo_mod
 import edgeway.sim.predictive as predictive
 from edgeway.sim.demo import Demo, DemoOptions
 
@@ -21,6 +22,10 @@ async def test_a_fault_raises_an_alarm_and_a_rule_stops_the_machine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(predictive, "FAULT_RAMP", 10.0)  # a quick fault: a short test
+    # Free ports, not the usual ones: tests/sim/test_sim_demo.py runs `edgeway
+    # demo` on those in another worker at the same time, and a port both find
+    # free is bound by one of them only (CI: "127.0.0.1:8080 already in use").
+    monkeypatch.setattr(demo_mod, "DEFAULT_PORTS", dict.fromkeys(demo_mod.DEFAULT_PORTS, 0))
     lines: list[str] = []
     options = DemoOptions(
         duration=25,
