@@ -158,7 +158,8 @@ class _Batch:
     pieces: list[_Piece] = field(default_factory=list)
     marks: list[tuple[str | None, int]] = field(default_factory=list)
     mark_futures: list[asyncio.Future[None]] = field(default_factory=list)
-    opened: float = field(default_factory=time.monotonic)
+    opened: float = 0.0
+    """The store's ``monotonic()`` when the batch was opened."""
 
 
 class RuleStore:
@@ -203,8 +204,10 @@ class RuleStore:
         self._salt = 0
         self._batch: _Batch | None = None
         """The batch of this turn of the event loop (None: none yet)."""
+        self.monotonic: Callable[[], float] = time.monotonic
+        """The clock :data:`BATCH_WAIT` is measured on (a test holds it still)."""
         self._committed = -math.inf
-        """time.monotonic() at the end of the last commit (:data:`BATCH_WAIT`)."""
+        """monotonic() at the end of the last commit (:data:`BATCH_WAIT`)."""
         self._marks: list[tuple[str | None, int]] = []
         self._mark_futures: list[asyncio.Future[None]] = []
         self._mark_timer: asyncio.TimerHandle | None = None
@@ -282,7 +285,7 @@ class RuleStore:
         piece = _Piece(
             states, rows, action_rows, stored, (self.clock.now(), self.clock.wall()), fut, then
         )
-        now = time.monotonic()
+        now = self.monotonic()
         batch = self._batch
         if batch is not None and batch.pieces and now - batch.opened >= BATCH_WAIT:
             # A long turn (a burst): what waited commits now, its commands go.
@@ -335,7 +338,7 @@ class RuleStore:
         if batch is None:
             if self._wconn is None:
                 raise StorageError(f"{self.db.path}: the rule store is not open")
-            batch = self._batch = _Batch()
+            batch = self._batch = _Batch(opened=self.monotonic())
             if at_turn_end:
                 # At the end of this turn of the event loop: the transitions
                 # of readings read in the same turn (a burst from many
@@ -355,7 +358,7 @@ class RuleStore:
             _settle(batch, e, tell=True)
             return
         finally:
-            self._committed = time.monotonic()
+            self._committed = self.monotonic()
         # Written: a kill of the process can no longer undo it. Carry the
         # transitions' actions out now, in this turn.
         for p in batch.pieces:
