@@ -37,6 +37,13 @@ at; without, tuned (``max_inflight_messages 1000``, ``set_tcp_nodelay true``).
 a Mosquitto (configured like the cloud one) that the gateway subscribes to,
 as Node-RED would. The Mosquitto-bridge reference runs with each
 configuration used.
+
+``--hogs N`` (with ``--rounds``) runs N busy-loop processes beside the
+rounds: every system then gets a share of two cores, as in the machine's
+slow spells (when the bridge, which waits on its window of 20 more than it
+computes, keeps its rate and a gateway that computes more per record does
+not). A reproducible stand-in for those spells: with 4 the gateway's rate
+fell to what the slow spells had shown (0.77-0.91x the bridge, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -876,8 +883,28 @@ def interleaved(args: argparse.Namespace, say: Callable[[str], None] = print) ->
     if unknown:
         raise SystemExit(f"--sinks: unknown {unknown}; known: {', '.join(CASES)}")
     lt = LoopThread()
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.hogs)]
+    try:
+        return _interleaved(args, lt, kinds, warm, meas, say)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+        lt.close()
+
+
+def _interleaved(
+    args: argparse.Namespace,
+    lt: LoopThread,
+    kinds: list[str],
+    warm: float,
+    meas: float,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
     systems: list[tuple[str, bool, Edgeway | Bridge, HttpReceiver | MqttReceiver]] = []
-    out: dict[str, Any] = {"quick": args.quick, "rounds": args.rounds, "systems": {}}
+    out: dict[str, Any] = {
+        "quick": args.quick, "rounds": args.rounds, "hogs": args.hogs, "systems": {}
+    }  # fmt: skip
     with (
         tempfile.TemporaryDirectory(prefix="edgeway-e2e-", dir="/var/tmp") as tmp,
         contextlib.ExitStack() as stack,
@@ -915,7 +942,6 @@ def interleaved(args: argparse.Namespace, say: Callable[[str], None] = print) ->
             say(f"round {i + 1}: " + "; ".join(
                 f"{name} W1 {runs[name]['w1'][-1]:,.0f}/s p99 {runs[name]['p99'][-1]:.1f} ms"
                 for name, *_ in systems))  # fmt: skip
-    lt.close()
     for name, tuned, *_ in systems:
         r = runs[name]
         ref = runs["bridge" if tuned else "bridge-default"]
@@ -961,7 +987,15 @@ def main(argv: list[str] | None = None) -> int:
         help="with --rounds: also run each case on the edgeway package in this directory "
         "(e.g. `git archive` of an older commit's src)",
     )
+    ap.add_argument(
+        "--hogs",
+        type=int,
+        default=0,
+        help="with --rounds: N busy-loop processes beside the rounds (the machine's slow spells)",
+    )
     args = ap.parse_args(argv)
+    if args.hogs and not args.rounds:
+        ap.error("--hogs needs --rounds")
     if not args.sinks:
         args.sinks = "http" if args.quick else ",".join(CASES)
     if not args.backlog:
