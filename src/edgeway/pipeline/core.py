@@ -71,9 +71,12 @@ cloud; it is an estimate (ids and timestamps vary by a few bytes)."""
 TAGS_ENVELOPE = 8
 """Bytes of ``,"tags":`` when a record has tags."""
 
-UNSIZED_MAX = 4096
+UNSIZED_MAX = 256
 """Pass-through readings whose bytes are counted later, together, at most
-(:meth:`Pipeline._size_pending`; a few MB of readings)."""
+(:meth:`Pipeline._size_pending`). Small enough that they are still in the
+CPU's cache when counted: inside `edgeway run` during W1, 4,096 cost 0.45 us
+a reading and 256 cost 0.18 (32: 0.22, one JSON encoding per few readings);
+bench/results/w1-cpu-2026-12-07b.md."""
 STATS_FILE = "stats.json"
 
 FAILURE_LOG_INTERVAL = 10.0
