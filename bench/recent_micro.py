@@ -1,9 +1,10 @@
 """Micro-benchmark: CPU per reading of ``RecentValues.record`` (the HMI's tap on
 every submit) for the end-to-end benchmark's payload, 100 devices. Not a test.
 
-Two shapes of reads: 15 readings of one device each, and 1 to 4 (what W1's
-100 connections with 16 messages in flight deliver per read most of the
-time). Each is measured stored as it is taken (no event loop: each batch
+Two shapes of reads: 15 readings of one device each (W1's 100 connections
+with 16 messages in flight delivered 16 a read when counted inside `edgeway
+run`, bench/results/w1-cpu-2026-12-07b.md), and 1 to 4 (a py-spy profile
+had suggested that shape; the counts did not confirm it). Each is measured stored as it is taken (no event loop: each batch
 at once, as before batches were kept, though with today's RUN_MIN; the
 code before, 9829871, is in bench/results/w1-cpu-2026-12-07.md) and kept
 on a running loop and stored by device every 2,500 readings (50 ms of W1 at 50,000 readings/s:

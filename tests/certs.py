@@ -37,8 +37,10 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -228,3 +230,12 @@ def make_cert_files(directory: Path, client_cn: str = CLIENT_CN) -> CertFiles:
 def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> CertFiles:
     """CA, server and client certificates, generated once per test session."""
     return make_cert_files(tmp_path_factory.mktemp("certs"))
+
+
+def crl_read(watch: Any, path: Path) -> Callable[[], bool]:
+    """For a test's ``wait_until``: whether a listener's ``CrlWatch`` has read
+    the CRL now in ``path`` (it looks every ``CRL_POLL``; a fixed sleep of
+    about that long fails on a loaded machine). The watch runs on the test's
+    own event loop, so once its ``mtime`` is the file's, that CRL is in force."""
+    want = path.stat().st_mtime
+    return lambda: bool(watch.mtime == want)

@@ -16,10 +16,12 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from certs import crl_read
 from edgeway.config import parse_config
 from edgeway.devices.ca import GatewayCa
 from edgeway.devices.ca_cli import ca_main
 from edgeway.gateway import Gateway
+from sim_gateway import wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -122,7 +124,7 @@ async def test_expired_certificate_and_another_ca_fail_the_handshake(tmp_path: P
 
 
 async def test_revoked_certificate_is_disconnected_and_refused(tmp_path: Path) -> None:
-    async with tls_gateway(tmp_path) as (_gw, ca, port):
+    async with tls_gateway(tmp_path) as (gw, ca, port):
         bundle = tmp_path / "dev-1.pem"
         keep = tmp_path / "dev-2.pem"
         ca.issue("dev-1", bundle)
@@ -139,7 +141,7 @@ async def test_revoked_certificate_is_disconnected_and_refused(tmp_path: Path) -
                 assert time.monotonic() - start < 1.0
             # The other device's connection stays.
             await other.publish("devices/dev-2/state", b"still here", qos=1)
-        await asyncio.sleep(0.6)  # the listener's CRL poll (0.5 s) has read the file
+        await wait_until(crl_read(gw.listeners[0]._crl, ca.crl_path), 5)
         why = await asyncio.to_thread(refused_at_handshake, port, client_tls(bundle, ca))
         assert why == "closed" or "revoked" in why, why
         # The other device still gets in: the CRL revokes one certificate.
@@ -156,17 +158,17 @@ async def test_a_crl_of_the_same_second_as_the_one_before_is_in_force(
     wins, and neither is newer), which did not revoke the certificate."""
     from edgeway.devices import ca as ca_mod
 
-    async with tls_gateway(tmp_path) as (_gw, ca, port):
+    async with tls_gateway(tmp_path) as (gw, ca, port):
         bundle = tmp_path / "dev-1.pem"
         ca.issue("dev-1", bundle)
         second = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(seconds=5)
         monkeypatch.setattr(ca_mod, "_now", lambda: second)
         ca.write_crl()  # nothing revoked yet
-        await asyncio.sleep(0.7)  # the listener's CRL poll (0.5 s) has read it
+        await wait_until(crl_read(gw.listeners[0]._crl, ca.crl_path), 5)
         with pytest.raises(AssertionError, match="not refused"):
             await asyncio.to_thread(refused_at_handshake, port, client_tls(bundle, ca))
         assert ca.revoke("dev-1") == 1  # a CRL of the same second
-        await asyncio.sleep(0.7)
+        await wait_until(crl_read(gw.listeners[0]._crl, ca.crl_path), 5)
         why = await asyncio.to_thread(refused_at_handshake, port, client_tls(bundle, ca))
         assert why == "closed" or "revoked" in why, why
 

@@ -286,8 +286,9 @@ class RecentValues:
         stores each device's readings of that time together: a device's
         messages come a few at a time, interleaved with other devices', and
         runs of one device are what :meth:`_store` stores a column at a time
-        (reads of 1 to 4 readings of 100 devices, as in W1: 3.1 -> 1.4 us a
-        reading; bench/recent_micro.py).
+        (reads of 1 to 4 readings of 100 devices: 3.1 -> 1.4 us a reading,
+        bench/recent_micro.py; W1's reads were measured later at 16 readings,
+        a device's whole window, where it costs ~1 us).
         Readings are immutable once built (:class:`Reading`), so keeping them
         is safe. Without a running loop (tests, tools) a batch is stored at once."""
         self._pending.append(readings)

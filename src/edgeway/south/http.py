@@ -71,11 +71,11 @@ from edgeway.south.base import SouthAdapter, register_adapter
 from edgeway.south.decode_errors import DecodeErrorCounter
 from edgeway.south.http_config import HttpIngestSection
 from edgeway.south.http_downlink import HttpDownlink
+from edgeway.south.mqtt.listeners import CrlWatch, client_cert_serial
 from edgeway.streams import BodyError, read_json_object
 
 if TYPE_CHECKING:
     from edgeway.firmware.service import FirmwareService
-    from edgeway.south.mqtt.listeners import CrlWatch
     from edgeway.twins.service import TwinService
 
 log = logging.getLogger(__name__)
@@ -323,8 +323,6 @@ class HttpIngestAdapter(SouthAdapter):
             if ssl_ctx is not None and tls is not None and tls.crl is not None:
                 # As on the MQTT listeners: a CRL written later (edgeway ca
                 # revoke) is in force within a second.
-                from edgeway.south.mqtt.listeners import CrlWatch
-
                 crl_watch = self._crl_watch = CrlWatch(ssl_ctx, tls.crl, tls)
                 crl_watch.start()
             site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx)
@@ -381,10 +379,7 @@ class HttpIngestAdapter(SouthAdapter):
         never be cut off)."""
         watch = self._crl_watch
         if watch is not None and watch.revoked and request.transport is not None:
-            tls = request.transport.get_extra_info("ssl_object")
-            cert = tls.getpeercert() if tls is not None else None
-            serial = cert.get("serialNumber") if cert else None
-            if isinstance(serial, str) and int(serial, 16) in watch.revoked:
+            if client_cert_serial(request.transport) in watch.revoked:
                 response = _error(403, "certificate_revoked", detail="client certificate revoked")
                 response.force_close()
                 return self._respond(response)

@@ -87,6 +87,7 @@ from edgeway.logs import EventLog
 from edgeway.south.mqtt.clock import BrokerClock
 from edgeway.south.mqtt.config import ListenerConfig, MqttSection
 from edgeway.south.mqtt.connection import CLOSED, CONNECTED, MAX_BATCH, MqttConnection
+from edgeway.south.mqtt.listeners import client_cert_serial
 from edgeway.south.mqtt.packets import MQTT_5, Properties, Will
 from edgeway.south.mqtt.persistence import AUTOSAVE_INTERVAL, BrokerStore
 from edgeway.south.mqtt.retained import Message, RetainedStore
@@ -447,12 +448,7 @@ class Broker:
         closed = 0
         for conn in list(self.connections):
             t = conn.transport
-            ssl_obj = t.get_extra_info("ssl_object") if t is not None else None
-            if ssl_obj is None:
-                continue
-            cert = ssl_obj.getpeercert()
-            serial = cert.get("serialNumber") if cert else None
-            if serial is not None and int(serial, 16) in serials:
+            if t is not None and client_cert_serial(t) in serials:
                 conn.revoke("client certificate revoked")
                 closed += 1
         if closed:

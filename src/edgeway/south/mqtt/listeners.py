@@ -47,6 +47,7 @@ __all__ = [
     "WebSocketTransport",
     "build_server_ssl_context",
     "client_cert_cn",
+    "client_cert_serial",
     "start_listeners",
 ]
 
@@ -430,6 +431,16 @@ def client_cert_cn(transport: asyncio.BaseTransport) -> str | None:
             if key == "commonName" and isinstance(value, str):
                 return value
     return None
+
+
+def client_cert_serial(transport: asyncio.BaseTransport) -> int | None:
+    """Serial number of the client's TLS certificate on ``transport`` (None:
+    no TLS, or no verified client certificate): what a CRL lists, to end
+    connections whose certificate was revoked after their handshake."""
+    ssl_obj = transport.get_extra_info("ssl_object")
+    cert = ssl_obj.getpeercert() if ssl_obj is not None else None
+    serial = cert.get("serialNumber") if cert else None
+    return int(serial, 16) if isinstance(serial, str) else None
 
 
 # --------------------------------------------------------------------------
